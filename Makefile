@@ -1,0 +1,32 @@
+# Everything runs inside ./.venv, made by `make install` from the pinned requirements.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PROMPT ?= The
+PYTEST_ARGS ?=
+
+.PHONY: install test run bench clean
+
+install: $(STAMP)
+
+# rknn-toolkit2 pins torch<=2.4.0 (a multi-GB CUDA build from the registry): it is installed
+# with --no-deps after the rest, which already holds everything it needs (torch CPU included).
+$(STAMP): requirements.txt requirements-toolkit.txt setup.cfg setup.py
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --disable-pip-version-check -q -r requirements.txt
+	$(BIN)/pip install --disable-pip-version-check -q --no-deps -r requirements-toolkit.txt
+	$(BIN)/pip install --disable-pip-version-check -q --no-deps -e .
+	touch $(STAMP)
+
+test: install
+	TQDM_DISABLE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+run: install
+	$(BIN)/rwkv2rknn demo --prompt "$(PROMPT)"
+
+bench: install
+	$(BIN)/rwkv2rknn bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,291 @@
+"""RWKV-4: the one place that knows what an RWKV-4 model is.
+
+Everything else (exporter, compiler passes, runtime) asks this module, so that RWKV-5/6/7 can be
+added as sibling modules with the same surface:
+
+- ``ARCH``, ``STATE_ROWS``, ``ACCUMULATOR_ROWS``: the recurrent state layout per layer.
+- ``Shape`` and ``shape_of(state_dict)``: layers, width, FFN width and vocabulary of a checkpoint.
+- ``check_state_dict(state_dict)``: a clear error for anything that is not an RWKV-4 checkpoint.
+- ``embed_graph`` / ``block_graph`` / ``head_graph``: the per-stage ONNX graphs of the public
+  per-layer layout (opset 16, decomposed LayerNorm, ``MatMul(W[out, in], x[in])``).
+
+The per-token recurrence (one block)::
+
+    xx = LN1(x);  xk = xx*mix_k + att_xx*(1-mix_k)   (same for v, r)
+    r = sigmoid(Wr xr);  k = Wk xk;  v = Wv xv
+    ww = time_first + k;  q = max(pp, ww);  e1 = exp(pp-q);  e2 = exp(ww-q)
+    wkv = (e1*aa + e2*v) / (e1*bb + e2)
+    ww = pp + time_decay;  q = max(ww, k);  e1 = exp(ww-q);  e2 = exp(k-q)
+    aa' = e1*aa + e2*v;  bb' = e1*bb + e2;  pp' = q;  att_xx' = xx
+    x = x + Wo (r*wkv)
+    xx2 = LN2(x);  xk, xr mixed with ffn_xx;  ffn_xx' = xx2
+    x = x + sigmoid(Wr2 xr) * (Wv2 relu(Wk2 xk)^2)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Mapping
+
+import numpy as np
+
+from rwkv2rknn.errors import UnsupportedModel
+
+ARCH = "rwkv4"
+OPSET = 16
+LN_EPS = 1e-5
+
+# Row order of the per-layer state tensor [5, C] (the public per-layer files, rwkv.cpp).
+STATE_ROWS = ("ffn_xx", "att_xx", "aa", "bb", "pp")
+# Rows that accumulate over the whole sequence: their maths stays in fp32 on the CPU.
+ACCUMULATOR_ROWS = ("aa", "bb", "pp")
+# The initial value of each row (the public demo starts from all zeros).
+STATE_INIT = {"ffn_xx": 0.0, "att_xx": 0.0, "aa": 0.0, "bb": 0.0, "pp": 0.0}
+
+# Names of the stage files and of their inputs and outputs.
+EMBED_FILE, HEAD_FILE = "embed.onnx", "head.onnx"
+BLOCK_FILE = "mixing_{}.onnx"
+EMBED_IO = (("token",), ("output",))
+BLOCK_IO = (("input", "state_in"), ("output", "state_out"))
+HEAD_IO = (("x",), ("output",))
+
+_BLOCK_KEYS = {
+    "ln1.weight": "C", "ln1.bias": "C", "ln2.weight": "C", "ln2.bias": "C",
+    "att.time_decay": "C", "att.time_first": "C",
+    "att.time_mix_k": "11C", "att.time_mix_v": "11C", "att.time_mix_r": "11C",
+    "att.key.weight": "CC", "att.value.weight": "CC", "att.receptance.weight": "CC",
+    "att.output.weight": "CC",
+    "ffn.time_mix_k": "11C", "ffn.time_mix_r": "11C",
+    "ffn.key.weight": "FC", "ffn.receptance.weight": "CC", "ffn.value.weight": "CF",
+}
+# Keys that only later RWKV versions have, and the version each one means.
+_LATER_VERSION_KEYS = (
+    ("att.x_a", "7"), ("att.w0", "7"), ("att.time_maa_x", "6"), ("att.time_decay_w1", "6"),
+    ("att.ln_x.weight", "5"), ("att.gate.weight", "5"), ("att.time_faaaa", "5"),
+)
+
+
+@dataclass(frozen=True)
+class Shape:
+    layers: int
+    width: int
+    ffn: int
+    vocab: int
+
+    def params(self) -> int:
+        c, f, v = self.width, self.ffn, self.vocab
+        per_layer = 5 * c * c + 2 * c * f + 13 * c
+        return 2 * v * c + self.layers * per_layer + 4 * c
+
+    def matmul_flops_per_token(self) -> int:
+        c, f = self.width, self.ffn
+        return 2 * (self.layers * (5 * c * c + 2 * c * f) + self.vocab * c)
+
+    def to_dict(self) -> dict:
+        return {"layers": self.layers, "width": self.width, "ffn": self.ffn, "vocab": self.vocab}
+
+
+def detect_version(sd: Mapping[str, object]) -> str:
+    """'4' for an RWKV-4 checkpoint, '5'/'6'/'7' for later ones; raises for anything else."""
+    if "emb.weight" not in sd or not any(k.startswith("blocks.") for k in sd):
+        raise UnsupportedModel(
+            "not an RWKV checkpoint (no 'emb.weight' / 'blocks.N.*' keys)",
+            "give an official RWKV-4 .pth checkpoint")
+    for suffix, version in _LATER_VERSION_KEYS:
+        if f"blocks.0.{suffix}" in sd:
+            return version
+    return "4"
+
+
+def shape_of(sd: Mapping[str, object]) -> Shape:
+    layers = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    vocab, width = _dims(sd["emb.weight"])
+    ffn = _dims(sd["blocks.0.ffn.key.weight"])[0] if "blocks.0.ffn.key.weight" in sd else 4 * width
+    return Shape(layers, width, ffn, vocab)
+
+
+def _dims(t) -> tuple:
+    return tuple(int(d) for d in t.shape)
+
+
+def check_state_dict(sd: Mapping[str, object]) -> Shape:
+    """Validate an RWKV-4 state dict; return its shape or raise a one-line UnsupportedModel."""
+    version = detect_version(sd)
+    if version != "4":
+        raise UnsupportedModel(f"RWKV-{version} is not supported yet",
+                               "only RWKV-4 checkpoints can be exported for now")
+    shape = shape_of(sd)
+    c, f, v = shape.width, shape.ffn, shape.vocab
+    dims = {"C": (c,), "11C": (1, 1, c), "CC": (c, c), "FC": (f, c), "CF": (c, f)}
+    expected = {"emb.weight": (v, c), "blocks.0.ln0.weight": (c,), "blocks.0.ln0.bias": (c,),
+                "ln_out.weight": (c,), "ln_out.bias": (c,), "head.weight": (v, c)}
+    for i in range(shape.layers):
+        for key, kind in _BLOCK_KEYS.items():
+            expected[f"blocks.{i}.{key}"] = dims[kind]
+    missing = [k for k in expected if k not in sd]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise UnsupportedModel(f"not an RWKV-4 checkpoint: key '{missing[0]}'{more} missing",
+                               "give an official RWKV-4 .pth checkpoint")
+    for key, want in expected.items():
+        got = _dims(sd[key])
+        if got != want and not (len(want) == 3 and got == (c,)):
+            raise UnsupportedModel(f"not an RWKV-4 checkpoint: '{key}' has shape {list(got)}, "
+                                   f"expected {list(want)}", "the checkpoint is damaged or not RWKV-4")
+    return shape
+
+
+# --------------------------------------------------------------------------------------------
+# Parameters in the form the graphs use (float32 numpy, time_decay = -exp(.), mixes flat)
+
+
+def _np(t) -> np.ndarray:
+    if hasattr(t, "detach"):
+        t = t.detach().float().cpu().numpy()
+    return np.asarray(t, dtype=np.float32)
+
+
+def block_params(sd: Mapping[str, object], i: int) -> Dict[str, np.ndarray]:
+    p = {}
+    for key, kind in _BLOCK_KEYS.items():
+        arr = _np(sd[f"blocks.{i}.{key}"])
+        p[key] = arr if kind in ("CC", "FC", "CF") else arr.reshape(-1)
+    p["att.time_decay"] = -np.exp(p["att.time_decay"])
+    return p
+
+
+# --------------------------------------------------------------------------------------------
+# ONNX graphs (the public per-layer layout)
+
+
+class _Builder:
+    """A small helper that writes an ONNX graph node by node with readable names."""
+
+    def __init__(self, prefix: str = ""):
+        self.nodes, self.inits = [], []
+        self._n = 0
+        self.prefix = prefix
+
+    def const(self, name: str, value) -> str:
+        from onnx import numpy_helper
+        arr = np.asarray(value)
+        full = self.prefix + name
+        self.inits.append(numpy_helper.from_array(arr, full))
+        return full
+
+    def op(self, op_type: str, *inputs: str, name: str = "", out: str = "", **attrs) -> str:
+        from onnx import helper
+        self._n += 1
+        node_name = self.prefix + (name or f"{op_type}_{self._n}")
+        out = out or node_name + "_out"
+        self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=node_name, **attrs))
+        return out
+
+    def layer_norm(self, x: str, w: np.ndarray, b: np.ndarray, tag: str) -> str:
+        mean = self.op("ReduceMean", x, name=f"{tag}.mean", axes=[-1])
+        d = self.op("Sub", x, mean, name=f"{tag}.sub")
+        var = self.op("ReduceMean", self.op("Pow", d, self.const(f"{tag}.two", np.float32(2.0)),
+                                            name=f"{tag}.pow"), name=f"{tag}.var", axes=[-1])
+        std = self.op("Sqrt", self.op("Add", var, self.const(f"{tag}.eps", np.float32(LN_EPS)),
+                                      name=f"{tag}.add_eps"), name=f"{tag}.sqrt")
+        y = self.op("Div", d, std, name=f"{tag}.div")
+        y = self.op("Mul", y, self.const(f"{tag}.weight", w), name=f"{tag}.scale")
+        return self.op("Add", y, self.const(f"{tag}.bias", b), name=f"{tag}.shift")
+
+    def mix(self, xx: str, prev: str, m: np.ndarray, tag: str) -> str:
+        a = self.op("Mul", xx, self.const(f"{tag}", m), name=f"{tag}.cur")
+        b = self.op("Mul", prev, self.const(f"{tag}.inv", (1.0 - m).astype(np.float32)),
+                    name=f"{tag}.prev")
+        return self.op("Add", a, b, name=f"{tag}.mix")
+
+    def matmul(self, w: np.ndarray, x: str, tag: str) -> str:
+        return self.op("MatMul", self.const(f"{tag}.weight", w), x, name=tag)
+
+    def model(self, inputs, outputs, name: str):
+        from onnx import helper
+        graph = helper.make_graph(self.nodes, name, inputs, outputs, self.inits)
+        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                              producer_name="rwkv2rknn")
+        m.ir_version = 8
+        return m
+
+
+def _vi(name, dtype, shape):
+    from onnx import helper
+    return helper.make_tensor_value_info(name, dtype, shape)
+
+
+def embed_graph(sd: Mapping[str, object]):
+    from onnx import TensorProto
+    g = _Builder()
+    emb = g.const("emb.weight", _np(sd["emb.weight"]))
+    row = g.op("Gather", emb, "token", name="emb", axis=0)
+    y = g.layer_norm(row, _np(sd["blocks.0.ln0.weight"]), _np(sd["blocks.0.ln0.bias"]), "ln0")
+    g.op("Reshape", y, g.const("flat", np.array([-1], np.int64)), name="flatten", out="output")
+    c = _dims(sd["emb.weight"])[1]
+    return g.model([_vi("token", TensorProto.INT32, [1])], [_vi("output", TensorProto.FLOAT, [c])],
+                   "embed")
+
+
+def block_graph(sd: Mapping[str, object], i: int):
+    from onnx import TensorProto
+    p = block_params(sd, i)
+    c = p["att.time_first"].shape[0]
+    g = _Builder()
+    rows = {}
+    for r, row in enumerate(STATE_ROWS):
+        rows[row] = g.op("Gather", "state_in", g.const(f"row.{row}", np.array(r, np.int64)),
+                         name=f"state_in.{row}", axis=0)
+    x = "input"
+    # time mixing
+    xx = g.layer_norm(x, p["ln1.weight"], p["ln1.bias"], "ln1")
+    xk = g.mix(xx, rows["att_xx"], p["att.time_mix_k"], "att.mix_k")
+    xv = g.mix(xx, rows["att_xx"], p["att.time_mix_v"], "att.mix_v")
+    xr = g.mix(xx, rows["att_xx"], p["att.time_mix_r"], "att.mix_r")
+    r = g.op("Sigmoid", g.matmul(p["att.receptance.weight"], xr, "att.receptance"), name="att.r")
+    k = g.matmul(p["att.key.weight"], xk, "att.key")
+    v = g.matmul(p["att.value.weight"], xv, "att.value")
+    aa, bb, pp = rows["aa"], rows["bb"], rows["pp"]
+    ww = g.op("Add", g.const("att.time_first", p["att.time_first"]), k, name="wkv.ww")
+    q = g.op("Max", pp, ww, name="wkv.q")
+    e1 = g.op("Exp", g.op("Sub", pp, q, name="wkv.d1"), name="wkv.e1")
+    e2 = g.op("Exp", g.op("Sub", ww, q, name="wkv.d2"), name="wkv.e2")
+    num = g.op("Add", g.op("Mul", e1, aa, name="wkv.e1aa"), g.op("Mul", e2, v, name="wkv.e2v"),
+               name="wkv.num")
+    den = g.op("Add", g.op("Mul", e1, bb, name="wkv.e1bb"), e2, name="wkv.den")
+    wkv = g.op("Div", num, den, name="wkv.out")
+    ww2 = g.op("Add", pp, g.const("att.time_decay", p["att.time_decay"]), name="state.ww")
+    q2 = g.op("Max", ww2, k, name="state.q")
+    f1 = g.op("Exp", g.op("Sub", ww2, q2, name="state.d1"), name="state.e1")
+    f2 = g.op("Exp", g.op("Sub", k, q2, name="state.d2"), name="state.e2")
+    aa2 = g.op("Add", g.op("Mul", f1, aa, name="state.e1aa"), g.op("Mul", f2, v, name="state.e2v"),
+               name="state.aa")
+    bb2 = g.op("Add", g.op("Mul", f1, bb, name="state.e1bb"), f2, name="state.bb")
+    rwkv = g.op("Mul", r, wkv, name="att.rwkv")
+    x = g.op("Add", x, g.matmul(p["att.output.weight"], rwkv, "att.output"), name="att.residual")
+    # channel mixing
+    xx2 = g.layer_norm(x, p["ln2.weight"], p["ln2.bias"], "ln2")
+    fk = g.mix(xx2, rows["ffn_xx"], p["ffn.time_mix_k"], "ffn.mix_k")
+    fr = g.mix(xx2, rows["ffn_xx"], p["ffn.time_mix_r"], "ffn.mix_r")
+    fr = g.op("Sigmoid", g.matmul(p["ffn.receptance.weight"], fr, "ffn.receptance"), name="ffn.r")
+    fk = g.op("Relu", g.matmul(p["ffn.key.weight"], fk, "ffn.key"), name="ffn.relu")
+    fk = g.op("Mul", fk, fk, name="ffn.square")
+    kv = g.matmul(p["ffn.value.weight"], fk, "ffn.value")
+    g.op("Add", x, g.op("Mul", fr, kv, name="ffn.rkv"), name="ffn.residual", out="output")
+    new = {"ffn_xx": xx2, "att_xx": xx, "aa": aa2, "bb": bb2, "pp": q2}
+    axis0 = g.const("axis0", np.array([0], np.int64))
+    parts = [g.op("Unsqueeze", new[row], axis0, name=f"state_out.{row}") for row in STATE_ROWS]
+    g.op("Concat", *parts, name="state_out", out="state_out", axis=0)
+    n = len(STATE_ROWS)
+    return g.model([_vi("input", TensorProto.FLOAT, [c]), _vi("state_in", TensorProto.FLOAT, [n, c])],
+                   [_vi("output", TensorProto.FLOAT, [c]), _vi("state_out", TensorProto.FLOAT, [n, c])],
+                   f"mixing_{i}")
+
+
+def head_graph(sd: Mapping[str, object]):
+    from onnx import TensorProto
+    g = _Builder()
+    v, c = _dims(sd["head.weight"])
+    y = g.layer_norm("x", _np(sd["ln_out.weight"]), _np(sd["ln_out.bias"]), "ln_out")
+    g.op("MatMul", g.const("head.weight", _np(sd["head.weight"])), y, name="head", out="output")
+    return g.model([_vi("x", TensorProto.FLOAT, [c])], [_vi("output", TensorProto.FLOAT, [v])], "head")

@@ -1,0 +1,3 @@
+from rwkv2rknn.cli import main
+
+main()

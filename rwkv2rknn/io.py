@@ -1,0 +1,111 @@
+"""The one place that loads and saves ONNX files, and writes folders atomically.
+
+``onnx`` is imported lazily: the board reads only the manifest and segment files through
+onnxruntime / rknnlite and never needs it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from typing import Iterator
+
+from rwkv2rknn.errors import BadInput, MissingDependency
+
+
+def _onnx():
+    try:
+        import onnx
+    except ImportError as e:
+        raise MissingDependency("this command needs the onnx package",
+                                "pip install 'rwkv2rknn[compile]' (or: make install)") from e
+    return onnx
+
+
+def load_onnx(path: str):
+    """An ONNX ModelProto, with a one-line error for a missing, truncated or non-ONNX file."""
+    onnx = _onnx()
+    if not os.path.isfile(path):
+        raise BadInput(f"'{path}' does not exist", "check the path")
+    if os.path.getsize(path) == 0:
+        raise BadInput(f"'{path}' is empty", "the file was not written completely; export it again")
+    try:
+        model = onnx.load(path)
+    except Exception as e:
+        raise BadInput(f"'{path}' is not a readable ONNX model ({type(e).__name__})",
+                       "the file is truncated or not ONNX; export it again") from e
+    if len(model.graph.node) == 0:
+        raise BadInput(f"'{path}' is not a readable ONNX model (no nodes)",
+                       "the file is truncated or not ONNX; export it again")
+    return model
+
+
+def save_onnx(model, path: str) -> None:
+    """Save atomically (write to a temporary name in the same folder, then rename)."""
+    onnx = _onnx()
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        onnx.save(model, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def model_bytes(model) -> bytes:
+    return model.SerializeToString()
+
+
+def write_json(path: str, data) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=False)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: str, what: str = "file"):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError as e:
+        raise BadInput(f"{what} '{path}' is missing", "compile the model again") from e
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise BadInput(f"{what} '{path}' is corrupt ({type(e).__name__})",
+                       "compile the model again") from e
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str, marker: str, force: bool = False) -> Iterator[str]:
+    """Yield a temporary folder beside ``final``; move it into place only if the body succeeds.
+
+    ``final`` may be missing, empty, or an earlier output of ours (it holds ``marker``), which is
+    replaced only once the new one is whole. Any other non-empty folder is refused unless
+    ``force``. On any error or interruption the temporary folder is removed and ``final`` is
+    left as it was.
+    """
+    final = os.path.abspath(final)
+    if os.path.exists(final):
+        if not os.path.isdir(final):
+            raise BadInput(f"'{final}' exists and is not a folder", "choose another output path")
+        if os.listdir(final) and not os.path.exists(os.path.join(final, marker)) and not force:
+            raise BadInput(f"output folder '{final}' holds other files",
+                           "choose an empty or new folder, or pass --force to replace it")
+    parent = os.path.dirname(final)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.partial-", dir=parent)
+    try:
+        yield tmp
+        if os.path.exists(final):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.old-", dir=parent)
+            os.replace(final, os.path.join(old, "x"))
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,71 @@
+"""ONNX Runtime: sessions that cope with the public fp16 files, and the ``ort`` runner."""
+
+from __future__ import annotations
+
+import logging
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from rwkv2rknn.errors import BadInput
+
+log = logging.getLogger(__name__)
+
+_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
+          "tensor(int32)": np.int32, "tensor(int64)": np.int64, "tensor(double)": np.float64}
+
+
+def make_session(model, threads: int = 0, what: str = "model"):
+    """An InferenceSession for a path or serialized bytes.
+
+    fp16 files made by onnxconverter-common crash onnxruntime's default (ORT_ENABLE_ALL)
+    optimisation at session creation; when that happens we retry with ORT_ENABLE_EXTENDED and
+    log it. Returns ``(session, note)``, where ``note`` says what was done ('' if nothing).
+    """
+    import onnxruntime as ort
+
+    def create(level):
+        so = ort.SessionOptions()
+        so.graph_optimization_level = level
+        so.log_severity_level = 3
+        if threads:
+            so.intra_op_num_threads = threads
+        return ort.InferenceSession(model, sess_options=so, providers=["CPUExecutionProvider"])
+
+    try:
+        return create(ort.GraphOptimizationLevel.ORT_ENABLE_ALL), ""
+    except Exception as first:  # noqa: BLE001 - retried below, reported if the retry fails
+        try:
+            sess = create(ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
+        except Exception as e:
+            raise BadInput(f"onnxruntime cannot load {what} ({str(e).splitlines()[0][:160]})",
+                           "the file is corrupt or not a valid ONNX model") from e
+        note = (f"onnxruntime's default optimisation failed on {what} "
+                f"({str(first).splitlines()[0][:120]}); using ORT_ENABLE_EXTENDED")
+        log.info(note)
+        return sess, note
+
+
+class OrtRunner:
+    """A segment (or any ONNX model) run by ONNX Runtime on the CPU."""
+
+    backend = "ort"
+
+    def __init__(self, model, name: str = "", threads: int = 0):
+        self.name = name
+        self.session, self.note = make_session(model, threads=threads, what=name or "model")
+        self.inputs: List[str] = [i.name for i in self.session.get_inputs()]
+        self.outputs: List[str] = [o.name for o in self.session.get_outputs()]
+        self.input_types = {i.name: _TYPES.get(i.type, np.float32) for i in self.session.get_inputs()}
+        self.input_shapes = {i.name: i.shape for i in self.session.get_inputs()}
+
+    def infer(self, feed: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        cast = {k: np.asarray(feed[k], dtype=self.input_types[k]) for k in self.inputs}
+        return dict(zip(self.outputs, self.session.run(self.outputs, cast)))
+
+    def close(self) -> None:
+        self.session = None
+
+
+def input_dtype(runner: Optional[OrtRunner], name: str):
+    return runner.input_types[name] if runner else np.float32

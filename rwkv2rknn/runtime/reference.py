@@ -1,0 +1,92 @@
+"""Pure ONNX Runtime over the per-layer files: the reference every comparison is made against.
+
+Steps ``embed -> mixing_0..L-1 -> head`` one token at a time from the zero state, exactly as
+the public demo does, in the files' own dtype (fp16 or fp32).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from typing import List, Sequence, Tuple
+
+import numpy as np
+
+from rwkv2rknn.errors import BadInput, UnsupportedModel
+from rwkv2rknn.runtime.ort import OrtRunner
+
+log = logging.getLogger(__name__)
+
+
+def stage_files(folder: str) -> Tuple[str, List[str], str]:
+    """The embed, mixing_i (in order) and head paths of a per-layer folder, checked."""
+    if not os.path.isdir(folder):
+        raise BadInput(f"model folder '{folder}' does not exist",
+                       "give a folder of per-layer RWKV ONNX files (embed.onnx, mixing_N.onnx, head.onnx)")
+    names = os.listdir(folder)
+    idx = sorted(int(m.group(1)) for n in names if (m := re.fullmatch(r"mixing_(\d+)\.onnx", n)))
+    for need in ("embed.onnx", "head.onnx"):
+        if need not in names:
+            raise BadInput(f"'{folder}' has no {need}",
+                           "give a folder of per-layer RWKV ONNX files (embed.onnx, mixing_N.onnx, head.onnx)")
+    if not idx:
+        raise BadInput(f"'{folder}' has no mixing_N.onnx files", "export the model again")
+    missing = sorted(set(range(idx[-1] + 1)) - set(idx))
+    if missing:
+        raise BadInput(f"'{folder}' is missing mixing_{missing[0]}.onnx",
+                       f"layers 0..{idx[-1]} must all be there; export the model again")
+    return (os.path.join(folder, "embed.onnx"),
+            [os.path.join(folder, f"mixing_{i}.onnx") for i in idx],
+            os.path.join(folder, "head.onnx"))
+
+
+class PerLayerModel:
+    """The public per-layer files run one token at a time by ONNX Runtime."""
+
+    def __init__(self, folder: str, threads: int = 0):
+        embed, blocks, head = stage_files(folder)
+        self.embed = OrtRunner(embed, "embed.onnx", threads)
+        self.blocks = [OrtRunner(p, os.path.basename(p), threads) for p in blocks]
+        self.head = OrtRunner(head, "head.onnx", threads)
+        self.notes = sorted({r.note for r in [self.embed, *self.blocks, self.head] if r.note})
+        if self.notes:
+            self.notes = [f"{len([r for r in [self.embed, *self.blocks, self.head] if r.note])} "
+                          f"file(s): " + self.notes[0].split(" on ")[0] + "; used ORT_ENABLE_EXTENDED"]
+        self._check_io()
+        self.dtype = self.blocks[0].input_types["input"]
+        shape = self.blocks[0].input_shapes["state_in"]
+        self.state_shape = (len(self.blocks), int(shape[0]), int(shape[1]))
+        self.vocab = int(self.head.session.get_outputs()[0].shape[-1])
+
+    def _check_io(self):
+        want = [(self.embed, ["token"], ["output"]), (self.head, ["x"], ["output"])]
+        want += [(b, ["input", "state_in"], ["output", "state_out"]) for b in self.blocks]
+        for runner, ins, outs in want:
+            if runner.inputs != ins or runner.outputs != outs:
+                raise UnsupportedModel(
+                    f"{runner.name} has inputs {runner.inputs} and outputs {runner.outputs}, "
+                    f"expected {ins} and {outs}", "this is not the per-layer RWKV ONNX layout")
+        widths = {int(b.input_shapes["input"][0]) for b in self.blocks}
+        widths |= {int(b.input_shapes["state_in"][1]) for b in self.blocks}
+        widths.add(int(self.head.input_shapes["x"][0]))
+        if len(widths) != 1:
+            raise UnsupportedModel(f"the per-layer files disagree on the width ({sorted(widths)})",
+                                   "all files must come from one export")
+
+    def init_state(self) -> np.ndarray:
+        return np.zeros(self.state_shape, dtype=self.dtype)
+
+    def step(self, token: int, state: np.ndarray) -> np.ndarray:
+        """Advance by one token; updates ``state`` in place and returns float32 logits [V]."""
+        x = self.embed.infer({"token": np.array([token], np.int32)})["output"]
+        for i, block in enumerate(self.blocks):
+            out = block.infer({"input": x, "state_in": state[i]})
+            x = out["output"]
+            state[i] = out["state_out"]
+        return self.head.infer({"x": x})["output"].astype(np.float32)
+
+    def logits(self, tokens: Sequence[int]) -> np.ndarray:
+        """Teacher-forced logits [T, V] from the zero state."""
+        state = self.init_state()
+        return np.stack([self.step(int(t), state) for t in tokens])
