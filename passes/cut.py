@@ -1,0 +1,79 @@
+"""cut: every segment becomes its own ONNX model, with deterministic names and ordered I/O.
+
+::
+
+    [ ... a -> (seg 3: nodes) -> b ... ]   =>   s003_npu_L0-L1.onnx : inputs (a, ...) outputs (b, ...)
+
+A segment's inputs are the tensors its nodes read that are made elsewhere (another segment or a
+graph input), in the order of first use; its outputs are the tensors it makes that something
+else reads (another segment or a graph output), in the order they are made. Names come from the
+segment's position, device and the stages it covers, so the same model cuts to the same files
+(and the build cache can key on their content).
+
+Precondition: partition has run. Postcondition: each segment has ``name``, ``inputs``,
+``outputs`` and ``model`` (an ONNX ModelProto).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from rwkv2rknn.ir import Context, export, is_const, stage_of
+from rwkv2rknn.passes.partition import matmul_flops
+
+NAME = "cut"
+
+
+def stage_key(stage: str):
+    """Model order of loader stages: embed, L0, L1, ..., head (anything else last)."""
+    if stage == "embed":
+        return (0, 0)
+    if stage.startswith("L") and stage[1:].isdigit():
+        return (1, int(stage[1:]))
+    return (2, 0) if stage == "head" else (3, stage)
+
+
+def stages_of(nodes):
+    return sorted({stage_of(n.name) or "graph" for n in nodes}, key=stage_key)
+
+
+def _stages_label(nodes) -> str:
+    stages = stages_of(nodes)
+    return stages[0] if len(stages) == 1 else f"{stages[0]}-{stages[-1]}"
+
+
+def run(ctx: Context) -> None:
+    import onnx_graphsurgeon as gs
+
+    graph = ctx.graph
+    graph_outputs = {t.name for t in graph.outputs}
+    owner = {n.name: i for i, s in enumerate(ctx.segments) for n in s["nodes"]}
+    width = len(str(max(len(ctx.segments) - 1, 0))) if ctx.segments else 1
+    for i, seg in enumerate(ctx.segments):
+        nodes = seg["nodes"]
+        inside = {n.name for n in nodes}
+        ins, outs = [], []
+        for n in nodes:
+            for t in n.inputs:
+                if is_const(t) or t in ins:
+                    continue
+                if not t.inputs or t.inputs[0].name not in inside:
+                    ins.append(t)
+        for n in nodes:
+            for t in n.outputs:
+                used_outside = any(owner[c.name] != i for c in t.outputs)
+                if (used_outside or t.name in graph_outputs) and t not in outs:
+                    outs.append(t)
+        for t in ins + outs:
+            info = ctx.tensors.get(t.name)
+            if info is not None:
+                t.dtype, t.shape = np.dtype(info.dtype), list(info.shape)
+        sub = gs.Graph(nodes=list(nodes), inputs=list(ins), outputs=list(outs),
+                       opset=graph.opset, name=f"segment_{i}")
+        model = export(sub)
+        del model.graph.value_info[:]
+        seg.update(name=f"s{i:0{max(width, 3)}d}_{seg['device']}_{_stages_label(nodes)}",
+                   inputs=[t.name for t in ins], outputs=[t.name for t in outs], model=model,
+                   flops=matmul_flops(nodes), ops=len(nodes),
+                   matmuls=sum(n.op == "MatMul" for n in nodes))
+    ctx.note(NAME, f"{len(ctx.segments)} segment models cut")

@@ -1,0 +1,153 @@
+"""load: the per-layer RWKV files into one graph, one token step of the whole model.
+
+::
+
+    token -> [embed/] -> [L0/] -> [L1/] ... -> [head/] -> logits
+                          ^  |
+            L0/state_in --+  +--> L0/state_out        (per layer, [rows, C])
+
+Every tensor and node is prefixed with its stage (``embed/``, ``L{i}/``, ``head/``); the stages'
+``output`` -> next ``input`` edges are joined. A single ``.onnx`` file is loaded as it is (its
+own inputs and outputs), which is enough to compile and inspect one stage.
+
+Precondition: none. Postcondition: a toposorted graph whose inputs are the token and the state
+tensors and whose outputs are the logits and the new states; ``Constant`` nodes are lowered to
+constant tensors.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from rwkv2rknn import io
+from rwkv2rknn.errors import BadInput, UnsupportedModel
+from rwkv2rknn.ir import Context, Options
+
+NAME = "load"
+
+
+def _import(path: str, prefix: str):
+    import onnx_graphsurgeon as gs
+    model = io.load_onnx(path)
+    try:
+        graph = gs.import_onnx(model)
+    except Exception as e:
+        raise BadInput(f"'{path}' cannot be read as a graph ({type(e).__name__}: {str(e)[:80]})",
+                       "the file is corrupt; export it again") from e
+    _lower_constants(graph)
+    for t in graph.tensors().values():
+        t.name = prefix + t.name
+    for i, n in enumerate(graph.nodes):
+        n.name = prefix + (n.name or f"{n.op}_{i}")
+    return graph
+
+
+def _lower_constants(graph) -> None:
+    import onnx_graphsurgeon as gs
+    for node in list(graph.nodes):
+        if node.op == "Constant" and "value" in node.attrs:
+            value = node.attrs["value"]
+            arr = np.asarray(value.values if hasattr(value, "values") else value)
+            const = gs.Constant(node.outputs[0].name + ".const", arr)
+            out = node.outputs[0]
+            for consumer in list(out.outputs):
+                for i, t in enumerate(consumer.inputs):
+                    if t is out:
+                        consumer.inputs[i] = const
+            node.outputs.clear()
+    graph.cleanup()
+
+
+def _io_names(graph):
+    return ([t.name.split("/", 1)[-1] for t in graph.inputs],
+            [t.name.split("/", 1)[-1] for t in graph.outputs])
+
+
+def _expect(graph, path: str, ins, outs) -> None:
+    got_in, got_out = _io_names(graph)
+    if got_in != list(ins) or got_out != list(outs):
+        raise UnsupportedModel(
+            f"{os.path.basename(path)} has inputs {got_in} and outputs {got_out}, expected "
+            f"{list(ins)} and {list(outs)}", "this is not the per-layer RWKV ONNX layout")
+
+
+def _join(graph, src, dst) -> None:
+    """Make every consumer of ``dst`` read ``src`` instead."""
+    for consumer in list(dst.outputs):
+        for i, t in enumerate(consumer.inputs):
+            if t is dst:
+                consumer.inputs[i] = src
+
+
+def load_folder(folder: str, arch_module):
+    import onnx_graphsurgeon as gs
+    from rwkv2rknn.runtime.reference import stage_files
+
+    embed_p, block_ps, head_p = stage_files(folder)
+    d = arch_module
+    embed = _import(embed_p, "embed/")
+    _expect(embed, embed_p, *d.EMBED_IO)
+    blocks = []
+    for i, p in enumerate(block_ps):
+        g = _import(p, f"L{i}/")
+        _expect(g, p, *d.BLOCK_IO)
+        blocks.append(g)
+    head = _import(head_p, "head/")
+    _expect(head, head_p, *d.HEAD_IO)
+
+    widths = {int(g.inputs[0].shape[0]) for g in blocks} | {int(head.inputs[0].shape[0])}
+    widths |= {int(g.inputs[1].shape[1]) for g in blocks}
+    if len(widths) != 1:
+        raise UnsupportedModel(f"the per-layer files disagree on the width ({sorted(widths)})",
+                               "all files must come from one export")
+
+    nodes = list(embed.nodes)
+    x = embed.outputs[0]
+    inputs = [embed.inputs[0]]
+    outputs = []
+    for g in blocks:
+        _join(g, x, g.inputs[0])
+        nodes += g.nodes
+        inputs.append(g.inputs[1])
+        outputs.append(g.outputs[1])
+        x = g.outputs[0]
+    _join(head, x, head.inputs[0])
+    nodes += head.nodes
+    logits = head.outputs[0]
+    embed.inputs[0].name = "token"
+    logits.name = "logits"
+    graph = gs.Graph(nodes=nodes, inputs=inputs, outputs=[logits] + outputs,
+                     opset=max(embed.opset, head.opset), name="rwkv")
+    graph.cleanup().toposort()
+    return graph, len(blocks), int(widths.pop()), int(logits.shape[-1]) if logits.shape else None
+
+
+def run(path: str, options: Options = None) -> Context:
+    """Load a folder of per-layer files (or one .onnx) into a new Context."""
+    from rwkv2rknn.models import rwkv4
+
+    options = options or Options()
+    if not os.path.exists(path):
+        raise BadInput(f"'{path}' does not exist",
+                       "give a folder of per-layer RWKV ONNX files or an .onnx file")
+    if os.path.isdir(path):
+        graph, layers, width, vocab = load_folder(path, rwkv4)
+        ctx = Context(graph=graph, source=os.path.abspath(path), arch=rwkv4.ARCH,
+                      shape={"layers": layers, "width": width, "vocab": vocab})
+        ctx.extra["state_in"] = {i: f"L{i}/state_in" for i in range(layers)}
+        ctx.extra["state_out"] = {i: f"L{i}/state_out" for i in range(layers)}
+        ctx.whole_state = {i: (f"L{i}/state_in", f"L{i}/state_out") for i in range(layers)}
+    else:
+        if not path.endswith(".onnx"):
+            raise BadInput(f"'{path}' is not an .onnx file or a folder",
+                           "give a folder of per-layer RWKV ONNX files or an .onnx file")
+        graph = _import(path, "")
+        ctx = Context(graph=graph, source=os.path.abspath(path), arch="onnx")
+        ctx.token_input = ""
+        ctx.logits_output = ""
+    ctx.options = options
+    n = len(ctx.graph.nodes)
+    ctx.note(NAME, f"{n} nodes from {path} ({ctx.shape.get('layers', 1)} layer(s))")
+    return ctx

@@ -1,0 +1,191 @@
+"""partition: find the MatMul subgraphs and group the graph into NPU and CPU segments.
+
+::
+
+        x -> LN1 -> mix -> MatMul k,v,r -> | wkv: max, exp, / (CPU) | -> MatMul o -> + -> LN2 -> ...
+        '---------- NPU segment ----------'  '----- CPU segment ----'  '-------- NPU segment ...
+
+1. Placement. Each constant-weight MatMul (an ``anchor``) goes to the NPU and pulls in its
+   fusible neighbours: backwards through ``flex`` ops (LayerNorm, the time-shift Mul/Add in
+   front), forwards through ``flex`` ops whose every input comes from the NPU (Relu, Square,
+   Sigmoid, the residual Add behind). Everything else runs on the CPU.
+2. Grouping. A node's stage is the number of NPU<->CPU switches on the longest path that reaches
+   it (as soon as possible), then pushed as late as its consumers allow, so work that only feeds
+   a later step is not pulled to the front. Nodes of one stage and one device form a segment;
+   edges go from lower to higher stages only, so segments have no cycle. Segments of the same
+   device are then merged wherever no path between them passes through another segment.
+3. Pruning. NPU segments with too few MatMul FLOPs to pay for a call go back to the CPU, and the
+   grouping is done again.
+
+The merge also does the cross-layer fusion: the NPU tail of layer i (output MatMul, FFN) and the
+NPU head of layer i+1 (LN1, time-shift, k/v/r MatMuls) meet with no CPU op between them, so they
+become one segment: a token costs about one NPU call and one CPU call per layer.
+
+Precondition: support has run; toposorted graph. Postcondition: ``ctx.segments`` is a list of
+``{"device", "nodes"}`` in an order that runs (every input produced earlier).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List
+
+import numpy as np
+
+from rwkv2rknn.ir import Context, const_value
+
+NAME = "partition"
+
+
+def place(graph, support) -> Dict[str, str]:
+    """Device of every node: 'npu' or 'cpu'."""
+    kind = {n.name: support[n.name][0] for n in graph.nodes}
+    npu = {n.name for n in graph.nodes if kind[n.name] == "anchor"}
+    stack = [n for n in graph.nodes if n.name in npu]
+    while stack:  # backwards from the anchors
+        node = stack.pop()
+        for t in node.inputs:
+            for p in t.inputs:
+                if kind[p.name] == "flex" and p.name not in npu:
+                    npu.add(p.name)
+                    stack.append(p)
+    changed = True
+    while changed:  # forwards, through ops fed only by the NPU
+        changed = False
+        for node in graph.nodes:
+            if node.name in npu or kind[node.name] != "flex":
+                continue
+            srcs = [t for t in node.inputs if const_value(t) is None]
+            if srcs and all(t.inputs and t.inputs[0].name in npu for t in srcs):
+                npu.add(node.name)
+                changed = True
+    return {n.name: ("npu" if n.name in npu else "cpu") for n in graph.nodes}
+
+
+def group(graph, device: Dict[str, str]) -> List[dict]:
+    nodes = list(graph.nodes)  # toposorted
+    stage: Dict[str, int] = {}
+    for node in nodes:
+        s = 0
+        for t in node.inputs:
+            for p in t.inputs:
+                s = max(s, stage[p.name] + (device[p.name] != device[node.name]))
+        stage[node.name] = s
+    for node in reversed(nodes):  # as late as the consumers allow
+        later = [stage[c.name] - (device[c.name] != device[node.name])
+                 for t in node.outputs for c in t.outputs]
+        if later and min(later) > stage[node.name]:
+            stage[node.name] = min(later)
+    keys = sorted({(stage[n.name], device[n.name]) for n in nodes})
+    index = {k: i for i, k in enumerate(keys)}
+    segs = [{"device": k[1], "nodes": []} for k in keys]
+    for node in nodes:
+        segs[index[(stage[node.name], device[node.name])]]["nodes"].append(node)
+    return _merge(segs)
+
+
+def _edges(segs):
+    owner = {n.name: i for i, s in enumerate(segs) for n in s["nodes"]}
+    succ = {i: set() for i in range(len(segs))}
+    for i, s in enumerate(segs):
+        for n in s["nodes"]:
+            for t in n.outputs:
+                for c in t.outputs:
+                    j = owner[c.name]
+                    if j != i:
+                        succ[i].add(j)
+    return succ
+
+
+def _reaches_via_other(succ, a, b) -> bool:
+    """Is there a path a -> x -> ... -> b with x not in {a, b}?"""
+    stack = [x for x in succ[a] if x != b]
+    seen = set(stack)
+    while stack:
+        x = stack.pop()
+        if x == b:
+            return True
+        for y in succ[x]:
+            if y not in seen and y != a:
+                seen.add(y)
+                stack.append(y)
+    return False
+
+
+def _merge(segs):
+    merged = True
+    while merged:
+        merged = False
+        succ = _edges(segs)
+        for a in range(len(segs)):
+            for b in range(a + 1, len(segs)):
+                if segs[a]["device"] != segs[b]["device"]:
+                    continue
+                if _reaches_via_other(succ, a, b) or _reaches_via_other(succ, b, a):
+                    continue
+                segs[a]["nodes"] += segs[b]["nodes"]
+                del segs[b]
+                merged = True
+                break
+            if merged:
+                break
+    return _order(segs)
+
+
+def _order(segs):
+    """Segments in an order that runs; nodes inside each in graph (topological) order."""
+    succ = _edges(segs)
+    indeg = {i: 0 for i in range(len(segs))}
+    for i in succ:
+        for j in succ[i]:
+            indeg[j] += 1
+    ready = sorted(i for i, d in indeg.items() if d == 0)
+    order = []
+    while ready:
+        i = ready.pop(0)
+        order.append(i)
+        for j in sorted(succ[i]):
+            indeg[j] -= 1
+            if indeg[j] == 0:
+                ready.append(j)
+        ready.sort()
+    if len(order) != len(segs):
+        raise AssertionError("partition produced a cycle between segments")
+    return [segs[i] for i in order]
+
+
+def matmul_flops(nodes) -> int:
+    total = 0
+    for n in nodes:
+        if n.op == "MatMul":
+            for t in n.inputs:
+                w = const_value(t)
+                if w is not None and w.ndim == 2:
+                    rows = 1
+                    other = [x for x in n.inputs if x is not t][0]
+                    if other.shape and len(other.shape) == 2 and isinstance(other.shape[0], int):
+                        rows = other.shape[0]
+                    total += 2 * rows * int(np.prod(w.shape))
+    return total
+
+
+def run(ctx: Context) -> None:
+    graph = ctx.graph
+    order = {n.name: i for i, n in enumerate(graph.nodes)}
+    device = place(graph, ctx.support)
+    segs = group(graph, device)
+    pruned = 0
+    for s in segs:
+        if s["device"] == "npu" and matmul_flops(s["nodes"]) < ctx.options.min_segment_flops:
+            for n in s["nodes"]:
+                device[n.name] = "cpu"
+            pruned += 1
+    if pruned:
+        segs = group(graph, device)
+    for s in segs:
+        s["nodes"].sort(key=lambda n: order[n.name])
+    ctx.segments = segs
+    ctx.extra["device"] = device
+    n_npu = sum(s["device"] == "npu" for s in segs)
+    ctx.note(NAME, f"{len(segs)} segments: {n_npu} NPU, {len(segs) - n_npu} CPU"
+                   + (f" ({pruned} NPU segment(s) too small to pay for a call, moved to the CPU)"
+                      if pruned else ""))

@@ -1,0 +1,102 @@
+"""support: which ops the RK3588 NPU takes, with a reason for every refusal.
+
+Each node gets a kind:
+
+- ``anchor``: a constant-weight MatMul, the work the NPU is for (it becomes a 1x1 Conv);
+- ``flex``: an op the NPU runs well (elementwise, LayerNorm pieces, reshapes) that may sit on
+  either side, and is placed by the partitioner next to its anchors;
+- ``cpu``: an op that stays on the CPU, with the reason.
+
+Unsupported is never an error: it falls back to the CPU. Facts behind the rules (rknn-toolkit2
+2.5.0, rk3588): Exp always runs on the CPU; Max/Min run on the NPU only for 4-D inputs; every
+CPU op inside an RKNN model is an NPU<->CPU hand-off on the board. Two rules come from the model
+description and the range guard: ops that compute the recurrent accumulators (aa, bb, pp) stay
+in fp32 on the CPU, and ops whose values leave fp16's range stay on the CPU.
+
+Precondition: state (for the accumulator rows) and fp16_guard (for ranges) have run.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import numpy as np
+
+from rwkv2rknn.ir import Context, const_value
+
+NAME = "support"
+
+ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Relu", "Sigmoid", "Sqrt", "Neg", "Tanh", "Abs",
+               "Clip", "LeakyRelu", "HardSigmoid", "Softplus"}
+LAYOUT = {"Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Transpose"}
+REDUCE = {"ReduceMean", "ReduceSum", "LayerNormalization"}
+CPU_REASONS = {
+    "Exp": "exp does not run on the RK3588 NPU (rknn-toolkit2 places it on the CPU)",
+    "Gather": "table lookup by token id: a memory read, nothing for the NPU",
+    "Cast": "type conversion: the NPU graph is fp16 throughout",
+    "Log": "log does not run on the RK3588 NPU",
+}
+
+
+def classify(node, accumulator: bool) -> Tuple[str, str]:
+    op = node.op
+    if op == "MatMul":
+        weights = [const_value(t) for t in node.inputs]
+        if any(w is not None and w.ndim == 2 for w in weights):
+            return "anchor", "constant-weight MatMul: a 1x1 Conv on the NPU"
+        return "cpu", "MatMul of two activations: no constant weight to keep on the NPU"
+    if accumulator:
+        return "cpu", "computes a recurrent accumulator (aa/bb/pp): kept in fp32 on the CPU"
+    if op in CPU_REASONS:
+        return "cpu", CPU_REASONS[op]
+    if op in ("Max", "Min"):
+        rank = len(node.outputs[0].shape or [])
+        if rank == 4:
+            return "flex", f"{op} on 4-D tensors runs on the NPU"
+        return "cpu", f"{op} on {rank or 'unknown'}-D tensors runs on the CPU inside RKNN (a hand-off)"
+    if op == "Pow":
+        e = const_value(node.inputs[1])
+        if e is not None and np.asarray(e).size == 1 and float(np.asarray(e).reshape(-1)[0]) == 2.0:
+            return "flex", "square"
+        return "cpu", "Pow with a non-constant or non-2 exponent"
+    if op in ELEMENTWISE or op in LAYOUT or op in REDUCE:
+        return "flex", f"{op} runs on the NPU"
+    return "cpu", f"{op} is not on the list of ops placed on the NPU"
+
+
+def _accumulator_nodes(ctx: Context):
+    """Nodes downstream of an accumulator state row, stopping at MatMuls."""
+    graph = ctx.graph
+    tensors = graph.tensors()
+    frontier = [tensors[s.input] for s in ctx.state if s.accumulator and s.input in tensors]
+    seen = set()
+    while frontier:
+        t = frontier.pop()
+        for node in t.outputs:
+            if node.name in seen or node.op == "MatMul":
+                continue
+            seen.add(node.name)
+            frontier.extend(node.outputs)
+    return seen
+
+
+def run(ctx: Context) -> None:
+    acc = _accumulator_nodes(ctx)
+    counts = {"anchor": 0, "flex": 0, "cpu": 0}
+    for node in ctx.graph.nodes:
+        kind, reason = classify(node, node.name in acc)
+        if node.name in ctx.forced_cpu and kind != "cpu":
+            kind, reason = "cpu", ctx.forced_cpu[node.name]
+        ctx.support[node.name] = (kind, reason)
+        counts[kind] += 1
+    ctx.note(NAME, f"{counts['anchor']} MatMuls for the NPU, {counts['flex']} ops that may go "
+                   f"either way, {counts['cpu']} kept on the CPU")
+
+
+def reasons(ctx: Context):
+    """{reason: count} for the CPU-only nodes (for the report)."""
+    out = {}
+    for kind, reason in ctx.support.values():
+        if kind == "cpu":
+            out[reason] = out.get(reason, 0) + 1
+    return out

@@ -1,0 +1,128 @@
+"""Run the pass pipeline and write the artifact.
+
+The artifact folder (written to a temporary folder beside OUT and renamed into place when whole):
+
+    OUT/manifest.json          what the runtime reads: segments in order, backends, bindings,
+                               state layout, model facts, tokenizer, toolkit version, target
+    OUT/plan.json              the compile report: per-stage segments, FLOP shares, pass notes
+    OUT/segments/NAME.onnx     every segment
+    OUT/segments/NAME.rknn     beside the ONNX of every NPU segment (not with --plan-only)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Callable, Optional
+
+from rwkv2rknn import __version__, io
+from rwkv2rknn.errors import UsageError
+from rwkv2rknn.ir import Context, Options, export
+from rwkv2rknn.passes.cut import stages_of
+from rwkv2rknn.plan import MANIFEST, PLAN, Manifest, Segment, StateSlot, sha256_file
+
+log = logging.getLogger(__name__)
+MODEL_JSON = "rwkv2rknn-model.json"
+
+
+def _source_facts(path: str) -> dict:
+    meta = os.path.join(path, MODEL_JSON) if os.path.isdir(path) else ""
+    if meta and os.path.exists(meta):
+        try:
+            return io.read_json(meta, "model description")
+        except Exception:  # noqa: BLE001 - optional extra facts only
+            return {}
+    return {}
+
+
+def make_manifest(ctx: Context, out_dir: str, toolkit: str, plan_only: bool) -> Manifest:
+    facts = _source_facts(ctx.source)
+    segs = []
+    for s in ctx.segments:
+        onnx_rel = f"segments/{s['name']}.onnx"
+        rknn_rel = s.get("rknn") if s["device"] == "npu" and not plan_only else None
+        shapes = {}
+        for t in s["inputs"] + s["outputs"]:
+            info = ctx.tensors.get(t)
+            shapes[t] = tuple(info.shape) if info else ()
+        stages = stages_of(s["nodes"])
+        segs.append(Segment(
+            name=s["name"], backend=s["device"], onnx=onnx_rel, inputs=tuple(s["inputs"]),
+            outputs=tuple(s["outputs"]), shapes=shapes, stages=tuple(stages), ops=s["ops"],
+            matmuls=s["matmuls"], flops=s["flops"], rknn=rknn_rel,
+            sha256=sha256_file(os.path.join(out_dir, onnx_rel)),
+            rknn_sha256=sha256_file(os.path.join(out_dir, rknn_rel)) if rknn_rel else "",
+            fallback=s.get("fallback", "")))
+    model = dict(ctx.shape)
+    model.update(arch=ctx.arch, source=ctx.source,
+                 source_dtype=facts.get("dtype", "unknown"))
+    return Manifest(model=model, segments=tuple(segs),
+                    state=tuple(StateSlot(s.layer, s.row, s.input, s.output, s.accumulator)
+                                for s in ctx.state),
+                    token_input=ctx.token_input, logits_output=ctx.logits_output,
+                    tokenizer=facts.get("tokenizer"), target=ctx.options.target, toolkit=toolkit,
+                    generator=f"rwkv2rknn {__version__}", report=tuple(ctx.report))
+
+
+def compile_model(model_path: str, out_dir: str, options: Optional[Options] = None,
+                  force: bool = False, dump_after: Optional[str] = None,
+                  progress: Optional[Callable[[dict, str], None]] = None,
+                  on_pass: Optional[Callable[[str], None]] = None) -> Manifest:
+    from rwkv2rknn import passes
+    from rwkv2rknn.passes import build, load
+
+    options = options or Options()
+    if dump_after and dump_after not in passes.PASS_NAMES:
+        raise UsageError(f"unknown pass '{dump_after}' for --dump-after",
+                         f"use one of {', '.join(passes.PASS_NAMES)}")
+    if not options.plan_only:
+        from rwkv2rknn.runtime.rknn import TOOLKIT_INSTALL, toolkit_version
+        if not toolkit_version():
+            from rwkv2rknn.errors import MissingDependency
+            raise MissingDependency("building .rknn files needs rknn-toolkit2",
+                                    f"{TOOLKIT_INSTALL}; or compile with --plan-only")
+    ctx = load.run(model_path, options)
+    dumps = {}
+
+    def after(name):
+        if on_pass:
+            on_pass(name)
+        if dump_after == name:
+            dumps[name] = export(ctx.graph)
+
+    after(load.NAME)
+    for p in passes.GRAPH_PIPELINE:
+        p.run(ctx)
+        after(p.NAME)
+    toolkit = ""
+    with io.atomic_dir(out_dir, MANIFEST, force=force) as tmp:
+        os.makedirs(os.path.join(tmp, "segments"))
+        for s in ctx.segments:
+            io.save_onnx(s["model"], os.path.join(tmp, "segments", s["name"] + ".onnx"))
+        if not options.plan_only:
+            from rwkv2rknn.runtime.rknn import toolkit_version
+            ctx.extra["out_dir"] = tmp
+            build.run(ctx, progress=progress)
+            toolkit = toolkit_version()
+            after(build.NAME)
+        for name, model in dumps.items():
+            os.makedirs(os.path.join(tmp, "dump"), exist_ok=True)
+            io.save_onnx(model, os.path.join(tmp, "dump", f"after_{name}.onnx"))
+        manifest = make_manifest(ctx, tmp, toolkit, options.plan_only)
+        manifest.check_bindings()
+        io.write_json(os.path.join(tmp, PLAN), plan_report(ctx, manifest))
+        io.write_json(os.path.join(tmp, MANIFEST), manifest.to_dict())
+    return manifest
+
+
+def plan_report(ctx: Context, manifest: Manifest) -> dict:
+    from rwkv2rknn.passes.support import reasons
+    return {"stages": manifest.per_layer(),
+            "npu_flop_share": manifest.npu_flop_share(),
+            "boundaries_per_token": manifest.boundaries(),
+            "segments": [{"name": s.name, "backend": s.backend, "ops": s.ops, "matmuls": s.matmuls,
+                          "flops": s.flops, "stages": list(s.stages), "fallback": s.fallback}
+                         for s in manifest.segments],
+            "cpu_reasons": reasons(ctx),
+            "passes": list(ctx.report),
+            "table": manifest.table().splitlines()}

@@ -1,0 +1,224 @@
+"""The artifact's plan: segments, state layout and model facts as frozen dataclasses.
+
+``Manifest`` round-trips through ``manifest.json`` (``to_dict`` / ``from_dict``), which is the
+only thing the runtime reads besides the segment files. ``from_dict`` checks everything it
+reads and raises a one-line ``BadInput`` for anything missing, mistyped or of another format
+version. ``table()`` prints the per-layer plan.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+from rwkv2rknn.errors import BadInput
+
+FORMAT = "rwkv2rknn-artifact"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+PLAN = "plan.json"
+BACKENDS = ("npu", "cpu")
+
+
+@dataclass(frozen=True)
+class Segment:
+    name: str
+    backend: str  # where it runs: "npu" (rknn, or ort standing in) or "cpu" (ort)
+    onnx: str  # path relative to the artifact
+    inputs: Tuple[str, ...]
+    outputs: Tuple[str, ...]
+    shapes: Dict[str, Tuple[int, ...]]  # every input and output
+    stages: Tuple[str, ...]  # loader stages it covers: embed, L0, ..., head
+    ops: int = 0
+    matmuls: int = 0
+    flops: int = 0  # MatMul FLOPs per call
+    rknn: Optional[str] = None
+    sha256: str = ""  # of the ONNX file
+    rknn_sha256: str = ""
+    fallback: str = ""  # why an NPU candidate runs on the CPU
+
+
+@dataclass(frozen=True)
+class StateSlot:
+    layer: int
+    row: str
+    input: str
+    output: str
+    accumulator: bool = False
+
+
+@dataclass(frozen=True)
+class Manifest:
+    model: Dict[str, object]  # arch, layers, width, vocab, source, source_dtype
+    segments: Tuple[Segment, ...]
+    state: Tuple[StateSlot, ...]
+    token_input: str
+    logits_output: str
+    tokenizer: Optional[str] = None
+    target: str = "rk3588"
+    toolkit: str = ""
+    generator: str = ""
+    format_version: int = FORMAT_VERSION
+    report: Tuple[str, ...] = field(default_factory=tuple)
+
+    # ---------------------------------------------------------------- JSON
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d = {"format": FORMAT, **d}
+        return d
+
+    @classmethod
+    def from_dict(cls, d, where: str = MANIFEST) -> "Manifest":
+        fix = "compile the model again with this version of rwkv2rknn"
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            raise BadInput(f"{where} is not an rwkv2rknn manifest", fix)
+        if d.get("format_version") != FORMAT_VERSION:
+            raise BadInput(f"{where} has format version {d.get('format_version')!r}, this rwkv2rknn "
+                           f"reads version {FORMAT_VERSION}", fix)
+        try:
+            segs = tuple(_segment(s) for s in _list(d, "segments"))
+            state = tuple(StateSlot(int(_get(s, "layer", int)), _get(s, "row", str),
+                                    _get(s, "input", str), _get(s, "output", str),
+                                    bool(s.get("accumulator", False))) for s in _list(d, "state"))
+            m = cls(model=_get(d, "model", dict), segments=segs, state=state,
+                    token_input=_get(d, "token_input", str), logits_output=_get(d, "logits_output", str),
+                    tokenizer=d.get("tokenizer") if isinstance(d.get("tokenizer"), str) else None,
+                    target=str(d.get("target", "")), toolkit=str(d.get("toolkit", "")),
+                    generator=str(d.get("generator", "")), format_version=FORMAT_VERSION,
+                    report=tuple(str(x) for x in d.get("report", []) or []))
+        except (KeyError, TypeError, ValueError) as e:
+            raise BadInput(f"{where} is corrupt ({e})", fix) from e
+        m.check_bindings(where)
+        return m
+
+    def check_bindings(self, where: str = MANIFEST) -> None:
+        """Every segment input is made by an earlier segment or is a graph input."""
+        if not self.segments:
+            raise BadInput(f"{where} lists no segments", "compile the model again")
+        known = {s.input for s in self.state}
+        if self.token_input:
+            known.add(self.token_input)
+        names = set()
+        for seg in self.segments:
+            if seg.name in names:
+                raise BadInput(f"{where}: segment name '{seg.name}' appears twice", "compile again")
+            names.add(seg.name)
+            missing = [t for t in seg.inputs if t not in known]
+            if missing and self.token_input:
+                raise BadInput(f"{where}: segment {seg.name} reads '{missing[0]}', which nothing "
+                               f"before it makes", "the manifest is corrupt; compile again")
+            known.update(seg.outputs)
+        wanted = [s.output for s in self.state] + ([self.logits_output] if self.logits_output else [])
+        lost = [t for t in wanted if t not in known]
+        if lost:
+            raise BadInput(f"{where}: no segment makes '{lost[0]}'", "the manifest is corrupt; compile again")
+
+    # ---------------------------------------------------------------- facts
+
+    @property
+    def layers(self) -> int:
+        return int(self.model.get("layers", 0) or 0)
+
+    @property
+    def vocab(self) -> int:
+        return int(self.model.get("vocab", 0) or 0)
+
+    def per_layer(self) -> List[dict]:
+        """For each stage: segments touching it by backend, NPU share of its MatMul FLOPs."""
+        rows = []
+        stages = []
+        for s in self.segments:
+            for st in s.stages:
+                if st not in stages:
+                    stages.append(st)
+        for st in stages:
+            segs = [s for s in self.segments if st in s.stages]
+            rows.append({"stage": st,
+                         "npu": [s.name for s in segs if s.backend == "npu"],
+                         "cpu": [s.name for s in segs if s.backend == "cpu"]})
+        return rows
+
+    def npu_flop_share(self) -> float:
+        total = sum(s.flops for s in self.segments)
+        return sum(s.flops for s in self.segments if s.backend == "npu") / total if total else 0.0
+
+    def boundaries(self) -> int:
+        """NPU<->CPU switches per token when segments run in order."""
+        return sum(1 for a, b in zip(self.segments, self.segments[1:]) if a.backend != b.backend)
+
+    def table(self) -> str:
+        lines = [f"{'segment':<28} {'runs on':<7} {'ops':>5} {'MatMuls':>7} {'MFLOP':>8}  stages"]
+        for s in self.segments:
+            where = s.backend + ("*" if s.fallback else "")
+            stages = s.stages[0] if len(s.stages) == 1 else f"{s.stages[0]}..{s.stages[-1]}"
+            lines.append(f"{s.name:<28} {where:<7} {s.ops:>5} {s.matmuls:>7} "
+                         f"{s.flops / 1e6:>8.2f}  {stages}")
+        n_npu = sum(s.backend == "npu" for s in self.segments)
+        lines.append(f"{len(self.segments)} segments ({n_npu} NPU, {len(self.segments) - n_npu} CPU), "
+                     f"{self.boundaries()} NPU<->CPU boundaries per token, "
+                     f"{100 * self.npu_flop_share():.1f}% of MatMul FLOPs on the NPU")
+        layer_rows = [r for r in self.per_layer() if r["stage"].startswith("L")]
+        if layer_rows:
+            most_npu = max(len(r["npu"]) for r in layer_rows)
+            most_cpu = max(len(r["cpu"]) for r in layer_rows)
+            lines.append(f"per layer: at most {most_npu} NPU and {most_cpu} CPU segment(s) per token")
+        if any(s.fallback for s in self.segments):
+            lines.append("* NPU candidate that fell back to the CPU: " + "; ".join(
+                f"{s.name}: {s.fallback}" for s in self.segments if s.fallback))
+        return "\n".join(lines)
+
+
+def _get(d, key, typ):
+    if not isinstance(d, dict) or key not in d:
+        raise KeyError(f"'{key}' missing")
+    v = d[key]
+    if typ is int and isinstance(v, bool):
+        raise TypeError(f"'{key}' should be {typ.__name__}")
+    if not isinstance(v, typ):
+        raise TypeError(f"'{key}' should be {typ.__name__}")
+    return v
+
+
+def _list(d, key):
+    v = _get(d, key, list)
+    return v
+
+
+def _names(d, key) -> Tuple[str, ...]:
+    v = _get(d, key, list)
+    if not all(isinstance(x, str) for x in v):
+        raise TypeError(f"'{key}' should list names")
+    return tuple(v)
+
+
+def _segment(s) -> Segment:
+    backend = _get(s, "backend", str)
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend '{backend}'")
+    shapes = _get(s, "shapes", dict)
+    shapes = {str(k): tuple(int(x) for x in v) for k, v in shapes.items()}
+    seg = Segment(name=_get(s, "name", str), backend=backend, onnx=_get(s, "onnx", str),
+                  inputs=_names(s, "inputs"), outputs=_names(s, "outputs"), shapes=shapes,
+                  stages=_names(s, "stages"), ops=int(s.get("ops", 0)), matmuls=int(s.get("matmuls", 0)),
+                  flops=int(s.get("flops", 0)),
+                  rknn=s.get("rknn") if isinstance(s.get("rknn"), str) else None,
+                  sha256=str(s.get("sha256", "")), rknn_sha256=str(s.get("rknn_sha256", "")),
+                  fallback=str(s.get("fallback", "")))
+    for p in [seg.onnx] + ([seg.rknn] if seg.rknn else []):
+        if os.path.isabs(p) or ".." in p.replace("\\", "/").split("/"):
+            raise ValueError(f"segment file '{p}' is outside the artifact")
+    for t in seg.inputs + seg.outputs:
+        if t not in shapes:
+            raise ValueError(f"no shape for '{t}'")
+    return seg
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

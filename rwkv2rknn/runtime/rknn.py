@@ -1,0 +1,167 @@
+"""RKNN runners: ``rknn-sim`` (rknn-toolkit2's x86 simulator) and ``rknn-lite`` (the board).
+
+Both share one code path (``_RknnRunner.infer``); they differ only in how the model is loaded:
+
+- the simulator cannot run a loaded ``.rknn`` (``init_runtime`` returns -1), so ``rknn-sim``
+  builds the segment's ONNX in this process (``build_in_process``), as the compiler did;
+- on the board, ``rknn-lite`` (rknn-toolkit-lite2) loads the compiled ``.rknn`` and binds it to
+  NPU cores with ``core_mask``.
+
+Neither toolkit is imported until a runner is made, so the board never imports rknn-toolkit2 or
+torch. The rknn-lite runner has NOT been run on a board by this project's tests (there is none
+here); it is kept as thin as possible on top of the shared path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io as _io
+import logging
+import os
+from typing import Dict, List
+
+import numpy as np
+
+from rwkv2rknn.errors import MissingDependency, ToolkitError
+
+log = logging.getLogger(__name__)
+
+TOOLKIT_INSTALL = ("pip install --no-deps rknn-toolkit2==2.5.0 (its other dependencies are in "
+                   "requirements.txt; or: make install)")
+LITE_INSTALL = "pip install rknn-toolkit-lite2 on the RK3588 board (aarch64, with /usr/lib/librknnrt.so)"
+CORE_MASKS = {"auto": 0, "0": 1, "1": 2, "2": 4, "0_1": 3, "0_1_2": 7}
+
+
+def quiet_toolkit() -> None:
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    logging.getLogger("rknnLogger").setLevel(logging.ERROR)
+
+
+def import_toolkit():
+    quiet_toolkit()
+    try:
+        with contextlib.redirect_stdout(_io.StringIO()):
+            from rknn.api import RKNN
+    except ImportError as e:
+        raise MissingDependency("rknn-toolkit2 is not installed", TOOLKIT_INSTALL) from e
+    logging.getLogger("rknnLogger").setLevel(logging.ERROR)
+    return RKNN
+
+
+def toolkit_version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("rknn-toolkit2")
+    except Exception:  # noqa: BLE001 - not installed
+        return ""
+
+
+@contextlib.contextmanager
+def _maybe_quiet(verbose: bool):
+    if verbose:
+        yield
+        return
+    buf = _io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        yield
+
+
+def build_in_process(onnx_path: str, target: str = "rk3588", rknn_out: str = "",
+                     runtime: bool = False, verbose: bool = False, float_dtype: str = ""):
+    """Build an ONNX model with rknn-toolkit2; optionally export the .rknn and/or start the
+    simulator. Returns the RKNN object. Raises ToolkitError on a refused build.
+    (The toolkit may also kill the whole process: the compiler calls this in a child.)"""
+    RKNN = import_toolkit()
+    with _maybe_quiet(verbose):
+        rk = RKNN(verbose=verbose)
+        cfg = {"target_platform": target}
+        if float_dtype:
+            cfg["float_dtype"] = float_dtype
+        steps = [("config", lambda: rk.config(**cfg)),
+                 ("load_onnx", lambda: rk.load_onnx(onnx_path)),
+                 ("build", lambda: rk.build(do_quantization=False))]
+        if rknn_out:
+            steps.append(("export_rknn", lambda: rk.export_rknn(rknn_out)))
+        if runtime:
+            steps.append(("init_runtime", lambda: rk.init_runtime()))
+        for step, call in steps:
+            try:
+                ret = call()
+            except Exception as e:  # the toolkit reports some failures as exceptions
+                rk.release()
+                raise ToolkitError(f"rknn-toolkit2 {step} failed on {os.path.basename(onnx_path)} "
+                                   f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})",
+                                   "the segment stays on the CPU; run with --verbose for the toolkit's log") from e
+            if ret not in (0, None) and step != "config":
+                rk.release()
+                raise ToolkitError(f"rknn-toolkit2 {step} returned {ret} on {os.path.basename(onnx_path)}",
+                                   "the segment stays on the CPU; run with --verbose for the toolkit's log")
+    return rk
+
+
+class _RknnRunner:
+    backend = ""
+
+    def __init__(self, name: str, inputs: List[str], outputs: List[str], shapes: Dict[str, list]):
+        self.name, self.inputs, self.outputs = name, list(inputs), list(outputs)
+        self.shapes = {k: tuple(v) for k, v in shapes.items()}
+        self._rt = None
+
+    def infer(self, feed: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        args = [np.ascontiguousarray(feed[k], dtype=np.float32).reshape(self.shapes[k])
+                for k in self.inputs]
+        with contextlib.redirect_stdout(_io.StringIO()):
+            outs = self._rt.inference(inputs=args)
+        if outs is None or len(outs) != len(self.outputs):
+            raise ToolkitError(f"{self.backend} inference failed on segment {self.name}",
+                               "run `rwkv2rknn check --backend ort` to test the plan without the NPU")
+        return dict(zip(self.outputs, (np.asarray(o, np.float32) for o in outs)))
+
+    def close(self) -> None:
+        if self._rt is not None:
+            self._rt.release()
+            self._rt = None
+
+
+class RknnSimRunner(_RknnRunner):
+    """The x86 simulator: builds the segment's ONNX in-process (it cannot load a .rknn)."""
+
+    backend = "rknn-sim"
+
+    def __init__(self, onnx_path: str, name: str, inputs, outputs, shapes, target: str = "rk3588"):
+        super().__init__(name, inputs, outputs, shapes)
+        self._rt = build_in_process(onnx_path, target=target, runtime=True)
+
+
+class RknnLiteRunner(_RknnRunner):
+    """The board: rknn-toolkit-lite2 loads the compiled .rknn onto the NPU cores."""
+
+    backend = "rknn-lite"
+
+    def __init__(self, rknn_path: str, name: str, inputs, outputs, shapes, core_mask: str = "auto"):
+        super().__init__(name, inputs, outputs, shapes)
+        try:
+            from rknnlite.api import RKNNLite
+        except ImportError as e:
+            raise MissingDependency("rknn-toolkit-lite2 is not installed (it runs only on the board)",
+                                    LITE_INSTALL) from e
+        rt = RKNNLite()
+        if rt.load_rknn(rknn_path) != 0:
+            raise ToolkitError(f"cannot load {rknn_path}", "compile the model again for this board")
+        mask = CORE_MASKS.get(str(core_mask), None)
+        if mask is None:
+            raise ToolkitError(f"unknown core mask '{core_mask}'", f"use one of {', '.join(CORE_MASKS)}")
+        if rt.init_runtime(core_mask=mask) != 0:
+            raise ToolkitError(f"the NPU runtime refused {os.path.basename(rknn_path)}",
+                               "check that it was compiled for this board's target (--target)")
+        self._rt = rt
+
+
+def lite_available() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("rknnlite") is not None
+
+
+def toolkit_available() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("rknn") is not None and importlib.util.find_spec("torch") is not None
