@@ -81,7 +81,7 @@ def _unlink(path: str) -> None:
         pass
 
 
-def run(ctx: Context, progress: Optional[Callable[[dict, str], None]] = None) -> None:
+def run(ctx: Context, progress: Optional[Callable[[dict, str, int, int], None]] = None) -> None:
     from rwkv2rknn.runtime.rknn import toolkit_version
 
     out_dir = ctx.extra["out_dir"]
@@ -95,9 +95,8 @@ def run(ctx: Context, progress: Optional[Callable[[dict, str], None]] = None) ->
     cache = os.path.join(cache_root(opts.cache_dir), "rknn")
     os.makedirs(cache, exist_ok=True)
     built = hits = failed = 0
-    for seg in ctx.segments:
-        if seg["device"] != "npu":
-            continue
+    todo = [seg for seg in ctx.segments if seg["device"] == "npu"]
+    for i, seg in enumerate(todo, 1):
         onnx_path = os.path.join(out_dir, "segments", seg["name"] + ".onnx")
         with open(onnx_path, "rb") as f:
             key = cache_key(f.read(), opts.target, version)
@@ -115,7 +114,7 @@ def run(ctx: Context, progress: Optional[Callable[[dict, str], None]] = None) ->
                 failed += 1
                 ctx.note(NAME, f"{seg['name']}: build failed ({reason}); runs on the CPU")
                 if progress:
-                    progress(seg, "failed")
+                    progress(seg, "failed, CPU fallback", i, len(todo))
                 continue
             built += 1
             status = "built"
@@ -124,7 +123,7 @@ def run(ctx: Context, progress: Optional[Callable[[dict, str], None]] = None) ->
         seg["rknn"] = f"segments/{seg['name']}.rknn"
         seg["cache_key"] = key
         if progress:
-            progress(seg, status)
+            progress(seg, status, i, len(todo))
     ctx.note(NAME, f"{built} built, {hits} from the cache ({cache}), {failed} fell back to the CPU"
                    f" [rknn-toolkit2 {version}, target {opts.target}]")
 

@@ -100,6 +100,218 @@ def export(checkpoint: str, out_dir: str, fp32: bool, tokenizer, force: bool) ->
                f"({'fp32' if fp32 else 'fp16'}) to {out_dir}")
 
 
+
+def _options(**kw):
+    from rwkv2rknn.ir import Options
+    return Options(**{k: v for k, v in kw.items() if v is not None})
+
+
+@cli.command(name="compile")
+@click.argument("model", type=click.Path())
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Artifact folder to write (manifest.json, plan.json, segments/).")
+@click.option("--target", default="rk3588", show_default=True,
+              type=click.Choice(["rk3588", "rk3576", "rk3568", "rk3566", "rk3562"]),
+              help="Rockchip SoC to build the .rknn files for.")
+@click.option("--plan-only", is_flag=True, help="Partition and cut only: no .rknn (needs no rknn-toolkit2).")
+@click.option("--strict", is_flag=True, help="Fail if any NPU segment fails to build (default: fall back to the CPU).")
+@click.option("--dump-after", metavar="PASS", default=None,
+              help="Also write the graph after PASS to OUT/dump/after_PASS.onnx.")
+@click.option("--calib-tokens", type=click.IntRange(1, 4096), default=8, show_default=True,
+              help="Sample tokens the fp16 range guard runs.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="Build cache (default: $RWKV2RKNN_CACHE or ~/.cache/rwkv2rknn).")
+@click.option("--force", is_flag=True, help="Replace an output folder that holds other files.")
+@click.option("--verbose", "tool_verbose", is_flag=True, help="Show rknn-toolkit2's own output.")
+@handle_errors
+def compile_cmd(model, out_dir, target, plan_only, strict, dump_after, calib_tokens, cache_dir,
+                force, tool_verbose):
+    """Compile MODEL (a folder of per-layer RWKV ONNX files, or one .onnx) into a hybrid
+    NPU/CPU artifact."""
+    from rwkv2rknn.compiler import compile_model
+
+    opts = _options(target=target, strict=strict, plan_only=plan_only, calib_tokens=calib_tokens,
+                    cache_dir=cache_dir, verbose=tool_verbose)
+    manifest = _compile_with_progress(model, out_dir, opts, force, dump_after)
+    click.echo(manifest.table())
+    click.echo(f"artifact written to {out_dir}")
+
+
+def _compile_with_progress(model, out_dir, opts, force=False, dump_after=None):
+    from rwkv2rknn.compiler import compile_model
+
+    def on_pass(name):
+        click.echo(f"  pass {name}: done", err=True)
+
+    def on_segment(seg, status, i, n):
+        click.echo(f"  [{i}/{n}] {seg['name']}: {status}", err=True)
+
+    return compile_model(model, out_dir, opts, force=force, dump_after=dump_after,
+                         progress=on_segment, on_pass=on_pass)
+
+
+def _parse_tokens(text: str, vocab: int):
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t != ""]
+    except ValueError:
+        from rwkv2rknn.errors import UsageError
+        raise UsageError(f"--tokens '{text[:40]}' is not a comma-separated list of token ids",
+                         "write it like --tokens 5,17,300")
+    from rwkv2rknn.errors import UsageError
+    if not ids:
+        raise UsageError("--tokens is empty", "give at least one token id, like --tokens 5,17,300")
+    bad = [t for t in ids if not 0 <= t < vocab]
+    if bad:
+        raise UsageError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})",
+                         "give ids the model knows")
+    return ids
+
+
+def _check_prompt(prompt: str) -> None:
+    from rwkv2rknn.errors import UsageError
+    if prompt is None or prompt == "":
+        raise UsageError("the prompt is empty", 'give some text, like --prompt "Once upon a time"')
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError("the prompt is not valid UTF-8", "pass the prompt as UTF-8 text")
+
+
+@cli.command()
+@click.argument("artifact", required=False, type=click.Path())
+@click.option("--prompt", default=None, help="Text to continue.")
+@click.option("--max-tokens", type=int, default=64, show_default=True, help="Tokens to generate (1..65536).")
+@click.option("--temperature", type=click.FloatRange(0, 100), default=0.8, show_default=True,
+              help="Sampling temperature (0: greedy).")
+@click.option("--top-p", type=click.FloatRange(0, 1), default=0.9, show_default=True, help="Nucleus sampling.")
+@click.option("--seed", type=int, default=None, help="Random seed for sampling.")
+@click.option("--backend", type=click.Choice(["auto", "ort", "rknn-sim", "rknn-lite"]), default="auto",
+              show_default=True, help="Where NPU segments run (CPU segments always use onnxruntime).")
+@click.option("--core-mask", default="auto", show_default=True,
+              help="rknn-lite only: NPU cores (auto, 0, 1, 2, 0_1, 0_1_2).")
+@click.option("--tokenizer", default=None, help="bytes, world, or a tokenizer.json path (default: the model's).")
+@click.option("--tokens", default=None, help="Evaluation: feed these comma-separated token ids instead of a prompt.")
+@click.option("--logits-out", type=click.Path(dir_okay=False), default=None,
+              help="With --tokens: save float32 logits [T, vocab] to this .npy file.")
+@handle_errors
+def run(artifact, prompt, max_tokens, temperature, top_p, seed, backend, core_mask, tokenizer,
+        tokens, logits_out):
+    """Generate text with a compiled ARTIFACT (default: the bundled model, compiled on first use).
+
+    ARTIFACT may also be an uncompiled folder of per-layer files with --backend ort: that is the
+    pure ONNX Runtime reference.
+    """
+    from rwkv2rknn.errors import UsageError
+    if tokens is None and prompt is None:
+        raise UsageError("nothing to do", 'give --prompt "text" (or --tokens ids --logits-out file.npy)')
+    if tokens is not None and prompt is not None:
+        raise UsageError("--tokens and --prompt go separately", "give one of them")
+    if logits_out and tokens is None:
+        raise UsageError("--logits-out needs --tokens", "give --tokens 5,17,300")
+    if tokens is None:
+        _check_prompt(prompt)
+        if not 1 <= max_tokens <= 65536:
+            raise UsageError(f"--max-tokens {max_tokens} is out of range", "give 1 to 65536")
+    if artifact is None:
+        from rwkv2rknn.models import bundled
+        artifact = bundled.ensure_compiled(echo=lambda m: click.echo(m, err=True))
+    model, tok_spec = _open_model(artifact, backend, core_mask)
+    if tokens is not None:
+        import numpy as np
+        ids = _parse_tokens(tokens, model.vocab)
+        logits = model.logits(ids)
+        if logits_out:
+            np.save(logits_out, logits.astype(np.float32))
+            click.echo(f"saved logits {list(logits.shape)} to {logits_out}", err=True)
+        else:
+            click.echo(" ".join(str(int(i)) for i in logits.argmax(1)))
+        return
+    _generate(model, tokenizer or tok_spec, prompt, max_tokens, temperature, top_p, seed)
+
+
+def _open_model(path, backend, core_mask):
+    """(model with .step/.init_state/.logits/.vocab, tokenizer spec) for an artifact or a
+    per-layer folder (the latter: pure ONNX Runtime, --backend ort only)."""
+    from rwkv2rknn.errors import BadInput, UsageError
+    from rwkv2rknn.plan import MANIFEST
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, MANIFEST)) and \
+            os.path.exists(os.path.join(path, "embed.onnx")):
+        if backend not in ("ort", "auto"):
+            raise UsageError(f"'{path}' is an uncompiled per-layer model: it runs only with --backend ort",
+                             f"compile it first: rwkv2rknn compile {path} -o OUT")
+        from rwkv2rknn.compiler import _source_facts
+        from rwkv2rknn.runtime.reference import PerLayerModel
+        click.echo("backend: pure onnxruntime over the per-layer files", err=True)
+        return PerLayerModel(path), _source_facts(path).get("tokenizer")
+    from rwkv2rknn.runtime.hybrid import HybridModel, load_manifest, resolve_backend
+    load_manifest(path)
+    chosen = resolve_backend(backend)
+    if backend == "auto":
+        click.echo(f"backend: {chosen} (auto)", err=True)
+    model = HybridModel(path, backend=chosen, core_mask=core_mask)
+    return model, model.manifest.tokenizer
+
+
+def _generate(model, tok_spec, prompt, max_tokens, temperature, top_p, seed):
+    from rwkv2rknn.errors import UsageError
+    from rwkv2rknn.generate import generate
+    from rwkv2rknn.tokenizer import StreamDecoder, load_tokenizer
+    if not tok_spec:
+        raise UsageError("the model has no tokenizer recorded", "pass --tokenizer bytes|world|PATH")
+    tok = load_tokenizer(tok_spec)
+    ids = tok.encode(prompt)
+    if not ids:
+        raise UsageError("the prompt encodes to no tokens", "give some text")
+    if max(ids) >= model.vocab:
+        raise UsageError(f"tokenizer '{tok_spec}' makes id {max(ids)}, outside the model's vocabulary "
+                         f"({model.vocab})", "pass the model's own --tokenizer")
+    state = model.init_state()
+    dec = StreamDecoder(tok)
+    click.echo(prompt, nl=False)
+
+    def on_token(i):
+        text = dec.feed(i)
+        if text:
+            click.echo(text, nl=False)
+            sys.stdout.flush()
+
+    res = generate(lambda t: model.step(t, state), ids, max_tokens, temperature, top_p, seed,
+                   on_token=on_token)
+    click.echo(dec.flush())
+    ttft = f"{1000 * res.ttft_s:.0f} ms" if res.ttft_s is not None else "n/a"
+    click.echo(f"[{len(ids)} prompt tokens, {len(res.ids)} generated; time to first token {ttft}, "
+               f"{res.decode_tokens_per_s:.1f} tokens/s]", err=True)
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path())
+@click.option("--tokens", "n_tokens", type=click.IntRange(1, 4096), default=32, show_default=True,
+              help="Seeded random tokens to teacher-force.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--backend", type=click.Choice(["auto", "ort", "rknn-sim", "rknn-lite"]), default="auto",
+              show_default=True)
+@click.option("--reference", type=click.Path(file_okay=False), default=None,
+              help="Per-layer files to compare against (default: the ones the artifact was compiled from).")
+@click.option("--per-segment", is_flag=True, help="Also compare every NPU segment alone against onnxruntime.")
+@click.option("--min-top1", type=click.FloatRange(0, 1), default=0.99, show_default=True)
+@click.option("--max-rel", type=float, default=None,
+              help="Max logit error relative to the logit scale (default: 1e-4 for ort on fp32 files, else 0.05).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@handle_errors
+def check(artifact, n_tokens, seed, backend, reference, per_segment, min_top1, max_rel, as_json):
+    """Run ARTIFACT and pure ONNX Runtime on the same tokens and compare; exit 1 outside tolerance."""
+    import json
+    from rwkv2rknn.check import run_check
+    rep, chosen = run_check(artifact, n_tokens, seed, backend, reference, per_segment, min_top1, max_rel)
+    if as_json:
+        click.echo(json.dumps({"backend": chosen, **rep.to_dict()}, indent=1))
+    else:
+        click.echo(f"backend {chosen}: {rep.summary()}")
+        for s in rep.per_segment:
+            click.echo(f"  {s['segment']}: max rel error {s['max_rel']:.3g}")
+    sys.exit(0 if rep.passed else 1)
+
+
 def main() -> None:
     os.environ.setdefault("TQDM_DISABLE", "1")
     cli(prog_name="rwkv2rknn")

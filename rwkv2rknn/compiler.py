@@ -66,7 +66,7 @@ def make_manifest(ctx: Context, out_dir: str, toolkit: str, plan_only: bool) -> 
 
 def compile_model(model_path: str, out_dir: str, options: Optional[Options] = None,
                   force: bool = False, dump_after: Optional[str] = None,
-                  progress: Optional[Callable[[dict, str], None]] = None,
+                  progress: Optional[Callable[[dict, str, int, int], None]] = None,
                   on_pass: Optional[Callable[[str], None]] = None) -> Manifest:
     from rwkv2rknn import passes
     from rwkv2rknn.passes import build, load

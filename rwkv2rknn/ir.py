@@ -169,6 +169,7 @@ def trace(ctx: Context, tokens: Sequence[int], names: Optional[List[str]] = None
         tok_dtype = np.int64 if in_types.get(ctx.token_input) == "tensor(int64)" else np.int32
         feeds[ctx.token_input] = np.array([tok], tok_dtype)
         values = dict(zip(out_names, sess.run(out_names, feeds)))
+        values.update(feeds)
         for name, v in values.items():
             v = np.asarray(v)
             m = float(np.max(np.abs(v))) if v.size and v.dtype.kind == "f" else 0.0

@@ -27,7 +27,7 @@ def make_session(model, threads: int = 0, what: str = "model"):
     def create(level):
         so = ort.SessionOptions()
         so.graph_optimization_level = level
-        so.log_severity_level = 3
+        so.log_severity_level = 4 if level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL else 3
         if threads:
             so.intra_op_num_threads = threads
         return ort.InferenceSession(model, sess_options=so, providers=["CPUExecutionProvider"])

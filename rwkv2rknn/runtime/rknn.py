@@ -57,12 +57,32 @@ def toolkit_version() -> str:
 
 
 @contextlib.contextmanager
+def quiet_fds():
+    """Silence stdout and stderr at the file-descriptor level (the toolkit's C++ side prints)."""
+    import sys
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        with contextlib.redirect_stdout(_io.StringIO()):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved + [devnull]:
+            os.close(fd)
+
+
+@contextlib.contextmanager
 def _maybe_quiet(verbose: bool):
     if verbose:
         yield
         return
-    buf = _io.StringIO()
-    with contextlib.redirect_stdout(buf):
+    with quiet_fds():
         yield
 
 

@@ -1,0 +1,147 @@
+"""The hybrid executor: runs a compiled artifact's segments in manifest order, one token a step.
+
+Activations and recurrent state are threaded by name: the token and every state row enter as
+graph inputs, each segment reads its inputs from what came before and adds its outputs, and the
+new state rows and the logits are read at the end. The state is one float32 array
+[slots, width], allocated once; segment feeds are views into it and into the previous outputs.
+
+Backends for NPU segments: ``ort`` (their ONNX on the CPU: checks the partition and stitching
+with no toolkit), ``rknn-sim`` (rknn-toolkit2's simulator) and ``rknn-lite`` (the board).
+CPU segments always run on ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from rwkv2rknn import io
+from rwkv2rknn.errors import BadInput, NumericalError, UsageError
+from rwkv2rknn.plan import MANIFEST, Manifest, sha256_file
+
+log = logging.getLogger(__name__)
+BACKENDS = ("auto", "ort", "rknn-sim", "rknn-lite")
+
+
+def load_manifest(artifact: str) -> Manifest:
+    if not os.path.isdir(artifact):
+        raise BadInput(f"artifact '{artifact}' is not a folder",
+                       "give the output folder of `rwkv2rknn compile`")
+    path = os.path.join(artifact, MANIFEST)
+    if not os.path.exists(path):
+        raise BadInput(f"'{artifact}' has no {MANIFEST}",
+                       "give the output folder of `rwkv2rknn compile` (or compile the model again)")
+    return Manifest.from_dict(io.read_json(path, "manifest"), where=path)
+
+
+def resolve_backend(backend: str) -> str:
+    """'auto' -> rknn-lite on a board that has it, else rknn-sim where the toolkit imports, else ort."""
+    from rwkv2rknn.runtime.rknn import lite_available, toolkit_available
+    if backend not in BACKENDS:
+        raise UsageError(f"unknown backend '{backend}'", f"use one of {', '.join(BACKENDS)}")
+    if backend != "auto":
+        return backend
+    if lite_available():
+        return "rknn-lite"
+    if toolkit_available():
+        return "rknn-sim"
+    return "ort"
+
+
+class HybridModel:
+    """A compiled artifact, loaded with one runner per segment."""
+
+    def __init__(self, artifact: str, backend: str = "ort", core_mask: str = "auto",
+                 verify: bool = True, threads: int = 0, progress=None):
+        self.artifact = artifact
+        self.manifest = m = load_manifest(artifact)
+        if not m.token_input or not m.logits_output:
+            raise BadInput(f"'{artifact}' was compiled from a single ONNX graph, not a whole model",
+                           "compile the folder of per-layer files to run it")
+        self.backend = resolve_backend(backend)
+        if self.backend == "rknn-lite" and m.target != "rk3588":
+            log.warning("artifact was compiled for %s", m.target)
+        self.runners = []
+        for seg in m.segments:
+            self.runners.append(self._runner(seg, verify, core_mask, threads))
+            if progress:
+                progress(seg)
+        self.width = int(m.model.get("width") or 0)
+        self.slots = list(m.state)
+        self.vocab = m.vocab
+        self._npu = [seg.backend == "npu" for seg in m.segments]
+
+    def _path(self, rel: str, sha: str, verify: bool) -> str:
+        path = os.path.join(self.artifact, rel)
+        if not os.path.isfile(path):
+            raise BadInput(f"segment file '{path}' is missing", "compile the model again")
+        if verify and sha and sha256_file(path) != sha:
+            raise BadInput(f"segment file '{path}' changed since it was compiled (checksum mismatch)",
+                           "compile the model again")
+        return path
+
+    def _runner(self, seg, verify: bool, core_mask: str, threads: int):
+        from rwkv2rknn.runtime.ort import OrtRunner
+        onnx_path = self._path(seg.onnx, seg.sha256, verify)
+        if seg.backend == "cpu" or self.backend == "ort":
+            return OrtRunner(onnx_path, seg.name, threads)
+        shapes = {k: list(v) for k, v in seg.shapes.items()}
+        if self.backend == "rknn-sim":
+            from rwkv2rknn.runtime.rknn import RknnSimRunner
+            return RknnSimRunner(onnx_path, seg.name, seg.inputs, seg.outputs, shapes, m_target(self))
+        from rwkv2rknn.runtime.rknn import RknnLiteRunner
+        if not seg.rknn:
+            raise BadInput(f"segment {seg.name} has no .rknn (compiled with --plan-only)",
+                           "compile without --plan-only, or use --backend ort / rknn-sim")
+        rknn_path = self._path(seg.rknn, seg.rknn_sha256, verify)
+        return RknnLiteRunner(rknn_path, seg.name, seg.inputs, seg.outputs, shapes, core_mask)
+
+    # ------------------------------------------------------------------ stepping
+
+    def init_state(self) -> np.ndarray:
+        return np.zeros((len(self.slots), self.width), np.float32)
+
+    def step(self, token: int, state: np.ndarray, trace: Optional[Dict[str, np.ndarray]] = None
+             ) -> np.ndarray:
+        """Advance by one token; updates ``state`` in place; returns float32 logits [V]."""
+        m = self.manifest
+        env: Dict[str, np.ndarray] = {m.token_input: np.array([token], np.int32)}
+        for i, slot in enumerate(self.slots):
+            env[slot.input] = state[i]
+        for runner, is_npu, seg in zip(self.runners, self._npu, m.segments):
+            outs = runner.infer({k: env[k] for k in seg.inputs})
+            if is_npu:
+                for name, value in outs.items():
+                    if not np.isfinite(value).all():
+                        raise NumericalError(
+                            f"segment {seg.name} ({runner.backend}) produced NaN/inf in '{name}'",
+                            "values left fp16's range on the NPU; compile again with more "
+                            "--calib-tokens, or run with --backend ort to confirm")
+            env.update(outs)
+        for i, slot in enumerate(self.slots):
+            state[i] = np.asarray(env[slot.output], np.float32).reshape(-1)
+        if trace is not None:
+            trace.update(env)
+        return np.asarray(env[m.logits_output], np.float32).reshape(-1)
+
+    def logits(self, tokens: Sequence[int]) -> np.ndarray:
+        state = self.init_state()
+        return np.stack([self.step(int(t), state) for t in tokens])
+
+    def state_as_layers(self, state: np.ndarray, rows: Sequence[str]) -> np.ndarray:
+        """The slot array as [layers, rows, width] in the per-layer files' row order."""
+        out = np.zeros((self.manifest.layers, len(rows), self.width), np.float32)
+        for i, slot in enumerate(self.slots):
+            out[slot.layer, rows.index(slot.row)] = state[i]
+        return out
+
+    def close(self) -> None:
+        for r in self.runners:
+            r.close()
+
+
+def m_target(model: HybridModel) -> str:
+    return model.manifest.target or "rk3588"
