@@ -74,7 +74,7 @@ class Shape:
 
     def params(self) -> int:
         c, f, v = self.width, self.ffn, self.vocab
-        per_layer = 5 * c * c + 2 * c * f + 13 * c
+        per_layer = 5 * c * c + 2 * c * f + 11 * c
         return 2 * v * c + self.layers * per_layer + 4 * c
 
     def matmul_flops_per_token(self) -> int:

@@ -34,9 +34,9 @@ def _through_reshapes_up(t):
 
 
 def _through_reshapes_down(t):
-    consumers = list(t.outputs)
+    consumers = list({id(n): n for n in t.outputs}.values())
     while len(consumers) == 1 and consumers[0].op in ("Reshape", "Identity"):
-        consumers = list(consumers[0].outputs[0].outputs)
+        consumers = list({id(n): n for n in consumers[0].outputs[0].outputs}.values())
     return consumers[0] if len(consumers) == 1 else None
 
 
@@ -53,7 +53,8 @@ def _squared_relu_chains(graph):
         if relu.op != "Relu":
             continue
         out = relu.outputs[0]
-        sq = out.outputs[0] if len(out.outputs) == 1 else None
+        consumers = {id(n): n for n in out.outputs}
+        sq = next(iter(consumers.values())) if len(consumers) == 1 else None
         if sq is None:
             continue
         is_square = (sq.op == "Mul" and len(sq.inputs) == 2 and sq.inputs[0] is sq.inputs[1]) or \

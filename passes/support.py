@@ -10,7 +10,7 @@ Each node gets a kind:
 Unsupported is never an error: it falls back to the CPU. Facts behind the rules (rknn-toolkit2
 2.5.0, rk3588): Exp always runs on the CPU; Max/Min run on the NPU only for 4-D inputs; every
 CPU op inside an RKNN model is an NPU<->CPU hand-off on the board. Two rules come from the model
-description and the range guard: ops that compute the recurrent accumulators (aa, bb, pp) stay
+description and the range guard: ops that compute the recurrent accumulators (the model description names them) stay
 in fp32 on the CPU, and ops whose values leave fp16's range stay on the CPU.
 
 Precondition: state (for the accumulator rows) and fp16_guard (for ranges) have run.
@@ -45,15 +45,15 @@ def classify(node, accumulator: bool) -> Tuple[str, str]:
         if any(w is not None and w.ndim == 2 for w in weights):
             return "anchor", "constant-weight MatMul: a 1x1 Conv on the NPU"
         return "cpu", "MatMul of two activations: no constant weight to keep on the NPU"
-    if accumulator:
-        return "cpu", "computes a recurrent accumulator (aa/bb/pp): kept in fp32 on the CPU"
     if op in CPU_REASONS:
         return "cpu", CPU_REASONS[op]
-    if op in ("Max", "Min"):
+    if op in ("Max", "Min") and len(node.outputs[0].shape or []) != 4:
         rank = len(node.outputs[0].shape or [])
-        if rank == 4:
-            return "flex", f"{op} on 4-D tensors runs on the NPU"
         return "cpu", f"{op} on {rank or 'unknown'}-D tensors runs on the CPU inside RKNN (a hand-off)"
+    if accumulator:
+        return "cpu", "computes a recurrent accumulator of the state: kept in fp32 on the CPU"
+    if op in ("Max", "Min"):
+        return "flex", f"{op} on 4-D tensors runs on the NPU"
     if op == "Pow":
         e = const_value(node.inputs[1])
         if e is not None and np.asarray(e).size == 1 and float(np.asarray(e).reshape(-1)[0]) == 2.0:

@@ -100,6 +100,8 @@ def bypass(graph, node) -> None:
         graph.outputs[graph.outputs.index(dst)] = src
         dst.name = name + ".bypassed"
         src.name = name
+        src.dtype = src.dtype or dst.dtype
+        src.shape = src.shape or dst.shape
     for consumer in list(dst.outputs):
         for i, t in enumerate(consumer.inputs):
             if t is dst:
@@ -158,16 +160,21 @@ def trace(ctx: Context, tokens: Sequence[int], names: Optional[List[str]] = None
     in_types = {i.name: i.type for i in sess.get_inputs()}
     out_names = [o.name for o in sess.get_outputs()]
     feeds = {}
+    rng = np.random.default_rng(ctx.options.seed)
     for inp in sess.get_inputs():
         if inp.name == ctx.token_input:
             continue
-        shape = [int(d) for d in inp.shape]
-        feeds[inp.name] = np.zeros(shape, np.float32)
+        shape = [int(d) if isinstance(d, int) else 1 for d in inp.shape]
+        if ctx.token_input:  # a whole model: states start at zero
+            feeds[inp.name] = np.zeros(shape, np.float32)
+        else:  # a lone graph: seeded normal samples
+            feeds[inp.name] = rng.standard_normal(shape).astype(np.float32)
     state_pairs = [(s.input, s.output) for s in ctx.state] + list(ctx.whole_state.values())
     info: Dict[str, TensorInfo] = {}
     for tok in tokens:
         tok_dtype = np.int64 if in_types.get(ctx.token_input) == "tensor(int64)" else np.int32
-        feeds[ctx.token_input] = np.array([tok], tok_dtype)
+        if ctx.token_input:
+            feeds[ctx.token_input] = np.array([tok], tok_dtype)
         values = dict(zip(out_names, sess.run(out_names, feeds)))
         values.update(feeds)
         for name, v in values.items():

@@ -1,0 +1,93 @@
+"""Export parity with the reference implementation (the `rwkv` package, cpu fp32)."""
+
+import os
+
+import numpy as np
+import pytest
+
+from rwkv2rknn.errors import BadInput
+from rwkv2rknn.models.checkpoint import random_checkpoint, save_checkpoint
+from rwkv2rknn.models.export import export
+from rwkv2rknn.runtime.reference import PerLayerModel
+
+SHAPES = [dict(layers=2, width=32, vocab=64, seed=11),
+          dict(layers=3, width=48, vocab=97, seed=12),
+          dict(layers=4, width=72, vocab=300, seed=13)]
+
+
+def rwkv_package_logits(pth, tokens):
+    os.environ["RWKV_JIT_ON"] = "0"
+    os.environ["RWKV_CUDA_ON"] = "0"
+    from rwkv.model import RWKV
+    model = RWKV(model=pth, strategy="cpu fp32", verbose=False)
+    state, out = None, []
+    for t in tokens:
+        logits, state = model.forward([int(t)], state)
+        out.append(logits.float().numpy())
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s['layers']}x{s['width']}v{s['vocab']}")
+def test_parity_with_rwkv_package(shape, tmp_path):
+    sd = random_checkpoint(**shape)
+    pth = str(tmp_path / "m.pth")
+    save_checkpoint(sd, pth)
+    tokens = [int(t) for t in np.random.default_rng(0).integers(0, shape["vocab"], 36)]
+    ref = rwkv_package_logits(pth, tokens)
+    export(sd, str(tmp_path / "fp32"), fp32=True)
+    export(sd, str(tmp_path / "fp16"))
+    got32 = PerLayerModel(str(tmp_path / "fp32")).logits(tokens)
+    got16 = PerLayerModel(str(tmp_path / "fp16")).logits(tokens)
+    scale = np.abs(ref).max()
+    assert np.abs(got32 - ref).max() <= 1e-4 * scale
+    assert (got16.argmax(1) == ref.argmax(1)).mean() >= 0.97
+
+
+def test_export_writes_the_public_layout(fp16_dir):
+    import onnx
+    names = sorted(os.listdir(fp16_dir))
+    assert names == sorted(["embed.onnx", "head.onnx", "mixing_0.onnx", "mixing_1.onnx",
+                            "mixing_2.onnx", "rwkv2rknn-model.json"])
+    m = onnx.load(os.path.join(fp16_dir, "mixing_1.onnx"))
+    elem = {i.name: i.type.tensor_type.elem_type for i in list(m.graph.input) + list(m.graph.output)}
+    assert elem == {"input": 10, "state_in": 10, "output": 10, "state_out": 10}  # float16
+    dims = [d.dim_value for d in m.graph.input[1].type.tensor_type.shape.dim]
+    assert dims == [5, 48]
+    ops = {n.op_type for n in m.graph.node}
+    assert "Cast" in ops  # the converter's fp32 islands around Max, as in the public files
+    e = onnx.load(os.path.join(fp16_dir, "embed.onnx"))
+    assert e.graph.input[0].type.tensor_type.elem_type == 6  # int32 token
+
+
+def test_refuses_folder_with_other_files(small_sd, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(BadInput, match="holds other files"):
+        export(small_sd, str(out))
+    assert os.listdir(out) == ["notes.txt"]
+    assert not [p for p in os.listdir(tmp_path) if "partial" in p]
+
+
+def test_failure_midway_leaves_nothing(small_sd, tmp_path, monkeypatch):
+    from rwkv2rknn.models import rwkv4
+
+    def boom(sd):
+        raise RuntimeError("disk full")
+    monkeypatch.setattr(rwkv4, "head_graph", boom)
+    with pytest.raises(RuntimeError):
+        export(small_sd, str(tmp_path / "out"))
+    assert os.listdir(tmp_path) == []
+
+
+def test_public_recipe_files_run_in_reference(small_sd, tmp_path, tokens):
+    """Files made by torch.onnx.export (opset 16) + onnxconverter-common fp16, as published."""
+    from public_recipe import export_public
+    pub = export_public(small_sd, str(tmp_path / "pub"))
+    model = PerLayerModel(pub)
+    assert model.notes and "ORT_ENABLE_EXTENDED" in model.notes[0]  # the known onnxruntime crash
+    export(small_sd, str(tmp_path / "ours"), fp32=True)
+    ours = PerLayerModel(str(tmp_path / "ours")).logits(tokens[:16])
+    theirs = model.logits(tokens[:16])
+    assert (ours.argmax(1) == theirs.argmax(1)).mean() >= 0.9
+    assert np.abs(ours - theirs).max() <= 0.02 * np.abs(ours).max()
