@@ -1,0 +1,124 @@
+"""The command line: the main flows, and bad input as one line with the right exit code."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from rwkv2rknn.cli import cli
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def sh(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "rwkv2rknn", *map(str, args)],
+                          capture_output=True, text=True, **kw)
+
+
+def one_line_error(result, code):
+    assert result.returncode == code, (result.returncode, result.stdout, result.stderr)
+    err = result.stderr.strip().splitlines()
+    assert err and err[-1].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    return err[-1]
+
+
+def test_export_compile_run_check_flow(tmp_path):
+    from rwkv2rknn.models.checkpoint import random_checkpoint, save_checkpoint
+    pth = tmp_path / "bytes.pth"
+    save_checkpoint(random_checkpoint(layers=2, width=40, vocab=256, seed=4), str(pth))
+    onnx_dir, art = tmp_path / "onnx", tmp_path / "art"
+    r = invoke("export", pth, "-o", onnx_dir)
+    assert r.exit_code == 0 and "exported RWKV-4 2 x 40, vocab 256" in r.output
+    r = invoke("compile", onnx_dir, "-o", art, "--plan-only")
+    assert r.exit_code == 0, r.output
+    assert "NPU<->CPU boundaries per token" in r.output and "s001_npu" in r.output
+    r = invoke("run", art, "--prompt", "Hello", "--max-tokens", 8, "--seed", 1, "--backend", "ort")
+    assert r.exit_code == 0, r.output
+    assert r.output.startswith("Hello") and len(r.output.strip()) > len("Hello")
+    assert "tokens/s" in r.output  # the timing line (stderr, mixed in by CliRunner)
+    r = invoke("check", art, "--backend", "ort", "--tokens", 8)
+    assert r.exit_code == 0 and "PASS" in r.output
+
+
+def test_tokens_logits_out_equals_pure_reference(fp16_artifact, fp16_dir, tmp_path):
+    a, b = tmp_path / "hybrid.npy", tmp_path / "ref.npy"
+    assert invoke("run", fp16_artifact, "--tokens", "5,17,90", "--logits-out", a,
+                  "--backend", "rknn-sim").exit_code == 0
+    assert invoke("run", fp16_dir, "--tokens", "5,17,90", "--logits-out", b,
+                  "--backend", "ort").exit_code == 0
+    la, lb = np.load(a), np.load(b)
+    assert la.shape == lb.shape == (3, 97) and la.dtype == np.float32
+    assert (la.argmax(1) == lb.argmax(1)).all()
+
+
+def test_check_passes_with_simulator_and_fails_on_tampering(fp16_artifact, tmp_path):
+    r = invoke("check", fp16_artifact, "--backend", "rknn-sim", "--tokens", 32, "--per-segment")
+    assert r.exit_code == 0, r.output
+    assert "PASS" in r.output and "s001_npu" in r.output
+    art = tmp_path / "t"
+    shutil.copytree(fp16_artifact, art)
+    seg = sorted(p for p in os.listdir(art / "segments") if p.endswith(".onnx"))[1]
+    data = bytearray((art / "segments" / seg).read_bytes())
+    data[-100] ^= 0xFF  # flip a weight's bits
+    (art / "segments" / seg).write_bytes(bytes(data))
+    r = sh("check", art, "--backend", "ort")
+    assert r.returncode != 0
+    assert "changed since it was compiled" in r.stderr
+
+
+def test_check_fails_outside_tolerance(fp32_plan_artifact, fp32_dir, small_sd, tmp_path):
+    """A reference that differs a little (one weight changed) is caught by the numbers."""
+    from rwkv2rknn.models.export import export
+    sd = dict(small_sd)
+    sd["head.weight"] = sd["head.weight"] * 1.01
+    export(sd, str(tmp_path / "other"), fp32=True)
+    r = invoke("check", fp32_plan_artifact, "--backend", "ort", "--reference", tmp_path / "other",
+               "--json")
+    assert r.exit_code == 1
+    assert '"passed": false' in r.output
+
+
+@pytest.mark.parametrize("args,code,text", [
+    (["run", "ART", "--prompt", ""], 2, "prompt is empty"),
+    (["run", "ART", "--prompt", "hi", "--max-tokens", "0"], 2, "--max-tokens 0"),
+    (["run", "ART", "--prompt", "hi", "--max-tokens", "-3"], 2, "--max-tokens -3"),
+    (["run", "ART", "--prompt", "hi", "--max-tokens", "10000000"], 2, "out of range"),
+    (["run", "ART", "--tokens", "1,x,3"], 2, "not a comma-separated list"),
+    (["run", "ART", "--tokens", "1,97"], 2, "outside the vocabulary"),
+    (["run", "ART", "--tokens", "-1"], 2, "outside the vocabulary"),
+    (["run", "ART", "--prompt", "hi", "--backend", "gpu"], 2, "gpu"),
+    (["run", "ART"], 2, "nothing to do"),
+    (["run", "MISSING", "--prompt", "hi", "--backend", "ort"], 1, "is not a folder"),
+    (["compile", "MISSING", "-o", "OUT", "--plan-only"], 1, "does not exist"),
+    (["compile", "ONNX", "-o", "OUT", "--dump-after", "nope", "--plan-only"], 2, "unknown pass"),
+    (["export", "MISSING", "-o", "OUT"], 1, "does not exist"),
+])
+def test_bad_usage_is_one_line(args, code, text, fp32_plan_artifact, fp32_dir, tmp_path):
+    subst = {"ART": fp32_plan_artifact, "MISSING": str(tmp_path / "nope"), "OUT": str(tmp_path / "o"),
+             "ONNX": fp32_dir}
+    r = sh(*[subst.get(a, a) for a in args])
+    line = one_line_error(r, code) if code == 1 or "error:" in r.stderr else None
+    assert r.returncode == code, r.stderr
+    assert text in r.stderr, r.stderr
+    if line:
+        assert len(line) < 300
+
+
+def test_debug_flag_shows_traceback(tmp_path):
+    r = sh("--debug", "compile", tmp_path / "nope", "-o", tmp_path / "o", "--plan-only")
+    assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_help_lists_commands():
+    r = invoke("--help")
+    for cmd in ("export", "compile", "run", "check"):
+        assert cmd in r.output
+    r = invoke("compile", "--help")
+    assert "--plan-only" in r.output and "--dump-after" in r.output
