@@ -312,6 +312,54 @@ def check(artifact, n_tokens, seed, backend, reference, per_segment, min_top1, m
     sys.exit(0 if rep.passed else 1)
 
 
+@cli.command()
+@click.option("--layers", type=click.IntRange(1, 256), default=24, show_default=True)
+@click.option("--width", type=click.IntRange(8, 16384), default=1024, show_default=True)
+@click.option("--vocab", type=click.IntRange(2, 1 << 20), default=50277, show_default=True)
+@click.option("--tokens", type=click.IntRange(3, 100000), default=32, show_default=True,
+              help="Timed tokens per runner (the median is reported).")
+@click.option("--no-rwkv", is_flag=True, help="Skip the rwkv package (reference implementation).")
+@click.option("--json-out", type=click.Path(dir_okay=False), default=None, help="Also save the figures as JSON.")
+@handle_errors
+def bench(layers, width, vocab, tokens, no_rwkv, json_out):
+    """Measure decode ms/token of the per-layer loop, the hybrid executor, a fused session and
+    the rwkv package on a random model (default: 430M-sized), with ratios and the bandwidth bound."""
+    import json
+    from rwkv2rknn.bench import run_bench
+    res = run_bench(layers=layers, width=width, vocab=vocab, tokens=tokens,
+                    with_rwkv=not no_rwkv, echo=click.echo)
+    if json_out:
+        with open(json_out, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+@cli.command()
+@click.option("--prompt", default="The", show_default=True, help="Text to continue.")
+@click.option("--max-tokens", type=click.IntRange(1, 65536), default=200, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--backend", type=click.Choice(["auto", "ort", "rknn-sim", "rknn-lite"]), default="auto",
+              show_default=True)
+@handle_errors
+def demo(prompt, max_tokens, seed, backend):
+    """The whole flow on the bundled model: export, compile (plan table), generate, check."""
+    from rwkv2rknn.check import run_check
+    from rwkv2rknn.models import bundled
+    from rwkv2rknn.runtime.hybrid import load_manifest
+    _check_prompt(prompt)
+    click.echo("== 1. export and compile the bundled model (cached after the first run)", err=True)
+    artifact = bundled.ensure_compiled(echo=lambda m: click.echo(m, err=True))
+    manifest = load_manifest(artifact)
+    click.echo(f"artifact: {artifact}\n")
+    click.echo(manifest.table())
+    click.echo("\n== 2. generate", err=True)
+    model, tok_spec = _open_model(artifact, backend, "auto")
+    _generate(model, tok_spec, prompt, max_tokens, 0.8, 0.9, seed)
+    click.echo("\n== 3. check against pure onnxruntime over the per-layer files", err=True)
+    rep, chosen = run_check(artifact, 32, 0, backend)
+    click.echo(f"backend {chosen}: {rep.summary()}")
+    sys.exit(0 if rep.passed else 1)
+
+
 def main() -> None:
     os.environ.setdefault("TQDM_DISABLE", "1")
     cli(prog_name="rwkv2rknn")
