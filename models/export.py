@@ -28,7 +28,15 @@ def to_fp16(model):
     except ImportError as e:
         raise MissingDependency("fp16 export needs onnxconverter-common",
                                 "pip install onnxconverter-common (or pass --fp32)") from e
-    return float16.convert_float_to_float16(model)
+    import warnings
+    with warnings.catch_warnings(record=True) as caught:
+        # the converter warns once per constant it clamps to 1e-7 <= |x| <= 1e4
+        warnings.simplefilter("always")
+        out = float16.convert_float_to_float16(model)
+    clamped = sum("truncated" in str(w.message) for w in caught)
+    if clamped:
+        log.info("fp16 conversion clamped %d constant value(s) to 1e-7 <= |x| <= 1e4", clamped)
+    return out
 
 
 def export(sd: Dict[str, np.ndarray], out_dir: str, fp32: bool = False,
