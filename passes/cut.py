@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from rwkv2rknn.ir import Context, export, is_const, stage_of
-from rwkv2rknn.passes.partition import matmul_flops
+from rwkv2rknn.passes.partition import estimate_ms, matmul_flops
 
 NAME = "cut"
 
@@ -49,6 +49,8 @@ def run(ctx: Context) -> None:
     graph_outputs = {t.name for t in graph.outputs}
     owner = {n.name: i for i, s in enumerate(ctx.segments) for n in s["nodes"]}
     width = len(str(max(len(ctx.segments) - 1, 0))) if ctx.segments else 1
+    from rwkv2rknn.profile import DeviceProfile
+    profile = ctx.extra.get("profile") or DeviceProfile()
     for i, seg in enumerate(ctx.segments):
         nodes = seg["nodes"]
         inside = {n.name for n in nodes}
@@ -75,5 +77,6 @@ def run(ctx: Context) -> None:
         seg.update(name=f"s{i:0{max(width, 3)}d}_{seg['device']}_{_stages_label(nodes)}",
                    inputs=[t.name for t in ins], outputs=[t.name for t in outs], model=model,
                    flops=matmul_flops(nodes), ops=len(nodes),
-                   matmuls=sum(n.op == "MatMul" for n in nodes))
+                   matmuls=sum(n.op == "MatMul" for n in nodes),
+                   est_ms=estimate_ms(seg["device"], nodes, profile))
     ctx.note(NAME, f"{len(ctx.segments)} segment models cut")

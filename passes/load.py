@@ -148,6 +148,8 @@ def run(path: str, options: Options = None) -> Context:
         ctx.token_input = ""
         ctx.logits_output = ""
     ctx.options = options
+    from rwkv2rknn.profile import load_profile
+    ctx.extra["profile"] = load_profile(options.profile)
     n = len(ctx.graph.nodes)
     ctx.note(NAME, f"{n} nodes from {path} ({ctx.shape.get('layers', 1)} layer(s))")
     return ctx

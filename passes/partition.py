@@ -15,7 +15,9 @@
    edges go from lower to higher stages only, so segments have no cycle. Segments of the same
    device are then merged wherever no path between them passes through another segment.
 3. Pruning. NPU segments with too few MatMul FLOPs to pay for a call go back to the CPU, and the
-   grouping is done again.
+   grouping is done again. With ``--placement cost`` "pay for a call" is decided by the device
+   profile: the segment's estimated NPU time plus its call and two hand-offs against its
+   MatMuls' estimated time on the CPU.
 
 The merge also does the cross-layer fusion: the NPU tail of layer i (output MatMul, FFN) and the
 NPU head of layer i+1 (LN1, time-shift, k/v/r MatMuls) meet with no CPU op between them, so they
@@ -153,19 +155,35 @@ def _order(segs):
     return [segs[i] for i in order]
 
 
-def matmul_flops(nodes) -> int:
-    total = 0
+def matmul_dims(nodes):
+    """(rows, out_features, in_features) of every constant-weight MatMul among ``nodes``."""
+    dims = []
     for n in nodes:
-        if n.op == "MatMul":
-            for t in n.inputs:
-                w = const_value(t)
-                if w is not None and w.ndim == 2:
-                    rows = 1
-                    other = [x for x in n.inputs if x is not t][0]
-                    if other.shape and len(other.shape) == 2 and isinstance(other.shape[0], int):
-                        rows = other.shape[0]
-                    total += 2 * rows * int(np.prod(w.shape))
-    return total
+        if n.op != "MatMul":
+            continue
+        for t in n.inputs:
+            w = const_value(t)
+            if w is not None and w.ndim == 2:
+                other = [x for x in n.inputs if x is not t][0]
+                rows = 1
+                if other.shape and len(other.shape) == 2 and isinstance(other.shape[0], int):
+                    rows = other.shape[0]
+                k, m = (w.shape[0], w.shape[1]) if t is n.inputs[1] else (w.shape[1], w.shape[0])
+                dims.append((rows, m, k))
+                break
+    return dims
+
+
+def matmul_flops(nodes) -> int:
+    return sum(2 * r * m * k for r, m, k in matmul_dims(nodes))
+
+
+def estimate_ms(device: str, nodes, profile) -> float:
+    """Estimated time of one call of a segment under a device profile."""
+    dims = matmul_dims(nodes)
+    if device == "npu":
+        return profile.npu_call_ms + sum(profile.npu_matmul_ms(m, k, r) for r, m, k in dims)
+    return sum(profile.cpu_matmul_ms(m, k, r) for r, m, k in dims)
 
 
 def run(ctx: Context) -> None:
@@ -174,8 +192,17 @@ def run(ctx: Context) -> None:
     device = place(graph, ctx.support)
     segs = group(graph, device)
     pruned = 0
+    profile = ctx.extra.get("profile")
+    by_cost = ctx.options.placement == "cost" and profile is not None
     for s in segs:
-        if s["device"] == "npu" and matmul_flops(s["nodes"]) < ctx.options.min_segment_flops:
+        if s["device"] != "npu":
+            continue
+        if by_cost:  # the call and its two hand-offs must pay for themselves
+            small = (estimate_ms("npu", s["nodes"], profile) + 2 * profile.handoff_ms >=
+                     estimate_ms("cpu", s["nodes"], profile))
+        else:
+            small = matmul_flops(s["nodes"]) < ctx.options.min_segment_flops
+        if small:
             for n in s["nodes"]:
                 device[n.name] = "cpu"
             pruned += 1

@@ -80,11 +80,25 @@ def _accumulator_nodes(ctx: Context):
     return seen
 
 
+def by_cost(node, profile) -> Tuple[str, str]:
+    """For ``--placement cost``: keep a MatMul on the CPU where the profile says the NPU loses."""
+    from rwkv2rknn.passes.partition import matmul_dims
+    (rows, m, k), = matmul_dims([node])
+    npu, cpu = profile.npu_matmul_ms(m, k, rows), profile.cpu_matmul_ms(m, k, rows)
+    if cpu < npu:
+        return "cpu", (f"profile '{profile.name}': the CPU is faster for {m}x{k} at M={rows} "
+                       f"({cpu:.3f} ms vs {npu:.3f} ms on the NPU, estimated)")
+    return "anchor", f"profile '{profile.name}': the NPU is faster ({npu:.3f} vs {cpu:.3f} ms, estimated)"
+
+
 def run(ctx: Context) -> None:
     acc = _accumulator_nodes(ctx)
     counts = {"anchor": 0, "flex": 0, "cpu": 0}
+    profile = ctx.extra.get("profile")
     for node in ctx.graph.nodes:
         kind, reason = classify(node, node.name in acc)
+        if kind == "anchor" and ctx.options.placement == "cost" and profile is not None:
+            kind, reason = by_cost(node, profile)
         if node.name in ctx.forced_cpu and kind != "cpu":
             kind, reason = "cpu", ctx.forced_cpu[node.name]
         ctx.support[node.name] = (kind, reason)

@@ -121,17 +121,24 @@ def _options(**kw):
               help="Sample tokens the fp16 range guard runs.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
               help="Build cache (default: $RWKV2RKNN_CACHE or ~/.cache/rwkv2rknn).")
+@click.option("--placement", type=click.Choice(["npu", "cost"]), default="npu", show_default=True,
+              help="npu: every constant-weight MatMul on the NPU; cost: only where the device "
+                   "profile says the NPU wins.")
+@click.option("--profile", "profile_path", type=click.Path(dir_okay=False), default=None,
+              help="Device profile JSON for --placement cost and the plan's estimates "
+                   "(default: published RK3588 figures).")
 @click.option("--force", is_flag=True, help="Replace an output folder that holds other files.")
 @click.option("--verbose", "tool_verbose", is_flag=True, help="Show rknn-toolkit2's own output.")
 @handle_errors
 def compile_cmd(model, out_dir, target, plan_only, strict, dump_after, calib_tokens, cache_dir,
-                force, tool_verbose):
+                placement, profile_path, force, tool_verbose):
     """Compile MODEL (a folder of per-layer RWKV ONNX files, or one .onnx) into a hybrid
     NPU/CPU artifact."""
     from rwkv2rknn.compiler import compile_model
 
     opts = _options(target=target, strict=strict, plan_only=plan_only, calib_tokens=calib_tokens,
-                    cache_dir=cache_dir, verbose=tool_verbose)
+                    cache_dir=cache_dir, verbose=tool_verbose, placement=placement,
+                    profile=profile_path)
     manifest = _compile_with_progress(model, out_dir, opts, force, dump_after)
     click.echo(manifest.table())
     click.echo(f"artifact written to {out_dir}")

@@ -52,7 +52,7 @@ def make_manifest(ctx: Context, out_dir: str, toolkit: str, plan_only: bool) -> 
             matmuls=s["matmuls"], flops=s["flops"], rknn=rknn_rel,
             sha256=sha256_file(os.path.join(out_dir, onnx_rel)),
             rknn_sha256=sha256_file(os.path.join(out_dir, rknn_rel)) if rknn_rel else "",
-            fallback=s.get("fallback", "")))
+            fallback=s.get("fallback", ""), est_ms=round(float(s.get("est_ms", 0.0)), 6)))
     model = dict(ctx.shape)
     model.update(arch=ctx.arch, source=ctx.source,
                  source_dtype=facts.get("dtype", "unknown"))
@@ -61,7 +61,8 @@ def make_manifest(ctx: Context, out_dir: str, toolkit: str, plan_only: bool) -> 
                                 for s in ctx.state),
                     token_input=ctx.token_input, logits_output=ctx.logits_output,
                     tokenizer=facts.get("tokenizer"), target=ctx.options.target, toolkit=toolkit,
-                    generator=f"rwkv2rknn {__version__}", report=tuple(ctx.report))
+                    generator=f"rwkv2rknn {__version__}", report=tuple(ctx.report),
+                    profile=ctx.extra["profile"].to_dict())
 
 
 def compile_model(model_path: str, out_dir: str, options: Optional[Options] = None,

@@ -45,6 +45,8 @@ class Options:
     min_segment_flops: int = 2 * 32 * 32
     cache_dir: Optional[str] = None
     build_timeout: float = 900.0
+    placement: str = "npu"  # "npu": every constant-weight MatMul on the NPU; "cost": by the profile
+    profile: Optional[str] = None  # device profile JSON (default: published RK3588 figures)
 
 
 @dataclass

@@ -38,6 +38,7 @@ class Segment:
     sha256: str = ""  # of the ONNX file
     rknn_sha256: str = ""
     fallback: str = ""  # why an NPU candidate runs on the CPU
+    est_ms: float = 0.0  # estimated ms per call from the device profile
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class Manifest:
     generator: str = ""
     format_version: int = FORMAT_VERSION
     report: Tuple[str, ...] = field(default_factory=tuple)
+    profile: Dict[str, object] = field(default_factory=dict)
 
     # ---------------------------------------------------------------- JSON
 
@@ -88,7 +90,8 @@ class Manifest:
                     tokenizer=d.get("tokenizer") if isinstance(d.get("tokenizer"), str) else None,
                     target=str(d.get("target", "")), toolkit=str(d.get("toolkit", "")),
                     generator=str(d.get("generator", "")), format_version=FORMAT_VERSION,
-                    report=tuple(str(x) for x in d.get("report", []) or []))
+                    report=tuple(str(x) for x in d.get("report", []) or []),
+                    profile=d.get("profile") if isinstance(d.get("profile"), dict) else {})
         except (KeyError, TypeError, ValueError) as e:
             raise BadInput(f"{where} is corrupt ({e})", fix) from e
         m.check_bindings(where)
@@ -149,6 +152,15 @@ class Manifest:
         """NPU<->CPU switches per token when segments run in order."""
         return sum(1 for a, b in zip(self.segments, self.segments[1:]) if a.backend != b.backend)
 
+    def estimate_ms(self) -> Optional[dict]:
+        """Estimated decode ms/token from the device profile (None without one)."""
+        if not self.profile:
+            return None
+        npu = sum(s.est_ms for s in self.segments if s.backend == "npu")
+        cpu = sum(s.est_ms for s in self.segments if s.backend == "cpu")
+        hand = self.boundaries() * float(self.profile.get("handoff_ms", 0.0))
+        return {"npu": npu, "cpu": cpu, "handoffs": hand, "total": npu + cpu + hand}
+
     def table(self) -> str:
         lines = [f"{'segment':<28} {'runs on':<7} {'ops':>5} {'MatMuls':>7} {'MFLOP':>8}  stages"]
         for s in self.segments:
@@ -165,6 +177,11 @@ class Manifest:
             most_npu = max(len(r["npu"]) for r in layer_rows)
             most_cpu = max(len(r["cpu"]) for r in layer_rows)
             lines.append(f"per layer: at most {most_npu} NPU and {most_cpu} CPU segment(s) per token")
+        est = self.estimate_ms()
+        if est is not None:
+            lines.append(f"estimated decode: {est['total']:.2f} ms/token (NPU {est['npu']:.2f} + CPU MatMuls "
+                         f"{est['cpu']:.2f} + {est['handoffs']:.2f} hand-offs), an estimate from device "
+                         f"profile '{self.profile.get('name', '?')}', not a measurement")
         if any(s.fallback for s in self.segments):
             lines.append("* NPU candidate that fell back to the CPU: " + "; ".join(
                 f"{s.name}: {s.fallback}" for s in self.segments if s.fallback))
@@ -206,7 +223,7 @@ def _segment(s) -> Segment:
                   flops=int(s.get("flops", 0)),
                   rknn=s.get("rknn") if isinstance(s.get("rknn"), str) else None,
                   sha256=str(s.get("sha256", "")), rknn_sha256=str(s.get("rknn_sha256", "")),
-                  fallback=str(s.get("fallback", "")))
+                  fallback=str(s.get("fallback", "")), est_ms=float(s.get("est_ms", 0.0)))
     for p in [seg.onnx] + ([seg.rknn] if seg.rknn else []):
         if os.path.isabs(p) or ".." in p.replace("\\", "/").split("/"):
             raise ValueError(f"segment file '{p}' is outside the artifact")
