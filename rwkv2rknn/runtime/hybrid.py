@@ -62,8 +62,15 @@ class HybridModel:
             raise BadInput(f"'{artifact}' was compiled from a single ONNX graph, not a whole model",
                            "compile the folder of per-layer files to run it")
         self.backend = resolve_backend(backend)
-        if self.backend == "rknn-lite" and m.target != "rk3588":
-            log.warning("artifact was compiled for %s", m.target)
+        if self.backend == "rknn-lite":
+            from rwkv2rknn.runtime import rknn
+            soc = rknn.board_soc()
+            if soc and not rknn.same_npu(soc, m.target):
+                raise BadInput(f"'{artifact}' was compiled for {m.target or 'an unknown target'}, "
+                               f"but this board is {soc}",
+                               f"compile it again with --target {soc}")
+            if not soc and m.target != "rk3588":
+                log.warning("artifact was compiled for %s", m.target)
         self.runners = []
         for seg in m.segments:
             self.runners.append(self._runner(seg, verify, core_mask, threads))
@@ -87,7 +94,8 @@ class HybridModel:
         from rwkv2rknn.runtime.ort import OrtRunner
         onnx_path = self._path(seg.onnx, seg.sha256, verify)
         if seg.backend == "cpu" or self.backend == "ort":
-            return OrtRunner(onnx_path, seg.name, threads)
+            # a segment with no MatMul is a few vector ops: one thread, no pool to wake
+            return OrtRunner(onnx_path, seg.name, threads if seg.matmuls else 1)
         shapes = {k: list(v) for k, v in seg.shapes.items()}
         if self.backend == "rknn-sim":
             from rwkv2rknn.runtime.rknn import RknnSimRunner

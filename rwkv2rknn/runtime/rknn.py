@@ -177,11 +177,47 @@ class RknnLiteRunner(_RknnRunner):
         self._rt = rt
 
 
-def lite_available() -> bool:
+# SoCs whose NPUs run the same .rknn files (what --target names).
+_NPU_FAMILY = {"rk3588": "rk3588", "rk3588s": "rk3588", "rk3576": "rk3576", "rk3566": "rk356x",
+               "rk3568": "rk356x", "rk3562": "rk3562"}
+
+
+def board_soc(compatible: str = "/proc/device-tree/compatible") -> str:
+    """The Rockchip SoC of this machine as a --target name ('rk3588', ...); '' if not known."""
+    try:
+        with open(compatible, "rb") as f:
+            names = f.read().decode("ascii", "replace").split("\0")
+    except OSError:
+        return ""
+    for n in names:
+        soc = n.split(",", 1)[1] if n.startswith("rockchip,rk") else ""
+        if soc in _NPU_FAMILY:
+            return "rk3588" if soc == "rk3588s" else soc
+    return ""
+
+
+def same_npu(soc: str, target: str) -> bool:
+    """A .rknn built for ``target`` runs on ``soc``."""
+    return _NPU_FAMILY.get(soc, soc) == _NPU_FAMILY.get(target, target)
+
+
+def _has(module: str) -> bool:
+    """``module`` can be found (a broken or shadowed parent package counts as missing)."""
     import importlib.util
-    return importlib.util.find_spec("rknnlite") is not None
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def lite_available() -> bool:
+    return _has("rknnlite.api")
 
 
 def toolkit_available() -> bool:
-    import importlib.util
-    return importlib.util.find_spec("rknn") is not None and importlib.util.find_spec("torch") is not None
+    return _has("rknn.api") and _has("torch")
+
+
+def toolkit_installed() -> bool:
+    """rknn-toolkit2 is installed (its metadata) and importable here (not hidden or broken)."""
+    return bool(toolkit_version()) and _has("rknn.api")
