@@ -47,31 +47,73 @@ def cache_key(onnx_bytes: bytes, target: str, toolkit: str) -> str:
     return h.hexdigest()
 
 
+def partial_name(rknn_path: str, pid: int) -> str:
+    """Where the build child with this pid writes before it renames the result to ``rknn_path``."""
+    return f"{rknn_path}.partial-{pid}"
+
+
 def build_child(onnx_path: str, rknn_path: str, target: str, verbose: bool,
                 timeout: float) -> str:
-    """Build in a child process; '' on success, else the reason it failed."""
-    tmp = f"{rknn_path}.partial-{os.getpid()}"
-    cmd = [sys.executable, "-m", "rwkv2rknn.passes.build", onnx_path, tmp, "--target", target]
+    """Build in a child process; '' on success, else the reason it failed.
+
+    The child writes ``partial_name(rknn_path, its pid)`` and renames it to ``rknn_path`` itself,
+    so the entry is whole even if this process is killed while the child works. If the child
+    fails, times out or this process is interrupted, the child is stopped and its partial file
+    removed.
+    """
+    cmd = [sys.executable, "-m", "rwkv2rknn.passes.build", onnx_path, rknn_path, "--target", target]
     if verbose:
         cmd.append("--verbose")
+    proc = subprocess.Popen(cmd, stdout=None if verbose else subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    tmp = partial_name(rknn_path, proc.pid)
     try:
-        proc = subprocess.run(cmd, stdout=None if verbose else subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, timeout=timeout, text=True)
+        _, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        _unlink(tmp)
+        _stop(proc, tmp)
         return f"build took longer than {timeout:g} s"
-    try:
-        if proc.returncode == 0 and os.path.getsize(tmp) > 0:
-            os.replace(tmp, rknn_path)
-            return ""
-    except OSError:
-        pass
-    _unlink(tmp)
+    except BaseException:  # Ctrl-C or any other error here: leave no child and no partial file
+        _stop(proc, tmp)
+        raise
+    _unlink(tmp)  # nothing left when the child renamed it
+    if proc.returncode == 0 and os.path.isfile(rknn_path) and os.path.getsize(rknn_path) > 0:
+        return ""
     if proc.returncode < 0:
         return f"the toolkit's process died ({signal.Signals(-proc.returncode).name})"
-    lines = [ln for ln in (proc.stderr or "").splitlines() if ln.strip()]
+    lines = [ln for ln in (err or "").splitlines() if ln.strip()]
     last = lines[-1].strip()[:160] if lines else "no message"
     return f"the toolkit's process exited with {proc.returncode} ({last})"
+
+
+def _stop(proc, tmp: str) -> None:
+    try:
+        proc.kill()
+        proc.wait()
+    finally:
+        _unlink(tmp)
+
+
+def clean_stale_partials(cache: str) -> None:
+    """Remove partial files left by build children that died (their pid no longer runs)."""
+    try:
+        names = os.listdir(cache)
+    except OSError:
+        return
+    for name in names:
+        head, sep, pid = name.rpartition(".partial-")
+        if not sep or not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        _unlink(os.path.join(cache, name))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, not ours
+        return True
+    return True
 
 
 def _unlink(path: str) -> None:
@@ -94,6 +136,7 @@ def run(ctx: Context, progress: Optional[Callable[[dict, str, int, int], None]] 
                                 f"{TOOLKIT_INSTALL}; or compile with --plan-only")
     cache = os.path.join(cache_root(opts.cache_dir), "rknn")
     os.makedirs(cache, exist_ok=True)
+    clean_stale_partials(cache)
     built = hits = failed = 0
     todo = [seg for seg in ctx.segments if seg["device"] == "npu"]
     for i, seg in enumerate(todo, 1):
@@ -101,7 +144,7 @@ def run(ctx: Context, progress: Optional[Callable[[dict, str, int, int], None]] 
         with open(onnx_path, "rb") as f:
             key = cache_key(f.read(), opts.target, version)
         entry = os.path.join(cache, key + ".rknn")
-        if os.path.exists(entry):
+        if os.path.isfile(entry) and os.path.getsize(entry) > 0:
             hits += 1
             status = "cached"
         else:
@@ -135,15 +178,23 @@ def _main(argv=None) -> int:
     ap.add_argument("--target", default="rk3588")
     ap.add_argument("--verbose", action="store_true")
     a = ap.parse_args(argv)
+    from rwkv2rknn.errors import Rwkv2RknnError
     from rwkv2rknn.runtime.rknn import build_in_process
+    tmp = partial_name(a.rknn, os.getpid())
     try:
-        rk = build_in_process(a.onnx, target=a.target, rknn_out=a.rknn, verbose=a.verbose,
+        rk = build_in_process(a.onnx, target=a.target, rknn_out=tmp, verbose=a.verbose,
                               float_dtype=os.environ.get("RWKV2RKNN_FLOAT_DTYPE", ""))
-    except ToolkitError as e:
+        rk.release()
+        if not os.path.isfile(tmp) or os.path.getsize(tmp) == 0:
+            print("rknn-toolkit2 wrote no .rknn", file=sys.stderr)
+            return 1
+        os.replace(tmp, a.rknn)  # whole, or not there at all
+        return 0
+    except Rwkv2RknnError as e:
         print(str(e), file=sys.stderr)
         return 1
-    rk.release()
-    return 0
+    finally:
+        _unlink(tmp)
 
 
 if __name__ == "__main__":

@@ -93,6 +93,14 @@ def run_bench(layers: int = 24, width: int = 1024, vocab: int = 50277, tokens: i
         hyb = HybridModel(art, backend="ort")
         hs = hyb.init_state()
         ms["hybrid executor, all segments on ort"] = time_steps(lambda t: hyb.step(t, hs), ids)
+        n_pre = max(tokens, 64)
+        pre_ids = [int(t) for t in np.random.default_rng(seed + 1).integers(0, vocab, n_pre)]
+        t0 = time.perf_counter()
+        hyb.prefill(pre_ids, hyb.init_state(), chunk=32)
+        prefill_tps = n_pre / (time.perf_counter() - t0)
+        one_tps = 1000.0 / statistics.median(ms["hybrid executor, all segments on ort"])
+        results["prefill"] = {"tokens": n_pre, "chunk": 32, "tokens_per_s": prefill_tps,
+                              "token_by_token_tokens_per_s": one_tps, "speedup": prefill_tps / one_tps}
         hyb.close()
         del hyb
 
@@ -116,8 +124,7 @@ def run_bench(layers: int = 24, width: int = 1024, vocab: int = 50277, tokens: i
             rows.append({"runner": name, "ms_per_token": med, "ratio_to_per_layer": med / base,
                          "share_of_bandwidth_bound": bound_ms / med})
         results.update(rows=rows, bandwidth_gbs=bw, weight_mb=weight_bytes / 1e6,
-                       bandwidth_bound_ms=bound_ms, peak_rss_mb=peak_rss_mb(),
-                       prefill="not measured: sequence (prefill) mode is not implemented yet")
+                       bandwidth_bound_ms=bound_ms, peak_rss_mb=peak_rss_mb())
         echo("")
         echo(f"{'runner':<42} {'ms/token':>9} {'x per-layer':>11} {'of bound':>9}")
         for r in rows:
@@ -126,7 +133,9 @@ def run_bench(layers: int = 24, width: int = 1024, vocab: int = 50277, tokens: i
         echo(f"memory-bandwidth bound: {weight_bytes / 1e6:.0f} MB of fp32 weights per token / "
              f"{bw:.1f} GB/s (numpy GEMV) = {bound_ms:.1f} ms/token")
         echo(f"peak memory of this process: {results['peak_rss_mb']:.0f} MB")
-        echo(f"prefill: {results['prefill']}")
+        pre = results["prefill"]
+        echo(f"prefill (hybrid on ort, chunks of {pre['chunk']}): {pre['tokens_per_s']:.1f} tokens/s, "
+             f"{pre['speedup']:.1f}x token by token ({pre['token_by_token_tokens_per_s']:.1f} tokens/s)")
         return results
     finally:
         if own:

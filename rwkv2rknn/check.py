@@ -23,6 +23,9 @@ def run_check(artifact: str, n_tokens: int = 32, seed: int = 0, backend: str = "
     from rwkv2rknn.runtime.reference import PerLayerModel
 
     manifest = load_manifest(artifact)
+    if not manifest.token_input or not manifest.logits_output:
+        raise BadInput(f"'{artifact}' was compiled from a single ONNX graph, not a whole model",
+                       "compile the folder of per-layer files to check it")
     ref_dir = reference or str(manifest.model.get("source", ""))
     if not ref_dir or not os.path.isdir(ref_dir):
         raise BadInput(f"the per-layer files the artifact was compiled from are not at '{ref_dir}'",
@@ -30,7 +33,8 @@ def run_check(artifact: str, n_tokens: int = 32, seed: int = 0, backend: str = "
     chosen = resolve_backend(backend)
     hybrid = HybridModel(artifact, backend=chosen)
     ref = PerLayerModel(ref_dir)
-    if ref.vocab != hybrid.vocab or ref.state_shape[0] != manifest.layers:
+    if ref.vocab != hybrid.vocab or ref.state_shape[0] != manifest.layers or \
+            ref.state_shape[2] != hybrid.width:
         raise BadInput(f"reference '{ref_dir}' is not the model the artifact was compiled from",
                        "pass the right --reference FOLDER")
     tokens = [int(t) for t in np.random.default_rng(seed).integers(0, hybrid.vocab, n_tokens)]

@@ -55,7 +55,32 @@ def handle_errors(fn):
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Group(click.Group):
+    """Click's own usage errors (a bad flag value, a missing option) as one `error:` line, exit 2."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as e:
+            if type(e).__name__ == "NoArgsIsHelpError":  # bare `rwkv2rknn`: click shows the help
+                e.show()
+                sys.exit(e.exit_code)
+            where = e.ctx.command_path if e.ctx is not None else (prog_name or "rwkv2rknn")
+            msg = " ".join(e.format_message().split()).rstrip(".")
+            click.echo(f"error: {msg}; see '{where} --help'", err=True)
+            sys.exit(2)
+        except click.Abort:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        except click.ClickException as e:
+            e.show()
+            sys.exit(e.exit_code)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="rwkv2rknn")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 @click.option("-v", "--verbose", is_flag=True, help="Log what each step does.")
@@ -184,6 +209,17 @@ def _check_prompt(prompt: str) -> None:
         raise UsageError("the prompt is not valid UTF-8", "pass the prompt as UTF-8 text")
 
 
+def _check_out_file(path, flag: str) -> None:
+    """Refuse an output file whose folder is missing or not writable before any work is done."""
+    from rwkv2rknn.errors import UsageError
+    if not path:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise UsageError(f"cannot write {flag} '{path}': folder '{folder}' does not exist or is not writable",
+                         "give a path in an existing, writable folder")
+
+
 @cli.command()
 @click.argument("artifact", required=False, type=click.Path())
 @click.option("--prompt", default=None, help="Text to continue.")
@@ -215,6 +251,7 @@ def run(artifact, prompt, max_tokens, temperature, top_p, seed, backend, core_ma
         raise UsageError("--tokens and --prompt go separately", "give one of them")
     if logits_out and tokens is None:
         raise UsageError("--logits-out needs --tokens", "give --tokens 5,17,300")
+    _check_out_file(logits_out, "--logits-out")
     if tokens is None:
         _check_prompt(prompt)
         if not 1 <= max_tokens <= 65536:
@@ -282,8 +319,10 @@ def _generate(model, tok_spec, prompt, max_tokens, temperature, top_p, seed):
             click.echo(text, nl=False)
             sys.stdout.flush()
 
+    prefill = getattr(model, "prefill", None)
     res = generate(lambda t: model.step(t, state), ids, max_tokens, temperature, top_p, seed,
-                   on_token=on_token)
+                   on_token=on_token,
+                   prefill_fn=(lambda p: prefill(p, state)[-1]) if prefill else None)
     click.echo(dec.flush())
     ttft = f"{1000 * res.ttft_s:.0f} ms" if res.ttft_s is not None else "n/a"
     click.echo(f"[{len(ids)} prompt tokens, {len(res.ids)} generated; time to first token {ttft}, "
@@ -333,6 +372,7 @@ def bench(layers, width, vocab, tokens, no_rwkv, json_out):
     the rwkv package on a random model (default: 430M-sized), with ratios and the bandwidth bound."""
     import json
     from rwkv2rknn.bench import run_bench
+    _check_out_file(json_out, "--json-out")
     res = run_bench(layers=layers, width=width, vocab=vocab, tokens=tokens,
                     with_rwkv=not no_rwkv, echo=click.echo)
     if json_out:

@@ -46,13 +46,15 @@ def make_manifest(ctx: Context, out_dir: str, toolkit: str, plan_only: bool) -> 
             info = ctx.tensors.get(t)
             shapes[t] = tuple(info.shape) if info else ()
         stages = stages_of(s["nodes"])
+        seq_rel = f"segments/{s['name']}.seq.onnx" if s.get("seq_model") is not None else None
         segs.append(Segment(
             name=s["name"], backend=s["device"], onnx=onnx_rel, inputs=tuple(s["inputs"]),
             outputs=tuple(s["outputs"]), shapes=shapes, stages=tuple(stages), ops=s["ops"],
             matmuls=s["matmuls"], flops=s["flops"], rknn=rknn_rel,
             sha256=sha256_file(os.path.join(out_dir, onnx_rel)),
             rknn_sha256=sha256_file(os.path.join(out_dir, rknn_rel)) if rknn_rel else "",
-            fallback=s.get("fallback", ""), est_ms=round(float(s.get("est_ms", 0.0)), 6)))
+            fallback=s.get("fallback", ""), est_ms=round(float(s.get("est_ms", 0.0)), 6),
+            seq_onnx=seq_rel, seq_sha256=sha256_file(os.path.join(out_dir, seq_rel)) if seq_rel else ""))
     model = dict(ctx.shape)
     model.update(arch=ctx.arch, source=ctx.source,
                  source_dtype=facts.get("dtype", "unknown"))
@@ -77,8 +79,8 @@ def compile_model(model_path: str, out_dir: str, options: Optional[Options] = No
         raise UsageError(f"unknown pass '{dump_after}' for --dump-after",
                          f"use one of {', '.join(passes.PASS_NAMES)}")
     if not options.plan_only:
-        from rwkv2rknn.runtime.rknn import TOOLKIT_INSTALL, toolkit_version
-        if not toolkit_version():
+        from rwkv2rknn.runtime.rknn import TOOLKIT_INSTALL, toolkit_installed
+        if not toolkit_installed():
             from rwkv2rknn.errors import MissingDependency
             raise MissingDependency("building .rknn files needs rknn-toolkit2",
                                     f"{TOOLKIT_INSTALL}; or compile with --plan-only")
@@ -100,6 +102,8 @@ def compile_model(model_path: str, out_dir: str, options: Optional[Options] = No
         os.makedirs(os.path.join(tmp, "segments"))
         for s in ctx.segments:
             io.save_onnx(s["model"], os.path.join(tmp, "segments", s["name"] + ".onnx"))
+            if s.get("seq_model") is not None:
+                io.save_onnx(s["seq_model"], os.path.join(tmp, "segments", s["name"] + ".seq.onnx"))
         if not options.plan_only:
             from rwkv2rknn.runtime.rknn import toolkit_version
             ctx.extra["out_dir"] = tmp

@@ -85,7 +85,8 @@ def atomic_dir(final: str, marker: str, force: bool = False) -> Iterator[str]:
     ``final`` may be missing, empty, or an earlier output of ours (it holds ``marker``), which is
     replaced only once the new one is whole. Any other non-empty folder is refused unless
     ``force``. On any error or interruption the temporary folder is removed and ``final`` is
-    left as it was.
+    left as it was; one left by a process that was killed (``.NAME.partial-PID-*``, PID no longer
+    running) is removed by the next call for the same ``final``.
     """
     final = os.path.abspath(final)
     if os.path.exists(final):
@@ -96,7 +97,9 @@ def atomic_dir(final: str, marker: str, force: bool = False) -> Iterator[str]:
                            "choose an empty or new folder, or pass --force to replace it")
     parent = os.path.dirname(final)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.partial-", dir=parent)
+    prefix = f".{os.path.basename(final)}.partial-"
+    _remove_stale(parent, prefix)
+    tmp = tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)
@@ -112,3 +115,24 @@ def atomic_dir(final: str, marker: str, force: bool = False) -> Iterator[str]:
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_stale(parent: str, prefix: str) -> None:
+    """Remove ``PREFIX<pid>-*`` folders left beside the output by a process that was killed
+    (its pid no longer runs); folders of running processes are left alone."""
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return
+    for name in names:
+        pid = name[len(prefix):].split("-", 1)[0] if name.startswith(prefix) else ""
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # still running (or not ours to judge)
+        except ProcessLookupError:
+            pass
+        except OSError:
+            continue
+        shutil.rmtree(os.path.join(parent, name), ignore_errors=True)

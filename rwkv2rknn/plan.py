@@ -39,6 +39,8 @@ class Segment:
     rknn_sha256: str = ""
     fallback: str = ""  # why an NPU candidate runs on the CPU
     est_ms: float = 0.0  # estimated ms per call from the device profile
+    seq_onnx: Optional[str] = None  # T-token (prefill) variant, rows symbolic
+    seq_sha256: str = ""
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,7 @@ class Manifest:
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise BadInput(f"{where} is not an rwkv2rknn manifest", fix)
         if d.get("format_version") != FORMAT_VERSION:
-            raise BadInput(f"{where} has format version {d.get('format_version')!r}, this rwkv2rknn "
+            raise BadInput(f"{where} has format version {repr(d.get('format_version'))[:40]}, this rwkv2rknn "
                            f"reads version {FORMAT_VERSION}", fix)
         try:
             segs = tuple(_segment(s) for s in _list(d, "segments"))
@@ -92,8 +94,12 @@ class Manifest:
                     generator=str(d.get("generator", "")), format_version=FORMAT_VERSION,
                     report=tuple(str(x) for x in d.get("report", []) or []),
                     profile=d.get("profile") if isinstance(d.get("profile"), dict) else {})
-        except (KeyError, TypeError, ValueError) as e:
-            raise BadInput(f"{where} is corrupt ({e})", fix) from e
+            for k in ("layers", "width", "vocab"):  # read by the runtime as whole numbers
+                v = m.model.get(k)
+                if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
+                    raise TypeError(f"'model.{k}' should be a whole number")
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
+            raise BadInput(f"{where} is corrupt ({str(e)[:120]})", fix) from e
         m.check_bindings(where)
         return m
 
@@ -194,7 +200,7 @@ def _get(d, key, typ):
     v = d[key]
     if typ is int and isinstance(v, bool):
         raise TypeError(f"'{key}' should be {typ.__name__}")
-    if not isinstance(v, typ):
+    if not isinstance(v, (list, tuple) if typ is list else typ):  # to_dict() keeps tuples
         raise TypeError(f"'{key}' should be {typ.__name__}")
     return v
 
@@ -223,8 +229,14 @@ def _segment(s) -> Segment:
                   flops=int(s.get("flops", 0)),
                   rknn=s.get("rknn") if isinstance(s.get("rknn"), str) else None,
                   sha256=str(s.get("sha256", "")), rknn_sha256=str(s.get("rknn_sha256", "")),
-                  fallback=str(s.get("fallback", "")), est_ms=float(s.get("est_ms", 0.0)))
-    for p in [seg.onnx] + ([seg.rknn] if seg.rknn else []):
+                  fallback=str(s.get("fallback", "")), est_ms=float(s.get("est_ms", 0.0)),
+                  seq_onnx=s.get("seq_onnx") if isinstance(s.get("seq_onnx"), str) else None,
+                  seq_sha256=str(s.get("seq_sha256", "")))
+    if not seg.stages:
+        raise ValueError(f"segment '{seg.name}' covers no stages")
+    if min(seg.ops, seg.matmuls, seg.flops) < 0:
+        raise ValueError(f"segment '{seg.name}' has a negative op count")
+    for p in [seg.onnx] + [x for x in (seg.rknn, seg.seq_onnx) if x]:
         if os.path.isabs(p) or ".." in p.replace("\\", "/").split("/"):
             raise ValueError(f"segment file '{p}' is outside the artifact")
     for t in seg.inputs + seg.outputs:

@@ -71,9 +71,12 @@ class HybridModel:
                                f"compile it again with --target {soc}")
             if not soc and m.target != "rk3588":
                 log.warning("artifact was compiled for %s", m.target)
+        self._verify, self._threads = verify, threads
         self.runners = []
         for seg in m.segments:
             self.runners.append(self._runner(seg, verify, core_mask, threads))
+            if seg.seq_onnx:  # loaded on first prefill, checked now
+                self._path(seg.seq_onnx, seg.seq_sha256, verify)
             if progress:
                 progress(seg)
         self.width = int(m.model.get("width") or 0)
@@ -134,6 +137,85 @@ class HybridModel:
         if trace is not None:
             trace.update(env)
         return np.asarray(env[m.logits_output], np.float32).reshape(-1)
+
+    # ------------------------------------------------------------------ prefill
+
+    def _seq_runners(self):
+        """Per segment: a T-row runner, or None where the segment runs row by row. None overall
+        if this artifact or backend has no prefill path."""
+        if getattr(self, "_seq", False) is not False:
+            return self._seq
+        from rwkv2rknn.runtime.ort import OrtRunner
+        m = self.manifest
+        self._seq = None
+        if not any(s.seq_onnx for s in m.segments):
+            return None
+        runners, produced = [], set()
+        slot_of = {s.input: s for s in self.slots}
+        for seg, runner in zip(m.segments, self.runners):
+            usable = seg.seq_onnx and (seg.backend == "cpu" or self.backend == "ort")
+            if not usable:
+                # row by row: every state row it reads must come from itself or an earlier segment
+                for k in seg.inputs:
+                    slot = slot_of.get(k)
+                    if slot and slot.output not in produced and slot.output not in seg.outputs:
+                        return None
+            produced.update(seg.outputs)
+            runners.append(OrtRunner(self._path(seg.seq_onnx, seg.seq_sha256, self._verify),
+                                     seg.name + ".seq", self._threads if seg.matmuls else 1)
+                           if usable else None)
+        self._seq = runners
+        return runners
+
+    def prefill(self, tokens: Sequence[int], state: np.ndarray, chunk: int = 32) -> np.ndarray:
+        """Feed ``tokens`` in chunks, updating ``state``; returns logits [T, V], the same as
+        calling ``step`` for each token. Segments with a T-token variant run once per chunk;
+        the others (embedding, the recurrence) run row by row."""
+        seq = self._seq_runners()
+        if seq is None or len(tokens) == 1:
+            return np.stack([self.step(int(t), state) for t in tokens])
+        out = []
+        for i in range(0, len(tokens), chunk):
+            out.append(self._chunk([int(t) for t in tokens[i:i + chunk]], state, seq))
+        return np.concatenate(out)
+
+    def _chunk(self, tokens: List[int], state: np.ndarray, seq) -> np.ndarray:
+        m = self.manifest
+        n = len(tokens)
+        env: Dict[str, np.ndarray] = {}  # name -> [T, size]
+        slot_index = {s.input: i for i, s in enumerate(self.slots)}
+        for seg, runner, seq_runner in zip(m.segments, self.runners, seq):
+            if seq_runner is not None:
+                feed = {k: (state[slot_index[k]] if k in slot_index else env[k]) for k in seg.inputs}
+                for name, value in seq_runner.infer(feed).items():
+                    env[name] = np.asarray(value, np.float32).reshape(n, -1)
+                continue
+            rows = {k: [] for k in seg.outputs}
+            for t in range(n):
+                feed = {}
+                for k in seg.inputs:
+                    if k == m.token_input:
+                        feed[k] = np.array([tokens[t]], np.int32)
+                    elif k in slot_index:
+                        src = self.slots[slot_index[k]].output
+                        if t == 0:
+                            feed[k] = state[slot_index[k]]
+                        else:
+                            prev = rows[src][t - 1] if src in rows else env[src][t - 1]
+                            feed[k] = np.asarray(prev).reshape(seg.shapes[k])
+                    else:
+                        feed[k] = env[k][t].reshape(seg.shapes[k])
+                for name, value in runner.infer(feed).items():
+                    rows[name].append(np.asarray(value, np.float32).reshape(-1))
+            for name, values in rows.items():
+                env[name] = np.stack(values)
+        for i, slot in enumerate(self.slots):
+            state[i] = env[slot.output][-1]
+        logits = env[m.logits_output]
+        if not np.isfinite(logits).all():
+            raise NumericalError("prefill produced NaN/inf logits",
+                                 "run with --backend ort or check the artifact with `rwkv2rknn check`")
+        return logits
 
     def logits(self, tokens: Sequence[int]) -> np.ndarray:
         state = self.init_state()

@@ -36,9 +36,24 @@ def stage_files(folder: str) -> Tuple[str, List[str], str]:
     if missing:
         raise BadInput(f"'{folder}' is missing mixing_{missing[0]}.onnx",
                        f"layers 0..{idx[-1]} must all be there; export the model again")
+    want = _described_layers(folder)
+    if want and want > len(idx):
+        raise BadInput(f"'{folder}' is missing mixing_{len(idx)}.onnx (rwkv2rknn-model.json says "
+                       f"{want} layers)", f"layers 0..{want - 1} must all be there; export the model again")
     return (os.path.join(folder, "embed.onnx"),
             [os.path.join(folder, f"mixing_{i}.onnx") for i in idx],
             os.path.join(folder, "head.onnx"))
+
+
+def _described_layers(folder: str) -> int:
+    """The layer count our exporter recorded beside the files (0 if there is no readable record)."""
+    import json
+    try:
+        with open(os.path.join(folder, "rwkv2rknn-model.json")) as f:
+            n = json.load(f)["shape"]["layers"]
+        return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 0
+    except Exception:  # noqa: BLE001 - optional; public folders have no such file
+        return 0
 
 
 class PerLayerModel:
@@ -55,9 +70,13 @@ class PerLayerModel:
                           f"file(s): " + self.notes[0].split(" on ")[0] + "; used ORT_ENABLE_EXTENDED"]
         self._check_io()
         self.dtype = self.blocks[0].input_types["input"]
-        shape = self.blocks[0].input_shapes["state_in"]
-        self.state_shape = (len(self.blocks), int(shape[0]), int(shape[1]))
-        self.vocab = int(self.head.session.get_outputs()[0].shape[-1])
+        try:
+            shape = self.blocks[0].input_shapes["state_in"]
+            self.state_shape = (len(self.blocks), int(shape[0]), int(shape[1]))
+            self.vocab = int(self.head.session.get_outputs()[0].shape[-1])
+        except (TypeError, ValueError, IndexError) as e:
+            raise UnsupportedModel(f"the per-layer files have no fixed state or vocabulary shape ({e})",
+                                   "this is not the per-layer RWKV ONNX layout") from e
 
     def _check_io(self):
         want = [(self.embed, ["token"], ["output"]), (self.head, ["x"], ["output"])]
@@ -67,9 +86,13 @@ class PerLayerModel:
                 raise UnsupportedModel(
                     f"{runner.name} has inputs {runner.inputs} and outputs {runner.outputs}, "
                     f"expected {ins} and {outs}", "this is not the per-layer RWKV ONNX layout")
-        widths = {int(b.input_shapes["input"][0]) for b in self.blocks}
-        widths |= {int(b.input_shapes["state_in"][1]) for b in self.blocks}
-        widths.add(int(self.head.input_shapes["x"][0]))
+        try:
+            widths = {int(b.input_shapes["input"][0]) for b in self.blocks}
+            widths |= {int(b.input_shapes["state_in"][1]) for b in self.blocks}
+            widths.add(int(self.head.input_shapes["x"][0]))
+        except (TypeError, ValueError, IndexError) as e:
+            raise UnsupportedModel(f"the per-layer files have no fixed width ({e})",
+                                   "this is not the per-layer RWKV ONNX layout") from e
         if len(widths) != 1:
             raise UnsupportedModel(f"the per-layer files disagree on the width ({sorted(widths)})",
                                    "all files must come from one export")

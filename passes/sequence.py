@@ -1,0 +1,121 @@
+"""sequence: a T-token (prefill) variant of every segment that can take many tokens at once.
+
+::
+
+    per token:  x[C] -> LN -> mix(., shift_in[C]) -> MatMul(x[1,K], W) -> ...   -> shift_out = LN(x)
+    T tokens:   x[T,C] -> LN -> mix(., prev[T,C]) -> MatMul(x[T,K], W) -> ... -> shift_out[T,C]
+                prev = Concat(shift_in[1,C], shift_out[0:T-1])
+
+A segment whose rows do not depend on each other except through the token shift can run T tokens
+in one call: its MatMuls then take T rows (the NPU's strong case: weights are read once per chunk,
+not once per token). Its time-shift state inputs become "the previous row", and the state before
+the chunk enters as the first row. Segments that carry a recurrence (they read accumulator state
+rows, like the WKV scan) or take token ids stay per-token: the executor runs them row by row.
+
+The variant has a symbolic row count, so one file serves every chunk length on onnxruntime.
+(RKNN variants with fixed T, through rknn-toolkit2's ``dynamic_input``, are not built yet: on
+rknn backends prefill runs token by token.)
+
+Precondition: cut has run. Postcondition: eligible segments have ``seq_model`` (ModelProto).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from rwkv2rknn.ir import Context, const_value
+
+NAME = "sequence"
+_ROWWISE = {"Add", "Sub", "Mul", "Div", "Relu", "Sigmoid", "Sqrt", "Neg", "Tanh", "Abs", "Pow",
+            "Identity", "MatMul", "ReduceMean", "Reshape", "Exp", "Max", "Min"}
+
+
+def _why_not(ctx: Context, seg: dict) -> Optional[str]:
+    """None if the segment can take T rows, else the reason it cannot."""
+    slots = {s.input: s for s in ctx.state}
+    produced = {t.name for n in seg["nodes"] for t in n.outputs}
+    for name in seg["inputs"]:
+        if name == ctx.token_input:
+            return "reads token ids"
+        slot = slots.get(name)
+        if slot is not None and (slot.accumulator or slot.output not in produced):
+            return "carries a recurrence"
+    for n in seg["nodes"]:
+        if n.op not in _ROWWISE:
+            return f"{n.op} is not row-wise"
+        if n.op == "ReduceMean" and [int(a) for a in n.attrs.get("axes", [])] != [-1]:
+            return "ReduceMean over other axes"
+        if n.op == "MatMul" and const_value(n.inputs[1]) is None:
+            return "MatMul without a constant right-hand weight"
+        if n.op == "Reshape":
+            shape = const_value(n.inputs[1])
+            if shape is None or shape.ndim != 1 or shape.size > 2 or (shape.size == 2 and shape[0] != 1):
+                return "Reshape that is not to a vector or a row"
+        for t in n.inputs:
+            if const_value(t) is None and t.shape and len(t.shape) > 2:
+                return "tensors of rank > 2"
+    return None
+
+
+def _variant(ctx: Context, seg: dict):
+    """The T-row ModelProto of a per-token segment model."""
+    import onnx_graphsurgeon as gs
+
+    from rwkv2rknn.ir import export
+
+    g = gs.import_onnx(seg["model"])
+    tensors = g.tensors()
+    slots = {s.input: s for s in ctx.state if not s.accumulator}
+    for n in g.nodes:
+        if n.op == "Reshape":
+            info = ctx.tensors.get(n.outputs[0].name)
+            k = int(np.prod(info.shape)) if info is not None else int(np.asarray(n.inputs[1].values)[-1])
+            n.inputs[1] = gs.Constant(n.inputs[1].name + ".rows", np.array([-1, k], np.int64))
+    for t in g.inputs:
+        if t.name in slots:
+            continue
+        k = int(np.prod([d for d in t.shape])) if t.shape else 1
+        t.shape = ["T", k]
+    for name, slot in slots.items():
+        if name not in tensors:
+            continue
+        cur = tensors[name]
+        out = tensors[slot.output]
+        width = int(np.prod(cur.shape))
+        first = gs.Variable(f"{name}.row", dtype=np.float32)
+        earlier = gs.Variable(f"{slot.output}.earlier", dtype=np.float32)
+        prev = gs.Variable(f"{name}.prev", dtype=np.float32)
+        readers = [n for n in g.nodes if cur in n.inputs]
+        g.nodes += [
+            gs.Node("Reshape", name=f"{name}.as_row", inputs=[cur, gs.Constant(
+                f"{name}.row_shape", np.array([1, width], np.int64))], outputs=[first]),
+            gs.Node("Slice", name=f"{slot.output}.drop_last", inputs=[
+                out, gs.Constant(f"{name}.s0", np.array([0], np.int64)),
+                gs.Constant(f"{name}.s1", np.array([-1], np.int64)),
+                gs.Constant(f"{name}.s2", np.array([0], np.int64))], outputs=[earlier]),
+            gs.Node("Concat", name=f"{name}.shift", inputs=[first, earlier], outputs=[prev],
+                    attrs={"axis": 0})]
+        for n in readers:
+            n.inputs = [prev if t is cur else t for t in n.inputs]
+    for t in g.outputs:
+        k = int(np.prod([d for d in t.shape])) if t.shape else 1
+        t.shape = ["T", k]
+    g.cleanup().toposort()
+    model = export(g)
+    del model.graph.value_info[:]
+    return model
+
+
+def run(ctx: Context) -> None:
+    made, kept = 0, {}
+    for seg in ctx.segments:
+        why = _why_not(ctx, seg)
+        if why is None:
+            seg["seq_model"] = _variant(ctx, seg)
+            made += 1
+        else:
+            kept[why] = kept.get(why, 0) + 1
+    ctx.note(NAME, f"{made} segment(s) take T tokens at once; " + (
+        ", ".join(f"{v} per token ({k})" for k, v in sorted(kept.items())) or "none per token"))
