@@ -359,6 +359,69 @@ def check(artifact, n_tokens, seed, backend, reference, per_segment, min_top1, m
 
 
 @cli.command()
+@click.option("--build-probes", "build_dir", type=click.Path(file_okay=False), default=None,
+              help="Compile machine: write the probe models (.onnx and .rknn) into this folder.")
+@click.option("--probes", "probe_dir", type=click.Path(file_okay=False), default=None,
+              help="Board: the folder of probes built with --build-probes.")
+@click.option("--backend", type=click.Choice(["rknn-lite", "rknn-sim"]), default="rknn-lite", show_default=True)
+@click.option("--core-mask", default="auto", show_default=True)
+@click.option("--target", default="rk3588", show_default=True)
+@click.option("-o", "--output", "out", type=click.Path(dir_okay=False), default="profile.json",
+              show_default=True, help="Where to write the measured profile (JSON).")
+@handle_errors
+def profile(build_dir, probe_dir, backend, core_mask, target, out):
+    """Measure a device profile for `compile --placement cost --profile FILE`.
+
+    \b
+    On the compile machine:  rwkv2rknn profile --build-probes probes/
+    On the board:            rwkv2rknn profile --probes probes/ -o rk3588.json
+    """
+    import json
+    from rwkv2rknn.errors import UsageError
+    from rwkv2rknn.measure import build_probes, measure
+    if bool(build_dir) == bool(probe_dir):
+        raise UsageError("give one of --build-probes DIR and --probes DIR", "see rwkv2rknn profile --help")
+    if build_dir:
+        build_probes(build_dir, target, echo=lambda m: click.echo(m, err=True))
+        click.echo(f"probes written to {build_dir}; copy them to the board and run "
+                   f"rwkv2rknn profile --probes {build_dir}")
+        return
+    _check_out_file(out, "--output")
+    prof = measure(probe_dir, backend, core_mask, echo=lambda m: click.echo(m, err=True))
+    with open(out, "w") as f:
+        json.dump(prof.to_dict(), f, indent=1)
+    click.echo(f"profile '{prof.name}' written to {out}")
+
+
+@cli.command(name="eval")
+@click.argument("artifact", type=click.Path())
+@click.option("--text", "text_file", required=True, type=click.Path(dir_okay=False),
+              help="UTF-8 text file to score.")
+@click.option("--max-bytes", type=click.IntRange(16, 10 ** 8), default=20000, show_default=True,
+              help="Score at most this many bytes from the start of the file.")
+@click.option("--backend", type=click.Choice(["auto", "ort", "rknn-sim", "rknn-lite"]), default="auto",
+              show_default=True)
+@click.option("--tokenizer", default=None, help="bytes, world, or a tokenizer.json path (default: the model's).")
+@handle_errors
+def eval_cmd(artifact, text_file, max_bytes, backend, tokenizer):
+    """Bits per byte of ARTIFACT (or a per-layer folder with --backend ort) on a text file."""
+    from rwkv2rknn.errors import BadInput, UsageError
+    from rwkv2rknn.evaluate import bits_per_byte
+    from rwkv2rknn.tokenizer import load_tokenizer
+    try:
+        with open(text_file, "rb") as f:
+            text = f.read(max_bytes).decode("utf-8", errors="ignore")
+    except OSError as e:
+        raise BadInput(f"cannot read '{text_file}' ({e.strerror})", "give a readable text file")
+    model, tok_spec = _open_model(artifact, backend, "auto")
+    if not (tokenizer or tok_spec):
+        raise UsageError("the model has no tokenizer recorded", "pass --tokenizer bytes|world|PATH")
+    score = bits_per_byte(model, load_tokenizer(tokenizer or tok_spec), text)
+    click.echo(f"{score.bits_per_byte:.4f} bits per byte over {score.bytes} bytes "
+               f"({score.tokens} tokens, next-token top-1 {100 * score.top1:.1f}%)")
+
+
+@cli.command()
 @click.option("--layers", type=click.IntRange(1, 256), default=24, show_default=True)
 @click.option("--width", type=click.IntRange(8, 16384), default=1024, show_default=True)
 @click.option("--vocab", type=click.IntRange(2, 1 << 20), default=50277, show_default=True)

@@ -55,3 +55,20 @@ def test_plan_shows_an_estimate_labelled_as_such(fp32_plan_artifact):
     est = m.estimate_ms()
     assert est["total"] > 0 and est["npu"] > 0
     assert "an estimate from device profile 'rk3588-published', not a measurement" in m.table()
+
+
+def test_profile_command_flow_on_the_simulator(tmp_path):
+    """Build probes, time them (here on the simulator), and compile with the measured profile."""
+    from click.testing import CliRunner
+    from rwkv2rknn.cli import cli
+    probes, out = tmp_path / "probes", tmp_path / "p.json"
+    r = CliRunner().invoke(cli, ["profile", "--build-probes", str(probes)])
+    assert r.exit_code == 0, r.output
+    assert {"mm1.rknn", "mm16.rknn", "mm128.rknn", "call.rknn"} <= set(p.name for p in probes.iterdir())
+    r = CliRunner().invoke(cli, ["profile", "--probes", str(probes), "--backend", "rknn-sim", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    prof = load_profile(str(out))
+    assert prof.name.startswith("simulator-timings-not-a-board")  # never passed off as a board's
+    assert prof.npu_call_ms > 0 and all(v > 0 for v in prof.npu_gflops.values())
+    r = CliRunner().invoke(cli, ["profile", "--probes", str(probes), "--build-probes", str(probes)])
+    assert r.exit_code == 2

@@ -1,0 +1,107 @@
+"""`rwkv2rknn profile`: measure a device profile (see profile.py) on this machine.
+
+On the board: ``rwkv2rknn profile --probes DIR --backend rknn-lite`` times probe ``.rknn`` files
+(MatMuls of K = N = 1024 at M = 1, 16, 128, and a tiny model for the call floor) on the NPU, and
+a numpy matrix-vector product for the CPU's weight bandwidth. The probes are built on the compile
+machine with ``rwkv2rknn profile --build-probes DIR`` (rknn-toolkit2 does not run on the board).
+With ``--backend rknn-sim`` the same code runs against the x86 simulator: that checks the flow,
+but its timings say nothing about a board, and the profile is named so.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from typing import Callable, Dict
+
+import numpy as np
+
+from rwkv2rknn.profile import DeviceProfile
+
+SIZE = 1024
+ROWS = (1, 16, 128)
+
+
+def _probe_models() -> Dict[str, object]:
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(0)
+    out = {}
+    for m in ROWS:
+        w = (rng.standard_normal((SIZE, SIZE)) / 32).astype(np.float32)
+        g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], f"mm{m}",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [m, SIZE])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [m, SIZE])],
+                              [numpy_helper.from_array(w, "w")])
+        out[f"mm{m}"] = g
+    g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "call",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 16])])
+    out["call"] = g
+    models = {}
+    for name, graph in out.items():
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 16)])
+        model.ir_version = 8
+        models[name] = model
+    return models
+
+
+def build_probes(folder: str, target: str = "rk3588", echo: Callable[[str], None] = print) -> None:
+    """Write probe .onnx files and their .rknn builds into ``folder`` (compile machine)."""
+    from rwkv2rknn import io
+    from rwkv2rknn.passes.build import build_child
+    os.makedirs(folder, exist_ok=True)
+    for name, model in _probe_models().items():
+        onnx_path = os.path.join(folder, name + ".onnx")
+        io.save_onnx(model, onnx_path)
+        reason = build_child(onnx_path, os.path.join(folder, name + ".rknn"), target, False, 600)
+        if reason:
+            from rwkv2rknn.errors import ToolkitError
+            raise ToolkitError(f"building probe {name} failed: {reason}", "check the rknn-toolkit2 install")
+        echo(f"  built {name}.rknn")
+
+
+def _time(fn, repeats: int = 20) -> float:
+    fn()
+    fn()
+    vals = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        vals.append(1000 * (time.perf_counter() - t0))
+    return statistics.median(vals)
+
+
+def measure(folder: str, backend: str, core_mask: str = "auto",
+            echo: Callable[[str], None] = print) -> DeviceProfile:
+    from rwkv2rknn.errors import BadInput
+    from rwkv2rknn.runtime.rknn import RknnLiteRunner, RknnSimRunner
+    names = ["call"] + [f"mm{m}" for m in ROWS]
+    ms = {}
+    for name in names:
+        m = 1 if name == "call" else int(name[2:])
+        k = 16 if name == "call" else SIZE
+        shapes = {"x": [m, k], "y": [m, k]}
+        if backend == "rknn-lite":
+            path = os.path.join(folder, name + ".rknn")
+            if not os.path.exists(path):
+                raise BadInput(f"probe '{path}' is missing",
+                               "build the probes on the compile machine: rwkv2rknn profile --build-probes DIR")
+            runner = RknnLiteRunner(path, name, ["x"], ["y"], shapes, core_mask)
+        else:
+            path = os.path.join(folder, name + ".onnx")
+            if not os.path.exists(path):
+                raise BadInput(f"probe '{path}' is missing", "run rwkv2rknn profile --build-probes DIR first")
+            runner = RknnSimRunner(path, name, ["x"], ["y"], shapes)
+        x = {"x": np.ones((m, k), np.float32)}
+        ms[name] = _time(lambda: runner.infer(x))
+        runner.close()
+        echo(f"  {name}: {ms[name]:.3f} ms per call")
+    call = ms["call"]
+    gflops = {m: 2.0 * m * SIZE * SIZE / max(ms[f"mm{m}"] - call, 1e-3) / 1e6 for m in ROWS}
+    from rwkv2rknn.bench import gemv_bandwidth_gbs
+    bw = gemv_bandwidth_gbs(mb=64)
+    label = "measured" if backend == "rknn-lite" else "simulator-timings-not-a-board"
+    return DeviceProfile(name=f"{label}-{platform.node() or 'host'}", npu_call_ms=call,
+                         npu_gflops=gflops, cpu_gemv_gbs=bw, cpu_weight_bytes=4, handoff_ms=call)
