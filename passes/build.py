@@ -53,7 +53,7 @@ def partial_name(rknn_path: str, pid: int) -> str:
 
 
 def build_child(onnx_path: str, rknn_path: str, target: str, verbose: bool,
-                timeout: float) -> str:
+                timeout: float, rows=()) -> str:
     """Build in a child process; '' on success, else the reason it failed.
 
     The child writes ``partial_name(rknn_path, its pid)`` and renames it to ``rknn_path`` itself,
@@ -64,6 +64,8 @@ def build_child(onnx_path: str, rknn_path: str, target: str, verbose: bool,
     cmd = [sys.executable, "-m", "rwkv2rknn.passes.build", onnx_path, rknn_path, "--target", target]
     if verbose:
         cmd.append("--verbose")
+    if rows:
+        cmd += ["--rows", ",".join(str(r) for r in rows)]
     proc = subprocess.Popen(cmd, stdout=None if verbose else subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     tmp = partial_name(rknn_path, proc.pid)
@@ -165,10 +167,35 @@ def run(ctx: Context, progress: Optional[Callable[[dict, str, int, int], None]] 
         shutil.copyfile(entry, dest)
         seg["rknn"] = f"segments/{seg['name']}.rknn"
         seg["cache_key"] = key
+        if seg.get("seq_model") is not None and opts.prefill_rows:
+            status += _build_seq(seg, out_dir, cache, version, opts)
         if progress:
             progress(seg, status, i, len(todo))
     ctx.note(NAME, f"{built} built, {hits} from the cache ({cache}), {failed} fell back to the CPU"
                    f" [rknn-toolkit2 {version}, target {opts.target}]")
+    seq_failed = [s["name"] for s in todo if s.get("seq_fallback")]
+    if seq_failed:
+        ctx.note(NAME, f"T-row builds failed for {', '.join(seq_failed)}: their prefill runs token by token")
+
+
+def _build_seq(seg: dict, out_dir: str, cache: str, version: str, opts) -> str:
+    """The T-row (prefill) variant of an NPU segment, one graph per row count, weights once."""
+    rows = tuple(sorted(opts.prefill_rows))
+    onnx_path = os.path.join(out_dir, "segments", seg["name"] + ".seq.onnx")
+    with open(onnx_path, "rb") as f:
+        key = cache_key(f.read() + repr(rows).encode(), opts.target, version)
+    entry = os.path.join(cache, key + ".rknn")
+    note = ", T-rows cached"
+    if not (os.path.isfile(entry) and os.path.getsize(entry) > 0):
+        reason = build_child(onnx_path, entry, opts.target, opts.verbose, opts.build_timeout, rows)
+        if reason:
+            seg["seq_fallback"] = reason
+            return ", T-rows failed"
+        note = ", T-rows built"
+    shutil.copyfile(entry, os.path.join(out_dir, "segments", seg["name"] + ".seq.rknn"))
+    seg["seq_rknn"] = f"segments/{seg['name']}.seq.rknn"
+    seg["seq_rows"] = rows
+    return note
 
 
 def _main(argv=None) -> int:
@@ -177,13 +204,16 @@ def _main(argv=None) -> int:
     ap.add_argument("rknn")
     ap.add_argument("--target", default="rk3588")
     ap.add_argument("--verbose", action="store_true")
+    ap.add_argument("--rows", default="", help="T-row variant: build one graph per row count (e.g. 16,32,64)")
     a = ap.parse_args(argv)
     from rwkv2rknn.errors import Rwkv2RknnError
-    from rwkv2rknn.runtime.rknn import build_in_process
+    from rwkv2rknn.runtime.rknn import build_in_process, dynamic_shapes
     tmp = partial_name(a.rknn, os.getpid())
+    rows = [int(r) for r in a.rows.split(",") if r]
     try:
         rk = build_in_process(a.onnx, target=a.target, rknn_out=tmp, verbose=a.verbose,
-                              float_dtype=os.environ.get("RWKV2RKNN_FLOAT_DTYPE", ""))
+                              float_dtype=os.environ.get("RWKV2RKNN_FLOAT_DTYPE", ""),
+                              dynamic_input=dynamic_shapes(a.onnx, rows) if rows else None)
         rk.release()
         if not os.path.isfile(tmp) or os.path.getsize(tmp) == 0:
             print("rknn-toolkit2 wrote no .rknn", file=sys.stderr)

@@ -146,6 +146,8 @@ def _options(**kw):
               help="Sample tokens the fp16 range guard runs.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
               help="Build cache (default: $RWKV2RKNN_CACHE or ~/.cache/rwkv2rknn).")
+@click.option("--prefill-rows", default="16,32,64", show_default=True,
+              help="Row counts T of the NPU builds for prefill (comma-separated), or 'none'.")
 @click.option("--placement", type=click.Choice(["npu", "cost"]), default="npu", show_default=True,
               help="npu: every constant-weight MatMul on the NPU; cost: only where the device "
                    "profile says the NPU wins.")
@@ -156,17 +158,31 @@ def _options(**kw):
 @click.option("--verbose", "tool_verbose", is_flag=True, help="Show rknn-toolkit2's own output.")
 @handle_errors
 def compile_cmd(model, out_dir, target, plan_only, strict, dump_after, calib_tokens, cache_dir,
-                placement, profile_path, force, tool_verbose):
+                prefill_rows, placement, profile_path, force, tool_verbose):
     """Compile MODEL (a folder of per-layer RWKV ONNX files, or one .onnx) into a hybrid
     NPU/CPU artifact."""
     from rwkv2rknn.compiler import compile_model
 
     opts = _options(target=target, strict=strict, plan_only=plan_only, calib_tokens=calib_tokens,
                     cache_dir=cache_dir, verbose=tool_verbose, placement=placement,
-                    profile=profile_path)
+                    profile=profile_path, prefill_rows=_parse_rows(prefill_rows))
     manifest = _compile_with_progress(model, out_dir, opts, force, dump_after)
     click.echo(manifest.table())
     click.echo(f"artifact written to {out_dir}")
+
+
+def _parse_rows(text: str):
+    from rwkv2rknn.errors import UsageError
+    if text.strip().lower() in ("none", ""):
+        return ()
+    try:
+        rows = tuple(sorted({int(r) for r in text.split(",")}))
+    except ValueError:
+        rows = ()
+    if not rows or min(rows) < 2 or max(rows) > 4096:
+        raise UsageError(f"--prefill-rows '{text}' is not a list of row counts from 2 to 4096",
+                         "write it like --prefill-rows 16,32,64 (or none)")
+    return rows
 
 
 def _compile_with_progress(model, out_dir, opts, force=False, dump_after=None):

@@ -47,6 +47,7 @@ def make_manifest(ctx: Context, out_dir: str, toolkit: str, plan_only: bool) -> 
             shapes[t] = tuple(info.shape) if info else ()
         stages = stages_of(s["nodes"])
         seq_rel = f"segments/{s['name']}.seq.onnx" if s.get("seq_model") is not None else None
+        seq_rknn = s.get("seq_rknn") if s["device"] == "npu" and not plan_only else None
         segs.append(Segment(
             name=s["name"], backend=s["device"], onnx=onnx_rel, inputs=tuple(s["inputs"]),
             outputs=tuple(s["outputs"]), shapes=shapes, stages=tuple(stages), ops=s["ops"],
@@ -54,7 +55,9 @@ def make_manifest(ctx: Context, out_dir: str, toolkit: str, plan_only: bool) -> 
             sha256=sha256_file(os.path.join(out_dir, onnx_rel)),
             rknn_sha256=sha256_file(os.path.join(out_dir, rknn_rel)) if rknn_rel else "",
             fallback=s.get("fallback", ""), est_ms=round(float(s.get("est_ms", 0.0)), 6),
-            seq_onnx=seq_rel, seq_sha256=sha256_file(os.path.join(out_dir, seq_rel)) if seq_rel else ""))
+            seq_onnx=seq_rel, seq_sha256=sha256_file(os.path.join(out_dir, seq_rel)) if seq_rel else "",
+            seq_rknn=seq_rknn, seq_rows=tuple(s.get("seq_rows", ())) if seq_rknn else (),
+            seq_rknn_sha256=sha256_file(os.path.join(out_dir, seq_rknn)) if seq_rknn else ""))
     model = dict(ctx.shape)
     model.update(arch=ctx.arch, source=ctx.source,
                  source_dtype=facts.get("dtype", "unknown"))

@@ -47,6 +47,7 @@ class Options:
     build_timeout: float = 900.0
     placement: str = "npu"  # "npu": every constant-weight MatMul on the NPU; "cost": by the profile
     profile: Optional[str] = None  # device profile JSON (default: published RK3588 figures)
+    prefill_rows: Tuple[int, ...] = (16, 32, 64)  # T-row NPU builds for prefill (empty: none)
 
 
 @dataclass

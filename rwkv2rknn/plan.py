@@ -41,6 +41,9 @@ class Segment:
     est_ms: float = 0.0  # estimated ms per call from the device profile
     seq_onnx: Optional[str] = None  # T-token (prefill) variant, rows symbolic
     seq_sha256: str = ""
+    seq_rknn: Optional[str] = None  # its NPU build, one graph per row count in seq_rows
+    seq_rknn_sha256: str = ""
+    seq_rows: Tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -231,12 +234,15 @@ def _segment(s) -> Segment:
                   sha256=str(s.get("sha256", "")), rknn_sha256=str(s.get("rknn_sha256", "")),
                   fallback=str(s.get("fallback", "")), est_ms=float(s.get("est_ms", 0.0)),
                   seq_onnx=s.get("seq_onnx") if isinstance(s.get("seq_onnx"), str) else None,
-                  seq_sha256=str(s.get("seq_sha256", "")))
+                  seq_sha256=str(s.get("seq_sha256", "")),
+                  seq_rknn=s.get("seq_rknn") if isinstance(s.get("seq_rknn"), str) else None,
+                  seq_rknn_sha256=str(s.get("seq_rknn_sha256", "")),
+                  seq_rows=tuple(int(r) for r in s.get("seq_rows", []) or []))
     if not seg.stages:
         raise ValueError(f"segment '{seg.name}' covers no stages")
     if min(seg.ops, seg.matmuls, seg.flops) < 0:
         raise ValueError(f"segment '{seg.name}' has a negative op count")
-    for p in [seg.onnx] + [x for x in (seg.rknn, seg.seq_onnx) if x]:
+    for p in [seg.onnx] + [x for x in (seg.rknn, seg.seq_onnx, seg.seq_rknn) if x]:
         if os.path.isabs(p) or ".." in p.replace("\\", "/").split("/"):
             raise ValueError(f"segment file '{p}' is outside the artifact")
     for t in seg.inputs + seg.outputs:

@@ -71,7 +71,7 @@ class HybridModel:
                                f"compile it again with --target {soc}")
             if not soc and m.target != "rk3588":
                 log.warning("artifact was compiled for %s", m.target)
-        self._verify, self._threads = verify, threads
+        self._verify, self._threads, self._core_mask = verify, threads, core_mask
         self.runners = []
         for seg in m.segments:
             self.runners.append(self._runner(seg, verify, core_mask, threads))
@@ -153,27 +153,52 @@ class HybridModel:
         runners, produced = [], set()
         slot_of = {s.input: s for s in self.slots}
         for seg, runner in zip(m.segments, self.runners):
-            usable = seg.seq_onnx and (seg.backend == "cpu" or self.backend == "ort")
-            if not usable:
+            seq_runner = self._seq_runner(seg)
+            if seq_runner is None:
                 # row by row: every state row it reads must come from itself or an earlier segment
                 for k in seg.inputs:
                     slot = slot_of.get(k)
                     if slot and slot.output not in produced and slot.output not in seg.outputs:
                         return None
             produced.update(seg.outputs)
-            runners.append(OrtRunner(self._path(seg.seq_onnx, seg.seq_sha256, self._verify),
-                                     seg.name + ".seq", self._threads if seg.matmuls else 1)
-                           if usable else None)
+            runners.append(seq_runner)
         self._seq = runners
         return runners
 
-    def prefill(self, tokens: Sequence[int], state: np.ndarray, chunk: int = 32) -> np.ndarray:
+    def _seq_runner(self, seg):
+        """The T-row runner of a segment on this backend, or None (then it runs row by row)."""
+        if not seg.seq_onnx:
+            return None
+        if seg.backend == "cpu" or self.backend == "ort":
+            from rwkv2rknn.runtime.ort import OrtRunner
+            return OrtRunner(self._path(seg.seq_onnx, seg.seq_sha256, self._verify),
+                             seg.name + ".seq", self._threads if seg.matmuls else 1)
+        if not seg.seq_rows:
+            return None
+        if self.backend == "rknn-sim":
+            from rwkv2rknn.runtime.rknn import RknnSimRunner
+            return RknnSimRunner(self._path(seg.seq_onnx, seg.seq_sha256, self._verify),
+                                 seg.name + ".seq", seg.inputs, seg.outputs, None, m_target(self),
+                                 rows=seg.seq_rows)
+        from rwkv2rknn.runtime.rknn import RknnLiteRunner
+        return RknnLiteRunner(self._path(seg.seq_rknn, seg.seq_rknn_sha256, self._verify),
+                              seg.name + ".seq", seg.inputs, seg.outputs, None, self._core_mask,
+                              rows=seg.seq_rows)
+
+    def prefill(self, tokens: Sequence[int], state: np.ndarray, chunk: int = 0) -> np.ndarray:
         """Feed ``tokens`` in chunks, updating ``state``; returns logits [T, V], the same as
         calling ``step`` for each token. Segments with a T-token variant run once per chunk;
         the others (embedding, the recurrence) run row by row."""
         seq = self._seq_runners()
         if seq is None or len(tokens) == 1:
             return np.stack([self.step(int(t), state) for t in tokens])
+        fixed = [set(r.rows) for r in seq if r is not None and getattr(r, "rows", ())]
+        if fixed:  # fixed-row builds: chunks no longer than the largest row count all of them take
+            common = set.intersection(*fixed)
+            if not common:
+                return np.stack([self.step(int(t), state) for t in tokens])
+            chunk = min(chunk or max(common), max(common))
+        chunk = chunk or 32
         out = []
         for i in range(0, len(tokens), chunk):
             out.append(self._chunk([int(t) for t in tokens[i:i + chunk]], state, seq))
@@ -186,9 +211,17 @@ class HybridModel:
         slot_index = {s.input: i for i, s in enumerate(self.slots)}
         for seg, runner, seq_runner in zip(m.segments, self.runners, seq):
             if seq_runner is not None:
-                feed = {k: (state[slot_index[k]] if k in slot_index else env[k]) for k in seg.inputs}
-                for name, value in seq_runner.infer(feed).items():
-                    env[name] = np.asarray(value, np.float32).reshape(n, -1)
+                rows = getattr(seq_runner, "rows", ())
+                # a fixed-row build takes the smallest row count that fits; the extra rows are
+                # padding at the end, which earlier rows never see (each row reads only earlier ones)
+                t = min((r for r in rows if r >= n), default=n) if rows else n
+                feed = {k: (state[slot_index[k]] if k in slot_index else _pad(env[k], t))
+                        for k in seg.inputs}
+                outs = seq_runner.infer(feed)
+                if seg.backend == "npu":
+                    _check_finite(seg, seq_runner, outs)
+                for name, value in outs.items():
+                    env[name] = np.asarray(value, np.float32).reshape(t, -1)[:n]
                 continue
             rows = {k: [] for k in seg.outputs}
             for t in range(n):
@@ -205,7 +238,10 @@ class HybridModel:
                             feed[k] = np.asarray(prev).reshape(seg.shapes[k])
                     else:
                         feed[k] = env[k][t].reshape(seg.shapes[k])
-                for name, value in runner.infer(feed).items():
+                outs = runner.infer(feed)
+                if seg.backend == "npu":
+                    _check_finite(seg, runner, outs)
+                for name, value in outs.items():
                     rows[name].append(np.asarray(value, np.float32).reshape(-1))
             for name, values in rows.items():
                 env[name] = np.stack(values)
@@ -231,6 +267,24 @@ class HybridModel:
     def close(self) -> None:
         for r in self.runners:
             r.close()
+
+
+def _check_finite(seg, runner, outs) -> None:
+    """An NPU segment's outputs (prefill path) are finite, or a NumericalError naming it."""
+    for name, value in outs.items():
+        if not np.isfinite(value).all():
+            raise NumericalError(
+                f"segment {seg.name} ({getattr(runner, 'backend', '?')}) produced NaN/inf in '{name}' "
+                f"during prefill", "values left fp16's range on the NPU; compile again with more "
+                "--calib-tokens, or run with --backend ort to confirm")
+
+
+def _pad(rows: np.ndarray, t: int) -> np.ndarray:
+    if rows.shape[0] == t:
+        return rows
+    out = np.zeros((t,) + rows.shape[1:], rows.dtype)
+    out[:rows.shape[0]] = rows
+    return out
 
 
 def m_target(model: HybridModel) -> str:

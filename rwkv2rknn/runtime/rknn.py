@@ -87,7 +87,8 @@ def _maybe_quiet(verbose: bool):
 
 
 def build_in_process(onnx_path: str, target: str = "rk3588", rknn_out: str = "",
-                     runtime: bool = False, verbose: bool = False, float_dtype: str = ""):
+                     runtime: bool = False, verbose: bool = False, float_dtype: str = "",
+                     dynamic_input=None):
     """Build an ONNX model with rknn-toolkit2; optionally export the .rknn and/or start the
     simulator. Returns the RKNN object. Raises ToolkitError on a refused build.
     (The toolkit may also kill the whole process: the compiler calls this in a child.)"""
@@ -97,6 +98,8 @@ def build_in_process(onnx_path: str, target: str = "rk3588", rknn_out: str = "",
         cfg = {"target_platform": target}
         if float_dtype:
             cfg["float_dtype"] = float_dtype
+        if dynamic_input:
+            cfg["dynamic_input"] = dynamic_input
         steps = [("config", lambda: rk.config(**cfg)),
                  ("load_onnx", lambda: rk.load_onnx(onnx_path)),
                  ("build", lambda: rk.build(do_quantization=False))]
@@ -119,17 +122,27 @@ def build_in_process(onnx_path: str, target: str = "rk3588", rknn_out: str = "",
     return rk
 
 
+def dynamic_shapes(onnx_path: str, rows) -> list:
+    """rknn-toolkit2 ``dynamic_input`` for a T-row segment: its input shapes with T = each of rows."""
+    import onnx
+    model = onnx.load(onnx_path, load_external_data=False)
+    dims = [[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input]
+    return [[[t if isinstance(d, str) else d for d in shape] for shape in dims] for t in rows]
+
+
 class _RknnRunner:
     backend = ""
+    rows: tuple = ()  # T-row variant: the row counts it was built for
 
     def __init__(self, name: str, inputs: List[str], outputs: List[str], shapes: Dict[str, list]):
         self.name, self.inputs, self.outputs = name, list(inputs), list(outputs)
-        self.shapes = {k: tuple(v) for k, v in shapes.items()}
+        self.shapes = {k: tuple(v) for k, v in shapes.items()} if shapes else {}
         self._rt = None
 
     def infer(self, feed: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-        args = [np.ascontiguousarray(feed[k], dtype=np.float32).reshape(self.shapes[k])
-                for k in self.inputs]
+        args = [np.ascontiguousarray(feed[k], dtype=np.float32) for k in self.inputs]
+        if self.shapes:
+            args = [a.reshape(self.shapes[k]) for a, k in zip(args, self.inputs)]
         with contextlib.redirect_stdout(_io.StringIO()):
             outs = self._rt.inference(inputs=args)
         if outs is None or len(outs) != len(self.outputs):
@@ -148,9 +161,12 @@ class RknnSimRunner(_RknnRunner):
 
     backend = "rknn-sim"
 
-    def __init__(self, onnx_path: str, name: str, inputs, outputs, shapes, target: str = "rk3588"):
-        super().__init__(name, inputs, outputs, shapes)
-        self._rt = build_in_process(onnx_path, target=target, runtime=True)
+    def __init__(self, onnx_path: str, name: str, inputs, outputs, shapes, target: str = "rk3588",
+                 rows=()):
+        super().__init__(name, inputs, outputs, None if rows else shapes)
+        self.rows = tuple(rows)
+        self._rt = build_in_process(onnx_path, target=target, runtime=True,
+                                    dynamic_input=dynamic_shapes(onnx_path, rows) if rows else None)
 
 
 class RknnLiteRunner(_RknnRunner):
@@ -158,8 +174,10 @@ class RknnLiteRunner(_RknnRunner):
 
     backend = "rknn-lite"
 
-    def __init__(self, rknn_path: str, name: str, inputs, outputs, shapes, core_mask: str = "auto"):
-        super().__init__(name, inputs, outputs, shapes)
+    def __init__(self, rknn_path: str, name: str, inputs, outputs, shapes, core_mask: str = "auto",
+                 rows=()):
+        super().__init__(name, inputs, outputs, None if rows else shapes)
+        self.rows = tuple(rows)
         try:
             from rknnlite.api import RKNNLite
         except ImportError as e:
