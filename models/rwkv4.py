@@ -198,6 +198,16 @@ class _Builder:
                     name=f"{tag}.prev")
         return self.op("Add", a, b, name=f"{tag}.mix")
 
+    def decayed_sum(self, a: str, b: str, aa: str, bb: str, v: str, tag: str):
+        """The WKV step in log space: q = max(a, b); (e^(a-q) aa + e^(b-q) v, e^(a-q) bb + e^(b-q))."""
+        q = self.op("Max", a, b, name=f"{tag}.q")
+        e1 = self.op("Exp", self.op("Sub", a, q, name=f"{tag}.d1"), name=f"{tag}.e1")
+        e2 = self.op("Exp", self.op("Sub", b, q, name=f"{tag}.d2"), name=f"{tag}.e2")
+        num = self.op("Add", self.op("Mul", e1, aa, name=f"{tag}.e1aa"),
+                      self.op("Mul", e2, v, name=f"{tag}.e2v"), name=f"{tag}.num")
+        den = self.op("Add", self.op("Mul", e1, bb, name=f"{tag}.e1bb"), e2, name=f"{tag}.den")
+        return q, num, den
+
     def matmul(self, w: np.ndarray, x: str, tag: str) -> str:
         return self.op("MatMul", self.const(f"{tag}.weight", w), x, name=tag)
 
@@ -247,20 +257,10 @@ def block_graph(sd: Mapping[str, object], i: int):
     v = g.matmul(p["att.value.weight"], xv, "att.value")
     aa, bb, pp = rows["aa"], rows["bb"], rows["pp"]
     ww = g.op("Add", g.const("att.time_first", p["att.time_first"]), k, name="wkv.ww")
-    q = g.op("Max", pp, ww, name="wkv.q")
-    e1 = g.op("Exp", g.op("Sub", pp, q, name="wkv.d1"), name="wkv.e1")
-    e2 = g.op("Exp", g.op("Sub", ww, q, name="wkv.d2"), name="wkv.e2")
-    num = g.op("Add", g.op("Mul", e1, aa, name="wkv.e1aa"), g.op("Mul", e2, v, name="wkv.e2v"),
-               name="wkv.num")
-    den = g.op("Add", g.op("Mul", e1, bb, name="wkv.e1bb"), e2, name="wkv.den")
+    _, num, den = g.decayed_sum(pp, ww, aa, bb, v, "wkv")
     wkv = g.op("Div", num, den, name="wkv.out")
     ww2 = g.op("Add", pp, g.const("att.time_decay", p["att.time_decay"]), name="state.ww")
-    q2 = g.op("Max", ww2, k, name="state.q")
-    f1 = g.op("Exp", g.op("Sub", ww2, q2, name="state.d1"), name="state.e1")
-    f2 = g.op("Exp", g.op("Sub", k, q2, name="state.d2"), name="state.e2")
-    aa2 = g.op("Add", g.op("Mul", f1, aa, name="state.e1aa"), g.op("Mul", f2, v, name="state.e2v"),
-               name="state.aa")
-    bb2 = g.op("Add", g.op("Mul", f1, bb, name="state.e1bb"), f2, name="state.bb")
+    q2, aa2, bb2 = g.decayed_sum(ww2, k, aa, bb, v, "state")
     rwkv = g.op("Mul", r, wkv, name="att.rwkv")
     x = g.op("Add", x, g.matmul(p["att.output.weight"], rwkv, "att.output"), name="att.residual")
     # channel mixing

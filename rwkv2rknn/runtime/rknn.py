@@ -134,9 +134,12 @@ class _RknnRunner:
     backend = ""
     rows: tuple = ()  # T-row variant: the row counts it was built for
 
-    def __init__(self, name: str, inputs: List[str], outputs: List[str], shapes: Dict[str, list]):
+    def __init__(self, name: str, inputs: List[str], outputs: List[str], shapes: Dict[str, list],
+                 rows=()):
         self.name, self.inputs, self.outputs = name, list(inputs), list(outputs)
-        self.shapes = {k: tuple(v) for k, v in shapes.items()} if shapes else {}
+        self.rows = tuple(rows)
+        # a T-row build takes inputs of several shapes: pass them as they come
+        self.shapes = {k: tuple(v) for k, v in shapes.items()} if shapes and not rows else {}
         self._rt = None
 
     def infer(self, feed: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
@@ -163,8 +166,7 @@ class RknnSimRunner(_RknnRunner):
 
     def __init__(self, onnx_path: str, name: str, inputs, outputs, shapes, target: str = "rk3588",
                  rows=()):
-        super().__init__(name, inputs, outputs, None if rows else shapes)
-        self.rows = tuple(rows)
+        super().__init__(name, inputs, outputs, shapes, rows)
         self._rt = build_in_process(onnx_path, target=target, runtime=True,
                                     dynamic_input=dynamic_shapes(onnx_path, rows) if rows else None)
 
@@ -176,8 +178,7 @@ class RknnLiteRunner(_RknnRunner):
 
     def __init__(self, rknn_path: str, name: str, inputs, outputs, shapes, core_mask: str = "auto",
                  rows=()):
-        super().__init__(name, inputs, outputs, None if rows else shapes)
-        self.rows = tuple(rows)
+        super().__init__(name, inputs, outputs, shapes, rows)
         try:
             from rknnlite.api import RKNNLite
         except ImportError as e:
