@@ -38,7 +38,7 @@ def ensure_compiled(echo: Optional[Callable[[str], None]] = None, backend_needs_
     from rwkv2rknn.models.checkpoint import load_checkpoint
     from rwkv2rknn.models.export import export
     from rwkv2rknn.plan import MANIFEST
-    from rwkv2rknn.runtime.rknn import toolkit_version
+    from rwkv2rknn.runtime.rknn import toolkit_installed
 
     echo = echo or (lambda m: None)
     root = cache_folder()
@@ -49,7 +49,7 @@ def ensure_compiled(echo: Optional[Callable[[str], None]] = None, backend_needs_
         echo(f"exporting the bundled model to {onnx_dir} ...")
         export(load_checkpoint(checkpoint_path()), onnx_dir, tokenizer="bytes", force=True)
     if plan_only is None:
-        plan_only = not toolkit_version()
+        plan_only = not toolkit_installed()
     echo(f"compiling it to {artifact} (first use only) ...")
     compile_model(onnx_dir, artifact, Options(plan_only=plan_only), force=True,
                   progress=lambda seg, status, i, n: echo(f"  [{i}/{n}] {seg['name']}: {status}"))

@@ -167,7 +167,10 @@ class Manifest:
             return None
         npu = sum(s.est_ms for s in self.segments if s.backend == "npu")
         cpu = sum(s.est_ms for s in self.segments if s.backend == "cpu")
-        hand = self.boundaries() * float(self.profile.get("handoff_ms", 0.0))
+        try:
+            hand = self.boundaries() * float(self.profile.get("handoff_ms", 0.0))
+        except (TypeError, ValueError):
+            return None
         return {"npu": npu, "cpu": cpu, "handoffs": hand, "total": npu + cpu + hand}
 
     def table(self) -> str:

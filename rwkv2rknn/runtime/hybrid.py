@@ -125,12 +125,7 @@ class HybridModel:
         for runner, is_npu, seg in zip(self.runners, self._npu, m.segments):
             outs = runner.infer({k: env[k] for k in seg.inputs})
             if is_npu:
-                for name, value in outs.items():
-                    if not np.isfinite(value).all():
-                        raise NumericalError(
-                            f"segment {seg.name} ({runner.backend}) produced NaN/inf in '{name}'",
-                            "values left fp16's range on the NPU; compile again with more "
-                            "--calib-tokens, or run with --backend ort to confirm")
+                _check_finite(seg, runner, outs)
             env.update(outs)
         for i, slot in enumerate(self.slots):
             state[i] = np.asarray(env[slot.output], np.float32).reshape(-1)
@@ -219,7 +214,7 @@ class HybridModel:
                         for k in seg.inputs}
                 outs = seq_runner.infer(feed)
                 if seg.backend == "npu":
-                    _check_finite(seg, seq_runner, outs)
+                    _check_finite(seg, seq_runner, outs, "during prefill")
                 for name, value in outs.items():
                     env[name] = np.asarray(value, np.float32).reshape(t, -1)[:n]
                 continue
@@ -269,14 +264,17 @@ class HybridModel:
             r.close()
 
 
-def _check_finite(seg, runner, outs) -> None:
-    """An NPU segment's outputs (prefill path) are finite, or a NumericalError naming it."""
+def _check_finite(seg, runner, outs, phase: str = "") -> None:
+    """An NPU segment's outputs are finite, or a NumericalError naming the segment."""
     for name, value in outs.items():
         if not np.isfinite(value).all():
-            raise NumericalError(
-                f"segment {seg.name} ({getattr(runner, 'backend', '?')}) produced NaN/inf in '{name}' "
-                f"during prefill", "values left fp16's range on the NPU; compile again with more "
-                "--calib-tokens, or run with --backend ort to confirm")
+            backend = getattr(runner, "backend", "?")
+            hint = ("the model's own numbers overflow even in fp32; check the checkpoint"
+                    if backend == "ort" else
+                    "values left fp16's range on the NPU; compile again with more --calib-tokens, "
+                    "or run with --backend ort to confirm")
+            raise NumericalError(f"segment {seg.name} ({backend}) produced NaN/inf in '{name}'"
+                                 + (f" {phase}" if phase else ""), hint)
 
 
 def _pad(rows: np.ndarray, t: int) -> np.ndarray:

@@ -1,0 +1,79 @@
+"""The bundled default model: real text, through the whole tool."""
+
+import os
+import re
+
+import numpy as np
+import pytest
+
+from rwkv2rknn.models import bundled, rwkv4
+from rwkv2rknn.models.checkpoint import load_checkpoint
+
+HELDOUT = os.path.join(os.path.dirname(bundled.CHECKPOINT), "heldout.txt")
+COMMON = {"the", "and", "of", "to", "a", "in", "was", "her", "it", "i", "he", "she", "that",
+          "not", "be", "had", "his", "as", "with", "for", "you", "but", "is", "at", "on"}
+
+
+@pytest.fixture(scope="module")
+def sd():
+    return load_checkpoint(bundled.checkpoint_path())
+
+
+@pytest.fixture(scope="module")
+def heldout():
+    with open(HELDOUT, encoding="utf-8") as f:
+        return f.read()[:3000]
+
+
+@pytest.fixture(scope="module")
+def bundled_artifact(tmp_path_factory):
+    """Compiled through the cache path a user's first `rwkv2rknn run` takes."""
+    return bundled.ensure_compiled()
+
+
+def test_it_is_a_small_byte_level_rwkv4(sd):
+    shape = rwkv4.check_state_dict(sd)
+    assert shape.vocab == 256
+    assert 1e6 <= shape.params() <= 2e7
+    assert os.path.getsize(bundled.CHECKPOINT) < 16 * 2 ** 20
+
+
+def test_compiled_once_then_reused(bundled_artifact):
+    manifest = os.path.join(bundled_artifact, "manifest.json")
+    before = os.stat(manifest).st_mtime_ns
+    assert bundled.ensure_compiled() == bundled_artifact
+    assert os.stat(manifest).st_mtime_ns == before
+
+
+def test_bits_per_byte_hybrid_npu_within_2_percent_of_onnxruntime_fp32(sd, heldout, bundled_artifact,
+                                                                         tmp_path):
+    from rwkv2rknn.evaluate import bits_per_byte
+    from rwkv2rknn.models.export import export
+    from rwkv2rknn.runtime.hybrid import HybridModel
+    from rwkv2rknn.runtime.reference import PerLayerModel
+    from rwkv2rknn.tokenizer import ByteTokenizer
+    export(sd, str(tmp_path / "fp32"), fp32=True)
+    ref = bits_per_byte(PerLayerModel(str(tmp_path / "fp32")), ByteTokenizer(), heldout)
+    hybrid = HybridModel(bundled_artifact, backend="rknn-sim")
+    got = bits_per_byte(hybrid, ByteTokenizer(), heldout)
+    hybrid.close()
+    assert ref.bits_per_byte < 3.0  # far below uniform (8 bits per byte)
+    assert abs(got.bits_per_byte - ref.bits_per_byte) <= 0.02 * ref.bits_per_byte, (got, ref)
+
+
+def test_generation_is_mostly_english_words(bundled_artifact):
+    from rwkv2rknn.generate import generate
+    from rwkv2rknn.runtime.hybrid import HybridModel
+    from rwkv2rknn.tokenizer import ByteTokenizer
+    model = HybridModel(bundled_artifact, backend="ort")
+    tok = ByteTokenizer()
+    state = model.init_state()
+    res = generate(lambda t: model.step(t, state), tok.encode("It was a truth "), 300,
+                   temperature=0.7, top_p=0.9, seed=0,
+                   prefill_fn=lambda ids: model.prefill(ids, state)[-1])
+    text = tok.decode(res.ids)
+    words = re.findall(r"[^\s]+", text)
+    alpha = [w for w in words if re.fullmatch(r"[A-Za-z][a-z]*[,.;:!?\"']*", w)]
+    assert len(words) >= 30
+    assert len(alpha) >= 0.7 * len(words), text
+    assert len({w.strip(",.;:!?\"'").lower() for w in alpha} & COMMON) >= 5, text
