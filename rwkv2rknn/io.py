@@ -89,6 +89,7 @@ def atomic_dir(final: str, marker: str, force: bool = False) -> Iterator[str]:
     running) is removed by the next call for the same ``final``.
     """
     final = os.path.abspath(final)
+    _restore_interrupted(final)
     if os.path.exists(final):
         if not os.path.isdir(final):
             raise BadInput(f"'{final}' exists and is not a folder", "choose another output path")
@@ -106,7 +107,7 @@ def atomic_dir(final: str, marker: str, force: bool = False) -> Iterator[str]:
     try:
         yield tmp
         if os.path.exists(final):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.old-", dir=parent)
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.old-{os.getpid()}-", dir=parent)
             os.replace(final, os.path.join(old, "x"))
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
@@ -115,6 +116,38 @@ def atomic_dir(final: str, marker: str, force: bool = False) -> Iterator[str]:
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _restore_interrupted(final: str) -> None:
+    """Replacing an output is two renames (old aside, new in). A process killed between them
+    leaves ``final`` missing and the old output in ``.NAME.old-PID-*/x``: put it back. Old
+    copies of dead processes that are no longer needed are removed."""
+    parent, base = os.path.dirname(final), os.path.basename(final)
+    prefix = f".{base}.old-"
+    try:
+        names = sorted(n for n in os.listdir(parent) if n.startswith(prefix))
+    except OSError:
+        return
+    for name in names:
+        pid = name[len(prefix):].split("-", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        kept = os.path.join(parent, name, "x")
+        if not os.path.exists(final) and os.path.isdir(kept):
+            os.replace(kept, final)
+        shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 def _remove_stale(parent: str, prefix: str) -> None:
@@ -126,13 +159,5 @@ def _remove_stale(parent: str, prefix: str) -> None:
         return
     for name in names:
         pid = name[len(prefix):].split("-", 1)[0] if name.startswith(prefix) else ""
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)
-            continue  # still running (or not ours to judge)
-        except ProcessLookupError:
-            pass
-        except OSError:
-            continue
-        shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)

@@ -883,3 +883,23 @@ def test_board_soc_from_the_device_tree(tmp_path):
     assert board_soc(str(tmp_path / "none")) == ""
     assert same_npu("rk3568", "rk3566") and same_npu("rk3588", "rk3588")
     assert not same_npu("rk3588", "rk3566") and not same_npu("rk3576", "rk3588")
+
+
+def test_a_kill_between_the_two_renames_of_a_replace_is_undone(tmp_path):
+    """Replacing an artifact moves the old one aside, then the new one in; a process killed in
+    between leaves OUT missing and the old copy aside: the next call puts it back first."""
+    import subprocess as sp
+    from rwkv2rknn.io import atomic_dir
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "manifest.json").write_text("old")
+    dead = sp.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    aside = tmp_path / f".out.old-{int(dead.stdout)}-abc"
+    aside.mkdir()
+    os.replace(out, aside / "x")  # the state a kill between the renames leaves
+    assert not out.exists()
+    with pytest.raises(RuntimeError):
+        with atomic_dir(str(out), "manifest.json"):
+            raise RuntimeError("this compile fails too")
+    assert (out / "manifest.json").read_text() == "old"
+    assert not aside.exists()
