@@ -31,7 +31,6 @@ from __future__ import annotations
 
 from typing import Dict, List
 
-import numpy as np
 
 from rwkv2rknn.ir import Context, const_value
 

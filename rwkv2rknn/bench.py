@@ -60,7 +60,7 @@ def run_bench(layers: int = 24, width: int = 1024, vocab: int = 50277, tokens: i
     from rwkv2rknn.compiler import compile_model
     from rwkv2rknn.ir import Options
     from rwkv2rknn.models import rwkv4
-    from rwkv2rknn.models.checkpoint import random_checkpoint, save_checkpoint
+    from rwkv2rknn.models.checkpoint import random_checkpoint
     from rwkv2rknn.models.export import export
     from rwkv2rknn.runtime.hybrid import HybridModel
     from rwkv2rknn.runtime.reference import PerLayerModel

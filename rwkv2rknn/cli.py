@@ -110,12 +110,12 @@ def cli(debug: bool, verbose: bool) -> None:
 @handle_errors
 def export(checkpoint: str, out_dir: str, fp32: bool, tokenizer, force: bool) -> None:
     """Export an RWKV-4 CHECKPOINT (.pth) to per-layer ONNX files."""
+    from rwkv2rknn.models import rwkv4
     from rwkv2rknn.models.checkpoint import load_checkpoint
     from rwkv2rknn.models.export import export as do_export
     from rwkv2rknn.tokenizer import tokenizer_for_vocab
 
     sd = load_checkpoint(checkpoint)
-    from rwkv2rknn.models import rwkv4
     shape = rwkv4.check_state_dict(sd)
     tok = tokenizer or tokenizer_for_vocab(shape.vocab)
     with click.progressbar(length=shape.layers + 2, label="exporting", file=sys.stderr) as bar:
@@ -123,7 +123,6 @@ def export(checkpoint: str, out_dir: str, fp32: bool, tokenizer, force: bool) ->
                   progress=lambda name: bar.update(1))
     click.echo(f"exported RWKV-4 {shape.layers} x {shape.width}, vocab {shape.vocab} "
                f"({'fp32' if fp32 else 'fp16'}) to {out_dir}")
-
 
 
 def _options(**kw):
@@ -161,8 +160,6 @@ def compile_cmd(model, out_dir, target, plan_only, strict, dump_after, calib_tok
                 prefill_rows, placement, profile_path, force, tool_verbose):
     """Compile MODEL (a folder of per-layer RWKV ONNX files, or one .onnx) into a hybrid
     NPU/CPU artifact."""
-    from rwkv2rknn.compiler import compile_model
-
     opts = _options(target=target, strict=strict, plan_only=plan_only, calib_tokens=calib_tokens,
                     cache_dir=cache_dir, verbose=tool_verbose, placement=placement,
                     profile=profile_path, prefill_rows=_parse_rows(prefill_rows))
@@ -292,7 +289,7 @@ def run(artifact, prompt, max_tokens, temperature, top_p, seed, backend, core_ma
 def _open_model(path, backend, core_mask):
     """(model with .step/.init_state/.logits/.vocab, tokenizer spec) for an artifact or a
     per-layer folder (the latter: pure ONNX Runtime, --backend ort only)."""
-    from rwkv2rknn.errors import BadInput, UsageError
+    from rwkv2rknn.errors import UsageError
     from rwkv2rknn.plan import MANIFEST
     if os.path.isdir(path) and not os.path.exists(os.path.join(path, MANIFEST)) and \
             os.path.exists(os.path.join(path, "embed.onnx")):

@@ -140,7 +140,6 @@ class HybridModel:
         if this artifact or backend has no prefill path."""
         if getattr(self, "_seq", False) is not False:
             return self._seq
-        from rwkv2rknn.runtime.ort import OrtRunner
         m = self.manifest
         self._seq = None
         if not any(s.seq_onnx for s in m.segments):

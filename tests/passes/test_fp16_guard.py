@@ -40,7 +40,6 @@ def test_overflowing_squared_relu_is_rescaled_exactly(hot_model):
     for n in relu_like:
         assert ctx.tensors[n.outputs[0].name].absmax <= limit
     # numerics unchanged: the rescaled graph still computes the same logits
-    from rwkv2rknn.ir import export as export_graph  # noqa: F401
     ref = PerLayerModel(hot_model).logits([1, 2, 3])
     from rwkv2rknn.compiler import compile_model
     import tempfile
