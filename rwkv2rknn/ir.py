@@ -157,9 +157,13 @@ def trace(ctx: Context, tokens: Sequence[int], names: Optional[List[str]] = None
         if t.dtype is None:
             t.dtype = np.float32  # only used as a hint; onnxruntime infers the real type
     model = export(graph)
+    del graph
     for o in model.graph.output:
         o.type.tensor_type.ClearField("shape")
-    sess, _ = make_session(model.SerializeToString(), what="the traced graph")
+    data = model.SerializeToString()
+    del model  # peak memory: never the graph, its proto, its bytes and the session at once
+    sess, _ = make_session(data, what="the traced graph")
+    del data
     in_types = {i.name: i.type for i in sess.get_inputs()}
     out_names = [o.name for o in sess.get_outputs()]
     feeds = {}
