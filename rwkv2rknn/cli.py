@@ -333,6 +333,8 @@ def _generate(model, tok_spec, prompt, max_tokens, temperature, top_p, seed):
             sys.stdout.flush()
 
     prefill = getattr(model, "prefill", None)
+    if hasattr(model, "prepare_prefill"):
+        model.prepare_prefill()  # loading is not part of time to first token
     res = generate(lambda t: model.step(t, state), ids, max_tokens, temperature, top_p, seed,
                    on_token=on_token,
                    prefill_fn=(lambda p: prefill(p, state)[-1]) if prefill else None)

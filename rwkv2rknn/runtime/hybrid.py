@@ -179,6 +179,11 @@ class HybridModel:
                               seg.name + ".seq", seg.inputs, seg.outputs, None, self._core_mask,
                               rows=seg.seq_rows)
 
+    def prepare_prefill(self) -> bool:
+        """Load the T-row runners now (the simulator builds them), not in the first prefill.
+        True if this artifact and backend have a prefill path."""
+        return self._seq_runners() is not None
+
     def prefill(self, tokens: Sequence[int], state: np.ndarray, chunk: int = 0) -> np.ndarray:
         """Feed ``tokens`` in chunks, updating ``state``; returns logits [T, V], the same as
         calling ``step`` for each token. Segments with a T-token variant run once per chunk;
