@@ -36,7 +36,7 @@ def ensure_compiled(echo: Optional[Callable[[str], None]] = None, backend_needs_
     from rwkv2rknn.compiler import compile_model
     from rwkv2rknn.ir import Options
     from rwkv2rknn.models.checkpoint import load_checkpoint
-    from rwkv2rknn.models.export import export
+    from rwkv2rknn.models.export import MODEL_JSON, export
     from rwkv2rknn.plan import MANIFEST
     from rwkv2rknn.runtime.rknn import toolkit_installed
 
@@ -45,7 +45,7 @@ def ensure_compiled(echo: Optional[Callable[[str], None]] = None, backend_needs_
     onnx_dir, artifact = os.path.join(root, "onnx"), os.path.join(root, "artifact")
     if os.path.exists(os.path.join(artifact, MANIFEST)):
         return artifact
-    if not os.path.exists(os.path.join(onnx_dir, "rwkv2rknn-model.json")):
+    if not os.path.exists(os.path.join(onnx_dir, MODEL_JSON)):
         echo(f"exporting the bundled model to {onnx_dir} ...")
         export(load_checkpoint(checkpoint_path()), onnx_dir, tokenizer="bytes", force=True)
     if plan_only is None:

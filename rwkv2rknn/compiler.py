@@ -22,10 +22,10 @@ from rwkv2rknn.passes.cut import stages_of
 from rwkv2rknn.plan import MANIFEST, PLAN, Manifest, Segment, StateSlot, sha256_file
 
 log = logging.getLogger(__name__)
-MODEL_JSON = "rwkv2rknn-model.json"
 
 
 def _source_facts(path: str) -> dict:
+    from rwkv2rknn.models.export import MODEL_JSON
     meta = os.path.join(path, MODEL_JSON) if os.path.isdir(path) else ""
     if meta and os.path.exists(meta):
         try:

@@ -49,7 +49,8 @@ def _described_layers(folder: str) -> int:
     """The layer count our exporter recorded beside the files (0 if there is no readable record)."""
     import json
     try:
-        with open(os.path.join(folder, "rwkv2rknn-model.json")) as f:
+        from rwkv2rknn.models.export import MODEL_JSON
+        with open(os.path.join(folder, MODEL_JSON)) as f:
             n = json.load(f)["shape"]["layers"]
         return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 0
     except Exception:  # noqa: BLE001 - optional; public folders have no such file
@@ -64,10 +65,9 @@ class PerLayerModel:
         self.embed = OrtRunner(embed, "embed.onnx", threads)
         self.blocks = [OrtRunner(p, os.path.basename(p), threads) for p in blocks]
         self.head = OrtRunner(head, "head.onnx", threads)
-        self.notes = sorted({r.note for r in [self.embed, *self.blocks, self.head] if r.note})
-        if self.notes:
-            self.notes = [f"{len([r for r in [self.embed, *self.blocks, self.head] if r.note])} "
-                          f"file(s): " + self.notes[0].split(" on ")[0] + "; used ORT_ENABLE_EXTENDED"]
+        fell_back = [r for r in (self.embed, *self.blocks, self.head) if r.note]
+        self.notes = [f"{len(fell_back)} file(s): onnxruntime's default optimisation failed; "
+                      f"used ORT_ENABLE_EXTENDED"] if fell_back else []
         self._check_io()
         self.dtype = self.blocks[0].input_types["input"]
         try:
