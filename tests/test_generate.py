@@ -9,10 +9,11 @@ from rwkv2rknn.generate import GenerationResult, generate, sample_logits
 
 
 def softmax(x, t=1.0):
-    z = np.asarray(x, dtype=np.float64) / t
-    z -= z.max()
-    p = np.exp(z)
-    return p / p.sum()
+    with np.errstate(over="ignore", invalid="ignore"):  # tiny t overflows: NaN, checked by callers
+        z = np.asarray(x, dtype=np.float64) / t
+        z -= z.max()
+        p = np.exp(z)
+        return p / p.sum()
 
 
 # --- sample_logits --------------------------------------------------------------------------------
