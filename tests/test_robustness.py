@@ -608,8 +608,14 @@ def test_killed_compile_loses_nothing_and_the_next_one_reuses_the_cache(model, p
     shutil.copytree(plan, out)  # a complete previous artifact
     before = snapshot(out)
     hit_a_build = False
-    for delay, whole_group, target in ((0.5, False, fresh), (1.5, False, out), (2.5, True, out)):
+    # an early kill, then two kills while a toolkit build child runs (waited for, so a slow
+    # machine does not turn them into early kills too)
+    for delay, in_build, whole_group, target in ((0.5, False, False, fresh), (0.3, True, False, out),
+                                                 (1.0, True, True, out)):
         p = start_compile(model, target, env)
+        deadline = time.monotonic() + 60
+        while in_build and procs_in_group(p.pid) < 2 and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
         time.sleep(delay)
         busy = procs_in_group(p.pid) >= 2  # a build child is running
         (os.killpg if whole_group else os.kill)(p.pid, signal.SIGKILL)
