@@ -185,8 +185,9 @@ def _parse_rows(text: str):
 def _compile_with_progress(model, out_dir, opts, force=False, dump_after=None):
     from rwkv2rknn.compiler import compile_model
 
-    def on_pass(name):
-        click.echo(f"  pass {name}: done", err=True)
+    def on_pass(name, notes):
+        for note in notes or ["done"]:
+            click.echo(f"  {name}: {note}", err=True)
 
     def on_segment(seg, status, i, n):
         click.echo(f"  [{i}/{n}] {seg['name']}: {status}", err=True)

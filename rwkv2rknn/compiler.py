@@ -73,7 +73,7 @@ def make_manifest(ctx: Context, out_dir: str, toolkit: str, plan_only: bool) -> 
 def compile_model(model_path: str, out_dir: str, options: Optional[Options] = None,
                   force: bool = False, dump_after: Optional[str] = None,
                   progress: Optional[Callable[[dict, str, int, int], None]] = None,
-                  on_pass: Optional[Callable[[str], None]] = None) -> Manifest:
+                  on_pass: Optional[Callable[[str, list], None]] = None) -> Manifest:
     from rwkv2rknn import passes
     from rwkv2rknn.passes import build, load
 
@@ -91,8 +91,8 @@ def compile_model(model_path: str, out_dir: str, options: Optional[Options] = No
     dumps = {}
 
     def after(name):
-        if on_pass:
-            on_pass(name)
+        if on_pass:  # the pass's name and what it reported
+            on_pass(name, [r.split(": ", 1)[1] for r in ctx.report if r.startswith(name + ": ")])
         if dump_after == name:
             dumps[name] = export(ctx.graph)
 
