@@ -108,14 +108,26 @@ def _variant(ctx: Context, seg: dict):
     return model
 
 
+def prefill_rows(ctx: Context) -> int:
+    """The chunk length prefill estimates assume: the largest T-row build, else 32."""
+    return max(ctx.options.prefill_rows or (32,))
+
+
 def run(ctx: Context) -> None:
+    from rwkv2rknn.passes.partition import estimate_ms
+    from rwkv2rknn.profile import DeviceProfile
+
+    profile = ctx.extra.get("profile") or DeviceProfile()
+    t = prefill_rows(ctx)
     made, kept = 0, {}
     for seg in ctx.segments:
         why = _why_not(ctx, seg)
         if why is None:
             seg["seq_model"] = _variant(ctx, seg)
+            seg["est_prefill_ms"] = estimate_ms(seg["device"], seg["nodes"], profile, rows=t) / t
             made += 1
         else:
+            seg["est_prefill_ms"] = seg.get("est_ms", 0.0)  # one call per token
             kept[why] = kept.get(why, 0) + 1
     ctx.note(NAME, f"{made} segment(s) take T tokens at once; " + (
         ", ".join(f"{v} per token ({k})" for k, v in sorted(kept.items())) or "none per token"))

@@ -19,6 +19,7 @@ from rwkv2rknn import __version__, io
 from rwkv2rknn.errors import UsageError
 from rwkv2rknn.ir import Context, Options, export
 from rwkv2rknn.passes.cut import stages_of
+from rwkv2rknn.passes.sequence import prefill_rows
 from rwkv2rknn.plan import MANIFEST, PLAN, Manifest, Segment, StateSlot, sha256_file
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ def make_manifest(ctx: Context, out_dir: str, toolkit: str, plan_only: bool) -> 
             sha256=sha256_file(os.path.join(out_dir, onnx_rel)),
             rknn_sha256=sha256_file(os.path.join(out_dir, rknn_rel)) if rknn_rel else "",
             fallback=s.get("fallback", ""), est_ms=round(float(s.get("est_ms", 0.0)), 6),
+            est_prefill_ms=round(float(s.get("est_prefill_ms", 0.0)), 6),
             seq_onnx=seq_rel, seq_sha256=sha256_file(os.path.join(out_dir, seq_rel)) if seq_rel else "",
             seq_rknn=seq_rknn, seq_rows=tuple(s.get("seq_rows", ())) if seq_rknn else (),
             seq_rknn_sha256=sha256_file(os.path.join(out_dir, seq_rknn)) if seq_rknn else ""))
@@ -67,7 +69,8 @@ def make_manifest(ctx: Context, out_dir: str, toolkit: str, plan_only: bool) -> 
                     token_input=ctx.token_input, logits_output=ctx.logits_output,
                     tokenizer=facts.get("tokenizer"), target=ctx.options.target, toolkit=toolkit,
                     generator=f"rwkv2rknn {__version__}", report=tuple(ctx.report),
-                    profile=ctx.extra["profile"].to_dict())
+                    profile=ctx.extra["profile"].to_dict(),
+                    prefill_rows=prefill_rows(ctx))
 
 
 def compile_model(model_path: str, out_dir: str, options: Optional[Options] = None,

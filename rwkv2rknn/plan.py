@@ -39,6 +39,7 @@ class Segment:
     rknn_sha256: str = ""
     fallback: str = ""  # why an NPU candidate runs on the CPU
     est_ms: float = 0.0  # estimated ms per call from the device profile
+    est_prefill_ms: float = 0.0  # estimated ms per token of prefill (T-row calls shared by T tokens)
     seq_onnx: Optional[str] = None  # T-token (prefill) variant, rows symbolic
     seq_sha256: str = ""
     seq_rknn: Optional[str] = None  # its NPU build, one graph per row count in seq_rows
@@ -69,6 +70,7 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     report: Tuple[str, ...] = field(default_factory=tuple)
     profile: Dict[str, object] = field(default_factory=dict)
+    prefill_rows: int = 32  # the chunk length the prefill estimate assumes
 
     # ---------------------------------------------------------------- JSON
 
@@ -96,7 +98,8 @@ class Manifest:
                     target=str(d.get("target", "")), toolkit=str(d.get("toolkit", "")),
                     generator=str(d.get("generator", "")), format_version=FORMAT_VERSION,
                     report=tuple(str(x) for x in d.get("report", []) or []),
-                    profile=d.get("profile") if isinstance(d.get("profile"), dict) else {})
+                    profile=d.get("profile") if isinstance(d.get("profile"), dict) else {},
+                    prefill_rows=max(1, int(d.get("prefill_rows", 32))))
             for k in ("layers", "width", "vocab"):  # read by the runtime as whole numbers
                 v = m.model.get(k)
                 if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
@@ -161,16 +164,20 @@ class Manifest:
         """NPU<->CPU switches per token when segments run in order."""
         return sum(1 for a, b in zip(self.segments, self.segments[1:]) if a.backend != b.backend)
 
-    def estimate_ms(self) -> Optional[dict]:
-        """Estimated decode ms/token from the device profile (None without one)."""
+    def estimate_ms(self, phase: str = "decode") -> Optional[dict]:
+        """Estimated ms/token of ``phase`` ('decode' or 'prefill') from the device profile
+        (None without one). In prefill a T-row call and its hand-offs are shared by T tokens."""
         if not self.profile:
             return None
-        npu = sum(s.est_ms for s in self.segments if s.backend == "npu")
-        cpu = sum(s.est_ms for s in self.segments if s.backend == "cpu")
+        per = (lambda s: s.est_prefill_ms) if phase == "prefill" else (lambda s: s.est_ms)
+        npu = sum(per(s) for s in self.segments if s.backend == "npu")
+        cpu = sum(per(s) for s in self.segments if s.backend == "cpu")
         try:
             hand = self.boundaries() * float(self.profile.get("handoff_ms", 0.0))
         except (TypeError, ValueError):
             return None
+        if phase == "prefill":
+            hand /= self.prefill_rows
         return {"npu": npu, "cpu": cpu, "handoffs": hand, "total": npu + cpu + hand}
 
     def table(self) -> str:
@@ -189,11 +196,13 @@ class Manifest:
             most_npu = max(len(r["npu"]) for r in layer_rows)
             most_cpu = max(len(r["cpu"]) for r in layer_rows)
             lines.append(f"per layer: at most {most_npu} NPU and {most_cpu} CPU segment(s) per token")
-        est = self.estimate_ms()
-        if est is not None:
-            lines.append(f"estimated decode: {est['total']:.2f} ms/token (NPU {est['npu']:.2f} + CPU MatMuls "
-                         f"{est['cpu']:.2f} + {est['handoffs']:.2f} hand-offs), an estimate from device "
-                         f"profile '{self.profile.get('name', '?')}', not a measurement")
+        for phase, label in (("decode", "decode"), ("prefill", f"prefill (T={self.prefill_rows})")):
+            est = self.estimate_ms(phase)
+            if est is not None:
+                lines.append(f"estimated {label}: {est['total']:.2f} ms/token (NPU {est['npu']:.2f} + "
+                             f"CPU MatMuls {est['cpu']:.2f} + {est['handoffs']:.2f} hand-offs), an "
+                             f"estimate from device profile '{self.profile.get('name', '?')}', "
+                             f"not a measurement")
         if any(s.fallback for s in self.segments):
             lines.append("* NPU candidate that fell back to the CPU: " + "; ".join(
                 f"{s.name}: {s.fallback}" for s in self.segments if s.fallback))
@@ -236,6 +245,7 @@ def _segment(s) -> Segment:
                   rknn=s.get("rknn") if isinstance(s.get("rknn"), str) else None,
                   sha256=str(s.get("sha256", "")), rknn_sha256=str(s.get("rknn_sha256", "")),
                   fallback=str(s.get("fallback", "")), est_ms=float(s.get("est_ms", 0.0)),
+                  est_prefill_ms=float(s.get("est_prefill_ms", 0.0)),
                   seq_onnx=s.get("seq_onnx") if isinstance(s.get("seq_onnx"), str) else None,
                   seq_sha256=str(s.get("seq_sha256", "")),
                   seq_rknn=s.get("seq_rknn") if isinstance(s.get("seq_rknn"), str) else None,

@@ -72,3 +72,13 @@ def test_profile_command_flow_on_the_simulator(tmp_path):
     assert prof.npu_call_ms > 0 and all(v > 0 for v in prof.npu_gflops.values())
     r = CliRunner().invoke(cli, ["profile", "--probes", str(probes), "--build-probes", str(probes)])
     assert r.exit_code == 2
+
+
+def test_prefill_estimate_shares_calls_across_rows(fp32_plan_artifact):
+    """T-row calls serve T tokens: the prefill estimate per token is below the decode one."""
+    from rwkv2rknn.runtime.hybrid import load_manifest
+    m = load_manifest(fp32_plan_artifact)
+    decode, prefill = m.estimate_ms("decode"), m.estimate_ms("prefill")
+    assert 0 < prefill["total"] < decode["total"]
+    assert prefill["handoffs"] == pytest.approx(decode["handoffs"] / m.prefill_rows)
+    assert f"estimated prefill (T={m.prefill_rows})" in m.table()
