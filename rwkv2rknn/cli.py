@@ -300,7 +300,10 @@ def _open_model(path, backend, core_mask):
         from rwkv2rknn.compiler import _source_facts
         from rwkv2rknn.runtime.reference import PerLayerModel
         click.echo("backend: pure onnxruntime over the per-layer files", err=True)
-        return PerLayerModel(path), _source_facts(path).get("tokenizer")
+        model = PerLayerModel(path)
+        for note in model.notes:
+            click.echo(f"note: {note}", err=True)
+        return model, _source_facts(path).get("tokenizer")
     from rwkv2rknn.runtime.hybrid import HybridModel, load_manifest, resolve_backend
     load_manifest(path)
     chosen = resolve_backend(backend)

@@ -53,6 +53,8 @@ def test_tokens_logits_out_equals_pure_reference(fp16_artifact, fp16_dir, tmp_pa
                   "--backend", "rknn-sim").exit_code == 0
     assert invoke("run", fp16_dir, "--tokens", "5,17,90", "--logits-out", b,
                   "--backend", "ort").exit_code == 0
+    r = sh("run", fp16_dir, "--tokens", "5,17,90", "--backend", "ort")
+    assert "ORT_ENABLE_EXTENDED" in r.stderr  # the reference says how it loaded the fp16 files
     la, lb = np.load(a), np.load(b)
     assert la.shape == lb.shape == (3, 97) and la.dtype == np.float32
     assert (la.argmax(1) == lb.argmax(1)).all()
