@@ -72,11 +72,12 @@ class HybridModel:
             if not soc and m.target != "rk3588":
                 log.warning("artifact was compiled for %s", m.target)
         self._verify, self._threads, self._core_mask = verify, threads, core_mask
+        self._seq, self._seq_loaded = None, False  # T-row runners, made on first prefill
         self.runners = []
         for seg in m.segments:
-            self.runners.append(self._runner(seg, verify, core_mask, threads))
+            self.runners.append(self._runner(seg))
             if seg.seq_onnx:  # loaded on first prefill, checked now
-                self._path(seg.seq_onnx, seg.seq_sha256, verify)
+                self._path(seg.seq_onnx, seg.seq_sha256)
             if progress:
                 progress(seg)
         self.width = int(m.model.get("width") or 0)
@@ -84,21 +85,21 @@ class HybridModel:
         self.vocab = m.vocab
         self._npu = [seg.backend == "npu" for seg in m.segments]
 
-    def _path(self, rel: str, sha: str, verify: bool) -> str:
+    def _path(self, rel: str, sha: str) -> str:
         path = os.path.join(self.artifact, rel)
         if not os.path.isfile(path):
             raise BadInput(f"segment file '{path}' is missing", "compile the model again")
-        if verify and sha and sha256_file(path) != sha:
+        if self._verify and sha and sha256_file(path) != sha:
             raise BadInput(f"segment file '{path}' changed since it was compiled (checksum mismatch)",
                            "compile the model again")
         return path
 
-    def _runner(self, seg, verify: bool, core_mask: str, threads: int):
+    def _runner(self, seg):
         from rwkv2rknn.runtime.ort import OrtRunner
-        onnx_path = self._path(seg.onnx, seg.sha256, verify)
+        onnx_path = self._path(seg.onnx, seg.sha256)
         if seg.backend == "cpu" or self.backend == "ort":
             # a segment with no MatMul is a few vector ops: one thread, no pool to wake
-            return OrtRunner(onnx_path, seg.name, threads if seg.matmuls else 1)
+            return OrtRunner(onnx_path, seg.name, self._threads if seg.matmuls else 1)
         shapes = {k: list(v) for k, v in seg.shapes.items()}
         if self.backend == "rknn-sim":
             from rwkv2rknn.runtime.rknn import RknnSimRunner
@@ -107,8 +108,8 @@ class HybridModel:
         if not seg.rknn:
             raise BadInput(f"segment {seg.name} has no .rknn (compiled with --plan-only)",
                            "compile without --plan-only, or use --backend ort / rknn-sim")
-        rknn_path = self._path(seg.rknn, seg.rknn_sha256, verify)
-        return RknnLiteRunner(rknn_path, seg.name, seg.inputs, seg.outputs, shapes, core_mask)
+        rknn_path = self._path(seg.rknn, seg.rknn_sha256)
+        return RknnLiteRunner(rknn_path, seg.name, seg.inputs, seg.outputs, shapes, self._core_mask)
 
     # ------------------------------------------------------------------ stepping
 
@@ -138,22 +139,24 @@ class HybridModel:
     def _seq_runners(self):
         """Per segment: a T-row runner, or None where the segment runs row by row. None overall
         if this artifact or backend has no prefill path."""
-        if getattr(self, "_seq", False) is not False:
+        if self._seq_loaded:
             return self._seq
+        self._seq_loaded = True
         m = self.manifest
-        self._seq = None
         if not any(s.seq_onnx for s in m.segments):
             return None
         runners, produced = [], set()
         slot_of = {s.input: s for s in self.slots}
-        for seg, runner in zip(m.segments, self.runners):
+        for seg in m.segments:
             seq_runner = self._seq_runner(seg)
             if seq_runner is None:
                 # row by row: every state row it reads must come from itself or an earlier segment
-                for k in seg.inputs:
-                    slot = slot_of.get(k)
-                    if slot and slot.output not in produced and slot.output not in seg.outputs:
-                        return None
+                if any(k in slot_of and slot_of[k].output not in produced | set(seg.outputs)
+                       for k in seg.inputs):
+                    for r in runners:
+                        if r is not None:
+                            r.close()
+                    return None
             produced.update(seg.outputs)
             runners.append(seq_runner)
         self._seq = runners
@@ -165,17 +168,17 @@ class HybridModel:
             return None
         if seg.backend == "cpu" or self.backend == "ort":
             from rwkv2rknn.runtime.ort import OrtRunner
-            return OrtRunner(self._path(seg.seq_onnx, seg.seq_sha256, self._verify),
+            return OrtRunner(self._path(seg.seq_onnx, seg.seq_sha256),
                              seg.name + ".seq", self._threads if seg.matmuls else 1)
         if not seg.seq_rows:
             return None
         if self.backend == "rknn-sim":
             from rwkv2rknn.runtime.rknn import RknnSimRunner
-            return RknnSimRunner(self._path(seg.seq_onnx, seg.seq_sha256, self._verify),
+            return RknnSimRunner(self._path(seg.seq_onnx, seg.seq_sha256),
                                  seg.name + ".seq", seg.inputs, seg.outputs, None, m_target(self),
                                  rows=seg.seq_rows)
         from rwkv2rknn.runtime.rknn import RknnLiteRunner
-        return RknnLiteRunner(self._path(seg.seq_rknn, seg.seq_rknn_sha256, self._verify),
+        return RknnLiteRunner(self._path(seg.seq_rknn, seg.seq_rknn_sha256),
                               seg.name + ".seq", seg.inputs, seg.outputs, None, self._core_mask,
                               rows=seg.seq_rows)
 
@@ -264,7 +267,7 @@ class HybridModel:
         return out
 
     def close(self) -> None:
-        for r in self.runners:
+        for r in self.runners + [r for r in (self._seq or []) if r is not None]:
             r.close()
 
 
