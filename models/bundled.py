@@ -24,7 +24,7 @@ def checkpoint_path() -> str:
 
 
 def cache_folder() -> str:
-    from rwkv2rknn.passes.build import cache_root
+    from rwkv2rknn.io import cache_root
     with open(checkpoint_path(), "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()[:16]
     return os.path.join(cache_root(), "default", digest)

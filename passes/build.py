@@ -27,17 +27,10 @@ import sys
 from typing import Callable, Optional
 
 from rwkv2rknn.errors import ToolkitError
+from rwkv2rknn.io import cache_root
 from rwkv2rknn.ir import Context
 
 NAME = "build"
-
-
-def cache_root(explicit: Optional[str] = None) -> str:
-    root = explicit or os.environ.get("RWKV2RKNN_CACHE")
-    if not root:
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        root = os.path.join(base, "rwkv2rknn")
-    return root
 
 
 def cache_key(onnx_bytes: bytes, target: str, toolkit: str) -> str:

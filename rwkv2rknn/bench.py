@@ -147,24 +147,19 @@ def _fused_session(onnx_dir: str):
     """The whole model as one onnxruntime session: the compiler's graph after load, keep_fp32,
     state and normalize_matmul (the row-form MatMuls onnxruntime runs 10-20x faster than the
     files' MatMul(W, x)), not partitioned."""
-    from rwkv2rknn.ir import export
-    from rwkv2rknn.passes import keep_fp32, load, normalize_matmul, state
+    from rwkv2rknn.compiler import whole_graph
     from rwkv2rknn.runtime.ort import OrtRunner
 
-    ctx = load.run(onnx_dir)
-    for p in (keep_fp32, state, normalize_matmul):
-        p.run(ctx)
-    runner = OrtRunner(export(ctx.graph).SerializeToString(), "fused")
-    slots = ctx.state
-    width = int(ctx.shape["width"])
-    feed = {s.input: np.zeros(width, np.float32) for s in slots}
+    data, token, logits, slots = whole_graph(onnx_dir)
+    runner = OrtRunner(data, "fused")
+    feed = {i: np.zeros(runner.input_shapes[i], np.float32) for i, _ in slots}
 
     def step(tok):
-        feed[ctx.token_input] = np.array([tok], np.int32)
+        feed[token] = np.array([tok], np.int32)
         out = runner.infer(feed)
-        for s in slots:
-            feed[s.input] = out[s.output]
-        return out[ctx.logits_output]
+        for i, o in slots:
+            feed[i] = out[o]
+        return out[logits]
     return step
 
 

@@ -137,3 +137,20 @@ def plan_report(ctx: Context, manifest: Manifest) -> dict:
             "cpu_reasons": reasons(ctx),
             "passes": list(ctx.report),
             "table": manifest.table().splitlines()}
+
+
+def whole_graph(model_path: str):
+    """The model as one graph, not partitioned: load, keep_fp32, state and normalize_matmul.
+    Returns (serialized ONNX, token input, logits output, [(state input, state output)])."""
+    from rwkv2rknn.passes import keep_fp32, load, normalize_matmul, state
+    ctx = load.run(model_path)
+    for p in (keep_fp32, state, normalize_matmul):
+        p.run(ctx)
+    return (export(ctx.graph).SerializeToString(), ctx.token_input, ctx.logits_output,
+            [(s.input, s.output) for s in ctx.state])
+
+
+def build_rknn(onnx_path: str, rknn_path: str, target: str = "rk3588", timeout: float = 600.0) -> str:
+    """Build one ONNX file into an .rknn in a child process; '' on success, else why not."""
+    from rwkv2rknn.passes.build import build_child
+    return build_child(onnx_path, rknn_path, target, False, timeout)

@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Iterator
+from typing import Iterator, Optional
 
 from rwkv2rknn.errors import BadInput, MissingDependency
 
@@ -23,6 +23,16 @@ def _onnx():
         raise MissingDependency("this command needs the onnx package",
                                 "pip install 'rwkv2rknn[compile]' (or: make install)") from e
     return onnx
+
+
+def cache_root(explicit: Optional[str] = None) -> str:
+    """The user's rwkv2rknn cache: ``explicit``, else $RWKV2RKNN_CACHE, else
+    $XDG_CACHE_HOME/rwkv2rknn (~/.cache/rwkv2rknn)."""
+    root = explicit or os.environ.get("RWKV2RKNN_CACHE")
+    if not root:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        root = os.path.join(base, "rwkv2rknn")
+    return root
 
 
 def load_onnx(path: str):

@@ -50,12 +50,12 @@ def _probe_models() -> Dict[str, object]:
 def build_probes(folder: str, target: str = "rk3588", echo: Callable[[str], None] = print) -> None:
     """Write probe .onnx files and their .rknn builds into ``folder`` (compile machine)."""
     from rwkv2rknn import io
-    from rwkv2rknn.passes.build import build_child
+    from rwkv2rknn.compiler import build_rknn
     os.makedirs(folder, exist_ok=True)
     for name, model in _probe_models().items():
         onnx_path = os.path.join(folder, name + ".onnx")
         io.save_onnx(model, onnx_path)
-        reason = build_child(onnx_path, os.path.join(folder, name + ".rknn"), target, False, 600)
+        reason = build_rknn(onnx_path, os.path.join(folder, name + ".rknn"), target)
         if reason:
             from rwkv2rknn.errors import ToolkitError
             raise ToolkitError(f"building probe {name} failed: {reason}", "check the rknn-toolkit2 install")
