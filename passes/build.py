@@ -119,16 +119,11 @@ def _unlink(path: str) -> None:
 
 
 def run(ctx: Context, progress: Optional[Callable[[dict, str, int, int], None]] = None) -> None:
-    from rwkv2rknn.runtime.rknn import toolkit_version
+    from rwkv2rknn.runtime.rknn import require_toolkit
 
     out_dir = ctx.extra["out_dir"]
     opts = ctx.options
-    version = toolkit_version()
-    if not version:
-        from rwkv2rknn.errors import MissingDependency
-        from rwkv2rknn.runtime.rknn import TOOLKIT_INSTALL
-        raise MissingDependency("building .rknn files needs rknn-toolkit2",
-                                f"{TOOLKIT_INSTALL}; or compile with --plan-only")
+    version = require_toolkit()
     cache = os.path.join(cache_root(opts.cache_dir), "rknn")
     os.makedirs(cache, exist_ok=True)
     clean_stale_partials(cache)

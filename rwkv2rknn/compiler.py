@@ -84,12 +84,10 @@ def compile_model(model_path: str, out_dir: str, options: Optional[Options] = No
     if dump_after and dump_after not in passes.PASS_NAMES:
         raise UsageError(f"unknown pass '{dump_after}' for --dump-after",
                          f"use one of {', '.join(passes.PASS_NAMES)}")
-    if not options.plan_only:
-        from rwkv2rknn.runtime.rknn import TOOLKIT_INSTALL, toolkit_installed
-        if not toolkit_installed():
-            from rwkv2rknn.errors import MissingDependency
-            raise MissingDependency("building .rknn files needs rknn-toolkit2",
-                                    f"{TOOLKIT_INSTALL}; or compile with --plan-only")
+    toolkit = ""
+    if not options.plan_only:  # fail before the passes, not after them
+        from rwkv2rknn.runtime.rknn import require_toolkit
+        toolkit = require_toolkit()
     ctx = load.run(model_path, options)
     dumps = {}
 
@@ -103,7 +101,6 @@ def compile_model(model_path: str, out_dir: str, options: Optional[Options] = No
     for p in passes.GRAPH_PIPELINE:
         p.run(ctx)
         after(p.NAME)
-    toolkit = ""
     with io.atomic_dir(out_dir, MANIFEST, force=force) as tmp:
         os.makedirs(os.path.join(tmp, "segments"))
         for s in ctx.segments:
@@ -111,10 +108,8 @@ def compile_model(model_path: str, out_dir: str, options: Optional[Options] = No
             if s.get("seq_model") is not None:
                 io.save_onnx(s["seq_model"], os.path.join(tmp, "segments", s["name"] + ".seq.onnx"))
         if not options.plan_only:
-            from rwkv2rknn.runtime.rknn import toolkit_version
             ctx.extra["out_dir"] = tmp
             build.run(ctx, progress=progress)
-            toolkit = toolkit_version()
             after(build.NAME)
         for name, model in dumps.items():
             os.makedirs(os.path.join(tmp, "dump"), exist_ok=True)

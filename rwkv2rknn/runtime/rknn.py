@@ -240,3 +240,11 @@ def toolkit_available() -> bool:
 def toolkit_installed() -> bool:
     """rknn-toolkit2 is installed (its metadata) and importable here (not hidden or broken)."""
     return bool(toolkit_version()) and _has("rknn.api")
+
+
+def require_toolkit() -> str:
+    """rknn-toolkit2's version, or a MissingDependency that says how to install it."""
+    if not toolkit_installed():
+        raise MissingDependency("building .rknn files needs rknn-toolkit2",
+                                f"{TOOLKIT_INSTALL}; or compile with --plan-only")
+    return toolkit_version()
