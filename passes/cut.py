@@ -49,8 +49,7 @@ def run(ctx: Context) -> None:
     graph_outputs = {t.name for t in graph.outputs}
     owner = {n.name: i for i, s in enumerate(ctx.segments) for n in s["nodes"]}
     width = len(str(max(len(ctx.segments) - 1, 0))) if ctx.segments else 1
-    from rwkv2rknn.profile import DeviceProfile
-    profile = ctx.extra.get("profile") or DeviceProfile()
+    profile = ctx.profile
     for i, seg in enumerate(ctx.segments):
         nodes = seg["nodes"]
         inside = {n.name for n in nodes}

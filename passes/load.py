@@ -148,8 +148,7 @@ def run(path: str, options: Options = None) -> Context:
         ctx.token_input = ""
         ctx.logits_output = ""
     ctx.options = options
-    from rwkv2rknn.profile import load_profile
-    ctx.extra["profile"] = load_profile(options.profile)
+    ctx.profile  # read --profile now: a bad file fails before any work
     n = len(ctx.graph.nodes)
     ctx.note(NAME, f"{n} nodes from {path} ({ctx.shape.get('layers', 1)} layer(s))")
     return ctx

@@ -192,8 +192,8 @@ def run(ctx: Context) -> None:
     device = place(graph, ctx.support)
     segs = group(graph, device)
     pruned = 0
-    profile = ctx.extra.get("profile")
-    by_cost = ctx.options.placement == "cost" and profile is not None
+    profile = ctx.profile
+    by_cost = ctx.options.placement == "cost"
     for s in segs:
         if s["device"] != "npu":
             continue

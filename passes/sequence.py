@@ -115,9 +115,8 @@ def prefill_rows(ctx: Context) -> int:
 
 def run(ctx: Context) -> None:
     from rwkv2rknn.passes.partition import estimate_ms
-    from rwkv2rknn.profile import DeviceProfile
 
-    profile = ctx.extra.get("profile") or DeviceProfile()
+    profile = ctx.profile
     t = prefill_rows(ctx)
     made, kept = 0, {}
     for seg in ctx.segments:

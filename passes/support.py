@@ -94,10 +94,10 @@ def by_cost(node, profile) -> Tuple[str, str]:
 def run(ctx: Context) -> None:
     acc = _accumulator_nodes(ctx)
     counts = {"anchor": 0, "flex": 0, "cpu": 0}
-    profile = ctx.extra.get("profile")
+    profile = ctx.profile
     for node in ctx.graph.nodes:
         kind, reason = classify(node, node.name in acc)
-        if kind == "anchor" and ctx.options.placement == "cost" and profile is not None:
+        if kind == "anchor" and ctx.options.placement == "cost":
             kind, reason = by_cost(node, profile)
         if node.name in ctx.forced_cpu and kind != "cpu":
             kind, reason = "cpu", ctx.forced_cpu[node.name]

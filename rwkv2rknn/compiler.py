@@ -69,7 +69,7 @@ def make_manifest(ctx: Context, out_dir: str, toolkit: str, plan_only: bool) -> 
                     token_input=ctx.token_input, logits_output=ctx.logits_output,
                     tokenizer=facts.get("tokenizer"), target=ctx.options.target, toolkit=toolkit,
                     generator=f"rwkv2rknn {__version__}", report=tuple(ctx.report),
-                    profile=ctx.extra["profile"].to_dict(),
+                    profile=ctx.profile.to_dict(),
                     prefill_rows=prefill_rows(ctx))
 
 

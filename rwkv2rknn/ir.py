@@ -69,6 +69,15 @@ class Context:
     report: List[str] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
 
+    @property
+    def profile(self):
+        """The device profile for placement and estimates (load sets it from --profile; the
+        published RK3588 figures otherwise)."""
+        if "profile" not in self.extra:
+            from rwkv2rknn.profile import load_profile
+            self.extra["profile"] = load_profile(self.options.profile)
+        return self.extra["profile"]
+
     def note(self, pass_name: str, message: str) -> None:
         line = f"{pass_name}: {message}"
         self.report.append(line)
