@@ -33,7 +33,7 @@ def cache_folder() -> str:
 def ensure_compiled(echo: Optional[Callable[[str], None]] = None, backend_needs_rknn: bool = False,
                     plan_only: Optional[bool] = None) -> str:
     """The artifact folder of the default model, exporting and compiling it if needed."""
-    from rwkv2rknn.compiler import compile_model
+    from rwkv2rknn.compiler import compile_model, segment_line
     from rwkv2rknn.ir import Options
     from rwkv2rknn.models.checkpoint import load_checkpoint
     from rwkv2rknn.models.export import MODEL_JSON, export
@@ -52,5 +52,5 @@ def ensure_compiled(echo: Optional[Callable[[str], None]] = None, backend_needs_
         plan_only = not toolkit_installed()
     echo(f"compiling it to {artifact} (first use only) ...")
     compile_model(onnx_dir, artifact, Options(plan_only=plan_only), force=True,
-                  progress=lambda seg, status, i, n: echo(f"  [{i}/{n}] {seg['name']}: {status}"))
+                  progress=lambda *a: echo(segment_line(*a)))
     return artifact

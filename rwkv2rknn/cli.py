@@ -183,14 +183,14 @@ def _parse_rows(text: str):
 
 
 def _compile_with_progress(model, out_dir, opts, force=False, dump_after=None):
-    from rwkv2rknn.compiler import compile_model
+    from rwkv2rknn.compiler import compile_model, segment_line
 
     def on_pass(name, notes):
         for note in notes or ["done"]:
             click.echo(f"  {name}: {note}", err=True)
 
     def on_segment(seg, status, i, n):
-        click.echo(f"  [{i}/{n}] {seg['name']}: {status}", err=True)
+        click.echo(segment_line(seg, status, i, n), err=True)
 
     return compile_model(model, out_dir, opts, force=force, dump_after=dump_after,
                          progress=on_segment, on_pass=on_pass)

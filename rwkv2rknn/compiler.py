@@ -25,6 +25,11 @@ from rwkv2rknn.plan import MANIFEST, PLAN, Manifest, Segment, StateSlot, sha256_
 log = logging.getLogger(__name__)
 
 
+def segment_line(seg: dict, status: str, i: int, n: int) -> str:
+    """One progress line of the build: '  [3/25] s005_npu_L1-L2: built'."""
+    return f"  [{i}/{n}] {seg['name']}: {status}"
+
+
 def _source_facts(path: str) -> dict:
     from rwkv2rknn.models.export import MODEL_JSON
     meta = os.path.join(path, MODEL_JSON) if os.path.isdir(path) else ""

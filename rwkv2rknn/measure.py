@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import platform
 import statistics
-import time
 from typing import Callable, Dict
 
 import numpy as np
@@ -62,19 +61,9 @@ def build_probes(folder: str, target: str = "rk3588", echo: Callable[[str], None
         echo(f"  built {name}.rknn")
 
 
-def _time(fn, repeats: int = 20) -> float:
-    fn()
-    fn()
-    vals = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        vals.append(1000 * (time.perf_counter() - t0))
-    return statistics.median(vals)
-
-
 def measure(folder: str, backend: str, core_mask: str = "auto",
             echo: Callable[[str], None] = print) -> DeviceProfile:
+    from rwkv2rknn.bench import gemv_bandwidth_gbs, time_steps
     from rwkv2rknn.errors import BadInput
     from rwkv2rknn.runtime.rknn import RknnLiteRunner, RknnSimRunner
     names = ["call"] + [f"mm{m}" for m in ROWS]
@@ -95,12 +84,11 @@ def measure(folder: str, backend: str, core_mask: str = "auto",
                 raise BadInput(f"probe '{path}' is missing", "run rwkv2rknn profile --build-probes DIR first")
             runner = RknnSimRunner(path, name, ["x"], ["y"], shapes)
         x = {"x": np.ones((m, k), np.float32)}
-        ms[name] = _time(lambda: runner.infer(x))
+        ms[name] = statistics.median(time_steps(lambda _: runner.infer(x), [0] * 22))
         runner.close()
         echo(f"  {name}: {ms[name]:.3f} ms per call")
     call = ms["call"]
     gflops = {m: 2.0 * m * SIZE * SIZE / max(ms[f"mm{m}"] - call, 1e-3) / 1e6 for m in ROWS}
-    from rwkv2rknn.bench import gemv_bandwidth_gbs
     bw = gemv_bandwidth_gbs(mb=64)
     label = "measured" if backend == "rknn-lite" else "simulator-timings-not-a-board"
     return DeviceProfile(name=f"{label}-{platform.node() or 'host'}", npu_call_ms=call,
