@@ -555,7 +555,8 @@ def test_compile_failing_midway_keeps_the_previous_artifact(model1, tmp_path):
     error_line(r, 1, "build", "failed", "--strict")
     assert snapshot(out) == before
     whole_artifact(out)
-    assert not partials_in(tmp_path) and not os.listdir(cache / "rknn")
+    assert not partials_in(tmp_path)
+    assert not [e for e in os.listdir(cache / "rknn") if not e.endswith(".lock")]
 
 
 def test_stale_partial_folders_of_killed_compiles_are_removed(model, tmp_path):
@@ -628,7 +629,8 @@ def test_killed_compile_loses_nothing_and_the_next_one_reuses_the_cache(model, p
         rknn = cache / "rknn"
         for e in (os.listdir(rknn) if rknn.exists() else []):
             if not whole_group:  # an orphaned build child finishes its entry, whole
-                assert e.endswith(".rknn") and ".partial" not in e, e
+                assert e.endswith((".rknn", ".sha256", ".lock")) and ".partial" not in e, e
+                assert ".tmp" not in e, e
             if e.endswith(".rknn"):
                 assert os.path.getsize(rknn / e) > 0
     assert hit_a_build, "no kill landed while a toolkit build was running"
@@ -698,8 +700,9 @@ def test_two_compiles_share_the_cache(two_at_once, model):
     for code, out, err in results:
         assert code == 0, err
         assert "fell back" not in out and "Traceback" not in err
-    entries = os.listdir(cache / "rknn")
-    assert entries and all(e.endswith(".rknn") for e in entries), entries  # no partial files
+    names = os.listdir(cache / "rknn")  # entries, their checksums and locks; no partial files
+    assert names and all(e.endswith((".rknn", ".sha256", ".lock")) for e in names), names
+    entries = [e for e in names if e.endswith(".rknn")]
     got = []
     for art in outs:
         m, _ = whole_artifact(art)
@@ -727,7 +730,7 @@ def test_crashing_toolkit_build_falls_back_and_the_cli_reports_it(model1, tmp_pa
     assert "failed, CPU fallback" in r.err
     assert "* NPU candidate that fell back to the CPU" in r.out and "the toolkit's process" in r.out
     assert "cpu*" in r.out  # the table marks each fallen-back segment
-    assert not os.listdir(cache / "rknn")
+    assert not [e for e in os.listdir(cache / "rknn") if not e.endswith(".lock")]  # no entry
     m, _ = whole_artifact(out)
     assert all(s.backend == "cpu" for s in m.segments)
     r = cli("run", out, "--tokens", "1,2,3", "--backend", "ort")

@@ -57,13 +57,14 @@ def toolkit_version() -> str:
 
 
 @contextlib.contextmanager
-def quiet_fds():
-    """Silence stdout and stderr at the file-descriptor level (the toolkit's C++ side prints)."""
+def quiet_fds(into: str = os.devnull):
+    """Silence stdout and stderr at the file-descriptor level (the toolkit's C++ side prints),
+    or send both into the file ``into`` (appended)."""
     import sys
     sys.stdout.flush()
     sys.stderr.flush()
     saved = [os.dup(1), os.dup(2)]
-    devnull = os.open(os.devnull, os.O_WRONLY)
+    devnull = os.open(into, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     try:
         os.dup2(devnull, 1)
         os.dup2(devnull, 2)
@@ -78,22 +79,23 @@ def quiet_fds():
 
 
 @contextlib.contextmanager
-def _maybe_quiet(verbose: bool):
+def _maybe_quiet(verbose: bool, log_to: str = ""):
     if verbose:
         yield
         return
-    with quiet_fds():
+    with quiet_fds(log_to or os.devnull):
         yield
 
 
 def build_in_process(onnx_path: str, target: str = "rk3588", rknn_out: str = "",
                      runtime: bool = False, verbose: bool = False, float_dtype: str = "",
-                     dynamic_input=None):
+                     dynamic_input=None, log_to: str = ""):
     """Build an ONNX model with rknn-toolkit2; optionally export the .rknn and/or start the
-    simulator. Returns the RKNN object. Raises ToolkitError on a refused build.
+    simulator. Returns the RKNN object. Raises ToolkitError on a refused build. The toolkit's
+    own output is dropped (``verbose``: shown; ``log_to``: appended to that file).
     (The toolkit may also kill the whole process: the compiler calls this in a child.)"""
     RKNN = import_toolkit()
-    with _maybe_quiet(verbose):
+    with _maybe_quiet(verbose, log_to):
         rk = RKNN(verbose=verbose)
         cfg = {"target_platform": target}
         if float_dtype:
@@ -113,7 +115,7 @@ def build_in_process(onnx_path: str, target: str = "rk3588", rknn_out: str = "",
             except Exception as e:  # the toolkit reports some failures as exceptions
                 rk.release()
                 raise ToolkitError(f"rknn-toolkit2 {step} failed on {os.path.basename(onnx_path)} "
-                                   f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})",
+                                   f"({type(e).__name__}: {str(e).strip().splitlines()[-1][:120] if str(e).strip() else ''})",
                                    "the segment stays on the CPU; run with --verbose for the toolkit's log") from e
             if ret not in (0, None) and step != "config":
                 rk.release()
