@@ -36,7 +36,8 @@ def cache_root(explicit: Optional[str] = None) -> str:
 
 
 def load_onnx(path: str):
-    """An ONNX ModelProto, with a one-line error for a missing, truncated or non-ONNX file."""
+    """An ONNX ModelProto, with a one-line error for a missing, truncated or non-ONNX file.
+    Weights kept as external data (beside the file) are read in."""
     onnx = _onnx()
     if not os.path.isfile(path):
         raise BadInput(f"'{path}' does not exist", "check the path")
@@ -53,16 +54,50 @@ def load_onnx(path: str):
     return model
 
 
-def save_onnx(model, path: str) -> None:
-    """Save atomically (write to a temporary name in the same folder, then rename)."""
+# Tensor bytes above which a model is saved with its weights in a side file (``NAME.onnx.data``):
+# one protobuf message cannot pass 2 GB (ONNX's own limit), so every model near it goes external.
+EXTERNAL_ABOVE = 1 << 30
+
+
+def tensor_bytes(model) -> int:
+    """Bytes of a model's initializers and Constant tensors (without serialising it)."""
+    total = sum(t.ByteSize() for t in model.graph.initializer)
+    for node in model.graph.node:
+        total += sum(a.t.ByteSize() for a in node.attribute if a.HasField("t"))
+    return total
+
+
+def save_onnx(model, path: str, external_above: Optional[int] = None, keep: bool = True) -> None:
+    """Save atomically (write to a temporary name in the same folder, then rename). A model whose
+    tensors pass ``external_above`` bytes (default ``EXTERNAL_ABOVE``) keeps them in
+    ``PATH.data`` beside it (ONNX external data, read back by ``load_onnx`` and onnxruntime).
+    Saving that way empties the model's tensors; ``keep`` reads them back (False: the caller
+    is done with the model and would rather not hold it twice)."""
     onnx = _onnx()
+    limit = EXTERNAL_ABOVE if external_above is None else external_above
     tmp = f"{path}.tmp{os.getpid()}"
+    data = path + ".data"
     try:
-        onnx.save(model, tmp)
+        if tensor_bytes(model) > limit:
+            _unlink(data)  # onnx appends to an existing data file
+            onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=os.path.basename(data), size_threshold=1024)
+            if keep:
+                from onnx.external_data_helper import load_external_data_for_model
+                load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
+        else:
+            _unlink(data)
+            onnx.save(model, tmp)
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        _unlink(tmp)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def model_bytes(model) -> bytes:

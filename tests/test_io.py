@@ -1,0 +1,84 @@
+"""io: models above protobuf's 2 GB limit are written with external data and read back whole."""
+
+import os
+
+import numpy as np
+
+from rwkv2rknn import io
+
+
+def _model(initializers, dims):
+    from onnx import TensorProto, helper
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, dims)
+    names = [t.name for t in initializers]
+    nodes, cur = [], "x"
+    for i, n in enumerate(names):
+        out = "y" if i == len(names) - 1 else f"a{i}"
+        nodes.append(helper.make_node("Add", [cur, n], [out]))
+        cur = out
+    return helper.make_model(helper.make_graph(nodes, "big", [x], [y], initializer=initializers),
+                             opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_a_graph_above_2gb_is_saved_with_external_data_and_read_back(tmp_path):
+    """Two 1.02 GiB float32 tensors (2.03 GiB, above protobuf's limit), made as a sparse file of
+    zeros (no disk, no memory until read) with a marker value at the end of each tensor."""
+    from onnx import TensorProto
+    n = (1040 << 20) // 4
+    src = tmp_path / "src"
+    src.mkdir()
+    with open(src / "w.bin", "wb") as f:
+        f.truncate(2 * n * 4)
+        for i in range(2):
+            f.seek((i + 1) * n * 4 - 4)
+            f.write(np.float32(i + 1).tobytes())
+    inits = []
+    for i in range(2):
+        t = TensorProto(name=f"w{i}", data_type=TensorProto.FLOAT, dims=[n])
+        t.data_location = TensorProto.EXTERNAL
+        for k, v in (("location", "w.bin"), ("offset", str(i * n * 4)), ("length", str(n * 4))):
+            e = t.external_data.add()
+            e.key, e.value = k, v
+        inits.append(t)
+    with open(src / "big.onnx", "wb") as f:
+        f.write(_model(inits, [n]).SerializeToString())
+
+    model = io.load_onnx(str(src / "big.onnx"))  # reads the external data in
+    assert io.tensor_bytes(model) > 2 ** 31
+    os.unlink(src / "w.bin")
+    out = tmp_path / "out.onnx"
+    io.save_onnx(model, str(out), keep=False)  # a plain save would fail (2 GB)
+    del model
+    assert os.path.getsize(out) < 1 << 20
+    assert os.path.getsize(str(out) + ".data") >= 2 * n * 4
+    import onnx
+    head = onnx.load(str(out), load_external_data=False)  # where each tensor went, not its data
+    with open(str(out) + ".data", "rb") as f:
+        for i, t in enumerate(head.graph.initializer):
+            where = {e.key: e.value for e in t.external_data}
+            assert where["location"] == "out.onnx.data" and int(where["length"]) == n * 4
+            f.seek(int(where.get("offset", 0)))
+            assert f.read(4) == bytes(4)
+            f.seek(int(where.get("offset", 0)) + n * 4 - 4)
+            assert np.frombuffer(f.read(4), np.float32)[0] == i + 1
+
+
+def test_small_models_stay_in_one_file_and_big_ones_run_in_onnxruntime(tmp_path):
+    from onnx import numpy_helper
+    from rwkv2rknn.runtime.ort import OrtRunner
+    w = [numpy_helper.from_array(np.full([4096], i + 1, np.float32), f"w{i}") for i in range(3)]
+    model = _model(w, [4096])
+    small, big = tmp_path / "small.onnx", tmp_path / "big.onnx"
+    io.save_onnx(model, str(small))
+    assert not os.path.exists(str(small) + ".data")
+    io.save_onnx(model, str(big), external_above=10_000)  # above the threshold: external
+    assert os.path.getsize(str(big) + ".data") >= 3 * 4096 * 4
+    assert os.path.getsize(big) < 4096
+    assert io.tensor_bytes(model) > 3 * 4096 * 4  # keep=True gave the tensors back
+    x = np.arange(4096, dtype=np.float32)
+    for path in (small, big):
+        y = OrtRunner(str(path)).infer({"x": x})["y"]
+        np.testing.assert_array_equal(y, x + 6)
+    io.save_onnx(model, str(big))  # saved small again: no stale data file left beside it
+    assert not os.path.exists(str(big) + ".data")
