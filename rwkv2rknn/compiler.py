@@ -15,7 +15,7 @@ import logging
 import os
 from typing import Callable, Optional
 
-from rwkv2rknn import __version__, io
+from rwkv2rknn import __version__, io, resources
 from rwkv2rknn.errors import UsageError
 from rwkv2rknn.ir import Context, Options, export
 from rwkv2rknn.passes.cut import stages_of
@@ -93,6 +93,22 @@ def compile_model(model_path: str, out_dir: str, options: Optional[Options] = No
     if not options.plan_only:  # fail before the passes, not after them
         from rwkv2rknn.runtime.rknn import require_toolkit
         toolkit = require_toolkit()
+    if not os.path.exists(model_path):
+        load.run(model_path, options)  # its one-line error for a missing model
+    size = resources.check_compile(model_path, out_dir, io.cache_root(options.cache_dir),
+                                   options.plan_only)
+    try:
+        return _compile(model_path, out_dir, options, toolkit, force, dump_after, progress, on_pass)
+    except OSError as e:
+        if resources.is_disk_full(e):
+            raise resources.disk_full(e, os.path.dirname(os.path.abspath(out_dir)), size) from e
+        raise
+
+
+def _compile(model_path, out_dir, options, toolkit, force, dump_after, progress, on_pass):
+    from rwkv2rknn import passes
+    from rwkv2rknn.passes import build, load
+
     ctx = load.run(model_path, options)
     dumps = {}
 

@@ -35,6 +35,10 @@ class ToolkitError(Rwkv2RknnError):
     """rknn-toolkit2 or rknn-toolkit-lite2 refused or crashed."""
 
 
+class ResourceError(Rwkv2RknnError):
+    """Not enough memory or disk for the job (said before it starts, with what to do)."""
+
+
 class NumericalError(Rwkv2RknnError):
     """NaN or inf appeared at run time."""
 

@@ -45,6 +45,7 @@ class Options:
     min_segment_flops: int = 2 * 32 * 32
     cache_dir: Optional[str] = None
     build_timeout: float = 900.0
+    build_jobs: int = 0  # rknn-toolkit2 builds side by side (0: as many as cores and memory allow)
     placement: str = "npu"  # "npu": every constant-weight MatMul on the NPU; "cost": by the profile
     profile: Optional[str] = None  # device profile JSON (default: published RK3588 figures)
     prefill_rows: Tuple[int, ...] = (16, 32, 64)  # T-row NPU builds for prefill (empty: none)
