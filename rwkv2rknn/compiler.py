@@ -7,6 +7,11 @@ The artifact folder (written to a temporary folder beside OUT and renamed into p
     OUT/plan.json              the compile report: per-stage segments, FLOP shares, pass notes
     OUT/segments/NAME.onnx     every segment
     OUT/segments/NAME.rknn     beside the ONNX of every NPU segment (not with --plan-only)
+    OUT/segments/NAME.seq.onnx the T-token (prefill) variant of a segment that has one, and its
+    OUT/segments/NAME.seq.rknn NPU build (one graph per row count in --prefill-rows)
+
+The passes work on ``ir.GraphSegment`` s; ``manifest_segment`` turns each into the manifest's
+``plan.Segment``.
 """
 
 from __future__ import annotations
