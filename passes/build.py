@@ -119,7 +119,7 @@ def _unlink(path: str) -> None:
 
 
 def run(ctx: Context, progress: Optional[Callable[[dict, str, int, int], None]] = None) -> None:
-    from rwkv2rknn.runtime.rknn import require_toolkit
+    from rwkv2rknn.toolkit import require_toolkit
 
     out_dir = ctx.extra["out_dir"]
     opts = ctx.options
@@ -195,7 +195,7 @@ def _main(argv=None) -> int:
     ap.add_argument("--rows", default="", help="T-row variant: build one graph per row count (e.g. 16,32,64)")
     a = ap.parse_args(argv)
     from rwkv2rknn.errors import Rwkv2RknnError
-    from rwkv2rknn.runtime.rknn import build_in_process, dynamic_shapes
+    from rwkv2rknn.toolkit import build_in_process, dynamic_shapes
     tmp = partial_name(a.rknn, os.getpid())
     rows = [int(r) for r in a.rows.split(",") if r]
     try:

@@ -91,7 +91,7 @@ def compile_model(model_path: str, out_dir: str, options: Optional[Options] = No
                          f"use one of {', '.join(passes.PASS_NAMES)}")
     toolkit = ""
     if not options.plan_only:  # fail before the passes, not after them
-        from rwkv2rknn.runtime.rknn import require_toolkit
+        from rwkv2rknn.toolkit import require_toolkit
         toolkit = require_toolkit()
     ctx = load.run(model_path, options)
     dumps = {}
