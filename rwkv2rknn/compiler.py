@@ -30,19 +30,8 @@ def segment_line(seg: dict, status: str, i: int, n: int) -> str:
     return f"  [{i}/{n}] {seg['name']}: {status}"
 
 
-def _source_facts(path: str) -> dict:
-    from rwkv2rknn.models.export import MODEL_JSON
-    meta = os.path.join(path, MODEL_JSON) if os.path.isdir(path) else ""
-    if meta and os.path.exists(meta):
-        try:
-            return io.read_json(meta, "model description")
-        except Exception:  # noqa: BLE001 - optional extra facts only
-            return {}
-    return {}
-
-
 def make_manifest(ctx: Context, out_dir: str, toolkit: str, plan_only: bool) -> Manifest:
-    facts = _source_facts(ctx.source)
+    facts = io.model_facts(ctx.source)
     segs = []
     for s in ctx.segments:
         onnx_rel = f"segments/{s['name']}.onnx"
