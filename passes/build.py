@@ -14,7 +14,9 @@ segment is never rebuilt, an entry is used only after its recorded checksum matc
 per-entry lock makes two compiles (or two workers) take turns. A failed build moves the segment
 to the CPU and says so; with ``--strict`` it is an error.
 
-Precondition: cut has run and the segment ONNX files are written in ``ctx.extra['out_dir']``.
+Precondition: cut (and sequence) have run and the segment ONNX files are written in
+``OUT_DIR/segments``. Postcondition: NPU segments have ``rknn`` (and ``seq_rknn``), or moved
+to the CPU with a ``fallback`` reason.
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ import time
 from typing import Callable, Optional
 
 from rwkv2rknn.errors import ToolkitError
-from rwkv2rknn.io import cache_root
-from rwkv2rknn.ir import Context
+from rwkv2rknn.io import cache_root, remove_quietly, remove_stale
+from rwkv2rknn.ir import Context, GraphSegment
 
 NAME = "build"
 
@@ -92,7 +94,7 @@ def build_child(onnx_path: str, rknn_path: str, target: str, verbose: bool,
         finally:
             if running is not None:
                 running.discard(proc)
-        _unlink(tmp)  # nothing left when the child renamed it
+        remove_quietly(tmp)  # nothing left when the child renamed it
         if proc.returncode == 0 and os.path.isfile(rknn_path) and os.path.getsize(rknn_path) > 0:
             return ""
         said = toolkit_reason(log_path)
@@ -137,37 +139,12 @@ def _stop(proc, tmp: str) -> None:
         proc.kill()
         proc.wait()
     finally:
-        _unlink(tmp)
+        remove_quietly(tmp)
 
 
 def clean_stale_partials(cache: str) -> None:
     """Remove partial files left by build children that died (their pid no longer runs)."""
-    try:
-        names = os.listdir(cache)
-    except OSError:
-        return
-    for name in names:
-        head, sep, pid = name.rpartition(".partial-")
-        if not sep or not pid.isdigit() or _pid_alive(int(pid)):
-            continue
-        _unlink(os.path.join(cache, name))
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists, not ours
-        return True
-    return True
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
+    remove_stale(cache, ".partial-")
 
 
 def _jobs(ctx: Context, todo, out_dir: str) -> int:
@@ -175,7 +152,7 @@ def _jobs(ctx: Context, todo, out_dir: str) -> int:
     from rwkv2rknn import resources
     if ctx.options.build_jobs:
         return max(1, min(ctx.options.build_jobs, len(todo)))
-    biggest = max((os.path.getsize(os.path.join(out_dir, "segments", s["name"] + ".onnx"))
+    biggest = max((os.path.getsize(os.path.join(out_dir, "segments", s.name + ".onnx"))
                    for s in todo), default=0)
     return resources.build_jobs(biggest, len(todo))
 
@@ -205,30 +182,30 @@ class _Builder:
                 return "", "the built entry changed in the cache before it was copied"
             return (f"rebuilt (the cache entry had {problem})" if problem else "built"), ""
 
-    def segment(self, seg: dict) -> str:
+    def segment(self, seg: GraphSegment) -> str:
         opts, seg_dir = self.opts, os.path.join(self.out_dir, "segments")
-        onnx_path = os.path.join(seg_dir, seg["name"] + ".onnx")
+        onnx_path = os.path.join(seg_dir, seg.name + ".onnx")
         key = cache_key(_read(onnx_path), opts.target, self.version)
-        status, reason = self.fetch_or_build(onnx_path, key, os.path.join(seg_dir, seg["name"] + ".rknn"))
+        status, reason = self.fetch_or_build(onnx_path, key, os.path.join(seg_dir, seg.name + ".rknn"))
         if reason:
             if opts.strict:
-                raise ToolkitError(f"building segment {seg['name']} failed: {reason}",
+                raise ToolkitError(f"building segment {seg.name} failed: {reason}",
                                    "drop --strict to let it fall back to the CPU")
-            seg["device"], seg["fallback"] = "cpu", reason
+            seg.device, seg.fallback = "cpu", reason
             return "failed, CPU fallback"
-        seg["rknn"] = f"segments/{seg['name']}.rknn"
-        seg["cache_key"] = key
-        if seg.get("seq_model") is not None and opts.prefill_rows:
+        seg.rknn = f"segments/{seg.name}.rknn"
+        seg.cache_key = key
+        if seg.seq_model is not None and opts.prefill_rows:
             rows = tuple(sorted(opts.prefill_rows))
-            seq_path = os.path.join(seg_dir, seg["name"] + ".seq.onnx")
+            seq_path = os.path.join(seg_dir, seg.name + ".seq.onnx")
             key = cache_key(_read(seq_path) + repr(rows).encode(), opts.target, self.version)
             seq_status, reason = self.fetch_or_build(
-                seq_path, key, os.path.join(seg_dir, seg["name"] + ".seq.rknn"), rows)
+                seq_path, key, os.path.join(seg_dir, seg.name + ".seq.rknn"), rows)
             if reason:
-                seg["seq_fallback"] = reason
+                seg.seq_fallback = reason
                 return status + ", T-rows failed"
-            seg["seq_rknn"] = f"segments/{seg['name']}.seq.rknn"
-            seg["seq_rows"] = rows
+            seg.seq_rknn = f"segments/{seg.name}.seq.rknn"
+            seg.seq_rows = rows
             status += ", T-rows " + seq_status
         return status
 
@@ -246,16 +223,18 @@ def _read(path: str) -> bytes:
         return f.read()
 
 
-def run(ctx: Context, progress: Optional[Callable[[dict, str, int, int], None]] = None) -> None:
+def run(ctx: Context, out_dir: str,
+        progress: Optional[Callable[[GraphSegment, str, int, int], None]] = None) -> None:
+    """Build the NPU segments whose ONNX files are in ``out_dir``/segments, copying each .rknn
+    beside its ONNX; ``progress(segment, status, i, n)`` after each (builds run side by side)."""
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
-    from rwkv2rknn.runtime.rknn import require_toolkit
+    from rwkv2rknn.toolkit import require_toolkit
 
-    out_dir = ctx.extra["out_dir"]
     version = require_toolkit()
     builder = _Builder(ctx, out_dir, version)
     clean_stale_partials(builder.cache.folder)
-    todo = [seg for seg in ctx.segments if seg["device"] == "npu"]
+    todo = [seg for seg in ctx.segments if seg.device == "npu"]
     jobs = _jobs(ctx, todo, out_dir) if todo else 1
     counts = {"built": 0, "cached": 0, "failed": 0}
     t0, done = time.monotonic(), 0
@@ -270,8 +249,8 @@ def run(ctx: Context, progress: Optional[Callable[[dict, str, int, int], None]] 
                 done += 1
                 first = status.split(",")[0].split(" ")[0]
                 counts["failed" if first == "failed" else "cached" if first == "cached" else "built"] += 1
-                if seg.get("fallback"):
-                    ctx.note(NAME, f"{seg['name']}: build failed ({seg['fallback']}); runs on the CPU")
+                if seg.fallback:
+                    ctx.note(NAME, f"{seg.name}: build failed ({seg.fallback}); runs on the CPU")
                 if progress:
                     progress(seg, status + _eta(t0, done, len(todo)), done, len(todo))
     except BaseException:
@@ -283,8 +262,8 @@ def run(ctx: Context, progress: Optional[Callable[[dict, str, int, int], None]] 
                    f"{counts['failed']} fell back to the CPU [rknn-toolkit2 {version}, target "
                    f"{ctx.options.target}, {jobs} build(s) at a time]")
     for s in todo:
-        if s.get("seq_fallback"):
-            ctx.note(NAME, f"{s['name']}: T-row build failed ({s['seq_fallback']}); its prefill runs "
+        if s.seq_fallback:
+            ctx.note(NAME, f"{s.name}: T-row build failed ({s.seq_fallback}); its prefill runs "
                            "token by token")
 
 
@@ -308,7 +287,7 @@ def _main(argv=None) -> int:
     ap.add_argument("--rows", default="", help="T-row variant: build one graph per row count (e.g. 16,32,64)")
     a = ap.parse_args(argv)
     from rwkv2rknn.errors import Rwkv2RknnError
-    from rwkv2rknn.runtime.rknn import build_in_process, dynamic_shapes
+    from rwkv2rknn.toolkit import build_in_process, dynamic_shapes
     tmp = partial_name(a.rknn, os.getpid())
     rows = [int(r) for r in a.rows.split(",") if r]
     try:
@@ -328,7 +307,7 @@ def _main(argv=None) -> int:
         print(str(e), file=sys.stderr)
         return 1
     finally:
-        _unlink(tmp)
+        remove_quietly(tmp)
 
 
 if __name__ == "__main__":

@@ -48,16 +48,9 @@ def model_size(path: str) -> ModelSize:
 
 
 def _fp16(path: str) -> bool:
-    from rwkv2rknn.models.export import MODEL_JSON
-    meta = os.path.join(path, MODEL_JSON) if os.path.isdir(path) else ""
-    if meta and os.path.exists(meta):
-        import json
-        try:
-            with open(meta) as f:
-                return json.load(f).get("dtype") in ("fp16", "float16")
-        except (OSError, ValueError):
-            pass
-    return True  # unknown: assume the smaller files, the larger need
+    from rwkv2rknn.io import model_facts
+    dtype = model_facts(path).get("dtype")
+    return dtype in ("fp16", "float16") if dtype else True  # unknown: assume the larger need
 
 
 def memory_available() -> int:
