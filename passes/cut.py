@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from rwkv2rknn.ir import Context, export, is_const, stages_of
+from rwkv2rknn.ir import Context, GraphSegment, export, is_const, stages_of
 from rwkv2rknn.passes.partition import estimate_ms, matmul_flops
 
 NAME = "cut"
@@ -30,40 +30,47 @@ def _stages_label(nodes) -> str:
 
 
 def run(ctx: Context) -> None:
-    import onnx_graphsurgeon as gs
-
     graph = ctx.graph
     graph_outputs = {t.name for t in graph.outputs}
     owner = {n.name: i for i, s in enumerate(ctx.segments) for n in s.nodes}
     width = len(str(max(len(ctx.segments) - 1, 0))) if ctx.segments else 1
-    profile = ctx.profile
     for i, seg in enumerate(ctx.segments):
-        nodes = seg.nodes
-        inside = {n.name for n in nodes}
-        ins, outs = [], []
-        for n in nodes:
-            for t in n.inputs:
-                if is_const(t) or t in ins:
-                    continue
-                if not t.inputs or t.inputs[0].name not in inside:
-                    ins.append(t)
-        for n in nodes:
-            for t in n.outputs:
-                used_outside = any(owner[c.name] != i for c in t.outputs)
-                if (used_outside or t.name in graph_outputs) and t not in outs:
-                    outs.append(t)
-        for t in ins + outs:
-            info = ctx.tensors.get(t.name)
-            if info is not None:
-                t.dtype, t.shape = np.dtype(info.dtype), list(info.shape)
-        sub = gs.Graph(nodes=list(nodes), inputs=list(ins), outputs=list(outs),
-                       opset=graph.opset, name=f"segment_{i}")
-        model = export(sub)
-        del model.graph.value_info[:]
-        seg.name = f"s{i:0{max(width, 3)}d}_{seg.device}_{_stages_label(nodes)}"
-        seg.inputs, seg.outputs = [t.name for t in ins], [t.name for t in outs]
-        seg.model = model
-        seg.flops, seg.ops = matmul_flops(nodes), len(nodes)
-        seg.matmuls = sum(n.op == "MatMul" for n in nodes)
-        seg.est_ms = estimate_ms(seg.device, nodes, profile)
+        cut_one(ctx, seg, i, i, owner, graph_outputs, width)
     ctx.note(NAME, f"{len(ctx.segments)} segment models cut")
+
+
+def cut_one(ctx: Context, seg: GraphSegment, index: int, number: int, owner, graph_outputs,
+            width: int = 3) -> None:
+    """Cut one segment of ``ctx.graph``: ``index`` is its place in ``owner`` (node name ->
+    segment index), ``number`` its place in the model (its name). A streaming compile cuts
+    segment by segment as they are final."""
+    import onnx_graphsurgeon as gs
+
+    nodes = seg.nodes
+    inside = {n.name for n in nodes}
+    ins, outs = [], []
+    for n in nodes:
+        for t in n.inputs:
+            if is_const(t) or t in ins:
+                continue
+            if not t.inputs or t.inputs[0].name not in inside:
+                ins.append(t)
+    for n in nodes:
+        for t in n.outputs:
+            used_outside = any(owner[c.name] != index for c in t.outputs)
+            if (used_outside or t.name in graph_outputs) and t not in outs:
+                outs.append(t)
+    for t in ins + outs:
+        info = ctx.tensors.get(t.name)
+        if info is not None:
+            t.dtype, t.shape = np.dtype(info.dtype), list(info.shape)
+    sub = gs.Graph(nodes=list(nodes), inputs=list(ins), outputs=list(outs),
+                   opset=ctx.graph.opset, name=f"segment_{number}")
+    model = export(sub)
+    del model.graph.value_info[:]
+    seg.name = f"s{number:0{max(width, 3)}d}_{seg.device}_{_stages_label(nodes)}"
+    seg.inputs, seg.outputs = [t.name for t in ins], [t.name for t in outs]
+    seg.model = model
+    seg.flops, seg.ops = matmul_flops(nodes), len(nodes)
+    seg.matmuls = sum(n.op == "MatMul" for n in nodes)
+    seg.est_ms = estimate_ms(seg.device, nodes, ctx.profile)

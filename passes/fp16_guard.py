@@ -91,7 +91,8 @@ def sample_tokens(ctx: Context):
 def run(ctx: Context) -> None:
     graph = ctx.graph
     limit = ctx.options.fp16_limit
-    ctx.tensors = trace(ctx, sample_tokens(ctx))
+    if not ctx.tensors:  # a streaming compile has traced the stage already
+        ctx.tensors = trace(ctx, sample_tokens(ctx))
     info = ctx.tensors
     rescaled = []
     for a, relu, sq, b in _squared_relu_chains(graph):

@@ -28,7 +28,8 @@ from rwkv2rknn.ir import Context, Options, replace_uses
 NAME = "load"
 
 
-def _import(path: str, prefix: str):
+def import_stage(path: str, prefix: str):
+    """One file as a graph, every name prefixed with its stage, Constant nodes lowered."""
     import onnx_graphsurgeon as gs
     model = io.load_onnx(path)
     try:
@@ -61,7 +62,7 @@ def _io_names(graph):
             [t.name.split("/", 1)[-1] for t in graph.outputs])
 
 
-def _expect(graph, path: str, ins, outs) -> None:
+def expect_io(graph, path: str, ins, outs) -> None:
     got_in, got_out = _io_names(graph)
     if got_in != list(ins) or got_out != list(outs):
         raise UnsupportedModel(
@@ -75,15 +76,15 @@ def load_folder(folder: str, arch_module):
 
     embed_p, block_ps, head_p = stage_files(folder)
     d = arch_module
-    embed = _import(embed_p, "embed/")
-    _expect(embed, embed_p, *d.EMBED_IO)
+    embed = import_stage(embed_p, "embed/")
+    expect_io(embed, embed_p, *d.EMBED_IO)
     blocks = []
     for i, p in enumerate(block_ps):
-        g = _import(p, f"L{i}/")
-        _expect(g, p, *d.BLOCK_IO)
+        g = import_stage(p, f"L{i}/")
+        expect_io(g, p, *d.BLOCK_IO)
         blocks.append(g)
-    head = _import(head_p, "head/")
-    _expect(head, head_p, *d.HEAD_IO)
+    head = import_stage(head_p, "head/")
+    expect_io(head, head_p, *d.HEAD_IO)
 
     widths = {int(g.inputs[0].shape[0]) for g in blocks} | {int(head.inputs[0].shape[0])}
     widths |= {int(g.inputs[1].shape[1]) for g in blocks}
@@ -129,7 +130,7 @@ def run(path: str, options: Options = None) -> Context:
         if not path.endswith(".onnx"):
             raise BadInput(f"'{path}' is not an .onnx file or a folder",
                            "give a folder of per-layer RWKV ONNX files or an .onnx file")
-        graph = _import(path, "")
+        graph = import_stage(path, "")
         ctx = Context(graph=graph, source=os.path.abspath(path), arch="onnx")
         ctx.token_input = ""
         ctx.logits_output = ""

@@ -111,20 +111,27 @@ def prefill_rows(ctx: Context) -> int:
     return max(ctx.options.prefill_rows or (32,))
 
 
-def run(ctx: Context) -> None:
+def run_one(ctx: Context, seg: GraphSegment) -> Optional[str]:
+    """Give one cut segment its T-row variant; None if it has one, else why not."""
     from rwkv2rknn.passes.partition import estimate_ms
 
-    profile = ctx.profile
-    t = prefill_rows(ctx)
+    why = _why_not(ctx, seg)
+    if why is None:
+        t = prefill_rows(ctx)
+        seg.seq_model = _variant(ctx, seg)
+        seg.est_prefill_ms = estimate_ms(seg.device, seg.nodes, ctx.profile, rows=t) / t
+    else:
+        seg.est_prefill_ms = seg.est_ms  # one call per token
+    return why
+
+
+def run(ctx: Context) -> None:
     made, kept = 0, {}
     for seg in ctx.segments:
-        why = _why_not(ctx, seg)
+        why = run_one(ctx, seg)
         if why is None:
-            seg.seq_model = _variant(ctx, seg)
-            seg.est_prefill_ms = estimate_ms(seg.device, seg.nodes, profile, rows=t) / t
             made += 1
         else:
-            seg.est_prefill_ms = seg.est_ms  # one call per token
             kept[why] = kept.get(why, 0) + 1
     ctx.note(NAME, f"{made} segment(s) take T tokens at once; " + (
         ", ".join(f"{v} per token ({k})" for k, v in sorted(kept.items())) or "none per token"))

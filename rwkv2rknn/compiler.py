@@ -103,6 +103,8 @@ def _compile(model_path, out_dir, options, toolkit, force, dump_after, progress,
     from rwkv2rknn import passes
     from rwkv2rknn.passes import build, load
 
+    if options.stream and os.path.isdir(model_path) and not dump_after:
+        return _compile_stream(model_path, out_dir, options, toolkit, force, progress, on_pass)
     ctx = load.run(model_path, options)
     dumps = {}
 
@@ -128,10 +130,35 @@ def _compile(model_path, out_dir, options, toolkit, force, dump_after, progress,
         for name, model in dumps.items():
             os.makedirs(os.path.join(tmp, "dump"), exist_ok=True)
             io.save_onnx(model, os.path.join(tmp, "dump", f"after_{name}.onnx"))
-        manifest = make_manifest(ctx, tmp, toolkit, options.plan_only)
-        manifest.check_bindings()
-        io.write_json(os.path.join(tmp, PLAN), plan_report(ctx, manifest))
-        io.write_json(os.path.join(tmp, MANIFEST), manifest.to_dict())
+        manifest = _finish(ctx, tmp, toolkit, options)
+    return manifest
+
+
+def _compile_stream(model_path, out_dir, options, toolkit, force, progress, on_pass):
+    """A per-layer folder, one stage at a time (rwkv2rknn/stream.py): segment files are written
+    as they are cut, so memory stays near a few layers' weights whatever the model's size."""
+    from rwkv2rknn import passes
+    from rwkv2rknn.passes import build
+    from rwkv2rknn.stream import compile_stream
+
+    with io.atomic_dir(out_dir, MANIFEST, force=force) as tmp:
+        ctx = compile_stream(passes, model_path, options, tmp,
+                             on_stage=(lambda line: on_pass("stream", [line])) if on_pass else None)
+        if on_pass:
+            for name in ("partition", "cut", "sequence"):
+                on_pass(name, [r.split(": ", 1)[1] for r in ctx.report if r.startswith(name + ": ")])
+        if not options.plan_only:
+            build.run(ctx, tmp, progress=progress)
+            if on_pass:
+                on_pass(build.NAME, [r.split(": ", 1)[1] for r in ctx.report if r.startswith("build: ")])
+        return _finish(ctx, tmp, toolkit, options)
+
+
+def _finish(ctx: Context, tmp: str, toolkit: str, options: Options) -> Manifest:
+    manifest = make_manifest(ctx, tmp, toolkit, options.plan_only)
+    manifest.check_bindings()
+    io.write_json(os.path.join(tmp, PLAN), plan_report(ctx, manifest))
+    io.write_json(os.path.join(tmp, MANIFEST), manifest.to_dict())
     return manifest
 
 

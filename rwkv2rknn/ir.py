@@ -39,6 +39,7 @@ class Options:
     min_segment_flops: int = 2 * 32 * 32
     cache_dir: Optional[str] = None
     build_timeout: float = 900.0
+    stream: bool = True  # per-layer folders: one stage at a time (rwkv2rknn/stream.py)
     build_jobs: int = 0  # rknn-toolkit2 builds side by side (0: as many as cores and memory allow)
     placement: str = "npu"  # "npu": every constant-weight MatMul on the NPU; "cost": by the profile
     profile: Optional[str] = None  # device profile JSON (default: published RK3588 figures)

@@ -1,4 +1,5 @@
-"""Range tracing: run the compiler's whole graph on sample tokens with ONNX Runtime (fp32).
+"""Range tracing: run the compiler's graph (the whole model, or one stage of it at a time in a
+streaming compile) on sample tokens with ONNX Runtime (fp32).
 
 The fp16 range guard needs, for every tensor, its shape, dtype and the largest |value| it takes.
 ``trace`` exposes every variable tensor as a graph output, runs the tokens one step at a time
@@ -7,24 +8,19 @@ The fp16 range guard needs, for every tensor, its shape, dtype and the largest |
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from rwkv2rknn.ir import Context, TensorInfo, export
 
 
-def trace(ctx: Context, tokens: Sequence[int], names: Optional[List[str]] = None,
-          tensor_filter=None) -> Dict[str, TensorInfo]:
-    """Run ``tokens`` through the whole graph with ONNX Runtime (fp32), threading the state.
-
-    Returns, for every variable tensor, its shape, dtype and the largest |value| seen.
-    Needs a graph whose inputs are the token and the state slots.
-    """
+def _session(graph, tensor_filter=None):
+    """An onnxruntime session of ``graph`` with every variable tensor as an output."""
     import onnx_graphsurgeon as gs
     from rwkv2rknn.runtime.ort import make_session
 
-    graph = ctx.graph.copy()
+    graph = graph.copy()
     wanted = [t for t in graph.tensors().values()
               if isinstance(t, gs.Variable) and t not in graph.inputs and
               (tensor_filter is None or tensor_filter(t))]
@@ -44,7 +40,27 @@ def trace(ctx: Context, tokens: Sequence[int], names: Optional[List[str]] = None
     data = model.SerializeToString()
     del model  # peak memory: never the graph, its proto, its bytes and the session at once
     sess, _ = make_session(data, what="the traced graph")
-    del data
+    return sess
+
+
+def _record(info: Dict[str, TensorInfo], values: Dict[str, np.ndarray]) -> None:
+    for name, v in values.items():
+        v = np.asarray(v)
+        m = float(np.max(np.abs(v))) if v.size and v.dtype.kind == "f" else 0.0
+        if not np.isfinite(m):
+            m = float("inf")
+        old = info.get(name)
+        info[name] = TensorInfo(tuple(v.shape), str(v.dtype), max(m, old.absmax if old else 0.0))
+
+
+def trace(ctx: Context, tokens: Sequence[int], names: Optional[List[str]] = None,
+          tensor_filter=None) -> Dict[str, TensorInfo]:
+    """Run ``tokens`` through the whole graph with ONNX Runtime (fp32), threading the state.
+
+    Returns, for every variable tensor, its shape, dtype and the largest |value| seen.
+    Needs a graph whose inputs are the token and the state slots.
+    """
+    sess = _session(ctx.graph, tensor_filter)
     in_types = {i.name: i.type for i in sess.get_inputs()}
     out_names = [o.name for o in sess.get_outputs()]
     feeds = {}
@@ -65,13 +81,35 @@ def trace(ctx: Context, tokens: Sequence[int], names: Optional[List[str]] = None
             feeds[ctx.token_input] = np.array([tok], tok_dtype)
         values = dict(zip(out_names, sess.run(out_names, feeds)))
         values.update(feeds)
-        for name, v in values.items():
-            v = np.asarray(v)
-            m = float(np.max(np.abs(v))) if v.size and v.dtype.kind == "f" else 0.0
-            if not np.isfinite(m):
-                m = float("inf")
-            old = info.get(name)
-            info[name] = TensorInfo(tuple(v.shape), str(v.dtype), max(m, old.absmax if old else 0.0))
+        _record(info, values)
         for i, o in state_pairs:
             feeds[i] = values[o]
     return info
+
+
+def trace_steps(graph, steps: Sequence[Dict[str, np.ndarray]], state_pairs,
+                keep: Sequence[str] = ()) -> Tuple[Dict[str, TensorInfo], Dict[str, list]]:
+    """Run one stage of a model (one layer's graph) step by step: ``steps[k]`` feeds the
+    inputs that come from before the stage at step k (the token, or the hidden state the
+    previous stage made at that step); the stage's own state inputs start at zero and are
+    threaded by ``state_pairs`` (input, output). Returns what ``trace`` returns, and the values
+    of the ``keep`` tensors at every step (what the next stage is fed)."""
+    sess = _session(graph)
+    out_names = [o.name for o in sess.get_outputs()]
+    feeds = {}
+    for inp in sess.get_inputs():
+        if not steps or inp.name not in steps[0]:
+            shape = [int(d) if isinstance(d, int) else 1 for d in inp.shape]
+            feeds[inp.name] = np.zeros(shape, np.float32)
+    info: Dict[str, TensorInfo] = {}
+    kept: Dict[str, list] = {k: [] for k in keep}
+    for step in steps:
+        feeds.update(step)
+        values = dict(zip(out_names, sess.run(out_names, feeds)))
+        values.update(feeds)
+        _record(info, values)
+        for k in keep:
+            kept[k].append(values[k])
+        for i, o in state_pairs:
+            feeds[i] = values[o]
+    return info, kept
