@@ -3,11 +3,15 @@
 
     python bench/compile_size.py                      # 430M-sized: 24 x 1024, vocab 50277, fp16 files
     python bench/compile_size.py --layers 4 --width 256 --vocab 1000
+    python bench/compile_size.py --width 2048 --plan-only --once   # 1.5B-sized, plan only
+    python bench/compile_size.py --table 2,6,12,24 --plan-only      # peak memory against depth
 
 Exports the per-layer files (fp16, as the public files are), then runs the compile command in a
 child process with a fresh build cache and samples the resident memory of it and its children
 (the toolkit's build processes) every 0.2 s. Prints wall time and peak memory; a second compile
-shows the cache at work.
+shows the cache at work. The random model is made cheaply: one random layer, shared by every
+layer of the state dict (the files are as large as a real model's; the export holds one layer,
+the embedding and the head). Extra compile options follow ``--``.
 """
 
 import argparse
@@ -45,6 +49,19 @@ def timed_compile(model_dir, out_dir, cache, extra=()):
     return time.perf_counter() - t0, peak, child.returncode, out
 
 
+def make_model(model_dir, layers, width, vocab, fp32=False):
+    from rwkv2rknn.models.checkpoint import random_checkpoint
+    from rwkv2rknn.models.export import export
+
+    one = random_checkpoint(layers=1, width=width, vocab=vocab)
+    sd = dict(one)
+    for i in range(1, layers):  # every layer the same arrays: no copies
+        for k, v in one.items():
+            if k.startswith("blocks.0.") and ".ln0." not in k:
+                sd[k.replace("blocks.0.", f"blocks.{i}.", 1)] = v
+    export(sd, model_dir, fp32=fp32, force=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=24)
@@ -52,24 +69,37 @@ def main():
     ap.add_argument("--vocab", type=int, default=50277)
     ap.add_argument("--fp32", action="store_true", help="export fp32 files instead of fp16")
     ap.add_argument("--keep", default=None, help="work folder to keep (default: a temporary one)")
+    ap.add_argument("--plan-only", action="store_true", help="compile with --plan-only")
+    ap.add_argument("--once", action="store_true", help="one compile (no second, cached one)")
+    ap.add_argument("--table", default="", help="layer counts (e.g. 2,6,12,24): one compile each")
+    ap.add_argument("extra", nargs="*", help="more compile options (after --)")
     a = ap.parse_args()
-    from rwkv2rknn.models.checkpoint import random_checkpoint
-    from rwkv2rknn.models.export import export
-
+    extra = (["--plan-only"] if a.plan_only else []) + a.extra
     work = a.keep or tempfile.mkdtemp(prefix="rwkv2rknn-compile-bench-")
     try:
+        if a.table:
+            print(f"| layers | fp16 files | wall time | peak memory (process tree) |\n|---|---|---|---|")
+            for n in [int(x) for x in a.table.split(",")]:
+                model_dir = os.path.join(work, f"model-{n}")
+                make_model(model_dir, n, a.width, a.vocab, a.fp32)
+                size = sum(os.path.getsize(os.path.join(model_dir, f)) for f in os.listdir(model_dir))
+                secs, peak, rc, out = timed_compile(model_dir, os.path.join(work, "art"),
+                                                    os.path.join(work, "cache"), extra)
+                print(f"| {n} | {size / 2**30:.2f} GiB | {secs:.1f} s | {peak / 2**30:.2f} GiB |"
+                      + ("" if rc == 0 else f" exit {rc}: {out.strip().splitlines()[-1]}"), flush=True)
+                shutil.rmtree(model_dir, ignore_errors=True)
+            return 0
         model_dir = os.path.join(work, "model")
         if not os.path.exists(os.path.join(model_dir, "head.onnx")):
             t0 = time.perf_counter()
-            sd = random_checkpoint(layers=a.layers, width=a.width, vocab=a.vocab)
-            export(sd, model_dir, fp32=a.fp32, force=True)
-            del sd
-            print(f"export ({'fp32' if a.fp32 else 'fp16'}): {time.perf_counter() - t0:.1f} s")
+            make_model(model_dir, a.layers, a.width, a.vocab, a.fp32)
+            print(f"export ({'fp32' if a.fp32 else 'fp16'}): {time.perf_counter() - t0:.1f} s", flush=True)
         cache = os.path.join(work, "cache")
         shutil.rmtree(cache, ignore_errors=True)
-        for label in ("first compile (empty cache)", "second compile (cache)"):
-            secs, peak, rc, out = timed_compile(model_dir, os.path.join(work, "art"), cache)
-            print(f"{label}: {secs:.1f} s wall, peak memory {peak / 2**30:.2f} GiB, exit {rc}")
+        labels = ("first compile (empty cache)", "second compile (cache)")
+        for label in labels[:1] if a.once else labels:
+            secs, peak, rc, out = timed_compile(model_dir, os.path.join(work, "art"), cache, extra)
+            print(f"{label}: {secs:.1f} s wall, peak memory {peak / 2**30:.2f} GiB, exit {rc}", flush=True)
             if rc != 0:
                 print(out[-2000:])
                 return rc

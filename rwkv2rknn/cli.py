@@ -153,18 +153,22 @@ def _options(**kw):
 @click.option("--profile", "profile_path", type=click.Path(dir_okay=False), default=None,
               help="Device profile JSON for --placement cost and the plan's estimates "
                    "(default: published RK3588 figures).")
+@click.option("--whole-graph", is_flag=True,
+              help="Load the whole model as one graph instead of one stage at a time (needs about "
+                   "6x the fp32 weights in memory; --dump-after implies it).")
 @click.option("--jobs", type=click.IntRange(0, 64), default=0, show_default=True,
               help="rknn-toolkit2 builds side by side (0: as many as the cores and memory allow).")
 @click.option("--force", is_flag=True, help="Replace an output folder that holds other files.")
 @click.option("--verbose", "tool_verbose", is_flag=True, help="Show rknn-toolkit2's own output.")
 @handle_errors
 def compile_cmd(model, out_dir, target, plan_only, strict, dump_after, calib_tokens, cache_dir,
-                prefill_rows, placement, profile_path, jobs, force, tool_verbose):
+                prefill_rows, placement, profile_path, whole_graph, jobs, force, tool_verbose):
     """Compile MODEL (a folder of per-layer RWKV ONNX files, or one .onnx) into a hybrid
     NPU/CPU artifact."""
     opts = _options(target=target, strict=strict, plan_only=plan_only, calib_tokens=calib_tokens,
                     cache_dir=cache_dir, verbose=tool_verbose, placement=placement,
-                    profile=profile_path, prefill_rows=_parse_rows(prefill_rows), build_jobs=jobs)
+                    profile=profile_path, prefill_rows=_parse_rows(prefill_rows), build_jobs=jobs,
+                    stream=not whole_graph)
     manifest = _compile_with_progress(model, out_dir, opts, force, dump_after)
     click.echo(manifest.table())
     click.echo(f"artifact written to {out_dir}")

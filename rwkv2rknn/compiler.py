@@ -90,7 +90,7 @@ def compile_model(model_path: str, out_dir: str, options: Optional[Options] = No
     if not os.path.exists(model_path):
         load.run(model_path, options)  # its one-line error for a missing model
     size = resources.check_compile(model_path, out_dir, io.cache_root(options.cache_dir),
-                                   options.plan_only)
+                                   options.plan_only, _streams(model_path, options, dump_after))
     try:
         return _compile(model_path, out_dir, options, toolkit, force, dump_after, progress, on_pass)
     except OSError as e:
@@ -99,11 +99,16 @@ def compile_model(model_path: str, out_dir: str, options: Optional[Options] = No
         raise
 
 
+def _streams(model_path: str, options: Options, dump_after) -> bool:
+    """A per-layer folder compiles stage by stage, unless a whole-graph dump is asked for."""
+    return options.stream and os.path.isdir(model_path) and not dump_after
+
+
 def _compile(model_path, out_dir, options, toolkit, force, dump_after, progress, on_pass):
     from rwkv2rknn import passes
     from rwkv2rknn.passes import build, load
 
-    if options.stream and os.path.isdir(model_path) and not dump_after:
+    if _streams(model_path, options, dump_after):
         return _compile_stream(model_path, out_dir, options, toolkit, force, progress, on_pass)
     ctx = load.run(model_path, options)
     dumps = {}

@@ -61,10 +61,23 @@ EXTERNAL_ABOVE = 1 << 30
 
 
 def tensor_bytes(model) -> int:
-    """Bytes of a model's initializers and Constant tensors (without serialising it)."""
-    total = sum(t.ByteSize() for t in model.graph.initializer)
+    """Bytes of a model's initializers and Constant tensors, from their shapes and types
+    (without serialising or copying them)."""
+    from onnx import helper
+
+    def size(t) -> int:
+        n = 1
+        for d in t.dims:
+            n *= int(d)
+        try:
+            item = helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        except (KeyError, TypeError, ValueError):
+            item = 8
+        return n * item
+
+    total = sum(size(t) for t in model.graph.initializer)
     for node in model.graph.node:
-        total += sum(a.t.ByteSize() for a in node.attribute if a.HasField("t"))
+        total += sum(size(a.t) for a in node.attribute if a.HasField("t"))
     return total
 
 

@@ -246,8 +246,9 @@ class _Stream:
 
     def summarise(self) -> None:
         ctx, segs = self.ctx, self.written
-        for name, lines in self.notes.items():
-            ctx.note(name, f"{len(lines)} stage(s); {lines[0]}" + (f"; ... {lines[-1]}" if len(lines) > 1 else ""))
+        for name, lines in self.notes.items():  # every stage's note, pass by pass
+            for line in lines:
+                ctx.note(name, line)
         ctx.segments = segs
         npu = sum(s.device == "npu" for s in segs)
         ctx.note("partition", f"{len(segs)} segments: {npu} NPU, {len(segs) - npu} CPU (streamed, "

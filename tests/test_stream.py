@@ -1,0 +1,77 @@
+"""stream: a per-layer folder compiled one stage at a time gives the whole-graph compile's
+artifact (the same segment files, byte for byte, and the same logits), without ever holding the
+model as one graph or tracing it in one session."""
+
+import json
+
+import numpy as np
+import pytest
+
+from rwkv2rknn import stream
+from rwkv2rknn.compiler import compile_model
+from rwkv2rknn.ir import Options
+from rwkv2rknn.models.checkpoint import random_checkpoint
+from rwkv2rknn.models.export import export
+
+
+@pytest.fixture(scope="module")
+def hot_fp16(tmp_path_factory):
+    """fp16 files whose squared ReLU overflows fp16: the range guard rescales in every layer."""
+    sd = random_checkpoint(layers=4, width=40, vocab=70, seed=9)
+    for i in range(4):
+        sd[f"blocks.{i}.ffn.key.weight"] *= 300.0
+        sd[f"blocks.{i}.ffn.value.weight"] /= 300.0 ** 2
+    d = str(tmp_path_factory.mktemp("hot") / "fp16")
+    export(sd, d, fp32=False, tokenizer="bytes")
+    return d
+
+
+def _manifest(art):
+    with open(f"{art}/manifest.json") as f:
+        return json.load(f)
+
+
+@pytest.mark.parametrize("which", ["fp32_dir", "fp16_dir", "hot_fp16"])
+def test_streamed_equals_whole_graph(which, request, tmp_path, monkeypatch):
+    from rwkv2rknn.runtime.hybrid import HybridModel
+    from rwkv2rknn.runtime.reference import PerLayerModel
+    model = request.getfixturevalue(which)
+    whole, streamed = str(tmp_path / "whole"), str(tmp_path / "streamed")
+    compile_model(model, whole, Options(plan_only=True, stream=False))
+    import rwkv2rknn.trace as trace_mod
+
+    def no_whole_trace(*a, **k):
+        raise AssertionError("the streaming compile traced the whole model")
+
+    monkeypatch.setattr(trace_mod, "trace", no_whole_trace)
+    compile_model(model, streamed, Options(plan_only=True))
+    a, b = _manifest(whole), _manifest(streamed)
+    assert a["segments"] == b["segments"]  # names, bindings, shapes, stages, checksums
+    assert a["state"] == b["state"] and a["model"] == b["model"]
+    if which == "hot_fp16":
+        assert any("rescaled 1 squared-ReLU" in r for r in b["report"]), b["report"]
+    tokens = [3, 1, 4, 1, 5, 9, 2, 6]
+    got = [HybridModel(art, backend="ort").logits(tokens) for art in (whole, streamed)]
+    np.testing.assert_array_equal(got[0], got[1])
+    ref = PerLayerModel(model).logits(tokens)
+    np.testing.assert_allclose(got[1], ref, rtol=0.05, atol=0.05 * float(np.abs(ref).max()))
+
+
+def test_the_window_holds_at_most_two_stages(hot_fp16, tmp_path, monkeypatch):
+    """After each stage, the nodes still held (not yet in a written segment) come from the
+    newest stage and the one before it, never from further back."""
+    held = []
+    real = stream._Stream.flush
+
+    def flush(self, last, newest):
+        made = real(self, last, newest)
+        held.append((newest, sorted({n.name.split("/", 1)[0] for n in self.window})))
+        return made
+
+    monkeypatch.setattr(stream._Stream, "flush", flush)
+    compile_model(hot_fp16, str(tmp_path / "art"), Options(plan_only=True))
+    order = ["embed", "L0", "L1", "L2", "L3", "head"]
+    assert [n for n, _ in held] == order
+    for k, (newest, stages) in enumerate(held):
+        assert set(stages) <= set(order[max(k - 1, 0):k + 1]), (newest, stages)
+    assert held[-1][1] == []  # everything written
