@@ -93,25 +93,18 @@ def save_onnx(model, path: str, external_above: Optional[int] = None, keep: bool
     data = path + ".data"
     try:
         if tensor_bytes(model) > limit:
-            _unlink(data)  # onnx appends to an existing data file
+            remove_quietly(data)  # onnx appends to an existing data file
             onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
                             location=os.path.basename(data), size_threshold=1024)
             if keep:
                 from onnx.external_data_helper import load_external_data_for_model
                 load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
         else:
-            _unlink(data)
+            remove_quietly(data)
             onnx.save(model, tmp)
         os.replace(tmp, path)
     finally:
-        _unlink(tmp)
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+        remove_quietly(tmp)
 
 
 def model_bytes(model) -> bytes:

@@ -53,6 +53,18 @@ def _fp16(path: str) -> bool:
     return dtype in ("fp16", "float16") if dtype else True  # unknown: assume the larger need
 
 
+def give_back_memory() -> None:
+    """Return freed heap to the system (glibc keeps it otherwise): a streaming compile frees a
+    stage's weights before it loads the next one, and the build children need the room."""
+    import gc
+    gc.collect()
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def memory_available() -> int:
     """Bytes of memory available to new work (MemAvailable), or a large number if unknown."""
     try:

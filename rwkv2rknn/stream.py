@@ -31,7 +31,7 @@ from typing import Callable, List, Optional
 
 import numpy as np
 
-from rwkv2rknn import io
+from rwkv2rknn import io, resources
 from rwkv2rknn.ir import Context, GraphSegment, Options, replace_uses
 
 log = logging.getLogger(__name__)
@@ -236,6 +236,7 @@ class _Stream:
             self.add(g, out)
             del g
             made = self.flush(k == n - 1, stage)
+            resources.give_back_memory()
             if self.on_stage:
                 done = time.monotonic() - t0
                 eta = done / (k + 1) * (n - k - 1)
