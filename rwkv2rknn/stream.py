@@ -156,6 +156,10 @@ class _Stream:
                        support=ctx.support, token_input=ctx.token_input)
         wctx._profile = ctx.profile
         p.partition.run(wctx)
+        for line in wctx.report:  # what pruning moved to the CPU, window by window
+            name, _, msg = line.partition(": ")
+            if "moved to the CPU" in msg:
+                self.notes.setdefault(name, []).append(f"window up to {newest}: {msg}")
         segs = wctx.segments
         final = len(segs) if last else next(
             (k for k, s in enumerate(segs) if any(n.name.startswith(newest + "/") for n in s.nodes)),
