@@ -47,6 +47,21 @@ def cache_key(onnx_bytes: bytes, target: str, toolkit: str) -> str:
     return h.hexdigest()
 
 
+def file_key(onnx_path: str, target: str, toolkit: str, extra: bytes = b"") -> str:
+    """``cache_key`` of a segment file, read in blocks, and of its external weights
+    (``NAME.onnx.data``) when it has them, then ``extra``."""
+    h = hashlib.sha256()
+    for part in (target.encode(), b"\0", toolkit.encode(), b"\0"):
+        h.update(part)
+    for path in (onnx_path, onnx_path + ".data"):
+        if path == onnx_path or os.path.exists(path):
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+    h.update(extra)
+    return h.hexdigest()
+
+
 def partial_name(rknn_path: str, pid: int) -> str:
     """Where the build child with this pid writes before it renames the result to ``rknn_path``."""
     return f"{rknn_path}.partial-{pid}"
@@ -185,7 +200,7 @@ class _Builder:
     def segment(self, seg: GraphSegment) -> str:
         opts, seg_dir = self.opts, os.path.join(self.out_dir, "segments")
         onnx_path = os.path.join(seg_dir, seg.name + ".onnx")
-        key = cache_key(_read(onnx_path), opts.target, self.version)
+        key = file_key(onnx_path, opts.target, self.version)
         status, reason = self.fetch_or_build(onnx_path, key, os.path.join(seg_dir, seg.name + ".rknn"))
         if reason:
             if opts.strict:
@@ -198,7 +213,7 @@ class _Builder:
         if seg.seq_model is not None and opts.prefill_rows:
             rows = tuple(sorted(opts.prefill_rows))
             seq_path = os.path.join(seg_dir, seg.name + ".seq.onnx")
-            key = cache_key(_read(seq_path) + repr(rows).encode(), opts.target, self.version)
+            key = file_key(seq_path, opts.target, self.version, repr(rows).encode())
             seq_status, reason = self.fetch_or_build(
                 seq_path, key, os.path.join(seg_dir, seg.name + ".seq.rknn"), rows)
             if reason:
@@ -216,11 +231,6 @@ class _Builder:
                 proc.kill()
             except OSError:
                 pass
-
-
-def _read(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
 
 
 def run(ctx: Context, out_dir: str,

@@ -126,3 +126,18 @@ def test_t_row_builds_side_by_side_all_succeed(at_once, tmp_path):
         t.join()
     assert reasons == {0: "", 1: "", 2: ""}
     assert all((tmp_path / f"r{i}.rknn").stat().st_size > 1000 for i in range(3))
+
+
+def test_the_cache_key_covers_external_weights(tmp_path):
+    """A segment written with external data (NAME.onnx.data): new weights, new key."""
+    from rwkv2rknn.passes.build import cache_key, file_key
+    onnx_path = tmp_path / "s.onnx"
+    onnx_path.write_bytes(b"graph")
+    alone = file_key(str(onnx_path), "rk3588", "2.5.0")
+    assert alone == cache_key(b"graph", "rk3588", "2.5.0")  # the same keys as before
+    (tmp_path / "s.onnx.data").write_bytes(b"weights-1")
+    one = file_key(str(onnx_path), "rk3588", "2.5.0")
+    (tmp_path / "s.onnx.data").write_bytes(b"weights-2")
+    two = file_key(str(onnx_path), "rk3588", "2.5.0")
+    assert len({alone, one, two}) == 3
+    assert file_key(str(onnx_path), "rk3588", "2.5.0", b"(16,)") != two
