@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from typing import Optional
 
 import numpy as np
 
 from rwkv2rknn.compare import Report, compare_logits
 from rwkv2rknn.errors import BadInput
+
+log = logging.getLogger(__name__)
+CHECK_JSON = "check.json"  # the last check's report, saved into the artifact
 
 
 def default_tolerance(backend: str, source_dtype: str) -> float:
@@ -56,6 +61,23 @@ def run_check(artifact: str, n_tokens: int = 32, seed: int = 0, backend: str = "
         rep.per_segment = _per_segment(artifact, hybrid, traces)
     hybrid.close()
     return rep, chosen
+
+
+def save_report(artifact: str, rep: Report, backend: str, n_tokens: int, seed: int) -> Optional[str]:
+    """Write the report to ARTIFACT/check.json (atomically) for `rwkv2rknn report`; the path, or
+    None (logged) where the artifact cannot be written, which does not fail the check."""
+    from rwkv2rknn.io import write_json
+    from rwkv2rknn.plan import MANIFEST, sha256_file
+    path = os.path.join(artifact, CHECK_JSON)
+    data = {"backend": backend, "tokens": n_tokens, "seed": seed,
+            "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "manifest_sha256": sha256_file(os.path.join(artifact, MANIFEST)), **rep.to_dict()}
+    try:
+        write_json(path, data)
+    except OSError as e:
+        log.warning("could not save the check report to %s (%s)", path, e.strerror or e)
+        return None
+    return path
 
 
 def _per_segment(artifact, hybrid, traces):

@@ -155,9 +155,11 @@ def _options(**kw):
                    "(default: published RK3588 figures).")
 @click.option("--force", is_flag=True, help="Replace an output folder that holds other files.")
 @click.option("--verbose", "tool_verbose", is_flag=True, help="Show rknn-toolkit2's own output.")
+@click.option("--report", "with_report", is_flag=True,
+              help="Also draw the plan as one offline HTML page, OUT/report.html.")
 @handle_errors
 def compile_cmd(model, out_dir, target, plan_only, strict, dump_after, calib_tokens, cache_dir,
-                prefill_rows, placement, profile_path, force, tool_verbose):
+                prefill_rows, placement, profile_path, force, tool_verbose, with_report):
     """Compile MODEL (a folder of per-layer RWKV ONNX files, or one .onnx) into a hybrid
     NPU/CPU artifact."""
     opts = _options(target=target, strict=strict, plan_only=plan_only, calib_tokens=calib_tokens,
@@ -166,6 +168,9 @@ def compile_cmd(model, out_dir, target, plan_only, strict, dump_after, calib_tok
     manifest = _compile_with_progress(model, out_dir, opts, force, dump_after)
     click.echo(manifest.table())
     click.echo(f"artifact written to {out_dir}")
+    if with_report:
+        from rwkv2rknn.report import write_report
+        click.echo(f"report written to {write_report(out_dir)}")
 
 
 def _parse_rows(text: str):
@@ -366,8 +371,11 @@ def _generate(model, tok_spec, prompt, max_tokens, temperature, top_p, seed):
 def check(artifact, n_tokens, seed, backend, reference, per_segment, min_top1, max_rel, as_json):
     """Run ARTIFACT and pure ONNX Runtime on the same tokens and compare; exit 1 outside tolerance."""
     import json
-    from rwkv2rknn.check import run_check
+    from rwkv2rknn.check import run_check, save_report
     rep, chosen = run_check(artifact, n_tokens, seed, backend, reference, per_segment, min_top1, max_rel)
+    saved = save_report(artifact, rep, chosen, n_tokens, seed)
+    if saved:
+        click.echo(f"check report saved to {saved} (rwkv2rknn report shows it)", err=True)
     if as_json:
         click.echo(json.dumps({"backend": chosen, **rep.to_dict()}, indent=1))
     else:
@@ -375,6 +383,21 @@ def check(artifact, n_tokens, seed, backend, reference, per_segment, min_top1, m
         for s in rep.per_segment:
             click.echo(f"  {s['segment']}: max rel error {s['max_rel']:.3g}")
     sys.exit(0 if rep.passed else 1)
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path())
+@click.option("-o", "--output", "out", type=click.Path(dir_okay=False), default=None,
+              help="HTML file to write (default: ARTIFACT/report.html).")
+@click.option("--bench", "bench_json", type=click.Path(dir_okay=False), default=None,
+              help="Also chart these figures from `rwkv2rknn bench --json-out FILE`.")
+@click.option("--size", "size_by", type=click.Choice(["flops", "bytes"]), default="flops", show_default=True,
+              help="What the widths of the segments follow: MatMul FLOPs, or bytes of their files.")
+@handle_errors
+def report(artifact, out, bench_json, size_by):
+    """Draw ARTIFACT's partition, estimates and last check as one offline HTML page."""
+    from rwkv2rknn.report import write_report
+    click.echo(f"report written to {write_report(artifact, out, bench_json, size_by)}")
 
 
 @cli.command()
@@ -471,8 +494,9 @@ def bench(layers, width, vocab, tokens, no_rwkv, json_out):
 @handle_errors
 def demo(prompt, max_tokens, seed, backend):
     """The whole flow on the bundled model: export, compile (plan table), generate, check."""
-    from rwkv2rknn.check import run_check
+    from rwkv2rknn.check import run_check, save_report
     from rwkv2rknn.models import bundled
+    from rwkv2rknn.report import write_report
     from rwkv2rknn.runtime.hybrid import load_manifest
     _check_prompt(prompt)
     click.echo("== 1. export and compile the bundled model (cached after the first run)", err=True)
@@ -486,6 +510,8 @@ def demo(prompt, max_tokens, seed, backend):
     click.echo("\n== 3. check against pure onnxruntime over the per-layer files", err=True)
     rep, chosen = run_check(artifact, 32, 0, backend)
     click.echo(f"backend {chosen}: {rep.summary()}")
+    save_report(artifact, rep, chosen, 32, 0)
+    click.echo(f"report: {write_report(artifact)}")
     sys.exit(0 if rep.passed else 1)
 
 
