@@ -19,11 +19,12 @@ from rwkv2rknn import io
 from rwkv2rknn.check import CHECK_JSON
 from rwkv2rknn.errors import BadInput, UsageError
 from rwkv2rknn.plan import MANIFEST, PLAN, Manifest, Segment, sha256_file
-from rwkv2rknn.svg import Svg, esc
+from rwkv2rknn.svg import Svg, fmt
 
 SIZES = ("flops", "bytes")
 REPORT_HTML = "report.html"
 SEGMENT_FIELDS = {f.name for f in dataclasses.fields(Segment)}
+ACCURACY_WORDS = ("accura", "error", "max_rel", "cosine", "quant", "calib", "int8")  # shown even as fields
 COLOURS = {"npu-fp16": "#2c7bb6", "npu-int8": "#7b3294", "cpu": "#f29e4c", "fallback": "#d7191c"}
 OTHER_NPU = ("#1a9850", "#66a61e", "#1b7837")  # NPU precisions other than fp16 and int8
 HANDOFF = "#222222"
@@ -88,8 +89,9 @@ def load(artifact: str, bench: Optional[str] = None, size_by: str = "flops") -> 
     checked = {s.get("segment"): s.get("max_rel") for s in (data.check or {}).get("per_segment", [])
                if isinstance(s, dict)}
     for seg, rawseg in zip(manifest.segments, raw["segments"]):
-        extras = {k: v for k, v in rawseg.items() if k not in SEGMENT_FIELDS}
-        precision = str(extras.pop("precision", "") or ("fp16" if seg.backend == "npu" else "fp32"))
+        extras = {k: v for k, v in rawseg.items() if k != "precision" and
+                  (k not in SEGMENT_FIELDS or any(w in k for w in ACCURACY_WORDS))}
+        precision = str(rawseg.get("precision") or ("fp16" if seg.backend == "npu" else "fp32"))
         kind, where = kind_of(seg.backend, seg.fallback, precision)
         reasons = plan_segs.get(seg.name, {}).get("cpu_reasons") or {}
         rel = checked.get(seg.name)
@@ -138,7 +140,7 @@ def _number(v) -> bool:
 
 # ------------------------------------------------------------------ the strip
 
-WIDTH, PER_LINE, SEG_H, GAP, MIN_W, TOP, LANES = 960, 20, 36, 2, 12, 14, 32
+WIDTH, PER_LINE, SEG_H, GAP, MIN_W, TOP, LANES, PAD = 960, 20, 36, 2, 12, 14, 32, 6
 
 
 def layout(sizes: List[float]) -> List[tuple]:
@@ -146,14 +148,14 @@ def layout(sizes: List[float]) -> List[tuple]:
     between segments, about PER_LINE segments a line."""
     n = len(sizes)
     lines = max(1, math.ceil(n / PER_LINE))
-    room = lines * WIDTH * (1.0 if lines == 1 else 0.94) - n * (MIN_W + GAP)
+    room = lines * (WIDTH - PAD) * (1.0 if lines == 1 else 0.94) - n * (MIN_W + GAP)
     total = sum(sizes)
     widths = [MIN_W + (s * room / total if total > 0 else room / n) for s in sizes]
-    out, line, x = [], 0, 0.0
+    out, line, x = [], 0, float(PAD)
     for w in widths:
-        w = min(w, WIDTH)
-        if x > 0 and x + w > WIDTH:
-            line, x = line + 1, 0.0
+        w = min(w, WIDTH - PAD)
+        if x > PAD and x + w > WIDTH:
+            line, x = line + 1, float(PAD)
         out.append((line, x, w))
         x += w + GAP
     return out
@@ -175,6 +177,17 @@ def stage_range(seg: Segment) -> str:
     return seg.stages[0] if len(seg.stages) == 1 else f"{seg.stages[0]}..{seg.stages[-1]}"
 
 
+def show_value(v) -> str:
+    """A manifest figure as text: floats to 4 digits, dicts as 'key value, ...'."""
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return fmt(v, 4)
+    if isinstance(v, dict):
+        return ", ".join(f"{k} {show_value(x)}" for k, x in v.items())
+    return str(v)
+
+
 def hover(v: SegView, m: Manifest) -> str:
     s = v.seg
     lines = [f"{s.name}: {v.where}", f"stages {stage_range(s)}",
@@ -185,7 +198,7 @@ def hover(v: SegView, m: Manifest) -> str:
     if s.fallback:
         lines.append(f"fell back to the CPU: {s.fallback}")
     lines += [f"on the CPU: {r} ({n} ops)" for r, n in v.reasons.items()]
-    lines += [f"{k}: {val}" for k, val in v.extras.items()]
+    lines += [f"{k}: {show_value(val)}" for k, val in v.extras.items()]
     if v.check_rel is not None:
         lines.append(f"last check, this segment alone vs onnxruntime: max rel error {v.check_rel:.3g}")
     return "\n".join(lines)
@@ -208,7 +221,7 @@ def strip_svg(data: ReportData) -> str:
                      fill="#000000" if v.kind == "cpu" else "#ffffff")
     for i, names, nbytes in handoffs(segs):
         line, x, _ = pos[i]
-        x, y = max(x - GAP / 2, 1.0), line * block + TOP
+        x, y = x - GAP / 2, line * block + TOP
         title = (f"hand-off {segs[i - 1].backend.upper()} -> {segs[i].backend.upper()} between "
                  f"{segs[i - 1].name} and {segs[i].name}: {len(names)} tensor(s), {nbytes} bytes")
         svg.add("path", title, d=f"M{x - 4:.1f},{y - 11} L{x + 4:.1f},{y - 11} L{x:.1f},{y - 3} Z "

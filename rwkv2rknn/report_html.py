@@ -6,7 +6,7 @@ import math
 from typing import List
 
 from rwkv2rknn import __version__
-from rwkv2rknn.report import HANDOFF, ReportData, stage_range, strip_svg
+from rwkv2rknn.report import HANDOFF, ReportData, show_value, stage_range, strip_svg
 from rwkv2rknn.svg import esc, fmt, hbars, line_plot, stacked
 
 CSS = """
@@ -19,7 +19,7 @@ h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 6px;border-bott
 table{border-collapse:collapse;font-size:12px;margin:6px 0}
 td,th{border-bottom:1px solid #eee;padding:2px 8px;text-align:left;vertical-align:top}
 td.n,th.n{text-align:right;font-variant-numeric:tabular-nums}
-.pass{color:#1a7f37;font-weight:600}.fail{color:#d7191c;font-weight:600}.warn{color:#b35900}
+.pass{color:#1a7f37;font-weight:600}.fail{color:#b00020;font-weight:600}.warn{color:#b35900}
 svg text{pointer-events:none;font-family:inherit}
 svg .seg:hover,svg .bar:hover,svg .part:hover{stroke:#000;stroke-width:2}
 .kpi{display:flex;gap:28px;flex-wrap:wrap;margin:8px 0}.kpi b{font-size:18px;display:block}
@@ -151,22 +151,12 @@ def accuracy(d: ReportData) -> str:
     head = "".join(f"<th>{esc(k)}</th>" for k in keys)
     rows = "".join(
         f"<tr data-seg=\"{esc(v.seg.name)}\"><td>{esc(v.seg.name)}</td><td>{esc(v.where)}</td>"
-        f"<td>{esc(v.precision)}</td>" + "".join(f"<td>{esc(_show(v.extras.get(k)))}</td>" for k in keys)
+        f"<td>{esc(v.precision)}</td>" + "".join(f"<td>{esc(show_value(v.extras.get(k)))}</td>" for k in keys)
         + f"<td class=n>{esc(fmt(v.check_rel) if v.check_rel is not None else '')}</td></tr>"
         for v in shown)
     return ("<h2>Precision and accuracy per segment</h2><table><tr><th>segment</th><th>runs on</th>"
             f"<th>precision</th>{head}<th class=n>last check: alone vs onnxruntime, max rel</th></tr>"
             f"{rows}</table>")
-
-
-def _show(v) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, float):
-        return fmt(v, 4)
-    if isinstance(v, dict):
-        return ", ".join(f"{k} {_show(x)}" for k, x in v.items())
-    return str(v)
 
 
 def bench(d: ReportData) -> str:

@@ -75,26 +75,33 @@ def ticks(hi: float, n: int = 5) -> List[float]:
     return [i * step for i in range(int(math.ceil(hi / step - 1e-9)) + 1)]
 
 
+def _bar_frame(hi: float, n_rows: int, left: int, right: int, row: int, top: int, unit: str,
+               label: str, width: int):
+    """An Svg with a value axis from 0 to past ``hi`` under ``n_rows`` rows, and its x scale."""
+    tv = ticks(hi)
+    x = linear(0, tv[-1], left, width - right)
+    height = top + n_rows * row + 32
+    s = Svg(width, height, label)
+    for t in tv:
+        s.line(x(t), top, x(t), height - 28, stroke=GRID)
+        s.text(x(t), height - 14, fmt(t), anchor="middle", size=10)
+    s.text(width - right, height - 2, unit, anchor="end", size=10)
+    return s, x
+
+
 def hbars(rows: Sequence[Tuple[str, float, str, str]], unit: str, label: str,
           ref: Optional[Tuple[float, str]] = None, width: int = 760) -> str:
     """Horizontal bars (label, value, colour, hover) with an optional dashed reference line."""
     left, bar, gap, top = 300, 20, 8, 8
     hi = max([v for _, v, _, _ in rows] + ([ref[0]] if ref else []) + [0.0])
-    tv = ticks(hi)
-    x = linear(0, tv[-1], left, width - 60)
-    height = top + len(rows) * (bar + gap) + 34
-    s = Svg(width, height, label)
-    for t in tv:
-        s.line(x(t), top, x(t), height - 28, stroke=GRID)
-        s.text(x(t), height - 14, fmt(t), anchor="middle", size=10)
-    s.text(width - 60, height - 2, unit, anchor="end", size=10)
+    s, x = _bar_frame(hi, len(rows), left, 60, bar + gap, top, unit, label, width)
     for i, (name, v, colour, hover) in enumerate(rows):
         y = top + i * (bar + gap)
         s.text(left - 6, y + bar * 0.7, name, anchor="end")
         s.rect(left, y, x(v) - left, bar, colour, title=hover, class_="bar", data_value=repr(v))
         s.text(width - 4, y + bar * 0.7, f"{v:.2f}", anchor="end", size=10)
     if ref:
-        s.line(x(ref[0]), top - 4, x(ref[0]), height - 28, stroke=INK, width=2, dash="5 3",
+        s.line(x(ref[0]), top - 4, x(ref[0]), s.height - 28, stroke=INK, width=2, dash="5 3",
                title=ref[1], class_="ref", data_value=repr(ref[0]))
     return s.render()
 
@@ -104,14 +111,7 @@ def stacked(rows: Sequence[Tuple[str, Sequence[Tuple[str, float, str]]]], unit: 
     """One horizontal bar per row, cut into parts (name, value, colour), total at the end."""
     left, bar, gap, top = 170, 24, 12, 6
     hi = max([sum(v for _, v, _ in parts) for _, parts in rows] + [0.0])
-    tv = ticks(hi)
-    x = linear(0, tv[-1], left, width - 90)
-    height = top + len(rows) * (bar + gap) + 30
-    s = Svg(width, height, label)
-    for t in tv:
-        s.line(x(t), top, x(t), height - 26, stroke=GRID)
-        s.text(x(t), height - 12, fmt(t), anchor="middle", size=10)
-    s.text(width - 20, height - 2, unit, anchor="end", size=10)
+    s, x = _bar_frame(hi, len(rows), left, 90, bar + gap, top, unit, label, width)
     for i, (name, parts) in enumerate(rows):
         y, at = top + i * (bar + gap), 0.0
         s.text(left - 6, y + bar * 0.68, name, anchor="end")
@@ -152,8 +152,8 @@ def line_plot(ys: Sequence[float], label: str, y_name: str, ref: Optional[Tuple[
     for i, v in enumerate(ys):
         ok = v is not None and math.isfinite(v)
         s.add("circle", f"step {i}: {y_name} {fmt(v)}", cx=_n(x(i)), cy=_n(y(v) if ok else top),
-              r=2.5, fill="#2c7bb6" if ok else "#d7191c", class_="point", data_value=repr(v))
+              r=2.5, fill="#2c7bb6" if ok else "#000000", class_="point", data_value=repr(v))
     if ref and ref[0] > 0:
-        s.line(left, y(ref[0]), width - right, y(ref[0]), stroke="#d7191c", dash="5 3", title=ref[1],
+        s.line(left, y(ref[0]), width - right, y(ref[0]), stroke="#555555", dash="5 3", title=ref[1],
                class_="ref", data_value=repr(ref[0]))
     return s.render()
