@@ -91,9 +91,11 @@ def load(artifact: str, bench: Optional[str] = None, size_by: str = "flops") -> 
     for seg, rawseg in zip(manifest.segments, raw["segments"]):
         extras = {k: v for k, v in rawseg.items() if k != "precision" and
                   (k not in SEGMENT_FIELDS or any(w in k for w in ACCURACY_WORDS))}
-        precision = str(rawseg.get("precision") or ("fp16" if seg.backend == "npu" else "fp32"))
+        planned = plan_segs.get(seg.name, {})
+        precision = str(rawseg.get("precision") or planned.get("precision") or
+                        ("fp16" if seg.backend == "npu" else "fp32"))
         kind, where = kind_of(seg.backend, seg.fallback, precision)
-        reasons = plan_segs.get(seg.name, {}).get("cpu_reasons") or {}
+        reasons = planned.get("cpu_reasons") or {}
         rel = checked.get(seg.name)
         data.segs.append(SegView(seg, kind, where, precision, _size(artifact, seg, size_by),
                                  reasons if isinstance(reasons, dict) else {}, extras,
@@ -198,6 +200,8 @@ def hover(v: SegView, m: Manifest) -> str:
     if s.fallback:
         lines.append(f"fell back to the CPU: {s.fallback}")
     lines += [f"on the CPU: {r} ({n} ops)" for r, n in v.reasons.items()]
+    if s.backend == "cpu" and not v.reasons:
+        lines.append("why on the CPU: see 'Why ops are on the CPU' (no per-segment reasons in plan.json)")
     lines += [f"{k}: {show_value(val)}" for k, val in v.extras.items()]
     if v.check_rel is not None:
         lines.append(f"last check, this segment alone vs onnxruntime: max rel error {v.check_rel:.3g}")
