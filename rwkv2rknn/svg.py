@@ -13,6 +13,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 FONT = 11
 GRID = "#d0d0d0"
 INK = "#222222"
+MAX_POINTS = 256  # marked (and hoverable) points of a line plot; longer series are a line only
 
 
 def esc(text) -> str:
@@ -149,7 +150,7 @@ def line_plot(ys: Sequence[float], label: str, y_name: str, ref: Optional[Tuple[
     if pts:
         s.add("polyline", points=" ".join(f"{_n(a)},{_n(b)}" for a, b in pts), fill="none",
               stroke="#2c7bb6", stroke_width=1.5)
-    for i, v in enumerate(ys):
+    for i, v in enumerate(ys if len(ys) <= MAX_POINTS else []):  # a long check: the line only
         ok = v is not None and math.isfinite(v)
         s.add("circle", f"step {i}: {y_name} {fmt(v)}", cx=_n(x(i)), cy=_n(y(v) if ok else top),
               r=2.5, fill="#2c7bb6" if ok else "#000000", class_="point", data_value=repr(v))

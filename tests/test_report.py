@@ -134,6 +134,12 @@ def _fake_artifact(folder, layers):
         json.dump(m.to_dict(), f)
 
 
+def test_long_check_stays_small():
+    from rwkv2rknn.svg import line_plot
+    plot = line_plot([1e-3 * (1 + i % 7) for i in range(4096)], "error", "max rel error", ref=(0.05, "tol"))
+    assert len(plot) < 100_000 and plot.count("<polyline") == 1 and "<circle" not in plot
+
+
 def test_check_json_written_and_read_back(artifact, tmp_path):
     res = CliRunner().invoke(cli, ["check", artifact, "--backend", "ort", "--tokens", "5",
                                    "--per-segment"])
