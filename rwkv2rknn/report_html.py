@@ -37,7 +37,7 @@ def header(d: ReportData) -> str:
     built = any(s.rknn for s in m.segments)
     n_npu = sum(s.backend == "npu" for s in m.segments)
     what = (f"{mod.get('arch', 'model')} {m.layers} x {mod.get('width', '?')}, vocab {m.vocab}, "
-            f"{mod.get('source_dtype', '?')} files") if m.layers else str(mod.get("arch", "one ONNX graph"))
+            f"{mod.get('source_dtype', '?')} files") if m.layers else f"one {mod.get('arch', 'ONNX')} graph"
     kpis = [("segments", f"{len(m.segments)}", f"{n_npu} NPU, {len(m.segments) - n_npu} CPU",
              len(m.segments)),
             ("boundaries", f"{m.boundaries()}", "NPU<->CPU hand-offs per token", m.boundaries()),
