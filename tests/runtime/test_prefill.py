@@ -36,7 +36,7 @@ def test_prefill_on_the_npu_simulator(fp16_artifact, fp16_dir, tokens):
     from rwkv2rknn.runtime.reference import PerLayerModel
     model = HybridModel(fp16_artifact, backend="rknn-sim")
     seq = model._seq_runners()
-    assert {r.rows for r in seq if r is not None} == {(16, 32, 64)}
+    assert {r.rows for r in seq if r is not None} == {(2, 16, 32, 64)}
     s1, s2 = model.init_state(), model.init_state()
     one = np.stack([model.step(t, s1) for t in tokens])
     many = model.prefill(tokens, s2)  # 40 tokens: one chunk of 32, one of 8 padded to 16
@@ -51,5 +51,7 @@ def test_prefill_on_the_npu_simulator(fp16_artifact, fp16_dir, tokens):
 def test_prefill_rows_in_manifest(fp16_artifact, fp32_plan_artifact):
     from rwkv2rknn.runtime.hybrid import load_manifest
     npu = [s for s in load_manifest(fp16_artifact).segments if s.backend == "npu"]
-    assert all(s.seq_rknn and s.seq_rows == (16, 32, 64) for s in npu)
+    assert all(s.seq_rknn and s.seq_rows == (2, 16, 32, 64) for s in npu)
+    # one build per NPU segment serves decode (2 rows, the token in row 0) and prefill
+    assert all(s.rknn == s.seq_rknn and s.decode_rows == 2 for s in npu)
     assert all(s.seq_rknn is None for s in load_manifest(fp32_plan_artifact).segments)
