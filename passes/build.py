@@ -99,7 +99,7 @@ def run(ctx: Context, out_dir: str,
         progress: Optional[Callable[[GraphSegment, str, int, int], None]] = None) -> None:
     """Build the NPU segments whose ONNX files are in ``out_dir``/segments, copying each .rknn
     beside its ONNX; ``progress(segment, status, i, n)`` after each."""
-    from rwkv2rknn.runtime.rknn import require_toolkit
+    from rwkv2rknn.toolkit import require_toolkit
 
     opts = ctx.options
     version = require_toolkit()
@@ -174,7 +174,7 @@ def _main(argv=None) -> int:
     ap.add_argument("--rows", default="", help="T-row variant: build one graph per row count (e.g. 16,32,64)")
     a = ap.parse_args(argv)
     from rwkv2rknn.errors import Rwkv2RknnError
-    from rwkv2rknn.runtime.rknn import build_in_process, dynamic_shapes
+    from rwkv2rknn.toolkit import build_in_process, dynamic_shapes
     tmp = partial_name(a.rknn, os.getpid())
     rows = [int(r) for r in a.rows.split(",") if r]
     try:

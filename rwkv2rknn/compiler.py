@@ -34,17 +34,6 @@ def segment_line(seg: GraphSegment, status: str, i: int, n: int) -> str:
     return f"  [{i}/{n}] {seg.name}: {status}"
 
 
-def _source_facts(path: str) -> dict:
-    from rwkv2rknn.models.export import MODEL_JSON
-    meta = os.path.join(path, MODEL_JSON) if os.path.isdir(path) else ""
-    if meta and os.path.exists(meta):
-        try:
-            return io.read_json(meta, "model description")
-        except Exception:  # noqa: BLE001 - optional extra facts only
-            return {}
-    return {}
-
-
 def manifest_segment(ctx: Context, s: GraphSegment, out_dir: str, plan_only: bool) -> Segment:
     """The manifest's record of one compiled segment; its files are already in ``out_dir``."""
     def rel_sha(rel):
@@ -69,7 +58,7 @@ def manifest_segment(ctx: Context, s: GraphSegment, out_dir: str, plan_only: boo
 
 
 def make_manifest(ctx: Context, out_dir: str, toolkit: str, plan_only: bool) -> Manifest:
-    facts = _source_facts(ctx.source)
+    facts = io.model_facts(ctx.source)
     model = dict(ctx.shape)
     model.update(arch=ctx.arch, source=ctx.source,
                  source_dtype=facts.get("dtype", "unknown"))
@@ -96,7 +85,7 @@ def compile_model(model_path: str, out_dir: str, options: Optional[Options] = No
                          f"use one of {', '.join(passes.PASS_NAMES)}")
     toolkit = ""
     if not options.plan_only:  # fail before the passes, not after them
-        from rwkv2rknn.runtime.rknn import require_toolkit
+        from rwkv2rknn.toolkit import require_toolkit
         toolkit = require_toolkit()
     ctx = load.run(model_path, options)
     dumps = {}

@@ -89,6 +89,21 @@ def read_json(path: str, what: str = "file"):
                        "compile the model again") from e
 
 
+def model_facts(path: str) -> dict:
+    """What our exporter recorded beside a folder of per-layer files (arch, shape, dtype,
+    tokenizer, state rows); {} for a single file or a folder without a readable record (public
+    per-layer folders have none)."""
+    from rwkv2rknn.models.export import MODEL_JSON
+    meta = os.path.join(path, MODEL_JSON) if os.path.isdir(path) else ""
+    if meta and os.path.exists(meta):
+        try:
+            facts = read_json(meta, "model description")
+        except Exception:  # noqa: BLE001 - optional extra facts only
+            return {}
+        return facts if isinstance(facts, dict) else {}
+    return {}
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str, marker: str, force: bool = False) -> Iterator[str]:
     """Yield a temporary folder beside ``final``; move it into place only if the body succeeds.
