@@ -126,8 +126,8 @@ class HybridModel:
         """Advance by one token; updates ``state`` in place; returns float32 logits [V]."""
         m = self.manifest
         env: Dict[str, np.ndarray] = {m.token_input: np.array([token], np.int32)}
-        for i, slot in enumerate(self.slots):
-            env[slot.input] = state[i]
+        for i, slot in enumerate(self.slots):  # a trace keeps the state before the step
+            env[slot.input] = state[i] if trace is None else state[i].copy()
         for runner, is_npu, seg in zip(self.runners, self._npu, m.segments):
             outs = runner.infer({k: env[k] for k in seg.inputs})
             if is_npu:
@@ -141,7 +141,7 @@ class HybridModel:
 
     # ------------------------------------------------------------------ prefill
 
-    def _seq_runners(self):
+    def prefill_runners(self):
         """Per segment: a T-row runner, or None where the segment runs row by row. None overall
         if this artifact or backend has no prefill path."""
         if self._seq_loaded:
@@ -200,13 +200,13 @@ class HybridModel:
     def prepare_prefill(self) -> bool:
         """Load the T-row runners now (the simulator builds them), not in the first prefill.
         True if this artifact and backend have a prefill path."""
-        return self._seq_runners() is not None
+        return self.prefill_runners() is not None
 
     def prefill(self, tokens: Sequence[int], state: np.ndarray, chunk: int = 0) -> np.ndarray:
         """Feed ``tokens`` in chunks, updating ``state``; returns logits [T, V], the same as
         calling ``step`` for each token. Segments with a T-token variant run once per chunk;
         the others (embedding, the recurrence) run row by row."""
-        seq = self._seq_runners()
+        seq = self.prefill_runners()
         if seq is None or len(tokens) == 1:
             return np.stack([self.step(int(t), state) for t in tokens])
         fixed = [set(r.rows) for r in seq if r is not None and getattr(r, "rows", ())]

@@ -21,7 +21,7 @@ def test_prefill_equals_one_at_a_time(fp32_plan_artifact, tokens, chunk):
 
 def test_matmul_segments_take_many_rows(fp32_plan_artifact):
     model = HybridModel(fp32_plan_artifact, backend="ort")
-    seq = model._seq_runners()
+    seq = model.prefill_runners()
     segs = model.manifest.segments
     batched = [s.name for s, r in zip(segs, seq) if r is not None]
     assert batched and all(s.matmuls for s in segs if s.name in batched)
@@ -35,7 +35,7 @@ def test_prefill_on_the_npu_simulator(fp16_artifact, fp16_dir, tokens):
     from rwkv2rknn.compare import compare_logits
     from rwkv2rknn.runtime.reference import PerLayerModel
     model = HybridModel(fp16_artifact, backend="rknn-sim")
-    seq = model._seq_runners()
+    seq = model.prefill_runners()
     assert {r.rows for r in seq if r is not None} == {(2, 16, 32, 64)}
     s1, s2 = model.init_state(), model.init_state()
     one = np.stack([model.step(t, s1) for t in tokens])
