@@ -151,7 +151,7 @@ def test_passes_do_not_name_rwkv_tensors():
 
 def test_imports_run_one_way():
     """passes and models may use rwkv2rknn's core types; only compiler.py and the cli package
-    import the passes; the board's runtime and tokenizer import none."""
+    import the passes; the board's runtime and tokenizer import none (README, Layout)."""
     import re
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for folder in ("rwkv2rknn", "rwkv2rknn/runtime", "rwkv2rknn/tokenizer", "models"):
