@@ -104,8 +104,7 @@ def _print_generation(model, tok_spec, prompt, max_tokens, temperature, top_p, s
 @click.option("--tokens", "n_tokens", type=click.IntRange(1, 4096), default=32, show_default=True,
               help="Seeded random tokens to teacher-force.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--backend", type=BACKEND, default="auto",
-              show_default=True)
+@click.option("--backend", type=BACKEND, default="auto", show_default=True)
 @click.option("--reference", type=click.Path(file_okay=False), default=None,
               help="Per-layer files to compare against (default: the ones the artifact was compiled from).")
 @click.option("--per-segment", is_flag=True, help="Also compare every NPU segment alone against onnxruntime.")
@@ -139,8 +138,7 @@ def _print_check(rep, chosen: str, as_json: bool = False) -> None:
               help="UTF-8 text file to score.")
 @click.option("--max-bytes", type=click.IntRange(16, 10 ** 8), default=20000, show_default=True,
               help="Score at most this many bytes from the start of the file.")
-@click.option("--backend", type=BACKEND, default="auto",
-              show_default=True)
+@click.option("--backend", type=BACKEND, default="auto", show_default=True)
 @click.option("--tokenizer", default=None, help="bytes, world, or a tokenizer.json path (default: the model's).")
 @handle_errors
 def eval_cmd(artifact, text_file, max_bytes, backend, tokenizer):
@@ -159,8 +157,7 @@ def eval_cmd(artifact, text_file, max_bytes, backend, tokenizer):
 @click.option("--prompt", default="The", show_default=True, help="Text to continue.")
 @click.option("--max-tokens", type=click.IntRange(1, 65536), default=200, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--backend", type=BACKEND, default="auto",
-              show_default=True)
+@click.option("--backend", type=BACKEND, default="auto", show_default=True)
 @handle_errors
 def demo(prompt, max_tokens, seed, backend):
     """The whole flow on the bundled model: export, compile (plan table), generate, check."""
