@@ -41,6 +41,7 @@ class SegView:
     reasons: Dict[str, int] = field(default_factory=dict)  # why its ops are on the CPU
     extras: Dict[str, object] = field(default_factory=dict)  # manifest fields beyond plan.Segment
     check_rel: Optional[float] = None  # per-segment error of the last check
+    check_seq_rel: Optional[float] = None  # and of its T-row variant
 
 
 @dataclass
@@ -86,8 +87,10 @@ def load(artifact: str, bench: Optional[str] = None, size_by: str = "flops") -> 
     plan_segs = {s.get("name"): s for s in plan.get("segments", []) if isinstance(s, dict)}
     data = ReportData(artifact, manifest, plan, [], size_by)
     _read_check(data)
-    checked = {s.get("segment"): s.get("max_rel") for s in (data.check or {}).get("per_segment", [])
-               if isinstance(s, dict)}
+    checked: Dict[bool, dict] = {False: {}, True: {}}  # per token, T rows
+    for s in (data.check or {}).get("per_segment", []):
+        if isinstance(s, dict) and _number(s.get("max_rel")):
+            checked[bool(s.get("rows"))][s.get("segment")] = float(s["max_rel"])
     for seg, rawseg in zip(manifest.segments, raw["segments"]):
         extras = {k: v for k, v in rawseg.items() if k != "precision" and
                   (k not in SEGMENT_FIELDS or any(w in k for w in ACCURACY_WORDS))}
@@ -96,10 +99,9 @@ def load(artifact: str, bench: Optional[str] = None, size_by: str = "flops") -> 
                         ("fp16" if seg.backend == "npu" else "fp32"))
         kind, where = kind_of(seg.backend, seg.fallback, precision)
         reasons = planned.get("cpu_reasons") or {}
-        rel = checked.get(seg.name)
         data.segs.append(SegView(seg, kind, where, precision, _size(artifact, seg, size_by),
                                  reasons if isinstance(reasons, dict) else {}, extras,
-                                 float(rel) if isinstance(rel, (int, float)) else None))
+                                 checked[False].get(seg.name), checked[True].get(seg.name)))
     if bench:
         data.bench = read_bench(bench)
     return data
@@ -205,6 +207,8 @@ def hover(v: SegView, m: Manifest) -> str:
     lines += [f"{k}: {show_value(val)}" for k, val in v.extras.items()]
     if v.check_rel is not None:
         lines.append(f"last check, this segment alone vs onnxruntime: max rel error {v.check_rel:.3g}")
+    if v.check_seq_rel is not None:
+        lines.append(f"last check, its T-row variant vs the per-token ONNX: max rel error {v.check_seq_rel:.3g}")
     return "\n".join(lines)
 
 

@@ -121,8 +121,14 @@ def check(d: ReportData) -> str:
              ("top-1 agreement", _pct(_num(c.get("top1_agreement")))),
              ("max rel error", fmt(_num(c.get("max_rel")))),
              ("min cosine", f"{_num(c.get('min_cosine')):.6f}"),
-             ("state drift", fmt(drift) if isinstance(drift, (int, float)) else "not measured"),
-             ("written", c.get("written", "?"))]
+             ("state drift", fmt(drift) if isinstance(drift, (int, float)) else "not measured")]
+    pre = c.get("prefill")
+    if isinstance(pre, dict):  # the same tokens as a prompt, through the T-row variants
+        facts.append(("prefill path", f"top-1 {_pct(_num(pre.get('top1_agreement')))}, max rel error "
+                                      f"{fmt(_num(pre.get('max_rel')))}, state drift "
+                                      f"{fmt(_num(pre.get('state_drift')))}"))
+    facts.append(("tolerances", ", ".join(f"{k} {v}" for k, v in tol.items())))
+    facts.append(("written", c.get("written", "?")))
     rows = "".join(f"<tr><th>{esc(k)}</th><td data-check=\"{esc(k)}\""
                    f"{' class=' + ('pass' if ok else 'fail') if k == 'result' else ''}>{esc(v)}</td></tr>"
                    for k, v in facts)
@@ -141,8 +147,8 @@ def _float(v):
 
 
 def accuracy(d: ReportData) -> str:
-    shown = [v for v in d.segs if v.extras or v.check_rel is not None or
-             (v.seg.backend == "npu" and v.precision != "fp16")]
+    shown = [v for v in d.segs if v.extras or v.check_rel is not None or v.check_seq_rel is not None
+             or (v.seg.backend == "npu" and v.precision != "fp16")]
     if not shown:
         return ""
     keys: List[str] = []
@@ -152,10 +158,12 @@ def accuracy(d: ReportData) -> str:
     rows = "".join(
         f"<tr data-seg=\"{esc(v.seg.name)}\"><td>{esc(v.seg.name)}</td><td>{esc(v.where)}</td>"
         f"<td>{esc(v.precision)}</td>" + "".join(f"<td>{esc(show_value(v.extras.get(k)))}</td>" for k in keys)
-        + f"<td class=n>{esc(fmt(v.check_rel) if v.check_rel is not None else '')}</td></tr>"
+        + "".join(f"<td class=n>{esc(fmt(r) if r is not None else '')}</td>"
+                  for r in (v.check_rel, v.check_seq_rel)) + "</tr>"
         for v in shown)
     return ("<h2>Precision and accuracy per segment</h2><table><tr><th>segment</th><th>runs on</th>"
-            f"<th>precision</th>{head}<th class=n>last check: alone vs onnxruntime, max rel</th></tr>"
+            f"<th>precision</th>{head}<th class=n>last check: alone vs onnxruntime, max rel</th>"
+            f"<th class=n>its T-row variant, max rel</th></tr>"
             f"{rows}</table>")
 
 

@@ -159,8 +159,14 @@ def test_check_json_written_and_read_back(artifact, tmp_path):
     assert page.text_of("td", data_check="top-1 agreement") == [f"{100 * saved['top1_agreement']:.1f}%"]
     assert float(page.with_class("line", "ref")[0]["data-value"]) == saved["tolerance"]["max_rel"]
     assert "written for another compile" not in html
-    for s in saved["per_segment"]:  # each NPU segment's own error is in the accuracy table
+    hovers = page.titles("seg", "data-name")
+    assert {bool(s["rows"]) for s in saved["per_segment"]} == {False, True}
+    for s in saved["per_segment"]:  # each NPU segment's own error (and its T-row variant's)
         assert page.find("tr", data_seg=s["segment"])
+        what = "its T-row variant vs the per-token ONNX" if s["rows"] else "this segment alone vs onnxruntime"
+        assert f"{what}: max rel error {s['max_rel']:.3g}" in hovers[s["segment"]]
+    assert page.text_of("td", data_check="prefill path")[0].startswith(
+        f"top-1 {100 * saved['prefill']['top1_agreement']:.1f}%")
     # a recompile replaces manifest.json: the saved check no longer describes it
     with open(os.path.join(artifact, MANIFEST), "a") as f:
         f.write("\n")
