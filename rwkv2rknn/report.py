@@ -110,7 +110,7 @@ def load(artifact: str, bench: Optional[str] = None, size_by: str = "flops") -> 
 def _size(artifact: str, seg: Segment, size_by: str) -> float:
     if size_by == "flops":
         return float(seg.flops)
-    path = os.path.join(artifact, seg.rknn or seg.onnx)
+    path = os.path.join(artifact, seg.rknn or seg.seq_rknn or seg.onnx)
     return float(os.path.getsize(path)) if os.path.exists(path) else 0.0
 
 

@@ -34,7 +34,7 @@ def _pct(v: float) -> str:
 def header(d: ReportData) -> str:
     m = d.manifest
     mod = m.model
-    built = any(s.rknn for s in m.segments)
+    built = any(s.rknn or s.seq_rknn for s in m.segments)
     n_npu = sum(s.backend == "npu" for s in m.segments)
     what = (f"{mod.get('arch', 'model')} {m.layers} x {mod.get('width', '?')}, vocab {m.vocab}, "
             f"{mod.get('source_dtype', '?')} files") if m.layers else f"one {mod.get('arch', 'ONNX')} graph"
