@@ -147,7 +147,9 @@ def whole_graph(model_path: str):
             [(s.input, s.output) for s in ctx.state])
 
 
-def build_rknn(onnx_path: str, rknn_path: str, target: str = "rk3588", timeout: float = 600.0) -> str:
-    """Build one ONNX file into an .rknn in a child process; '' on success, else why not."""
+def build_rknn(onnx_path: str, rknn_path: str, target: str = "rk3588", timeout: float = 600.0,
+               rows=()) -> str:
+    """Build one ONNX file into an .rknn in a child process (a T-row file: one graph per row
+    count in ``rows``); '' on success, else why not."""
     from rwkv2rknn.passes.build import build_child
-    return build_child(onnx_path, rknn_path, target, False, timeout)
+    return build_child(onnx_path, rknn_path, target, False, timeout, rows)
