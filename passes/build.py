@@ -4,6 +4,12 @@
 
     segments/s001_npu_L0.onnx --(child: rknn-toolkit2 build)--> cache/<sha256>.rknn --> segments/s001_npu_L0.rknn
                                  '-- crash / refusal --> the segment falls back to the CPU (reported)
+    segments/s003_npu_L0-L1.seq.onnx --(T in 2, 16, 32, 64)--> segments/s003_npu_L0-L1.seq.rknn
+                                 (decode runs it with 2 rows; no per-token .rknn: weights once)
+
+A segment with a T-row (prefill) variant gets one build of that variant for the prefill row
+counts and for DECODE_ROWS: token steps run it with the token in row 0. Where that build fails,
+the per-token graph is built alone and prefill runs token by token.
 
 rknn-toolkit2 reports errors three ways (exceptions, return codes, and killing its own process),
 so each build runs in a child process with a time limit, in a private scratch folder, and a
@@ -38,6 +44,11 @@ from rwkv2rknn.io import cache_root, remove_quietly, remove_stale
 from rwkv2rknn.ir import Context, GraphSegment
 
 NAME = "build"
+
+# Row count a token step runs with on a T-row build. rknn-toolkit2 2.5.0 builds several row counts
+# into one .rknn with dynamic_input, but a 1-row shape among them makes the other shapes compute
+# wrong results (measured: relative error ~1 at T = 16); with 2 rows every shape is right.
+DECODE_ROWS = 2
 
 
 def cache_key(onnx_bytes: bytes, target: str, toolkit: str) -> str:
@@ -173,7 +184,7 @@ def _jobs(ctx: Context, todo, out_dir: str) -> int:
 
 
 class _Builder:
-    """Builds one NPU segment (per-token, then its T-row variant) through the cache."""
+    """Builds one NPU segment (its T-row variant, or the per-token graph) through the cache."""
 
     def __init__(self, ctx: Context, out_dir: str, version: str):
         from rwkv2rknn.buildcache import BuildCache
@@ -199,6 +210,18 @@ class _Builder:
 
     def segment(self, seg: GraphSegment) -> str:
         opts, seg_dir = self.opts, os.path.join(self.out_dir, "segments")
+        if seg.seq_model is not None and opts.prefill_rows:
+            # the T-row variant for DECODE_ROWS and the prefill rows: one .rknn, weights once
+            rows = tuple(sorted({DECODE_ROWS, *opts.prefill_rows}))
+            seq_path = os.path.join(seg_dir, seg.name + ".seq.onnx")
+            key = file_key(seq_path, opts.target, self.version, repr(rows).encode())
+            status, reason = self.fetch_or_build(
+                seq_path, key, os.path.join(seg_dir, seg.name + ".seq.rknn"), rows)
+            if not reason:
+                seg.seq_rknn = seg.rknn = f"segments/{seg.name}.seq.rknn"
+                seg.seq_rows, seg.decode_rows, seg.cache_key = rows, DECODE_ROWS, key
+                return status + " (decode and T rows)"
+            seg.seq_fallback = reason  # the per-token graph alone; prefill token by token
         onnx_path = os.path.join(seg_dir, seg.name + ".onnx")
         key = file_key(onnx_path, opts.target, self.version)
         status, reason = self.fetch_or_build(onnx_path, key, os.path.join(seg_dir, seg.name + ".rknn"))
@@ -210,19 +233,7 @@ class _Builder:
             return "failed, CPU fallback"
         seg.rknn = f"segments/{seg.name}.rknn"
         seg.cache_key = key
-        if seg.seq_model is not None and opts.prefill_rows:
-            rows = tuple(sorted(opts.prefill_rows))
-            seq_path = os.path.join(seg_dir, seg.name + ".seq.onnx")
-            key = file_key(seq_path, opts.target, self.version, repr(rows).encode())
-            seq_status, reason = self.fetch_or_build(
-                seq_path, key, os.path.join(seg_dir, seg.name + ".seq.rknn"), rows)
-            if reason:
-                seg.seq_fallback = reason
-                return status + ", T-rows failed"
-            seg.seq_rknn = f"segments/{seg.name}.seq.rknn"
-            seg.seq_rows = rows
-            status += ", T-rows " + seq_status
-        return status
+        return status + (", T-rows failed" if seg.seq_fallback else "")
 
     def stop(self) -> None:
         self.stopping = True
