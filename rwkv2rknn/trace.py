@@ -39,7 +39,7 @@ def _session(graph, tensor_filter=None):
         o.type.tensor_type.ClearField("shape")
     data = model.SerializeToString()
     del model  # peak memory: never the graph, its proto, its bytes and the session at once
-    sess, _ = make_session(data, what="the traced graph")
+    sess, _ = make_session(data, what="the traced graph", prepack=False)
     return sess
 
 

@@ -15,7 +15,7 @@ _TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
           "tensor(int32)": np.int32, "tensor(int64)": np.int64, "tensor(double)": np.float64}
 
 
-def make_session(model, threads: int = 0, what: str = "model"):
+def make_session(model, threads: int = 0, what: str = "model", prepack: bool = True):
     """An InferenceSession for a path or serialized bytes.
 
     Thread pools do not spin between runs: a model runs as many sessions one after another, and
@@ -26,6 +26,8 @@ def make_session(model, threads: int = 0, what: str = "model"):
     fp16 files made by onnxconverter-common crash onnxruntime's default (ORT_ENABLE_ALL)
     optimisation at session creation; when that happens we retry with ORT_ENABLE_EXTENDED and
     log it. Returns ``(session, note)``, where ``note`` says what was done ('' if nothing).
+    ``prepack=False`` keeps onnxruntime from holding a second, repacked copy of the MatMul
+    weights (for sessions run only a few times, like the compiler's range trace).
     """
     import onnxruntime as ort
 
@@ -35,6 +37,8 @@ def make_session(model, threads: int = 0, what: str = "model"):
         so.log_severity_level = 4 if level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL else 3
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+        if not prepack:
+            so.add_session_config_entry("session.disable_prepacking", "1")
         if threads:
             so.intra_op_num_threads = threads
         return ort.InferenceSession(model, sess_options=so, providers=["CPUExecutionProvider"])
