@@ -12,6 +12,13 @@ rebuilt. Cache entries are written under a temporary name and renamed into place
 build or two compiles at once never leave a half entry. A failed build moves the segment to the
 CPU and says so; with ``--strict`` it is an error.
 
+With ``--quant w8a8`` (or w16a16i) a segment is built quantised from its calibration dataset
+(``rwkv2rknn.calibrate``); the child also runs the build in the simulator on held-out rows and
+the parent scores them against fp32 onnxruntime. A segment whose smallest cosine is below
+``--quant-min-cos`` (or whose quantised build fails) is built fp16 instead, and the plan says so.
+The cache key of a quantised build also holds the precision, the toolkit's quantisation settings
+and a digest of the calibration rows; its measured accuracy is cached beside it.
+
 Precondition: cut (and sequence) have run and the segment ONNX files are written in
 ``OUT_DIR/segments``. Postcondition: NPU segments have ``rknn`` (and ``seq_rknn``), or moved
 to the CPU with a ``fallback`` reason.
@@ -26,19 +33,26 @@ import shutil
 import signal
 import subprocess
 import sys
-from typing import Callable, Optional
+from typing import Callable, Dict, Optional
 
+import numpy as np
+
+from rwkv2rknn.calibrate import SegmentCalibration
 from rwkv2rknn.errors import ToolkitError
-from rwkv2rknn.io import cache_root, remove_quietly, remove_stale
+from rwkv2rknn.io import cache_root, read_json, remove_quietly, remove_stale, write_json
 from rwkv2rknn.ir import Context, GraphSegment
 
 NAME = "build"
 
 
-def cache_key(onnx_bytes: bytes, target: str, toolkit: str) -> str:
+def cache_key(onnx_bytes: bytes, target: str, toolkit: str, variant: str = "") -> str:
+    """The build cache entry of a segment's ONNX bytes; ``variant`` names anything else the build
+    depends on (precision, quantisation settings, calibration digest; '' for fp16)."""
     h = hashlib.sha256()
     for part in (target.encode(), b"\0", toolkit.encode(), b"\0", onnx_bytes):
         h.update(part)
+    if variant:
+        h.update(b"\0" + variant.encode())
     return h.hexdigest()
 
 
@@ -48,19 +62,25 @@ def partial_name(rknn_path: str, pid: int) -> str:
 
 
 def build_child(onnx_path: str, rknn_path: str, target: str, verbose: bool,
-                timeout: float, rows=()) -> str:
+                timeout: float, rows=(), precision: str = "fp16", dataset: str = "",
+                holdout: str = "", holdout_out: str = "") -> str:
     """Build in a child process; '' on success, else the reason it failed.
 
     The child writes ``partial_name(rknn_path, its pid)`` and renames it to ``rknn_path`` itself,
     so the entry is whole even if this process is killed while the child works. If the child
     fails, times out or this process is interrupted, the child is stopped and its partial file
-    removed.
+    removed. A quantised build (``precision``, ``dataset``) also runs the ``holdout`` dataset's
+    samples in the simulator and saves the outputs to ``holdout_out`` (.npz, sample-major).
     """
     cmd = [sys.executable, "-m", "rwkv2rknn.passes.build", onnx_path, rknn_path, "--target", target]
     if verbose:
         cmd.append("--verbose")
     if rows:
         cmd += ["--rows", ",".join(str(r) for r in rows)]
+    if precision != "fp16":
+        cmd += ["--precision", precision, "--dataset", dataset]
+    if holdout:
+        cmd += ["--holdout", holdout, "--holdout-out", holdout_out]
     proc = subprocess.Popen(cmd, stdout=None if verbose else subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     tmp = partial_name(rknn_path, proc.pid)
@@ -96,9 +116,11 @@ def clean_stale_partials(cache: str) -> None:
 
 
 def run(ctx: Context, out_dir: str,
-        progress: Optional[Callable[[GraphSegment, str, int, int], None]] = None) -> None:
+        progress: Optional[Callable[[GraphSegment, str, int, int], None]] = None,
+        calibration: Optional[Dict[str, SegmentCalibration]] = None) -> None:
     """Build the NPU segments whose ONNX files are in ``out_dir``/segments, copying each .rknn
-    beside its ONNX; ``progress(segment, status, i, n)`` after each."""
+    beside its ONNX; ``progress(segment, status, i, n)`` after each. ``calibration`` (by segment
+    name) is given for a quantised compile."""
     from rwkv2rknn.toolkit import require_toolkit
 
     opts = ctx.options
@@ -110,51 +132,133 @@ def run(ctx: Context, out_dir: str,
     todo = [seg for seg in ctx.segments if seg.device == "npu"]
     for i, seg in enumerate(todo, 1):
         onnx_path = os.path.join(out_dir, "segments", seg.name + ".onnx")
-        with open(onnx_path, "rb") as f:
-            key = cache_key(f.read(), opts.target, version)
-        entry = os.path.join(cache, key + ".rknn")
-        if os.path.isfile(entry) and os.path.getsize(entry) > 0:
-            hits += 1
-            status = "cached"
+        cal = (calibration or {}).get(seg.name)
+        entry, cached = _quantised(ctx, seg, onnx_path, cal, out_dir, cache, version) if cal else ("", False)
+        if entry:
+            status = f"{seg.precision} (cos {seg.accuracy['min_cos']:.4f})"
         else:
-            reason = build_child(onnx_path, entry, opts.target, opts.verbose, opts.build_timeout)
-            if reason:
-                if opts.strict:
-                    raise ToolkitError(f"building segment {seg.name} failed: {reason}",
-                                       "drop --strict to let it fall back to the CPU")
-                seg.device, seg.fallback = "cpu", reason
-                failed += 1
-                ctx.note(NAME, f"{seg.name}: build failed ({reason}); runs on the CPU")
-                if progress:
-                    progress(seg, "failed, CPU fallback", i, len(todo))
-                continue
-            built += 1
-            status = "built"
-        dest = os.path.join(out_dir, "segments", seg.name + ".rknn")
-        shutil.copyfile(entry, dest)
+            with open(onnx_path, "rb") as f:
+                seg.cache_key = cache_key(f.read(), opts.target, version)
+            entry = os.path.join(cache, seg.cache_key + ".rknn")
+            cached = _whole(entry)
+            if not cached:
+                reason = build_child(onnx_path, entry, opts.target, opts.verbose, opts.build_timeout)
+                if reason:
+                    if opts.strict:
+                        raise ToolkitError(f"building segment {seg.name} failed: {reason}",
+                                           "drop --strict to let it fall back to the CPU")
+                    seg.device, seg.fallback = "cpu", reason
+                    failed += 1
+                    ctx.note(NAME, f"{seg.name}: build failed ({reason}); runs on the CPU")
+                    if progress:
+                        progress(seg, "failed, CPU fallback", i, len(todo))
+                    continue
+            status = "fp16" + (f" ({seg.precision_note})" if seg.precision_note else "")
+        hits += cached
+        built += not cached
+        status += ", cached" if cached else ", built"
+        shutil.copyfile(entry, os.path.join(out_dir, "segments", seg.name + ".rknn"))
         seg.rknn = f"segments/{seg.name}.rknn"
-        seg.cache_key = key
         if seg.seq_model is not None and opts.prefill_rows:
-            status += _build_seq(seg, out_dir, cache, version, opts)
+            status += _build_seq(seg, out_dir, cache, version, opts, cal)
+        _estimate(ctx, seg)
         if progress:
             progress(seg, status, i, len(todo))
     ctx.note(NAME, f"{built} built, {hits} from the cache ({cache}), {failed} fell back to the CPU"
                    f" [rknn-toolkit2 {version}, target {opts.target}]")
+    if calibration:
+        kept = [f"{s.name} ({s.precision_note})" for s in todo if s.precision_note]
+        n_q = sum(s.precision == opts.quant for s in todo)
+        ctx.note(NAME, f"{n_q} of {len(todo)} NPU segment(s) {opts.quant} (min cosine >= "
+                       f"{opts.quant_min_cos:g} on held-out rows)" +
+                       (f"; kept fp16: {'; '.join(kept)}" if kept else ""))
     seq_failed = [s.name for s in todo if s.seq_fallback]
     if seq_failed:
         ctx.note(NAME, f"T-row builds failed for {', '.join(seq_failed)}: their prefill runs token by token")
 
 
-def _build_seq(seg: GraphSegment, out_dir: str, cache: str, version: str, opts) -> str:
-    """The T-row (prefill) variant of an NPU segment, one graph per row count, weights once."""
+def _whole(path: str) -> bool:
+    return os.path.isfile(path) and os.path.getsize(path) > 0
+
+
+def _quant_variant(precision: str, digest: str) -> str:
+    from rwkv2rknn.toolkit import QUANT_ALGORITHM, QUANT_DTYPE, QUANT_METHOD
+    return f"{QUANT_DTYPE[precision]}|{QUANT_ALGORITHM}|{QUANT_METHOD}|{digest}"
+
+
+def _quantised(ctx: Context, seg: GraphSegment, onnx_path: str, cal: SegmentCalibration,
+               out_dir: str, cache: str, version: str):
+    """(cache entry of the segment's quantised build, from the cache) if it is accurate enough,
+    else ('', False) and ``seg.precision_note`` says why it is built fp16."""
+    from rwkv2rknn.calibrate import Accuracy, accuracy
+    opts = ctx.options
+    carried = {t for s in ctx.state if s.accumulator for t in (s.input, s.output)}
+    if carried & set(seg.inputs + seg.outputs) or any(n.op in ("Exp", "Max") for n in seg.nodes):
+        raise RuntimeError(f"segment {seg.name} holds the recurrence, which must never be quantised")
+    with open(onnx_path, "rb") as f:
+        key = cache_key(f.read(), opts.target, version, _quant_variant(opts.quant, cal.digest))
+    entry, meta = os.path.join(cache, key + ".rknn"), os.path.join(cache, key + ".json")
+    acc = None
+    if _whole(entry) and os.path.isfile(meta):
+        try:
+            acc = Accuracy(**read_json(meta, "cached accuracy"))
+        except Exception:  # noqa: BLE001 - a damaged record: build again
+            acc = None
+    cached = acc is not None
+    if acc is None:
+        outs = partial_name(os.path.join(cache, key + ".holdout.npz"), os.getpid())
+        try:
+            reason = build_child(onnx_path, entry, opts.target, opts.verbose, opts.build_timeout,
+                                 precision=opts.quant, dataset=os.path.join(out_dir, cal.dataset),
+                                 holdout=cal.holdout, holdout_out=outs)
+            if reason:
+                seg.precision_note = f"{opts.quant} build failed: {reason}"
+                return "", False
+            with np.load(outs) as z:
+                flat = [z[f"arr_{j}"] for j in range(len(z.files))]
+        finally:
+            remove_quietly(outs)
+        n = len(seg.outputs)
+        got = [dict(zip(seg.outputs, flat[i * n:(i + 1) * n])) for i in range(len(cal.want))]
+        acc = accuracy(got, cal.want)
+        write_json(meta, acc.to_dict())
+    seg.accuracy = acc.to_dict()
+    if not acc.min_cos >= opts.quant_min_cos:
+        seg.precision_note = f"{opts.quant} cos {acc.min_cos:.4f} < {opts.quant_min_cos:g}"
+        return "", False
+    seg.precision, seg.calib, seg.cache_key = opts.quant, cal.dataset, key
+    return entry, cached
+
+
+def _estimate(ctx: Context, seg: GraphSegment) -> None:
+    """The segment's estimated ms per call and per prefill token at the precision it was built."""
+    from rwkv2rknn.passes.partition import estimate_ms
+    from rwkv2rknn.passes.sequence import prefill_rows
+    if seg.precision == "fp16" and seg.seq_precision == "fp16":
+        return
+    seg.est_ms = estimate_ms("npu", seg.nodes, ctx.profile, precision=seg.precision)
+    if seg.seq_model is not None:
+        t = prefill_rows(ctx)
+        seg.est_prefill_ms = estimate_ms("npu", seg.nodes, ctx.profile, rows=t,
+                                         precision=seg.seq_precision) / t
+
+
+def _build_seq(seg: GraphSegment, out_dir: str, cache: str, version: str, opts,
+               cal: Optional[SegmentCalibration] = None) -> str:
+    """The T-row (prefill) variant of an NPU segment, one graph per row count, weights once;
+    quantised like the per-token build when that one is and there are enough calibration rows."""
     rows = tuple(sorted(opts.prefill_rows))
     onnx_path = os.path.join(out_dir, "segments", seg.name + ".seq.onnx")
+    quant = seg.precision != "fp16" and cal is not None and cal.seq_dataset
+    variant = _quant_variant(seg.precision, cal.digest) if quant else ""
     with open(onnx_path, "rb") as f:
-        key = cache_key(f.read() + repr(rows).encode(), opts.target, version)
+        key = cache_key(f.read() + repr(rows).encode(), opts.target, version, variant)
     entry = os.path.join(cache, key + ".rknn")
     note = ", T-rows cached"
-    if not (os.path.isfile(entry) and os.path.getsize(entry) > 0):
-        reason = build_child(onnx_path, entry, opts.target, opts.verbose, opts.build_timeout, rows)
+    if not _whole(entry):
+        reason = build_child(onnx_path, entry, opts.target, opts.verbose, opts.build_timeout, rows,
+                             precision=seg.precision if quant else "fp16",
+                             dataset=os.path.join(out_dir, cal.seq_dataset) if quant else "")
         if reason:
             seg.seq_fallback = reason
             return ", T-rows failed"
@@ -162,7 +266,9 @@ def _build_seq(seg: GraphSegment, out_dir: str, cache: str, version: str, opts) 
     shutil.copyfile(entry, os.path.join(out_dir, "segments", seg.name + ".seq.rknn"))
     seg.seq_rknn = f"segments/{seg.name}.seq.rknn"
     seg.seq_rows = rows
-    return note
+    if quant:
+        seg.seq_precision, seg.seq_calib = seg.precision, cal.seq_dataset
+    return note + (f" ({seg.seq_precision})" if quant else "")
 
 
 def _main(argv=None) -> int:
@@ -172,6 +278,10 @@ def _main(argv=None) -> int:
     ap.add_argument("--target", default="rk3588")
     ap.add_argument("--verbose", action="store_true")
     ap.add_argument("--rows", default="", help="T-row variant: build one graph per row count (e.g. 16,32,64)")
+    ap.add_argument("--precision", default="fp16")
+    ap.add_argument("--dataset", default="", help="calibration dataset of a quantised build")
+    ap.add_argument("--holdout", default="", help="run these samples in the simulator after the build")
+    ap.add_argument("--holdout-out", default="", help="... and save the outputs here (.npz)")
     a = ap.parse_args(argv)
     from rwkv2rknn.errors import Rwkv2RknnError
     from rwkv2rknn.toolkit import build_in_process, dynamic_shapes
@@ -180,8 +290,13 @@ def _main(argv=None) -> int:
     try:
         rk = build_in_process(a.onnx, target=a.target, rknn_out=tmp, verbose=a.verbose,
                               float_dtype=os.environ.get("RWKV2RKNN_FLOAT_DTYPE", ""),
-                              dynamic_input=dynamic_shapes(a.onnx, rows) if rows else None)
-        rk.release()
+                              dynamic_input=dynamic_shapes(a.onnx, rows) if rows else None,
+                              precision=a.precision, dataset=a.dataset, runtime=bool(a.holdout))
+        try:
+            if a.holdout:
+                _run_holdout(rk, a.holdout, a.holdout_out)
+        finally:
+            rk.release()
         if not os.path.isfile(tmp) or os.path.getsize(tmp) == 0:
             print("rknn-toolkit2 wrote no .rknn", file=sys.stderr)
             return 1
@@ -192,6 +307,23 @@ def _main(argv=None) -> int:
         return 1
     finally:
         remove_quietly(tmp)
+
+
+def _run_holdout(rk, dataset: str, out: str) -> None:
+    """The simulator's outputs for every sample of ``dataset``, saved sample-major to ``out``."""
+    import contextlib
+    import io as _io
+
+    from rwkv2rknn.calibrate import read_dataset
+    flat = []
+    for sample in read_dataset(dataset):
+        with contextlib.redirect_stdout(_io.StringIO()):
+            outs = rk.inference(inputs=[np.ascontiguousarray(x, np.float32) for x in sample])
+        if outs is None:
+            raise ToolkitError("the simulator ran no held-out sample", "run with --verbose")
+        flat += [np.asarray(o, np.float32) for o in outs]
+    with open(out, "wb") as f:
+        np.savez(f, *flat)
 
 
 if __name__ == "__main__":

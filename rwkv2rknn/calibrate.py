@@ -163,15 +163,16 @@ def seq_feeds(rows: Rows, t: int, shift_inputs: Sequence[str]) -> List[Dict[str,
 
 
 def write_dataset(folder: str, inputs: Sequence[str], feeds: Sequence[Dict[str, np.ndarray]]) -> str:
-    """The toolkit's dataset: one line per sample listing one .npy per input, in input order."""
+    """The toolkit's dataset: one line per sample listing one .npy per input, in input order
+    (names relative to ``folder``; ``toolkit.build_in_process`` makes them absolute)."""
     os.makedirs(folder, exist_ok=True)
     lines = []
     for i, feed in enumerate(feeds):
         files = []
         for j, k in enumerate(inputs):
-            path = os.path.join(folder, f"{i:04d}_{j}.npy")
-            np.save(path, np.ascontiguousarray(feed[k], np.float32))
-            files.append(os.path.abspath(path))
+            name = f"{i:04d}_{j}.npy"
+            np.save(os.path.join(folder, name), np.ascontiguousarray(feed[k], np.float32))
+            files.append(name)
         lines.append(" ".join(files))
     path = os.path.join(folder, DATASET)
     with open(path, "w") as f:
@@ -181,8 +182,9 @@ def write_dataset(folder: str, inputs: Sequence[str], feeds: Sequence[Dict[str, 
 
 def read_dataset(path: str) -> List[List[np.ndarray]]:
     """The samples of a dataset file, each a list of arrays in input order."""
+    base = os.path.dirname(os.path.abspath(path))
     with open(path) as f:
-        return [[np.load(p) for p in line.split()] for line in f if line.strip()]
+        return [[np.load(os.path.join(base, p)) for p in line.split()] for line in f if line.strip()]
 
 
 @dataclass(frozen=True)
@@ -222,3 +224,77 @@ def accuracy(got: Sequence[Dict[str, np.ndarray]], want: Sequence[Dict[str, np.n
     if not rel:
         return Accuracy(1.0, 0.0, 0.0, 0)
     return Accuracy(min(cos), max(rel), float(np.median(rel)), len(got))
+
+
+# -------------------------------------------------------------------------------------------
+# the compiler's use: text -> ids before the passes run, datasets once the segments are cut
+
+
+def calibration_ids(source: str, text_path: Optional[str], n: int) -> tuple:
+    """(calibration ids, held-out ids, where the text came from) for the model at ``source``,
+    read with its recorded tokenizer. Fails before any pass runs if the text or tokenizer is bad."""
+    from rwkv2rknn import io
+    from rwkv2rknn.tokenizer import load_tokenizer
+
+    facts = io.model_facts(source)
+    spec = facts.get("tokenizer")
+    if not spec:
+        raise BadInput(f"'{source}' records no tokenizer, which calibration needs to read its text",
+                       "export the model with rwkv2rknn export --tokenizer bytes|world|PATH")
+    if text_path:
+        text, where = read_text(text_path), f"'{text_path}'"
+    else:
+        text, where = default_text(spec)
+    ids = load_tokenizer(spec).encode(text)
+    vocab = int((facts.get("shape") or {}).get("vocab") or 0)
+    if vocab and ids and max(ids) >= vocab:
+        raise BadInput(f"tokenizer '{spec}' reads calibration text {where} as id {max(ids)}, outside "
+                       f"the model's vocabulary ({vocab})", "export the model with its own --tokenizer")
+    cal, hold = split_tokens(ids, n, where)
+    return cal, hold, where
+
+
+@dataclass
+class SegmentCalibration:
+    """What the build pass needs to quantise one NPU segment and measure it."""
+
+    dataset: str  # per-token samples, relative to the artifact
+    seq_dataset: str  # T-row samples ('' if there are too few rows for one)
+    holdout: str  # held-out inputs (absolute, removed after the build)
+    want: List[Dict[str, np.ndarray]]  # their fp32 outputs
+    digest: str  # of every sample and held-out row: part of the build cache key
+
+
+def prepare(artifact: str, cal: Sequence[int], hold: Sequence[int], rows: int,
+            shift_inputs: Sequence[str]) -> Dict[str, SegmentCalibration]:
+    """Trace the cut artifact (its manifest written, no .rknn yet) on the calibration and
+    held-out ids and write each NPU segment's datasets under ``artifact``/calib/."""
+    import hashlib
+
+    traced = capture(artifact, list(cal) + list(hold))
+    out = {}
+    for name, r in traced.items():
+        n = len(cal)
+        part = Rows(name, r.inputs, r.outputs, r.shapes, r.feeds[:n], r.results[:n])
+        held = Rows(name, r.inputs, r.outputs, r.shapes, r.feeds[n:], r.results[n:])
+        h = hashlib.sha256(repr((r.inputs, rows)).encode())
+        for feed in r.feeds:
+            for k in r.inputs:
+                h.update(feed[k].tobytes())
+        write_dataset(os.path.join(artifact, "calib", name), r.inputs, part.feeds)
+        seq_rel = ""
+        seq = seq_feeds(part, rows, [k for k in r.inputs if k in shift_inputs]) if rows else []
+        if seq:
+            seq_rel = f"calib/{name}.seq/{DATASET}"
+            write_dataset(os.path.join(artifact, "calib", name + ".seq"), r.inputs, seq)
+        out[name] = SegmentCalibration(
+            dataset=f"calib/{name}/{DATASET}", seq_dataset=seq_rel,
+            holdout=write_dataset(os.path.join(artifact, "calib", ".holdout", name), r.inputs, held.feeds),
+            want=held.results, digest=h.hexdigest())
+    return out
+
+
+def drop_holdout(artifact: str) -> None:
+    """Remove the held-out rows (the artifact keeps only the datasets the simulator rebuilds from)."""
+    import shutil
+    shutil.rmtree(os.path.join(artifact, "calib", ".holdout"), ignore_errors=True)

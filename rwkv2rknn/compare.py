@@ -39,6 +39,10 @@ class Report:
              f"min cosine {self.min_cosine:.6f}")
         if self.state_drift is not None:
             s += f", state drift {self.state_drift:.3g}"
+        tol = self.tolerance
+        if "min_top1" in tol:
+            s += (f"; tolerance{' for ' + str(tol['precision']) if tol.get('precision') else ''}: "
+                  f"top-1 >= {100 * tol['min_top1']:g}%, max rel <= {tol['max_rel']:g}")
         return s + (" -- PASS" if self.passed else " -- FAIL: " + "; ".join(self.failures))
 
 

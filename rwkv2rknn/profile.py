@@ -9,7 +9,9 @@ A profile is a small JSON file::
 - ``npu_gflops``: fp16 MatMul throughput of the NPU by rows M (interpolated in log M);
 - ``cpu_gemv_gbs``: bytes of weights the CPU streams per second in a matrix-vector product;
 - ``cpu_weight_bytes``: bytes per weight the CPU side reads (4: fp32 ONNX Runtime);
-- ``handoff_ms``: an NPU<->CPU switch between segments.
+- ``handoff_ms``: an NPU<->CPU switch between segments;
+- ``npu_int8_speedup``: how much faster a w8a8 MatMul runs than fp16 (2: int8 weights are half
+  the bytes a bandwidth-bound decode reads, and the NPU's int8 rate is twice its fp16 rate).
 
 The defaults come from published RK3588 figures (a GEMV with M = 1, K = N = 1024 takes about
 0.1 ms on the CPU and 0.2 ms on one NPU core; about 10 GFLOPS fp16 at small M and a ~0.03 ms call
@@ -36,6 +38,7 @@ class DeviceProfile:
     cpu_gemv_gbs: float = 14.0
     cpu_weight_bytes: int = 4
     handoff_ms: float = 0.03
+    npu_int8_speedup: float = 2.0
 
     def npu_throughput(self, rows: int) -> float:
         """GFLOPS at ``rows`` rows, interpolated linearly in log(rows)."""
@@ -48,8 +51,11 @@ class DeviceProfile:
                 return g0 + f * (g1 - g0)
         return pts[-1][1]
 
-    def npu_matmul_ms(self, out_features: int, in_features: int, rows: int = 1) -> float:
-        return 2.0 * rows * out_features * in_features / (self.npu_throughput(rows) * 1e6)
+    def npu_matmul_ms(self, out_features: int, in_features: int, rows: int = 1,
+                      precision: str = "fp16") -> float:
+        """fp16 and w16a16i (2-byte weights) at the fp16 rate; w8a8 ``npu_int8_speedup`` faster."""
+        ms = 2.0 * rows * out_features * in_features / (self.npu_throughput(rows) * 1e6)
+        return ms / self.npu_int8_speedup if precision == "w8a8" else ms
 
     def cpu_matmul_ms(self, out_features: int, in_features: int, rows: int = 1) -> float:
         """Weight streaming bound; with many rows the CPU is compute bound (about 20 GFLOPS)."""
@@ -70,11 +76,12 @@ class DeviceProfile:
             p = cls(name=str(d.get("name", "custom")), npu_call_ms=float(d.get("npu_call_ms", 0.03)),
                     npu_gflops=gflops, cpu_gemv_gbs=float(d.get("cpu_gemv_gbs", 14.0)),
                     cpu_weight_bytes=int(d.get("cpu_weight_bytes", 4)),
-                    handoff_ms=float(d.get("handoff_ms", 0.03)))
+                    handoff_ms=float(d.get("handoff_ms", 0.03)),
+                    npu_int8_speedup=float(d.get("npu_int8_speedup", 2.0)))
         except (TypeError, ValueError, AttributeError) as e:
             raise BadInput(f"{where} is not a valid device profile ({e})",
                            "see rwkv2rknn/profile.py for the fields") from e
-        if p.cpu_gemv_gbs <= 0 or min(p.npu_gflops.values()) <= 0:
+        if p.cpu_gemv_gbs <= 0 or min(p.npu_gflops.values()) <= 0 or p.npu_int8_speedup <= 0:
             raise BadInput(f"{where} has a zero or negative throughput", "give positive figures")
         return p
 

@@ -94,6 +94,15 @@ class HybridModel:
                            "compile the model again")
         return path
 
+    def _calib(self, rel) -> str:
+        """A quantised segment's calibration dataset (the simulator quantises from it)."""
+        if not rel:
+            return ""
+        path = os.path.join(self.artifact, rel)
+        if not os.path.isfile(path):
+            raise BadInput(f"calibration dataset '{path}' is missing", "compile the model again")
+        return path
+
     def _runner(self, seg):
         from rwkv2rknn.runtime.ort import OrtRunner
         onnx_path = self._path(seg.onnx, seg.sha256)
@@ -103,7 +112,8 @@ class HybridModel:
         shapes = {k: list(v) for k, v in seg.shapes.items()}
         if self.backend == "rknn-sim":
             from rwkv2rknn.runtime.rknn import RknnSimRunner
-            return RknnSimRunner(onnx_path, seg.name, seg.inputs, seg.outputs, shapes, m_target(self))
+            return RknnSimRunner(onnx_path, seg.name, seg.inputs, seg.outputs, shapes, m_target(self),
+                                 precision=seg.precision, dataset=self._calib(seg.calib))
         from rwkv2rknn.runtime.rknn import RknnLiteRunner
         if not seg.rknn:
             raise BadInput(f"segment {seg.name} has no .rknn (compiled with --plan-only)",
@@ -176,7 +186,8 @@ class HybridModel:
             from rwkv2rknn.runtime.rknn import RknnSimRunner
             return RknnSimRunner(self._path(seg.seq_onnx, seg.seq_sha256),
                                  seg.name + ".seq", seg.inputs, seg.outputs, None, m_target(self),
-                                 rows=seg.seq_rows)
+                                 rows=seg.seq_rows, precision=seg.seq_precision,
+                                 dataset=self._calib(seg.seq_calib))
         from rwkv2rknn.runtime.rknn import RknnLiteRunner
         return RknnLiteRunner(self._path(seg.seq_rknn, seg.seq_rknn_sha256),
                               seg.name + ".seq", seg.inputs, seg.outputs, None, self._core_mask,
