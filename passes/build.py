@@ -153,10 +153,10 @@ def run(ctx: Context, out_dir: str,
                     if progress:
                         progress(seg, "failed, CPU fallback", i, len(todo))
                     continue
-            status = "fp16" + (f" ({seg.precision_note})" if seg.precision_note else "")
+            status = f"fp16 ({seg.precision_note})" if seg.precision_note else ""
         hits += cached
         built += not cached
-        status += ", cached" if cached else ", built"
+        status += (", " if status else "") + ("cached" if cached else "built")
         shutil.copyfile(entry, os.path.join(out_dir, "segments", seg.name + ".rknn"))
         seg.rknn = f"segments/{seg.name}.rknn"
         if seg.seq_model is not None and opts.prefill_rows:

@@ -67,21 +67,22 @@ def bundled_heldout() -> str:
     return os.path.join(os.path.dirname(models.__file__), "default", "heldout.txt")
 
 
-def read_text(path: str) -> str:
-    """A calibration text file as str: BadInput if unreadable, empty or not UTF-8."""
+def read_text(path: str, flag: str = "--calib-text") -> str:
+    """A text file given with ``flag`` as str: BadInput if unreadable, empty or not UTF-8."""
+    what = "calibration text" if flag == "--calib-text" else "text"
     try:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as e:
-        raise BadInput(f"cannot read calibration text '{path}' ({e.strerror})",
-                       "give a readable UTF-8 text file with --calib-text") from e
+        raise BadInput(f"cannot read {what} '{path}' ({e.strerror})",
+                       f"give a readable UTF-8 text file with {flag}") from e
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise BadInput(f"calibration text '{path}' is not UTF-8 (byte 0x{data[e.start]:02x} at "
-                       f"offset {e.start})", "give UTF-8 text with --calib-text") from e
+        raise BadInput(f"{what} '{path}' is not UTF-8 (byte 0x{data[e.start]:02x} at "
+                       f"offset {e.start})", f"give UTF-8 text with {flag}") from e
     if not text.strip():
-        raise BadInput(f"calibration text '{path}' is empty", "give some real text with --calib-text")
+        raise BadInput(f"{what} '{path}' is empty", f"give some real text with {flag}")
     return text
 
 

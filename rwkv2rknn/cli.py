@@ -147,9 +147,11 @@ def _options(**kw):
 @click.option("--calib-text", type=click.Path(dir_okay=False), default=None,
               help="UTF-8 calibration text for --quant (default: a built-in sample that suits "
                    "the model's tokenizer).")
-@click.option("--calib-tokens", type=click.IntRange(1, 4096), default=256, show_default=True,
+@click.option("--calib-tokens", type=click.IntRange(16, 4096), default=256, show_default=True,
               help="Tokens of calibration text for the --quant dataset (a quarter more are held "
                    "out to measure each segment).")
+@click.option("--range-tokens", type=click.IntRange(1, 4096), default=8, show_default=True,
+              help="Seeded sample tokens the fp16 range guard runs.")
 @click.option("--quant-min-cos", type=click.FloatRange(-1, 1), default=0.99, show_default=True,
               help="A quantised segment whose smallest cosine against fp32 on held-out rows is "
                    "lower is built fp16 instead.")
@@ -167,7 +169,7 @@ def _options(**kw):
 @click.option("--verbose", "tool_verbose", is_flag=True, help="Show rknn-toolkit2's own output.")
 @handle_errors
 def compile_cmd(model, out_dir, target, plan_only, strict, dump_after, quant, calib_text,
-                calib_tokens, quant_min_cos, cache_dir, prefill_rows, placement, profile_path, force,
+                calib_tokens, range_tokens, quant_min_cos, cache_dir, prefill_rows, placement, profile_path, force,
                 tool_verbose):
     """Compile MODEL (a folder of per-layer RWKV ONNX files, or one .onnx) into a hybrid
     NPU/CPU artifact."""
@@ -176,6 +178,7 @@ def compile_cmd(model, out_dir, target, plan_only, strict, dump_after, quant, ca
         raise UsageError("--calib-text is for quantised builds", "add --quant w8a8 (or drop --calib-text)")
     opts = _options(target=target, strict=strict, plan_only=plan_only, calib_tokens=calib_tokens,
                     quant=quant, calib_text=calib_text, quant_min_cos=quant_min_cos,
+                    range_tokens=range_tokens,
                     cache_dir=cache_dir, verbose=tool_verbose, placement=placement,
                     profile=profile_path, prefill_rows=_parse_rows(prefill_rows))
     manifest = _compile_with_progress(model, out_dir, opts, force, dump_after)
@@ -330,17 +333,24 @@ def _print_generation(model, tok_spec, prompt, max_tokens, temperature, top_p, s
               help="Per-layer files to compare against (default: the ones the artifact was compiled from).")
 @click.option("--per-segment", is_flag=True, help="Also compare every NPU segment alone against onnxruntime.")
 @click.option("--min-top1", type=click.FloatRange(0, 1), default=None,
-              help="Least share of steps whose top token agrees (default: 0.99; 0.90 with "
+              help="Least share of steps whose top token agrees (default: 0.99; 0.85 with "
                    "w8a8 segments on an NPU backend).")
 @click.option("--max-rel", type=float, default=None,
               help="Max logit error relative to the logit scale (default: 1e-4 for ort on fp32 "
                    "files, 0.05 for fp16 NPU segments, 0.25 with w8a8 ones).")
+@click.option("--text", "text_file", type=click.Path(dir_okay=False), default=None,
+              help="Teacher-force the first --tokens tokens of this UTF-8 text instead of random ids "
+                   "(default for w8a8 artifacts: a built-in English sample).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @handle_errors
-def check(artifact, n_tokens, seed, backend, reference, per_segment, min_top1, max_rel, as_json):
+def check(artifact, n_tokens, seed, backend, reference, per_segment, min_top1, max_rel, text_file,
+          as_json):
     """Run ARTIFACT and pure ONNX Runtime on the same tokens and compare; exit 1 outside tolerance."""
+    from rwkv2rknn.calibrate import read_text
     from rwkv2rknn.check import run_check
-    rep, chosen = run_check(artifact, n_tokens, seed, backend, reference, per_segment, min_top1, max_rel)
+    text = read_text(text_file, "--text") if text_file else None
+    rep, chosen = run_check(artifact, n_tokens, seed, backend, reference, per_segment, min_top1, max_rel,
+                            text)
     _print_check(rep, chosen, as_json)
 
 

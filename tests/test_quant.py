@@ -14,8 +14,9 @@ from rwkv2rknn.ir import Options
 from rwkv2rknn.passes.build import cache_key
 from rwkv2rknn.runtime.hybrid import load_manifest
 
-# What the w8a8 build of the small model below must keep, teacher-forced on calibration-style
-# text against the same model's fp32 ONNX on onnxruntime (measured: see the test's message).
+# What the w8a8 build of the small model below must keep, teacher-forced on English text (not
+# in its calibration rows) against the same model's fp32 ONNX on onnxruntime. Measured here:
+# 98.4% token by token, 96.8% through the T-row builds.
 MIN_TOP1_W8A8 = 0.90
 QUANT = dict(quant="w8a8", calib_tokens=96, prefill_rows=(4, 8))
 
@@ -79,6 +80,8 @@ def test_w8a8_runs_in_the_simulator_with_top1_agreement_against_fp32(byte_model,
         sim.close()
     top1_step = float(np.mean(got_step.argmax(1) == ref[:64].argmax(1)))
     top1_prefill = float(np.mean(got_prefill.argmax(1) == ref.argmax(1)))
+    print(f"w8a8 top-1 agreement with fp32: {top1_step:.3f} token by token, {top1_prefill:.3f} in "
+          f"T-row chunks; bits per byte {score.bits_per_byte:.4f}")
     assert top1_step >= MIN_TOP1_W8A8 and top1_prefill >= MIN_TOP1_W8A8, (top1_step, top1_prefill)
     assert np.isfinite(score.bits_per_byte) and score.bytes == len(text.encode()) - 1
 
@@ -111,7 +114,7 @@ def test_cache_key_holds_precision_and_calibration():
 
 def test_check_on_w8a8_states_its_tolerance(w8a8):
     r = CliRunner().invoke(cli, ["check", w8a8, "--backend", "rknn-sim", "--tokens", "16"])
-    assert "tolerance for w8a8: top-1 >= 90%, max rel <= 0.25" in r.output, r.output
+    assert "tolerance for w8a8: top-1 >= 85%, max rel <= 0.25" in r.output, r.output
 
 
 @pytest.mark.parametrize("content,words", [

@@ -289,7 +289,7 @@ def _check_finite(seg, runner, outs, phase: str = "") -> None:
             backend = getattr(runner, "backend", "?")
             hint = ("the model's own numbers overflow even in fp32; check the checkpoint"
                     if backend == "ort" else
-                    "values left fp16's range on the NPU; compile again with more --calib-tokens, "
+                    "values left fp16's range on the NPU; compile again with more --range-tokens, "
                     "or run with --backend ort to confirm")
             raise NumericalError(f"segment {seg.name} ({backend}) produced NaN/inf in '{name}'"
                                  + (f" {phase}" if phase else ""), hint)
