@@ -256,6 +256,13 @@ def _names(d, key) -> Tuple[str, ...]:
     return tuple(v)
 
 
+def _accuracy(s) -> Dict[str, float]:
+    v = s.get("accuracy") or {}
+    if not isinstance(v, dict):
+        raise TypeError("'accuracy' should be dict")
+    return {str(k): float(x) for k, x in v.items()}
+
+
 def _segment(s) -> Segment:
     backend = _get(s, "backend", str)
     if backend not in BACKENDS:
@@ -276,7 +283,7 @@ def _segment(s) -> Segment:
                   seq_rknn_sha256=str(s.get("seq_rknn_sha256", "")),
                   seq_rows=tuple(int(r) for r in s.get("seq_rows", []) or []),
                   precision=str(s.get("precision", "fp16")), seq_precision=str(s.get("seq_precision", "fp16")),
-                  accuracy={str(k): float(v) for k, v in (s.get("accuracy") or {}).items()},
+                  accuracy=_accuracy(s),
                   precision_note=str(s.get("precision_note", "")),
                   calib=s.get("calib") if isinstance(s.get("calib"), str) else None,
                   seq_calib=s.get("seq_calib") if isinstance(s.get("seq_calib"), str) else None)
