@@ -138,3 +138,16 @@ def test_calib_text_without_quant_is_a_usage_error(byte_model, tmp_path):
     r = CliRunner().invoke(cli, ["compile", byte_model, "-o", str(tmp_path / "a"), "--calib-text",
                                  calibrate.bundled_heldout()])
     assert r.exit_code == 2 and "--quant w8a8" in r.output
+
+
+def test_quant_with_plan_only_is_a_usage_error(byte_model, tmp_path):
+    r = CliRunner().invoke(cli, ["compile", byte_model, "-o", str(tmp_path / "a"), "--quant", "w8a8",
+                                 "--plan-only"])
+    assert r.exit_code == 2 and "--plan-only" in r.output and not (tmp_path / "a").exists()
+
+
+def test_check_text_must_be_readable_utf8(tmp_path):
+    bad = tmp_path / "t.txt"
+    bad.write_bytes(b"\xc3\x28 not utf-8")
+    r = CliRunner().invoke(cli, ["check", str(tmp_path), "--text", str(bad)])
+    assert r.exit_code == 1 and "text" in r.output and "is not UTF-8" in r.output and "--text" in r.output
