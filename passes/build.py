@@ -4,6 +4,20 @@
 
     segments/s001_npu_L0.onnx --(child: rknn-toolkit2 build)--> cache/<sha256>.rknn --> segments/s001_npu_L0.rknn
                                  '-- crash / refusal --> the segment falls back to the CPU (reported)
+    segments/s003_npu_L0-L1.seq.onnx --(T in 2, 16, 32, 64)--> segments/s003_npu_L0-L1.seq.rknn
+                                 (decode runs it with 2 rows; no per-token .rknn: weights once)
+
+A segment with a T-row (prefill) variant gets one build of that variant for the prefill row
+counts and for DECODE_ROWS: token steps run it with the token in row 0. Where that build fails,
+the per-token graph is built alone and prefill runs token by token.
+
+With ``--quant w8a8`` (or w16a16i) a build is quantised from the segment's calibration dataset
+(``rwkv2rknn.calibrate``); the child also runs it in the simulator on held-out rows (a T-row build:
+each row as a token step, in row 0) and the parent scores them against fp32 onnxruntime. A
+segment whose smallest cosine is below ``--quant-min-cos`` (or whose quantised build fails) is
+built fp16 instead, and the plan says so. The cache key of a quantised build also holds the
+precision, the toolkit's quantisation settings and a digest of the calibration rows; its measured
+accuracy is cached beside it.
 
 rknn-toolkit2 reports errors three ways (exceptions, return codes, and killing its own process),
 so each build runs in a child process with a time limit. Results are cached by the SHA-256 of
@@ -11,13 +25,6 @@ the segment's ONNX bytes, the target and the toolkit version: an unchanged segme
 rebuilt. Cache entries are written under a temporary name and renamed into place, so a killed
 build or two compiles at once never leave a half entry. A failed build moves the segment to the
 CPU and says so; with ``--strict`` it is an error.
-
-With ``--quant w8a8`` (or w16a16i) a segment is built quantised from its calibration dataset
-(``rwkv2rknn.calibrate``); the child also runs the build in the simulator on held-out rows and
-the parent scores them against fp32 onnxruntime. A segment whose smallest cosine is below
-``--quant-min-cos`` (or whose quantised build fails) is built fp16 instead, and the plan says so.
-The cache key of a quantised build also holds the precision, the toolkit's quantisation settings
-and a digest of the calibration rows; its measured accuracy is cached beside it.
 
 Precondition: cut (and sequence) have run and the segment ONNX files are written in
 ``OUT_DIR/segments``. Postcondition: NPU segments have ``rknn`` (and ``seq_rknn``), or moved
@@ -43,6 +50,10 @@ from rwkv2rknn.io import cache_root, read_json, remove_quietly, remove_stale, wr
 from rwkv2rknn.ir import Context, GraphSegment
 
 NAME = "build"
+# Row count a token step runs with on a T-row build. rknn-toolkit2 2.5.0 builds several row counts
+# into one .rknn with dynamic_input, but a 1-row shape among them makes the other shapes compute
+# wrong results (measured: relative error ~1 at T = 16); with 2 rows every shape is right.
+DECODE_ROWS = 2
 
 
 def cache_key(onnx_bytes: bytes, target: str, toolkit: str, variant: str = "") -> str:
@@ -131,17 +142,33 @@ def run(ctx: Context, out_dir: str,
     built = hits = failed = 0
     todo = [seg for seg in ctx.segments if seg.device == "npu"]
     for i, seg in enumerate(todo, 1):
-        onnx_path = os.path.join(out_dir, "segments", seg.name + ".onnx")
         cal = (calibration or {}).get(seg.name)
-        entry, cached = _quantised(ctx, seg, onnx_path, cal, out_dir, cache, version) if cal else ("", False)
+        if seg.seq_model is not None and opts.prefill_rows:
+            status = _build_shared(ctx, seg, out_dir, cache, version, cal)
+            if status:  # one build serves decode and prefill
+                hits += status.endswith("cached")
+                built += not status.endswith("cached")
+                _estimate(ctx, seg)
+                if progress:
+                    progress(seg, status + " (decode and T rows)", i, len(todo))
+                continue
+        onnx_path = os.path.join(out_dir, "segments", seg.name + ".onnx")
+        entry, cached = "", False
+        if cal:
+            entry, cached = _quantised(ctx, seg, onnx_path, (), cal.dataset, cal, cache, version, out_dir)
         if entry:
-            status = f"{seg.precision} (cos {seg.accuracy['min_cos']:.4f})"
+            key = seg.cache_key
+            hits += cached
+            built += not cached
+            status = f"{seg.precision} (cos {seg.accuracy['min_cos']:.4f}), " + ("cached" if cached else "built")
         else:
             with open(onnx_path, "rb") as f:
-                seg.cache_key = cache_key(f.read(), opts.target, version)
-            entry = os.path.join(cache, seg.cache_key + ".rknn")
-            cached = _whole(entry)
-            if not cached:
+                key = cache_key(f.read(), opts.target, version)
+            entry = os.path.join(cache, key + ".rknn")
+            if os.path.isfile(entry) and os.path.getsize(entry) > 0:
+                hits += 1
+                status = "cached"
+            else:
                 reason = build_child(onnx_path, entry, opts.target, opts.verbose, opts.build_timeout)
                 if reason:
                     if opts.strict:
@@ -153,14 +180,14 @@ def run(ctx: Context, out_dir: str,
                     if progress:
                         progress(seg, "failed, CPU fallback", i, len(todo))
                     continue
-            status = f"fp16 ({seg.precision_note})" if seg.precision_note else ""
-        hits += cached
-        built += not cached
-        status += (", " if status else "") + ("cached" if cached else "built")
-        shutil.copyfile(entry, os.path.join(out_dir, "segments", seg.name + ".rknn"))
+                built += 1
+                status = "built"
+        if seg.precision_note and seg.precision == "fp16":
+            status = f"fp16 ({seg.precision_note}), {status}"
+        dest = os.path.join(out_dir, "segments", seg.name + ".rknn")
+        shutil.copyfile(entry, dest)
         seg.rknn = f"segments/{seg.name}.rknn"
-        if seg.seq_model is not None and opts.prefill_rows:
-            status += _build_seq(seg, out_dir, cache, version, opts, cal)
+        seg.cache_key = key
         _estimate(ctx, seg)
         if progress:
             progress(seg, status, i, len(todo))
@@ -177,8 +204,42 @@ def run(ctx: Context, out_dir: str,
         ctx.note(NAME, f"T-row builds failed for {', '.join(seq_failed)}: their prefill runs token by token")
 
 
-def _whole(path: str) -> bool:
-    return os.path.isfile(path) and os.path.getsize(path) > 0
+def _build_shared(ctx: Context, seg: GraphSegment, out_dir: str, cache: str, version: str,
+                  cal: Optional[SegmentCalibration] = None) -> str:
+    """The T-row variant of an NPU segment built for DECODE_ROWS and the prefill row counts: one
+    .rknn, weights once, serving token steps (the token in row 0, padding after it) and prefill;
+    quantised when ``cal`` has T-row samples and the build is accurate enough.
+    Returns 'built' or 'cached' (after the precision), or '' when the build failed
+    (``seg.seq_fallback`` says why; the caller then builds the per-token graph alone and prefill
+    runs token by token)."""
+    opts = ctx.options
+    rows = tuple(sorted({DECODE_ROWS, *opts.prefill_rows}))
+    onnx_path = os.path.join(out_dir, "segments", seg.name + ".seq.onnx")
+    if cal and cal.seq_dataset:
+        entry, cached = _quantised(ctx, seg, onnx_path, rows, cal.seq_dataset, cal, cache, version,
+                                   out_dir)
+        if entry:
+            _copy_shared(seg, entry, out_dir, rows, seg.cache_key)
+            seg.seq_precision, seg.calib, seg.seq_calib = seg.precision, cal.seq_dataset, cal.seq_dataset
+            return f"{seg.precision} (cos {seg.accuracy['min_cos']:.4f}), " + ("cached" if cached else "built")
+    with open(onnx_path, "rb") as f:
+        key = cache_key(f.read() + repr(rows).encode(), opts.target, version)
+    entry = os.path.join(cache, key + ".rknn")
+    status = "cached"
+    if not (os.path.isfile(entry) and os.path.getsize(entry) > 0):
+        reason = build_child(onnx_path, entry, opts.target, opts.verbose, opts.build_timeout, rows)
+        if reason:
+            seg.seq_fallback = reason
+            return ""
+        status = "built"
+    _copy_shared(seg, entry, out_dir, rows, key)
+    return f"fp16 ({seg.precision_note}), {status}" if seg.precision_note else status
+
+
+def _copy_shared(seg: GraphSegment, entry: str, out_dir: str, rows, key: str) -> None:
+    shutil.copyfile(entry, os.path.join(out_dir, "segments", seg.name + ".seq.rknn"))
+    seg.seq_rknn = seg.rknn = f"segments/{seg.name}.seq.rknn"
+    seg.seq_rows, seg.decode_rows, seg.cache_key = rows, DECODE_ROWS, key
 
 
 def _quant_variant(precision: str, digest: str) -> str:
@@ -186,20 +247,22 @@ def _quant_variant(precision: str, digest: str) -> str:
     return f"{QUANT_DTYPE[precision]}|{QUANT_ALGORITHM}|{QUANT_METHOD}|{digest}"
 
 
-def _quantised(ctx: Context, seg: GraphSegment, onnx_path: str, cal: SegmentCalibration,
-               out_dir: str, cache: str, version: str):
-    """(cache entry of the segment's quantised build, from the cache) if it is accurate enough,
-    else ('', False) and ``seg.precision_note`` says why it is built fp16."""
+def _quantised(ctx: Context, seg: GraphSegment, onnx_path: str, rows, dataset: str,
+               cal: SegmentCalibration, cache: str, version: str, out_dir: str):
+    """(cache entry of the segment's quantised build, from the cache) if it is accurate enough
+    on the held-out rows, else ('', False) and ``seg.precision_note`` says why it is built fp16.
+    ``rows``: a T-row build's row counts (its held-out rows run as token steps, in row 0)."""
     from rwkv2rknn.calibrate import Accuracy, accuracy
     opts = ctx.options
     carried = {t for s in ctx.state if s.accumulator for t in (s.input, s.output)}
     if carried & set(seg.inputs + seg.outputs) or any(n.op in ("Exp", "Max") for n in seg.nodes):
         raise RuntimeError(f"segment {seg.name} holds the recurrence, which must never be quantised")
     with open(onnx_path, "rb") as f:
-        key = cache_key(f.read(), opts.target, version, _quant_variant(opts.quant, cal.digest))
+        key = cache_key(f.read() + (repr(tuple(rows)).encode() if rows else b""), opts.target, version,
+                        _quant_variant(opts.quant, cal.digest))
     entry, meta = os.path.join(cache, key + ".rknn"), os.path.join(cache, key + ".json")
     acc = None
-    if _whole(entry) and os.path.isfile(meta):
+    if os.path.isfile(entry) and os.path.getsize(entry) > 0 and os.path.isfile(meta):
         try:
             acc = Accuracy(**read_json(meta, "cached accuracy"))
         except Exception:  # noqa: BLE001 - a damaged record: build again
@@ -208,9 +271,9 @@ def _quantised(ctx: Context, seg: GraphSegment, onnx_path: str, cal: SegmentCali
     if acc is None:
         outs = partial_name(os.path.join(cache, key + ".holdout.npz"), os.getpid())
         try:
-            reason = build_child(onnx_path, entry, opts.target, opts.verbose, opts.build_timeout,
-                                 precision=opts.quant, dataset=os.path.join(out_dir, cal.dataset),
-                                 holdout=cal.holdout, holdout_out=outs)
+            reason = build_child(onnx_path, entry, opts.target, opts.verbose, opts.build_timeout, rows,
+                                 precision=opts.quant, dataset=os.path.join(out_dir, dataset),
+                                 holdout=cal.seq_holdout if rows else cal.holdout, holdout_out=outs)
             if reason:
                 seg.precision_note = f"{opts.quant} build failed: {reason}"
                 return "", False
@@ -219,14 +282,15 @@ def _quantised(ctx: Context, seg: GraphSegment, onnx_path: str, cal: SegmentCali
         finally:
             remove_quietly(outs)
         n = len(seg.outputs)
-        got = [dict(zip(seg.outputs, flat[i * n:(i + 1) * n])) for i in range(len(cal.want))]
+        got = [{k: np.asarray(flat[i * n + j]).reshape(DECODE_ROWS if rows else 1, -1)[0]
+                for j, k in enumerate(seg.outputs)} for i in range(len(cal.want))]
         acc = accuracy(got, cal.want)
         write_json(meta, acc.to_dict())
     seg.accuracy = acc.to_dict()
     if not acc.min_cos >= opts.quant_min_cos:
         seg.precision_note = f"{opts.quant} cos {acc.min_cos:.4f} < {opts.quant_min_cos:g}"
         return "", False
-    seg.precision, seg.calib, seg.cache_key = opts.quant, cal.dataset, key
+    seg.precision, seg.calib, seg.cache_key, seg.precision_note = opts.quant, dataset, key, ""
     return entry, cached
 
 
@@ -241,34 +305,6 @@ def _estimate(ctx: Context, seg: GraphSegment) -> None:
         t = prefill_rows(ctx)
         seg.est_prefill_ms = estimate_ms("npu", seg.nodes, ctx.profile, rows=t,
                                          precision=seg.seq_precision) / t
-
-
-def _build_seq(seg: GraphSegment, out_dir: str, cache: str, version: str, opts,
-               cal: Optional[SegmentCalibration] = None) -> str:
-    """The T-row (prefill) variant of an NPU segment, one graph per row count, weights once;
-    quantised like the per-token build when that one is and there are enough calibration rows."""
-    rows = tuple(sorted(opts.prefill_rows))
-    onnx_path = os.path.join(out_dir, "segments", seg.name + ".seq.onnx")
-    quant = seg.precision != "fp16" and cal is not None and cal.seq_dataset
-    variant = _quant_variant(seg.precision, cal.digest) if quant else ""
-    with open(onnx_path, "rb") as f:
-        key = cache_key(f.read() + repr(rows).encode(), opts.target, version, variant)
-    entry = os.path.join(cache, key + ".rknn")
-    note = ", T-rows cached"
-    if not _whole(entry):
-        reason = build_child(onnx_path, entry, opts.target, opts.verbose, opts.build_timeout, rows,
-                             precision=seg.precision if quant else "fp16",
-                             dataset=os.path.join(out_dir, cal.seq_dataset) if quant else "")
-        if reason:
-            seg.seq_fallback = reason
-            return ", T-rows failed"
-        note = ", T-rows built"
-    shutil.copyfile(entry, os.path.join(out_dir, "segments", seg.name + ".seq.rknn"))
-    seg.seq_rknn = f"segments/{seg.name}.seq.rknn"
-    seg.seq_rows = rows
-    if quant:
-        seg.seq_precision, seg.seq_calib = seg.precision, cal.seq_dataset
-    return note + (f" ({seg.seq_precision})" if quant else "")
 
 
 def _main(argv=None) -> int:

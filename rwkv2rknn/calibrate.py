@@ -262,14 +262,16 @@ class SegmentCalibration:
     dataset: str  # per-token samples, relative to the artifact
     seq_dataset: str  # T-row samples ('' if there are too few rows for one)
     holdout: str  # held-out inputs (absolute, removed after the build)
+    seq_holdout: str  # the same rows as token steps of a T-row build: each in row 0, zero rows after
     want: List[Dict[str, np.ndarray]]  # their fp32 outputs
     digest: str  # of every sample and held-out row: part of the build cache key
 
 
 def prepare(artifact: str, cal: Sequence[int], hold: Sequence[int], rows: int,
-            shift_inputs: Sequence[str]) -> Dict[str, SegmentCalibration]:
+            shift_inputs: Sequence[str], decode_rows: int = 2) -> Dict[str, SegmentCalibration]:
     """Trace the cut artifact (its manifest written, no .rknn yet) on the calibration and
-    held-out ids and write each NPU segment's datasets under ``artifact``/calib/."""
+    held-out ids and write each NPU segment's datasets under ``artifact``/calib/: T-row samples
+    of ``rows`` rows, held-out token steps as they come and padded to ``decode_rows`` rows."""
     import hashlib
 
     traced = capture(artifact, list(cal) + list(hold))
@@ -288,10 +290,21 @@ def prepare(artifact: str, cal: Sequence[int], hold: Sequence[int], rows: int,
         if seq:
             seq_rel = f"calib/{name}.seq/{DATASET}"
             write_dataset(os.path.join(artifact, "calib", name + ".seq"), r.inputs, seq)
+        shift = [k for k in r.inputs if k in shift_inputs]
+        steps = [{k: (v if k in shift else _pad_rows(v, decode_rows)) for k, v in f.items()}
+                 for f in seq_feeds(held, 1, shift)]
         out[name] = SegmentCalibration(
             dataset=f"calib/{name}/{DATASET}", seq_dataset=seq_rel,
             holdout=write_dataset(os.path.join(artifact, "calib", ".holdout", name), r.inputs, held.feeds),
+            seq_holdout=write_dataset(os.path.join(artifact, "calib", ".holdout", name + ".seq"),
+                                      r.inputs, steps),
             want=held.results, digest=h.hexdigest())
+    return out
+
+
+def _pad_rows(rows: np.ndarray, t: int) -> np.ndarray:
+    out = np.zeros((t, rows.shape[1]), np.float32)
+    out[:rows.shape[0]] = rows
     return out
 
 

@@ -60,7 +60,8 @@ def manifest_segment(ctx: Context, s: GraphSegment, out_dir: str, plan_only: boo
         precision=s.precision if on_npu else "fp16",
         seq_precision=s.seq_precision if seq_rknn else "fp16",
         accuracy=dict(s.accuracy) if on_npu else {}, precision_note=s.precision_note if on_npu else "",
-        calib=s.calib or None if on_npu else None, seq_calib=s.seq_calib or None if seq_rknn else None)
+        calib=s.calib or None if on_npu else None, seq_calib=s.seq_calib or None if seq_rknn else None,
+        decode_rows=s.decode_rows if on_npu else 0)
 
 
 def make_manifest(ctx: Context, out_dir: str, toolkit: str, plan_only: bool) -> Manifest:
@@ -148,21 +149,25 @@ def _calibrate(ctx: Context, tmp: str, toolkit: str, calib_ids) -> dict:
     cal, hold, where = calib_ids
     io.write_json(os.path.join(tmp, MANIFEST), make_manifest(ctx, tmp, toolkit, True).to_dict())
     rows = prefill_rows(ctx) if ctx.options.prefill_rows else 0
-    out = calibrate.prepare(tmp, cal, hold, rows, [s.input for s in ctx.state if not s.accumulator])
+    out = calibrate.prepare(tmp, cal, hold, rows, [s.input for s in ctx.state if not s.accumulator],
+                            build.DECODE_ROWS)
     ctx.note(build.NAME, f"calibration: {len(cal)} tokens of {where} for the {ctx.options.quant} "
                          f"dataset, the next {len(hold)} held out for accuracy")
     return out
 
 
 def plan_report(ctx: Context, manifest: Manifest) -> dict:
-    from rwkv2rknn.passes.support import reasons
+    from rwkv2rknn.passes.support import reasons, segment_reasons
+    nodes = {s.name: s.nodes for s in ctx.segments}
     return {"stages": manifest.per_layer(),
             "npu_flop_share": manifest.npu_flop_share(),
             "boundaries_per_token": manifest.boundaries(),
             "segments": [{"name": s.name, "backend": s.backend, "ops": s.ops, "matmuls": s.matmuls,
                           "flops": s.flops, "stages": list(s.stages), "fallback": s.fallback,
                           "precision": s.precision_label(), "accuracy": dict(s.accuracy),
-                          "precision_note": s.precision_note}
+                          "precision_note": s.precision_note,
+                          "cpu_reasons": segment_reasons(ctx, nodes.get(s.name, ()), s.fallback)
+                          if s.backend == "cpu" else {}}
                          for s in manifest.segments],
             "cpu_reasons": reasons(ctx),
             "passes": list(ctx.report),
@@ -180,7 +185,9 @@ def whole_graph(model_path: str):
             [(s.input, s.output) for s in ctx.state])
 
 
-def build_rknn(onnx_path: str, rknn_path: str, target: str = "rk3588", timeout: float = 600.0) -> str:
-    """Build one ONNX file into an .rknn in a child process; '' on success, else why not."""
+def build_rknn(onnx_path: str, rknn_path: str, target: str = "rk3588", timeout: float = 600.0,
+               rows=()) -> str:
+    """Build one ONNX file into an .rknn in a child process (a T-row file: one graph per row
+    count in ``rows``); '' on success, else why not."""
     from rwkv2rknn.passes.build import build_child
-    return build_child(onnx_path, rknn_path, target, False, timeout)
+    return build_child(onnx_path, rknn_path, target, False, timeout, rows)

@@ -61,6 +61,11 @@ class Segment:
             return f"{self.precision} cos {float(self.accuracy.get('min_cos', 0)):.4f}"
         return "fp16" + ("!" if self.precision_note else "")
 
+    # > 0: the segment has no per-token .rknn; a token step runs its T-row build (``rknn`` is the
+    # same file as ``seq_rknn``) with this many rows, the token in row 0 and padding after it:
+    # one copy of the weights for decode and prefill
+    decode_rows: int = 0
+
 
 @dataclass(frozen=True)
 class StateSlot:
@@ -286,12 +291,15 @@ def _segment(s) -> Segment:
                   accuracy=_accuracy(s),
                   precision_note=str(s.get("precision_note", "")),
                   calib=s.get("calib") if isinstance(s.get("calib"), str) else None,
-                  seq_calib=s.get("seq_calib") if isinstance(s.get("seq_calib"), str) else None)
+                  seq_calib=s.get("seq_calib") if isinstance(s.get("seq_calib"), str) else None,
+                  decode_rows=int(s.get("decode_rows", 0)))
     if not seg.stages:
         raise ValueError(f"segment '{seg.name}' covers no stages")
     if {seg.precision, seg.seq_precision} - set(PRECISIONS):
         raise ValueError(f"segment '{seg.name}' has unknown precision '{seg.precision}'")
-    if min(seg.ops, seg.matmuls, seg.flops) < 0:
+    if seg.decode_rows and (seg.decode_rows not in seg.seq_rows or seg.rknn != seg.seq_rknn):
+        raise ValueError(f"segment '{seg.name}' decodes on a T-row build it does not have")
+    if min(seg.ops, seg.matmuls, seg.flops, seg.decode_rows) < 0:
         raise ValueError(f"segment '{seg.name}' has a negative op count")
     for p in [seg.onnx] + [x for x in (seg.rknn, seg.seq_onnx, seg.seq_rknn, seg.calib, seg.seq_calib) if x]:
         if os.path.isabs(p) or ".." in p.replace("\\", "/").split("/"):
