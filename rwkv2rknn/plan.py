@@ -295,8 +295,8 @@ def _segment(s) -> Segment:
                   decode_rows=int(s.get("decode_rows", 0)))
     if not seg.stages:
         raise ValueError(f"segment '{seg.name}' covers no stages")
-    if {seg.precision, seg.seq_precision} - set(PRECISIONS):
-        raise ValueError(f"segment '{seg.name}' has unknown precision '{seg.precision}'")
+    if not seg.precision or not seg.seq_precision:
+        raise ValueError(f"segment '{seg.name}' has an empty precision")
     if seg.decode_rows and (seg.decode_rows not in seg.seq_rows or seg.rknn != seg.seq_rknn):
         raise ValueError(f"segment '{seg.name}' decodes on a T-row build it does not have")
     if min(seg.ops, seg.matmuls, seg.flops, seg.decode_rows) < 0:
