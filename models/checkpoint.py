@@ -11,7 +11,7 @@ from typing import Dict, Optional
 import numpy as np
 
 from rwkv2rknn.errors import BadInput, MissingDependency
-from rwkv2rknn.models import rwkv4
+from rwkv2rknn.models import rwkv4, rwkv7
 
 
 def load_checkpoint(path: str) -> Dict[str, np.ndarray]:
@@ -82,3 +82,62 @@ def save_checkpoint(sd: Dict[str, np.ndarray], path: str, dtype: str = "float32"
     import torch
     tdtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
     torch.save({k: torch.from_numpy(np.ascontiguousarray(a)).to(tdtype) for k, a in sd.items()}, path)
+
+
+def random_rwkv7(layers: int = 2, width: int = 128, vocab: int = 256, head_size: int = 64,
+                 lora: Optional[Dict[str, int]] = None, ffn: Optional[int] = None, seed: int = 0,
+                 scale: float = 1.0) -> Dict[str, np.ndarray]:
+    """A random RWKV-7 state dict in the official key layout and shapes.
+
+    Mixes in [0, 1] that depend on depth, decay base ``w0`` spread over channels as in the
+    official init (so that decays range from fast to slow), LoRA pairs (in, out) with widths
+    ``lora`` (w/a/v/g), ``r_k`` (H, N), no v0/v1/v2 in layer 0, GroupNorm ``ln_x`` weights
+    growing with depth; matrices ~ N(0, 1/fan_in) times ``scale``.
+    """
+    rng = np.random.default_rng(seed)
+    c, f, v = width, ffn or 4 * width, vocab
+    dims = {"w": 40, "a": 36, "v": 20, "g": 56, **(lora or {})}
+    if c % head_size:
+        raise ValueError(f"width {c} is not a multiple of the head size {head_size}")
+    ramp = np.arange(c, dtype=np.float32) / max(c - 1, 1)
+
+    def w(out, inp, gain=1.0):
+        return (rng.standard_normal((out, inp)) * gain * scale / np.sqrt(inp)).astype(np.float32)
+
+    def near(x0, spread, shape=(c,)):
+        return (x0 + spread * rng.standard_normal(shape)).astype(np.float32)
+
+    def vec3(x):
+        return np.asarray(x, np.float32).reshape(1, 1, c)
+
+    sd = {"emb.weight": (rng.standard_normal((v, c)) * 0.5).astype(np.float32),
+          "blocks.0.ln0.weight": near(1.0, 0.05), "blocks.0.ln0.bias": near(0.0, 0.05)}
+    for i in range(layers):
+        depth = i / max(layers - 1, 1)
+        b = f"blocks.{i}."
+        mix = ramp ** (1.0 - 0.5 * depth)
+        sd.update({b + "ln1.weight": near(1.0, 0.05), b + "ln1.bias": near(0.0, 0.05),
+                   b + "ln2.weight": near(1.0, 0.05), b + "ln2.bias": near(0.0, 0.05)})
+        for j, m in enumerate("rwkvag"):
+            sd[b + f"att.x_{m}"] = vec3(np.clip(1.0 - mix ** (0.5 + 0.2 * j) + 0.05 * rng.standard_normal(c), 0, 1))
+        sd[b + "att.w0"] = vec3(-7 + 5 * ramp ** (0.85 + depth ** 0.5) + 0.5 + near(0, 0.3))
+        sd[b + "att.w1"], sd[b + "att.w2"] = w(c, dims["w"]), w(dims["w"], c, 0.5)
+        sd[b + "att.a0"] = vec3(near(0.0, 0.5))
+        sd[b + "att.a1"], sd[b + "att.a2"] = w(c, dims["a"]), w(dims["a"], c, 0.5)
+        if i:
+            sd[b + "att.v0"] = vec3(near(1.0, 0.3))
+            sd[b + "att.v1"], sd[b + "att.v2"] = w(c, dims["v"]), w(dims["v"], c, 0.5)
+        sd[b + "att.g1"], sd[b + "att.g2"] = w(c, dims["g"]), w(dims["g"], c, 0.5)
+        sd[b + "att.k_k"] = vec3(near(0.85, 0.1))
+        sd[b + "att.k_a"] = vec3(near(1.0, 0.1))
+        sd[b + "att.r_k"] = near(-0.04, 0.1, (c // head_size, head_size))
+        for name in ("receptance", "key", "value", "output"):
+            sd[b + f"att.{name}.weight"] = w(c, c)
+        sd[b + "att.ln_x.weight"] = near(((1 + i) / layers) ** 0.7, 0.05)
+        sd[b + "att.ln_x.bias"] = near(0.0, 0.05)
+        sd[b + "ffn.x_k"] = vec3(1.0 - mix ** 4)
+        sd[b + "ffn.key.weight"], sd[b + "ffn.value.weight"] = w(f, c), w(c, f)
+    sd.update({"ln_out.weight": near(1.0, 0.05), "ln_out.bias": near(0.0, 0.05),
+               "head.weight": w(v, c) * 4})
+    rwkv7.check_state_dict(sd)
+    return sd

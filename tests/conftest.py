@@ -77,3 +77,39 @@ def fp32_plan_artifact(fp32_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tokens():
     return [int(t) for t in np.random.default_rng(7).integers(0, SMALL["vocab"], 40)]
+
+
+# A small random RWKV-7: 3 layers, width 192 (3 heads of 64), odd vocabulary, LoRA widths
+# that are not powers of two (the checkpoint maker's defaults: w 40, a 36, v 20, g 56).
+SMALL7 = dict(layers=3, width=192, vocab=301, seed=5)
+
+
+@pytest.fixture(scope="session")
+def v7_sd():
+    from rwkv2rknn.models.checkpoint import random_rwkv7
+    return random_rwkv7(**SMALL7)
+
+
+@pytest.fixture(scope="session")
+def v7_dirs(v7_sd, tmp_path_factory):
+    """{'pth', 'fp32', 'fp16'}: the checkpoint as an official .pth and its two exports."""
+    from rwkv2rknn.models.checkpoint import save_checkpoint
+    from rwkv2rknn.models.export import export
+    d = tmp_path_factory.mktemp("v7")
+    out = {"pth": str(d / "rwkv7.pth"), "fp32": str(d / "fp32"), "fp16": str(d / "fp16")}
+    save_checkpoint(v7_sd, out["pth"])
+    export(v7_sd, out["fp32"], fp32=True, tokenizer="bytes")
+    export(v7_sd, out["fp16"], tokenizer="bytes")
+    return out
+
+
+@pytest.fixture(scope="session")
+def v7_tokens():
+    return [int(t) for t in np.random.default_rng(17).integers(0, SMALL7["vocab"], 40)]
+
+
+@pytest.fixture(scope="session")
+def v7_reference(v7_dirs, v7_tokens, tmp_path_factory):
+    """The `rwkv` package's logits [40, V] for v7_tokens (cpu fp32, in a child process)."""
+    from rwkv_package import package_logits
+    return package_logits(v7_dirs["pth"], v7_tokens, "7", str(tmp_path_factory.mktemp("pkg7")))

@@ -57,8 +57,18 @@ def _described_layers(folder: str) -> int:
         return 0
 
 
+V_FIRST = "v_first"  # RWKV-7: layer 0's value vector, read by every later layer
+
+
 class PerLayerModel:
-    """The public per-layer files run one token at a time by ONNX Runtime."""
+    """The per-layer files run one token at a time by ONNX Runtime.
+
+    Two block layouts: the public RWKV-4 one (``input, state_in [rows, C]`` -> ``output,
+    state_out``), whose state is an array [layers, rows, C]; and named state slots (RWKV-7:
+    ``input, [v_first,] att_shift, wkv, ffn_shift`` -> ``output, [v_first,] att_shift_out, ...``),
+    whose state is one flat array holding every layer's slots in file order (``slots`` gives
+    each one's layer, name, offset and shape).
+    """
 
     def __init__(self, folder: str, threads: int = 0):
         embed, blocks, head = stage_files(folder)
@@ -68,19 +78,44 @@ class PerLayerModel:
         fell_back = [r for r in (self.embed, *self.blocks, self.head) if r.note]
         self.notes = [f"{len(fell_back)} file(s): onnxruntime's default optimisation failed; "
                       f"used ORT_ENABLE_EXTENDED"] if fell_back else []
+        self.rows_layout = self.blocks[0].inputs == ["input", "state_in"]
         self._check_io()
         self.dtype = self.blocks[0].input_types["input"]
         try:
-            shape = self.blocks[0].input_shapes["state_in"]
-            self.state_shape = (len(self.blocks), int(shape[0]), int(shape[1]))
+            self.width = int(self.head.input_shapes["x"][0])
             self.vocab = int(self.head.session.get_outputs()[0].shape[-1])
+            self.slots = self._slots()
         except (TypeError, ValueError, IndexError) as e:
             raise UnsupportedModel(f"the per-layer files have no fixed state or vocabulary shape ({e})",
                                    "this is not the per-layer RWKV ONNX layout") from e
+        self.layers = len(self.blocks)
+        if self.rows_layout:
+            self.state_shape = (self.layers,) + tuple(self.slots[0][3])
+        else:
+            self.state_shape = (sum(int(np.prod(s[3])) for s in self.slots),)
+
+    def _slots(self):
+        """[(layer, input name, offset, shape)]: the state tensors of every block in order."""
+        out, offset = [], 0
+        for i, block in enumerate(self.blocks):
+            names = ["state_in"] if self.rows_layout else \
+                [n for n in block.inputs if n not in ("input", V_FIRST)]
+            for name in names:
+                shape = tuple(int(d) for d in block.input_shapes[name])
+                out.append((i, name, offset, shape))
+                offset += int(np.prod(shape))
+        return out
 
     def _check_io(self):
         want = [(self.embed, ["token"], ["output"]), (self.head, ["x"], ["output"])]
-        want += [(b, ["input", "state_in"], ["output", "state_out"]) for b in self.blocks]
+        for i, b in enumerate(self.blocks):
+            if self.rows_layout:
+                want.append((b, ["input", "state_in"], ["output", "state_out"]))
+                continue
+            names = [n for n in b.inputs if n not in ("input", V_FIRST)]
+            ins = ["input"] + ([V_FIRST] if i else []) + names
+            outs = ["output"] + ([] if i else [V_FIRST]) + [n + "_out" for n in names]
+            want.append((b, ins, outs))
         for runner, ins, outs in want:
             if runner.inputs != ins or runner.outputs != outs:
                 raise UnsupportedModel(
@@ -88,7 +123,8 @@ class PerLayerModel:
                     f"expected {ins} and {outs}", "this is not the per-layer RWKV ONNX layout")
         try:
             widths = {int(b.input_shapes["input"][0]) for b in self.blocks}
-            widths |= {int(b.input_shapes["state_in"][1]) for b in self.blocks}
+            if self.rows_layout:
+                widths |= {int(b.input_shapes["state_in"][1]) for b in self.blocks}
             widths.add(int(self.head.input_shapes["x"][0]))
         except (TypeError, ValueError, IndexError) as e:
             raise UnsupportedModel(f"the per-layer files have no fixed width ({e})",
@@ -103,10 +139,24 @@ class PerLayerModel:
     def step(self, token: int, state: np.ndarray) -> np.ndarray:
         """Advance by one token; updates ``state`` in place and returns float32 logits [V]."""
         x = self.embed.infer({"token": np.array([token], np.int32)})["output"]
-        for i, block in enumerate(self.blocks):
-            out = block.infer({"input": x, "state_in": state[i]})
+        if self.rows_layout:
+            for i, block in enumerate(self.blocks):
+                out = block.infer({"input": x, "state_in": state[i]})
+                x = out["output"]
+                state[i] = out["state_out"]
+            return self.head.infer({"x": x})["output"].astype(np.float32)
+        views = [[] for _ in self.blocks]
+        for layer, name, offset, shape in self.slots:
+            views[layer].append((name, state[offset:offset + int(np.prod(shape))].reshape(shape)))
+        carried = {}
+        for block, slots in zip(self.blocks, views):
+            feed = {"input": x, **carried, **dict(slots)}
+            out = block.infer({k: feed[k] for k in block.inputs})
             x = out["output"]
-            state[i] = out["state_out"]
+            if V_FIRST in out:
+                carried[V_FIRST] = out[V_FIRST]
+            for name, view in slots:
+                view[...] = out[name + "_out"]
         return self.head.infer({"x": x})["output"].astype(np.float32)
 
     def logits(self, tokens: Sequence[int]) -> np.ndarray:

@@ -1,0 +1,305 @@
+"""RWKV-7 ("Goose"): the one place that knows what an RWKV-7 model is.
+
+The same surface as ``rwkv4.py``: ``ARCH``, ``Shape``/``shape_of``, ``check_state_dict``, the
+per-layer file names and I/O, the state slots, and ``embed_graph``/``block_graph``/``head_graph``.
+
+The per-token recurrence of one block (H heads of N channels, C = H*N; ``@ W`` is a row
+vector times a stored matrix, the LoRA pairs are stored (in, out))::
+
+    xx = LN1(x);  d = att_shift - xx;  x_r = xx + d*mix_r   (same for w, k, v, a, g)
+    r = x_r @ R;  k = x_k @ K;  v = x_v @ V
+    w = exp(-0.606531 * sigmoid(w0 + tanh(x_w @ w1) @ w2))
+    a = sigmoid(a0 + (x_a @ a1) @ a2);  g = sigmoid(x_g @ g1) @ g2
+    kk = L2-normalise(k * k_k) per head;  k = k * (1 + (a - 1) * k_a)
+    layer 0: v_first = v;  later: v = v + (v_first - v) * sigmoid(v0 + (x_v @ v1) @ v2)
+    per head: S = S diag(w) - (S kk)(kk*a)^T + v k^T;  y = S r      (S [value, key], fp32)
+    y = GroupNorm_H(y, eps 64e-5) * ln_x.w + ln_x.b + sum(r*k*r_k per head) * v
+    x = x + (y * g) @ O
+    xx2 = LN2(x);  x_k = xx2 + (ffn_shift - xx2)*ffn.x_k;  x = x + relu(x_k @ Kf)^2 @ Vf
+    att_shift' = xx;  ffn_shift' = xx2
+
+Per-layer files (``mixing_{i}.onnx``): inputs ``input`` [C], ``v_first`` [C] (layers >= 1),
+``att_shift`` [C], ``wkv`` [H, N, N], ``ffn_shift`` [C]; outputs ``output`` [C], ``v_first``
+[C] (layer 0 only), ``att_shift_out``, ``wkv_out``, ``ffn_shift_out``. ``v_first`` is an
+inter-layer value (layer 0's value vector, read by every later layer in the same token), not a
+state. Every projection is a constant-weight MatMul in row form (``x[1, K] @ W[K, N]``); the nodes
+of the wkv step are named ``wkv.*`` (the fp16 export keeps them in fp32).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Mapping, Tuple
+
+import numpy as np
+
+from rwkv2rknn.errors import UnsupportedModel
+from rwkv2rknn.models import graph, rwkv4
+from rwkv2rknn.models.graph import as_np, dims, vi
+
+ARCH = "rwkv7"
+VERSION = "7"
+LN_EPS = 1e-5
+GN_EPS = 64e-5
+DECAY_SCALE = -0.606531  # -exp(-0.5)
+NORM_EPS = 1e-12  # torch.nn.functional.normalize
+
+EMBED_FILE, HEAD_FILE, BLOCK_FILE = rwkv4.EMBED_FILE, rwkv4.HEAD_FILE, rwkv4.BLOCK_FILE
+EMBED_IO, HEAD_IO = rwkv4.EMBED_IO, rwkv4.HEAD_IO
+V_FIRST = "v_first"
+# The recurrent state of one layer: (name, shape kind, accumulates over the sequence).
+STATE_SLOTS = (("att_shift", "C", False), ("wkv", "HNN", True), ("ffn_shift", "C", False))
+OUT_SUFFIX = "_out"
+WKV_PREFIX = "wkv."  # node names of the recurrence inside a block
+
+LORAS = ("w", "a", "v", "g")  # att.{w,a,v,g}1 (C, D) and att.{w,a,v,g}2 (D, C)
+_VEC = ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "a0", "k_k", "k_a")
+
+
+def block_io(i: int) -> Tuple[Tuple[str, ...], Tuple[str, ...]]:
+    """(inputs, outputs) of ``mixing_{i}.onnx``."""
+    states = tuple(name for name, _, _ in STATE_SLOTS)
+    ins = ("input",) + ((V_FIRST,) if i else ()) + states
+    outs = ("output",) + (() if i else (V_FIRST,)) + tuple(s + OUT_SUFFIX for s in states)
+    return ins, outs
+
+
+@dataclass(frozen=True)
+class Shape:
+    layers: int
+    width: int
+    ffn: int
+    vocab: int
+    head_size: int = 64
+    lora: Dict[str, int] = field(default_factory=dict)  # w/a/v/g -> LoRA width
+
+    @property
+    def heads(self) -> int:
+        return self.width // self.head_size
+
+    def slot_shape(self, kind: str) -> Tuple[int, ...]:
+        return (self.heads, self.head_size, self.head_size) if kind == "HNN" else (self.width,)
+
+    def _matmul_params(self, layer: int) -> int:
+        c, f = self.width, self.ffn
+        lora = sum(2 * c * d for name, d in self.lora.items() if layer or name != "v")
+        return 4 * c * c + 2 * c * f + lora
+
+    def params(self) -> int:
+        c = self.width
+        per_layer = sum(self._matmul_params(i) + (19 if i else 18) * c for i in range(self.layers))
+        return 2 * self.vocab * c + per_layer + 4 * c
+
+    def matmul_flops_per_token(self) -> int:
+        return 2 * (sum(self._matmul_params(i) for i in range(self.layers)) + self.vocab * self.width)
+
+    def to_dict(self) -> dict:
+        return {"layers": self.layers, "width": self.width, "ffn": self.ffn, "vocab": self.vocab,
+                "head_size": self.head_size, "lora": dict(self.lora)}
+
+
+def description(shape: Shape) -> dict:
+    """What the exporter records about the state beside the files (rwkv2rknn-model.json):
+    per layer, each slot's input name, output name, shape and whether it accumulates."""
+    return {"version": VERSION, "inter_layer": [V_FIRST],
+            "state_slots": [{"name": name, "input": name, "output": name + OUT_SUFFIX,
+                             "shape": list(shape.slot_shape(kind)), "accumulator": acc}
+                            for name, kind, acc in STATE_SLOTS]}
+
+
+def shape_of(sd: Mapping[str, object]) -> Shape:
+    layers = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    vocab, width = dims(sd["emb.weight"])
+    ffn = dims(sd["blocks.0.ffn.key.weight"])[0] if "blocks.0.ffn.key.weight" in sd else 4 * width
+    heads, head_size = dims(sd["blocks.0.att.r_k"]) if "blocks.0.att.r_k" in sd else (0, 0)
+    lora = {}
+    for name in LORAS:
+        key = f"blocks.{1 if name == 'v' and layers > 1 else 0}.att.{name}1"
+        if key in sd:
+            lora[name] = dims(sd[key])[-1]
+    return Shape(layers, width, ffn, vocab, head_size, lora)
+
+
+def check_state_dict(sd: Mapping[str, object]) -> Shape:
+    """Validate an RWKV-7 state dict; return its shape or raise a one-line UnsupportedModel."""
+    version = rwkv4.detect_version(sd)
+    if version != VERSION:
+        raise UnsupportedModel(f"not an RWKV-7 checkpoint (it looks like RWKV-{version})",
+                               "give an official RWKV-7 .pth checkpoint")
+    shape = shape_of(sd)
+    c, f, v, n = shape.width, shape.ffn, shape.vocab, shape.head_size
+    if n <= 0 or c % n or shape.heads * n != c:
+        raise UnsupportedModel(f"RWKV-7 'blocks.0.att.r_k' has shape {list(dims(sd['blocks.0.att.r_k']))},"
+                               f" which does not split width {c} into heads",
+                               "the checkpoint is damaged")
+    missing = [x for x in LORAS if x not in shape.lora]
+    if missing:
+        raise UnsupportedModel(f"not an RWKV-7 checkpoint: no 'att.{missing[0]}1' LoRA matrix",
+                               "give an official RWKV-7 .pth checkpoint")
+    expected = {"emb.weight": (v, c), "blocks.0.ln0.weight": (c,), "blocks.0.ln0.bias": (c,),
+                "ln_out.weight": (c,), "ln_out.bias": (c,), "head.weight": (v, c)}
+    for i in range(shape.layers):
+        b = f"blocks.{i}."
+        for key in ("ln1.weight", "ln1.bias", "ln2.weight", "ln2.bias", "att.ln_x.weight",
+                    "att.ln_x.bias"):
+            expected[b + key] = (c,)
+        for key in _VEC:
+            expected[b + "att." + key] = (1, 1, c)
+        expected[b + "ffn.x_k"] = (1, 1, c)
+        expected[b + "att.r_k"] = (shape.heads, n)
+        for key in ("receptance", "key", "value", "output"):
+            expected[b + f"att.{key}.weight"] = (c, c)
+        expected[b + "ffn.key.weight"] = (f, c)
+        expected[b + "ffn.value.weight"] = (c, f)
+        for name, d in shape.lora.items():
+            if name == "v" and i == 0:
+                continue
+            expected[b + f"att.{name}1"], expected[b + f"att.{name}2"] = (c, d), (d, c)
+        if i:
+            expected[b + "att.v0"] = (1, 1, c)
+    error = graph.shape_error(sd, expected, "RWKV-7")
+    if error is not None:
+        raise error
+    return shape
+
+
+def block_params(sd: Mapping[str, object], i: int) -> Dict[str, np.ndarray]:
+    """Layer ``i``'s tensors by their name after ``blocks.{i}.``: vectors flat, matrices as used
+    (projections transposed to (in, out), LoRA matrices as stored)."""
+    prefix = f"blocks.{i}."
+    p = {}
+    for key, t in sd.items():
+        if not key.startswith(prefix):
+            continue
+        name, arr = key[len(prefix):], as_np(t)
+        if name.endswith(".weight") and arr.ndim == 2:
+            arr = arr.T  # (out, in) -> (in, out)
+        elif arr.ndim == 3 or name.endswith("r_k"):
+            arr = arr.reshape(-1)
+        p[name] = np.ascontiguousarray(arr)
+    return p
+
+
+# --------------------------------------------------------------------------------------------
+# ONNX graphs
+
+
+def embed_graph(sd: Mapping[str, object]):
+    """Token -> LN0(emb[token]): the same stage as RWKV-4's."""
+    return rwkv4.embed_graph(sd)
+
+
+def head_graph(sd: Mapping[str, object]):
+    from onnx import TensorProto
+    g = graph.Builder()
+    v, c = dims(sd["head.weight"])
+    y = g.layer_norm("x", as_np(sd["ln_out.weight"]), as_np(sd["ln_out.bias"]), "ln_out", LN_EPS)
+    g.rows(y, [as_np(sd["head.weight"]).T], "head", out="output")
+    return g.model([vi("x", TensorProto.FLOAT, [c])], [vi("output", TensorProto.FLOAT, [v])], "head")
+
+
+def _wkv(g: graph.Builder, p, s: Dict[str, str], h: int, n: int, first: bool) -> str:
+    """The recurrence of one block (nodes named ``wkv.*``): the new state goes to ``wkv_out``;
+    returns ``(GroupNorm(y) + bonus) * g``."""
+    c = h * n
+
+    def op(kind, *ins, tag, **kw):
+        return g.op(kind, *ins, name=WKV_PREFIX + tag, **kw)
+
+    def k_(name, value):
+        return g.const(WKV_PREFIX + name, np.asarray(value, np.float32))
+
+    def shaped(x, shape, tag):
+        return g.reshape(x, shape, WKV_PREFIX + tag)
+
+    w = op("Sigmoid", op("Add", k_("w0", p["att.w0"]), s["w"], tag="w_add"), tag="w_sigmoid")
+    w = op("Exp", op("Mul", w, k_("decay_scale", DECAY_SCALE), tag="w_scale"), tag="decay")
+    a = op("Sigmoid", op("Add", k_("a0", p["att.a0"]), s["a"], tag="a_add"), tag="a")
+    kk = shaped(op("Mul", s["k"], k_("k_k", p["att.k_k"]), tag="kk"), [h, n], "kk_heads")
+    sq = op("ReduceSum", op("Mul", kk, kk, tag="kk_sq"),
+            g.const(WKV_PREFIX + "axis", np.array([-1], np.int64)), tag="kk_sumsq", keepdims=1)
+    norm = op("Max", op("Sqrt", sq, tag="kk_norm"), k_("norm_eps", NORM_EPS), tag="kk_norm_eps")
+    kk = shaped(op("Div", kk, norm, tag="kk_unit"), [c], "kk_flat")
+    one = k_("one", 1.0)
+    k = op("Mul", s["k"], op("Add", one, op("Mul", op("Sub", a, one, tag="a_m1"),
+                                             k_("k_a", p["att.k_a"]), tag="a_ka"), tag="k_scale"),
+           tag="k")
+    v = s["v"]
+    if not first:
+        mix = op("Sigmoid", op("Add", k_("v0", p["att.v0"]), s["vl"], tag="v_add"), tag="v_mix")
+        v = op("Add", v, op("Mul", op("Sub", s[V_FIRST], v, tag="v_delta"), mix, tag="v_d"), tag="v")
+    state = s["wkv"]
+    decayed = op("Mul", state, shaped(w, [h, 1, n], "w_row"), tag="S_decay")
+    s_kk = op("MatMul", state, shaped(kk, [h, n, 1], "kk_col"), tag="S_kk")
+    kka = shaped(op("Mul", kk, a, tag="kk_a"), [h, 1, n], "kka_row")
+    removed = op("Sub", decayed, op("MatMul", s_kk, kka, tag="S_kk_kka"), tag="S_remove")
+    vk = op("MatMul", shaped(v, [h, n, 1], "v_col"), shaped(k, [h, 1, n], "k_row"), tag="vk")
+    new = op("Add", removed, vk, tag="S_new")
+    g.op("Identity", new, name="state.wkv_out", out="wkv" + OUT_SUFFIX)
+    y = shaped(op("MatMul", new, shaped(s["r"], [h, n, 1], "r_col"), tag="y"), [h, n], "y_heads")
+    mean = op("ReduceMean", y, tag="gn_mean", axes=[-1])
+    d = op("Sub", y, mean, tag="gn_sub")
+    var = op("ReduceMean", op("Mul", d, d, tag="gn_sq"), tag="gn_var", axes=[-1])
+    y = op("Div", d, op("Sqrt", op("Add", var, k_("gn_eps", GN_EPS), tag="gn_add_eps"),
+                        tag="gn_std"), tag="gn_div")
+    y = op("Add", op("Mul", shaped(y, [c], "gn_flat"), k_("ln_x.weight", p["att.ln_x.weight"]),
+                     tag="gn_scale"), k_("ln_x.bias", p["att.ln_x.bias"]), tag="gn_shift")
+    rk = shaped(op("Mul", op("Mul", s["r"], k, tag="rk"), k_("r_k", p["att.r_k"]), tag="rkr"),
+                [h, n], "rkr_heads")
+    bonus = op("Mul", op("ReduceSum", rk, g.const(WKV_PREFIX + "axis2", np.array([-1], np.int64)),
+                         tag="bonus_sum", keepdims=1), shaped(v, [h, n], "v_heads"), tag="bonus")
+    y = op("Add", y, shaped(bonus, [c], "bonus_flat"), tag="y_bonus")
+    return op("Mul", y, s["g"], tag="gated")
+
+
+def block_graph(sd: Mapping[str, object], i: int):
+    from onnx import TensorProto
+    p = block_params(sd, i)
+    c = p["ln1.weight"].shape[0]
+    h, n = dims(sd[f"blocks.{i}.att.r_k"])
+    first = i == 0
+    g = graph.Builder()
+    x = "input"
+    xx = g.layer_norm(x, p["ln1.weight"], p["ln1.bias"], "ln1", LN_EPS)
+    delta = g.op("Sub", "att_shift", xx, name="att.shift_delta")
+    mixed = {m: g.op("Add", xx, g.op("Mul", delta, g.const(f"att.x_{m}", p[f"att.x_{m}"]),
+                                     name=f"att.mix_{m}.d"), name=f"att.mix_{m}")
+             for m in "rwkvag"}
+    s = {"wkv": "wkv", V_FIRST: V_FIRST,
+         "r": g.rows(mixed["r"], [p["att.receptance.weight"]], "att.receptance"),
+         "w": g.rows(mixed["w"], [p["att.w1"], p["att.w2"]], "att.w_lora", acts=("Tanh",)),
+         "k": g.rows(mixed["k"], [p["att.key.weight"]], "att.key"),
+         "v": g.rows(mixed["v"], [p["att.value.weight"]], "att.value"),
+         "a": g.rows(mixed["a"], [p["att.a1"], p["att.a2"]], "att.a_lora"),
+         "g": g.rows(mixed["g"], [p["att.g1"], p["att.g2"]], "att.g_lora", acts=("Sigmoid",))}
+    if first:
+        g.op("Identity", s["v"], name="att.v_first", out=V_FIRST)
+    else:
+        s["vl"] = g.rows(mixed["v"], [p["att.v1"], p["att.v2"]], "att.v_lora")
+    out = _wkv(g, p, s, h, n, first)
+    x = g.op("Add", x, g.rows(out, [p["att.output.weight"]], "att.output"), name="att.residual")
+    xx2 = g.layer_norm(x, p["ln2.weight"], p["ln2.bias"], "ln2", LN_EPS)
+    fk = g.op("Add", xx2, g.op("Mul", g.op("Sub", "ffn_shift", xx2, name="ffn.shift_delta"),
+                               g.const("ffn.x_k", p["ffn.x_k"]), name="ffn.mix_k.d"),
+              name="ffn.mix_k")
+    hid = g.op("MatMul", g.reshape(fk, [1, c], "ffn.to_row"),
+               g.const("ffn.key.weight", p["ffn.key.weight"]), name="ffn.key")
+    hid = g.op("Relu", hid, name="ffn.relu")
+    hid = g.op("Mul", hid, hid, name="ffn.square")
+    kv = g.op("MatMul", hid, g.const("ffn.value.weight", p["ffn.value.weight"]), name="ffn.value")
+    g.op("Add", x, g.reshape(kv, [c], "ffn.to_vec"), name="ffn.residual", out="output")
+    g.op("Identity", xx, name="att.shift_out", out="att_shift" + OUT_SUFFIX)
+    g.op("Identity", xx2, name="ffn.shift_out", out="ffn_shift" + OUT_SUFFIX)
+    shapes = {"input": [c], "output": [c], V_FIRST: [c], "att_shift": [c], "ffn_shift": [c],
+              "wkv": [h, n, n]}
+    ins, outs = block_io(i)
+
+    def info(name):
+        return vi(name, TensorProto.FLOAT, shapes[name[:-len(OUT_SUFFIX)] if name.endswith(OUT_SUFFIX)
+                                                   else name])
+    return g.model([info(t) for t in ins], [info(t) for t in outs], f"mixing_{i}")
+
+
+def fp32_nodes(model) -> list:
+    """Names of the nodes an fp16 export keeps in fp32 (the recurrence)."""
+    return [node.name for node in model.graph.node if node.name.startswith(WKV_PREFIX)]
