@@ -50,6 +50,16 @@ BLOCK_FILE = "mixing_{}.onnx"
 EMBED_IO = (("token",), ("output",))
 BLOCK_IO = (("input", "state_in"), ("output", "state_out"))
 HEAD_IO = (("x",), ("output",))
+# The loader's view of a block: no values passed between layers, one state tensor per layer
+# (input, output, accumulator?) that the state pass unpacks into STATE_ROWS.
+INTER_LAYER = ()
+STATE_IO = ()  # no named slots
+WHOLE_STATE_IO = ("state_in", "state_out")
+
+
+def block_io(i: int):
+    """(inputs, outputs) of ``mixing_{i}.onnx``: the same for every layer."""
+    return BLOCK_IO
 
 _BLOCK_KEYS = {
     "ln1.weight": "C", "ln1.bias": "C", "ln2.weight": "C", "ln2.bias": "C",

@@ -50,6 +50,13 @@ V_FIRST = "v_first"
 # The recurrent state of one layer: (name, shape kind, accumulates over the sequence).
 STATE_SLOTS = (("att_shift", "C", False), ("wkv", "HNN", True), ("ffn_shift", "C", False))
 OUT_SUFFIX = "_out"
+INTER_LAYER = (V_FIRST,)
+# The compiler keeps in fp32 on the CPU every op that only feeds the recurrence (the decay's
+# sigmoid and exp, the kk norm, the k and v adjustments, the bonus), not only the ops downstream
+# of the wkv state: the NPU segments then hold the projections and their row-wise neighbours.
+CPU_RECURRENCE_INPUTS = True
+# The loader's view of a block: (input, output, accumulator?) of every state slot.
+STATE_IO = tuple((name, name + OUT_SUFFIX, acc) for name, _, acc in STATE_SLOTS)
 WKV_PREFIX = "wkv."  # node names of the recurrence inside a block
 
 LORAS = ("w", "a", "v", "g")  # att.{w,a,v,g}1 (C, D) and att.{w,a,v,g}2 (D, C)
@@ -65,11 +72,8 @@ def block_io(i: int) -> Tuple[Tuple[str, ...], Tuple[str, ...]]:
 
 
 @dataclass(frozen=True)
-class Shape:
-    layers: int
-    width: int
-    ffn: int
-    vocab: int
+class Shape(rwkv4.Shape):
+    """RWKV-4's shape facts plus the head size and the LoRA widths."""
     head_size: int = 64
     lora: Dict[str, int] = field(default_factory=dict)  # w/a/v/g -> LoRA width
 
@@ -269,12 +273,10 @@ def block_graph(sd: Mapping[str, object], i: int):
          "r": g.rows(mixed["r"], [p["att.receptance.weight"]], "att.receptance"),
          "w": g.rows(mixed["w"], [p["att.w1"], p["att.w2"]], "att.w_lora", acts=("Tanh",)),
          "k": g.rows(mixed["k"], [p["att.key.weight"]], "att.key"),
-         "v": g.rows(mixed["v"], [p["att.value.weight"]], "att.value"),
+         "v": g.rows(mixed["v"], [p["att.value.weight"]], "att.value", out=V_FIRST if first else ""),
          "a": g.rows(mixed["a"], [p["att.a1"], p["att.a2"]], "att.a_lora"),
          "g": g.rows(mixed["g"], [p["att.g1"], p["att.g2"]], "att.g_lora", acts=("Sigmoid",))}
-    if first:
-        g.op("Identity", s["v"], name="att.v_first", out=V_FIRST)
-    else:
+    if not first:
         s["vl"] = g.rows(mixed["v"], [p["att.v1"], p["att.v2"]], "att.v_lora")
     out = _wkv(g, p, s, h, n, first)
     x = g.op("Add", x, g.rows(out, [p["att.output.weight"]], "att.output"), name="att.residual")
@@ -301,5 +303,8 @@ def block_graph(sd: Mapping[str, object], i: int):
 
 
 def fp32_nodes(model) -> list:
-    """Names of the nodes an fp16 export keeps in fp32 (the recurrence)."""
-    return [node.name for node in model.graph.node if node.name.startswith(WKV_PREFIX)]
+    """Names of the nodes an fp16 export keeps in fp32 (the recurrence), but for those that read
+    a graph output (layer 0's ``v_first``): onnxconverter-common casts no graph output for them."""
+    outputs = {o.name for o in model.graph.output}
+    return [node.name for node in model.graph.node
+            if node.name.startswith(WKV_PREFIX) and not outputs & set(node.input)]

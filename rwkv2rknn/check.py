@@ -18,7 +18,6 @@ def default_tolerance(backend: str, source_dtype: str) -> float:
 def run_check(artifact: str, n_tokens: int = 32, seed: int = 0, backend: str = "auto",
               reference: Optional[str] = None, per_segment: bool = False, min_top1: float = 0.99,
               max_rel: Optional[float] = None):
-    from rwkv2rknn.models import rwkv4
     from rwkv2rknn.runtime.hybrid import HybridModel, load_manifest, resolve_backend
     from rwkv2rknn.runtime.reference import PerLayerModel
 
@@ -33,8 +32,7 @@ def run_check(artifact: str, n_tokens: int = 32, seed: int = 0, backend: str = "
     chosen = resolve_backend(backend)
     hybrid = HybridModel(artifact, backend=chosen)
     ref = PerLayerModel(ref_dir)
-    if ref.vocab != hybrid.vocab or ref.state_shape[0] != manifest.layers or \
-            ref.state_shape[2] != hybrid.width:
+    if ref.vocab != hybrid.vocab or ref.layers != manifest.layers or ref.width != hybrid.width:
         raise BadInput(f"reference '{ref_dir}' is not the model the artifact was compiled from",
                        "pass the right --reference FOLDER")
     tokens = [int(t) for t in np.random.default_rng(seed).integers(0, hybrid.vocab, n_tokens)]
@@ -48,14 +46,27 @@ def run_check(artifact: str, n_tokens: int = 32, seed: int = 0, backend: str = "
         if per_segment:
             traces.append(env)
     tol = max_rel if max_rel is not None else default_tolerance(chosen, str(manifest.model.get("source_dtype")))
-    rows = list(rwkv4.STATE_ROWS)
     rep: Report = compare_logits(np.stack(got), np.stack(want), min_top1=min_top1, max_rel=tol,
-                                 state_got=hybrid.state_as_layers(h_state, rows),
-                                 state_ref=r_state.astype(np.float32))
+                                 **_states(hybrid, h_state, ref, r_state))
     if per_segment:
         rep.per_segment = _per_segment(artifact, hybrid, traces)
     hybrid.close()
     return rep, chosen
+
+
+def _states(hybrid, h_state, ref, r_state) -> dict:
+    """The two final states in one order: the reference's rows, or its named slots."""
+    from rwkv2rknn.models import rwkv4
+    if ref.rows_layout:
+        return {"state_got": hybrid.state_as_layers(h_state, list(rwkv4.STATE_ROWS)),
+                "state_ref": r_state.astype(np.float32)}
+    got, want = hybrid.state_by_slot(h_state), ref.state_by_slot(r_state)
+    if set(got) != set(want):
+        raise BadInput("the artifact's state slots are not the reference's",
+                       "pass the right --reference FOLDER")
+    keys = sorted(want)
+    return {"state_got": np.concatenate([got[k].reshape(-1) for k in keys]),
+            "state_ref": np.concatenate([want[k].reshape(-1).astype(np.float32) for k in keys])}
 
 
 def _per_segment(artifact, hybrid, traces):

@@ -49,11 +49,17 @@ class Segment:
 
 @dataclass(frozen=True)
 class StateSlot:
+    """One piece of one layer's recurrent state: a row [C] of RWKV-4's [rows, C] tensor, or a
+    named slot of its own shape (RWKV-7's ``wkv`` [H, N, N]); ``shape`` () means [width]."""
     layer: int
     row: str
     input: str
     output: str
     accumulator: bool = False
+    shape: Tuple[int, ...] = ()
+
+    def dims(self, width: int) -> Tuple[int, ...]:
+        return tuple(self.shape) or (width,)
 
 
 @dataclass(frozen=True)
@@ -91,7 +97,9 @@ class Manifest:
             segs = tuple(_segment(s) for s in _list(d, "segments"))
             state = tuple(StateSlot(int(_get(s, "layer", int)), _get(s, "row", str),
                                     _get(s, "input", str), _get(s, "output", str),
-                                    bool(s.get("accumulator", False))) for s in _list(d, "state"))
+                                    bool(s.get("accumulator", False)),
+                                    tuple(int(x) for x in s.get("shape", []) or []))
+                          for s in _list(d, "state"))
             m = cls(model=_get(d, "model", dict), segments=segs, state=state,
                     token_input=_get(d, "token_input", str), logits_output=_get(d, "logits_output", str),
                     tokenizer=d.get("tokenizer") if isinstance(d.get("tokenizer"), str) else None,

@@ -113,3 +113,23 @@ def v7_reference(v7_dirs, v7_tokens, tmp_path_factory):
     """The `rwkv` package's logits [40, V] for v7_tokens (cpu fp32, in a child process)."""
     from rwkv_package import package_logits
     return package_logits(v7_dirs["pth"], v7_tokens, "7", str(tmp_path_factory.mktemp("pkg7")))
+
+
+@pytest.fixture(scope="session")
+def v7_plan_artifact(v7_dirs, tmp_path_factory):
+    """The fp32 RWKV-7 files compiled plan-only (every segment runs on onnxruntime)."""
+    from rwkv2rknn.compiler import compile_model
+    from rwkv2rknn.ir import Options
+    out = str(tmp_path_factory.mktemp("art7") / "fp32")
+    compile_model(v7_dirs["fp32"], out, Options(plan_only=True))
+    return out
+
+
+@pytest.fixture(scope="session")
+def v7_rknn_artifact(v7_dirs, tmp_path_factory):
+    """The fp16 RWKV-7 files compiled with the real rknn-toolkit2 (per-token and T-row builds)."""
+    from rwkv2rknn.compiler import compile_model
+    from rwkv2rknn.ir import Options
+    out = str(tmp_path_factory.mktemp("art7") / "fp16")
+    compile_model(v7_dirs["fp16"], out, Options(prefill_rows=(16, 32)))
+    return out

@@ -53,6 +53,19 @@ def _described_layers(folder: str) -> int:
     return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 0
 
 
+def one_width(widths) -> int:
+    """The one width ``widths()`` (a set of the files' widths) finds, or a one-line error."""
+    try:
+        found = widths()
+    except (TypeError, ValueError, IndexError) as e:
+        raise UnsupportedModel(f"the per-layer files have no fixed width ({e})",
+                               "this is not the per-layer RWKV ONNX layout") from e
+    if len(found) != 1:
+        raise UnsupportedModel(f"the per-layer files disagree on the width ({sorted(found)})",
+                               "all files must come from one export")
+    return found.pop()
+
+
 V_FIRST = "v_first"  # RWKV-7: layer 0's value vector, read by every later layer
 
 
@@ -117,17 +130,12 @@ class PerLayerModel:
                 raise UnsupportedModel(
                     f"{runner.name} has inputs {runner.inputs} and outputs {runner.outputs}, "
                     f"expected {ins} and {outs}", "this is not the per-layer RWKV ONNX layout")
-        try:
-            widths = {int(b.input_shapes["input"][0]) for b in self.blocks}
+        def widths():
+            found = {int(b.input_shapes["input"][0]) for b in self.blocks}
             if self.rows_layout:
-                widths |= {int(b.input_shapes["state_in"][1]) for b in self.blocks}
-            widths.add(int(self.head.input_shapes["x"][0]))
-        except (TypeError, ValueError, IndexError) as e:
-            raise UnsupportedModel(f"the per-layer files have no fixed width ({e})",
-                                   "this is not the per-layer RWKV ONNX layout") from e
-        if len(widths) != 1:
-            raise UnsupportedModel(f"the per-layer files disagree on the width ({sorted(widths)})",
-                                   "all files must come from one export")
+                found |= {int(b.input_shapes["state_in"][1]) for b in self.blocks}
+            return found | {int(self.head.input_shapes["x"][0])}
+        one_width(widths)
 
     def init_state(self) -> np.ndarray:
         return np.zeros(self.state_shape, dtype=self.dtype)
@@ -154,6 +162,13 @@ class PerLayerModel:
             for name, view in slots:
                 view[...] = out[name + "_out"]
         return self.head.infer({"x": x})["output"].astype(np.float32)
+
+    def state_by_slot(self, state: np.ndarray) -> dict:
+        """{(layer, slot name): view} of a named-slot state ({} for the rows layout)."""
+        if self.rows_layout:
+            return {}
+        return {(layer, name): state[o:o + int(np.prod(shape))].reshape(shape)
+                for layer, name, o, shape in self.slots}
 
     def logits(self, tokens: Sequence[int]) -> np.ndarray:
         """Teacher-forced logits [T, V] from the zero state."""
