@@ -11,7 +11,7 @@ from typing import Dict, Optional
 import numpy as np
 
 from rwkv2rknn.errors import BadInput, MissingDependency
-from rwkv2rknn.models import rwkv4, rwkv7
+from rwkv2rknn.models import rwkv4, rwkv6, rwkv7
 
 
 def load_checkpoint(path: str) -> Dict[str, np.ndarray]:
@@ -140,4 +140,59 @@ def random_rwkv7(layers: int = 2, width: int = 128, vocab: int = 256, head_size:
     sd.update({"ln_out.weight": near(1.0, 0.05), "ln_out.bias": near(0.0, 0.05),
                "head.weight": w(v, c) * 4})
     rwkv7.check_state_dict(sd)
+    return sd
+
+
+def random_rwkv6(layers: int = 2, width: int = 128, vocab: int = 256, head_size: int = 64,
+                 lora: Optional[Dict[str, int]] = None, ffn: Optional[int] = None, seed: int = 0,
+                 scale: float = 1.0) -> Dict[str, np.ndarray]:
+    """A random RWKV-6 state dict in the official key layout and shapes: ``time_maa_*``
+    [1, 1, C], ``time_maa_w1`` (C, 5D), ``time_maa_w2`` (5, D, C), ``time_decay`` [1, 1, C] spread
+    over channels as in the official init, its LoRA (C, D2)/(D2, C), ``time_faaaa`` (H, N), FFN
+    width 3.5 C; LoRA widths ``lora`` (maa, decay) not powers of two by default."""
+    rng = np.random.default_rng(seed)
+    c, v = width, vocab
+    f = ffn or int(3.5 * c) // 32 * 32
+    d = {"maa": 20, "decay": 44, **(lora or {})}
+    if c % head_size:
+        raise ValueError(f"width {c} is not a multiple of the head size {head_size}")
+    ramp = np.arange(c, dtype=np.float32) / max(c - 1, 1)
+
+    def w(*shape, gain=1.0):
+        return (rng.standard_normal(shape) * gain * scale / np.sqrt(shape[-2])).astype(np.float32)
+
+    def near(x0, spread, shape=(c,)):
+        return (x0 + spread * rng.standard_normal(shape)).astype(np.float32)
+
+    def vec3(x):
+        return np.asarray(x, np.float32).reshape(1, 1, c)
+
+    sd = {"emb.weight": (rng.standard_normal((v, c)) * 0.5).astype(np.float32),
+          "blocks.0.ln0.weight": near(1.0, 0.05), "blocks.0.ln0.bias": near(0.0, 0.05)}
+    for i in range(layers):
+        depth = i / max(layers - 1, 1)
+        b = f"blocks.{i}."
+        mix = ramp ** (1.0 - 0.5 * depth)
+        sd.update({b + "ln1.weight": near(1.0, 0.05), b + "ln1.bias": near(0.0, 0.05),
+                   b + "ln2.weight": near(1.0, 0.05), b + "ln2.bias": near(0.0, 0.05)})
+        for j, m in enumerate("xwkvrg"):
+            sd[b + f"att.time_maa_{m}"] = vec3(np.clip(1.0 - mix ** (0.5 + 0.2 * j), 0, 1))
+        sd[b + "att.time_maa_w1"] = w(c, 5 * d["maa"])
+        sd[b + "att.time_maa_w2"] = w(5, d["maa"], c, gain=0.3)
+        sd[b + "att.time_decay"] = vec3(-6 + 5 * ramp ** (0.7 + 1.3 * depth) + near(0, 0.2))
+        sd[b + "att.time_decay_w1"] = w(c, d["decay"])
+        sd[b + "att.time_decay_w2"] = w(d["decay"], c, gain=0.5)
+        zigzag = ((np.arange(c) + 1) % 3 - 1) * 0.1
+        sd[b + "att.time_faaaa"] = (ramp * (1 - ramp) + zigzag).reshape(c // head_size, head_size).astype(np.float32)
+        for name in ("receptance", "key", "value", "gate", "output"):
+            sd[b + f"att.{name}.weight"] = w(c, c)
+        sd[b + "att.ln_x.weight"] = near(1.0, 0.05)
+        sd[b + "att.ln_x.bias"] = near(0.0, 0.05)
+        sd[b + "ffn.time_maa_k"] = vec3(1.0 - mix ** 2)
+        sd[b + "ffn.time_maa_r"] = vec3(1.0 - mix ** 2)
+        sd[b + "ffn.key.weight"], sd[b + "ffn.value.weight"] = w(f, c), w(c, f)
+        sd[b + "ffn.receptance.weight"] = w(c, c)
+    sd.update({"ln_out.weight": near(1.0, 0.05), "ln_out.bias": near(0.0, 0.05),
+               "head.weight": w(v, c) * 4})
+    rwkv6.check_state_dict(sd)
     return sd

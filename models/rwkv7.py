@@ -28,36 +28,30 @@ of the wkv step are named ``wkv.*`` (the fp16 export keeps them in fp32).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, Mapping, Tuple
 
 import numpy as np
 
 from rwkv2rknn.errors import UnsupportedModel
-from rwkv2rknn.models import graph, rwkv4
-from rwkv2rknn.models.graph import as_np, dims, vi
+from rwkv2rknn.models import graph, rwkv4, slots
+from rwkv2rknn.models.graph import as_np, dims
+from rwkv2rknn.models.slots import (LN_EPS, OUT_SUFFIX, STATE_IO, STATE_SLOTS,  # noqa: F401
+                                    WKV_PREFIX, fp32_nodes)  # the surface the loader and export use
 
 ARCH = "rwkv7"
 VERSION = "7"
-LN_EPS = 1e-5
-GN_EPS = 64e-5
 DECAY_SCALE = -0.606531  # -exp(-0.5)
 NORM_EPS = 1e-12  # torch.nn.functional.normalize
 
 EMBED_FILE, HEAD_FILE, BLOCK_FILE = rwkv4.EMBED_FILE, rwkv4.HEAD_FILE, rwkv4.BLOCK_FILE
 EMBED_IO, HEAD_IO = rwkv4.EMBED_IO, rwkv4.HEAD_IO
 V_FIRST = "v_first"
-# The recurrent state of one layer: (name, shape kind, accumulates over the sequence).
-STATE_SLOTS = (("att_shift", "C", False), ("wkv", "HNN", True), ("ffn_shift", "C", False))
-OUT_SUFFIX = "_out"
 INTER_LAYER = (V_FIRST,)
 # The compiler keeps in fp32 on the CPU every op that only feeds the recurrence (the decay's
 # sigmoid and exp, the kk norm, the k and v adjustments, the bonus), not only the ops downstream
 # of the wkv state: the NPU segments then hold the projections and their row-wise neighbours.
 CPU_RECURRENCE_INPUTS = True
-# The loader's view of a block: (input, output, accumulator?) of every state slot.
-STATE_IO = tuple((name, name + OUT_SUFFIX, acc) for name, _, acc in STATE_SLOTS)
-WKV_PREFIX = "wkv."  # node names of the recurrence inside a block
 
 LORAS = ("w", "a", "v", "g")  # att.{w,a,v,g}1 (C, D) and att.{w,a,v,g}2 (D, C)
 _VEC = ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "a0", "k_k", "k_a")
@@ -65,50 +59,22 @@ _VEC = ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "a0", "k_k", "k_a")
 
 def block_io(i: int) -> Tuple[Tuple[str, ...], Tuple[str, ...]]:
     """(inputs, outputs) of ``mixing_{i}.onnx``."""
-    states = tuple(name for name, _, _ in STATE_SLOTS)
-    ins = ("input",) + ((V_FIRST,) if i else ()) + states
-    outs = ("output",) + (() if i else (V_FIRST,)) + tuple(s + OUT_SUFFIX for s in states)
-    return ins, outs
+    return slots.block_io(i, INTER_LAYER)
 
 
 @dataclass(frozen=True)
-class Shape(rwkv4.Shape):
-    """RWKV-4's shape facts plus the head size and the LoRA widths."""
-    head_size: int = 64
-    lora: Dict[str, int] = field(default_factory=dict)  # w/a/v/g -> LoRA width
+class Shape(slots.Shape):
+    """Layers, widths, head size and the LoRA widths (w, a, v, g) of an RWKV-7."""
 
-    @property
-    def heads(self) -> int:
-        return self.width // self.head_size
-
-    def slot_shape(self, kind: str) -> Tuple[int, ...]:
-        return (self.heads, self.head_size, self.head_size) if kind == "HNN" else (self.width,)
-
-    def _matmul_params(self, layer: int) -> int:
+    def layer_params(self, layer: int) -> Tuple[int, int]:
         c, f = self.width, self.ffn
         lora = sum(2 * c * d for name, d in self.lora.items() if layer or name != "v")
-        return 4 * c * c + 2 * c * f + lora
-
-    def params(self) -> int:
-        c = self.width
-        per_layer = sum(self._matmul_params(i) + (19 if i else 18) * c for i in range(self.layers))
-        return 2 * self.vocab * c + per_layer + 4 * c
-
-    def matmul_flops_per_token(self) -> int:
-        return 2 * (sum(self._matmul_params(i) for i in range(self.layers)) + self.vocab * self.width)
-
-    def to_dict(self) -> dict:
-        return {"layers": self.layers, "width": self.width, "ffn": self.ffn, "vocab": self.vocab,
-                "head_size": self.head_size, "lora": dict(self.lora)}
+        return 4 * c * c + 2 * c * f + lora, (19 if layer else 18) * c
 
 
 def description(shape: Shape) -> dict:
-    """What the exporter records about the state beside the files (rwkv2rknn-model.json):
-    per layer, each slot's input name, output name, shape and whether it accumulates."""
-    return {"version": VERSION, "inter_layer": [V_FIRST],
-            "state_slots": [{"name": name, "input": name, "output": name + OUT_SUFFIX,
-                             "shape": list(shape.slot_shape(kind)), "accumulator": acc}
-                            for name, kind, acc in STATE_SLOTS]}
+    """What the exporter records about the model beside the files (rwkv2rknn-model.json)."""
+    return slots.description(VERSION, shape, INTER_LAYER)
 
 
 def shape_of(sd: Mapping[str, object]) -> Shape:
@@ -194,12 +160,7 @@ def embed_graph(sd: Mapping[str, object]):
 
 
 def head_graph(sd: Mapping[str, object]):
-    from onnx import TensorProto
-    g = graph.Builder()
-    v, c = dims(sd["head.weight"])
-    y = g.layer_norm("x", as_np(sd["ln_out.weight"]), as_np(sd["ln_out.bias"]), "ln_out", LN_EPS)
-    g.rows(y, [as_np(sd["head.weight"]).T], "head", out="output")
-    return g.model([vi("x", TensorProto.FLOAT, [c])], [vi("output", TensorProto.FLOAT, [v])], "head")
+    return slots.head_graph(sd)
 
 
 def _wkv(g: graph.Builder, p, s: Dict[str, str], h: int, n: int, first: bool) -> str:
@@ -240,14 +201,9 @@ def _wkv(g: graph.Builder, p, s: Dict[str, str], h: int, n: int, first: bool) ->
     vk = op("MatMul", shaped(v, [h, n, 1], "v_col"), shaped(k, [h, 1, n], "k_row"), tag="vk")
     new = op("Add", removed, vk, tag="S_new")
     g.op("Identity", new, name="state.wkv_out", out="wkv" + OUT_SUFFIX)
-    y = shaped(op("MatMul", new, shaped(s["r"], [h, n, 1], "r_col"), tag="y"), [h, n], "y_heads")
-    mean = op("ReduceMean", y, tag="gn_mean", axes=[-1])
-    d = op("Sub", y, mean, tag="gn_sub")
-    var = op("ReduceMean", op("Mul", d, d, tag="gn_sq"), tag="gn_var", axes=[-1])
-    y = op("Div", d, op("Sqrt", op("Add", var, k_("gn_eps", GN_EPS), tag="gn_add_eps"),
-                        tag="gn_std"), tag="gn_div")
-    y = op("Add", op("Mul", shaped(y, [c], "gn_flat"), k_("ln_x.weight", p["att.ln_x.weight"]),
-                     tag="gn_scale"), k_("ln_x.bias", p["att.ln_x.bias"]), tag="gn_shift")
+    y = op("MatMul", new, shaped(s["r"], [h, n, 1], "r_col"), tag="y")
+    y = slots.group_norm(g, shaped(y, [c], "y_flat"), h, n, p["att.ln_x.weight"],
+                         p["att.ln_x.bias"], WKV_PREFIX + "ln_x")
     rk = shaped(op("Mul", op("Mul", s["r"], k, tag="rk"), k_("r_k", p["att.r_k"]), tag="rkr"),
                 [h, n], "rkr_heads")
     bonus = op("Mul", op("ReduceSum", rk, g.const(WKV_PREFIX + "axis2", np.array([-1], np.int64)),
@@ -257,7 +213,6 @@ def _wkv(g: graph.Builder, p, s: Dict[str, str], h: int, n: int, first: bool) ->
 
 
 def block_graph(sd: Mapping[str, object], i: int):
-    from onnx import TensorProto
     p = block_params(sd, i)
     c = p["ln1.weight"].shape[0]
     h, n = dims(sd[f"blocks.{i}.att.r_k"])
@@ -265,10 +220,7 @@ def block_graph(sd: Mapping[str, object], i: int):
     g = graph.Builder()
     x = "input"
     xx = g.layer_norm(x, p["ln1.weight"], p["ln1.bias"], "ln1", LN_EPS)
-    delta = g.op("Sub", "att_shift", xx, name="att.shift_delta")
-    mixed = {m: g.op("Add", xx, g.op("Mul", delta, g.const(f"att.x_{m}", p[f"att.x_{m}"]),
-                                     name=f"att.mix_{m}.d"), name=f"att.mix_{m}")
-             for m in "rwkvag"}
+    mixed, _ = slots.shift_mix(g, xx, "att_shift", {m: p[f"att.x_{m}"] for m in "rwkvag"}, "att")
     s = {"wkv": "wkv", V_FIRST: V_FIRST,
          "r": g.rows(mixed["r"], [p["att.receptance.weight"]], "att.receptance"),
          "w": g.rows(mixed["w"], [p["att.w1"], p["att.w2"]], "att.w_lora", acts=("Tanh",)),
@@ -281,30 +233,7 @@ def block_graph(sd: Mapping[str, object], i: int):
     out = _wkv(g, p, s, h, n, first)
     x = g.op("Add", x, g.rows(out, [p["att.output.weight"]], "att.output"), name="att.residual")
     xx2 = g.layer_norm(x, p["ln2.weight"], p["ln2.bias"], "ln2", LN_EPS)
-    fk = g.op("Add", xx2, g.op("Mul", g.op("Sub", "ffn_shift", xx2, name="ffn.shift_delta"),
-                               g.const("ffn.x_k", p["ffn.x_k"]), name="ffn.mix_k.d"),
-              name="ffn.mix_k")
-    hid = g.op("MatMul", g.reshape(fk, [1, c], "ffn.to_row"),
-               g.const("ffn.key.weight", p["ffn.key.weight"]), name="ffn.key")
-    hid = g.op("Relu", hid, name="ffn.relu")
-    hid = g.op("Mul", hid, hid, name="ffn.square")
-    kv = g.op("MatMul", hid, g.const("ffn.value.weight", p["ffn.value.weight"]), name="ffn.value")
-    g.op("Add", x, g.reshape(kv, [c], "ffn.to_vec"), name="ffn.residual", out="output")
-    g.op("Identity", xx, name="att.shift_out", out="att_shift" + OUT_SUFFIX)
-    g.op("Identity", xx2, name="ffn.shift_out", out="ffn_shift" + OUT_SUFFIX)
-    shapes = {"input": [c], "output": [c], V_FIRST: [c], "att_shift": [c], "ffn_shift": [c],
-              "wkv": [h, n, n]}
-    ins, outs = block_io(i)
-
-    def info(name):
-        return vi(name, TensorProto.FLOAT, shapes[name[:-len(OUT_SUFFIX)] if name.endswith(OUT_SUFFIX)
-                                                   else name])
-    return g.model([info(t) for t in ins], [info(t) for t in outs], f"mixing_{i}")
-
-
-def fp32_nodes(model) -> list:
-    """Names of the nodes an fp16 export keeps in fp32 (the recurrence), but for those that read
-    a graph output (layer 0's ``v_first``): onnxconverter-common casts no graph output for them."""
-    outputs = {o.name for o in model.graph.output}
-    return [node.name for node in model.graph.node
-            if node.name.startswith(WKV_PREFIX) and not outputs & set(node.input)]
+    fk = slots.shift_mix(g, xx2, "ffn_shift", {"k": p["ffn.x_k"]}, "ffn")[0]["k"]
+    kv = slots.squared_relu(g, fk, p["ffn.key.weight"], p["ffn.value.weight"])
+    g.op("Add", x, kv, name="ffn.residual", out="output")
+    return slots.block_model(g, i, c, h, n, INTER_LAYER, xx, xx2)

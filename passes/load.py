@@ -133,15 +133,18 @@ def _width(blocks, head) -> int:
 def arch_of_folder(folder: str):
     """The model module of a per-layer folder: from our exporter's description, else from the
     blocks' inputs (the public RWKV-4 files have no description)."""
-    from rwkv2rknn.models import rwkv4, rwkv7
+    from rwkv2rknn.models.export import MODULES
     from rwkv2rknn.runtime.reference import stage_files
 
+    by_arch = {m.ARCH: m for m in MODULES.values()}
     arch = io.model_facts(folder).get("arch")
-    if arch in (rwkv4.ARCH, rwkv7.ARCH):
-        return rwkv4 if arch == rwkv4.ARCH else rwkv7
-    block0 = stage_files(folder)[1][0]
-    names = [i.name for i in io.load_onnx(block0).graph.input]
-    return rwkv7 if names[:1] == ["input"] and "wkv" in names else rwkv4
+    if arch in by_arch:
+        return by_arch[arch]
+    blocks = stage_files(folder)[1]
+    names = [i.name for i in io.load_onnx(blocks[-1]).graph.input]
+    if names[:1] != ["input"] or "wkv" not in names:
+        return MODULES["4"]
+    return MODULES["7"] if "v_first" in names else MODULES["6"]
 
 
 def run(path: str, options: Options = None) -> Context:

@@ -1,3 +1,4 @@
+import functools
 import os
 import sys
 
@@ -79,57 +80,87 @@ def tokens():
     return [int(t) for t in np.random.default_rng(7).integers(0, SMALL["vocab"], 40)]
 
 
-# A small random RWKV-7: 3 layers, width 192 (3 heads of 64), odd vocabulary, LoRA widths
-# that are not powers of two (the checkpoint maker's defaults: w 40, a 36, v 20, g 56).
-SMALL7 = dict(layers=3, width=192, vocab=301, seed=5)
+# Small random RWKV-6 and RWKV-7 models: 3 layers, width 192 (3 heads of 64), odd vocabularies,
+# LoRA widths that are not powers of two (the checkpoint makers' defaults: RWKV-7 w 40, a 36,
+# v 20, g 56; RWKV-6 maa 20, decay 44). Each is built once per session, on first use.
+SLOT_MODELS = {"7": dict(layers=3, width=192, vocab=301, seed=5),
+               "6": dict(layers=3, width=192, vocab=263, seed=6)}
+
+
+class SlotModel:
+    """One small model of a named-slot version, its exports, the `rwkv` package's logits for 40
+    seeded tokens (cpu fp32, in a child process) and its compiled artifacts."""
+
+    def __init__(self, version, tmp_path_factory):
+        self.version, self._tmp = version, tmp_path_factory
+        self.shape = SLOT_MODELS[version]
+        self.tokens = [int(t) for t in
+                       np.random.default_rng(17).integers(0, self.shape["vocab"], 40)]
+
+    @functools.cached_property
+    def sd(self):
+        from rwkv2rknn.models import checkpoint
+        make = checkpoint.random_rwkv7 if self.version == "7" else checkpoint.random_rwkv6
+        return make(**self.shape)
+
+    @functools.cached_property
+    def dirs(self):
+        """{'pth', 'fp32', 'fp16'}: the checkpoint as an official .pth and its two exports."""
+        from rwkv2rknn.models.checkpoint import save_checkpoint
+        from rwkv2rknn.models.export import export
+        d = self._tmp.mktemp(f"v{self.version}")
+        out = {"pth": str(d / "model.pth"), "fp32": str(d / "fp32"), "fp16": str(d / "fp16")}
+        save_checkpoint(self.sd, out["pth"])
+        export(self.sd, out["fp32"], fp32=True, tokenizer="bytes")
+        export(self.sd, out["fp16"], tokenizer="bytes")
+        return out
+
+    @functools.cached_property
+    def reference(self):
+        from rwkv_package import package_logits
+        return package_logits(self.dirs["pth"], self.tokens, self.version,
+                              str(self._tmp.mktemp(f"pkg{self.version}")))
+
+    @functools.cached_property
+    def plan_artifact(self):
+        """The fp32 files compiled plan-only (every segment runs on onnxruntime)."""
+        return self._compile("fp32", plan_only=True)
+
+    @functools.cached_property
+    def rknn_artifact(self):
+        """The fp16 files compiled with the real rknn-toolkit2 (per-token and T-row builds)."""
+        return self._compile("fp16", prefill_rows=(16, 32))
+
+    def _compile(self, dtype, **options):
+        from rwkv2rknn.compiler import compile_model
+        from rwkv2rknn.ir import Options
+        out = str(self._tmp.mktemp(f"art{self.version}") / dtype)
+        compile_model(self.dirs[dtype], out, Options(**options))
+        return out
 
 
 @pytest.fixture(scope="session")
-def v7_sd():
-    from rwkv2rknn.models.checkpoint import random_rwkv7
-    return random_rwkv7(**SMALL7)
+def slot_models(tmp_path_factory):
+    """version -> SlotModel ('6' or '7'), made once per session."""
+    made = {}
+    return lambda version: made.setdefault(version, SlotModel(version, tmp_path_factory))
 
 
 @pytest.fixture(scope="session")
-def v7_dirs(v7_sd, tmp_path_factory):
-    """{'pth', 'fp32', 'fp16'}: the checkpoint as an official .pth and its two exports."""
-    from rwkv2rknn.models.checkpoint import save_checkpoint
-    from rwkv2rknn.models.export import export
-    d = tmp_path_factory.mktemp("v7")
-    out = {"pth": str(d / "rwkv7.pth"), "fp32": str(d / "fp32"), "fp16": str(d / "fp16")}
-    save_checkpoint(v7_sd, out["pth"])
-    export(v7_sd, out["fp32"], fp32=True, tokenizer="bytes")
-    export(v7_sd, out["fp16"], tokenizer="bytes")
-    return out
+def v7_sd(slot_models):
+    return slot_models("7").sd
 
 
 @pytest.fixture(scope="session")
-def v7_tokens():
-    return [int(t) for t in np.random.default_rng(17).integers(0, SMALL7["vocab"], 40)]
+def v7_dirs(slot_models):
+    return slot_models("7").dirs
 
 
 @pytest.fixture(scope="session")
-def v7_reference(v7_dirs, v7_tokens, tmp_path_factory):
-    """The `rwkv` package's logits [40, V] for v7_tokens (cpu fp32, in a child process)."""
-    from rwkv_package import package_logits
-    return package_logits(v7_dirs["pth"], v7_tokens, "7", str(tmp_path_factory.mktemp("pkg7")))
+def v7_tokens(slot_models):
+    return slot_models("7").tokens
 
 
 @pytest.fixture(scope="session")
-def v7_plan_artifact(v7_dirs, tmp_path_factory):
-    """The fp32 RWKV-7 files compiled plan-only (every segment runs on onnxruntime)."""
-    from rwkv2rknn.compiler import compile_model
-    from rwkv2rknn.ir import Options
-    out = str(tmp_path_factory.mktemp("art7") / "fp32")
-    compile_model(v7_dirs["fp32"], out, Options(plan_only=True))
-    return out
-
-
-@pytest.fixture(scope="session")
-def v7_rknn_artifact(v7_dirs, tmp_path_factory):
-    """The fp16 RWKV-7 files compiled with the real rknn-toolkit2 (per-token and T-row builds)."""
-    from rwkv2rknn.compiler import compile_model
-    from rwkv2rknn.ir import Options
-    out = str(tmp_path_factory.mktemp("art7") / "fp16")
-    compile_model(v7_dirs["fp16"], out, Options(prefill_rows=(16, 32)))
-    return out
+def v7_reference(slot_models):
+    return slot_models("7").reference

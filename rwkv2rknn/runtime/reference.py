@@ -117,13 +117,14 @@ class PerLayerModel:
 
     def _check_io(self):
         want = [(self.embed, ["token"], ["output"]), (self.head, ["x"], ["output"])]
+        inter = V_FIRST in self.blocks[0].outputs  # RWKV-7 passes v_first; RWKV-6 passes nothing
         for i, b in enumerate(self.blocks):
             if self.rows_layout:
                 want.append((b, ["input", "state_in"], ["output", "state_out"]))
                 continue
             names = [n for n in b.inputs if n not in ("input", V_FIRST)]
-            ins = ["input"] + ([V_FIRST] if i else []) + names
-            outs = ["output"] + ([] if i else [V_FIRST]) + [n + "_out" for n in names]
+            ins = ["input"] + ([V_FIRST] if i and inter else []) + names
+            outs = ["output"] + ([] if i or not inter else [V_FIRST]) + [n + "_out" for n in names]
             want.append((b, ins, outs))
         for runner, ins, outs in want:
             if runner.inputs != ins or runner.outputs != outs:
