@@ -1,10 +1,10 @@
-"""Export an RWKV checkpoint (RWKV-4, RWKV-6 or RWKV-7) to the per-layer ONNX layout.
+"""Export an RWKV checkpoint (RWKV-4, 5.2, 6 or 7) to the per-layer ONNX layout.
 
 Files: ``embed.onnx``, ``mixing_{i}.onnx``, ``head.onnx`` (for RWKV-4 names, shapes and state
-rows as the public files; RWKV-6/7's block I/O is in ``models/slots.py``), plus
+rows as the public files; RWKV-5.2/6/7's block I/O is in ``models/slots.py``), plus
 ``rwkv2rknn-model.json`` describing the model (arch, version, shape, state slots). fp16 by
 default, made by onnxconverter-common's ``convert_float_to_float16`` with default arguments,
-exactly as the public files were (RWKV-6/7: the recurrence nodes are kept in fp32 by the
+exactly as the public files were (RWKV-5.2/6/7: the recurrence nodes are kept in fp32 by the
 converter's block list); ``fp32=True`` keeps float32.
 """
 
@@ -18,11 +18,11 @@ import numpy as np
 
 from rwkv2rknn import io
 from rwkv2rknn.errors import MissingDependency, UnsupportedModel
-from rwkv2rknn.models import rwkv4, rwkv6, rwkv7
+from rwkv2rknn.models import rwkv4, rwkv5, rwkv6, rwkv7
 
 log = logging.getLogger(__name__)
 MODEL_JSON = "rwkv2rknn-model.json"
-MODULES = {"4": rwkv4, "6": rwkv6, "7": rwkv7}  # version -> the module that knows it
+MODULES = {"4": rwkv4, "5": rwkv5, "6": rwkv6, "7": rwkv7}  # version -> the module that knows it
 
 
 def arch_of(sd) -> Tuple[object, object]:
@@ -31,7 +31,7 @@ def arch_of(sd) -> Tuple[object, object]:
     module = MODULES.get(version)
     if module is None:
         raise UnsupportedModel(f"RWKV-{version} is not supported yet",
-                               "RWKV-4, RWKV-6 and RWKV-7 checkpoints can be exported")
+                               "RWKV-4, 5.2, 6 and 7 checkpoints can be exported")
     return module, module.check_state_dict(sd)
 
 

@@ -102,5 +102,6 @@ def shape_error(sd: Mapping[str, object], expected: Mapping[str, tuple], what: s
         got = dims(sd[key])
         if got != want and not (len(want) == 3 and want[:2] == (1, 1) and got == want[2:]):
             return UnsupportedModel(f"not an {what} checkpoint: '{key}' has shape {list(got)}, "
-                                    f"expected {list(want)}", f"the checkpoint is damaged or not {what}")
+                                    f"expected {list(want)}",
+                                    f"the checkpoint is damaged or not {what}")
     return None

@@ -34,18 +34,17 @@ from typing import Dict, Mapping, Tuple
 import numpy as np
 
 from rwkv2rknn.errors import UnsupportedModel
-from rwkv2rknn.models import graph, rwkv4, slots
-from rwkv2rknn.models.graph import as_np, dims
-from rwkv2rknn.models.slots import (LN_EPS, OUT_SUFFIX, STATE_IO, STATE_SLOTS,  # noqa: F401
-                                    WKV_PREFIX, fp32_nodes)  # the surface the loader and export use
+from rwkv2rknn.models import graph, slots
+from rwkv2rknn.models.graph import dims
+from rwkv2rknn.models.slots import (  # noqa: F401 - the surface the loader and export use
+    BLOCK_FILE, EMBED_FILE, EMBED_IO, HEAD_FILE, HEAD_IO, LN_EPS, OUT_SUFFIX, STATE_IO, STATE_SLOTS,
+    WKV_PREFIX, fp32_nodes)
 
 ARCH = "rwkv7"
 VERSION = "7"
 DECAY_SCALE = -0.606531  # -exp(-0.5)
 NORM_EPS = 1e-12  # torch.nn.functional.normalize
 
-EMBED_FILE, HEAD_FILE, BLOCK_FILE = rwkv4.EMBED_FILE, rwkv4.HEAD_FILE, rwkv4.BLOCK_FILE
-EMBED_IO, HEAD_IO = rwkv4.EMBED_IO, rwkv4.HEAD_IO
 V_FIRST = "v_first"
 INTER_LAYER = (V_FIRST,)
 # The compiler keeps in fp32 on the CPU every op that only feeds the recurrence (the decay's
@@ -57,9 +56,7 @@ LORAS = ("w", "a", "v", "g")  # att.{w,a,v,g}1 (C, D) and att.{w,a,v,g}2 (D, C)
 _VEC = ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "a0", "k_k", "k_a")
 
 
-def block_io(i: int) -> Tuple[Tuple[str, ...], Tuple[str, ...]]:
-    """(inputs, outputs) of ``mixing_{i}.onnx``."""
-    return slots.block_io(i, INTER_LAYER)
+block_io = slots.block_io_of(INTER_LAYER)  # (inputs, outputs) of mixing_{i}.onnx
 
 
 @dataclass(frozen=True)
@@ -72,15 +69,11 @@ class Shape(slots.Shape):
         return 4 * c * c + 2 * c * f + lora, (19 if layer else 18) * c
 
 
-def description(shape: Shape) -> dict:
-    """What the exporter records about the model beside the files (rwkv2rknn-model.json)."""
-    return slots.description(VERSION, shape, INTER_LAYER)
+description = slots.description_of(VERSION, INTER_LAYER)  # for rwkv2rknn-model.json
 
 
 def shape_of(sd: Mapping[str, object]) -> Shape:
-    layers = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
-    vocab, width = dims(sd["emb.weight"])
-    ffn = dims(sd["blocks.0.ffn.key.weight"])[0] if "blocks.0.ffn.key.weight" in sd else 4 * width
+    layers, width, ffn, vocab = slots.base_dims(sd)
     heads, head_size = dims(sd["blocks.0.att.r_k"]) if "blocks.0.att.r_k" in sd else (0, 0)
     lora = {}
     for name in LORAS:
@@ -92,75 +85,36 @@ def shape_of(sd: Mapping[str, object]) -> Shape:
 
 def check_state_dict(sd: Mapping[str, object]) -> Shape:
     """Validate an RWKV-7 state dict; return its shape or raise a one-line UnsupportedModel."""
-    version = rwkv4.detect_version(sd)
-    if version != VERSION:
-        raise UnsupportedModel(f"not an RWKV-7 checkpoint (it looks like RWKV-{version})",
-                               "give an official RWKV-7 .pth checkpoint")
-    shape = shape_of(sd)
-    c, f, v, n = shape.width, shape.ffn, shape.vocab, shape.head_size
-    if n <= 0 or c % n or shape.heads * n != c:
-        raise UnsupportedModel(f"RWKV-7 'blocks.0.att.r_k' has shape {list(dims(sd['blocks.0.att.r_k']))},"
-                               f" which does not split width {c} into heads",
-                               "the checkpoint is damaged")
+    shape = slots.checked_shape(sd, VERSION, "RWKV-7", shape_of, "blocks.0.att.r_k")
+    c, n = shape.width, shape.head_size
     missing = [x for x in LORAS if x not in shape.lora]
     if missing:
         raise UnsupportedModel(f"not an RWKV-7 checkpoint: no 'att.{missing[0]}1' LoRA matrix",
                                "give an official RWKV-7 .pth checkpoint")
-    expected = {"emb.weight": (v, c), "blocks.0.ln0.weight": (c,), "blocks.0.ln0.bias": (c,),
-                "ln_out.weight": (c,), "ln_out.bias": (c,), "head.weight": (v, c)}
-    for i in range(shape.layers):
-        b = f"blocks.{i}."
-        for key in ("ln1.weight", "ln1.bias", "ln2.weight", "ln2.bias", "att.ln_x.weight",
-                    "att.ln_x.bias"):
-            expected[b + key] = (c,)
-        for key in _VEC:
-            expected[b + "att." + key] = (1, 1, c)
-        expected[b + "ffn.x_k"] = (1, 1, c)
-        expected[b + "att.r_k"] = (shape.heads, n)
-        for key in ("receptance", "key", "value", "output"):
-            expected[b + f"att.{key}.weight"] = (c, c)
-        expected[b + "ffn.key.weight"] = (f, c)
-        expected[b + "ffn.value.weight"] = (c, f)
+
+    def per_layer(i, b):
+        out = {b + "att." + key: (1, 1, c) for key in _VEC}
+        out[b + "ffn.x_k"], out[b + "att.r_k"] = (1, 1, c), (shape.heads, n)
         for name, d in shape.lora.items():
-            if name == "v" and i == 0:
-                continue
-            expected[b + f"att.{name}1"], expected[b + f"att.{name}2"] = (c, d), (d, c)
+            if i or name != "v":
+                out[b + f"att.{name}1"], out[b + f"att.{name}2"] = (c, d), (d, c)
         if i:
-            expected[b + "att.v0"] = (1, 1, c)
-    error = graph.shape_error(sd, expected, "RWKV-7")
-    if error is not None:
-        raise error
+            out[b + "att.v0"] = (1, 1, c)
+        return out
+    slots.check_shapes(sd, slots.expected_shapes(shape, ("receptance", "key", "value", "output"),
+                                                 (), per_layer), "RWKV-7")
     return shape
 
 
 def block_params(sd: Mapping[str, object], i: int) -> Dict[str, np.ndarray]:
-    """Layer ``i``'s tensors by their name after ``blocks.{i}.``: vectors flat, matrices as used
-    (projections transposed to (in, out), LoRA matrices as stored)."""
-    prefix = f"blocks.{i}."
-    p = {}
-    for key, t in sd.items():
-        if not key.startswith(prefix):
-            continue
-        name, arr = key[len(prefix):], as_np(t)
-        if name.endswith(".weight") and arr.ndim == 2:
-            arr = arr.T  # (out, in) -> (in, out)
-        elif arr.ndim == 3 or name.endswith("r_k"):
-            arr = arr.reshape(-1)
-        p[name] = np.ascontiguousarray(arr)
-    return p
+    return slots.block_params(sd, i, flat=("r_k",))
 
 
 # --------------------------------------------------------------------------------------------
 # ONNX graphs
 
 
-def embed_graph(sd: Mapping[str, object]):
-    """Token -> LN0(emb[token]): the same stage as RWKV-4's."""
-    return rwkv4.embed_graph(sd)
-
-
-def head_graph(sd: Mapping[str, object]):
-    return slots.head_graph(sd)
+embed_graph, head_graph = slots.embed_graph, slots.head_graph
 
 
 def _wkv(g: graph.Builder, p, s: Dict[str, str], h: int, n: int, first: bool) -> str:

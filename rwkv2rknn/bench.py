@@ -1,13 +1,13 @@
 """`rwkv2rknn bench`: decode speed of the ways to run one model, measured in one run.
 
-For a random RWKV-4 (or, with ``version="7"``, RWKV-7) of the given size (default: 430M-sized,
+For a random RWKV-4 (or, with ``version``, RWKV-5.2, 6 or 7) of the given size (default: 430M-sized,
 24 x 1024, vocab 50277):
 
 - pure ONNX Runtime over the per-layer files, token by token (the public demo's loop);
 - the hybrid executor with every segment on the ``ort`` backend;
 - one fused ONNX Runtime session of the whole model (the compiler's graph after ``state``);
 - the ``rwkv`` package, cpu fp32, where installed (the reference implementation; RWKV-4 only:
-  the package runs RWKV-7 only in a process of its own);
+  the package runs RWKV-7 only in a process of its own, so it is timed for RWKV-4 only);
 
 each as the median ms/token over many tokens after a warm-up, their ratios to the per-layer loop,
 the process's peak memory, and the memory-bandwidth bound: fp32 weight bytes read per token
@@ -62,7 +62,7 @@ def run_bench(layers: int = 24, width: int = 1024, vocab: int = 50277, tokens: i
               with_rwkv: bool = True, version: str = "4") -> Dict[str, object]:
     from rwkv2rknn.compiler import compile_model
     from rwkv2rknn.ir import Options
-    from rwkv2rknn.models.checkpoint import random_checkpoint, random_rwkv7
+    from rwkv2rknn.models import checkpoint
     from rwkv2rknn.models.export import arch_of, export
     from rwkv2rknn.runtime.hybrid import HybridModel
     from rwkv2rknn.runtime.reference import PerLayerModel
@@ -73,7 +73,8 @@ def run_bench(layers: int = 24, width: int = 1024, vocab: int = 50277, tokens: i
                                   "tokens": tokens}
     try:
         echo(f"bench: {results['model']}, {tokens} timed tokens")
-        make = random_rwkv7 if version == "7" else random_checkpoint
+        make = {"4": checkpoint.random_checkpoint, "5": checkpoint.random_rwkv5,
+                "6": checkpoint.random_rwkv6, "7": checkpoint.random_rwkv7}[version]
         sd = make(layers=layers, width=width, vocab=vocab, seed=seed)
         shape = arch_of(sd)[1]
         results["params"] = shape.params()

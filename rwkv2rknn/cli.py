@@ -109,7 +109,7 @@ def cli(debug: bool, verbose: bool) -> None:
 @click.option("--force", is_flag=True, help="Replace an output folder that holds other files.")
 @handle_errors
 def export(checkpoint: str, out_dir: str, fp32: bool, tokenizer, force: bool) -> None:
-    """Export an RWKV-4 or RWKV-7 CHECKPOINT (.pth) to per-layer ONNX files."""
+    """Export an RWKV-4, 5.2, 6 or 7 CHECKPOINT (.pth) to per-layer ONNX files."""
     from rwkv2rknn.models.checkpoint import load_checkpoint
     from rwkv2rknn.models.export import arch_of, export as do_export
     from rwkv2rknn.tokenizer import tokenizer_for_vocab
@@ -395,7 +395,7 @@ def eval_cmd(artifact, text_file, max_bytes, backend, tokenizer):
 
 
 @cli.command()
-@click.option("--version", "version", type=click.Choice(["4", "7"]), default="4", show_default=True,
+@click.option("--version", "version", type=click.Choice(["4", "5", "6", "7"]), default="4", show_default=True,
               help="RWKV version of the random model.")
 @click.option("--layers", type=click.IntRange(1, 256), default=24, show_default=True)
 @click.option("--width", type=click.IntRange(8, 16384), default=1024, show_default=True)

@@ -80,11 +80,12 @@ def tokens():
     return [int(t) for t in np.random.default_rng(7).integers(0, SMALL["vocab"], 40)]
 
 
-# Small random RWKV-6 and RWKV-7 models: 3 layers, width 192 (3 heads of 64), odd vocabularies,
+# Small random RWKV-5.2, 6 and 7 models: 3 layers, width 192 or 128 (heads of 64), odd vocabularies,
 # LoRA widths that are not powers of two (the checkpoint makers' defaults: RWKV-7 w 40, a 36,
 # v 20, g 56; RWKV-6 maa 20, decay 44). Each is built once per session, on first use.
 SLOT_MODELS = {"7": dict(layers=3, width=192, vocab=301, seed=5),
-               "6": dict(layers=3, width=192, vocab=263, seed=6)}
+               "6": dict(layers=3, width=192, vocab=263, seed=6),
+               "5": dict(layers=3, width=128, vocab=211, seed=7)}
 
 
 class SlotModel:
@@ -100,7 +101,8 @@ class SlotModel:
     @functools.cached_property
     def sd(self):
         from rwkv2rknn.models import checkpoint
-        make = checkpoint.random_rwkv7 if self.version == "7" else checkpoint.random_rwkv6
+        make = {"5": checkpoint.random_rwkv5, "6": checkpoint.random_rwkv6,
+                "7": checkpoint.random_rwkv7}[self.version]
         return make(**self.shape)
 
     @functools.cached_property
@@ -129,7 +131,7 @@ class SlotModel:
     @functools.cached_property
     def rknn_artifact(self):
         """The fp16 files compiled with the real rknn-toolkit2 (per-token and T-row builds)."""
-        return self._compile("fp16", prefill_rows=(16, 32))
+        return self._compile("fp16", prefill_rows=(16,))
 
     def _compile(self, dtype, **options):
         from rwkv2rknn.compiler import compile_model
@@ -141,7 +143,7 @@ class SlotModel:
 
 @pytest.fixture(scope="session")
 def slot_models(tmp_path_factory):
-    """version -> SlotModel ('6' or '7'), made once per session."""
+    """version -> SlotModel ('5', '6' or '7'), made once per session."""
     made = {}
     return lambda version: made.setdefault(version, SlotModel(version, tmp_path_factory))
 

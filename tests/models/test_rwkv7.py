@@ -70,11 +70,11 @@ def test_damaged_checkpoints_are_named(damage, match):
         rwkv7.check_state_dict(sd)
 
 
-def test_rwkv5_is_still_refused():
+def test_other_versions_are_told_apart():
     sd = random_rwkv7(layers=2, width=128, vocab=50, seed=4)
     sd = {k: v for k, v in sd.items() if ".att.x_a" not in k and ".att.w0" not in k}
     sd["blocks.0.att.time_faaaa"] = np.zeros((2, 64), np.float32)
-    with pytest.raises(UnsupportedModel, match="RWKV-5 is not supported yet"):
+    with pytest.raises(UnsupportedModel, match="not an RWKV-5.2 checkpoint"):
         arch_of(sd)
 
 
