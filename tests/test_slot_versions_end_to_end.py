@@ -126,9 +126,17 @@ def test_fp16_on_the_npu_simulator_and_check(slot_models, version):
     assert len(npu) == 4 and all(s.rknn and not s.fallback for s in npu)
     model = HybridModel(sm.rknn_artifact, backend="rknn-sim")
     got = model.logits(sm.tokens)
-    rep = compare_logits(got, sm.reference, min_top1=0.99, max_rel=0.05)
+    ref = sm.reference
+    rep = compare_logits(got, ref, min_top1=0.95, max_rel=0.05)
     assert rep.passed, rep.summary()
     assert rep.max_rel > 0  # the NPU path really computed in fp16
+    # top-1 where the reference decides: its two best logits differ by more than twice the
+    # largest fp16 error seen (a random model has the odd near-tie: a gap of 0.002 against
+    # errors of 0.02 flips either way)
+    top2 = np.sort(ref, axis=1)[:, -2:]
+    decided = top2[:, 1] - top2[:, 0] > 2 * np.abs(got - ref).max()
+    assert decided.mean() >= 0.8
+    assert (got.argmax(1) == ref.argmax(1))[decided].mean() >= 0.99
     # prefill: the NPU segments' T-row builds
     s1, s2 = model.init_state(), model.init_state()
     one = np.stack([model.step(t, s1) for t in sm.tokens[:24]])
