@@ -88,6 +88,9 @@ def run_bench(layers: int = 24, width: int = 1024, vocab: int = 50277, tokens: i
         echo(f"  compiled the plan (--plan-only) in {time.perf_counter() - t0:.1f} s: "
              f"{len(manifest.segments)} segments")
         results["estimate"] = {p: manifest.estimate_ms(p) for p in ("decode", "prefill")}
+        results["segments"] = [{"name": s.name, "backend": s.backend, "stages": list(s.stages),
+                                "est_ms": s.est_ms, "est_prefill_ms": s.est_prefill_ms}
+                               for s in manifest.segments]
         ms: Dict[str, List[float]] = {}
 
         ref = PerLayerModel(onnx_dir)
