@@ -454,6 +454,7 @@ CASES = [
     ("check-unknown-backend", ["check", "{plan}", "--backend", "cuda"], 2, ["--backend"]),
     # bench
     ("bench-layers-zero", ["bench", "--layers", "0"], 2, ["--layers"]),
+    ("bench-version-eight", ["bench", "--version", "8"], 2, ["--version"]),
     ("bench-width-tiny", ["bench", "--width", "4"], 2, ["--width"]),
     ("bench-tokens-two", ["bench", "--tokens", "2"], 2, ["--tokens"]),
     ("bench-vocab-text", ["bench", "--vocab", "lots"], 2, ["--vocab"]),
