@@ -54,7 +54,8 @@ def manifest_segment(ctx: Context, s: GraphSegment, out_dir: str, plan_only: boo
         rknn_sha256=rel_sha(rknn_rel), fallback=s.fallback, est_ms=round(float(s.est_ms), 6),
         est_prefill_ms=round(float(s.est_prefill_ms), 6), seq_onnx=seq_rel,
         seq_sha256=rel_sha(seq_rel), seq_rknn=seq_rknn,
-        seq_rows=tuple(s.seq_rows) if seq_rknn else (), seq_rknn_sha256=rel_sha(seq_rknn))
+        seq_rows=tuple(s.seq_rows) if seq_rknn else (), seq_rknn_sha256=rel_sha(seq_rknn),
+        decode_rows=s.decode_rows if on_npu else 0)
 
 
 def make_manifest(ctx: Context, out_dir: str, toolkit: str, plan_only: bool) -> Manifest:
@@ -120,12 +121,15 @@ def compile_model(model_path: str, out_dir: str, options: Optional[Options] = No
 
 
 def plan_report(ctx: Context, manifest: Manifest) -> dict:
-    from rwkv2rknn.passes.support import reasons
+    from rwkv2rknn.passes.support import reasons, segment_reasons
+    nodes = {s.name: s.nodes for s in ctx.segments}
     return {"stages": manifest.per_layer(),
             "npu_flop_share": manifest.npu_flop_share(),
             "boundaries_per_token": manifest.boundaries(),
             "segments": [{"name": s.name, "backend": s.backend, "ops": s.ops, "matmuls": s.matmuls,
-                          "flops": s.flops, "stages": list(s.stages), "fallback": s.fallback}
+                          "flops": s.flops, "stages": list(s.stages), "fallback": s.fallback,
+                          "cpu_reasons": segment_reasons(ctx, nodes.get(s.name, ()), s.fallback)
+                          if s.backend == "cpu" else {}}
                          for s in manifest.segments],
             "cpu_reasons": reasons(ctx),
             "passes": list(ctx.report),
@@ -143,7 +147,9 @@ def whole_graph(model_path: str):
             [(s.input, s.output) for s in ctx.state])
 
 
-def build_rknn(onnx_path: str, rknn_path: str, target: str = "rk3588", timeout: float = 600.0) -> str:
-    """Build one ONNX file into an .rknn in a child process; '' on success, else why not."""
+def build_rknn(onnx_path: str, rknn_path: str, target: str = "rk3588", timeout: float = 600.0,
+               rows=()) -> str:
+    """Build one ONNX file into an .rknn in a child process (a T-row file: one graph per row
+    count in ``rows``); '' on success, else why not."""
     from rwkv2rknn.passes.build import build_child
-    return build_child(onnx_path, rknn_path, target, False, timeout)
+    return build_child(onnx_path, rknn_path, target, False, timeout, rows)

@@ -96,7 +96,7 @@ def test_cli_run_logits(slot_models, tmp_path):
 def test_prefill_equals_one_at_a_time(slot_models, version, chunk):
     sm = slot_models(version)
     model = HybridModel(sm.plan_artifact, backend="ort")
-    seq = model._seq_runners()
+    seq = model.prefill_runners()
     assert seq is not None
     batched = [s for s, r in zip(model.manifest.segments, seq) if r is not None]
     assert batched and all(s.backend == "npu" for s in batched)
@@ -141,7 +141,7 @@ def test_fp16_on_the_npu_simulator_and_check(slot_models, version):
     s1, s2 = model.init_state(), model.init_state()
     one = np.stack([model.step(t, s1) for t in sm.tokens[:24]])
     many = model.prefill(sm.tokens[:24], s2)
-    assert {r.rows for r in model._seq_runners() if r is not None} == {(16,)}
+    assert {r.rows for r in model.prefill_runners() if r is not None} == {(2, 16)}
     assert compare_logits(many, one, min_top1=0.99, max_rel=0.01).passed
     model.close()
     # and `rwkv2rknn check` against the fp16 per-layer files passes

@@ -107,16 +107,24 @@ def _print_generation(model, tok_spec, prompt, max_tokens, temperature, top_p, s
 @click.option("--backend", type=BACKEND, default="auto", show_default=True)
 @click.option("--reference", type=click.Path(file_okay=False), default=None,
               help="Per-layer files to compare against (default: the ones the artifact was compiled from).")
-@click.option("--per-segment", is_flag=True, help="Also compare every NPU segment alone against onnxruntime.")
+@click.option("--per-segment", is_flag=True, help="Also compare every NPU segment and T-row variant alone against its ONNX on onnxruntime.")
 @click.option("--min-top1", type=click.FloatRange(0, 1), default=0.99, show_default=True)
 @click.option("--max-rel", type=float, default=None,
               help="Max logit error relative to the logit scale (default: 1e-4 for ort on fp32 files, else 0.05).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @handle_errors
 def check(artifact, n_tokens, seed, backend, reference, per_segment, min_top1, max_rel, as_json):
-    """Run ARTIFACT and pure ONNX Runtime on the same tokens and compare; exit 1 outside tolerance."""
-    from rwkv2rknn.check import run_check
+    """Run ARTIFACT and pure ONNX Runtime on the same tokens and compare; exit 1 outside tolerance.
+
+    \b
+    Gates: token-by-token logits and final state; the same tokens as a prompt
+    (chunks through the T-row variants); with --per-segment every NPU segment
+    and T-row variant against its ONNX."""
+    from rwkv2rknn.check import run_check, save_report
     rep, chosen = run_check(artifact, n_tokens, seed, backend, reference, per_segment, min_top1, max_rel)
+    saved = save_report(artifact, rep, chosen, n_tokens, seed)
+    if saved:
+        say(f"check report saved to {saved} (rwkv2rknn report shows it)")
     _print_check(rep, chosen, as_json)
 
 
@@ -128,7 +136,8 @@ def _print_check(rep, chosen: str, as_json: bool = False) -> None:
     else:
         click.echo(f"backend {chosen}: {rep.summary()}")
         for s in rep.per_segment:
-            click.echo(f"  {s['segment']}: max rel error {s['max_rel']:.3g}")
+            rows = f" ({s['rows']}-row build)" if s.get("rows") else ""
+            click.echo(f"  {s['segment']}{rows}: max rel error {s['max_rel']:.3g}")
     sys.exit(0 if rep.passed else 1)
 
 
@@ -160,9 +169,10 @@ def eval_cmd(artifact, text_file, max_bytes, backend, tokenizer):
 @click.option("--backend", type=BACKEND, default="auto", show_default=True)
 @handle_errors
 def demo(prompt, max_tokens, seed, backend):
-    """The whole flow on the bundled model: export, compile (plan table), generate, check."""
-    from rwkv2rknn.check import run_check
+    """The whole flow on the bundled model: export, compile (plan table), generate, check, report."""
+    from rwkv2rknn.check import run_check, save_report
     from rwkv2rknn.models import bundled
+    from rwkv2rknn.report import write_report
     from rwkv2rknn.runtime.hybrid import load_manifest
     from rwkv2rknn.runtime.loader import open_model
     _check_prompt(prompt)
@@ -174,4 +184,7 @@ def demo(prompt, max_tokens, seed, backend):
     model, tok_spec = open_model(artifact, backend, echo=say)
     _print_generation(model, tok_spec, prompt, max_tokens, 0.8, 0.9, seed)
     say("\n== 3. check against pure onnxruntime over the per-layer files")
-    _print_check(*run_check(artifact, 32, 0, backend))
+    rep, chosen = run_check(artifact, 32, 0, backend)
+    save_report(artifact, rep, chosen, 32, 0)
+    say(f"report: {write_report(artifact)}")
+    _print_check(rep, chosen)
