@@ -5,7 +5,7 @@
     token -> [embed/] -> [L0/] -> [L1/] ... -> [head/] -> logits
                           ^  |     \___ L0/v_first ___^   (RWKV-7: layer 0 -> later layers)
             L0/state_in --+  +--> L0/state_out        (RWKV-4: per layer, [rows, C])
-            L0/wkv, ... --+  +--> L0/wkv_out, ...     (RWKV-7: named slots, [C] or [H, N, N])
+            L0/wkv, ... --+  +--> L0/wkv_out, ...     (RWKV-5.2/6/7: named slots, [C] or [H, N, N])
 
 Every tensor and node is prefixed with its stage (``embed/``, ``L{i}/``, ``head/``); the stages'
 ``output`` -> next ``input`` edges are joined. A single ``.onnx`` file is loaded as it is (its
@@ -73,7 +73,7 @@ def _expect(graph, path: str, ins, outs) -> None:
 
 def load_folder(folder: str, arch_module):
     """One graph of the folder's stages. Returns (graph, layers, width, vocab, slots): ``slots``
-    lists the named state slots of a slot layout (RWKV-7: ``att_shift``, ``wkv``, ...) as
+    lists the named state slots of a slot layout (RWKV-5.2/6/7: ``att_shift``, ``wkv``, ...) as
     StateSlots; it is empty for the rows layout (RWKV-4's ``state_in [rows, C]``, which the
     state pass unpacks)."""
     import onnx_graphsurgeon as gs

@@ -54,7 +54,7 @@ class Segment:
 @dataclass(frozen=True)
 class StateSlot:
     """One piece of one layer's recurrent state: a row [C] of RWKV-4's [rows, C] tensor, or a
-    named slot of its own shape (RWKV-7's ``wkv`` [H, N, N]); ``shape`` () means [width]."""
+    named slot of its own shape (the ``wkv`` [H, N, N] of RWKV-5.2/6/7); ``shape`` () means [width]."""
     layer: int
     row: str
     input: str

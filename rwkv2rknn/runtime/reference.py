@@ -73,7 +73,7 @@ class PerLayerModel:
     """The per-layer files run one token at a time by ONNX Runtime.
 
     Two block layouts: the public RWKV-4 one (``input, state_in [rows, C]`` -> ``output,
-    state_out``), whose state is an array [layers, rows, C]; and named state slots (RWKV-7:
+    state_out``), whose state is an array [layers, rows, C]; and named state slots (RWKV-5.2/6/7:
     ``input, [v_first,] att_shift, wkv, ffn_shift`` -> ``output, [v_first,] att_shift_out, ...``),
     whose state is one flat array holding every layer's slots in file order (``slots`` gives
     each one's layer, name, offset and shape).
