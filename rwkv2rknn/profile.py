@@ -39,7 +39,8 @@ Where the published default ``rk3588-published`` comes from (none was measured h
 - ``handoff_ms`` 0.03: ASSUMED, of the order of one onnxruntime ``run()`` from Python.
 - ``dram_gbs`` 34: LPDDR4x-4266 peak of RK3588 boards (board forums; LPDDR5 boards ~44).
 
-Estimates from these are labelled as such: ``rwkv2rknn profile`` on a board measures a profile.
+Estimates from these are labelled as such, not measurements of your board: ``rwkv2rknn profile``
+(measure.py) measures one, with probes built on the compile machine and timed on the board.
 """
 
 from __future__ import annotations
