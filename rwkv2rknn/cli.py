@@ -14,6 +14,7 @@ import click
 
 from rwkv2rknn import __version__
 from rwkv2rknn.errors import Rwkv2RknnError
+from rwkv2rknn.runtime.board import BACKENDS
 
 log = logging.getLogger("rwkv2rknn")
 
@@ -165,7 +166,39 @@ def compile_cmd(model, out_dir, target, plan_only, strict, dump_after, calib_tok
                     profile=profile_path, prefill_rows=_parse_rows(prefill_rows))
     manifest = _compile_with_progress(model, out_dir, opts, force, dump_after)
     click.echo(manifest.table())
+    if not plan_only:
+        from rwkv2rknn.runtime.device import describe_need, memory_need
+        click.echo(f"board memory need: {describe_need(memory_need(manifest, out_dir))}")
     click.echo(f"artifact written to {out_dir}")
+
+
+@cli.command(name="pack")
+@click.argument("artifact", type=click.Path())
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Folder to write the board's copy into.")
+@click.option("--force", is_flag=True, help="Replace an output folder that holds other files.")
+@handle_errors
+def pack_cmd(artifact, out_dir, force):
+    """Copy exactly what the board runs (NPU segments as .rknn, CPU segments as ONNX, the
+    tokenizer, the manifest) from a compiled ARTIFACT into a new folder."""
+    from rwkv2rknn.pack import pack
+    res = pack(artifact, out_dir, force=force)
+    per = f", {res['bytes'] / res['parameters']:.2f} bytes per parameter" if res["parameters"] else ""
+    click.echo(f"packed {out_dir}: {res['bytes']:,} bytes for {res['parameters']:,} parameters{per}")
+    click.echo(f"board memory need: {res['need']}")
+
+
+@cli.command()
+@click.argument("artifact", required=False, type=click.Path())
+@handle_errors
+def doctor(artifact):
+    """Check that this board can run ARTIFACT: architecture, SoC and NPU cores, RKNPU driver,
+    librknnrt version, free memory. Exit 1 if anything needs fixing."""
+    from rwkv2rknn.doctor import doctor as run_doctor
+    verdicts = run_doctor(artifact)
+    for v in verdicts:
+        click.echo(v.line())
+    sys.exit(0 if all(v.ok for v in verdicts) else 1)
 
 
 def _parse_rows(text: str):
@@ -242,10 +275,11 @@ def _check_out_file(path, flag: str) -> None:
               help="Sampling temperature (0: greedy).")
 @click.option("--top-p", type=click.FloatRange(0, 1), default=0.9, show_default=True, help="Nucleus sampling.")
 @click.option("--seed", type=int, default=None, help="Random seed for sampling.")
-@click.option("--backend", type=click.Choice(["auto", "ort", "rknn-sim", "rknn-lite"]), default="auto",
+@click.option("--backend", type=click.Choice(BACKENDS), default="auto",
               show_default=True, help="Where NPU segments run (CPU segments always use onnxruntime).")
 @click.option("--core-mask", default="auto", show_default=True,
-              help="rknn-lite only: NPU cores (auto, 0, 1, 2, 0_1, 0_1_2).")
+              help="Board backends only: NPU cores (0, 1, 2, 0_1, 0_1_2; auto: 0_1_2 for large "
+                   "segments on an RK3588, the runtime's choice for the others).")
 @click.option("--tokenizer", default=None, help="bytes, world, or a tokenizer.json path (default: the model's).")
 @click.option("--tokens", default=None, help="Evaluation: feed these comma-separated token ids instead of a prompt.")
 @click.option("--logits-out", type=click.Path(dir_okay=False), default=None,
@@ -309,7 +343,7 @@ def _print_generation(model, tok_spec, prompt, max_tokens, temperature, top_p, s
 @click.option("--tokens", "n_tokens", type=click.IntRange(1, 4096), default=32, show_default=True,
               help="Seeded random tokens to teacher-force.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--backend", type=click.Choice(["auto", "ort", "rknn-sim", "rknn-lite"]), default="auto",
+@click.option("--backend", type=click.Choice(BACKENDS), default="auto",
               show_default=True)
 @click.option("--reference", type=click.Path(file_okay=False), default=None,
               help="Per-layer files to compare against (default: the ones the artifact was compiled from).")
@@ -379,7 +413,7 @@ def profile(build_dir, probe_dir, backend, core_mask, target, out):
               help="UTF-8 text file to score.")
 @click.option("--max-bytes", type=click.IntRange(16, 10 ** 8), default=20000, show_default=True,
               help="Score at most this many bytes from the start of the file.")
-@click.option("--backend", type=click.Choice(["auto", "ort", "rknn-sim", "rknn-lite"]), default="auto",
+@click.option("--backend", type=click.Choice(BACKENDS), default="auto",
               show_default=True)
 @click.option("--tokenizer", default=None, help="bytes, world, or a tokenizer.json path (default: the model's).")
 @handle_errors
@@ -421,7 +455,7 @@ def bench(layers, width, vocab, tokens, no_rwkv, json_out):
 @click.option("--prompt", default="The", show_default=True, help="Text to continue.")
 @click.option("--max-tokens", type=click.IntRange(1, 65536), default=200, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--backend", type=click.Choice(["auto", "ort", "rknn-sim", "rknn-lite"]), default="auto",
+@click.option("--backend", type=click.Choice(BACKENDS), default="auto",
               show_default=True)
 @handle_errors
 def demo(prompt, max_tokens, seed, backend):

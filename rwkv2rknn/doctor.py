@@ -31,7 +31,7 @@ class Verdict:
 
 def doctor(artifact: Optional[str] = None, root: str = "/", machine: Optional[str] = None,
            environ=None) -> List[Verdict]:
-    from rwkv2rknn.runtime.rknn import board_soc, lite_available, same_npu, _NPU_FAMILY
+    from rwkv2rknn.runtime.board import _NPU_FAMILY, board_soc, lite_available, same_npu
     manifest = None
     if artifact:
         from rwkv2rknn.runtime.hybrid import load_manifest
@@ -75,8 +75,7 @@ def doctor(artifact: Optional[str] = None, root: str = "/", machine: Optional[st
     else:
         need = device.memory_need(manifest, artifact)
         found = (f"{device.gib(have) if have >= 0 else 'unknown'} available, the artifact needs "
-                 f"about {device.gib(need['total'])} (weights {device.gib(need['weights'])}, "
-                 f"activations {device.gib(need['activations'])}, state {device.gib(need['state'])})")
+                 f"{device.describe_need(need)}")
         out.append(Verdict("free memory", have < 0 or have >= need["total"] * 1.1, found,
                            "close other programs or use a smaller model"))
         missing = [s.name for s in manifest.segments if s.backend == "npu" and not s.rknn]

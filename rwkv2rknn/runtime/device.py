@@ -134,6 +134,11 @@ def gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
 
 
+def describe_need(need: Dict[str, int]) -> str:
+    return (f"about {gib(need['total'])} (weights {gib(need['weights'])}, activations "
+            f"{gib(need['activations'])}, state {gib(need['state'])})")
+
+
 def require_memory(need: Dict[str, int], root: str = "/", margin: float = 1.1) -> None:
     """A one-line BadInput when MemAvailable is below the artifact's need (with a margin)."""
     have = mem_available(root)
