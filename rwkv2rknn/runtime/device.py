@@ -108,7 +108,9 @@ def _size(artifact: str, rel: Optional[str]) -> int:
 def memory_need(manifest, artifact: str, backend: str = "rknn-rt") -> Dict[str, int]:
     """Bytes the board holds to run ``artifact``: the weights it loads (each NPU segment's .rknn
     and its T-row .seq.rknn, each CPU segment's ONNX), the float32 activations every bound
-    input and output takes (T-row ones at the largest row count) and the recurrent state."""
+    input and output takes (T-row ones at the largest row count) and the recurrent state. Not
+    counted: librknnrt's own internal buffers and onnxruntime's arenas (hence the margin in
+    ``require_memory``)."""
     weights = acts = 0
     for seg in manifest.segments:
         per_token = sum(_elems(seg.shapes.get(k)) for k in tuple(seg.inputs) + tuple(seg.outputs))
