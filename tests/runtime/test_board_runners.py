@@ -193,3 +193,20 @@ def test_tokenizer_file_travels_with_the_artifact(tmp_path):
     assert bundle_tokenizer("world", str(src), str(out)) == f"world:tokenizer/{WORLD_VOCAB_NAME}"
     assert bundle_tokenizer("bytes", str(src), str(out)) == "bytes"
     assert bundle_tokenizer("missing.json", str(src), str(out)) == "missing.json"  # kept, logged
+
+
+def test_board_runtime_older_than_the_toolkit_is_said(fp16_artifact, packed, lite, tmp_path,
+                                                       monkeypatch, caplog):
+    from rwkv2rknn.runtime import device
+    fake = tmp_path / "librknnrt.so"  # a file carrying an older runtime's version string
+    fake.write_bytes(b"\0ELF junk\0" + b"1.6.0 (9a7b5d24c@2023-12-13T17:31:11)\0")
+    monkeypatch.setenv(device.LIBRKNNRT_ENV, str(fake))
+    _map(lite, fp16_artifact, packed[0])
+    with caplog.at_level("WARNING"):
+        HybridModel(packed[0], backend="rknn-lite").close()
+    assert "librknnrt 1.6.0 is older than rknn-toolkit2 2.5.0" in caplog.text
+    # and when the runtime then refuses a file, the error names that cause first
+    lite.init_result = -1
+    with pytest.raises(ToolkitError) as e:
+        HybridModel(packed[0], backend="rknn-lite")
+    assert "this board's librknnrt is 1.6.0, older than rknn-toolkit2 2.5.0" in e.value.fix
