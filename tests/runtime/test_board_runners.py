@@ -210,3 +210,12 @@ def test_board_runtime_older_than_the_toolkit_is_said(fp16_artifact, packed, lit
     with pytest.raises(ToolkitError) as e:
         HybridModel(packed[0], backend="rknn-lite")
     assert "this board's librknnrt is 1.6.0, older than rknn-toolkit2 2.5.0" in e.value.fix
+
+
+def test_check_runs_a_packed_artifact_on_the_board_backend(packed, fp16_artifact, lite):
+    from rwkv2rknn.check import run_check
+    _map(lite, fp16_artifact, packed[0])
+    rep, chosen = run_check(packed[0], n_tokens=6, backend="rknn-lite")
+    assert chosen == "rknn-lite" and rep.passed, rep.summary()
+    with pytest.raises(BadInput, match="is packed: --per-segment"):
+        run_check(packed[0], n_tokens=2, backend="rknn-lite", per_segment=True)
