@@ -1,4 +1,5 @@
-"""RKNN runners: ``rknn-sim`` (rknn-toolkit2's x86 simulator) and ``rknn-lite`` (the board).
+"""RKNN runners: ``rknn-sim`` (rknn-toolkit2's x86 simulator) and ``rknn-lite`` (the board's
+fallback; ``rknn-rt`` in rknnrt.py calls librknnrt's C API directly).
 
 Both share one code path (``_RknnRunner.infer``); they differ only in how the model is loaded:
 

@@ -219,3 +219,15 @@ def test_check_runs_a_packed_artifact_on_the_board_backend(packed, fp16_artifact
     assert chosen == "rknn-lite" and rep.passed, rep.summary()
     with pytest.raises(BadInput, match="is packed: --per-segment"):
         run_check(packed[0], n_tokens=2, backend="rknn-lite", per_segment=True)
+
+
+def test_auto_core_mask_puts_large_segments_on_every_core():
+    from rwkv2rknn.profile import DeviceProfile
+    from rwkv2rknn.runtime.board import core_mask_for
+    rk3588 = types.SimpleNamespace(target="rk3588", profile=DeviceProfile().to_dict())
+    layer = types.SimpleNamespace(flops=2 * 13 * 1024 * 1024)  # a 430M layer segment: 26 MiB fp16
+    small = types.SimpleNamespace(flops=2 * 7 * 48 * 48)
+    assert core_mask_for(layer, rk3588) == "0_1_2" and core_mask_for(small, rk3588) == "auto"
+    assert core_mask_for(layer, rk3588, "1") == "1"  # what the user asks for wins
+    rk3568 = types.SimpleNamespace(target="rk3568", profile={})
+    assert core_mask_for(layer, rk3568) == "auto"  # one NPU core there
