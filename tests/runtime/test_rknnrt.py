@@ -168,3 +168,14 @@ def test_wrong_io_count_is_one_line_and_released(standin, tmp_path, log):
     with pytest.raises(BadInput, match="has 2 inputs and 2 outputs, the manifest says 3"):
         rknnrt.RknnRtRunner(path, "s001", ["x", "s", "z"], ["y", "s_out"], SHAPES, lib=standin)
     assert log()[-1][0] == "rknn_destroy"
+
+
+def test_auto_picks_rknn_rt_where_librknnrt_loads(standin, tmp_path, monkeypatch):
+    from rwkv2rknn.runtime import device
+    from rwkv2rknn.runtime.hybrid import resolve_backend
+    monkeypatch.setenv(device.LIBRKNNRT_ENV, standin)
+    assert resolve_backend("auto") == "rknn-rt"
+    bad = tmp_path / "librknnrt.so"
+    bad.write_bytes(b"not a shared library")
+    monkeypatch.setenv(device.LIBRKNNRT_ENV, str(bad))
+    assert resolve_backend("auto") != "rknn-rt"  # present but not loadable: the next backend
