@@ -78,7 +78,7 @@ def doctor(artifact: Optional[str] = None, root: str = "/", machine: Optional[st
                  f"{device.describe_need(need)}")
         out.append(Verdict("free memory", have < 0 or have >= need["total"] * 1.1, found,
                            "close other programs or use a smaller model"))
-        missing = [s.name for s in manifest.segments if s.backend == "npu" and not s.rknn]
+        missing = [s.name for s in manifest.segments if s.backend == "npu" and not (s.rknn or s.seq_rknn)]
         if missing:
             out.append(Verdict("artifact", False, f"{len(missing)} NPU segment(s) have no .rknn "
                                f"(compiled with --plan-only)", "compile without --plan-only"))

@@ -30,7 +30,7 @@ def pack(artifact: str, out_dir: str, force: bool = False) -> Dict[str, int]:
     if not m.token_input or not m.logits_output:
         raise BadInput(f"'{artifact}' was compiled from a single ONNX graph, not a whole model",
                        "compile the folder of per-layer files to pack it")
-    no_rknn = [s.name for s in m.segments if s.backend == "npu" and not s.rknn]
+    no_rknn = [s.name for s in m.segments if s.backend == "npu" and not (s.rknn or s.seq_rknn)]
     if no_rknn:
         raise BadInput(f"'{artifact}' has NPU segments without .rknn ({no_rknn[0]}, ...; compiled "
                        f"with --plan-only)", "compile it without --plan-only, then pack")

@@ -7,11 +7,14 @@ here needs a board: a missing file reads as "unknown".
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from typing import Dict, Optional, Tuple
 
 from rwkv2rknn.errors import BadInput
+
+log = logging.getLogger(__name__)
 
 LIBRKNNRT_ENV = "RWKV2RKNN_LIBRKNNRT"
 LIBRKNNRT_PATHS = ("usr/lib/librknnrt.so", "usr/lib64/librknnrt.so", "usr/local/lib/librknnrt.so",
@@ -115,7 +118,8 @@ def memory_need(manifest, artifact: str, backend: str = "rknn-rt") -> Dict[str, 
     for seg in manifest.segments:
         per_token = sum(_elems(seg.shapes.get(k)) for k in tuple(seg.inputs) + tuple(seg.outputs))
         if seg.backend == "npu" and backend != "ort":
-            weights += _size(artifact, seg.rknn) + _size(artifact, seg.seq_rknn)
+            weights += _size(artifact, seg.rknn) + (_size(artifact, seg.seq_rknn)
+                                                    if seg.seq_rknn != seg.rknn else 0)
         else:
             weights += _size(artifact, seg.onnx) + _size(artifact, seg.seq_onnx)
         acts += 4 * per_token * (1 + max(seg.seq_rows or (0,)))
@@ -148,3 +152,20 @@ def require_memory(need: Dict[str, int], root: str = "/", margin: float = 1.1) -
         raise BadInput(f"the board has {gib(have)} free (MemAvailable), this model needs about "
                        f"{gib(need['total'])} (weights {gib(need['weights'])})",
                        "close other programs, or pack a smaller model (`rwkv2rknn doctor ARTIFACT`)")
+
+
+def board_preflight(artifact: str, m, backend: str) -> None:
+    """Before loading on the board: the SoC matches the target, enough memory is free, and the
+    runtime is not older than the toolkit that built the files (a warning: it may still load)."""
+    from rwkv2rknn.runtime import board
+    soc = board.board_soc()
+    if soc and not board.same_npu(soc, m.target):
+        raise BadInput(f"'{artifact}' was compiled for {m.target or 'an unknown target'}, "
+                       f"but this board is {soc}", f"compile it again with --target {soc}")
+    if not soc and m.target != "rk3588":
+        log.warning("artifact was compiled for %s", m.target)
+    require_memory(memory_need(m, artifact, backend))
+    have = librknnrt_version(librknnrt_path())
+    if older(have, m.toolkit):
+        log.warning("librknnrt %s is older than rknn-toolkit2 %s that built the files; if loading "
+                    "fails: %s", have, m.toolkit, LIBRKNNRT_INSTALL)
