@@ -60,6 +60,9 @@ def run_check(artifact: str, n_tokens: int = 32, seed: int = 0, backend: str = "
     if not manifest.token_input or not manifest.logits_output:
         raise BadInput(f"'{artifact}' was compiled from a single ONNX graph, not a whole model",
                        "compile the folder of per-layer files to check it")
+    if per_segment and manifest.packed:
+        raise BadInput(f"'{artifact}' is packed: --per-segment compares NPU segments with their "
+                       f"ONNX, which packing leaves out", "run it on the artifact it was packed from")
     ref_dir = reference or str(manifest.model.get("source", ""))
     if not ref_dir or not os.path.isdir(ref_dir):
         raise BadInput(f"the per-layer files the artifact was compiled from are not at '{ref_dir}'",
