@@ -68,7 +68,6 @@ def run_check(artifact: str, n_tokens: int = 32, seed: int = 0, backend: str = "
     """Teacher-force ``n_tokens`` seeded random ids (or the tokens of ``text``; by default the
     built-in English sample for an artifact with w8a8 segments: random ids leave the int8 ranges
     calibrated on text) through the artifact and pure onnxruntime and compare them."""
-    from rwkv2rknn.models import rwkv4
     from rwkv2rknn.runtime.hybrid import HybridModel, load_manifest, resolve_backend
     from rwkv2rknn.runtime.reference import PerLayerModel
 
@@ -76,6 +75,9 @@ def run_check(artifact: str, n_tokens: int = 32, seed: int = 0, backend: str = "
     if not manifest.token_input or not manifest.logits_output:
         raise BadInput(f"'{artifact}' was compiled from a single ONNX graph, not a whole model",
                        "compile the folder of per-layer files to check it")
+    if per_segment and manifest.packed:
+        raise BadInput(f"'{artifact}' is packed: --per-segment compares NPU segments with their "
+                       f"ONNX, which packing leaves out", "run it on the artifact it was packed from")
     ref_dir = reference or str(manifest.model.get("source", ""))
     if not ref_dir or not os.path.isdir(ref_dir):
         raise BadInput(f"the per-layer files the artifact was compiled from are not at '{ref_dir}'",
@@ -83,14 +85,12 @@ def run_check(artifact: str, n_tokens: int = 32, seed: int = 0, backend: str = "
     chosen = resolve_backend(backend)
     hybrid = HybridModel(artifact, backend=chosen)
     ref = PerLayerModel(ref_dir)
-    if ref.vocab != hybrid.vocab or ref.state_shape[0] != manifest.layers or \
-            ref.state_shape[2] != hybrid.width:
+    if ref.vocab != hybrid.vocab or ref.layers != manifest.layers or ref.width != hybrid.width:
         raise BadInput(f"reference '{ref_dir}' is not the model the artifact was compiled from",
                        "pass the right --reference FOLDER")
     precision = artifact_precision(manifest) if chosen != "ort" else "fp32 (ort)"
     tol = Tolerances.default(chosen, str(manifest.model.get("source_dtype")), min_top1, max_rel, precision)
     tokens = _tokens(manifest, chosen, n_tokens, seed, text)
-    rows = list(rwkv4.STATE_ROWS)
     try:
         h_state, r_state = hybrid.init_state(), ref.init_state()
         got, want, traces = [], [], []
@@ -100,13 +100,12 @@ def run_check(artifact: str, n_tokens: int = 32, seed: int = 0, backend: str = "
             want.append(ref.step(t, r_state))
             traces.append(env)
         want = np.stack(want)
-        ref_state = r_state.astype(np.float32)
-        rep = _compare(np.stack(got), want, hybrid.state_as_layers(h_state, rows), ref_state, tol)
+        rep = _compare(np.stack(got), want, *_states(hybrid, h_state, ref, r_state), tol)
         rep.tolerance["precision"] = precision
         if prefill and len(tokens) > 1 and hybrid.prepare_prefill():
             p_state = hybrid.init_state()
             rep.prefill = _compare(hybrid.prefill(tokens, p_state), want,
-                                   hybrid.state_as_layers(p_state, rows), ref_state, tol).to_dict()
+                                   *_states(hybrid, p_state, ref, r_state), tol).to_dict()
             rep.failures += [f"prefill: {f}" for f in rep.prefill["failures"]]
         if per_segment:
             rep.per_segment = _per_segment(artifact, hybrid, traces, manifest.state)
@@ -150,6 +149,21 @@ def save_report(artifact: str, rep: Report, backend: str, n_tokens: int, seed: i
         log.warning("could not save the check report to %s (%s)", path, e.strerror or e)
         return None
     return path
+
+
+def _states(hybrid, h_state, ref, r_state):
+    """(hybrid state, reference state) in one order: the reference's rows [layers, rows, C]
+    (RWKV-4), or its named slots (RWKV-5.2/6/7) one after another."""
+    from rwkv2rknn.models import rwkv4
+    if ref.rows_layout:
+        return hybrid.state_as_layers(h_state, list(rwkv4.STATE_ROWS)), r_state.astype(np.float32)
+    got, want = hybrid.state_by_slot(h_state), ref.state_by_slot(r_state)
+    if set(got) != set(want):
+        raise BadInput("the artifact's state slots are not the reference's",
+                       "pass the right --reference FOLDER")
+    keys = sorted(want)
+    return (np.concatenate([got[k].reshape(-1) for k in keys]),
+            np.concatenate([want[k].reshape(-1).astype(np.float32) for k in keys]))
 
 
 def _compare(got, want, state_got, state_ref, tol: Tolerances) -> Report:

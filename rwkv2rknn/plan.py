@@ -69,11 +69,17 @@ class Segment:
 
 @dataclass(frozen=True)
 class StateSlot:
+    """One piece of one layer's recurrent state: a row [C] of RWKV-4's [rows, C] tensor, or a
+    named slot of its own shape (the ``wkv`` [H, N, N] of RWKV-5.2/6/7); ``shape`` () means [width]."""
     layer: int
     row: str
     input: str
     output: str
     accumulator: bool = False
+    shape: Tuple[int, ...] = ()
+
+    def dims(self, width: int) -> Tuple[int, ...]:
+        return tuple(self.shape) or (width,)
 
 
 @dataclass(frozen=True)
@@ -91,6 +97,7 @@ class Manifest:
     report: Tuple[str, ...] = field(default_factory=tuple)
     profile: Dict[str, object] = field(default_factory=dict)
     prefill_rows: int = 32  # the chunk length the prefill estimate assumes
+    packed: bool = False  # `rwkv2rknn pack`: NPU segments as .rknn only (no ONNX), for the board
 
     # ---------------------------------------------------------------- JSON
 
@@ -111,7 +118,9 @@ class Manifest:
             segs = tuple(_segment(s) for s in _list(d, "segments"))
             state = tuple(StateSlot(int(_get(s, "layer", int)), _get(s, "row", str),
                                     _get(s, "input", str), _get(s, "output", str),
-                                    bool(s.get("accumulator", False))) for s in _list(d, "state"))
+                                    bool(s.get("accumulator", False)),
+                                    tuple(int(x) for x in s.get("shape", []) or []))
+                          for s in _list(d, "state"))
             m = cls(model=_get(d, "model", dict), segments=segs, state=state,
                     token_input=_get(d, "token_input", str), logits_output=_get(d, "logits_output", str),
                     tokenizer=d.get("tokenizer") if isinstance(d.get("tokenizer"), str) else None,
@@ -119,7 +128,8 @@ class Manifest:
                     generator=str(d.get("generator", "")), format_version=FORMAT_VERSION,
                     report=tuple(str(x) for x in d.get("report", []) or []),
                     profile=d.get("profile") if isinstance(d.get("profile"), dict) else {},
-                    prefill_rows=max(1, int(d.get("prefill_rows", 32))))
+                    prefill_rows=max(1, int(d.get("prefill_rows", 32))),
+                    packed=d.get("packed", False) is True)
             for k in ("layers", "width", "vocab"):  # read by the runtime as whole numbers
                 v = m.model.get(k)
                 if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):

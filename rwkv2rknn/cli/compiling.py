@@ -21,19 +21,18 @@ from rwkv2rknn.errors import UsageError
 @click.option("--force", is_flag=True, help="Replace an output folder that holds other files.")
 @handle_errors
 def export(checkpoint: str, out_dir: str, fp32: bool, tokenizer, force: bool) -> None:
-    """Export an RWKV-4 CHECKPOINT (.pth) to per-layer ONNX files."""
-    from rwkv2rknn.models import rwkv4
+    """Export an RWKV-4, 5.2, 6 or 7 CHECKPOINT (.pth) to per-layer ONNX files."""
     from rwkv2rknn.models.checkpoint import load_checkpoint
-    from rwkv2rknn.models.export import export as do_export
+    from rwkv2rknn.models.export import arch_of, export as do_export
     from rwkv2rknn.tokenizer import tokenizer_for_vocab
 
     sd = load_checkpoint(checkpoint)
-    shape = rwkv4.check_state_dict(sd)
+    arch, shape = arch_of(sd)
     tok = tokenizer or tokenizer_for_vocab(shape.vocab)
     with click.progressbar(length=shape.layers + 2, label="exporting", file=sys.stderr) as bar:
         do_export(sd, out_dir, fp32=fp32, tokenizer=tok, force=force,
                   progress=lambda name: bar.update(1))
-    click.echo(f"exported RWKV-4 {shape.layers} x {shape.width}, vocab {shape.vocab} "
+    click.echo(f"exported RWKV-{arch.ARCH[4:]} {shape.layers} x {shape.width}, vocab {shape.vocab} "
                f"({'fp32' if fp32 else 'fp16'}) to {out_dir}")
 
 
@@ -96,6 +95,9 @@ def compile_cmd(model, out_dir, target, plan_only, strict, dump_after, range_tok
                     profile=profile_path, prefill_rows=_parse_rows(prefill_rows))
     manifest = _compile_with_progress(model, out_dir, opts, force, dump_after)
     click.echo(manifest.table())
+    if not plan_only:
+        from rwkv2rknn.runtime.device import describe_need, memory_need
+        click.echo(f"board memory need: {describe_need(memory_need(manifest, out_dir))}")
     click.echo(f"artifact written to {out_dir}")
     if with_report:
         from rwkv2rknn.report import write_report
