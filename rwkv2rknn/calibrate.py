@@ -137,7 +137,7 @@ def capture(artifact: str, ids: Sequence[int]) -> Dict[str, Rows]:
         slots = {s.input: i for i, s in enumerate(model.slots)}
         state = model.init_state()
         for t in ids:
-            before = state.copy()  # step() updates the state rows in place
+            before = model.slot_views(state.copy())  # step() updates the state in place
             env: Dict[str, np.ndarray] = {}
             model.step(int(t), state, trace=env)
             for s in segs:
