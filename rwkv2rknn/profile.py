@@ -105,16 +105,16 @@ class DeviceProfile:
         speed = self._speedup(precision)
         if self.npu_gflops:
             return flops / (self.npu_throughput(rows) * speed * 1e6)
+        cores = cores or self.npu_cores_for(out_features * in_features * self.npu_weight_bytes)
         weight = out_features * in_features * self.npu_weight_bytes / speed
-        cores = cores or self.npu_cores_for(weight)
         gbs = min(self.npu_gbs_all if cores > 1 else self.npu_gbs, self.dram_gbs)
         return max(weight / (gbs * 1e6), flops / (self.npu_core_gflops * speed * cores * 1e6))
 
     def npu_segment_ms(self, dims: Iterable[Tuple[int, int, int]], precision: str = "fp16") -> float:
         """One call of an NPU segment whose MatMuls are ``(rows, out, in)``."""
         dims = list(dims)
-        weight = sum(m * k for _, m, k in dims) * self.npu_weight_bytes / self._speedup(precision)
-        cores = self.npu_cores_for(weight)
+        # cores as the runtime picks them (runtime/board.core_mask_for: fp16-sized weights)
+        cores = self.npu_cores_for(sum(m * k for _, m, k in dims) * self.npu_weight_bytes)
         return self.npu_call_ms + sum(self.npu_matmul_ms(m, k, r, cores, precision) for r, m, k in dims)
 
     # ---------------------------------------------------------------- CPU
