@@ -151,3 +151,13 @@ def test_check_text_must_be_readable_utf8(tmp_path):
     bad.write_bytes(b"\xc3\x28 not utf-8")
     r = CliRunner().invoke(cli, ["check", str(tmp_path), "--text", str(bad)])
     assert r.exit_code == 1 and "text" in r.output and "is not UTF-8" in r.output and "--text" in r.output
+
+
+def test_pack_leaves_the_calibration_datasets_out(w8a8, tmp_path):
+    from rwkv2rknn.pack import pack
+    out = tmp_path / "board"
+    pack(w8a8, str(out))
+    m = load_manifest(str(out))
+    assert not (out / "calib").exists()
+    assert all(s.calib is None and s.seq_calib is None for s in m.segments)
+    assert all(s.precision == "w8a8" for s in m.segments if s.backend == "npu")
