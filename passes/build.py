@@ -11,12 +11,20 @@ A segment with a T-row (prefill) variant gets one build of that variant for the 
 counts and for DECODE_ROWS: token steps run it with the token in row 0. Where that build fails,
 the per-token graph is built alone and prefill runs token by token.
 
+With ``--quant w8a8`` (or w16a16i) a build is quantised from the segment's calibration dataset
+(``rwkv2rknn.calibrate``); the child also runs it in the simulator on held-out rows (a T-row build:
+each row as a token step, in row 0) and the parent scores them against fp32 onnxruntime. A
+segment whose smallest cosine is below ``--quant-min-cos`` (or whose quantised build fails) is
+built fp16 instead, and the plan says so. The cache key of a quantised build also holds the
+precision, the toolkit's quantisation settings and a digest of the calibration rows; its measured
+accuracy is cached beside it.
+
 rknn-toolkit2 reports errors three ways (exceptions, return codes, and killing its own process),
 so each build runs in a child process with a time limit, in a private scratch folder, and a
 failure carries the toolkit's own error line. Builds run side by side, as many as the cores and
 the free memory allow (``resources.build_jobs``). Results are cached by the SHA-256 of the
 segment's ONNX bytes, the target and the toolkit version (``rwkv2rknn.buildcache``): an unchanged
-segment is never rebuilt, an entry is used only after its recorded checksum matches, and a
+segment is never rebuilt, an fp16 entry is used only after its recorded checksum matches, and a
 per-entry lock makes two compiles (or two workers) take turns. A failed build moves the segment
 to the CPU and says so; with ``--strict`` it is an error.
 
@@ -30,31 +38,37 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import re
 import shutil
+import re
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable, Optional
+from typing import Callable, Dict, Optional
 
+import numpy as np
+
+from rwkv2rknn.calibrate import SegmentCalibration
 from rwkv2rknn.errors import ToolkitError
-from rwkv2rknn.io import cache_root, remove_quietly, remove_stale
+from rwkv2rknn.io import cache_root, read_json, remove_quietly, remove_stale, write_json
 from rwkv2rknn.ir import Context, GraphSegment
 
 NAME = "build"
-
 # Row count a token step runs with on a T-row build. rknn-toolkit2 2.5.0 builds several row counts
 # into one .rknn with dynamic_input, but a 1-row shape among them makes the other shapes compute
 # wrong results (measured: relative error ~1 at T = 16); with 2 rows every shape is right.
 DECODE_ROWS = 2
 
 
-def cache_key(onnx_bytes: bytes, target: str, toolkit: str) -> str:
+def cache_key(onnx_bytes: bytes, target: str, toolkit: str, variant: str = "") -> str:
+    """The build cache entry of a segment's ONNX bytes; ``variant`` names anything else the build
+    depends on (precision, quantisation settings, calibration digest; '' for fp16)."""
     h = hashlib.sha256()
     for part in (target.encode(), b"\0", toolkit.encode(), b"\0", onnx_bytes):
         h.update(part)
+    if variant:
+        h.update(b"\0" + variant.encode())
     return h.hexdigest()
 
 
@@ -79,36 +93,45 @@ def partial_name(rknn_path: str, pid: int) -> str:
 
 
 def build_child(onnx_path: str, rknn_path: str, target: str, verbose: bool,
-                timeout: float, rows=(), running: Optional[set] = None, checksum: str = "") -> str:
+                timeout: float, rows=(), precision: str = "fp16", dataset: str = "",
+                holdout: str = "", holdout_out: str = "", running: Optional[set] = None,
+                checksum: str = "") -> str:
     """Build in a child process; '' on success, else the reason it failed (with the toolkit's
     own error line when it wrote one).
 
     The child writes ``partial_name(rknn_path, its pid)`` and renames it to ``rknn_path`` itself,
     so the entry is whole even if this process is killed while the child works. If the child
     fails, times out or this process is interrupted, the child is stopped and its partial file
-    removed. Each child works in its own empty folder (its cwd and $TMPDIR): rknn-toolkit2 writes
+    removed. A quantised build (``precision``, ``dataset``) also runs the ``holdout`` dataset's
+    samples in the simulator and saves the outputs to ``holdout_out`` (.npz, sample-major).
+    Each child works in its own empty folder (its cwd and $TMPDIR): rknn-toolkit2 writes
     fixed-name scratch files there (``check_dynshape0.onnx`` ... for a T-row build), which two
     builds side by side would otherwise overwrite for each other. ``running`` (a set) holds the
     child while it runs, so that a caller can stop it. With ``checksum`` the child writes the
     result's SHA-256 to that file before it renames the result into place.
     """
+    absp = os.path.abspath
     work = tempfile.mkdtemp(prefix="rwkv2rknn-build-")
     log_path = os.path.join(work, "toolkit.log")
-    cmd = [sys.executable, "-m", "rwkv2rknn.passes.build", os.path.abspath(onnx_path),
-           os.path.abspath(rknn_path), "--target", target, "--log", log_path]
+    cmd = [sys.executable, "-m", "rwkv2rknn.passes.build", absp(onnx_path), absp(rknn_path),
+           "--target", target, "--log", log_path]
     if verbose:
         cmd.append("--verbose")
     if rows:
         cmd += ["--rows", ",".join(str(r) for r in rows)]
+    if precision != "fp16":
+        cmd += ["--precision", precision, "--dataset", absp(dataset)]
+    if holdout:
+        cmd += ["--holdout", absp(holdout), "--holdout-out", absp(holdout_out)]
     if checksum:
-        cmd += ["--checksum", os.path.abspath(checksum)]
+        cmd += ["--checksum", absp(checksum)]
     env = dict(os.environ, TMPDIR=work, TMP=work, TEMP=work)
     try:
         proc = subprocess.Popen(cmd, stdout=None if verbose else subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True, cwd=work, env=env)
         if running is not None:
             running.add(proc)
-        tmp = partial_name(os.path.abspath(rknn_path), proc.pid)
+        tmp = partial_name(absp(rknn_path), proc.pid)
         try:
             _, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -183,57 +206,31 @@ def _jobs(ctx: Context, todo, out_dir: str) -> int:
     return resources.build_jobs(biggest, len(todo))
 
 
-class _Builder:
-    """Builds one NPU segment (its T-row variant, or the per-token graph) through the cache."""
+class _Builds:
+    """fp16 builds through the checked, locked cache; the children that run, to stop them."""
 
-    def __init__(self, ctx: Context, out_dir: str, version: str):
+    def __init__(self, ctx: Context, version: str):
         from rwkv2rknn.buildcache import BuildCache
-        self.opts, self.out_dir, self.version = ctx.options, out_dir, version
+        self.opts, self.version = ctx.options, version
         self.cache = BuildCache(os.path.join(cache_root(self.opts.cache_dir), "rknn"))
         self.running: set = set()
         self.stopping = False
 
     def fetch_or_build(self, onnx_path: str, key: str, dest: str, rows=()):
-        """(status, reason): status 'cached' / 'built', or '' with the reason it failed."""
+        """(status, reason): status 'cached' / 'built' / 'rebuilt (...)', or '' and why not."""
         cache = self.cache
         with cache.locked(key, lambda: self.stopping):
             digest, problem = cache.copy_to(key, dest)
             if digest:
                 return "cached", ""
             reason = build_child(onnx_path, cache.entry(key), self.opts.target, self.opts.verbose,
-                                 self.opts.build_timeout, rows, self.running, cache.sum_path(key))
+                                 self.opts.build_timeout, rows, running=self.running,
+                                 checksum=cache.sum_path(key))
             if reason:
                 return "", reason
             if not cache.copy_to(key, dest)[0]:
                 return "", "the built entry changed in the cache before it was copied"
             return (f"rebuilt (the cache entry had {problem})" if problem else "built"), ""
-
-    def segment(self, seg: GraphSegment) -> str:
-        opts, seg_dir = self.opts, os.path.join(self.out_dir, "segments")
-        if seg.seq_model is not None and opts.prefill_rows:
-            # the T-row variant for DECODE_ROWS and the prefill rows: one .rknn, weights once
-            rows = tuple(sorted({DECODE_ROWS, *opts.prefill_rows}))
-            seq_path = os.path.join(seg_dir, seg.name + ".seq.onnx")
-            key = file_key(seq_path, opts.target, self.version, repr(rows).encode())
-            status, reason = self.fetch_or_build(
-                seq_path, key, os.path.join(seg_dir, seg.name + ".seq.rknn"), rows)
-            if not reason:
-                seg.seq_rknn = seg.rknn = f"segments/{seg.name}.seq.rknn"
-                seg.seq_rows, seg.decode_rows, seg.cache_key = rows, DECODE_ROWS, key
-                return status + " (decode and T rows)"
-            seg.seq_fallback = reason  # the per-token graph alone; prefill token by token
-        onnx_path = os.path.join(seg_dir, seg.name + ".onnx")
-        key = file_key(onnx_path, opts.target, self.version)
-        status, reason = self.fetch_or_build(onnx_path, key, os.path.join(seg_dir, seg.name + ".rknn"))
-        if reason:
-            if opts.strict:
-                raise ToolkitError(f"building segment {seg.name} failed: {reason}",
-                                   "drop --strict to let it fall back to the CPU")
-            seg.device, seg.fallback = "cpu", reason
-            return "failed, CPU fallback"
-        seg.rknn = f"segments/{seg.name}.rknn"
-        seg.cache_key = key
-        return status + (", T-rows failed" if seg.seq_fallback else "")
 
     def stop(self) -> None:
         self.stopping = True
@@ -245,47 +242,93 @@ class _Builder:
 
 
 def run(ctx: Context, out_dir: str,
-        progress: Optional[Callable[[GraphSegment, str, int, int], None]] = None) -> None:
+        progress: Optional[Callable[[GraphSegment, str, int, int], None]] = None,
+        calibration: Optional[Dict[str, SegmentCalibration]] = None) -> None:
     """Build the NPU segments whose ONNX files are in ``out_dir``/segments, copying each .rknn
-    beside its ONNX; ``progress(segment, status, i, n)`` after each (builds run side by side)."""
+    beside its ONNX; ``progress(segment, status, i, n)`` after each (builds run side by side).
+    ``calibration`` (by segment name) is given for a quantised compile."""
     from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
     from rwkv2rknn.toolkit import require_toolkit
 
+    opts = ctx.options
     version = require_toolkit()
-    builder = _Builder(ctx, out_dir, version)
-    clean_stale_partials(builder.cache.folder)
+    builds = _Builds(ctx, version)
+    clean_stale_partials(builds.cache.folder)
     todo = [seg for seg in ctx.segments if seg.device == "npu"]
     jobs = _jobs(ctx, todo, out_dir) if todo else 1
     counts = {"built": 0, "cached": 0, "failed": 0}
     t0, done = time.monotonic(), 0
     pool = ThreadPoolExecutor(max_workers=jobs)
     try:
-        pending = {pool.submit(builder.segment, seg): seg for seg in todo}
+        pending = {pool.submit(_one, ctx, seg, out_dir, builds, version,
+                               (calibration or {}).get(seg.name)): seg for seg in todo}
         while pending:
             finished, _ = wait(pending, return_when=FIRST_COMPLETED)
             for fut in finished:
                 seg = pending.pop(fut)
-                status = fut.result()  # raises ToolkitError under --strict
+                status, kind = fut.result()  # raises ToolkitError under --strict
                 done += 1
-                first = status.split(",")[0].split(" ")[0]
-                counts["failed" if first == "failed" else "cached" if first == "cached" else "built"] += 1
+                counts[kind] += 1
                 if seg.fallback:
                     ctx.note(NAME, f"{seg.name}: build failed ({seg.fallback}); runs on the CPU")
                 if progress:
                     progress(seg, status + _eta(t0, done, len(todo)), done, len(todo))
     except BaseException:
-        builder.stop()
+        builds.stop()
         pool.shutdown(wait=True, cancel_futures=True)
         raise
     pool.shutdown(wait=True)
-    ctx.note(NAME, f"{counts['built']} built, {counts['cached']} from the cache ({builder.cache.folder}), "
+    ctx.note(NAME, f"{counts['built']} built, {counts['cached']} from the cache ({builds.cache.folder}), "
                    f"{counts['failed']} fell back to the CPU [rknn-toolkit2 {version}, target "
-                   f"{ctx.options.target}, {jobs} build(s) at a time]")
+                   f"{opts.target}, {jobs} build(s) at a time]")
+    if calibration:
+        kept = [f"{s.name} ({s.precision_note})" for s in todo if s.precision_note]
+        n_q = sum(s.precision == opts.quant for s in todo)
+        ctx.note(NAME, f"{n_q} of {len(todo)} NPU segment(s) {opts.quant} (min cosine >= "
+                       f"{opts.quant_min_cos:g} on held-out rows)" +
+                       (f"; kept fp16: {'; '.join(kept)}" if kept else ""))
     for s in todo:
         if s.seq_fallback:
             ctx.note(NAME, f"{s.name}: T-row build failed ({s.seq_fallback}); its prefill runs "
                            "token by token")
+
+
+def _one(ctx: Context, seg: GraphSegment, out_dir: str, builds: _Builds, version: str,
+         cal: Optional[SegmentCalibration]):
+    """Build one NPU segment: (progress status, 'built' / 'cached' / 'failed')."""
+    opts = ctx.options
+    cache = builds.cache.folder
+    if seg.seq_model is not None and opts.prefill_rows:
+        status = _build_shared(ctx, seg, out_dir, builds, version, cal)
+        if status:  # one build serves decode and prefill
+            _estimate(ctx, seg)
+            return status + " (decode and T rows)", "cached" if status.endswith("cached") else "built"
+    onnx_path = os.path.join(out_dir, "segments", seg.name + ".onnx")
+    dest = os.path.join(out_dir, "segments", seg.name + ".rknn")
+    entry, cached = "", False
+    if cal:
+        entry, cached = _quantised(ctx, seg, onnx_path, (), cal.dataset, cal, cache, version, out_dir)
+    if entry:
+        key = seg.cache_key
+        status = f"{seg.precision} (cos {seg.accuracy['min_cos']:.4f}), " + ("cached" if cached else "built")
+        shutil.copyfile(entry, dest)
+    else:
+        key = file_key(onnx_path, opts.target, version)
+        status, reason = builds.fetch_or_build(onnx_path, key, dest)
+        if reason:
+            if opts.strict:
+                raise ToolkitError(f"building segment {seg.name} failed: {reason}",
+                                   "drop --strict to let it fall back to the CPU")
+            seg.device, seg.fallback = "cpu", reason
+            return "failed, CPU fallback", "failed"
+        cached = status == "cached"
+    if seg.precision_note and seg.precision == "fp16":
+        status = f"fp16 ({seg.precision_note}), {status}"
+    seg.rknn = f"segments/{seg.name}.rknn"
+    seg.cache_key = key
+    _estimate(ctx, seg)
+    return status + (", T-rows failed" if seg.seq_fallback else ""), "cached" if cached else "built"
 
 
 def _eta(t0: float, done: int, total: int) -> str:
@@ -297,25 +340,136 @@ def _eta(t0: float, done: int, total: int) -> str:
     return f" (eta {secs // 60}:{secs % 60:02d})"
 
 
+def _build_shared(ctx: Context, seg: GraphSegment, out_dir: str, builds: _Builds, version: str,
+                  cal: Optional[SegmentCalibration] = None) -> str:
+    """The T-row variant of an NPU segment built for DECODE_ROWS and the prefill row counts: one
+    .rknn, weights once, serving token steps (the token in row 0, padding after it) and prefill;
+    quantised when ``cal`` has T-row samples and the build is accurate enough.
+    Returns 'built' or 'cached' (after the precision), or '' when the build failed
+    (``seg.seq_fallback`` says why; the caller then builds the per-token graph alone and prefill
+    runs token by token)."""
+    opts = ctx.options
+    rows = tuple(sorted({DECODE_ROWS, *opts.prefill_rows}))
+    onnx_path = os.path.join(out_dir, "segments", seg.name + ".seq.onnx")
+    if cal and cal.seq_dataset:
+        entry, cached = _quantised(ctx, seg, onnx_path, rows, cal.seq_dataset, cal,
+                                   builds.cache.folder, version, out_dir)
+        if entry:
+            _copy_shared(seg, entry, out_dir, rows, seg.cache_key)
+            seg.seq_precision, seg.calib, seg.seq_calib = seg.precision, cal.seq_dataset, cal.seq_dataset
+            return f"{seg.precision} (cos {seg.accuracy['min_cos']:.4f}), " + ("cached" if cached else "built")
+    key = file_key(onnx_path, opts.target, version, repr(rows).encode())
+    status, reason = builds.fetch_or_build(
+        onnx_path, key, os.path.join(out_dir, "segments", seg.name + ".seq.rknn"), rows)
+    if reason:
+        seg.seq_fallback = reason
+        return ""
+    _copy_shared(seg, "", out_dir, rows, key)
+    return f"fp16 ({seg.precision_note}), {status}" if seg.precision_note else status
+
+
+def _copy_shared(seg: GraphSegment, entry: str, out_dir: str, rows, key: str) -> None:
+    """Record the shared build (copying ``entry`` into the artifact unless it is '': there)."""
+    if entry:
+        shutil.copyfile(entry, os.path.join(out_dir, "segments", seg.name + ".seq.rknn"))
+    seg.seq_rknn = seg.rknn = f"segments/{seg.name}.seq.rknn"
+    seg.seq_rows, seg.decode_rows, seg.cache_key = rows, DECODE_ROWS, key
+
+
+def _quant_variant(precision: str, digest: str) -> str:
+    from rwkv2rknn.toolkit import QUANT_ALGORITHM, QUANT_DTYPE, QUANT_METHOD
+    return f"{QUANT_DTYPE[precision]}|{QUANT_ALGORITHM}|{QUANT_METHOD}|{digest}"
+
+
+def _quantised(ctx: Context, seg: GraphSegment, onnx_path: str, rows, dataset: str,
+               cal: SegmentCalibration, cache: str, version: str, out_dir: str):
+    """(cache entry of the segment's quantised build, from the cache) if it is accurate enough
+    on the held-out rows, else ('', False) and ``seg.precision_note`` says why it is built fp16.
+    ``rows``: a T-row build's row counts (its held-out rows run as token steps, in row 0)."""
+    from rwkv2rknn.calibrate import Accuracy, accuracy
+    opts = ctx.options
+    carried = {t for s in ctx.state if s.accumulator for t in (s.input, s.output)}
+    if carried & set(seg.inputs + seg.outputs) or any(n.op in ("Exp", "Max") for n in seg.nodes):
+        raise RuntimeError(f"segment {seg.name} holds the recurrence, which must never be quantised")
+    with open(onnx_path, "rb") as f:
+        key = cache_key(f.read() + (repr(tuple(rows)).encode() if rows else b""), opts.target, version,
+                        _quant_variant(opts.quant, cal.digest))
+    entry, meta = os.path.join(cache, key + ".rknn"), os.path.join(cache, key + ".json")
+    acc = None
+    if os.path.isfile(entry) and os.path.getsize(entry) > 0 and os.path.isfile(meta):
+        try:
+            acc = Accuracy(**read_json(meta, "cached accuracy"))
+        except Exception:  # noqa: BLE001 - a damaged record: build again
+            acc = None
+    cached = acc is not None
+    if acc is None:
+        outs = partial_name(os.path.join(cache, key + ".holdout.npz"), os.getpid())
+        try:
+            reason = build_child(onnx_path, entry, opts.target, opts.verbose, opts.build_timeout, rows,
+                                 precision=opts.quant, dataset=os.path.join(out_dir, dataset),
+                                 holdout=cal.seq_holdout if rows else cal.holdout, holdout_out=outs)
+            if reason:
+                seg.precision_note = f"{opts.quant} build failed: {reason}"
+                return "", False
+            with np.load(outs) as z:
+                flat = [z[f"arr_{j}"] for j in range(len(z.files))]
+        finally:
+            remove_quietly(outs)
+        n = len(seg.outputs)
+        got = [{k: np.asarray(flat[i * n + j]).reshape(DECODE_ROWS if rows else 1, -1)[0]
+                for j, k in enumerate(seg.outputs)} for i in range(len(cal.want))]
+        acc = accuracy(got, cal.want)
+        write_json(meta, acc.to_dict())
+    seg.accuracy = acc.to_dict()
+    if not acc.min_cos >= opts.quant_min_cos:
+        seg.precision_note = f"{opts.quant} cos {acc.min_cos:.4f} < {opts.quant_min_cos:g}"
+        return "", False
+    seg.precision, seg.calib, seg.cache_key, seg.precision_note = opts.quant, dataset, key, ""
+    return entry, cached
+
+
+def _estimate(ctx: Context, seg: GraphSegment) -> None:
+    """The segment's estimated ms per call and per prefill token at the precision it was built."""
+    from rwkv2rknn.passes.partition import estimate_ms
+    from rwkv2rknn.passes.sequence import prefill_rows
+    if seg.precision == "fp16" and seg.seq_precision == "fp16":
+        return
+    seg.est_ms = estimate_ms("npu", seg.nodes, ctx.profile, precision=seg.precision)
+    if seg.seq_model is not None:
+        t = prefill_rows(ctx)
+        seg.est_prefill_ms = estimate_ms("npu", seg.nodes, ctx.profile, rows=t,
+                                         precision=seg.seq_precision) / t
+
+
 def _main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Build one ONNX segment into an .rknn (child process).")
     ap.add_argument("onnx")
     ap.add_argument("rknn")
     ap.add_argument("--target", default="rk3588")
     ap.add_argument("--verbose", action="store_true")
+    ap.add_argument("--rows", default="", help="T-row variant: build one graph per row count (e.g. 16,32,64)")
     ap.add_argument("--checksum", default="", help="write the result's SHA-256 to this file first")
     ap.add_argument("--log", default="", help="append the toolkit's output to this file")
-    ap.add_argument("--rows", default="", help="T-row variant: build one graph per row count (e.g. 16,32,64)")
+    ap.add_argument("--precision", default="fp16")
+    ap.add_argument("--dataset", default="", help="calibration dataset of a quantised build")
+    ap.add_argument("--holdout", default="", help="run these samples in the simulator after the build")
+    ap.add_argument("--holdout-out", default="", help="... and save the outputs here (.npz)")
     a = ap.parse_args(argv)
     from rwkv2rknn.errors import Rwkv2RknnError
     from rwkv2rknn.toolkit import build_in_process, dynamic_shapes
     tmp = partial_name(a.rknn, os.getpid())
     rows = [int(r) for r in a.rows.split(",") if r]
     try:
-        rk = build_in_process(a.onnx, target=a.target, rknn_out=tmp, verbose=a.verbose, log_to=a.log,
+        rk = build_in_process(a.onnx, target=a.target, rknn_out=tmp, verbose=a.verbose,
                               float_dtype=os.environ.get("RWKV2RKNN_FLOAT_DTYPE", ""),
-                              dynamic_input=dynamic_shapes(a.onnx, rows) if rows else None)
-        rk.release()
+                              dynamic_input=dynamic_shapes(a.onnx, rows) if rows else None,
+                              precision=a.precision, dataset=a.dataset, runtime=bool(a.holdout),
+                              log_to=a.log)
+        try:
+            if a.holdout:
+                _run_holdout(rk, a.holdout, a.holdout_out)
+        finally:
+            rk.release()
         if not os.path.isfile(tmp) or os.path.getsize(tmp) == 0:
             print("rknn-toolkit2 wrote no .rknn", file=sys.stderr)
             return 1
@@ -329,6 +483,23 @@ def _main(argv=None) -> int:
         return 1
     finally:
         remove_quietly(tmp)
+
+
+def _run_holdout(rk, dataset: str, out: str) -> None:
+    """The simulator's outputs for every sample of ``dataset``, saved sample-major to ``out``."""
+    import contextlib
+    import io as _io
+
+    from rwkv2rknn.calibrate import read_dataset
+    flat = []
+    for sample in read_dataset(dataset):
+        with contextlib.redirect_stdout(_io.StringIO()):
+            outs = rk.inference(inputs=[np.ascontiguousarray(x, np.float32) for x in sample])
+        if outs is None:
+            raise ToolkitError("the simulator ran no held-out sample", "run with --verbose")
+        flat += [np.asarray(o, np.float32) for o in outs]
+    with open(out, "wb") as f:
+        np.savez(f, *flat)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,9 @@
 ::
 
     token -> [embed/] -> [L0/] -> [L1/] ... -> [head/] -> logits
-                          ^  |
-            L0/state_in --+  +--> L0/state_out        (per layer, [rows, C])
+                          ^  |     \___ L0/v_first ___^   (RWKV-7: layer 0 -> later layers)
+            L0/state_in --+  +--> L0/state_out        (RWKV-4: per layer, [rows, C])
+            L0/wkv, ... --+  +--> L0/wkv_out, ...     (RWKV-5.2/6/7: named slots, [C] or [H, N, N])
 
 Every tensor and node is prefixed with its stage (``embed/``, ``L{i}/``, ``head/``); the stages'
 ``output`` -> next ``input`` edges are joined. A single ``.onnx`` file is loaded as it is (its
@@ -24,6 +25,7 @@ import numpy as np
 from rwkv2rknn import io
 from rwkv2rknn.errors import BadInput, UnsupportedModel
 from rwkv2rknn.ir import Context, Options, replace_uses
+from rwkv2rknn.plan import StateSlot
 
 NAME = "load"
 
@@ -71,6 +73,10 @@ def expect_io(graph, path: str, ins, outs) -> None:
 
 
 def load_folder(folder: str, arch_module):
+    """One graph of the folder's stages. Returns (graph, layers, width, vocab, slots): ``slots``
+    lists the named state slots of a slot layout (RWKV-5.2/6/7: ``att_shift``, ``wkv``, ...) as
+    StateSlots; it is empty for the rows layout (RWKV-4's ``state_in [rows, C]``, which the
+    state pass unpacks)."""
     import onnx_graphsurgeon as gs
     from rwkv2rknn.runtime.reference import stage_files
 
@@ -81,26 +87,32 @@ def load_folder(folder: str, arch_module):
     blocks = []
     for i, p in enumerate(block_ps):
         g = import_stage(p, f"L{i}/")
-        expect_io(g, p, *d.BLOCK_IO)
+        expect_io(g, p, *d.block_io(i))
         blocks.append(g)
     head = import_stage(head_p, "head/")
     expect_io(head, head_p, *d.HEAD_IO)
-
-    widths = {int(g.inputs[0].shape[0]) for g in blocks} | {int(head.inputs[0].shape[0])}
-    widths |= {int(g.inputs[1].shape[1]) for g in blocks}
-    if len(widths) != 1:
-        raise UnsupportedModel(f"the per-layer files disagree on the width ({sorted(widths)})",
-                               "all files must come from one export")
+    width = _width(blocks, head)
 
     nodes = list(embed.nodes)
     x = embed.outputs[0]
     inputs = [embed.inputs[0]]
-    outputs = []
-    for g in blocks:
+    outputs, slots, carried = [], [], {}
+    for i, g in enumerate(blocks):
+        ins = dict(zip(_io_names(g)[0], g.inputs))
+        outs = dict(zip(_io_names(g)[1], g.outputs))
         replace_uses(g.inputs[0], x)
+        for name in d.INTER_LAYER:  # values a block hands to later blocks of the same token
+            if name in ins:
+                replace_uses(ins[name], carried[name])
+            elif name in outs:
+                carried[name] = outs[name]
         nodes += g.nodes
-        inputs.append(g.inputs[1])
-        outputs.append(g.outputs[1])
+        for name, out, acc in d.STATE_IO:
+            slot_in, slot_out = ins[name], outs[out]
+            slots.append(StateSlot(i, name, slot_in.name, slot_out.name, acc,
+                                   tuple(int(s) for s in slot_in.shape)))
+        inputs += [ins[name] for name in ins if name not in ("input",) + d.INTER_LAYER]
+        outputs += [outs[name] for name in outs if name not in ("output",) + d.INTER_LAYER]
         x = g.outputs[0]
     replace_uses(head.inputs[0], x)
     nodes += head.nodes
@@ -110,22 +122,47 @@ def load_folder(folder: str, arch_module):
     graph = gs.Graph(nodes=nodes, inputs=inputs, outputs=[logits] + outputs,
                      opset=max(embed.opset, head.opset), name="rwkv")
     graph.cleanup().toposort()
-    return graph, len(blocks), int(widths.pop()), int(logits.shape[-1]) if logits.shape else None
+    return graph, len(blocks), width, int(logits.shape[-1]) if logits.shape else None, slots
+
+
+def _width(blocks, head) -> int:
+    from rwkv2rknn.runtime.reference import one_width
+    return one_width(lambda: {int(g.inputs[0].shape[0]) for g in blocks} |
+                     {int(head.inputs[0].shape[0])})
+
+
+def arch_of_folder(folder: str):
+    """The model module of a per-layer folder: from our exporter's description, else from the
+    blocks' inputs (the public RWKV-4 files have no description)."""
+    from rwkv2rknn.models.export import MODULES
+    from rwkv2rknn.runtime.reference import stage_files
+
+    by_arch = {m.ARCH: m for m in MODULES.values()}
+    arch = io.model_facts(folder).get("arch")
+    if arch in by_arch:
+        return by_arch[arch]
+    blocks = stage_files(folder)[1]
+    names = [i.name for i in io.load_onnx(blocks[-1]).graph.input]
+    if names[:1] != ["input"] or "wkv" not in names:
+        return MODULES["4"]
+    return MODULES["7"] if "v_first" in names else MODULES["6"]
 
 
 def run(path: str, options: Options = None) -> Context:
     """Load a folder of per-layer files (or one .onnx) into a new Context."""
-    from rwkv2rknn.models import rwkv4
-
     options = options or Options()
     if not os.path.exists(path):
         raise BadInput(f"'{path}' does not exist",
                        "give a folder of per-layer RWKV ONNX files or an .onnx file")
     if os.path.isdir(path):
-        graph, layers, width, vocab = load_folder(path, rwkv4)
-        ctx = Context(graph=graph, source=os.path.abspath(path), arch=rwkv4.ARCH,
+        arch = arch_of_folder(path)
+        graph, layers, width, vocab, slots = load_folder(path, arch)
+        ctx = Context(graph=graph, source=os.path.abspath(path), arch=arch.ARCH,
                       shape={"layers": layers, "width": width, "vocab": vocab})
-        ctx.whole_state = {i: (f"L{i}/state_in", f"L{i}/state_out") for i in range(layers)}
+        ctx.state = slots
+        ctx.cpu_recurrence_inputs = bool(getattr(arch, "CPU_RECURRENCE_INPUTS", False))
+        if not slots:
+            ctx.whole_state = {i: (f"L{i}/state_in", f"L{i}/state_out") for i in range(layers)}
     else:
         if not path.endswith(".onnx"):
             raise BadInput(f"'{path}' is not an .onnx file or a folder",

@@ -9,6 +9,9 @@ The artifact folder (written to a temporary folder beside OUT and renamed into p
     OUT/segments/NAME.rknn     beside the ONNX of every NPU segment (not with --plan-only)
     OUT/segments/NAME.seq.onnx the T-token (prefill) variant of a segment that has one, and its
     OUT/segments/NAME.seq.rknn NPU build (one graph per row count in --prefill-rows)
+    OUT/tokenizer/FILE         the tokenizer file the model was exported with (if it has one)
+    OUT/calib/NAME[.seq]/      with --quant w8a8|w16a16i: the calibration dataset of each quantised
+                               build (the simulator rebuilds from it; the board does not need it)
 
 The passes work on ``ir.GraphSegment`` s; ``manifest_segment`` turns each into the manifest's
 ``plan.Segment``.
@@ -20,11 +23,12 @@ import logging
 import os
 from typing import Callable, Optional
 
-from rwkv2rknn import __version__, io, resources
+from rwkv2rknn import __version__, calibrate, io, resources
 from rwkv2rknn.errors import UsageError
 from rwkv2rknn.ir import Context, GraphSegment, Options, export
 from rwkv2rknn.passes.sequence import prefill_rows
 from rwkv2rknn.plan import MANIFEST, PLAN, Manifest, Segment, sha256_file
+from rwkv2rknn.runtime.loader import bundle_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +59,10 @@ def manifest_segment(ctx: Context, s: GraphSegment, out_dir: str, plan_only: boo
         est_prefill_ms=round(float(s.est_prefill_ms), 6), seq_onnx=seq_rel,
         seq_sha256=rel_sha(seq_rel), seq_rknn=seq_rknn,
         seq_rows=tuple(s.seq_rows) if seq_rknn else (), seq_rknn_sha256=rel_sha(seq_rknn),
+        precision=s.precision if on_npu else "fp16",
+        seq_precision=s.seq_precision if seq_rknn else "fp16",
+        accuracy=dict(s.accuracy) if on_npu else {}, precision_note=s.precision_note if on_npu else "",
+        calib=s.calib or None if on_npu else None, seq_calib=s.seq_calib or None if seq_rknn else None,
         decode_rows=s.decode_rows if on_npu else 0)
 
 
@@ -67,7 +75,8 @@ def make_manifest(ctx: Context, out_dir: str, toolkit: str, plan_only: bool) -> 
                     segments=tuple(manifest_segment(ctx, s, out_dir, plan_only) for s in ctx.segments),
                     state=tuple(ctx.state),
                     token_input=ctx.token_input, logits_output=ctx.logits_output,
-                    tokenizer=facts.get("tokenizer"), target=ctx.options.target, toolkit=toolkit,
+                    tokenizer=bundle_tokenizer(facts.get("tokenizer"), ctx.source, out_dir),
+                    target=ctx.options.target, toolkit=toolkit,
                     generator=f"rwkv2rknn {__version__}", report=tuple(ctx.report),
                     profile=ctx.profile.to_dict(),
                     prefill_rows=prefill_rows(ctx))
@@ -84,16 +93,21 @@ def compile_model(model_path: str, out_dir: str, options: Optional[Options] = No
     if dump_after and dump_after not in passes.PASS_NAMES:
         raise UsageError(f"unknown pass '{dump_after}' for --dump-after",
                          f"use one of {', '.join(passes.PASS_NAMES)}")
-    toolkit = ""
+    toolkit, calib_ids = "", None
+    if options.plan_only and options.quant != "fp16":
+        raise UsageError(f"--quant {options.quant} is measured on .rknn builds, which --plan-only skips",
+                         "drop --plan-only (or --quant)")
     if not options.plan_only:  # fail before the passes, not after them
         from rwkv2rknn.toolkit import require_toolkit
         toolkit = require_toolkit()
+        calib_ids = _calibration_ids(model_path, options)
     if not os.path.exists(model_path):
         load.run(model_path, options)  # its one-line error for a missing model
     size = resources.check_compile(model_path, out_dir, io.cache_root(options.cache_dir),
                                    options.plan_only, _streams(model_path, options, dump_after))
     try:
-        return _compile(model_path, out_dir, options, toolkit, force, dump_after, progress, on_pass)
+        return _compile(model_path, out_dir, options, toolkit, calib_ids, force, dump_after,
+                        progress, on_pass)
     except OSError as e:
         if resources.is_disk_full(e):
             raise resources.disk_full(e, os.path.dirname(os.path.abspath(out_dir)), size) from e
@@ -101,16 +115,21 @@ def compile_model(model_path: str, out_dir: str, options: Optional[Options] = No
 
 
 def _streams(model_path: str, options: Options, dump_after) -> bool:
-    """A per-layer folder compiles stage by stage, unless a whole-graph dump is asked for."""
-    return options.stream and os.path.isdir(model_path) and not dump_after
+    """An RWKV-4 per-layer folder compiles stage by stage, unless a whole-graph dump is asked
+    for (other versions load as one graph)."""
+    from rwkv2rknn.passes import load
+    return (options.stream and os.path.isdir(model_path) and not dump_after and
+            load.arch_of_folder(model_path).ARCH == "rwkv4")
 
 
-def _compile(model_path, out_dir, options, toolkit, force, dump_after, progress, on_pass):
+def _compile(model_path, out_dir, options, toolkit, calib_ids, force, dump_after, progress,
+             on_pass):
     from rwkv2rknn import passes
     from rwkv2rknn.passes import build, load
 
     if _streams(model_path, options, dump_after):
-        return _compile_stream(model_path, out_dir, options, toolkit, force, progress, on_pass)
+        return _compile_stream(model_path, out_dir, options, toolkit, calib_ids, force, progress,
+                               on_pass)
     ctx = load.run(model_path, options)
     dumps = {}
 
@@ -131,7 +150,9 @@ def _compile(model_path, out_dir, options, toolkit, force, dump_after, progress,
             if s.seq_model is not None:
                 io.save_onnx(s.seq_model, os.path.join(tmp, "segments", s.name + ".seq.onnx"))
         if not options.plan_only:
-            build.run(ctx, tmp, progress=progress)
+            calibration = _calibrate(ctx, tmp, toolkit, calib_ids) if calib_ids else None
+            build.run(ctx, tmp, progress=progress, calibration=calibration)
+            calibrate.drop_holdout(tmp)
             after(build.NAME)
         for name, model in dumps.items():
             os.makedirs(os.path.join(tmp, "dump"), exist_ok=True)
@@ -140,7 +161,7 @@ def _compile(model_path, out_dir, options, toolkit, force, dump_after, progress,
     return manifest
 
 
-def _compile_stream(model_path, out_dir, options, toolkit, force, progress, on_pass):
+def _compile_stream(model_path, out_dir, options, toolkit, calib_ids, force, progress, on_pass):
     """A per-layer folder, one stage at a time (rwkv2rknn/stream.py): segment files are written
     as they are cut, so memory stays near a few layers' weights whatever the model's size."""
     from rwkv2rknn import passes
@@ -154,7 +175,9 @@ def _compile_stream(model_path, out_dir, options, toolkit, force, progress, on_p
             for name in ("partition", "cut", "sequence"):
                 on_pass(name, [r.split(": ", 1)[1] for r in ctx.report if r.startswith(name + ": ")])
         if not options.plan_only:
-            build.run(ctx, tmp, progress=progress)
+            calibration = _calibrate(ctx, tmp, toolkit, calib_ids) if calib_ids else None
+            build.run(ctx, tmp, progress=progress, calibration=calibration)
+            calibrate.drop_holdout(tmp)
             if on_pass:
                 on_pass(build.NAME, [r.split(": ", 1)[1] for r in ctx.report if r.startswith("build: ")])
         return _finish(ctx, tmp, toolkit, options)
@@ -168,6 +191,30 @@ def _finish(ctx: Context, tmp: str, toolkit: str, options: Options) -> Manifest:
     return manifest
 
 
+def _calibration_ids(model_path: str, options: Options):
+    """(calibration ids, held-out ids, where) for a quantised compile, None for fp16."""
+    from rwkv2rknn.plan import PRECISIONS
+    if options.quant not in PRECISIONS:
+        raise UsageError(f"unknown precision '{options.quant}'", f"use one of {', '.join(PRECISIONS)}")
+    if options.quant == "fp16":
+        return None
+    return calibrate.calibration_ids(model_path, options.calib_text, options.calib_tokens)
+
+
+def _calibrate(ctx: Context, tmp: str, toolkit: str, calib_ids) -> dict:
+    """Trace the cut segments on the calibration text (fp32 onnxruntime) and write the datasets;
+    the manifest written here lets the executor run them and is replaced when the build is done."""
+    from rwkv2rknn.passes import build
+    cal, hold, where = calib_ids
+    io.write_json(os.path.join(tmp, MANIFEST), make_manifest(ctx, tmp, toolkit, True).to_dict())
+    rows = prefill_rows(ctx) if ctx.options.prefill_rows else 0
+    out = calibrate.prepare(tmp, cal, hold, rows, [s.input for s in ctx.state if not s.accumulator],
+                            build.DECODE_ROWS)
+    ctx.note(build.NAME, f"calibration: {len(cal)} tokens of {where} for the {ctx.options.quant} "
+                         f"dataset, the next {len(hold)} held out for accuracy")
+    return out
+
+
 def plan_report(ctx: Context, manifest: Manifest) -> dict:
     from rwkv2rknn.passes.support import reasons, segment_reasons
     nodes = {s.name: s.nodes for s in ctx.segments}
@@ -176,6 +223,8 @@ def plan_report(ctx: Context, manifest: Manifest) -> dict:
             "boundaries_per_token": manifest.boundaries(),
             "segments": [{"name": s.name, "backend": s.backend, "ops": s.ops, "matmuls": s.matmuls,
                           "flops": s.flops, "stages": list(s.stages), "fallback": s.fallback,
+                          "precision": s.precision_label(), "accuracy": dict(s.accuracy),
+                          "precision_note": s.precision_note,
                           "cpu_reasons": segment_reasons(ctx, nodes.get(s.name, ()), s.fallback)
                           if s.backend == "cpu" else {}}
                          for s in manifest.segments],

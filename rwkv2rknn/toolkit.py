@@ -12,10 +12,20 @@ import io as _io
 import logging
 import os
 import sys
+import tempfile
 
 from rwkv2rknn.errors import MissingDependency, ToolkitError
+from rwkv2rknn.plan import PRECISIONS
 from rwkv2rknn.runtime.board import has_module
 
+
+# rknn-toolkit2's quantized_dtype for each precision ``compile --quant`` names (fp16: none).
+QUANT_DTYPE = {"w8a8": "w8a8", "w16a16i": "w16a16i_dfp"}
+# Chosen by measurement on the bundled model (README, "int8"): 'normal' calibration (min/max)
+# with per-channel weight scales kept bits per byte within 0.4% of fp16; 'mmse' and
+# 'kl_divergence' did worse on held-out rows and took 5-20x longer to build.
+QUANT_ALGORITHM = "normal"
+QUANT_METHOD = "channel"
 
 TOOLKIT_INSTALL = ("pip install --no-deps rknn-toolkit2==2.5.0 (its other dependencies are in "
                    "requirements.txt; or: make install)")
@@ -77,22 +87,33 @@ def _maybe_quiet(verbose: bool, log_to: str = ""):
 
 def build_in_process(onnx_path: str, target: str = "rk3588", rknn_out: str = "",
                      runtime: bool = False, verbose: bool = False, float_dtype: str = "",
-                     dynamic_input=None, log_to: str = ""):
+                     dynamic_input=None, precision: str = "fp16", dataset: str = "",
+                     log_to: str = ""):
     """Build an ONNX model with rknn-toolkit2; optionally export the .rknn and/or start the
-    simulator. Returns the RKNN object. Raises ToolkitError on a refused build. The toolkit's
-    own output is dropped (``verbose``: shown; ``log_to``: appended to that file).
+    simulator. Returns the RKNN object. Raises ToolkitError on a refused build.
+    ``precision`` other than fp16 quantises with ``dataset`` (``calibrate.write_dataset``: file
+    names relative to its folder); a T-row build's samples have the largest row count. The
+    toolkit's own output is dropped (``verbose``: shown; ``log_to``: appended to that file).
     (The toolkit may also kill the whole process: the compiler calls this in a child.)"""
     RKNN = import_toolkit()
-    with _maybe_quiet(verbose, log_to):
+    quant = precision != "fp16"
+    if quant and (precision not in QUANT_DTYPE or not dataset):
+        raise ToolkitError(f"cannot build {os.path.basename(onnx_path)} as {precision}",
+                           f"use one of {', '.join(PRECISIONS)}, with a calibration dataset")
+    with _maybe_quiet(verbose, log_to), tempfile.TemporaryDirectory(prefix="rwkv2rknn-ds-") as tmp:
         rk = RKNN(verbose=verbose)
         cfg = {"target_platform": target}
         if float_dtype:
             cfg["float_dtype"] = float_dtype
         if dynamic_input:
             cfg["dynamic_input"] = dynamic_input
+        if quant:
+            cfg.update(quantized_dtype=QUANT_DTYPE[precision], quantized_algorithm=QUANT_ALGORITHM,
+                       quantized_method=QUANT_METHOD)
+            dataset = _absolute_dataset(dataset, tmp)
         steps = [("config", lambda: rk.config(**cfg)),
                  ("load_onnx", lambda: rk.load_onnx(onnx_path)),
-                 ("build", lambda: rk.build(do_quantization=False))]
+                 ("build", lambda: rk.build(do_quantization=quant, dataset=dataset or None))]
         if rknn_out:
             steps.append(("export_rknn", lambda: rk.export_rknn(rknn_out)))
         if runtime:
@@ -103,13 +124,29 @@ def build_in_process(onnx_path: str, target: str = "rk3588", rknn_out: str = "",
             except Exception as e:  # the toolkit reports some failures as exceptions
                 rk.release()
                 raise ToolkitError(f"rknn-toolkit2 {step} failed on {os.path.basename(onnx_path)} "
-                                   f"({type(e).__name__}: {str(e).strip().splitlines()[-1][:120] if str(e).strip() else ''})",
+                                   f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})",
                                    "the segment stays on the CPU; run with --verbose for the toolkit's log") from e
             if ret not in (0, None) and step != "config":
                 rk.release()
                 raise ToolkitError(f"rknn-toolkit2 {step} returned {ret} on {os.path.basename(onnx_path)}",
                                    "the segment stays on the CPU; run with --verbose for the toolkit's log")
     return rk
+
+
+def _absolute_dataset(dataset: str, folder: str) -> str:
+    """A copy of a dataset file whose .npy names are absolute (the toolkit reads them from its
+    working directory; the artifact's dataset names them relative to its own folder)."""
+    base = os.path.dirname(os.path.abspath(dataset))
+    try:
+        with open(dataset) as f:
+            lines = [" ".join(os.path.join(base, p) for p in ln.split()) for ln in f if ln.strip()]
+    except OSError as e:
+        raise ToolkitError(f"cannot read calibration dataset '{dataset}' ({e.strerror})",
+                           "compile the model again") from e
+    path = os.path.join(folder, "dataset.txt")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
 
 
 def dynamic_shapes(onnx_path: str, rows) -> list:

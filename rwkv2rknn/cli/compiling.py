@@ -21,19 +21,18 @@ from rwkv2rknn.errors import UsageError
 @click.option("--force", is_flag=True, help="Replace an output folder that holds other files.")
 @handle_errors
 def export(checkpoint: str, out_dir: str, fp32: bool, tokenizer, force: bool) -> None:
-    """Export an RWKV-4 CHECKPOINT (.pth) to per-layer ONNX files."""
-    from rwkv2rknn.models import rwkv4
+    """Export an RWKV-4, 5.2, 6 or 7 CHECKPOINT (.pth) to per-layer ONNX files."""
     from rwkv2rknn.models.checkpoint import load_checkpoint
-    from rwkv2rknn.models.export import export as do_export
+    from rwkv2rknn.models.export import arch_of, export as do_export
     from rwkv2rknn.tokenizer import tokenizer_for_vocab
 
     sd = load_checkpoint(checkpoint)
-    shape = rwkv4.check_state_dict(sd)
+    arch, shape = arch_of(sd)
     tok = tokenizer or tokenizer_for_vocab(shape.vocab)
     with click.progressbar(length=shape.layers + 2, label="exporting", file=sys.stderr) as bar:
         do_export(sd, out_dir, fp32=fp32, tokenizer=tok, force=force,
                   progress=lambda name: bar.update(1))
-    click.echo(f"exported RWKV-4 {shape.layers} x {shape.width}, vocab {shape.vocab} "
+    click.echo(f"exported RWKV-{arch.ARCH[4:]} {shape.layers} x {shape.width}, vocab {shape.vocab} "
                f"({'fp32' if fp32 else 'fp16'}) to {out_dir}")
 
 
@@ -53,8 +52,20 @@ def _options(**kw):
 @click.option("--strict", is_flag=True, help="Fail if any NPU segment fails to build (default: fall back to the CPU).")
 @click.option("--dump-after", metavar="PASS", default=None,
               help="Also write the graph after PASS to OUT/dump/after_PASS.onnx.")
-@click.option("--calib-tokens", type=click.IntRange(1, 4096), default=8, show_default=True,
-              help="Sample tokens the fp16 range guard runs.")
+@click.option("--range-tokens", type=click.IntRange(1, 4096), default=8, show_default=True,
+              help="Seeded sample tokens the fp16 range guard runs.")
+@click.option("--quant", type=click.Choice(["fp16", "w8a8", "w16a16i"]), default="fp16",
+              show_default=True, help="Precision of the NPU segments: w8a8 and w16a16i are "
+                                      "calibrated on real text and measured per segment.")
+@click.option("--calib-text", type=click.Path(dir_okay=False), default=None,
+              help="UTF-8 calibration text for --quant (default: a built-in sample that suits "
+                   "the model's tokenizer).")
+@click.option("--calib-tokens", type=click.IntRange(16, 4096), default=256, show_default=True,
+              help="Tokens of calibration text for the --quant dataset (a quarter more are held "
+                   "out to measure each segment).")
+@click.option("--quant-min-cos", type=click.FloatRange(-1, 1), default=0.99, show_default=True,
+              help="A quantised segment whose smallest cosine against fp32 on held-out rows is "
+                   "lower is built fp16 instead.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
               help="Build cache (default: $RWKV2RKNN_CACHE or ~/.cache/rwkv2rknn).")
 @click.option("--prefill-rows", default="16,32,64", show_default=True,
@@ -75,17 +86,24 @@ def _options(**kw):
 @click.option("--report", "with_report", is_flag=True,
               help="Also draw the plan as one offline HTML page, OUT/report.html.")
 @handle_errors
-def compile_cmd(model, out_dir, target, plan_only, strict, dump_after, calib_tokens, cache_dir,
-                prefill_rows, placement, profile_path, whole_graph, jobs, force, tool_verbose,
-                with_report):
+def compile_cmd(model, out_dir, target, plan_only, strict, dump_after, range_tokens, quant,
+                calib_text, calib_tokens, quant_min_cos, cache_dir, prefill_rows, placement,
+                profile_path, whole_graph, jobs, force, tool_verbose, with_report):
     """Compile MODEL (a folder of per-layer RWKV ONNX files, or one .onnx) into a hybrid
     NPU/CPU artifact."""
+    if calib_text and quant == "fp16":
+        raise UsageError("--calib-text is for quantised builds", "add --quant w8a8 (or drop --calib-text)")
     opts = _options(target=target, strict=strict, plan_only=plan_only, calib_tokens=calib_tokens,
+                    range_tokens=range_tokens, quant=quant, calib_text=calib_text,
+                    quant_min_cos=quant_min_cos,
                     cache_dir=cache_dir, verbose=tool_verbose, placement=placement,
                     profile=profile_path, prefill_rows=_parse_rows(prefill_rows), build_jobs=jobs,
                     stream=not whole_graph)
     manifest = _compile_with_progress(model, out_dir, opts, force, dump_after)
     click.echo(manifest.table())
+    if not plan_only:
+        from rwkv2rknn.runtime.device import describe_need, memory_need
+        click.echo(f"board memory need: {describe_need(memory_need(manifest, out_dir))}")
     click.echo(f"artifact written to {out_dir}")
     if with_report:
         from rwkv2rknn.report import write_report

@@ -13,7 +13,9 @@ from rwkv2rknn.errors import UsageError
               help="Compile machine: write the probe models (.onnx and .rknn) into this folder.")
 @click.option("--probes", "probe_dir", type=click.Path(file_okay=False), default=None,
               help="Board: the folder of probes built with --build-probes.")
-@click.option("--backend", type=click.Choice(["rknn-lite", "rknn-sim"]), default="rknn-lite", show_default=True)
+@click.option("--backend", type=click.Choice(["rknn-rt", "rknn-lite", "rknn-sim"]), default="rknn-rt",
+              show_default=True, help="On the board: rknn-rt (librknnrt's C API) or rknn-lite; the "
+                                      "call cost measured is that runner's.")
 @click.option("--core-mask", default="auto", show_default=True)
 @click.option("--target", default="rk3588", show_default=True)
 @click.option("-o", "--output", "out", type=click.Path(dir_okay=False), default="profile.json",
@@ -43,6 +45,8 @@ def profile(build_dir, probe_dir, backend, core_mask, target, out):
 
 
 @cli.command()
+@click.option("--version", "version", type=click.Choice(["4", "5", "6", "7"]), default="4",
+              show_default=True, help="RWKV version of the random model.")
 @click.option("--layers", type=click.IntRange(1, 256), default=24, show_default=True)
 @click.option("--width", type=click.IntRange(8, 16384), default=1024, show_default=True)
 @click.option("--vocab", type=click.IntRange(2, 1 << 20), default=50277, show_default=True)
@@ -51,14 +55,14 @@ def profile(build_dir, probe_dir, backend, core_mask, target, out):
 @click.option("--no-rwkv", is_flag=True, help="Skip the rwkv package (reference implementation).")
 @click.option("--json-out", type=click.Path(dir_okay=False), default=None, help="Also save the figures as JSON.")
 @handle_errors
-def bench(layers, width, vocab, tokens, no_rwkv, json_out):
+def bench(version, layers, width, vocab, tokens, no_rwkv, json_out):
     """Measure decode ms/token of the per-layer loop, the hybrid executor, a fused session and
     the rwkv package on a random model (default: 430M-sized), with ratios and the bandwidth bound."""
     import json
     from rwkv2rknn.bench import run_bench
     check_out_file(json_out, "--json-out")
     res = run_bench(layers=layers, width=width, vocab=vocab, tokens=tokens,
-                    with_rwkv=not no_rwkv, echo=click.echo)
+                    with_rwkv=not no_rwkv, echo=click.echo, version=version)
     if json_out:
         with open(json_out, "w") as f:
             json.dump(res, f, indent=1)

@@ -2,11 +2,15 @@
 
 Activations and recurrent state are threaded by name: the token and every state row enter as
 graph inputs, each segment reads its inputs from what came before and adds its outputs, and the
-new state rows and the logits are read at the end. The state is one float32 array
-[slots, width], allocated once; segment feeds are views into it and into the previous outputs.
+new state rows and the logits are read at the end. The state is one float32 buffer, allocated
+once, holding every slot at its offset (``slot_views``): [slots, width] when every slot is a row
+of the width (RWKV-4), else flat (the ``wkv`` slots of RWKV-5.2/6/7 are [H, N, N]); segment
+feeds are views into it and into the previous outputs.
 
 Backends for NPU segments: ``ort`` (their ONNX on the CPU: checks the partition and stitching
-with no toolkit), ``rknn-sim`` (rknn-toolkit2's simulator) and ``rknn-lite`` (the board).
+with no toolkit), ``rknn-sim`` (rknn-toolkit2's simulator), and on the board ``rknn-rt``
+(librknnrt's C API, the default) or ``rknn-lite`` (rknn-toolkit-lite2). The board backends load
+only the .rknn files of NPU segments, never their ONNX, so they run a packed artifact.
 CPU segments always run on ONNX Runtime.
 """
 
@@ -22,8 +26,9 @@ from rwkv2rknn import io
 from rwkv2rknn.errors import BadInput, NumericalError, UsageError
 from rwkv2rknn.plan import MANIFEST, Manifest, sha256_file
 
+from rwkv2rknn.runtime.board import BACKENDS, BOARD_BACKENDS
+
 log = logging.getLogger(__name__)
-BACKENDS = ("auto", "ort", "rknn-sim", "rknn-lite")
 
 
 def load_manifest(artifact: str) -> Manifest:
@@ -38,12 +43,15 @@ def load_manifest(artifact: str) -> Manifest:
 
 
 def resolve_backend(backend: str) -> str:
-    """'auto' -> rknn-lite on a board that has it, else rknn-sim where the toolkit imports, else ort."""
-    from rwkv2rknn.runtime.board import lite_available, toolkit_available
+    """'auto' -> rknn-rt where librknnrt.so loads, else rknn-lite where rknn-toolkit-lite2 is, else
+    rknn-sim where rknn-toolkit2 imports, else ort."""
+    from rwkv2rknn.runtime.board import lite_available, rt_available, toolkit_available
     if backend not in BACKENDS:
         raise UsageError(f"unknown backend '{backend}'", f"use one of {', '.join(BACKENDS)}")
     if backend != "auto":
         return backend
+    if rt_available():
+        return "rknn-rt"
     if lite_available():
         return "rknn-lite"
     if toolkit_available():
@@ -62,27 +70,34 @@ class HybridModel:
             raise BadInput(f"'{artifact}' was compiled from a single ONNX graph, not a whole model",
                            "compile the folder of per-layer files to run it")
         self.backend = resolve_backend(backend)
-        if self.backend == "rknn-lite":
-            from rwkv2rknn.runtime import board
-            soc = board.board_soc()
-            if soc and not board.same_npu(soc, m.target):
-                raise BadInput(f"'{artifact}' was compiled for {m.target or 'an unknown target'}, "
-                               f"but this board is {soc}",
-                               f"compile it again with --target {soc}")
-            if not soc and m.target != "rk3588":
-                log.warning("artifact was compiled for %s", m.target)
+        self._board = self.backend in BOARD_BACKENDS
+        if self._board:
+            from rwkv2rknn.runtime.device import board_preflight
+            board_preflight(artifact, m, self.backend)
+        elif m.packed:
+            raise UsageError(f"'{artifact}' is packed for the board (its NPU segments are .rknn "
+                             f"only): {self.backend} cannot run it",
+                             "run it with --backend rknn-rt or rknn-lite on the board, or run the "
+                             "artifact it was packed from")
         self._verify, self._threads, self._core_mask = verify, threads, core_mask
         self._seq, self._seq_loaded = None, False  # T-row runners, made on first prefill
         self._shared = {}  # segment name -> its T-row RKNN runner (decode_rows segments: at load)
         self.runners = []
         for seg in m.segments:
             self.runners.append(self._runner(seg))
-            if seg.seq_onnx:  # loaded on first prefill, checked now
+            if self._board and seg.backend == "npu":  # loaded on first prefill, checked now
+                if seg.seq_rknn:
+                    self._path(seg.seq_rknn, seg.seq_rknn_sha256)
+            elif seg.seq_onnx:
                 self._path(seg.seq_onnx, seg.seq_sha256)
             if progress:
                 progress(seg)
         self.width = int(m.model.get("width") or 0)
         self.slots = list(m.state)
+        self._dims = [s.dims(self.width) for s in self.slots]
+        sizes = [int(np.prod(d)) for d in self._dims]
+        self._offsets = [int(x) for x in np.cumsum([0] + sizes)]
+        self._rows_only = all(d == (self.width,) for d in self._dims)
         self.vocab = m.vocab
         self._npu = [seg.backend == "npu" for seg in m.segments]
 
@@ -95,12 +110,21 @@ class HybridModel:
                            "compile the model again")
         return path
 
+    def _calib(self, rel) -> str:
+        """A quantised segment's calibration dataset (the simulator quantises from it)."""
+        if not rel:
+            return ""
+        path = os.path.join(self.artifact, rel)
+        if not os.path.isfile(path):
+            raise BadInput(f"calibration dataset '{path}' is missing", "compile the model again")
+        return path
+
     def _runner(self, seg):
-        from rwkv2rknn.runtime.ort import OrtRunner
-        onnx_path = self._path(seg.onnx, seg.sha256)
         if seg.backend == "cpu" or self.backend == "ort":
+            from rwkv2rknn.runtime.ort import OrtRunner
             # a segment with no MatMul is a few vector ops: one thread, no pool to wake
-            return OrtRunner(onnx_path, seg.name, self._threads if seg.matmuls else 1)
+            return OrtRunner(self._path(seg.onnx, seg.sha256), seg.name,
+                             self._threads if seg.matmuls else 1)
         shapes = {k: list(v) for k, v in seg.shapes.items()}
         if seg.decode_rows:  # token steps on the T-row build: one copy of the weights
             slots = {s.input for s in self.manifest.state}
@@ -108,33 +132,54 @@ class HybridModel:
                            [k for k in seg.inputs if k not in slots], seg.shapes)
         if self.backend == "rknn-sim":
             from rwkv2rknn.runtime.rknn import RknnSimRunner
-            return RknnSimRunner(onnx_path, seg.name, seg.inputs, seg.outputs, shapes, m_target(self))
-        from rwkv2rknn.runtime.rknn import RknnLiteRunner
+            return RknnSimRunner(self._path(seg.onnx, seg.sha256), seg.name, seg.inputs,
+                                 seg.outputs, shapes, m_target(self),
+                                 precision=seg.precision, dataset=self._calib(seg.calib))
         if not seg.rknn:
             raise BadInput(f"segment {seg.name} has no .rknn (compiled with --plan-only)",
                            "compile without --plan-only, or use --backend ort / rknn-sim")
-        rknn_path = self._path(seg.rknn, seg.rknn_sha256)
-        return RknnLiteRunner(rknn_path, seg.name, seg.inputs, seg.outputs, shapes, self._core_mask)
+        return self._board_runner(seg, self._path(seg.rknn, seg.rknn_sha256), seg.name, shapes)
+
+    def _board_runner(self, seg, path: str, name: str, shapes, rows=()):
+        """An NPU segment's .rknn on the board's runtime, on the cores it should use."""
+        from rwkv2rknn.runtime.board import core_mask_for
+        mask = core_mask_for(seg, self.manifest, self._core_mask)
+        if self.backend == "rknn-rt":
+            from rwkv2rknn.runtime.rknnrt import RknnRtRunner as Runner
+        else:
+            from rwkv2rknn.runtime.rknn import RknnLiteRunner as Runner
+        return Runner(path, name, seg.inputs, seg.outputs, shapes, mask, rows=rows,
+                      toolkit=self.manifest.toolkit)
 
     # ------------------------------------------------------------------ stepping
 
     def init_state(self) -> np.ndarray:
-        return np.zeros((len(self.slots), self.width), np.float32)
+        """The zero state: [slots, width] if every slot is a row, else one flat buffer."""
+        buf = np.zeros(self._offsets[-1], np.float32)
+        return buf.reshape(len(self.slots), self.width) if self._rows_only else buf
+
+    def slot_views(self, state: np.ndarray) -> List[np.ndarray]:
+        """Each slot of ``state`` as a view of its own shape (writing to it writes the state)."""
+        flat = state.reshape(-1)
+        if not np.shares_memory(flat, state):
+            raise BadInput("the state buffer is not contiguous", "use init_state() to make it")
+        return [flat[a:b].reshape(d) for a, b, d in zip(self._offsets, self._offsets[1:], self._dims)]
 
     def step(self, token: int, state: np.ndarray, trace: Optional[Dict[str, np.ndarray]] = None
              ) -> np.ndarray:
         """Advance by one token; updates ``state`` in place; returns float32 logits [V]."""
         m = self.manifest
         env: Dict[str, np.ndarray] = {m.token_input: np.array([token], np.int32)}
-        for i, slot in enumerate(self.slots):  # a trace keeps the state before the step
-            env[slot.input] = state[i] if trace is None else state[i].copy()
+        views = self.slot_views(state)
+        for view, slot in zip(views, self.slots):  # a trace keeps the state before the step
+            env[slot.input] = view if trace is None else view.copy()
         for runner, is_npu, seg in zip(self.runners, self._npu, m.segments):
             outs = runner.infer({k: env[k] for k in seg.inputs})
             if is_npu:
                 _check_finite(seg, runner, outs)
             env.update(outs)
-        for i, slot in enumerate(self.slots):
-            state[i] = np.asarray(env[slot.output], np.float32).reshape(-1)
+        for view, slot in zip(views, self.slots):
+            view[...] = np.asarray(env[slot.output], np.float32).reshape(view.shape)
         if trace is not None:
             trace.update(env)
         return np.asarray(env[m.logits_output], np.float32).reshape(-1)
@@ -148,7 +193,7 @@ class HybridModel:
             return self._seq
         self._seq_loaded = True
         m = self.manifest
-        if not any(s.seq_onnx for s in m.segments):
+        if not any(s.seq_onnx or s.seq_rknn for s in m.segments):
             return None
         runners, produced = [], set()
         slot_of = {s.input: s for s in self.slots}
@@ -169,7 +214,7 @@ class HybridModel:
 
     def _seq_runner(self, seg):
         """The T-row runner of a segment on this backend, or None (then it runs row by row)."""
-        if not seg.seq_onnx:
+        if not (seg.seq_onnx or seg.seq_rknn):  # a packed NPU segment keeps only its .seq.rknn
             return None
         if seg.backend == "cpu" or self.backend == "ort":
             from rwkv2rknn.runtime.ort import OrtRunner
@@ -188,12 +233,11 @@ class HybridModel:
             from rwkv2rknn.runtime.rknn import RknnSimRunner
             runner = RknnSimRunner(self._path(seg.seq_onnx, seg.seq_sha256),
                                    seg.name + ".seq", seg.inputs, seg.outputs, None, m_target(self),
-                                   rows=seg.seq_rows)
+                                   rows=seg.seq_rows, precision=seg.seq_precision,
+                                   dataset=self._calib(seg.seq_calib))
         else:
-            from rwkv2rknn.runtime.rknn import RknnLiteRunner
-            runner = RknnLiteRunner(self._path(seg.seq_rknn, seg.seq_rknn_sha256),
-                                    seg.name + ".seq", seg.inputs, seg.outputs, None,
-                                    self._core_mask, rows=seg.seq_rows)
+            runner = self._board_runner(seg, self._path(seg.seq_rknn, seg.seq_rknn_sha256),
+                                        seg.name + ".seq", None, rows=seg.seq_rows)
         self._shared[seg.name] = runner
         return runner
 
@@ -226,13 +270,14 @@ class HybridModel:
         n = len(tokens)
         env: Dict[str, np.ndarray] = {}  # name -> [T, size]
         slot_index = {s.input: i for i, s in enumerate(self.slots)}
+        views = self.slot_views(state)
         for seg, runner, seq_runner in zip(m.segments, self.runners, seq):
             if seq_runner is not None:
                 rows = getattr(seq_runner, "rows", ())
                 # a fixed-row build takes the smallest row count that fits; the extra rows are
                 # padding at the end, which earlier rows never see (each row reads only earlier ones)
                 t = min((r for r in rows if r >= n), default=n) if rows else n
-                feed = {k: (state[slot_index[k]] if k in slot_index else _pad(env[k], t))
+                feed = {k: (views[slot_index[k]] if k in slot_index else _pad(env[k], t))
                         for k in seg.inputs}
                 outs = seq_runner.infer(feed)
                 if seg.backend == "npu":
@@ -249,7 +294,7 @@ class HybridModel:
                     elif k in slot_index:
                         src = self.slots[slot_index[k]].output
                         if t == 0:
-                            feed[k] = state[slot_index[k]]
+                            feed[k] = views[slot_index[k]]
                         else:
                             prev = rows[src][t - 1] if src in rows else env[src][t - 1]
                             feed[k] = np.asarray(prev).reshape(seg.shapes[k])
@@ -262,8 +307,8 @@ class HybridModel:
                     rows[name].append(np.asarray(value, np.float32).reshape(-1))
             for name, values in rows.items():
                 env[name] = np.stack(values)
-        for i, slot in enumerate(self.slots):
-            state[i] = env[slot.output][-1]
+        for view, slot in zip(views, self.slots):
+            view[...] = env[slot.output][-1].reshape(view.shape)
         logits = env[m.logits_output]
         if not np.isfinite(logits).all():
             raise NumericalError("prefill produced NaN/inf logits",
@@ -273,6 +318,10 @@ class HybridModel:
     def logits(self, tokens: Sequence[int]) -> np.ndarray:
         state = self.init_state()
         return np.stack([self.step(int(t), state) for t in tokens])
+
+    def state_by_slot(self, state: np.ndarray) -> Dict[tuple, np.ndarray]:
+        """{(layer, slot name): view} of ``state``."""
+        return {(s.layer, s.row): v for s, v in zip(self.slots, self.slot_views(state))}
 
     def state_as_layers(self, state: np.ndarray, rows: Sequence[str]) -> np.ndarray:
         """The slot array as [layers, rows, width] in the per-layer files' row order."""
@@ -293,7 +342,7 @@ def _check_finite(seg, runner, outs, phase: str = "") -> None:
             backend = getattr(runner, "backend", "?")
             hint = ("the model's own numbers overflow even in fp32; check the checkpoint"
                     if backend == "ort" else
-                    "values left fp16's range on the NPU; compile again with more --calib-tokens, "
+                    "values left fp16's range on the NPU; compile again with more --range-tokens, "
                     "or run with --backend ort to confirm")
             raise NumericalError(f"segment {seg.name} ({backend}) produced NaN/inf in '{name}'"
                                  + (f" {phase}" if phase else ""), hint)
