@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from types import SimpleNamespace
 from typing import Callable, List, Optional
@@ -49,8 +50,17 @@ def _vocab(graph) -> int:
 
 
 def _stub(node) -> SimpleNamespace:
-    """What a written segment keeps of a node: its name and op (not its weights)."""
-    return SimpleNamespace(name=node.name, op=node.op)
+    """What a written segment keeps of a node: its name and op, and for a MatMul the shapes its
+    estimates need (the weight as a zero-strided array of its shape: no memory), not weights."""
+    import onnx_graphsurgeon as gs
+    from rwkv2rknn.ir import const_value
+    inputs = []
+    if node.op == "MatMul":
+        for t in node.inputs:
+            w = const_value(t)
+            inputs.append(gs.Constant(t.name, np.broadcast_to(np.float32(0), w.shape))
+                          if w is not None else SimpleNamespace(name=t.name, shape=t.shape, inputs=[]))
+    return SimpleNamespace(name=node.name, op=node.op, inputs=inputs, outputs=[])
 
 
 class _Stream:
@@ -254,6 +264,12 @@ class _Stream:
         for name, lines in self.notes.items():  # every stage's note, pass by pass
             for line in lines:
                 ctx.note(name, line)
+        counts = [[int(x) for x in re.findall(r"\d+", line.split(": ", 1)[1])]
+                  for line in self.notes.get("support", [])]
+        if counts and all(len(c) == 3 for c in counts):  # the whole model's line, as one graph's
+            a, f, c = (sum(col) for col in zip(*counts))
+            ctx.note("support", f"{a} MatMuls for the NPU, {f} ops that may go either way, "
+                                f"{c} kept on the CPU")
         ctx.segments = segs
         npu = sum(s.device == "npu" for s in segs)
         ctx.note("partition", f"{len(segs)} segments: {npu} NPU, {len(segs) - npu} CPU (streamed, "

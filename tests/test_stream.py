@@ -75,3 +75,18 @@ def test_the_window_holds_at_most_two_stages(hot_fp16, tmp_path, monkeypatch):
     for k, (newest, stages) in enumerate(held):
         assert set(stages) <= set(order[max(k - 1, 0):k + 1]), (newest, stages)
     assert held[-1][1] == []  # everything written
+
+
+def test_written_segments_keep_their_estimates_without_weights(fp16_dir, tmp_path):
+    """A written segment's nodes are stand-ins without weights; the estimates a later step
+    recomputes from them (a quantised build's) equal those made from the real nodes."""
+    from rwkv2rknn.passes import partition
+    m = compile_model(fp16_dir, str(tmp_path / "art"), Options(plan_only=True))
+    from rwkv2rknn import passes
+    ctx = stream.compile_stream(passes, fp16_dir, Options(plan_only=True), str(tmp_path / "again"))
+    by_name = {s.name: s for s in m.segments}
+    for seg in ctx.segments:
+        assert all(not getattr(n, "outputs", []) for n in seg.nodes)  # no graph kept
+        est = partition.estimate_ms(seg.device, seg.nodes, ctx.profile)
+        assert est == pytest.approx(by_name[seg.name].est_ms, abs=1e-6)
+        assert partition.matmul_flops(seg.nodes) == by_name[seg.name].flops
