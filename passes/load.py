@@ -18,24 +18,32 @@ constant tensors.
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import numpy as np
 
 from rwkv2rknn import io
 from rwkv2rknn.errors import BadInput, UnsupportedModel
-from rwkv2rknn.ir import Context, Options
+from rwkv2rknn.ir import Context, Options, const_value
 
 NAME = "load"
 
 
-def _import(path: str, prefix: str):
+def _import(path: str, prefix: str, dangling: Optional[dict] = None):
+    """One file as a graph at the canonical opset, names prefixed; Constant nodes that nothing
+    reads (initial states, in some layouts) are collected into ``dangling`` first."""
     import onnx_graphsurgeon as gs
-    model = io.load_onnx(path)
+    from rwkv2rknn.passes import canonicalize
+    model = canonicalize.to_opset(io.load_onnx(path), os.path.basename(path))
+    canonicalize.normalize_constant_nodes(model)
+    if dangling is not None:
+        dangling.update(canonicalize.dangling_constants(model))
     try:
         graph = gs.import_onnx(model)
     except Exception as e:
         raise BadInput(f"'{path}' cannot be read as a graph ({type(e).__name__}: {str(e)[:80]})",
                        "the file is corrupt; export it again") from e
+    del model
     _lower_constants(graph)
     for t in graph.tensors().values():
         t.name = prefix + t.name
@@ -97,11 +105,18 @@ def load_folder(folder: str, arch_module):
     head = _import(head_p, "head/")
     _expect(head, head_p, *d.HEAD_IO)
 
-    widths = {int(g.inputs[0].shape[0]) for g in blocks} | {int(head.inputs[0].shape[0])}
-    widths |= {int(g.inputs[1].shape[1]) for g in blocks}
-    if len(widths) != 1:
-        raise UnsupportedModel(f"the per-layer files disagree on the width ({sorted(widths)})",
-                               "all files must come from one export")
+    width, vocab = _table_shape(embed, embed_p)
+    rows = len(d.STATE_ROWS)
+    pins = [(embed.inputs[0], [1]), (head.inputs[0], [width])]
+    for g in blocks:
+        pins += [(g.inputs[0], [width]), (g.inputs[1], [rows, width])]
+    for t, want in pins:  # symbolic dims take the decode shape; fixed ones must agree
+        have = list(t.shape or [])
+        if len(have) != len(want) or any(isinstance(h, int) and h >= 0 and h != w
+                                         for h, w in zip(have, want)):
+            raise UnsupportedModel(f"'{t.name}' has shape {have}, expected {want} (width {width} "
+                                   f"from the embedding)", "all files must come from one export")
+        t.shape = want
 
     nodes = list(embed.nodes)
     x = embed.outputs[0]
@@ -121,7 +136,18 @@ def load_folder(folder: str, arch_module):
     graph = gs.Graph(nodes=nodes, inputs=inputs, outputs=[logits] + outputs,
                      opset=max(embed.opset, head.opset), name="rwkv")
     graph.cleanup().toposort()
-    return graph, len(blocks), int(widths.pop()), int(logits.shape[-1]) if logits.shape else None
+    return graph, len(blocks), width, vocab
+
+
+def _table_shape(embed, path: str):
+    """(width, vocab) from the embedding table: the 2-D constant the token Gather reads."""
+    for node in embed.nodes:
+        if node.op == "Gather" and const_value(node.inputs[0]) is not None and \
+                const_value(node.inputs[0]).ndim == 2:
+            vocab, width = const_value(node.inputs[0]).shape
+            return int(width), int(vocab)
+    raise UnsupportedModel(f"{os.path.basename(path)} has no embedding table (a Gather from a 2-D "
+                           f"constant)", "this is not the per-layer RWKV ONNX layout")
 
 
 def run(path: str, options: Options = None) -> Context:
@@ -143,12 +169,18 @@ def run(path: str, options: Options = None) -> Context:
         if not path.endswith(".onnx"):
             raise BadInput(f"'{path}' is not an .onnx file or a folder",
                            "give a folder of per-layer RWKV ONNX files or an .onnx file")
-        graph = _import(path, "")
+        dangling = {}
+        graph = _import(path, "", dangling)
         ctx = Context(graph=graph, source=os.path.abspath(path), arch="onnx")
         ctx.token_input = ""
         ctx.logits_output = ""
+        ctx.extra["dangling"] = dangling
     ctx.options = options
     ctx.profile  # read --profile now: a bad file fails before any work
     n = len(ctx.graph.nodes)
-    ctx.note(NAME, f"{n} nodes from {path} ({ctx.shape.get('layers', 1)} layer(s))")
+    if os.path.isdir(path):
+        ctx.note(NAME, f"recognised per-layer {ctx.arch} files (embed, mixing_0..{layers - 1}, head): "
+                       f"{layers} layers, width {width}, vocab {vocab}; {n} nodes")
+    else:
+        ctx.note(NAME, f"{n} nodes from {path}")
     return ctx

@@ -69,7 +69,7 @@ def make_manifest(ctx: Context, out_dir: str, toolkit: str, plan_only: bool) -> 
     model.update(arch=ctx.arch, source=ctx.source,
                  source_dtype=facts.get("dtype", "unknown"))
     return Manifest(model=model, segments=tuple(segs),
-                    state=tuple(StateSlot(s.layer, s.row, s.input, s.output, s.accumulator)
+                    state=tuple(StateSlot(s.layer, s.row, s.input, s.output, s.accumulator, s.init)
                                 for s in ctx.state),
                     token_input=ctx.token_input, logits_output=ctx.logits_output,
                     tokenizer=facts.get("tokenizer"), target=ctx.options.target, toolkit=toolkit,
@@ -142,9 +142,9 @@ def plan_report(ctx: Context, manifest: Manifest) -> dict:
 def whole_graph(model_path: str):
     """The model as one graph, not partitioned: load, keep_fp32, state and normalize_matmul.
     Returns (serialized ONNX, token input, logits output, [(state input, state output)])."""
-    from rwkv2rknn.passes import keep_fp32, load, normalize_matmul, state
+    from rwkv2rknn.passes import canonicalize, keep_fp32, load, normalize_matmul, recognize, state
     ctx = load.run(model_path)
-    for p in (keep_fp32, state, normalize_matmul):
+    for p in (canonicalize, recognize, keep_fp32, state, normalize_matmul):
         p.run(ctx)
     return (export(ctx.graph).SerializeToString(), ctx.token_input, ctx.logits_output,
             [(s.input, s.output) for s in ctx.state])

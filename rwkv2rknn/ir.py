@@ -24,6 +24,7 @@ class StateSlot:
     input: str
     output: str
     accumulator: bool
+    init: float = 0.0  # the value every element starts from
 
 
 @dataclass

@@ -54,6 +54,7 @@ class StateSlot:
     input: str
     output: str
     accumulator: bool = False
+    init: float = 0.0  # the value every element starts from (RWKV-4's pp: -1e30 in some files)
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,8 @@ class Manifest:
             segs = tuple(_segment(s) for s in _list(d, "segments"))
             state = tuple(StateSlot(int(_get(s, "layer", int)), _get(s, "row", str),
                                     _get(s, "input", str), _get(s, "output", str),
-                                    bool(s.get("accumulator", False))) for s in _list(d, "state"))
+                                    bool(s.get("accumulator", False)),
+                                    float(s.get("init", 0.0))) for s in _list(d, "state"))
             m = cls(model=_get(d, "model", dict), segments=segs, state=state,
                     token_input=_get(d, "token_input", str), logits_output=_get(d, "logits_output", str),
                     tokenizer=d.get("tokenizer") if isinstance(d.get("tokenizer"), str) else None,

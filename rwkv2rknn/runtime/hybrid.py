@@ -114,7 +114,11 @@ class HybridModel:
     # ------------------------------------------------------------------ stepping
 
     def init_state(self) -> np.ndarray:
-        return np.zeros((len(self.slots), self.width), np.float32)
+        """Every slot at its initial value (zero unless the model file said otherwise)."""
+        state = np.zeros((len(self.slots), self.width), np.float32)
+        for i, slot in enumerate(self.slots):
+            state[i] = slot.init
+        return state
 
     def step(self, token: int, state: np.ndarray, trace: Optional[Dict[str, np.ndarray]] = None
              ) -> np.ndarray:

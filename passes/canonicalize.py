@@ -1,0 +1,272 @@
+"""canonicalize: one normal form of the graph, whichever exporter wrote the file.
+
+::
+
+    Shape -> Gather -> Unsqueeze -> Concat -+                      const shape -+
+    x ------------------------------------- Reshape        =>      x ---------- Reshape
+    Gemm(A, B, C; transA, transB, alpha, beta)            =>      MatMul(A', alpha B') -> Add(beta C)
+    LayerNormalization(x, w, b)                           =>      ReduceMean/Sub/Mul/ReduceMean/Add/Sqrt/Div/Mul/Add
+    ReduceMean(x[C])  (no axes)                           =>      ReduceMean(x, axes=[-1])
+    a -> Identity -> Identity -> b                        =>      a (named b when b is a graph output)
+
+The ONNX ecosystem does the work: ``onnx.version_converter`` brings every file to one opset
+(``OPSET``; opsets 13 to 18 differ in where ReduceMean, Split, Squeeze and Unsqueeze keep their
+axes), ``onnx.shape_inference`` gives every tensor a dtype and a shape once the graph inputs'
+symbolic dimensions are pinned to the decode shape, and onnx-graphsurgeon's ``fold_constants``
+(which evaluates with onnxruntime) folds shape arithmetic and every other constant subgraph,
+``Constant`` nodes included. What is left is rewritten by hand: Gemm to MatMul, the
+LayerNormalization op to the decomposed form the other passes know, reductions with explicit
+axes, and Identity nodes.
+
+Precondition: a loaded graph (``ctx.extra['pins']``: graph input name -> decode shape, for inputs
+whose shape is symbolic). Postcondition: no Gemm, LayerNormalization or Identity (except an
+Identity between a graph input or constant and a graph output), every tensor typed, graph opset
+``OPSET``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Dict
+
+import numpy as np
+
+from rwkv2rknn.errors import UnsupportedModel
+from rwkv2rknn.ir import Context, bypass, const_value
+
+NAME = "canonicalize"
+OPSET = 17
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------
+# on the ModelProto, file by file (the loader calls these)
+
+
+def to_opset(model, what: str = "the model"):
+    """``model`` converted to opset ``OPSET`` by onnx.version_converter (unchanged if it is)."""
+    from onnx import version_converter
+    version = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if version is None or version == OPSET:
+        return model
+    if not 13 <= version <= 21:
+        raise UnsupportedModel(f"{what} uses ONNX opset {version}",
+                               "export it again with an opset from 13 to 18")
+    try:
+        out = version_converter.convert_version(model, OPSET)
+    except Exception as e:  # noqa: BLE001 - the converter raises many kinds
+        raise UnsupportedModel(f"{what} (opset {version}) cannot be converted to opset {OPSET} "
+                               f"({str(e).splitlines()[0][:100]})",
+                               f"export it again with opset {OPSET}") from e
+    return out
+
+
+def normalize_constant_nodes(model) -> None:
+    """Every Constant node holds a ``value`` tensor (value_float, value_ints, ... converted in
+    place with their ONNX types: float32 and int64)."""
+    from onnx import helper, numpy_helper
+    forms = {"value_float": np.float32, "value_floats": np.float32,
+             "value_int": np.int64, "value_ints": np.int64}
+    for node in model.graph.node:
+        if node.op_type != "Constant" or len(node.attribute) != 1:
+            continue
+        attr = node.attribute[0]
+        if attr.name in forms:
+            arr = np.asarray(helper.get_attribute_value(attr), forms[attr.name])
+            del node.attribute[:]
+            node.attribute.append(helper.make_attribute(
+                "value", numpy_helper.from_array(arr, node.output[0])))
+
+
+def dangling_constants(model) -> Dict[str, np.ndarray]:
+    """{output name: value} of Constant nodes that nothing reads (exporters keep initial states
+    this way), in node order."""
+    from onnx import numpy_helper
+    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    out = {}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.output[0] not in used and node.attribute and \
+                node.attribute[0].name == "value":
+            out[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# the pass
+
+
+def run(ctx: Context) -> None:
+    import onnx_graphsurgeon as gs
+    from onnx import shape_inference
+
+    from rwkv2rknn.ir import export
+
+    graph = ctx.graph
+    pinned = _pin_inputs(graph, ctx.extra.get("pins", {}))
+    model = export(graph)
+    del graph
+    del model.graph.value_info[:]
+    for o in model.graph.output:  # recomputed from the pinned inputs
+        o.type.tensor_type.ClearField("shape")
+    try:
+        model = shape_inference.infer_shapes(model, data_prop=True)
+    except Exception as e:  # noqa: BLE001 - folding below still gives most shapes
+        log.info("shape inference failed (%s); continuing with onnx-graphsurgeon's shapes", e)
+    graph = gs.import_onnx(model)
+    del model
+    before = len(graph.nodes)
+    from onnx_graphsurgeon.logger import G_LOGGER
+    severity, G_LOGGER.severity = G_LOGGER.severity, G_LOGGER.ERROR
+    # partitioned: a subgraph onnxruntime refuses (an fp16 converter's mistyped Cast) is
+    # skipped, not the whole fold
+    try:
+        graph.fold_constants(fold_shapes=True, partitioning="basic", error_ok=True).cleanup()
+    finally:
+        G_LOGGER.severity = severity
+    folded = before - len(graph.nodes)
+    gemms = sum(_gemm_to_matmul(graph, n) for n in list(graph.nodes) if n.op == "Gemm")
+    norms = sum(_decompose_layer_norm(graph, n) for n in list(graph.nodes)
+                if n.op == "LayerNormalization")
+    axes = sum(_explicit_axes(n) for n in graph.nodes if n.op in ("ReduceMean", "ReduceSum"))
+    idents = sum(n.op == "Identity" for n in graph.nodes)
+    for n in [n for n in graph.nodes if n.op == "Identity" and n.inputs and n.outputs]:
+        bypass(graph, n)
+    graph.cleanup().toposort()
+    idents -= sum(n.op == "Identity" for n in graph.nodes)
+    ctx.graph = graph
+    untyped = [t.name for t in graph.tensors().values() if t.dtype is None]
+    ctx.note(NAME, f"opset {OPSET}; {folded} nodes folded into constants; {gemms} Gemm -> MatMul; "
+                   f"{norms} LayerNormalization decomposed; {axes} reduction(s) given explicit axes; "
+                   f"{idents} Identity removed" + (f"; {pinned} symbolic dim(s) pinned" if pinned else "")
+                   + (f"; {len(untyped)} tensor(s) without a type (first: {untyped[0]})"
+                      if untyped else ""))
+
+
+def _pin_inputs(graph, pins) -> int:
+    """Graph inputs take their decode shape: from ``pins`` where given, else symbolic dims are 1
+    (one token, batch 1)."""
+    n = 0
+    for t in graph.inputs:
+        want = pins.get(t.name)
+        if want is not None:
+            n += sum(not isinstance(d, int) for d in (t.shape or []))
+            t.shape = list(want)
+        elif t.shape is not None and any(not isinstance(d, int) or d < 0 for d in t.shape):
+            n += sum(not isinstance(d, int) or d < 0 for d in t.shape)
+            t.shape = [d if isinstance(d, int) and d >= 0 else 1 for d in t.shape]
+    return n
+
+
+def _var(name, like, shape=None):
+    import onnx_graphsurgeon as gs
+    return gs.Variable(name, dtype=like.dtype, shape=shape if shape is not None else like.shape)
+
+
+def _gemm_to_matmul(graph, node) -> int:
+    """Y = alpha * A' @ B' + beta * C  ->  MatMul(A', alpha B') [+ Add(beta C)]; 1 if rewritten."""
+    import onnx_graphsurgeon as gs
+    a, b = node.inputs[0], node.inputs[1]
+    c = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
+    alpha, beta = float(node.attrs.get("alpha", 1.0)), float(node.attrs.get("beta", 1.0))
+    out, base = node.outputs[0], node.name or out.name
+    new = []
+    if int(node.attrs.get("transA", 0)):
+        av = const_value(a)
+        if av is not None:
+            a = gs.Constant(f"{a.name}.T", np.ascontiguousarray(av.T))
+        else:
+            t = _var(f"{base}.a_t", a, list(reversed(a.shape)) if a.shape else None)
+            new.append(gs.Node("Transpose", name=f"{base}.transA", inputs=[a], outputs=[t],
+                               attrs={"perm": [1, 0]}))
+            a = t
+    bv = const_value(b)
+    scale_after = 1.0
+    if bv is not None:
+        bv = bv.T if int(node.attrs.get("transB", 0)) else bv
+        b = gs.Constant(f"{b.name}.gemm", np.ascontiguousarray((bv * alpha).astype(bv.dtype)
+                                                               if alpha != 1.0 else bv))
+    else:
+        if int(node.attrs.get("transB", 0)):
+            t = _var(f"{base}.b_t", b, list(reversed(b.shape)) if b.shape else None)
+            new.append(gs.Node("Transpose", name=f"{base}.transB", inputs=[b], outputs=[t],
+                               attrs={"perm": [1, 0]}))
+            b = t
+        scale_after = alpha
+    y = out if (c is None and scale_after == 1.0) else _var(f"{base}.mm", out)
+    new.append(gs.Node("MatMul", name=base, inputs=[a, b], outputs=[y]))
+    if scale_after != 1.0:
+        y2 = out if c is None else _var(f"{base}.scaled", out)
+        new.append(gs.Node("Mul", name=f"{base}.alpha", inputs=[y, _scalar(f"{base}.alpha_v", alpha, out)],
+                           outputs=[y2]))
+        y = y2
+    if c is not None:
+        cv = const_value(c)
+        if cv is not None:
+            c = gs.Constant(f"{c.name}.gemm", (cv * beta).astype(cv.dtype) if beta != 1.0 else cv)
+        elif beta != 1.0:
+            cs = _var(f"{base}.c_scaled", c)
+            new.append(gs.Node("Mul", name=f"{base}.beta", inputs=[c, _scalar(f"{base}.beta_v", beta, out)],
+                               outputs=[cs]))
+            c = cs
+        new.append(gs.Node("Add", name=f"{base}.bias", inputs=[y, c], outputs=[out]))
+    node.outputs.clear()
+    node.inputs.clear()
+    graph.nodes += new
+    return 1
+
+
+def _scalar(name: str, value: float, like):
+    import onnx_graphsurgeon as gs
+    return gs.Constant(name, np.array(value, like.dtype or np.float32))
+
+
+def _decompose_layer_norm(graph, node) -> int:
+    """LayerNormalization over the last axis -> the decomposed form; 1 if rewritten."""
+    import onnx_graphsurgeon as gs
+    x, out = node.inputs[0], node.outputs[0]
+    rank = len(x.shape) if x.shape is not None else None
+    axis = int(node.attrs.get("axis", -1))
+    if rank is None or axis not in (-1, rank - 1) or len(node.outputs) > 1 and any(
+            o.outputs for o in node.outputs[1:]):
+        return 0
+    eps = float(node.attrs.get("epsilon", 1e-5))
+    base = node.name or out.name
+    red = list(x.shape[:-1]) + [1]
+    mean, d, sq = _var(f"{base}.mean", x, red), _var(f"{base}.d", x), _var(f"{base}.dd", x)
+    var, ve, std = _var(f"{base}.var", x, red), _var(f"{base}.var_eps", x, red), _var(f"{base}.std", x, red)
+    y = _var(f"{base}.norm", x)
+    new = [gs.Node("ReduceMean", name=f"{base}.mean", inputs=[x], outputs=[mean], attrs={"axes": [-1]}),
+           gs.Node("Sub", name=f"{base}.sub", inputs=[x, mean], outputs=[d]),
+           gs.Node("Mul", name=f"{base}.square", inputs=[d, d], outputs=[sq]),
+           gs.Node("ReduceMean", name=f"{base}.var", inputs=[sq], outputs=[var], attrs={"axes": [-1]}),
+           gs.Node("Add", name=f"{base}.add_eps", inputs=[var, _scalar(f"{base}.eps", eps, x)], outputs=[ve]),
+           gs.Node("Sqrt", name=f"{base}.sqrt", inputs=[ve], outputs=[std]),
+           gs.Node("Div", name=f"{base}.div", inputs=[d, std], outputs=[y])]
+    scale = node.inputs[1]
+    bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
+    scaled = out if bias is None else _var(f"{base}.scaled", x)
+    new.append(gs.Node("Mul", name=f"{base}.scale", inputs=[y, scale], outputs=[scaled]))
+    if bias is not None:
+        new.append(gs.Node("Add", name=f"{base}.shift", inputs=[scaled, bias], outputs=[out]))
+    node.outputs.clear()
+    node.inputs.clear()
+    graph.nodes += new
+    return 1
+
+
+def _explicit_axes(node) -> int:
+    """Reductions name their axes (attribute for ReduceMean, input for ReduceSum at opset 17);
+    absent axes mean every axis, which on a vector is axis -1. 1 if changed."""
+    import onnx_graphsurgeon as gs
+    x = node.inputs[0]
+    if "axes" in node.attrs or (len(node.inputs) > 1 and node.inputs[1].name):
+        return 0
+    if int(node.attrs.get("noop_with_empty_axes", 0)) or x.shape is None:
+        return 0
+    axes = [-1] if len(x.shape) == 1 else list(range(len(x.shape)))
+    if node.op == "ReduceSum":
+        node.inputs.append(gs.Constant(f"{node.name}.axes", np.array(axes, np.int64)))
+    else:
+        node.attrs["axes"] = axes
+    return 1
+
