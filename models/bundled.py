@@ -38,7 +38,7 @@ def ensure_compiled(echo: Optional[Callable[[str], None]] = None, backend_needs_
     from rwkv2rknn.models.checkpoint import load_checkpoint
     from rwkv2rknn.models.export import MODEL_JSON, export
     from rwkv2rknn.plan import MANIFEST
-    from rwkv2rknn.runtime.rknn import toolkit_installed
+    from rwkv2rknn.toolkit import toolkit_installed
 
     echo = echo or (lambda m: None)
     root = cache_folder()

@@ -12,7 +12,9 @@ rebuilt. Cache entries are written under a temporary name and renamed into place
 build or two compiles at once never leave a half entry. A failed build moves the segment to the
 CPU and says so; with ``--strict`` it is an error.
 
-Precondition: cut has run and the segment ONNX files are written in ``ctx.extra['out_dir']``.
+Precondition: cut (and sequence) have run and the segment ONNX files are written in
+``OUT_DIR/segments``. Postcondition: NPU segments have ``rknn`` (and ``seq_rknn``), or moved
+to the CPU with a ``fallback`` reason.
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ import sys
 from typing import Callable, Optional
 
 from rwkv2rknn.errors import ToolkitError
-from rwkv2rknn.io import cache_root
-from rwkv2rknn.ir import Context
+from rwkv2rknn.io import cache_root, remove_quietly, remove_stale
+from rwkv2rknn.ir import Context, GraphSegment
 
 NAME = "build"
 
@@ -70,7 +72,7 @@ def build_child(onnx_path: str, rknn_path: str, target: str, verbose: bool,
     except BaseException:  # Ctrl-C or any other error here: leave no child and no partial file
         _stop(proc, tmp)
         raise
-    _unlink(tmp)  # nothing left when the child renamed it
+    remove_quietly(tmp)  # nothing left when the child renamed it
     if proc.returncode == 0 and os.path.isfile(rknn_path) and os.path.getsize(rknn_path) > 0:
         return ""
     if proc.returncode < 0:
@@ -85,52 +87,29 @@ def _stop(proc, tmp: str) -> None:
         proc.kill()
         proc.wait()
     finally:
-        _unlink(tmp)
+        remove_quietly(tmp)
 
 
 def clean_stale_partials(cache: str) -> None:
     """Remove partial files left by build children that died (their pid no longer runs)."""
-    try:
-        names = os.listdir(cache)
-    except OSError:
-        return
-    for name in names:
-        head, sep, pid = name.rpartition(".partial-")
-        if not sep or not pid.isdigit() or _pid_alive(int(pid)):
-            continue
-        _unlink(os.path.join(cache, name))
+    remove_stale(cache, ".partial-")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists, not ours
-        return True
-    return True
+def run(ctx: Context, out_dir: str,
+        progress: Optional[Callable[[GraphSegment, str, int, int], None]] = None) -> None:
+    """Build the NPU segments whose ONNX files are in ``out_dir``/segments, copying each .rknn
+    beside its ONNX; ``progress(segment, status, i, n)`` after each."""
+    from rwkv2rknn.toolkit import require_toolkit
 
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
-
-
-def run(ctx: Context, progress: Optional[Callable[[dict, str, int, int], None]] = None) -> None:
-    from rwkv2rknn.runtime.rknn import require_toolkit
-
-    out_dir = ctx.extra["out_dir"]
     opts = ctx.options
     version = require_toolkit()
     cache = os.path.join(cache_root(opts.cache_dir), "rknn")
     os.makedirs(cache, exist_ok=True)
     clean_stale_partials(cache)
     built = hits = failed = 0
-    todo = [seg for seg in ctx.segments if seg["device"] == "npu"]
+    todo = [seg for seg in ctx.segments if seg.device == "npu"]
     for i, seg in enumerate(todo, 1):
-        onnx_path = os.path.join(out_dir, "segments", seg["name"] + ".onnx")
+        onnx_path = os.path.join(out_dir, "segments", seg.name + ".onnx")
         with open(onnx_path, "rb") as f:
             key = cache_key(f.read(), opts.target, version)
         entry = os.path.join(cache, key + ".rknn")
@@ -141,35 +120,35 @@ def run(ctx: Context, progress: Optional[Callable[[dict, str, int, int], None]] 
             reason = build_child(onnx_path, entry, opts.target, opts.verbose, opts.build_timeout)
             if reason:
                 if opts.strict:
-                    raise ToolkitError(f"building segment {seg['name']} failed: {reason}",
+                    raise ToolkitError(f"building segment {seg.name} failed: {reason}",
                                        "drop --strict to let it fall back to the CPU")
-                seg["device"], seg["fallback"] = "cpu", reason
+                seg.device, seg.fallback = "cpu", reason
                 failed += 1
-                ctx.note(NAME, f"{seg['name']}: build failed ({reason}); runs on the CPU")
+                ctx.note(NAME, f"{seg.name}: build failed ({reason}); runs on the CPU")
                 if progress:
                     progress(seg, "failed, CPU fallback", i, len(todo))
                 continue
             built += 1
             status = "built"
-        dest = os.path.join(out_dir, "segments", seg["name"] + ".rknn")
+        dest = os.path.join(out_dir, "segments", seg.name + ".rknn")
         shutil.copyfile(entry, dest)
-        seg["rknn"] = f"segments/{seg['name']}.rknn"
-        seg["cache_key"] = key
-        if seg.get("seq_model") is not None and opts.prefill_rows:
+        seg.rknn = f"segments/{seg.name}.rknn"
+        seg.cache_key = key
+        if seg.seq_model is not None and opts.prefill_rows:
             status += _build_seq(seg, out_dir, cache, version, opts)
         if progress:
             progress(seg, status, i, len(todo))
     ctx.note(NAME, f"{built} built, {hits} from the cache ({cache}), {failed} fell back to the CPU"
                    f" [rknn-toolkit2 {version}, target {opts.target}]")
-    seq_failed = [s["name"] for s in todo if s.get("seq_fallback")]
+    seq_failed = [s.name for s in todo if s.seq_fallback]
     if seq_failed:
         ctx.note(NAME, f"T-row builds failed for {', '.join(seq_failed)}: their prefill runs token by token")
 
 
-def _build_seq(seg: dict, out_dir: str, cache: str, version: str, opts) -> str:
+def _build_seq(seg: GraphSegment, out_dir: str, cache: str, version: str, opts) -> str:
     """The T-row (prefill) variant of an NPU segment, one graph per row count, weights once."""
     rows = tuple(sorted(opts.prefill_rows))
-    onnx_path = os.path.join(out_dir, "segments", seg["name"] + ".seq.onnx")
+    onnx_path = os.path.join(out_dir, "segments", seg.name + ".seq.onnx")
     with open(onnx_path, "rb") as f:
         key = cache_key(f.read() + repr(rows).encode(), opts.target, version)
     entry = os.path.join(cache, key + ".rknn")
@@ -177,12 +156,12 @@ def _build_seq(seg: dict, out_dir: str, cache: str, version: str, opts) -> str:
     if not (os.path.isfile(entry) and os.path.getsize(entry) > 0):
         reason = build_child(onnx_path, entry, opts.target, opts.verbose, opts.build_timeout, rows)
         if reason:
-            seg["seq_fallback"] = reason
+            seg.seq_fallback = reason
             return ", T-rows failed"
         note = ", T-rows built"
-    shutil.copyfile(entry, os.path.join(out_dir, "segments", seg["name"] + ".seq.rknn"))
-    seg["seq_rknn"] = f"segments/{seg['name']}.seq.rknn"
-    seg["seq_rows"] = rows
+    shutil.copyfile(entry, os.path.join(out_dir, "segments", seg.name + ".seq.rknn"))
+    seg.seq_rknn = f"segments/{seg.name}.seq.rknn"
+    seg.seq_rows = rows
     return note
 
 
@@ -195,7 +174,7 @@ def _main(argv=None) -> int:
     ap.add_argument("--rows", default="", help="T-row variant: build one graph per row count (e.g. 16,32,64)")
     a = ap.parse_args(argv)
     from rwkv2rknn.errors import Rwkv2RknnError
-    from rwkv2rknn.runtime.rknn import build_in_process, dynamic_shapes
+    from rwkv2rknn.toolkit import build_in_process, dynamic_shapes
     tmp = partial_name(a.rknn, os.getpid())
     rows = [int(r) for r in a.rows.split(",") if r]
     try:
@@ -212,7 +191,7 @@ def _main(argv=None) -> int:
         print(str(e), file=sys.stderr)
         return 1
     finally:
-        _unlink(tmp)
+        remove_quietly(tmp)
 
 
 if __name__ == "__main__":

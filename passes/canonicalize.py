@@ -18,8 +18,8 @@ symbolic dimensions are pinned to the decode shape, and onnx-graphsurgeon's ``fo
 LayerNormalization op to the decomposed form the other passes know, reductions with explicit
 axes, and Identity nodes.
 
-Precondition: a loaded graph (``ctx.extra['pins']``: graph input name -> decode shape, for inputs
-whose shape is symbolic). Postcondition: no Gemm, LayerNormalization or Identity (except an
+Precondition: a loaded graph whose inputs have their decode shape where the layout fixes it (the
+loader pins those; any other symbolic dimension becomes 1). Postcondition: no Gemm, LayerNormalization or Identity (except an
 Identity between a graph input or constant and a graph output), every tensor typed, graph opset
 ``OPSET``.
 """
@@ -102,7 +102,7 @@ def run(ctx: Context) -> None:
     from rwkv2rknn.ir import export
 
     graph = ctx.graph
-    pinned = _pin_inputs(graph, ctx.extra.get("pins", {}))
+    pinned = _pin_inputs(graph)
     model = export(graph)
     del graph
     del model.graph.value_info[:]
@@ -142,16 +142,12 @@ def run(ctx: Context) -> None:
                       if untyped else ""))
 
 
-def _pin_inputs(graph, pins) -> int:
-    """Graph inputs take their decode shape: from ``pins`` where given, else symbolic dims are 1
-    (one token, batch 1)."""
+def _pin_inputs(graph) -> int:
+    """Symbolic dims of graph inputs the loader left open take the decode shape: 1 (one token,
+    batch 1)."""
     n = 0
     for t in graph.inputs:
-        want = pins.get(t.name)
-        if want is not None:
-            n += sum(not isinstance(d, int) for d in (t.shape or []))
-            t.shape = list(want)
-        elif t.shape is not None and any(not isinstance(d, int) or d < 0 for d in t.shape):
+        if t.shape is not None and any(not isinstance(d, int) or d < 0 for d in t.shape):
             n += sum(not isinstance(d, int) or d < 0 for d in t.shape)
             t.shape = [d if isinstance(d, int) and d >= 0 else 1 for d in t.shape]
     return n

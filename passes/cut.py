@@ -11,30 +11,17 @@ segment's position, device and the stages it covers, so the same model cuts to t
 (and the build cache can key on their content).
 
 Precondition: partition has run. Postcondition: each segment has ``name``, ``inputs``,
-``outputs`` and ``model`` (an ONNX ModelProto).
+``outputs``, ``model`` (an ONNX ModelProto), its op counts and ``est_ms``.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from rwkv2rknn.ir import Context, export, is_const, stage_of
+from rwkv2rknn.ir import Context, export, is_const, stages_of
 from rwkv2rknn.passes.partition import estimate_ms, matmul_flops
 
 NAME = "cut"
-
-
-def stage_key(stage: str):
-    """Model order of loader stages: embed, L0, L1, ..., head (anything else last)."""
-    if stage == "embed":
-        return (0, 0)
-    if stage.startswith("L") and stage[1:].isdigit():
-        return (1, int(stage[1:]))
-    return (2, 0) if stage == "head" else (3, stage)
-
-
-def stages_of(nodes):
-    return sorted({stage_of(n.name) or "graph" for n in nodes}, key=stage_key)
 
 
 def _stages_label(nodes) -> str:
@@ -47,11 +34,11 @@ def run(ctx: Context) -> None:
 
     graph = ctx.graph
     graph_outputs = {t.name for t in graph.outputs}
-    owner = {n.name: i for i, s in enumerate(ctx.segments) for n in s["nodes"]}
+    owner = {n.name: i for i, s in enumerate(ctx.segments) for n in s.nodes}
     width = len(str(max(len(ctx.segments) - 1, 0))) if ctx.segments else 1
     profile = ctx.profile
     for i, seg in enumerate(ctx.segments):
-        nodes = seg["nodes"]
+        nodes = seg.nodes
         inside = {n.name for n in nodes}
         ins, outs = [], []
         for n in nodes:
@@ -73,9 +60,10 @@ def run(ctx: Context) -> None:
                        opset=graph.opset, name=f"segment_{i}")
         model = export(sub)
         del model.graph.value_info[:]
-        seg.update(name=f"s{i:0{max(width, 3)}d}_{seg['device']}_{_stages_label(nodes)}",
-                   inputs=[t.name for t in ins], outputs=[t.name for t in outs], model=model,
-                   flops=matmul_flops(nodes), ops=len(nodes),
-                   matmuls=sum(n.op == "MatMul" for n in nodes),
-                   est_ms=estimate_ms(seg["device"], nodes, profile))
+        seg.name = f"s{i:0{max(width, 3)}d}_{seg.device}_{_stages_label(nodes)}"
+        seg.inputs, seg.outputs = [t.name for t in ins], [t.name for t in outs]
+        seg.model = model
+        seg.flops, seg.ops = matmul_flops(nodes), len(nodes)
+        seg.matmuls = sum(n.op == "MatMul" for n in nodes)
+        seg.est_ms = estimate_ms(seg.device, nodes, profile)
     ctx.note(NAME, f"{len(ctx.segments)} segment models cut")

@@ -22,7 +22,8 @@ import math
 
 import numpy as np
 
-from rwkv2rknn.ir import Context, const_value, trace
+from rwkv2rknn.ir import Context, const_value
+from rwkv2rknn.trace import trace
 
 NAME = "fp16_guard"
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from rwkv2rknn import io
 from rwkv2rknn.errors import BadInput, UnsupportedModel
-from rwkv2rknn.ir import Context, Options, const_value
+from rwkv2rknn.ir import Context, Options, const_value, replace_uses
 
 NAME = "load"
 
@@ -59,11 +59,7 @@ def _lower_constants(graph) -> None:
             value = node.attrs["value"]
             arr = np.asarray(value.values if hasattr(value, "values") else value)
             const = gs.Constant(node.outputs[0].name + ".const", arr)
-            out = node.outputs[0]
-            for consumer in list(out.outputs):
-                for i, t in enumerate(consumer.inputs):
-                    if t is out:
-                        consumer.inputs[i] = const
+            replace_uses(node.outputs[0], const)
             node.outputs.clear()
     graph.cleanup()
 
@@ -79,14 +75,6 @@ def _expect(graph, path: str, ins, outs) -> None:
         raise UnsupportedModel(
             f"{os.path.basename(path)} has inputs {got_in} and outputs {got_out}, expected "
             f"{list(ins)} and {list(outs)}", "this is not the per-layer RWKV ONNX layout")
-
-
-def _join(graph, src, dst) -> None:
-    """Make every consumer of ``dst`` read ``src`` instead."""
-    for consumer in list(dst.outputs):
-        for i, t in enumerate(consumer.inputs):
-            if t is dst:
-                consumer.inputs[i] = src
 
 
 def load_folder(folder: str, arch_module):
@@ -123,12 +111,12 @@ def load_folder(folder: str, arch_module):
     inputs = [embed.inputs[0]]
     outputs = []
     for g in blocks:
-        _join(g, x, g.inputs[0])
+        replace_uses(g.inputs[0], x)
         nodes += g.nodes
         inputs.append(g.inputs[1])
         outputs.append(g.outputs[1])
         x = g.outputs[0]
-    _join(head, x, head.inputs[0])
+    replace_uses(head.inputs[0], x)
     nodes += head.nodes
     logits = head.outputs[0]
     embed.inputs[0].name = "token"
@@ -160,10 +148,8 @@ def run(path: str, options: Options = None) -> Context:
                        "give a folder of per-layer RWKV ONNX files or an .onnx file")
     if os.path.isdir(path):
         graph, layers, width, vocab = load_folder(path, rwkv4)
-        ctx = Context(graph=graph, source=os.path.abspath(path), arch=rwkv4.ARCH,
+        ctx = Context(graph=graph, source=os.path.abspath(path), arch=rwkv4.ARCH, layout="per-layer",
                       shape={"layers": layers, "width": width, "vocab": vocab})
-        ctx.extra["state_in"] = {i: f"L{i}/state_in" for i in range(layers)}
-        ctx.extra["state_out"] = {i: f"L{i}/state_out" for i in range(layers)}
         ctx.whole_state = {i: (f"L{i}/state_in", f"L{i}/state_out") for i in range(layers)}
     else:
         if not path.endswith(".onnx"):
@@ -174,7 +160,7 @@ def run(path: str, options: Options = None) -> Context:
         ctx = Context(graph=graph, source=os.path.abspath(path), arch="onnx")
         ctx.token_input = ""
         ctx.logits_output = ""
-        ctx.extra["dangling"] = dangling
+        ctx.unread_constants = dangling
     ctx.options = options
     ctx.profile  # read --profile now: a bad file fails before any work
     n = len(ctx.graph.nodes)

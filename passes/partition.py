@@ -24,15 +24,15 @@ NPU head of layer i+1 (LN1, time-shift, k/v/r MatMuls) meet with no CPU op betwe
 become one segment: a token costs about one NPU call and one CPU call per layer.
 
 Precondition: support has run; toposorted graph. Postcondition: ``ctx.segments`` is a list of
-``{"device", "nodes"}`` in an order that runs (every input produced earlier).
+``GraphSegment`` (``device`` and ``nodes`` set) in an order that runs (every input produced
+earlier); ``ctx.node_device`` gives every node's device.
 """
 
 from __future__ import annotations
 
 from typing import Dict, List
 
-
-from rwkv2rknn.ir import Context, const_value
+from rwkv2rknn.ir import Context, GraphSegment, const_value
 
 NAME = "partition"
 
@@ -62,7 +62,7 @@ def place(graph, support) -> Dict[str, str]:
     return {n.name: ("npu" if n.name in npu else "cpu") for n in graph.nodes}
 
 
-def group(graph, device: Dict[str, str]) -> List[dict]:
+def group(graph, device: Dict[str, str]) -> List[GraphSegment]:
     nodes = list(graph.nodes)  # toposorted
     stage: Dict[str, int] = {}
     for node in nodes:
@@ -78,17 +78,17 @@ def group(graph, device: Dict[str, str]) -> List[dict]:
             stage[node.name] = min(later)
     keys = sorted({(stage[n.name], device[n.name]) for n in nodes})
     index = {k: i for i, k in enumerate(keys)}
-    segs = [{"device": k[1], "nodes": []} for k in keys]
+    segs = [GraphSegment(device=k[1]) for k in keys]
     for node in nodes:
-        segs[index[(stage[node.name], device[node.name])]]["nodes"].append(node)
+        segs[index[(stage[node.name], device[node.name])]].nodes.append(node)
     return _merge(segs)
 
 
 def _edges(segs):
-    owner = {n.name: i for i, s in enumerate(segs) for n in s["nodes"]}
+    owner = {n.name: i for i, s in enumerate(segs) for n in s.nodes}
     succ = {i: set() for i in range(len(segs))}
     for i, s in enumerate(segs):
-        for n in s["nodes"]:
+        for n in s.nodes:
             for t in n.outputs:
                 for c in t.outputs:
                     j = owner[c.name]
@@ -119,11 +119,11 @@ def _merge(segs):
         succ = _edges(segs)
         for a in range(len(segs)):
             for b in range(a + 1, len(segs)):
-                if segs[a]["device"] != segs[b]["device"]:
+                if segs[a].device != segs[b].device:
                     continue
                 if _reaches_via_other(succ, a, b) or _reaches_via_other(succ, b, a):
                     continue
-                segs[a]["nodes"] += segs[b]["nodes"]
+                segs[a].nodes += segs[b].nodes
                 del segs[b]
                 merged = True
                 break
@@ -195,24 +195,24 @@ def run(ctx: Context) -> None:
     profile = ctx.profile
     by_cost = ctx.options.placement == "cost"
     for s in segs:
-        if s["device"] != "npu":
+        if s.device != "npu":
             continue
         if by_cost:  # the call and its two hand-offs must pay for themselves
-            small = (estimate_ms("npu", s["nodes"], profile) + 2 * profile.handoff_ms >=
-                     estimate_ms("cpu", s["nodes"], profile))
+            small = (estimate_ms("npu", s.nodes, profile) + 2 * profile.handoff_ms >=
+                     estimate_ms("cpu", s.nodes, profile))
         else:
-            small = matmul_flops(s["nodes"]) < ctx.options.min_segment_flops
+            small = matmul_flops(s.nodes) < ctx.options.min_segment_flops
         if small:
-            for n in s["nodes"]:
+            for n in s.nodes:
                 device[n.name] = "cpu"
             pruned += 1
     if pruned:
         segs = group(graph, device)
     for s in segs:
-        s["nodes"].sort(key=lambda n: order[n.name])
+        s.nodes.sort(key=lambda n: order[n.name])
     ctx.segments = segs
-    ctx.extra["device"] = device
-    n_npu = sum(s["device"] == "npu" for s in segs)
+    ctx.node_device = device
+    n_npu = sum(s.device == "npu" for s in segs)
     ctx.note(NAME, f"{len(segs)} segments: {n_npu} NPU, {len(segs) - n_npu} CPU"
                    + (f" ({pruned} NPU segment(s) too small to pay for a call, moved to the CPU)"
                       if pruned else ""))

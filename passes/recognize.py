@@ -95,7 +95,7 @@ def run(ctx: Context) -> None:
         else "rwkv"
     ctx.arch = arch
     ctx.shape = {"layers": n_layers, "width": width, "vocab": int(np.prod(logits.shape or (0,)))}
-    ctx.extra["layout"] = layout or ("rwkv2rknn one-file" if ctx.whole_state else "whole model")
+    ctx.layout = layout or ("rwkv2rknn one-file" if ctx.whole_state else "whole model")
     learned = ""
     if ctx.state:
         learned = (f"; per layer {rows_per_layer} state entries, {len(acc) // max(n_layers, 1)} "
@@ -104,7 +104,7 @@ def run(ctx: Context) -> None:
         wrong = [s for s in ctx.state if layout and (s.row in rwkv4.ACCUMULATOR_ROWS) != s.accumulator]
         if wrong:
             learned += f"; {len(wrong)} entr(ies) disagree with the {layout} row names: the graph wins"
-    ctx.note(NAME, f"recognised the {ctx.extra['layout']} layout ({arch}): {n_layers} layers, width "
+    ctx.note(NAME, f"recognised the {ctx.layout} layout ({arch}): {n_layers} layers, width "
                    f"{width}, vocab {ctx.shape['vocab']}; token '{token.name}', state paired {how}"
                    f"{learned}; initial state {inits}")
 
@@ -187,7 +187,7 @@ def _normalize_token(graph, token):
 
 def _initial_values(ctx: Context, tensors, rwkv4) -> str:
     """Set each slot's initial value; say where they came from."""
-    dangling = [np.asarray(v) for v in ctx.extra.pop("dangling", {}).values()]
+    dangling = [np.asarray(v) for v in ctx.unread_constants.values()]
     slots = ctx.state
     fits = len(dangling) == len(slots) and all(
         int(d.size) == int(np.prod(tensors[s.input].shape or (1,))) for d, s in zip(dangling, slots))

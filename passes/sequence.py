@@ -13,10 +13,12 @@ the chunk enters as the first row. Segments that carry a recurrence (they read a
 rows, like the WKV scan) or take token ids stay per-token: the executor runs them row by row.
 
 The variant has a symbolic row count, so one file serves every chunk length on onnxruntime.
-(RKNN variants with fixed T, through rknn-toolkit2's ``dynamic_input``, are not built yet: on
-rknn backends prefill runs token by token.)
+For NPU segments the build pass makes it a ``.seq.rknn`` with one graph per row count in
+``Options.prefill_rows`` (rknn-toolkit2's ``dynamic_input``); the executor pads a chunk to the
+smallest row count that fits.
 
-Precondition: cut has run. Postcondition: eligible segments have ``seq_model`` (ModelProto).
+Precondition: cut has run. Postcondition: eligible segments have ``seq_model`` (ModelProto);
+every segment has ``est_prefill_ms``.
 """
 
 from __future__ import annotations
@@ -25,24 +27,24 @@ from typing import Optional
 
 import numpy as np
 
-from rwkv2rknn.ir import Context, const_value
+from rwkv2rknn.ir import Context, GraphSegment, const_value, export, replace_uses
 
 NAME = "sequence"
 _ROWWISE = {"Add", "Sub", "Mul", "Div", "Relu", "Sigmoid", "Sqrt", "Neg", "Tanh", "Abs", "Pow",
             "Identity", "MatMul", "ReduceMean", "Reshape", "Exp", "Max", "Min"}
 
 
-def _why_not(ctx: Context, seg: dict) -> Optional[str]:
+def _why_not(ctx: Context, seg: GraphSegment) -> Optional[str]:
     """None if the segment can take T rows, else the reason it cannot."""
     slots = {s.input: s for s in ctx.state}
-    produced = {t.name for n in seg["nodes"] for t in n.outputs}
-    for name in seg["inputs"]:
+    produced = {t.name for n in seg.nodes for t in n.outputs}
+    for name in seg.inputs:
         if name == ctx.token_input:
             return "reads token ids"
         slot = slots.get(name)
         if slot is not None and (slot.accumulator or slot.output not in produced):
             return "carries a recurrence"
-    for n in seg["nodes"]:
+    for n in seg.nodes:
         if n.op not in _ROWWISE:
             return f"{n.op} is not row-wise"
         if n.op == "ReduceMean" and [int(a) for a in n.attrs.get("axes", [])] != [-1]:
@@ -59,13 +61,11 @@ def _why_not(ctx: Context, seg: dict) -> Optional[str]:
     return None
 
 
-def _variant(ctx: Context, seg: dict):
+def _variant(ctx: Context, seg: GraphSegment):
     """The T-row ModelProto of a per-token segment model."""
     import onnx_graphsurgeon as gs
 
-    from rwkv2rknn.ir import export
-
-    g = gs.import_onnx(seg["model"])
+    g = gs.import_onnx(seg.model)
     tensors = g.tensors()
     slots = {s.input: s for s in ctx.state if not s.accumulator}
     for n in g.nodes:
@@ -87,7 +87,7 @@ def _variant(ctx: Context, seg: dict):
         first = gs.Variable(f"{name}.row", dtype=np.float32)
         earlier = gs.Variable(f"{slot.output}.earlier", dtype=np.float32)
         prev = gs.Variable(f"{name}.prev", dtype=np.float32)
-        readers = [n for n in g.nodes if cur in n.inputs]
+        replace_uses(cur, prev)  # before the nodes below, which read cur itself
         g.nodes += [
             gs.Node("Reshape", name=f"{name}.as_row", inputs=[cur, gs.Constant(
                 f"{name}.row_shape", np.array([1, width], np.int64))], outputs=[first]),
@@ -97,8 +97,6 @@ def _variant(ctx: Context, seg: dict):
                 gs.Constant(f"{name}.s2", np.array([0], np.int64))], outputs=[earlier]),
             gs.Node("Concat", name=f"{name}.shift", inputs=[first, earlier], outputs=[prev],
                     attrs={"axis": 0})]
-        for n in readers:
-            n.inputs = [prev if t is cur else t for t in n.inputs]
     for t in g.outputs:
         k = int(np.prod([d for d in t.shape])) if t.shape else 1
         t.shape = ["T", k]
@@ -122,11 +120,11 @@ def run(ctx: Context) -> None:
     for seg in ctx.segments:
         why = _why_not(ctx, seg)
         if why is None:
-            seg["seq_model"] = _variant(ctx, seg)
-            seg["est_prefill_ms"] = estimate_ms(seg["device"], seg["nodes"], profile, rows=t) / t
+            seg.seq_model = _variant(ctx, seg)
+            seg.est_prefill_ms = estimate_ms(seg.device, seg.nodes, profile, rows=t) / t
             made += 1
         else:
-            seg["est_prefill_ms"] = seg.get("est_ms", 0.0)  # one call per token
+            seg.est_prefill_ms = seg.est_ms  # one call per token
             kept[why] = kept.get(why, 0) + 1
     ctx.note(NAME, f"{made} segment(s) take T tokens at once; " + (
         ", ".join(f"{v} per token ({k})" for k, v in sorted(kept.items())) or "none per token"))

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from rwkv2rknn.ir import Context, StateSlot, const_value
+from rwkv2rknn.ir import Context, const_value, replace_uses
+from rwkv2rknn.plan import StateSlot
 
 NAME = "state"
 
@@ -75,10 +76,7 @@ def run(ctx: Context) -> None:
         for r, row in enumerate(row_names):
             vin = gs.Variable(f"{in_name}.{row}", dtype=np.float32, shape=[width])
             for gathered in read.get(r, []):
-                for consumer in list(gathered.outputs):
-                    for k, t in enumerate(consumer.inputs):
-                        if t is gathered:
-                            consumer.inputs[k] = vin
+                replace_uses(gathered, vin)
                 if gathered in graph.outputs:  # a row passed straight through
                     graph.outputs[graph.outputs.index(gathered)] = vin
             src = written[r]

@@ -270,10 +270,8 @@ def run(artifact, prompt, max_tokens, temperature, top_p, seed, backend, core_ma
         _check_prompt(prompt)
         if not 1 <= max_tokens <= 65536:
             raise UsageError(f"--max-tokens {max_tokens} is out of range", "give 1 to 65536")
-    if artifact is None:
-        from rwkv2rknn.models import bundled
-        artifact = bundled.ensure_compiled(echo=lambda m: click.echo(m, err=True))
-    model, tok_spec = _open_model(artifact, backend, core_mask)
+    from rwkv2rknn.runtime.loader import open_model
+    model, tok_spec = open_model(artifact, backend, core_mask, echo=_say)
     if tokens is not None:
         import numpy as np
         ids = _parse_tokens(tokens, model.vocab)
@@ -284,67 +282,25 @@ def run(artifact, prompt, max_tokens, temperature, top_p, seed, backend, core_ma
         else:
             click.echo(" ".join(str(int(i)) for i in logits.argmax(1)))
         return
-    _generate(model, tokenizer or tok_spec, prompt, max_tokens, temperature, top_p, seed)
+    _print_generation(model, tokenizer or tok_spec, prompt, max_tokens, temperature, top_p, seed)
 
 
-def _open_model(path, backend, core_mask):
-    """(model with .step/.init_state/.logits/.vocab, tokenizer spec) for an artifact or a
-    per-layer folder (the latter: pure ONNX Runtime, --backend ort only)."""
-    from rwkv2rknn.errors import UsageError
-    from rwkv2rknn.plan import MANIFEST
-    if os.path.isdir(path) and not os.path.exists(os.path.join(path, MANIFEST)) and \
-            os.path.exists(os.path.join(path, "embed.onnx")):
-        if backend not in ("ort", "auto"):
-            raise UsageError(f"'{path}' is an uncompiled per-layer model: it runs only with --backend ort",
-                             f"compile it first: rwkv2rknn compile {path} -o OUT")
-        from rwkv2rknn.compiler import _source_facts
-        from rwkv2rknn.runtime.reference import PerLayerModel
-        click.echo("backend: pure onnxruntime over the per-layer files", err=True)
-        model = PerLayerModel(path)
-        for note in model.notes:
-            click.echo(f"note: {note}", err=True)
-        return model, _source_facts(path).get("tokenizer")
-    from rwkv2rknn.runtime.hybrid import HybridModel, load_manifest, resolve_backend
-    load_manifest(path)
-    chosen = resolve_backend(backend)
-    if backend == "auto":
-        click.echo(f"backend: {chosen} (auto)", err=True)
-    model = HybridModel(path, backend=chosen, core_mask=core_mask)
-    return model, model.manifest.tokenizer
+def _say(message: str) -> None:
+    click.echo(message, err=True)
 
 
-def _generate(model, tok_spec, prompt, max_tokens, temperature, top_p, seed):
-    from rwkv2rknn.errors import UsageError
-    from rwkv2rknn.generate import generate
-    from rwkv2rknn.tokenizer import StreamDecoder, load_tokenizer
-    if not tok_spec:
-        raise UsageError("the model has no tokenizer recorded", "pass --tokenizer bytes|world|PATH")
-    tok = load_tokenizer(tok_spec)
-    ids = tok.encode(prompt)
-    if not ids:
-        raise UsageError("the prompt encodes to no tokens", "give some text")
-    if max(ids) >= model.vocab:
-        raise UsageError(f"tokenizer '{tok_spec}' makes id {max(ids)}, outside the model's vocabulary "
-                         f"({model.vocab})", "pass the model's own --tokenizer")
-    state = model.init_state()
-    dec = StreamDecoder(tok)
-    click.echo(prompt, nl=False)
+def _print_generation(model, tok_spec, prompt, max_tokens, temperature, top_p, seed):
+    """Stream the prompt and its continuation to stdout, then the timing line to stderr."""
+    from rwkv2rknn.generate import generate_text
 
-    def on_token(i):
-        text = dec.feed(i)
-        if text:
-            click.echo(text, nl=False)
-            sys.stdout.flush()
+    def on_text(text):
+        click.echo(text, nl=False)
+        sys.stdout.flush()
 
-    prefill = getattr(model, "prefill", None)
-    if hasattr(model, "prepare_prefill"):
-        model.prepare_prefill()  # loading is not part of time to first token
-    res = generate(lambda t: model.step(t, state), ids, max_tokens, temperature, top_p, seed,
-                   on_token=on_token,
-                   prefill_fn=(lambda p: prefill(p, state)[-1]) if prefill else None)
-    click.echo(dec.flush())
+    res = generate_text(model, tok_spec, prompt, max_tokens, temperature, top_p, seed, on_text=on_text)
+    click.echo()
     ttft = f"{1000 * res.ttft_s:.0f} ms" if res.ttft_s is not None else "n/a"
-    click.echo(f"[{len(ids)} prompt tokens, {len(res.ids)} generated; time to first token {ttft}, "
+    click.echo(f"[{res.prompt_tokens} prompt tokens, {len(res.ids)} generated; time to first token {ttft}, "
                f"{res.decode_tokens_per_s:.1f} tokens/s]", err=True)
 
 
@@ -365,9 +321,14 @@ def _generate(model, tok_spec, prompt, max_tokens, temperature, top_p, seed):
 @handle_errors
 def check(artifact, n_tokens, seed, backend, reference, per_segment, min_top1, max_rel, as_json):
     """Run ARTIFACT and pure ONNX Runtime on the same tokens and compare; exit 1 outside tolerance."""
-    import json
     from rwkv2rknn.check import run_check
     rep, chosen = run_check(artifact, n_tokens, seed, backend, reference, per_segment, min_top1, max_rel)
+    _print_check(rep, chosen, as_json)
+
+
+def _print_check(rep, chosen: str, as_json: bool = False) -> None:
+    """Print a check report and exit: 0 inside tolerance, 1 outside."""
+    import json
     if as_json:
         click.echo(json.dumps({"backend": chosen, **rep.to_dict()}, indent=1))
     else:
@@ -401,12 +362,12 @@ def profile(build_dir, probe_dir, backend, core_mask, target, out):
     if bool(build_dir) == bool(probe_dir):
         raise UsageError("give one of --build-probes DIR and --probes DIR", "see rwkv2rknn profile --help")
     if build_dir:
-        build_probes(build_dir, target, echo=lambda m: click.echo(m, err=True))
+        build_probes(build_dir, target, echo=_say)
         click.echo(f"probes written to {build_dir}; copy them to the board and run "
                    f"rwkv2rknn profile --probes {build_dir}")
         return
     _check_out_file(out, "--output")
-    prof = measure(probe_dir, backend, core_mask, echo=lambda m: click.echo(m, err=True))
+    prof = measure(probe_dir, backend, core_mask, echo=_say)
     with open(out, "w") as f:
         json.dump(prof.to_dict(), f, indent=1)
     click.echo(f"profile '{prof.name}' written to {out}")
@@ -424,18 +385,12 @@ def profile(build_dir, probe_dir, backend, core_mask, target, out):
 @handle_errors
 def eval_cmd(artifact, text_file, max_bytes, backend, tokenizer):
     """Bits per byte of ARTIFACT (or a per-layer folder with --backend ort) on a text file."""
-    from rwkv2rknn.errors import BadInput, UsageError
-    from rwkv2rknn.evaluate import bits_per_byte
-    from rwkv2rknn.tokenizer import load_tokenizer
-    try:
-        with open(text_file, "rb") as f:
-            text = f.read(max_bytes).decode("utf-8", errors="ignore")
-    except OSError as e:
-        raise BadInput(f"cannot read '{text_file}' ({e.strerror})", "give a readable text file")
-    model, tok_spec = _open_model(artifact, backend, "auto")
-    if not (tokenizer or tok_spec):
-        raise UsageError("the model has no tokenizer recorded", "pass --tokenizer bytes|world|PATH")
-    score = bits_per_byte(model, load_tokenizer(tokenizer or tok_spec), text)
+    from rwkv2rknn.evaluate import bits_per_byte, read_text
+    from rwkv2rknn.generate import model_tokenizer
+    from rwkv2rknn.runtime.loader import open_model
+    text = read_text(text_file, max_bytes)
+    model, tok_spec = open_model(artifact, backend, echo=_say)
+    score = bits_per_byte(model, model_tokenizer(tokenizer or tok_spec), text)
     click.echo(f"{score.bits_per_byte:.4f} bits per byte over {score.bytes} bytes "
                f"({score.tokens} tokens, next-token top-1 {100 * score.top1:.1f}%)")
 
@@ -474,19 +429,17 @@ def demo(prompt, max_tokens, seed, backend):
     from rwkv2rknn.check import run_check
     from rwkv2rknn.models import bundled
     from rwkv2rknn.runtime.hybrid import load_manifest
+    from rwkv2rknn.runtime.loader import open_model
     _check_prompt(prompt)
-    click.echo("== 1. export and compile the bundled model (cached after the first run)", err=True)
-    artifact = bundled.ensure_compiled(echo=lambda m: click.echo(m, err=True))
-    manifest = load_manifest(artifact)
+    _say("== 1. export and compile the bundled model (cached after the first run)")
+    artifact = bundled.ensure_compiled(echo=_say)
     click.echo(f"artifact: {artifact}\n")
-    click.echo(manifest.table())
-    click.echo("\n== 2. generate", err=True)
-    model, tok_spec = _open_model(artifact, backend, "auto")
-    _generate(model, tok_spec, prompt, max_tokens, 0.8, 0.9, seed)
-    click.echo("\n== 3. check against pure onnxruntime over the per-layer files", err=True)
-    rep, chosen = run_check(artifact, 32, 0, backend)
-    click.echo(f"backend {chosen}: {rep.summary()}")
-    sys.exit(0 if rep.passed else 1)
+    click.echo(load_manifest(artifact).table())
+    _say("\n== 2. generate")
+    model, tok_spec = open_model(artifact, backend, echo=_say)
+    _print_generation(model, tok_spec, prompt, max_tokens, 0.8, 0.9, seed)
+    _say("\n== 3. check against pure onnxruntime over the per-layer files")
+    _print_check(*run_check(artifact, 32, 0, backend))
 
 
 def main() -> None:

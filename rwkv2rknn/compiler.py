@@ -7,6 +7,11 @@ The artifact folder (written to a temporary folder beside OUT and renamed into p
     OUT/plan.json              the compile report: per-stage segments, FLOP shares, pass notes
     OUT/segments/NAME.onnx     every segment
     OUT/segments/NAME.rknn     beside the ONNX of every NPU segment (not with --plan-only)
+    OUT/segments/NAME.seq.onnx the T-token (prefill) variant of a segment that has one, and its
+    OUT/segments/NAME.seq.rknn NPU build (one graph per row count in --prefill-rows)
+
+The passes work on ``ir.GraphSegment`` s; ``manifest_segment`` turns each into the manifest's
+``plan.Segment``.
 """
 
 from __future__ import annotations
@@ -17,60 +22,49 @@ from typing import Callable, Optional
 
 from rwkv2rknn import __version__, io
 from rwkv2rknn.errors import UsageError
-from rwkv2rknn.ir import Context, Options, export
-from rwkv2rknn.passes.cut import stages_of
+from rwkv2rknn.ir import Context, GraphSegment, Options, export
 from rwkv2rknn.passes.sequence import prefill_rows
-from rwkv2rknn.plan import MANIFEST, PLAN, Manifest, Segment, StateSlot, sha256_file
+from rwkv2rknn.plan import MANIFEST, PLAN, Manifest, Segment, sha256_file
 
 log = logging.getLogger(__name__)
 
 
-def segment_line(seg: dict, status: str, i: int, n: int) -> str:
+def segment_line(seg: GraphSegment, status: str, i: int, n: int) -> str:
     """One progress line of the build: '  [3/25] s005_npu_L1-L2: built'."""
-    return f"  [{i}/{n}] {seg['name']}: {status}"
+    return f"  [{i}/{n}] {seg.name}: {status}"
 
 
-def _source_facts(path: str) -> dict:
-    from rwkv2rknn.models.export import MODEL_JSON
-    meta = os.path.join(path, MODEL_JSON) if os.path.isdir(path) else ""
-    if meta and os.path.exists(meta):
-        try:
-            return io.read_json(meta, "model description")
-        except Exception:  # noqa: BLE001 - optional extra facts only
-            return {}
-    return {}
+def manifest_segment(ctx: Context, s: GraphSegment, out_dir: str, plan_only: bool) -> Segment:
+    """The manifest's record of one compiled segment; its files are already in ``out_dir``."""
+    def rel_sha(rel):
+        return sha256_file(os.path.join(out_dir, rel)) if rel else ""
+
+    onnx_rel = f"segments/{s.name}.onnx"
+    on_npu = s.device == "npu" and not plan_only
+    rknn_rel, seq_rknn = (s.rknn, s.seq_rknn) if on_npu else (None, None)
+    seq_rel = f"segments/{s.name}.seq.onnx" if s.seq_model is not None else None
+    shapes = {}
+    for t in s.inputs + s.outputs:
+        info = ctx.tensors.get(t)
+        shapes[t] = tuple(info.shape) if info else ()
+    return Segment(
+        name=s.name, backend=s.device, onnx=onnx_rel, inputs=tuple(s.inputs),
+        outputs=tuple(s.outputs), shapes=shapes, stages=tuple(s.stages), ops=s.ops,
+        matmuls=s.matmuls, flops=s.flops, rknn=rknn_rel, sha256=rel_sha(onnx_rel),
+        rknn_sha256=rel_sha(rknn_rel), fallback=s.fallback, est_ms=round(float(s.est_ms), 6),
+        est_prefill_ms=round(float(s.est_prefill_ms), 6), seq_onnx=seq_rel,
+        seq_sha256=rel_sha(seq_rel), seq_rknn=seq_rknn,
+        seq_rows=tuple(s.seq_rows) if seq_rknn else (), seq_rknn_sha256=rel_sha(seq_rknn))
 
 
 def make_manifest(ctx: Context, out_dir: str, toolkit: str, plan_only: bool) -> Manifest:
-    facts = _source_facts(ctx.source)
-    segs = []
-    for s in ctx.segments:
-        onnx_rel = f"segments/{s['name']}.onnx"
-        rknn_rel = s.get("rknn") if s["device"] == "npu" and not plan_only else None
-        shapes = {}
-        for t in s["inputs"] + s["outputs"]:
-            info = ctx.tensors.get(t)
-            shapes[t] = tuple(info.shape) if info else ()
-        stages = stages_of(s["nodes"])
-        seq_rel = f"segments/{s['name']}.seq.onnx" if s.get("seq_model") is not None else None
-        seq_rknn = s.get("seq_rknn") if s["device"] == "npu" and not plan_only else None
-        segs.append(Segment(
-            name=s["name"], backend=s["device"], onnx=onnx_rel, inputs=tuple(s["inputs"]),
-            outputs=tuple(s["outputs"]), shapes=shapes, stages=tuple(stages), ops=s["ops"],
-            matmuls=s["matmuls"], flops=s["flops"], rknn=rknn_rel,
-            sha256=sha256_file(os.path.join(out_dir, onnx_rel)),
-            rknn_sha256=sha256_file(os.path.join(out_dir, rknn_rel)) if rknn_rel else "",
-            fallback=s.get("fallback", ""), est_ms=round(float(s.get("est_ms", 0.0)), 6),
-            est_prefill_ms=round(float(s.get("est_prefill_ms", 0.0)), 6),
-            seq_onnx=seq_rel, seq_sha256=sha256_file(os.path.join(out_dir, seq_rel)) if seq_rel else "",
-            seq_rknn=seq_rknn, seq_rows=tuple(s.get("seq_rows", ())) if seq_rknn else (),
-            seq_rknn_sha256=sha256_file(os.path.join(out_dir, seq_rknn)) if seq_rknn else ""))
+    facts = io.model_facts(ctx.source)
     model = dict(ctx.shape)
     model.update(arch=ctx.arch, source=ctx.source,
                  source_dtype=facts.get("dtype", "unknown"))
-    return Manifest(model=model, segments=tuple(segs),
-                    state=tuple(StateSlot(s.layer, s.row, s.input, s.output, s.accumulator, s.init)
-                                for s in ctx.state),
+    return Manifest(model=model,
+                    segments=tuple(manifest_segment(ctx, s, out_dir, plan_only) for s in ctx.segments),
+                    state=tuple(ctx.state),
                     token_input=ctx.token_input, logits_output=ctx.logits_output,
                     tokenizer=facts.get("tokenizer"), target=ctx.options.target, toolkit=toolkit,
                     generator=f"rwkv2rknn {__version__}", report=tuple(ctx.report),
@@ -80,7 +74,7 @@ def make_manifest(ctx: Context, out_dir: str, toolkit: str, plan_only: bool) -> 
 
 def compile_model(model_path: str, out_dir: str, options: Optional[Options] = None,
                   force: bool = False, dump_after: Optional[str] = None,
-                  progress: Optional[Callable[[dict, str, int, int], None]] = None,
+                  progress: Optional[Callable[[GraphSegment, str, int, int], None]] = None,
                   on_pass: Optional[Callable[[str, list], None]] = None) -> Manifest:
     from rwkv2rknn import passes
     from rwkv2rknn.passes import build, load
@@ -91,7 +85,7 @@ def compile_model(model_path: str, out_dir: str, options: Optional[Options] = No
                          f"use one of {', '.join(passes.PASS_NAMES)}")
     toolkit = ""
     if not options.plan_only:  # fail before the passes, not after them
-        from rwkv2rknn.runtime.rknn import require_toolkit
+        from rwkv2rknn.toolkit import require_toolkit
         toolkit = require_toolkit()
     ctx = load.run(model_path, options)
     dumps = {}
@@ -109,12 +103,11 @@ def compile_model(model_path: str, out_dir: str, options: Optional[Options] = No
     with io.atomic_dir(out_dir, MANIFEST, force=force) as tmp:
         os.makedirs(os.path.join(tmp, "segments"))
         for s in ctx.segments:
-            io.save_onnx(s["model"], os.path.join(tmp, "segments", s["name"] + ".onnx"))
-            if s.get("seq_model") is not None:
-                io.save_onnx(s["seq_model"], os.path.join(tmp, "segments", s["name"] + ".seq.onnx"))
+            io.save_onnx(s.model, os.path.join(tmp, "segments", s.name + ".onnx"))
+            if s.seq_model is not None:
+                io.save_onnx(s.seq_model, os.path.join(tmp, "segments", s.name + ".seq.onnx"))
         if not options.plan_only:
-            ctx.extra["out_dir"] = tmp
-            build.run(ctx, progress=progress)
+            build.run(ctx, tmp, progress=progress)
             after(build.NAME)
         for name, model in dumps.items():
             os.makedirs(os.path.join(tmp, "dump"), exist_ok=True)

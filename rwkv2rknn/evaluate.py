@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from rwkv2rknn.errors import BadInput
+
 
 @dataclass
 class Score:
@@ -14,6 +16,15 @@ class Score:
     bytes: int
     bits_per_byte: float
     top1: float  # share of next tokens predicted exactly
+
+
+def read_text(path: str, max_bytes: int) -> str:
+    """The first ``max_bytes`` bytes of a UTF-8 text file (a character cut at the end is dropped)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(max_bytes).decode("utf-8", errors="ignore")
+    except OSError as e:
+        raise BadInput(f"cannot read '{path}' ({e.strerror})", "give a readable text file") from e
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:

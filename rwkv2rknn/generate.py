@@ -1,4 +1,5 @@
-"""Sampling and a generic generation loop (numpy only, runs on the board)."""
+"""Sampling, a generic generation loop, and text in / text out over a model (numpy only, runs on
+the board)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
-from .errors import NumericalError
+from .errors import NumericalError, UsageError
 
-__all__ = ["sample_logits", "generate", "GenerationResult"]
+__all__ = ["sample_logits", "generate", "generate_text", "model_tokenizer", "GenerationResult"]
 
 
 def _check_finite(x: np.ndarray) -> None:
@@ -177,3 +178,48 @@ def generate(
         stop_reason=reason,
         total_s=t_end - t0,
     )
+
+
+def model_tokenizer(spec: Optional[str]):
+    """The tokenizer for ``spec`` (given by the user or recorded with the model), or a UsageError
+    if there is none."""
+    from .tokenizer import load_tokenizer
+    if not spec:
+        raise UsageError("the model has no tokenizer recorded", "pass --tokenizer bytes|world|PATH")
+    return load_tokenizer(spec)
+
+
+def generate_text(model, tokenizer_spec: Optional[str], prompt: str, max_tokens: int,
+                  temperature: float = 0.8, top_p: float = 0.9, seed=None,
+                  on_text: Optional[Callable[[str], None]] = None) -> GenerationResult:
+    """Continue ``prompt`` with ``model`` (``step``/``init_state``/``vocab``, and ``prefill``
+    where it has one): encode it, feed it, sample ``max_tokens`` ids and stream the decoded text
+    (complete characters only) to ``on_text``, which hears the prompt first."""
+    from .tokenizer import StreamDecoder
+    tok = model_tokenizer(tokenizer_spec)
+    ids = tok.encode(prompt)
+    if not ids:
+        raise UsageError("the prompt encodes to no tokens", "give some text")
+    if max(ids) >= model.vocab:
+        raise UsageError(f"tokenizer '{tokenizer_spec}' makes id {max(ids)}, outside the model's "
+                         f"vocabulary ({model.vocab})", "pass the model's own --tokenizer")
+    emit = on_text or (lambda text: None)
+    emit(prompt)
+    state = model.init_state()
+    dec = StreamDecoder(tok)
+
+    def on_token(i):
+        text = dec.feed(i)
+        if text:
+            emit(text)
+
+    prefill = getattr(model, "prefill", None)
+    if hasattr(model, "prepare_prefill"):
+        model.prepare_prefill()  # loading is not part of time to first token
+    res = generate(lambda t: model.step(t, state), ids, max_tokens, temperature, top_p, seed,
+                   on_token=on_token,
+                   prefill_fn=(lambda p: prefill(p, state)[-1]) if prefill else None)
+    tail = dec.flush()
+    if tail:
+        emit(tail)
+    return res

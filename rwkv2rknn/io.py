@@ -1,4 +1,5 @@
-"""The one place that loads and saves ONNX files, and writes folders atomically.
+"""The one place that loads and saves ONNX files, writes folders atomically, and cleans up what
+killed processes left (``pid_alive``, ``remove_stale``).
 
 ``onnx`` is imported lazily: the board reads only the manifest and segment files through
 onnxruntime / rknnlite and never needs it.
@@ -88,6 +89,21 @@ def read_json(path: str, what: str = "file"):
                        "compile the model again") from e
 
 
+def model_facts(path: str) -> dict:
+    """What our exporter recorded beside a folder of per-layer files (arch, shape, dtype,
+    tokenizer, state rows); {} for a single file or a folder without a readable record (public
+    per-layer folders have none)."""
+    from rwkv2rknn.models.export import MODEL_JSON
+    meta = os.path.join(path, MODEL_JSON) if os.path.isdir(path) else ""
+    if meta and os.path.exists(meta):
+        try:
+            facts = read_json(meta, "model description")
+        except Exception:  # noqa: BLE001 - optional extra facts only
+            return {}
+        return facts if isinstance(facts, dict) else {}
+    return {}
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str, marker: str, force: bool = False) -> Iterator[str]:
     """Yield a temporary folder beside ``final``; move it into place only if the body succeeds.
@@ -109,7 +125,7 @@ def atomic_dir(final: str, marker: str, force: bool = False) -> Iterator[str]:
     parent = os.path.dirname(final)
     os.makedirs(parent, exist_ok=True)
     prefix = f".{os.path.basename(final)}.partial-"
-    _remove_stale(parent, prefix)
+    remove_stale(parent, prefix, at_start=True)
     tmp = tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent)
     umask = os.umask(0)
     os.umask(umask)
@@ -140,7 +156,7 @@ def _restore_interrupted(final: str) -> None:
         return
     for name in names:
         pid = name[len(prefix):].split("-", 1)[0]
-        if not pid.isdigit() or _alive(int(pid)):
+        if not pid.isdigit() or pid_alive(int(pid)):
             continue
         kept = os.path.join(parent, name, "x")
         if not os.path.exists(final) and os.path.isdir(kept):
@@ -148,26 +164,44 @@ def _restore_interrupted(final: str) -> None:
         shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Does process ``pid`` still run (ours or another user's)?"""
     if pid == os.getpid():
         return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except OSError:
+    except OSError:  # exists, not ours
         return True
     return True
 
 
-def _remove_stale(parent: str, prefix: str) -> None:
-    """Remove ``PREFIX<pid>-*`` folders left beside the output by a process that was killed
-    (its pid no longer runs); folders of running processes are left alone."""
+def remove_stale(folder: str, marker: str, at_start: bool = False) -> None:
+    """Remove files and folders in ``folder`` named ``...MARKER<pid>`` or ``...MARKER<pid>-...``
+    (``MARKER<pid>...`` with ``at_start``) whose pid no longer runs: what a killed process left.
+    Those of running processes are left alone."""
     try:
-        names = os.listdir(parent)
+        names = os.listdir(folder)
     except OSError:
         return
     for name in names:
-        pid = name[len(prefix):].split("-", 1)[0] if name.startswith(prefix) else ""
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+        if at_start:
+            sep, tail = name.startswith(marker), name[len(marker):]
+        else:
+            _, sep, tail = name.rpartition(marker)
+        pid = tail.split("-", 1)[0]
+        if sep and pid.isdigit() and not pid_alive(int(pid)):
+            path = os.path.join(folder, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                remove_quietly(path)
+
+
+def remove_quietly(path: str) -> None:
+    """Remove a file if it is there."""
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

@@ -1,30 +1,23 @@
 """The compiler's shared state: one onnx-graphsurgeon graph plus what the passes learn about it.
 
 Passes take a ``Context`` and edit ``ctx.graph`` in place (copying only where they need to), then
-leave it cleaned up and toposorted. Helpers here are the graph edits more than one pass needs.
+leave it cleaned up and toposorted. From partition on, ``ctx.segments`` holds the graph's
+``GraphSegment`` s, which the later passes fill in; the compiler turns each into the manifest's
+``plan.Segment``. Helpers here are the graph edits more than one pass needs.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
+from rwkv2rknn.plan import StateSlot
+from rwkv2rknn.profile import DeviceProfile, load_profile
+
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class StateSlot:
-    """One row of one layer's recurrent state: the graph input it enters by, the output it leaves by."""
-
-    layer: int
-    row: str
-    input: str
-    output: str
-    accumulator: bool
-    init: float = 0.0  # the value every element starts from
 
 
 @dataclass
@@ -51,6 +44,47 @@ class Options:
     prefill_rows: Tuple[int, ...] = (16, 32, 64)  # T-row NPU builds for prefill (empty: none)
 
 
+@dataclass(eq=False)
+class GraphSegment:
+    """One piece of the partitioned graph, filled in pass by pass (a mutable working record).
+
+    Like ONNX Runtime's IndexedSubGraph with its MetaDef, or a TVM BYOC partitioned function:
+    the nodes of the piece, the device they go to, and, once cut, the piece as its own model
+    with named inputs and outputs. The compiler turns each into the manifest's frozen
+    ``plan.Segment`` (``compiler.make_manifest``); nothing after the compiler sees this class.
+    A new fact about a segment is a new field here with a default, set by the pass that learns
+    it and copied into ``plan.Segment`` by ``make_manifest`` if the runtime needs it.
+    """
+
+    # partition: where the nodes run and which they are (in graph order)
+    device: str  # "npu" or "cpu"; build may move an NPU segment to "cpu" (see fallback)
+    nodes: list = field(default_factory=list)  # onnx_graphsurgeon Nodes, still in ctx.graph
+    # cut: the segment as its own model
+    name: str = ""  # e.g. "s003_npu_L0-L1": position, device, stages; names its files
+    inputs: List[str] = field(default_factory=list)  # tensors it reads that others make
+    outputs: List[str] = field(default_factory=list)  # tensors it makes that others read
+    model: object = None  # onnx ModelProto of one token step
+    ops: int = 0
+    matmuls: int = 0
+    flops: int = 0  # MatMul FLOPs per call
+    est_ms: float = 0.0  # estimated ms per call (device profile)
+    # sequence: the T-row (prefill) variant
+    seq_model: object = None  # onnx ModelProto with a symbolic row count, or None: per token
+    est_prefill_ms: float = 0.0  # estimated ms per token of prefill
+    # build: the NPU files (paths relative to the artifact)
+    rknn: Optional[str] = None
+    cache_key: str = ""  # the build cache entry the .rknn came from
+    fallback: str = ""  # why an NPU candidate runs on the CPU (its build failed)
+    seq_rknn: Optional[str] = None  # the T-row variant's build, one graph per row count
+    seq_rows: Tuple[int, ...] = ()
+    seq_fallback: str = ""  # why the T-row build failed (prefill then runs token by token)
+
+    @property
+    def stages(self) -> List[str]:
+        """The loader stages its nodes come from, in model order (embed, L0, ..., head)."""
+        return stages_of(self.nodes)
+
+
 @dataclass
 class Context:
     graph: object  # onnx_graphsurgeon.Graph
@@ -66,18 +100,21 @@ class Context:
     tensors: Dict[str, TensorInfo] = field(default_factory=dict)
     support: Dict[str, Tuple[str, str]] = field(default_factory=dict)  # node -> (kind, reason)
     forced_cpu: Dict[str, str] = field(default_factory=dict)  # node -> reason (range guard)
-    segments: list = field(default_factory=list)  # filled by partition, then cut, then build
+    node_device: Dict[str, str] = field(default_factory=dict)  # node -> "npu"/"cpu" (partition)
+    segments: List[GraphSegment] = field(default_factory=list)  # partition, cut, sequence, build
     report: List[str] = field(default_factory=list)
-    extra: dict = field(default_factory=dict)
+    layout: str = ""  # the file layout the loader or recognize found (said in the plan)
+    # values of Constant nodes nothing reads, by name (load; recognize takes initial states from them)
+    unread_constants: Dict[str, np.ndarray] = field(default_factory=dict)
+    _profile: Optional[DeviceProfile] = field(default=None, init=False, repr=False)
 
     @property
-    def profile(self):
-        """The device profile for placement and estimates (load sets it from --profile; the
-        published RK3588 figures otherwise)."""
-        if "profile" not in self.extra:
-            from rwkv2rknn.profile import load_profile
-            self.extra["profile"] = load_profile(self.options.profile)
-        return self.extra["profile"]
+    def profile(self) -> DeviceProfile:
+        """The device profile for placement and estimates: ``options.profile`` (read once, on
+        first use; load asks for it so a bad file fails early), else published RK3588 figures."""
+        if self._profile is None:
+            self._profile = load_profile(self.options.profile)
+        return self._profile
 
     def note(self, pass_name: str, message: str) -> None:
         line = f"{pass_name}: {message}"
@@ -102,6 +139,15 @@ def const_value(t) -> Optional[np.ndarray]:
     return np.asarray(t.values) if is_const(t) else None
 
 
+def replace_uses(old, new) -> None:
+    """Make every node that reads tensor ``old`` read ``new`` instead (graph inputs and outputs
+    are left as they are)."""
+    for consumer in list(old.outputs):
+        for i, t in enumerate(consumer.inputs):
+            if t is old:
+                consumer.inputs[i] = new
+
+
 def bypass(graph, node) -> None:
     """Remove a one-in one-out node, wiring its input to its consumers (keeps graph output names)."""
     src, dst = node.inputs[0], node.outputs[0]
@@ -115,10 +161,7 @@ def bypass(graph, node) -> None:
         src.name = name
         src.dtype = src.dtype or dst.dtype
         src.shape = src.shape or dst.shape
-    for consumer in list(dst.outputs):
-        for i, t in enumerate(consumer.inputs):
-            if t is dst:
-                consumer.inputs[i] = src
+    replace_uses(dst, src)
     node.outputs.clear()
     node.inputs.clear()
 
@@ -133,7 +176,22 @@ def layer_of(node_name: str) -> Optional[int]:
 
 
 def stage_of(node_name: str) -> str:
+    """The loader stage of a node from its name prefix ('L3', 'embed', 'head'); '' for none."""
     return node_name.split("/", 1)[0] if "/" in node_name else ""
+
+
+def stage_key(stage: str):
+    """Model order of loader stages: embed, L0, L1, ..., head (anything else last)."""
+    if stage == "embed":
+        return (0, 0)
+    if stage.startswith("L") and stage[1:].isdigit():
+        return (1, int(stage[1:]))
+    return (2, 0) if stage == "head" else (3, stage)
+
+
+def stages_of(nodes) -> List[str]:
+    """The stages of ``nodes`` in model order ('graph' for nodes of a lone .onnx file)."""
+    return sorted({stage_of(n.name) or "graph" for n in nodes}, key=stage_key)
 
 
 def export(graph):
@@ -141,66 +199,3 @@ def export(graph):
     model = gs.export_onnx(graph)
     model.ir_version = min(model.ir_version, 8)
     return model
-
-
-def trace(ctx: Context, tokens: Sequence[int], names: Optional[List[str]] = None,
-          tensor_filter=None) -> Dict[str, TensorInfo]:
-    """Run ``tokens`` through the whole graph with ONNX Runtime (fp32), threading the state.
-
-    Returns, for every variable tensor, its shape, dtype and the largest |value| seen.
-    Needs a graph whose inputs are the token and the state slots.
-    """
-    import onnx_graphsurgeon as gs
-    from rwkv2rknn.runtime.ort import make_session
-
-    graph = ctx.graph.copy()
-    wanted = [t for t in graph.tensors().values()
-              if isinstance(t, gs.Variable) and t not in graph.inputs and
-              (tensor_filter is None or tensor_filter(t))]
-    outs = list(graph.outputs)
-    for t in wanted:
-        if t not in outs:
-            t.dtype = t.dtype or None
-            outs.append(t)
-    graph.outputs = outs
-    for t in graph.outputs:
-        if t.dtype is None:
-            t.dtype = np.float32  # only used as a hint; onnxruntime infers the real type
-    model = export(graph)
-    del graph
-    for o in model.graph.output:
-        o.type.tensor_type.ClearField("shape")
-    data = model.SerializeToString()
-    del model  # peak memory: never the graph, its proto, its bytes and the session at once
-    sess, _ = make_session(data, what="the traced graph")
-    del data
-    in_types = {i.name: i.type for i in sess.get_inputs()}
-    out_names = [o.name for o in sess.get_outputs()]
-    feeds = {}
-    rng = np.random.default_rng(ctx.options.seed)
-    for inp in sess.get_inputs():
-        if inp.name == ctx.token_input:
-            continue
-        shape = [int(d) if isinstance(d, int) else 1 for d in inp.shape]
-        if ctx.token_input:  # a whole model: states start at zero
-            feeds[inp.name] = np.zeros(shape, np.float32)
-        else:  # a lone graph: seeded normal samples
-            feeds[inp.name] = rng.standard_normal(shape).astype(np.float32)
-    state_pairs = [(s.input, s.output) for s in ctx.state] + list(ctx.whole_state.values())
-    info: Dict[str, TensorInfo] = {}
-    for tok in tokens:
-        tok_dtype = np.int64 if in_types.get(ctx.token_input) == "tensor(int64)" else np.int32
-        if ctx.token_input:
-            feeds[ctx.token_input] = np.array([tok], tok_dtype)
-        values = dict(zip(out_names, sess.run(out_names, feeds)))
-        values.update(feeds)
-        for name, v in values.items():
-            v = np.asarray(v)
-            m = float(np.max(np.abs(v))) if v.size and v.dtype.kind == "f" else 0.0
-            if not np.isfinite(m):
-                m = float("inf")
-            old = info.get(name)
-            info[name] = TensorInfo(tuple(v.shape), str(v.dtype), max(m, old.absmax if old else 0.0))
-        for i, o in state_pairs:
-            feeds[i] = values[o]
-    return info

@@ -14,8 +14,8 @@ A profile is a small JSON file::
 The defaults come from published RK3588 figures (a GEMV with M = 1, K = N = 1024 takes about
 0.1 ms on the CPU and 0.2 ms on one NPU core; about 10 GFLOPS fp16 at small M and a ~0.03 ms call
 floor; rwkv.cpp's 61 ms/token for a 430M model on the CPU means about 14 GB/s of weights). They are
-estimates, not measurements of your board: ``rwkv2rknn profile`` on a board would measure one
-(not implemented yet: it needs rknn-toolkit-lite2 on the board).
+estimates, not measurements of your board: ``rwkv2rknn profile`` (measure.py) measures one, with
+probes built on the compile machine and timed on the board with rknn-toolkit-lite2.
 """
 
 from __future__ import annotations

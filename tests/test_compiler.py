@@ -151,7 +151,7 @@ def test_passes_do_not_name_rwkv_tensors():
 
 def test_imports_run_one_way():
     """passes and models may use rwkv2rknn's core types; only compiler.py and cli.py import the
-    passes (DESIGN.md)."""
+    passes (README, Layout)."""
     import re
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for folder in ("rwkv2rknn", "rwkv2rknn/runtime", "models"):

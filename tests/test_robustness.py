@@ -816,7 +816,7 @@ def no_toolkit(request, work):
         (d / "sitecustomize.py").write_text(HIDE_RKNN)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(d)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    probe = subprocess.run([PY, "-c", "from rwkv2rknn.runtime.rknn import toolkit_available, toolkit_installed\n"
+    probe = subprocess.run([PY, "-c", "from rwkv2rknn.runtime.board import toolkit_available\nfrom rwkv2rknn.toolkit import toolkit_installed\n"
                             "print(toolkit_available(), toolkit_installed())\n"
                             "import rknn.api"], env=env, capture_output=True, text=True)
     assert probe.stdout.split() == ["False", "False"], (probe.stdout, probe.stderr)
@@ -841,12 +841,13 @@ def test_compile_without_the_toolkit_names_the_install(no_toolkit, model, tmp_pa
 def test_toolkit_checks_in_process(monkeypatch, model, tmp_path):
     from rwkv2rknn.compiler import compile_model
     from rwkv2rknn.ir import Options
-    from rwkv2rknn.runtime import rknn
+    from rwkv2rknn import toolkit
+    from rwkv2rknn.runtime import board
     for name in ("rknn", "rknn.api"):
         monkeypatch.setitem(sys.modules, name, None)  # import rknn -> ImportError
-    assert not rknn.toolkit_available() and not rknn.toolkit_installed()
+    assert not board.toolkit_available() and not toolkit.toolkit_installed()
     with pytest.raises(MissingDependency, match="pip install"):
-        rknn.import_toolkit()
+        toolkit.import_toolkit()
     with pytest.raises(MissingDependency, match="--plan-only"):
         compile_model(model, str(tmp_path / "a"), Options())
     assert not os.path.exists(tmp_path / "a")
@@ -864,11 +865,11 @@ def test_rknn_lite_off_the_board_names_the_install(two_at_once, tmp_path):
 
 
 def test_rknn_lite_refuses_an_artifact_built_for_another_soc(plan, tmp_path, monkeypatch):
-    from rwkv2rknn.runtime import rknn
+    from rwkv2rknn.runtime import board
     from rwkv2rknn.runtime.hybrid import HybridModel
     art = tmp_path / "art"
     shutil.copytree(plan, art)
-    monkeypatch.setattr(rknn, "board_soc", lambda *a, **k: "rk3588")
+    monkeypatch.setattr(board, "board_soc", lambda *a, **k: "rk3588")
     edit_manifest(art, lambda d: d.update(target="rk3566"))
     with pytest.raises(BadInput, match=r"compiled for rk3566, but this board is rk3588.*--target rk3588"):
         HybridModel(str(art), backend="rknn-lite")
@@ -878,7 +879,7 @@ def test_rknn_lite_refuses_an_artifact_built_for_another_soc(plan, tmp_path, mon
 
 
 def test_board_soc_from_the_device_tree(tmp_path):
-    from rwkv2rknn.runtime.rknn import board_soc, same_npu
+    from rwkv2rknn.runtime.board import board_soc, same_npu
     f = tmp_path / "compatible"
     f.write_bytes(b"radxa,rock-5b\0rockchip,rk3588s\0")
     assert board_soc(str(f)) == "rk3588"

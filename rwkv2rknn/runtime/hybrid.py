@@ -39,7 +39,7 @@ def load_manifest(artifact: str) -> Manifest:
 
 def resolve_backend(backend: str) -> str:
     """'auto' -> rknn-lite on a board that has it, else rknn-sim where the toolkit imports, else ort."""
-    from rwkv2rknn.runtime.rknn import lite_available, toolkit_available
+    from rwkv2rknn.runtime.board import lite_available, toolkit_available
     if backend not in BACKENDS:
         raise UsageError(f"unknown backend '{backend}'", f"use one of {', '.join(BACKENDS)}")
     if backend != "auto":
@@ -63,9 +63,9 @@ class HybridModel:
                            "compile the folder of per-layer files to run it")
         self.backend = resolve_backend(backend)
         if self.backend == "rknn-lite":
-            from rwkv2rknn.runtime import rknn
-            soc = rknn.board_soc()
-            if soc and not rknn.same_npu(soc, m.target):
+            from rwkv2rknn.runtime import board
+            soc = board.board_soc()
+            if soc and not board.same_npu(soc, m.target):
                 raise BadInput(f"'{artifact}' was compiled for {m.target or 'an unknown target'}, "
                                f"but this board is {soc}",
                                f"compile it again with --target {soc}")

@@ -13,6 +13,7 @@ from typing import List, Sequence, Tuple
 
 import numpy as np
 
+from rwkv2rknn import io
 from rwkv2rknn.errors import BadInput, UnsupportedModel
 from rwkv2rknn.runtime.ort import OrtRunner
 
@@ -47,14 +48,9 @@ def stage_files(folder: str) -> Tuple[str, List[str], str]:
 
 def _described_layers(folder: str) -> int:
     """The layer count our exporter recorded beside the files (0 if there is no readable record)."""
-    import json
-    try:
-        from rwkv2rknn.models.export import MODEL_JSON
-        with open(os.path.join(folder, MODEL_JSON)) as f:
-            n = json.load(f)["shape"]["layers"]
-        return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 0
-    except Exception:  # noqa: BLE001 - optional; public folders have no such file
-        return 0
+    shape = io.model_facts(folder).get("shape")
+    n = shape.get("layers") if isinstance(shape, dict) else 0
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 0
 
 
 class PerLayerModel:

@@ -3,11 +3,11 @@
 import numpy as np
 
 
-def ctx_from_onnx(model, **extra):
+def ctx_from_onnx(model, **fields):
     import onnx_graphsurgeon as gs
     from rwkv2rknn.ir import Context
     ctx = Context(graph=gs.import_onnx(model), token_input="", logits_output="")
-    for k, v in extra.items():
+    for k, v in fields.items():
         setattr(ctx, k, v)
     return ctx
 

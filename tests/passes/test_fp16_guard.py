@@ -59,7 +59,7 @@ def test_values_that_cannot_be_rescaled_stay_on_cpu(tmp_path):
     value_mm = [n for n in ctx.graph.nodes if n.name.endswith("att.value")][0]
     assert ctx.support[value_mm.name][0] == "cpu"
     assert "fp16" in ctx.support[value_mm.name][1]
-    assert ctx.extra["device"][value_mm.name] == "cpu"
+    assert ctx.node_device[value_mm.name] == "cpu"
 
 
 def test_sample_tokens_are_seeded(fp32_dir):

@@ -32,7 +32,7 @@ def test_neighbours_join_their_matmul_and_exp_splits():
     ctx.support = _support(g)
     ctx.options.min_segment_flops = 0
     partition.run(ctx)
-    got = [(s["device"], [n.name for n in s["nodes"]]) for s in ctx.segments]
+    got = [(s.device, [n.name for n in s.nodes]) for s in ctx.segments]
     assert got == [("npu", ["ln", "mm1", "act"]), ("cpu", ["e"]), ("npu", ["after", "mm2", "tail"])]
 
 
@@ -42,7 +42,7 @@ def test_small_npu_segment_is_pruned_to_cpu():
     ctx.support = _support(g)
     ctx.options.min_segment_flops = 10 ** 9
     partition.run(ctx)
-    assert [s["device"] for s in ctx.segments] == ["cpu"]
+    assert [s.device for s in ctx.segments] == ["cpu"]
     assert "too small" in ctx.report[-1]
 
 
@@ -61,11 +61,11 @@ def test_parallel_branches_merge_without_cycle():
     ctx.support = _support(g)
     ctx.options.min_segment_flops = 0
     partition.run(ctx)
-    assert [s["device"] for s in ctx.segments] == ["npu", "cpu", "npu"]
+    assert [s.device for s in ctx.segments] == ["npu", "cpu", "npu"]
     seen = set()
     for s in ctx.segments:  # every input is made earlier or is a graph input
-        for n in s["nodes"]:
+        for n in s.nodes:
             for t in n.inputs:
                 if isinstance(t, gs.Variable) and t.inputs:
-                    assert t.inputs[0].name in seen or t.inputs[0] in s["nodes"]
-        seen |= {n.name for n in s["nodes"]}
+                    assert t.inputs[0].name in seen or t.inputs[0] in s.nodes
+        seen |= {n.name for n in s.nodes}

@@ -1,0 +1,49 @@
+"""What this machine can run: the Rockchip SoC it is (from the device tree) and which RKNN
+runtimes import here. Standard library only: the board imports it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+
+# SoCs whose NPUs run the same .rknn files (what --target names).
+_NPU_FAMILY = {"rk3588": "rk3588", "rk3588s": "rk3588", "rk3576": "rk3576", "rk3566": "rk356x",
+               "rk3568": "rk356x", "rk3562": "rk3562"}
+
+
+def board_soc(compatible: str = "/proc/device-tree/compatible") -> str:
+    """The Rockchip SoC of this machine as a --target name ('rk3588', ...); '' if not known."""
+    try:
+        with open(compatible, "rb") as f:
+            names = f.read().decode("ascii", "replace").split("\0")
+    except OSError:
+        return ""
+    for n in names:
+        soc = n.split(",", 1)[1] if n.startswith("rockchip,rk") else ""
+        if soc in _NPU_FAMILY:
+            return "rk3588" if soc == "rk3588s" else soc
+    return ""
+
+
+def same_npu(soc: str, target: str) -> bool:
+    """A .rknn built for ``target`` runs on ``soc``."""
+    return _NPU_FAMILY.get(soc, soc) == _NPU_FAMILY.get(target, target)
+
+
+def has_module(module: str) -> bool:
+    """``module`` can be found (a broken or shadowed parent package counts as missing)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def lite_available() -> bool:
+    """rknn-toolkit-lite2 (the board's NPU runtime) is installed."""
+    return has_module("rknnlite.api")
+
+
+def toolkit_available() -> bool:
+    """rknn-toolkit2's simulator can run here (it needs torch too)."""
+    return has_module("rknn.api") and has_module("torch")

@@ -1,0 +1,131 @@
+"""rknn-toolkit2 on the compile machine: import it quietly, build ONNX into RKNN, say what is installed.
+
+The compiler's build pass and the ``rknn-sim`` runner use this module; the board never imports it
+(rknn-toolkit2 and torch do not exist there). The toolkit itself is imported only when a build
+starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io as _io
+import logging
+import os
+import sys
+
+from rwkv2rknn.errors import MissingDependency, ToolkitError
+from rwkv2rknn.runtime.board import has_module
+
+
+TOOLKIT_INSTALL = ("pip install --no-deps rknn-toolkit2==2.5.0 (its other dependencies are in "
+                   "requirements.txt; or: make install)")
+
+
+def quiet_toolkit() -> None:
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    logging.getLogger("rknnLogger").setLevel(logging.ERROR)
+
+
+def import_toolkit():
+    quiet_toolkit()
+    try:
+        with contextlib.redirect_stdout(_io.StringIO()):
+            from rknn.api import RKNN
+    except ImportError as e:
+        raise MissingDependency("rknn-toolkit2 is not installed", TOOLKIT_INSTALL) from e
+    logging.getLogger("rknnLogger").setLevel(logging.ERROR)
+    return RKNN
+
+
+def toolkit_version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("rknn-toolkit2")
+    except Exception:  # noqa: BLE001 - not installed
+        return ""
+
+
+@contextlib.contextmanager
+def quiet_fds():
+    """Silence stdout and stderr at the file-descriptor level (the toolkit's C++ side prints)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        with contextlib.redirect_stdout(_io.StringIO()):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved + [devnull]:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def _maybe_quiet(verbose: bool):
+    if verbose:
+        yield
+        return
+    with quiet_fds():
+        yield
+
+
+def build_in_process(onnx_path: str, target: str = "rk3588", rknn_out: str = "",
+                     runtime: bool = False, verbose: bool = False, float_dtype: str = "",
+                     dynamic_input=None):
+    """Build an ONNX model with rknn-toolkit2; optionally export the .rknn and/or start the
+    simulator. Returns the RKNN object. Raises ToolkitError on a refused build.
+    (The toolkit may also kill the whole process: the compiler calls this in a child.)"""
+    RKNN = import_toolkit()
+    with _maybe_quiet(verbose):
+        rk = RKNN(verbose=verbose)
+        cfg = {"target_platform": target}
+        if float_dtype:
+            cfg["float_dtype"] = float_dtype
+        if dynamic_input:
+            cfg["dynamic_input"] = dynamic_input
+        steps = [("config", lambda: rk.config(**cfg)),
+                 ("load_onnx", lambda: rk.load_onnx(onnx_path)),
+                 ("build", lambda: rk.build(do_quantization=False))]
+        if rknn_out:
+            steps.append(("export_rknn", lambda: rk.export_rknn(rknn_out)))
+        if runtime:
+            steps.append(("init_runtime", lambda: rk.init_runtime()))
+        for step, call in steps:
+            try:
+                ret = call()
+            except Exception as e:  # the toolkit reports some failures as exceptions
+                rk.release()
+                raise ToolkitError(f"rknn-toolkit2 {step} failed on {os.path.basename(onnx_path)} "
+                                   f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})",
+                                   "the segment stays on the CPU; run with --verbose for the toolkit's log") from e
+            if ret not in (0, None) and step != "config":
+                rk.release()
+                raise ToolkitError(f"rknn-toolkit2 {step} returned {ret} on {os.path.basename(onnx_path)}",
+                                   "the segment stays on the CPU; run with --verbose for the toolkit's log")
+    return rk
+
+
+def dynamic_shapes(onnx_path: str, rows) -> list:
+    """rknn-toolkit2 ``dynamic_input`` for a T-row segment: its input shapes with T = each of rows."""
+    import onnx
+    model = onnx.load(onnx_path, load_external_data=False)
+    dims = [[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input]
+    return [[[t if isinstance(d, str) else d for d in shape] for shape in dims] for t in rows]
+
+
+def toolkit_installed() -> bool:
+    """rknn-toolkit2 is installed (its metadata) and importable here (not hidden or broken)."""
+    return bool(toolkit_version()) and has_module("rknn.api")
+
+
+def require_toolkit() -> str:
+    """rknn-toolkit2's version, or a MissingDependency that says how to install it."""
+    if not toolkit_installed():
+        raise MissingDependency("building .rknn files needs rknn-toolkit2",
+                                f"{TOOLKIT_INSTALL}; or compile with --plan-only")
+    return toolkit_version()
