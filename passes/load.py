@@ -165,8 +165,10 @@ def run(path: str, options: Options = None) -> Context:
     ctx.profile  # read --profile now: a bad file fails before any work
     n = len(ctx.graph.nodes)
     if os.path.isdir(path):
-        ctx.note(NAME, f"recognised per-layer {ctx.arch} files (embed, mixing_0..{layers - 1}, head): "
-                       f"{layers} layers, width {width}, vocab {vocab}; {n} nodes")
+        files = (f"{rwkv4.EMBED_FILE}, {rwkv4.BLOCK_FILE.format(0)}..{rwkv4.BLOCK_FILE.format(layers - 1)}"
+                 f", {rwkv4.HEAD_FILE}")
+        ctx.note(NAME, f"recognised per-layer {ctx.arch} files ({files}): {layers} layers, width "
+                       f"{width}, vocab {vocab}; {n} nodes")
     else:
         ctx.note(NAME, f"{n} nodes from {path}")
     return ctx
