@@ -36,6 +36,7 @@ from rwkv2rknn.ir import Context, bypass, const_value
 
 NAME = "canonicalize"
 OPSET = 17
+METADATA_PREFIX = "rwkv2rknn."  # metadata_props keys of the files our one-file export writes
 log = logging.getLogger(__name__)
 
 
@@ -89,6 +90,18 @@ def dangling_constants(model) -> Dict[str, np.ndarray]:
                 node.attribute[0].name == "value":
             out[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
     return out
+
+
+def file_facts(model) -> dict:
+    """What a file says of itself: 'dtype' (float16 if any graph input or output is) and the
+    metadata our one-file export writes ('tokenizer', 'arch')."""
+    from onnx import TensorProto
+    io_types = {v.type.tensor_type.elem_type for v in list(model.graph.input) + list(model.graph.output)}
+    facts = {"dtype": "float16" if TensorProto.FLOAT16 in io_types else "float32"}
+    for p in model.metadata_props:
+        if p.key.startswith(METADATA_PREFIX):
+            facts[p.key[len(METADATA_PREFIX):]] = p.value
+    return facts
 
 
 # --------------------------------------------------------------------------------------------

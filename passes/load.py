@@ -29,15 +29,17 @@ from rwkv2rknn.ir import Context, Options, const_value, replace_uses
 NAME = "load"
 
 
-def _import(path: str, prefix: str, dangling: Optional[dict] = None):
-    """One file as a graph at the canonical opset, names prefixed; Constant nodes that nothing
-    reads (initial states, in some layouts) are collected into ``dangling`` first."""
+def _import(path: str, prefix: str, ctx_facts: Optional[dict] = None):
+    """One file as a graph at the canonical opset, names prefixed. With ``ctx_facts`` (a single
+    file), Constant nodes that nothing reads (initial states, in some layouts) are collected
+    into it as 'unread', and what the file says of itself as 'dtype' and 'tokenizer'."""
     import onnx_graphsurgeon as gs
     from rwkv2rknn.passes import canonicalize
     model = canonicalize.to_opset(io.load_onnx(path), os.path.basename(path))
     canonicalize.normalize_constant_nodes(model)
-    if dangling is not None:
-        dangling.update(canonicalize.dangling_constants(model))
+    if ctx_facts is not None:
+        ctx_facts.update(canonicalize.file_facts(model))
+        ctx_facts["unread"] = canonicalize.dangling_constants(model)
     try:
         graph = gs.import_onnx(model)
     except Exception as e:
@@ -155,12 +157,13 @@ def run(path: str, options: Options = None) -> Context:
         if not path.endswith(".onnx"):
             raise BadInput(f"'{path}' is not an .onnx file or a folder",
                            "give a folder of per-layer RWKV ONNX files or an .onnx file")
-        dangling = {}
-        graph = _import(path, "", dangling)
+        facts = {}
+        graph = _import(path, "", facts)
         ctx = Context(graph=graph, source=os.path.abspath(path), arch="onnx")
         ctx.token_input = ""
         ctx.logits_output = ""
-        ctx.unread_constants = dangling
+        ctx.unread_constants = facts.pop("unread")
+        ctx.facts = facts
     ctx.options = options
     ctx.profile  # read --profile now: a bad file fails before any work
     n = len(ctx.graph.nodes)

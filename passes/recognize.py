@@ -86,6 +86,8 @@ def run(ctx: Context) -> None:
             ctx.state.append(StateSlot(layer, row, i, o, _reads_itself(tensors[o], tensors[i])))
             width = max(width, int(np.prod(tensors[i].shape or (1,))))
     inits = _initial_values(ctx, tensors, rwkv4)
+    init_of = {s.input: s.init for s in ctx.state}
+    ctx.facts["source_state"] = [[i, o, init_of.get(i, 0.0)] for i, o in pairs]
     n_layers = len(layers)
     _name_stages(graph, ctx, n_layers)
     acc = [s for s in ctx.state if s.accumulator]

@@ -311,8 +311,9 @@ def _print_generation(model, tok_spec, prompt, max_tokens, temperature, top_p, s
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--backend", type=click.Choice(["auto", "ort", "rknn-sim", "rknn-lite"]), default="auto",
               show_default=True)
-@click.option("--reference", type=click.Path(file_okay=False), default=None,
-              help="Per-layer files to compare against (default: the ones the artifact was compiled from).")
+@click.option("--reference", type=click.Path(), default=None,
+              help="The source to compare against: per-layer folder or whole-model .onnx (default: "
+                   "the one the artifact was compiled from).")
 @click.option("--per-segment", is_flag=True, help="Also compare every NPU segment alone against onnxruntime.")
 @click.option("--min-top1", type=click.FloatRange(0, 1), default=0.99, show_default=True)
 @click.option("--max-rel", type=float, default=None,

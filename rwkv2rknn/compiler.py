@@ -58,10 +58,12 @@ def manifest_segment(ctx: Context, s: GraphSegment, out_dir: str, plan_only: boo
 
 
 def make_manifest(ctx: Context, out_dir: str, toolkit: str, plan_only: bool) -> Manifest:
-    facts = io.model_facts(ctx.source)
+    facts = {**ctx.facts, **io.model_facts(ctx.source)}
     model = dict(ctx.shape)
-    model.update(arch=ctx.arch, source=ctx.source,
+    model.update(arch=ctx.arch, source=ctx.source, layout=ctx.layout,
                  source_dtype=facts.get("dtype", "unknown"))
+    if facts.get("source_state"):  # a whole-model file: how `check` threads its state
+        model["source_state"] = facts["source_state"]
     return Manifest(model=model,
                     segments=tuple(manifest_segment(ctx, s, out_dir, plan_only) for s in ctx.segments),
                     state=tuple(ctx.state),
