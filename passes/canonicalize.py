@@ -36,7 +36,6 @@ from rwkv2rknn.ir import Context, bypass, const_value
 
 NAME = "canonicalize"
 OPSET = 17
-METADATA_PREFIX = "rwkv2rknn."  # metadata_props keys of the files our one-file export writes
 log = logging.getLogger(__name__)
 
 
@@ -96,10 +95,12 @@ def file_facts(model) -> dict:
     """What a file says of itself: 'dtype' (float16 if any graph input or output is) and the
     metadata our one-file export writes ('tokenizer', 'arch')."""
     from onnx import TensorProto
+
+    from rwkv2rknn.models.export import METADATA_PREFIX
     io_types = {v.type.tensor_type.elem_type for v in list(model.graph.input) + list(model.graph.output)}
     facts = {"dtype": "float16" if TensorProto.FLOAT16 in io_types else "float32"}
     for p in model.metadata_props:
-        if p.key.startswith(METADATA_PREFIX):
+        if p.key.startswith(METADATA_PREFIX) and p.value:
             facts[p.key[len(METADATA_PREFIX):]] = p.value
     return facts
 

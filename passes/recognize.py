@@ -202,7 +202,9 @@ def _initial_values(ctx: Context, tensors, rwkv4) -> str:
         for k, s in enumerate(slots):
             slots[k] = StateSlot(s.layer, s.row, s.input, s.output, s.accumulator,
                                  float(rwkv4.RWKV_INIT.get(s.row, 0.0)))
-        where = "RWKV defaults (the file carries none)" if slots else "zeros"
+        where = "RWKV defaults (the file carries none)"
+    if not slots:
+        return "all zero (per-layer state tensors)"
     nonzero = sorted({f"{s.row}={s.init:g}" for s in slots if s.init})
     return where + (f": {', '.join(nonzero)}" if nonzero else ", all zero")
 

@@ -205,3 +205,32 @@ def remove_quietly(path: str) -> None:
         os.unlink(path)
     except OSError:
         pass
+
+
+def save_onnx_file(model, path: str, external: bool = False, force: bool = False) -> None:
+    """Save a model as ``path`` (with ``external``: its weights in ``PATH.data`` beside it),
+    written under temporary names and renamed into place, so a failed or interrupted save
+    leaves nothing half-written. An existing file is replaced only with ``force``."""
+    onnx = _onnx()
+    path = os.path.abspath(path)
+    data = path + ".data"
+    if os.path.isdir(path):
+        raise BadInput(f"'{path}' is a folder", "give a file name ending in .onnx")
+    if os.path.exists(path) and not force:
+        raise BadInput(f"'{path}' exists", "choose another name, or pass --force to replace it")
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.partial-{os.getpid()}-", dir=folder)
+    try:
+        tmp_path = os.path.join(tmp, os.path.basename(path))
+        if external:
+            onnx.save_model(model, tmp_path, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=os.path.basename(data), size_threshold=1024)
+            os.replace(tmp_path + ".data", data)
+        else:
+            onnx.save_model(model, tmp_path)
+            if os.path.exists(data) and force:
+                os.unlink(data)  # an older export's weights, no longer read
+        os.replace(tmp_path, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
