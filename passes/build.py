@@ -78,7 +78,7 @@ def build_child(onnx_path: str, rknn_path: str, target: str, verbose: bool,
     if proc.returncode < 0:
         return f"the toolkit's process died ({signal.Signals(-proc.returncode).name})"
     lines = [ln for ln in (err or "").splitlines() if ln.strip()]
-    last = lines[-1].strip()[:160] if lines else "no message"
+    last = lines[-1].strip()[:320] if lines else "no message"
     return f"the toolkit's process exited with {proc.returncode} ({last})"
 
 
@@ -188,7 +188,7 @@ def _main(argv=None) -> int:
         os.replace(tmp, a.rknn)  # whole, or not there at all
         return 0
     except Rwkv2RknnError as e:
-        print(str(e), file=sys.stderr)
+        print(e.problem, file=sys.stderr)  # the reason; the fix is the fallback itself
         return 1
     finally:
         remove_quietly(tmp)
