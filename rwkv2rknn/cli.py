@@ -5,6 +5,7 @@ Only this module prints and chooses exit codes: 0 done, 1 a failed job, 2 bad us
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
@@ -44,6 +45,14 @@ def handle_errors(fn):
             sys.exit(130)
         except (click.exceptions.Exit, click.ClickException, SystemExit):
             raise
+        except OSError as e:  # a full disk, a folder not writable, ...: the system's own words
+            if _Ctx.debug:
+                raise
+            where = f" ({e.filename})" if e.filename else ""
+            fix = ("free some space or write elsewhere" if e.errno == errno.ENOSPC else
+                   "check the path and its permissions")
+            click.echo(f"error: {e.strerror or type(e).__name__}{where}: {fix}", err=True)
+            sys.exit(1)
         except Exception as e:  # noqa: BLE001 - the last line of defence, still one line
             if _Ctx.debug:
                 raise
@@ -248,7 +257,7 @@ def _check_out_file(path, flag: str) -> None:
 @click.option("--temperature", type=click.FloatRange(0, 100), default=0.8, show_default=True,
               help="Sampling temperature (0: greedy).")
 @click.option("--top-p", type=click.FloatRange(0, 1), default=0.9, show_default=True, help="Nucleus sampling.")
-@click.option("--seed", type=int, default=None, help="Random seed for sampling.")
+@click.option("--seed", type=click.IntRange(0, 2 ** 63 - 1), default=None, help="Random seed for sampling.")
 @click.option("--backend", type=click.Choice(["auto", "ort", "rknn-sim", "rknn-lite"]), default="auto",
               show_default=True, help="Where NPU segments run (CPU segments always use onnxruntime).")
 @click.option("--core-mask", default="auto", show_default=True,
@@ -315,7 +324,7 @@ def _print_generation(model, tok_spec, prompt, max_tokens, temperature, top_p, s
 @click.argument("artifact", type=click.Path())
 @click.option("--tokens", "n_tokens", type=click.IntRange(1, 4096), default=32, show_default=True,
               help="Seeded random tokens to teacher-force.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, 2 ** 63 - 1), default=0, show_default=True)
 @click.option("--backend", type=click.Choice(["auto", "ort", "rknn-sim", "rknn-lite"]), default="auto",
               show_default=True)
 @click.option("--reference", type=click.Path(), default=None,
@@ -323,7 +332,7 @@ def _print_generation(model, tok_spec, prompt, max_tokens, temperature, top_p, s
                    "the one the artifact was compiled from).")
 @click.option("--per-segment", is_flag=True, help="Also compare every NPU segment alone against onnxruntime.")
 @click.option("--min-top1", type=click.FloatRange(0, 1), default=0.99, show_default=True)
-@click.option("--max-rel", type=float, default=None,
+@click.option("--max-rel", type=click.FloatRange(0, None), default=None,
               help="Max logit error relative to the logit scale (default: 1e-4 for ort on fp32 files, else 0.05).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @handle_errors
@@ -428,7 +437,7 @@ def bench(layers, width, vocab, tokens, no_rwkv, json_out):
 @cli.command()
 @click.option("--prompt", default="The", show_default=True, help="Text to continue.")
 @click.option("--max-tokens", type=click.IntRange(1, 65536), default=200, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, 2 ** 63 - 1), default=0, show_default=True)
 @click.option("--backend", type=click.Choice(["auto", "ort", "rknn-sim", "rknn-lite"]), default="auto",
               show_default=True)
 @handle_errors

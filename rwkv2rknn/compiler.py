@@ -85,6 +85,7 @@ def compile_model(model_path: str, out_dir: str, options: Optional[Options] = No
     if dump_after and dump_after not in passes.PASS_NAMES:
         raise UsageError(f"unknown pass '{dump_after}' for --dump-after",
                          f"use one of {', '.join(passes.PASS_NAMES)}")
+    io.check_out_dir(os.path.abspath(out_dir), MANIFEST, force)  # before minutes of passes
     toolkit = ""
     if not options.plan_only:  # fail before the passes, not after them
         from rwkv2rknn.toolkit import require_toolkit

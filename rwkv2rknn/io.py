@@ -104,6 +104,18 @@ def model_facts(path: str) -> dict:
     return {}
 
 
+def check_out_dir(final: str, marker: str, force: bool = False) -> None:
+    """Refuse an output folder ``atomic_dir`` would refuse: one that is not a folder, or holds
+    other files (no ``marker`` of an earlier output) without ``force``. Commands call it before
+    any work, so a long job does not fail at its end."""
+    if os.path.exists(final):
+        if not os.path.isdir(final):
+            raise BadInput(f"'{final}' exists and is not a folder", "choose another output path")
+        if os.listdir(final) and not os.path.exists(os.path.join(final, marker)) and not force:
+            raise BadInput(f"output folder '{final}' holds other files",
+                           "choose an empty or new folder, or pass --force to replace it")
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str, marker: str, force: bool = False) -> Iterator[str]:
     """Yield a temporary folder beside ``final``; move it into place only if the body succeeds.
@@ -116,12 +128,7 @@ def atomic_dir(final: str, marker: str, force: bool = False) -> Iterator[str]:
     """
     final = os.path.abspath(final)
     _restore_interrupted(final)
-    if os.path.exists(final):
-        if not os.path.isdir(final):
-            raise BadInput(f"'{final}' exists and is not a folder", "choose another output path")
-        if os.listdir(final) and not os.path.exists(os.path.join(final, marker)) and not force:
-            raise BadInput(f"output folder '{final}' holds other files",
-                           "choose an empty or new folder, or pass --force to replace it")
+    check_out_dir(final, marker, force)
     parent = os.path.dirname(final)
     os.makedirs(parent, exist_ok=True)
     prefix = f".{os.path.basename(final)}.partial-"
