@@ -27,11 +27,12 @@ Identity between a graph input or constant and a graph output), every tensor typ
 from __future__ import annotations
 
 import logging
+import os
 from typing import Dict
 
 import numpy as np
 
-from rwkv2rknn.errors import UnsupportedModel
+from rwkv2rknn.errors import BadInput, UnsupportedModel
 from rwkv2rknn.ir import Context, bypass, const_value
 
 NAME = "canonicalize"
@@ -164,10 +165,14 @@ def run(ctx: Context) -> None:
     del model.graph.value_info[:]
     for o in model.graph.output:  # recomputed from the pinned inputs
         o.type.tensor_type.ClearField("shape")
-    try:
-        model = shape_inference.infer_shapes(model, data_prop=True)
-    except Exception as e:  # noqa: BLE001 - folding below still gives most shapes
-        log.info("shape inference failed (%s); continuing with onnx-graphsurgeon's shapes", e)
+    try:  # strict: a graph whose types do not agree is refused here, as onnxruntime would
+        model = shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+    except shape_inference.InferenceError as e:
+        msg = " ".join(str(e).split())
+        raise BadInput(f"{os.path.basename(ctx.source) or 'the model'} is not a valid ONNX graph "
+                       f"({msg[-200:]})", "export it again; onnxruntime refuses it too") from e
+    except ValueError as e:  # a model over 2 GB cannot be inferred in memory: fold as it is
+        log.info("shape inference skipped (%s); continuing with onnx-graphsurgeon's shapes", e)
     graph = gs.import_onnx(model)
     del model
     before = len(graph.nodes)
@@ -175,8 +180,12 @@ def run(ctx: Context) -> None:
     severity, G_LOGGER.severity = G_LOGGER.severity, G_LOGGER.ERROR
     # partitioned: a subgraph onnxruntime refuses (an fp16 converter's mistyped Cast) is
     # skipped, not the whole fold
+    partial = ""
     try:
         graph.fold_constants(fold_shapes=True, partitioning="basic", error_ok=True).cleanup()
+    except RecursionError:  # onnx-graphsurgeon's partitioning on a graph onnxruntime refuses
+        partial = "; constant folding partial (onnxruntime refuses part of the graph)"
+        graph.fold_constants(fold_shapes=True, error_ok=True).cleanup()
     finally:
         G_LOGGER.severity = severity
     folded = before - len(graph.nodes)
@@ -194,6 +203,7 @@ def run(ctx: Context) -> None:
     ctx.note(NAME, f"opset {OPSET}; {folded} nodes folded into constants; {gemms} Gemm -> MatMul; "
                    f"{norms} LayerNormalization decomposed; {axes} reduction(s) given explicit axes; "
                    f"{idents} Identity removed" + (f"; {pinned} symbolic dim(s) pinned" if pinned else "")
+                   + partial
                    + (f"; {len(untyped)} tensor(s) without a type (first: {untyped[0]})"
                       if untyped else ""))
 
