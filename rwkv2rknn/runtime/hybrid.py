@@ -60,7 +60,8 @@ class HybridModel:
         self.manifest = m = load_manifest(artifact)
         if not m.token_input or not m.logits_output:
             raise BadInput(f"'{artifact}' was compiled from a single ONNX graph, not a whole model",
-                           "compile the folder of per-layer files to run it")
+                           "compile a whole model (a per-layer folder, or one file with a token "
+                           "input, state and logits) to run it")
         self.backend = resolve_backend(backend)
         if self.backend == "rknn-lite":
             from rwkv2rknn.runtime import board
