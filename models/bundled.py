@@ -30,9 +30,10 @@ def cache_folder() -> str:
     return os.path.join(cache_root(), "default", digest)
 
 
-def ensure_compiled(echo: Optional[Callable[[str], None]] = None, backend_needs_rknn: bool = False,
+def ensure_compiled(echo: Optional[Callable[[str], None]] = None,
                     plan_only: Optional[bool] = None) -> str:
-    """The artifact folder of the default model, exporting and compiling it if needed."""
+    """The artifact folder of the default model, exporting and compiling it if needed (with
+    ``plan_only`` None: .rknn builds only where rknn-toolkit2 is installed)."""
     from rwkv2rknn.compiler import compile_model, segment_line
     from rwkv2rknn.ir import Options
     from rwkv2rknn.models.checkpoint import load_checkpoint

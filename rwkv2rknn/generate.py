@@ -95,8 +95,7 @@ class GenerationResult:
     ``ids``: the sampled ids (without a stop id). ``ttft_s``: seconds from the start of the call to
     the first sampled token (None if nothing was sampled). ``decode_tokens_per_s``: tokens per
     second from the first sampled token to the end (one step_fn call per generated id; 0.0 if
-    none). ``stop_reason``:
-    "stop_id", "max_tokens".
+    none). ``stop_reason``: "stop_id" or "max_tokens".
     """
 
     ids: list

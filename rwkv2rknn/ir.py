@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TensorInfo:
+    """What range tracing saw of one tensor: its shape, dtype name and largest |value|."""
+
     shape: Tuple[int, ...]
     dtype: str
     absmax: float
@@ -29,6 +31,8 @@ class TensorInfo:
 
 @dataclass
 class Options:
+    """What the user asked of the compile (the ``compile`` command's options)."""
+
     target: str = "rk3588"
     strict: bool = False
     verbose: bool = False
@@ -51,9 +55,9 @@ class GraphSegment:
     Like ONNX Runtime's IndexedSubGraph with its MetaDef, or a TVM BYOC partitioned function:
     the nodes of the piece, the device they go to, and, once cut, the piece as its own model
     with named inputs and outputs. The compiler turns each into the manifest's frozen
-    ``plan.Segment`` (``compiler.make_manifest``); nothing after the compiler sees this class.
+    ``plan.Segment`` (``compiler.manifest_segment``); nothing after the compiler sees this class.
     A new fact about a segment is a new field here with a default, set by the pass that learns
-    it and copied into ``plan.Segment`` by ``make_manifest`` if the runtime needs it.
+    it, and, if the runtime needs it, a field of ``plan.Segment`` that ``manifest_segment`` fills.
     """
 
     # partition: where the nodes run and which they are (in graph order)
@@ -87,6 +91,12 @@ class GraphSegment:
 
 @dataclass
 class Context:
+    """Everything the passes share. ``load`` fills the graph, its source, arch, shape and I/O
+    names; ``state`` unpacks ``whole_state`` into ``state`` rows; ``fp16_guard`` fills
+    ``tensors`` and ``forced_cpu``; ``support`` fills ``support``; ``partition`` fills
+    ``node_device`` and ``segments``, which cut, sequence and build fill in further. Every pass
+    adds lines to ``report``."""
+
     graph: object  # onnx_graphsurgeon.Graph
     source: str = ""
     arch: str = ""

@@ -8,6 +8,8 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("RWKV_JIT_ON", "0")
 os.environ.setdefault("RWKV_CUDA_ON", "0")
 sys.path.insert(0, os.path.dirname(__file__))  # tests/public_recipe.py
+# training/rwkv4_torch.py and train.py (the training script lives outside the installed package)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "training"))
 
 # A small random RWKV-4: width not a power of two, odd vocabulary.
 SMALL = dict(layers=3, width=48, vocab=97, seed=1)

@@ -1,8 +1,10 @@
 """The public recipe for per-layer RWKV-4 ONNX files, rebuilt with the real tools for tests.
 
-A per-stage torch module in the style of the "RWKV in 150 lines" script, exported one file per
-stage with ``torch.onnx.export(opset_version=16)`` (the TorchScript exporter), then converted by
-onnxconverter-common's ``convert_float_to_float16`` with default arguments.
+Per-stage torch modules over the token form of ``training/rwkv4_torch.py`` (one token, every
+matrix product ``W[out, in] @ x[in]``, as in the "RWKV in 150 lines" script the public files
+came from), exported one file per stage with ``torch.onnx.export(opset_version=16)`` (the
+TorchScript exporter), then converted by onnxconverter-common's ``convert_float_to_float16``
+with default arguments.
 """
 
 from __future__ import annotations
@@ -10,60 +12,46 @@ from __future__ import annotations
 import os
 
 
-
 def _modules(sd):
     import torch
-    import torch.nn.functional as F
+    from rwkv4_torch import RWKV4  # training/, on the path by conftest.py
 
-    t = {k: torch.tensor(v) for k, v in sd.items()}
-    C = t["emb.weight"].shape[1]
+    model = RWKV4.from_state_dict(sd)
+    # The public script held its weights as plain tensors, not parameters: the exporter records
+    # them as Constant nodes and folds what depends only on them (-exp(time_decay), 1 - mix).
+    for mod in model.modules():
+        for name, p in list(mod.named_parameters(recurse=False)):
+            del mod._parameters[name]
+            setattr(mod, name, p.detach())
 
     class Embed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.ln0 = model.emb, model.blocks[0].ln0
+
         def forward(self, token):
-            x = t["emb.weight"][token]
-            x = F.layer_norm(x, (C,), weight=t["blocks.0.ln0.weight"], bias=t["blocks.0.ln0.bias"])
-            return torch.flatten(x)
+            return torch.flatten(self.ln0(self.emb(token)))
 
     class Block(torch.nn.Module):
+        """state [5, C] in and out, rows (ffn_xx, att_xx, aa, bb, pp)."""
+
         def __init__(self, i):
             super().__init__()
-            self.p = {k[len(f"blocks.{i}."):]: v for k, v in t.items() if k.startswith(f"blocks.{i}.")}
+            self.block = model.blocks[i]
 
         def forward(self, x, state):
-            p = self.p
-            xx = F.layer_norm(x, (C,), weight=p["ln1.weight"], bias=p["ln1.bias"])
-            xk = xx * p["att.time_mix_k"].flatten() + state[1] * (1 - p["att.time_mix_k"].flatten())
-            xv = xx * p["att.time_mix_v"].flatten() + state[1] * (1 - p["att.time_mix_v"].flatten())
-            xr = xx * p["att.time_mix_r"].flatten() + state[1] * (1 - p["att.time_mix_r"].flatten())
-            r = torch.sigmoid(p["att.receptance.weight"] @ xr)
-            k = p["att.key.weight"] @ xk
-            v = p["att.value.weight"] @ xv
-            aa, bb, pp = state[2], state[3], state[4]
-            ww = p["att.time_first"] + k
-            q = torch.maximum(pp, ww)
-            e1 = torch.exp(pp - q)
-            e2 = torch.exp(ww - q)
-            wkv = (e1 * aa + e2 * v) / (e1 * bb + e2)
-            ww = pp + -torch.exp(p["att.time_decay"])
-            q = torch.maximum(ww, k)
-            e1 = torch.exp(ww - q)
-            e2 = torch.exp(k - q)
-            aa2, bb2, pp2 = e1 * aa + e2 * v, e1 * bb + e2, q
-            x = x + p["att.output.weight"] @ (r * wkv)
-            xx2 = F.layer_norm(x, (C,), weight=p["ln2.weight"], bias=p["ln2.bias"])
-            xk = xx2 * p["ffn.time_mix_k"].flatten() + state[0] * (1 - p["ffn.time_mix_k"].flatten())
-            xr = xx2 * p["ffn.time_mix_r"].flatten() + state[0] * (1 - p["ffn.time_mix_r"].flatten())
-            r = torch.sigmoid(p["ffn.receptance.weight"] @ xr)
-            k = torch.square(torch.relu(p["ffn.key.weight"] @ xk))
-            x = x + r * (p["ffn.value.weight"] @ k)
-            return x, torch.stack([xx2, xx, aa2, bb2, pp2])
+            x, new = self.block(x, tuple(state[r] for r in range(state.shape[0])))
+            return x, torch.stack(new)
 
     class Head(torch.nn.Module):
-        def forward(self, x):
-            x = F.layer_norm(x, (C,), weight=t["ln_out.weight"], bias=t["ln_out.bias"])
-            return torch.flatten(t["head.weight"] @ x)
+        def __init__(self):
+            super().__init__()
+            self.ln_out, self.head = model.ln_out, model.head
 
-    return Embed(), Block, Head(), C
+        def forward(self, x):
+            return torch.flatten(self.head(self.ln_out(x)))
+
+    return Embed(), Block, Head(), model.width, model.layers
 
 
 def export_public(sd, out_dir: str, fp16: bool = True) -> str:
@@ -71,8 +59,7 @@ def export_public(sd, out_dir: str, fp16: bool = True) -> str:
     import onnx
     import torch
 
-    embed, Block, head, C = _modules(sd)
-    layers = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
+    embed, Block, head, C, layers = _modules(sd)
     os.makedirs(out_dir, exist_ok=True)
     stages = [("embed.onnx", embed, (torch.tensor([1], dtype=torch.int32),), ["token"], ["output"])]
     for i in range(layers):

@@ -47,6 +47,16 @@ def test_export_compile_run_check_flow(tmp_path):
     assert r.exit_code == 0 and "PASS" in r.output
 
 
+def test_demo_compiles_generates_and_checks_the_bundled_model():
+    """`make run`: the bundled model (compiled into this session's cache on first use), the plan
+    table, generated text and the check, through the same functions as compile, run and check."""
+    r = invoke("demo", "--prompt", "It was", "--max-tokens", 8, "--backend", "ort")
+    assert r.exit_code == 0, r.output
+    assert "NPU<->CPU boundaries per token" in r.output  # the plan table
+    assert "\nIt was" in r.output and "8 generated" in r.output
+    assert "backend ort: 32 tokens" in r.output and "-- PASS" in r.output
+
+
 def test_tokens_logits_out_equals_pure_reference(fp16_artifact, fp16_dir, tmp_path):
     a, b = tmp_path / "hybrid.npy", tmp_path / "ref.npy"
     assert invoke("run", fp16_artifact, "--tokens", "5,17,90", "--logits-out", a,
@@ -130,7 +140,7 @@ def test_bad_usage_is_one_line(args, code, text, fp32_plan_artifact, fp32_dir, s
 def test_a_full_disk_is_one_line(capsys):
     import errno
 
-    from rwkv2rknn.cli import handle_errors
+    from rwkv2rknn.cli.app import handle_errors
 
     @handle_errors
     def write():

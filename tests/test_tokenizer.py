@@ -209,7 +209,7 @@ def test_world_missing_file():
 
 
 def test_find_world_vocab_without_rwkv(monkeypatch):
-    monkeypatch.setattr(tkmod.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(MissingDependency) as e:
         find_world_vocab()
     assert "pip install rwkv" in str(e.value)

@@ -11,9 +11,9 @@ Set-up (no R needed; the package is only unpacked, its R dependency is not insta
     cd /tmp && apt-get update && apt-get download r-cran-janeaustenr
     dpkg-deb -x r-cran-janeaustenr_*.deb /tmp/janeaustenr
 
-or ``apt-get install r-cran-janeaustenr`` (pulls in R). ``python models/data.py --fetch`` does
+or ``apt-get install r-cran-janeaustenr`` (pulls in R). ``python training/data.py --fetch`` does
 the first recipe into ``~/.cache/rwkv2rknn/janeaustenr/`` (outside the repository). Then
-``python models/data.py --out austen.txt`` writes the corpus: the novels in publication order,
+``python training/data.py --out austen.txt`` writes the corpus: the novels in publication order,
 lines joined with "\\n", each novel followed by a blank line; 4,025,035 bytes of UTF-8, ASCII
 apart from one pound sign.
 """
@@ -140,7 +140,7 @@ def find_data_dir(extra: Optional[str] = None) -> str:
                 return cand
     raise FileNotFoundError(
         "janeaustenr data not found: run `apt-get download r-cran-janeaustenr && dpkg-deb -x "
-        "r-cran-janeaustenr_*.deb /tmp/janeaustenr` (or `python models/data.py --fetch`, or "
+        "r-cran-janeaustenr_*.deb /tmp/janeaustenr` (or `python training/data.py --fetch`, or "
         "`apt-get install r-cran-janeaustenr`)")
 
 

@@ -1,0 +1,130 @@
+"""The rwkv2rknn command line: the click group, one-line errors and exit codes.
+
+Only this package prints and chooses exit codes: 0 done, 1 a failed job, 2 bad usage. The
+commands (``compiling.py``, ``running.py``, ``measuring.py``) only parse options, call the
+library and print what it returns.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import sys
+
+import click
+
+from rwkv2rknn import __version__
+from rwkv2rknn.errors import Rwkv2RknnError, UsageError
+
+BACKEND = click.Choice(["auto", "ort", "rknn-sim", "rknn-lite"])
+SEED = click.IntRange(0, 2 ** 63 - 1)  # numpy's generators take no negative seed
+
+
+class _Ctx:
+    debug = False
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(message)s", stream=sys.stderr)
+
+
+def handle_errors(fn):
+    """Turn library errors into one line on stderr and an exit code (a traceback with --debug)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except Rwkv2RknnError as e:
+            if _Ctx.debug:
+                raise
+            click.echo(f"error: {e}", err=True)
+            sys.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        except (click.exceptions.Exit, click.ClickException, SystemExit):
+            raise
+        except OSError as e:  # a full disk, a folder not writable, ...: the system's own words
+            if _Ctx.debug:
+                raise
+            where = f" ({e.filename})" if e.filename else ""
+            fix = ("free some space or write elsewhere" if e.errno == errno.ENOSPC else
+                   "check the path and its permissions")
+            click.echo(f"error: {e.strerror or type(e).__name__}{where}: {fix}", err=True)
+            sys.exit(1)
+        except Exception as e:  # noqa: BLE001 - the last line of defence, still one line
+            if _Ctx.debug:
+                raise
+            msg = str(e).splitlines()[0][:200] if str(e) else ""
+            click.echo(f"error: internal error {type(e).__name__}: {msg} "
+                       f"(run again with --debug for the traceback and report it)", err=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+class _Group(click.Group):
+    """Click's own usage errors (a bad flag value, a missing option) as one `error:` line, exit 2."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as e:
+            if type(e).__name__ == "NoArgsIsHelpError":  # bare `rwkv2rknn`: click shows the help
+                e.show()
+                sys.exit(e.exit_code)
+            where = e.ctx.command_path if e.ctx is not None else (prog_name or "rwkv2rknn")
+            msg = " ".join(e.format_message().split()).rstrip(".")
+            click.echo(f"error: {msg}; see '{where} --help'", err=True)
+            sys.exit(2)
+        except click.Abort:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        except click.ClickException as e:
+            e.show()
+            sys.exit(e.exit_code)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="rwkv2rknn")
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@click.option("-v", "--verbose", is_flag=True, help="Log what each step does.")
+def cli(debug: bool, verbose: bool) -> None:
+    """Compile RWKV language models for the Rockchip RK3588 NPU and run them.
+
+    \b
+    Typical flow:
+      rwkv2rknn export model.pth -o model/        # checkpoint -> per-layer ONNX
+      rwkv2rknn compile model/ -o model.rknn.d/   # ONNX -> hybrid NPU/CPU artifact
+      rwkv2rknn run model.rknn.d/ --prompt "Hi"   # generate text
+      rwkv2rknn check model.rknn.d/               # hybrid vs pure ONNX Runtime
+    """
+    _Ctx.debug = debug
+    _setup_logging(verbose)
+
+
+def say(message: str) -> None:
+    """Progress and notes: to stderr, so stdout holds only the command's result."""
+    click.echo(message, err=True)
+
+
+def check_out_file(path, flag: str) -> None:
+    """Refuse an output file whose folder is missing or not writable before any work is done."""
+    if not path:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise UsageError(f"cannot write {flag} '{path}': folder '{folder}' does not exist or is not writable",
+                         "give a path in an existing, writable folder")
+
+
+def main() -> None:
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    cli(prog_name="rwkv2rknn")

@@ -1,0 +1,114 @@
+"""`rwkv2rknn export` and `rwkv2rknn compile`."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from rwkv2rknn.cli.app import cli, handle_errors
+from rwkv2rknn.errors import UsageError
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", "out", required=True, type=click.Path(),
+              help="Folder to write embed.onnx, mixing_N.onnx and head.onnx into, or a file name "
+                   "ending in .onnx for one whole-model file.")
+@click.option("--fp32", is_flag=True, help="Keep float32 (default: float16, like the public files).")
+@click.option("--tokenizer", default=None,
+              help="Tokenizer to record for the model: bytes, world, or a tokenizer.json path "
+                   "(default: chosen from the vocabulary size).")
+@click.option("--force", is_flag=True, help="Replace an output folder that holds other files (or an existing file).")
+@handle_errors
+def export(checkpoint: str, out: str, fp32: bool, tokenizer, force: bool) -> None:
+    """Export an RWKV-4 CHECKPOINT (.pth) to per-layer ONNX files, or to one .onnx file."""
+    from rwkv2rknn.models import rwkv4
+    from rwkv2rknn.models.checkpoint import load_checkpoint
+    from rwkv2rknn.models.export import export as do_export
+    from rwkv2rknn.models.export import export_file
+    from rwkv2rknn.tokenizer import load_tokenizer, tokenizer_for_vocab
+
+    if tokenizer:
+        load_tokenizer(tokenizer)  # a file that is not a tokenizer fails here, before any work
+    sd = load_checkpoint(checkpoint)
+    shape = rwkv4.check_state_dict(sd)
+    tok = tokenizer or tokenizer_for_vocab(shape.vocab)
+    if out.endswith(".onnx"):
+        export_file(sd, out, fp32=fp32, tokenizer=tok, force=force)
+    else:
+        with click.progressbar(length=shape.layers + 2, label="exporting", file=sys.stderr) as bar:
+            do_export(sd, out, fp32=fp32, tokenizer=tok, force=force,
+                      progress=lambda name: bar.update(1))
+    click.echo(f"exported RWKV-4 {shape.layers} x {shape.width}, vocab {shape.vocab} "
+               f"({'fp32' if fp32 else 'fp16'}) to {out}")
+
+
+def _options(**kw):
+    from rwkv2rknn.ir import Options
+    return Options(**{k: v for k, v in kw.items() if v is not None})
+
+
+@cli.command(name="compile")
+@click.argument("model", type=click.Path())
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Artifact folder to write (manifest.json, plan.json, segments/).")
+@click.option("--target", default="rk3588", show_default=True,
+              type=click.Choice(["rk3588", "rk3576", "rk3568", "rk3566", "rk3562"]),
+              help="Rockchip SoC to build the .rknn files for.")
+@click.option("--plan-only", is_flag=True, help="Partition and cut only: no .rknn (needs no rknn-toolkit2).")
+@click.option("--strict", is_flag=True, help="Fail if any NPU segment fails to build (default: fall back to the CPU).")
+@click.option("--dump-after", metavar="PASS", default=None,
+              help="Also write the graph after PASS to OUT/dump/after_PASS.onnx.")
+@click.option("--calib-tokens", type=click.IntRange(1, 4096), default=8, show_default=True,
+              help="Sample tokens the fp16 range guard runs.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="Build cache (default: $RWKV2RKNN_CACHE or ~/.cache/rwkv2rknn).")
+@click.option("--prefill-rows", default="16,32,64", show_default=True,
+              help="Row counts T of the NPU builds for prefill (comma-separated), or 'none'.")
+@click.option("--placement", type=click.Choice(["npu", "cost"]), default="npu", show_default=True,
+              help="npu: every constant-weight MatMul on the NPU; cost: only where the device "
+                   "profile says the NPU wins.")
+@click.option("--profile", "profile_path", type=click.Path(dir_okay=False), default=None,
+              help="Device profile JSON for --placement cost and the plan's estimates "
+                   "(default: published RK3588 figures).")
+@click.option("--force", is_flag=True, help="Replace an output folder that holds other files.")
+@click.option("--verbose", "tool_verbose", is_flag=True, help="Show rknn-toolkit2's own output.")
+@handle_errors
+def compile_cmd(model, out_dir, target, plan_only, strict, dump_after, calib_tokens, cache_dir,
+                prefill_rows, placement, profile_path, force, tool_verbose):
+    """Compile MODEL (a folder of per-layer RWKV ONNX files, or one .onnx) into a hybrid
+    NPU/CPU artifact."""
+    opts = _options(target=target, strict=strict, plan_only=plan_only, calib_tokens=calib_tokens,
+                    cache_dir=cache_dir, verbose=tool_verbose, placement=placement,
+                    profile=profile_path, prefill_rows=_parse_rows(prefill_rows))
+    manifest = _compile_with_progress(model, out_dir, opts, force, dump_after)
+    click.echo(manifest.table())
+    click.echo(f"artifact written to {out_dir}")
+
+
+def _parse_rows(text: str):
+    if text.strip().lower() in ("none", ""):
+        return ()
+    try:
+        rows = tuple(sorted({int(r) for r in text.split(",")}))
+    except ValueError:
+        rows = ()
+    if not rows or min(rows) < 2 or max(rows) > 4096:
+        raise UsageError(f"--prefill-rows '{text}' is not a list of row counts from 2 to 4096",
+                         "write it like --prefill-rows 16,32,64 (or none)")
+    return rows
+
+
+def _compile_with_progress(model, out_dir, opts, force=False, dump_after=None):
+    from rwkv2rknn.compiler import compile_model, segment_line
+
+    def on_pass(name, notes):
+        for note in notes or ["done"]:
+            click.echo(f"  {name}: {note}", err=True)
+
+    def on_segment(seg, status, i, n):
+        click.echo(segment_line(seg, status, i, n), err=True)
+
+    return compile_model(model, out_dir, opts, force=force, dump_after=dump_after,
+                         progress=on_segment, on_pass=on_pass)

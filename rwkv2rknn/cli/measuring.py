@@ -1,0 +1,64 @@
+"""`rwkv2rknn bench` and `rwkv2rknn profile`: figures measured on this machine."""
+
+from __future__ import annotations
+
+import click
+
+from rwkv2rknn.cli.app import check_out_file, cli, handle_errors, say
+from rwkv2rknn.errors import UsageError
+
+
+@cli.command()
+@click.option("--build-probes", "build_dir", type=click.Path(file_okay=False), default=None,
+              help="Compile machine: write the probe models (.onnx and .rknn) into this folder.")
+@click.option("--probes", "probe_dir", type=click.Path(file_okay=False), default=None,
+              help="Board: the folder of probes built with --build-probes.")
+@click.option("--backend", type=click.Choice(["rknn-lite", "rknn-sim"]), default="rknn-lite", show_default=True)
+@click.option("--core-mask", default="auto", show_default=True)
+@click.option("--target", default="rk3588", show_default=True)
+@click.option("-o", "--output", "out", type=click.Path(dir_okay=False), default="profile.json",
+              show_default=True, help="Where to write the measured profile (JSON).")
+@handle_errors
+def profile(build_dir, probe_dir, backend, core_mask, target, out):
+    """Measure a device profile for `compile --placement cost --profile FILE`.
+
+    \b
+    On the compile machine:  rwkv2rknn profile --build-probes probes/
+    On the board:            rwkv2rknn profile --probes probes/ -o rk3588.json
+    """
+    import json
+    from rwkv2rknn.measure import build_probes, measure
+    if bool(build_dir) == bool(probe_dir):
+        raise UsageError("give one of --build-probes DIR and --probes DIR", "see rwkv2rknn profile --help")
+    if build_dir:
+        build_probes(build_dir, target, echo=say)
+        click.echo(f"probes written to {build_dir}; copy them to the board and run "
+                   f"rwkv2rknn profile --probes {build_dir}")
+        return
+    check_out_file(out, "--output")
+    prof = measure(probe_dir, backend, core_mask, echo=say)
+    with open(out, "w") as f:
+        json.dump(prof.to_dict(), f, indent=1)
+    click.echo(f"profile '{prof.name}' written to {out}")
+
+
+@cli.command()
+@click.option("--layers", type=click.IntRange(1, 256), default=24, show_default=True)
+@click.option("--width", type=click.IntRange(8, 16384), default=1024, show_default=True)
+@click.option("--vocab", type=click.IntRange(2, 1 << 20), default=50277, show_default=True)
+@click.option("--tokens", type=click.IntRange(3, 100000), default=32, show_default=True,
+              help="Timed tokens per runner (the median is reported).")
+@click.option("--no-rwkv", is_flag=True, help="Skip the rwkv package (reference implementation).")
+@click.option("--json-out", type=click.Path(dir_okay=False), default=None, help="Also save the figures as JSON.")
+@handle_errors
+def bench(layers, width, vocab, tokens, no_rwkv, json_out):
+    """Measure decode ms/token of the per-layer loop, the hybrid executor, a fused session and
+    the rwkv package on a random model (default: 430M-sized), with ratios and the bandwidth bound."""
+    import json
+    from rwkv2rknn.bench import run_bench
+    check_out_file(json_out, "--json-out")
+    res = run_bench(layers=layers, width=width, vocab=vocab, tokens=tokens,
+                    with_rwkv=not no_rwkv, echo=click.echo)
+    if json_out:
+        with open(json_out, "w") as f:
+            json.dump(res, f, indent=1)

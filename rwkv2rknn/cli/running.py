@@ -1,0 +1,178 @@
+"""`rwkv2rknn run`, `check`, `eval` and `demo`: the last runs the same functions as the others."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from rwkv2rknn.cli.app import BACKEND, SEED, check_out_file, cli, handle_errors, say
+from rwkv2rknn.errors import UsageError
+
+
+def _parse_tokens(text: str, vocab: int):
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t != ""]
+    except ValueError:
+        raise UsageError(f"--tokens '{text[:40]}' is not a comma-separated list of token ids",
+                         "write it like --tokens 5,17,300")
+    if not ids:
+        raise UsageError("--tokens is empty", "give at least one token id, like --tokens 5,17,300")
+    bad = [t for t in ids if not 0 <= t < vocab]
+    if bad:
+        raise UsageError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})",
+                         "give ids the model knows")
+    return ids
+
+
+def _check_prompt(prompt: str) -> None:
+    if prompt is None or prompt == "":
+        raise UsageError("the prompt is empty", 'give some text, like --prompt "Once upon a time"')
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError("the prompt is not valid UTF-8", "pass the prompt as UTF-8 text")
+
+
+@cli.command()
+@click.argument("artifact", required=False, type=click.Path())
+@click.option("--prompt", default=None, help="Text to continue.")
+@click.option("--max-tokens", type=int, default=64, show_default=True, help="Tokens to generate (1..65536).")
+@click.option("--temperature", type=click.FloatRange(0, 100), default=0.8, show_default=True,
+              help="Sampling temperature (0: greedy).")
+@click.option("--top-p", type=click.FloatRange(0, 1), default=0.9, show_default=True, help="Nucleus sampling.")
+@click.option("--seed", type=SEED, default=None, help="Random seed for sampling.")
+@click.option("--backend", type=BACKEND, default="auto",
+              show_default=True, help="Where NPU segments run (CPU segments always use onnxruntime).")
+@click.option("--core-mask", default="auto", show_default=True,
+              help="rknn-lite only: NPU cores (auto, 0, 1, 2, 0_1, 0_1_2).")
+@click.option("--tokenizer", default=None, help="bytes, world, or a tokenizer.json path (default: the model's).")
+@click.option("--tokens", default=None, help="Evaluation: feed these comma-separated token ids instead of a prompt.")
+@click.option("--logits-out", type=click.Path(dir_okay=False), default=None,
+              help="With --tokens: save float32 logits [T, vocab] to this .npy file.")
+@handle_errors
+def run(artifact, prompt, max_tokens, temperature, top_p, seed, backend, core_mask, tokenizer,
+        tokens, logits_out):
+    """Generate text with a compiled ARTIFACT (default: the bundled model, compiled on first use).
+
+    ARTIFACT may also be an uncompiled folder of per-layer files with --backend ort: that is the
+    pure ONNX Runtime reference.
+    """
+    if tokens is None and prompt is None:
+        raise UsageError("nothing to do", 'give --prompt "text" (or --tokens ids --logits-out file.npy)')
+    if tokens is not None and prompt is not None:
+        raise UsageError("--tokens and --prompt go separately", "give one of them")
+    if logits_out and tokens is None:
+        raise UsageError("--logits-out needs --tokens", "give --tokens 5,17,300")
+    check_out_file(logits_out, "--logits-out")
+    if tokens is None:
+        _check_prompt(prompt)
+        if not 1 <= max_tokens <= 65536:
+            raise UsageError(f"--max-tokens {max_tokens} is out of range", "give 1 to 65536")
+    from rwkv2rknn.runtime.loader import open_model
+    model, tok_spec = open_model(artifact, backend, core_mask, echo=say)
+    if tokens is not None:
+        import numpy as np
+        ids = _parse_tokens(tokens, model.vocab)
+        logits = model.logits(ids)
+        if logits_out:
+            np.save(logits_out, logits.astype(np.float32))
+            say(f"saved logits {list(logits.shape)} to {logits_out}")
+        else:
+            click.echo(" ".join(str(int(i)) for i in logits.argmax(1)))
+        return
+    _print_generation(model, tokenizer or tok_spec, prompt, max_tokens, temperature, top_p, seed)
+
+
+def _print_generation(model, tok_spec, prompt, max_tokens, temperature, top_p, seed):
+    """Stream the prompt and its continuation to stdout, then the timing line to stderr."""
+    from rwkv2rknn.generate import generate_text
+
+    def on_text(text):
+        click.echo(text, nl=False)
+        sys.stdout.flush()
+
+    res = generate_text(model, tok_spec, prompt, max_tokens, temperature, top_p, seed, on_text=on_text)
+    click.echo()
+    ttft = f"{1000 * res.ttft_s:.0f} ms" if res.ttft_s is not None else "n/a"
+    click.echo(f"[{res.prompt_tokens} prompt tokens, {len(res.ids)} generated; time to first token {ttft}, "
+               f"{res.decode_tokens_per_s:.1f} tokens/s]", err=True)
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path())
+@click.option("--tokens", "n_tokens", type=click.IntRange(1, 4096), default=32, show_default=True,
+              help="Seeded random tokens to teacher-force.")
+@click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option("--backend", type=BACKEND, default="auto", show_default=True)
+@click.option("--reference", type=click.Path(), default=None,
+              help="The source to compare against: per-layer folder or whole-model .onnx (default: "
+                   "the one the artifact was compiled from).")
+@click.option("--per-segment", is_flag=True, help="Also compare every NPU segment alone against onnxruntime.")
+@click.option("--min-top1", type=click.FloatRange(0, 1), default=0.99, show_default=True)
+@click.option("--max-rel", type=click.FloatRange(0, None), default=None,
+              help="Max logit error relative to the logit scale (default: 1e-4 for ort on fp32 files, else 0.05).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@handle_errors
+def check(artifact, n_tokens, seed, backend, reference, per_segment, min_top1, max_rel, as_json):
+    """Run ARTIFACT and pure ONNX Runtime on the same tokens and compare; exit 1 outside tolerance."""
+    from rwkv2rknn.check import run_check
+    rep, chosen = run_check(artifact, n_tokens, seed, backend, reference, per_segment, min_top1, max_rel)
+    _print_check(rep, chosen, as_json)
+
+
+def _print_check(rep, chosen: str, as_json: bool = False) -> None:
+    """Print a check report and exit: 0 inside tolerance, 1 outside."""
+    import json
+    if as_json:
+        click.echo(json.dumps({"backend": chosen, **rep.to_dict()}, indent=1))
+    else:
+        click.echo(f"backend {chosen}: {rep.summary()}")
+        for s in rep.per_segment:
+            click.echo(f"  {s['segment']}: max rel error {s['max_rel']:.3g}")
+    sys.exit(0 if rep.passed else 1)
+
+
+@cli.command(name="eval")
+@click.argument("artifact", type=click.Path())
+@click.option("--text", "text_file", required=True, type=click.Path(dir_okay=False),
+              help="UTF-8 text file to score.")
+@click.option("--max-bytes", type=click.IntRange(16, 10 ** 8), default=20000, show_default=True,
+              help="Score at most this many bytes from the start of the file.")
+@click.option("--backend", type=BACKEND, default="auto", show_default=True)
+@click.option("--tokenizer", default=None, help="bytes, world, or a tokenizer.json path (default: the model's).")
+@handle_errors
+def eval_cmd(artifact, text_file, max_bytes, backend, tokenizer):
+    """Bits per byte of ARTIFACT (or a per-layer folder with --backend ort) on a text file."""
+    from rwkv2rknn.evaluate import bits_per_byte, read_text
+    from rwkv2rknn.generate import model_tokenizer
+    from rwkv2rknn.runtime.loader import open_model
+    text = read_text(text_file, max_bytes)
+    model, tok_spec = open_model(artifact, backend, echo=say)
+    score = bits_per_byte(model, model_tokenizer(tokenizer or tok_spec), text)
+    click.echo(f"{score.bits_per_byte:.4f} bits per byte over {score.bytes} bytes "
+               f"({score.tokens} tokens, next-token top-1 {100 * score.top1:.1f}%)")
+
+
+@cli.command()
+@click.option("--prompt", default="The", show_default=True, help="Text to continue.")
+@click.option("--max-tokens", type=click.IntRange(1, 65536), default=200, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option("--backend", type=BACKEND, default="auto", show_default=True)
+@handle_errors
+def demo(prompt, max_tokens, seed, backend):
+    """The whole flow on the bundled model: export, compile (plan table), generate, check."""
+    from rwkv2rknn.check import run_check
+    from rwkv2rknn.models import bundled
+    from rwkv2rknn.runtime.hybrid import load_manifest
+    from rwkv2rknn.runtime.loader import open_model
+    _check_prompt(prompt)
+    say("== 1. export and compile the bundled model (cached after the first run)")
+    artifact = bundled.ensure_compiled(echo=say)
+    click.echo(f"artifact: {artifact}\n")
+    click.echo(load_manifest(artifact).table())
+    say("\n== 2. generate")
+    model, tok_spec = open_model(artifact, backend, echo=say)
+    _print_generation(model, tok_spec, prompt, max_tokens, 0.8, 0.9, seed)
+    say("\n== 3. check against pure onnxruntime over the per-layer files")
+    _print_check(*run_check(artifact, 32, 0, backend))
