@@ -242,3 +242,23 @@ def test_build_fallback_reason_is_the_toolkits_own_line(tmp_path):
     onnx.save(m, str(tmp_path / "bad.onnx"))
     reason = build_rknn(str(tmp_path / "bad.onnx"), str(tmp_path / "bad.rknn"))
     assert "Reshape" in reason and "constant" in reason and "Traceback" not in reason
+
+
+def test_state_outputs_without_matching_names_pair_by_position(small_sd, tmp_path, tokens,
+                                                               per_layer_logits):
+    """Another exporter's names: outputs that do not echo the inputs pair by position among
+    outputs of the same shape; the accumulators are still learned from the graph."""
+    import onnx
+    model = rwkv2onnx.build(small_sd)
+    rename = {o.name: f"next_{k}" for k, o in enumerate(model.graph.output) if o.name != "output"}
+    for o in model.graph.output:
+        o.name = rename.get(o.name, o.name)
+    for n in model.graph.node:
+        n.output[:] = [rename.get(x, x) for x in n.output]
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    m = compile_model(str(tmp_path / "m.onnx"), str(tmp_path / "art"), PLAN)
+    assert any("state paired by position" in r for r in m.report)
+    assert [s.output for s in m.state[:2]] == ["next_1", "next_2"]
+    assert [s.accumulator for s in m.state[:5]] == [False, True, True, True, False]
+    got = HybridModel(str(tmp_path / "art")).logits(tokens[:8])
+    assert _rel(got, per_layer_logits[:8]) < 1e-5
