@@ -33,7 +33,7 @@ from typing import Dict
 import numpy as np
 
 from rwkv2rknn.errors import BadInput, UnsupportedModel
-from rwkv2rknn.ir import Context, bypass, const_value
+from rwkv2rknn.ir import Context, bypass, const_value, replace_uses
 
 NAME = "canonicalize"
 OPSET = 17
@@ -153,28 +153,9 @@ def file_facts(model) -> dict:
 
 
 def run(ctx: Context) -> None:
-    import onnx_graphsurgeon as gs
-    from onnx import shape_inference
-
-    from rwkv2rknn.ir import export
-
     graph = ctx.graph
     pinned = _pin_inputs(graph)
-    model = export(graph)
-    del graph
-    del model.graph.value_info[:]
-    for o in model.graph.output:  # recomputed from the pinned inputs
-        o.type.tensor_type.ClearField("shape")
-    try:  # strict: a graph whose types do not agree is refused here, as onnxruntime would
-        model = shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
-    except shape_inference.InferenceError as e:
-        msg = " ".join(str(e).split())
-        raise BadInput(f"{os.path.basename(ctx.source) or 'the model'} is not a valid ONNX graph "
-                       f"({msg[-200:]})", "export it again; onnxruntime refuses it too") from e
-    except ValueError as e:  # a model over 2 GB cannot be inferred in memory: fold as it is
-        log.info("shape inference skipped (%s); continuing with onnx-graphsurgeon's shapes", e)
-    graph = gs.import_onnx(model)
-    del model
+    _infer_types(graph, os.path.basename(ctx.source) or "the model")
     before = len(graph.nodes)
     from onnx_graphsurgeon.logger import G_LOGGER
     severity, G_LOGGER.severity = G_LOGGER.severity, G_LOGGER.ERROR
@@ -206,6 +187,50 @@ def run(ctx: Context) -> None:
                    + partial
                    + (f"; {len(untyped)} tensor(s) without a type (first: {untyped[0]})"
                       if untyped else ""))
+
+
+def _infer_types(graph, what: str) -> None:
+    """Every variable tensor gets the dtype and shape onnx shape inference gives it. Inference
+    runs on the graph exported with its big constants standing in as graph inputs of the same
+    type and shape (so the weights are not copied); a graph whose types do not agree is refused,
+    as onnxruntime would refuse it."""
+    import onnx_graphsurgeon as gs
+    from onnx import helper, shape_inference
+
+    from rwkv2rknn.ir import export
+    swaps = []  # (constant, stand-in input): the weights are neither loaded nor copied
+    for t in list(graph.tensors().values()):
+        if isinstance(t, gs.Constant) and int(np.prod(t.shape)) > 4096:
+            v = gs.Variable(t.name, dtype=t.dtype, shape=list(t.shape))
+            replace_uses(t, v)
+            swaps.append((t, v))
+    try:
+        model = export(gs.Graph(nodes=graph.nodes, inputs=graph.inputs + [v for _, v in swaps],
+                                outputs=graph.outputs, opset=graph.opset))
+    finally:
+        for t, v in swaps:
+            replace_uses(v, t)
+    del model.graph.value_info[:]
+    for o in model.graph.output:  # recomputed from the pinned inputs
+        o.type.tensor_type.ClearField("shape")
+    try:
+        model = shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+    except shape_inference.InferenceError as e:
+        msg = " ".join(str(e).split())
+        raise BadInput(f"{what} is not a valid ONNX graph ({msg[-200:]})",
+                       "export it again; onnxruntime refuses it too") from e
+    found = {}
+    for v in list(model.graph.value_info) + list(model.graph.output):
+        tt = v.type.tensor_type
+        if tt.elem_type:
+            dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                    for d in tt.shape.dim] if tt.HasField("shape") else None
+            found[v.name] = (helper.tensor_dtype_to_np_dtype(tt.elem_type), dims)
+    inputs = {t.name for t in graph.inputs}
+    for t in graph.tensors().values():
+        if isinstance(t, gs.Variable) and t.name not in inputs:
+            dtype, shape = found.get(t.name, (t.dtype, None))
+            t.dtype, t.shape = dtype, shape
 
 
 def _pin_inputs(graph) -> int:

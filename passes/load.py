@@ -24,7 +24,7 @@ import numpy as np
 
 from rwkv2rknn import io
 from rwkv2rknn.errors import BadInput, UnsupportedModel
-from rwkv2rknn.ir import Context, Options, const_value, replace_uses
+from rwkv2rknn.ir import Context, Options, const_value, is_const, replace_uses
 
 NAME = "load"
 
@@ -45,6 +45,9 @@ def _import(path: str, prefix: str, ctx_facts: Optional[dict] = None):
     except Exception as e:
         raise BadInput(f"'{path}' cannot be read as a graph ({type(e).__name__}: {str(e)[:80]})",
                        "the file is corrupt; export it again") from e
+    for t in graph.tensors().values():  # the weights as arrays now, so the file's proto goes:
+        if is_const(t):  # (else the folding would load them later with the proto still held)
+            t.values = np.asarray(t.values)
     del model
     _lower_constants(graph)
     for t in graph.tensors().values():
