@@ -4,6 +4,12 @@
 
     segments/s001_npu_L0.onnx --(child: rknn-toolkit2 build)--> cache/<sha256>.rknn --> segments/s001_npu_L0.rknn
                                  '-- crash / refusal --> the segment falls back to the CPU (reported)
+    segments/s003_npu_L0-L1.seq.onnx --(T in 2, 16, 32, 64)--> segments/s003_npu_L0-L1.seq.rknn
+                                 (decode runs it with 2 rows; no per-token .rknn: weights once)
+
+A segment with a T-row (prefill) variant gets one build of that variant for the prefill row
+counts and for DECODE_ROWS: token steps run it with the token in row 0. Where that build fails,
+the per-token graph is built alone and prefill runs token by token.
 
 rknn-toolkit2 reports errors three ways (exceptions, return codes, and killing its own process),
 so each build runs in a child process with a time limit. Results are cached by the SHA-256 of
@@ -33,6 +39,10 @@ from rwkv2rknn.io import cache_root, remove_quietly, remove_stale
 from rwkv2rknn.ir import Context, GraphSegment
 
 NAME = "build"
+# Row count a token step runs with on a T-row build. rknn-toolkit2 2.5.0 builds several row counts
+# into one .rknn with dynamic_input, but a 1-row shape among them makes the other shapes compute
+# wrong results (measured: relative error ~1 at T = 16); with 2 rows every shape is right.
+DECODE_ROWS = 2
 
 
 def cache_key(onnx_bytes: bytes, target: str, toolkit: str) -> str:
@@ -109,6 +119,14 @@ def run(ctx: Context, out_dir: str,
     built = hits = failed = 0
     todo = [seg for seg in ctx.segments if seg.device == "npu"]
     for i, seg in enumerate(todo, 1):
+        if seg.seq_model is not None and opts.prefill_rows:
+            status = _build_shared(seg, out_dir, cache, version, opts)
+            if status:  # one build serves decode and prefill
+                hits += status == "cached"
+                built += status != "cached"
+                if progress:
+                    progress(seg, status + " (decode and T rows)", i, len(todo))
+                continue
         onnx_path = os.path.join(out_dir, "segments", seg.name + ".onnx")
         with open(onnx_path, "rb") as f:
             key = cache_key(f.read(), opts.target, version)
@@ -134,8 +152,6 @@ def run(ctx: Context, out_dir: str,
         shutil.copyfile(entry, dest)
         seg.rknn = f"segments/{seg.name}.rknn"
         seg.cache_key = key
-        if seg.seq_model is not None and opts.prefill_rows:
-            status += _build_seq(seg, out_dir, cache, version, opts)
         if progress:
             progress(seg, status, i, len(todo))
     ctx.note(NAME, f"{built} built, {hits} from the cache ({cache}), {failed} fell back to the CPU"
@@ -145,24 +161,27 @@ def run(ctx: Context, out_dir: str,
         ctx.note(NAME, f"T-row builds failed for {', '.join(seq_failed)}: their prefill runs token by token")
 
 
-def _build_seq(seg: GraphSegment, out_dir: str, cache: str, version: str, opts) -> str:
-    """The T-row (prefill) variant of an NPU segment, one graph per row count, weights once."""
-    rows = tuple(sorted(opts.prefill_rows))
+def _build_shared(seg: GraphSegment, out_dir: str, cache: str, version: str, opts) -> str:
+    """The T-row variant of an NPU segment built for DECODE_ROWS and the prefill row counts: one
+    .rknn, weights once, serving token steps (the token in row 0, padding after it) and prefill.
+    Returns 'built' or 'cached', or '' when the build failed (``seg.seq_fallback`` says why; the
+    caller then builds the per-token graph alone and prefill runs token by token)."""
+    rows = tuple(sorted({DECODE_ROWS, *opts.prefill_rows}))
     onnx_path = os.path.join(out_dir, "segments", seg.name + ".seq.onnx")
     with open(onnx_path, "rb") as f:
         key = cache_key(f.read() + repr(rows).encode(), opts.target, version)
     entry = os.path.join(cache, key + ".rknn")
-    note = ", T-rows cached"
+    status = "cached"
     if not (os.path.isfile(entry) and os.path.getsize(entry) > 0):
         reason = build_child(onnx_path, entry, opts.target, opts.verbose, opts.build_timeout, rows)
         if reason:
             seg.seq_fallback = reason
-            return ", T-rows failed"
-        note = ", T-rows built"
+            return ""
+        status = "built"
     shutil.copyfile(entry, os.path.join(out_dir, "segments", seg.name + ".seq.rknn"))
-    seg.seq_rknn = f"segments/{seg.name}.seq.rknn"
-    seg.seq_rows = rows
-    return note
+    seg.seq_rknn = seg.rknn = f"segments/{seg.name}.seq.rknn"
+    seg.seq_rows, seg.decode_rows, seg.cache_key = rows, DECODE_ROWS, key
+    return status
 
 
 def _main(argv=None) -> int:

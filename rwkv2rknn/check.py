@@ -1,113 +1,169 @@
-"""`rwkv2rknn check`: the hybrid executor against pure ONNX Runtime on the same seeded tokens."""
+"""`rwkv2rknn check`: the hybrid executor against pure ONNX Runtime on the same seeded tokens
+(on the per-layer files the artifact was compiled from, or on its whole-model file).
+
+Four gates, each with a stated tolerance (``Tolerances``), each able to fail the check:
+
+- decode: token by token, the logits (top-1 agreement, max relative error) and the state at the
+  end (drift relative to the state's scale) against the reference;
+- prefill: the same tokens fed in chunks through the T-row variants, the path `run` takes for
+  every prompt: logits and final state against the same reference;
+- per segment (``--per-segment``): every NPU segment's runner fed the hybrid run's own inputs,
+  against that segment's ONNX on onnxruntime; and every T-row variant, fed the same rows at once,
+  against the per-token ONNX row by row (a T-row variant must compute what the token step does).
+"""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 
-from rwkv2rknn.compare import Report, compare_logits
+from rwkv2rknn.compare import Report, compare_logits, rel_error
 from rwkv2rknn.errors import BadInput
 
 
+@dataclass(frozen=True)
+class Tolerances:
+    min_top1: float = 0.99
+    max_rel: float = 0.05  # logits: max |got - ref| / max |ref| per step
+    max_state_drift: float = 0.05  # state after the last token: max |got - ref| / max |ref|
+    max_segment_rel: float = 0.02  # one NPU segment (or T-row variant) against its ONNX
+
+    @classmethod
+    def default(cls, backend: str, source_dtype: str, min_top1: float = 0.99,
+                max_rel: Optional[float] = None) -> "Tolerances":
+        """fp32 files on onnxruntime must agree to rounding; anything through fp16 (the files or
+        the NPU) within fp16's error, accumulated over the tokens."""
+        exact = backend == "ort" and source_dtype == "float32"
+        return cls(min_top1=min_top1, max_rel=max_rel if max_rel is not None else (1e-4 if exact else 0.05),
+                   max_state_drift=1e-4 if exact else 0.05,
+                   max_segment_rel=1e-5 if backend == "ort" else 0.02)
+
+
 def default_tolerance(backend: str, source_dtype: str) -> float:
-    return 1e-4 if backend == "ort" and source_dtype == "float32" else 0.05
+    return Tolerances.default(backend, source_dtype).max_rel
 
 
 def run_check(artifact: str, n_tokens: int = 32, seed: int = 0, backend: str = "auto",
               reference: Optional[str] = None, per_segment: bool = False, min_top1: float = 0.99,
-              max_rel: Optional[float] = None):
-    from rwkv2rknn.models import rwkv4
+              max_rel: Optional[float] = None, prefill: bool = True):
     from rwkv2rknn.runtime.hybrid import HybridModel, load_manifest, resolve_backend
+
     manifest = load_manifest(artifact)
     if not manifest.token_input or not manifest.logits_output:
         raise BadInput(f"'{artifact}' was compiled from a single ONNX graph, not a whole model",
                        "compile a whole model (a per-layer folder or one file with token, state "
                        "and logits) to check it")
-    if manifest.model.get("source_state"):
-        return _check_whole_file(artifact, manifest, n_tokens, seed, backend, reference,
-                                 per_segment, min_top1, max_rel)
+    chosen = resolve_backend(backend)
+    if manifest.model.get("source_state"):  # compiled from a whole-model file
+        from rwkv2rknn.runtime.reference import WholeFileModel
+        ref = WholeFileModel(reference or str(manifest.model.get("source", "")), manifest.token_input,
+                             manifest.logits_output, manifest.model["source_state"])
+        hybrid = HybridModel(artifact, backend=chosen)
+        if ref.vocab and ref.vocab != hybrid.vocab:
+            raise BadInput("the reference file is not the model the artifact was compiled from",
+                           "pass the right --reference FILE")
+    else:
+        ref, hybrid = _per_layer_reference(artifact, manifest, reference, chosen)
+    states = _state_views(hybrid, ref)
+    tol = Tolerances.default(chosen, str(manifest.model.get("source_dtype")), min_top1, max_rel)
+    tokens = [int(t) for t in np.random.default_rng(seed).integers(0, hybrid.vocab, n_tokens)]
+    try:
+        h_state, r_state = hybrid.init_state(), ref.init_state()
+        got, want, traces = [], [], []
+        for t in tokens:
+            env = {} if per_segment else None
+            got.append(hybrid.step(t, h_state, trace=env))
+            want.append(ref.step(t, r_state))
+            traces.append(env)
+        want = np.stack(want)
+        rep = _compare(np.stack(got), want, *states(h_state, r_state), tol)
+        if prefill and len(tokens) > 1 and hybrid.prepare_prefill():
+            p_state = hybrid.init_state()
+            rep.prefill = _compare(hybrid.prefill(tokens, p_state), want, *states(p_state, r_state),
+                                   tol).to_dict()
+            rep.failures += [f"prefill: {f}" for f in rep.prefill["failures"]]
+        if per_segment:
+            rep.per_segment = _per_segment(artifact, hybrid, traces, manifest.state)
+            rep.tolerance["max_segment_rel"] = tol.max_segment_rel
+            rep.failures += [f"segment {s['segment']}{' (T rows)' if s['rows'] else ''}: max rel error "
+                             f"{s['max_rel']:.3g} > {tol.max_segment_rel:g}"
+                             for s in rep.per_segment if not s["max_rel"] <= tol.max_segment_rel]
+        rep.passed = not rep.failures
+    finally:
+        hybrid.close()
+    return rep, chosen
+
+
+def _per_layer_reference(artifact, manifest, reference, backend):
+    """(pure onnxruntime over the per-layer files the artifact was compiled from, the hybrid)."""
+    from rwkv2rknn.runtime.hybrid import HybridModel
     from rwkv2rknn.runtime.reference import PerLayerModel
     ref_dir = reference or str(manifest.model.get("source", ""))
     if not ref_dir or not os.path.isdir(ref_dir):
         raise BadInput(f"the per-layer files the artifact was compiled from are not at '{ref_dir}'",
                        "pass --reference FOLDER")
-    chosen = resolve_backend(backend)
-    hybrid = HybridModel(artifact, backend=chosen)
+    hybrid = HybridModel(artifact, backend=backend)
     ref = PerLayerModel(ref_dir)
     if ref.vocab != hybrid.vocab or ref.state_shape[0] != manifest.layers or \
             ref.state_shape[2] != hybrid.width:
         raise BadInput(f"reference '{ref_dir}' is not the model the artifact was compiled from",
                        "pass the right --reference FOLDER")
-    h_state, r_state, got, want, traces = _steps(hybrid, ref, n_tokens, seed, per_segment)
-    tol = max_rel if max_rel is not None else default_tolerance(chosen, str(manifest.model.get("source_dtype")))
-    rows = list(rwkv4.STATE_ROWS)
-    rep: Report = compare_logits(got, want, min_top1=min_top1, max_rel=tol,
-                                 state_got=hybrid.state_as_layers(h_state, rows),
-                                 state_ref=r_state.astype(np.float32))
-    if per_segment:
-        rep.per_segment = _per_segment(artifact, hybrid, traces)
-    hybrid.close()
-    return rep, chosen
+    return ref, hybrid
 
 
-def _steps(hybrid, ref, n_tokens: int, seed: int, per_segment: bool):
-    """Both models on the same seeded tokens from their initial states: (hybrid state,
-    reference state, hybrid logits [T, V], reference logits [T, V], per-step traces)."""
-    tokens = [int(t) for t in np.random.default_rng(seed).integers(0, hybrid.vocab, n_tokens)]
-    h_state, r_state = hybrid.init_state(), ref.init_state()
-    got, want, traces = [], [], []
-    for t in tokens:
-        env = {} if per_segment else None
-        got.append(hybrid.step(t, h_state, trace=env))
-        want.append(ref.step(t, r_state))
-        if per_segment:
-            traces.append(env)
-    return h_state, r_state, np.stack(got), np.stack(want), traces
-
-
-def _check_whole_file(artifact, manifest, n_tokens, seed, backend, reference, per_segment,
-                      min_top1, max_rel):
-    """Against pure ONNX Runtime on the whole-model file the artifact was compiled from."""
-    from rwkv2rknn.runtime.hybrid import HybridModel, resolve_backend
-    from rwkv2rknn.runtime.reference import WholeFileModel
-    chosen = resolve_backend(backend)
-    ref = WholeFileModel(reference or str(manifest.model.get("source", "")), manifest.token_input,
-                         manifest.logits_output, manifest.model["source_state"])
-    hybrid = HybridModel(artifact, backend=chosen)
-    if ref.vocab and ref.vocab != hybrid.vocab:
-        raise BadInput("the reference file is not the model the artifact was compiled from",
-                       "pass the right --reference FILE")
-    h_state, r_state, got, want, traces = _steps(hybrid, ref, n_tokens, seed, per_segment)
-    tol = max_rel if max_rel is not None else default_tolerance(chosen, str(manifest.model.get("source_dtype")))
+def _state_views(hybrid, ref):
+    """A function (hybrid state, reference state) -> (the two as comparable arrays), or
+    (None, None) where the reference's state entries have no counterpart by name."""
+    from rwkv2rknn.models import rwkv4
+    from rwkv2rknn.runtime.reference import PerLayerModel
+    if isinstance(ref, PerLayerModel):
+        rows = list(rwkv4.STATE_ROWS)
+        return lambda h, r: (hybrid.state_as_layers(h, rows), r.astype(np.float32))
     slots = {s.input: k for k, s in enumerate(hybrid.slots)}
-    same = all(i in slots for i in r_state)  # state entries kept their names: compare them too
-    rep: Report = compare_logits(
-        got, want, min_top1=min_top1, max_rel=tol,
-        state_got=np.stack([h_state[slots[i]] for i in r_state]) if same else None,
-        state_ref=np.stack([np.asarray(v, np.float32).reshape(-1) for v in r_state.values()]) if same else None)
-    if per_segment:
-        rep.per_segment = _per_segment(artifact, hybrid, traces)
-    hybrid.close()
-    return rep, chosen
+    if not all(i in slots for i, _, _ in ref.pairs):
+        return lambda h, r: (None, None)
+    return lambda h, r: (np.stack([h[slots[i]] for i in r]),
+                         np.stack([np.asarray(v, np.float32).reshape(-1) for v in r.values()]))
 
 
-def _per_segment(artifact, hybrid, traces):
-    """Each NPU segment fed the hybrid run's own inputs, against its ONNX on onnxruntime."""
+def _compare(got, want, state_got, state_ref, tol: Tolerances) -> Report:
+    return compare_logits(got, want, min_top1=tol.min_top1, max_rel=tol.max_rel,
+                          state_got=state_got, state_ref=state_ref,
+                          max_state_drift=tol.max_state_drift)
+
+
+def _per_segment(artifact, hybrid, traces, slots):
+    """Each NPU segment fed the hybrid run's own inputs, against its ONNX on onnxruntime; each
+    T-row variant fed those inputs as rows, against the per-token ONNX row by row."""
     from rwkv2rknn.runtime.ort import OrtRunner
+    slot_inputs = {s.input for s in slots}
+    seq = hybrid.prefill_runners() or [None] * len(hybrid.runners)
     out = []
-    for seg, runner in zip(hybrid.manifest.segments, hybrid.runners):
+    for seg, runner, seq_runner in zip(hybrid.manifest.segments, hybrid.runners, seq):
         if seg.backend != "npu":
             continue
         ref = OrtRunner(os.path.join(artifact, seg.onnx), seg.name)
-        worst = 0.0
-        for env in traces:
-            feed = {k: env[k] for k in seg.inputs}
-            a, b = runner.infer(feed), ref.infer(feed)
-            for k in seg.outputs:
-                scale = max(float(np.max(np.abs(b[k]))), 1e-30)
-                worst = max(worst, float(np.max(np.abs(np.asarray(a[k], np.float64).reshape(-1) -
-                                                       np.asarray(b[k], np.float64).reshape(-1)))) / scale)
-        out.append({"segment": seg.name, "backend": runner.backend, "max_rel": worst})
+        feeds = [{k: env[k] for k in seg.inputs} for env in traces]
+        want = [ref.infer(f) for f in feeds]
+        worst = max((rel_error(runner.infer(f)[k], w[k]) for f, w in zip(feeds, want)
+                     for k in seg.outputs), default=0.0)
+        out.append({"segment": seg.name, "backend": runner.backend, "rows": 0, "max_rel": worst})
+        if seq_runner is not None:
+            n = min(len(feeds), max(getattr(seq_runner, "rows", ()) or (len(feeds),)))
+            t = min((r for r in getattr(seq_runner, "rows", ()) if r >= n), default=n)
+            feed = {k: (feeds[0][k] if k in slot_inputs else _rows(feeds[:n], k, t)) for k in seg.inputs}
+            got = seq_runner.infer(feed)
+            worst = max((rel_error(np.asarray(got[k], np.float32).reshape(t, -1)[i], want[i][k])
+                         for i in range(n) for k in seg.outputs), default=0.0)
+            out.append({"segment": seg.name, "backend": seq_runner.backend, "rows": t, "max_rel": worst})
+        ref.close()
     return out
+
+
+def _rows(feeds, name: str, t: int) -> np.ndarray:
+    """Input ``name`` of consecutive token steps as rows, zero rows after them up to ``t``."""
+    rows = np.stack([np.asarray(f[name], np.float32).reshape(-1) for f in feeds])
+    return np.concatenate([rows, np.zeros((t - len(rows), rows.shape[1]), np.float32)])

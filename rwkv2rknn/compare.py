@@ -29,6 +29,7 @@ class Report:
     passed: bool = True
     failures: List[str] = field(default_factory=list)
     per_segment: list = field(default_factory=list)
+    prefill: Optional[dict] = None  # the same comparison for the prompt (T-row) path
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -39,7 +40,18 @@ class Report:
              f"min cosine {self.min_cosine:.6f}")
         if self.state_drift is not None:
             s += f", state drift {self.state_drift:.3g}"
+        if self.prefill is not None:
+            p = self.prefill
+            s += (f"; prefill: top-1 {100 * p['top1_agreement']:.1f}%, max rel error "
+                  f"{p['max_rel']:.3g}, state drift {p['state_drift']:.3g}")
         return s + (" -- PASS" if self.passed else " -- FAIL: " + "; ".join(self.failures))
+
+
+def rel_error(got, ref) -> float:
+    """max |got - ref| / max |ref| over every element (shapes may differ only by size-1 axes)."""
+    a = np.asarray(got, np.float64).reshape(-1)
+    b = np.asarray(ref, np.float64).reshape(-1)
+    return float(np.max(np.abs(a - b))) / max(float(np.max(np.abs(b))), 1e-30) if b.size else 0.0
 
 
 def compare_logits(got: np.ndarray, ref: np.ndarray, min_top1: float = 0.99,

@@ -54,7 +54,8 @@ def manifest_segment(ctx: Context, s: GraphSegment, out_dir: str, plan_only: boo
         rknn_sha256=rel_sha(rknn_rel), fallback=s.fallback, est_ms=round(float(s.est_ms), 6),
         est_prefill_ms=round(float(s.est_prefill_ms), 6), seq_onnx=seq_rel,
         seq_sha256=rel_sha(seq_rel), seq_rknn=seq_rknn,
-        seq_rows=tuple(s.seq_rows) if seq_rknn else (), seq_rknn_sha256=rel_sha(seq_rknn))
+        seq_rows=tuple(s.seq_rows) if seq_rknn else (), seq_rknn_sha256=rel_sha(seq_rknn),
+        decode_rows=s.decode_rows if on_npu else 0)
 
 
 def make_manifest(ctx: Context, out_dir: str, toolkit: str, plan_only: bool) -> Manifest:
@@ -146,7 +147,9 @@ def whole_graph(model_path: str):
             [(s.input, s.output) for s in ctx.state])
 
 
-def build_rknn(onnx_path: str, rknn_path: str, target: str = "rk3588", timeout: float = 600.0) -> str:
-    """Build one ONNX file into an .rknn in a child process; '' on success, else why not."""
+def build_rknn(onnx_path: str, rknn_path: str, target: str = "rk3588", timeout: float = 600.0,
+               rows=()) -> str:
+    """Build one ONNX file into an .rknn in a child process (a T-row file: one graph per row
+    count in ``rows``); '' on success, else why not."""
     from rwkv2rknn.passes.build import build_child
-    return build_child(onnx_path, rknn_path, target, False, timeout)
+    return build_child(onnx_path, rknn_path, target, False, timeout, rows)

@@ -82,6 +82,7 @@ class GraphSegment:
     seq_rknn: Optional[str] = None  # the T-row variant's build, one graph per row count
     seq_rows: Tuple[int, ...] = ()
     seq_fallback: str = ""  # why the T-row build failed (prefill then runs token by token)
+    decode_rows: int = 0  # > 0: token steps run the T-row build (rknn == seq_rknn), no per-token one
 
     @property
     def stages(self) -> List[str]:

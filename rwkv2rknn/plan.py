@@ -45,6 +45,10 @@ class Segment:
     seq_rknn: Optional[str] = None  # its NPU build, one graph per row count in seq_rows
     seq_rknn_sha256: str = ""
     seq_rows: Tuple[int, ...] = ()
+    # > 0: the segment has no per-token .rknn; a token step runs its T-row build (``rknn`` is the
+    # same file as ``seq_rknn``) with this many rows, the token in row 0 and padding after it:
+    # one copy of the weights for decode and prefill
+    decode_rows: int = 0
 
 
 @dataclass(frozen=True)
@@ -252,10 +256,13 @@ def _segment(s) -> Segment:
                   seq_sha256=str(s.get("seq_sha256", "")),
                   seq_rknn=s.get("seq_rknn") if isinstance(s.get("seq_rknn"), str) else None,
                   seq_rknn_sha256=str(s.get("seq_rknn_sha256", "")),
-                  seq_rows=tuple(int(r) for r in s.get("seq_rows", []) or []))
+                  seq_rows=tuple(int(r) for r in s.get("seq_rows", []) or []),
+                  decode_rows=int(s.get("decode_rows", 0)))
     if not seg.stages:
         raise ValueError(f"segment '{seg.name}' covers no stages")
-    if min(seg.ops, seg.matmuls, seg.flops) < 0:
+    if seg.decode_rows and (seg.decode_rows not in seg.seq_rows or seg.rknn != seg.seq_rknn):
+        raise ValueError(f"segment '{seg.name}' decodes on a T-row build it does not have")
+    if min(seg.ops, seg.matmuls, seg.flops, seg.decode_rows) < 0:
         raise ValueError(f"segment '{seg.name}' has a negative op count")
     for p in [seg.onnx] + [x for x in (seg.rknn, seg.seq_onnx, seg.seq_rknn) if x]:
         if os.path.isabs(p) or ".." in p.replace("\\", "/").split("/"):

@@ -57,6 +57,22 @@ def test_demo_compiles_generates_and_checks_the_bundled_model():
     assert "backend ort: 32 tokens" in r.output and "-- PASS" in r.output
 
 
+def test_eval_scores_an_artifact_as_its_per_layer_files(fp32_dir, fp32_plan_artifact, tmp_path):
+    """`eval` opens an artifact and an uncompiled folder alike (the tokenizer recorded with each)."""
+    import re
+    text = tmp_path / "t.txt"
+    text.write_text("THE QUICK BROWN FOX, 0123456789. " * 8)  # bytes below the vocabulary (97)
+    scores = []
+    for model in (fp32_plan_artifact, fp32_dir):
+        r = invoke("eval", model, "--text", text, "--backend", "ort")
+        assert r.exit_code == 0, r.output
+        scores.append(float(re.search(r"([0-9.]+) bits per byte over 263 bytes", r.output).group(1)))
+    assert "backend: pure onnxruntime over the per-layer files" in r.output
+    assert 0 < scores[0] < 16 and abs(scores[0] - scores[1]) <= 1e-3
+    r = sh("eval", fp32_dir, "--text", text, "--backend", "rknn-sim")
+    assert "uncompiled per-layer model" in one_line_error(r, 2)
+
+
 def test_tokens_logits_out_equals_pure_reference(fp16_artifact, fp16_dir, tmp_path):
     a, b = tmp_path / "hybrid.npy", tmp_path / "ref.npy"
     assert invoke("run", fp16_artifact, "--tokens", "5,17,90", "--logits-out", a,

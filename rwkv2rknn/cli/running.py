@@ -108,14 +108,19 @@ def _print_generation(model, tok_spec, prompt, max_tokens, temperature, top_p, s
 @click.option("--reference", type=click.Path(), default=None,
               help="The source to compare against: per-layer folder or whole-model .onnx (default: "
                    "the one the artifact was compiled from).")
-@click.option("--per-segment", is_flag=True, help="Also compare every NPU segment alone against onnxruntime.")
+@click.option("--per-segment", is_flag=True, help="Also compare every NPU segment and T-row variant alone against its ONNX on onnxruntime.")
 @click.option("--min-top1", type=click.FloatRange(0, 1), default=0.99, show_default=True)
 @click.option("--max-rel", type=click.FloatRange(0, None), default=None,
               help="Max logit error relative to the logit scale (default: 1e-4 for ort on fp32 files, else 0.05).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @handle_errors
 def check(artifact, n_tokens, seed, backend, reference, per_segment, min_top1, max_rel, as_json):
-    """Run ARTIFACT and pure ONNX Runtime on the same tokens and compare; exit 1 outside tolerance."""
+    """Run ARTIFACT and pure ONNX Runtime on the same tokens and compare; exit 1 outside tolerance.
+
+    \b
+    Gates: token-by-token logits and final state; the same tokens as a prompt
+    (chunks through the T-row variants); with --per-segment every NPU segment
+    and T-row variant against its ONNX."""
     from rwkv2rknn.check import run_check
     rep, chosen = run_check(artifact, n_tokens, seed, backend, reference, per_segment, min_top1, max_rel)
     _print_check(rep, chosen, as_json)
@@ -129,7 +134,8 @@ def _print_check(rep, chosen: str, as_json: bool = False) -> None:
     else:
         click.echo(f"backend {chosen}: {rep.summary()}")
         for s in rep.per_segment:
-            click.echo(f"  {s['segment']}: max rel error {s['max_rel']:.3g}")
+            rows = f" ({s['rows']}-row build)" if s.get("rows") else ""
+            click.echo(f"  {s['segment']}{rows}: max rel error {s['max_rel']:.3g}")
     sys.exit(0 if rep.passed else 1)
 
 

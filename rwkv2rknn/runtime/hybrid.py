@@ -74,6 +74,7 @@ class HybridModel:
                 log.warning("artifact was compiled for %s", m.target)
         self._verify, self._threads, self._core_mask = verify, threads, core_mask
         self._seq, self._seq_loaded = None, False  # T-row runners, made on first prefill
+        self._shared = {}  # segment name -> its T-row RKNN runner (decode_rows segments: at load)
         self.runners = []
         for seg in m.segments:
             self.runners.append(self._runner(seg))
@@ -102,6 +103,10 @@ class HybridModel:
             # a segment with no MatMul is a few vector ops: one thread, no pool to wake
             return OrtRunner(onnx_path, seg.name, self._threads if seg.matmuls else 1)
         shapes = {k: list(v) for k, v in seg.shapes.items()}
+        if seg.decode_rows:  # token steps on the T-row build: one copy of the weights
+            slots = {s.input for s in self.manifest.state}
+            return RowStep(self._rknn_seq_runner(seg), seg.decode_rows,
+                           [k for k in seg.inputs if k not in slots], seg.shapes)
         if self.backend == "rknn-sim":
             from rwkv2rknn.runtime.rknn import RknnSimRunner
             return RknnSimRunner(onnx_path, seg.name, seg.inputs, seg.outputs, shapes, m_target(self))
@@ -126,8 +131,8 @@ class HybridModel:
         """Advance by one token; updates ``state`` in place; returns float32 logits [V]."""
         m = self.manifest
         env: Dict[str, np.ndarray] = {m.token_input: np.array([token], np.int32)}
-        for i, slot in enumerate(self.slots):
-            env[slot.input] = state[i]
+        for i, slot in enumerate(self.slots):  # a trace keeps the state before the step
+            env[slot.input] = state[i] if trace is None else state[i].copy()
         for runner, is_npu, seg in zip(self.runners, self._npu, m.segments):
             outs = runner.infer({k: env[k] for k in seg.inputs})
             if is_npu:
@@ -141,7 +146,7 @@ class HybridModel:
 
     # ------------------------------------------------------------------ prefill
 
-    def _seq_runners(self):
+    def prefill_runners(self):
         """Per segment: a T-row runner, or None where the segment runs row by row. None overall
         if this artifact or backend has no prefill path."""
         if self._seq_loaded:
@@ -177,26 +182,36 @@ class HybridModel:
                              seg.name + ".seq", self._threads if seg.matmuls else 1)
         if not seg.seq_rows:
             return None
+        return self._rknn_seq_runner(seg)
+
+    def _rknn_seq_runner(self, seg):
+        """The RKNN runner of a segment's T-row build, made once and shared by token steps
+        (``decode_rows``) and prefill."""
+        if seg.name in self._shared:
+            return self._shared[seg.name]
         if self.backend == "rknn-sim":
             from rwkv2rknn.runtime.rknn import RknnSimRunner
-            return RknnSimRunner(self._path(seg.seq_onnx, seg.seq_sha256),
-                                 seg.name + ".seq", seg.inputs, seg.outputs, None, m_target(self),
-                                 rows=seg.seq_rows)
-        from rwkv2rknn.runtime.rknn import RknnLiteRunner
-        return RknnLiteRunner(self._path(seg.seq_rknn, seg.seq_rknn_sha256),
-                              seg.name + ".seq", seg.inputs, seg.outputs, None, self._core_mask,
-                              rows=seg.seq_rows)
+            runner = RknnSimRunner(self._path(seg.seq_onnx, seg.seq_sha256),
+                                   seg.name + ".seq", seg.inputs, seg.outputs, None, m_target(self),
+                                   rows=seg.seq_rows)
+        else:
+            from rwkv2rknn.runtime.rknn import RknnLiteRunner
+            runner = RknnLiteRunner(self._path(seg.seq_rknn, seg.seq_rknn_sha256),
+                                    seg.name + ".seq", seg.inputs, seg.outputs, None,
+                                    self._core_mask, rows=seg.seq_rows)
+        self._shared[seg.name] = runner
+        return runner
 
     def prepare_prefill(self) -> bool:
         """Load the T-row runners now (the simulator builds them), not in the first prefill.
         True if this artifact and backend have a prefill path."""
-        return self._seq_runners() is not None
+        return self.prefill_runners() is not None
 
     def prefill(self, tokens: Sequence[int], state: np.ndarray, chunk: int = 0) -> np.ndarray:
         """Feed ``tokens`` in chunks, updating ``state``; returns logits [T, V], the same as
         calling ``step`` for each token. Segments with a T-token variant run once per chunk;
         the others (embedding, the recurrence) run row by row."""
-        seq = self._seq_runners()
+        seq = self.prefill_runners()
         if seq is None or len(tokens) == 1:
             return np.stack([self.step(int(t), state) for t in tokens])
         fixed = [set(r.rows) for r in seq if r is not None and getattr(r, "rows", ())]
@@ -273,7 +288,7 @@ class HybridModel:
 
     def close(self) -> None:
         for r in self.runners + [r for r in (self._seq or []) if r is not None]:
-            r.close()
+            r.close()  # closing a shared runner twice is harmless
 
 
 def _check_finite(seg, runner, outs, phase: str = "") -> None:
@@ -287,6 +302,27 @@ def _check_finite(seg, runner, outs, phase: str = "") -> None:
                     "or run with --backend ort to confirm")
             raise NumericalError(f"segment {seg.name} ({backend}) produced NaN/inf in '{name}'"
                                  + (f" {phase}" if phase else ""), hint)
+
+
+class RowStep:
+    """A token step on a T-row build: the token's row first, zero rows after it to make up
+    ``rows``; row 0 of every output is the step's result (rows only read earlier rows)."""
+
+    def __init__(self, runner, rows: int, row_inputs, shapes):
+        self.runner, self.rows, self.row_inputs = runner, rows, set(row_inputs)
+        self.shapes = shapes
+        self.backend, self.inputs, self.outputs = runner.backend, runner.inputs, runner.outputs
+        self.name = getattr(runner, "name", "")
+
+    def infer(self, feed: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        args = {k: (_pad(np.asarray(v, np.float32).reshape(1, -1), self.rows)
+                    if k in self.row_inputs else v) for k, v in feed.items()}
+        outs = self.runner.infer(args)
+        return {k: np.asarray(v, np.float32).reshape(self.rows, -1)[0].reshape(self.shapes[k])
+                for k, v in outs.items()}
+
+    def close(self) -> None:
+        self.runner.close()
 
 
 def _pad(rows: np.ndarray, t: int) -> np.ndarray:

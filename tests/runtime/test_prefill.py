@@ -21,7 +21,7 @@ def test_prefill_equals_one_at_a_time(fp32_plan_artifact, tokens, chunk):
 
 def test_matmul_segments_take_many_rows(fp32_plan_artifact):
     model = HybridModel(fp32_plan_artifact, backend="ort")
-    seq = model._seq_runners()
+    seq = model.prefill_runners()
     segs = model.manifest.segments
     batched = [s.name for s, r in zip(segs, seq) if r is not None]
     assert batched and all(s.matmuls for s in segs if s.name in batched)
@@ -35,8 +35,8 @@ def test_prefill_on_the_npu_simulator(fp16_artifact, fp16_dir, tokens):
     from rwkv2rknn.compare import compare_logits
     from rwkv2rknn.runtime.reference import PerLayerModel
     model = HybridModel(fp16_artifact, backend="rknn-sim")
-    seq = model._seq_runners()
-    assert {r.rows for r in seq if r is not None} == {(16, 32, 64)}
+    seq = model.prefill_runners()
+    assert {r.rows for r in seq if r is not None} == {(2, 16, 32, 64)}
     s1, s2 = model.init_state(), model.init_state()
     one = np.stack([model.step(t, s1) for t in tokens])
     many = model.prefill(tokens, s2)  # 40 tokens: one chunk of 32, one of 8 padded to 16
@@ -51,5 +51,7 @@ def test_prefill_on_the_npu_simulator(fp16_artifact, fp16_dir, tokens):
 def test_prefill_rows_in_manifest(fp16_artifact, fp32_plan_artifact):
     from rwkv2rknn.runtime.hybrid import load_manifest
     npu = [s for s in load_manifest(fp16_artifact).segments if s.backend == "npu"]
-    assert all(s.seq_rknn and s.seq_rows == (16, 32, 64) for s in npu)
+    assert all(s.seq_rknn and s.seq_rows == (2, 16, 32, 64) for s in npu)
+    # one build per NPU segment serves decode (2 rows, the token in row 0) and prefill
+    assert all(s.rknn == s.seq_rknn and s.decode_rows == 2 for s in npu)
     assert all(s.seq_rknn is None for s in load_manifest(fp32_plan_artifact).segments)
