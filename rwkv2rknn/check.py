@@ -116,17 +116,21 @@ def _per_layer_reference(artifact, manifest, reference, backend):
 
 def _state_views(hybrid, ref):
     """A function (hybrid state, reference state) -> (the two as comparable arrays), or
-    (None, None) where the reference's state entries have no counterpart by name."""
+    (None, None) where the reference's state entries have no counterpart by name (then only
+    the logits are compared)."""
     from rwkv2rknn.models import rwkv4
     from rwkv2rknn.runtime.reference import PerLayerModel
     if isinstance(ref, PerLayerModel):
         rows = list(rwkv4.STATE_ROWS)
         return lambda h, r: (hybrid.state_as_layers(h, rows), r.astype(np.float32))
     slots = {s.input: k for k, s in enumerate(hybrid.slots)}
-    if not all(i in slots for i, _, _ in ref.pairs):
+    # an entry kept its name, or a [rows, C] entry was unpacked into rows named NAME.ROW
+    parts = {i: [slots[i]] if i in slots else [slots.get(f"{i}.{row}") for row in rwkv4.STATE_ROWS]
+             for i, _, _ in ref.pairs}
+    if any(None in ks for ks in parts.values()):
         return lambda h, r: (None, None)
-    return lambda h, r: (np.stack([h[slots[i]] for i in r]),
-                         np.stack([np.asarray(v, np.float32).reshape(-1) for v in r.values()]))
+    return lambda h, r: (np.concatenate([h[ks].reshape(-1) for ks in parts.values()]),
+                         np.concatenate([np.asarray(r[i], np.float32).reshape(-1) for i in parts]))
 
 
 def _compare(got, want, state_got, state_ref, tol: Tolerances) -> Report:
