@@ -87,8 +87,9 @@ def build_child(onnx_path: str, rknn_path: str, target: str, verbose: bool,
         return ""
     if proc.returncode < 0:
         return f"the toolkit's process died ({signal.Signals(-proc.returncode).name})"
-    lines = [ln for ln in (err or "").splitlines() if ln.strip()]
-    last = lines[-1].strip()[:320] if lines else "no message"
+    # the child's last line is the toolkit's error; Python's warnings are not the reason
+    lines = [ln for ln in (err or "").splitlines() if ln.strip() and "Warning: " not in ln]
+    last = lines[-1].strip()[:240] if lines else "no message"
     return f"the toolkit's process exited with {proc.returncode} ({last})"
 
 

@@ -107,8 +107,9 @@ def load_folder(folder: str, arch_module):
         have = list(t.shape or [])
         if len(have) != len(want) or any(isinstance(h, int) and h >= 0 and h != w
                                          for h, w in zip(have, want)):
-            raise UnsupportedModel(f"'{t.name}' has shape {have}, expected {want} (width {width} "
-                                   f"from the embedding)", "all files must come from one export")
+            raise UnsupportedModel(f"the per-layer files disagree on the width ('{t.name}' has shape "
+                                   f"{have}, expected {want}: width {width} from the embedding)",
+                                   "all files must come from one export")
         t.shape = want
 
     nodes = list(embed.nodes)
