@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 PROMPT ?= The
 PYTEST_ARGS ?=
 
-.PHONY: install test run bench clean
+.PHONY: install test browser-test run bench clean
 
 install: $(STAMP)
 
@@ -21,6 +21,11 @@ $(STAMP): requirements.txt requirements-toolkit.txt setup.cfg setup.py
 
 test: install
 	TQDM_DISABLE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The report in a real browser: headless Chromium from Debian's packages (installed here, as root).
+browser-test: install
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
+	TQDM_DISABLE=1 $(BIN)/python -m pytest -q -m browser tests/test_report_browser.py
 
 run: install
 	$(BIN)/rwkv2rknn demo --prompt "$(PROMPT)"

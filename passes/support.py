@@ -114,3 +114,22 @@ def reasons(ctx: Context):
         if kind == "cpu":
             out[reason] = out.get(reason, 0) + 1
     return out
+
+
+FLEX_ON_CPU = "may run on either side: placed on the CPU beside the ops that must run there (one hand-off fewer)"
+ANCHOR_ON_CPU = "constant-weight MatMul kept on the CPU: its NPU segment would not pay for the call"
+
+
+def segment_reasons(ctx: Context, nodes, fallback: str = ""):
+    """{reason: count} for the nodes of one CPU segment: why each is on the CPU."""
+    out = {}
+    for node in nodes:
+        kind, reason = ctx.support.get(node.name, ("cpu", "not classified"))
+        if fallback:
+            reason = f"NPU build failed, the segment fell back: {fallback}" if kind != "cpu" else reason
+        elif kind == "flex":
+            reason = FLEX_ON_CPU
+        elif kind == "anchor":
+            reason = ANCHOR_ON_CPU
+        out[reason] = out.get(reason, 0) + 1
+    return out

@@ -14,7 +14,9 @@ Four gates, each with a stated tolerance (``Tolerances``), each able to fail the
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -22,6 +24,9 @@ import numpy as np
 
 from rwkv2rknn.compare import Report, compare_logits, rel_error
 from rwkv2rknn.errors import BadInput
+
+log = logging.getLogger(__name__)
+CHECK_JSON = "check.json"  # the last check's report, saved into the artifact
 
 
 @dataclass(frozen=True)
@@ -131,6 +136,23 @@ def _state_views(hybrid, ref):
         return lambda h, r: (None, None)
     return lambda h, r: (np.concatenate([h[ks].reshape(-1) for ks in parts.values()]),
                          np.concatenate([np.asarray(r[i], np.float32).reshape(-1) for i in parts]))
+
+
+def save_report(artifact: str, rep: Report, backend: str, n_tokens: int, seed: int) -> Optional[str]:
+    """Write the report to ARTIFACT/check.json (atomically) for `rwkv2rknn report`; the path, or
+    None (logged) where the artifact cannot be written, which does not fail the check."""
+    from rwkv2rknn.io import write_json
+    from rwkv2rknn.plan import MANIFEST, sha256_file
+    path = os.path.join(artifact, CHECK_JSON)
+    data = {"backend": backend, "tokens": n_tokens, "seed": seed,
+            "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "manifest_sha256": sha256_file(os.path.join(artifact, MANIFEST)), **rep.to_dict()}
+    try:
+        write_json(path, data)
+    except OSError as e:
+        log.warning("could not save the check report to %s (%s)", path, e.strerror or e)
+        return None
+    return path
 
 
 def _compare(got, want, state_got, state_ref, tol: Tolerances) -> Report:

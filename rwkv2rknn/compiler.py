@@ -124,12 +124,15 @@ def compile_model(model_path: str, out_dir: str, options: Optional[Options] = No
 
 
 def plan_report(ctx: Context, manifest: Manifest) -> dict:
-    from rwkv2rknn.passes.support import reasons
+    from rwkv2rknn.passes.support import reasons, segment_reasons
+    nodes = {s.name: s.nodes for s in ctx.segments}
     return {"stages": manifest.per_layer(),
             "npu_flop_share": manifest.npu_flop_share(),
             "boundaries_per_token": manifest.boundaries(),
             "segments": [{"name": s.name, "backend": s.backend, "ops": s.ops, "matmuls": s.matmuls,
-                          "flops": s.flops, "stages": list(s.stages), "fallback": s.fallback}
+                          "flops": s.flops, "stages": list(s.stages), "fallback": s.fallback,
+                          "cpu_reasons": segment_reasons(ctx, nodes.get(s.name, ()), s.fallback)
+                          if s.backend == "cpu" else {}}
                          for s in manifest.segments],
             "cpu_reasons": reasons(ctx),
             "passes": list(ctx.report),

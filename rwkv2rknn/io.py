@@ -70,23 +70,30 @@ def model_bytes(model) -> bytes:
     return model.SerializeToString()
 
 
-def write_json(path: str, data) -> None:
+def write_text(path: str, text: str) -> None:
+    """Write atomically: a temporary name in the same folder, renamed into place when whole."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
-def read_json(path: str, what: str = "file"):
+def write_json(path: str, data) -> None:
+    write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: str, what: str = "file", fix: str = "compile the model again"):
     try:
         with open(path) as f:
             return json.load(f)
     except FileNotFoundError as e:
-        raise BadInput(f"{what} '{path}' is missing", "compile the model again") from e
+        raise BadInput(f"{what} '{path}' is missing", fix) from e
     except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise BadInput(f"{what} '{path}' is corrupt ({type(e).__name__})",
-                       "compile the model again") from e
+        raise BadInput(f"{what} '{path}' is corrupt ({type(e).__name__})", fix) from e
 
 
 def model_facts(path: str) -> dict:

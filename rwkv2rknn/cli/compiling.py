@@ -74,9 +74,11 @@ def _options(**kw):
                    "(default: published RK3588 figures).")
 @click.option("--force", is_flag=True, help="Replace an output folder that holds other files.")
 @click.option("--verbose", "tool_verbose", is_flag=True, help="Show rknn-toolkit2's own output.")
+@click.option("--report", "with_report", is_flag=True,
+              help="Also draw the plan as one offline HTML page, OUT/report.html.")
 @handle_errors
 def compile_cmd(model, out_dir, target, plan_only, strict, dump_after, calib_tokens, cache_dir,
-                prefill_rows, placement, profile_path, force, tool_verbose):
+                prefill_rows, placement, profile_path, force, tool_verbose, with_report):
     """Compile MODEL (a folder of per-layer RWKV ONNX files, or one .onnx) into a hybrid
     NPU/CPU artifact."""
     opts = _options(target=target, strict=strict, plan_only=plan_only, calib_tokens=calib_tokens,
@@ -85,6 +87,9 @@ def compile_cmd(model, out_dir, target, plan_only, strict, dump_after, calib_tok
     manifest = _compile_with_progress(model, out_dir, opts, force, dump_after)
     click.echo(manifest.table())
     click.echo(f"artifact written to {out_dir}")
+    if with_report:
+        from rwkv2rknn.report import write_report
+        click.echo(f"report written to {write_report(out_dir)}")
 
 
 def _parse_rows(text: str):

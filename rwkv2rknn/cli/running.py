@@ -121,8 +121,11 @@ def check(artifact, n_tokens, seed, backend, reference, per_segment, min_top1, m
     Gates: token-by-token logits and final state; the same tokens as a prompt
     (chunks through the T-row variants); with --per-segment every NPU segment
     and T-row variant against its ONNX."""
-    from rwkv2rknn.check import run_check
+    from rwkv2rknn.check import run_check, save_report
     rep, chosen = run_check(artifact, n_tokens, seed, backend, reference, per_segment, min_top1, max_rel)
+    saved = save_report(artifact, rep, chosen, n_tokens, seed)
+    if saved:
+        say(f"check report saved to {saved} (rwkv2rknn report shows it)")
     _print_check(rep, chosen, as_json)
 
 
@@ -167,9 +170,10 @@ def eval_cmd(artifact, text_file, max_bytes, backend, tokenizer):
 @click.option("--backend", type=BACKEND, default="auto", show_default=True)
 @handle_errors
 def demo(prompt, max_tokens, seed, backend):
-    """The whole flow on the bundled model: export, compile (plan table), generate, check."""
-    from rwkv2rknn.check import run_check
+    """The whole flow on the bundled model: export, compile (plan table), generate, check, report."""
+    from rwkv2rknn.check import run_check, save_report
     from rwkv2rknn.models import bundled
+    from rwkv2rknn.report import write_report
     from rwkv2rknn.runtime.hybrid import load_manifest
     from rwkv2rknn.runtime.loader import open_model
     _check_prompt(prompt)
@@ -181,4 +185,7 @@ def demo(prompt, max_tokens, seed, backend):
     model, tok_spec = open_model(artifact, backend, echo=say)
     _print_generation(model, tok_spec, prompt, max_tokens, 0.8, 0.9, seed)
     say("\n== 3. check against pure onnxruntime over the per-layer files")
-    _print_check(*run_check(artifact, 32, 0, backend))
+    rep, chosen = run_check(artifact, 32, 0, backend)
+    save_report(artifact, rep, chosen, 32, 0)
+    say(f"report: {write_report(artifact)}")
+    _print_check(rep, chosen)
