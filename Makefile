@@ -10,10 +10,24 @@ PYTEST_ARGS ?=
 
 install: $(STAMP)
 
-# rknn-toolkit2 pins torch<=2.4.0 (a multi-GB CUDA build from the registry): it is installed
-# with --no-deps after the rest, which already holds everything it needs (torch CPU included).
+# torch: on x86_64 the registry's torch is the CUDA build (it pulls ~20 nvidia-*/cuda-* packages,
+# several GB); the compile side needs only the CPU build (rknn-toolkit2 imports torch, export reads
+# .pth files). So torch comes first from its CPU wheel index where that index answers; where it
+# does not, the pinned line in requirements.txt takes torch from the registry as before.
+# rknn-toolkit2 pins torch<=2.4.0: it is installed with --no-deps after the rest, which already
+# holds everything it needs (torch included).
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+PROBE := import sys, urllib.request; urllib.request.urlopen(sys.argv[1] + "/torch/", timeout=10)
+
 $(STAMP): requirements.txt requirements-toolkit.txt setup.cfg setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@if $(BIN)/python -c '$(PROBE)' '$(TORCH_CPU_INDEX)' >/dev/null 2>&1; then \
+		echo "torch: the CPU build from $(TORCH_CPU_INDEX)"; \
+		$(BIN)/pip install --disable-pip-version-check -q --index-url '$(TORCH_CPU_INDEX)' \
+			"$$(grep -E '^torch==' requirements.txt)"; \
+	else \
+		echo "torch: $(TORCH_CPU_INDEX) does not answer here; torch comes from the package registry"; \
+	fi
 	$(BIN)/pip install --disable-pip-version-check -q -r requirements.txt
 	$(BIN)/pip install --disable-pip-version-check -q --no-deps -r requirements-toolkit.txt
 	$(BIN)/pip install --disable-pip-version-check -q --no-deps -e .

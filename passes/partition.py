@@ -194,7 +194,7 @@ def estimate_ms(device: str, nodes, profile, rows: int = 0) -> float:
     variant's row count instead of the graph's own)."""
     dims = [(rows or r, m, k) for r, m, k in matmul_dims(nodes)]
     if device == "npu":
-        return profile.npu_call_ms + sum(profile.npu_matmul_ms(m, k, r) for r, m, k in dims)
+        return profile.npu_segment_ms(dims)
     return sum(profile.cpu_matmul_ms(m, k, r) for r, m, k in dims)
 
 

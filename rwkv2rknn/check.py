@@ -61,6 +61,9 @@ def run_check(artifact: str, n_tokens: int = 32, seed: int = 0, backend: str = "
         raise BadInput(f"'{artifact}' was compiled from a single ONNX graph, not a whole model",
                        "compile a whole model (a per-layer folder or one file with token, state "
                        "and logits) to check it")
+    if per_segment and manifest.packed:
+        raise BadInput(f"'{artifact}' is packed: --per-segment compares NPU segments with their "
+                       f"ONNX, which packing leaves out", "run it on the artifact it was packed from")
     chosen = resolve_backend(backend)
     if manifest.model.get("source_state"):  # compiled from a whole-model file
         from rwkv2rknn.runtime.reference import WholeFileModel

@@ -9,6 +9,7 @@ The artifact folder (written to a temporary folder beside OUT and renamed into p
     OUT/segments/NAME.rknn     beside the ONNX of every NPU segment (not with --plan-only)
     OUT/segments/NAME.seq.onnx the T-token (prefill) variant of a segment that has one, and its
     OUT/segments/NAME.seq.rknn NPU build (one graph per row count in --prefill-rows)
+    OUT/tokenizer/FILE         the tokenizer file the model was exported with (if it has one)
 
 The passes work on ``ir.GraphSegment`` s; ``manifest_segment`` turns each into the manifest's
 ``plan.Segment``.
@@ -25,6 +26,7 @@ from rwkv2rknn.errors import UsageError
 from rwkv2rknn.ir import Context, GraphSegment, Options, export
 from rwkv2rknn.passes.sequence import prefill_rows
 from rwkv2rknn.plan import MANIFEST, PLAN, Manifest, Segment, sha256_file
+from rwkv2rknn.runtime.loader import bundle_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +71,8 @@ def make_manifest(ctx: Context, out_dir: str, toolkit: str, plan_only: bool) -> 
                     segments=tuple(manifest_segment(ctx, s, out_dir, plan_only) for s in ctx.segments),
                     state=tuple(ctx.state),
                     token_input=ctx.token_input, logits_output=ctx.logits_output,
-                    tokenizer=facts.get("tokenizer"), target=ctx.options.target, toolkit=toolkit,
+                    tokenizer=bundle_tokenizer(facts.get("tokenizer"), ctx.source, out_dir),
+                    target=ctx.options.target, toolkit=toolkit,
                     generator=f"rwkv2rknn {__version__}", report=tuple(ctx.report),
                     profile=ctx.profile.to_dict(),
                     prefill_rows=prefill_rows(ctx))

@@ -66,18 +66,20 @@ def measure(folder: str, backend: str, core_mask: str = "auto",
     from rwkv2rknn.bench import gemv_bandwidth_gbs, time_steps
     from rwkv2rknn.errors import BadInput
     from rwkv2rknn.runtime.rknn import RknnLiteRunner, RknnSimRunner
+    from rwkv2rknn.runtime.rknnrt import RknnRtRunner
     names = ["call"] + [f"mm{m}" for m in ROWS]
     ms = {}
     for name in names:
         m = 1 if name == "call" else int(name[2:])
         k = 16 if name == "call" else SIZE
         shapes = {"x": [m, k], "y": [m, k]}
-        if backend == "rknn-lite":
+        if backend in ("rknn-lite", "rknn-rt"):
             path = os.path.join(folder, name + ".rknn")
             if not os.path.exists(path):
                 raise BadInput(f"probe '{path}' is missing",
                                "build the probes on the compile machine: rwkv2rknn profile --build-probes DIR")
-            runner = RknnLiteRunner(path, name, ["x"], ["y"], shapes, core_mask)
+            runner = (RknnRtRunner if backend == "rknn-rt" else RknnLiteRunner)(
+                path, name, ["x"], ["y"], shapes, core_mask)
         else:
             path = os.path.join(folder, name + ".onnx")
             if not os.path.exists(path):
@@ -90,6 +92,6 @@ def measure(folder: str, backend: str, core_mask: str = "auto",
     call = ms["call"]
     gflops = {m: 2.0 * m * SIZE * SIZE / max(ms[f"mm{m}"] - call, 1e-3) / 1e6 for m in ROWS}
     bw = gemv_bandwidth_gbs(mb=64)
-    label = "measured" if backend == "rknn-lite" else "simulator-timings-not-a-board"
+    label = f"measured-{backend}" if backend != "rknn-sim" else "simulator-timings-not-a-board"
     return DeviceProfile(name=f"{label}-{platform.node() or 'host'}", npu_call_ms=call,
                          npu_gflops=gflops, cpu_gemv_gbs=bw, cpu_weight_bytes=4, handoff_ms=call)

@@ -76,6 +76,7 @@ class Manifest:
     report: Tuple[str, ...] = field(default_factory=tuple)
     profile: Dict[str, object] = field(default_factory=dict)
     prefill_rows: int = 32  # the chunk length the prefill estimate assumes
+    packed: bool = False  # `rwkv2rknn pack`: NPU segments as .rknn only (no ONNX), for the board
 
     # ---------------------------------------------------------------- JSON
 
@@ -105,7 +106,8 @@ class Manifest:
                     generator=str(d.get("generator", "")), format_version=FORMAT_VERSION,
                     report=tuple(str(x) for x in d.get("report", []) or []),
                     profile=d.get("profile") if isinstance(d.get("profile"), dict) else {},
-                    prefill_rows=max(1, int(d.get("prefill_rows", 32))))
+                    prefill_rows=max(1, int(d.get("prefill_rows", 32))),
+                    packed=d.get("packed", False) is True)
             for k in ("layers", "width", "vocab"):  # read by the runtime as whole numbers
                 v = m.model.get(k)
                 if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):

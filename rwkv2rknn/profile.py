@@ -1,44 +1,85 @@
-"""Device profiles: what an NPU call and a CPU matrix-vector product cost, for placement and estimates.
+"""Device profiles: what an NPU call and a MatMul cost on each side, for placement and estimates.
 
-A profile is a small JSON file::
+The cost model (every figure below is a field of ``DeviceProfile``):
 
-    {"name": "rk3588-published", "npu_call_ms": 0.03, "npu_gflops": {"1": 10, "16": 80, "128": 400},
-     "cpu_gemv_gbs": 14.0, "cpu_weight_bytes": 4, "handoff_ms": 0.03}
+- NPU call of a segment: ``npu_call_ms`` + its MatMuls, each ``max(stream, compute)``:
+  stream = weight bytes (``npu_weight_bytes`` each) / bandwidth of the cores it runs on
+  (``npu_gbs`` on one core, ``npu_gbs_all`` over ``npu_cores``), compute = 2 x rows x out x in /
+  (``npu_core_gflops`` x cores). A segment holding at least ``npu_multicore_bytes`` of weights
+  runs on every core (core mask 0_1_2 on the RK3588), a smaller one on one core. A profile
+  measured on a board (``rwkv2rknn profile``) gives ``npu_gflops`` by rows instead: effective
+  throughput, used as is.
+- CPU MatMul: ``max(weight bytes (cpu_weight_bytes each) / cpu_gemv_gbs, flops / cpu_gflops)``.
+- Every NPU<->CPU switch between segments: ``handoff_ms``.
+- Bandwidths are capped at ``dram_gbs``.
 
-- ``npu_call_ms``: the fixed cost of one NPU call (submit, sync, in/out copies);
-- ``npu_gflops``: fp16 MatMul throughput of the NPU by rows M (interpolated in log M);
-- ``cpu_gemv_gbs``: bytes of weights the CPU streams per second in a matrix-vector product;
-- ``cpu_weight_bytes``: bytes per weight the CPU side reads (4: fp32 ONNX Runtime);
-- ``handoff_ms``: an NPU<->CPU switch between segments.
+Where the published default ``rk3588-published`` comes from (none was measured here):
 
-The defaults come from published RK3588 figures (a GEMV with M = 1, K = N = 1024 takes about
-0.1 ms on the CPU and 0.2 ms on one NPU core; about 10 GFLOPS fp16 at small M and a ~0.03 ms call
-floor; rwkv.cpp's 61 ms/token for a 430M model on the CPU means about 14 GB/s of weights). They are
-estimates, not measurements of your board: ``rwkv2rknn profile`` (measure.py) measures one, with
-probes built on the compile machine and timed on the board with rknn-toolkit-lite2.
+- ``npu_call_ms`` 0.033: ~33 us fixed cost per call of librknnrt's C matmul API on an RK3588
+  (notes of a community llama.cpp RKNPU2 backend fork). It is the C API's cost, which the
+  default board runner (``rknn-rt``, ctypes over librknnrt) pays. rknn-toolkit-lite2's Python
+  ``inference()`` costs more per call; the only public figure is whole-model (YOLOv8n: about
+  300 ms through RKNNLite against about 20 ms through the C API on an RK3588,
+  rockchip-linux/rknn-toolkit2 issue #285), so no per-call figure for it is assumed here.
+- ``npu_gbs`` 10.8: int8 GEMV M = 1, K = N = 2048 (4 MiB of weights) in 0.39 ms on one NPU core
+  (same notes). With fp16 weights (2 bytes) a 1024 x 1024 GEMV is then 0.19 ms on one core,
+  the "about 0.2 ms" reported for it on the RK3588.
+- ``npu_gbs_all`` 26.6 over ``npu_cores`` 3: the same GEMV split over the RK3588's 3 NPU cores
+  (same notes). ASSUMED: the runtime's multi-core mode (core mask 0_1_2) splits a compiled
+  model's MatMuls as well as that hand split does; ``npu_multicore_bytes`` (1 MiB) is an
+  assumed threshold, not a measured one.
+- ``npu_core_gflops`` 900: fp16 MatMul M = 128, K = 1024, N = 8192 at about 0.9 TFLOPS on one
+  core (same notes, and the rwkv.cpp-on-RKNN author's blog).
+- ``cpu_gemv_gbs`` 25: effective bandwidth of the 4 big (Cortex-A76) cores (llama.cpp runs on
+  the RK3588, a whisper.cpp issue); ``cpu_weight_bytes`` 4: onnxruntime reads fp32 weights, so
+  a 1024 x 1024 GEMV is 0.17 ms (fp16 weights, as in rwkv.cpp: 0.08 ms, the "about 0.1 ms"
+  reported for the CPU).
+- ``cpu_gflops`` 40: ASSUMED (about a quarter of the 4 A76 cores' NEON fp32 peak of ~150 GFLOPS;
+  at M = 1 fp32 weights need 12.5 GFLOPS at 25 GB/s); it matters for prefill on the CPU.
+- ``handoff_ms`` 0.03: ASSUMED, of the order of one onnxruntime ``run()`` from Python.
+- ``dram_gbs`` 34: LPDDR4x-4266 peak of RK3588 boards (board forums; LPDDR5 boards ~44).
+
+Estimates from these are labelled as such, not measurements of your board: ``rwkv2rknn profile``
+(measure.py) measures one, with probes built on the compile machine and timed on the board.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
-from typing import Dict, Optional
+from dataclasses import asdict, dataclass, field, fields
+from typing import Dict, Iterable, Optional, Tuple
 
 from rwkv2rknn.errors import BadInput
+
+MiB = 1 << 20
 
 
 @dataclass(frozen=True)
 class DeviceProfile:
     name: str = "rk3588-published"
-    npu_call_ms: float = 0.03
-    npu_gflops: Dict[int, float] = field(default_factory=lambda: {1: 10.0, 16: 80.0, 128: 400.0})
-    cpu_gemv_gbs: float = 14.0
+    npu_call_ms: float = 0.033
+    npu_gflops: Dict[int, float] = field(default_factory=dict)  # measured, by rows (overrides)
+    cpu_gemv_gbs: float = 25.0
     cpu_weight_bytes: int = 4
     handoff_ms: float = 0.03
+    npu_gbs: float = 10.8
+    npu_gbs_all: float = 26.6
+    npu_cores: int = 3
+    npu_core_gflops: float = 900.0
+    npu_weight_bytes: int = 2
+    npu_multicore_bytes: int = MiB
+    cpu_gflops: float = 40.0
+    dram_gbs: float = 34.0
+
+    # ---------------------------------------------------------------- NPU
+
+    def npu_cores_for(self, weight_bytes: float) -> int:
+        """Cores a segment with this many weight bytes runs on (all of them when large)."""
+        return self.npu_cores if weight_bytes >= self.npu_multicore_bytes else 1
 
     def npu_throughput(self, rows: int) -> float:
-        """GFLOPS at ``rows`` rows, interpolated linearly in log(rows)."""
+        """Measured profiles: GFLOPS at ``rows`` rows, interpolated linearly in log(rows)."""
         pts = sorted(self.npu_gflops.items())
         if rows <= pts[0][0]:
             return pts[0][1]
@@ -48,14 +89,31 @@ class DeviceProfile:
                 return g0 + f * (g1 - g0)
         return pts[-1][1]
 
-    def npu_matmul_ms(self, out_features: int, in_features: int, rows: int = 1) -> float:
-        return 2.0 * rows * out_features * in_features / (self.npu_throughput(rows) * 1e6)
+    def npu_matmul_ms(self, out_features: int, in_features: int, rows: int = 1, cores: int = 0) -> float:
+        """One MatMul on ``cores`` NPU cores (0: as many as its own weight bytes call for)."""
+        flops = 2.0 * rows * out_features * in_features
+        if self.npu_gflops:
+            return flops / (self.npu_throughput(rows) * 1e6)
+        weight = out_features * in_features * self.npu_weight_bytes
+        cores = cores or self.npu_cores_for(weight)
+        gbs = min(self.npu_gbs_all if cores > 1 else self.npu_gbs, self.dram_gbs)
+        return max(weight / (gbs * 1e6), flops / (self.npu_core_gflops * cores * 1e6))
+
+    def npu_segment_ms(self, dims: Iterable[Tuple[int, int, int]]) -> float:
+        """One call of an NPU segment whose MatMuls are ``(rows, out, in)``."""
+        dims = list(dims)
+        cores = self.npu_cores_for(sum(m * k for _, m, k in dims) * self.npu_weight_bytes)
+        return self.npu_call_ms + sum(self.npu_matmul_ms(m, k, r, cores) for r, m, k in dims)
+
+    # ---------------------------------------------------------------- CPU
 
     def cpu_matmul_ms(self, out_features: int, in_features: int, rows: int = 1) -> float:
-        """Weight streaming bound; with many rows the CPU is compute bound (about 20 GFLOPS)."""
-        stream = out_features * in_features * self.cpu_weight_bytes / (self.cpu_gemv_gbs * 1e6)
-        compute = 2.0 * rows * out_features * in_features / (20.0 * 1e6)
+        """Weight streaming bound; with many rows the CPU is compute bound."""
+        stream = out_features * in_features * self.cpu_weight_bytes / (min(self.cpu_gemv_gbs, self.dram_gbs) * 1e6)
+        compute = 2.0 * rows * out_features * in_features / (self.cpu_gflops * 1e6)
         return max(stream, compute)
+
+    # ---------------------------------------------------------------- JSON
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -64,17 +122,21 @@ class DeviceProfile:
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "profile") -> "DeviceProfile":
+        default = cls()
         try:
-            gflops = {int(k): float(v) for k, v in d.get("npu_gflops", {}).items()} or \
-                DeviceProfile().npu_gflops
-            p = cls(name=str(d.get("name", "custom")), npu_call_ms=float(d.get("npu_call_ms", 0.03)),
-                    npu_gflops=gflops, cpu_gemv_gbs=float(d.get("cpu_gemv_gbs", 14.0)),
-                    cpu_weight_bytes=int(d.get("cpu_weight_bytes", 4)),
-                    handoff_ms=float(d.get("handoff_ms", 0.03)))
+            kw = {"name": str(d.get("name", "custom")),
+                  "npu_gflops": {int(k): float(v) for k, v in (d.get("npu_gflops") or {}).items()}}
+            for f in fields(cls):
+                if f.name not in kw:
+                    typ = type(getattr(default, f.name))
+                    kw[f.name] = typ(d.get(f.name, getattr(default, f.name)))
+            p = cls(**kw)
         except (TypeError, ValueError, AttributeError) as e:
             raise BadInput(f"{where} is not a valid device profile ({e})",
                            "see rwkv2rknn/profile.py for the fields") from e
-        if p.cpu_gemv_gbs <= 0 or min(p.npu_gflops.values()) <= 0:
+        speeds = [p.cpu_gemv_gbs, p.npu_gbs, p.npu_gbs_all, p.npu_core_gflops, p.cpu_gflops,
+                  p.dram_gbs, p.npu_cores] + list(p.npu_gflops.values())
+        if min(speeds) <= 0:
             raise BadInput(f"{where} has a zero or negative throughput", "give positive figures")
         return p
 

@@ -10,12 +10,45 @@ from rwkv2rknn.ir import Options
 from rwkv2rknn.profile import DeviceProfile, load_profile
 
 
-def test_default_profile_matches_published_gemv_figures():
+def test_default_profile_reproduces_its_sources_through_its_formula():
+    """Each published anchor, recomputed through the formula (not the constants compared
+    with themselves), and every figure the docstring quotes is what the formula gives."""
+    import rwkv2rknn.profile as mod
     p = DeviceProfile()
-    # GEMV M=1, K=N=1024: about 0.2 ms on one NPU core (published)
-    assert 0.15 <= p.npu_matmul_ms(1024, 1024, 1) <= 0.25
-    # the NPU gets faster per row with more rows (its strong case is prefill)
+    # int8 GEMV M=1, K=N=2048 on one core: 0.39 ms (the source of npu_gbs)
+    int8 = DeviceProfile(npu_weight_bytes=1)
+    assert int8.npu_matmul_ms(2048, 2048, 1, cores=1) == pytest.approx(0.39, rel=0.01)
+    # the same over 3 cores: 4 MiB at ~26.6 GB/s
+    assert int8.npu_matmul_ms(2048, 2048, 1, cores=3) == pytest.approx(4 * 2**20 / 26.6e6, rel=1e-9)
+    one_core = p.npu_matmul_ms(1024, 1024, 1, cores=1)   # fp16: 2 bytes a weight
+    cpu_fp32 = p.cpu_matmul_ms(1024, 1024, 1)
+    cpu_fp16 = DeviceProfile(cpu_weight_bytes=2).cpu_matmul_ms(1024, 1024, 1)
+    assert one_core == pytest.approx(2 * 2**20 / 10.8e6) and cpu_fp32 == pytest.approx(4 * 2**20 / 25e6)
+    for figure in (one_core, cpu_fp32, cpu_fp16):
+        assert f"{figure:.2f} ms" in mod.__doc__
+    # the "about 0.2 ms" (NPU, one core) and "about 0.1 ms" (CPU, fp16 weights) reports
+    assert abs(one_core - 0.2) < 0.02 and abs(cpu_fp16 - 0.1) < 0.02
+    # many rows: compute bound at ~0.9 TFLOPS a core
+    assert p.npu_matmul_ms(1024, 4096, 512, cores=1) == pytest.approx(2 * 512 * 1024 * 4096 / 900e6)
     assert p.npu_matmul_ms(1024, 1024, 64) / 64 < p.npu_matmul_ms(1024, 1024, 1) / 4
+
+
+def test_large_segments_use_every_npu_core():
+    p = DeviceProfile()
+    big = [(1, 1024, 1024)] * 7       # 14 MiB of fp16 weights
+    small = [(1, 256, 256)]           # 128 KiB
+    assert p.npu_cores_for(14 * 2**20) == 3 and p.npu_cores_for(2**17) == 1
+    assert p.npu_segment_ms(big) == pytest.approx(0.033 + 7 * 2 * 2**20 / 26.6e6)
+    assert p.npu_segment_ms(small) == pytest.approx(0.033 + 256 * 256 * 2 / 10.8e6)
+    # a bandwidth above the DRAM's is capped at it
+    assert DeviceProfile(npu_gbs_all=100).npu_matmul_ms(1024, 1024, 1, cores=3) == \
+        pytest.approx(2 * 2**20 / 34e6)
+
+
+def test_measured_table_overrides_the_model():
+    p = DeviceProfile(npu_gflops={1: 5.0, 128: 500.0})
+    assert p.npu_matmul_ms(1000, 1000, 1) == pytest.approx(2e6 / 5e6)
+    assert DeviceProfile.from_dict(p.to_dict()) == p
 
 
 def test_profile_round_trip_and_errors(tmp_path):
@@ -35,7 +68,9 @@ def test_cost_placement_keeps_small_matmuls_on_cpu(fp32_dir, tmp_path):
     """Width-48 layers: a call costs more than the MatMuls it would take off the CPU."""
     m = compile_model(fp32_dir, str(tmp_path / "a"), Options(plan_only=True, placement="cost"))
     assert all(s.backend == "cpu" for s in m.segments)
-    assert any(r.startswith("partition:") and "moved to the CPU" in r for r in m.report)
+    # per MatMul (support) or per segment (partition): the profile said the NPU does not pay
+    assert any(r.startswith("partition:") and "moved to the CPU" in r or
+               r.startswith("support: 0 MatMuls for the NPU") for r in m.report)
 
 
 def test_cost_placement_uses_npu_when_it_wins(fp32_dir, tmp_path):

@@ -1,7 +1,7 @@
 """The rwkv2rknn command line: the click group, one-line errors and exit codes.
 
 Only this package prints and chooses exit codes: 0 done, 1 a failed job, 2 bad usage. The
-commands (``compiling.py``, ``running.py``, ``measuring.py``) only parse options, call the
+commands (``compiling.py``, ``running.py``, ``measuring.py``, ``board.py``) only parse options, call the
 library and print what it returns.
 """
 
@@ -17,8 +17,9 @@ import click
 
 from rwkv2rknn import __version__
 from rwkv2rknn.errors import Rwkv2RknnError, UsageError
+from rwkv2rknn.runtime.board import BACKENDS
 
-BACKEND = click.Choice(["auto", "ort", "rknn-sim", "rknn-lite"])
+BACKEND = click.Choice(list(BACKENDS))
 SEED = click.IntRange(0, 2 ** 63 - 1)  # numpy's generators take no negative seed
 
 

@@ -86,6 +86,9 @@ def compile_cmd(model, out_dir, target, plan_only, strict, dump_after, calib_tok
                     profile=profile_path, prefill_rows=_parse_rows(prefill_rows))
     manifest = _compile_with_progress(model, out_dir, opts, force, dump_after)
     click.echo(manifest.table())
+    if not plan_only:
+        from rwkv2rknn.runtime.device import describe_need, memory_need
+        click.echo(f"board memory need: {describe_need(memory_need(manifest, out_dir))}")
     click.echo(f"artifact written to {out_dir}")
     if with_report:
         from rwkv2rknn.report import write_report

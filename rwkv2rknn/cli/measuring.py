@@ -13,7 +13,9 @@ from rwkv2rknn.errors import UsageError
               help="Compile machine: write the probe models (.onnx and .rknn) into this folder.")
 @click.option("--probes", "probe_dir", type=click.Path(file_okay=False), default=None,
               help="Board: the folder of probes built with --build-probes.")
-@click.option("--backend", type=click.Choice(["rknn-lite", "rknn-sim"]), default="rknn-lite", show_default=True)
+@click.option("--backend", type=click.Choice(["rknn-rt", "rknn-lite", "rknn-sim"]), default="rknn-rt",
+              show_default=True, help="On the board: rknn-rt (librknnrt's C API) or rknn-lite; the "
+                                      "call cost measured is that runner's.")
 @click.option("--core-mask", default="auto", show_default=True)
 @click.option("--target", default="rk3588", show_default=True)
 @click.option("-o", "--output", "out", type=click.Path(dir_okay=False), default="profile.json",

@@ -45,7 +45,8 @@ def _check_prompt(prompt: str) -> None:
 @click.option("--backend", type=BACKEND, default="auto",
               show_default=True, help="Where NPU segments run (CPU segments always use onnxruntime).")
 @click.option("--core-mask", default="auto", show_default=True,
-              help="rknn-lite only: NPU cores (auto, 0, 1, 2, 0_1, 0_1_2).")
+              help="Board backends only: NPU cores (0, 1, 2, 0_1, 0_1_2; auto: 0_1_2 for large "
+                   "segments on an RK3588, the runtime's choice for the others).")
 @click.option("--tokenizer", default=None, help="bytes, world, or a tokenizer.json path (default: the model's).")
 @click.option("--tokens", default=None, help="Evaluation: feed these comma-separated token ids instead of a prompt.")
 @click.option("--logits-out", type=click.Path(dir_okay=False), default=None,

@@ -6,7 +6,9 @@ new state rows and the logits are read at the end. The state is one float32 arra
 [slots, width], allocated once; segment feeds are views into it and into the previous outputs.
 
 Backends for NPU segments: ``ort`` (their ONNX on the CPU: checks the partition and stitching
-with no toolkit), ``rknn-sim`` (rknn-toolkit2's simulator) and ``rknn-lite`` (the board).
+with no toolkit), ``rknn-sim`` (rknn-toolkit2's simulator), and on the board ``rknn-rt``
+(librknnrt's C API, the default) or ``rknn-lite`` (rknn-toolkit-lite2). The board backends load
+only the .rknn files of NPU segments, never their ONNX, so they run a packed artifact.
 CPU segments always run on ONNX Runtime.
 """
 
@@ -22,8 +24,9 @@ from rwkv2rknn import io
 from rwkv2rknn.errors import BadInput, NumericalError, UsageError
 from rwkv2rknn.plan import MANIFEST, Manifest, sha256_file
 
+from rwkv2rknn.runtime.board import BACKENDS, BOARD_BACKENDS
+
 log = logging.getLogger(__name__)
-BACKENDS = ("auto", "ort", "rknn-sim", "rknn-lite")
 
 
 def load_manifest(artifact: str) -> Manifest:
@@ -38,12 +41,15 @@ def load_manifest(artifact: str) -> Manifest:
 
 
 def resolve_backend(backend: str) -> str:
-    """'auto' -> rknn-lite on a board that has it, else rknn-sim where the toolkit imports, else ort."""
-    from rwkv2rknn.runtime.board import lite_available, toolkit_available
+    """'auto' -> rknn-rt where librknnrt.so loads, else rknn-lite where rknn-toolkit-lite2 is, else
+    rknn-sim where rknn-toolkit2 imports, else ort."""
+    from rwkv2rknn.runtime.board import lite_available, rt_available, toolkit_available
     if backend not in BACKENDS:
         raise UsageError(f"unknown backend '{backend}'", f"use one of {', '.join(BACKENDS)}")
     if backend != "auto":
         return backend
+    if rt_available():
+        return "rknn-rt"
     if lite_available():
         return "rknn-lite"
     if toolkit_available():
@@ -63,22 +69,25 @@ class HybridModel:
                            "compile a whole model (a per-layer folder, or one file with a token "
                            "input, state and logits) to run it")
         self.backend = resolve_backend(backend)
-        if self.backend == "rknn-lite":
-            from rwkv2rknn.runtime import board
-            soc = board.board_soc()
-            if soc and not board.same_npu(soc, m.target):
-                raise BadInput(f"'{artifact}' was compiled for {m.target or 'an unknown target'}, "
-                               f"but this board is {soc}",
-                               f"compile it again with --target {soc}")
-            if not soc and m.target != "rk3588":
-                log.warning("artifact was compiled for %s", m.target)
+        self._board = self.backend in BOARD_BACKENDS
+        if self._board:
+            from rwkv2rknn.runtime.device import board_preflight
+            board_preflight(artifact, m, self.backend)
+        elif m.packed:
+            raise UsageError(f"'{artifact}' is packed for the board (its NPU segments are .rknn "
+                             f"only): {self.backend} cannot run it",
+                             "run it with --backend rknn-rt or rknn-lite on the board, or run the "
+                             "artifact it was packed from")
         self._verify, self._threads, self._core_mask = verify, threads, core_mask
         self._seq, self._seq_loaded = None, False  # T-row runners, made on first prefill
         self._shared = {}  # segment name -> its T-row RKNN runner (decode_rows segments: at load)
         self.runners = []
         for seg in m.segments:
             self.runners.append(self._runner(seg))
-            if seg.seq_onnx:  # loaded on first prefill, checked now
+            if self._board and seg.backend == "npu":  # loaded on first prefill, checked now
+                if seg.seq_rknn:
+                    self._path(seg.seq_rknn, seg.seq_rknn_sha256)
+            elif seg.seq_onnx:
                 self._path(seg.seq_onnx, seg.seq_sha256)
             if progress:
                 progress(seg)
@@ -97,11 +106,11 @@ class HybridModel:
         return path
 
     def _runner(self, seg):
-        from rwkv2rknn.runtime.ort import OrtRunner
-        onnx_path = self._path(seg.onnx, seg.sha256)
         if seg.backend == "cpu" or self.backend == "ort":
+            from rwkv2rknn.runtime.ort import OrtRunner
             # a segment with no MatMul is a few vector ops: one thread, no pool to wake
-            return OrtRunner(onnx_path, seg.name, self._threads if seg.matmuls else 1)
+            return OrtRunner(self._path(seg.onnx, seg.sha256), seg.name,
+                             self._threads if seg.matmuls else 1)
         shapes = {k: list(v) for k, v in seg.shapes.items()}
         if seg.decode_rows:  # token steps on the T-row build: one copy of the weights
             slots = {s.input for s in self.manifest.state}
@@ -109,13 +118,23 @@ class HybridModel:
                            [k for k in seg.inputs if k not in slots], seg.shapes)
         if self.backend == "rknn-sim":
             from rwkv2rknn.runtime.rknn import RknnSimRunner
-            return RknnSimRunner(onnx_path, seg.name, seg.inputs, seg.outputs, shapes, m_target(self))
-        from rwkv2rknn.runtime.rknn import RknnLiteRunner
+            return RknnSimRunner(self._path(seg.onnx, seg.sha256), seg.name, seg.inputs,
+                                 seg.outputs, shapes, m_target(self))
         if not seg.rknn:
             raise BadInput(f"segment {seg.name} has no .rknn (compiled with --plan-only)",
                            "compile without --plan-only, or use --backend ort / rknn-sim")
-        rknn_path = self._path(seg.rknn, seg.rknn_sha256)
-        return RknnLiteRunner(rknn_path, seg.name, seg.inputs, seg.outputs, shapes, self._core_mask)
+        return self._board_runner(seg, self._path(seg.rknn, seg.rknn_sha256), seg.name, shapes)
+
+    def _board_runner(self, seg, path: str, name: str, shapes, rows=()):
+        """An NPU segment's .rknn on the board's runtime, on the cores it should use."""
+        from rwkv2rknn.runtime.board import core_mask_for
+        mask = core_mask_for(seg, self.manifest, self._core_mask)
+        if self.backend == "rknn-rt":
+            from rwkv2rknn.runtime.rknnrt import RknnRtRunner as Runner
+        else:
+            from rwkv2rknn.runtime.rknn import RknnLiteRunner as Runner
+        return Runner(path, name, seg.inputs, seg.outputs, shapes, mask, rows=rows,
+                      toolkit=self.manifest.toolkit)
 
     # ------------------------------------------------------------------ stepping
 
@@ -153,7 +172,7 @@ class HybridModel:
             return self._seq
         self._seq_loaded = True
         m = self.manifest
-        if not any(s.seq_onnx for s in m.segments):
+        if not any(s.seq_onnx or s.seq_rknn for s in m.segments):
             return None
         runners, produced = [], set()
         slot_of = {s.input: s for s in self.slots}
@@ -174,7 +193,7 @@ class HybridModel:
 
     def _seq_runner(self, seg):
         """The T-row runner of a segment on this backend, or None (then it runs row by row)."""
-        if not seg.seq_onnx:
+        if not (seg.seq_onnx or seg.seq_rknn):  # a packed NPU segment keeps only its .seq.rknn
             return None
         if seg.backend == "cpu" or self.backend == "ort":
             from rwkv2rknn.runtime.ort import OrtRunner
@@ -195,10 +214,8 @@ class HybridModel:
                                    seg.name + ".seq", seg.inputs, seg.outputs, None, m_target(self),
                                    rows=seg.seq_rows)
         else:
-            from rwkv2rknn.runtime.rknn import RknnLiteRunner
-            runner = RknnLiteRunner(self._path(seg.seq_rknn, seg.seq_rknn_sha256),
-                                    seg.name + ".seq", seg.inputs, seg.outputs, None,
-                                    self._core_mask, rows=seg.seq_rows)
+            runner = self._board_runner(seg, self._path(seg.seq_rknn, seg.seq_rknn_sha256),
+                                        seg.name + ".seq", None, rows=seg.seq_rows)
         self._shared[seg.name] = runner
         return runner
 

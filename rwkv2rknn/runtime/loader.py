@@ -49,4 +49,57 @@ def open_model(path: Optional[str], backend: str = "auto", core_mask: str = "aut
     if backend == "auto":
         echo(f"backend: {chosen} (auto)")
     model = HybridModel(path, backend=chosen, core_mask=core_mask)
-    return model, model.manifest.tokenizer
+    return model, artifact_tokenizer(model.manifest.tokenizer, path)
+
+
+TOKENIZER_DIR = "tokenizer"  # inside an artifact: the tokenizer file it was compiled with
+
+
+def tokenizer_file(spec: Optional[str]) -> Tuple[str, str]:
+    """(prefix, path) of a tokenizer spec that names a file: 'world:P' -> ('world:', P), 'hf:P' ->
+    ('hf:', P), a path -> ('', P); ('', '') for 'bytes' and 'world' (no file of its own)."""
+    s = (spec or "").strip()
+    if s.lower() in ("", "bytes", "byte", "world"):
+        return "", ""
+    for prefix in ("world:", "hf:"):
+        if s.lower().startswith(prefix):
+            return prefix, s[len(prefix):]
+    return "", s
+
+
+def artifact_tokenizer(spec: Optional[str], artifact: str) -> Optional[str]:
+    """The spec with a file stored inside the artifact (relative) made a path from here."""
+    prefix, rel = tokenizer_file(spec)
+    if rel and not os.path.isabs(rel) and os.path.exists(os.path.join(artifact, rel)):
+        return prefix + os.path.join(artifact, rel)
+    return spec
+
+
+def bundle_tokenizer(spec: Optional[str], source: str, out_dir: str) -> Optional[str]:
+    """Copy the tokenizer file ``spec`` names (a path as given at export: absolute, relative to
+    here or to the ``source`` model folder; 'world' means the vocabulary the rwkv package ships)
+    into ``out_dir``/tokenizer/, and return the spec naming it relative to ``out_dir``. Specs
+    without a file come back as they are; a file that cannot be found is logged and kept."""
+    import shutil
+    if (spec or "").strip().lower() == "world":
+        from rwkv2rknn.tokenizer import find_world_vocab
+        try:
+            prefix, path = "world:", find_world_vocab()
+        except Exception as e:  # noqa: BLE001 - the board then needs the rwkv package or a path
+            log.warning("the World vocabulary is not copied into the artifact (%s)", e)
+            return spec
+    else:
+        prefix, path = tokenizer_file(spec)
+    if not path:
+        return spec
+    found = next((p for p in (os.path.expanduser(path), os.path.join(source, path))
+                  if os.path.exists(p)), "")
+    if not found:
+        log.warning("tokenizer file '%s' not found: the artifact records the spec as given", path)
+        return spec
+    if os.path.isdir(found):  # a Hugging Face folder holding tokenizer.json
+        found = os.path.join(found, "tokenizer.json")
+    rel = f"{TOKENIZER_DIR}/{os.path.basename(found)}"
+    os.makedirs(os.path.join(out_dir, TOKENIZER_DIR), exist_ok=True)
+    shutil.copyfile(found, os.path.join(out_dir, rel))
+    return prefix + rel

@@ -1,4 +1,5 @@
-"""RKNN runners: ``rknn-sim`` (rknn-toolkit2's x86 simulator) and ``rknn-lite`` (the board).
+"""RKNN runners: ``rknn-sim`` (rknn-toolkit2's x86 simulator) and ``rknn-lite`` (the board's
+fallback; ``rknn-rt`` in rknnrt.py calls librknnrt's C API directly).
 
 Both share one code path (``_RknnRunner.infer``); they differ only in how the model is loaded:
 
@@ -22,7 +23,7 @@ from typing import Dict, List
 
 import numpy as np
 
-from rwkv2rknn.errors import MissingDependency, ToolkitError
+from rwkv2rknn.errors import MissingDependency, ToolkitError, UsageError
 
 LITE_INSTALL = "pip install rknn-toolkit-lite2 on the RK3588 board (aarch64, with /usr/lib/librknnrt.so)"
 CORE_MASKS = {"auto": 0, "0": 1, "1": 2, "2": 4, "0_1": 3, "0_1_2": 7}
@@ -71,25 +72,33 @@ class RknnSimRunner(_RknnRunner):
 
 
 class RknnLiteRunner(_RknnRunner):
-    """The board: rknn-toolkit-lite2 loads the compiled .rknn onto the NPU cores."""
+    """The board's fallback: rknn-toolkit-lite2 loads the compiled .rknn onto the NPU cores
+    (``rknn-rt``, the C API through ctypes, is the default where librknnrt.so loads)."""
 
     backend = "rknn-lite"
 
     def __init__(self, rknn_path: str, name: str, inputs, outputs, shapes, core_mask: str = "auto",
-                 rows=()):
+                 rows=(), toolkit: str = ""):
         super().__init__(name, inputs, outputs, shapes, rows)
+        mask = CORE_MASKS.get(str(core_mask), None)
+        if mask is None:
+            raise UsageError(f"unknown core mask '{core_mask}'", f"use one of {', '.join(CORE_MASKS)}")
         try:
             from rknnlite.api import RKNNLite
         except ImportError as e:
             raise MissingDependency("rknn-toolkit-lite2 is not installed (it runs only on the board)",
                                     LITE_INSTALL) from e
         rt = RKNNLite()
-        if rt.load_rknn(rknn_path) != 0:
-            raise ToolkitError(f"cannot load {rknn_path}", "compile the model again for this board")
-        mask = CORE_MASKS.get(str(core_mask), None)
-        if mask is None:
-            raise ToolkitError(f"unknown core mask '{core_mask}'", f"use one of {', '.join(CORE_MASKS)}")
-        if rt.init_runtime(core_mask=mask) != 0:
-            raise ToolkitError(f"the NPU runtime refused {os.path.basename(rknn_path)}",
-                               "check that it was compiled for this board's target (--target)")
+        try:
+            with contextlib.redirect_stdout(_io.StringIO()):
+                if rt.load_rknn(rknn_path) != 0:
+                    raise ToolkitError(f"cannot load {rknn_path}", "the file is damaged or not an "
+                                       ".rknn: compile (or pack) the artifact again")
+                if rt.init_runtime(core_mask=mask) != 0:
+                    from rwkv2rknn.runtime import device
+                    raise ToolkitError(f"the NPU runtime refused {os.path.basename(rknn_path)}",
+                                       device.runtime_hint(device.librknnrt_path(), toolkit))
+        except BaseException:
+            rt.release()
+            raise
         self._rt = rt

@@ -84,10 +84,12 @@ def test_board_import_surface_has_no_heavy_modules(fp32_plan_artifact):
     import subprocess
     import sys
     code = ("import sys; from rwkv2rknn.runtime.hybrid import HybridModel; "
-            "from rwkv2rknn.runtime import board, loader, reference, rknn; "
+            "from rwkv2rknn.runtime import board, device, loader, reference, rknn, rknnrt; "
+            "from rwkv2rknn import doctor; doctor.doctor(); "
             "from rwkv2rknn.tokenizer import load_tokenizer; from rwkv2rknn.generate import generate; "
             f"m = HybridModel({fp32_plan_artifact!r}, backend='ort'); m.logits([1, 2]); "
             f"loader.open_model({fp32_plan_artifact!r}, 'ort'); board.board_soc(); board.lite_available(); "
+            "board.rt_available(); "
             "bad = [k for k in ('torch', 'onnx_graphsurgeon', 'rknn', 'onnx', 'rwkv2rknn.toolkit') "
             "if k in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")

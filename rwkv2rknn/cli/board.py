@@ -1,0 +1,38 @@
+"""`rwkv2rknn pack` (on the compile machine, for the board) and `rwkv2rknn doctor` (on the board)."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from rwkv2rknn.cli.app import cli, handle_errors
+
+
+@cli.command(name="pack")
+@click.argument("artifact", type=click.Path())
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Folder to write the board's copy into.")
+@click.option("--force", is_flag=True, help="Replace an output folder that holds other files.")
+@handle_errors
+def pack_cmd(artifact, out_dir, force):
+    """Copy exactly what the board runs (NPU segments as .rknn, CPU segments as ONNX, the
+    tokenizer, the manifest) from a compiled ARTIFACT into a new folder."""
+    from rwkv2rknn.pack import pack
+    res = pack(artifact, out_dir, force=force)
+    per = f", {res['bytes'] / res['parameters']:.2f} bytes per parameter" if res["parameters"] else ""
+    click.echo(f"packed {out_dir}: {res['bytes']:,} bytes for {res['parameters']:,} parameters{per}")
+    click.echo(f"board memory need: {res['need']}")
+
+
+@cli.command()
+@click.argument("artifact", required=False, type=click.Path())
+@handle_errors
+def doctor(artifact):
+    """Check that this board can run ARTIFACT: architecture, SoC and NPU cores, RKNPU driver,
+    librknnrt version, free memory. Exit 1 if anything needs fixing."""
+    from rwkv2rknn.doctor import doctor as run_doctor
+    verdicts = run_doctor(artifact)
+    for v in verdicts:
+        click.echo(v.line())
+    sys.exit(0 if all(v.ok for v in verdicts) else 1)

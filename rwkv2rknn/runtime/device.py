@@ -1,0 +1,171 @@
+"""What the board has and what an artifact needs from it: librknnrt (where, which version), the
+NPU driver's version, the SoC's NPU cores, free memory, and the artifact's memory need.
+
+Every reader takes ``root`` (default ``/``) so tests can point it at a fake sysfs tree. Nothing
+here needs a board: a missing file reads as "unknown".
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from typing import Dict, Optional, Tuple
+
+from rwkv2rknn.errors import BadInput
+
+log = logging.getLogger(__name__)
+
+LIBRKNNRT_ENV = "RWKV2RKNN_LIBRKNNRT"
+LIBRKNNRT_PATHS = ("usr/lib/librknnrt.so", "usr/lib64/librknnrt.so", "usr/local/lib/librknnrt.so",
+                   "usr/lib/aarch64-linux-gnu/librknnrt.so")
+LIBRKNNRT_INSTALL = ("copy librknnrt.so from the rknn-toolkit2 release that built the files "
+                     "(rknpu2/runtime/Linux/librknn_api/aarch64/librknnrt.so) to /usr/lib, "
+                     f"or point ${LIBRKNNRT_ENV} at it")
+# debugfs (root only) on Rockchip's vendor kernels; the module's own version where it is a module
+DRIVER_VERSION_PATHS = ("sys/kernel/debug/rknpu/version", "sys/module/rknpu/version")
+DRIVER_NODES = ("dev/rknpu", "sys/kernel/debug/rknpu", "sys/module/rknpu", "sys/class/misc/rknpu")
+NPU_CORES = {"rk3588": 3, "rk3576": 2, "rk356x": 1, "rk3566": 1, "rk3568": 1, "rk3562": 1}
+# "2.3.0 (c949ad889d@2024-11-07T11:35:33)": how librknnrt states its version (its startup log)
+_LIB_VERSION = re.compile(rb"(\d+\.\d+\.\d+)(?:b\d+)? \([0-9a-f]{6,}@\d{4}-\d\d-\d\dT")
+
+
+def _at(root: str, rel: str) -> str:
+    return os.path.join(root, rel)
+
+
+def _read(path: str, limit: int = 4096) -> str:
+    try:
+        with open(path, "rb") as f:
+            return f.read(limit).decode("ascii", "replace")
+    except OSError:
+        return ""
+
+
+def parse_version(text: str) -> Tuple[int, ...]:
+    """(2, 5, 0) from '2.5.0', 'v2.5.0', '2.5.0b1 (abc@...)'; () if there is none."""
+    m = re.search(r"(\d+)\.(\d+)(?:\.(\d+))?", text or "")
+    return tuple(int(g) for g in m.groups(default="0")) if m else ()
+
+
+def librknnrt_path(root: str = "/", environ=None) -> str:
+    """The librknnrt.so this machine would load: ``$RWKV2RKNN_LIBRKNNRT`` or the usual places."""
+    env = (os.environ if environ is None else environ).get(LIBRKNNRT_ENV, "")
+    if env:
+        return env
+    return next((_at(root, p) for p in LIBRKNNRT_PATHS if os.path.isfile(_at(root, p))), "")
+
+
+def librknnrt_version(path: str) -> str:
+    """The version string a librknnrt.so carries ('2.3.0'), or '' if it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            m = _LIB_VERSION.search(f.read())
+    except OSError:
+        return ""
+    return m.group(1).decode() if m else ""
+
+
+def older(have: str, need: str) -> bool:
+    """``have`` is a known version older than the known version ``need``."""
+    a, b = parse_version(have), parse_version(need)
+    return bool(a and b) and a < b
+
+
+def runtime_hint(lib_path: str, toolkit: str) -> str:
+    """Why the board's runtime likely refused a .rknn, and the fix."""
+    have = librknnrt_version(lib_path) if lib_path else ""
+    need = toolkit or "the toolkit version in manifest.json"
+    if older(have, toolkit):
+        return (f"this board's librknnrt is {have}, older than rknn-toolkit2 {toolkit} that built "
+                f"the files: install librknnrt.so {toolkit} or newer ({LIBRKNNRT_INSTALL})")
+    return (f"the likeliest cause is a librknnrt.so older than rknn-toolkit2 {need} that built the "
+            f"files (this board's: {have or 'version unknown'}; `rwkv2rknn doctor` checks it), "
+            f"else the files were compiled for another --target")
+
+
+def npu_driver_version(root: str = "/") -> str:
+    """The RKNPU driver's version ('0.9.8'), '' if no readable source has it."""
+    for rel in DRIVER_VERSION_PATHS:
+        text = _read(_at(root, rel))
+        if parse_version(text):
+            return ".".join(map(str, parse_version(text)))
+    return ""
+
+
+def npu_driver_present(root: str = "/") -> bool:
+    return any(os.path.exists(_at(root, p)) for p in DRIVER_NODES + DRIVER_VERSION_PATHS)
+
+
+def mem_available(root: str = "/") -> int:
+    """MemAvailable from /proc/meminfo in bytes; -1 if unknown."""
+    m = re.search(r"^MemAvailable:\s+(\d+)\s*kB", _read(_at(root, "proc/meminfo"), 1 << 16), re.M)
+    return int(m.group(1)) * 1024 if m else -1
+
+
+def _size(artifact: str, rel: Optional[str]) -> int:
+    path = os.path.join(artifact, rel) if rel else ""
+    return os.path.getsize(path) if path and os.path.isfile(path) else 0
+
+
+def memory_need(manifest, artifact: str, backend: str = "rknn-rt") -> Dict[str, int]:
+    """Bytes the board holds to run ``artifact``: the weights it loads (each NPU segment's .rknn
+    and its T-row .seq.rknn, each CPU segment's ONNX), the float32 activations every bound
+    input and output takes (T-row ones at the largest row count) and the recurrent state. Not
+    counted: librknnrt's own internal buffers and onnxruntime's arenas (hence the margin in
+    ``require_memory``)."""
+    weights = acts = 0
+    for seg in manifest.segments:
+        per_token = sum(_elems(seg.shapes.get(k)) for k in tuple(seg.inputs) + tuple(seg.outputs))
+        if seg.backend == "npu" and backend != "ort":
+            weights += _size(artifact, seg.rknn) + (_size(artifact, seg.seq_rknn)
+                                                    if seg.seq_rknn != seg.rknn else 0)
+        else:
+            weights += _size(artifact, seg.onnx) + _size(artifact, seg.seq_onnx)
+        acts += 4 * per_token * (1 + max(seg.seq_rows or (0,)))
+    width = int(manifest.model.get("width") or 0)
+    state = 4 * len(manifest.state) * width
+    return {"weights": weights, "activations": acts, "state": state,
+            "total": weights + acts + state}
+
+
+def _elems(shape) -> int:
+    n = 1
+    for d in shape or ():
+        n *= int(d) if isinstance(d, int) and d > 0 else 1
+    return n
+
+
+def gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
+
+
+def describe_need(need: Dict[str, int]) -> str:
+    return (f"about {gib(need['total'])} (weights {gib(need['weights'])}, activations "
+            f"{gib(need['activations'])}, state {gib(need['state'])})")
+
+
+def require_memory(need: Dict[str, int], root: str = "/", margin: float = 1.1) -> None:
+    """A one-line BadInput when MemAvailable is below the artifact's need (with a margin)."""
+    have = mem_available(root)
+    if have >= 0 and have < need["total"] * margin:
+        raise BadInput(f"the board has {gib(have)} free (MemAvailable), this model needs about "
+                       f"{gib(need['total'])} (weights {gib(need['weights'])})",
+                       "close other programs, or pack a smaller model (`rwkv2rknn doctor ARTIFACT`)")
+
+
+def board_preflight(artifact: str, m, backend: str) -> None:
+    """Before loading on the board: the SoC matches the target, enough memory is free, and the
+    runtime is not older than the toolkit that built the files (a warning: it may still load)."""
+    from rwkv2rknn.runtime import board
+    soc = board.board_soc()
+    if soc and not board.same_npu(soc, m.target):
+        raise BadInput(f"'{artifact}' was compiled for {m.target or 'an unknown target'}, "
+                       f"but this board is {soc}", f"compile it again with --target {soc}")
+    if not soc and m.target != "rk3588":
+        log.warning("artifact was compiled for %s", m.target)
+    require_memory(memory_need(m, artifact, backend))
+    have = librknnrt_version(librknnrt_path())
+    if older(have, m.toolkit):
+        log.warning("librknnrt %s is older than rknn-toolkit2 %s that built the files; if loading "
+                    "fails: %s", have, m.toolkit, LIBRKNNRT_INSTALL)

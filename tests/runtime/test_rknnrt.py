@@ -1,0 +1,181 @@
+"""The ``rknn-rt`` runner (librknnrt's C API over ctypes) against a RECORDING STAND-IN library.
+
+There is no RK3588 here, so ``standin_librknnrt.c`` (built below with gcc) stands in for
+librknnrt.so: the same C signatures and structure layouts as the public rknn_api.h, every call
+recorded with its arguments and structure contents, known outputs. What is checked for real: the
+ctypes structures (the C side reads them), the call order, the float32 buffers made once and
+reused, the core mask, the T-row shape switching, and release on every failure path.
+"""
+
+import ctypes
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+from rwkv2rknn.errors import BadInput, ToolkitError
+from rwkv2rknn.runtime import rknnrt
+
+HERE = os.path.dirname(__file__)
+W = 48
+PER_TOKEN = f"in x 1,{W}\nin s {W}\nout y 1,{W}\nout s_out {W}\n"
+T_ROW = f"in x T,{W}\nin s {W}\nout y T,{W}\nout s_out {W}\n"
+SHAPES = {"x": [1, W], "s": [W], "y": [1, W], "s_out": [W]}
+
+
+@pytest.fixture(scope="module")
+def standin(tmp_path_factory):
+    """The stand-in librknnrt.so, compiled from C for this test."""
+    if not shutil.which("gcc"):
+        pytest.fail("gcc is needed to build the stand-in librknnrt (apt-get install gcc)")
+    out = str(tmp_path_factory.mktemp("standin") / "libstandin_rknnrt.so")
+    subprocess.run(["gcc", "-shared", "-fPIC", "-O1", "-Wall", "-Werror", "-o", out,
+                    os.path.join(HERE, "standin_librknnrt.c")], check=True)
+    return out
+
+
+@pytest.fixture
+def log(tmp_path, monkeypatch):
+    path = tmp_path / "calls.log"
+    monkeypatch.setenv("STANDIN_LOG", str(path))
+
+    def calls():
+        out = []
+        for line in path.read_text().splitlines() if path.exists() else []:
+            name, *kv = line.split()
+            out.append((name, dict(x.split("=", 1) for x in kv)))
+        return out
+    return calls
+
+
+def _model(tmp_path, text, name="seg.rknn"):
+    p = tmp_path / name
+    p.write_text(text)
+    return str(p)
+
+
+def test_structures_match_the_header_and_the_c_compiler(standin):
+    got = (ctypes.c_uint32 * 25)()
+    ctypes.CDLL(standin).standin_layout(got)
+    a, m = rknnrt.TensorAttr, rknnrt.TensorMem
+    ours = [ctypes.sizeof(a)] + [getattr(a, f).offset for f in (
+        "n_dims", "dims", "name", "n_elems", "size", "fmt", "type", "qnt_type", "fl", "zp", "scale",
+        "w_stride", "size_with_stride", "pass_through", "h_stride")] + \
+        [ctypes.sizeof(m)] + [getattr(m, f).offset for f in ("phys_addr", "fd", "offset", "size",
+                                                             "flags", "priv_data")] + \
+        [ctypes.sizeof(rknnrt.InOutNum), ctypes.sizeof(rknnrt.SdkVersion)]
+    assert ours == list(got)
+    # the figures rknn_api.h's field list gives on a 64-bit machine (uint32 dims[16], char name[256])
+    assert ctypes.sizeof(a) == 376 and a.name.offset == 72 and a.n_elems.offset == 328
+    assert a.zp.offset == 352 and a.pass_through.offset == 368 and a.h_stride.offset == 372
+    assert ctypes.sizeof(m) == 40 and m.size.offset == 24 and m.priv_data.offset == 32
+
+
+def test_per_token_segment_calls_and_outputs(standin, tmp_path, log):
+    path = _model(tmp_path, PER_TOKEN)
+    r = rknnrt.RknnRtRunner(path, "s001", ["x", "s"], ["y", "s_out"], SHAPES, core_mask="0_1_2",
+                            lib=standin)
+    calls = log()
+    names = [c[0] for c in calls]
+    assert names == ["rknn_init", "rknn_set_core_mask", "rknn_query", "rknn_query", "rknn_query",
+                     "rknn_query", "rknn_query"] + ["rknn_create_mem", "rknn_set_io_mem"] * 4
+    init = calls[0][1]
+    assert init == {"size": str(os.path.getsize(path)), "flag": "0", "extend": "null"}
+    assert calls[1][1]["mask"] == "7"  # RKNN_NPU_CORE_0_1_2
+    assert [(c[1]["cmd"], c[1]["size"], c[1]["index"]) for c in calls[2:7]] == [
+        ("0", "8", "0"), ("1", "376", "0"), ("1", "376", "1"), ("2", "376", "0"), ("2", "376", "1")]
+    binds = [c[1] for c in calls if c[0] == "rknn_set_io_mem"]
+    assert [(b["name"], b["dims"], b["type"], b["size"], b["mem_size"], b["pass_through"])
+            for b in binds] == [("x", f"1,{W}", "0", str(4 * W), str(4 * W), "0"),
+                                ("s", str(W), "0", str(4 * W), str(4 * W), "0"),
+                                ("y", f"1,{W}", "0", str(4 * W), str(4 * W), "0"),
+                                ("s_out", str(W), "0", str(4 * W), str(4 * W), "0")]
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        x = rng.standard_normal((1, W)).astype(np.float32)
+        s = rng.standard_normal(W).astype(np.float32)
+        out = r.infer({"s": s, "x": x})
+        assert list(out) == ["y", "s_out"]
+        assert out["y"].dtype == np.float32 and out["y"].shape == (1, W) and out["s_out"].shape == (W,)
+        np.testing.assert_allclose(out["y"], 1000 + x + 10 * s, rtol=1e-6)
+        np.testing.assert_allclose(out["s_out"], 2000 + x[0] + 10 * s, rtol=1e-6)
+    assert [c[0] for c in log()[len(calls):]] == ["rknn_run"] * 3  # buffers made once, reused
+    assert r.sdk_version() == ("2.5.0 (standin@2025-01-01T00:00:00)", "0.9.8")
+    n = len(log())
+    r.close()
+    r.close()
+    assert [c[0] for c in log()[n:]] == ["rknn_destroy_mem"] * 4 + ["rknn_destroy"]
+
+
+def test_t_row_segment_switches_shapes_and_reuses_buffers(standin, tmp_path, log):
+    r = rknnrt.RknnRtRunner(_model(tmp_path, T_ROW), "s001.seq", ["x", "s"], ["y", "s_out"], None,
+                            rows=(16, 32), lib=standin)
+    assert not any(c[0] == "rknn_create_mem" for c in log())  # bound on first use, per row count
+    s = np.arange(W, dtype=np.float32)
+    seen = []
+    for t in (16, 32, 16, 16):
+        n = len(log())
+        x = np.full((t, W), t, np.float32)
+        out = r.infer({"x": x, "s": s})
+        assert out["y"].shape == (t, W) and out["y"].dtype == np.float32
+        np.testing.assert_allclose(out["y"], 1000 + x + 10 * s)
+        seen.append([c for c in log()[n:]])
+    first = [c[0] for c in seen[0]]
+    assert first == ["rknn_set_input_shapes", "shape", "shape", "rknn_query", "rknn_query",
+                     "rknn_query", "rknn_query"] + ["rknn_create_mem", "rknn_set_io_mem"] * 4 + ["rknn_run"]
+    assert [(c[1]["name"], c[1]["dims"], c[1]["n_elems"]) for c in seen[0] if c[0] == "shape"] == [
+        ("x", f"16,{W}", str(16 * W)), ("s", str(W), str(W))]
+    assert [c[1]["dims"] for c in seen[1] if c[0] == "shape"] == [f"32,{W}", str(W)]
+    assert [c[1]["cmd"] for c in seen[0] if c[0] == "rknn_query"] == ["14", "14", "15", "15"]
+    assert [c[1]["size"] for c in seen[0] if c[0] == "rknn_create_mem"] == [str(16 * W * 4), str(W * 4),
+                                                                              str(16 * W * 4), str(W * 4)]
+    # back to 16 rows: shapes set and the same buffers bound again, nothing allocated
+    assert [c[0] for c in seen[2]] == ["rknn_set_input_shapes", "shape", "shape"] + \
+        ["rknn_set_io_mem"] * 4 + ["rknn_run"]
+    assert [c[0] for c in seen[3]] == ["rknn_run"]  # same shape: only the run
+    with pytest.raises(BadInput, match=r"built for \[16, 32\] rows"):
+        r.infer({"x": np.zeros((8, W), np.float32), "s": s})
+    n = len(log())
+    r.close()
+    assert [c[0] for c in log()[n:]] == ["rknn_destroy_mem"] * 8 + ["rknn_destroy"]
+
+
+@pytest.mark.parametrize("fn", ["rknn_set_core_mask", "rknn_query", "rknn_create_mem", "rknn_set_io_mem"])
+def test_every_failure_after_init_releases_the_context(standin, tmp_path, log, fn):
+    path = _model(tmp_path, PER_TOKEN + f"fail {fn}\n")
+    with pytest.raises(ToolkitError, match=fn):
+        rknnrt.RknnRtRunner(path, "s001", ["x", "s"], ["y", "s_out"], SHAPES, core_mask="0",
+                            lib=standin)
+    names = [c[0] for c in log()]
+    assert names[-1] == "rknn_destroy"
+    assert names.count("rknn_destroy_mem") == names.count("rknn_create_mem") - (fn == "rknn_create_mem")
+
+
+def test_refused_model_names_the_likelier_cause(standin, tmp_path, log):
+    path = _model(tmp_path, PER_TOKEN + "fail rknn_init\n")
+    with pytest.raises(ToolkitError) as e:
+        rknnrt.RknnRtRunner(path, "s001", ["x", "s"], ["y", "s_out"], SHAPES, toolkit="2.5.0",
+                            lib=standin)
+    assert "RKNN_ERR_MODEL_INVALID" in str(e.value)
+    assert "older than rknn-toolkit2 2.5.0" in e.value.fix and "--target" in e.value.fix
+    assert [c[0] for c in log()] == ["rknn_init"]  # no context was made: nothing to destroy
+
+
+def test_wrong_io_count_is_one_line_and_released(standin, tmp_path, log):
+    path = _model(tmp_path, PER_TOKEN)
+    with pytest.raises(BadInput, match="has 2 inputs and 2 outputs, the manifest says 3"):
+        rknnrt.RknnRtRunner(path, "s001", ["x", "s", "z"], ["y", "s_out"], SHAPES, lib=standin)
+    assert log()[-1][0] == "rknn_destroy"
+
+
+def test_auto_picks_rknn_rt_where_librknnrt_loads(standin, tmp_path, monkeypatch):
+    from rwkv2rknn.runtime import device
+    from rwkv2rknn.runtime.hybrid import resolve_backend
+    monkeypatch.setenv(device.LIBRKNNRT_ENV, standin)
+    assert resolve_backend("auto") == "rknn-rt"
+    bad = tmp_path / "librknnrt.so"
+    bad.write_bytes(b"not a shared library")
+    monkeypatch.setenv(device.LIBRKNNRT_ENV, str(bad))
+    assert resolve_backend("auto") != "rknn-rt"  # present but not loadable: the next backend
