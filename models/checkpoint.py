@@ -11,7 +11,7 @@ from typing import Dict, Optional
 import numpy as np
 
 from rwkv2rknn.errors import BadInput, MissingDependency
-from rwkv2rknn.models import rwkv4
+from rwkv2rknn.models import rwkv4, rwkv5, rwkv6, rwkv7
 
 
 def load_checkpoint(path: str) -> Dict[str, np.ndarray]:
@@ -82,3 +82,135 @@ def save_checkpoint(sd: Dict[str, np.ndarray], path: str, dtype: str = "float32"
     import torch
     tdtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
     torch.save({k: torch.from_numpy(np.ascontiguousarray(a)).to(tdtype) for k, a in sd.items()}, path)
+
+
+class _Draws:
+    """Random tensors for one RWKV-5.2/6/7 checkpoint, drawn in a fixed order from ``seed``."""
+
+    def __init__(self, width: int, vocab: int, head_size: int, seed: int, scale: float):
+        if width % head_size:
+            raise ValueError(f"width {width} is not a multiple of the head size {head_size}")
+        self.rng, self.c, self.v, self.scale = np.random.default_rng(seed), width, vocab, scale
+        self.ramp = np.arange(width, dtype=np.float32) / max(width - 1, 1)
+
+    def w(self, *shape, gain: float = 1.0) -> np.ndarray:
+        """~ N(0, 1/fan_in) (fan_in = shape[-2]) times ``gain`` and the checkpoint's scale."""
+        return (self.rng.standard_normal(shape) * gain * self.scale / np.sqrt(shape[-2])).astype(np.float32)
+
+    def near(self, x0, spread: float, shape=None) -> np.ndarray:
+        return (x0 + spread * self.rng.standard_normal(shape or (self.c,))).astype(np.float32)
+
+    def vec3(self, x) -> np.ndarray:
+        return np.asarray(x, np.float32).reshape(1, 1, self.c)
+
+    def layers(self, sd: dict, layers: int):
+        """The embedding and ln0 into ``sd``; then per layer its LayerNorms, yielding (i,
+        'blocks.i.', depth in [0, 1], a channel ramp that depends on depth); then the head."""
+        c, v = self.c, self.v
+        sd.update({"emb.weight": (self.rng.standard_normal((v, c)) * 0.5).astype(np.float32),
+                   "blocks.0.ln0.weight": self.near(1.0, 0.05), "blocks.0.ln0.bias": self.near(0.0, 0.05)})
+        for i in range(layers):
+            depth, b = i / max(layers - 1, 1), f"blocks.{i}."
+            sd.update({b + "ln1.weight": self.near(1.0, 0.05), b + "ln1.bias": self.near(0.0, 0.05),
+                       b + "ln2.weight": self.near(1.0, 0.05), b + "ln2.bias": self.near(0.0, 0.05)})
+            yield i, b, depth, self.ramp ** (1.0 - 0.5 * depth)
+        sd.update({"ln_out.weight": self.near(1.0, 0.05), "ln_out.bias": self.near(0.0, 0.05),
+                   "head.weight": self.w(v, c) * 4})
+
+
+def random_rwkv7(layers: int = 2, width: int = 128, vocab: int = 256, head_size: int = 64,
+                 lora: Optional[Dict[str, int]] = None, ffn: Optional[int] = None, seed: int = 0,
+                 scale: float = 1.0) -> Dict[str, np.ndarray]:
+    """A random RWKV-7 state dict in the official key layout and shapes.
+
+    Mixes in [0, 1] that depend on depth, decay base ``w0`` spread over channels as in the
+    official init (so that decays range from fast to slow), LoRA pairs (in, out) with widths
+    ``lora`` (w/a/v/g), ``r_k`` (H, N), no v0/v1/v2 in layer 0, GroupNorm ``ln_x`` weights
+    growing with depth; matrices ~ N(0, 1/fan_in) times ``scale``.
+    """
+    r = _Draws(width, vocab, head_size, seed, scale)
+    c, f, w, near, vec3 = width, ffn or 4 * width, r.w, r.near, r.vec3
+    dims = {"w": 40, "a": 36, "v": 20, "g": 56, **(lora or {})}
+    sd: Dict[str, np.ndarray] = {}
+    for i, b, depth, mix in r.layers(sd, layers):
+        for j, m in enumerate("rwkvag"):
+            jitter = 0.05 * r.rng.standard_normal(c)
+            sd[b + f"att.x_{m}"] = vec3(np.clip(1.0 - mix ** (0.5 + 0.2 * j) + jitter, 0, 1))
+        sd[b + "att.w0"] = vec3(-7 + 5 * r.ramp ** (0.85 + depth ** 0.5) + 0.5 + near(0, 0.3))
+        sd[b + "att.w1"], sd[b + "att.w2"] = w(c, dims["w"]), w(dims["w"], c, gain=0.5)
+        sd[b + "att.a0"] = vec3(near(0.0, 0.5))
+        sd[b + "att.a1"], sd[b + "att.a2"] = w(c, dims["a"]), w(dims["a"], c, gain=0.5)
+        if i:
+            sd[b + "att.v0"] = vec3(near(1.0, 0.3))
+            sd[b + "att.v1"], sd[b + "att.v2"] = w(c, dims["v"]), w(dims["v"], c, gain=0.5)
+        sd[b + "att.g1"], sd[b + "att.g2"] = w(c, dims["g"]), w(dims["g"], c, gain=0.5)
+        sd[b + "att.k_k"] = vec3(near(0.85, 0.1))
+        sd[b + "att.k_a"] = vec3(near(1.0, 0.1))
+        sd[b + "att.r_k"] = near(-0.04, 0.1, (c // head_size, head_size))
+        for name in ("receptance", "key", "value", "output"):
+            sd[b + f"att.{name}.weight"] = w(c, c)
+        sd[b + "att.ln_x.weight"] = near(((1 + i) / layers) ** 0.7, 0.05)
+        sd[b + "att.ln_x.bias"] = near(0.0, 0.05)
+        sd[b + "ffn.x_k"] = vec3(1.0 - mix ** 4)
+        sd[b + "ffn.key.weight"], sd[b + "ffn.value.weight"] = w(f, c), w(c, f)
+    rwkv7.check_state_dict(sd)
+    return sd
+
+
+def random_rwkv6(layers: int = 2, width: int = 128, vocab: int = 256, head_size: int = 64,
+                 lora: Optional[Dict[str, int]] = None, ffn: Optional[int] = None, seed: int = 0,
+                 scale: float = 1.0) -> Dict[str, np.ndarray]:
+    """A random RWKV-6 state dict in the official key layout and shapes: ``time_maa_*``
+    [1, 1, C], ``time_maa_w1`` (C, 5D), ``time_maa_w2`` (5, D, C), ``time_decay`` [1, 1, C] spread
+    over channels as in the official init, its LoRA (C, D2)/(D2, C), ``time_faaaa`` (H, N), FFN
+    width 3.5 C; LoRA widths ``lora`` (maa, decay) not powers of two by default."""
+    r = _Draws(width, vocab, head_size, seed, scale)
+    c, w, near, vec3 = width, r.w, r.near, r.vec3
+    f = ffn or int(3.5 * c) // 32 * 32
+    d = {"maa": 20, "decay": 44, **(lora or {})}
+    sd: Dict[str, np.ndarray] = {}
+    for i, b, depth, mix in r.layers(sd, layers):
+        for j, m in enumerate("xwkvrg"):
+            sd[b + f"att.time_maa_{m}"] = vec3(np.clip(1.0 - mix ** (0.5 + 0.2 * j), 0, 1))
+        sd[b + "att.time_maa_w1"] = w(c, 5 * d["maa"])
+        sd[b + "att.time_maa_w2"] = w(5, d["maa"], c, gain=0.3)
+        sd[b + "att.time_decay"] = vec3(-6 + 5 * r.ramp ** (0.7 + 1.3 * depth) + near(0, 0.2))
+        sd[b + "att.time_decay_w1"] = w(c, d["decay"])
+        sd[b + "att.time_decay_w2"] = w(d["decay"], c, gain=0.5)
+        zigzag = ((np.arange(c) + 1) % 3 - 1) * 0.1
+        sd[b + "att.time_faaaa"] = (r.ramp * (1 - r.ramp) + zigzag).reshape(
+            c // head_size, head_size).astype(np.float32)
+        for name in ("receptance", "key", "value", "gate", "output"):
+            sd[b + f"att.{name}.weight"] = w(c, c)
+        sd[b + "att.ln_x.weight"] = near(1.0, 0.05)
+        sd[b + "att.ln_x.bias"] = near(0.0, 0.05)
+        sd[b + "ffn.time_maa_k"] = vec3(1.0 - mix ** 2)
+        sd[b + "ffn.time_maa_r"] = vec3(1.0 - mix ** 2)
+        sd[b + "ffn.key.weight"], sd[b + "ffn.value.weight"] = w(f, c), w(c, f)
+        sd[b + "ffn.receptance.weight"] = w(c, c)
+    rwkv6.check_state_dict(sd)
+    return sd
+
+
+def random_rwkv5(layers: int = 2, width: int = 128, vocab: int = 256, head_size: int = 64,
+                 ffn: Optional[int] = None, seed: int = 0) -> Dict[str, np.ndarray]:
+    """A random RWKV-5.2 state dict in the official key layout: RWKV-6's (same projections,
+    ``ln_x``, ``time_faaaa`` (H, N), FFN width 3.5 C) with RWKV-4's ``time_mix_*`` [1, 1, C] in
+    place of the maa LoRA, and ``time_decay`` (H, N) with no LoRA."""
+    sd = random_rwkv6(layers=layers, width=width, vocab=vocab, head_size=head_size, ffn=ffn,
+                      seed=seed)
+    h = width // head_size
+    for i in range(layers):
+        b = f"blocks.{i}.att."
+        for m in "xwkvrg":
+            mix = sd.pop(b + f"time_maa_{m}")
+            if m in "kvrg":
+                sd[b + f"time_mix_{m}"] = (1.0 - mix).astype(np.float32)
+        for key in ("time_maa_w1", "time_maa_w2", "time_decay_w1", "time_decay_w2"):
+            sd.pop(b + key)
+        sd[b + "time_decay"] = sd[b + "time_decay"].reshape(h, head_size)
+        for m in "kr":
+            maa = sd.pop(f"blocks.{i}.ffn.time_maa_{m}")
+            sd[f"blocks.{i}.ffn.time_mix_{m}"] = (1.0 - maa).astype(np.float32)
+    rwkv5.check_state_dict(sd)
+    return sd

@@ -1,29 +1,42 @@
-"""Export an RWKV-4 checkpoint to the public per-layer ONNX layout, or to one whole-model file.
+"""Export an RWKV checkpoint (RWKV-4, 5.2, 6 or 7) to the per-layer ONNX layout.
 
-Files: ``embed.onnx``, ``mixing_{i}.onnx``, ``head.onnx`` (names, shapes and state rows as the
-public files), plus ``rwkv2rknn-model.json`` describing the model. fp16 by default, made by
-onnxconverter-common's ``convert_float_to_float16`` with default arguments, exactly as the public
-files were; ``fp32=True`` keeps float32. ``export_file`` joins the same graphs into one .onnx
-(the model description in its metadata).
+Files: ``embed.onnx``, ``mixing_{i}.onnx``, ``head.onnx`` (for RWKV-4 names, shapes and state
+rows as the public files; RWKV-5.2/6/7's block I/O is in ``models/slots.py``), plus
+``rwkv2rknn-model.json`` describing the model (arch, version, shape, state slots). fp16 by
+default, made by onnxconverter-common's ``convert_float_to_float16`` with default arguments,
+exactly as the public files were (RWKV-5.2/6/7: the recurrence nodes are kept in fp32 by the
+converter's block list); ``fp32=True`` keeps float32. ``export_file`` joins an RWKV-4 model's
+graphs into one .onnx (the model description in its metadata).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 
 from rwkv2rknn import io
-from rwkv2rknn.errors import MissingDependency
-from rwkv2rknn.models import rwkv4
+from rwkv2rknn.errors import MissingDependency, UnsupportedModel
+from rwkv2rknn.models import rwkv4, rwkv5, rwkv6, rwkv7
 
 log = logging.getLogger(__name__)
 MODEL_JSON = "rwkv2rknn-model.json"
+MODULES = {"4": rwkv4, "5": rwkv5, "6": rwkv6, "7": rwkv7}  # version -> the module that knows it
 
 
-def to_fp16(model):
+def arch_of(sd) -> Tuple[object, object]:
+    """(model module, shape) of a checkpoint, validated; a one-line error for other versions."""
+    version = rwkv4.detect_version(sd)
+    module = MODULES.get(version)
+    if module is None:
+        raise UnsupportedModel(f"RWKV-{version} is not supported yet",
+                               "RWKV-4, 5.2, 6 and 7 checkpoints can be exported")
+    return module, module.check_state_dict(sd)
+
+
+def to_fp16(model, keep_fp32=()):
     try:
         from onnxconverter_common import float16
     except ImportError as e:
@@ -33,7 +46,7 @@ def to_fp16(model):
     with warnings.catch_warnings(record=True) as caught:
         # the converter warns once per constant it clamps to 1e-7 <= |x| <= 1e4
         warnings.simplefilter("always")
-        out = float16.convert_float_to_float16(model)
+        out = float16.convert_float_to_float16(model, node_block_list=list(keep_fp32) or None)
     clamped = sum("truncated" in str(w.message) for w in caught)
     if clamped:
         log.info("fp16 conversion clamped %d constant value(s) to 1e-7 <= |x| <= 1e4", clamped)
@@ -42,25 +55,27 @@ def to_fp16(model):
 
 def export(sd: Dict[str, np.ndarray], out_dir: str, fp32: bool = False,
            tokenizer: Optional[str] = None, force: bool = False,
-           progress: Optional[Callable[[str], None]] = None) -> rwkv4.Shape:
-    """Write the per-layer files of ``sd`` (validated) into ``out_dir``, atomically."""
-    shape = rwkv4.check_state_dict(sd)
-    stages = [(rwkv4.EMBED_FILE, lambda: rwkv4.embed_graph(sd))]
-    stages += [(rwkv4.BLOCK_FILE.format(i), (lambda i=i: rwkv4.block_graph(sd, i)))
+           progress: Optional[Callable[[str], None]] = None):
+    """Write the per-layer files of ``sd`` (validated) into ``out_dir``, atomically; returns
+    the model's shape."""
+    arch, shape = arch_of(sd)
+    stages = [(arch.EMBED_FILE, lambda: arch.embed_graph(sd))]
+    stages += [(arch.BLOCK_FILE.format(i), (lambda i=i: arch.block_graph(sd, i)))
                for i in range(shape.layers)]
-    stages += [(rwkv4.HEAD_FILE, lambda: rwkv4.head_graph(sd))]
+    stages += [(arch.HEAD_FILE, lambda: arch.head_graph(sd))]
+    keep = getattr(arch, "fp32_nodes", lambda m: [])
     with io.atomic_dir(out_dir, MODEL_JSON, force=force) as tmp:
         for name, build in stages:
             model = build()
             if not fp32:
-                model = to_fp16(model)
+                model = to_fp16(model, keep(model))
             io.save_onnx(model, os.path.join(tmp, name))
             if progress:
                 progress(name)
         io.write_json(os.path.join(tmp, MODEL_JSON), {
-            "arch": rwkv4.ARCH, "shape": shape.to_dict(), "dtype": "float32" if fp32 else "float16",
-            "tokenizer": tokenizer, "state_rows": list(rwkv4.STATE_ROWS)})
-    log.info("exported %s (%d layers, width %d, vocab %d) to %s", rwkv4.ARCH, shape.layers,
+            "arch": arch.ARCH, "shape": shape.to_dict(), "dtype": "float32" if fp32 else "float16",
+            "tokenizer": tokenizer, **arch.description(shape)})
+    log.info("exported %s (%d layers, width %d, vocab %d) to %s", arch.ARCH, shape.layers,
              shape.width, shape.vocab, out_dir)
     return shape
 
@@ -114,6 +129,10 @@ def export_file(sd: Dict[str, np.ndarray], path: str, fp32: bool = False,
     """The whole model as one .onnx file (weights as external data ``PATH.data`` beside it when
     they pass ``external_limit`` bytes), written whole or not at all."""
     from onnx import helper
+    version = rwkv4.detect_version(sd)
+    if version != "4":
+        raise UnsupportedModel(f"one-file export of RWKV-{version} is not supported yet",
+                               "export it to a per-layer folder (-o FOLDER)")
     model, shape = whole_model(sd)
     if not fp32:
         model = to_fp16(model)

@@ -30,9 +30,11 @@ from typing import Dict, Mapping
 import numpy as np
 
 from rwkv2rknn.errors import UnsupportedModel
+from rwkv2rknn.models import graph
+from rwkv2rknn.models.graph import as_np as _np, dims as _dims, vi as _vi
 
 ARCH = "rwkv4"
-OPSET = 16
+OPSET = graph.OPSET
 LN_EPS = 1e-5
 
 # Row order of the per-layer state tensor [5, C] (the public per-layer files, rwkv.cpp).
@@ -55,6 +57,16 @@ BLOCK_FILE = "mixing_{}.onnx"
 EMBED_IO = (("token",), ("output",))
 BLOCK_IO = (("input", "state_in"), ("output", "state_out"))
 HEAD_IO = (("x",), ("output",))
+# The loader's view of a block: no values passed between layers, one state tensor per layer
+# (input, output, accumulator?) that the state pass unpacks into STATE_ROWS.
+INTER_LAYER = ()
+STATE_IO = ()  # no named slots
+WHOLE_STATE_IO = ("state_in", "state_out")
+
+
+def block_io(i: int):
+    """(inputs, outputs) of ``mixing_{i}.onnx``: the same for every layer."""
+    return BLOCK_IO
 
 _BLOCK_KEYS = {
     "ln1.weight": "C", "ln1.bias": "C", "ln2.weight": "C", "ln2.bias": "C",
@@ -92,6 +104,11 @@ class Shape:
         return {"layers": self.layers, "width": self.width, "ffn": self.ffn, "vocab": self.vocab}
 
 
+def description(shape: Shape) -> dict:
+    """What the exporter records about the state beside the files (rwkv2rknn-model.json)."""
+    return {"version": "4", "state_rows": list(STATE_ROWS)}
+
+
 def detect_version(sd: Mapping[str, object]) -> str:
     """'4' for an RWKV-4 checkpoint, '5'/'6'/'7' for later ones; raises for anything else."""
     if "emb.weight" not in sd or not any(k.startswith("blocks.") for k in sd):
@@ -111,10 +128,6 @@ def shape_of(sd: Mapping[str, object]) -> Shape:
     return Shape(layers, width, ffn, vocab)
 
 
-def _dims(t) -> tuple:
-    return tuple(int(d) for d in t.shape)
-
-
 def check_state_dict(sd: Mapping[str, object]) -> Shape:
     """Validate an RWKV-4 state dict; return its shape or raise a one-line UnsupportedModel."""
     version = detect_version(sd)
@@ -129,27 +142,14 @@ def check_state_dict(sd: Mapping[str, object]) -> Shape:
     for i in range(shape.layers):
         for key, kind in _BLOCK_KEYS.items():
             expected[f"blocks.{i}.{key}"] = dims[kind]
-    missing = [k for k in expected if k not in sd]
-    if missing:
-        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise UnsupportedModel(f"not an RWKV-4 checkpoint: key '{missing[0]}'{more} missing",
-                               "give an official RWKV-4 .pth checkpoint")
-    for key, want in expected.items():
-        got = _dims(sd[key])
-        if got != want and not (len(want) == 3 and got == (c,)):
-            raise UnsupportedModel(f"not an RWKV-4 checkpoint: '{key}' has shape {list(got)}, "
-                                   f"expected {list(want)}", "the checkpoint is damaged or not RWKV-4")
+    error = graph.shape_error(sd, expected, "RWKV-4")
+    if error is not None:
+        raise error
     return shape
 
 
 # --------------------------------------------------------------------------------------------
 # Parameters in the form the graphs use (float32 numpy, time_decay = -exp(.), mixes flat)
-
-
-def _np(t) -> np.ndarray:
-    if hasattr(t, "detach"):
-        t = t.detach().float().cpu().numpy()
-    return np.asarray(t, dtype=np.float32)
 
 
 def block_params(sd: Mapping[str, object], i: int) -> Dict[str, np.ndarray]:
@@ -165,39 +165,8 @@ def block_params(sd: Mapping[str, object], i: int) -> Dict[str, np.ndarray]:
 # ONNX graphs (the public per-layer layout)
 
 
-class _Builder:
-    """A small helper that writes an ONNX graph node by node with readable names."""
-
-    def __init__(self, prefix: str = ""):
-        self.nodes, self.inits = [], []
-        self._n = 0
-        self.prefix = prefix
-
-    def const(self, name: str, value) -> str:
-        from onnx import numpy_helper
-        arr = np.asarray(value)
-        full = self.prefix + name
-        self.inits.append(numpy_helper.from_array(arr, full))
-        return full
-
-    def op(self, op_type: str, *inputs: str, name: str = "", out: str = "", **attrs) -> str:
-        from onnx import helper
-        self._n += 1
-        node_name = self.prefix + (name or f"{op_type}_{self._n}")
-        out = out or node_name + "_out"
-        self.nodes.append(helper.make_node(op_type, list(inputs), [out], name=node_name, **attrs))
-        return out
-
-    def layer_norm(self, x: str, w: np.ndarray, b: np.ndarray, tag: str) -> str:
-        mean = self.op("ReduceMean", x, name=f"{tag}.mean", axes=[-1])
-        d = self.op("Sub", x, mean, name=f"{tag}.sub")
-        var = self.op("ReduceMean", self.op("Pow", d, self.const(f"{tag}.two", np.float32(2.0)),
-                                            name=f"{tag}.pow"), name=f"{tag}.var", axes=[-1])
-        std = self.op("Sqrt", self.op("Add", var, self.const(f"{tag}.eps", np.float32(LN_EPS)),
-                                      name=f"{tag}.add_eps"), name=f"{tag}.sqrt")
-        y = self.op("Div", d, std, name=f"{tag}.div")
-        y = self.op("Mul", y, self.const(f"{tag}.weight", w), name=f"{tag}.scale")
-        return self.op("Add", y, self.const(f"{tag}.bias", b), name=f"{tag}.shift")
+class _Builder(graph.Builder):
+    """The shared graph writer plus RWKV-4's time-shift mix and WKV step."""
 
     def mix(self, xx: str, prev: str, m: np.ndarray, tag: str) -> str:
         a = self.op("Mul", xx, self.const(f"{tag}", m), name=f"{tag}.cur")
@@ -217,19 +186,6 @@ class _Builder:
 
     def matmul(self, w: np.ndarray, x: str, tag: str) -> str:
         return self.op("MatMul", self.const(f"{tag}.weight", w), x, name=tag)
-
-    def model(self, inputs, outputs, name: str):
-        from onnx import helper
-        graph = helper.make_graph(self.nodes, name, inputs, outputs, self.inits)
-        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                              producer_name="rwkv2rknn")
-        m.ir_version = 8
-        return m
-
-
-def _vi(name, dtype, shape):
-    from onnx import helper
-    return helper.make_tensor_value_info(name, dtype, shape)
 
 
 def embed_graph(sd: Mapping[str, object]):

@@ -3,8 +3,9 @@
 ::
 
     token -> [embed/] -> [L0/] -> [L1/] ... -> [head/] -> logits
-                          ^  |
-            L0/state_in --+  +--> L0/state_out        (per layer, [rows, C])
+                          ^  |     \___ L0/v_first ___^   (RWKV-7: layer 0 -> later layers)
+            L0/state_in --+  +--> L0/state_out        (RWKV-4: per layer, [rows, C])
+            L0/wkv, ... --+  +--> L0/wkv_out, ...     (RWKV-5.2/6/7: named slots, [C] or [H, N, N])
 
 Every tensor and node is prefixed with its stage (``embed/``, ``L{i}/``, ``head/``); the stages'
 ``output`` -> next ``input`` edges are joined. A single ``.onnx`` file is loaded as it is (its
@@ -25,6 +26,7 @@ import numpy as np
 from rwkv2rknn import io
 from rwkv2rknn.errors import BadInput, UnsupportedModel
 from rwkv2rknn.ir import Context, Options, const_value, is_const, replace_uses
+from rwkv2rknn.plan import StateSlot
 
 NAME = "load"
 
@@ -83,6 +85,10 @@ def _expect(graph, path: str, ins, outs) -> None:
 
 
 def load_folder(folder: str, arch_module):
+    """One graph of the folder's stages. Returns (graph, layers, width, vocab, slots): ``slots``
+    lists the named state slots of a slot layout (RWKV-5.2/6/7: ``att_shift``, ``wkv``, ...) as
+    StateSlots; it is empty for the rows layout (RWKV-4's ``state_in [rows, C]``, which the
+    state pass unpacks)."""
     import onnx_graphsurgeon as gs
     from rwkv2rknn.runtime.reference import stage_files
 
@@ -93,34 +99,33 @@ def load_folder(folder: str, arch_module):
     blocks = []
     for i, p in enumerate(block_ps):
         g = _import(p, f"L{i}/")
-        _expect(g, p, *d.BLOCK_IO)
+        _expect(g, p, *d.block_io(i))
         blocks.append(g)
     head = _import(head_p, "head/")
     _expect(head, head_p, *d.HEAD_IO)
-
     width, vocab = _table_shape(embed, embed_p)
-    rows = len(d.STATE_ROWS)
-    pins = [(embed.inputs[0], [1]), (head.inputs[0], [width])]
-    for g in blocks:
-        pins += [(g.inputs[0], [width]), (g.inputs[1], [rows, width])]
-    for t, want in pins:  # symbolic dims take the decode shape; fixed ones must agree
-        have = list(t.shape or [])
-        if len(have) != len(want) or any(isinstance(h, int) and h >= 0 and h != w
-                                         for h, w in zip(have, want)):
-            raise UnsupportedModel(f"the per-layer files disagree on the width ('{t.name}' has shape "
-                                   f"{have}, expected {want}: width {width} from the embedding)",
-                                   "all files must come from one export")
-        t.shape = want
+    _pin_decode_shapes(embed, blocks, head, width, d)
 
     nodes = list(embed.nodes)
     x = embed.outputs[0]
     inputs = [embed.inputs[0]]
-    outputs = []
-    for g in blocks:
+    outputs, slots, carried = [], [], {}
+    for i, g in enumerate(blocks):
+        ins = dict(zip(_io_names(g)[0], g.inputs))
+        outs = dict(zip(_io_names(g)[1], g.outputs))
         replace_uses(g.inputs[0], x)
+        for name in d.INTER_LAYER:  # values a block hands to later blocks of the same token
+            if name in ins:
+                replace_uses(ins[name], carried[name])
+            elif name in outs:
+                carried[name] = outs[name]
         nodes += g.nodes
-        inputs.append(g.inputs[1])
-        outputs.append(g.outputs[1])
+        for name, out, acc in d.STATE_IO:
+            slot_in, slot_out = ins[name], outs[out]
+            slots.append(StateSlot(i, name, slot_in.name, slot_out.name, acc,
+                                   tuple(int(s) for s in slot_in.shape)))
+        inputs += [ins[name] for name in ins if name not in ("input",) + d.INTER_LAYER]
+        outputs += [outs[name] for name in outs if name not in ("output",) + d.INTER_LAYER]
         x = g.outputs[0]
     replace_uses(head.inputs[0], x)
     nodes += head.nodes
@@ -130,7 +135,27 @@ def load_folder(folder: str, arch_module):
     graph = gs.Graph(nodes=nodes, inputs=inputs, outputs=[logits] + outputs,
                      opset=max(embed.opset, head.opset), name="rwkv")
     graph.cleanup().toposort()
-    return graph, len(blocks), width, vocab
+    return graph, len(blocks), width, vocab, slots
+
+
+def _pin_decode_shapes(embed, blocks, head, width: int, d) -> None:
+    """The stage inputs take their decode shape (symbolic dims, as torch.onnx's dynamic axes
+    write them, become numbers); fixed dims must agree with the embedding's width."""
+    pins = [(embed.inputs[0], [1]), (head.inputs[0], [width])]
+    rows = getattr(d, "STATE_ROWS", None)
+    for g in blocks:
+        pins.append((g.inputs[0], [width]))
+        ins = dict(zip(_io_names(g)[0], g.inputs))
+        if rows and "state_in" in ins:  # the rows layout: [rows, C]
+            pins.append((ins["state_in"], [len(rows), width]))
+    for t, want in pins:
+        have = list(t.shape or [])
+        if len(have) != len(want) or any(isinstance(h, int) and h >= 0 and h != w
+                                         for h, w in zip(have, want)):
+            raise UnsupportedModel(f"the per-layer files disagree on the width ('{t.name}' has shape "
+                                   f"{have}, expected {want}: width {width} from the embedding)",
+                                   "all files must come from one export")
+        t.shape = want
 
 
 def _table_shape(embed, path: str):
@@ -144,19 +169,38 @@ def _table_shape(embed, path: str):
                            f"constant)", "this is not the per-layer RWKV ONNX layout")
 
 
+def arch_of_folder(folder: str):
+    """The model module of a per-layer folder: from our exporter's description, else from the
+    blocks' inputs (the public RWKV-4 files have no description)."""
+    from rwkv2rknn.models.export import MODULES
+    from rwkv2rknn.runtime.reference import stage_files
+
+    by_arch = {m.ARCH: m for m in MODULES.values()}
+    arch = io.model_facts(folder).get("arch")
+    if arch in by_arch:
+        return by_arch[arch]
+    blocks = stage_files(folder)[1]
+    names = [i.name for i in io.load_onnx(blocks[-1]).graph.input]
+    if names[:1] != ["input"] or "wkv" not in names:
+        return MODULES["4"]
+    return MODULES["7"] if "v_first" in names else MODULES["6"]
+
+
 def run(path: str, options: Options = None) -> Context:
     """Load a folder of per-layer files (or one .onnx) into a new Context."""
-    from rwkv2rknn.models import rwkv4
-
     options = options or Options()
     if not os.path.exists(path):
         raise BadInput(f"'{path}' does not exist",
                        "give a folder of per-layer RWKV ONNX files or an .onnx file")
     if os.path.isdir(path):
-        graph, layers, width, vocab = load_folder(path, rwkv4)
-        ctx = Context(graph=graph, source=os.path.abspath(path), arch=rwkv4.ARCH, layout="per-layer",
+        arch = arch_of_folder(path)
+        graph, layers, width, vocab, slots = load_folder(path, arch)
+        ctx = Context(graph=graph, source=os.path.abspath(path), arch=arch.ARCH, layout="per-layer",
                       shape={"layers": layers, "width": width, "vocab": vocab})
-        ctx.whole_state = {i: (f"L{i}/state_in", f"L{i}/state_out") for i in range(layers)}
+        ctx.state = slots
+        ctx.cpu_recurrence_inputs = bool(getattr(arch, "CPU_RECURRENCE_INPUTS", False))
+        if not slots:
+            ctx.whole_state = {i: (f"L{i}/state_in", f"L{i}/state_out") for i in range(layers)}
     else:
         if not path.endswith(".onnx"):
             raise BadInput(f"'{path}' is not an .onnx file or a folder",
@@ -172,8 +216,8 @@ def run(path: str, options: Options = None) -> Context:
     ctx.profile  # read --profile now: a bad file fails before any work
     n = len(ctx.graph.nodes)
     if os.path.isdir(path):
-        files = (f"{rwkv4.EMBED_FILE}, {rwkv4.BLOCK_FILE.format(0)}..{rwkv4.BLOCK_FILE.format(layers - 1)}"
-                 f", {rwkv4.HEAD_FILE}")
+        files = (f"{arch.EMBED_FILE}, {arch.BLOCK_FILE.format(0)}..{arch.BLOCK_FILE.format(layers - 1)}"
+                 f", {arch.HEAD_FILE}")
         ctx.note(NAME, f"recognised per-layer {ctx.arch} files ({files}): {layers} layers, width "
                        f"{width}, vocab {vocab}; {n} nodes")
     else:

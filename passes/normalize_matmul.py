@@ -54,11 +54,14 @@ def run(ctx: Context) -> None:
 
 
 def _fold_reshape_pairs(graph) -> None:
-    """Reshape -> Reshape chains read the first one's input directly."""
+    """Reshape -> Reshape chains read the first one's input directly (where the first one is
+    read by nothing else: one that other ops also read stays where they are)."""
+    outputs = set(id(t) for t in graph.outputs)
     for node in graph.nodes:
         if node.op != "Reshape":
             continue
         src = node.inputs[0]
         prev = src.inputs[0] if src.inputs else None
-        if prev is not None and prev.op == "Reshape":
+        if prev is not None and prev.op == "Reshape" and len(src.outputs) == 1 and \
+                id(src) not in outputs:
             node.inputs[0] = prev.inputs[0]

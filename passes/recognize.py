@@ -195,13 +195,13 @@ def _initial_values(ctx: Context, tensors, rwkv4) -> str:
         int(d.size) == int(np.prod(tensors[s.input].shape or (1,))) for d, s in zip(dangling, slots))
     if slots and fits and all(np.all(d == d.reshape(-1)[0]) for d in dangling):
         for k, (d, s) in enumerate(zip(dangling, slots)):
-            slots[k] = StateSlot(s.layer, s.row, s.input, s.output, s.accumulator,
-                                 float(d.reshape(-1)[0]))
+            slots[k] = StateSlot(s.layer, s.row, s.input, s.output, s.accumulator, s.shape,
+                                 init=float(d.reshape(-1)[0]))
         where = "from the file's unread Constant nodes"
     else:
         for k, s in enumerate(slots):
-            slots[k] = StateSlot(s.layer, s.row, s.input, s.output, s.accumulator,
-                                 float(rwkv4.RWKV_INIT.get(s.row, 0.0)))
+            slots[k] = StateSlot(s.layer, s.row, s.input, s.output, s.accumulator, s.shape,
+                                 init=float(rwkv4.RWKV_INIT.get(s.row, 0.0)))
         where = "RWKV defaults (the file carries none)"
     if not slots:
         return "all zero (per-layer state tensors)"

@@ -11,7 +11,8 @@ Unsupported is never an error: it falls back to the CPU. Facts behind the rules 
 2.5.0, rk3588): Exp always runs on the CPU; Max/Min run on the NPU only for 4-D inputs; every
 CPU op inside an RKNN model is an NPU<->CPU hand-off on the board. Two rules come from the model
 description and the range guard: ops that compute the recurrent accumulators (the model description names them) stay
-in fp32 on the CPU, and ops whose values leave fp16's range stay on the CPU.
+in fp32 on the CPU (and, where the model asks for it, the ops that only feed them), and ops
+whose values leave fp16's range stay on the CPU.
 
 Precondition: state (for the accumulator rows) and fp16_guard (for ranges) have run.
 """
@@ -65,7 +66,8 @@ def classify(node, accumulator: bool) -> Tuple[str, str]:
 
 
 def _accumulator_nodes(ctx: Context):
-    """Nodes downstream of an accumulator state row, stopping at MatMuls."""
+    """Nodes downstream of an accumulator state slot, stopping at constant-weight MatMuls (a
+    MatMul of two activations, like RWKV-7's state times a vector, is recurrence math)."""
     graph = ctx.graph
     tensors = graph.tensors()
     frontier = [tensors[s.input] for s in ctx.state if s.accumulator and s.input in tensors]
@@ -73,11 +75,33 @@ def _accumulator_nodes(ctx: Context):
     while frontier:
         t = frontier.pop()
         for node in t.outputs:
-            if node.name in seen or node.op == "MatMul":
+            if node.name in seen or (node.op == "MatMul" and _has_weight(node)):
                 continue
             seen.add(node.name)
             frontier.extend(node.outputs)
+    if ctx.cpu_recurrence_inputs:
+        seen |= _feeding_only(graph, seen)
     return seen
+
+
+def _has_weight(node) -> bool:
+    return any(w is not None and w.ndim == 2 for w in map(const_value, node.inputs))
+
+
+def _feeding_only(graph, acc):
+    """Nodes other than constant-weight MatMuls whose every result is read only by accumulator
+    math (found backwards, so chains of them count): the inputs of the recurrence, computed
+    where it is."""
+    outputs = set(id(t) for t in graph.outputs)
+    found = set()
+    for node in reversed(graph.nodes):  # toposorted: consumers are decided first
+        if (node.op == "MatMul" and _has_weight(node)) or node.name in acc:
+            continue
+        readers = [c.name for t in node.outputs for c in t.outputs]
+        if readers and not any(id(t) in outputs for t in node.outputs) and \
+                all(r in acc or r in found for r in readers):
+            found.add(node.name)
+    return found
 
 
 def by_cost(node, profile) -> Tuple[str, str]:

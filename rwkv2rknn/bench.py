@@ -1,15 +1,18 @@
 """`rwkv2rknn bench`: decode speed of the ways to run one model, measured in one run.
 
-For a random RWKV-4 of the given size (default: 430M-sized, 24 x 1024, vocab 50277):
+For a random RWKV-4 (or, with ``version``, RWKV-5.2, 6 or 7) of the given size (default: 430M-sized,
+24 x 1024, vocab 50277):
 
 - pure ONNX Runtime over the per-layer files, token by token (the public demo's loop);
 - the hybrid executor with every segment on the ``ort`` backend;
 - one fused ONNX Runtime session of the whole model (the compiler's graph after ``state``);
-- the ``rwkv`` package, cpu fp32, where installed (the reference implementation);
+- the ``rwkv`` package, cpu fp32, where installed (the reference implementation; RWKV-4 only:
+  the package runs RWKV-7 only in a process of its own, so it is timed for RWKV-4 only);
 
 each as the median ms/token over many tokens after a warm-up, their ratios to the per-layer loop,
 the process's peak memory, and the memory-bandwidth bound: fp32 weight bytes read per token
-divided by a measured numpy GEMV bandwidth. Figures on a shared machine are noisy: compare the
+divided by a measured numpy GEMV bandwidth, and the plan's estimated board figures (from the
+device profile: estimates, not measurements). Figures on a shared machine are noisy: compare the
 ratios within one run.
 """
 
@@ -56,23 +59,24 @@ def gemv_bandwidth_gbs(mb: int = 256, repeats: int = 5) -> float:
 
 def run_bench(layers: int = 24, width: int = 1024, vocab: int = 50277, tokens: int = 32,
               seed: int = 0, workdir: Optional[str] = None, echo=print,
-              with_rwkv: bool = True) -> Dict[str, object]:
+              with_rwkv: bool = True, version: str = "4") -> Dict[str, object]:
     from rwkv2rknn.compiler import compile_model
     from rwkv2rknn.ir import Options
-    from rwkv2rknn.models import rwkv4
-    from rwkv2rknn.models.checkpoint import random_checkpoint
-    from rwkv2rknn.models.export import export
+    from rwkv2rknn.models import checkpoint
+    from rwkv2rknn.models.export import arch_of, export
     from rwkv2rknn.runtime.hybrid import HybridModel
     from rwkv2rknn.runtime.reference import PerLayerModel
 
     own = workdir is None
     work = workdir or tempfile.mkdtemp(prefix="rwkv2rknn-bench-")
-    results: Dict[str, object] = {"model": f"RWKV-4 {layers} x {width}, vocab {vocab} (random)",
+    results: Dict[str, object] = {"model": f"RWKV-{version} {layers} x {width}, vocab {vocab} (random)",
                                   "tokens": tokens}
     try:
         echo(f"bench: {results['model']}, {tokens} timed tokens")
-        sd = random_checkpoint(layers=layers, width=width, vocab=vocab, seed=seed)
-        shape = rwkv4.check_state_dict(sd)
+        make = {"4": checkpoint.random_checkpoint, "5": checkpoint.random_rwkv5,
+                "6": checkpoint.random_rwkv6, "7": checkpoint.random_rwkv7}[version]
+        sd = make(layers=layers, width=width, vocab=vocab, seed=seed)
+        shape = arch_of(sd)[1]
         results["params"] = shape.params()
         ids = [int(t) for t in np.random.default_rng(seed).integers(0, vocab, tokens + 2)]
         onnx_dir, art = os.path.join(work, "onnx"), os.path.join(work, "art")
@@ -83,6 +87,10 @@ def run_bench(layers: int = 24, width: int = 1024, vocab: int = 50277, tokens: i
         manifest = compile_model(onnx_dir, art, Options(plan_only=True))
         echo(f"  compiled the plan (--plan-only) in {time.perf_counter() - t0:.1f} s: "
              f"{len(manifest.segments)} segments")
+        results["estimate"] = {p: manifest.estimate_ms(p) for p in ("decode", "prefill")}
+        results["segments"] = [{"name": s.name, "backend": s.backend, "stages": list(s.stages),
+                                "est_ms": s.est_ms, "est_prefill_ms": s.est_prefill_ms}
+                               for s in manifest.segments]
         ms: Dict[str, List[float]] = {}
 
         ref = PerLayerModel(onnx_dir)
@@ -109,7 +117,7 @@ def run_bench(layers: int = 24, width: int = 1024, vocab: int = 50277, tokens: i
         ms["one fused onnxruntime session"] = time_steps(fused, ids)
         del fused
 
-        if with_rwkv:
+        if with_rwkv and version == "4":
             rw = _rwkv_package_step(sd, work)
             if rw is not None:
                 ms["rwkv package, cpu fp32"] = time_steps(rw, ids)
@@ -137,6 +145,9 @@ def run_bench(layers: int = 24, width: int = 1024, vocab: int = 50277, tokens: i
         pre = results["prefill"]
         echo(f"prefill (hybrid on ort, chunks of {pre['chunk']}): {pre['tokens_per_s']:.1f} tokens/s, "
              f"{pre['speedup']:.1f}x token by token ({pre['token_by_token_tokens_per_s']:.1f} tokens/s)")
+        for line in manifest.table().splitlines():
+            if line.startswith("estimated"):
+                echo(f"plan: {line}")
         return results
     finally:
         if own:

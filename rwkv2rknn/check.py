@@ -115,8 +115,7 @@ def _per_layer_reference(artifact, manifest, reference, backend):
                        "pass --reference FOLDER")
     hybrid = HybridModel(artifact, backend=backend)
     ref = PerLayerModel(ref_dir)
-    if ref.vocab != hybrid.vocab or ref.state_shape[0] != manifest.layers or \
-            ref.state_shape[2] != hybrid.width:
+    if ref.vocab != hybrid.vocab or ref.layers != manifest.layers or ref.width != hybrid.width:
         raise BadInput(f"reference '{ref_dir}' is not the model the artifact was compiled from",
                        "pass the right --reference FOLDER")
     return ref, hybrid
@@ -129,15 +128,15 @@ def _state_views(hybrid, ref):
     from rwkv2rknn.models import rwkv4
     from rwkv2rknn.runtime.reference import PerLayerModel
     if isinstance(ref, PerLayerModel):
-        rows = list(rwkv4.STATE_ROWS)
-        return lambda h, r: (hybrid.state_as_layers(h, rows), r.astype(np.float32))
+        return lambda h, r: _states(hybrid, h, ref, r)
     slots = {s.input: k for k, s in enumerate(hybrid.slots)}
     # an entry kept its name, or a [rows, C] entry was unpacked into rows named NAME.ROW
     parts = {i: [slots[i]] if i in slots else [slots.get(f"{i}.{row}") for row in rwkv4.STATE_ROWS]
              for i, _, _ in ref.pairs}
     if any(None in ks for ks in parts.values()):
         return lambda h, r: (None, None)
-    return lambda h, r: (np.concatenate([h[ks].reshape(-1) for ks in parts.values()]),
+    return lambda h, r: (np.concatenate([hybrid.slot_views(h)[k].reshape(-1)
+                                         for ks in parts.values() for k in ks]),
                          np.concatenate([np.asarray(r[i], np.float32).reshape(-1) for i in parts]))
 
 
@@ -156,6 +155,21 @@ def save_report(artifact: str, rep: Report, backend: str, n_tokens: int, seed: i
         log.warning("could not save the check report to %s (%s)", path, e.strerror or e)
         return None
     return path
+
+
+def _states(hybrid, h_state, ref, r_state):
+    """(hybrid state, reference state) in one order: the reference's rows [layers, rows, C]
+    (RWKV-4), or its named slots (RWKV-5.2/6/7) one after another."""
+    from rwkv2rknn.models import rwkv4
+    if ref.rows_layout:
+        return hybrid.state_as_layers(h_state, list(rwkv4.STATE_ROWS)), r_state.astype(np.float32)
+    got, want = hybrid.state_by_slot(h_state), ref.state_by_slot(r_state)
+    if set(got) != set(want):
+        raise BadInput("the artifact's state slots are not the reference's",
+                       "pass the right --reference FOLDER")
+    keys = sorted(want)
+    return (np.concatenate([got[k].reshape(-1) for k in keys]),
+            np.concatenate([want[k].reshape(-1).astype(np.float32) for k in keys]))
 
 
 def _compare(got, want, state_got, state_ref, tol: Tolerances) -> Report:

@@ -107,6 +107,8 @@ class Context:
     state: List[StateSlot] = field(default_factory=list)
     # state tensors the loader could not unpack into rows: layer -> (input, output)
     whole_state: Dict[int, Tuple[str, str]] = field(default_factory=dict)
+    # the model asks that ops computing only inputs of the recurrence also stay in fp32 on the CPU
+    cpu_recurrence_inputs: bool = False
     options: Options = field(default_factory=Options)
     tensors: Dict[str, TensorInfo] = field(default_factory=dict)
     support: Dict[str, Tuple[str, str]] = field(default_factory=dict)  # node -> (kind, reason)

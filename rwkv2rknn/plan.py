@@ -53,12 +53,18 @@ class Segment:
 
 @dataclass(frozen=True)
 class StateSlot:
+    """One piece of one layer's recurrent state: a row [C] of RWKV-4's [rows, C] tensor, or a
+    named slot of its own shape (the ``wkv`` [H, N, N] of RWKV-5.2/6/7); ``shape`` () means [width]."""
     layer: int
     row: str
     input: str
     output: str
     accumulator: bool = False
+    shape: Tuple[int, ...] = ()
     init: float = 0.0  # the value every element starts from (RWKV-4's pp: -1e30 in some files)
+
+    def dims(self, width: int) -> Tuple[int, ...]:
+        return tuple(self.shape) or (width,)
 
 
 @dataclass(frozen=True)
@@ -98,7 +104,9 @@ class Manifest:
             state = tuple(StateSlot(int(_get(s, "layer", int)), _get(s, "row", str),
                                     _get(s, "input", str), _get(s, "output", str),
                                     bool(s.get("accumulator", False)),
-                                    float(s.get("init", 0.0))) for s in _list(d, "state"))
+                                    tuple(int(x) for x in s.get("shape", []) or []),
+                                    float(s.get("init", 0.0)))
+                          for s in _list(d, "state"))
             m = cls(model=_get(d, "model", dict), segments=segs, state=state,
                     token_input=_get(d, "token_input", str), logits_output=_get(d, "logits_output", str),
                     tokenizer=d.get("tokenizer") if isinstance(d.get("tokenizer"), str) else None,

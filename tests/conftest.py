@@ -1,3 +1,4 @@
+import functools
 import os
 import sys
 
@@ -79,3 +80,91 @@ def fp32_plan_artifact(fp32_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def tokens():
     return [int(t) for t in np.random.default_rng(7).integers(0, SMALL["vocab"], 40)]
+
+
+# Small random RWKV-5.2, 6 and 7 models: 3 layers, width 192 or 128 (heads of 64), odd vocabularies,
+# LoRA widths that are not powers of two (the checkpoint makers' defaults: RWKV-7 w 40, a 36,
+# v 20, g 56; RWKV-6 maa 20, decay 44). Each is built once per session, on first use.
+SLOT_MODELS = {"7": dict(layers=3, width=192, vocab=301, seed=5),
+               "6": dict(layers=3, width=192, vocab=263, seed=6),
+               "5": dict(layers=3, width=128, vocab=211, seed=7)}
+
+
+class SlotModel:
+    """One small model of a named-slot version, its exports, the `rwkv` package's logits for 40
+    seeded tokens (cpu fp32, in a child process) and its compiled artifacts."""
+
+    def __init__(self, version, tmp_path_factory):
+        self.version, self._tmp = version, tmp_path_factory
+        self.shape = SLOT_MODELS[version]
+        self.tokens = [int(t) for t in
+                       np.random.default_rng(17).integers(0, self.shape["vocab"], 40)]
+
+    @functools.cached_property
+    def sd(self):
+        from rwkv2rknn.models import checkpoint
+        make = {"5": checkpoint.random_rwkv5, "6": checkpoint.random_rwkv6,
+                "7": checkpoint.random_rwkv7}[self.version]
+        return make(**self.shape)
+
+    @functools.cached_property
+    def dirs(self):
+        """{'pth', 'fp32', 'fp16'}: the checkpoint as an official .pth and its two exports."""
+        from rwkv2rknn.models.checkpoint import save_checkpoint
+        from rwkv2rknn.models.export import export
+        d = self._tmp.mktemp(f"v{self.version}")
+        out = {"pth": str(d / "model.pth"), "fp32": str(d / "fp32"), "fp16": str(d / "fp16")}
+        save_checkpoint(self.sd, out["pth"])
+        export(self.sd, out["fp32"], fp32=True, tokenizer="bytes")
+        export(self.sd, out["fp16"], tokenizer="bytes")
+        return out
+
+    @functools.cached_property
+    def reference(self):
+        from rwkv_package import package_logits
+        return package_logits(self.dirs["pth"], self.tokens, self.version,
+                              str(self._tmp.mktemp(f"pkg{self.version}")))
+
+    @functools.cached_property
+    def plan_artifact(self):
+        """The fp32 files compiled plan-only (every segment runs on onnxruntime)."""
+        return self._compile("fp32", plan_only=True)
+
+    @functools.cached_property
+    def rknn_artifact(self):
+        """The fp16 files compiled with the real rknn-toolkit2 (per-token and T-row builds)."""
+        return self._compile("fp16", prefill_rows=(16,))
+
+    def _compile(self, dtype, **options):
+        from rwkv2rknn.compiler import compile_model
+        from rwkv2rknn.ir import Options
+        out = str(self._tmp.mktemp(f"art{self.version}") / dtype)
+        compile_model(self.dirs[dtype], out, Options(**options))
+        return out
+
+
+@pytest.fixture(scope="session")
+def slot_models(tmp_path_factory):
+    """version -> SlotModel ('5', '6' or '7'), made once per session."""
+    made = {}
+    return lambda version: made.setdefault(version, SlotModel(version, tmp_path_factory))
+
+
+@pytest.fixture(scope="session")
+def v7_sd(slot_models):
+    return slot_models("7").sd
+
+
+@pytest.fixture(scope="session")
+def v7_dirs(slot_models):
+    return slot_models("7").dirs
+
+
+@pytest.fixture(scope="session")
+def v7_tokens(slot_models):
+    return slot_models("7").tokens
+
+
+@pytest.fixture(scope="session")
+def v7_reference(slot_models):
+    return slot_models("7").reference

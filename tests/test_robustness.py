@@ -286,6 +286,10 @@ def bad(work, model, wide, plan, sd, pth):
     v6["blocks.0.att.time_maa_x"] = np.zeros((1, 1, SHAPE["width"]), np.float32)
     b["rwkv6_pth"] = str(d / "rwkv6.pth")
     save_checkpoint(v6, b["rwkv6_pth"])
+    v5 = dict(sd)
+    v5["blocks.0.att.ln_x.weight"] = np.ones(SHAPE["width"], np.float32)
+    b["rwkv5_pth"] = str(d / "rwkv5.pth")
+    save_checkpoint(v5, b["rwkv5_pth"])
     # artifacts
     os.remove(os.path.join(folder_copy(plan, "art_no_manifest"), "manifest.json"))
     with open(os.path.join(folder_copy(plan, "art_not_json"), "manifest.json"), "w") as f:
@@ -325,7 +329,8 @@ CASES = [
     ("export-text-file", ["export", "{text_pth}", "-o", OUT], 1, ["cannot read checkpoint"]),
     ("export-no-tensors", ["export", "{no_tensors_pth}", "-o", OUT], 1, ["not a state dict of tensors"]),
     ("export-not-rwkv", ["export", "{other_pth}", "-o", OUT], 1, ["not an RWKV checkpoint", "RWKV-4"]),
-    ("export-rwkv6", ["export", "{rwkv6_pth}", "-o", OUT], 1, ["RWKV-6 is not supported yet"]),
+    ("export-rwkv6-damaged", ["export", "{rwkv6_pth}", "-o", OUT], 1, ["not an RWKV-6 checkpoint"]),
+    ("export-rwkv5-damaged", ["export", "{rwkv5_pth}", "-o", OUT], 1, ["not an RWKV-5.2 checkpoint"]),
     ("export-folder-as-checkpoint", ["export", "{model}", "-o", OUT], 2, ["directory", "--help"]),
     ("export-no-output", ["export", "{pth}"], 2, ["missing option", "--help"]),
     ("export-into-foreign-folder", ["export", "{pth}", "-o", "{foreign}"], 1, ["holds other files", "--force"]),
@@ -449,6 +454,7 @@ CASES = [
     ("check-unknown-backend", ["check", "{plan}", "--backend", "cuda"], 2, ["--backend"]),
     # bench
     ("bench-layers-zero", ["bench", "--layers", "0"], 2, ["--layers"]),
+    ("bench-version-eight", ["bench", "--version", "8"], 2, ["--version"]),
     ("bench-width-tiny", ["bench", "--width", "4"], 2, ["--width"]),
     ("bench-tokens-two", ["bench", "--tokens", "2"], 2, ["--tokens"]),
     ("bench-vocab-text", ["bench", "--vocab", "lots"], 2, ["--vocab"]),

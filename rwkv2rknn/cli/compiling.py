@@ -22,17 +22,17 @@ from rwkv2rknn.errors import UsageError
 @click.option("--force", is_flag=True, help="Replace an output folder that holds other files (or an existing file).")
 @handle_errors
 def export(checkpoint: str, out: str, fp32: bool, tokenizer, force: bool) -> None:
-    """Export an RWKV-4 CHECKPOINT (.pth) to per-layer ONNX files, or to one .onnx file."""
-    from rwkv2rknn.models import rwkv4
+    """Export an RWKV-4, 5.2, 6 or 7 CHECKPOINT (.pth) to per-layer ONNX files (or an RWKV-4 one
+    to one .onnx file)."""
     from rwkv2rknn.models.checkpoint import load_checkpoint
-    from rwkv2rknn.models.export import export as do_export
+    from rwkv2rknn.models.export import arch_of, export as do_export
     from rwkv2rknn.models.export import export_file
     from rwkv2rknn.tokenizer import load_tokenizer, tokenizer_for_vocab
 
     if tokenizer:
         load_tokenizer(tokenizer)  # a file that is not a tokenizer fails here, before any work
     sd = load_checkpoint(checkpoint)
-    shape = rwkv4.check_state_dict(sd)
+    arch, shape = arch_of(sd)
     tok = tokenizer or tokenizer_for_vocab(shape.vocab)
     if out.endswith(".onnx"):
         export_file(sd, out, fp32=fp32, tokenizer=tok, force=force)
@@ -40,7 +40,7 @@ def export(checkpoint: str, out: str, fp32: bool, tokenizer, force: bool) -> Non
         with click.progressbar(length=shape.layers + 2, label="exporting", file=sys.stderr) as bar:
             do_export(sd, out, fp32=fp32, tokenizer=tok, force=force,
                       progress=lambda name: bar.update(1))
-    click.echo(f"exported RWKV-4 {shape.layers} x {shape.width}, vocab {shape.vocab} "
+    click.echo(f"exported RWKV-{arch.ARCH[4:]} {shape.layers} x {shape.width}, vocab {shape.vocab} "
                f"({'fp32' if fp32 else 'fp16'}) to {out}")
 
 

@@ -45,6 +45,8 @@ def profile(build_dir, probe_dir, backend, core_mask, target, out):
 
 
 @cli.command()
+@click.option("--version", "version", type=click.Choice(["4", "5", "6", "7"]), default="4",
+              show_default=True, help="RWKV version of the random model.")
 @click.option("--layers", type=click.IntRange(1, 256), default=24, show_default=True)
 @click.option("--width", type=click.IntRange(8, 16384), default=1024, show_default=True)
 @click.option("--vocab", type=click.IntRange(2, 1 << 20), default=50277, show_default=True)
@@ -53,14 +55,14 @@ def profile(build_dir, probe_dir, backend, core_mask, target, out):
 @click.option("--no-rwkv", is_flag=True, help="Skip the rwkv package (reference implementation).")
 @click.option("--json-out", type=click.Path(dir_okay=False), default=None, help="Also save the figures as JSON.")
 @handle_errors
-def bench(layers, width, vocab, tokens, no_rwkv, json_out):
+def bench(version, layers, width, vocab, tokens, no_rwkv, json_out):
     """Measure decode ms/token of the per-layer loop, the hybrid executor, a fused session and
     the rwkv package on a random model (default: 430M-sized), with ratios and the bandwidth bound."""
     import json
     from rwkv2rknn.bench import run_bench
     check_out_file(json_out, "--json-out")
     res = run_bench(layers=layers, width=width, vocab=vocab, tokens=tokens,
-                    with_rwkv=not no_rwkv, echo=click.echo)
+                    with_rwkv=not no_rwkv, echo=click.echo, version=version)
     if json_out:
         with open(json_out, "w") as f:
             json.dump(res, f, indent=1)

@@ -2,8 +2,10 @@
 
 Activations and recurrent state are threaded by name: the token and every state row enter as
 graph inputs, each segment reads its inputs from what came before and adds its outputs, and the
-new state rows and the logits are read at the end. The state is one float32 array
-[slots, width], allocated once; segment feeds are views into it and into the previous outputs.
+new state rows and the logits are read at the end. The state is one float32 buffer, allocated
+once, holding every slot at its offset (``slot_views``): [slots, width] when every slot is a row
+of the width (RWKV-4), else flat (RWKV-7's ``wkv`` slots are [H, N, N]); segment feeds are views
+into it and into the previous outputs.
 
 Backends for NPU segments: ``ort`` (their ONNX on the CPU: checks the partition and stitching
 with no toolkit), ``rknn-sim`` (rknn-toolkit2's simulator), and on the board ``rknn-rt``
@@ -93,6 +95,10 @@ class HybridModel:
                 progress(seg)
         self.width = int(m.model.get("width") or 0)
         self.slots = list(m.state)
+        self._dims = [s.dims(self.width) for s in self.slots]
+        sizes = [int(np.prod(d)) for d in self._dims]
+        self._offsets = [int(x) for x in np.cumsum([0] + sizes)]
+        self._rows_only = all(d == (self.width,) for d in self._dims)
         self.vocab = m.vocab
         self._npu = [seg.backend == "npu" for seg in m.segments]
 
@@ -139,26 +145,35 @@ class HybridModel:
     # ------------------------------------------------------------------ stepping
 
     def init_state(self) -> np.ndarray:
-        """Every slot at its initial value (zero unless the model file said otherwise)."""
-        state = np.zeros((len(self.slots), self.width), np.float32)
-        for i, slot in enumerate(self.slots):
-            state[i] = slot.init
-        return state
+        """Every slot at its initial value (zero unless the model file said otherwise):
+        [slots, width] if every slot is a row, else one flat buffer."""
+        buf = np.zeros(self._offsets[-1], np.float32)
+        for a, b, slot in zip(self._offsets, self._offsets[1:], self.slots):
+            buf[a:b] = slot.init
+        return buf.reshape(len(self.slots), self.width) if self._rows_only else buf
+
+    def slot_views(self, state: np.ndarray) -> List[np.ndarray]:
+        """Each slot of ``state`` as a view of its own shape (writing to it writes the state)."""
+        flat = state.reshape(-1)
+        if not np.shares_memory(flat, state):
+            raise BadInput("the state buffer is not contiguous", "use init_state() to make it")
+        return [flat[a:b].reshape(d) for a, b, d in zip(self._offsets, self._offsets[1:], self._dims)]
 
     def step(self, token: int, state: np.ndarray, trace: Optional[Dict[str, np.ndarray]] = None
              ) -> np.ndarray:
         """Advance by one token; updates ``state`` in place; returns float32 logits [V]."""
         m = self.manifest
         env: Dict[str, np.ndarray] = {m.token_input: np.array([token], np.int32)}
-        for i, slot in enumerate(self.slots):  # a trace keeps the state before the step
-            env[slot.input] = state[i] if trace is None else state[i].copy()
+        views = self.slot_views(state)
+        for view, slot in zip(views, self.slots):  # a trace keeps the state before the step
+            env[slot.input] = view if trace is None else view.copy()
         for runner, is_npu, seg in zip(self.runners, self._npu, m.segments):
             outs = runner.infer({k: env[k] for k in seg.inputs})
             if is_npu:
                 _check_finite(seg, runner, outs)
             env.update(outs)
-        for i, slot in enumerate(self.slots):
-            state[i] = np.asarray(env[slot.output], np.float32).reshape(-1)
+        for view, slot in zip(views, self.slots):
+            view[...] = np.asarray(env[slot.output], np.float32).reshape(view.shape)
         if trace is not None:
             trace.update(env)
         return np.asarray(env[m.logits_output], np.float32).reshape(-1)
@@ -248,13 +263,14 @@ class HybridModel:
         n = len(tokens)
         env: Dict[str, np.ndarray] = {}  # name -> [T, size]
         slot_index = {s.input: i for i, s in enumerate(self.slots)}
+        views = self.slot_views(state)
         for seg, runner, seq_runner in zip(m.segments, self.runners, seq):
             if seq_runner is not None:
                 rows = getattr(seq_runner, "rows", ())
                 # a fixed-row build takes the smallest row count that fits; the extra rows are
                 # padding at the end, which earlier rows never see (each row reads only earlier ones)
                 t = min((r for r in rows if r >= n), default=n) if rows else n
-                feed = {k: (state[slot_index[k]] if k in slot_index else _pad(env[k], t))
+                feed = {k: (views[slot_index[k]] if k in slot_index else _pad(env[k], t))
                         for k in seg.inputs}
                 outs = seq_runner.infer(feed)
                 if seg.backend == "npu":
@@ -271,7 +287,7 @@ class HybridModel:
                     elif k in slot_index:
                         src = self.slots[slot_index[k]].output
                         if t == 0:
-                            feed[k] = state[slot_index[k]]
+                            feed[k] = views[slot_index[k]]
                         else:
                             prev = rows[src][t - 1] if src in rows else env[src][t - 1]
                             feed[k] = np.asarray(prev).reshape(seg.shapes[k])
@@ -284,8 +300,8 @@ class HybridModel:
                     rows[name].append(np.asarray(value, np.float32).reshape(-1))
             for name, values in rows.items():
                 env[name] = np.stack(values)
-        for i, slot in enumerate(self.slots):
-            state[i] = env[slot.output][-1]
+        for view, slot in zip(views, self.slots):
+            view[...] = env[slot.output][-1].reshape(view.shape)
         logits = env[m.logits_output]
         if not np.isfinite(logits).all():
             raise NumericalError("prefill produced NaN/inf logits",
@@ -295,6 +311,10 @@ class HybridModel:
     def logits(self, tokens: Sequence[int]) -> np.ndarray:
         state = self.init_state()
         return np.stack([self.step(int(t), state) for t in tokens])
+
+    def state_by_slot(self, state: np.ndarray) -> Dict[tuple, np.ndarray]:
+        """{(layer, slot name): view} of ``state``."""
+        return {(s.layer, s.row): v for s, v in zip(self.slots, self.slot_views(state))}
 
     def state_as_layers(self, state: np.ndarray, rows: Sequence[str]) -> np.ndarray:
         """The slot array as [layers, rows, width] in the per-layer files' row order."""

@@ -54,8 +54,31 @@ def _described_layers(folder: str) -> int:
     return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 0
 
 
+def one_width(widths) -> int:
+    """The one width ``widths()`` (a set of the files' widths) finds, or a one-line error."""
+    try:
+        found = widths()
+    except (TypeError, ValueError, IndexError) as e:
+        raise UnsupportedModel(f"the per-layer files have no fixed width ({e})",
+                               "this is not the per-layer RWKV ONNX layout") from e
+    if len(found) != 1:
+        raise UnsupportedModel(f"the per-layer files disagree on the width ({sorted(found)})",
+                               "all files must come from one export")
+    return found.pop()
+
+
+V_FIRST = "v_first"  # RWKV-7: layer 0's value vector, read by every later layer
+
+
 class PerLayerModel:
-    """The public per-layer files run one token at a time by ONNX Runtime."""
+    """The per-layer files run one token at a time by ONNX Runtime.
+
+    Two block layouts: the public RWKV-4 one (``input, state_in [rows, C]`` -> ``output,
+    state_out``), whose state is an array [layers, rows, C]; and named state slots (RWKV-5.2/6/7:
+    ``input, [v_first,] att_shift, wkv, ffn_shift`` -> ``output, [v_first,] att_shift_out, ...``),
+    whose state is one flat array holding every layer's slots in file order (``slots`` gives
+    each one's layer, name, offset and shape).
+    """
 
     def __init__(self, folder: str, threads: int = 0):
         embed, blocks, head = stage_files(folder)
@@ -65,34 +88,56 @@ class PerLayerModel:
         fell_back = [r for r in (self.embed, *self.blocks, self.head) if r.note]
         self.notes = [f"{len(fell_back)} file(s): onnxruntime's default optimisation failed; "
                       f"used ORT_ENABLE_EXTENDED"] if fell_back else []
+        self.rows_layout = self.blocks[0].inputs == ["input", "state_in"]
         self._check_io()
         self.dtype = self.blocks[0].input_types["input"]
         try:
-            shape = self.blocks[0].input_shapes["state_in"]
-            self.state_shape = (len(self.blocks), int(shape[0]), int(shape[1]))
+            self.width = int(self.head.input_shapes["x"][0])
             self.vocab = int(self.head.session.get_outputs()[0].shape[-1])
+            self.slots = self._slots()
         except (TypeError, ValueError, IndexError) as e:
             raise UnsupportedModel(f"the per-layer files have no fixed state or vocabulary shape ({e})",
                                    "this is not the per-layer RWKV ONNX layout") from e
+        self.layers = len(self.blocks)
+        if self.rows_layout:
+            self.state_shape = (self.layers,) + tuple(self.slots[0][3])
+        else:
+            self.state_shape = (sum(int(np.prod(s[3])) for s in self.slots),)
+
+    def _slots(self):
+        """[(layer, input name, offset, shape)]: the state tensors of every block in order."""
+        out, offset = [], 0
+        for i, block in enumerate(self.blocks):
+            names = ["state_in"] if self.rows_layout else \
+                [n for n in block.inputs if n not in ("input", V_FIRST)]
+            for name in names:
+                shape = tuple(int(d) for d in block.input_shapes[name])
+                out.append((i, name, offset, shape))
+                offset += int(np.prod(shape))
+        return out
 
     def _check_io(self):
         want = [(self.embed, ["token"], ["output"]), (self.head, ["x"], ["output"])]
-        want += [(b, ["input", "state_in"], ["output", "state_out"]) for b in self.blocks]
+        inter = V_FIRST in self.blocks[0].outputs  # RWKV-7 passes v_first; RWKV-6 passes nothing
+        for i, b in enumerate(self.blocks):
+            if self.rows_layout:
+                want.append((b, ["input", "state_in"], ["output", "state_out"]))
+                continue
+            names = [n for n in b.inputs if n not in ("input", V_FIRST)]
+            ins = ["input"] + ([V_FIRST] if i and inter else []) + names
+            outs = ["output"] + ([] if i or not inter else [V_FIRST]) + [n + "_out" for n in names]
+            want.append((b, ins, outs))
         for runner, ins, outs in want:
             if runner.inputs != ins or runner.outputs != outs:
                 raise UnsupportedModel(
                     f"{runner.name} has inputs {runner.inputs} and outputs {runner.outputs}, "
                     f"expected {ins} and {outs}", "this is not the per-layer RWKV ONNX layout")
-        try:
-            widths = {int(b.input_shapes["input"][0]) for b in self.blocks}
-            widths |= {int(b.input_shapes["state_in"][1]) for b in self.blocks}
-            widths.add(int(self.head.input_shapes["x"][0]))
-        except (TypeError, ValueError, IndexError) as e:
-            raise UnsupportedModel(f"the per-layer files have no fixed width ({e})",
-                                   "this is not the per-layer RWKV ONNX layout") from e
-        if len(widths) != 1:
-            raise UnsupportedModel(f"the per-layer files disagree on the width ({sorted(widths)})",
-                                   "all files must come from one export")
+        def widths():
+            found = {int(b.input_shapes["input"][0]) for b in self.blocks}
+            if self.rows_layout:
+                found |= {int(b.input_shapes["state_in"][1]) for b in self.blocks}
+            return found | {int(self.head.input_shapes["x"][0])}
+        one_width(widths)
 
     def init_state(self) -> np.ndarray:
         return np.zeros(self.state_shape, dtype=self.dtype)
@@ -100,11 +145,32 @@ class PerLayerModel:
     def step(self, token: int, state: np.ndarray) -> np.ndarray:
         """Advance by one token; updates ``state`` in place and returns float32 logits [V]."""
         x = self.embed.infer({"token": np.array([token], np.int32)})["output"]
-        for i, block in enumerate(self.blocks):
-            out = block.infer({"input": x, "state_in": state[i]})
+        if self.rows_layout:
+            for i, block in enumerate(self.blocks):
+                out = block.infer({"input": x, "state_in": state[i]})
+                x = out["output"]
+                state[i] = out["state_out"]
+            return self.head.infer({"x": x})["output"].astype(np.float32)
+        views = [[] for _ in self.blocks]
+        for layer, name, offset, shape in self.slots:
+            views[layer].append((name, state[offset:offset + int(np.prod(shape))].reshape(shape)))
+        carried = {}
+        for block, slots in zip(self.blocks, views):
+            feed = {"input": x, **carried, **dict(slots)}
+            out = block.infer({k: feed[k] for k in block.inputs})
             x = out["output"]
-            state[i] = out["state_out"]
+            if V_FIRST in out:
+                carried[V_FIRST] = out[V_FIRST]
+            for name, view in slots:
+                view[...] = out[name + "_out"]
         return self.head.infer({"x": x})["output"].astype(np.float32)
+
+    def state_by_slot(self, state: np.ndarray) -> dict:
+        """{(layer, slot name): view} of a named-slot state ({} for the rows layout)."""
+        if self.rows_layout:
+            return {}
+        return {(layer, name): state[o:o + int(np.prod(shape))].reshape(shape)
+                for layer, name, o, shape in self.slots}
 
     def logits(self, tokens: Sequence[int]) -> np.ndarray:
         """Teacher-forced logits [T, V] from the zero state."""

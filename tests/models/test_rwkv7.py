@@ -1,0 +1,129 @@
+"""RWKV-7: checkpoint reading, the per-layer export, and parity with the `rwkv` package."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from rwkv2rknn.errors import UnsupportedModel
+from rwkv2rknn.models import rwkv7
+from rwkv2rknn.models.checkpoint import random_rwkv7, save_checkpoint
+from rwkv2rknn.models.export import MODEL_JSON, arch_of, export
+from rwkv2rknn.runtime.reference import PerLayerModel
+
+
+def test_fp32_export_equals_the_rwkv_package(v7_dirs, v7_tokens, v7_reference):
+    got = PerLayerModel(v7_dirs["fp32"]).logits(v7_tokens)
+    ref = v7_reference
+    assert got.shape == ref.shape == (40, 301)
+    scale = np.abs(ref).max()
+    assert np.abs(got - ref).max() <= 1e-4 * scale
+    assert len(set(ref.argmax(1))) > 10  # the logits really depend on the tokens
+
+
+def test_fp16_export_tracks_the_rwkv_package(v7_dirs, v7_tokens, v7_reference):
+    got = PerLayerModel(v7_dirs["fp16"]).logits(v7_tokens)
+    assert (got.argmax(1) == v7_reference.argmax(1)).mean() >= 0.97
+    assert np.abs(got - v7_reference).max() <= 0.01 * np.abs(v7_reference).max()
+
+
+def test_two_layer_128_wide_other_lora_widths(tmp_path):
+    """Another odd shape (2 heads, LoRA widths 24/28/12/40) in its own reference process."""
+    from rwkv_package import package_logits
+    sd = random_rwkv7(layers=2, width=128, vocab=97, seed=9,
+                      lora={"w": 24, "a": 28, "v": 12, "g": 40})
+    pth = str(tmp_path / "m.pth")
+    save_checkpoint(sd, pth)
+    tokens = [int(t) for t in np.random.default_rng(1).integers(0, 97, 40)]
+    ref = package_logits(pth, tokens, "7", str(tmp_path))
+    export(sd, str(tmp_path / "fp32"), fp32=True)
+    got = PerLayerModel(str(tmp_path / "fp32")).logits(tokens)
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_shape_is_read_from_the_tensors(v7_sd):
+    shape = rwkv7.check_state_dict(v7_sd)
+    assert (shape.layers, shape.width, shape.ffn, shape.vocab) == (3, 192, 768, 301)
+    assert (shape.heads, shape.head_size) == (3, 64)
+    assert shape.lora == {"w": 40, "a": 36, "v": 20, "g": 56}
+    assert "blocks.0.att.v1" not in v7_sd and "blocks.1.att.v1" in v7_sd
+    assert arch_of(v7_sd)[0] is rwkv7
+    assert shape.params() == sum(a.size for a in v7_sd.values())
+
+
+def test_head_size_comes_from_r_k():
+    sd = random_rwkv7(layers=2, width=128, vocab=50, head_size=32, seed=2)
+    shape = rwkv7.check_state_dict(sd)
+    assert (shape.heads, shape.head_size) == (4, 32)
+
+
+@pytest.mark.parametrize("damage,match", [
+    (lambda sd: sd.pop("blocks.1.att.v0"), "blocks.1.att.v0' missing"),
+    (lambda sd: sd.__setitem__("blocks.0.att.r_k", np.zeros((5, 7), np.float32)), "r_k"),
+    (lambda sd: sd.__setitem__("blocks.1.att.a2", np.zeros((36, 100), np.float32)), "att.a2.*shape"),
+])
+def test_damaged_checkpoints_are_named(damage, match):
+    sd = random_rwkv7(layers=2, width=128, vocab=50, seed=4)
+    damage(sd)
+    with pytest.raises(UnsupportedModel, match=match):
+        rwkv7.check_state_dict(sd)
+
+
+def test_other_versions_are_told_apart():
+    sd = random_rwkv7(layers=2, width=128, vocab=50, seed=4)
+    sd = {k: v for k, v in sd.items() if ".att.x_a" not in k and ".att.w0" not in k}
+    sd["blocks.0.att.time_faaaa"] = np.zeros((2, 64), np.float32)
+    with pytest.raises(UnsupportedModel, match="not an RWKV-5.2 checkpoint"):
+        arch_of(sd)
+
+
+def test_per_layer_layout(v7_dirs):
+    import onnx
+    folder = v7_dirs["fp16"]
+    assert sorted(os.listdir(folder)) == sorted(["embed.onnx", "head.onnx", "mixing_0.onnx",
+                                                 "mixing_1.onnx", "mixing_2.onnx", MODEL_JSON])
+    desc = json.load(open(os.path.join(folder, MODEL_JSON)))
+    assert desc["arch"] == "rwkv7" and desc["version"] == "7" and desc["inter_layer"] == ["v_first"]
+    assert [(s["name"], s["shape"], s["accumulator"]) for s in desc["state_slots"]] == [
+        ("att_shift", [192], False), ("wkv", [3, 64, 64], True), ("ffn_shift", [192], False)]
+
+    def io(m):
+        return ({i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in m.graph.input},
+                {o.name: [d.dim_value for d in o.type.tensor_type.shape.dim] for o in m.graph.output})
+    m0, m1 = (onnx.load(os.path.join(folder, f"mixing_{i}.onnx")) for i in (0, 1))
+    assert io(m0) == ({"input": [192], "att_shift": [192], "wkv": [3, 64, 64], "ffn_shift": [192]},
+                      {"output": [192], "v_first": [192], "att_shift_out": [192],
+                       "wkv_out": [3, 64, 64], "ffn_shift_out": [192]})
+    assert io(m1)[0] == {"input": [192], "v_first": [192], "att_shift": [192], "wkv": [3, 64, 64],
+                         "ffn_shift": [192]}
+    # the recurrence stays in fp32 inside the fp16 file
+    exp = [n for n in m1.graph.node if n.op_type == "Exp"]
+    assert exp and exp[0].name.startswith("wkv.")
+    casts = [n for n in m1.graph.node if n.op_type == "Cast" and n.name.startswith("wkv.")]
+    assert casts
+
+
+@pytest.mark.parametrize("layer,count", [(0, 12), (1, 14)])
+def test_projections_are_row_form_constant_matmuls(v7_dirs, layer, count):
+    """R, K, V, O, LoRA pairs w/a/g (and v after layer 0), channel-mix key/value: x[1, K] @ W."""
+    import onnx
+    from onnx import numpy_helper
+    m = onnx.load(os.path.join(v7_dirs["fp32"], f"mixing_{layer}.onnx"))
+    inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    const = [n for n in m.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
+    assert len(const) == count
+    assert all(inits[n.input[1]].ndim == 2 and n.input[0] not in inits for n in const)
+    others = [n for n in m.graph.node if n.op_type == "MatMul" and n not in const]
+    assert others and all(n.name.startswith("wkv.") for n in others)  # S kk, (S kk)(kk a), v k, S r
+
+
+def test_cli_exports_an_rwkv7_pth(v7_dirs, tmp_path):
+    from click.testing import CliRunner
+
+    from rwkv2rknn.cli import cli
+    out = tmp_path / "cli"
+    r = CliRunner().invoke(cli, ["export", v7_dirs["pth"], "-o", str(out), "--fp32"])
+    assert r.exit_code == 0, r.output
+    assert "exported RWKV-7 3 x 192, vocab 301 (fp32)" in r.output
+    assert json.load(open(out / MODEL_JSON))["tokenizer"] is None  # vocab 301: no default tokenizer

@@ -1,0 +1,151 @@
+"""RWKV-5.2, RWKV-6 and RWKV-7 through the whole toolchain: export, compile, run, prefill, check, against
+the `rwkv` package (the reference implementation, in a child process; see tests/rwkv_package.py).
+The models are tests/conftest.py's SLOT_MODELS (3 layers x 192 or 128, head size 64)."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from rwkv2rknn.cli import cli
+from rwkv2rknn.compare import compare_logits
+from rwkv2rknn.plan import Manifest
+from rwkv2rknn.runtime.hybrid import HybridModel
+
+# Projections per layer. RWKV-7: R K V O, LoRA pairs w/a/g (and v after layer 0), FFN key/value.
+# RWKV-6: R K V G O, five maa LoRA pairs, the decay LoRA pair, FFN receptance/key/value.
+# RWKV-5.2: R K V G O, FFN receptance/key/value.
+PROJECTIONS = {"7": [12, 14, 14], "6": [20, 20, 20], "5": [8, 8, 8]}
+VERSIONS = pytest.mark.parametrize("version", ["5", "6", "7"])
+
+
+def _manifest(art):
+    with open(os.path.join(art, "manifest.json")) as f:
+        return Manifest.from_dict(json.load(f))
+
+
+def _weight_matmuls(path):
+    import onnx
+    m = onnx.load(path)
+    inits = {t.name: len(t.dims) for t in m.graph.initializer}
+    nodes = [n for n in m.graph.node if n.op_type == "MatMul"]
+    return [n for n in nodes if any(inits.get(i) == 2 for i in n.input)], m
+
+
+@VERSIONS
+def test_plan_puts_every_projection_on_the_npu(slot_models, version):
+    art = slot_models(version).plan_artifact
+    m = _manifest(art)
+    on_npu, recurrence_on_cpu = 0, 0
+    for seg in m.segments:
+        weights, model = _weight_matmuls(os.path.join(art, seg.onnx))
+        if seg.backend == "npu":
+            on_npu += len(weights)
+            assert not [n.name for n in model.graph.node if "/wkv." in n.name], seg.name
+            assert not [n for n in model.graph.node if n.op_type == "Exp"]
+        else:
+            assert not weights, f"{seg.name} has a projection on the CPU"
+            recurrence_on_cpu += sum("/wkv." in n.name for n in model.graph.node)
+    assert on_npu == sum(PROJECTIONS[version]) + 1  # and the head
+    assert recurrence_on_cpu > 3 * 20  # the whole wkv step of each layer
+    assert m.npu_flop_share() == 1.0
+    layers = [r for r in m.per_layer() if r["stage"].startswith("L")]
+    assert len(layers) == 3
+    assert all(len(r["npu"]) <= 2 and len(r["cpu"]) <= 1 for r in layers), layers
+    assert "per layer: at most 2 NPU and 1 CPU segment(s) per token" in m.table()
+
+
+@VERSIONS
+def test_manifest_records_the_state_slots(slot_models, version):
+    sm = slot_models(version)
+    m = _manifest(sm.plan_artifact)
+    c = sm.shape["width"]
+    slots = [(s.layer, s.row, s.dims(c), s.accumulator) for s in m.state]
+    assert slots == [(i, name, shape, acc) for i in range(3) for name, shape, acc in
+                     (("att_shift", (c,), False), ("wkv", (c // 64, 64, 64), True),
+                      ("ffn_shift", (c,), False))]
+    assert m.model["arch"] == f"rwkv{version}"
+    # RWKV-7's v_first is an activation between segments, not a state slot
+    readers = [s.name for s in m.segments if "L0/v_first" in s.inputs]
+    assert len(readers) == (2 if version == "7" else 0)
+    assert "L0/v_first" not in {s.input for s in m.state}
+
+
+@VERSIONS
+def test_ort_run_equals_the_rwkv_package(slot_models, version):
+    sm = slot_models(version)
+    got = HybridModel(sm.plan_artifact, backend="ort").logits(sm.tokens)
+    assert got.shape == sm.reference.shape
+    assert np.abs(got - sm.reference).max() <= 1e-4 * np.abs(sm.reference).max()
+    assert len(set(sm.reference.argmax(1))) > 10  # the logits really depend on the tokens
+
+
+def test_cli_run_logits(slot_models, tmp_path):
+    sm = slot_models("7")
+    out = tmp_path / "logits.npy"
+    r = CliRunner().invoke(cli, ["run", sm.plan_artifact, "--backend", "ort", "--tokens",
+                                 ",".join(map(str, sm.tokens)), "--logits-out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert np.abs(np.load(out) - sm.reference).max() <= 1e-4 * np.abs(sm.reference).max()
+
+
+@VERSIONS
+@pytest.mark.parametrize("chunk", [5, 16])
+def test_prefill_equals_one_at_a_time(slot_models, version, chunk):
+    sm = slot_models(version)
+    model = HybridModel(sm.plan_artifact, backend="ort")
+    seq = model.prefill_runners()
+    assert seq is not None
+    batched = [s for s, r in zip(model.manifest.segments, seq) if r is not None]
+    assert batched and all(s.backend == "npu" for s in batched)
+    assert sum(s.matmuls for s in batched) == sum(PROJECTIONS[version]) + 1
+    s1, s2 = model.init_state(), model.init_state()
+    one = np.stack([model.step(t, s1) for t in sm.tokens])
+    many = model.prefill(sm.tokens, s2, chunk=chunk)
+    np.testing.assert_allclose(many, one, rtol=1e-5, atol=1e-5 * np.abs(one).max())
+    np.testing.assert_allclose(s2, s1, rtol=1e-5, atol=1e-5)
+    wkv = model.state_by_slot(s2)[(2, "wkv")]
+    assert wkv.shape == (sm.shape["width"] // 64, 64, 64) and np.abs(wkv).max() > 0
+
+
+@VERSIONS
+def test_check_passes_on_ort(slot_models, version):
+    r = CliRunner().invoke(cli, ["check", slot_models(version).plan_artifact, "--backend", "ort",
+                                 "--tokens", "12"])
+    assert r.exit_code == 0, r.output
+    assert "PASS" in r.output
+
+
+@VERSIONS
+def test_fp16_on_the_npu_simulator_and_check(slot_models, version):
+    sm = slot_models(version)
+    m = _manifest(sm.rknn_artifact)
+    npu = [s for s in m.segments if s.backend == "npu"]
+    assert len(npu) == 4 and all(s.rknn and not s.fallback for s in npu)
+    model = HybridModel(sm.rknn_artifact, backend="rknn-sim")
+    got = model.logits(sm.tokens)
+    ref = sm.reference
+    rep = compare_logits(got, ref, min_top1=0.95, max_rel=0.05)
+    assert rep.passed, rep.summary()
+    assert rep.max_rel > 0  # the NPU path really computed in fp16
+    # top-1 where the reference decides: its two best logits differ by more than twice the
+    # largest fp16 error seen (a random model has the odd near-tie: a gap of 0.002 against
+    # errors of 0.02 flips either way)
+    top2 = np.sort(ref, axis=1)[:, -2:]
+    decided = top2[:, 1] - top2[:, 0] > 2 * np.abs(got - ref).max()
+    assert decided.mean() >= 0.8
+    assert (got.argmax(1) == ref.argmax(1))[decided].mean() >= 0.99
+    # prefill: the NPU segments' T-row builds
+    s1, s2 = model.init_state(), model.init_state()
+    one = np.stack([model.step(t, s1) for t in sm.tokens[:24]])
+    many = model.prefill(sm.tokens[:24], s2)
+    assert {r.rows for r in model.prefill_runners() if r is not None} == {(2, 16)}
+    assert compare_logits(many, one, min_top1=0.99, max_rel=0.01).passed
+    model.close()
+    # and `rwkv2rknn check` against the fp16 per-layer files passes
+    r = CliRunner().invoke(cli, ["check", sm.rknn_artifact, "--backend", "rknn-sim",
+                                 "--tokens", "16"])
+    assert r.exit_code == 0, r.output
+    assert "PASS" in r.output
