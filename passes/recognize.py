@@ -83,7 +83,9 @@ def run(ctx: Context) -> None:
         rows = rwkv4.LAYOUT_ROWS.get(layout, ())
         for pos, (r, i, o) in enumerate(entries):
             row = rows[r] if r < len(rows) else f"s{r}"
-            ctx.state.append(StateSlot(layer, row, i, o, _reads_itself(tensors[o], tensors[i])))
+            dims = tuple(int(x) for x in tensors[i].shape or ())
+            ctx.state.append(StateSlot(layer, row, i, o, _reads_itself(tensors[o], tensors[i]),
+                                       dims if len(dims) > 1 else ()))
             width = max(width, int(np.prod(tensors[i].shape or (1,))))
     inits = _initial_values(ctx, tensors, rwkv4)
     init_of = {s.input: s.init for s in ctx.state}
