@@ -4,8 +4,8 @@ Activations and recurrent state are threaded by name: the token and every state 
 graph inputs, each segment reads its inputs from what came before and adds its outputs, and the
 new state rows and the logits are read at the end. The state is one float32 buffer, allocated
 once, holding every slot at its offset (``slot_views``): [slots, width] when every slot is a row
-of the width (RWKV-4), else flat (RWKV-7's ``wkv`` slots are [H, N, N]); segment feeds are views
-into it and into the previous outputs.
+of the width (RWKV-4), else flat (the ``wkv`` slots of RWKV-5.2/6/7 are [H, N, N]); segment
+feeds are views into it and into the previous outputs.
 
 Backends for NPU segments: ``ort`` (their ONNX on the CPU: checks the partition and stitching
 with no toolkit), ``rknn-sim`` (rknn-toolkit2's simulator), and on the board ``rknn-rt``
