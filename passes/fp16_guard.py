@@ -85,7 +85,7 @@ def _chain_tensors(a, sq):
 def sample_tokens(ctx: Context):
     vocab = int(ctx.shape.get("vocab") or 2)
     rng = np.random.default_rng(ctx.options.seed)
-    return [int(t) for t in rng.integers(0, vocab, ctx.options.calib_tokens)]
+    return [int(t) for t in rng.integers(0, vocab, ctx.options.range_tokens)]
 
 
 def run(ctx: Context) -> None:
@@ -118,7 +118,7 @@ def run(ctx: Context) -> None:
                 over[node.name] = (f"values reach {ti.absmax:.3g} on sample tokens, above the fp16 "
                                    f"limit {limit:g} (fp16 max 65504)")
     ctx.forced_cpu.update(over)
-    msg = f"{len(info)} tensors ranged over {ctx.options.calib_tokens} sample tokens"
+    msg = f"{len(info)} tensors ranged over {ctx.options.range_tokens} sample tokens"
     msg += f"; rescaled {len(rescaled)} squared-ReLU chain(s)" + (
         f": {', '.join(rescaled[:3])}{' ...' if len(rescaled) > 3 else ''}" if rescaled else "")
     msg += f"; {len(over)} op(s) kept on the CPU for range" if over else "; all within range"

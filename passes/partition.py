@@ -189,12 +189,12 @@ def matmul_flops(nodes) -> int:
     return sum(2 * r * m * k for r, m, k in matmul_dims(nodes))
 
 
-def estimate_ms(device: str, nodes, profile, rows: int = 0) -> float:
+def estimate_ms(device: str, nodes, profile, rows: int = 0, precision: str = "fp16") -> float:
     """Estimated time of one call of a segment under a device profile (``rows``: its T-row
-    variant's row count instead of the graph's own)."""
+    variant's row count instead of the graph's own; ``precision``: of the NPU build)."""
     dims = [(rows or r, m, k) for r, m, k in matmul_dims(nodes)]
     if device == "npu":
-        return profile.npu_segment_ms(dims)
+        return profile.npu_segment_ms(dims, precision)
     return sum(profile.cpu_matmul_ms(m, k, r) for r, m, k in dims)
 
 

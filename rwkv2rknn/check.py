@@ -37,23 +37,38 @@ class Tolerances:
     max_segment_rel: float = 0.02  # one NPU segment (or T-row variant) against its ONNX
 
     @classmethod
-    def default(cls, backend: str, source_dtype: str, min_top1: float = 0.99,
-                max_rel: Optional[float] = None) -> "Tolerances":
+    def default(cls, backend: str, source_dtype: str, min_top1: Optional[float] = None,
+                max_rel: Optional[float] = None, precision: str = "fp16") -> "Tolerances":
         """fp32 files on onnxruntime must agree to rounding; anything through fp16 (the files or
-        the NPU) within fp16's error, accumulated over the tokens."""
+        the NPU) within fp16's error, accumulated over the tokens; w8a8 NPU segments within what
+        the bundled model measured on text (top-1 91-92%, logits 0.08-0.10, state 0.11-0.23,
+        one segment 0.17 on held-out rows), with a margin."""
         exact = backend == "ort" and source_dtype == "float32"
-        return cls(min_top1=min_top1, max_rel=max_rel if max_rel is not None else (1e-4 if exact else 0.05),
-                   max_state_drift=1e-4 if exact else 0.05,
-                   max_segment_rel=1e-5 if backend == "ort" else 0.02)
+        int8 = backend != "ort" and precision == "w8a8"
+        top1, rel = (0.85, 0.25) if int8 else (0.99, 1e-4 if exact else 0.05)
+        return cls(min_top1=top1 if min_top1 is None else min_top1,
+                   max_rel=rel if max_rel is None else max_rel,
+                   max_state_drift=0.5 if int8 else (1e-4 if exact else 0.05),
+                   max_segment_rel=1e-5 if backend == "ort" else (0.3 if int8 else 0.02))
 
 
-def default_tolerance(backend: str, source_dtype: str) -> float:
-    return Tolerances.default(backend, source_dtype).max_rel
+def default_tolerance(backend: str, source_dtype: str, precision: str = "fp16") -> float:
+    return Tolerances.default(backend, source_dtype, precision=precision).max_rel
+
+
+def artifact_precision(manifest) -> str:
+    """The least precise build among the NPU segments: w8a8, w16a16i or fp16."""
+    used = {p for s in manifest.segments if s.backend == "npu" for p in (s.precision, s.seq_precision)}
+    return next((p for p in ("w8a8", "w16a16i") if p in used), "fp16")
 
 
 def run_check(artifact: str, n_tokens: int = 32, seed: int = 0, backend: str = "auto",
-              reference: Optional[str] = None, per_segment: bool = False, min_top1: float = 0.99,
-              max_rel: Optional[float] = None, prefill: bool = True):
+              reference: Optional[str] = None, per_segment: bool = False,
+              min_top1: Optional[float] = None, max_rel: Optional[float] = None, prefill: bool = True,
+              text: Optional[str] = None):
+    """Teacher-force ``n_tokens`` seeded random ids (or the tokens of ``text``; by default the
+    built-in English sample for an artifact with w8a8 segments: random ids leave the int8 ranges
+    calibrated on text) through the artifact and pure onnxruntime and compare them."""
     from rwkv2rknn.runtime.hybrid import HybridModel, load_manifest, resolve_backend
 
     manifest = load_manifest(artifact)
@@ -65,6 +80,7 @@ def run_check(artifact: str, n_tokens: int = 32, seed: int = 0, backend: str = "
         raise BadInput(f"'{artifact}' is packed: --per-segment compares NPU segments with their "
                        f"ONNX, which packing leaves out", "run it on the artifact it was packed from")
     chosen = resolve_backend(backend)
+<<<<<<< HEAD
     if manifest.model.get("source_state"):  # compiled from a whole-model file
         from rwkv2rknn.runtime.reference import WholeFileModel
         ref = WholeFileModel(reference or str(manifest.model.get("source", "")), manifest.token_input,
@@ -78,6 +94,16 @@ def run_check(artifact: str, n_tokens: int = 32, seed: int = 0, backend: str = "
     states = _state_views(hybrid, ref)
     tol = Tolerances.default(chosen, str(manifest.model.get("source_dtype")), min_top1, max_rel)
     tokens = [int(t) for t in np.random.default_rng(seed).integers(0, hybrid.vocab, n_tokens)]
+=======
+    hybrid = HybridModel(artifact, backend=chosen)
+    ref = PerLayerModel(ref_dir)
+    if ref.vocab != hybrid.vocab or ref.layers != manifest.layers or ref.width != hybrid.width:
+        raise BadInput(f"reference '{ref_dir}' is not the model the artifact was compiled from",
+                       "pass the right --reference FOLDER")
+    precision = artifact_precision(manifest) if chosen != "ort" else "fp32 (ort)"
+    tol = Tolerances.default(chosen, str(manifest.model.get("source_dtype")), min_top1, max_rel, precision)
+    tokens = _tokens(manifest, chosen, n_tokens, seed, text)
+>>>>>>> main
     try:
         h_state, r_state = hybrid.init_state(), ref.init_state()
         got, want, traces = [], [], []
@@ -87,7 +113,12 @@ def run_check(artifact: str, n_tokens: int = 32, seed: int = 0, backend: str = "
             want.append(ref.step(t, r_state))
             traces.append(env)
         want = np.stack(want)
+<<<<<<< HEAD
         rep = _compare(np.stack(got), want, *states(h_state, r_state), tol)
+=======
+        rep = _compare(np.stack(got), want, *_states(hybrid, h_state, ref, r_state), tol)
+        rep.tolerance["precision"] = precision
+>>>>>>> main
         if prefill and len(tokens) > 1 and hybrid.prepare_prefill():
             p_state = hybrid.init_state()
             rep.prefill = _compare(hybrid.prefill(tokens, p_state), want, *states(p_state, r_state),
@@ -105,6 +136,7 @@ def run_check(artifact: str, n_tokens: int = 32, seed: int = 0, backend: str = "
     return rep, chosen
 
 
+<<<<<<< HEAD
 def _per_layer_reference(artifact, manifest, reference, backend):
     """(pure onnxruntime over the per-layer files the artifact was compiled from, the hybrid)."""
     from rwkv2rknn.runtime.hybrid import HybridModel
@@ -138,6 +170,21 @@ def _state_views(hybrid, ref):
     return lambda h, r: (np.concatenate([hybrid.slot_views(h)[k].reshape(-1)
                                          for ks in parts.values() for k in ks]),
                          np.concatenate([np.asarray(r[i], np.float32).reshape(-1) for i in parts]))
+=======
+def _tokens(manifest, backend: str, n: int, seed: int, text: Optional[str]):
+    from rwkv2rknn.calibrate import BUILTIN_TEXT
+    from rwkv2rknn.tokenizer import load_tokenizer
+    if text is None and (backend == "ort" or artifact_precision(manifest) != "w8a8"):
+        return [int(t) for t in np.random.default_rng(seed).integers(0, manifest.vocab, n)]
+    if not manifest.tokenizer:
+        raise BadInput("the artifact records no tokenizer to read check's text with",
+                       "compile a model exported with --tokenizer")
+    ids = load_tokenizer(manifest.tokenizer).encode(BUILTIN_TEXT if text is None else text)[:n]
+    if len(ids) < 2 or max(ids) >= manifest.vocab:
+        raise BadInput("check's text gives fewer than 2 tokens the model knows",
+                       "give a longer text in the model's own tokenizer")
+    return ids
+>>>>>>> main
 
 
 def save_report(artifact: str, rep: Report, backend: str, n_tokens: int, seed: int) -> Optional[str]:

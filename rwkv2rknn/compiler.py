@@ -10,6 +10,8 @@ The artifact folder (written to a temporary folder beside OUT and renamed into p
     OUT/segments/NAME.seq.onnx the T-token (prefill) variant of a segment that has one, and its
     OUT/segments/NAME.seq.rknn NPU build (one graph per row count in --prefill-rows)
     OUT/tokenizer/FILE         the tokenizer file the model was exported with (if it has one)
+    OUT/calib/NAME[.seq]/      with --quant w8a8|w16a16i: the calibration dataset of each quantised
+                               build (the simulator rebuilds from it; the board does not need it)
 
 The passes work on ``ir.GraphSegment`` s; ``manifest_segment`` turns each into the manifest's
 ``plan.Segment``.
@@ -21,7 +23,7 @@ import logging
 import os
 from typing import Callable, Optional
 
-from rwkv2rknn import __version__, io
+from rwkv2rknn import __version__, calibrate, io
 from rwkv2rknn.errors import UsageError
 from rwkv2rknn.ir import Context, GraphSegment, Options, export
 from rwkv2rknn.passes.sequence import prefill_rows
@@ -57,6 +59,10 @@ def manifest_segment(ctx: Context, s: GraphSegment, out_dir: str, plan_only: boo
         est_prefill_ms=round(float(s.est_prefill_ms), 6), seq_onnx=seq_rel,
         seq_sha256=rel_sha(seq_rel), seq_rknn=seq_rknn,
         seq_rows=tuple(s.seq_rows) if seq_rknn else (), seq_rknn_sha256=rel_sha(seq_rknn),
+        precision=s.precision if on_npu else "fp16",
+        seq_precision=s.seq_precision if seq_rknn else "fp16",
+        accuracy=dict(s.accuracy) if on_npu else {}, precision_note=s.precision_note if on_npu else "",
+        calib=s.calib or None if on_npu else None, seq_calib=s.seq_calib or None if seq_rknn else None,
         decode_rows=s.decode_rows if on_npu else 0)
 
 
@@ -89,11 +95,19 @@ def compile_model(model_path: str, out_dir: str, options: Optional[Options] = No
     if dump_after and dump_after not in passes.PASS_NAMES:
         raise UsageError(f"unknown pass '{dump_after}' for --dump-after",
                          f"use one of {', '.join(passes.PASS_NAMES)}")
+<<<<<<< HEAD
     io.check_out_dir(os.path.abspath(out_dir), MANIFEST, force)  # before minutes of passes
     toolkit = ""
+=======
+    toolkit, calib_ids = "", None
+    if options.plan_only and options.quant != "fp16":
+        raise UsageError(f"--quant {options.quant} is measured on .rknn builds, which --plan-only skips",
+                         "drop --plan-only (or --quant)")
+>>>>>>> main
     if not options.plan_only:  # fail before the passes, not after them
         from rwkv2rknn.toolkit import require_toolkit
         toolkit = require_toolkit()
+        calib_ids = _calibration_ids(model_path, options)
     ctx = load.run(model_path, options)
     dumps = {}
 
@@ -114,7 +128,9 @@ def compile_model(model_path: str, out_dir: str, options: Optional[Options] = No
             if s.seq_model is not None:
                 io.save_onnx(s.seq_model, os.path.join(tmp, "segments", s.name + ".seq.onnx"))
         if not options.plan_only:
-            build.run(ctx, tmp, progress=progress)
+            calibration = _calibrate(ctx, tmp, toolkit, calib_ids) if calib_ids else None
+            build.run(ctx, tmp, progress=progress, calibration=calibration)
+            calibrate.drop_holdout(tmp)
             after(build.NAME)
         for name, model in dumps.items():
             os.makedirs(os.path.join(tmp, "dump"), exist_ok=True)
@@ -126,6 +142,30 @@ def compile_model(model_path: str, out_dir: str, options: Optional[Options] = No
     return manifest
 
 
+def _calibration_ids(model_path: str, options: Options):
+    """(calibration ids, held-out ids, where) for a quantised compile, None for fp16."""
+    from rwkv2rknn.plan import PRECISIONS
+    if options.quant not in PRECISIONS:
+        raise UsageError(f"unknown precision '{options.quant}'", f"use one of {', '.join(PRECISIONS)}")
+    if options.quant == "fp16":
+        return None
+    return calibrate.calibration_ids(model_path, options.calib_text, options.calib_tokens)
+
+
+def _calibrate(ctx: Context, tmp: str, toolkit: str, calib_ids) -> dict:
+    """Trace the cut segments on the calibration text (fp32 onnxruntime) and write the datasets;
+    the manifest written here lets the executor run them and is replaced when the build is done."""
+    from rwkv2rknn.passes import build
+    cal, hold, where = calib_ids
+    io.write_json(os.path.join(tmp, MANIFEST), make_manifest(ctx, tmp, toolkit, True).to_dict())
+    rows = prefill_rows(ctx) if ctx.options.prefill_rows else 0
+    out = calibrate.prepare(tmp, cal, hold, rows, [s.input for s in ctx.state if not s.accumulator],
+                            build.DECODE_ROWS)
+    ctx.note(build.NAME, f"calibration: {len(cal)} tokens of {where} for the {ctx.options.quant} "
+                         f"dataset, the next {len(hold)} held out for accuracy")
+    return out
+
+
 def plan_report(ctx: Context, manifest: Manifest) -> dict:
     from rwkv2rknn.passes.support import reasons, segment_reasons
     nodes = {s.name: s.nodes for s in ctx.segments}
@@ -134,6 +174,8 @@ def plan_report(ctx: Context, manifest: Manifest) -> dict:
             "boundaries_per_token": manifest.boundaries(),
             "segments": [{"name": s.name, "backend": s.backend, "ops": s.ops, "matmuls": s.matmuls,
                           "flops": s.flops, "stages": list(s.stages), "fallback": s.fallback,
+                          "precision": s.precision_label(), "accuracy": dict(s.accuracy),
+                          "precision_note": s.precision_note,
                           "cpu_reasons": segment_reasons(ctx, nodes.get(s.name, ()), s.fallback)
                           if s.backend == "cpu" else {}}
                          for s in manifest.segments],

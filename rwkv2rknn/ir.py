@@ -37,7 +37,11 @@ class Options:
     strict: bool = False
     verbose: bool = False
     plan_only: bool = False
-    calib_tokens: int = 8
+    calib_tokens: int = 256  # tokens of calibration text for a quantised build (+ 1/4 held out)
+    range_tokens: int = 8  # seeded sample tokens the fp16 range guard runs
+    quant: str = "fp16"  # NPU precision: fp16, w8a8 or w16a16i (toolkit.PRECISIONS)
+    calib_text: Optional[str] = None  # calibration text file (default: calibrate.default_text)
+    quant_min_cos: float = 0.99  # a quantised segment below this cosine is built fp16
     seed: int = 0
     fp16_limit: float = 65504.0 / 4  # headroom: keep NPU tensors 4x below fp16's maximum
     min_segment_flops: int = 2 * 32 * 32
@@ -82,6 +86,13 @@ class GraphSegment:
     seq_rknn: Optional[str] = None  # the T-row variant's build, one graph per row count
     seq_rows: Tuple[int, ...] = ()
     seq_fallback: str = ""  # why the T-row build failed (prefill then runs token by token)
+    # build with --quant: the precision each build has, and the quantised build's measured accuracy
+    precision: str = "fp16"
+    seq_precision: str = "fp16"
+    accuracy: dict = field(default_factory=dict)  # calibrate.Accuracy.to_dict() on held-out rows
+    precision_note: str = ""  # why a segment is fp16 in a quantised compile
+    calib: str = ""  # its calibration dataset in the artifact (the simulator rebuilds from it)
+    seq_calib: str = ""
     decode_rows: int = 0  # > 0: token steps run the T-row build (rknn == seq_rknn), no per-token one
 
     @property

@@ -40,7 +40,8 @@ def pack(artifact: str, out_dir: str, force: bool = False) -> Dict[str, int]:
     for s in m.segments:
         if s.backend == "npu":
             files += [(s.rknn, s.rknn_sha256), (s.seq_rknn, s.seq_rknn_sha256)]
-            segments.append(dataclasses.replace(s, onnx="", sha256="", seq_onnx=None, seq_sha256=""))
+            segments.append(dataclasses.replace(s, onnx="", sha256="", seq_onnx=None, seq_sha256="",
+                                                calib=None, seq_calib=None))  # simulator-only
         else:
             files += [(s.onnx, s.sha256), (s.seq_onnx, s.seq_sha256)]
             segments.append(s)

@@ -20,6 +20,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 PLAN = "plan.json"
 BACKENDS = ("npu", "cpu")
+PRECISIONS = ("fp16", "w8a8", "w16a16i")  # of an NPU segment's build (compile --quant)
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,21 @@ class Segment:
     seq_rknn: Optional[str] = None  # its NPU build, one graph per row count in seq_rows
     seq_rknn_sha256: str = ""
     seq_rows: Tuple[int, ...] = ()
+    precision: str = "fp16"  # of the .rknn: fp16, w8a8, w16a16i
+    seq_precision: str = "fp16"
+    accuracy: Dict[str, float] = field(default_factory=dict)  # quantised build vs fp32, held-out rows
+    precision_note: str = ""  # why it is fp16 in a quantised compile
+    calib: Optional[str] = None  # calibration dataset the simulator rebuilds a quantised build from
+    seq_calib: Optional[str] = None
+
+    def precision_label(self) -> str:
+        """'fp32' on the CPU; 'w8a8 cos .9972'; 'fp16!' for one kept fp16 in a quantised compile."""
+        if self.backend != "npu":
+            return "fp32"
+        if self.precision != "fp16" and self.accuracy:
+            return f"{self.precision} cos {float(self.accuracy.get('min_cos', 0)):.4f}"
+        return "fp16" + ("!" if self.precision_note else "")
+
     # > 0: the segment has no per-token .rknn; a token step runs its T-row build (``rknn`` is the
     # same file as ``seq_rknn``) with this many rows, the token in row 0 and padding after it:
     # one copy of the weights for decode and prefill
@@ -197,12 +213,13 @@ class Manifest:
         return {"npu": npu, "cpu": cpu, "handoffs": hand, "total": npu + cpu + hand}
 
     def table(self) -> str:
-        lines = [f"{'segment':<28} {'runs on':<7} {'ops':>5} {'MatMuls':>7} {'MFLOP':>8}  stages"]
+        lines = [f"{'segment':<28} {'runs on':<7} {'ops':>5} {'MatMuls':>7} {'MFLOP':>8}  "
+                 f"{'precision':<16} stages"]
         for s in self.segments:
             where = s.backend + ("*" if s.fallback else "")
             stages = s.stages[0] if len(s.stages) == 1 else f"{s.stages[0]}..{s.stages[-1]}"
             lines.append(f"{s.name:<28} {where:<7} {s.ops:>5} {s.matmuls:>7} "
-                         f"{s.flops / 1e6:>8.2f}  {stages}")
+                         f"{s.flops / 1e6:>8.2f}  {s.precision_label():<16} {stages}")
         n_npu = sum(s.backend == "npu" for s in self.segments)
         lines.append(f"{len(self.segments)} segments ({n_npu} NPU, {len(self.segments) - n_npu} CPU), "
                      f"{self.boundaries()} NPU<->CPU boundaries per token, "
@@ -219,6 +236,14 @@ class Manifest:
                              f"CPU MatMuls {est['cpu']:.2f} + {est['handoffs']:.2f} hand-offs), an "
                              f"estimate from device profile '{self.profile.get('name', '?')}', "
                              f"not a measurement")
+        acc = [s for s in self.segments if s.accuracy]
+        if acc:
+            lines.append("precision: cos = smallest cosine of the quantised build's outputs against "
+                         "fp32 onnxruntime on held-out calibration rows")
+        kept = [s for s in self.segments if s.precision_note]
+        if kept:
+            lines.append("! kept fp16 in a quantised compile: " + "; ".join(
+                f"{s.name}: {s.precision_note}" for s in kept))
         if any(s.fallback for s in self.segments):
             lines.append("* NPU candidate that fell back to the CPU: " + "; ".join(
                 f"{s.name}: {s.fallback}" for s in self.segments if s.fallback))
@@ -248,6 +273,13 @@ def _names(d, key) -> Tuple[str, ...]:
     return tuple(v)
 
 
+def _accuracy(s) -> Dict[str, float]:
+    v = s.get("accuracy") or {}
+    if not isinstance(v, dict):
+        raise TypeError("'accuracy' should be dict")
+    return {str(k): float(x) for k, x in v.items()}
+
+
 def _segment(s) -> Segment:
     backend = _get(s, "backend", str)
     if backend not in BACKENDS:
@@ -267,14 +299,21 @@ def _segment(s) -> Segment:
                   seq_rknn=s.get("seq_rknn") if isinstance(s.get("seq_rknn"), str) else None,
                   seq_rknn_sha256=str(s.get("seq_rknn_sha256", "")),
                   seq_rows=tuple(int(r) for r in s.get("seq_rows", []) or []),
+                  precision=str(s.get("precision", "fp16")), seq_precision=str(s.get("seq_precision", "fp16")),
+                  accuracy=_accuracy(s),
+                  precision_note=str(s.get("precision_note", "")),
+                  calib=s.get("calib") if isinstance(s.get("calib"), str) else None,
+                  seq_calib=s.get("seq_calib") if isinstance(s.get("seq_calib"), str) else None,
                   decode_rows=int(s.get("decode_rows", 0)))
     if not seg.stages:
         raise ValueError(f"segment '{seg.name}' covers no stages")
+    if not seg.precision or not seg.seq_precision:
+        raise ValueError(f"segment '{seg.name}' has an empty precision")
     if seg.decode_rows and (seg.decode_rows not in seg.seq_rows or seg.rknn != seg.seq_rknn):
         raise ValueError(f"segment '{seg.name}' decodes on a T-row build it does not have")
     if min(seg.ops, seg.matmuls, seg.flops, seg.decode_rows) < 0:
         raise ValueError(f"segment '{seg.name}' has a negative op count")
-    for p in [seg.onnx] + [x for x in (seg.rknn, seg.seq_onnx, seg.seq_rknn) if x]:
+    for p in [seg.onnx] + [x for x in (seg.rknn, seg.seq_onnx, seg.seq_rknn, seg.calib, seg.seq_calib) if x]:
         if os.path.isabs(p) or ".." in p.replace("\\", "/").split("/"):
             raise ValueError(f"segment file '{p}' is outside the artifact")
     for t in seg.inputs + seg.outputs:

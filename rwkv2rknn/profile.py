@@ -10,6 +10,8 @@ The cost model (every figure below is a field of ``DeviceProfile``):
   measured on a board (``rwkv2rknn profile``) gives ``npu_gflops`` by rows instead: effective
   throughput, used as is.
 - CPU MatMul: ``max(weight bytes (cpu_weight_bytes each) / cpu_gemv_gbs, flops / cpu_gflops)``.
+- A w8a8 build (``compile --quant w8a8``): weights of ``npu_weight_bytes / npu_int8_speedup``
+  bytes and ``npu_int8_speedup`` times the compute rate (measured profiles: the throughput).
 - Every NPU<->CPU switch between segments: ``handoff_ms``.
 - Bandwidths are capped at ``dram_gbs``.
 
@@ -36,6 +38,8 @@ Where the published default ``rk3588-published`` comes from (none was measured h
   reported for the CPU).
 - ``cpu_gflops`` 40: ASSUMED (about a quarter of the 4 A76 cores' NEON fp32 peak of ~150 GFLOPS;
   at M = 1 fp32 weights need 12.5 GFLOPS at 25 GB/s); it matters for prefill on the CPU.
+- ``npu_int8_speedup`` 2: int8 weights are 1 byte against fp16's 2, and the NPU's int8 rate is
+  twice its fp16 rate (M = 128: ~1.9 TOPS int8 against ~0.9 TFLOPS fp16 on one core, same notes).
 - ``handoff_ms`` 0.03: ASSUMED, of the order of one onnxruntime ``run()`` from Python.
 - ``dram_gbs`` 34: LPDDR4x-4266 peak of RK3588 boards (board forums; LPDDR5 boards ~44).
 
@@ -71,6 +75,7 @@ class DeviceProfile:
     npu_multicore_bytes: int = MiB
     cpu_gflops: float = 40.0
     dram_gbs: float = 34.0
+    npu_int8_speedup: float = 2.0
 
     # ---------------------------------------------------------------- NPU
 
@@ -89,21 +94,28 @@ class DeviceProfile:
                 return g0 + f * (g1 - g0)
         return pts[-1][1]
 
-    def npu_matmul_ms(self, out_features: int, in_features: int, rows: int = 1, cores: int = 0) -> float:
-        """One MatMul on ``cores`` NPU cores (0: as many as its own weight bytes call for)."""
-        flops = 2.0 * rows * out_features * in_features
-        if self.npu_gflops:
-            return flops / (self.npu_throughput(rows) * 1e6)
-        weight = out_features * in_features * self.npu_weight_bytes
-        cores = cores or self.npu_cores_for(weight)
-        gbs = min(self.npu_gbs_all if cores > 1 else self.npu_gbs, self.dram_gbs)
-        return max(weight / (gbs * 1e6), flops / (self.npu_core_gflops * cores * 1e6))
+    def _speedup(self, precision: str) -> float:
+        return self.npu_int8_speedup if precision == "w8a8" else 1.0
 
-    def npu_segment_ms(self, dims: Iterable[Tuple[int, int, int]]) -> float:
+    def npu_matmul_ms(self, out_features: int, in_features: int, rows: int = 1, cores: int = 0,
+                      precision: str = "fp16") -> float:
+        """One MatMul on ``cores`` NPU cores (0: as many as its own weight bytes call for), built
+        at ``precision`` (fp16 and w16a16i: 2-byte weights; w8a8: ``npu_int8_speedup`` faster)."""
+        flops = 2.0 * rows * out_features * in_features
+        speed = self._speedup(precision)
+        if self.npu_gflops:
+            return flops / (self.npu_throughput(rows) * speed * 1e6)
+        cores = cores or self.npu_cores_for(out_features * in_features * self.npu_weight_bytes)
+        weight = out_features * in_features * self.npu_weight_bytes / speed
+        gbs = min(self.npu_gbs_all if cores > 1 else self.npu_gbs, self.dram_gbs)
+        return max(weight / (gbs * 1e6), flops / (self.npu_core_gflops * speed * cores * 1e6))
+
+    def npu_segment_ms(self, dims: Iterable[Tuple[int, int, int]], precision: str = "fp16") -> float:
         """One call of an NPU segment whose MatMuls are ``(rows, out, in)``."""
         dims = list(dims)
+        # cores as the runtime picks them (runtime/board.core_mask_for: fp16-sized weights)
         cores = self.npu_cores_for(sum(m * k for _, m, k in dims) * self.npu_weight_bytes)
-        return self.npu_call_ms + sum(self.npu_matmul_ms(m, k, r, cores) for r, m, k in dims)
+        return self.npu_call_ms + sum(self.npu_matmul_ms(m, k, r, cores, precision) for r, m, k in dims)
 
     # ---------------------------------------------------------------- CPU
 
@@ -135,7 +147,7 @@ class DeviceProfile:
             raise BadInput(f"{where} is not a valid device profile ({e})",
                            "see rwkv2rknn/profile.py for the fields") from e
         speeds = [p.cpu_gemv_gbs, p.npu_gbs, p.npu_gbs_all, p.npu_core_gflops, p.cpu_gflops,
-                  p.dram_gbs, p.npu_cores] + list(p.npu_gflops.values())
+                  p.dram_gbs, p.npu_cores, p.npu_int8_speedup] + list(p.npu_gflops.values())
         if min(speeds) <= 0:
             raise BadInput(f"{where} has a zero or negative throughput", "give positive figures")
         return p

@@ -25,7 +25,8 @@ SIZES = ("flops", "bytes")
 REPORT_HTML = "report.html"
 SEGMENT_FIELDS = {f.name for f in dataclasses.fields(Segment)}
 ACCURACY_WORDS = ("accura", "error", "max_rel", "cosine", "quant", "calib", "int8")  # shown even as fields
-COLOURS = {"npu-fp16": "#2c7bb6", "npu-int8": "#7b3294", "cpu": "#f29e4c", "fallback": "#d7191c"}
+COLOURS = {"npu-fp16": "#2c7bb6", "npu-int8": "#7b3294", "npu-w8a8": "#7b3294", "cpu": "#f29e4c",
+           "fallback": "#d7191c"}
 OTHER_NPU = ("#1a9850", "#66a61e", "#1b7837")  # NPU precisions other than fp16 and int8
 HANDOFF = "#222222"
 

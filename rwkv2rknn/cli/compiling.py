@@ -60,8 +60,20 @@ def _options(**kw):
 @click.option("--strict", is_flag=True, help="Fail if any NPU segment fails to build (default: fall back to the CPU).")
 @click.option("--dump-after", metavar="PASS", default=None,
               help="Also write the graph after PASS to OUT/dump/after_PASS.onnx.")
-@click.option("--calib-tokens", type=click.IntRange(1, 4096), default=8, show_default=True,
-              help="Sample tokens the fp16 range guard runs.")
+@click.option("--range-tokens", type=click.IntRange(1, 4096), default=8, show_default=True,
+              help="Seeded sample tokens the fp16 range guard runs.")
+@click.option("--quant", type=click.Choice(["fp16", "w8a8", "w16a16i"]), default="fp16",
+              show_default=True, help="Precision of the NPU segments: w8a8 and w16a16i are "
+                                      "calibrated on real text and measured per segment.")
+@click.option("--calib-text", type=click.Path(dir_okay=False), default=None,
+              help="UTF-8 calibration text for --quant (default: a built-in sample that suits "
+                   "the model's tokenizer).")
+@click.option("--calib-tokens", type=click.IntRange(16, 4096), default=256, show_default=True,
+              help="Tokens of calibration text for the --quant dataset (a quarter more are held "
+                   "out to measure each segment).")
+@click.option("--quant-min-cos", type=click.FloatRange(-1, 1), default=0.99, show_default=True,
+              help="A quantised segment whose smallest cosine against fp32 on held-out rows is "
+                   "lower is built fp16 instead.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
               help="Build cache (default: $RWKV2RKNN_CACHE or ~/.cache/rwkv2rknn).")
 @click.option("--prefill-rows", default="16,32,64", show_default=True,
@@ -77,11 +89,16 @@ def _options(**kw):
 @click.option("--report", "with_report", is_flag=True,
               help="Also draw the plan as one offline HTML page, OUT/report.html.")
 @handle_errors
-def compile_cmd(model, out_dir, target, plan_only, strict, dump_after, calib_tokens, cache_dir,
-                prefill_rows, placement, profile_path, force, tool_verbose, with_report):
+def compile_cmd(model, out_dir, target, plan_only, strict, dump_after, range_tokens, quant,
+                calib_text, calib_tokens, quant_min_cos, cache_dir, prefill_rows, placement,
+                profile_path, force, tool_verbose, with_report):
     """Compile MODEL (a folder of per-layer RWKV ONNX files, or one .onnx) into a hybrid
     NPU/CPU artifact."""
+    if calib_text and quant == "fp16":
+        raise UsageError("--calib-text is for quantised builds", "add --quant w8a8 (or drop --calib-text)")
     opts = _options(target=target, strict=strict, plan_only=plan_only, calib_tokens=calib_tokens,
+                    range_tokens=range_tokens, quant=quant, calib_text=calib_text,
+                    quant_min_cos=quant_min_cos,
                     cache_dir=cache_dir, verbose=tool_verbose, placement=placement,
                     profile=profile_path, prefill_rows=_parse_rows(prefill_rows))
     manifest = _compile_with_progress(model, out_dir, opts, force, dump_after)

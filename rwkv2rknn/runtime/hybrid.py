@@ -111,6 +111,15 @@ class HybridModel:
                            "compile the model again")
         return path
 
+    def _calib(self, rel) -> str:
+        """A quantised segment's calibration dataset (the simulator quantises from it)."""
+        if not rel:
+            return ""
+        path = os.path.join(self.artifact, rel)
+        if not os.path.isfile(path):
+            raise BadInput(f"calibration dataset '{path}' is missing", "compile the model again")
+        return path
+
     def _runner(self, seg):
         if seg.backend == "cpu" or self.backend == "ort":
             from rwkv2rknn.runtime.ort import OrtRunner
@@ -125,7 +134,8 @@ class HybridModel:
         if self.backend == "rknn-sim":
             from rwkv2rknn.runtime.rknn import RknnSimRunner
             return RknnSimRunner(self._path(seg.onnx, seg.sha256), seg.name, seg.inputs,
-                                 seg.outputs, shapes, m_target(self))
+                                 seg.outputs, shapes, m_target(self),
+                                 precision=seg.precision, dataset=self._calib(seg.calib))
         if not seg.rknn:
             raise BadInput(f"segment {seg.name} has no .rknn (compiled with --plan-only)",
                            "compile without --plan-only, or use --backend ort / rknn-sim")
@@ -227,7 +237,8 @@ class HybridModel:
             from rwkv2rknn.runtime.rknn import RknnSimRunner
             runner = RknnSimRunner(self._path(seg.seq_onnx, seg.seq_sha256),
                                    seg.name + ".seq", seg.inputs, seg.outputs, None, m_target(self),
-                                   rows=seg.seq_rows)
+                                   rows=seg.seq_rows, precision=seg.seq_precision,
+                                   dataset=self._calib(seg.seq_calib))
         else:
             runner = self._board_runner(seg, self._path(seg.seq_rknn, seg.seq_rknn_sha256),
                                         seg.name + ".seq", None, rows=seg.seq_rows)
@@ -335,7 +346,7 @@ def _check_finite(seg, runner, outs, phase: str = "") -> None:
             backend = getattr(runner, "backend", "?")
             hint = ("the model's own numbers overflow even in fp32; check the checkpoint"
                     if backend == "ort" else
-                    "values left fp16's range on the NPU; compile again with more --calib-tokens, "
+                    "values left fp16's range on the NPU; compile again with more --range-tokens, "
                     "or run with --backend ort to confirm")
             raise NumericalError(f"segment {seg.name} ({backend}) produced NaN/inf in '{name}'"
                                  + (f" {phase}" if phase else ""), hint)

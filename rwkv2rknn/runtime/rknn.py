@@ -59,16 +59,18 @@ class _RknnRunner:
 
 
 class RknnSimRunner(_RknnRunner):
-    """The x86 simulator: builds the segment's ONNX in-process (it cannot load a .rknn)."""
+    """The x86 simulator: builds the segment's ONNX in-process (it cannot load a .rknn), at the
+    compiled ``precision`` from the same calibration ``dataset`` as the compiler did."""
 
     backend = "rknn-sim"
 
     def __init__(self, onnx_path: str, name: str, inputs, outputs, shapes, target: str = "rk3588",
-                 rows=()):
+                 rows=(), precision: str = "fp16", dataset: str = ""):
         from rwkv2rknn.toolkit import build_in_process, dynamic_shapes
         super().__init__(name, inputs, outputs, shapes, rows)
         self._rt = build_in_process(onnx_path, target=target, runtime=True,
-                                    dynamic_input=dynamic_shapes(onnx_path, rows) if rows else None)
+                                    dynamic_input=dynamic_shapes(onnx_path, rows) if rows else None,
+                                    precision=precision, dataset=dataset)
 
 
 class RknnLiteRunner(_RknnRunner):

@@ -63,6 +63,6 @@ def test_values_that_cannot_be_rescaled_stay_on_cpu(tmp_path):
 
 
 def test_sample_tokens_are_seeded(fp32_dir):
-    ctx = load.run(fp32_dir, Options(calib_tokens=5, seed=3))
+    ctx = load.run(fp32_dir, Options(range_tokens=5, seed=3))
     assert fp16_guard.sample_tokens(ctx) == fp16_guard.sample_tokens(ctx)
     assert len(fp16_guard.sample_tokens(ctx)) == 5
