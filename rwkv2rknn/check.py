@@ -80,7 +80,6 @@ def run_check(artifact: str, n_tokens: int = 32, seed: int = 0, backend: str = "
         raise BadInput(f"'{artifact}' is packed: --per-segment compares NPU segments with their "
                        f"ONNX, which packing leaves out", "run it on the artifact it was packed from")
     chosen = resolve_backend(backend)
-<<<<<<< HEAD
     if manifest.model.get("source_state"):  # compiled from a whole-model file
         from rwkv2rknn.runtime.reference import WholeFileModel
         ref = WholeFileModel(reference or str(manifest.model.get("source", "")), manifest.token_input,
@@ -92,18 +91,9 @@ def run_check(artifact: str, n_tokens: int = 32, seed: int = 0, backend: str = "
     else:
         ref, hybrid = _per_layer_reference(artifact, manifest, reference, chosen)
     states = _state_views(hybrid, ref)
-    tol = Tolerances.default(chosen, str(manifest.model.get("source_dtype")), min_top1, max_rel)
-    tokens = [int(t) for t in np.random.default_rng(seed).integers(0, hybrid.vocab, n_tokens)]
-=======
-    hybrid = HybridModel(artifact, backend=chosen)
-    ref = PerLayerModel(ref_dir)
-    if ref.vocab != hybrid.vocab or ref.layers != manifest.layers or ref.width != hybrid.width:
-        raise BadInput(f"reference '{ref_dir}' is not the model the artifact was compiled from",
-                       "pass the right --reference FOLDER")
     precision = artifact_precision(manifest) if chosen != "ort" else "fp32 (ort)"
     tol = Tolerances.default(chosen, str(manifest.model.get("source_dtype")), min_top1, max_rel, precision)
     tokens = _tokens(manifest, chosen, n_tokens, seed, text)
->>>>>>> main
     try:
         h_state, r_state = hybrid.init_state(), ref.init_state()
         got, want, traces = [], [], []
@@ -113,12 +103,8 @@ def run_check(artifact: str, n_tokens: int = 32, seed: int = 0, backend: str = "
             want.append(ref.step(t, r_state))
             traces.append(env)
         want = np.stack(want)
-<<<<<<< HEAD
         rep = _compare(np.stack(got), want, *states(h_state, r_state), tol)
-=======
-        rep = _compare(np.stack(got), want, *_states(hybrid, h_state, ref, r_state), tol)
         rep.tolerance["precision"] = precision
->>>>>>> main
         if prefill and len(tokens) > 1 and hybrid.prepare_prefill():
             p_state = hybrid.init_state()
             rep.prefill = _compare(hybrid.prefill(tokens, p_state), want, *states(p_state, r_state),
@@ -136,7 +122,6 @@ def run_check(artifact: str, n_tokens: int = 32, seed: int = 0, backend: str = "
     return rep, chosen
 
 
-<<<<<<< HEAD
 def _per_layer_reference(artifact, manifest, reference, backend):
     """(pure onnxruntime over the per-layer files the artifact was compiled from, the hybrid)."""
     from rwkv2rknn.runtime.hybrid import HybridModel
@@ -170,7 +155,8 @@ def _state_views(hybrid, ref):
     return lambda h, r: (np.concatenate([hybrid.slot_views(h)[k].reshape(-1)
                                          for ks in parts.values() for k in ks]),
                          np.concatenate([np.asarray(r[i], np.float32).reshape(-1) for i in parts]))
-=======
+
+
 def _tokens(manifest, backend: str, n: int, seed: int, text: Optional[str]):
     from rwkv2rknn.calibrate import BUILTIN_TEXT
     from rwkv2rknn.tokenizer import load_tokenizer
@@ -184,7 +170,6 @@ def _tokens(manifest, backend: str, n: int, seed: int, text: Optional[str]):
         raise BadInput("check's text gives fewer than 2 tokens the model knows",
                        "give a longer text in the model's own tokenizer")
     return ids
->>>>>>> main
 
 
 def save_report(artifact: str, rep: Report, backend: str, n_tokens: int, seed: int) -> Optional[str]:

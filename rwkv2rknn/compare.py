@@ -43,16 +43,12 @@ class Report:
         if self.prefill is not None:
             p = self.prefill
             s += (f"; prefill: top-1 {100 * p['top1_agreement']:.1f}%, max rel error "
-<<<<<<< HEAD
                   f"{p['max_rel']:.3g}" + (f", state drift {p['state_drift']:.3g}"
                                           if p.get("state_drift") is not None else ""))
-=======
-                  f"{p['max_rel']:.3g}, state drift {p['state_drift']:.3g}")
         tol = self.tolerance
         if "min_top1" in tol:
             s += (f"; tolerance{' for ' + str(tol['precision']) if tol.get('precision') else ''}: "
                   f"top-1 >= {100 * tol['min_top1']:g}%, max rel <= {tol['max_rel']:g}")
->>>>>>> main
         return s + (" -- PASS" if self.passed else " -- FAIL: " + "; ".join(self.failures))
 
 

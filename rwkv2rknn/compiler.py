@@ -95,15 +95,11 @@ def compile_model(model_path: str, out_dir: str, options: Optional[Options] = No
     if dump_after and dump_after not in passes.PASS_NAMES:
         raise UsageError(f"unknown pass '{dump_after}' for --dump-after",
                          f"use one of {', '.join(passes.PASS_NAMES)}")
-<<<<<<< HEAD
     io.check_out_dir(os.path.abspath(out_dir), MANIFEST, force)  # before minutes of passes
-    toolkit = ""
-=======
     toolkit, calib_ids = "", None
     if options.plan_only and options.quant != "fp16":
         raise UsageError(f"--quant {options.quant} is measured on .rknn builds, which --plan-only skips",
                          "drop --plan-only (or --quant)")
->>>>>>> main
     if not options.plan_only:  # fail before the passes, not after them
         from rwkv2rknn.toolkit import require_toolkit
         toolkit = require_toolkit()

@@ -131,7 +131,6 @@ def build_in_process(onnx_path: str, target: str = "rk3588", rknn_out: str = "",
     return rk
 
 
-<<<<<<< HEAD
 def error_line(e: BaseException) -> str:
     """The line of a toolkit exception that says what went wrong. rknn-toolkit2 puts a whole
     traceback in the message of the ValueError it raises; the reason is its last
@@ -141,7 +140,8 @@ def error_line(e: BaseException) -> str:
         if re.match(r"[A-Za-z_][\w.]*(Error|Exception): ", lines[k]):
             return " ".join(lines[k:])[:240]
     return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
-=======
+
+
 def _absolute_dataset(dataset: str, folder: str) -> str:
     """A copy of a dataset file whose .npy names are absolute (the toolkit reads them from its
     working directory; the artifact's dataset names them relative to its own folder)."""
@@ -156,7 +156,6 @@ def _absolute_dataset(dataset: str, folder: str) -> str:
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     return path
->>>>>>> main
 
 
 def dynamic_shapes(onnx_path: str, rows) -> list:

@@ -110,21 +110,15 @@ def _print_generation(model, tok_spec, prompt, max_tokens, temperature, top_p, s
               help="The source to compare against: per-layer folder or whole-model .onnx (default: "
                    "the one the artifact was compiled from).")
 @click.option("--per-segment", is_flag=True, help="Also compare every NPU segment and T-row variant alone against its ONNX on onnxruntime.")
-<<<<<<< HEAD
-@click.option("--min-top1", type=click.FloatRange(0, 1), default=0.99, show_default=True)
-@click.option("--max-rel", type=click.FloatRange(0, None), default=None,
-              help="Max logit error relative to the logit scale (default: 1e-4 for ort on fp32 files, else 0.05).")
-=======
 @click.option("--min-top1", type=click.FloatRange(0, 1), default=None,
               help="Least share of steps whose top token agrees (default: 0.99; 0.85 with "
                    "w8a8 segments on an NPU backend).")
-@click.option("--max-rel", type=float, default=None,
+@click.option("--max-rel", type=click.FloatRange(0, None), default=None,
               help="Max logit error relative to the logit scale (default: 1e-4 for ort on fp32 "
                    "files, 0.05 for fp16 NPU segments, 0.25 with w8a8 ones).")
 @click.option("--text", "text_file", type=click.Path(dir_okay=False), default=None,
               help="Teacher-force the first --tokens tokens of this UTF-8 text instead of random ids "
                    "(default for w8a8 artifacts: a built-in English sample).")
->>>>>>> main
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @handle_errors
 def check(artifact, n_tokens, seed, backend, reference, per_segment, min_top1, max_rel, text_file,
