@@ -44,6 +44,13 @@ ACCUMULATOR_ROWS = ("aa", "bb", "pp")
 # The initial value of each row (the public demo starts from all zeros).
 STATE_INIT = {"ffn_xx": 0.0, "att_xx": 0.0, "aa": 0.0, "bb": 0.0, "pp": 0.0}
 
+# Whole-model files from other exporters: the row order of their per-row state inputs, by
+# layout (recognised by the state input names), and the initial state the rwkv package uses
+# when a file does not carry its own.
+LAYOUT_ROWS = {"rwkv2onnx": ("att_xx", "aa", "bb", "pp", "ffn_xx")}
+LAYOUT_STATE_NAMES = {"rwkv2onnx": r"state_(\d+)_(\d+)"}
+RWKV_INIT = {"ffn_xx": 0.0, "att_xx": 0.0, "aa": 0.0, "bb": 0.0, "pp": -1e30}
+
 # Names of the stage files and of their inputs and outputs.
 EMBED_FILE, HEAD_FILE = "embed.onnx", "head.onnx"
 BLOCK_FILE = "mixing_{}.onnx"

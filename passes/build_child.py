@@ -93,8 +93,9 @@ def build_child(onnx_path: str, rknn_path: str, target: str, verbose: bool,
             return f"{why}; toolkit: {said}" if said else why
         if proc.returncode == 0:
             return "the toolkit's process exited without writing the .rknn"
-        lines = [ln for ln in (err or "").splitlines() if ln.strip()]
-        last = said or (lines[-1].strip()[:160] if lines else "no message")
+        # the child's last line is the toolkit's error; Python's warnings are not the reason
+        lines = [ln for ln in (err or "").splitlines() if ln.strip() and "Warning: " not in ln]
+        last = said or (lines[-1].strip()[:240] if lines else "no message")
         return f"the toolkit's process exited with {proc.returncode} ({last})"
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -177,7 +178,7 @@ def _main(argv=None) -> int:
         os.replace(tmp, a.rknn)  # whole, or not there at all
         return 0
     except Rwkv2RknnError as e:
-        print(str(e), file=sys.stderr)
+        print(e.problem, file=sys.stderr)  # the reason; the fix is the fallback itself
         return 1
     finally:
         remove_quietly(tmp)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from rwkv2rknn.ir import Context, GraphSegment, export, is_const, stages_of
-from rwkv2rknn.passes.partition import estimate_ms, matmul_flops
+from rwkv2rknn.passes.partition import MATMUL_LIKE, estimate_ms, matmul_flops
 
 NAME = "cut"
 
@@ -72,5 +72,5 @@ def cut_one(ctx: Context, seg: GraphSegment, index: int, number: int, owner, gra
     seg.inputs, seg.outputs = [t.name for t in ins], [t.name for t in outs]
     seg.model = model
     seg.flops, seg.ops = matmul_flops(nodes), len(nodes)
-    seg.matmuls = sum(n.op == "MatMul" for n in nodes)
+    seg.matmuls = sum(n.op in MATMUL_LIKE for n in nodes)
     seg.est_ms = estimate_ms(seg.device, nodes, ctx.profile)

@@ -36,7 +36,7 @@ def run(ctx: Context) -> None:
             t.dtype = np.float32
             io += t in graph.inputs or t in graph.outputs
     float_tensors = {t.name for t in graph.tensors().values()
-                     if t.dtype is None or np.dtype(t.dtype).kind == "f"}
+                     if t.dtype is not None and np.dtype(t.dtype).kind == "f"}
     for node in list(graph.nodes):
         if node.op == "Cast" and int(node.attrs.get("to", 0)) in _FLOAT_TO:
             src = node.inputs[0]

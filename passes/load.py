@@ -19,26 +19,38 @@ constant tensors.
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import numpy as np
 
 from rwkv2rknn import io
 from rwkv2rknn.errors import BadInput, UnsupportedModel
-from rwkv2rknn.ir import Context, Options, replace_uses
+from rwkv2rknn.ir import Context, Options, const_value, is_const, replace_uses
 from rwkv2rknn.plan import StateSlot
 
 NAME = "load"
 
 
-def import_stage(path: str, prefix: str):
-    """One file as a graph, every name prefixed with its stage, Constant nodes lowered."""
+def import_stage(path: str, prefix: str, ctx_facts: Optional[dict] = None):
+    """One file as a graph at the canonical opset, names prefixed. With ``ctx_facts`` (a single
+    file), Constant nodes that nothing reads (initial states, in some layouts) are collected
+    into it as 'unread', and what the file says of itself as 'dtype' and 'tokenizer'."""
     import onnx_graphsurgeon as gs
-    model = io.load_onnx(path)
+    from rwkv2rknn.passes import canonicalize
+    model = canonicalize.to_opset(io.load_onnx(path), os.path.basename(path))
+    canonicalize.normalize_constant_nodes(model)
+    if ctx_facts is not None:
+        ctx_facts.update(canonicalize.file_facts(model))
+        ctx_facts["unread"] = canonicalize.dangling_constants(model)
     try:
         graph = gs.import_onnx(model)
     except Exception as e:
         raise BadInput(f"'{path}' cannot be read as a graph ({type(e).__name__}: {str(e)[:80]})",
                        "the file is corrupt; export it again") from e
+    for t in graph.tensors().values():  # the weights as arrays now, so the file's proto goes:
+        if is_const(t):  # (else the folding would load them later with the proto still held)
+            t.values = np.asarray(t.values)
+    del model
     _lower_constants(graph)
     for t in graph.tensors().values():
         t.name = prefix + t.name
@@ -91,7 +103,8 @@ def load_folder(folder: str, arch_module):
         blocks.append(g)
     head = import_stage(head_p, "head/")
     expect_io(head, head_p, *d.HEAD_IO)
-    width = _width(blocks, head)
+    width, vocab = _table_shape(embed, embed_p)
+    _pin_decode_shapes(embed, blocks, head, width, d)
 
     nodes = list(embed.nodes)
     x = embed.outputs[0]
@@ -122,13 +135,38 @@ def load_folder(folder: str, arch_module):
     graph = gs.Graph(nodes=nodes, inputs=inputs, outputs=[logits] + outputs,
                      opset=max(embed.opset, head.opset), name="rwkv")
     graph.cleanup().toposort()
-    return graph, len(blocks), width, int(logits.shape[-1]) if logits.shape else None, slots
+    return graph, len(blocks), width, vocab, slots
 
 
-def _width(blocks, head) -> int:
-    from rwkv2rknn.runtime.reference import one_width
-    return one_width(lambda: {int(g.inputs[0].shape[0]) for g in blocks} |
-                     {int(head.inputs[0].shape[0])})
+def _pin_decode_shapes(embed, blocks, head, width: int, d) -> None:
+    """The stage inputs take their decode shape (symbolic dims, as torch.onnx's dynamic axes
+    write them, become numbers); fixed dims must agree with the embedding's width."""
+    pins = [(embed.inputs[0], [1]), (head.inputs[0], [width])]
+    rows = getattr(d, "STATE_ROWS", None)
+    for g in blocks:
+        pins.append((g.inputs[0], [width]))
+        ins = dict(zip(_io_names(g)[0], g.inputs))
+        if rows and "state_in" in ins:  # the rows layout: [rows, C]
+            pins.append((ins["state_in"], [len(rows), width]))
+    for t, want in pins:
+        have = list(t.shape or [])
+        if len(have) != len(want) or any(isinstance(h, int) and h >= 0 and h != w
+                                         for h, w in zip(have, want)):
+            raise UnsupportedModel(f"the per-layer files disagree on the width ('{t.name}' has shape "
+                                   f"{have}, expected {want}: width {width} from the embedding)",
+                                   "all files must come from one export")
+        t.shape = want
+
+
+def _table_shape(embed, path: str):
+    """(width, vocab) from the embedding table: the 2-D constant the token Gather reads."""
+    for node in embed.nodes:
+        if node.op == "Gather" and const_value(node.inputs[0]) is not None and \
+                const_value(node.inputs[0]).ndim == 2:
+            vocab, width = const_value(node.inputs[0]).shape
+            return int(width), int(vocab)
+    raise UnsupportedModel(f"{os.path.basename(path)} has no embedding table (a Gather from a 2-D "
+                           f"constant)", "this is not the per-layer RWKV ONNX layout")
 
 
 def arch_of_folder(folder: str):
@@ -157,7 +195,7 @@ def run(path: str, options: Options = None) -> Context:
     if os.path.isdir(path):
         arch = arch_of_folder(path)
         graph, layers, width, vocab, slots = load_folder(path, arch)
-        ctx = Context(graph=graph, source=os.path.abspath(path), arch=arch.ARCH,
+        ctx = Context(graph=graph, source=os.path.abspath(path), arch=arch.ARCH, layout="per-layer",
                       shape={"layers": layers, "width": width, "vocab": vocab})
         ctx.state = slots
         ctx.cpu_recurrence_inputs = bool(getattr(arch, "CPU_RECURRENCE_INPUTS", False))
@@ -167,12 +205,21 @@ def run(path: str, options: Options = None) -> Context:
         if not path.endswith(".onnx"):
             raise BadInput(f"'{path}' is not an .onnx file or a folder",
                            "give a folder of per-layer RWKV ONNX files or an .onnx file")
-        graph = import_stage(path, "")
+        facts = {}
+        graph = import_stage(path, "", facts)
         ctx = Context(graph=graph, source=os.path.abspath(path), arch="onnx")
         ctx.token_input = ""
         ctx.logits_output = ""
+        ctx.unread_constants = facts.pop("unread")
+        ctx.facts = facts
     ctx.options = options
     ctx.profile  # read --profile now: a bad file fails before any work
     n = len(ctx.graph.nodes)
-    ctx.note(NAME, f"{n} nodes from {path} ({ctx.shape.get('layers', 1)} layer(s))")
+    if os.path.isdir(path):
+        files = (f"{arch.EMBED_FILE}, {arch.BLOCK_FILE.format(0)}..{arch.BLOCK_FILE.format(layers - 1)}"
+                 f", {arch.HEAD_FILE}")
+        ctx.note(NAME, f"recognised per-layer {ctx.arch} files ({files}): {layers} layers, width "
+                       f"{width}, vocab {vocab}; {n} nodes")
+    else:
+        ctx.note(NAME, f"{n} nodes from {path}")
     return ctx

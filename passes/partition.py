@@ -32,9 +32,12 @@ from __future__ import annotations
 
 from typing import Dict, List
 
+import numpy as np
+
 from rwkv2rknn.ir import Context, GraphSegment, const_value
 
 NAME = "partition"
+MATMUL_LIKE = ("MatMul", "Gemm")
 
 
 def place(graph, support) -> Dict[str, str]:
@@ -155,21 +158,30 @@ def _order(segs):
 
 
 def matmul_dims(nodes):
-    """(rows, out_features, in_features) of every constant-weight MatMul among ``nodes``."""
+    """(rows, out_features, in_features) of every MatMul-like op among ``nodes``: constant-weight
+    MatMuls, and MatMuls of two activations or Gemms (which stay on the CPU) from their shapes,
+    so that the plan's share of MatMul FLOPs on the NPU counts every one the compiler saw."""
     dims = []
     for n in nodes:
-        if n.op != "MatMul":
+        if n.op not in MATMUL_LIKE:
             continue
-        for t in n.inputs:
+        for t in n.inputs[:2]:
             w = const_value(t)
             if w is not None and w.ndim == 2:
-                other = [x for x in n.inputs if x is not t][0]
+                other = [x for x in n.inputs[:2] if x is not t][0]
                 rows = 1
                 if other.shape and len(other.shape) == 2 and isinstance(other.shape[0], int):
                     rows = other.shape[0]
                 k, m = (w.shape[0], w.shape[1]) if t is n.inputs[1] else (w.shape[1], w.shape[0])
+                if n.op == "Gemm" and int(n.attrs.get("transB" if t is n.inputs[1] else "transA", 0)):
+                    k, m = m, k
                 dims.append((rows, m, k))
                 break
+        else:
+            a, b = (x.shape for x in n.inputs[:2])
+            if a and b and all(isinstance(d, int) for d in list(a) + list(b)):
+                rows = int(np.prod(a[:-1])) if len(a) > 1 else 1
+                dims.append((rows, int(b[-1]) if len(b) > 1 else 1, int(a[-1])))
     return dims
 
 

@@ -1,4 +1,5 @@
-"""`rwkv2rknn check`: the hybrid executor against pure ONNX Runtime on the same seeded tokens.
+"""`rwkv2rknn check`: the hybrid executor against pure ONNX Runtime on the same seeded tokens
+(on the per-layer files the artifact was compiled from, or on its whole-model file).
 
 Four gates, each with a stated tolerance (``Tolerances``), each able to fail the check:
 
@@ -69,25 +70,27 @@ def run_check(artifact: str, n_tokens: int = 32, seed: int = 0, backend: str = "
     built-in English sample for an artifact with w8a8 segments: random ids leave the int8 ranges
     calibrated on text) through the artifact and pure onnxruntime and compare them."""
     from rwkv2rknn.runtime.hybrid import HybridModel, load_manifest, resolve_backend
-    from rwkv2rknn.runtime.reference import PerLayerModel
 
     manifest = load_manifest(artifact)
     if not manifest.token_input or not manifest.logits_output:
         raise BadInput(f"'{artifact}' was compiled from a single ONNX graph, not a whole model",
-                       "compile the folder of per-layer files to check it")
+                       "compile a whole model (a per-layer folder or one file with token, state "
+                       "and logits) to check it")
     if per_segment and manifest.packed:
         raise BadInput(f"'{artifact}' is packed: --per-segment compares NPU segments with their "
                        f"ONNX, which packing leaves out", "run it on the artifact it was packed from")
-    ref_dir = reference or str(manifest.model.get("source", ""))
-    if not ref_dir or not os.path.isdir(ref_dir):
-        raise BadInput(f"the per-layer files the artifact was compiled from are not at '{ref_dir}'",
-                       "pass --reference FOLDER")
     chosen = resolve_backend(backend)
-    hybrid = HybridModel(artifact, backend=chosen)
-    ref = PerLayerModel(ref_dir)
-    if ref.vocab != hybrid.vocab or ref.layers != manifest.layers or ref.width != hybrid.width:
-        raise BadInput(f"reference '{ref_dir}' is not the model the artifact was compiled from",
-                       "pass the right --reference FOLDER")
+    if manifest.model.get("source_state"):  # compiled from a whole-model file
+        from rwkv2rknn.runtime.reference import WholeFileModel
+        ref = WholeFileModel(reference or str(manifest.model.get("source", "")), manifest.token_input,
+                             manifest.logits_output, manifest.model["source_state"])
+        hybrid = HybridModel(artifact, backend=chosen)
+        if ref.vocab and ref.vocab != hybrid.vocab:
+            raise BadInput("the reference file is not the model the artifact was compiled from",
+                           "pass the right --reference FILE")
+    else:
+        ref, hybrid = _per_layer_reference(artifact, manifest, reference, chosen)
+    states = _state_views(hybrid, ref)
     precision = artifact_precision(manifest) if chosen != "ort" else "fp32 (ort)"
     tol = Tolerances.default(chosen, str(manifest.model.get("source_dtype")), min_top1, max_rel, precision)
     tokens = _tokens(manifest, chosen, n_tokens, seed, text)
@@ -100,12 +103,12 @@ def run_check(artifact: str, n_tokens: int = 32, seed: int = 0, backend: str = "
             want.append(ref.step(t, r_state))
             traces.append(env)
         want = np.stack(want)
-        rep = _compare(np.stack(got), want, *_states(hybrid, h_state, ref, r_state), tol)
+        rep = _compare(np.stack(got), want, *states(h_state, r_state), tol)
         rep.tolerance["precision"] = precision
         if prefill and len(tokens) > 1 and hybrid.prepare_prefill():
             p_state = hybrid.init_state()
-            rep.prefill = _compare(hybrid.prefill(tokens, p_state), want,
-                                   *_states(hybrid, p_state, ref, r_state), tol).to_dict()
+            rep.prefill = _compare(hybrid.prefill(tokens, p_state), want, *states(p_state, r_state),
+                                   tol).to_dict()
             rep.failures += [f"prefill: {f}" for f in rep.prefill["failures"]]
         if per_segment:
             rep.per_segment = _per_segment(artifact, hybrid, traces, manifest.state)
@@ -117,6 +120,41 @@ def run_check(artifact: str, n_tokens: int = 32, seed: int = 0, backend: str = "
     finally:
         hybrid.close()
     return rep, chosen
+
+
+def _per_layer_reference(artifact, manifest, reference, backend):
+    """(pure onnxruntime over the per-layer files the artifact was compiled from, the hybrid)."""
+    from rwkv2rknn.runtime.hybrid import HybridModel
+    from rwkv2rknn.runtime.reference import PerLayerModel
+    ref_dir = reference or str(manifest.model.get("source", ""))
+    if not ref_dir or not os.path.isdir(ref_dir):
+        raise BadInput(f"the per-layer files the artifact was compiled from are not at '{ref_dir}'",
+                       "pass --reference FOLDER")
+    hybrid = HybridModel(artifact, backend=backend)
+    ref = PerLayerModel(ref_dir)
+    if ref.vocab != hybrid.vocab or ref.layers != manifest.layers or ref.width != hybrid.width:
+        raise BadInput(f"reference '{ref_dir}' is not the model the artifact was compiled from",
+                       "pass the right --reference FOLDER")
+    return ref, hybrid
+
+
+def _state_views(hybrid, ref):
+    """A function (hybrid state, reference state) -> (the two as comparable arrays), or
+    (None, None) where the reference's state entries have no counterpart by name (then only
+    the logits are compared)."""
+    from rwkv2rknn.models import rwkv4
+    from rwkv2rknn.runtime.reference import PerLayerModel
+    if isinstance(ref, PerLayerModel):
+        return lambda h, r: _states(hybrid, h, ref, r)
+    slots = {s.input: k for k, s in enumerate(hybrid.slots)}
+    # an entry kept its name, or a [rows, C] entry was unpacked into rows named NAME.ROW
+    parts = {i: [slots[i]] if i in slots else [slots.get(f"{i}.{row}") for row in rwkv4.STATE_ROWS]
+             for i, _, _ in ref.pairs}
+    if any(None in ks for ks in parts.values()):
+        return lambda h, r: (None, None)
+    return lambda h, r: (np.concatenate([hybrid.slot_views(h)[k].reshape(-1)
+                                         for ks in parts.values() for k in ks]),
+                         np.concatenate([np.asarray(r[i], np.float32).reshape(-1) for i in parts]))
 
 
 def _tokens(manifest, backend: str, n: int, seed: int, text: Optional[str]):

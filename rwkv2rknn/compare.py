@@ -43,7 +43,8 @@ class Report:
         if self.prefill is not None:
             p = self.prefill
             s += (f"; prefill: top-1 {100 * p['top1_agreement']:.1f}%, max rel error "
-                  f"{p['max_rel']:.3g}, state drift {p['state_drift']:.3g}")
+                  f"{p['max_rel']:.3g}" + (f", state drift {p['state_drift']:.3g}"
+                                          if p.get("state_drift") is not None else ""))
         tol = self.tolerance
         if "min_top1" in tol:
             s += (f"; tolerance{' for ' + str(tol['precision']) if tol.get('precision') else ''}: "

@@ -67,10 +67,12 @@ def manifest_segment(ctx: Context, s: GraphSegment, out_dir: str, plan_only: boo
 
 
 def make_manifest(ctx: Context, out_dir: str, toolkit: str, plan_only: bool) -> Manifest:
-    facts = io.model_facts(ctx.source)
+    facts = {**ctx.facts, **io.model_facts(ctx.source)}
     model = dict(ctx.shape)
-    model.update(arch=ctx.arch, source=ctx.source,
+    model.update(arch=ctx.arch, source=ctx.source, layout=ctx.layout,
                  source_dtype=facts.get("dtype", "unknown"))
+    if facts.get("source_state"):  # a whole-model file: how `check` threads its state
+        model["source_state"] = facts["source_state"]
     return Manifest(model=model,
                     segments=tuple(manifest_segment(ctx, s, out_dir, plan_only) for s in ctx.segments),
                     state=tuple(ctx.state),
@@ -93,6 +95,7 @@ def compile_model(model_path: str, out_dir: str, options: Optional[Options] = No
     if dump_after and dump_after not in passes.PASS_NAMES:
         raise UsageError(f"unknown pass '{dump_after}' for --dump-after",
                          f"use one of {', '.join(passes.PASS_NAMES)}")
+    io.check_out_dir(os.path.abspath(out_dir), MANIFEST, force)  # before minutes of passes
     toolkit, calib_ids = "", None
     if options.plan_only and options.quant != "fp16":
         raise UsageError(f"--quant {options.quant} is measured on .rknn builds, which --plan-only skips",
@@ -236,9 +239,9 @@ def plan_report(ctx: Context, manifest: Manifest) -> dict:
 def whole_graph(model_path: str):
     """The model as one graph, not partitioned: load, keep_fp32, state and normalize_matmul.
     Returns (serialized ONNX, token input, logits output, [(state input, state output)])."""
-    from rwkv2rknn.passes import keep_fp32, load, normalize_matmul, state
+    from rwkv2rknn.passes import canonicalize, keep_fp32, load, normalize_matmul, recognize, state
     ctx = load.run(model_path)
-    for p in (keep_fp32, state, normalize_matmul):
+    for p in (canonicalize, recognize, keep_fp32, state, normalize_matmul):
         p.run(ctx)
     return (export(ctx.graph).SerializeToString(), ctx.token_input, ctx.logits_output,
             [(s.input, s.output) for s in ctx.state])

@@ -37,7 +37,8 @@ def bits_per_byte(model, tokenizer, text: str, chunk: int = 64) -> Score:
     """Score ``text``: the model reads token i and is charged -log2 p(token i+1)."""
     ids = tokenizer.encode(text)
     if len(ids) < 2:
-        raise ValueError("the text is too short to score (fewer than 2 tokens)")
+        raise BadInput(f"the text is too short to score ({len(ids)} token(s), at least 2 needed)",
+                       "give a longer text file")
     state = model.init_state()
     if hasattr(model, "prefill"):
         logits = model.prefill(ids[:-1], state, chunk=chunk)

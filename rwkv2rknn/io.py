@@ -152,6 +152,18 @@ def model_facts(path: str) -> dict:
     return {}
 
 
+def check_out_dir(final: str, marker: str, force: bool = False) -> None:
+    """Refuse an output folder ``atomic_dir`` would refuse: one that is not a folder, or holds
+    other files (no ``marker`` of an earlier output) without ``force``. Commands call it before
+    any work, so a long job does not fail at its end."""
+    if os.path.exists(final):
+        if not os.path.isdir(final):
+            raise BadInput(f"'{final}' exists and is not a folder", "choose another output path")
+        if os.listdir(final) and not os.path.exists(os.path.join(final, marker)) and not force:
+            raise BadInput(f"output folder '{final}' holds other files",
+                           "choose an empty or new folder, or pass --force to replace it")
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str, marker: str, force: bool = False) -> Iterator[str]:
     """Yield a temporary folder beside ``final``; move it into place only if the body succeeds.
@@ -164,12 +176,7 @@ def atomic_dir(final: str, marker: str, force: bool = False) -> Iterator[str]:
     """
     final = os.path.abspath(final)
     _restore_interrupted(final)
-    if os.path.exists(final):
-        if not os.path.isdir(final):
-            raise BadInput(f"'{final}' exists and is not a folder", "choose another output path")
-        if os.listdir(final) and not os.path.exists(os.path.join(final, marker)) and not force:
-            raise BadInput(f"output folder '{final}' holds other files",
-                           "choose an empty or new folder, or pass --force to replace it")
+    check_out_dir(final, marker, force)
     parent = os.path.dirname(final)
     os.makedirs(parent, exist_ok=True)
     prefix = f".{os.path.basename(final)}.partial-"
@@ -253,3 +260,32 @@ def remove_quietly(path: str) -> None:
         os.unlink(path)
     except OSError:
         pass
+
+
+def save_onnx_file(model, path: str, external: bool = False, force: bool = False) -> None:
+    """Save a model as ``path`` (with ``external``: its weights in ``PATH.data`` beside it),
+    written under temporary names and renamed into place, so a failed or interrupted save
+    leaves nothing half-written. An existing file is replaced only with ``force``."""
+    onnx = _onnx()
+    path = os.path.abspath(path)
+    data = path + ".data"
+    if os.path.isdir(path):
+        raise BadInput(f"'{path}' is a folder", "give a file name ending in .onnx")
+    if os.path.exists(path) and not force:
+        raise BadInput(f"'{path}' exists", "choose another name, or pass --force to replace it")
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.partial-{os.getpid()}-", dir=folder)
+    try:
+        tmp_path = os.path.join(tmp, os.path.basename(path))
+        if external:
+            onnx.save_model(model, tmp_path, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=os.path.basename(data), size_threshold=1024)
+            os.replace(tmp_path + ".data", data)
+        else:
+            onnx.save_model(model, tmp_path)
+            if os.path.exists(data) and force:
+                os.unlink(data)  # an older export's weights, no longer read
+        os.replace(tmp_path, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

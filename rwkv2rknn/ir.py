@@ -129,6 +129,11 @@ class Context:
     node_device: Dict[str, str] = field(default_factory=dict)  # node -> "npu"/"cpu" (partition)
     segments: List[GraphSegment] = field(default_factory=list)  # partition, cut, sequence, build
     report: List[str] = field(default_factory=list)
+    layout: str = ""  # the file layout the loader or recognize found (said in the plan)
+    # what a single source file says about itself (dtype, tokenizer, its state pairs), for the manifest
+    facts: Dict[str, object] = field(default_factory=dict)
+    # values of Constant nodes nothing reads, by name (load; recognize takes initial states from them)
+    unread_constants: Dict[str, np.ndarray] = field(default_factory=dict)
     _profile: Optional[DeviceProfile] = field(default=None, init=False, repr=False)
 
     @property

@@ -77,6 +77,7 @@ class StateSlot:
     output: str
     accumulator: bool = False
     shape: Tuple[int, ...] = ()
+    init: float = 0.0  # the value every element starts from (RWKV-4's pp: -1e30 in some files)
 
     def dims(self, width: int) -> Tuple[int, ...]:
         return tuple(self.shape) or (width,)
@@ -119,7 +120,8 @@ class Manifest:
             state = tuple(StateSlot(int(_get(s, "layer", int)), _get(s, "row", str),
                                     _get(s, "input", str), _get(s, "output", str),
                                     bool(s.get("accumulator", False)),
-                                    tuple(int(x) for x in s.get("shape", []) or []))
+                                    tuple(int(x) for x in s.get("shape", []) or []),
+                                    float(s.get("init", 0.0)))
                           for s in _list(d, "state"))
             m = cls(model=_get(d, "model", dict), segments=segs, state=state,
                     token_input=_get(d, "token_input", str), logits_output=_get(d, "logits_output", str),

@@ -11,6 +11,7 @@ import contextlib
 import io as _io
 import logging
 import os
+import re
 import sys
 import tempfile
 
@@ -124,13 +125,24 @@ def build_in_process(onnx_path: str, target: str = "rk3588", rknn_out: str = "",
             except Exception as e:  # the toolkit reports some failures as exceptions
                 rk.release()
                 raise ToolkitError(f"rknn-toolkit2 {step} failed on {os.path.basename(onnx_path)} "
-                                   f"({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})",
+                                   f"({error_line(e)})",
                                    "the segment stays on the CPU; run with --verbose for the toolkit's log") from e
             if ret not in (0, None) and step != "config":
                 rk.release()
                 raise ToolkitError(f"rknn-toolkit2 {step} returned {ret} on {os.path.basename(onnx_path)}",
                                    "the segment stays on the CPU; run with --verbose for the toolkit's log")
     return rk
+
+
+def error_line(e: BaseException) -> str:
+    """The line of a toolkit exception that says what went wrong. rknn-toolkit2 puts a whole
+    traceback in the message of the ValueError it raises; the reason is its last
+    ``SomeError: ...`` line (with the lines that continue it)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    for k in range(len(lines) - 1, -1, -1):
+        if re.match(r"[A-Za-z_][\w.]*(Error|Exception): ", lines[k]):
+            return " ".join(lines[k:])[:240]
+    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
 
 
 def _absolute_dataset(dataset: str, folder: str) -> str:

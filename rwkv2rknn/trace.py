@@ -1,5 +1,4 @@
-"""Range tracing: run the compiler's graph (the whole model, or one stage of it at a time in a
-streaming compile) on sample tokens with ONNX Runtime (fp32).
+"""Range tracing: run the compiler's whole graph on sample tokens with ONNX Runtime (fp32).
 
 The fp16 range guard needs, for every tensor, its shape, dtype and the largest |value| it takes.
 ``trace`` exposes every variable tensor as a graph output, runs the tokens one step at a time
@@ -16,23 +15,21 @@ from rwkv2rknn.ir import Context, TensorInfo, export
 
 
 def _session(graph, tensor_filter=None):
-    """An onnxruntime session of ``graph`` with every variable tensor as an output."""
+    """An onnxruntime session of ``graph`` with every typed variable tensor as an output."""
     import onnx_graphsurgeon as gs
     from rwkv2rknn.runtime.ort import make_session
 
     graph = graph.copy()
+    # only typed tensors can be graph outputs (canonicalize types every tensor; an untyped one
+    # is not guessed, a wrong guess makes onnxruntime refuse the graph)
     wanted = [t for t in graph.tensors().values()
-              if isinstance(t, gs.Variable) and t not in graph.inputs and
+              if isinstance(t, gs.Variable) and t not in graph.inputs and t.dtype is not None and
               (tensor_filter is None or tensor_filter(t))]
     outs = list(graph.outputs)
     for t in wanted:
         if t not in outs:
-            t.dtype = t.dtype or None
             outs.append(t)
     graph.outputs = outs
-    for t in graph.outputs:
-        if t.dtype is None:
-            t.dtype = np.float32  # only used as a hint; onnxruntime infers the real type
     model = export(graph)
     del graph
     for o in model.graph.output:
@@ -60,25 +57,29 @@ def trace(ctx: Context, tokens: Sequence[int], names: Optional[List[str]] = None
     Returns, for every variable tensor, its shape, dtype and the largest |value| seen.
     Needs a graph whose inputs are the token and the state slots.
     """
+    from rwkv2rknn.runtime.ort import ORT_TYPES
+
     sess = _session(ctx.graph, tensor_filter)
-    in_types = {i.name: i.type for i in sess.get_inputs()}
     out_names = [o.name for o in sess.get_outputs()]
-    feeds = {}
+    feeds, token = {}, None
     rng = np.random.default_rng(ctx.options.seed)
-    for inp in sess.get_inputs():
-        if inp.name == ctx.token_input:
-            continue
+    init = {s.input: s.init for s in ctx.state}
+    for inp in sess.get_inputs():  # dtype and shape as the graph declares them
+        dtype = ORT_TYPES.get(inp.type, np.float32)
         shape = [int(d) if isinstance(d, int) else 1 for d in inp.shape]
-        if ctx.token_input:  # a whole model: states start at zero
-            feeds[inp.name] = np.zeros(shape, np.float32)
+        if inp.name == ctx.token_input:
+            token = (dtype, shape)
+        elif np.dtype(dtype).kind != "f":
+            feeds[inp.name] = np.zeros(shape, dtype)
+        elif ctx.token_input:  # a whole model: states start at their initial values
+            feeds[inp.name] = np.full(shape, init.get(inp.name, 0.0), dtype)
         else:  # a lone graph: seeded normal samples
-            feeds[inp.name] = rng.standard_normal(shape).astype(np.float32)
+            feeds[inp.name] = rng.standard_normal(shape).astype(dtype)
     state_pairs = [(s.input, s.output) for s in ctx.state] + list(ctx.whole_state.values())
     info: Dict[str, TensorInfo] = {}
     for tok in tokens:
-        tok_dtype = np.int64 if in_types.get(ctx.token_input) == "tensor(int64)" else np.int32
-        if ctx.token_input:
-            feeds[ctx.token_input] = np.array([tok], tok_dtype)
+        if token is not None:
+            feeds[ctx.token_input] = np.full(token[1], tok, token[0])
         values = dict(zip(out_names, sess.run(out_names, feeds)))
         values.update(feeds)
         _record(info, values)
@@ -94,13 +95,15 @@ def trace_steps(graph, steps: Sequence[Dict[str, np.ndarray]], state_pairs,
     previous stage made at that step); the stage's own state inputs start at zero and are
     threaded by ``state_pairs`` (input, output). Returns what ``trace`` returns, and the values
     of the ``keep`` tensors at every step (what the next stage is fed)."""
+    from rwkv2rknn.runtime.ort import ORT_TYPES
+
     sess = _session(graph)
     out_names = [o.name for o in sess.get_outputs()]
     feeds = {}
     for inp in sess.get_inputs():
         if not steps or inp.name not in steps[0]:
             shape = [int(d) if isinstance(d, int) else 1 for d in inp.shape]
-            feeds[inp.name] = np.zeros(shape, np.float32)
+            feeds[inp.name] = np.zeros(shape, ORT_TYPES.get(inp.type, np.float32))
     info: Dict[str, TensorInfo] = {}
     kept: Dict[str, list] = {k: [] for k in keep}
     for step in steps:

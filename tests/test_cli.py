@@ -127,16 +127,46 @@ def test_check_fails_outside_tolerance(fp32_plan_artifact, fp32_dir, small_sd, t
     (["compile", "MISSING", "-o", "OUT", "--plan-only"], 1, "does not exist"),
     (["compile", "ONNX", "-o", "OUT", "--dump-after", "nope", "--plan-only"], 2, "unknown pass"),
     (["export", "MISSING", "-o", "OUT"], 1, "does not exist"),
+    (["run", "ART", "--prompt", "hi", "--seed", "-5"], 2, "--seed"),
+    (["check", "ART", "--seed", "-1"], 2, "--seed"),
+    (["check", "ART", "--max-rel", "-1"], 2, "--max-rel"),
+    (["eval", "ART", "--text", "EMPTY", "--tokenizer", "bytes", "--backend", "ort"], 1, "too short"),
+    (["export", "PTH", "-o", "OUT.onnx", "--tokenizer", "NOTTOK"], 1, "tokenizer"),
+    # refused before any pass: the model is not even looked at
+    (["compile", "MISSING", "-o", "FOREIGN", "--plan-only"], 1, "holds other files"),
 ])
-def test_bad_usage_is_one_line(args, code, text, fp32_plan_artifact, fp32_dir, tmp_path):
+def test_bad_usage_is_one_line(args, code, text, fp32_plan_artifact, fp32_dir, small_pth, tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "tok.json").write_text("not a tokenizer")
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "keep.txt").write_text("x")
     subst = {"ART": fp32_plan_artifact, "MISSING": str(tmp_path / "nope"), "OUT": str(tmp_path / "o"),
-             "ONNX": fp32_dir}
+             "ONNX": fp32_dir, "EMPTY": str(tmp_path / "empty.txt"), "PTH": small_pth,
+             "NOTTOK": str(tmp_path / "tok.json"), "OUT.onnx": str(tmp_path / "o.onnx"),
+             "FOREIGN": str(tmp_path / "foreign")}
     r = sh(*[subst.get(a, a) for a in args])
     line = one_line_error(r, code) if code == 1 or "error:" in r.stderr else None
     assert r.returncode == code, r.stderr
     assert text in r.stderr, r.stderr
     if line:
-        assert len(line) < 300
+        assert len(line) < 300 and "internal error" not in line
+    assert not os.path.exists(tmp_path / "o.onnx")
+
+
+def test_a_full_disk_is_one_line(capsys):
+    import errno
+
+    from rwkv2rknn.cli.app import handle_errors
+
+    @handle_errors
+    def write():
+        raise OSError(errno.ENOSPC, "No space left on device", "/art/segments/s001.onnx")
+
+    with pytest.raises(SystemExit) as e:
+        write()
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 1 and len(err.splitlines()) == 1
+    assert err == "error: No space left on device (/art/segments/s001.onnx): free some space or write elsewhere"
 
 
 def test_debug_flag_shows_traceback(tmp_path):

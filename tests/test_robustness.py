@@ -515,7 +515,7 @@ def test_single_conv_file_compiles_as_a_lone_graph_and_run_refuses_it(bad, tmp_p
         env.update(OrtRunner(os.path.join(out, s.onnx), s.name).infer({k: env[k] for k in s.inputs}))
     want = OrtRunner(bad["conv_file"]).infer({"x": x})["y"]
     np.testing.assert_allclose(env["y"], want, rtol=1e-5, atol=1e-5)
-    error_line(cli("run", out, "--prompt", "hi", "--backend", "ort"), 1, "single ONNX graph", "compile the folder")
+    error_line(cli("run", out, "--prompt", "hi", "--backend", "ort"), 1, "single ONNX graph", "compile a whole model")
     error_line(cli("run", out, "--tokens", "1", "--backend", "ort"), 1, "single ONNX graph")
     error_line(cli("check", out, "--backend", "ort"), 1, "single ONNX graph")
 

@@ -50,7 +50,9 @@ def test_plan_puts_every_projection_on_the_npu(slot_models, version):
             recurrence_on_cpu += sum("/wkv." in n.name for n in model.graph.node)
     assert on_npu == sum(PROJECTIONS[version]) + 1  # and the head
     assert recurrence_on_cpu > 3 * 20  # the whole wkv step of each layer
-    assert m.npu_flop_share() == 1.0
+    # every projection is on the NPU (above); the share also counts the recurrence's MatMuls of
+    # two activations, which stay on the CPU, so it is honest about them
+    assert 0.5 < m.npu_flop_share() < 1.0
     layers = [r for r in m.per_layer() if r["stage"].startswith("L")]
     assert len(layers) == 3
     assert all(len(r["npu"]) <= 2 and len(r["cpu"]) <= 1 for r in layers), layers

@@ -7,6 +7,7 @@ library and print what it returns.
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
@@ -19,6 +20,7 @@ from rwkv2rknn.errors import Rwkv2RknnError, UsageError
 from rwkv2rknn.runtime.board import BACKENDS
 
 BACKEND = click.Choice(list(BACKENDS))
+SEED = click.IntRange(0, 2 ** 63 - 1)  # numpy's generators take no negative seed
 
 
 class _Ctx:
@@ -47,6 +49,14 @@ def handle_errors(fn):
             sys.exit(130)
         except (click.exceptions.Exit, click.ClickException, SystemExit):
             raise
+        except OSError as e:  # a full disk, a folder not writable, ...: the system's own words
+            if _Ctx.debug:
+                raise
+            where = f" ({e.filename})" if e.filename else ""
+            fix = ("free some space or write elsewhere" if e.errno == errno.ENOSPC else
+                   "check the path and its permissions")
+            click.echo(f"error: {e.strerror or type(e).__name__}{where}: {fix}", err=True)
+            sys.exit(1)
         except Exception as e:  # noqa: BLE001 - the last line of defence, still one line
             if _Ctx.debug:
                 raise

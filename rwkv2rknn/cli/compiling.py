@@ -12,28 +12,36 @@ from rwkv2rknn.errors import UsageError
 
 @cli.command()
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
-@click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False),
-              help="Folder to write embed.onnx, mixing_N.onnx and head.onnx into.")
+@click.option("-o", "--output", "out", required=True, type=click.Path(),
+              help="Folder to write embed.onnx, mixing_N.onnx and head.onnx into, or a file name "
+                   "ending in .onnx for one whole-model file.")
 @click.option("--fp32", is_flag=True, help="Keep float32 (default: float16, like the public files).")
 @click.option("--tokenizer", default=None,
               help="Tokenizer to record for the model: bytes, world, or a tokenizer.json path "
                    "(default: chosen from the vocabulary size).")
-@click.option("--force", is_flag=True, help="Replace an output folder that holds other files.")
+@click.option("--force", is_flag=True, help="Replace an output folder that holds other files (or an existing file).")
 @handle_errors
-def export(checkpoint: str, out_dir: str, fp32: bool, tokenizer, force: bool) -> None:
-    """Export an RWKV-4, 5.2, 6 or 7 CHECKPOINT (.pth) to per-layer ONNX files."""
+def export(checkpoint: str, out: str, fp32: bool, tokenizer, force: bool) -> None:
+    """Export an RWKV-4, 5.2, 6 or 7 CHECKPOINT (.pth) to per-layer ONNX files (or an RWKV-4 one
+    to one .onnx file)."""
     from rwkv2rknn.models.checkpoint import load_checkpoint
     from rwkv2rknn.models.export import arch_of, export as do_export
-    from rwkv2rknn.tokenizer import tokenizer_for_vocab
+    from rwkv2rknn.models.export import export_file
+    from rwkv2rknn.tokenizer import load_tokenizer, tokenizer_for_vocab
 
+    if tokenizer:
+        load_tokenizer(tokenizer)  # a file that is not a tokenizer fails here, before any work
     sd = load_checkpoint(checkpoint)
     arch, shape = arch_of(sd)
     tok = tokenizer or tokenizer_for_vocab(shape.vocab)
-    with click.progressbar(length=shape.layers + 2, label="exporting", file=sys.stderr) as bar:
-        do_export(sd, out_dir, fp32=fp32, tokenizer=tok, force=force,
-                  progress=lambda name: bar.update(1))
+    if out.endswith(".onnx"):
+        export_file(sd, out, fp32=fp32, tokenizer=tok, force=force)
+    else:
+        with click.progressbar(length=shape.layers + 2, label="exporting", file=sys.stderr) as bar:
+            do_export(sd, out, fp32=fp32, tokenizer=tok, force=force,
+                      progress=lambda name: bar.update(1))
     click.echo(f"exported RWKV-{arch.ARCH[4:]} {shape.layers} x {shape.width}, vocab {shape.vocab} "
-               f"({'fp32' if fp32 else 'fp16'}) to {out_dir}")
+               f"({'fp32' if fp32 else 'fp16'}) to {out}")
 
 
 def _options(**kw):

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from rwkv2rknn.cli.app import BACKEND, check_out_file, cli, handle_errors, say
+from rwkv2rknn.cli.app import BACKEND, SEED, check_out_file, cli, handle_errors, say
 from rwkv2rknn.errors import UsageError
 
 
@@ -41,7 +41,7 @@ def _check_prompt(prompt: str) -> None:
 @click.option("--temperature", type=click.FloatRange(0, 100), default=0.8, show_default=True,
               help="Sampling temperature (0: greedy).")
 @click.option("--top-p", type=click.FloatRange(0, 1), default=0.9, show_default=True, help="Nucleus sampling.")
-@click.option("--seed", type=int, default=None, help="Random seed for sampling.")
+@click.option("--seed", type=SEED, default=None, help="Random seed for sampling.")
 @click.option("--backend", type=BACKEND, default="auto",
               show_default=True, help="Where NPU segments run (CPU segments always use onnxruntime).")
 @click.option("--core-mask", default="auto", show_default=True,
@@ -104,15 +104,16 @@ def _print_generation(model, tok_spec, prompt, max_tokens, temperature, top_p, s
 @click.argument("artifact", type=click.Path())
 @click.option("--tokens", "n_tokens", type=click.IntRange(1, 4096), default=32, show_default=True,
               help="Seeded random tokens to teacher-force.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--backend", type=BACKEND, default="auto", show_default=True)
-@click.option("--reference", type=click.Path(file_okay=False), default=None,
-              help="Per-layer files to compare against (default: the ones the artifact was compiled from).")
+@click.option("--reference", type=click.Path(), default=None,
+              help="The source to compare against: per-layer folder or whole-model .onnx (default: "
+                   "the one the artifact was compiled from).")
 @click.option("--per-segment", is_flag=True, help="Also compare every NPU segment and T-row variant alone against its ONNX on onnxruntime.")
 @click.option("--min-top1", type=click.FloatRange(0, 1), default=None,
               help="Least share of steps whose top token agrees (default: 0.99; 0.85 with "
                    "w8a8 segments on an NPU backend).")
-@click.option("--max-rel", type=float, default=None,
+@click.option("--max-rel", type=click.FloatRange(0, None), default=None,
               help="Max logit error relative to the logit scale (default: 1e-4 for ort on fp32 "
                    "files, 0.05 for fp16 NPU segments, 0.25 with w8a8 ones).")
 @click.option("--text", "text_file", type=click.Path(dir_okay=False), default=None,
@@ -176,7 +177,7 @@ def eval_cmd(artifact, text_file, max_bytes, backend, tokenizer):
 @cli.command()
 @click.option("--prompt", default="The", show_default=True, help="Text to continue.")
 @click.option("--max-tokens", type=click.IntRange(1, 65536), default=200, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--backend", type=BACKEND, default="auto", show_default=True)
 @handle_errors
 def demo(prompt, max_tokens, seed, backend):

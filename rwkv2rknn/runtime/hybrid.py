@@ -68,7 +68,8 @@ class HybridModel:
         self.manifest = m = load_manifest(artifact)
         if not m.token_input or not m.logits_output:
             raise BadInput(f"'{artifact}' was compiled from a single ONNX graph, not a whole model",
-                           "compile the folder of per-layer files to run it")
+                           "compile a whole model (a per-layer folder, or one file with a token "
+                           "input, state and logits) to run it")
         self.backend = resolve_backend(backend)
         self._board = self.backend in BOARD_BACKENDS
         if self._board:
@@ -154,8 +155,11 @@ class HybridModel:
     # ------------------------------------------------------------------ stepping
 
     def init_state(self) -> np.ndarray:
-        """The zero state: [slots, width] if every slot is a row, else one flat buffer."""
+        """Every slot at its initial value (zero unless the model file said otherwise):
+        [slots, width] if every slot is a row, else one flat buffer."""
         buf = np.zeros(self._offsets[-1], np.float32)
+        for a, b, slot in zip(self._offsets, self._offsets[1:], self.slots):
+            buf[a:b] = slot.init
         return buf.reshape(len(self.slots), self.width) if self._rows_only else buf
 
     def slot_views(self, state: np.ndarray) -> List[np.ndarray]:

@@ -11,8 +11,9 @@ from rwkv2rknn.errors import BadInput
 
 log = logging.getLogger(__name__)
 
-_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
-          "tensor(int32)": np.int32, "tensor(int64)": np.int64, "tensor(double)": np.float64}
+ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
+             "tensor(int32)": np.int32, "tensor(int64)": np.int64, "tensor(double)": np.float64,
+             "tensor(bool)": np.bool_}
 
 
 def make_session(model, threads: int = 0, what: str = "model", prepack: bool = True):
@@ -67,7 +68,7 @@ class OrtRunner:
         self.session, self.note = make_session(model, threads=threads, what=name or "model")
         self.inputs: List[str] = [i.name for i in self.session.get_inputs()]
         self.outputs: List[str] = [o.name for o in self.session.get_outputs()]
-        self.input_types = {i.name: _TYPES.get(i.type, np.float32) for i in self.session.get_inputs()}
+        self.input_types = {i.name: ORT_TYPES.get(i.type, np.float32) for i in self.session.get_inputs()}
         self.input_shapes = {i.name: i.shape for i in self.session.get_inputs()}
 
     def infer(self, feed: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:

@@ -1,7 +1,8 @@
-"""Pure ONNX Runtime over the per-layer files: the reference every comparison is made against.
+"""Pure ONNX Runtime over the source files: the reference every comparison is made against.
 
-Steps ``embed -> mixing_0..L-1 -> head`` one token at a time from the zero state, exactly as
-the public demo does, in the files' own dtype (fp16 or fp32).
+``PerLayerModel`` steps ``embed -> mixing_0..L-1 -> head`` one token at a time from the zero
+state, exactly as the public demo does, in the files' own dtype (fp16 or fp32);
+``WholeFileModel`` steps a whole model in one file from its initial state.
 """
 
 from __future__ import annotations
@@ -173,5 +174,45 @@ class PerLayerModel:
 
     def logits(self, tokens: Sequence[int]) -> np.ndarray:
         """Teacher-forced logits [T, V] from the zero state."""
+        state = self.init_state()
+        return np.stack([self.step(int(t), state) for t in tokens])
+
+
+class WholeFileModel:
+    """A whole model in one .onnx file run by ONNX Runtime, one token a step: the reference for
+    artifacts compiled from such a file. ``source_state`` lists the file's (state input, state
+    output, initial value) as the compiler recognised them; the token and logits keep their
+    names in the artifact."""
+
+    def __init__(self, path: str, token: str, logits: str, source_state, threads: int = 0):
+        if not os.path.isfile(path):
+            raise BadInput(f"the model file the artifact was compiled from is not at '{path}'",
+                           "put it back, or compile the model again")
+        self.runner = OrtRunner(path, os.path.basename(path), threads)
+        self.token, self.logits_name = token, logits
+        self.pairs = [(str(i), str(o), float(v)) for i, o, v in source_state]
+        missing = [n for n in [token] + [i for i, _, _ in self.pairs] if n not in self.runner.inputs]
+        if missing or logits not in self.runner.outputs:
+            raise BadInput(f"'{path}' is not the model the artifact was compiled from "
+                           f"(no '{(missing or [logits])[0]}')", "compile the model again")
+        shapes = self.runner.input_shapes
+        self.token_shape = [d if isinstance(d, int) else 1 for d in shapes[token]]
+        self.state_shapes = {i: [d if isinstance(d, int) else 1 for d in shapes[i]] for i, _, _ in self.pairs}
+        out = self.runner.session.get_outputs()[self.runner.outputs.index(logits)]
+        self.vocab = int(out.shape[-1]) if out.shape and isinstance(out.shape[-1], int) else 0
+
+    def init_state(self) -> dict:
+        return {i: np.full(self.state_shapes[i], v, self.runner.input_types[i]) for i, _, v in self.pairs}
+
+    def step(self, token: int, state: dict) -> np.ndarray:
+        """Advance by one token; updates ``state`` in place and returns float32 logits [V]."""
+        feed = dict(state)
+        feed[self.token] = np.full(self.token_shape, token)
+        out = self.runner.infer(feed)
+        for i, o, _ in self.pairs:
+            state[i] = out[o]
+        return np.asarray(out[self.logits_name], np.float32).reshape(-1)
+
+    def logits(self, tokens: Sequence[int]) -> np.ndarray:
         state = self.init_state()
         return np.stack([self.step(int(t), state) for t in tokens])

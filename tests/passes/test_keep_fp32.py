@@ -2,7 +2,7 @@ import numpy as np
 from onnx import helper
 
 from helpers import const, ctx_from_onnx, model, run_ctx, vi
-from rwkv2rknn.passes import keep_fp32
+from rwkv2rknn.passes import canonicalize, keep_fp32
 
 
 def test_removes_cast_islands_and_fp16_constants():
@@ -14,6 +14,7 @@ def test_removes_cast_islands_and_fp16_constants():
     m = model(nodes, [vi("x", [4], 10)], [vi("y", [4], 10)],
               [const("w", np.array([1, -2, 3, -4], np.float16)), const("zero", np.float32(0))])
     ctx = ctx_from_onnx(m)
+    canonicalize.run(ctx)  # the precondition: every tensor typed
     keep_fp32.run(ctx)
     ops = [n.op for n in ctx.graph.nodes]
     assert ops == ["Mul", "Max"]
@@ -31,3 +32,20 @@ def test_fp32_graph_is_left_alone():
     keep_fp32.run(ctx)
     assert [n.op for n in ctx.graph.nodes] == ["Relu"]
     assert "nothing to change" in ctx.report[-1]
+
+
+def test_cast_of_an_integer_to_float_is_kept():
+    """Shape -> Gather -> Cast(to=FLOAT) -> Mul: the Cast turns an integer into a float, it stays
+    (also when the graph came without intermediate types: canonicalize types them first)."""
+    nodes = [helper.make_node("Shape", ["x"], ["s"], name="shape"),
+             helper.make_node("Gather", ["s", "zero_i"], ["n"], name="gather", axis=0),
+             helper.make_node("Cast", ["n"], ["nf"], name="cast", to=1),
+             helper.make_node("Mul", ["x", "nf"], ["y"], name="mul")]
+    m = model(nodes, [vi("x", ["width"])], [vi("y", ["width"])],
+              [const("zero_i", np.array(0, np.int64))])
+    ctx = ctx_from_onnx(m)
+    ctx.graph.inputs[0].shape = [3]  # as a loader pins the decode shape
+    canonicalize.run(ctx)
+    keep_fp32.run(ctx)
+    y = run_ctx(ctx, {"x": np.array([1, 2, 3], np.float32)})["y"]
+    np.testing.assert_array_equal(y, [3, 6, 9])

@@ -1,0 +1,360 @@
+"""canonicalize: one normal form of the graph, whichever exporter wrote the file.
+
+::
+
+    Shape -> Gather -> Unsqueeze -> Concat -+                      const shape -+
+    x ------------------------------------- Reshape        =>      x ---------- Reshape
+    Gemm(A, B, C; transA, transB, alpha, beta)            =>      MatMul(A', alpha B') -> Add(beta C)
+    LayerNormalization(x, w, b)                           =>      ReduceMean/Sub/Mul/ReduceMean/Add/Sqrt/Div/Mul/Add
+    ReduceMean(x[C])  (no axes)                           =>      ReduceMean(x, axes=[-1])
+    a -> Identity -> Identity -> b                        =>      a (named b when b is a graph output)
+
+The ONNX ecosystem does the work: ``onnx.version_converter`` brings every file to one opset
+(``OPSET``; opsets 13 to 18 differ in where ReduceMean, Split, Squeeze and Unsqueeze keep their
+axes; opset 18's reductions are brought down by hand), ``onnx.shape_inference`` gives every tensor a dtype and a shape once the graph inputs'
+symbolic dimensions are pinned to the decode shape, and onnx-graphsurgeon's ``fold_constants``
+(which evaluates with onnxruntime) folds shape arithmetic and every other constant subgraph,
+``Constant`` nodes included. What is left is rewritten by hand: Gemm to MatMul, the
+LayerNormalization op to the decomposed form the other passes know, reductions with explicit
+axes, and Identity nodes.
+
+Precondition: a loaded graph whose inputs have their decode shape where the layout fixes it (the
+loader pins those; any other symbolic dimension becomes 1). Postcondition: no Gemm, LayerNormalization or Identity (except an
+Identity between a graph input or constant and a graph output), every tensor typed, graph opset
+``OPSET``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Dict
+
+import numpy as np
+
+from rwkv2rknn.errors import BadInput, UnsupportedModel
+from rwkv2rknn.ir import Context, bypass, const_value, replace_uses
+
+NAME = "canonicalize"
+OPSET = 17
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------
+# on the ModelProto, file by file (the loader calls these)
+
+
+def to_opset(model, what: str = "the model"):
+    """``model`` at opset ``OPSET``: older files are upgraded by onnx.version_converter; opset 18
+    files are brought down by hand (``_from_opset18``: the reductions' axes input becomes their
+    attribute), since the converter's downgrade crashes the process on some reductions."""
+    from onnx import version_converter
+    version = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if version is None or version == OPSET:
+        return model
+    if not 13 <= version <= 18:
+        raise UnsupportedModel(f"{what} uses ONNX opset {version}",
+                               "export it again with an opset from 13 to 18")
+    if version == 18:
+        return _from_opset18(model, what)
+    try:
+        out = version_converter.convert_version(model, OPSET)
+    except Exception as e:  # noqa: BLE001 - the converter raises many kinds
+        raise UnsupportedModel(f"{what} (opset {version}) cannot be converted to opset {OPSET} "
+                               f"({str(e).splitlines()[0][:100]})",
+                               f"export it again with opset {OPSET}") from e
+    return out
+
+
+# ops whose opset 18 form differs from opset 17 in a way the graph may use
+_REDUCE18 = {"ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
+             "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare"}
+_CHANGED18 = {"Pad", "Resize", "ScatterElements", "ScatterND", "Split", "Col2Im", "CenterCropPad",
+              "BitwiseAnd", "BitwiseOr", "BitwiseXor", "BitwiseNot", "OptionalHasElement",
+              "OptionalGetElement", "GroupNormalization"}
+
+
+def _from_opset18(model, what: str):
+    """An opset 18 model at opset 17: reductions take their axes as an attribute again."""
+    from onnx import helper, numpy_helper
+    consts = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    for n in model.graph.node:
+        if n.op_type in _REDUCE18:
+            attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+            axes = n.input[1] if len(n.input) > 1 and n.input[1] else ""
+            if int(attrs.get("noop_with_empty_axes", 0)) or (axes and axes not in consts):
+                raise UnsupportedModel(f"{what} (opset 18) has a {n.op_type} with computed axes",
+                                       f"export it again with opset {OPSET}")
+            del n.input[1:]
+            keep = [a for a in n.attribute if a.name != "noop_with_empty_axes"]
+            del n.attribute[:]
+            n.attribute.extend(keep)
+            if axes:
+                n.attribute.append(helper.make_attribute("axes", [int(a) for a in consts[axes].reshape(-1)]))
+        elif n.op_type == "Split" and any(a.name == "num_outputs" for a in n.attribute) or \
+                n.op_type in _CHANGED18 - {"Split"} and n.op_type != "ScatterND":
+            raise UnsupportedModel(f"{what} (opset 18) uses {n.op_type} in its opset 18 form",
+                                   f"export it again with opset {OPSET}")
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            o.version = OPSET
+    return model
+
+
+def normalize_constant_nodes(model) -> None:
+    """Every Constant node holds a ``value`` tensor (value_float, value_ints, ... converted in
+    place with their ONNX types: float32 and int64)."""
+    from onnx import helper, numpy_helper
+    forms = {"value_float": np.float32, "value_floats": np.float32,
+             "value_int": np.int64, "value_ints": np.int64}
+    for node in model.graph.node:
+        if node.op_type != "Constant" or len(node.attribute) != 1:
+            continue
+        attr = node.attribute[0]
+        if attr.name in forms:
+            arr = np.asarray(helper.get_attribute_value(attr), forms[attr.name])
+            del node.attribute[:]
+            node.attribute.append(helper.make_attribute(
+                "value", numpy_helper.from_array(arr, node.output[0])))
+
+
+def dangling_constants(model) -> Dict[str, np.ndarray]:
+    """{output name: value} of Constant nodes that nothing reads (exporters keep initial states
+    this way), in node order."""
+    from onnx import numpy_helper
+    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    out = {}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.output[0] not in used and node.attribute and \
+                node.attribute[0].name == "value":
+            out[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    return out
+
+
+def file_facts(model) -> dict:
+    """What a file says of itself: 'dtype' (float16 if any graph input or output is) and the
+    metadata our one-file export writes ('tokenizer', 'arch')."""
+    from onnx import TensorProto
+
+    from rwkv2rknn.models.export import METADATA_PREFIX
+    io_types = {v.type.tensor_type.elem_type for v in list(model.graph.input) + list(model.graph.output)}
+    facts = {"dtype": "float16" if TensorProto.FLOAT16 in io_types else "float32"}
+    for p in model.metadata_props:
+        if p.key.startswith(METADATA_PREFIX) and p.value:
+            facts[p.key[len(METADATA_PREFIX):]] = p.value
+    return facts
+
+
+# --------------------------------------------------------------------------------------------
+# the pass
+
+
+def run(ctx: Context) -> None:
+    graph = ctx.graph
+    pinned = _pin_inputs(graph)
+    _infer_types(graph, os.path.basename(ctx.source) or "the model")
+    before = len(graph.nodes)
+    from onnx_graphsurgeon.logger import G_LOGGER
+    severity, G_LOGGER.severity = G_LOGGER.severity, G_LOGGER.ERROR
+    # partitioned: a subgraph onnxruntime refuses (an fp16 converter's mistyped Cast) is
+    # skipped, not the whole fold
+    partial = ""
+    try:
+        graph.fold_constants(fold_shapes=True, partitioning="basic", error_ok=True).cleanup()
+    except RecursionError:  # onnx-graphsurgeon's partitioning on a graph onnxruntime refuses
+        partial = "; constant folding partial (onnxruntime refuses part of the graph)"
+        graph.fold_constants(fold_shapes=True, error_ok=True).cleanup()
+    finally:
+        G_LOGGER.severity = severity
+    folded = before - len(graph.nodes)
+    gemms = sum(_gemm_to_matmul(graph, n) for n in list(graph.nodes) if n.op == "Gemm")
+    norms = sum(_decompose_layer_norm(graph, n) for n in list(graph.nodes)
+                if n.op == "LayerNormalization")
+    axes = sum(_explicit_axes(n) for n in graph.nodes if n.op in ("ReduceMean", "ReduceSum"))
+    idents = sum(n.op == "Identity" for n in graph.nodes)
+    for n in [n for n in graph.nodes if n.op == "Identity" and n.inputs and n.outputs]:
+        bypass(graph, n)
+    graph.cleanup().toposort()
+    idents -= sum(n.op == "Identity" for n in graph.nodes)
+    ctx.graph = graph
+    untyped = [t.name for t in graph.tensors().values() if t.dtype is None]
+    ctx.note(NAME, f"opset {OPSET}; {folded} nodes folded into constants; {gemms} Gemm -> MatMul; "
+                   f"{norms} LayerNormalization decomposed; {axes} reduction(s) given explicit axes; "
+                   f"{idents} Identity removed" + (f"; {pinned} symbolic dim(s) pinned" if pinned else "")
+                   + partial
+                   + (f"; {len(untyped)} tensor(s) without a type (first: {untyped[0]})"
+                      if untyped else ""))
+
+
+def _infer_types(graph, what: str) -> None:
+    """Every variable tensor gets the dtype and shape onnx shape inference gives it. Inference
+    runs on the graph exported with its big constants standing in as graph inputs of the same
+    type and shape (so the weights are not copied); a graph whose types do not agree is refused,
+    as onnxruntime would refuse it."""
+    import onnx_graphsurgeon as gs
+    from onnx import helper, shape_inference
+
+    from rwkv2rknn.ir import export
+    swaps = []  # (constant, stand-in input): the weights are neither loaded nor copied
+    for t in list(graph.tensors().values()):
+        if isinstance(t, gs.Constant) and int(np.prod(t.shape)) > 4096:
+            v = gs.Variable(t.name, dtype=t.dtype, shape=list(t.shape))
+            replace_uses(t, v)
+            swaps.append((t, v))
+    try:
+        model = export(gs.Graph(nodes=graph.nodes, inputs=graph.inputs + [v for _, v in swaps],
+                                outputs=graph.outputs, opset=graph.opset))
+    finally:
+        for t, v in swaps:
+            replace_uses(v, t)
+    del model.graph.value_info[:]
+    for o in model.graph.output:  # recomputed from the pinned inputs
+        o.type.tensor_type.ClearField("shape")
+    try:
+        model = shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+    except shape_inference.InferenceError as e:
+        msg = " ".join(str(e).split())
+        raise BadInput(f"{what} is not a valid ONNX graph ({msg[-200:]})",
+                       "export it again; onnxruntime refuses it too") from e
+    found = {}
+    for v in list(model.graph.value_info) + list(model.graph.output):
+        tt = v.type.tensor_type
+        if tt.elem_type:
+            dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                    for d in tt.shape.dim] if tt.HasField("shape") else None
+            found[v.name] = (helper.tensor_dtype_to_np_dtype(tt.elem_type), dims)
+    inputs = {t.name for t in graph.inputs}
+    for t in graph.tensors().values():
+        if isinstance(t, gs.Variable) and t.name not in inputs:
+            dtype, shape = found.get(t.name, (t.dtype, None))
+            t.dtype, t.shape = dtype, shape
+
+
+def _pin_inputs(graph) -> int:
+    """Symbolic dims of graph inputs the loader left open take the decode shape: 1 (one token,
+    batch 1)."""
+    n = 0
+    for t in graph.inputs:
+        if t.shape is not None and any(not isinstance(d, int) or d < 0 for d in t.shape):
+            n += sum(not isinstance(d, int) or d < 0 for d in t.shape)
+            t.shape = [d if isinstance(d, int) and d >= 0 else 1 for d in t.shape]
+    return n
+
+
+def _var(name, like, shape=None):
+    import onnx_graphsurgeon as gs
+    return gs.Variable(name, dtype=like.dtype, shape=shape if shape is not None else like.shape)
+
+
+def _gemm_to_matmul(graph, node) -> int:
+    """Y = alpha * A' @ B' + beta * C  ->  MatMul(A', alpha B') [+ Add(beta C)]; 1 if rewritten."""
+    import onnx_graphsurgeon as gs
+    a, b = node.inputs[0], node.inputs[1]
+    c = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
+    alpha, beta = float(node.attrs.get("alpha", 1.0)), float(node.attrs.get("beta", 1.0))
+    out = node.outputs[0]
+    base = node.name or out.name
+    new = []
+    if int(node.attrs.get("transA", 0)):
+        av = const_value(a)
+        if av is not None:
+            a = gs.Constant(f"{a.name}.T", np.ascontiguousarray(av.T))
+        else:
+            t = _var(f"{base}.a_t", a, list(reversed(a.shape)) if a.shape else None)
+            new.append(gs.Node("Transpose", name=f"{base}.transA", inputs=[a], outputs=[t],
+                               attrs={"perm": [1, 0]}))
+            a = t
+    bv = const_value(b)
+    scale_after = 1.0
+    if bv is not None:
+        bv = bv.T if int(node.attrs.get("transB", 0)) else bv
+        b = gs.Constant(f"{b.name}.gemm", np.ascontiguousarray((bv * alpha).astype(bv.dtype)
+                                                               if alpha != 1.0 else bv))
+    else:
+        if int(node.attrs.get("transB", 0)):
+            t = _var(f"{base}.b_t", b, list(reversed(b.shape)) if b.shape else None)
+            new.append(gs.Node("Transpose", name=f"{base}.transB", inputs=[b], outputs=[t],
+                               attrs={"perm": [1, 0]}))
+            b = t
+        scale_after = alpha
+    y = out if (c is None and scale_after == 1.0) else _var(f"{base}.mm", out)
+    new.append(gs.Node("MatMul", name=base, inputs=[a, b], outputs=[y]))
+    if scale_after != 1.0:
+        y2 = out if c is None else _var(f"{base}.scaled", out)
+        new.append(gs.Node("Mul", name=f"{base}.alpha", inputs=[y, _scalar(f"{base}.alpha_v", alpha, out)],
+                           outputs=[y2]))
+        y = y2
+    if c is not None:
+        cv = const_value(c)
+        if cv is not None:
+            c = gs.Constant(f"{c.name}.gemm", (cv * beta).astype(cv.dtype) if beta != 1.0 else cv)
+        elif beta != 1.0:
+            cs = _var(f"{base}.c_scaled", c)
+            new.append(gs.Node("Mul", name=f"{base}.beta", inputs=[c, _scalar(f"{base}.beta_v", beta, out)],
+                               outputs=[cs]))
+            c = cs
+        new.append(gs.Node("Add", name=f"{base}.bias", inputs=[y, c], outputs=[out]))
+    node.outputs.clear()
+    node.inputs.clear()
+    graph.nodes += new
+    return 1
+
+
+def _scalar(name: str, value: float, like):
+    import onnx_graphsurgeon as gs
+    return gs.Constant(name, np.array(value, like.dtype or np.float32))
+
+
+def _decompose_layer_norm(graph, node) -> int:
+    """LayerNormalization over the last axis -> the decomposed form; 1 if rewritten."""
+    import onnx_graphsurgeon as gs
+    x, out = node.inputs[0], node.outputs[0]
+    rank = len(x.shape) if x.shape is not None else None
+    axis = int(node.attrs.get("axis", -1))
+    if rank is None or axis not in (-1, rank - 1) or len(node.outputs) > 1 and any(
+            o.outputs for o in node.outputs[1:]):
+        return 0
+    eps = float(node.attrs.get("epsilon", 1e-5))
+    base = node.name or out.name
+    red = list(x.shape[:-1]) + [1]
+    mean, d, sq = _var(f"{base}.mean", x, red), _var(f"{base}.d", x), _var(f"{base}.dd", x)
+    var, ve, std = _var(f"{base}.var", x, red), _var(f"{base}.var_eps", x, red), _var(f"{base}.std", x, red)
+    y = _var(f"{base}.norm", x)
+    new = [gs.Node("ReduceMean", name=f"{base}.mean", inputs=[x], outputs=[mean], attrs={"axes": [-1]}),
+           gs.Node("Sub", name=f"{base}.sub", inputs=[x, mean], outputs=[d]),
+           gs.Node("Mul", name=f"{base}.square", inputs=[d, d], outputs=[sq]),
+           gs.Node("ReduceMean", name=f"{base}.var", inputs=[sq], outputs=[var], attrs={"axes": [-1]}),
+           gs.Node("Add", name=f"{base}.add_eps", inputs=[var, _scalar(f"{base}.eps", eps, x)], outputs=[ve]),
+           gs.Node("Sqrt", name=f"{base}.sqrt", inputs=[ve], outputs=[std]),
+           gs.Node("Div", name=f"{base}.div", inputs=[d, std], outputs=[y])]
+    scale = node.inputs[1]
+    bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
+    scaled = out if bias is None else _var(f"{base}.scaled", x)
+    new.append(gs.Node("Mul", name=f"{base}.scale", inputs=[y, scale], outputs=[scaled]))
+    if bias is not None:
+        new.append(gs.Node("Add", name=f"{base}.shift", inputs=[scaled, bias], outputs=[out]))
+    node.outputs.clear()
+    node.inputs.clear()
+    graph.nodes += new
+    return 1
+
+
+def _explicit_axes(node) -> int:
+    """Reductions name their axes (attribute for ReduceMean, input for ReduceSum at opset 17);
+    absent axes mean every axis, which on a vector is axis -1. 1 if changed."""
+    import onnx_graphsurgeon as gs
+    x = node.inputs[0]
+    if "axes" in node.attrs or (len(node.inputs) > 1 and node.inputs[1].name):
+        return 0
+    if int(node.attrs.get("noop_with_empty_axes", 0)) or x.shape is None:
+        return 0
+    axes = [-1] if len(x.shape) == 1 else list(range(len(x.shape)))
+    if node.op == "ReduceSum":
+        node.inputs.append(gs.Constant(f"{node.name}.axes", np.array(axes, np.int64)))
+    else:
+        node.attrs["axes"] = axes
+    return 1
+

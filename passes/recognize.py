@@ -1,0 +1,236 @@
+"""recognize: a whole model in one .onnx file: which input is the token, which inputs and outputs
+are the recurrent state (paired), which output is the logits.
+
+::
+
+    input_id (int64 [])  -> Cast int32->int64 <- token (int32 [1])   one token input form
+    state_{i}_{r} ........................ output_state_{i}_{r}      paired by name
+    L{i}/state_in [rows, C] .............. L{i}/state_out            whole per-layer state (unpacked by ``state``)
+    output [V]                                                       the one unpaired output: logits
+
+The token is the one integer input; whatever its form ([1], [] or [1, 1]; int32 or int64) the
+compiled graph takes int32 ``[1]`` under the same name and converts it for the nodes that read it.
+State inputs pair with outputs whose names are equal once the words in/input/out/output/new are
+dropped (``state_0_1`` ~ ``output_state_0_1``, ``L0/state_in`` ~ ``L0/state_out``), else by
+position among the rest with equal shapes. The graph says which entries are recurrence
+accumulators (a new value computed from its own old value: RWKV-4's aa, bb and pp) and which are
+token shifts (the new value does not read the old one). Row names come from the model
+description where the names match a known layout. Initial values come from Constant nodes that
+nothing reads, when the file has one per state input, else from the RWKV defaults. Nodes are
+named by stage (``embed/``, ``L{i}/``, ``head/``) from which layer's state they depend on.
+
+A file with no integer input is a single graph, not a whole model: compiled as it is.
+
+Precondition: canonicalize has run (every tensor typed). Postcondition: ``ctx.token_input``,
+``ctx.logits_output``, ``ctx.state`` (rows) or ``ctx.whole_state`` (per-layer tensors) set.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Dict, List, Tuple
+
+import numpy as np
+
+from rwkv2rknn.errors import UnsupportedModel
+from rwkv2rknn.ir import Context, StateSlot
+
+NAME = "recognize"
+_IO_WORDS = {"in", "input", "out", "output", "new", "next", "inp", "outp"}
+
+
+def run(ctx: Context) -> None:
+    from rwkv2rknn.models import rwkv4
+
+    if ctx.token_input or ctx.whole_state or ctx.state:
+        ctx.note(NAME, "layout already known from the loader")
+        return
+    graph = ctx.graph
+    ints = [t for t in graph.inputs if t.dtype is not None and np.dtype(t.dtype).kind in "iu"]
+    if len(ints) != 1:
+        ctx.note(NAME, f"a single graph, not a whole model ({len(ints)} integer inputs, a whole "
+                       f"model has one token input): compiled as it is; run and check need a whole model")
+        return
+    token = ints[0]
+    pairs, how = _pair(graph, [t for t in graph.inputs if t is not token])
+    rest = [t for t in graph.outputs if t.name not in {o for _, o in pairs}]
+    if len(rest) != 1:
+        raise UnsupportedModel(
+            f"cannot tell the logits among the unpaired outputs {[t.name for t in rest][:4]} "
+            f"(state inputs pair with outputs {how})",
+            "name each state output after its input (state_X -> output_state_X) and keep one other output")
+    logits = rest[0]
+    token = _normalize_token(graph, token)
+    ctx.token_input, ctx.logits_output = token.name, logits.name
+    tensors = graph.tensors()
+    layers: Dict[int, List[Tuple[int, str, str]]] = {}
+    for k, (i, o) in enumerate(pairs):
+        nums = [int(x) for x in re.findall(r"\d+", i)]
+        if not nums:
+            raise UnsupportedModel(f"state input '{i}' names no layer number",
+                                   "name state inputs with their layer, like state_{layer}_{row}")
+        layers.setdefault(nums[0], []).append((nums[1] if len(nums) > 1 else k, i, o))
+    layout = next((name for name, pat in rwkv4.LAYOUT_STATE_NAMES.items()
+                   if all(re.fullmatch(pat, i) for i, _ in pairs)), "")
+    width = 0
+    for layer, entries in sorted(layers.items()):
+        entries.sort()
+        shapes = {tuple(tensors[i].shape or ()) for _, i, _ in entries}
+        if len(entries) == 1 and len(next(iter(shapes))) == 2:  # one [rows, C] state tensor
+            ctx.whole_state[layer] = entries[0][1:]
+            width = int(tensors[entries[0][1]].shape[-1])
+            continue
+        rows = rwkv4.LAYOUT_ROWS.get(layout, ())
+        for pos, (r, i, o) in enumerate(entries):
+            row = rows[r] if r < len(rows) else f"s{r}"
+            dims = tuple(int(x) for x in tensors[i].shape or ())
+            ctx.state.append(StateSlot(layer, row, i, o, _reads_itself(tensors[o], tensors[i]),
+                                       dims if len(dims) > 1 else ()))
+            width = max(width, int(np.prod(tensors[i].shape or (1,))))
+    inits = _initial_values(ctx, tensors, rwkv4)
+    init_of = {s.input: s.init for s in ctx.state}
+    ctx.facts["source_state"] = [[i, o, init_of.get(i, 0.0)] for i, o in pairs]
+    n_layers = len(layers)
+    _name_stages(graph, ctx, n_layers)
+    acc = [s for s in ctx.state if s.accumulator]
+    rows_per_layer = len(ctx.state) // max(n_layers, 1)
+    arch = rwkv4.ARCH if ctx.whole_state or (
+        rows_per_layer == len(rwkv4.STATE_ROWS) and len(acc) == n_layers * len(rwkv4.ACCUMULATOR_ROWS)) \
+        else "rwkv"
+    ctx.arch = arch
+    ctx.shape = {"layers": n_layers, "width": width, "vocab": int(np.prod(logits.shape or (0,)))}
+    ctx.layout = layout or ("rwkv2rknn one-file" if ctx.whole_state else "whole model")
+    learned = ""
+    if ctx.state:
+        learned = (f"; per layer {rows_per_layer} state entries, {len(acc) // max(n_layers, 1)} "
+                   f"recurrence accumulator(s) ({', '.join(sorted({s.row for s in acc}))}) and "
+                   f"{rows_per_layer - len(acc) // max(n_layers, 1)} token shift(s), learned from the graph")
+        wrong = [s for s in ctx.state if layout and (s.row in rwkv4.ACCUMULATOR_ROWS) != s.accumulator]
+        if wrong:
+            learned += f"; {len(wrong)} entr(ies) disagree with the {layout} row names: the graph wins"
+    ctx.note(NAME, f"recognised the {ctx.layout} layout ({arch}): {n_layers} layers, width "
+                   f"{width}, vocab {ctx.shape['vocab']}; token '{token.name}', state paired {how}"
+                   f"{learned}; initial state {inits}")
+
+
+def _words(name: str) -> Tuple[str, ...]:
+    return tuple(w for w in re.split(r"[_./:\-]+", name.lower()) if w and w not in _IO_WORDS)
+
+
+def _pair(graph, state_ins):
+    """[(input name, output name)] and how they were paired."""
+    outs = list(graph.outputs)
+    by_words: Dict[Tuple[str, ...], list] = {}
+    for o in outs:
+        by_words.setdefault(_words(o.name), []).append(o)
+    pairs, left = [], []
+    for i in state_ins:
+        match = by_words.get(_words(i.name), [])
+        if len(match) == 1 and match[0].name != i.name:
+            pairs.append((i.name, match[0].name))
+        else:
+            left.append(i)
+    how = "by name"
+    if left:  # by position among the unpaired outputs of the same shape
+        taken = {o for _, o in pairs}
+        free = [o for o in outs if o.name not in taken]
+        for i in left:
+            same = [o for o in free if list(o.shape or []) == list(i.shape or [])]
+            if not same:
+                raise UnsupportedModel(f"state input '{i.name}' has no output of its shape to pair with",
+                                       "give each state input an output of the same shape")
+            pairs.append((i.name, same[0].name))
+            free.remove(same[0])
+        how = "by name" if len(left) < len(state_ins) else "by position"
+        how = f"{how} ({len(left)} by position)" if 0 < len(left) < len(state_ins) else how
+    return pairs, how
+
+
+def _reads_itself(out, inp) -> bool:
+    """Does the new value ``out`` depend on the old value ``inp``? (a recurrence accumulator)"""
+    stack, seen = [out], set()
+    while stack:
+        t = stack.pop()
+        if t is inp:
+            return True
+        for node in t.inputs:
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
+            stack.extend(node.inputs)
+    return False
+
+
+def _normalize_token(graph, token):
+    """The token input becomes int32 [1] (same name); nodes that read it get its old form."""
+    import onnx_graphsurgeon as gs
+    from onnx import helper
+    shape, dtype = list(token.shape or []), np.dtype(token.dtype)
+    if shape == [1] and dtype == np.int32:
+        return token
+    readers = [n for n in graph.nodes if token in n.inputs]
+    new = gs.Variable(token.name, dtype=np.int32, shape=[1])
+    token.name += ".src"
+    x = new
+    if dtype != np.int32:
+        y = gs.Variable(f"{new.name}.cast", dtype=dtype, shape=[1])
+        graph.nodes.append(gs.Node("Cast", name=f"{new.name}.to_{dtype.name}", inputs=[x], outputs=[y],
+                                   attrs={"to": helper.np_dtype_to_tensor_dtype(dtype)}))
+        x = y
+    if shape != [1]:
+        y = gs.Variable(f"{new.name}.reshaped", dtype=dtype, shape=shape)
+        graph.nodes.append(gs.Node("Reshape", name=f"{new.name}.reshape", inputs=[
+            x, gs.Constant(f"{new.name}.shape", np.array(shape, np.int64))], outputs=[y]))
+        x = y
+    for n in readers:
+        n.inputs = [x if t is token else t for t in n.inputs]
+    graph.inputs[graph.inputs.index(token)] = new
+    graph.cleanup().toposort()
+    return new
+
+
+def _initial_values(ctx: Context, tensors, rwkv4) -> str:
+    """Set each slot's initial value; say where they came from."""
+    dangling = [np.asarray(v) for v in ctx.unread_constants.values()]
+    slots = ctx.state
+    fits = len(dangling) == len(slots) and all(
+        int(d.size) == int(np.prod(tensors[s.input].shape or (1,))) for d, s in zip(dangling, slots))
+    if slots and fits and all(np.all(d == d.reshape(-1)[0]) for d in dangling):
+        for k, (d, s) in enumerate(zip(dangling, slots)):
+            slots[k] = StateSlot(s.layer, s.row, s.input, s.output, s.accumulator, s.shape,
+                                 init=float(d.reshape(-1)[0]))
+        where = "from the file's unread Constant nodes"
+    else:
+        for k, s in enumerate(slots):
+            slots[k] = StateSlot(s.layer, s.row, s.input, s.output, s.accumulator, s.shape,
+                                 init=float(rwkv4.RWKV_INIT.get(s.row, 0.0)))
+        where = "RWKV defaults (the file carries none)"
+    if not slots:
+        return "all zero (per-layer state tensors)"
+    nonzero = sorted({f"{s.row}={s.init:g}" for s in slots if s.init})
+    return where + (f": {', '.join(nonzero)}" if nonzero else ", all zero")
+
+
+def _name_stages(graph, ctx: Context, n_layers: int) -> None:
+    """Prefix node names with their stage unless the file already names them so."""
+    from rwkv2rknn.ir import stage_of
+    valid = {"embed", "head"} | {f"L{i}" for i in range(n_layers)}
+    if all(stage_of(n.name) in valid for n in graph.nodes):
+        return
+    layer_of_input = {s.input: s.layer for s in ctx.state}
+    layer_of_input.update({i: layer for layer, (i, _) in ctx.whole_state.items()})
+    state_outs = {s.output for s in ctx.state} | {o for _, o in ctx.whole_state.values()}
+    up: Dict[int, int] = {}
+    for n in graph.nodes:  # toposorted: the deepest layer whose state reaches the node
+        level = max([layer_of_input.get(t.name, -1) for t in n.inputs] +
+                    [up[id(p)] for t in n.inputs for p in t.inputs], default=-1)
+        up[id(n)] = level
+    feeds_state = set()
+    for n in reversed(graph.nodes):
+        if any(t.name in state_outs or any(id(c) in feeds_state for c in t.outputs) for t in n.outputs):
+            feeds_state.add(id(n))
+    for k, n in enumerate(graph.nodes):
+        level = up[id(n)]
+        stage = "embed" if level < 0 else (
+            "head" if level == n_layers - 1 and id(n) not in feeds_state else f"L{level}")
+        n.name = f"{stage}/{n.name or f'{n.op}_{k}'}"
