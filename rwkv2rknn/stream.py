@@ -120,7 +120,7 @@ class _Stream:
         if stage.startswith("L"):
             i = int(stage[1:])
             sctx.whole_state = {i: (f"L{i}/state_in", f"L{i}/state_out")}
-        for mod in (p.keep_fp32, p.state, p.normalize_matmul):
+        for mod in self.before_trace():  # canonicalize ... normalize_matmul, as one graph has them
             mod.run(sctx)
         if stage == "embed":
             tok_type = np.int64 if np.dtype(g.inputs[0].dtype or np.int64) == np.int64 else np.int32
@@ -145,6 +145,11 @@ class _Stream:
             self.notes.setdefault(name, []).append(f"{stage}: {msg}")
         self.outputs |= {t.name for t in g.outputs[1:]} | ({"logits"} if stage == "head" else set())
         return out
+
+    def before_trace(self):
+        """The pipeline's passes before the range guard (whose trace a stage does itself)."""
+        pipeline = list(self.p.GRAPH_PIPELINE)
+        return pipeline[:pipeline.index(self.p.fp16_guard)]
 
     # ------------------------------------------------------------------------ the window
 
