@@ -122,6 +122,7 @@ class _Stream:
             sctx.whole_state = {i: (f"L{i}/state_in", f"L{i}/state_out")}
         for mod in self.before_trace():  # canonicalize ... normalize_matmul, as one graph has them
             mod.run(sctx)
+        g = sctx.graph
         if stage == "embed":
             tok_type = np.int64 if np.dtype(g.inputs[0].dtype or np.int64) == np.int64 else np.int32
             tokens = p.fp16_guard.sample_tokens(sctx)
@@ -144,7 +145,7 @@ class _Stream:
             name, _, msg = line.partition(": ")
             self.notes.setdefault(name, []).append(f"{stage}: {msg}")
         self.outputs |= {t.name for t in g.outputs[1:]} | ({"logits"} if stage == "head" else set())
-        return out
+        return g, out
 
     def before_trace(self):
         """The pipeline's passes before the range guard (whose trace a stage does itself)."""
@@ -251,7 +252,7 @@ class _Stream:
         os.makedirs(os.path.join(self.out_dir, "segments"), exist_ok=True)
         for k, (stage, path, io_names) in enumerate(self.stages):
             g = self.load(stage, path, io_names)
-            out = self.stage_passes(stage, g)
+            g, out = self.stage_passes(stage, g)
             self.add(g, out)
             del g
             made = self.flush(k == n - 1, stage)
