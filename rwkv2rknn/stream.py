@@ -75,7 +75,7 @@ class _Stream:
                        [(f"L{i}", p, rwkv4.BLOCK_IO) for i, p in enumerate(block_ps)] +
                        [("head", head_p, rwkv4.HEAD_IO)])
         self.ctx = Context(graph=None, source=os.path.abspath(folder), arch=rwkv4.ARCH,
-                           shape={"layers": len(block_ps), "width": None, "vocab": None},
+                           layout="per-layer", shape={"layers": len(block_ps), "width": None, "vocab": None},
                            options=options)
         self.ctx.profile  # a bad --profile fails before any work
         self.window: List = []  # nodes not yet in a written segment, in run order
