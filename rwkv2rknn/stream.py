@@ -75,8 +75,8 @@ class _Stream:
                        [(f"L{i}", p, rwkv4.BLOCK_IO) for i, p in enumerate(block_ps)] +
                        [("head", head_p, rwkv4.HEAD_IO)])
         self.ctx = Context(graph=None, source=os.path.abspath(folder), arch=rwkv4.ARCH,
-                           layout="per-layer", shape={"layers": len(block_ps), "width": None, "vocab": None},
-                           options=options)
+                           layout="per-layer", options=options,
+                           shape={"layers": len(block_ps), "width": None, "vocab": None})
         self.ctx.profile  # a bad --profile fails before any work
         self.window: List = []  # nodes not yet in a written segment, in run order
         self.outputs = set()  # names of the model's outputs (state rows, logits)
