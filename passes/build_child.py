@@ -95,8 +95,10 @@ def build_child(onnx_path: str, rknn_path: str, target: str, verbose: bool,
             return "the toolkit's process exited without writing the .rknn"
         # the child's last line is the toolkit's error; Python's warnings are not the reason
         lines = [ln for ln in (err or "").splitlines() if ln.strip() and "Warning: " not in ln]
-        last = said or (lines[-1].strip()[:240] if lines else "no message")
-        return f"the toolkit's process exited with {proc.returncode} ({last})"
+        last = lines[-1].strip()[:240] if lines else ""
+        if said and said not in last:  # the child's own line and the toolkit log's last error
+            last = f"{last}; toolkit: {said}" if last else said
+        return f"the toolkit's process exited with {proc.returncode} ({last or 'no message'})"
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

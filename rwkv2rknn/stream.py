@@ -266,7 +266,13 @@ class _Stream:
         return self.ctx
 
     def summarise(self) -> None:
+        from rwkv2rknn.models import rwkv4
         ctx, segs = self.ctx, self.written
+        layers = ctx.shape["layers"]
+        ctx.note("load", f"recognised per-layer {ctx.arch} files ({rwkv4.EMBED_FILE}, "
+                         f"{rwkv4.BLOCK_FILE.format(0)}..{rwkv4.BLOCK_FILE.format(layers - 1)}, "
+                         f"{rwkv4.HEAD_FILE}): {layers} layers, width {ctx.shape['width']}, vocab "
+                         f"{ctx.shape['vocab']}; streamed one stage at a time")
         for name, lines in self.notes.items():  # every stage's note, pass by pass
             for line in lines:
                 ctx.note(name, line)
