@@ -27,6 +27,7 @@ from rwkv2rknn.errors import BadInput, NumericalError, UsageError
 from rwkv2rknn.plan import MANIFEST, Manifest, sha256_file
 
 from rwkv2rknn.runtime.board import BACKENDS, BOARD_BACKENDS
+from rwkv2rknn.runtime.rows import RowStep, check_finite, pad
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +181,7 @@ class HybridModel:
         for runner, is_npu, seg in zip(self.runners, self._npu, m.segments):
             outs = runner.infer({k: env[k] for k in seg.inputs})
             if is_npu:
-                _check_finite(seg, runner, outs)
+                check_finite(seg, runner, outs)
             env.update(outs)
         for view, slot in zip(views, self.slots):
             view[...] = np.asarray(env[slot.output], np.float32).reshape(view.shape)
@@ -281,11 +282,11 @@ class HybridModel:
                 # a fixed-row build takes the smallest row count that fits; the extra rows are
                 # padding at the end, which earlier rows never see (each row reads only earlier ones)
                 t = min((r for r in rows if r >= n), default=n) if rows else n
-                feed = {k: (views[slot_index[k]] if k in slot_index else _pad(env[k], t))
+                feed = {k: (views[slot_index[k]] if k in slot_index else pad(env[k], t))
                         for k in seg.inputs}
                 outs = seq_runner.infer(feed)
                 if seg.backend == "npu":
-                    _check_finite(seg, seq_runner, outs, "during prefill")
+                    check_finite(seg, seq_runner, outs, "during prefill")
                 for name, value in outs.items():
                     env[name] = np.asarray(value, np.float32).reshape(t, -1)[:n]
                 continue
@@ -306,7 +307,7 @@ class HybridModel:
                         feed[k] = env[k][t].reshape(seg.shapes[k])
                 outs = runner.infer(feed)
                 if seg.backend == "npu":
-                    _check_finite(seg, runner, outs)
+                    check_finite(seg, runner, outs)
                 for name, value in outs.items():
                     rows[name].append(np.asarray(value, np.float32).reshape(-1))
             for name, values in rows.items():
@@ -337,48 +338,6 @@ class HybridModel:
     def close(self) -> None:
         for r in self.runners + [r for r in (self._seq or []) if r is not None]:
             r.close()  # closing a shared runner twice is harmless
-
-
-def _check_finite(seg, runner, outs, phase: str = "") -> None:
-    """An NPU segment's outputs are finite, or a NumericalError naming the segment."""
-    for name, value in outs.items():
-        if not np.isfinite(value).all():
-            backend = getattr(runner, "backend", "?")
-            hint = ("the model's own numbers overflow even in fp32; check the checkpoint"
-                    if backend == "ort" else
-                    "values left fp16's range on the NPU; compile again with more --range-tokens, "
-                    "or run with --backend ort to confirm")
-            raise NumericalError(f"segment {seg.name} ({backend}) produced NaN/inf in '{name}'"
-                                 + (f" {phase}" if phase else ""), hint)
-
-
-class RowStep:
-    """A token step on a T-row build: the token's row first, zero rows after it to make up
-    ``rows``; row 0 of every output is the step's result (rows only read earlier rows)."""
-
-    def __init__(self, runner, rows: int, row_inputs, shapes):
-        self.runner, self.rows, self.row_inputs = runner, rows, set(row_inputs)
-        self.shapes = shapes
-        self.backend, self.inputs, self.outputs = runner.backend, runner.inputs, runner.outputs
-        self.name = getattr(runner, "name", "")
-
-    def infer(self, feed: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-        args = {k: (_pad(np.asarray(v, np.float32).reshape(1, -1), self.rows)
-                    if k in self.row_inputs else v) for k, v in feed.items()}
-        outs = self.runner.infer(args)
-        return {k: np.asarray(v, np.float32).reshape(self.rows, -1)[0].reshape(self.shapes[k])
-                for k, v in outs.items()}
-
-    def close(self) -> None:
-        self.runner.close()
-
-
-def _pad(rows: np.ndarray, t: int) -> np.ndarray:
-    if rows.shape[0] == t:
-        return rows
-    out = np.zeros((t,) + rows.shape[1:], rows.dtype)
-    out[:rows.shape[0]] = rows
-    return out
 
 
 def m_target(model: HybridModel) -> str:
