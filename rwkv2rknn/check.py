@@ -52,10 +52,6 @@ class Tolerances:
                    max_segment_rel=1e-5 if backend == "ort" else (0.3 if int8 else 0.02))
 
 
-def default_tolerance(backend: str, source_dtype: str, precision: str = "fp16") -> float:
-    return Tolerances.default(backend, source_dtype, precision=precision).max_rel
-
-
 def artifact_precision(manifest) -> str:
     """The least precise build among the NPU segments: w8a8, w16a16i or fp16."""
     used = {p for s in manifest.segments if s.backend == "npu" for p in (s.precision, s.seq_precision)}
