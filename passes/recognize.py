@@ -34,6 +34,7 @@ import numpy as np
 
 from rwkv2rknn.errors import UnsupportedModel
 from rwkv2rknn.ir import Context, StateSlot
+from rwkv2rknn.passes import unstack
 
 NAME = "recognize"
 _IO_WORDS = {"in", "input", "out", "output", "new", "next", "inp", "outp"}
@@ -53,6 +54,8 @@ def run(ctx: Context) -> None:
         return
     token = ints[0]
     pairs, how = _pair(graph, [t for t in graph.inputs if t is not token])
+    source_pairs = list(pairs)
+    pairs, split_into = unstack.stacked_pairs(graph, pairs)
     rest = [t for t in graph.outputs if t.name not in {o for _, o in pairs}]
     if len(rest) != 1:
         raise UnsupportedModel(
@@ -82,7 +85,7 @@ def run(ctx: Context) -> None:
                                        dims if len(dims) > 1 else ()))
     inits = _initial_values(ctx, tensors, rwkv4)
     init_of = {s.input: s.init for s in ctx.state}
-    ctx.facts["source_state"] = [[i, o, init_of.get(i, 0.0)] for i, o in pairs]
+    ctx.facts["source_state"] = [[i, o, init_of.get(i, 0.0)] for i, o in source_pairs]
     n_layers = len(layers)
     _name_stages(graph, ctx, n_layers)
     acc = [s for s in ctx.state if s.accumulator]
@@ -105,9 +108,11 @@ def run(ctx: Context) -> None:
         wrong = [s for s in ctx.state if layout and (s.row in rwkv4.ACCUMULATOR_ROWS) != s.accumulator]
         if wrong:
             learned += f"; {len(wrong)} entr(ies) disagree with the {layout} row names: the graph wins"
+    stacked = "".join(f"; state '{i}' holds every layer's state: split into {n} pieces"
+                      for i, n in split_into.items())
     ctx.note(NAME, f"recognised the {ctx.layout} layout ({arch}): {n_layers} layers, width "
                    f"{width}, vocab {ctx.shape['vocab']}; token '{token.name}', state paired {how}"
-                   f"{learned}; initial state {inits}")
+                   f"{stacked}{learned}; initial state {inits}")
 
 
 def _module_of(arch):
@@ -168,17 +173,18 @@ def _layers(pairs, tensors) -> Dict[int, List[Tuple[int, str, str]]]:
 def _row_names(inputs, tensors) -> List[str]:
     """A name for each state entry of one layer: its input's name without numbers and the
     in/out words where those differ (``L0/att_shift`` -> att_shift), else by kind: the one
-    matrix state is ``wkv``, the vectors before it ``att_shift`` and after it ``ffn_shift``."""
+    matrix state is ``wkv``, the vectors around it ``att_shift`` and ``ffn_shift`` (one before,
+    one after), else ``shift{k}``."""
     names = ["_".join(w for w in _words(i) if not re.search(r"\d", w)) for i in inputs]
     if all(names) and len(set(names)) == len(names):
         return names
     kinds = [len(tensors[i].shape or ()) > 2 for i in inputs]
-    if kinds.count(True) == 1:
-        at = kinds.index(True)
-        names = [("att_shift" if k < at else "ffn_shift") if not m else "wkv" for k, m in enumerate(kinds)]
-        if len(set(names)) == len(names):
-            return names
-    return [f"s{k}" for k in range(len(inputs))]
+    if kinds.count(True) != 1:
+        return [f"s{k}" for k in range(len(inputs))]
+    at = kinds.index(True)
+    if len(kinds) == 3 and at == 1:
+        return ["att_shift", "wkv", "ffn_shift"]
+    return ["wkv" if m else f"shift{k}" for k, m in enumerate(kinds)]
 
 
 def _words(name: str) -> Tuple[str, ...]:
