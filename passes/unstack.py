@@ -121,14 +121,15 @@ def _reshaped(graph, t, shape, name: str):
 
 
 def stacked_pairs(graph, pairs) -> Tuple[List[Tuple[str, str]], Dict[str, int]]:
-    """``pairs`` with every stacked state ([1, R, C] read by pieces) split; and how many
-    pieces each split input became."""
+    """``pairs`` with every stacked state split (an input ``[1, R, C]`` whose name numbers no
+    layer, or that is read only by pieces); and how many pieces each split input became."""
+    import re
     tensors = graph.tensors()
     out, split_into = [], {}
     for i, o in pairs:
         shape = list(tensors[i].shape or [])
-        if len(shape) == 3 and shape[0] == 1 and all(n.op in ("Gather", "Slice", "ScatterND")
-                                                     for n in tensors[i].outputs):
+        if len(shape) == 3 and shape[0] == 1 and (not re.search(r"\d", i) or all(
+                n.op in ("Gather", "Slice", "ScatterND") for n in tensors[i].outputs)):
             new = split(graph, i, o)
             split_into[i] = len(new)
             out += new
