@@ -100,7 +100,7 @@ def split(graph, name_in: str, name_out: str) -> List[Tuple[str, str]]:
             want = [1, width] if node.op == "Gather" else [1, b - a, width]
             replace_uses(node.outputs[0], _reshaped(graph, upd, want, f"{node.name}.piece"))
         upd = next((n.inputs[2] for n, r in reversed(chain) if r == (a, b)), vin)
-        vout = _reshaped(graph, upd, piece, f"{name_out}.r{k}")
+        vout = _reshaped(graph, _unexpanded(upd, piece), piece, f"{name_out}.r{k}")
         new_in.append(vin)
         new_out.append(vout)
         pairs.append((vin.name, vout.name))
@@ -110,6 +110,19 @@ def split(graph, name_in: str, name_out: str) -> List[Tuple[str, str]]:
     graph.outputs[pos:pos + 1] = new_out
     graph.cleanup().toposort()
     return pairs
+
+
+def _unexpanded(t, piece):
+    """The value before the Reshapes and the Expand that only add unit axes (torch writes an
+    in-place update expanded to the index shape): the same numbers, and no broadcast to place."""
+    size = int(np.prod(piece))
+    while t.inputs and t.inputs[0].op in ("Expand", "Reshape"):
+        src = t.inputs[0].inputs[0]
+        dims = list(src.shape or [])
+        if not dims or not all(isinstance(d, int) for d in dims) or int(np.prod(dims)) != size:
+            break
+        t = src
+    return t
 
 
 def _reshaped(graph, t, shape, name: str):
