@@ -6,18 +6,28 @@ are the recurrent state (paired), which output is the logits.
     input_id (int64 [])  -> Cast int32->int64 <- token (int32 [1])   one token input form
     state_{i}_{r} ........................ output_state_{i}_{r}      paired by name
     L{i}/state_in [rows, C] .............. L{i}/state_out            whole per-layer state (unpacked by ``state``)
+    L{i}/wkv [H, N, N] ................... L{i}/wkv_out              named slots (RWKV-5.2/6/7)
+    state{3i+r}_in ....................... state{3i+r}_out           one flat index across the model
+    input_state [1, R, C] ................ out_state                 every layer in one tensor (``unstack``)
     output [V]                                                       the one unpaired output: logits
 
 The token is the one integer input; whatever its form ([1], [] or [1, 1]; int32 or int64) the
 compiled graph takes int32 ``[1]`` under the same name and converts it for the nodes that read it.
 State inputs pair with outputs whose names are equal once the words in/input/out/output/new are
 dropped (``state_0_1`` ~ ``output_state_0_1``, ``L0/state_in`` ~ ``L0/state_out``), else by
-position among the rest with equal shapes. The graph says which entries are recurrence
+position among the rest with equal shapes. A layer number is read from each state name; names
+that number every entry once (``state{3i+r}_in``) are split by the repeating pattern of shapes
+(one matrix state per layer); one input holding every layer's state is first split into its
+pieces (``unstack``). A new state of another shape but the same size as its input is reshaped
+to it. Entries are named from their input names (``att_shift``), else by kind (the matrix state
+``wkv``, the shifts around it). The graph says which entries are recurrence
 accumulators (a new value computed from its own old value: RWKV-4's aa, bb and pp) and which are
 token shifts (the new value does not read the old one). Row names come from the model
 description where the names match a known layout. Initial values come from Constant nodes that
 nothing reads, when the file has one per state input, else from the RWKV defaults. Nodes are
-named by stage (``embed/``, ``L{i}/``, ``head/``) from which layer's state they depend on.
+named by stage (``embed/``, ``L{i}/``, ``head/``) from which layer's state they depend on. The
+version comes from our export's metadata, else from the state: with a matrix state the ops that
+only feed the recurrence stay on the CPU with it (``ctx.cpu_recurrence_inputs``).
 
 A file with no integer input is a single graph, not a whole model: compiled as it is.
 

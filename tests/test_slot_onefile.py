@@ -77,6 +77,27 @@ def test_one_file_export_compiles_and_equals_the_rwkv_package(slot_models, one_f
     assert _rel(got, sm.reference[:TOKENS]) <= 1e-4
 
 
+def _segment_files(art):
+    m = HybridModel(art, backend="ort").manifest
+    return [(s.name, s.backend, s.sha256, s.seq_sha256) for s in m.segments]
+
+
+@pytest.mark.parametrize("version", ["7", "6"])
+def test_one_file_segments_are_the_per_layer_routes_byte_for_byte(slot_models, one_file, version,
+                                                                  tmp_path):
+    """The one-file route cuts the same segment files as the per-layer folder (fp32 and fp16
+    exports), so the per-layer route's NPU builds and simulator runs hold for it as well."""
+    sm = slot_models(version)
+    assert _segment_files(one_file(version)[1]) == _segment_files(sm.plan_artifact)
+    if version == "7":
+        src = str(tmp_path / "fp16.onnx")
+        r = CliRunner().invoke(cli, ["export", sm.dirs["pth"], "-o", src, "--tokenizer", "bytes"])
+        assert r.exit_code == 0, r.output
+        compile_model(src, str(tmp_path / "one"), PLAN)
+        compile_model(sm.dirs["fp16"], str(tmp_path / "folder"), PLAN)
+        assert _segment_files(str(tmp_path / "one")) == _segment_files(str(tmp_path / "folder"))
+
+
 def test_one_file_keeps_v_first_inside_the_graph(one_file):
     import onnx
     src, art = one_file("7")
