@@ -115,7 +115,7 @@ def test_one_file_check_passes_against_the_file(one_file):
     assert "PASS" in r.output
 
 
-@pytest.mark.parametrize("version,opset", [("7", 17), ("6", 18)])
+@pytest.mark.parametrize("version,opset", [("7", 17), ("6", 18), ("5", 17)])
 def test_per_entry_layout_of_the_mobile_exporters(slot_models, version, opset, tmp_path):
     """state{3i}_in [1, C], state{3i+1}_in [H, N, N], state{3i+2}_in [1, C]; token in [1, 1]
     int64; new states of other shapes ([1, 1, C], [1, H, N, N]); torch.onnx.export."""
