@@ -53,16 +53,19 @@ def _region(node, stacked_rank: int) -> Optional[Region]:
 
 def _uses(t, stacked_rank: int, chain: List[object], reads: List[Tuple[object, Region]]) -> str:
     """Walk the ScatterND chain from ``t``, collecting writes and reads; '' or what is wrong."""
+    writes = [n for n in t.outputs if n.op == "ScatterND"]
+    if len(writes) > 1:
+        return f"its in-place writes branch at '{t.name}'"
     for node in t.outputs:
         region = _region(node, stacked_rank)
-        if region is None:
+        if region is None or (node.op == "ScatterND" and node.inputs[0] is not t):
             return f"{node.op} node '{node.name}' uses it in another way"
-        if node.op == "ScatterND" and node.inputs[0] is t:
+        if node.op == "ScatterND":
             chain.append((node, region))
             why = _uses(node.outputs[0], stacked_rank, chain, reads)
             if why:
                 return why
-        elif node.op != "ScatterND":
+        else:
             reads.append((node, region))
     return ""
 
@@ -98,7 +101,8 @@ def split(graph, name_in: str, name_out: str) -> List[Tuple[str, str]]:
             at = position[id(node.inputs[0])]  # the piece as last written before this read
             upd = next((n.inputs[2] for n, r in reversed(chain[:at + 1]) if r == region), vin)
             want = [1, width] if node.op == "Gather" else [1, b - a, width]
-            replace_uses(node.outputs[0], _reshaped(graph, upd, want, f"{node.name}.piece"))
+            replace_uses(node.outputs[0], vin if upd is vin and want == piece else
+                         _reshaped(graph, upd, want, f"{node.name}.piece"))
         upd = next((n.inputs[2] for n, r in reversed(chain) if r == (a, b)), vin)
         vout = _reshaped(graph, _unexpanded(upd, piece), piece, f"{name_out}.r{k}")
         new_in.append(vin)
