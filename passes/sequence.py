@@ -27,7 +27,7 @@ from typing import Optional
 
 import numpy as np
 
-from rwkv2rknn.ir import Context, GraphSegment, const_value, export, replace_uses
+from rwkv2rknn.ir import Context, GraphSegment, const_value, export, replace_uses, toposort_chains
 
 NAME = "sequence"
 _ROWWISE = {"Add", "Sub", "Mul", "Div", "Relu", "Sigmoid", "Sqrt", "Neg", "Tanh", "Abs", "Pow",
@@ -100,7 +100,8 @@ def _variant(ctx: Context, seg: GraphSegment):
     for t in g.outputs:
         k = int(np.prod([d for d in t.shape])) if t.shape else 1
         t.shape = ["T", k]
-    g.cleanup().toposort()
+    g.cleanup()
+    toposort_chains(g)  # the toolkit's LayerNorm fusion wants each LayerNorm in one run
     model = export(g)
     del model.graph.value_info[:]
     return model

@@ -194,6 +194,37 @@ def bypass(graph, node) -> None:
     node.inputs.clear()
 
 
+def toposort_chains(graph) -> None:
+    """Order ``graph.nodes`` topologically, depth first: a node comes right after the last
+    input it waits for whenever it can, so a chain such as a decomposed LayerNorm stays in one
+    run of nodes (ties keep the current order). rknn-toolkit2 2.5.0 matches LayerNorm on
+    neighbouring nodes: with an unrelated node between the ReduceMean and its Sub it fuses the
+    inner part as an RMS norm, and a T-row build of a graph with a second LayerNorm after it
+    then fails inside the toolkit (IndexError in ``_p_remove_reshape_after_add``)."""
+    nodes = list(graph.nodes)
+    index = {id(n): i for i, n in enumerate(nodes)}
+    made_by = {id(t): n for n in nodes for t in n.outputs}
+    waits = {id(n): {id(made_by[id(t)]) for t in n.inputs if id(t) in made_by} for n in nodes}
+    readers: Dict[int, list] = {}
+    for n in nodes:
+        for p in waits[id(n)]:
+            readers.setdefault(p, []).append(n)
+    ready = [n for n in reversed(nodes) if not waits[id(n)]]  # the earliest on top
+    order = []
+    while ready:
+        n = ready.pop()
+        order.append(n)
+        now = []
+        for r in readers.get(id(n), []):
+            waits[id(r)].discard(id(n))
+            if not waits[id(r)]:
+                now.append(r)
+        ready += sorted(now, key=lambda r: -index[id(r)])
+    if len(order) != len(nodes):
+        raise ValueError("the graph has a cycle")
+    graph.nodes = order
+
+
 def layer_of(node_name: str) -> Optional[int]:
     """Layer index of a node from the loader's name prefix ('L3/...'); None for embed/head."""
     if node_name.startswith("L") and "/" in node_name:
