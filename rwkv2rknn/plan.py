@@ -46,6 +46,7 @@ class Segment:
     seq_rknn: Optional[str] = None  # its NPU build, one graph per row count in seq_rows
     seq_rknn_sha256: str = ""
     seq_rows: Tuple[int, ...] = ()
+    seq_fallback: str = ""  # why the T-row build failed (its prefill then runs token by token)
     precision: str = "fp16"  # of the .rknn: fp16, w8a8, w16a16i
     seq_precision: str = "fp16"
     accuracy: Dict[str, float] = field(default_factory=dict)  # quantised build vs fp32, held-out rows
@@ -212,11 +213,16 @@ class Manifest:
             hand /= self.prefill_rows
         return {"npu": npu, "cpu": cpu, "handoffs": hand, "total": npu + cpu + hand}
 
+    def warnings(self) -> List[str]:
+        """One line per NPU segment whose T-row build failed: its name and the toolkit's reason."""
+        return [f"{s.name}: its T-row build failed ({s.seq_fallback}); its prefill runs token by "
+                "token" for s in self.segments if s.seq_fallback]
+
     def table(self) -> str:
         lines = [f"{'segment':<28} {'runs on':<7} {'ops':>5} {'MatMuls':>7} {'MFLOP':>8}  "
                  f"{'precision':<16} stages"]
         for s in self.segments:
-            where = s.backend + ("*" if s.fallback else "")
+            where = s.backend + ("*" if s.fallback else "") + ("~" if s.seq_fallback else "")
             stages = s.stages[0] if len(s.stages) == 1 else f"{s.stages[0]}..{s.stages[-1]}"
             lines.append(f"{s.name:<28} {where:<7} {s.ops:>5} {s.matmuls:>7} "
                          f"{s.flops / 1e6:>8.2f}  {s.precision_label():<16} {stages}")
@@ -247,6 +253,9 @@ class Manifest:
         if any(s.fallback for s in self.segments):
             lines.append("* NPU candidate that fell back to the CPU: " + "; ".join(
                 f"{s.name}: {s.fallback}" for s in self.segments if s.fallback))
+        if any(s.seq_fallback for s in self.segments):
+            lines.append("~ T-row build failed, prefill runs token by token: " + "; ".join(
+                f"{s.name}: {s.seq_fallback}" for s in self.segments if s.seq_fallback))
         return "\n".join(lines)
 
 
@@ -299,6 +308,7 @@ def _segment(s) -> Segment:
                   seq_rknn=s.get("seq_rknn") if isinstance(s.get("seq_rknn"), str) else None,
                   seq_rknn_sha256=str(s.get("seq_rknn_sha256", "")),
                   seq_rows=tuple(int(r) for r in s.get("seq_rows", []) or []),
+                  seq_fallback=str(s.get("seq_fallback", "")),
                   precision=str(s.get("precision", "fp16")), seq_precision=str(s.get("seq_precision", "fp16")),
                   accuracy=_accuracy(s),
                   precision_note=str(s.get("precision_note", "")),

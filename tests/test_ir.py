@@ -50,3 +50,56 @@ def test_context_reads_its_profile_once_and_fails_on_a_bad_file(tmp_path):
     assert Context(graph=None).profile.name == "rk3588-published"
     with pytest.raises(BadInput, match="device profile"):
         Context(graph=None, options=Options(profile=str(good))).profile
+
+
+def test_toposort_chains_keeps_a_layernorm_in_one_run():
+    """rknn-toolkit2 2.5.0 fuses a decomposed LayerNorm only when its nodes are neighbours; a
+    source node placed between its ReduceMean and Sub made the toolkit fuse an RMS norm instead,
+    and a T-row build of RWKV-5.2/6/7's embed..L0 segment then failed inside the toolkit."""
+    import onnx_graphsurgeon as gs
+
+    from rwkv2rknn.ir import toposort_chains
+
+    def v(name):
+        return gs.Variable(name, np.float32, [4])
+
+    def c(name):
+        return gs.Constant(name, np.ones(4, np.float32))
+
+    x, s = v("x"), v("s")
+    mean, sub, pw, var, sq, div, y = (v(n) for n in ("mean", "sub", "pw", "var", "sq", "div", "y"))
+    row, z = v("row"), v("z")
+    ln = [gs.Node("ReduceMean", "ln.mean", {"axes": [-1]}, [x], [mean]),
+          gs.Node("Sub", "ln.sub", inputs=[x, mean], outputs=[sub]),
+          gs.Node("Mul", "ln.pow", inputs=[sub, sub], outputs=[pw]),
+          gs.Node("ReduceMean", "ln.var", {"axes": [-1]}, [pw], [var]),
+          gs.Node("Sqrt", "ln.sqrt", inputs=[var], outputs=[sq]),
+          gs.Node("Div", "ln.div", inputs=[sub, sq], outputs=[div]),
+          gs.Node("Mul", "ln.scale", inputs=[div, c("w")], outputs=[y])]
+    other = gs.Node("Neg", "as_row", inputs=[s], outputs=[row])
+    mix = gs.Node("Add", "mix", inputs=[y, row], outputs=[z])
+    # the order a breadth-first toposort gave: the unrelated source node second
+    graph = gs.Graph(nodes=[ln[0], other] + ln[1:] + [mix], inputs=[x, s], outputs=[z, y], opset=17)
+    toposort_chains(graph)
+    names = [n.name for n in graph.nodes]
+    start = names.index("ln.mean")
+    assert names[start:start + len(ln)] == [n.name for n in ln]  # one run, in chain order
+    seen = set()
+    for n in graph.nodes:  # still topological
+        assert all(t.name in ("x", "s", "w") or t.name in seen for t in n.inputs), n.name
+        seen.update(t.name for t in n.outputs)
+    assert len(graph.nodes) == len(ln) + 2
+    graph.nodes.reverse()
+    toposort_chains(graph)  # any starting order comes out producer first
+    assert names.index("mix") == len(names) - 1 and [n.name for n in graph.nodes][-1] == "mix"
+
+
+def test_toposort_chains_refuses_a_cycle():
+    import onnx_graphsurgeon as gs
+
+    from rwkv2rknn.ir import toposort_chains
+    a, b = gs.Variable("a", np.float32, [4]), gs.Variable("b", np.float32, [4])
+    graph = gs.Graph(nodes=[gs.Node("Neg", "n1", inputs=[b], outputs=[a]),
+                            gs.Node("Neg", "n2", inputs=[a], outputs=[b])], inputs=[], outputs=[a])
+    with pytest.raises(ValueError, match="cycle"):
+        toposort_chains(graph)

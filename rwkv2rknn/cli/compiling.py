@@ -109,6 +109,8 @@ def compile_cmd(model, out_dir, target, plan_only, strict, dump_after, range_tok
                     stream=not whole_graph)
     manifest = _compile_with_progress(model, out_dir, opts, force, dump_after)
     click.echo(manifest.table())
+    for line in manifest.warnings():
+        click.echo(f"warning: {line}", err=True)
     if not plan_only:
         from rwkv2rknn.runtime.device import describe_need, memory_need
         click.echo(f"board memory need: {describe_need(memory_need(manifest, out_dir))}")

@@ -36,7 +36,9 @@ def test_prefill_on_the_npu_simulator(fp16_artifact, fp16_dir, tokens):
     from rwkv2rknn.runtime.reference import PerLayerModel
     model = HybridModel(fp16_artifact, backend="rknn-sim")
     seq = model.prefill_runners()
-    assert {r.rows for r in seq if r is not None} == {(2, 16, 32, 64)}
+    for s, r in zip(model.manifest.segments, seq):  # per NPU segment, not a set of row counts
+        if s.backend == "npu":
+            assert r is not None and r.rows == (2, 16, 32, 64), s.name
     s1, s2 = model.init_state(), model.init_state()
     one = np.stack([model.step(t, s1) for t in tokens])
     many = model.prefill(tokens, s2)  # 40 tokens: one chunk of 32, one of 8 padded to 16
@@ -55,3 +57,23 @@ def test_prefill_rows_in_manifest(fp16_artifact, fp32_plan_artifact):
     # one build per NPU segment serves decode (2 rows, the token in row 0) and prefill
     assert all(s.rknn == s.seq_rknn and s.decode_rows == 2 for s in npu)
     assert all(s.seq_rknn is None for s in load_manifest(fp32_plan_artifact).segments)
+
+
+def test_a_failed_t_row_build_is_named_with_its_reason(fp16_artifact):
+    """The plan marks a segment whose T-row build failed ('~') and gives the toolkit's reason;
+    `compile` prints the manifest's warnings as 'warning: ...' lines."""
+    import dataclasses
+
+    from rwkv2rknn.runtime.hybrid import load_manifest
+    m = load_manifest(fp16_artifact)
+    assert not m.warnings() and "~" not in m.table()
+    segs = list(m.segments)
+    k = next(i for i, s in enumerate(segs) if s.backend == "npu")
+    segs[k] = dataclasses.replace(segs[k], seq_fallback="IndexError: list index out of range")
+    bad = dataclasses.replace(m, segments=tuple(segs))
+    assert bad.warnings() == [f"{segs[k].name}: its T-row build failed (IndexError: list index "
+                              "out of range); its prefill runs token by token"]
+    assert f"{segs[k].name:<28} npu~" in bad.table()
+    assert "~ T-row build failed, prefill runs token by token: " in bad.table()
+    again = type(m).from_dict(bad.to_dict())  # and the manifest keeps it
+    assert again.segments[k].seq_fallback == "IndexError: list index out of range"
