@@ -31,7 +31,33 @@ from rwkv2rknn.ir import Context, GraphSegment, const_value, export, replace_use
 
 NAME = "sequence"
 _ROWWISE = {"Add", "Sub", "Mul", "Div", "Relu", "Sigmoid", "Sqrt", "Neg", "Tanh", "Abs", "Pow",
-            "Identity", "MatMul", "ReduceMean", "Reshape", "Exp", "Max", "Min"}
+            "Identity", "MatMul", "ReduceMean", "Reshape", "Exp", "Max", "Min", "Split"}
+_SHAPE_INPUTS = {"Reshape", "Split"}  # their constant inputs are shapes and sizes, not values
+
+
+def _is_row(shape) -> bool:
+    """One token's row: every dimension but the last is 1 ([C], [1, C], [1, 1, C], ...)."""
+    return shape is not None and all(isinstance(d, (int, np.integer)) and d == 1 for d in shape[:-1])
+
+
+def _split_by_rows(reshape) -> int:
+    """n if ``reshape`` turns one row [1, n*m] into [1, .., n, .., 1, m] (one axis before the
+    last of length n) read only by a Split of that axis into n parts (how exporters split a
+    LoRA's output for batched MatMuls): on T rows that is a Split of the last axis. Else 0."""
+    shape = const_value(reshape.inputs[1])
+    readers = reshape.outputs[0].outputs
+    if shape is None or shape.ndim != 1 or shape.size < 2 or len(readers) != 1 or \
+            readers[0].op != "Split":
+        return 0
+    lead = [int(d) for d in shape[:-1]]
+    axes = [a for a, d in enumerate(lead) if d != 1]
+    if len(axes) != 1 or lead[axes[0]] < 2:
+        return 0
+    split, n = readers[0], lead[axes[0]]
+    sizes = const_value(split.inputs[1]) if len(split.inputs) > 1 else None
+    ok = int(split.attrs.get("axis", 0)) in (axes[0], axes[0] - shape.size) and \
+        len(split.outputs) == n and (sizes is None or (sizes.size == n and (sizes == 1).all()))
+    return n if ok else 0
 
 
 def _why_not(ctx: Context, seg: GraphSegment) -> Optional[str]:
@@ -47,18 +73,54 @@ def _why_not(ctx: Context, seg: GraphSegment) -> Optional[str]:
     for n in seg.nodes:
         if n.op not in _ROWWISE:
             return f"{n.op} is not row-wise"
-        if n.op == "ReduceMean" and [int(a) for a in n.attrs.get("axes", [])] != [-1]:
+        rank = len(n.inputs[0].shape or ())
+        if n.op == "ReduceMean" and [int(a) for a in n.attrs.get("axes", [])] not in ([-1], [rank - 1]):
             return "ReduceMean over other axes"
-        if n.op == "MatMul" and const_value(n.inputs[1]) is None:
+        if n.op == "MatMul" and (const_value(n.inputs[1]) is None or const_value(n.inputs[1]).ndim != 2):
             return "MatMul without a constant right-hand weight"
-        if n.op == "Reshape":
+        if n.op == "Reshape" and not _split_by_rows(n):
             shape = const_value(n.inputs[1])
-            if shape is None or shape.ndim != 1 or shape.size > 2 or (shape.size == 2 and shape[0] != 1):
+            if shape is None or shape.ndim != 1 or not shape.size or not _is_row(list(shape)):
                 return "Reshape that is not to a vector or a row"
-        for t in n.inputs:
-            if const_value(t) is None and t.shape and len(t.shape) > 2:
-                return "tensors of rank > 2"
+        if n.op == "Split" and not (n.inputs[0].inputs and n.inputs[0].inputs[0].op == "Reshape" and
+                                    _split_by_rows(n.inputs[0].inputs[0])) and \
+                int(n.attrs.get("axis", 0)) not in (-1, rank - 1):
+            return "Split of other than the last axis"
+        for t in n.inputs[:1] if n.op in _SHAPE_INPUTS else n.inputs:
+            shape = t.shape
+            if shape and len(shape) > 2 and not _is_row(shape):
+                if const_value(t) is not None or not (t.inputs and t.inputs[0].op == "Reshape"
+                                                      and _split_by_rows(t.inputs[0])):
+                    return "tensors of rank > 2"
     return None
+
+
+def _rows_form(g, ctx: Context) -> None:
+    """Rewrite the per-token graph's shapes for T rows: reshapes to [-1, k], reductions and
+    splits over the last axis, constants of rank > 2 (one row) to a vector."""
+    import onnx_graphsurgeon as gs
+
+    for n in list(g.nodes):
+        if n.op == "Reshape" and _split_by_rows(n):
+            split = n.outputs[0].outputs[0]
+            src = n.inputs[0]
+            split.inputs.clear()
+            split.inputs.append(src)  # equal parts of the last axis
+            split.attrs["axis"] = -1
+            n.outputs.clear()
+        elif n.op == "Reshape":
+            info = ctx.tensors.get(n.outputs[0].name)
+            k = int(np.prod(info.shape)) if info is not None else int(np.asarray(n.inputs[1].values)[-1])
+            n.inputs[1] = gs.Constant(n.inputs[1].name + ".rows", np.array([-1, k], np.int64))
+        elif n.op == "ReduceMean":  # over the last axis (checked), whatever the rank was
+            n.attrs["axes"] = [-1]
+        elif n.op == "Split":
+            n.attrs["axis"] = -1
+        if n.op not in _SHAPE_INPUTS:
+            for i, t in enumerate(n.inputs):
+                v = const_value(t)
+                if v is not None and v.ndim > 2:
+                    n.inputs[i] = gs.Constant(f"{t.name}.row", np.ascontiguousarray(v.reshape(v.shape[-1:])))
 
 
 def _variant(ctx: Context, seg: GraphSegment):
@@ -68,11 +130,7 @@ def _variant(ctx: Context, seg: GraphSegment):
     g = gs.import_onnx(seg.model)
     tensors = g.tensors()
     slots = {s.input: s for s in ctx.state if not s.accumulator}
-    for n in g.nodes:
-        if n.op == "Reshape":
-            info = ctx.tensors.get(n.outputs[0].name)
-            k = int(np.prod(info.shape)) if info is not None else int(np.asarray(n.inputs[1].values)[-1])
-            n.inputs[1] = gs.Constant(n.inputs[1].name + ".rows", np.array([-1, k], np.int64))
+    _rows_form(g, ctx)
     for t in g.inputs:
         if t.name in slots:
             continue

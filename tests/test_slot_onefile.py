@@ -43,6 +43,24 @@ def _plan_holds(art, layers=3):
     return on_npu, m
 
 
+def _prefill_holds(art, tokens):
+    """Every NPU segment has a T-row variant (none of the CPU ones) and prefill in chunks gives
+    the logits and state of token by token; returns the logits."""
+    model = HybridModel(art, backend="ort")
+    seq = model.prefill_runners()
+    assert seq is not None
+    for seg, runner in zip(model.manifest.segments, seq):
+        assert (runner is not None) == (seg.backend == "npu"), seg.name
+    assert any(r.startswith("sequence: 4 segment(s) take T tokens at once") for r in
+               model.manifest.report)
+    s1, s2 = model.init_state(), model.init_state()
+    one = np.stack([model.step(t, s1) for t in tokens])
+    many = model.prefill(tokens, s2, chunk=5)
+    np.testing.assert_allclose(many, one, rtol=1e-5, atol=1e-5 * np.abs(one).max())
+    np.testing.assert_allclose(s2, s1, rtol=1e-5, atol=1e-5)
+    return many
+
+
 @pytest.fixture(scope="module")
 def one_file(slot_models, tmp_path_factory):
     """version -> (our fp32 one-file export, its plan-only artifact), made on first use."""
@@ -135,6 +153,8 @@ def test_per_entry_layout_of_the_mobile_exporters(slot_models, version, opset, t
                       ("ffn_shift", "state5_in", False)]
     got = HybridModel(art, backend="ort").logits(sm.tokens[:TOKENS])
     assert _rel(got, sm.reference[:TOKENS]) <= 1e-4
+    # prefill: the [1, 1, C] activations take T rows (v6 also splits its maa LoRA on axis 1)
+    assert _rel(_prefill_holds(art, sm.tokens[:TOKENS]), sm.reference[:TOKENS]) <= 1e-4
     r = CliRunner().invoke(cli, ["check", art, "--backend", "ort", "--tokens", "6"])
     assert r.exit_code == 0 and "PASS" in r.output, r.output
 
@@ -152,6 +172,8 @@ def test_stacked_state_layout_is_split_per_layer(slot_models, tmp_path):
         ("shift0", (1, 192), False), ("shift1", (1, 192), False), ("wkv", (1, 64, 192), True)]
     got = HybridModel(art, backend="ort").logits(sm.tokens[:TOKENS])
     assert _rel(got, sm.reference[:TOKENS]) <= 1e-4
+    # prefill: the maa LoRA's rank-3 Reshape and Split on axis 0 become a Split of T rows
+    assert _rel(_prefill_holds(art, sm.tokens[:TOKENS]), sm.reference[:TOKENS]) <= 1e-4
     r = CliRunner().invoke(cli, ["check", art, "--backend", "ort", "--tokens", "6"])
     assert r.exit_code == 0 and "PASS" in r.output, r.output
 
