@@ -46,6 +46,8 @@ def _split_by_rows(reshape) -> int:
     LoRA's output for batched MatMuls): on T rows that is a Split of the last axis. Else 0."""
     shape = const_value(reshape.inputs[1])
     readers = reshape.outputs[0].outputs
+    if reshape.inputs[0].shape is not None and not _is_row(reshape.inputs[0].shape):
+        return 0  # (a T-row variant's tensors have no shapes: checked on the per-token graph)
     if shape is None or shape.ndim != 1 or shape.size < 2 or len(readers) != 1 or \
             readers[0].op != "Split":
         return 0
@@ -74,7 +76,8 @@ def _why_not(ctx: Context, seg: GraphSegment) -> Optional[str]:
         if n.op not in _ROWWISE:
             return f"{n.op} is not row-wise"
         rank = len(n.inputs[0].shape or ())
-        if n.op == "ReduceMean" and [int(a) for a in n.attrs.get("axes", [])] not in ([-1], [rank - 1]):
+        if n.op == "ReduceMean" and ([int(a) for a in n.attrs.get("axes", [])] not in ([-1], [rank - 1])
+                                     or not n.attrs.get("keepdims", 1)):
             return "ReduceMean over other axes"
         if n.op == "MatMul" and (const_value(n.inputs[1]) is None or const_value(n.inputs[1]).ndim != 2):
             return "MatMul without a constant right-hand weight"

@@ -187,3 +187,28 @@ def test_stacked_state_read_whole_is_refused_in_one_line(slot_models, tmp_path):
     assert r.exit_code == 1 and "Traceback" not in r.output
     assert r.output.strip().splitlines()[-1].startswith("error: one state input 'input_state'")
     assert not os.path.exists(tmp_path / "art2")
+
+
+def test_stacked_layout_t_row_builds_on_the_npu_simulator(slot_models, tmp_path):
+    """The RWKV_Pytorch file's NPU segments (its maa LoRA split on T rows) each get a T-row
+    build from rknn-toolkit2, and prefill on rknn-sim follows the `rwkv` package."""
+    from rwkv2rknn.compare import compare_logits
+    sm = slot_models("6")
+    src = slot_onefile.export_stacked(sm.sd, str(tmp_path / "m.onnx"))
+    art = str(tmp_path / "art")
+    m = compile_model(src, art, Options(prefill_rows=(16,)))
+    npu = [s for s in m.segments if s.backend == "npu"]
+    assert len(npu) == 4 and not m.warnings()
+    for s in npu:
+        assert s.seq_rknn and s.seq_rows == (2, 16) and not s.seq_fallback, (s.name, s.seq_fallback)
+    model = HybridModel(art, backend="rknn-sim")
+    for seg, runner in zip(model.manifest.segments, model.prefill_runners()):
+        assert (runner is not None and runner.rows == (2, 16)) == (seg.backend == "npu"), seg.name
+    tokens = sm.tokens[:TOKENS]
+    s1, s2 = model.init_state(), model.init_state()
+    one = np.stack([model.step(t, s1) for t in tokens])
+    many = model.prefill(tokens, s2)
+    model.close()
+    assert compare_logits(many, one, min_top1=0.99, max_rel=0.01).passed
+    rep = compare_logits(many, sm.reference[:TOKENS], min_top1=0.9, max_rel=0.05)
+    assert rep.passed and rep.max_rel > 0, rep.summary()  # fp16 on the NPU, close to the package
