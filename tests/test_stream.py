@@ -90,3 +90,34 @@ def test_written_segments_keep_their_estimates_without_weights(fp16_dir, tmp_pat
         est = partition.estimate_ms(seg.device, seg.nodes, ctx.profile)
         assert est == pytest.approx(by_name[seg.name].est_ms, abs=1e-6)
         assert partition.matmul_flops(seg.nodes) == by_name[seg.name].flops
+
+
+@pytest.mark.parametrize("version,dtype", [("5", "fp32"), ("6", "fp16"), ("7", "fp32"), ("7", "fp16")])
+def test_slot_versions_stream_like_the_whole_graph(slot_models, version, dtype, tmp_path,
+                                                    monkeypatch):
+    """RWKV-5.2, 6 and 7 folders (named state slots; RWKV-7 hands v_first from layer 0 to the
+    later layers within a token) compile streamed to the whole-graph compile's artifact, and run
+    as the `rwkv` package does."""
+    from rwkv2rknn.runtime.hybrid import HybridModel
+    import rwkv2rknn.trace as trace_mod
+    sm = slot_models(version)
+    whole, streamed = str(tmp_path / "whole"), str(tmp_path / "streamed")
+    compile_model(sm.dirs[dtype], whole, Options(plan_only=True, stream=False))
+
+    def no_whole_trace(*a, **k):
+        raise AssertionError("the streaming compile traced the whole model")
+
+    monkeypatch.setattr(trace_mod, "trace", no_whole_trace)
+    compile_model(sm.dirs[dtype], streamed, Options(plan_only=True))
+    a, b = _manifest(whole), _manifest(streamed)
+    assert any("streamed one stage at a time" in r for r in b["report"])
+    assert a["segments"] == b["segments"]  # names, bindings, shapes, stages, checksums
+    assert a["state"] == b["state"] and a["model"] == b["model"]
+    if version == "7":  # layer 0's v_first reaches the later layers' segments
+        readers = [s["name"] for s in b["segments"] if "L0/v_first" in s["inputs"]]
+        assert len(readers) == 2, readers
+    got = [HybridModel(art, backend="ort").logits(sm.tokens) for art in (whole, streamed)]
+    np.testing.assert_array_equal(got[0], got[1])
+    ref = sm.reference  # the rwkv package, fp32
+    tol = 1e-4 if dtype == "fp32" else 0.05
+    assert np.abs(got[1] - ref).max() <= tol * np.abs(ref).max()
