@@ -121,3 +121,37 @@ def test_slot_versions_stream_like_the_whole_graph(slot_models, version, dtype, 
     ref = sm.reference  # the rwkv package, fp32
     tol = 1e-4 if dtype == "fp32" else 0.05
     assert np.abs(got[1] - ref).max() <= tol * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("opset,fp16", [(18, False), (13, True)])
+def test_symbolic_input_sizes_stream(opset, fp16, tmp_path, monkeypatch):
+    """Per-layer files torch.onnx wrote with dynamic axes (every input and output dim symbolic):
+    each stage is pinned to its decode shape as it is loaded, so they stream too, to the
+    whole-graph compile's artifact."""
+    import onnx
+
+    from fixtures.torch_layers import export_torch
+    from rwkv2rknn.runtime.hybrid import HybridModel
+    import rwkv2rknn.trace as trace_mod
+    sd = random_checkpoint(layers=2, width=32, vocab=61, seed=3)
+    src = export_torch(sd, str(tmp_path / "src"), opset=opset, dynamic=True, fp16=fp16)
+    dims = onnx.load(f"{src}/mixing_1.onnx").graph.input[1].type.tensor_type.shape.dim
+    assert [d.dim_param for d in dims] == ["rows", "width"]  # symbolic, as written
+    whole, streamed = str(tmp_path / "whole"), str(tmp_path / "streamed")
+    compile_model(src, whole, Options(plan_only=True, stream=False))
+    monkeypatch.setattr(trace_mod, "trace", lambda *a, **k: pytest.fail("whole-model trace"))
+    compile_model(src, streamed, Options(plan_only=True))
+    a, b = _manifest(whole), _manifest(streamed)
+    assert any("streamed one stage at a time" in r for r in b["report"])
+    assert a["state"] == b["state"] and b["model"]["width"] == 32 and b["model"]["vocab"] == 61
+    # the same segments, bindings and shapes; the order of a segment's inputs and outputs may
+    # differ where two tensors are as deep as each other (these files' node order differs from
+    # the passes' sort of one stage and of the whole model)
+    same = ("name", "backend", "stages", "ops", "matmuls", "flops", "shapes")
+    assert [{k: s[k] for k in same} for s in a["segments"]] == \
+        [{k: s[k] for k in same} for s in b["segments"]]
+    assert [(set(s["inputs"]), set(s["outputs"])) for s in a["segments"]] == \
+        [(set(s["inputs"]), set(s["outputs"])) for s in b["segments"]]
+    tokens = [3, 1, 4, 1, 5, 9, 2, 6]
+    got = [HybridModel(art, backend="ort").logits(tokens) for art in (whole, streamed)]
+    np.testing.assert_allclose(got[1], got[0], rtol=1e-6, atol=1e-6 * float(np.abs(got[0]).max()))
