@@ -12,10 +12,12 @@
 
 The graph passes are the whole-graph compile's own, run on one stage's graph; the range trace
 runs each stage alone, feeding it the hidden state the stage before made at each sample token
-(the stage's own state threads from step to step), so no whole-model session (and no 2 GB
-protobuf) is ever made. Partitioning a window of the pending nodes keeps the cross-layer fusion
+(and the values a block hands to later blocks of the same token: RWKV-7's ``v_first`` from
+layer 0), while the stage's own state threads from step to step, so no whole-model session (and
+no 2 GB protobuf) is ever made. RWKV-4's rows and RWKV-5.2/6/7's named slots alike. Partitioning a window of the pending nodes keeps the cross-layer fusion
 (the NPU tail of layer i and the NPU head of layer i+1 in one segment). Peak memory is a few
-stages' fp32 weights, not the model's.
+stages' fp32 weights, not the model's: a cut segment's weights move into its model (no third
+copy) and it is written before its T-row variant is made.
 
 This module does not import the passes: the compiler hands them in (``passes``), so that imports
 still run one way.
