@@ -155,3 +155,27 @@ def test_symbolic_input_sizes_stream(opset, fp16, tmp_path, monkeypatch):
     tokens = [3, 1, 4, 1, 5, 9, 2, 6]
     got = [HybridModel(art, backend="ort").logits(tokens) for art in (whole, streamed)]
     np.testing.assert_allclose(got[1], got[0], rtol=1e-6, atol=1e-6 * float(np.abs(got[0]).max()))
+
+
+def test_the_range_trace_feeds_large_weights_in_place(tmp_path, monkeypatch):
+    """The trace's onnxruntime sessions get the embedding and head (1.3 MB each here) as inputs
+    read from the graph's arrays, not inside the serialised model; the artifact is the one a
+    trace with the weights inside the model gives."""
+    import rwkv2rknn.runtime.ort as ort
+    import rwkv2rknn.trace as trace_mod
+    sd = random_checkpoint(layers=2, width=64, vocab=5000, seed=4)
+    model = str(tmp_path / "model")
+    export(sd, model, fp32=True, tokenizer="bytes")
+    sizes, real = [], ort.make_session
+
+    def make_session(data, *a, **k):
+        sizes.append(len(data))
+        return real(data, *a, **k)
+
+    monkeypatch.setattr(ort, "make_session", make_session)
+    compile_model(model, str(tmp_path / "fed"), Options(plan_only=True))
+    assert len(sizes) == 4 and max(sizes) < 5000 * 64 * 4  # a session per stage, no table inside
+    monkeypatch.setattr(trace_mod, "FED_ABOVE", 1 << 62)
+    compile_model(model, str(tmp_path / "inside"), Options(plan_only=True))
+    assert max(sizes[4:]) > 5000 * 64 * 4
+    assert _manifest(tmp_path / "fed")["segments"] == _manifest(tmp_path / "inside")["segments"]
