@@ -14,8 +14,9 @@ The graph passes are the whole-graph compile's own, run on one stage's graph; th
 runs each stage alone, feeding it the hidden state the stage before made at each sample token
 (and the values a block hands to later blocks of the same token: RWKV-7's ``v_first`` from
 layer 0), while the stage's own state threads from step to step, so no whole-model session (and
-no 2 GB protobuf) is ever made. RWKV-4's rows and RWKV-5.2/6/7's named slots alike. Partitioning a window of the pending nodes keeps the cross-layer fusion
-(the NPU tail of layer i and the NPU head of layer i+1 in one segment). Peak memory is a few
+no 2 GB protobuf) is ever made; RWKV-4's state rows and RWKV-5.2/6/7's named slots alike.
+Partitioning a window of the pending nodes keeps the cross-layer fusion (the NPU tail of layer
+i and the NPU head of layer i+1 in one segment). Peak memory is a few
 stages' fp32 weights, not the model's: a cut segment's weights move into its model (no third
 copy) and it is written before its T-row variant is made.
 
@@ -124,6 +125,8 @@ class _Stream:
             mod.run(sctx)
         resources.give_back_memory()  # the replaced weights (fp16, untransposed) before the trace
         g = sctx.graph
+        by_name = g.tensors()  # a pass may have replaced an input or output tensor (same name)
+        io.update((k, by_name.get(t.name, t)) for k, t in list(io.items()))
         if stage == "embed":
             tok_type = np.int64 if np.dtype(g.inputs[0].dtype or np.int64) == np.int64 else np.int32
             tokens = p.fp16_guard.sample_tokens(sctx)
