@@ -37,8 +37,11 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import data as corpus  # noqa: E402  (training/data.py)
 from rwkv4_torch import RWKV4, wkv_seq  # noqa: E402  (training/rwkv4_torch.py)
+import rwkv7_torch  # noqa: E402  (training/rwkv7_torch.py)
+from rwkv7_torch import RWKV7  # noqa: E402
 
 VOCAB = 256
+DEFAULT_CHUNK = {4: 4, 7: 16}   # WKV chunk lengths (speed only; both forms are exact)
 
 
 @torch.no_grad()
@@ -75,8 +78,21 @@ def official_state_dict(model: RWKV4, dtype=torch.float16) -> dict:
     return {k: v.detach().to(dtype).contiguous().clone() for k, v in model.state_dict().items()}
 
 
-def load_model(path: str, chunk: int = 4) -> RWKV4:
-    return RWKV4.from_state_dict(torch.load(path, map_location="cpu", weights_only=True), chunk)
+def new_model(a):
+    """A freshly initialised model of ``a.version`` (4 or 7) and the shape in ``a``."""
+    if a.version == 7:
+        model = RWKV7(a.layers, a.width, VOCAB, a.head_size, chunk=a.chunk)
+        return rwkv7_torch.init_weights(model, a.seed)
+    return init_weights(RWKV4(a.layers, a.width, VOCAB, a.chunk), a.seed)
+
+
+def load_model(path: str, chunk: Optional[int] = None):
+    """An RWKV-4 or RWKV-7 checkpoint (told apart by RWKV-7's ``att.r_k``) as a torch model;
+    ``chunk`` None: the version's default WKV chunk (4 for RWKV-4, 16 for RWKV-7)."""
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    version = 7 if "blocks.0.att.r_k" in sd else 4
+    cls = RWKV7 if version == 7 else RWKV4
+    return cls.from_state_dict(sd, chunk=DEFAULT_CHUNK[version] if chunk is None else chunk)
 
 
 def check(seed: int = 0, layers: int = 2, width: int = 32, T: int = 45, chunk: int = 8) -> float:
@@ -165,14 +181,14 @@ def train(a):
     va = np.frombuffer(va_b, dtype=np.uint8)
     print(f"data: {len(raw)} bytes: {len(tr)} train, {len(va)} validation (last "
           f"{corpus.VAL_FRACTION:.0%})", flush=True)
-    model = init_weights(RWKV4(a.layers, a.width, VOCAB, a.chunk), a.seed)
+    model = new_model(a)
     nparams = sum(p.numel() for p in model.parameters())
-    print(f"model: {a.layers} layers x {a.width}, {nparams} parameters; ctx {a.ctx}, batch "
+    print(f"model: RWKV-{a.version}, {a.layers} layers x {a.width}, {nparams} parameters; ctx {a.ctx}, batch "
           f"{a.batch}, chunk {a.chunk}, carry {a.carry}; threads {torch.get_num_threads()}",
           flush=True)
     decay, no_decay = [], []
     for n, p in model.named_parameters():
-        (decay if p.dim() == 2 and "emb" not in n else no_decay).append(p)
+        (decay if p.dim() == 2 and n.endswith(".weight") and "emb" not in n else no_decay).append(p)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.wd},
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=a.lr, betas=(0.9, 0.99), eps=1e-8)
@@ -194,8 +210,9 @@ def train(a):
         # Streams: each carries its state for `carry` windows, then jumps to a random place.
         if state is not None:
             restart = [(step + b) % a.carry == 0 for b in range(B)]
-            keep = torch.tensor([0.0 if r else 1.0 for r in restart])[:, None]
-            state = [tuple((t * keep).detach() for t in st) for st in state]
+            keep = torch.tensor([0.0 if r else 1.0 for r in restart])
+            state = [tuple((t * keep.view(-1, *[1] * (t.dim() - 1)).to(t.dtype)).detach() for t in st)
+                     for st in state]
             for b in range(B):
                 pos[b] = rng.randint(0, len(tr) - T - 1) if restart[b] else pos[b] + T
                 if pos[b] + T + 1 > len(tr):
@@ -236,7 +253,7 @@ def train(a):
           flush=True)
 
 
-def save(model: RWKV4, path: str):
+def save(model, path: str):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     torch.save(official_state_dict(model), tmp)
@@ -269,7 +286,9 @@ def sample(a):
 
 
 def main():
-    ap = argparse.ArgumentParser(description="Train / check / sample a byte-level RWKV-4.")
+    ap = argparse.ArgumentParser(description="Train / check / sample a byte-level RWKV-4 or RWKV-7.")
+    ap.add_argument("--version", type=int, choices=(4, 7), default=4, help="the architecture")
+    ap.add_argument("--head-size", type=int, default=64, help="RWKV-7 head size")
     ap.add_argument("--data", help="a text file; default: Jane Austen from r-cran-janeaustenr "
                     "(see training/data.py)")
     ap.add_argument("--out", default="models/default/rwkv4-bytes.pth")
@@ -277,7 +296,8 @@ def main():
     ap.add_argument("--width", type=int, default=256)
     ap.add_argument("--ctx", type=int, default=128)
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--chunk", type=int, default=4, help="WKV chunk length (speed only)")
+    ap.add_argument("--chunk", type=int, help="WKV chunk length (speed only; default 4 for "
+                    "RWKV-4, 16 for RWKV-7, 0 = RWKV-7 token by token)")
     ap.add_argument("--carry", type=int, default=4,
                     help="each stream carries its state over this many windows (1 = independent "
                          "random windows from the zero state)")
@@ -302,6 +322,9 @@ def main():
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--top-p", type=float, default=0.7, help="0 = greedy")
     a = ap.parse_args()
+    chunk_given = a.chunk
+    if a.chunk is None:
+        a.chunk = DEFAULT_CHUNK[a.version]
     torch.set_num_threads(a.threads)
     torch.set_num_interop_threads(1)
     if a.check:
@@ -313,7 +336,7 @@ def main():
         return sample(a)
     if a.eval:
         va = np.frombuffer(corpus.split(corpus.load_bytes(a.data))[1], dtype=np.uint8)
-        m = load_model(a.eval, a.chunk)
+        m = load_model(a.eval, chunk_given)
         print(f"validation bits/byte: {evaluate(m, va, a.ctx):.4f} ({len(va)} bytes)")
         return
     if a.bench:
