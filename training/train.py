@@ -36,42 +36,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import data as corpus  # noqa: E402  (training/data.py)
-from rwkv4_torch import RWKV4, wkv_seq  # noqa: E402  (training/rwkv4_torch.py)
+from rwkv4_torch import RWKV4, init_weights, wkv_seq  # noqa: E402,F401  (training/rwkv4_torch.py)
 import rwkv7_torch  # noqa: E402  (training/rwkv7_torch.py)
 from rwkv7_torch import RWKV7  # noqa: E402
 
 VOCAB = 256
 DEFAULT_CHUNK = {4: 4, 7: 16}   # WKV chunk lengths (speed only; both forms are exact)
-
-
-@torch.no_grad()
-def init_weights(model: RWKV4, seed: int) -> RWKV4:
-    """RWKV-4-style init: decays spread over channels, mixes in [0, 1], weights ~ 1/sqrt(fan_in)."""
-    g = torch.Generator().manual_seed(seed)
-    C, L = model.width, model.layers
-    model.emb.weight.uniform_(-1e-4, 1e-4, generator=g)   # small emb + ln0 (RWKV-4 trick)
-    model.head.weight.normal_(0, 0.5 / math.sqrt(C), generator=g)
-    ch = torch.arange(C, dtype=torch.float32)
-    for i, blk in enumerate(model.blocks):
-        r01 = i / max(L - 1, 1)                 # 0 -> 1 over layers
-        r10 = 1 - i / L                         # 1 -> ~0 over layers
-        x = ch / C
-        a, f = blk.att, blk.ffn
-        a.time_decay.copy_(-5 + 8 * (ch / (C - 1)) ** (0.7 + 1.3 * r01))
-        zig = ((ch + 1) % 3 - 1) * 0.5
-        a.time_first.copy_(math.log(0.3) + zig)
-        a.time_mix_k.copy_((x ** r10).view(1, 1, C))
-        a.time_mix_v.copy_((x ** r10 + 0.3 * r01).clamp(0, 1).view(1, 1, C))
-        a.time_mix_r.copy_((x ** (0.5 * r10)).view(1, 1, C))
-        f.time_mix_k.copy_((x ** r10).view(1, 1, C))
-        f.time_mix_r.copy_((x ** r10).view(1, 1, C))
-        out_scale = 1 / math.sqrt(2 * L)
-        for lin, scale in ((a.key, 1.0), (a.value, 1.0), (a.receptance, 1.0),
-                           (a.output, out_scale), (f.key, 1.0), (f.receptance, 1.0),
-                           (f.value, out_scale)):
-            fan_in = lin.weight.shape[1]
-            lin.weight.normal_(0, scale / math.sqrt(fan_in), generator=g)
-    return model
 
 
 def official_state_dict(model: RWKV4, dtype=torch.float16) -> dict:
@@ -316,6 +286,11 @@ def main():
     ap.add_argument("--check", action="store_true", help="verify the sequence form and exit")
     ap.add_argument("--bench", type=int, default=0, help="time this many training steps and exit")
     ap.add_argument("--eval", metavar="CKPT", help="validation bits/byte of a checkpoint")
+    ap.add_argument("--streams", type=int, default=8, help="--eval reads the text as this many "
+                    "contiguous streams, each from the zero state")
+    ap.add_argument("--text", help="--eval scores this file's first --max-bytes bytes instead of "
+                    "the held-out split")
+    ap.add_argument("--max-bytes", type=int, default=20000)
     ap.add_argument("--sample", metavar="CKPT", help="generate text from a checkpoint")
     ap.add_argument("--prompt", default="The ")
     ap.add_argument("--length", type=int, default=400)
@@ -335,9 +310,14 @@ def main():
     if a.sample:
         return sample(a)
     if a.eval:
-        va = np.frombuffer(corpus.split(corpus.load_bytes(a.data))[1], dtype=np.uint8)
+        if a.text:   # the first --max-bytes of a file, as `rwkv2rknn eval` reads it
+            with open(a.text, "rb") as f:
+                va = np.frombuffer(f.read(a.max_bytes), dtype=np.uint8)
+        else:
+            va = np.frombuffer(corpus.split(corpus.load_bytes(a.data))[1], dtype=np.uint8)
         m = load_model(a.eval, chunk_given)
-        print(f"validation bits/byte: {evaluate(m, va, a.ctx):.4f} ({len(va)} bytes)")
+        print(f"validation bits/byte: {evaluate(m, va, a.ctx, a.streams):.4f} ({len(va)} bytes, "
+              f"{a.streams} streams)")
         return
     if a.bench:
         a.steps, a.log_every, a.eval_every = a.bench, max(1, a.bench // 2), 0
