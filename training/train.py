@@ -1,9 +1,9 @@
-"""Train a small byte-level RWKV-4 language model on CPU (the bundled checkpoint; see
+"""Train a small byte-level RWKV-4 (the bundled checkpoint) or RWKV-7 language model on CPU (see
 models/README.md).
 
-The model (``rwkv4_torch.py``, beside this file) is trained in sequence ("parallel") form and
-saved as a torch state dict with the official RWKV-4 key names and shapes (fp16 tensors), so
-every RWKV-4 tool can load it:
+The model (``rwkv4_torch.py`` or, with ``--version 7``, ``rwkv7_torch.py``, beside this file) is
+trained in sequence ("parallel") form and saved as a torch state dict with the official key names
+and shapes (fp16 tensors), so every RWKV tool can load it. RWKV-4's:
 
     emb.weight [V,C]; blocks.0.ln0.{weight,bias}; blocks.N.ln1/ln2.{weight,bias};
     blocks.N.att.time_decay [C] (raw w, the recurrence uses -exp(w)); blocks.N.att.time_first [C];
@@ -17,6 +17,7 @@ Usage (training is not part of the installed package; run it from the repository
     python training/train.py --check                      # sequence form == token by token
     python training/train.py --out models/default/rwkv4-bytes.pth --layers 4 --width 256 \
         --ctx 128 --batch 16 --steps 4000 --lr 2e-3 --seed 1234 --threads 1
+    python training/train.py --version 7 --out rwkv7-bytes.pth --steps 2400 ...   # RWKV-7
     python training/train.py --sample models/default/rwkv4-bytes.pth --prompt "The "
     python training/train.py --eval models/default/rwkv4-bytes.pth     # validation bits per byte
 """
