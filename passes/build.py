@@ -4,7 +4,7 @@
 
     segments/s001_npu_L0.onnx --(child: rknn-toolkit2 build)--> cache/<sha256>.rknn --> segments/s001_npu_L0.rknn
                                  '-- crash / refusal --> the segment falls back to the CPU (reported)
-    segments/s003_npu_L0-L1.seq.onnx --(T in 2, 16, 32, 64)--> segments/s003_npu_L0-L1.seq.rknn
+    segments/s003_npu_L0-L1.seq.onnx --(T in 2, 16, 64)--> segments/s003_npu_L0-L1.seq.rknn
                                  (decode runs it with 2 rows; no per-token .rknn: weights once)
 
 A segment with a T-row (prefill) variant gets one build of that variant for the prefill row
