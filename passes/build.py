@@ -45,9 +45,10 @@ import numpy as np
 
 from rwkv2rknn.calibrate import SegmentCalibration
 from rwkv2rknn.errors import ToolkitError
-from rwkv2rknn.io import cache_root, read_json, remove_quietly, write_json
+from rwkv2rknn.io import read_json, remove_quietly, write_json
 from rwkv2rknn.ir import Context, GraphSegment
 from rwkv2rknn.passes.build_child import build_child, clean_stale_partials, partial_name
+from rwkv2rknn.passes.build_worker import CachedBuilds
 
 NAME = "build"
 # Row count a token step runs with on a T-row build. rknn-toolkit2 2.5.0 builds several row counts
@@ -82,41 +83,6 @@ def file_key(onnx_path: str, target: str, toolkit: str, extra: bytes = b"") -> s
     return h.hexdigest()
 
 
-class _Builds:
-    """fp16 builds through the checked, locked cache; the children that run, to stop them."""
-
-    def __init__(self, ctx: Context, version: str):
-        from rwkv2rknn.buildcache import BuildCache
-        self.opts, self.version = ctx.options, version
-        self.cache = BuildCache(os.path.join(cache_root(self.opts.cache_dir), "rknn"))
-        self.running: set = set()
-        self.stopping = False
-
-    def fetch_or_build(self, onnx_path: str, key: str, dest: str, rows=()):
-        """(status, reason): status 'cached' / 'built' / 'rebuilt (...)', or '' and why not."""
-        cache = self.cache
-        with cache.locked(key, lambda: self.stopping):
-            digest, problem = cache.copy_to(key, dest)
-            if digest:
-                return "cached", ""
-            reason = build_child(onnx_path, cache.entry(key), self.opts.target, self.opts.verbose,
-                                 self.opts.build_timeout, rows, running=self.running,
-                                 checksum=cache.sum_path(key))
-            if reason:
-                return "", reason
-            if not cache.copy_to(key, dest)[0]:
-                return "", "the built entry changed in the cache before it was copied"
-            return (f"rebuilt (the cache entry had {problem})" if problem else "built"), ""
-
-    def stop(self) -> None:
-        self.stopping = True
-        for proc in list(self.running):
-            try:
-                proc.kill()
-            except OSError:
-                pass
-
-
 class Builds:
     """The NPU segments' builds of one compile: ``add`` each segment as soon as its ONNX files
     are written (the builds run side by side meanwhile, largest first), then ``finish``."""
@@ -130,7 +96,7 @@ class Builds:
         self.ctx, self.out_dir, self.progress = ctx, out_dir, progress
         self.calibration = calibration or {}
         self.version = require_toolkit()
-        self.builds = _Builds(ctx, self.version)
+        self.builds = CachedBuilds(ctx.options, self.version)
         clean_stale_partials(self.builds.cache.folder)
         self.counts = {"built": 0, "cached": 0, "failed": 0}
         self.todo: list = []
@@ -163,6 +129,7 @@ class Builds:
         """Stop: queued builds never start, running children are killed."""
         self.builds.stop()
         self.queue.close()
+        self.builds.close()
 
     def finish(self) -> None:
         try:
@@ -170,6 +137,7 @@ class Builds:
         except BaseException:
             self.stop()
             raise
+        self.builds.close()
         ctx, opts, todo, counts = self.ctx, self.ctx.options, self.todo, self.counts
         for seg in todo:
             if seg.fallback:
@@ -209,7 +177,7 @@ def run(ctx: Context, out_dir: str,
     builds.finish()
 
 
-def _one(ctx: Context, seg: GraphSegment, out_dir: str, builds: _Builds, version: str,
+def _one(ctx: Context, seg: GraphSegment, out_dir: str, builds: CachedBuilds, version: str,
          cal: Optional[SegmentCalibration]):
     """Build one NPU segment: (progress status, 'built' / 'cached' / 'failed')."""
     opts = ctx.options
@@ -246,7 +214,7 @@ def _one(ctx: Context, seg: GraphSegment, out_dir: str, builds: _Builds, version
     return status + (", T-rows failed" if seg.seq_fallback else ""), "cached" if cached else "built"
 
 
-def _build_shared(ctx: Context, seg: GraphSegment, out_dir: str, builds: _Builds, version: str,
+def _build_shared(ctx: Context, seg: GraphSegment, out_dir: str, builds: CachedBuilds, version: str,
                   cal: Optional[SegmentCalibration] = None) -> str:
     """The T-row variant of an NPU segment built for DECODE_ROWS and the prefill row counts: one
     .rknn, weights once, serving token steps (the token in row 0, padding after it) and prefill;
