@@ -103,7 +103,8 @@ class Builds:
         jobs = ctx.options.build_jobs or resources.build_jobs(biggest, 64)
         self.queue = BuildQueue(self._one, jobs, self._bytes,
                                 lambda seg: resources.build_memory(self._bytes(seg)),
-                                int(resources.memory_available() * 0.8), self._done)
+                                int(resources.memory_available() * 0.8), self._done,
+                                idle=self.builds.drop_worker)
 
     def _bytes(self, seg: GraphSegment) -> int:
         folder = os.path.join(self.out_dir, "segments")

@@ -9,10 +9,13 @@
 A streaming compile hands each NPU segment over as soon as its ONNX files are written, so the
 toolkit builds run while the compiler still works on later layers. While segments are still
 being added, one slot fewer runs (the compiler itself keeps a core busy); after ``finish`` all
-``jobs`` slots run. The biggest pending build starts first: the last one written (the head, a
-few times a layer's size) would otherwise run alone at the end. A build starts only if the
-memory the running builds are estimated to take, plus its own, stays within ``budget`` (one
-build always runs). Results are reported in completion order through ``done``.
+``jobs`` slots run. The biggest pending build starts first. A build starts only if the memory
+the running builds are estimated to take, plus its own, stays within the larger of the biggest
+build's estimate and ``jobs`` typical (median) builds, and within ``budget`` (what is free); one
+build always runs. So builds side by side never need more memory than the biggest one alone
+would (at 430M: two layers side by side, the last layer with the head alone), however many
+cores there are. A worker thread that has to wait for memory calls ``idle`` (to end a kept
+child that would hold memory meanwhile). Results are reported in completion order (``done``).
 """
 
 from __future__ import annotations
@@ -24,12 +27,14 @@ from typing import Callable, List, Optional
 
 class BuildQueue:
     def __init__(self, work: Callable, jobs: int, size: Callable, memory: Callable,
-                 budget: int, done: Optional[Callable] = None):
+                 budget: int, done: Optional[Callable] = None, idle: Optional[Callable] = None):
         """``work(item)`` does one build (in a worker thread) and returns its result;
         ``size(item)`` orders the pending items (largest first); ``memory(item)`` is its
         estimated peak; ``done(item, result, i, n, eta)`` is called after each (under a lock:
         one at a time; n is the number of items added so far, eta '' while more may come)."""
         self.work, self.size, self.memory, self.budget, self.done = work, size, memory, budget, done
+        self.idle = idle
+        self.needs: List[int] = []  # the estimated memory of every item added
         self.jobs = max(1, jobs)
         self.feeding = True  # more items may come (until finish): one slot fewer
         self.pending: List = []
@@ -50,6 +55,7 @@ class BuildQueue:
         with self.cond:
             self._raise()
             self.pending.append(item)
+            self.needs.append(self.memory(item))
             self.added += 1
             self.cond.notify_all()
 
@@ -83,10 +89,12 @@ class BuildQueue:
     def _slots(self) -> int:
         return max(1, self.jobs - 1) if self.feeding else self.jobs
 
-    def _may_start(self, item) -> bool:
-        if len(self.running) >= self._slots():
-            return False
-        return not self.running or sum(self.running.values()) + self.memory(item) <= self.budget
+    def _fits(self, item) -> bool:
+        if not self.running:
+            return True
+        needs = sorted(self.needs)
+        limit = min(self.budget, max(needs[-1], self.jobs * needs[len(needs) // 2]))
+        return sum(self.running.values()) + self.memory(item) <= limit
 
     def _next(self):
         """The largest pending item once it may start; None when there is nothing more to do."""
@@ -94,13 +102,19 @@ class BuildQueue:
             while True:
                 if self.stopped or self.error is not None:
                     return None
-                if self.pending:
+                if self.pending and len(self.running) < self._slots():
                     item = max(self.pending, key=self.size)
-                    if self._may_start(item):
+                    if self._fits(item):
                         self.pending.remove(item)
                         self.running[id(item)] = self.memory(item)
                         return item
-                elif not self.feeding:
+                    if self.idle:  # waiting for memory: hold none meanwhile
+                        self.cond.release()
+                        try:
+                            self.idle()
+                        finally:
+                            self.cond.acquire()
+                elif not self.pending and not self.feeding:
                     return None
                 self.cond.wait(0.5)
 

@@ -124,6 +124,13 @@ class CachedBuilds:
             self.workers.append(w)
         return w
 
+    def drop_worker(self) -> None:
+        """End this thread's kept child (it would hold its memory while the thread waits)."""
+        w = getattr(self.local, "worker", None)
+        if w is not None:
+            self.local.worker = None
+            w.close()
+
     def close(self) -> None:
         for w in self.workers:
             w.close()

@@ -78,6 +78,30 @@ def test_builds_that_do_not_fit_in_memory_run_one_at_a_time():
     assert rec.overlap == 1 and len(rec.started) == 4  # never zero: one always runs
 
 
+def test_side_by_side_never_more_memory_than_the_biggest_build_alone():
+    """Small builds (3) run in pairs; the big one (10) runs alone; a thread that waits for
+    memory lets its kept child go."""
+    lock, running, seen, idles = threading.Lock(), set(), [], []
+
+    def work(item):
+        with lock:
+            running.add(item)
+            seen.append(frozenset(running))
+        time.sleep(0.05)
+        with lock:
+            running.discard(item)
+
+    q = BuildQueue(work, 2, size=lambda x: 10 if x == "big" else 3,
+                   memory=lambda x: 10 if x == "big" else 3, budget=100,
+                   idle=lambda: idles.append(threading.current_thread().name))
+    for item in ["a", "b", "c", "big", "d", "e", "f"]:
+        q.add(item)
+    q.finish()
+    assert {"big"} in seen and not any("big" in s and len(s) > 1 for s in seen)
+    assert any(len(s) == 2 for s in seen)  # the small ones do run side by side
+    assert idles  # the big build waited for the running pair at least once
+
+
 def test_a_workers_error_reaches_the_caller_and_stops_the_rest():
     def work(item):
         if item == 2:
