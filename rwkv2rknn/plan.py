@@ -46,6 +46,7 @@ class Segment:
     seq_rknn: Optional[str] = None  # its NPU build, one graph per row count in seq_rows
     seq_rknn_sha256: str = ""
     seq_rows: Tuple[int, ...] = ()
+    seq_layout: str = ""  # 'columns': the .seq.rknn takes and gives [C, T], not [T, C] rows
     precision: str = "fp16"  # of the .rknn: fp16, w8a8, w16a16i
     seq_precision: str = "fp16"
     accuracy: Dict[str, float] = field(default_factory=dict)  # quantised build vs fp32, held-out rows
@@ -299,6 +300,7 @@ def _segment(s) -> Segment:
                   seq_rknn=s.get("seq_rknn") if isinstance(s.get("seq_rknn"), str) else None,
                   seq_rknn_sha256=str(s.get("seq_rknn_sha256", "")),
                   seq_rows=tuple(int(r) for r in s.get("seq_rows", []) or []),
+                  seq_layout=str(s.get("seq_layout", "") or ""),
                   precision=str(s.get("precision", "fp16")), seq_precision=str(s.get("seq_precision", "fp16")),
                   accuracy=_accuracy(s),
                   precision_note=str(s.get("precision_note", "")),
@@ -309,6 +311,8 @@ def _segment(s) -> Segment:
         raise ValueError(f"segment '{seg.name}' covers no stages")
     if not seg.precision or not seg.seq_precision:
         raise ValueError(f"segment '{seg.name}' has an empty precision")
+    if seg.seq_layout not in ("", "columns"):
+        raise ValueError(f"segment '{seg.name}' has an unknown T-row layout '{seg.seq_layout}'")
     if seg.decode_rows and (seg.decode_rows not in seg.seq_rows or seg.rknn != seg.seq_rknn):
         raise ValueError(f"segment '{seg.name}' decodes on a T-row build it does not have")
     if min(seg.ops, seg.matmuls, seg.flops, seg.decode_rows) < 0:
