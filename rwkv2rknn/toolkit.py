@@ -98,9 +98,13 @@ def build_in_process(onnx_path: str, target: str = "rk3588", rknn_out: str = "",
     ``rows``: a T-row segment, built for each of these row counts (``dynamic_input``).
     ``columns``: build the T-row segment's columns form (``rwkv2rknn.columns``; row inputs and the
     dataset's samples [C, T]).
+    The toolkit works in a private folder (it writes fixed-name scratch files such as
+    ``check_dynshape0.onnx`` into the working folder: two simulators started in one folder
+    broke each other's builds).
     (The toolkit may also kill the whole process: the compiler calls this in a child.)"""
     RKNN = import_toolkit()
     quant = precision != "fp16"
+    onnx_path, rknn_out = os.path.abspath(onnx_path), rknn_out and os.path.abspath(rknn_out)
     if quant and (precision not in QUANT_DTYPE or not dataset):
         raise ToolkitError(f"cannot build {os.path.basename(onnx_path)} as {precision}",
                            f"use one of {', '.join(PRECISIONS)}, with a calibration dataset")
@@ -129,7 +133,8 @@ def build_in_process(onnx_path: str, target: str = "rk3588", rknn_out: str = "",
             steps.append(("init_runtime", lambda: rk.init_runtime()))
         for step, call in steps:
             try:
-                ret = call()
+                with _working_in(tmp):
+                    ret = call()
             except Exception as e:  # the toolkit reports some failures as exceptions
                 rk.release()
                 raise ToolkitError(f"rknn-toolkit2 {step} failed on {os.path.basename(onnx_path)} "
@@ -140,6 +145,16 @@ def build_in_process(onnx_path: str, target: str = "rk3588", rknn_out: str = "",
                 raise ToolkitError(f"rknn-toolkit2 {step} returned {ret} on {os.path.basename(onnx_path)}",
                                    "the segment stays on the CPU; run with --verbose for the toolkit's log")
     return rk
+
+
+@contextlib.contextmanager
+def _working_in(folder: str):
+    back = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(back)
 
 
 def _columns_model(onnx_path: str, folder: str) -> str:
