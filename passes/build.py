@@ -253,6 +253,7 @@ def _build_seq(ctx: Context, seg: GraphSegment, out_dir: str, builds: _Builds, v
                cal: Optional[SegmentCalibration], rows, columns: bool) -> str:
     """One try of ``_build_shared`` in one layout."""
     opts = ctx.options
+    seg.seq_fallback = ""
     onnx_path = os.path.join(out_dir, "segments", seg.name + ".seq.onnx")
     if cal and cal.seq_dataset:
         entry, cached = _quantised(ctx, seg, onnx_path, rows, cal.seq_dataset, cal,
@@ -267,7 +268,6 @@ def _build_seq(ctx: Context, seg: GraphSegment, out_dir: str, builds: _Builds, v
     if reason:
         seg.seq_fallback = reason
         return ""
-    seg.seq_fallback = ""
     _copy_shared(seg, "", out_dir, rows, key)
     return f"fp16 ({seg.precision_note}), {status}" if seg.precision_note else status
 
