@@ -19,9 +19,9 @@ from rwkv2rknn.runtime.hybrid import HybridModel
 # RWKV-5.2: R K V G O, FFN receptance/key/value.
 PROJECTIONS = {"7": [12, 14, 14], "6": [20, 20, 20], "5": [8, 8, 8]}
 VERSIONS = pytest.mark.parametrize("version", ["5", "6", "7"])
-# near-ties among the 40 teacher-forced tokens of the random test models (measured: 5.2 ?, 6 ?,
-# 7 ?): the tokens the top-1 gate leaves out
-MAX_TIES = 40
+# near-ties among the 40 teacher-forced tokens of the random test models at max rel 0.005
+# (measured on rknn-sim: RWKV-5.2 3, RWKV-6 1, RWKV-7 3): the tokens the top-1 gate leaves out
+MAX_TIES = 4
 
 
 def _manifest(art):
