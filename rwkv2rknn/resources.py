@@ -172,3 +172,55 @@ def disk_full(e: BaseException, where: str, size: ModelSize) -> ResourceError:
 
 def is_disk_full(e: BaseException) -> bool:
     return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def tree_rss(pid: int = 0) -> int:
+    """Resident bytes of a process (default: this one) and all its children, now."""
+    import psutil
+    try:
+        proc = psutil.Process(pid or os.getpid())
+        tree = [proc] + proc.children(recursive=True)
+    except psutil.Error:  # it just ended
+        return 0
+    total = 0
+    for p in tree:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:  # a child that just ended
+            pass
+    return total
+
+
+class PeakRss:
+    """Samples ``tree_rss`` of this process tree every ``every`` seconds in a thread: the peak
+    overall and per phase (``mark(name)`` starts a phase). Use as a context manager."""
+
+    def __init__(self, every: float = 0.2):
+        import threading
+        self.every, self.peak, self.phases, self._phase = every, 0, {}, "start"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> None:
+        now = tree_rss()
+        self.peak = max(self.peak, now)
+        self.phases[self._phase] = max(self.phases.get(self._phase, 0), now)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self._sample()
+
+    def mark(self, phase: str) -> None:
+        self._sample()
+        self._phase = phase
+        self._sample()
+
+    def __enter__(self) -> "PeakRss":
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
