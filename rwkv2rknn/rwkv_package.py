@@ -26,7 +26,7 @@ pth, tokens, out, threads = sys.argv[1], [int(t) for t in sys.argv[2].split(",")
 if threads:
     torch.set_num_threads(threads)
 from rwkv.model import RWKV
-model = RWKV(model=pth[:-4] if pth.endswith(".pth") else pth, strategy="cpu fp32", verbose=False)
+model = RWKV(model=pth[:-4] if pth.endswith(".pth") else pth, strategy="cpu fp32")
 state, rows, ms = None, [], []
 with torch.no_grad():
     for t in tokens:
