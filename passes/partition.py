@@ -207,15 +207,19 @@ def _elems(t) -> int:
 
 
 def op_work(nodes, rows: int = 0):
-    """(bytes touched, FLOPs) of every op among ``nodes`` but the projections: elementwise and
-    reductions read their inputs and write their outputs (float32; views move nothing; a Gather
-    reads the rows it picks), one FLOP
-    per output element (``special`` ones, exp, sigmoid, sqrt, ..., flagged for the profile's
-    per-element cost), MatMuls of two activations (the WKV state products) 2 x out x inner.
-    ``rows``: a T-row call moves ``rows`` times the one-row bytes."""
+    """(bytes touched, FLOPs, special) of every op among ``nodes`` but the projections:
+    elementwise ops and reductions read their inputs and write their outputs (float32; views
+    move nothing; a Gather reads the rows it picks), one FLOP per output element (``special``:
+    exp, sigmoid, sqrt, ..., which the profile costs more per element), MatMuls of two
+    activations (the WKV state's products) 2 x out x inner. ``rows``: a T-row call moves
+    ``rows`` times the one-row bytes."""
     out = []
     for n in nodes:
         if _weighted(n):
+            continue
+        if getattr(n, "work", None) is not None:  # a written segment's stand-in (stream.py)
+            moved, flops, special = n.work
+            out.append((moved * max(rows, 1), flops * max(rows, 1), special))
             continue
         outs = sum(_elems(t) for t in n.outputs)
         ins = outs if n.op == "Gather" else sum(_elems(t) for t in n.inputs)  # rows it picks
