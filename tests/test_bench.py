@@ -50,3 +50,15 @@ def test_call_costs_name_what_the_board_lacks(tmp_path, monkeypatch):
     assert all(v.startswith("not measured: probe ") and "call.rknn' is missing" in v
                for v in got.values())
     assert len(lines) == 2 and lines[0].startswith("  NPU per-call cost, rknn-rt: not measured")
+
+
+def test_bench_command_passes_the_probes_on(tmp_path):
+    from click.testing import CliRunner
+    from rwkv2rknn.cli import cli
+    out = tmp_path / "b.json"
+    r = CliRunner().invoke(cli, ["bench", "--version", "7", "--layers", "2", "--width", "64",
+                                 "--vocab", "100", "--tokens", "3", "--no-rwkv", "--probes",
+                                 str(tmp_path), "--json-out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "NPU per-call cost, rknn-lite: not measured: this machine is not a Rockchip board" in r.output
+    assert "peak memory of the process tree" in r.output and out.exists()
