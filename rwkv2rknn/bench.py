@@ -77,7 +77,7 @@ def run_bench(layers: int = 24, width: int = 1024, vocab: int = 50277, tokens: i
               core_mask: str = "auto") -> Dict[str, object]:
     """Every phase holds one form of the model and lets it go before the next: the float16
     checkpoint (export, the `rwkv` package's .pth), the plan compile, the per-layer sessions,
-    the hybrid executor's sessions, the fused session (models under 2 GB), the `rwkv` package
+    the hybrid executor's sessions, the fused session (up to FUSED_LIMIT), the `rwkv` package
     (a child process). Peak memory is the process tree's, sampled, per phase."""
     from rwkv2rknn import resources, rwkv_package
     from rwkv2rknn.models.export import arch_of, export
