@@ -62,3 +62,13 @@ def test_bench_command_passes_the_probes_on(tmp_path):
     assert r.exit_code == 0, r.output
     assert "NPU per-call cost, rknn-lite: not measured: this machine is not a Rockchip board" in r.output
     assert "peak memory of the process tree" in r.output and out.exists()
+
+
+def test_rwkv_package_failure_is_one_line(tmp_path):
+    from rwkv2rknn.errors import ToolkitError
+    from rwkv2rknn.rwkv_package import package_run
+    bad = tmp_path / "broken.pth"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ToolkitError) as e:
+        package_run(str(bad), [1, 2], "7")
+    assert "the rwkv package failed on 'broken.pth'" in str(e.value) and "\n" not in str(e.value)
