@@ -5,8 +5,8 @@ rows as the public files; RWKV-5.2/6/7's block I/O is in ``models/slots.py``), p
 ``rwkv2rknn-model.json`` describing the model (arch, version, shape, state slots). fp16 by
 default, made by onnxconverter-common's ``convert_float_to_float16`` with default arguments,
 exactly as the public files were (RWKV-5.2/6/7: the recurrence nodes are kept in fp32 by the
-converter's block list); ``fp32=True`` keeps float32. ``export_file`` joins an RWKV-4 model's
-graphs into one .onnx (the model description in its metadata).
+converter's block list); ``fp32=True`` keeps float32. ``export_file`` joins a model's graphs into
+one .onnx (the architecture, dtype and tokenizer in its metadata).
 """
 
 from __future__ import annotations
@@ -87,24 +87,38 @@ ONE_FILE_LIMIT = 2 * 1024 ** 3 - 64 * 1024 ** 2  # protobuf's 2 GB, less room fo
 METADATA_PREFIX = "rwkv2rknn."  # metadata_props keys the compiler reads back
 
 
-def whole_model(sd: Dict[str, np.ndarray]):
-    """The per-layer graphs joined into one ModelProto: ``token`` int32 [1] -> ``logits`` [V],
-    per layer ``L{i}/state_in`` / ``L{i}/state_out`` [rows, C] (rows as the per-layer files).
-    Node and tensor names carry their stage (``embed/``, ``L{i}/``, ``head/``)."""
+def whole_model(sd: Dict[str, np.ndarray], fp32: bool = True):
+    """The per-layer graphs joined into one ModelProto: ``token`` int32 [1] -> ``logits`` [V]
+    and the state, per layer: RWKV-4 ``L{i}/state_in`` / ``L{i}/state_out`` [rows, C] (rows as
+    the per-layer files); RWKV-5.2/6/7 ``L{i}/SLOT`` / ``L{i}/SLOT_out`` for every named slot
+    (``att_shift`` [C], ``wkv`` [H, N, N], ``ffn_shift`` [C]). Values a block hands to later
+    blocks (RWKV-7's ``v_first``) stay inside the graph. Node and tensor names carry their stage
+    (``embed/``, ``L{i}/``, ``head/``). ``fp32=False``: each stage converted to fp16 first (the
+    recurrence kept in fp32, as in the per-layer files)."""
     from onnx import compose, helper
 
-    shape = rwkv4.check_state_dict(sd)
-    stages = [("embed/", rwkv4.embed_graph(sd))]
-    stages += [(f"L{i}/", rwkv4.block_graph(sd, i)) for i in range(shape.layers)]
-    stages += [("head/", rwkv4.head_graph(sd))]
-    nodes, inits, inputs, outputs = [], [], [], []
-    x = None  # the residual stream leaving the previous stage
+    arch, shape = arch_of(sd)
+    keep = getattr(arch, "fp32_nodes", lambda m: [])
+    stages = [("embed/", arch.embed_graph(sd))]
+    stages += [(f"L{i}/", arch.block_graph(sd, i)) for i in range(shape.layers)]
+    stages += [("head/", arch.head_graph(sd))]
+    inter = tuple(getattr(arch, "INTER_LAYER", ()))
+    nodes, inits, inputs, outputs, logits_type = [], [], [], [], None
+    x, carried = None, {}  # the residual stream leaving the previous stage; inter-layer values
     for prefix, model in stages:
+        if not fp32:
+            model = to_fp16(model, keep(model))
         g = compose.add_prefix(model, prefix).graph
         first, last = g.input[0].name, g.output[0].name
         rename = {first: x} if x else {first: "token"}
         if prefix == "head/":
             rename[last] = "logits"
+            logits_type = g.output[0].type.tensor_type.elem_type
+        for name in inter:  # a later block reads the value an earlier block made
+            if prefix + name in {t.name for t in g.input} and name in carried:
+                rename[prefix + name] = carried[name]
+            elif prefix + name in {t.name for t in g.output}:
+                carried[name] = prefix + name
         for node in g.node:
             node.input[:] = [rename.get(n, n) for n in node.input]
             node.output[:] = [rename.get(n, n) for n in node.output]
@@ -112,35 +126,28 @@ def whole_model(sd: Dict[str, np.ndarray]):
         inits += g.initializer
         if x is None:
             inputs.append(helper.make_tensor_value_info("token", g.input[0].type.tensor_type.elem_type, [1]))
-        inputs += g.input[1:]
-        outputs += g.output[1:]
+        inputs += [t for t in g.input[1:] if t.name not in rename]
+        outputs += [t for t in g.output[1:] if t.name not in carried.values()]
         x = g.output[0].name
-    outputs.insert(0, helper.make_tensor_value_info("logits", stages[-1][1].graph.output[0].type.tensor_type.elem_type,
-                                                    [shape.vocab]))
+    outputs.insert(0, helper.make_tensor_value_info("logits", logits_type, [shape.vocab]))
     graph = helper.make_graph(nodes, "rwkv", inputs, outputs, inits)
     model = helper.make_model(graph, opset_imports=stages[0][1].opset_import, producer_name="rwkv2rknn")
     model.ir_version = 8
-    return model, shape
+    return model, shape, arch
 
 
 def export_file(sd: Dict[str, np.ndarray], path: str, fp32: bool = False,
                 tokenizer: Optional[str] = None, force: bool = False,
-                external_limit: int = ONE_FILE_LIMIT) -> rwkv4.Shape:
+                external_limit: int = ONE_FILE_LIMIT):
     """The whole model as one .onnx file (weights as external data ``PATH.data`` beside it when
     they pass ``external_limit`` bytes), written whole or not at all."""
     from onnx import helper
-    version = rwkv4.detect_version(sd)
-    if version != "4":
-        raise UnsupportedModel(f"one-file export of RWKV-{version} is not supported yet",
-                               "export it to a per-layer folder (-o FOLDER)")
-    model, shape = whole_model(sd)
-    if not fp32:
-        model = to_fp16(model)
-    helper.set_model_props(model, {METADATA_PREFIX + "arch": rwkv4.ARCH,
+    model, shape, arch = whole_model(sd, fp32)
+    helper.set_model_props(model, {METADATA_PREFIX + "arch": arch.ARCH,
                                    METADATA_PREFIX + "tokenizer": tokenizer or "",
                                    METADATA_PREFIX + "dtype": "float32" if fp32 else "float16"})
     weight_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
     io.save_onnx_file(model, path, external=weight_bytes > external_limit, force=force)
-    log.info("exported %s (%d layers, width %d, vocab %d) to %s", rwkv4.ARCH, shape.layers,
+    log.info("exported %s (%d layers, width %d, vocab %d) to %s", arch.ARCH, shape.layers,
              shape.width, shape.vocab, path)
     return shape

@@ -155,6 +155,9 @@ def file_facts(model) -> dict:
 def run(ctx: Context) -> None:
     graph = ctx.graph
     pinned = _pin_inputs(graph)
+    for n in graph.nodes:  # an omitted optional input at the end (torch: Clip(x, min, "")) goes
+        while n.inputs and not n.inputs[-1].name:
+            n.inputs.pop()
     _infer_types(graph, os.path.basename(ctx.source) or "the model")
     before = len(graph.nodes)
     from onnx_graphsurgeon.logger import G_LOGGER

@@ -9,7 +9,13 @@ The RKNN compiler lowers a constant-weight MatMul whose activation is a row matr
 1x1 convolution; the row form is also the one a T-token (prefill) variant uses, with M = T.
 Numerics are unchanged (the same products and sums).
 
-Precondition: keep_fp32 has run. Postcondition: every constant-weight MatMul reads [1, K].
+A batched MatMul with a 3-D constant weight (``x[.., B, M, K] @ W[B, K, N]``, as torch writes
+``tanh(x @ maa_w1).view(B, 1, D) @ maa_w2``) becomes B row-form MatMuls, one per weight slice
+(x split along B); where the result is only read one slice at a time (``Gather`` on the B
+axis), each reader takes its slice's MatMul directly.
+
+Precondition: keep_fp32 has run. Postcondition: every constant-weight MatMul reads [1, K] or
+[M, K].
 """
 
 from __future__ import annotations
@@ -48,9 +54,64 @@ def run(ctx: Context) -> None:
                        outputs=[out])
         graph.nodes += [pre, post]
         changed += 1
+    batched = sum(_unbatch(graph, n) for n in list(graph.nodes) if n.op == "MatMul")
     _fold_reshape_pairs(graph)
     graph.cleanup().toposort()
-    ctx.note(NAME, f"{changed} MatMul(W, x) rewritten as row-vector MatMul(x[1,K], W^T)")
+    ctx.note(NAME, f"{changed} MatMul(W, x) rewritten as row-vector MatMul(x[1,K], W^T)"
+                   + (f"; {batched} batched MatMul(s) with a 3-D weight split per slice" if batched else ""))
+
+
+def _unbatch(graph, node) -> bool:
+    """``x[.., B, M, K] @ W[B, K, N]`` (leading dims of x all 1) -> B MatMuls x_j[M, K] @ W[j],
+    joined by Concat; Gathers of one slice along B read their MatMul instead."""
+    import onnx_graphsurgeon as gs
+    x, w = node.inputs
+    wv, shape = const_value(w), list(x.shape or [])
+    if wv is None or wv.ndim != 3 or const_value(x) is not None or len(shape) < 3 or \
+            not all(isinstance(d, int) for d in shape) or int(np.prod(shape[:-3] or [1])) != 1 or \
+            shape[-3] != wv.shape[0] or shape[-1] != wv.shape[1]:
+        return False
+    b, m, (_, k, n) = shape[-3], shape[-2], wv.shape
+    base, out = node.name, node.outputs[0]
+
+    def var(name, dims):
+        return gs.Variable(f"{base}.{name}", dtype=np.float32, shape=list(dims))
+
+    def reshape(t, dims, name):
+        y = var(name, dims)
+        graph.nodes.append(gs.Node("Reshape", name=f"{base}.{name}", outputs=[y], inputs=[
+            t, gs.Constant(f"{base}.{name}.shape", np.array(dims, np.int64))]))
+        return y
+
+    parts = [var(f"part{j}", [1, m, k]) for j in range(b)]
+    graph.nodes.append(gs.Node("Split", name=f"{base}.split", attrs={"axis": 0}, outputs=parts,
+                               inputs=[reshape(x, [b, m, k], "batched")]))
+    ys = []
+    for j, part in enumerate(parts):
+        y = var(f"slice{j}", [m, n])
+        graph.nodes.append(gs.Node("MatMul", name=f"{base}.slice{j}", outputs=[y], inputs=[
+            reshape(part, [m, k], f"row{j}"), gs.Constant(f"{w.name}.{j}", np.ascontiguousarray(wv[j]))]))
+        ys.append(y)
+    joined = var("joined", [b, m, n])
+    graph.nodes.append(gs.Node("Concat", name=f"{base}.concat", attrs={"axis": 0}, outputs=[joined],
+                               inputs=[reshape(y, [1, m, n], f"slice{j}.3d") for j, y in enumerate(ys)]))
+    node.inputs, node.outputs = [], []
+    graph.nodes.append(gs.Node("Reshape", name=f"{base}.joined", outputs=[out], inputs=[
+        joined, gs.Constant(f"{base}.out_shape", np.array(out.shape, np.int64))]))
+    for t in [out] + [r.outputs[0] for r in out.outputs if r.op == "Reshape"]:
+        dims = list(t.shape or [])
+        for reader in list(t.outputs):
+            axis = int(reader.attrs.get("axis", 0)) % max(len(dims), 1) if reader.op == "Gather" else -1
+            idx = const_value(reader.inputs[1]) if reader.op == "Gather" else None
+            if idx is None or idx.ndim or not dims or dims[axis] != b or \
+                    int(np.prod(dims[:axis] or [1])) != 1:
+                continue
+            got = reader.outputs[0]
+            reader.outputs = []
+            graph.nodes.append(gs.Node("Reshape", name=f"{reader.name}.slice", outputs=[got], inputs=[
+                ys[int(idx)], gs.Constant(f"{reader.name}.slice_shape",
+                                          np.array(got.shape, np.int64))]))
+    return True
 
 
 def _fold_reshape_pairs(graph) -> None:

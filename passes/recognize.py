@@ -6,18 +6,28 @@ are the recurrent state (paired), which output is the logits.
     input_id (int64 [])  -> Cast int32->int64 <- token (int32 [1])   one token input form
     state_{i}_{r} ........................ output_state_{i}_{r}      paired by name
     L{i}/state_in [rows, C] .............. L{i}/state_out            whole per-layer state (unpacked by ``state``)
+    L{i}/wkv [H, N, N] ................... L{i}/wkv_out              named slots (RWKV-5.2/6/7)
+    state{3i+r}_in ....................... state{3i+r}_out           one flat index across the model
+    input_state [1, R, C] ................ out_state                 every layer in one tensor (``unstack``)
     output [V]                                                       the one unpaired output: logits
 
 The token is the one integer input; whatever its form ([1], [] or [1, 1]; int32 or int64) the
 compiled graph takes int32 ``[1]`` under the same name and converts it for the nodes that read it.
 State inputs pair with outputs whose names are equal once the words in/input/out/output/new are
 dropped (``state_0_1`` ~ ``output_state_0_1``, ``L0/state_in`` ~ ``L0/state_out``), else by
-position among the rest with equal shapes. The graph says which entries are recurrence
+position among the rest with equal shapes. A layer number is read from each state name; names
+that number every entry once (``state{3i+r}_in``) are split by the repeating pattern of shapes
+(one matrix state per layer); one input holding every layer's state is first split into its
+pieces (``unstack``). A new state of another shape but the same size as its input is reshaped
+to it. Entries are named from their input names (``att_shift``), else by kind (the matrix state
+``wkv``, the shifts around it). The graph says which entries are recurrence
 accumulators (a new value computed from its own old value: RWKV-4's aa, bb and pp) and which are
 token shifts (the new value does not read the old one). Row names come from the model
 description where the names match a known layout. Initial values come from Constant nodes that
 nothing reads, when the file has one per state input, else from the RWKV defaults. Nodes are
-named by stage (``embed/``, ``L{i}/``, ``head/``) from which layer's state they depend on.
+named by stage (``embed/``, ``L{i}/``, ``head/``) from which layer's state they depend on. The
+version comes from our export's metadata, else from the state: with a matrix state the ops that
+only feed the recurrence stay on the CPU with it (``ctx.cpu_recurrence_inputs``).
 
 A file with no integer input is a single graph, not a whole model: compiled as it is.
 
@@ -34,6 +44,7 @@ import numpy as np
 
 from rwkv2rknn.errors import UnsupportedModel
 from rwkv2rknn.ir import Context, StateSlot
+from rwkv2rknn.passes import unstack
 
 NAME = "recognize"
 _IO_WORDS = {"in", "input", "out", "output", "new", "next", "inp", "outp"}
@@ -53,6 +64,8 @@ def run(ctx: Context) -> None:
         return
     token = ints[0]
     pairs, how = _pair(graph, [t for t in graph.inputs if t is not token])
+    source_pairs = list(pairs)
+    pairs, split_into = unstack.stacked_pairs(graph, pairs)
     rest = [t for t in graph.outputs if t.name not in {o for _, o in pairs}]
     if len(rest) != 1:
         raise UnsupportedModel(
@@ -63,43 +76,40 @@ def run(ctx: Context) -> None:
     token = _normalize_token(graph, token)
     ctx.token_input, ctx.logits_output = token.name, logits.name
     tensors = graph.tensors()
-    layers: Dict[int, List[Tuple[int, str, str]]] = {}
-    for k, (i, o) in enumerate(pairs):
-        nums = [int(x) for x in re.findall(r"\d+", i)]
-        if not nums:
-            raise UnsupportedModel(f"state input '{i}' names no layer number",
-                                   "name state inputs with their layer, like state_{layer}_{row}")
-        layers.setdefault(nums[0], []).append((nums[1] if len(nums) > 1 else k, i, o))
+    _match_state_shapes(graph, pairs)
+    tensors = graph.tensors()
+    layers = _layers(pairs, tensors)
     layout = next((name for name, pat in rwkv4.LAYOUT_STATE_NAMES.items()
                    if all(re.fullmatch(pat, i) for i, _ in pairs)), "")
-    width = 0
+    width = max([int((tensors[i].shape or [1])[-1]) for i, _ in pairs] or [0])
     for layer, entries in sorted(layers.items()):
-        entries.sort()
         shapes = {tuple(tensors[i].shape or ()) for _, i, _ in entries}
         if len(entries) == 1 and len(next(iter(shapes))) == 2:  # one [rows, C] state tensor
             ctx.whole_state[layer] = entries[0][1:]
-            width = int(tensors[entries[0][1]].shape[-1])
             continue
-        rows = rwkv4.LAYOUT_ROWS.get(layout, ())
+        rows = rwkv4.LAYOUT_ROWS.get(layout) or _row_names([i for _, i, _ in entries], tensors)
         for pos, (r, i, o) in enumerate(entries):
-            row = rows[r] if r < len(rows) else f"s{r}"
+            row = rows[pos] if not layout else rows[r] if r < len(rows) else f"s{r}"
             dims = tuple(int(x) for x in tensors[i].shape or ())
             ctx.state.append(StateSlot(layer, row, i, o, _reads_itself(tensors[o], tensors[i]),
                                        dims if len(dims) > 1 else ()))
-            width = max(width, int(np.prod(tensors[i].shape or (1,))))
     inits = _initial_values(ctx, tensors, rwkv4)
     init_of = {s.input: s.init for s in ctx.state}
-    ctx.facts["source_state"] = [[i, o, init_of.get(i, 0.0)] for i, o in pairs]
+    ctx.facts["source_state"] = [[i, o, init_of.get(i, 0.0)] for i, o in source_pairs]
     n_layers = len(layers)
     _name_stages(graph, ctx, n_layers)
     acc = [s for s in ctx.state if s.accumulator]
     rows_per_layer = len(ctx.state) // max(n_layers, 1)
-    arch = rwkv4.ARCH if ctx.whole_state or (
+    module = _module_of(ctx.facts.get("arch"))
+    matrix_state = any(len(s.shape) > 2 for s in acc)
+    arch = module.ARCH if module else rwkv4.ARCH if ctx.whole_state or (
         rows_per_layer == len(rwkv4.STATE_ROWS) and len(acc) == n_layers * len(rwkv4.ACCUMULATOR_ROWS)) \
         else "rwkv"
     ctx.arch = arch
+    # a matrix state (RWKV-5.2/6/7): the ops that only feed the recurrence stay with it on the CPU
+    ctx.cpu_recurrence_inputs = bool(getattr(module, "CPU_RECURRENCE_INPUTS", matrix_state and not module))
     ctx.shape = {"layers": n_layers, "width": width, "vocab": int(np.prod(logits.shape or (0,)))}
-    ctx.layout = layout or ("rwkv2rknn one-file" if ctx.whole_state else "whole model")
+    ctx.layout = layout or ("rwkv2rknn one-file" if ctx.whole_state or module else "whole model")
     learned = ""
     if ctx.state:
         learned = (f"; per layer {rows_per_layer} state entries, {len(acc) // max(n_layers, 1)} "
@@ -108,9 +118,83 @@ def run(ctx: Context) -> None:
         wrong = [s for s in ctx.state if layout and (s.row in rwkv4.ACCUMULATOR_ROWS) != s.accumulator]
         if wrong:
             learned += f"; {len(wrong)} entr(ies) disagree with the {layout} row names: the graph wins"
+    stacked = "".join(f"; state '{i}' holds every layer's state: split into {n} pieces"
+                      for i, n in split_into.items())
     ctx.note(NAME, f"recognised the {ctx.layout} layout ({arch}): {n_layers} layers, width "
                    f"{width}, vocab {ctx.shape['vocab']}; token '{token.name}', state paired {how}"
-                   f"{learned}; initial state {inits}")
+                   f"{stacked}{learned}; initial state {inits}")
+
+
+def _module_of(arch):
+    """The model module our one-file export names in the file's metadata, or None."""
+    from rwkv2rknn.models.export import MODULES
+    return next((m for m in MODULES.values() if m.ARCH == arch), None) if arch else None
+
+
+def _match_state_shapes(graph, pairs) -> None:
+    """A new state of another shape but the same size as its input (some exporters' outputs
+    keep a unit sequence axis: [1, 1, C] for a [1, C] input) is reshaped to the input's shape."""
+    import onnx_graphsurgeon as gs
+    tensors = graph.tensors()
+    for i, o in pairs:
+        tin, tout = tensors[i], tensors[o]
+        a, b = list(tin.shape or []), list(tout.shape or [])
+        if a == b or not all(isinstance(d, int) for d in a + b) or int(np.prod(a)) != int(np.prod(b)):
+            continue
+        src = gs.Variable(o + ".unshaped", dtype=tout.dtype, shape=b)
+        for node in list(tout.inputs):
+            node.outputs = [src if t is tout else t for t in node.outputs]
+        for node in list(tout.outputs):
+            node.inputs = [src if t is tout else t for t in node.inputs]
+        graph.nodes.append(gs.Node("Reshape", name=o + ".reshape", inputs=[
+            src, gs.Constant(o + ".shape", np.array(a, np.int64))], outputs=[tout]))
+        tout.shape = a
+    graph.toposort()
+
+
+def _layers(pairs, tensors) -> Dict[int, List[Tuple[int, str, str]]]:
+    """{layer: [(row, input, output)]} from the layer number in each state input's name. Names
+    that number every entry once across the model (``state{3*i+r}_in``) are read as one flat
+    index when the entries repeat a per-layer pattern of shapes with one matrix state each."""
+    nums = {i: [int(x) for x in re.findall(r"\d+", i)] for i, _ in pairs}
+    bad = next((i for i, n in nums.items() if not n), None)
+    if bad:
+        raise UnsupportedModel(f"state input '{bad}' names no layer number",
+                               "name state inputs with their layer, like state_{layer}_{row}")
+    layers: Dict[int, List[Tuple[int, str, str]]] = {}
+    flat = sorted(pairs, key=lambda p: nums[p[0]][0])
+    matrices = sum(len(tensors[i].shape or ()) > 2 for i, _ in pairs)
+    period = len(pairs) // matrices if matrices else 0
+    shapes = [tuple(tensors[i].shape or ()) for i, _ in flat]
+    if period > 1 and len(pairs) % matrices == 0 and all(len(n) == 1 for n in nums.values()) and \
+            len({n[0] for n in nums.values()}) == len(pairs) and \
+            all(shapes[k] == shapes[k % period] for k in range(len(shapes))):
+        for k, (i, o) in enumerate(flat):
+            layers.setdefault(k // period, []).append((k % period, i, o))
+        return layers
+    for k, (i, o) in enumerate(pairs):
+        n = nums[i]
+        layers.setdefault(n[0], []).append((n[1] if len(n) > 1 else k, i, o))
+    for entries in layers.values():
+        entries.sort()
+    return layers
+
+
+def _row_names(inputs, tensors) -> List[str]:
+    """A name for each state entry of one layer: its input's name without numbers and the
+    in/out words where those differ (``L0/att_shift`` -> att_shift), else by kind: the one
+    matrix state is ``wkv``, the vectors around it ``att_shift`` and ``ffn_shift`` (one before,
+    one after), else ``shift{k}``."""
+    names = ["_".join(w for w in _words(i) if not re.search(r"\d", w)) for i in inputs]
+    if all(names) and len(set(names)) == len(names):
+        return names
+    kinds = [len(tensors[i].shape or ()) > 2 for i in inputs]
+    if kinds.count(True) != 1:
+        return [f"s{k}" for k in range(len(inputs))]
+    at = kinds.index(True)
+    if len(kinds) == 3 and at == 1:
+        return ["att_shift", "wkv", "ffn_shift"]
+    return ["wkv" if m else f"shift{k}" for k, m in enumerate(kinds)]
 
 
 def _words(name: str) -> Tuple[str, ...]:

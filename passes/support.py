@@ -29,7 +29,7 @@ NAME = "support"
 
 ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Relu", "Sigmoid", "Sqrt", "Neg", "Tanh", "Abs",
                "Clip", "LeakyRelu", "HardSigmoid", "Softplus"}
-LAYOUT = {"Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Transpose"}
+LAYOUT = {"Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Transpose", "Split"}
 REDUCE = {"ReduceMean", "ReduceSum", "LayerNormalization"}
 CPU_REASONS = {
     "Exp": "exp does not run on the RK3588 NPU (rknn-toolkit2 places it on the CPU)",

@@ -209,8 +209,8 @@ class WholeFileModel:
         feed = dict(state)
         feed[self.token] = np.full(self.token_shape, token)
         out = self.runner.infer(feed)
-        for i, o, _ in self.pairs:
-            state[i] = out[o]
+        for i, o, _ in self.pairs:  # some exporters' new state has extra unit axes
+            state[i] = out[o].reshape(self.state_shapes[i])
         return np.asarray(out[self.logits_name], np.float32).reshape(-1)
 
     def logits(self, tokens: Sequence[int]) -> np.ndarray:

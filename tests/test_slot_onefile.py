@@ -1,0 +1,167 @@
+"""Whole RWKV-5.2/6/7 models in one .onnx file: our one-file export and the layouts other
+exporters write (tests/fixtures/slot_onefile.py), recognised, compiled with every projection on
+the NPU and run on onnxruntime against the `rwkv` package's logits (tests/rwkv_package.py).
+The models are tests/conftest.py's SLOT_MODELS (3 layers x 192 or 128, head size 64)."""
+
+import os
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from fixtures import slot_onefile
+from rwkv2rknn.cli import cli
+from rwkv2rknn.compiler import compile_model
+from rwkv2rknn.errors import UnsupportedModel
+from rwkv2rknn.ir import Options
+from rwkv2rknn.runtime.hybrid import HybridModel
+from test_slot_versions_end_to_end import PROJECTIONS, _weight_matmuls
+
+PLAN = Options(plan_only=True)
+TOKENS = 12  # teacher-forced tokens compared with the package (of the session's 40)
+
+
+def _rel(got, ref):
+    return float(np.abs(got - ref).max() / np.abs(ref).max())
+
+
+def _plan_holds(art, layers=3):
+    """Every constant-weight MatMul (projection) in an NPU segment, no Exp there, and at most
+    2 NPU and 1 CPU segments per layer per token; returns the projections on the NPU."""
+    m = HybridModel(art, backend="ort").manifest
+    on_npu = 0
+    for seg in m.segments:
+        weights, model = _weight_matmuls(os.path.join(art, seg.onnx))
+        if seg.backend == "npu":
+            on_npu += len(weights)
+            assert not [n for n in model.graph.node if n.op_type == "Exp"], seg.name
+        else:
+            assert not weights, f"{seg.name} has a projection on the CPU"
+    rows = [r for r in m.per_layer() if r["stage"].startswith("L")]
+    assert len(rows) == layers
+    assert all(len(r["npu"]) <= 2 and len(r["cpu"]) <= 1 for r in rows), rows
+    return on_npu, m
+
+
+@pytest.fixture(scope="module")
+def one_file(slot_models, tmp_path_factory):
+    """version -> (our fp32 one-file export, its plan-only artifact), made on first use."""
+    made = {}
+
+    def get(version):
+        if version not in made:
+            d = tmp_path_factory.mktemp(f"onefile{version}")
+            src, art = str(d / "model.onnx"), str(d / "art")
+            r = CliRunner().invoke(cli, ["export", slot_models(version).dirs["pth"], "-o", src,
+                                         "--fp32", "--tokenizer", "bytes"])
+            assert r.exit_code == 0, r.output
+            compile_model(src, art, PLAN)
+            made[version] = src, art
+        return made[version]
+    return get
+
+
+@pytest.mark.parametrize("version", ["7", "6", "5"])
+def test_one_file_export_compiles_and_equals_the_rwkv_package(slot_models, one_file, version):
+    sm = slot_models(version)
+    src, art = one_file(version)
+    on_npu, m = _plan_holds(art)
+    assert on_npu == sum(PROJECTIONS[version]) + 1  # every projection and the head
+    assert any(f"recognised the rwkv2rknn one-file layout (rwkv{version}): 3 layers, width "
+               f"{sm.shape['width']}" in r for r in m.report)
+    c = sm.shape["width"]
+    assert [(s.layer, s.row, s.dims(c), s.accumulator) for s in m.state] == [
+        (i, name, shape, acc) for i in range(3) for name, shape, acc in
+        (("att_shift", (c,), False), ("wkv", (c // 64, 64, 64), True), ("ffn_shift", (c,), False))]
+    out = os.path.join(art, "..", "logits.npy")  # `rwkv2rknn run --backend ort`, teacher-forced
+    r = CliRunner().invoke(cli, ["run", art, "--backend", "ort", "--tokens",
+                                 ",".join(map(str, sm.tokens[:TOKENS])), "--logits-out", out])
+    assert r.exit_code == 0, r.output
+    assert _rel(np.load(out), sm.reference[:TOKENS]) <= 1e-4
+
+
+def _segment_files(art):
+    m = HybridModel(art, backend="ort").manifest
+    return [(s.name, s.backend, s.sha256, s.seq_sha256) for s in m.segments]
+
+
+@pytest.mark.parametrize("version", ["7", "6"])
+def test_one_file_segments_are_the_per_layer_routes_byte_for_byte(slot_models, one_file, version,
+                                                                  tmp_path):
+    """The one-file route cuts the same segment files as the per-layer folder (fp32 and fp16
+    exports), so the per-layer route's NPU builds and simulator runs hold for it as well."""
+    sm = slot_models(version)
+    assert _segment_files(one_file(version)[1]) == _segment_files(sm.plan_artifact)
+    if version == "7":
+        src = str(tmp_path / "fp16.onnx")
+        r = CliRunner().invoke(cli, ["export", sm.dirs["pth"], "-o", src, "--tokenizer", "bytes"])
+        assert r.exit_code == 0, r.output
+        compile_model(src, str(tmp_path / "one"), PLAN)
+        compile_model(sm.dirs["fp16"], str(tmp_path / "folder"), PLAN)
+        assert _segment_files(str(tmp_path / "one")) == _segment_files(str(tmp_path / "folder"))
+
+
+def test_one_file_keeps_v_first_inside_the_graph(one_file):
+    import onnx
+    src, art = one_file("7")
+    g = onnx.load(src).graph
+    names = {t.name for t in list(g.input) + list(g.output)}
+    assert not [n for n in names if "v_first" in n]
+    assert "L0/v_first" in {o for n in g.node for o in n.output}
+    m = HybridModel(art, backend="ort").manifest
+    assert len([s for s in m.segments if "L0/v_first" in s.inputs]) == 2  # read by L1 and L2
+
+
+def test_one_file_check_passes_against_the_file(one_file):
+    r = CliRunner().invoke(cli, ["check", one_file("7")[1], "--backend", "ort", "--tokens", "8"])
+    assert r.exit_code == 0, r.output
+    assert "PASS" in r.output
+
+
+@pytest.mark.parametrize("version,opset", [("7", 17), ("6", 18), ("5", 17)])
+def test_per_entry_layout_of_the_mobile_exporters(slot_models, version, opset, tmp_path):
+    """state{3i}_in [1, C], state{3i+1}_in [H, N, N], state{3i+2}_in [1, C]; token in [1, 1]
+    int64; new states of other shapes ([1, 1, C], [1, H, N, N]); torch.onnx.export."""
+    sm = slot_models(version)
+    src = slot_onefile.export_entries(sm.sd, str(tmp_path / "m.onnx"), version, opset)
+    art = str(tmp_path / "art")
+    compile_model(src, art, PLAN)
+    on_npu, m = _plan_holds(art)
+    assert on_npu >= 3 * 8 + 1
+    rep = next(r for r in m.report if r.startswith("recognize:"))
+    assert "3 layers, width %d" % sm.shape["width"] in rep and "token 'in'" in rep, rep
+    layer1 = [(s.row, s.input, s.accumulator) for s in m.state if s.layer == 1]
+    assert layer1 == [("att_shift", "state3_in", False), ("wkv", "state4_in", True),
+                      ("ffn_shift", "state5_in", False)]
+    got = HybridModel(art, backend="ort").logits(sm.tokens[:TOKENS])
+    assert _rel(got, sm.reference[:TOKENS]) <= 1e-4
+    r = CliRunner().invoke(cli, ["check", art, "--backend", "ort", "--tokens", "6"])
+    assert r.exit_code == 0 and "PASS" in r.output, r.output
+
+
+def test_stacked_state_layout_is_split_per_layer(slot_models, tmp_path):
+    """RWKV_Pytorch's one state tensor [B, L*(2+N), C], written in place (ScatterND)."""
+    sm = slot_models("6")
+    src = slot_onefile.export_stacked(sm.sd, str(tmp_path / "m.onnx"))
+    art = str(tmp_path / "art")
+    compile_model(src, art, PLAN)
+    _, m = _plan_holds(art)
+    assert any("state 'input_state' holds every layer's state: split into 9 pieces" in r
+               for r in m.report)
+    assert [(s.row, s.shape, s.accumulator) for s in m.state if s.layer == 2] == [
+        ("shift0", (1, 192), False), ("shift1", (1, 192), False), ("wkv", (1, 64, 192), True)]
+    got = HybridModel(art, backend="ort").logits(sm.tokens[:TOKENS])
+    assert _rel(got, sm.reference[:TOKENS]) <= 1e-4
+    r = CliRunner().invoke(cli, ["check", art, "--backend", "ort", "--tokens", "6"])
+    assert r.exit_code == 0 and "PASS" in r.output, r.output
+
+
+def test_stacked_state_read_whole_is_refused_in_one_line(slot_models, tmp_path):
+    src = slot_onefile.export_stacked(slot_models("6").sd, str(tmp_path / "m.onnx"), whole_read=True)
+    with pytest.raises(UnsupportedModel, match=r"one state input 'input_state' \[1, 198, 192\] "
+                                               r"holding every layer's state: ReduceMean node"):
+        compile_model(src, str(tmp_path / "art"), PLAN)
+    r = CliRunner().invoke(cli, ["compile", src, "-o", str(tmp_path / "art2"), "--plan-only"])
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert r.output.strip().splitlines()[-1].startswith("error: one state input 'input_state'")
+    assert not os.path.exists(tmp_path / "art2")
