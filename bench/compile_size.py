@@ -1,10 +1,11 @@
 #!/usr/bin/env python
-"""Compile time and peak memory of `rwkv2rknn compile` on a random RWKV-4 of a given size.
+"""Compile time and peak memory of `rwkv2rknn compile` on a random RWKV-4 (or RWKV-7) of a given size.
 
     python bench/compile_size.py                      # 430M-sized: 24 x 1024, vocab 50277, fp16 files
     python bench/compile_size.py --layers 4 --width 256 --vocab 1000
     python bench/compile_size.py --width 2048 --plan-only --once   # 1.5B-sized, plan only
     python bench/compile_size.py --table 2,6,12,24 --plan-only      # peak memory against depth
+    python bench/compile_size.py --version 7 --width 2048 --vocab 65536 --plan-only --once  # RWKV-7 1.5B-sized
 
 Exports the per-layer files (fp16, as the public files are), then runs the compile command in a
 child process with a fresh build cache and samples the resident memory of it and its children
@@ -38,16 +39,24 @@ def timed_compile(model_dir, out_dir, cache, extra=()):
     return time.perf_counter() - t0, peak, child.returncode, out
 
 
-def make_model(model_dir, layers, width, vocab, fp32=False):
-    from rwkv2rknn.models.checkpoint import random_checkpoint
+# RWKV-7's LoRA widths at width 2048 (the official 1.5B checkpoint's)
+V7_LORA = {"w": 96, "a": 96, "v": 64, "g": 256}
+
+
+def make_model(model_dir, layers, width, vocab, fp32=False, version="4", head_size=64):
+    from rwkv2rknn.models.checkpoint import random_checkpoint, random_rwkv7
     from rwkv2rknn.models.export import export
 
-    one = random_checkpoint(layers=1, width=width, vocab=vocab)
+    if version == "7":  # layer 0 has no v LoRA: two random layers, the second repeated
+        one, src = random_rwkv7(layers=min(layers, 2), width=width, vocab=vocab,
+                                head_size=head_size, lora=V7_LORA), 1
+    else:
+        one, src = random_checkpoint(layers=1, width=width, vocab=vocab), 0
     sd = dict(one)
-    for i in range(1, layers):  # every layer the same arrays: no copies
+    for i in range(src + 1, layers):  # every later layer the same arrays: no copies
         for k, v in one.items():
-            if k.startswith("blocks.0.") and ".ln0." not in k:
-                sd[k.replace("blocks.0.", f"blocks.{i}.", 1)] = v
+            if k.startswith(f"blocks.{src}.") and ".ln0." not in k:
+                sd[k.replace(f"blocks.{src}.", f"blocks.{i}.", 1)] = v
     export(sd, model_dir, fp32=fp32, force=True)
 
 
@@ -57,6 +66,9 @@ def main():
     ap.add_argument("--width", type=int, default=1024)
     ap.add_argument("--vocab", type=int, default=50277)
     ap.add_argument("--fp32", action="store_true", help="export fp32 files instead of fp16")
+    ap.add_argument("--version", choices=("4", "7"), default="4",
+                    help="RWKV-4 (default) or RWKV-7 (head size --head-size, LoRA as the 1.5B's)")
+    ap.add_argument("--head-size", type=int, default=64)
     ap.add_argument("--keep", default=None, help="work folder to keep (default: a temporary one)")
     ap.add_argument("--plan-only", action="store_true", help="compile with --plan-only")
     ap.add_argument("--once", action="store_true", help="one compile (no second, cached one)")
@@ -70,7 +82,7 @@ def main():
             print(f"| layers | fp16 files | wall time | peak memory (process tree) |\n|---|---|---|---|")
             for n in [int(x) for x in a.table.split(",")]:
                 model_dir = os.path.join(work, f"model-{n}")
-                make_model(model_dir, n, a.width, a.vocab, a.fp32)
+                make_model(model_dir, n, a.width, a.vocab, a.fp32, a.version, a.head_size)
                 size = sum(os.path.getsize(os.path.join(model_dir, f)) for f in os.listdir(model_dir))
                 secs, peak, rc, out = timed_compile(model_dir, os.path.join(work, "art"),
                                                     os.path.join(work, "cache"), extra)
@@ -81,7 +93,7 @@ def main():
         model_dir = os.path.join(work, "model")
         if not os.path.exists(os.path.join(model_dir, "head.onnx")):
             t0 = time.perf_counter()
-            make_model(model_dir, a.layers, a.width, a.vocab, a.fp32)
+            make_model(model_dir, a.layers, a.width, a.vocab, a.fp32, a.version, a.head_size)
             print(f"export ({'fp32' if a.fp32 else 'fp16'}): {time.perf_counter() - t0:.1f} s", flush=True)
         cache = os.path.join(work, "cache")
         shutil.rmtree(cache, ignore_errors=True)

@@ -22,6 +22,7 @@ from rwkv2rknn.ir import Context, GraphSegment, export, is_const, stages_of
 from rwkv2rknn.passes.partition import MATMUL_LIKE, estimate_ms, matmul_flops
 
 NAME = "cut"
+MOVE_ABOVE = 1 << 16  # bytes: weights a streaming cut moves into the segment's model
 
 
 def _stages_label(nodes) -> str:
@@ -40,10 +41,12 @@ def run(ctx: Context) -> None:
 
 
 def cut_one(ctx: Context, seg: GraphSegment, index: int, number: int, owner, graph_outputs,
-            width: int = 3) -> None:
+            width: int = 3, move_weights: bool = False) -> None:
     """Cut one segment of ``ctx.graph``: ``index`` is its place in ``owner`` (node name ->
     segment index), ``number`` its place in the model (its name). A streaming compile cuts
-    segment by segment as they are final."""
+    segment by segment as they are final, and ``move_weights`` there: the large weights only
+    this segment reads move into its model (the nodes keep zero-strided arrays of their shape),
+    so that no weight is held three times (array, its bytes, the model's copy) at once."""
     import onnx_graphsurgeon as gs
 
     nodes = seg.nodes
@@ -66,11 +69,38 @@ def cut_one(ctx: Context, seg: GraphSegment, index: int, number: int, owner, gra
             t.dtype, t.shape = np.dtype(info.dtype), list(info.shape)
     sub = gs.Graph(nodes=list(nodes), inputs=list(ins), outputs=list(outs),
                    opset=ctx.graph.opset, name=f"segment_{number}")
+    moved = _take_weights(nodes) if move_weights else {}
     model = export(sub)
     del model.graph.value_info[:]
+    for tensor in model.graph.initializer:
+        if tensor.name in moved:
+            const, values = moved.pop(tensor.name)
+            tensor.ClearField("dims")
+            tensor.dims.extend(values.shape)
+            data = values.tobytes()
+            const.values = np.broadcast_to(values.dtype.type(0), values.shape)
+            del values
+            tensor.raw_data = data
+            del data
     seg.name = f"s{number:0{max(width, 3)}d}_{seg.device}_{_stages_label(nodes)}"
     seg.inputs, seg.outputs = [t.name for t in ins], [t.name for t in outs]
     seg.model = model
     seg.flops, seg.ops = matmul_flops(nodes), len(nodes)
     seg.matmuls = sum(n.op in MATMUL_LIKE for n in nodes)
     seg.est_ms = estimate_ms(seg.device, nodes, ctx.profile)
+
+
+def _take_weights(nodes) -> dict:
+    """{name: (constant, array)} of the large weights only ``nodes`` read; each constant holds
+    an empty array of its dtype until the export has placed the real one."""
+    import onnx_graphsurgeon as gs
+    inside = {id(n) for n in nodes}
+    taken = {}
+    for node in nodes:
+        for t in node.inputs:
+            if isinstance(t, gs.Constant) and isinstance(t.values, np.ndarray) and \
+                    t.values.flags.c_contiguous and t.values.nbytes >= MOVE_ABOVE and \
+                    t.name not in taken and all(id(c) in inside for c in t.outputs):
+                taken[t.name] = (t, t.values)
+                t.values = np.empty((0,), t.values.dtype)
+    return taken

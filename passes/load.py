@@ -50,6 +50,10 @@ def import_stage(path: str, prefix: str, ctx_facts: Optional[dict] = None):
     for t in graph.tensors().values():  # the weights as arrays now, so the file's proto goes:
         if is_const(t):  # (else the folding would load them later with the proto still held)
             t.values = np.asarray(t.values)
+    # the graph's opset list is a view into the proto, and a view keeps the whole message (every
+    # weight of the file) alive: an independent copy lets it go
+    graph.import_domains = [_opset_id(d.domain, d.version) for d in graph.import_domains or ()] \
+        if graph.import_domains is not None else None
     del model
     _lower_constants(graph)
     for t in graph.tensors().values():
@@ -57,6 +61,11 @@ def import_stage(path: str, prefix: str, ctx_facts: Optional[dict] = None):
     for i, n in enumerate(graph.nodes):
         n.name = prefix + (n.name or f"{n.op}_{i}")
     return graph
+
+
+def _opset_id(domain: str, version: int):
+    from onnx import helper
+    return helper.make_opsetid(domain, version)
 
 
 def _lower_constants(graph) -> None:
@@ -103,7 +112,7 @@ def load_folder(folder: str, arch_module):
         blocks.append(g)
     head = import_stage(head_p, "head/")
     expect_io(head, head_p, *d.HEAD_IO)
-    width, vocab = _table_shape(embed, embed_p)
+    width, vocab = table_shape(embed, embed_p)
     _pin_decode_shapes(embed, blocks, head, width, d)
 
     nodes = list(embed.nodes)
@@ -120,10 +129,7 @@ def load_folder(folder: str, arch_module):
             elif name in outs:
                 carried[name] = outs[name]
         nodes += g.nodes
-        for name, out, acc in d.STATE_IO:
-            slot_in, slot_out = ins[name], outs[out]
-            slots.append(StateSlot(i, name, slot_in.name, slot_out.name, acc,
-                                   tuple(int(s) for s in slot_in.shape)))
+        slots += stage_slots(g, i, d)
         inputs += [ins[name] for name in ins if name not in ("input",) + d.INTER_LAYER]
         outputs += [outs[name] for name in outs if name not in ("output",) + d.INTER_LAYER]
         x = g.outputs[0]
@@ -139,15 +145,29 @@ def load_folder(folder: str, arch_module):
 
 
 def _pin_decode_shapes(embed, blocks, head, width: int, d) -> None:
-    """The stage inputs take their decode shape (symbolic dims, as torch.onnx's dynamic axes
-    write them, become numbers); fixed dims must agree with the embedding's width."""
-    pins = [(embed.inputs[0], [1]), (head.inputs[0], [width])]
-    rows = getattr(d, "STATE_ROWS", None)
+    """Every stage's inputs take their decode shape (see ``pin_stage``)."""
+    pin_stage(embed, "embed", width, d)
+    pin_stage(head, "head", width, d)
     for g in blocks:
-        pins.append((g.inputs[0], [width]))
+        pin_stage(g, "block", width, d)
+
+
+def pin_stage(g, kind: str, width: int, d) -> None:
+    """The inputs of one stage (``kind`` 'embed', 'block' or 'head') take their decode shape:
+    symbolic dims, as torch.onnx's dynamic axes write them, become numbers (the token [1], the
+    hidden state [C], RWKV-4's state [rows, C], the [C] values a block passes on or keeps as
+    state); fixed dims must agree with the embedding's width."""
+    if kind != "block":
+        pins = [(g.inputs[0], [1] if kind == "embed" else [width])]
+    else:
+        pins = [(g.inputs[0], [width])]
         ins = dict(zip(_io_names(g)[0], g.inputs))
+        rows = getattr(d, "STATE_ROWS", None)
         if rows and "state_in" in ins:  # the rows layout: [rows, C]
             pins.append((ins["state_in"], [len(rows), width]))
+        vectors = tuple(d.INTER_LAYER) + tuple(name for name, kind_, _ in
+                                               getattr(d, "STATE_SLOTS", ()) if kind_ == "C")
+        pins += [(ins[name], [width]) for name in vectors if name in ins]
     for t, want in pins:
         have = list(t.shape or [])
         if len(have) != len(want) or any(isinstance(h, int) and h >= 0 and h != w
@@ -158,7 +178,15 @@ def _pin_decode_shapes(embed, blocks, head, width: int, d) -> None:
         t.shape = want
 
 
-def _table_shape(embed, path: str):
+def stage_slots(g, layer: int, d) -> list:
+    """The StateSlots of block ``layer``'s graph in a slot layout (empty for RWKV-4's rows)."""
+    ins = dict(zip(_io_names(g)[0], g.inputs))
+    outs = dict(zip(_io_names(g)[1], g.outputs))
+    return [StateSlot(layer, name, ins[name].name, outs[out].name, acc,
+                      tuple(int(s) for s in ins[name].shape)) for name, out, acc in d.STATE_IO]
+
+
+def table_shape(embed, path: str):
     """(width, vocab) from the embedding table: the 2-D constant the token Gather reads."""
     for node in embed.nodes:
         if node.op == "Gather" and const_value(node.inputs[0]) is not None and \

@@ -118,23 +118,8 @@ def compile_model(model_path: str, out_dir: str, options: Optional[Options] = No
 
 
 def _streams(model_path: str, options: Options, dump_after) -> bool:
-    """An RWKV-4 per-layer folder compiles stage by stage, unless a whole-graph dump is asked
-    for (other versions load as one graph)."""
-    from rwkv2rknn.passes import load
-    return (options.stream and os.path.isdir(model_path) and not dump_after and
-            load.arch_of_folder(model_path).ARCH == "rwkv4" and _fixed_dims(model_path))
-
-
-def _fixed_dims(folder: str) -> bool:
-    """The stage files' inputs have fixed sizes (files exported with dynamic axes take the
-    whole-graph path, whose loader pins their symbolic sizes to the decode shape)."""
-    from rwkv2rknn.runtime.reference import stage_files
-    embed, blocks, head = stage_files(folder)
-    for path in (embed, blocks[0], head):
-        for inp in io.load_onnx(path).graph.input:
-            if any(not d.HasField("dim_value") for d in inp.type.tensor_type.shape.dim):
-                return False
-    return True
+    """A per-layer folder compiles stage by stage, unless a whole-graph dump is asked for."""
+    return options.stream and os.path.isdir(model_path) and not dump_after
 
 
 def _compile(model_path, out_dir, options, toolkit, calib_ids, force, dump_after, progress,

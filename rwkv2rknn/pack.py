@@ -61,6 +61,8 @@ def pack(artifact: str, out_dir: str, force: bool = False) -> Dict[str, int]:
                                "compile the model again")
             os.makedirs(os.path.dirname(os.path.join(tmp, rel)), exist_ok=True)
             shutil.copyfile(src, os.path.join(tmp, rel))
+            if rel.endswith(".onnx") and os.path.isfile(src + ".data"):  # its external weights
+                shutil.copyfile(src + ".data", os.path.join(tmp, rel) + ".data")
         io.write_json(os.path.join(tmp, MANIFEST), packed.to_dict())
         need = device.memory_need(packed, tmp)
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out_dir) for f in fs)

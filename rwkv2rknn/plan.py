@@ -323,8 +323,12 @@ def _segment(s) -> Segment:
 
 
 def sha256_file(path: str) -> str:
+    """SHA-256 of a file; an ONNX file's covers its external data too (``NAME.onnx.data``
+    beside it, where a model above the protobuf limit keeps its weights)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    data = path + ".data"
+    for part in (path, data) if path.endswith(".onnx") and os.path.isfile(data) else (path,):
+        with open(part, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
     return h.hexdigest()

@@ -12,10 +12,13 @@
 
 The graph passes are the whole-graph compile's own, run on one stage's graph; the range trace
 runs each stage alone, feeding it the hidden state the stage before made at each sample token
-(the stage's own state threads from step to step), so no whole-model session (and no 2 GB
-protobuf) is ever made. Partitioning a window of the pending nodes keeps the cross-layer fusion
-(the NPU tail of layer i and the NPU head of layer i+1 in one segment). Peak memory is a few
-stages' fp32 weights, not the model's.
+(and the values a block hands to later blocks of the same token: RWKV-7's ``v_first`` from
+layer 0), while the stage's own state threads from step to step, so no whole-model session (and
+no 2 GB protobuf) is ever made; RWKV-4's state rows and RWKV-5.2/6/7's named slots alike.
+Partitioning a window of the pending nodes keeps the cross-layer fusion (the NPU tail of layer
+i and the NPU head of layer i+1 in one segment). Peak memory is a few
+stages' fp32 weights, not the model's: a cut segment's weights move into its model (no third
+copy) and it is written before its T-row variant is made.
 
 This module does not import the passes: the compiler hands them in (``passes``), so that imports
 still run one way.
@@ -38,17 +41,6 @@ from rwkv2rknn.ir import Context, GraphSegment, Options, replace_uses
 log = logging.getLogger(__name__)
 
 
-def _vocab(graph) -> int:
-    """Rows of the embedding table (the Gather's constant) of the embed stage."""
-    from rwkv2rknn.ir import const_value
-    for n in graph.nodes:
-        if n.op == "Gather":
-            table = const_value(n.inputs[0])
-            if table is not None and table.ndim == 2:
-                return int(table.shape[0])
-    return 2
-
-
 def _stub(node, op_work) -> SimpleNamespace:
     """What a written segment keeps of a node: its name and op, for a MatMul the shapes its
     estimates need (the weight as a zero-strided array of its shape: no memory), for any other
@@ -69,24 +61,28 @@ def _stub(node, op_work) -> SimpleNamespace:
 class _Stream:
     def __init__(self, passes, folder: str, options: Options, out_dir: str,
                  on_stage: Optional[Callable[[str], None]]):
-        from rwkv2rknn.models import rwkv4
         from rwkv2rknn.runtime.reference import stage_files
 
         self.p, self.out_dir, self.on_stage = passes, out_dir, on_stage
+        self.arch = d = passes.load.arch_of_folder(folder)
         embed_p, block_ps, head_p = stage_files(folder)
-        self.stages = ([("embed", embed_p, rwkv4.EMBED_IO)] +
-                       [(f"L{i}", p, rwkv4.BLOCK_IO) for i, p in enumerate(block_ps)] +
-                       [("head", head_p, rwkv4.HEAD_IO)])
-        self.ctx = Context(graph=None, source=os.path.abspath(folder), arch=rwkv4.ARCH,
+        self.stages = ([("embed", embed_p, d.EMBED_IO)] +
+                       [(f"L{i}", p, d.block_io(i)) for i, p in enumerate(block_ps)] +
+                       [("head", head_p, d.HEAD_IO)])
+        self.ctx = Context(graph=None, source=os.path.abspath(folder), arch=d.ARCH,
                            layout="per-layer", options=options,
                            shape={"layers": len(block_ps), "width": None, "vocab": None})
+        self.ctx.cpu_recurrence_inputs = bool(getattr(d, "CPU_RECURRENCE_INPUTS", False))
         self.ctx.profile  # a bad --profile fails before any work
         self.window: List = []  # nodes not yet in a written segment, in run order
-        self.outputs = set()  # names of the model's outputs (state rows, logits)
+        self.outputs = set()  # names of the model's outputs (state, logits)
         self.opset = 13
         self.x = None  # the newest stage's hidden output tensor
         self.x_values: list = []  # its value at every sample token
-        self.steps_in: list = []
+        # values a block hands to later blocks of the same token (RWKV-7's v_first, from layer
+        # 0): name -> the tensor that makes it, and its value at every sample token
+        self.carried: dict = {}
+        self.carried_values: dict = {}
         self.written: List[GraphSegment] = []
         self.notes: dict = {}
         self.levels: dict = {}  # tensor a written segment made -> its producer's depth
@@ -95,50 +91,71 @@ class _Stream:
     # ------------------------------------------------------------------------ one stage
 
     def load(self, stage: str, path: str, io_names):
-        g = self.p.load.import_stage(path, stage + "/")
-        self.p.load.expect_io(g, path, *io_names)
-        width = int(g.inputs[0].shape[0]) if stage != "embed" else None
-        if width is not None:
-            if self.ctx.shape["width"] not in (None, width):
-                from rwkv2rknn.errors import UnsupportedModel
-                raise UnsupportedModel(
-                    f"the per-layer files disagree on the width ({self.ctx.shape['width']} and "
-                    f"{width} in {os.path.basename(path)})", "all files must come from one export")
-            self.ctx.shape["width"] = width
+        """The stage's graph, its tensors named as the whole-model graph names them and its
+        inputs pinned to their decode shape. Returns (graph, {io name: tensor})."""
+        load = self.p.load
+        g = load.import_stage(path, stage + "/")
+        load.expect_io(g, path, *io_names)
+        io = dict(zip(io_names[0], g.inputs), main=g.inputs[0])
+        io.update(("out:" + name, t) for name, t in zip(io_names[1], g.outputs))
         if stage == "embed":
-            g.inputs[0].name = "token"
-            self.ctx.shape["vocab"] = _vocab(g)
-        else:
-            g.inputs[0].name = self.x.name  # the name the whole-model graph gives it
+            width, vocab = load.table_shape(g, path)
+            self.ctx.shape.update(width=width, vocab=vocab)
+        kind = "embed" if stage == "embed" else "head" if stage == "head" else "block"
+        load.pin_stage(g, kind, self.ctx.shape["width"], self.arch)
+        # the names the whole-model graph gives the joined tensors
+        g.inputs[0].name = "token" if stage == "embed" else self.x.name
+        for name in self.arch.INTER_LAYER:
+            if name in io:
+                io[name].name = self.carried[name].name
         if stage == "head":
             g.outputs[0].name = "logits"
         self.opset = max(self.opset, g.opset)
-        return g
+        return g, io
 
-    def stage_passes(self, stage: str, g):
+    def stage_passes(self, stage: str, g, io):
         p, ctx = self.p, self.ctx
         sctx = Context(graph=g, source=ctx.source, arch=ctx.arch, shape=ctx.shape,
-                       options=ctx.options)
+                       options=ctx.options, cpu_recurrence_inputs=ctx.cpu_recurrence_inputs)
         sctx._profile = ctx.profile
         if stage.startswith("L"):
             i = int(stage[1:])
-            sctx.whole_state = {i: (f"L{i}/state_in", f"L{i}/state_out")}
+            if self.arch.STATE_IO:  # named slots (RWKV-5.2/6/7), as the loader lists them
+                sctx.state = p.load.stage_slots(g, i, self.arch)
+            else:  # RWKV-4's [rows, C], which the state pass unpacks
+                sctx.whole_state = {i: (f"L{i}/state_in", f"L{i}/state_out")}
         for mod in self.before_trace():  # canonicalize ... normalize_matmul, as one graph has them
             mod.run(sctx)
+        resources.give_back_memory()  # the replaced weights (fp16, untransposed) before the trace
         g = sctx.graph
+        by_name = g.tensors()  # a pass may have replaced an input or output tensor (same name)
+        io.update((k, by_name.get(t.name, t)) for k, t in list(io.items()))
         if stage == "embed":
             tok_type = np.int64 if np.dtype(g.inputs[0].dtype or np.int64) == np.int64 else np.int32
             tokens = p.fp16_guard.sample_tokens(sctx)
             steps = [{"token": np.array([t], tok_type)} for t in tokens]
         else:
-            steps = [{self.x_name_in: v} for v in self.x_values]
+            steps = [{self.x.name: v} for v in self.x_values]
+            for name in self.arch.INTER_LAYER:
+                if name in io:  # fed what layer 0 made at each sample token
+                    for step, v in zip(steps, self.carried_values[name]):
+                        step[io[name].name] = v
         from rwkv2rknn.trace import trace_steps
         pairs = [(s.input, s.output) for s in sctx.state] + list(sctx.whole_state.values())
         out = g.outputs[0]
-        sctx.tensors, kept = trace_steps(g, steps, pairs, keep=[out.name])
+        made = {name: io["out:" + name] for name in self.arch.INTER_LAYER if "out:" + name in io}
+        sctx.tensors, kept = trace_steps(g, steps, pairs,
+                                         keep=[out.name] + [t.name for t in made.values()])
         self.x_values = kept[out.name]
-        for mod in (p.fp16_guard, p.support):
-            mod.run(sctx)
+        for name, t in made.items():
+            self.carried_values[name] = kept[t.name]
+        p.fp16_guard.run(sctx)
+        # support sees the stage as part of the model: a value handed to later layers is no
+        # output of the model (the later layers read it as recurrence input, as RWKV-7's v_first)
+        outputs, g.outputs = g.outputs, [t for t in g.outputs if t.name not in
+                                         {t.name for t in made.values()}]
+        p.support.run(sctx)
+        g.outputs = outputs
         ctx.state += sctx.state
         ctx.whole_state.update(sctx.whole_state)
         ctx.tensors.update(sctx.tensors)
@@ -147,8 +164,10 @@ class _Stream:
         for line in sctx.report:
             name, _, msg = line.partition(": ")
             self.notes.setdefault(name, []).append(f"{stage}: {msg}")
-        self.outputs |= {t.name for t in g.outputs[1:]} | ({"logits"} if stage == "head" else set())
-        return g, out
+        inter = {t.name for t in made.values()}
+        self.outputs |= {t.name for t in g.outputs[1:] if t.name not in inter} | \
+            ({"logits"} if stage == "head" else set())
+        return g, out, made
 
     def before_trace(self):
         """The pipeline's passes before the range guard (whose trace a stage does itself)."""
@@ -157,12 +176,15 @@ class _Stream:
 
     # ------------------------------------------------------------------------ the window
 
-    def add(self, g, out) -> None:
-        if self.x is not None:
-            replace_uses(g.inputs[0], self.x)  # join: the stage reads the previous stage's output
+    def add(self, g, io, out, made) -> None:
+        if self.x is not None:  # join: the stage reads the previous stage's output
+            replace_uses(io["main"], self.x)
+        for name in self.arch.INTER_LAYER:
+            if name in io:  # and what layer 0 handed on
+                replace_uses(io[name], self.carried[name])
+        self.carried.update(made)
         self.window += list(g.nodes)
         self.x = out
-        self.x_name_in = out.name
 
     def flush(self, last: bool, newest: str) -> int:
         """Partition the window; cut, write and drop every segment that is final."""
@@ -187,9 +209,8 @@ class _Stream:
         gone = set()
         for k in range(final):
             seg = segs[k]
-            p.cut.cut_one(wctx, seg, k, len(self.written), owner, self.outputs)
-            p.sequence.run_one(ctx, seg)
-            self.write(seg)
+            p.cut.cut_one(wctx, seg, k, len(self.written), owner, self.outputs, move_weights=True)
+            self.write(seg, p.sequence)
             gone |= {n.name for n in seg.nodes}
             seg.nodes = [_stub(n, p.partition.op_work) for n in seg.nodes]
             self.written.append(seg)
@@ -230,18 +251,29 @@ class _Stream:
         name, so that the written nodes (and their weights) can be freed."""
         import onnx_graphsurgeon as gs
         fresh = {}
+
+        def renew(t):
+            if t.name not in fresh:
+                fresh[t.name] = gs.Variable(t.name, dtype=t.dtype, shape=t.shape)
+                self.levels[t.name] = self.depth[t.inputs[0].name]
+            return fresh[t.name]
+
         for node in self.window:
             for i, t in enumerate(node.inputs):
                 if t.inputs and t.inputs[0].name in gone:
-                    if t.name not in fresh:
-                        fresh[t.name] = gs.Variable(t.name, dtype=t.dtype, shape=t.shape)
-                        self.levels[t.name] = self.depth[t.inputs[0].name]
-                    node.inputs[i] = fresh[t.name]
+                    node.inputs[i] = renew(t)
+        for name, t in self.carried.items():  # later stages join the fresh tensor
+            if t.inputs and t.inputs[0].name in gone:
+                self.carried[name] = renew(t)
 
-    def write(self, seg: GraphSegment) -> None:
+    def write(self, seg: GraphSegment, sequence) -> None:
+        """Write the segment's model, make its T-row variant from it and write that: at most two
+        copies of the segment's weights at once (the model and the variant, or one of them and
+        its serialised bytes)."""
         folder = os.path.join(self.out_dir, "segments")
         path = os.path.join(folder, seg.name + ".onnx")
-        io.save_onnx(seg.model, path, keep=False)
+        io.save_onnx(seg.model, path)
+        sequence.run_one(self.ctx, seg)
         seg.model = path
         if seg.seq_model is not None:
             io.save_onnx(seg.seq_model, os.path.join(folder, seg.name + ".seq.onnx"), keep=False)
@@ -254,10 +286,10 @@ class _Stream:
         n = len(self.stages)
         os.makedirs(os.path.join(self.out_dir, "segments"), exist_ok=True)
         for k, (stage, path, io_names) in enumerate(self.stages):
-            g = self.load(stage, path, io_names)
-            g, out = self.stage_passes(stage, g)
-            self.add(g, out)
-            del g
+            g, io = self.load(stage, path, io_names)
+            g, out, made = self.stage_passes(stage, g, io)
+            self.add(g, io, out, made)
+            del g, io
             made = self.flush(k == n - 1, stage)
             resources.give_back_memory()
             if self.on_stage:
@@ -269,12 +301,12 @@ class _Stream:
         return self.ctx
 
     def summarise(self) -> None:
-        from rwkv2rknn.models import rwkv4
+        d = self.arch
         ctx, segs = self.ctx, self.written
         layers = ctx.shape["layers"]
-        ctx.note("load", f"recognised per-layer {ctx.arch} files ({rwkv4.EMBED_FILE}, "
-                         f"{rwkv4.BLOCK_FILE.format(0)}..{rwkv4.BLOCK_FILE.format(layers - 1)}, "
-                         f"{rwkv4.HEAD_FILE}): {layers} layers, width {ctx.shape['width']}, vocab "
+        ctx.note("load", f"recognised per-layer {ctx.arch} files ({d.EMBED_FILE}, "
+                         f"{d.BLOCK_FILE.format(0)}..{d.BLOCK_FILE.format(layers - 1)}, "
+                         f"{d.HEAD_FILE}): {layers} layers, width {ctx.shape['width']}, vocab "
                          f"{ctx.shape['vocab']}; streamed one stage at a time")
         for name, lines in self.notes.items():  # every stage's note, pass by pass
             for line in lines:

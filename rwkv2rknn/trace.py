@@ -14,12 +14,30 @@ import numpy as np
 from rwkv2rknn.ir import Context, TensorInfo, export
 
 
+# Constants of at least this many bytes reach onnxruntime as inputs fed from the graph's own
+# arrays (onnxruntime reads a numpy input in place), not inside the serialised model: no proto,
+# no bytes and no session copy of the embedding or the head.
+FED_ABOVE = 1 << 20
+
+
 def _session(graph, tensor_filter=None):
-    """An onnxruntime session of ``graph`` with every typed variable tensor as an output."""
+    """An onnxruntime session of ``graph`` with every typed variable tensor as an output, and
+    the feeds of its large constants (made graph inputs): ``(session, {name: array})``."""
     import onnx_graphsurgeon as gs
+    from rwkv2rknn.ir import is_const
     from rwkv2rknn.runtime.ort import make_session
 
-    graph = graph.copy()
+    graph = graph.copy()  # its constants share the arrays
+    weights, fed = {}, {}
+    for node in graph.nodes:
+        for i, t in enumerate(node.inputs):
+            if is_const(t) and np.asarray(t.values).nbytes >= FED_ABOVE:
+                if t.name not in fed:
+                    arr = np.ascontiguousarray(np.asarray(t.values))
+                    weights[t.name] = arr
+                    fed[t.name] = gs.Variable(t.name, dtype=arr.dtype, shape=list(arr.shape))
+                node.inputs[i] = fed[t.name]
+    graph.inputs = list(graph.inputs) + list(fed.values())
     # only typed tensors can be graph outputs (canonicalize types every tensor; an untyped one
     # is not guessed, a wrong guess makes onnxruntime refuse the graph)
     wanted = [t for t in graph.tensors().values()
@@ -37,7 +55,7 @@ def _session(graph, tensor_filter=None):
     data = model.SerializeToString()
     del model  # peak memory: never the graph, its proto, its bytes and the session at once
     sess, _ = make_session(data, what="the traced graph", prepack=False)
-    return sess
+    return sess, weights
 
 
 def _record(info: Dict[str, TensorInfo], values: Dict[str, np.ndarray]) -> None:
@@ -59,12 +77,14 @@ def trace(ctx: Context, tokens: Sequence[int], names: Optional[List[str]] = None
     """
     from rwkv2rknn.runtime.ort import ORT_TYPES
 
-    sess = _session(ctx.graph, tensor_filter)
+    sess, weights = _session(ctx.graph, tensor_filter)
     out_names = [o.name for o in sess.get_outputs()]
     feeds, token = {}, None
     rng = np.random.default_rng(ctx.options.seed)
     init = {s.input: s.init for s in ctx.state}
     for inp in sess.get_inputs():  # dtype and shape as the graph declares them
+        if inp.name in weights:
+            continue
         dtype = ORT_TYPES.get(inp.type, np.float32)
         shape = [int(d) if isinstance(d, int) else 1 for d in inp.shape]
         if inp.name == ctx.token_input:
@@ -80,7 +100,7 @@ def trace(ctx: Context, tokens: Sequence[int], names: Optional[List[str]] = None
     for tok in tokens:
         if token is not None:
             feeds[ctx.token_input] = np.full(token[1], tok, token[0])
-        values = dict(zip(out_names, sess.run(out_names, feeds)))
+        values = dict(zip(out_names, sess.run(out_names, {**feeds, **weights})))
         values.update(feeds)
         _record(info, values)
         for i, o in state_pairs:
@@ -97,18 +117,18 @@ def trace_steps(graph, steps: Sequence[Dict[str, np.ndarray]], state_pairs,
     of the ``keep`` tensors at every step (what the next stage is fed)."""
     from rwkv2rknn.runtime.ort import ORT_TYPES
 
-    sess = _session(graph)
+    sess, weights = _session(graph)
     out_names = [o.name for o in sess.get_outputs()]
     feeds = {}
     for inp in sess.get_inputs():
-        if not steps or inp.name not in steps[0]:
+        if inp.name not in weights and (not steps or inp.name not in steps[0]):
             shape = [int(d) if isinstance(d, int) else 1 for d in inp.shape]
             feeds[inp.name] = np.zeros(shape, ORT_TYPES.get(inp.type, np.float32))
     info: Dict[str, TensorInfo] = {}
     kept: Dict[str, list] = {k: [] for k in keep}
     for step in steps:
         feeds.update(step)
-        values = dict(zip(out_names, sess.run(out_names, feeds)))
+        values = dict(zip(out_names, sess.run(out_names, {**feeds, **weights})))
         values.update(feeds)
         _record(info, values)
         for k in keep:

@@ -84,3 +84,40 @@ def test_small_models_stay_in_one_file_and_big_ones_run_in_onnxruntime(tmp_path)
         np.testing.assert_array_equal(y, x + 6)
     io.save_onnx(model, str(big))  # saved small again: no stale data file left beside it
     assert not os.path.exists(str(big) + ".data")
+
+
+def test_the_manifest_checksum_covers_external_data(fp32_dir, tokens, tmp_path, monkeypatch):
+    """A segment whose weights went to NAME.onnx.data: the manifest's checksum covers that file
+    too, so a changed .onnx.data is refused before it runs, as a changed .onnx is."""
+    import json
+
+    import pytest
+
+    from rwkv2rknn.compiler import compile_model
+    from rwkv2rknn.errors import BadInput
+    from rwkv2rknn.ir import Options
+    from rwkv2rknn.plan import sha256_file
+    from rwkv2rknn.runtime.hybrid import HybridModel
+    monkeypatch.setattr(io, "EXTERNAL_ABOVE", 4096)  # every segment with weights goes external
+    art = str(tmp_path / "art")
+    compile_model(fp32_dir, art, Options(plan_only=True))
+    with open(os.path.join(art, "manifest.json")) as f:
+        segs = json.load(f)["segments"]
+    ext = [s for s in segs if os.path.exists(os.path.join(art, s["onnx"] + ".data"))]
+    assert ext, "no segment was written with external data"
+    HybridModel(art, backend="ort").logits(tokens[:3])  # runs as compiled
+    path = os.path.join(art, ext[0]["onnx"])
+    alone = __import__("hashlib").sha256(open(path, "rb").read()).hexdigest()
+    assert ext[0]["sha256"] == sha256_file(path) != alone
+    for target in (path + ".data", path):
+        with open(target, "r+b") as f:  # one byte changed, the size kept
+            f.seek(-1, os.SEEK_END)
+            last = f.read(1)
+            f.seek(-1, os.SEEK_END)
+            f.write(bytes([last[0] ^ 1]))
+        with pytest.raises(BadInput, match="changed since it was compiled"):
+            HybridModel(art, backend="ort").logits(tokens[:3])
+        with open(target, "r+b") as f:  # back as it was
+            f.seek(-1, os.SEEK_END)
+            f.write(last)
+        HybridModel(art, backend="ort").logits(tokens[:3])

@@ -90,3 +90,92 @@ def test_written_segments_keep_their_estimates_without_weights(fp16_dir, tmp_pat
         est = partition.estimate_ms(seg.device, seg.nodes, ctx.profile)
         assert est == pytest.approx(by_name[seg.name].est_ms, abs=1e-6)
         assert partition.matmul_flops(seg.nodes) == by_name[seg.name].flops
+
+
+@pytest.mark.parametrize("version,dtype", [("5", "fp32"), ("6", "fp16"), ("7", "fp32"), ("7", "fp16")])
+def test_slot_versions_stream_like_the_whole_graph(slot_models, version, dtype, tmp_path,
+                                                    monkeypatch):
+    """RWKV-5.2, 6 and 7 folders (named state slots; RWKV-7 hands v_first from layer 0 to the
+    later layers within a token) compile streamed to the whole-graph compile's artifact, and run
+    as the `rwkv` package does."""
+    from rwkv2rknn.runtime.hybrid import HybridModel
+    import rwkv2rknn.trace as trace_mod
+    sm = slot_models(version)
+    whole, streamed = str(tmp_path / "whole"), str(tmp_path / "streamed")
+    compile_model(sm.dirs[dtype], whole, Options(plan_only=True, stream=False))
+
+    def no_whole_trace(*a, **k):
+        raise AssertionError("the streaming compile traced the whole model")
+
+    monkeypatch.setattr(trace_mod, "trace", no_whole_trace)
+    compile_model(sm.dirs[dtype], streamed, Options(plan_only=True))
+    a, b = _manifest(whole), _manifest(streamed)
+    assert any("streamed one stage at a time" in r for r in b["report"])
+    assert a["segments"] == b["segments"]  # names, bindings, shapes, stages, checksums
+    assert a["state"] == b["state"] and a["model"] == b["model"]
+    if version == "7":  # layer 0's v_first reaches the later layers' segments
+        readers = [s["name"] for s in b["segments"] if "L0/v_first" in s["inputs"]]
+        assert len(readers) == 2, readers
+    got = [HybridModel(art, backend="ort").logits(sm.tokens) for art in (whole, streamed)]
+    np.testing.assert_array_equal(got[0], got[1])
+    ref = sm.reference  # the rwkv package, fp32
+    tol = 1e-4 if dtype == "fp32" else 0.05
+    assert np.abs(got[1] - ref).max() <= tol * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("opset,fp16", [(18, False), (13, True)])
+def test_symbolic_input_sizes_stream(opset, fp16, tmp_path, monkeypatch):
+    """Per-layer files torch.onnx wrote with dynamic axes (every input and output dim symbolic):
+    each stage is pinned to its decode shape as it is loaded, so they stream too, to the
+    whole-graph compile's artifact."""
+    import onnx
+
+    from fixtures.torch_layers import export_torch
+    from rwkv2rknn.runtime.hybrid import HybridModel
+    import rwkv2rknn.trace as trace_mod
+    sd = random_checkpoint(layers=2, width=32, vocab=61, seed=3)
+    src = export_torch(sd, str(tmp_path / "src"), opset=opset, dynamic=True, fp16=fp16)
+    dims = onnx.load(f"{src}/mixing_1.onnx").graph.input[1].type.tensor_type.shape.dim
+    assert [d.dim_param for d in dims] == ["rows", "width"]  # symbolic, as written
+    whole, streamed = str(tmp_path / "whole"), str(tmp_path / "streamed")
+    compile_model(src, whole, Options(plan_only=True, stream=False))
+    monkeypatch.setattr(trace_mod, "trace", lambda *a, **k: pytest.fail("whole-model trace"))
+    compile_model(src, streamed, Options(plan_only=True))
+    a, b = _manifest(whole), _manifest(streamed)
+    assert any("streamed one stage at a time" in r for r in b["report"])
+    assert a["state"] == b["state"] and b["model"]["width"] == 32 and b["model"]["vocab"] == 61
+    # the same segments, bindings and shapes; the order of a segment's inputs and outputs may
+    # differ where two tensors are as deep as each other (these files' node order differs from
+    # the passes' sort of one stage and of the whole model)
+    same = ("name", "backend", "stages", "ops", "matmuls", "flops", "shapes")
+    assert [{k: s[k] for k in same} for s in a["segments"]] == \
+        [{k: s[k] for k in same} for s in b["segments"]]
+    assert [(set(s["inputs"]), set(s["outputs"])) for s in a["segments"]] == \
+        [(set(s["inputs"]), set(s["outputs"])) for s in b["segments"]]
+    tokens = [3, 1, 4, 1, 5, 9, 2, 6]
+    got = [HybridModel(art, backend="ort").logits(tokens) for art in (whole, streamed)]
+    np.testing.assert_allclose(got[1], got[0], rtol=1e-6, atol=1e-6 * float(np.abs(got[0]).max()))
+
+
+def test_the_range_trace_feeds_large_weights_in_place(tmp_path, monkeypatch):
+    """The trace's onnxruntime sessions get the embedding and head (1.3 MB each here) as inputs
+    read from the graph's arrays, not inside the serialised model; the artifact is the one a
+    trace with the weights inside the model gives."""
+    import rwkv2rknn.runtime.ort as ort
+    import rwkv2rknn.trace as trace_mod
+    sd = random_checkpoint(layers=2, width=64, vocab=5000, seed=4)
+    model = str(tmp_path / "model")
+    export(sd, model, fp32=True, tokenizer="bytes")
+    sizes, real = [], ort.make_session
+
+    def make_session(data, *a, **k):
+        sizes.append(len(data))
+        return real(data, *a, **k)
+
+    monkeypatch.setattr(ort, "make_session", make_session)
+    compile_model(model, str(tmp_path / "fed"), Options(plan_only=True))
+    assert len(sizes) == 4 and max(sizes) < 5000 * 64 * 4  # a session per stage, no table inside
+    monkeypatch.setattr(trace_mod, "FED_ABOVE", 1 << 62)
+    compile_model(model, str(tmp_path / "inside"), Options(plan_only=True))
+    assert max(sizes[4:]) > 5000 * 64 * 4
+    assert _manifest(tmp_path / "fed")["segments"] == _manifest(tmp_path / "inside")["segments"]

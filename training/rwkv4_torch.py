@@ -26,6 +26,7 @@ is O(T L C) instead of O(T^2 C), and the same code continues from any state.
 
 from __future__ import annotations
 
+import math
 from typing import List, Tuple
 
 import torch
@@ -244,3 +245,33 @@ class RWKV4(nn.Module):
             logits, state = self.step(int(t), state)
             out.append(logits)
         return torch.stack(out), state
+
+
+@torch.no_grad()
+def init_weights(model: RWKV4, seed: int) -> RWKV4:
+    """RWKV-4-style init: decays spread over channels, mixes in [0, 1], weights ~ 1/sqrt(fan_in)."""
+    g = torch.Generator().manual_seed(seed)
+    C, L = model.width, model.layers
+    model.emb.weight.uniform_(-1e-4, 1e-4, generator=g)   # small emb + ln0 (RWKV-4 trick)
+    model.head.weight.normal_(0, 0.5 / math.sqrt(C), generator=g)
+    ch = torch.arange(C, dtype=torch.float32)
+    for i, blk in enumerate(model.blocks):
+        r01 = i / max(L - 1, 1)                 # 0 -> 1 over layers
+        r10 = 1 - i / L                         # 1 -> ~0 over layers
+        x = ch / C
+        a, f = blk.att, blk.ffn
+        a.time_decay.copy_(-5 + 8 * (ch / (C - 1)) ** (0.7 + 1.3 * r01))
+        zig = ((ch + 1) % 3 - 1) * 0.5
+        a.time_first.copy_(math.log(0.3) + zig)
+        a.time_mix_k.copy_((x ** r10).view(1, 1, C))
+        a.time_mix_v.copy_((x ** r10 + 0.3 * r01).clamp(0, 1).view(1, 1, C))
+        a.time_mix_r.copy_((x ** (0.5 * r10)).view(1, 1, C))
+        f.time_mix_k.copy_((x ** r10).view(1, 1, C))
+        f.time_mix_r.copy_((x ** r10).view(1, 1, C))
+        out_scale = 1 / math.sqrt(2 * L)
+        for lin, scale in ((a.key, 1.0), (a.value, 1.0), (a.receptance, 1.0),
+                           (a.output, out_scale), (f.key, 1.0), (f.receptance, 1.0),
+                           (f.value, out_scale)):
+            fan_in = lin.weight.shape[1]
+            lin.weight.normal_(0, scale / math.sqrt(fan_in), generator=g)
+    return model

@@ -1,9 +1,9 @@
-"""Train a small byte-level RWKV-4 language model on CPU (the bundled checkpoint; see
+"""Train a small byte-level RWKV-4 (the bundled checkpoint) or RWKV-7 language model on CPU (see
 models/README.md).
 
-The model (``rwkv4_torch.py``, beside this file) is trained in sequence ("parallel") form and
-saved as a torch state dict with the official RWKV-4 key names and shapes (fp16 tensors), so
-every RWKV-4 tool can load it:
+The model (``rwkv4_torch.py`` or, with ``--version 7``, ``rwkv7_torch.py``, beside this file) is
+trained in sequence ("parallel") form and saved as a torch state dict with the official key names
+and shapes (fp16 tensors), so every RWKV tool can load it. RWKV-4's:
 
     emb.weight [V,C]; blocks.0.ln0.{weight,bias}; blocks.N.ln1/ln2.{weight,bias};
     blocks.N.att.time_decay [C] (raw w, the recurrence uses -exp(w)); blocks.N.att.time_first [C];
@@ -17,6 +17,7 @@ Usage (training is not part of the installed package; run it from the repository
     python training/train.py --check                      # sequence form == token by token
     python training/train.py --out models/default/rwkv4-bytes.pth --layers 4 --width 256 \
         --ctx 128 --batch 16 --steps 4000 --lr 2e-3 --seed 1234 --threads 1
+    python training/train.py --version 7 --out rwkv7-bytes.pth --steps 2400 ...   # RWKV-7
     python training/train.py --sample models/default/rwkv4-bytes.pth --prompt "The "
     python training/train.py --eval models/default/rwkv4-bytes.pth     # validation bits per byte
 """
@@ -36,47 +37,33 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import data as corpus  # noqa: E402  (training/data.py)
-from rwkv4_torch import RWKV4, wkv_seq  # noqa: E402  (training/rwkv4_torch.py)
+from rwkv4_torch import RWKV4, init_weights, wkv_seq  # noqa: E402,F401  (training/rwkv4_torch.py)
+import rwkv7_torch  # noqa: E402  (training/rwkv7_torch.py)
+from rwkv7_torch import RWKV7  # noqa: E402
 
 VOCAB = 256
-
-
-@torch.no_grad()
-def init_weights(model: RWKV4, seed: int) -> RWKV4:
-    """RWKV-4-style init: decays spread over channels, mixes in [0, 1], weights ~ 1/sqrt(fan_in)."""
-    g = torch.Generator().manual_seed(seed)
-    C, L = model.width, model.layers
-    model.emb.weight.uniform_(-1e-4, 1e-4, generator=g)   # small emb + ln0 (RWKV-4 trick)
-    model.head.weight.normal_(0, 0.5 / math.sqrt(C), generator=g)
-    ch = torch.arange(C, dtype=torch.float32)
-    for i, blk in enumerate(model.blocks):
-        r01 = i / max(L - 1, 1)                 # 0 -> 1 over layers
-        r10 = 1 - i / L                         # 1 -> ~0 over layers
-        x = ch / C
-        a, f = blk.att, blk.ffn
-        a.time_decay.copy_(-5 + 8 * (ch / (C - 1)) ** (0.7 + 1.3 * r01))
-        zig = ((ch + 1) % 3 - 1) * 0.5
-        a.time_first.copy_(math.log(0.3) + zig)
-        a.time_mix_k.copy_((x ** r10).view(1, 1, C))
-        a.time_mix_v.copy_((x ** r10 + 0.3 * r01).clamp(0, 1).view(1, 1, C))
-        a.time_mix_r.copy_((x ** (0.5 * r10)).view(1, 1, C))
-        f.time_mix_k.copy_((x ** r10).view(1, 1, C))
-        f.time_mix_r.copy_((x ** r10).view(1, 1, C))
-        out_scale = 1 / math.sqrt(2 * L)
-        for lin, scale in ((a.key, 1.0), (a.value, 1.0), (a.receptance, 1.0),
-                           (a.output, out_scale), (f.key, 1.0), (f.receptance, 1.0),
-                           (f.value, out_scale)):
-            fan_in = lin.weight.shape[1]
-            lin.weight.normal_(0, scale / math.sqrt(fan_in), generator=g)
-    return model
+DEFAULT_CHUNK = {4: 4, 7: 16}   # WKV chunk lengths (speed only; both forms are exact)
 
 
 def official_state_dict(model: RWKV4, dtype=torch.float16) -> dict:
     return {k: v.detach().to(dtype).contiguous().clone() for k, v in model.state_dict().items()}
 
 
-def load_model(path: str, chunk: int = 4) -> RWKV4:
-    return RWKV4.from_state_dict(torch.load(path, map_location="cpu", weights_only=True), chunk)
+def new_model(a):
+    """A freshly initialised model of ``a.version`` (4 or 7) and the shape in ``a``."""
+    if a.version == 7:
+        model = RWKV7(a.layers, a.width, VOCAB, a.head_size, chunk=a.chunk)
+        return rwkv7_torch.init_weights(model, a.seed)
+    return init_weights(RWKV4(a.layers, a.width, VOCAB, a.chunk), a.seed)
+
+
+def load_model(path: str, chunk: Optional[int] = None):
+    """An RWKV-4 or RWKV-7 checkpoint (told apart by RWKV-7's ``att.r_k``) as a torch model;
+    ``chunk`` None: the version's default WKV chunk (4 for RWKV-4, 16 for RWKV-7)."""
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    version = 7 if "blocks.0.att.r_k" in sd else 4
+    cls = RWKV7 if version == 7 else RWKV4
+    return cls.from_state_dict(sd, chunk=DEFAULT_CHUNK[version] if chunk is None else chunk)
 
 
 def check(seed: int = 0, layers: int = 2, width: int = 32, T: int = 45, chunk: int = 8) -> float:
@@ -165,14 +152,14 @@ def train(a):
     va = np.frombuffer(va_b, dtype=np.uint8)
     print(f"data: {len(raw)} bytes: {len(tr)} train, {len(va)} validation (last "
           f"{corpus.VAL_FRACTION:.0%})", flush=True)
-    model = init_weights(RWKV4(a.layers, a.width, VOCAB, a.chunk), a.seed)
+    model = new_model(a)
     nparams = sum(p.numel() for p in model.parameters())
-    print(f"model: {a.layers} layers x {a.width}, {nparams} parameters; ctx {a.ctx}, batch "
+    print(f"model: RWKV-{a.version}, {a.layers} layers x {a.width}, {nparams} parameters; ctx {a.ctx}, batch "
           f"{a.batch}, chunk {a.chunk}, carry {a.carry}; threads {torch.get_num_threads()}",
           flush=True)
     decay, no_decay = [], []
     for n, p in model.named_parameters():
-        (decay if p.dim() == 2 and "emb" not in n else no_decay).append(p)
+        (decay if p.dim() == 2 and n.endswith(".weight") and "emb" not in n else no_decay).append(p)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.wd},
                              {"params": no_decay, "weight_decay": 0.0}],
                             lr=a.lr, betas=(0.9, 0.99), eps=1e-8)
@@ -194,8 +181,9 @@ def train(a):
         # Streams: each carries its state for `carry` windows, then jumps to a random place.
         if state is not None:
             restart = [(step + b) % a.carry == 0 for b in range(B)]
-            keep = torch.tensor([0.0 if r else 1.0 for r in restart])[:, None]
-            state = [tuple((t * keep).detach() for t in st) for st in state]
+            keep = torch.tensor([0.0 if r else 1.0 for r in restart])
+            state = [tuple((t * keep.view(-1, *[1] * (t.dim() - 1)).to(t.dtype)).detach() for t in st)
+                     for st in state]
             for b in range(B):
                 pos[b] = rng.randint(0, len(tr) - T - 1) if restart[b] else pos[b] + T
                 if pos[b] + T + 1 > len(tr):
@@ -236,7 +224,7 @@ def train(a):
           flush=True)
 
 
-def save(model: RWKV4, path: str):
+def save(model, path: str):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     torch.save(official_state_dict(model), tmp)
@@ -269,7 +257,9 @@ def sample(a):
 
 
 def main():
-    ap = argparse.ArgumentParser(description="Train / check / sample a byte-level RWKV-4.")
+    ap = argparse.ArgumentParser(description="Train / check / sample a byte-level RWKV-4 or RWKV-7.")
+    ap.add_argument("--version", type=int, choices=(4, 7), default=4, help="the architecture")
+    ap.add_argument("--head-size", type=int, default=64, help="RWKV-7 head size")
     ap.add_argument("--data", help="a text file; default: Jane Austen from r-cran-janeaustenr "
                     "(see training/data.py)")
     ap.add_argument("--out", default="models/default/rwkv4-bytes.pth")
@@ -277,7 +267,8 @@ def main():
     ap.add_argument("--width", type=int, default=256)
     ap.add_argument("--ctx", type=int, default=128)
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--chunk", type=int, default=4, help="WKV chunk length (speed only)")
+    ap.add_argument("--chunk", type=int, help="WKV chunk length (speed only; default 4 for "
+                    "RWKV-4, 16 for RWKV-7, 0 = RWKV-7 token by token)")
     ap.add_argument("--carry", type=int, default=4,
                     help="each stream carries its state over this many windows (1 = independent "
                          "random windows from the zero state)")
@@ -296,12 +287,20 @@ def main():
     ap.add_argument("--check", action="store_true", help="verify the sequence form and exit")
     ap.add_argument("--bench", type=int, default=0, help="time this many training steps and exit")
     ap.add_argument("--eval", metavar="CKPT", help="validation bits/byte of a checkpoint")
+    ap.add_argument("--streams", type=int, default=8, help="--eval reads the text as this many "
+                    "contiguous streams, each from the zero state")
+    ap.add_argument("--text", help="--eval scores this file's first --max-bytes bytes instead of "
+                    "the held-out split")
+    ap.add_argument("--max-bytes", type=int, default=20000)
     ap.add_argument("--sample", metavar="CKPT", help="generate text from a checkpoint")
     ap.add_argument("--prompt", default="The ")
     ap.add_argument("--length", type=int, default=400)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--top-p", type=float, default=0.7, help="0 = greedy")
     a = ap.parse_args()
+    chunk_given = a.chunk
+    if a.chunk is None:
+        a.chunk = DEFAULT_CHUNK[a.version]
     torch.set_num_threads(a.threads)
     torch.set_num_interop_threads(1)
     if a.check:
@@ -312,9 +311,14 @@ def main():
     if a.sample:
         return sample(a)
     if a.eval:
-        va = np.frombuffer(corpus.split(corpus.load_bytes(a.data))[1], dtype=np.uint8)
-        m = load_model(a.eval, a.chunk)
-        print(f"validation bits/byte: {evaluate(m, va, a.ctx):.4f} ({len(va)} bytes)")
+        if a.text:   # the first --max-bytes of a file, as `rwkv2rknn eval` reads it
+            with open(a.text, "rb") as f:
+                va = np.frombuffer(f.read(a.max_bytes), dtype=np.uint8)
+        else:
+            va = np.frombuffer(corpus.split(corpus.load_bytes(a.data))[1], dtype=np.uint8)
+        m = load_model(a.eval, chunk_given)
+        print(f"validation bits/byte: {evaluate(m, va, a.ctx, a.streams):.4f} ({len(va)} bytes, "
+              f"{a.streams} streams)")
         return
     if a.bench:
         a.steps, a.log_every, a.eval_every = a.bench, max(1, a.bench // 2), 0
