@@ -4,7 +4,7 @@
 
     segments/s001_npu_L0.onnx --(child: rknn-toolkit2 build)--> cache/<sha256>.rknn --> segments/s001_npu_L0.rknn
                                  '-- crash / refusal --> the segment falls back to the CPU (reported)
-    segments/s003_npu_L0-L1.seq.onnx --(T in 2, 16, 32, 64)--> segments/s003_npu_L0-L1.seq.rknn
+    segments/s003_npu_L0-L1.seq.onnx --(T in 2, 16, 64)--> segments/s003_npu_L0-L1.seq.rknn
                                  (decode runs it with 2 rows; no per-token .rknn: weights once)
 
 A segment with a T-row (prefill) variant gets one build of that variant for the prefill row
@@ -22,7 +22,8 @@ accuracy is cached beside it.
 rknn-toolkit2 reports errors three ways (exceptions, return codes, and killing its own process),
 so each build runs in a child process with a time limit, in a private scratch folder, and a
 failure carries the toolkit's own error line. Builds run side by side, as many as the cores and
-the free memory allow (``resources.build_jobs``). Results are cached by the SHA-256 of the
+the free memory allow, largest first, starting while later segments are still being cut
+(``Builds.add``; ``build_queue``). Results are cached by the SHA-256 of the
 segment's ONNX bytes, the target and the toolkit version (``rwkv2rknn.buildcache``): an unchanged
 segment is never rebuilt, an fp16 entry is used only after its recorded checksum matches, and a
 per-entry lock makes two compiles (or two workers) take turns. A failed build moves the segment
@@ -38,16 +39,16 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import time
 from typing import Callable, Dict, Optional
 
 import numpy as np
 
 from rwkv2rknn.calibrate import SegmentCalibration
 from rwkv2rknn.errors import ToolkitError
-from rwkv2rknn.io import cache_root, read_json, remove_quietly, write_json
+from rwkv2rknn.io import read_json, remove_quietly, write_json
 from rwkv2rknn.ir import Context, GraphSegment
 from rwkv2rknn.passes.build_child import build_child, clean_stale_partials, partial_name
+from rwkv2rknn.passes.build_worker import CachedBuilds
 
 NAME = "build"
 # Row count a token step runs with on a T-row build. rknn-toolkit2 2.5.0 builds several row counts
@@ -82,49 +83,80 @@ def file_key(onnx_path: str, target: str, toolkit: str, extra: bytes = b"") -> s
     return h.hexdigest()
 
 
-def _jobs(ctx: Context, todo, out_dir: str) -> int:
-    """How many builds run side by side: the cores, as far as the free memory allows."""
-    from rwkv2rknn import resources
-    if ctx.options.build_jobs:
-        return max(1, min(ctx.options.build_jobs, len(todo)))
-    biggest = max((os.path.getsize(os.path.join(out_dir, "segments", s.name + ".onnx"))
-                   for s in todo), default=0)
-    return resources.build_jobs(biggest, len(todo))
+class Builds:
+    """The NPU segments' builds of one compile: ``add`` each segment as soon as its ONNX files
+    are written (the builds run side by side meanwhile, largest first), then ``finish``."""
 
+    def __init__(self, ctx: Context, out_dir: str, progress=None, calibration=None,
+                 biggest: int = 0):
+        from rwkv2rknn import resources
+        from rwkv2rknn.passes.build_queue import BuildQueue
+        from rwkv2rknn.toolkit import require_toolkit
 
-class _Builds:
-    """fp16 builds through the checked, locked cache; the children that run, to stop them."""
+        self.ctx, self.out_dir, self.progress = ctx, out_dir, progress
+        self.calibration = calibration or {}
+        self.version = require_toolkit()
+        self.builds = CachedBuilds(ctx.options, self.version)
+        clean_stale_partials(self.builds.cache.folder)
+        self.counts = {"built": 0, "cached": 0, "failed": 0}
+        self.todo: list = []
+        jobs = ctx.options.build_jobs or resources.build_jobs(biggest, 64)
+        self.queue = BuildQueue(self._one, jobs, self._bytes,
+                                lambda seg: resources.build_memory(self._bytes(seg)),
+                                int(resources.memory_available() * 0.8), self._done,
+                                idle=self.builds.drop_worker)
 
-    def __init__(self, ctx: Context, version: str):
-        from rwkv2rknn.buildcache import BuildCache
-        self.opts, self.version = ctx.options, version
-        self.cache = BuildCache(os.path.join(cache_root(self.opts.cache_dir), "rknn"))
-        self.running: set = set()
-        self.stopping = False
+    def _bytes(self, seg: GraphSegment) -> int:
+        folder = os.path.join(self.out_dir, "segments")
+        names = [seg.name + ".onnx"] + ([seg.name + ".seq.onnx"] if seg.seq_model is not None else [])
+        return max(os.path.getsize(os.path.join(folder, n)) for n in names)
 
-    def fetch_or_build(self, onnx_path: str, key: str, dest: str, rows=()):
-        """(status, reason): status 'cached' / 'built' / 'rebuilt (...)', or '' and why not."""
-        cache = self.cache
-        with cache.locked(key, lambda: self.stopping):
-            digest, problem = cache.copy_to(key, dest)
-            if digest:
-                return "cached", ""
-            reason = build_child(onnx_path, cache.entry(key), self.opts.target, self.opts.verbose,
-                                 self.opts.build_timeout, rows, running=self.running,
-                                 checksum=cache.sum_path(key))
-            if reason:
-                return "", reason
-            if not cache.copy_to(key, dest)[0]:
-                return "", "the built entry changed in the cache before it was copied"
-            return (f"rebuilt (the cache entry had {problem})" if problem else "built"), ""
+    def _one(self, seg: GraphSegment):
+        return _one(self.ctx, seg, self.out_dir, self.builds, self.version,
+                    self.calibration.get(seg.name))
+
+    def _done(self, seg: GraphSegment, result, i: int, n: int, eta: str) -> None:
+        status, kind = result
+        self.counts[kind] += 1
+        if self.progress:
+            self.progress(seg, status + eta, i, n)
+
+    def add(self, seg: GraphSegment) -> None:
+        if seg.device == "npu":
+            self.todo.append(seg)
+            self.queue.add(seg)
 
     def stop(self) -> None:
-        self.stopping = True
-        for proc in list(self.running):
-            try:
-                proc.kill()
-            except OSError:
-                pass
+        """Stop: queued builds never start, running children are killed."""
+        self.builds.stop()
+        self.queue.close()
+        self.builds.close()
+
+    def finish(self) -> None:
+        try:
+            self.queue.finish()  # raises ToolkitError under --strict
+        except BaseException:
+            self.stop()
+            raise
+        self.builds.close()
+        ctx, opts, todo, counts = self.ctx, self.ctx.options, self.todo, self.counts
+        for seg in todo:
+            if seg.fallback:
+                ctx.note(NAME, f"{seg.name}: build failed ({seg.fallback}); runs on the CPU")
+        ctx.note(NAME, f"{counts['built']} built, {counts['cached']} from the cache "
+                       f"({self.builds.cache.folder}), {counts['failed']} fell back to the CPU "
+                       f"[rknn-toolkit2 {self.version}, target {opts.target}, "
+                       f"{min(self.queue.jobs, max(len(todo), 1))} build(s) at a time]")
+        if self.calibration:
+            kept = [f"{s.name} ({s.precision_note})" for s in todo if s.precision_note]
+            n_q = sum(s.precision == opts.quant for s in todo)
+            ctx.note(NAME, f"{n_q} of {len(todo)} NPU segment(s) {opts.quant} (min cosine >= "
+                           f"{opts.quant_min_cos:g} on held-out rows)" +
+                           (f"; kept fp16: {'; '.join(kept)}" if kept else ""))
+        for s in todo:
+            if s.seq_fallback:
+                ctx.note(NAME, f"{s.name}: T-row build failed ({s.seq_fallback}); its prefill runs "
+                               "token by token")
 
 
 def run(ctx: Context, out_dir: str,
@@ -133,54 +165,20 @@ def run(ctx: Context, out_dir: str,
     """Build the NPU segments whose ONNX files are in ``out_dir``/segments, copying each .rknn
     beside its ONNX; ``progress(segment, status, i, n)`` after each (builds run side by side).
     ``calibration`` (by segment name) is given for a quantised compile."""
-    from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-
-    from rwkv2rknn.toolkit import require_toolkit
-
-    opts = ctx.options
-    version = require_toolkit()
-    builds = _Builds(ctx, version)
-    clean_stale_partials(builds.cache.folder)
     todo = [seg for seg in ctx.segments if seg.device == "npu"]
-    jobs = _jobs(ctx, todo, out_dir) if todo else 1
-    counts = {"built": 0, "cached": 0, "failed": 0}
-    t0, done = time.monotonic(), 0
-    pool = ThreadPoolExecutor(max_workers=jobs)
+    biggest = max((os.path.getsize(os.path.join(out_dir, "segments", s.name + ".onnx"))
+                   for s in todo), default=0)
+    builds = Builds(ctx, out_dir, progress, calibration, biggest)
     try:
-        pending = {pool.submit(_one, ctx, seg, out_dir, builds, version,
-                               (calibration or {}).get(seg.name)): seg for seg in todo}
-        while pending:
-            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for fut in finished:
-                seg = pending.pop(fut)
-                status, kind = fut.result()  # raises ToolkitError under --strict
-                done += 1
-                counts[kind] += 1
-                if seg.fallback:
-                    ctx.note(NAME, f"{seg.name}: build failed ({seg.fallback}); runs on the CPU")
-                if progress:
-                    progress(seg, status + _eta(t0, done, len(todo)), done, len(todo))
+        for seg in todo:
+            builds.add(seg)
     except BaseException:
         builds.stop()
-        pool.shutdown(wait=True, cancel_futures=True)
         raise
-    pool.shutdown(wait=True)
-    ctx.note(NAME, f"{counts['built']} built, {counts['cached']} from the cache ({builds.cache.folder}), "
-                   f"{counts['failed']} fell back to the CPU [rknn-toolkit2 {version}, target "
-                   f"{opts.target}, {jobs} build(s) at a time]")
-    if calibration:
-        kept = [f"{s.name} ({s.precision_note})" for s in todo if s.precision_note]
-        n_q = sum(s.precision == opts.quant for s in todo)
-        ctx.note(NAME, f"{n_q} of {len(todo)} NPU segment(s) {opts.quant} (min cosine >= "
-                       f"{opts.quant_min_cos:g} on held-out rows)" +
-                       (f"; kept fp16: {'; '.join(kept)}" if kept else ""))
-    for s in todo:
-        if s.seq_fallback:
-            ctx.note(NAME, f"{s.name}: T-row build failed ({s.seq_fallback}); its prefill runs "
-                           "token by token")
+    builds.finish()
 
 
-def _one(ctx: Context, seg: GraphSegment, out_dir: str, builds: _Builds, version: str,
+def _one(ctx: Context, seg: GraphSegment, out_dir: str, builds: CachedBuilds, version: str,
          cal: Optional[SegmentCalibration]):
     """Build one NPU segment: (progress status, 'built' / 'cached' / 'failed')."""
     opts = ctx.options
@@ -217,16 +215,7 @@ def _one(ctx: Context, seg: GraphSegment, out_dir: str, builds: _Builds, version
     return status + (", T-rows failed" if seg.seq_fallback else ""), "cached" if cached else "built"
 
 
-def _eta(t0: float, done: int, total: int) -> str:
-    """' (eta 1:23)' from the time per segment so far; '' when all are done."""
-    left = total - done
-    if not left or not done:
-        return ""
-    secs = int((time.monotonic() - t0) / done * left)
-    return f" (eta {secs // 60}:{secs % 60:02d})"
-
-
-def _build_shared(ctx: Context, seg: GraphSegment, out_dir: str, builds: _Builds, version: str,
+def _build_shared(ctx: Context, seg: GraphSegment, out_dir: str, builds: CachedBuilds, version: str,
                   cal: Optional[SegmentCalibration] = None) -> str:
     """The T-row variant of an NPU segment built for DECODE_ROWS and the prefill row counts: one
     .rknn, weights once, serving token steps (the token in row 0, padding after it) and prefill;

@@ -36,7 +36,7 @@ def partial_name(rknn_path: str, pid: int) -> str:
 def build_child(onnx_path: str, rknn_path: str, target: str, verbose: bool,
                 timeout: float, rows=(), precision: str = "fp16", dataset: str = "",
                 holdout: str = "", holdout_out: str = "", running: Optional[set] = None,
-                checksum: str = "") -> str:
+                checksum: str = "", worker=None) -> str:
     """Build in a child process; '' on success, else the reason it failed (with the toolkit's
     own error line when it wrote one).
 
@@ -49,7 +49,8 @@ def build_child(onnx_path: str, rknn_path: str, target: str, verbose: bool,
     fixed-name scratch files there (``check_dynshape0.onnx`` ... for a T-row build), which two
     builds side by side would otherwise overwrite for each other. ``running`` (a set) holds the
     child while it runs, so that a caller can stop it. With ``checksum`` the child writes the
-    result's SHA-256 to that file before it renames the result into place.
+    result's SHA-256 to that file before it renames the result into place. With ``worker``
+    (an fp16 build) the build runs in that kept child instead of a new one (``Worker``).
     """
     absp = os.path.abspath
     work = tempfile.mkdtemp(prefix="rwkv2rknn-build-")
@@ -68,39 +69,50 @@ def build_child(onnx_path: str, rknn_path: str, target: str, verbose: bool,
         cmd += ["--checksum", absp(checksum)]
     env = dict(os.environ, TMPDIR=work, TMP=work, TEMP=work)
     try:
-        proc = subprocess.Popen(cmd, stdout=None if verbose else subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True, cwd=work, env=env)
-        if running is not None:
-            running.add(proc)
-        tmp = partial_name(absp(rknn_path), proc.pid)
-        try:
-            _, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            _stop(proc, tmp)
-            return f"build took longer than {timeout:g} s"
-        except BaseException:  # Ctrl-C or any other error here: leave no child and no partial file
-            _stop(proc, tmp)
-            raise
-        finally:
-            if running is not None:
-                running.discard(proc)
-        remove_quietly(tmp)  # nothing left when the child renamed it
-        if proc.returncode == 0 and os.path.isfile(rknn_path) and os.path.getsize(rknn_path) > 0:
+        if worker is not None and precision == "fp16" and not holdout:
+            returncode, err = worker.run(cmd[3:], rknn_path, timeout, running)
+        else:
+            returncode, err = _once(cmd, rknn_path, timeout, verbose, work, env, running)
+        if returncode is None:
+            return err  # the time limit
+        if returncode == 0 and os.path.isfile(rknn_path) and os.path.getsize(rknn_path) > 0:
             return ""
         said = toolkit_reason(log_path)
-        if proc.returncode < 0:
-            why = f"the toolkit's process died ({signal.Signals(-proc.returncode).name})"
+        if returncode < 0:
+            why = f"the toolkit's process died ({signal.Signals(-returncode).name})"
             return f"{why}; toolkit: {said}" if said else why
-        if proc.returncode == 0:
+        if returncode == 0:
             return "the toolkit's process exited without writing the .rknn"
         # the child's last line is the toolkit's error; Python's warnings are not the reason
         lines = [ln for ln in (err or "").splitlines() if ln.strip() and "Warning: " not in ln]
         last = lines[-1].strip()[:240] if lines else ""
         if said and said not in last:  # the child's own line and the toolkit log's last error
             last = f"{last}; toolkit: {said}" if last else said
-        return f"the toolkit's process exited with {proc.returncode} ({last or 'no message'})"
+        return f"the toolkit's process exited with {returncode} ({last or 'no message'})"
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _once(cmd, rknn_path: str, timeout: float, verbose: bool, work: str, env, running):
+    """One build in a new child: (return code, its stderr), or (None, why) past the time limit."""
+    proc = subprocess.Popen(cmd, stdout=None if verbose else subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, cwd=work, env=env)
+    if running is not None:
+        running.add(proc)
+    tmp = partial_name(os.path.abspath(rknn_path), proc.pid)
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _stop(proc, tmp)
+        return None, f"build took longer than {timeout:g} s"
+    except BaseException:  # Ctrl-C or any other error here: leave no child and no partial file
+        _stop(proc, tmp)
+        raise
+    finally:
+        if running is not None:
+            running.discard(proc)
+    remove_quietly(tmp)  # nothing left when the child renamed it
+    return proc.returncode, err
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")

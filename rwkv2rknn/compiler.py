@@ -169,17 +169,33 @@ def _compile_stream(model_path, out_dir, options, toolkit, calib_ids, force, pro
     from rwkv2rknn.stream import compile_stream
 
     with io.atomic_dir(out_dir, MANIFEST, force=force) as tmp:
-        ctx = compile_stream(passes, model_path, options, tmp,
-                             on_stage=(lambda line: on_pass("stream", [line])) if on_pass else None)
+        early = None if options.plan_only or calib_ids else []  # fp16: build while streaming
+
+        def on_segment(sctx, seg):
+            if not early:
+                early.append(build.Builds(sctx, tmp, progress,
+                                          biggest=resources.model_size(model_path).largest))
+            early[0].add(seg)
+
+        try:
+            ctx = compile_stream(passes, model_path, options, tmp,
+                                 on_stage=(lambda line: on_pass("stream", [line])) if on_pass else None,
+                                 on_segment=on_segment if early is not None else None)
+        except BaseException:
+            if early:
+                early[0].stop()
+            raise
         if on_pass:
             for name in ("partition", "cut", "sequence"):
                 on_pass(name, [r.split(": ", 1)[1] for r in ctx.report if r.startswith(name + ": ")])
-        if not options.plan_only:
+        if early:
+            early[0].finish()
+        elif not options.plan_only:
             calibration = _calibrate(ctx, tmp, toolkit, calib_ids) if calib_ids else None
             build.run(ctx, tmp, progress=progress, calibration=calibration)
             calibrate.drop_holdout(tmp)
-            if on_pass:
-                on_pass(build.NAME, [r.split(": ", 1)[1] for r in ctx.report if r.startswith("build: ")])
+        if on_pass and not options.plan_only:
+            on_pass(build.NAME, [r.split(": ", 1)[1] for r in ctx.report if r.startswith("build: ")])
         return _finish(ctx, tmp, toolkit, options)
 
 

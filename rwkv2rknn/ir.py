@@ -51,7 +51,7 @@ class Options:
     build_jobs: int = 0  # rknn-toolkit2 builds side by side (0: as many as cores and memory allow)
     placement: str = "npu"  # "npu": every constant-weight MatMul on the NPU; "cost": by the profile
     profile: Optional[str] = None  # device profile JSON (default: published RK3588 figures)
-    prefill_rows: Tuple[int, ...] = (16, 32, 64)  # T-row NPU builds for prefill (empty: none)
+    prefill_rows: Tuple[int, ...] = (16, 64)  # T-row NPU builds for prefill (empty: none)
 
 
 @dataclass(eq=False)

@@ -20,10 +20,11 @@ from rwkv2rknn.errors import ResourceError
 log = logging.getLogger(__name__)
 
 GB = 1024 ** 3
-# one rknn-toolkit2 build child: the toolkit's own footprint, plus a multiple of the segment ONNX
-# (measured: 0.6 GB for a tiny segment, 1.4 GB for a 260 MB one)
-BUILD_BASE = int(0.7 * GB)
-BUILD_PER_BYTE = 4
+# one rknn-toolkit2 build child (a T-row build, 2 to 4 row counts): the toolkit's own footprint,
+# plus a multiple of the segment ONNX (measured peak RSS, width 1024: 0.47 GiB for a 12.6 MB
+# segment, 0.79 GiB for a 55 MB layer, 2.44 GiB for the 248 MB last layer with the head)
+BUILD_BASE = int(0.35 * GB)
+BUILD_PER_BYTE = 9
 # the compile process: the interpreter with onnx, onnxruntime and onnx-graphsurgeon loaded
 PROCESS_BASE = int(0.6 * GB)
 

@@ -60,10 +60,10 @@ def _stub(node, op_work) -> SimpleNamespace:
 
 class _Stream:
     def __init__(self, passes, folder: str, options: Options, out_dir: str,
-                 on_stage: Optional[Callable[[str], None]]):
+                 on_stage: Optional[Callable[[str], None]], on_segment=None):
         from rwkv2rknn.runtime.reference import stage_files
 
-        self.p, self.out_dir, self.on_stage = passes, out_dir, on_stage
+        self.p, self.out_dir, self.on_stage, self.on_segment = passes, out_dir, on_stage, on_segment
         self.arch = d = passes.load.arch_of_folder(folder)
         embed_p, block_ps, head_p = stage_files(folder)
         self.stages = ([("embed", embed_p, d.EMBED_IO)] +
@@ -214,6 +214,8 @@ class _Stream:
             gone |= {n.name for n in seg.nodes}
             seg.nodes = [_stub(n, p.partition.op_work) for n in seg.nodes]
             self.written.append(seg)
+            if self.on_segment:  # its files are whole: the build may start
+                self.on_segment(ctx, seg)
         if gone:
             self.window = [n for n in self.window if n.name not in gone]
             self.detach(gone)
@@ -318,7 +320,7 @@ class _Stream:
             ctx.note("support", f"{a} MatMuls for the NPU, {f} ops that may go either way, "
                                 f"{c} kept on the CPU")
         ctx.segments = segs
-        npu = sum(s.device == "npu" for s in segs)
+        npu = sum(s.device == "npu" or bool(s.fallback) for s in segs)  # as partitioned
         ctx.note("partition", f"{len(segs)} segments: {npu} NPU, {len(segs) - npu} CPU (streamed, "
                               f"one stage at a time)")
         ctx.note("cut", f"{len(segs)} segment models cut and written as they were final")
@@ -327,9 +329,10 @@ class _Stream:
 
 
 def compile_stream(passes, folder: str, options: Options, out_dir: str,
-                   on_stage: Optional[Callable[[str], None]] = None) -> Context:
+                   on_stage: Optional[Callable[[str], None]] = None,
+                   on_segment: Optional[Callable[[Context, GraphSegment], None]] = None) -> Context:
     """Run the graph passes over a per-layer folder stage by stage, writing each segment's ONNX
     (and T-row variant) into ``out_dir``/segments as soon as it is final. Returns a Context
     whose segments are written (their ``model`` / ``seq_model`` are the files' paths) and whose
-    ``graph`` is None."""
-    return _Stream(passes, folder, options, out_dir, on_stage).run()
+    ``graph`` is None. ``on_segment(context, segment)`` is called as each segment is written."""
+    return _Stream(passes, folder, options, out_dir, on_stage, on_segment).run()

@@ -157,6 +157,8 @@ def test_check_json_written_and_read_back(artifact, tmp_path):
     assert [float(p["data-value"]) for p in points] == [s["max_rel"] for s in saved["steps"]]
     assert page.text_of("td", data_check="result") == ["PASS"]
     assert page.text_of("td", data_check="top-1 agreement") == [f"{100 * saved['top1_agreement']:.1f}%"]
+    assert page.text_of("td", data_check="top-1 on decisive tokens") == [
+        f"{100 * saved['top1_decisive']:.1f}% ({saved['ties']} near-ties left out)"]
     assert float(page.with_class("line", "ref")[0]["data-value"]) == saved["tolerance"]["max_rel"]
     assert "written for another compile" not in html
     hovers = page.titles("seg", "data-name")

@@ -19,6 +19,9 @@ from rwkv2rknn.runtime.hybrid import HybridModel
 # RWKV-5.2: R K V G O, FFN receptance/key/value.
 PROJECTIONS = {"7": [12, 14, 14], "6": [20, 20, 20], "5": [8, 8, 8]}
 VERSIONS = pytest.mark.parametrize("version", ["5", "6", "7"])
+# near-ties among the 40 teacher-forced tokens of the random test models at max rel 0.005
+# (measured on rknn-sim: RWKV-5.2 3, RWKV-6 1, RWKV-7 3): the tokens the top-1 gate leaves out
+MAX_TIES = 4
 
 
 def _manifest(art):
@@ -129,16 +132,14 @@ def test_fp16_on_the_npu_simulator_and_check(slot_models, version):
     model = HybridModel(sm.rknn_artifact, backend="rknn-sim")
     got = model.logits(sm.tokens)
     ref = sm.reference
-    rep = compare_logits(got, ref, min_top1=0.95, max_rel=0.05)
+    # check's criterion at a tolerance 10x tighter than its fp16 default (measured max rel error
+    # 0.0014-0.0029): max rel error 0.005 over every token, top-1 >= 99% over the decisive ones
+    # (the package's two best logits more than 2 x 0.005 of the logit scale apart)
+    rep = compare_logits(got, ref, min_top1=0.99, max_rel=0.005)
+    print(f"RWKV-{version} rknn-sim: {rep.summary()}")
     assert rep.passed, rep.summary()
     assert rep.max_rel > 0  # the NPU path really computed in fp16
-    # top-1 where the reference decides: its two best logits differ by more than twice the
-    # largest fp16 error seen (a random model has the odd near-tie: a gap of 0.002 against
-    # errors of 0.02 flips either way)
-    top2 = np.sort(ref, axis=1)[:, -2:]
-    decided = top2[:, 1] - top2[:, 0] > 2 * np.abs(got - ref).max()
-    assert decided.mean() >= 0.8
-    assert (got.argmax(1) == ref.argmax(1))[decided].mean() >= 0.99
+    assert rep.ties <= MAX_TIES, rep.summary()
     # prefill: the NPU segments' T-row builds
     s1, s2 = model.init_state(), model.init_state()
     one = np.stack([model.step(t, s1) for t in sm.tokens[:24]])

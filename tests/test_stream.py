@@ -179,3 +179,24 @@ def test_the_range_trace_feeds_large_weights_in_place(tmp_path, monkeypatch):
     compile_model(model, str(tmp_path / "inside"), Options(plan_only=True))
     assert max(sizes[4:]) > 5000 * 64 * 4
     assert _manifest(tmp_path / "fed")["segments"] == _manifest(tmp_path / "inside")["segments"]
+
+
+def test_each_segment_is_handed_on_as_soon_as_its_files_are_whole(fp16_dir, tmp_path):
+    """The build pass gets every segment while later stages are still to come, its ONNX (and
+    T-row ONNX) already written, in run order (the compiler starts its build right then)."""
+    from rwkv2rknn import passes
+    out = tmp_path / "art"
+    stages, seen = [], []
+
+    def on_segment(ctx, seg):
+        files = [out / "segments" / (seg.name + ".onnx")]
+        if seg.seq_model is not None:
+            files.append(out / "segments" / (seg.name + ".seq.onnx"))
+        seen.append((seg.name, seg.device, len(stages), all(f.stat().st_size > 0 for f in files)))
+
+    ctx = stream.compile_stream(passes, fp16_dir, Options(plan_only=True), str(out),
+                                on_stage=stages.append, on_segment=on_segment)
+    assert [s[0] for s in seen] == [s.name for s in ctx.segments]
+    assert all(whole for *_, whole in seen)
+    npu = [s for s in seen if s[1] == "npu"]
+    assert npu and npu[0][2] < len(stages) - 1  # the first NPU segment long before the last stage

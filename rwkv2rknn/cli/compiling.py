@@ -76,7 +76,7 @@ def _options(**kw):
                    "lower is built fp16 instead.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
               help="Build cache (default: $RWKV2RKNN_CACHE or ~/.cache/rwkv2rknn).")
-@click.option("--prefill-rows", default="16,32,64", show_default=True,
+@click.option("--prefill-rows", default="16,64", show_default=True,
               help="Row counts T of the NPU builds for prefill (comma-separated), or 'none'.")
 @click.option("--placement", type=click.Choice(["npu", "cost"]), default="npu", show_default=True,
               help="npu: every constant-weight MatMul on the NPU; cost: only where the device "
@@ -127,7 +127,7 @@ def _parse_rows(text: str):
         rows = ()
     if not rows or min(rows) < 2 or max(rows) > 4096:
         raise UsageError(f"--prefill-rows '{text}' is not a list of row counts from 2 to 4096",
-                         "write it like --prefill-rows 16,32,64 (or none)")
+                         "write it like --prefill-rows 16,64 (or none)")
     return rows
 
 

@@ -141,3 +141,48 @@ def test_the_cache_key_covers_external_weights(tmp_path):
     two = file_key(str(onnx_path), "rk3588", "2.5.0")
     assert len({alone, one, two}) == 3
     assert file_key(str(onnx_path), "rk3588", "2.5.0", b"(16,)") != two
+
+
+def _tiny(path, op="MatMul"):
+    """A one-node ONNX file: x [1, 8] @ W (the toolkit builds it), or an op nobody knows."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((8, 8)).astype(np.float32), "w")
+    opsets = [helper.make_opsetid("", 13)]
+    if op == "MatMul":
+        node = helper.make_node("MatMul", ["x", "w"], ["y"])
+    else:
+        node = helper.make_node(op, ["x"], ["y"], domain="com.nowhere")
+        opsets.append(helper.make_opsetid("com.nowhere", 1))
+    graph = helper.make_graph([node], "g", [x], [y], initializer=[w] if op == "MatMul" else [])
+    onnx.save(helper.make_model(graph, opset_imports=opsets), str(path))
+    return str(path)
+
+
+def test_a_kept_build_child_builds_one_after_another(tmp_path):
+    """One worker: a refused build says why and the worker goes on; the next build is whole and
+    the size of a one-shot child's; a worker that died fails its build with the signal; nothing
+    is left behind."""
+    from rwkv2rknn.passes.build_child import build_child
+    from rwkv2rknn.passes.build_worker import Worker
+    good, bad = _tiny(tmp_path / "good.onnx"), _tiny(tmp_path / "bad.onnx", "FooBar")
+    w = Worker()
+    try:
+        reason = build_child(bad, str(tmp_path / "bad.rknn"), "rk3588", False, 300, worker=w)
+        assert "exited with 1" in reason and "FooBar" in reason, reason
+        pid = w.proc.pid
+        assert build_child(good, str(tmp_path / "kept.rknn"), "rk3588", False, 300, worker=w) == ""
+        assert w.proc.pid == pid and w.usable  # the same process, still there
+        assert build_child(good, str(tmp_path / "once.rknn"), "rk3588", False, 300) == ""
+        assert (tmp_path / "kept.rknn").stat().st_size == (tmp_path / "once.rknn").stat().st_size > 0
+        w.proc.kill()
+        w.proc.wait()
+        reason = build_child(good, str(tmp_path / "dead.rknn"), "rk3588", False, 300, worker=w)
+        assert "died (SIGKILL)" in reason and not w.usable, reason
+    finally:
+        w.close()
+    assert not os.path.exists(w.folder)
+    assert sorted(os.listdir(tmp_path)) == ["bad.onnx", "good.onnx", "kept.rknn", "once.rknn"]

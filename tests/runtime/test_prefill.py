@@ -31,15 +31,15 @@ def test_matmul_segments_take_many_rows(fp32_plan_artifact):
 
 
 def test_prefill_on_the_npu_simulator(fp16_artifact, fp16_dir, tokens):
-    """fp16 files, NPU segments built with T in (16, 32, 64) rows, run in the simulator."""
+    """fp16 files, NPU segments built with T in (2, 16, 64) rows, run in the simulator."""
     from rwkv2rknn.compare import compare_logits
     from rwkv2rknn.runtime.reference import PerLayerModel
     model = HybridModel(fp16_artifact, backend="rknn-sim")
     seq = model.prefill_runners()
-    assert {r.rows for r in seq if r is not None} == {(2, 16, 32, 64)}
+    assert {r.rows for r in seq if r is not None} == {(2, 16, 64)}
     s1, s2 = model.init_state(), model.init_state()
     one = np.stack([model.step(t, s1) for t in tokens])
-    many = model.prefill(tokens, s2)  # 40 tokens: one chunk of 32, one of 8 padded to 16
+    many = model.prefill(tokens, s2)  # 40 tokens: one chunk, padded to 64 rows
     assert compare_logits(many, one, min_top1=0.99, max_rel=0.01).passed
     ref = PerLayerModel(fp16_dir).logits(tokens)
     rep = compare_logits(many, ref, min_top1=0.99, max_rel=0.05)
@@ -51,7 +51,7 @@ def test_prefill_on_the_npu_simulator(fp16_artifact, fp16_dir, tokens):
 def test_prefill_rows_in_manifest(fp16_artifact, fp32_plan_artifact):
     from rwkv2rknn.runtime.hybrid import load_manifest
     npu = [s for s in load_manifest(fp16_artifact).segments if s.backend == "npu"]
-    assert all(s.seq_rknn and s.seq_rows == (2, 16, 32, 64) for s in npu)
+    assert all(s.seq_rknn and s.seq_rows == (2, 16, 64) for s in npu)
     # one build per NPU segment serves decode (2 rows, the token in row 0) and prefill
     assert all(s.rknn == s.seq_rknn and s.decode_rows == 2 for s in npu)
     assert all(s.seq_rknn is None for s in load_manifest(fp32_plan_artifact).segments)
