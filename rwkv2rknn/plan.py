@@ -234,7 +234,7 @@ class Manifest:
             est = self.estimate_ms(phase)
             if est is not None:
                 lines.append(f"estimated {label}: {est['total']:.2f} ms/token (NPU {est['npu']:.2f} + "
-                             f"CPU MatMuls {est['cpu']:.2f} + {est['handoffs']:.2f} hand-offs), an "
+                             f"CPU {est['cpu']:.2f} + {est['handoffs']:.2f} hand-offs), an "
                              f"estimate from device profile '{self.profile.get('name', '?')}', "
                              f"not a measurement")
         acc = [s for s in self.segments if s.accuracy]

@@ -93,7 +93,7 @@ def estimates(d: ReportData) -> str:
         est = m.estimate_ms(phase)
         if est is not None:
             rows.append((label, [("NPU", est["npu"], d.colour("npu-fp16")),
-                                 ("CPU MatMuls", est["cpu"], d.colour("cpu")),
+                                 ("CPU segments", est["cpu"], d.colour("cpu")),
                                  ("hand-offs", est["handoffs"], HANDOFF)]))
     if not rows:
         return "<h2>Estimated time per token</h2><p class=note>The manifest has no device profile.</p>"

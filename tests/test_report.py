@@ -61,7 +61,7 @@ def test_page_matches_manifest(artifact, tmp_path):
     parts = page.with_class("rect", "part")
     for phase, chunk in (("decode", parts[:3]), ("prefill", parts[3:])):
         est = m.estimate_ms(phase)
-        assert [p["data-part"] for p in chunk] == ["NPU", "CPU MatMuls", "hand-offs"]
+        assert [p["data-part"] for p in chunk] == ["NPU", "CPU segments", "hand-offs"]
         assert [float(p["data-value"]) for p in chunk] == [est["npu"], est["cpu"], est["handoffs"]]
         assert f"{est['total']:.2f} ms/token" in html
     assert page.find("p", data_profile=m.profile["name"]) and "not a measurement" in html
