@@ -23,17 +23,7 @@ import sys
 import tempfile
 import time
 
-import psutil
-
-
-def tree_rss(proc: psutil.Process) -> int:
-    total = 0
-    for p in [proc] + proc.children(recursive=True):
-        try:
-            total += p.memory_info().rss
-        except psutil.Error:
-            pass
-    return total
+from rwkv2rknn.resources import tree_rss
 
 
 def timed_compile(model_dir, out_dir, cache, extra=()):
@@ -41,10 +31,9 @@ def timed_compile(model_dir, out_dir, cache, extra=()):
     cmd = [sys.executable, "-m", "rwkv2rknn", "compile", model_dir, "-o", out_dir, "--force", *extra]
     t0 = time.perf_counter()
     child = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    ps = psutil.Process(child.pid)
     peak, loads = 0, []
     while child.poll() is None:
-        peak = max(peak, tree_rss(ps))
+        peak = max(peak, tree_rss(child.pid))
         loads.append(os.getloadavg()[0])
         time.sleep(0.2)
     out = child.stdout.read()

@@ -34,24 +34,25 @@ def load_checkpoint(path: str) -> Dict[str, np.ndarray]:
 
 
 def random_checkpoint(layers: int = 2, width: int = 64, vocab: int = 256, ffn: Optional[int] = None,
-                      seed: int = 0, scale: float = 1.0) -> Dict[str, np.ndarray]:
+                      seed: int = 0, scale: float = 1.0, dtype=np.float32) -> Dict[str, np.ndarray]:
     """A random RWKV-4 state dict with a realistic initialisation.
 
     time_decay spreads over channels as in the official init, time_first around log(0.3),
     mixes in [0, 1] that depend on depth, weights ~ N(0, 1/fan_in) (times ``scale``), LayerNorm
     weights near 1. ``scale`` > 1 makes activations large (used to provoke fp16 overflow).
+    ``dtype`` float16 stores the matrices in half the memory (the vectors stay float32).
     """
     rng = np.random.default_rng(seed)
     c, f, v = width, ffn or 4 * width, vocab
     ramp = np.arange(c, dtype=np.float32) / max(c - 1, 1)
 
     def w(out, inp):
-        return (rng.standard_normal((out, inp)) * scale / np.sqrt(inp)).astype(np.float32)
+        return (rng.standard_normal((out, inp)) * scale / np.sqrt(inp)).astype(dtype)
 
     def near(x0, spread):
         return (x0 + spread * rng.standard_normal(c)).astype(np.float32)
 
-    sd = {"emb.weight": (rng.standard_normal((v, c)) * 0.5).astype(np.float32),
+    sd = {"emb.weight": (rng.standard_normal((v, c)) * 0.5).astype(dtype),
           "blocks.0.ln0.weight": near(1.0, 0.05), "blocks.0.ln0.bias": near(0.0, 0.05)}
     for i in range(layers):
         depth = i / max(layers - 1, 1)
@@ -87,15 +88,17 @@ def save_checkpoint(sd: Dict[str, np.ndarray], path: str, dtype: str = "float32"
 class _Draws:
     """Random tensors for one RWKV-5.2/6/7 checkpoint, drawn in a fixed order from ``seed``."""
 
-    def __init__(self, width: int, vocab: int, head_size: int, seed: int, scale: float):
+    def __init__(self, width: int, vocab: int, head_size: int, seed: int, scale: float,
+                 dtype=np.float32):
         if width % head_size:
             raise ValueError(f"width {width} is not a multiple of the head size {head_size}")
         self.rng, self.c, self.v, self.scale = np.random.default_rng(seed), width, vocab, scale
+        self.dtype = dtype  # of the matrices (float16: half the memory; vectors stay float32)
         self.ramp = np.arange(width, dtype=np.float32) / max(width - 1, 1)
 
     def w(self, *shape, gain: float = 1.0) -> np.ndarray:
         """~ N(0, 1/fan_in) (fan_in = shape[-2]) times ``gain`` and the checkpoint's scale."""
-        return (self.rng.standard_normal(shape) * gain * self.scale / np.sqrt(shape[-2])).astype(np.float32)
+        return (self.rng.standard_normal(shape) * gain * self.scale / np.sqrt(shape[-2])).astype(self.dtype)
 
     def near(self, x0, spread: float, shape=None) -> np.ndarray:
         return (x0 + spread * self.rng.standard_normal(shape or (self.c,))).astype(np.float32)
@@ -107,7 +110,7 @@ class _Draws:
         """The embedding and ln0 into ``sd``; then per layer its LayerNorms, yielding (i,
         'blocks.i.', depth in [0, 1], a channel ramp that depends on depth); then the head."""
         c, v = self.c, self.v
-        sd.update({"emb.weight": (self.rng.standard_normal((v, c)) * 0.5).astype(np.float32),
+        sd.update({"emb.weight": (self.rng.standard_normal((v, c)) * 0.5).astype(self.dtype),
                    "blocks.0.ln0.weight": self.near(1.0, 0.05), "blocks.0.ln0.bias": self.near(0.0, 0.05)})
         for i in range(layers):
             depth, b = i / max(layers - 1, 1), f"blocks.{i}."
@@ -120,7 +123,7 @@ class _Draws:
 
 def random_rwkv7(layers: int = 2, width: int = 128, vocab: int = 256, head_size: int = 64,
                  lora: Optional[Dict[str, int]] = None, ffn: Optional[int] = None, seed: int = 0,
-                 scale: float = 1.0) -> Dict[str, np.ndarray]:
+                 scale: float = 1.0, dtype=np.float32) -> Dict[str, np.ndarray]:
     """A random RWKV-7 state dict in the official key layout and shapes.
 
     Mixes in [0, 1] that depend on depth, decay base ``w0`` spread over channels as in the
@@ -128,7 +131,7 @@ def random_rwkv7(layers: int = 2, width: int = 128, vocab: int = 256, head_size:
     ``lora`` (w/a/v/g), ``r_k`` (H, N), no v0/v1/v2 in layer 0, GroupNorm ``ln_x`` weights
     growing with depth; matrices ~ N(0, 1/fan_in) times ``scale``.
     """
-    r = _Draws(width, vocab, head_size, seed, scale)
+    r = _Draws(width, vocab, head_size, seed, scale, dtype)
     c, f, w, near, vec3 = width, ffn or 4 * width, r.w, r.near, r.vec3
     dims = {"w": 40, "a": 36, "v": 20, "g": 56, **(lora or {})}
     sd: Dict[str, np.ndarray] = {}
@@ -159,12 +162,12 @@ def random_rwkv7(layers: int = 2, width: int = 128, vocab: int = 256, head_size:
 
 def random_rwkv6(layers: int = 2, width: int = 128, vocab: int = 256, head_size: int = 64,
                  lora: Optional[Dict[str, int]] = None, ffn: Optional[int] = None, seed: int = 0,
-                 scale: float = 1.0) -> Dict[str, np.ndarray]:
+                 scale: float = 1.0, dtype=np.float32) -> Dict[str, np.ndarray]:
     """A random RWKV-6 state dict in the official key layout and shapes: ``time_maa_*``
     [1, 1, C], ``time_maa_w1`` (C, 5D), ``time_maa_w2`` (5, D, C), ``time_decay`` [1, 1, C] spread
     over channels as in the official init, its LoRA (C, D2)/(D2, C), ``time_faaaa`` (H, N), FFN
     width 3.5 C; LoRA widths ``lora`` (maa, decay) not powers of two by default."""
-    r = _Draws(width, vocab, head_size, seed, scale)
+    r = _Draws(width, vocab, head_size, seed, scale, dtype)
     c, w, near, vec3 = width, r.w, r.near, r.vec3
     f = ffn or int(3.5 * c) // 32 * 32
     d = {"maa": 20, "decay": 44, **(lora or {})}
@@ -193,12 +196,12 @@ def random_rwkv6(layers: int = 2, width: int = 128, vocab: int = 256, head_size:
 
 
 def random_rwkv5(layers: int = 2, width: int = 128, vocab: int = 256, head_size: int = 64,
-                 ffn: Optional[int] = None, seed: int = 0) -> Dict[str, np.ndarray]:
+                 ffn: Optional[int] = None, seed: int = 0, dtype=np.float32) -> Dict[str, np.ndarray]:
     """A random RWKV-5.2 state dict in the official key layout: RWKV-6's (same projections,
     ``ln_x``, ``time_faaaa`` (H, N), FFN width 3.5 C) with RWKV-4's ``time_mix_*`` [1, 1, C] in
     place of the maa LoRA, and ``time_decay`` (H, N) with no LoRA."""
     sd = random_rwkv6(layers=layers, width=width, vocab=vocab, head_size=head_size, ffn=ffn,
-                      seed=seed)
+                      seed=seed, dtype=dtype)
     h = width // head_size
     for i in range(layers):
         b = f"blocks.{i}.att."

@@ -219,23 +219,41 @@ def _build_shared(ctx: Context, seg: GraphSegment, out_dir: str, builds: CachedB
                   cal: Optional[SegmentCalibration] = None) -> str:
     """The T-row variant of an NPU segment built for DECODE_ROWS and the prefill row counts: one
     .rknn, weights once, serving token steps (the token in row 0, padding after it) and prefill;
-    quantised when ``cal`` has T-row samples and the build is accurate enough.
+    quantised when ``cal`` has T-row samples and the build is accurate enough. Built in columns
+    (``rwkv2rknn.columns``: no Transposes on the NPU) where the segment has that form, else as rows.
     Returns 'built' or 'cached' (after the precision), or '' when the build failed
     (``seg.seq_fallback`` says why; the caller then builds the per-token graph alone and prefill
     runs token by token)."""
+    rows = tuple(sorted({DECODE_ROWS, *ctx.options.prefill_rows}))
+    onnx_path = os.path.join(out_dir, "segments", seg.name + ".seq.onnx")
+    from rwkv2rknn.columns import fits
+    why_not = fits(onnx_path)
+    if why_not:
+        ctx.note(NAME, f"{seg.name}: T-row build as rows, not columns ({why_not})")
+    for columns in ((True, False) if not why_not else (False,)):
+        status = _build_seq(ctx, seg, out_dir, builds, version, cal, rows, columns)
+        if status:
+            seg.seq_layout = "columns" if columns else ""
+            return status
+    return ""
+
+
+def _build_seq(ctx: Context, seg: GraphSegment, out_dir: str, builds: _Builds, version: str,
+               cal: Optional[SegmentCalibration], rows, columns: bool) -> str:
+    """One try of ``_build_shared`` in one layout."""
     opts = ctx.options
-    rows = tuple(sorted({DECODE_ROWS, *opts.prefill_rows}))
+    seg.seq_fallback = ""
     onnx_path = os.path.join(out_dir, "segments", seg.name + ".seq.onnx")
     if cal and cal.seq_dataset:
         entry, cached = _quantised(ctx, seg, onnx_path, rows, cal.seq_dataset, cal,
-                                   builds.cache.folder, version, out_dir)
+                                   builds.cache.folder, version, out_dir, columns)
         if entry:
             _copy_shared(seg, entry, out_dir, rows, seg.cache_key)
             seg.seq_precision, seg.calib, seg.seq_calib = seg.precision, cal.seq_dataset, cal.seq_dataset
             return f"{seg.precision} (cos {seg.accuracy['min_cos']:.4f}), " + ("cached" if cached else "built")
-    key = file_key(onnx_path, opts.target, version, repr(rows).encode())
+    key = file_key(onnx_path, opts.target, version, repr(rows).encode() + (b"|columns" if columns else b""))
     status, reason = builds.fetch_or_build(
-        onnx_path, key, os.path.join(out_dir, "segments", seg.name + ".seq.rknn"), rows)
+        onnx_path, key, os.path.join(out_dir, "segments", seg.name + ".seq.rknn"), rows, columns)
     if reason:
         seg.seq_fallback = reason
         return ""
@@ -251,16 +269,18 @@ def _copy_shared(seg: GraphSegment, entry: str, out_dir: str, rows, key: str) ->
     seg.seq_rows, seg.decode_rows, seg.cache_key = rows, DECODE_ROWS, key
 
 
-def _quant_variant(precision: str, digest: str) -> str:
+def _quant_variant(precision: str, digest: str, columns: bool = False) -> str:
     from rwkv2rknn.toolkit import QUANT_ALGORITHM, QUANT_DTYPE, QUANT_METHOD
-    return f"{QUANT_DTYPE[precision]}|{QUANT_ALGORITHM}|{QUANT_METHOD}|{digest}"
+    return f"{QUANT_DTYPE[precision]}|{QUANT_ALGORITHM}|{QUANT_METHOD}|{digest}" + ("|columns" if columns else "")
 
 
 def _quantised(ctx: Context, seg: GraphSegment, onnx_path: str, rows, dataset: str,
-               cal: SegmentCalibration, cache: str, version: str, out_dir: str):
+               cal: SegmentCalibration, cache: str, version: str, out_dir: str,
+               columns: bool = False):
     """(cache entry of the segment's quantised build, from the cache) if it is accurate enough
     on the held-out rows, else ('', False) and ``seg.precision_note`` says why it is built fp16.
-    ``rows``: a T-row build's row counts (its held-out rows run as token steps, in row 0)."""
+    ``rows``: a T-row build's row counts (its held-out rows run as token steps, in row 0);
+    ``columns``: built in columns."""
     from rwkv2rknn.calibrate import Accuracy, accuracy
     opts = ctx.options
     carried = {t for s in ctx.state if s.accumulator for t in (s.input, s.output)}
@@ -268,7 +288,7 @@ def _quantised(ctx: Context, seg: GraphSegment, onnx_path: str, rows, dataset: s
         raise RuntimeError(f"segment {seg.name} holds the recurrence, which must never be quantised")
     with open(onnx_path, "rb") as f:
         key = cache_key(f.read() + (repr(tuple(rows)).encode() if rows else b""), opts.target, version,
-                        _quant_variant(opts.quant, cal.digest))
+                        _quant_variant(opts.quant, cal.digest, columns))
     entry, meta = os.path.join(cache, key + ".rknn"), os.path.join(cache, key + ".json")
     acc = None
     if os.path.isfile(entry) and os.path.getsize(entry) > 0 and os.path.isfile(meta):
@@ -282,7 +302,8 @@ def _quantised(ctx: Context, seg: GraphSegment, onnx_path: str, rows, dataset: s
         try:
             reason = build_child(onnx_path, entry, opts.target, opts.verbose, opts.build_timeout, rows,
                                  precision=opts.quant, dataset=os.path.join(out_dir, dataset),
-                                 holdout=cal.seq_holdout if rows else cal.holdout, holdout_out=outs)
+                                 holdout=cal.seq_holdout if rows else cal.holdout, holdout_out=outs,
+                                 columns=columns)
             if reason:
                 seg.precision_note = f"{opts.quant} build failed: {reason}"
                 return "", False

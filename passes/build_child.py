@@ -36,7 +36,7 @@ def partial_name(rknn_path: str, pid: int) -> str:
 def build_child(onnx_path: str, rknn_path: str, target: str, verbose: bool,
                 timeout: float, rows=(), precision: str = "fp16", dataset: str = "",
                 holdout: str = "", holdout_out: str = "", running: Optional[set] = None,
-                checksum: str = "", worker=None) -> str:
+                checksum: str = "", worker=None, columns: bool = False) -> str:
     """Build in a child process; '' on success, else the reason it failed (with the toolkit's
     own error line when it wrote one).
 
@@ -51,6 +51,8 @@ def build_child(onnx_path: str, rknn_path: str, target: str, verbose: bool,
     child while it runs, so that a caller can stop it. With ``checksum`` the child writes the
     result's SHA-256 to that file before it renames the result into place. With ``worker``
     (an fp16 build) the build runs in that kept child instead of a new one (``Worker``).
+    ``columns``: build the T-row segment's columns form (``rwkv2rknn.columns``; held-out outputs
+    come back as rows).
     """
     absp = os.path.abspath
     work = tempfile.mkdtemp(prefix="rwkv2rknn-build-")
@@ -61,6 +63,8 @@ def build_child(onnx_path: str, rknn_path: str, target: str, verbose: bool,
         cmd.append("--verbose")
     if rows:
         cmd += ["--rows", ",".join(str(r) for r in rows)]
+    if columns:
+        cmd.append("--columns")
     if precision != "fp16":
         cmd += ["--precision", precision, "--dataset", absp(dataset)]
     if holdout:
@@ -167,20 +171,20 @@ def _main(argv=None) -> int:
     ap.add_argument("--dataset", default="", help="calibration dataset of a quantised build")
     ap.add_argument("--holdout", default="", help="run these samples in the simulator after the build")
     ap.add_argument("--holdout-out", default="", help="... and save the outputs here (.npz)")
+    ap.add_argument("--columns", action="store_true", help="build the T-row segment in columns")
     a = ap.parse_args(argv)
     from rwkv2rknn.errors import Rwkv2RknnError
-    from rwkv2rknn.toolkit import build_in_process, dynamic_shapes
+    from rwkv2rknn.toolkit import build_in_process
     tmp = partial_name(a.rknn, os.getpid())
     rows = [int(r) for r in a.rows.split(",") if r]
     try:
         rk = build_in_process(a.onnx, target=a.target, rknn_out=tmp, verbose=a.verbose,
                               float_dtype=os.environ.get("RWKV2RKNN_FLOAT_DTYPE", ""),
-                              dynamic_input=dynamic_shapes(a.onnx, rows) if rows else None,
-                              precision=a.precision, dataset=a.dataset, runtime=bool(a.holdout),
-                              log_to=a.log)
+                              rows=rows, precision=a.precision, dataset=a.dataset,
+                              runtime=bool(a.holdout), log_to=a.log, columns=a.columns)
         try:
             if a.holdout:
-                _run_holdout(rk, a.holdout, a.holdout_out)
+                _run_holdout(rk, a.holdout, a.holdout_out, a.columns)
         finally:
             rk.release()
         if not os.path.isfile(tmp) or os.path.getsize(tmp) == 0:
@@ -198,19 +202,24 @@ def _main(argv=None) -> int:
         remove_quietly(tmp)
 
 
-def _run_holdout(rk, dataset: str, out: str) -> None:
-    """The simulator's outputs for every sample of ``dataset``, saved sample-major to ``out``."""
+def _run_holdout(rk, dataset: str, out: str, columns: bool = False) -> None:
+    """The simulator's outputs for every sample of ``dataset``, saved sample-major to ``out``
+    (``columns``: the build takes and gives columns; inputs and outputs are turned here)."""
     import contextlib
     import io as _io
 
     from rwkv2rknn.calibrate import read_dataset
+    from rwkv2rknn.columns import to_cols
     flat = []
     for sample in read_dataset(dataset):
+        args = [np.ascontiguousarray(to_cols(x) if columns else x, np.float32) for x in sample]
         with contextlib.redirect_stdout(_io.StringIO()):
-            outs = rk.inference(inputs=[np.ascontiguousarray(x, np.float32) for x in sample])
+            outs = rk.inference(inputs=args)
         if outs is None:
             raise ToolkitError("the simulator ran no held-out sample", "run with --verbose")
-        flat += [np.asarray(o, np.float32) for o in outs]
+        t = max(x.shape[0] for x in sample if np.ndim(x) == 2) if columns else 0
+        flat += [np.asarray(o, np.float32).reshape(-1, t).T if columns else np.asarray(o, np.float32)
+                 for o in outs]
     with open(out, "wb") as f:
         np.savez(f, *flat)
 

@@ -135,7 +135,7 @@ class CachedBuilds:
         for w in self.workers:
             w.close()
 
-    def fetch_or_build(self, onnx_path: str, key: str, dest: str, rows=()):
+    def fetch_or_build(self, onnx_path: str, key: str, dest: str, rows=(), columns: bool = False):
         """(status, reason): status 'cached' / 'built' / 'rebuilt (...)', or '' and why not."""
         cache = self.cache
         with cache.locked(key, lambda: self.stopping):
@@ -144,7 +144,8 @@ class CachedBuilds:
                 return "cached", ""
             reason = build_child(onnx_path, cache.entry(key), self.opts.target, self.opts.verbose,
                                  self.opts.build_timeout, rows, running=self.running,
-                                 checksum=cache.sum_path(key), worker=self.worker())
+                                 checksum=cache.sum_path(key), worker=self.worker(),
+                                 columns=columns)
             if reason:
                 return "", reason
             if not cache.copy_to(key, dest)[0]:

@@ -189,13 +189,63 @@ def matmul_flops(nodes) -> int:
     return sum(2 * r * m * k for r, m, k in matmul_dims(nodes))
 
 
+_VIEWS = {"Reshape", "Squeeze", "Unsqueeze", "Identity", "Flatten"}  # no data moves
+_SPECIAL = {"Exp", "Sigmoid", "Tanh", "Log", "Sqrt", "Div", "Pow", "Erf", "Softplus", "Reciprocal"}
+
+
+def _weighted(n) -> bool:
+    """A MatMul-like op with a constant 2-D weight (a projection)."""
+    return n.op in MATMUL_LIKE and any(
+        (w := const_value(t)) is not None and w.ndim == 2 for t in n.inputs[:2])
+
+
+def _elems(t) -> int:
+    shape = getattr(t, "shape", None)
+    if shape is None or not all(isinstance(d, int) for d in shape):
+        return 0
+    return int(np.prod(shape)) if shape else 1
+
+
+def op_work(nodes, rows: int = 0):
+    """(bytes touched, FLOPs, special) of every op among ``nodes`` but the projections:
+    elementwise ops and reductions read their inputs and write their outputs (float32; views
+    move nothing; a Gather reads the rows it picks), one FLOP per output element (``special``:
+    exp, sigmoid, sqrt, ..., which the profile costs more per element), MatMuls of two
+    activations (the WKV state's products) 2 x out x inner. ``rows``: a T-row call moves
+    ``rows`` times the one-row bytes."""
+    out = []
+    for n in nodes:
+        if _weighted(n):
+            continue
+        if getattr(n, "work", None) is not None:  # a written segment's stand-in (stream.py)
+            moved, flops, special = n.work
+            out.append((moved * max(rows, 1), flops * max(rows, 1), special))
+            continue
+        outs = sum(_elems(t) for t in n.outputs)
+        ins = outs if n.op == "Gather" else sum(_elems(t) for t in n.inputs)  # rows it picks
+        moved = 0 if n.op in _VIEWS else 4 * (ins + outs)
+        flops = outs
+        if n.op in MATMUL_LIKE:
+            shape = getattr(n.inputs[0], "shape", None) or [1]
+            flops = 2 * outs * (shape[-1] if isinstance(shape[-1], int) else 1)
+        elif n.op in _VIEWS:
+            flops = 0
+        elif n.op.startswith("Reduce"):
+            flops = ins
+        out.append((moved * max(rows, 1), flops * max(rows, 1), n.op in _SPECIAL))
+    return out
+
+
 def estimate_ms(device: str, nodes, profile, rows: int = 0, precision: str = "fp16") -> float:
     """Estimated time of one call of a segment under a device profile (``rows``: its T-row
-    variant's row count instead of the graph's own; ``precision``: of the NPU build)."""
-    dims = [(rows or r, m, k) for r, m, k in matmul_dims(nodes)]
+    variant's row count instead of the graph's own; ``precision``: of the NPU build). A CPU
+    segment counts its projections and every other op's bytes and FLOPs (``op_work``); an NPU
+    segment counts its MatMuls and its call (its other ops ride along with them)."""
     if device == "npu":
-        return profile.npu_segment_ms(dims, precision)
-    return sum(profile.cpu_matmul_ms(m, k, r) for r, m, k in dims)
+        return profile.npu_segment_ms([(rows or r, m, k) for r, m, k in matmul_dims(nodes)], precision)
+    dims = [(rows or r, m, k) for r, m, k in matmul_dims([n for n in nodes if _weighted(n)])]
+    return (sum(profile.cpu_matmul_ms(m, k, r) for r, m, k in dims) +
+            sum(profile.cpu_op_ms(b, f, special) for b, f, special in op_work(nodes, rows)))
 
 
 def run(ctx: Context) -> None:

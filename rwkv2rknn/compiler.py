@@ -60,6 +60,7 @@ def manifest_segment(ctx: Context, s: GraphSegment, out_dir: str, plan_only: boo
         seq_sha256=rel_sha(seq_rel), seq_rknn=seq_rknn,
         seq_rows=tuple(s.seq_rows) if seq_rknn else (), seq_rknn_sha256=rel_sha(seq_rknn),
         seq_fallback=s.seq_fallback if on_npu else "",
+        seq_layout=s.seq_layout if seq_rknn else "",
         precision=s.precision if on_npu else "fp16",
         seq_precision=s.seq_precision if seq_rknn else "fp16",
         accuracy=dict(s.accuracy) if on_npu else {}, precision_note=s.precision_note if on_npu else "",

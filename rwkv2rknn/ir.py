@@ -87,6 +87,7 @@ class GraphSegment:
     fallback: str = ""  # why an NPU candidate runs on the CPU (its build failed)
     seq_rknn: Optional[str] = None  # the T-row variant's build, one graph per row count
     seq_rows: Tuple[int, ...] = ()
+    seq_layout: str = ""  # 'columns': the T-row build takes and gives [C, T] (rwkv2rknn.columns)
     seq_fallback: str = ""  # why the T-row build failed (prefill then runs token by token)
     # build with --quant: the precision each build has, and the quantised build's measured accuracy
     precision: str = "fp16"

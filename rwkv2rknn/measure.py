@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import platform
 import statistics
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import numpy as np
 
@@ -61,33 +61,73 @@ def build_probes(folder: str, target: str = "rk3588", echo: Callable[[str], None
         echo(f"  built {name}.rknn")
 
 
-def measure(folder: str, backend: str, core_mask: str = "auto",
-            echo: Callable[[str], None] = print) -> DeviceProfile:
-    from rwkv2rknn.bench import gemv_bandwidth_gbs, time_steps
+def time_probe(folder: str, name: str, backend: str, core_mask: str = "auto") -> float:
+    """Median ms per call of probe ``name`` (``call`` or ``mm{rows}``) on ``backend``:
+    rknn-rt / rknn-lite time its .rknn on the board, rknn-sim its .onnx in the simulator."""
+    from rwkv2rknn.bench import time_steps
     from rwkv2rknn.errors import BadInput
     from rwkv2rknn.runtime.rknn import RknnLiteRunner, RknnSimRunner
     from rwkv2rknn.runtime.rknnrt import RknnRtRunner
-    names = ["call"] + [f"mm{m}" for m in ROWS]
-    ms = {}
-    for name in names:
-        m = 1 if name == "call" else int(name[2:])
-        k = 16 if name == "call" else SIZE
-        shapes = {"x": [m, k], "y": [m, k]}
-        if backend in ("rknn-lite", "rknn-rt"):
-            path = os.path.join(folder, name + ".rknn")
-            if not os.path.exists(path):
-                raise BadInput(f"probe '{path}' is missing",
-                               "build the probes on the compile machine: rwkv2rknn profile --build-probes DIR")
-            runner = (RknnRtRunner if backend == "rknn-rt" else RknnLiteRunner)(
-                path, name, ["x"], ["y"], shapes, core_mask)
-        else:
-            path = os.path.join(folder, name + ".onnx")
-            if not os.path.exists(path):
-                raise BadInput(f"probe '{path}' is missing", "run rwkv2rknn profile --build-probes DIR first")
-            runner = RknnSimRunner(path, name, ["x"], ["y"], shapes)
-        x = {"x": np.ones((m, k), np.float32)}
-        ms[name] = statistics.median(time_steps(lambda _: runner.infer(x), [0] * 22))
+    m = 1 if name == "call" else int(name[2:])
+    k = 16 if name == "call" else SIZE
+    shapes = {"x": [m, k], "y": [m, k]}
+    if backend in BOARD:
+        path = os.path.join(folder, name + ".rknn")
+        if not os.path.exists(path):
+            raise BadInput(f"probe '{path}' is missing",
+                           "build the probes on the compile machine: rwkv2rknn profile --build-probes DIR")
+        runner = (RknnRtRunner if backend == "rknn-rt" else RknnLiteRunner)(
+            path, name, ["x"], ["y"], shapes, core_mask)
+    else:
+        path = os.path.join(folder, name + ".onnx")
+        if not os.path.exists(path):
+            raise BadInput(f"probe '{path}' is missing", "run rwkv2rknn profile --build-probes DIR first")
+        runner = RknnSimRunner(path, name, ["x"], ["y"], shapes)
+    x = {"x": np.ones((m, k), np.float32)}
+    try:
+        return statistics.median(time_steps(lambda _: runner.infer(x), [0] * 22))
+    finally:
         runner.close()
+
+
+BOARD = ("rknn-rt", "rknn-lite")  # the board's runners: librknnrt's C API, rknn-toolkit-lite2
+
+
+def call_costs(folder: Optional[str], core_mask: str = "auto",
+               echo: Callable[[str], None] = print) -> Dict[str, object]:
+    """The NPU's fixed cost per call through each board runner (the ``call`` probe: a tiny
+    model), in ms; for a runner that cannot be timed here, the one-line reason instead."""
+    from rwkv2rknn.errors import Rwkv2RknnError
+    from rwkv2rknn.runtime import board
+    where = {"rknn-rt": board.rt_available, "rknn-lite": board.lite_available}
+    missing = {"rknn-rt": "librknnrt.so is not found (the board's runtime library)",
+               "rknn-lite": "rknn-toolkit-lite2 is not installed"}
+    soc = board.board_soc()
+    out: Dict[str, object] = {}
+    for backend in BOARD:
+        if not soc:
+            out[backend] = "not measured: this machine is not a Rockchip board"
+        elif not where[backend]():
+            out[backend] = f"not measured: {missing[backend]}"
+        elif not folder:
+            out[backend] = ("not measured: give --probes DIR (built on the compile machine with "
+                            "`rwkv2rknn profile --build-probes DIR`)")
+        else:
+            try:
+                out[backend] = time_probe(folder, "call", backend, core_mask)
+            except Rwkv2RknnError as e:
+                out[backend] = f"not measured: {e}"
+        echo(f"  NPU per-call cost, {backend}: " +
+             (f"{out[backend]:.3f} ms" if isinstance(out[backend], float) else out[backend]))
+    return out
+
+
+def measure(folder: str, backend: str, core_mask: str = "auto",
+            echo: Callable[[str], None] = print) -> DeviceProfile:
+    from rwkv2rknn.bench import gemv_bandwidth_gbs
+    ms = {}
+    for name in ["call"] + [f"mm{m}" for m in ROWS]:
+        ms[name] = time_probe(folder, name, backend, core_mask)
         echo(f"  {name}: {ms[name]:.3f} ms per call")
     call = ms["call"]
     gflops = {m: 2.0 * m * SIZE * SIZE / max(ms[f"mm{m}"] - call, 1e-3) / 1e6 for m in ROWS}

@@ -47,6 +47,7 @@ class Segment:
     seq_rknn_sha256: str = ""
     seq_rows: Tuple[int, ...] = ()
     seq_fallback: str = ""  # why the T-row build failed (its prefill then runs token by token)
+    seq_layout: str = ""  # 'columns': the .seq.rknn takes and gives [C, T], not [T, C] rows
     precision: str = "fp16"  # of the .rknn: fp16, w8a8, w16a16i
     seq_precision: str = "fp16"
     accuracy: Dict[str, float] = field(default_factory=dict)  # quantised build vs fp32, held-out rows
@@ -239,7 +240,7 @@ class Manifest:
             est = self.estimate_ms(phase)
             if est is not None:
                 lines.append(f"estimated {label}: {est['total']:.2f} ms/token (NPU {est['npu']:.2f} + "
-                             f"CPU MatMuls {est['cpu']:.2f} + {est['handoffs']:.2f} hand-offs), an "
+                             f"CPU {est['cpu']:.2f} + {est['handoffs']:.2f} hand-offs), an "
                              f"estimate from device profile '{self.profile.get('name', '?')}', "
                              f"not a measurement")
         acc = [s for s in self.segments if s.accuracy]
@@ -309,6 +310,7 @@ def _segment(s) -> Segment:
                   seq_rknn_sha256=str(s.get("seq_rknn_sha256", "")),
                   seq_rows=tuple(int(r) for r in s.get("seq_rows", []) or []),
                   seq_fallback=str(s.get("seq_fallback", "")),
+                  seq_layout=str(s.get("seq_layout", "") or ""),
                   precision=str(s.get("precision", "fp16")), seq_precision=str(s.get("seq_precision", "fp16")),
                   accuracy=_accuracy(s),
                   precision_note=str(s.get("precision_note", "")),
@@ -319,6 +321,8 @@ def _segment(s) -> Segment:
         raise ValueError(f"segment '{seg.name}' covers no stages")
     if not seg.precision or not seg.seq_precision:
         raise ValueError(f"segment '{seg.name}' has an empty precision")
+    if seg.seq_layout not in ("", "columns"):
+        raise ValueError(f"segment '{seg.name}' has an unknown T-row layout '{seg.seq_layout}'")
     if seg.decode_rows and (seg.decode_rows not in seg.seq_rows or seg.rknn != seg.seq_rknn):
         raise ValueError(f"segment '{seg.name}' decodes on a T-row build it does not have")
     if min(seg.ops, seg.matmuls, seg.flops, seg.decode_rows) < 0:

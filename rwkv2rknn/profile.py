@@ -10,6 +10,12 @@ The cost model (every figure below is a field of ``DeviceProfile``):
   measured on a board (``rwkv2rknn profile``) gives ``npu_gflops`` by rows instead: effective
   throughput, used as is.
 - CPU MatMul: ``max(weight bytes (cpu_weight_bytes each) / cpu_gemv_gbs, flops / cpu_gflops)``.
+- Every other op of a CPU segment (elementwise, reductions, the decay's exp, the WKV state's
+  products, GroupNorm): ``cpu_kernel_ms`` + ``max(bytes it reads and writes (float32) /
+  cpu_gemv_gbs, flops / cpu_gflops)``, a FLOP per output element (``cpu_special_flops`` for exp,
+  sigmoid, tanh, sqrt, division, ...); reshapes move nothing. Every operand is counted as
+  coming from DRAM (no cache), an upper bound for small tensors. The non-MatMul ops of an NPU
+  segment are not counted: they run inside its call.
 - A w8a8 build (``compile --quant w8a8``): weights of ``npu_weight_bytes / npu_int8_speedup``
   bytes and ``npu_int8_speedup`` times the compute rate (measured profiles: the throughput).
 - Every NPU<->CPU switch between segments: ``handoff_ms``.
@@ -40,6 +46,10 @@ Where the published default ``rk3588-published`` comes from (none was measured h
   at M = 1 fp32 weights need 12.5 GFLOPS at 25 GB/s); it matters for prefill on the CPU.
 - ``npu_int8_speedup`` 2: int8 weights are 1 byte against fp16's 2, and the NPU's int8 rate is
   twice its fp16 rate (M = 128: ~1.9 TOPS int8 against ~0.9 TFLOPS fp16 on one core, same notes).
+- ``cpu_kernel_ms`` 0.001: ASSUMED, onnxruntime's fixed cost of one kernel on a Cortex-A76
+  (measured on the x86 compile machine: 0.26 us per Add/Mul of 64 floats in a 200-op graph on
+  one thread; taken 4x slower on the board). ``cpu_special_flops`` 20: ASSUMED, FLOPs of one
+  vectorised exp/sigmoid/tanh (a range reduction and a polynomial of about degree 10).
 - ``handoff_ms`` 0.03: ASSUMED, of the order of one onnxruntime ``run()`` from Python.
 - ``dram_gbs`` 34: LPDDR4x-4266 peak of RK3588 boards (board forums; LPDDR5 boards ~44).
 
@@ -76,6 +86,8 @@ class DeviceProfile:
     cpu_gflops: float = 40.0
     dram_gbs: float = 34.0
     npu_int8_speedup: float = 2.0
+    cpu_kernel_ms: float = 0.001
+    cpu_special_flops: float = 20.0
 
     # ---------------------------------------------------------------- NPU
 
@@ -125,6 +137,14 @@ class DeviceProfile:
         compute = 2.0 * rows * out_features * in_features / (self.cpu_gflops * 1e6)
         return max(stream, compute)
 
+    def cpu_op_ms(self, moved_bytes: float, flops: float, special: bool = False) -> float:
+        """One op of a CPU segment that is not a projection (elementwise, reduction, the WKV
+        state's products): a kernel's fixed cost, then its bytes at the CPU's bandwidth or its
+        FLOPs (``cpu_special_flops`` each for exp, sigmoid, sqrt, ...), whichever is slower."""
+        gbs = min(self.cpu_gemv_gbs, self.dram_gbs)
+        work = flops * (self.cpu_special_flops if special else 1.0)
+        return self.cpu_kernel_ms + max(moved_bytes / (gbs * 1e6), work / (self.cpu_gflops * 1e6))
+
     # ---------------------------------------------------------------- JSON
 
     def to_dict(self) -> dict:
@@ -147,7 +167,8 @@ class DeviceProfile:
             raise BadInput(f"{where} is not a valid device profile ({e})",
                            "see rwkv2rknn/profile.py for the fields") from e
         speeds = [p.cpu_gemv_gbs, p.npu_gbs, p.npu_gbs_all, p.npu_core_gflops, p.cpu_gflops,
-                  p.dram_gbs, p.npu_cores, p.npu_int8_speedup] + list(p.npu_gflops.values())
+                  p.dram_gbs, p.npu_cores, p.npu_int8_speedup,
+                  p.cpu_special_flops] + list(p.npu_gflops.values())
         if min(speeds) <= 0:
             raise BadInput(f"{where} has a zero or negative throughput", "give positive figures")
         return p

@@ -93,7 +93,7 @@ def estimates(d: ReportData) -> str:
         est = m.estimate_ms(phase)
         if est is not None:
             rows.append((label, [("NPU", est["npu"], d.colour("npu-fp16")),
-                                 ("CPU MatMuls", est["cpu"], d.colour("cpu")),
+                                 ("CPU segments", est["cpu"], d.colour("cpu")),
                                  ("hand-offs", est["handoffs"], HANDOFF)]))
     if not rows:
         return "<h2>Estimated time per token</h2><p class=note>The manifest has no device profile.</p>"
@@ -119,6 +119,8 @@ def check(d: ReportData) -> str:
     facts = [("result", "PASS" if ok else "FAIL: " + "; ".join(map(str, c.get("failures", [])))),
              ("backend", c.get("backend", "?")), ("tokens", len(steps)),
              ("top-1 agreement", _pct(_num(c.get("top1_agreement")))),
+             ("top-1 on decisive tokens", f"{_pct(_num(c.get('top1_decisive', c.get('top1_agreement'))))}"
+                                          f" ({int(_num(c.get('ties')))} near-ties left out)"),
              ("max rel error", fmt(_num(c.get("max_rel")))),
              ("min cosine", f"{_num(c.get('min_cosine')):.6f}"),
              ("state drift", fmt(drift) if isinstance(drift, (int, float)) else "not measured")]

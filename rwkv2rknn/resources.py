@@ -173,3 +173,74 @@ def disk_full(e: BaseException, where: str, size: ModelSize) -> ResourceError:
 
 def is_disk_full(e: BaseException) -> bool:
     return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def tree_rss(pid: int = 0) -> int:
+    """Resident bytes of a process (default: this one) and all its children, now."""
+    import psutil
+    try:
+        proc = psutil.Process(pid or os.getpid())
+        tree = [proc] + proc.children(recursive=True)
+    except psutil.Error:  # it just ended
+        return 0
+    total = 0
+    for p in tree:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:  # a child that just ended
+            pass
+    return total
+
+
+class PeakRss:
+    """Peak resident memory of this process tree, overall and per phase (``mark(name)`` starts a
+    phase); use as a context manager. A thread samples ``tree_rss`` every ``every`` seconds (it
+    sees the children); this process's own exact peak (``ru_maxrss``, which a sampling thread
+    misses while a long C call holds the GIL) is read at every mark and counts for the phase in
+    which it rose."""
+
+    def __init__(self, every: float = 0.2):
+        import threading
+        self.every, self.peak, self.phases, self._phase = every, 0, {}, "start"
+        self._self_peak = self._own_peak()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def _own_peak() -> int:
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+
+    def _note(self, rss: int) -> None:
+        self.peak = max(self.peak, rss)
+        self.phases[self._phase] = max(self.phases.get(self._phase, 0), rss)
+
+    def _sample(self) -> None:
+        self._note(tree_rss())
+
+    def _close_phase(self) -> None:
+        own = self._own_peak()
+        if own > self._self_peak:
+            self._self_peak = own
+            self._note(own)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self._sample()
+
+    def mark(self, phase: str) -> None:
+        self._sample()
+        self._close_phase()
+        self._phase = phase
+        self._sample()
+
+    def __enter__(self) -> "PeakRss":
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        self._close_phase()

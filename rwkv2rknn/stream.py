@@ -41,9 +41,10 @@ from rwkv2rknn.ir import Context, GraphSegment, Options, replace_uses
 log = logging.getLogger(__name__)
 
 
-def _stub(node) -> SimpleNamespace:
-    """What a written segment keeps of a node: its name and op, and for a MatMul the shapes its
-    estimates need (the weight as a zero-strided array of its shape: no memory), not weights."""
+def _stub(node, op_work) -> SimpleNamespace:
+    """What a written segment keeps of a node: its name and op, for a MatMul the shapes its
+    estimates need (the weight as a zero-strided array of its shape: no memory), for any other
+    op its bytes and FLOPs (``op_work``, the partition pass's), not weights."""
     import onnx_graphsurgeon as gs
     from rwkv2rknn.ir import const_value
     inputs = []
@@ -52,7 +53,9 @@ def _stub(node) -> SimpleNamespace:
             w = const_value(t)
             inputs.append(gs.Constant(t.name, np.broadcast_to(np.float32(0), w.shape))
                           if w is not None else SimpleNamespace(name=t.name, shape=t.shape, inputs=[]))
-    return SimpleNamespace(name=node.name, op=node.op, inputs=inputs, outputs=[])
+    work = op_work([node])
+    return SimpleNamespace(name=node.name, op=node.op, inputs=inputs, outputs=[],
+                           work=work[0] if work else None)
 
 
 class _Stream:
@@ -209,7 +212,7 @@ class _Stream:
             p.cut.cut_one(wctx, seg, k, len(self.written), owner, self.outputs, move_weights=True)
             self.write(seg, p.sequence)
             gone |= {n.name for n in seg.nodes}
-            seg.nodes = [_stub(n) for n in seg.nodes]
+            seg.nodes = [_stub(n, p.partition.op_work) for n in seg.nodes]
             self.written.append(seg)
             if self.on_segment:  # its files are whole: the build may start
                 self.on_segment(ctx, seg)

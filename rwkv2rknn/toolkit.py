@@ -88,16 +88,23 @@ def _maybe_quiet(verbose: bool, log_to: str = ""):
 
 def build_in_process(onnx_path: str, target: str = "rk3588", rknn_out: str = "",
                      runtime: bool = False, verbose: bool = False, float_dtype: str = "",
-                     dynamic_input=None, precision: str = "fp16", dataset: str = "",
-                     log_to: str = ""):
+                     rows=(), precision: str = "fp16", dataset: str = "",
+                     log_to: str = "", columns: bool = False):
     """Build an ONNX model with rknn-toolkit2; optionally export the .rknn and/or start the
     simulator. Returns the RKNN object. Raises ToolkitError on a refused build.
     ``precision`` other than fp16 quantises with ``dataset`` (``calibrate.write_dataset``: file
     names relative to its folder); a T-row build's samples have the largest row count. The
     toolkit's own output is dropped (``verbose``: shown; ``log_to``: appended to that file).
+    ``rows``: a T-row segment, built for each of these row counts (``dynamic_input``).
+    ``columns``: build the T-row segment's columns form (``rwkv2rknn.columns``; row inputs and the
+    dataset's samples [C, T]).
+    The toolkit works in a private folder (it writes fixed-name scratch files such as
+    ``check_dynshape0.onnx`` into the working folder: two simulators started in one folder
+    broke each other's builds).
     (The toolkit may also kill the whole process: the compiler calls this in a child.)"""
     RKNN = import_toolkit()
     quant = precision != "fp16"
+    onnx_path, rknn_out = os.path.abspath(onnx_path), rknn_out and os.path.abspath(rknn_out)
     if quant and (precision not in QUANT_DTYPE or not dataset):
         raise ToolkitError(f"cannot build {os.path.basename(onnx_path)} as {precision}",
                            f"use one of {', '.join(PRECISIONS)}, with a calibration dataset")
@@ -106,12 +113,17 @@ def build_in_process(onnx_path: str, target: str = "rk3588", rknn_out: str = "",
         cfg = {"target_platform": target}
         if float_dtype:
             cfg["float_dtype"] = float_dtype
-        if dynamic_input:
-            cfg["dynamic_input"] = dynamic_input
+        if columns:
+            onnx_path = _columns_model(onnx_path, tmp)
+        if rows:
+            cfg["dynamic_input"] = dynamic_shapes(onnx_path, rows)
         if quant:
             cfg.update(quantized_dtype=QUANT_DTYPE[precision], quantized_algorithm=QUANT_ALGORITHM,
                        quantized_method=QUANT_METHOD)
             dataset = _absolute_dataset(dataset, tmp)
+            if columns:
+                from rwkv2rknn.columns import columns_dataset
+                dataset = columns_dataset(dataset, tmp)
         steps = [("config", lambda: rk.config(**cfg)),
                  ("load_onnx", lambda: rk.load_onnx(onnx_path)),
                  ("build", lambda: rk.build(do_quantization=quant, dataset=dataset or None))]
@@ -121,7 +133,8 @@ def build_in_process(onnx_path: str, target: str = "rk3588", rknn_out: str = "",
             steps.append(("init_runtime", lambda: rk.init_runtime()))
         for step, call in steps:
             try:
-                ret = call()
+                with _working_in(tmp):
+                    ret = call()
             except Exception as e:  # the toolkit reports some failures as exceptions
                 rk.release()
                 raise ToolkitError(f"rknn-toolkit2 {step} failed on {os.path.basename(onnx_path)} "
@@ -132,6 +145,27 @@ def build_in_process(onnx_path: str, target: str = "rk3588", rknn_out: str = "",
                 raise ToolkitError(f"rknn-toolkit2 {step} returned {ret} on {os.path.basename(onnx_path)}",
                                    "the segment stays on the CPU; run with --verbose for the toolkit's log")
     return rk
+
+
+@contextlib.contextmanager
+def _working_in(folder: str):
+    back = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(back)
+
+
+def _columns_model(onnx_path: str, folder: str) -> str:
+    """The columns form of a T-row segment, written into ``folder`` (the build's scratch)."""
+    from rwkv2rknn.columns import write_columns
+    path = os.path.join(folder, os.path.basename(onnx_path).replace(".onnx", ".columns.onnx"))
+    why = write_columns(onnx_path, path)
+    if why:
+        raise ToolkitError(f"cannot build {os.path.basename(onnx_path)} in columns ({why})",
+                           "compile the model again")
+    return path
 
 
 def error_line(e: BaseException) -> str:

@@ -117,3 +117,44 @@ def test_prefill_estimate_shares_calls_across_rows(fp32_plan_artifact):
     assert 0 < prefill["total"] < decode["total"]
     assert prefill["handoffs"] == pytest.approx(decode["handoffs"] / m.prefill_rows)
     assert f"estimated prefill (T={m.prefill_rows})" in m.table()
+
+
+def test_cpu_segments_count_their_non_matmul_ops():
+    """A CPU segment's estimate counts the bytes and FLOPs of its elementwise ops and of the
+    WKV state's products (not only its projections); views move nothing, a Gather reads the
+    rows it picks, not its table."""
+    import numpy as np
+    import onnx_graphsurgeon as gs
+    from rwkv2rknn.passes.partition import estimate_ms, op_work
+
+    p = DeviceProfile()
+    assert p.cpu_op_ms(4 * 2**20, 0) == pytest.approx(0.001 + 4 * 2**20 / 25e6)
+    assert p.cpu_op_ms(0, 1e6, special=True) == pytest.approx(0.001 + 20e6 / 40e6)
+
+    def var(name, shape):
+        return gs.Variable(name, np.float32, shape)
+    h, n, c = 4, 16, 64
+    S, w, kk = var("S", [h, n, n]), var("w", [h, 1, n]), var("kk", [h, n, 1])
+    Sw, Skk, x, r = var("Sw", [h, n, n]), var("Skk", [h, n, 1]), var("x", [1, c]), var("r", [1, c])
+    flat, e, tok, row = var("flat", [c]), var("e", [c]), gs.Variable("tok", np.int64, [1]), var("row", [1, c])
+    W = gs.Constant("W", np.zeros((c, c), np.float32))
+    table = gs.Constant("table", np.zeros((1000, c), np.float32))
+    shape = gs.Constant("shape", np.array([c], np.int64))
+    nodes = [gs.Node("Mul", "decay", inputs=[S, w], outputs=[Sw]),
+             gs.Node("MatMul", "S_kk", inputs=[Sw, kk], outputs=[Skk]),
+             gs.Node("MatMul", "proj", inputs=[x, W], outputs=[r]),
+             gs.Node("Reshape", "flat", inputs=[r, shape], outputs=[flat]),
+             gs.Node("Exp", "exp", inputs=[flat], outputs=[e]),
+             gs.Node("Gather", "emb", inputs=[table, tok], outputs=[row])]
+    work = op_work(nodes)
+    state = h * n * n
+    assert work == [(4 * (2 * state + h * n), state, False),            # S * w
+                    (4 * (state + h * n + h * n), 2 * h * n * n, False),  # S @ kk
+                    (0, 0, False),                                      # reshape: a view
+                    (4 * 2 * c, c, True),                               # exp: special
+                    (4 * 2 * c, c, False)]                              # one row of the table
+    want = p.cpu_matmul_ms(c, c, 1) + sum(p.cpu_op_ms(*wk) for wk in work)
+    assert estimate_ms("cpu", nodes, p) == pytest.approx(want)
+    assert estimate_ms("cpu", nodes, p) > p.cpu_matmul_ms(c, c, 1) + 5 * p.cpu_kernel_ms
+    # a T-row call moves T times the bytes, and pays each kernel's fixed cost once
+    assert op_work(nodes, rows=8)[0] == (8 * work[0][0], 8 * work[0][1], False)

@@ -61,7 +61,7 @@ def test_page_matches_manifest(artifact, tmp_path):
     parts = page.with_class("rect", "part")
     for phase, chunk in (("decode", parts[:3]), ("prefill", parts[3:])):
         est = m.estimate_ms(phase)
-        assert [p["data-part"] for p in chunk] == ["NPU", "CPU MatMuls", "hand-offs"]
+        assert [p["data-part"] for p in chunk] == ["NPU", "CPU segments", "hand-offs"]
         assert [float(p["data-value"]) for p in chunk] == [est["npu"], est["cpu"], est["handoffs"]]
         assert f"{est['total']:.2f} ms/token" in html
     assert page.find("p", data_profile=m.profile["name"]) and "not a measurement" in html
@@ -157,6 +157,8 @@ def test_check_json_written_and_read_back(artifact, tmp_path):
     assert [float(p["data-value"]) for p in points] == [s["max_rel"] for s in saved["steps"]]
     assert page.text_of("td", data_check="result") == ["PASS"]
     assert page.text_of("td", data_check="top-1 agreement") == [f"{100 * saved['top1_agreement']:.1f}%"]
+    assert page.text_of("td", data_check="top-1 on decisive tokens") == [
+        f"{100 * saved['top1_decisive']:.1f}% ({saved['ties']} near-ties left out)"]
     assert float(page.with_class("line", "ref")[0]["data-value"]) == saved["tolerance"]["max_rel"]
     assert "written for another compile" not in html
     hovers = page.titles("seg", "data-name")

@@ -73,3 +73,20 @@ def test_build_jobs_follow_cores_and_memory(monkeypatch):
     assert resources.build_jobs(50 << 20, 1) == 1
     monkeypatch.setattr(resources, "memory_available", lambda: resources.build_memory(50 << 20))
     assert resources.build_jobs(50 << 20, 10) == 1  # room for one: never zero
+
+
+def test_peak_rss_counts_children_and_the_phase_they_ran_in():
+    """The bench's memory figure is the process tree's: a child holding 300 MB shows up in the
+    phase it ran in, not in the others."""
+    import subprocess
+    import sys
+    from rwkv2rknn.resources import PeakRss
+    with PeakRss(every=0.05) as mem:
+        mem.mark("quiet")
+        mem.mark("child")
+        subprocess.run([sys.executable, "-c", "import time; b = bytearray(300 << 20); "
+                        "b[::4096] = b'x' * len(b[::4096]); time.sleep(1.0)"], check=True)
+        mem.mark("after")
+    assert mem.phases["child"] - mem.phases["quiet"] > 250 << 20
+    assert mem.phases["after"] < mem.phases["child"] - (250 << 20)
+    assert mem.peak == max(mem.phases.values())

@@ -19,6 +19,9 @@ from rwkv2rknn.runtime.hybrid import HybridModel
 # RWKV-5.2: R K V G O, FFN receptance/key/value.
 PROJECTIONS = {"7": [12, 14, 14], "6": [20, 20, 20], "5": [8, 8, 8]}
 VERSIONS = pytest.mark.parametrize("version", ["5", "6", "7"])
+# near-ties among the 40 teacher-forced tokens of the random test models at max rel 0.005
+# (measured on rknn-sim: RWKV-5.2 3, RWKV-6 1, RWKV-7 3): the tokens the top-1 gate leaves out
+MAX_TIES = 4
 
 
 def _manifest(art):
@@ -134,16 +137,14 @@ def test_fp16_on_the_npu_simulator_and_check(slot_models, version):
     model = HybridModel(sm.rknn_artifact, backend="rknn-sim")
     got = model.logits(sm.tokens)
     ref = sm.reference
-    rep = compare_logits(got, ref, min_top1=0.95, max_rel=0.05)
+    # check's criterion at a tolerance 10x tighter than its fp16 default (measured max rel error
+    # 0.0014-0.0029): max rel error 0.005 over every token, top-1 >= 99% over the decisive ones
+    # (the package's two best logits more than 2 x 0.005 of the logit scale apart)
+    rep = compare_logits(got, ref, min_top1=0.99, max_rel=0.005)
+    print(f"RWKV-{version} rknn-sim: {rep.summary()}")
     assert rep.passed, rep.summary()
     assert rep.max_rel > 0  # the NPU path really computed in fp16
-    # top-1 where the reference decides: its two best logits differ by more than twice the
-    # largest fp16 error seen (a random model has the odd near-tie: a gap of 0.002 against
-    # errors of 0.02 flips either way)
-    top2 = np.sort(ref, axis=1)[:, -2:]
-    decided = top2[:, 1] - top2[:, 0] > 2 * np.abs(got - ref).max()
-    assert decided.mean() >= 0.8
-    assert (got.argmax(1) == ref.argmax(1))[decided].mean() >= 0.99
+    assert rep.ties <= MAX_TIES, rep.summary()
     # prefill: the NPU segments' T-row builds
     s1, s2 = model.init_state(), model.init_state()
     one = np.stack([model.step(t, s1) for t in sm.tokens[:24]])
@@ -158,3 +159,40 @@ def test_fp16_on_the_npu_simulator_and_check(slot_models, version):
                                  "--tokens", "16"])
     assert r.exit_code == 0, r.output
     assert "PASS" in r.output
+
+
+# RWKV-7 as w8a8, teacher-forced on English text (bytes; not in its 96 calibration tokens)
+# against the same fp32 files on onnxruntime. Measured here: 95.3% token by token (64 tokens),
+# 92.8% in chunks of 16 (399 tokens); RWKV-6 and 5.2 in the README.
+MIN_TOP1_W8A8_V7 = 0.88
+
+
+def test_w8a8_rwkv7_on_the_simulator_keeps_top1_and_the_plan_shows_each_precision(slot_models, tmp_path):
+    from rwkv2rknn import calibrate
+    from rwkv2rknn.compiler import compile_model
+    from rwkv2rknn.ir import Options
+    from rwkv2rknn.tokenizer import ByteTokenizer
+    sm = slot_models("7")
+    out = str(tmp_path / "w8a8")
+    m = compile_model(sm.dirs["fp32"], out, Options(quant="w8a8", calib_tokens=96, prefill_rows=(16,)))
+    npu = [s for s in m.segments if s.backend == "npu"]
+    assert len(npu) == 4 and all(s.precision == s.seq_precision == "w8a8" for s in npu)
+    assert all(s.seq_layout == "columns" for s in npu)
+    table = m.table()
+    for s in npu:
+        assert 0.99 <= s.accuracy["min_cos"] <= 1.0
+        assert f"{s.name}" in table and f"w8a8 cos {s.accuracy['min_cos']:.4f}" in table
+    assert all(s.precision_label() == "fp32" for s in m.segments if s.backend == "cpu")
+    ids = ByteTokenizer().encode(calibrate.BUILTIN_TEXT[-400:])
+    ref = HybridModel(sm.plan_artifact, backend="ort").logits(ids)
+    sim = HybridModel(out, backend="rknn-sim")
+    try:
+        step = sim.logits(ids[:64])
+        prefill = sim.prefill(ids, sim.init_state(), chunk=16)
+    finally:
+        sim.close()
+    top1_step = float(np.mean(step.argmax(1) == ref[:64].argmax(1)))
+    top1_prefill = float(np.mean(prefill.argmax(1) == ref.argmax(1)))
+    print(f"RWKV-7 w8a8 top-1 against fp32: {top1_step:.3f} token by token, {top1_prefill:.3f} in chunks")
+    assert min(top1_step, top1_prefill) >= MIN_TOP1_W8A8_V7, (top1_step, top1_prefill)
+    assert np.abs(prefill - ref).max() > 1e-3 * np.abs(ref).max()  # really quantised

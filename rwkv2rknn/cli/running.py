@@ -111,8 +111,10 @@ def _print_generation(model, tok_spec, prompt, max_tokens, temperature, top_p, s
                    "the one the artifact was compiled from).")
 @click.option("--per-segment", is_flag=True, help="Also compare every NPU segment and T-row variant alone against its ONNX on onnxruntime.")
 @click.option("--min-top1", type=click.FloatRange(0, 1), default=None,
-              help="Least share of steps whose top token agrees (default: 0.99; 0.85 with "
-                   "w8a8 segments on an NPU backend).")
+              help="Least share of decisive steps whose top token agrees; a step whose "
+                   "reference top-2 gap is within 2 x --max-rel of its logit scale is a near-tie, "
+                   "left out (default: 0.99; 0.85 over every step with w8a8 segments on an NPU "
+                   "backend).")
 @click.option("--max-rel", type=click.FloatRange(0, None), default=None,
               help="Max logit error relative to the logit scale (default: 1e-4 for ort on fp32 "
                    "files, 0.05 for fp16 NPU segments, 0.25 with w8a8 ones).")

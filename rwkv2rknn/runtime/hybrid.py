@@ -27,7 +27,7 @@ from rwkv2rknn.errors import BadInput, NumericalError, UsageError
 from rwkv2rknn.plan import MANIFEST, Manifest, sha256_file
 
 from rwkv2rknn.runtime.board import BACKENDS, BOARD_BACKENDS
-from rwkv2rknn.runtime.rows import RowStep, check_finite, pad
+from rwkv2rknn.runtime.rows import Columns, RowStep, check_finite, pad
 
 log = logging.getLogger(__name__)
 
@@ -142,8 +142,9 @@ class HybridModel:
                            "compile without --plan-only, or use --backend ort / rknn-sim")
         return self._board_runner(seg, self._path(seg.rknn, seg.rknn_sha256), seg.name, shapes)
 
-    def _board_runner(self, seg, path: str, name: str, shapes, rows=()):
-        """An NPU segment's .rknn on the board's runtime, on the cores it should use."""
+    def _board_runner(self, seg, path: str, name: str, shapes, rows=(), columns: bool = False):
+        """An NPU segment's .rknn on the board's runtime, on the cores it should use
+        (``columns``: a T-row build that takes its rows as columns)."""
         from rwkv2rknn.runtime.board import core_mask_for
         mask = core_mask_for(seg, self.manifest, self._core_mask)
         if self.backend == "rknn-rt":
@@ -151,7 +152,7 @@ class HybridModel:
         else:
             from rwkv2rknn.runtime.rknn import RknnLiteRunner as Runner
         return Runner(path, name, seg.inputs, seg.outputs, shapes, mask, rows=rows,
-                      toolkit=self.manifest.toolkit)
+                      toolkit=self.manifest.toolkit, columns=columns)
 
     # ------------------------------------------------------------------ stepping
 
@@ -234,15 +235,18 @@ class HybridModel:
         (``decode_rows``) and prefill."""
         if seg.name in self._shared:
             return self._shared[seg.name]
+        columns = seg.seq_layout == "columns"
         if self.backend == "rknn-sim":
             from rwkv2rknn.runtime.rknn import RknnSimRunner
             runner = RknnSimRunner(self._path(seg.seq_onnx, seg.seq_sha256),
                                    seg.name + ".seq", seg.inputs, seg.outputs, None, m_target(self),
                                    rows=seg.seq_rows, precision=seg.seq_precision,
-                                   dataset=self._calib(seg.seq_calib))
+                                   dataset=self._calib(seg.seq_calib), columns=columns)
         else:
             runner = self._board_runner(seg, self._path(seg.seq_rknn, seg.seq_rknn_sha256),
-                                        seg.name + ".seq", None, rows=seg.seq_rows)
+                                        seg.name + ".seq", None, rows=seg.seq_rows, columns=columns)
+        if columns:
+            runner = Columns(runner)
         self._shared[seg.name] = runner
         return runner
 

@@ -65,12 +65,11 @@ class RknnSimRunner(_RknnRunner):
     backend = "rknn-sim"
 
     def __init__(self, onnx_path: str, name: str, inputs, outputs, shapes, target: str = "rk3588",
-                 rows=(), precision: str = "fp16", dataset: str = ""):
-        from rwkv2rknn.toolkit import build_in_process, dynamic_shapes
+                 rows=(), precision: str = "fp16", dataset: str = "", columns: bool = False):
+        from rwkv2rknn.toolkit import build_in_process
         super().__init__(name, inputs, outputs, shapes, rows)
-        self._rt = build_in_process(onnx_path, target=target, runtime=True,
-                                    dynamic_input=dynamic_shapes(onnx_path, rows) if rows else None,
-                                    precision=precision, dataset=dataset)
+        self._rt = build_in_process(onnx_path, target=target, runtime=True, rows=rows,
+                                    precision=precision, dataset=dataset, columns=columns)
 
 
 class RknnLiteRunner(_RknnRunner):
@@ -80,8 +79,8 @@ class RknnLiteRunner(_RknnRunner):
     backend = "rknn-lite"
 
     def __init__(self, rknn_path: str, name: str, inputs, outputs, shapes, core_mask: str = "auto",
-                 rows=(), toolkit: str = ""):
-        super().__init__(name, inputs, outputs, shapes, rows)
+                 rows=(), toolkit: str = "", columns: bool = False):
+        super().__init__(name, inputs, outputs, shapes, rows)  # columns: turned by runtime.rows.Columns
         mask = CORE_MASKS.get(str(core_mask), None)
         if mask is None:
             raise UsageError(f"unknown core mask '{core_mask}'", f"use one of {', '.join(CORE_MASKS)}")

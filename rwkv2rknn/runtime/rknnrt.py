@@ -124,15 +124,17 @@ class _Binding:
 
 
 class RknnRtRunner:
-    """One NPU segment on librknnrt (the board). ``rows``: a T-row build's row counts."""
+    """One NPU segment on librknnrt (the board). ``rows``: a T-row build's row counts;
+    ``columns``: it takes them as columns [C, T] (turned by runtime.rows.Columns)."""
 
     backend = "rknn-rt"
 
     def __init__(self, rknn_path: str, name: str, inputs, outputs, shapes=None,
-                 core_mask: str = "auto", rows=(), toolkit: str = "", lib: Optional[str] = None):
+                 core_mask: str = "auto", rows=(), toolkit: str = "", lib: Optional[str] = None,
+                 columns: bool = False):
         from rwkv2rknn.runtime.rknn import CORE_MASKS
         self.name, self.inputs, self.outputs = name, list(inputs), list(outputs)
-        self.rows = tuple(rows)
+        self.rows, self._row_axis = tuple(rows), -1 if columns else 0
         self.shapes = {k: tuple(v) for k, v in (shapes or {}).items()} if not rows else {}
         self._toolkit, self._lib_path = toolkit, lib or device.librknnrt_path()
         self._lib = load_library(self._lib_path)
@@ -232,7 +234,7 @@ class RknnRtRunner:
     def infer(self, feed: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         args = [np.asarray(feed[self.inputs[j]], np.float32) for j in self._in_order]
         if self.rows:
-            got = {a.shape[0] for a in args if a.ndim >= 2}
+            got = {a.shape[self._row_axis] for a in args if a.ndim >= 2}
             if not got <= set(self.rows):
                 raise BadInput(f"segment {self.name} was built for {list(self.rows)} rows, got "
                                f"{sorted(got)}", "feed chunks of a row count it was built for")

@@ -1,5 +1,6 @@
-"""Rows: a token step run on a T-row build (``RowStep``), padding rows, and the check that an
-NPU segment's outputs are finite. Used by the hybrid executor."""
+"""Rows: a token step run on a T-row build (``RowStep``), a T-row build made in columns
+(``Columns``), padding rows, and the check that an NPU segment's outputs are finite. Used by the
+hybrid executor."""
 
 from __future__ import annotations
 
@@ -38,6 +39,31 @@ class RowStep:
                     if k in self.row_inputs else v) for k, v in feed.items()}
         outs = self.runner.infer(args)
         return {k: np.asarray(v, np.float32).reshape(self.rows, -1)[0].reshape(self.shapes[k])
+                for k, v in outs.items()}
+
+    def close(self) -> None:
+        self.runner.close()
+
+
+class Columns:
+    """A T-row build made in columns (``seq_layout`` 'columns', see rwkv2rknn.columns): it takes
+    every row input [T, C] as [C, T] and gives every output as [N, T]; this turns them on the CPU,
+    so that callers see rows. Vectors ([C] state rows) pass as they are."""
+
+    def __init__(self, runner):
+        self.runner = runner
+        self.backend, self.inputs, self.outputs = runner.backend, runner.inputs, runner.outputs
+        self.rows = getattr(runner, "rows", ())
+        self.name = getattr(runner, "name", "")
+
+    def infer(self, feed: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        t = {np.shape(v)[0] for v in feed.values() if np.ndim(v) == 2}
+        if len(t) != 1:
+            raise ValueError(f"segment {self.name}: row inputs of {sorted(t)} rows at once")
+        t = t.pop()
+        outs = self.runner.infer({k: np.ascontiguousarray(np.asarray(v, np.float32).T)
+                                  if np.ndim(v) == 2 else v for k, v in feed.items()})
+        return {k: np.ascontiguousarray(np.asarray(v, np.float32).reshape(-1, t).T)
                 for k, v in outs.items()}
 
     def close(self) -> None:

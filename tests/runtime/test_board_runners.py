@@ -74,11 +74,18 @@ def packed(fp16_artifact, tmp_path_factory):
 
 
 def _map(lite, src, dst):
+    """Each .rknn of ``dst`` -> the ONNX it was built from: a T-row build made in columns
+    (``seq_layout``) from the columns form of its .seq.onnx, written beside the packed copy."""
+    from rwkv2rknn.columns import write_columns
     for seg in load_manifest(src).segments:
         if seg.backend == "npu":
             lite.onnx_for[os.path.join(dst, seg.rknn)] = os.path.join(src, seg.onnx)
             if seg.seq_rknn:
-                lite.onnx_for[os.path.join(dst, seg.seq_rknn)] = os.path.join(src, seg.seq_onnx)
+                built = os.path.join(src, seg.seq_onnx)
+                if seg.seq_layout == "columns":
+                    built = os.path.join(os.path.dirname(dst), seg.name + ".columns.onnx")
+                    assert write_columns(os.path.join(src, seg.seq_onnx), built) == ""
+                lite.onnx_for[os.path.join(dst, seg.seq_rknn)] = built
 
 
 def test_pack_keeps_only_what_the_board_loads(fp16_artifact, packed):
@@ -123,9 +130,12 @@ def test_packed_artifact_runs_on_rknn_lite_as_on_ort(fp16_artifact, packed, lite
     assert [p[0] for p in per_token] == [os.path.basename(s.rknn) for s in npu]
     slots = {x.input for x in m.state}
     for (_, args), s in zip(per_token, npu):
-        # a segment that decodes on its T-row build gets its rows padded to decode_rows
-        assert args == [("float32", (s.decode_rows, int(np.prod(s.shapes[k])))
-                         if s.decode_rows and k not in slots else tuple(s.shapes[k]))
+        # a segment that decodes on its T-row build gets its rows padded to decode_rows (as
+        # columns [C, rows] where it was built in columns)
+        def padded(k):
+            shape = (s.decode_rows, int(np.prod(s.shapes[k])))
+            return shape[::-1] if s.seq_layout == "columns" else shape
+        assert args == [("float32", padded(k) if s.decode_rows and k not in slots else tuple(s.shapes[k]))
                         for k in s.inputs]
     # prefill: the T-row .seq.rknn files, fed T rows they were built for
     n = len(lite.calls)
@@ -135,7 +145,8 @@ def test_packed_artifact_runs_on_rknn_lite_as_on_ort(fp16_artifact, packed, lite
     np.testing.assert_allclose(s1, s2, rtol=1e-4, atol=1e-4)
     seq = [c[1] for c in lite.calls[n:] if c[0] == "inference" and ".seq." in c[1][0]]
     assert {p[0] for p in seq} == {os.path.basename(s.seq_rknn) for s in npu if s.seq_rknn}
-    rows = {a[1][0] for _, args in seq for a in args if len(a[1]) == 2}
+    assert all(s.seq_layout == "columns" for s in npu)  # the fixture's T-row builds
+    rows = {a[1][1] for _, args in seq for a in args if len(a[1]) == 2}
     assert rows and rows <= set(npu[0].seq_rows)
     assert all(a[0] == "float32" for _, args in seq for a in args)
     board.close()

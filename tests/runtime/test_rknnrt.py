@@ -179,3 +179,24 @@ def test_auto_picks_rknn_rt_where_librknnrt_loads(standin, tmp_path, monkeypatch
     bad.write_bytes(b"not a shared library")
     monkeypatch.setenv(device.LIBRKNNRT_ENV, str(bad))
     assert resolve_backend("auto") != "rknn-rt"  # present but not loadable: the next backend
+
+
+def test_a_t_row_build_in_columns_gets_columns_and_gives_rows(standin, tmp_path, log):
+    from rwkv2rknn.runtime.rows import Columns
+    columns = f"in x {W},T\nin s {W}\nout y {W},T\nout s_out {W}\n"  # the .rknn takes [C, T]
+    rt = rknnrt.RknnRtRunner(_model(tmp_path, columns), "s001.seq", ["x", "s"], ["y", "s_out"], None,
+                             rows=(16, 32), lib=standin, columns=True)
+    r = Columns(rt)
+    assert r.rows == (16, 32) and r.backend == "rknn-rt"
+    s = np.arange(W, dtype=np.float32)
+    x = np.arange(16 * W, dtype=np.float32).reshape(16, W)
+    n = len(log())
+    out = r.infer({"x": x, "s": s})
+    # the runtime was given x as [W, 16] (columns), and the caller gets rows [16, W] back
+    assert [c[1]["dims"] for c in log()[n:] if c[0] == "shape"] == [f"{W},16", str(W)]
+    assert out["y"].shape == (16, W)
+    # the stand-in adds 1000 to its first input's flat values: in columns, x.T's
+    np.testing.assert_allclose(out["y"], 1000 + x + 10 * np.resize(s, (W, 16)).T)
+    with pytest.raises(BadInput, match=r"built for \[16, 32\] rows, got \[8\]"):
+        r.infer({"x": np.zeros((8, W), np.float32), "s": s})
+    r.close()

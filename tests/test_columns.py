@@ -1,0 +1,98 @@
+"""rwkv2rknn.columns: T-row segments rewritten to columns [C, T] (NCHW inside) for the NPU build,
+checked against the rows form on onnxruntime; what it refuses; the runner wrapper that turns rows."""
+
+import glob
+import os
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from rwkv2rknn.columns import NotColumns, fits, to_columns, write_columns
+from rwkv2rknn.runtime.ort import OrtRunner
+from rwkv2rknn.runtime.rows import Columns
+
+
+def _npu_seq_files(art):
+    files = sorted(glob.glob(os.path.join(art, "segments", "*_npu_*.seq.onnx")))
+    assert files, art
+    return files
+
+
+def test_every_rwkv4_and_rwkv7_npu_t_row_segment_has_a_columns_form(fp32_plan_artifact, slot_models):
+    # fits() runs the columns form against the rows form on onnxruntime (random inputs)
+    for f in _npu_seq_files(fp32_plan_artifact) + _npu_seq_files(slot_models("7").plan_artifact):
+        assert fits(f) == "", f
+
+
+def test_the_columns_form_has_no_transpose_and_keeps_the_weights_once(fp32_plan_artifact):
+    f = _npu_seq_files(fp32_plan_artifact)[1]
+    rows, cols = onnx.load(f), to_columns(onnx.load(f))
+    ops = [n.op_type for n in cols.graph.node]
+    assert "Transpose" not in ops and "MatMul" not in ops
+    assert ops.count("Conv") == sum(n.op_type == "MatMul" for n in rows.graph.node)
+
+    def weight_bytes(m):
+        return sum(numpy_helper.to_array(t).nbytes for t in m.graph.initializer)
+    assert weight_bytes(cols) <= weight_bytes(rows) + 64 * 1024  # per-channel copies of vectors only
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in cols.graph.input}
+    assert any(d[-1] == "T" and isinstance(d[0], int) for d in dims.values())  # [C, T]
+
+
+def test_the_columns_runner_gives_rows_equal_to_the_t_row_onnx(fp32_plan_artifact, tmp_path):
+    f = _npu_seq_files(fp32_plan_artifact)[1]
+    col_path = str(tmp_path / "cols.onnx")
+    assert write_columns(f, col_path) == ""
+    rows = OrtRunner(f, "rows")
+    cols = Columns(OrtRunner(col_path, "cols"))
+    rng = np.random.default_rng(3)
+    shapes = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
+              for i in onnx.load(f).graph.input}
+    for t in (2, 5):
+        feed = {k: rng.standard_normal([t if isinstance(d, str) else d for d in s]).astype(np.float32)
+                for k, s in shapes.items()}
+        want, got = rows.infer(feed), cols.infer(feed)
+        assert set(got) == set(want)
+        for k in want:
+            assert got[k].shape == want[k].shape == (t, want[k].shape[1])
+            np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-4 * np.abs(want[k]).max())
+
+
+def _graph(nodes, inits, outs=("y",)):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", 8])
+    g = helper.make_graph(nodes, "g", [x], [helper.make_tensor_value_info(o, TensorProto.FLOAT, ["T", 8])
+                                          for o in outs], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _w(name, shape):
+    return numpy_helper.from_array(np.random.default_rng(1).standard_normal(shape).astype(np.float32), name)
+
+
+@pytest.mark.parametrize("case, words", [
+    ("two activations", "constant weight"),
+    ("reshape to heads", "Reshape"),
+    ("softmax", "Softmax"),
+])
+def test_what_it_does_not_rewrite_is_refused_in_one_line(case, words, tmp_path):
+    if case == "two activations":
+        m = _graph([helper.make_node("MatMul", ["x", "w"], ["h"]),
+                    helper.make_node("Mul", ["h", "x"], ["p"]),
+                    helper.make_node("MatMul", ["p", "p2"], ["y"])],
+                   [_w("w", (8, 8))])
+        m.graph.node[2].input[1] = "h"  # activation x activation (p @ h)
+        m.graph.node[2].input[0] = "p"
+    elif case == "reshape to heads":
+        m = _graph([helper.make_node("Reshape", ["x", "s"], ["h"]),
+                    helper.make_node("Reshape", ["h", "s2"], ["y"])],
+                   [numpy_helper.from_array(np.array([-1, 2, 4], np.int64), "s"),
+                    numpy_helper.from_array(np.array([-1, 8], np.int64), "s2")])
+    else:
+        m = _graph([helper.make_node("Softmax", ["x"], ["y"], axis=-1)], [])
+    with pytest.raises(NotColumns, match=words):
+        to_columns(m)
+    path = str(tmp_path / "m.onnx")
+    onnx.save(m, path)
+    why = fits(path)  # the build then makes the rows form, and the note says why
+    assert words in why and "\n" not in why
