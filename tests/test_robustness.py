@@ -131,10 +131,16 @@ def wait_group(pgid, timeout=120):
         time.sleep(0.1)
 
 
+def _default_sigint():
+    # a shell runs background jobs with SIGINT ignored, and a child inherits that: give the
+    # compile the disposition a terminal's Ctrl-C meets
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_compile(model, out, env, *extra):
     return subprocess.Popen([PY, "-m", "rwkv2rknn", "compile", str(model), "-o", str(out), *NO_ROWS,
                              *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_default_sigint)
 
 
 def conv_model():
