@@ -16,7 +16,8 @@ from typing import Dict, List, Optional, Tuple
 from rwkv2rknn.errors import BadInput
 
 FORMAT = "rwkv2rknn-artifact"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a segment's T-row build may take [C, T] columns (`seq_layout`)
+READS_VERSIONS = (1, 2)  # a version-1 artifact has row builds only and reads as it did
 MANIFEST = "manifest.json"
 PLAN = "plan.json"
 BACKENDS = ("npu", "cpu")
@@ -114,9 +115,9 @@ class Manifest:
         fix = "compile the model again with this version of rwkv2rknn"
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise BadInput(f"{where} is not an rwkv2rknn manifest", fix)
-        if d.get("format_version") != FORMAT_VERSION:
+        if d.get("format_version") not in READS_VERSIONS or isinstance(d.get("format_version"), bool):
             raise BadInput(f"{where} has format version {repr(d.get('format_version'))[:40]}, this rwkv2rknn "
-                           f"reads version {FORMAT_VERSION}", fix)
+                           f"reads versions {', '.join(map(str, READS_VERSIONS))}", fix)
         try:
             segs = tuple(_segment(s) for s in _list(d, "segments"))
             state = tuple(StateSlot(int(_get(s, "layer", int)), _get(s, "row", str),

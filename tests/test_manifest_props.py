@@ -148,6 +148,22 @@ def test_valid_manifest_round_trips(m):
     assert Manifest.from_dict(Manifest.from_dict(d).to_dict()) == m
 
 
+
+@PROPS
+@given(manifests())
+def test_a_version_1_manifest_reads_with_row_builds(m):
+    """Version 2 added T-row builds in columns (`seq_layout`); a version-1 artifact has row builds
+    only, still reads, and is written back as this version."""
+    d = json.loads(json.dumps(m.to_dict()))
+    assert d["format_version"] == FORMAT_VERSION == 2
+    d["format_version"] = 1
+    for seg in d["segments"]:
+        seg.pop("seq_layout", None)
+    old = Manifest.from_dict(d)
+    assert all(seg.seq_layout == "" for seg in old.segments)
+    assert old.to_dict()["format_version"] == FORMAT_VERSION
+
+
 @st.composite
 def junk_inside(draw):
     """A valid manifest dict with the value at one random place (top level, a segment, a shape,
