@@ -49,6 +49,7 @@ from rwkv2rknn.io import read_json, remove_quietly, write_json
 from rwkv2rknn.ir import Context, GraphSegment
 from rwkv2rknn.passes.build_child import build_child, clean_stale_partials, partial_name
 from rwkv2rknn.passes.build_worker import CachedBuilds
+from rwkv2rknn.passes.sequence import logits_only
 
 NAME = "build"
 # Row count a token step runs with on a T-row build. rknn-toolkit2 2.5.0 builds several row counts
@@ -154,6 +155,9 @@ class Builds:
                            f"{opts.quant_min_cos:g} on held-out rows)" +
                            (f"; kept fp16: {'; '.join(kept)}" if kept else ""))
         for s in todo:
+            if s.seq_model is not None and logits_only(ctx, s) and not s.fallback:
+                ctx.note(NAME, f"{s.name}: built for one row only (token steps; a prompt needs "
+                               "the logits of its last row)")
             if s.seq_fallback:
                 ctx.note(NAME, f"{s.name}: T-row build failed ({s.seq_fallback}); its prefill runs "
                                "token by token")
@@ -183,7 +187,7 @@ def _one(ctx: Context, seg: GraphSegment, out_dir: str, builds: CachedBuilds, ve
     """Build one NPU segment: (progress status, 'built' / 'cached' / 'failed')."""
     opts = ctx.options
     cache = builds.cache.folder
-    if seg.seq_model is not None and opts.prefill_rows:
+    if seg.seq_model is not None and opts.prefill_rows and not logits_only(ctx, seg):
         status = _build_shared(ctx, seg, out_dir, builds, version, cal)
         if status:  # one build serves decode and prefill
             _estimate(ctx, seg)
@@ -327,13 +331,12 @@ def _quantised(ctx: Context, seg: GraphSegment, onnx_path: str, rows, dataset: s
 def _estimate(ctx: Context, seg: GraphSegment) -> None:
     """The segment's estimated ms per call and per prefill token at the precision it was built."""
     from rwkv2rknn.passes.partition import estimate_ms
-    from rwkv2rknn.passes.sequence import prefill_rows
+    from rwkv2rknn.passes.sequence import prefill_ms
     if seg.precision == "fp16" and seg.seq_precision == "fp16":
         return
     seg.est_ms = estimate_ms("npu", seg.nodes, ctx.profile, precision=seg.precision)
     if seg.seq_model is not None:
-        t = prefill_rows(ctx)
-        seg.est_prefill_ms = estimate_ms("npu", seg.nodes, ctx.profile, rows=t,
-                                         precision=seg.seq_precision) / t
+        seg.est_prefill_ms = prefill_ms(ctx, seg, seg.precision if logits_only(ctx, seg)
+                                        else seg.seq_precision)
 
 

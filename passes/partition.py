@@ -18,10 +18,14 @@
    grouping is done again. With ``--placement cost`` "pay for a call" is decided by the device
    profile: the segment's estimated NPU time plus its call and two hand-offs against its
    MatMuls' estimated time on the CPU.
+4. The head. An NPU segment holding the head stage's nodes and the last layer's is split in two
+   (``split_head``).
 
 The merge also does the cross-layer fusion: the NPU tail of layer i (output MatMul, FFN) and the
 NPU head of layer i+1 (LN1, time-shift, k/v/r MatMuls) meet with no CPU op between them, so they
-become one segment: a token costs about one NPU call and one CPU call per layer.
+become one segment: a token costs about one NPU call and one CPU call per layer. The head is the
+exception (4.): the last layer's NPU tail and the head's LayerNorm and MatMul are two NPU
+segments, one more call per token, because prefill needs the head on a prompt's last row only.
 
 Precondition: support has run; toposorted graph. Postcondition: ``ctx.segments`` is a list of
 ``GraphSegment`` (``device`` and ``nodes`` set) in an order that runs (every input produced
@@ -248,6 +252,28 @@ def estimate_ms(device: str, nodes, profile, rows: int = 0, precision: str = "fp
             sum(profile.cpu_op_ms(b, f, special) for b, f, special in op_work(nodes, rows)))
 
 
+def split_head(segs, min_flops: int):
+    """(segments, whether one was split): an NPU segment holding the head stage's nodes and
+    others' (the last layer's NPU tail fused with the head) becomes two, the head's nodes after
+    the rest, where each part has a MatMul worth a call and nothing of the rest reads the head.
+    A prompt needs the head's logits for its last row only, so the head's build then covers one
+    row count (``build``) and prefill runs it once, not on every row of a chunk."""
+    from rwkv2rknn.ir import stage_of
+    out, split = [], False
+    for s in segs:
+        head = [n for n in s.nodes if stage_of(n.name) == "head"]
+        rest = [n for n in s.nodes if stage_of(n.name) != "head"]
+        made = {t.name for n in head for t in n.outputs}
+        if s.device != "npu" or not head or not rest or \
+                any(t.name in made for n in rest for t in n.inputs) or \
+                min(matmul_flops(head), matmul_flops(rest)) < max(min_flops, 1):
+            out.append(s)
+            continue
+        out += [GraphSegment(device="npu", nodes=rest), GraphSegment(device="npu", nodes=head)]
+        split = True
+    return out, split
+
+
 def run(ctx: Context) -> None:
     graph = ctx.graph
     order = {n.name: i for i, n in enumerate(graph.nodes)}
@@ -270,6 +296,7 @@ def run(ctx: Context) -> None:
             pruned += 1
     if pruned:
         segs = group(graph, device)
+    segs, split = split_head(segs, ctx.options.min_segment_flops)
     for s in segs:
         s.nodes.sort(key=lambda n: order[n.name])
     ctx.segments = segs
@@ -277,4 +304,6 @@ def run(ctx: Context) -> None:
     n_npu = sum(s.device == "npu" for s in segs)
     ctx.note(NAME, f"{len(segs)} segments: {n_npu} NPU, {len(segs) - n_npu} CPU"
                    + (f" ({pruned} NPU segment(s) too small to pay for a call, moved to the CPU)"
-                      if pruned else ""))
+                      if pruned else "")
+                   + (" (the head in an NPU segment of its own: prefill needs only the last row's "
+                      "logits)" if split else ""))

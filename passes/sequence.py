@@ -173,15 +173,29 @@ def prefill_rows(ctx: Context) -> int:
     return max(ctx.options.prefill_rows or (32,))
 
 
+def logits_only(ctx: Context, seg: GraphSegment) -> bool:
+    """The segment makes the logits and nothing else (the head, ``partition.split_head``): a
+    prompt needs it on its last row only, so its NPU build is for one row (token steps) and
+    prefill runs it once per prompt; only ``eval`` and ``check`` ask for every row's logits."""
+    return bool(ctx.logits_output) and list(seg.outputs) == [ctx.logits_output]
+
+
+def prefill_ms(ctx: Context, seg: GraphSegment, precision: str = "fp16") -> float:
+    """Estimated ms per token of prefill: a T-row call shared by the chunk's T tokens; a
+    logits-only segment one one-row call per chunk (at most: a prompt needs it once)."""
+    from rwkv2rknn.passes.partition import estimate_ms
+    t = prefill_rows(ctx)
+    if logits_only(ctx, seg):
+        return estimate_ms(seg.device, seg.nodes, ctx.profile, precision=precision) / t
+    return estimate_ms(seg.device, seg.nodes, ctx.profile, rows=t, precision=precision) / t
+
+
 def run_one(ctx: Context, seg: GraphSegment) -> Optional[str]:
     """Give one cut segment its T-row variant; None if it has one, else why not."""
-    from rwkv2rknn.passes.partition import estimate_ms
-
     why = _why_not(ctx, seg)
     if why is None:
-        t = prefill_rows(ctx)
         seg.seq_model = _variant(ctx, seg)
-        seg.est_prefill_ms = estimate_ms(seg.device, seg.nodes, ctx.profile, rows=t) / t
+        seg.est_prefill_ms = prefill_ms(ctx, seg)
     else:
         seg.est_prefill_ms = seg.est_ms  # one call per token
     return why

@@ -217,7 +217,7 @@ def generate_text(model, tokenizer_spec: Optional[str], prompt: str, max_tokens:
         model.prepare_prefill()  # loading is not part of time to first token
     res = generate(lambda t: model.step(t, state), ids, max_tokens, temperature, top_p, seed,
                    on_token=on_token,
-                   prefill_fn=(lambda p: prefill(p, state)[-1]) if prefill else None)
+                   prefill_fn=(lambda p: prefill(p, state, last_only=True)[-1]) if prefill else None)
     tail = dec.flush()
     if tail:
         emit(tail)

@@ -20,7 +20,7 @@ def test_bench_runs_every_runner_and_the_plan_estimate(version, tmp_path):
     assert all(r["ms_per_token"] > 0 for r in res["rows"])
     assert res["prefill"]["tokens_per_s"] > 0
     assert res["estimate"]["decode"]["total"] > res["estimate"]["prefill"]["total"] > 0
-    assert sum(s["backend"] == "npu" for s in res["segments"]) == 3  # embed-L0, L0-L1, L1-head
+    assert sum(s["backend"] == "npu" for s in res["segments"]) == 4  # embed-L0, L0-L1, L1, head
     assert any(line.startswith("plan: estimated decode") for line in lines)
     # the process tree's peak, by phase; every phase ran
     assert {"checkpoint and export", "plan compile", "per-layer sessions", "hybrid executor",

@@ -199,12 +199,14 @@ def test_stacked_layout_t_row_builds_on_the_npu_simulator(slot_models, tmp_path)
     art = str(tmp_path / "art")
     m = compile_model(src, art, Options(prefill_rows=(16,)))
     npu = [s for s in m.segments if s.backend == "npu"]
-    assert len(npu) == 4 and not m.warnings()
-    for s in npu:
+    assert len(npu) == 5 and not m.warnings()
+    for s in npu[:-1]:  # the head (the last) is built for one row
         assert s.seq_rknn and s.seq_rows == (2, 16) and not s.seq_fallback, (s.name, s.seq_fallback)
+    assert npu[-1].outputs == (m.logits_output,) and npu[-1].rknn and not npu[-1].seq_rknn
     model = HybridModel(art, backend="rknn-sim")
     for seg, runner in zip(model.manifest.segments, model.prefill_runners()):
-        assert (runner is not None and runner.rows == (2, 16)) == (seg.backend == "npu"), seg.name
+        layer = seg.backend == "npu" and seg is not model.manifest.segments[-1]
+        assert (runner is not None and runner.rows == (2, 16)) == layer, seg.name
     tokens = sm.tokens[:TOKENS]
     s1, s2 = model.init_state(), model.init_state()
     one = np.stack([model.step(t, s1) for t in tokens])

@@ -27,7 +27,7 @@ from rwkv2rknn.errors import BadInput, NumericalError, UsageError
 from rwkv2rknn.plan import MANIFEST, Manifest, sha256_file
 
 from rwkv2rknn.runtime.board import BACKENDS, BOARD_BACKENDS
-from rwkv2rknn.runtime.rows import Columns, RowStep, check_finite, pad
+from rwkv2rknn.runtime.rows import Columns, RowStep, check_finite, last_row, pad, row_by_row
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,11 @@ class HybridModel:
         self._rows_only = all(d == (self.width,) for d in self._dims)
         self.vocab = m.vocab
         self._npu = [seg.backend == "npu" for seg in m.segments]
+        # segments that make only the logits from activations (the head): a prompt needs them
+        # on its last row only
+        fed = {m.token_input} | {s.input for s in self.slots}
+        self._head = [list(seg.outputs) == [m.logits_output] and not fed & set(seg.inputs)
+                      for seg in m.segments]
 
     def _path(self, rel: str, sha: str) -> str:
         path = os.path.join(self.artifact, rel)
@@ -255,13 +260,17 @@ class HybridModel:
         True if this artifact and backend have a prefill path."""
         return self.prefill_runners() is not None
 
-    def prefill(self, tokens: Sequence[int], state: np.ndarray, chunk: int = 0) -> np.ndarray:
+    def prefill(self, tokens: Sequence[int], state: np.ndarray, chunk: int = 0,
+                last_only: bool = False) -> np.ndarray:
         """Feed ``tokens`` in chunks, updating ``state``; returns logits [T, V], the same as
-        calling ``step`` for each token. Segments with a T-token variant run once per chunk;
-        the others (embedding, the recurrence) run row by row."""
+        calling ``step`` for each token, or with ``last_only`` the last token's, [1, V] (what a
+        prompt needs: the segments that make only the logits, the head, then run once, on the
+        last row). Segments with a T-token variant run once per chunk; the others (embedding,
+        the recurrence) run row by row, and so does the head where it is built for one row."""
         seq = self.prefill_runners()
         if seq is None or len(tokens) == 1:
-            return np.stack([self.step(int(t), state) for t in tokens])
+            logits = np.stack([self.step(int(t), state) for t in tokens])
+            return logits[-1:] if last_only else logits
         fixed = [set(r.rows) for r in seq if r is not None and getattr(r, "rows", ())]
         if fixed:  # fixed-row builds: chunks no longer than the largest row count all of them take
             common = set.intersection(*fixed)
@@ -271,16 +280,27 @@ class HybridModel:
         chunk = chunk or 32
         out = []
         for i in range(0, len(tokens), chunk):
-            out.append(self._chunk([int(t) for t in tokens[i:i + chunk]], state, seq))
+            wanted = "all" if not last_only else "last" if i + chunk >= len(tokens) else ""
+            out.append(self._chunk([int(t) for t in tokens[i:i + chunk]], state, seq, wanted))
         return np.concatenate(out)
 
-    def _chunk(self, tokens: List[int], state: np.ndarray, seq) -> np.ndarray:
+    def _chunk(self, tokens: List[int], state: np.ndarray, seq, wanted: str = "all") -> np.ndarray:
+        """One chunk; returns the logits of its rows (``wanted`` 'all'), of its last row
+        ('last') or none ('', a [0, V] array): the head runs on those rows only."""
         m = self.manifest
         n = len(tokens)
         env: Dict[str, np.ndarray] = {}  # name -> [T, size]
         slot_index = {s.input: i for i, s in enumerate(self.slots)}
         views = self.slot_views(state)
-        for seg, runner, seq_runner in zip(m.segments, self.runners, seq):
+        # row by row, a state input reads its slot's new value of the row before (of the segment
+        # itself or an earlier one), the state before the chunk in row 0
+        prev = {k: self.slots[i].output for k, i in slot_index.items()}
+        first = {k: views[i] for k, i in slot_index.items()}
+        for seg, runner, seq_runner, head in zip(m.segments, self.runners, seq, self._head):
+            if head and wanted != "all":
+                if wanted == "last":
+                    env.update(last_row(seg, runner, seq_runner, env, n))
+                continue
             if seq_runner is not None:
                 rows = getattr(seq_runner, "rows", ())
                 # a fixed-row build takes the smallest row count that fits; the extra rows are
@@ -294,31 +314,10 @@ class HybridModel:
                 for name, value in outs.items():
                     env[name] = np.asarray(value, np.float32).reshape(t, -1)[:n]
                 continue
-            rows = {k: [] for k in seg.outputs}
-            for t in range(n):
-                feed = {}
-                for k in seg.inputs:
-                    if k == m.token_input:
-                        feed[k] = np.array([tokens[t]], np.int32)
-                    elif k in slot_index:
-                        src = self.slots[slot_index[k]].output
-                        if t == 0:
-                            feed[k] = views[slot_index[k]]
-                        else:
-                            prev = rows[src][t - 1] if src in rows else env[src][t - 1]
-                            feed[k] = np.asarray(prev).reshape(seg.shapes[k])
-                    else:
-                        feed[k] = env[k][t].reshape(seg.shapes[k])
-                outs = runner.infer(feed)
-                if seg.backend == "npu":
-                    check_finite(seg, runner, outs)
-                for name, value in outs.items():
-                    rows[name].append(np.asarray(value, np.float32).reshape(-1))
-            for name, values in rows.items():
-                env[name] = np.stack(values)
+            env.update(row_by_row(seg, runner, env, tokens, m.token_input, prev, first))
         for view, slot in zip(views, self.slots):
             view[...] = env[slot.output][-1].reshape(view.shape)
-        logits = env[m.logits_output]
+        logits = env.get(m.logits_output, np.zeros((0, self.vocab), np.float32))
         if not np.isfinite(logits).all():
             raise NumericalError("prefill produced NaN/inf logits",
                                  "run with --backend ort or check the artifact with `rwkv2rknn check`")

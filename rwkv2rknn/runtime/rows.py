@@ -1,6 +1,6 @@
 """Rows: a token step run on a T-row build (``RowStep``), a T-row build made in columns
-(``Columns``), padding rows, and the check that an NPU segment's outputs are finite. Used by the
-hybrid executor."""
+(``Columns``), padding rows, a segment run row by row over a chunk (``row_by_row``) or on its
+last row (``last_row``: the head), and the check that an NPU segment's outputs are finite. Used by the hybrid executor."""
 
 from __future__ import annotations
 
@@ -76,3 +76,46 @@ def pad(rows: np.ndarray, t: int) -> np.ndarray:
     out = np.zeros((t,) + rows.shape[1:], rows.dtype)
     out[:rows.shape[0]] = rows
     return out
+
+
+def last_row(seg, runner, seq_runner, env, n: int) -> Dict[str, np.ndarray]:
+    """A segment's outputs [1, size] for row ``n - 1`` of a chunk alone (``env``: name -> [n,
+    size]): on its T-row runner (onnxruntime's takes one row; a fixed-row build is padded to its
+    smallest row count) or, where it has none, its per-token runner."""
+    t = 1
+    if seq_runner is not None:
+        t = min(getattr(seq_runner, "rows", ()) or (1,))
+        outs = seq_runner.infer({k: pad(env[k][n - 1:n], t) for k in seg.inputs})
+    else:
+        outs = runner.infer({k: env[k][n - 1].reshape(seg.shapes[k]) for k in seg.inputs})
+    if seg.backend == "npu":
+        check_finite(seg, seq_runner or runner, outs, "during prefill")
+    return {k: np.asarray(v, np.float32).reshape(t, -1)[:1] for k, v in outs.items()}
+
+
+def row_by_row(seg, runner, env, tokens, token_input: str, prev_of, first) -> Dict[str, np.ndarray]:
+    """A segment without a T-row runner over a chunk, one row a call: its outputs [n, size].
+    ``env``: what earlier segments made, name -> [n, size]; a state input ``k`` reads row t - 1
+    of ``prev_of[k]`` (this segment's own output or an earlier one's) and ``first[k]`` (the
+    state before the chunk) in row 0; ``token_input`` takes ``tokens[t]``."""
+    rows = {k: [] for k in seg.outputs}
+    for t in range(len(tokens)):
+        feed = {}
+        for k in seg.inputs:
+            if k == token_input:
+                feed[k] = np.array([tokens[t]], np.int32)
+            elif k in prev_of:
+                src = prev_of[k]
+                if t == 0:
+                    feed[k] = first[k]
+                else:
+                    value = rows[src][t - 1] if src in rows else env[src][t - 1]
+                    feed[k] = np.asarray(value).reshape(seg.shapes[k])
+            else:
+                feed[k] = env[k][t].reshape(seg.shapes[k])
+        outs = runner.infer(feed)
+        if seg.backend == "npu":
+            check_finite(seg, runner, outs)
+        for name, value in outs.items():
+            rows[name].append(np.asarray(value, np.float32).reshape(-1))
+    return {name: np.stack(values) for name, values in rows.items()}

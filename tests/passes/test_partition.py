@@ -69,3 +69,36 @@ def test_parallel_branches_merge_without_cycle():
                 if isinstance(t, gs.Variable) and t.inputs:
                     assert t.inputs[0].name in seen or t.inputs[0] in s.nodes
         seen |= {n.name for n in s.nodes}
+
+
+def test_the_head_gets_an_npu_segment_of_its_own():
+    """The last layer's NPU tail and the head's MatMul would be one segment; the head is split
+    off (a prompt needs its logits on the last row only), after the rest."""
+    g = _chain([("L0/e", "Exp"), ("L0/mm", "MatMul"), ("L0/act", "Relu"), ("head/ln", "Sigmoid"),
+                ("head/mm", "MatMul")])
+    ctx = Context(graph=g)
+    ctx.support = _support(g)
+    ctx.options.min_segment_flops = 0
+    partition.run(ctx)
+    got = [(s.device, [n.name for n in s.nodes]) for s in ctx.segments]
+    assert got == [("cpu", ["L0/e"]), ("npu", ["L0/mm", "L0/act"]), ("npu", ["head/ln", "head/mm"])]
+    assert "the head in an NPU segment of its own" in ctx.report[-1]
+
+
+def test_the_head_stays_fused_where_a_part_would_not_pay_for_a_call():
+    # the rest has no MatMul: one segment, as before
+    g = _chain([("L0/e", "Exp"), ("L0/act", "Relu"), ("head/mm", "MatMul")])
+    ctx = Context(graph=g)
+    ctx.support = _support(g)
+    ctx.options.min_segment_flops = 0
+    partition.run(ctx)
+    assert [[n.name for n in s.nodes] for s in ctx.segments if s.device == "npu"] == [
+        ["L0/act", "head/mm"]]
+    # a head MatMul below the smallest segment worth a call: not split either
+    g = _chain([("L0/mm", "MatMul"), ("head/mm", "MatMul")])
+    segs, split = partition.split_head(partition.group(g, {"L0/mm": "npu", "head/mm": "npu"}),
+                                       min_flops=2 * 8 * 8 + 1)
+    assert not split and len(segs) == 1
+    segs, split = partition.split_head(partition.group(g, {"L0/mm": "npu", "head/mm": "npu"}),
+                                       min_flops=2 * 8 * 8)
+    assert split and [[n.name for n in s.nodes] for s in segs] == [["L0/mm"], ["head/mm"]]
