@@ -224,21 +224,22 @@ def _build_shared(ctx: Context, seg: GraphSegment, out_dir: str, builds: CachedB
     """The T-row variant of an NPU segment built for DECODE_ROWS and the prefill row counts: one
     .rknn, weights once, serving token steps (the token in row 0, padding after it) and prefill;
     quantised when ``cal`` has T-row samples and the build is accurate enough. Built in columns
-    (``rwkv2rknn.columns``: no Transposes on the NPU) where the segment has that form, else as rows.
+    (``rwkv2rknn.columns``: no Transposes on the NPU) where the segment has that form, else as rows:
+    the build child makes the columns form and checks it on onnxruntime (``columns.write_columns``)
+    and says why not, so the compiler's process, which streams the later layers meanwhile, does
+    not make it too (1.3 s of CPU per 1024-wide layer) and a cached build needs no check at all.
     Returns 'built' or 'cached' (after the precision), or '' when the build failed
     (``seg.seq_fallback`` says why; the caller then builds the per-token graph alone and prefill
     runs token by token)."""
     rows = tuple(sorted({DECODE_ROWS, *ctx.options.prefill_rows}))
-    onnx_path = os.path.join(out_dir, "segments", seg.name + ".seq.onnx")
-    from rwkv2rknn.columns import fits
-    why_not = fits(onnx_path)
-    if why_not:
-        ctx.note(NAME, f"{seg.name}: T-row build as rows, not columns ({why_not})")
-    for columns in ((True, False) if not why_not else (False,)):
+    for columns in (True, False):
         status = _build_seq(ctx, seg, out_dir, builds, version, cal, rows, columns)
         if status:
             seg.seq_layout = "columns" if columns else ""
             return status
+        if columns:
+            why = seg.seq_fallback or seg.precision_note
+            ctx.note(NAME, f"{seg.name}: T-row build as rows, not columns ({why})")
     return ""
 
 
