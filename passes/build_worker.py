@@ -32,7 +32,7 @@ import traceback
 from typing import Optional, Tuple
 
 from rwkv2rknn.io import cache_root, remove_quietly
-from rwkv2rknn.passes.build_child import build_child, partial_name
+from rwkv2rknn.passes.build_child import build_child, child_env, partial_name
 
 RETIRE_RSS = 1 << 30
 
@@ -41,7 +41,7 @@ class Worker:
     def __init__(self):
         self.folder = tempfile.mkdtemp(prefix="rwkv2rknn-worker-")
         self.stderr = open(os.path.join(self.folder, "stderr.txt"), "w+")
-        env = dict(os.environ, TMPDIR=self.folder, TMP=self.folder, TEMP=self.folder)
+        env = child_env(TMPDIR=self.folder, TMP=self.folder, TEMP=self.folder)
         self.proc = subprocess.Popen([sys.executable, "-m", "rwkv2rknn.passes.build_worker"],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self.stderr, text=True, cwd=self.folder, env=env)

@@ -176,6 +176,8 @@ def test_a_kept_build_child_builds_one_after_another(tmp_path):
         pid = w.proc.pid
         assert build_child(good, str(tmp_path / "kept.rknn"), "rk3588", False, 300, worker=w) == ""
         assert w.proc.pid == pid and w.usable  # the same process, still there
+        with open(f"/proc/{pid}/environ", "rb") as f:  # its allocator asked for huge pages
+            assert b"GLIBC_TUNABLES=glibc.malloc.hugetlb=1" in f.read().split(b"\0")
         assert build_child(good, str(tmp_path / "once.rknn"), "rk3588", False, 300) == ""
         assert (tmp_path / "kept.rknn").stat().st_size == (tmp_path / "once.rknn").stat().st_size > 0
         w.proc.kill()
@@ -186,3 +188,14 @@ def test_a_kept_build_child_builds_one_after_another(tmp_path):
         w.close()
     assert not os.path.exists(w.folder)
     assert sorted(os.listdir(tmp_path)) == ["bad.onnx", "good.onnx", "kept.rknn", "once.rknn"]
+
+
+def test_build_children_use_huge_pages_without_dropping_the_users_tunables(monkeypatch):
+    from rwkv2rknn.passes.build_child import child_env
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    assert child_env(TMPDIR="/x")["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+    assert child_env(TMPDIR="/x")["TMPDIR"] == "/x"
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
+    assert child_env()["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=0")  # the user's choice stands
+    assert child_env()["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=0"
