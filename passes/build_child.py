@@ -33,22 +33,11 @@ def partial_name(rknn_path: str, pid: int) -> str:
     return f"{rknn_path}.partial-{pid}"
 
 
-# glibc's allocator in a build child backs its heap with transparent huge pages (the
-# glibc.malloc.hugetlb tunable, glibc 2.35 and later; other C libraries ignore it): the toolkit
-# copies a segment's weights many times, and a 1024-wide layer's build made 1.9 million page
-# faults with 45% of its CPU time in the kernel; with huge pages 80 thousand, about a third less
-# CPU, the same peak memory (measured with bench/build_profile.py, rows 2, 16, 64)
-HUGE_PAGES = "glibc.malloc.hugetlb=1"
-
-
 def child_env(**extra) -> dict:
-    """The environment of a build child: this process's, ``extra``, and ``HUGE_PAGES`` added to
-    GLIBC_TUNABLES unless it already says how to use huge pages."""
-    env = dict(os.environ, **extra)
-    tunables = env.get("GLIBC_TUNABLES", "")
-    if "glibc.malloc.hugetlb" not in tunables:
-        env["GLIBC_TUNABLES"] = f"{tunables}:{HUGE_PAGES}" if tunables else HUGE_PAGES
-    return env
+    """The environment of a build child: this process's and ``extra``, its heap on huge pages
+    (``resources.huge_page_env``: the toolkit copies a segment's weights many times)."""
+    from rwkv2rknn.resources import huge_page_env
+    return huge_page_env(dict(os.environ, **extra))
 
 
 def build_child(onnx_path: str, rknn_path: str, target: str, verbose: bool,

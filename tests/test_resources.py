@@ -90,3 +90,27 @@ def test_peak_rss_counts_children_and_the_phase_they_ran_in():
     assert mem.phases["child"] - mem.phases["quiet"] > 250 << 20
     assert mem.phases["after"] < mem.phases["child"] - (250 << 20)
     assert mem.peak == max(mem.phases.values())
+
+
+def test_compile_starts_again_with_its_heap_on_huge_pages(monkeypatch):
+    """`rwkv2rknn compile` re-executes itself once with glibc.malloc.hugetlb=1 (read only when a
+    process starts); with the setting there (or for other commands) it runs as it is."""
+    import sys
+
+    from rwkv2rknn.cli import app
+    calls = []
+    monkeypatch.setattr(app.os, "execve", lambda exe, argv, env: calls.append((argv, env)))
+    monkeypatch.setattr(app, "cli", lambda **kw: calls.append("ran"))
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.setattr(sys, "argv", ["rwkv2rknn", "compile", "m/", "-o", "a/"])
+    app.main()
+    (argv, env), ran = calls
+    assert argv == [sys.executable, "-m", "rwkv2rknn", "compile", "m/", "-o", "a/"] and ran == "ran"
+    assert env["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+    calls.clear()
+    monkeypatch.setenv("GLIBC_TUNABLES", env["GLIBC_TUNABLES"])
+    app.main()
+    monkeypatch.setattr(sys, "argv", ["rwkv2rknn", "run", "a/", "--prompt", "x"])
+    monkeypatch.delenv("GLIBC_TUNABLES")
+    app.main()
+    assert calls == ["ran", "ran"]
