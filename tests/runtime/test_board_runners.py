@@ -145,10 +145,22 @@ def test_packed_artifact_runs_on_rknn_lite_as_on_ort(fp16_artifact, packed, lite
     np.testing.assert_allclose(s1, s2, rtol=1e-4, atol=1e-4)
     seq = [c[1] for c in lite.calls[n:] if c[0] == "inference" and ".seq." in c[1][0]]
     assert {p[0] for p in seq} == {os.path.basename(s.seq_rknn) for s in npu if s.seq_rknn}
-    assert all(s.seq_layout == "columns" for s in npu)  # the fixture's T-row builds
+    assert all(s.seq_layout == "columns" for s in npu if s.seq_rknn)  # the fixture's T-row builds
     rows = {a[1][1] for _, args in seq for a in args if len(a[1]) == 2}
     assert rows and rows <= set(npu[0].seq_rows)
     assert all(a[0] == "float32" for _, args in seq for a in args)
+    # a prompt (`run`): the head's one-row .rknn once, fed the last row in its per-token shape
+    head = npu[-1]
+    assert head.outputs == (m.logits_output,) and not head.seq_rknn
+    s3 = board.init_state()
+    board.step(tokens[0], s3)  # where the prefill above started
+    n = len(lite.calls)
+    last = board.prefill(tokens[1:21], s3, last_only=True)
+    np.testing.assert_allclose(last[0], want[-1], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(s3, s2, rtol=1e-4, atol=1e-4)
+    calls = [c[1][1] for c in lite.calls[n:] if c[0] == "inference" and
+             c[1][0] == os.path.basename(head.rknn)]
+    assert calls == [[("float32", tuple(head.shapes[k])) for k in head.inputs]]
     board.close()
     assert sum(c[0] == "release" for c in lite.calls) == sum(c[0] == "init_runtime" for c in lite.calls)
     ref.close()
