@@ -98,8 +98,14 @@ def test_compile_starts_again_with_its_heap_on_huge_pages(monkeypatch):
     import sys
 
     from rwkv2rknn.cli import app
+    import signal
     calls = []
-    monkeypatch.setattr(app.os, "execve", lambda exe, argv, env: calls.append((argv, env)))
+
+    def execve(exe, argv, env):  # Ctrl-C is held over the exec, until the command takes it
+        calls.append((argv, env))
+        assert signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    monkeypatch.setattr(app.os, "execve", execve)
     monkeypatch.setattr(app, "cli", lambda **kw: calls.append("ran"))
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
     monkeypatch.setattr(sys, "argv", ["rwkv2rknn", "compile", "m/", "-o", "a/"])

@@ -11,6 +11,7 @@ import errno
 import functools
 import logging
 import os
+import signal
 import sys
 
 import click
@@ -109,6 +110,7 @@ def cli(debug: bool, verbose: bool) -> None:
     """
     _Ctx.debug = debug
     _setup_logging(verbose)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # held over a restart (main)
 
 
 def say(message: str) -> None:
@@ -129,13 +131,25 @@ def check_out_file(path, flag: str) -> None:
 def main() -> None:
     os.environ.setdefault("TQDM_DISABLE", "1")
     if "compile" in sys.argv[1:4] and sys.platform.startswith("linux"):
-        from rwkv2rknn.resources import huge_page_env
-        env = huge_page_env(dict(os.environ))
-        if env.get("GLIBC_TUNABLES") != os.environ.get("GLIBC_TUNABLES") and sys.executable:
-            # the allocator reads the setting when the process starts: start again with it (a
-            # compile's heap on huge pages takes a quarter less CPU; resources.HUGE_PAGES)
-            try:
-                os.execve(sys.executable, [sys.executable, "-m", "rwkv2rknn", *sys.argv[1:]], env)
-            except OSError:  # then without
-                pass
+        try:
+            _start_on_huge_pages()
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
     cli(prog_name="rwkv2rknn")
+
+
+def _start_on_huge_pages() -> None:
+    """Start the process again with its heap on huge pages, which glibc's allocator reads only
+    when a process starts (a compile's heap on huge pages takes a quarter less CPU;
+    ``resources.HUGE_PAGES``); nothing if it is so already or cannot be."""
+    from rwkv2rknn.resources import huge_page_env
+    env = huge_page_env(dict(os.environ))
+    if env.get("GLIBC_TUNABLES") != os.environ.get("GLIBC_TUNABLES") and sys.executable:
+        # Ctrl-C waits (the mask and a pending signal pass the exec) until the command is there
+        # to take it (``cli`` unblocks it): interrupted, exit 130, as ever
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            os.execve(sys.executable, [sys.executable, "-m", "rwkv2rknn", *sys.argv[1:]], env)
+        except OSError:  # then without
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
