@@ -252,24 +252,34 @@ def estimate_ms(device: str, nodes, profile, rows: int = 0, precision: str = "fp
             sum(profile.cpu_op_ms(b, f, special) for b, f, special in op_work(nodes, rows)))
 
 
-def split_head(segs, min_flops: int):
+def split_head(segs, min_flops: int, state_inputs=frozenset()):
     """(segments, whether one was split): an NPU segment holding the head stage's nodes and
-    others' (the last layer's NPU tail fused with the head) becomes two, the head's nodes after
-    the rest, where each part has a MatMul worth a call and nothing of the rest reads the head.
-    A prompt needs the head's logits for its last row only, so the head's build then covers one
-    row count (``build``) and prefill runs it once, not on every row of a chunk."""
+    others' (the last layer's NPU tail fused with the head) becomes two, the head's part after
+    the rest. The head's part is what of the head stage reads no state input (a token shift
+    of the last layer's FFN stays with the rest) and nothing of the rest reads; it is split off
+    where each part has a MatMul worth a call. A prompt needs the head's logits for its last row
+    only, so its build then covers one row count (``build``) and prefill runs it once, not on
+    every row of a chunk."""
     from rwkv2rknn.ir import stage_of
     out, split = [], False
     for s in segs:
-        head = [n for n in s.nodes if stage_of(n.name) == "head"]
-        rest = [n for n in s.nodes if stage_of(n.name) != "head"]
-        made = {t.name for n in head for t in n.outputs}
-        if s.device != "npu" or not head or not rest or \
-                any(t.name in made for n in rest for t in n.inputs) or \
-                min(matmul_flops(head), matmul_flops(rest)) < max(min_flops, 1):
+        head = {id(n) for n in s.nodes if stage_of(n.name) == "head" and
+                not any(t.name in state_inputs for t in n.inputs)}
+        changed = True
+        while changed:  # the rest may not read the head's part
+            made = {t.name for n in s.nodes if id(n) in head for t in n.outputs}
+            readers = [n for n in s.nodes if id(n) not in head and
+                       any(t.name in made for t in n.inputs)]
+            keep = {id(p) for r in readers for t in r.inputs for p in t.inputs}
+            changed = bool(keep & head)
+            head -= keep
+        part = [n for n in s.nodes if id(n) in head]
+        rest = [n for n in s.nodes if id(n) not in head]
+        if s.device != "npu" or not part or not rest or \
+                min(matmul_flops(part), matmul_flops(rest)) < max(min_flops, 1):
             out.append(s)
             continue
-        out += [GraphSegment(device="npu", nodes=rest), GraphSegment(device="npu", nodes=head)]
+        out += [GraphSegment(device="npu", nodes=rest), GraphSegment(device="npu", nodes=part)]
         split = True
     return out, split
 
@@ -296,7 +306,8 @@ def run(ctx: Context) -> None:
             pruned += 1
     if pruned:
         segs = group(graph, device)
-    segs, split = split_head(segs, ctx.options.min_segment_flops)
+    segs, split = split_head(segs, ctx.options.min_segment_flops,
+                             {s.input for s in ctx.state} | {i for i, _ in ctx.whole_state.values()})
     for s in segs:
         s.nodes.sort(key=lambda n: order[n.name])
     ctx.segments = segs

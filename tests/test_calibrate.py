@@ -65,7 +65,7 @@ def test_capture_records_each_npu_segments_inputs_before_the_step(fp32_plan_arti
         r = rows[seg.name]
         assert len(r.feeds) == len(ids) == len(r.results)
         shift = [k for k in seg.inputs if k in slots]
-        assert shift, seg.name
+        assert shift or seg.outputs == (m.logits_output,), seg.name  # the head reads activations
         for k in shift:  # the zero state first, then what the segment itself made a token before
             assert not r.feeds[0][k].any()
             if slots[k] in r.results[0]:

@@ -51,13 +51,17 @@ def _prefill_holds(art, tokens):
     assert seq is not None
     for seg, runner in zip(model.manifest.segments, seq):
         assert (runner is not None) == (seg.backend == "npu"), seg.name
-    assert any(r.startswith("sequence: 4 segment(s) take T tokens at once") for r in
+    assert any(r.startswith("sequence: 5 segment(s) take T tokens at once") for r in
                model.manifest.report)
     s1, s2 = model.init_state(), model.init_state()
     one = np.stack([model.step(t, s1) for t in tokens])
     many = model.prefill(tokens, s2, chunk=5)
     np.testing.assert_allclose(many, one, rtol=1e-5, atol=1e-5 * np.abs(one).max())
     np.testing.assert_allclose(s2, s1, rtol=1e-5, atol=1e-5)
+    s3 = model.init_state()  # a prompt: the head (its FFN too here) on the last row only
+    last = model.prefill(tokens, s3, chunk=5, last_only=True)
+    np.testing.assert_allclose(last, one[-1:], rtol=1e-5, atol=1e-5 * np.abs(one).max())
+    np.testing.assert_allclose(s3, s1, rtol=1e-5, atol=1e-5)
     return many
 
 
