@@ -9,7 +9,7 @@
 
 Exports the per-layer files (fp16, as the public files are), then runs the compile command in a
 child process with a fresh build cache and samples the resident memory of it and its children
-(the toolkit's build processes) every 0.2 s. Prints wall time and peak memory; a second compile
+(the toolkit's build processes) every 0.2 s. Prints wall time, CPU time and peak memory; a second compile
 shows the cache at work. The random model is made cheaply: one random layer, shared by every
 layer of the state dict (the files are as large as a real model's; the export holds one layer,
 the embedding and the head). Extra compile options follow ``--``.
@@ -17,6 +17,7 @@ the embedding and the head). Extra compile options follow ``--``.
 
 import argparse
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from rwkv2rknn.resources import tree_rss
 
 def timed_compile(model_dir, out_dir, cache, extra=()):
     env = dict(os.environ, RWKV2RKNN_CACHE=cache)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     cmd = [sys.executable, "-m", "rwkv2rknn", "compile", model_dir, "-o", out_dir, "--force", *extra]
     t0 = time.perf_counter()
     child = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -38,7 +40,9 @@ def timed_compile(model_dir, out_dir, cache, extra=()):
         time.sleep(0.2)
     out = child.stdout.read()
     load = (sum(loads) / len(loads)) if loads else os.getloadavg()[0]  # the machine's, mean
-    return time.perf_counter() - t0, peak, child.returncode, out, load
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the compile and the children it waited for
+    cpu = sum(getattr(after, k) - getattr(before, k) for k in ("ru_utime", "ru_stime"))
+    return time.perf_counter() - t0, peak, child.returncode, out, load, cpu
 
 
 # RWKV-7's LoRA widths at width 2048 (the official 1.5B checkpoint's)
@@ -86,7 +90,7 @@ def main():
                 model_dir = os.path.join(work, f"model-{n}")
                 make_model(model_dir, n, a.width, a.vocab, a.fp32, a.version, a.head_size)
                 size = sum(os.path.getsize(os.path.join(model_dir, f)) for f in os.listdir(model_dir))
-                secs, peak, rc, out, _ = timed_compile(model_dir, os.path.join(work, "art"),
+                secs, peak, rc, out, _, _ = timed_compile(model_dir, os.path.join(work, "art"),
                                                        os.path.join(work, "cache"), extra)
                 print(f"| {n} | {size / 2**30:.2f} GiB | {secs:.1f} s | {peak / 2**30:.2f} GiB |"
                       + ("" if rc == 0 else f" exit {rc}: {out.strip().splitlines()[-1]}"), flush=True)
@@ -101,8 +105,10 @@ def main():
         shutil.rmtree(cache, ignore_errors=True)
         labels = ("first compile (empty cache)", "second compile (cache)")
         for label in labels[:1] if a.once else labels:
-            secs, peak, rc, out, load = timed_compile(model_dir, os.path.join(work, "art"), cache, extra)
-            print(f"{label}: {secs:.1f} s wall, peak memory {peak / 2**30:.2f} GiB, exit {rc} "
+            secs, peak, rc, out, load, cpu = timed_compile(model_dir, os.path.join(work, "art"), cache,
+                                                           extra)
+            print(f"{label}: {secs:.1f} s wall, {cpu:.1f} s CPU (user + system, the compile and its "
+                  f"build children), peak memory {peak / 2**30:.2f} GiB, exit {rc} "
                   f"(machine load average {load:.1f} on {os.cpu_count()} cores)", flush=True)
             print("\n".join(ln for ln in out.splitlines() if ln.strip().startswith("build: ")), flush=True)
             if rc != 0:
