@@ -252,19 +252,22 @@ def estimate_ms(device: str, nodes, profile, rows: int = 0, precision: str = "fp
             sum(profile.cpu_op_ms(b, f, special) for b, f, special in op_work(nodes, rows)))
 
 
-def split_head(segs, min_flops: int, state_inputs=frozenset()):
+def split_head(segs, min_flops: int, state=()):
     """(segments, whether one was split): an NPU segment holding the head stage's nodes and
     others' (the last layer's NPU tail fused with the head) becomes two, the head's part after
-    the rest. The head's part is what of the head stage reads no state input (a token shift
-    of the last layer's FFN stays with the rest) and nothing of the rest reads; it is split off
-    where each part has a MatMul worth a call. A prompt needs the head's logits for its last row
-    only, so its build then covers one row count (``build``) and prefill runs it once, not on
-    every row of a chunk."""
+    the rest. The head's part is what of the head stage reads no state (``state``: (input,
+    output) names; a state output read as itself or through a reshape: a token shift of the
+    last layer's FFN stays with the rest, which would otherwise give the same values out twice,
+    as the state and to the head, and rknn-toolkit2 then gives one output too few) and nothing
+    of the rest reads; it is split off where each part has a MatMul worth a call. A prompt needs
+    the head's logits for its last row only, so its build then covers one row count (``build``)
+    and prefill runs it once, not on every row of a chunk."""
     from rwkv2rknn.ir import stage_of
     out, split = [], False
     for s in segs:
+        kept = {i for i, _ in state} | _viewed_as({o for _, o in state}, s.nodes)
         head = {id(n) for n in s.nodes if stage_of(n.name) == "head" and
-                not any(t.name in state_inputs for t in n.inputs)}
+                not any(t.name in kept for t in n.inputs)}
         changed = True
         while changed:  # the rest may not read the head's part
             made = {t.name for n in s.nodes if id(n) in head for t in n.outputs}
@@ -282,6 +285,18 @@ def split_head(segs, min_flops: int, state_inputs=frozenset()):
         out += [GraphSegment(device="npu", nodes=rest), GraphSegment(device="npu", nodes=part)]
         split = True
     return out, split
+
+
+def _viewed_as(names, nodes) -> set:
+    """``names`` and the tensors among ``nodes`` that become one of them through views only."""
+    names, changed = set(names), True
+    while changed:
+        changed = False
+        for n in nodes:
+            if n.op in _VIEWS and n.outputs[0].name in names and n.inputs[0].name not in names:
+                names.add(n.inputs[0].name)
+                changed = True
+    return names
 
 
 def run(ctx: Context) -> None:
@@ -307,7 +322,7 @@ def run(ctx: Context) -> None:
     if pruned:
         segs = group(graph, device)
     segs, split = split_head(segs, ctx.options.min_segment_flops,
-                             {s.input for s in ctx.state} | {i for i, _ in ctx.whole_state.values()})
+                             [(s.input, s.output) for s in ctx.state] + list(ctx.whole_state.values()))
     for s in segs:
         s.nodes.sort(key=lambda n: order[n.name])
     ctx.segments = segs
