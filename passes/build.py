@@ -274,7 +274,8 @@ def _copy_shared(seg: GraphSegment, entry: str, out_dir: str, rows, key: str) ->
 def _quant_variant(precision: str, digest: str, columns: bool = False) -> str:
     from rwkv2rknn.columns import CACHE_TAG
     from rwkv2rknn.toolkit import QUANT_ALGORITHM, QUANT_DTYPE, QUANT_METHOD
-    return f"{QUANT_DTYPE[precision]}|{QUANT_ALGORITHM}|{QUANT_METHOD}|{digest}" + (f"|{CACHE_TAG}" if columns else "")
+    return (f"{QUANT_DTYPE[precision]}|{QUANT_ALGORITHM}|{QUANT_METHOD}|{digest}"
+            + (f"|{CACHE_TAG}" if columns else ""))
 
 
 def _quantised(ctx: Context, seg: GraphSegment, onnx_path: str, rows, dataset: str,

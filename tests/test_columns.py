@@ -40,7 +40,8 @@ def test_the_columns_form_has_no_transpose_and_keeps_the_weights_once(fp32_plan_
     assert any(d[-1] == "T" and isinstance(d[0], int) for d in dims.values())  # [C, T]
     # every output is the NCHW tensor itself, [1, N, 1, T]: no Squeeze (an op per output and
     # per row count in the .rknn, a costly one in int8)
-    outs = {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in cols.graph.output}
+    outs = {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim]
+            for o in cols.graph.output}
     assert "Squeeze" not in ops and len(outs) == len(rows.graph.output)
     for o in rows.graph.output:
         n = o.type.tensor_type.shape.dim[1].dim_value
