@@ -182,7 +182,7 @@ def _nchw_dims(value_info) -> None:
 
 
 def _swap_dims(value_info) -> None:
-    """[T, C] -> [C, T] in a graph input's or output's type."""
+    """[T, C] -> [C, T] in a graph input's type."""
     a, b = value_info.type.tensor_type.shape.dim
     (pa, va), (pb, vb) = (a.dim_param, a.dim_value), (b.dim_param, b.dim_value)
     a.Clear()
