@@ -85,7 +85,7 @@ def test_public_recipe_files_run_in_reference(small_sd, tmp_path, tokens):
     from public_recipe import export_public
     pub = export_public(small_sd, str(tmp_path / "pub"))
     model = PerLayerModel(pub)
-    assert model.notes and "ORT_ENABLE_EXTENDED" in model.notes[0]  # the known onnxruntime crash
+    assert model.notes == []  # onnxruntime's known fusion fault is avoided, not reported
     export(small_sd, str(tmp_path / "ours"), fp32=True)
     ours = PerLayerModel(str(tmp_path / "ours")).logits(tokens[:16])
     theirs = model.logits(tokens[:16])
