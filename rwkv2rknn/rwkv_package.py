@@ -22,21 +22,23 @@ from rwkv2rknn.errors import MissingDependency, ToolkitError
 
 _SCRIPT = r"""
 import json, sys, time, numpy as np, torch
-pth, tokens, out, threads = sys.argv[1], [int(t) for t in sys.argv[2].split(",")], sys.argv[3], int(sys.argv[4])
+jobs, threads = json.load(open(sys.argv[1])), int(sys.argv[2])
 if threads:
     torch.set_num_threads(threads)
 from rwkv.model import RWKV
-model = RWKV(model=pth[:-4] if pth.endswith(".pth") else pth, strategy="cpu fp32")
-state, rows, ms = None, [], []
-with torch.no_grad():
-    for t in tokens:
-        t0 = time.perf_counter()
-        logits, state = model.forward([t], state)
-        ms.append(1000.0 * (time.perf_counter() - t0))
-        rows.append(logits.float().numpy())
-np.save(out, np.stack(rows))
-with open(out + ".json", "w") as f:
-    json.dump(ms, f)
+for job in jobs:
+    pth = job["pth"]
+    model = RWKV(model=pth[:-4] if pth.endswith(".pth") else pth, strategy="cpu fp32")
+    state, rows, ms = None, [], []
+    with torch.no_grad():
+        for t in job["tokens"]:
+            t0 = time.perf_counter()
+            logits, state = model.forward([t], state)
+            ms.append(1000.0 * (time.perf_counter() - t0))
+            rows.append(logits.float().numpy())
+    np.save(job["out"], np.stack(rows))
+    with open(job["out"] + ".json", "w") as f:
+        json.dump(ms, f)
 """
 
 
@@ -61,16 +63,30 @@ def package_run(pth: str, tokens: Sequence[int], version: str, threads: int = 1,
                 timeout: float = 3600) -> Tuple[np.ndarray, List[float]]:
     """Teacher-forced logits [T, V] of the checkpoint ``pth`` from the `rwkv` package, and the
     wall time of each ``forward`` call in ms. ``threads``: torch's thread count (0: its default)."""
+    return package_runs([(pth, tokens)], version, threads, timeout)[0]
+
+
+def package_runs(jobs: Sequence[Tuple[str, Sequence[int]]], version: str, threads: int = 1,
+                 timeout: float = 3600) -> List[Tuple[np.ndarray, List[float]]]:
+    """``package_run`` for several (checkpoint, tokens) of one version, in one child process
+    (it imports torch and the package once)."""
     if not available():
         raise MissingDependency("the rwkv package is not installed", "pip install rwkv")
     with tempfile.TemporaryDirectory(prefix="rwkv2rknn-rwkvpkg-") as tmp:
-        out = os.path.join(tmp, "logits.npy")
-        r = subprocess.run([sys.executable, "-c", _SCRIPT, pth, ",".join(str(int(t)) for t in tokens),
-                            out, str(int(threads))], env=package_env(version), capture_output=True,
-                           text=True, timeout=timeout)
-        if r.returncode != 0 or not os.path.exists(out):
+        outs = [os.path.join(tmp, f"logits{i}.npy") for i in range(len(jobs))]
+        spec = os.path.join(tmp, "jobs.json")
+        with open(spec, "w") as f:
+            json.dump([{"pth": pth, "tokens": [int(t) for t in tokens], "out": out}
+                       for (pth, tokens), out in zip(jobs, outs)], f)
+        r = subprocess.run([sys.executable, "-c", _SCRIPT, spec, str(int(threads))],
+                           env=package_env(version), capture_output=True, text=True, timeout=timeout)
+        if r.returncode != 0 or not all(os.path.exists(o) for o in outs):
             last = (r.stderr.strip().splitlines() or ["no output"])[-1]
-            raise ToolkitError(f"the rwkv package failed on '{os.path.basename(pth)}' ({last[:200]})",
+            names = ", ".join(f"'{os.path.basename(pth)}'" for pth, _ in jobs)
+            raise ToolkitError(f"the rwkv package failed on {names} ({last[:200]})",
                                "check the checkpoint and the rwkv package install")
-        with open(out + ".json") as f:
-            return np.load(out), json.load(f)
+        results = []
+        for out in outs:
+            with open(out + ".json") as f:
+                results.append((np.load(out), json.load(f)))
+        return results

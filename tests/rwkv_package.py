@@ -3,9 +3,14 @@
 
 import numpy as np
 
-from rwkv2rknn.rwkv_package import package_run
+from rwkv2rknn.rwkv_package import package_runs
 
 
 def package_logits(pth: str, tokens, version: str, tmp_dir: str = "") -> np.ndarray:
     """Teacher-forced logits [T, V] of the checkpoint ``pth`` from the `rwkv` package."""
-    return package_run(pth, tokens, version, threads=1, timeout=600)[0]
+    return package_logits_each([(pth, tokens)], version)[0]
+
+
+def package_logits_each(jobs, version: str) -> list:
+    """``package_logits`` of several (checkpoint, tokens) of one version, in one child."""
+    return [logits for logits, _ in package_runs(jobs, version, threads=1, timeout=600)]
