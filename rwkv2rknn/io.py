@@ -254,6 +254,27 @@ def remove_stale(folder: str, marker: str, at_start: bool = False) -> None:
                 remove_quietly(path)
 
 
+# Private temporary folders (in $TMPDIR) are named rwkv2rknn-KIND-PID-*: each is removed by the
+# process that made it (on success, on an error, on Ctrl-C or SIGTERM); one left by a process that
+# was killed outright (SIGKILL, or the toolkit ending its own process) is removed by the next
+# compile (``remove_stale_scratch``).
+SCRATCH_KINDS = ("build", "worker", "ds", "rwkvpkg", "bench")
+
+
+def scratch_prefix(kind: str) -> str:
+    """The name prefix of a private temporary folder of ``kind`` (one of SCRATCH_KINDS) made by
+    this process, for ``tempfile.mkdtemp`` / ``TemporaryDirectory``."""
+    return f"rwkv2rknn-{kind}-{os.getpid()}-"
+
+
+def remove_stale_scratch(folder: str = "") -> None:
+    """Remove the private temporary folders in ``folder`` (default: the system's temporary
+    folder) whose process no longer runs."""
+    folder = folder or tempfile.gettempdir()
+    for kind in SCRATCH_KINDS:
+        remove_stale(folder, f"rwkv2rknn-{kind}-", at_start=True)
+
+
 def remove_quietly(path: str) -> None:
     """Remove a file if it is there."""
     try:

@@ -19,6 +19,7 @@ from typing import List, Sequence, Tuple
 import numpy as np
 
 from rwkv2rknn.errors import MissingDependency, ToolkitError
+from rwkv2rknn.io import scratch_prefix
 
 _SCRIPT = r"""
 import json, sys, time, numpy as np, torch
@@ -72,7 +73,7 @@ def package_runs(jobs: Sequence[Tuple[str, Sequence[int]]], version: str, thread
     (it imports torch and the package once)."""
     if not available():
         raise MissingDependency("the rwkv package is not installed", "pip install rwkv")
-    with tempfile.TemporaryDirectory(prefix="rwkv2rknn-rwkvpkg-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=scratch_prefix("rwkvpkg")) as tmp:
         outs = [os.path.join(tmp, f"logits{i}.npy") for i in range(len(jobs))]
         spec = os.path.join(tmp, "jobs.json")
         with open(spec, "w") as f:
