@@ -31,7 +31,7 @@ import threading
 import traceback
 from typing import Optional, Tuple
 
-from rwkv2rknn.io import cache_root, remove_quietly, scratch_prefix
+from rwkv2rknn.io import cache_root, end_kept_child, remove_quietly, scratch_prefix
 from rwkv2rknn.passes.build_child import build_child, partial_name
 
 RETIRE_RSS = 1 << 30
@@ -94,15 +94,7 @@ class Worker:
             return ""
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                self.proc.stdin.close()
-                self.proc.wait(timeout=5)
-            except (OSError, subprocess.TimeoutExpired):
-                self.proc.kill()
-                self.proc.wait()
-        self.stderr.close()
-        shutil.rmtree(self.folder, ignore_errors=True)
+        end_kept_child(self.proc, self.stderr, self.folder)
 
 
 class CachedBuilds:

@@ -275,6 +275,24 @@ def remove_stale_scratch(folder: str = "") -> None:
         remove_stale(folder, f"rwkv2rknn-{kind}-", at_start=True)
 
 
+def end_kept_child(proc, log, folder: str, timeout: float = 5.0) -> None:
+    """End a child process that serves requests read from its stdin: close its stdin (it ends
+    by itself), kill it if it has not ended within ``timeout`` s; then close its ``log`` file
+    and remove its private temporary ``folder``."""
+    import subprocess
+    if proc.poll() is None:
+        try:
+            proc.stdin.close()
+            proc.wait(timeout=timeout)
+        except (OSError, subprocess.TimeoutExpired):
+            proc.kill()
+            proc.wait()
+    for f in (proc.stdout, log):
+        if f is not None:
+            f.close()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 def remove_quietly(path: str) -> None:
     """Remove a file if it is there."""
     try:

@@ -23,7 +23,7 @@ from typing import List, Sequence, Tuple
 import numpy as np
 
 from rwkv2rknn.errors import MissingDependency, ToolkitError
-from rwkv2rknn.io import scratch_prefix
+from rwkv2rknn.io import end_kept_child, scratch_prefix
 
 _SCRIPT = r"""
 import json, os, sys, time, traceback, numpy as np, torch
@@ -164,12 +164,4 @@ class PackageProcess:
         return lines[-1].strip() if lines else "the process ended"
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                self.proc.stdin.close()
-                self.proc.wait(timeout=10)
-            except (OSError, subprocess.TimeoutExpired):
-                self.proc.kill()
-                self.proc.wait()
-        self.stderr.close()
-        shutil.rmtree(self.folder, ignore_errors=True)
+        end_kept_child(self.proc, self.stderr, self.folder, timeout=10)
