@@ -64,7 +64,8 @@ class Report:
                 s += f", near-tie: gap <= {tol['tie_margin']:g} x logit scale"
             else:
                 s += ", every token counts for top-1 (no near-tie margin)"
-        return s + (" -- PASS" if self.passed else " -- FAIL: " + "; ".join(self.failures))
+        s += " -- PASS" if self.passed else " -- FAIL: " + "; ".join(self.failures)
+        return s + (f" (weak: {self.ties} of {len(self.steps)} tokens near-ties)" if self.warnings else "")
 
 
 def _top1(rep: dict) -> str:

@@ -127,6 +127,7 @@ def test_check_warns_when_near_ties_make_the_verdict_weak(fp32_plan_artifact, tm
     art = _copy(fp32_plan_artifact, tmp_path)
     r = CliRunner().invoke(cli, ["check", art, "--backend", "ort", "--tokens", "12", "--max-rel", "1"])
     assert r.exit_code == 0, r.output
+    assert "-- PASS (weak: 12 of 12 tokens near-ties)" in r.output
     warnings = [ln for ln in r.output.splitlines() if ln.startswith("warning: ")]
     assert warnings == ["warning: 12 of 12 tokens are near-ties (more than 25%): the top-1 verdict "
                         "rests on 0 decisive tokens and is weak; check more tokens (--tokens) or "
