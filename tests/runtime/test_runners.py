@@ -69,6 +69,26 @@ def test_fp16_exports_load_at_full_optimisation_without_a_note(version, request,
     assert PerLayerModel(folder).notes == []
 
 
+@pytest.mark.parametrize("fault", ["some other fault", "fails in SimplifiedLayerNormFusion too"])
+def test_other_full_optimisation_failures_fall_back_with_a_note(fp32_dir, monkeypatch, fault):
+    """A failure at ORT_ENABLE_ALL that is not the known fusion fault (or that persists without
+    that fusion) still gives a session at ORT_ENABLE_EXTENDED, with a note saying so (the fault
+    injected into onnxruntime's session creation)."""
+    import onnxruntime as ort
+    real = ort.InferenceSession
+
+    def failing(model, sess_options=None, providers=None, **kw):
+        if sess_options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL:
+            raise RuntimeError(fault)
+        return real(model, sess_options=sess_options, providers=providers, **kw)
+
+    monkeypatch.setattr(ort, "InferenceSession", failing)
+    sess, note = make_session(os.path.join(fp32_dir, "mixing_0.onnx"), what="mixing_0.onnx")
+    assert sess is not None
+    assert note == (f"onnxruntime's default optimisation failed on mixing_0.onnx ({fault}); "
+                    "using ORT_ENABLE_EXTENDED")
+
+
 def test_reference_reports_missing_layer(fp32_dir, tmp_path):
     import shutil
     d = tmp_path / "m"
