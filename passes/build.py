@@ -45,7 +45,7 @@ import numpy as np
 
 from rwkv2rknn.calibrate import SegmentCalibration
 from rwkv2rknn.errors import ToolkitError
-from rwkv2rknn.io import read_json, remove_quietly, write_json
+from rwkv2rknn.io import read_json, remove_quietly, remove_stale_scratch, write_json
 from rwkv2rknn.ir import Context, GraphSegment
 from rwkv2rknn.passes.build_child import build_child, clean_stale_partials, partial_name
 from rwkv2rknn.passes.build_worker import CachedBuilds
@@ -99,6 +99,7 @@ class Builds:
         self.version = require_toolkit()
         self.builds = CachedBuilds(ctx.options, self.version)
         clean_stale_partials(self.builds.cache.folder)
+        remove_stale_scratch()  # what killed compiles left in $TMPDIR
         self.counts = {"built": 0, "cached": 0, "failed": 0}
         self.todo: list = []
         jobs = ctx.options.build_jobs or resources.build_jobs(biggest, 64)
@@ -256,7 +257,9 @@ def _build_seq(ctx: Context, seg: GraphSegment, out_dir: str, builds: _Builds, v
             _copy_shared(seg, entry, out_dir, rows, seg.cache_key)
             seg.seq_precision, seg.calib, seg.seq_calib = seg.precision, cal.seq_dataset, cal.seq_dataset
             return f"{seg.precision} (cos {seg.accuracy['min_cos']:.4f}), " + ("cached" if cached else "built")
-    key = file_key(onnx_path, opts.target, version, repr(rows).encode() + (b"|columns" if columns else b""))
+    from rwkv2rknn.columns import CACHE_TAG
+    key = file_key(onnx_path, opts.target, version,
+                   repr(rows).encode() + (b"|" + CACHE_TAG.encode() if columns else b""))
     status, reason = builds.fetch_or_build(
         onnx_path, key, os.path.join(out_dir, "segments", seg.name + ".seq.rknn"), rows, columns)
     if reason:
@@ -275,8 +278,10 @@ def _copy_shared(seg: GraphSegment, entry: str, out_dir: str, rows, key: str) ->
 
 
 def _quant_variant(precision: str, digest: str, columns: bool = False) -> str:
+    from rwkv2rknn.columns import CACHE_TAG
     from rwkv2rknn.toolkit import QUANT_ALGORITHM, QUANT_DTYPE, QUANT_METHOD
-    return f"{QUANT_DTYPE[precision]}|{QUANT_ALGORITHM}|{QUANT_METHOD}|{digest}" + ("|columns" if columns else "")
+    return (f"{QUANT_DTYPE[precision]}|{QUANT_ALGORITHM}|{QUANT_METHOD}|{digest}"
+            + (f"|{CACHE_TAG}" if columns else ""))
 
 
 def _quantised(ctx: Context, seg: GraphSegment, onnx_path: str, rows, dataset: str,

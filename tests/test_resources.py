@@ -103,8 +103,8 @@ def test_compile_starts_again_with_its_heap_on_huge_pages(monkeypatch):
 
     def execve(exe, argv, env):  # Ctrl-C is held over the exec, until the command takes it
         calls.append((argv, env))
-        assert signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, [])
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        assert {signal.SIGINT, signal.SIGTERM} <= signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     monkeypatch.setattr(app.os, "execve", execve)
     monkeypatch.setattr(app, "cli", lambda **kw: calls.append("ran"))
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)

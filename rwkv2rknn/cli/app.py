@@ -28,6 +28,28 @@ class _Ctx:
     debug = False
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt, so that a terminated
+    command cleans up as an interrupted one does (build children stopped, temporary folders and
+    partial files removed, the previous output kept); exit 143."""
+
+
+HELD = {signal.SIGINT, signal.SIGTERM}  # signals held over compile's restart on huge pages
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
+def _interrupted(e: BaseException) -> None:
+    """Ctrl-C: 'interrupted', exit 130; SIGTERM: 'terminated', exit 143."""
+    if isinstance(e, Terminated) or isinstance(e.__cause__, Terminated):
+        click.echo("terminated", err=True)
+        sys.exit(128 + signal.SIGTERM)
+    click.echo("interrupted", err=True)
+    sys.exit(130)
+
+
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(message)s", stream=sys.stderr)
@@ -45,9 +67,8 @@ def handle_errors(fn):
                 raise
             click.echo(f"error: {e}", err=True)
             sys.exit(e.exit_code)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            sys.exit(130)
+        except KeyboardInterrupt as e:
+            _interrupted(e)
         except (click.exceptions.Exit, click.ClickException, SystemExit):
             raise
         except OSError as e:  # a full disk, a folder not writable, ...: the system's own words
@@ -85,9 +106,8 @@ class _Group(click.Group):
             msg = " ".join(e.format_message().split()).rstrip(".")
             click.echo(f"error: {msg}; see '{where} --help'", err=True)
             sys.exit(2)
-        except click.Abort:
-            click.echo("interrupted", err=True)
-            sys.exit(130)
+        except click.Abort as e:
+            _interrupted(e)
         except click.ClickException as e:
             e.show()
             sys.exit(e.exit_code)
@@ -110,7 +130,7 @@ def cli(debug: bool, verbose: bool) -> None:
     """
     _Ctx.debug = debug
     _setup_logging(verbose)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # held over a restart (main)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD)  # held over a restart (main)
 
 
 def say(message: str) -> None:
@@ -130,12 +150,12 @@ def check_out_file(path, flag: str) -> None:
 
 def main() -> None:
     os.environ.setdefault("TQDM_DISABLE", "1")
+    signal.signal(signal.SIGTERM, _terminate)
     if "compile" in sys.argv[1:4] and sys.platform.startswith("linux"):
         try:
             _start_on_huge_pages()
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            sys.exit(130)
+        except (KeyboardInterrupt, Terminated) as e:
+            _interrupted(e)
     cli(prog_name="rwkv2rknn")
 
 
@@ -146,10 +166,10 @@ def _start_on_huge_pages() -> None:
     from rwkv2rknn.resources import huge_page_env
     env = huge_page_env(dict(os.environ))
     if env.get("GLIBC_TUNABLES") != os.environ.get("GLIBC_TUNABLES") and sys.executable:
-        # Ctrl-C waits (the mask and a pending signal pass the exec) until the command is there
-        # to take it (``cli`` unblocks it): interrupted, exit 130, as ever
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        # Ctrl-C and SIGTERM wait (the mask and a pending signal pass the exec) until the
+        # command is there to take them (``cli`` unblocks them): exit 130 or 143, as ever
+        signal.pthread_sigmask(signal.SIG_BLOCK, HELD)
         try:
             os.execve(sys.executable, [sys.executable, "-m", "rwkv2rknn", *sys.argv[1:]], env)
         except OSError:  # then without
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, HELD)

@@ -47,8 +47,9 @@ class RowStep:
 
 class Columns:
     """A T-row build made in columns (``seq_layout`` 'columns', see rwkv2rknn.columns): it takes
-    every row input [T, C] as [C, T] and gives every output as [N, T]; this turns them on the CPU,
-    so that callers see rows. Vectors ([C] state rows) pass as they are."""
+    every row input [T, C] as [C, T] and gives every output as [N, T] (or [1, N, 1, T] in NCHW
+    order, the same bytes); this turns them on the CPU, so that callers see rows. Vectors ([C]
+    state rows) pass as they are."""
 
     def __init__(self, runner):
         self.runner = runner
