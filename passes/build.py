@@ -27,7 +27,8 @@ the free memory allow, largest first, starting while later segments are still be
 segment's ONNX bytes, the target and the toolkit version (``rwkv2rknn.buildcache``): an unchanged
 segment is never rebuilt, an fp16 entry is used only after its recorded checksum matches, and a
 per-entry lock makes two compiles (or two workers) take turns. A failed build moves the segment
-to the CPU and says so; with ``--strict`` it is an error.
+to the CPU and says so, a failed T-row build leaves its prefill token by token and says so; with
+``--strict`` either is an error.
 
 Precondition: cut (and sequence) have run and the segment ONNX files are written in
 ``OUT_DIR/segments``. Postcondition: NPU segments have ``rknn`` (and ``seq_rknn``), or moved
@@ -188,6 +189,10 @@ def _one(ctx: Context, seg: GraphSegment, out_dir: str, builds: CachedBuilds, ve
         if status:  # one build serves decode and prefill
             _estimate(ctx, seg)
             return status + " (decode and T rows)", "cached" if status.endswith("cached") else "built"
+        if opts.strict:
+            raise ToolkitError(f"building the T-row (prefill) variant of segment {seg.name} failed: "
+                               f"{seg.seq_fallback}", "drop --strict to let its prefill run token by "
+                               "token, or compile with --prefill-rows none (no T-row builds)")
     onnx_path = os.path.join(out_dir, "segments", seg.name + ".onnx")
     dest = os.path.join(out_dir, "segments", seg.name + ".rknn")
     entry, cached = "", False
@@ -235,10 +240,13 @@ def _build_shared(ctx: Context, seg: GraphSegment, out_dir: str, builds: CachedB
         if status:
             seg.seq_layout = "columns" if columns else ""
             return status
+        if columns:
+            ctx.note(NAME, f"{seg.name}: T-row build in columns failed ({seg.seq_fallback}); "
+                           "building it as rows")
     return ""
 
 
-def _build_seq(ctx: Context, seg: GraphSegment, out_dir: str, builds: _Builds, version: str,
+def _build_seq(ctx: Context, seg: GraphSegment, out_dir: str, builds: CachedBuilds, version: str,
                cal: Optional[SegmentCalibration], rows, columns: bool) -> str:
     """One try of ``_build_shared`` in one layout."""
     opts = ctx.options
