@@ -190,9 +190,9 @@ def _one(ctx: Context, seg: GraphSegment, out_dir: str, builds: CachedBuilds, ve
             _estimate(ctx, seg)
             return status + " (decode and T rows)", "cached" if status.endswith("cached") else "built"
         if opts.strict:
-            raise ToolkitError(f"building the T-row (prefill) variant of segment {seg.name} failed: "
-                               f"{seg.seq_fallback}", "drop --strict to let its prefill run token by "
-                               "token, or compile with --prefill-rows none (no T-row builds)")
+            raise ToolkitError(f"the T-row (prefill) build of segment {seg.name} failed: "
+                               f"{seg.seq_fallback}", "drop --strict (its prefill then runs token by "
+                               "token), or use --prefill-rows none")
     onnx_path = os.path.join(out_dir, "segments", seg.name + ".onnx")
     dest = os.path.join(out_dir, "segments", seg.name + ".rknn")
     entry, cached = "", False
