@@ -260,7 +260,9 @@ def _build_seq(ctx: Context, seg: GraphSegment, out_dir: str, builds: CachedBuil
             _copy_shared(seg, entry, out_dir, rows, seg.cache_key)
             seg.seq_precision, seg.calib, seg.seq_calib = seg.precision, cal.seq_dataset, cal.seq_dataset
             return f"{seg.precision} (cos {seg.accuracy['min_cos']:.4f}), " + ("cached" if cached else "built")
-    key = file_key(onnx_path, opts.target, version, repr(rows).encode() + (b"|columns" if columns else b""))
+    from rwkv2rknn.columns import CACHE_TAG
+    key = file_key(onnx_path, opts.target, version,
+                   repr(rows).encode() + (b"|" + CACHE_TAG.encode() if columns else b""))
     status, reason = builds.fetch_or_build(
         onnx_path, key, os.path.join(out_dir, "segments", seg.name + ".seq.rknn"), rows, columns)
     if reason:
@@ -279,8 +281,10 @@ def _copy_shared(seg: GraphSegment, entry: str, out_dir: str, rows, key: str) ->
 
 
 def _quant_variant(precision: str, digest: str, columns: bool = False) -> str:
+    from rwkv2rknn.columns import CACHE_TAG
     from rwkv2rknn.toolkit import QUANT_ALGORITHM, QUANT_DTYPE, QUANT_METHOD
-    return f"{QUANT_DTYPE[precision]}|{QUANT_ALGORITHM}|{QUANT_METHOD}|{digest}" + ("|columns" if columns else "")
+    return (f"{QUANT_DTYPE[precision]}|{QUANT_ALGORITHM}|{QUANT_METHOD}|{digest}"
+            + (f"|{CACHE_TAG}" if columns else ""))
 
 
 def _quantised(ctx: Context, seg: GraphSegment, onnx_path: str, rows, dataset: str,

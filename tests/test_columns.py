@@ -38,6 +38,14 @@ def test_the_columns_form_has_no_transpose_and_keeps_the_weights_once(fp32_plan_
     assert weight_bytes(cols) <= weight_bytes(rows) + 64 * 1024  # per-channel copies of vectors only
     dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in cols.graph.input}
     assert any(d[-1] == "T" and isinstance(d[0], int) for d in dims.values())  # [C, T]
+    # every output is the NCHW tensor itself, [1, N, 1, T]: no Squeeze (an op per output and
+    # per row count in the .rknn, a costly one in int8)
+    outs = {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim]
+            for o in cols.graph.output}
+    assert "Squeeze" not in ops and len(outs) == len(rows.graph.output)
+    for o in rows.graph.output:
+        n = o.type.tensor_type.shape.dim[1].dim_value
+        assert outs[o.name] == [1, n, 1, "T"], (o.name, outs[o.name])
 
 
 def test_the_columns_runner_gives_rows_equal_to_the_t_row_onnx(fp32_plan_artifact, tmp_path):

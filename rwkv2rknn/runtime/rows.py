@@ -47,10 +47,11 @@ class RowStep:
 
 class Columns:
     """A T-row build made in columns (``seq_layout`` 'columns', see rwkv2rknn.columns): it takes
-    every row input [T, C] as [C, T] and gives every output as [N, T]; this turns them on the CPU,
-    so that callers see rows. Vectors ([C] state rows) pass as they are; a state row [1, C] (the
-    one-file layouts') goes in as the column [C, 1]. Such builds always run at least 2 rows
-    (``build.DECODE_ROWS``), so an input of one row beside longer ones is a state row."""
+    every row input [T, C] as [C, T] and gives every output as [N, T] (or [1, N, 1, T] in NCHW
+    order, the same bytes); this turns them on the CPU, so that callers see rows. Vectors ([C]
+    state rows) pass as they are; a state row [1, C] (the one-file layouts') goes in as the
+    column [C, 1]. Such builds always run at least 2 rows (``build.DECODE_ROWS``), so an input
+    of one row beside longer ones is a state row."""
 
     def __init__(self, runner):
         self.runner = runner

@@ -183,7 +183,8 @@ def test_auto_picks_rknn_rt_where_librknnrt_loads(standin, tmp_path, monkeypatch
 
 def test_a_t_row_build_in_columns_gets_columns_and_gives_rows(standin, tmp_path, log):
     from rwkv2rknn.runtime.rows import Columns
-    columns = f"in x {W},T\nin s {W}\nout y {W},T\nout s_out {W}\n"  # the .rknn takes [C, T]
+    # the .rknn takes [C, T] and gives [1, N, 1, T] (rwkv2rknn.columns)
+    columns = f"in x {W},T\nin s {W}\nout y 1,{W},1,T\nout s_out {W}\n"
     rt = rknnrt.RknnRtRunner(_model(tmp_path, columns), "s001.seq", ["x", "s"], ["y", "s_out"], None,
                              rows=(16, 32), lib=standin, columns=True)
     r = Columns(rt)
@@ -195,6 +196,9 @@ def test_a_t_row_build_in_columns_gets_columns_and_gives_rows(standin, tmp_path,
     # the runtime was given x as [W, 16] (columns), and the caller gets rows [16, W] back
     assert [c[1]["dims"] for c in log()[n:] if c[0] == "shape"] == [f"{W},16", str(W)]
     assert out["y"].shape == (16, W)
+    # the 4-D output is bound in NCHW (rknn_tensor_format 0), so its bytes are [W, 16]
+    binds = [b for c, b in log()[n:] if c == "rknn_set_io_mem" and b["name"] == "y"]
+    assert [(b["dims"], b["fmt"]) for b in binds] == [(f"1,{W},1,16", "0")]
     # the stand-in adds 1000 to its first input's flat values: in columns, x.T's
     np.testing.assert_allclose(out["y"], 1000 + x + 10 * np.resize(s, (W, 16)).T)
     with pytest.raises(BadInput, match=r"built for \[16, 32\] rows, got \[8\]"):
