@@ -27,7 +27,8 @@ the free memory allow, largest first, starting while later segments are still be
 segment's ONNX bytes, the target and the toolkit version (``rwkv2rknn.buildcache``): an unchanged
 segment is never rebuilt, an fp16 entry is used only after its recorded checksum matches, and a
 per-entry lock makes two compiles (or two workers) take turns. A failed build moves the segment
-to the CPU and says so; with ``--strict`` it is an error.
+to the CPU and says so, a failed T-row build leaves its prefill token by token and says so; with
+``--strict`` either is an error.
 
 Precondition: cut (and sequence) have run and the segment ONNX files are written in
 ``OUT_DIR/segments``. Postcondition: NPU segments have ``rknn`` (and ``seq_rknn``), or moved
@@ -193,6 +194,10 @@ def _one(ctx: Context, seg: GraphSegment, out_dir: str, builds: CachedBuilds, ve
         if status:  # one build serves decode and prefill
             _estimate(ctx, seg)
             return status + " (decode and T rows)", "cached" if status.endswith("cached") else "built"
+        if opts.strict:
+            raise ToolkitError(f"the T-row (prefill) build of segment {seg.name} failed: "
+                               f"{seg.seq_fallback}", "drop --strict (its prefill then runs token by "
+                               "token), or use --prefill-rows none")
     onnx_path = os.path.join(out_dir, "segments", seg.name + ".onnx")
     dest = os.path.join(out_dir, "segments", seg.name + ".rknn")
     entry, cached = "", False
@@ -225,26 +230,28 @@ def _build_shared(ctx: Context, seg: GraphSegment, out_dir: str, builds: CachedB
     """The T-row variant of an NPU segment built for DECODE_ROWS and the prefill row counts: one
     .rknn, weights once, serving token steps (the token in row 0, padding after it) and prefill;
     quantised when ``cal`` has T-row samples and the build is accurate enough. Built in columns
-    (``rwkv2rknn.columns``: no Transposes on the NPU) where the segment has that form, else as rows:
-    the build child makes the columns form and checks it on onnxruntime (``columns.write_columns``)
-    and says why not, so the compiler's process, which streams the later layers meanwhile, does
-    not make it too (1.3 s of CPU per 1024-wide layer) and a cached build needs no check at all.
+    (``rwkv2rknn.columns``: no Transposes on the NPU) where the segment has that form, else as rows.
     Returns 'built' or 'cached' (after the precision), or '' when the build failed
     (``seg.seq_fallback`` says why; the caller then builds the per-token graph alone and prefill
     runs token by token)."""
     rows = tuple(sorted({DECODE_ROWS, *ctx.options.prefill_rows}))
-    for columns in (True, False):
+    onnx_path = os.path.join(out_dir, "segments", seg.name + ".seq.onnx")
+    from rwkv2rknn.columns import fits
+    why_not = fits(onnx_path)
+    if why_not:
+        ctx.note(NAME, f"{seg.name}: T-row build as rows, not columns ({why_not})")
+    for columns in ((True, False) if not why_not else (False,)):
         status = _build_seq(ctx, seg, out_dir, builds, version, cal, rows, columns)
         if status:
             seg.seq_layout = "columns" if columns else ""
             return status
         if columns:
-            why = seg.seq_fallback or seg.precision_note
-            ctx.note(NAME, f"{seg.name}: T-row build as rows, not columns ({why})")
+            ctx.note(NAME, f"{seg.name}: T-row build in columns failed ({seg.seq_fallback}); "
+                           "building it as rows")
     return ""
 
 
-def _build_seq(ctx: Context, seg: GraphSegment, out_dir: str, builds: _Builds, version: str,
+def _build_seq(ctx: Context, seg: GraphSegment, out_dir: str, builds: CachedBuilds, version: str,
                cal: Optional[SegmentCalibration], rows, columns: bool) -> str:
     """One try of ``_build_shared`` in one layout."""
     opts = ctx.options

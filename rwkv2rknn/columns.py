@@ -81,8 +81,14 @@ def to_columns(model):
             nodes.append(helper.make_node("Reshape", [inp.name, shape4], [inp.name + ".nchw"]))
             alias[inp.name] = inp.name + ".nchw"
             cols.add(inp.name + ".nchw")
+        elif len(d) == 2 and d[0] == 1 and isinstance(d[1], int):
+            _swap_dims(inp)  # a state row [1, C] (one-file layouts) comes in as one column [C, 1]
+            shape4 = add_const("columns.vector", np.array([1, -1, 1, 1], np.int64))
+            nodes.append(helper.make_node("Reshape", [inp.name, shape4], [inp.name + ".nchw"]))
+            alias[inp.name] = inp.name + ".nchw"
+            cols.add(inp.name + ".nchw")
         elif not (len(d) == 1 and isinstance(d[0], int)):
-            raise NotColumns(f"input '{inp.name}' is {d}, not rows [T, C] or a vector [C]")
+            raise NotColumns(f"input '{inp.name}' is {d}, not rows [T, C], a row [1, C] or a vector [C]")
     channel_consts: Dict[str, str] = {}
 
     def per_channel(name):
@@ -143,6 +149,13 @@ def to_columns(model):
                 raise NotColumns(f"Concat '{node.name}' is not a concatenation of rows")
             nodes.append(helper.make_node("Concat", ins, out, name=node.name, axis=3))
             cols.add(out[0])
+        elif op == "Split" and on_cols:
+            axis = [a.i for a in node.attribute if a.name == "axis"]
+            if axis not in ([-1], [1]) or len(shapes.get(node.input[0]) or ()) != 2 or \
+                    any(i in cols for i in ins[1:]):
+                raise NotColumns(f"Split '{node.name}' is not a split of the rows' channels")
+            nodes.append(helper.make_node("Split", ins, out, name=node.name, axis=1))
+            cols.update(out)
         elif op in ELEMENTWISE and on_cols:
             nodes.append(helper.make_node(op, [per_channel(i) for i in ins], out, name=node.name))
             cols.update(out)

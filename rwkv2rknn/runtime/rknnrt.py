@@ -238,6 +238,8 @@ class RknnRtRunner:
         args = [np.asarray(feed[self.inputs[j]], np.float32) for j in self._in_order]
         if self.rows:
             got = {a.shape[self._row_axis] for a in args if a.ndim >= 2}
+            if len(got) > 1:  # a state row [1, C] (as a column: [C, 1]) beside the rows
+                got.discard(1)
             if not got <= set(self.rows):
                 raise BadInput(f"segment {self.name} was built for {list(self.rows)} rows, got "
                                f"{sorted(got)}", "feed chunks of a row count it was built for")
