@@ -57,13 +57,61 @@ def to_opset(model, what: str = "the model"):
                                "export it again with an opset from 13 to 18")
     if version == 18:
         return _from_opset18(model, what)
+    if _unchanged_ops(model, version):  # nothing for the converter to do but the number
+        for o in model.opset_import:
+            if o.domain in ("", "ai.onnx"):
+                o.version = OPSET
+        return model
+    weights = _lift_weights(model)
     try:
         out = version_converter.convert_version(model, OPSET)
     except Exception as e:  # noqa: BLE001 - the converter raises many kinds
         raise UnsupportedModel(f"{what} (opset {version}) cannot be converted to opset {OPSET} "
                                f"({str(e).splitlines()[0][:100]})",
                                f"export it again with opset {OPSET}") from e
+    finally:
+        _put_back(model, weights)
+    _put_back(out, weights)
     return out
+
+
+def _unchanged_ops(model, version: int) -> bool:
+    """True if every op of the model's default domain has the same definition at ``version``
+    and at ``OPSET`` (no op of it changed in between, so converting changes nothing else)."""
+    from onnx import defs
+    ops = {n.op_type for n in model.graph.node if n.domain in ("", "ai.onnx")}
+    try:
+        return all(defs.get_schema(op, OPSET, "").since_version <= version for op in ops)
+    except Exception:  # noqa: BLE001 - an op onnx does not know: let the converter say so
+        return False
+
+
+_LIFT_ABOVE = 1024  # bytes: initializers the version converter need not copy
+
+
+def _lift_weights(model) -> dict:
+    """Take the large initializers' bytes out of ``model`` (each left as an external-data
+    placeholder of its name, type and shape): the converter serialises, parses and copies the
+    whole model, and an adapter never reads a weight's values. Returns {name: bytes}."""
+    from onnx import TensorProto
+    lifted = {}
+    for t in model.graph.initializer:
+        if t.data_location != TensorProto.EXTERNAL and t.HasField("raw_data") and \
+                t.ByteSize() >= _LIFT_ABOVE:
+            lifted[t.name] = t.raw_data
+            t.ClearField("raw_data")
+            t.data_location = TensorProto.EXTERNAL
+            t.external_data.add(key="location", value="lifted")
+    return lifted
+
+
+def _put_back(model, lifted: dict) -> None:
+    """Undo ``_lift_weights`` on ``model`` (or on the converter's output)."""
+    for t in model.graph.initializer:
+        if t.name in lifted and not t.HasField("raw_data"):  # (the converter's output keeps no external_data)
+            del t.external_data[:]
+            t.ClearField("data_location")
+            t.raw_data = lifted[t.name]
 
 
 # ops whose opset 18 form differs from opset 17 in a way the graph may use

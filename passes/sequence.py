@@ -121,7 +121,8 @@ def _rows_form(g, ctx: Context) -> None:
             n.attrs["axis"] = -1
         if n.op not in _SHAPE_INPUTS:
             for i, t in enumerate(n.inputs):
-                v = const_value(t)
+                # the shape first: a weight's values stay unread (the export copies its tensor)
+                v = const_value(t) if isinstance(t, gs.Constant) and len(t.shape) > 2 else None
                 if v is not None and v.ndim > 2:
                     n.inputs[i] = gs.Constant(f"{t.name}.row", np.ascontiguousarray(v.reshape(v.shape[-1:])))
 
