@@ -274,11 +274,12 @@ class _Stream:
         its serialised bytes)."""
         folder = os.path.join(self.out_dir, "segments")
         path = os.path.join(folder, seg.name + ".onnx")
-        io.save_onnx(seg.model, path)
+        seg.sha256 = io.save_onnx(seg.model, path)
         sequence.run_one(self.ctx, seg)
         seg.model = path
         if seg.seq_model is not None:
-            io.save_onnx(seg.seq_model, os.path.join(folder, seg.name + ".seq.onnx"), keep=False)
+            seg.seq_sha256 = io.save_onnx(seg.seq_model, os.path.join(folder, seg.name + ".seq.onnx"),
+                                          keep=False)
             seg.seq_model = os.path.join(folder, seg.name + ".seq.onnx")
 
     # ------------------------------------------------------------------------ the whole run

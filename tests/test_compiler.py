@@ -56,6 +56,19 @@ def test_names_and_bytes_are_deterministic(fp32_dir, tmp_path):
     assert [s.sha256 for s in m1.segments] == [s.sha256 for s in m2.segments]
 
 
+def test_checksums_taken_while_writing_match_the_files(fp16_artifact):
+    """The segment ONNX checksums are taken from the bytes as they are written, the others read
+    back: every one is the SHA-256 of the file it names."""
+    from rwkv2rknn.plan import sha256_file
+    m = _manifest(fp16_artifact)
+    pairs = [(rel, sha) for s in m.segments for rel, sha in
+             ((s.onnx, s.sha256), (s.seq_onnx, s.seq_sha256), (s.rknn, s.rknn_sha256),
+              (s.seq_rknn, s.seq_rknn_sha256)) if rel]
+    assert any(rel.endswith(".seq.onnx") for rel, _ in pairs)
+    for rel, sha in pairs:
+        assert sha == sha256_file(os.path.join(fp16_artifact, rel)), rel
+
+
 def test_second_compile_reuses_the_cache(fp16_dir, fp16_artifact, tmp_path):
     m = compile_model(fp16_dir, str(tmp_path / "again"), Options())
     build_note = [r for r in m.report if r.startswith("build:")][0]
