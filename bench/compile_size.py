@@ -29,7 +29,7 @@ from rwkv2rknn.resources import tree_rss
 def timed_compile(model_dir, out_dir, cache, extra=()):
     env = dict(os.environ, RWKV2RKNN_CACHE=cache)
     cmd = [sys.executable, "-m", "rwkv2rknn", "compile", model_dir, "-o", out_dir, "--force", *extra]
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), _children_cpu()
     child = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peak, loads = 0, []
     while child.poll() is None:
@@ -38,7 +38,15 @@ def timed_compile(model_dir, out_dir, cache, extra=()):
         time.sleep(0.2)
     out = child.stdout.read()
     load = (sum(loads) / len(loads)) if loads else os.getloadavg()[0]  # the machine's, mean
-    return time.perf_counter() - t0, peak, child.returncode, out, load
+    return time.perf_counter() - t0, peak, child.returncode, out, load, _children_cpu() - cpu0
+
+
+def _children_cpu() -> float:
+    """CPU seconds (user + system) of the finished children and their waited-for descendants
+    (the compile and its build processes), which a loaded machine changes less than wall time."""
+    import resource
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 # RWKV-7's LoRA widths at width 2048 (the official 1.5B checkpoint's)
@@ -86,7 +94,7 @@ def main():
                 model_dir = os.path.join(work, f"model-{n}")
                 make_model(model_dir, n, a.width, a.vocab, a.fp32, a.version, a.head_size)
                 size = sum(os.path.getsize(os.path.join(model_dir, f)) for f in os.listdir(model_dir))
-                secs, peak, rc, out, _ = timed_compile(model_dir, os.path.join(work, "art"),
+                secs, peak, rc, out, _, _ = timed_compile(model_dir, os.path.join(work, "art"),
                                                        os.path.join(work, "cache"), extra)
                 print(f"| {n} | {size / 2**30:.2f} GiB | {secs:.1f} s | {peak / 2**30:.2f} GiB |"
                       + ("" if rc == 0 else f" exit {rc}: {out.strip().splitlines()[-1]}"), flush=True)
@@ -101,8 +109,8 @@ def main():
         shutil.rmtree(cache, ignore_errors=True)
         labels = ("first compile (empty cache)", "second compile (cache)")
         for label in labels[:1] if a.once else labels:
-            secs, peak, rc, out, load = timed_compile(model_dir, os.path.join(work, "art"), cache, extra)
-            print(f"{label}: {secs:.1f} s wall, peak memory {peak / 2**30:.2f} GiB, exit {rc} "
+            secs, peak, rc, out, load, cpu = timed_compile(model_dir, os.path.join(work, "art"), cache, extra)
+            print(f"{label}: {secs:.1f} s wall, {cpu:.1f} s CPU, peak memory {peak / 2**30:.2f} GiB, exit {rc} "
                   f"(machine load average {load:.1f} on {os.cpu_count()} cores)", flush=True)
             print("\n".join(ln for ln in out.splitlines() if ln.strip().startswith("build: ")), flush=True)
             if rc != 0:
