@@ -284,7 +284,7 @@ class _Stream:
         folder = os.path.join(self.out_dir, "segments")
         path = os.path.join(folder, seg.name + ".onnx")
         seg.sha256 = io.save_onnx(seg.model, path)
-        sequence.run_one(self.ctx, seg)
+        sequence.run_one(self.ctx, seg, take=True)  # (the variant takes the written model's weights)
         seg.model = path
         if seg.seq_model is not None:
             seg.seq_sha256 = io.save_onnx(seg.seq_model, os.path.join(folder, seg.name + ".seq.onnx"),
