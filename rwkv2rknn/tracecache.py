@@ -102,7 +102,9 @@ def _unpack(blob: bytes) -> Result:
 
 class TraceCache:
     def __init__(self, folder: str):
+        from rwkv2rknn.io import remove_stale
         self.cache = BuildCache(folder, suffix=".npz")
+        remove_stale(self.cache.folder, ".partial-")  # what a killed compile left
         self.hits = self.misses = 0
 
     def _read(self, key: str) -> Optional[Result]:

@@ -131,3 +131,17 @@ def test_the_key_holds_what_the_stage_is_fed(tmp_path):
     assert base != stage_key("L1", str(path), {"width": 4}, [{"x": x}], [("s", "t")], ["y"])
     path.write_bytes(b"another stage file")
     assert base != stage_key("L0", str(path), {"width": 4}, [{"x": x}], [("s", "t")], ["y"])
+
+
+def test_what_a_killed_compile_left_is_removed(tmp_path):
+    """A partial entry of a process that no longer runs goes when the cache is opened; one of a
+    running process stays."""
+    import subprocess
+    folder = tmp_path / "c"
+    folder.mkdir()
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    (folder / f"k.npz.partial-{gone.pid}").write_bytes(b"half")
+    (folder / f"j.npz.partial-{os.getpid()}").write_bytes(b"being written")
+    TraceCache(str(folder))
+    assert sorted(p.name for p in folder.iterdir()) == [f"j.npz.partial-{os.getpid()}"]
