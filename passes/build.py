@@ -45,7 +45,7 @@ import numpy as np
 
 from rwkv2rknn.calibrate import SegmentCalibration
 from rwkv2rknn.errors import ToolkitError
-from rwkv2rknn.io import read_json, remove_quietly, write_json
+from rwkv2rknn.io import read_json, remove_quietly, remove_stale_scratch, write_json
 from rwkv2rknn.ir import Context, GraphSegment
 from rwkv2rknn.passes.build_child import build_child, clean_stale_partials, partial_name
 from rwkv2rknn.passes.build_worker import CachedBuilds
@@ -98,6 +98,7 @@ class Builds:
         self.version = require_toolkit()
         self.builds = CachedBuilds(ctx.options, self.version)
         clean_stale_partials(self.builds.cache.folder)
+        remove_stale_scratch()  # what killed compiles left in $TMPDIR
         self.counts = {"built": 0, "cached": 0, "failed": 0}
         self.todo: list = []
         jobs = ctx.options.build_jobs or resources.build_jobs(biggest, 64)

@@ -25,7 +25,7 @@ from typing import Optional
 import numpy as np
 
 from rwkv2rknn.errors import ToolkitError
-from rwkv2rknn.io import remove_quietly, remove_stale
+from rwkv2rknn.io import remove_quietly, remove_stale, scratch_prefix
 
 
 def partial_name(rknn_path: str, pid: int) -> str:
@@ -55,7 +55,7 @@ def build_child(onnx_path: str, rknn_path: str, target: str, verbose: bool,
     come back as rows).
     """
     absp = os.path.abspath
-    work = tempfile.mkdtemp(prefix="rwkv2rknn-build-")
+    work = tempfile.mkdtemp(prefix=scratch_prefix("build"))
     log_path = os.path.join(work, "toolkit.log")
     cmd = [sys.executable, "-m", "rwkv2rknn.passes.build_child", absp(onnx_path), absp(rknn_path),
            "--target", target, "--log", log_path]

@@ -31,7 +31,7 @@ import threading
 import traceback
 from typing import Optional, Tuple
 
-from rwkv2rknn.io import cache_root, remove_quietly
+from rwkv2rknn.io import cache_root, end_kept_child, remove_quietly, scratch_prefix
 from rwkv2rknn.passes.build_child import build_child, partial_name
 
 RETIRE_RSS = 1 << 30
@@ -39,12 +39,16 @@ RETIRE_RSS = 1 << 30
 
 class Worker:
     def __init__(self):
-        self.folder = tempfile.mkdtemp(prefix="rwkv2rknn-worker-")
-        self.stderr = open(os.path.join(self.folder, "stderr.txt"), "w+")
-        env = dict(os.environ, TMPDIR=self.folder, TMP=self.folder, TEMP=self.folder)
-        self.proc = subprocess.Popen([sys.executable, "-m", "rwkv2rknn.passes.build_worker"],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self.stderr, text=True, cwd=self.folder, env=env)
+        self.folder = tempfile.mkdtemp(prefix=scratch_prefix("worker"))
+        try:
+            self.stderr = open(os.path.join(self.folder, "stderr.txt"), "w+")
+            env = dict(os.environ, TMPDIR=self.folder, TMP=self.folder, TEMP=self.folder)
+            self.proc = subprocess.Popen([sys.executable, "-m", "rwkv2rknn.passes.build_worker"],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=self.stderr, text=True, cwd=self.folder, env=env)
+        except BaseException:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            raise
         self.rss = 0
 
     @property
@@ -90,15 +94,7 @@ class Worker:
             return ""
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                self.proc.stdin.close()
-                self.proc.wait(timeout=5)
-            except (OSError, subprocess.TimeoutExpired):
-                self.proc.kill()
-                self.proc.wait()
-        self.stderr.close()
-        shutil.rmtree(self.folder, ignore_errors=True)
+        end_kept_child(self.proc, self.stderr, self.folder)
 
 
 class CachedBuilds:
@@ -180,11 +176,11 @@ def _serve() -> int:
     for line in sys.stdin:
         argv = json.loads(line)["argv"]
         folder = tempfile.mkdtemp(prefix="build-", dir=base)
-        os.chdir(folder)
-        os.environ.update(TMPDIR=folder, TMP=folder, TEMP=folder)
-        tempfile.tempdir = folder
         err = _io.StringIO()
         try:
+            os.chdir(folder)
+            os.environ.update(TMPDIR=folder, TMP=folder, TEMP=folder)
+            tempfile.tempdir = folder
             with contextlib.redirect_stderr(err):
                 rc = _main(argv)
         except Exception:  # noqa: BLE001 - what a one-shot child would die of: its last line

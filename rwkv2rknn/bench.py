@@ -31,6 +31,8 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
+from rwkv2rknn.io import scratch_prefix
+
 
 def time_steps(step: Callable[[int], object], tokens: List[int], warmup: int = 2) -> List[float]:
     for t in tokens[:warmup]:
@@ -83,7 +85,7 @@ def run_bench(layers: int = 24, width: int = 1024, vocab: int = 50277, tokens: i
     from rwkv2rknn.models.export import arch_of, export
 
     own = workdir is None
-    work = workdir or tempfile.mkdtemp(prefix="rwkv2rknn-bench-")
+    work = workdir or tempfile.mkdtemp(prefix=scratch_prefix("bench"))
     results: Dict[str, object] = {"model": f"RWKV-{version} {layers} x {width}, vocab {vocab} (random)",
                                   "tokens": tokens}
     mem = resources.PeakRss()

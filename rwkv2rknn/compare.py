@@ -7,6 +7,12 @@ from typing import List, Optional
 
 import numpy as np
 
+# When more than this share of the tokens are near-ties, the top-1 gate rests on too few decisive
+# tokens to say much: the verdict stands but is marked weak (``Report.warnings``). A quarter is
+# well above what a healthy model shows (random test models of every version: 1-4 of 40 near-ties
+# at fp16's margin), and what is left still holds three quarters of the tokens.
+WEAK_TIE_SHARE = 0.25
+
 
 @dataclass
 class StepError:
@@ -34,6 +40,7 @@ class Report:
     prefill: Optional[dict] = None  # the same comparison for the prompt (T-row) path
     top1_decisive: float = 1.0  # over the tokens where the reference decides (the gated figure)
     ties: int = 0  # tokens left out of top1_decisive: gap <= tie margin x the step's logit scale
+    warnings: List[str] = field(default_factory=list)  # what weakens the verdict (not a failure)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -55,7 +62,10 @@ class Report:
                   f"top-1 >= {100 * tol['min_top1']:g}%, max rel <= {tol['max_rel']:g}")
             if tol.get("tie_margin"):
                 s += f", near-tie: gap <= {tol['tie_margin']:g} x logit scale"
-        return s + (" -- PASS" if self.passed else " -- FAIL: " + "; ".join(self.failures))
+            else:
+                s += ", every token counts for top-1 (no near-tie margin)"
+        s += " -- PASS" if self.passed else " -- FAIL: " + "; ".join(self.failures)
+        return s + (f" (weak: {self.ties} of {len(self.steps)} tokens near-ties)" if self.warnings else "")
 
 
 def _top1(rep: dict) -> str:
@@ -84,7 +94,8 @@ def compare_logits(got: np.ndarray, ref: np.ndarray, min_top1: float = 0.99,
     (max |ref|). The default margin, 2 x ``max_rel``, is the largest gap that two logits each
     within the tolerance can close, so a flip inside it is not an error beyond the tolerance;
     a flip outside it is one, and fails. The max relative error gate covers every token, near-ties
-    included. ``tie_margin=0`` counts every token."""
+    included. ``tie_margin=0`` counts every token. More than ``WEAK_TIE_SHARE`` of the tokens
+    near-ties adds a warning: the verdict is weak."""
     tie_margin = 2 * max_rel if tie_margin is None else tie_margin
     got = np.asarray(got, np.float64)
     ref = np.asarray(ref, np.float64)
@@ -117,6 +128,11 @@ def compare_logits(got: np.ndarray, ref: np.ndarray, min_top1: float = 0.99,
                 rep.failures.append(f"state drift {rep.state_drift:.3g} > {max_state_drift:g}")
     if not finite:
         rep.failures.append("NaN or inf in the logits")
+    if steps and rep.ties > WEAK_TIE_SHARE * len(steps):
+        rep.warnings.append(
+            f"{rep.ties} of {len(steps)} tokens are near-ties (more than {WEAK_TIE_SHARE:.0%}): the "
+            f"top-1 verdict rests on {len(decisive)} decisive tokens and is weak; check more tokens "
+            f"(--tokens) or others (--seed, --text)")
     if rep.top1_decisive < min_top1:
         rep.failures.append(f"top-1 agreement {100 * rep.top1_decisive:.1f}% on "
                             f"{len(decisive)} decisive tokens < {100 * min_top1:g}%")

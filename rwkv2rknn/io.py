@@ -263,6 +263,45 @@ def remove_stale(folder: str, marker: str, at_start: bool = False) -> None:
                 remove_quietly(path)
 
 
+# Private temporary folders (in $TMPDIR) are named rwkv2rknn-KIND-PID-*: each is removed by the
+# process that made it (on success, on an error, on Ctrl-C or SIGTERM); one left by a process that
+# was killed outright (SIGKILL, or the toolkit ending its own process) is removed by the next
+# compile (``remove_stale_scratch``).
+SCRATCH_KINDS = ("build", "worker", "ds", "rwkvpkg", "bench")
+
+
+def scratch_prefix(kind: str) -> str:
+    """The name prefix of a private temporary folder of ``kind`` (one of SCRATCH_KINDS) made by
+    this process, for ``tempfile.mkdtemp`` / ``TemporaryDirectory``."""
+    return f"rwkv2rknn-{kind}-{os.getpid()}-"
+
+
+def remove_stale_scratch(folder: str = "") -> None:
+    """Remove the private temporary folders in ``folder`` (default: the system's temporary
+    folder) whose process no longer runs."""
+    folder = folder or tempfile.gettempdir()
+    for kind in SCRATCH_KINDS:
+        remove_stale(folder, f"rwkv2rknn-{kind}-", at_start=True)
+
+
+def end_kept_child(proc, log, folder: str, timeout: float = 5.0) -> None:
+    """End a child process that serves requests read from its stdin: close its stdin (it ends
+    by itself), kill it if it has not ended within ``timeout`` s; then close its ``log`` file
+    and remove its private temporary ``folder``."""
+    import subprocess
+    if proc.poll() is None:
+        try:
+            proc.stdin.close()
+            proc.wait(timeout=timeout)
+        except (OSError, subprocess.TimeoutExpired):
+            proc.kill()
+            proc.wait()
+    for f in (proc.stdout, log):
+        if f is not None:
+            f.close()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 def remove_quietly(path: str) -> None:
     """Remove a file if it is there."""
     try:

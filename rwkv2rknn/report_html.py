@@ -124,6 +124,8 @@ def check(d: ReportData) -> str:
              ("max rel error", fmt(_num(c.get("max_rel")))),
              ("min cosine", f"{_num(c.get('min_cosine')):.6f}"),
              ("state drift", fmt(drift) if isinstance(drift, (int, float)) else "not measured")]
+    for w in c.get("warnings") or []:  # a weak verdict (most tokens near-ties)
+        facts.insert(1, ("warning", str(w)))
     pre = c.get("prefill")
     if isinstance(pre, dict):  # the same tokens as a prompt, through the T-row variants
         facts.append(("prefill path", f"top-1 {_pct(_num(pre.get('top1_agreement')))}, max rel error "

@@ -16,6 +16,7 @@ import sys
 import tempfile
 
 from rwkv2rknn.errors import MissingDependency, ToolkitError
+from rwkv2rknn.io import scratch_prefix
 from rwkv2rknn.plan import PRECISIONS
 from rwkv2rknn.runtime.board import has_module
 
@@ -108,7 +109,7 @@ def build_in_process(onnx_path: str, target: str = "rk3588", rknn_out: str = "",
     if quant and (precision not in QUANT_DTYPE or not dataset):
         raise ToolkitError(f"cannot build {os.path.basename(onnx_path)} as {precision}",
                            f"use one of {', '.join(PRECISIONS)}, with a calibration dataset")
-    with _maybe_quiet(verbose, log_to), tempfile.TemporaryDirectory(prefix="rwkv2rknn-ds-") as tmp:
+    with _maybe_quiet(verbose, log_to), tempfile.TemporaryDirectory(prefix=scratch_prefix("ds")) as tmp:
         rk = RKNN(verbose=verbose)
         cfg = {"target_platform": target}
         if float_dtype:

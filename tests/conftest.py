@@ -148,23 +148,3 @@ def slot_models(tmp_path_factory):
     """version -> SlotModel ('5', '6' or '7'), made once per session."""
     made = {}
     return lambda version: made.setdefault(version, SlotModel(version, tmp_path_factory))
-
-
-@pytest.fixture(scope="session")
-def v7_sd(slot_models):
-    return slot_models("7").sd
-
-
-@pytest.fixture(scope="session")
-def v7_dirs(slot_models):
-    return slot_models("7").dirs
-
-
-@pytest.fixture(scope="session")
-def v7_tokens(slot_models):
-    return slot_models("7").tokens
-
-
-@pytest.fixture(scope="session")
-def v7_reference(slot_models):
-    return slot_models("7").reference

@@ -67,3 +67,35 @@ def test_tie_margin_follows_the_tolerance():
     assert Tolerances.default("rknn-sim", "float16").tie_margin == 0.1
     assert Tolerances.default("ort", "float16", max_rel=0.01).tie_margin == 0.02
     assert Tolerances.default("rknn-sim", "float16", precision="w8a8").tie_margin == 0.0
+
+
+def test_many_near_ties_make_the_verdict_weak():
+    """More than a quarter of the tokens near-ties: the comparison still passes, with a warning
+    (in the report and its dict) saying so and what to do; a quarter or fewer: no warning."""
+    ref = _logits()
+    for t in range(8):  # 8 of 32: exactly a quarter
+        _tie(ref, t, gap=0.004)
+    rep = compare_logits(ref, ref, min_top1=0.99, max_rel=0.05)
+    assert rep.passed and rep.ties == 8 and rep.warnings == []
+    _tie(ref, 8, gap=0.004)  # 9 of 32
+    rep = compare_logits(ref, ref, min_top1=0.99, max_rel=0.05)
+    assert rep.passed and rep.ties == 9
+    assert rep.warnings == ["9 of 32 tokens are near-ties (more than 25%): the top-1 verdict rests "
+                            "on 23 decisive tokens and is weak; check more tokens (--tokens) or "
+                            "others (--seed, --text)"]
+    assert rep.to_dict()["warnings"] == rep.warnings
+    assert rep.summary().endswith("-- PASS (weak: 9 of 32 tokens near-ties)")  # weak, not failed
+
+
+def test_w8a8_counts_every_token_and_says_so():
+    """w8a8's tie margin is 0: near-ties are counted like any token, the summary says so, and no
+    share of near-ties can make the verdict weak."""
+    tol = Tolerances.default("rknn-sim", "float16", precision="w8a8")
+    ref = _logits()
+    for t in range(16):
+        _tie(ref, t, gap=0.004)
+    rep = compare_logits(ref, ref, min_top1=tol.min_top1, max_rel=tol.max_rel, tie_margin=tol.tie_margin)
+    assert rep.ties == 0 and rep.warnings == [] and rep.passed
+    assert "every token counts for top-1 (no near-tie margin)" in rep.summary()
+    fp16 = compare_logits(ref, ref, min_top1=0.99, max_rel=0.05)
+    assert "every token counts" not in fp16.summary() and fp16.warnings

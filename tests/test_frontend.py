@@ -28,17 +28,13 @@ def _rel(a, b):
 
 
 def _rwkv_logits(sd, path, tokens):
-    """Logits of the rwkv package (cpu fp32) from the checkpoint ``sd`` saved at ``path``.pth."""
-    from rwkv.model import RWKV
+    """Logits of the rwkv package (cpu fp32, a child process) from the checkpoint ``sd`` saved
+    at ``path``.pth."""
+    from rwkv_package import package_logits
 
     from rwkv2rknn.models.checkpoint import save_checkpoint
     save_checkpoint(sd, path + ".pth")
-    model = RWKV(path, strategy="cpu fp32")
-    state, out = None, []
-    for t in tokens:
-        logits, state = model.forward([int(t)], state)
-        out.append(logits.float().numpy())
-    return np.stack(out)
+    return package_logits(path + ".pth", tokens, "4")
 
 
 @pytest.fixture(scope="module")

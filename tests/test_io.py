@@ -136,3 +136,23 @@ def test_save_onnx_returns_the_checksum_of_what_it_wrote(tmp_path):
     assert digest == hashlib.sha256(open(path, "rb").read()).hexdigest()
     assert io.load_onnx(path) == m
     assert io.save_onnx(m, str(tmp_path / "ext.onnx"), external_above=1024) == ""  # not known
+
+
+def test_stale_scratch_folders_of_dead_processes_are_removed(tmp_path):
+    """rwkv2rknn-KIND-PID-* folders whose process is gone are removed; those of running
+    processes, other kinds and other names are left alone."""
+    import tempfile
+    dead = 4194000
+    while os.path.exists(f"/proc/{dead}"):
+        dead -= 1
+    names = {f"rwkv2rknn-build-{dead}-ab12": False, f"rwkv2rknn-worker-{dead}-cd34": False,
+             f"rwkv2rknn-ds-{dead}-x": False, f"rwkv2rknn-build-{os.getppid()}-ef56": True,
+             f"rwkv2rknn-other-{dead}-x": True, "rwkv2rknn-build-oj0ve9vo": True, "mine": True}
+    for n in names:
+        os.makedirs(tmp_path / n / "sub")
+    io.remove_stale_scratch(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == sorted(n for n, kept in names.items() if kept)
+    folder = tempfile.mkdtemp(prefix=io.scratch_prefix("build"), dir=str(tmp_path))
+    assert os.path.basename(folder).startswith(f"rwkv2rknn-build-{os.getpid()}-")
+    io.remove_stale_scratch(str(tmp_path))
+    assert os.path.isdir(folder)  # ours: this process runs

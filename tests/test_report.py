@@ -175,6 +175,19 @@ def test_check_json_written_and_read_back(artifact, tmp_path):
     assert "written for another compile" in _page(artifact, tmp_path / "r2.html")
 
 
+def test_a_weak_check_shows_its_warning(artifact, tmp_path):
+    """--max-rel 1 makes every token a near-tie: the page shows check's warning by the result."""
+    assert "data-check=\"warning\"" not in _page(artifact, tmp_path / "none.html")
+    res = CliRunner().invoke(cli, ["check", artifact, "--backend", "ort", "--tokens", "5", "--max-rel", "1"])
+    assert res.exit_code == 0, res.output
+    with open(os.path.join(artifact, CHECK_JSON)) as f:
+        saved = json.load(f)
+    page = Elements(_page(artifact, tmp_path / "r.html"))
+    assert page.text_of("td", data_check="result") == ["PASS"]
+    assert page.text_of("td", data_check="warning") == saved["warnings"]
+    assert saved["warnings"][0].startswith("5 of 5 tokens are near-ties")
+
+
 def test_corrupt_check_json_is_one_line_error(artifact, tmp_path):
     with open(os.path.join(artifact, CHECK_JSON), "w") as f:
         f.write('{"steps": 3')

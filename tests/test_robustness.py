@@ -62,6 +62,24 @@ def env_with(**kw):
     return env
 
 
+def scratch_env(folder, **kw):
+    """env_with(**kw) and a private, empty TMPDIR ``folder`` (made here): where the compile and
+    its build children put their temporary folders."""
+    os.makedirs(folder)
+    return env_with(TMPDIR=folder, **kw)
+
+
+def scratch_left(folder):
+    """What is left in a private TMPDIR (every entry, with what each folder holds)."""
+    return {name: sorted(os.listdir(os.path.join(folder, name)))
+            if os.path.isdir(os.path.join(folder, name)) else None for name in os.listdir(folder)}
+
+
+def _scratch_of(pid):
+    """Name prefixes of the temporary folders a compile (process ``pid``) makes for its builds."""
+    return (f"rwkv2rknn-build-{pid}-", f"rwkv2rknn-worker-{pid}-")
+
+
 def snapshot(folder):
     """Every file of a folder: relative path -> bytes."""
     out = {}
@@ -562,12 +580,14 @@ def test_compile_failing_midway_keeps_the_previous_artifact(model1, tmp_path):
     compile_model(model1, str(out), Options(plan_only=True))
     before = snapshot(out)
     cache = tmp_path / "cache"
+    tmp = tmp_path / "tmp"
     r = cli("compile", model1, "-o", out, "--strict", *NO_ROWS,
-            env=env_with(RWKV2RKNN_FLOAT_DTYPE="tfloat32", RWKV2RKNN_CACHE=cache))
+            env=scratch_env(tmp, RWKV2RKNN_FLOAT_DTYPE="tfloat32", RWKV2RKNN_CACHE=cache))
     error_line(r, 1, "build", "failed", "--strict")
     assert snapshot(out) == before
     whole_artifact(out)
     assert not partials_in(tmp_path)
+    assert scratch_left(tmp) == {}  # the build's temporary folders are gone on an error too
     assert not [e for e in os.listdir(cache / "rknn") if not e.endswith(".lock")]
 
 
@@ -615,8 +635,8 @@ def test_killed_compile_loses_nothing_and_the_next_one_reuses_the_cache(model, p
     """SIGKILL a compile at several moments (the compile alone, or its whole process group with
     the build child): OUT is missing or whole, cache entries are whole, and the next compile
     succeeds, cleans up, and takes every whole entry from the cache."""
-    cache = tmp_path / "cache"
-    env = env_with(RWKV2RKNN_CACHE=cache)
+    cache, tmp = tmp_path / "cache", tmp_path / "tmp"
+    env = scratch_env(tmp, RWKV2RKNN_CACHE=cache)
     fresh, out = tmp_path / "fresh", tmp_path / "out"
     shutil.copytree(plan, out)  # a complete previous artifact
     before = snapshot(out)
@@ -648,8 +668,11 @@ def test_killed_compile_loses_nothing_and_the_next_one_reuses_the_cache(model, p
                 assert os.path.getsize(rknn / e) > 0
     assert hit_a_build, "no kill landed while a toolkit build was running"
     whole = {e: (cache / "rknn" / e).read_bytes() for e in os.listdir(cache / "rknn") if e.endswith(".rknn")}
+    if busy and p.returncode == -signal.SIGKILL:  # the last kill left its build's folders
+        assert [n for n in scratch_left(tmp) if n.startswith(_scratch_of(p.pid))], scratch_left(tmp)
     r = cli("compile", model, "-o", out, *NO_ROWS, env=env)
     assert r.returncode == 0, r.err
+    assert scratch_left(tmp) == {}  # the next compile removed what the killed ones left
     m, logits = whole_artifact(out)
     npu = [s for s in m.segments if s.backend == "npu"]
     assert npu and not any(s.fallback for s in m.segments)
@@ -671,31 +694,44 @@ def test_killed_compile_loses_nothing_and_the_next_one_reuses_the_cache(model, p
     np.testing.assert_allclose(logits, PerLayerModel(model).logits([1, 5, 9]), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("delay,whole_group", [(0.4, True), (1.5, False)],
-                         ids=["ctrl-c-early-group", "sigint-during-build"])
-def test_ctrl_c_exits_130_and_loses_nothing(model, plan, tmp_path, delay, whole_group):
-    cache = tmp_path / "cache"
+@pytest.mark.parametrize("delay,whole_group,sig", [(0.4, True, signal.SIGINT),
+                                                   (1.5, False, signal.SIGINT),
+                                                   (0.3, True, signal.SIGTERM)],
+                         ids=["ctrl-c-early-group", "sigint-during-build", "sigterm-during-build"])
+def test_ctrl_c_exits_130_and_loses_nothing(model, plan, tmp_path, delay, whole_group, sig):
+    """Ctrl-C (SIGINT) exits 130, SIGTERM 143, each with one line; the previous artifact, the
+    cache and the temporary folders are as they were. SIGTERM lands while a build runs (its
+    temporary folders listed there before it)."""
+    cache, tmp = tmp_path / "cache", tmp_path / "tmp"
     out = tmp_path / "out"
     shutil.copytree(plan, out)
     before = snapshot(out)
-    p = start_compile(model, out, env_with(RWKV2RKNN_CACHE=cache))
+    p = start_compile(model, out, scratch_env(tmp, RWKV2RKNN_CACHE=cache))
+    deadline = time.monotonic() + 60
+    while sig == signal.SIGTERM and procs_in_group(p.pid) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
     time.sleep(delay)
-    (os.killpg if whole_group else os.kill)(p.pid, signal.SIGINT)
+    during = scratch_left(tmp)
+    (os.killpg if whole_group else os.kill)(p.pid, sig)
     _, err = p.communicate(timeout=300)
     wait_group(p.pid)
     err = err.decode("utf-8", "replace")
-    assert p.returncode == 130, err
-    assert err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err, err
+    code, word = (130, "interrupted") if sig == signal.SIGINT else (143, "terminated")
+    assert p.returncode == code, err
+    assert err.strip().splitlines()[-1] == word and "Traceback" not in err, err
     assert snapshot(out) == before
     assert not partials_in(tmp_path)
     assert not partials_in(cache / "rknn")
+    if sig == signal.SIGTERM:
+        assert any(n.startswith(_scratch_of(p.pid)) for n in during), during
+    assert scratch_left(tmp) == {}, (during, err)
 
 
 @pytest.fixture(scope="module")
 def two_at_once(model, work):
     """Two compiles of the same model started together, sharing one fresh cache."""
     cache = work / "shared-cache"
-    env = env_with(RWKV2RKNN_CACHE=cache)
+    env = scratch_env(work / "at-once-tmp", RWKV2RKNN_CACHE=cache)
     outs = [work / "at-once-a", work / "at-once-b"]
     procs = [start_compile(model, o, env) for o in outs]
     results = []
@@ -713,6 +749,7 @@ def test_two_compiles_share_the_cache(two_at_once, model):
     for code, out, err in results:
         assert code == 0, err
         assert "fell back" not in out and "Traceback" not in err
+    assert scratch_left(cache.parent / "at-once-tmp") == {}  # TMPDIR as it was before them
     names = os.listdir(cache / "rknn")  # entries, their checksums and locks; no partial files
     assert names and all(e.endswith((".rknn", ".sha256", ".lock")) for e in names), names
     entries = [e for e in names if e.endswith(".rknn")]
@@ -735,10 +772,11 @@ def test_two_compiles_share_the_cache(two_at_once, model):
 
 def test_crashing_toolkit_build_falls_back_and_the_cli_reports_it(model1, tmp_path):
     """float_dtype='tfloat32' makes rknn-toolkit2 2.5.0 kill its own process during build."""
-    out, cache = tmp_path / "art", tmp_path / "cache"
+    out, cache, tmp = tmp_path / "art", tmp_path / "cache", tmp_path / "tmp"
     r = cli("compile", model1, "-o", out, *NO_ROWS,
-            env=env_with(RWKV2RKNN_FLOAT_DTYPE="tfloat32", RWKV2RKNN_CACHE=cache))
+            env=scratch_env(tmp, RWKV2RKNN_FLOAT_DTYPE="tfloat32", RWKV2RKNN_CACHE=cache))
     assert r.returncode == 0, r.err
+    assert scratch_left(tmp) == {}  # nor when the toolkit ended its own process
     assert "Traceback" not in r.err
     assert "failed, CPU fallback" in r.err
     assert "* NPU candidate that fell back to the CPU" in r.out and "the toolkit's process" in r.out

@@ -11,6 +11,7 @@ import errno
 import functools
 import logging
 import os
+import signal
 import sys
 
 import click
@@ -25,6 +26,25 @@ SEED = click.IntRange(0, 2 ** 63 - 1)  # numpy's generators take no negative see
 
 class _Ctx:
     debug = False
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt, so that a terminated
+    command cleans up as an interrupted one does (build children stopped, temporary folders and
+    partial files removed, the previous output kept); exit 143."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
+def _interrupted(e: BaseException) -> None:
+    """Ctrl-C: 'interrupted', exit 130; SIGTERM: 'terminated', exit 143."""
+    if isinstance(e, Terminated) or isinstance(e.__cause__, Terminated):
+        click.echo("terminated", err=True)
+        sys.exit(128 + signal.SIGTERM)
+    click.echo("interrupted", err=True)
+    sys.exit(130)
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -44,9 +64,8 @@ def handle_errors(fn):
                 raise
             click.echo(f"error: {e}", err=True)
             sys.exit(e.exit_code)
-        except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            sys.exit(130)
+        except KeyboardInterrupt as e:
+            _interrupted(e)
         except (click.exceptions.Exit, click.ClickException, SystemExit):
             raise
         except OSError as e:  # a full disk, a folder not writable, ...: the system's own words
@@ -84,9 +103,8 @@ class _Group(click.Group):
             msg = " ".join(e.format_message().split()).rstrip(".")
             click.echo(f"error: {msg}; see '{where} --help'", err=True)
             sys.exit(2)
-        except click.Abort:
-            click.echo("interrupted", err=True)
-            sys.exit(130)
+        except click.Abort as e:
+            _interrupted(e)
         except click.ClickException as e:
             e.show()
             sys.exit(e.exit_code)
@@ -128,4 +146,5 @@ def check_out_file(path, flag: str) -> None:
 
 def main() -> None:
     os.environ.setdefault("TQDM_DISABLE", "1")
+    signal.signal(signal.SIGTERM, _terminate)
     cli(prog_name="rwkv2rknn")

@@ -152,6 +152,8 @@ def _print_check(rep, chosen: str, as_json: bool = False) -> None:
         for s in rep.per_segment:
             rows = f" ({s['rows']}-row build)" if s.get("rows") else ""
             click.echo(f"  {s['segment']}{rows}: max rel error {s['max_rel']:.3g}")
+    for w in rep.warnings:  # also in the JSON and check.json ("warnings")
+        click.echo(f"warning: {w}", err=True)
     sys.exit(0 if rep.passed else 1)
 
 

@@ -12,14 +12,15 @@ from rwkv2rknn.models.checkpoint import random_rwkv7
 from rwkv2rknn.models.export import MODEL_JSON, arch_of
 
 
-def test_shape_is_read_from_the_tensors(v7_sd):
-    shape = rwkv7.check_state_dict(v7_sd)
+def test_shape_is_read_from_the_tensors(slot_models):
+    sd = slot_models("7").sd
+    shape = rwkv7.check_state_dict(sd)
     assert (shape.layers, shape.width, shape.ffn, shape.vocab) == (3, 192, 768, 301)
     assert (shape.heads, shape.head_size) == (3, 64)
     assert shape.lora == {"w": 40, "a": 36, "v": 20, "g": 56}
-    assert "blocks.0.att.v1" not in v7_sd and "blocks.1.att.v1" in v7_sd
-    assert arch_of(v7_sd)[0] is rwkv7
-    assert shape.params() == sum(a.size for a in v7_sd.values())
+    assert "blocks.0.att.v1" not in sd and "blocks.1.att.v1" in sd
+    assert arch_of(sd)[0] is rwkv7
+    assert shape.params() == sum(a.size for a in sd.values())
 
 
 def test_head_size_comes_from_r_k():
@@ -48,9 +49,9 @@ def test_other_versions_are_told_apart():
         arch_of(sd)
 
 
-def test_per_layer_layout(v7_dirs):
+def test_per_layer_layout(slot_models):
     import onnx
-    folder = v7_dirs["fp16"]
+    folder = slot_models("7").dirs["fp16"]
     assert sorted(os.listdir(folder)) == sorted(["embed.onnx", "head.onnx", "mixing_0.onnx",
                                                  "mixing_1.onnx", "mixing_2.onnx", MODEL_JSON])
     desc = json.load(open(os.path.join(folder, MODEL_JSON)))
@@ -75,11 +76,11 @@ def test_per_layer_layout(v7_dirs):
 
 
 @pytest.mark.parametrize("layer,count", [(0, 12), (1, 14)])
-def test_projections_are_row_form_constant_matmuls(v7_dirs, layer, count):
+def test_projections_are_row_form_constant_matmuls(slot_models, layer, count):
     """R, K, V, O, LoRA pairs w/a/g (and v after layer 0), channel-mix key/value: x[1, K] @ W."""
     import onnx
     from onnx import numpy_helper
-    m = onnx.load(os.path.join(v7_dirs["fp32"], f"mixing_{layer}.onnx"))
+    m = onnx.load(os.path.join(slot_models("7").dirs["fp32"], f"mixing_{layer}.onnx"))
     inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
     const = [n for n in m.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
     assert len(const) == count
@@ -88,12 +89,12 @@ def test_projections_are_row_form_constant_matmuls(v7_dirs, layer, count):
     assert others and all(n.name.startswith("wkv.") for n in others)  # S kk, (S kk)(kk a), v k, S r
 
 
-def test_cli_exports_an_rwkv7_pth(v7_dirs, tmp_path):
+def test_cli_exports_an_rwkv7_pth(slot_models, tmp_path):
     from click.testing import CliRunner
 
     from rwkv2rknn.cli import cli
     out = tmp_path / "cli"
-    r = CliRunner().invoke(cli, ["export", v7_dirs["pth"], "-o", str(out), "--fp32"])
+    r = CliRunner().invoke(cli, ["export", slot_models("7").dirs["pth"], "-o", str(out), "--fp32"])
     assert r.exit_code == 0, r.output
     assert "exported RWKV-7 3 x 192, vocab 301 (fp32)" in r.output
     assert json.load(open(out / MODEL_JSON))["tokenizer"] is None  # vocab 301: no default tokenizer

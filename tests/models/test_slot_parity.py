@@ -34,7 +34,7 @@ def test_exports_equal_the_rwkv_package(slot_models, version):
                                lora={"w": 24, "a": 28, "v": 12, "g": 40})),
 ], ids=["6", "7"])
 def test_two_layer_128_wide_other_lora_widths(tmp_path, version, make):
-    """Another odd shape, with LoRA widths of its own, in its own reference process."""
+    """Another odd shape, with LoRA widths of its own."""
     from rwkv_package import package_logits
     sd = make()
     pth = str(tmp_path / "m.pth")

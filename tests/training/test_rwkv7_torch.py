@@ -10,17 +10,18 @@ torch = pytest.importorskip("torch")
 from rwkv7_torch import RWKV7, init_weights, wkv_chunked, wkv_seq  # noqa: E402  (training/)
 
 
-def test_logits_match_the_rwkv_package(v7_sd, v7_tokens, v7_reference):
+def test_logits_match_the_rwkv_package(slot_models):
     """3 layers x 192, vocab 301, LoRA widths 40/36/20/56: the window form (chunked wkv, T not a
     multiple of the chunk) and one token per call both give the package's teacher-forced logits."""
-    want = v7_reference
+    v7 = slot_models("7")
+    sd, tokens, want = v7.sd, v7.tokens, v7.reference
     for chunk in (16, 0):
-        model = RWKV7.from_state_dict(v7_sd, chunk=chunk)
+        model = RWKV7.from_state_dict(sd, chunk=chunk)
         with torch.no_grad():
-            got = model(torch.tensor([v7_tokens]))[0][0].numpy()
+            got = model(torch.tensor([tokens]))[0][0].numpy()
         assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max(), chunk
     with torch.no_grad():
-        got = RWKV7.from_state_dict(v7_sd).steps(v7_tokens[:12])[0].numpy()
+        got = RWKV7.from_state_dict(sd).steps(tokens[:12])[0].numpy()
     assert np.abs(got - want[:12]).max() <= 1e-4 * np.abs(want).max()
 
 
@@ -41,10 +42,11 @@ def test_chunked_wkv_equals_the_recurrence_in_float64(T, chunk):
     assert (s1 - s2).abs().max() <= 1e-12 * s1.abs().max()
 
 
-def test_windows_carry_the_state(v7_sd, v7_tokens):
+def test_windows_carry_the_state(slot_models):
     """Two windows with the state carried equal one window (what training and --eval rely on)."""
-    model = RWKV7.from_state_dict(v7_sd, dtype=torch.float64)
-    ids = torch.tensor([v7_tokens[:20], v7_tokens[10:30]])
+    sd, tokens = slot_models("7").sd, slot_models("7").tokens
+    model = RWKV7.from_state_dict(sd, dtype=torch.float64)
+    ids = torch.tensor([tokens[:20], tokens[10:30]])
     with torch.no_grad():
         whole, _ = model(ids)
         a, st = model(ids[:, :13])
