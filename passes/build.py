@@ -27,7 +27,8 @@ the free memory allow, largest first, starting while later segments are still be
 segment's ONNX bytes, the target and the toolkit version (``rwkv2rknn.buildcache``): an unchanged
 segment is never rebuilt, an fp16 entry is used only after its recorded checksum matches, and a
 per-entry lock makes two compiles (or two workers) take turns. A failed build moves the segment
-to the CPU and says so; with ``--strict`` it is an error.
+to the CPU and says so, a failed T-row build leaves its prefill token by token and says so; with
+``--strict`` either is an error.
 
 Precondition: cut (and sequence) have run and the segment ONNX files are written in
 ``OUT_DIR/segments``. Postcondition: NPU segments have ``rknn`` (and ``seq_rknn``), or moved
@@ -189,6 +190,10 @@ def _one(ctx: Context, seg: GraphSegment, out_dir: str, builds: CachedBuilds, ve
         if status:  # one build serves decode and prefill
             _estimate(ctx, seg)
             return status + " (decode and T rows)", "cached" if status.endswith("cached") else "built"
+        if opts.strict:
+            raise ToolkitError(f"the T-row (prefill) build of segment {seg.name} failed: "
+                               f"{seg.seq_fallback}", "drop --strict (its prefill then runs token by "
+                               "token), or use --prefill-rows none")
     onnx_path = os.path.join(out_dir, "segments", seg.name + ".onnx")
     dest = os.path.join(out_dir, "segments", seg.name + ".rknn")
     entry, cached = "", False
@@ -242,10 +247,13 @@ def _build_shared(ctx: Context, seg: GraphSegment, out_dir: str, builds: CachedB
         if status:
             seg.seq_layout = "columns" if columns else ""
             return status
+        if columns:
+            ctx.note(NAME, f"{seg.name}: T-row build in columns failed ({seg.seq_fallback}); "
+                           "building it as rows")
     return ""
 
 
-def _build_seq(ctx: Context, seg: GraphSegment, out_dir: str, builds: _Builds, version: str,
+def _build_seq(ctx: Context, seg: GraphSegment, out_dir: str, builds: CachedBuilds, version: str,
                cal: Optional[SegmentCalibration], rows, columns: bool, key: str = "") -> str:
     """One try of ``_build_shared`` in one layout (``key``: its cache key, if known)."""
     seg.seq_fallback = ""
@@ -268,8 +276,9 @@ def _build_seq(ctx: Context, seg: GraphSegment, out_dir: str, builds: _Builds, v
 
 
 def _seq_key(ctx: Context, onnx_path: str, version: str, rows, columns: bool) -> str:
+    from rwkv2rknn.columns import CACHE_TAG
     return file_key(onnx_path, ctx.options.target, version,
-                    repr(rows).encode() + (b"|columns" if columns else b""))
+                    repr(rows).encode() + (b"|" + CACHE_TAG.encode() if columns else b""))
 
 
 def _copy_shared(seg: GraphSegment, entry: str, out_dir: str, rows, key: str) -> None:
@@ -281,8 +290,10 @@ def _copy_shared(seg: GraphSegment, entry: str, out_dir: str, rows, key: str) ->
 
 
 def _quant_variant(precision: str, digest: str, columns: bool = False) -> str:
+    from rwkv2rknn.columns import CACHE_TAG
     from rwkv2rknn.toolkit import QUANT_ALGORITHM, QUANT_DTYPE, QUANT_METHOD
-    return f"{QUANT_DTYPE[precision]}|{QUANT_ALGORITHM}|{QUANT_METHOD}|{digest}" + ("|columns" if columns else "")
+    return (f"{QUANT_DTYPE[precision]}|{QUANT_ALGORITHM}|{QUANT_METHOD}|{digest}"
+            + (f"|{CACHE_TAG}" if columns else ""))
 
 
 def _quantised(ctx: Context, seg: GraphSegment, onnx_path: str, rows, dataset: str,

@@ -8,7 +8,11 @@ A segment's inputs are the tensors its nodes read that are made elsewhere (anoth
 graph input), in the order of first use; its outputs are the tensors it makes that something
 else reads (another segment or a graph output), in the order they are made. Names come from the
 segment's position, device and the stages it covers, so the same model cuts to the same files
-(and the build cache can key on their content).
+(and the build cache can key on their content). A segment's nodes are written depth first
+(``ir.toposort_chains``): the graph's own order is by depth, which can put an unrelated node
+between a decomposed LayerNorm's ReduceMean and Sub (a torch.onnx export of a block that mixes
+in the token shift does), and rknn-toolkit2 2.5.0 then fuses an RMS norm plus separate ops
+instead of one LayerNorm.
 
 Precondition: partition has run. Postcondition: each segment has ``name``, ``inputs``,
 ``outputs``, ``model`` (an ONNX ModelProto), its op counts and ``est_ms``.
@@ -18,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from rwkv2rknn.ir import Context, GraphSegment, export, is_const, stages_of
+from rwkv2rknn.ir import Context, GraphSegment, export, is_const, stages_of, toposort_chains
 from rwkv2rknn.passes.partition import MATMUL_LIKE, estimate_ms, matmul_flops
 
 NAME = "cut"
@@ -69,6 +73,7 @@ def cut_one(ctx: Context, seg: GraphSegment, index: int, number: int, owner, gra
             t.dtype, t.shape = np.dtype(info.dtype), list(info.shape)
     sub = gs.Graph(nodes=list(nodes), inputs=list(ins), outputs=list(outs),
                    opset=ctx.graph.opset, name=f"segment_{number}")
+    toposort_chains(sub)  # each LayerNorm in one run of nodes, as rknn-toolkit2 fuses it
     moved = _take_weights(nodes) if move_weights else {}
     model = export(sub)
     del model.graph.value_info[:]

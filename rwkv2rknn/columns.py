@@ -7,7 +7,7 @@ no Transpose around its MatMuls.
     x [T, C] -> MatMul(W [C, N]) -> [T, N]       x [C, T] -> Reshape [1, C, 1, T] -> Conv(W^T [N, C, 1, 1])
     LayerNorm over axis -1                       ... ReduceMean over axis 1 (channels)
     Slice / Concat of rows (axis 0)              ... of columns (axis 3)
-    y [T, N]                                     -> Squeeze -> y [N, T]
+    y [T, N]                                     y [1, N, 1, T] (NCHW: the bytes of [N, T])
 
 rknn-toolkit2 2.5.0 runs a MatMul of a [T, C] activation as a Conv over [1, C, 1, T] and puts a
 Transpose before and after it; for T >= 16 each Transpose costs register commands and, in an int8
@@ -15,6 +15,11 @@ build, identity-matrix weights (measured on the bundled model's fused layer segm
 T in 2, 16, 32, 64: fp16 5,138,641 bytes, w8a8 6,017,952; the same graph in columns: fp16
 2,652,241, w8a8 2,029,600). In columns every op is in the NPU's own NCHW layout and nothing is
 transposed. The runners transpose the inputs and outputs on the CPU (``runtime.rows.Columns``).
+
+The outputs stay 4-D: a Squeeze to [N, T] at each output is an op of its own in every shape the
+.rknn holds, and in an int8 build a costly one (the bundled model's L0..L1, T in 2, 16, 64: the
+7 Squeezes were 32,100 bytes of the fp16 file and 99,172 of the w8a8 one). [1, N, 1, T] in NCHW
+order is the same bytes as [N, T], so the runners read both alike.
 
 ``to_columns`` handles the ops the T-row variants of RWKV-4, 5.2, 6 and 7 have on the NPU (MatMul
 with a constant weight, elementwise ops with per-channel constants, decomposed LayerNorm, the
@@ -30,6 +35,8 @@ from typing import Dict, Set
 
 import numpy as np
 
+# Part of the build cache key of a columns build: names this form of the rewrite (4-D outputs).
+CACHE_TAG = "columns-nchw-out"
 ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Sigmoid", "Relu", "Tanh", "Exp", "Neg", "Abs"}
 
 
@@ -74,8 +81,14 @@ def to_columns(model):
             nodes.append(helper.make_node("Reshape", [inp.name, shape4], [inp.name + ".nchw"]))
             alias[inp.name] = inp.name + ".nchw"
             cols.add(inp.name + ".nchw")
+        elif len(d) == 2 and d[0] == 1 and isinstance(d[1], int):
+            _swap_dims(inp)  # a state row [1, C] (one-file layouts) comes in as one column [C, 1]
+            shape4 = add_const("columns.vector", np.array([1, -1, 1, 1], np.int64))
+            nodes.append(helper.make_node("Reshape", [inp.name, shape4], [inp.name + ".nchw"]))
+            alias[inp.name] = inp.name + ".nchw"
+            cols.add(inp.name + ".nchw")
         elif not (len(d) == 1 and isinstance(d[0], int)):
-            raise NotColumns(f"input '{inp.name}' is {d}, not rows [T, C] or a vector [C]")
+            raise NotColumns(f"input '{inp.name}' is {d}, not rows [T, C], a row [1, C] or a vector [C]")
     channel_consts: Dict[str, str] = {}
 
     def per_channel(name):
@@ -136,6 +149,13 @@ def to_columns(model):
                 raise NotColumns(f"Concat '{node.name}' is not a concatenation of rows")
             nodes.append(helper.make_node("Concat", ins, out, name=node.name, axis=3))
             cols.add(out[0])
+        elif op == "Split" and on_cols:
+            axis = [a.i for a in node.attribute if a.name == "axis"]
+            if axis not in ([-1], [1]) or len(shapes.get(node.input[0]) or ()) != 2 or \
+                    any(i in cols for i in ins[1:]):
+                raise NotColumns(f"Split '{node.name}' is not a split of the rows' channels")
+            nodes.append(helper.make_node("Split", ins, out, name=node.name, axis=1))
+            cols.update(out)
         elif op in ELEMENTWISE and on_cols:
             nodes.append(helper.make_node(op, [per_channel(i) for i in ins], out, name=node.name))
             cols.update(out)
@@ -143,18 +163,19 @@ def to_columns(model):
             raise NotColumns(f"{op} '{node.name}' has no columns form")
         else:
             raise NotColumns(f"{op} '{node.name}' does not work on rows")
-    squeeze = add_const("columns.squeeze", np.array([0, 2], np.int64))
+    taken: Dict[str, str] = {}
     for o in g.output:
         src = alias.get(o.name, o.name)
         d = _dims(o)
         if src not in cols or len(d) != 2:
             raise NotColumns(f"output '{o.name}' is not rows [T, N]")
-        inner = o.name + ".nchw_out"
-        for n in nodes:
-            n.output[:] = [inner if x == src else x for x in n.output]
-            n.input[:] = [inner if x == src else x for x in n.input]
-        nodes.append(helper.make_node("Squeeze", [inner, squeeze], [o.name]))
-        _swap_dims(o)
+        if src in taken:
+            raise NotColumns(f"outputs '{taken[src]}' and '{o.name}' are one tensor")
+        taken[src] = o.name
+        for n in nodes:  # the output is the [1, N, 1, T] tensor itself: no Squeeze (see above)
+            n.output[:] = [o.name if x == src else x for x in n.output]
+            n.input[:] = [o.name if x == src else x for x in n.input]
+        _nchw_dims(o)
     del g.node[:]
     g.node.extend(nodes)
     del g.value_info[:]
@@ -165,8 +186,16 @@ def to_columns(model):
     return model
 
 
+def _nchw_dims(value_info) -> None:
+    """[T, N] -> [1, N, 1, T] in a graph output's type."""
+    from onnx import helper
+    t, n = _dims(value_info)
+    value_info.CopyFrom(helper.make_tensor_value_info(
+        value_info.name, value_info.type.tensor_type.elem_type, [1, n, 1, t]))
+
+
 def _swap_dims(value_info) -> None:
-    """[T, C] -> [C, T] in a graph input's or output's type."""
+    """[T, C] -> [C, T] in a graph input's type."""
     a, b = value_info.type.tensor_type.shape.dim
     (pa, va), (pb, vb) = (a.dim_param, a.dim_value), (b.dim_param, b.dim_value)
     a.Clear()
@@ -217,7 +246,8 @@ def write_columns(onnx_path: str, out_path: str, rows: int = 3) -> str:
     got = b.run(None, {k: to_cols(v) for k, v in feed.items()})
     for o, w, x in zip(a.get_outputs(), want, got):
         scale = max(float(np.abs(w).max()), 1e-6)
-        if x.shape != w.shape[::-1] or float(np.abs(x.T - w).max()) > 1e-4 * scale:
+        t = w.shape[0]
+        if x.shape != (1, w.shape[1], 1, t) or float(np.abs(x.reshape(-1, t).T - w).max()) > 1e-4 * scale:
             os.remove(out_path)
             return f"the columns form computes '{o.name}' differently"
     return ""

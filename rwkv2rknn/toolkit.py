@@ -90,7 +90,7 @@ def _maybe_quiet(verbose: bool, log_to: str = ""):
 def build_in_process(onnx_path: str, target: str = "rk3588", rknn_out: str = "",
                      runtime: bool = False, verbose: bool = False, float_dtype: str = "",
                      rows=(), precision: str = "fp16", dataset: str = "",
-                     log_to: str = "", columns: bool = False):
+                     log_to: str = "", columns: bool = False, config=None):
     """Build an ONNX model with rknn-toolkit2; optionally export the .rknn and/or start the
     simulator. Returns the RKNN object. Raises ToolkitError on a refused build.
     ``precision`` other than fp16 quantises with ``dataset`` (``calibrate.write_dataset``: file
@@ -98,7 +98,7 @@ def build_in_process(onnx_path: str, target: str = "rk3588", rknn_out: str = "",
     toolkit's own output is dropped (``verbose``: shown; ``log_to``: appended to that file).
     ``rows``: a T-row segment, built for each of these row counts (``dynamic_input``).
     ``columns``: build the T-row segment's columns form (``rwkv2rknn.columns``; row inputs and the
-    dataset's samples [C, T]).
+    dataset's samples [C, T]). ``config``: more ``RKNN.config`` options (measurements only).
     The toolkit works in a private folder (it writes fixed-name scratch files such as
     ``check_dynshape0.onnx`` into the working folder: two simulators started in one folder
     broke each other's builds).
@@ -111,7 +111,7 @@ def build_in_process(onnx_path: str, target: str = "rk3588", rknn_out: str = "",
                            f"use one of {', '.join(PRECISIONS)}, with a calibration dataset")
     with _maybe_quiet(verbose, log_to), tempfile.TemporaryDirectory(prefix=scratch_prefix("ds")) as tmp:
         rk = RKNN(verbose=verbose)
-        cfg = {"target_platform": target}
+        cfg = {"target_platform": target, **(config or {})}
         if float_dtype:
             cfg["float_dtype"] = float_dtype
         if columns:

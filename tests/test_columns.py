@@ -38,11 +38,23 @@ def test_the_columns_form_has_no_transpose_and_keeps_the_weights_once(fp32_plan_
     assert weight_bytes(cols) <= weight_bytes(rows) + 64 * 1024  # per-channel copies of vectors only
     dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in cols.graph.input}
     assert any(d[-1] == "T" and isinstance(d[0], int) for d in dims.values())  # [C, T]
+    # every output is the NCHW tensor itself, [1, N, 1, T]: no Squeeze (an op per output and
+    # per row count in the .rknn, a costly one in int8)
+    outs = {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim]
+            for o in cols.graph.output}
+    assert "Squeeze" not in ops and len(outs) == len(rows.graph.output)
+    for o in rows.graph.output:
+        n = o.type.tensor_type.shape.dim[1].dim_value
+        assert outs[o.name] == [1, n, 1, "T"], (o.name, outs[o.name])
 
 
 def test_the_columns_runner_gives_rows_equal_to_the_t_row_onnx(fp32_plan_artifact, tmp_path):
-    f = _npu_seq_files(fp32_plan_artifact)[1]
-    col_path = str(tmp_path / "cols.onnx")
+    columns_runner_equals_rows(_npu_seq_files(fp32_plan_artifact)[1], str(tmp_path / "cols.onnx"))
+
+
+def columns_runner_equals_rows(f, col_path):
+    """The columns form of T-row segment file ``f`` through the ``Columns`` runner gives the rows
+    form's outputs on onnxruntime (2 and 5 rows; state rows [1, C] or [C] as they come)."""
     assert write_columns(f, col_path) == ""
     rows = OrtRunner(f, "rows")
     cols = Columns(OrtRunner(col_path, "cols"))
@@ -96,3 +108,38 @@ def test_what_it_does_not_rewrite_is_refused_in_one_line(case, words, tmp_path):
     onnx.save(m, path)
     why = fits(path)  # the build then makes the rows form, and the note says why
     assert words in why and "\n" not in why
+
+
+def test_a_state_row_of_shape_1_c_and_a_split_of_the_channels(tmp_path):
+    """The one-file layouts' forms: a state row [1, C] (it comes in as the column [C, 1]) and a
+    Split of the rows' last axis (their LoRA outputs), in equal and in unequal parts."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", 8])
+    s = helper.make_tensor_value_info("s", TensorProto.FLOAT, [1, 8])
+    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["T", k])
+            for n, k in (("a", 4), ("b", 4), ("c", 3), ("d", 5), ("x_out", 8))]
+    nodes = [helper.make_node("Relu", ["x"], ["x_out"]),
+             helper.make_node("Reshape", ["s", "row"], ["s_row"]),
+             helper.make_node("Slice", ["x_out", "z", "m1", "z"], ["earlier"]),
+             helper.make_node("Concat", ["s_row", "earlier"], ["prev"], axis=0),
+             helper.make_node("Sub", ["prev", "x_out"], ["delta"]),
+             helper.make_node("MatMul", ["delta", "w"], ["h"]),
+             helper.make_node("Split", ["h"], ["a", "b"], axis=-1),
+             helper.make_node("Split", ["x_out", "sizes"], ["c", "d"], axis=1)]
+    inits = [_w("w", (8, 8)), numpy_helper.from_array(np.array([1, 8], np.int64), "row"),
+             numpy_helper.from_array(np.array([0], np.int64), "z"),
+             numpy_helper.from_array(np.array([-1], np.int64), "m1"),
+             numpy_helper.from_array(np.array([3, 5], np.int64), "sizes")]
+    m = helper.make_model(helper.make_graph(nodes, "g", [x, s], outs, inits),
+                          opset_imports=[helper.make_opsetid("", 17)])
+    path = str(tmp_path / "m.seq.onnx")
+    onnx.save(m, path)
+    cols = to_columns(m)
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
+            for i in cols.graph.input}
+    assert dims == {"x": [8, "T"], "s": [8, 1]}
+    assert [n.attribute[0].i for n in cols.graph.node if n.op_type == "Split"] == [1, 1]
+    columns_runner_equals_rows(path, str(tmp_path / "cols.onnx"))
+    bad = onnx.ModelProto.FromString(m.SerializeToString())
+    bad.graph.node[-1].attribute[0].i = 0  # a split of the rows themselves
+    with pytest.raises(NotColumns, match="Split"):
+        to_columns(bad)

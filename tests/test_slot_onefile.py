@@ -10,11 +10,13 @@ import pytest
 from click.testing import CliRunner
 
 from fixtures import slot_onefile
+from layernorms import split_layernorms
 from rwkv2rknn.cli import cli
 from rwkv2rknn.compiler import compile_model
 from rwkv2rknn.errors import UnsupportedModel
 from rwkv2rknn.ir import Options
 from rwkv2rknn.runtime.hybrid import HybridModel
+from test_columns import columns_runner_equals_rows
 from test_slot_versions_end_to_end import PROJECTIONS, _weight_matmuls
 
 PLAN = Options(plan_only=True)
@@ -25,9 +27,11 @@ def _rel(got, ref):
     return float(np.abs(got - ref).max() / np.abs(ref).max())
 
 
-def _plan_holds(art, layers=3):
+def _plan_holds(art, layers=3, tmp=None):
     """Every constant-weight MatMul (projection) in an NPU segment, no Exp there, and at most
-    2 NPU and 1 CPU segments per layer per token; returns the projections on the NPU."""
+    2 NPU and 1 CPU segments per layer per token; each LayerNorm one run of nodes in the NPU
+    segments' files, and (with ``tmp``, a folder) each T-row variant's columns form equal to it
+    on onnxruntime; returns the projections on the NPU."""
     m = HybridModel(art, backend="ort").manifest
     on_npu = 0
     for seg in m.segments:
@@ -35,6 +39,11 @@ def _plan_holds(art, layers=3):
         if seg.backend == "npu":
             on_npu += len(weights)
             assert not [n for n in model.graph.node if n.op_type == "Exp"], seg.name
+            for rel in (seg.onnx, seg.seq_onnx):
+                assert split_layernorms(os.path.join(art, rel)) == [], rel
+            if tmp:
+                columns_runner_equals_rows(os.path.join(art, seg.seq_onnx),
+                                           os.path.join(tmp, seg.name + ".columns.onnx"))
         else:
             assert not weights, f"{seg.name} has a projection on the CPU"
     rows = [r for r in m.per_layer() if r["stage"].startswith("L")]
@@ -144,7 +153,7 @@ def test_per_entry_layout_of_the_mobile_exporters(slot_models, version, opset, t
     src = slot_onefile.export_entries(sm.sd, str(tmp_path / "m.onnx"), version, opset)
     art = str(tmp_path / "art")
     compile_model(src, art, PLAN)
-    on_npu, m = _plan_holds(art)
+    on_npu, m = _plan_holds(art, tmp=str(tmp_path))
     assert on_npu >= 3 * 8 + 1
     rep = next(r for r in m.report if r.startswith("recognize:"))
     assert "3 layers, width %d" % sm.shape["width"] in rep and "token 'in'" in rep, rep
@@ -170,7 +179,7 @@ def test_stacked_state_layout_is_split_per_layer(slot_models, tmp_path):
     src = slot_onefile.export_stacked(sm.sd, str(tmp_path / "m.onnx"))
     art = str(tmp_path / "art")
     compile_model(src, art, PLAN)
-    _, m = _plan_holds(art)
+    _, m = _plan_holds(art, tmp=str(tmp_path))
     assert any("state 'input_state' holds every layer's state: split into 9 pieces" in r
                for r in m.report)
     assert [(s.row, s.shape, s.accumulator) for s in m.state if s.layer == 2] == [
@@ -190,18 +199,27 @@ def test_stacked_state_read_whole_is_refused_in_one_line(slot_models, tmp_path):
     assert not os.path.exists(tmp_path / "art2")
 
 
-def test_stacked_layout_t_row_builds_on_the_npu_simulator(slot_models, tmp_path):
-    """The RWKV_Pytorch file's NPU segments (its maa LoRA split on T rows) each get a T-row
-    build from rknn-toolkit2, and prefill on rknn-sim follows the `rwkv` package."""
+@pytest.mark.parametrize("layout,version", [("stacked", "6"), ("entries", "7")])
+def test_one_file_layouts_t_row_builds_in_columns_on_the_npu_simulator(slot_models, layout, version,
+                                                                      tmp_path):
+    """The RWKV_Pytorch file's NPU segments (state rows [1, C], its maa LoRA split on T rows) and
+    the mobile exporters' RWKV-7 file's (state rows [1, C]) each get a T-row build in columns
+    from rknn-toolkit2; prefill on rknn-sim equals its token steps and the rows form on
+    onnxruntime, and follows the `rwkv` package."""
     from rwkv2rknn.compare import compare_logits
-    sm = slot_models("6")
-    src = slot_onefile.export_stacked(sm.sd, str(tmp_path / "m.onnx"))
+    sm = slot_models(version)
+    src = str(tmp_path / "m.onnx")
+    if layout == "stacked":
+        slot_onefile.export_stacked(sm.sd, src)
+    else:
+        slot_onefile.export_entries(sm.sd, src, version)
     art = str(tmp_path / "art")
     m = compile_model(src, art, Options(prefill_rows=(16,)))
     npu = [s for s in m.segments if s.backend == "npu"]
     assert len(npu) == 4 and not m.warnings()
     for s in npu:
         assert s.seq_rknn and s.seq_rows == (2, 16) and not s.seq_fallback, (s.name, s.seq_fallback)
+        assert s.seq_layout == "columns", (s.name, [r for r in m.report if s.name in r])
     model = HybridModel(art, backend="rknn-sim")
     for seg, runner in zip(model.manifest.segments, model.prefill_runners()):
         assert (runner is not None and runner.rows == (2, 16)) == (seg.backend == "npu"), seg.name
@@ -211,5 +229,9 @@ def test_stacked_layout_t_row_builds_on_the_npu_simulator(slot_models, tmp_path)
     many = model.prefill(tokens, s2)
     model.close()
     assert compare_logits(many, one, min_top1=0.99, max_rel=0.01).passed
+    rows = HybridModel(art, backend="ort")  # the T-row ONNX as rows, in fp32
+    on_ort = rows.prefill(tokens, rows.init_state())
+    rep = compare_logits(many, on_ort, min_top1=0.9, max_rel=0.05)
+    assert rep.passed and rep.max_rel > 0, rep.summary()  # fp16 on the NPU, close to the rows form
     rep = compare_logits(many, sm.reference[:TOKENS], min_top1=0.9, max_rel=0.05)
-    assert rep.passed and rep.max_rel > 0, rep.summary()  # fp16 on the NPU, close to the package
+    assert rep.passed and rep.max_rel > 0, rep.summary()  # and to the package

@@ -57,7 +57,9 @@ def _options(**kw):
               type=click.Choice(["rk3588", "rk3576", "rk3568", "rk3566", "rk3562"]),
               help="Rockchip SoC to build the .rknn files for.")
 @click.option("--plan-only", is_flag=True, help="Partition and cut only: no .rknn (needs no rknn-toolkit2).")
-@click.option("--strict", is_flag=True, help="Fail if any NPU segment fails to build (default: fall back to the CPU).")
+@click.option("--strict", is_flag=True,
+              help="Fail if any NPU segment or its T-row (prefill) variant fails to build "
+                   "(default: fall back to the CPU, or to token-by-token prefill).")
 @click.option("--dump-after", metavar="PASS", default=None,
               help="Also write the graph after PASS to OUT/dump/after_PASS.onnx.")
 @click.option("--range-tokens", type=click.IntRange(1, 4096), default=8, show_default=True,

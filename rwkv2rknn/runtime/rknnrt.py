@@ -31,6 +31,7 @@ QUERY_IN_OUT_NUM, QUERY_INPUT_ATTR, QUERY_OUTPUT_ATTR = 0, 1, 2
 QUERY_SDK_VERSION, QUERY_MEM_SIZE = 5, 6
 QUERY_CURRENT_INPUT_ATTR, QUERY_CURRENT_OUTPUT_ATTR = 14, 15
 TENSOR_FLOAT32 = 0  # rknn_tensor_type
+TENSOR_NCHW = 0  # rknn_tensor_format
 MAX_DIMS, MAX_NAME_LEN = 16, 256
 ERRORS = {-1: "RKNN_ERR_FAIL", -2: "RKNN_ERR_TIMEOUT", -3: "RKNN_ERR_DEVICE_UNAVAILABLE",
           -4: "RKNN_ERR_MALLOC_FAIL", -5: "RKNN_ERR_PARAM_INVALID", -6: "RKNN_ERR_MODEL_INVALID",
@@ -192,6 +193,8 @@ class RknnRtRunner:
             side = []
             for attr in attrs:
                 attr.type, attr.pass_through = TENSOR_FLOAT32, 0
+                if attrs is out_attrs and attr.n_dims == 4:
+                    attr.fmt = TENSOR_NCHW  # a columns build's [1, N, 1, T]: the bytes of [N, T]
                 attr.size = attr.n_elems * 4
                 mem = self._lib.rknn_create_mem(self._ctx, attr.size)
                 if not mem:
@@ -235,6 +238,8 @@ class RknnRtRunner:
         args = [np.asarray(feed[self.inputs[j]], np.float32) for j in self._in_order]
         if self.rows:
             got = {a.shape[self._row_axis] for a in args if a.ndim >= 2}
+            if len(got) > 1:  # a state row [1, C] (as a column: [C, 1]) beside the rows
+                got.discard(1)
             if not got <= set(self.rows):
                 raise BadInput(f"segment {self.name} was built for {list(self.rows)} rows, got "
                                f"{sorted(got)}", "feed chunks of a row count it was built for")

@@ -47,8 +47,11 @@ class RowStep:
 
 class Columns:
     """A T-row build made in columns (``seq_layout`` 'columns', see rwkv2rknn.columns): it takes
-    every row input [T, C] as [C, T] and gives every output as [N, T]; this turns them on the CPU,
-    so that callers see rows. Vectors ([C] state rows) pass as they are."""
+    every row input [T, C] as [C, T] and gives every output as [N, T] (or [1, N, 1, T] in NCHW
+    order, the same bytes); this turns them on the CPU, so that callers see rows. Vectors ([C]
+    state rows) pass as they are; a state row [1, C] (the one-file layouts') goes in as the
+    column [C, 1]. Such builds always run at least 2 rows (``build.DECODE_ROWS``), so an input
+    of one row beside longer ones is a state row."""
 
     def __init__(self, runner):
         self.runner = runner
@@ -57,10 +60,10 @@ class Columns:
         self.name = getattr(runner, "name", "")
 
     def infer(self, feed: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-        t = {np.shape(v)[0] for v in feed.values() if np.ndim(v) == 2}
-        if len(t) != 1:
-            raise ValueError(f"segment {self.name}: row inputs of {sorted(t)} rows at once")
-        t = t.pop()
+        sizes = {np.shape(v)[0] for v in feed.values() if np.ndim(v) == 2}
+        t = max(sizes, default=0)
+        if not t or sizes - {1, t}:
+            raise ValueError(f"segment {self.name}: row inputs of {sorted(sizes)} rows at once")
         outs = self.runner.infer({k: np.ascontiguousarray(np.asarray(v, np.float32).T)
                                   if np.ndim(v) == 2 else v for k, v in feed.items()})
         return {k: np.ascontiguousarray(np.asarray(v, np.float32).reshape(-1, t).T)

@@ -76,3 +76,41 @@ def test_generation_is_mostly_english_words(bundled_artifact):
     assert len(words) >= 30
     assert len(alpha) >= 0.7 * len(words), text
     assert len({w.strip(",.;:!?\"'").lower() for w in alpha} & COMMON) >= 5, text
+
+
+# A w8a8 .rknn holds one byte per weight; what it holds besides (register commands, tensor
+# tables, quantisation ranges) may exceed the fp16 build's by this share at most. Measured on
+# L0..L1 below (one row count, 16): 12.6%; 25.1% when each output still ended in a Squeeze.
+MAX_INT8_EXTRA = 0.18
+
+
+def test_w8a8_layer_build_is_its_int8_weights_and_about_the_fp16_builds_other_bytes(bundled_artifact,
+                                                                                       tmp_path):
+    """The fused layer segment L0..L1 (256 wide, 7 MatMuls) built in columns as the compile
+    builds it, fp16 and w8a8 (calibrated on random rows: the sizes do not depend on the values)."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+    from rwkv2rknn.toolkit import build_in_process
+    seq = os.path.join(bundled_artifact, "segments", "s003_npu_L0-L1.seq.onnx")
+    m = onnx.load(seq)
+    init = {t.name: t for t in m.graph.initializer}
+    weights = sum(numpy_helper.to_array(init[n.input[1]]).size for n in m.graph.node if n.op_type == "MatMul")
+    assert weights == 5 * 256 * 256 + 2 * 256 * 1024
+    rng, names = np.random.default_rng(0), []
+    for j, i in enumerate(m.graph.input):
+        dims = [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
+        np.save(tmp_path / f"{j}.npy", rng.standard_normal([16 if isinstance(d, str) else d for d in dims])
+                .astype(np.float32))
+        names.append(f"{j}.npy")
+    (tmp_path / "dataset.txt").write_text(" ".join(names) + "\n")
+    size = {}
+    for precision in ("fp16", "w8a8"):
+        out = str(tmp_path / f"{precision}.rknn")
+        build_in_process(seq, rknn_out=out, rows=(16,), precision=precision, columns=True,
+                         dataset=str(tmp_path / "dataset.txt") if precision != "fp16" else "").release()
+        size[precision] = os.path.getsize(out)
+    other_fp16, other_int8 = size["fp16"] - 2 * weights, size["w8a8"] - weights
+    print(f"L0..L1 at 16 rows: fp16 {size['fp16']} bytes, w8a8 {size['w8a8']} "
+          f"({size['w8a8'] / size['fp16']:.3f}x); besides the weights {other_fp16} and {other_int8}")
+    assert 0 < other_fp16 and 0 < other_int8 <= (1 + MAX_INT8_EXTRA) * other_fp16, size

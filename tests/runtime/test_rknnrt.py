@@ -183,7 +183,8 @@ def test_auto_picks_rknn_rt_where_librknnrt_loads(standin, tmp_path, monkeypatch
 
 def test_a_t_row_build_in_columns_gets_columns_and_gives_rows(standin, tmp_path, log):
     from rwkv2rknn.runtime.rows import Columns
-    columns = f"in x {W},T\nin s {W}\nout y {W},T\nout s_out {W}\n"  # the .rknn takes [C, T]
+    # the .rknn takes [C, T] and gives [1, N, 1, T] (rwkv2rknn.columns)
+    columns = f"in x {W},T\nin s {W}\nout y 1,{W},1,T\nout s_out {W}\n"
     rt = rknnrt.RknnRtRunner(_model(tmp_path, columns), "s001.seq", ["x", "s"], ["y", "s_out"], None,
                              rows=(16, 32), lib=standin, columns=True)
     r = Columns(rt)
@@ -195,8 +196,33 @@ def test_a_t_row_build_in_columns_gets_columns_and_gives_rows(standin, tmp_path,
     # the runtime was given x as [W, 16] (columns), and the caller gets rows [16, W] back
     assert [c[1]["dims"] for c in log()[n:] if c[0] == "shape"] == [f"{W},16", str(W)]
     assert out["y"].shape == (16, W)
+    # the 4-D output is bound in NCHW (rknn_tensor_format 0), so its bytes are [W, 16]
+    binds = [b for c, b in log()[n:] if c == "rknn_set_io_mem" and b["name"] == "y"]
+    assert [(b["dims"], b["fmt"]) for b in binds] == [(f"1,{W},1,16", "0")]
     # the stand-in adds 1000 to its first input's flat values: in columns, x.T's
     np.testing.assert_allclose(out["y"], 1000 + x + 10 * np.resize(s, (W, 16)).T)
     with pytest.raises(BadInput, match=r"built for \[16, 32\] rows, got \[8\]"):
         r.infer({"x": np.zeros((8, W), np.float32), "s": s})
+    r.close()
+
+
+def test_a_columns_build_with_a_state_row_of_one_file_layouts(standin, tmp_path, log):
+    """A one-file layout's state row [1, C] goes to a columns build as the column [C, 1], beside
+    the rows' [C, T]; its one row is not taken for the row count."""
+    from rwkv2rknn.runtime.rows import Columns
+    columns = f"in x {W},T\nin s {W},1\nout y {W},T\nout s_out {W},T\n"
+    r = Columns(rknnrt.RknnRtRunner(_model(tmp_path, columns), "s001.seq", ["x", "s"], ["y", "s_out"],
+                                    None, rows=(2, 16), lib=standin, columns=True))
+    s = np.arange(W, dtype=np.float32).reshape(1, W)
+    for t in (2, 16):
+        x = np.arange(t * W, dtype=np.float32).reshape(t, W)
+        n = len(log())
+        out = r.infer({"x": x, "s": s})
+        assert [c[1]["dims"] for c in log()[n:] if c[0] == "shape"] == [f"{W},{t}", f"{W},1"]
+        assert out["y"].shape == out["s_out"].shape == (t, W)
+        np.testing.assert_allclose(out["y"], 1000 + x + 10 * np.resize(s, (W, t)).T)
+    with pytest.raises(BadInput, match=r"built for \[2, 16\] rows, got \[8\]"):
+        r.infer({"x": np.zeros((8, W), np.float32), "s": s})
+    with pytest.raises(ValueError, match=r"rows at once"):
+        r.infer({"x": np.zeros((8, W), np.float32), "s": np.zeros((2, W), np.float32)})
     r.close()
