@@ -237,11 +237,17 @@ def _build_shared(ctx: Context, seg: GraphSegment, out_dir: str, builds: CachedB
     rows = tuple(sorted({DECODE_ROWS, *ctx.options.prefill_rows}))
     onnx_path = os.path.join(out_dir, "segments", seg.name + ".seq.onnx")
     from rwkv2rknn.columns import fits
-    why_not = fits(onnx_path)
+    key = _seq_key(ctx, onnx_path, version, rows, True)
+    # a columns build in the cache: the file fitted when it was built (the check loads the file,
+    # rewrites, writes and runs it: the largest cost of a cached compile's build step)
+    cached = not (cal and cal.seq_dataset) and builds.cache.recorded(key) and \
+        os.path.isfile(builds.cache.entry(key))
+    why_not = "" if cached else fits(onnx_path)
     if why_not:
         ctx.note(NAME, f"{seg.name}: T-row build as rows, not columns ({why_not})")
     for columns in ((True, False) if not why_not else (False,)):
-        status = _build_seq(ctx, seg, out_dir, builds, version, cal, rows, columns)
+        status = _build_seq(ctx, seg, out_dir, builds, version, cal, rows, columns,
+                            key if columns else "")
         if status:
             seg.seq_layout = "columns" if columns else ""
             return status
@@ -252,9 +258,8 @@ def _build_shared(ctx: Context, seg: GraphSegment, out_dir: str, builds: CachedB
 
 
 def _build_seq(ctx: Context, seg: GraphSegment, out_dir: str, builds: CachedBuilds, version: str,
-               cal: Optional[SegmentCalibration], rows, columns: bool) -> str:
-    """One try of ``_build_shared`` in one layout."""
-    opts = ctx.options
+               cal: Optional[SegmentCalibration], rows, columns: bool, key: str = "") -> str:
+    """One try of ``_build_shared`` in one layout (``key``: its cache key, if known)."""
     seg.seq_fallback = ""
     onnx_path = os.path.join(out_dir, "segments", seg.name + ".seq.onnx")
     if cal and cal.seq_dataset:
@@ -264,9 +269,7 @@ def _build_seq(ctx: Context, seg: GraphSegment, out_dir: str, builds: CachedBuil
             _copy_shared(seg, entry, out_dir, rows, seg.cache_key)
             seg.seq_precision, seg.calib, seg.seq_calib = seg.precision, cal.seq_dataset, cal.seq_dataset
             return f"{seg.precision} (cos {seg.accuracy['min_cos']:.4f}), " + ("cached" if cached else "built")
-    from rwkv2rknn.columns import CACHE_TAG
-    key = file_key(onnx_path, opts.target, version,
-                   repr(rows).encode() + (b"|" + CACHE_TAG.encode() if columns else b""))
+    key = key or _seq_key(ctx, onnx_path, version, rows, columns)
     status, reason = builds.fetch_or_build(
         onnx_path, key, os.path.join(out_dir, "segments", seg.name + ".seq.rknn"), rows, columns)
     if reason:
@@ -274,6 +277,12 @@ def _build_seq(ctx: Context, seg: GraphSegment, out_dir: str, builds: CachedBuil
         return ""
     _copy_shared(seg, "", out_dir, rows, key)
     return f"fp16 ({seg.precision_note}), {status}" if seg.precision_note else status
+
+
+def _seq_key(ctx: Context, onnx_path: str, version: str, rows, columns: bool) -> str:
+    from rwkv2rknn.columns import CACHE_TAG
+    return file_key(onnx_path, ctx.options.target, version,
+                    repr(rows).encode() + (b"|" + CACHE_TAG.encode() if columns else b""))
 
 
 def _copy_shared(seg: GraphSegment, entry: str, out_dir: str, rows, key: str) -> None:

@@ -32,76 +32,16 @@ from typing import Dict
 
 import numpy as np
 
-from rwkv2rknn.errors import BadInput, UnsupportedModel
+from rwkv2rknn.errors import BadInput
 from rwkv2rknn.ir import Context, bypass, const_value, replace_uses
+from rwkv2rknn.passes.opset import OPSET, to_opset  # noqa: F401 - (to_opset: its old home)
 
 NAME = "canonicalize"
-OPSET = 17
 log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------
 # on the ModelProto, file by file (the loader calls these)
-
-
-def to_opset(model, what: str = "the model"):
-    """``model`` at opset ``OPSET``: older files are upgraded by onnx.version_converter; opset 18
-    files are brought down by hand (``_from_opset18``: the reductions' axes input becomes their
-    attribute), since the converter's downgrade crashes the process on some reductions."""
-    from onnx import version_converter
-    version = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-    if version is None or version == OPSET:
-        return model
-    if not 13 <= version <= 18:
-        raise UnsupportedModel(f"{what} uses ONNX opset {version}",
-                               "export it again with an opset from 13 to 18")
-    if version == 18:
-        return _from_opset18(model, what)
-    try:
-        out = version_converter.convert_version(model, OPSET)
-    except Exception as e:  # noqa: BLE001 - the converter raises many kinds
-        raise UnsupportedModel(f"{what} (opset {version}) cannot be converted to opset {OPSET} "
-                               f"({str(e).splitlines()[0][:100]})",
-                               f"export it again with opset {OPSET}") from e
-    return out
-
-
-# ops whose opset 18 form differs from opset 17 in a way the graph may use
-_REDUCE18 = {"ReduceMean", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
-             "ReduceLogSum", "ReduceLogSumExp", "ReduceSumSquare"}
-_CHANGED18 = {"Pad", "Resize", "ScatterElements", "ScatterND", "Split", "Col2Im", "CenterCropPad",
-              "BitwiseAnd", "BitwiseOr", "BitwiseXor", "BitwiseNot", "OptionalHasElement",
-              "OptionalGetElement", "GroupNormalization"}
-
-
-def _from_opset18(model, what: str):
-    """An opset 18 model at opset 17: reductions take their axes as an attribute again."""
-    from onnx import helper, numpy_helper
-    consts = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    for n in model.graph.node:
-        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
-            consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
-    for n in model.graph.node:
-        if n.op_type in _REDUCE18:
-            attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
-            axes = n.input[1] if len(n.input) > 1 and n.input[1] else ""
-            if int(attrs.get("noop_with_empty_axes", 0)) or (axes and axes not in consts):
-                raise UnsupportedModel(f"{what} (opset 18) has a {n.op_type} with computed axes",
-                                       f"export it again with opset {OPSET}")
-            del n.input[1:]
-            keep = [a for a in n.attribute if a.name != "noop_with_empty_axes"]
-            del n.attribute[:]
-            n.attribute.extend(keep)
-            if axes:
-                n.attribute.append(helper.make_attribute("axes", [int(a) for a in consts[axes].reshape(-1)]))
-        elif n.op_type == "Split" and any(a.name == "num_outputs" for a in n.attribute) or \
-                n.op_type in _CHANGED18 - {"Split"} and n.op_type != "ScatterND":
-            raise UnsupportedModel(f"{what} (opset 18) uses {n.op_type} in its opset 18 form",
-                                   f"export it again with opset {OPSET}")
-    for o in model.opset_import:
-        if o.domain in ("", "ai.onnx"):
-            o.version = OPSET
-    return model
 
 
 def normalize_constant_nodes(model) -> None:

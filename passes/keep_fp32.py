@@ -18,10 +18,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from rwkv2rknn.ir import Context, bypass, is_const
+from rwkv2rknn.ir import Context, bypass, is_const, transposed
 
 NAME = "keep_fp32"
 _FLOAT_TO = {1, 10, 11, 16}  # FLOAT, FLOAT16, DOUBLE, BFLOAT16
+
+
+def _read_as_mw(t) -> bool:
+    """True for a 2-D constant read only as the weight of ``MatMul(W, x)`` (x not constant)."""
+    return len(t.shape) == 2 and bool(t.outputs) and all(
+        c.op == "MatMul" and len(c.inputs) == 2 and c.inputs[0] is t and not is_const(c.inputs[1])
+        for c in t.outputs)
 
 
 def run(ctx: Context) -> None:
@@ -29,8 +36,11 @@ def run(ctx: Context) -> None:
     consts = casts = io = 0
     for t in graph.tensors().values():
         if is_const(t):
-            if np.asarray(t.values).dtype == np.float16:
-                t.values = np.asarray(t.values).astype(np.float32)
+            v = np.asarray(t.values)
+            if v.dtype == np.float16:
+                # a weight normalize_matmul will transpose is widened column-major (the same
+                # values): its transpose is then a C-ordered view, not a second copy
+                t.values = transposed(v, np.float32).T if _read_as_mw(t) else v.astype(np.float32)
                 consts += 1
         elif t.dtype is not None and np.dtype(t.dtype) == np.float16:
             t.dtype = np.float32

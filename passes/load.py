@@ -37,7 +37,8 @@ def import_stage(path: str, prefix: str, ctx_facts: Optional[dict] = None):
     into it as 'unread', and what the file says of itself as 'dtype' and 'tokenizer'."""
     import onnx_graphsurgeon as gs
     from rwkv2rknn.passes import canonicalize
-    model = canonicalize.to_opset(io.load_onnx(path), os.path.basename(path))
+    from rwkv2rknn.passes.opset import to_opset
+    model = to_opset(io.load_onnx(path), os.path.basename(path))
     canonicalize.normalize_constant_nodes(model)
     if ctx_facts is not None:
         ctx_facts.update(canonicalize.file_facts(model))
@@ -47,9 +48,10 @@ def import_stage(path: str, prefix: str, ctx_facts: Optional[dict] = None):
     except Exception as e:
         raise BadInput(f"'{path}' cannot be read as a graph ({type(e).__name__}: {str(e)[:80]})",
                        "the file is corrupt; export it again") from e
+    arrays = _raw_arrays(model)
     for t in graph.tensors().values():  # the weights as arrays now, so the file's proto goes:
         if is_const(t):  # (else the folding would load them later with the proto still held)
-            t.values = np.asarray(t.values)
+            t.values = arrays[t.name] if t.name in arrays else np.asarray(t.values)
     # the graph's opset list is a view into the proto, and a view keeps the whole message (every
     # weight of the file) alive: an independent copy lets it go
     graph.import_domains = [_opset_id(d.domain, d.version) for d in graph.import_domains or ()] \
@@ -61,6 +63,26 @@ def import_stage(path: str, prefix: str, ctx_facts: Optional[dict] = None):
     for i, n in enumerate(graph.nodes):
         n.name = prefix + (n.name or f"{n.op}_{i}")
     return graph
+
+
+_RAW_TYPES = {1: np.float32, 10: np.float16, 11: np.float64, 6: np.int32, 7: np.int64}
+
+
+def _raw_arrays(model) -> dict:
+    """{name: read-only array} of the initializers stored as raw bytes, each a view of one copy
+    of its bytes (onnx-graphsurgeon's own loading copies them twice: 0.86 GB more for a 430M
+    model's fp16 files). Nothing writes into a constant's array; a pass makes a new one."""
+    import sys
+    if sys.byteorder != "little":
+        return {}
+    out = {}
+    for t in model.graph.initializer:
+        dtype = _RAW_TYPES.get(t.data_type)
+        if dtype is not None and t.HasField("raw_data") and t.data_location != 1:  # not EXTERNAL
+            raw, dims = t.raw_data, tuple(int(d) for d in t.dims)
+            if len(raw) == int(np.prod(dims)) * np.dtype(dtype).itemsize:  # else as before
+                out[t.name] = np.frombuffer(raw, dtype).reshape(dims)
+    return out
 
 
 def _opset_id(domain: str, version: int):

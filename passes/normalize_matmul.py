@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from rwkv2rknn.ir import Context, const_value
+from rwkv2rknn.ir import Context, const_value, transposed
 
 NAME = "normalize_matmul"
 
@@ -47,7 +47,7 @@ def run(ctx: Context) -> None:
         pre = gs.Node("Reshape", name=f"{base}.to_row",
                       inputs=[x, gs.Constant(f"{base}.row_shape", np.array([1, k], np.int64))],
                       outputs=[row])
-        node.inputs = [row, gs.Constant(f"{w.name}.T", np.ascontiguousarray(wv.T))]
+        node.inputs = [row, gs.Constant(f"{w.name}.T", transposed(wv))]
         node.outputs = [y]
         post = gs.Node("Reshape", name=f"{base}.to_vec",
                        inputs=[y, gs.Constant(f"{base}.vec_shape", np.array([n], np.int64))],

@@ -121,16 +121,69 @@ def _rows_form(g, ctx: Context) -> None:
             n.attrs["axis"] = -1
         if n.op not in _SHAPE_INPUTS:
             for i, t in enumerate(n.inputs):
-                v = const_value(t)
+                # the shape first: a weight's values stay unread (the export copies its tensor)
+                v = const_value(t) if isinstance(t, gs.Constant) and len(t.shape) > 2 else None
                 if v is not None and v.ndim > 2:
                     n.inputs[i] = gs.Constant(f"{t.name}.row", np.ascontiguousarray(v.reshape(v.shape[-1:])))
 
 
-def _variant(ctx: Context, seg: GraphSegment):
-    """The T-row ModelProto of a per-token segment model."""
+_STUB_ABOVE = 1 << 16  # bytes: weights the variant takes over from the per-token model
+
+
+def _stub_weights(model, g) -> set:
+    """The names of ``model``'s large weights of rank <= 2 (``g``'s import of it), each made a
+    constant without data in ``g`` (a tensor of its name, type and shape): the export then does
+    not copy them (twice: onnx's make_graph and make_model). Rank > 2 constants are read."""
+    from onnx import TensorProto
+    from onnx_graphsurgeon.ir.tensor import LazyValues
+    tensors, names = g.tensors(), set()
+    for t in model.graph.initializer:
+        if len(t.dims) <= 2 and t.ByteSize() >= _STUB_ABOVE and t.name in tensors:
+            tensors[t.name].values = LazyValues(TensorProto(name=t.name, dims=t.dims,
+                                                            data_type=t.data_type))
+            names.add(t.name)
+    return names
+
+
+def _take_over(model, variant, weights: set) -> None:
+    """Make ``model`` the ``variant`` (exported with ``weights`` as stubs) in place: every field
+    the variant's, its initializers the variant's in the variant's order, with ``model``'s own
+    tensors for ``weights`` (moved, not copied). The same bytes as a full export."""
+    def copy_fields(dst, src, skip):
+        for fd in dst.DESCRIPTOR.fields:
+            if fd.name not in skip:
+                dst.ClearField(fd.name)
+        for fd, value in src.ListFields():
+            if fd.name in skip:
+                continue
+            if fd.label == fd.LABEL_REPEATED:
+                getattr(dst, fd.name).extend(value)
+            elif fd.message_type is not None:
+                getattr(dst, fd.name).CopyFrom(value)
+            else:
+                setattr(dst, fd.name, value)
+
+    copy_fields(model, variant, {"graph"})
+    copy_fields(model.graph, variant.graph, {"initializer"})
+    inits = model.graph.initializer
+    for i in reversed(range(len(inits))):
+        if inits[i].name not in weights:
+            del inits[i]
+    inits.extend(t for t in variant.graph.initializer if t.name not in weights)
+    order = {t.name: i for i, t in enumerate(variant.graph.initializer)}
+    missing = [t.name for t in inits if t.name not in order]
+    for name in missing:  # a weight the variant no longer reads
+        del inits[[t.name for t in inits].index(name)]
+    inits.sort(key=lambda t: order[t.name])
+
+
+def _variant(ctx: Context, seg: GraphSegment, take: bool = False):
+    """The T-row ModelProto of a per-token segment model; ``take``: made of ``seg.model``
+    itself (its weights moved, not copied; the per-token model is gone)."""
     import onnx_graphsurgeon as gs
 
     g = gs.import_onnx(seg.model)
+    weights = _stub_weights(seg.model, g) if take else set()
     tensors = g.tensors()
     slots = {s.input: s for s in ctx.state if not s.accumulator}
     _rows_form(g, ctx)
@@ -165,7 +218,10 @@ def _variant(ctx: Context, seg: GraphSegment):
     toposort_chains(g)  # the toolkit's LayerNorm fusion wants each LayerNorm in one run
     model = export(g)
     del model.graph.value_info[:]
-    return model
+    if not take:
+        return model
+    _take_over(seg.model, model, weights)
+    return seg.model
 
 
 def prefill_rows(ctx: Context) -> int:
@@ -190,11 +246,12 @@ def prefill_ms(ctx: Context, seg: GraphSegment, precision: str = "fp16") -> floa
     return estimate_ms(seg.device, seg.nodes, ctx.profile, rows=t, precision=precision) / t
 
 
-def run_one(ctx: Context, seg: GraphSegment) -> Optional[str]:
-    """Give one cut segment its T-row variant; None if it has one, else why not."""
+def run_one(ctx: Context, seg: GraphSegment, take: bool = False) -> Optional[str]:
+    """Give one cut segment its T-row variant; None if it has one, else why not. ``take``: the
+    variant is made of ``seg.model`` (written already; the caller is done with it)."""
     why = _why_not(ctx, seg)
     if why is None:
-        seg.seq_model = _variant(ctx, seg)
+        seg.seq_model = _variant(ctx, seg, take)
         seg.est_prefill_ms = prefill_ms(ctx, seg)
     else:
         seg.est_prefill_ms = seg.est_ms  # one call per token

@@ -47,12 +47,16 @@ def write_checksum(path: str, into: str) -> str:
 
 
 class BuildCache:
-    def __init__(self, folder: str):
+    """Entries ``<key><suffix>`` in ``folder`` (the range-trace cache keeps ``.npz`` entries
+    under the same rules)."""
+
+    def __init__(self, folder: str, suffix: str = ".rknn"):
         self.folder = os.path.abspath(folder)
+        self.suffix = suffix
         os.makedirs(self.folder, exist_ok=True)
 
     def entry(self, key: str) -> str:
-        return os.path.join(self.folder, key + ".rknn")
+        return os.path.join(self.folder, key + self.suffix)
 
     def sum_path(self, key: str) -> str:
         return os.path.join(self.folder, key + ".sha256")

@@ -40,8 +40,8 @@ def segment_line(seg: GraphSegment, status: str, i: int, n: int) -> str:
 
 def manifest_segment(ctx: Context, s: GraphSegment, out_dir: str, plan_only: bool) -> Segment:
     """The manifest's record of one compiled segment; its files are already in ``out_dir``."""
-    def rel_sha(rel):
-        return sha256_file(os.path.join(out_dir, rel)) if rel else ""
+    def rel_sha(rel, written=""):  # a segment ONNX's checksum was taken as it was written
+        return (written or sha256_file(os.path.join(out_dir, rel))) if rel else ""
 
     onnx_rel = f"segments/{s.name}.onnx"
     on_npu = s.device == "npu" and not plan_only
@@ -54,10 +54,10 @@ def manifest_segment(ctx: Context, s: GraphSegment, out_dir: str, plan_only: boo
     return Segment(
         name=s.name, backend=s.device, onnx=onnx_rel, inputs=tuple(s.inputs),
         outputs=tuple(s.outputs), shapes=shapes, stages=tuple(s.stages), ops=s.ops,
-        matmuls=s.matmuls, flops=s.flops, rknn=rknn_rel, sha256=rel_sha(onnx_rel),
+        matmuls=s.matmuls, flops=s.flops, rknn=rknn_rel, sha256=rel_sha(onnx_rel, s.sha256),
         rknn_sha256=rel_sha(rknn_rel), fallback=s.fallback, est_ms=round(float(s.est_ms), 6),
         est_prefill_ms=round(float(s.est_prefill_ms), 6), seq_onnx=seq_rel,
-        seq_sha256=rel_sha(seq_rel), seq_rknn=seq_rknn,
+        seq_sha256=rel_sha(seq_rel, s.seq_sha256), seq_rknn=seq_rknn,
         seq_rows=tuple(s.seq_rows) if seq_rknn else (), seq_rknn_sha256=rel_sha(seq_rknn),
         seq_fallback=s.seq_fallback if on_npu else "",
         seq_layout=s.seq_layout if seq_rknn else "",
@@ -148,9 +148,9 @@ def _compile(model_path, out_dir, options, toolkit, calib_ids, force, dump_after
     with io.atomic_dir(out_dir, MANIFEST, force=force) as tmp:
         os.makedirs(os.path.join(tmp, "segments"))
         for s in ctx.segments:
-            io.save_onnx(s.model, os.path.join(tmp, "segments", s.name + ".onnx"))
+            s.sha256 = io.save_onnx(s.model, os.path.join(tmp, "segments", s.name + ".onnx"))
             if s.seq_model is not None:
-                io.save_onnx(s.seq_model, os.path.join(tmp, "segments", s.name + ".seq.onnx"))
+                s.seq_sha256 = io.save_onnx(s.seq_model, os.path.join(tmp, "segments", s.name + ".seq.onnx"))
         if not options.plan_only:
             calibration = _calibrate(ctx, tmp, toolkit, calib_ids) if calib_ids else None
             build.run(ctx, tmp, progress=progress, calibration=calibration)

@@ -81,16 +81,19 @@ def tensor_bytes(model) -> int:
     return total
 
 
-def save_onnx(model, path: str, external_above: Optional[int] = None, keep: bool = True) -> None:
+def save_onnx(model, path: str, external_above: Optional[int] = None, keep: bool = True) -> str:
     """Save atomically (write to a temporary name in the same folder, then rename). A model whose
     tensors pass ``external_above`` bytes (default ``EXTERNAL_ABOVE``) keeps them in
     ``PATH.data`` beside it (ONNX external data, read back by ``load_onnx`` and onnxruntime).
     Saving that way empties the model's tensors; ``keep`` reads them back (False: the caller
-    is done with the model and would rather not hold it twice)."""
+    is done with the model and would rather not hold it twice). Returns the SHA-256 of the
+    bytes written, hashed as they are written (the manifest's checksum without reading the file
+    back), or '' for a model saved with external data."""
     onnx = _onnx()
     limit = EXTERNAL_ABOVE if external_above is None else external_above
     tmp = f"{path}.tmp{os.getpid()}"
     data = path + ".data"
+    digest = ""
     try:
         if tensor_bytes(model) > limit:
             remove_quietly(data)  # onnx appends to an existing data file
@@ -101,10 +104,16 @@ def save_onnx(model, path: str, external_above: Optional[int] = None, keep: bool
                 load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
         else:
             remove_quietly(data)
-            onnx.save(model, tmp)
+            import hashlib
+            blob = model.SerializeToString()  # what onnx.save writes
+            digest = hashlib.sha256(blob).hexdigest()
+            with open(tmp, "wb") as f:
+                f.write(blob)
+            del blob
         os.replace(tmp, path)
     finally:
         remove_quietly(tmp)
+    return digest
 
 
 def model_bytes(model) -> bytes:

@@ -35,7 +35,7 @@ from typing import Callable, List, Optional
 
 import numpy as np
 
-from rwkv2rknn import io, resources
+from rwkv2rknn import io, resources, tracecache
 from rwkv2rknn.ir import Context, GraphSegment, Options, replace_uses
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,7 @@ class _Stream:
         self.carried: dict = {}
         self.carried_values: dict = {}
         self.written: List[GraphSegment] = []
+        self.traces = tracecache.open_cache(os.path.join(io.cache_root(options.cache_dir), "trace"))
         self.notes: dict = {}
         self.levels: dict = {}  # tensor a written segment made -> its producer's depth
         self.depth: dict = {}  # node name -> depth in the model (the window's last sort)
@@ -113,7 +114,7 @@ class _Stream:
         self.opset = max(self.opset, g.opset)
         return g, io
 
-    def stage_passes(self, stage: str, g, io):
+    def stage_passes(self, stage: str, path: str, g, io):
         p, ctx = self.p, self.ctx
         sctx = Context(graph=g, source=ctx.source, arch=ctx.arch, shape=ctx.shape,
                        options=ctx.options, cpu_recurrence_inputs=ctx.cpu_recurrence_inputs)
@@ -144,8 +145,16 @@ class _Stream:
         pairs = [(s.input, s.output) for s in sctx.state] + list(sctx.whole_state.values())
         out = g.outputs[0]
         made = {name: io["out:" + name] for name in self.arch.INTER_LAYER if "out:" + name in io}
-        sctx.tensors, kept = trace_steps(g, steps, pairs,
-                                         keep=[out.name] + [t.name for t in made.values()])
+        keep = [out.name] + [t.name for t in made.values()]
+
+        def run():
+            return trace_steps(g, steps, pairs, keep=keep)
+
+        if self.traces is None:
+            sctx.tensors, kept = run()
+        else:  # the same stage fed the same values: its ranges from the cache
+            key = tracecache.stage_key(stage, path, ctx.shape, steps, pairs, keep)
+            sctx.tensors, kept = self.traces.get(key, run)
         self.x_values = kept[out.name]
         for name, t in made.items():
             self.carried_values[name] = kept[t.name]
@@ -274,11 +283,12 @@ class _Stream:
         its serialised bytes)."""
         folder = os.path.join(self.out_dir, "segments")
         path = os.path.join(folder, seg.name + ".onnx")
-        io.save_onnx(seg.model, path)
-        sequence.run_one(self.ctx, seg)
+        seg.sha256 = io.save_onnx(seg.model, path)
+        sequence.run_one(self.ctx, seg, take=True)  # (the variant takes the written model's weights)
         seg.model = path
         if seg.seq_model is not None:
-            io.save_onnx(seg.seq_model, os.path.join(folder, seg.name + ".seq.onnx"), keep=False)
+            seg.seq_sha256 = io.save_onnx(seg.seq_model, os.path.join(folder, seg.name + ".seq.onnx"),
+                                          keep=False)
             seg.seq_model = os.path.join(folder, seg.name + ".seq.onnx")
 
     # ------------------------------------------------------------------------ the whole run
@@ -289,7 +299,7 @@ class _Stream:
         os.makedirs(os.path.join(self.out_dir, "segments"), exist_ok=True)
         for k, (stage, path, io_names) in enumerate(self.stages):
             g, io = self.load(stage, path, io_names)
-            g, out, made = self.stage_passes(stage, g, io)
+            g, out, made = self.stage_passes(stage, path, g, io)
             self.add(g, io, out, made)
             del g, io
             made = self.flush(k == n - 1, stage)
@@ -319,6 +329,9 @@ class _Stream:
             a, f, c = (sum(col) for col in zip(*counts))
             ctx.note("support", f"{a} MatMuls for the NPU, {f} ops that may go either way, "
                                 f"{c} kept on the CPU")
+        if self.traces is not None:
+            ctx.note("fp16_guard", f"range trace: {self.traces.hits} of {len(self.stages)} stages from "
+                                   f"the cache ({self.traces.cache.folder})")
         ctx.segments = segs
         npu = sum(s.device == "npu" or bool(s.fallback) for s in segs)  # as partitioned
         ctx.note("partition", f"{len(segs)} segments: {npu} NPU, {len(segs) - npu} CPU (streamed, "

@@ -56,11 +56,39 @@ def test_names_and_bytes_are_deterministic(fp32_dir, tmp_path):
     assert [s.sha256 for s in m1.segments] == [s.sha256 for s in m2.segments]
 
 
-def test_second_compile_reuses_the_cache(fp16_dir, fp16_artifact, tmp_path):
+def test_checksums_taken_while_writing_match_the_files(fp16_artifact):
+    """The segment ONNX checksums are taken from the bytes as they are written, the others read
+    back: every one is the SHA-256 of the file it names."""
+    from rwkv2rknn.plan import sha256_file
+    m = _manifest(fp16_artifact)
+    pairs = [(rel, sha) for s in m.segments for rel, sha in
+             ((s.onnx, s.sha256), (s.seq_onnx, s.seq_sha256), (s.rknn, s.rknn_sha256),
+              (s.seq_rknn, s.seq_rknn_sha256)) if rel]
+    assert any(rel.endswith(".seq.onnx") for rel, _ in pairs)
+    for rel, sha in pairs:
+        assert sha == sha256_file(os.path.join(fp16_artifact, rel)), rel
+
+
+def test_second_compile_reuses_the_cache(fp16_dir, fp16_artifact, tmp_path, monkeypatch):
+    """Every .rknn from the cache, every range trace too, and a columns build found there is
+    not checked again (the check rewrites and runs the segment); the same artifact."""
+    import rwkv2rknn.columns as columns
+
+    def no_check(path):
+        raise AssertionError(f"columns checked again for a cached build: {path}")
+
+    monkeypatch.setattr(columns, "fits", no_check)
     m = compile_model(fp16_dir, str(tmp_path / "again"), Options())
     build_note = [r for r in m.report if r.startswith("build:")][0]
     n_npu = sum(s.backend == "npu" for s in m.segments)
     assert f"0 built, {n_npu} from the cache" in build_note
+    assert any(r.startswith("fp16_guard: range trace: ") and
+               f"{m.model['layers'] + 2} of {m.model['layers'] + 2} stages" in r for r in m.report)
+    first = _manifest(fp16_artifact)
+    assert [s.seq_layout for s in m.segments] == [s.seq_layout for s in first.segments]
+    assert any(s.seq_layout == "columns" for s in m.segments)
+    assert [(s.name, s.sha256, s.seq_sha256, s.rknn_sha256, s.seq_rknn_sha256) for s in m.segments] == \
+        [(s.name, s.sha256, s.seq_sha256, s.rknn_sha256, s.seq_rknn_sha256) for s in first.segments]
 
 
 def test_crashing_build_falls_back_to_cpu(fp32_dir, tmp_path, monkeypatch):

@@ -123,6 +123,21 @@ def test_the_manifest_checksum_covers_external_data(fp32_dir, tokens, tmp_path, 
         HybridModel(art, backend="ort").logits(tokens[:3])
 
 
+def test_save_onnx_returns_the_checksum_of_what_it_wrote(tmp_path):
+    import hashlib
+    from onnx import helper, numpy_helper
+    w = numpy_helper.from_array(np.arange(64 * 64, dtype=np.float32).reshape(64, 64), "w")
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", 1, [1, 64])],
+                          [helper.make_tensor_value_info("y", 1, [1, 64])], [w])
+    m = helper.make_model(g)
+    path = str(tmp_path / "m.onnx")
+    digest = io.save_onnx(m, path)
+    assert digest == hashlib.sha256(open(path, "rb").read()).hexdigest()
+    assert io.load_onnx(path) == m
+    assert io.save_onnx(m, str(tmp_path / "ext.onnx"), external_above=1024) == ""  # not known
+
+
 def test_stale_scratch_folders_of_dead_processes_are_removed(tmp_path):
     """rwkv2rknn-KIND-PID-* folders whose process is gone are removed; those of running
     processes, other kinds and other names are left alone."""

@@ -153,3 +153,39 @@ def test_torch_export_leaves_every_tensor_typed(tmp_path):
     from rwkv2rknn.ir import const_value
     assert "Shape" not in [n.op for n in ctx.graph.nodes]
     assert all(const_value(n.inputs[1]) is not None for n in ctx.graph.nodes if n.op == "Reshape")
+
+
+def _weighted(opset, op):
+    """x[1, 64] @ W[64, 64] (16 KB of weights), then ``op`` with a bias: at ``opset``."""
+    rng = np.random.default_rng(3)
+    w = onnx.numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), "w")
+    b = onnx.numpy_helper.from_array(rng.standard_normal(64).astype(np.float32), "b")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node(op, ["h", "b"], ["y"])]
+    return _model(nodes, [vi("x", [1, 64])], [vi("y", [1, 64])], [w, b], opset=opset)
+
+
+@pytest.mark.parametrize("opset,op", [(13, "Add"), (13, "Pow"), (14, "Pow")])
+def test_conversion_with_weights_lifted_out_matches_the_converters(opset, op):
+    """An op whose definition changed after ``opset`` (Add 14, Pow 15, ...) goes through
+    onnx.version_converter with the weights' bytes taken out and put back: the result is the
+    converter's own on the whole model, and the model handed in keeps its weights."""
+    from onnx import version_converter
+    m = _weighted(opset, op)
+    want = version_converter.convert_version(_weighted(opset, op), canonicalize.OPSET)
+    got = canonicalize.to_opset(m)
+    assert got == want
+    assert m == _weighted(opset, op)
+    x = np.random.default_rng(4).standard_normal((1, 64)).astype(np.float32)
+    np.testing.assert_allclose(_ort(got, {"x": x})["y"], _ort(want, {"x": x})["y"])
+
+
+def test_unchanged_ops_only_take_the_new_opset_number():
+    """No op of the file changed between its opset and ours: the model is kept as it is, with
+    our opset number (what the converter would have made of it, without copying its weights)."""
+    from onnx import version_converter
+    m = _weighted(14, "Mul")
+    assert m.opset_import[0].version == 14
+    got = canonicalize.to_opset(m)
+    want = version_converter.convert_version(_weighted(14, "Mul"), canonicalize.OPSET)
+    assert got.opset_import[0].version == canonicalize.OPSET
+    assert got.graph.node == want.graph.node and got.graph.initializer == want.graph.initializer

@@ -25,3 +25,32 @@ def test_matmul_becomes_row_form_with_same_numbers():
     y = run_ctx(ctx, {"x": x})["y"]
     np.testing.assert_allclose(y, w2 @ (w1 @ x), rtol=1e-5, atol=1e-5)
     assert y.shape == (3,)
+
+
+def test_fp16_weights_are_widened_once_for_their_transpose():
+    """keep_fp32 widens a weight of MatMul(W, x) column-major, so normalize_matmul's W^T is a
+    view of that one fp32 copy, not a second one; a weight also read otherwise stays C-ordered.
+    The numbers are those of the fp16 weights, widened."""
+    from rwkv2rknn.passes import keep_fp32
+    rng = np.random.default_rng(1)
+    w1 = rng.standard_normal((40, 33)).astype(np.float16)  # odd sizes: not a multiple of a band
+    w2 = rng.standard_normal((7, 40)).astype(np.float16)
+    nodes = [helper.make_node("MatMul", ["w1", "x"], ["h"], name="mm1"),
+             helper.make_node("MatMul", ["w2", "h"], ["y"], name="mm2"),
+             helper.make_node("ReduceMax", ["w2"], ["m"], name="other", keepdims=0)]
+    m = model(nodes, [vi("x", [33])], [vi("y", [7]), vi("m", [], 1)], [const("w1", w1), const("w2", w2)])
+    ctx = ctx_from_onnx(m)
+    keep_fp32.run(ctx)
+    widened = {t.name: t.values for t in ctx.graph.tensors().values() if t.name in ("w1", "w2")}
+    assert widened["w1"].flags.f_contiguous and not widened["w1"].flags.c_contiguous
+    assert widened["w2"].flags.c_contiguous  # ReduceMax reads it too
+    normalize_matmul.run(ctx)
+    mms = {n.name: n for n in ctx.graph.nodes if n.op == "MatMul"}
+    t1, t2 = (np.asarray(mms[k].inputs[1].values) for k in ("mm1", "mm2"))
+    assert t1.flags.c_contiguous and np.shares_memory(t1, widened["w1"])
+    assert t2.flags.c_contiguous and not np.shares_memory(t2, widened["w2"])
+    np.testing.assert_array_equal(t1, w1.astype(np.float32).T)
+    np.testing.assert_array_equal(t2, w2.astype(np.float32).T)
+    x = rng.standard_normal(33).astype(np.float32)
+    want = w2.astype(np.float32) @ (w1.astype(np.float32) @ x)
+    np.testing.assert_allclose(run_ctx(ctx, {"x": x})["y"], want, rtol=1e-5, atol=1e-5)

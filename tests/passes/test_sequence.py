@@ -62,3 +62,26 @@ def test_splits_across_rows_stay_per_token():
     ctx, seg = _lora_split([2, 3], 1)  # [2, 3] split on its last axis: not one row's pieces
     assert sequence.run_one(ctx, seg) == "Reshape that is not to a vector or a row"
     assert seg.seq_model is None
+
+
+def test_a_variant_made_of_the_per_token_model_is_the_copied_one():
+    """``take=True`` (the streamed compile, which has written the per-token model) builds the
+    T-row variant in the per-token ModelProto itself, its two large weights moved rather than
+    copied: the bytes are those of the variant exported whole."""
+    from rwkv2rknn.passes import sequence
+    nodes = [helper.make_node("Mul", ["x", "scale"], ["xs"]),
+             helper.make_node("Reshape", ["xs", "flat"], ["x2"]),
+             helper.make_node("MatMul", ["x2", "W1"], ["h"]),
+             helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "W2"], ["y"])]
+    inits = [const("scale", RNG.standard_normal((1, 1, 96)).astype(np.float32)),  # rank 3: read
+             const("flat", np.array([1, 96])),
+             const("W1", RNG.standard_normal((96, 200)).astype(np.float32)),  # 75 KB each
+             const("W2", RNG.standard_normal((200, 96)).astype(np.float32))]
+    ctx, seg = _segment(nodes, [vi("x", [1, 1, 96])], [vi("y", [1, 96])], inits)
+    copied = sequence._variant(ctx, seg).SerializeToString()
+    per_token = seg.model
+    assert sequence.run_one(ctx, seg, take=True) is None
+    assert seg.seq_model is per_token  # the same message, now the variant
+    assert seg.seq_model.SerializeToString() == copied
+    assert sorted(t.name for t in seg.seq_model.graph.initializer if t.ByteSize() > 1 << 16) == ["W1", "W2"]
