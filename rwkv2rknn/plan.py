@@ -16,8 +16,12 @@ from typing import Dict, List, Optional, Tuple
 from rwkv2rknn.errors import BadInput
 
 FORMAT = "rwkv2rknn-artifact"
-FORMAT_VERSION = 2  # 2: a segment's T-row build may take [C, T] columns (`seq_layout`)
-READS_VERSIONS = (1, 2)  # a version-1 artifact has row builds only and reads as it did
+# 2: a segment's T-row build may take [C, T] columns (`seq_layout`); 3: such a build may also
+# take a one-row state input [1, C] beside its rows (the one-file layouts), which a runtime that
+# reads only 2 cannot feed. An artifact is written with the lowest version that holds it
+# (``Manifest.format_version``), so that older runtimes open what they can run.
+FORMAT_VERSION = 3  # the newest this rwkv2rknn writes
+READS_VERSIONS = (1, 2, 3)  # a version-1 artifact has row builds only and reads as it did
 MANIFEST = "manifest.json"
 PLAN = "plan.json"
 BACKENDS = ("npu", "cpu")
@@ -97,7 +101,6 @@ class Manifest:
     target: str = "rk3588"
     toolkit: str = ""
     generator: str = ""
-    format_version: int = FORMAT_VERSION
     report: Tuple[str, ...] = field(default_factory=tuple)
     profile: Dict[str, object] = field(default_factory=dict)
     prefill_rows: int = 32  # the chunk length the prefill estimate assumes
@@ -106,9 +109,15 @@ class Manifest:
     # ---------------------------------------------------------------- JSON
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d = {"format": FORMAT, **d}
-        return d
+        return {"format": FORMAT, "format_version": self.format_version, **asdict(self)}
+
+    @property
+    def format_version(self) -> int:
+        """3 if a segment's T-row build in columns takes a state slot of 2 dimensions (a row
+        [1, C]) beside its rows, else 2."""
+        two_d = {s.input for s in self.state if len(s.shape) == 2}
+        return 3 if any(seg.seq_layout == "columns" and two_d.intersection(seg.inputs)
+                        for seg in self.segments) else 2
 
     @classmethod
     def from_dict(cls, d, where: str = MANIFEST) -> "Manifest":
@@ -130,7 +139,7 @@ class Manifest:
                     token_input=_get(d, "token_input", str), logits_output=_get(d, "logits_output", str),
                     tokenizer=d.get("tokenizer") if isinstance(d.get("tokenizer"), str) else None,
                     target=str(d.get("target", "")), toolkit=str(d.get("toolkit", "")),
-                    generator=str(d.get("generator", "")), format_version=FORMAT_VERSION,
+                    generator=str(d.get("generator", "")),
                     report=tuple(str(x) for x in d.get("report", []) or []),
                     profile=d.get("profile") if isinstance(d.get("profile"), dict) else {},
                     prefill_rows=max(1, int(d.get("prefill_rows", 32))),

@@ -101,7 +101,9 @@ def manifests(draw):
     layers = draw(st.integers(1, 3))
     width = draw(st.integers(1, 64))
     token = "token"
-    state = [StateSlot(i, row, f"L{i}/in.{row}", f"L{i}/out.{row}", row in ("aa", "bb"))
+    # a slot: a row of the width (()), a row [1, C] (the one-file layouts) or a wkv [H, N, N]
+    state = [StateSlot(i, row, f"L{i}/in.{row}", f"L{i}/out.{row}", row in ("aa", "bb"),
+                       draw(st.sampled_from([(), (1, width), (2, 3, 3)])))
              for i in range(layers) for row in draw(st.lists(st.sampled_from(["aa", "bb", "x"]),
                                                             min_size=1, max_size=3, unique=True))]
     known = [token] + [s.input for s in state]
@@ -128,7 +130,7 @@ def manifests(draw):
             flops=draw(st.integers(0, 10**12)), rknn=rknn,
             sha256=draw(st.text("0123456789abcdef", max_size=64)),
             rknn_sha256=draw(st.text("0123456789abcdef", max_size=64)),
-            fallback=draw(st.text(max_size=20))))
+            fallback=draw(st.text(max_size=20)), seq_layout=draw(st.sampled_from(["", "columns"]))))
         known += list(outs)
     model = {"arch": "rwkv4", "layers": layers, "width": width, "vocab": draw(st.integers(2, 70000)),
              "source": draw(st.text(max_size=20)), "source_dtype": draw(st.sampled_from(["float16", "float32"]))}
@@ -149,19 +151,68 @@ def test_valid_manifest_round_trips(m):
 
 
 
+def _one_line_refusal(d, version, reads):
+    with pytest.raises(BadInput) as e:
+        Manifest.from_dict(d)
+    line = str(e.value)
+    assert "\n" not in line and f"has format version {version}, this rwkv2rknn reads versions {reads}" \
+        in line and "compile the model again" in line, line
+
+
+def _row_state_beside_columns(m):
+    """A segment's T-row build in columns takes a state slot [1, C] (what version 3 added)."""
+    return any(seg.seq_layout == "columns" and slot.input in seg.inputs and len(slot.shape) == 2
+               for seg in m.segments for slot in m.state)
+
+
 @PROPS
 @given(manifests())
-def test_a_version_1_manifest_reads_with_row_builds(m):
-    """Version 2 added T-row builds in columns (`seq_layout`); a version-1 artifact has row builds
-    only, still reads, and is written back as this version."""
+def test_versions_1_to_3_read_and_4_is_refused_in_one_line(m):
+    """Version 2 added T-row builds in columns (`seq_layout`), version 3 such builds that take a
+    state row [1, C] beside their rows. A manifest is written as 3 only where it holds one, else
+    as 2 (older runtimes open it); versions 1-3 read (a version-1 artifact has row builds only);
+    4 (and 0) are refused in one line, and a reader of 1 and 2 only refuses 3 in its one line."""
     d = json.loads(json.dumps(m.to_dict()))
-    assert d["format_version"] == FORMAT_VERSION == 2
-    d["format_version"] = 1
-    for seg in d["segments"]:
-        seg.pop("seq_layout", None)
-    old = Manifest.from_dict(d)
-    assert all(seg.seq_layout == "" for seg in old.segments)
-    assert old.to_dict()["format_version"] == FORMAT_VERSION
+    want = 3 if _row_state_beside_columns(m) else 2
+    assert d["format_version"] == m.format_version == want and FORMAT_VERSION == 3
+    for version in (1, 2, 3):
+        old = copy.deepcopy(d)
+        old["format_version"] = version
+        if version == 1:
+            for seg in old["segments"]:
+                seg.pop("seq_layout", None)
+        got = Manifest.from_dict(old)
+        assert got.to_dict()["format_version"] == (want if version > 1 else 2)
+        assert version == 1 or got == m
+    for version in (0, 4):
+        _one_line_refusal(dict(d, format_version=version), version, "1, 2, 3")
+    if want == 3:
+        import rwkv2rknn.plan as plan
+        reads = plan.READS_VERSIONS
+        plan.READS_VERSIONS = (1, 2)  # the reader before version 3, with its own message
+        try:
+            _one_line_refusal(d, 3, "1, 2")
+        finally:
+            plan.READS_VERSIONS = reads
+
+
+def test_only_a_row_state_beside_columns_writes_version_3():
+    """The same segment and [1, C] slot: rows (2), columns (3); columns with the slot a row of
+    the width or a wkv (2); columns with the [1, C] slot read by another segment only (2)."""
+    def manifest(layout, shape, reader="s0"):
+        slot = StateSlot(0, "x", "in.x", "out.x", shape=shape)
+        segs = (Segment("s0", "npu", "s0.onnx", ("tok",) + (("in.x",) if reader == "s0" else ()),
+                        ("h",), {}, ("L0",), seq_layout=layout),
+                Segment("s1", "cpu", "s1.onnx", ("h",) + (("in.x",) if reader == "s1" else ()),
+                        ("logits", "out.x"), {}, ("head",)))
+        return Manifest(model={"arch": "rwkv7"}, segments=segs, state=(slot,), token_input="tok",
+                        logits_output="logits")
+    assert manifest("columns", (1, 8)).format_version == 3
+    assert manifest("columns", (1, 8)).to_dict()["format_version"] == 3
+    assert manifest("", (1, 8)).format_version == 2
+    assert manifest("columns", ()).format_version == 2
+    assert manifest("columns", (2, 4, 4)).format_version == 2
+    assert manifest("columns", (1, 8), reader="s1").format_version == 2
 
 
 @st.composite
