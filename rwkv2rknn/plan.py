@@ -16,10 +16,8 @@ from typing import Dict, List, Optional, Tuple
 from rwkv2rknn.errors import BadInput
 
 FORMAT = "rwkv2rknn-artifact"
-# 2: a segment's T-row build may take [C, T] columns (`seq_layout`); 3: such a build may also
-# take a one-row state input [1, C] beside its rows (the one-file layouts), which a runtime that
-# reads only 2 cannot feed. An artifact is written with the lowest version that holds it
-# (``Manifest.format_version``), so that older runtimes open what they can run.
+# 2: T-row builds in [C, T] columns (`seq_layout`); 3: such a build takes a state row [1, C] too.
+# An artifact is written as the lowest that holds it (``Manifest.format_version``), for old runtimes
 FORMAT_VERSION = 3  # the newest this rwkv2rknn writes
 READS_VERSIONS = (1, 2, 3)  # a version-1 artifact has row builds only and reads as it did
 MANIFEST = "manifest.json"
@@ -113,8 +111,7 @@ class Manifest:
 
     @property
     def format_version(self) -> int:
-        """3 if a segment's T-row build in columns takes a state slot of 2 dimensions (a row
-        [1, C]) beside its rows, else 2."""
+        """3 if a T-row build in columns takes a state slot [1, C] beside its rows, else 2."""
         two_d = {s.input for s in self.state if len(s.shape) == 2}
         return 3 if any(seg.seq_layout == "columns" and two_d.intersection(seg.inputs)
                         for seg in self.segments) else 2

@@ -3,6 +3,7 @@ exporters write (tests/fixtures/slot_onefile.py), recognised, compiled with ever
 the NPU and run on onnxruntime against the `rwkv` package's logits (tests/rwkv_package.py).
 The models are tests/conftest.py's SLOT_MODELS (3 layers x 192 or 128, head size 64)."""
 
+import json
 import os
 
 import numpy as np
@@ -225,6 +226,10 @@ def test_one_file_layouts_t_row_builds_in_columns_on_the_npu_simulator(slot_mode
         assert s.seq_rknn and s.seq_rows == (2, 16) and not s.seq_fallback, (s.name, s.seq_fallback)
         assert s.seq_layout == "columns", (s.name, [r for r in m.report if s.name in r])
     assert npu[-1].outputs == (m.logits_output,) and npu[-1].rknn and not npu[-1].seq_rknn
+    # state rows [1, C] beside the rows of a columns build: format version 3, which a runtime
+    # that reads only 1 and 2 refuses at load (it could not feed them)
+    with open(os.path.join(art, "manifest.json")) as f:
+        assert json.load(f)["format_version"] == m.format_version == 3
     model = HybridModel(art, backend="rknn-sim")
     for seg, runner in zip(model.manifest.segments, model.prefill_runners()):
         layer = seg.backend == "npu" and seg is not model.manifest.segments[-1]

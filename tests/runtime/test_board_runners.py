@@ -7,6 +7,7 @@ dtype and shape of every input array) and computes a segment's outputs by runnin
 end to end through the same code the board runs, while the NPU's own numbers are not involved.
 """
 
+import json
 import os
 import sys
 import types
@@ -100,6 +101,12 @@ def test_pack_keeps_only_what_the_board_loads(fp16_artifact, packed):
     assert not any(f.endswith(".onnx") and "_npu_" in f for f in files)
     assert all(s.onnx == "" and s.seq_onnx is None for s in m.segments if s.backend == "npu")
     assert res["bytes"] == sum(os.path.getsize(os.path.join(out, f)) for f in files)
+    # T-row builds in columns with the per-layer files' state rows [C]: format version 2 (older
+    # runtimes open it), unpacked and packed
+    assert any(s.seq_layout == "columns" for s in src.segments)
+    for art in (fp16_artifact, out):
+        with open(os.path.join(art, "manifest.json")) as f:
+            assert json.load(f)["format_version"] == 2
     # the parameter count is the RWKV-4 checkpoint's (emb, head, 5 W x W and 2 W x 4W matrices and
     # 11 vectors a layer, 2 LayerNorms), plus a few vectors folded at export
     L, W, V = 3, 48, 97
