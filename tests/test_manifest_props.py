@@ -263,9 +263,9 @@ def broken(draw):
     typ = required[key]
     if typ is None or draw(st.booleans()):
         if typ is None and draw(st.booleans()):
-            # 3: a version this rwkv2rknn does not read (2 is the current one since T-row builds
-            # in columns; drawing it made the "broken" manifest a valid one)
-            holder[key] = draw(st.sampled_from(["rwkv2rknn-other", 0, 3, None, "1"]))
+            # 4: a version this rwkv2rknn does not read (it reads 1-3; drawing one of those
+            # made the "broken" manifest a valid one)
+            holder[key] = draw(st.sampled_from(["rwkv2rknn-other", 0, 4, None, "1"]))
         else:
             del holder[key]
     else:
