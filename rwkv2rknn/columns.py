@@ -256,7 +256,8 @@ def write_columns(onnx_path: str, out_path: str, rows: int = 3) -> str:
 def fits(onnx_path: str) -> str:
     """'' if the T-row segment file has a columns form (checked on onnxruntime), else why not."""
     import tempfile
-    with tempfile.TemporaryDirectory(prefix="rwkv2rknn-columns-") as tmp:
+    from rwkv2rknn.io import scratch_prefix
+    with tempfile.TemporaryDirectory(prefix=scratch_prefix("columns")) as tmp:
         return write_columns(onnx_path, os.path.join(tmp, "columns.onnx"))
 
 
