@@ -41,6 +41,9 @@ def run(ctx: Context) -> None:
             continue
         out = node.outputs[0]
         k, n = wv.shape[1], wv.shape[0]
+        out_shape = _vector_out(x, k, n)
+        if out_shape is None:
+            continue
         base = node.name
         row = gs.Variable(f"{base}.row_in", dtype=np.float32, shape=[1, k])
         y = gs.Variable(f"{base}.row_out", dtype=np.float32, shape=[1, n])
@@ -50,7 +53,7 @@ def run(ctx: Context) -> None:
         node.inputs = [row, gs.Constant(f"{w.name}.T", transposed(wv))]
         node.outputs = [y]
         post = gs.Node("Reshape", name=f"{base}.to_vec",
-                       inputs=[y, gs.Constant(f"{base}.vec_shape", np.array([n], np.int64))],
+                       inputs=[y, gs.Constant(f"{base}.vec_shape", np.array(out_shape, np.int64))],
                        outputs=[out])
         graph.nodes += [pre, post]
         changed += 1
@@ -114,12 +117,36 @@ def _unbatch(graph, node) -> bool:
     return True
 
 
+def _vector_out(x, k: int, n: int):
+    """The output shape of MatMul(W[n, k], x) if x is one vector ([k] -> [n], [k, 1] -> [n, 1]),
+    else None: a matrix product (x[k, m], m > 1) or an x of unknown shape is no row-vector
+    MatMul, and a Reshape to [1, k] would be wrong for it."""
+    shape = list(x.shape) if x.shape is not None else None
+    if shape == [k]:
+        return [n]
+    if shape == [k, 1]:
+        return [n, 1]
+    return None
+
+
+def _fixed_shape(reshape) -> bool:
+    """True if ``reshape``'s target shape does not depend on its input's shape: a constant
+    without ``0`` ("copy this input dimension") unless ``allowzero`` makes 0 a size. A ``-1``
+    is fine: it follows from the element count, which a chain of Reshapes keeps."""
+    shape = const_value(reshape.inputs[1]) if len(reshape.inputs) > 1 else None
+    if shape is None:
+        return False
+    return bool(reshape.attrs.get("allowzero", 0)) or not (np.asarray(shape) == 0).any()
+
+
 def _fold_reshape_pairs(graph) -> None:
     """Reshape -> Reshape chains read the first one's input directly (where the first one is
-    read by nothing else: one that other ops also read stays where they are)."""
+    read by nothing else: one that other ops also read stays where they are), when the second
+    one's shape does not depend on its input's shape (``_fixed_shape``: a ``0`` copies a
+    dimension of the tensor it reads, which folding would change)."""
     outputs = set(id(t) for t in graph.outputs)
     for node in graph.nodes:
-        if node.op != "Reshape":
+        if node.op != "Reshape" or not _fixed_shape(node):
             continue
         src = node.inputs[0]
         prev = src.inputs[0] if src.inputs else None

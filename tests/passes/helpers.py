@@ -4,8 +4,11 @@ import numpy as np
 
 
 def ctx_from_onnx(model, **fields):
+    """A Context over ``model`` with every tensor's shape inferred, as canonicalize leaves it."""
+    import onnx
     import onnx_graphsurgeon as gs
     from rwkv2rknn.ir import Context
+    model = onnx.shape_inference.infer_shapes(model)
     ctx = Context(graph=gs.import_onnx(model), token_input="", logits_output="")
     for k, v in fields.items():
         setattr(ctx, k, v)

@@ -54,3 +54,72 @@ def test_fp16_weights_are_widened_once_for_their_transpose():
     x = rng.standard_normal(33).astype(np.float32)
     want = w2.astype(np.float32) @ (w1.astype(np.float32) @ x)
     np.testing.assert_allclose(run_ctx(ctx, {"x": x})["y"], want, rtol=1e-5, atol=1e-5)
+
+
+
+def _group_norm_of_heads(shape, allowzero=None):
+    """A head-wise result h[4, 16] viewed as one row [1, 64], then the legacy torch exporter's
+    GroupNorm of it: Reshape(shape) -> InstanceNormalization -> Reshape [1, 64] (4 groups of 16)."""
+    rng = np.random.default_rng(2)
+    attrs = {} if allowzero is None else {"allowzero": allowzero}
+    nodes = [helper.make_node("Reshape", ["h", "row"], ["flat"], name="flat"),
+             helper.make_node("Reshape", ["flat", "gshape"], ["g"], name="groups", **attrs),
+             helper.make_node("InstanceNormalization", ["g", "scale", "bias"], ["n"], name="norm",
+                              epsilon=1e-5),
+             helper.make_node("Reshape", ["n", "row"], ["out"], name="ungroup")]
+    inits = [const("row", np.array([1, 64], np.int64)), const("gshape", np.array(shape, np.int64)),
+             const("scale", np.ones(4, np.float32)), const("bias", np.zeros(4, np.float32))]
+    m = model(nodes, [vi("h", [4, 16])], [vi("out", [1, 64])], inits)
+    h = (rng.standard_normal((4, 16)) * np.arange(1, 17)).astype(np.float32)
+    y = h.reshape(4, 16)
+    want = ((y - y.mean(1, keepdims=True)) / np.sqrt(y.var(1, keepdims=True) + 1e-5)).reshape(1, 64)
+    return m, h, want
+
+
+def test_reshape_with_a_copied_dimension_is_not_folded_onto_another_input():
+    """``Reshape [0, H, -1]`` copies dimension 0 of *its* input ([1, 64]: 1). Folded onto the
+    input of the Reshape before it ([4, 16]), the 0 would copy 4 and the norm would run over
+    groups of 4 instead of 16 (the legacy exporter's GroupNorm, once miscompiled this way)."""
+    m, h, want = _group_norm_of_heads([0, 4, -1])
+    np.testing.assert_allclose(run_ctx(ctx_from_onnx(m), {"h": h})["out"], want, rtol=1e-4, atol=1e-4)
+    ctx = ctx_from_onnx(m)
+    normalize_matmul.run(ctx)
+    np.testing.assert_allclose(run_ctx(ctx, {"h": h})["out"], want, rtol=1e-4, atol=1e-4)
+
+
+def test_reshape_to_plain_sizes_is_still_folded():
+    """A shape of plain sizes and -1 (or a 0 that means zero, allowzero=1) does not depend on
+    its input's shape: the chain is folded and the numbers stay."""
+    for shape, allowzero in (([1, 4, -1], None), ([1, 4, 16], 1)):
+        m, h, want = _group_norm_of_heads(shape, allowzero)
+        ctx = ctx_from_onnx(m)
+        normalize_matmul.run(ctx)
+        groups = next(n for n in ctx.graph.nodes if n.name == "groups")
+        assert groups.inputs[0].name == "h"
+        np.testing.assert_allclose(run_ctx(ctx, {"h": h})["out"], want, rtol=1e-4, atol=1e-4)
+
+
+def test_matmul_with_a_column_activation_keeps_its_output_shape():
+    """MatMul(W[n, k], x[k, 1]) gives [n, 1]: the row form gives the same shape back."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((6, 5)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["w", "x"], ["y"], name="mm")]
+    m = model(nodes, [vi("x", [5, 1])], [vi("y", [6, 1])], [const("w", w)])
+    ctx = ctx_from_onnx(m)
+    normalize_matmul.run(ctx)
+    x = rng.standard_normal((5, 1)).astype(np.float32)
+    y = run_ctx(ctx, {"x": x})["y"]
+    assert y.shape == (6, 1)
+    np.testing.assert_allclose(y, w @ x, rtol=1e-5, atol=1e-5)
+
+
+def test_matmul_with_a_matrix_activation_is_left_alone():
+    """MatMul(W[n, k], x[k, 3]) is no matrix-vector product: it is not rewritten."""
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((6, 5)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["w", "x"], ["y"], name="mm")]
+    m = model(nodes, [vi("x", [5, 3])], [vi("y", [6, 3])], [const("w", w)])
+    ctx = ctx_from_onnx(m)
+    normalize_matmul.run(ctx)
+    x = rng.standard_normal((5, 3)).astype(np.float32)
+    np.testing.assert_allclose(run_ctx(ctx, {"x": x})["y"], w @ x, rtol=1e-5, atol=1e-5)
