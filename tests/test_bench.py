@@ -3,8 +3,8 @@ and the board's per-call costs where no board is (a clear line, not a crash)."""
 
 import pytest
 
-from rwkv2rknn.bench import run_bench
-from rwkv2rknn.measure import call_costs
+from rwkv2rknn.tools.bench import run_bench
+from rwkv2rknn.tools.measure import call_costs
 from rwkv2rknn.runtime import board
 
 
@@ -66,7 +66,7 @@ def test_bench_command_passes_the_probes_on(tmp_path):
 
 def test_rwkv_package_failure_is_one_line(tmp_path):
     from rwkv2rknn.errors import ToolkitError
-    from rwkv2rknn.rwkv_package import package_run
+    from rwkv2rknn.tools.rwkv_package import package_run
     bad = tmp_path / "broken.pth"
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(ToolkitError) as e:

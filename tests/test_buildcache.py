@@ -4,7 +4,7 @@ import hashlib
 import threading
 import time
 
-from rwkv2rknn.buildcache import BuildCache
+from rwkv2rknn.rknn.buildcache import BuildCache
 
 
 def _put(cache, key, data):

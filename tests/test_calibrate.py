@@ -5,9 +5,9 @@ import os
 import numpy as np
 import pytest
 
-from rwkv2rknn import calibrate as C
+from rwkv2rknn.rknn import calibrate as C
 from rwkv2rknn.errors import BadInput
-from rwkv2rknn.tokenizer import ByteTokenizer
+from rwkv2rknn.runtime.tokenizer import ByteTokenizer
 
 
 @pytest.mark.parametrize("data,words", [

@@ -13,8 +13,8 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from rwkv2rknn.check import Tolerances, run_check
-from rwkv2rknn.plan import MANIFEST, sha256_file
+from rwkv2rknn.tools.check import Tolerances, run_check
+from rwkv2rknn.artifact.plan import MANIFEST, sha256_file
 
 
 def _copy(artifact, tmp_path):

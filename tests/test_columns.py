@@ -1,4 +1,4 @@
-"""rwkv2rknn.columns: T-row segments rewritten to columns [C, T] (NCHW inside) for the NPU build,
+"""rwkv2rknn.rknn.columns: T-row segments rewritten to columns [C, T] (NCHW inside) for the NPU build,
 checked against the rows form on onnxruntime; what it refuses; the runner wrapper that turns rows."""
 
 import glob
@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from rwkv2rknn.columns import NotColumns, fits, to_columns, write_columns
+from rwkv2rknn.rknn.columns import NotColumns, fits, to_columns, write_columns
 from rwkv2rknn.runtime.ort import OrtRunner
 from rwkv2rknn.runtime.rows import Columns
 

@@ -3,8 +3,8 @@ comparison, a flip beyond the tie margin does, and the max relative error gate c
 
 import numpy as np
 
-from rwkv2rknn.check import Tolerances
-from rwkv2rknn.compare import compare_logits
+from rwkv2rknn.tools.check import Tolerances
+from rwkv2rknn.tools.compare import compare_logits
 
 
 def _logits(n=32, vocab=50, seed=0):

@@ -6,10 +6,10 @@ import os
 import numpy as np
 import pytest
 
-from rwkv2rknn.compiler import compile_model
+from rwkv2rknn.compiler.driver import compile_model
 from rwkv2rknn.errors import BadInput, UsageError
-from rwkv2rknn.ir import Options
-from rwkv2rknn.plan import Manifest
+from rwkv2rknn.compiler.ir import Options
+from rwkv2rknn.artifact.plan import Manifest
 
 
 def _manifest(art):
@@ -59,7 +59,7 @@ def test_names_and_bytes_are_deterministic(fp32_dir, tmp_path):
 def test_checksums_taken_while_writing_match_the_files(fp16_artifact):
     """The segment ONNX checksums are taken from the bytes as they are written, the others read
     back: every one is the SHA-256 of the file it names."""
-    from rwkv2rknn.plan import sha256_file
+    from rwkv2rknn.artifact.plan import sha256_file
     m = _manifest(fp16_artifact)
     pairs = [(rel, sha) for s in m.segments for rel, sha in
              ((s.onnx, s.sha256), (s.seq_onnx, s.seq_sha256), (s.rknn, s.rknn_sha256),
@@ -72,7 +72,7 @@ def test_checksums_taken_while_writing_match_the_files(fp16_artifact):
 def test_second_compile_reuses_the_cache(fp16_dir, fp16_artifact, tmp_path, monkeypatch):
     """Every .rknn from the cache, every range trace too, and a columns build found there is
     not checked again (the check rewrites and runs the segment); the same artifact."""
-    import rwkv2rknn.columns as columns
+    import rwkv2rknn.rknn.columns as columns
 
     def no_check(path):
         raise AssertionError(f"columns checked again for a cached build: {path}")
@@ -179,13 +179,16 @@ def test_passes_do_not_name_rwkv_tensors():
 
 
 def test_imports_run_one_way():
-    """passes and models may use rwkv2rknn's core types; only compiler.py and the cli package
-    import the passes; the board's runtime and tokenizer import none (README, Layout)."""
+    """passes and models may use rwkv2rknn's core types; only compiler/driver.py, the build step
+    (rknn/build.py, formerly passes/build.py) and the cli package import the passes; the board's
+    runtime and tokenizer import none (README, Layout)."""
     import re
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for folder in ("rwkv2rknn", "rwkv2rknn/runtime", "rwkv2rknn/tokenizer", "models"):
+    for folder in ("rwkv2rknn", "rwkv2rknn/compiler", "rwkv2rknn/rknn", "rwkv2rknn/artifact",
+                   "rwkv2rknn/tools", "rwkv2rknn/runtime", "rwkv2rknn/runtime/tokenizer", "models"):
         for name in os.listdir(os.path.join(root, folder)):
-            if not name.endswith(".py") or (folder == "rwkv2rknn" and name == "compiler.py"):
+            if not name.endswith(".py") or f"{folder}/{name}" in ("rwkv2rknn/compiler/driver.py",
+                                                                   "rwkv2rknn/rknn/build.py"):
                 continue
             text = open(os.path.join(root, folder, name)).read()
             assert not re.search(r"rwkv2rknn\.passes|from rwkv2rknn import passes", text), (folder, name)

@@ -6,7 +6,7 @@ import shutil
 
 from click.testing import CliRunner
 
-from rwkv2rknn.doctor import doctor
+from rwkv2rknn.tools.doctor import doctor
 from rwkv2rknn.runtime import device
 
 RK3588 = b"xunlong,orangepi-5\0rockchip,rk3588s\0"

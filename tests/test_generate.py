@@ -5,7 +5,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from rwkv2rknn.errors import NumericalError
-from rwkv2rknn.generate import GenerationResult, generate, sample_logits
+from rwkv2rknn.runtime.generate import GenerationResult, generate, sample_logits
 
 
 def softmax(x, t=1.0):

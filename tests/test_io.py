@@ -4,7 +4,7 @@ import os
 
 import numpy as np
 
-from rwkv2rknn import io
+from rwkv2rknn import fileio
 
 
 def _model(initializers, dims):
@@ -44,11 +44,11 @@ def test_a_graph_above_2gb_is_saved_with_external_data_and_read_back(tmp_path):
     with open(src / "big.onnx", "wb") as f:
         f.write(_model(inits, [n]).SerializeToString())
 
-    model = io.load_onnx(str(src / "big.onnx"))  # reads the external data in
-    assert io.tensor_bytes(model) > 2 ** 31
+    model = fileio.load_onnx(str(src / "big.onnx"))  # reads the external data in
+    assert fileio.tensor_bytes(model) > 2 ** 31
     os.unlink(src / "w.bin")
     out = tmp_path / "out.onnx"
-    io.save_onnx(model, str(out), keep=False)  # a plain save would fail (2 GB)
+    fileio.save_onnx(model, str(out), keep=False)  # a plain save would fail (2 GB)
     del model
     assert os.path.getsize(out) < 1 << 20
     assert os.path.getsize(str(out) + ".data") >= 2 * n * 4
@@ -70,9 +70,9 @@ def test_small_models_stay_in_one_file_and_big_ones_run_in_onnxruntime(tmp_path)
     w = [numpy_helper.from_array(np.full([4096], i + 1, np.float32), f"w{i}") for i in range(3)]
     model = _model(w, [4096])
     small, big = tmp_path / "small.onnx", tmp_path / "big.onnx"
-    io.save_onnx(model, str(small))
+    fileio.save_onnx(model, str(small))
     assert not os.path.exists(str(small) + ".data")
-    io.save_onnx(model, str(big), external_above=10_000)  # above the threshold: external
+    fileio.save_onnx(model, str(big), external_above=10_000)  # above the threshold: external
     assert os.path.getsize(str(big) + ".data") >= 3 * 4096 * 4
     assert os.path.getsize(big) < 4096
     from onnx import TensorProto
@@ -82,7 +82,7 @@ def test_small_models_stay_in_one_file_and_big_ones_run_in_onnxruntime(tmp_path)
     for path in (small, big):
         y = OrtRunner(str(path)).infer({"x": x})["y"]
         np.testing.assert_array_equal(y, x + 6)
-    io.save_onnx(model, str(big))  # saved small again: no stale data file left beside it
+    fileio.save_onnx(model, str(big))  # saved small again: no stale data file left beside it
     assert not os.path.exists(str(big) + ".data")
 
 
@@ -93,12 +93,12 @@ def test_the_manifest_checksum_covers_external_data(fp32_dir, tokens, tmp_path, 
 
     import pytest
 
-    from rwkv2rknn.compiler import compile_model
+    from rwkv2rknn.compiler.driver import compile_model
     from rwkv2rknn.errors import BadInput
-    from rwkv2rknn.ir import Options
-    from rwkv2rknn.plan import sha256_file
+    from rwkv2rknn.compiler.ir import Options
+    from rwkv2rknn.artifact.plan import sha256_file
     from rwkv2rknn.runtime.hybrid import HybridModel
-    monkeypatch.setattr(io, "EXTERNAL_ABOVE", 4096)  # every segment with weights goes external
+    monkeypatch.setattr(fileio, "EXTERNAL_ABOVE", 4096)  # every segment with weights goes external
     art = str(tmp_path / "art")
     compile_model(fp32_dir, art, Options(plan_only=True))
     with open(os.path.join(art, "manifest.json")) as f:
@@ -132,10 +132,10 @@ def test_save_onnx_returns_the_checksum_of_what_it_wrote(tmp_path):
                           [helper.make_tensor_value_info("y", 1, [1, 64])], [w])
     m = helper.make_model(g)
     path = str(tmp_path / "m.onnx")
-    digest = io.save_onnx(m, path)
+    digest = fileio.save_onnx(m, path)
     assert digest == hashlib.sha256(open(path, "rb").read()).hexdigest()
-    assert io.load_onnx(path) == m
-    assert io.save_onnx(m, str(tmp_path / "ext.onnx"), external_above=1024) == ""  # not known
+    assert fileio.load_onnx(path) == m
+    assert fileio.save_onnx(m, str(tmp_path / "ext.onnx"), external_above=1024) == ""  # not known
 
 
 def test_stale_scratch_folders_of_dead_processes_are_removed(tmp_path):
@@ -150,9 +150,9 @@ def test_stale_scratch_folders_of_dead_processes_are_removed(tmp_path):
              f"rwkv2rknn-other-{dead}-x": True, "rwkv2rknn-build-oj0ve9vo": True, "mine": True}
     for n in names:
         os.makedirs(tmp_path / n / "sub")
-    io.remove_stale_scratch(str(tmp_path))
+    fileio.remove_stale_scratch(str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == sorted(n for n, kept in names.items() if kept)
-    folder = tempfile.mkdtemp(prefix=io.scratch_prefix("build"), dir=str(tmp_path))
+    folder = tempfile.mkdtemp(prefix=fileio.scratch_prefix("build"), dir=str(tmp_path))
     assert os.path.basename(folder).startswith(f"rwkv2rknn-build-{os.getpid()}-")
-    io.remove_stale_scratch(str(tmp_path))
+    fileio.remove_stale_scratch(str(tmp_path))
     assert os.path.isdir(folder)  # ours: this process runs

@@ -1,10 +1,10 @@
-"""The compiler's shared types and graph helpers (rwkv2rknn/ir.py)."""
+"""The compiler's shared types and graph helpers (rwkv2rknn/compiler/ir.py)."""
 
 import numpy as np
 import pytest
 
 from rwkv2rknn.errors import BadInput
-from rwkv2rknn.ir import Context, GraphSegment, Options, replace_uses, stages_of
+from rwkv2rknn.compiler.ir import Context, GraphSegment, Options, replace_uses, stages_of
 
 
 def _graph():
@@ -58,7 +58,7 @@ def test_toposort_chains_keeps_a_layernorm_in_one_run():
     and a T-row build of RWKV-5.2/6/7's embed..L0 segment then failed inside the toolkit."""
     import onnx_graphsurgeon as gs
 
-    from rwkv2rknn.ir import toposort_chains
+    from rwkv2rknn.compiler.ir import toposort_chains
 
     def v(name):
         return gs.Variable(name, np.float32, [4])
@@ -97,7 +97,7 @@ def test_toposort_chains_keeps_a_layernorm_in_one_run():
 def test_toposort_chains_refuses_a_cycle():
     import onnx_graphsurgeon as gs
 
-    from rwkv2rknn.ir import toposort_chains
+    from rwkv2rknn.compiler.ir import toposort_chains
     a, b = gs.Variable("a", np.float32, [4]), gs.Variable("b", np.float32, [4])
     graph = gs.Graph(nodes=[gs.Node("Neg", "n1", inputs=[b], outputs=[a]),
                             gs.Node("Neg", "n2", inputs=[a], outputs=[b])], inputs=[], outputs=[a])

@@ -4,7 +4,7 @@
 - a valid manifest round-trips ``to_dict -> from_dict`` (also through JSON text) unchanged;
 - a valid manifest dict with a required key dropped or given a wrong type is ``BadInput``;
 - random bytes (and cut or bit-flipped real files) as an .onnx give ``BadInput`` from
-  ``rwkv2rknn.io.load_onnx`` and from the reference runner, never another exception.
+  ``rwkv2rknn.fileio.load_onnx`` and from the reference runner, never another exception.
 """
 
 import copy
@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rwkv2rknn.errors import BadInput
-from rwkv2rknn.plan import FORMAT, FORMAT_VERSION, Manifest, Segment, StateSlot
+from rwkv2rknn.artifact.plan import FORMAT, FORMAT_VERSION, Manifest, Segment, StateSlot
 
 PROPS = settings(max_examples=150, deadline=None,
                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -187,7 +187,7 @@ def test_versions_1_to_3_read_and_4_is_refused_in_one_line(m):
     for version in (0, 4):
         _one_line_refusal(dict(d, format_version=version), version, "1, 2, 3")
     if want == 3:
-        import rwkv2rknn.plan as plan
+        import rwkv2rknn.artifact.plan as plan
         reads = plan.READS_VERSIONS
         plan.READS_VERSIONS = (1, 2)  # the reader before version 3, with its own message
         try:
@@ -314,7 +314,7 @@ def real_onnx(fp32_dir):
 
 
 def _load_onnx_only_bad_input(path):
-    from rwkv2rknn.io import load_onnx
+    from rwkv2rknn.fileio import load_onnx
     try:
         load_onnx(path)
     except BadInput as e:

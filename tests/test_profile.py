@@ -4,16 +4,16 @@ import json
 
 import pytest
 
-from rwkv2rknn.compiler import compile_model
+from rwkv2rknn.compiler.driver import compile_model
 from rwkv2rknn.errors import BadInput
-from rwkv2rknn.ir import Options
-from rwkv2rknn.profile import DeviceProfile, load_profile
+from rwkv2rknn.compiler.ir import Options
+from rwkv2rknn.artifact.profile import DeviceProfile, load_profile
 
 
 def test_default_profile_reproduces_its_sources_through_its_formula():
     """Each published anchor, recomputed through the formula (not the constants compared
     with themselves), and every figure the docstring quotes is what the formula gives."""
-    import rwkv2rknn.profile as mod
+    import rwkv2rknn.artifact.profile as mod
     p = DeviceProfile()
     # int8 GEMV M=1, K=N=2048 on one core: 0.39 ms (the source of npu_gbs)
     int8 = DeviceProfile(npu_weight_bytes=1)

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from rwkv2rknn import calibrate
+from rwkv2rknn.rknn import calibrate
 from rwkv2rknn.cli import cli
-from rwkv2rknn.compiler import compile_model
-from rwkv2rknn.ir import Options
-from rwkv2rknn.passes.build import cache_key
+from rwkv2rknn.compiler.driver import compile_model
+from rwkv2rknn.compiler.ir import Options
+from rwkv2rknn.rknn.build import cache_key
 from rwkv2rknn.runtime.hybrid import load_manifest
 
 # What the w8a8 build of the small model below must keep, teacher-forced on English text (not
@@ -44,7 +44,7 @@ def test_every_npu_segment_is_w8a8_with_its_measured_figure(w8a8):
     *layers, head = npu  # the head is built for one row (a prompt needs its last row's logits)
     assert npu and all(s.precision == "w8a8" for s in npu)
     assert all(s.seq_precision == "w8a8" for s in layers) and not head.seq_rknn
-    assert all(s.seq_layout == "columns" for s in layers)  # built without Transposes (rwkv2rknn.columns)
+    assert all(s.seq_layout == "columns" for s in layers)  # built without Transposes (rwkv2rknn.rknn.columns)
     for s in npu:
         assert 0.99 <= s.accuracy["min_cos"] <= 1.0 and 0 < s.accuracy["max_rel"] < 1
         assert s.accuracy["rows"] == 24 and os.path.isfile(os.path.join(w8a8, s.calib))
@@ -66,10 +66,10 @@ def test_the_recurrence_and_its_state_stay_on_the_cpu_in_fp32(w8a8):
 
 
 def test_w8a8_runs_in_the_simulator_with_top1_agreement_against_fp32(byte_model, w8a8):
-    from rwkv2rknn.evaluate import bits_per_byte
+    from rwkv2rknn.tools.evaluate import bits_per_byte
     from rwkv2rknn.runtime.hybrid import HybridModel
     from rwkv2rknn.runtime.reference import PerLayerModel
-    from rwkv2rknn.tokenizer import ByteTokenizer
+    from rwkv2rknn.runtime.tokenizer import ByteTokenizer
     text = calibrate.BUILTIN_TEXT[-400:]  # not in the 96 + 24 calibration tokens
     ids = ByteTokenizer().encode(text)
     ref = PerLayerModel(byte_model).logits(ids)
@@ -157,7 +157,7 @@ def test_check_text_must_be_readable_utf8(tmp_path):
 
 
 def test_pack_leaves_the_calibration_datasets_out(w8a8, tmp_path):
-    from rwkv2rknn.pack import pack
+    from rwkv2rknn.artifact.pack import pack
     out = tmp_path / "board"
     pack(w8a8, str(out))
     m = load_manifest(str(out))

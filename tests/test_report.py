@@ -8,10 +8,10 @@ import pytest
 from click.testing import CliRunner
 
 from report_page import Elements, alter_segments, copy_artifact, external_references
-from rwkv2rknn import report
-from rwkv2rknn.check import CHECK_JSON
+from rwkv2rknn.tools import report
+from rwkv2rknn.tools.check import CHECK_JSON
 from rwkv2rknn.cli import cli
-from rwkv2rknn.plan import MANIFEST, PLAN, Manifest
+from rwkv2rknn.artifact.plan import MANIFEST, PLAN, Manifest
 from rwkv2rknn.runtime.hybrid import load_manifest
 
 
@@ -135,7 +135,7 @@ def _fake_artifact(folder, layers):
 
 
 def test_long_check_stays_small():
-    from rwkv2rknn.svg import line_plot
+    from rwkv2rknn.tools.svg import line_plot
     plot = line_plot([1e-3 * (1 + i % 7) for i in range(4096)], "error", "max rel error", ref=(0.05, "tol"))
     assert len(plot) < 100_000 and plot.count("<polyline") == 1 and "<circle" not in plot
 

@@ -11,7 +11,7 @@ import pytest
 
 from pngread import read_png
 from report_page import alter_segments, copy_artifact
-from rwkv2rknn import report
+from rwkv2rknn.tools import report
 
 pytestmark = pytest.mark.browser
 

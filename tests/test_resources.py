@@ -5,10 +5,10 @@ import os
 
 import pytest
 
-from rwkv2rknn import resources
-from rwkv2rknn.compiler import compile_model
+from rwkv2rknn.compiler import resources
+from rwkv2rknn.compiler.driver import compile_model
 from rwkv2rknn.errors import ResourceError
-from rwkv2rknn.ir import Options
+from rwkv2rknn.compiler.ir import Options
 
 
 def test_model_size_counts_fp16_files_as_fp32(fp16_dir, fp32_dir):
@@ -49,8 +49,8 @@ def test_too_little_disk_is_refused_before_writing(fp16_dir, tmp_path, monkeypat
 
 def test_a_full_disk_while_writing_is_one_error(fp16_dir, tmp_path, monkeypatch):
     """The estimate said yes, the disk said no (ENOSPC): a ResourceError, nothing left."""
-    from rwkv2rknn import io
-    real = io.save_onnx
+    from rwkv2rknn import fileio
+    real = fileio.save_onnx
     calls = []
 
     def full(model, path, **kw):
@@ -59,7 +59,7 @@ def test_a_full_disk_while_writing_is_one_error(fp16_dir, tmp_path, monkeypatch)
             raise OSError(28, "No space left on device")
         return real(model, path, **kw)
 
-    monkeypatch.setattr(io, "save_onnx", full)
+    monkeypatch.setattr(fileio, "save_onnx", full)
     out = tmp_path / "art"
     with pytest.raises(ResourceError, match="ran full while writing"):
         compile_model(fp16_dir, str(out), Options(plan_only=True))
@@ -80,7 +80,7 @@ def test_peak_rss_counts_children_and_the_phase_they_ran_in():
     phase it ran in, not in the others."""
     import subprocess
     import sys
-    from rwkv2rknn.resources import PeakRss
+    from rwkv2rknn.compiler.resources import PeakRss
     with PeakRss(every=0.05) as mem:
         mem.mark("quiet")
         mem.mark("child")

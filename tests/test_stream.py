@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from rwkv2rknn import stream
-from rwkv2rknn.compiler import compile_model
-from rwkv2rknn.ir import Options
+from rwkv2rknn.compiler import stream
+from rwkv2rknn.compiler.driver import compile_model
+from rwkv2rknn.compiler.ir import Options
 from rwkv2rknn.models.checkpoint import random_checkpoint
 from rwkv2rknn.models.export import export
 
@@ -38,7 +38,7 @@ def test_streamed_equals_whole_graph(which, request, tmp_path, monkeypatch):
     model = request.getfixturevalue(which)
     whole, streamed = str(tmp_path / "whole"), str(tmp_path / "streamed")
     compile_model(model, whole, Options(plan_only=True, stream=False))
-    import rwkv2rknn.trace as trace_mod
+    import rwkv2rknn.compiler.trace as trace_mod
 
     def no_whole_trace(*a, **k):
         raise AssertionError("the streaming compile traced the whole model")
@@ -99,7 +99,7 @@ def test_slot_versions_stream_like_the_whole_graph(slot_models, version, dtype, 
     later layers within a token) compile streamed to the whole-graph compile's artifact, and run
     as the `rwkv` package does."""
     from rwkv2rknn.runtime.hybrid import HybridModel
-    import rwkv2rknn.trace as trace_mod
+    import rwkv2rknn.compiler.trace as trace_mod
     sm = slot_models(version)
     whole, streamed = str(tmp_path / "whole"), str(tmp_path / "streamed")
     compile_model(sm.dirs[dtype], whole, Options(plan_only=True, stream=False))
@@ -132,7 +132,7 @@ def test_symbolic_input_sizes_stream(opset, fp16, tmp_path, monkeypatch):
 
     from fixtures.torch_layers import export_torch
     from rwkv2rknn.runtime.hybrid import HybridModel
-    import rwkv2rknn.trace as trace_mod
+    import rwkv2rknn.compiler.trace as trace_mod
     sd = random_checkpoint(layers=2, width=32, vocab=61, seed=3)
     src = export_torch(sd, str(tmp_path / "src"), opset=opset, dynamic=True, fp16=fp16)
     dims = onnx.load(f"{src}/mixing_1.onnx").graph.input[1].type.tensor_type.shape.dim
@@ -162,7 +162,7 @@ def test_the_range_trace_feeds_large_weights_in_place(tmp_path, monkeypatch):
     read from the graph's arrays, not inside the serialised model; the artifact is the one a
     trace with the weights inside the model gives."""
     import rwkv2rknn.runtime.ort as ort
-    import rwkv2rknn.trace as trace_mod
+    import rwkv2rknn.compiler.trace as trace_mod
     sd = random_checkpoint(layers=2, width=64, vocab=5000, seed=4)
     model = str(tmp_path / "model")
     export(sd, model, fp32=True, tokenizer="bytes")

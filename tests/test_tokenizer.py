@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
-from rwkv2rknn import tokenizer as tkmod
+from rwkv2rknn.runtime import tokenizer as tkmod
 from rwkv2rknn.errors import BadInput, MissingDependency
-from rwkv2rknn.tokenizer import (
+from rwkv2rknn.runtime.tokenizer import (
     ByteTokenizer,
     HFTokenizer,
     StreamDecoder,
@@ -55,10 +55,10 @@ def _reference_world_tokenizer():
 
 def test_import_needs_only_numpy_and_stdlib():
     code = (
-        "import sys, rwkv2rknn.tokenizer, rwkv2rknn.generate\n"
+        "import sys, rwkv2rknn.runtime.tokenizer, rwkv2rknn.runtime.generate\n"
         "bad = [m for m in ('tokenizers', 'rwkv', 'torch') if m in sys.modules]\n"
         "assert not bad, bad\n"
-        "rwkv2rknn.tokenizer.load_tokenizer('world')\n"
+        "rwkv2rknn.runtime.tokenizer.load_tokenizer('world')\n"
         "bad = [m for m in ('tokenizers', 'rwkv', 'torch') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )

@@ -11,9 +11,9 @@ import shutil
 import numpy as np
 import pytest
 
-from rwkv2rknn.compiler import compile_model
-from rwkv2rknn.ir import Options, TensorInfo
-from rwkv2rknn.tracecache import TraceCache, stage_key
+from rwkv2rknn.compiler.driver import compile_model
+from rwkv2rknn.compiler.ir import Options, TensorInfo
+from rwkv2rknn.compiler.tracecache import TraceCache, stage_key
 
 
 def _compile(model, out, cache, **kw):
@@ -65,7 +65,7 @@ def test_a_corrupted_entry_is_traced_again(first, fp32_dir, tmp_path, caplog):
         f.seek(200)
         f.write(bytes([byte[0] ^ 0xFF]))
     os.unlink(entries[2][:-len(".npz")] + ".sha256")  # no recorded checksum
-    with caplog.at_level(logging.WARNING, logger="rwkv2rknn.tracecache"):
+    with caplog.at_level(logging.WARNING, logger="rwkv2rknn.compiler.tracecache"):
         m2, note = _compile(fp32_dir, tmp_path / "b", cache)
     assert f"{stages - 3} of {stages} stages" in note
     said = " ".join(r.getMessage() for r in caplog.records)

@@ -94,7 +94,7 @@ def test_a_failed_build_carries_the_toolkits_reason(tmp_path):
     import onnx
     from onnx import TensorProto, helper
 
-    from rwkv2rknn.compiler import build_rknn
+    from rwkv2rknn.compiler.driver import build_rknn
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
     node = helper.make_node("FooBar", ["x"], ["y"], domain="com.nowhere")
@@ -114,7 +114,7 @@ def test_t_row_builds_side_by_side_all_succeed(at_once, tmp_path):
     works in its own folder."""
     import threading
 
-    from rwkv2rknn.passes.build import build_child
+    from rwkv2rknn.rknn.build import build_child
     _, _, outs, _ = at_once
     seqs = [str(outs[0] / s["seq_onnx"]) for s in _complete(str(outs[0])) if s.get("seq_onnx")]
     jobs = (seqs * 3)[:3]
@@ -134,7 +134,7 @@ def test_t_row_builds_side_by_side_all_succeed(at_once, tmp_path):
 
 def test_the_cache_key_covers_external_weights(tmp_path):
     """A segment written with external data (NAME.onnx.data): new weights, new key."""
-    from rwkv2rknn.passes.build import cache_key, file_key
+    from rwkv2rknn.rknn.build import cache_key, file_key
     onnx_path = tmp_path / "s.onnx"
     onnx_path.write_bytes(b"graph")
     alone = file_key(str(onnx_path), "rk3588", "2.5.0")
@@ -170,8 +170,8 @@ def test_a_kept_build_child_builds_one_after_another(tmp_path):
     """One worker: a refused build says why and the worker goes on; the next build is whole and
     the size of a one-shot child's; a worker that died fails its build with the signal; nothing
     is left behind."""
-    from rwkv2rknn.passes.build_child import build_child
-    from rwkv2rknn.passes.build_worker import Worker
+    from rwkv2rknn.rknn.build_child import build_child
+    from rwkv2rknn.rknn.build_worker import Worker
     good, bad = _tiny(tmp_path / "good.onnx"), _tiny(tmp_path / "bad.onnx", "FooBar")
     w = Worker()
     try:
@@ -195,7 +195,7 @@ def test_a_kept_build_child_builds_one_after_another(tmp_path):
 
 
 def test_build_children_use_huge_pages_without_dropping_the_users_tunables(monkeypatch):
-    from rwkv2rknn.passes.build_child import child_env
+    from rwkv2rknn.rknn.build_child import child_env
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
     assert child_env(TMPDIR="/x")["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
     assert child_env(TMPDIR="/x")["TMPDIR"] == "/x"

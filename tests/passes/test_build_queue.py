@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from rwkv2rknn.passes.build_queue import BuildQueue
+from rwkv2rknn.rknn.build_queue import BuildQueue
 
 
 class Recorder:

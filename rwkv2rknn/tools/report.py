@@ -15,11 +15,11 @@ import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-from rwkv2rknn import io
-from rwkv2rknn.check import CHECK_JSON
+from rwkv2rknn import fileio
+from rwkv2rknn.tools.check import CHECK_JSON
 from rwkv2rknn.errors import BadInput, UsageError
-from rwkv2rknn.plan import MANIFEST, PLAN, Manifest, Segment, sha256_file
-from rwkv2rknn.svg import Svg, fmt
+from rwkv2rknn.artifact.plan import MANIFEST, PLAN, Manifest, Segment, sha256_file
+from rwkv2rknn.tools.svg import Svg, fmt
 
 SIZES = ("flops", "bytes")
 REPORT_HTML = "report.html"
@@ -80,9 +80,9 @@ def load(artifact: str, bench: Optional[str] = None, size_by: str = "flops") -> 
     if size_by not in SIZES:
         raise UsageError(f"cannot size segments by '{size_by}'", f"use one of {', '.join(SIZES)}")
     manifest = load_manifest(artifact)
-    raw = io.read_json(os.path.join(artifact, MANIFEST), "manifest")
+    raw = fileio.read_json(os.path.join(artifact, MANIFEST), "manifest")
     plan_path = os.path.join(artifact, PLAN)
-    plan = io.read_json(plan_path, "plan") if os.path.exists(plan_path) else {}
+    plan = fileio.read_json(plan_path, "plan") if os.path.exists(plan_path) else {}
     if not isinstance(plan, dict):
         raise BadInput(f"'{plan_path}' is not a compile report", "compile the model again")
     plan_segs = {s.get("name"): s for s in plan.get("segments", []) if isinstance(s, dict)}
@@ -120,7 +120,7 @@ def _read_check(data: ReportData) -> None:
     if not os.path.exists(path):
         return
     fix = f"run rwkv2rknn check {data.artifact} again"
-    rep = io.read_json(path, "check report", fix)
+    rep = fileio.read_json(path, "check report", fix)
     if not isinstance(rep, dict) or not isinstance(rep.get("steps"), list):
         raise BadInput(f"'{path}' is not a check report", fix)
     data.check = rep
@@ -129,7 +129,7 @@ def _read_check(data: ReportData) -> None:
 
 def read_bench(path: str) -> dict:
     fix = "give the file written by rwkv2rknn bench --json-out FILE"
-    res = io.read_json(path, "bench figures", fix)
+    res = fileio.read_json(path, "bench figures", fix)
     rows = res.get("rows") if isinstance(res, dict) else None
     ok = isinstance(rows, list) and rows and all(
         isinstance(r, dict) and isinstance(r.get("runner"), str) and _number(r.get("ms_per_token"))
@@ -258,11 +258,11 @@ def _brackets(svg: Svg, m: Manifest, pos: List[tuple], block: int) -> None:
 def write_report(artifact: str, out: Optional[str] = None, bench: Optional[str] = None,
                  size_by: str = "flops") -> str:
     """Render the page and write it atomically; returns its path (default ARTIFACT/report.html)."""
-    from rwkv2rknn.report_html import page
+    from rwkv2rknn.tools.report_html import page
     out = out or os.path.join(artifact, REPORT_HTML)
     folder = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(folder):
         raise UsageError(f"cannot write the report to '{out}': folder '{folder}' does not exist",
                          "give a path in an existing folder")
-    io.write_text(out, page(load(artifact, bench, size_by)))
+    fileio.write_text(out, page(load(artifact, bench, size_by)))
     return out

@@ -234,10 +234,10 @@ def accuracy(got: Sequence[Dict[str, np.ndarray]], want: Sequence[Dict[str, np.n
 def calibration_ids(source: str, text_path: Optional[str], n: int) -> tuple:
     """(calibration ids, held-out ids, where the text came from) for the model at ``source``,
     read with its recorded tokenizer. Fails before any pass runs if the text or tokenizer is bad."""
-    from rwkv2rknn import io
-    from rwkv2rknn.tokenizer import load_tokenizer
+    from rwkv2rknn import fileio
+    from rwkv2rknn.runtime.tokenizer import load_tokenizer
 
-    facts = io.model_facts(source)
+    facts = fileio.model_facts(source)
     spec = facts.get("tokenizer")
     if not spec:
         raise BadInput(f"'{source}' records no tokenizer, which calibration needs to read its text",

@@ -35,8 +35,9 @@ from typing import Callable, List, Optional
 
 import numpy as np
 
-from rwkv2rknn import io, resources, tracecache
-from rwkv2rknn.ir import Context, GraphSegment, Options, replace_uses
+from rwkv2rknn import fileio
+from rwkv2rknn.compiler import resources, tracecache
+from rwkv2rknn.compiler.ir import Context, GraphSegment, Options, replace_uses
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def _stub(node, op_work) -> SimpleNamespace:
     estimates need (the weight as a zero-strided array of its shape: no memory), for any other
     op its bytes and FLOPs (``op_work``, the partition pass's), not weights."""
     import onnx_graphsurgeon as gs
-    from rwkv2rknn.ir import const_value
+    from rwkv2rknn.compiler.ir import const_value
     inputs = []
     if node.op == "MatMul":
         for t in node.inputs:
@@ -84,7 +85,7 @@ class _Stream:
         self.carried: dict = {}
         self.carried_values: dict = {}
         self.written: List[GraphSegment] = []
-        self.traces = tracecache.open_cache(os.path.join(io.cache_root(options.cache_dir), "trace"))
+        self.traces = tracecache.open_cache(os.path.join(fileio.cache_root(options.cache_dir), "trace"))
         self.notes: dict = {}
         self.levels: dict = {}  # tensor a written segment made -> its producer's depth
         self.depth: dict = {}  # node name -> depth in the model (the window's last sort)
@@ -141,7 +142,7 @@ class _Stream:
                 if name in io:  # fed what layer 0 made at each sample token
                     for step, v in zip(steps, self.carried_values[name]):
                         step[io[name].name] = v
-        from rwkv2rknn.trace import trace_steps
+        from rwkv2rknn.compiler.trace import trace_steps
         pairs = [(s.input, s.output) for s in sctx.state] + list(sctx.whole_state.values())
         out = g.outputs[0]
         made = {name: io["out:" + name] for name in self.arch.INTER_LAYER if "out:" + name in io}
@@ -283,11 +284,11 @@ class _Stream:
         its serialised bytes)."""
         folder = os.path.join(self.out_dir, "segments")
         path = os.path.join(folder, seg.name + ".onnx")
-        seg.sha256 = io.save_onnx(seg.model, path)
+        seg.sha256 = fileio.save_onnx(seg.model, path)
         sequence.run_one(self.ctx, seg, take=True)  # (the variant takes the written model's weights)
         seg.model = path
         if seg.seq_model is not None:
-            seg.seq_sha256 = io.save_onnx(seg.seq_model, os.path.join(folder, seg.name + ".seq.onnx"),
+            seg.seq_sha256 = fileio.save_onnx(seg.seq_model, os.path.join(folder, seg.name + ".seq.onnx"),
                                           keep=False)
             seg.seq_model = os.path.join(folder, seg.name + ".seq.onnx")
 

@@ -16,8 +16,8 @@ import sys
 import tempfile
 
 from rwkv2rknn.errors import MissingDependency, ToolkitError
-from rwkv2rknn.io import scratch_prefix
-from rwkv2rknn.plan import PRECISIONS
+from rwkv2rknn.fileio import scratch_prefix
+from rwkv2rknn.artifact.plan import PRECISIONS
 from rwkv2rknn.runtime.board import has_module
 
 
@@ -97,7 +97,7 @@ def build_in_process(onnx_path: str, target: str = "rk3588", rknn_out: str = "",
     names relative to its folder); a T-row build's samples have the largest row count. The
     toolkit's own output is dropped (``verbose``: shown; ``log_to``: appended to that file).
     ``rows``: a T-row segment, built for each of these row counts (``dynamic_input``).
-    ``columns``: build the T-row segment's columns form (``rwkv2rknn.columns``; row inputs and the
+    ``columns``: build the T-row segment's columns form (``rwkv2rknn.rknn.columns``; row inputs and the
     dataset's samples [C, T]). ``config``: more ``RKNN.config`` options (measurements only).
     The toolkit works in a private folder (it writes fixed-name scratch files such as
     ``check_dynshape0.onnx`` into the working folder: two simulators started in one folder
@@ -123,7 +123,7 @@ def build_in_process(onnx_path: str, target: str = "rk3588", rknn_out: str = "",
                        quantized_method=QUANT_METHOD)
             dataset = _absolute_dataset(dataset, tmp)
             if columns:
-                from rwkv2rknn.columns import columns_dataset
+                from rwkv2rknn.rknn.columns import columns_dataset
                 dataset = columns_dataset(dataset, tmp)
         steps = [("config", lambda: rk.config(**cfg)),
                  ("load_onnx", lambda: rk.load_onnx(onnx_path)),
@@ -160,7 +160,7 @@ def _working_in(folder: str):
 
 def _columns_model(onnx_path: str, folder: str) -> str:
     """The columns form of a T-row segment, written into ``folder`` (the build's scratch)."""
-    from rwkv2rknn.columns import write_columns
+    from rwkv2rknn.rknn.columns import write_columns
     path = os.path.join(folder, os.path.basename(onnx_path).replace(".onnx", ".columns.onnx"))
     why = write_columns(onnx_path, path)
     if why:

@@ -11,7 +11,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from rwkv2rknn.ir import Context, TensorInfo, export
+from rwkv2rknn.compiler.ir import Context, TensorInfo, export
 
 
 # Constants of at least this many bytes reach onnxruntime as inputs fed from the graph's own
@@ -24,7 +24,7 @@ def _session(graph, tensor_filter=None):
     """An onnxruntime session of ``graph`` with every typed variable tensor as an output, and
     the feeds of its large constants (made graph inputs): ``(session, {name: array})``."""
     import onnx_graphsurgeon as gs
-    from rwkv2rknn.ir import is_const
+    from rwkv2rknn.compiler.ir import is_const
     from rwkv2rknn.runtime.ort import make_session
 
     graph = graph.copy()  # its constants share the arrays

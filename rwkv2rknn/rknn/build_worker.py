@@ -2,7 +2,7 @@
 
 ::
 
-    parent: Worker().run(args) --one JSON line--> python -m rwkv2rknn.passes.build_worker
+    parent: Worker().run(args) --one JSON line--> python -m rwkv2rknn.rknn.build_worker
                                <--{"rc": 0, "err": "", "rss": ...}--  (build_child's own _main, per
                                                                       request in a fresh folder)
 
@@ -31,8 +31,8 @@ import threading
 import traceback
 from typing import Optional, Tuple
 
-from rwkv2rknn.io import cache_root, end_kept_child, remove_quietly, scratch_prefix
-from rwkv2rknn.passes.build_child import build_child, child_env, partial_name
+from rwkv2rknn.fileio import cache_root, end_kept_child, remove_quietly, scratch_prefix
+from rwkv2rknn.rknn.build_child import build_child, child_env, partial_name
 
 RETIRE_RSS = 1 << 30
 
@@ -43,7 +43,7 @@ class Worker:
         try:
             self.stderr = open(os.path.join(self.folder, "stderr.txt"), "w+")
             env = child_env(TMPDIR=self.folder, TMP=self.folder, TEMP=self.folder)
-            self.proc = subprocess.Popen([sys.executable, "-m", "rwkv2rknn.passes.build_worker"],
+            self.proc = subprocess.Popen([sys.executable, "-m", "rwkv2rknn.rknn.build_worker"],
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                          stderr=self.stderr, text=True, cwd=self.folder, env=env)
         except BaseException:
@@ -101,7 +101,7 @@ class CachedBuilds:
     """fp16 builds through the checked, locked cache; the children that run, to stop them."""
 
     def __init__(self, options, version: str):
-        from rwkv2rknn.buildcache import BuildCache
+        from rwkv2rknn.rknn.buildcache import BuildCache
         self.opts, self.version = options, version
         self.cache = BuildCache(os.path.join(cache_root(self.opts.cache_dir), "rknn"))
         self.running: set = set()
@@ -166,9 +166,9 @@ def _rss() -> int:
 
 
 def _serve() -> int:
-    from rwkv2rknn.passes.build_child import _main
-    from rwkv2rknn.resources import give_back_memory
-    from rwkv2rknn.toolkit import import_toolkit
+    from rwkv2rknn.rknn.build_child import _main
+    from rwkv2rknn.compiler.resources import give_back_memory
+    from rwkv2rknn.rknn.toolkit import import_toolkit
     import_toolkit()  # once, before the first request
     reply = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # whatever the toolkit prints never reaches the reply channel

@@ -2,7 +2,7 @@
 
 ::
 
-    parent: build_child(onnx, rknn) --spawn--> python -m rwkv2rknn.passes.build_child onnx rknn
+    parent: build_child(onnx, rknn) --spawn--> python -m rwkv2rknn.rknn.build_child onnx rknn
                                                  (own cwd and $TMPDIR; the toolkit's log to a file)
             <-- '' or the reason, with the toolkit's own error line
 
@@ -25,7 +25,7 @@ from typing import Optional
 import numpy as np
 
 from rwkv2rknn.errors import ToolkitError
-from rwkv2rknn.io import remove_quietly, remove_stale, scratch_prefix
+from rwkv2rknn.fileio import remove_quietly, remove_stale, scratch_prefix
 
 
 def partial_name(rknn_path: str, pid: int) -> str:
@@ -36,7 +36,7 @@ def partial_name(rknn_path: str, pid: int) -> str:
 def child_env(**extra) -> dict:
     """The environment of a build child: this process's and ``extra``, its heap on huge pages
     (``resources.huge_page_env``: the toolkit copies a segment's weights many times)."""
-    from rwkv2rknn.resources import huge_page_env
+    from rwkv2rknn.compiler.resources import huge_page_env
     return huge_page_env(dict(os.environ, **extra))
 
 
@@ -58,13 +58,13 @@ def build_child(onnx_path: str, rknn_path: str, target: str, verbose: bool,
     child while it runs, so that a caller can stop it. With ``checksum`` the child writes the
     result's SHA-256 to that file before it renames the result into place. With ``worker``
     (an fp16 build) the build runs in that kept child instead of a new one (``Worker``).
-    ``columns``: build the T-row segment's columns form (``rwkv2rknn.columns``; held-out outputs
+    ``columns``: build the T-row segment's columns form (``rwkv2rknn.rknn.columns``; held-out outputs
     come back as rows).
     """
     absp = os.path.abspath
     work = tempfile.mkdtemp(prefix=scratch_prefix("build"))
     log_path = os.path.join(work, "toolkit.log")
-    cmd = [sys.executable, "-m", "rwkv2rknn.passes.build_child", absp(onnx_path), absp(rknn_path),
+    cmd = [sys.executable, "-m", "rwkv2rknn.rknn.build_child", absp(onnx_path), absp(rknn_path),
            "--target", target, "--log", log_path]
     if verbose:
         cmd.append("--verbose")
@@ -181,7 +181,7 @@ def _main(argv=None) -> int:
     ap.add_argument("--columns", action="store_true", help="build the T-row segment in columns")
     a = ap.parse_args(argv)
     from rwkv2rknn.errors import Rwkv2RknnError
-    from rwkv2rknn.toolkit import build_in_process
+    from rwkv2rknn.rknn.toolkit import build_in_process
     tmp = partial_name(a.rknn, os.getpid())
     rows = [int(r) for r in a.rows.split(",") if r]
     try:
@@ -198,7 +198,7 @@ def _main(argv=None) -> int:
             print("rknn-toolkit2 wrote no .rknn", file=sys.stderr)
             return 1
         if a.checksum:
-            from rwkv2rknn.buildcache import write_checksum
+            from rwkv2rknn.rknn.buildcache import write_checksum
             write_checksum(tmp, a.checksum)
         os.replace(tmp, a.rknn)  # whole, or not there at all
         return 0
@@ -215,8 +215,8 @@ def _run_holdout(rk, dataset: str, out: str, columns: bool = False) -> None:
     import contextlib
     import io as _io
 
-    from rwkv2rknn.calibrate import read_dataset
-    from rwkv2rknn.columns import to_cols
+    from rwkv2rknn.rknn.calibrate import read_dataset
+    from rwkv2rknn.rknn.columns import to_cols
     flat = []
     for sample in read_dataset(dataset):
         args = [np.ascontiguousarray(to_cols(x) if columns else x, np.float32) for x in sample]

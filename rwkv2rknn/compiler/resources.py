@@ -50,7 +50,7 @@ def model_size(path: str) -> ModelSize:
 
 
 def _fp16(path: str) -> bool:
-    from rwkv2rknn.io import model_facts
+    from rwkv2rknn.fileio import model_facts
     dtype = model_facts(path).get("dtype")
     return dtype in ("fp16", "float16") if dtype else True  # unknown: assume the larger need
 

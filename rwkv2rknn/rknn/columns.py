@@ -227,7 +227,7 @@ def _inferred_shapes(model, rows: int = 3) -> dict:
 def write_columns(onnx_path: str, out_path: str, rows: int = 3) -> str:
     """Write the columns form of a T-row segment file to ``out_path`` after checking it against
     the original on onnxruntime (random inputs, ``rows`` rows); '' on success, else why not."""
-    from rwkv2rknn.io import load_onnx, save_onnx
+    from rwkv2rknn.fileio import load_onnx, save_onnx
     model = load_onnx(onnx_path)
     try:
         cols = to_columns(model)
@@ -256,7 +256,7 @@ def write_columns(onnx_path: str, out_path: str, rows: int = 3) -> str:
 def fits(onnx_path: str) -> str:
     """'' if the T-row segment file has a columns form (checked on onnxruntime), else why not."""
     import tempfile
-    from rwkv2rknn.io import scratch_prefix
+    from rwkv2rknn.fileio import scratch_prefix
     with tempfile.TemporaryDirectory(prefix=scratch_prefix("columns")) as tmp:
         return write_columns(onnx_path, os.path.join(tmp, "columns.onnx"))
 

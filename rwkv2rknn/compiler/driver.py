@@ -23,11 +23,13 @@ import logging
 import os
 from typing import Callable, Optional
 
-from rwkv2rknn import __version__, calibrate, io, resources
+from rwkv2rknn import __version__, fileio
+from rwkv2rknn.compiler import resources
+from rwkv2rknn.rknn import calibrate
 from rwkv2rknn.errors import UsageError
-from rwkv2rknn.ir import Context, GraphSegment, Options, export
+from rwkv2rknn.compiler.ir import Context, GraphSegment, Options, export
 from rwkv2rknn.passes.sequence import prefill_rows
-from rwkv2rknn.plan import MANIFEST, PLAN, Manifest, Segment, sha256_file
+from rwkv2rknn.artifact.plan import MANIFEST, PLAN, Manifest, Segment, sha256_file
 from rwkv2rknn.runtime.loader import bundle_tokenizer
 
 log = logging.getLogger(__name__)
@@ -69,7 +71,7 @@ def manifest_segment(ctx: Context, s: GraphSegment, out_dir: str, plan_only: boo
 
 
 def make_manifest(ctx: Context, out_dir: str, toolkit: str, plan_only: bool) -> Manifest:
-    facts = {**ctx.facts, **io.model_facts(ctx.source)}
+    facts = {**ctx.facts, **fileio.model_facts(ctx.source)}
     model = dict(ctx.shape)
     model.update(arch=ctx.arch, source=ctx.source, layout=ctx.layout,
                  source_dtype=facts.get("dtype", "unknown"))
@@ -97,18 +99,18 @@ def compile_model(model_path: str, out_dir: str, options: Optional[Options] = No
     if dump_after and dump_after not in passes.PASS_NAMES:
         raise UsageError(f"unknown pass '{dump_after}' for --dump-after",
                          f"use one of {', '.join(passes.PASS_NAMES)}")
-    io.check_out_dir(os.path.abspath(out_dir), MANIFEST, force)  # before minutes of passes
+    fileio.check_out_dir(os.path.abspath(out_dir), MANIFEST, force)  # before minutes of passes
     toolkit, calib_ids = "", None
     if options.plan_only and options.quant != "fp16":
         raise UsageError(f"--quant {options.quant} is measured on .rknn builds, which --plan-only skips",
                          "drop --plan-only (or --quant)")
     if not options.plan_only:  # fail before the passes, not after them
-        from rwkv2rknn.toolkit import require_toolkit
+        from rwkv2rknn.rknn.toolkit import require_toolkit
         toolkit = require_toolkit()
         calib_ids = _calibration_ids(model_path, options)
     if not os.path.exists(model_path):
         load.run(model_path, options)  # its one-line error for a missing model
-    size = resources.check_compile(model_path, out_dir, io.cache_root(options.cache_dir),
+    size = resources.check_compile(model_path, out_dir, fileio.cache_root(options.cache_dir),
                                    options.plan_only, _streams(model_path, options, dump_after))
     try:
         return _compile(model_path, out_dir, options, toolkit, calib_ids, force, dump_after,
@@ -127,7 +129,8 @@ def _streams(model_path: str, options: Options, dump_after) -> bool:
 def _compile(model_path, out_dir, options, toolkit, calib_ids, force, dump_after, progress,
              on_pass):
     from rwkv2rknn import passes
-    from rwkv2rknn.passes import build, load
+    from rwkv2rknn.passes import load
+    from rwkv2rknn.rknn import build
 
     if _streams(model_path, options, dump_after):
         return _compile_stream(model_path, out_dir, options, toolkit, calib_ids, force, progress,
@@ -145,12 +148,12 @@ def _compile(model_path, out_dir, options, toolkit, calib_ids, force, dump_after
     for p in passes.GRAPH_PIPELINE:
         p.run(ctx)
         after(p.NAME)
-    with io.atomic_dir(out_dir, MANIFEST, force=force) as tmp:
+    with fileio.atomic_dir(out_dir, MANIFEST, force=force) as tmp:
         os.makedirs(os.path.join(tmp, "segments"))
         for s in ctx.segments:
-            s.sha256 = io.save_onnx(s.model, os.path.join(tmp, "segments", s.name + ".onnx"))
+            s.sha256 = fileio.save_onnx(s.model, os.path.join(tmp, "segments", s.name + ".onnx"))
             if s.seq_model is not None:
-                s.seq_sha256 = io.save_onnx(s.seq_model, os.path.join(tmp, "segments", s.name + ".seq.onnx"))
+                s.seq_sha256 = fileio.save_onnx(s.seq_model, os.path.join(tmp, "segments", s.name + ".seq.onnx"))
         if not options.plan_only:
             calibration = _calibrate(ctx, tmp, toolkit, calib_ids) if calib_ids else None
             build.run(ctx, tmp, progress=progress, calibration=calibration)
@@ -158,19 +161,19 @@ def _compile(model_path, out_dir, options, toolkit, calib_ids, force, dump_after
             after(build.NAME)
         for name, model in dumps.items():
             os.makedirs(os.path.join(tmp, "dump"), exist_ok=True)
-            io.save_onnx(model, os.path.join(tmp, "dump", f"after_{name}.onnx"))
+            fileio.save_onnx(model, os.path.join(tmp, "dump", f"after_{name}.onnx"))
         manifest = _finish(ctx, tmp, toolkit, options)
     return manifest
 
 
 def _compile_stream(model_path, out_dir, options, toolkit, calib_ids, force, progress, on_pass):
-    """A per-layer folder, one stage at a time (rwkv2rknn/stream.py): segment files are written
+    """A per-layer folder, one stage at a time (rwkv2rknn/compiler/stream.py): segment files are written
     as they are cut, so memory stays near a few layers' weights whatever the model's size."""
     from rwkv2rknn import passes
-    from rwkv2rknn.passes import build
-    from rwkv2rknn.stream import compile_stream
+    from rwkv2rknn.rknn import build
+    from rwkv2rknn.compiler.stream import compile_stream
 
-    with io.atomic_dir(out_dir, MANIFEST, force=force) as tmp:
+    with fileio.atomic_dir(out_dir, MANIFEST, force=force) as tmp:
         early = None if options.plan_only or calib_ids else []  # fp16: build while streaming
 
         def on_segment(sctx, seg):
@@ -204,14 +207,14 @@ def _compile_stream(model_path, out_dir, options, toolkit, calib_ids, force, pro
 def _finish(ctx: Context, tmp: str, toolkit: str, options: Options) -> Manifest:
     manifest = make_manifest(ctx, tmp, toolkit, options.plan_only)
     manifest.check_bindings()
-    io.write_json(os.path.join(tmp, PLAN), plan_report(ctx, manifest))
-    io.write_json(os.path.join(tmp, MANIFEST), manifest.to_dict())
+    fileio.write_json(os.path.join(tmp, PLAN), plan_report(ctx, manifest))
+    fileio.write_json(os.path.join(tmp, MANIFEST), manifest.to_dict())
     return manifest
 
 
 def _calibration_ids(model_path: str, options: Options):
     """(calibration ids, held-out ids, where) for a quantised compile, None for fp16."""
-    from rwkv2rknn.plan import PRECISIONS
+    from rwkv2rknn.artifact.plan import PRECISIONS
     if options.quant not in PRECISIONS:
         raise UsageError(f"unknown precision '{options.quant}'", f"use one of {', '.join(PRECISIONS)}")
     if options.quant == "fp16":
@@ -222,9 +225,9 @@ def _calibration_ids(model_path: str, options: Options):
 def _calibrate(ctx: Context, tmp: str, toolkit: str, calib_ids) -> dict:
     """Trace the cut segments on the calibration text (fp32 onnxruntime) and write the datasets;
     the manifest written here lets the executor run them and is replaced when the build is done."""
-    from rwkv2rknn.passes import build
+    from rwkv2rknn.rknn import build
     cal, hold, where = calib_ids
-    io.write_json(os.path.join(tmp, MANIFEST), make_manifest(ctx, tmp, toolkit, True).to_dict())
+    fileio.write_json(os.path.join(tmp, MANIFEST), make_manifest(ctx, tmp, toolkit, True).to_dict())
     rows = prefill_rows(ctx) if ctx.options.prefill_rows else 0
     out = calibrate.prepare(tmp, cal, hold, rows, [s.input for s in ctx.state if not s.accumulator],
                             build.DECODE_ROWS)
@@ -266,5 +269,5 @@ def build_rknn(onnx_path: str, rknn_path: str, target: str = "rk3588", timeout: 
                rows=()) -> str:
     """Build one ONNX file into an .rknn in a child process (a T-row file: one graph per row
     count in ``rows``); '' on success, else why not."""
-    from rwkv2rknn.passes.build import build_child
+    from rwkv2rknn.rknn.build import build_child
     return build_child(onnx_path, rknn_path, target, False, timeout, rows)

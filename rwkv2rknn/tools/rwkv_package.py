@@ -23,7 +23,7 @@ from typing import List, Sequence, Tuple
 import numpy as np
 
 from rwkv2rknn.errors import MissingDependency, ToolkitError
-from rwkv2rknn.io import end_kept_child, scratch_prefix
+from rwkv2rknn.fileio import end_kept_child, scratch_prefix
 
 _SCRIPT = r"""
 import json, os, sys, time, traceback, numpy as np, torch

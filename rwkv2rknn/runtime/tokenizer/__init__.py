@@ -19,10 +19,10 @@ import os
 from typing import Optional
 
 from rwkv2rknn.errors import BadInput
-from rwkv2rknn.tokenizer.base import ByteTokenizer, Tokenizer
-from rwkv2rknn.tokenizer.hf import HFTokenizer
-from rwkv2rknn.tokenizer.stream import StreamDecoder
-from rwkv2rknn.tokenizer.world import WORLD_VOCAB_NAME, WORLD_VOCAB_SIZE, WorldTokenizer, find_world_vocab
+from rwkv2rknn.runtime.tokenizer.base import ByteTokenizer, Tokenizer
+from rwkv2rknn.runtime.tokenizer.hf import HFTokenizer
+from rwkv2rknn.runtime.tokenizer.stream import StreamDecoder
+from rwkv2rknn.runtime.tokenizer.world import WORLD_VOCAB_NAME, WORLD_VOCAB_SIZE, WorldTokenizer, find_world_vocab
 
 __all__ = [
     "Tokenizer",

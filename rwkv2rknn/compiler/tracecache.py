@@ -13,7 +13,7 @@ the values the stage before made, which the key holds byte for byte, so a change
 earlier reaches every later key), on the model's shape, and on the code that makes and runs
 the traced graph (the package's sources and the onnxruntime, onnx, onnx-graphsurgeon and numpy
 versions). The key is the SHA-256 of all of them. Entries follow the build cache's rules
-(``rwkv2rknn.buildcache``): written whole by a rename, used only if their bytes match the
+(``rwkv2rknn.rknn.buildcache``): written whole by a rename, used only if their bytes match the
 checksum recorded at writing, and an entry that fails is removed and traced again.
 """
 
@@ -29,8 +29,8 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
-from rwkv2rknn.buildcache import BuildCache, sha256_of
-from rwkv2rknn.ir import TensorInfo
+from rwkv2rknn.rknn.buildcache import BuildCache, sha256_of
+from rwkv2rknn.compiler.ir import TensorInfo
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def _unpack(blob: bytes) -> Result:
 
 class TraceCache:
     def __init__(self, folder: str):
-        from rwkv2rknn.io import remove_stale
+        from rwkv2rknn.fileio import remove_stale
         self.cache = BuildCache(folder, suffix=".npz")
         remove_stale(self.cache.folder, ".partial-")  # what a killed compile left
         self.hits = self.misses = 0

@@ -9,7 +9,7 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
-from .errors import NumericalError, UsageError
+from rwkv2rknn.errors import NumericalError, UsageError
 
 __all__ = ["sample_logits", "generate", "generate_text", "model_tokenizer", "GenerationResult"]
 

@@ -13,9 +13,9 @@ import os
 import shutil
 from typing import Dict
 
-from rwkv2rknn import io
+from rwkv2rknn import fileio
 from rwkv2rknn.errors import BadInput, UsageError
-from rwkv2rknn.plan import MANIFEST, sha256_file
+from rwkv2rknn.artifact.plan import MANIFEST, sha256_file
 
 
 def pack(artifact: str, out_dir: str, force: bool = False) -> Dict[str, int]:
@@ -49,7 +49,7 @@ def pack(artifact: str, out_dir: str, force: bool = False) -> Dict[str, int]:
     if tok and not os.path.isabs(tok) and tok.startswith(TOKENIZER_DIR + "/"):
         files.append((tok, ""))
     packed = dataclasses.replace(m, segments=tuple(segments), packed=True)
-    with io.atomic_dir(out_dir, MANIFEST, force=force) as tmp:
+    with fileio.atomic_dir(out_dir, MANIFEST, force=force) as tmp:
         for rel, sha in files:
             if not rel:
                 continue
@@ -63,7 +63,7 @@ def pack(artifact: str, out_dir: str, force: bool = False) -> Dict[str, int]:
             shutil.copyfile(src, os.path.join(tmp, rel))
             if rel.endswith(".onnx") and os.path.isfile(src + ".data"):  # its external weights
                 shutil.copyfile(src + ".data", os.path.join(tmp, rel) + ".data")
-        io.write_json(os.path.join(tmp, MANIFEST), packed.to_dict())
+        fileio.write_json(os.path.join(tmp, MANIFEST), packed.to_dict())
         need = device.memory_need(packed, tmp)
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out_dir) for f in fs)
     return {"bytes": size, "parameters": parameter_count(artifact, m), "memory": need["total"],

@@ -8,7 +8,7 @@ For a random RWKV-4 (or, with ``version``, RWKV-5.2, 6 or 7) of the given size (
 - one fused ONNX Runtime session of the whole model (the compiler's graph after ``state``);
   (skipped above 1 GiB of fp32 weights: making it holds about 4x them);
 - the ``rwkv`` package, cpu fp32, where installed (the reference implementation, every version,
-  in a child process: rwkv2rknn/rwkv_package.py);
+  in a child process: rwkv2rknn/tools/rwkv_package.py);
 
 each as the median ms/token over many tokens after a warm-up, their ratios to the per-layer loop,
 the prefill rate of the hybrid executor (T-row segments, chunks of 32), the peak memory of the
@@ -31,7 +31,7 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
-from rwkv2rknn.io import scratch_prefix
+from rwkv2rknn.fileio import scratch_prefix
 
 
 def time_steps(step: Callable[[int], object], tokens: List[int], warmup: int = 2) -> List[float]:
@@ -81,7 +81,8 @@ def run_bench(layers: int = 24, width: int = 1024, vocab: int = 50277, tokens: i
     checkpoint (export, the `rwkv` package's .pth), the plan compile, the per-layer sessions,
     the hybrid executor's sessions, the fused session (up to FUSED_LIMIT), the `rwkv` package
     (a child process). Peak memory is the process tree's, sampled, per phase."""
-    from rwkv2rknn import resources, rwkv_package
+    from rwkv2rknn.compiler import resources
+    from rwkv2rknn.tools import rwkv_package
     from rwkv2rknn.models.export import arch_of, export
 
     own = workdir is None
@@ -134,7 +135,7 @@ def run_bench(layers: int = 24, width: int = 1024, vocab: int = 50277, tokens: i
             elif with_rwkv:
                 echo("  rwkv package: not installed (pip install rwkv), not timed")
             mem.mark("board per-call costs")
-            from rwkv2rknn.measure import call_costs
+            from rwkv2rknn.tools.measure import call_costs
             results["call_costs"] = call_costs(probes, core_mask, echo=lambda line: None)
             mem.mark("end")
         results["wall_s"] = time.perf_counter() - t_start
@@ -153,9 +154,9 @@ def _save_pth(sd, work: str) -> str:
 
 
 def _plan(onnx_dir: str, art: str, echo):
-    from rwkv2rknn import resources
-    from rwkv2rknn.compiler import compile_model
-    from rwkv2rknn.ir import Options
+    from rwkv2rknn.compiler import resources
+    from rwkv2rknn.compiler.driver import compile_model
+    from rwkv2rknn.compiler.ir import Options
     t0 = time.perf_counter()
     manifest = compile_model(onnx_dir, art, Options(plan_only=True))
     resources.give_back_memory()
@@ -165,7 +166,7 @@ def _plan(onnx_dir: str, art: str, echo):
 
 
 def _per_layer(onnx_dir: str, ids: List[int]) -> List[float]:
-    from rwkv2rknn import resources
+    from rwkv2rknn.compiler import resources
     from rwkv2rknn.runtime.reference import PerLayerModel
     ref = PerLayerModel(onnx_dir)
     st = ref.init_state()
@@ -178,7 +179,7 @@ def _per_layer(onnx_dir: str, ids: List[int]) -> List[float]:
 def _hybrid(art: str, ids: List[int], tokens: int, vocab: int, seed: int):
     """Decode ms per token, then prefill (chunks of 32, T-row sessions) once the per-token
     sessions that prefill does not use are closed."""
-    from rwkv2rknn import resources
+    from rwkv2rknn.compiler import resources
     from rwkv2rknn.runtime.hybrid import HybridModel
     hyb = HybridModel(art, backend="ort")
     hs = hyb.init_state()
@@ -202,7 +203,7 @@ def _hybrid(art: str, ids: List[int], tokens: int, vocab: int, seed: int):
 
 
 def _fused(onnx_dir: str, ids: List[int]) -> List[float]:
-    from rwkv2rknn import resources
+    from rwkv2rknn.compiler import resources
     fused = _fused_session(onnx_dir)
     out = time_steps(fused, ids)
     del fused
@@ -249,7 +250,7 @@ def _fused_session(onnx_dir: str):
     """The whole model as one onnxruntime session: the compiler's graph after load, keep_fp32,
     state and normalize_matmul (the row-form MatMuls onnxruntime runs 10-20x faster than the
     files' MatMul(W, x)), not partitioned."""
-    from rwkv2rknn.compiler import whole_graph
+    from rwkv2rknn.compiler.driver import whole_graph
     from rwkv2rknn.runtime.ort import OrtRunner
 
     data, token, logits, slots = whole_graph(onnx_dir)

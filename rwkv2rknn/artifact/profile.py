@@ -165,7 +165,7 @@ class DeviceProfile:
             p = cls(**kw)
         except (TypeError, ValueError, AttributeError) as e:
             raise BadInput(f"{where} is not a valid device profile ({e})",
-                           "see rwkv2rknn/profile.py for the fields") from e
+                           "see rwkv2rknn/artifact/profile.py for the fields") from e
         speeds = [p.cpu_gemv_gbs, p.npu_gbs, p.npu_gbs_all, p.npu_core_gflops, p.cpu_gflops,
                   p.dram_gbs, p.npu_cores, p.npu_int8_speedup,
                   p.cpu_special_flops] + list(p.npu_gflops.values())
@@ -182,7 +182,7 @@ def load_profile(path: Optional[str]) -> DeviceProfile:
             data = json.load(f)
     except (OSError, ValueError) as e:
         raise BadInput(f"cannot read device profile '{path}' ({type(e).__name__})",
-                       "give a JSON file (see rwkv2rknn/profile.py)") from e
+                       "give a JSON file (see rwkv2rknn/artifact/profile.py)") from e
     if not isinstance(data, dict):
-        raise BadInput(f"device profile '{path}' is not a JSON object", "see rwkv2rknn/profile.py")
+        raise BadInput(f"device profile '{path}' is not a JSON object", "see rwkv2rknn/artifact/profile.py")
     return DeviceProfile.from_dict(data, where=f"device profile '{path}'")

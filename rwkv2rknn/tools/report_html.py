@@ -6,8 +6,8 @@ import math
 from typing import List
 
 from rwkv2rknn import __version__
-from rwkv2rknn.report import HANDOFF, ReportData, show_value, stage_range, strip_svg
-from rwkv2rknn.svg import esc, fmt, hbars, line_plot, stacked
+from rwkv2rknn.tools.report import HANDOFF, ReportData, show_value, stage_range, strip_svg
+from rwkv2rknn.tools.svg import esc, fmt, hbars, line_plot, stacked
 
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;color:#222;

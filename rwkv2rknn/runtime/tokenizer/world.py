@@ -8,7 +8,7 @@ import os
 from typing import Iterable, Optional
 
 from rwkv2rknn.errors import BadInput, MissingDependency
-from rwkv2rknn.tokenizer.base import Tokenizer, check_id
+from rwkv2rknn.runtime.tokenizer.base import Tokenizer, check_id
 
 WORLD_VOCAB_NAME = "rwkv_vocab_v20230424.txt"
 WORLD_VOCAB_SIZE = 65536

@@ -17,7 +17,7 @@ from typing import Callable, Dict, Optional
 
 import numpy as np
 
-from rwkv2rknn.profile import DeviceProfile
+from rwkv2rknn.artifact.profile import DeviceProfile
 
 SIZE = 1024
 ROWS = (1, 16, 128)
@@ -48,12 +48,12 @@ def _probe_models() -> Dict[str, object]:
 
 def build_probes(folder: str, target: str = "rk3588", echo: Callable[[str], None] = print) -> None:
     """Write probe .onnx files and their .rknn builds into ``folder`` (compile machine)."""
-    from rwkv2rknn import io
-    from rwkv2rknn.compiler import build_rknn
+    from rwkv2rknn import fileio
+    from rwkv2rknn.compiler.driver import build_rknn
     os.makedirs(folder, exist_ok=True)
     for name, model in _probe_models().items():
         onnx_path = os.path.join(folder, name + ".onnx")
-        io.save_onnx(model, onnx_path)
+        fileio.save_onnx(model, onnx_path)
         reason = build_rknn(onnx_path, os.path.join(folder, name + ".rknn"), target)
         if reason:
             from rwkv2rknn.errors import ToolkitError
@@ -64,7 +64,7 @@ def build_probes(folder: str, target: str = "rk3588", echo: Callable[[str], None
 def time_probe(folder: str, name: str, backend: str, core_mask: str = "auto") -> float:
     """Median ms per call of probe ``name`` (``call`` or ``mm{rows}``) on ``backend``:
     rknn-rt / rknn-lite time its .rknn on the board, rknn-sim its .onnx in the simulator."""
-    from rwkv2rknn.bench import time_steps
+    from rwkv2rknn.tools.bench import time_steps
     from rwkv2rknn.errors import BadInput
     from rwkv2rknn.runtime.rknn import RknnLiteRunner, RknnSimRunner
     from rwkv2rknn.runtime.rknnrt import RknnRtRunner
@@ -124,7 +124,7 @@ def call_costs(folder: Optional[str], core_mask: str = "auto",
 
 def measure(folder: str, backend: str, core_mask: str = "auto",
             echo: Callable[[str], None] = print) -> DeviceProfile:
-    from rwkv2rknn.bench import gemv_bandwidth_gbs
+    from rwkv2rknn.tools.bench import gemv_bandwidth_gbs
     ms = {}
     for name in ["call"] + [f"mm{m}" for m in ROWS]:
         ms[name] = time_probe(folder, name, backend, core_mask)

@@ -23,7 +23,7 @@ from typing import Optional
 
 import numpy as np
 
-from rwkv2rknn.compare import Report, compare_logits, rel_error
+from rwkv2rknn.tools.compare import Report, compare_logits, rel_error
 from rwkv2rknn.errors import BadInput
 
 log = logging.getLogger(__name__)
@@ -161,8 +161,8 @@ def _state_views(hybrid, ref):
 
 
 def _tokens(manifest, backend: str, n: int, seed: int, text: Optional[str]):
-    from rwkv2rknn.calibrate import BUILTIN_TEXT
-    from rwkv2rknn.tokenizer import load_tokenizer
+    from rwkv2rknn.rknn.calibrate import BUILTIN_TEXT
+    from rwkv2rknn.runtime.tokenizer import load_tokenizer
     if text is None and (backend == "ort" or artifact_precision(manifest) != "w8a8"):
         return [int(t) for t in np.random.default_rng(seed).integers(0, manifest.vocab, n)]
     if not manifest.tokenizer:
@@ -178,8 +178,8 @@ def _tokens(manifest, backend: str, n: int, seed: int, text: Optional[str]):
 def save_report(artifact: str, rep: Report, backend: str, n_tokens: int, seed: int) -> Optional[str]:
     """Write the report to ARTIFACT/check.json (atomically) for `rwkv2rknn report`; the path, or
     None (logged) where the artifact cannot be written, which does not fail the check."""
-    from rwkv2rknn.io import write_json
-    from rwkv2rknn.plan import MANIFEST, sha256_file
+    from rwkv2rknn.fileio import write_json
+    from rwkv2rknn.artifact.plan import MANIFEST, sha256_file
     path = os.path.join(artifact, CHECK_JSON)
     data = {"backend": backend, "tokens": n_tokens, "seed": seed,
             "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

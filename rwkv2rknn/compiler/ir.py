@@ -14,8 +14,8 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-from rwkv2rknn.plan import StateSlot
-from rwkv2rknn.profile import DeviceProfile, load_profile
+from rwkv2rknn.artifact.plan import StateSlot
+from rwkv2rknn.artifact.profile import DeviceProfile, load_profile
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class Options:
     min_segment_flops: int = 2 * 32 * 32
     cache_dir: Optional[str] = None
     build_timeout: float = 900.0
-    stream: bool = True  # per-layer folders: one stage at a time (rwkv2rknn/stream.py)
+    stream: bool = True  # per-layer folders: one stage at a time (rwkv2rknn/compiler/stream.py)
     build_jobs: int = 0  # rknn-toolkit2 builds side by side (0: as many as cores and memory allow)
     placement: str = "npu"  # "npu": every constant-weight MatMul on the NPU; "cost": by the profile
     profile: Optional[str] = None  # device profile JSON (default: published RK3588 figures)
@@ -90,7 +90,7 @@ class GraphSegment:
     fallback: str = ""  # why an NPU candidate runs on the CPU (its build failed)
     seq_rknn: Optional[str] = None  # the T-row variant's build, one graph per row count
     seq_rows: Tuple[int, ...] = ()
-    seq_layout: str = ""  # 'columns': the T-row build takes and gives [C, T] (rwkv2rknn.columns)
+    seq_layout: str = ""  # 'columns': the T-row build takes and gives [C, T] (rwkv2rknn.rknn.columns)
     seq_fallback: str = ""  # why the T-row build failed (prefill then runs token by token)
     # build with --quant: the precision each build has, and the quantised build's measured accuracy
     precision: str = "fp16"

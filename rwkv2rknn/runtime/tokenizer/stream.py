@@ -5,7 +5,7 @@ from __future__ import annotations
 import codecs
 from typing import Sequence
 
-from rwkv2rknn.tokenizer.base import Tokenizer
+from rwkv2rknn.runtime.tokenizer.base import Tokenizer
 
 
 class StreamDecoder:

@@ -12,7 +12,7 @@ counts and for DECODE_ROWS: token steps run it with the token in row 0. Where th
 the per-token graph is built alone and prefill runs token by token.
 
 With ``--quant w8a8`` (or w16a16i) a build is quantised from the segment's calibration dataset
-(``rwkv2rknn.calibrate``); the child also runs it in the simulator on held-out rows (a T-row build:
+(``rwkv2rknn.rknn.calibrate``); the child also runs it in the simulator on held-out rows (a T-row build:
 each row as a token step, in row 0) and the parent scores them against fp32 onnxruntime. A
 segment whose smallest cosine is below ``--quant-min-cos`` (or whose quantised build fails) is
 built fp16 instead, and the plan says so. The cache key of a quantised build also holds the
@@ -24,7 +24,7 @@ so each build runs in a child process with a time limit, in a private scratch fo
 failure carries the toolkit's own error line. Builds run side by side, as many as the cores and
 the free memory allow, largest first, starting while later segments are still being cut
 (``Builds.add``; ``build_queue``). Results are cached by the SHA-256 of the
-segment's ONNX bytes, the target and the toolkit version (``rwkv2rknn.buildcache``): an unchanged
+segment's ONNX bytes, the target and the toolkit version (``rwkv2rknn.rknn.buildcache``): an unchanged
 segment is never rebuilt, an fp16 entry is used only after its recorded checksum matches, and a
 per-entry lock makes two compiles (or two workers) take turns. A failed build moves the segment
 to the CPU and says so, a failed T-row build leaves its prefill token by token and says so; with
@@ -44,13 +44,12 @@ from typing import Callable, Dict, Optional
 
 import numpy as np
 
-from rwkv2rknn.calibrate import SegmentCalibration
+from rwkv2rknn.rknn.calibrate import SegmentCalibration
 from rwkv2rknn.errors import ToolkitError
-from rwkv2rknn.io import read_json, remove_quietly, remove_stale_scratch, write_json
-from rwkv2rknn.ir import Context, GraphSegment
-from rwkv2rknn.passes.build_child import build_child, clean_stale_partials, partial_name
-from rwkv2rknn.passes.build_worker import CachedBuilds
-from rwkv2rknn.passes.sequence import logits_only
+from rwkv2rknn.fileio import read_json, remove_quietly, remove_stale_scratch, write_json
+from rwkv2rknn.compiler.ir import Context, GraphSegment
+from rwkv2rknn.rknn.build_child import build_child, clean_stale_partials, partial_name
+from rwkv2rknn.rknn.build_worker import CachedBuilds
 
 NAME = "build"
 # Row count a token step runs with on a T-row build. rknn-toolkit2 2.5.0 builds several row counts
@@ -91,9 +90,9 @@ class Builds:
 
     def __init__(self, ctx: Context, out_dir: str, progress=None, calibration=None,
                  biggest: int = 0):
-        from rwkv2rknn import resources
-        from rwkv2rknn.passes.build_queue import BuildQueue
-        from rwkv2rknn.toolkit import require_toolkit
+        from rwkv2rknn.compiler import resources
+        from rwkv2rknn.rknn.build_queue import BuildQueue
+        from rwkv2rknn.rknn.toolkit import require_toolkit
 
         self.ctx, self.out_dir, self.progress = ctx, out_dir, progress
         self.calibration = calibration or {}
@@ -156,6 +155,7 @@ class Builds:
             ctx.note(NAME, f"{n_q} of {len(todo)} NPU segment(s) {opts.quant} (min cosine >= "
                            f"{opts.quant_min_cos:g} on held-out rows)" +
                            (f"; kept fp16: {'; '.join(kept)}" if kept else ""))
+        from rwkv2rknn.passes.sequence import logits_only  # here: rwkv2rknn.passes imports this module
         for s in todo:
             if s.seq_model is not None and logits_only(ctx, s) and not s.fallback:
                 ctx.note(NAME, f"{s.name}: built for one row only (token steps; a prompt needs "
@@ -187,6 +187,7 @@ def run(ctx: Context, out_dir: str,
 def _one(ctx: Context, seg: GraphSegment, out_dir: str, builds: CachedBuilds, version: str,
          cal: Optional[SegmentCalibration]):
     """Build one NPU segment: (progress status, 'built' / 'cached' / 'failed')."""
+    from rwkv2rknn.passes.sequence import logits_only
     opts = ctx.options
     cache = builds.cache.folder
     if seg.seq_model is not None and opts.prefill_rows and not logits_only(ctx, seg):
@@ -230,13 +231,13 @@ def _build_shared(ctx: Context, seg: GraphSegment, out_dir: str, builds: CachedB
     """The T-row variant of an NPU segment built for DECODE_ROWS and the prefill row counts: one
     .rknn, weights once, serving token steps (the token in row 0, padding after it) and prefill;
     quantised when ``cal`` has T-row samples and the build is accurate enough. Built in columns
-    (``rwkv2rknn.columns``: no Transposes on the NPU) where the segment has that form, else as rows.
+    (``rwkv2rknn.rknn.columns``: no Transposes on the NPU) where the segment has that form, else as rows.
     Returns 'built' or 'cached' (after the precision), or '' when the build failed
     (``seg.seq_fallback`` says why; the caller then builds the per-token graph alone and prefill
     runs token by token)."""
     rows = tuple(sorted({DECODE_ROWS, *ctx.options.prefill_rows}))
     onnx_path = os.path.join(out_dir, "segments", seg.name + ".seq.onnx")
-    from rwkv2rknn.columns import fits
+    from rwkv2rknn.rknn.columns import fits
     key = _seq_key(ctx, onnx_path, version, rows, True)
     # a columns build in the cache: the file fitted when it was built (the check loads the file,
     # rewrites, writes and runs it: the largest cost of a cached compile's build step)
@@ -280,7 +281,7 @@ def _build_seq(ctx: Context, seg: GraphSegment, out_dir: str, builds: CachedBuil
 
 
 def _seq_key(ctx: Context, onnx_path: str, version: str, rows, columns: bool) -> str:
-    from rwkv2rknn.columns import CACHE_TAG
+    from rwkv2rknn.rknn.columns import CACHE_TAG
     return file_key(onnx_path, ctx.options.target, version,
                     repr(rows).encode() + (b"|" + CACHE_TAG.encode() if columns else b""))
 
@@ -294,8 +295,8 @@ def _copy_shared(seg: GraphSegment, entry: str, out_dir: str, rows, key: str) ->
 
 
 def _quant_variant(precision: str, digest: str, columns: bool = False) -> str:
-    from rwkv2rknn.columns import CACHE_TAG
-    from rwkv2rknn.toolkit import QUANT_ALGORITHM, QUANT_DTYPE, QUANT_METHOD
+    from rwkv2rknn.rknn.columns import CACHE_TAG
+    from rwkv2rknn.rknn.toolkit import QUANT_ALGORITHM, QUANT_DTYPE, QUANT_METHOD
     return (f"{QUANT_DTYPE[precision]}|{QUANT_ALGORITHM}|{QUANT_METHOD}|{digest}"
             + (f"|{CACHE_TAG}" if columns else ""))
 
@@ -307,7 +308,7 @@ def _quantised(ctx: Context, seg: GraphSegment, onnx_path: str, rows, dataset: s
     on the held-out rows, else ('', False) and ``seg.precision_note`` says why it is built fp16.
     ``rows``: a T-row build's row counts (its held-out rows run as token steps, in row 0);
     ``columns``: built in columns."""
-    from rwkv2rknn.calibrate import Accuracy, accuracy
+    from rwkv2rknn.rknn.calibrate import Accuracy, accuracy
     opts = ctx.options
     carried = {t for s in ctx.state if s.accumulator for t in (s.input, s.output)}
     if carried & set(seg.inputs + seg.outputs) or any(n.op in ("Exp", "Max") for n in seg.nodes):
@@ -353,7 +354,7 @@ def _quantised(ctx: Context, seg: GraphSegment, onnx_path: str, rows, dataset: s
 def _estimate(ctx: Context, seg: GraphSegment) -> None:
     """The segment's estimated ms per call and per prefill token at the precision it was built."""
     from rwkv2rknn.passes.partition import estimate_ms
-    from rwkv2rknn.passes.sequence import prefill_ms
+    from rwkv2rknn.passes.sequence import logits_only, prefill_ms
     if seg.precision == "fp16" and seg.seq_precision == "fp16":
         return
     seg.est_ms = estimate_ms("npu", seg.nodes, ctx.profile, precision=seg.precision)

@@ -11,7 +11,7 @@ import os
 from typing import Iterable, Optional
 
 from rwkv2rknn.errors import BadInput, MissingDependency
-from rwkv2rknn.tokenizer.base import Tokenizer, check_id
+from rwkv2rknn.runtime.tokenizer.base import Tokenizer, check_id
 
 
 def _byte_level_alphabet() -> dict[str, int]:
