@@ -9,6 +9,10 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("RWKV_JIT_ON", "0")
 os.environ.setdefault("RWKV_CUDA_ON", "0")
 sys.path.insert(0, os.path.dirname(__file__))  # tests/public_recipe.py
+# Test modules other folders import by name: tests/rknn/test_columns.py (test_slot_onefile.py),
+# tests/passes/helpers.py (the pass tests).
+for _folder in ("rknn", "passes"):
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), _folder))
 # training/rwkv4_torch.py and train.py (the training script lives outside the installed package)
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "training"))
 

@@ -62,7 +62,7 @@ def test_import_needs_only_numpy_and_stdlib():
         "bad = [m for m in ('tokenizers', 'rwkv', 'torch') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
 

@@ -183,7 +183,7 @@ def test_imports_run_one_way():
     (rknn/build.py, formerly passes/build.py) and the cli package import the passes; the board's
     runtime and tokenizer import none (README, Layout)."""
     import re
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     for folder in ("rwkv2rknn", "rwkv2rknn/compiler", "rwkv2rknn/rknn", "rwkv2rknn/artifact",
                    "rwkv2rknn/tools", "rwkv2rknn/runtime", "rwkv2rknn/runtime/tokenizer", "models"):
         for name in os.listdir(os.path.join(root, folder)):

@@ -1,7 +1,7 @@
 """The build queue: largest first, one slot fewer while segments are still added, a memory
 budget, every item reported once, a worker's error handed to the caller. Plain Python work
 functions stand in for builds here (the queue does not know what a build is); the real builds
-through it are in test_build.py and test_stream.py."""
+through it are in rknn/test_build.py and compiler/test_stream.py."""
 
 import threading
 import time
