@@ -25,6 +25,15 @@ def _parse_tokens(text: str, vocab: int):
     return ids
 
 
+def _open(artifact, backend: str, core_mask: str = "auto"):
+    """(model, tokenizer spec) of ARTIFACT; none given: the bundled model, compiled on first use."""
+    from rwkv2rknn.runtime.loader import open_model
+    if artifact is None:
+        from rwkv2rknn.compiler.bundled import ensure_compiled
+        artifact = ensure_compiled(echo=say)
+    return open_model(artifact, backend, core_mask, echo=say)
+
+
 def _check_prompt(prompt: str) -> None:
     if prompt is None or prompt == "":
         raise UsageError("the prompt is empty", 'give some text, like --prompt "Once upon a time"')
@@ -70,8 +79,7 @@ def run(artifact, prompt, max_tokens, temperature, top_p, seed, backend, core_ma
         _check_prompt(prompt)
         if not 1 <= max_tokens <= 65536:
             raise UsageError(f"--max-tokens {max_tokens} is out of range", "give 1 to 65536")
-    from rwkv2rknn.runtime.loader import open_model
-    model, tok_spec = open_model(artifact, backend, core_mask, echo=say)
+    model, tok_spec = _open(artifact, backend, core_mask)
     if tokens is not None:
         import numpy as np
         ids = _parse_tokens(tokens, model.vocab)
@@ -170,9 +178,8 @@ def eval_cmd(artifact, text_file, max_bytes, backend, tokenizer):
     """Bits per byte of ARTIFACT (or a per-layer folder with --backend ort) on a text file."""
     from rwkv2rknn.tools.evaluate import bits_per_byte, read_text
     from rwkv2rknn.runtime.generate import model_tokenizer
-    from rwkv2rknn.runtime.loader import open_model
     text = read_text(text_file, max_bytes)
-    model, tok_spec = open_model(artifact, backend, echo=say)
+    model, tok_spec = _open(artifact, backend)
     score = bits_per_byte(model, model_tokenizer(tokenizer or tok_spec), text)
     click.echo(f"{score.bits_per_byte:.4f} bits per byte over {score.bytes} bytes "
                f"({score.tokens} tokens, next-token top-1 {100 * score.top1:.1f}%)")
@@ -187,8 +194,8 @@ def eval_cmd(artifact, text_file, max_bytes, backend, tokenizer):
 def demo(prompt, max_tokens, seed, backend):
     """The whole flow on the bundled model: export, compile (plan table), generate, check, report."""
     from rwkv2rknn.tools.check import run_check, save_report
-    from rwkv2rknn.models import bundled
-    from rwkv2rknn.tools.report import write_report
+    from rwkv2rknn.compiler import bundled
+    from rwkv2rknn.tools.report_html import write_report
     from rwkv2rknn.runtime.hybrid import load_manifest
     from rwkv2rknn.runtime.loader import open_model
     _check_prompt(prompt)
