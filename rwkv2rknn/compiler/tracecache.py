@@ -51,8 +51,9 @@ def code_digest() -> str:
     for lib in (onnxruntime, onnx, onnx_graphsurgeon, np):
         h.update(f"{lib.__name__} {lib.__version__}\0".encode())
     # where the package's folders are (found, not imported: the passes run above this module)
+    names = ["rwkv2rknn"] + [f"rwkv2rknn.{sub}" for sub in ("passes", "models")]
     folders = sorted({os.path.dirname(os.path.abspath(importlib.util.find_spec(m).origin))
-                      for m in ("rwkv2rknn", "rwkv2rknn.passes", "rwkv2rknn.models")})
+                      for m in names})
     for folder in folders:
         for root, dirs, files in os.walk(folder):
             dirs[:] = sorted(d for d in dirs if d != "__pycache__")
