@@ -9,8 +9,8 @@ import subprocess
 import numpy as np
 import pytest
 
-from pngread import read_png
-from report_page import alter_segments, copy_artifact
+from helpers.pngread import read_png
+from helpers.report_page import alter_segments, copy_artifact
 from rwkv2rknn.tools import report, report_html
 
 pytestmark = pytest.mark.browser
