@@ -53,7 +53,7 @@ test: install lint
 	TQDM_DISABLE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # The unit layer only: what is not marked slow.
-test-fast: install lint
+test-fast: install
 	TQDM_DISABLE=1 $(BIN)/python -m pytest -q -m "not slow and not browser" $(PYTEST_ARGS)
 
 # The report in a real browser: headless Chromium from Debian's packages (installed here, as root).
