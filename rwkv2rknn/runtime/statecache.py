@@ -56,6 +56,10 @@ class StateCache:
         self.bytes = 0
         self.hits = self.misses = 0
         if folder:
+            try:
+                os.makedirs(folder, exist_ok=True)
+            except OSError as e:
+                log.warning("state cache: cannot make %s (%s)", folder, e.strerror)
             self._read_folder()
 
     def __len__(self) -> int:
