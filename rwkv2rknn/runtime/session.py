@@ -351,7 +351,7 @@ class Session:
                        for k, v in fresh.items()}
             else:
                 new = arrays["state"].reshape(fresh.shape).astype(fresh.dtype)
-            tokens = [int(t) for t in arrays["tokens"].reshape(-1)]
+            tokens = [int(t) for t in np.asarray(arrays["tokens"]).reshape(-1)]
             logits = arrays.get("logits")
         except (KeyError, ValueError) as e:
             raise BadInput(f"'{where}' does not hold a state of this model's shape ({e})",
