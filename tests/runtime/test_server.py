@@ -356,3 +356,20 @@ def test_503_while_the_model_loads(bundled_artifact):
         gate.set()
         srv.should_exit = True
         thread.join(timeout=30)
+
+
+def test_serve_and_chat_import_nothing_heavy(fp32_plan_artifact):
+    """What `serve` and `chat` import on the board: no torch, onnx, onnx-graphsurgeon, rknn
+    (nor pydantic: the stack is Starlette and uvicorn only)."""
+    code = ("import sys; from rwkv2rknn.cli import cli; "
+            "from rwkv2rknn.runtime.server import Engine, ServerConfig, make_app; "
+            "from rwkv2rknn.runtime.loader import open_model; "
+            "from rwkv2rknn.runtime.session import Session; from rwkv2rknn.runtime.sampler import Sampler; "
+            "from rwkv2rknn.tokenizer import ByteTokenizer; "
+            f"m, _ = open_model({fp32_plan_artifact!r}, 'ort'); s = Session(m, ByteTokenizer()); "
+            "r = s.generate([1, 2, 3], Sampler(temperature=0), 5, stop_ids=()); assert len(r.ids) == 5; "
+            f"make_app(Engine(ServerConfig(artifact={fp32_plan_artifact!r}))); "
+            "bad = [k for k in ('torch', 'onnx', 'onnx_graphsurgeon', 'rknn', 'rwkv2rknn.toolkit', "
+            "'pydantic') if k in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
