@@ -568,11 +568,31 @@ def check_artifact(path: Optional[str]) -> None:
     load_manifest(path)
 
 
+def check_port(host: str, port: int) -> None:
+    """A one-line error now for an address that cannot be listened on, rather than the server's
+    own log line later."""
+    import socket
+    from rwkv2rknn.errors import UsageError
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise UsageError(f"cannot listen on host '{host}' ({e.strerror})", "give an address of this machine") from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as e:
+            raise UsageError(f"cannot listen on {host}:{port} ({e.strerror})",
+                             "give another --port, or stop what uses it") from None
+
+
 def run_server(cfg: ServerConfig, host: str, port: int, echo: Callable[[str], None] = log.info,
                load: Optional[Callable] = None) -> None:
     """Serve until interrupted; raises the load error if the model cannot be loaded."""
     import uvicorn
     check_artifact(cfg.artifact)
+    check_port(host, port)
     engine = Engine(cfg, load=load, echo=echo)
     app = make_app(engine)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,

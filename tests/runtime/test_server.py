@@ -373,3 +373,12 @@ def test_serve_and_chat_import_nothing_heavy(fp32_plan_artifact):
             "'pydantic') if k in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_a_port_in_use_or_a_missing_artifact_is_one_line(server, bundled_artifact, tmp_path):
+    for args, text in (([bundled_artifact, "--port", str(server.port)], "cannot listen on"),
+                       ([str(tmp_path / "missing")], "is not a folder")):
+        r = subprocess.run([sys.executable, "-m", "rwkv2rknn", "serve", *args, "--backend", "ort",
+                            "--host", HOST], capture_output=True, text=True, timeout=60)
+        assert r.returncode in (1, 2) and text in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
