@@ -119,8 +119,10 @@ def ttft(args, artifact, text):
         for i in range(args.repeats):
             history = conversation(text, 4000 * i, args.history)
             for srv in (cached, scratch):  # the turn before: the cached server keeps its state
-                _, r1 = srv.call("POST", "/v1/chat/completions",
-                                 {"model": srv.name, "messages": history, "max_tokens": 16, "temperature": 0})
+                status, r1 = srv.call("POST", "/v1/chat/completions",
+                                      {"model": srv.name, "messages": history, "max_tokens": 16, "temperature": 0})
+                if status != 200:
+                    raise SystemExit(f"the server answered {status}: {r1}")
             follow = history + [{"role": "assistant", "content": r1["choices"][0]["message"]["content"]},
                                 {"role": "user", "content": "And what happened next?"}]
             body = {"messages": follow, "max_tokens": 4, "temperature": 0}

@@ -156,10 +156,10 @@ def _reply(session, sampler, text: str, max_tokens: int) -> None:
         sys.stdout.flush()
 
     ids = session.encode(text)
-    click.echo("Assistant:", nl=False)
-    sys.stdout.flush()
     old = signal.signal(signal.SIGINT, on_sigint)
     try:
+        click.echo("Assistant:", nl=False)
+        sys.stdout.flush()
         reply = session.generate(ids, sampler, max_tokens, stop=[TURN_END], stop_ids=(),
                                  on_text=out, cancel=lambda: stop["now"])
         if reply.finish_reason != "stop":
