@@ -72,7 +72,7 @@ def chat(artifact, backend, core_mask, tokenizer, system, max_tokens, load_file,
     tokens, however long the conversation. Format: "User: ...\\n\\nAssistant:"
     (RWKV World / G1); a reply ends at a blank line.
     Commands: /reset, /save FILE, /load FILE, /quit. Ctrl-C stops a reply."""
-    from rwkv2rknn.generate import model_tokenizer
+    from rwkv2rknn.runtime.generate import model_tokenizer
     from rwkv2rknn.runtime import chatformat
     from rwkv2rknn.runtime.loader import open_model
     from rwkv2rknn.runtime.sampler import Sampler, SamplerArgs

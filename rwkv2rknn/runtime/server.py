@@ -124,7 +124,7 @@ class Engine:
     # ------------------------------------------------------------ loading
 
     def _open(self):
-        from rwkv2rknn.generate import model_tokenizer
+        from rwkv2rknn.runtime.generate import model_tokenizer
         from rwkv2rknn.runtime.loader import open_model
         c = self.cfg
         model, spec = open_model(c.artifact, c.backend, c.core_mask, echo=self.echo)

@@ -271,7 +271,7 @@ class Session:
         end-of-text id (``stop_ids``, default the tokenizer's), ``max_tokens``, ``cancel()``
         or the ``deadline`` (time.monotonic()). ``after_prefill`` hears the session once the
         prompt is in (before the first draw)."""
-        from rwkv2rknn.tokenizer import StreamDecoder
+        from rwkv2rknn.runtime.tokenizer import StreamDecoder
         max_tokens = int(max_tokens)
         if max_tokens < 0:
             raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")

@@ -52,7 +52,7 @@ def test_greedy_with_penalties_decay_and_ban_picks_the_packages_tokens(package, 
     """Same table, same args, greedy: the package's generate and ours pick the same tokens, so
     the ban, the presence and frequency penalties, their decay and the free weight of spaces
     and digits are the package's."""
-    from rwkv2rknn.tokenizer import load_tokenizer
+    from rwkv2rknn.runtime.tokenizer import load_tokenizer
     table = _table(3)
     table[:, 33] += 2.0  # spaces (World id 33 is " ") often: their weight is 0
     table[:, 49:59] += 1.5  # and digits

@@ -169,7 +169,7 @@ def test_a_second_turn_starts_from_the_cached_state_and_equals_a_fresh_run(serve
     from rwkv2rknn.runtime.hybrid import HybridModel
     from rwkv2rknn.runtime.sampler import Sampler
     from rwkv2rknn.runtime.session import Session
-    from rwkv2rknn.tokenizer import ByteTokenizer
+    from rwkv2rknn.runtime.tokenizer import ByteTokenizer
     first = [{"role": "system", "content": "You are a character in a novel."},
              {"role": "user", "content": "Who is at the door?"}]
     r1 = chat(server, first)
@@ -322,7 +322,7 @@ def test_503_while_the_model_loads(bundled_artifact):
     import uvicorn
     from rwkv2rknn.runtime.hybrid import HybridModel
     from rwkv2rknn.runtime.server import Engine, ServerConfig, make_app
-    from rwkv2rknn.tokenizer import ByteTokenizer
+    from rwkv2rknn.runtime.tokenizer import ByteTokenizer
     gate = threading.Event()
 
     def load():
@@ -365,11 +365,11 @@ def test_serve_and_chat_import_nothing_heavy(fp32_plan_artifact):
             "from rwkv2rknn.runtime.server import Engine, ServerConfig, make_app; "
             "from rwkv2rknn.runtime.loader import open_model; "
             "from rwkv2rknn.runtime.session import Session; from rwkv2rknn.runtime.sampler import Sampler; "
-            "from rwkv2rknn.tokenizer import ByteTokenizer; "
+            "from rwkv2rknn.runtime.tokenizer import ByteTokenizer; "
             f"m, _ = open_model({fp32_plan_artifact!r}, 'ort'); s = Session(m, ByteTokenizer()); "
             "r = s.generate([1, 2, 3], Sampler(temperature=0), 5, stop_ids=()); assert len(r.ids) == 5; "
             f"make_app(Engine(ServerConfig(artifact={fp32_plan_artifact!r}))); "
-            "bad = [k for k in ('torch', 'onnx', 'onnx_graphsurgeon', 'rknn', 'rwkv2rknn.toolkit', "
+            "bad = [k for k in ('torch', 'onnx', 'onnx_graphsurgeon', 'rknn', 'rwkv2rknn.rknn.toolkit', "
             "'pydantic') if k in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr

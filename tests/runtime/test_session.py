@@ -12,7 +12,7 @@ from rwkv2rknn.errors import BadInput
 from rwkv2rknn.runtime.sampler import Sampler
 from rwkv2rknn.runtime.session import Session, StopText
 from rwkv2rknn.runtime.statecache import StateCache, prefix_key
-from rwkv2rknn.tokenizer import ByteTokenizer
+from rwkv2rknn.runtime.tokenizer import ByteTokenizer
 
 VOCAB = 97  # conftest SMALL
 
