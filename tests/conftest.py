@@ -152,3 +152,10 @@ def slot_models(tmp_path_factory):
     """version -> SlotModel ('5', '6' or '7'), made once per session."""
     made = {}
     return lambda version: made.setdefault(version, SlotModel(version, tmp_path_factory))
+
+
+@pytest.fixture(scope="session")
+def bundled_artifact():
+    """The bundled model as a user's first `rwkv2rknn run` compiles it (into this session's cache)."""
+    from rwkv2rknn.compiler.bundled import ensure_compiled
+    return ensure_compiled()

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from rwkv2rknn.cli.app import BACKEND, SEED, check_out_file, cli, handle_errors, say
+from rwkv2rknn.cli.app import BACKEND, SEED, check_out_file, cli, handle_errors, model_path, say
 from rwkv2rknn.errors import UsageError
 
 
@@ -28,10 +28,7 @@ def _parse_tokens(text: str, vocab: int):
 def _open(artifact, backend: str, core_mask: str = "auto"):
     """(model, tokenizer spec) of ARTIFACT; none given: the bundled model, compiled on first use."""
     from rwkv2rknn.runtime.loader import open_model
-    if artifact is None:
-        from rwkv2rknn.compiler.bundled import ensure_compiled
-        artifact = ensure_compiled(echo=say)
-    return open_model(artifact, backend, core_mask, echo=say)
+    return open_model(model_path(artifact), backend, core_mask, echo=say)
 
 
 def _check_prompt(prompt: str) -> None:
