@@ -5,6 +5,7 @@ alone (``bits_per_byte``), or an artifact against onnxruntime on its source file
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -98,3 +99,33 @@ def compare_on_text(artifact: str, text: Optional[str] = None, backend: str = "a
     finally:
         hybrid.close()
     return res
+
+
+def heldout_quality(artifact: str, ids, where: str = "") -> dict:
+    """A quantised artifact on rknn-sim against the same artifact's segment ONNX (fp32) on
+    onnxruntime, teacher-forced on ``ids`` (the calibration text's held-out tokens): the KL
+    figures (compare.quality) of the decode and the prefill path, saved into plan.json as
+    'heldout_quality' and returned as {'tokens', 'text', 'decode', 'prefill'}."""
+    from rwkv2rknn import io
+    from rwkv2rknn.compare import quality
+    from rwkv2rknn.plan import PLAN
+    from rwkv2rknn.runtime.hybrid import HybridModel
+    ids = [int(t) for t in ids]
+    ref = HybridModel(artifact, backend="ort")
+    sim = HybridModel(artifact, backend="rknn-sim")
+    try:
+        r_state, s_state = ref.init_state(), sim.init_state()
+        want = np.stack([ref.step(t, r_state) for t in ids])
+        got = np.stack([sim.step(t, s_state) for t in ids])
+        out = {"tokens": len(ids), "text": where, "decode": quality(got, want, ids[1:])}
+        if len(ids) > 1 and sim.prepare_prefill():
+            out["prefill"] = quality(sim.prefill(ids, sim.init_state()), want, ids[1:])
+    finally:
+        sim.close()
+        ref.close()
+    path = os.path.join(artifact, PLAN)
+    if os.path.exists(path):
+        plan = io.read_json(path, "plan")
+        plan["heldout_quality"] = out
+        io.write_json(path, plan)
+    return out

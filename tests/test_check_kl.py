@@ -126,3 +126,18 @@ def test_cli_prints_both_paths_and_saves_the_histograms(fp16_bytes, tmp_path):
         assert sum(h["counts"]) == 32 and len(h["counts"]) == len(h["edges"]) + 1
         kl = np.array([s["kl"] for s in rep["steps"]])
         assert rep["quality"]["kl"]["max"] == pytest.approx(kl.max())
+
+
+def test_eval_reports_both_paths_against_the_source(fp16_bytes, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("The rain had stopped by the time the bus reached the village square.")
+    r = CliRunner().invoke(cli, ["eval", fp16_bytes, "--text", str(text), "--backend", "rknn-sim"])
+    assert r.exit_code == 0, r.output
+    n = len(text.read_bytes())
+    assert f"{n} tokens of the given text (bytes tokenizer)" in r.output, r.output
+    for path in ("decode:  KL mean ", "prefill: KL mean "):
+        line = next(ln for ln in r.output.splitlines() if ln.startswith(path))
+        assert "bits per byte" in line and "same top token" in line
+    alone = CliRunner().invoke(cli, ["eval", fp16_bytes, "--text", str(text), "--backend", "rknn-sim",
+                                     "--no-reference"])
+    assert alone.exit_code == 0 and f"bits per byte over {n - 1} bytes" in alone.output, alone.output

@@ -155,3 +155,21 @@ def test_pack_leaves_the_calibration_datasets_out(w8a8, tmp_path):
     assert not (out / "calib").exists()
     assert all(s.calib is None and s.seq_calib is None for s in m.segments)
     assert all(s.precision == "w8a8" for s in m.segments if s.backend == "npu")
+
+
+def test_compile_w8a8_prints_and_saves_its_kl_on_held_out_tokens(byte_model, w8a8_artifact, tmp_path):
+    """The same compile as w8a8_artifact (its builds come from the cache), through the CLI."""
+    from rwkv2rknn.check import KL_TOLERANCE
+    out = tmp_path / "art"
+    r = CliRunner().invoke(cli, ["compile", byte_model, "-o", str(out), "--quant", "w8a8",
+                                 "--calib-tokens", str(QUANT["calib_tokens"]), "--prefill-rows", "4,8"])
+    assert r.exit_code == 0, r.output
+    lines = [ln for ln in r.output.splitlines() if " held-out tokens of " in ln]
+    assert [ln.split()[:2] for ln in lines] == [["w8a8", "decode"], ["w8a8", "prefill"]], r.output
+    plan = json.load(open(out / "plan.json"))
+    q = plan["heldout_quality"]
+    assert q["tokens"] == 24 and "heldout.txt" in q["text"]
+    for path, ln in zip(("decode", "prefill"), lines):
+        k = q[path]["kl"]
+        assert 0 < k["mean"] < KL_TOLERANCE["w8a8"][0], q  # really quantised, within check's gate
+        assert f"KL mean {k['mean']:.3g}," in ln and f"same top token {100 * q[path]['same_top']:.1f}%" in ln
