@@ -34,15 +34,28 @@ log = logging.getLogger(__name__)
 CHECK_JSON = "check.json"  # the last check's report, saved into the artifact
 
 
-# KL tolerances per NPU precision: (mean, p99) of the per-token KL divergence in nats, against
-# onnxruntime on the source files, on both the decode and the prefill path. Set from measurement
-# with a stated margin; the measurements are in docs/quality.md. PLACEHOLDER: filled in below.
+# KL tolerances: (mean, p99) of the per-token KL divergence KL(P_ref || P_artifact) in nats,
+# against onnxruntime on the source files, on the decode and the prefill path alike. Set from
+# measurement (rknn-toolkit2 2.5.0 simulator, 2026-12, bench/quality.py; docs/quality.md has
+# the tables): the worst figure of the bundled model (fp32 and fp16 files) and random RWKV-4,
+# 5.2, 6 and 7 models, 256 tokens of the built-in English sample and 32 random ids, times a margin.
+#   fp16     worst mean 1.3e-5 (RWKV-5.2, text), p99 1.2e-4 (bundled fp16 files, 600 tokens):
+#            ~8x. One NPU segment scaled by 1.05 measured mean 7.3e-4 .. 1.6e-2: all fail.
+#   w16a16i  worst on text mean 1.7e-4, p99 4.4e-4 (RWKV-6): ~6x.
+#   w8a8     worst on text mean 0.023, p99 0.12 (RWKV-6; bundled 0.0078 / 0.052): ~4.5x. int8's
+#            own error is so large that one segment scaled by 1.25 fails on the small test
+#            model (mean 0.05-0.43) but only 1 of 6 on the bundled model (mean 0.02-0.07).
+#   exact    fp32 files on onnxruntime, measured ~1e-11 (bundled): 100x, for larger models.
+# w8a8 and w16a16i are gated on text only (QUANTISED).
 KL_TOLERANCE = {
-    "exact": (1e-6, 1e-5),
+    "exact": (1e-9, 1e-8),
     "fp16": (1e-4, 1e-3),
-    "w16a16i": (1e-4, 1e-3),
-    "w8a8": (0.05, 0.5),
+    "w16a16i": (1e-3, 3e-3),
+    "w8a8": (0.1, 0.6),
 }
+
+
+QUANTISED = ("w8a8", "w16a16i")  # calibrated on text: their KL is gated on text only
 
 
 @dataclass(frozen=True)
@@ -105,12 +118,12 @@ def run_check(artifact: str, n_tokens: int = 0, seed: int = 0, backend: str = "a
             want.append(ref.step(t, r_state))
             traces.append(env)
         want = np.stack(want)
-        if feed.targets is None and precision == "w8a8" and max_kl_mean is None:
-            # int8 ranges are calibrated on text; random ids leave them (bundled model: KL mean
-            # 1.1, same top token 34%), so there the KL is reported, not gated
+        if feed.targets is None and precision in QUANTISED and max_kl_mean is None:
+            # integer ranges are calibrated on text; random ids leave them (bundled model, KL
+            # mean on random ids: w8a8 1.1, w16a16i 0.013), so there KL is reported, not gated
             tol = dataclasses.replace(tol, max_kl_mean=None, max_kl_p99=None)
-            feed.warnings.append("w8a8 segments are calibrated on text: on random ids their KL is "
-                                 "reported, not gated; check on text (the default) for the KL gate")
+            feed.warnings.append(f"{precision} segments are calibrated on text: on random ids their "
+                                 f"KL is reported, not gated; check on text (the default) for the KL gate")
         rep = _compare(np.stack(got), want, *states(h_state, r_state), tol, feed)
         rep.tolerance["precision"] = precision
         rep.tokens_from, rep.warnings = feed.source, list(feed.warnings)
