@@ -1,6 +1,6 @@
 """KL divergence of compiled artifacts against onnxruntime on their source files, per NPU
 precision, on the bundled model and small random models: the measurements behind check's KL
-tolerances (rwkv2rknn.check.KL_TOLERANCE) and docs/quality.md.
+tolerances (rwkv2rknn.tools.check.KL_TOLERANCE) and docs/quality.md.
 
     python bench/quality.py                        # every model, fp16 w8a8 w16a16i
     python bench/quality.py --models bundled --quant w8a8 --perturb
@@ -24,12 +24,12 @@ import time
 import onnx
 from onnx import numpy_helper
 
-from rwkv2rknn.check import run_check
-from rwkv2rknn.compiler import compile_model
-from rwkv2rknn.ir import Options
+from rwkv2rknn.tools.check import run_check
+from rwkv2rknn.compiler.driver import compile_model
+from rwkv2rknn.compiler.ir import Options
 from rwkv2rknn.models import bundled, checkpoint
 from rwkv2rknn.models.export import export
-from rwkv2rknn.plan import MANIFEST, sha256_file
+from rwkv2rknn.artifact.plan import MANIFEST, sha256_file
 
 MODELS = {
     "bundled": lambda: checkpoint.load_checkpoint(bundled.checkpoint_path()),

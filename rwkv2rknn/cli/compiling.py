@@ -27,7 +27,7 @@ def export(checkpoint: str, out: str, fp32: bool, tokenizer, force: bool) -> Non
     from rwkv2rknn.models.checkpoint import load_checkpoint
     from rwkv2rknn.models.export import arch_of, export as do_export
     from rwkv2rknn.models.export import export_file
-    from rwkv2rknn.tokenizer import load_tokenizer, tokenizer_for_vocab
+    from rwkv2rknn.runtime.tokenizer import load_tokenizer, tokenizer_for_vocab
 
     if tokenizer:
         load_tokenizer(tokenizer)  # a file that is not a tokenizer fails here, before any work
@@ -45,7 +45,7 @@ def export(checkpoint: str, out: str, fp32: bool, tokenizer, force: bool) -> Non
 
 
 def _options(**kw):
-    from rwkv2rknn.ir import Options
+    from rwkv2rknn.compiler.ir import Options
     return Options(**{k: v for k, v in kw.items() if v is not None})
 
 
@@ -120,15 +120,15 @@ def compile_cmd(model, out_dir, target, plan_only, strict, dump_after, range_tok
     if quant != "fp16" and not plan_only:
         _print_heldout_quality(model, out_dir, opts)
     if with_report:
-        from rwkv2rknn.report import write_report
+        from rwkv2rknn.tools.report import write_report
         click.echo(f"report written to {write_report(out_dir)}")
 
 
 def _print_heldout_quality(model, out_dir, opts) -> None:
     """The quantised artifact's KL divergence against its fp32 segments on the calibration
     text's held-out tokens (run on rknn-sim), printed and saved into plan.json."""
-    from rwkv2rknn.calibrate import calibration_ids
-    from rwkv2rknn.evaluate import heldout_quality
+    from rwkv2rknn.rknn.calibrate import calibration_ids
+    from rwkv2rknn.tools.evaluate import heldout_quality
     _, hold, where = calibration_ids(model, opts.calib_text, opts.calib_tokens)
     q = heldout_quality(out_dir, hold, where)
     for path in ("decode", "prefill"):
@@ -154,7 +154,7 @@ def _parse_rows(text: str):
 
 
 def _compile_with_progress(model, out_dir, opts, force=False, dump_after=None):
-    from rwkv2rknn.compiler import compile_model, segment_line
+    from rwkv2rknn.compiler.driver import compile_model, segment_line
 
     def on_pass(name, notes):
         for note in notes or ["done"]:

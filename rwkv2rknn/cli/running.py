@@ -87,7 +87,7 @@ def run(artifact, prompt, max_tokens, temperature, top_p, seed, backend, core_ma
 
 def _print_generation(model, tok_spec, prompt, max_tokens, temperature, top_p, seed):
     """Stream the prompt and its continuation to stdout, then the timing line to stderr."""
-    from rwkv2rknn.generate import generate_text
+    from rwkv2rknn.runtime.generate import generate_text
 
     def on_text(text):
         click.echo(text, nl=False)
@@ -141,8 +141,8 @@ def check(artifact, n_tokens, text_file, random_ids, seed, backend, reference, p
     reported: the share of tokens with the same top token and the bits
     per token (per byte) of both. With --per-segment every NPU segment
     and T-row variant against its ONNX."""
-    from rwkv2rknn.calibrate import read_text
-    from rwkv2rknn.check import run_check, save_report
+    from rwkv2rknn.rknn.calibrate import read_text
+    from rwkv2rknn.tools.check import run_check, save_report
     if random_ids and text_file:
         raise UsageError("--random and --text go separately", "give one of them")
     text = read_text(text_file, "--text") if text_file else None
@@ -187,8 +187,8 @@ def eval_cmd(artifact, text_file, max_bytes, backend, tokenizer, reference, no_r
     tokenizers) and, against pure onnxruntime on the source files, the KL divergence per token
     (mean, median, p99, max) and the share of tokens with the same top token, on the decode and
     the prefill path. A per-layer folder (with --backend ort) is scored alone."""
-    from rwkv2rknn.evaluate import bits_per_byte, compare_on_text, read_text
-    from rwkv2rknn.generate import model_tokenizer
+    from rwkv2rknn.tools.evaluate import bits_per_byte, compare_on_text, read_text
+    from rwkv2rknn.runtime.generate import model_tokenizer
     from rwkv2rknn.runtime.loader import is_per_layer_folder, open_model
     text = read_text(text_file, max_bytes) if text_file else None
     if artifact and not no_reference and not is_per_layer_folder(artifact):
@@ -198,8 +198,8 @@ def eval_cmd(artifact, text_file, max_bytes, backend, tokenizer, reference, no_r
     model, tok_spec = open_model(artifact, backend, echo=say)
     tok = model_tokenizer(tokenizer or tok_spec)
     if text is None:
-        from rwkv2rknn.check import sample_text
-        from rwkv2rknn.tokenizer import ByteTokenizer
+        from rwkv2rknn.tools.check import sample_text
+        from rwkv2rknn.runtime.tokenizer import ByteTokenizer
         text = sample_text("en" if isinstance(tok, ByteTokenizer) else "world")
     score = bits_per_byte(model, tok, text)
     click.echo(f"{score.bits_per_byte:.4f} bits per byte over {score.bytes} bytes "
@@ -214,9 +214,9 @@ def eval_cmd(artifact, text_file, max_bytes, backend, tokenizer, reference, no_r
 @handle_errors
 def demo(prompt, max_tokens, seed, backend):
     """The whole flow on the bundled model: export, compile (plan table), generate, check, report."""
-    from rwkv2rknn.check import run_check, save_report
+    from rwkv2rknn.tools.check import run_check, save_report
     from rwkv2rknn.models import bundled
-    from rwkv2rknn.report import write_report
+    from rwkv2rknn.tools.report import write_report
     from rwkv2rknn.runtime.hybrid import load_manifest
     from rwkv2rknn.runtime.loader import open_model
     _check_prompt(prompt)
