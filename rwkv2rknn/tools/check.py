@@ -74,8 +74,8 @@ class Tolerances:
                 ) -> "Tolerances":
         """fp32 files on onnxruntime must agree to rounding; anything through fp16 (the files or
         the NPU) within fp16's error, accumulated over the tokens; w8a8 and w16a16i NPU segments
-        within what they measured (KL_TOLERANCE), with a margin. The logit, state and segment
-        limits are secondary gates: they cover random ids, where KL says little."""
+        within what they measured (KL_TOLERANCE), with a margin. The logit, state (random ids
+        only) and segment limits are secondary gates, unchanged from before the KL gates."""
         exact = backend == "ort" and source_dtype == "float32"
         int8 = backend != "ort" and precision == "w8a8"
         key = "exact" if exact else precision if backend != "ort" and precision in KL_TOLERANCE else "fp16"
