@@ -65,8 +65,13 @@ class TextQuality:
     def summary(self) -> str:
         from rwkv2rknn.tools.compare import path_line
         lines = [f"backend {self.backend}: {len(self.decode['steps'])} tokens of {self.source}, "
-                 f"against onnxruntime on the source files",
-                 "decode:  " + path_line(self.decode)]
+                 f"against onnxruntime on the source files"]
+        b = (self.decode.get("quality") or {}).get("bits")
+        if b:  # the headline `eval` gives an uncompiled folder too
+            count = f"{b['bytes']} bytes" if b["unit"] == "byte" else f"{b['scored']} tokens"
+            lines.append(f"{b['artifact']:.4f} bits per {b['unit']} over {count} "
+                         f"({b['scored']} tokens scored; the source: {b['reference']:.4f})")
+        lines.append("decode:  " + path_line(self.decode))
         if self.prefill is not None:
             lines.append("prefill: " + path_line(self.prefill))
         return "\n".join(lines)
