@@ -257,8 +257,11 @@ def choose_tokens(manifest, n: int = 0, seed: int = 0, text: Optional[str] = Non
         if text is None:
             return _random(manifest, n, seed, f"its tokenizer ({tok.name}) gives ids beyond "
                                               f"the model's vocabulary of {manifest.vocab}")
-        raise BadInput("check's text gives fewer than 2 tokens the model knows",
-                       "give a longer text in the model's own tokenizer")
+        if len(ids) < 2:
+            raise BadInput(f"the text is too short to score ({len(ids)} token(s), at least 2 needed)",
+                           "give a longer text file")
+        raise BadInput(f"the text gives token ids beyond the model's vocabulary of {manifest.vocab}",
+                       "give a text in the model's own tokenizer (or --tokenizer)")
     n_bytes = len(tok.decode_bytes(targets)) if byte_level else None
     return Tokens(ids, targets, n_bytes, f"{name if text is None else 'the given text'} "
                                          f"({tok.name} tokenizer)")
