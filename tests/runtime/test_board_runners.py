@@ -27,6 +27,8 @@ class StandInRKNNLite:
     calls = []
     onnx_for = {}  # .rknn path -> the ONNX it was built from
     init_result = 0
+    init_says = ""  # what init_runtime prints on failure, as RKNNLite does (its log, a traceback)
+    mangle = {}  # output name -> 'transpose' | 'scale' | 'zero': that output comes out wrong
 
     def __init__(self):
         self.path, self.session = None, None
@@ -40,6 +42,10 @@ class StandInRKNNLite:
     def init_runtime(self, core_mask=0):
         self.calls.append(("init_runtime", core_mask))
         if self.init_result != 0:
+            if self.init_says:
+                print(self.init_says)
+                print("Traceback (most recent call last):\n  File \"rknnlite/api/rknn_lite.py\"")
+                os.write(2, b"E RKNN: " + self.init_says.encode() + b"\n")
             return self.init_result
         import onnxruntime as ort
         self.session = ort.InferenceSession(self.onnx_for[self.path], providers=["CPUExecutionProvider"])
@@ -49,7 +55,18 @@ class StandInRKNNLite:
         self.calls.append(("inference", (os.path.basename(self.path),
                                          [(str(a.dtype), tuple(a.shape)) for a in inputs])))
         names = [i.name for i in self.session.get_inputs()]
-        return self.session.run(None, dict(zip(names, inputs)))
+        outs = self.session.run(None, dict(zip(names, inputs)))
+        for j, o in enumerate(self.session.get_outputs()):
+            how = self.mangle.get(o.name)
+            v = np.array(outs[j], np.float32)
+            if how == "scale":
+                v = v * 2
+            elif how == "zero":
+                v = np.zeros_like(v)
+            elif how == "transpose":
+                v = v.reshape(4, -1).T.reshape(v.shape) if v.size % 4 == 0 else v[..., ::-1]
+            outs[j] = v
+        return outs
 
     def release(self):
         self.calls.append(("release", os.path.basename(self.path or "")))
@@ -64,6 +81,7 @@ def lite(monkeypatch):
     monkeypatch.setitem(sys.modules, "rknnlite", pkg)
     monkeypatch.setitem(sys.modules, "rknnlite.api", api)
     StandInRKNNLite.calls, StandInRKNNLite.onnx_for, StandInRKNNLite.init_result = [], {}, 0
+    StandInRKNNLite.init_says, StandInRKNNLite.mangle = "", {}
     return StandInRKNNLite
 
 
@@ -173,8 +191,10 @@ def test_packed_artifact_runs_on_rknn_lite_as_on_ort(fp16_artifact, packed, lite
     ref.close()
 
 
-def test_lite_runner_releases_and_names_the_likelier_cause(fp16_artifact, lite):
+def test_lite_runner_releases_and_names_the_likelier_cause(fp16_artifact, lite, monkeypatch):
+    from rwkv2rknn.runtime import device
     from rwkv2rknn.runtime.rknn import RknnLiteRunner
+    monkeypatch.setattr(device, "npu_device_present", lambda root="/": True)
     seg = next(s for s in load_manifest(fp16_artifact).segments if s.backend == "npu")
     lite.init_result = -1
     with pytest.raises(ToolkitError) as e:
@@ -183,6 +203,13 @@ def test_lite_runner_releases_and_names_the_likelier_cause(fp16_artifact, lite):
     assert [c[0] for c in lite.calls] == ["RKNNLite", "load_rknn", "init_runtime", "release"]
     assert lite.calls[2][1] == 7
     assert "older than rknn-toolkit2 2.5.0" in e.value.fix and "--target" in e.value.fix
+    # what RKNNLite prints on a refusal (the runtime's E line, its traceback) is read, not shown
+    lite.init_says = "failed to open rknpu module, need to insmod rknpu dirver!"
+    with pytest.raises(ToolkitError) as e:
+        RknnLiteRunner(os.path.join(fp16_artifact, seg.rknn), seg.name, seg.inputs, seg.outputs,
+                       seg.shapes, "0_1_2", toolkit="2.5.0")
+    assert "no NPU driver" in str(e.value) and "insmod rknpu" in str(e.value)
+    assert "dmesg" in e.value.fix
     with pytest.raises(UsageError, match="unknown core mask"):
         RknnLiteRunner(os.path.join(fp16_artifact, seg.rknn), seg.name, seg.inputs, seg.outputs,
                        seg.shapes, "0_3")
@@ -240,10 +267,12 @@ def test_board_runtime_older_than_the_toolkit_is_said(fp16_artifact, packed, lit
         HybridModel(packed[0], backend="rknn-lite").close()
     assert "librknnrt 1.6.0 is older than rknn-toolkit2 2.5.0" in caplog.text
     # and when the runtime then refuses a file, the error names that cause first
+    monkeypatch.setattr(device, "npu_device_present", lambda root="/": True)
     lite.init_result = -1
     with pytest.raises(ToolkitError) as e:
         HybridModel(packed[0], backend="rknn-lite")
-    assert "this board's librknnrt is 1.6.0, older than rknn-toolkit2 2.5.0" in e.value.fix
+    assert "librknnrt 1.6.0 is older than rknn-toolkit2 2.5.0" in str(e.value)
+    assert "install librknnrt.so 2.5.0 or newer" in e.value.fix
 
 
 def test_check_runs_a_packed_artifact_on_the_board_backend(packed, fp16_artifact, lite):
