@@ -2,8 +2,11 @@
 
 One verdict per thing the board runtime depends on (architecture, SoC and NPU cores, RKNPU
 driver, librknnrt against the toolkit that built the files, free memory against the artifact's
-need), each with the fix when it is not right. Reads only files (``root`` moves them for tests);
-loads nothing, so it also runs on the compile machine (where it says what is missing).
+need), each with the fix when it is not right. Reads files (``root`` moves them for tests) and
+loads librknnrt: with an artifact, the runtime itself reports its version and the NPU driver's
+(``rknn_query`` on the artifact's smallest .rknn), compared with the manifest. It also runs on
+the compile machine (where it says what is missing). The self-test of an artifact's segments
+against their golden vectors is rwkv2rknn.runtime.selftest (``rwkv2rknn doctor ARTIFACT`` runs it).
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ def doctor(artifact: Optional[str] = None, root: str = "/", machine: Optional[st
                            "/sys/kernel/debug/rknpu)", "boot a kernel with Rockchip's RKNPU driver "
                            "(the board vendor's or a vendor-kernel Armbian/Ubuntu image)"))
 
-    out.append(_librknnrt(root, environ, manifest.toolkit if manifest else ""))
+    out.extend(_librknnrt(root, environ, manifest, artifact))
     out.append(Verdict("rknn-toolkit-lite2", True, "installed (the fallback runner)" if lite_available()
                        else "not installed (optional: used only where librknnrt cannot load)"))
 
@@ -85,14 +88,41 @@ def doctor(artifact: Optional[str] = None, root: str = "/", machine: Optional[st
     return out
 
 
-def _librknnrt(root: str, environ, toolkit: str) -> Verdict:
+def _librknnrt(root: str, environ, manifest, artifact) -> List[Verdict]:
+    """The library: found, loadable, its version against the toolkit's; with an artifact, the
+    versions the runtime itself reports for the artifact's smallest .rknn."""
+    import os
+    toolkit = manifest.toolkit if manifest else ""
+    missing = device.librknnrt_missing(root, environ)
+    if missing:
+        return [Verdict("librknnrt", False, missing, device.LIBRKNNRT_INSTALL)]
     path = device.librknnrt_path(root, environ)
-    if not path:
-        return Verdict("librknnrt", False, "librknnrt.so not found", device.LIBRKNNRT_INSTALL)
+    from rwkv2rknn.errors import Rwkv2RknnError as RwkvError
+    from rwkv2rknn.runtime import rknnrt
+    try:
+        rknnrt.load_library(path)
+    except RwkvError as e:
+        return [Verdict("librknnrt", False, e.problem, e.fix)]
     have = device.librknnrt_version(path)
     if device.older(have, toolkit):
-        return Verdict("librknnrt", False, f"{path} is {have}, older than rknn-toolkit2 {toolkit} "
-                       f"that built the files", f"install librknnrt.so {toolkit} or newer: "
-                       f"{device.LIBRKNNRT_INSTALL}")
+        return [Verdict("librknnrt", False, f"{path} is {have}, older than rknn-toolkit2 {toolkit} "
+                        f"that built the files", f"install librknnrt.so {toolkit} or newer: "
+                        f"{device.LIBRKNNRT_INSTALL}")]
     against = f" (files built by rknn-toolkit2 {toolkit})" if toolkit else ""
-    return Verdict("librknnrt", True, f"{path} {have or 'version unreadable'}{against}")
+    out = [Verdict("librknnrt", True, f"{path} {have or 'version unreadable'}{against}")]
+    files = sorted({f for s in (manifest.segments if manifest else ()) if s.backend == "npu"
+                    for f in (s.rknn, s.seq_rknn) if f and os.path.isfile(os.path.join(artifact, f))},
+                   key=lambda f: os.path.getsize(os.path.join(artifact, f)))
+    if files:
+        try:
+            api, drv = rknnrt.runtime_versions(os.path.join(artifact, files[0]), path)
+        except RwkvError as e:
+            return out + [Verdict("runtime", False, f"{files[0]}: {e.problem}", e.fix)]
+        version = device.version_in(api) or api
+        if device.older(version, toolkit):
+            return out + [Verdict("runtime", False, f"librknnrt reports {api}, driver {drv}; the "
+                                  f"files were built by rknn-toolkit2 {toolkit}",
+                                  f"install librknnrt.so {toolkit} or newer: {device.LIBRKNNRT_INSTALL}")]
+        out.append(Verdict("runtime", True, f"librknnrt {api}, NPU driver {drv or 'unknown'} "
+                           f"(loaded {files[0]})"))
+    return out

@@ -9,8 +9,6 @@ reused, the core mask, the T-row shape switching, and release on every failure p
 
 import ctypes
 import os
-import shutil
-import subprocess
 
 import numpy as np
 import pytest
@@ -26,14 +24,9 @@ SHAPES = {"x": [1, W], "s": [W], "y": [1, W], "s_out": [W]}
 
 
 @pytest.fixture(scope="module")
-def standin(tmp_path_factory):
-    """The stand-in librknnrt.so, compiled from C for this test."""
-    if not shutil.which("gcc"):
-        pytest.fail("gcc is needed to build the stand-in librknnrt (apt-get install gcc)")
-    out = str(tmp_path_factory.mktemp("standin") / "libstandin_rknnrt.so")
-    subprocess.run(["gcc", "-shared", "-fPIC", "-O1", "-Wall", "-Werror", "-o", out,
-                    os.path.join(HERE, "standin_librknnrt.c")], check=True)
-    return out
+def standin(standin_lib):
+    """The stand-in librknnrt.so, compiled from C for this test (tests/conftest.py)."""
+    return standin_lib()
 
 
 @pytest.fixture
