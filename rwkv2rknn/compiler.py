@@ -204,8 +204,24 @@ def _compile_stream(model_path, out_dir, options, toolkit, calib_ids, force, pro
 def _finish(ctx: Context, tmp: str, toolkit: str, options: Options) -> Manifest:
     manifest = make_manifest(ctx, tmp, toolkit, options.plan_only)
     manifest.check_bindings()
+    if not options.plan_only and manifest.token_input and manifest.logits_output:
+        manifest = _golden(ctx, tmp, manifest, options)
     io.write_json(os.path.join(tmp, PLAN), plan_report(ctx, manifest))
     io.write_json(os.path.join(tmp, MANIFEST), manifest.to_dict())
+    return manifest
+
+
+def _golden(ctx: Context, tmp: str, manifest: Manifest, options: Options) -> Manifest:
+    """Record every NPU segment's golden vectors (rwkv2rknn.golden) from real text."""
+    from rwkv2rknn import golden
+    from rwkv2rknn.passes.fp16_guard import sample_tokens
+    io.write_json(os.path.join(tmp, MANIFEST), manifest.to_dict())  # what the trace runs
+    ids = golden.text_ids(ctx.source, options.calib_text, int(ctx.shape.get("vocab") or 0),
+                          sample_tokens(ctx))
+    manifest = golden.record(tmp, manifest, ids)
+    n = sum(1 for s in manifest.segments if s.golden)
+    ctx.note("build", f"golden vectors: {n} NPU segment(s), from {len(ids)} tokens of text, "
+                      f"fp32 onnxruntime (the board's self-test)")
     return manifest
 
 

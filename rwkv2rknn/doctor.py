@@ -126,3 +126,38 @@ def _librknnrt(root: str, environ, manifest, artifact) -> List[Verdict]:
         out.append(Verdict("runtime", True, f"librknnrt {api}, NPU driver {drv or 'unknown'} "
                            f"(loaded {files[0]})"))
     return out
+
+
+def selftest(artifact: str, backend: str = "auto", rknn_io: str = "auto", echo=None) -> List[Verdict]:
+    """The artifact's NPU segments on ``backend`` against their golden vectors (every check a
+    line to ``echo``), recorded beside the artifact; one verdict."""
+    from rwkv2rknn.errors import Rwkv2RknnError
+    from rwkv2rknn.runtime import selftest as st
+    from rwkv2rknn.runtime.hybrid import HybridModel, load_manifest, resolve_backend
+    m = load_manifest(artifact)
+    if not any(s.golden for s in m.segments):
+        return [Verdict("self-test", True, "not run: the artifact has no golden vectors (compiled "
+                        "with --plan-only or by an older rwkv2rknn)")]
+    try:
+        chosen = resolve_backend(backend)
+        model = HybridModel(artifact, backend=chosen, rknn_io=rknn_io)
+    except Rwkv2RknnError as e:
+        return [Verdict("self-test", False, f"not run: {e.problem}", e.fix)]
+    try:
+        paths = ("copy", "zero-copy") if chosen == "rknn-rt" and rknn_io == "auto" else None
+        report = st.run(model, paths, progress=(lambda c: echo("     " + c.line())) if echo else None)
+    except Rwkv2RknnError as e:
+        return [Verdict("self-test", False, f"{e.problem}", e.fix)]
+    finally:
+        model.close()
+    st.record(artifact, report)
+    n = len({c.segment for c in report.checks})
+    if report.ok:
+        io = ""
+        if report.io:
+            counts = {p: sum(1 for v in report.io.values() if v == p) for p in set(report.io.values())}
+            io = "; io: " + ", ".join(f"{p} for {k} segment(s)" for p, k in sorted(counts.items()))
+        return [Verdict("self-test", True, f"{len(report.checks)} check(s) of {n} NPU segment(s) "
+                        f"within tolerance on {report.key}{io}")]
+    err = st.failure(report)
+    return [Verdict("self-test", False, err.problem, err.fix)]

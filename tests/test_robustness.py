@@ -321,7 +321,7 @@ def bad(work, model, wide, plan, sd, pth):
     p = os.path.join(folder_copy(plan, "art_truncated_json"), "manifest.json")
     text = open(p).read()
     open(p, "w").write(text[:len(text) // 2])
-    edit_manifest(folder_copy(plan, "art_v4"), lambda m: m.update(format_version=4))
+    edit_manifest(folder_copy(plan, "art_v5"), lambda m: m.update(format_version=5))
     edit_manifest(folder_copy(plan, "art_other_format"), lambda m: m.update(format="something-else"))
     edit_manifest(folder_copy(plan, "art_no_segments"), lambda m: m.update(segments=[]))
     edit_manifest(folder_copy(plan, "art_moved_source"),
@@ -403,8 +403,8 @@ CASES = [
      ["corrupt", "compile the model again"]),
     ("run-manifest-truncated", ["run", "{art_truncated_json}", "--prompt", "hi", "--backend", "ort"], 1,
      ["corrupt"]),
-    ("run-manifest-version-4", ["run", "{art_v4}", "--prompt", "hi", "--backend", "ort"], 1,
-     ["format version 4", "reads versions 1, 2, 3", "compile the model again"]),
+    ("run-manifest-version-5", ["run", "{art_v5}", "--prompt", "hi", "--backend", "ort"], 1,
+     ["format version 5", "reads versions 1, 2, 3, 4", "compile the model again"]),
     ("run-manifest-other-format", ["run", "{art_other_format}", "--prompt", "hi", "--backend", "ort"], 1,
      ["not an rwkv2rknn manifest"]),
     ("run-manifest-no-segments", ["run", "{art_no_segments}", "--prompt", "hi", "--backend", "ort"], 1,

@@ -10,8 +10,9 @@
  *   say TEXT...            rknn_init prints "E RKNN: TEXT" on stderr, as the real runtime logs
  *   init CODE              rknn_init then returns CODE (after making a context, which the
  *                          caller must destroy)
- *   mangle NAME HOW        output NAME comes out wrong: transpose (its last two dimensions, or
- *                          [4, n/4] for a vector), scale (x2) or zero
+ *   mangle NAME HOW [IO]   output NAME comes out wrong: transpose (its last two dimensions, or
+ *                          [4, n/4] for a vector), scale (x2) or zero; with IO (copy or
+ *                          zero-copy) only on that io path
  *   replay NAME ROWS PATH  output NAME at ROWS rows (0: any) is the float32 values of file PATH
  *
  * rknn_run writes out_j[i] = 1000 * (j + 1) + in_0[i % n_0] + 10 * in_1[i % n_1] (the inputs
@@ -83,7 +84,7 @@ typedef struct {
     rknn_tensor_attr bound;
     float *data;            /* copy path: an input as set, an output as last computed */
     uint32_t n_data;
-    char mangle[16];
+    char mangle[16], mangle_io[16];
     int replay_rows;
     char replay[512];
 } tensor;
@@ -155,7 +156,10 @@ int rknn_init(rknn_context *ctx, void *data, uint32_t size, uint32_t flag, void 
         if (strcmp(kind, "mangle") == 0 || strcmp(kind, "replay") == 0) {
             for (int j = 0; j < m->n_out; j++)
                 if (strcmp(m->t[1][j].name, name) == 0) {
-                    if (kind[0] == 'm') snprintf(m->t[1][j].mangle, 16, "%.15s", dims);
+                    if (kind[0] == 'm') {
+                        snprintf(m->t[1][j].mangle, 16, "%.15s", dims);
+                        snprintf(m->t[1][j].mangle_io, 16, "%.15s", path);
+                    }
                     else { m->t[1][j].replay_rows = atoi(dims); snprintf(m->t[1][j].replay, 512, "%.511s", path); }
                 }
             continue;
@@ -345,7 +349,8 @@ int rknn_run(rknn_context ctx, void *extend) {
             t->bound.n_dims = t->n_dims;
             for (int d = 0; d < t->n_dims; d++) t->bound.dims[d] = t->dims[d] < 0 ? (uint32_t)m->rows : (uint32_t)t->dims[d];
         }
-        mangle(t, out, ne);
+        const char *io = t->mem ? "zero-copy" : "copy";
+        if (!t->mangle_io[0] || strcmp(t->mangle_io, io) == 0) mangle(t, out, ne);
         if (t->mem) memcpy(t->mem->virt_addr, out, ne * sizeof(float));
     }
     return 0;

@@ -114,17 +114,17 @@ def test_pack_keeps_only_what_the_board_loads(fp16_artifact, packed):
     files = {os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs}
     want = {"manifest.json"}
     for s in src.segments:
-        want |= {s.rknn, s.seq_rknn} if s.backend == "npu" else {s.onnx, s.seq_onnx}
+        want |= {s.rknn, s.seq_rknn, s.golden} if s.backend == "npu" else {s.onnx, s.seq_onnx}
     assert files == want - {None}
+    assert all(s.golden for s in m.segments if s.backend == "npu")  # the board's self-test
     assert not any(f.endswith(".onnx") and "_npu_" in f for f in files)
     assert all(s.onnx == "" and s.seq_onnx is None for s in m.segments if s.backend == "npu")
     assert res["bytes"] == sum(os.path.getsize(os.path.join(out, f)) for f in files)
-    # T-row builds in columns with the per-layer files' state rows [C]: format version 2 (older
-    # runtimes open it), unpacked and packed
+    # golden vectors: format version 4, unpacked and packed
     assert any(s.seq_layout == "columns" for s in src.segments)
     for art in (fp16_artifact, out):
         with open(os.path.join(art, "manifest.json")) as f:
-            assert json.load(f)["format_version"] == 2
+            assert json.load(f)["format_version"] == 4
     # the parameter count is the RWKV-4 checkpoint's (emb, head, 5 W x W and 2 W x 4W matrices and
     # 11 vectors a layer, 2 LayerNorms), plus a few vectors folded at export
     L, W, V = 3, 48, 97
@@ -294,3 +294,68 @@ def test_auto_core_mask_puts_large_segments_on_every_core():
     assert core_mask_for(layer, rk3588, "1") == "1"  # what the user asks for wins
     rk3568 = types.SimpleNamespace(target="rk3568", profile={})
     assert core_mask_for(layer, rk3568) == "auto"  # one NPU core there
+
+
+def test_first_board_run_self_tests_once_and_records_it(fp16_artifact, packed, lite, tmp_path):
+    """The first run of a packed artifact on a board backend checks every NPU segment against
+    its golden vectors and records the verdict beside the artifact; later runs read it."""
+    import shutil
+
+    from rwkv2rknn.runtime import selftest
+    from rwkv2rknn.runtime.loader import open_model
+    art = str(tmp_path / "p")
+    shutil.copytree(packed[0], art)
+    _map(lite, fp16_artifact, art)
+    said = []
+    model, _ = open_model(art, "rknn-lite", echo=said.append)
+    model.close()
+    assert any(x.startswith("self-test passed: ") for x in said), said
+    rec = json.load(open(os.path.join(art, selftest.VERDICT_FILE)))["runs"]
+    (key, verdict), = rec.items()
+    assert key.startswith("rknn-lite: librknnrt ") and verdict["ok"]
+    n = len([c for c in lite.calls if c[0] == "inference"])
+    model, _ = open_model(art, "rknn-lite", echo=said.append)  # recorded: not tested again
+    model.close()
+    assert len([c for c in lite.calls if c[0] == "inference"]) == n
+
+
+@pytest.mark.parametrize("how", ["transpose", "scale", "zero"])
+def test_a_runtime_with_a_wrong_output_fails_the_first_run_naming_the_segment(
+        fp16_artifact, packed, lite, tmp_path, how):
+    import shutil
+
+    from rwkv2rknn.errors import NumericalError
+    from rwkv2rknn.runtime import selftest
+    from rwkv2rknn.runtime.loader import open_model
+    art = str(tmp_path / "p")
+    shutil.copytree(packed[0], art)
+    _map(lite, fp16_artifact, art)
+    lite.mangle = {"L1/output": how}  # made by s005_npu_L1-L2
+    with pytest.raises(NumericalError) as e:
+        open_model(art, "rknn-lite", echo=lambda x: None)
+    assert "self-test failed on rknn-lite" in str(e.value)
+    assert "segment s005_npu_L1-L2 (" in str(e.value) and "output 'L1/output'" in str(e.value)
+    assert "\n" not in str(e.value)
+    rec = json.load(open(os.path.join(art, selftest.VERDICT_FILE)))["runs"]
+    assert [v["ok"] for v in rec.values()] == [False]
+    failed = {c["segment"] for v in rec.values() for c in v["checks"] if not c["ok"]}
+    assert failed == {"s005_npu_L1-L2"}
+    # the next run reads the record and refuses at once; --verify tests again
+    lite.mangle = {}
+    with pytest.raises(NumericalError, match="the self-test recorded for rknn-lite.* failed"):
+        open_model(art, "rknn-lite", echo=lambda x: None)
+    said = []
+    model, _ = open_model(art, "rknn-lite", echo=said.append, verify=True)
+    model.close()
+    assert any(x.startswith("ok   s005_npu_L1-L2 (token)") for x in said), said
+
+
+def test_run_verify_on_ort_prints_every_check(fp16_artifact, tmp_path):
+    import shutil
+
+    from rwkv2rknn.cli import cli
+    art = str(tmp_path / "a")
+    shutil.copytree(fp16_artifact, art)
+    r = CliRunner().invoke(cli, ["run", art, "--backend", "ort", "--verify", "--tokens", "1,2"])
+    assert r.exit_code == 0, r.output
+    assert "ok   s008_npu_head (token)" in r.output and "self-test passed" in r.output
