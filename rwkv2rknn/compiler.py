@@ -33,6 +33,20 @@ from rwkv2rknn.runtime.loader import bundle_tokenizer
 log = logging.getLogger(__name__)
 
 
+def narrow_embedding(ctx: Context, seg: GraphSegment) -> None:
+    """A built compile's CPU segments keep their token table in fp16 (int8 with per-row scales
+    under --quant w8a8), widened per token (rwkv2rknn.embedding)."""
+    if ctx.options.plan_only or seg.device != "cpu" or seg.model is None:
+        return
+    from rwkv2rknn.embedding import compact
+    int8 = ctx.options.quant == "w8a8"
+    saved = sum(compact(m, int8) for m in (seg.model, seg.seq_model) if m is not None and
+                not isinstance(m, str))
+    if saved:
+        ctx.note("cut", f"{seg.name}: token table stored as {'int8 with per-row scales' if int8 else 'fp16'}, "
+                        f"widened per token ({saved / 2**20:.1f} MiB less)")
+
+
 def segment_line(seg: GraphSegment, status: str, i: int, n: int) -> str:
     """One progress line of the build: '  [3/25] s005_npu_L1-L2: built'."""
     return f"  [{i}/{n}] {seg.name}: {status}"
@@ -148,6 +162,7 @@ def _compile(model_path, out_dir, options, toolkit, calib_ids, force, dump_after
     with io.atomic_dir(out_dir, MANIFEST, force=force) as tmp:
         os.makedirs(os.path.join(tmp, "segments"))
         for s in ctx.segments:
+            narrow_embedding(ctx, s)
             s.sha256 = io.save_onnx(s.model, os.path.join(tmp, "segments", s.name + ".onnx"))
             if s.seq_model is not None:
                 s.seq_sha256 = io.save_onnx(s.seq_model, os.path.join(tmp, "segments", s.name + ".seq.onnx"))

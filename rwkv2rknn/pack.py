@@ -78,7 +78,10 @@ def parameter_count(artifact: str, manifest) -> int:
     segments, where each weight lives once; constants folded at export count too (under 1% of
     a small model)."""
     import onnx
-    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+    # float weights, and a token table stored as int8 (rwkv2rknn.embedding; its row scales are
+    # not parameters of the model)
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
+              onnx.TensorProto.INT8}
     n = 0
     for s in manifest.segments:
         model = onnx.load(os.path.join(artifact, s.onnx), load_external_data=False)
@@ -86,5 +89,6 @@ def parameter_count(artifact: str, manifest) -> int:
             size = 1
             for d in init.dims:
                 size *= d
-            n += size if init.data_type in floats and size > 1 else 0
+            n += size if init.data_type in floats and size > 1 and \
+                not init.name.endswith("/row_scale") else 0
     return n
