@@ -60,13 +60,12 @@ def doctor(artifact: Optional[str] = None, root: str = "/", machine: Optional[st
     version = device.npu_driver_version(root)
     if version:
         out.append(Verdict("RKNPU driver", True, f"version {version}"))
-    elif device.npu_driver_present(root):
+    elif device.npu_driver_present(root) or device.npu_device_present(root):
         out.append(Verdict("RKNPU driver", True, "present, version unreadable (root can read "
                            "/sys/kernel/debug/rknpu/version)"))
     else:
-        out.append(Verdict("RKNPU driver", False, "not found (no /dev/rknpu, /sys/module/rknpu or "
-                           "/sys/kernel/debug/rknpu)", "boot a kernel with Rockchip's RKNPU driver "
-                           "(the board vendor's or a vendor-kernel Armbian/Ubuntu image)"))
+        out.append(Verdict("RKNPU driver", False, "not found (no /dev/rknpu, /dev/dri/renderD129, "
+                           "/sys/module/rknpu or /sys/kernel/debug/rknpu)", device.NO_DRIVER_FIX))
 
     out.extend(_librknnrt(root, environ, manifest, artifact))
     out.append(Verdict("rknn-toolkit-lite2", True, "installed (the fallback runner)" if lite_available()

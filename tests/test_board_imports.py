@@ -52,3 +52,18 @@ def test_run_and_doctor_import_nothing_of_the_compile_side(fp16_artifact, tmp_pa
     assert "ok   self-test:" in doc.stdout, doc.stdout + doc.stderr[-2000:]
     assert doc.stderr.rstrip().endswith("IMPORTED"), doc.stderr[-500:]
     assert "Traceback" not in doc.stderr
+
+
+def test_the_board_extra_is_requirements_board():
+    """setup.cfg's `board` extra and requirements-board.txt pin the same set."""
+    import configparser
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = configparser.ConfigParser()
+    cfg.read(os.path.join(root, "setup.cfg"))
+    extra = [x.strip() for x in cfg["options.extras_require"]["board"].splitlines() if x.strip()]
+    with open(os.path.join(root, "requirements-board.txt")) as f:
+        pins = [x.strip() for x in f if x.strip() and not x.startswith("#")]
+    assert extra == pins
+    assert all("==" in p for p in pins)
+    names = {p.split("==")[0] for p in pins}
+    assert not names & {"torch", "onnx", "onnx-graphsurgeon", "rknn-toolkit2", "onnxconverter-common"}
