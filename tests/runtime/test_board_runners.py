@@ -191,7 +191,7 @@ def test_packed_artifact_runs_on_rknn_lite_as_on_ort(fp16_artifact, packed, lite
     ref.close()
 
 
-def test_lite_runner_releases_and_names_the_likelier_cause(fp16_artifact, lite, monkeypatch):
+def test_lite_runner_releases_and_names_the_likelier_cause(fp16_artifact, lite, monkeypatch, capfd):
     from rwkv2rknn.runtime import device
     from rwkv2rknn.runtime.rknn import RknnLiteRunner
     monkeypatch.setattr(device, "npu_device_present", lambda root="/": True)
@@ -210,6 +210,8 @@ def test_lite_runner_releases_and_names_the_likelier_cause(fp16_artifact, lite, 
                        seg.shapes, "0_1_2", toolkit="2.5.0")
     assert "no NPU driver" in str(e.value) and "insmod rknpu" in str(e.value)
     assert "dmesg" in e.value.fix
+    shown = capfd.readouterr()
+    assert "Traceback" not in shown.out + shown.err and "E RKNN" not in shown.out + shown.err
     with pytest.raises(UsageError, match="unknown core mask"):
         RknnLiteRunner(os.path.join(fp16_artifact, seg.rknn), seg.name, seg.inputs, seg.outputs,
                        seg.shapes, "0_3")
