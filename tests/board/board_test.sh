@@ -32,7 +32,10 @@ if [ ! -x "$ROOTFS/usr/bin/python3" ] || [ ! -e "$ROOTFS/usr/lib/python3.11/venv
         bookworm "$ROOTFS"
 fi
 cp /etc/resolv.conf "$ROOTFS/etc/resolv.conf"
-[ -f /etc/ssl/certs/ca-certificates.crt ] && cp /etc/ssl/certs/ca-certificates.crt "$ROOTFS/etc/ssl/certs/host-ca.crt"
+# this machine's CA bundle (it may reach the package registry through a proxy of its own)
+if [ -f /etc/ssl/certs/ca-certificates.crt ]; then
+    cp /etc/ssl/certs/ca-certificates.crt "$ROOTFS/etc/ssl/certs/ca-certificates.crt"
+fi
 
 # 2. the artifact, on this machine
 rm -rf "$WORK" && mkdir -p "$WORK"
@@ -51,18 +54,19 @@ compile_model(os.path.join(work, "onnx"), os.path.join(work, "art"), Options())
 pack(os.path.join(work, "art"), os.path.join(work, "packed"))
 PYEOF
 "$HERE/.venv/bin/rwkv2rknn" run "$WORK/art" --backend ort --tokens "$TOKENS" > "$WORK/x86.txt"
+"$HERE/.venv/bin/rwkv2rknn" run "$WORK/art" --backend ort --prompt "A1" --max-tokens 24 --temperature 0 \
+    > "$WORK/x86-text.txt"
 rm -f "$WORK/art/selftest.json"
 
 # 3. in the arm64 userland
 rm -rf "$ROOTFS/opt/src" "$ROOTFS/opt/art" "$ROOTFS/opt/packed" "$ROOTFS/opt/venv"
 mkdir -p "$ROOTFS/opt/src"
-(cd "$HERE" && tar cf - setup.py setup.cfg README.md requirements-board.txt rwkv2rknn passes models \
-    --exclude='*.pyc' --exclude=__pycache__ --exclude='models/default/*.pth') | tar xf - -C "$ROOTFS/opt/src"
+(cd "$HERE" && tar cf - --exclude='*.pyc' --exclude=__pycache__ --exclude='models/default/*.pth' \
+    setup.py setup.cfg README.md requirements-board.txt rwkv2rknn passes models) | tar xf - -C "$ROOTFS/opt/src"
 cp -r "$WORK/art" "$ROOTFS/opt/art"
 cp -r "$WORK/packed" "$ROOTFS/opt/packed"
 cat > "$ROOTFS/opt/steps.sh" <<'STEPS'
 set -eu
-[ -f /etc/ssl/certs/host-ca.crt ] && export PIP_CERT=/etc/ssl/certs/host-ca.crt
 uname -m
 python3 --version
 # docs/board.md, "Install"
@@ -78,6 +82,7 @@ set -e
 cat /opt/doctor.txt
 # the artifact on onnxruntime
 /opt/venv/bin/rwkv2rknn run /opt/art --backend ort --tokens TOKENS > /opt/arm64.txt
+/opt/venv/bin/rwkv2rknn run /opt/art --backend ort --prompt "A1" --max-tokens 24 --temperature 0 > /opt/arm64-text.txt
 # the packed one is for the NPU runtime: one line, no traceback
 set +e
 /opt/venv/bin/rwkv2rknn run /opt/packed --backend ort --tokens 1,2 > /opt/packed.txt 2>&1
@@ -99,16 +104,21 @@ AUDIT
 STEPS
 sed -i "s/TOKENS/$TOKENS/" "$ROOTFS/opt/steps.sh"
 say "the board's steps, arm64 under qemu-user"
+mount -t proc proc "$ROOTFS/proc"
+mount --bind /sys "$ROOTFS/sys"
+trap 'umount "$ROOTFS/proc" "$ROOTFS/sys" 2>/dev/null || true' EXIT
 chroot "$ROOTFS" /bin/sh /opt/steps.sh
 
 # the verdicts
 fail=0
 cmp -s "$WORK/x86.txt" "$ROOTFS/opt/arm64.txt" && say "run --backend ort: the same text as on x86: $(cat "$WORK/x86.txt")" || {
     say "run --backend ort differs: x86 '$(cat "$WORK/x86.txt")', arm64 '$(cat "$ROOTFS/opt/arm64.txt")'"; fail=1; }
+cmp -s "$WORK/x86-text.txt" "$ROOTFS/opt/arm64-text.txt" && say "run --prompt (greedy): the same text as on x86" || {
+    say "run --prompt differs"; fail=1; }
 grep -q "^ok   self-test: " "$ROOTFS/opt/doctor.txt" && ! grep -q Traceback "$ROOTFS/opt/doctor.txt" \
     && say "doctor: self-test passed on arm64, every other verdict one line" || { say "doctor failed"; fail=1; }
 grep -q "packed for the board" "$ROOTFS/opt/packed.txt" && grep -q "^exit 2" "$ROOTFS/opt/packed.txt" \
     && ! grep -q Traceback "$ROOTFS/opt/packed.txt" && say "packed artifact on ort: refused in one line" \
     || { say "packed artifact: unexpected"; cat "$ROOTFS/opt/packed.txt"; fail=1; }
-[ $fail = 0 ] && echo "board-test: 4 passed, 0 failed" || echo "board-test: failed"
+[ $fail = 0 ] && echo "board-test: 5 passed, 0 failed" || echo "board-test: failed"
 exit $fail
