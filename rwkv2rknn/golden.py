@@ -55,14 +55,56 @@ def text_ids(source: str, calib_text: Optional[str], vocab: int, fallback: Seque
     return ids
 
 
+def trace(artifact: str, manifest: Manifest, ids: Sequence[int]):
+    """Every NPU segment's inputs and fp32 outputs for each of ``ids``, as
+    rwkv2rknn.calibrate.capture gives them, computed one segment at a time (each segment's
+    session alone in memory, over all the tokens): a large model's compile stays within a
+    segment's weights. None where a state slot is written by a later segment than the one
+    reading it (then the whole model is run token by token)."""
+    from rwkv2rknn.calibrate import Rows
+    from rwkv2rknn.runtime.ort import OrtRunner
+    width = int(manifest.model.get("width") or 0)
+    slots = {s.input: s for s in manifest.state}
+    envs = [{manifest.token_input: np.array([t], np.int32)} for t in ids]
+    rows = {}
+    for seg in manifest.segments:
+        runner = OrtRunner(os.path.join(artifact, seg.onnx), seg.name, 1 if not seg.matmuls else 0)
+        r = rows[seg.name] = Rows(seg.name, list(seg.inputs), list(seg.outputs), dict(seg.shapes))
+        try:
+            for t, env in enumerate(envs):
+                feed = {}
+                for k in seg.inputs:
+                    slot = slots.get(k)
+                    if slot is None:
+                        value = env[k]
+                    elif t == 0:
+                        value = np.full(slot.dims(width), slot.init, np.float32)
+                    elif slot.output in envs[t - 1]:
+                        value = envs[t - 1][slot.output]
+                    else:
+                        return None
+                    feed[k] = np.asarray(value).reshape(seg.shapes[k]) if k != manifest.token_input else value
+                outs = runner.infer(feed)
+                env.update(outs)
+                if seg.backend == "npu":
+                    r.feeds.append({k: np.array(v, np.float32) for k, v in feed.items()})
+                    r.results.append({k: np.array(outs[k], np.float32).reshape(seg.shapes[k])
+                                      for k in seg.outputs})
+        finally:
+            runner.close()
+    return {k: v for k, v in rows.items() if v.feeds}
+
+
 def record(artifact: str, manifest: Manifest, ids: Sequence[int]) -> Manifest:
     """Write every NPU segment's golden vectors under ``artifact``/golden/ (its manifest is
     written); returns the manifest that records them."""
-    from rwkv2rknn.calibrate import capture
     segs = [s for s in manifest.segments if s.backend == "npu" and (s.rknn or s.seq_rknn)]
     if not segs:
         return manifest
-    traced = capture(artifact, ids)
+    traced = trace(artifact, manifest, ids)
+    if traced is None:
+        from rwkv2rknn.calibrate import capture
+        traced = capture(artifact, ids)
     os.makedirs(os.path.join(artifact, GOLDEN_DIR), exist_ok=True)
     slots = {s.input: s for s in manifest.state}
     width = int(manifest.model.get("width") or 0)
