@@ -163,3 +163,20 @@ def test_doctor_runs_the_self_test_and_records_it(fp16_artifact, tmp_path):
         f.write(b"x")
     r = CliRunner().invoke(cli, ["doctor", art, "--backend", "ort"])
     assert r.exit_code == 1 and "FIX  self-test: golden vectors" in r.output and "checksum" in r.output
+
+
+def test_golden_trace_one_segment_at_a_time_is_the_whole_model_trace(fp16_artifact):
+    """The compile's segment-major trace gives what running the model token by token gives."""
+    from rwkv2rknn import golden
+    from rwkv2rknn.calibrate import capture
+    m = load_manifest(fp16_artifact)
+    ids = [5, 17, 30, 2, 64, 9]
+    a, b = golden.trace(fp16_artifact, m, ids), capture(fp16_artifact, ids)
+    assert a is not None and set(a) == set(b) == {s.name for s in m.segments if s.backend == "npu"}
+    for name in a:
+        assert len(a[name].feeds) == len(ids)
+        for x, y in zip(a[name].feeds + a[name].results, b[name].feeds + b[name].results):
+            assert set(x) == set(y)
+            for k in x:
+                assert x[k].shape == y[k].shape
+                np.testing.assert_allclose(x[k], y[k], rtol=1e-6, atol=1e-6)
