@@ -34,8 +34,8 @@ log = logging.getLogger(__name__)
 
 
 def narrow_embedding(ctx: Context, seg: GraphSegment) -> None:
-    """A built compile's CPU segments keep their token table in fp16 (int8 with per-row scales
-    under --quant w8a8), widened per token (rwkv2rknn.embedding)."""
+    """A built compile's CPU segments keep their token table in fp16 where its values are fp16
+    (int8 with per-row scales under --quant w8a8), widened per token (rwkv2rknn.embedding)."""
     if ctx.options.plan_only or seg.device != "cpu" or seg.model is None:
         return
     from rwkv2rknn.embedding import compact

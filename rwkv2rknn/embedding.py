@@ -1,7 +1,9 @@
 """The CPU embedding stored narrow: the token table of a CPU segment (a Gather over a 2-D float32
-initializer) kept in fp16, or in int8 with one scale per row when the NPU segments are w8a8,
-and widened to float32 per token as it is gathered (Gather, then Cast, then for int8 a Mul by
-the row's gathered scale). The table is most of what a small model's board copy holds (a
+initializer) kept in fp16 where that loses nothing (its values are fp16 values: a model exported
+in fp16, as the public files and our default export are), or in int8 with one scale per row when
+the NPU segments are w8a8, and widened to float32 per token as it is gathered (Gather, then Cast,
+then for int8 a Mul by the row's gathered scale). A table of fp32 values stays fp32 outside w8a8
+(the CPU then computes what the source model computes). The table is most of what a small model's board copy holds (a
 0.1B RWKV-7 with 65536 tokens: 201 MB of 497 MB in float32), and a token's row is all that is
 ever widened.
 """
@@ -37,6 +39,9 @@ def compact(model, int8: bool = False) -> int:
         if sum(1 for n in nodes for x in n.input if x == t.name) != 1:
             continue  # the table has other readers: leave it
         w = numpy_helper.to_array(t).astype(np.float32)
+        if not int8 and not np.array_equal(w.astype(np.float16).astype(np.float32), w):
+            log.debug("embedding %s holds fp32 values: kept in fp32", t.name)
+            continue
         out = node.output[0]
         narrow = out + "/narrow"
         node.output[0] = narrow

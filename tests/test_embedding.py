@@ -23,7 +23,8 @@ def _run(model, ids):
 
 
 def test_fp16_table_is_half_the_bytes_and_widened_per_token():
-    table = np.random.default_rng(0).standard_normal((300, 64)).astype(np.float32)
+    # the values of an fp16 export, held as fp32 by the compile
+    table = np.random.default_rng(0).standard_normal((300, 64)).astype(np.float16).astype(np.float32)
     m = _table_model(table)
     assert compact(m) == table.nbytes // 2
     onnx.checker.check_model(m)
@@ -32,8 +33,15 @@ def test_fp16_table_is_half_the_bytes_and_widened_per_token():
     assert [n.op_type for n in m.graph.node] == ["Gather", "Cast"]
     got = _run(m, [5, 299, 0])
     assert got.dtype == np.float32
-    np.testing.assert_array_equal(got, table[[5, 299, 0]].astype(np.float16).astype(np.float32))
+    np.testing.assert_array_equal(got, table[[5, 299, 0]])  # nothing lost
     assert compact(m) == 0  # narrow already
+
+
+def test_a_table_of_fp32_values_stays_fp32_outside_w8a8():
+    table = np.random.default_rng(2).standard_normal((300, 64)).astype(np.float32)
+    m = _table_model(table)
+    assert compact(m) == 0 and m.graph.initializer[0].data_type == TensorProto.FLOAT
+    np.testing.assert_array_equal(_run(m, [3]), table[[3]])
 
 
 def test_int8_table_with_row_scales():
