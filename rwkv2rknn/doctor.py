@@ -80,6 +80,11 @@ def doctor(artifact: Optional[str] = None, root: str = "/", machine: Optional[st
                  f"{device.describe_need(need)}")
         out.append(Verdict("free memory", have < 0 or have >= need["total"] * 1.1, found,
                            "close other programs or use a smaller model"))
+        npu = device.npu_weight_bytes(manifest, artifact)
+        if npu > device.IOMMU_DOMAIN_BYTES:
+            out.append(Verdict("NPU memory", False, f"the .rknn files hold {device.gib(npu)}, more than "
+                               f"one 4 GiB IOMMU domain of the RK3588 NPU", "spreading contexts over "
+                               "IOMMU domains is not implemented: use a smaller model, or --quant w8a8"))
         missing = [s.name for s in manifest.segments if s.backend == "npu" and not (s.rknn or s.seq_rknn)]
         if missing:
             out.append(Verdict("artifact", False, f"{len(missing)} NPU segment(s) have no .rknn "

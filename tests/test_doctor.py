@@ -134,3 +134,19 @@ def test_doctor_command_here_exits_1(fp32_plan_artifact):
     assert r.exit_code == 1, r.output
     assert "FIX  architecture" in r.output or "ok   architecture" in r.output
     assert "free memory" in r.output and "Traceback" not in r.output
+
+
+def test_npu_weights_past_one_iommu_domain_are_fix(board, tmp_path, fp32_plan_artifact, monkeypatch):
+    art = str(tmp_path / "art")
+    shutil.copytree(fp32_plan_artifact, art)
+    m = json.loads(open(os.path.join(art, "manifest.json")).read())
+    seg = next(s for s in m["segments"] if s["backend"] == "npu")
+    seg["rknn"] = f"segments/{seg['name']}.rknn"
+    open(os.path.join(art, seg["rknn"]), "w").write("in x 4\nout y 4\n" + "#" * 5000)
+    open(os.path.join(art, "manifest.json"), "w").write(json.dumps(m))
+    v = _by_name(doctor(art, root=board(), machine="aarch64", environ={}))
+    assert "NPU memory" not in v
+    monkeypatch.setattr(device, "IOMMU_DOMAIN_BYTES", 4096)
+    v = _by_name(doctor(art, root=str(tmp_path / "root"), machine="aarch64", environ={}))
+    assert not v["NPU memory"].ok and "more than one 4 GiB IOMMU domain" in v["NPU memory"].found
+    assert "not implemented" in v["NPU memory"].fix

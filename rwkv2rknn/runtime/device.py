@@ -189,6 +189,15 @@ def memory_need(manifest, artifact: str, backend: str = "rknn-rt") -> Dict[str, 
             "total": weights + acts + state}
 
 
+IOMMU_DOMAIN_BYTES = 4 << 30  # the RK3588 NPU maps memory in IOMMU domains of 4 GiB
+
+
+def npu_weight_bytes(manifest, artifact: str) -> int:
+    """Bytes of the .rknn files the NPU contexts load (each file once)."""
+    files = {f for s in manifest.segments if s.backend == "npu" for f in (s.rknn, s.seq_rknn) if f}
+    return sum(_size(artifact, f) for f in files)
+
+
 def _elems(shape) -> int:
     n = 1
     for d in shape or ():
