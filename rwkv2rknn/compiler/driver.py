@@ -25,6 +25,7 @@ from typing import Callable, Optional
 
 from rwkv2rknn import __version__, fileio
 from rwkv2rknn.compiler import resources
+from rwkv2rknn.compiler.embedding import narrow_embedding
 from rwkv2rknn.rknn import calibrate
 from rwkv2rknn.errors import UsageError
 from rwkv2rknn.compiler.ir import Context, GraphSegment, Options, export
@@ -153,6 +154,7 @@ def _compile(model_path, out_dir, options, toolkit, calib_ids, force, dump_after
     with fileio.atomic_dir(out_dir, MANIFEST, force=force) as tmp:
         os.makedirs(os.path.join(tmp, "segments"))
         for s in ctx.segments:
+            narrow_embedding(ctx, s)
             s.sha256 = fileio.save_onnx(s.model, os.path.join(tmp, "segments", s.name + ".onnx"))
             if s.seq_model is not None:
                 s.seq_sha256 = fileio.save_onnx(s.seq_model, os.path.join(tmp, "segments", s.name + ".seq.onnx"))
@@ -209,8 +211,24 @@ def _compile_stream(model_path, out_dir, options, toolkit, calib_ids, force, pro
 def _finish(ctx: Context, tmp: str, toolkit: str, options: Options) -> Manifest:
     manifest = make_manifest(ctx, tmp, toolkit, options.plan_only)
     manifest.check_bindings()
+    if not options.plan_only and manifest.token_input and manifest.logits_output:
+        manifest = _golden(ctx, tmp, manifest, options)
     fileio.write_json(os.path.join(tmp, PLAN), plan_report(ctx, manifest))
     fileio.write_json(os.path.join(tmp, MANIFEST), manifest.to_dict())
+    return manifest
+
+
+def _golden(ctx: Context, tmp: str, manifest: Manifest, options: Options) -> Manifest:
+    """Record every NPU segment's golden vectors (rwkv2rknn.compiler.golden) from real text."""
+    from rwkv2rknn.compiler import golden
+    from rwkv2rknn.passes.fp16_guard import sample_tokens
+    fileio.write_json(os.path.join(tmp, MANIFEST), manifest.to_dict())  # what the trace runs
+    ids = golden.text_ids(ctx.source, options.calib_text, int(ctx.shape.get("vocab") or 0),
+                          sample_tokens(ctx))
+    manifest = golden.record(tmp, manifest, ids)
+    n = sum(1 for s in manifest.segments if s.golden)
+    ctx.note("build", f"golden vectors: {n} NPU segment(s), from {len(ids)} tokens of text, "
+                      f"fp32 onnxruntime (the board's self-test)")
     return manifest
 
 
