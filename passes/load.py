@@ -37,8 +37,7 @@ def import_stage(path: str, prefix: str, ctx_facts: Optional[dict] = None):
     into it as 'unread', and what the file says of itself as 'dtype' and 'tokenizer'."""
     import onnx_graphsurgeon as gs
     from rwkv2rknn.passes import canonicalize
-    from rwkv2rknn.passes.opset import to_opset
-    model = to_opset(io.load_onnx(path), os.path.basename(path))
+    model = canonicalize.prepare(io.load_onnx(path), os.path.basename(path))
     canonicalize.normalize_constant_nodes(model)
     if ctx_facts is not None:
         ctx_facts.update(canonicalize.file_facts(model))
