@@ -5,6 +5,7 @@
     Shape -> Gather -> Unsqueeze -> Concat -+                      const shape -+
     x ------------------------------------- Reshape        =>      x ---------- Reshape
     ONNX local functions (torch: export_modules_as_functions)  => inlined (onnx.inliner)
+    GatherND(table, Unsqueeze(i, [-1]))  (dynamo: table[i]) =>    Gather(table, i, axis=0)
     GroupNormalization(x, scale, bias; G)                 =>      Reshape [N, G, -1] -> the LayerNorm
                                                                   form over the last axis -> scale
                                                                   (per group at opset 18-20, per
@@ -56,7 +57,37 @@ def prepare(model, what: str = "the model"):
     lowered (at the file's own opset), then at opset ``OPSET`` (``passes/opset.py``)."""
     model = inline_functions(model, what)
     lower_norms(model)
+    rows_by_index(model)
     return to_opset(model, what)
+
+
+def rows_by_index(model) -> int:
+    """``GatherND(data, Unsqueeze(i, axes=[-1]))`` with no batch dims (torch's dynamo exporter
+    writes ``table[i]`` so) -> ``Gather(data, i, axis=0)``, in place; returns how many."""
+    from onnx import helper, numpy_helper
+    consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    made = {n.output[0]: n for n in model.graph.node if n.output}
+    count = 0
+    for n in model.graph.node:
+        if n.op_type != "GatherND" or any(a.name == "batch_dims" and a.i for a in n.attribute):
+            continue
+        u = made.get(n.input[1])
+        if u is None or u.op_type != "Unsqueeze":
+            continue
+        axes = consts.get(u.input[1]) if len(u.input) > 1 else None
+        if axes is None:
+            axes = next((helper.get_attribute_value(a) for a in u.attribute if a.name == "axes"), None)
+        if axes is None or [int(a) for a in np.asarray(axes).reshape(-1)] != [-1]:
+            continue
+        n.op_type = "Gather"
+        n.input[1] = u.input[0]
+        del n.attribute[:]
+        n.attribute.append(helper.make_attribute("axis", 0))
+        count += 1
+    return count
 
 
 def inline_functions(model, what: str = "the model"):
