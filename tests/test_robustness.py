@@ -355,7 +355,8 @@ CASES = [
     ("export-not-rwkv", ["export", "{other_pth}", "-o", OUT], 1, ["not an RWKV checkpoint", "RWKV-4"]),
     ("export-rwkv6-damaged", ["export", "{rwkv6_pth}", "-o", OUT], 1, ["not an RWKV-6 checkpoint"]),
     ("export-rwkv5-damaged", ["export", "{rwkv5_pth}", "-o", OUT], 1, ["not an RWKV-5.2 checkpoint"]),
-    ("export-folder-as-checkpoint", ["export", "{model}", "-o", OUT], 2, ["directory", "--help"]),
+    ("export-folder-as-checkpoint", ["export", "{model}", "-o", OUT], 1, ["holds ONNX files",
+                                                                          "rwkv2rknn compile"]),
     ("export-no-output", ["export", "{pth}"], 2, ["missing option", "--help"]),
     ("export-into-foreign-folder", ["export", "{pth}", "-o", "{foreign}"], 1, ["holds other files", "--force"]),
     # compile
