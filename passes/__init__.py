@@ -2,15 +2,16 @@
 
 ``load`` makes the Context from a path; every other pass is ``run(ctx)`` on it:
 
-    load -> canonicalize -> recognize -> keep_fp32 -> state -> normalize_matmul -> fp16_guard
+    load -> canonicalize -> recognize -> keep_fp32 -> state -> rank_one -> normalize_matmul -> fp16_guard
          -> support -> partition -> cut -> sequence (T-token variants for prefill)
          -> build (needs the segment files on disk; skipped by --plan-only)
 """
 
 from rwkv2rknn.passes import (build, canonicalize, cut, fp16_guard, keep_fp32, load,
-                              normalize_matmul, partition, recognize, sequence, state, support)
+                              normalize_matmul, partition, rank_one, recognize, sequence, state,
+                              support)
 
 # Graph passes after load, in order.
-GRAPH_PIPELINE = (canonicalize, recognize, keep_fp32, state, normalize_matmul, fp16_guard, support,
-                  partition, cut, sequence)
+GRAPH_PIPELINE = (canonicalize, recognize, keep_fp32, state, rank_one, normalize_matmul, fp16_guard,
+                  support, partition, cut, sequence)
 PASS_NAMES = tuple([load.NAME] + [p.NAME for p in GRAPH_PIPELINE] + [build.NAME])

@@ -230,3 +230,14 @@ def test_export_help_lists_the_formats():
     for name in ("RwkvForCausalLM", "Rwkv5ForCausalLM", "RWKV7ForCausalLM", ".safetensors",
                  "pytorch_model.bin", "index.json", "one .onnx", "docs/formats.md"):
         assert name in r.output, name
+
+
+def test_compile_of_a_checkpoint_says_export_it_first(sds, tmp_path):
+    folder = hf_folders.save_folder(sds("4"), str(tmp_path / "hf"), "4")
+    pth = str(tmp_path / "m.pth")
+    checkpoint.save_checkpoint(sds("4"), pth)
+    for given in (folder, os.path.join(folder, "model.safetensors"), pth):
+        r = CliRunner().invoke(cli, ["compile", given, "-o", str(tmp_path / "art"), "--plan-only"])
+        assert r.exit_code == 1, r.output
+        line = r.output.strip().splitlines()[-1]
+        assert "not ONNX" in line and f"export it first: rwkv2rknn export {given} -o model/" in line
