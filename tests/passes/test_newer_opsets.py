@@ -137,3 +137,20 @@ def test_local_functions_are_inlined_with_their_weights_kept(tmp_path):
     assert not len(got_model.functions)
     assert all(n.domain in ("", "ai.onnx") for n in got_model.graph.node)
     np.testing.assert_allclose(_run(got_model, {"x": x}), want, rtol=1e-5, atol=1e-5)
+
+
+def test_dynamo_row_lookup_becomes_a_gather():
+    """torch's dynamo exporter writes table[token] as GatherND(table, Unsqueeze(token, [-1]))."""
+    table = np.random.default_rng(3).standard_normal((7, 5)).astype(np.float32)
+    nodes = [helper.make_node("Unsqueeze", ["token", "axes"], ["idx"]),
+             helper.make_node("GatherND", ["table", "idx"], ["y"])]
+    inits = [numpy_helper.from_array(table, "table"),
+             numpy_helper.from_array(np.array([-1], np.int64), "axes")]
+    m = _model(nodes, [helper.make_tensor_value_info("token", onnx.TensorProto.INT64, [1])],
+               [_vi("y", [1, 5])], inits, opset=20, ir=10)
+    feed = {"token": np.array([4], np.int64)}
+    want = _run(m, feed)
+    got = canonicalize.prepare(onnx.ModelProto.FromString(m.SerializeToString()))
+    assert [n.op_type for n in got.graph.node if n.op_type in ("Gather", "GatherND")] == ["Gather"]
+    np.testing.assert_array_equal(_run(got, feed), want)
+    np.testing.assert_array_equal(want[0], table[4])
