@@ -164,6 +164,9 @@ def _from_transformers(sd: Dict[str, np.ndarray], config: dict) -> Dict[str, np.
         out[".".join(parts)] = arr
     if "head.weight" not in out and "emb.weight" in out and config.get("tie_word_embeddings"):
         out["head.weight"] = out["emb.weight"]
+    if any(k.endswith("att.time_maa_x") for k in out):  # RWKV-6: time_decay [1, 1, C] as the .pth
+        for k in [k for k in out if k.endswith("att.time_decay")]:  # (a fresh HF init has [H, N])
+            out[k] = out[k].reshape(1, 1, -1)
     return out
 
 
@@ -317,11 +320,11 @@ def load_model(path: str) -> Tuple[Dict[str, np.ndarray], Optional[str], str]:
     sd = read_weights(weights)
     _refuse_converted(sd, weights)
     fmt = format_of(sd.keys(), config)
-    if fmt is None:
-        return sd, None, "official layout"
-    sd = MAPPERS[fmt](sd, config)
     tok = os.path.join(folder, TOKENIZER)
-    return sd, (tok if os.path.isfile(tok) else None), FORMATS[fmt][1]
+    tok = tok if os.path.isfile(tok) and (fmt or os.path.isdir(path)) else None
+    if fmt is None:
+        return sd, tok, "official layout"
+    return MAPPERS[fmt](sd, config), tok, FORMATS[fmt][1]
 
 
 def _refuse_kind(path: str, kind: str) -> None:

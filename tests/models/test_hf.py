@@ -241,3 +241,17 @@ def test_compile_of_a_checkpoint_says_export_it_first(sds, tmp_path):
         assert r.exit_code == 1, r.output
         line = r.output.strip().splitlines()[-1]
         assert "not ONNX" in line and f"export it first: rwkv2rknn export {given} -o model/" in line
+
+
+def test_rwkv6_time_decay_saved_per_head_reads_as_the_pth_has_it(sds, tmp_path):
+    """A freshly initialised Rwkv6ForCausalLM keeps time_decay as [H, N]; the .pth has [1, 1, C]."""
+    from safetensors.numpy import save_file
+    sd = sds("6")
+    keys = hf_folders.transformers_keys(sd)
+    for k in [k for k in keys if k.endswith("attention.time_decay")]:
+        keys[k] = keys[k].reshape(2, 64)
+    save_file({k: np.ascontiguousarray(v, np.float32) for k, v in keys.items()},
+              str(tmp_path / "model.safetensors"))
+    got, tok, what = load_model(str(tmp_path / "model.safetensors"))
+    _same(got, sd)
+    assert tok is None and what == FORMAT["6"]
