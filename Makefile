@@ -43,7 +43,7 @@ test-fast: install
 # The report in a real browser: headless Chromium from Debian's packages (installed here, as root).
 browser-test: install
 	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
-	TQDM_DISABLE=1 $(BIN)/python -m pytest -q -m browser tests/test_report_browser.py
+	TQDM_DISABLE=1 $(BIN)/python -m pytest -q -m browser tests/tools/test_report_browser.py
 
 run: install
 	$(BIN)/rwkv2rknn demo --prompt "$(PROMPT)"

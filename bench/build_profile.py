@@ -24,7 +24,7 @@ def cpu():
     return r.ru_utime + r.ru_stime
 t0 = time.perf_counter()
 onnx_path, rows, extra, out = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4]
-from rwkv2rknn.toolkit import dynamic_shapes, import_toolkit, quiet_fds
+from rwkv2rknn.rknn.toolkit import dynamic_shapes, import_toolkit, quiet_fds
 RKNN = import_toolkit()
 wall, used = {"import": time.perf_counter() - t0}, {"import": cpu()}
 with quiet_fds():

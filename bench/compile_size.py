@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 
-from rwkv2rknn.resources import tree_rss
+from rwkv2rknn.compiler.resources import tree_rss
 
 
 def timed_compile(model_dir, out_dir, cache, extra=()):

@@ -13,7 +13,7 @@ import sys
 import tempfile
 import time
 
-from rwkv2rknn.compiler import build_rknn
+from rwkv2rknn.compiler.driver import build_rknn
 
 
 def main(artifact: str, rows=(16, 32, 64)) -> None:

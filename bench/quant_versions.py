@@ -17,13 +17,13 @@ import time
 
 import numpy as np
 
-from rwkv2rknn import calibrate
-from rwkv2rknn.compiler import compile_model
-from rwkv2rknn.ir import Options
+from rwkv2rknn.rknn import calibrate
+from rwkv2rknn.compiler.driver import compile_model
+from rwkv2rknn.compiler.ir import Options
 from rwkv2rknn.models import checkpoint
 from rwkv2rknn.models.export import export
 from rwkv2rknn.runtime.hybrid import HybridModel
-from rwkv2rknn.tokenizer import ByteTokenizer
+from rwkv2rknn.runtime.tokenizer import ByteTokenizer
 
 SHAPES = {"7": dict(layers=3, width=192, vocab=301, seed=5), "6": dict(layers=3, width=192, vocab=263, seed=6),
           "5": dict(layers=3, width=128, vocab=211, seed=7)}

@@ -23,8 +23,8 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 
 def summary(model, out, without_rank_one=False):
     from rwkv2rknn import passes
-    from rwkv2rknn.compiler import compile_model
-    from rwkv2rknn.ir import Options
+    from rwkv2rknn.compiler.driver import compile_model
+    from rwkv2rknn.compiler.ir import Options
     pipeline = passes.GRAPH_PIPELINE
     if without_rank_one:
         passes.GRAPH_PIPELINE = tuple(p for p in pipeline if p is not passes.rank_one)

@@ -26,7 +26,7 @@ import tempfile
 
 CHILD = r"""
 import json, sys
-from rwkv2rknn.toolkit import build_in_process
+from rwkv2rknn.rknn.toolkit import build_in_process
 a = json.loads(sys.argv[1])
 rk = build_in_process(a["onnx"], rknn_out=a["out"], rows=tuple(a["rows"]), precision=a["precision"],
                       dataset=a["dataset"], verbose=True, columns=a["columns"], config=a["config"])

@@ -24,7 +24,7 @@ def checkpoint_path() -> str:
 
 
 def cache_folder() -> str:
-    from rwkv2rknn.io import cache_root
+    from rwkv2rknn.fileio import cache_root
     with open(checkpoint_path(), "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()[:16]
     return os.path.join(cache_root(), "default", digest)
@@ -34,12 +34,12 @@ def ensure_compiled(echo: Optional[Callable[[str], None]] = None,
                     plan_only: Optional[bool] = None) -> str:
     """The artifact folder of the default model, exporting and compiling it if needed (with
     ``plan_only`` None: .rknn builds only where rknn-toolkit2 is installed)."""
-    from rwkv2rknn.compiler import compile_model, segment_line
-    from rwkv2rknn.ir import Options
+    from rwkv2rknn.compiler.driver import compile_model, segment_line
+    from rwkv2rknn.compiler.ir import Options
     from rwkv2rknn.models.checkpoint import load_checkpoint
     from rwkv2rknn.models.export import MODEL_JSON, export
-    from rwkv2rknn.plan import MANIFEST
-    from rwkv2rknn.toolkit import toolkit_installed
+    from rwkv2rknn.artifact.plan import MANIFEST
+    from rwkv2rknn.rknn.toolkit import toolkit_installed
 
     echo = echo or (lambda m: None)
     root = cache_folder()

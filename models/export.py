@@ -17,7 +17,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 
-from rwkv2rknn import io
+from rwkv2rknn import fileio
 from rwkv2rknn.errors import MissingDependency, UnsupportedModel
 from rwkv2rknn.models import rwkv4, rwkv5, rwkv6, rwkv7
 
@@ -66,18 +66,18 @@ def export(sd: Dict[str, np.ndarray], out_dir: str, fp32: bool = False,
                for i in range(shape.layers)]
     stages += [(arch.HEAD_FILE, lambda: arch.head_graph(sd))]
     keep = getattr(arch, "fp32_nodes", lambda m: [])
-    with io.atomic_dir(out_dir, MODEL_JSON, force=force) as tmp:
+    with fileio.atomic_dir(out_dir, MODEL_JSON, force=force) as tmp:
         for name, build in stages:
             model = build()
             if not fp32:
                 model = to_fp16(model, keep(model))
-            io.save_onnx(model, os.path.join(tmp, name))
+            fileio.save_onnx(model, os.path.join(tmp, name))
             if progress:
                 progress(name)
         if tokenizer_file:
             shutil.copyfile(tokenizer_file, os.path.join(tmp, "tokenizer.json"))
             tokenizer = "tokenizer.json"
-        io.write_json(os.path.join(tmp, MODEL_JSON), {
+        fileio.write_json(os.path.join(tmp, MODEL_JSON), {
             "arch": arch.ARCH, "shape": shape.to_dict(), "dtype": "float32" if fp32 else "float16",
             "tokenizer": tokenizer, **arch.description(shape)})
     log.info("exported %s (%d layers, width %d, vocab %d) to %s", arch.ARCH, shape.layers,
@@ -152,7 +152,7 @@ def export_file(sd: Dict[str, np.ndarray], path: str, fp32: bool = False,
                                    METADATA_PREFIX + "tokenizer": tokenizer or "",
                                    METADATA_PREFIX + "dtype": "float32" if fp32 else "float16"})
     weight_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
-    io.save_onnx_file(model, path, external=weight_bytes > external_limit, force=force)
+    fileio.save_onnx_file(model, path, external=weight_bytes > external_limit, force=force)
     log.info("exported %s (%d layers, width %d, vocab %d) to %s", arch.ARCH, shape.layers,
              shape.width, shape.vocab, path)
     return shape

@@ -7,9 +7,9 @@
          -> build (needs the segment files on disk; skipped by --plan-only)
 """
 
-from rwkv2rknn.passes import (build, canonicalize, cut, fp16_guard, keep_fp32, load,
-                              normalize_matmul, partition, rank_one, recognize, sequence, state,
-                              support)
+from rwkv2rknn.passes import (canonicalize, cut, fp16_guard, keep_fp32, load, normalize_matmul,
+                              partition, rank_one, recognize, sequence, state, support)
+from rwkv2rknn.rknn import build  # the build step: the RKNN build service, run after the passes
 
 # Graph passes after load, in order.
 GRAPH_PIPELINE = (canonicalize, recognize, keep_fp32, state, rank_one, normalize_matmul, fp16_guard,

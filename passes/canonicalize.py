@@ -41,7 +41,7 @@ from typing import Dict
 import numpy as np
 
 from rwkv2rknn.errors import BadInput
-from rwkv2rknn.ir import Context, bypass, const_value, replace_uses
+from rwkv2rknn.compiler.ir import Context, bypass, const_value, replace_uses
 from rwkv2rknn.passes.opset import OPSET, to_opset  # noqa: F401 - (to_opset: its old home)
 
 NAME = "canonicalize"
@@ -316,7 +316,7 @@ def _infer_types(graph, what: str) -> None:
     import onnx_graphsurgeon as gs
     from onnx import helper, shape_inference
 
-    from rwkv2rknn.ir import export
+    from rwkv2rknn.compiler.ir import export
     swaps = []  # (constant, stand-in input): the weights are neither loaded nor copied
     for t in list(graph.tensors().values()):
         if isinstance(t, gs.Constant) and int(np.prod(t.shape)) > 4096:

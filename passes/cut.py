@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from rwkv2rknn.ir import Context, GraphSegment, export, is_const, stages_of, toposort_chains
+from rwkv2rknn.compiler.ir import Context, GraphSegment, export, is_const, stages_of, toposort_chains
 from rwkv2rknn.passes.partition import MATMUL_LIKE, estimate_ms, matmul_flops
 
 NAME = "cut"

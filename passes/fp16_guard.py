@@ -22,8 +22,8 @@ import math
 
 import numpy as np
 
-from rwkv2rknn.ir import Context, const_value
-from rwkv2rknn.trace import trace
+from rwkv2rknn.compiler.ir import Context, const_value
+from rwkv2rknn.compiler.trace import trace
 
 NAME = "fp16_guard"
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from rwkv2rknn.ir import Context, bypass, is_const, transposed
+from rwkv2rknn.compiler.ir import Context, bypass, is_const, transposed
 
 NAME = "keep_fp32"
 _FLOAT_TO = {1, 10, 11, 16}  # FLOAT, FLOAT16, DOUBLE, BFLOAT16

@@ -23,10 +23,10 @@ from typing import Optional
 
 import numpy as np
 
-from rwkv2rknn import io
+from rwkv2rknn import fileio
 from rwkv2rknn.errors import BadInput, UnsupportedModel
-from rwkv2rknn.ir import Context, Options, const_value, is_const, replace_uses
-from rwkv2rknn.plan import StateSlot
+from rwkv2rknn.compiler.ir import Context, Options, const_value, is_const, replace_uses
+from rwkv2rknn.artifact.plan import StateSlot
 
 NAME = "load"
 
@@ -37,7 +37,7 @@ def import_stage(path: str, prefix: str, ctx_facts: Optional[dict] = None):
     into it as 'unread', and what the file says of itself as 'dtype' and 'tokenizer'."""
     import onnx_graphsurgeon as gs
     from rwkv2rknn.passes import canonicalize
-    model = canonicalize.prepare(io.load_onnx(path), os.path.basename(path))
+    model = canonicalize.prepare(fileio.load_onnx(path), os.path.basename(path))
     canonicalize.normalize_constant_nodes(model)
     if ctx_facts is not None:
         ctx_facts.update(canonicalize.file_facts(model))
@@ -225,11 +225,11 @@ def arch_of_folder(folder: str):
     from rwkv2rknn.runtime.reference import stage_files
 
     by_arch = {m.ARCH: m for m in MODULES.values()}
-    arch = io.model_facts(folder).get("arch")
+    arch = fileio.model_facts(folder).get("arch")
     if arch in by_arch:
         return by_arch[arch]
     blocks = stage_files(folder)[1]
-    names = [i.name for i in io.load_onnx(blocks[-1]).graph.input]
+    names = [i.name for i in fileio.load_onnx(blocks[-1]).graph.input]
     if names[:1] != ["input"] or "wkv" not in names:
         return MODULES["4"]
     return MODULES["7"] if "v_first" in names else MODULES["6"]

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from rwkv2rknn.ir import Context, const_value, transposed
+from rwkv2rknn.compiler.ir import Context, const_value, transposed
 
 NAME = "normalize_matmul"
 

@@ -38,7 +38,7 @@ from typing import Dict, List
 
 import numpy as np
 
-from rwkv2rknn.ir import Context, GraphSegment, const_value
+from rwkv2rknn.compiler.ir import Context, GraphSegment, const_value
 
 NAME = "partition"
 MATMUL_LIKE = ("MatMul", "Gemm")
@@ -262,7 +262,7 @@ def split_head(segs, min_flops: int, state=()):
     of the rest reads; it is split off where each part has a MatMul worth a call. A prompt needs
     the head's logits for its last row only, so its build then covers one row count (``build``)
     and prefill runs it once, not on every row of a chunk."""
-    from rwkv2rknn.ir import stage_of
+    from rwkv2rknn.compiler.ir import stage_of
     out, split = [], False
     for s in segs:
         kept = {i for i, _ in state} | _viewed_as({o for _, o in state}, s.nodes)

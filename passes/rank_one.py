@@ -21,7 +21,7 @@ of a column [.., N, 1] and a row [.., 1, M] as either operand.
 
 from __future__ import annotations
 
-from rwkv2rknn.ir import Context
+from rwkv2rknn.compiler.ir import Context
 
 NAME = "rank_one"
 

@@ -43,7 +43,7 @@ from typing import Dict, List, Tuple
 import numpy as np
 
 from rwkv2rknn.errors import UnsupportedModel
-from rwkv2rknn.ir import Context, StateSlot
+from rwkv2rknn.compiler.ir import Context, StateSlot
 from rwkv2rknn.passes import unstack
 
 NAME = "recognize"
@@ -297,7 +297,7 @@ def _initial_values(ctx: Context, tensors, rwkv4) -> str:
 
 def _name_stages(graph, ctx: Context, n_layers: int) -> None:
     """Prefix node names with their stage unless the file already names them so."""
-    from rwkv2rknn.ir import stage_of
+    from rwkv2rknn.compiler.ir import stage_of
     valid = {"embed", "head"} | {f"L{i}" for i in range(n_layers)}
     if all(stage_of(n.name) in valid for n in graph.nodes):
         return

@@ -27,7 +27,7 @@ from typing import Optional
 
 import numpy as np
 
-from rwkv2rknn.ir import Context, GraphSegment, const_value, export, replace_uses, toposort_chains
+from rwkv2rknn.compiler.ir import Context, GraphSegment, const_value, export, replace_uses, toposort_chains
 
 NAME = "sequence"
 _ROWWISE = {"Add", "Sub", "Mul", "Div", "Relu", "Sigmoid", "Sqrt", "Neg", "Tanh", "Abs", "Pow",

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from rwkv2rknn.ir import Context, const_value, replace_uses
-from rwkv2rknn.plan import StateSlot
+from rwkv2rknn.compiler.ir import Context, const_value, replace_uses
+from rwkv2rknn.artifact.plan import StateSlot
 
 NAME = "state"
 

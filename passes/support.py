@@ -23,7 +23,7 @@ from typing import Tuple
 
 import numpy as np
 
-from rwkv2rknn.ir import Context, const_value
+from rwkv2rknn.compiler.ir import Context, const_value
 
 NAME = "support"
 

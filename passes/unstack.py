@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from rwkv2rknn.errors import UnsupportedModel
-from rwkv2rknn.ir import const_value, replace_uses
+from rwkv2rknn.compiler.ir import const_value, replace_uses
 
 Region = Tuple[int, int]
 

@@ -9,6 +9,10 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("RWKV_JIT_ON", "0")
 os.environ.setdefault("RWKV_CUDA_ON", "0")
 sys.path.insert(0, os.path.dirname(__file__))  # tests/public_recipe.py
+# Test modules other folders import by name: tests/rknn/test_columns.py (test_slot_onefile.py),
+# tests/passes/helpers.py (the pass tests).
+for _folder in ("rknn", "passes"):
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), _folder))
 # training/rwkv4_torch.py and train.py (the training script lives outside the installed package)
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "training"))
 
@@ -61,8 +65,8 @@ def fp16_dir(small_sd, tmp_path_factory):
 @pytest.fixture(scope="session")
 def fp16_artifact(fp16_dir, tmp_path_factory):
     """fp16 files compiled with the real rknn-toolkit2 (NPU segments built to .rknn)."""
-    from rwkv2rknn.compiler import compile_model
-    from rwkv2rknn.ir import Options
+    from rwkv2rknn.compiler.driver import compile_model
+    from rwkv2rknn.compiler.ir import Options
     out = str(tmp_path_factory.mktemp("art") / "fp16")
     compile_model(fp16_dir, out, Options())
     return out
@@ -70,8 +74,8 @@ def fp16_artifact(fp16_dir, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def fp32_plan_artifact(fp32_dir, tmp_path_factory):
-    from rwkv2rknn.compiler import compile_model
-    from rwkv2rknn.ir import Options
+    from rwkv2rknn.compiler.driver import compile_model
+    from rwkv2rknn.compiler.ir import Options
     out = str(tmp_path_factory.mktemp("art") / "fp32")
     compile_model(fp32_dir, out, Options(plan_only=True))
     return out
@@ -136,8 +140,8 @@ class SlotModel:
         return self._compile("fp16", prefill_rows=(16,))
 
     def _compile(self, dtype, **options):
-        from rwkv2rknn.compiler import compile_model
-        from rwkv2rknn.ir import Options
+        from rwkv2rknn.compiler.driver import compile_model
+        from rwkv2rknn.compiler.ir import Options
         out = str(self._tmp.mktemp(f"art{self.version}") / dtype)
         compile_model(self.dirs[dtype], out, Options(**options))
         return out

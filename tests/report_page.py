@@ -8,7 +8,7 @@ import re
 import shutil
 from html.parser import HTMLParser
 
-from rwkv2rknn.plan import MANIFEST
+from rwkv2rknn.artifact.plan import MANIFEST
 
 
 class Elements(HTMLParser):

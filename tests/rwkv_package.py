@@ -1,5 +1,5 @@
 """Logits from the `rwkv` package (the reference implementation), computed in a child process
-(rwkv2rknn/rwkv_package.py). The package picks its model class at import, so RWKV-7 needs an
+(rwkv2rknn/tools/rwkv_package.py). The package picks its model class at import, so RWKV-7 needs an
 interpreter of its own: one child for RWKV-7 and one for RWKV-4, 5.2 and 6, each kept for the
 test session (torch and the package are imported once, not per reference)."""
 
@@ -7,7 +7,7 @@ import atexit
 
 import numpy as np
 
-from rwkv2rknn.rwkv_package import PackageProcess
+from rwkv2rknn.tools.rwkv_package import PackageProcess
 
 _kept = []
 

@@ -13,8 +13,8 @@ from click.testing import CliRunner
 from fixtures.slot_onefile import export_entries
 from fixtures.torch_layers import export_torch
 from rwkv2rknn.cli import cli
-from rwkv2rknn.compiler import compile_model
-from rwkv2rknn.ir import Options
+from rwkv2rknn.compiler.driver import compile_model
+from rwkv2rknn.compiler.ir import Options
 from rwkv2rknn.runtime.hybrid import HybridModel
 
 V4 = dict(layers=2, width=32, vocab=61, seed=3)

@@ -15,8 +15,8 @@ import pytest
 
 from fixtures import gemm, rwkv2onnx
 from fixtures.torch_layers import export_torch
-from rwkv2rknn.compiler import compile_model
-from rwkv2rknn.ir import Options
+from rwkv2rknn.compiler.driver import compile_model
+from rwkv2rknn.compiler.ir import Options
 from rwkv2rknn.runtime.hybrid import HybridModel
 
 TORCH = dict(layers=2, width=32, vocab=61, seed=3)  # smaller than SMALL: 16 variants are compiled
@@ -121,7 +121,7 @@ def one_files(small_sd, tmp_path_factory):
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
 def test_whole_model_file_matches_the_per_layer_route(kind, dtype, rwkv2onnx_files, one_files,
                                                       per_layer_logits, tokens, tmp_path):
-    from rwkv2rknn.check import run_check
+    from rwkv2rknn.tools.check import run_check
     src = (rwkv2onnx_files if kind == "rwkv2onnx" else one_files)[dtype]
     m = compile_model(src, str(tmp_path / "art"), PLAN)
     layout = "rwkv2onnx" if kind == "rwkv2onnx" else "rwkv2rknn one-file"
@@ -227,7 +227,7 @@ def test_build_fallback_reason_is_the_toolkits_own_line(tmp_path):
     import onnx
     from onnx import TensorProto, numpy_helper
 
-    from rwkv2rknn.compiler import build_rknn
+    from rwkv2rknn.compiler.driver import build_rknn
     w = numpy_helper.from_array(np.ones((4, 8), np.float32), "w")
     nodes = [onnx.helper.make_node("Reshape", ["x", "s"], ["r"]), onnx.helper.make_node("MatMul", ["r", "w"], ["y"])]
     graph = onnx.helper.make_graph(nodes, "g", [onnx.helper.make_tensor_value_info("x", 1, [4]),

@@ -224,8 +224,8 @@ def wide(work):
 @pytest.fixture(scope="module")
 def plan(model, work):
     """The model compiled with --plan-only."""
-    from rwkv2rknn.compiler import compile_model
-    from rwkv2rknn.ir import Options
+    from rwkv2rknn.compiler.driver import compile_model
+    from rwkv2rknn.compiler.ir import Options
     d = str(work / "plan")
     compile_model(model, d, Options(plan_only=True))
     return d
@@ -575,8 +575,8 @@ def test_failed_compile_of_a_bad_model_keeps_the_previous_artifact(bad, plan, tm
 def test_compile_failing_midway_keeps_the_previous_artifact(model1, tmp_path):
     """--strict with a toolkit build that crashes fails inside the build pass, after the new
     artifact's segment files were written: the previous artifact stays as it was."""
-    from rwkv2rknn.compiler import compile_model
-    from rwkv2rknn.ir import Options
+    from rwkv2rknn.compiler.driver import compile_model
+    from rwkv2rknn.compiler.ir import Options
     out = tmp_path / "art"
     compile_model(model1, str(out), Options(plan_only=True))
     before = snapshot(out)
@@ -610,7 +610,7 @@ def test_stale_partial_folders_of_killed_compiles_are_removed(model, tmp_path):
 
 
 def test_stale_cache_partials_are_removed(tmp_path):
-    from rwkv2rknn.passes.build import clean_stale_partials
+    from rwkv2rknn.rknn.build import clean_stale_partials
     pid = 4194000
     while os.path.exists(f"/proc/{pid}"):
         pid -= 1
@@ -871,7 +871,7 @@ def no_toolkit(request, work):
         (d / "sitecustomize.py").write_text(HIDE_RKNN)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(d)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    probe = subprocess.run([PY, "-c", "from rwkv2rknn.runtime.board import toolkit_available\nfrom rwkv2rknn.toolkit import toolkit_installed\n"
+    probe = subprocess.run([PY, "-c", "from rwkv2rknn.runtime.board import toolkit_available\nfrom rwkv2rknn.rknn.toolkit import toolkit_installed\n"
                             "print(toolkit_available(), toolkit_installed())\n"
                             "import rknn.api"], env=env, capture_output=True, text=True)
     assert probe.stdout.split() == ["False", "False"], (probe.stdout, probe.stderr)
@@ -894,9 +894,9 @@ def test_compile_without_the_toolkit_names_the_install(no_toolkit, model, tmp_pa
 
 
 def test_toolkit_checks_in_process(monkeypatch, model, tmp_path):
-    from rwkv2rknn.compiler import compile_model
-    from rwkv2rknn.ir import Options
-    from rwkv2rknn import toolkit
+    from rwkv2rknn.compiler.driver import compile_model
+    from rwkv2rknn.compiler.ir import Options
+    from rwkv2rknn.rknn import toolkit
     from rwkv2rknn.runtime import board
     for name in ("rknn", "rknn.api"):
         monkeypatch.setitem(sys.modules, name, None)  # import rknn -> ImportError
@@ -951,7 +951,7 @@ def test_a_kill_between_the_two_renames_of_a_replace_is_undone(tmp_path):
     """Replacing an artifact moves the old one aside, then the new one in; a process killed in
     between leaves OUT missing and the old copy aside: the next call puts it back first."""
     import subprocess as sp
-    from rwkv2rknn.io import atomic_dir
+    from rwkv2rknn.fileio import atomic_dir
     out = tmp_path / "out"
     out.mkdir()
     (out / "manifest.json").write_text("old")

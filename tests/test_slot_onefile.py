@@ -13,9 +13,9 @@ from click.testing import CliRunner
 from fixtures import slot_onefile
 from layernorms import split_layernorms
 from rwkv2rknn.cli import cli
-from rwkv2rknn.compiler import compile_model
+from rwkv2rknn.compiler.driver import compile_model
 from rwkv2rknn.errors import UnsupportedModel
-from rwkv2rknn.ir import Options
+from rwkv2rknn.compiler.ir import Options
 from rwkv2rknn.runtime.hybrid import HybridModel
 from test_columns import columns_runner_equals_rows
 from test_slot_versions_end_to_end import PROJECTIONS, _weight_matmuls
@@ -213,7 +213,7 @@ def test_one_file_layouts_t_row_builds_in_columns_on_the_npu_simulator(slot_mode
     the mobile exporters' RWKV-7 file's (state rows [1, C]) each get a T-row build in columns
     from rknn-toolkit2; prefill on rknn-sim equals its token steps and the rows form on
     onnxruntime, and follows the `rwkv` package."""
-    from rwkv2rknn.compare import compare_logits
+    from rwkv2rknn.tools.compare import compare_logits
     sm = slot_models(version)
     src = str(tmp_path / "m.onnx")
     if layout == "stacked":

@@ -10,8 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 from rwkv2rknn.cli import cli
-from rwkv2rknn.compare import compare_logits
-from rwkv2rknn.plan import Manifest
+from rwkv2rknn.tools.compare import compare_logits
+from rwkv2rknn.artifact.plan import Manifest
 from rwkv2rknn.runtime.hybrid import HybridModel
 
 # Projections per layer. RWKV-7: R K V O, LoRA pairs w/a/g (and v after layer 0), FFN key/value.
@@ -170,10 +170,10 @@ MIN_TOP1_W8A8_V7 = 0.88
 
 
 def test_w8a8_rwkv7_on_the_simulator_keeps_top1_and_the_plan_shows_each_precision(slot_models, tmp_path):
-    from rwkv2rknn import calibrate
-    from rwkv2rknn.compiler import compile_model
-    from rwkv2rknn.ir import Options
-    from rwkv2rknn.tokenizer import ByteTokenizer
+    from rwkv2rknn.rknn import calibrate
+    from rwkv2rknn.compiler.driver import compile_model
+    from rwkv2rknn.compiler.ir import Options
+    from rwkv2rknn.runtime.tokenizer import ByteTokenizer
     sm = slot_models("7")
     out = str(tmp_path / "w8a8")
     m = compile_model(sm.dirs["fp32"], out, Options(quant="w8a8", calib_tokens=96, prefill_rows=(16,)))

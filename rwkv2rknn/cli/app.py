@@ -163,7 +163,7 @@ def _start_on_huge_pages() -> None:
     """Start the process again with its heap on huge pages, which glibc's allocator reads only
     when a process starts (a compile's heap on huge pages takes a quarter less CPU;
     ``resources.HUGE_PAGES``); nothing if it is so already or cannot be."""
-    from rwkv2rknn.resources import huge_page_env
+    from rwkv2rknn.compiler.resources import huge_page_env
     env = huge_page_env(dict(os.environ))
     if env.get("GLIBC_TUNABLES") != os.environ.get("GLIBC_TUNABLES") and sys.executable:
         # Ctrl-C and SIGTERM wait (the mask and a pending signal pass the exec) until the

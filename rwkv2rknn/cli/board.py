@@ -18,7 +18,7 @@ from rwkv2rknn.cli.app import cli, handle_errors
 def pack_cmd(artifact, out_dir, force):
     """Copy exactly what the board runs (NPU segments as .rknn, CPU segments as ONNX, the
     tokenizer, the manifest) from a compiled ARTIFACT into a new folder."""
-    from rwkv2rknn.pack import pack
+    from rwkv2rknn.artifact.pack import pack
     res = pack(artifact, out_dir, force=force)
     per = f", {res['bytes'] / res['parameters']:.2f} bytes per parameter" if res["parameters"] else ""
     click.echo(f"packed {out_dir}: {res['bytes']:,} bytes for {res['parameters']:,} parameters{per}")
@@ -31,7 +31,7 @@ def pack_cmd(artifact, out_dir, force):
 def doctor(artifact):
     """Check that this board can run ARTIFACT: architecture, SoC and NPU cores, RKNPU driver,
     librknnrt version, free memory. Exit 1 if anything needs fixing."""
-    from rwkv2rknn.doctor import doctor as run_doctor
+    from rwkv2rknn.tools.doctor import doctor as run_doctor
     verdicts = run_doctor(artifact)
     for v in verdicts:
         click.echo(v.line())

@@ -37,7 +37,7 @@ def export(checkpoint: str, out: str, fp32: bool, tokenizer, force: bool) -> Non
     from rwkv2rknn.models.checkpoint import load_model
     from rwkv2rknn.models.export import arch_of, export as do_export
     from rwkv2rknn.models.export import export_file
-    from rwkv2rknn.tokenizer import check_fits, load_tokenizer, tokenizer_for_vocab
+    from rwkv2rknn.runtime.tokenizer import check_fits, load_tokenizer, tokenizer_for_vocab
 
     if tokenizer:
         tok_obj = load_tokenizer(tokenizer)  # a file that is not a tokenizer fails here, before any work
@@ -65,7 +65,7 @@ def export(checkpoint: str, out: str, fp32: bool, tokenizer, force: bool) -> Non
 
 
 def _options(**kw):
-    from rwkv2rknn.ir import Options
+    from rwkv2rknn.compiler.ir import Options
     return Options(**{k: v for k, v in kw.items() if v is not None})
 
 
@@ -138,7 +138,7 @@ def compile_cmd(model, out_dir, target, plan_only, strict, dump_after, range_tok
         click.echo(f"board memory need: {describe_need(memory_need(manifest, out_dir))}")
     click.echo(f"artifact written to {out_dir}")
     if with_report:
-        from rwkv2rknn.report import write_report
+        from rwkv2rknn.tools.report import write_report
         click.echo(f"report written to {write_report(out_dir)}")
 
 
@@ -156,7 +156,7 @@ def _parse_rows(text: str):
 
 
 def _compile_with_progress(model, out_dir, opts, force=False, dump_after=None):
-    from rwkv2rknn.compiler import compile_model, segment_line
+    from rwkv2rknn.compiler.driver import compile_model, segment_line
 
     def on_pass(name, notes):
         for note in notes or ["done"]:

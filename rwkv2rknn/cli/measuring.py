@@ -29,7 +29,7 @@ def profile(build_dir, probe_dir, backend, core_mask, target, out):
     On the board:            rwkv2rknn profile --probes probes/ -o rk3588.json
     """
     import json
-    from rwkv2rknn.measure import build_probes, measure
+    from rwkv2rknn.tools.measure import build_probes, measure
     if bool(build_dir) == bool(probe_dir):
         raise UsageError("give one of --build-probes DIR and --probes DIR", "see rwkv2rknn profile --help")
     if build_dir:
@@ -64,7 +64,7 @@ def bench(version, layers, width, vocab, tokens, no_rwkv, probe_dir, core_mask, 
     the rwkv package on a random model (default: 430M-sized), prefill tokens/s, the peak memory,
     the plan's board estimate and, on a board, the NPU's per-call cost of both board runners."""
     import json
-    from rwkv2rknn.bench import run_bench
+    from rwkv2rknn.tools.bench import run_bench
     check_out_file(json_out, "--json-out")
     res = run_bench(layers=layers, width=width, vocab=vocab, tokens=tokens,
                     with_rwkv=not no_rwkv, echo=click.echo, version=version, probes=probe_dir,

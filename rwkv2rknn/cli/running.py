@@ -87,7 +87,7 @@ def run(artifact, prompt, max_tokens, temperature, top_p, seed, backend, core_ma
 
 def _print_generation(model, tok_spec, prompt, max_tokens, temperature, top_p, seed):
     """Stream the prompt and its continuation to stdout, then the timing line to stderr."""
-    from rwkv2rknn.generate import generate_text
+    from rwkv2rknn.runtime.generate import generate_text
 
     def on_text(text):
         click.echo(text, nl=False)
@@ -131,8 +131,8 @@ def check(artifact, n_tokens, seed, backend, reference, per_segment, min_top1, m
     Gates: token-by-token logits and final state; the same tokens as a prompt
     (chunks through the T-row variants); with --per-segment every NPU segment
     and T-row variant against its ONNX."""
-    from rwkv2rknn.calibrate import read_text
-    from rwkv2rknn.check import run_check, save_report
+    from rwkv2rknn.rknn.calibrate import read_text
+    from rwkv2rknn.tools.check import run_check, save_report
     text = read_text(text_file, "--text") if text_file else None
     rep, chosen = run_check(artifact, n_tokens, seed, backend, reference, per_segment, min_top1, max_rel,
                             text=text)
@@ -168,8 +168,8 @@ def _print_check(rep, chosen: str, as_json: bool = False) -> None:
 @handle_errors
 def eval_cmd(artifact, text_file, max_bytes, backend, tokenizer):
     """Bits per byte of ARTIFACT (or a per-layer folder with --backend ort) on a text file."""
-    from rwkv2rknn.evaluate import bits_per_byte, read_text
-    from rwkv2rknn.generate import model_tokenizer
+    from rwkv2rknn.tools.evaluate import bits_per_byte, read_text
+    from rwkv2rknn.runtime.generate import model_tokenizer
     from rwkv2rknn.runtime.loader import open_model
     text = read_text(text_file, max_bytes)
     model, tok_spec = open_model(artifact, backend, echo=say)
@@ -186,9 +186,9 @@ def eval_cmd(artifact, text_file, max_bytes, backend, tokenizer):
 @handle_errors
 def demo(prompt, max_tokens, seed, backend):
     """The whole flow on the bundled model: export, compile (plan table), generate, check, report."""
-    from rwkv2rknn.check import run_check, save_report
+    from rwkv2rknn.tools.check import run_check, save_report
     from rwkv2rknn.models import bundled
-    from rwkv2rknn.report import write_report
+    from rwkv2rknn.tools.report import write_report
     from rwkv2rknn.runtime.hybrid import load_manifest
     from rwkv2rknn.runtime.loader import open_model
     _check_prompt(prompt)

@@ -22,9 +22,9 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from rwkv2rknn import io
+from rwkv2rknn import fileio
 from rwkv2rknn.errors import BadInput, NumericalError, UsageError
-from rwkv2rknn.plan import MANIFEST, Manifest, sha256_file
+from rwkv2rknn.artifact.plan import MANIFEST, Manifest, sha256_file
 
 from rwkv2rknn.runtime.board import BACKENDS, BOARD_BACKENDS
 from rwkv2rknn.runtime.rows import Columns, RowStep, check_finite, last_row, pad, row_by_row
@@ -40,7 +40,7 @@ def load_manifest(artifact: str) -> Manifest:
     if not os.path.exists(path):
         raise BadInput(f"'{artifact}' has no {MANIFEST}",
                        "give the output folder of `rwkv2rknn compile` (or compile the model again)")
-    return Manifest.from_dict(io.read_json(path, "manifest"), where=path)
+    return Manifest.from_dict(fileio.read_json(path, "manifest"), where=path)
 
 
 def resolve_backend(backend: str) -> str:

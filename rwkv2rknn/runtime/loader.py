@@ -11,9 +11,9 @@ import logging
 import os
 from typing import Callable, Optional, Tuple
 
-from rwkv2rknn import io
+from rwkv2rknn import fileio
 from rwkv2rknn.errors import UsageError
-from rwkv2rknn.plan import MANIFEST
+from rwkv2rknn.artifact.plan import MANIFEST
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def open_model(path: Optional[str], backend: str = "auto", core_mask: str = "aut
         model = PerLayerModel(path)
         for note in model.notes:
             echo(f"note: {note}")
-        return model, io.model_facts(path).get("tokenizer")
+        return model, fileio.model_facts(path).get("tokenizer")
     from rwkv2rknn.runtime.hybrid import HybridModel, load_manifest, resolve_backend
     load_manifest(path)
     chosen = resolve_backend(backend)
@@ -82,7 +82,7 @@ def bundle_tokenizer(spec: Optional[str], source: str, out_dir: str) -> Optional
     without a file come back as they are; a file that cannot be found is logged and kept."""
     import shutil
     if (spec or "").strip().lower() == "world":
-        from rwkv2rknn.tokenizer import find_world_vocab
+        from rwkv2rknn.runtime.tokenizer import find_world_vocab
         try:
             prefix, path = "world:", find_world_vocab()
         except Exception as e:  # noqa: BLE001 - the board then needs the rwkv package or a path

@@ -14,7 +14,7 @@ from typing import List, Sequence, Tuple
 
 import numpy as np
 
-from rwkv2rknn import io
+from rwkv2rknn import fileio
 from rwkv2rknn.errors import BadInput, UnsupportedModel
 from rwkv2rknn.runtime.ort import OrtRunner
 
@@ -49,7 +49,7 @@ def stage_files(folder: str) -> Tuple[str, List[str], str]:
 
 def _described_layers(folder: str) -> int:
     """The layer count our exporter recorded beside the files (0 if there is no readable record)."""
-    shape = io.model_facts(folder).get("shape")
+    shape = fileio.model_facts(folder).get("shape")
     n = shape.get("layers") if isinstance(shape, dict) else 0
     return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 0
 

@@ -4,7 +4,7 @@ fallback; ``rknn-rt`` in rknnrt.py calls librknnrt's C API directly).
 Both share one code path (``_RknnRunner.infer``); they differ only in how the model is loaded:
 
 - the simulator cannot run a loaded ``.rknn`` (``init_runtime`` returns -1), so ``rknn-sim``
-  builds the segment's ONNX in this process (``rwkv2rknn.toolkit.build_in_process``), as the
+  builds the segment's ONNX in this process (``rwkv2rknn.rknn.toolkit.build_in_process``), as the
   compiler did;
 - on the board, ``rknn-lite`` (rknn-toolkit-lite2) loads the compiled ``.rknn`` and binds it to
   NPU cores with ``core_mask``.
@@ -66,7 +66,7 @@ class RknnSimRunner(_RknnRunner):
 
     def __init__(self, onnx_path: str, name: str, inputs, outputs, shapes, target: str = "rk3588",
                  rows=(), precision: str = "fp16", dataset: str = "", columns: bool = False):
-        from rwkv2rknn.toolkit import build_in_process
+        from rwkv2rknn.rknn.toolkit import build_in_process
         super().__init__(name, inputs, outputs, shapes, rows)
         self._rt = build_in_process(onnx_path, target=target, runtime=True, rows=rows,
                                     precision=precision, dataset=dataset, columns=columns)

@@ -46,7 +46,7 @@ class RowStep:
 
 
 class Columns:
-    """A T-row build made in columns (``seq_layout`` 'columns', see rwkv2rknn.columns): it takes
+    """A T-row build made in columns (``seq_layout`` 'columns', see rwkv2rknn.rknn.columns): it takes
     every row input [T, C] as [C, T] and gives every output as [N, T] (or [1, N, 1, T] in NCHW
     order, the same bytes); this turns them on the CPU, so that callers see rows. Vectors ([C]
     state rows) pass as they are; a state row [1, C] (the one-file layouts') goes in as the

@@ -46,11 +46,11 @@ def test_compiled_once_then_reused(bundled_artifact):
 
 def test_bits_per_byte_hybrid_npu_within_2_percent_of_onnxruntime_fp32(sd, heldout, bundled_artifact,
                                                                          tmp_path):
-    from rwkv2rknn.evaluate import bits_per_byte
+    from rwkv2rknn.tools.evaluate import bits_per_byte
     from rwkv2rknn.models.export import export
     from rwkv2rknn.runtime.hybrid import HybridModel
     from rwkv2rknn.runtime.reference import PerLayerModel
-    from rwkv2rknn.tokenizer import ByteTokenizer
+    from rwkv2rknn.runtime.tokenizer import ByteTokenizer
     export(sd, str(tmp_path / "fp32"), fp32=True)
     ref = bits_per_byte(PerLayerModel(str(tmp_path / "fp32")), ByteTokenizer(), heldout)
     hybrid = HybridModel(bundled_artifact, backend="rknn-sim")
@@ -61,9 +61,9 @@ def test_bits_per_byte_hybrid_npu_within_2_percent_of_onnxruntime_fp32(sd, heldo
 
 
 def test_generation_is_mostly_english_words(bundled_artifact):
-    from rwkv2rknn.generate import generate
+    from rwkv2rknn.runtime.generate import generate
     from rwkv2rknn.runtime.hybrid import HybridModel
-    from rwkv2rknn.tokenizer import ByteTokenizer
+    from rwkv2rknn.runtime.tokenizer import ByteTokenizer
     model = HybridModel(bundled_artifact, backend="ort")
     tok = ByteTokenizer()
     state = model.init_state()
@@ -91,7 +91,7 @@ def test_w8a8_layer_build_is_its_int8_weights_and_about_the_fp16_builds_other_by
     import numpy as np
     import onnx
     from onnx import numpy_helper
-    from rwkv2rknn.toolkit import build_in_process
+    from rwkv2rknn.rknn.toolkit import build_in_process
     seq = os.path.join(bundled_artifact, "segments", "s003_npu_L0-L1.seq.onnx")
     m = onnx.load(seq)
     init = {t.name: t for t in m.graph.initializer}

@@ -79,8 +79,8 @@ def test_export_of_a_folder_runs_like_the_rwkv_package(version, sds, tmp_path):
     the rwkv package's logits on the same weights saved as an official .pth."""
     from rwkv_package import package_logits
 
-    from rwkv2rknn.compiler import compile_model
-    from rwkv2rknn.ir import Options
+    from rwkv2rknn.compiler.driver import compile_model
+    from rwkv2rknn.compiler.ir import Options
     from rwkv2rknn.runtime.hybrid import HybridModel
     sd = sds(version)
     folder = hf_folders.save_folder(sd, str(tmp_path / "hf"), version,
@@ -101,7 +101,7 @@ def test_export_of_a_folder_runs_like_the_rwkv_package(version, sds, tmp_path):
     got = model.logits(tokens)
     assert float(np.abs(got - ref).max() / np.abs(ref).max()) < 1e-4
     from rwkv2rknn.runtime.loader import artifact_tokenizer
-    from rwkv2rknn.tokenizer import load_tokenizer
+    from rwkv2rknn.runtime.tokenizer import load_tokenizer
     assert model.manifest.tokenizer == "tokenizer/tokenizer.json"  # bundled into the artifact
     tok = load_tokenizer(artifact_tokenizer(model.manifest.tokenizer, art))
     assert tok.vocab_size == SHAPES[version]["vocab"] and tok.encode("w5 w7") == [5, 7]

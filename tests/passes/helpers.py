@@ -7,7 +7,7 @@ def ctx_from_onnx(model, **fields):
     """A Context over ``model`` with every tensor's shape inferred, as canonicalize leaves it."""
     import onnx
     import onnx_graphsurgeon as gs
-    from rwkv2rknn.ir import Context
+    from rwkv2rknn.compiler.ir import Context
     model = onnx.shape_inference.infer_shapes(model)
     ctx = Context(graph=gs.import_onnx(model), token_input="", logits_output="")
     for k, v in fields.items():
@@ -35,6 +35,6 @@ def const(name, arr):
 
 def run_ctx(ctx, feed):
     """Run ctx.graph with onnxruntime."""
-    from rwkv2rknn.ir import export
+    from rwkv2rknn.compiler.ir import export
     from rwkv2rknn.runtime.ort import OrtRunner
     return OrtRunner(export(ctx.graph).SerializeToString()).infer(feed)

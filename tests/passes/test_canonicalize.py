@@ -150,7 +150,7 @@ def test_torch_export_leaves_every_tensor_typed(tmp_path):
     ctx = load.run(src)
     canonicalize.run(ctx)
     assert all(t.dtype is not None for t in ctx.graph.tensors().values())
-    from rwkv2rknn.ir import const_value
+    from rwkv2rknn.compiler.ir import const_value
     assert "Shape" not in [n.op for n in ctx.graph.nodes]
     assert all(const_value(n.inputs[1]) is not None for n in ctx.graph.nodes if n.op == "Reshape")
 

@@ -7,8 +7,8 @@ import os
 import pytest
 
 from layernorms import layernorms, split_layernorms
-from rwkv2rknn.compiler import compile_model
-from rwkv2rknn.ir import Options
+from rwkv2rknn.compiler.driver import compile_model
+from rwkv2rknn.compiler.ir import Options
 
 
 def _torch_block(path, width=64):

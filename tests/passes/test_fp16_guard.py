@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from rwkv2rknn.ir import Options
+from rwkv2rknn.compiler.ir import Options
 from rwkv2rknn.models.checkpoint import random_checkpoint
 from rwkv2rknn.models.export import export
 from rwkv2rknn.passes import GRAPH_PIPELINE, fp16_guard, load
@@ -41,7 +41,7 @@ def test_overflowing_squared_relu_is_rescaled_exactly(hot_model):
         assert ctx.tensors[n.outputs[0].name].absmax <= limit
     # numerics unchanged: the rescaled graph still computes the same logits
     ref = PerLayerModel(hot_model).logits([1, 2, 3])
-    from rwkv2rknn.compiler import compile_model
+    from rwkv2rknn.compiler.driver import compile_model
     import tempfile
     with tempfile.TemporaryDirectory() as tmp:
         compile_model(hot_model, tmp + "/a", Options(plan_only=True))

@@ -3,7 +3,7 @@
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from rwkv2rknn.ir import Context
+from rwkv2rknn.compiler.ir import Context
 from rwkv2rknn.passes import partition
 
 

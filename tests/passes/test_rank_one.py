@@ -62,8 +62,8 @@ def test_a_product_of_two_full_matrices_is_left_alone():
 def test_state_at_ab_gets_the_npu_share_of_our_own_export(tmp_path):
     """The same RWKV-7 checkpoint: our per-layer export and a torch file with ``state @ ab``."""
     from fixtures.slot_onefile import export_entries
-    from rwkv2rknn.compiler import compile_model
-    from rwkv2rknn.ir import Options
+    from rwkv2rknn.compiler.driver import compile_model
+    from rwkv2rknn.compiler.ir import Options
     from rwkv2rknn.models.checkpoint import random_rwkv7
     from rwkv2rknn.models.export import export
     from rwkv2rknn.runtime.hybrid import HybridModel

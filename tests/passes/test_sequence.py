@@ -11,7 +11,7 @@ RNG = np.random.default_rng(0)
 
 def _segment(nodes, inputs, outputs, inits):
     """A context whose graph is one NPU segment of the given per-token nodes."""
-    from rwkv2rknn.ir import GraphSegment, export
+    from rwkv2rknn.compiler.ir import GraphSegment, export
     m = shape_inference.infer_shapes(model(nodes, inputs, outputs, inits))
     ctx = ctx_from_onnx(m)
     seg = GraphSegment(device="npu", nodes=list(ctx.graph.nodes), name="s001_npu_L0",

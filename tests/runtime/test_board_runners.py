@@ -69,7 +69,7 @@ def lite(monkeypatch):
 
 @pytest.fixture(scope="module")
 def packed(fp16_artifact, tmp_path_factory):
-    from rwkv2rknn.pack import pack
+    from rwkv2rknn.artifact.pack import pack
     out = str(tmp_path_factory.mktemp("packed") / "p")
     return out, pack(fp16_artifact, out)
 
@@ -77,7 +77,7 @@ def packed(fp16_artifact, tmp_path_factory):
 def _map(lite, src, dst):
     """Each .rknn of ``dst`` -> the ONNX it was built from: a T-row build made in columns
     (``seq_layout``) from the columns form of its .seq.onnx, written beside the packed copy."""
-    from rwkv2rknn.columns import write_columns
+    from rwkv2rknn.rknn.columns import write_columns
     for seg in load_manifest(src).segments:
         if seg.backend == "npu":
             lite.onnx_for[os.path.join(dst, seg.rknn)] = os.path.join(src, seg.onnx)
@@ -211,7 +211,7 @@ def test_pack_command_and_its_refusals(fp16_artifact, fp32_plan_artifact, tmp_pa
 
 def test_tokenizer_file_travels_with_the_artifact(tmp_path):
     from rwkv2rknn.runtime.loader import artifact_tokenizer, bundle_tokenizer
-    from rwkv2rknn.tokenizer import WORLD_VOCAB_NAME, find_world_vocab, load_tokenizer
+    from rwkv2rknn.runtime.tokenizer import WORLD_VOCAB_NAME, find_world_vocab, load_tokenizer
     src = tmp_path / "model"
     src.mkdir()
     (src / "vocab.txt").write_bytes(open(find_world_vocab(), "rb").read())
@@ -247,7 +247,7 @@ def test_board_runtime_older_than_the_toolkit_is_said(fp16_artifact, packed, lit
 
 
 def test_check_runs_a_packed_artifact_on_the_board_backend(packed, fp16_artifact, lite):
-    from rwkv2rknn.check import run_check
+    from rwkv2rknn.tools.check import run_check
     _map(lite, fp16_artifact, packed[0])
     rep, chosen = run_check(packed[0], n_tokens=6, backend="rknn-lite")
     assert chosen == "rknn-lite" and rep.passed, rep.summary()
@@ -256,7 +256,7 @@ def test_check_runs_a_packed_artifact_on_the_board_backend(packed, fp16_artifact
 
 
 def test_auto_core_mask_puts_large_segments_on_every_core():
-    from rwkv2rknn.profile import DeviceProfile
+    from rwkv2rknn.artifact.profile import DeviceProfile
     from rwkv2rknn.runtime.board import core_mask_for
     rk3588 = types.SimpleNamespace(target="rk3588", profile=DeviceProfile().to_dict())
     layer = types.SimpleNamespace(flops=2 * 13 * 1024 * 1024)  # a 430M layer segment: 26 MiB fp16

@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
-from rwkv2rknn.compare import compare_logits
+from rwkv2rknn.tools.compare import compare_logits
 from rwkv2rknn.errors import BadInput
 from rwkv2rknn.runtime.hybrid import HybridModel
 from rwkv2rknn.runtime.reference import PerLayerModel
@@ -85,12 +85,12 @@ def test_board_import_surface_has_no_heavy_modules(fp32_plan_artifact):
     import sys
     code = ("import sys; from rwkv2rknn.runtime.hybrid import HybridModel; "
             "from rwkv2rknn.runtime import board, device, loader, reference, rknn, rknnrt; "
-            "from rwkv2rknn import doctor; doctor.doctor(); "
-            "from rwkv2rknn.tokenizer import load_tokenizer; from rwkv2rknn.generate import generate; "
+            "from rwkv2rknn.tools import doctor; doctor.doctor(); "
+            "from rwkv2rknn.runtime.tokenizer import load_tokenizer; from rwkv2rknn.runtime.generate import generate; "
             f"m = HybridModel({fp32_plan_artifact!r}, backend='ort'); m.logits([1, 2]); "
             f"loader.open_model({fp32_plan_artifact!r}, 'ort'); board.board_soc(); board.lite_available(); "
             "board.rt_available(); "
-            "bad = [k for k in ('torch', 'onnx_graphsurgeon', 'rknn', 'onnx', 'rwkv2rknn.toolkit') "
+            "bad = [k for k in ('torch', 'onnx_graphsurgeon', 'rknn', 'onnx', 'rwkv2rknn.rknn.toolkit') "
             "if k in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -78,7 +78,7 @@ def test_matmul_segments_take_many_rows(fp32_plan_artifact):
 
 def test_prefill_on_the_npu_simulator(fp16_artifact, fp16_dir, tokens):
     """fp16 files, NPU segments built with T in (2, 16, 64) rows, run in the simulator."""
-    from rwkv2rknn.compare import compare_logits
+    from rwkv2rknn.tools.compare import compare_logits
     from rwkv2rknn.runtime.reference import PerLayerModel
     model = HybridModel(fp16_artifact, backend="rknn-sim")
     seq = model.prefill_runners()

@@ -183,7 +183,7 @@ def test_auto_picks_rknn_rt_where_librknnrt_loads(standin, tmp_path, monkeypatch
 
 def test_a_t_row_build_in_columns_gets_columns_and_gives_rows(standin, tmp_path, log):
     from rwkv2rknn.runtime.rows import Columns
-    # the .rknn takes [C, T] and gives [1, N, 1, T] (rwkv2rknn.columns)
+    # the .rknn takes [C, T] and gives [1, N, 1, T] (rwkv2rknn.rknn.columns)
     columns = f"in x {W},T\nin s {W}\nout y 1,{W},1,T\nout s_out {W}\n"
     rt = rknnrt.RknnRtRunner(_model(tmp_path, columns), "s001.seq", ["x", "s"], ["y", "s_out"], None,
                              rows=(16, 32), lib=standin, columns=True)

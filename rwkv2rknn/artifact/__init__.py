@@ -1,0 +1,1 @@
+"""The artifact: manifest and plan, pack, device profiles."""

@@ -1,0 +1,188 @@
+"""Device profiles: what an NPU call and a MatMul cost on each side, for placement and estimates.
+
+The cost model (every figure below is a field of ``DeviceProfile``):
+
+- NPU call of a segment: ``npu_call_ms`` + its MatMuls, each ``max(stream, compute)``:
+  stream = weight bytes (``npu_weight_bytes`` each) / bandwidth of the cores it runs on
+  (``npu_gbs`` on one core, ``npu_gbs_all`` over ``npu_cores``), compute = 2 x rows x out x in /
+  (``npu_core_gflops`` x cores). A segment holding at least ``npu_multicore_bytes`` of weights
+  runs on every core (core mask 0_1_2 on the RK3588), a smaller one on one core. A profile
+  measured on a board (``rwkv2rknn profile``) gives ``npu_gflops`` by rows instead: effective
+  throughput, used as is.
+- CPU MatMul: ``max(weight bytes (cpu_weight_bytes each) / cpu_gemv_gbs, flops / cpu_gflops)``.
+- Every other op of a CPU segment (elementwise, reductions, the decay's exp, the WKV state's
+  products, GroupNorm): ``cpu_kernel_ms`` + ``max(bytes it reads and writes (float32) /
+  cpu_gemv_gbs, flops / cpu_gflops)``, a FLOP per output element (``cpu_special_flops`` for exp,
+  sigmoid, tanh, sqrt, division, ...); reshapes move nothing. Every operand is counted as
+  coming from DRAM (no cache), an upper bound for small tensors. The non-MatMul ops of an NPU
+  segment are not counted: they run inside its call.
+- A w8a8 build (``compile --quant w8a8``): weights of ``npu_weight_bytes / npu_int8_speedup``
+  bytes and ``npu_int8_speedup`` times the compute rate (measured profiles: the throughput).
+- Every NPU<->CPU switch between segments: ``handoff_ms``.
+- Bandwidths are capped at ``dram_gbs``.
+
+Where the published default ``rk3588-published`` comes from (none was measured here):
+
+- ``npu_call_ms`` 0.033: ~33 us fixed cost per call of librknnrt's C matmul API on an RK3588
+  (notes of a community llama.cpp RKNPU2 backend fork). It is the C API's cost, which the
+  default board runner (``rknn-rt``, ctypes over librknnrt) pays. rknn-toolkit-lite2's Python
+  ``inference()`` costs more per call; the only public figure is whole-model (YOLOv8n: about
+  300 ms through RKNNLite against about 20 ms through the C API on an RK3588,
+  rockchip-linux/rknn-toolkit2 issue #285), so no per-call figure for it is assumed here.
+- ``npu_gbs`` 10.8: int8 GEMV M = 1, K = N = 2048 (4 MiB of weights) in 0.39 ms on one NPU core
+  (same notes). With fp16 weights (2 bytes) a 1024 x 1024 GEMV is then 0.19 ms on one core,
+  the "about 0.2 ms" reported for it on the RK3588.
+- ``npu_gbs_all`` 26.6 over ``npu_cores`` 3: the same GEMV split over the RK3588's 3 NPU cores
+  (same notes). ASSUMED: the runtime's multi-core mode (core mask 0_1_2) splits a compiled
+  model's MatMuls as well as that hand split does; ``npu_multicore_bytes`` (1 MiB) is an
+  assumed threshold, not a measured one.
+- ``npu_core_gflops`` 900: fp16 MatMul M = 128, K = 1024, N = 8192 at about 0.9 TFLOPS on one
+  core (same notes, and the rwkv.cpp-on-RKNN author's blog).
+- ``cpu_gemv_gbs`` 25: effective bandwidth of the 4 big (Cortex-A76) cores (llama.cpp runs on
+  the RK3588, a whisper.cpp issue); ``cpu_weight_bytes`` 4: onnxruntime reads fp32 weights, so
+  a 1024 x 1024 GEMV is 0.17 ms (fp16 weights, as in rwkv.cpp: 0.08 ms, the "about 0.1 ms"
+  reported for the CPU).
+- ``cpu_gflops`` 40: ASSUMED (about a quarter of the 4 A76 cores' NEON fp32 peak of ~150 GFLOPS;
+  at M = 1 fp32 weights need 12.5 GFLOPS at 25 GB/s); it matters for prefill on the CPU.
+- ``npu_int8_speedup`` 2: int8 weights are 1 byte against fp16's 2, and the NPU's int8 rate is
+  twice its fp16 rate (M = 128: ~1.9 TOPS int8 against ~0.9 TFLOPS fp16 on one core, same notes).
+- ``cpu_kernel_ms`` 0.001: ASSUMED, onnxruntime's fixed cost of one kernel on a Cortex-A76
+  (measured on the x86 compile machine: 0.26 us per Add/Mul of 64 floats in a 200-op graph on
+  one thread; taken 4x slower on the board). ``cpu_special_flops`` 20: ASSUMED, FLOPs of one
+  vectorised exp/sigmoid/tanh (a range reduction and a polynomial of about degree 10).
+- ``handoff_ms`` 0.03: ASSUMED, of the order of one onnxruntime ``run()`` from Python.
+- ``dram_gbs`` 34: LPDDR4x-4266 peak of RK3588 boards (board forums; LPDDR5 boards ~44).
+
+Estimates from these are labelled as such, not measurements of your board: ``rwkv2rknn profile``
+(measure.py) measures one, with probes built on the compile machine and timed on the board.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Dict, Iterable, Optional, Tuple
+
+from rwkv2rknn.errors import BadInput
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    name: str = "rk3588-published"
+    npu_call_ms: float = 0.033
+    npu_gflops: Dict[int, float] = field(default_factory=dict)  # measured, by rows (overrides)
+    cpu_gemv_gbs: float = 25.0
+    cpu_weight_bytes: int = 4
+    handoff_ms: float = 0.03
+    npu_gbs: float = 10.8
+    npu_gbs_all: float = 26.6
+    npu_cores: int = 3
+    npu_core_gflops: float = 900.0
+    npu_weight_bytes: int = 2
+    npu_multicore_bytes: int = MiB
+    cpu_gflops: float = 40.0
+    dram_gbs: float = 34.0
+    npu_int8_speedup: float = 2.0
+    cpu_kernel_ms: float = 0.001
+    cpu_special_flops: float = 20.0
+
+    # ---------------------------------------------------------------- NPU
+
+    def npu_cores_for(self, weight_bytes: float) -> int:
+        """Cores a segment with this many weight bytes runs on (all of them when large)."""
+        return self.npu_cores if weight_bytes >= self.npu_multicore_bytes else 1
+
+    def npu_throughput(self, rows: int) -> float:
+        """Measured profiles: GFLOPS at ``rows`` rows, interpolated linearly in log(rows)."""
+        pts = sorted(self.npu_gflops.items())
+        if rows <= pts[0][0]:
+            return pts[0][1]
+        for (m0, g0), (m1, g1) in zip(pts, pts[1:]):
+            if rows <= m1:
+                f = (math.log(rows) - math.log(m0)) / (math.log(m1) - math.log(m0))
+                return g0 + f * (g1 - g0)
+        return pts[-1][1]
+
+    def _speedup(self, precision: str) -> float:
+        return self.npu_int8_speedup if precision == "w8a8" else 1.0
+
+    def npu_matmul_ms(self, out_features: int, in_features: int, rows: int = 1, cores: int = 0,
+                      precision: str = "fp16") -> float:
+        """One MatMul on ``cores`` NPU cores (0: as many as its own weight bytes call for), built
+        at ``precision`` (fp16 and w16a16i: 2-byte weights; w8a8: ``npu_int8_speedup`` faster)."""
+        flops = 2.0 * rows * out_features * in_features
+        speed = self._speedup(precision)
+        if self.npu_gflops:
+            return flops / (self.npu_throughput(rows) * speed * 1e6)
+        cores = cores or self.npu_cores_for(out_features * in_features * self.npu_weight_bytes)
+        weight = out_features * in_features * self.npu_weight_bytes / speed
+        gbs = min(self.npu_gbs_all if cores > 1 else self.npu_gbs, self.dram_gbs)
+        return max(weight / (gbs * 1e6), flops / (self.npu_core_gflops * speed * cores * 1e6))
+
+    def npu_segment_ms(self, dims: Iterable[Tuple[int, int, int]], precision: str = "fp16") -> float:
+        """One call of an NPU segment whose MatMuls are ``(rows, out, in)``."""
+        dims = list(dims)
+        # cores as the runtime picks them (runtime/board.core_mask_for: fp16-sized weights)
+        cores = self.npu_cores_for(sum(m * k for _, m, k in dims) * self.npu_weight_bytes)
+        return self.npu_call_ms + sum(self.npu_matmul_ms(m, k, r, cores, precision) for r, m, k in dims)
+
+    # ---------------------------------------------------------------- CPU
+
+    def cpu_matmul_ms(self, out_features: int, in_features: int, rows: int = 1) -> float:
+        """Weight streaming bound; with many rows the CPU is compute bound."""
+        stream = out_features * in_features * self.cpu_weight_bytes / (min(self.cpu_gemv_gbs, self.dram_gbs) * 1e6)
+        compute = 2.0 * rows * out_features * in_features / (self.cpu_gflops * 1e6)
+        return max(stream, compute)
+
+    def cpu_op_ms(self, moved_bytes: float, flops: float, special: bool = False) -> float:
+        """One op of a CPU segment that is not a projection (elementwise, reduction, the WKV
+        state's products): a kernel's fixed cost, then its bytes at the CPU's bandwidth or its
+        FLOPs (``cpu_special_flops`` each for exp, sigmoid, sqrt, ...), whichever is slower."""
+        gbs = min(self.cpu_gemv_gbs, self.dram_gbs)
+        work = flops * (self.cpu_special_flops if special else 1.0)
+        return self.cpu_kernel_ms + max(moved_bytes / (gbs * 1e6), work / (self.cpu_gflops * 1e6))
+
+    # ---------------------------------------------------------------- JSON
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["npu_gflops"] = {str(k): v for k, v in self.npu_gflops.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "profile") -> "DeviceProfile":
+        default = cls()
+        try:
+            kw = {"name": str(d.get("name", "custom")),
+                  "npu_gflops": {int(k): float(v) for k, v in (d.get("npu_gflops") or {}).items()}}
+            for f in fields(cls):
+                if f.name not in kw:
+                    typ = type(getattr(default, f.name))
+                    kw[f.name] = typ(d.get(f.name, getattr(default, f.name)))
+            p = cls(**kw)
+        except (TypeError, ValueError, AttributeError) as e:
+            raise BadInput(f"{where} is not a valid device profile ({e})",
+                           "see rwkv2rknn/artifact/profile.py for the fields") from e
+        speeds = [p.cpu_gemv_gbs, p.npu_gbs, p.npu_gbs_all, p.npu_core_gflops, p.cpu_gflops,
+                  p.dram_gbs, p.npu_cores, p.npu_int8_speedup,
+                  p.cpu_special_flops] + list(p.npu_gflops.values())
+        if min(speeds) <= 0:
+            raise BadInput(f"{where} has a zero or negative throughput", "give positive figures")
+        return p
+
+
+def load_profile(path: Optional[str]) -> DeviceProfile:
+    if not path or path == "default":
+        return DeviceProfile()
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise BadInput(f"cannot read device profile '{path}' ({type(e).__name__})",
+                       "give a JSON file (see rwkv2rknn/artifact/profile.py)") from e
+    if not isinstance(data, dict):
+        raise BadInput(f"device profile '{path}' is not a JSON object", "see rwkv2rknn/artifact/profile.py")
+    return DeviceProfile.from_dict(data, where=f"device profile '{path}'")

@@ -1,0 +1,277 @@
+"""Run the pass pipeline and write the artifact.
+
+The artifact folder (written to a temporary folder beside OUT and renamed into place when whole):
+
+    OUT/manifest.json          what the runtime reads: segments in order, backends, bindings,
+                               state layout, model facts, tokenizer, toolkit version, target
+    OUT/plan.json              the compile report: per-stage segments, FLOP shares, pass notes
+    OUT/segments/NAME.onnx     every segment
+    OUT/segments/NAME.rknn     beside the ONNX of every NPU segment (not with --plan-only)
+    OUT/segments/NAME.seq.onnx the T-token (prefill) variant of a segment that has one, and its
+    OUT/segments/NAME.seq.rknn NPU build (one graph per row count in --prefill-rows)
+    OUT/tokenizer/FILE         the tokenizer file the model was exported with (if it has one)
+    OUT/calib/NAME[.seq]/      with --quant w8a8|w16a16i: the calibration dataset of each quantised
+                               build (the simulator rebuilds from it; the board does not need it)
+
+The passes work on ``ir.GraphSegment`` s; ``manifest_segment`` turns each into the manifest's
+``plan.Segment``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Callable, Optional
+
+from rwkv2rknn import __version__, fileio
+from rwkv2rknn.compiler import resources
+from rwkv2rknn.rknn import calibrate
+from rwkv2rknn.errors import UsageError
+from rwkv2rknn.compiler.ir import Context, GraphSegment, Options, export
+from rwkv2rknn.passes.sequence import prefill_rows
+from rwkv2rknn.artifact.plan import MANIFEST, PLAN, Manifest, Segment, sha256_file
+from rwkv2rknn.runtime.loader import bundle_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def segment_line(seg: GraphSegment, status: str, i: int, n: int) -> str:
+    """One progress line of the build: '  [3/25] s005_npu_L1-L2: built'."""
+    return f"  [{i}/{n}] {seg.name}: {status}"
+
+
+def manifest_segment(ctx: Context, s: GraphSegment, out_dir: str, plan_only: bool) -> Segment:
+    """The manifest's record of one compiled segment; its files are already in ``out_dir``."""
+    def rel_sha(rel, written=""):  # a segment ONNX's checksum was taken as it was written
+        return (written or sha256_file(os.path.join(out_dir, rel))) if rel else ""
+
+    onnx_rel = f"segments/{s.name}.onnx"
+    on_npu = s.device == "npu" and not plan_only
+    rknn_rel, seq_rknn = (s.rknn, s.seq_rknn) if on_npu else (None, None)
+    seq_rel = f"segments/{s.name}.seq.onnx" if s.seq_model is not None else None
+    shapes = {}
+    for t in s.inputs + s.outputs:
+        info = ctx.tensors.get(t)
+        shapes[t] = tuple(info.shape) if info else ()
+    return Segment(
+        name=s.name, backend=s.device, onnx=onnx_rel, inputs=tuple(s.inputs),
+        outputs=tuple(s.outputs), shapes=shapes, stages=tuple(s.stages), ops=s.ops,
+        matmuls=s.matmuls, flops=s.flops, rknn=rknn_rel, sha256=rel_sha(onnx_rel, s.sha256),
+        rknn_sha256=rel_sha(rknn_rel), fallback=s.fallback, est_ms=round(float(s.est_ms), 6),
+        est_prefill_ms=round(float(s.est_prefill_ms), 6), seq_onnx=seq_rel,
+        seq_sha256=rel_sha(seq_rel, s.seq_sha256), seq_rknn=seq_rknn,
+        seq_rows=tuple(s.seq_rows) if seq_rknn else (), seq_rknn_sha256=rel_sha(seq_rknn),
+        seq_fallback=s.seq_fallback if on_npu else "",
+        seq_layout=s.seq_layout if seq_rknn else "",
+        precision=s.precision if on_npu else "fp16",
+        seq_precision=s.seq_precision if seq_rknn else "fp16",
+        accuracy=dict(s.accuracy) if on_npu else {}, precision_note=s.precision_note if on_npu else "",
+        calib=s.calib or None if on_npu else None, seq_calib=s.seq_calib or None if seq_rknn else None,
+        decode_rows=s.decode_rows if on_npu else 0)
+
+
+def make_manifest(ctx: Context, out_dir: str, toolkit: str, plan_only: bool) -> Manifest:
+    facts = {**ctx.facts, **fileio.model_facts(ctx.source)}
+    model = dict(ctx.shape)
+    model.update(arch=ctx.arch, source=ctx.source, layout=ctx.layout,
+                 source_dtype=facts.get("dtype", "unknown"))
+    if facts.get("source_state"):  # a whole-model file: how `check` threads its state
+        model["source_state"] = facts["source_state"]
+    return Manifest(model=model,
+                    segments=tuple(manifest_segment(ctx, s, out_dir, plan_only) for s in ctx.segments),
+                    state=tuple(ctx.state),
+                    token_input=ctx.token_input, logits_output=ctx.logits_output,
+                    tokenizer=bundle_tokenizer(facts.get("tokenizer"), ctx.source, out_dir),
+                    target=ctx.options.target, toolkit=toolkit,
+                    generator=f"rwkv2rknn {__version__}", report=tuple(ctx.report),
+                    profile=ctx.profile.to_dict(),
+                    prefill_rows=prefill_rows(ctx))
+
+
+def compile_model(model_path: str, out_dir: str, options: Optional[Options] = None,
+                  force: bool = False, dump_after: Optional[str] = None,
+                  progress: Optional[Callable[[GraphSegment, str, int, int], None]] = None,
+                  on_pass: Optional[Callable[[str, list], None]] = None) -> Manifest:
+    from rwkv2rknn import passes
+    from rwkv2rknn.passes import load
+
+    options = options or Options()
+    if dump_after and dump_after not in passes.PASS_NAMES:
+        raise UsageError(f"unknown pass '{dump_after}' for --dump-after",
+                         f"use one of {', '.join(passes.PASS_NAMES)}")
+    fileio.check_out_dir(os.path.abspath(out_dir), MANIFEST, force)  # before minutes of passes
+    if os.path.exists(model_path):
+        load.refuse_checkpoint(model_path)  # weights, not ONNX: says to export them first
+    toolkit, calib_ids = "", None
+    if options.plan_only and options.quant != "fp16":
+        raise UsageError(f"--quant {options.quant} is measured on .rknn builds, which --plan-only skips",
+                         "drop --plan-only (or --quant)")
+    if not options.plan_only:  # fail before the passes, not after them
+        from rwkv2rknn.rknn.toolkit import require_toolkit
+        toolkit = require_toolkit()
+        calib_ids = _calibration_ids(model_path, options)
+    if not os.path.exists(model_path):
+        load.run(model_path, options)  # its one-line error for a missing model
+    size = resources.check_compile(model_path, out_dir, fileio.cache_root(options.cache_dir),
+                                   options.plan_only, _streams(model_path, options, dump_after))
+    try:
+        return _compile(model_path, out_dir, options, toolkit, calib_ids, force, dump_after,
+                        progress, on_pass)
+    except OSError as e:
+        if resources.is_disk_full(e):
+            raise resources.disk_full(e, os.path.dirname(os.path.abspath(out_dir)), size) from e
+        raise
+
+
+def _streams(model_path: str, options: Options, dump_after) -> bool:
+    """A per-layer folder compiles stage by stage, unless a whole-graph dump is asked for."""
+    return options.stream and os.path.isdir(model_path) and not dump_after
+
+
+def _compile(model_path, out_dir, options, toolkit, calib_ids, force, dump_after, progress,
+             on_pass):
+    from rwkv2rknn import passes
+    from rwkv2rknn.passes import load
+    from rwkv2rknn.rknn import build
+
+    if _streams(model_path, options, dump_after):
+        return _compile_stream(model_path, out_dir, options, toolkit, calib_ids, force, progress,
+                               on_pass)
+    ctx = load.run(model_path, options)
+    dumps = {}
+
+    def after(name):
+        if on_pass:  # the pass's name and what it reported
+            on_pass(name, [r.split(": ", 1)[1] for r in ctx.report if r.startswith(name + ": ")])
+        if dump_after == name:
+            dumps[name] = export(ctx.graph)
+
+    after(load.NAME)
+    for p in passes.GRAPH_PIPELINE:
+        p.run(ctx)
+        after(p.NAME)
+    with fileio.atomic_dir(out_dir, MANIFEST, force=force) as tmp:
+        os.makedirs(os.path.join(tmp, "segments"))
+        for s in ctx.segments:
+            s.sha256 = fileio.save_onnx(s.model, os.path.join(tmp, "segments", s.name + ".onnx"))
+            if s.seq_model is not None:
+                s.seq_sha256 = fileio.save_onnx(s.seq_model, os.path.join(tmp, "segments", s.name + ".seq.onnx"))
+        if not options.plan_only:
+            calibration = _calibrate(ctx, tmp, toolkit, calib_ids) if calib_ids else None
+            build.run(ctx, tmp, progress=progress, calibration=calibration)
+            calibrate.drop_holdout(tmp)
+            after(build.NAME)
+        for name, model in dumps.items():
+            os.makedirs(os.path.join(tmp, "dump"), exist_ok=True)
+            fileio.save_onnx(model, os.path.join(tmp, "dump", f"after_{name}.onnx"))
+        manifest = _finish(ctx, tmp, toolkit, options)
+    return manifest
+
+
+def _compile_stream(model_path, out_dir, options, toolkit, calib_ids, force, progress, on_pass):
+    """A per-layer folder, one stage at a time (rwkv2rknn/compiler/stream.py): segment files are written
+    as they are cut, so memory stays near a few layers' weights whatever the model's size."""
+    from rwkv2rknn import passes
+    from rwkv2rknn.rknn import build
+    from rwkv2rknn.compiler.stream import compile_stream
+
+    with fileio.atomic_dir(out_dir, MANIFEST, force=force) as tmp:
+        early = None if options.plan_only or calib_ids else []  # fp16: build while streaming
+
+        def on_segment(sctx, seg):
+            if not early:
+                early.append(build.Builds(sctx, tmp, progress,
+                                          biggest=resources.model_size(model_path).largest))
+            early[0].add(seg)
+
+        try:
+            ctx = compile_stream(passes, model_path, options, tmp,
+                                 on_stage=(lambda line: on_pass("stream", [line])) if on_pass else None,
+                                 on_segment=on_segment if early is not None else None)
+        except BaseException:
+            if early:
+                early[0].stop()
+            raise
+        if on_pass:
+            for name in ("partition", "cut", "sequence"):
+                on_pass(name, [r.split(": ", 1)[1] for r in ctx.report if r.startswith(name + ": ")])
+        if early:
+            early[0].finish()
+        elif not options.plan_only:
+            calibration = _calibrate(ctx, tmp, toolkit, calib_ids) if calib_ids else None
+            build.run(ctx, tmp, progress=progress, calibration=calibration)
+            calibrate.drop_holdout(tmp)
+        if on_pass and not options.plan_only:
+            on_pass(build.NAME, [r.split(": ", 1)[1] for r in ctx.report if r.startswith("build: ")])
+        return _finish(ctx, tmp, toolkit, options)
+
+
+def _finish(ctx: Context, tmp: str, toolkit: str, options: Options) -> Manifest:
+    manifest = make_manifest(ctx, tmp, toolkit, options.plan_only)
+    manifest.check_bindings()
+    fileio.write_json(os.path.join(tmp, PLAN), plan_report(ctx, manifest))
+    fileio.write_json(os.path.join(tmp, MANIFEST), manifest.to_dict())
+    return manifest
+
+
+def _calibration_ids(model_path: str, options: Options):
+    """(calibration ids, held-out ids, where) for a quantised compile, None for fp16."""
+    from rwkv2rknn.artifact.plan import PRECISIONS
+    if options.quant not in PRECISIONS:
+        raise UsageError(f"unknown precision '{options.quant}'", f"use one of {', '.join(PRECISIONS)}")
+    if options.quant == "fp16":
+        return None
+    return calibrate.calibration_ids(model_path, options.calib_text, options.calib_tokens)
+
+
+def _calibrate(ctx: Context, tmp: str, toolkit: str, calib_ids) -> dict:
+    """Trace the cut segments on the calibration text (fp32 onnxruntime) and write the datasets;
+    the manifest written here lets the executor run them and is replaced when the build is done."""
+    from rwkv2rknn.rknn import build
+    cal, hold, where = calib_ids
+    fileio.write_json(os.path.join(tmp, MANIFEST), make_manifest(ctx, tmp, toolkit, True).to_dict())
+    rows = prefill_rows(ctx) if ctx.options.prefill_rows else 0
+    out = calibrate.prepare(tmp, cal, hold, rows, [s.input for s in ctx.state if not s.accumulator],
+                            build.DECODE_ROWS)
+    ctx.note(build.NAME, f"calibration: {len(cal)} tokens of {where} for the {ctx.options.quant} "
+                         f"dataset, the next {len(hold)} held out for accuracy")
+    return out
+
+
+def plan_report(ctx: Context, manifest: Manifest) -> dict:
+    from rwkv2rknn.passes.support import reasons, segment_reasons
+    nodes = {s.name: s.nodes for s in ctx.segments}
+    return {"stages": manifest.per_layer(),
+            "npu_flop_share": manifest.npu_flop_share(),
+            "boundaries_per_token": manifest.boundaries(),
+            "segments": [{"name": s.name, "backend": s.backend, "ops": s.ops, "matmuls": s.matmuls,
+                          "flops": s.flops, "stages": list(s.stages), "fallback": s.fallback,
+                          "precision": s.precision_label(), "accuracy": dict(s.accuracy),
+                          "precision_note": s.precision_note,
+                          "cpu_reasons": segment_reasons(ctx, nodes.get(s.name, ()), s.fallback)
+                          if s.backend == "cpu" else {}}
+                         for s in manifest.segments],
+            "cpu_reasons": reasons(ctx),
+            "passes": list(ctx.report),
+            "table": manifest.table().splitlines()}
+
+
+def whole_graph(model_path: str):
+    """The model as one graph, not partitioned: load, keep_fp32, state, rank_one and
+    normalize_matmul. Returns (serialized ONNX, token input, logits output, [(state input,
+    state output)])."""
+    from rwkv2rknn.passes import (canonicalize, keep_fp32, load, normalize_matmul, rank_one,
+                                  recognize, state)
+    ctx = load.run(model_path)
+    for p in (canonicalize, recognize, keep_fp32, state, rank_one, normalize_matmul):
+        p.run(ctx)
+    return (export(ctx.graph).SerializeToString(), ctx.token_input, ctx.logits_output,
+            [(s.input, s.output) for s in ctx.state])
+
+
+def build_rknn(onnx_path: str, rknn_path: str, target: str = "rk3588", timeout: float = 600.0,
+               rows=()) -> str:
+    """Build one ONNX file into an .rknn in a child process (a T-row file: one graph per row
+    count in ``rows``); '' on success, else why not."""
+    from rwkv2rknn.rknn.build import build_child
+    return build_child(onnx_path, rknn_path, target, False, timeout, rows)

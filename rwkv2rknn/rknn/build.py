@@ -1,0 +1,365 @@
+"""build: every NPU segment becomes a ``.rknn`` for the target, in a child process, cached.
+
+::
+
+    segments/s001_npu_L0.onnx --(child: rknn-toolkit2 build)--> cache/<sha256>.rknn --> segments/s001_npu_L0.rknn
+                                 '-- crash / refusal --> the segment falls back to the CPU (reported)
+    segments/s003_npu_L0-L1.seq.onnx --(T in 2, 16, 64)--> segments/s003_npu_L0-L1.seq.rknn
+                                 (decode runs it with 2 rows; no per-token .rknn: weights once)
+
+A segment with a T-row (prefill) variant gets one build of that variant for the prefill row
+counts and for DECODE_ROWS: token steps run it with the token in row 0. Where that build fails,
+the per-token graph is built alone and prefill runs token by token.
+
+With ``--quant w8a8`` (or w16a16i) a build is quantised from the segment's calibration dataset
+(``rwkv2rknn.rknn.calibrate``); the child also runs it in the simulator on held-out rows (a T-row build:
+each row as a token step, in row 0) and the parent scores them against fp32 onnxruntime. A
+segment whose smallest cosine is below ``--quant-min-cos`` (or whose quantised build fails) is
+built fp16 instead, and the plan says so. The cache key of a quantised build also holds the
+precision, the toolkit's quantisation settings and a digest of the calibration rows; its measured
+accuracy is cached beside it.
+
+rknn-toolkit2 reports errors three ways (exceptions, return codes, and killing its own process),
+so each build runs in a child process with a time limit, in a private scratch folder, and a
+failure carries the toolkit's own error line. Builds run side by side, as many as the cores and
+the free memory allow, largest first, starting while later segments are still being cut
+(``Builds.add``; ``build_queue``). Results are cached by the SHA-256 of the
+segment's ONNX bytes, the target and the toolkit version (``rwkv2rknn.rknn.buildcache``): an unchanged
+segment is never rebuilt, an fp16 entry is used only after its recorded checksum matches, and a
+per-entry lock makes two compiles (or two workers) take turns. A failed build moves the segment
+to the CPU and says so, a failed T-row build leaves its prefill token by token and says so; with
+``--strict`` either is an error.
+
+Precondition: cut (and sequence) have run and the segment ONNX files are written in
+``OUT_DIR/segments``. Postcondition: NPU segments have ``rknn`` (and ``seq_rknn``), or moved
+to the CPU with a ``fallback`` reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from typing import Callable, Dict, Optional
+
+import numpy as np
+
+from rwkv2rknn.rknn.calibrate import SegmentCalibration
+from rwkv2rknn.errors import ToolkitError
+from rwkv2rknn.fileio import read_json, remove_quietly, remove_stale_scratch, write_json
+from rwkv2rknn.compiler.ir import Context, GraphSegment
+from rwkv2rknn.rknn.build_child import build_child, clean_stale_partials, partial_name
+from rwkv2rknn.rknn.build_worker import CachedBuilds
+
+NAME = "build"
+# Row count a token step runs with on a T-row build. rknn-toolkit2 2.5.0 builds several row counts
+# into one .rknn with dynamic_input, but a 1-row shape among them makes the other shapes compute
+# wrong results (measured: relative error ~1 at T = 16); with 2 rows every shape is right.
+DECODE_ROWS = 2
+
+
+def cache_key(onnx_bytes: bytes, target: str, toolkit: str, variant: str = "") -> str:
+    """The build cache entry of a segment's ONNX bytes; ``variant`` names anything else the build
+    depends on (precision, quantisation settings, calibration digest; '' for fp16)."""
+    h = hashlib.sha256()
+    for part in (target.encode(), b"\0", toolkit.encode(), b"\0", onnx_bytes):
+        h.update(part)
+    if variant:
+        h.update(b"\0" + variant.encode())
+    return h.hexdigest()
+
+
+def file_key(onnx_path: str, target: str, toolkit: str, extra: bytes = b"") -> str:
+    """``cache_key`` of a segment file, read in blocks, and of its external weights
+    (``NAME.onnx.data``) when it has them, then ``extra``."""
+    h = hashlib.sha256()
+    for part in (target.encode(), b"\0", toolkit.encode(), b"\0"):
+        h.update(part)
+    for path in (onnx_path, onnx_path + ".data"):
+        if path == onnx_path or os.path.exists(path):
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+    h.update(extra)
+    return h.hexdigest()
+
+
+class Builds:
+    """The NPU segments' builds of one compile: ``add`` each segment as soon as its ONNX files
+    are written (the builds run side by side meanwhile, largest first), then ``finish``."""
+
+    def __init__(self, ctx: Context, out_dir: str, progress=None, calibration=None,
+                 biggest: int = 0):
+        from rwkv2rknn.compiler import resources
+        from rwkv2rknn.rknn.build_queue import BuildQueue
+        from rwkv2rknn.rknn.toolkit import require_toolkit
+
+        self.ctx, self.out_dir, self.progress = ctx, out_dir, progress
+        self.calibration = calibration or {}
+        self.version = require_toolkit()
+        self.builds = CachedBuilds(ctx.options, self.version)
+        clean_stale_partials(self.builds.cache.folder)
+        remove_stale_scratch()  # what killed compiles left in $TMPDIR
+        self.counts = {"built": 0, "cached": 0, "failed": 0}
+        self.todo: list = []
+        jobs = ctx.options.build_jobs or resources.build_jobs(biggest, 64)
+        self.queue = BuildQueue(self._one, jobs, self._bytes,
+                                lambda seg: resources.build_memory(self._bytes(seg)),
+                                int(resources.memory_available() * 0.8), self._done,
+                                idle=self.builds.drop_worker)
+
+    def _bytes(self, seg: GraphSegment) -> int:
+        folder = os.path.join(self.out_dir, "segments")
+        names = [seg.name + ".onnx"] + ([seg.name + ".seq.onnx"] if seg.seq_model is not None else [])
+        return max(os.path.getsize(os.path.join(folder, n)) for n in names)
+
+    def _one(self, seg: GraphSegment):
+        return _one(self.ctx, seg, self.out_dir, self.builds, self.version,
+                    self.calibration.get(seg.name))
+
+    def _done(self, seg: GraphSegment, result, i: int, n: int, eta: str) -> None:
+        status, kind = result
+        self.counts[kind] += 1
+        if self.progress:
+            self.progress(seg, status + eta, i, n)
+
+    def add(self, seg: GraphSegment) -> None:
+        if seg.device == "npu":
+            self.todo.append(seg)
+            self.queue.add(seg)
+
+    def stop(self) -> None:
+        """Stop: queued builds never start, running children are killed."""
+        self.builds.stop()
+        self.queue.close()
+        self.builds.close()
+
+    def finish(self) -> None:
+        try:
+            self.queue.finish()  # raises ToolkitError under --strict
+        except BaseException:
+            self.stop()
+            raise
+        self.builds.close()
+        ctx, opts, todo, counts = self.ctx, self.ctx.options, self.todo, self.counts
+        for seg in todo:
+            if seg.fallback:
+                ctx.note(NAME, f"{seg.name}: build failed ({seg.fallback}); runs on the CPU")
+        ctx.note(NAME, f"{counts['built']} built, {counts['cached']} from the cache "
+                       f"({self.builds.cache.folder}), {counts['failed']} fell back to the CPU "
+                       f"[rknn-toolkit2 {self.version}, target {opts.target}, "
+                       f"{min(self.queue.jobs, max(len(todo), 1))} build(s) at a time]")
+        if self.calibration:
+            kept = [f"{s.name} ({s.precision_note})" for s in todo if s.precision_note]
+            n_q = sum(s.precision == opts.quant for s in todo)
+            ctx.note(NAME, f"{n_q} of {len(todo)} NPU segment(s) {opts.quant} (min cosine >= "
+                           f"{opts.quant_min_cos:g} on held-out rows)" +
+                           (f"; kept fp16: {'; '.join(kept)}" if kept else ""))
+        from rwkv2rknn.passes.sequence import logits_only  # here: rwkv2rknn.passes imports this module
+        for s in todo:
+            if s.seq_model is not None and logits_only(ctx, s) and not s.fallback:
+                ctx.note(NAME, f"{s.name}: built for one row only (token steps; a prompt needs "
+                               "the logits of its last row)")
+            if s.seq_fallback:
+                ctx.note(NAME, f"{s.name}: T-row build failed ({s.seq_fallback}); its prefill runs "
+                               "token by token")
+
+
+def run(ctx: Context, out_dir: str,
+        progress: Optional[Callable[[GraphSegment, str, int, int], None]] = None,
+        calibration: Optional[Dict[str, SegmentCalibration]] = None) -> None:
+    """Build the NPU segments whose ONNX files are in ``out_dir``/segments, copying each .rknn
+    beside its ONNX; ``progress(segment, status, i, n)`` after each (builds run side by side).
+    ``calibration`` (by segment name) is given for a quantised compile."""
+    todo = [seg for seg in ctx.segments if seg.device == "npu"]
+    biggest = max((os.path.getsize(os.path.join(out_dir, "segments", s.name + ".onnx"))
+                   for s in todo), default=0)
+    builds = Builds(ctx, out_dir, progress, calibration, biggest)
+    try:
+        for seg in todo:
+            builds.add(seg)
+    except BaseException:
+        builds.stop()
+        raise
+    builds.finish()
+
+
+def _one(ctx: Context, seg: GraphSegment, out_dir: str, builds: CachedBuilds, version: str,
+         cal: Optional[SegmentCalibration]):
+    """Build one NPU segment: (progress status, 'built' / 'cached' / 'failed')."""
+    from rwkv2rknn.passes.sequence import logits_only
+    opts = ctx.options
+    cache = builds.cache.folder
+    if seg.seq_model is not None and opts.prefill_rows and not logits_only(ctx, seg):
+        status = _build_shared(ctx, seg, out_dir, builds, version, cal)
+        if status:  # one build serves decode and prefill
+            _estimate(ctx, seg)
+            return status + " (decode and T rows)", "cached" if status.endswith("cached") else "built"
+        if opts.strict:
+            raise ToolkitError(f"the T-row (prefill) build of segment {seg.name} failed: "
+                               f"{seg.seq_fallback}", "drop --strict (its prefill then runs token by "
+                               "token), or use --prefill-rows none")
+    onnx_path = os.path.join(out_dir, "segments", seg.name + ".onnx")
+    dest = os.path.join(out_dir, "segments", seg.name + ".rknn")
+    entry, cached = "", False
+    if cal:
+        entry, cached = _quantised(ctx, seg, onnx_path, (), cal.dataset, cal, cache, version, out_dir)
+    if entry:
+        key = seg.cache_key
+        status = f"{seg.precision} (cos {seg.accuracy['min_cos']:.4f}), " + ("cached" if cached else "built")
+        shutil.copyfile(entry, dest)
+    else:
+        key = file_key(onnx_path, opts.target, version)
+        status, reason = builds.fetch_or_build(onnx_path, key, dest)
+        if reason:
+            if opts.strict:
+                raise ToolkitError(f"building segment {seg.name} failed: {reason}",
+                                   "drop --strict to let it fall back to the CPU")
+            seg.device, seg.fallback = "cpu", reason
+            return "failed, CPU fallback", "failed"
+        cached = status == "cached"
+    if seg.precision_note and seg.precision == "fp16":
+        status = f"fp16 ({seg.precision_note}), {status}"
+    seg.rknn = f"segments/{seg.name}.rknn"
+    seg.cache_key = key
+    _estimate(ctx, seg)
+    return status + (", T-rows failed" if seg.seq_fallback else ""), "cached" if cached else "built"
+
+
+def _build_shared(ctx: Context, seg: GraphSegment, out_dir: str, builds: CachedBuilds, version: str,
+                  cal: Optional[SegmentCalibration] = None) -> str:
+    """The T-row variant of an NPU segment built for DECODE_ROWS and the prefill row counts: one
+    .rknn, weights once, serving token steps (the token in row 0, padding after it) and prefill;
+    quantised when ``cal`` has T-row samples and the build is accurate enough. Built in columns
+    (``rwkv2rknn.rknn.columns``: no Transposes on the NPU) where the segment has that form, else as rows.
+    Returns 'built' or 'cached' (after the precision), or '' when the build failed
+    (``seg.seq_fallback`` says why; the caller then builds the per-token graph alone and prefill
+    runs token by token)."""
+    rows = tuple(sorted({DECODE_ROWS, *ctx.options.prefill_rows}))
+    onnx_path = os.path.join(out_dir, "segments", seg.name + ".seq.onnx")
+    from rwkv2rknn.rknn.columns import fits
+    key = _seq_key(ctx, onnx_path, version, rows, True)
+    # a columns build in the cache: the file fitted when it was built (the check loads the file,
+    # rewrites, writes and runs it: the largest cost of a cached compile's build step)
+    cached = not (cal and cal.seq_dataset) and builds.cache.recorded(key) and \
+        os.path.isfile(builds.cache.entry(key))
+    why_not = "" if cached else fits(onnx_path)
+    if why_not:
+        ctx.note(NAME, f"{seg.name}: T-row build as rows, not columns ({why_not})")
+    for columns in ((True, False) if not why_not else (False,)):
+        status = _build_seq(ctx, seg, out_dir, builds, version, cal, rows, columns,
+                            key if columns else "")
+        if status:
+            seg.seq_layout = "columns" if columns else ""
+            return status
+        if columns:
+            ctx.note(NAME, f"{seg.name}: T-row build in columns failed ({seg.seq_fallback}); "
+                           "building it as rows")
+    return ""
+
+
+def _build_seq(ctx: Context, seg: GraphSegment, out_dir: str, builds: CachedBuilds, version: str,
+               cal: Optional[SegmentCalibration], rows, columns: bool, key: str = "") -> str:
+    """One try of ``_build_shared`` in one layout (``key``: its cache key, if known)."""
+    seg.seq_fallback = ""
+    onnx_path = os.path.join(out_dir, "segments", seg.name + ".seq.onnx")
+    if cal and cal.seq_dataset:
+        entry, cached = _quantised(ctx, seg, onnx_path, rows, cal.seq_dataset, cal,
+                                   builds.cache.folder, version, out_dir, columns)
+        if entry:
+            _copy_shared(seg, entry, out_dir, rows, seg.cache_key)
+            seg.seq_precision, seg.calib, seg.seq_calib = seg.precision, cal.seq_dataset, cal.seq_dataset
+            return f"{seg.precision} (cos {seg.accuracy['min_cos']:.4f}), " + ("cached" if cached else "built")
+    key = key or _seq_key(ctx, onnx_path, version, rows, columns)
+    status, reason = builds.fetch_or_build(
+        onnx_path, key, os.path.join(out_dir, "segments", seg.name + ".seq.rknn"), rows, columns)
+    if reason:
+        seg.seq_fallback = reason
+        return ""
+    _copy_shared(seg, "", out_dir, rows, key)
+    return f"fp16 ({seg.precision_note}), {status}" if seg.precision_note else status
+
+
+def _seq_key(ctx: Context, onnx_path: str, version: str, rows, columns: bool) -> str:
+    from rwkv2rknn.rknn.columns import CACHE_TAG
+    return file_key(onnx_path, ctx.options.target, version,
+                    repr(rows).encode() + (b"|" + CACHE_TAG.encode() if columns else b""))
+
+
+def _copy_shared(seg: GraphSegment, entry: str, out_dir: str, rows, key: str) -> None:
+    """Record the shared build (copying ``entry`` into the artifact unless it is '': there)."""
+    if entry:
+        shutil.copyfile(entry, os.path.join(out_dir, "segments", seg.name + ".seq.rknn"))
+    seg.seq_rknn = seg.rknn = f"segments/{seg.name}.seq.rknn"
+    seg.seq_rows, seg.decode_rows, seg.cache_key = rows, DECODE_ROWS, key
+
+
+def _quant_variant(precision: str, digest: str, columns: bool = False) -> str:
+    from rwkv2rknn.rknn.columns import CACHE_TAG
+    from rwkv2rknn.rknn.toolkit import QUANT_ALGORITHM, QUANT_DTYPE, QUANT_METHOD
+    return (f"{QUANT_DTYPE[precision]}|{QUANT_ALGORITHM}|{QUANT_METHOD}|{digest}"
+            + (f"|{CACHE_TAG}" if columns else ""))
+
+
+def _quantised(ctx: Context, seg: GraphSegment, onnx_path: str, rows, dataset: str,
+               cal: SegmentCalibration, cache: str, version: str, out_dir: str,
+               columns: bool = False):
+    """(cache entry of the segment's quantised build, from the cache) if it is accurate enough
+    on the held-out rows, else ('', False) and ``seg.precision_note`` says why it is built fp16.
+    ``rows``: a T-row build's row counts (its held-out rows run as token steps, in row 0);
+    ``columns``: built in columns."""
+    from rwkv2rknn.rknn.calibrate import Accuracy, accuracy
+    opts = ctx.options
+    carried = {t for s in ctx.state if s.accumulator for t in (s.input, s.output)}
+    if carried & set(seg.inputs + seg.outputs) or any(n.op in ("Exp", "Max") for n in seg.nodes):
+        raise RuntimeError(f"segment {seg.name} holds the recurrence, which must never be quantised")
+    with open(onnx_path, "rb") as f:
+        key = cache_key(f.read() + (repr(tuple(rows)).encode() if rows else b""), opts.target, version,
+                        _quant_variant(opts.quant, cal.digest, columns))
+    entry, meta = os.path.join(cache, key + ".rknn"), os.path.join(cache, key + ".json")
+    acc = None
+    if os.path.isfile(entry) and os.path.getsize(entry) > 0 and os.path.isfile(meta):
+        try:
+            acc = Accuracy(**read_json(meta, "cached accuracy"))
+        except Exception:  # noqa: BLE001 - a damaged record: build again
+            acc = None
+    cached = acc is not None
+    if acc is None:
+        outs = partial_name(os.path.join(cache, key + ".holdout.npz"), os.getpid())
+        try:
+            reason = build_child(onnx_path, entry, opts.target, opts.verbose, opts.build_timeout, rows,
+                                 precision=opts.quant, dataset=os.path.join(out_dir, dataset),
+                                 holdout=cal.seq_holdout if rows else cal.holdout, holdout_out=outs,
+                                 columns=columns)
+            if reason:
+                seg.precision_note = f"{opts.quant} build failed: {reason}"
+                return "", False
+            with np.load(outs) as z:
+                flat = [z[f"arr_{j}"] for j in range(len(z.files))]
+        finally:
+            remove_quietly(outs)
+        n = len(seg.outputs)
+        got = [{k: np.asarray(flat[i * n + j]).reshape(DECODE_ROWS if rows else 1, -1)[0]
+                for j, k in enumerate(seg.outputs)} for i in range(len(cal.want))]
+        acc = accuracy(got, cal.want)
+        write_json(meta, acc.to_dict())
+    seg.accuracy = acc.to_dict()
+    if not acc.min_cos >= opts.quant_min_cos:
+        seg.precision_note = f"{opts.quant} cos {acc.min_cos:.4f} < {opts.quant_min_cos:g}"
+        return "", False
+    seg.precision, seg.calib, seg.cache_key, seg.precision_note = opts.quant, dataset, key, ""
+    return entry, cached
+
+
+def _estimate(ctx: Context, seg: GraphSegment) -> None:
+    """The segment's estimated ms per call and per prefill token at the precision it was built."""
+    from rwkv2rknn.passes.partition import estimate_ms
+    from rwkv2rknn.passes.sequence import logits_only, prefill_ms
+    if seg.precision == "fp16" and seg.seq_precision == "fp16":
+        return
+    seg.est_ms = estimate_ms("npu", seg.nodes, ctx.profile, precision=seg.precision)
+    if seg.seq_model is not None:
+        seg.est_prefill_ms = prefill_ms(ctx, seg, seg.precision if logits_only(ctx, seg)
+                                        else seg.seq_precision)
+
+

@@ -1,0 +1,284 @@
+"""Columns: a T-row segment rewritten for the NPU with rows as columns, so that rknn-toolkit2 puts
+no Transpose around its MatMuls.
+
+::
+
+    T-row segment (as run by onnxruntime)        what the .seq.rknn is built from
+    x [T, C] -> MatMul(W [C, N]) -> [T, N]       x [C, T] -> Reshape [1, C, 1, T] -> Conv(W^T [N, C, 1, 1])
+    LayerNorm over axis -1                       ... ReduceMean over axis 1 (channels)
+    Slice / Concat of rows (axis 0)              ... of columns (axis 3)
+    y [T, N]                                     y [1, N, 1, T] (NCHW: the bytes of [N, T])
+
+rknn-toolkit2 2.5.0 runs a MatMul of a [T, C] activation as a Conv over [1, C, 1, T] and puts a
+Transpose before and after it; for T >= 16 each Transpose costs register commands and, in an int8
+build, identity-matrix weights (measured on the bundled model's fused layer segment, built for
+T in 2, 16, 32, 64: fp16 5,138,641 bytes, w8a8 6,017,952; the same graph in columns: fp16
+2,652,241, w8a8 2,029,600). In columns every op is in the NPU's own NCHW layout and nothing is
+transposed. The runners transpose the inputs and outputs on the CPU (``runtime.rows.Columns``).
+
+The outputs stay 4-D: a Squeeze to [N, T] at each output is an op of its own in every shape the
+.rknn holds, and in an int8 build a costly one (the bundled model's L0..L1, T in 2, 16, 64: the
+7 Squeezes were 32,100 bytes of the fp16 file and 99,172 of the w8a8 one). [1, N, 1, T] in NCHW
+order is the same bytes as [N, T], so the runners read both alike.
+
+``to_columns`` handles the ops the T-row variants of RWKV-4, 5.2, 6 and 7 have on the NPU (MatMul
+with a constant weight, elementwise ops with per-channel constants, decomposed LayerNorm, the
+token shift's Slice/Concat, 2-D Reshapes that keep the shape) and refuses anything else
+(``NotColumns``), and ``write_columns`` checks the result against the original on onnxruntime:
+a segment it does not fit is built as before.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, Set
+
+import numpy as np
+
+# Part of the build cache key of a columns build: names this form of the rewrite (4-D outputs).
+CACHE_TAG = "columns-nchw-out"
+ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Sigmoid", "Relu", "Tanh", "Exp", "Neg", "Abs"}
+
+
+class NotColumns(ValueError):
+    """The segment has an op or shape ``to_columns`` does not rewrite."""
+
+
+def _dims(value_info) -> list:
+    return [d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim]
+
+
+def to_columns(model):
+    """A copy of a T-row segment (row inputs [T, C], every output [T, N]) taking [C, T] inputs
+    and giving [N, T] outputs, NCHW [1, C, 1, T] inside. Raises NotColumns when it does not fit."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    g = model.graph
+    known = {t.name: t for t in g.initializer}
+    shapes = _inferred_shapes(model)
+
+    def const(name):
+        if name not in known:
+            raise NotColumns(f"'{name}' is not a constant")
+        return numpy_helper.to_array(known[name])
+
+    def add_const(name, array):
+        if name not in known:
+            known[name] = numpy_helper.from_array(np.ascontiguousarray(array), name)
+            g.initializer.append(known[name])
+        return name
+
+    cols: Set[str] = set()  # tensors that are [1, C, 1, T] in the rewritten graph
+    alias: Dict[str, str] = {}
+    nodes = []
+    for inp in g.input:
+        d = _dims(inp)
+        if len(d) == 2 and isinstance(d[0], str) and isinstance(d[1], int):
+            _swap_dims(inp)
+            shape4 = add_const(f"columns.nchw.{d[1]}", np.array([1, d[1], 1, -1], np.int64))
+            nodes.append(helper.make_node("Reshape", [inp.name, shape4], [inp.name + ".nchw"]))
+            alias[inp.name] = inp.name + ".nchw"
+            cols.add(inp.name + ".nchw")
+        elif len(d) == 2 and d[0] == 1 and isinstance(d[1], int):
+            _swap_dims(inp)  # a state row [1, C] (one-file layouts) comes in as one column [C, 1]
+            shape4 = add_const("columns.vector", np.array([1, -1, 1, 1], np.int64))
+            nodes.append(helper.make_node("Reshape", [inp.name, shape4], [inp.name + ".nchw"]))
+            alias[inp.name] = inp.name + ".nchw"
+            cols.add(inp.name + ".nchw")
+        elif not (len(d) == 1 and isinstance(d[0], int)):
+            raise NotColumns(f"input '{inp.name}' is {d}, not rows [T, C], a row [1, C] or a vector [C]")
+    channel_consts: Dict[str, str] = {}
+
+    def per_channel(name):
+        """A constant operand of an op on columns: a scalar stays, [C] / [1, C] -> [1, C, 1, 1]."""
+        if name in cols or name not in known:
+            return name
+        a = const(name)
+        if a.size == 1:
+            return name
+        if a.ndim > 2 or (a.ndim == 2 and a.shape[0] != 1):
+            raise NotColumns(f"constant '{name}' of shape {list(a.shape)} is not per channel")
+        if name not in channel_consts:
+            channel_consts[name] = add_const(name + ".nchw", a.reshape(1, -1, 1, 1))
+        return channel_consts[name]
+
+    for node in g.node:
+        ins = [alias.get(i, i) for i in node.input]
+        op, out = node.op_type, list(node.output)
+        on_cols = any(i in cols for i in ins)
+        if op == "MatMul" and on_cols:
+            if ins[0] not in cols or ins[1] in cols:
+                raise NotColumns(f"MatMul '{node.name}' is not an activation times a constant weight")
+            w = const(ins[1])
+            if w.ndim != 2:
+                raise NotColumns(f"MatMul '{node.name}' has a {w.ndim}-D weight")
+            weight = add_const(ins[1] + ".conv", w.T.reshape(w.shape[1], w.shape[0], 1, 1))
+            nodes.append(helper.make_node("Conv", [ins[0], weight], out, name=node.name))
+            cols.add(out[0])
+        elif op == "Reshape":
+            target = const(ins[1])
+            before, after = shapes.get(node.input[0]), shapes.get(out[0])
+            if on_cols:
+                if before is None or before != after:
+                    raise NotColumns(f"Reshape '{node.name}' changes a row's shape ({before} -> {after})")
+                alias[out[0]] = ins[0]  # [T, C] -> [T, C]: nothing to do on columns
+            elif len(target) == 2 and target[0] == 1 and len(shapes.get(node.input[0]) or ()) == 1:
+                shape4 = add_const("columns.vector", np.array([1, -1, 1, 1], np.int64))
+                nodes.append(helper.make_node("Reshape", [ins[0], shape4], out, name=node.name))
+                cols.add(out[0])  # a state row [C] -> [1, C]: one column
+            else:
+                raise NotColumns(f"Reshape '{node.name}' to {list(target)} is not a row")
+        elif op == "ReduceMean" and on_cols:
+            axes = [a for a in node.attribute if a.name == "axes"]
+            keep = [a.i for a in node.attribute if a.name == "keepdims"]
+            if len(ins) > 1 or not axes or list(axes[0].ints) not in ([-1], [1]) or keep == [0]:
+                raise NotColumns(f"ReduceMean '{node.name}' is not over the channels of rows")
+            nodes.append(helper.make_node("ReduceMean", [ins[0]], out, name=node.name, axes=[1]))
+            cols.add(out[0])
+        elif op == "Slice" and on_cols:
+            if len(ins) < 4 or list(const(ins[3])) != [0] or (len(ins) > 4 and list(const(ins[4])) != [1]):
+                raise NotColumns(f"Slice '{node.name}' is not a slice of rows")
+            axis = add_const("columns.axis3", np.array([3], np.int64))
+            nodes.append(helper.make_node("Slice", [ins[0], ins[1], ins[2], axis], out, name=node.name))
+            cols.add(out[0])
+        elif op == "Concat" and on_cols:
+            axis = [a.i for a in node.attribute if a.name == "axis"]
+            if axis != [0] or not all(i in cols for i in ins):
+                raise NotColumns(f"Concat '{node.name}' is not a concatenation of rows")
+            nodes.append(helper.make_node("Concat", ins, out, name=node.name, axis=3))
+            cols.add(out[0])
+        elif op == "Split" and on_cols:
+            axis = [a.i for a in node.attribute if a.name == "axis"]
+            if axis not in ([-1], [1]) or len(shapes.get(node.input[0]) or ()) != 2 or \
+                    any(i in cols for i in ins[1:]):
+                raise NotColumns(f"Split '{node.name}' is not a split of the rows' channels")
+            nodes.append(helper.make_node("Split", ins, out, name=node.name, axis=1))
+            cols.update(out)
+        elif op in ELEMENTWISE and on_cols:
+            nodes.append(helper.make_node(op, [per_channel(i) for i in ins], out, name=node.name))
+            cols.update(out)
+        elif on_cols:
+            raise NotColumns(f"{op} '{node.name}' has no columns form")
+        else:
+            raise NotColumns(f"{op} '{node.name}' does not work on rows")
+    taken: Dict[str, str] = {}
+    for o in g.output:
+        src = alias.get(o.name, o.name)
+        d = _dims(o)
+        if src not in cols or len(d) != 2:
+            raise NotColumns(f"output '{o.name}' is not rows [T, N]")
+        if src in taken:
+            raise NotColumns(f"outputs '{taken[src]}' and '{o.name}' are one tensor")
+        taken[src] = o.name
+        for n in nodes:  # the output is the [1, N, 1, T] tensor itself: no Squeeze (see above)
+            n.output[:] = [o.name if x == src else x for x in n.output]
+            n.input[:] = [o.name if x == src else x for x in n.input]
+        _nchw_dims(o)
+    del g.node[:]
+    g.node.extend(nodes)
+    del g.value_info[:]
+    used = {i for n in g.node for i in n.input}
+    kept = [t for t in g.initializer if t.name in used]
+    del g.initializer[:]
+    g.initializer.extend(kept)
+    return model
+
+
+def _nchw_dims(value_info) -> None:
+    """[T, N] -> [1, N, 1, T] in a graph output's type."""
+    from onnx import helper
+    t, n = _dims(value_info)
+    value_info.CopyFrom(helper.make_tensor_value_info(
+        value_info.name, value_info.type.tensor_type.elem_type, [1, n, 1, t]))
+
+
+def _swap_dims(value_info) -> None:
+    """[T, C] -> [C, T] in a graph input's type."""
+    a, b = value_info.type.tensor_type.shape.dim
+    (pa, va), (pb, vb) = (a.dim_param, a.dim_value), (b.dim_param, b.dim_value)
+    a.Clear()
+    b.Clear()
+    if pb:
+        a.dim_param = pb
+    else:
+        a.dim_value = vb
+    if pa:
+        b.dim_param = pa
+    else:
+        b.dim_value = va
+
+
+def _inferred_shapes(model, rows: int = 3) -> dict:
+    """Every tensor's shape with the row count fixed to ``rows`` (symbolic sizes reshape badly)."""
+    import onnx
+    fixed = onnx.ModelProto.FromString(model.SerializeToString())
+    for inp in fixed.graph.input:
+        for d in inp.type.tensor_type.shape.dim:
+            if d.dim_param:
+                d.Clear()
+                d.dim_value = rows
+    del fixed.graph.value_info[:]
+    g = onnx.shape_inference.infer_shapes(fixed).graph
+    return {v.name: _dims(v) for v in list(g.value_info) + list(g.input) + list(g.output)}
+
+
+def write_columns(onnx_path: str, out_path: str, rows: int = 3) -> str:
+    """Write the columns form of a T-row segment file to ``out_path`` after checking it against
+    the original on onnxruntime (random inputs, ``rows`` rows); '' on success, else why not."""
+    from rwkv2rknn.fileio import load_onnx, save_onnx
+    model = load_onnx(onnx_path)
+    try:
+        cols = to_columns(model)
+    except NotColumns as e:
+        return str(e)
+    save_onnx(cols, out_path)
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    rng = np.random.default_rng(0)
+    a = ort.InferenceSession(onnx_path, opts, providers=["CPUExecutionProvider"])
+    b = ort.InferenceSession(out_path, opts, providers=["CPUExecutionProvider"])
+    feed = {i.name: rng.standard_normal([rows if isinstance(d, str) else d for d in i.shape])
+            .astype(np.float32) for i in a.get_inputs()}
+    want = a.run(None, feed)
+    got = b.run(None, {k: to_cols(v) for k, v in feed.items()})
+    for o, w, x in zip(a.get_outputs(), want, got):
+        scale = max(float(np.abs(w).max()), 1e-6)
+        t = w.shape[0]
+        if x.shape != (1, w.shape[1], 1, t) or float(np.abs(x.reshape(-1, t).T - w).max()) > 1e-4 * scale:
+            os.remove(out_path)
+            return f"the columns form computes '{o.name}' differently"
+    return ""
+
+
+def fits(onnx_path: str) -> str:
+    """'' if the T-row segment file has a columns form (checked on onnxruntime), else why not."""
+    import tempfile
+    from rwkv2rknn.fileio import scratch_prefix
+    with tempfile.TemporaryDirectory(prefix=scratch_prefix("columns")) as tmp:
+        return write_columns(onnx_path, os.path.join(tmp, "columns.onnx"))
+
+
+def to_cols(a: np.ndarray) -> np.ndarray:
+    """A row input [T, C] as columns [C, T] (vectors unchanged)."""
+    return np.ascontiguousarray(a.T) if a.ndim == 2 else a
+
+
+def columns_dataset(dataset: str, folder: str) -> str:
+    """A copy of a toolkit dataset (absolute .npy paths, one sample a line) with every row input
+    as columns, in ``folder``; returns its path."""
+    lines = []
+    with open(dataset) as f:
+        for k, line in enumerate(ln for ln in f if ln.strip()):
+            names = []
+            for j, path in enumerate(line.split()):
+                name = os.path.join(folder, f"columns_{k:05d}_{j}.npy")
+                np.save(name, to_cols(np.load(path)))
+                names.append(name)
+            lines.append(" ".join(names))
+    out = os.path.join(folder, "columns_dataset.txt")
+    with open(out, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return out

@@ -1,0 +1,1 @@
+"""Tools around a compiled artifact: check, compare, evaluate, bench, measure, doctor, report."""

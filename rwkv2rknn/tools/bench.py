@@ -1,0 +1,266 @@
+"""`rwkv2rknn bench`: decode speed of the ways to run one model, measured in one run.
+
+For a random RWKV-4 (or, with ``version``, RWKV-5.2, 6 or 7) of the given size (default: 430M-sized,
+24 x 1024, vocab 50277):
+
+- pure ONNX Runtime over the per-layer files, token by token (the public demo's loop);
+- the hybrid executor with every segment on the ``ort`` backend;
+- one fused ONNX Runtime session of the whole model (the compiler's graph after ``state``);
+  (skipped above 1 GiB of fp32 weights: making it holds about 4x them);
+- the ``rwkv`` package, cpu fp32, where installed (the reference implementation, every version,
+  in a child process: rwkv2rknn/tools/rwkv_package.py);
+
+each as the median ms/token over many tokens after a warm-up, their ratios to the per-layer loop,
+the prefill rate of the hybrid executor (T-row segments, chunks of 32), the peak memory of the
+process tree (sampled; each phase frees its form of the model before the next), the
+memory-bandwidth bound (fp32 weight bytes read per token / a measured numpy GEMV bandwidth), the
+plan's estimated board figures (from the device profile: estimates, not measurements) and, on a
+board, the NPU's per-call cost through both board runners (rknn-rt and rknn-lite, timed on the
+``call`` probe of ``rwkv2rknn profile --build-probes``). Figures on a shared machine are noisy:
+compare the ratios within one run.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+
+from rwkv2rknn.fileio import scratch_prefix
+
+
+def time_steps(step: Callable[[int], object], tokens: List[int], warmup: int = 2) -> List[float]:
+    for t in tokens[:warmup]:
+        step(t)
+    out = []
+    for t in tokens[warmup:]:
+        t0 = time.perf_counter()
+        step(t)
+        out.append(1000.0 * (time.perf_counter() - t0))
+    return out
+
+
+def gemv_bandwidth_gbs(mb: int = 256, repeats: int = 5) -> float:
+    """Bytes of a float32 matrix read per second by a matrix-vector product (best of repeats)."""
+    n = int(np.sqrt(mb * 1024 * 1024 / 4))
+    a = np.ones((n, n), np.float32)
+    x = np.ones(n, np.float32)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ x
+        best = min(best, time.perf_counter() - t0)
+    return a.nbytes / best / 1e9
+
+
+# the fused session holds about 4x its fp32 weights while it is made (the graph, its protobuf,
+# the session and its repacked weights): above this it is skipped, so that no phase of the bench
+# holds much more than twice the model
+FUSED_LIMIT = 1 << 30
+
+
+def random_model(version: str, layers: int, width: int, vocab: int, seed: int):
+    """A random checkpoint of ``version`` with float16 matrices (half the memory of float32;
+    the export reads them as float32, the `rwkv` package's 'cpu fp32' likewise)."""
+    from rwkv2rknn.models import checkpoint
+    make = {"4": checkpoint.random_checkpoint, "5": checkpoint.random_rwkv5,
+            "6": checkpoint.random_rwkv6, "7": checkpoint.random_rwkv7}[version]
+    return make(layers=layers, width=width, vocab=vocab, seed=seed, dtype=np.float16)
+
+
+def run_bench(layers: int = 24, width: int = 1024, vocab: int = 50277, tokens: int = 32,
+              seed: int = 0, workdir: Optional[str] = None, echo=print,
+              with_rwkv: bool = True, version: str = "4", probes: Optional[str] = None,
+              core_mask: str = "auto") -> Dict[str, object]:
+    """Every phase holds one form of the model and lets it go before the next: the float16
+    checkpoint (export, the `rwkv` package's .pth), the plan compile, the per-layer sessions,
+    the hybrid executor's sessions, the fused session (up to FUSED_LIMIT), the `rwkv` package
+    (a child process). Peak memory is the process tree's, sampled, per phase."""
+    from rwkv2rknn.compiler import resources
+    from rwkv2rknn.tools import rwkv_package
+    from rwkv2rknn.models.export import arch_of, export
+
+    own = workdir is None
+    work = workdir or tempfile.mkdtemp(prefix=scratch_prefix("bench"))
+    results: Dict[str, object] = {"model": f"RWKV-{version} {layers} x {width}, vocab {vocab} (random)",
+                                  "tokens": tokens}
+    mem = resources.PeakRss()
+    try:
+        with mem:
+            echo(f"bench: {results['model']}, {tokens} timed tokens")
+            t_start = time.perf_counter()
+            ids = [int(t) for t in np.random.default_rng(seed).integers(0, vocab, tokens + 2)]
+            onnx_dir, art = os.path.join(work, "onnx"), os.path.join(work, "art")
+            mem.mark("checkpoint and export")
+            t0 = time.perf_counter()
+            sd = random_model(version, layers, width, vocab, seed)
+            shape = arch_of(sd)[1]
+            results["params"] = shape.params()
+            export(sd, onnx_dir, fp32=True)
+            pth = _save_pth(sd, work) if with_rwkv and rwkv_package.available() else None
+            del sd
+            resources.give_back_memory()
+            echo(f"  made the checkpoint (float16) and exported fp32 per-layer files in "
+                 f"{time.perf_counter() - t0:.1f} s")
+            mem.mark("plan compile")
+            manifest = _plan(onnx_dir, art, echo)
+            results["estimate"] = {p: manifest.estimate_ms(p) for p in ("decode", "prefill")}
+            results["segments"] = [{"name": s.name, "backend": s.backend, "stages": list(s.stages),
+                                    "est_ms": s.est_ms, "est_prefill_ms": s.est_prefill_ms}
+                                   for s in manifest.segments]
+            ms: Dict[str, List[float]] = {}
+            mem.mark("per-layer sessions")
+            ms["per-layer onnxruntime (public demo loop)"] = _per_layer(onnx_dir, ids)
+            mem.mark("hybrid executor")
+            ms["hybrid executor, all segments on ort"], results["prefill"] = _hybrid(art, ids, tokens,
+                                                                                    vocab, seed)
+            mem.mark("fused session")
+            weight_bytes = 4 * (shape.params() - shape.vocab * shape.width)  # emb is a row read
+            if 4 * shape.params() < FUSED_LIMIT:
+                ms["one fused onnxruntime session"] = _fused(onnx_dir, ids)
+            else:
+                echo(f"  one fused onnxruntime session: skipped ({4 * shape.params() / 2**30:.2f} GiB "
+                     f"of fp32 weights; making it holds about 4x that; the bench runs it up to "
+                     f"{FUSED_LIMIT / 2**30:.0f} GiB)")
+            mem.mark("rwkv package")
+            if pth:
+                ms["rwkv package, cpu fp32"] = rwkv_package.package_run(
+                    pth, ids, version, threads=0)[1][2:]
+                os.unlink(pth)
+            elif with_rwkv:
+                echo("  rwkv package: not installed (pip install rwkv), not timed")
+            mem.mark("board per-call costs")
+            from rwkv2rknn.tools.measure import call_costs
+            results["call_costs"] = call_costs(probes, core_mask, echo=lambda line: None)
+            mem.mark("end")
+        results["wall_s"] = time.perf_counter() - t_start
+        _report(results, ms, weight_bytes, mem, manifest, echo)
+        return results
+    finally:
+        if own:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _save_pth(sd, work: str) -> str:
+    from rwkv2rknn.models.checkpoint import save_checkpoint
+    pth = os.path.join(work, "bench.pth")
+    save_checkpoint(sd, pth, dtype="float16")
+    return pth
+
+
+def _plan(onnx_dir: str, art: str, echo):
+    from rwkv2rknn.compiler import resources
+    from rwkv2rknn.compiler.driver import compile_model
+    from rwkv2rknn.compiler.ir import Options
+    t0 = time.perf_counter()
+    manifest = compile_model(onnx_dir, art, Options(plan_only=True))
+    resources.give_back_memory()
+    echo(f"  compiled the plan (--plan-only) in {time.perf_counter() - t0:.1f} s: "
+         f"{len(manifest.segments)} segments")
+    return manifest
+
+
+def _per_layer(onnx_dir: str, ids: List[int]) -> List[float]:
+    from rwkv2rknn.compiler import resources
+    from rwkv2rknn.runtime.reference import PerLayerModel
+    ref = PerLayerModel(onnx_dir)
+    st = ref.init_state()
+    out = time_steps(lambda t: ref.step(t, st), ids)
+    del ref
+    resources.give_back_memory()
+    return out
+
+
+def _hybrid(art: str, ids: List[int], tokens: int, vocab: int, seed: int):
+    """Decode ms per token, then prefill (chunks of 32, T-row sessions) once the per-token
+    sessions that prefill does not use are closed."""
+    from rwkv2rknn.compiler import resources
+    from rwkv2rknn.runtime.hybrid import HybridModel
+    hyb = HybridModel(art, backend="ort")
+    hs = hyb.init_state()
+    decode = time_steps(lambda t: hyb.step(t, hs), ids)
+    n_pre = max(tokens, 64)
+    pre_ids = [int(t) for t in np.random.default_rng(seed + 1).integers(0, vocab, n_pre)]
+    for seg, runner in zip(hyb.manifest.segments, hyb.runners):
+        if seg.seq_onnx:  # prefill runs its T-row session instead: one copy of the weights at a time
+            runner.close()
+    resources.give_back_memory()
+    hyb.prefill(pre_ids[:40], hyb.init_state(), chunk=32)  # warm-up: loads the T-row sessions
+    t0 = time.perf_counter()
+    hyb.prefill(pre_ids, hyb.init_state(), chunk=32)
+    prefill_tps = n_pre / (time.perf_counter() - t0)
+    one_tps = 1000.0 / statistics.median(decode)
+    hyb.close()
+    del hyb
+    resources.give_back_memory()
+    return decode, {"tokens": n_pre, "chunk": 32, "tokens_per_s": prefill_tps,
+                    "token_by_token_tokens_per_s": one_tps, "speedup": prefill_tps / one_tps}
+
+
+def _fused(onnx_dir: str, ids: List[int]) -> List[float]:
+    from rwkv2rknn.compiler import resources
+    fused = _fused_session(onnx_dir)
+    out = time_steps(fused, ids)
+    del fused
+    resources.give_back_memory()
+    return out
+
+
+def _report(results, ms, weight_bytes, mem, manifest, echo) -> None:
+    base = statistics.median(ms["per-layer onnxruntime (public demo loop)"])
+    bw = gemv_bandwidth_gbs()
+    bound_ms = weight_bytes / (bw * 1e9) * 1000
+    rows = []
+    for name, vals in ms.items():
+        med = statistics.median(vals)
+        rows.append({"runner": name, "ms_per_token": med, "ratio_to_per_layer": med / base,
+                     "share_of_bandwidth_bound": bound_ms / med})
+    fp32 = 4 * results["params"]
+    results.update(rows=rows, bandwidth_gbs=bw, weight_mb=weight_bytes / 1e6,
+                   bandwidth_bound_ms=bound_ms, peak_rss_mb=mem.peak / 2**20,
+                   peak_rss_by_phase_mb={k: v / 2**20 for k, v in mem.phases.items()},
+                   peak_to_fp32_weights=mem.peak / fp32)
+    echo("")
+    echo(f"{'runner':<42} {'ms/token':>9} {'x per-layer':>11} {'of bound':>9}")
+    for r in rows:
+        echo(f"{r['runner']:<42} {r['ms_per_token']:>9.2f} {r['ratio_to_per_layer']:>11.2f} "
+             f"{100 * r['share_of_bandwidth_bound']:>8.0f}%")
+    echo(f"memory-bandwidth bound: {weight_bytes / 1e6:.0f} MB of fp32 weights per token / "
+         f"{bw:.1f} GB/s (numpy GEMV) = {bound_ms:.1f} ms/token")
+    top = max(mem.phases, key=mem.phases.get)
+    echo(f"peak memory of the process tree: {mem.peak / 2**30:.2f} GiB, {mem.peak / fp32:.1f}x the "
+         f"{fp32 / 2**30:.2f} GiB of fp32 weights (in the phase: {top}); wall time "
+         f"{results['wall_s']:.0f} s")
+    pre = results["prefill"]
+    echo(f"prefill (hybrid on ort, chunks of {pre['chunk']}): {pre['tokens_per_s']:.1f} tokens/s, "
+         f"{pre['speedup']:.1f}x token by token ({pre['token_by_token_tokens_per_s']:.1f} tokens/s)")
+    for line in manifest.table().splitlines():
+        if line.startswith("estimated"):
+            echo(f"plan: {line}")
+    for backend, cost in results["call_costs"].items():
+        echo(f"NPU per-call cost, {backend}: " + (f"{cost:.3f} ms" if isinstance(cost, float) else cost))
+
+
+def _fused_session(onnx_dir: str):
+    """The whole model as one onnxruntime session: the compiler's graph after load, keep_fp32,
+    state and normalize_matmul (the row-form MatMuls onnxruntime runs 10-20x faster than the
+    files' MatMul(W, x)), not partitioned."""
+    from rwkv2rknn.compiler.driver import whole_graph
+    from rwkv2rknn.runtime.ort import OrtRunner
+
+    data, token, logits, slots = whole_graph(onnx_dir)
+    runner = OrtRunner(data, "fused")
+    feed = {i: np.zeros(runner.input_shapes[i], np.float32) for i, _ in slots}
+
+    def step(tok):
+        feed[token] = np.array([tok], np.int32)
+        out = runner.infer(feed)
+        for i, o in slots:
+            feed[i] = out[o]
+        return out[logits]
+    return step

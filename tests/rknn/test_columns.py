@@ -1,0 +1,145 @@
+"""rwkv2rknn.rknn.columns: T-row segments rewritten to columns [C, T] (NCHW inside) for the NPU build,
+checked against the rows form on onnxruntime; what it refuses; the runner wrapper that turns rows."""
+
+import glob
+import os
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from rwkv2rknn.rknn.columns import NotColumns, fits, to_columns, write_columns
+from rwkv2rknn.runtime.ort import OrtRunner
+from rwkv2rknn.runtime.rows import Columns
+
+
+def _npu_seq_files(art):
+    files = sorted(glob.glob(os.path.join(art, "segments", "*_npu_*.seq.onnx")))
+    assert files, art
+    return files
+
+
+def test_every_rwkv4_and_rwkv7_npu_t_row_segment_has_a_columns_form(fp32_plan_artifact, slot_models):
+    # fits() runs the columns form against the rows form on onnxruntime (random inputs)
+    for f in _npu_seq_files(fp32_plan_artifact) + _npu_seq_files(slot_models("7").plan_artifact):
+        assert fits(f) == "", f
+
+
+def test_the_columns_form_has_no_transpose_and_keeps_the_weights_once(fp32_plan_artifact):
+    f = _npu_seq_files(fp32_plan_artifact)[1]
+    rows, cols = onnx.load(f), to_columns(onnx.load(f))
+    ops = [n.op_type for n in cols.graph.node]
+    assert "Transpose" not in ops and "MatMul" not in ops
+    assert ops.count("Conv") == sum(n.op_type == "MatMul" for n in rows.graph.node)
+
+    def weight_bytes(m):
+        return sum(numpy_helper.to_array(t).nbytes for t in m.graph.initializer)
+    assert weight_bytes(cols) <= weight_bytes(rows) + 64 * 1024  # per-channel copies of vectors only
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in cols.graph.input}
+    assert any(d[-1] == "T" and isinstance(d[0], int) for d in dims.values())  # [C, T]
+    # every output is the NCHW tensor itself, [1, N, 1, T]: no Squeeze (an op per output and
+    # per row count in the .rknn, a costly one in int8)
+    outs = {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim]
+            for o in cols.graph.output}
+    assert "Squeeze" not in ops and len(outs) == len(rows.graph.output)
+    for o in rows.graph.output:
+        n = o.type.tensor_type.shape.dim[1].dim_value
+        assert outs[o.name] == [1, n, 1, "T"], (o.name, outs[o.name])
+
+
+def test_the_columns_runner_gives_rows_equal_to_the_t_row_onnx(fp32_plan_artifact, tmp_path):
+    columns_runner_equals_rows(_npu_seq_files(fp32_plan_artifact)[1], str(tmp_path / "cols.onnx"))
+
+
+def columns_runner_equals_rows(f, col_path):
+    """The columns form of T-row segment file ``f`` through the ``Columns`` runner gives the rows
+    form's outputs on onnxruntime (2 and 5 rows; state rows [1, C] or [C] as they come)."""
+    assert write_columns(f, col_path) == ""
+    rows = OrtRunner(f, "rows")
+    cols = Columns(OrtRunner(col_path, "cols"))
+    rng = np.random.default_rng(3)
+    shapes = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
+              for i in onnx.load(f).graph.input}
+    for t in (2, 5):
+        feed = {k: rng.standard_normal([t if isinstance(d, str) else d for d in s]).astype(np.float32)
+                for k, s in shapes.items()}
+        want, got = rows.infer(feed), cols.infer(feed)
+        assert set(got) == set(want)
+        for k in want:
+            assert got[k].shape == want[k].shape == (t, want[k].shape[1])
+            np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-4 * np.abs(want[k]).max())
+
+
+def _graph(nodes, inits, outs=("y",)):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", 8])
+    g = helper.make_graph(nodes, "g", [x], [helper.make_tensor_value_info(o, TensorProto.FLOAT, ["T", 8])
+                                          for o in outs], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _w(name, shape):
+    return numpy_helper.from_array(np.random.default_rng(1).standard_normal(shape).astype(np.float32), name)
+
+
+@pytest.mark.parametrize("case, words", [
+    ("two activations", "constant weight"),
+    ("reshape to heads", "Reshape"),
+    ("softmax", "Softmax"),
+])
+def test_what_it_does_not_rewrite_is_refused_in_one_line(case, words, tmp_path):
+    if case == "two activations":
+        m = _graph([helper.make_node("MatMul", ["x", "w"], ["h"]),
+                    helper.make_node("Mul", ["h", "x"], ["p"]),
+                    helper.make_node("MatMul", ["p", "p2"], ["y"])],
+                   [_w("w", (8, 8))])
+        m.graph.node[2].input[1] = "h"  # activation x activation (p @ h)
+        m.graph.node[2].input[0] = "p"
+    elif case == "reshape to heads":
+        m = _graph([helper.make_node("Reshape", ["x", "s"], ["h"]),
+                    helper.make_node("Reshape", ["h", "s2"], ["y"])],
+                   [numpy_helper.from_array(np.array([-1, 2, 4], np.int64), "s"),
+                    numpy_helper.from_array(np.array([-1, 8], np.int64), "s2")])
+    else:
+        m = _graph([helper.make_node("Softmax", ["x"], ["y"], axis=-1)], [])
+    with pytest.raises(NotColumns, match=words):
+        to_columns(m)
+    path = str(tmp_path / "m.onnx")
+    onnx.save(m, path)
+    why = fits(path)  # the build then makes the rows form, and the note says why
+    assert words in why and "\n" not in why
+
+
+def test_a_state_row_of_shape_1_c_and_a_split_of_the_channels(tmp_path):
+    """The one-file layouts' forms: a state row [1, C] (it comes in as the column [C, 1]) and a
+    Split of the rows' last axis (their LoRA outputs), in equal and in unequal parts."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", 8])
+    s = helper.make_tensor_value_info("s", TensorProto.FLOAT, [1, 8])
+    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["T", k])
+            for n, k in (("a", 4), ("b", 4), ("c", 3), ("d", 5), ("x_out", 8))]
+    nodes = [helper.make_node("Relu", ["x"], ["x_out"]),
+             helper.make_node("Reshape", ["s", "row"], ["s_row"]),
+             helper.make_node("Slice", ["x_out", "z", "m1", "z"], ["earlier"]),
+             helper.make_node("Concat", ["s_row", "earlier"], ["prev"], axis=0),
+             helper.make_node("Sub", ["prev", "x_out"], ["delta"]),
+             helper.make_node("MatMul", ["delta", "w"], ["h"]),
+             helper.make_node("Split", ["h"], ["a", "b"], axis=-1),
+             helper.make_node("Split", ["x_out", "sizes"], ["c", "d"], axis=1)]
+    inits = [_w("w", (8, 8)), numpy_helper.from_array(np.array([1, 8], np.int64), "row"),
+             numpy_helper.from_array(np.array([0], np.int64), "z"),
+             numpy_helper.from_array(np.array([-1], np.int64), "m1"),
+             numpy_helper.from_array(np.array([3, 5], np.int64), "sizes")]
+    m = helper.make_model(helper.make_graph(nodes, "g", [x, s], outs, inits),
+                          opset_imports=[helper.make_opsetid("", 17)])
+    path = str(tmp_path / "m.seq.onnx")
+    onnx.save(m, path)
+    cols = to_columns(m)
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
+            for i in cols.graph.input}
+    assert dims == {"x": [8, "T"], "s": [8, 1]}
+    assert [n.attribute[0].i for n in cols.graph.node if n.op_type == "Split"] == [1, 1]
+    columns_runner_equals_rows(path, str(tmp_path / "cols.onnx"))
+    bad = onnx.ModelProto.FromString(m.SerializeToString())
+    bad.graph.node[-1].attribute[0].i = 0  # a split of the rows themselves
+    with pytest.raises(NotColumns, match="Split"):
+        to_columns(bad)

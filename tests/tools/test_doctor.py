@@ -1,0 +1,91 @@
+"""``rwkv2rknn doctor`` on fake board file trees (there is no board here) and on this machine."""
+
+import json
+import os
+import shutil
+
+from click.testing import CliRunner
+
+from rwkv2rknn.tools.doctor import doctor
+from rwkv2rknn.runtime import device
+
+RK3588 = b"xunlong,orangepi-5\0rockchip,rk3588s\0"
+
+
+def _board(tmp_path, compatible=RK3588, driver=b"RKNPU driver: v0.9.8\n", lib_version=b"2.5.0",
+           mem_kb=8_000_000):
+    root = tmp_path / "root"
+    (root / "proc/device-tree").mkdir(parents=True)
+    (root / "proc/device-tree/compatible").write_bytes(compatible)
+    (root / "proc/meminfo").write_text(f"MemTotal: 16000000 kB\nMemFree: 1 kB\nMemAvailable: {mem_kb} kB\n")
+    if driver is not None:
+        (root / "sys/kernel/debug/rknpu").mkdir(parents=True)
+        (root / "sys/kernel/debug/rknpu/version").write_bytes(driver)
+    if lib_version is not None:
+        (root / "usr/lib").mkdir(parents=True)
+        # the shape of librknnrt's own version string, inside other bytes
+        (root / "usr/lib/librknnrt.so").write_bytes(b"\x7fELF\0junk 1.2\0" + lib_version +
+                                                    b" (c949ad889d@2024-11-07T11:35:33)\0more")
+    return str(root)
+
+
+def _by_name(verdicts):
+    return {v.what: v for v in verdicts}
+
+
+def test_a_ready_board(tmp_path):
+    v = _by_name(doctor(root=_board(tmp_path), machine="aarch64", environ={}))
+    assert all(x.ok for x in v.values()), [x.line() for x in v.values()]
+    assert v["SoC"].found.startswith("rk3588")
+    assert v["NPU cores"].found.startswith("3 ") and "0_1_2" in v["NPU cores"].found
+    assert v["RKNPU driver"].found == "version 0.9.8"
+    assert v["librknnrt"].found.endswith("librknnrt.so 2.5.0")
+    assert v["free memory"].found == "7.63 GiB"
+
+
+def test_each_problem_is_one_line_with_its_fix(tmp_path, fp32_plan_artifact):
+    root = _board(tmp_path, compatible=b"rockchip,rk3568\0", driver=None, lib_version=b"1.6.0",
+                  mem_kb=10)
+    art = str(tmp_path / "art")
+    shutil.copytree(fp32_plan_artifact, art)
+    m = json.loads(open(os.path.join(art, "manifest.json")).read())
+    m["toolkit"] = "2.5.0"
+    open(os.path.join(art, "manifest.json"), "w").write(json.dumps(m))
+    v = _by_name(doctor(art, root=root, machine="x86_64", environ={}))
+    bad = {k for k, x in v.items() if not x.ok}
+    assert bad == {"architecture", "SoC", "RKNPU driver", "librknnrt", "free memory", "artifact"}
+    assert "compile the model again with --target rk3568" in v["SoC"].line()
+    assert "1.6.0, older than rknn-toolkit2" in v["librknnrt"].line()
+    assert "install librknnrt.so" in v["librknnrt"].fix
+    assert "needs about" in v["free memory"].found and v["free memory"].fix
+    assert "--plan-only" in v["artifact"].fix
+    assert all("\n" not in x.line() for x in v.values())
+
+
+def test_unreadable_versions_are_said_not_guessed(tmp_path):
+    root = _board(tmp_path, driver=b"", lib_version=b"")
+    os.unlink(os.path.join(root, "sys/kernel/debug/rknpu/version"))
+    os.makedirs(os.path.join(root, "sys/module/rknpu"))
+    v = _by_name(doctor(root=root, machine="aarch64", environ={}))
+    assert v["RKNPU driver"].ok and "version unreadable" in v["RKNPU driver"].found
+    assert v["librknnrt"].ok and "version unreadable" in v["librknnrt"].found
+    # no librknnrt at all, and the environment variable wins over the usual places
+    os.unlink(os.path.join(root, "usr/lib/librknnrt.so"))
+    assert not _by_name(doctor(root=root, machine="aarch64", environ={}))["librknnrt"].ok
+    env = {device.LIBRKNNRT_ENV: "/opt/x/librknnrt.so"}
+    assert device.librknnrt_path(root, env) == "/opt/x/librknnrt.so"
+
+
+def test_version_helpers():
+    assert device.parse_version("RKNPU driver: v0.9.8") == (0, 9, 8)
+    assert device.parse_version("2.5.0b1") == (2, 5, 0) and device.parse_version("x") == ()
+    assert device.older("1.6.0", "2.5.0") and not device.older("2.5.0", "2.5.0")
+    assert not device.older("", "2.5.0")  # unknown is not called older
+
+
+def test_doctor_command_here_exits_1(fp32_plan_artifact):
+    from rwkv2rknn.cli import cli
+    r = CliRunner().invoke(cli, ["doctor", fp32_plan_artifact])
+    assert r.exit_code == 1, r.output
+    assert "FIX  architecture" in r.output or "ok   architecture" in r.output
+    assert "free memory" in r.output and "Traceback" not in r.output
