@@ -45,10 +45,10 @@ def _shape(a, b):
     sa, sb = a.shape, b.shape
     if not sa or not sb or len(sa) < 2 or len(sb) < 2:
         return None
-    ba, bb = list(sa[:-2]), list(sb[:-2])
-    n = max(len(ba), len(bb))
-    ba, bb = [1] * (n - len(ba)) + ba, [1] * (n - len(bb)) + bb
-    batch = [x if x != 1 else y for x, y in zip(ba, bb)]
+    lead_a, lead_b = list(sa[:-2]), list(sb[:-2])
+    n = max(len(lead_a), len(lead_b))
+    lead_a, lead_b = [1] * (n - len(lead_a)) + lead_a, [1] * (n - len(lead_b)) + lead_b
+    batch = [x if x != 1 else y for x, y in zip(lead_a, lead_b)]
     return batch + [sa[-2], sb[-1]]
 
 
