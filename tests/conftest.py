@@ -5,14 +5,16 @@ import sys
 import numpy as np
 import pytest
 
+from rwkv2rknn.tools.check import KL_TOLERANCE
+
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("RWKV_JIT_ON", "0")
 os.environ.setdefault("RWKV_CUDA_ON", "0")
-sys.path.insert(0, os.path.dirname(__file__))  # tests/public_recipe.py
-# Test modules other folders import by name: tests/rknn/test_columns.py (test_slot_onefile.py),
-# tests/passes/helpers.py (the pass tests).
-for _folder in ("rknn", "passes"):
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), _folder))
+sys.path.insert(0, os.path.dirname(__file__))  # tests/helpers/ (helpers.NAME), tests/fixtures/
+# A test module another folder imports by name: tests/rknn/test_columns.py (test_slot_onefile.py).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "rknn"))
+# The robustness corpus's helpers and its shared models, compiled once a session.
+pytest_plugins = ["helpers.robustness"]
 # training/rwkv4_torch.py and train.py (the training script lives outside the installed package)
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "training"))
 
@@ -81,6 +83,33 @@ def fp32_plan_artifact(fp32_dir, tmp_path_factory):
     return out
 
 
+# check's KL gate for fp16 NPU builds, as compare_logits keywords (tests comparing logits directly)
+FP16_KL = dict(zip(("max_kl_mean", "max_kl_p99"), KL_TOLERANCE["fp16"]))
+
+# The w8a8 compile of byte_model (tests/test_quant.py, tests/test_check_kl.py).
+W8A8_OPTIONS = dict(quant="w8a8", calib_tokens=96, prefill_rows=(4, 8))
+
+
+@pytest.fixture(scope="session")
+def byte_model(tmp_path_factory):
+    """A small random byte-level RWKV-4 as fp32 files (vocabulary 256, so text reads as its tokens)."""
+    from rwkv2rknn.models.checkpoint import random_checkpoint
+    from rwkv2rknn.models.export import export
+    d = str(tmp_path_factory.mktemp("bytes") / "fp32")
+    export(random_checkpoint(layers=2, width=64, vocab=256, seed=5), d, fp32=True, tokenizer="bytes")
+    return d
+
+
+@pytest.fixture(scope="session")
+def w8a8_artifact(byte_model, tmp_path_factory):
+    """byte_model compiled --quant w8a8 (rknn-toolkit2 builds, calibrated on the bundled held-out text)."""
+    from rwkv2rknn.compiler.driver import compile_model
+    from rwkv2rknn.compiler.ir import Options
+    out = str(tmp_path_factory.mktemp("art") / "w8a8")
+    compile_model(byte_model, out, Options(**W8A8_OPTIONS))
+    return out
+
+
 @pytest.fixture(scope="session")
 def tokens():
     return [int(t) for t in np.random.default_rng(7).integers(0, SMALL["vocab"], 40)]
@@ -125,7 +154,7 @@ class SlotModel:
 
     @functools.cached_property
     def reference(self):
-        from rwkv_package import package_logits
+        from helpers.rwkv_package import package_logits
         return package_logits(self.dirs["pth"], self.tokens, self.version,
                               str(self._tmp.mktemp(f"pkg{self.version}")))
 
@@ -152,3 +181,10 @@ def slot_models(tmp_path_factory):
     """version -> SlotModel ('5', '6' or '7'), made once per session."""
     made = {}
     return lambda version: made.setdefault(version, SlotModel(version, tmp_path_factory))
+
+
+@pytest.fixture(scope="session")
+def bundled_artifact():
+    """The bundled model as a user's first `rwkv2rknn run` compiles it (into this session's cache)."""
+    from rwkv2rknn.compiler.bundled import ensure_compiled
+    return ensure_compiled()

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from onnx import helper
 
-from helpers import ctx_from_onnx, run_ctx, vi
+from helpers.passes import ctx_from_onnx, run_ctx, vi
 from rwkv2rknn.passes import rank_one
 
 
