@@ -33,7 +33,7 @@ def _params():
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """version -> (state dict, tokens, the rwkv package's logits), made once."""
-    from rwkv_package import package_logits
+    from helpers.rwkv_package import package_logits
 
     from rwkv2rknn.models.checkpoint import random_checkpoint, random_rwkv7, save_checkpoint
     made = {}

@@ -77,7 +77,7 @@ def test_fla_packed_mix_and_a_tied_head(sds, tmp_path):
 def test_export_of_a_folder_runs_like_the_rwkv_package(version, sds, tmp_path):
     """`export FOLDER` (the folder's tokenizer.json recorded and copied), compile, run on ort:
     the rwkv package's logits on the same weights saved as an official .pth."""
-    from rwkv_package import package_logits
+    from helpers.rwkv_package import package_logits
 
     from rwkv2rknn.compiler.driver import compile_model
     from rwkv2rknn.compiler.ir import Options
