@@ -55,9 +55,11 @@ def to_fp16(model, keep_fp32=()):
 
 def export(sd: Dict[str, np.ndarray], out_dir: str, fp32: bool = False,
            tokenizer: Optional[str] = None, force: bool = False,
-           progress: Optional[Callable[[str], None]] = None):
+           progress: Optional[Callable[[str], None]] = None, tokenizer_file: Optional[str] = None):
     """Write the per-layer files of ``sd`` (validated) into ``out_dir``, atomically; returns
-    the model's shape."""
+    the model's shape. ``tokenizer_file``: a tokenizer.json copied beside the files and recorded
+    as the model's tokenizer (a Hugging Face folder's own)."""
+    import shutil
     arch, shape = arch_of(sd)
     stages = [(arch.EMBED_FILE, lambda: arch.embed_graph(sd))]
     stages += [(arch.BLOCK_FILE.format(i), (lambda i=i: arch.block_graph(sd, i)))
@@ -72,6 +74,9 @@ def export(sd: Dict[str, np.ndarray], out_dir: str, fp32: bool = False,
             fileio.save_onnx(model, os.path.join(tmp, name))
             if progress:
                 progress(name)
+        if tokenizer_file:
+            shutil.copyfile(tokenizer_file, os.path.join(tmp, "tokenizer.json"))
+            tokenizer = "tokenizer.json"
         fileio.write_json(os.path.join(tmp, MODEL_JSON), {
             "arch": arch.ARCH, "shape": shape.to_dict(), "dtype": "float32" if fp32 else "float16",
             "tokenizer": tokenizer, **arch.description(shape)})

@@ -103,6 +103,8 @@ def compile_model(model_path: str, out_dir: str, options: Optional[Options] = No
         raise UsageError(f"unknown pass '{dump_after}' for --dump-after",
                          f"use one of {', '.join(pass_names)}")
     fileio.check_out_dir(os.path.abspath(out_dir), MANIFEST, force)  # before minutes of passes
+    if os.path.exists(model_path):
+        load.refuse_checkpoint(model_path)  # weights, not ONNX: says to export them first
     toolkit, calib_ids = "", None
     if options.plan_only and options.quant != "fp16":
         raise UsageError(f"--quant {options.quant} is measured on .rknn builds, which --plan-only skips",
@@ -275,11 +277,13 @@ def plan_report(ctx: Context, manifest: Manifest) -> dict:
 
 
 def whole_graph(model_path: str):
-    """The model as one graph, not partitioned: load, keep_fp32, state and normalize_matmul.
-    Returns (serialized ONNX, token input, logits output, [(state input, state output)])."""
-    from rwkv2rknn.passes import canonicalize, keep_fp32, load, normalize_matmul, recognize, state
+    """The model as one graph, not partitioned: load, keep_fp32, state, rank_one and
+    normalize_matmul. Returns (serialized ONNX, token input, logits output, [(state input,
+    state output)])."""
+    from rwkv2rknn.passes import (canonicalize, keep_fp32, load, normalize_matmul, rank_one,
+                                  recognize, state)
     ctx = load.run(model_path)
-    for p in (canonicalize, recognize, keep_fp32, state, normalize_matmul):
+    for p in (canonicalize, recognize, keep_fp32, state, rank_one, normalize_matmul):
         p.run(ctx)
     return (export(ctx.graph).SerializeToString(), ctx.token_input, ctx.logits_output,
             [(s.input, s.output) for s in ctx.state])
