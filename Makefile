@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 PROMPT ?= The
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast browser-test run bench clean
+.PHONY: install lint imports test test-fast browser-test run bench clean
 
 install: $(STAMP)
 
@@ -19,7 +19,7 @@ install: $(STAMP)
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 PROBE := import sys, urllib.request; urllib.request.urlopen(sys.argv[1] + "/torch/", timeout=10)
 
-$(STAMP): requirements.txt requirements-toolkit.txt setup.cfg setup.py
+$(STAMP): requirements.txt requirements-toolkit.txt setup.cfg setup.py pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@if $(BIN)/python -c '$(PROBE)' '$(TORCH_CPU_INDEX)' >/dev/null 2>&1; then \
 		echo "torch: the CPU build from $(TORCH_CPU_INDEX)"; \
@@ -33,7 +33,23 @@ $(STAMP): requirements.txt requirements-toolkit.txt setup.cfg setup.py
 	$(BIN)/pip install --disable-pip-version-check -q --no-deps -e .
 	touch $(STAMP)
 
-test: install
+# The import rule (the contracts in setup.cfg) and the linter (ruff, configured in pyproject.toml).
+lint: imports
+	$(BIN)/ruff check .
+
+# import-linter reads the folders of the package as installed, where passes/ and models/ are
+# rwkv2rknn/passes and rwkv2rknn/models: it runs on a copy of the sources laid out that way.
+IMPORT_VIEW := build/import-view
+COPY_AS_INSTALLED := import shutil as s; i = s.ignore_patterns("__pycache__", "default", "*.md"); \
+	s.copytree("rwkv2rknn", "$(IMPORT_VIEW)/rwkv2rknn", ignore=i); \
+	s.copytree("passes", "$(IMPORT_VIEW)/rwkv2rknn/passes", ignore=i); \
+	s.copytree("models", "$(IMPORT_VIEW)/rwkv2rknn/models", ignore=i)
+imports: install
+	rm -rf $(IMPORT_VIEW)
+	$(BIN)/python -c '$(COPY_AS_INSTALLED)'
+	cd $(IMPORT_VIEW) && PYTHONPATH=. $(CURDIR)/$(BIN)/lint-imports --no-cache $(CURDIR)/setup.cfg
+
+test: install lint
 	TQDM_DISABLE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # The unit layer only: what is not marked slow.

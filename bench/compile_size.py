@@ -89,7 +89,7 @@ def main():
     work = a.keep or tempfile.mkdtemp(prefix="rwkv2rknn-compile-bench-")
     try:
         if a.table:
-            print(f"| layers | fp16 files | wall time | peak memory (process tree) |\n|---|---|---|---|")
+            print("| layers | fp16 files | wall time | peak memory (process tree) |\n|---|---|---|---|")
             for n in [int(x) for x in a.table.split(",")]:
                 model_dir = os.path.join(work, f"model-{n}")
                 make_model(model_dir, n, a.width, a.vocab, a.fp32, a.version, a.head_size)

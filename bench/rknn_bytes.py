@@ -15,7 +15,6 @@ it stores in it. Numbers are bytes.
 """
 
 import argparse
-import glob
 import json
 import os
 import re

@@ -22,7 +22,7 @@ from rwkv2rknn.errors import MissingDependency, UnsupportedModel
 from rwkv2rknn.models import rwkv4, rwkv5, rwkv6, rwkv7
 
 log = logging.getLogger(__name__)
-MODEL_JSON = "rwkv2rknn-model.json"
+MODEL_JSON = fileio.MODEL_JSON  # the record of what was exported, beside the files
 MODULES = {"4": rwkv4, "5": rwkv5, "6": rwkv6, "7": rwkv7}  # version -> the module that knows it
 
 

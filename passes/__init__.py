@@ -4,14 +4,15 @@
 
     load -> canonicalize -> recognize -> keep_fp32 -> state -> normalize_matmul -> fp16_guard
          -> support -> partition -> cut -> sequence (T-token variants for prefill)
-         -> build (needs the segment files on disk; skipped by --plan-only)
+         -> build (rwkv2rknn.rknn.build, run by the compiler: needs the segment files on disk;
+            skipped by --plan-only)
 """
 
 from rwkv2rknn.passes import (canonicalize, cut, fp16_guard, keep_fp32, load, normalize_matmul,
                               partition, recognize, sequence, state, support)
-from rwkv2rknn.rknn import build  # the build step: the RKNN build service, run after the passes
 
 # Graph passes after load, in order.
 GRAPH_PIPELINE = (canonicalize, recognize, keep_fp32, state, normalize_matmul, fp16_guard, support,
                   partition, cut, sequence)
-PASS_NAMES = tuple([load.NAME] + [p.NAME for p in GRAPH_PIPELINE] + [build.NAME])
+# The graph passes' names (the compiler adds the build step's: compiler.driver.PASS_NAMES).
+GRAPH_PASS_NAMES = tuple([load.NAME] + [p.NAME for p in GRAPH_PIPELINE])

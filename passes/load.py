@@ -1,4 +1,4 @@
-"""load: the per-layer RWKV files into one graph, one token step of the whole model.
+r"""load: the per-layer RWKV files into one graph, one token step of the whole model.
 
 ::
 

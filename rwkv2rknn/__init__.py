@@ -1,3 +1,3 @@
 """rwkv2rknn: compile RWKV language models into hybrid RKNN (NPU) + ONNX Runtime (CPU) programs."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

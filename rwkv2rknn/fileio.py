@@ -146,11 +146,13 @@ def read_json(path: str, what: str = "file", fix: str = "compile the model again
         raise BadInput(f"{what} '{path}' is corrupt ({type(e).__name__})", fix) from e
 
 
+MODEL_JSON = "rwkv2rknn-model.json"  # what the exporter (models.export) writes beside its files
+
+
 def model_facts(path: str) -> dict:
     """What our exporter recorded beside a folder of per-layer files (arch, shape, dtype,
     tokenizer, state rows); {} for a single file or a folder without a readable record (public
     per-layer folders have none)."""
-    from rwkv2rknn.models.export import MODEL_JSON
     meta = os.path.join(path, MODEL_JSON) if os.path.isdir(path) else ""
     if meta and os.path.exists(meta):
         try:

@@ -10,11 +10,11 @@ from rwkv2rknn.tools.check import KL_TOLERANCE
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("RWKV_JIT_ON", "0")
 os.environ.setdefault("RWKV_CUDA_ON", "0")
-sys.path.insert(0, os.path.dirname(__file__))  # tests/public_recipe.py
-# Test modules other folders import by name: tests/rknn/test_columns.py (test_slot_onefile.py),
-# tests/passes/helpers.py (the pass tests).
-for _folder in ("rknn", "passes"):
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), _folder))
+sys.path.insert(0, os.path.dirname(__file__))  # tests/helpers/ (helpers.NAME), tests/fixtures/
+# A test module another folder imports by name: tests/rknn/test_columns.py (test_slot_onefile.py).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "rknn"))
+# The robustness corpus's helpers and its shared models, compiled once a session.
+pytest_plugins = ["helpers.robustness"]
 # training/rwkv4_torch.py and train.py (the training script lives outside the installed package)
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "training"))
 
@@ -154,7 +154,7 @@ class SlotModel:
 
     @functools.cached_property
     def reference(self):
-        from rwkv_package import package_logits
+        from helpers.rwkv_package import package_logits
         return package_logits(self.dirs["pth"], self.tokens, self.version,
                               str(self._tmp.mktemp(f"pkg{self.version}")))
 
@@ -181,3 +181,10 @@ def slot_models(tmp_path_factory):
     """version -> SlotModel ('5', '6' or '7'), made once per session."""
     made = {}
     return lambda version: made.setdefault(version, SlotModel(version, tmp_path_factory))
+
+
+@pytest.fixture(scope="session")
+def bundled_artifact():
+    """The bundled model as a user's first `rwkv2rknn run` compiles it (into this session's cache)."""
+    from rwkv2rknn.compiler.bundled import ensure_compiled
+    return ensure_compiled()

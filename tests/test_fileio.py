@@ -1,8 +1,10 @@
 """io: models above protobuf's 2 GB limit are written with external data and read back whole."""
 
 import os
+import sys
 
 import numpy as np
+import pytest
 
 from rwkv2rknn import fileio
 
@@ -156,3 +158,23 @@ def test_stale_scratch_folders_of_dead_processes_are_removed(tmp_path):
     assert os.path.basename(folder).startswith(f"rwkv2rknn-build-{os.getpid()}-")
     fileio.remove_stale_scratch(str(tmp_path))
     assert os.path.isdir(folder)  # ours: this process runs
+
+
+def test_a_kill_between_the_two_renames_of_a_replace_is_undone(tmp_path):
+    """Replacing an artifact moves the old one aside, then the new one in; a process killed in
+    between leaves OUT missing and the old copy aside: the next call puts it back first."""
+    import subprocess as sp
+    from rwkv2rknn.fileio import atomic_dir
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "manifest.json").write_text("old")
+    dead = sp.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    aside = tmp_path / f".out.old-{int(dead.stdout)}-abc"
+    aside.mkdir()
+    os.replace(out, aside / "x")  # the state a kill between the renames leaves
+    assert not out.exists()
+    with pytest.raises(RuntimeError):
+        with atomic_dir(str(out), "manifest.json"):
+            raise RuntimeError("this compile fails too")
+    assert (out / "manifest.json").read_text() == "old"
+    assert not aside.exists()

@@ -30,7 +30,7 @@ def _rel(a, b):
 def _rwkv_logits(sd, path, tokens):
     """Logits of the rwkv package (cpu fp32, a child process) from the checkpoint ``sd`` saved
     at ``path``.pth."""
-    from rwkv_package import package_logits
+    from helpers.rwkv_package import package_logits
 
     from rwkv2rknn.models.checkpoint import save_checkpoint
     save_checkpoint(sd, path + ".pth")

@@ -1,6 +1,6 @@
 """Whole RWKV-5.2/6/7 models in one .onnx file: our one-file export and the layouts other
 exporters write (tests/fixtures/slot_onefile.py), recognised, compiled with every projection on
-the NPU and run on onnxruntime against the `rwkv` package's logits (tests/rwkv_package.py).
+the NPU and run on onnxruntime against the `rwkv` package's logits (tests/helpers/rwkv_package.py).
 The models are tests/conftest.py's SLOT_MODELS (3 layers x 192 or 128, head size 64)."""
 
 import json
@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from fixtures import slot_onefile
-from layernorms import split_layernorms
+from helpers.layernorms import split_layernorms
 from rwkv2rknn.cli import cli
 from rwkv2rknn.compiler.driver import compile_model
 from rwkv2rknn.errors import UnsupportedModel

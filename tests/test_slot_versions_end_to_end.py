@@ -1,5 +1,5 @@
 """RWKV-5.2, RWKV-6 and RWKV-7 through the whole toolchain: export, compile, run, prefill, check, against
-the `rwkv` package (the reference implementation, in a child process; see tests/rwkv_package.py).
+the `rwkv` package (the reference implementation, in a child process; see tests/helpers/rwkv_package.py).
 The models are tests/conftest.py's SLOT_MODELS (3 layers x 192 or 128, head size 64)."""
 
 import json

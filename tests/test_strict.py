@@ -13,7 +13,7 @@ import os
 
 import pytest
 
-from test_robustness import cli, env_with, error_line, partials_in, snapshot, whole_artifact
+from helpers.robustness import cli, env_with, error_line, partials_in, snapshot, whole_artifact
 
 C, V = 64, 97
 

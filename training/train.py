@@ -204,8 +204,8 @@ def train(a):
         step += 1
         if step % a.log_every == 0:
             el = time.time() - t0
-            l = loss_acc / n_acc
-            print(f"step {step} loss {l:.4f} bpb {l / math.log(2):.4f} lr {lr:.2e} "
+            avg = loss_acc / n_acc
+            print(f"step {step} loss {avg:.4f} bpb {avg / math.log(2):.4f} lr {lr:.2e} "
                   f"{step * B * T / el:.0f} tok/s {el / 60:.1f} min", flush=True)
             loss_acc, n_acc = 0.0, 0
         if a.eval_every and step % a.eval_every == 0:

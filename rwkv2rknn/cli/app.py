@@ -138,6 +138,15 @@ def say(message: str) -> None:
     click.echo(message, err=True)
 
 
+def model_path(artifact):
+    """ARTIFACT, or with none given the bundled model (exported and compiled on first use into the
+    user's cache: the compile side does that; the runtime opens only what it is given)."""
+    if artifact is None:
+        from rwkv2rknn.compiler.bundled import ensure_compiled
+        artifact = ensure_compiled(echo=say)
+    return artifact
+
+
 def check_out_file(path, flag: str) -> None:
     """Refuse an output file whose folder is missing or not writable before any work is done."""
     if not path:

@@ -7,7 +7,9 @@ import sys
 import click
 
 from rwkv2rknn.cli.app import cli, handle_errors
+from rwkv2rknn.artifact.plan import PRECISIONS
 from rwkv2rknn.errors import UsageError
+from rwkv2rknn.runtime.soc import TARGETS
 
 
 @cli.command()
@@ -54,7 +56,7 @@ def _options(**kw):
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Artifact folder to write (manifest.json, plan.json, segments/).")
 @click.option("--target", default="rk3588", show_default=True,
-              type=click.Choice(["rk3588", "rk3576", "rk3568", "rk3566", "rk3562"]),
+              type=click.Choice(TARGETS),
               help="Rockchip SoC to build the .rknn files for.")
 @click.option("--plan-only", is_flag=True, help="Partition and cut only: no .rknn (needs no rknn-toolkit2).")
 @click.option("--strict", is_flag=True,
@@ -64,7 +66,7 @@ def _options(**kw):
               help="Also write the graph after PASS to OUT/dump/after_PASS.onnx.")
 @click.option("--range-tokens", type=click.IntRange(1, 4096), default=8, show_default=True,
               help="Seeded sample tokens the fp16 range guard runs.")
-@click.option("--quant", type=click.Choice(["fp16", "w8a8", "w16a16i"]), default="fp16",
+@click.option("--quant", type=click.Choice(PRECISIONS), default="fp16",
               show_default=True, help="Precision of the NPU segments: w8a8 and w16a16i are "
                                       "calibrated on real text and measured per segment.")
 @click.option("--calib-text", type=click.Path(dir_okay=False), default=None,
@@ -120,7 +122,7 @@ def compile_cmd(model, out_dir, target, plan_only, strict, dump_after, range_tok
     if quant != "fp16" and not plan_only:
         _print_heldout_quality(model, out_dir, opts)
     if with_report:
-        from rwkv2rknn.tools.report import write_report
+        from rwkv2rknn.tools.report_html import write_report
         click.echo(f"report written to {write_report(out_dir)}")
 
 

@@ -6,6 +6,7 @@ import click
 
 from rwkv2rknn.cli.app import check_out_file, cli, handle_errors, say
 from rwkv2rknn.errors import UsageError
+from rwkv2rknn.runtime.soc import TARGETS
 
 
 @cli.command()
@@ -17,7 +18,7 @@ from rwkv2rknn.errors import UsageError
               show_default=True, help="On the board: rknn-rt (librknnrt's C API) or rknn-lite; the "
                                       "call cost measured is that runner's.")
 @click.option("--core-mask", default="auto", show_default=True)
-@click.option("--target", default="rk3588", show_default=True)
+@click.option("--target", default="rk3588", show_default=True, type=click.Choice(TARGETS))
 @click.option("-o", "--output", "out", type=click.Path(dir_okay=False), default="profile.json",
               show_default=True, help="Where to write the measured profile (JSON).")
 @handle_errors

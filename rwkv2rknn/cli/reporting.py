@@ -18,5 +18,5 @@ from rwkv2rknn.cli.app import cli, handle_errors
 @handle_errors
 def report(artifact, out, bench_json, size_by):
     """Draw ARTIFACT's partition, estimates and last check as one offline HTML page."""
-    from rwkv2rknn.tools.report import write_report
+    from rwkv2rknn.tools.report_html import write_report
     click.echo(f"report written to {write_report(artifact, out, bench_json, size_by)}")

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from rwkv2rknn.cli.app import BACKEND, SEED, check_out_file, cli, handle_errors, say
+from rwkv2rknn.cli.app import BACKEND, SEED, check_out_file, cli, handle_errors, model_path, say
 from rwkv2rknn.errors import UsageError
 
 
@@ -23,6 +23,12 @@ def _parse_tokens(text: str, vocab: int):
         raise UsageError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})",
                          "give ids the model knows")
     return ids
+
+
+def _open(artifact, backend: str, core_mask: str = "auto"):
+    """(model, tokenizer spec) of ARTIFACT; none given: the bundled model, compiled on first use."""
+    from rwkv2rknn.runtime.loader import open_model
+    return open_model(model_path(artifact), backend, core_mask, echo=say)
 
 
 def _check_prompt(prompt: str) -> None:
@@ -70,8 +76,7 @@ def run(artifact, prompt, max_tokens, temperature, top_p, seed, backend, core_ma
         _check_prompt(prompt)
         if not 1 <= max_tokens <= 65536:
             raise UsageError(f"--max-tokens {max_tokens} is out of range", "give 1 to 65536")
-    from rwkv2rknn.runtime.loader import open_model
-    model, tok_spec = open_model(artifact, backend, core_mask, echo=say)
+    model, tok_spec = _open(artifact, backend, core_mask)
     if tokens is not None:
         import numpy as np
         ids = _parse_tokens(tokens, model.vocab)
@@ -189,13 +194,13 @@ def eval_cmd(artifact, text_file, max_bytes, backend, tokenizer, reference, no_r
     the prefill path. A per-layer folder (with --backend ort) is scored alone."""
     from rwkv2rknn.tools.evaluate import bits_per_byte, compare_on_text, read_text
     from rwkv2rknn.runtime.generate import model_tokenizer
-    from rwkv2rknn.runtime.loader import is_per_layer_folder, open_model
+    from rwkv2rknn.runtime.loader import is_per_layer_folder
     text = read_text(text_file, max_bytes) if text_file else None
     if artifact and not no_reference and not is_per_layer_folder(artifact):
         res = compare_on_text(artifact, text, backend, reference, tokenizer, echo=say)
         click.echo(res.summary())
         return
-    model, tok_spec = open_model(artifact, backend, echo=say)
+    model, tok_spec = _open(artifact, backend)
     tok = model_tokenizer(tokenizer or tok_spec)
     if text is None:
         from rwkv2rknn.tools.check import sample_text
@@ -215,8 +220,8 @@ def eval_cmd(artifact, text_file, max_bytes, backend, tokenizer, reference, no_r
 def demo(prompt, max_tokens, seed, backend):
     """The whole flow on the bundled model: export, compile (plan table), generate, check, report."""
     from rwkv2rknn.tools.check import run_check, save_report
-    from rwkv2rknn.models import bundled
-    from rwkv2rknn.tools.report import write_report
+    from rwkv2rknn.compiler import bundled
+    from rwkv2rknn.tools.report_html import write_report
     from rwkv2rknn.runtime.hybrid import load_manifest
     from rwkv2rknn.runtime.loader import open_model
     _check_prompt(prompt)

@@ -94,11 +94,13 @@ def compile_model(model_path: str, out_dir: str, options: Optional[Options] = No
                   on_pass: Optional[Callable[[str, list], None]] = None) -> Manifest:
     from rwkv2rknn import passes
     from rwkv2rknn.passes import load
+    from rwkv2rknn.rknn import build
 
     options = options or Options()
-    if dump_after and dump_after not in passes.PASS_NAMES:
+    pass_names = passes.GRAPH_PASS_NAMES + (build.NAME,)
+    if dump_after and dump_after not in pass_names:
         raise UsageError(f"unknown pass '{dump_after}' for --dump-after",
-                         f"use one of {', '.join(passes.PASS_NAMES)}")
+                         f"use one of {', '.join(pass_names)}")
     fileio.check_out_dir(os.path.abspath(out_dir), MANIFEST, force)  # before minutes of passes
     toolkit, calib_ids = "", None
     if options.plan_only and options.quant != "fp16":

@@ -39,7 +39,7 @@ class Options:
     plan_only: bool = False
     calib_tokens: int = 256  # tokens of calibration text for a quantised build (+ 1/4 held out)
     range_tokens: int = 8  # seeded sample tokens the fp16 range guard runs
-    quant: str = "fp16"  # NPU precision: fp16, w8a8 or w16a16i (toolkit.PRECISIONS)
+    quant: str = "fp16"  # NPU precision: fp16, w8a8 or w16a16i (artifact.plan.PRECISIONS)
     calib_text: Optional[str] = None  # calibration text file (default: calibrate.default_text)
     quant_min_cos: float = 0.99  # a quantised segment below this cosine is built fp16
     seed: int = 0

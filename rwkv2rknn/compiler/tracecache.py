@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import io as _io
 import json
 import logging
@@ -46,12 +47,13 @@ def code_digest() -> str:
     import onnx_graphsurgeon
     import onnxruntime
 
-    import rwkv2rknn
-    from rwkv2rknn import models, passes
     h = hashlib.sha256()
     for lib in (onnxruntime, onnx, onnx_graphsurgeon, np):
         h.update(f"{lib.__name__} {lib.__version__}\0".encode())
-    folders = sorted({os.path.dirname(os.path.abspath(m.__file__)) for m in (rwkv2rknn, passes, models)})
+    # where the package's folders are (found, not imported: the passes run above this module)
+    names = ["rwkv2rknn"] + [f"rwkv2rknn.{sub}" for sub in ("passes", "models")]
+    folders = sorted({os.path.dirname(os.path.abspath(importlib.util.find_spec(m).origin))
+                      for m in names})
     for folder in folders:
         for root, dirs, files in os.walk(folder):
             dirs[:] = sorted(d for d in dirs if d != "__pycache__")

@@ -25,8 +25,8 @@ failure carries the toolkit's own error line. Builds run side by side, as many a
 the free memory allow, largest first, starting while later segments are still being cut
 (``Builds.add``; ``build_queue``). Results are cached by the SHA-256 of the
 segment's ONNX bytes, the target and the toolkit version (``rwkv2rknn.rknn.buildcache``): an unchanged
-segment is never rebuilt, an fp16 entry is used only after its recorded checksum matches, and a
-per-entry lock makes two compiles (or two workers) take turns. A failed build moves the segment
+segment is never rebuilt, an entry (fp16 or quantised) is used only after its recorded checksum
+matches, and a per-entry lock makes two compiles (or two workers) take turns. A failed build moves the segment
 to the CPU and says so, a failed T-row build leaves its prefill token by token and says so; with
 ``--strict`` either is an error.
 
@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 from typing import Callable, Dict, Optional
 
 import numpy as np
@@ -189,7 +188,6 @@ def _one(ctx: Context, seg: GraphSegment, out_dir: str, builds: CachedBuilds, ve
     """Build one NPU segment: (progress status, 'built' / 'cached' / 'failed')."""
     from rwkv2rknn.passes.sequence import logits_only
     opts = ctx.options
-    cache = builds.cache.folder
     if seg.seq_model is not None and opts.prefill_rows and not logits_only(ctx, seg):
         status = _build_shared(ctx, seg, out_dir, builds, version, cal)
         if status:  # one build serves decode and prefill
@@ -201,13 +199,12 @@ def _one(ctx: Context, seg: GraphSegment, out_dir: str, builds: CachedBuilds, ve
                                "token), or use --prefill-rows none")
     onnx_path = os.path.join(out_dir, "segments", seg.name + ".onnx")
     dest = os.path.join(out_dir, "segments", seg.name + ".rknn")
-    entry, cached = "", False
+    done = ""
     if cal:
-        entry, cached = _quantised(ctx, seg, onnx_path, (), cal.dataset, cal, cache, version, out_dir)
-    if entry:
-        key = seg.cache_key
-        status = f"{seg.precision} (cos {seg.accuracy['min_cos']:.4f}), " + ("cached" if cached else "built")
-        shutil.copyfile(entry, dest)
+        done = _quantised(ctx, seg, onnx_path, (), cal.dataset, cal, builds, version, out_dir, dest)
+    if done:
+        key, cached = seg.cache_key, done == "cached"
+        status = f"{seg.precision} (cos {seg.accuracy['min_cos']:.4f}), {done}"
     else:
         key = file_key(onnx_path, opts.target, version)
         status, reason = builds.fetch_or_build(onnx_path, key, dest)
@@ -264,19 +261,19 @@ def _build_seq(ctx: Context, seg: GraphSegment, out_dir: str, builds: CachedBuil
     seg.seq_fallback = ""
     onnx_path = os.path.join(out_dir, "segments", seg.name + ".seq.onnx")
     if cal and cal.seq_dataset:
-        entry, cached = _quantised(ctx, seg, onnx_path, rows, cal.seq_dataset, cal,
-                                   builds.cache.folder, version, out_dir, columns)
-        if entry:
-            _copy_shared(seg, entry, out_dir, rows, seg.cache_key)
+        done = _quantised(ctx, seg, onnx_path, rows, cal.seq_dataset, cal, builds, version, out_dir,
+                          os.path.join(out_dir, "segments", seg.name + ".seq.rknn"), columns)
+        if done:
+            _copy_shared(seg, out_dir, rows, seg.cache_key)
             seg.seq_precision, seg.calib, seg.seq_calib = seg.precision, cal.seq_dataset, cal.seq_dataset
-            return f"{seg.precision} (cos {seg.accuracy['min_cos']:.4f}), " + ("cached" if cached else "built")
+            return f"{seg.precision} (cos {seg.accuracy['min_cos']:.4f}), {done}"
     key = key or _seq_key(ctx, onnx_path, version, rows, columns)
     status, reason = builds.fetch_or_build(
         onnx_path, key, os.path.join(out_dir, "segments", seg.name + ".seq.rknn"), rows, columns)
     if reason:
         seg.seq_fallback = reason
         return ""
-    _copy_shared(seg, "", out_dir, rows, key)
+    _copy_shared(seg, out_dir, rows, key)
     return f"fp16 ({seg.precision_note}), {status}" if seg.precision_note else status
 
 
@@ -286,10 +283,8 @@ def _seq_key(ctx: Context, onnx_path: str, version: str, rows, columns: bool) ->
                     repr(rows).encode() + (b"|" + CACHE_TAG.encode() if columns else b""))
 
 
-def _copy_shared(seg: GraphSegment, entry: str, out_dir: str, rows, key: str) -> None:
-    """Record the shared build (copying ``entry`` into the artifact unless it is '': there)."""
-    if entry:
-        shutil.copyfile(entry, os.path.join(out_dir, "segments", seg.name + ".seq.rknn"))
+def _copy_shared(seg: GraphSegment, out_dir: str, rows, key: str) -> None:
+    """Record the shared build (already copied into the artifact)."""
     seg.seq_rknn = seg.rknn = f"segments/{seg.name}.seq.rknn"
     seg.seq_rows, seg.decode_rows, seg.cache_key = rows, DECODE_ROWS, key
 
@@ -302,13 +297,17 @@ def _quant_variant(precision: str, digest: str, columns: bool = False) -> str:
 
 
 def _quantised(ctx: Context, seg: GraphSegment, onnx_path: str, rows, dataset: str,
-               cal: SegmentCalibration, cache: str, version: str, out_dir: str,
-               columns: bool = False):
-    """(cache entry of the segment's quantised build, from the cache) if it is accurate enough
-    on the held-out rows, else ('', False) and ``seg.precision_note`` says why it is built fp16.
-    ``rows``: a T-row build's row counts (its held-out rows run as token steps, in row 0);
-    ``columns``: built in columns."""
-    from rwkv2rknn.rknn.calibrate import Accuracy, accuracy
+               cal: SegmentCalibration, builds: CachedBuilds, version: str, out_dir: str,
+               dest: str, columns: bool = False) -> str:
+    """The segment's quantised build copied to ``dest`` if it is accurate enough on the held-out
+    rows: 'cached', 'built' or 'rebuilt (...)'; else '' (``dest`` not written) and
+    ``seg.precision_note`` says why it is built fp16. ``rows``: a T-row build's row counts (its
+    held-out rows run as token steps, in row 0); ``columns``: built in columns.
+
+    The entry goes through the build cache as an fp16 one does: its lock held throughout (two
+    compiles take turns), its recorded checksum checked as it is copied. Its measured accuracy
+    (``KEY.json``) is written after the build; an entry whose ``.rknn`` fails its checksum or
+    whose record is unreadable is removed and built again."""
     opts = ctx.options
     carried = {t for s in ctx.state if s.accumulator for t in (s.input, s.output)}
     if carried & set(seg.inputs + seg.outputs) or any(n.op in ("Exp", "Max") for n in seg.nodes):
@@ -316,39 +315,77 @@ def _quantised(ctx: Context, seg: GraphSegment, onnx_path: str, rows, dataset: s
     with open(onnx_path, "rb") as f:
         key = cache_key(f.read() + (repr(tuple(rows)).encode() if rows else b""), opts.target, version,
                         _quant_variant(opts.quant, cal.digest, columns))
-    entry, meta = os.path.join(cache, key + ".rknn"), os.path.join(cache, key + ".json")
-    acc = None
-    if os.path.isfile(entry) and os.path.getsize(entry) > 0 and os.path.isfile(meta):
-        try:
-            acc = Accuracy(**read_json(meta, "cached accuracy"))
-        except Exception:  # noqa: BLE001 - a damaged record: build again
-            acc = None
-    cached = acc is not None
-    if acc is None:
-        outs = partial_name(os.path.join(cache, key + ".holdout.npz"), os.getpid())
-        try:
-            reason = build_child(onnx_path, entry, opts.target, opts.verbose, opts.build_timeout, rows,
-                                 precision=opts.quant, dataset=os.path.join(out_dir, dataset),
-                                 holdout=cal.seq_holdout if rows else cal.holdout, holdout_out=outs,
-                                 columns=columns)
-            if reason:
-                seg.precision_note = f"{opts.quant} build failed: {reason}"
-                return "", False
-            with np.load(outs) as z:
-                flat = [z[f"arr_{j}"] for j in range(len(z.files))]
-        finally:
-            remove_quietly(outs)
-        n = len(seg.outputs)
-        got = [{k: np.asarray(flat[i * n + j]).reshape(DECODE_ROWS if rows else 1, -1)[0]
-                for j, k in enumerate(seg.outputs)} for i in range(len(cal.want))]
-        acc = accuracy(got, cal.want)
-        write_json(meta, acc.to_dict())
+    cache = builds.cache
+    with cache.locked(key, lambda: builds.stopping):
+        status = _quantised_entry(ctx, seg, onnx_path, rows, dataset, cal, builds, out_dir, key,
+                                  dest, columns)
+    if not status:
+        return ""
+    seg.precision, seg.calib, seg.cache_key, seg.precision_note = opts.quant, dataset, key, ""
+    return status
+
+
+def _accuracy_record(meta: str):
+    """The measured accuracy cached beside a quantised entry, or None (missing or damaged)."""
+    from rwkv2rknn.rknn.calibrate import Accuracy
+    if not os.path.isfile(meta):
+        return None
+    try:
+        return Accuracy(**read_json(meta, "cached accuracy"))
+    except Exception:  # noqa: BLE001 - a damaged record: build again
+        return None
+
+
+def _quantised_entry(ctx: Context, seg: GraphSegment, onnx_path: str, rows, dataset: str,
+                     cal: SegmentCalibration, builds: CachedBuilds, out_dir: str, key: str,
+                     dest: str, columns: bool) -> str:
+    """``_quantised`` with the key's lock held: its status, or ''."""
+    from rwkv2rknn.rknn.calibrate import accuracy
+    opts, cache = ctx.options, builds.cache
+    meta = os.path.join(cache.folder, key + ".json")
+    acc, problem = _accuracy_record(meta), ""
+    if acc is None and (os.path.exists(cache.entry(key)) or os.path.exists(meta)):
+        problem = "no readable accuracy record"
+    elif acc is not None and acc.min_cos >= opts.quant_min_cos:
+        digest, problem = cache.copy_to(key, dest)
+        if digest:
+            seg.accuracy = acc.to_dict()
+            return "cached"
+        if not problem:
+            problem = "no .rknn"
+        acc = None
+    elif acc is not None:  # measured too inaccurate before: nothing to copy
+        seg.accuracy = acc.to_dict()
+        seg.precision_note = f"{opts.quant} cos {acc.min_cos:.4f} < {opts.quant_min_cos:g}"
+        return ""
+    cache.drop(key)
+    remove_quietly(meta)
+    outs = partial_name(os.path.join(cache.folder, key + ".holdout.npz"), os.getpid())
+    try:
+        reason = build_child(onnx_path, cache.entry(key), opts.target, opts.verbose, opts.build_timeout,
+                             rows, precision=opts.quant, dataset=os.path.join(out_dir, dataset),
+                             holdout=cal.seq_holdout if rows else cal.holdout, holdout_out=outs,
+                             running=builds.running, checksum=cache.sum_path(key), columns=columns)
+        if reason:
+            seg.precision_note = f"{opts.quant} build failed: {reason}"
+            return ""
+        with np.load(outs) as z:
+            flat = [z[f"arr_{j}"] for j in range(len(z.files))]
+    finally:
+        remove_quietly(outs)
+    n = len(seg.outputs)
+    got = [{k: np.asarray(flat[i * n + j]).reshape(DECODE_ROWS if rows else 1, -1)[0]
+            for j, k in enumerate(seg.outputs)} for i in range(len(cal.want))]
+    acc = accuracy(got, cal.want)
+    write_json(meta, acc.to_dict())
     seg.accuracy = acc.to_dict()
     if not acc.min_cos >= opts.quant_min_cos:
         seg.precision_note = f"{opts.quant} cos {acc.min_cos:.4f} < {opts.quant_min_cos:g}"
-        return "", False
-    seg.precision, seg.calib, seg.cache_key, seg.precision_note = opts.quant, dataset, key, ""
-    return entry, cached
+        return ""
+    if not cache.copy_to(key, dest)[0]:
+        seg.precision_note = f"{opts.quant} build changed in the cache before it was copied"
+        return ""
+    return (f"rebuilt (the cache entry had {problem})" if problem else "built")
 
 
 def _estimate(ctx: Context, seg: GraphSegment) -> None:

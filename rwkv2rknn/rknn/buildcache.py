@@ -4,6 +4,7 @@
 
     CACHE/rknn/<key>.rknn      the toolkit's output (written whole by a rename)
     CACHE/rknn/<key>.sha256    its SHA-256, recorded when the entry was made
+    CACHE/rknn/<key>.json      a quantised entry's measured accuracy (rknn.build), written after it
     CACHE/rknn/<key>.lock      held (flock) while one process checks, builds or copies <key>
 
 An entry is used only if it has a recorded checksum and its bytes still match it; the copy into

@@ -21,8 +21,10 @@ from rwkv2rknn.artifact.plan import PRECISIONS
 from rwkv2rknn.runtime.board import has_module
 
 
-# rknn-toolkit2's quantized_dtype for each precision ``compile --quant`` names (fp16: none).
-QUANT_DTYPE = {"w8a8": "w8a8", "w16a16i": "w16a16i_dfp"}
+# rknn-toolkit2's quantized_dtype for each quantised precision of ``artifact.plan.PRECISIONS``
+# (the one list; fp16: none). A precision added there without a dtype here fails on import.
+_TOOLKIT_DTYPE = {"w8a8": "w8a8", "w16a16i": "w16a16i_dfp"}
+QUANT_DTYPE = {p: _TOOLKIT_DTYPE[p] for p in PRECISIONS if p != "fp16"}
 # Chosen by measurement on the bundled model (README, "int8"): 'normal' calibration (min/max)
 # with per-channel weight scales kept bits per byte within 0.4% of fp16; 'mmse' and
 # 'kl_divergence' did worse on held-out rows and took 5-20x longer to build.

@@ -6,6 +6,10 @@ from typing import Dict, List, Protocol
 
 import numpy as np
 
+from rwkv2rknn.errors import MissingDependency
+
+RUNNERS = "rwkv2rknn.runners"  # entry point group: runners of the compile side (rknn-sim)
+
 
 class Runner(Protocol):
     """One loaded segment. ``inputs``/``outputs`` are tensor names in the segment's order."""
@@ -20,3 +24,14 @@ class Runner(Protocol):
 
     def close(self) -> None:
         ...
+
+
+def plugin_runner(backend: str):
+    """The runner class of a compile-side backend (``rknn-sim``: it builds with rknn-toolkit2),
+    found by the package's entry points: the runtime imports nothing of the compile side."""
+    from importlib.metadata import entry_points
+    for ep in entry_points(group=RUNNERS):
+        if ep.name == backend:
+            return ep.load()
+    raise MissingDependency(f"the {backend} runner is not registered (the package's entry points "
+                            "are missing or out of date)", "install rwkv2rknn again: make install")

@@ -6,29 +6,9 @@ from __future__ import annotations
 
 import importlib.util
 
-
-# SoCs whose NPUs run the same .rknn files (what --target names).
-_NPU_FAMILY = {"rk3588": "rk3588", "rk3588s": "rk3588", "rk3576": "rk3576", "rk3566": "rk356x",
-               "rk3568": "rk356x", "rk3562": "rk3562"}
-
-
-def board_soc(compatible: str = "/proc/device-tree/compatible") -> str:
-    """The Rockchip SoC of this machine as a --target name ('rk3588', ...); '' if not known."""
-    try:
-        with open(compatible, "rb") as f:
-            names = f.read().decode("ascii", "replace").split("\0")
-    except OSError:
-        return ""
-    for n in names:
-        soc = n.split(",", 1)[1] if n.startswith("rockchip,rk") else ""
-        if soc in _NPU_FAMILY:
-            return "rk3588" if soc == "rk3588s" else soc
-    return ""
-
-
-def same_npu(soc: str, target: str) -> bool:
-    """A .rknn built for ``target`` runs on ``soc``."""
-    return _NPU_FAMILY.get(soc, soc) == _NPU_FAMILY.get(target, target)
+# the SoC's identity lives below this module (runtime.soc); its names stay importable from here
+from rwkv2rknn.runtime.soc import NPU_FAMILY as _NPU_FAMILY  # noqa: F401
+from rwkv2rknn.runtime.soc import board_soc, same_npu  # noqa: F401
 
 
 def has_module(module: str) -> bool:

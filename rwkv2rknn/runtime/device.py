@@ -157,9 +157,9 @@ def require_memory(need: Dict[str, int], root: str = "/", margin: float = 1.1) -
 def board_preflight(artifact: str, m, backend: str) -> None:
     """Before loading on the board: the SoC matches the target, enough memory is free, and the
     runtime is not older than the toolkit that built the files (a warning: it may still load)."""
-    from rwkv2rknn.runtime import board
-    soc = board.board_soc()
-    if soc and not board.same_npu(soc, m.target):
+    from rwkv2rknn.runtime import soc as socs
+    soc = socs.board_soc()
+    if soc and not socs.same_npu(soc, m.target):
         raise BadInput(f"'{artifact}' was compiled for {m.target or 'an unknown target'}, "
                        f"but this board is {soc}", f"compile it again with --target {soc}")
     if not soc and m.target != "rk3588":

@@ -127,16 +127,19 @@ def generate(
     token. ``prefill_fn(ids)``, if given, feeds the whole prompt at once and returns the logits
     after its last token. ``on_token(id)`` is called for each sampled id. Sampling a stop id ends
     the generation; the stop id is neither returned nor passed to ``on_token``. The last sampled
-    id is fed to the model too, so its state covers everything generated.
+    id is fed to the model too, so its state covers everything generated. Sampling is the
+    `rwkv` package's (``runtime.sampler``); the loop is the one `run`, `chat` and `serve` use
+    (``runtime.session.decode_loop``).
     """
+    from rwkv2rknn.runtime.sampler import Sampler
+    from rwkv2rknn.runtime.session import decode_loop
     prompt = [int(i) for i in prompt_ids]
     if not prompt:
         raise ValueError("prompt_ids is empty: give at least one token to start from")
     max_tokens = int(max_tokens)
     if max_tokens < 0:
         raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
-    stops = {int(i) for i in stop_ids}
-    rng = np.random.default_rng(seed)
+    sampler = Sampler(temperature=temperature, top_p=top_p, seed=seed)
 
     t0 = time.perf_counter()
     if prefill_fn is not None:
@@ -146,36 +149,22 @@ def generate(
         for tid in prompt:
             logits = step_fn(tid)
 
-    ids: list[int] = []
-    ttft = None
-    t_first = None
-    reason = "max_tokens"
-    for _ in range(max_tokens):
-        tid = sample_logits(logits, temperature, top_p, rng)
-        now = time.perf_counter()
-        if ttft is None:
-            ttft = now - t0
-            t_first = now
-        if tid in stops:
-            reason = "stop_id"
-            break
-        ids.append(tid)
+    def heard(tid):
         if on_token is not None:
             on_token(tid)
-        logits = step_fn(tid)
-    t_end = time.perf_counter()
 
+    res = decode_loop(logits, step_fn, sampler, max_tokens, stop_ids, heard)
     # Decode phase: from the first sampled token on, each generated id costs one step_fn call.
     tps = 0.0
-    if t_first is not None and ids:
-        tps = len(ids) / max(t_end - t_first, 1e-9)
+    if res.t_first is not None and res.ids:
+        tps = len(res.ids) / max(res.t_end - res.t_first, 1e-9)
     return GenerationResult(
-        ids=ids,
-        ttft_s=ttft,
+        ids=res.ids,
+        ttft_s=None if res.t_first is None else res.t_first - t0,
         decode_tokens_per_s=tps,
         prompt_tokens=len(prompt),
-        stop_reason=reason,
-        total_s=t_end - t0,
+        stop_reason="stop_id" if res.reason == "stop_id" else "max_tokens",
+        total_s=res.t_end - t0,
     )
 
 
@@ -193,32 +182,20 @@ def generate_text(model, tokenizer_spec: Optional[str], prompt: str, max_tokens:
                   on_text: Optional[Callable[[str], None]] = None) -> GenerationResult:
     """Continue ``prompt`` with ``model`` (``step``/``init_state``/``vocab``, and ``prefill``
     where it has one): encode it, feed it, sample ``max_tokens`` ids and stream the decoded text
-    (complete characters only) to ``on_text``, which hears the prompt first."""
-    from .tokenizer import StreamDecoder
+    (complete characters only) to ``on_text``, which hears the prompt first. A session
+    (``runtime.session``) does the work, as for `chat` and `serve`."""
+    from rwkv2rknn.runtime.sampler import Sampler
+    from rwkv2rknn.runtime.session import Session
     tok = model_tokenizer(tokenizer_spec)
-    ids = tok.encode(prompt)
+    session = Session(model, tok, identity="", description="")
+    ids = session.encode(prompt)
     if not ids:
         raise UsageError("the prompt encodes to no tokens", "give some text")
-    if max(ids) >= model.vocab:
-        raise UsageError(f"tokenizer '{tokenizer_spec}' makes id {max(ids)}, outside the model's "
-                         f"vocabulary ({model.vocab})", "pass the model's own --tokenizer")
     emit = on_text or (lambda text: None)
     emit(prompt)
-    state = model.init_state()
-    dec = StreamDecoder(tok)
-
-    def on_token(i):
-        text = dec.feed(i)
-        if text:
-            emit(text)
-
-    prefill = getattr(model, "prefill", None)
-    if hasattr(model, "prepare_prefill"):
-        model.prepare_prefill()  # loading is not part of time to first token
-    res = generate(lambda t: model.step(t, state), ids, max_tokens, temperature, top_p, seed,
-                   on_token=on_token,
-                   prefill_fn=(lambda p: prefill(p, state, last_only=True)[-1]) if prefill else None)
-    tail = dec.flush()
-    if tail:
-        emit(tail)
-    return res
+    reply = session.generate(ids, Sampler(temperature=temperature, top_p=top_p, seed=seed),
+                             max_tokens, stop_ids=(), on_text=emit)
+    return GenerationResult(ids=reply.ids, ttft_s=reply.ttft_s,
+                            decode_tokens_per_s=reply.decode_tokens_per_s,
+                            prompt_tokens=len(ids), stop_reason="max_tokens",
+                            total_s=reply.total_s)

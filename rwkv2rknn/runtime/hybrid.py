@@ -26,6 +26,7 @@ from rwkv2rknn import fileio
 from rwkv2rknn.errors import BadInput, NumericalError, UsageError
 from rwkv2rknn.artifact.plan import MANIFEST, Manifest, sha256_file
 
+from rwkv2rknn.runtime.base import plugin_runner
 from rwkv2rknn.runtime.board import BACKENDS, BOARD_BACKENDS
 from rwkv2rknn.runtime.rows import Columns, RowStep, check_finite, last_row, pad, row_by_row
 
@@ -138,7 +139,7 @@ class HybridModel:
             return RowStep(self._rknn_seq_runner(seg), seg.decode_rows,
                            [k for k in seg.inputs if k not in slots], seg.shapes)
         if self.backend == "rknn-sim":
-            from rwkv2rknn.runtime.rknn import RknnSimRunner
+            RknnSimRunner = plugin_runner("rknn-sim")
             return RknnSimRunner(self._path(seg.onnx, seg.sha256), seg.name, seg.inputs,
                                  seg.outputs, shapes, m_target(self),
                                  precision=seg.precision, dataset=self._calib(seg.calib))
@@ -242,7 +243,7 @@ class HybridModel:
             return self._shared[seg.name]
         columns = seg.seq_layout == "columns"
         if self.backend == "rknn-sim":
-            from rwkv2rknn.runtime.rknn import RknnSimRunner
+            RknnSimRunner = plugin_runner("rknn-sim")
             runner = RknnSimRunner(self._path(seg.seq_onnx, seg.seq_sha256),
                                    seg.name + ".seq", seg.inputs, seg.outputs, None, m_target(self),
                                    rows=seg.seq_rows, precision=seg.seq_precision,

@@ -1,5 +1,6 @@
-"""Open what `run` and `eval` are given: a compiled artifact, an uncompiled folder of per-layer
-files (run by pure ONNX Runtime), or nothing (the bundled model, compiled on first use).
+"""Open what `run` and `eval` are given: a compiled artifact, or an uncompiled folder of per-layer
+files (run by pure ONNX Runtime). (Given nothing, the command line compiles the bundled model
+first: ``rwkv2rknn.compiler.bundled``; the runtime never starts a compile.)
 
 ``open_model`` returns the model (``step``, ``init_state``, ``logits``, ``vocab``; artifacts also
 ``prefill``) and the tokenizer spec recorded with it.
@@ -24,15 +25,14 @@ def is_per_layer_folder(path: str) -> bool:
             and os.path.exists(os.path.join(path, "embed.onnx")))
 
 
-def open_model(path: Optional[str], backend: str = "auto", core_mask: str = "auto",
+def open_model(path: str, backend: str = "auto", core_mask: str = "auto",
                echo: Optional[Callable[[str], None]] = None) -> Tuple[object, Optional[str]]:
-    """(model, tokenizer spec) for ``path``: an artifact on ``backend``, a per-layer folder on
-    pure ONNX Runtime (``backend`` ort or auto only), or with ``path`` None the bundled model.
-    ``echo`` hears which backend was chosen and any notes."""
+    """(model, tokenizer spec) for ``path``: an artifact on ``backend``, or a per-layer folder on
+    pure ONNX Runtime (``backend`` ort or auto only). ``echo`` hears which backend was chosen and
+    any notes."""
     echo = echo or log.info
     if path is None:
-        from rwkv2rknn.models import bundled  # compiles it on first use (not on a board)
-        path = bundled.ensure_compiled(echo=echo)
+        raise UsageError("no model given", "give a compiled ARTIFACT folder")
     if is_per_layer_folder(path):
         if backend not in ("ort", "auto"):
             raise UsageError(f"'{path}' is an uncompiled per-layer model: it runs only with --backend ort",

@@ -82,6 +82,7 @@ class PerLayerModel:
 
     def __init__(self, folder: str, threads: int = 0):
         embed, blocks, head = stage_files(folder)
+        self.folder = folder
         self.embed = OrtRunner(embed, "embed.onnx", threads)
         self.blocks = [OrtRunner(p, os.path.basename(p), threads) for p in blocks]
         self.head = OrtRunner(head, "head.onnx", threads)

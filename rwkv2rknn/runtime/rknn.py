@@ -1,10 +1,11 @@
-"""RKNN runners: ``rknn-sim`` (rknn-toolkit2's x86 simulator) and ``rknn-lite`` (the board's
-fallback; ``rknn-rt`` in rknnrt.py calls librknnrt's C API directly).
+"""RKNN runners: ``rknn-lite`` (the board's fallback; ``rknn-rt`` in rknnrt.py calls librknnrt's
+C API directly) and the code path it shares with ``rknn-sim`` (rknn-toolkit2's x86 simulator,
+``rwkv2rknn.rknn.sim``: it builds, so it lives on the compile side).
 
 Both share one code path (``_RknnRunner.infer``); they differ only in how the model is loaded:
 
 - the simulator cannot run a loaded ``.rknn`` (``init_runtime`` returns -1), so ``rknn-sim``
-  builds the segment's ONNX in this process (``rwkv2rknn.rknn.toolkit.build_in_process``), as the
+  builds the segment's ONNX in its process (``rwkv2rknn.rknn.toolkit.build_in_process``), as the
   compiler did;
 - on the board, ``rknn-lite`` (rknn-toolkit-lite2) loads the compiled ``.rknn`` and binds it to
   NPU cores with ``core_mask``.
@@ -56,20 +57,6 @@ class _RknnRunner:
         if self._rt is not None:
             self._rt.release()
             self._rt = None
-
-
-class RknnSimRunner(_RknnRunner):
-    """The x86 simulator: builds the segment's ONNX in-process (it cannot load a .rknn), at the
-    compiled ``precision`` from the same calibration ``dataset`` as the compiler did."""
-
-    backend = "rknn-sim"
-
-    def __init__(self, onnx_path: str, name: str, inputs, outputs, shapes, target: str = "rk3588",
-                 rows=(), precision: str = "fp16", dataset: str = "", columns: bool = False):
-        from rwkv2rknn.rknn.toolkit import build_in_process
-        super().__init__(name, inputs, outputs, shapes, rows)
-        self._rt = build_in_process(onnx_path, target=target, runtime=True, rows=rows,
-                                    precision=precision, dataset=dataset, columns=columns)
 
 
 class RknnLiteRunner(_RknnRunner):

@@ -27,35 +27,12 @@ import shutil
 import statistics
 import tempfile
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 
 from rwkv2rknn.fileio import scratch_prefix
-
-
-def time_steps(step: Callable[[int], object], tokens: List[int], warmup: int = 2) -> List[float]:
-    for t in tokens[:warmup]:
-        step(t)
-    out = []
-    for t in tokens[warmup:]:
-        t0 = time.perf_counter()
-        step(t)
-        out.append(1000.0 * (time.perf_counter() - t0))
-    return out
-
-
-def gemv_bandwidth_gbs(mb: int = 256, repeats: int = 5) -> float:
-    """Bytes of a float32 matrix read per second by a matrix-vector product (best of repeats)."""
-    n = int(np.sqrt(mb * 1024 * 1024 / 4))
-    a = np.ones((n, n), np.float32)
-    x = np.ones(n, np.float32)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ x
-        best = min(best, time.perf_counter() - t0)
-    return a.nbytes / best / 1e9
+from rwkv2rknn.tools.timing import gemv_bandwidth_gbs, time_steps
 
 
 # the fused session holds about 4x its fp32 weights while it is made (the graph, its protobuf,
@@ -171,7 +148,7 @@ def _per_layer(onnx_dir: str, ids: List[int]) -> List[float]:
     ref = PerLayerModel(onnx_dir)
     st = ref.init_state()
     out = time_steps(lambda t: ref.step(t, st), ids)
-    del ref
+    ref = None  # its sessions go before the next phase (the closure above holds the name)
     resources.give_back_memory()
     return out
 
@@ -196,7 +173,7 @@ def _hybrid(art: str, ids: List[int], tokens: int, vocab: int, seed: int):
     prefill_tps = n_pre / (time.perf_counter() - t0)
     one_tps = 1000.0 / statistics.median(decode)
     hyb.close()
-    del hyb
+    hyb = None  # its sessions go before the next phase (the closure above holds the name)
     resources.give_back_memory()
     return decode, {"tokens": n_pre, "chunk": 32, "tokens_per_s": prefill_tps,
                     "token_by_token_tokens_per_s": one_tps, "speedup": prefill_tps / one_tps}

@@ -61,16 +61,17 @@ class TextQuality:
     source: str  # what the text was
     decode: dict  # compare.Report.to_dict() of the token-by-token path
     prefill: Optional[dict] = None  # and of the prompt path (T-row variants), where there is one
-    score: Optional[Score] = None  # the artifact alone, as `eval` of a per-layer folder gives it
 
     def summary(self) -> str:
         from rwkv2rknn.tools.compare import path_line
-        s = self.score
-        lines = [f"{s.bits_per_byte:.4f} bits per byte over {s.bytes} bytes ({s.tokens} tokens, "
-                 f"next-token top-1 {100 * s.top1:.1f}%)"] if s else []
-        lines += [f"backend {self.backend}: {len(self.decode['steps'])} tokens of {self.source}, "
-                 f"against onnxruntime on the source files",
-                 "decode:  " + path_line(self.decode)]
+        lines = [f"backend {self.backend}: {len(self.decode['steps'])} tokens of {self.source}, "
+                 f"against onnxruntime on the source files"]
+        b = (self.decode.get("quality") or {}).get("bits")
+        if b:  # the headline `eval` gives an uncompiled folder too
+            count = f"{b['bytes']} bytes" if b["unit"] == "byte" else f"{b['scored']} tokens"
+            lines.append(f"{b['artifact']:.4f} bits per {b['unit']} over {count} "
+                         f"({b['scored']} tokens scored; the source: {b['reference']:.4f})")
+        lines.append("decode:  " + path_line(self.decode))
         if self.prefill is not None:
             lines.append("prefill: " + path_line(self.prefill))
         return "\n".join(lines)
@@ -82,7 +83,6 @@ def compare_on_text(artifact: str, text: Optional[str] = None, backend: str = "a
     """Teacher-force all of ``text`` (default: the built-in sample for the artifact's tokenizer)
     through the artifact, token by token and as a prompt, and through pure onnxruntime on the
     source files: KL divergence, same top token and bits of both, per path (no gate)."""
-    from rwkv2rknn.runtime.loader import artifact_tokenizer
     from rwkv2rknn.tools.check import choose_tokens, open_pair
     from rwkv2rknn.tools.compare import compare_logits
     manifest, hybrid, ref, chosen = open_pair(artifact, backend, reference)
@@ -101,25 +101,12 @@ def compare_on_text(artifact: str, text: Optional[str] = None, backend: str = "a
         want = np.stack([ref.step(t, r_state) for t in feed.ids])
         kw = dict(max_rel=float("inf"), targets=feed.targets, n_bytes=feed.n_bytes)
         res = TextQuality(chosen, feed.source, compare_logits(got, want, **kw).to_dict())
-        scored = got
         if len(feed.ids) > 1 and hybrid.prepare_prefill():
-            scored = hybrid.prefill(feed.ids, hybrid.init_state())
-            res.prefill = compare_logits(scored, want, **kw).to_dict()
-        res.score = _score(scored, feed, tokenizer or artifact_tokenizer(manifest.tokenizer, artifact))
+            res.prefill = compare_logits(hybrid.prefill(feed.ids, hybrid.init_state()), want,
+                                         **kw).to_dict()
     finally:
         hybrid.close()
     return res
-
-
-def _score(logits, feed, spec) -> Score:
-    """Bits per byte of teacher-forced logits (row i predicts feed.targets[i])."""
-    from rwkv2rknn.runtime.tokenizer import load_tokenizer
-    n = len(feed.targets)
-    targets = np.asarray(feed.targets)
-    nats = -log_softmax(logits[:n])[np.arange(n), targets].sum()
-    n_bytes = max(feed.n_bytes or len(load_tokenizer(spec).decode_bytes(feed.targets)), 1)
-    return Score(tokens=n, bytes=n_bytes, bits_per_byte=float(nats / math.log(2) / n_bytes),
-                 top1=float((np.asarray(logits[:n]).argmax(1) == targets).mean()))
 
 
 def heldout_quality(artifact: str, ids, where: str = "") -> dict:

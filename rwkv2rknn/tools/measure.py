@@ -64,9 +64,10 @@ def build_probes(folder: str, target: str = "rk3588", echo: Callable[[str], None
 def time_probe(folder: str, name: str, backend: str, core_mask: str = "auto") -> float:
     """Median ms per call of probe ``name`` (``call`` or ``mm{rows}``) on ``backend``:
     rknn-rt / rknn-lite time its .rknn on the board, rknn-sim its .onnx in the simulator."""
-    from rwkv2rknn.tools.bench import time_steps
+    from rwkv2rknn.tools.timing import time_steps
     from rwkv2rknn.errors import BadInput
-    from rwkv2rknn.runtime.rknn import RknnLiteRunner, RknnSimRunner
+    from rwkv2rknn.rknn.sim import RknnSimRunner
+    from rwkv2rknn.runtime.rknn import RknnLiteRunner
     from rwkv2rknn.runtime.rknnrt import RknnRtRunner
     m = 1 if name == "call" else int(name[2:])
     k = 16 if name == "call" else SIZE
@@ -124,7 +125,7 @@ def call_costs(folder: Optional[str], core_mask: str = "auto",
 
 def measure(folder: str, backend: str, core_mask: str = "auto",
             echo: Callable[[str], None] = print) -> DeviceProfile:
-    from rwkv2rknn.tools.bench import gemv_bandwidth_gbs
+    from rwkv2rknn.tools.timing import gemv_bandwidth_gbs
     ms = {}
     for name in ["call"] + [f"mm{m}" for m in ROWS]:
         ms[name] = time_probe(folder, name, backend, core_mask)

@@ -3,8 +3,8 @@
 What it reads: ``manifest.json`` (through ``plan.Manifest``), ``plan.json`` (why ops are on the
 CPU), and where present ``check.json`` (the last ``rwkv2rknn check``) and a ``bench --json-out``
 file. Fields a manifest segment has beyond ``plan.Segment`` (a per-segment ``precision``,
-accuracy figures) are shown as they are. The page itself is assembled in ``report_html``; the
-charts are plain SVG from ``svg``.
+accuracy figures) are shown as they are. The page itself is assembled and written in ``report_html``
+(``write_report``); the charts are plain SVG from ``svg``.
 """
 
 from __future__ import annotations
@@ -253,16 +253,3 @@ def _brackets(svg: Svg, m: Manifest, pos: List[tuple], block: int) -> None:
             svg.add("path", title, d=f"M{x0:.1f},{y - 3} V{y} H{x1:.1f} V{y - 3}", fill="none",
                     stroke="#555555", class_="stage", data_stage=row["stage"])
             svg.text((x0 + x1) / 2, y + 10, row["stage"], anchor="middle", size=9, fill="#333333")
-
-
-def write_report(artifact: str, out: Optional[str] = None, bench: Optional[str] = None,
-                 size_by: str = "flops") -> str:
-    """Render the page and write it atomically; returns its path (default ARTIFACT/report.html)."""
-    from rwkv2rknn.tools.report_html import page
-    out = out or os.path.join(artifact, REPORT_HTML)
-    folder = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(folder):
-        raise UsageError(f"cannot write the report to '{out}': folder '{folder}' does not exist",
-                         "give a path in an existing folder")
-    fileio.write_text(out, page(load(artifact, bench, size_by)))
-    return out

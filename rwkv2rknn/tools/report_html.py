@@ -1,12 +1,16 @@
-"""The report page: its style, its sections and the HTML around them (see ``report``)."""
+"""The report page: its style, its sections and the HTML around them, and ``write_report``
+(the data it shows is read by ``report``)."""
 
 from __future__ import annotations
 
 import math
-from typing import List
+import os
+from typing import List, Optional
 
-from rwkv2rknn import __version__
-from rwkv2rknn.tools.report import HANDOFF, ReportData, show_value, stage_range, strip_svg
+from rwkv2rknn import __version__, fileio
+from rwkv2rknn.errors import UsageError
+from rwkv2rknn.tools.report import (HANDOFF, REPORT_HTML, ReportData, load, show_value, stage_range,
+                                    strip_svg)
 from rwkv2rknn.tools.svg import columns, esc, fmt, hbars, line_plot, stacked
 
 CSS = """
@@ -247,3 +251,15 @@ def page(d: ReportData) -> str:
             f"<p class=note>Made by rwkv2rknn {esc(__version__)} from the artifact's manifest.json, "
             f"plan.json{', check.json' if d.check else ''}{' and bench figures' if d.bench else ''}. "
             f"One file, no scripts, nothing loaded from elsewhere.</p></body></html>\n")
+
+
+def write_report(artifact: str, out: Optional[str] = None, bench: Optional[str] = None,
+                 size_by: str = "flops") -> str:
+    """Render the page and write it atomically; returns its path (default ARTIFACT/report.html)."""
+    out = out or os.path.join(artifact, REPORT_HTML)
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder):
+        raise UsageError(f"cannot write the report to '{out}': folder '{folder}' does not exist",
+                         "give a path in an existing folder")
+    fileio.write_text(out, page(load(artifact, bench, size_by)))
+    return out

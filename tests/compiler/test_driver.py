@@ -126,7 +126,7 @@ def test_dump_after_writes_the_graph(fp32_dir, tmp_path):
 
 
 def test_public_recipe_files_compile(small_sd, tmp_path, tokens):
-    from public_recipe import export_public
+    from helpers.public_recipe import export_public
     from rwkv2rknn.runtime.hybrid import HybridModel
     from rwkv2rknn.runtime.reference import PerLayerModel
     pub = export_public(small_sd, str(tmp_path / "pub"))

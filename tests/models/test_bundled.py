@@ -5,6 +5,7 @@ import re
 
 import pytest
 
+from rwkv2rknn.compiler.bundled import ensure_compiled
 from rwkv2rknn.models import bundled, rwkv4
 from rwkv2rknn.models.checkpoint import load_checkpoint
 
@@ -27,7 +28,7 @@ def heldout():
 @pytest.fixture(scope="module")
 def bundled_artifact(tmp_path_factory):
     """Compiled through the cache path a user's first `rwkv2rknn run` takes."""
-    return bundled.ensure_compiled()
+    return ensure_compiled()
 
 
 def test_it_is_a_small_byte_level_rwkv4(sd):
@@ -40,7 +41,7 @@ def test_it_is_a_small_byte_level_rwkv4(sd):
 def test_compiled_once_then_reused(bundled_artifact):
     manifest = os.path.join(bundled_artifact, "manifest.json")
     before = os.stat(manifest).st_mtime_ns
-    assert bundled.ensure_compiled() == bundled_artifact
+    assert ensure_compiled() == bundled_artifact
     assert os.stat(manifest).st_mtime_ns == before
 
 

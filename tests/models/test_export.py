@@ -19,7 +19,7 @@ SHAPES = [dict(layers=2, width=32, vocab=64, seed=11),
 def parity_models(tmp_path_factory):
     """Per shape: the checkpoint, its .pth, 36 seeded tokens and the `rwkv` package's logits
     (cpu fp32; one child process for every shape)."""
-    from rwkv_package import package_logits_each
+    from helpers.rwkv_package import package_logits_each
     made = []
     for i, shape in enumerate(SHAPES):
         sd = random_checkpoint(**shape)
@@ -82,7 +82,7 @@ def test_failure_midway_leaves_nothing(small_sd, tmp_path, monkeypatch):
 
 def test_public_recipe_files_run_in_reference(small_sd, tmp_path, tokens):
     """Files made by torch.onnx.export (opset 16) + onnxconverter-common fp16, as published."""
-    from public_recipe import export_public
+    from helpers.public_recipe import export_public
     pub = export_public(small_sd, str(tmp_path / "pub"))
     model = PerLayerModel(pub)
     assert model.notes == []  # onnxruntime's known fusion fault is avoided, not reported

@@ -35,7 +35,7 @@ def test_exports_equal_the_rwkv_package(slot_models, version):
 ], ids=["6", "7"])
 def test_two_layer_128_wide_other_lora_widths(tmp_path, version, make):
     """Another odd shape, with LoRA widths of its own."""
-    from rwkv_package import package_logits
+    from helpers.rwkv_package import package_logits
     sd = make()
     pth = str(tmp_path / "m.pth")
     save_checkpoint(sd, pth)

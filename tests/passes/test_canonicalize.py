@@ -3,7 +3,7 @@ import onnx
 import pytest
 from onnx import helper
 
-from helpers import const, ctx_from_onnx, run_ctx, vi
+from helpers.passes import const, ctx_from_onnx, run_ctx, vi
 from rwkv2rknn.passes import canonicalize
 
 

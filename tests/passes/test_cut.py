@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from layernorms import layernorms, split_layernorms
+from helpers.layernorms import layernorms, split_layernorms
 from rwkv2rknn.compiler.driver import compile_model
 from rwkv2rknn.compiler.ir import Options
 

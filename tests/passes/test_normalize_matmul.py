@@ -1,7 +1,7 @@
 import numpy as np
 from onnx import helper
 
-from helpers import const, ctx_from_onnx, model, run_ctx, vi
+from helpers.passes import const, ctx_from_onnx, model, run_ctx, vi
 from rwkv2rknn.passes import normalize_matmul
 
 

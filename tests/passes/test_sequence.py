@@ -4,7 +4,7 @@ graph row by row (passes/sequence.py)."""
 import numpy as np
 from onnx import helper, shape_inference
 
-from helpers import const, ctx_from_onnx, model, vi
+from helpers.passes import const, ctx_from_onnx, model, vi
 
 RNG = np.random.default_rng(0)
 

@@ -60,3 +60,48 @@ def test_the_lock_makes_holders_take_turns(tmp_path):
     for t in threads:
         t.join()
     assert not overlaps
+
+
+_HOLD = """
+import sys
+from rwkv2rknn.rknn.buildcache import BuildCache
+with BuildCache(sys.argv[1]).locked("k"):
+    print("held", flush=True)
+    sys.stdin.readline()
+"""
+
+_TRY = """
+import sys
+from rwkv2rknn.rknn.buildcache import BuildCache
+try:
+    with BuildCache(sys.argv[1]).locked("k", lambda: True):
+        print("got")
+except InterruptedError:
+    print("busy")
+"""
+
+
+def test_two_processes_take_turns_on_a_key(tmp_path):
+    """A second process cannot take a key another process holds, and takes it once it is let go
+    (real processes; each step waits for the event it needs, not for a time)."""
+    import subprocess
+    import sys
+
+    folder = str(tmp_path / "c")
+
+    def attempt():
+        return subprocess.run([sys.executable, "-c", _TRY, folder], capture_output=True, text=True,
+                              timeout=120).stdout.strip()
+
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, folder], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert attempt() == "busy"
+        assert attempt() == "busy"
+        holder.stdin.close()  # the holder lets go and ends
+        assert holder.wait(timeout=120) == 0
+    finally:
+        holder.kill()
+        holder.wait()
+    assert attempt() == "got"

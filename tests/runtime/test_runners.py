@@ -28,7 +28,7 @@ def test_ort_runner_contract(fp16_artifact):
 
 
 def test_rknn_sim_runner_matches_ort_on_a_segment(fp16_artifact):
-    from rwkv2rknn.runtime.rknn import RknnSimRunner
+    from rwkv2rknn.rknn.sim import RknnSimRunner
     seg = _npu_segment(fp16_artifact)
     path = os.path.join(fp16_artifact, seg.onnx)
     sim = RknnSimRunner(path, seg.name, seg.inputs, seg.outputs,

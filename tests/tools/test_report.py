@@ -7,7 +7,7 @@ import os
 import pytest
 from click.testing import CliRunner
 
-from report_page import Elements, alter_segments, copy_artifact, external_references
+from helpers.report_page import Elements, alter_segments, copy_artifact, external_references
 from rwkv2rknn.tools import report
 from rwkv2rknn.tools.check import CHECK_JSON
 from rwkv2rknn.cli import cli

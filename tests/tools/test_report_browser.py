@@ -9,9 +9,9 @@ import subprocess
 import numpy as np
 import pytest
 
-from pngread import read_png
-from report_page import alter_segments, copy_artifact
-from rwkv2rknn.tools import report
+from helpers.pngread import read_png
+from helpers.report_page import alter_segments, copy_artifact
+from rwkv2rknn.tools import report, report_html
 
 pytestmark = pytest.mark.browser
 
@@ -59,7 +59,7 @@ def test_report_renders_with_segment_colours(fp32_plan_artifact, tmp_path):
     shots = {}
     for art in (plain, mixed):
         out = str(tmp_path / (os.path.basename(art) + ".html"))
-        report.write_report(art, out)
+        report_html.write_report(art, out)
         shots[art] = screenshot(out, str(tmp_path))
     for art, img in shots.items():
         white = (img == 255).all(-1).mean()

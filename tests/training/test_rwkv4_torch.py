@@ -10,7 +10,7 @@ from rwkv4_torch import RWKV4  # noqa: E402  (training/, on the path by conftest
 
 
 def test_token_form_matches_the_rwkv_package(small_sd, small_pth, tokens):
-    from rwkv_package import package_logits  # tests/: the package in a child process
+    from helpers.rwkv_package import package_logits  # tests/: the package in a child process
     want = package_logits(small_pth, tokens[:24], "4")
     model = RWKV4.from_state_dict(small_sd)
     with torch.no_grad():

@@ -1,0 +1,22 @@
+"""``rknn-sim``: a segment in rknn-toolkit2's x86 simulator, which cannot load a ``.rknn``: the
+runner builds the segment's ONNX in this process, as the compiler did. It builds, so it lives on
+the compile side; the runtime finds it by its entry point (group ``rwkv2rknn.runners``,
+``runtime.base.plugin_runner``) and never imports this package."""
+
+from __future__ import annotations
+
+from rwkv2rknn.rknn.toolkit import build_in_process
+from rwkv2rknn.runtime.rknn import _RknnRunner
+
+
+class RknnSimRunner(_RknnRunner):
+    """The x86 simulator: builds the segment's ONNX in-process (it cannot load a .rknn), at the
+    compiled ``precision`` from the same calibration ``dataset`` as the compiler did."""
+
+    backend = "rknn-sim"
+
+    def __init__(self, onnx_path: str, name: str, inputs, outputs, shapes, target: str = "rk3588",
+                 rows=(), precision: str = "fp16", dataset: str = "", columns: bool = False):
+        super().__init__(name, inputs, outputs, shapes, rows)
+        self._rt = build_in_process(onnx_path, target=target, runtime=True, rows=rows,
+                                    precision=precision, dataset=dataset, columns=columns)
