@@ -162,6 +162,7 @@ def _compile(model_path, out_dir, options, toolkit, calib_ids, force, dump_after
         for name, model in dumps.items():
             os.makedirs(os.path.join(tmp, "dump"), exist_ok=True)
             fileio.save_onnx(model, os.path.join(tmp, "dump", f"after_{name}.onnx"))
+        _validate(ctx, tmp, toolkit, options, model_path, on_pass)
         manifest = _finish(ctx, tmp, toolkit, options)
     return manifest
 
@@ -201,7 +202,18 @@ def _compile_stream(model_path, out_dir, options, toolkit, calib_ids, force, pro
             calibrate.drop_holdout(tmp)
         if on_pass and not options.plan_only:
             on_pass(build.NAME, [r.split(": ", 1)[1] for r in ctx.report if r.startswith("build: ")])
+        _validate(ctx, tmp, toolkit, options, model_path, on_pass)
         return _finish(ctx, tmp, toolkit, options)
+
+
+def _validate(ctx: Context, tmp: str, toolkit: str, options: Options, model_path: str, on_pass):
+    """Translation validation (rwkv2rknn/compiler/validate.py): the artifact in ``tmp`` against
+    its source; raises CompileRefused (and nothing is written) if they differ."""
+    from rwkv2rknn.compiler import validate
+    ctx.validation = validate.validate(ctx, tmp, toolkit, options.plan_only, model_path)
+    if on_pass:
+        on_pass(validate.NAME, [r.split(": ", 1)[1] for r in ctx.report
+                                if r.startswith(validate.NAME + ": ")])
 
 
 def _finish(ctx: Context, tmp: str, toolkit: str, options: Options) -> Manifest:
@@ -250,6 +262,7 @@ def plan_report(ctx: Context, manifest: Manifest) -> dict:
                           if s.backend == "cpu" else {}}
                          for s in manifest.segments],
             "cpu_reasons": reasons(ctx),
+            "validation": ctx.validation,
             "passes": list(ctx.report),
             "table": manifest.table().splitlines()}
 

@@ -68,10 +68,11 @@ def artifact_precision(manifest) -> str:
 def run_check(artifact: str, n_tokens: int = 32, seed: int = 0, backend: str = "auto",
               reference: Optional[str] = None, per_segment: bool = False,
               min_top1: Optional[float] = None, max_rel: Optional[float] = None, prefill: bool = True,
-              text: Optional[str] = None):
+              text: Optional[str] = None, tolerances: Optional[Tolerances] = None):
     """Teacher-force ``n_tokens`` seeded random ids (or the tokens of ``text``; by default the
     built-in English sample for an artifact with w8a8 segments: random ids leave the int8 ranges
-    calibrated on text) through the artifact and pure onnxruntime and compare them."""
+    calibrated on text) through the artifact and pure onnxruntime and compare them.
+    ``tolerances`` replaces the backend's default ones (the compiler's own validation)."""
     from rwkv2rknn.runtime.hybrid import HybridModel, load_manifest, resolve_backend
 
     manifest = load_manifest(artifact)
@@ -95,7 +96,8 @@ def run_check(artifact: str, n_tokens: int = 32, seed: int = 0, backend: str = "
         ref, hybrid = _per_layer_reference(artifact, manifest, reference, chosen)
     states = _state_views(hybrid, ref)
     precision = artifact_precision(manifest) if chosen != "ort" else "fp32 (ort)"
-    tol = Tolerances.default(chosen, str(manifest.model.get("source_dtype")), min_top1, max_rel, precision)
+    tol = tolerances or Tolerances.default(chosen, str(manifest.model.get("source_dtype")), min_top1,
+                                           max_rel, precision)
     tokens = _tokens(manifest, chosen, n_tokens, seed, text)
     try:
         h_state, r_state = hybrid.init_state(), ref.init_state()

@@ -1,0 +1,210 @@
+"""Translation validation: a compile proves the model it cut is the model it read.
+
+::
+
+    segments written to the temporary folder (after builds: the manifest as the runtime reads it)
+        -> the hybrid on onnxruntime (fp32)  --+
+                                               +-- same seeded tokens: token by token, and the
+        -> the source files on onnxruntime   --+   same tokens as one chunk through the T-row
+                                                   variants; logits and state compared
+        -> within rounding: the figures go into the report (plan.json, the manifest)
+        -> beyond it: find the first pass that made the graph differ (``first_bad_pass``: the
+           graph passes run again on the whole model, each rewriting pass's graph exported and
+           stepped on the same tokens) and refuse, in one line; nothing is written
+
+Tolerances (``tolerances``): an fp32 source must agree to fp32 rounding (logits and final state
+within 1e-4 of their scale, the gate `check --backend ort` uses for fp32 files). An fp16 source
+runs in its own fp16 graph on onnxruntime while the compiled segments run in fp32, so the two
+differ by fp16's rounding, accumulated over layers and tokens: measured on random models of
+every version and the bundled model (8 tokens) the largest logits error was 6.4e-3 of the logit
+scale and the largest state drift 7.1e-3 (docs/validation.md); the gate is 0.03 for both, about
+4x that, and far below what a wrong rewrite makes (the legacy GroupNorm fold: 0.31).
+
+The validation holds one segment session per segment plus the source's sessions (for a per-layer
+folder: as many bytes as the source files) while it runs; see docs/validation.md for its cost.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import List, Optional, Tuple
+
+import numpy as np
+
+from rwkv2rknn.compiler.ir import Context, export
+from rwkv2rknn.errors import CompileRefused
+
+log = logging.getLogger(__name__)
+
+NAME = "validate"
+TOKENS = 8  # seeded tokens, token by token and as one chunk through the T-row variants
+FP32_TOL = 1e-4  # logits and final state, relative to their scale: fp32 rounding
+FP16_TOL = 0.03  # an fp16 source against the fp32 compiled model (measured: at most 7.1e-3)
+# the passes that rewrite the graph, in pipeline order (the others analyse it, or cut it)
+REWRITING = ("canonicalize", "recognize", "keep_fp32", "state", "normalize_matmul")
+
+
+def tolerances(source_dtype: str):
+    from rwkv2rknn.tools.check import Tolerances
+    tol = FP32_TOL if source_dtype == "float32" else FP16_TOL
+    return Tolerances(min_top1=0.99, max_rel=tol, max_state_drift=tol, max_segment_rel=tol,
+                      tie_margin=2 * tol)
+
+
+def validate(ctx: Context, tmp: str, toolkit: str, plan_only: bool, model_path: str) -> dict:
+    """Compare the artifact in ``tmp`` (segments written; its manifest is written here) with its
+    source. Returns the figures (also noted in ``ctx.report``); raises CompileRefused, naming the
+    first pass that made the graph differ, when they differ beyond rounding. With
+    ``ctx.options.verify_passes`` every rewriting pass's graph is compared too."""
+    from rwkv2rknn import fileio
+    from rwkv2rknn.artifact.plan import MANIFEST
+    from rwkv2rknn.compiler.driver import make_manifest
+    from rwkv2rknn.tools.check import run_check
+
+    t0 = time.perf_counter()
+    manifest = make_manifest(ctx, tmp, toolkit, plan_only)
+    dtype = str(manifest.model.get("source_dtype"))
+    fileio.write_json(os.path.join(tmp, MANIFEST), manifest.to_dict())
+    tol = tolerances(dtype)
+    seed = ctx.options.seed
+    rep, _ = run_check(tmp, n_tokens=TOKENS, seed=seed, backend="ort", prefill=True,
+                       tolerances=tol)
+    result = {"tokens": TOKENS, "seed": seed, "source_dtype": dtype, "tolerance": tol.max_rel,
+              "max_rel": _round(rep.max_rel), "state_drift": _round(rep.state_drift),
+              "top1": rep.top1_agreement, "passed": rep.passed,
+              "prefill_max_rel": _round(rep.prefill["max_rel"]) if rep.prefill else None,
+              "prefill_state_drift": _round(rep.prefill.get("state_drift")) if rep.prefill else None}
+    passes = None
+    if not rep.passed or ctx.options.verify_passes:
+        passes = pass_errors(model_path, ctx, tol.max_rel)
+        result["passes"] = [{"pass": name, "max_rel": _round(err)} for name, err in passes]
+    result["seconds"] = round(time.perf_counter() - t0, 2)
+    if not rep.passed:
+        raise CompileRefused(refusal(rep, passes or [], tol.max_rel, ctx.source),
+                             "nothing was written; this is a compiler fault: report it with the "
+                             "model (`compile --verify-passes` shows every pass's error)")
+    ctx.note(NAME, summary(result))
+    if passes:
+        ctx.note(NAME, "per pass (logits max rel error on the same tokens): " +
+                 ", ".join(f"{name} {_fmt(err)}" for name, err in passes))
+    return result
+
+
+def summary(r: dict) -> str:
+    s = (f"the cut model equals the source on onnxruntime: {r['tokens']} seeded tokens, logits max "
+         f"rel error {_fmt(r['max_rel'])}, state drift {_fmt(r['state_drift'])}")
+    if r.get("prefill_max_rel") is not None:
+        s += (f"; as one chunk through the T-row variants {_fmt(r['prefill_max_rel'])}, state "
+              f"{_fmt(r['prefill_state_drift'])}")
+    return s + f" (tolerance {r['tolerance']:g}, {r['source_dtype']} source; {r['seconds']:.1f} s)"
+
+
+def refusal(rep, passes: List[Tuple[str, float]], tol: float, source: str) -> str:
+    """The one line that says what differs and which pass first made it differ."""
+    what = "; ".join(rep.failures[:2])
+    bad = next(((i, name, err) for i, (name, err) in enumerate(passes) if not err <= tol), None)
+    if bad is not None:
+        i, name, err = bad
+        before = f"{_fmt(passes[i - 1][1])} after {passes[i - 1][0]}" if i else "the source"
+        where = (f"pass {name} first made the graph differ (logits max rel error {_fmt(err)} after "
+                 f"it, {before})")
+    elif rep.prefill and rep.prefill.get("failures") and not [f for f in rep.failures
+                                                              if not f.startswith("prefill")]:
+        where = "the graph passes agree with the source; the T-row variants (pass sequence) differ"
+    else:
+        where = ("the graph passes agree with the source; the cut segments (passes partition, cut"
+                 " or build) differ")
+    return f"compile refused: the compiled model is not the source model ({what}); {where}"
+
+
+def pass_errors(model_path: str, final: Context, tol: float) -> List[Tuple[str, float]]:
+    """[(pass, logits max rel error against the source)] for the graph after load and after each
+    rewriting pass, the whole model loaded as one graph (the streaming compile's stage graphs
+    are these passes on one stage each). A graph whose token, logits or state the passes have not
+    named yet (a single file before recognize) is left out."""
+    from rwkv2rknn import passes
+    from rwkv2rknn.passes import load
+
+    tokens = _tokens(final)
+    want = _reference_logits(final, tokens)
+    ctx = load.run(model_path, final.options)
+    out = []
+    err = _graph_error(ctx, final, tokens, want)
+    if err is not None:
+        out.append((load.NAME, err))
+    for p in passes.GRAPH_PIPELINE:
+        if p.NAME not in REWRITING:
+            break
+        p.run(ctx)
+        err = _graph_error(ctx, final, tokens, want)
+        if err is not None:
+            out.append((p.NAME, err))
+            if not err <= tol and not final.options.verify_passes:
+                break  # the first one is what the message needs
+    return out
+
+
+def _tokens(ctx: Context) -> List[int]:
+    """The seeded tokens run_check draws for an artifact on onnxruntime."""
+    vocab = int(ctx.shape.get("vocab") or 0)
+    return [int(t) for t in np.random.default_rng(ctx.options.seed).integers(0, vocab, TOKENS)]
+
+
+def _reference_logits(ctx: Context, tokens) -> np.ndarray:
+    from rwkv2rknn.runtime.reference import PerLayerModel, WholeFileModel
+    if os.path.isdir(ctx.source):
+        ref = PerLayerModel(ctx.source)
+    else:
+        ref = WholeFileModel(ctx.source, ctx.token_input, ctx.logits_output,
+                             ctx.facts.get("source_state", ()))
+    return ref.logits(tokens)
+
+
+def _graph_error(ctx: Context, final: Context, tokens, want) -> Optional[float]:
+    """The largest logits error (relative to each step's scale) of ``ctx.graph`` stepped on
+    ``tokens`` on onnxruntime in its own dtypes, or None if it cannot be stepped yet."""
+    from rwkv2rknn.runtime.ort import make_session
+    model = export(ctx.graph)
+    ins = {i.name: i for i in model.graph.input}
+    outs = [o.name for o in model.graph.output]
+    token = next((n for n in (ctx.token_input, final.token_input) if n in ins), None)
+    logits = next((n for n in (ctx.logits_output, final.logits_output) if n in outs), None)
+    if token is None or logits is None:
+        return None
+    pairs = [(s.input, s.output, float(s.init)) for s in ctx.state]
+    pairs += [(i, o, 0.0) for i, o in ctx.whole_state.values()]
+    if not pairs:
+        pairs = [(str(i), str(o), float(v)) for i, o, v in final.facts.get("source_state", ())]
+    pairs = [p for p in pairs if p[0] in ins and p[1] in outs]
+    try:
+        sess, _ = make_session(model.SerializeToString(), 1, "the graph after a pass", prepack=False)
+    except Exception as e:  # noqa: BLE001 - a graph onnxruntime cannot load differs from the source
+        log.info("the graph cannot be loaded (%s)", e)
+        return float("inf")
+    types = {i.name: i.type for i in sess.get_inputs()}
+    shapes = {i.name: [d if isinstance(d, int) else 1 for d in i.shape] for i in sess.get_inputs()}
+    from rwkv2rknn.runtime.ort import ORT_TYPES
+    feed = {n: np.zeros(shapes[n], ORT_TYPES.get(types[n], np.float32)) for n in ins if n != token}
+    for i, _, v in pairs:
+        feed[i] = np.full(shapes[i], v, ORT_TYPES.get(types[i], np.float32))
+    worst = 0.0
+    for t, ref in zip(tokens, want):
+        feed[token] = np.full(shapes[token], t, ORT_TYPES.get(types[token], np.int64))
+        got = dict(zip(outs, sess.run(outs, feed)))
+        for i, o, _ in pairs:
+            feed[i] = got[o].reshape(shapes[i]).astype(feed[i].dtype)
+        y = np.asarray(got[logits], np.float32).reshape(-1)
+        if y.shape != ref.shape or not np.isfinite(y).all():
+            return float("inf")
+        worst = max(worst, float(np.abs(y - ref).max() / max(np.abs(ref).max(), 1e-30)))
+    return worst
+
+
+def _round(x):
+    return None if x is None else float(f"{float(x):.3g}")
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{x:.2g}"
