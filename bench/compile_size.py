@@ -112,7 +112,7 @@ def main():
             secs, peak, rc, out, load, cpu = timed_compile(model_dir, os.path.join(work, "art"), cache, extra)
             print(f"{label}: {secs:.1f} s wall, {cpu:.1f} s CPU, peak memory {peak / 2**30:.2f} GiB, exit {rc} "
                   f"(machine load average {load:.1f} on {os.cpu_count()} cores)", flush=True)
-            print("\n".join(ln for ln in out.splitlines() if ln.strip().startswith(("build: ", "warning:", "range trace"))),
+            print("\n".join(ln for ln in out.splitlines() if ln.strip().startswith(("build: ", "warning:", "range trace", "validate: "))),
                   flush=True)
             if rc != 0:
                 print(out[-2000:])
