@@ -75,6 +75,8 @@ def validate(ctx: Context, tmp: str, toolkit: str, plan_only: bool, model_path: 
     fileio.write_json(os.path.join(tmp, MANIFEST), manifest.to_dict())
     tol = tolerances(dtype)
     seed = ctx.options.seed
+    if not ctx.token_input or not ctx.logits_output:  # one graph, not a whole model
+        return _validate_graph(ctx, tmp, manifest, tol, t0)
     rep = compare_with_source(tmp, ctx, _tokens(ctx), tol)
     result = {"tokens": TOKENS, "seed": seed, "source_dtype": dtype, "tolerance": tol.max_rel,
               "max_rel": _round(rep.max_rel), "state_drift": _round(rep.state_drift),
@@ -98,6 +100,65 @@ def validate(ctx: Context, tmp: str, toolkit: str, plan_only: bool, model_path: 
     if passes:
         ctx.note(NAME, "per pass (logits max rel error on the same tokens): " +
                  ", ".join(f"{name} {_fmt(err)}" for name, err in passes))
+    return result
+
+
+def _validate_graph(ctx: Context, tmp: str, manifest, tol, t0: float) -> dict:
+    """A single ONNX graph that is not a whole model (no token and logits): the segments run
+    one after another on seeded random inputs against the file on the same inputs, every
+    output of the file compared by name (relative to its scale)."""
+    from rwkv2rknn.runtime.ort import ORT_TYPES, OrtRunner, make_session
+
+    sess, _ = make_session(ctx.source, 1, ctx.source, prepack=False)
+    rng = np.random.default_rng(ctx.options.seed)
+    made = {o for s in manifest.segments for o in s.outputs}
+    feed, env = {}, {}
+    for i in sess.get_inputs():
+        shape = [d if isinstance(d, int) else 1 for d in i.shape]
+        dtype = ORT_TYPES.get(i.type, np.float32)
+        value = (rng.integers(0, 2, shape) if np.issubdtype(dtype, np.integer)
+                 else rng.standard_normal(shape)).astype(dtype)
+        feed[i.name] = value
+    want = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feed)))
+    del sess
+    for seg in manifest.segments:
+        runner = OrtRunner(os.path.join(tmp, seg.onnx), seg.name)
+        try:
+            ins = {}
+            for k in seg.inputs:
+                src = env.get(k, feed.get(k))
+                if src is None or k in made and k not in env:
+                    raise CompileRefused(f"compile refused: segment {seg.name} reads '{k}', which "
+                                         f"neither the file nor an earlier segment gives",
+                                         "nothing was written; this is a compiler fault: report it "
+                                         "with the model")
+                ins[k] = np.asarray(src).astype(runner.input_types.get(k, np.float32)).reshape(
+                    [d if isinstance(d, int) else 1 for d in runner.input_shapes[k]])
+            env.update(runner.infer(ins))
+        finally:
+            runner.close()
+    worst, failures = 0.0, []
+    for name, ref in want.items():
+        if name not in env:
+            continue
+        ref = np.asarray(ref, np.float32).reshape(-1)
+        got = np.asarray(env[name], np.float32).reshape(-1)
+        err = float("inf") if got.shape != ref.shape else \
+            float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-30))
+        worst = max(worst, err)
+        if not err <= tol.max_rel:
+            failures.append(f"output '{name}': max rel error {err:.3g} > {tol.max_rel:g}")
+    result = {"tokens": 0, "seed": ctx.options.seed, "source_dtype": str(manifest.model.get("source_dtype")),
+              "tolerance": tol.max_rel, "max_rel": _round(worst), "state_drift": None, "top1": None,
+              "passed": not failures, "prefill_max_rel": None, "prefill_state_drift": None,
+              "outputs": sum(n in env for n in want), "seconds": round(time.perf_counter() - t0, 2)}
+    if failures:
+        raise CompileRefused(f"compile refused: the compiled graph is not the source graph "
+                             f"({'; '.join(failures[:2])}) on seeded random inputs",
+                             "nothing was written; this is a compiler fault: report it with the model")
+    ctx.note(NAME, f"the cut graph equals the source on onnxruntime: {result['outputs']} "
+                   f"output(s) on seeded random inputs, max rel error {_fmt(worst)} (tolerance "
+                   f"{tol.max_rel:g}; {result['seconds']:.1f} s)")
     return result
 
 
