@@ -91,15 +91,15 @@ def validate(ctx: Context, tmp: str, toolkit: str, plan_only: bool, model_path: 
             if rep.passed:
                 raise
             log.warning("could not re-run the passes to find the one that differs (%s)", e)
-            passes = []
-        result["passes"] = [{"pass": name, "max_rel": _round(err)} for name, err in passes]
+            passes = None
+        result["passes"] = [{"pass": name, "max_rel": _round(err)} for name, err in passes or ()]
     result["seconds"] = round(time.perf_counter() - t0, 2)
     # the compile process's peak resident memory before and after (kB on Linux): what the
     # validation adds to the compile's own peak
     peak1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     result["peak_rss_mib"] = {"before": round(peak0 / 1024), "after": round(peak1 / 1024)}
     if not rep.passed:
-        raise CompileRefused(refusal(rep, passes or [], tol.max_rel, ctx.source),
+        raise CompileRefused(refusal(rep, passes, tol.max_rel, ctx.source),
                              "nothing was written; this is a compiler fault: report it with the "
                              "model (`compile --verify-passes` shows every pass's error)")
     ctx.note(NAME, summary(result))
@@ -345,11 +345,14 @@ def summary(r: dict) -> str:
                 f"process peak {peak.get('before')} -> {peak.get('after')} MiB)")
 
 
-def refusal(rep, passes: List[Tuple[str, float]], tol: float, source: str) -> str:
-    """The one line that says what differs and which pass first made it differ."""
+def refusal(rep, passes: Optional[List[Tuple[str, float]]], tol: float, source: str) -> str:
+    """The one line that says what differs and which pass first made it differ (``passes``
+    None: the passes could not be re-run)."""
     what = "; ".join(rep.failures[:2])
-    bad = next(((i, name, err) for i, (name, err) in enumerate(passes) if not err <= tol), None)
-    if bad is not None:
+    bad = next(((i, name, err) for i, (name, err) in enumerate(passes or ()) if not err <= tol), None)
+    if passes is None:
+        where = "the passes could not be re-run on the whole graph to name the one that differs"
+    elif bad is not None:
         i, name, err = bad
         before = f"{_fmt(passes[i - 1][1])} after {passes[i - 1][0]}" if i else "the source"
         where = (f"pass {name} first made the graph differ (logits max rel error {_fmt(err)} after "
