@@ -232,8 +232,9 @@ def _compile_stream(model_path, out_dir, options, toolkit, calib_ids, force, pro
 def _validate(ctx: Context, tmp: str, toolkit: str, options: Options, model_path: str, on_pass):
     """Translation validation (rwkv2rknn/compiler/validate.py): the artifact in ``tmp`` against
     its source; raises CompileRefused (and nothing is written) if they differ."""
+    from rwkv2rknn import passes
     from rwkv2rknn.compiler import validate
-    ctx.validation = validate.validate(ctx, tmp, toolkit, options.plan_only, model_path)
+    ctx.validation = validate.validate(ctx, tmp, toolkit, options.plan_only, model_path, passes)
     if on_pass:
         on_pass(validate.NAME, [r.split(": ", 1)[1] for r in ctx.report
                                 if r.startswith(validate.NAME + ": ")])

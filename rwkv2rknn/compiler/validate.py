@@ -61,11 +61,13 @@ def tolerances(source_dtype: str):
                       max_segment_rel=tol, tie_margin=2 * tol)
 
 
-def validate(ctx: Context, tmp: str, toolkit: str, plan_only: bool, model_path: str) -> dict:
+def validate(ctx: Context, tmp: str, toolkit: str, plan_only: bool, model_path: str,
+             passes) -> dict:
     """Compare the artifact in ``tmp`` (segments written; its manifest is written here) with its
     source. Returns the figures (also noted in ``ctx.report``); raises CompileRefused, naming the
     first pass that made the graph differ, when they differ beyond rounding. With
-    ``ctx.options.verify_passes`` every rewriting pass's graph is compared too."""
+    ``ctx.options.verify_passes`` every rewriting pass's graph is compared too. ``passes``: the
+    compiler's pass package, handed in (imports run one way: only the driver imports it)."""
     from rwkv2rknn import fileio
     from rwkv2rknn.artifact.plan import MANIFEST
     from rwkv2rknn.compiler.driver import make_manifest
@@ -86,16 +88,16 @@ def validate(ctx: Context, tmp: str, toolkit: str, plan_only: bool, model_path: 
               "top1": rep.top1_agreement, "passed": rep.passed,
               "prefill_max_rel": _round(rep.prefill["max_rel"]) if rep.prefill else None,
               "prefill_state_drift": _round(rep.prefill.get("state_drift")) if rep.prefill else None}
-    passes = None
+    by_pass = None
     if not rep.passed or ctx.options.verify_passes:
         try:
-            passes = pass_errors(model_path, ctx, tol.max_rel)
+            by_pass = pass_errors(model_path, ctx, tol.max_rel, passes)
         except Exception as e:  # noqa: BLE001 - the refusal stands without the pass's name
             if rep.passed:
                 raise
             log.warning("could not re-run the passes to find the one that differs (%s)", e)
-            passes = None
-        result["passes"] = [{"pass": name, "max_rel": _round(err)} for name, err in passes or ()]
+            by_pass = None
+        result["passes"] = [{"pass": name, "max_rel": _round(err)} for name, err in by_pass or ()]
     result["seconds"] = round(time.perf_counter() - t0, 2)
     result["cpu_seconds"] = round(time.process_time() - cpu0, 2)
     # the compile process's peak resident memory before and after (kB on Linux): what the
@@ -103,13 +105,13 @@ def validate(ctx: Context, tmp: str, toolkit: str, plan_only: bool, model_path: 
     peak1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     result["peak_rss_mib"] = {"before": round(peak0 / 1024), "after": round(peak1 / 1024)}
     if not rep.passed:
-        raise CompileRefused(refusal(rep, passes, tol.max_rel, ctx.source),
+        raise CompileRefused(refusal(rep, by_pass, tol.max_rel, ctx.source),
                              "nothing was written; this is a compiler fault: report it with the "
                              "model (`compile --verify-passes` shows every pass's error)")
     ctx.note(NAME, summary(result))
-    if passes:
+    if by_pass:
         ctx.note(NAME, "per pass (logits max rel error on the same tokens): " +
-                 ", ".join(f"{name} {_fmt(err)}" for name, err in passes))
+                 ", ".join(f"{name} {_fmt(err)}" for name, err in by_pass))
     return result
 
 
@@ -372,14 +374,12 @@ def refusal(rep, passes: Optional[List[Tuple[str, float]]], tol: float, source: 
     return f"compile refused: the compiled model is not the source model ({what}); {where}"
 
 
-def pass_errors(model_path: str, final: Context, tol: float) -> List[Tuple[str, float]]:
+def pass_errors(model_path: str, final: Context, tol: float, passes) -> List[Tuple[str, float]]:
     """[(pass, logits max rel error against the source)] for the graph after load and after each
     rewriting pass, the whole model loaded as one graph (the streaming compile's stage graphs
     are these passes on one stage each). A graph whose token, logits or state the passes have not
-    named yet (a single file before recognize) is left out."""
-    from rwkv2rknn import passes
-    from rwkv2rknn.passes import load
-
+    named yet (a single file before recognize) is left out. ``passes``: the pass package."""
+    load = passes.load
     tokens = _tokens(final)
     want = _reference_logits(final, tokens)
     ctx = load.run(model_path, final.options)

@@ -70,7 +70,7 @@ def test_verify_passes_reports_each_pass_of_the_wrong_rewrite(group_norm_file, m
     ctx = load.run(group_norm_file, Options(plan_only=True))
     for p in passes.GRAPH_PIPELINE[:passes.GRAPH_PIPELINE.index(passes.fp16_guard)]:
         p.run(ctx)  # the final context: the names the per-pass graphs are stepped by
-    errors = dict(validate.pass_errors(group_norm_file, ctx, validate.FP32_TOL))
+    errors = dict(validate.pass_errors(group_norm_file, ctx, validate.FP32_TOL, passes))
     assert errors["state"] <= validate.FP32_TOL
     assert errors["normalize_matmul"] > 0.01
 
