@@ -323,7 +323,8 @@ def _source_run(ctx: Context, tokens, hybrid):
         def block(b, i=i):
             rows_layout = b.inputs == ["input", "state_in"]
             names = ["state_in"] if rows_layout else [n for n in b.inputs if n not in ("input", V_FIRST)]
-            st = {n: np.zeros([int(d) for d in b.input_shapes[n]], b.input_types[n]) for n in names}
+            st = {n: np.zeros(_state_dims(hybrid, i, n, b.input_shapes[n], rows_layout),
+                              b.input_types[n]) for n in names}
             for t in range(len(tokens)):
                 feed = {"input": xs[t], **carried[t], **st}
                 out = b.infer({k: feed[k] for k in b.inputs})
@@ -339,6 +340,17 @@ def _source_run(ctx: Context, tokens, hybrid):
     want = run_stage(head_p, lambda r: np.stack([np.asarray(r.infer({"x": x})["output"], np.float32)
                                                  .reshape(-1) for x in xs]))
     return want, (np.stack(rows) if rows else slots)
+
+
+def _state_dims(hybrid, layer: int, name: str, dims, rows_layout: bool) -> list:
+    """A source state input's shape: its file's, or where the file leaves a size symbolic, the
+    compiled slot's (RWKV-4's [rows, C]: the rows the state pass unpacked)."""
+    if all(isinstance(d, int) for d in dims):
+        return list(dims)
+    if rows_layout:
+        return [sum(s.layer == layer for s in hybrid.slots), hybrid.width]
+    slot = next(s for s in hybrid.slots if s.layer == layer and s.row == name)
+    return list(slot.dims(hybrid.width))
 
 
 def summary(r: dict) -> str:
