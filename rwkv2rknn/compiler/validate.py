@@ -283,6 +283,8 @@ def _state_pair(hybrid, state, ref_state):
         return ref_state(state)
     got = hybrid.state_by_slot(state)
     if set(got) != set(ref_state):
+        log.warning("the compiled state slots are not the source's by name: only the logits "
+                    "are compared")
         return None, None
     keys = sorted(ref_state)
     return (np.concatenate([got[k].reshape(-1) for k in keys]),

@@ -2,7 +2,6 @@
 
 import json
 import os
-import resource
 import subprocess
 import sys
 
@@ -61,28 +60,32 @@ def test_other_one_file_layouts_compile_as_one_graph(slot_models, tmp_path):
 
 CHILD = """
 import resource, sys
+import onnx, onnxruntime, onnx_graphsurgeon
+from rwkv2rknn import passes
 from rwkv2rknn.compiler.driver import compile_model
 from rwkv2rknn.compiler.ir import Options
-compile_model(sys.argv[1], sys.argv[2], Options(plan_only=True, stream=sys.argv[3] == "1"))
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+compile_model(sys.argv[1], sys.argv[2], Options(plan_only=True))
+print(base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 """
 
 
 @pytest.mark.slow
 def test_a_big_one_file_model_compiles_within_twice_its_size(tmp_path):
-    """A 0.4 GB fp32 RWKV-7 file (12 x 768, vocab 65536, every layer the same random arrays):
-    the compile's peak resident memory is at most 2x the file; the whole-graph compile's is
-    several times more."""
+    """A 0.6 GB fp32 RWKV-4 file (12 x 1024, vocab 4096; every layer the same random arrays,
+    as bench/compile_size.py makes them): the compile process's peak resident memory is at most
+    2x the file, and what it adds to the interpreter with the compile's libraries loaded is at
+    most the file's size (the whole-graph compile needs several times the file)."""
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
     from compile_size import make_state_dict
     path = str(tmp_path / "big.onnx")
-    export_file(make_state_dict(12, 768, 65536, "7"), path, fp32=True)
+    export_file(make_state_dict(12, 1024, 4096, "4"), path, fp32=True)
     size = os.path.getsize(path)
-
-    def peak(stream):
-        out = subprocess.run([sys.executable, "-c", CHILD, path, str(tmp_path / f"a{stream}"),
-                              "1" if stream else "0"], capture_output=True, text=True, check=True)
-        return int(out.stdout.split()[-1])
-
-    streamed = peak(True)
-    assert streamed <= 2 * size, f"peak {streamed / 2**30:.2f} GiB for a {size / 2**30:.2f} GiB file"
+    assert size > 0.5 * 2 ** 30
+    out = subprocess.run([sys.executable, "-c", CHILD, path, str(tmp_path / "art")],
+                         capture_output=True, text=True, check=True)
+    base, peak = (int(x) for x in out.stdout.split()[-2:])
+    assert peak <= 2 * size, f"peak {peak / 2**30:.2f} GiB for a {size / 2**30:.2f} GiB file"
+    assert peak - base <= size, f"the compile added {(peak - base) / 2**30:.2f} GiB"
+    manifest = json.loads((tmp_path / "art" / "manifest.json").read_text())
+    assert manifest["model"]["source"] == path and len(manifest["segments"]) > 12
