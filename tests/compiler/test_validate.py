@@ -46,6 +46,19 @@ def test_a_wrong_rewrite_is_refused_naming_the_pass(group_norm_file, tmp_path, m
     assert not [p for p in os.listdir(tmp_path) if p != "art"]  # no temporary folder left
 
 
+def test_the_command_refuses_in_one_line_with_exit_code_1(group_norm_file, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+    from rwkv2rknn.cli.app import cli
+    _old_fold(monkeypatch)
+    out = tmp_path / "art"
+    r = CliRunner().invoke(cli, ["compile", group_norm_file, "-o", str(out), "--plan-only"],
+                           catch_exceptions=False)
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    errors = [line for line in r.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "pass normalize_matmul" in errors[0]
+    assert not out.exists()
+
+
 def test_the_same_model_compiles_and_records_its_validation(group_norm_file, tmp_path):
     out = tmp_path / "art"
     manifest = compile_model(group_norm_file, str(out), Options(plan_only=True, verify_passes=True))
