@@ -224,8 +224,11 @@ def _compile_stream(model_path, out_dir, options, toolkit, calib_ids, force, pro
             import shutil
             shutil.rmtree(folder)
             ctx.source, ctx.layout = os.path.abspath(model_path), "rwkv2rknn one-file"
-            ctx.note("load", f"{model_path} split into {split.layers_of(one_file) + 2} stage files "
-                             f"and compiled one stage at a time")
+            n = split.layers_of(one_file)
+            ctx.note("recognize", f"recognised the rwkv2rknn one-file layout ({ctx.arch}): {n} "
+                                  f"layers, width {ctx.shape.get('width')}, vocab "
+                                  f"{ctx.shape.get('vocab')}; stages named in the file: split "
+                                  f"into {n + 2} stage files and compiled one stage at a time")
         return _finish(ctx, tmp, toolkit, options)
 
 
