@@ -113,6 +113,10 @@ def _options(**kw):
                    "6x the fp32 weights in memory; --dump-after implies it).")
 @click.option("--jobs", type=click.IntRange(0, 64), default=0, show_default=True,
               help="rknn-toolkit2 builds side by side (0: as many as the cores and memory allow).")
+@click.option("--verify-passes", is_flag=True,
+              help="Also compare the model with its source after every graph-rewriting pass "
+                   "(loads the whole model as one graph; each compile already compares the cut "
+                   "model with its source, and names the failing pass when they differ).")
 @click.option("--force", is_flag=True, help="Replace an output folder that holds other files.")
 @click.option("--verbose", "tool_verbose", is_flag=True, help="Show rknn-toolkit2's own output.")
 @click.option("--report", "with_report", is_flag=True,
@@ -120,7 +124,7 @@ def _options(**kw):
 @handle_errors
 def compile_cmd(model, out_dir, target, plan_only, strict, dump_after, range_tokens, quant,
                 calib_text, calib_tokens, quant_min_cos, cache_dir, prefill_rows, placement,
-                profile_path, whole_graph, jobs, force, tool_verbose, with_report):
+                profile_path, whole_graph, jobs, verify_passes, force, tool_verbose, with_report):
     """Compile MODEL (a folder of per-layer RWKV ONNX files, or one .onnx) into a hybrid
     NPU/CPU artifact."""
     if calib_text and quant == "fp16":
@@ -130,7 +134,7 @@ def compile_cmd(model, out_dir, target, plan_only, strict, dump_after, range_tok
                     quant_min_cos=quant_min_cos,
                     cache_dir=cache_dir, verbose=tool_verbose, placement=placement,
                     profile=profile_path, prefill_rows=_parse_rows(prefill_rows), build_jobs=jobs,
-                    stream=not whole_graph)
+                    stream=not whole_graph, verify_passes=verify_passes)
     manifest = _compile_with_progress(model, out_dir, opts, force, dump_after)
     click.echo(manifest.table())
     for line in manifest.warnings():

@@ -127,8 +127,12 @@ def compile_model(model_path: str, out_dir: str, options: Optional[Options] = No
 
 
 def _streams(model_path: str, options: Options, dump_after) -> bool:
-    """A per-layer folder compiles stage by stage, unless a whole-graph dump is asked for."""
-    return options.stream and os.path.isdir(model_path) and not dump_after
+    """A per-layer folder compiles stage by stage, unless a whole-graph dump is asked for; so
+    does a one-file model in our exporter's layout, split into its stage files first."""
+    from rwkv2rknn.compiler import split
+    if not options.stream or dump_after:
+        return False
+    return os.path.isdir(model_path) or split.stage_layout(model_path) is not None
 
 
 def _compile(model_path, out_dir, options, toolkit, calib_ids, force, dump_after, progress,
@@ -168,6 +172,7 @@ def _compile(model_path, out_dir, options, toolkit, calib_ids, force, dump_after
         for name, model in dumps.items():
             os.makedirs(os.path.join(tmp, "dump"), exist_ok=True)
             fileio.save_onnx(model, os.path.join(tmp, "dump", f"after_{name}.onnx"))
+        _validate(ctx, tmp, toolkit, options, model_path, on_pass)
         manifest = _finish(ctx, tmp, toolkit, options)
     return manifest
 
@@ -177,9 +182,18 @@ def _compile_stream(model_path, out_dir, options, toolkit, calib_ids, force, pro
     as they are cut, so memory stays near a few layers' weights whatever the model's size."""
     from rwkv2rknn import passes
     from rwkv2rknn.rknn import build
+    from rwkv2rknn.compiler import split
     from rwkv2rknn.compiler.stream import compile_stream
 
     with fileio.atomic_dir(out_dir, MANIFEST, force=force) as tmp:
+        one_file = None if os.path.isdir(model_path) else split.stage_layout(model_path)
+        folder = model_path
+        if one_file is not None:  # its stage files, one stage in memory at a time
+            folder = os.path.join(tmp, split.STAGES_DIR)
+            split.split(one_file, folder)
+            if on_pass:
+                on_pass("split", [f"{model_path}: {split.layers_of(one_file) + 2} stage files, "
+                                  f"compiled one stage at a time"])
         early = None if options.plan_only or calib_ids else []  # fp16: build while streaming
 
         def on_segment(sctx, seg):
@@ -189,7 +203,7 @@ def _compile_stream(model_path, out_dir, options, toolkit, calib_ids, force, pro
             early[0].add(seg)
 
         try:
-            ctx = compile_stream(passes, model_path, options, tmp,
+            ctx = compile_stream(passes, folder, options, tmp,
                                  on_stage=(lambda line: on_pass("stream", [line])) if on_pass else None,
                                  on_segment=on_segment if early is not None else None)
         except BaseException:
@@ -207,7 +221,33 @@ def _compile_stream(model_path, out_dir, options, toolkit, calib_ids, force, pro
             calibrate.drop_holdout(tmp)
         if on_pass and not options.plan_only:
             on_pass(build.NAME, [r.split(": ", 1)[1] for r in ctx.report if r.startswith("build: ")])
+        if one_file is not None:  # the artifact's source is the file (check compares with it)
+            ctx.facts = {"dtype": "float16" if one_file.metadata.get("rwkv2rknn.dtype") == "float16"
+                         else "float32", "tokenizer": one_file.metadata.get("rwkv2rknn.tokenizer"),
+                         "source_state": split.source_state(one_file)}
+        _validate(ctx, tmp, toolkit, options, model_path, on_pass)
+        if one_file is not None:
+            import shutil
+            shutil.rmtree(folder)
+            ctx.source, ctx.layout = os.path.abspath(model_path), "rwkv2rknn one-file"
+            n = split.layers_of(one_file)
+            ctx.note("recognize", f"recognised the rwkv2rknn one-file layout ({ctx.arch}): {n} "
+                                  f"layers, width {ctx.shape.get('width')}, vocab "
+                                  f"{ctx.shape.get('vocab')}; stages named in the file: split "
+                                  f"into {n + 2} stage files and compiled one stage at a time")
         return _finish(ctx, tmp, toolkit, options)
+
+
+def _validate(ctx: Context, tmp: str, toolkit: str, options: Options, model_path: str, on_pass):
+    """Translation validation (rwkv2rknn/compiler/validate.py): the artifact in ``tmp`` against
+    its source; raises CompileRefused (and nothing is written) if they differ."""
+    from rwkv2rknn import passes
+    from rwkv2rknn.compiler import validate
+    ctx.validation = validate.validate(ctx, tmp, toolkit, options.plan_only, model_path, passes,
+                                       make_manifest)
+    if on_pass:
+        on_pass(validate.NAME, [r.split(": ", 1)[1] for r in ctx.report
+                                if r.startswith(validate.NAME + ": ")])
 
 
 def _finish(ctx: Context, tmp: str, toolkit: str, options: Options) -> Manifest:
@@ -272,6 +312,7 @@ def plan_report(ctx: Context, manifest: Manifest) -> dict:
                           if s.backend == "cpu" else {}}
                          for s in manifest.segments],
             "cpu_reasons": reasons(ctx),
+            "validation": ctx.validation,
             "passes": list(ctx.report),
             "table": manifest.table().splitlines()}
 

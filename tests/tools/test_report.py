@@ -240,3 +240,14 @@ def test_compile_report(fp32_dir, tmp_path):
     with open(path) as f:
         shapes = Elements(f.read()).with_class("rect", "seg")
     assert len(shapes) == len(load_manifest(out).segments)
+
+
+def test_the_compile_validation_is_shown(artifact, tmp_path):
+    """plan.json's validation figures (the compile's own check against its source) on the page."""
+    with open(os.path.join(artifact, PLAN)) as f:
+        v = json.load(f)["validation"]
+    page = _page(artifact, tmp_path / "r.html")
+    assert "Compile&#x27;s validation" in page or "Compile's validation" in page
+    assert 'data-validation="result">PASS<' in page
+    from rwkv2rknn.tools.svg import fmt
+    assert f'data-validation="tolerance">{fmt(v["tolerance"])}<' in page
