@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 PROMPT ?= The
 PYTEST_ARGS ?=
 
-.PHONY: install test browser-test run bench clean
+.PHONY: install test test-fast browser-test run bench clean
 
 install: $(STAMP)
 
@@ -35,6 +35,10 @@ $(STAMP): requirements.txt requirements-toolkit.txt setup.cfg setup.py
 
 test: install
 	TQDM_DISABLE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The unit layer only: what is not marked slow.
+test-fast: install
+	TQDM_DISABLE=1 $(BIN)/python -m pytest -q -m "not slow and not browser" $(PYTEST_ARGS)
 
 # The report in a real browser: headless Chromium from Debian's packages (installed here, as root).
 browser-test: install
