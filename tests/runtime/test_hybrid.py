@@ -85,7 +85,7 @@ def test_board_import_surface_has_no_heavy_modules(fp32_plan_artifact):
     import sys
     code = ("import sys; from rwkv2rknn.runtime.hybrid import HybridModel; "
             "from rwkv2rknn.runtime import board, device, loader, reference, rknn, rknnrt; "
-            "from rwkv2rknn import doctor; doctor.doctor(); "
+            "from rwkv2rknn.tools import doctor; doctor.doctor(); "
             "from rwkv2rknn.runtime.tokenizer import load_tokenizer; from rwkv2rknn.runtime.generate import generate; "
             f"m = HybridModel({fp32_plan_artifact!r}, backend='ort'); m.logits([1, 2]); "
             f"loader.open_model({fp32_plan_artifact!r}, 'ort'); board.board_soc(); board.lite_available(); "
