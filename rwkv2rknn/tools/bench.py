@@ -127,6 +127,8 @@ def run_bench(layers: int = 24, width: int = 1024, vocab: int = 50277, tokens: i
             mem.mark("hybrid executor")
             ms["hybrid executor, all segments on ort"], results["prefill"] = _hybrid(art, ids, tokens,
                                                                                     vocab, seed)
+            results["hybrid_execution"] = results["prefill"].pop("execution")
+            echo(f"  hybrid executor: {results['hybrid_execution']}")
             mem.mark("fused session")
             weight_bytes = 4 * (shape.params() - shape.vocab * shape.width)  # emb is a row read
             if 4 * shape.params() < FUSED_LIMIT:
@@ -195,6 +197,7 @@ def _hybrid(art: str, ids: List[int], tokens: int, vocab: int, seed: int):
     hyb = HybridModel(art, backend="ort")
     hs = hyb.init_state()
     decode = time_steps(lambda t: hyb.step(t, hs), ids)
+    execution = hyb.execution()
     n_pre = max(tokens, 64)
     pre_ids = [int(t) for t in np.random.default_rng(seed + 1).integers(0, vocab, n_pre)]
     for seg, runner in zip(hyb.manifest.segments, hyb.runners):
@@ -210,7 +213,8 @@ def _hybrid(art: str, ids: List[int], tokens: int, vocab: int, seed: int):
     del hyb
     resources.give_back_memory()
     return decode, {"tokens": n_pre, "chunk": 32, "tokens_per_s": prefill_tps,
-                    "token_by_token_tokens_per_s": one_tps, "speedup": prefill_tps / one_tps}
+                    "token_by_token_tokens_per_s": one_tps, "speedup": prefill_tps / one_tps,
+                    "execution": execution}
 
 
 def _fused(onnx_dir: str, ids: List[int]) -> List[float]:
