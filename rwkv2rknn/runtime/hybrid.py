@@ -324,7 +324,7 @@ class HybridModel:
         if seg.backend == "cpu" or self.backend == "ort":
             from rwkv2rknn.runtime.ort import OrtRunner
             return OrtRunner(self._path(seg.seq_onnx, seg.seq_sha256), seg.name + ".seq",
-                             self.threads_for(seg, rows=32), self._store)
+                             self.threads_for(seg, rows=32), self._store, arena=False)
         if not seg.seq_rows:
             return None
         return self._rknn_seq_runner(seg)
@@ -376,6 +376,7 @@ class HybridModel:
         for i in range(0, len(tokens), chunk):
             wanted = "all" if not last_only else "last" if i + chunk >= len(tokens) else ""
             out.append(self._chunk([int(t) for t in tokens[i:i + chunk]], state, seq, wanted))
+            _trim()  # a chunk's activations go back to the system, not to a heap that keeps them
         return np.concatenate(out)
 
     def _chunk(self, tokens: List[int], state: np.ndarray, seq, wanted: str = "all") -> np.ndarray:
@@ -436,6 +437,16 @@ class HybridModel:
         for r in self.runners + [r for r in (self._seq or []) if r is not None]:
             r.close()  # closing a shared runner twice is harmless
         self._decode = None
+
+
+def _trim() -> None:
+    """glibc keeps freed heap: give it back (measured, a 430M RWKV-7 on ort: 0.2 GiB less held
+    after a 200-token prompt)."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _named_runner(session, name: str, threads: int):

@@ -113,7 +113,7 @@ class Tensor:
     """A TensorProto's name, type, dims, and its data where this module reads it."""
 
     def __init__(self, buf):
-        self.buf = bytes(buf)
+        self.buf = buf  # the message's bytes (a view: nothing is copied here)
         self.name, self.dtype, self.dims = "", 0, []
         self.raw: Optional[memoryview] = None
         self.floats: Optional[memoryview] = None
@@ -142,20 +142,33 @@ class Tensor:
     def size(self) -> int:
         return int(np.prod(self.dims)) if self.dims else 1
 
-    def array(self) -> Optional[np.ndarray]:
-        """Its data as a new array, or None where it is stored in a way not read here."""
+    def view(self) -> Optional[np.ndarray]:
+        """Its data as an array over the message's bytes (not copied), or None where it is
+        stored in a way not read here."""
         if self.external or self.dtype not in DTYPES:
             return None
-        dtype = np.dtype(DTYPES[self.dtype])
+        dtype = np.dtype(DTYPES[self.dtype]).newbyteorder("<")
         if self.raw is not None and len(self.raw) == self.size * dtype.itemsize:
-            return np.frombuffer(self.raw, dtype).reshape(self.dims).copy()
+            return np.frombuffer(self.raw, dtype).reshape(self.dims)
         if self.floats is not None and self.dtype == 1 and len(self.floats) == 4 * self.size:
-            return np.frombuffer(self.floats, "<f4").reshape(self.dims).copy()
+            return np.frombuffer(self.floats, "<f4").reshape(self.dims)
+        return None
+
+    def array(self) -> Optional[np.ndarray]:
+        """Its data as a new array (native byte order), or None (see ``view``)."""
+        v = self.view()
+        return None if v is None else v.astype(v.dtype.newbyteorder("="), copy=True)
+
+    def data_span(self) -> Optional[Tuple[int, int]]:
+        """[start, end) of its data within ``buf``, if it is raw or float_data."""
+        for num, wt, value, start, end in fields(self.buf):
+            if num in (T_RAW, T_FLOAT_DATA) and wt == LEN:
+                return end - len(value), end
         return None
 
     def stub(self, location: str) -> bytes:
         """This tensor without its data: external data at ``location`` (filled by the session)."""
-        keep = b"".join(bytes(memoryview(self.buf)[s:e]) for num, _, _, s, e in fields(self.buf)
+        keep = b"".join(bytes(self.buf[s:e]) for num, _, _, s, e in fields(self.buf)
                         if num not in T_DATA_FIELDS and num != T_LOCATION)
         entry = enc_len(KV_KEY, b"location") + enc_len(KV_VALUE, location.encode())
         return keep + enc_len(T_EXTERNAL, entry) + enc_int(T_LOCATION, EXTERNAL)

@@ -32,7 +32,7 @@ KNOWN_FUSION_FAULT = "SimplifiedLayerNormFusion"
 
 
 def make_session(model, threads: int = 0, what: str = "model", prepack: bool = True,
-                 initializers=None):
+                 initializers=None, arena: bool = True):
     """An InferenceSession for a path or serialized bytes.
 
     Thread pools do not spin between runs: a model runs as many sessions one after another, and
@@ -49,6 +49,8 @@ def make_session(model, threads: int = 0, what: str = "model", prepack: bool = T
     weights (for sessions run only a few times, like the compiler's range trace).
     ``initializers``: {name: OrtValue} that fill the model's initializers of those names
     (onnxruntime reads them where they are: sessions given the same ones share the memory).
+    ``arena=False``: no memory arena (a session run on many rows at once, prefill, would
+    otherwise keep its largest activations for good).
     """
     import onnxruntime as ort
 
@@ -60,6 +62,8 @@ def make_session(model, threads: int = 0, what: str = "model", prepack: bool = T
         so.add_session_config_entry("session.inter_op.allow_spinning", "0")
         if not prepack:
             so.add_session_config_entry("session.disable_prepacking", "1")
+        if not arena:
+            so.enable_cpu_mem_arena = False
         if threads:
             so.intra_op_num_threads = threads
         for name, value in (initializers or {}).items():
@@ -95,7 +99,7 @@ class OrtRunner:
 
     backend = "ort"
 
-    def __init__(self, model, name: str = "", threads: int = 0, store=None):
+    def __init__(self, model, name: str = "", threads: int = 0, store=None, arena: bool = True):
         """``store``: a ``WeightStore`` (rwkv2rknn.runtime.ortshare) that holds the large weights
         of ``model`` (a path) for every session that uses them; None: the session holds its own."""
         self.name, self.threads = name, threads
@@ -107,9 +111,11 @@ class OrtRunner:
             except StubError as e:
                 log.debug("%s holds its own weights: %s", name, e)
         if stub is not None:
-            self.session, self.note = session_from_stub(stub, names, store, name or "model", threads)
+            self.session, self.note = session_from_stub(stub, names, store, name or "model", threads,
+                                                        arena=arena)
         else:
-            self.session, self.note = make_session(model, threads=threads, what=name or "model")
+            self.session, self.note = make_session(model, threads=threads, what=name or "model",
+                                                   arena=arena)
         self.inputs: List[str] = [i.name for i in self.session.get_inputs()]
         self.outputs: List[str] = [o.name for o in self.session.get_outputs()]
         self.input_types = {i.name: ORT_TYPES.get(i.type, np.float32) for i in self.session.get_inputs()}

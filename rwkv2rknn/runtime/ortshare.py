@@ -57,44 +57,68 @@ class WeightStore:
     def strip(self, path: str) -> Tuple[bytes, List[str]]:
         """The ONNX at ``path`` with its large initializers taken into the store and left as
         placeholders: (model bytes, names of the placeholders). A file whose initializers are
-        stored as external data of its own cannot be moved: StubError."""
-        import onnxruntime as ort
+        stored as external data of its own cannot be moved: StubError.
+
+        The file is mapped, not read: each weight is copied out once (or compared with the one
+        the store holds) and its pages of the file are dropped, so that loading holds about one
+        tensor more than the store."""
+        import mmap
         with open(path, "rb") as f:
-            model = f.read()
+            if os.fstat(f.fileno()).st_size == 0:
+                raise StubError(f"{path} is empty")
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            return self._strip(memoryview(mm), mm, path)
+        finally:
+            try:
+                mm.close()
+            except BufferError:  # a view still alive: the mapping goes with it
+                pass
+
+    def _strip(self, model: memoryview, mm, path: str) -> Tuple[bytes, List[str]]:
+        import onnxruntime as ort
+        page = mmap_page()
         graph = wire.graph_of(model)
+        base = _offset(model, graph)
         parts, used = [], []
         for num, _, value, start, end in wire.fields(graph):
             if num != wire.G_INIT:
-                parts.append(graph[start:end])
+                parts.append(bytes(graph[start:end]))
                 continue
             t = wire.Tensor(value)
             if t.external:
                 raise StubError(f"{path}: initializer {t.name} is external data")
-            arr = t.array() if t.size >= MIN_SHARED else None
-            if arr is None:
-                parts.append(graph[start:end])
+            view = t.view() if t.size >= MIN_SHARED else None
+            if view is None:
+                parts.append(bytes(graph[start:end]))
                 continue
             have = self.arrays.get(t.name)
             if have is not None:
-                if have.shape != arr.shape or have.dtype != arr.dtype or not np.array_equal(have, arr):
+                if have.shape != view.shape or have.dtype != view.dtype or not np.array_equal(have, view):
                     self.conflicts += 1  # not the same weight: it stays in this graph
-                    parts.append(graph[start:end])
+                    parts.append(bytes(graph[start:end]))
+                    del view, t
                     continue
             else:
+                arr = view.astype(view.dtype.newbyteorder("="), copy=True)
                 self.arrays[t.name] = arr
                 self.values[t.name] = ort.OrtValue.ortvalue_from_numpy(arr)
-            del arr
             parts.append(wire.enc_len(wire.G_INIT, t.stub(STUB_FILE)))
             used.append(t.name)
-        stub = b"".join(bytes(p) for p in parts)
+            a = base + _offset(graph, value)
+            del view, t, value
+            _drop(mm, a, a + end - start, page)
+        stub = b"".join(parts)
+        head = [bytes(model[s:e]) for num, _, _, s, e in wire.fields(model) if num != wire.M_GRAPH]
         del graph
-        return wire.replace_graph(model, stub), used
+        return b"".join(head) + wire.enc_len(wire.M_GRAPH, stub), used
 
     def initializers(self, names: Iterable[str]) -> Dict[str, object]:
         return {n: self.values[n] for n in names}
 
 
-def session_from_stub(model: bytes, names: Sequence[str], store: WeightStore, name: str, threads: int):
+def session_from_stub(model: bytes, names: Sequence[str], store: WeightStore, name: str, threads: int,
+                      arena: bool = True):
     """An onnxruntime session of a stub graph, its placeholders filled from ``store``:
     (session, note) as ``make_session`` returns them."""
     from rwkv2rknn.runtime.ort import make_session
@@ -104,10 +128,29 @@ def session_from_stub(model: bytes, names: Sequence[str], store: WeightStore, na
         path = os.path.join(folder, "model.onnx")
         with open(path, "wb") as f:
             f.write(model)
-        return make_session(path, threads=threads, what=name, prepack=False,
+        return make_session(path, threads=threads, what=name, prepack=False, arena=arena,
                             initializers=store.initializers(names))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def mmap_page() -> int:
+    import mmap
+    return mmap.PAGESIZE
+
+
+def _offset(outer: memoryview, inner: memoryview) -> int:
+    """Where the view ``inner`` starts within the view ``outer`` of the same buffer."""
+    return np.frombuffer(inner, np.uint8).ctypes.data - np.frombuffer(outer, np.uint8).ctypes.data
+
+
+def _drop(mm, start: int, end: int, page: int) -> None:
+    """Let the kernel drop the mapped pages wholly inside [start, end) (read again if touched)."""
+    import mmap
+    a = (start + page - 1) // page * page
+    b = end // page * page
+    if b > a and hasattr(mm, "madvise"):
+        mm.madvise(mmap.MADV_DONTNEED, a, b - a)
 
 
 class FusionError(ValueError):
