@@ -281,10 +281,16 @@ class HybridModel:
             feed = {m.token_input: np.array([token], np.int32)}
             feed.update((s.input, v) for s, v in zip(self.slots, views))
             outs = self._decode.infer({k: feed[k] for k in self._decode.inputs})
-            for view, slot in zip(views, self.slots):
-                view[...] = np.asarray(outs[slot.output], np.float32).reshape(view.shape)
             logits = np.asarray(outs[m.logits_output], np.float32).reshape(-1)
-        if not np.isfinite(logits).all():
+            if np.isfinite(logits).all():
+                for view, slot in zip(views, self.slots):
+                    view[...] = np.asarray(outs[slot.output], np.float32).reshape(view.shape)
+            else:
+                logits = None
+        if logits is None:
+            # not finite, the state untouched: the same step segment by segment names the
+            # segment at fault (an NPU candidate's check), else the logits are
+            self.step(token, state, trace={})
             raise NumericalError("the token step produced NaN/inf logits",
                                  "the model's own numbers overflow even in fp32; check the checkpoint")
         return logits

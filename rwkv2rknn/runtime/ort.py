@@ -108,7 +108,7 @@ class OrtRunner:
             from rwkv2rknn.runtime.ortshare import StubError, session_from_stub
             try:
                 stub, names = store.strip(model)
-            except StubError as e:
+            except StubError as e:  # onnxruntime reads it, or says why it cannot
                 log.debug("%s holds its own weights: %s", name, e)
         if stub is not None:
             self.session, self.note = session_from_stub(stub, names, store, name or "model", threads,

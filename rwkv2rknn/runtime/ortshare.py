@@ -69,6 +69,8 @@ class WeightStore:
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         try:
             return self._strip(memoryview(mm), mm, path)
+        except wire.WireError as e:
+            raise StubError(f"{path} is not an ONNX file this runtime reads ({e})") from e
         finally:
             try:
                 mm.close()
@@ -265,12 +267,15 @@ class BoundStep:
 
     def step(self, token: int, flat: np.ndarray) -> np.ndarray:
         """``flat``: the state as one contiguous float32 vector (a view of the caller's buffer);
-        updated in place. Returns the logits (a new array)."""
+        updated in place. Returns the logits (a new array), or None if they are not finite
+        (then ``flat`` is unchanged)."""
         if (self._state is None or flat.ctypes.data != self._state.ctypes.data
                 or flat.size != self._state.size):
             self._bind_state(flat)
         self.token[...] = token
         self.session.run_with_iobinding(self.binding)
+        if not np.isfinite(self.logits).all():
+            return None  # the state is left as it was: the caller finds the segment at fault
         flat[...] = self.out_state
         return self.logits.reshape(-1).copy()
 
