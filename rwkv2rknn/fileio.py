@@ -269,7 +269,7 @@ def remove_stale(folder: str, marker: str, at_start: bool = False) -> None:
 # process that made it (on success, on an error, on Ctrl-C or SIGTERM); one left by a process that
 # was killed outright (SIGKILL, or the toolkit ending its own process) is removed by the next
 # compile (``remove_stale_scratch``).
-SCRATCH_KINDS = ("build", "worker", "ds", "rwkvpkg", "bench", "columns")
+SCRATCH_KINDS = ("build", "worker", "ds", "rwkvpkg", "bench", "columns", "ortshare")
 
 
 def scratch_prefix(kind: str) -> str:

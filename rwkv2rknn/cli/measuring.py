@@ -58,9 +58,12 @@ def profile(build_dir, probe_dir, backend, core_mask, target, out):
               help="Board: the folder of `rwkv2rknn profile --build-probes`, to time the NPU's "
                    "per-call cost through rknn-rt and rknn-lite.")
 @click.option("--core-mask", default="auto", show_default=True, help="Board: NPU cores of the probe.")
+@click.option("--busy", type=click.IntRange(0, 64), default=0, show_default=True,
+              help="Run this many single-core busy loops beside the timed phases (the loaded case, "
+                   "on purpose); they are stopped at the end.")
 @click.option("--json-out", type=click.Path(dir_okay=False), default=None, help="Also save the figures as JSON.")
 @handle_errors
-def bench(version, layers, width, vocab, tokens, no_rwkv, probe_dir, core_mask, json_out):
+def bench(version, layers, width, vocab, tokens, no_rwkv, probe_dir, core_mask, busy, json_out):
     """Measure decode ms/token of the per-layer loop, the hybrid executor, a fused session and
     the rwkv package on a random model (default: 430M-sized), prefill tokens/s, the peak memory,
     the plan's board estimate and, on a board, the NPU's per-call cost of both board runners."""
@@ -69,7 +72,7 @@ def bench(version, layers, width, vocab, tokens, no_rwkv, probe_dir, core_mask, 
     check_out_file(json_out, "--json-out")
     res = run_bench(layers=layers, width=width, vocab=vocab, tokens=tokens,
                     with_rwkv=not no_rwkv, echo=click.echo, version=version, probes=probe_dir,
-                    core_mask=core_mask)
+                    core_mask=core_mask, busy=busy)
     if json_out:
         with open(json_out, "w") as f:
             json.dump(res, f, indent=1)

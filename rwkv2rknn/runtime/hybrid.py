@@ -65,7 +65,8 @@ class HybridModel:
     """A compiled artifact, loaded with one runner per segment."""
 
     def __init__(self, artifact: str, backend: str = "ort", core_mask: str = "auto",
-                 verify: bool = True, threads: int = 0, progress=None, rknn_io: str = "auto"):
+                 verify: bool = True, threads: int = 0, progress=None, rknn_io: str = "auto",
+                 fuse: bool = True, share_weights: bool = True, store=None):
         from rwkv2rknn.runtime.rknnrt import IO_PATHS
         if rknn_io not in IO_PATHS + ("auto",):
             raise UsageError(f"unknown --rknn-io '{rknn_io}'", "use copy, zero-copy or auto")
@@ -88,6 +89,14 @@ class HybridModel:
                              "run it with --backend rknn-rt or rknn-lite on the board, or run the "
                              "artifact it was packed from")
         self._verify, self._threads, self._core_mask = verify, threads, core_mask
+        from rwkv2rknn.runtime.ortshare import WeightStore
+        # one copy of the weights for every onnxruntime session (``share_weights``; else each
+        # session holds its own, prepacked); ``store``: one to share with another model
+        self._store = (store or WeightStore()) if share_weights else None
+        # --backend ort runs every segment on onnxruntime: token steps run them as one fused
+        # session (each segment's own session is made only if something runs it alone)
+        self._fuse = fuse and share_weights and self.backend == "ort" and len(m.segments) > 1
+        self._decode = None  # the fused token step (ortshare.BoundStep or a fused OrtRunner)
         self._seq, self._seq_loaded = None, False  # T-row runners, made on first prefill
         self._shared = {}  # segment name -> its T-row RKNN runner (decode_rows segments: at load)
         self.runners = []
@@ -113,6 +122,8 @@ class HybridModel:
         fed = {m.token_input} | {s.input for s in self.slots}
         self._head = [list(seg.outputs) == [m.logits_output] and not fed & set(seg.inputs)
                       for seg in m.segments]
+        if self._fuse:
+            self._fuse_decode()
 
     def _path(self, rel: str, sha: str) -> str:
         path = os.path.join(self.artifact, rel)
@@ -135,9 +146,11 @@ class HybridModel:
     def _runner(self, seg):
         if seg.backend == "cpu" or self.backend == "ort":
             from rwkv2rknn.runtime.ort import OrtRunner
-            # a segment with no MatMul is a few vector ops: one thread, no pool to wake
-            return OrtRunner(self._path(seg.onnx, seg.sha256), seg.name,
-                             self._threads if seg.matmuls else 1)
+            from rwkv2rknn.runtime.ortshare import LazyRunner
+            path, threads = self._path(seg.onnx, seg.sha256), self.threads_for(seg)
+            if self._fuse:
+                return LazyRunner(lambda: OrtRunner(path, seg.name, threads, self._store), seg.name)
+            return OrtRunner(path, seg.name, threads, self._store)
         shapes = {k: list(v) for k, v in seg.shapes.items()}
         if seg.decode_rows:  # token steps on the T-row build: one copy of the weights
             slots = {s.input for s in self.manifest.state}
@@ -224,6 +237,65 @@ class HybridModel:
                     self._seq_loaded = False
             self.runners[i] = self._runner(seg)
 
+    def threads_for(self, seg, rows: int = 1) -> int:
+        """onnxruntime's intra-op threads for a segment's session: --threads if given, else one
+        thread where its MatMul work per call is too small to feed a pool (``POOL_MIN_FLOPS``,
+        measured: bench/threads.py), else onnxruntime's default (0: a thread per core)."""
+        from rwkv2rknn.runtime.ortshare import POOL_MIN_FLOPS
+        if self._threads:
+            return self._threads
+        return 0 if seg.flops * rows >= POOL_MIN_FLOPS else 1
+
+    def _fuse_decode(self) -> None:
+        """Every segment joined into one graph for token steps, its weights from the store."""
+        from rwkv2rknn.runtime.ortshare import (AdaptiveStep, BoundStep, FusionError, StubError,
+                                                fuse, session_from_stub)
+        m = self.manifest
+        stubs, names = [], set()
+        keep = {s.output for s in self.slots} | {m.logits_output}
+        try:
+            for seg in m.segments:
+                stub, used = self._store.strip(os.path.join(self.artifact, seg.onnx))
+                stubs.append(stub)
+                names.update(used)
+            model = fuse(stubs, keep, "decode")
+        except (FusionError, StubError) as e:
+            log.info("token steps run segment by segment: %s", e)
+            self._fuse = False
+            self.runners = [r.runner for r in self.runners]
+            return
+        del stubs
+        names = sorted(names)
+        slots = [(s.input, s.output) for s in self.slots]
+        # --threads N: that many; else one thread and a pool, the faster as it runs
+        choices = ({f"{self._threads} threads": self._threads} if self._threads else
+                   {"1 thread": 1} if (os.cpu_count() or 1) < 2 else {"1 thread": 1, "pool": 0})
+        steps = {}
+        for label, threads in choices.items():
+            session, _ = session_from_stub(model, names, self._store, "decode", threads)
+            try:
+                steps[label] = BoundStep(session, m.token_input, slots, self._offsets,
+                                         m.logits_output)
+            except FusionError as e:  # a symbolic shape: the fused session, fed by name
+                log.info("token steps run unbound: %s", e)
+                self._decode = _named_runner(session, "decode", threads)
+                return
+        self._decode = AdaptiveStep(steps)
+
+    def execution(self) -> str:
+        """How token steps run, in a line (the bench prints it)."""
+        m = self.manifest
+        if self._decode is not None:
+            how = (self._decode.describe() if hasattr(self._decode, "describe")
+                   else f"fed by name, {self._threads or 'default'} intra-op threads")
+            return (f"token steps: {len(m.segments)} segments fused into 1 onnxruntime graph "
+                    f"({how}); weights held once: {self._store.nbytes / 2**20:.0f} MiB")
+        pool = sum(1 for seg, npu in zip(m.segments, self._npu)
+                   if (not npu or self.backend == "ort") and self.threads_for(seg) != 1)
+        ort_segs = sum(1 for npu in self._npu if not npu or self.backend == "ort")
+        return (f"token steps: {len(m.segments)} segments, {ort_segs} on onnxruntime "
+                f"({ort_segs - pool} on 1 thread, {pool} on the pool)")
+
     # ------------------------------------------------------------------ stepping
 
     def init_state(self) -> np.ndarray:
@@ -245,6 +317,8 @@ class HybridModel:
              ) -> np.ndarray:
         """Advance by one token; updates ``state`` in place; returns float32 logits [V]."""
         m = self.manifest
+        if self._decode is not None and trace is None:
+            return self._fused_step(token, state)
         env: Dict[str, np.ndarray] = {m.token_input: np.array([token], np.int32)}
         views = self.slot_views(state)
         for view, slot in zip(views, self.slots):  # a trace keeps the state before the step
@@ -259,6 +333,32 @@ class HybridModel:
         if trace is not None:
             trace.update(env)
         return np.asarray(env[m.logits_output], np.float32).reshape(-1)
+
+    def _fused_step(self, token: int, state: np.ndarray) -> np.ndarray:
+        m = self.manifest
+        flat = state.reshape(-1)
+        if not np.shares_memory(flat, state) or flat.dtype != np.float32:
+            raise BadInput("the state buffer is not contiguous float32", "use init_state() to make it")
+        if hasattr(self._decode, "step"):
+            logits = self._decode.step(token, flat)
+        else:
+            views = self.slot_views(state)
+            feed = {m.token_input: np.array([token], np.int32)}
+            feed.update((s.input, v) for s, v in zip(self.slots, views))
+            outs = self._decode.infer({k: feed[k] for k in self._decode.inputs})
+            logits = np.asarray(outs[m.logits_output], np.float32).reshape(-1)
+            if np.isfinite(logits).all():
+                for view, slot in zip(views, self.slots):
+                    view[...] = np.asarray(outs[slot.output], np.float32).reshape(view.shape)
+            else:
+                logits = None
+        if logits is None:
+            # not finite, the state untouched: the same step segment by segment names the
+            # segment at fault (an NPU candidate's check), else the logits are
+            self.step(token, state, trace={})
+            raise NumericalError("the token step produced NaN/inf logits",
+                                 "the model's own numbers overflow even in fp32; check the checkpoint")
+        return logits
 
     # ------------------------------------------------------------------ prefill
 
@@ -294,8 +394,8 @@ class HybridModel:
             return None
         if seg.backend == "cpu" or self.backend == "ort":
             from rwkv2rknn.runtime.ort import OrtRunner
-            return OrtRunner(self._path(seg.seq_onnx, seg.seq_sha256),
-                             seg.name + ".seq", self._threads if seg.matmuls else 1)
+            return OrtRunner(self._path(seg.seq_onnx, seg.seq_sha256), seg.name + ".seq",
+                             self.threads_for(seg, rows=32), self._store, arena=False)
         if not seg.seq_rows:
             return None
         return self._rknn_seq_runner(seg)
@@ -347,6 +447,7 @@ class HybridModel:
         for i in range(0, len(tokens), chunk):
             wanted = "all" if not last_only else "last" if i + chunk >= len(tokens) else ""
             out.append(self._chunk([int(t) for t in tokens[i:i + chunk]], state, seq, wanted))
+            _trim()  # a chunk's activations go back to the system, not to a heap that keeps them
         return np.concatenate(out)
 
     def _chunk(self, tokens: List[int], state: np.ndarray, seq, wanted: str = "all") -> np.ndarray:
@@ -407,6 +508,30 @@ class HybridModel:
         for r in self.runners + [r for r in (self._seq or []) if r is not None] + \
                 [r for r in self._shared.values() if r is not None]:
             r.close()  # closing a shared runner twice is harmless
+        self._decode = None
+
+
+def _trim() -> None:
+    """glibc keeps freed heap: give it back (measured, a 430M RWKV-7 on ort: 0.2 GiB less held
+    after a 200-token prompt)."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def _named_runner(session, name: str, threads: int):
+    """An OrtRunner around a session already made."""
+    from rwkv2rknn.runtime.ort import OrtRunner
+    runner = OrtRunner.__new__(OrtRunner)
+    runner.name, runner.threads, runner.session, runner.note = name, threads, session, ""
+    runner.inputs = [i.name for i in session.get_inputs()]
+    runner.outputs = [o.name for o in session.get_outputs()]
+    from rwkv2rknn.runtime.ort import ORT_TYPES
+    runner.input_types = {i.name: ORT_TYPES.get(i.type, np.float32) for i in session.get_inputs()}
+    runner.input_shapes = {i.name: i.shape for i in session.get_inputs()}
+    return runner
 
 
 def m_target(model: HybridModel) -> str:

@@ -31,7 +31,8 @@ ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
 KNOWN_FUSION_FAULT = "SimplifiedLayerNormFusion"
 
 
-def make_session(model, threads: int = 0, what: str = "model", prepack: bool = True):
+def make_session(model, threads: int = 0, what: str = "model", prepack: bool = True,
+                 initializers=None, arena: bool = True):
     """An InferenceSession for a path or serialized bytes.
 
     Thread pools do not spin between runs: a model runs as many sessions one after another, and
@@ -46,6 +47,10 @@ def make_session(model, threads: int = 0, what: str = "model", prepack: bool = T
     Returns ``(session, note)``, where ``note`` says what was done ('' if nothing).
     ``prepack=False`` keeps onnxruntime from holding a second, repacked copy of the MatMul
     weights (for sessions run only a few times, like the compiler's range trace).
+    ``initializers``: {name: OrtValue} that fill the model's initializers of those names
+    (onnxruntime reads them where they are: sessions given the same ones share the memory).
+    ``arena=False``: no memory arena (a session run on many rows at once, prefill, would
+    otherwise keep its largest activations for good).
     """
     import onnxruntime as ort
 
@@ -57,8 +62,12 @@ def make_session(model, threads: int = 0, what: str = "model", prepack: bool = T
         so.add_session_config_entry("session.inter_op.allow_spinning", "0")
         if not prepack:
             so.add_session_config_entry("session.disable_prepacking", "1")
+        if not arena:
+            so.enable_cpu_mem_arena = False
         if threads:
             so.intra_op_num_threads = threads
+        for name, value in (initializers or {}).items():
+            so.add_initializer(name, value)
         extra = {"disabled_optimizers": list(disabled)} if disabled else {}
         return ort.InferenceSession(model, sess_options=so, providers=["CPUExecutionProvider"], **extra)
 
@@ -90,10 +99,20 @@ class OrtRunner:
 
     backend = "ort"
 
-    def __init__(self, model, name: str = "", threads: int = 0, prepack: bool = True):
-        self.name = name
-        self.session, self.note = make_session(model, threads=threads, what=name or "model",
-                                               prepack=prepack)
+    def __init__(self, model, name: str = "", threads: int = 0, store=None, arena: bool = True,
+                 prepack: bool = True):
+        """``store``: a ``WeightStore`` (rwkv2rknn.runtime.ortshare) that holds the large weights
+        of ``model`` (a path) for every session that uses them; None: the session holds its own.
+        ``prepack=False``: no repacked copy of the MatMul weights (sessions run a few times)."""
+        self.name, self.threads = name, threads
+        made = None
+        if store is not None and isinstance(model, str):
+            made = store.session_for(model, name or "model", threads, arena=arena)
+        if made is not None:
+            self.session, self.note = made
+        else:
+            self.session, self.note = make_session(model, threads=threads, what=name or "model",
+                                                   arena=arena, prepack=prepack)
         self.inputs: List[str] = [i.name for i in self.session.get_inputs()]
         self.outputs: List[str] = [o.name for o in self.session.get_outputs()]
         self.input_types = {i.name: ORT_TYPES.get(i.type, np.float32) for i in self.session.get_inputs()}

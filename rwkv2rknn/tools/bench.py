@@ -53,23 +53,29 @@ def random_model(version: str, layers: int, width: int, vocab: int, seed: int):
 def run_bench(layers: int = 24, width: int = 1024, vocab: int = 50277, tokens: int = 32,
               seed: int = 0, workdir: Optional[str] = None, echo=print,
               with_rwkv: bool = True, version: str = "4", probes: Optional[str] = None,
-              core_mask: str = "auto") -> Dict[str, object]:
+              core_mask: str = "auto", busy: int = 0) -> Dict[str, object]:
     """Every phase holds one form of the model and lets it go before the next: the float16
     checkpoint (export, the `rwkv` package's .pth), the plan compile, the per-layer sessions,
     the hybrid executor's sessions, the fused session (up to FUSED_LIMIT), the `rwkv` package
-    (a child process). Peak memory is the process tree's, sampled, per phase."""
+    (a child process). Peak memory is the process tree's, sampled, per phase. ``busy``: that many
+    single-core busy loops run beside the timed phases (the loaded case, on purpose); the load
+    average is printed at the start and at the end."""
     from rwkv2rknn.compiler import resources
     from rwkv2rknn.tools import rwkv_package
+    from rwkv2rknn.tools.busy import BusyLoops, describe_load, load_average
     from rwkv2rknn.models.export import arch_of, export
 
     own = workdir is None
     work = workdir or tempfile.mkdtemp(prefix=scratch_prefix("bench"))
     results: Dict[str, object] = {"model": f"RWKV-{version} {layers} x {width}, vocab {vocab} (random)",
-                                  "tokens": tokens}
+                                  "tokens": tokens, "busy": busy, "load_start": load_average()}
     mem = resources.PeakRss()
+    loops = BusyLoops(busy)
     try:
         with mem:
             echo(f"bench: {results['model']}, {tokens} timed tokens")
+            echo(f"  load average at the start: {describe_load(results['load_start'])}"
+                 + (f"; {busy} busy loops beside the timed phases" if busy else ""))
             t_start = time.perf_counter()
             ids = [int(t) for t in np.random.default_rng(seed).integers(0, vocab, tokens + 2)]
             onnx_dir, art = os.path.join(work, "onnx"), os.path.join(work, "art")
@@ -91,11 +97,15 @@ def run_bench(layers: int = 24, width: int = 1024, vocab: int = 50277, tokens: i
                                     "est_ms": s.est_ms, "est_prefill_ms": s.est_prefill_ms}
                                    for s in manifest.segments]
             ms: Dict[str, List[float]] = {}
+            loops.start()
+            results["busy_pids"] = loops.pids
             mem.mark("per-layer sessions")
             ms["per-layer onnxruntime (public demo loop)"] = _per_layer(onnx_dir, ids)
             mem.mark("hybrid executor")
             ms["hybrid executor, all segments on ort"], results["prefill"] = _hybrid(art, ids, tokens,
                                                                                     vocab, seed)
+            results["hybrid_execution"] = results["prefill"].pop("execution")
+            echo(f"  hybrid executor: {results['hybrid_execution']}")
             mem.mark("fused session")
             weight_bytes = 4 * (shape.params() - shape.vocab * shape.width)  # emb is a row read
             if 4 * shape.params() < FUSED_LIMIT:
@@ -111,6 +121,8 @@ def run_bench(layers: int = 24, width: int = 1024, vocab: int = 50277, tokens: i
                 os.unlink(pth)
             elif with_rwkv:
                 echo("  rwkv package: not installed (pip install rwkv), not timed")
+            results["load_end"] = load_average()
+            loops.stop()
             mem.mark("board per-call costs")
             from rwkv2rknn.tools.measure import call_costs
             results["call_costs"] = call_costs(probes, core_mask, echo=lambda line: None)
@@ -119,6 +131,7 @@ def run_bench(layers: int = 24, width: int = 1024, vocab: int = 50277, tokens: i
         _report(results, ms, weight_bytes, mem, manifest, echo)
         return results
     finally:
+        loops.stop()
         if own:
             shutil.rmtree(work, ignore_errors=True)
 
@@ -161,6 +174,7 @@ def _hybrid(art: str, ids: List[int], tokens: int, vocab: int, seed: int):
     hyb = HybridModel(art, backend="ort")
     hs = hyb.init_state()
     decode = time_steps(lambda t: hyb.step(t, hs), ids)
+    execution = hyb.execution()
     n_pre = max(tokens, 64)
     pre_ids = [int(t) for t in np.random.default_rng(seed + 1).integers(0, vocab, n_pre)]
     for seg, runner in zip(hyb.manifest.segments, hyb.runners):
@@ -176,7 +190,8 @@ def _hybrid(art: str, ids: List[int], tokens: int, vocab: int, seed: int):
     hyb = None  # its sessions go before the next phase (the closure above holds the name)
     resources.give_back_memory()
     return decode, {"tokens": n_pre, "chunk": 32, "tokens_per_s": prefill_tps,
-                    "token_by_token_tokens_per_s": one_tps, "speedup": prefill_tps / one_tps}
+                    "token_by_token_tokens_per_s": one_tps, "speedup": prefill_tps / one_tps,
+                    "execution": execution}
 
 
 def _fused(onnx_dir: str, ids: List[int]) -> List[float]:
@@ -189,6 +204,7 @@ def _fused(onnx_dir: str, ids: List[int]) -> List[float]:
 
 
 def _report(results, ms, weight_bytes, mem, manifest, echo) -> None:
+    from rwkv2rknn.tools.busy import describe_load
     base = statistics.median(ms["per-layer onnxruntime (public demo loop)"])
     bw = gemv_bandwidth_gbs()
     bound_ms = weight_bytes / (bw * 1e9) * 1000
@@ -203,6 +219,9 @@ def _report(results, ms, weight_bytes, mem, manifest, echo) -> None:
                    peak_rss_by_phase_mb={k: v / 2**20 for k, v in mem.phases.items()},
                    peak_to_fp32_weights=mem.peak / fp32)
     echo("")
+    echo(f"load average: {describe_load(results['load_start'])} at the start, "
+         f"{describe_load(results.get('load_end'))} at the end of the timed phases"
+         + (f" ({results['busy']} busy loops beside them)" if results.get("busy") else ""))
     echo(f"{'runner':<42} {'ms/token':>9} {'x per-layer':>11} {'of bound':>9}")
     for r in rows:
         echo(f"{r['runner']:<42} {r['ms_per_token']:>9.2f} {r['ratio_to_per_layer']:>11.2f} "

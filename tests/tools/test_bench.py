@@ -58,10 +58,17 @@ def test_bench_command_passes_the_probes_on(tmp_path):
     out = tmp_path / "b.json"
     r = CliRunner().invoke(cli, ["bench", "--version", "7", "--layers", "2", "--width", "64",
                                  "--vocab", "100", "--tokens", "3", "--no-rwkv", "--probes",
-                                 str(tmp_path), "--json-out", str(out)])
+                                 str(tmp_path), "--json-out", str(out), "--busy", "2"])
     assert r.exit_code == 0, r.output
     assert "NPU per-call cost, rknn-lite: not measured: this machine is not a Rockchip board" in r.output
     assert "peak memory of the process tree" in r.output and out.exists()
+    # --busy 2: two loops ran beside the timed phases and are gone; the load average is printed
+    import json
+    import os
+    pids = json.loads(out.read_text())["busy_pids"]
+    assert len(pids) == 2 and not any(os.path.exists(f"/proc/{p}") for p in pids)
+    assert "2 busy loops beside the timed phases" in r.output
+    assert "load average: " in r.output and " at the end of the timed phases" in r.output
 
 
 def test_rwkv_package_failure_is_one_line(tmp_path):

@@ -1,0 +1,164 @@
+"""The ort backend's load: one copy of the weights shared by every session, token steps in one
+fused graph on bound buffers; the same numbers as the segments run one by one on their own."""
+
+import os
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from rwkv2rknn.runtime import onnxwire
+from rwkv2rknn.runtime.hybrid import HybridModel
+from rwkv2rknn.runtime.ortshare import (MIN_SHARED, AdaptiveStep, FusionError, WeightStore, fuse,
+                                        session_from_stub)
+
+
+def _run(model, tokens, state=None):
+    state = model.init_state() if state is None else state
+    return np.stack([model.step(t, state) for t in tokens]), state
+
+
+@pytest.fixture(params=["4", "7"])
+def plan_artifact(request, fp32_plan_artifact, slot_models):
+    return fp32_plan_artifact if request.param == "4" else slot_models("7").plan_artifact
+
+
+def test_fused_token_steps_equal_the_segments_one_by_one(plan_artifact, tokens):
+    fused = HybridModel(plan_artifact, backend="ort")
+    apart = HybridModel(plan_artifact, backend="ort", fuse=False)
+    assert fused.execution().startswith(f"token steps: {len(fused.manifest.segments)} segments "
+                                        f"fused into 1 onnxruntime graph")
+    got, got_state = _run(fused, tokens[:12])
+    want, want_state = _run(apart, tokens[:12])
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(got_state, want_state, rtol=0, atol=1e-6)
+    # both fused sessions (one thread, a pool) ran and gave these numbers
+    assert all(n >= 2 for n in fused._decode.count.values()) and len(fused._decode.count) == 2
+    # the segments' own sessions were never made for token steps
+    assert not any(r.loaded for r in fused.runners)
+    # a trace runs the segments one by one and agrees with the fused step
+    trace = {}
+    s1, s2 = fused.init_state(), fused.init_state()
+    a = fused.step(tokens[0], s1, trace=trace)
+    b = fused.step(tokens[0], s2)
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    assert fused.manifest.logits_output in trace
+    # prefill (T-row sessions on the shared weights) agrees with the per-segment model's
+    np.testing.assert_allclose(fused.prefill(tokens[:20], fused.init_state()),
+                               apart.prefill(tokens[:20], apart.init_state()), rtol=0, atol=1e-6)
+    fused.close()
+    apart.close()
+
+
+def test_a_new_state_buffer_is_bound_again(fp32_plan_artifact, tokens):
+    model = HybridModel(fp32_plan_artifact, backend="ort")
+    ref = HybridModel(fp32_plan_artifact, backend="ort", fuse=False)
+    for _ in range(2):  # two buffers, one after the other, then the first again
+        s, r = model.init_state(), ref.init_state()
+        for t in tokens[:3]:
+            np.testing.assert_allclose(model.step(t, s), ref.step(t, r), rtol=0, atol=1e-6)
+        np.testing.assert_allclose(s, r, rtol=0, atol=1e-6)
+
+
+def test_shared_weights_equal_own_weights_and_are_held_once(plan_artifact, tokens):
+    own = HybridModel(plan_artifact, backend="ort", fuse=False, share_weights=False)
+    shared = HybridModel(plan_artifact, backend="ort", fuse=False)
+    want, _ = _run(own, tokens[:6])
+    got, _ = _run(shared, tokens[:6])
+    # the same weights; sessions that prepack them sum in another order: 1e-6 of the logits' scale
+    scale = float(np.abs(want).max())
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * scale)
+    held = shared._store.nbytes
+    # every large initializer of every per-token segment file, once
+    big = {}
+    for seg in shared.manifest.segments:
+        for t in onnx.load(os.path.join(plan_artifact, seg.onnx)).graph.initializer:
+            if int(np.prod(t.dims)) >= MIN_SHARED:
+                big[t.name] = int(np.prod(t.dims)) * 4
+    assert held == sum(big.values()) > 0
+    # prefill loads the T-row sessions: same numbers, not one byte more held
+    np.testing.assert_allclose(shared.prefill(tokens[:20], shared.init_state()),
+                               own.prefill(tokens[:20], own.init_state()), rtol=0, atol=1e-6 * scale)
+    assert shared._store.nbytes == held and shared._store.conflicts == 0
+    assert any(r is not None for r in shared._seq)
+
+
+# ---------------------------------------------------------------------- the wire format
+
+def _model(nodes, inputs, outputs, inits, opset=17):
+    g = helper.make_graph(nodes, "g", inputs, outputs, inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _vi(name, shape):
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.int64])
+def test_tensors_read_as_onnx_reads_them(dtype):
+    arr = (np.arange(24).reshape(2, 3, 4) * 0.5).astype(dtype)
+    t = numpy_helper.from_array(arr, "w")
+    got = onnxwire.Tensor(t.SerializeToString())
+    assert got.name == "w" and got.dims == [2, 3, 4]
+    np.testing.assert_array_equal(got.array(), arr)
+    # float_data (not raw) too
+    t2 = helper.make_tensor("f", TensorProto.FLOAT, [3], [1.5, 2.5, -1.0])
+    np.testing.assert_array_equal(onnxwire.Tensor(t2.SerializeToString()).array(),
+                                  np.array([1.5, 2.5, -1.0], np.float32))
+    # a stub: no data, external at the placeholder, same name and shape
+    stub = onnx.TensorProto()
+    stub.ParseFromString(got.stub("x.bin"))
+    assert (stub.name, list(stub.dims), stub.raw_data) == ("w", [2, 3, 4], b"")
+    assert stub.data_location == TensorProto.EXTERNAL and stub.external_data[0].value == "x.bin"
+
+
+def test_fuse_runs_graphs_in_sequence_on_shared_weights(tmp_path):
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((64, 128)).astype(np.float32)
+    w2 = rng.standard_normal((128, 64)).astype(np.float32)
+    b = np.full((64,), 0.5, np.float32)  # small: stays in the graph
+    m1 = _model([helper.make_node("MatMul", ["x", "w1"], ["h"])], [_vi("x", [1, 64])],
+                [_vi("h", [1, 128])], [numpy_helper.from_array(w1, "w1")])
+    m2 = _model([helper.make_node("MatMul", ["h", "w2"], ["y0"]),
+                 helper.make_node("Add", ["y0", "b"], ["y"]),
+                 helper.make_node("Add", ["x", "b"], ["z"])],
+                [_vi("h", [1, 128]), _vi("x", [1, 64])], [_vi("y", [1, 64]), _vi("z", [1, 64])],
+                [numpy_helper.from_array(w2, "w2"), numpy_helper.from_array(b, "b")], opset=13)
+    paths = []
+    for i, m in enumerate((m1, m2)):
+        paths.append(str(tmp_path / f"m{i}.onnx"))
+        onnx.save(m, paths[-1])
+    store = WeightStore()
+    stubs, names = zip(*(store.strip(p) for p in paths))
+    assert sorted(store.arrays) == ["w1", "w2"] and len(stubs[0]) < 1000
+    fused = fuse(stubs, {"y", "z"})
+    check = onnx.load_from_string(fused)
+    assert [i.name for i in check.graph.input] == ["x"]
+    assert [o.name for o in check.graph.output] == ["y", "z"]
+    assert check.opset_import[0].version == 17
+    sess, _ = session_from_stub(fused, names[0] + names[1], store, "fused", 1)
+    x = rng.standard_normal((1, 64)).astype(np.float32)
+    y, z = sess.run(["y", "z"], {"x": x})
+    np.testing.assert_allclose(y, x @ w1 @ w2 + b, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(z, x + b, rtol=0, atol=0)
+    # a tensor made twice cannot be fused
+    with pytest.raises(FusionError, match="made twice"):
+        fuse([stubs[0], stubs[0]], {"h"})
+
+
+def test_adaptive_step_tries_each_then_keeps_measuring():
+    class Fixed:
+        def __init__(self):
+            self.calls = 0
+
+        def step(self, token, flat):
+            self.calls += 1
+            return np.zeros(3, np.float32)
+
+    a, b = Fixed(), Fixed()
+    chooser = AdaptiveStep({"1 thread": a, "pool": b}, warmup=2, explore=4)
+    for t in range(40):
+        chooser.step(t, np.zeros(1, np.float32))
+    assert a.calls + b.calls == 40 and min(a.calls, b.calls) >= 2 + 40 // 4 // 2 - 1
+    assert chooser.chosen in ("1 thread", "pool") and "steps" in chooser.describe()
