@@ -20,6 +20,7 @@ import numpy as np
 from rwkv2rknn import fileio
 from rwkv2rknn.errors import MissingDependency, UnsupportedModel
 from rwkv2rknn.models import rwkv4, rwkv5, rwkv6, rwkv7
+from rwkv2rknn.runtime.onnxwire import encode_varint
 
 log = logging.getLogger(__name__)
 MODEL_JSON = fileio.MODEL_JSON  # the record of what was exported, beside the files
@@ -181,20 +182,10 @@ def _write_streamed(sd, fp32: bool, path: str, props: Dict[str, str], force: boo
     stage at a time: the nodes in memory (small), each stage's weights appended to a scratch
     file, then the graph's length-prefixed record assembled around them. Returns the shape."""
     import shutil
-    import tempfile
     import onnx
     from onnx import helper
 
-    from rwkv2rknn.errors import BadInput
-
-    path = os.path.abspath(path)
-    if os.path.isdir(path):
-        raise BadInput(f"'{path}' is a folder", "give a file name ending in .onnx")
-    if os.path.exists(path) and not force:
-        raise BadInput(f"'{path}' exists", "choose another name, or pass --force to replace it")
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.partial-{os.getpid()}-", dir=folder)
+    path, tmp = fileio.partial_folder(path, force)
     try:
         weights = os.path.join(tmp, "weights")
         nodes = []
@@ -218,7 +209,7 @@ def _write_streamed(sd, fp32: bool, path: str, props: Dict[str, str], force: boo
         helper.set_model_props(after, props)
         out = os.path.join(tmp, os.path.basename(path))
         with open(out, "wb") as f:
-            f.write(before + bytes([7 << 3 | 2]) + _varint_bytes(graph_len) + head)
+            f.write(before + bytes([7 << 3 | 2]) + encode_varint(graph_len) + head)
             with open(weights, "rb") as w:
                 shutil.copyfileobj(w, f, 16 << 20)
             f.write(tail + after.SerializeToString())
@@ -229,18 +220,6 @@ def _write_streamed(sd, fp32: bool, path: str, props: Dict[str, str], force: boo
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return shape
-
-
-def _varint_bytes(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
 
 
 def export_file(sd: Dict[str, np.ndarray], path: str, fp32: bool = False,

@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Tuple
 
 from rwkv2rknn.errors import BadInput, MissingDependency
 
@@ -312,20 +312,27 @@ def remove_quietly(path: str) -> None:
         pass
 
 
-def save_onnx_file(model, path: str, external: bool = False, force: bool = False) -> None:
-    """Save a model as ``path`` (with ``external``: its weights in ``PATH.data`` beside it),
-    written under temporary names and renamed into place, so a failed or interrupted save
-    leaves nothing half-written. An existing file is replaced only with ``force``."""
-    onnx = _onnx()
+def partial_folder(path: str, force: bool = False) -> Tuple[str, str]:
+    """(absolute path, a new temporary folder beside it) for an ONNX file about to be written
+    under a temporary name and renamed into place; refuses a folder, or an existing file
+    without ``force``. The caller removes the temporary folder."""
     path = os.path.abspath(path)
-    data = path + ".data"
     if os.path.isdir(path):
         raise BadInput(f"'{path}' is a folder", "give a file name ending in .onnx")
     if os.path.exists(path) and not force:
         raise BadInput(f"'{path}' exists", "choose another name, or pass --force to replace it")
     folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.partial-{os.getpid()}-", dir=folder)
+    return path, tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.partial-{os.getpid()}-", dir=folder)
+
+
+def save_onnx_file(model, path: str, external: bool = False, force: bool = False) -> None:
+    """Save a model as ``path`` (with ``external``: its weights in ``PATH.data`` beside it),
+    written under temporary names and renamed into place, so a failed or interrupted save
+    leaves nothing half-written. An existing file is replaced only with ``force``."""
+    onnx = _onnx()
+    path, tmp = partial_folder(path, force)
+    data = path + ".data"
     try:
         tmp_path = os.path.join(tmp, os.path.basename(path))
         if external:

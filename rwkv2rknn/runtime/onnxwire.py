@@ -78,7 +78,8 @@ def fields(buf) -> Iterator[Tuple[int, int, object, int, int]]:
         yield num, wt, value, start, i
 
 
-def _enc_varint(value: int) -> bytes:
+def encode_varint(value: int) -> bytes:
+    """A protobuf varint."""
     out = bytearray()
     while True:
         b = value & 0x7F
@@ -91,11 +92,11 @@ def _enc_varint(value: int) -> bytes:
 
 
 def enc_len(num: int, payload) -> bytes:
-    return _enc_varint(num << 3 | LEN) + _enc_varint(len(payload)) + bytes(payload)
+    return encode_varint(num << 3 | LEN) + encode_varint(len(payload)) + bytes(payload)
 
 
 def enc_int(num: int, value: int) -> bytes:
-    return _enc_varint(num << 3 | VARINT) + _enc_varint(value)
+    return encode_varint(num << 3 | VARINT) + encode_varint(value)
 
 
 def first(buf, num: int, default=None):
