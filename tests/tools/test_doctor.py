@@ -1,5 +1,6 @@
 """``rwkv2rknn doctor`` on fake board file trees (there is no board here) and on this machine."""
 
+import pytest
 import json
 import os
 import shutil
@@ -43,6 +44,7 @@ def test_a_ready_board(tmp_path):
     assert v["free memory"].found == "7.63 GiB"
 
 
+@pytest.mark.slow
 def test_each_problem_is_one_line_with_its_fix(tmp_path, fp32_plan_artifact):
     root = _board(tmp_path, compatible=b"rockchip,rk3568\0", driver=None, lib_version=b"1.6.0",
                   mem_kb=10)
@@ -83,6 +85,7 @@ def test_version_helpers():
     assert not device.older("", "2.5.0")  # unknown is not called older
 
 
+@pytest.mark.slow
 def test_doctor_command_here_exits_1(fp32_plan_artifact):
     from rwkv2rknn.cli import cli
     r = CliRunner().invoke(cli, ["doctor", fp32_plan_artifact])

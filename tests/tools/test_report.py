@@ -34,6 +34,7 @@ def expected_kind(seg, precision="fp16"):
     return f"npu-{precision}"
 
 
+@pytest.mark.slow
 def test_page_matches_manifest(artifact, tmp_path):
     accuracy = {"max_rel": 0.0123, "cosine": 0.99931}
     alter_segments(artifact, fallback=3, int8=1, accuracy=accuracy)
@@ -80,6 +81,7 @@ def _row(page, name):
     return [it for it in items[start:end] if it[0] in ("td", "span")]
 
 
+@pytest.mark.slow
 def test_hover_and_cpu_reasons(artifact, tmp_path):
     html = _page(artifact, tmp_path / "r.html")
     m = load_manifest(artifact)
@@ -140,6 +142,7 @@ def test_long_check_stays_small():
     assert len(plot) < 100_000 and plot.count("<polyline") == 1 and "<circle" not in plot
 
 
+@pytest.mark.slow
 def test_check_json_written_and_read_back(artifact, tmp_path):
     res = CliRunner().invoke(cli, ["check", artifact, "--backend", "ort", "--tokens", "5",
                                    "--per-segment"])
@@ -175,6 +178,7 @@ def test_check_json_written_and_read_back(artifact, tmp_path):
     assert "written for another compile" in _page(artifact, tmp_path / "r2.html")
 
 
+@pytest.mark.slow
 def test_a_weak_check_shows_its_warning(artifact, tmp_path):
     """--max-rel 1 makes every token a near-tie: the page shows check's warning by the result."""
     assert "data-check=\"warning\"" not in _page(artifact, tmp_path / "none.html")
@@ -188,6 +192,7 @@ def test_a_weak_check_shows_its_warning(artifact, tmp_path):
     assert saved["warnings"][0].startswith("5 of 5 tokens are near-ties")
 
 
+@pytest.mark.slow
 def test_corrupt_check_json_is_one_line_error(artifact, tmp_path):
     with open(os.path.join(artifact, CHECK_JSON), "w") as f:
         f.write('{"steps": 3')
@@ -197,6 +202,7 @@ def test_corrupt_check_json_is_one_line_error(artifact, tmp_path):
     assert not os.path.exists(tmp_path / "r.html")
 
 
+@pytest.mark.slow
 def test_bench_figures_are_charted(artifact, tmp_path):
     bench = str(tmp_path / "bench.json")
     res = CliRunner().invoke(cli, ["bench", "--layers", "2", "--width", "32", "--vocab", "61",
@@ -210,6 +216,7 @@ def test_bench_figures_are_charted(artifact, tmp_path):
     assert float(page.with_class("line", "ref")[-1]["data-value"]) == figures["bandwidth_bound_ms"]
 
 
+@pytest.mark.slow
 def test_bad_inputs(artifact, tmp_path):
     not_bench = tmp_path / "nb.json"
     not_bench.write_text('{"rows": []}')
@@ -223,6 +230,7 @@ def test_bad_inputs(artifact, tmp_path):
     assert not os.path.exists(tmp_path / "r.html")
 
 
+@pytest.mark.slow
 def test_compile_report(fp32_dir, tmp_path):
     out = str(tmp_path / "art")
     res = CliRunner().invoke(cli, ["compile", fp32_dir, "-o", out, "--plan-only", "--report"])
