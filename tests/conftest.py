@@ -5,6 +5,8 @@ import sys
 import numpy as np
 import pytest
 
+from rwkv2rknn.tools.check import KL_TOLERANCE
+
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("RWKV_JIT_ON", "0")
 os.environ.setdefault("RWKV_CUDA_ON", "0")
@@ -78,6 +80,33 @@ def fp32_plan_artifact(fp32_dir, tmp_path_factory):
     from rwkv2rknn.compiler.ir import Options
     out = str(tmp_path_factory.mktemp("art") / "fp32")
     compile_model(fp32_dir, out, Options(plan_only=True))
+    return out
+
+
+# check's KL gate for fp16 NPU builds, as compare_logits keywords (tests comparing logits directly)
+FP16_KL = dict(zip(("max_kl_mean", "max_kl_p99"), KL_TOLERANCE["fp16"]))
+
+# The w8a8 compile of byte_model (tests/test_quant.py, tests/test_check_kl.py).
+W8A8_OPTIONS = dict(quant="w8a8", calib_tokens=96, prefill_rows=(4, 8))
+
+
+@pytest.fixture(scope="session")
+def byte_model(tmp_path_factory):
+    """A small random byte-level RWKV-4 as fp32 files (vocabulary 256, so text reads as its tokens)."""
+    from rwkv2rknn.models.checkpoint import random_checkpoint
+    from rwkv2rknn.models.export import export
+    d = str(tmp_path_factory.mktemp("bytes") / "fp32")
+    export(random_checkpoint(layers=2, width=64, vocab=256, seed=5), d, fp32=True, tokenizer="bytes")
+    return d
+
+
+@pytest.fixture(scope="session")
+def w8a8_artifact(byte_model, tmp_path_factory):
+    """byte_model compiled --quant w8a8 (rknn-toolkit2 builds, calibrated on the bundled held-out text)."""
+    from rwkv2rknn.compiler.driver import compile_model
+    from rwkv2rknn.compiler.ir import Options
+    out = str(tmp_path_factory.mktemp("art") / "w8a8")
+    compile_model(byte_model, out, Options(**W8A8_OPTIONS))
     return out
 
 

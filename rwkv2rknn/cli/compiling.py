@@ -119,9 +119,27 @@ def compile_cmd(model, out_dir, target, plan_only, strict, dump_after, range_tok
         from rwkv2rknn.runtime.device import describe_need, memory_need
         click.echo(f"board memory need: {describe_need(memory_need(manifest, out_dir))}")
     click.echo(f"artifact written to {out_dir}")
+    if quant != "fp16" and not plan_only:
+        _print_heldout_quality(model, out_dir, opts)
     if with_report:
         from rwkv2rknn.tools.report_html import write_report
         click.echo(f"report written to {write_report(out_dir)}")
+
+
+def _print_heldout_quality(model, out_dir, opts) -> None:
+    """The quantised artifact's KL divergence against its fp32 segments on the calibration
+    text's held-out tokens (run on rknn-sim), printed and saved into plan.json."""
+    from rwkv2rknn.rknn.calibrate import calibration_ids
+    from rwkv2rknn.tools.evaluate import heldout_quality
+    _, hold, where = calibration_ids(model, opts.calib_text, opts.calib_tokens)
+    q = heldout_quality(out_dir, hold, where)
+    for path in ("decode", "prefill"):
+        f = q.get(path)
+        if f and f.get("kl"):
+            k = f["kl"]
+            click.echo(f"{opts.quant} {path:7s} on {q['tokens']} held-out tokens of {where}, against "
+                       f"fp32 on onnxruntime: KL mean {k['mean']:.3g}, median {k['median']:.3g}, p99 "
+                       f"{k['p99']:.3g}, max {k['max']:.3g}; same top token {100 * f['same_top']:.1f}%")
 
 
 def _parse_rows(text: str):

@@ -107,41 +107,54 @@ def _print_generation(model, tok_spec, prompt, max_tokens, temperature, top_p, s
 
 @cli.command()
 @click.argument("artifact", type=click.Path())
-@click.option("--tokens", "n_tokens", type=click.IntRange(1, 4096), default=32, show_default=True,
-              help="Seeded random tokens to teacher-force.")
-@click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option("--tokens", "n_tokens", type=click.IntRange(1, 100000), default=None,
+              help="Tokens to teacher-force (default: 256 of text, 32 random ids).")
+@click.option("--text", "text_file", type=click.Path(dir_okay=False), default=None,
+              help="Teacher-force this UTF-8 text (default: the built-in sample: English for "
+                   "byte-level models, a dozen languages for the others).")
+@click.option("--random", "random_ids", is_flag=True,
+              help="Seeded random ids instead of text (covers states and ranges text does not "
+                   "reach; the end state is then gated too).")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Of --random.")
 @click.option("--backend", type=BACKEND, default="auto", show_default=True)
 @click.option("--reference", type=click.Path(), default=None,
               help="The source to compare against: per-layer folder or whole-model .onnx (default: "
                    "the one the artifact was compiled from).")
 @click.option("--per-segment", is_flag=True, help="Also compare every NPU segment and T-row variant alone against its ONNX on onnxruntime.")
+@click.option("--max-kl-mean", type=click.FloatRange(0, None), default=None,
+              help="Largest mean KL divergence per token, nats (default: per precision, see "
+                   "docs/quality.md).")
+@click.option("--max-kl-p99", type=click.FloatRange(0, None), default=None,
+              help="Largest 99th percentile of the KL divergence per token, nats.")
 @click.option("--min-top1", type=click.FloatRange(0, 1), default=None,
-              help="Least share of decisive steps whose top token agrees; a step whose "
-                   "reference top-2 gap is within 2 x --max-rel of its logit scale is a near-tie, "
-                   "left out (default: 0.99; 0.85 over every step with w8a8 segments on an NPU "
-                   "backend).")
+              help="Also gate the share of tokens whose top token is the reference's (default: "
+                   "reported, not gated).")
 @click.option("--max-rel", type=click.FloatRange(0, None), default=None,
               help="Max logit error relative to the logit scale (default: 1e-4 for ort on fp32 "
                    "files, 0.05 for fp16 NPU segments, 0.25 with w8a8 ones).")
-@click.option("--text", "text_file", type=click.Path(dir_okay=False), default=None,
-              help="Teacher-force the first --tokens tokens of this UTF-8 text instead of random ids "
-                   "(default for w8a8 artifacts: a built-in English sample).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @handle_errors
-def check(artifact, n_tokens, seed, backend, reference, per_segment, min_top1, max_rel, text_file,
-          as_json):
+def check(artifact, n_tokens, text_file, random_ids, seed, backend, reference, per_segment, max_kl_mean,
+          max_kl_p99, min_top1, max_rel, as_json):
     """Run ARTIFACT and pure ONNX Runtime on the same tokens and compare; exit 1 outside tolerance.
 
     \b
-    Gates: token-by-token logits and final state; the same tokens as a prompt
-    (chunks through the T-row variants); with --per-segment every NPU segment
+    Gates, on the decode path (token by token) and the prefill path (the
+    same tokens in chunks through the T-row variants): the KL divergence
+    of the next-token distribution (mean and 99th percentile, per
+    precision), the logit error and, with --random, the end state. Also
+    reported: the share of tokens with the same top token and the bits
+    per token (per byte) of both. With --per-segment every NPU segment
     and T-row variant against its ONNX."""
     from rwkv2rknn.rknn.calibrate import read_text
     from rwkv2rknn.tools.check import run_check, save_report
+    if random_ids and text_file:
+        raise UsageError("--random and --text go separately", "give one of them")
     text = read_text(text_file, "--text") if text_file else None
-    rep, chosen = run_check(artifact, n_tokens, seed, backend, reference, per_segment, min_top1, max_rel,
-                            text=text)
-    saved = save_report(artifact, rep, chosen, n_tokens, seed)
+    rep, chosen = run_check(artifact, n_tokens or 0, seed, backend, reference, per_segment, min_top1,
+                            max_rel, text=text, random_ids=random_ids, max_kl_mean=max_kl_mean,
+                            max_kl_p99=max_kl_p99)
+    saved = save_report(artifact, rep, chosen, len(rep.steps), seed)
     if saved:
         say(f"check report saved to {saved} (rwkv2rknn report shows it)")
     _print_check(rep, chosen, as_json)
@@ -164,20 +177,36 @@ def _print_check(rep, chosen: str, as_json: bool = False) -> None:
 
 @cli.command(name="eval")
 @click.argument("artifact", type=click.Path())
-@click.option("--text", "text_file", required=True, type=click.Path(dir_okay=False),
-              help="UTF-8 text file to score.")
+@click.option("--text", "text_file", type=click.Path(dir_okay=False), default=None,
+              help="UTF-8 text file to score (default: the built-in sample for the model's tokenizer).")
 @click.option("--max-bytes", type=click.IntRange(16, 10 ** 8), default=20000, show_default=True,
               help="Score at most this many bytes from the start of the file.")
 @click.option("--backend", type=BACKEND, default="auto", show_default=True)
 @click.option("--tokenizer", default=None, help="bytes, world, or a tokenizer.json path (default: the model's).")
+@click.option("--reference", type=click.Path(), default=None,
+              help="The source to compare against (default: the one the artifact was compiled from).")
+@click.option("--no-reference", is_flag=True, help="Score the artifact alone (no KL, no reference run).")
 @handle_errors
-def eval_cmd(artifact, text_file, max_bytes, backend, tokenizer):
-    """Bits per byte of ARTIFACT (or a per-layer folder with --backend ort) on a text file."""
-    from rwkv2rknn.tools.evaluate import bits_per_byte, read_text
+def eval_cmd(artifact, text_file, max_bytes, backend, tokenizer, reference, no_reference):
+    """Quality of ARTIFACT on a text, teacher-forced: bits per byte (per token for subword
+    tokenizers) and, against pure onnxruntime on the source files, the KL divergence per token
+    (mean, median, p99, max) and the share of tokens with the same top token, on the decode and
+    the prefill path. A per-layer folder (with --backend ort) is scored alone."""
+    from rwkv2rknn.tools.evaluate import bits_per_byte, compare_on_text, read_text
     from rwkv2rknn.runtime.generate import model_tokenizer
-    text = read_text(text_file, max_bytes)
+    from rwkv2rknn.runtime.loader import is_per_layer_folder
+    text = read_text(text_file, max_bytes) if text_file else None
+    if artifact and not no_reference and not is_per_layer_folder(artifact):
+        res = compare_on_text(artifact, text, backend, reference, tokenizer, echo=say)
+        click.echo(res.summary())
+        return
     model, tok_spec = _open(artifact, backend)
-    score = bits_per_byte(model, model_tokenizer(tokenizer or tok_spec), text)
+    tok = model_tokenizer(tokenizer or tok_spec)
+    if text is None:
+        from rwkv2rknn.tools.check import sample_text
+        from rwkv2rknn.runtime.tokenizer import ByteTokenizer
+        text = sample_text("en" if isinstance(tok, ByteTokenizer) else "world")
+    score = bits_per_byte(model, tok, text)
     click.echo(f"{score.bits_per_byte:.4f} bits per byte over {score.bytes} bytes "
                f"({score.tokens} tokens, next-token top-1 {100 * score.top1:.1f}%)")
 
@@ -204,7 +233,7 @@ def demo(prompt, max_tokens, seed, backend):
     model, tok_spec = open_model(artifact, backend, echo=say)
     _print_generation(model, tok_spec, prompt, max_tokens, 0.8, 0.9, seed)
     say("\n== 3. check against pure onnxruntime over the per-layer files")
-    rep, chosen = run_check(artifact, 32, 0, backend)
-    save_report(artifact, rep, chosen, 32, 0)
+    rep, chosen = run_check(artifact, backend=backend)
+    save_report(artifact, rep, chosen, len(rep.steps), 0)
     say(f"report: {write_report(artifact)}")
     _print_check(rep, chosen)

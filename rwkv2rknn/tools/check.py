@@ -1,13 +1,16 @@
-"""`rwkv2rknn check`: the hybrid executor against pure ONNX Runtime on the same seeded tokens
-(on the per-layer files the artifact was compiled from, or on its whole-model file).
+"""`rwkv2rknn check`: the hybrid executor against pure ONNX Runtime on the same tokens (on the
+per-layer files the artifact was compiled from, or on its whole-model file), teacher-forced on
+real text by default (the built-in sample for the artifact's tokenizer), on seeded random ids
+with ``random_ids`` (state and range coverage).
 
-Four gates, each with a stated tolerance (``Tolerances``), each able to fail the check:
+Gates, each with a stated tolerance (``Tolerances``), each able to fail the check:
 
-- decode: token by token, the logits (top-1 agreement over the decisive tokens, max relative
-  error over all) and the state at the end (drift relative to the state's scale) against the
-  reference;
+- decode: token by token, the KL divergence of the next-token distribution from the reference's
+  (mean and 99th percentile, per precision: ``KL_TOLERANCE``), the max logit error relative to
+  the logit scale, and the state at the end (drift relative to the state's scale); the share of
+  tokens with the same top token and the bits per token (per byte) of both runs are reported;
 - prefill: the same tokens fed in chunks through the T-row variants, the path `run` takes for
-  every prompt: logits and final state against the same reference;
+  every prompt: the same figures against the same reference;
 - per segment (``--per-segment``): every NPU segment's runner fed the hybrid run's own inputs,
   against that segment's ONNX on onnxruntime; and every T-row variant, fed the same rows at once,
   against the per-token ONNX row by row (a T-row variant must compute what the token step does).
@@ -15,11 +18,12 @@ Four gates, each with a stated tolerance (``Tolerances``), each able to fail the
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import List, Optional
 
 import numpy as np
 
@@ -30,31 +34,56 @@ log = logging.getLogger(__name__)
 CHECK_JSON = "check.json"  # the last check's report, saved into the artifact
 
 
+# KL tolerances: (mean, p99) of the per-token KL divergence KL(P_ref || P_artifact) in nats,
+# against onnxruntime on the source files, on the decode and the prefill path alike. Set from
+# measurement (rknn-toolkit2 2.5.0 simulator, 2026-12, bench/quality.py; docs/quality.md has
+# the tables): the worst figure of the bundled model (fp32 and fp16 files) and random RWKV-4,
+# 5.2, 6 and 7 models, 256 tokens of the built-in English sample and 32 random ids, times a margin.
+#   fp16     worst mean 1.3e-5 (RWKV-5.2, text), p99 1.2e-4 (bundled fp16 files, 600 tokens):
+#            ~8x. One NPU segment scaled by 1.05 measured mean 7.3e-4 .. 1.6e-2: all fail.
+#   w16a16i  worst on text mean 1.7e-4, p99 4.4e-4 (RWKV-6): ~6x.
+#   w8a8     worst on text mean 0.023, p99 0.12 (RWKV-6; bundled 0.0078 / 0.052): ~4.5x. int8's
+#            own error is so large that one segment scaled by 1.25 fails 2 of 4 segments of
+#            the small test model (mean 0.42) and 1 of 6 of the bundled model (p99 0.83).
+#   exact    fp32 files on onnxruntime, measured ~1e-11 (bundled): 100x, for larger models.
+# w8a8 and w16a16i are gated on text only (QUANTISED).
+KL_TOLERANCE = {
+    "exact": (1e-9, 1e-8),
+    "fp16": (1e-4, 1e-3),
+    "w16a16i": (1e-3, 3e-3),
+    "w8a8": (0.1, 0.6),
+}
+
+
+QUANTISED = ("w8a8", "w16a16i")  # calibrated on text: their KL is gated on text only
+
+
 @dataclass(frozen=True)
 class Tolerances:
-    min_top1: float = 0.99
+    max_kl_mean: Optional[float] = KL_TOLERANCE["fp16"][0]  # None: reported, not gated
+    max_kl_p99: Optional[float] = KL_TOLERANCE["fp16"][1]
     max_rel: float = 0.05  # logits: max |got - ref| / max |ref| per step
     max_state_drift: float = 0.05  # state after the last token: max |got - ref| / max |ref|
     max_segment_rel: float = 0.02  # one NPU segment (or T-row variant) against its ONNX
-    # a token whose reference top-1/top-2 gap is at most this x its logit scale is a near-tie,
-    # left out of the top-1 gate (compare_logits); 2 x max_rel: a gap logits within it can close
-    tie_margin: float = 0.1
+    min_top1: Optional[float] = None  # share of tokens with the same top token: no gate by default
 
     @classmethod
     def default(cls, backend: str, source_dtype: str, min_top1: Optional[float] = None,
-                max_rel: Optional[float] = None, precision: str = "fp16") -> "Tolerances":
+                max_rel: Optional[float] = None, precision: str = "fp16",
+                max_kl_mean: Optional[float] = None, max_kl_p99: Optional[float] = None
+                ) -> "Tolerances":
         """fp32 files on onnxruntime must agree to rounding; anything through fp16 (the files or
-        the NPU) within fp16's error, accumulated over the tokens; w8a8 NPU segments within what
-        the bundled model measured on text (top-1 91-92%, logits 0.08-0.10, state 0.11-0.23,
-        one segment 0.17 on held-out rows), with a margin. Top-1 leaves out near-ties (a gap of
-        at most 2 x max_rel of the logit scale) except for w8a8, whose 85% counts every token of
-        text, as measured."""
+        the NPU) within fp16's error, accumulated over the tokens; w8a8 and w16a16i NPU segments
+        within what they measured (KL_TOLERANCE), with a margin. The logit, state (random ids
+        only) and segment limits are secondary gates, unchanged from before the KL gates."""
         exact = backend == "ort" and source_dtype == "float32"
         int8 = backend != "ort" and precision == "w8a8"
-        top1, rel = (0.85, 0.25) if int8 else (0.99, 1e-4 if exact else 0.05)
-        rel = rel if max_rel is None else max_rel
-        return cls(min_top1=top1 if min_top1 is None else min_top1, max_rel=rel,
-                   tie_margin=0.0 if int8 else 2 * rel,
+        key = "exact" if exact else precision if backend != "ort" and precision in KL_TOLERANCE else "fp16"
+        kl_mean, kl_p99 = KL_TOLERANCE[key]
+        rel = 0.25 if int8 else (1e-4 if exact else 0.05)
+        return cls(max_kl_mean=kl_mean if max_kl_mean is None else max_kl_mean,
+                   max_kl_p99=kl_p99 if max_kl_p99 is None else max_kl_p99,
+                   max_rel=rel if max_rel is None else max_rel, min_top1=min_top1,
                    max_state_drift=0.5 if int8 else (1e-4 if exact else 0.05),
                    max_segment_rel=1e-5 if backend == "ort" else (0.3 if int8 else 0.02))
 
@@ -65,13 +94,60 @@ def artifact_precision(manifest) -> str:
     return next((p for p in ("w8a8", "w16a16i") if p in used), "fp16")
 
 
-def run_check(artifact: str, n_tokens: int = 32, seed: int = 0, backend: str = "auto",
+def run_check(artifact: str, n_tokens: int = 0, seed: int = 0, backend: str = "auto",
               reference: Optional[str] = None, per_segment: bool = False,
               min_top1: Optional[float] = None, max_rel: Optional[float] = None, prefill: bool = True,
-              text: Optional[str] = None):
-    """Teacher-force ``n_tokens`` seeded random ids (or the tokens of ``text``; by default the
-    built-in English sample for an artifact with w8a8 segments: random ids leave the int8 ranges
-    calibrated on text) through the artifact and pure onnxruntime and compare them."""
+              text: Optional[str] = None, random_ids: bool = False,
+              max_kl_mean: Optional[float] = None, max_kl_p99: Optional[float] = None):
+    """Teacher-force ``n_tokens`` tokens of real text (``text``, by default the built-in sample
+    for the artifact's tokenizer; 0: DEFAULT_TEXT_TOKENS) or, with ``random_ids``, seeded random
+    ids (0: DEFAULT_RANDOM_TOKENS) through the artifact and pure onnxruntime on the source files,
+    token by token and as a prompt, and compare them."""
+    manifest, hybrid, ref, chosen = open_pair(artifact, backend, reference, per_segment)
+    try:
+        states = _state_views(hybrid, ref)
+        precision = artifact_precision(manifest) if chosen != "ort" else "fp32 (ort)"
+        tol = Tolerances.default(chosen, str(manifest.model.get("source_dtype")), min_top1, max_rel,
+                                 precision, max_kl_mean, max_kl_p99)
+        feed = choose_tokens(manifest, n_tokens, seed, text, random_ids, artifact)
+        h_state, r_state = hybrid.init_state(), ref.init_state()
+        got, want, traces = [], [], []
+        for t in feed.ids:
+            env = {} if per_segment else None
+            got.append(hybrid.step(t, h_state, trace=env))
+            want.append(ref.step(t, r_state))
+            traces.append(env)
+        want = np.stack(want)
+        if feed.targets is None and precision in QUANTISED and max_kl_mean is None:
+            # integer ranges are calibrated on text; random ids leave them (bundled model, KL
+            # mean on random ids: w8a8 1.1, w16a16i 0.013), so there KL is reported, not gated
+            tol = dataclasses.replace(tol, max_kl_mean=None, max_kl_p99=None)
+            feed.warnings.append(f"{precision} segments are calibrated on text: on random ids their "
+                                 f"KL is reported, not gated; check on text (the default) for the KL gate")
+        rep = _compare(np.stack(got), want, *states(h_state, r_state), tol, feed)
+        rep.tolerance["precision"] = precision
+        rep.tokens_from, rep.warnings = feed.source, list(feed.warnings)
+        if prefill and len(feed.ids) > 1 and hybrid.prepare_prefill():
+            p_state = hybrid.init_state()
+            rep.prefill = _compare(hybrid.prefill(feed.ids, p_state), want, *states(p_state, r_state),
+                                   tol, feed).to_dict()
+            rep.failures += [f"prefill: {f}" for f in rep.prefill["failures"]]
+        if per_segment:
+            rep.per_segment = _per_segment(artifact, hybrid, traces, manifest.state)
+            rep.tolerance["max_segment_rel"] = tol.max_segment_rel
+            rep.failures += [f"segment {s['segment']}{' (T rows)' if s['rows'] else ''}: max rel error "
+                             f"{s['max_rel']:.3g} > {tol.max_segment_rel:g}"
+                             for s in rep.per_segment if not s["max_rel"] <= tol.max_segment_rel]
+        rep.passed = not rep.failures
+    finally:
+        hybrid.close()
+    return rep, chosen
+
+
+def open_pair(artifact: str, backend: str = "auto", reference: Optional[str] = None,
+              per_segment: bool = False):
+    """(manifest, the hybrid executor, pure onnxruntime on the source files the artifact was
+    compiled from (or on ``reference``), the backend chosen for ``backend``)."""
     from rwkv2rknn.runtime.hybrid import HybridModel, load_manifest, resolve_backend
 
     manifest = load_manifest(artifact)
@@ -89,40 +165,12 @@ def run_check(artifact: str, n_tokens: int = 32, seed: int = 0, backend: str = "
                              manifest.logits_output, manifest.model["source_state"])
         hybrid = HybridModel(artifact, backend=chosen)
         if ref.vocab and ref.vocab != hybrid.vocab:
+            hybrid.close()
             raise BadInput("the reference file is not the model the artifact was compiled from",
                            "pass the right --reference FILE")
     else:
         ref, hybrid = _per_layer_reference(artifact, manifest, reference, chosen)
-    states = _state_views(hybrid, ref)
-    precision = artifact_precision(manifest) if chosen != "ort" else "fp32 (ort)"
-    tol = Tolerances.default(chosen, str(manifest.model.get("source_dtype")), min_top1, max_rel, precision)
-    tokens = _tokens(manifest, chosen, n_tokens, seed, text)
-    try:
-        h_state, r_state = hybrid.init_state(), ref.init_state()
-        got, want, traces = [], [], []
-        for t in tokens:
-            env = {} if per_segment else None
-            got.append(hybrid.step(t, h_state, trace=env))
-            want.append(ref.step(t, r_state))
-            traces.append(env)
-        want = np.stack(want)
-        rep = _compare(np.stack(got), want, *states(h_state, r_state), tol)
-        rep.tolerance["precision"] = precision
-        if prefill and len(tokens) > 1 and hybrid.prepare_prefill():
-            p_state = hybrid.init_state()
-            rep.prefill = _compare(hybrid.prefill(tokens, p_state), want, *states(p_state, r_state),
-                                   tol).to_dict()
-            rep.failures += [f"prefill: {f}" for f in rep.prefill["failures"]]
-        if per_segment:
-            rep.per_segment = _per_segment(artifact, hybrid, traces, manifest.state)
-            rep.tolerance["max_segment_rel"] = tol.max_segment_rel
-            rep.failures += [f"segment {s['segment']}{' (T rows)' if s['rows'] else ''}: max rel error "
-                             f"{s['max_rel']:.3g} > {tol.max_segment_rel:g}"
-                             for s in rep.per_segment if not s["max_rel"] <= tol.max_segment_rel]
-        rep.passed = not rep.failures
-    finally:
-        hybrid.close()
-    return rep, chosen
+    return manifest, hybrid, ref, chosen
 
 
 def _per_layer_reference(artifact, manifest, reference, backend):
@@ -160,19 +208,67 @@ def _state_views(hybrid, ref):
                          np.concatenate([np.asarray(r[i], np.float32).reshape(-1) for i in parts]))
 
 
-def _tokens(manifest, backend: str, n: int, seed: int, text: Optional[str]):
-    from rwkv2rknn.rknn.calibrate import BUILTIN_TEXT
-    from rwkv2rknn.runtime.tokenizer import load_tokenizer
-    if text is None and (backend == "ort" or artifact_precision(manifest) != "w8a8"):
-        return [int(t) for t in np.random.default_rng(seed).integers(0, manifest.vocab, n)]
-    if not manifest.tokenizer:
-        raise BadInput("the artifact records no tokenizer to read check's text with",
-                       "compile a model exported with --tokenizer")
-    ids = load_tokenizer(manifest.tokenizer).encode(BUILTIN_TEXT if text is None else text)[:n]
-    if len(ids) < 2 or max(ids) >= manifest.vocab:
+DEFAULT_TEXT_TOKENS = 256  # of the built-in text: enough for a p99 that is not the max
+DEFAULT_RANDOM_TOKENS = 32
+SAMPLES = {"en": "sample_en.txt", "world": "sample_world.txt"}
+
+
+@dataclass
+class Tokens:
+    ids: List[int]  # teacher-forced
+    targets: Optional[List[int]] = None  # the next token of each id (text only)
+    n_bytes: Optional[int] = None  # bytes of the targets (byte-level tokenizers: bits per byte)
+    source: str = ""  # what they are, for the report
+    warnings: List[str] = field(default_factory=list)
+
+
+def sample_text(kind: str) -> str:
+    """The built-in text sample: 'en' (English prose, for byte-level models) or 'world' (prose
+    in a dozen languages and a little code, for World and other subword tokenizers)."""
+    import rwkv2rknn
+    path = os.path.join(os.path.dirname(rwkv2rknn.__file__), "data", SAMPLES[kind])
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def choose_tokens(manifest, n: int = 0, seed: int = 0, text: Optional[str] = None,
+                  random_ids: bool = False, artifact: str = "", tokenizer: Optional[str] = None
+                  ) -> Tokens:
+    """What to teacher-force: ``n`` tokens of ``text`` (default: the built-in sample that fits
+    the artifact's tokenizer, or ``tokenizer``), or seeded random ids (``random_ids``, or where
+    the artifact has no tokenizer whose ids the model knows: then with a warning saying so)."""
+    from rwkv2rknn.runtime.loader import artifact_tokenizer
+    if random_ids:
+        return _random(manifest, n, seed)
+    spec = tokenizer or artifact_tokenizer(manifest.tokenizer, artifact)
+    if not spec:
+        if text is not None:
+            raise BadInput("the artifact records no tokenizer to read the text with",
+                           "compile a model exported with --tokenizer")
+        return _random(manifest, n, seed, "the artifact records no tokenizer")
+    from rwkv2rknn.runtime.tokenizer import ByteTokenizer, load_tokenizer
+    tok = load_tokenizer(spec)
+    byte_level = isinstance(tok, ByteTokenizer)
+    name = "the built-in English sample" if byte_level else "the built-in multilingual sample"
+    ids = tok.encode(text if text is not None else sample_text("en" if byte_level else "world"))
+    n = n or DEFAULT_TEXT_TOKENS
+    ids, targets = ids[:n], ids[1:n + 1]
+    if len(ids) < 2 or max(ids + targets) >= manifest.vocab:
+        if text is None:
+            return _random(manifest, n, seed, f"its tokenizer ({tok.name}) gives ids beyond "
+                                              f"the model's vocabulary of {manifest.vocab}")
         raise BadInput("check's text gives fewer than 2 tokens the model knows",
                        "give a longer text in the model's own tokenizer")
-    return ids
+    n_bytes = len(tok.decode_bytes(targets)) if byte_level else None
+    return Tokens(ids, targets, n_bytes, f"{name if text is None else 'the given text'} "
+                                         f"({tok.name} tokenizer)")
+
+
+def _random(manifest, n: int, seed: int, why: str = "") -> Tokens:
+    n = n or DEFAULT_RANDOM_TOKENS
+    ids = [int(t) for t in np.random.default_rng(seed).integers(0, manifest.vocab, n)]
+    warnings = [f"checked on seeded random ids, not text: {why}"] if why else []
+    return Tokens(ids, None, None, f"random ids (seed {seed})", warnings)
 
 
 def save_report(artifact: str, rep: Report, backend: str, n_tokens: int, seed: int) -> Optional[str]:
@@ -207,10 +303,15 @@ def _states(hybrid, h_state, ref, r_state):
             np.concatenate([want[k].reshape(-1).astype(np.float32) for k in keys]))
 
 
-def _compare(got, want, state_got, state_ref, tol: Tolerances) -> Report:
-    return compare_logits(got, want, min_top1=tol.min_top1, max_rel=tol.max_rel,
-                          state_got=state_got, state_ref=state_ref,
-                          max_state_drift=tol.max_state_drift, tie_margin=tol.tie_margin)
+def _compare(got, want, state_got, state_ref, tol: Tolerances, feed: Tokens) -> Report:
+    """The state drift gates random ids only: on text its effect on every later token is what
+    the KL gates measure, and two fp16 runs' accumulators (aa, bb, pp of RWKV-4) drift apart
+    over hundreds of tokens without changing the output (bundled model, fp16, 256 tokens of the
+    English sample: drift 0.097, KL mean 3.8e-6); it is reported either way."""
+    return compare_logits(got, want, max_rel=tol.max_rel, state_got=state_got, state_ref=state_ref,
+                          max_state_drift=None if feed.targets else tol.max_state_drift, max_kl_mean=tol.max_kl_mean,
+                          max_kl_p99=tol.max_kl_p99, min_top1=tol.min_top1, targets=feed.targets,
+                          n_bytes=feed.n_bytes)
 
 
 def _per_segment(artifact, hybrid, traces, slots):

@@ -11,7 +11,7 @@ from rwkv2rknn import __version__, fileio
 from rwkv2rknn.errors import UsageError
 from rwkv2rknn.tools.report import (HANDOFF, REPORT_HTML, ReportData, load, show_value, stage_range,
                                     strip_svg)
-from rwkv2rknn.tools.svg import esc, fmt, hbars, line_plot, stacked
+from rwkv2rknn.tools.svg import columns, esc, fmt, hbars, line_plot, stacked
 
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;color:#222;
@@ -121,20 +121,18 @@ def check(d: ReportData) -> str:
     steps = [s.get("max_rel") for s in c["steps"] if isinstance(s, dict)]
     drift = c.get("state_drift")
     facts = [("result", "PASS" if ok else "FAIL: " + "; ".join(map(str, c.get("failures", [])))),
-             ("backend", c.get("backend", "?")), ("tokens", len(steps)),
-             ("top-1 agreement", _pct(_num(c.get("top1_agreement")))),
-             ("top-1 on decisive tokens", f"{_pct(_num(c.get('top1_decisive', c.get('top1_agreement'))))}"
-                                          f" ({int(_num(c.get('ties')))} near-ties left out)"),
+             ("backend", c.get("backend", "?")),
+             ("tokens", f"{len(steps)}" + (f" of {c['tokens_from']}" if c.get("tokens_from") else "")),
+             ("decode path", _path(c)),
+             ("same top token", _pct(_num(c.get("top1_agreement")))),
              ("max rel error", fmt(_num(c.get("max_rel")))),
              ("min cosine", f"{_num(c.get('min_cosine')):.6f}"),
              ("state drift", fmt(drift) if isinstance(drift, (int, float)) else "not measured")]
-    for w in c.get("warnings") or []:  # a weak verdict (most tokens near-ties)
+    for w in c.get("warnings") or []:
         facts.insert(1, ("warning", str(w)))
     pre = c.get("prefill")
     if isinstance(pre, dict):  # the same tokens as a prompt, through the T-row variants
-        facts.append(("prefill path", f"top-1 {_pct(_num(pre.get('top1_agreement')))}, max rel error "
-                                      f"{fmt(_num(pre.get('max_rel')))}, state drift "
-                                      f"{fmt(_num(pre.get('state_drift')))}"))
+        facts.insert(4, ("prefill path", _path(pre)))
     facts.append(("tolerances", ", ".join(f"{k} {v}" for k, v in tol.items())))
     facts.append(("written", c.get("written", "?")))
     rows = "".join(f"<tr><th>{esc(k)}</th><td data-check=\"{esc(k)}\""
@@ -146,8 +144,44 @@ def check(d: ReportData) -> str:
     plot = line_plot([_float(v) for v in steps], "max relative logit error per step", "max rel error",
                      ref=(float(ref), f"tolerance {ref}") if isinstance(ref, (int, float)) else None)
     return (f"<h2>Last check: hybrid executor vs pure onnxruntime</h2>{stale}<table>{rows}</table>"
+            + kl_histogram(c) +
             f"<p class=note>Max |logit error| / max |reference logit| per step; dashed: the "
             f"tolerance.</p>{plot}")
+
+
+def _path(rep: dict) -> str:
+    """'KL mean .., median .., p99 .., max ..; same top token ..; bits per byte .. (reference ..)'."""
+    q = rep.get("quality") if isinstance(rep.get("quality"), dict) else {}
+    k = q.get("kl") if isinstance(q.get("kl"), dict) else None
+    parts = [f"KL mean {fmt(_num(k.get('mean')))}, median {fmt(_num(k.get('median')))}, p99 "
+             f"{fmt(_num(k.get('p99')))}, max {fmt(_num(k.get('max')))}"] if k else ["no KL recorded"]
+    parts.append(f"same top token {_pct(_num(rep.get('top1_agreement')))}")
+    b = q.get("bits")
+    if isinstance(b, dict):
+        parts.append(f"bits per {b.get('unit', 'token')} {_num(b.get('artifact')):.4f} (reference "
+                     f"{_num(b.get('reference')):.4f})")
+    parts.append(f"max rel error {fmt(_num(rep.get('max_rel')))}")
+    return "; ".join(parts)
+
+
+KL_COLOURS = {"decode": "#2c7bb6", "prefill": "#fdae61"}
+
+
+def kl_histogram(c: dict) -> str:
+    """Tokens per decade of KL divergence, decode and prefill side by side."""
+    groups, edges = [], None
+    for name, rep in (("decode", c), ("prefill", c.get("prefill"))):
+        h = ((rep or {}).get("quality") or {}).get("histogram") if isinstance(rep, dict) else None
+        if isinstance(h, dict) and isinstance(h.get("counts"), list) and isinstance(h.get("edges"), list):
+            edges = edges or h["edges"]
+            groups.append((name, KL_COLOURS[name], [int(_num(x)) for x in h["counts"]]))
+    if not groups or not edges:
+        return ""
+    labels = [f"< {fmt(edges[0], 1)}"] + [f"{fmt(a, 1)}..{fmt(b, 1)}" for a, b in zip(edges, edges[1:])] \
+        + [f">= {fmt(edges[-1], 1)}"]
+    return ("<p class=note>KL divergence of each token's next-token distribution from the reference's "
+            "(nats): tokens per decade, decode and prefill paths.</p>"
+            + columns(groups, labels, "tokens per decade of KL divergence"))
 
 
 def _float(v):

@@ -1,5 +1,6 @@
-"""Plain inline SVG for the report page: an element builder, linear and log scales, and three
-small charts (horizontal bars against a reference line, stacked bars, a line plot).
+"""Plain inline SVG for the report page: an element builder, linear and log scales, and four
+small charts (horizontal bars against a reference line, stacked bars, a line plot, a
+histogram of columns).
 
 Everything is text generated from the data; nothing refers outside the page.
 """
@@ -157,4 +158,33 @@ def line_plot(ys: Sequence[float], label: str, y_name: str, ref: Optional[Tuple[
     if ref and ref[0] > 0:
         s.line(left, y(ref[0]), width - right, y(ref[0]), stroke="#555555", dash="5 3", title=ref[1],
                class_="ref", data_value=repr(ref[0]))
+    return s.render()
+
+
+def columns(groups: Sequence[Tuple[str, str, Sequence[int]]], labels: Sequence[str], label: str,
+            unit: str = "tokens", width: int = 760, height: int = 190) -> str:
+    """A histogram: one group of columns per bin (``labels``, left to right), one column per
+    series (name, colour, counts) within it; hovers give the bin, the series and the count."""
+    left, right, top, bottom = 44, 10, 22, 40
+    n_bins = len(labels)
+    hi = max([c for _, _, counts in groups for c in counts] + [1])
+    tv = ticks(hi, 4)
+    y = linear(0, tv[-1], height - bottom, top)
+    s = Svg(width, height, label)
+    for t in tv:
+        s.line(left, y(t), width - right, y(t), stroke=GRID)
+        s.text(left - 6, y(t) + 4, fmt(t), anchor="end", size=10)
+    s.text(4, 10, unit, size=10)
+    slot = (width - left - right) / max(n_bins, 1)
+    col = slot * 0.8 / max(len(groups), 1)
+    for b, name in enumerate(labels):
+        x0 = left + b * slot + slot * 0.1
+        for k, (series, colour, counts) in enumerate(groups):
+            c = counts[b] if b < len(counts) else 0
+            s.rect(x0 + k * col, y(c), col - 1, y(0) - y(c), colour, title=f"{series}, {name}: {c} {unit}",
+                   class_="col", data_series=series, data_bin=name, data_value=c)
+        s.text(left + (b + 0.5) * slot, height - bottom + 14, name, anchor="middle", size=9)
+    for k, (series, colour, _) in enumerate(groups):
+        s.rect(left + k * 90, height - 14, 10, 10, colour)
+        s.text(left + k * 90 + 14, height - 5, series, size=10)
     return s.render()

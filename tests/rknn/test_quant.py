@@ -13,29 +13,18 @@ from rwkv2rknn.compiler.driver import compile_model
 from rwkv2rknn.compiler.ir import Options
 from rwkv2rknn.rknn.build import cache_key
 from rwkv2rknn.runtime.hybrid import load_manifest
+from conftest import W8A8_OPTIONS
 
-# What the w8a8 build of the small model below must keep, teacher-forced on English text (not
+# What the w8a8 build of conftest's byte_model must keep, teacher-forced on English text (not
 # in its calibration rows) against the same model's fp32 ONNX on onnxruntime. Measured here:
 # 96.9% token by token (row 0 of the shared T-row build), 96.8% in T-row chunks.
 MIN_TOP1_W8A8 = 0.90
-QUANT = dict(quant="w8a8", calib_tokens=96, prefill_rows=(4, 8))
+QUANT = W8A8_OPTIONS
 
 
 @pytest.fixture(scope="module")
-def byte_model(tmp_path_factory):
-    """A small random byte-level RWKV-4 (vocabulary 256, so text reads as its tokens)."""
-    from rwkv2rknn.models.checkpoint import random_checkpoint
-    from rwkv2rknn.models.export import export
-    d = str(tmp_path_factory.mktemp("bytes") / "fp32")
-    export(random_checkpoint(layers=2, width=64, vocab=256, seed=5), d, fp32=True, tokenizer="bytes")
-    return d
-
-
-@pytest.fixture(scope="module")
-def w8a8(byte_model, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("art") / "w8a8")
-    compile_model(byte_model, out, Options(**QUANT))
-    return out
+def w8a8(w8a8_artifact):
+    return w8a8_artifact
 
 
 @pytest.mark.slow
@@ -119,8 +108,10 @@ def test_cache_key_holds_precision_and_calibration():
 
 
 def test_check_on_w8a8_states_its_tolerance(w8a8):
+    from rwkv2rknn.tools.check import KL_TOLERANCE
+    mean, p99 = KL_TOLERANCE["w8a8"]
     r = CliRunner().invoke(cli, ["check", w8a8, "--backend", "rknn-sim", "--tokens", "16"])
-    assert "tolerance for w8a8: top-1 >= 85%, max rel <= 0.25" in r.output, r.output
+    assert f"tolerance for w8a8: KL mean <= {mean:g}, p99 <= {p99:g}, max rel <= 0.25" in r.output, r.output
 
 
 @pytest.mark.parametrize("content,words", [
@@ -167,3 +158,21 @@ def test_pack_leaves_the_calibration_datasets_out(w8a8, tmp_path):
     assert not (out / "calib").exists()
     assert all(s.calib is None and s.seq_calib is None for s in m.segments)
     assert all(s.precision == "w8a8" for s in m.segments if s.backend == "npu")
+
+
+def test_compile_w8a8_prints_and_saves_its_kl_on_held_out_tokens(byte_model, w8a8_artifact, tmp_path):
+    """The same compile as w8a8_artifact (its builds come from the cache), through the CLI."""
+    from rwkv2rknn.tools.check import KL_TOLERANCE
+    out = tmp_path / "art"
+    r = CliRunner().invoke(cli, ["compile", byte_model, "-o", str(out), "--quant", "w8a8",
+                                 "--calib-tokens", str(QUANT["calib_tokens"]), "--prefill-rows", "4,8"])
+    assert r.exit_code == 0, r.output
+    lines = [ln for ln in r.output.splitlines() if " held-out tokens of " in ln]
+    assert [ln.split()[:2] for ln in lines] == [["w8a8", "decode"], ["w8a8", "prefill"]], r.output
+    plan = json.load(open(out / "plan.json"))
+    q = plan["heldout_quality"]
+    assert q["tokens"] == 24 and "heldout.txt" in q["text"]
+    for path, ln in zip(("decode", "prefill"), lines):
+        k = q[path]["kl"]
+        assert 0 < k["mean"] < KL_TOLERANCE["w8a8"][0], q  # really quantised, within check's gate
+        assert f"KL mean {k['mean']:.3g}," in ln and f"same top token {100 * q[path]['same_top']:.1f}%" in ln

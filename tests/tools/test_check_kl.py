@@ -1,0 +1,143 @@
+"""check's KL gate, on real text against onnxruntime on the source files: it passes good
+artifacts and fails ones whose NPU segment computes something else. The broken artifacts are
+built for real: a copy of a compiled artifact has one NPU segment's weights (its per-token and
+T-row ONNX, the files rknn-sim builds from) scaled, by 1.05 for fp16 and 1.25 for w8a8, and
+rknn-sim builds and runs them. Figures measured on these models are in docs/quality.md."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import numpy_helper
+
+from rwkv2rknn.tools.check import KL_TOLERANCE, run_check
+from rwkv2rknn.cli import cli
+from rwkv2rknn.artifact.plan import MANIFEST, sha256_file
+
+pytestmark = pytest.mark.slow
+TOKENS = 96  # of the built-in English sample
+
+
+@pytest.fixture(scope="module")
+def fp16_bytes(byte_model, tmp_path_factory):
+    """conftest's byte_model (fp32 files) compiled with fp16 NPU segments."""
+    from rwkv2rknn.compiler.driver import compile_model
+    from rwkv2rknn.compiler.ir import Options
+    out = str(tmp_path_factory.mktemp("art") / "fp16")
+    compile_model(byte_model, out, Options(prefill_rows=(4, 8)))
+    return out
+
+
+def scaled_copy(artifact: str, dst: str, factor: float, npu_index: int = 1) -> str:
+    """A copy of ``artifact`` whose ``npu_index``-th NPU segment has every 2-D weight scaled by
+    ``factor`` in both its ONNX files, with the manifest's checksums updated: a miscompiled
+    segment, as the runtime loads it. Returns the segment's name."""
+    shutil.copytree(artifact, dst)
+    path = os.path.join(dst, MANIFEST)
+    with open(path) as f:
+        m = json.load(f)
+    seg = [s for s in m["segments"] if s["backend"] == "npu"][npu_index]
+    for key, sha in (("onnx", "sha256"), ("seq_onnx", "seq_sha256")):
+        if seg.get(key):
+            p = os.path.join(dst, seg[key])
+            model = onnx.load(p)
+            n = 0
+            for init in model.graph.initializer:
+                w = numpy_helper.to_array(init)
+                if w.ndim == 2 and w.dtype.kind == "f":
+                    init.CopyFrom(numpy_helper.from_array((w * factor).astype(w.dtype), init.name))
+                    n += 1
+            assert n, f"{seg['name']} has no weights to scale"
+            onnx.save(model, p)
+            seg[sha] = sha256_file(p)
+    with open(path, "w") as f:
+        json.dump(m, f)
+    return seg["name"]
+
+
+def _kl_failures(rep):
+    return [f for f in rep.failures if "KL " in f]
+
+
+def test_fp16_passes_on_text_and_fails_with_one_segment_scaled_by_1_05(fp16_bytes, tmp_path):
+    good, backend = run_check(fp16_bytes, TOKENS, backend="rknn-sim")
+    assert backend == "rknn-sim" and good.passed, good.summary()
+    assert good.tokens_from.startswith("the built-in English sample")
+    mean, p99 = KL_TOLERANCE["fp16"]
+    for rep in (good.to_dict(), good.prefill):
+        q = rep["quality"]
+        assert 0 < q["kl"]["mean"] < mean and q["kl"]["p99"] < p99  # fp16 error is real, and small
+        assert q["bits"]["unit"] == "byte" and q["bits"]["bytes"] == TOKENS
+        assert abs(q["bits"]["artifact"] / q["bits"]["reference"] - 1) < 1e-3
+    # the first NPU segment (embedding LayerNorm and layer 0): the smallest effect measured
+    name = scaled_copy(fp16_bytes, str(tmp_path / "bad"), 1.05, npu_index=0)
+    bad, _ = run_check(str(tmp_path / "bad"), TOKENS, backend="rknn-sim")
+    assert not bad.passed
+    kl = _kl_failures(bad)
+    assert any(f.startswith("KL mean") for f in kl), (name, bad.failures)
+    assert any(f.startswith("prefill: KL mean") for f in kl), (name, bad.failures)
+    # the logit-error gate (0.05 of the scale) alone would have let this build through
+    assert bad.max_rel < bad.tolerance["max_rel"], bad.summary()
+
+
+def test_ort_gates_the_same_way(byte_model, tmp_path):
+    """On onnxruntime (the compile-side fallback) a plan-only artifact of the fp32 files agrees
+    to rounding; the same 1.05 scaling fails its KL gate."""
+    from rwkv2rknn.compiler.driver import compile_model
+    from rwkv2rknn.compiler.ir import Options
+    art = str(tmp_path / "plan")
+    compile_model(byte_model, art, Options(plan_only=True))
+    good, _ = run_check(art, TOKENS, backend="ort")
+    assert good.passed and good.quality["kl"]["max"] < KL_TOLERANCE["exact"][0], good.summary()
+    scaled_copy(art, str(tmp_path / "bad"), 1.05)
+    bad, _ = run_check(str(tmp_path / "bad"), TOKENS, backend="ort")
+    assert any(f.startswith("KL mean") for f in bad.failures), bad.failures
+
+
+def test_w8a8_passes_on_text_and_fails_with_one_segment_scaled_by_1_25(w8a8_artifact, tmp_path):
+    good, _ = run_check(w8a8_artifact, TOKENS, backend="rknn-sim")
+    assert good.passed, good.summary()
+    assert good.tolerance["precision"] == "w8a8"
+    assert good.tolerance["max_kl_mean"] == KL_TOLERANCE["w8a8"][0]
+    name = scaled_copy(w8a8_artifact, str(tmp_path / "bad"), 1.25)
+    bad, _ = run_check(str(tmp_path / "bad"), TOKENS, backend="rknn-sim")
+    assert not bad.passed and _kl_failures(bad), (name, bad.summary())
+
+
+def test_cli_prints_both_paths_and_saves_the_histograms(fp16_bytes, tmp_path):
+    art = str(tmp_path / "art")
+    shutil.copytree(fp16_bytes, art)
+    r = CliRunner().invoke(cli, ["check", art, "--backend", "rknn-sim", "--tokens", "32"])
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    decode = next(ln for ln in lines if ln.startswith("decode:  KL mean "))
+    prefill = next(ln for ln in lines if ln.startswith("prefill: KL mean "))
+    for ln in (decode, prefill):
+        assert "same top token" in ln and "bits per byte" in ln and "p99" in ln
+    assert "weak" not in r.output and "near-tie" not in r.output
+    with open(os.path.join(art, "check.json")) as f:
+        saved = json.load(f)
+    for rep in (saved, saved["prefill"]):
+        h = rep["quality"]["histogram"]
+        assert sum(h["counts"]) == 32 and len(h["counts"]) == len(h["edges"]) + 1
+        kl = np.array([s["kl"] for s in rep["steps"]])
+        assert rep["quality"]["kl"]["max"] == pytest.approx(kl.max())
+
+
+def test_eval_reports_both_paths_against_the_source(fp16_bytes, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("The rain had stopped by the time the bus reached the village square.")
+    r = CliRunner().invoke(cli, ["eval", fp16_bytes, "--text", str(text), "--backend", "rknn-sim"])
+    assert r.exit_code == 0, r.output
+    n = len(text.read_bytes())
+    assert f"{n} tokens of the given text (bytes tokenizer)" in r.output, r.output
+    for path in ("decode:  KL mean ", "prefill: KL mean "):
+        line = next(ln for ln in r.output.splitlines() if ln.startswith(path))
+        assert "bits per byte" in line and "same top token" in line
+    alone = CliRunner().invoke(cli, ["eval", fp16_bytes, "--text", str(text), "--backend", "rknn-sim",
+                                     "--no-reference"])
+    assert alone.exit_code == 0 and f"bits per byte over {n - 1} bytes" in alone.output, alone.output
