@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 PROMPT ?= The
 PYTEST_ARGS ?=
 
-.PHONY: install lint imports test test-fast browser-test run bench clean
+.PHONY: install lint imports test test-fast browser-test board-test run bench clean
 
 install: $(STAMP)
 
@@ -60,6 +60,11 @@ test-fast: install
 browser-test: install
 	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
 	TQDM_DISABLE=1 $(BIN)/python -m pytest -q -m browser tests/tools/test_report_browser.py
+
+# The board install (docs/board.md) in a Debian 12 arm64 userland under qemu-user (as root:
+# apt-get, debootstrap, chroot; the userland is kept in $$ROOTFS). Not part of `make test`.
+board-test: install
+	sh tests/board/board_test.sh
 
 run: install
 	$(BIN)/rwkv2rknn demo --prompt "$(PROMPT)"

@@ -53,9 +53,23 @@ def _children_cpu() -> float:
 V7_LORA = {"w": 96, "a": 96, "v": 64, "g": 256}
 
 
-def make_model(model_dir, layers, width, vocab, fp32=False, version="4", head_size=64):
+def make_model(model_dir, layers, width, vocab, fp32=False, version="4", head_size=64,
+               one_file=False):
+    """Per-layer files in ``model_dir`` (or, ``one_file``, ``model_dir``/model.onnx)."""
+    from rwkv2rknn.models.export import export, export_file
+
+    sd = make_state_dict(layers, width, vocab, version, head_size)
+    if one_file:
+        os.makedirs(model_dir, exist_ok=True)
+        export_file(sd, os.path.join(model_dir, "model.onnx"), fp32=fp32, force=True)
+    else:
+        export(sd, model_dir, fp32=fp32, force=True)
+
+
+def make_state_dict(layers, width, vocab, version="4", head_size=64):
+    """A random checkpoint of that shape, cheaply: one random layer (two for RWKV-7, whose
+    layer 0 differs) whose arrays every later layer shares."""
     from rwkv2rknn.models.checkpoint import random_checkpoint, random_rwkv7
-    from rwkv2rknn.models.export import export
 
     if version == "7":  # layer 0 has no v LoRA: two random layers, the second repeated
         one, src = random_rwkv7(layers=min(layers, 2), width=width, vocab=vocab,
@@ -67,7 +81,7 @@ def make_model(model_dir, layers, width, vocab, fp32=False, version="4", head_si
         for k, v in one.items():
             if k.startswith(f"blocks.{src}.") and ".ln0." not in k:
                 sd[k.replace(f"blocks.{src}.", f"blocks.{i}.", 1)] = v
-    export(sd, model_dir, fp32=fp32, force=True)
+    return sd
 
 
 def main():
@@ -79,6 +93,8 @@ def main():
     ap.add_argument("--version", choices=("4", "7"), default="4",
                     help="RWKV-4 (default) or RWKV-7 (head size --head-size, LoRA as the 1.5B's)")
     ap.add_argument("--head-size", type=int, default=64)
+    ap.add_argument("--one-file", action="store_true",
+                    help="export one whole-model .onnx instead of per-layer files")
     ap.add_argument("--keep", default=None, help="work folder to keep (default: a temporary one)")
     ap.add_argument("--plan-only", action="store_true", help="compile with --plan-only")
     ap.add_argument("--once", action="store_true", help="one compile (no second, cached one)")
@@ -101,18 +117,23 @@ def main():
                 shutil.rmtree(model_dir, ignore_errors=True)
             return 0
         model_dir = os.path.join(work, "model")
-        if not os.path.exists(os.path.join(model_dir, "head.onnx")):
+        source = os.path.join(model_dir, "model.onnx") if a.one_file else model_dir
+        if not os.path.exists(os.path.join(model_dir, "model.onnx" if a.one_file else "head.onnx")):
             t0 = time.perf_counter()
-            make_model(model_dir, a.layers, a.width, a.vocab, a.fp32, a.version, a.head_size)
-            print(f"export ({'fp32' if a.fp32 else 'fp16'}): {time.perf_counter() - t0:.1f} s", flush=True)
+            make_model(model_dir, a.layers, a.width, a.vocab, a.fp32, a.version, a.head_size,
+                       a.one_file)
+            print(f"export ({'fp32' if a.fp32 else 'fp16'}{', one file' if a.one_file else ''}): "
+                  f"{time.perf_counter() - t0:.1f} s", flush=True)
+        if a.one_file:
+            print(f"file: {os.path.getsize(source) / 2**30:.2f} GiB", flush=True)
         cache = os.path.join(work, "cache")
         shutil.rmtree(cache, ignore_errors=True)
         labels = ("first compile (empty cache)", "second compile (cache)")
         for label in labels[:1] if a.once else labels:
-            secs, peak, rc, out, load, cpu = timed_compile(model_dir, os.path.join(work, "art"), cache, extra)
+            secs, peak, rc, out, load, cpu = timed_compile(source, os.path.join(work, "art"), cache, extra)
             print(f"{label}: {secs:.1f} s wall, {cpu:.1f} s CPU, peak memory {peak / 2**30:.2f} GiB, exit {rc} "
                   f"(machine load average {load:.1f} on {os.cpu_count()} cores)", flush=True)
-            print("\n".join(ln for ln in out.splitlines() if ln.strip().startswith(("build: ", "warning:", "range trace"))),
+            print("\n".join(ln for ln in out.splitlines() if ln.strip().startswith(("build: ", "warning:", "range trace", "validate: "))),
                   flush=True)
             if rc != 0:
                 print(out[-2000:])

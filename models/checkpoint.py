@@ -15,22 +15,23 @@ from rwkv2rknn.models import rwkv4, rwkv5, rwkv6, rwkv7
 
 
 def load_checkpoint(path: str) -> Dict[str, np.ndarray]:
-    """A .pth state dict as float32 numpy arrays, with a one-line error for a bad file."""
-    if not os.path.isfile(path):
-        raise BadInput(f"checkpoint '{path}' does not exist", "give the path of an RWKV .pth file")
+    """A checkpoint as float32 numpy arrays in the official .pth layout, with a one-line error
+    for a bad file: an official .pth, or a Hugging Face folder / weights file (models/hf.py)."""
+    return load_model(path)[0]
+
+
+def load_model(path: str):
+    """(state dict in the official layout, tokenizer.json beside it or None, what it was read
+    as) of a .pth, a .safetensors, a Hugging Face model folder or its weights or shard index."""
+    from rwkv2rknn.models import hf
+    if not os.path.exists(path):
+        raise BadInput(f"checkpoint '{path}' does not exist",
+                       "give an RWKV .pth file or a Hugging Face model folder")
     try:
-        import torch
+        import torch  # noqa: F401 - reading .pth and bf16 tensors
     except ImportError as e:  # pragma: no cover - torch is in requirements.txt
-        raise MissingDependency("reading .pth checkpoints needs torch",
-                                "pip install torch") from e
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise BadInput(f"cannot read checkpoint '{path}' ({type(e).__name__})",
-                       "the file is truncated or not a PyTorch state dict") from e
-    if not isinstance(sd, dict) or not all(hasattr(v, "shape") for v in sd.values()):
-        raise BadInput(f"'{path}' is not a state dict of tensors", "give an RWKV .pth checkpoint")
-    return {k: v.detach().float().numpy() for k, v in sd.items()}
+        raise MissingDependency("reading checkpoints needs torch", "pip install torch") from e
+    return hf.load_model(path)
 
 
 def random_checkpoint(layers: int = 2, width: int = 64, vocab: int = 256, ffn: Optional[int] = None,

@@ -55,9 +55,11 @@ def to_fp16(model, keep_fp32=()):
 
 def export(sd: Dict[str, np.ndarray], out_dir: str, fp32: bool = False,
            tokenizer: Optional[str] = None, force: bool = False,
-           progress: Optional[Callable[[str], None]] = None):
+           progress: Optional[Callable[[str], None]] = None, tokenizer_file: Optional[str] = None):
     """Write the per-layer files of ``sd`` (validated) into ``out_dir``, atomically; returns
-    the model's shape."""
+    the model's shape. ``tokenizer_file``: a tokenizer.json copied beside the files and recorded
+    as the model's tokenizer (a Hugging Face folder's own)."""
+    import shutil
     arch, shape = arch_of(sd)
     stages = [(arch.EMBED_FILE, lambda: arch.embed_graph(sd))]
     stages += [(arch.BLOCK_FILE.format(i), (lambda i=i: arch.block_graph(sd, i)))
@@ -72,6 +74,9 @@ def export(sd: Dict[str, np.ndarray], out_dir: str, fp32: bool = False,
             fileio.save_onnx(model, os.path.join(tmp, name))
             if progress:
                 progress(name)
+        if tokenizer_file:
+            shutil.copyfile(tokenizer_file, os.path.join(tmp, "tokenizer.json"))
+            tokenizer = "tokenizer.json"
         fileio.write_json(os.path.join(tmp, MODEL_JSON), {
             "arch": arch.ARCH, "shape": shape.to_dict(), "dtype": "float32" if fp32 else "float16",
             "tokenizer": tokenizer, **arch.description(shape)})
@@ -95,45 +100,147 @@ def whole_model(sd: Dict[str, np.ndarray], fp32: bool = True):
     blocks (RWKV-7's ``v_first``) stay inside the graph. Node and tensor names carry their stage
     (``embed/``, ``L{i}/``, ``head/``). ``fp32=False``: each stage converted to fp16 first (the
     recurrence kept in fp32, as in the per-layer files)."""
-    from onnx import compose, helper
+    from onnx import helper
 
-    arch, shape = arch_of(sd)
-    keep = getattr(arch, "fp32_nodes", lambda m: [])
-    stages = [("embed/", arch.embed_graph(sd))]
-    stages += [(f"L{i}/", arch.block_graph(sd, i)) for i in range(shape.layers)]
-    stages += [("head/", arch.head_graph(sd))]
-    inter = tuple(getattr(arch, "INTER_LAYER", ()))
-    nodes, inits, inputs, outputs, logits_type = [], [], [], [], None
-    x, carried = None, {}  # the residual stream leaving the previous stage; inter-layer values
-    for prefix, model in stages:
-        if not fp32:
-            model = to_fp16(model, keep(model))
-        g = compose.add_prefix(model, prefix).graph
-        first, last = g.input[0].name, g.output[0].name
-        rename = {first: x} if x else {first: "token"}
-        if prefix == "head/":
-            rename[last] = "logits"
-            logits_type = g.output[0].type.tensor_type.elem_type
-        for name in inter:  # a later block reads the value an earlier block made
-            if prefix + name in {t.name for t in g.input} and name in carried:
-                rename[prefix + name] = carried[name]
-            elif prefix + name in {t.name for t in g.output}:
-                carried[name] = prefix + name
-        for node in g.node:
-            node.input[:] = [rename.get(n, n) for n in node.input]
-            node.output[:] = [rename.get(n, n) for n in node.output]
-        nodes += g.node
-        inits += g.initializer
-        if x is None:
-            inputs.append(helper.make_tensor_value_info("token", g.input[0].type.tensor_type.elem_type, [1]))
-        inputs += [t for t in g.input[1:] if t.name not in rename]
-        outputs += [t for t in g.output[1:] if t.name not in carried.values()]
-        x = g.output[0].name
-    outputs.insert(0, helper.make_tensor_value_info("logits", logits_type, [shape.vocab]))
+    nodes, inits = [], []
+    pieces = _stage_pieces(sd, fp32)
+    for stage_nodes, stage_inits in pieces:
+        nodes += stage_nodes
+        inits += stage_inits
+    arch, shape, inputs, outputs, opset = pieces.result
     graph = helper.make_graph(nodes, "rwkv", inputs, outputs, inits)
-    model = helper.make_model(graph, opset_imports=stages[0][1].opset_import, producer_name="rwkv2rknn")
+    model = helper.make_model(graph, opset_imports=opset, producer_name="rwkv2rknn")
     model.ir_version = 8
     return model, shape, arch
+
+
+class _Pieces:
+    """Iterates the stages of a whole model as (nodes, initializers), one stage built at a
+    time; then ``result`` is (arch, shape, inputs, outputs, opset imports)."""
+
+    def __init__(self, sd, fp32: bool):
+        self.sd, self.fp32, self.result = sd, fp32, None
+
+    def __iter__(self):
+        from onnx import compose, helper
+
+        sd = self.sd
+        arch, shape = arch_of(sd)
+        keep = getattr(arch, "fp32_nodes", lambda m: [])
+        stages = [("embed/", lambda: arch.embed_graph(sd))]
+        stages += [(f"L{i}/", lambda i=i: arch.block_graph(sd, i)) for i in range(shape.layers)]
+        stages += [("head/", lambda: arch.head_graph(sd))]
+        inter = tuple(getattr(arch, "INTER_LAYER", ()))
+        inputs, outputs, logits_type, opset = [], [], None, None
+        x, carried = None, {}  # the residual stream leaving the previous stage; inter-layer values
+        for prefix, build in stages:
+            model = build()
+            if not self.fp32:
+                model = to_fp16(model, keep(model))
+            opset = opset or model.opset_import
+            g = compose.add_prefix(model, prefix).graph
+            del model
+            first, last = g.input[0].name, g.output[0].name
+            rename = {first: x} if x else {first: "token"}
+            if prefix == "head/":
+                rename[last] = "logits"
+                logits_type = g.output[0].type.tensor_type.elem_type
+            for name in inter:  # a later block reads the value an earlier block made
+                if prefix + name in {t.name for t in g.input} and name in carried:
+                    rename[prefix + name] = carried[name]
+                elif prefix + name in {t.name for t in g.output}:
+                    carried[name] = prefix + name
+            for node in g.node:
+                node.input[:] = [rename.get(n, n) for n in node.input]
+                node.output[:] = [rename.get(n, n) for n in node.output]
+            if x is None:
+                inputs.append(helper.make_tensor_value_info("token", g.input[0].type.tensor_type.elem_type, [1]))
+            # copies: a message taken out of the stage's graph would keep all of it (every
+            # weight of the stage) alive
+            inputs += [_copy(t) for t in g.input[1:] if t.name not in rename]
+            outputs += [_copy(t) for t in g.output[1:] if t.name not in carried.values()]
+            x = g.output[0].name
+            yield [_copy(n) for n in g.node], list(g.initializer)
+            del g
+        outputs.insert(0, helper.make_tensor_value_info("logits", logits_type, [shape.vocab]))
+        self.result = (arch, shape, inputs, outputs, opset)
+
+
+def _copy(message):
+    out = type(message)()
+    out.CopyFrom(message)
+    return out
+
+
+def _stage_pieces(sd, fp32: bool) -> _Pieces:
+    return _Pieces(sd, fp32)
+
+
+def _write_streamed(sd, fp32: bool, path: str, props: Dict[str, str], force: bool):
+    """Write what ``whole_model`` makes, byte for byte what onnx.save would write, holding one
+    stage at a time: the nodes in memory (small), each stage's weights appended to a scratch
+    file, then the graph's length-prefixed record assembled around them. Returns the shape."""
+    import shutil
+    import tempfile
+    import onnx
+    from onnx import helper
+
+    from rwkv2rknn.errors import BadInput
+
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        raise BadInput(f"'{path}' is a folder", "give a file name ending in .onnx")
+    if os.path.exists(path) and not force:
+        raise BadInput(f"'{path}' exists", "choose another name, or pass --force to replace it")
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.partial-{os.getpid()}-", dir=folder)
+    try:
+        weights = os.path.join(tmp, "weights")
+        nodes = []
+        pieces = _stage_pieces(sd, fp32)
+        with open(weights, "wb") as w:
+            for stage_nodes, stage_inits in pieces:
+                nodes += stage_nodes
+                w.write(onnx.GraphProto(initializer=stage_inits).SerializeToString())
+                del stage_inits
+        arch, shape, inputs, outputs, opset = pieces.result
+        # GraphProto fields in number order: node (1), name (2), initializer (5), input (11),
+        # output (12); ModelProto: ir_version (1), producer_name (2), graph (7), opset_import (8),
+        # metadata_props (14)
+        head = onnx.GraphProto(node=nodes).SerializeToString() + onnx.GraphProto(name="rwkv").SerializeToString()
+        tail = onnx.GraphProto(input=inputs, output=outputs).SerializeToString()
+        graph_len = len(head) + os.path.getsize(weights) + len(tail)
+        before = onnx.ModelProto(ir_version=8, producer_name="rwkv2rknn").SerializeToString()
+        after = helper.make_model(onnx.GraphProto(), opset_imports=opset)
+        after.ClearField("graph")
+        after.ClearField("ir_version")
+        helper.set_model_props(after, props)
+        out = os.path.join(tmp, os.path.basename(path))
+        with open(out, "wb") as f:
+            f.write(before + bytes([7 << 3 | 2]) + _varint_bytes(graph_len) + head)
+            with open(weights, "rb") as w:
+                shutil.copyfileobj(w, f, 16 << 20)
+            f.write(tail + after.SerializeToString())
+        os.replace(out, path)
+        data = path + ".data"
+        if os.path.exists(data) and force:
+            os.unlink(data)  # an older export's weights, no longer read
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return shape
+
+
+def _varint_bytes(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
 
 
 def export_file(sd: Dict[str, np.ndarray], path: str, fp32: bool = False,
@@ -142,10 +249,18 @@ def export_file(sd: Dict[str, np.ndarray], path: str, fp32: bool = False,
     """The whole model as one .onnx file (weights as external data ``PATH.data`` beside it when
     they pass ``external_limit`` bytes), written whole or not at all."""
     from onnx import helper
+    arch, _ = arch_of(sd)
+    props = {METADATA_PREFIX + "arch": arch.ARCH, METADATA_PREFIX + "tokenizer": tokenizer or "",
+             METADATA_PREFIX + "dtype": "float32" if fp32 else "float16"}
+    # at most the fp32 bytes of the weights: below the limit, the file is written one stage at
+    # a time (a whole ModelProto of a 430M model took more than 12 GB to build and save)
+    if sum(np.asarray(v).size * 4 for v in sd.values()) <= external_limit:
+        shape = _write_streamed(sd, fp32, path, props, force)
+        log.info("exported %s (%d layers, width %d, vocab %d) to %s", arch.ARCH, shape.layers,
+                 shape.width, shape.vocab, path)
+        return shape
     model, shape, arch = whole_model(sd, fp32)
-    helper.set_model_props(model, {METADATA_PREFIX + "arch": arch.ARCH,
-                                   METADATA_PREFIX + "tokenizer": tokenizer or "",
-                                   METADATA_PREFIX + "dtype": "float32" if fp32 else "float16"})
+    helper.set_model_props(model, props)
     weight_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
     fileio.save_onnx_file(model, path, external=weight_bytes > external_limit, force=force)
     log.info("exported %s (%d layers, width %d, vocab %d) to %s", arch.ARCH, shape.layers,

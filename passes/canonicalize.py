@@ -4,6 +4,14 @@
 
     Shape -> Gather -> Unsqueeze -> Concat -+                      const shape -+
     x ------------------------------------- Reshape        =>      x ---------- Reshape
+    ONNX local functions (torch: export_modules_as_functions)  => inlined (onnx.inliner)
+    GatherND(table, Unsqueeze(i, [-1]))  (dynamo: table[i]) =>    Gather(table, i, axis=0)
+    GroupNormalization(x, scale, bias; G)                 =>      Reshape [N, G, -1] -> the LayerNorm
+                                                                  form over the last axis -> scale
+                                                                  (per group at opset 18-20, per
+                                                                  channel at 21) -> Reshape back
+    LpNormalization(x; axis, p)                           =>      x / ReduceL{p}(x, axis)
+    RMSNormalization(x, scale; axis -1)                   =>      x / Sqrt(ReduceMean(x*x) + eps) * scale
     Gemm(A, B, C; transA, transB, alpha, beta)            =>      MatMul(A', alpha B') -> Add(beta C)
     LayerNormalization(x, w, b)                           =>      ReduceMean/Sub/Mul/ReduceMean/Add/Sqrt/Div/Mul/Add
     ReduceMean(x[C])  (no axes)                           =>      ReduceMean(x, axes=[-1])
@@ -42,6 +50,174 @@ log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------------------------
 # on the ModelProto, file by file (the loader calls these)
+
+
+def prepare(model, what: str = "the model"):
+    """A file's ModelProto as the graph passes take it: local functions inlined, the norm ops
+    lowered (at the file's own opset), then at opset ``OPSET`` (``passes/opset.py``)."""
+    model = inline_functions(model, what)
+    lower_norms(model)
+    rows_by_index(model)
+    return to_opset(model, what)
+
+
+def rows_by_index(model) -> int:
+    """``GatherND(data, Unsqueeze(i, axes=[-1]))`` with no batch dims (torch's dynamo exporter
+    writes ``table[i]`` so) -> ``Gather(data, i, axis=0)``, in place; returns how many."""
+    from onnx import helper, numpy_helper
+    consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    made = {n.output[0]: n for n in model.graph.node if n.output}
+    count = 0
+    for n in model.graph.node:
+        if n.op_type != "GatherND" or any(a.name == "batch_dims" and a.i for a in n.attribute):
+            continue
+        u = made.get(n.input[1])
+        if u is None or u.op_type != "Unsqueeze":
+            continue
+        axes = consts.get(u.input[1]) if len(u.input) > 1 else None
+        if axes is None:
+            axes = next((helper.get_attribute_value(a) for a in u.attribute if a.name == "axes"), None)
+        if axes is None or [int(a) for a in np.asarray(axes).reshape(-1)] != [-1]:
+            continue
+        n.op_type = "Gather"
+        n.input[1] = u.input[0]
+        del n.attribute[:]
+        n.attribute.append(helper.make_attribute("axis", 0))
+        count += 1
+    return count
+
+
+def inline_functions(model, what: str = "the model"):
+    """``model`` with its ONNX local functions inlined by onnx's own inliner (the weights are
+    lifted out first, so the inliner's copy of the model does not copy them)."""
+    if not len(model.functions):
+        return model
+    from onnx import inliner
+
+    from rwkv2rknn.passes.opset import _lift_weights, _put_back
+    weights = _lift_weights(model)
+    try:
+        out = inliner.inline_local_functions(model)
+    except Exception as e:  # noqa: BLE001 - the inliner raises several kinds
+        raise BadInput(f"{what}: its ONNX local functions cannot be inlined "
+                       f"({str(e).splitlines()[0][:100]})",
+                       "export it again without functions (torch: export_modules_as_functions=False)") from e
+    finally:
+        _put_back(model, weights)
+    _put_back(out, weights)
+    log.info("%s: %d local function(s) inlined", what, len(model.functions))
+    return out
+
+
+_NORM_OPS = ("GroupNormalization", "LpNormalization", "RMSNormalization")
+
+
+def lower_norms(model) -> int:
+    """GroupNormalization, LpNormalization and RMSNormalization in ``model`` (in place) written
+    with the ops every opset from 13 has, in the file's own opset (reductions' axes as an input
+    from opset 18); returns how many were lowered."""
+    version = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
+    if not any(n.op_type in _NORM_OPS and n.domain in ("", "ai.onnx") for n in model.graph.node):
+        return 0
+    out, count = [], 0
+    for node in model.graph.node:
+        if node.domain in ("", "ai.onnx") and node.op_type in _NORM_OPS:
+            out += _Lowering(model, node, version).nodes()
+            count += 1
+        else:
+            out.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(out)
+    return count
+
+
+class _Lowering:
+    """The nodes that replace one norm node (names start with the node's name)."""
+
+    def __init__(self, model, node, version: int):
+        from onnx import helper
+        self.model, self.node, self.version = model, node, version
+        self.base = (node.name or node.output[0]) + ".lowered"
+        self.attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        self.new, self.k = [], 0
+
+    def const(self, value, dtype=np.int64) -> str:
+        from onnx import numpy_helper
+        name = f"{self.base}.c{self.k}"
+        self.k += 1
+        self.model.graph.initializer.append(numpy_helper.from_array(np.asarray(value, dtype), name))
+        return name
+
+    def op(self, kind, *ins, out=None, **attrs) -> str:
+        from onnx import helper
+        name = out or f"{self.base}.{kind.lower()}{self.k}"
+        self.k += 1
+        self.new.append(helper.make_node(kind, list(ins), [name], name=name, **attrs))
+        return name
+
+    def reduce(self, kind, x, axes) -> str:
+        if self.version >= 18:
+            return self.op(kind, x, self.const(axes), keepdims=1)
+        return self.op(kind, x, axes=list(axes), keepdims=1)
+
+    def dtype(self):
+        """The float type of the node's input (float32 unless an initializer or value says so)."""
+        from onnx import helper
+        name = self.node.input[0]
+        for v in list(self.model.graph.value_info) + list(self.model.graph.input):
+            if v.name == name and v.type.tensor_type.elem_type:
+                return helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type)
+        return np.float32
+
+    def normalized(self, x, axes, eps) -> str:
+        """(x - mean) / sqrt(var + eps) over ``axes``: the decomposed LayerNorm's form."""
+        d = self.op("Sub", x, self.reduce("ReduceMean", x, axes))
+        var = self.reduce("ReduceMean", self.op("Mul", d, d), axes)
+        return self.op("Div", d, self.op("Sqrt", self.op("Add", var, self.const(eps, self.dtype()))))
+
+    def nodes(self):
+        getattr(self, self.node.op_type)()
+        return self.new
+
+    def GroupNormalization(self):  # noqa: N802 - named after the op
+        x, scale, bias = self.node.input[:3]
+        groups = int(self.attrs["num_groups"])
+        shape = self.op("Shape", x)
+        batch = self.op("Slice", shape, self.const([0]), self.const([1]))
+        grouped = self.op("Reshape", x, self.op("Concat", batch, self.const([groups, -1]), axis=0))
+        y = self.normalized(grouped, [-1], float(self.attrs.get("epsilon", 1e-5)))
+        column = self.const([-1, 1])
+        if self.version < 21:  # scale and bias per group
+            y = self.op("Add", self.op("Mul", y, self.op("Reshape", scale, column)),
+                        self.op("Reshape", bias, column))
+            self.op("Reshape", y, shape, out=self.node.output[0])
+            return
+        channels = self.op("Slice", shape, self.const([1]), self.const([2]))  # per channel (21)
+        y = self.op("Reshape", y, self.op("Concat", batch, channels, self.const([-1]), axis=0))
+        y = self.op("Add", self.op("Mul", y, self.op("Reshape", scale, column)),
+                    self.op("Reshape", bias, column))
+        self.op("Reshape", y, shape, out=self.node.output[0])
+
+    def LpNormalization(self):  # noqa: N802
+        p = int(self.attrs.get("p", 2))
+        if p not in (1, 2):
+            raise BadInput(f"LpNormalization '{self.node.name}' has p={p}", "ONNX allows p 1 or 2 only")
+        x = self.node.input[0]
+        norm = self.reduce("ReduceL2" if p == 2 else "ReduceL1", x, [int(self.attrs.get("axis", -1))])
+        self.op("Div", x, norm, out=self.node.output[0])
+
+    def RMSNormalization(self):  # noqa: N802
+        x, scale = self.node.input[:2]
+        if int(self.attrs.get("axis", -1)) != -1:
+            raise BadInput(f"RMSNormalization '{self.node.name}' normalises from axis "
+                           f"{self.attrs['axis']}", "export it over the last axis only (axis -1)")
+        eps = float(self.attrs.get("epsilon", 1e-5))
+        ms = self.reduce("ReduceMean", self.op("Mul", x, x), [-1])
+        rms = self.op("Sqrt", self.op("Add", ms, self.const(eps, self.dtype())))
+        self.op("Mul", self.op("Div", x, rms), scale, out=self.node.output[0])
 
 
 def normalize_constant_nodes(model) -> None:

@@ -37,8 +37,7 @@ def import_stage(path: str, prefix: str, ctx_facts: Optional[dict] = None):
     into it as 'unread', and what the file says of itself as 'dtype' and 'tokenizer'."""
     import onnx_graphsurgeon as gs
     from rwkv2rknn.passes import canonicalize
-    from rwkv2rknn.passes.opset import to_opset
-    model = to_opset(fileio.load_onnx(path), os.path.basename(path))
+    model = canonicalize.prepare(fileio.load_onnx(path), os.path.basename(path))
     canonicalize.normalize_constant_nodes(model)
     if ctx_facts is not None:
         ctx_facts.update(canonicalize.file_facts(model))
@@ -236,12 +235,30 @@ def arch_of_folder(folder: str):
     return MODULES["7"] if "v_first" in names else MODULES["6"]
 
 
+def refuse_checkpoint(path: str) -> None:
+    """A checkpoint (a .pth, .safetensors, .bin or a Hugging Face folder) given to compile."""
+    from rwkv2rknn.models.hf import CONFIG, sniff
+    if os.path.isdir(path):
+        names = os.listdir(path)
+        weights = [n for n in names if n.endswith((".pth", ".safetensors", ".bin"))]
+        if "embed.onnx" in names or not (weights or CONFIG in names):
+            return
+        what = f"'{path}' is a model folder of weights ({(weights or [CONFIG])[0]}), not ONNX files"
+    elif path.endswith(".onnx") or sniff(path) not in ("torch", "safetensors"):
+        return
+    else:
+        what = f"'{path}' is a checkpoint, not ONNX"
+    raise BadInput(what, f"export it first: rwkv2rknn export {path} -o model/ "
+                         f"(then compile model/)")
+
+
 def run(path: str, options: Options = None) -> Context:
     """Load a folder of per-layer files (or one .onnx) into a new Context."""
     options = options or Options()
     if not os.path.exists(path):
         raise BadInput(f"'{path}' does not exist",
                        "give a folder of per-layer RWKV ONNX files or an .onnx file")
+    refuse_checkpoint(path)
     if os.path.isdir(path):
         arch = arch_of_folder(path)
         graph, layers, width, vocab, slots = load_folder(path, arch)

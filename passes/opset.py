@@ -5,8 +5,14 @@
     opset 13..16, no op changed since   -> the opset number only
     opset 13..16, an op changed since   -> onnx.version_converter (weights lifted out and back)
     opset 18                            -> by hand: reductions take their axes as an attribute
+    opset 19 .. 23                      -> the number 18 (every op used must mean at 18 what it
+                                           means at its version: only new types or attributes
+                                           left at their defaults), then as opset 18
 
-Opsets 13 to 18 differ in where ReduceMean, Split, Squeeze and Unsqueeze keep their axes.
+Opsets 13 to 18 differ in where ReduceMean, Split, Squeeze and Unsqueeze keep their axes. onnx's
+version converter has no adapters down from 19 (``No Adapter From Version $19 for Constant``),
+so newer files come down by hand; the norm ops only newer opsets have (GroupNormalization,
+RMSNormalization) are lowered before (``canonicalize.lower_norms``).
 """
 
 from __future__ import annotations
@@ -24,9 +30,12 @@ def to_opset(model, what: str = "the model"):
     version = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     if version is None or version == OPSET:
         return model
-    if not 13 <= version <= 18:
+    if not 13 <= version <= NEWEST:
         raise UnsupportedModel(f"{what} uses ONNX opset {version}",
-                               "export it again with an opset from 13 to 18")
+                               f"export it again with an opset from 13 to {NEWEST}")
+    if version > 18:
+        _to_opset18(model, version, what)
+        version = 18
     if version == 18:
         return _from_opset18(model, what)
     if _unchanged_ops(model, version):  # nothing for the converter to do but the number
@@ -84,6 +93,52 @@ def _put_back(model, lifted: dict) -> None:
             del t.external_data[:]
             t.ClearField("data_location")
             t.raw_data = lifted[t.name]
+
+
+NEWEST = 23  # the newest opset read (onnx 1.18 knows 23)
+
+# Ops (default domain) whose definitions from opset 19 to 23 only add types (bfloat16, float8,
+# int4, ...) or attributes whose defaults keep their opset 18 meaning; {op: attribute values
+# that would change it}.
+_SAME_AS_18 = {
+    "Cast": {}, "CastLike": {}, "Constant": {}, "ConstantOfShape": {}, "Equal": {}, "Identity": {},
+    "Reshape": {}, "Shape": {}, "Size": {}, "Flatten": {}, "Squeeze": {}, "Unsqueeze": {},
+    "Transpose": {}, "ReduceMax": {}, "ReduceMin": {}, "IsInf": {}, "IsNaN": {},
+    "Pad": {"mode": (b"wrap",)}, "InstanceNormalization": {}, "LpNormalization": {},
+    "QuantizeLinear": {}, "DequantizeLinear": {}, "QLinearMatMul": {},
+    # bfloat16 only (opset 22)
+    "Acos": {}, "Acosh": {}, "Asin": {}, "Asinh": {}, "Atan": {}, "Atanh": {}, "Cos": {}, "Cosh": {},
+    "Sin": {}, "Sinh": {}, "Tan": {}, "Elu": {}, "Selu": {}, "HardSigmoid": {}, "HardSwish": {},
+    "Mish": {}, "Softplus": {}, "Softsign": {}, "ThresholdedRelu": {}, "Round": {}, "Dropout": {},
+    "EyeLike": {}, "Conv": {}, "ConvTranspose": {}, "GlobalAveragePool": {}, "GlobalMaxPool": {},
+    "MaxPool": {}, "Det": {},
+}
+
+
+def _to_opset18(model, version: int, what: str) -> None:
+    """An opset 19..23 model relabelled 18, in place, if every op of the default domain means
+    at 18 what it means at ``version``; else a one-line refusal naming the op."""
+    from onnx import defs, helper
+    for n in model.graph.node:
+        if n.domain not in ("", "ai.onnx"):
+            continue
+        try:
+            since = defs.get_schema(n.op_type, version, "").since_version
+        except Exception:  # noqa: BLE001 - not an op of this opset
+            raise UnsupportedModel(f"{what} (opset {version}) uses {n.op_type}, which ONNX does not "
+                                   f"define at opset {version}", "export it again") from None
+        if since <= 18:
+            continue
+        bad = _SAME_AS_18.get(n.op_type)
+        changed = bad is None or any(helper.get_attribute_value(a) in bad.get(a.name, ())
+                                     for a in n.attribute)
+        if changed:
+            raise UnsupportedModel(f"{what} (opset {version}) uses {n.op_type} in its opset {since} "
+                                   f"form, which opset {OPSET} cannot express",
+                                   "export it again with opset 18 or older")
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            o.version = 18
 
 
 # ops whose opset 18 form differs from opset 17 in a way the graph may use

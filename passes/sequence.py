@@ -98,11 +98,18 @@ def _why_not(ctx: Context, seg: GraphSegment) -> Optional[str]:
     return None
 
 
+def _shape_last(n):
+    """The last entry of a Reshape's constant shape (None if it is not constant)."""
+    v = const_value(n.inputs[1])
+    return int(np.asarray(v).reshape(-1)[-1]) if v is not None and np.asarray(v).size else None
+
+
 def _rows_form(g, ctx: Context) -> None:
     """Rewrite the per-token graph's shapes for T rows: reshapes to [-1, k], reductions and
     splits over the last axis, constants of rank > 2 (one row) to a vector."""
     import onnx_graphsurgeon as gs
 
+    rows = {}  # one constant per (shape read, k): exporters share a shape between Reshapes
     for n in list(g.nodes):
         if n.op == "Reshape" and _split_by_rows(n):
             split = n.outputs[0].outputs[0]
@@ -114,7 +121,9 @@ def _rows_form(g, ctx: Context) -> None:
         elif n.op == "Reshape":
             info = ctx.tensors.get(n.outputs[0].name)
             k = int(np.prod(info.shape)) if info is not None else int(np.asarray(n.inputs[1].values)[-1])
-            n.inputs[1] = gs.Constant(n.inputs[1].name + ".rows", np.array([-1, k], np.int64))
+            name = n.inputs[1].name
+            n.inputs[1] = rows.setdefault((name, k), gs.Constant(
+                f"{name}.rows" if k == _shape_last(n) else f"{name}.rows{k}", np.array([-1, k], np.int64)))
         elif n.op == "ReduceMean":  # over the last axis (checked), whatever the rank was
             n.attrs["axes"] = [-1]
         elif n.op == "Split":

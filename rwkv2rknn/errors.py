@@ -35,6 +35,11 @@ class ToolkitError(Rwkv2RknnError):
     """rknn-toolkit2 or rknn-toolkit-lite2 refused or crashed."""
 
 
+class CompileRefused(Rwkv2RknnError):
+    """The compiled model is not the model it was compiled from (translation validation): the
+    artifact is not written."""
+
+
 class ResourceError(Rwkv2RknnError):
     """Not enough memory or disk for the job (said before it starts, with what to do)."""
 

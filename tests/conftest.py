@@ -35,6 +35,27 @@ def _private_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def standin_lib(tmp_path_factory):
+    """build(version='2.5.0') -> path of the RECORDING STAND-IN librknnrt.so
+    (tests/runtime/standin_librknnrt.c) compiled with gcc, carrying that version string."""
+    import shutil
+    import subprocess
+    made = {}
+
+    def build(version="2.5.0"):
+        if version not in made:
+            if not shutil.which("gcc"):
+                pytest.fail("gcc is needed to build the stand-in librknnrt (apt-get install gcc)")
+            out = str(tmp_path_factory.mktemp("standin") / "libstandin_rknnrt.so")
+            src = os.path.join(os.path.dirname(__file__), "runtime", "standin_librknnrt.c")
+            subprocess.run(["gcc", "-shared", "-fPIC", "-O1", "-Wall", "-Werror",
+                            f'-DSTANDIN_VERSION="{version}"', "-o", out, src], check=True)
+            made[version] = out
+        return made[version]
+    return build
+
+
+@pytest.fixture(scope="session")
 def small_sd():
     from rwkv2rknn.models.checkpoint import random_checkpoint
     return random_checkpoint(**SMALL)

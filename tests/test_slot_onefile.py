@@ -85,8 +85,10 @@ def one_file(slot_models, tmp_path_factory):
         if version not in made:
             d = tmp_path_factory.mktemp(f"onefile{version}")
             src, art = str(d / "model.onnx"), str(d / "art")
+            # bytes (256 tokens) only where the vocabulary holds every byte (RWKV-5.2's has 211)
+            tok = ["--tokenizer", "bytes"] if slot_models(version).shape["vocab"] >= 256 else []
             r = CliRunner().invoke(cli, ["export", slot_models(version).dirs["pth"], "-o", src,
-                                         "--fp32", "--tokenizer", "bytes"])
+                                         "--fp32", *tok])
             assert r.exit_code == 0, r.output
             compile_model(src, art, PLAN)
             made[version] = src, art

@@ -1,7 +1,8 @@
 """``rwkv2rknn pack ARTIFACT -o DIR``: exactly what the board runtime loads, nothing else.
 
 A packed artifact holds the NPU segments as ``.rknn`` (and ``.seq.rknn``) only, the CPU segments
-as ONNX (and their ``.seq.onnx``), the tokenizer file, and ``manifest.json`` marked ``packed``
+as ONNX (and their ``.seq.onnx``), the NPU segments' golden vectors (the board's self-test), the
+tokenizer file, and ``manifest.json`` marked ``packed``
 with the NPU segments' ONNX entries removed. The board backends (``rknn-rt``, ``rknn-lite``) run
 it; ``ort`` and ``rknn-sim`` refuse it in one line (they need the NPU segments' ONNX).
 """
@@ -38,6 +39,8 @@ def pack(artifact: str, out_dir: str, force: bool = False) -> Dict[str, int]:
         raise UsageError("pack writes a new folder", "give another -o DIR")
     segments, files = [], []
     for s in m.segments:
+        if s.golden:  # the board's self-test
+            files.append((s.golden, s.golden_sha256))
         if s.backend == "npu":
             files += [(s.rknn, s.rknn_sha256), (s.seq_rknn, s.seq_rknn_sha256)]
             segments.append(dataclasses.replace(s, onnx="", sha256="", seq_onnx=None, seq_sha256="",
@@ -75,7 +78,10 @@ def parameter_count(artifact: str, manifest) -> int:
     segments, where each weight lives once; constants folded at export count too (under 1% of
     a small model)."""
     import onnx
-    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+    # float weights, and a token table stored as int8 (rwkv2rknn.embedding; its row scales are
+    # not parameters of the model)
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
+              onnx.TensorProto.INT8}
     n = 0
     for s in manifest.segments:
         model = onnx.load(os.path.join(artifact, s.onnx), load_external_data=False)
@@ -83,5 +89,6 @@ def parameter_count(artifact: str, manifest) -> int:
             size = 1
             for d in init.dims:
                 size *= d
-            n += size if init.data_type in floats and size > 1 else 0
+            n += size if init.data_type in floats and size > 1 and \
+                not init.name.endswith("/row_scale") else 0
     return n

@@ -16,10 +16,11 @@ from typing import Dict, List, Optional, Tuple
 from rwkv2rknn.errors import BadInput
 
 FORMAT = "rwkv2rknn-artifact"
-# 2: T-row builds in [C, T] columns (`seq_layout`); 3: such a build takes a state row [1, C] too.
+# 2: T-row builds in [C, T] columns (`seq_layout`); 3: such a build takes a state row [1, C] too;
+# 4: NPU segments carry golden vectors (`golden`: the board's self-test).
 # An artifact is written as the lowest that holds it (``Manifest.format_version``), for old runtimes
-FORMAT_VERSION = 3  # the newest this rwkv2rknn writes
-READS_VERSIONS = (1, 2, 3)  # a version-1 artifact has row builds only and reads as it did
+FORMAT_VERSION = 4  # the newest this rwkv2rknn writes
+READS_VERSIONS = (1, 2, 3, 4)  # a version-1 artifact has row builds only and reads as it did
 MANIFEST = "manifest.json"
 PLAN = "plan.json"
 BACKENDS = ("npu", "cpu")
@@ -70,6 +71,10 @@ class Segment:
     # same file as ``seq_rknn``) with this many rows, the token in row 0 and padding after it:
     # one copy of the weights for decode and prefill
     decode_rows: int = 0
+    # golden vectors (rwkv2rknn.golden): an .npz of real inputs and their fp32 onnxruntime outputs,
+    # for a token step and for a few rows (checked at every built row count), and its checksum
+    golden: Optional[str] = None
+    golden_sha256: str = ""
 
 
 @dataclass(frozen=True)
@@ -111,7 +116,10 @@ class Manifest:
 
     @property
     def format_version(self) -> int:
-        """3 if a T-row build in columns takes a state slot [1, C] beside its rows, else 2."""
+        """4 if segments carry golden vectors, 3 if a T-row build in columns takes a state slot
+        [1, C] beside its rows, else 2."""
+        if any(seg.golden for seg in self.segments):
+            return 4
         two_d = {s.input for s in self.state if len(s.shape) == 2}
         return 3 if any(seg.seq_layout == "columns" and two_d.intersection(seg.inputs)
                         for seg in self.segments) else 2
@@ -323,7 +331,9 @@ def _segment(s) -> Segment:
                   precision_note=str(s.get("precision_note", "")),
                   calib=s.get("calib") if isinstance(s.get("calib"), str) else None,
                   seq_calib=s.get("seq_calib") if isinstance(s.get("seq_calib"), str) else None,
-                  decode_rows=int(s.get("decode_rows", 0)))
+                  decode_rows=int(s.get("decode_rows", 0)),
+                  golden=s.get("golden") if isinstance(s.get("golden"), str) else None,
+                  golden_sha256=str(s.get("golden_sha256", "")))
     if not seg.stages:
         raise ValueError(f"segment '{seg.name}' covers no stages")
     if not seg.precision or not seg.seq_precision:
@@ -334,7 +344,8 @@ def _segment(s) -> Segment:
         raise ValueError(f"segment '{seg.name}' decodes on a T-row build it does not have")
     if min(seg.ops, seg.matmuls, seg.flops, seg.decode_rows) < 0:
         raise ValueError(f"segment '{seg.name}' has a negative op count")
-    for p in [seg.onnx] + [x for x in (seg.rknn, seg.seq_onnx, seg.seq_rknn, seg.calib, seg.seq_calib) if x]:
+    for p in [seg.onnx] + [x for x in (seg.rknn, seg.seq_onnx, seg.seq_rknn, seg.calib, seg.seq_calib,
+                                       seg.golden) if x]:
         if os.path.isabs(p) or ".." in p.replace("\\", "/").split("/"):
             raise ValueError(f"segment file '{p}' is outside the artifact")
     for t in seg.inputs + seg.outputs:

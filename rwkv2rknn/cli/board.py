@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from rwkv2rknn.cli.app import cli, handle_errors
+from rwkv2rknn.cli.app import BACKEND, cli, handle_errors
 
 
 @cli.command(name="pack")
@@ -27,12 +27,25 @@ def pack_cmd(artifact, out_dir, force):
 
 @cli.command()
 @click.argument("artifact", required=False, type=click.Path())
+@click.option("--backend", type=BACKEND, default="auto", show_default=True,
+              help="The runner the self-test uses for NPU segments.")
+@click.option("--rknn-io", type=click.Choice(["auto", "copy", "zero-copy"]), default="auto",
+              show_default=True, help="rknn-rt's io path to test (auto: both, the fastest that passes "
+                                      "is recorded per segment).")
 @handle_errors
-def doctor(artifact):
+def doctor(artifact, backend, rknn_io):
     """Check that this board can run ARTIFACT: architecture, SoC and NPU cores, RKNPU driver,
-    librknnrt version, free memory. Exit 1 if anything needs fixing."""
+    librknnrt version (and the runtime's own report of it), free memory; then the self-test: every
+    NPU segment against its golden vectors (recorded beside the artifact). Exit 1 if anything
+    needs fixing."""
     from rwkv2rknn.tools.doctor import doctor as run_doctor
+    from rwkv2rknn.tools.doctor import selftest
     verdicts = run_doctor(artifact)
     for v in verdicts:
         click.echo(v.line())
+    if artifact:
+        tested = selftest(artifact, backend, rknn_io, echo=click.echo)
+        for v in tested:
+            click.echo(v.line())
+        verdicts += tested
     sys.exit(0 if all(v.ok for v in verdicts) else 1)

@@ -13,37 +13,57 @@ from rwkv2rknn.runtime.soc import TARGETS
 
 
 @cli.command()
-@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.argument("checkpoint", type=click.Path())
 @click.option("-o", "--output", "out", required=True, type=click.Path(),
               help="Folder to write embed.onnx, mixing_N.onnx and head.onnx into, or a file name "
                    "ending in .onnx for one whole-model file.")
 @click.option("--fp32", is_flag=True, help="Keep float32 (default: float16, like the public files).")
 @click.option("--tokenizer", default=None,
               help="Tokenizer to record for the model: bytes, world, or a tokenizer.json path "
-                   "(default: chosen from the vocabulary size).")
+                   "(default: the model folder's tokenizer.json, else chosen from the vocabulary "
+                   "size).")
 @click.option("--force", is_flag=True, help="Replace an output folder that holds other files (or an existing file).")
 @handle_errors
 def export(checkpoint: str, out: str, fp32: bool, tokenizer, force: bool) -> None:
-    """Export an RWKV-4, 5.2, 6 or 7 CHECKPOINT (.pth) to per-layer ONNX files (or an RWKV-4 one
-    to one .onnx file)."""
-    from rwkv2rknn.models.checkpoint import load_checkpoint
+    """Export an RWKV-4, 5.2, 6 or 7 CHECKPOINT to per-layer ONNX files or one .onnx file.
+
+    \b
+    CHECKPOINT is one of (bf16, fp16 or fp32; docs/formats.md):
+      an official .pth (BlinkDL's RWKV-LM layout, or the same keys as .safetensors)
+      a Hugging Face model folder, its model.safetensors, pytorch_model.bin or
+        *.index.json (shards): transformers RwkvForCausalLM (RWKV-4),
+        Rwkv5ForCausalLM / Rwkv6ForCausalLM, fla-hub RWKV7ForCausalLM
+    A folder's tokenizer.json becomes the model's tokenizer."""
+    import os
+
+    from rwkv2rknn.models.checkpoint import load_model
     from rwkv2rknn.models.export import arch_of, export as do_export
     from rwkv2rknn.models.export import export_file
-    from rwkv2rknn.runtime.tokenizer import load_tokenizer, tokenizer_for_vocab
+    from rwkv2rknn.runtime.tokenizer import check_fits, load_tokenizer, tokenizer_for_vocab
 
     if tokenizer:
-        load_tokenizer(tokenizer)  # a file that is not a tokenizer fails here, before any work
-    sd = load_checkpoint(checkpoint)
+        tok_obj = load_tokenizer(tokenizer)  # a file that is not a tokenizer fails here, before any work
+    sd, folder_tok, what = load_model(checkpoint)
     arch, shape = arch_of(sd)
-    tok = tokenizer or tokenizer_for_vocab(shape.vocab)
+    if tokenizer:
+        check_fits(tok_obj, shape.vocab, tokenizer)
+    elif folder_tok:
+        check_fits(load_tokenizer(folder_tok), shape.vocab, folder_tok)
+    tok = tokenizer or (os.path.abspath(folder_tok) if folder_tok else tokenizer_for_vocab(shape.vocab))
     if out.endswith(".onnx"):
         export_file(sd, out, fp32=fp32, tokenizer=tok, force=force)
     else:
         with click.progressbar(length=shape.layers + 2, label="exporting", file=sys.stderr) as bar:
             do_export(sd, out, fp32=fp32, tokenizer=tok, force=force,
-                      progress=lambda name: bar.update(1))
+                      progress=lambda name: bar.update(1),  # the folder's tokenizer.json goes along
+                      tokenizer_file=folder_tok if folder_tok and not tokenizer else None)
     click.echo(f"exported RWKV-{arch.ARCH[4:]} {shape.layers} x {shape.width}, vocab {shape.vocab} "
-               f"({'fp32' if fp32 else 'fp16'}) to {out}")
+               f"({'fp32' if fp32 else 'fp16'}{'' if what == 'official layout' else ', from ' + what})"
+               f" to {out}")
+    if tok is None:
+        click.echo(f"warning: no tokenizer recorded: none of the built-in ones (bytes 256, world "
+                   f"65536) has {shape.vocab} tokens; export again with --tokenizer "
+                   f"PATH/tokenizer.json to `run` or `chat` it (compile and check need none)", err=True)
 
 
 def _options(**kw):
@@ -93,6 +113,10 @@ def _options(**kw):
                    "6x the fp32 weights in memory; --dump-after implies it).")
 @click.option("--jobs", type=click.IntRange(0, 64), default=0, show_default=True,
               help="rknn-toolkit2 builds side by side (0: as many as the cores and memory allow).")
+@click.option("--verify-passes", is_flag=True,
+              help="Also compare the model with its source after every graph-rewriting pass "
+                   "(loads the whole model as one graph; each compile already compares the cut "
+                   "model with its source, and names the failing pass when they differ).")
 @click.option("--force", is_flag=True, help="Replace an output folder that holds other files.")
 @click.option("--verbose", "tool_verbose", is_flag=True, help="Show rknn-toolkit2's own output.")
 @click.option("--report", "with_report", is_flag=True,
@@ -100,7 +124,7 @@ def _options(**kw):
 @handle_errors
 def compile_cmd(model, out_dir, target, plan_only, strict, dump_after, range_tokens, quant,
                 calib_text, calib_tokens, quant_min_cos, cache_dir, prefill_rows, placement,
-                profile_path, whole_graph, jobs, force, tool_verbose, with_report):
+                profile_path, whole_graph, jobs, verify_passes, force, tool_verbose, with_report):
     """Compile MODEL (a folder of per-layer RWKV ONNX files, or one .onnx) into a hybrid
     NPU/CPU artifact."""
     if calib_text and quant == "fp16":
@@ -110,7 +134,7 @@ def compile_cmd(model, out_dir, target, plan_only, strict, dump_after, range_tok
                     quant_min_cos=quant_min_cos,
                     cache_dir=cache_dir, verbose=tool_verbose, placement=placement,
                     profile=profile_path, prefill_rows=_parse_rows(prefill_rows), build_jobs=jobs,
-                    stream=not whole_graph)
+                    stream=not whole_graph, verify_passes=verify_passes)
     manifest = _compile_with_progress(model, out_dir, opts, force, dump_after)
     click.echo(manifest.table())
     for line in manifest.warnings():

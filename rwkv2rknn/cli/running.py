@@ -25,10 +25,11 @@ def _parse_tokens(text: str, vocab: int):
     return ids
 
 
-def _open(artifact, backend: str, core_mask: str = "auto"):
-    """(model, tokenizer spec) of ARTIFACT; none given: the bundled model, compiled on first use."""
+def _open(artifact, backend: str, core_mask: str = "auto", **options):
+    """(model, tokenizer spec) of ARTIFACT; none given: the bundled model, compiled on first use.
+    ``options``: open_model's (rknn_io, verify)."""
     from rwkv2rknn.runtime.loader import open_model
-    return open_model(model_path(artifact), backend, core_mask, echo=say)
+    return open_model(model_path(artifact), backend, core_mask, echo=say, **options)
 
 
 def _check_prompt(prompt: str) -> None:
@@ -57,9 +58,16 @@ def _check_prompt(prompt: str) -> None:
 @click.option("--tokens", default=None, help="Evaluation: feed these comma-separated token ids instead of a prompt.")
 @click.option("--logits-out", type=click.Path(dir_okay=False), default=None,
               help="With --tokens: save float32 logits [T, vocab] to this .npy file.")
+@click.option("--verify", is_flag=True,
+              help="Self-test first: run every NPU segment on its golden vectors and print the error "
+                   "against the tolerance of its precision (the first run on a board does it once).")
+@click.option("--rknn-io", type=click.Choice(["auto", "copy", "zero-copy"]), default="auto",
+              show_default=True,
+              help="rknn-rt only: copy (rknn_inputs_set/rknn_outputs_get), zero-copy "
+                   "(rknn_set_io_mem), or auto: per segment what the self-test chose, else copy.")
 @handle_errors
 def run(artifact, prompt, max_tokens, temperature, top_p, seed, backend, core_mask, tokenizer,
-        tokens, logits_out):
+        tokens, logits_out, verify, rknn_io):
     """Generate text with a compiled ARTIFACT (default: the bundled model, compiled on first use).
 
     ARTIFACT may also be an uncompiled folder of per-layer files with --backend ort: that is the
@@ -76,7 +84,7 @@ def run(artifact, prompt, max_tokens, temperature, top_p, seed, backend, core_ma
         _check_prompt(prompt)
         if not 1 <= max_tokens <= 65536:
             raise UsageError(f"--max-tokens {max_tokens} is out of range", "give 1 to 65536")
-    model, tok_spec = _open(artifact, backend, core_mask)
+    model, tok_spec = _open(artifact, backend, core_mask, rknn_io=rknn_io, verify=verify)
     if tokens is not None:
         import numpy as np
         ids = _parse_tokens(tokens, model.vocab)

@@ -25,6 +25,7 @@ from typing import Callable, Optional
 
 from rwkv2rknn import __version__, fileio
 from rwkv2rknn.compiler import resources
+from rwkv2rknn.compiler.embedding import narrow_embedding
 from rwkv2rknn.rknn import calibrate
 from rwkv2rknn.errors import UsageError
 from rwkv2rknn.compiler.ir import Context, GraphSegment, Options, export
@@ -102,6 +103,8 @@ def compile_model(model_path: str, out_dir: str, options: Optional[Options] = No
         raise UsageError(f"unknown pass '{dump_after}' for --dump-after",
                          f"use one of {', '.join(pass_names)}")
     fileio.check_out_dir(os.path.abspath(out_dir), MANIFEST, force)  # before minutes of passes
+    if os.path.exists(model_path):
+        load.refuse_checkpoint(model_path)  # weights, not ONNX: says to export them first
     toolkit, calib_ids = "", None
     if options.plan_only and options.quant != "fp16":
         raise UsageError(f"--quant {options.quant} is measured on .rknn builds, which --plan-only skips",
@@ -124,8 +127,12 @@ def compile_model(model_path: str, out_dir: str, options: Optional[Options] = No
 
 
 def _streams(model_path: str, options: Options, dump_after) -> bool:
-    """A per-layer folder compiles stage by stage, unless a whole-graph dump is asked for."""
-    return options.stream and os.path.isdir(model_path) and not dump_after
+    """A per-layer folder compiles stage by stage, unless a whole-graph dump is asked for; so
+    does a one-file model in our exporter's layout, split into its stage files first."""
+    from rwkv2rknn.compiler import split
+    if not options.stream or dump_after:
+        return False
+    return os.path.isdir(model_path) or split.stage_layout(model_path) is not None
 
 
 def _compile(model_path, out_dir, options, toolkit, calib_ids, force, dump_after, progress,
@@ -153,6 +160,7 @@ def _compile(model_path, out_dir, options, toolkit, calib_ids, force, dump_after
     with fileio.atomic_dir(out_dir, MANIFEST, force=force) as tmp:
         os.makedirs(os.path.join(tmp, "segments"))
         for s in ctx.segments:
+            narrow_embedding(ctx, s)
             s.sha256 = fileio.save_onnx(s.model, os.path.join(tmp, "segments", s.name + ".onnx"))
             if s.seq_model is not None:
                 s.seq_sha256 = fileio.save_onnx(s.seq_model, os.path.join(tmp, "segments", s.name + ".seq.onnx"))
@@ -164,6 +172,7 @@ def _compile(model_path, out_dir, options, toolkit, calib_ids, force, dump_after
         for name, model in dumps.items():
             os.makedirs(os.path.join(tmp, "dump"), exist_ok=True)
             fileio.save_onnx(model, os.path.join(tmp, "dump", f"after_{name}.onnx"))
+        _validate(ctx, tmp, toolkit, options, model_path, on_pass)
         manifest = _finish(ctx, tmp, toolkit, options)
     return manifest
 
@@ -173,9 +182,18 @@ def _compile_stream(model_path, out_dir, options, toolkit, calib_ids, force, pro
     as they are cut, so memory stays near a few layers' weights whatever the model's size."""
     from rwkv2rknn import passes
     from rwkv2rknn.rknn import build
+    from rwkv2rknn.compiler import split
     from rwkv2rknn.compiler.stream import compile_stream
 
     with fileio.atomic_dir(out_dir, MANIFEST, force=force) as tmp:
+        one_file = None if os.path.isdir(model_path) else split.stage_layout(model_path)
+        folder = model_path
+        if one_file is not None:  # its stage files, one stage in memory at a time
+            folder = os.path.join(tmp, split.STAGES_DIR)
+            split.split(one_file, folder)
+            if on_pass:
+                on_pass("split", [f"{model_path}: {split.layers_of(one_file) + 2} stage files, "
+                                  f"compiled one stage at a time"])
         early = None if options.plan_only or calib_ids else []  # fp16: build while streaming
 
         def on_segment(sctx, seg):
@@ -185,7 +203,7 @@ def _compile_stream(model_path, out_dir, options, toolkit, calib_ids, force, pro
             early[0].add(seg)
 
         try:
-            ctx = compile_stream(passes, model_path, options, tmp,
+            ctx = compile_stream(passes, folder, options, tmp,
                                  on_stage=(lambda line: on_pass("stream", [line])) if on_pass else None,
                                  on_segment=on_segment if early is not None else None)
         except BaseException:
@@ -203,14 +221,56 @@ def _compile_stream(model_path, out_dir, options, toolkit, calib_ids, force, pro
             calibrate.drop_holdout(tmp)
         if on_pass and not options.plan_only:
             on_pass(build.NAME, [r.split(": ", 1)[1] for r in ctx.report if r.startswith("build: ")])
+        if one_file is not None:  # the artifact's source is the file (check compares with it)
+            ctx.facts = {"dtype": "float16" if one_file.metadata.get("rwkv2rknn.dtype") == "float16"
+                         else "float32", "tokenizer": one_file.metadata.get("rwkv2rknn.tokenizer"),
+                         "source_state": split.source_state(one_file)}
+        _validate(ctx, tmp, toolkit, options, model_path, on_pass)
+        if one_file is not None:
+            import shutil
+            shutil.rmtree(folder)
+            ctx.source, ctx.layout = os.path.abspath(model_path), "rwkv2rknn one-file"
+            n = split.layers_of(one_file)
+            ctx.note("recognize", f"recognised the rwkv2rknn one-file layout ({ctx.arch}): {n} "
+                                  f"layers, width {ctx.shape.get('width')}, vocab "
+                                  f"{ctx.shape.get('vocab')}; stages named in the file: split "
+                                  f"into {n + 2} stage files and compiled one stage at a time")
         return _finish(ctx, tmp, toolkit, options)
+
+
+def _validate(ctx: Context, tmp: str, toolkit: str, options: Options, model_path: str, on_pass):
+    """Translation validation (rwkv2rknn/compiler/validate.py): the artifact in ``tmp`` against
+    its source; raises CompileRefused (and nothing is written) if they differ."""
+    from rwkv2rknn import passes
+    from rwkv2rknn.compiler import validate
+    ctx.validation = validate.validate(ctx, tmp, toolkit, options.plan_only, model_path, passes,
+                                       make_manifest)
+    if on_pass:
+        on_pass(validate.NAME, [r.split(": ", 1)[1] for r in ctx.report
+                                if r.startswith(validate.NAME + ": ")])
 
 
 def _finish(ctx: Context, tmp: str, toolkit: str, options: Options) -> Manifest:
     manifest = make_manifest(ctx, tmp, toolkit, options.plan_only)
     manifest.check_bindings()
+    if not options.plan_only and manifest.token_input and manifest.logits_output:
+        manifest = _golden(ctx, tmp, manifest, options)
     fileio.write_json(os.path.join(tmp, PLAN), plan_report(ctx, manifest))
     fileio.write_json(os.path.join(tmp, MANIFEST), manifest.to_dict())
+    return manifest
+
+
+def _golden(ctx: Context, tmp: str, manifest: Manifest, options: Options) -> Manifest:
+    """Record every NPU segment's golden vectors (rwkv2rknn.compiler.golden) from real text."""
+    from rwkv2rknn.compiler import golden
+    from rwkv2rknn.passes.fp16_guard import sample_tokens
+    fileio.write_json(os.path.join(tmp, MANIFEST), manifest.to_dict())  # what the trace runs
+    ids = golden.text_ids(ctx.source, options.calib_text, int(ctx.shape.get("vocab") or 0),
+                          sample_tokens(ctx))
+    manifest = golden.record(tmp, manifest, ids)
+    n = sum(1 for s in manifest.segments if s.golden)
+    ctx.note("build", f"golden vectors: {n} NPU segment(s), from {len(ids)} tokens of text, "
+                      f"fp32 onnxruntime (the board's self-test)")
     return manifest
 
 
@@ -252,16 +312,19 @@ def plan_report(ctx: Context, manifest: Manifest) -> dict:
                           if s.backend == "cpu" else {}}
                          for s in manifest.segments],
             "cpu_reasons": reasons(ctx),
+            "validation": ctx.validation,
             "passes": list(ctx.report),
             "table": manifest.table().splitlines()}
 
 
 def whole_graph(model_path: str):
-    """The model as one graph, not partitioned: load, keep_fp32, state and normalize_matmul.
-    Returns (serialized ONNX, token input, logits output, [(state input, state output)])."""
-    from rwkv2rknn.passes import canonicalize, keep_fp32, load, normalize_matmul, recognize, state
+    """The model as one graph, not partitioned: load, keep_fp32, state, rank_one and
+    normalize_matmul. Returns (serialized ONNX, token input, logits output, [(state input,
+    state output)])."""
+    from rwkv2rknn.passes import (canonicalize, keep_fp32, load, normalize_matmul, rank_one,
+                                  recognize, state)
     ctx = load.run(model_path)
-    for p in (canonicalize, recognize, keep_fp32, state, normalize_matmul):
+    for p in (canonicalize, recognize, keep_fp32, state, rank_one, normalize_matmul):
         p.run(ctx)
     return (export(ctx.graph).SerializeToString(), ctx.token_input, ctx.logits_output,
             [(s.input, s.output) for s in ctx.state])

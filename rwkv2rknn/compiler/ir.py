@@ -52,6 +52,7 @@ class Options:
     placement: str = "npu"  # "npu": every constant-weight MatMul on the NPU; "cost": by the profile
     profile: Optional[str] = None  # device profile JSON (default: published RK3588 figures)
     prefill_rows: Tuple[int, ...] = (16, 64)  # T-row NPU builds for prefill (empty: none)
+    verify_passes: bool = False  # compare the graph with the source after every rewriting pass
 
 
 @dataclass(eq=False)
@@ -138,6 +139,8 @@ class Context:
     facts: Dict[str, object] = field(default_factory=dict)
     # values of Constant nodes nothing reads, by name (load; recognize takes initial states from them)
     unread_constants: Dict[str, np.ndarray] = field(default_factory=dict)
+    # the compiled model against its source (compiler/validate.py): figures for plan.json
+    validation: Dict[str, object] = field(default_factory=dict)
     _profile: Optional[DeviceProfile] = field(default=None, init=False, repr=False)
 
     @property

@@ -43,6 +43,13 @@ def model_size(path: str) -> ModelSize:
         names = [os.path.join(path, n) for n in sorted(os.listdir(path))]
         names = [n for n in names if os.path.isfile(n) and not n.endswith((".json", ".txt"))]
     else:
+        from rwkv2rknn.compiler import split
+        one = split.stage_layout(path)
+        if one is not None:  # compiled stage by stage like a folder (compiler/split.py)
+            scale = 2 if one.metadata.get("rwkv2rknn.dtype", "float16") != "float32" else 1
+            per = one.stage_bytes()
+            return ModelSize(sum(per.values()) * scale, max(per.values(), default=0) * scale,
+                             len(per))
         names = [path]
     scale = 2 if _fp16(path) else 1
     sizes = [os.path.getsize(n) * scale for n in names]
@@ -118,7 +125,8 @@ def build_jobs(biggest_onnx: int, n: int) -> int:
 def compile_memory(size: ModelSize, plan_only: bool, stream: bool = True) -> int:
     """Estimated peak of the compile's process tree. Streaming (a per-layer folder): a window of
     about two stages, the stage being passed and its trace session (a few times the largest
-    file as fp32; measured 1.7 GiB for a 1024-wide model of any depth). The whole-graph compile
+    file as fp32; measured 1.7 GiB for a 1024-wide model of any depth); a one-file model in our
+    exporter's layout streams the same way after it is split (one stage in memory). The whole-graph compile
     holds the graph, its fp32 weights, the range trace's session and the cut segments (about 6x
     the fp32 weights, measured at 430M). One build child beside it."""
     need = PROCESS_BASE + (8 * size.largest if stream else 6 * size.total)
@@ -156,6 +164,8 @@ def check_compile(model_path: str, out_dir: str, cache_dir: str, plan_only: bool
             "with more memory")
     checks = [(os.path.dirname(os.path.abspath(out_dir)), artifact_bytes(size, plan_only),
                "the artifact")]
+    if stream and os.path.isfile(model_path):  # a one-file model split into stage files first
+        checks.append((os.path.dirname(os.path.abspath(out_dir)), size.total, "its stage files"))
     if not plan_only:
         checks.append((os.path.abspath(cache_dir),
                        size.total + RKNN_OVERHEAD * max(size.files - 1, 1), "the build cache"))

@@ -284,6 +284,8 @@ class _Stream:
         its serialised bytes)."""
         folder = os.path.join(self.out_dir, "segments")
         path = os.path.join(folder, seg.name + ".onnx")
+        from rwkv2rknn.compiler.embedding import narrow_embedding
+        narrow_embedding(self.ctx, seg)
         seg.sha256 = fileio.save_onnx(seg.model, path)
         sequence.run_one(self.ctx, seg, take=True)  # (the variant takes the written model's weights)
         seg.model = path

@@ -7,10 +7,11 @@ here needs a board: a missing file reads as "unknown".
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from rwkv2rknn.errors import BadInput
 
@@ -25,9 +26,14 @@ LIBRKNNRT_INSTALL = ("copy librknnrt.so from the rknn-toolkit2 release that buil
 # debugfs (root only) on Rockchip's vendor kernels; the module's own version where it is a module
 DRIVER_VERSION_PATHS = ("sys/kernel/debug/rknpu/version", "sys/module/rknpu/version")
 DRIVER_NODES = ("dev/rknpu", "sys/kernel/debug/rknpu", "sys/module/rknpu", "sys/class/misc/rknpu")
+# what librknnrt opens: the misc device of older vendor kernels, the DRM render node of newer ones
+# (renderD129 on RK3588, after the GPU's renderD128), and the driver's debugfs
+DEVICE_NODES = ("dev/rknpu", "dev/dri/renderD129", "sys/kernel/debug/rknpu")
+DMESG = "`sudo dmesg | grep -i rknpu` says whether the driver probed"
 NPU_CORES = {"rk3588": 3, "rk3576": 2, "rk356x": 1, "rk3566": 1, "rk3568": 1, "rk3562": 1}
-# "2.3.0 (c949ad889d@2024-11-07T11:35:33)": how librknnrt states its version (its startup log)
-_LIB_VERSION = re.compile(rb"(\d+\.\d+\.\d+)(?:b\d+)? \([0-9a-f]{6,}@\d{4}-\d\d-\d\dT")
+# how librknnrt states its version (its startup log and rknn_query's api_version):
+# "2.3.0 (c949ad889d@2024-11-07T11:35:33)" and, in newer builds, "2.5.0 (620b20d build@2025-...)"
+_LIB_VERSION = re.compile(rb"(\d+\.\d+\.\d+)(?:b\d+)? \([0-9a-f]{6,}(?:@| build@)\d{4}-\d\d-\d\dT")
 
 
 def _at(root: str, rel: str) -> str:
@@ -54,6 +60,25 @@ def librknnrt_path(root: str = "/", environ=None) -> str:
     if env:
         return env
     return next((_at(root, p) for p in LIBRKNNRT_PATHS if os.path.isfile(_at(root, p))), "")
+
+
+def librknnrt_missing(root: str = "/", environ=None) -> str:
+    """Why no librknnrt.so can be loaded from where it is looked for ('' when a file is there):
+    ``$RWKV2RKNN_LIBRKNNRT`` naming no file, or none of the usual places holding one."""
+    env = (os.environ if environ is None else environ).get(LIBRKNNRT_ENV, "")
+    if env:
+        return "" if os.path.isfile(env) else f"${LIBRKNNRT_ENV} names {env}, which does not exist"
+    if librknnrt_path(root, environ):
+        return ""
+    return ("librknnrt.so not found (looked in $" + LIBRKNNRT_ENV + ", "
+            + ", ".join("/" + p for p in LIBRKNNRT_PATHS) + ")")
+
+
+def version_in(text: str) -> str:
+    """The librknnrt version in a text ('2.5.0' from '2.5.0 (620b20d build@2025-...)'), or ''."""
+    m = _LIB_VERSION.search(text.encode(errors="replace")) or re.search(
+        rb"^\s*v?(\d+\.\d+\.\d+)", text.encode(errors="replace"))
+    return m.group(1).decode() if m else ""
 
 
 def librknnrt_version(path: str) -> str:
@@ -97,6 +122,41 @@ def npu_driver_present(root: str = "/") -> bool:
     return any(os.path.exists(_at(root, p)) for p in DRIVER_NODES + DRIVER_VERSION_PATHS)
 
 
+def npu_device_present(root: str = "/") -> bool:
+    """A node librknnrt opens to reach the NPU exists (/dev/rknpu, /dev/dri/renderD129) or the
+    driver's debugfs does."""
+    return any(os.path.exists(_at(root, p)) for p in DEVICE_NODES)
+
+
+NO_DRIVER_FIX = ("boot a kernel with Rockchip's RKNPU driver (the board vendor's image, or a "
+                 f"vendor-kernel Armbian/Ubuntu image); {DMESG}")
+
+
+def diagnose_init(ret: int, messages, lib_path: str, toolkit: str, target: str = "",
+                  root: str = "/") -> Tuple[str, str]:
+    """(cause, fix) of a refused ``rknn_init`` from what the runtime said (its ``E RKNN:``
+    lines), its return code and what this machine has: no NPU driver, a runtime older than the
+    files, a file for another target, else the likeliest of those."""
+    said = " ".join(messages).lower()
+    have = librknnrt_version(lib_path) if lib_path else ""
+    lib = f"librknnrt {have}" if have else "this librknnrt"
+    upgrade = (f"install librknnrt.so {toolkit or 'of the toolkit that built the files'} or newer "
+               f"({LIBRKNNRT_INSTALL})")
+    if "rknpu" in said and ("open" in said or "insmod" in said) or "device" in said and "open" in said:
+        return "no NPU driver: the runtime cannot open the RKNPU device", NO_DRIVER_FIX
+    if "model version" in said or "invalid rknn model" in said or "rknn_api version" in said:
+        return (f"{lib} is too old for these files (built by rknn-toolkit2 {toolkit or '?'})", upgrade)
+    if ret == -13 or "target platform" in said or "platform" in said and "mismatch" in said:
+        return ("the files were compiled for another SoC" + (f" ({target})" if target else ""),
+                "compile the model again with --target for this board (`rwkv2rknn doctor` names it)")
+    if not npu_device_present(root):
+        return ("no NPU driver: none of /dev/rknpu, /dev/dri/renderD129, /sys/kernel/debug/rknpu "
+                "exists", NO_DRIVER_FIX)
+    if older(have, toolkit):
+        return f"{lib} is older than rknn-toolkit2 {toolkit} that built the files", upgrade
+    return ("the runtime refused the file", runtime_hint(lib_path, toolkit))
+
+
 def mem_available(root: str = "/") -> int:
     """MemAvailable from /proc/meminfo in bytes; -1 if unknown."""
     m = re.search(r"^MemAvailable:\s+(\d+)\s*kB", _read(_at(root, "proc/meminfo"), 1 << 16), re.M)
@@ -127,6 +187,15 @@ def memory_need(manifest, artifact: str, backend: str = "rknn-rt") -> Dict[str, 
     state = 4 * len(manifest.state) * width
     return {"weights": weights, "activations": acts, "state": state,
             "total": weights + acts + state}
+
+
+IOMMU_DOMAIN_BYTES = 4 << 30  # the RK3588 NPU maps memory in IOMMU domains of 4 GiB
+
+
+def npu_weight_bytes(manifest, artifact: str) -> int:
+    """Bytes of the .rknn files the NPU contexts load (each file once)."""
+    files = {f for s in manifest.segments if s.backend == "npu" for f in (s.rknn, s.seq_rknn) if f}
+    return sum(_size(artifact, f) for f in files)
 
 
 def _elems(shape) -> int:
@@ -169,3 +238,54 @@ def board_preflight(artifact: str, m, backend: str) -> None:
     if older(have, m.toolkit):
         log.warning("librknnrt %s is older than rknn-toolkit2 %s that built the files; if loading "
                     "fails: %s", have, m.toolkit, LIBRKNNRT_INSTALL)
+
+
+@contextlib.contextmanager
+def native_output(lines: List[str]):
+    """Catch what a native runtime writes to the process's stdout and stderr (librknnrt's
+    ``I RKNN:`` / ``E RKNN:`` lines, RKNNLite's own log and traceback) into ``lines``, so it can
+    be read and reported in one line instead of reaching the user's terminal."""
+    import ctypes
+    import io as _io
+    import sys
+    import tempfile
+
+    def flush():
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001 - a closed or odd stream: nothing to flush
+                pass
+        try:
+            ctypes.CDLL(None).fflush(None)  # C stdio buffers of the native code
+        except (OSError, AttributeError):
+            pass
+
+    py_out, py_err = _io.StringIO(), _io.StringIO()
+    flush()
+    with tempfile.TemporaryFile() as tmp:
+        saved = []
+        try:
+            saved = [os.dup(1), os.dup(2)]
+            os.dup2(tmp.fileno(), 1)
+            os.dup2(tmp.fileno(), 2)
+        except OSError:  # no such descriptors (an embedded interpreter): catch Python's only
+            for fd in saved:
+                os.close(fd)
+            saved = []
+        try:
+            with contextlib.redirect_stdout(py_out), contextlib.redirect_stderr(py_err):
+                yield lines
+        finally:
+            flush()
+            for fd, old in zip((1, 2), saved):
+                os.dup2(old, fd)
+                os.close(old)
+            tmp.seek(0)
+            text = tmp.read().decode("utf-8", "replace") + py_out.getvalue() + py_err.getvalue()
+            lines.extend(x.rstrip() for x in text.splitlines() if x.strip())
+
+
+def runtime_errors(lines: List[str]) -> List[str]:
+    """The error lines among a runtime's output ('E RKNN: ...', RKNNLite's 'E ...')."""
+    return [x.strip() for x in lines if re.match(r"\s*(E RKNN:|E \w|\[E\]|ERROR)", x)]

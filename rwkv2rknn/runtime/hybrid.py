@@ -65,8 +65,13 @@ class HybridModel:
     """A compiled artifact, loaded with one runner per segment."""
 
     def __init__(self, artifact: str, backend: str = "ort", core_mask: str = "auto",
-                 verify: bool = True, threads: int = 0, progress=None):
+                 verify: bool = True, threads: int = 0, progress=None, rknn_io: str = "auto"):
+        from rwkv2rknn.runtime.rknnrt import IO_PATHS
+        if rknn_io not in IO_PATHS + ("auto",):
+            raise UsageError(f"unknown --rknn-io '{rknn_io}'", "use copy, zero-copy or auto")
         self.artifact = artifact
+        self.rknn_io = rknn_io
+        self._io: Dict[str, str] = {}  # segment -> io path (rknn-rt), where chosen
         self.manifest = m = load_manifest(artifact)
         if not m.token_input or not m.logits_output:
             raise BadInput(f"'{artifact}' was compiled from a single ONNX graph, not a whole model",
@@ -148,17 +153,76 @@ class HybridModel:
                            "compile without --plan-only, or use --backend ort / rknn-sim")
         return self._board_runner(seg, self._path(seg.rknn, seg.rknn_sha256), seg.name, shapes)
 
-    def _board_runner(self, seg, path: str, name: str, shapes, rows=(), columns: bool = False):
+    def _board_runner(self, seg, path: str, name: str, shapes, rows=(), columns: bool = False,
+                      io: Optional[str] = None):
         """An NPU segment's .rknn on the board's runtime, on the cores it should use
-        (``columns``: a T-row build that takes its rows as columns)."""
+        (``columns``: a T-row build that takes its rows as columns; ``io``: rknn-rt's io path,
+        else the one chosen for the segment)."""
         from rwkv2rknn.runtime.board import core_mask_for
         mask = core_mask_for(seg, self.manifest, self._core_mask)
         if self.backend == "rknn-rt":
-            from rwkv2rknn.runtime.rknnrt import RknnRtRunner as Runner
-        else:
-            from rwkv2rknn.runtime.rknn import RknnLiteRunner as Runner
-        return Runner(path, name, seg.inputs, seg.outputs, shapes, mask, rows=rows,
-                      toolkit=self.manifest.toolkit, columns=columns)
+            from rwkv2rknn.runtime.rknnrt import RknnRtRunner
+            return RknnRtRunner(path, name, seg.inputs, seg.outputs, shapes, mask, rows=rows,
+                                toolkit=self.manifest.toolkit, columns=columns,
+                                io=io or self.io_for(seg), target=self.manifest.target)
+        from rwkv2rknn.runtime.rknn import RknnLiteRunner
+        return RknnLiteRunner(path, name, seg.inputs, seg.outputs, shapes, mask, rows=rows,
+                              toolkit=self.manifest.toolkit, columns=columns)
+
+    # ------------------------------------------------------------------ io paths, self-test
+
+    def io_for(self, seg) -> str:
+        """rknn-rt's io path for a segment: --rknn-io copy|zero-copy as given; with auto the one
+        the self-test chose, else copy (the documented path)."""
+        if self.rknn_io != "auto":
+            return self.rknn_io
+        return self._io.get(seg.name, "copy") if seg is not None else "copy"
+
+    def new_runner(self, seg, seq: bool = False, io: Optional[str] = None):
+        """A new runner of an NPU segment's per-token (``seq`` False) or T-row build on this
+        backend, not shared (the self-test's, for another io path); the caller closes it."""
+        if seq:
+            if not seg.seq_rknn or not seg.seq_rows:
+                return None
+            columns = seg.seq_layout == "columns"
+            runner = self._board_runner(seg, self._path(seg.seq_rknn, seg.seq_rknn_sha256),
+                                        seg.name + ".seq", None, rows=seg.seq_rows, columns=columns,
+                                        io=io)
+            return Columns(runner) if columns else runner
+        if seg.decode_rows:
+            slots = {s.input for s in self.manifest.state}
+            return RowStep(self.new_runner(seg, True, io), seg.decode_rows,
+                           [k for k in seg.inputs if k not in slots], seg.shapes)
+        return self._board_runner(seg, self._path(seg.rknn, seg.rknn_sha256), seg.name,
+                                  {k: list(v) for k, v in seg.shapes.items()}, io=io)
+
+    def seq_runner(self, seg):
+        """The T-row runner prefill uses for a segment (made once), None if it has none."""
+        if seg.backend == "npu" and self.backend != "ort":
+            return self._rknn_seq_runner(seg) if seg.seq_rows and (seg.seq_rknn or seg.seq_onnx) else None
+        key = seg.name + "/ort"
+        if key not in self._shared:
+            self._shared[key] = self._seq_runner(seg)
+        return self._shared[key]
+
+    def use_io(self, choices: Dict[str, str]) -> None:
+        """Run segments on the io paths chosen (rknn-rt, --rknn-io auto): their runners are
+        made again where the path changes."""
+        if self.backend != "rknn-rt" or self.rknn_io != "auto":
+            return
+        for i, seg in enumerate(self.manifest.segments):
+            want = choices.get(seg.name)
+            if seg.backend != "npu" or want not in ("copy", "zero-copy") or want == self.io_for(seg):
+                continue
+            self._io[seg.name] = want
+            shared = self._shared.pop(seg.name, None)
+            self.runners[i].close()
+            if shared is not None:
+                shared.close()
+                if self._seq is not None:
+                    self._seq = None
+                    self._seq_loaded = False
+            self.runners[i] = self._runner(seg)
 
     # ------------------------------------------------------------------ stepping
 
@@ -340,7 +404,8 @@ class HybridModel:
         return out
 
     def close(self) -> None:
-        for r in self.runners + [r for r in (self._seq or []) if r is not None]:
+        for r in self.runners + [r for r in (self._seq or []) if r is not None] + \
+                [r for r in self._shared.values() if r is not None]:
             r.close()  # closing a shared runner twice is harmless
 
 

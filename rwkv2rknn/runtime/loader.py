@@ -26,10 +26,13 @@ def is_per_layer_folder(path: str) -> bool:
 
 
 def open_model(path: str, backend: str = "auto", core_mask: str = "auto",
-               echo: Optional[Callable[[str], None]] = None) -> Tuple[object, Optional[str]]:
+               echo: Optional[Callable[[str], None]] = None, rknn_io: str = "auto",
+               verify: bool = False) -> Tuple[object, Optional[str]]:
     """(model, tokenizer spec) for ``path``: an artifact on ``backend``, or a per-layer folder on
     pure ONNX Runtime (``backend`` ort or auto only). ``echo`` hears which backend was chosen and
-    any notes."""
+    any notes. An artifact on a board backend is self-tested against its golden vectors on its
+    first run there (``verify``: every time, on any backend); ``rknn_io``: rknn-rt's io path
+    (copy, zero-copy, auto)."""
     echo = echo or log.info
     if path is None:
         raise UsageError("no model given", "give a compiled ARTIFACT folder")
@@ -48,7 +51,16 @@ def open_model(path: str, backend: str = "auto", core_mask: str = "auto",
     chosen = resolve_backend(backend)
     if backend == "auto":
         echo(f"backend: {chosen} (auto)")
-    model = HybridModel(path, backend=chosen, core_mask=core_mask)
+    model = HybridModel(path, backend=chosen, core_mask=core_mask, rknn_io=rknn_io)
+    try:
+        from rwkv2rknn.runtime import selftest
+        report = selftest.ensure(model, echo, force=verify)
+        if report is not None and verify:
+            for c in report.checks:
+                echo(c.line())
+    except BaseException:
+        model.close()
+        raise
     return model, artifact_tokenizer(model.manifest.tokenizer, path)
 
 

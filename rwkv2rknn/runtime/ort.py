@@ -90,9 +90,10 @@ class OrtRunner:
 
     backend = "ort"
 
-    def __init__(self, model, name: str = "", threads: int = 0):
+    def __init__(self, model, name: str = "", threads: int = 0, prepack: bool = True):
         self.name = name
-        self.session, self.note = make_session(model, threads=threads, what=name or "model")
+        self.session, self.note = make_session(model, threads=threads, what=name or "model",
+                                               prepack=prepack)
         self.inputs: List[str] = [i.name for i in self.session.get_inputs()]
         self.outputs: List[str] = [o.name for o in self.session.get_outputs()]
         self.input_types = {i.name: ORT_TYPES.get(i.type, np.float32) for i in self.session.get_inputs()}

@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import contextlib
 import io as _io
+import logging
 import os
 from typing import Dict, List
 
 import numpy as np
 
 from rwkv2rknn.errors import MissingDependency, ToolkitError, UsageError
+
+log = logging.getLogger(__name__)
 
 LITE_INSTALL = "pip install rknn-toolkit-lite2 on the RK3588 board (aarch64, with /usr/lib/librknnrt.so)"
 CORE_MASKS = {"auto": 0, "0": 1, "1": 2, "2": 4, "0_1": 3, "0_1_2": 7}
@@ -76,17 +79,30 @@ class RknnLiteRunner(_RknnRunner):
         except ImportError as e:
             raise MissingDependency("rknn-toolkit-lite2 is not installed (it runs only on the board)",
                                     LITE_INSTALL) from e
-        rt = RKNNLite()
+        from rwkv2rknn.runtime import device
+        lines: List[str] = []
+        rt = None
         try:
-            with contextlib.redirect_stdout(_io.StringIO()):
-                if rt.load_rknn(rknn_path) != 0:
-                    raise ToolkitError(f"cannot load {rknn_path}", "the file is damaged or not an "
-                                       ".rknn: compile (or pack) the artifact again")
-                if rt.init_runtime(core_mask=mask) != 0:
-                    from rwkv2rknn.runtime import device
-                    raise ToolkitError(f"the NPU runtime refused {os.path.basename(rknn_path)}",
-                                       device.runtime_hint(device.librknnrt_path(), toolkit))
+            # RKNNLite logs and prints its own traceback when the runtime refuses a file: caught
+            # here and read for the cause, so the user sees one line
+            with device.native_output(lines):
+                rt = RKNNLite()
+                loaded = rt.load_rknn(rknn_path)
+                inited = rt.init_runtime(core_mask=mask) if loaded == 0 else None
+            for line in lines:
+                log.debug("rknn-lite: %s", line)
+            said = device.runtime_errors(lines)
+            quote = f" (runtime: {said[0][:160]})" if said else ""
+            if loaded != 0:
+                raise ToolkitError(f"cannot load {rknn_path}{quote}", "the file is damaged or not an "
+                                   ".rknn: compile (or pack) the artifact again")
+            if inited != 0:
+                cause, fix = device.diagnose_init(inited if isinstance(inited, int) else -1, said,
+                                                  device.librknnrt_path(), toolkit)
+                raise ToolkitError(f"the NPU runtime refused {os.path.basename(rknn_path)} "
+                                   f"(segment {name}): {cause}{quote}", fix)
         except BaseException:
-            rt.release()
+            if rt is not None:
+                rt.release()
             raise
         self._rt = rt

@@ -1,11 +1,24 @@
 """``rknn-rt``: the board's NPU runner over librknnrt's C API, through ctypes.
 
 One context per segment (``rknn_init`` from the .rknn bytes), bound to NPU cores with
-``rknn_set_core_mask``; input and output buffers are made once with ``rknn_create_mem`` and bound
-with ``rknn_set_io_mem``, so a call is: copy the inputs in, ``rknn_run``, copy the outputs out.
-Inputs and outputs are float32 (the runtime converts to and from the model's fp16). A T-row
-``.seq.rknn`` (built with ``dynamic_input``) gets one set of buffers per row count, made on first
-use; switching row count calls ``rknn_set_input_shapes`` and binds that set again.
+``rknn_set_core_mask``. Inputs and outputs are float32 (the runtime converts to and from the
+model's fp16). Two io paths (``io``):
+
+- ``copy`` (the default, Rockchip's documented path): ``rknn_inputs_set`` with FLOAT32 and
+  ``pass_through=0``, ``rknn_run``, ``rknn_outputs_get`` with ``want_float`` into buffers made
+  once (``is_prealloc``), ``rknn_outputs_release``;
+- ``zero-copy``: buffers made once with ``rknn_create_mem`` and bound with ``rknn_set_io_mem``
+  as FLOAT32, so a call is: write the inputs, ``rknn_run``, read the outputs. No Rockchip sample
+  binds FLOAT32 this way (theirs use UINT8 NHWC), so the self-test (rwkv2rknn.runtime.selftest)
+  decides per segment whether it may be used.
+
+A T-row ``.seq.rknn`` (built with ``dynamic_input``) gets one set of buffers per row count, made
+on first use; switching row count calls ``rknn_set_input_shapes`` (and, zero-copy, binds that set
+again).
+
+``rknn_init`` is run with the runtime's own output caught: a refusal is one line naming the cause
+(no NPU driver, a runtime too old for the files, a file for another SoC) with the runtime's
+``E RKNN:`` line, and a context it made before refusing is destroyed.
 
 The structures and constants follow librknnrt's public header ``rknn_api.h`` (rknn-toolkit2 /
 rknpu2, ``runtime/Linux/librknn_api/include``). Tests run this module against a stand-in library
@@ -32,6 +45,7 @@ QUERY_SDK_VERSION, QUERY_MEM_SIZE = 5, 6
 QUERY_CURRENT_INPUT_ATTR, QUERY_CURRENT_OUTPUT_ATTR = 14, 15
 TENSOR_FLOAT32 = 0  # rknn_tensor_type
 TENSOR_NCHW = 0  # rknn_tensor_format
+IO_PATHS = ("copy", "zero-copy")
 MAX_DIMS, MAX_NAME_LEN = 16, 256
 ERRORS = {-1: "RKNN_ERR_FAIL", -2: "RKNN_ERR_TIMEOUT", -3: "RKNN_ERR_DEVICE_UNAVAILABLE",
           -4: "RKNN_ERR_MALLOC_FAIL", -5: "RKNN_ERR_PARAM_INVALID", -6: "RKNN_ERR_MODEL_INVALID",
@@ -70,6 +84,18 @@ class TensorMem(ctypes.Structure):
                 ("flags", ctypes.c_uint32), ("priv_data", ctypes.c_void_p)]
 
 
+class Input(ctypes.Structure):
+    """rknn_input (32 bytes on 64-bit)."""
+    _fields_ = [("index", ctypes.c_uint32), ("buf", ctypes.c_void_p), ("size", ctypes.c_uint32),
+                ("pass_through", ctypes.c_uint8), ("type", ctypes.c_int), ("fmt", ctypes.c_int)]
+
+
+class Output(ctypes.Structure):
+    """rknn_output (24 bytes on 64-bit)."""
+    _fields_ = [("want_float", ctypes.c_uint8), ("is_prealloc", ctypes.c_uint8),
+                ("index", ctypes.c_uint32), ("buf", ctypes.c_void_p), ("size", ctypes.c_uint32)]
+
+
 class SdkVersion(ctypes.Structure):
     _fields_ = [("api_version", ctypes.c_char * 256), ("drv_version", ctypes.c_char * 256)]
 
@@ -86,15 +112,24 @@ _SIGNATURES = {  # name: (restype, argtypes)
                                        ctypes.POINTER(TensorAttr)]),
     "rknn_set_input_shapes": (ctypes.c_int, [Context, ctypes.c_uint32, ctypes.POINTER(TensorAttr)]),
     "rknn_run": (ctypes.c_int, [Context, ctypes.c_void_p]),
+    "rknn_inputs_set": (ctypes.c_int, [Context, ctypes.c_uint32, ctypes.POINTER(Input)]),
+    "rknn_outputs_get": (ctypes.c_int, [Context, ctypes.c_uint32, ctypes.POINTER(Output),
+                                        ctypes.c_void_p]),
+    "rknn_outputs_release": (ctypes.c_int, [Context, ctypes.c_uint32, ctypes.POINTER(Output)]),
 }
 _LIBS: Dict[str, ctypes.CDLL] = {}
 
 
 def load_library(path: Optional[str] = None) -> ctypes.CDLL:
     """librknnrt (``path``, else ``$RWKV2RKNN_LIBRKNNRT``, else the usual places), typed."""
+    if path and not os.path.isfile(path):
+        env = os.environ.get(device.LIBRKNNRT_ENV, "")
+        raise MissingDependency(device.librknnrt_missing() if path == env else
+                                f"{path} does not exist", device.LIBRKNNRT_INSTALL)
+    missing = device.librknnrt_missing() if not path else ""
     path = path or device.librknnrt_path()
-    if not path:
-        raise MissingDependency("librknnrt.so was not found", device.LIBRKNNRT_INSTALL)
+    if missing:
+        raise MissingDependency(missing, device.LIBRKNNRT_INSTALL)
     if path not in _LIBS:
         try:
             lib = ctypes.CDLL(path)
@@ -102,10 +137,38 @@ def load_library(path: Optional[str] = None) -> ctypes.CDLL:
                 fn = getattr(lib, name)
                 fn.restype, fn.argtypes = res, args
         except (OSError, AttributeError) as e:
-            raise MissingDependency(f"cannot load {path} as librknnrt ({str(e)[:120]})",
-                                    device.LIBRKNNRT_INSTALL) from e
+            raise MissingDependency(f"cannot load {path} as librknnrt ({str(e)[:120]}): an "
+                                    f"aarch64 librknnrt.so is needed", device.LIBRKNNRT_INSTALL) from e
         _LIBS[path] = lib
     return _LIBS[path]
+
+
+def runtime_versions(rknn_path: str, lib: Optional[str] = None) -> tuple:
+    """(librknnrt API version, NPU driver version) as the runtime reports them for one .rknn
+    (``rknn_query`` needs a context: ``doctor`` uses the artifact's smallest file)."""
+    lib_path = lib or device.librknnrt_path()
+    runtime = load_library(lib_path)
+    ctx = Context(0)
+    with open(rknn_path, "rb") as f:
+        data = f.read()
+    lines: List[str] = []
+    with device.native_output(lines):
+        ret = runtime.rknn_init(ctypes.byref(ctx), data, len(data), 0, None)
+    try:
+        if ret != 0:
+            said = device.runtime_errors(lines)
+            cause, fix = device.diagnose_init(ret, said, lib_path, "")
+            raise ToolkitError(f"librknnrt rknn_init returned {ret} on {os.path.basename(rknn_path)}: "
+                               f"{cause}" + (f" (librknnrt: {said[0][:160]})" if said else ""), fix)
+        v = SdkVersion()
+        ret = runtime.rknn_query(ctx, QUERY_SDK_VERSION, ctypes.byref(v), ctypes.sizeof(v))
+        if ret != 0:
+            raise ToolkitError(f"librknnrt rknn_query(SDK_VERSION) returned {ret}",
+                               "install a librknnrt.so that matches the toolkit")
+        return v.api_version.decode(errors="replace"), v.drv_version.decode(errors="replace")
+    finally:
+        if ctx.value:
+            runtime.rknn_destroy(ctx)
 
 
 def available() -> bool:
@@ -124,6 +187,25 @@ class _Binding:
         self.ins, self.outs, self.attrs, self.mems = ins, outs, attrs, mems
 
 
+class _Copies:
+    """The copy path's structures for one set of shapes: rknn_input entries (their buffers set
+    per call) and rknn_output entries pointing at float32 arrays made once."""
+
+    def __init__(self, in_attrs, out_attrs):
+        self.sizes = [int(a.n_elems) for a in in_attrs]
+        self.inputs = (Input * len(in_attrs))()
+        for i, a in enumerate(in_attrs):
+            self.inputs[i].index, self.inputs[i].pass_through = a.index, 0
+            self.inputs[i].type = TENSOR_FLOAT32
+            self.inputs[i].fmt = TENSOR_NCHW if a.n_dims == 4 else a.fmt
+        self.outs = [np.zeros(a.shape or (a.n_elems,), np.float32) for a in out_attrs]
+        self.outputs = (Output * len(out_attrs))()
+        for j, (a, arr) in enumerate(zip(out_attrs, self.outs)):
+            o = self.outputs[j]
+            o.want_float, o.is_prealloc, o.index = 1, 1, a.index
+            o.buf, o.size = arr.ctypes.data, arr.nbytes
+
+
 class RknnRtRunner:
     """One NPU segment on librknnrt (the board). ``rows``: a T-row build's row counts;
     ``columns``: it takes them as columns [C, T] (turned by runtime.rows.Columns)."""
@@ -132,8 +214,11 @@ class RknnRtRunner:
 
     def __init__(self, rknn_path: str, name: str, inputs, outputs, shapes=None,
                  core_mask: str = "auto", rows=(), toolkit: str = "", lib: Optional[str] = None,
-                 columns: bool = False):
+                 columns: bool = False, io: str = "copy", target: str = ""):
         from rwkv2rknn.runtime.rknn import CORE_MASKS
+        if io not in IO_PATHS:
+            raise BadInput(f"unknown rknn io path '{io}'", f"use one of {', '.join(IO_PATHS)}")
+        self.io = io
         self.name, self.inputs, self.outputs = name, list(inputs), list(outputs)
         self.rows, self._row_axis = tuple(rows), -1 if columns else 0
         self.shapes = {k: tuple(v) for k, v in (shapes or {}).items()} if not rows else {}
@@ -142,15 +227,16 @@ class RknnRtRunner:
         self._ctx, self._live = Context(0), False
         self._mems: List[ctypes.POINTER(TensorMem)] = []
         self._bindings: Dict[tuple, _Binding] = {}
+        self._copies: Dict[tuple, _Copies] = {}
         self._current: Optional[tuple] = None
+        self._target = target
         mask = CORE_MASKS.get(str(core_mask))
         if mask is None:
             raise BadInput(f"unknown core mask '{core_mask}'", f"use one of {', '.join(CORE_MASKS)}")
         try:
             with open(rknn_path, "rb") as f:
                 data = f.read()
-            self._call("rknn_init", ctypes.byref(self._ctx), data, len(data), 0, None)
-            self._live = True
+            self._init(data, os.path.basename(rknn_path))
             del data  # the runtime holds its own copy of the weights
             if mask:
                 self._call("rknn_set_core_mask", self._ctx, mask)
@@ -166,12 +252,34 @@ class RknnRtRunner:
             self._out_order = _order(self.outputs, self._out_attrs)
             if not self.rows:
                 self._current = ()
-                self._bindings[()] = self._bind(self._in_attrs, self._out_attrs)
+                if io == "copy":
+                    self._copies[()] = _Copies(self._in_attrs, self._out_attrs)
+                else:
+                    self._bindings[()] = self._bind(self._in_attrs, self._out_attrs)
         except BaseException:
             self.close()
             raise
 
     # ---------------------------------------------------------------- calls
+
+    def _init(self, data: bytes, what: str) -> None:
+        """rknn_init with the runtime's output caught; a refusal names its cause."""
+        lines: List[str] = []
+        with device.native_output(lines):
+            ret = self._lib.rknn_init(ctypes.byref(self._ctx), data, len(data), 0, None)
+        for line in lines:
+            log.debug("librknnrt: %s", line)
+        if ret == 0:
+            self._live = True
+            return
+        if self._ctx.value:  # a context the runtime made before refusing the file
+            self._lib.rknn_destroy(self._ctx)
+            self._ctx.value = 0
+        said = device.runtime_errors(lines)
+        cause, fix = device.diagnose_init(ret, said, self._lib_path, self._toolkit, self._target)
+        quote = f" (librknnrt: {said[0][:160]})" if said else ""
+        raise ToolkitError(f"librknnrt rknn_init returned {ret} ({ERRORS.get(ret, 'unknown error')}) "
+                           f"on {what}, segment {self.name}: {cause}{quote}", fix)
 
     def _call(self, fn: str, *args) -> None:
         ret = getattr(self._lib, fn)(*args)
@@ -211,7 +319,7 @@ class RknnRtRunner:
     def _use(self, key: tuple, args) -> _Binding:
         """The binding for these input shapes (T-row builds), made once, bound when it changes."""
         if key == self._current:
-            return self._bindings[key]
+            return (self._copies if self.io == "copy" else self._bindings)[key]
         attrs = (TensorAttr * len(args))()
         for i, (attr, a) in enumerate(zip(self._in_attrs, args)):
             ctypes.memmove(ctypes.byref(attrs[i]), ctypes.byref(attr), ctypes.sizeof(attr))
@@ -221,6 +329,13 @@ class RknnRtRunner:
             attrs[i].n_elems = a.size
         self._current = None
         self._call("rknn_set_input_shapes", self._ctx, len(args), attrs)
+        if self.io == "copy":
+            if key not in self._copies:
+                ins = [self._attr(QUERY_CURRENT_INPUT_ATTR, i) for i in range(len(args))]
+                outs = [self._attr(QUERY_CURRENT_OUTPUT_ATTR, i) for i in range(len(self._out_attrs))]
+                self._copies[key] = _Copies(ins, outs)
+            self._current = key
+            return self._copies[key]
         if key in self._bindings:
             b = self._bindings[key]
             for attr, mem in zip(b.attrs, b.mems):
@@ -245,7 +360,9 @@ class RknnRtRunner:
                                f"{sorted(got)}", "feed chunks of a row count it was built for")
             b = self._use(tuple(a.shape for a in args), args)
         else:
-            b = self._bindings[()]
+            b = self._copies[()] if self.io == "copy" else self._bindings[()]
+        if self.io == "copy":
+            return self._infer_copy(b, args)
         for view, a, j in zip(b.ins, args, self._in_order):
             if a.size != view.size:
                 raise BadInput(f"segment {self.name}: input '{self.inputs[j]}' has {a.size} values, "
@@ -257,6 +374,28 @@ class RknnRtRunner:
             k = self.outputs[j]
             want = self.shapes.get(k)
             out[k] = view.reshape(want).copy() if want and np.prod(want) == view.size else view.copy()
+        return {k: out[k] for k in self.outputs}
+
+    def _infer_copy(self, c: _Copies, args) -> Dict[str, np.ndarray]:
+        keep = []
+        for i, (a, n, j) in enumerate(zip(args, c.sizes, self._in_order)):
+            if a.size != n:
+                raise BadInput(f"segment {self.name}: input '{self.inputs[j]}' has {a.size} values, "
+                               f"the .rknn takes {n}", "compile the model again")
+            a = np.ascontiguousarray(a, np.float32)
+            keep.append(a)  # alive until the runtime has copied it
+            c.inputs[i].buf, c.inputs[i].size = a.ctypes.data, a.nbytes
+        self._call("rknn_inputs_set", self._ctx, len(keep), c.inputs)
+        self._call("rknn_run", self._ctx, None)
+        self._call("rknn_outputs_get", self._ctx, len(c.outs), c.outputs, None)
+        try:
+            out = {}
+            for arr, j in zip(c.outs, self._out_order):
+                k = self.outputs[j]
+                want = self.shapes.get(k)
+                out[k] = arr.reshape(want).copy() if want and np.prod(want) == arr.size else arr.copy()
+        finally:
+            self._lib.rknn_outputs_release(self._ctx, len(c.outs), c.outputs)
         return {k: out[k] for k in self.outputs}
 
     def sdk_version(self) -> tuple:
@@ -271,6 +410,7 @@ class RknnRtRunner:
                 self._lib.rknn_destroy_mem(self._ctx, mem)
             self._lib.rknn_destroy(self._ctx)
         self._mems, self._bindings, self._live, self._current = [], {}, False, None
+        self._copies = {}
 
 
 def _order(names: List[str], attrs: List[TensorAttr]) -> List[int]:

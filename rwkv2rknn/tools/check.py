@@ -98,17 +98,19 @@ def run_check(artifact: str, n_tokens: int = 0, seed: int = 0, backend: str = "a
               reference: Optional[str] = None, per_segment: bool = False,
               min_top1: Optional[float] = None, max_rel: Optional[float] = None, prefill: bool = True,
               text: Optional[str] = None, random_ids: bool = False,
-              max_kl_mean: Optional[float] = None, max_kl_p99: Optional[float] = None):
+              max_kl_mean: Optional[float] = None, max_kl_p99: Optional[float] = None,
+              tolerances: Optional["Tolerances"] = None):
     """Teacher-force ``n_tokens`` tokens of real text (``text``, by default the built-in sample
     for the artifact's tokenizer; 0: DEFAULT_TEXT_TOKENS) or, with ``random_ids``, seeded random
     ids (0: DEFAULT_RANDOM_TOKENS) through the artifact and pure onnxruntime on the source files,
-    token by token and as a prompt, and compare them."""
+    token by token and as a prompt, and compare them. ``tolerances`` replaces the backend's
+    default ones (the compiler's own validation)."""
     manifest, hybrid, ref, chosen = open_pair(artifact, backend, reference, per_segment)
     try:
         states = _state_views(hybrid, ref)
         precision = artifact_precision(manifest) if chosen != "ort" else "fp32 (ort)"
-        tol = Tolerances.default(chosen, str(manifest.model.get("source_dtype")), min_top1, max_rel,
-                                 precision, max_kl_mean, max_kl_p99)
+        tol = tolerances or Tolerances.default(chosen, str(manifest.model.get("source_dtype")), min_top1,
+                                               max_rel, precision, max_kl_mean, max_kl_p99)
         feed = choose_tokens(manifest, n_tokens, seed, text, random_ids, artifact)
         h_state, r_state = hybrid.init_state(), ref.init_state()
         got, want, traces = [], [], []
@@ -257,8 +259,11 @@ def choose_tokens(manifest, n: int = 0, seed: int = 0, text: Optional[str] = Non
         if text is None:
             return _random(manifest, n, seed, f"its tokenizer ({tok.name}) gives ids beyond "
                                               f"the model's vocabulary of {manifest.vocab}")
-        raise BadInput("check's text gives fewer than 2 tokens the model knows",
-                       "give a longer text in the model's own tokenizer")
+        if len(ids) < 2:
+            raise BadInput(f"the text is too short to score ({len(ids)} token(s), at least 2 needed)",
+                           "give a longer text file")
+        raise BadInput(f"the text gives token ids beyond the model's vocabulary of {manifest.vocab}",
+                       "give a text in the model's own tokenizer (or --tokenizer)")
     n_bytes = len(tok.decode_bytes(targets)) if byte_level else None
     return Tokens(ids, targets, n_bytes, f"{name if text is None else 'the given text'} "
                                          f"({tok.name} tokenizer)")

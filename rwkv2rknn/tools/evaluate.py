@@ -89,6 +89,9 @@ def compare_on_text(artifact: str, text: Optional[str] = None, backend: str = "a
     if echo:
         echo(f"backend: {chosen}; reference: onnxruntime on {manifest.model.get('source', '?')}")
     try:
+        if text is not None and len(text.encode()) < 2:
+            raise BadInput(f"the text is too short to score ({len(text.encode())} byte(s))",
+                           "give a longer text file")
         feed = choose_tokens(manifest, 1 << 30, text=text, artifact=artifact, tokenizer=tokenizer)
         if feed.targets is None:
             raise BadInput(f"cannot score a text with this artifact: {feed.warnings[0]}",

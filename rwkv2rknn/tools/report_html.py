@@ -188,6 +188,31 @@ def _float(v):
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else float("nan")
 
 
+def validation(d: ReportData) -> str:
+    """The compile's own check of the cut model against its source (plan.json 'validation')."""
+    v = d.plan.get("validation")
+    if not isinstance(v, dict) or not v:
+        return ("<h2>Compile's validation</h2><p class=note>This plan.json records none (compiled "
+                "before the compiler checked itself).</p>")
+
+    def num(key):
+        x = v.get(key)
+        return fmt(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else "n/a"
+
+    facts = [("result", "PASS" if v.get("passed") else "FAIL"),
+             ("source", f"{v.get('source_dtype', '?')}, {v.get('tokens', '?')} seeded tokens"),
+             ("logits max rel error", num("max_rel")), ("state drift", num("state_drift")),
+             ("one chunk (T-row variants)", f"{num('prefill_max_rel')}, state {num('prefill_state_drift')}"),
+             ("tolerance", num("tolerance")),
+             ("time", f"{num('seconds')} s")]
+    facts += [(f"after {p.get('pass')}", fmt(p.get("max_rel"))) for p in v.get("passes") or []
+              if isinstance(p, dict) and isinstance(p.get("max_rel"), (int, float))]
+    rows = "".join(f"<tr><th>{esc(k)}</th><td data-validation=\"{esc(k)}\">{esc(str(x))}</td></tr>"
+                   for k, x in facts)
+    return ("<h2>Compile's validation: the cut model vs its source on onnxruntime</h2>"
+            f"<table>{rows}</table>")
+
+
 def accuracy(d: ReportData) -> str:
     shown = [v for v in d.segs if v.extras or v.check_rel is not None or v.check_seq_rel is not None
              or (v.seg.backend == "npu" and v.precision != "fp16")]
@@ -243,7 +268,7 @@ def table(d: ReportData) -> str:
 
 
 def page(d: ReportData) -> str:
-    body = "".join([header(d), partition(d), estimates(d), check(d), accuracy(d), bench(d),
+    body = "".join([header(d), partition(d), estimates(d), validation(d), check(d), accuracy(d), bench(d),
                     "<h2>Segments</h2>", table(d)])
     return ("<!DOCTYPE html><html lang=en><head><meta charset=utf-8>"
             f"<meta name=viewport content=\"width=device-width\"><title>rwkv2rknn report: "

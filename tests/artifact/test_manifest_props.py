@@ -170,15 +170,16 @@ def _row_state_beside_columns(m):
 @pytest.mark.slow
 @PROPS
 @given(manifests())
-def test_versions_1_to_3_read_and_4_is_refused_in_one_line(m):
+def test_versions_1_to_4_read_and_5_is_refused_in_one_line(m):
     """Version 2 added T-row builds in columns (`seq_layout`), version 3 such builds that take a
     state row [1, C] beside their rows. A manifest is written as 3 only where it holds one, else
-    as 2 (older runtimes open it); versions 1-3 read (a version-1 artifact has row builds only);
-    4 (and 0) are refused in one line, and a reader of 1 and 2 only refuses 3 in its one line."""
+    as 2 (older runtimes open it); versions 1-4 read (a version-1 artifact has row builds only);
+    5 (and 0) are refused in one line, and a reader of 1 and 2 only refuses 3 in its one line.
+    Version 4 (golden vectors) is written only where a segment carries them."""
     d = json.loads(json.dumps(m.to_dict()))
     want = 3 if _row_state_beside_columns(m) else 2
-    assert d["format_version"] == m.format_version == want and FORMAT_VERSION == 3
-    for version in (1, 2, 3):
+    assert d["format_version"] == m.format_version == want and FORMAT_VERSION == 4
+    for version in (1, 2, 3, 4):
         old = copy.deepcopy(d)
         old["format_version"] = version
         if version == 1:
@@ -187,8 +188,8 @@ def test_versions_1_to_3_read_and_4_is_refused_in_one_line(m):
         got = Manifest.from_dict(old)
         assert got.to_dict()["format_version"] == (want if version > 1 else 2)
         assert version == 1 or got == m
-    for version in (0, 4):
-        _one_line_refusal(dict(d, format_version=version), version, "1, 2, 3")
+    for version in (0, 5):
+        _one_line_refusal(dict(d, format_version=version), version, "1, 2, 3, 4")
     if want == 3:
         import rwkv2rknn.artifact.plan as plan
         reads = plan.READS_VERSIONS

@@ -171,7 +171,8 @@ def test_the_range_trace_feeds_large_weights_in_place(tmp_path, monkeypatch):
     sizes, real = [], ort.make_session
 
     def make_session(data, *a, **k):
-        sizes.append(len(data))
+        if isinstance(data, bytes):  # the trace's (the compile's validation opens files)
+            sizes.append(len(data))
         return real(data, *a, **k)
 
     monkeypatch.setattr(ort, "make_session", make_session)

@@ -7,9 +7,20 @@
  *   in NAME d0,d1,...      an input (fp16 in the model; a dimension T is the dynamic row count)
  *   out NAME d0,d1,...     an output
  *   fail FUNCTION          that function fails (returns -1, or NULL for rknn_create_mem)
+ *   say TEXT...            rknn_init prints "E RKNN: TEXT" on stderr, as the real runtime logs
+ *   init CODE              rknn_init then returns CODE (after making a context, which the
+ *                          caller must destroy)
+ *   mangle NAME HOW [IO]   output NAME comes out wrong: transpose (its last two dimensions, or
+ *                          [4, n/4] for a vector), scale (x2) or zero; with IO (copy or
+ *                          zero-copy) only on that io path
+ *   replay NAME ROWS PATH  output NAME at ROWS rows (0: any) is the float32 values of file PATH
  *
  * rknn_run writes out_j[i] = 1000 * (j + 1) + in_0[i % n_0] + 10 * in_1[i % n_1] (the inputs
- * that exist), reading and writing float32 only where the bound attribute says float32.
+ * that exist), reading and writing float32 only where the bound attribute says float32. Inputs
+ * come from buffers bound with rknn_set_io_mem (zero-copy) or set with rknn_inputs_set (copy);
+ * outputs go to bound buffers and are kept for rknn_outputs_get.
+ *
+ * Its version string is librknnrt's form; compile with -DSTANDIN_VERSION='"1.3.4"' for another.
  */
 #include <stddef.h>
 #include <stdint.h>
@@ -44,16 +55,42 @@ typedef struct {
 
 typedef struct { char api_version[256], drv_version[256]; } rknn_sdk_version;
 
+typedef struct {
+    uint32_t index;
+    void *buf;
+    uint32_t size;
+    uint8_t pass_through;
+    int type, fmt;
+} rknn_input;
+
+typedef struct {
+    uint8_t want_float, is_prealloc;
+    uint32_t index;
+    void *buf;
+    uint32_t size;
+} rknn_output;
+
+#ifndef STANDIN_VERSION
+#define STANDIN_VERSION "2.5.0"
+#endif
+/* where `strings` (and rwkv2rknn's version reader) find it in the real library */
+const char standin_version[] = "librknnrt version: " STANDIN_VERSION " (620b20d build@2025-04-01T10:00:00)";
+
 #define MAXT 16
 typedef struct {
     char name[256];
     int n_dims, dims[16];  /* -1: the dynamic row count */
     rknn_tensor_mem *mem;
     rknn_tensor_attr bound;
+    float *data;            /* copy path: an input as set, an output as last computed */
+    uint32_t n_data;
+    char mangle[16], mangle_io[16];
+    int replay_rows;
+    char replay[512];
 } tensor;
 
 typedef struct {
-    int used, n_in, n_out, rows, dynamic;
+    int used, n_in, n_out, rows, dynamic, init_code;
     tensor t[2][MAXT];
     char fail[256];
 } model;
@@ -111,9 +148,22 @@ int rknn_init(rknn_context *ctx, void *data, uint32_t size, uint32_t flag, void 
     char *text = calloc(size + 1, 1), *save = NULL;
     memcpy(text, data, size);
     for (char *line = strtok_r(text, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
-        char kind[8] = {0}, name[256] = {0}, dims[256] = {0};
-        if (sscanf(line, "%7s %255s %255s", kind, name, dims) < 2) continue;
+        char kind[8] = {0}, name[256] = {0}, dims[256] = {0}, path[512] = {0};
+        if (strncmp(line, "say ", 4) == 0) { fprintf(stderr, "E RKNN: %s\n", line + 4); continue; }
+        if (sscanf(line, "%7s %255s %255s %511s", kind, name, dims, path) < 2) continue;
         if (strcmp(kind, "fail") == 0) { snprintf(m->fail, sizeof(m->fail), "%s", name); continue; }
+        if (strcmp(kind, "init") == 0) { m->init_code = atoi(name); continue; }
+        if (strcmp(kind, "mangle") == 0 || strcmp(kind, "replay") == 0) {
+            for (int j = 0; j < m->n_out; j++)
+                if (strcmp(m->t[1][j].name, name) == 0) {
+                    if (kind[0] == 'm') {
+                        snprintf(m->t[1][j].mangle, 16, "%.15s", dims);
+                        snprintf(m->t[1][j].mangle_io, 16, "%.15s", path);
+                    }
+                    else { m->t[1][j].replay_rows = atoi(dims); snprintf(m->t[1][j].replay, 512, "%.511s", path); }
+                }
+            continue;
+        }
         int side = strcmp(kind, "out") == 0;
         tensor *t = &m->t[side][side ? m->n_out++ : m->n_in++];
         snprintf(t->name, sizeof(t->name), "%s", name);
@@ -121,17 +171,20 @@ int rknn_init(rknn_context *ctx, void *data, uint32_t size, uint32_t flag, void 
             t->dims[t->n_dims++] = (d[0] == 'T') ? (m->dynamic = 1, -1) : atoi(d);
     }
     free(text);
+    fflush(stderr);
     if (fails(m, "rknn_init") || m->n_in == 0) return -6;
     m->used = 1;
     m->rows = 1;
     *ctx = 100 + slot;
-    return 0;
+    return m->init_code;
 }
 
 int rknn_destroy(rknn_context ctx) {
     say("rknn_destroy ctx=%llu", (unsigned long long)ctx);
     model *m = get(ctx);
     if (!m) return -7;
+    for (int side = 0; side < 2; side++)
+        for (int i = 0; i < MAXT; i++) free(m->t[side][i].data);
     m->used = 0;
     return 0;
 }
@@ -178,7 +231,7 @@ int rknn_query(rknn_context ctx, int cmd, void *info, uint32_t size) {
     }
     if (cmd == 5) {
         if (size != sizeof(rknn_sdk_version)) return -5;
-        snprintf(((rknn_sdk_version *)info)->api_version, 256, "2.5.0 (standin@2025-01-01T00:00:00)");
+        snprintf(((rknn_sdk_version *)info)->api_version, 256, "%s", standin_version + 19);
         snprintf(((rknn_sdk_version *)info)->drv_version, 256, "0.9.8");
         return 0;
     }
@@ -240,6 +293,25 @@ int rknn_set_input_shapes(rknn_context ctx, uint32_t n, rknn_tensor_attr attrs[]
     return 0;
 }
 
+static void mangle(tensor *t, float *v, uint32_t n) {
+    if (strcmp(t->mangle, "scale") == 0) for (uint32_t i = 0; i < n; i++) v[i] *= 2;
+    if (strcmp(t->mangle, "zero") == 0) memset(v, 0, n * sizeof(float));
+    if (strcmp(t->mangle, "transpose") == 0) {
+        uint32_t a = 4, b = n / 4;
+        uint32_t nd = t->bound.n_dims ? t->bound.n_dims : 0;
+        if (nd >= 2 && t->bound.dims[nd - 1] > 1 && t->bound.dims[nd - 2] > 1) {
+            a = t->bound.dims[nd - 2];
+            b = t->bound.dims[nd - 1];
+        }
+        float *c = malloc(n * sizeof(float));
+        memcpy(c, v, n * sizeof(float));
+        for (uint32_t rest = 0; rest + a * b <= n; rest += a * b)
+            for (uint32_t i = 0; i < a; i++)
+                for (uint32_t j = 0; j < b; j++) v[rest + j * a + i] = c[rest + i * b + j];
+        free(c);
+    }
+}
+
 int rknn_run(rknn_context ctx, void *extend) {
     say("rknn_run ctx=%llu extend=%s", (unsigned long long)ctx, extend ? "set" : "null");
     model *m = get(ctx);
@@ -249,16 +321,96 @@ int rknn_run(rknn_context ctx, void *extend) {
     uint32_t n[2] = {1, 1};
     for (int i = 0; i < m->n_in; i++) {
         tensor *t = &m->t[0][i];
-        if (!t->mem || t->bound.type != 0 || t->bound.n_elems != elems(t, m->rows)) return -8;
-        if (i < 2) { in[i] = t->mem->virt_addr; n[i] = t->bound.n_elems; }
+        float *src = NULL;
+        uint32_t got = 0;
+        if (t->mem && t->bound.type == 0) { src = t->mem->virt_addr; got = t->bound.n_elems; }
+        else if (t->data) { src = t->data; got = t->n_data; }
+        if (!src || got != elems(t, m->rows)) return -8;
+        if (i < 2) { in[i] = src; n[i] = got; }
     }
     for (int j = 0; j < m->n_out; j++) {
         tensor *t = &m->t[1][j];
-        if (!t->mem || t->bound.type != 0 || t->bound.n_elems != elems(t, m->rows)) return -9;
-        float *out = t->mem->virt_addr;
-        for (uint32_t i = 0; i < t->bound.n_elems; i++)
-            out[i] = 1000.0f * (j + 1) + (in[0] ? in[0][i % n[0]] : 0) + (in[1] ? 10 * in[1][i % n[1]] : 0);
+        uint32_t ne = elems(t, m->rows);
+        if (t->mem && (t->bound.type != 0 || t->bound.n_elems != ne)) return -9;
+        free(t->data);
+        t->data = calloc(ne, sizeof(float));
+        t->n_data = ne;
+        float *out = t->data;
+        FILE *f = (t->replay[0] && (t->replay_rows == 0 || t->replay_rows == m->rows)) ? fopen(t->replay, "rb") : NULL;
+        if (f) {
+            size_t r = fread(out, sizeof(float), ne, f);
+            fclose(f);
+            if (r != ne) return -9;
+        } else {
+            for (uint32_t i = 0; i < ne; i++)
+                out[i] = 1000.0f * (j + 1) + (in[0] ? in[0][i % n[0]] : 0) + (in[1] ? 10 * in[1][i % n[1]] : 0);
+        }
+        if (!t->mem) {  /* the shape a copy-path caller sees */
+            t->bound.n_dims = t->n_dims;
+            for (int d = 0; d < t->n_dims; d++) t->bound.dims[d] = t->dims[d] < 0 ? (uint32_t)m->rows : (uint32_t)t->dims[d];
+        }
+        const char *io = t->mem ? "zero-copy" : "copy";
+        if (!t->mangle_io[0] || strcmp(t->mangle_io, io) == 0) mangle(t, out, ne);
+        if (t->mem) memcpy(t->mem->virt_addr, out, ne * sizeof(float));
     }
+    return 0;
+}
+
+int rknn_inputs_set(rknn_context ctx, uint32_t n, rknn_input inputs[]) {
+    say("rknn_inputs_set ctx=%llu n=%u", (unsigned long long)ctx, n);
+    model *m = get(ctx);
+    if (!m) return -7;
+    if (fails(m, "rknn_inputs_set")) return -1;
+    if (n != (uint32_t)m->n_in) return -5;
+    for (uint32_t k = 0; k < n; k++) {
+        rknn_input *x = &inputs[k];
+        say("  input index=%u size=%u pass_through=%u type=%d fmt=%d", x->index, x->size,
+            x->pass_through, x->type, x->fmt);
+        if (x->index >= (uint32_t)m->n_in || !x->buf) return -5;
+        tensor *t = &m->t[0][x->index];
+        uint32_t ne = elems(t, m->rows);
+        /* the runtime converts FLOAT32 when pass_through is 0; this stand-in takes only that */
+        if (x->type != 0 || x->pass_through != 0 || x->size != ne * 4) return -8;
+        free(t->data);
+        t->data = malloc(x->size);
+        memcpy(t->data, x->buf, x->size);
+        t->n_data = ne;
+        t->mem = NULL;  /* set inputs replace bound ones */
+    }
+    return 0;
+}
+
+int rknn_outputs_get(rknn_context ctx, uint32_t n, rknn_output outputs[], void *extend) {
+    say("rknn_outputs_get ctx=%llu n=%u extend=%s", (unsigned long long)ctx, n, extend ? "set" : "null");
+    model *m = get(ctx);
+    if (!m) return -7;
+    if (fails(m, "rknn_outputs_get")) return -1;
+    if (n != (uint32_t)m->n_out) return -5;
+    for (uint32_t k = 0; k < n; k++) {
+        rknn_output *o = &outputs[k];
+        say("  output index=%u want_float=%u is_prealloc=%u size=%u", o->index, o->want_float,
+            o->is_prealloc, o->size);
+        if (o->index >= (uint32_t)m->n_out) return -5;
+        tensor *t = &m->t[1][o->index];
+        if (!t->data || !o->want_float) return -9;
+        uint32_t bytes = t->n_data * 4;
+        if (o->is_prealloc) {
+            if (!o->buf || o->size < bytes) return -9;
+        } else {
+            o->buf = malloc(bytes);
+            o->size = bytes;
+        }
+        memcpy(o->buf, t->data, bytes);
+    }
+    return 0;
+}
+
+int rknn_outputs_release(rknn_context ctx, uint32_t n, rknn_output outputs[]) {
+    say("rknn_outputs_release ctx=%llu n=%u", (unsigned long long)ctx, n);
+    model *m = get(ctx);
+    if (!m) return -7;
+    for (uint32_t k = 0; k < n; k++)
+        if (!outputs[k].is_prealloc) { free(outputs[k].buf); outputs[k].buf = NULL; }
     return 0;
 }
 
@@ -276,6 +428,10 @@ void standin_layout(uint32_t *out) {
         sizeof(rknn_tensor_mem), offsetof(rknn_tensor_mem, phys_addr), offsetof(rknn_tensor_mem, fd),
         offsetof(rknn_tensor_mem, offset), offsetof(rknn_tensor_mem, size),
         offsetof(rknn_tensor_mem, flags), offsetof(rknn_tensor_mem, priv_data),
-        sizeof(rknn_input_output_num), sizeof(rknn_sdk_version)};
+        sizeof(rknn_input_output_num), sizeof(rknn_sdk_version),
+        sizeof(rknn_input), offsetof(rknn_input, buf), offsetof(rknn_input, size),
+        offsetof(rknn_input, pass_through), offsetof(rknn_input, type), offsetof(rknn_input, fmt),
+        sizeof(rknn_output), offsetof(rknn_output, is_prealloc), offsetof(rknn_output, index),
+        offsetof(rknn_output, buf), offsetof(rknn_output, size)};
     memcpy(out, v, sizeof(v));
 }

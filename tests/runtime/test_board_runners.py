@@ -27,6 +27,8 @@ class StandInRKNNLite:
     calls = []
     onnx_for = {}  # .rknn path -> the ONNX it was built from
     init_result = 0
+    init_says = ""  # what init_runtime prints on failure, as RKNNLite does (its log, a traceback)
+    mangle = {}  # output name -> 'transpose' | 'scale' | 'zero': that output comes out wrong
 
     def __init__(self):
         self.path, self.session = None, None
@@ -40,6 +42,10 @@ class StandInRKNNLite:
     def init_runtime(self, core_mask=0):
         self.calls.append(("init_runtime", core_mask))
         if self.init_result != 0:
+            if self.init_says:
+                print(self.init_says)
+                print("Traceback (most recent call last):\n  File \"rknnlite/api/rknn_lite.py\"")
+                os.write(2, b"E RKNN: " + self.init_says.encode() + b"\n")
             return self.init_result
         import onnxruntime as ort
         self.session = ort.InferenceSession(self.onnx_for[self.path], providers=["CPUExecutionProvider"])
@@ -49,7 +55,18 @@ class StandInRKNNLite:
         self.calls.append(("inference", (os.path.basename(self.path),
                                          [(str(a.dtype), tuple(a.shape)) for a in inputs])))
         names = [i.name for i in self.session.get_inputs()]
-        return self.session.run(None, dict(zip(names, inputs)))
+        outs = self.session.run(None, dict(zip(names, inputs)))
+        for j, o in enumerate(self.session.get_outputs()):
+            how = self.mangle.get(o.name)
+            v = np.array(outs[j], np.float32)
+            if how == "scale":
+                v = v * 2
+            elif how == "zero":
+                v = np.zeros_like(v)
+            elif how == "transpose":
+                v = v.reshape(4, -1).T.reshape(v.shape) if v.size % 4 == 0 else v[..., ::-1]
+            outs[j] = v
+        return outs
 
     def release(self):
         self.calls.append(("release", os.path.basename(self.path or "")))
@@ -64,6 +81,7 @@ def lite(monkeypatch):
     monkeypatch.setitem(sys.modules, "rknnlite", pkg)
     monkeypatch.setitem(sys.modules, "rknnlite.api", api)
     StandInRKNNLite.calls, StandInRKNNLite.onnx_for, StandInRKNNLite.init_result = [], {}, 0
+    StandInRKNNLite.init_says, StandInRKNNLite.mangle = "", {}
     return StandInRKNNLite
 
 
@@ -97,17 +115,17 @@ def test_pack_keeps_only_what_the_board_loads(fp16_artifact, packed):
     files = {os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs}
     want = {"manifest.json"}
     for s in src.segments:
-        want |= {s.rknn, s.seq_rknn} if s.backend == "npu" else {s.onnx, s.seq_onnx}
+        want |= {s.rknn, s.seq_rknn, s.golden} if s.backend == "npu" else {s.onnx, s.seq_onnx}
     assert files == want - {None}
+    assert all(s.golden for s in m.segments if s.backend == "npu")  # the board's self-test
     assert not any(f.endswith(".onnx") and "_npu_" in f for f in files)
     assert all(s.onnx == "" and s.seq_onnx is None for s in m.segments if s.backend == "npu")
     assert res["bytes"] == sum(os.path.getsize(os.path.join(out, f)) for f in files)
-    # T-row builds in columns with the per-layer files' state rows [C]: format version 2 (older
-    # runtimes open it), unpacked and packed
+    # golden vectors: format version 4, unpacked and packed
     assert any(s.seq_layout == "columns" for s in src.segments)
     for art in (fp16_artifact, out):
         with open(os.path.join(art, "manifest.json")) as f:
-            assert json.load(f)["format_version"] == 2
+            assert json.load(f)["format_version"] == 4
     # the parameter count is the RWKV-4 checkpoint's (emb, head, 5 W x W and 2 W x 4W matrices and
     # 11 vectors a layer, 2 LayerNorms), plus a few vectors folded at export
     L, W, V = 3, 48, 97
@@ -177,8 +195,10 @@ def test_packed_artifact_runs_on_rknn_lite_as_on_ort(fp16_artifact, packed, lite
 
 
 @pytest.mark.slow
-def test_lite_runner_releases_and_names_the_likelier_cause(fp16_artifact, lite):
+def test_lite_runner_releases_and_names_the_likelier_cause(fp16_artifact, lite, monkeypatch, capfd):
+    from rwkv2rknn.runtime import device
     from rwkv2rknn.runtime.rknn import RknnLiteRunner
+    monkeypatch.setattr(device, "npu_device_present", lambda root="/": True)
     seg = next(s for s in load_manifest(fp16_artifact).segments if s.backend == "npu")
     lite.init_result = -1
     with pytest.raises(ToolkitError) as e:
@@ -187,6 +207,15 @@ def test_lite_runner_releases_and_names_the_likelier_cause(fp16_artifact, lite):
     assert [c[0] for c in lite.calls] == ["RKNNLite", "load_rknn", "init_runtime", "release"]
     assert lite.calls[2][1] == 7
     assert "older than rknn-toolkit2 2.5.0" in e.value.fix and "--target" in e.value.fix
+    # what RKNNLite prints on a refusal (the runtime's E line, its traceback) is read, not shown
+    lite.init_says = "failed to open rknpu module, need to insmod rknpu dirver!"
+    with pytest.raises(ToolkitError) as e:
+        RknnLiteRunner(os.path.join(fp16_artifact, seg.rknn), seg.name, seg.inputs, seg.outputs,
+                       seg.shapes, "0_1_2", toolkit="2.5.0")
+    assert "no NPU driver" in str(e.value) and "insmod rknpu" in str(e.value)
+    assert "dmesg" in e.value.fix
+    shown = capfd.readouterr()
+    assert "Traceback" not in shown.out + shown.err and "E RKNN" not in shown.out + shown.err
     with pytest.raises(UsageError, match="unknown core mask"):
         RknnLiteRunner(os.path.join(fp16_artifact, seg.rknn), seg.name, seg.inputs, seg.outputs,
                        seg.shapes, "0_3")
@@ -248,10 +277,12 @@ def test_board_runtime_older_than_the_toolkit_is_said(fp16_artifact, packed, lit
         HybridModel(packed[0], backend="rknn-lite").close()
     assert "librknnrt 1.6.0 is older than rknn-toolkit2 2.5.0" in caplog.text
     # and when the runtime then refuses a file, the error names that cause first
+    monkeypatch.setattr(device, "npu_device_present", lambda root="/": True)
     lite.init_result = -1
     with pytest.raises(ToolkitError) as e:
         HybridModel(packed[0], backend="rknn-lite")
-    assert "this board's librknnrt is 1.6.0, older than rknn-toolkit2 2.5.0" in e.value.fix
+    assert "librknnrt 1.6.0 is older than rknn-toolkit2 2.5.0" in str(e.value)
+    assert "install librknnrt.so 2.5.0 or newer" in e.value.fix
 
 
 @pytest.mark.slow
@@ -274,3 +305,68 @@ def test_auto_core_mask_puts_large_segments_on_every_core():
     assert core_mask_for(layer, rk3588, "1") == "1"  # what the user asks for wins
     rk3568 = types.SimpleNamespace(target="rk3568", profile={})
     assert core_mask_for(layer, rk3568) == "auto"  # one NPU core there
+
+
+def test_first_board_run_self_tests_once_and_records_it(fp16_artifact, packed, lite, tmp_path):
+    """The first run of a packed artifact on a board backend checks every NPU segment against
+    its golden vectors and records the verdict beside the artifact; later runs read it."""
+    import shutil
+
+    from rwkv2rknn.runtime import selftest
+    from rwkv2rknn.runtime.loader import open_model
+    art = str(tmp_path / "p")
+    shutil.copytree(packed[0], art)
+    _map(lite, fp16_artifact, art)
+    said = []
+    model, _ = open_model(art, "rknn-lite", echo=said.append)
+    model.close()
+    assert any(x.startswith("self-test passed: ") for x in said), said
+    rec = json.load(open(os.path.join(art, selftest.VERDICT_FILE)))["runs"]
+    (key, verdict), = rec.items()
+    assert key.startswith("rknn-lite: librknnrt ") and verdict["ok"]
+    n = len([c for c in lite.calls if c[0] == "inference"])
+    model, _ = open_model(art, "rknn-lite", echo=said.append)  # recorded: not tested again
+    model.close()
+    assert len([c for c in lite.calls if c[0] == "inference"]) == n
+
+
+@pytest.mark.parametrize("how", ["transpose", "scale", "zero"])
+def test_a_runtime_with_a_wrong_output_fails_the_first_run_naming_the_segment(
+        fp16_artifact, packed, lite, tmp_path, how):
+    import shutil
+
+    from rwkv2rknn.errors import NumericalError
+    from rwkv2rknn.runtime import selftest
+    from rwkv2rknn.runtime.loader import open_model
+    art = str(tmp_path / "p")
+    shutil.copytree(packed[0], art)
+    _map(lite, fp16_artifact, art)
+    lite.mangle = {"L1/output": how}  # made by s005_npu_L1-L2
+    with pytest.raises(NumericalError) as e:
+        open_model(art, "rknn-lite", echo=lambda x: None)
+    assert "self-test failed on rknn-lite" in str(e.value)
+    assert "segment s005_npu_L1-L2 (" in str(e.value) and "output 'L1/output'" in str(e.value)
+    assert "\n" not in str(e.value)
+    rec = json.load(open(os.path.join(art, selftest.VERDICT_FILE)))["runs"]
+    assert [v["ok"] for v in rec.values()] == [False]
+    failed = {c["segment"] for v in rec.values() for c in v["checks"] if not c["ok"]}
+    assert failed == {"s005_npu_L1-L2"}
+    # the next run reads the record and refuses at once; --verify tests again
+    lite.mangle = {}
+    with pytest.raises(NumericalError, match="the self-test recorded for rknn-lite.* failed"):
+        open_model(art, "rknn-lite", echo=lambda x: None)
+    said = []
+    model, _ = open_model(art, "rknn-lite", echo=said.append, verify=True)
+    model.close()
+    assert any(x.startswith("ok   s005_npu_L1-L2 (token)") for x in said), said
+
+
+def test_run_verify_on_ort_prints_every_check(fp16_artifact, tmp_path):
+    import shutil
+
+    from rwkv2rknn.cli import cli
+    art = str(tmp_path / "a")
+    shutil.copytree(fp16_artifact, art)
+    r = CliRunner().invoke(cli, ["run", art, "--backend", "ort", "--verify", "--tokens", "1,2"])
+    assert r.exit_code == 0, r.output
+    assert "ok   s008_npu_head (token)" in r.output and "self-test passed" in r.output

@@ -9,8 +9,6 @@ reused, the core mask, the T-row shape switching, and release on every failure p
 
 import ctypes
 import os
-import shutil
-import subprocess
 
 import numpy as np
 import pytest
@@ -26,14 +24,9 @@ SHAPES = {"x": [1, W], "s": [W], "y": [1, W], "s_out": [W]}
 
 
 @pytest.fixture(scope="module")
-def standin(tmp_path_factory):
-    """The stand-in librknnrt.so, compiled from C for this test."""
-    if not shutil.which("gcc"):
-        pytest.fail("gcc is needed to build the stand-in librknnrt (apt-get install gcc)")
-    out = str(tmp_path_factory.mktemp("standin") / "libstandin_rknnrt.so")
-    subprocess.run(["gcc", "-shared", "-fPIC", "-O1", "-Wall", "-Werror", "-o", out,
-                    os.path.join(HERE, "standin_librknnrt.c")], check=True)
-    return out
+def standin(standin_lib):
+    """The stand-in librknnrt.so, compiled from C for this test (tests/conftest.py)."""
+    return standin_lib()
 
 
 @pytest.fixture
@@ -57,7 +50,7 @@ def _model(tmp_path, text, name="seg.rknn"):
 
 
 def test_structures_match_the_header_and_the_c_compiler(standin):
-    got = (ctypes.c_uint32 * 25)()
+    got = (ctypes.c_uint32 * 36)()
     ctypes.CDLL(standin).standin_layout(got)
     a, m = rknnrt.TensorAttr, rknnrt.TensorMem
     ours = [ctypes.sizeof(a)] + [getattr(a, f).offset for f in (
@@ -65,18 +58,26 @@ def test_structures_match_the_header_and_the_c_compiler(standin):
         "w_stride", "size_with_stride", "pass_through", "h_stride")] + \
         [ctypes.sizeof(m)] + [getattr(m, f).offset for f in ("phys_addr", "fd", "offset", "size",
                                                              "flags", "priv_data")] + \
-        [ctypes.sizeof(rknnrt.InOutNum), ctypes.sizeof(rknnrt.SdkVersion)]
+        [ctypes.sizeof(rknnrt.InOutNum), ctypes.sizeof(rknnrt.SdkVersion)] + \
+        [ctypes.sizeof(rknnrt.Input)] + [getattr(rknnrt.Input, f).offset for f in (
+            "buf", "size", "pass_through", "type", "fmt")] + \
+        [ctypes.sizeof(rknnrt.Output)] + [getattr(rknnrt.Output, f).offset for f in (
+            "is_prealloc", "index", "buf", "size")]
     assert ours == list(got)
     # the figures rknn_api.h's field list gives on a 64-bit machine (uint32 dims[16], char name[256])
     assert ctypes.sizeof(a) == 376 and a.name.offset == 72 and a.n_elems.offset == 328
     assert a.zp.offset == 352 and a.pass_through.offset == 368 and a.h_stride.offset == 372
     assert ctypes.sizeof(m) == 40 and m.size.offset == 24 and m.priv_data.offset == 32
+    # rknn_input {u32 index; void *buf; u32 size; u8 pass_through; type; fmt} and rknn_output
+    # {u8 want_float, is_prealloc; u32 index; void *buf; u32 size} as padded on 64-bit
+    assert ctypes.sizeof(rknnrt.Input) == 32 and rknnrt.Input.type.offset == 24
+    assert ctypes.sizeof(rknnrt.Output) == 24 and rknnrt.Output.index.offset == 4
 
 
 def test_per_token_segment_calls_and_outputs(standin, tmp_path, log):
     path = _model(tmp_path, PER_TOKEN)
     r = rknnrt.RknnRtRunner(path, "s001", ["x", "s"], ["y", "s_out"], SHAPES, core_mask="0_1_2",
-                            lib=standin)
+                            lib=standin, io="zero-copy")
     calls = log()
     names = [c[0] for c in calls]
     assert names == ["rknn_init", "rknn_set_core_mask", "rknn_query", "rknn_query", "rknn_query",
@@ -102,7 +103,7 @@ def test_per_token_segment_calls_and_outputs(standin, tmp_path, log):
         np.testing.assert_allclose(out["y"], 1000 + x + 10 * s, rtol=1e-6)
         np.testing.assert_allclose(out["s_out"], 2000 + x[0] + 10 * s, rtol=1e-6)
     assert [c[0] for c in log()[len(calls):]] == ["rknn_run"] * 3  # buffers made once, reused
-    assert r.sdk_version() == ("2.5.0 (standin@2025-01-01T00:00:00)", "0.9.8")
+    assert r.sdk_version() == ("2.5.0 (620b20d build@2025-04-01T10:00:00)", "0.9.8")
     n = len(log())
     r.close()
     r.close()
@@ -111,7 +112,7 @@ def test_per_token_segment_calls_and_outputs(standin, tmp_path, log):
 
 def test_t_row_segment_switches_shapes_and_reuses_buffers(standin, tmp_path, log):
     r = rknnrt.RknnRtRunner(_model(tmp_path, T_ROW), "s001.seq", ["x", "s"], ["y", "s_out"], None,
-                            rows=(16, 32), lib=standin)
+                            rows=(16, 32), lib=standin, io="zero-copy")
     assert not any(c[0] == "rknn_create_mem" for c in log())  # bound on first use, per row count
     s = np.arange(W, dtype=np.float32)
     seen = []
@@ -147,20 +148,103 @@ def test_every_failure_after_init_releases_the_context(standin, tmp_path, log, f
     path = _model(tmp_path, PER_TOKEN + f"fail {fn}\n")
     with pytest.raises(ToolkitError, match=fn):
         rknnrt.RknnRtRunner(path, "s001", ["x", "s"], ["y", "s_out"], SHAPES, core_mask="0",
-                            lib=standin)
+                            lib=standin, io="zero-copy")
     names = [c[0] for c in log()]
     assert names[-1] == "rknn_destroy"
     assert names.count("rknn_destroy_mem") == names.count("rknn_create_mem") - (fn == "rknn_create_mem")
 
 
-def test_refused_model_names_the_likelier_cause(standin, tmp_path, log):
+def test_copy_path_calls_and_outputs(standin, tmp_path, log):
+    """The documented path: rknn_inputs_set (FLOAT32, pass_through 0), rknn_run,
+    rknn_outputs_get (want_float into buffers made once), rknn_outputs_release."""
+    r = rknnrt.RknnRtRunner(_model(tmp_path, PER_TOKEN), "s001", ["x", "s"], ["y", "s_out"], SHAPES,
+                            lib=standin)
+    assert r.io == "copy"
+    assert not any(c[0] in ("rknn_create_mem", "rknn_set_io_mem") for c in log())
+    rng = np.random.default_rng(1)
+    for _ in range(2):
+        n = len(log())
+        x = rng.standard_normal((1, W)).astype(np.float32)
+        s = rng.standard_normal(W).astype(np.float32)
+        out = r.infer({"s": s, "x": x})
+        np.testing.assert_allclose(out["y"], 1000 + x + 10 * s, rtol=1e-6)
+        np.testing.assert_allclose(out["s_out"], 2000 + x[0] + 10 * s, rtol=1e-6)
+        calls = log()[n:]
+        assert [c[0] for c in calls] == ["rknn_inputs_set", "input", "input", "rknn_run",
+                                         "rknn_outputs_get", "output", "output", "rknn_outputs_release"]
+        assert [(c[1]["index"], c[1]["size"], c[1]["type"], c[1]["pass_through"])
+                for c in calls if c[0] == "input"] == [("0", str(4 * W), "0", "0"), ("1", str(4 * W), "0", "0")]
+        assert [(c[1]["want_float"], c[1]["is_prealloc"], c[1]["size"])
+                for c in calls if c[0] == "output"] == [("1", "1", str(4 * W))] * 2
+    r.close()
+    assert log()[-1][0] == "rknn_destroy"
+
+
+def test_copy_path_t_rows(standin, tmp_path, log):
+    r = rknnrt.RknnRtRunner(_model(tmp_path, T_ROW), "s001.seq", ["x", "s"], ["y", "s_out"], None,
+                            rows=(16, 32), lib=standin)
+    s = np.arange(W, dtype=np.float32)
+    for t in (16, 32, 16):
+        n = len(log())
+        x = np.full((t, W), t, np.float32)
+        out = r.infer({"x": x, "s": s})
+        np.testing.assert_allclose(out["y"], 1000 + x + 10 * s)
+        names = [c[0] for c in log()[n:]]
+        assert names[0] == "rknn_set_input_shapes" and "rknn_inputs_set" in names
+    n = len(log())
+    r.infer({"x": x, "s": s})  # same rows: no new shapes
+    assert [c[0] for c in log()[n:]][0] == "rknn_inputs_set"
+    r.close()
+
+
+@pytest.mark.parametrize("said, code, cause, fix", [
+    ("failed to open rknpu module, need to insmod rknpu dirver!", -1, "no NPU driver", "dmesg"),
+    ("Invalid RKNN model version 6", -1, "too old for these files", "install librknnrt.so 2.5.0"),
+    ("The target platform of model is [RK3566], but current platform is [RK3588]", -13,
+     "another SoC", "--target"),
+])
+def test_refused_model_names_its_cause_and_destroys_the_context(standin, tmp_path, log, capfd,
+                                                                said, code, cause, fix):
+    """librknnrt's own E RKNN line is read (not printed) and names the cause; a context the
+    runtime made before refusing is destroyed."""
+    path = _model(tmp_path, PER_TOKEN + f"say {said}\ninit {code}\n")
+    with pytest.raises(ToolkitError) as e:
+        rknnrt.RknnRtRunner(path, "s001", ["x", "s"], ["y", "s_out"], SHAPES, toolkit="2.5.0",
+                            lib=standin)
+    assert cause in str(e.value) and said in str(e.value) and "s001" in str(e.value)
+    assert fix in e.value.fix
+    assert [c[0] for c in log()] == ["rknn_init", "rknn_destroy"]
+    assert "E RKNN" not in capfd.readouterr().err  # caught, not shown
+
+
+def test_refused_model_without_a_message_on_a_machine_without_the_driver(standin, tmp_path, log):
     path = _model(tmp_path, PER_TOKEN + "fail rknn_init\n")
     with pytest.raises(ToolkitError) as e:
         rknnrt.RknnRtRunner(path, "s001", ["x", "s"], ["y", "s_out"], SHAPES, toolkit="2.5.0",
                             lib=standin)
     assert "RKNN_ERR_MODEL_INVALID" in str(e.value)
-    assert "older than rknn-toolkit2 2.5.0" in e.value.fix and "--target" in e.value.fix
+    assert "no NPU driver" in str(e.value) and "/dev/dri/renderD129" in str(e.value)
     assert [c[0] for c in log()] == ["rknn_init"]  # no context was made: nothing to destroy
+
+
+def test_missing_library_names_where_it_looked(tmp_path, monkeypatch):
+    from rwkv2rknn.errors import MissingDependency
+    from rwkv2rknn.runtime import device
+    monkeypatch.setenv(device.LIBRKNNRT_ENV, str(tmp_path / "nowhere.so"))
+    with pytest.raises(MissingDependency, match=r"RWKV2RKNN_LIBRKNNRT names .*nowhere.so, which does not exist"):
+        rknnrt.load_library()
+    monkeypatch.delenv(device.LIBRKNNRT_ENV)
+    monkeypatch.setattr(device, "LIBRKNNRT_PATHS", ("no/such/librknnrt.so",))
+    with pytest.raises(MissingDependency, match=r"librknnrt.so not found \(looked in .*/no/such/librknnrt.so\)"):
+        rknnrt.load_library()
+
+
+def test_runtime_versions_read_from_the_runtime(standin, tmp_path, log):
+    assert rknnrt.runtime_versions(_model(tmp_path, PER_TOKEN), standin) == (
+        "2.5.0 (620b20d build@2025-04-01T10:00:00)", "0.9.8")
+    assert [c[0] for c in log()][-1] == "rknn_destroy"
+    from rwkv2rknn.runtime import device
+    assert device.librknnrt_version(standin) == "2.5.0"  # the "build@" form of the version string
 
 
 def test_wrong_io_count_is_one_line_and_released(standin, tmp_path, log):
@@ -186,7 +270,7 @@ def test_a_t_row_build_in_columns_gets_columns_and_gives_rows(standin, tmp_path,
     # the .rknn takes [C, T] and gives [1, N, 1, T] (rwkv2rknn.rknn.columns)
     columns = f"in x {W},T\nin s {W}\nout y 1,{W},1,T\nout s_out {W}\n"
     rt = rknnrt.RknnRtRunner(_model(tmp_path, columns), "s001.seq", ["x", "s"], ["y", "s_out"], None,
-                             rows=(16, 32), lib=standin, columns=True)
+                             rows=(16, 32), lib=standin, columns=True, io="zero-copy")
     r = Columns(rt)
     assert r.rows == (16, 32) and r.backend == "rknn-rt"
     s = np.arange(W, dtype=np.float32)

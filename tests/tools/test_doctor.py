@@ -1,9 +1,10 @@
 """``rwkv2rknn doctor`` on fake board file trees (there is no board here) and on this machine."""
 
-import pytest
 import json
 import os
 import shutil
+
+import pytest
 
 from click.testing import CliRunner
 
@@ -11,6 +12,18 @@ from rwkv2rknn.tools.doctor import doctor
 from rwkv2rknn.runtime import device
 
 RK3588 = b"xunlong,orangepi-5\0rockchip,rk3588s\0"
+
+
+@pytest.fixture
+def board(tmp_path, standin_lib):
+    """A fake board file tree whose librknnrt.so is the stand-in library of a given version."""
+    def make(lib_version="2.5.0", **kw):
+        root = _board(tmp_path, lib_version=None, **kw)
+        if lib_version is not None:
+            os.makedirs(os.path.join(root, "usr/lib"))
+            shutil.copy(standin_lib(lib_version), os.path.join(root, "usr/lib/librknnrt.so"))
+        return root
+    return make
 
 
 def _board(tmp_path, compatible=RK3588, driver=b"RKNPU driver: v0.9.8\n", lib_version=b"2.5.0",
@@ -34,8 +47,8 @@ def _by_name(verdicts):
     return {v.what: v for v in verdicts}
 
 
-def test_a_ready_board(tmp_path):
-    v = _by_name(doctor(root=_board(tmp_path), machine="aarch64", environ={}))
+def test_a_ready_board(board):
+    v = _by_name(doctor(root=board(), machine="aarch64", environ={}))
     assert all(x.ok for x in v.values()), [x.line() for x in v.values()]
     assert v["SoC"].found.startswith("rk3588")
     assert v["NPU cores"].found.startswith("3 ") and "0_1_2" in v["NPU cores"].found
@@ -45,9 +58,8 @@ def test_a_ready_board(tmp_path):
 
 
 @pytest.mark.slow
-def test_each_problem_is_one_line_with_its_fix(tmp_path, fp32_plan_artifact):
-    root = _board(tmp_path, compatible=b"rockchip,rk3568\0", driver=None, lib_version=b"1.6.0",
-                  mem_kb=10)
+def test_each_problem_is_one_line_with_its_fix(tmp_path, board, fp32_plan_artifact):
+    root = board(compatible=b"rockchip,rk3568\0", driver=None, lib_version="1.6.0", mem_kb=10)
     art = str(tmp_path / "art")
     shutil.copytree(fp32_plan_artifact, art)
     m = json.loads(open(os.path.join(art, "manifest.json")).read())
@@ -64,8 +76,8 @@ def test_each_problem_is_one_line_with_its_fix(tmp_path, fp32_plan_artifact):
     assert all("\n" not in x.line() for x in v.values())
 
 
-def test_unreadable_versions_are_said_not_guessed(tmp_path):
-    root = _board(tmp_path, driver=b"", lib_version=b"")
+def test_unreadable_versions_are_said_not_guessed(board):
+    root = board(driver=b"", lib_version="unknown")
     os.unlink(os.path.join(root, "sys/kernel/debug/rknpu/version"))
     os.makedirs(os.path.join(root, "sys/module/rknpu"))
     v = _by_name(doctor(root=root, machine="aarch64", environ={}))
@@ -76,6 +88,38 @@ def test_unreadable_versions_are_said_not_guessed(tmp_path):
     assert not _by_name(doctor(root=root, machine="aarch64", environ={}))["librknnrt"].ok
     env = {device.LIBRKNNRT_ENV: "/opt/x/librknnrt.so"}
     assert device.librknnrt_path(root, env) == "/opt/x/librknnrt.so"
+    # a library the variable names that is not there is FIX, not ok
+    v = _by_name(doctor(root=root, machine="aarch64", environ=env))["librknnrt"]
+    assert not v.ok and "names /opt/x/librknnrt.so, which does not exist" in v.line()
+
+
+def test_a_file_that_is_not_a_library_is_fix(tmp_path):
+    root = _board(tmp_path)  # usr/lib/librknnrt.so: a version string in junk bytes
+    v = _by_name(doctor(root=root, machine="aarch64", environ={}))["librknnrt"]
+    assert not v.ok and "cannot load" in v.found and "aarch64 librknnrt.so" in v.found
+
+
+def test_the_runtime_reports_its_versions_for_the_artifact(board, tmp_path, fp32_plan_artifact):
+    """With an artifact, doctor opens its smallest .rknn on the library and reads the runtime's
+    and the driver's versions from rknn_query."""
+    art = str(tmp_path / "art")
+    shutil.copytree(fp32_plan_artifact, art)
+    m = json.loads(open(os.path.join(art, "manifest.json")).read())
+    npu = [s for s in m["segments"] if s["backend"] == "npu"]
+    for i, s in enumerate(npu[:2]):  # stand-in models (the stand-in library reads text)
+        s["rknn"] = f"segments/{s['name']}.rknn"
+        open(os.path.join(art, s["rknn"]), "w").write("in x 4\nout y 4\n" + "#" * 100 * i)
+    m["toolkit"] = "2.5.0"
+    open(os.path.join(art, "manifest.json"), "w").write(json.dumps(m))
+    v = _by_name(doctor(art, root=board(), machine="aarch64", environ={}))
+    assert v["runtime"].ok, v["runtime"].line()
+    assert v["runtime"].found == (f"librknnrt 2.5.0 (620b20d build@2025-04-01T10:00:00), NPU driver "
+                                  f"0.9.8 (loaded {npu[0]['rknn']})")
+    # a library that refuses the file: the cause, in one line
+    open(os.path.join(art, npu[0]["rknn"]), "w").write("in x 4\nout y 4\nsay Invalid RKNN model version 6\ninit -1\n")
+    v = _by_name(doctor(art, root=str(tmp_path / "root"), machine="aarch64", environ={}))
+    assert not v["runtime"].ok and "too old for these files" in v["runtime"].found
+    assert "Invalid RKNN model version 6" in v["runtime"].found and "install librknnrt.so" in v["runtime"].fix
 
 
 def test_version_helpers():
@@ -92,3 +136,19 @@ def test_doctor_command_here_exits_1(fp32_plan_artifact):
     assert r.exit_code == 1, r.output
     assert "FIX  architecture" in r.output or "ok   architecture" in r.output
     assert "free memory" in r.output and "Traceback" not in r.output
+
+
+def test_npu_weights_past_one_iommu_domain_are_fix(board, tmp_path, fp32_plan_artifact, monkeypatch):
+    art = str(tmp_path / "art")
+    shutil.copytree(fp32_plan_artifact, art)
+    m = json.loads(open(os.path.join(art, "manifest.json")).read())
+    seg = next(s for s in m["segments"] if s["backend"] == "npu")
+    seg["rknn"] = f"segments/{seg['name']}.rknn"
+    open(os.path.join(art, seg["rknn"]), "w").write("in x 4\nout y 4\n" + "#" * 5000)
+    open(os.path.join(art, "manifest.json"), "w").write(json.dumps(m))
+    v = _by_name(doctor(art, root=board(), machine="aarch64", environ={}))
+    assert "NPU memory" not in v
+    monkeypatch.setattr(device, "IOMMU_DOMAIN_BYTES", 4096)
+    v = _by_name(doctor(art, root=str(tmp_path / "root"), machine="aarch64", environ={}))
+    assert not v["NPU memory"].ok and "more than one 4 GiB IOMMU domain" in v["NPU memory"].found
+    assert "not implemented" in v["NPU memory"].fix

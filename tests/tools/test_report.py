@@ -187,6 +187,8 @@ def test_check_json_written_and_read_back(artifact, tmp_path):
 def test_a_check_on_random_ids_shows_its_warning(artifact, tmp_path):
     """The small model cannot read the built-in text (vocabulary 97 < 256 bytes): check falls
     back to random ids, and the page shows check's warning by the result."""
+    if os.path.exists(os.path.join(artifact, CHECK_JSON)):  # a check other tests ran on the original
+        os.remove(os.path.join(artifact, CHECK_JSON))
     assert "data-check=\"warning\"" not in _page(artifact, tmp_path / "none.html")
     res = CliRunner().invoke(cli, ["check", artifact, "--backend", "ort", "--tokens", "5"])
     assert res.exit_code == 0, res.output
@@ -246,3 +248,14 @@ def test_compile_report(fp32_dir, tmp_path):
     with open(path) as f:
         shapes = Elements(f.read()).with_class("rect", "seg")
     assert len(shapes) == len(load_manifest(out).segments)
+
+
+def test_the_compile_validation_is_shown(artifact, tmp_path):
+    """plan.json's validation figures (the compile's own check against its source) on the page."""
+    with open(os.path.join(artifact, PLAN)) as f:
+        v = json.load(f)["validation"]
+    page = _page(artifact, tmp_path / "r.html")
+    assert "Compile&#x27;s validation" in page or "Compile's validation" in page
+    assert 'data-validation="result">PASS<' in page
+    from rwkv2rknn.tools.svg import fmt
+    assert f'data-validation="tolerance">{fmt(v["tolerance"])}<' in page

@@ -33,6 +33,7 @@ __all__ = [
     "find_world_vocab",
     "load_tokenizer",
     "tokenizer_for_vocab",
+    "check_fits",
     "WORLD_VOCAB_NAME",
 ]
 
@@ -92,3 +93,13 @@ def load_tokenizer(spec: str) -> Tokenizer:
 def tokenizer_for_vocab(vocab_size: int) -> Optional[str]:
     """The default tokenizer spec for a model with this vocabulary size, or None if there is none."""
     return {256: "bytes", WORLD_VOCAB_SIZE: "world"}.get(int(vocab_size))
+
+
+def check_fits(tok: Tokenizer, vocab_size: int, spec: str = "") -> None:
+    """Refuse a tokenizer whose vocabulary does not fit a model's: more ids than the model has
+    rows (ids the model cannot read), or fewer than half of them (the tokenizer of another model:
+    a table is padded past its tokenizer by far less)."""
+    have, want = int(tok.vocab_size), int(vocab_size)
+    if have > want or 2 * have < want:
+        raise BadInput(f"tokenizer {spec or tok.name} has {have} tokens, the model {want}",
+                       "give the tokenizer the model was trained with (its tokenizer.json)")
