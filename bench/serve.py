@@ -193,7 +193,7 @@ def main():
     args = ap.parse_args()
     artifact = args.artifact
     if artifact is None:
-        from rwkv2rknn.models import bundled
+        from rwkv2rknn.compiler import bundled
         artifact = bundled.ensure_compiled()
     with open(HELDOUT, encoding="utf-8") as f:
         text = f.read()

@@ -23,6 +23,7 @@ def _model(initializers, dims):
                              opset_imports=[helper.make_opsetid("", 13)])
 
 
+@pytest.mark.slow
 def test_a_graph_above_2gb_is_saved_with_external_data_and_read_back(tmp_path):
     """Two 1.02 GiB float32 tensors (2.03 GiB, above protobuf's limit), made as a sparse file of
     zeros (no disk, no memory until read) with a marker value at the end of each tensor."""
@@ -88,6 +89,7 @@ def test_small_models_stay_in_one_file_and_big_ones_run_in_onnxruntime(tmp_path)
     assert not os.path.exists(str(big) + ".data")
 
 
+@pytest.mark.slow
 def test_the_manifest_checksum_covers_external_data(fp32_dir, tokens, tmp_path, monkeypatch):
     """A segment whose weights went to NAME.onnx.data: the manifest's checksum covers that file
     too, so a changed .onnx.data is refused before it runs, as a changed .onnx is."""

@@ -60,6 +60,7 @@ def _block_matmuls_on_npu(manifest, layers):
     assert manifest.npu_flop_share() == 1.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("opset", [13, 16, 17, 18])
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
 @pytest.mark.parametrize("fp16", [False, True], ids=["fp32", "fp16"])
@@ -76,6 +77,7 @@ def test_torch_onnx_per_layer_files(opset, dynamic, fp16, torch_sd, torch_tokens
         assert _rel(got, torch_ref) < 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("opset,dynamic,fp16", [(13, False, True), (18, True, False)],
                          ids=["opset13-fp16-static", "opset18-fp32-dynamic"])
 def test_torch_onnx_files_build_and_run_on_the_simulator(opset, dynamic, fp16, torch_sd,
@@ -117,6 +119,7 @@ def one_files(small_sd, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["rwkv2onnx", "onefile"])
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
 def test_whole_model_file_matches_the_per_layer_route(kind, dtype, rwkv2onnx_files, one_files,
@@ -150,6 +153,7 @@ def test_rwkv2onnx_state_is_learned_from_the_graph(rwkv2onnx_files, tmp_path):
     assert m.token_input == "input_id" and m.logits_output == "output"
 
 
+@pytest.mark.slow
 def test_rwkv2onnx_without_initial_state_takes_rwkv_defaults(small_sd, tmp_path, tokens,
                                                             per_layer_logits):
     src = rwkv2onnx.save(small_sd, str(tmp_path / "m.onnx"), initial_state=False)
@@ -160,6 +164,7 @@ def test_rwkv2onnx_without_initial_state_takes_rwkv_defaults(small_sd, tmp_path,
     assert _rel(got, per_layer_logits[:8]) < 1e-5
 
 
+@pytest.mark.slow
 def test_rwkv2onnx_fp16_builds_and_runs_on_the_simulator(rwkv2onnx_files, per_layer_logits,
                                                          tokens, tmp_path):
     """One whole-model file through rknn-toolkit2 (the one-file export takes the same path
@@ -173,6 +178,7 @@ def test_rwkv2onnx_fp16_builds_and_runs_on_the_simulator(rwkv2onnx_files, per_la
     assert (got.argmax(1) == per_layer_logits[:24].argmax(1)).mean() >= 0.99
 
 
+@pytest.mark.slow
 def test_one_file_export_puts_big_weights_beside_it(small_sd, tmp_path, tokens, per_layer_logits):
     from rwkv2rknn.errors import BadInput
     from rwkv2rknn.models.export import export_file
@@ -220,6 +226,7 @@ def test_flop_share_counts_a_matmul_that_stays_on_the_cpu(tmp_path):
     assert "100.0% of MatMul FLOPs" not in m.table()
 
 
+@pytest.mark.slow
 def test_build_fallback_reason_is_the_toolkits_own_line(tmp_path):
     """rknn-toolkit2 refuses a Reshape whose shape is an input; the reason says so (not
     'Traceback (most recent call last):')."""
@@ -240,6 +247,7 @@ def test_build_fallback_reason_is_the_toolkits_own_line(tmp_path):
     assert "Reshape" in reason and "constant" in reason and "Traceback" not in reason
 
 
+@pytest.mark.slow
 def test_state_outputs_without_matching_names_pair_by_position(small_sd, tmp_path, tokens,
                                                                per_layer_logits):
     """Another exporter's names: outputs that do not echo the inputs pair by position among

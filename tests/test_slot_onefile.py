@@ -96,6 +96,7 @@ def one_file(slot_models, tmp_path_factory):
     return get
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", ["7", "6", "5"])
 def test_one_file_export_compiles_and_equals_the_rwkv_package(slot_models, one_file, version):
     sm = slot_models(version)
@@ -120,6 +121,7 @@ def _segment_files(art):
     return [(s.name, s.backend, s.sha256, s.seq_sha256) for s in m.segments]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", ["7", "6"])
 def test_one_file_segments_are_the_per_layer_routes_byte_for_byte(slot_models, one_file, version,
                                                                   tmp_path):
@@ -136,6 +138,7 @@ def test_one_file_segments_are_the_per_layer_routes_byte_for_byte(slot_models, o
         assert _segment_files(str(tmp_path / "one")) == _segment_files(str(tmp_path / "folder"))
 
 
+@pytest.mark.slow
 def test_one_file_keeps_v_first_inside_the_graph(one_file):
     import onnx
     src, art = one_file("7")
@@ -153,6 +156,7 @@ def test_one_file_check_passes_against_the_file(one_file):
     assert "PASS" in r.output
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version,opset", [("7", 17), ("6", 18), ("5", 17)])
 def test_per_entry_layout_of_the_mobile_exporters(slot_models, version, opset, tmp_path):
     """state{3i}_in [1, C], state{3i+1}_in [H, N, N], state{3i+2}_in [1, C]; token in [1, 1]
@@ -181,6 +185,7 @@ def _runs_like_the_package(art, sm):
     assert r.exit_code == 0 and "PASS" in r.output, r.output
 
 
+@pytest.mark.slow
 def test_stacked_state_layout_is_split_per_layer(slot_models, tmp_path):
     """RWKV_Pytorch's one state tensor [B, L*(2+N), C], written in place (ScatterND)."""
     sm = slot_models("6")
@@ -196,6 +201,7 @@ def test_stacked_state_layout_is_split_per_layer(slot_models, tmp_path):
     _runs_like_the_package(art, sm)
 
 
+@pytest.mark.slow
 def test_stacked_state_read_whole_is_refused_in_one_line(slot_models, tmp_path):
     src = slot_onefile.export_stacked(slot_models("6").sd, str(tmp_path / "m.onnx"), whole_read=True)
     with pytest.raises(UnsupportedModel, match=r"one state input 'input_state' \[1, 198, 192\] "
@@ -207,6 +213,7 @@ def test_stacked_state_read_whole_is_refused_in_one_line(slot_models, tmp_path):
     assert not os.path.exists(tmp_path / "art2")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout,version", [("stacked", "6"), ("entries", "7")])
 def test_one_file_layouts_t_row_builds_in_columns_on_the_npu_simulator(slot_models, layout, version,
                                                                       tmp_path):

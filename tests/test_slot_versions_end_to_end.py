@@ -15,6 +15,8 @@ from rwkv2rknn.artifact.plan import Manifest
 from rwkv2rknn.runtime.hybrid import HybridModel
 from conftest import FP16_KL
 
+pytestmark = pytest.mark.slow  # every test here takes more than a few seconds
+
 # Projections per layer. RWKV-7: R K V O, LoRA pairs w/a/g (and v after layer 0), FFN key/value.
 # RWKV-6: R K V G O, five maa LoRA pairs, the decay LoRA pair, FFN receptance/key/value.
 # RWKV-5.2: R K V G O, FFN receptance/key/value.

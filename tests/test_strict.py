@@ -15,6 +15,8 @@ import pytest
 
 from helpers.robustness import cli, env_with, error_line, partials_in, snapshot, whole_artifact
 
+pytestmark = pytest.mark.slow  # every test here takes more than a few seconds
+
 C, V = 64, 97
 
 

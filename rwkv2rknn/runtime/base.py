@@ -30,7 +30,8 @@ def plugin_runner(backend: str):
     """The runner class of a compile-side backend (``rknn-sim``: it builds with rknn-toolkit2),
     found by the package's entry points: the runtime imports nothing of the compile side."""
     from importlib.metadata import entry_points
-    for ep in entry_points(group=RUNNERS):
+    eps = entry_points()
+    for ep in (eps.select(group=RUNNERS) if hasattr(eps, "select") else eps.get(RUNNERS, ())):  # 3.9
         if ep.name == backend:
             return ep.load()
     raise MissingDependency(f"the {backend} runner is not registered (the package's entry points "

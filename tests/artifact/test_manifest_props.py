@@ -84,6 +84,7 @@ manifest_like = st.fixed_dictionaries(
               "generator": json_like, "report": json_like, "profile": json_like})
 
 
+@pytest.mark.slow
 @PROPS
 @given(manifest_like)
 def test_from_dict_of_manifest_shaped_junk_raises_only_bad_input(d):
@@ -141,6 +142,7 @@ def manifests(draw):
                     report=tuple(draw(st.lists(st.text(max_size=30), max_size=4))))
 
 
+@pytest.mark.slow
 @PROPS
 @given(manifests())
 def test_valid_manifest_round_trips(m):
@@ -165,6 +167,7 @@ def _row_state_beside_columns(m):
                for seg in m.segments for slot in m.state)
 
 
+@pytest.mark.slow
 @PROPS
 @given(manifests())
 def test_versions_1_to_4_read_and_5_is_refused_in_one_line(m):
@@ -232,6 +235,7 @@ def junk_inside(draw):
     return d
 
 
+@pytest.mark.slow
 @settings(PROPS, max_examples=400)
 @given(junk_inside())
 def test_junk_inside_a_valid_manifest_raises_only_bad_input(d):
@@ -274,6 +278,7 @@ def broken(draw):
     return d, bad
 
 
+@pytest.mark.slow
 @PROPS
 @given(broken())
 def test_mutated_manifest_is_bad_input(pair):
@@ -283,6 +288,7 @@ def test_mutated_manifest_is_bad_input(pair):
         Manifest.from_dict(bad)
 
 
+@pytest.mark.slow
 @PROPS
 @given(manifests(), st.data())
 def test_mutated_bindings_are_bad_input(m, data):

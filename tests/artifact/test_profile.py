@@ -64,6 +64,7 @@ def test_profile_round_trip_and_errors(tmp_path):
         load_profile(str(path))
 
 
+@pytest.mark.slow
 def test_cost_placement_keeps_small_matmuls_on_cpu(fp32_dir, tmp_path):
     """Width-48 layers: a call costs more than the MatMuls it would take off the CPU."""
     m = compile_model(fp32_dir, str(tmp_path / "a"), Options(plan_only=True, placement="cost"))
@@ -73,6 +74,7 @@ def test_cost_placement_keeps_small_matmuls_on_cpu(fp32_dir, tmp_path):
                r.startswith("support: 0 MatMuls for the NPU") for r in m.report)
 
 
+@pytest.mark.slow
 def test_cost_placement_uses_npu_when_it_wins(fp32_dir, tmp_path):
     """A profile with a free call and a slow CPU puts the MatMuls back on the NPU."""
     prof = tmp_path / "fast_npu.json"
@@ -84,6 +86,7 @@ def test_cost_placement_uses_npu_when_it_wins(fp32_dir, tmp_path):
     assert "estimated decode" in m.table() and "fast-npu" in m.table()
 
 
+@pytest.mark.slow
 def test_plan_shows_an_estimate_labelled_as_such(fp32_plan_artifact):
     from rwkv2rknn.runtime.hybrid import load_manifest
     m = load_manifest(fp32_plan_artifact)
@@ -92,6 +95,7 @@ def test_plan_shows_an_estimate_labelled_as_such(fp32_plan_artifact):
     assert "an estimate from device profile 'rk3588-published', not a measurement" in m.table()
 
 
+@pytest.mark.slow
 def test_profile_command_flow_on_the_simulator(tmp_path):
     """Build probes, time them (here on the simulator), and compile with the measured profile."""
     from click.testing import CliRunner

@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.slow  # every test here takes more than a few seconds
+
 pexpect = pytest.importorskip("pexpect")
 
 STATS = re.compile(r"\[(\d+) tokens, ([\d.]+) tokens/s; prompt (\d+) tokens in \d+ ms; (\d+) in the conversation\]")

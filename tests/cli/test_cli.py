@@ -29,6 +29,7 @@ def one_line_error(result, code):
     return err[-1]
 
 
+@pytest.mark.slow
 def test_export_compile_run_check_flow(tmp_path):
     from rwkv2rknn.models.checkpoint import random_checkpoint, save_checkpoint
     pth = tmp_path / "bytes.pth"
@@ -47,6 +48,7 @@ def test_export_compile_run_check_flow(tmp_path):
     assert r.exit_code == 0 and "PASS" in r.output
 
 
+@pytest.mark.slow
 def test_demo_compiles_generates_and_checks_the_bundled_model():
     """`make run`: the bundled model (compiled into this session's cache on first use), the plan
     table, generated text and the check, through the same functions as compile, run and check."""
@@ -85,6 +87,7 @@ def test_eval_of_an_rwkv7_fp16_folder_loads_every_file_without_a_note(slot_model
     assert "note:" not in r.stderr and "ORT_ENABLE" not in r.stderr, r.stderr
 
 
+@pytest.mark.slow
 def test_tokens_logits_out_equals_pure_reference(fp16_artifact, fp16_dir, tmp_path):
     a, b = tmp_path / "hybrid.npy", tmp_path / "ref.npy"
     assert invoke("run", fp16_artifact, "--tokens", "5,17,90", "--logits-out", a,
@@ -99,6 +102,7 @@ def test_tokens_logits_out_equals_pure_reference(fp16_artifact, fp16_dir, tmp_pa
     assert (la.argmax(1) == lb.argmax(1)).all()
 
 
+@pytest.mark.slow
 def test_check_passes_with_simulator_and_fails_on_tampering(fp16_artifact, tmp_path):
     r = invoke("check", fp16_artifact, "--backend", "rknn-sim", "--tokens", 32, "--per-segment")
     assert r.exit_code == 0, r.output
@@ -126,6 +130,7 @@ def test_check_fails_outside_tolerance(fp32_plan_artifact, fp32_dir, small_sd, t
     assert '"passed": false' in r.output
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,code,text", [
     (["run", "ART", "--prompt", ""], 2, "prompt is empty"),
     (["run", "ART", "--prompt", "hi", "--max-tokens", "0"], 2, "--max-tokens 0"),

@@ -22,6 +22,7 @@ def _per_layer_counts(m):
     return [(len(r["npu"]), len(r["cpu"])) for r in rows]
 
 
+@pytest.mark.slow
 def test_fp16_model_partition_targets(fp16_artifact):
     m = _manifest(fp16_artifact)
     assert m.layers == 3
@@ -43,12 +44,14 @@ def test_fp16_model_partition_targets(fp16_artifact):
     assert any("exp" in r for r in plan["cpu_reasons"])
 
 
+@pytest.mark.slow
 def test_fp32_and_fp16_partition_alike(fp16_artifact, fp32_plan_artifact):
     a, b = _manifest(fp16_artifact), _manifest(fp32_plan_artifact)
     assert [(s.backend, s.stages) for s in a.segments] == [(s.backend, s.stages) for s in b.segments]
     assert all(s.rknn is None for s in b.segments)
 
 
+@pytest.mark.slow
 def test_names_and_bytes_are_deterministic(fp32_dir, tmp_path):
     m1 = compile_model(fp32_dir, str(tmp_path / "a"), Options(plan_only=True))
     m2 = compile_model(fp32_dir, str(tmp_path / "b"), Options(plan_only=True))
@@ -56,6 +59,7 @@ def test_names_and_bytes_are_deterministic(fp32_dir, tmp_path):
     assert [s.sha256 for s in m1.segments] == [s.sha256 for s in m2.segments]
 
 
+@pytest.mark.slow
 def test_checksums_taken_while_writing_match_the_files(fp16_artifact):
     """The segment ONNX checksums are taken from the bytes as they are written, the others read
     back: every one is the SHA-256 of the file it names."""
@@ -69,6 +73,7 @@ def test_checksums_taken_while_writing_match_the_files(fp16_artifact):
         assert sha == sha256_file(os.path.join(fp16_artifact, rel)), rel
 
 
+@pytest.mark.slow
 def test_second_compile_reuses_the_cache(fp16_dir, fp16_artifact, tmp_path, monkeypatch):
     """Every .rknn from the cache, every range trace too, and a columns build found there is
     not checked again (the check rewrites and runs the segment); the same artifact."""
@@ -91,6 +96,7 @@ def test_second_compile_reuses_the_cache(fp16_dir, fp16_artifact, tmp_path, monk
         [(s.name, s.sha256, s.seq_sha256, s.rknn_sha256, s.seq_rknn_sha256) for s in first.segments]
 
 
+@pytest.mark.slow
 def test_crashing_build_falls_back_to_cpu(fp32_dir, tmp_path, monkeypatch):
     # float_dtype='tfloat32' makes rknn-toolkit2 2.5.0 kill its own process during build
     monkeypatch.setenv("RWKV2RKNN_FLOAT_DTYPE", "tfloat32")
@@ -107,6 +113,7 @@ def test_crashing_build_falls_back_to_cpu(fp32_dir, tmp_path, monkeypatch):
                                PerLayerModel(fp32_dir).logits(toks), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_strict_makes_a_failed_build_an_error(fp32_dir, tmp_path, monkeypatch):
     from rwkv2rknn.errors import ToolkitError
     monkeypatch.setenv("RWKV2RKNN_FLOAT_DTYPE", "tfloat32")
@@ -125,6 +132,7 @@ def test_dump_after_writes_the_graph(fp32_dir, tmp_path):
         compile_model(fp32_dir, str(tmp_path / "b"), Options(plan_only=True), dump_after="nope")
 
 
+@pytest.mark.slow
 def test_public_recipe_files_compile(small_sd, tmp_path, tokens):
     from helpers.public_recipe import export_public
     from rwkv2rknn.runtime.hybrid import HybridModel
@@ -144,6 +152,7 @@ def test_single_onnx_file_compiles(fp32_dir, tmp_path):
     assert sum(s.matmuls for s in m.segments if s.backend == "npu") == 7
 
 
+@pytest.mark.slow
 def test_output_folder_with_other_files_is_refused(fp32_dir, tmp_path):
     out = tmp_path / "out"
     out.mkdir()

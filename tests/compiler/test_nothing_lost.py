@@ -27,6 +27,7 @@ def test_foreign_output_folder_is_replaced_only_with_force(model, tmp_path):
     assert not partials_in(tmp_path)
 
 
+@pytest.mark.slow
 def test_failed_compile_of_a_bad_model_keeps_the_previous_artifact(bad, plan, tmp_path):
     out = tmp_path / "art"
     shutil.copytree(plan, out)
@@ -38,6 +39,7 @@ def test_failed_compile_of_a_bad_model_keeps_the_previous_artifact(bad, plan, tm
     assert not partials_in(tmp_path)
 
 
+@pytest.mark.slow
 def test_compile_failing_midway_keeps_the_previous_artifact(model1, tmp_path):
     """--strict with a toolkit build that crashes fails inside the build pass, after the new
     artifact's segment files were written: the previous artifact stays as it was."""
@@ -98,6 +100,7 @@ def _whole_or_previous(out, before):
     return "new"
 
 
+@pytest.mark.slow
 def test_killed_compile_loses_nothing_and_the_next_one_reuses_the_cache(model, plan, tmp_path):
     """SIGKILL a compile at several moments (the compile alone, or its whole process group with
     the build child): OUT is missing or whole, cache entries are whole, and the next compile
@@ -187,6 +190,7 @@ def test_ctrl_c_exits_130_and_loses_nothing(model, plan, tmp_path, when, whole_g
     assert scratch_left(tmp) == {}, (during, err)
 
 
+@pytest.mark.slow
 def test_two_compiles_share_the_cache(two_at_once, model):
     """Both succeed; the cache holds only whole entries, and each is byte for byte the .rknn
     that one of the artifacts got (builds are not byte-reproducible, so this is one build)."""

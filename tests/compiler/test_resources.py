@@ -31,6 +31,7 @@ def test_too_little_memory_is_refused_in_one_line(fp16_dir, tmp_path, monkeypatc
     assert not out.exists() and not os.listdir(tmp_path)
 
 
+@pytest.mark.slow
 def test_too_little_disk_is_refused_before_writing(fp16_dir, tmp_path, monkeypatch):
     size = resources.model_size(fp16_dir)
     need = resources.artifact_bytes(size, True)

@@ -13,6 +13,8 @@ from rwkv2rknn.compiler.ir import Options
 from rwkv2rknn.models.checkpoint import random_checkpoint
 from rwkv2rknn.models.export import export
 
+pytestmark = pytest.mark.slow  # every test here takes more than a few seconds
+
 
 @pytest.fixture(scope="module")
 def hot_fp16(tmp_path_factory):

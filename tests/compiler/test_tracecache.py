@@ -41,6 +41,7 @@ def first(fp32_dir, tmp_path_factory):
     return m, note, cache, stages
 
 
+@pytest.mark.slow
 def test_a_second_compile_takes_every_stage_from_the_cache_and_writes_the_same(first, fp32_dir, tmp_path):
     m1, note1, cache, stages = first
     assert note1.endswith(f"0 of {stages} stages from the cache ({cache}/trace)")
@@ -53,6 +54,7 @@ def test_a_second_compile_takes_every_stage_from_the_cache_and_writes_the_same(f
     assert guard and guard == [r for r in m1.report if r.startswith("fp16_guard: ") and "cache" not in r]
 
 
+@pytest.mark.slow
 def test_a_corrupted_entry_is_traced_again(first, fp32_dir, tmp_path, caplog):
     m1, _, cache, stages = first
     cache = shutil.copytree(cache, tmp_path / "cache")
@@ -78,6 +80,7 @@ def test_a_corrupted_entry_is_traced_again(first, fp32_dir, tmp_path, caplog):
     assert f"{stages} of {stages} stages" in note
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("option", [{"seed": 7}, {"range_tokens": 5}])
 def test_an_option_that_changes_the_trace_misses_the_cache(first, fp32_dir, tmp_path, option):
     _, _, cache, stages = first
@@ -87,6 +90,7 @@ def test_an_option_that_changes_the_trace_misses_the_cache(first, fp32_dir, tmp_
     assert len(_entries(cache)) == 2 * stages
 
 
+@pytest.mark.slow
 def test_a_changed_stage_file_misses_from_that_stage_on(first, fp32_dir, tmp_path):
     """Another head: every stage before it hits, the head misses (its file's checksum)."""
     _, _, cache, stages = first

@@ -38,6 +38,7 @@ def test_it_is_a_small_byte_level_rwkv4(sd):
     assert os.path.getsize(bundled.CHECKPOINT) < 16 * 2 ** 20
 
 
+@pytest.mark.slow
 def test_compiled_once_then_reused(bundled_artifact):
     manifest = os.path.join(bundled_artifact, "manifest.json")
     before = os.stat(manifest).st_mtime_ns
@@ -45,6 +46,7 @@ def test_compiled_once_then_reused(bundled_artifact):
     assert os.stat(manifest).st_mtime_ns == before
 
 
+@pytest.mark.slow
 def test_bits_per_byte_hybrid_npu_within_2_percent_of_onnxruntime_fp32(sd, heldout, bundled_artifact,
                                                                          tmp_path):
     from rwkv2rknn.tools.evaluate import bits_per_byte
@@ -85,6 +87,7 @@ def test_generation_is_mostly_english_words(bundled_artifact):
 MAX_INT8_EXTRA = 0.18
 
 
+@pytest.mark.slow
 def test_w8a8_layer_build_is_its_int8_weights_and_about_the_fp16_builds_other_bytes(bundled_artifact,
                                                                                        tmp_path):
     """The fused layer segment L0..L1 (256 wide, 7 MatMuls) built in columns as the compile

@@ -30,6 +30,7 @@ def parity_models(tmp_path_factory):
     return [m + (ref,) for m, ref in zip(made, refs)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("index", range(len(SHAPES)),
                          ids=[f"{s['layers']}x{s['width']}v{s['vocab']}" for s in SHAPES])
 def test_parity_with_rwkv_package(index, parity_models, tmp_path):

@@ -27,6 +27,7 @@ def test_exports_equal_the_rwkv_package(slot_models, version):
     assert len(set(ref.argmax(1))) > 10  # the logits really depend on the tokens
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version,make", [
     ("6", lambda: random_rwkv6(layers=2, width=128, vocab=97, seed=9,
                                lora={"maa": 12, "decay": 28})),

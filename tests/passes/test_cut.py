@@ -54,6 +54,7 @@ def test_a_torch_block_per_token_segment_keeps_its_layernorm_in_one_run(tmp_path
     assert split_layernorms(str(tmp_path / "by_depth.onnx"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", ["4", "5", "6", "7"])
 def test_every_versions_segments_keep_each_layernorm_in_one_run(version, fp32_plan_artifact,
                                                                  slot_models):

@@ -31,6 +31,7 @@ def hot_model(tmp_path_factory):
     return d
 
 
+@pytest.mark.slow
 def test_overflowing_squared_relu_is_rescaled_exactly(hot_model):
     ctx = _run_until(hot_model, "fp16_guard")
     note = [r for r in ctx.report if r.startswith("fp16_guard")][0]

@@ -61,6 +61,7 @@ def at_once(model1, tmp_path_factory):
     return work, cache, outs, results
 
 
+@pytest.mark.slow
 def test_two_compiles_at_once_give_the_same_complete_artifact(at_once):
     _, _, outs, results = at_once
     for out, err, code in results:
@@ -71,6 +72,7 @@ def test_two_compiles_at_once_give_the_same_complete_artifact(at_once):
     assert a == b  # names, bindings and every checksum (ONNX, .rknn, T-row .rknn)
 
 
+@pytest.mark.slow
 def test_a_cache_entry_cut_short_is_rebuilt_not_copied(at_once, model1):
     work, cache, outs, _ = at_once
     segs = _complete(str(outs[0]))
@@ -90,6 +92,7 @@ def test_a_cache_entry_cut_short_is_rebuilt_not_copied(at_once, model1):
     assert (cache / "rknn" / (entry.stem + ".sha256")).read_text().strip() == _sha(entry)
 
 
+@pytest.mark.slow
 def test_a_failed_build_carries_the_toolkits_reason(tmp_path):
     import onnx
     from onnx import TensorProto, helper
@@ -108,6 +111,7 @@ def test_a_failed_build_carries_the_toolkits_reason(tmp_path):
     assert os.listdir(tmp_path) == ["bad.onnx"]  # the toolkit's scratch files stayed in its folder
 
 
+@pytest.mark.slow
 def test_t_row_builds_side_by_side_all_succeed(at_once, tmp_path):
     """rknn-toolkit2 writes fixed-name scratch files (check_dynshape0.onnx ...) in its cwd for
     a T-row build; three at once in one folder crashed one of them (SIGSEGV). Each child now
@@ -166,6 +170,7 @@ def _tiny(path, op="MatMul"):
     return str(path)
 
 
+@pytest.mark.slow
 def test_a_kept_build_child_builds_one_after_another(tmp_path):
     """One worker: a refused build says why and the worker goes on; the next build is whole and
     the size of a one-shot child's; a worker that died fails its build with the signal; nothing

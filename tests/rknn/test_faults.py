@@ -1,6 +1,7 @@
 """Faults in a build or a segment: a toolkit build that kills its own process falls back to the
 CPU and says so; an inf out of an NPU segment fails with the segment named."""
 
+import pytest
 import os
 import shutil
 
@@ -8,6 +9,8 @@ import numpy as np
 
 from helpers.robustness import (NO_ROWS, cli, edit_manifest, error_line, scratch_env, scratch_left,
                                 sha256, whole_artifact)
+
+pytestmark = pytest.mark.slow  # every test here takes more than a few seconds
 
 def test_crashing_toolkit_build_falls_back_and_the_cli_reports_it(model1, tmp_path):
     """float_dtype='tfloat32' makes rknn-toolkit2 2.5.0 kill its own process during build."""

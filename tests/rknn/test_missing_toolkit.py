@@ -10,6 +10,7 @@ from rwkv2rknn.errors import MissingDependency
 
 from helpers.robustness import cli, error_line, partials_in
 
+@pytest.mark.slow
 def test_compile_without_the_toolkit_names_the_install(no_toolkit, model, tmp_path):
     out = tmp_path / "art"
     r = cli("compile", model, "-o", out, env=no_toolkit)

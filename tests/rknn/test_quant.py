@@ -27,6 +27,7 @@ def w8a8(w8a8_artifact):
     return w8a8_artifact
 
 
+@pytest.mark.slow
 def test_every_npu_segment_is_w8a8_with_its_measured_figure(w8a8):
     m = load_manifest(w8a8)
     npu = [s for s in m.segments if s.backend == "npu"]
@@ -54,6 +55,7 @@ def test_the_recurrence_and_its_state_stay_on_the_cpu_in_fp32(w8a8):
     assert any(carried & set(s.inputs) for s in m.segments if s.backend == "cpu")
 
 
+@pytest.mark.slow
 def test_w8a8_runs_in_the_simulator_with_top1_agreement_against_fp32(byte_model, w8a8):
     from rwkv2rknn.tools.evaluate import bits_per_byte
     from rwkv2rknn.runtime.hybrid import HybridModel
@@ -78,6 +80,7 @@ def test_w8a8_runs_in_the_simulator_with_top1_agreement_against_fp32(byte_model,
     assert np.isfinite(score.bits_per_byte) and score.bytes == len(text.encode()) - 1
 
 
+@pytest.mark.slow
 def test_a_segment_below_the_threshold_is_built_fp16_and_the_plan_says_so(byte_model, w8a8, tmp_path):
     first = load_manifest(w8a8)
     cos = sorted(s.accuracy["min_cos"] for s in first.segments if s.backend == "npu")

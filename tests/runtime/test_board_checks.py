@@ -9,6 +9,7 @@ from rwkv2rknn.errors import BadInput
 
 from helpers.robustness import cli, edit_manifest, error_line
 
+@pytest.mark.slow
 def test_rknn_lite_off_the_board_names_the_install(two_at_once, tmp_path):
     _, outs, _ = two_at_once
     art = tmp_path / "art"
@@ -20,6 +21,7 @@ def test_rknn_lite_off_the_board_names_the_install(two_at_once, tmp_path):
     error_line(r, 1, "rknn-toolkit-lite2")
 
 
+@pytest.mark.slow
 def test_rknn_lite_refuses_an_artifact_built_for_another_soc(plan, tmp_path, monkeypatch):
     from rwkv2rknn.runtime import soc
     from rwkv2rknn.runtime.hybrid import HybridModel

@@ -107,6 +107,7 @@ def _map(lite, src, dst):
                 lite.onnx_for[os.path.join(dst, seg.seq_rknn)] = built
 
 
+@pytest.mark.slow
 def test_pack_keeps_only_what_the_board_loads(fp16_artifact, packed):
     out, res = packed
     m, src = load_manifest(out), load_manifest(fp16_artifact)
@@ -132,12 +133,14 @@ def test_pack_keeps_only_what_the_board_loads(fp16_artifact, packed):
     assert exact <= res["parameters"] <= 1.01 * exact
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["ort", "rknn-sim"])
 def test_packed_artifact_refuses_the_compile_side_backends(packed, backend):
     with pytest.raises(UsageError, match="packed for the board .* --backend rknn-rt or rknn-lite"):
         HybridModel(packed[0], backend=backend)
 
 
+@pytest.mark.slow
 def test_packed_artifact_runs_on_rknn_lite_as_on_ort(fp16_artifact, packed, lite, tokens):
     """Decode and prefill of the packed artifact through the rknn-lite runner (stand-in) give
     the unpacked artifact's ort logits; the calls are the ones the board would see."""
@@ -191,6 +194,7 @@ def test_packed_artifact_runs_on_rknn_lite_as_on_ort(fp16_artifact, packed, lite
     ref.close()
 
 
+@pytest.mark.slow
 def test_lite_runner_releases_and_names_the_likelier_cause(fp16_artifact, lite, monkeypatch, capfd):
     from rwkv2rknn.runtime import device
     from rwkv2rknn.runtime.rknn import RknnLiteRunner
@@ -217,6 +221,7 @@ def test_lite_runner_releases_and_names_the_likelier_cause(fp16_artifact, lite, 
                        seg.shapes, "0_3")
 
 
+@pytest.mark.slow
 def test_board_run_refuses_early_when_memory_is_short(packed, lite, monkeypatch):
     from rwkv2rknn.runtime import device
     monkeypatch.setattr(device, "mem_available", lambda root="/": 1000)
@@ -225,6 +230,7 @@ def test_board_run_refuses_early_when_memory_is_short(packed, lite, monkeypatch)
     assert lite.calls == []  # refused before anything was loaded
 
 
+@pytest.mark.slow
 def test_pack_command_and_its_refusals(fp16_artifact, fp32_plan_artifact, tmp_path):
     from rwkv2rknn.cli import cli
     r = CliRunner().invoke(cli, ["pack", fp16_artifact, "-o", str(tmp_path / "p")])
@@ -238,6 +244,7 @@ def test_pack_command_and_its_refusals(fp16_artifact, fp32_plan_artifact, tmp_pa
     assert r.exit_code == 2 and "packed for the board" in r.output and "Traceback" not in r.output
 
 
+@pytest.mark.slow
 def test_tokenizer_file_travels_with_the_artifact(tmp_path):
     from rwkv2rknn.runtime.loader import artifact_tokenizer, bundle_tokenizer
     from rwkv2rknn.runtime.tokenizer import WORLD_VOCAB_NAME, find_world_vocab, load_tokenizer
@@ -258,6 +265,7 @@ def test_tokenizer_file_travels_with_the_artifact(tmp_path):
     assert bundle_tokenizer("missing.json", str(src), str(out)) == "missing.json"  # kept, logged
 
 
+@pytest.mark.slow
 def test_board_runtime_older_than_the_toolkit_is_said(fp16_artifact, packed, lite, tmp_path,
                                                        monkeypatch, caplog):
     from rwkv2rknn.runtime import device
@@ -277,6 +285,7 @@ def test_board_runtime_older_than_the_toolkit_is_said(fp16_artifact, packed, lit
     assert "install librknnrt.so 2.5.0 or newer" in e.value.fix
 
 
+@pytest.mark.slow
 def test_check_runs_a_packed_artifact_on_the_board_backend(packed, fp16_artifact, lite):
     from rwkv2rknn.tools.check import run_check
     _map(lite, fp16_artifact, packed[0])

@@ -50,6 +50,7 @@ def test_seeded_reproducibility():
     assert len(set(s1)) > 5  # it does sample
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("temperature", [1.0, 0.7, 1.5])
 def test_distribution_matches_softmax(temperature):
     logits = np.array([2.0, 1.0, 0.5, 0.0, -1.0, -3.0], dtype=np.float32)
@@ -60,6 +61,7 @@ def test_distribution_matches_softmax(temperature):
     np.testing.assert_allclose(counts / n, p, atol=0.015)
 
 
+@pytest.mark.slow
 def test_top_p_distribution():
     # probabilities 0.5, 0.3, 0.15, 0.05: top_p=0.75 keeps the first two (0.5 < 0.75 <= 0.8)
     probs = np.array([0.5, 0.3, 0.15, 0.05])
@@ -106,6 +108,7 @@ def test_extreme_logits_stay_in_range():
     assert seen <= {1, 2} and seen == {1, 2}
 
 
+@pytest.mark.slow
 @settings(max_examples=200, deadline=None)
 @given(
     logits=hnp.arrays(

@@ -13,6 +13,7 @@ from rwkv2rknn.runtime.reference import PerLayerModel
 from conftest import FP16_KL
 
 
+@pytest.mark.slow
 def test_ort_backend_matches_reference_to_fp32_precision(fp32_plan_artifact, fp32_dir, tokens):
     got = HybridModel(fp32_plan_artifact, backend="ort").logits(tokens)
     ref = PerLayerModel(fp32_dir).logits(tokens)
@@ -20,6 +21,7 @@ def test_ort_backend_matches_reference_to_fp32_precision(fp32_plan_artifact, fp3
     assert rep.passed, rep.summary()
 
 
+@pytest.mark.slow
 def test_rknn_sim_reaches_top1_agreement(fp16_artifact, fp16_dir, tokens):
     """fp16 files, compiled with the real toolkit, run in its simulator: >= 99% top-1 over 40 tokens."""
     assert len(tokens) >= 32
@@ -33,6 +35,7 @@ def test_rknn_sim_reaches_top1_agreement(fp16_artifact, fp16_dir, tokens):
     model.close()
 
 
+@pytest.mark.slow
 def test_state_is_threaded_across_segments_and_tokens(fp32_plan_artifact, fp32_dir, tokens):
     model = HybridModel(fp32_plan_artifact)
     ref = PerLayerModel(fp32_dir)
@@ -49,6 +52,7 @@ def test_state_is_threaded_across_segments_and_tokens(fp32_plan_artifact, fp32_d
     assert np.abs(a - b).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_each_segment_reads_only_earlier_outputs(fp16_artifact):
     m = HybridModel(fp16_artifact).manifest
     known = {m.token_input} | {s.input for s in m.state}
@@ -58,6 +62,7 @@ def test_each_segment_reads_only_earlier_outputs(fp16_artifact):
     assert m.logits_output in known and all(s.output in known for s in m.state)
 
 
+@pytest.mark.slow
 def test_tampered_segment_is_refused(fp16_artifact, tmp_path):
     art = str(tmp_path / "a")
     shutil.copytree(fp16_artifact, art)
@@ -74,12 +79,14 @@ def test_auto_backend_picks_the_simulator_here():
     assert resolve_backend("auto") == "rknn-sim"  # rknn-toolkit2 installed, no rknnlite on x86
 
 
+@pytest.mark.slow
 def test_rknn_lite_off_the_board_names_the_install(fp16_artifact):
     from rwkv2rknn.errors import MissingDependency
     with pytest.raises(MissingDependency, match="rknn-toolkit-lite2"):
         HybridModel(fp16_artifact, backend="rknn-lite")
 
 
+@pytest.mark.slow
 def test_board_import_surface_has_no_heavy_modules(fp32_plan_artifact):
     """What the board imports to run an artifact must not pull torch, onnx-graphsurgeon or rknn."""
     import subprocess

@@ -6,6 +6,8 @@ import pytest
 from rwkv2rknn.runtime.hybrid import HybridModel
 from conftest import FP16_KL
 
+pytestmark = pytest.mark.slow  # every test here takes more than a few seconds
+
 
 @pytest.mark.parametrize("chunk", [1, 5, 16, 64])
 def test_prefill_equals_one_at_a_time(fp32_plan_artifact, tokens, chunk):

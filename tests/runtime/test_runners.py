@@ -16,6 +16,7 @@ def _npu_segment(art):
     return next(s for s in m.segments if s.backend == "npu" and s.matmuls == 7)
 
 
+@pytest.mark.slow
 def test_ort_runner_contract(fp16_artifact):
     seg = _npu_segment(fp16_artifact)
     r = OrtRunner(os.path.join(fp16_artifact, seg.onnx), seg.name)
@@ -27,6 +28,7 @@ def test_ort_runner_contract(fp16_artifact):
     assert all(out[k].shape == tuple(seg.shapes[k]) for k in seg.outputs)
 
 
+@pytest.mark.slow
 def test_rknn_sim_runner_matches_ort_on_a_segment(fp16_artifact):
     from rwkv2rknn.rknn.sim import RknnSimRunner
     seg = _npu_segment(fp16_artifact)

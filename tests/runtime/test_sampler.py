@@ -43,6 +43,7 @@ def _table(seed):
     return (rng.normal(size=(V, V)) * 3).astype(np.float32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", [
     dict(alpha_presence=0.5, alpha_frequency=0.5, alpha_decay=0.996),
     dict(alpha_presence=0.2, alpha_frequency=1.5, alpha_decay=0.9),
@@ -77,6 +78,7 @@ def test_greedy_with_penalties_decay_and_ban_picks_the_packages_tokens(package, 
         assert 33 in ours  # a free-weight token was drawn
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kw", [dict(temperature=0.7, top_p=0.8), dict(temperature=1.6, top_p=0.95),
                                 dict(temperature=0.5, top_p=1.0, top_k=3),
                                 dict(temperature=1.0, top_p=0.6, top_k=2)])

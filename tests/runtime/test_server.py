@@ -13,6 +13,8 @@ import time
 
 import pytest
 
+pytestmark = pytest.mark.slow  # every test here takes more than a few seconds
+
 openai = pytest.importorskip("openai")
 
 HOST = "127.0.0.1"

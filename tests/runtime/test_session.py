@@ -33,6 +33,7 @@ def greedy():
     return Sampler(temperature=0)
 
 
+@pytest.mark.slow
 def test_prefill_in_pieces_is_prefill_at_once_is_token_by_token(model):
     ids = ids_of(1, 45)
     a, b = Session(model, ByteTokenizer()), Session(model, ByteTokenizer())
@@ -47,6 +48,7 @@ def test_prefill_in_pieces_is_prefill_at_once_is_token_by_token(model):
     np.testing.assert_allclose(a.state, b.state, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_a_second_turn_from_the_kept_state_is_the_whole_transcript_from_scratch(model):
     s = Session(model, ByteTokenizer())
     first = s.generate(ids_of(2, 12), greedy(), 15, stop_ids=())
@@ -61,6 +63,7 @@ def test_a_second_turn_from_the_kept_state_is_the_whole_transcript_from_scratch(
     np.testing.assert_allclose(fresh.state, s.state, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_snapshot_restore_and_reset(model):
     s = Session(model, ByteTokenizer())
     s.feed(ids_of(4, 10))
@@ -74,6 +77,7 @@ def test_snapshot_restore_and_reset(model):
     assert s.tokens == [] and s.logits is None
 
 
+@pytest.mark.slow
 def test_stop_strings_stop_ids_cancel_and_deadline(model):
     import time
     s = Session(model, ByteTokenizer())
@@ -100,6 +104,7 @@ def test_stop_strings_stop_ids_cancel_and_deadline(model):
     assert r.finish_reason == "time" and r.ids == []
 
 
+@pytest.mark.slow
 def test_save_load_round_trip_and_refusals(model, fp32_dir, tmp_path):
     from rwkv2rknn.runtime.reference import PerLayerModel
     s = Session(model, ByteTokenizer())
@@ -136,6 +141,7 @@ def test_save_load_round_trip_and_refusals(model, fp32_dir, tmp_path):
     assert other.tokens == before.tokens  # unchanged
 
 
+@pytest.mark.slow
 @settings(max_examples=200, deadline=None)
 @given(text=st.text(alphabet="ab\n:U", max_size=40), stop=st.text(alphabet="ab\n:U", min_size=1, max_size=4),
        cuts=st.lists(st.integers(0, 40), max_size=8))

@@ -141,6 +141,7 @@ def test_world_longest_match_wins(world):
         assert world.encode(prefix.decode()) == [pid]
 
 
+@pytest.mark.slow
 def test_world_matches_reference_implementation(world):
     ref = _reference_world_tokenizer()
     if ref is None:

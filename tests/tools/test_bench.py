@@ -8,6 +8,7 @@ from rwkv2rknn.tools.measure import call_costs
 from rwkv2rknn.runtime import board
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", ["5", "6", "7"])
 def test_bench_runs_every_runner_and_the_plan_estimate(version, tmp_path):
     lines = []
@@ -52,6 +53,7 @@ def test_call_costs_name_what_the_board_lacks(tmp_path, monkeypatch):
     assert len(lines) == 2 and lines[0].startswith("  NPU per-call cost, rknn-rt: not measured")
 
 
+@pytest.mark.slow
 def test_bench_command_passes_the_probes_on(tmp_path):
     from click.testing import CliRunner
     from rwkv2rknn.cli import cli
@@ -71,6 +73,7 @@ def test_bench_command_passes_the_probes_on(tmp_path):
     assert "load average: " in r.output and " at the end of the timed phases" in r.output
 
 
+@pytest.mark.slow
 def test_rwkv_package_failure_is_one_line(tmp_path):
     from rwkv2rknn.errors import ToolkitError
     from rwkv2rknn.tools.rwkv_package import package_run

@@ -45,6 +45,7 @@ def _perturb(art, which: str, npu_index: int = 1, factor: float = 1.25) -> str:
     return seg["name"]
 
 
+@pytest.mark.slow
 def test_good_artifact_passes_every_gate(fp32_plan_artifact):
     rep, backend = run_check(fp32_plan_artifact, n_tokens=20, backend="ort", per_segment=True)
     assert backend == "ort"
@@ -55,6 +56,7 @@ def test_good_artifact_passes_every_gate(fp32_plan_artifact):
     assert rows and all(s["max_rel"] <= 1e-5 for s in rep.per_segment)
 
 
+@pytest.mark.slow
 def test_perturbed_token_segment_fails_decode_and_state_gates(fp32_plan_artifact, tmp_path):
     art = _copy(fp32_plan_artifact, tmp_path)
     name = _perturb(art, "onnx")
@@ -67,6 +69,7 @@ def test_perturbed_token_segment_fails_decode_and_state_gates(fp32_plan_artifact
     assert any(f.startswith(f"segment {name} (T rows)") for f in rep.failures), text
 
 
+@pytest.mark.slow
 def test_perturbed_t_row_segment_fails_prefill_and_segment_gates(fp32_plan_artifact, tmp_path):
     art = _copy(fp32_plan_artifact, tmp_path)
     name = _perturb(art, "seq_onnx")
@@ -90,6 +93,7 @@ def test_tolerances_are_stated_per_backend_and_precision():
     assert Tolerances.default("ort", "float32", max_rel=0.5).max_rel == 0.5
 
 
+@pytest.mark.slow
 def test_npu_simulator_check_covers_prefill(fp16_artifact, tmp_path):
     rep, backend = run_check(fp16_artifact, n_tokens=20, backend="rknn-sim", per_segment=True)
     assert backend == "rknn-sim"
@@ -106,6 +110,7 @@ def test_npu_simulator_check_covers_prefill(fp16_artifact, tmp_path):
     assert any(f.startswith("prefill:") for f in bad.failures), bad.failures
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("factor", [1.25])
 def test_perturbation_changes_the_logits(fp32_plan_artifact, tmp_path, factor):
     """The perturbation used above is not a no-op (else the failing tests would prove nothing)."""
@@ -117,6 +122,7 @@ def test_perturbation_changes_the_logits(fp32_plan_artifact, tmp_path, factor):
     assert np.abs(after - before).max() > 1e-3 * np.abs(before).max()
 
 
+@pytest.mark.slow
 def test_check_without_text_the_model_knows_uses_random_ids_and_says_so(fp32_plan_artifact, tmp_path):
     """The small model's vocabulary (97) is smaller than its byte tokenizer's: the built-in text
     cannot be fed, so check runs seeded random ids, prints a `warning:` line saying why, records

@@ -57,6 +57,7 @@ def test_a_ready_board(board):
     assert v["free memory"].found == "7.63 GiB"
 
 
+@pytest.mark.slow
 def test_each_problem_is_one_line_with_its_fix(tmp_path, board, fp32_plan_artifact):
     root = board(compatible=b"rockchip,rk3568\0", driver=None, lib_version="1.6.0", mem_kb=10)
     art = str(tmp_path / "art")
@@ -128,6 +129,7 @@ def test_version_helpers():
     assert not device.older("", "2.5.0")  # unknown is not called older
 
 
+@pytest.mark.slow
 def test_doctor_command_here_exits_1(fp32_plan_artifact):
     from rwkv2rknn.cli import cli
     r = CliRunner().invoke(cli, ["doctor", fp32_plan_artifact])

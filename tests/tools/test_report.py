@@ -34,6 +34,7 @@ def expected_kind(seg, precision="fp16"):
     return f"npu-{precision}"
 
 
+@pytest.mark.slow
 def test_page_matches_manifest(artifact, tmp_path):
     accuracy = {"max_rel": 0.0123, "cosine": 0.99931}
     alter_segments(artifact, fallback=3, int8=1, accuracy=accuracy)
@@ -80,6 +81,7 @@ def _row(page, name):
     return [it for it in items[start:end] if it[0] in ("td", "span")]
 
 
+@pytest.mark.slow
 def test_hover_and_cpu_reasons(artifact, tmp_path):
     html = _page(artifact, tmp_path / "r.html")
     m = load_manifest(artifact)
@@ -140,6 +142,7 @@ def test_long_check_stays_small():
     assert len(plot) < 100_000 and plot.count("<polyline") == 1 and "<circle" not in plot
 
 
+@pytest.mark.slow
 def test_check_json_written_and_read_back(artifact, tmp_path):
     res = CliRunner().invoke(cli, ["check", artifact, "--backend", "ort", "--tokens", "5",
                                    "--per-segment"])
@@ -180,6 +183,7 @@ def test_check_json_written_and_read_back(artifact, tmp_path):
     assert "written for another compile" in _page(artifact, tmp_path / "r2.html")
 
 
+@pytest.mark.slow
 def test_a_check_on_random_ids_shows_its_warning(artifact, tmp_path):
     """The small model cannot read the built-in text (vocabulary 97 < 256 bytes): check falls
     back to random ids, and the page shows check's warning by the result."""
@@ -196,6 +200,7 @@ def test_a_check_on_random_ids_shows_its_warning(artifact, tmp_path):
     assert saved["warnings"][0].startswith("checked on seeded random ids, not text")
 
 
+@pytest.mark.slow
 def test_corrupt_check_json_is_one_line_error(artifact, tmp_path):
     with open(os.path.join(artifact, CHECK_JSON), "w") as f:
         f.write('{"steps": 3')
@@ -205,6 +210,7 @@ def test_corrupt_check_json_is_one_line_error(artifact, tmp_path):
     assert not os.path.exists(tmp_path / "r.html")
 
 
+@pytest.mark.slow
 def test_bench_figures_are_charted(artifact, tmp_path):
     bench = str(tmp_path / "bench.json")
     res = CliRunner().invoke(cli, ["bench", "--layers", "2", "--width", "32", "--vocab", "61",
@@ -218,6 +224,7 @@ def test_bench_figures_are_charted(artifact, tmp_path):
     assert float(page.with_class("line", "ref")[-1]["data-value"]) == figures["bandwidth_bound_ms"]
 
 
+@pytest.mark.slow
 def test_bad_inputs(artifact, tmp_path):
     not_bench = tmp_path / "nb.json"
     not_bench.write_text('{"rows": []}')
@@ -231,6 +238,7 @@ def test_bad_inputs(artifact, tmp_path):
     assert not os.path.exists(tmp_path / "r.html")
 
 
+@pytest.mark.slow
 def test_compile_report(fp32_dir, tmp_path):
     out = str(tmp_path / "art")
     res = CliRunner().invoke(cli, ["compile", fp32_dir, "-o", out, "--plan-only", "--report"])

@@ -9,6 +9,7 @@ torch = pytest.importorskip("torch")
 from rwkv4_torch import RWKV4  # noqa: E402  (training/, on the path by conftest.py)
 
 
+@pytest.mark.slow
 def test_token_form_matches_the_rwkv_package(small_sd, small_pth, tokens):
     from helpers.rwkv_package import package_logits  # tests/: the package in a child process
     want = package_logits(small_pth, tokens[:24], "4")
@@ -18,6 +19,7 @@ def test_token_form_matches_the_rwkv_package(small_sd, small_pth, tokens):
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("T, chunk, cut", [(23, 4, 9), (16, 16, 5), (7, 8, 1)])
 def test_sequence_form_equals_token_by_token(small_sd, tokens, T, chunk, cut):
     """What training optimises (chunked WKV over windows, state carried between calls) is the

@@ -10,6 +10,7 @@ torch = pytest.importorskip("torch")
 from rwkv7_torch import RWKV7, init_weights, wkv_chunked, wkv_seq  # noqa: E402  (training/)
 
 
+@pytest.mark.slow
 def test_logits_match_the_rwkv_package(slot_models):
     """3 layers x 192, vocab 301, LoRA widths 40/36/20/56: the window form (chunked wkv, T not a
     multiple of the chunk) and one token per call both give the package's teacher-forced logits."""
@@ -42,6 +43,7 @@ def test_chunked_wkv_equals_the_recurrence_in_float64(T, chunk):
     assert (s1 - s2).abs().max() <= 1e-12 * s1.abs().max()
 
 
+@pytest.mark.slow
 def test_windows_carry_the_state(slot_models):
     """Two windows with the state carried equal one window (what training and --eval rely on)."""
     sd, tokens = slot_models("7").sd, slot_models("7").tokens
