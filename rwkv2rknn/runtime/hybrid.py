@@ -272,7 +272,13 @@ class HybridModel:
                    {"1 thread": 1} if (os.cpu_count() or 1) < 2 else {"1 thread": 1, "pool": 0})
         steps = {}
         for label, threads in choices.items():
-            session, _ = session_from_stub(model, names, self._store, "decode", threads)
+            try:
+                session, _ = session_from_stub(model, names, self._store, "decode", threads)
+            except BadInput as e:  # onnxruntime refuses the joined graph: run the segments
+                log.info("token steps run segment by segment: %s", e.problem)
+                self._fuse = False
+                self.runners = [r.runner for r in self.runners]
+                return
             try:
                 steps[label] = BoundStep(session, m.token_input, slots, self._offsets,
                                          m.logits_output)

@@ -283,19 +283,38 @@ def test_queue_full_is_429_time_limit_cuts_and_the_state_dir_survives_a_restart(
 
         def one():
             try:
-                results.append(chat(s, HELLO, max_tokens=60000).choices[0].finish_reason)
+                # a completion (no chat stop rule): only the time limit ends it
+                results.append(s.client.completions.create(
+                    model=s.name, prompt="Once upon a time", max_tokens=60000).choices[0].finish_reason)
             except openai.APIStatusError as e:  # 429 queue_full; 503 timeout if it waited too long
                 results.append(e.body["code"])
 
+        def pending_reaches(n, limit=30):
+            end = time.time() + limit
+            while time.time() < end:
+                if s.get("/health")[1]["queue"] >= n:
+                    return
+                time.sleep(0.02)
+            raise AssertionError(f"the server never had {n} request(s) pending")
+
         threads = [threading.Thread(target=one) for _ in range(5)]
-        for t in threads:
+        # one running, then one waiting (each seen by the server before the next is sent), then
+        # three that find the queue full: the order the assertion needs, whatever the load
+        threads[0].start()
+        pending_reaches(1)
+        threads[1].start()
+        pending_reaches(2)
+        for t in threads[2:]:
             t.start()
         for t in threads:
-            t.join(timeout=60)
+            t.join(timeout=90)
         # one runs (cut by the time limit), one waits, three are refused
         assert "length" in results and results.count("queue_full") == 3, results
         assert set(results) <= {"length", "stop", "queue_full", "timeout"}, results
 
+        end = time.time() + 30  # the worker saves a request's states before it counts it done
+        while s.get("/health")[1]["queue"] and time.time() < end:
+            time.sleep(0.02)
         for n in os.listdir(d):  # keep only the states of the next request
             os.unlink(os.path.join(d, n))
         r1 = chat(s, [{"role": "user", "content": "Where is Emma?"}], max_tokens=10)
