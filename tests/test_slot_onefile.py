@@ -236,10 +236,12 @@ def test_one_file_layouts_t_row_builds_in_columns_on_the_npu_simulator(slot_mode
         assert s.seq_rknn and s.seq_rows == (2, 16) and not s.seq_fallback, (s.name, s.seq_fallback)
         assert s.seq_layout == "columns", (s.name, [r for r in m.report if s.name in r])
     assert npu[-1].outputs == (m.logits_output,) and npu[-1].rknn and not npu[-1].seq_rknn
-    # state rows [1, C] beside the rows of a columns build: format version 3, which a runtime
-    # that reads only 1 and 2 refuses at load (it could not feed them)
+    # state rows [1, C] beside the rows of a columns build need format version 3 at least, which
+    # a runtime that reads only 1 and 2 refuses at load (it could not feed them); a built compile
+    # also records golden vectors, which make it 4
     with open(os.path.join(art, "manifest.json")) as f:
-        assert json.load(f)["format_version"] == m.format_version == 3
+        assert json.load(f)["format_version"] == m.format_version == 4
+    assert all(s.golden for s in m.segments if s.backend == "npu")
     model = HybridModel(art, backend="rknn-sim")
     for seg, runner in zip(model.manifest.segments, model.prefill_runners()):
         layer = seg.backend == "npu" and seg is not model.manifest.segments[-1]

@@ -130,7 +130,8 @@ def capture(artifact: str, ids: Sequence[int]) -> Dict[str, Rows]:
     segment's inputs and outputs, token by token."""
     from rwkv2rknn.runtime.hybrid import HybridModel
 
-    model = HybridModel(artifact, backend="ort", verify=False, threads=1)
+    model = HybridModel(artifact, backend="ort", verify=False, threads=1, share_weights=False,
+                        fuse=False)  # each segment its own session, as the golden trace runs them
     try:
         segs = [s for s in model.manifest.segments if s.backend == "npu"]
         rows = {s.name: Rows(s.name, list(s.inputs), list(s.outputs), dict(s.shapes)) for s in segs}

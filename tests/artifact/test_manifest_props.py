@@ -268,9 +268,9 @@ def broken(draw):
     typ = required[key]
     if typ is None or draw(st.booleans()):
         if typ is None and draw(st.booleans()):
-            # 4: a version this rwkv2rknn does not read (it reads 1-3; drawing one of those
+            # 5: a version this rwkv2rknn does not read (it reads 1-4; drawing one of those
             # made the "broken" manifest a valid one)
-            holder[key] = draw(st.sampled_from(["rwkv2rknn-other", 0, 4, None, "1"]))
+            holder[key] = draw(st.sampled_from(["rwkv2rknn-other", 0, 5, None, "1"]))
         else:
             del holder[key]
     else:
