@@ -114,11 +114,8 @@ W8A8_OPTIONS = dict(quant="w8a8", calib_tokens=96, prefill_rows=(4, 8))
 @pytest.fixture(scope="session")
 def byte_model(tmp_path_factory):
     """A small random byte-level RWKV-4 as fp32 files (vocabulary 256, so text reads as its tokens)."""
-    from rwkv2rknn.models.checkpoint import random_checkpoint
-    from rwkv2rknn.models.export import export
-    d = str(tmp_path_factory.mktemp("bytes") / "fp32")
-    export(random_checkpoint(layers=2, width=64, vocab=256, seed=5), d, fp32=True, tokenizer="bytes")
-    return d
+    from helpers import random_model
+    return random_model(tmp_path_factory, "bytes", fp32=True, layers=2, width=64, vocab=256, seed=5)
 
 
 @pytest.fixture(scope="session")

@@ -42,11 +42,8 @@ def _complete(art):
 
 @pytest.fixture(scope="module")
 def model1(tmp_path_factory):
-    from rwkv2rknn.models.checkpoint import random_checkpoint
-    from rwkv2rknn.models.export import export
-    d = str(tmp_path_factory.mktemp("m1") / "model")
-    export(random_checkpoint(layers=1, width=32, vocab=64, seed=11), d, fp32=False, tokenizer="bytes")
-    return d
+    from helpers import random_model
+    return random_model(tmp_path_factory, "m1", fp32=False, layers=1, width=32, vocab=64, seed=11)
 
 
 @pytest.fixture(scope="module")

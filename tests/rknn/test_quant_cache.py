@@ -53,11 +53,8 @@ def _npu(art):
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    from rwkv2rknn.models.checkpoint import random_checkpoint
-    from rwkv2rknn.models.export import export
-    d = str(tmp_path_factory.mktemp("qm") / "model")
-    export(random_checkpoint(layers=1, width=32, vocab=256, seed=7), d, fp32=True, tokenizer="bytes")
-    return d
+    from helpers import random_model
+    return random_model(tmp_path_factory, "qm", fp32=True, layers=1, width=32, vocab=256, seed=7)
 
 
 @pytest.fixture(scope="module")
