@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+from typing import Optional
 
 import click
 
@@ -42,7 +43,12 @@ def _terminate(signum, frame) -> None:
 
 
 def _interrupted(e: BaseException) -> None:
-    """Ctrl-C: 'interrupted', exit 130; SIGTERM: 'terminated', exit 143."""
+    """Ctrl-C: 'interrupted', exit 130; SIGTERM: 'terminated', exit 143. The work below has
+    cleaned up by now; a second Ctrl-C or SIGTERM while the interpreter shuts down (when Python
+    has put back the default action, which would end the process by the signal instead of
+    the exit code) is ignored."""
+    for sig in HELD:
+        signal.signal(sig, signal.SIG_IGN)
     if isinstance(e, Terminated) or isinstance(e.__cause__, Terminated):
         click.echo("terminated", err=True)
         sys.exit(128 + signal.SIGTERM)
@@ -53,6 +59,18 @@ def _interrupted(e: BaseException) -> None:
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(message)s", stream=sys.stderr)
+
+
+def _from_interrupt(e: BaseException) -> Optional[BaseException]:
+    """The Ctrl-C or SIGTERM behind ``e``, if any: an import that a signal cut short fails as
+    ImportError ("initialization failed") with the KeyboardInterrupt as its context."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def handle_errors(fn):
@@ -72,6 +90,8 @@ def handle_errors(fn):
         except (click.exceptions.Exit, click.ClickException, SystemExit):
             raise
         except OSError as e:  # a full disk, a folder not writable, ...: the system's own words
+            if _from_interrupt(e) is not None:
+                _interrupted(_from_interrupt(e))
             if _Ctx.debug:
                 raise
             where = f" ({e.filename})" if e.filename else ""
@@ -80,6 +100,8 @@ def handle_errors(fn):
             click.echo(f"error: {e.strerror or type(e).__name__}{where}: {fix}", err=True)
             sys.exit(1)
         except Exception as e:  # noqa: BLE001 - the last line of defence, still one line
+            if _from_interrupt(e) is not None:
+                _interrupted(_from_interrupt(e))
             if _Ctx.debug:
                 raise
             msg = str(e).splitlines()[0][:200] if str(e) else ""
@@ -165,7 +187,10 @@ def main() -> None:
             _start_on_huge_pages()
         except (KeyboardInterrupt, Terminated) as e:
             _interrupted(e)
-    cli(prog_name="rwkv2rknn")
+    try:
+        cli(prog_name="rwkv2rknn")
+    except KeyboardInterrupt as e:  # one that came outside a command (click's own code, an import)
+        _interrupted(e)
 
 
 def _start_on_huge_pages() -> None:

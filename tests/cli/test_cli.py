@@ -187,6 +187,34 @@ def test_a_full_disk_is_one_line(capsys):
     assert err == "error: No space left on device (/art/segments/s001.onnx): free some space or write elsewhere"
 
 
+def test_an_import_cut_short_by_ctrl_c_is_an_interrupt(capsys):
+    """Ctrl-C during a C extension's import surfaces as ImportError("initialization failed")
+    with the KeyboardInterrupt as its context: it is 'interrupted', exit 130, not an internal
+    error; and the exit ignores a second signal while the interpreter shuts down."""
+    import signal
+
+    from rwkv2rknn.cli.app import handle_errors
+
+    @handle_errors
+    def load():
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise ImportError("initialization failed")
+
+    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(SystemExit) as e:
+            load()
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    assert e.value.code == 130
+    assert capsys.readouterr().err.strip() == "interrupted"
+
+
 def test_debug_flag_shows_traceback(tmp_path):
     r = sh("--debug", "compile", tmp_path / "nope", "-o", tmp_path / "o", "--plan-only")
     assert r.returncode != 0 and "Traceback" in r.stderr
