@@ -193,7 +193,7 @@ def generate_text(model, tokenizer_spec: Optional[str], prompt: str, max_tokens:
         raise UsageError("the prompt encodes to no tokens", "give some text")
     emit = on_text or (lambda text: None)
     emit(prompt)
-    reply = session.generate(ids, Sampler(temperature=temperature, top_p=top_p, seed=seed),
+    reply = session.generate(ids, Sampler(temperature=temperature, top_p=top_p, seed=seed, tokenizer=tok),
                              max_tokens, stop_ids=(), on_text=emit)
     return GenerationResult(ids=reply.ids, ttft_s=reply.ttft_s,
                             decode_tokens_per_s=reply.decode_tokens_per_s,

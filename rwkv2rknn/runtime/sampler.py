@@ -70,7 +70,9 @@ CHAT_DEFAULTS = SamplerArgs(temperature=1.0, top_p=0.3, alpha_presence=0.5, alph
 class Sampler:
     """Sample token ids with :class:`SamplerArgs`; keeps the penalty counts of one generation
     (``reset`` starts a new one). ``tokenizer`` (optional) tells which tokens weigh 0 in the
-    counts; ``seed`` makes the draws reproducible."""
+    counts, and ids past its vocabulary (a model's padded rows: 50304 logits for a 50277-token
+    tokenizer) are never drawn, as they could not be decoded; ``seed`` makes the draws
+    reproducible."""
 
     def __init__(self, args: Optional[SamplerArgs] = None, seed=None, tokenizer=None, **kw):
         self.args = (args or SamplerArgs(**kw)).check()
@@ -110,6 +112,9 @@ class Sampler:
         ban = [int(t) for t in a.token_ban if 0 <= int(t) < x.size]
         if ban:
             x[ban] = -np.inf
+        known = int(getattr(self._tok, "vocab_size", 0) or 0)
+        if 0 < known < x.size:
+            x[known:] = -np.inf
         if self.occurrence:
             ids = np.fromiter(self.occurrence.keys(), dtype=np.int64, count=len(self.occurrence))
             counts = np.fromiter(self.occurrence.values(), dtype=np.float64, count=len(ids))

@@ -120,6 +120,19 @@ def test_greedy_and_extremes():
     assert Sampler(temperature=1.0, top_p=0.5, seed=0).sample(big) == 12345  # partial sort path
 
 
+def test_ids_past_the_tokenizer_are_never_drawn():
+    """A model with padded rows (more logits than the tokenizer has ids): the padding cannot be
+    decoded, so it is never drawn, however likely, at any temperature."""
+    from rwkv2rknn.runtime.tokenizer.base import ByteTokenizer
+    logits = np.zeros(300)
+    logits[280], logits[65] = 50.0, 5.0
+    assert Sampler(temperature=0).sample(logits) == 280  # without a tokenizer: every row
+    tok = ByteTokenizer()
+    assert Sampler(temperature=0, tokenizer=tok).sample(logits) == 65
+    draws = Sampler(temperature=2.0, top_p=1.0, seed=0, tokenizer=tok)
+    assert max(draws.sample(logits) for _ in range(200)) < 256
+
+
 def test_bad_arguments_and_logits():
     for kw in (dict(temperature=-1), dict(top_p=1.5), dict(top_k=-1), dict(alpha_decay=2.0),
                dict(alpha_presence=float("nan"))):

@@ -26,6 +26,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _as_from_a_terminal():
+    # a shell's background jobs (and so a CI runner's) start with SIGINT ignored; a terminal's
+    # Ctrl-C meets the default disposition
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Server:
     """A real `rwkv2rknn serve` process; ``stop()`` ends it (SIGTERM) and returns its stderr."""
 
@@ -36,7 +42,8 @@ class Server:
         env = dict(os.environ, TQDM_DISABLE="1")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "rwkv2rknn", "serve", artifact, "--backend", "ort", "--host", HOST,
-             "--port", str(self.port), *extra], stdout=subprocess.DEVNULL, stderr=self._err, env=env)
+             "--port", str(self.port), *extra], stdout=subprocess.DEVNULL, stderr=self._err, env=env,
+            preexec_fn=_as_from_a_terminal)
         self.wait_ready()
         self.name = self.get("/v1/models")[1]["data"][0]["id"]
         self.client = openai.OpenAI(base_url=f"http://{HOST}:{self.port}/v1", api_key="none",
@@ -83,9 +90,9 @@ class Server:
         with open(self.err_path) as f:
             return f.read()
 
-    def stop(self) -> str:
+    def stop(self, sig=signal.SIGTERM) -> str:
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(sig)
             try:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
@@ -101,7 +108,9 @@ def server(bundled_artifact, tmp_path_factory):
     s = Server(bundled_artifact, "--max-prompt-tokens", "3000", "--max-tokens", "64",
                tmp=str(tmp_path_factory.mktemp("serve")))
     yield s
-    s.stop()
+    log = s.stop()
+    # SIGTERM (a service manager's stop): exit 143 with one line, after everything above
+    assert s.proc.returncode == 143 and log.strip().splitlines()[-1] == "terminated", log
 
 
 def chat(server, messages, **kw):
@@ -394,6 +403,15 @@ def test_serve_and_chat_import_nothing_heavy(fp32_plan_artifact):
             "'pydantic') if k in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_ctrl_c_ends_the_server_with_130(bundled_artifact, tmp_path):
+    """Ctrl-C: exit 130 and one line (SIGTERM's 143 is checked when the module's server stops)."""
+    srv = Server(bundled_artifact, tmp=str(tmp_path))
+    assert srv.client.completions.create(model=srv.name, prompt="Hi", max_tokens=2, temperature=0)
+    log = srv.stop(signal.SIGINT)
+    assert srv.proc.returncode == 130, log
+    assert log.strip().splitlines()[-1] == "interrupted" and "Traceback" not in log, log
 
 
 def test_a_port_in_use_or_a_missing_artifact_is_one_line(server, bundled_artifact, tmp_path):
