@@ -4,7 +4,10 @@
 the packed bytes by kind of file and per parameter.
 
     python bench/pack_size.py [--version 7] [--layers 12] [--width 768] [--vocab 65536]
-                              [--quant fp16|w8a8] [--work DIR]
+                              [--quant fp16|w8a8] [--tokenizer bytes|world|none] [--work DIR]
+
+A quantised build calibrates on text, so it needs a tokenizer: by default the World tokenizer for
+a vocabulary of 65536, bytes for one of 256 or less (its file is packed too).
 """
 
 import argparse
@@ -21,6 +24,8 @@ def main():
     ap.add_argument("--width", type=int, default=768)
     ap.add_argument("--vocab", type=int, default=65536)
     ap.add_argument("--quant", default="fp16")
+    ap.add_argument("--tokenizer", default=None, help="bytes, world or none (default: by vocabulary "
+                    "for a quantised build, bytes for a vocabulary of 256 or less, else none)")
     ap.add_argument("--work", default=None, help="folder to keep the files in (default: temporary)")
     a = ap.parse_args()
     from rwkv2rknn.compiler.driver import compile_model
@@ -34,7 +39,9 @@ def main():
     t0 = time.time()
     sd = make(layers=a.layers, width=a.width, vocab=a.vocab, seed=1)
     src, art, out = (os.path.join(work, x) for x in ("onnx", "art", "packed"))
-    export(sd, src, tokenizer="bytes" if a.vocab <= 256 else None, force=True)
+    tok = a.tokenizer or ("bytes" if a.vocab <= 256 else "world" if a.quant != "fp16" and a.vocab == 65536
+                          else "none")
+    export(sd, src, tokenizer=None if tok == "none" else tok, force=True)
     del sd
     compile_model(src, art, Options(quant=a.quant), force=True)
     t1 = time.time()
@@ -45,7 +52,8 @@ def main():
             kind = ("golden" if "golden" in d else ".rknn" if f.endswith(".rknn") else
                     ".onnx" if ".onnx" in f else f)
             kinds[kind] = kinds.get(kind, 0) + os.path.getsize(os.path.join(d, f))
-    print(f"RWKV-{a.version} {a.layers} x {a.width}, vocab {a.vocab}, {a.quant}: compiled in {t1 - t0:.0f} s")
+    print(f"RWKV-{a.version} {a.layers} x {a.width}, vocab {a.vocab}, {a.quant}, tokenizer {tok}: "
+          f"compiled in {t1 - t0:.0f} s")
     for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]):
         print(f"  {k:14s} {v:>14,d} bytes")
     print(f"packed {res['bytes']:,} bytes for {res['parameters']:,} parameters: "

@@ -20,9 +20,17 @@ log = logging.getLogger(__name__)
 LIBRKNNRT_ENV = "RWKV2RKNN_LIBRKNNRT"
 LIBRKNNRT_PATHS = ("usr/lib/librknnrt.so", "usr/lib64/librknnrt.so", "usr/local/lib/librknnrt.so",
                    "usr/lib/aarch64-linux-gnu/librknnrt.so")
-LIBRKNNRT_INSTALL = ("copy librknnrt.so from the rknn-toolkit2 release that built the files "
-                     "(rknpu2/runtime/Linux/librknn_api/aarch64/librknnrt.so) to /usr/lib, "
-                     f"or point ${LIBRKNNRT_ENV} at it")
+# The newest librknnrt Rockchip publishes (checked 2026-12): 2.3.2, in its rknn-toolkit2 repository
+# on GitHub (the same file is in rknn_model_zoo 2.3.2 and rknn-llm 1.3.0). The package registry's
+# rknn-toolkit2 and rknn-toolkit-lite2 go to 2.5.0, but no 2.5.0 librknnrt is published and the
+# lite2 wheels bundle none (they send users to that repository). rknn-toolkit2 2.3.2 and 2.5.0
+# both write RKNN format version 6, the version that runtime reads; librknnrt 1.x refuses it.
+NEWEST_PUBLIC_RUNTIME = "2.3.2"
+RUNTIME_FORMAT = 6  # the RKNN file format version rknn-toolkit2 2.3.x-2.5.0 write
+LIBRKNNRT_URL = ("https://github.com/airockchip/rknn-toolkit2/raw/master/"
+                 "rknpu2/runtime/Linux/librknn_api/aarch64/librknnrt.so")
+LIBRKNNRT_INSTALL = (f"download librknnrt.so {NEWEST_PUBLIC_RUNTIME} (the newest Rockchip publishes) from "
+                     f"{LIBRKNNRT_URL} to /usr/lib/, or point ${LIBRKNNRT_ENV} at it")
 # debugfs (root only) on Rockchip's vendor kernels; the module's own version where it is a module
 DRIVER_VERSION_PATHS = ("sys/kernel/debug/rknpu/version", "sys/module/rknpu/version")
 DRIVER_NODES = ("dev/rknpu", "sys/kernel/debug/rknpu", "sys/module/rknpu", "sys/class/misc/rknpu")
@@ -97,13 +105,24 @@ def older(have: str, need: str) -> bool:
     return bool(a and b) and a < b
 
 
+def runtime_wanted(toolkit: str) -> str:
+    """The librknnrt a board should have for files built by rknn-toolkit2 ``toolkit``: that
+    version, or the newest one published where the toolkit is newer than any published runtime."""
+    return NEWEST_PUBLIC_RUNTIME if older(NEWEST_PUBLIC_RUNTIME, toolkit) else toolkit
+
+
+def runtime_too_old(have: str, toolkit: str) -> bool:
+    """``have`` (a librknnrt version) is older than what the files need and than what can be had."""
+    return older(have, runtime_wanted(toolkit))
+
+
 def runtime_hint(lib_path: str, toolkit: str) -> str:
     """Why the board's runtime likely refused a .rknn, and the fix."""
     have = librknnrt_version(lib_path) if lib_path else ""
     need = toolkit or "the toolkit version in manifest.json"
-    if older(have, toolkit):
+    if runtime_too_old(have, toolkit):
         return (f"this board's librknnrt is {have}, older than rknn-toolkit2 {toolkit} that built "
-                f"the files: install librknnrt.so {toolkit} or newer ({LIBRKNNRT_INSTALL})")
+                f"the files: {LIBRKNNRT_INSTALL}")
     return (f"the likeliest cause is a librknnrt.so older than rknn-toolkit2 {need} that built the "
             f"files (this board's: {have or 'version unknown'}; `rwkv2rknn doctor` checks it), "
             f"else the files were compiled for another --target")
@@ -140,11 +159,13 @@ def diagnose_init(ret: int, messages, lib_path: str, toolkit: str, target: str =
     said = " ".join(messages).lower()
     have = librknnrt_version(lib_path) if lib_path else ""
     lib = f"librknnrt {have}" if have else "this librknnrt"
-    upgrade = (f"install librknnrt.so {toolkit or 'of the toolkit that built the files'} or newer "
-               f"({LIBRKNNRT_INSTALL})")
+    upgrade = LIBRKNNRT_INSTALL
     if "rknpu" in said and ("open" in said or "insmod" in said) or "device" in said and "open" in said:
         return "no NPU driver: the runtime cannot open the RKNPU device", NO_DRIVER_FIX
     if "model version" in said or "invalid rknn model" in said or "rknn_api version" in said:
+        if have and not older(have, NEWEST_PUBLIC_RUNTIME):  # no newer runtime to be had
+            upgrade = (f"compile the model again with rknn-toolkit2 {have}, this runtime's version "
+                       f"(`pip install --no-deps rknn-toolkit2=={have}` on the compile machine)")
         return (f"{lib} is too old for these files (built by rknn-toolkit2 {toolkit or '?'})", upgrade)
     if ret == -13 or "target platform" in said or "platform" in said and "mismatch" in said:
         return ("the files were compiled for another SoC" + (f" ({target})" if target else ""),
@@ -152,7 +173,7 @@ def diagnose_init(ret: int, messages, lib_path: str, toolkit: str, target: str =
     if not npu_device_present(root):
         return ("no NPU driver: none of /dev/rknpu, /dev/dri/renderD129, /sys/kernel/debug/rknpu "
                 "exists", NO_DRIVER_FIX)
-    if older(have, toolkit):
+    if runtime_too_old(have, toolkit):
         return f"{lib} is older than rknn-toolkit2 {toolkit} that built the files", upgrade
     return ("the runtime refused the file", runtime_hint(lib_path, toolkit))
 
@@ -185,17 +206,53 @@ def memory_need(manifest, artifact: str, backend: str = "rknn-rt") -> Dict[str, 
         acts += 4 * per_token * (1 + max(seg.seq_rows or (0,)))
     width = int(manifest.model.get("width") or 0)
     state = 4 * len(manifest.state) * width
+    domains = len(domain_bytes(manifest, artifact)) if backend != "ort" else 0
     return {"weights": weights, "activations": acts, "state": state,
-            "total": weights + acts + state}
+            "total": weights + acts + state, "npu_domains": domains}
 
 
 IOMMU_DOMAIN_BYTES = 4 << 30  # the RK3588 NPU maps memory in IOMMU domains of 4 GiB
+# Why a model past one domain does not load: Rockchip's public rknn_api.h (2.3.2, the newest
+# librknnrt published) gives rknn_init no way to choose a domain (rknn_init_extend holds ctx,
+# real_model_offset, real_model_size, model_buffer_fd, model_buffer_flags and reserved bytes);
+# only the matmul API (rknn_matmul_info.iommu_domain_id) and RKLLM (base_domain_id) have one.
+NO_DOMAIN_CHOICE = ("librknnrt's rknn_init cannot place a context in another IOMMU domain (Rockchip's "
+                    "rknn_api.h 2.3.2 has no domain field for it), so every context shares domain 0")
 
 
 def npu_weight_bytes(manifest, artifact: str) -> int:
     """Bytes of the .rknn files the NPU contexts load (each file once)."""
     files = {f for s in manifest.segments if s.backend == "npu" for f in (s.rknn, s.seq_rknn) if f}
     return sum(_size(artifact, f) for f in files)
+
+
+def iommu_domains(manifest, artifact: str, domain_bytes: Optional[int] = None) -> Dict[str, int]:
+    """The IOMMU domain each NPU context (one per .rknn file) would need so that no domain holds
+    more than ``domain_bytes`` (4 GiB) of weights: greedy, the largest file first, each into the
+    first domain with room (a file larger than a domain gets one of its own). Domain 0 holds
+    everything when the weights fit in one domain."""
+    limit = domain_bytes or IOMMU_DOMAIN_BYTES
+    files = sorted({f for s in manifest.segments if s.backend == "npu" for f in (s.rknn, s.seq_rknn) if f},
+                   key=lambda f: (-_size(artifact, f), f))
+    used: List[int] = []
+    out: Dict[str, int] = {}
+    for f in files:
+        size = _size(artifact, f)
+        d = next((i for i, u in enumerate(used) if u + size <= limit), len(used))
+        if d == len(used):
+            used.append(0)
+        used[d] += size
+        out[f] = d
+    return out
+
+
+def domain_bytes(manifest, artifact: str, domains: Optional[Dict[str, int]] = None) -> List[int]:
+    """Weight bytes per IOMMU domain of a placement (``iommu_domains`` by default)."""
+    domains = iommu_domains(manifest, artifact) if domains is None else domains
+    out = [0] * (max(domains.values()) + 1 if domains else 0)
+    for f, d in domains.items():
+        out[d] += _size(artifact, f)
+    return out
 
 
 def _elems(shape) -> int:
@@ -210,8 +267,12 @@ def gib(n: int) -> str:
 
 
 def describe_need(need: Dict[str, int]) -> str:
-    return (f"about {gib(need['total'])} (weights {gib(need['weights'])}, activations "
+    text = (f"about {gib(need['total'])} (weights {gib(need['weights'])}, activations "
             f"{gib(need['activations'])}, state {gib(need['state'])})")
+    if need.get("npu_domains", 0) > 1:
+        text += (f"; its NPU weights need {need['npu_domains']} IOMMU domains of 4 GiB, which "
+                 f"librknnrt cannot give (`rwkv2rknn doctor`)")
+    return text
 
 
 def require_memory(need: Dict[str, int], root: str = "/", margin: float = 1.1) -> None:
@@ -233,9 +294,13 @@ def board_preflight(artifact: str, m, backend: str) -> None:
                        f"but this board is {soc}", f"compile it again with --target {soc}")
     if not soc and m.target != "rk3588":
         log.warning("artifact was compiled for %s", m.target)
-    require_memory(memory_need(m, artifact, backend))
+    need = memory_need(m, artifact, backend)
+    require_memory(need)
+    if need["npu_domains"] > 1:
+        log.warning("the NPU weights need %d IOMMU domains of 4 GiB; %s: loading is expected to fail "
+                    "(`rwkv2rknn doctor %s`)", need["npu_domains"], NO_DOMAIN_CHOICE, artifact)
     have = librknnrt_version(librknnrt_path())
-    if older(have, m.toolkit):
+    if runtime_too_old(have, m.toolkit):
         log.warning("librknnrt %s is older than rknn-toolkit2 %s that built the files; if loading "
                     "fails: %s", have, m.toolkit, LIBRKNNRT_INSTALL)
 

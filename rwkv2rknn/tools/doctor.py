@@ -82,9 +82,15 @@ def doctor(artifact: Optional[str] = None, root: str = "/", machine: Optional[st
                            "close other programs or use a smaller model"))
         npu = device.npu_weight_bytes(manifest, artifact)
         if npu > device.IOMMU_DOMAIN_BYTES:
+            per_domain = device.domain_bytes(manifest, artifact)
+            spread = ", ".join(device.gib(b) for b in per_domain)
             out.append(Verdict("NPU memory", False, f"the .rknn files hold {device.gib(npu)}, more than "
-                               f"one 4 GiB IOMMU domain of the RK3588 NPU", "spreading contexts over "
-                               "IOMMU domains is not implemented: use a smaller model, or --quant w8a8"))
+                               f"one 4 GiB IOMMU domain of the RK3588 NPU: they need {len(per_domain)} "
+                               f"domains ({spread}), and {device.NO_DOMAIN_CHOICE}",
+                               "use --quant w8a8 or a smaller model, so the NPU weights fit in 4 GiB"))
+        elif npu:
+            out.append(Verdict("NPU memory", True, f"the .rknn files hold {device.gib(npu)}, within one "
+                               f"4 GiB IOMMU domain"))
         missing = [s.name for s in manifest.segments if s.backend == "npu" and not (s.rknn or s.seq_rknn)]
         if missing:
             out.append(Verdict("artifact", False, f"{len(missing)} NPU segment(s) have no .rknn "
@@ -108,11 +114,14 @@ def _librknnrt(root: str, environ, manifest, artifact) -> List[Verdict]:
     except RwkvError as e:
         return [Verdict("librknnrt", False, e.problem, e.fix)]
     have = device.librknnrt_version(path)
-    if device.older(have, toolkit):
+    if device.runtime_too_old(have, toolkit):
         return [Verdict("librknnrt", False, f"{path} is {have}, older than rknn-toolkit2 {toolkit} "
-                        f"that built the files", f"install librknnrt.so {toolkit} or newer: "
-                        f"{device.LIBRKNNRT_INSTALL}")]
+                        f"that built the files", device.LIBRKNNRT_INSTALL)]
     against = f" (files built by rknn-toolkit2 {toolkit})" if toolkit else ""
+    if device.older(have, toolkit):  # the newest runtime published, older than the toolkit
+        against = (f" (files built by rknn-toolkit2 {toolkit}, for which no runtime is published; "
+                   f"{have} reads their format, version {device.RUNTIME_FORMAT}: the self-test "
+                   f"decides)")
     out = [Verdict("librknnrt", True, f"{path} {have or 'version unreadable'}{against}")]
     files = sorted({f for s in (manifest.segments if manifest else ()) if s.backend == "npu"
                     for f in (s.rknn, s.seq_rknn) if f and os.path.isfile(os.path.join(artifact, f))},
@@ -123,10 +132,10 @@ def _librknnrt(root: str, environ, manifest, artifact) -> List[Verdict]:
         except RwkvError as e:
             return out + [Verdict("runtime", False, f"{files[0]}: {e.problem}", e.fix)]
         version = device.version_in(api) or api
-        if device.older(version, toolkit):
+        if device.runtime_too_old(version, toolkit):
             return out + [Verdict("runtime", False, f"librknnrt reports {api}, driver {drv}; the "
                                   f"files were built by rknn-toolkit2 {toolkit}",
-                                  f"install librknnrt.so {toolkit} or newer: {device.LIBRKNNRT_INSTALL}")]
+                                  device.LIBRKNNRT_INSTALL)]
         out.append(Verdict("runtime", True, f"librknnrt {api}, NPU driver {drv or 'unknown'} "
                            f"(loaded {files[0]})"))
     return out

@@ -6,9 +6,11 @@
 #   2. here (x86): a small random RWKV-4 compiled with the real toolkit, packed; its `run
 #      --backend ort` output
 #   3. in the arm64 userland, the steps of docs/board.md: a virtual environment, pip install -r
-#      requirements-board.txt, the package with --no-deps; then `doctor`, `run --backend ort` on the
-#      unpacked artifact (the same text as on x86), the packed artifact's refusal on ort, and an
-#      import audit (torch, onnx, onnx-graphsurgeon, rknn are not there and nothing asks for them)
+#      requirements-board.txt (serve's starlette and uvicorn included), the package with --no-deps;
+#      then `doctor`, `run --backend ort` on the unpacked artifact (the same text as on x86), `serve`
+#      on it answering GET /health and one POST /v1/completions (the same greedy text as on x86), the
+#      packed artifact's refusal on ort, and an import audit (torch, onnx, onnx-graphsurgeon, rknn are
+#      not there and nothing asks for them)
 set -eu
 HERE=$(cd "$(dirname "$0")/../.." && pwd)
 PY=${PY:-$HERE/.venv/bin/python}
@@ -56,13 +58,17 @@ PYEOF
 "$HERE/.venv/bin/rwkv2rknn" run "$WORK/art" --backend ort --tokens "$TOKENS" > "$WORK/x86.txt"
 "$HERE/.venv/bin/rwkv2rknn" run "$WORK/art" --backend ort --prompt "A1" --max-tokens 24 --temperature 0 \
     > "$WORK/x86-text.txt"
+# the same request `serve` gets on the board, answered here by `run` (greedy: one text)
+"$HERE/.venv/bin/rwkv2rknn" run "$WORK/art" --backend ort --prompt "A1" --max-tokens 8 --temperature 0 \
+    > "$WORK/x86-serve.txt"
 rm -f "$WORK/art/selftest.json"
 
 # 3. in the arm64 userland
 rm -rf "$ROOTFS/opt/src" "$ROOTFS/opt/art" "$ROOTFS/opt/packed" "$ROOTFS/opt/venv"
+rm -f "$ROOTFS"/opt/*.txt
 mkdir -p "$ROOTFS/opt/src"
 (cd "$HERE" && tar cf - --exclude='*.pyc' --exclude=__pycache__ --exclude='models/default/*.pth' \
-    setup.py setup.cfg README.md requirements-board.txt rwkv2rknn passes models) | tar xf - -C "$ROOTFS/opt/src"
+    setup.py setup.cfg pyproject.toml README.md requirements-board.txt rwkv2rknn passes models) | tar xf - -C "$ROOTFS/opt/src"
 cp -r "$WORK/art" "$ROOTFS/opt/art"
 cp -r "$WORK/packed" "$ROOTFS/opt/packed"
 cat > "$ROOTFS/opt/steps.sh" <<'STEPS'
@@ -83,6 +89,41 @@ cat /opt/doctor.txt
 # the artifact on onnxruntime
 /opt/venv/bin/rwkv2rknn run /opt/art --backend ort --tokens TOKENS > /opt/arm64.txt
 /opt/venv/bin/rwkv2rknn run /opt/art --backend ort --prompt "A1" --max-tokens 24 --temperature 0 > /opt/arm64-text.txt
+# docs/board.md, "serve": the OpenAI-compatible server on the unpacked artifact, asked with urllib
+PORT=$(/opt/venv/bin/python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+/opt/venv/bin/rwkv2rknn serve /opt/art --backend ort --port "$PORT" --model-name art > /opt/serve-log.txt 2>&1 &
+SERVE_PID=$!
+set +e
+/opt/venv/bin/python - "$PORT" > /opt/serve.txt 2>&1 <<'CLIENT'
+import json, sys, time, urllib.error, urllib.request
+base = f"http://127.0.0.1:{sys.argv[1]}"
+deadline, health = time.monotonic() + 300, None  # onnxruntime under qemu-user loads slowly
+while time.monotonic() < deadline:
+    try:
+        with urllib.request.urlopen(base + "/health", timeout=10) as r:
+            health = json.load(r)
+        if health.get("status") == "ok":
+            break
+    except (OSError, ValueError):
+        pass
+    time.sleep(1)
+assert health and health.get("status") == "ok", f"GET /health never said ok: {health}"
+print("health", json.dumps(health, sort_keys=True))
+body = json.dumps({"model": "art", "prompt": "A1", "max_tokens": 8, "temperature": 0}).encode()
+req = urllib.request.Request(base + "/v1/completions", body, {"Content-Type": "application/json"})
+with urllib.request.urlopen(req, timeout=300) as r:
+    reply = json.load(r)
+choice = reply["choices"][0]
+assert reply["object"] == "text_completion" and reply["usage"]["completion_tokens"] > 0, reply
+print("completion", json.dumps(choice["text"]))
+with open("/opt/serve-text.txt", "w") as f:
+    f.write(choice["text"])
+CLIENT
+echo "exit $?" >> /opt/serve.txt
+set -e
+kill "$SERVE_PID" 2>/dev/null || true
+wait "$SERVE_PID" 2>/dev/null || true
+cat /opt/serve.txt
 # the packed one is for the NPU runtime: one line, no traceback
 set +e
 /opt/venv/bin/rwkv2rknn run /opt/packed --backend ort --tokens 1,2 > /opt/packed.txt 2>&1
@@ -120,5 +161,11 @@ grep -q "^ok   self-test: " "$ROOTFS/opt/doctor.txt" && ! grep -q Traceback "$RO
 grep -q "packed for the board" "$ROOTFS/opt/packed.txt" && grep -q "^exit 2" "$ROOTFS/opt/packed.txt" \
     && ! grep -q Traceback "$ROOTFS/opt/packed.txt" && say "packed artifact on ort: refused in one line" \
     || { say "packed artifact: unexpected"; cat "$ROOTFS/opt/packed.txt"; fail=1; }
-[ $fail = 0 ] && echo "board-test: 5 passed, 0 failed" || echo "board-test: failed"
+grep -q "^exit 0" "$ROOTFS/opt/serve.txt" && say "serve: GET /health ok, POST /v1/completions answered" || {
+    say "serve failed"; cat "$ROOTFS/opt/serve.txt"; tail -20 "$ROOTFS/opt/serve-log.txt"; fail=1; }
+# `run` prints the prompt then the continuation; the completion is the continuation alone
+[ -f "$ROOTFS/opt/serve-text.txt" ] && [ "A1$(cat "$ROOTFS/opt/serve-text.txt")" = "$(cat "$WORK/x86-serve.txt")" ] \
+    && say "serve: the same greedy text as run on x86" \
+    || { say "serve text differs: x86 run '$(cat "$WORK/x86-serve.txt")', arm64 serve 'A1$(cat "$ROOTFS/opt/serve-text.txt" 2>/dev/null)'"; fail=1; }
+[ $fail = 0 ] && echo "board-test: 7 passed, 0 failed" || echo "board-test: failed"
 exit $fail

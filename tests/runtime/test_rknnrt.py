@@ -199,7 +199,8 @@ def test_copy_path_t_rows(standin, tmp_path, log):
 
 @pytest.mark.parametrize("said, code, cause, fix", [
     ("failed to open rknpu module, need to insmod rknpu dirver!", -1, "no NPU driver", "dmesg"),
-    ("Invalid RKNN model version 6", -1, "too old for these files", "install librknnrt.so 2.5.0"),
+    # a 2.5.0 runtime is newer than any published one: the fix is files built to match it
+    ("Invalid RKNN model version 6", -1, "too old for these files", "rknn-toolkit2==2.5.0"),
     ("The target platform of model is [RK3566], but current platform is [RK3588]", -13,
      "another SoC", "--target"),
 ])
@@ -215,6 +216,15 @@ def test_refused_model_names_its_cause_and_destroys_the_context(standin, tmp_pat
     assert fix in e.value.fix
     assert [c[0] for c in log()] == ["rknn_init", "rknn_destroy"]
     assert "E RKNN" not in capfd.readouterr().err  # caught, not shown
+
+
+def test_a_runtime_older_than_the_published_one_is_told_where_that_is(standin_lib, tmp_path, log):
+    path = _model(tmp_path, PER_TOKEN + "say Invalid RKNN model version 6\ninit -1\n")
+    with pytest.raises(ToolkitError) as e:
+        rknnrt.RknnRtRunner(path, "s001", ["x", "s"], ["y", "s_out"], SHAPES, toolkit="2.5.0",
+                            lib=standin_lib("1.3.4"))
+    assert "librknnrt 1.3.4 is too old for these files" in str(e.value)
+    assert "download librknnrt.so 2.3.2" in e.value.fix and "aarch64/librknnrt.so" in e.value.fix
 
 
 def test_refused_model_without_a_message_on_a_machine_without_the_driver(standin, tmp_path, log):

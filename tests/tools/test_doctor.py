@@ -70,7 +70,7 @@ def test_each_problem_is_one_line_with_its_fix(tmp_path, board, fp32_plan_artifa
     assert bad == {"architecture", "SoC", "RKNPU driver", "librknnrt", "free memory", "artifact"}
     assert "compile the model again with --target rk3568" in v["SoC"].line()
     assert "1.6.0, older than rknn-toolkit2" in v["librknnrt"].line()
-    assert "install librknnrt.so" in v["librknnrt"].fix
+    assert "download librknnrt.so 2.3.2" in v["librknnrt"].fix
     assert "needs about" in v["free memory"].found and v["free memory"].fix
     assert "--plan-only" in v["artifact"].fix
     assert all("\n" not in x.line() for x in v.values())
@@ -119,7 +119,9 @@ def test_the_runtime_reports_its_versions_for_the_artifact(board, tmp_path, fp32
     open(os.path.join(art, npu[0]["rknn"]), "w").write("in x 4\nout y 4\nsay Invalid RKNN model version 6\ninit -1\n")
     v = _by_name(doctor(art, root=str(tmp_path / "root"), machine="aarch64", environ={}))
     assert not v["runtime"].ok and "too old for these files" in v["runtime"].found
-    assert "Invalid RKNN model version 6" in v["runtime"].found and "install librknnrt.so" in v["runtime"].fix
+    assert "Invalid RKNN model version 6" in v["runtime"].found
+    # this runtime (2.5.0) is newer than any published one: the fix is a build that matches it
+    assert "pip install --no-deps rknn-toolkit2==2.5.0" in v["runtime"].fix
 
 
 def test_version_helpers():
@@ -138,17 +140,81 @@ def test_doctor_command_here_exits_1(fp32_plan_artifact):
     assert "free memory" in r.output and "Traceback" not in r.output
 
 
+def _with_rknn_files(src, dst, sizes):
+    """A copy of a plan-only artifact whose NPU segments have .rknn files of these sizes (a
+    stand-in's text first, so the stand-in library loads the smallest)."""
+    shutil.copytree(src, dst)
+    m = json.loads(open(os.path.join(dst, "manifest.json")).read())
+    segs = [s for s in m["segments"] if s["backend"] == "npu"]
+    assert len(segs) >= len(sizes)
+    for seg, size in zip(segs, sizes):
+        seg["rknn"] = f"segments/{seg['name']}.rknn"
+        head = "in x 4\nout y 4\n"
+        open(os.path.join(dst, seg["rknn"]), "w").write(head + "#" * (size - len(head)))
+    for seg in segs[len(sizes):]:
+        seg["backend"] = "cpu"
+    open(os.path.join(dst, "manifest.json"), "w").write(json.dumps(m))
+    return dst
+
+
 def test_npu_weights_past_one_iommu_domain_are_fix(board, tmp_path, fp32_plan_artifact, monkeypatch):
+    art = _with_rknn_files(fp32_plan_artifact, str(tmp_path / "art"), [3000, 2500])
+    v = _by_name(doctor(art, root=board(), machine="aarch64", environ={}))
+    assert v["NPU memory"].ok and "within one 4 GiB IOMMU domain" in v["NPU memory"].found
+    monkeypatch.setattr(device, "IOMMU_DOMAIN_BYTES", 4096)  # 5500 bytes: two domains
+    v = _by_name(doctor(art, root=str(tmp_path / "root"), machine="aarch64", environ={}))
+    got = v["NPU memory"]
+    assert not got.ok and "more than one 4 GiB IOMMU domain" in got.found
+    assert "need 2 domains" in got.found and "rknn_init cannot place a context" in got.found
+    assert "--quant w8a8" in got.fix
+    need = device.memory_need(device_manifest(art), art)
+    assert need["npu_domains"] == 2 and "2 IOMMU domains" in device.describe_need(need)
+
+
+def device_manifest(art):
+    from rwkv2rknn.runtime.hybrid import load_manifest
+    return load_manifest(art)
+
+
+def test_iommu_domains_are_given_greedily_largest_file_first(tmp_path):
+    from types import SimpleNamespace as NS
+    sizes = {"a.rknn": 3000, "b.rknn": 2500, "c.rknn": 1500, "d.rknn": 1000, "e.seq.rknn": 900}
+    for name, n in sizes.items():
+        (tmp_path / name).write_bytes(b"#" * n)
+    m = NS(segments=[NS(backend="npu", rknn="a.rknn", seq_rknn="e.seq.rknn"),
+                     NS(backend="npu", rknn="d.rknn", seq_rknn=None),
+                     NS(backend="cpu", rknn="x.rknn", seq_rknn=None),  # not an NPU context
+                     NS(backend="npu", rknn="c.rknn", seq_rknn=""),
+                     NS(backend="npu", rknn="b.rknn", seq_rknn=None)])
+    art = str(tmp_path)
+    # first fit, largest first: a 3000 -> 0; b 2500 -> 1; c 1500 -> 1 (4000); d 1000 -> 0 (4000);
+    # e 900 fits in neither -> 2
+    got = device.iommu_domains(m, art, domain_bytes=4096)
+    assert got == {"a.rknn": 0, "b.rknn": 1, "c.rknn": 1, "d.rknn": 0, "e.seq.rknn": 2}
+    assert device.iommu_domains(m, art) == dict.fromkeys(got, 0)  # 8.9 kB: all in domain 0
+    assert device.domain_bytes(m, art, got) == [4000, 4000, 900]
+    (tmp_path / "big.rknn").write_bytes(b"#" * 5000)  # larger than a domain: one of its own
+    m.segments.append(NS(backend="npu", rknn="big.rknn", seq_rknn=None))
+    got = device.iommu_domains(m, art, domain_bytes=4096)
+    assert got["big.rknn"] == 0 and got["a.rknn"] == 1 and len(set(got.values())) == 4
+
+
+@pytest.mark.parametrize("lib, ok", [("2.3.0", False), ("2.3.2", True), ("2.5.0", True)])
+def test_the_newest_published_runtime_is_enough_for_newer_toolkits(board, tmp_path, fp32_plan_artifact,
+                                                                     lib, ok):
+    """No librknnrt newer than 2.3.2 is published: a board that has it is not told to install a
+    2.5.0 it cannot get; an older one is told where 2.3.2 is."""
     art = str(tmp_path / "art")
     shutil.copytree(fp32_plan_artifact, art)
     m = json.loads(open(os.path.join(art, "manifest.json")).read())
-    seg = next(s for s in m["segments"] if s["backend"] == "npu")
-    seg["rknn"] = f"segments/{seg['name']}.rknn"
-    open(os.path.join(art, seg["rknn"]), "w").write("in x 4\nout y 4\n" + "#" * 5000)
+    m["toolkit"] = "2.5.0"
     open(os.path.join(art, "manifest.json"), "w").write(json.dumps(m))
-    v = _by_name(doctor(art, root=board(), machine="aarch64", environ={}))
-    assert "NPU memory" not in v
-    monkeypatch.setattr(device, "IOMMU_DOMAIN_BYTES", 4096)
-    v = _by_name(doctor(art, root=str(tmp_path / "root"), machine="aarch64", environ={}))
-    assert not v["NPU memory"].ok and "more than one 4 GiB IOMMU domain" in v["NPU memory"].found
-    assert "not implemented" in v["NPU memory"].fix
+    got = _by_name(doctor(art, root=board(lib_version=lib), machine="aarch64", environ={}))["librknnrt"]
+    assert got.ok is ok, got.line()
+    if not ok:
+        assert "download librknnrt.so 2.3.2" in got.fix and device.LIBRKNNRT_URL in got.fix
+    elif lib == "2.3.2":
+        assert "no runtime is published" in got.found and "self-test decides" in got.found
+    else:
+        assert "no runtime is published" not in got.found
+    assert device.runtime_wanted("2.5.0") == "2.3.2" and device.runtime_wanted("2.2.0") == "2.2.0"
