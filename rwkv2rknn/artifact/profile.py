@@ -14,8 +14,14 @@ The cost model (every figure below is a field of ``DeviceProfile``):
   products, GroupNorm): ``cpu_kernel_ms`` + ``max(bytes it reads and writes (float32) /
   cpu_gemv_gbs, flops / cpu_gflops)``, a FLOP per output element (``cpu_special_flops`` for exp,
   sigmoid, tanh, sqrt, division, ...); reshapes move nothing. Every operand is counted as
-  coming from DRAM (no cache), an upper bound for small tensors. The non-MatMul ops of an NPU
-  segment are not counted: they run inside its call.
+  coming from DRAM (no cache), an upper bound for small tensors.
+- Every other op of an NPU segment (LayerNorm's parts, the time-shift mix, activations, the
+  residual adds): ``npu_kernel_ms`` + its bytes at the NPU's bandwidth or its FLOPs at the
+  NPU's rate, whichever is slower (``npu_op_ms``): they run inside the segment's call, one NPU
+  task each.
+- The executor's own cost (``executor_ms``): ``exec_call_ms`` per segment run from Python (the
+  feed, the runtime's entry and exit, the outputs) + ``exec_io_ms`` per input and output tensor
+  of it, and ``exec_token_ms`` per token beyond its calls (the state's copies, the logits).
 - A w8a8 build (``compile --quant w8a8``): weights of ``npu_weight_bytes / npu_int8_speedup``
   bytes and ``npu_int8_speedup`` times the compute rate (measured profiles: the throughput).
 - Every NPU<->CPU switch between segments: ``handoff_ms``.
@@ -51,6 +57,14 @@ Where the published default ``rk3588-published`` comes from (none was measured h
   one thread; taken 4x slower on the board). ``cpu_special_flops`` 20: ASSUMED, FLOPs of one
   vectorised exp/sigmoid/tanh (a range reduction and a polynomial of about degree 10).
 - ``handoff_ms`` 0.03: ASSUMED, of the order of one onnxruntime ``run()`` from Python.
+- ``exec_call_ms`` 0.03, ``exec_io_ms`` 0.002, ``exec_token_ms`` 0.2: ASSUMED, 2x what
+  ``rwkv2rknn bench --backtest`` measured for this executor on the x86 development machine
+  (2026-12-07, AMD EPYC, one onnxruntime thread: about 0.014 ms per run, 0.001 ms per tensor,
+  0.07-0.1 ms per token; docs/benchmarks.md), taken 2x slower on a 2.4 GHz Cortex-A76 (its
+  single-core speed for Python is about half an EPYC core's; 1.5-3x is the plausible range).
+- ``npu_kernel_ms`` 0.01: ASSUMED (range 0.005-0.05): the NPU runs each op of a compiled graph
+  as a task of its own; no public per-op figure for the RK3588 was found (``eval_perf`` on a
+  board would give one).
 - ``dram_gbs`` 34: LPDDR4x-4266 peak of RK3588 boards (board forums; LPDDR5 boards ~44).
 
 Estimates from these are labelled as such, not measurements of your board: ``rwkv2rknn profile``
@@ -88,6 +102,10 @@ class DeviceProfile:
     npu_int8_speedup: float = 2.0
     cpu_kernel_ms: float = 0.001
     cpu_special_flops: float = 20.0
+    npu_kernel_ms: float = 0.01  # every non-MatMul op inside an NPU segment's call
+    exec_call_ms: float = 0.03  # the executor's own cost per segment run from Python
+    exec_io_ms: float = 0.002  # ... and per input and output tensor of that run
+    exec_token_ms: float = 0.2  # ... and per token beyond its runs
 
     # ---------------------------------------------------------------- NPU
 
@@ -128,6 +146,17 @@ class DeviceProfile:
         # cores as the runtime picks them (runtime/board.core_mask_for: fp16-sized weights)
         cores = self.npu_cores_for(sum(m * k for _, m, k in dims) * self.npu_weight_bytes)
         return self.npu_call_ms + sum(self.npu_matmul_ms(m, k, r, cores, precision) for r, m, k in dims)
+
+    def npu_op_ms(self, moved_bytes: float, flops: float, special: bool = False) -> float:
+        """One non-MatMul op inside an NPU segment: a task's fixed cost, then its bytes at the
+        NPU's one-core bandwidth or its FLOPs at one core's rate, whichever is slower."""
+        gbs = min(self.npu_gbs, self.dram_gbs)
+        work = flops * (self.cpu_special_flops if special else 1.0)
+        return self.npu_kernel_ms + max(moved_bytes / (gbs * 1e6), work / (self.npu_core_gflops * 1e6))
+
+    def executor_ms(self, tensors: int) -> float:
+        """The executor's own cost of one segment run with this many inputs and outputs."""
+        return self.exec_call_ms + self.exec_io_ms * tensors
 
     # ---------------------------------------------------------------- CPU
 
@@ -171,6 +200,10 @@ class DeviceProfile:
                   p.cpu_special_flops] + list(p.npu_gflops.values())
         if min(speeds) <= 0:
             raise BadInput(f"{where} has a zero or negative throughput", "give positive figures")
+        costs = [p.npu_call_ms, p.handoff_ms, p.cpu_kernel_ms, p.npu_kernel_ms, p.exec_call_ms,
+                 p.exec_io_ms, p.exec_token_ms]
+        if min(costs) < 0:
+            raise BadInput(f"{where} has a negative cost", "give costs of zero or more")
         return p
 
 
