@@ -34,7 +34,7 @@ earlier); ``ctx.node_device`` gives every node's device.
 
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 
@@ -242,8 +242,12 @@ def op_work(nodes, rows: int = 0):
 
 def boundary_tensors(nodes) -> int:
     """Inputs and outputs of a segment made of ``nodes``: tensors read from outside (not
-    constants) and tensors made for outside (read by another node, or by none: a graph output)."""
+    constants) and tensors made for outside (read by another node, or by none: a graph output;
+    a graph output also read inside is not seen: ``cut`` counts from the graph)."""
     from rwkv2rknn.compiler.ir import is_const
+    held = [n.segment_io for n in nodes if getattr(n, "segment_io", None) is not None]
+    if held:  # a written segment's stand-ins (compiler/stream.py) keep the count, not the edges
+        return sum(held)
     inside = {id(n) for n in nodes}
     ins, outs = set(), set()
     for n in nodes:
@@ -257,13 +261,15 @@ def boundary_tensors(nodes) -> int:
     return len(ins) + len(outs)
 
 
-def estimate_ms(device: str, nodes, profile, rows: int = 0, precision: str = "fp16") -> float:
+def estimate_ms(device: str, nodes, profile, rows: int = 0, precision: str = "fp16",
+                io: Optional[int] = None) -> float:
     """Estimated time of one call of a segment under a device profile (``rows``: its T-row
     variant's row count instead of the graph's own; ``precision``: of the NPU build). A CPU
     segment counts its projections and every other op's bytes and FLOPs (``op_work``); an NPU
     segment its call, its MatMuls and its other ops (one NPU task each); both the executor's
-    own cost of the run (per call and per input and output tensor)."""
-    own = profile.executor_ms(boundary_tensors(nodes))
+    own cost of the run (per call and per input and output tensor: ``io`` of them, where not
+    given counted from the nodes, ``boundary_tensors``)."""
+    own = profile.executor_ms(boundary_tensors(nodes) if io is None else io)
     if device == "npu":
         return (own + profile.npu_segment_ms([(rows or r, m, k) for r, m, k in matmul_dims(nodes)],
                                              precision) +

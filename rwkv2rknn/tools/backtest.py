@@ -68,17 +68,36 @@ def _median_ms(fn, n: int, before=None) -> float:
     return 1000.0 * statistics.median(out)
 
 
+def _interleaved_ms(fns, n: int, before) -> List[float]:
+    """Median ms (this thread's CPU time) of each of ``fns``, run in turns (a changing load
+    falls on all alike), ``before`` untimed ahead of each call."""
+    for fn in fns:
+        fn()
+    out: List[List[float]] = [[] for _ in fns]
+    for _ in range(n):
+        for fn, times in zip(fns, out):
+            before()
+            t0 = time.thread_time()
+            fn()
+            times.append(time.thread_time() - t0)
+    return [1000.0 * statistics.median(t) for t in out]
+
+
 class _Sweep:
-    """A matrix-vector product over ``nbytes`` of float32 weights: what a segment's weights
-    do to the caches before the next segment runs."""
+    """What runs between two runs of one segment in a token step: the other segments, here one
+    onnxruntime run through ``nbytes`` of float32 weights (the data they stream evicts the
+    caches; the code they run, the executor's and onnxruntime's, stays warm, as in a step)."""
 
     def __init__(self, nbytes: int):
-        n = max(16, int(np.sqrt(nbytes / 4)))
-        self.w = np.full((n, n), 0.5, np.float32)
-        self.x = np.ones(n, np.float32)
+        from onnx import numpy_helper, helper
+        n = max(16, int(nbytes / 4 / 1024))
+        w = numpy_helper.from_array(np.full((1024, n), 0.5, np.float32), "w")
+        self.runner = _runner(_model([helper.make_node("MatMul", ["x", "w"], ["y"])],
+                                     [_vec("x", [1, 1024])], [_vec("y", [1, n])], [w]))
+        self.feed = {"x": np.ones((1, 1024), np.float32)}
 
     def __call__(self):
-        self.w @ self.x
+        self.runner.infer(self.feed)
 
 
 def _chain(n: int, width: int = WIDTH) -> bytes:
@@ -127,21 +146,23 @@ def _wide(n_in: int) -> bytes:
                   [_vec(f"y{i}", [1, 16]) for i in range(n_in)])
 
 
-def _gemv_chain(mib: int) -> bytes:
-    """[1, 1024] through MatMuls of [1024, 4096] and [4096, 1024] fp32 weights, ``mib`` MiB in
-    all (larger than the caches: every weight comes from DRAM, as a model's do per token)."""
+GEMV_PROBES = ((256, 256, 16), (1024, 1024, 4), (1024, 4096, 4), (1024, 16384, 1))
+
+
+def _gemv_chain(k: int, n: int, count: int):
+    """[1, k] through ``count`` MatMuls of [k, n] and [n, k] fp32 weights in turn, and their
+    bytes."""
     from onnx import numpy_helper, helper
     rng = np.random.default_rng(0)
-    count = max(2, mib // 16)
     nodes, inits, x = [], [], "x"
     for i in range(count):
-        shape = (1024, 4096) if i % 2 == 0 else (4096, 1024)
+        shape = (k, n) if i % 2 == 0 else (n, k)
         inits.append(numpy_helper.from_array((rng.standard_normal(shape) / 64).astype(np.float32), f"w{i}"))
         y = "y" if i == count - 1 else f"h{i}"
         nodes.append(helper.make_node("MatMul", [x, f"w{i}"], [y]))
         x = y
-    out = 1024 if count % 2 == 0 else 4096
-    return _model(nodes, [_vec("x", [1, 1024])], [_vec("y", [1, out])], inits), count * 16 * 2**20
+    out = k if count % 2 == 0 else n
+    return _model(nodes, [_vec("x", [1, k])], [_vec("y", [1, out])], inits), count * k * n * 4
 
 
 def _gemm(rows: int = 64, k: int = 1024) -> bytes:
@@ -152,7 +173,7 @@ def _gemm(rows: int = 64, k: int = 1024) -> bytes:
 
 
 def measure_host(evict_bytes: int = 16 << 20, echo: Callable[[str], None] = print,
-                 repeats: int = 60) -> DeviceProfile:
+                 repeats: int = 80) -> DeviceProfile:
     """This machine as a device profile for onnxruntime on one thread (every field measured but
     ``cpu_special_flops``, kept from the defaults; the NPU's fields are the CPU's; the
     executor's cost per token, ``exec_token_ms``, is left 0: ``run_backtest`` measures it).
@@ -165,34 +186,37 @@ def measure_host(evict_bytes: int = 16 << 20, echo: Callable[[str], None] = prin
     one, eight = _runner(_wide(1)), _runner(_wide(8))
     short, long_ = _runner(_chain(11)), _runner(_chain(99))
     xrow = {"x": np.ones((1, WIDTH), np.float32)}
-    t_one = _median_ms(lambda: one.infer(feed1), repeats, sweep)
-    t_eight = _median_ms(lambda: eight.infer(feed8), repeats, sweep)
-    t_short = _median_ms(lambda: short.infer(xrow), repeats, sweep)
-    t_long = _median_ms(lambda: long_.infer(xrow), repeats, sweep)
+    probes = [lambda: one.infer(feed1), lambda: eight.infer(feed8), lambda: short.infer(xrow),
+              lambda: long_.infer(xrow)]
+    t_one, t_eight, t_short, t_long = _interleaved_ms(probes, repeats, sweep)
     kernel = max((t_long - t_short) / (_ops_in(99) - _ops_in(11)), 1e-5)
     io = max((t_eight - t_one - 7 * kernel) / 14, 0.0)
     call = max(t_one - 2 * io - kernel, 1e-4)
-    model, nbytes = _gemv_chain(64)
-    gemv = _runner(model)
-    del model
-    x = {"x": np.ones((1, 1024), np.float32)}
-    t_gemv = min(_median_ms(lambda: gemv.infer(x), 5) for _ in range(3))
-    gbs = nbytes / max(t_gemv - call, 1e-3) / 1e6
+    gemv_gbs = {}
+    for k, n, count in GEMV_PROBES:  # the bandwidth by a matrix's bytes
+        model, nbytes = _gemv_chain(k, n, count)
+        gemv = _runner(model)
+        del model
+        feed = {"x": np.ones((1, k), np.float32)}
+        t = min(_median_ms(lambda: gemv.infer(feed), 5, sweep) for _ in range(2))
+        gemv_gbs[k * n * 4] = nbytes / max(t - call, 1e-3) / 1e6
+    gbs = statistics.median(gemv_gbs.values())
     mm = _runner(_gemm())
     x64 = {"x": np.ones((64, 1024), np.float32)}
     t_mm = _median_ms(lambda: mm.infer(x64), 20)
     gflops = 2.0 * 64 * 1024 * 1024 / max(t_mm - call, 1e-3) / 1e6
     echo(f"  this machine on one onnxruntime thread, after {evict_bytes / 2**20:.1f} MiB of weights: "
          f"{call * 1000:.1f} us per run from Python + {io * 1000:.2f} us per tensor; "
-         f"{kernel * 1000:.2f} us per small op; GEMV {gbs:.1f} GB/s "
-         f"(fp32, {nbytes >> 20} MiB of weights); {gflops:.1f} GFLOPS at 64 rows")
+         f"{kernel * 1000:.2f} us per small op; GEMV " +
+         ", ".join(f"{g:.1f} GB/s at {b / 2**20:g} MiB" for b, g in gemv_gbs.items()) +
+         f" (fp32 weights of one MatMul); {gflops:.1f} GFLOPS at 64 rows")
     return DeviceProfile(name="this-machine-onnxruntime-1-thread", npu_call_ms=0.0,
                          cpu_gemv_gbs=gbs, cpu_weight_bytes=4, handoff_ms=0.0,
                          npu_gbs=gbs, npu_gbs_all=gbs, npu_cores=1, npu_core_gflops=gflops,
                          npu_weight_bytes=4, npu_multicore_bytes=1 << 62, cpu_gflops=gflops,
                          dram_gbs=max(gbs, DeviceProfile().dram_gbs),
                          cpu_kernel_ms=kernel, npu_kernel_ms=kernel,
-                         exec_call_ms=call, exec_io_ms=io, exec_token_ms=0.0)
+                         exec_call_ms=call, exec_io_ms=io, exec_token_ms=0.0, gemv_gbs=gemv_gbs)
 
 
 # ------------------------------------------------------------------------------------ the plan
@@ -245,13 +269,19 @@ class _Timed:
 
 
 class _Replay:
-    """Gives back one run's outputs again (the executor's own cost, without onnxruntime)."""
+    """Gives back one run's outputs again, as new arrays (the executor's own cost, without
+    onnxruntime, but with what it costs to let a run's outputs go), after a segment's weights
+    went through the caches (``sweep``; its time and the copies' go to ``spent``)."""
 
-    def __init__(self, outs):
-        self.outs = outs
+    def __init__(self, outs, sweep, spent: List[float]):
+        self.outs, self.sweep, self.spent = outs, sweep, spent
 
     def infer(self, feed):
-        return self.outs
+        t0 = time.thread_time()
+        outs = {k: v.copy() for k, v in self.outs.items()}  # new arrays, as a run gives
+        self.sweep()  # after them: they are as cold as a run's outputs are when read later
+        self.spent.append(1000.0 * (time.thread_time() - t0))
+        return outs
 
     def close(self):
         pass
@@ -275,8 +305,9 @@ def run_backtest(artifact: str, tokens: int = 24, rounds: int = 3, echo: Callabl
     from rwkv2rknn.tools.busy import describe_load, load_average
     manifest = load_manifest(artifact)
     res: Dict[str, object] = {"artifact": artifact, "load_start": load_average()}
-    # what goes through the caches between two runs: a segment's weights, on average
-    evict = max(weight_bytes(artifact, manifest) // len(manifest.segments), 1 << 20)
+    # what goes through the caches between two runs of a segment: a token's weights (beyond
+    # twice the last-level cache the same as all of them)
+    evict = int(os.environ.get("BT_EVICT", "0")) or min(max(weight_bytes(artifact, manifest), 1 << 20), 64 << 20)
     echo(f"back-test of the estimator on {artifact}: {len(manifest.segments)} segments, "
          f"{tokens} tokens in {rounds} rounds, one onnxruntime thread, times in this thread's "
          f"CPU time")
@@ -298,7 +329,7 @@ def run_backtest(artifact: str, tokens: int = 24, rounds: int = 3, echo: Callabl
     per_round = max(1, tokens // rounds)
     done = 0
     for r in range(rounds):  # the probes between the rounds: the same load on both
-        profiles.append(measure_host(evict, echo=echo if r == 0 else (lambda line: None)))
+        profiles.append(measure_host(evict, echo=echo))
         n = per_round if r < rounds - 1 else tokens - done
         for t in ids[2 + done: 2 + done + n]:
             w0, t0 = time.perf_counter(), time.thread_time()
@@ -311,10 +342,18 @@ def run_backtest(artifact: str, tokens: int = 24, rounds: int = 3, echo: Callabl
     trace: Dict[str, np.ndarray] = {}
     model.runners = real
     model.step(ids[0], model.init_state(), trace=trace)
-    sweep = _Sweep(evict)
-    model.runners = [_Replay({k: trace[k] for k in seg.outputs}) for seg in manifest.segments]
+    sweep = _Sweep(max(evict // n_seg, 1 << 20))
+    spent: List[float] = []
+    model.runners = [_Replay({k: trace[k] for k in seg.outputs}, sweep, spent)
+                     for seg in manifest.segments]
     replay_state = model.init_state()
-    own = _median_ms(lambda: model.step(ids[0], replay_state), 40, sweep)
+    own_steps = []
+    for _ in range(max(10, 2 * tokens)):
+        spent.clear()
+        t0 = time.thread_time()
+        model.step(ids[0], replay_state)
+        own_steps.append(1000.0 * (time.thread_time() - t0) - sum(spent))
+    own = statistics.median(own_steps)
     del sweep
     model.runners = real
     model.close()
@@ -351,10 +390,35 @@ def run_backtest(artifact: str, tokens: int = 24, rounds: int = 3, echo: Callabl
     for row in table:
         echo(f"{row['kind']:<22} {row['segments']:>8} {row['predicted_ms']:>13.3f} "
              f"{row['measured_ms']:>12.3f} {row['ratio']:>10.2f}")
+    board = board_estimate(artifact, manifest)
+    res["board_estimate_ms"] = board
+    echo(f"the same plan on the published RK3588 profile (an estimate, not a measurement): "
+         f"{board['expected']:.1f} ms/token ({board['low']:.1f}-{board['high']:.1f} over the "
+         f"assumed figures' ranges)")
     echo(f"(ms per token of this thread's CPU time, medians over {tokens} tokens; wall time "
          f"{res['wall_ms_per_token']:.3f} ms per token. The executor's own cost: measured with "
          f"its runs replayed, against a step's time outside its runs)")
     return res
+
+
+def board_estimate(artifact: str, manifest) -> Dict[str, float]:
+    """ms/token of the plan on the published RK3588 profile (today's estimator, every cost
+    counted), and a low and a high case over its assumed figures' ranges (profile.py): the
+    executor at 1.5x and 3x this machine's cost instead of 2x (and per token up to 6x: a step's
+    own time outside its runs measured up to 3x what the replay gives), an NPU op 0.005 and
+    0.05 ms instead of 0.01."""
+    from dataclasses import replace
+    base = DeviceProfile()
+    cases = {"expected": base,
+             "low": replace(base, exec_call_ms=base.exec_call_ms * 0.75, exec_io_ms=base.exec_io_ms * 0.75,
+                            exec_token_ms=base.exec_token_ms * 0.75, npu_kernel_ms=0.005),
+             "high": replace(base, exec_call_ms=base.exec_call_ms * 1.5, exec_io_ms=base.exec_io_ms * 1.5,
+                             exec_token_ms=base.exec_token_ms * 3, npu_kernel_ms=0.05)}
+    out = {}
+    for name, prof in cases.items():
+        per = predict(artifact, manifest, prof)
+        out[name] = sum(per) + manifest.boundaries() * prof.handoff_ms + prof.exec_token_ms
+    return out
 
 
 def _median_profile(profiles: List[DeviceProfile], own: float) -> DeviceProfile:
@@ -362,6 +426,7 @@ def _median_profile(profiles: List[DeviceProfile], own: float) -> DeviceProfile:
     from dataclasses import replace
     keys = ("cpu_gemv_gbs", "cpu_gflops", "cpu_kernel_ms", "exec_call_ms", "exec_io_ms")
     med = {k: statistics.median(getattr(p, k) for p in profiles) for k in keys}
+    med["gemv_gbs"] = {b: statistics.median(p.gemv_gbs[b] for p in profiles) for b in profiles[0].gemv_gbs}
     return replace(profiles[0], npu_gbs=med["cpu_gemv_gbs"], npu_gbs_all=med["cpu_gemv_gbs"],
                    npu_core_gflops=med["cpu_gflops"], npu_kernel_ms=med["cpu_kernel_ms"],
                    dram_gbs=max(med["cpu_gemv_gbs"], profiles[0].dram_gbs), exec_token_ms=own, **med)
