@@ -307,7 +307,7 @@ def run_backtest(artifact: str, tokens: int = 24, rounds: int = 3, echo: Callabl
     res: Dict[str, object] = {"artifact": artifact, "load_start": load_average()}
     # what goes through the caches between two runs of a segment: a token's weights (beyond
     # twice the last-level cache the same as all of them)
-    evict = int(os.environ.get("BT_EVICT", "0")) or min(max(weight_bytes(artifact, manifest), 1 << 20), 64 << 20)
+    evict = min(max(weight_bytes(artifact, manifest), 1 << 20), 64 << 20)
     echo(f"back-test of the estimator on {artifact}: {len(manifest.segments)} segments, "
          f"{tokens} tokens in {rounds} rounds, one onnxruntime thread, times in this thread's "
          f"CPU time")
