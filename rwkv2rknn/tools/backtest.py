@@ -2,8 +2,9 @@
 
 In one run, with one onnxruntime thread everywhere (steadier than a pool on a shared machine):
 
-1. a device profile of this machine (``measure_host``), from probes that are not the model:
-   a GEMV chain larger than the caches (bandwidth), a 64-row MatMul (FLOP rate), chains of
+1. a device profile of this machine (``measure_host``), from probes that are not the model,
+   each timed after a run through a token's weights (``_Sweep``): GEMV chains of matrices of
+   0.25 to 64 MiB (the bandwidth by a matrix's bytes), a 64-row MatMul (FLOP rate), chains of
    small ops (an op's fixed cost), tiny graphs run through the executor's own runner (its cost
    per run and per input and output tensor), and the executor's token step with every run
    replaced by a replay of its outputs (its own cost per token). The NPU's fields are this
