@@ -10,7 +10,7 @@ In one run, with one onnxruntime thread everywhere (steadier than a pool on a sh
    replaced by a replay of its outputs (its own cost per token). The NPU's fields are this
    CPU's: "as if this CPU were the device", every segment runs on onnxruntime;
 2. per segment, the estimator's time for one call under that profile (``partition.estimate_ms``
-   on the segment's ONNX graph, at the device it was planned for);
+   on the segment's ONNX graph, through ``driver.estimate_file``, at the device it was planned for);
 3. the artifact run segment by segment on onnxruntime (``--backend ort``, not fused), each
    segment's run timed, and the whole token step;
 4. predicted / measured per segment kind (NPU-planned, CPU, embedding, head, the executor's own
@@ -236,18 +236,9 @@ KINDS = ("embedding", "NPU-planned", "CPU", "head")
 
 def predict(artifact: str, manifest, profile: DeviceProfile) -> List[float]:
     """The estimator's ms per call of each segment under ``profile``, from its ONNX graph."""
-    import onnx
-    import onnx_graphsurgeon as gs
-    from rwkv2rknn.passes.partition import estimate_ms
-    out = []
-    for seg in manifest.segments:
-        model = onnx.load(os.path.join(artifact, seg.onnx))
-        model = onnx.shape_inference.infer_shapes(model)
-        graph = gs.import_onnx(model)
-        del model
-        out.append(estimate_ms(seg.backend, graph.nodes, profile))
-        del graph
-    return out
+    from rwkv2rknn.compiler.driver import estimate_file
+    return [estimate_file(os.path.join(artifact, seg.onnx), seg.backend, profile)
+            for seg in manifest.segments]
 
 
 # ------------------------------------------------------------------------------------ the run
