@@ -92,7 +92,7 @@ def cut_one(ctx: Context, seg: GraphSegment, index: int, number: int, owner, gra
     seg.model = model
     seg.flops, seg.ops = matmul_flops(nodes), len(nodes)
     seg.matmuls = sum(n.op in MATMUL_LIKE for n in nodes)
-    seg.est_ms = estimate_ms(seg.device, nodes, ctx.profile)
+    seg.est_ms = estimate_ms(seg.device, nodes, ctx.profile, io=len(ins) + len(outs))
 
 
 def _take_weights(nodes) -> dict:

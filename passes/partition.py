@@ -34,7 +34,7 @@ earlier); ``ctx.node_device`` gives every node's device.
 
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 
@@ -240,15 +240,43 @@ def op_work(nodes, rows: int = 0):
     return out
 
 
-def estimate_ms(device: str, nodes, profile, rows: int = 0, precision: str = "fp16") -> float:
+def boundary_tensors(nodes) -> int:
+    """Inputs and outputs of a segment made of ``nodes``: tensors read from outside (not
+    constants) and tensors made for outside (read by another node, or by none: a graph output;
+    a graph output also read inside is not seen: ``cut`` counts from the graph)."""
+    from rwkv2rknn.compiler.ir import is_const
+    held = [n.segment_io for n in nodes if getattr(n, "segment_io", None) is not None]
+    if held:  # a written segment's stand-ins (compiler/stream.py) keep the count, not the edges
+        return sum(held)
+    inside = {id(n) for n in nodes}
+    ins, outs = set(), set()
+    for n in nodes:
+        for t in n.inputs:
+            if not is_const(t) and not (t.inputs and id(t.inputs[0]) in inside):
+                ins.add(t.name)
+        for t in n.outputs:
+            if not t.outputs or any(id(c) not in inside for c in t.outputs):
+                outs.add(t.name)
+    ins.discard("")
+    return len(ins) + len(outs)
+
+
+def estimate_ms(device: str, nodes, profile, rows: int = 0, precision: str = "fp16",
+                io: Optional[int] = None) -> float:
     """Estimated time of one call of a segment under a device profile (``rows``: its T-row
     variant's row count instead of the graph's own; ``precision``: of the NPU build). A CPU
     segment counts its projections and every other op's bytes and FLOPs (``op_work``); an NPU
-    segment counts its MatMuls and its call (its other ops ride along with them)."""
+    segment its call, its MatMuls and its other ops (one NPU task each); both the executor's
+    own cost of the run (per call and per input and output tensor: ``io`` of them, where not
+    given counted from the nodes, ``boundary_tensors``)."""
+    own = profile.executor_ms(boundary_tensors(nodes) if io is None else io)
     if device == "npu":
-        return profile.npu_segment_ms([(rows or r, m, k) for r, m, k in matmul_dims(nodes)], precision)
+        return (own + profile.npu_segment_ms([(rows or r, m, k) for r, m, k in matmul_dims(nodes)],
+                                             precision) +
+                sum(profile.npu_op_ms(b, f, special) for b, f, special in
+                    op_work([n for n in nodes if n.op not in MATMUL_LIKE], rows)))
     dims = [(rows or r, m, k) for r, m, k in matmul_dims([n for n in nodes if _weighted(n)])]
-    return (sum(profile.cpu_matmul_ms(m, k, r) for r, m, k in dims) +
+    return (own + sum(profile.cpu_matmul_ms(m, k, r) for r, m, k in dims) +
             sum(profile.cpu_op_ms(b, f, special) for b, f, special in op_work(nodes, rows)))
 
 

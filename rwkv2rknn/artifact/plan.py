@@ -215,7 +215,9 @@ class Manifest:
 
     def estimate_ms(self, phase: str = "decode") -> Optional[dict]:
         """Estimated ms/token of ``phase`` ('decode' or 'prefill') from the device profile
-        (None without one). In prefill a T-row call and its hand-offs are shared by T tokens."""
+        (None without one): the segments' calls (each with the executor's own cost of it), the
+        hand-offs and the executor's own cost per token beyond its calls (``executor``). In
+        prefill a T-row call, its hand-offs and the per-call cost are shared by T tokens."""
         if not self.profile:
             return None
         per = (lambda s: s.est_prefill_ms) if phase == "prefill" else (lambda s: s.est_ms)
@@ -223,11 +225,14 @@ class Manifest:
         cpu = sum(per(s) for s in self.segments if s.backend == "cpu")
         try:
             hand = self.boundaries() * float(self.profile.get("handoff_ms", 0.0))
+            own = float(self.profile.get("exec_token_ms", 0.0))  # 0 in profiles older than it
         except (TypeError, ValueError):
             return None
         if phase == "prefill":
             hand /= self.prefill_rows
-        return {"npu": npu, "cpu": cpu, "handoffs": hand, "total": npu + cpu + hand}
+            own /= self.prefill_rows
+        return {"npu": npu, "cpu": cpu, "handoffs": hand, "executor": own,
+                "total": npu + cpu + hand + own}
 
     def warnings(self) -> List[str]:
         """One line per NPU segment whose T-row build failed: its name and the toolkit's reason."""
@@ -255,7 +260,8 @@ class Manifest:
             est = self.estimate_ms(phase)
             if est is not None:
                 lines.append(f"estimated {label}: {est['total']:.2f} ms/token (NPU {est['npu']:.2f} + "
-                             f"CPU {est['cpu']:.2f} + {est['handoffs']:.2f} hand-offs), an "
+                             f"CPU {est['cpu']:.2f} + {est['handoffs']:.2f} hand-offs + "
+                             f"{est['executor']:.2f} executor), an "
                              f"estimate from device profile '{self.profile.get('name', '?')}', "
                              f"not a measurement")
         acc = [s for s in self.segments if s.accuracy]

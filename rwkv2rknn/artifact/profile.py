@@ -14,8 +14,14 @@ The cost model (every figure below is a field of ``DeviceProfile``):
   products, GroupNorm): ``cpu_kernel_ms`` + ``max(bytes it reads and writes (float32) /
   cpu_gemv_gbs, flops / cpu_gflops)``, a FLOP per output element (``cpu_special_flops`` for exp,
   sigmoid, tanh, sqrt, division, ...); reshapes move nothing. Every operand is counted as
-  coming from DRAM (no cache), an upper bound for small tensors. The non-MatMul ops of an NPU
-  segment are not counted: they run inside its call.
+  coming from DRAM (no cache), an upper bound for small tensors.
+- Every other op of an NPU segment (LayerNorm's parts, the time-shift mix, activations, the
+  residual adds): ``npu_kernel_ms`` + its bytes at the NPU's bandwidth or its FLOPs at the
+  NPU's rate, whichever is slower (``npu_op_ms``): they run inside the segment's call, one NPU
+  task each.
+- The executor's own cost (``executor_ms``): ``exec_call_ms`` per segment run from Python (the
+  feed, the runtime's entry and exit, the outputs) + ``exec_io_ms`` per input and output tensor
+  of it, and ``exec_token_ms`` per token beyond its calls (the state's copies, the logits).
 - A w8a8 build (``compile --quant w8a8``): weights of ``npu_weight_bytes / npu_int8_speedup``
   bytes and ``npu_int8_speedup`` times the compute rate (measured profiles: the throughput).
 - Every NPU<->CPU switch between segments: ``handoff_ms``.
@@ -51,6 +57,17 @@ Where the published default ``rk3588-published`` comes from (none was measured h
   one thread; taken 4x slower on the board). ``cpu_special_flops`` 20: ASSUMED, FLOPs of one
   vectorised exp/sigmoid/tanh (a range reduction and a polynomial of about degree 10).
 - ``handoff_ms`` 0.03: ASSUMED, of the order of one onnxruntime ``run()`` from Python.
+- ``exec_call_ms`` 0.16, ``exec_io_ms`` 0.005, ``exec_token_ms`` 3.0: ASSUMED, 2x what
+  ``rwkv2rknn bench --backtest`` measured for this executor on the x86 development machine on
+  430M-shaped artifacts (2026-12-07, AMD EPYC, one onnxruntime thread, each run after a
+  segment's weights went through the caches: 0.07-0.10 ms per run, 2-4 us per tensor, 0.9-1.7
+  ms per token beyond the runs; docs/benchmarks.md), taken 2x slower on a 2.4 GHz Cortex-A76
+  (its single-core speed for Python is about half an EPYC core's; 1.5-3x is the plausible
+  range). The per-token figure grows with the segments and the state (it is 0.1 ms for the
+  bundled 4 x 256 model here).
+- ``npu_kernel_ms`` 0.01: ASSUMED (range 0.005-0.05): the NPU runs each op of a compiled graph
+  as a task of its own; no public per-op figure for the RK3588 was found (``eval_perf`` on a
+  board would give one).
 - ``dram_gbs`` 34: LPDDR4x-4266 peak of RK3588 boards (board forums; LPDDR5 boards ~44).
 
 Estimates from these are labelled as such, not measurements of your board: ``rwkv2rknn profile``
@@ -88,6 +105,14 @@ class DeviceProfile:
     npu_int8_speedup: float = 2.0
     cpu_kernel_ms: float = 0.001
     cpu_special_flops: float = 20.0
+    npu_kernel_ms: float = 0.01  # every non-MatMul op inside an NPU segment's call
+    exec_call_ms: float = 0.16  # the executor's own cost per segment run from Python
+    exec_io_ms: float = 0.005  # ... and per input and output tensor of that run
+    exec_token_ms: float = 3.0  # ... and per token beyond its runs
+    # measured: a one-row MatMul's weight bandwidth by its weight bytes, on either side (used
+    # as is, interpolated in log(bytes)); empty: the side's own figure. onnxruntime's fp32 GEMV
+    # streams a large matrix faster than a small one (10 GB/s at 256 KiB, 25 at 64 MiB here)
+    gemv_gbs: Dict[int, float] = field(default_factory=dict)
 
     # ---------------------------------------------------------------- NPU
 
@@ -120,6 +145,7 @@ class DeviceProfile:
         cores = cores or self.npu_cores_for(out_features * in_features * self.npu_weight_bytes)
         weight = out_features * in_features * self.npu_weight_bytes / speed
         gbs = min(self.npu_gbs_all if cores > 1 else self.npu_gbs, self.dram_gbs)
+        gbs = self._gemv_rate(weight, gbs)
         return max(weight / (gbs * 1e6), flops / (self.npu_core_gflops * speed * cores * 1e6))
 
     def npu_segment_ms(self, dims: Iterable[Tuple[int, int, int]], precision: str = "fp16") -> float:
@@ -129,11 +155,37 @@ class DeviceProfile:
         cores = self.npu_cores_for(sum(m * k for _, m, k in dims) * self.npu_weight_bytes)
         return self.npu_call_ms + sum(self.npu_matmul_ms(m, k, r, cores, precision) for r, m, k in dims)
 
+    def _gemv_rate(self, weight: float, gbs: float) -> float:
+        """The bandwidth of one MatMul's weights: ``gemv_gbs`` at its bytes where measured."""
+        if not self.gemv_gbs:
+            return gbs
+        pts = sorted(self.gemv_gbs.items())
+        if weight <= pts[0][0]:
+            return pts[0][1]
+        for (b0, g0), (b1, g1) in zip(pts, pts[1:]):
+            if weight <= b1:
+                f = (math.log(weight) - math.log(b0)) / (math.log(b1) - math.log(b0))
+                return g0 + f * (g1 - g0)
+        return pts[-1][1]
+
+    def npu_op_ms(self, moved_bytes: float, flops: float, special: bool = False) -> float:
+        """One non-MatMul op inside an NPU segment: a task's fixed cost, then its bytes at the
+        NPU's one-core bandwidth or its FLOPs at one core's rate, whichever is slower."""
+        gbs = min(self.npu_gbs, self.dram_gbs)
+        work = flops * (self.cpu_special_flops if special else 1.0)
+        return self.npu_kernel_ms + max(moved_bytes / (gbs * 1e6), work / (self.npu_core_gflops * 1e6))
+
+    def executor_ms(self, tensors: int) -> float:
+        """The executor's own cost of one segment run with this many inputs and outputs."""
+        return self.exec_call_ms + self.exec_io_ms * tensors
+
     # ---------------------------------------------------------------- CPU
 
     def cpu_matmul_ms(self, out_features: int, in_features: int, rows: int = 1) -> float:
         """Weight streaming bound; with many rows the CPU is compute bound."""
-        stream = out_features * in_features * self.cpu_weight_bytes / (min(self.cpu_gemv_gbs, self.dram_gbs) * 1e6)
+        weight = out_features * in_features * self.cpu_weight_bytes
+        gbs = self._gemv_rate(weight, min(self.cpu_gemv_gbs, self.dram_gbs))
+        stream = weight / (gbs * 1e6)
         compute = 2.0 * rows * out_features * in_features / (self.cpu_gflops * 1e6)
         return max(stream, compute)
 
@@ -150,6 +202,7 @@ class DeviceProfile:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["npu_gflops"] = {str(k): v for k, v in self.npu_gflops.items()}
+        d["gemv_gbs"] = {str(k): v for k, v in self.gemv_gbs.items()}
         return d
 
     @classmethod
@@ -157,7 +210,8 @@ class DeviceProfile:
         default = cls()
         try:
             kw = {"name": str(d.get("name", "custom")),
-                  "npu_gflops": {int(k): float(v) for k, v in (d.get("npu_gflops") or {}).items()}}
+                  "npu_gflops": {int(k): float(v) for k, v in (d.get("npu_gflops") or {}).items()},
+                  "gemv_gbs": {int(k): float(v) for k, v in (d.get("gemv_gbs") or {}).items()}}
             for f in fields(cls):
                 if f.name not in kw:
                     typ = type(getattr(default, f.name))
@@ -168,9 +222,13 @@ class DeviceProfile:
                            "see rwkv2rknn/artifact/profile.py for the fields") from e
         speeds = [p.cpu_gemv_gbs, p.npu_gbs, p.npu_gbs_all, p.npu_core_gflops, p.cpu_gflops,
                   p.dram_gbs, p.npu_cores, p.npu_int8_speedup,
-                  p.cpu_special_flops] + list(p.npu_gflops.values())
+                  p.cpu_special_flops] + list(p.npu_gflops.values()) + list(p.gemv_gbs.values())
         if min(speeds) <= 0:
             raise BadInput(f"{where} has a zero or negative throughput", "give positive figures")
+        costs = [p.npu_call_ms, p.handoff_ms, p.cpu_kernel_ms, p.npu_kernel_ms, p.exec_call_ms,
+                 p.exec_io_ms, p.exec_token_ms]
+        if min(costs) < 0:
+            raise BadInput(f"{where} has a negative cost", "give costs of zero or more")
         return p
 
 

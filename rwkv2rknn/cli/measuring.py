@@ -62,14 +62,31 @@ def profile(build_dir, probe_dir, backend, core_mask, target, out):
               help="Run this many single-core busy loops beside the timed phases (the loaded case, "
                    "on purpose); they are stopped at the end.")
 @click.option("--json-out", type=click.Path(dir_okay=False), default=None, help="Also save the figures as JSON.")
+@click.option("--backtest", "backtest", type=click.Path(file_okay=False), default=None,
+              help="Instead: check the plan's estimator on this compiled artifact: measure this "
+                   "machine's profile, predict each segment's time on onnxruntime, run it and print "
+                   "predicted / measured per segment kind and per token.")
 @handle_errors
-def bench(version, layers, width, vocab, tokens, no_rwkv, probe_dir, core_mask, busy, json_out):
+def bench(version, layers, width, vocab, tokens, no_rwkv, probe_dir, core_mask, busy, json_out, backtest):
     """Measure decode ms/token of the per-layer loop, the hybrid executor, a fused session and
     the rwkv package on a random model (default: 430M-sized), prefill tokens/s, the peak memory,
-    the plan's board estimate and, on a board, the NPU's per-call cost of both board runners."""
+    the plan's board estimate and, on a board, the NPU's per-call cost of both board runners.
+
+    \b
+    With --backtest ARTIFACT: the estimator against this machine, on that artifact.
+    """
     import json
     from rwkv2rknn.tools.bench import run_bench
     check_out_file(json_out, "--json-out")
+    if backtest:
+        from rwkv2rknn.tools.backtest import run_backtest
+        from rwkv2rknn.tools.busy import BusyLoops
+        with BusyLoops(busy):
+            res = run_backtest(backtest, tokens=tokens, echo=click.echo)
+        if json_out:
+            with open(json_out, "w") as f:
+                json.dump(res, f, indent=1)
+        return
     res = run_bench(layers=layers, width=width, vocab=vocab, tokens=tokens,
                     with_rwkv=not no_rwkv, echo=click.echo, version=version, probes=probe_dir,
                     core_mask=core_mask, busy=busy)

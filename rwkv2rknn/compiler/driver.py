@@ -317,6 +317,19 @@ def plan_report(ctx: Context, manifest: Manifest) -> dict:
             "table": manifest.table().splitlines()}
 
 
+def estimate_file(path: str, device: str, profile) -> float:
+    """The plan's estimate of one call of the segment in the ONNX file ``path`` on ``device``
+    ('npu' or 'cpu') under ``profile``: ``partition.estimate_ms`` on its graph, shapes
+    inferred (what ``bench --backtest`` predicts)."""
+    import onnx
+    import onnx_graphsurgeon as gs
+    from rwkv2rknn.passes.partition import estimate_ms
+    model = onnx.shape_inference.infer_shapes(onnx.load(path))
+    graph = gs.import_onnx(model)
+    del model
+    return estimate_ms(device, graph.nodes, profile)
+
+
 def whole_graph(model_path: str):
     """The model as one graph, not partitioned: load, keep_fp32, state, rank_one and
     normalize_matmul. Returns (serialized ONNX, token input, logits output, [(state input,

@@ -223,6 +223,8 @@ class _Stream:
             self.write(seg, p.sequence)
             gone |= {n.name for n in seg.nodes}
             seg.nodes = [_stub(n, p.partition.op_work) for n in seg.nodes]
+            if seg.nodes:  # the stand-ins keep no edges: the segment's inputs and outputs, counted
+                seg.nodes[0].segment_io = len(seg.inputs) + len(seg.outputs)
             self.written.append(seg)
             if self.on_segment:  # its files are whole: the build may start
                 self.on_segment(ctx, seg)

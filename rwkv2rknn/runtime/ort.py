@@ -28,7 +28,15 @@ ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
 # without it the session keeps every other ORT_ENABLE_ALL optimisation (faster than
 # ORT_ENABLE_EXTENDED on an RWKV-7 block, measured), with ORT_ENABLE_EXTENDED's logits to rounding
 # (tests/runtime/test_runners.py).
-KNOWN_FUSION_FAULT = "SimplifiedLayerNormFusion"
+# A second one (onnxruntime 1.26, measured): where a LayerNorm's input is a Cast from float16 (a
+# token table stored in fp16, widened per token, in front of the first block's LayerNorm: the
+# token steps of such an artifact joined into one graph, runtime/ortshare.fuse), the level-1
+# LayerNorm fusion takes the Cast's fp16 input as the fused LayerNormalization's input while its
+# scale and bias stay float32, and the session fails its own type check ("Type parameter (T) of
+# Optype (LayerNormalization) bound to different types (tensor(float16) and tensor(float)").
+# Without that one fusion the level-2 fusions still fuse the LayerNorms' tails.
+KNOWN_FAULTS = {"SimplifiedLayerNormFusion": "SimplifiedLayerNormFusion",
+                "Optype (LayerNormalization) bound to different types": "LayerNormFusionL1"}
 
 
 def make_session(model, threads: int = 0, what: str = "model", prepack: bool = True,
@@ -41,8 +49,9 @@ def make_session(model, threads: int = 0, what: str = "model", prepack: bool = T
     into 50 segments).
 
     fp16 files made by onnxconverter-common (the public RWKV-4 files, our own fp16 export of
-    every version) meet a known fault of one onnxruntime fusion (``KNOWN_FUSION_FAULT``): such a
-    session is made at ORT_ENABLE_ALL without that fusion, quietly. Any other failure of the
+    every version) meet a known fault of one onnxruntime fusion, and a LayerNorm behind a cast
+    from fp16 another (``KNOWN_FAULTS``): such a session is made at ORT_ENABLE_ALL without the
+    fusion at fault, quietly. Any other failure of the
     default (ORT_ENABLE_ALL) optimisation is retried with ORT_ENABLE_EXTENDED and logged.
     Returns ``(session, note)``, where ``note`` says what was done ('' if nothing).
     ``prepack=False`` keeps onnxruntime from holding a second, repacked copy of the MatMul
@@ -72,26 +81,31 @@ def make_session(model, threads: int = 0, what: str = "model", prepack: bool = T
         return ort.InferenceSession(model, sess_options=so, providers=["CPUExecutionProvider"], **extra)
 
     full = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    try:
-        return create(full), ""
-    except Exception as first:  # noqa: BLE001 - retried below, reported if the retry fails
-        if KNOWN_FUSION_FAULT in str(first):
-            try:
-                sess = create(full, [KNOWN_FUSION_FAULT])
-                log.debug("%s: onnxruntime optimises it without %s (a known fault of that fusion "
-                          "on fp16 LayerNorms)", what, KNOWN_FUSION_FAULT)
-                return sess, ""
-            except Exception:  # noqa: BLE001 - not that fault after all: the general retry
-                pass
+    disabled: List[str] = []
+    first = None
+    while True:  # each known fault met: that one fusion off, every other optimisation kept
         try:
-            sess = create(ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED)
-        except Exception as e:
-            raise BadInput(f"onnxruntime cannot load {what} ({str(e).splitlines()[0][:160]})",
-                           "the file is corrupt or not a valid ONNX model") from e
-        note = (f"onnxruntime's default optimisation failed on {what} "
-                f"({str(first).splitlines()[0][:120]}); using ORT_ENABLE_EXTENDED")
-        log.info(note)
-        return sess, note
+            sess = create(full, disabled)
+            if disabled:
+                log.debug("%s: onnxruntime optimises it without %s (known faults of those "
+                          "fusions)", what, ", ".join(disabled))
+            return sess, ""
+        except Exception as e:  # noqa: BLE001 - retried below, reported if the retry fails
+            first = first or e
+            fault = next((opt for sign, opt in KNOWN_FAULTS.items()
+                          if sign in str(e) and opt not in disabled), None)
+            if fault is None:
+                break
+            disabled.append(fault)
+    try:
+        sess = create(ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, disabled)
+    except Exception as e:
+        raise BadInput(f"onnxruntime cannot load {what} ({str(e).splitlines()[0][:160]})",
+                       "the file is corrupt or not a valid ONNX model") from e
+    note = (f"onnxruntime's default optimisation failed on {what} "
+            f"({str(first).splitlines()[0][:120]}); using ORT_ENABLE_EXTENDED")
+    log.info(note)
+    return sess, note
 
 
 class OrtRunner:

@@ -29,6 +29,7 @@ COLOURS = {"npu-fp16": "#2c7bb6", "npu-int8": "#7b3294", "npu-w8a8": "#7b3294", 
            "fallback": "#d7191c"}
 OTHER_NPU = ("#1a9850", "#66a61e", "#1b7837")  # NPU precisions other than fp16 and int8
 HANDOFF = "#222222"
+EXECUTOR = "#9e9e9e"  # the executor's own time per token, in the estimate
 
 
 @dataclass

@@ -9,7 +9,7 @@ from typing import List, Optional
 
 from rwkv2rknn import __version__, fileio
 from rwkv2rknn.errors import UsageError
-from rwkv2rknn.tools.report import (HANDOFF, REPORT_HTML, ReportData, load, show_value, stage_range,
+from rwkv2rknn.tools.report import (EXECUTOR, HANDOFF, REPORT_HTML, ReportData, load, show_value, stage_range,
                                     strip_svg)
 from rwkv2rknn.tools.svg import columns, esc, fmt, hbars, line_plot, stacked
 
@@ -98,7 +98,8 @@ def estimates(d: ReportData) -> str:
         if est is not None:
             rows.append((label, [("NPU", est["npu"], d.colour("npu-fp16")),
                                  ("CPU segments", est["cpu"], d.colour("cpu")),
-                                 ("hand-offs", est["handoffs"], HANDOFF)]))
+                                 ("hand-offs", est["handoffs"], HANDOFF),
+                                 ("executor", est.get("executor", 0.0), EXECUTOR)]))
     if not rows:
         return "<h2>Estimated time per token</h2><p class=note>The manifest has no device profile.</p>"
     name = m.profile.get("name", "?")
@@ -106,8 +107,9 @@ def estimates(d: ReportData) -> str:
                    for p, _, c in rows[0][1])
     return (f"<h2>Estimated time per token</h2><p class=note data-profile=\"{esc(name)}\">An "
             f"<b>estimate</b> from device profile '{esc(name)}', not a measurement: NPU calls, CPU "
-            f"MatMuls and NPU&lt;-&gt;CPU hand-offs per token (in prefill a T-row call and its "
-            f"hand-offs are shared by T tokens).</p><div class=legend>{keys}</div>"
+            f"segments, NPU&lt;-&gt;CPU hand-offs and the executor's own time per token beyond its "
+            f"calls (in prefill a T-row call and its hand-offs are shared by T tokens).</p>"
+            f"<div class=legend>{keys}</div>"
             + stacked(rows, "ms/token", f"estimated ms per token, profile {name}"))
 
 

@@ -129,7 +129,7 @@ def test_cpu_segments_count_their_non_matmul_ops():
     rows it picks, not its table."""
     import numpy as np
     import onnx_graphsurgeon as gs
-    from rwkv2rknn.passes.partition import estimate_ms, op_work
+    from rwkv2rknn.passes.partition import boundary_tensors, estimate_ms, op_work
 
     p = DeviceProfile()
     assert p.cpu_op_ms(4 * 2**20, 0) == pytest.approx(0.001 + 4 * 2**20 / 25e6)
@@ -157,8 +157,16 @@ def test_cpu_segments_count_their_non_matmul_ops():
                     (0, 0, False),                                      # reshape: a view
                     (4 * 2 * c, c, True),                               # exp: special
                     (4 * 2 * c, c, False)]                              # one row of the table
-    want = p.cpu_matmul_ms(c, c, 1) + sum(p.cpu_op_ms(*wk) for wk in work)
+    # in: S, w, kk, x, tok; out (read by no node here): Skk, e, row
+    assert boundary_tensors(nodes) == 8
+    want = p.executor_ms(8) + p.cpu_matmul_ms(c, c, 1) + sum(p.cpu_op_ms(*wk) for wk in work)
     assert estimate_ms("cpu", nodes, p) == pytest.approx(want)
+    # on the NPU: the call, its MatMuls (the projection and the state's product), every other
+    # op an NPU task of its own
+    npu_want = (p.executor_ms(8) + p.npu_segment_ms([(h * n, 1, n), (1, c, c)]) +
+                sum(p.npu_op_ms(*wk) for i, wk in enumerate(work) if i != 1))
+    assert estimate_ms("npu", nodes, p) == pytest.approx(npu_want)
+    assert p.npu_op_ms(0, 0) == p.npu_kernel_ms > 0
     assert estimate_ms("cpu", nodes, p) > p.cpu_matmul_ms(c, c, 1) + 5 * p.cpu_kernel_ms
     # a T-row call moves T times the bytes, and pays each kernel's fixed cost once
     assert op_work(nodes, rows=8)[0] == (8 * work[0][0], 8 * work[0][1], False)

@@ -162,3 +162,22 @@ def test_adaptive_step_tries_each_then_keeps_measuring():
         chooser.step(t, np.zeros(1, np.float32))
     assert a.calls + b.calls == 40 and min(a.calls, b.calls) >= 2 + 40 // 4 // 2 - 1
     assert chooser.chosen in ("1 thread", "pool") and "steps" in chooser.describe()
+
+
+@pytest.mark.slow
+def test_an_fp16_token_table_before_fp32_layernorms_fuses(fp16_artifact, tokens):
+    """A built compile of fp16 files keeps its CPU token table in fp16, widened by a Cast right
+    in front of the first LayerNorm (the bundled model is such an artifact): onnxruntime's
+    level-1 LayerNorm fusion took the Cast's fp16 input into a LayerNormalization with fp32
+    weights and refused the joined graph; without that one fusion it fuses, with the same numbers."""
+    m = HybridModel(fp16_artifact, backend="ort")
+    embed = next(s for s in m.manifest.segments if s.backend == "cpu" and "embed" in s.stages)
+    g = onnx.load(os.path.join(fp16_artifact, embed.onnx)).graph
+    assert any(t.data_type == TensorProto.FLOAT16 for t in g.initializer)  # the table: fp16
+    assert "Cast" in [n.op_type for n in g.node]
+    assert m.execution().startswith(f"token steps: {len(m.manifest.segments)} segments fused into 1")
+    apart = HybridModel(fp16_artifact, backend="ort", fuse=False)
+    got, got_state = _run(m, tokens[:6])
+    want, want_state = _run(apart, tokens[:6])
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(got_state, want_state, rtol=0, atol=1e-5)

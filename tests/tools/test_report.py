@@ -60,10 +60,11 @@ def test_page_matches_manifest(artifact, tmp_path):
                    "npu-share": repr(m.npu_flop_share())}
     # the estimate bars are plan.Manifest.estimate_ms, labelled with the profile's name
     parts = page.with_class("rect", "part")
-    for phase, chunk in (("decode", parts[:3]), ("prefill", parts[3:])):
+    for phase, chunk in (("decode", parts[:4]), ("prefill", parts[4:])):
         est = m.estimate_ms(phase)
-        assert [p["data-part"] for p in chunk] == ["NPU", "CPU segments", "hand-offs"]
-        assert [float(p["data-value"]) for p in chunk] == [est["npu"], est["cpu"], est["handoffs"]]
+        assert [p["data-part"] for p in chunk] == ["NPU", "CPU segments", "hand-offs", "executor"]
+        assert [float(p["data-value"]) for p in chunk] == [est["npu"], est["cpu"], est["handoffs"],
+                                                          est["executor"]]
         assert f"{est['total']:.2f} ms/token" in html
     assert page.find("p", data_profile=m.profile["name"]) and "not a measurement" in html
     # the table's figures and the int8 segment's accuracy figures
