@@ -149,7 +149,7 @@ def _compile(model_path, out_dir, options, toolkit, calib_ids, force, dump_after
 
     def after(name):
         if on_pass:  # the pass's name and what it reported
-            on_pass(name, [r.split(": ", 1)[1] for r in ctx.report if r.startswith(name + ": ")])
+            on_pass(name, [n.text for n in ctx.said(name)])
         if dump_after == name:
             dumps[name] = export(ctx.graph)
 
@@ -212,7 +212,7 @@ def _compile_stream(model_path, out_dir, options, toolkit, calib_ids, force, pro
             raise
         if on_pass:
             for name in ("partition", "cut", "sequence"):
-                on_pass(name, [r.split(": ", 1)[1] for r in ctx.report if r.startswith(name + ": ")])
+                on_pass(name, [n.text for n in ctx.said(name)])
         if early:
             early[0].finish()
         elif not options.plan_only:
@@ -220,7 +220,7 @@ def _compile_stream(model_path, out_dir, options, toolkit, calib_ids, force, pro
             build.run(ctx, tmp, progress=progress, calibration=calibration)
             calibrate.drop_holdout(tmp)
         if on_pass and not options.plan_only:
-            on_pass(build.NAME, [r.split(": ", 1)[1] for r in ctx.report if r.startswith("build: ")])
+            on_pass(build.NAME, [n.text for n in ctx.said(build.NAME)])
         if one_file is not None:  # the artifact's source is the file (check compares with it)
             ctx.facts = {"dtype": "float16" if one_file.metadata.get("rwkv2rknn.dtype") == "float16"
                          else "float32", "tokenizer": one_file.metadata.get("rwkv2rknn.tokenizer"),
@@ -246,8 +246,7 @@ def _validate(ctx: Context, tmp: str, toolkit: str, options: Options, model_path
     ctx.validation = validate.validate(ctx, tmp, toolkit, options.plan_only, model_path, passes,
                                        make_manifest)
     if on_pass:
-        on_pass(validate.NAME, [r.split(": ", 1)[1] for r in ctx.report
-                                if r.startswith(validate.NAME + ": ")])
+        on_pass(validate.NAME, [n.text for n in ctx.said(validate.NAME)])
 
 
 def _finish(ctx: Context, tmp: str, toolkit: str, options: Options) -> Manifest:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -27,6 +27,24 @@ class TensorInfo:
     shape: Tuple[int, ...]
     dtype: str
     absmax: float
+
+
+@dataclass(frozen=True)
+class Note:
+    """One thing a pass says about the compile: the pass, what kind of note it is, the figures
+    code reads from it (``counts``) and the segment it is about, if one. ``line`` is what a
+    person reads (the manifest's ``report``, the plan, the CLI); code reads the fields, never
+    the words."""
+
+    pass_name: str
+    text: str  # the message, rendered by the pass from the fields below where it has them
+    kind: str = ""  # e.g. "summary"; '' for a plain remark
+    counts: Mapping[str, int] = field(default_factory=dict)
+    segment: str = ""
+
+    @property
+    def line(self) -> str:
+        return f"{self.pass_name}: {self.text}"
 
 
 @dataclass
@@ -114,7 +132,7 @@ class Context:
     names; ``state`` unpacks ``whole_state`` into ``state`` rows; ``fp16_guard`` fills
     ``tensors`` and ``forced_cpu``; ``support`` fills ``support``; ``partition`` fills
     ``node_device`` and ``segments``, which cut, sequence and build fill in further. Every pass
-    adds lines to ``report``."""
+    adds ``Note`` s to ``notes`` (``report``: their lines)."""
 
     graph: object  # onnx_graphsurgeon.Graph
     source: str = ""
@@ -133,7 +151,7 @@ class Context:
     forced_cpu: Dict[str, str] = field(default_factory=dict)  # node -> reason (range guard)
     node_device: Dict[str, str] = field(default_factory=dict)  # node -> "npu"/"cpu" (partition)
     segments: List[GraphSegment] = field(default_factory=list)  # partition, cut, sequence, build
-    report: List[str] = field(default_factory=list)
+    notes: List[Note] = field(default_factory=list)
     layout: str = ""  # the file layout the loader or recognize found (said in the plan)
     # what a single source file says about itself (dtype, tokenizer, its state pairs), for the manifest
     facts: Dict[str, object] = field(default_factory=dict)
@@ -151,10 +169,26 @@ class Context:
             self._profile = load_profile(self.options.profile)
         return self._profile
 
-    def note(self, pass_name: str, message: str) -> None:
-        line = f"{pass_name}: {message}"
-        self.report.append(line)
-        log.info(line)
+    @property
+    def report(self) -> List[str]:
+        """The notes as the lines a person reads ('pass: message'), in order."""
+        return [n.line for n in self.notes]
+
+    def note(self, pass_name: str, message: str, kind: str = "", segment: str = "",
+             **counts: int) -> Note:
+        """Record what ``pass_name`` says: ``message`` for people, ``kind``, ``segment`` and
+        ``counts`` for code."""
+        n = Note(pass_name, message, kind, dict(counts), segment)
+        self.add_note(n)
+        return n
+
+    def add_note(self, note: Note) -> None:
+        self.notes.append(note)
+        log.info(note.line)
+
+    def said(self, pass_name: str, kind: Optional[str] = None) -> List[Note]:
+        """The notes of one pass (of one ``kind`` if given), in order."""
+        return [n for n in self.notes if n.pass_name == pass_name and kind in (None, n.kind)]
 
 
 # --------------------------------------------------------------------------------------------

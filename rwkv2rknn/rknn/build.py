@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, NamedTuple, Optional
 
 import numpy as np
 
@@ -143,11 +143,13 @@ class Builds:
         ctx, opts, todo, counts = self.ctx, self.ctx.options, self.todo, self.counts
         for seg in todo:
             if seg.fallback:
-                ctx.note(NAME, f"{seg.name}: build failed ({seg.fallback}); runs on the CPU")
+                ctx.note(NAME, f"{seg.name}: build failed ({seg.fallback}); runs on the CPU",
+                         kind="fallback", segment=seg.name)
         ctx.note(NAME, f"{counts['built']} built, {counts['cached']} from the cache "
                        f"({self.builds.cache.folder}), {counts['failed']} fell back to the CPU "
                        f"[rknn-toolkit2 {self.version}, target {opts.target}, "
-                       f"{min(self.queue.jobs, max(len(todo), 1))} build(s) at a time]")
+                       f"{min(self.queue.jobs, max(len(todo), 1))} build(s) at a time]",
+                 kind="summary", **counts)
         if self.calibration:
             kept = [f"{s.name} ({s.precision_note})" for s in todo if s.precision_note]
             n_q = sum(s.precision == opts.quant for s in todo)
@@ -158,10 +160,10 @@ class Builds:
         for s in todo:
             if s.seq_model is not None and logits_only(ctx, s) and not s.fallback:
                 ctx.note(NAME, f"{s.name}: built for one row only (token steps; a prompt needs "
-                               "the logits of its last row)")
+                               "the logits of its last row)", segment=s.name)
             if s.seq_fallback:
                 ctx.note(NAME, f"{s.name}: T-row build failed ({s.seq_fallback}); its prefill runs "
-                               "token by token")
+                               "token by token", kind="seq_fallback", segment=s.name)
 
 
 def run(ctx: Context, out_dir: str,
@@ -189,10 +191,10 @@ def _one(ctx: Context, seg: GraphSegment, out_dir: str, builds: CachedBuilds, ve
     from rwkv2rknn.passes.sequence import logits_only
     opts = ctx.options
     if seg.seq_model is not None and opts.prefill_rows and not logits_only(ctx, seg):
-        status = _build_shared(ctx, seg, out_dir, builds, version, cal)
-        if status:  # one build serves decode and prefill
+        done = _build_shared(ctx, seg, out_dir, builds, version, cal)
+        if done:  # one build serves decode and prefill
             _estimate(ctx, seg)
-            return status + " (decode and T rows)", "cached" if status.endswith("cached") else "built"
+            return done.label + " (decode and T rows)", "cached" if done.cached else "built"
         if opts.strict:
             raise ToolkitError(f"the T-row (prefill) build of segment {seg.name} failed: "
                                f"{seg.seq_fallback}", "drop --strict (its prefill then runs token by "
@@ -223,13 +225,21 @@ def _one(ctx: Context, seg: GraphSegment, out_dir: str, builds: CachedBuilds, ve
     return status + (", T-rows failed" if seg.seq_fallback else ""), "cached" if cached else "built"
 
 
+class Done(NamedTuple):
+    """A build that worked: its progress label ('fp16 (...), built') and whether its .rknn came
+    from the cache."""
+
+    label: str
+    cached: bool
+
+
 def _build_shared(ctx: Context, seg: GraphSegment, out_dir: str, builds: CachedBuilds, version: str,
-                  cal: Optional[SegmentCalibration] = None) -> str:
+                  cal: Optional[SegmentCalibration] = None) -> Optional[Done]:
     """The T-row variant of an NPU segment built for DECODE_ROWS and the prefill row counts: one
     .rknn, weights once, serving token steps (the token in row 0, padding after it) and prefill;
     quantised when ``cal`` has T-row samples and the build is accurate enough. Built in columns
     (``rwkv2rknn.rknn.columns``: no Transposes on the NPU) where the segment has that form, else as rows.
-    Returns 'built' or 'cached' (after the precision), or '' when the build failed
+    Returns what it did, or None when the build failed
     (``seg.seq_fallback`` says why; the caller then builds the per-token graph alone and prefill
     runs token by token)."""
     rows = tuple(sorted({DECODE_ROWS, *ctx.options.prefill_rows}))
@@ -242,21 +252,21 @@ def _build_shared(ctx: Context, seg: GraphSegment, out_dir: str, builds: CachedB
         os.path.isfile(builds.cache.entry(key))
     why_not = "" if cached else fits(onnx_path)
     if why_not:
-        ctx.note(NAME, f"{seg.name}: T-row build as rows, not columns ({why_not})")
+        ctx.note(NAME, f"{seg.name}: T-row build as rows, not columns ({why_not})", segment=seg.name)
     for columns in ((True, False) if not why_not else (False,)):
-        status = _build_seq(ctx, seg, out_dir, builds, version, cal, rows, columns,
-                            key if columns else "")
-        if status:
+        done = _build_seq(ctx, seg, out_dir, builds, version, cal, rows, columns,
+                          key if columns else "")
+        if done:
             seg.seq_layout = "columns" if columns else ""
-            return status
+            return done
         if columns:
             ctx.note(NAME, f"{seg.name}: T-row build in columns failed ({seg.seq_fallback}); "
-                           "building it as rows")
-    return ""
+                           "building it as rows", segment=seg.name)
+    return None
 
 
 def _build_seq(ctx: Context, seg: GraphSegment, out_dir: str, builds: CachedBuilds, version: str,
-               cal: Optional[SegmentCalibration], rows, columns: bool, key: str = "") -> str:
+               cal: Optional[SegmentCalibration], rows, columns: bool, key: str = "") -> Optional[Done]:
     """One try of ``_build_shared`` in one layout (``key``: its cache key, if known)."""
     seg.seq_fallback = ""
     onnx_path = os.path.join(out_dir, "segments", seg.name + ".seq.onnx")
@@ -266,15 +276,17 @@ def _build_seq(ctx: Context, seg: GraphSegment, out_dir: str, builds: CachedBuil
         if done:
             _copy_shared(seg, out_dir, rows, seg.cache_key)
             seg.seq_precision, seg.calib, seg.seq_calib = seg.precision, cal.seq_dataset, cal.seq_dataset
-            return f"{seg.precision} (cos {seg.accuracy['min_cos']:.4f}), {done}"
+            return Done(f"{seg.precision} (cos {seg.accuracy['min_cos']:.4f}), {done}",
+                        done == "cached")
     key = key or _seq_key(ctx, onnx_path, version, rows, columns)
     status, reason = builds.fetch_or_build(
         onnx_path, key, os.path.join(out_dir, "segments", seg.name + ".seq.rknn"), rows, columns)
     if reason:
         seg.seq_fallback = reason
-        return ""
+        return None
     _copy_shared(seg, out_dir, rows, key)
-    return f"fp16 ({seg.precision_note}), {status}" if seg.precision_note else status
+    return Done(f"fp16 ({seg.precision_note}), {status}" if seg.precision_note else status,
+                status == "cached")
 
 
 def _seq_key(ctx: Context, onnx_path: str, version: str, rows, columns: bool) -> str:
