@@ -74,6 +74,23 @@ class Options:
 
 
 @dataclass(eq=False)
+class Variant:
+    """One variant of a ``GraphSegment`` as the passes fill it in: the per-token graph or the
+    T-row one. The compiler turns it into the manifest's ``plan.Build``."""
+
+    model: object = None  # onnx ModelProto, then (once written) the file's path
+    sha256: str = ""  # of the file as it was written ('' if not known)
+    # build: the NPU file (path relative to the artifact)
+    rknn: Optional[str] = None
+    fallback: str = ""  # why it was not built (per token: the segment runs on the CPU; T rows:
+    # its prefill runs token by token)
+    precision: str = "fp16"  # of the build (--quant)
+    calib: str = ""  # its calibration dataset in the artifact (the simulator rebuilds from it)
+    rows: Tuple[int, ...] = ()  # T rows: the row counts built into one .rknn
+    layout: str = ""  # T rows: 'columns', the build takes and gives [C, T] (rwkv2rknn.rknn.columns)
+
+
+@dataclass(eq=False)
 class GraphSegment:
     """One piece of the partitioned graph, filled in pass by pass (a mutable working record).
 
@@ -86,39 +103,27 @@ class GraphSegment:
     """
 
     # partition: where the nodes run and which they are (in graph order)
-    device: str  # "npu" or "cpu"; build may move an NPU segment to "cpu" (see fallback)
+    device: str  # "npu" or "cpu"; build may move an NPU segment to "cpu" (see token.fallback)
     nodes: list = field(default_factory=list)  # onnx_graphsurgeon Nodes, still in ctx.graph
-    # cut: the segment as its own model
+    # cut: the segment as its own model (``token.model``)
     name: str = ""  # e.g. "s003_npu_L0-L1": position, device, stages; names its files
     inputs: List[str] = field(default_factory=list)  # tensors it reads that others make
     outputs: List[str] = field(default_factory=list)  # tensors it makes that others read
-    model: object = None  # onnx ModelProto of one token step
     ops: int = 0
     matmuls: int = 0
     flops: int = 0  # MatMul FLOPs per call
     est_ms: float = 0.0  # estimated ms per call (device profile)
-    # sequence: the T-row (prefill) variant
-    seq_model: object = None  # onnx ModelProto with a symbolic row count, or None: per token
     est_prefill_ms: float = 0.0  # estimated ms per token of prefill
-    # written: SHA-256 of the segment's files as they were written ('' if not known)
-    sha256: str = ""
-    seq_sha256: str = ""
-    # build: the NPU files (paths relative to the artifact)
-    rknn: Optional[str] = None
+    # cut, then build: the per-token graph (``token.model``: an onnx ModelProto of one token step);
+    # sequence, then build: the T-row (prefill) variant (``seq.model``: rows symbolic, or None:
+    # per token only)
+    token: Variant = field(default_factory=Variant)
+    seq: Variant = field(default_factory=Variant)
     cache_key: str = ""  # the build cache entry the .rknn came from
-    fallback: str = ""  # why an NPU candidate runs on the CPU (its build failed)
-    seq_rknn: Optional[str] = None  # the T-row variant's build, one graph per row count
-    seq_rows: Tuple[int, ...] = ()
-    seq_layout: str = ""  # 'columns': the T-row build takes and gives [C, T] (rwkv2rknn.rknn.columns)
-    seq_fallback: str = ""  # why the T-row build failed (prefill then runs token by token)
-    # build with --quant: the precision each build has, and the quantised build's measured accuracy
-    precision: str = "fp16"
-    seq_precision: str = "fp16"
+    # build with --quant: the quantised build's measured accuracy
     accuracy: dict = field(default_factory=dict)  # calibrate.Accuracy.to_dict() on held-out rows
     precision_note: str = ""  # why a segment is fp16 in a quantised compile
-    calib: str = ""  # its calibration dataset in the artifact (the simulator rebuilds from it)
-    seq_calib: str = ""
-    decode_rows: int = 0  # > 0: token steps run the T-row build (rknn == seq_rknn), no per-token one
+    decode_rows: int = 0  # > 0: token steps run the T-row build (token.rknn == seq.rknn), no per-token one
 
     @property
     def stages(self) -> List[str]:

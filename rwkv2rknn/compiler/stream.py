@@ -285,13 +285,13 @@ class _Stream:
         path = os.path.join(folder, seg.name + ".onnx")
         from rwkv2rknn.compiler.embedding import narrow_embedding
         narrow_embedding(self.ctx, seg)
-        seg.sha256 = fileio.save_onnx(seg.model, path)
+        seg.token.sha256 = fileio.save_onnx(seg.token.model, path)
         sequence.run_one(self.ctx, seg, take=True)  # (the variant takes the written model's weights)
-        seg.model = path
-        if seg.seq_model is not None:
-            seg.seq_sha256 = fileio.save_onnx(seg.seq_model, os.path.join(folder, seg.name + ".seq.onnx"),
-                                          keep=False)
-            seg.seq_model = os.path.join(folder, seg.name + ".seq.onnx")
+        seg.token.model = path
+        if seg.seq.model is not None:
+            seq_path = os.path.join(folder, seg.name + ".seq.onnx")
+            seg.seq.sha256 = fileio.save_onnx(seg.seq.model, seq_path, keep=False)
+            seg.seq.model = seq_path
 
     # ------------------------------------------------------------------------ the whole run
 
@@ -333,11 +333,11 @@ class _Stream:
             ctx.note("fp16_guard", f"range trace: {self.traces.hits} of {len(self.stages)} stages from "
                                    f"the cache ({self.traces.cache.folder})")
         ctx.segments = segs
-        npu = sum(s.device == "npu" or bool(s.fallback) for s in segs)  # as partitioned
+        npu = sum(s.device == "npu" or bool(s.token.fallback) for s in segs)  # as partitioned
         ctx.note("partition", f"{len(segs)} segments: {npu} NPU, {len(segs) - npu} CPU (streamed, "
                               f"one stage at a time)")
         ctx.note("cut", f"{len(segs)} segment models cut and written as they were final")
-        seq = sum(s.seq_model is not None for s in segs)
+        seq = sum(s.seq.model is not None for s in segs)
         ctx.note("sequence", f"{seq} segment(s) take T tokens at once; {len(segs) - seq} per token")
 
 
@@ -346,6 +346,6 @@ def compile_stream(passes, folder: str, options: Options, out_dir: str,
                    on_segment: Optional[Callable[[Context, GraphSegment], None]] = None) -> Context:
     """Run the graph passes over a per-layer folder stage by stage, writing each segment's ONNX
     (and T-row variant) into ``out_dir``/segments as soon as it is final. Returns a Context
-    whose segments are written (their ``model`` / ``seq_model`` are the files' paths) and whose
+    whose segments are written (their ``token.model`` / ``seq.model`` are the files' paths) and whose
     ``graph`` is None. ``on_segment(context, segment)`` is called as each segment is written."""
     return _Stream(passes, folder, options, out_dir, on_stage, on_segment).run()

@@ -37,7 +37,7 @@ def test_graph_segment_stages_in_model_order():
     seg = GraphSegment(device="npu", nodes=[head, l10] + list(graph.nodes) + [embed])
     assert seg.stages == ["embed", "L0", "L1", "L10", "head", "graph"]
     assert stages_of([]) == []
-    assert seg.name == "" and seg.rknn is None and seg.seq_rows == ()  # filled in by later passes
+    assert seg.name == "" and seg.token.rknn is None and seg.seq.rows == ()  # filled in by later passes
 
 
 def test_context_reads_its_profile_once_and_fails_on_a_bad_file(tmp_path):

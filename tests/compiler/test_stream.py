@@ -193,7 +193,7 @@ def test_each_segment_is_handed_on_as_soon_as_its_files_are_whole(fp16_dir, tmp_
 
     def on_segment(ctx, seg):
         files = [out / "segments" / (seg.name + ".onnx")]
-        if seg.seq_model is not None:
+        if seg.seq.model is not None:
             files.append(out / "segments" / (seg.name + ".seq.onnx"))
         seen.append((seg.name, seg.device, len(stages), all(f.stat().st_size > 0 for f in files)))
 

@@ -109,7 +109,7 @@ def test_a_cut_that_differs_is_refused_and_names_the_cut(fp32_dir, tmp_path, mon
     def write_wrong(self, seg, sequence):
         if seg.device == "npu" and not spoiled:
             spoiled.append(seg.name)
-            init = next(t for t in seg.model.graph.initializer if len(t.dims) == 2)
+            init = next(t for t in seg.token.model.graph.initializer if len(t.dims) == 2)
             init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * np.float32(1.5),
                                                   init.name))
         return write(self, seg, sequence)

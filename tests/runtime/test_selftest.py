@@ -13,7 +13,7 @@ import os
 import numpy as np
 import pytest
 
-from rwkv2rknn.artifact.plan import Segment
+from rwkv2rknn.artifact.plan import Build, Segment
 from rwkv2rknn.runtime import rknnrt, selftest
 from rwkv2rknn.runtime.hybrid import HybridModel, load_manifest
 
@@ -22,9 +22,9 @@ SHAPES = {"x": (1, W), "s": (W,), "y": (1, W), "s_out": (W,)}
 
 
 def _seg(name="s003_npu_L1"):
-    return Segment(name=name, backend="npu", onnx="", inputs=("x", "s"), outputs=("y", "s_out"),
-                   shapes=SHAPES, stages=("L1",), rknn=f"{name}.rknn", seq_rknn=f"{name}.seq.rknn",
-                   seq_rows=(2, 16))
+    return Segment(name=name, backend="npu", inputs=("x", "s"), outputs=("y", "s_out"),
+                   shapes=SHAPES, stages=("L1",), token=Build(onnx="", rknn=f"{name}.rknn"),
+                   seq=Build(rknn=f"{name}.seq.rknn", rows=(2, 16)))
 
 
 def _golden():
@@ -103,8 +103,8 @@ def test_compare_and_tolerances():
     assert selftest.compare(2 * w, w)[1] == pytest.approx(1.0)
     assert selftest.compare(np.full(8, np.nan), w) == (-1.0, float("inf"))
     assert selftest.compare(w[:4], w) == (-1.0, float("inf"))
-    seg = Segment(name="a", backend="npu", onnx="", inputs=(), outputs=(), shapes={}, stages=("L0",),
-                  precision="w8a8", accuracy={"min_cos": 0.97, "max_rel": 0.2})
+    seg = Segment(name="a", backend="npu", inputs=(), outputs=(), shapes={}, stages=("L0",),
+                  token=Build(onnx="", precision="w8a8"), accuracy={"min_cos": 0.97, "max_rel": 0.2})
     assert selftest.tolerance(seg, "fp16") == (0.999, 0.05)
     assert selftest.tolerance(seg, "w8a8") == (pytest.approx(0.96), pytest.approx(0.4))
 
