@@ -55,6 +55,7 @@ def _from_dict_only_bad_input(d):
     return m
 
 
+@pytest.mark.slow
 @PROPS
 @given(json_like)
 def test_from_dict_of_anything_raises_only_bad_input(d):
@@ -397,6 +398,7 @@ def test_cut_or_flipped_real_onnx_loads_or_is_bad_input(tmp_path, real_onnx, dat
 @FILES
 @given(st.sampled_from(["embed.onnx", "mixing_0.onnx", "mixing_1.onnx", "head.onnx"]),
        st.binary(max_size=1024) | st.sampled_from([b"", b"not onnx\n", b"\x08\x07"]))
+@pytest.mark.slow
 def test_reference_runner_on_random_bytes_is_bad_input(tmp_path_factory, fp32_dir, name, data):
     from rwkv2rknn.runtime.reference import PerLayerModel
     folder = str(tmp_path_factory.mktemp("ref"))

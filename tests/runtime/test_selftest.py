@@ -109,6 +109,7 @@ def test_compare_and_tolerances():
     assert selftest.tolerance(seg, "w8a8") == (pytest.approx(0.96), pytest.approx(0.4))
 
 
+@pytest.mark.slow
 def test_golden_vectors_are_recorded_at_compile_and_pass_on_ort(fp16_artifact, tmp_path):
     m = load_manifest(fp16_artifact)
     with open(os.path.join(fp16_artifact, "manifest.json")) as f:
@@ -145,6 +146,7 @@ def test_the_simulator_passes_every_built_shape(fp16_artifact):
     assert all(c.rel > 0 for c in report.checks)  # fp16 on the simulator, not the fp32 numbers
 
 
+@pytest.mark.slow
 def test_doctor_runs_the_self_test_and_records_it(fp16_artifact, tmp_path):
     import shutil
 
@@ -166,6 +168,7 @@ def test_doctor_runs_the_self_test_and_records_it(fp16_artifact, tmp_path):
     assert r.exit_code == 1 and "FIX  self-test: golden vectors" in r.output and "checksum" in r.output
 
 
+@pytest.mark.slow
 def test_golden_trace_one_segment_at_a_time_is_the_whole_model_trace(fp16_artifact):
     """The compile's segment-major trace gives what running the model token by token gives."""
     from rwkv2rknn.compiler import golden
