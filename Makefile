@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 PROMPT ?= The
 PYTEST_ARGS ?=
 
-.PHONY: install lint imports test test-fast browser-test board-test run bench clean
+.PHONY: install lint imports format test test-fast browser-test board-test run bench clean
 
 install: $(STAMP)
 
@@ -48,6 +48,10 @@ imports: install
 	rm -rf $(IMPORT_VIEW)
 	$(BIN)/python -c '$(COPY_AS_INSTALLED)'
 	cd $(IMPORT_VIEW) && PYTHONPATH=. $(CURDIR)/$(BIN)/lint-imports --no-cache $(CURDIR)/setup.cfg
+
+# Reformat the Python files (ruff format, configured in pyproject.toml).
+format: install
+	$(BIN)/ruff format .
 
 test: install lint
 	TQDM_DISABLE=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -89,7 +89,7 @@ def cut_one(ctx: Context, seg: GraphSegment, index: int, number: int, owner, gra
             del data
     seg.name = f"s{number:0{max(width, 3)}d}_{seg.device}_{_stages_label(nodes)}"
     seg.inputs, seg.outputs = [t.name for t in ins], [t.name for t in outs]
-    seg.model = model
+    seg.token.model = model
     seg.flops, seg.ops = matmul_flops(nodes), len(nodes)
     seg.matmuls = sum(n.op in MATMUL_LIKE for n in nodes)
     seg.est_ms = estimate_ms(seg.device, nodes, ctx.profile, io=len(ins) + len(outs))

@@ -360,4 +360,5 @@ def run(ctx: Context) -> None:
                    + (f" ({pruned} NPU segment(s) too small to pay for a call, moved to the CPU)"
                       if pruned else "")
                    + (" (the head in an NPU segment of its own: prefill needs only the last row's "
-                      "logits)" if split else ""))
+                      "logits)" if split else ""),
+             kind="summary", segments=len(segs), npu=n_npu, cpu=len(segs) - n_npu, pruned=pruned)

@@ -17,7 +17,7 @@ For NPU segments the build pass makes it a ``.seq.rknn`` with one graph per row 
 ``Options.prefill_rows`` (rknn-toolkit2's ``dynamic_input``); the executor pads a chunk to the
 smallest row count that fits.
 
-Precondition: cut has run. Postcondition: eligible segments have ``seq_model`` (ModelProto);
+Precondition: cut has run. Postcondition: eligible segments have ``seq.model`` (ModelProto);
 every segment has ``est_prefill_ms``.
 """
 
@@ -187,12 +187,12 @@ def _take_over(model, variant, weights: set) -> None:
 
 
 def _variant(ctx: Context, seg: GraphSegment, take: bool = False):
-    """The T-row ModelProto of a per-token segment model; ``take``: made of ``seg.model``
+    """The T-row ModelProto of a per-token segment model; ``take``: made of ``seg.token.model``
     itself (its weights moved, not copied; the per-token model is gone)."""
     import onnx_graphsurgeon as gs
 
-    g = gs.import_onnx(seg.model)
-    weights = _stub_weights(seg.model, g) if take else set()
+    g = gs.import_onnx(seg.token.model)
+    weights = _stub_weights(seg.token.model, g) if take else set()
     tensors = g.tensors()
     slots = {s.input: s for s in ctx.state if not s.accumulator}
     _rows_form(g, ctx)
@@ -229,8 +229,8 @@ def _variant(ctx: Context, seg: GraphSegment, take: bool = False):
     del model.graph.value_info[:]
     if not take:
         return model
-    _take_over(seg.model, model, weights)
-    return seg.model
+    _take_over(seg.token.model, model, weights)
+    return seg.token.model
 
 
 def prefill_rows(ctx: Context) -> int:
@@ -257,10 +257,10 @@ def prefill_ms(ctx: Context, seg: GraphSegment, precision: str = "fp16") -> floa
 
 def run_one(ctx: Context, seg: GraphSegment, take: bool = False) -> Optional[str]:
     """Give one cut segment its T-row variant; None if it has one, else why not. ``take``: the
-    variant is made of ``seg.model`` (written already; the caller is done with it)."""
+    variant is made of ``seg.token.model`` (written already; the caller is done with it)."""
     why = _why_not(ctx, seg)
     if why is None:
-        seg.seq_model = _variant(ctx, seg, take)
+        seg.seq.model = _variant(ctx, seg, take)
         seg.est_prefill_ms = prefill_ms(ctx, seg)
     else:
         seg.est_prefill_ms = seg.est_ms  # one call per token

@@ -127,8 +127,13 @@ def run(ctx: Context) -> None:
             kind, reason = "cpu", ctx.forced_cpu[node.name]
         ctx.support[node.name] = (kind, reason)
         counts[kind] += 1
-    ctx.note(NAME, f"{counts['anchor']} MatMuls for the NPU, {counts['flex']} ops that may go "
-                   f"either way, {counts['cpu']} kept on the CPU")
+    ctx.note(NAME, summary(counts), kind="summary", **counts)
+
+
+def summary(counts) -> str:
+    """The support note's line from its counts (``anchor``, ``flex``, ``cpu``)."""
+    return (f"{counts['anchor']} MatMuls for the NPU, {counts['flex']} ops that may go "
+            f"either way, {counts['cpu']} kept on the CPU")
 
 
 def reasons(ctx: Context):

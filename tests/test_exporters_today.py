@@ -67,6 +67,7 @@ def _check(art, backend):
     assert r.exit_code == 0 and "PASS" in r.output, r.output
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", _params())
 @pytest.mark.parametrize("version", ["4", "7"])
 def test_torch_exports_compile_to_the_model_they_are(version, name, models, tmp_path):

@@ -150,6 +150,7 @@ def test_one_file_keeps_v_first_inside_the_graph(one_file):
     assert len([s for s in m.segments if "L0/v_first" in s.inputs]) == 2  # read by L1 and L2
 
 
+@pytest.mark.slow
 def test_one_file_check_passes_against_the_file(one_file):
     r = CliRunner().invoke(cli, ["check", one_file("7")[1], "--backend", "ort", "--tokens", "8"])
     assert r.exit_code == 0, r.output

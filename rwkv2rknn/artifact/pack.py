@@ -31,7 +31,7 @@ def pack(artifact: str, out_dir: str, force: bool = False) -> Dict[str, int]:
     if not m.token_input or not m.logits_output:
         raise BadInput(f"'{artifact}' was compiled from a single ONNX graph, not a whole model",
                        "compile the folder of per-layer files to pack it")
-    no_rknn = [s.name for s in m.segments if s.backend == "npu" and not (s.rknn or s.seq_rknn)]
+    no_rknn = [s.name for s in m.segments if s.backend == "npu" and not (s.token.rknn or s.seq.rknn)]
     if no_rknn:
         raise BadInput(f"'{artifact}' has NPU segments without .rknn ({no_rknn[0]}, ...; compiled "
                        f"with --plan-only)", "compile it without --plan-only, then pack")
@@ -42,11 +42,12 @@ def pack(artifact: str, out_dir: str, force: bool = False) -> Dict[str, int]:
         if s.golden:  # the board's self-test
             files.append((s.golden, s.golden_sha256))
         if s.backend == "npu":
-            files += [(s.rknn, s.rknn_sha256), (s.seq_rknn, s.seq_rknn_sha256)]
-            segments.append(dataclasses.replace(s, onnx="", sha256="", seq_onnx=None, seq_sha256="",
-                                                calib=None, seq_calib=None))  # simulator-only
+            files += [(b.rknn, b.rknn_sha256) for b in (s.token, s.seq)]
+            segments.append(dataclasses.replace(  # the ONNX and datasets are the simulator's
+                s, token=dataclasses.replace(s.token, onnx="", sha256="", calib=None),
+                seq=dataclasses.replace(s.seq, onnx=None, sha256="", calib=None)))
         else:
-            files += [(s.onnx, s.sha256), (s.seq_onnx, s.seq_sha256)]
+            files += [(b.onnx, b.sha256) for b in (s.token, s.seq)]
             segments.append(s)
     _, tok = tokenizer_file(m.tokenizer)
     if tok and not os.path.isabs(tok) and tok.startswith(TOKENIZER_DIR + "/"):

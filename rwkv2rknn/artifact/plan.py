@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Dict, List, Optional, Tuple
 
 from rwkv2rknn.errors import BadInput
@@ -28,53 +28,84 @@ PRECISIONS = ("fp16", "w8a8", "w16a16i")  # of an NPU segment's build (compile -
 
 
 @dataclass(frozen=True)
+class Build:
+    """One variant of a segment: the per-token graph (``Segment.token``) or the T-row (prefill)
+    one (``Segment.seq``, its ``onnx`` None when the segment runs per token only). Its ONNX file,
+    its NPU build and what that build is. Paths are relative to the artifact."""
+
+    onnx: Optional[str] = None
+    sha256: str = ""  # of the ONNX file
+    rknn: Optional[str] = None  # the NPU build; a T-row one holds one graph per count in ``rows``
+    rknn_sha256: str = ""
+    fallback: str = ""  # why it was not built (per token: the segment then runs on the CPU;
+    # T rows: its prefill runs token by token)
+    precision: str = "fp16"  # of the .rknn: fp16, w8a8, w16a16i
+    calib: Optional[str] = None  # calibration dataset the simulator rebuilds a quantised build from
+    rows: Tuple[int, ...] = ()  # T rows: the row counts built
+    layout: str = ""  # T rows: 'columns' (the .seq.rknn takes and gives [C, T], not [T, C] rows)
+
+
+# The manifest's keys of a segment's two builds (its JSON is flat, as format 1 wrote it):
+# the per-token build's plain, the T-row build's with "seq_" before them.
+TOKEN_KEYS = ("onnx", "sha256", "rknn", "rknn_sha256", "fallback", "precision", "calib")
+SEQ_KEYS = TOKEN_KEYS + ("rows", "layout")
+FLAT_KEYS = {**{k: ("token", k) for k in TOKEN_KEYS}, **{"seq_" + k: ("seq", k) for k in SEQ_KEYS}}
+
+
+@dataclass(frozen=True)
 class Segment:
     name: str
     backend: str  # where it runs: "npu" (rknn, or ort standing in) or "cpu" (ort)
-    onnx: str  # path relative to the artifact
     inputs: Tuple[str, ...]
     outputs: Tuple[str, ...]
     shapes: Dict[str, Tuple[int, ...]]  # every input and output
     stages: Tuple[str, ...]  # loader stages it covers: embed, L0, ..., head
+    token: Build  # the per-token graph and its build
+    seq: Build = Build()  # the T-token (prefill) variant, rows symbolic, and its build
     ops: int = 0
     matmuls: int = 0
     flops: int = 0  # MatMul FLOPs per call
-    rknn: Optional[str] = None
-    sha256: str = ""  # of the ONNX file
-    rknn_sha256: str = ""
-    fallback: str = ""  # why an NPU candidate runs on the CPU
     est_ms: float = 0.0  # estimated ms per call from the device profile
     est_prefill_ms: float = 0.0  # estimated ms per token of prefill (T-row calls shared by T tokens)
-    seq_onnx: Optional[str] = None  # T-token (prefill) variant, rows symbolic
-    seq_sha256: str = ""
-    seq_rknn: Optional[str] = None  # its NPU build, one graph per row count in seq_rows
-    seq_rknn_sha256: str = ""
-    seq_rows: Tuple[int, ...] = ()
-    seq_fallback: str = ""  # why the T-row build failed (its prefill then runs token by token)
-    seq_layout: str = ""  # 'columns': the .seq.rknn takes and gives [C, T], not [T, C] rows
-    precision: str = "fp16"  # of the .rknn: fp16, w8a8, w16a16i
-    seq_precision: str = "fp16"
     accuracy: Dict[str, float] = field(default_factory=dict)  # quantised build vs fp32, held-out rows
     precision_note: str = ""  # why it is fp16 in a quantised compile
-    calib: Optional[str] = None  # calibration dataset the simulator rebuilds a quantised build from
-    seq_calib: Optional[str] = None
 
     def precision_label(self) -> str:
         """'fp32' on the CPU; 'w8a8 cos .9972'; 'fp16!' for one kept fp16 in a quantised compile."""
         if self.backend != "npu":
             return "fp32"
-        if self.precision != "fp16" and self.accuracy:
-            return f"{self.precision} cos {float(self.accuracy.get('min_cos', 0)):.4f}"
+        if self.token.precision != "fp16" and self.accuracy:
+            return f"{self.token.precision} cos {float(self.accuracy.get('min_cos', 0)):.4f}"
         return "fp16" + ("!" if self.precision_note else "")
 
-    # > 0: the segment has no per-token .rknn; a token step runs its T-row build (``rknn`` is the
-    # same file as ``seq_rknn``) with this many rows, the token in row 0 and padding after it:
+    # > 0: the segment has no per-token .rknn; a token step runs its T-row build (``token.rknn`` is
+    # the same file as ``seq.rknn``) with this many rows, the token in row 0 and padding after it:
     # one copy of the weights for decode and prefill
     decode_rows: int = 0
     # golden vectors (rwkv2rknn.golden): an .npz of real inputs and their fp32 onnxruntime outputs,
     # for a token step and for a few rows (checked at every built row count), and its checksum
     golden: Optional[str] = None
     golden_sha256: str = ""
+
+    def to_dict(self) -> dict:
+        """The manifest's flat record: the builds' fields under their keys (``FLAT_KEYS``)."""
+        d = asdict(self)
+        builds = {"token": d.pop("token"), "seq": d.pop("seq")}
+        d.update((key, builds[v][k]) for key, (v, k) in FLAT_KEYS.items())
+        return d
+
+
+def _flat_name(key: str, variant: str, name: str) -> property:
+    return property(lambda self: getattr(getattr(self, variant), name),
+                    doc=f"``{variant}.{name}``, read only: the manifest's key '{key}'")
+
+
+# The manifest's flat names, read only, for code that reads a segment by them (the runtime):
+# ``seg.seq_rknn`` is ``seg.seq.rknn``, ``seg.rknn`` is ``seg.token.rknn``.
+for _key, (_variant, _name) in FLAT_KEYS.items():
+    setattr(Segment, _key, _flat_name(_key, _variant, _name))
+# every key of a segment in manifest.json
+SEGMENT_KEYS = frozenset(f.name for f in fields(Segment) if f.name not in ("token", "seq")) | set(FLAT_KEYS)
 
 
 @dataclass(frozen=True)
@@ -112,7 +143,9 @@ class Manifest:
     # ---------------------------------------------------------------- JSON
 
     def to_dict(self) -> dict:
-        return {"format": FORMAT, "format_version": self.format_version, **asdict(self)}
+        d = asdict(self)
+        d["segments"] = tuple(s.to_dict() for s in self.segments)
+        return {"format": FORMAT, "format_version": self.format_version, **d}
 
     @property
     def format_version(self) -> int:
@@ -121,7 +154,7 @@ class Manifest:
         if any(seg.golden for seg in self.segments):
             return 4
         two_d = {s.input for s in self.state if len(s.shape) == 2}
-        return 3 if any(seg.seq_layout == "columns" and two_d.intersection(seg.inputs)
+        return 3 if any(seg.seq.layout == "columns" and two_d.intersection(seg.inputs)
                         for seg in self.segments) else 2
 
     @classmethod
@@ -236,14 +269,14 @@ class Manifest:
 
     def warnings(self) -> List[str]:
         """One line per NPU segment whose T-row build failed: its name and the toolkit's reason."""
-        return [f"{s.name}: its T-row build failed ({s.seq_fallback}); its prefill runs token by "
-                "token" for s in self.segments if s.seq_fallback]
+        return [f"{s.name}: its T-row build failed ({s.seq.fallback}); its prefill runs token by "
+                "token" for s in self.segments if s.seq.fallback]
 
     def table(self) -> str:
         lines = [f"{'segment':<28} {'runs on':<7} {'ops':>5} {'MatMuls':>7} {'MFLOP':>8}  "
                  f"{'precision':<16} stages"]
         for s in self.segments:
-            where = s.backend + ("*" if s.fallback else "") + ("~" if s.seq_fallback else "")
+            where = s.backend + ("*" if s.token.fallback else "") + ("~" if s.seq.fallback else "")
             stages = s.stages[0] if len(s.stages) == 1 else f"{s.stages[0]}..{s.stages[-1]}"
             lines.append(f"{s.name:<28} {where:<7} {s.ops:>5} {s.matmuls:>7} "
                          f"{s.flops / 1e6:>8.2f}  {s.precision_label():<16} {stages}")
@@ -272,12 +305,12 @@ class Manifest:
         if kept:
             lines.append("! kept fp16 in a quantised compile: " + "; ".join(
                 f"{s.name}: {s.precision_note}" for s in kept))
-        if any(s.fallback for s in self.segments):
+        if any(s.token.fallback for s in self.segments):
             lines.append("* NPU candidate that fell back to the CPU: " + "; ".join(
-                f"{s.name}: {s.fallback}" for s in self.segments if s.fallback))
-        if any(s.seq_fallback for s in self.segments):
+                f"{s.name}: {s.token.fallback}" for s in self.segments if s.token.fallback))
+        if any(s.seq.fallback for s in self.segments):
             lines.append("~ T-row build failed, prefill runs token by token: " + "; ".join(
-                f"{s.name}: {s.seq_fallback}" for s in self.segments if s.seq_fallback))
+                f"{s.name}: {s.seq.fallback}" for s in self.segments if s.seq.fallback))
         return "\n".join(lines)
 
 
@@ -311,47 +344,52 @@ def _accuracy(s) -> Dict[str, float]:
     return {str(k): float(x) for k, x in v.items()}
 
 
+def _build(s, prefix: str, **given) -> Build:
+    """One build of a segment from the manifest's keys with ``prefix`` ('' or 'seq_')."""
+    def path(k):
+        v = s.get(prefix + k)
+        return v if isinstance(v, str) else None
+
+    found = dict(onnx=path("onnx"), sha256=str(s.get(prefix + "sha256", "")), rknn=path("rknn"),
+                 rknn_sha256=str(s.get(prefix + "rknn_sha256", "")),
+                 fallback=str(s.get(prefix + "fallback", "")),
+                 precision=str(s.get(prefix + "precision", "fp16")), calib=path("calib"))
+    if prefix:
+        found.update(rows=tuple(int(r) for r in s.get(prefix + "rows", []) or []),
+                     layout=str(s.get(prefix + "layout", "") or ""))
+    found.update(given)
+    return Build(**found)
+
+
 def _segment(s) -> Segment:
     backend = _get(s, "backend", str)
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend '{backend}'")
     shapes = _get(s, "shapes", dict)
     shapes = {str(k): tuple(int(x) for x in v) for k, v in shapes.items()}
-    seg = Segment(name=_get(s, "name", str), backend=backend, onnx=_get(s, "onnx", str),
+    seg = Segment(name=_get(s, "name", str), backend=backend,
                   inputs=_names(s, "inputs"), outputs=_names(s, "outputs"), shapes=shapes,
-                  stages=_names(s, "stages"), ops=int(s.get("ops", 0)), matmuls=int(s.get("matmuls", 0)),
-                  flops=int(s.get("flops", 0)),
-                  rknn=s.get("rknn") if isinstance(s.get("rknn"), str) else None,
-                  sha256=str(s.get("sha256", "")), rknn_sha256=str(s.get("rknn_sha256", "")),
-                  fallback=str(s.get("fallback", "")), est_ms=float(s.get("est_ms", 0.0)),
-                  est_prefill_ms=float(s.get("est_prefill_ms", 0.0)),
-                  seq_onnx=s.get("seq_onnx") if isinstance(s.get("seq_onnx"), str) else None,
-                  seq_sha256=str(s.get("seq_sha256", "")),
-                  seq_rknn=s.get("seq_rknn") if isinstance(s.get("seq_rknn"), str) else None,
-                  seq_rknn_sha256=str(s.get("seq_rknn_sha256", "")),
-                  seq_rows=tuple(int(r) for r in s.get("seq_rows", []) or []),
-                  seq_fallback=str(s.get("seq_fallback", "")),
-                  seq_layout=str(s.get("seq_layout", "") or ""),
-                  precision=str(s.get("precision", "fp16")), seq_precision=str(s.get("seq_precision", "fp16")),
-                  accuracy=_accuracy(s),
+                  stages=_names(s, "stages"), token=_build(s, "", onnx=_get(s, "onnx", str)),
+                  seq=_build(s, "seq_"), ops=int(s.get("ops", 0)), matmuls=int(s.get("matmuls", 0)),
+                  flops=int(s.get("flops", 0)), est_ms=float(s.get("est_ms", 0.0)),
+                  est_prefill_ms=float(s.get("est_prefill_ms", 0.0)), accuracy=_accuracy(s),
                   precision_note=str(s.get("precision_note", "")),
-                  calib=s.get("calib") if isinstance(s.get("calib"), str) else None,
-                  seq_calib=s.get("seq_calib") if isinstance(s.get("seq_calib"), str) else None,
                   decode_rows=int(s.get("decode_rows", 0)),
                   golden=s.get("golden") if isinstance(s.get("golden"), str) else None,
                   golden_sha256=str(s.get("golden_sha256", "")))
     if not seg.stages:
         raise ValueError(f"segment '{seg.name}' covers no stages")
-    if not seg.precision or not seg.seq_precision:
+    token, seq = seg.token, seg.seq
+    if not token.precision or not seq.precision:
         raise ValueError(f"segment '{seg.name}' has an empty precision")
-    if seg.seq_layout not in ("", "columns"):
-        raise ValueError(f"segment '{seg.name}' has an unknown T-row layout '{seg.seq_layout}'")
-    if seg.decode_rows and (seg.decode_rows not in seg.seq_rows or seg.rknn != seg.seq_rknn):
+    if seq.layout not in ("", "columns"):
+        raise ValueError(f"segment '{seg.name}' has an unknown T-row layout '{seq.layout}'")
+    if seg.decode_rows and (seg.decode_rows not in seq.rows or token.rknn != seq.rknn):
         raise ValueError(f"segment '{seg.name}' decodes on a T-row build it does not have")
     if min(seg.ops, seg.matmuls, seg.flops, seg.decode_rows) < 0:
         raise ValueError(f"segment '{seg.name}' has a negative op count")
-    for p in [seg.onnx] + [x for x in (seg.rknn, seg.seq_onnx, seg.seq_rknn, seg.calib, seg.seq_calib,
-                                       seg.golden) if x]:
+    for p in [token.onnx] + [x for x in (token.rknn, seq.onnx, seq.rknn, token.calib, seq.calib,
+                                         seg.golden) if x]:
         if os.path.isabs(p) or ".." in p.replace("\\", "/").split("/"):
             raise ValueError(f"segment file '{p}' is outside the artifact")
     for t in seg.inputs + seg.outputs:

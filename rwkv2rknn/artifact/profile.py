@@ -89,23 +89,27 @@ MiB = 1 << 20
 @dataclass(frozen=True)
 class DeviceProfile:
     name: str = "rk3588-published"
+    # an NPU call: its fixed cost, then each MatMul's weights streamed or its FLOPs computed
     npu_call_ms: float = 0.033
-    npu_gflops: Dict[int, float] = field(default_factory=dict)  # measured, by rows (overrides)
-    cpu_gemv_gbs: float = 25.0
-    cpu_weight_bytes: int = 4
-    handoff_ms: float = 0.03
-    npu_gbs: float = 10.8
-    npu_gbs_all: float = 26.6
+    npu_weight_bytes: int = 2
+    npu_gbs: float = 10.8  # one core
+    npu_gbs_all: float = 26.6  # over npu_cores
     npu_cores: int = 3
     npu_core_gflops: float = 900.0
-    npu_weight_bytes: int = 2
-    npu_multicore_bytes: int = MiB
+    npu_multicore_bytes: int = MiB  # a segment with this many weight bytes runs on every core
+    npu_int8_speedup: float = 2.0  # w8a8 against fp16
+    npu_gflops: Dict[int, float] = field(default_factory=dict)  # measured, by rows (overrides)
+    # a CPU MatMul, and every other op of a CPU segment
+    cpu_weight_bytes: int = 4
+    cpu_gemv_gbs: float = 25.0
     cpu_gflops: float = 40.0
-    dram_gbs: float = 34.0
-    npu_int8_speedup: float = 2.0
     cpu_kernel_ms: float = 0.001
-    cpu_special_flops: float = 20.0
+    cpu_special_flops: float = 20.0  # FLOPs of one exp, sigmoid, tanh, sqrt, division
     npu_kernel_ms: float = 0.01  # every non-MatMul op inside an NPU segment's call
+    # between them
+    handoff_ms: float = 0.03  # one NPU<->CPU switch
+    dram_gbs: float = 34.0  # caps every bandwidth
+    # the executor itself
     exec_call_ms: float = 0.16  # the executor's own cost per segment run from Python
     exec_io_ms: float = 0.005  # ... and per input and output tensor of that run
     exec_token_ms: float = 3.0  # ... and per token beyond its runs

@@ -30,7 +30,7 @@ from rwkv2rknn.rknn import calibrate
 from rwkv2rknn.errors import UsageError
 from rwkv2rknn.compiler.ir import Context, GraphSegment, Options, export
 from rwkv2rknn.passes.sequence import prefill_rows
-from rwkv2rknn.artifact.plan import MANIFEST, PLAN, Manifest, Segment, sha256_file
+from rwkv2rknn.artifact.plan import MANIFEST, PLAN, Build, Manifest, Segment, sha256_file
 from rwkv2rknn.runtime.loader import bundle_tokenizer
 
 log = logging.getLogger(__name__)
@@ -46,28 +46,30 @@ def manifest_segment(ctx: Context, s: GraphSegment, out_dir: str, plan_only: boo
     def rel_sha(rel, written=""):  # a segment ONNX's checksum was taken as it was written
         return (written or sha256_file(os.path.join(out_dir, rel))) if rel else ""
 
-    onnx_rel = f"segments/{s.name}.onnx"
     on_npu = s.device == "npu" and not plan_only
-    rknn_rel, seq_rknn = (s.rknn, s.seq_rknn) if on_npu else (None, None)
-    seq_rel = f"segments/{s.name}.seq.onnx" if s.seq_model is not None else None
+    token, seq = s.token, s.seq
+    rknn_rel = token.rknn if on_npu else None
+    onnx_rel = f"segments/{s.name}.onnx"
+    token_build = Build(onnx=onnx_rel, sha256=rel_sha(onnx_rel, token.sha256), rknn=rknn_rel, rknn_sha256=rel_sha(rknn_rel), fallback=token.fallback,
+                        precision=token.precision if on_npu else "fp16",
+                        calib=token.calib or None if on_npu else None)
+    seq_rel = f"segments/{s.name}.seq.onnx" if seq.model is not None else None
+    seq_rknn = seq.rknn if on_npu else None
+    seq_build = Build(onnx=seq_rel, sha256=rel_sha(seq_rel, seq.sha256), rknn=seq_rknn,
+                      rknn_sha256=rel_sha(seq_rknn), fallback=seq.fallback if on_npu else "",
+                      precision=seq.precision if seq_rknn else "fp16",
+                      calib=seq.calib or None if seq_rknn else None,
+                      rows=tuple(seq.rows) if seq_rknn else (), layout=seq.layout if seq_rknn else "")
     shapes = {}
     for t in s.inputs + s.outputs:
         info = ctx.tensors.get(t)
         shapes[t] = tuple(info.shape) if info else ()
     return Segment(
-        name=s.name, backend=s.device, onnx=onnx_rel, inputs=tuple(s.inputs),
-        outputs=tuple(s.outputs), shapes=shapes, stages=tuple(s.stages), ops=s.ops,
-        matmuls=s.matmuls, flops=s.flops, rknn=rknn_rel, sha256=rel_sha(onnx_rel, s.sha256),
-        rknn_sha256=rel_sha(rknn_rel), fallback=s.fallback, est_ms=round(float(s.est_ms), 6),
-        est_prefill_ms=round(float(s.est_prefill_ms), 6), seq_onnx=seq_rel,
-        seq_sha256=rel_sha(seq_rel, s.seq_sha256), seq_rknn=seq_rknn,
-        seq_rows=tuple(s.seq_rows) if seq_rknn else (), seq_rknn_sha256=rel_sha(seq_rknn),
-        seq_fallback=s.seq_fallback if on_npu else "",
-        seq_layout=s.seq_layout if seq_rknn else "",
-        precision=s.precision if on_npu else "fp16",
-        seq_precision=s.seq_precision if seq_rknn else "fp16",
+        name=s.name, backend=s.device, inputs=tuple(s.inputs), outputs=tuple(s.outputs),
+        shapes=shapes, stages=tuple(s.stages), token=token_build, seq=seq_build, ops=s.ops,
+        matmuls=s.matmuls, flops=s.flops, est_ms=round(float(s.est_ms), 6),
+        est_prefill_ms=round(float(s.est_prefill_ms), 6),
         accuracy=dict(s.accuracy) if on_npu else {}, precision_note=s.precision_note if on_npu else "",
-        calib=s.calib or None if on_npu else None, seq_calib=s.seq_calib or None if seq_rknn else None,
         decode_rows=s.decode_rows if on_npu else 0)
 
 
@@ -149,7 +151,7 @@ def _compile(model_path, out_dir, options, toolkit, calib_ids, force, dump_after
 
     def after(name):
         if on_pass:  # the pass's name and what it reported
-            on_pass(name, [r.split(": ", 1)[1] for r in ctx.report if r.startswith(name + ": ")])
+            on_pass(name, [n.text for n in ctx.said(name)])
         if dump_after == name:
             dumps[name] = export(ctx.graph)
 
@@ -161,9 +163,9 @@ def _compile(model_path, out_dir, options, toolkit, calib_ids, force, dump_after
         os.makedirs(os.path.join(tmp, "segments"))
         for s in ctx.segments:
             narrow_embedding(ctx, s)
-            s.sha256 = fileio.save_onnx(s.model, os.path.join(tmp, "segments", s.name + ".onnx"))
-            if s.seq_model is not None:
-                s.seq_sha256 = fileio.save_onnx(s.seq_model, os.path.join(tmp, "segments", s.name + ".seq.onnx"))
+            s.token.sha256 = fileio.save_onnx(s.token.model, os.path.join(tmp, "segments", s.name + ".onnx"))
+            if s.seq.model is not None:
+                s.seq.sha256 = fileio.save_onnx(s.seq.model, os.path.join(tmp, "segments", s.name + ".seq.onnx"))
         if not options.plan_only:
             calibration = _calibrate(ctx, tmp, toolkit, calib_ids) if calib_ids else None
             build.run(ctx, tmp, progress=progress, calibration=calibration)
@@ -212,7 +214,7 @@ def _compile_stream(model_path, out_dir, options, toolkit, calib_ids, force, pro
             raise
         if on_pass:
             for name in ("partition", "cut", "sequence"):
-                on_pass(name, [r.split(": ", 1)[1] for r in ctx.report if r.startswith(name + ": ")])
+                on_pass(name, [n.text for n in ctx.said(name)])
         if early:
             early[0].finish()
         elif not options.plan_only:
@@ -220,7 +222,7 @@ def _compile_stream(model_path, out_dir, options, toolkit, calib_ids, force, pro
             build.run(ctx, tmp, progress=progress, calibration=calibration)
             calibrate.drop_holdout(tmp)
         if on_pass and not options.plan_only:
-            on_pass(build.NAME, [r.split(": ", 1)[1] for r in ctx.report if r.startswith("build: ")])
+            on_pass(build.NAME, [n.text for n in ctx.said(build.NAME)])
         if one_file is not None:  # the artifact's source is the file (check compares with it)
             ctx.facts = {"dtype": "float16" if one_file.metadata.get("rwkv2rknn.dtype") == "float16"
                          else "float32", "tokenizer": one_file.metadata.get("rwkv2rknn.tokenizer"),
@@ -246,8 +248,7 @@ def _validate(ctx: Context, tmp: str, toolkit: str, options: Options, model_path
     ctx.validation = validate.validate(ctx, tmp, toolkit, options.plan_only, model_path, passes,
                                        make_manifest)
     if on_pass:
-        on_pass(validate.NAME, [r.split(": ", 1)[1] for r in ctx.report
-                                if r.startswith(validate.NAME + ": ")])
+        on_pass(validate.NAME, [n.text for n in ctx.said(validate.NAME)])
 
 
 def _finish(ctx: Context, tmp: str, toolkit: str, options: Options) -> Manifest:
@@ -305,10 +306,10 @@ def plan_report(ctx: Context, manifest: Manifest) -> dict:
             "npu_flop_share": manifest.npu_flop_share(),
             "boundaries_per_token": manifest.boundaries(),
             "segments": [{"name": s.name, "backend": s.backend, "ops": s.ops, "matmuls": s.matmuls,
-                          "flops": s.flops, "stages": list(s.stages), "fallback": s.fallback,
+                          "flops": s.flops, "stages": list(s.stages), "fallback": s.token.fallback,
                           "precision": s.precision_label(), "accuracy": dict(s.accuracy),
                           "precision_note": s.precision_note,
-                          "cpu_reasons": segment_reasons(ctx, nodes.get(s.name, ()), s.fallback)
+                          "cpu_reasons": segment_reasons(ctx, nodes.get(s.name, ()), s.token.fallback)
                           if s.backend == "cpu" else {}}
                          for s in manifest.segments],
             "cpu_reasons": reasons(ctx),

@@ -75,10 +75,10 @@ def compact(model, int8: bool = False) -> int:
 def narrow_embedding(ctx: Context, seg: GraphSegment) -> None:
     """A built compile's CPU segments keep their token table in fp16 where its values are fp16
     (int8 with per-row scales under --quant w8a8), widened per token (``compact``)."""
-    if ctx.options.plan_only or seg.device != "cpu" or seg.model is None:
+    if ctx.options.plan_only or seg.device != "cpu" or seg.token.model is None:
         return
     int8 = ctx.options.quant == "w8a8"
-    saved = sum(compact(m, int8) for m in (seg.model, seg.seq_model) if m is not None and
+    saved = sum(compact(m, int8) for m in (seg.token.model, seg.seq.model) if m is not None and
                 not isinstance(m, str))
     if saved:
         ctx.note("cut", f"{seg.name}: token table stored as {'int8 with per-row scales' if int8 else 'fp16'}, "

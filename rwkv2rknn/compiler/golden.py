@@ -69,7 +69,7 @@ def trace(artifact: str, manifest: Manifest, ids: Sequence[int]):
     envs = [{manifest.token_input: np.array([t], np.int32)} for t in ids]
     rows = {}
     for seg in manifest.segments:
-        runner = OrtRunner(os.path.join(artifact, seg.onnx), seg.name, 1 if not seg.matmuls else 0)
+        runner = OrtRunner(os.path.join(artifact, seg.token.onnx), seg.name, 1 if not seg.matmuls else 0)
         r = rows[seg.name] = Rows(seg.name, list(seg.inputs), list(seg.outputs), dict(seg.shapes))
         try:
             for t, env in enumerate(envs):
@@ -99,7 +99,7 @@ def trace(artifact: str, manifest: Manifest, ids: Sequence[int]):
 def record(artifact: str, manifest: Manifest, ids: Sequence[int]) -> Manifest:
     """Write every NPU segment's golden vectors under ``artifact``/golden/ (its manifest is
     written); returns the manifest that records them."""
-    segs = [s for s in manifest.segments if s.backend == "npu" and (s.rknn or s.seq_rknn)]
+    segs = [s for s in manifest.segments if s.backend == "npu" and (s.token.rknn or s.seq.rknn)]
     if not segs:
         return manifest
     traced = trace(artifact, manifest, ids)
@@ -113,12 +113,12 @@ def record(artifact: str, manifest: Manifest, ids: Sequence[int]) -> Manifest:
     for seg in segs:
         r = traced[seg.name]
         data = {}
-        if seg.rknn:
+        if seg.token.rknn:
             for i, k in enumerate(seg.inputs):
                 data[f"token_in_{i}"] = r.feeds[-1][k]
             for j, k in enumerate(seg.outputs):
                 data[f"token_out_{j}"] = r.results[-1][k]
-        if seg.seq_rknn and seg.seq_rows:
+        if seg.seq.rknn and seg.seq.rows:
             first = len(r.feeds) - min(ROWS, len(r.feeds))
             for i, k in enumerate(seg.inputs):
                 if k in slots:  # the state before the chunk, in the slot's own shape

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -27,6 +27,24 @@ class TensorInfo:
     shape: Tuple[int, ...]
     dtype: str
     absmax: float
+
+
+@dataclass(frozen=True)
+class Note:
+    """One thing a pass says about the compile: the pass, what kind of note it is, the figures
+    code reads from it (``counts``) and the segment it is about, if one. ``line`` is what a
+    person reads (the manifest's ``report``, the plan, the CLI); code reads the fields, never
+    the words."""
+
+    pass_name: str
+    text: str  # the message, rendered by the pass from the fields below where it has them
+    kind: str = ""  # e.g. "summary"; '' for a plain remark
+    counts: Mapping[str, int] = field(default_factory=dict)
+    segment: str = ""
+
+    @property
+    def line(self) -> str:
+        return f"{self.pass_name}: {self.text}"
 
 
 @dataclass
@@ -56,6 +74,23 @@ class Options:
 
 
 @dataclass(eq=False)
+class Variant:
+    """One variant of a ``GraphSegment`` as the passes fill it in: the per-token graph or the
+    T-row one. The compiler turns it into the manifest's ``plan.Build``."""
+
+    model: object = None  # onnx ModelProto, then (once written) the file's path
+    sha256: str = ""  # of the file as it was written ('' if not known)
+    # build: the NPU file (path relative to the artifact)
+    rknn: Optional[str] = None
+    fallback: str = ""  # why it was not built (per token: the segment runs on the CPU; T rows:
+    # its prefill runs token by token)
+    precision: str = "fp16"  # of the build (--quant)
+    calib: str = ""  # its calibration dataset in the artifact (the simulator rebuilds from it)
+    rows: Tuple[int, ...] = ()  # T rows: the row counts built into one .rknn
+    layout: str = ""  # T rows: 'columns', the build takes and gives [C, T] (rwkv2rknn.rknn.columns)
+
+
+@dataclass(eq=False)
 class GraphSegment:
     """One piece of the partitioned graph, filled in pass by pass (a mutable working record).
 
@@ -68,39 +103,27 @@ class GraphSegment:
     """
 
     # partition: where the nodes run and which they are (in graph order)
-    device: str  # "npu" or "cpu"; build may move an NPU segment to "cpu" (see fallback)
+    device: str  # "npu" or "cpu"; build may move an NPU segment to "cpu" (see token.fallback)
     nodes: list = field(default_factory=list)  # onnx_graphsurgeon Nodes, still in ctx.graph
-    # cut: the segment as its own model
+    # cut: the segment as its own model (``token.model``)
     name: str = ""  # e.g. "s003_npu_L0-L1": position, device, stages; names its files
     inputs: List[str] = field(default_factory=list)  # tensors it reads that others make
     outputs: List[str] = field(default_factory=list)  # tensors it makes that others read
-    model: object = None  # onnx ModelProto of one token step
     ops: int = 0
     matmuls: int = 0
     flops: int = 0  # MatMul FLOPs per call
     est_ms: float = 0.0  # estimated ms per call (device profile)
-    # sequence: the T-row (prefill) variant
-    seq_model: object = None  # onnx ModelProto with a symbolic row count, or None: per token
     est_prefill_ms: float = 0.0  # estimated ms per token of prefill
-    # written: SHA-256 of the segment's files as they were written ('' if not known)
-    sha256: str = ""
-    seq_sha256: str = ""
-    # build: the NPU files (paths relative to the artifact)
-    rknn: Optional[str] = None
+    # cut, then build: the per-token graph (``token.model``: an onnx ModelProto of one token step);
+    # sequence, then build: the T-row (prefill) variant (``seq.model``: rows symbolic, or None:
+    # per token only)
+    token: Variant = field(default_factory=Variant)
+    seq: Variant = field(default_factory=Variant)
     cache_key: str = ""  # the build cache entry the .rknn came from
-    fallback: str = ""  # why an NPU candidate runs on the CPU (its build failed)
-    seq_rknn: Optional[str] = None  # the T-row variant's build, one graph per row count
-    seq_rows: Tuple[int, ...] = ()
-    seq_layout: str = ""  # 'columns': the T-row build takes and gives [C, T] (rwkv2rknn.rknn.columns)
-    seq_fallback: str = ""  # why the T-row build failed (prefill then runs token by token)
-    # build with --quant: the precision each build has, and the quantised build's measured accuracy
-    precision: str = "fp16"
-    seq_precision: str = "fp16"
+    # build with --quant: the quantised build's measured accuracy
     accuracy: dict = field(default_factory=dict)  # calibrate.Accuracy.to_dict() on held-out rows
     precision_note: str = ""  # why a segment is fp16 in a quantised compile
-    calib: str = ""  # its calibration dataset in the artifact (the simulator rebuilds from it)
-    seq_calib: str = ""
-    decode_rows: int = 0  # > 0: token steps run the T-row build (rknn == seq_rknn), no per-token one
+    decode_rows: int = 0  # > 0: token steps run the T-row build (token.rknn == seq.rknn), no per-token one
 
     @property
     def stages(self) -> List[str]:
@@ -114,7 +137,7 @@ class Context:
     names; ``state`` unpacks ``whole_state`` into ``state`` rows; ``fp16_guard`` fills
     ``tensors`` and ``forced_cpu``; ``support`` fills ``support``; ``partition`` fills
     ``node_device`` and ``segments``, which cut, sequence and build fill in further. Every pass
-    adds lines to ``report``."""
+    adds ``Note`` s to ``notes`` (``report``: their lines)."""
 
     graph: object  # onnx_graphsurgeon.Graph
     source: str = ""
@@ -133,7 +156,7 @@ class Context:
     forced_cpu: Dict[str, str] = field(default_factory=dict)  # node -> reason (range guard)
     node_device: Dict[str, str] = field(default_factory=dict)  # node -> "npu"/"cpu" (partition)
     segments: List[GraphSegment] = field(default_factory=list)  # partition, cut, sequence, build
-    report: List[str] = field(default_factory=list)
+    notes: List[Note] = field(default_factory=list)
     layout: str = ""  # the file layout the loader or recognize found (said in the plan)
     # what a single source file says about itself (dtype, tokenizer, its state pairs), for the manifest
     facts: Dict[str, object] = field(default_factory=dict)
@@ -151,10 +174,26 @@ class Context:
             self._profile = load_profile(self.options.profile)
         return self._profile
 
-    def note(self, pass_name: str, message: str) -> None:
-        line = f"{pass_name}: {message}"
-        self.report.append(line)
-        log.info(line)
+    @property
+    def report(self) -> List[str]:
+        """The notes as the lines a person reads ('pass: message'), in order."""
+        return [n.line for n in self.notes]
+
+    def note(self, pass_name: str, message: str, kind: str = "", segment: str = "",
+             **counts: int) -> Note:
+        """Record what ``pass_name`` says: ``message`` for people, ``kind``, ``segment`` and
+        ``counts`` for code."""
+        n = Note(pass_name, message, kind, dict(counts), segment)
+        self.add_note(n)
+        return n
+
+    def add_note(self, note: Note) -> None:
+        self.notes.append(note)
+        log.info(note.line)
+
+    def said(self, pass_name: str, kind: Optional[str] = None) -> List[Note]:
+        """The notes of one pass (of one ``kind`` if given), in order."""
+        return [n for n in self.notes if n.pass_name == pass_name and kind in (None, n.kind)]
 
 
 # --------------------------------------------------------------------------------------------

@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import time
+from dataclasses import replace
 from types import SimpleNamespace
 from typing import Callable, List, Optional
 
@@ -86,7 +86,7 @@ class _Stream:
         self.carried_values: dict = {}
         self.written: List[GraphSegment] = []
         self.traces = tracecache.open_cache(os.path.join(fileio.cache_root(options.cache_dir), "trace"))
-        self.notes: dict = {}
+        self.notes: dict = {}  # pass name -> its notes from each stage and window
         self.levels: dict = {}  # tensor a written segment made -> its producer's depth
         self.depth: dict = {}  # node name -> depth in the model (the window's last sort)
 
@@ -171,9 +171,8 @@ class _Stream:
         ctx.tensors.update(sctx.tensors)
         ctx.support.update(sctx.support)
         ctx.forced_cpu.update(sctx.forced_cpu)
-        for line in sctx.report:
-            name, _, msg = line.partition(": ")
-            self.notes.setdefault(name, []).append(f"{stage}: {msg}")
+        for n in sctx.notes:
+            self.notes.setdefault(n.pass_name, []).append(replace(n, text=f"{stage}: {n.text}"))
         inter = {t.name for t in made.values()}
         self.outputs |= {t.name for t in g.outputs[1:] if t.name not in inter} | \
             ({"logits"} if stage == "head" else set())
@@ -207,10 +206,10 @@ class _Stream:
                        support=ctx.support, token_input=ctx.token_input)
         wctx._profile = ctx.profile
         p.partition.run(wctx)
-        for line in wctx.report:  # what pruning moved to the CPU, window by window
-            name, _, msg = line.partition(": ")
-            if "moved to the CPU" in msg:
-                self.notes.setdefault(name, []).append(f"window up to {newest}: {msg}")
+        for n in wctx.notes:  # what pruning moved to the CPU, window by window
+            if n.counts.get("pruned"):
+                self.notes.setdefault(n.pass_name, []).append(
+                    replace(n, text=f"window up to {newest}: {n.text}"))
         segs = wctx.segments
         final = len(segs) if last else next(
             (k for k, s in enumerate(segs) if any(n.name.startswith(newest + "/") for n in s.nodes)),
@@ -288,13 +287,13 @@ class _Stream:
         path = os.path.join(folder, seg.name + ".onnx")
         from rwkv2rknn.compiler.embedding import narrow_embedding
         narrow_embedding(self.ctx, seg)
-        seg.sha256 = fileio.save_onnx(seg.model, path)
+        seg.token.sha256 = fileio.save_onnx(seg.token.model, path)
         sequence.run_one(self.ctx, seg, take=True)  # (the variant takes the written model's weights)
-        seg.model = path
-        if seg.seq_model is not None:
-            seg.seq_sha256 = fileio.save_onnx(seg.seq_model, os.path.join(folder, seg.name + ".seq.onnx"),
-                                          keep=False)
-            seg.seq_model = os.path.join(folder, seg.name + ".seq.onnx")
+        seg.token.model = path
+        if seg.seq.model is not None:
+            seq_path = os.path.join(folder, seg.name + ".seq.onnx")
+            seg.seq.sha256 = fileio.save_onnx(seg.seq.model, seq_path, keep=False)
+            seg.seq.model = seq_path
 
     # ------------------------------------------------------------------------ the whole run
 
@@ -325,24 +324,22 @@ class _Stream:
                          f"{d.BLOCK_FILE.format(0)}..{d.BLOCK_FILE.format(layers - 1)}, "
                          f"{d.HEAD_FILE}): {layers} layers, width {ctx.shape['width']}, vocab "
                          f"{ctx.shape['vocab']}; streamed one stage at a time")
-        for name, lines in self.notes.items():  # every stage's note, pass by pass
-            for line in lines:
-                ctx.note(name, line)
-        counts = [[int(x) for x in re.findall(r"\d+", line.split(": ", 1)[1])]
-                  for line in self.notes.get("support", [])]
-        if counts and all(len(c) == 3 for c in counts):  # the whole model's line, as one graph's
-            a, f, c = (sum(col) for col in zip(*counts))
-            ctx.note("support", f"{a} MatMuls for the NPU, {f} ops that may go either way, "
-                                f"{c} kept on the CPU")
+        for notes in self.notes.values():  # every stage's note, pass by pass
+            for n in notes:
+                ctx.add_note(n)
+        counts = [n.counts for n in self.notes.get("support", []) if n.kind == "summary"]
+        if counts:  # the whole model's line, as one graph's
+            total = {k: sum(c[k] for c in counts) for k in counts[0]}
+            ctx.note("support", self.p.support.summary(total), kind="summary", **total)
         if self.traces is not None:
             ctx.note("fp16_guard", f"range trace: {self.traces.hits} of {len(self.stages)} stages from "
                                    f"the cache ({self.traces.cache.folder})")
         ctx.segments = segs
-        npu = sum(s.device == "npu" or bool(s.fallback) for s in segs)  # as partitioned
+        npu = sum(s.device == "npu" or bool(s.token.fallback) for s in segs)  # as partitioned
         ctx.note("partition", f"{len(segs)} segments: {npu} NPU, {len(segs) - npu} CPU (streamed, "
                               f"one stage at a time)")
         ctx.note("cut", f"{len(segs)} segment models cut and written as they were final")
-        seq = sum(s.seq_model is not None for s in segs)
+        seq = sum(s.seq.model is not None for s in segs)
         ctx.note("sequence", f"{seq} segment(s) take T tokens at once; {len(segs) - seq} per token")
 
 
@@ -351,6 +348,6 @@ def compile_stream(passes, folder: str, options: Options, out_dir: str,
                    on_segment: Optional[Callable[[Context, GraphSegment], None]] = None) -> Context:
     """Run the graph passes over a per-layer folder stage by stage, writing each segment's ONNX
     (and T-row variant) into ``out_dir``/segments as soon as it is final. Returns a Context
-    whose segments are written (their ``model`` / ``seq_model`` are the files' paths) and whose
+    whose segments are written (their ``token.model`` / ``seq.model`` are the files' paths) and whose
     ``graph`` is None. ``on_segment(context, segment)`` is called as each segment is written."""
     return _Stream(passes, folder, options, out_dir, on_stage, on_segment).run()

@@ -138,7 +138,7 @@ def _validate_graph(ctx: Context, tmp: str, manifest, tol, t0: float) -> dict:
     want = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feed)))
     del sess
     for seg in manifest.segments:
-        runner = OrtRunner(os.path.join(tmp, seg.onnx), seg.name)
+        runner = OrtRunner(os.path.join(tmp, seg.token.onnx), seg.name)
         try:
             ins = {}
             for k in seg.inputs:
@@ -222,13 +222,13 @@ def _lazy_hybrid(artifact: str):
 
     class Lazy(HybridModel):
         def _runner(self, seg):
-            path = os.path.join(artifact, seg.onnx)
+            path = os.path.join(artifact, seg.token.onnx)
             return _Lazy(lambda: OrtRunner(path, seg.name, prepack=False), pool, seg.name)
 
         def _seq_runner(self, seg):
-            if not seg.seq_onnx:
+            if not seg.seq.onnx:
                 return None
-            path = os.path.join(artifact, seg.seq_onnx)
+            path = os.path.join(artifact, seg.seq.onnx)
             return _Lazy(lambda: OrtRunner(path, seg.name + ".seq", prepack=False), pool,
                          seg.name + ".seq")
 

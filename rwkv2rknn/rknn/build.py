@@ -31,15 +31,15 @@ to the CPU and says so, a failed T-row build leaves its prefill token by token a
 ``--strict`` either is an error.
 
 Precondition: cut (and sequence) have run and the segment ONNX files are written in
-``OUT_DIR/segments``. Postcondition: NPU segments have ``rknn`` (and ``seq_rknn``), or moved
-to the CPU with a ``fallback`` reason.
+``OUT_DIR/segments``. Postcondition: NPU segments have ``token.rknn`` (and ``seq.rknn``), or moved
+to the CPU with a ``token.fallback`` reason.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, NamedTuple, Optional
 
 import numpy as np
 
@@ -109,7 +109,7 @@ class Builds:
 
     def _bytes(self, seg: GraphSegment) -> int:
         folder = os.path.join(self.out_dir, "segments")
-        names = [seg.name + ".onnx"] + ([seg.name + ".seq.onnx"] if seg.seq_model is not None else [])
+        names = [seg.name + ".onnx"] + ([seg.name + ".seq.onnx"] if seg.seq.model is not None else [])
         return max(os.path.getsize(os.path.join(folder, n)) for n in names)
 
     def _one(self, seg: GraphSegment):
@@ -142,26 +142,28 @@ class Builds:
         self.builds.close()
         ctx, opts, todo, counts = self.ctx, self.ctx.options, self.todo, self.counts
         for seg in todo:
-            if seg.fallback:
-                ctx.note(NAME, f"{seg.name}: build failed ({seg.fallback}); runs on the CPU")
+            if seg.token.fallback:
+                ctx.note(NAME, f"{seg.name}: build failed ({seg.token.fallback}); runs on the CPU",
+                         kind="fallback", segment=seg.name)
         ctx.note(NAME, f"{counts['built']} built, {counts['cached']} from the cache "
                        f"({self.builds.cache.folder}), {counts['failed']} fell back to the CPU "
                        f"[rknn-toolkit2 {self.version}, target {opts.target}, "
-                       f"{min(self.queue.jobs, max(len(todo), 1))} build(s) at a time]")
+                       f"{min(self.queue.jobs, max(len(todo), 1))} build(s) at a time]",
+                 kind="summary", **counts)
         if self.calibration:
             kept = [f"{s.name} ({s.precision_note})" for s in todo if s.precision_note]
-            n_q = sum(s.precision == opts.quant for s in todo)
+            n_q = sum(s.token.precision == opts.quant for s in todo)
             ctx.note(NAME, f"{n_q} of {len(todo)} NPU segment(s) {opts.quant} (min cosine >= "
                            f"{opts.quant_min_cos:g} on held-out rows)" +
                            (f"; kept fp16: {'; '.join(kept)}" if kept else ""))
         from rwkv2rknn.passes.sequence import logits_only  # here: rwkv2rknn.passes imports this module
         for s in todo:
-            if s.seq_model is not None and logits_only(ctx, s) and not s.fallback:
+            if s.seq.model is not None and logits_only(ctx, s) and not s.token.fallback:
                 ctx.note(NAME, f"{s.name}: built for one row only (token steps; a prompt needs "
-                               "the logits of its last row)")
-            if s.seq_fallback:
-                ctx.note(NAME, f"{s.name}: T-row build failed ({s.seq_fallback}); its prefill runs "
-                               "token by token")
+                               "the logits of its last row)", segment=s.name)
+            if s.seq.fallback:
+                ctx.note(NAME, f"{s.name}: T-row build failed ({s.seq.fallback}); its prefill runs "
+                               "token by token", kind="seq_fallback", segment=s.name)
 
 
 def run(ctx: Context, out_dir: str,
@@ -188,14 +190,14 @@ def _one(ctx: Context, seg: GraphSegment, out_dir: str, builds: CachedBuilds, ve
     """Build one NPU segment: (progress status, 'built' / 'cached' / 'failed')."""
     from rwkv2rknn.passes.sequence import logits_only
     opts = ctx.options
-    if seg.seq_model is not None and opts.prefill_rows and not logits_only(ctx, seg):
-        status = _build_shared(ctx, seg, out_dir, builds, version, cal)
-        if status:  # one build serves decode and prefill
+    if seg.seq.model is not None and opts.prefill_rows and not logits_only(ctx, seg):
+        done = _build_shared(ctx, seg, out_dir, builds, version, cal)
+        if done:  # one build serves decode and prefill
             _estimate(ctx, seg)
-            return status + " (decode and T rows)", "cached" if status.endswith("cached") else "built"
+            return done.label + " (decode and T rows)", "cached" if done.cached else "built"
         if opts.strict:
             raise ToolkitError(f"the T-row (prefill) build of segment {seg.name} failed: "
-                               f"{seg.seq_fallback}", "drop --strict (its prefill then runs token by "
+                               f"{seg.seq.fallback}", "drop --strict (its prefill then runs token by "
                                "token), or use --prefill-rows none")
     onnx_path = os.path.join(out_dir, "segments", seg.name + ".onnx")
     dest = os.path.join(out_dir, "segments", seg.name + ".rknn")
@@ -204,7 +206,7 @@ def _one(ctx: Context, seg: GraphSegment, out_dir: str, builds: CachedBuilds, ve
         done = _quantised(ctx, seg, onnx_path, (), cal.dataset, cal, builds, version, out_dir, dest)
     if done:
         key, cached = seg.cache_key, done == "cached"
-        status = f"{seg.precision} (cos {seg.accuracy['min_cos']:.4f}), {done}"
+        status = f"{seg.token.precision} (cos {seg.accuracy['min_cos']:.4f}), {done}"
     else:
         key = file_key(onnx_path, opts.target, version)
         status, reason = builds.fetch_or_build(onnx_path, key, dest)
@@ -212,25 +214,33 @@ def _one(ctx: Context, seg: GraphSegment, out_dir: str, builds: CachedBuilds, ve
             if opts.strict:
                 raise ToolkitError(f"building segment {seg.name} failed: {reason}",
                                    "drop --strict to let it fall back to the CPU")
-            seg.device, seg.fallback = "cpu", reason
+            seg.device, seg.token.fallback = "cpu", reason
             return "failed, CPU fallback", "failed"
         cached = status == "cached"
-    if seg.precision_note and seg.precision == "fp16":
+    if seg.precision_note and seg.token.precision == "fp16":
         status = f"fp16 ({seg.precision_note}), {status}"
-    seg.rknn = f"segments/{seg.name}.rknn"
+    seg.token.rknn = f"segments/{seg.name}.rknn"
     seg.cache_key = key
     _estimate(ctx, seg)
-    return status + (", T-rows failed" if seg.seq_fallback else ""), "cached" if cached else "built"
+    return status + (", T-rows failed" if seg.seq.fallback else ""), "cached" if cached else "built"
+
+
+class Done(NamedTuple):
+    """A build that worked: its progress label ('fp16 (...), built') and whether its .rknn came
+    from the cache."""
+
+    label: str
+    cached: bool
 
 
 def _build_shared(ctx: Context, seg: GraphSegment, out_dir: str, builds: CachedBuilds, version: str,
-                  cal: Optional[SegmentCalibration] = None) -> str:
+                  cal: Optional[SegmentCalibration] = None) -> Optional[Done]:
     """The T-row variant of an NPU segment built for DECODE_ROWS and the prefill row counts: one
     .rknn, weights once, serving token steps (the token in row 0, padding after it) and prefill;
     quantised when ``cal`` has T-row samples and the build is accurate enough. Built in columns
     (``rwkv2rknn.rknn.columns``: no Transposes on the NPU) where the segment has that form, else as rows.
-    Returns 'built' or 'cached' (after the precision), or '' when the build failed
-    (``seg.seq_fallback`` says why; the caller then builds the per-token graph alone and prefill
+    Returns what it did, or None when the build failed
+    (``seg.seq.fallback`` says why; the caller then builds the per-token graph alone and prefill
     runs token by token)."""
     rows = tuple(sorted({DECODE_ROWS, *ctx.options.prefill_rows}))
     onnx_path = os.path.join(out_dir, "segments", seg.name + ".seq.onnx")
@@ -242,39 +252,41 @@ def _build_shared(ctx: Context, seg: GraphSegment, out_dir: str, builds: CachedB
         os.path.isfile(builds.cache.entry(key))
     why_not = "" if cached else fits(onnx_path)
     if why_not:
-        ctx.note(NAME, f"{seg.name}: T-row build as rows, not columns ({why_not})")
+        ctx.note(NAME, f"{seg.name}: T-row build as rows, not columns ({why_not})", segment=seg.name)
     for columns in ((True, False) if not why_not else (False,)):
-        status = _build_seq(ctx, seg, out_dir, builds, version, cal, rows, columns,
-                            key if columns else "")
-        if status:
-            seg.seq_layout = "columns" if columns else ""
-            return status
+        done = _build_seq(ctx, seg, out_dir, builds, version, cal, rows, columns,
+                          key if columns else "")
+        if done:
+            seg.seq.layout = "columns" if columns else ""
+            return done
         if columns:
-            ctx.note(NAME, f"{seg.name}: T-row build in columns failed ({seg.seq_fallback}); "
-                           "building it as rows")
-    return ""
+            ctx.note(NAME, f"{seg.name}: T-row build in columns failed ({seg.seq.fallback}); "
+                           "building it as rows", segment=seg.name)
+    return None
 
 
 def _build_seq(ctx: Context, seg: GraphSegment, out_dir: str, builds: CachedBuilds, version: str,
-               cal: Optional[SegmentCalibration], rows, columns: bool, key: str = "") -> str:
+               cal: Optional[SegmentCalibration], rows, columns: bool, key: str = "") -> Optional[Done]:
     """One try of ``_build_shared`` in one layout (``key``: its cache key, if known)."""
-    seg.seq_fallback = ""
+    seg.seq.fallback = ""
     onnx_path = os.path.join(out_dir, "segments", seg.name + ".seq.onnx")
     if cal and cal.seq_dataset:
         done = _quantised(ctx, seg, onnx_path, rows, cal.seq_dataset, cal, builds, version, out_dir,
                           os.path.join(out_dir, "segments", seg.name + ".seq.rknn"), columns)
         if done:
             _copy_shared(seg, out_dir, rows, seg.cache_key)
-            seg.seq_precision, seg.calib, seg.seq_calib = seg.precision, cal.seq_dataset, cal.seq_dataset
-            return f"{seg.precision} (cos {seg.accuracy['min_cos']:.4f}), {done}"
+            seg.seq.precision, seg.token.calib, seg.seq.calib = seg.token.precision, cal.seq_dataset, cal.seq_dataset
+            return Done(f"{seg.token.precision} (cos {seg.accuracy['min_cos']:.4f}), {done}",
+                        done == "cached")
     key = key or _seq_key(ctx, onnx_path, version, rows, columns)
     status, reason = builds.fetch_or_build(
         onnx_path, key, os.path.join(out_dir, "segments", seg.name + ".seq.rknn"), rows, columns)
     if reason:
-        seg.seq_fallback = reason
-        return ""
+        seg.seq.fallback = reason
+        return None
     _copy_shared(seg, out_dir, rows, key)
-    return f"fp16 ({seg.precision_note}), {status}" if seg.precision_note else status
+    return Done(f"fp16 ({seg.precision_note}), {status}" if seg.precision_note else status,
+                status == "cached")
 
 
 def _seq_key(ctx: Context, onnx_path: str, version: str, rows, columns: bool) -> str:
@@ -285,8 +297,8 @@ def _seq_key(ctx: Context, onnx_path: str, version: str, rows, columns: bool) ->
 
 def _copy_shared(seg: GraphSegment, out_dir: str, rows, key: str) -> None:
     """Record the shared build (already copied into the artifact)."""
-    seg.seq_rknn = seg.rknn = f"segments/{seg.name}.seq.rknn"
-    seg.seq_rows, seg.decode_rows, seg.cache_key = rows, DECODE_ROWS, key
+    seg.seq.rknn = seg.token.rknn = f"segments/{seg.name}.seq.rknn"
+    seg.seq.rows, seg.decode_rows, seg.cache_key = rows, DECODE_ROWS, key
 
 
 def _quant_variant(precision: str, digest: str, columns: bool = False) -> str:
@@ -321,7 +333,7 @@ def _quantised(ctx: Context, seg: GraphSegment, onnx_path: str, rows, dataset: s
                                   dest, columns)
     if not status:
         return ""
-    seg.precision, seg.calib, seg.cache_key, seg.precision_note = opts.quant, dataset, key, ""
+    seg.token.precision, seg.token.calib, seg.cache_key, seg.precision_note = opts.quant, dataset, key, ""
     return status
 
 
@@ -392,11 +404,11 @@ def _estimate(ctx: Context, seg: GraphSegment) -> None:
     """The segment's estimated ms per call and per prefill token at the precision it was built."""
     from rwkv2rknn.passes.partition import estimate_ms
     from rwkv2rknn.passes.sequence import logits_only, prefill_ms
-    if seg.precision == "fp16" and seg.seq_precision == "fp16":
+    if seg.token.precision == "fp16" and seg.seq.precision == "fp16":
         return
-    seg.est_ms = estimate_ms("npu", seg.nodes, ctx.profile, precision=seg.precision)
-    if seg.seq_model is not None:
-        seg.est_prefill_ms = prefill_ms(ctx, seg, seg.precision if logits_only(ctx, seg)
-                                        else seg.seq_precision)
+    seg.est_ms = estimate_ms("npu", seg.nodes, ctx.profile, precision=seg.token.precision)
+    if seg.seq.model is not None:
+        seg.est_prefill_ms = prefill_ms(ctx, seg, seg.token.precision if logits_only(ctx, seg)
+                                        else seg.seq.precision)
 
 

@@ -9,7 +9,6 @@ accuracy figures) are shown as they are. The page itself is assembled and writte
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
@@ -18,12 +17,12 @@ from typing import Dict, List, Optional
 from rwkv2rknn import fileio
 from rwkv2rknn.tools.check import CHECK_JSON
 from rwkv2rknn.errors import BadInput, UsageError
-from rwkv2rknn.artifact.plan import MANIFEST, PLAN, Manifest, Segment, sha256_file
+from rwkv2rknn.artifact.plan import MANIFEST, PLAN, SEGMENT_KEYS, Manifest, Segment, sha256_file
 from rwkv2rknn.tools.svg import Svg, fmt
 
 SIZES = ("flops", "bytes")
 REPORT_HTML = "report.html"
-SEGMENT_FIELDS = {f.name for f in dataclasses.fields(Segment)}
+SEGMENT_FIELDS = SEGMENT_KEYS
 ACCURACY_WORDS = ("accura", "error", "max_rel", "cosine", "quant", "calib", "int8")  # shown even as fields
 COLOURS = {"npu-fp16": "#2c7bb6", "npu-int8": "#7b3294", "npu-w8a8": "#7b3294", "cpu": "#f29e4c",
            "fallback": "#d7191c"}

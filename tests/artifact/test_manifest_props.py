@@ -17,7 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rwkv2rknn.errors import BadInput
-from rwkv2rknn.artifact.plan import FORMAT, FORMAT_VERSION, Manifest, Segment, StateSlot
+from rwkv2rknn.artifact import plan
+from rwkv2rknn.artifact.plan import FORMAT, FORMAT_VERSION, Build, Manifest, Segment, StateSlot
 
 PROPS = settings(max_examples=150, deadline=None,
                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -54,6 +55,7 @@ def _from_dict_only_bad_input(d):
     return m
 
 
+@pytest.mark.slow
 @PROPS
 @given(json_like)
 def test_from_dict_of_anything_raises_only_bad_input(d):
@@ -123,15 +125,16 @@ def manifests(draw):
         backend = draw(st.sampled_from(["npu", "cpu"]))
         rknn = draw(st.none() | st.just(f"segments/s{i}.rknn")) if backend == "npu" else None
         segs.append(Segment(
-            name=f"s{i:03d}_{backend}", backend=backend, onnx=f"segments/s{i:03d}.onnx", inputs=ins,
-            outputs=outs, shapes=shapes,
+            name=f"s{i:03d}_{backend}", backend=backend, inputs=ins, outputs=outs, shapes=shapes,
             stages=tuple(draw(st.lists(st.sampled_from(["embed", "L0", "L1", "head"]), min_size=1,
                                        max_size=3, unique=True))),
             ops=draw(st.integers(0, 10**6)), matmuls=draw(st.integers(0, 100)),
-            flops=draw(st.integers(0, 10**12)), rknn=rknn,
-            sha256=draw(st.text("0123456789abcdef", max_size=64)),
-            rknn_sha256=draw(st.text("0123456789abcdef", max_size=64)),
-            fallback=draw(st.text(max_size=20)), seq_layout=draw(st.sampled_from(["", "columns"]))))
+            flops=draw(st.integers(0, 10**12)),
+            token=Build(onnx=f"segments/s{i:03d}.onnx", rknn=rknn,
+                        sha256=draw(st.text("0123456789abcdef", max_size=64)),
+                        rknn_sha256=draw(st.text("0123456789abcdef", max_size=64)),
+                        fallback=draw(st.text(max_size=20))),
+            seq=Build(layout=draw(st.sampled_from(["", "columns"])))))
         known += list(outs)
     model = {"arch": "rwkv4", "layers": layers, "width": width, "vocab": draw(st.integers(2, 70000)),
              "source": draw(st.text(max_size=20)), "source_dtype": draw(st.sampled_from(["float16", "float32"]))}
@@ -151,6 +154,41 @@ def test_valid_manifest_round_trips(m):
     assert Manifest.from_dict(json.loads(json.dumps(d))) == m  # through manifest.json's text
     assert Manifest.from_dict(Manifest.from_dict(d).to_dict()) == m
 
+
+# A segment's keys in manifest.json as formats 1 to 4 write them (flat: the per-token build's
+# plain, the T-row build's with "seq_" before them)
+SEGMENT_KEYS = {"name", "backend", "onnx", "inputs", "outputs", "shapes", "stages", "ops", "matmuls",
+                "flops", "rknn", "sha256", "rknn_sha256", "fallback", "est_ms", "est_prefill_ms",
+                "seq_onnx", "seq_sha256", "seq_rknn", "seq_rknn_sha256", "seq_rows", "seq_fallback",
+                "seq_layout", "precision", "seq_precision", "accuracy", "precision_note", "calib",
+                "seq_calib", "decode_rows", "golden", "golden_sha256"}
+
+
+def test_a_segments_two_builds_are_written_and_read_under_the_flat_keys():
+    """Segment holds one Build per variant (token, seq); manifest.json keeps the flat keys, so
+    an artifact reads in the runtimes that came before, and theirs read here."""
+    shared = dict(rknn="segments/s0.seq.rknn", rknn_sha256="ab", precision="w8a8", calib="calib/s0.seq")
+    seg = Segment("s0", "npu", ("tok",), ("h",), {"tok": (1,), "h": (1, 8)}, ("L0",),
+                  Build("segments/s0.onnx", "cd", **shared),
+                  seq=Build("segments/s0.seq.onnx", "ef", rows=(2, 16), layout="columns", **shared),
+                  decode_rows=2)
+    d = seg.to_dict()
+    assert set(d) == SEGMENT_KEYS == plan.SEGMENT_KEYS
+    assert (d["onnx"], d["sha256"], d["seq_onnx"], d["seq_sha256"]) == \
+        ("segments/s0.onnx", "cd", "segments/s0.seq.onnx", "ef")
+    assert d["rknn"] == d["seq_rknn"] == "segments/s0.seq.rknn" and d["seq_rows"] == (2, 16)
+    assert d["seq_layout"] == "columns" and d["seq_precision"] == d["precision"] == "w8a8"
+    m = Manifest(model={"arch": "rwkv4"}, segments=(seg,), state=(), token_input="tok",
+                 logits_output="h")
+    back = Manifest.from_dict(json.loads(json.dumps(m.to_dict()))).segments[0]
+    assert back == seg and back.seq == seg.seq and back.token.onnx == "segments/s0.onnx"
+    # the flat names read the builds' fields (what the runtime reads)
+    assert (back.seq_rknn, back.seq_rows, back.rknn, back.calib) == \
+        (back.seq.rknn, back.seq.rows, back.token.rknn, back.token.calib)
+    old = {k: v for k, v in d.items() if not k.startswith("seq_") and k not in ("golden", "golden_sha256",
+                                                                              "decode_rows")}
+    first = Manifest.from_dict({**m.to_dict(), "format_version": 1, "segments": [old]}).segments[0]
+    assert first.seq == Build() and first.token == seg.token  # a version-1 segment: rows only
 
 
 def _one_line_refusal(d, version, reads):
@@ -205,10 +243,10 @@ def test_only_a_row_state_beside_columns_writes_version_3():
     the width or a wkv (2); columns with the [1, C] slot read by another segment only (2)."""
     def manifest(layout, shape, reader="s0"):
         slot = StateSlot(0, "x", "in.x", "out.x", shape=shape)
-        segs = (Segment("s0", "npu", "s0.onnx", ("tok",) + (("in.x",) if reader == "s0" else ()),
-                        ("h",), {}, ("L0",), seq_layout=layout),
-                Segment("s1", "cpu", "s1.onnx", ("h",) + (("in.x",) if reader == "s1" else ()),
-                        ("logits", "out.x"), {}, ("head",)))
+        segs = (Segment("s0", "npu", ("tok",) + (("in.x",) if reader == "s0" else ()),
+                        ("h",), {}, ("L0",), Build("s0.onnx"), seq=Build(layout=layout)),
+                Segment("s1", "cpu", ("h",) + (("in.x",) if reader == "s1" else ()),
+                        ("logits", "out.x"), {}, ("head",), Build("s1.onnx")))
         return Manifest(model={"arch": "rwkv7"}, segments=segs, state=(slot,), token_input="tok",
                         logits_output="logits")
     assert manifest("columns", (1, 8)).format_version == 3
@@ -360,6 +398,7 @@ def test_cut_or_flipped_real_onnx_loads_or_is_bad_input(tmp_path, real_onnx, dat
 @FILES
 @given(st.sampled_from(["embed.onnx", "mixing_0.onnx", "mixing_1.onnx", "head.onnx"]),
        st.binary(max_size=1024) | st.sampled_from([b"", b"not onnx\n", b"\x08\x07"]))
+@pytest.mark.slow
 def test_reference_runner_on_random_bytes_is_bad_input(tmp_path_factory, fp32_dir, name, data):
     from rwkv2rknn.runtime.reference import PerLayerModel
     folder = str(tmp_path_factory.mktemp("ref"))

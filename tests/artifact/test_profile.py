@@ -113,6 +113,7 @@ def test_profile_command_flow_on_the_simulator(tmp_path):
     assert r.exit_code == 2
 
 
+@pytest.mark.slow
 def test_prefill_estimate_shares_calls_across_rows(fp32_plan_artifact):
     """T-row calls serve T tokens: the prefill estimate per token is below the decode one."""
     from rwkv2rknn.runtime.hybrid import load_manifest

@@ -177,6 +177,7 @@ def test_bad_input_is_one_line(args, code, words, bad, model, plan, wide, pth, t
     assert {k: snapshot(v) for k, v in (("plan", plan), ("model", model))} == before
 
 
+@pytest.mark.slow
 def test_debug_shows_the_traceback(bad, tmp_path):
     r = cli("--debug", "compile", bad["truncated"], "-o", tmp_path / "o", "--plan-only")
     assert r.returncode != 0 and "Traceback" in r.err and "BadInput" in r.err

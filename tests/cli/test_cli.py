@@ -60,6 +60,7 @@ def test_demo_compiles_generates_and_checks_the_bundled_model():
     assert "KL mean" in r.output and r.output.rstrip().endswith("PASS")
 
 
+@pytest.mark.slow
 def test_eval_scores_an_artifact_as_its_per_layer_files(fp32_dir, fp32_plan_artifact, tmp_path):
     """`eval` opens an artifact and an uncompiled folder alike (the tokenizer recorded with each)."""
     import re
@@ -76,6 +77,7 @@ def test_eval_scores_an_artifact_as_its_per_layer_files(fp32_dir, fp32_plan_arti
     assert "uncompiled per-layer model" in one_line_error(r, 2)
 
 
+@pytest.mark.slow
 def test_eval_of_an_rwkv7_fp16_folder_loads_every_file_without_a_note(slot_models, tmp_path):
     """onnxruntime's full optimisation fails on our fp16 files (a known fault of one fusion);
     eval does not fall back to ORT_ENABLE_EXTENDED for them, nor say it did."""
@@ -118,6 +120,7 @@ def test_check_passes_with_simulator_and_fails_on_tampering(fp16_artifact, tmp_p
     assert "changed since it was compiled" in r.stderr
 
 
+@pytest.mark.slow
 def test_check_fails_outside_tolerance(fp32_plan_artifact, fp32_dir, small_sd, tmp_path):
     """A reference that differs a little (one weight changed) is caught by the numbers."""
     from rwkv2rknn.models.export import export
@@ -215,6 +218,7 @@ def test_an_import_cut_short_by_ctrl_c_is_an_interrupt(capsys):
     assert capsys.readouterr().err.strip() == "interrupted"
 
 
+@pytest.mark.slow
 def test_debug_flag_shows_traceback(tmp_path):
     r = sh("--debug", "compile", tmp_path / "nope", "-o", tmp_path / "o", "--plan-only")
     assert r.returncode != 0 and "Traceback" in r.stderr

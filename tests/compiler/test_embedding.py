@@ -3,6 +3,7 @@
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from rwkv2rknn.compiler.embedding import compact
@@ -65,6 +66,7 @@ def test_a_table_with_other_readers_is_left_alone():
     assert compact(m) == 0 and m.graph.initializer[0].data_type == TensorProto.FLOAT
 
 
+@pytest.mark.slow
 def test_a_built_compile_stores_its_token_table_in_fp16(fp16_artifact):
     import os
 

@@ -37,7 +37,7 @@ def test_graph_segment_stages_in_model_order():
     seg = GraphSegment(device="npu", nodes=[head, l10] + list(graph.nodes) + [embed])
     assert seg.stages == ["embed", "L0", "L1", "L10", "head", "graph"]
     assert stages_of([]) == []
-    assert seg.name == "" and seg.rknn is None and seg.seq_rows == ()  # filled in by later passes
+    assert seg.name == "" and seg.token.rknn is None and seg.seq.rows == ()  # filled in by later passes
 
 
 def test_context_reads_its_profile_once_and_fails_on_a_bad_file(tmp_path):
@@ -103,3 +103,16 @@ def test_toposort_chains_refuses_a_cycle():
                             gs.Node("Neg", "n2", inputs=[a], outputs=[b])], inputs=[], outputs=[a])
     with pytest.raises(ValueError, match="cycle"):
         toposort_chains(graph)
+
+
+def test_notes_are_read_by_their_fields_and_shown_as_lines():
+    """A pass's note: code reads its kind and counts (``said``); people read ``report``."""
+    ctx = Context(graph=None)
+    first = ctx.note("support", "2 MatMuls for the NPU", kind="summary", anchor=2, flex=0, cpu=1)
+    ctx.note("support", "L0: a remark")
+    ctx.note("cut", "1 segment models cut", segment="s000_npu_L0")
+    assert ctx.report == ["support: 2 MatMuls for the NPU", "support: L0: a remark",
+                          "cut: 1 segment models cut"]
+    assert ctx.said("support", "summary") == [first] and first.counts["cpu"] == 1
+    assert [n.text for n in ctx.said("support")] == ["2 MatMuls for the NPU", "L0: a remark"]
+    assert ctx.said("cut")[0].segment == "s000_npu_L0" and not ctx.said("build")

@@ -4,9 +4,11 @@
 import os
 
 import numpy as np
+import pytest
 
 from helpers.robustness import cli, error_line, sha256
 
+@pytest.mark.slow
 def test_single_conv_file_compiles_as_a_lone_graph_and_run_refuses_it(bad, tmp_path):
     """A single .onnx is compiled as a lone graph: a conv net may compile; the result must be
     sane (its segments, chained, compute what the model computes) and `run`/`check` refuse it."""

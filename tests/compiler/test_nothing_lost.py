@@ -14,6 +14,7 @@ from helpers.robustness import (NO_ROWS, _scratch_of, build_under_way, cli, comp
                                 partials_in, procs_in_group, scratch_env, scratch_left, snapshot,
                                 start_compile, wait_for, wait_group, whole_artifact)
 
+@pytest.mark.slow
 def test_foreign_output_folder_is_replaced_only_with_force(model, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -60,6 +61,7 @@ def test_compile_failing_midway_keeps_the_previous_artifact(model1, tmp_path):
     assert not [e for e in os.listdir(cache / "rknn") if not e.endswith(".lock")]
 
 
+@pytest.mark.slow
 def test_stale_partial_folders_of_killed_compiles_are_removed(model, tmp_path):
     """A `.OUT.partial-PID-*` folder whose process is gone is removed by the next compile; one of
     a running process is left alone."""
@@ -164,6 +166,7 @@ def test_killed_compile_loses_nothing_and_the_next_one_reuses_the_cache(model, p
                                                   ("building", False, signal.SIGINT),
                                                   ("building", True, signal.SIGTERM)],
                          ids=["ctrl-c-early-group", "sigint-during-build", "sigterm-during-build"])
+@pytest.mark.slow
 def test_ctrl_c_exits_130_and_loses_nothing(model, plan, tmp_path, when, whole_group, sig):
     """Ctrl-C (SIGINT) exits 130, SIGTERM 143, each with one line; the previous artifact, the
     cache and the temporary folders are as they were. SIGTERM lands while a build runs (its

@@ -48,6 +48,7 @@ def test_too_little_disk_is_refused_before_writing(fp16_dir, tmp_path, monkeypat
     assert (out / "manifest.json").exists()
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_writing_is_one_error(fp16_dir, tmp_path, monkeypatch):
     """The estimate said yes, the disk said no (ENOSPC): a ResourceError, nothing left."""
     from rwkv2rknn import fileio
@@ -76,6 +77,7 @@ def test_build_jobs_follow_cores_and_memory(monkeypatch):
     assert resources.build_jobs(50 << 20, 10) == 1  # room for one: never zero
 
 
+@pytest.mark.slow
 def test_peak_rss_counts_children_and_the_phase_they_ran_in():
     """The bench's memory figure is the process tree's: a child holding 300 MB shows up in the
     phase it ran in, not in the others."""

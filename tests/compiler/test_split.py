@@ -24,6 +24,7 @@ def files(tmp_path_factory):
             "v4": export_file(v4, str(d / "v4.onnx"), fp32=False, tokenizer="bytes") and str(d / "v4.onnx")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["v7", "v4"])
 def test_one_file_streams_and_equals_the_whole_graph_compile(files, name, tmp_path):
     path = files[name]
@@ -50,6 +51,7 @@ def test_the_estimate_follows_the_largest_stage(files):
     assert resources.compile_memory(size, True) < resources.compile_memory(size, True, stream=False)
 
 
+@pytest.mark.slow
 def test_other_one_file_layouts_compile_as_one_graph(slot_models, tmp_path):
     from fixtures import slot_onefile
     src = slot_onefile.export_entries(slot_models("7").sd, str(tmp_path / "m.onnx"), "7")

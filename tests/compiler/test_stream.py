@@ -193,7 +193,7 @@ def test_each_segment_is_handed_on_as_soon_as_its_files_are_whole(fp16_dir, tmp_
 
     def on_segment(ctx, seg):
         files = [out / "segments" / (seg.name + ".onnx")]
-        if seg.seq_model is not None:
+        if seg.seq.model is not None:
             files.append(out / "segments" / (seg.name + ".seq.onnx"))
         seen.append((seg.name, seg.device, len(stages), all(f.stat().st_size > 0 for f in files)))
 
@@ -203,3 +203,18 @@ def test_each_segment_is_handed_on_as_soon_as_its_files_are_whole(fp16_dir, tmp_
     assert all(whole for *_, whole in seen)
     npu = [s for s in seen if s[1] == "npu"]
     assert npu and npu[0][2] < len(stages) - 1  # the first NPU segment long before the last stage
+
+
+def test_streamed_notes_are_made_from_the_stages_notes(fp32_dir, tmp_path):
+    """The streamed compile's whole-model notes come from each stage's typed notes: its support
+    line sums the stages' counts (the whole-graph compile's line), and the partition notes of
+    the windows where pruning moved segments to the CPU are kept, window by window."""
+    whole, streamed = str(tmp_path / "whole"), str(tmp_path / "streamed")
+    opts = dict(plan_only=True, min_segment_flops=10 ** 12)  # every NPU segment is pruned
+    compile_model(fp32_dir, whole, Options(stream=False, **opts))
+    compile_model(fp32_dir, streamed, Options(**opts))
+    a, b = _manifest(whole), _manifest(streamed)
+    support = [r for r in a["report"] if r.startswith("support: ")]
+    assert len(support) == 1 and [r for r in b["report"] if r.startswith("support: ")][-1] == support[0]
+    windows = [r for r in b["report"] if r.startswith("partition: window up to ")]
+    assert windows and all("moved to the CPU" in r for r in windows), b["report"]

@@ -33,6 +33,7 @@ def _old_fold(monkeypatch):
     monkeypatch.setattr(normalize_matmul, "_fixed_shape", lambda reshape: True)
 
 
+@pytest.mark.slow
 def test_a_wrong_rewrite_is_refused_naming_the_pass(group_norm_file, tmp_path, monkeypatch):
     _old_fold(monkeypatch)
     out = tmp_path / "art"
@@ -46,6 +47,7 @@ def test_a_wrong_rewrite_is_refused_naming_the_pass(group_norm_file, tmp_path, m
     assert not [p for p in os.listdir(tmp_path) if p != "art"]  # no temporary folder left
 
 
+@pytest.mark.slow
 def test_the_command_refuses_in_one_line_with_exit_code_1(group_norm_file, tmp_path, monkeypatch):
     from click.testing import CliRunner
     from rwkv2rknn.cli.app import cli
@@ -59,6 +61,7 @@ def test_the_command_refuses_in_one_line_with_exit_code_1(group_norm_file, tmp_p
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_the_same_model_compiles_and_records_its_validation(group_norm_file, tmp_path):
     out = tmp_path / "art"
     manifest = compile_model(group_norm_file, str(out), Options(plan_only=True, verify_passes=True))
@@ -74,6 +77,7 @@ def test_the_same_model_compiles_and_records_its_validation(group_norm_file, tmp
     assert any(line.startswith("validate: the cut model equals the source") for line in manifest.report)
 
 
+@pytest.mark.slow
 def test_verify_passes_reports_each_pass_of_the_wrong_rewrite(group_norm_file, monkeypatch):
     """The per-pass comparison on its own: before normalize_matmul the graph is the source's
     (fp32 rounding), after the old fold it is not."""
@@ -88,6 +92,7 @@ def test_verify_passes_reports_each_pass_of_the_wrong_rewrite(group_norm_file, m
     assert errors["normalize_matmul"] > 0.01
 
 
+@pytest.mark.slow
 def test_a_per_layer_folder_validates_while_streaming(fp32_dir, fp16_dir, tmp_path):
     for name, src, tol in (("fp32", fp32_dir, validate.FP32_TOL), ("fp16", fp16_dir, validate.FP16_TOL)):
         out = tmp_path / name
@@ -99,6 +104,7 @@ def test_a_per_layer_folder_validates_while_streaming(fp32_dir, fp16_dir, tmp_pa
         assert any(r.startswith("validate: ") for r in manifest["report"])
 
 
+@pytest.mark.slow
 def test_a_cut_that_differs_is_refused_and_names_the_cut(fp32_dir, tmp_path, monkeypatch):
     """A fault after the graph passes (here: one NPU segment's weight scaled as it is written)
     is found too: the graph passes agree with the source, so the message names the cut."""
@@ -109,7 +115,7 @@ def test_a_cut_that_differs_is_refused_and_names_the_cut(fp32_dir, tmp_path, mon
     def write_wrong(self, seg, sequence):
         if seg.device == "npu" and not spoiled:
             spoiled.append(seg.name)
-            init = next(t for t in seg.model.graph.initializer if len(t.dims) == 2)
+            init = next(t for t in seg.token.model.graph.initializer if len(t.dims) == 2)
             init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * np.float32(1.5),
                                                   init.name))
         return write(self, seg, sequence)

@@ -63,6 +63,7 @@ def test_bits_per_byte_hybrid_npu_within_2_percent_of_onnxruntime_fp32(sd, heldo
     assert abs(got.bits_per_byte - ref.bits_per_byte) <= 0.02 * ref.bits_per_byte, (got, ref)
 
 
+@pytest.mark.slow
 def test_generation_is_mostly_english_words(bundled_artifact):
     from rwkv2rknn.runtime.generate import generate
     from rwkv2rknn.runtime.hybrid import HybridModel

@@ -73,6 +73,7 @@ def test_fla_packed_mix_and_a_tied_head(sds, tmp_path):
     _same(load_model(folder)[0], sd)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", ["4", "5", "6", "7"])
 def test_export_of_a_folder_runs_like_the_rwkv_package(version, sds, tmp_path):
     """`export FOLDER` (the folder's tokenizer.json recorded and copied), compile, run on ort:

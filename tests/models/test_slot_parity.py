@@ -12,6 +12,7 @@ FP16_MAX_REL = {"5": None, "6": 0.01, "7": 0.01}
 VOCAB = {"5": 211, "6": 263, "7": 301}  # the session models' odd vocabularies (conftest.py)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", ["5", "6", "7"])
 def test_exports_equal_the_rwkv_package(slot_models, version):
     sm = slot_models(version)

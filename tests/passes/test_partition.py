@@ -44,6 +44,9 @@ def test_small_npu_segment_is_pruned_to_cpu():
     partition.run(ctx)
     assert [s.device for s in ctx.segments] == ["cpu"]
     assert "too small" in ctx.report[-1]
+    # what the streamed compile reads: the note's count, not its words
+    (note,) = ctx.said("partition", "summary")
+    assert note.counts == {"segments": 1, "npu": 0, "cpu": 1, "pruned": 2}  # mm1 and mm2
 
 
 def test_parallel_branches_merge_without_cycle():

@@ -59,6 +59,7 @@ def test_a_product_of_two_full_matrices_is_left_alone():
     assert len(ctx.graph.nodes) == 2 and not ctx.report
 
 
+@pytest.mark.slow
 def test_state_at_ab_gets_the_npu_share_of_our_own_export(tmp_path):
     """The same RWKV-7 checkpoint: our per-layer export and a torch file with ``state @ ab``."""
     from fixtures.slot_onefile import export_entries

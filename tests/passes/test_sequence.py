@@ -11,12 +11,12 @@ RNG = np.random.default_rng(0)
 
 def _segment(nodes, inputs, outputs, inits):
     """A context whose graph is one NPU segment of the given per-token nodes."""
-    from rwkv2rknn.compiler.ir import GraphSegment, export
+    from rwkv2rknn.compiler.ir import GraphSegment, Variant, export
     m = shape_inference.infer_shapes(model(nodes, inputs, outputs, inits))
     ctx = ctx_from_onnx(m)
     seg = GraphSegment(device="npu", nodes=list(ctx.graph.nodes), name="s001_npu_L0",
                        inputs=[t.name for t in ctx.graph.inputs],
-                       outputs=[t.name for t in ctx.graph.outputs], model=export(ctx.graph))
+                       outputs=[t.name for t in ctx.graph.outputs], token=Variant(export(ctx.graph)))
     return ctx, seg
 
 
@@ -47,10 +47,10 @@ def test_a_split_lora_and_rank_3_rows_take_t_rows():
     for shape, axis in (([3, 1, 2], 0), ([1, 3, 2], 1), ([3, 2], 0)):
         ctx, seg = _lora_split(shape, axis)
         assert sequence.run_one(ctx, seg) is None, shape
-        assert [n.op_type for n in seg.seq_model.graph.node].count("Split") == 1
+        assert [n.op_type for n in seg.seq.model.graph.node].count("Split") == 1
         x = RNG.standard_normal((5, 8)).astype(np.float32)
-        one = OrtRunner(seg.model.SerializeToString())
-        many = OrtRunner(seg.seq_model.SerializeToString()).infer({"x": x})
+        one = OrtRunner(seg.token.model.SerializeToString())
+        many = OrtRunner(seg.seq.model.SerializeToString()).infer({"x": x})
         for t in range(5):
             row = one.infer({"x": x[t].reshape(1, 1, 8)})
             np.testing.assert_allclose(many["y"][t], row["y"].reshape(-1), rtol=1e-5, atol=1e-6)
@@ -61,7 +61,7 @@ def test_splits_across_rows_stay_per_token():
     from rwkv2rknn.passes import sequence
     ctx, seg = _lora_split([2, 3], 1)  # [2, 3] split on its last axis: not one row's pieces
     assert sequence.run_one(ctx, seg) == "Reshape that is not to a vector or a row"
-    assert seg.seq_model is None
+    assert seg.seq.model is None
 
 
 def test_a_variant_made_of_the_per_token_model_is_the_copied_one():
@@ -80,8 +80,8 @@ def test_a_variant_made_of_the_per_token_model_is_the_copied_one():
              const("W2", RNG.standard_normal((200, 96)).astype(np.float32))]
     ctx, seg = _segment(nodes, [vi("x", [1, 1, 96])], [vi("y", [1, 96])], inits)
     copied = sequence._variant(ctx, seg).SerializeToString()
-    per_token = seg.model
+    per_token = seg.token.model
     assert sequence.run_one(ctx, seg, take=True) is None
-    assert seg.seq_model is per_token  # the same message, now the variant
-    assert seg.seq_model.SerializeToString() == copied
-    assert sorted(t.name for t in seg.seq_model.graph.initializer if t.ByteSize() > 1 << 16) == ["W1", "W2"]
+    assert seg.seq.model is per_token  # the same message, now the variant
+    assert seg.seq.model.SerializeToString() == copied
+    assert sorted(t.name for t in seg.seq.model.graph.initializer if t.ByteSize() > 1 << 16) == ["W1", "W2"]

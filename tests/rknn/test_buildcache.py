@@ -4,6 +4,8 @@ import hashlib
 import threading
 import time
 
+import pytest
+
 from rwkv2rknn.rknn.buildcache import BuildCache
 
 
@@ -42,6 +44,7 @@ def test_an_entry_without_a_checksum_is_not_trusted(tmp_path):
     assert cache.copy_to("k", str(tmp_path / "o")) == ("", "")  # now simply missing
 
 
+@pytest.mark.slow
 def test_the_lock_makes_holders_take_turns(tmp_path):
     cache = BuildCache(str(tmp_path / "c"))
     inside, overlaps = [], []

@@ -53,6 +53,7 @@ def captured(fp32_plan_artifact):
     return C.capture(fp32_plan_artifact, ids), ids
 
 
+@pytest.mark.slow
 def test_capture_records_each_npu_segments_inputs_before_the_step(fp32_plan_artifact, captured):
     from rwkv2rknn.runtime.hybrid import load_manifest
     from rwkv2rknn.runtime.ort import OrtRunner
@@ -76,6 +77,7 @@ def test_capture_records_each_npu_segments_inputs_before_the_step(fp32_plan_arti
             np.testing.assert_allclose(again[k].reshape(-1), r.results[5][k].reshape(-1), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_t_row_samples_give_the_per_token_outputs_stacked(fp32_plan_artifact, captured):
     from rwkv2rknn.runtime.hybrid import load_manifest
     from rwkv2rknn.runtime.ort import OrtRunner
@@ -96,6 +98,7 @@ def test_t_row_samples_give_the_per_token_outputs_stacked(fp32_plan_artifact, ca
             np.testing.assert_allclose(got[k].reshape(t, -1), want, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_dataset_lists_one_npy_per_input_per_sample(tmp_path, captured):
     rows, _ = captured
     r = next(iter(rows.values()))

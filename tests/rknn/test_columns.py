@@ -20,6 +20,7 @@ def _npu_seq_files(art):
     return files
 
 
+@pytest.mark.slow
 def test_every_rwkv4_and_rwkv7_npu_t_row_segment_has_a_columns_form(fp32_plan_artifact, slot_models):
     # fits() runs the columns form against the rows form on onnxruntime (random inputs)
     for f in _npu_seq_files(fp32_plan_artifact) + _npu_seq_files(slot_models("7").plan_artifact):

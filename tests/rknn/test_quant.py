@@ -45,6 +45,7 @@ def test_every_npu_segment_is_w8a8_with_its_measured_figure(w8a8):
     assert all(s["precision"].startswith("w8a8") for s in plan["segments"] if s["backend"] == "npu")
 
 
+@pytest.mark.slow
 def test_the_recurrence_and_its_state_stay_on_the_cpu_in_fp32(w8a8):
     m = load_manifest(w8a8)
     carried = {t for s in m.state if s.accumulator for t in (s.input, s.output)}
@@ -107,6 +108,7 @@ def test_cache_key_holds_precision_and_calibration():
     assert len(keys) == 4
 
 
+@pytest.mark.slow
 def test_check_on_w8a8_states_its_tolerance(w8a8):
     from rwkv2rknn.tools.check import KL_TOLERANCE
     mean, p99 = KL_TOLERANCE["w8a8"]
@@ -150,6 +152,7 @@ def test_check_text_must_be_readable_utf8(tmp_path):
     assert r.exit_code == 1 and "text" in r.output and "is not UTF-8" in r.output and "--text" in r.output
 
 
+@pytest.mark.slow
 def test_pack_leaves_the_calibration_datasets_out(w8a8, tmp_path):
     from rwkv2rknn.artifact.pack import pack
     out = tmp_path / "board"
@@ -160,6 +163,7 @@ def test_pack_leaves_the_calibration_datasets_out(w8a8, tmp_path):
     assert all(s.precision == "w8a8" for s in m.segments if s.backend == "npu")
 
 
+@pytest.mark.slow
 def test_compile_w8a8_prints_and_saves_its_kl_on_held_out_tokens(byte_model, w8a8_artifact, tmp_path):
     """The same compile as w8a8_artifact (its builds come from the cache), through the CLI."""
     from rwkv2rknn.tools.check import KL_TOLERANCE

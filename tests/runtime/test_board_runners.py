@@ -307,6 +307,7 @@ def test_auto_core_mask_puts_large_segments_on_every_core():
     assert core_mask_for(layer, rk3568) == "auto"  # one NPU core there
 
 
+@pytest.mark.slow
 def test_first_board_run_self_tests_once_and_records_it(fp16_artifact, packed, lite, tmp_path):
     """The first run of a packed artifact on a board backend checks every NPU segment against
     its golden vectors and records the verdict beside the artifact; later runs read it."""
@@ -330,6 +331,7 @@ def test_first_board_run_self_tests_once_and_records_it(fp16_artifact, packed, l
     assert len([c for c in lite.calls if c[0] == "inference"]) == n
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["transpose", "scale", "zero"])
 def test_a_runtime_with_a_wrong_output_fails_the_first_run_naming_the_segment(
         fp16_artifact, packed, lite, tmp_path, how):
@@ -361,6 +363,7 @@ def test_a_runtime_with_a_wrong_output_fails_the_first_run_naming_the_segment(
     assert any(x.startswith("ok   s005_npu_L1-L2 (token)") for x in said), said
 
 
+@pytest.mark.slow
 def test_run_verify_on_ort_prints_every_check(fp16_artifact, tmp_path):
     import shutil
 

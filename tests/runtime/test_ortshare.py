@@ -24,6 +24,7 @@ def plan_artifact(request, fp32_plan_artifact, slot_models):
     return fp32_plan_artifact if request.param == "4" else slot_models("7").plan_artifact
 
 
+@pytest.mark.slow
 def test_fused_token_steps_equal_the_segments_one_by_one(plan_artifact, tokens):
     fused = HybridModel(plan_artifact, backend="ort")
     apart = HybridModel(plan_artifact, backend="ort", fuse=False)
@@ -61,6 +62,7 @@ def test_a_new_state_buffer_is_bound_again(fp32_plan_artifact, tokens):
         np.testing.assert_allclose(s, r, rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_shared_weights_equal_own_weights_and_are_held_once(plan_artifact, tokens):
     own = HybridModel(plan_artifact, backend="ort", fuse=False, share_weights=False)
     shared = HybridModel(plan_artifact, backend="ort", fuse=False)

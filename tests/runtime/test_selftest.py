@@ -13,7 +13,7 @@ import os
 import numpy as np
 import pytest
 
-from rwkv2rknn.artifact.plan import Segment
+from rwkv2rknn.artifact.plan import Build, Segment
 from rwkv2rknn.runtime import rknnrt, selftest
 from rwkv2rknn.runtime.hybrid import HybridModel, load_manifest
 
@@ -22,9 +22,9 @@ SHAPES = {"x": (1, W), "s": (W,), "y": (1, W), "s_out": (W,)}
 
 
 def _seg(name="s003_npu_L1"):
-    return Segment(name=name, backend="npu", onnx="", inputs=("x", "s"), outputs=("y", "s_out"),
-                   shapes=SHAPES, stages=("L1",), rknn=f"{name}.rknn", seq_rknn=f"{name}.seq.rknn",
-                   seq_rows=(2, 16))
+    return Segment(name=name, backend="npu", inputs=("x", "s"), outputs=("y", "s_out"),
+                   shapes=SHAPES, stages=("L1",), token=Build(onnx="", rknn=f"{name}.rknn"),
+                   seq=Build(rknn=f"{name}.seq.rknn", rows=(2, 16)))
 
 
 def _golden():
@@ -103,12 +103,13 @@ def test_compare_and_tolerances():
     assert selftest.compare(2 * w, w)[1] == pytest.approx(1.0)
     assert selftest.compare(np.full(8, np.nan), w) == (-1.0, float("inf"))
     assert selftest.compare(w[:4], w) == (-1.0, float("inf"))
-    seg = Segment(name="a", backend="npu", onnx="", inputs=(), outputs=(), shapes={}, stages=("L0",),
-                  precision="w8a8", accuracy={"min_cos": 0.97, "max_rel": 0.2})
+    seg = Segment(name="a", backend="npu", inputs=(), outputs=(), shapes={}, stages=("L0",),
+                  token=Build(onnx="", precision="w8a8"), accuracy={"min_cos": 0.97, "max_rel": 0.2})
     assert selftest.tolerance(seg, "fp16") == (0.999, 0.05)
     assert selftest.tolerance(seg, "w8a8") == (pytest.approx(0.96), pytest.approx(0.4))
 
 
+@pytest.mark.slow
 def test_golden_vectors_are_recorded_at_compile_and_pass_on_ort(fp16_artifact, tmp_path):
     m = load_manifest(fp16_artifact)
     with open(os.path.join(fp16_artifact, "manifest.json")) as f:
@@ -145,6 +146,7 @@ def test_the_simulator_passes_every_built_shape(fp16_artifact):
     assert all(c.rel > 0 for c in report.checks)  # fp16 on the simulator, not the fp32 numbers
 
 
+@pytest.mark.slow
 def test_doctor_runs_the_self_test_and_records_it(fp16_artifact, tmp_path):
     import shutil
 
@@ -166,6 +168,7 @@ def test_doctor_runs_the_self_test_and_records_it(fp16_artifact, tmp_path):
     assert r.exit_code == 1 and "FIX  self-test: golden vectors" in r.output and "checksum" in r.output
 
 
+@pytest.mark.slow
 def test_golden_trace_one_segment_at_a_time_is_the_whole_model_trace(fp16_artifact):
     """The compile's segment-major trace gives what running the model token by token gives."""
     from rwkv2rknn.compiler import golden

@@ -53,6 +53,7 @@ def _reference_world_tokenizer():
 # --- module hygiene ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_import_needs_only_numpy_and_stdlib():
     code = (
         "import sys, rwkv2rknn.runtime.tokenizer, rwkv2rknn.runtime.generate\n"

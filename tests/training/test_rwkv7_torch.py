@@ -56,6 +56,7 @@ def test_windows_carry_the_state(slot_models):
     assert (torch.cat([a, b], 1) - whole).abs().max() <= 1e-10 * whole.abs().max()
 
 
+@pytest.mark.slow
 def test_the_training_script_writes_an_official_rwkv7_checkpoint(tmp_path):
     import train
     from rwkv2rknn.models import rwkv7
