@@ -60,8 +60,12 @@ def run(art: str, ids, quantised: dict, config: dict) -> np.ndarray:
             for i, seg in enumerate(model.manifest.segments):
                 if seg.name in quantised:
                     p = quantised[seg.name]
-                    seg = dataclasses.replace(seg, precision=p, seq_precision=p,
-                                              **({"calib": "", "seq_calib": ""} if p == "fp16" else {}))
+                    # the compile writes every NPU segment's datasets, also where it kept one fp16
+                    calib = {"calib": "", "seq_calib": ""} if p == "fp16" else {
+                        "calib": seg.calib or (f"calib/{seg.name}.seq/dataset.txt" if seg.decode_rows
+                                               else f"calib/{seg.name}/dataset.txt"),
+                        "seq_calib": seg.seq_calib or f"calib/{seg.name}.seq/dataset.txt"}
+                    seg = dataclasses.replace(seg, precision=p, seq_precision=p, **calib)
                     model.runners[i].close()
                     model.runners[i] = model._runner(seg)
             model.backend = "ort"

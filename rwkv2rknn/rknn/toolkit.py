@@ -25,9 +25,12 @@ from rwkv2rknn.runtime.board import has_module
 # (the one list; fp16: none). A precision added there without a dtype here fails on import.
 _TOOLKIT_DTYPE = {"w8a8": "w8a8", "w16a16i": "w16a16i_dfp"}
 QUANT_DTYPE = {p: _TOOLKIT_DTYPE[p] for p in PRECISIONS if p != "fp16"}
-# Chosen by measurement on the bundled model (README, "int8"): 'normal' calibration (min/max)
-# with per-channel weight scales kept bits per byte within 0.4% of fp16; 'mmse' and
-# 'kl_divergence' did worse on held-out rows and took 5-20x longer to build.
+# Chosen by measurement on the bundled model (docs/quality.md, "Making w8a8 better"): 'normal'
+# calibration (min/max) with per-channel weight scales. 'kl_divergence' measured ~20% lower KL
+# mean on text (0.0054 against 0.0067) but lowers the worst held-out cosine, so the
+# --quant-min-cos rule keeps more segments fp16 (1 of 6 at 256 calibration tokens, 3 at 1024);
+# 'mmse' and per-layer weight scales were no better. The simulator rebuilds with these values:
+# an artifact records no algorithm of its own.
 QUANT_ALGORITHM = "normal"
 QUANT_METHOD = "channel"
 
