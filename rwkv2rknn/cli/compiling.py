@@ -98,6 +98,10 @@ def _options(**kw):
 @click.option("--quant-min-cos", type=click.FloatRange(-1, 1), default=0.99, show_default=True,
               help="A quantised segment whose smallest cosine against fp32 on held-out rows is "
                    "lower is built fp16 instead.")
+@click.option("--quant-keep", default="", metavar="STAGES",
+              help="NPU segments (by name, or by a loader stage they hold: embed, L0, ..., head; "
+                   "comma-separated) that stay fp16 in a quantised compile: mixed precision where "
+                   "a segment costs the most KL (python bench/quant_search.py ART --alone measures it).")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
               help="Build cache (default: $RWKV2RKNN_CACHE or ~/.cache/rwkv2rknn).")
 @click.option("--prefill-rows", default="16,64", show_default=True,
@@ -123,15 +127,18 @@ def _options(**kw):
               help="Also draw the plan as one offline HTML page, OUT/report.html.")
 @handle_errors
 def compile_cmd(model, out_dir, target, plan_only, strict, dump_after, range_tokens, quant,
-                calib_text, calib_tokens, quant_min_cos, cache_dir, prefill_rows, placement,
+                calib_text, calib_tokens, quant_min_cos, quant_keep, cache_dir, prefill_rows, placement,
                 profile_path, whole_graph, jobs, verify_passes, force, tool_verbose, with_report):
     """Compile MODEL (a folder of per-layer RWKV ONNX files, or one .onnx) into a hybrid
     NPU/CPU artifact."""
+    keep = _parse_stages(quant_keep)
+    if keep and quant == "fp16":
+        raise UsageError("--quant-keep is for quantised builds", "add --quant w8a8 (or drop --quant-keep)")
     if calib_text and quant == "fp16":
         raise UsageError("--calib-text is for quantised builds", "add --quant w8a8 (or drop --calib-text)")
     opts = _options(target=target, strict=strict, plan_only=plan_only, calib_tokens=calib_tokens,
                     range_tokens=range_tokens, quant=quant, calib_text=calib_text,
-                    quant_min_cos=quant_min_cos,
+                    quant_min_cos=quant_min_cos, quant_keep=keep,
                     cache_dir=cache_dir, verbose=tool_verbose, placement=placement,
                     profile=profile_path, prefill_rows=_parse_rows(prefill_rows), build_jobs=jobs,
                     stream=not whole_graph, verify_passes=verify_passes)
@@ -164,6 +171,16 @@ def _print_heldout_quality(model, out_dir, opts) -> None:
             click.echo(f"{opts.quant} {path:7s} on {q['tokens']} held-out tokens of {where}, against "
                        f"fp32 on onnxruntime: KL mean {k['mean']:.3g}, median {k['median']:.3g}, p99 "
                        f"{k['p99']:.3g}, max {k['max']:.3g}; same top token {100 * f['same_top']:.1f}%")
+
+
+def _parse_stages(text: str) -> tuple:
+    import re
+    stages = tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+    bad = [t for t in stages if not re.fullmatch(r"embed|head|L\d+|s\d+_npu_[\w.-]+", t)]
+    if bad:
+        raise UsageError(f"--quant-keep '{bad[0]}' is not a loader stage or NPU segment name",
+                         "name stages or segments like --quant-keep head,L0,s003_npu_L0-L1")
+    return stages
 
 
 def _parse_rows(text: str):

@@ -60,6 +60,7 @@ class Options:
     quant: str = "fp16"  # NPU precision: fp16, w8a8 or w16a16i (artifact.plan.PRECISIONS)
     calib_text: Optional[str] = None  # calibration text file (default: calibrate.default_text)
     quant_min_cos: float = 0.99  # a quantised segment below this cosine is built fp16
+    quant_keep: Tuple[str, ...] = ()  # NPU segments (names, or stages they hold) kept fp16
     seed: int = 0
     fp16_limit: float = 65504.0 / 4  # headroom: keep NPU tensors 4x below fp16's maximum
     min_segment_flops: int = 2 * 32 * 32

@@ -113,8 +113,11 @@ class Builds:
         return max(os.path.getsize(os.path.join(folder, n)) for n in names)
 
     def _one(self, seg: GraphSegment):
-        return _one(self.ctx, seg, self.out_dir, self.builds, self.version,
-                    self.calibration.get(seg.name))
+        cal = self.calibration.get(seg.name)
+        keep = sorted(set(seg.stages + [seg.name]) & set(self.ctx.options.quant_keep))
+        if cal and keep:  # mixed precision chosen by the user (bench/quant_search.py measures it)
+            seg.precision_note, cal = f"--quant-keep {','.join(keep)}", None
+        return _one(self.ctx, seg, self.out_dir, self.builds, self.version, cal)
 
     def _done(self, seg: GraphSegment, result, i: int, n: int, eta: str) -> None:
         status, kind = result
@@ -151,6 +154,11 @@ class Builds:
                        f"{min(self.queue.jobs, max(len(todo), 1))} build(s) at a time]",
                  kind="summary", **counts)
         if self.calibration:
+            stages = {st for s in todo for st in s.stages + [s.name]}
+            unused = [k for k in opts.quant_keep if k not in stages]
+            if unused:
+                ctx.note(NAME, f"--quant-keep {','.join(unused)}: no NPU segment holds "
+                               f"{'that stage' if len(unused) == 1 else 'those stages'} (or has that name)")
             kept = [f"{s.name} ({s.precision_note})" for s in todo if s.precision_note]
             n_q = sum(s.token.precision == opts.quant for s in todo)
             ctx.note(NAME, f"{n_q} of {len(todo)} NPU segment(s) {opts.quant} (min cosine >= "

@@ -25,9 +25,12 @@ from rwkv2rknn.runtime.board import has_module
 # (the one list; fp16: none). A precision added there without a dtype here fails on import.
 _TOOLKIT_DTYPE = {"w8a8": "w8a8", "w16a16i": "w16a16i_dfp"}
 QUANT_DTYPE = {p: _TOOLKIT_DTYPE[p] for p in PRECISIONS if p != "fp16"}
-# Chosen by measurement on the bundled model (README, "int8"): 'normal' calibration (min/max)
-# with per-channel weight scales kept bits per byte within 0.4% of fp16; 'mmse' and
-# 'kl_divergence' did worse on held-out rows and took 5-20x longer to build.
+# Chosen by measurement on the bundled model (docs/quality.md, "Making w8a8 better"): 'normal'
+# calibration (min/max) with per-channel weight scales. 'kl_divergence' measured ~20% lower KL
+# mean on text (0.0054 against 0.0067) but lowers the worst held-out cosine, so the
+# --quant-min-cos rule keeps more segments fp16 (1 of 6 at 256 calibration tokens, 3 at 1024);
+# 'mmse' and per-layer weight scales were no better. The simulator rebuilds with these values:
+# an artifact records no algorithm of its own.
 QUANT_ALGORITHM = "normal"
 QUANT_METHOD = "channel"
 
@@ -100,7 +103,8 @@ def build_in_process(onnx_path: str, target: str = "rk3588", rknn_out: str = "",
     toolkit's own output is dropped (``verbose``: shown; ``log_to``: appended to that file).
     ``rows``: a T-row segment, built for each of these row counts (``dynamic_input``).
     ``columns``: build the T-row segment's columns form (``rwkv2rknn.rknn.columns``; row inputs and the
-    dataset's samples [C, T]). ``config``: more ``RKNN.config`` options (measurements only).
+    dataset's samples [C, T]). ``config``: more ``RKNN.config`` options, over the quantisation defaults (measurements only;
+    its ``auto_hybrid`` goes to ``RKNN.build``).
     The toolkit works in a private folder (it writes fixed-name scratch files such as
     ``check_dynshape0.onnx`` into the working folder: two simulators started in one folder
     broke each other's builds).
@@ -113,7 +117,9 @@ def build_in_process(onnx_path: str, target: str = "rk3588", rknn_out: str = "",
                            f"use one of {', '.join(PRECISIONS)}, with a calibration dataset")
     with _maybe_quiet(verbose, log_to), tempfile.TemporaryDirectory(prefix=scratch_prefix("ds")) as tmp:
         rk = RKNN(verbose=verbose)
-        cfg = {"target_platform": target, **(config or {})}
+        config = dict(config or {})
+        build_kw = {"auto_hybrid": config.pop("auto_hybrid")} if "auto_hybrid" in config else {}
+        cfg = {"target_platform": target}
         if float_dtype:
             cfg["float_dtype"] = float_dtype
         if columns:
@@ -123,13 +129,15 @@ def build_in_process(onnx_path: str, target: str = "rk3588", rknn_out: str = "",
         if quant:
             cfg.update(quantized_dtype=QUANT_DTYPE[precision], quantized_algorithm=QUANT_ALGORITHM,
                        quantized_method=QUANT_METHOD)
+        cfg.update(config)  # measurements: other algorithms, methods, hybrid levels
+        if quant:
             dataset = _absolute_dataset(dataset, tmp)
             if columns:
                 from rwkv2rknn.rknn.columns import columns_dataset
                 dataset = columns_dataset(dataset, tmp)
         steps = [("config", lambda: rk.config(**cfg)),
                  ("load_onnx", lambda: rk.load_onnx(onnx_path)),
-                 ("build", lambda: rk.build(do_quantization=quant, dataset=dataset or None))]
+                 ("build", lambda: rk.build(do_quantization=quant, dataset=dataset or None, **build_kw))]
         if rknn_out:
             steps.append(("export_rknn", lambda: rk.export_rknn(rknn_out)))
         if runtime:

@@ -180,3 +180,28 @@ def test_compile_w8a8_prints_and_saves_its_kl_on_held_out_tokens(byte_model, w8a
         k = q[path]["kl"]
         assert 0 < k["mean"] < KL_TOLERANCE["w8a8"][0], q  # really quantised, within check's gate
         assert f"KL mean {k['mean']:.3g}," in ln and f"same top token {100 * q[path]['same_top']:.1f}%" in ln
+
+
+@pytest.mark.slow
+def test_quant_keep_builds_the_named_stages_fp16_and_the_rest_w8a8(byte_model, w8a8, tmp_path):
+    out = str(tmp_path / "keep")
+    m = compile_model(byte_model, out, Options(quant_keep=("head", "L9"), **QUANT))
+    npu = [s for s in m.segments if s.backend == "npu"]
+    kept = [s for s in npu if s.precision == "fp16"]
+    assert [s.stages[-1] for s in kept] == ["head"] and kept[0].precision_note == "--quant-keep head"
+    assert not kept[0].calib and all(s.precision == "w8a8" for s in npu if s is not kept[0])
+    assert f"kept fp16 in a quantised compile: {kept[0].name}: --quant-keep head" in m.table()
+    plan = json.load(open(os.path.join(out, "plan.json")))
+    assert any("--quant-keep L9: no NPU segment holds that stage" in n for n in plan["passes"])
+    by_name = str(tmp_path / "by-name")
+    m = compile_model(byte_model, by_name, Options(quant_keep=(kept[0].name,), **QUANT))
+    assert [s.name for s in m.segments if s.backend == "npu" and s.precision == "fp16"] == [kept[0].name]
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--quant", "w8a8", "--quant-keep", "head,layer3"], "'layer3' is not a loader stage or NPU segment name"),
+    (["--quant-keep", "head"], "--quant-keep is for quantised builds"),
+])
+def test_quant_keep_refuses_what_it_cannot_do(byte_model, tmp_path, args, words):
+    r = CliRunner().invoke(cli, ["compile", byte_model, "-o", str(tmp_path / "a")] + args)
+    assert r.exit_code == 2 and words in r.output and not (tmp_path / "a").exists()
