@@ -86,6 +86,19 @@ from rwkv2rknn.errors import BadInput
 MiB = 1 << 20
 
 
+def _log_interp(points: Dict[int, float], x: float) -> float:
+    """The measured ``points`` ({x: figure}) at ``x``, interpolated linearly in log(x); the
+    nearest end outside them."""
+    pts = sorted(points.items())
+    if x <= pts[0][0]:
+        return pts[0][1]
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x <= x1:
+            f = (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0))
+            return y0 + f * (y1 - y0)
+    return pts[-1][1]
+
+
 @dataclass(frozen=True)
 class DeviceProfile:
     name: str = "rk3588-published"
@@ -126,14 +139,7 @@ class DeviceProfile:
 
     def npu_throughput(self, rows: int) -> float:
         """Measured profiles: GFLOPS at ``rows`` rows, interpolated linearly in log(rows)."""
-        pts = sorted(self.npu_gflops.items())
-        if rows <= pts[0][0]:
-            return pts[0][1]
-        for (m0, g0), (m1, g1) in zip(pts, pts[1:]):
-            if rows <= m1:
-                f = (math.log(rows) - math.log(m0)) / (math.log(m1) - math.log(m0))
-                return g0 + f * (g1 - g0)
-        return pts[-1][1]
+        return _log_interp(self.npu_gflops, rows)
 
     def _speedup(self, precision: str) -> float:
         return self.npu_int8_speedup if precision == "w8a8" else 1.0
@@ -161,16 +167,7 @@ class DeviceProfile:
 
     def _gemv_rate(self, weight: float, gbs: float) -> float:
         """The bandwidth of one MatMul's weights: ``gemv_gbs`` at its bytes where measured."""
-        if not self.gemv_gbs:
-            return gbs
-        pts = sorted(self.gemv_gbs.items())
-        if weight <= pts[0][0]:
-            return pts[0][1]
-        for (b0, g0), (b1, g1) in zip(pts, pts[1:]):
-            if weight <= b1:
-                f = (math.log(weight) - math.log(b0)) / (math.log(b1) - math.log(b0))
-                return g0 + f * (g1 - g0)
-        return pts[-1][1]
+        return _log_interp(self.gemv_gbs, weight) if self.gemv_gbs else gbs
 
     def npu_op_ms(self, moved_bytes: float, flops: float, special: bool = False) -> float:
         """One non-MatMul op inside an NPU segment: a task's fixed cost, then its bytes at the
