@@ -25,7 +25,6 @@ from typing import Callable, Optional
 
 from rwkv2rknn import __version__, fileio
 from rwkv2rknn.compiler import resources
-from rwkv2rknn.compiler.embedding import narrow_embedding
 from rwkv2rknn.rknn import calibrate
 from rwkv2rknn.errors import UsageError
 from rwkv2rknn.compiler.ir import Context, GraphSegment, Options, export
@@ -162,7 +161,6 @@ def _compile(model_path, out_dir, options, toolkit, calib_ids, force, dump_after
     with fileio.atomic_dir(out_dir, MANIFEST, force=force) as tmp:
         os.makedirs(os.path.join(tmp, "segments"))
         for s in ctx.segments:
-            narrow_embedding(ctx, s)
             s.token.sha256 = fileio.save_onnx(s.token.model, os.path.join(tmp, "segments", s.name + ".onnx"))
             if s.seq.model is not None:
                 s.seq.sha256 = fileio.save_onnx(s.seq.model, os.path.join(tmp, "segments", s.name + ".seq.onnx"))
@@ -175,6 +173,7 @@ def _compile(model_path, out_dir, options, toolkit, calib_ids, force, dump_after
             os.makedirs(os.path.join(tmp, "dump"), exist_ok=True)
             fileio.save_onnx(model, os.path.join(tmp, "dump", f"after_{name}.onnx"))
         _validate(ctx, tmp, toolkit, options, model_path, on_pass)
+        _narrow(ctx, tmp, on_pass)
         manifest = _finish(ctx, tmp, toolkit, options)
     return manifest
 
@@ -228,6 +227,7 @@ def _compile_stream(model_path, out_dir, options, toolkit, calib_ids, force, pro
                          else "float32", "tokenizer": one_file.metadata.get("rwkv2rknn.tokenizer"),
                          "source_state": split.source_state(one_file)}
         _validate(ctx, tmp, toolkit, options, model_path, on_pass)
+        _narrow(ctx, tmp, on_pass)
         if one_file is not None:
             import shutil
             shutil.rmtree(folder)
@@ -249,6 +249,16 @@ def _validate(ctx: Context, tmp: str, toolkit: str, options: Options, model_path
                                        make_manifest)
     if on_pass:
         on_pass(validate.NAME, [n.text for n in ctx.said(validate.NAME)])
+
+
+def _narrow(ctx: Context, tmp: str, on_pass) -> None:
+    """The CPU token tables stored narrow (compiler/embedding.py), after validation: what it
+    compared is the model as cut, within fp32 rounding for fp32 sources whatever the NPU's
+    precision."""
+    from rwkv2rknn.compiler import embedding
+    embedding.narrow_all(ctx, tmp)
+    if on_pass:
+        on_pass(embedding.NAME, [n.text for n in ctx.notes if n.pass_name == embedding.NAME])
 
 
 def _finish(ctx: Context, tmp: str, toolkit: str, options: Options) -> Manifest:

@@ -18,6 +18,8 @@ from rwkv2rknn.compiler.ir import Context, GraphSegment
 
 log = logging.getLogger(__name__)
 
+NAME = "narrow"
+
 
 def compact(model, int8: bool = False) -> int:
     """Narrow every Gather table of ``model`` (an onnx ModelProto, changed in place); returns
@@ -72,14 +74,37 @@ def compact(model, int8: bool = False) -> int:
     return saved
 
 
-def narrow_embedding(ctx: Context, seg: GraphSegment) -> None:
-    """A built compile's CPU segments keep their token table in fp16 where its values are fp16
-    (int8 with per-row scales under --quant w8a8), widened per token (``compact``)."""
+def narrow_embedding(ctx: Context, seg: GraphSegment, folder: str) -> int:
+    """A built compile's CPU segment keeps its token table in fp16 where its values are fp16
+    (int8 with per-row scales under --quant w8a8), widened per token (``compact``): its written
+    files in ``folder``/segments (the per-token model and its T-row variant) are narrowed and
+    written again, their checksums follow. Returns the bytes saved."""
+    import os
+
+    from rwkv2rknn import fileio
     if ctx.options.plan_only or seg.device != "cpu" or seg.token.model is None:
-        return
+        return 0
     int8 = ctx.options.quant == "w8a8"
-    saved = sum(compact(m, int8) for m in (seg.token.model, seg.seq.model) if m is not None and
-                not isinstance(m, str))
+    saved = 0
+    for variant, suffix in ((seg.token, ".onnx"), (seg.seq, ".seq.onnx")):
+        if variant.model is None:
+            continue
+        path = os.path.join(folder, "segments", seg.name + suffix)
+        in_memory = not isinstance(variant.model, str)
+        model = variant.model if in_memory else fileio.load_onnx(path)
+        n = compact(model, int8)
+        if n:
+            variant.sha256 = fileio.save_onnx(model, path, keep=in_memory)
+            saved += n
     if saved:
-        ctx.note("cut", f"{seg.name}: token table stored as {'int8 with per-row scales' if int8 else 'fp16'}, "
-                        f"widened per token ({saved / 2**20:.1f} MiB less)")
+        ctx.note(NAME, f"{seg.name}: token table stored as {'int8 with per-row scales' if int8 else 'fp16'}, "
+                       f"widened per token ({saved / 2**20:.1f} MiB less)", segment=seg.name)
+    return saved
+
+
+def narrow_all(ctx: Context, folder: str) -> None:
+    """The narrowing step, after the compile has validated itself: what validation compared is
+    the model as cut; this step's own change (an int8 table under w8a8, half an int8 step per
+    row at most; an fp16 table only where it is exact) is the one difference it adds."""
+    for seg in ctx.segments:
+        narrow_embedding(ctx, seg, folder)

@@ -285,8 +285,6 @@ class _Stream:
         its serialised bytes)."""
         folder = os.path.join(self.out_dir, "segments")
         path = os.path.join(folder, seg.name + ".onnx")
-        from rwkv2rknn.compiler.embedding import narrow_embedding
-        narrow_embedding(self.ctx, seg)
         seg.token.sha256 = fileio.save_onnx(seg.token.model, path)
         sequence.run_one(self.ctx, seg, take=True)  # (the variant takes the written model's weights)
         seg.token.model = path

@@ -46,6 +46,33 @@ def test_every_npu_segment_is_w8a8_with_its_measured_figure(w8a8):
 
 
 @pytest.mark.slow
+def test_it_validated_at_fp32_rounding_before_its_token_table_went_int8(w8a8):
+    """The compile's self-check ran on the model as cut (fp32 source: 1e-4, the NPU's precision
+    is check's to measure); the int8 token table came after it, as its own step, and the
+    manifest's checksums are those of the narrowed files."""
+    import onnx
+    from onnx import TensorProto
+
+    from rwkv2rknn.artifact.plan import sha256_file
+    from rwkv2rknn.compiler import validate
+    plan = json.load(open(os.path.join(w8a8, "plan.json")))
+    assert plan["validation"]["passed"] and plan["validation"]["tolerance"] == validate.FP32_TOL
+    passes = plan["passes"]
+    v = next(i for i, p in enumerate(passes) if p.startswith("validate: "))
+    narrow = [i for i, p in enumerate(passes) if p.startswith("narrow: ")]
+    assert narrow and min(narrow) > v, passes
+    assert "int8 with per-row scales" in passes[narrow[0]]
+    m = load_manifest(w8a8)
+    embed = next(s for s in m.segments if s.backend == "cpu" and "embed" in s.stages)
+    for rel, digest in ((embed.token.onnx, embed.token.sha256), (embed.seq.onnx, embed.seq.sha256)):
+        if rel:
+            path = os.path.join(w8a8, rel)
+            assert sha256_file(path) == digest
+            tables = [i for i in onnx.load(path).graph.initializer if len(i.dims) == 2]
+            assert any(i.data_type == TensorProto.INT8 for i in tables), rel
+
+
+@pytest.mark.slow
 def test_the_recurrence_and_its_state_stay_on_the_cpu_in_fp32(w8a8):
     m = load_manifest(w8a8)
     carried = {t for s in m.state if s.accumulator for t in (s.input, s.output)}
