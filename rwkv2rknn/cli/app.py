@@ -188,9 +188,30 @@ def main() -> None:
         except (KeyboardInterrupt, Terminated) as e:
             _interrupted(e)
     try:
-        cli(prog_name="rwkv2rknn")
-    except KeyboardInterrupt as e:  # one that came outside a command (click's own code, an import)
-        _interrupted(e)
+        try:
+            cli(prog_name="rwkv2rknn")
+        except KeyboardInterrupt as e:  # one that came outside a command (click's own code, an import)
+            _interrupted(e)
+    except SystemExit as e:
+        if e.code in (130, 128 + signal.SIGTERM):
+            _exit_now(e.code)
+        raise
+
+
+def _exit_now(code: int) -> None:
+    """Exit with ``code`` after an interrupt, the cleaning up done. Not through the interpreter's
+    own end: under ``python -m``, CPython ends a process by SIGINT, whatever its exit code, when
+    a Ctrl-C ever reached code that a C extension evaluated from a string (pybind11 modules do,
+    as they are imported), even if it was caught (CPython's ``unhandled_keyboard_interrupt``).
+    The exit handlers run first; threads still running end with the process."""
+    import atexit
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def _start_on_huge_pages() -> None:

@@ -219,6 +219,16 @@ def test_an_import_cut_short_by_ctrl_c_is_an_interrupt(capsys):
 
 
 @pytest.mark.slow
+def test_ctrl_c_seen_by_code_a_c_extension_evaluated_still_exits_130():
+    """Under `python -m`, CPython ends a process by SIGINT (-2) at its very end if a Ctrl-C ever
+    reached code evaluated from a string by C, even once caught; the CLI exits 130 all the same."""
+    env = dict(os.environ, PYTHONPATH=os.path.join(os.path.dirname(os.path.dirname(__file__))))
+    r = subprocess.run([sys.executable, "-m", "helpers.interrupt_probe"], capture_output=True,
+                       text=True, env=env, timeout=120)
+    assert r.returncode == 130, (r.returncode, r.stderr)
+    assert r.stderr.strip() == "interrupted", r.stderr
+
+
 def test_debug_flag_shows_traceback(tmp_path):
     r = sh("--debug", "compile", tmp_path / "nope", "-o", tmp_path / "o", "--plan-only")
     assert r.returncode != 0 and "Traceback" in r.stderr
