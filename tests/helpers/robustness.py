@@ -196,8 +196,10 @@ def compile_under_way(out, pid):
 
 
 def build_under_way(tmp, pid):
-    """A build of the compile ``pid`` is running: its scratch folder is in the private TMPDIR."""
-    return lambda: any(n.startswith(_scratch_of(pid)) for n in os.listdir(tmp))
+    """A build of the compile ``pid`` is running: its scratch folder is in the private TMPDIR
+    and its child process is alive (the folder is made just before the child starts)."""
+    return lambda: (any(n.startswith(_scratch_of(pid)) for n in os.listdir(tmp))
+                    and procs_in_group(pid) >= 2)
 
 
 # ------------------------------------------------------------------------------ fixtures
