@@ -9,3 +9,32 @@ def random_model(tmp_path_factory, name: str, fp32: bool, **checkpoint) -> str:
     d = str(tmp_path_factory.mktemp(name) / ("fp32" if fp32 else "model"))
     export(random_checkpoint(**checkpoint), d, fp32=fp32, tokenizer="bytes")
     return d
+
+
+def start_cached_compile(model, out, cache, *flags, merge_output: bool = False):
+    """``rwkv2rknn compile MODEL -o OUT FLAGS`` in its own process, its build cache in ``cache``
+    (text pipes; ``merge_output``: stderr into stdout, one stream in the order written)."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, RWKV2RKNN_CACHE=str(cache))
+    return subprocess.Popen([sys.executable, "-m", "rwkv2rknn", "compile", str(model), "-o", str(out), *flags],
+                            stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT if merge_output else subprocess.PIPE, env=env, text=True)
+
+
+def npu_segments_whole(art) -> list:
+    """The NPU segments of the artifact ``art``'s manifest.json (as written: dicts), after
+    checking that each of their builds (.rknn, .seq.rknn) has the checksum the manifest records."""
+    import json
+    import os
+
+    from rwkv2rknn.artifact.plan import sha256_file
+    with open(os.path.join(art, "manifest.json")) as f:
+        m = json.load(f)
+    npu = [s for s in m["segments"] if s["backend"] == "npu"]
+    for s in npu:
+        for k in ("rknn", "seq_rknn"):
+            if s[k]:
+                assert sha256_file(os.path.join(art, s[k])) == s[k + "_sha256"], (s["name"], k)
+    return npu

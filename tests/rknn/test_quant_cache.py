@@ -3,14 +3,14 @@ compiles sharing a cache take turns on each entry (one builds it, the other find
 a damaged entry (its .rknn cut short, or its accuracy record unreadable) is found and built again.
 Real compiles in real processes (rknn-toolkit2's quantiser and simulator; 1 layer, width 32)."""
 
-import hashlib
 import json
 import os
 import re
-import subprocess
-import sys
 
 import pytest
+from helpers import npu_segments_whole, start_cached_compile
+
+from rwkv2rknn.artifact.plan import sha256_file
 
 pytestmark = pytest.mark.slow
 
@@ -18,16 +18,8 @@ pytestmark = pytest.mark.slow
 QUANT = ("--quant", "w8a8", "--calib-tokens", "32", "--prefill-rows", "4", "--quant-min-cos", "-1")
 
 
-def _sha(path):
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
 def _start(model, out, cache):
-    env = dict(os.environ, RWKV2RKNN_CACHE=str(cache))
-    return subprocess.Popen([sys.executable, "-m", "rwkv2rknn", "compile", str(model), "-o", str(out),
-                             *QUANT], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                            text=True)
+    return start_cached_compile(model, out, cache, *QUANT, merge_output=True)
 
 
 def _statuses(output):
@@ -40,14 +32,9 @@ def _statuses(output):
 
 
 def _npu(art):
-    with open(os.path.join(art, "manifest.json")) as f:
-        m = json.load(f)
-    npu = [s for s in m["segments"] if s["backend"] == "npu"]
+    npu = npu_segments_whole(art)
     for s in npu:
         assert s["precision"] == "w8a8", s["name"]
-        for k in ("rknn", "seq_rknn"):
-            if s[k]:
-                assert _sha(os.path.join(art, s[k])) == s[k + "_sha256"], s["name"]
     return npu
 
 
@@ -83,7 +70,7 @@ def test_two_w8a8_compiles_take_turns_on_each_cache_entry(at_once):
 def test_a_damaged_w8a8_entry_is_found_and_built_again(at_once, model):
     work, cache, outs, _ = at_once
     npu = _npu(str(outs[0]))
-    entries = {_sha(p): p for p in (cache / "rknn").iterdir() if p.suffix == ".rknn"}
+    entries = {sha256_file(str(p)): p for p in (cache / "rknn").iterdir() if p.suffix == ".rknn"}
     cut = entries[npu[0]["rknn_sha256"]]
     with open(cut, "r+b") as f:  # the .rknn cut short
         f.truncate(1000)
@@ -103,4 +90,4 @@ def test_a_damaged_w8a8_entry_is_found_and_built_again(at_once, model):
     again = {s["name"]: s for s in _npu(str(out))}
     assert os.path.getsize(out / again[npu[0]["name"]]["rknn"]) > 1000
     assert cut.stat().st_size > 1000
-    assert (cache / "rknn" / (cut.stem + ".sha256")).read_text().strip() == _sha(cut)
+    assert (cache / "rknn" / (cut.stem + ".sha256")).read_text().strip() == sha256_file(str(cut))
