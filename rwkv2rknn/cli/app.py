@@ -43,10 +43,9 @@ def _terminate(signum, frame) -> None:
 
 
 def _interrupted(e: BaseException) -> None:
-    """Ctrl-C: 'interrupted', exit 130; SIGTERM: 'terminated', exit 143. The work below has
-    cleaned up by now; a second Ctrl-C or SIGTERM while the interpreter shuts down (when Python
-    has put back the default action, which would end the process by the signal instead of
-    the exit code) is ignored."""
+    """Ctrl-C: 'interrupted', exit 130; SIGTERM: 'terminated', exit 143 (``main`` leaves through
+    ``_exit_now``). The work below has cleaned up by now; a second Ctrl-C or SIGTERM while the
+    exit handlers run is ignored, so it cannot cut them short."""
     for sig in HELD:
         signal.signal(sig, signal.SIG_IGN)
     if isinstance(e, Terminated) or isinstance(e.__cause__, Terminated):
