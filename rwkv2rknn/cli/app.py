@@ -89,8 +89,8 @@ def handle_errors(fn):
         except (click.exceptions.Exit, click.ClickException, SystemExit):
             raise
         except OSError as e:  # a full disk, a folder not writable, ...: the system's own words
-            if _from_interrupt(e) is not None:
-                _interrupted(_from_interrupt(e))
+            if (cut := _from_interrupt(e)) is not None:
+                _interrupted(cut)
             if _Ctx.debug:
                 raise
             where = f" ({e.filename})" if e.filename else ""
@@ -99,8 +99,8 @@ def handle_errors(fn):
             click.echo(f"error: {e.strerror or type(e).__name__}{where}: {fix}", err=True)
             sys.exit(1)
         except Exception as e:  # noqa: BLE001 - the last line of defence, still one line
-            if _from_interrupt(e) is not None:
-                _interrupted(_from_interrupt(e))
+            if (cut := _from_interrupt(e)) is not None:
+                _interrupted(cut)
             if _Ctx.debug:
                 raise
             msg = str(e).splitlines()[0][:200] if str(e) else ""
