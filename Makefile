@@ -33,9 +33,11 @@ $(STAMP): requirements.txt requirements-toolkit.txt setup.cfg setup.py pyproject
 	$(BIN)/pip install --disable-pip-version-check -q --no-deps -e .
 	touch $(STAMP)
 
-# The import rule (the contracts in setup.cfg) and the linter (ruff, configured in pyproject.toml).
+# The import rule (the contracts in setup.cfg), the linter and the formatter's check (ruff, configured
+# in pyproject.toml; `make format` rewrites what the check refuses).
 lint: imports
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 # import-linter reads the folders of the package as installed, where passes/ and models/ are
 # rwkv2rknn/passes and rwkv2rknn/models: it runs on a copy of the sources laid out that way.

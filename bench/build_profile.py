@@ -50,8 +50,21 @@ def profile(onnx_path, rows, extra):
     with tempfile.TemporaryDirectory(prefix="rwkv2rknn-prof-") as work:
         out = os.path.join(work, "out.rknn")
         env = dict(os.environ, TMPDIR=work)
-        res = subprocess.run([sys.executable, "-c", CHILD, os.path.abspath(onnx_path), json.dumps(rows),
-                              json.dumps(extra), out], cwd=work, env=env, capture_output=True, text=True)
+        res = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                CHILD,
+                os.path.abspath(onnx_path),
+                json.dumps(rows),
+                json.dumps(extra),
+                out,
+            ],
+            cwd=work,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         if res.returncode != 0:
             return None, (res.stderr.strip().splitlines() or ["failed"])[-1]
         return json.loads(res.stdout.strip().splitlines()[-1]), ""
@@ -60,13 +73,21 @@ def profile(onnx_path, rows, extra):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("onnx", nargs="+", help="segment ONNX files (.seq.onnx for T-row builds)")
-    ap.add_argument("--rows", nargs="*", default=["2", "2,16", "2,16,64", "2,16,32,64"],
-                    help="row sets to build (one build each; '' for a per-token graph)")
+    ap.add_argument(
+        "--rows",
+        nargs="*",
+        default=["2", "2,16", "2,16,64", "2,16,32,64"],
+        help="row sets to build (one build each; '' for a per-token graph)",
+    )
     ap.add_argument("--config", nargs="*", default=[], help="extra rknn config(...) options, KEY=VALUE")
     a = ap.parse_args()
-    configs = [{}] + [{k: json.loads(v.lower()) if v.lower() in ("true", "false") else
-                       (int(v) if v.isdigit() else v)} for k, v in (c.split("=", 1) for c in a.config)]
-    print("| segment | ONNX MB | rows | config | import | load_onnx | build | export | total CPU | peak | .rknn MB |")
+    configs = [{}] + [
+        {k: json.loads(v.lower()) if v.lower() in ("true", "false") else (int(v) if v.isdigit() else v)}
+        for k, v in (c.split("=", 1) for c in a.config)
+    ]
+    print(
+        "| segment | ONNX MB | rows | config | import | load_onnx | build | export | total CPU | peak | .rknn MB |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for path in a.onnx:
         mb = os.path.getsize(path) / 1e6
@@ -81,9 +102,12 @@ def main():
                     continue
                 w, c = got["wall"], got["cpu"]
                 cell = lambda k: f"{c[k]:.1f} ({w[k]:.1f})"  # noqa: E731
-                print(f"| {name} | {mb:.1f} | {r or '-'} | {conf} | {cell('import')} | {cell('load_onnx')} | "
-                      f"{cell('build')} | {cell('export_rknn')} | {sum(c.values()):.1f} | "
-                      f"{got['peak'] / 2**30:.2f} GiB | {got['bytes'] / 1e6:.1f} |", flush=True)
+                print(
+                    f"| {name} | {mb:.1f} | {r or '-'} | {conf} | {cell('import')} | {cell('load_onnx')} | "
+                    f"{cell('build')} | {cell('export_rknn')} | {sum(c.values()):.1f} | "
+                    f"{got['peak'] / 2**30:.2f} GiB | {got['bytes'] / 1e6:.1f} |",
+                    flush=True,
+                )
     print("\nseconds of CPU (wall in brackets)")
 
 

@@ -45,6 +45,7 @@ def _children_cpu() -> float:
     """CPU seconds (user + system) of the finished children and their waited-for descendants
     (the compile and its build processes), which a loaded machine changes less than wall time."""
     import resource
+
     r = resource.getrusage(resource.RUSAGE_CHILDREN)
     return r.ru_utime + r.ru_stime
 
@@ -53,8 +54,7 @@ def _children_cpu() -> float:
 V7_LORA = {"w": 96, "a": 96, "v": 64, "g": 256}
 
 
-def make_model(model_dir, layers, width, vocab, fp32=False, version="4", head_size=64,
-               one_file=False):
+def make_model(model_dir, layers, width, vocab, fp32=False, version="4", head_size=64, one_file=False):
     """Per-layer files in ``model_dir`` (or, ``one_file``, ``model_dir``/model.onnx)."""
     from rwkv2rknn.models.export import export, export_file
 
@@ -72,8 +72,10 @@ def make_state_dict(layers, width, vocab, version="4", head_size=64):
     from rwkv2rknn.models.checkpoint import random_checkpoint, random_rwkv7
 
     if version == "7":  # layer 0 has no v LoRA: two random layers, the second repeated
-        one, src = random_rwkv7(layers=min(layers, 2), width=width, vocab=vocab,
-                                head_size=head_size, lora=V7_LORA), 1
+        one, src = (
+            random_rwkv7(layers=min(layers, 2), width=width, vocab=vocab, head_size=head_size, lora=V7_LORA),
+            1,
+        )
     else:
         one, src = random_checkpoint(layers=1, width=width, vocab=vocab), 0
     sd = dict(one)
@@ -90,11 +92,16 @@ def main():
     ap.add_argument("--width", type=int, default=1024)
     ap.add_argument("--vocab", type=int, default=50277)
     ap.add_argument("--fp32", action="store_true", help="export fp32 files instead of fp16")
-    ap.add_argument("--version", choices=("4", "7"), default="4",
-                    help="RWKV-4 (default) or RWKV-7 (head size --head-size, LoRA as the 1.5B's)")
+    ap.add_argument(
+        "--version",
+        choices=("4", "7"),
+        default="4",
+        help="RWKV-4 (default) or RWKV-7 (head size --head-size, LoRA as the 1.5B's)",
+    )
     ap.add_argument("--head-size", type=int, default=64)
-    ap.add_argument("--one-file", action="store_true",
-                    help="export one whole-model .onnx instead of per-layer files")
+    ap.add_argument(
+        "--one-file", action="store_true", help="export one whole-model .onnx instead of per-layer files"
+    )
     ap.add_argument("--keep", default=None, help="work folder to keep (default: a temporary one)")
     ap.add_argument("--plan-only", action="store_true", help="compile with --plan-only")
     ap.add_argument("--once", action="store_true", help="one compile (no second, cached one)")
@@ -110,20 +117,26 @@ def main():
                 model_dir = os.path.join(work, f"model-{n}")
                 make_model(model_dir, n, a.width, a.vocab, a.fp32, a.version, a.head_size)
                 size = sum(os.path.getsize(os.path.join(model_dir, f)) for f in os.listdir(model_dir))
-                secs, peak, rc, out, _, _ = timed_compile(model_dir, os.path.join(work, "art"),
-                                                       os.path.join(work, "cache"), extra)
-                print(f"| {n} | {size / 2**30:.2f} GiB | {secs:.1f} s | {peak / 2**30:.2f} GiB |"
-                      + ("" if rc == 0 else f" exit {rc}: {out.strip().splitlines()[-1]}"), flush=True)
+                secs, peak, rc, out, _, _ = timed_compile(
+                    model_dir, os.path.join(work, "art"), os.path.join(work, "cache"), extra
+                )
+                print(
+                    f"| {n} | {size / 2**30:.2f} GiB | {secs:.1f} s | {peak / 2**30:.2f} GiB |"
+                    + ("" if rc == 0 else f" exit {rc}: {out.strip().splitlines()[-1]}"),
+                    flush=True,
+                )
                 shutil.rmtree(model_dir, ignore_errors=True)
             return 0
         model_dir = os.path.join(work, "model")
         source = os.path.join(model_dir, "model.onnx") if a.one_file else model_dir
         if not os.path.exists(os.path.join(model_dir, "model.onnx" if a.one_file else "head.onnx")):
             t0 = time.perf_counter()
-            make_model(model_dir, a.layers, a.width, a.vocab, a.fp32, a.version, a.head_size,
-                       a.one_file)
-            print(f"export ({'fp32' if a.fp32 else 'fp16'}{', one file' if a.one_file else ''}): "
-                  f"{time.perf_counter() - t0:.1f} s", flush=True)
+            make_model(model_dir, a.layers, a.width, a.vocab, a.fp32, a.version, a.head_size, a.one_file)
+            print(
+                f"export ({'fp32' if a.fp32 else 'fp16'}{', one file' if a.one_file else ''}): "
+                f"{time.perf_counter() - t0:.1f} s",
+                flush=True,
+            )
         if a.one_file:
             print(f"file: {os.path.getsize(source) / 2**30:.2f} GiB", flush=True)
         cache = os.path.join(work, "cache")
@@ -131,10 +144,19 @@ def main():
         labels = ("first compile (empty cache)", "second compile (cache)")
         for label in labels[:1] if a.once else labels:
             secs, peak, rc, out, load, cpu = timed_compile(source, os.path.join(work, "art"), cache, extra)
-            print(f"{label}: {secs:.1f} s wall, {cpu:.1f} s CPU, peak memory {peak / 2**30:.2f} GiB, exit {rc} "
-                  f"(machine load average {load:.1f} on {os.cpu_count()} cores)", flush=True)
-            print("\n".join(ln for ln in out.splitlines() if ln.strip().startswith(("build: ", "warning:", "range trace", "validate: "))),
-                  flush=True)
+            print(
+                f"{label}: {secs:.1f} s wall, {cpu:.1f} s CPU, peak memory {peak / 2**30:.2f} GiB, exit {rc} "
+                f"(machine load average {load:.1f} on {os.cpu_count()} cores)",
+                flush=True,
+            )
+            print(
+                "\n".join(
+                    ln
+                    for ln in out.splitlines()
+                    if ln.strip().startswith(("build: ", "warning:", "range trace", "validate: "))
+                ),
+                flush=True,
+            )
             if rc != 0:
                 print(out[-2000:])
                 return rc

@@ -30,10 +30,12 @@ def main():
     ap.add_argument("--per-round", type=int, default=3)
     args = ap.parse_args()
     store = WeightStore()
-    ways = {"fused, threads chosen as it runs": dict(store=store),
-            "fused, 1 thread": dict(store=store, threads=1),
-            "segment by segment, shared weights": dict(store=store, fuse=False),
-            "segment by segment, own prepacked weights": dict(share_weights=False, fuse=False)}
+    ways = {
+        "fused, threads chosen as it runs": dict(store=store),
+        "fused, 1 thread": dict(store=store, threads=1),
+        "segment by segment, shared weights": dict(store=store, fuse=False),
+        "segment by segment, own prepacked weights": dict(share_weights=False, fuse=False),
+    }
     models = {}
     for name, kw in ways.items():
         t0 = time.perf_counter()
@@ -50,7 +52,7 @@ def main():
                 m.step(t, states[k])
         for r in range(args.rounds):
             for k, m in models.items():
-                for t in ids[2 + r * args.per_round: 2 + (r + 1) * args.per_round]:
+                for t in ids[2 + r * args.per_round : 2 + (r + 1) * args.per_round]:
                     t0 = time.perf_counter()
                     m.step(t, states[k])
                     times[k].append(1000 * (time.perf_counter() - t0))

@@ -25,8 +25,11 @@ def main(artifact: str, rows=(16, 32, 64)) -> None:
     print(f"{'segment':<28} {'per-token':>10} {'T-rows':>10} {'one .rknn':>10}  (bytes)")
     for seq in segs:
         out = {}
-        for label, path, r in (("tok", seq.replace(".seq.onnx", ".onnx"), ()), ("seq", seq, rows),
-                               ("one", seq, (2,) + tuple(rows))):
+        for label, path, r in (
+            ("tok", seq.replace(".seq.onnx", ".onnx"), ()),
+            ("seq", seq, rows),
+            ("one", seq, (2,) + tuple(rows)),
+        ):
             dst = os.path.join(work, f"{os.path.basename(path)}.{label}.rknn")
             t0 = time.perf_counter()
             why = build_rknn(path, dst, rows=r)
@@ -37,11 +40,13 @@ def main(artifact: str, rows=(16, 32, 64)) -> None:
         totals["two builds"][1] += out["tok"][1] + out["seq"][1]
         totals["one build"][0] += out["one"][0]
         totals["one build"][1] += out["one"][1]
-        name = os.path.basename(seq)[:-len(".seq.onnx")]
+        name = os.path.basename(seq)[: -len(".seq.onnx")]
         print(f"{name:<28} {out['tok'][0]:>10} {out['seq'][0]:>10} {out['one'][0]:>10}")
     (b2, t2), (b1, t1) = totals["two builds"], totals["one build"]
-    print(f"total: two builds {b2} bytes in {t2:.1f} s; one build {b1} bytes in {t1:.1f} s "
-          f"({b1 / b2:.2f}x the bytes, {t1 / t2:.2f}x the build time)")
+    print(
+        f"total: two builds {b2} bytes in {t2:.1f} s; one build {b1} bytes in {t1:.1f} s "
+        f"({b1 / b2:.2f}x the bytes, {t1 / t2:.2f}x the build time)"
+    )
 
 
 if __name__ == "__main__":

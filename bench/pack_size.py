@@ -24,8 +24,12 @@ def main():
     ap.add_argument("--width", type=int, default=768)
     ap.add_argument("--vocab", type=int, default=65536)
     ap.add_argument("--quant", default="fp16")
-    ap.add_argument("--tokenizer", default=None, help="bytes, world or none (default: by vocabulary "
-                    "for a quantised build, bytes for a vocabulary of 256 or less, else none)")
+    ap.add_argument(
+        "--tokenizer",
+        default=None,
+        help="bytes, world or none (default: by vocabulary "
+        "for a quantised build, bytes for a vocabulary of 256 or less, else none)",
+    )
     ap.add_argument("--work", default=None, help="folder to keep the files in (default: temporary)")
     a = ap.parse_args()
     from rwkv2rknn.compiler.driver import compile_model
@@ -33,14 +37,20 @@ def main():
     from rwkv2rknn.models import checkpoint
     from rwkv2rknn.models.export import export
     from rwkv2rknn.artifact.pack import pack
+
     work = a.work or tempfile.mkdtemp(prefix="pack-size-")
-    make = {"4": checkpoint.random_checkpoint, "5": checkpoint.random_rwkv5,
-            "6": checkpoint.random_rwkv6, "7": checkpoint.random_rwkv7}[a.version]
+    make = {
+        "4": checkpoint.random_checkpoint,
+        "5": checkpoint.random_rwkv5,
+        "6": checkpoint.random_rwkv6,
+        "7": checkpoint.random_rwkv7,
+    }[a.version]
     t0 = time.time()
     sd = make(layers=a.layers, width=a.width, vocab=a.vocab, seed=1)
     src, art, out = (os.path.join(work, x) for x in ("onnx", "art", "packed"))
-    tok = a.tokenizer or ("bytes" if a.vocab <= 256 else "world" if a.quant != "fp16" and a.vocab == 65536
-                          else "none")
+    tok = a.tokenizer or (
+        "bytes" if a.vocab <= 256 else "world" if a.quant != "fp16" and a.vocab == 65536 else "none"
+    )
     export(sd, src, tokenizer=None if tok == "none" else tok, force=True)
     del sd
     compile_model(src, art, Options(quant=a.quant), force=True)
@@ -49,15 +59,26 @@ def main():
     kinds = {}
     for d, _, files in os.walk(out):
         for f in files:
-            kind = ("golden" if "golden" in d else ".rknn" if f.endswith(".rknn") else
-                    ".onnx" if ".onnx" in f else f)
+            kind = (
+                "golden"
+                if "golden" in d
+                else ".rknn"
+                if f.endswith(".rknn")
+                else ".onnx"
+                if ".onnx" in f
+                else f
+            )
             kinds[kind] = kinds.get(kind, 0) + os.path.getsize(os.path.join(d, f))
-    print(f"RWKV-{a.version} {a.layers} x {a.width}, vocab {a.vocab}, {a.quant}, tokenizer {tok}: "
-          f"compiled in {t1 - t0:.0f} s")
+    print(
+        f"RWKV-{a.version} {a.layers} x {a.width}, vocab {a.vocab}, {a.quant}, tokenizer {tok}: "
+        f"compiled in {t1 - t0:.0f} s"
+    )
     for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]):
         print(f"  {k:14s} {v:>14,d} bytes")
-    print(f"packed {res['bytes']:,} bytes for {res['parameters']:,} parameters: "
-          f"{res['bytes'] / res['parameters']:.3f} bytes per parameter")
+    print(
+        f"packed {res['bytes']:,} bytes for {res['parameters']:,} parameters: "
+        f"{res['bytes'] / res['parameters']:.3f} bytes per parameter"
+    )
     return 0
 
 

@@ -70,8 +70,13 @@ def figures(rep) -> dict:
     for path, d in (("decode", rep.to_dict()), ("prefill", rep.prefill)):
         if d and d.get("quality"):
             q = d["quality"]
-            out[path] = dict(q["kl"], same_top=q["same_top"], bits=q.get("bits"),
-                             max_rel=d["max_rel"], state_drift=d.get("state_drift"))
+            out[path] = dict(
+                q["kl"],
+                same_top=q["same_top"],
+                bits=q.get("bits"),
+                max_rel=d["max_rel"],
+                state_drift=d.get("state_drift"),
+            )
     return out
 
 
@@ -84,8 +89,10 @@ def row(label: str, fig: dict) -> str:
             continue
         b = f.get("bits")
         bits = f" bpb {b['artifact']:.4f}/{b['reference']:.4f}" if b else ""
-        cells.append(f"mean {f['mean']:.3g} med {f['median']:.3g} p99 {f['p99']:.3g} max {f['max']:.3g} "
-                     f"top {100 * f['same_top']:.1f}%{bits}")
+        cells.append(
+            f"mean {f['mean']:.3g} med {f['median']:.3g} p99 {f['p99']:.3g} max {f['max']:.3g} "
+            f"top {100 * f['same_top']:.1f}%{bits}"
+        )
     return f"{label:40s} | " + " | ".join(cells)
 
 
@@ -115,13 +122,29 @@ def main():
                     compile_model(d, art, Options(quant=q), force=True)
                 label = f"{name} {dtype} files, {q}"
                 for kind in ("text", "random"):
-                    rep, _ = run_check(art, args.tokens if kind == "text" else 32, backend="rknn-sim",
-                                       random_ids=kind == "random")
+                    rep, _ = run_check(
+                        art,
+                        args.tokens if kind == "text" else 32,
+                        backend="rknn-sim",
+                        random_ids=kind == "random",
+                    )
                     fig = figures(rep)
-                    results.append({"model": name, "source": dtype, "quant": q, "tokens": kind,
-                                    "figures": fig, "passed": rep.passed, "failures": rep.failures})
-                    print(row(f"{label} [{kind}]", fig) + f" | {'PASS' if rep.passed else 'FAIL'}"
-                          f" ({time.time() - t0:.0f} s)", flush=True)
+                    results.append(
+                        {
+                            "model": name,
+                            "source": dtype,
+                            "quant": q,
+                            "tokens": kind,
+                            "figures": fig,
+                            "passed": rep.passed,
+                            "failures": rep.failures,
+                        }
+                    )
+                    print(
+                        row(f"{label} [{kind}]", fig) + f" | {'PASS' if rep.passed else 'FAIL'}"
+                        f" ({time.time() - t0:.0f} s)",
+                        flush=True,
+                    )
                 if args.perturb and dtype == "fp32":
                     with open(os.path.join(art, MANIFEST)) as f:
                         npu = [s["name"] for s in json.load(f)["segments"] if s["backend"] == "npu"]
@@ -132,11 +155,23 @@ def main():
                         perturb(bad, seg, FACTOR[q])
                         rep, _ = run_check(bad, args.tokens, backend="rknn-sim")
                         fig = figures(rep)
-                        results.append({"model": name, "source": dtype, "quant": q, "tokens": "text",
-                                        "perturbed": seg, "factor": FACTOR[q], "figures": fig,
-                                        "passed": rep.passed, "failures": rep.failures})
-                        print(row(f"  {seg} x{FACTOR[q]}", fig) + f" | {'PASS' if rep.passed else 'FAIL'}",
-                              flush=True)
+                        results.append(
+                            {
+                                "model": name,
+                                "source": dtype,
+                                "quant": q,
+                                "tokens": "text",
+                                "perturbed": seg,
+                                "factor": FACTOR[q],
+                                "figures": fig,
+                                "passed": rep.passed,
+                                "failures": rep.failures,
+                            }
+                        )
+                        print(
+                            row(f"  {seg} x{FACTOR[q]}", fig) + f" | {'PASS' if rep.passed else 'FAIL'}",
+                            flush=True,
+                        )
                         shutil.rmtree(bad, ignore_errors=True)
     if args.json:
         with open(args.json, "w") as f:

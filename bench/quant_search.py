@@ -43,6 +43,7 @@ def toolkit_options(config: dict):
             rk = real(onnx_path, *a, **kw)
             SIZES[os.path.basename(onnx_path)] = os.path.getsize(kw["rknn_out"])
         return rk
+
     sim.build_in_process = patched
     try:
         yield
@@ -61,10 +62,19 @@ def run(art: str, ids, quantised: dict, config: dict) -> np.ndarray:
                 if seg.name in quantised:
                     p = quantised[seg.name]
                     # the compile writes every NPU segment's datasets, also where it kept one fp16
-                    calib = {"calib": "", "seq_calib": ""} if p == "fp16" else {
-                        "calib": seg.calib or (f"calib/{seg.name}.seq/dataset.txt" if seg.decode_rows
-                                               else f"calib/{seg.name}/dataset.txt"),
-                        "seq_calib": seg.seq_calib or f"calib/{seg.name}.seq/dataset.txt"}
+                    calib = (
+                        {"calib": "", "seq_calib": ""}
+                        if p == "fp16"
+                        else {
+                            "calib": seg.calib
+                            or (
+                                f"calib/{seg.name}.seq/dataset.txt"
+                                if seg.decode_rows
+                                else f"calib/{seg.name}/dataset.txt"
+                            ),
+                            "seq_calib": seg.seq_calib or f"calib/{seg.name}.seq/dataset.txt",
+                        }
+                    )
                     seg = dataclasses.replace(seg, precision=p, seq_precision=p, **calib)
                     model.runners[i].close()
                     model.runners[i] = model._runner(seg)
@@ -82,6 +92,7 @@ def smoothed(art: str, alpha: float, folder: str) -> str:
     import shutil
     from rwkv2rknn.rknn.calibrate import read_dataset
     from rwkv2rknn.rknn.smooth import smooth_files
+
     out = os.path.join(folder, os.path.basename(os.path.normpath(art)))
     shutil.copytree(art, out)
     with open(os.path.join(out, "manifest.json")) as f:
@@ -91,7 +102,9 @@ def smoothed(art: str, alpha: float, folder: str) -> str:
             continue
         per_token = os.path.join(out, "calib", s["name"], "dataset.txt")
         feeds = [dict(zip(s["inputs"], r)) for r in read_dataset(per_token)]
-        paths = [os.path.join(out, s["onnx"])] + ([os.path.join(out, s["seq_onnx"])] if s.get("seq_onnx") else [])
+        paths = [os.path.join(out, s["onnx"])] + (
+            [os.path.join(out, s["seq_onnx"])] if s.get("seq_onnx") else []
+        )
         print(f"{s['name']}: {smooth_files(paths, feeds, alpha)} projection(s) smoothed", flush=True)
     return out
 
@@ -101,8 +114,10 @@ def line(label: str, got, want, ids, seconds: float) -> str:
     k = q["kl"]
     size = f" {sum(SIZES.values()) / 1e6:.2f} MB" if SIZES else ""
     SIZES.clear()
-    return (f"{label:48s}{size} KL mean {k['mean']:.3g} med {k['median']:.3g} p99 {k['p99']:.3g} "
-            f"max {k['max']:.3g} top {100 * q['same_top']:.1f}% ({seconds:.0f} s)")
+    return (
+        f"{label:48s}{size} KL mean {k['mean']:.3g} med {k['median']:.3g} p99 {k['p99']:.3g} "
+        f"max {k['max']:.3g} top {100 * q['same_top']:.1f}% ({seconds:.0f} s)"
+    )
 
 
 def main():
@@ -138,8 +153,11 @@ def main():
                 config.update(auto_hybrid=True, auto_hybrid_cos_thresh=args.hybrid)
             if args.level >= 0:
                 config["quantized_hybrid_level"] = args.level
-            tag = f"{args.precision} {alg}/{method}" + (f" hybrid {args.hybrid}" if args.hybrid else "") \
+            tag = (
+                f"{args.precision} {alg}/{method}"
+                + (f" hybrid {args.hybrid}" if args.hybrid else "")
                 + (f" level {args.level}" if args.level >= 0 else "")
+            )
             if args.alone:
                 for name in npu:
                     t0 = time.time()

@@ -25,8 +25,11 @@ from rwkv2rknn.models.export import export
 from rwkv2rknn.runtime.hybrid import HybridModel
 from rwkv2rknn.runtime.tokenizer import ByteTokenizer
 
-SHAPES = {"7": dict(layers=3, width=192, vocab=301, seed=5), "6": dict(layers=3, width=192, vocab=263, seed=6),
-          "5": dict(layers=3, width=128, vocab=211, seed=7)}
+SHAPES = {
+    "7": dict(layers=3, width=192, vocab=301, seed=5),
+    "6": dict(layers=3, width=192, vocab=263, seed=6),
+    "5": dict(layers=3, width=128, vocab=211, seed=7),
+}
 MAKE = {"5": checkpoint.random_rwkv5, "6": checkpoint.random_rwkv6, "7": checkpoint.random_rwkv7}
 
 
@@ -50,11 +53,13 @@ def one(version: str, work: str) -> None:
             sim.close()
         size = sum(os.path.getsize(f) for f in glob.glob(f"{d}/{q}/segments/*.rknn"))
         npu = [s for s in m.segments if s.backend == "npu"]
-        print(f"RWKV-{version} {q}: top-1 {np.mean(step.argmax(1) == ref[:64].argmax(1)):.3f} token by "
-              f"token, {np.mean(chunks.argmax(1) == ref.argmax(1)):.3f} in chunks; max rel "
-              f"{np.abs(chunks - ref).max() / np.abs(ref).max():.3f}; .rknn {size} bytes; "
-              f"{[s.precision_label() for s in npu]}; layouts {[s.seq_layout or 'rows' for s in npu]}",
-              flush=True)
+        print(
+            f"RWKV-{version} {q}: top-1 {np.mean(step.argmax(1) == ref[:64].argmax(1)):.3f} token by "
+            f"token, {np.mean(chunks.argmax(1) == ref.argmax(1)):.3f} in chunks; max rel "
+            f"{np.abs(chunks - ref).max() / np.abs(ref).max():.3f}; .rknn {size} bytes; "
+            f"{[s.precision_label() for s in npu]}; layouts {[s.seq_layout or 'rows' for s in npu]}",
+            flush=True,
+        )
     print(f"RWKV-{version}: {time.time() - t0:.0f} s", flush=True)
 
 

@@ -25,6 +25,7 @@ def summary(model, out, without_rank_one=False):
     from rwkv2rknn import passes
     from rwkv2rknn.compiler.driver import compile_model
     from rwkv2rknn.compiler.ir import Options
+
     pipeline = passes.GRAPH_PIPELINE
     if without_rank_one:
         passes.GRAPH_PIPELINE = tuple(p for p in pipeline if p is not passes.rank_one)
@@ -47,6 +48,7 @@ def main():
 
     from rwkv2rknn.models.checkpoint import random_rwkv7
     from rwkv2rknn.models.export import export
+
     sd = random_rwkv7(layers=args.layers, width=args.width, vocab=args.vocab, seed=1)
     shape = f"RWKV-7 {args.layers} x {args.width}, vocab {args.vocab}"
     with tempfile.TemporaryDirectory(prefix="rwkv2rknn-bench-") as d:
@@ -55,8 +57,10 @@ def main():
         export_entries(sd, theirs, "7", opset=17)
         del sd
         print(f"{shape}, our per-layer export:               {summary(ours, os.path.join(d, 'a1'))}")
-        print(f"{shape}, state @ ab file, without rank_one:  "
-              f"{summary(theirs, os.path.join(d, 'a2'), without_rank_one=True)}")
+        print(
+            f"{shape}, state @ ab file, without rank_one:  "
+            f"{summary(theirs, os.path.join(d, 'a2'), without_rank_one=True)}"
+        )
         print(f"{shape}, state @ ab file, with rank_one:     {summary(theirs, os.path.join(d, 'a3'))}")
 
 

@@ -35,10 +35,18 @@ rk.release()
 
 def build(onnx, rows, precision, dataset, columns, config, work):
     out = os.path.join(work, "out.rknn")
-    arg = dict(onnx=os.path.abspath(onnx), out=out, rows=list(rows), precision=precision,
-               dataset=dataset and os.path.abspath(dataset), columns=columns, config=config)
-    res = subprocess.run([sys.executable, "-c", CHILD, json.dumps(arg)], cwd=work,
-                         capture_output=True, text=True)
+    arg = dict(
+        onnx=os.path.abspath(onnx),
+        out=out,
+        rows=list(rows),
+        precision=precision,
+        dataset=dataset and os.path.abspath(dataset),
+        columns=columns,
+        config=config,
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", CHILD, json.dumps(arg)], cwd=work, capture_output=True, text=True
+    )
     if res.returncode != 0 or not os.path.isfile(out):
         sys.exit(f"{os.path.basename(onnx)} {precision} rows {rows}: build failed\n{res.stderr[-2000:]}")
     m = re.search(r"Total Weight Memory Size: ([0-9.]+)KB", res.stdout)
@@ -67,8 +75,10 @@ def main():
     ap.add_argument("--rows", default="", help="row counts (default: the artifact's)")
     a = ap.parse_args()
     manifest = json.load(open(os.path.join(a.artifact, "manifest.json")))
-    print("| segment | precision | file | weights | first row count | + decode rows | + each further "
-          "| of which 3-core | metadata | NPU ops |")
+    print(
+        "| segment | precision | file | weights | first row count | + decode rows | + each further "
+        "| of which 3-core | metadata | NPU ops |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for seg in manifest["segments"]:
         if not seg.get("seq_onnx") or seg.get("backend") != "npu":
@@ -87,8 +97,11 @@ def main():
                 full = build(onnx, rows, precision, dataset, columns, {}, work)[0]
                 single = build(onnx, rows, precision, dataset, columns, {"single_core_mode": True}, work)[0]
             each = (full - two) / max(len(rest), 1)
-            print(f"| {seg['name']} | {precision} | {full:,} | {w:,} | {one - w - meta:,} | {two - one:,} | "
-                  f"{each:,.0f} ({len(rest)}) | {full - single:,} | {meta:,} | {ops} |", flush=True)
+            print(
+                f"| {seg['name']} | {precision} | {full:,} | {w:,} | {one - w - meta:,} | {two - one:,} | "
+                f"{each:,.0f} ({len(rest)}) | {full - single:,} | {meta:,} | {ops} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -39,9 +39,24 @@ class Server:
     def __init__(self, artifact, backend, *extra):
         self.port = free_port()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "rwkv2rknn", "serve", artifact, "--backend", backend, "--host", HOST,
-             "--port", str(self.port), *extra], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            env=dict(os.environ, TQDM_DISABLE="1"))
+            [
+                sys.executable,
+                "-m",
+                "rwkv2rknn",
+                "serve",
+                artifact,
+                "--backend",
+                backend,
+                "--host",
+                HOST,
+                "--port",
+                str(self.port),
+                *extra,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=dict(os.environ, TQDM_DISABLE="1"),
+        )
         end = time.time() + 120
         while time.time() < end:
             if self.proc.poll() is not None:
@@ -56,8 +71,9 @@ class Server:
     def call(self, method, path, body=None):
         c = http.client.HTTPConnection(HOST, self.port, timeout=600)
         try:
-            c.request(method, path, None if body is None else json.dumps(body),
-                      {"Content-Type": "application/json"})
+            c.request(
+                method, path, None if body is None else json.dumps(body), {"Content-Type": "application/json"}
+            )
             r = c.getresponse()
             return r.status, json.loads(r.read())
         finally:
@@ -68,8 +84,12 @@ class Server:
         usage) of a streamed request."""
         c = http.client.HTTPConnection(HOST, self.port, timeout=600)
         t0 = time.perf_counter()
-        c.request("POST", path, json.dumps({**body, "stream": True, "stream_options": {"include_usage": True}}),
-                  {"Content-Type": "application/json"})
+        c.request(
+            "POST",
+            path,
+            json.dumps({**body, "stream": True, "stream_options": {"include_usage": True}}),
+            {"Content-Type": "application/json"},
+        )
         r = c.getresponse()
         first = last = None
         n, usage = 0, None
@@ -103,7 +123,7 @@ def conversation(text, start, history_bytes):
     """User/assistant turns cut from real prose, about ``history_bytes`` long."""
     msgs, at, role = [], start, "user"
     while sum(len(m["content"]) + 13 for m in msgs) < history_bytes:
-        msgs.append({"role": role, "content": text[at:at + 180]})
+        msgs.append({"role": role, "content": text[at : at + 180]})
         at += 180
         role = "assistant" if role == "user" else "user"
     if msgs[-1]["role"] == "assistant":
@@ -119,28 +139,49 @@ def ttft(args, artifact, text):
         for i in range(args.repeats):
             history = conversation(text, 4000 * i, args.history)
             for srv in (cached, scratch):  # the turn before: the cached server keeps its state
-                status, r1 = srv.call("POST", "/v1/chat/completions",
-                                      {"model": srv.name, "messages": history, "max_tokens": 16, "temperature": 0})
+                status, r1 = srv.call(
+                    "POST",
+                    "/v1/chat/completions",
+                    {"model": srv.name, "messages": history, "max_tokens": 16, "temperature": 0},
+                )
                 if status != 200:
                     raise SystemExit(f"the server answered {status}: {r1}")
-            follow = history + [{"role": "assistant", "content": r1["choices"][0]["message"]["content"]},
-                                {"role": "user", "content": "And what happened next?"}]
+            follow = history + [
+                {"role": "assistant", "content": r1["choices"][0]["message"]["content"]},
+                {"role": "user", "content": "And what happened next?"},
+            ]
             body = {"messages": follow, "max_tokens": 4, "temperature": 0}
             t_c, _, _, u_c = cached.stream("/v1/chat/completions", {**body, "model": cached.name})
             t_s, _, _, u_s = scratch.stream("/v1/chat/completions", {**body, "model": scratch.name})
-            rows.append((t_c, t_s, u_c["prompt_tokens"], u_c["prompt_tokens_details"]["cached_tokens"],
-                         u_s["prompt_tokens_details"]["cached_tokens"]))
+            rows.append(
+                (
+                    t_c,
+                    t_s,
+                    u_c["prompt_tokens"],
+                    u_c["prompt_tokens_details"]["cached_tokens"],
+                    u_s["prompt_tokens_details"]["cached_tokens"],
+                )
+            )
     finally:
         cached.stop()
         scratch.stop()
     c = statistics.median(r[0] for r in rows)
     s = statistics.median(r[1] for r in rows)
-    print(f"1. follow-up turn, {rows[0][2]} prompt tokens ({rows[0][3]} of them cached; "
-          f"{rows[0][4]} without the cache), median of {len(rows)}:")
-    print(f"   time to first token: cached {1000 * c:.1f} ms, from scratch {1000 * s:.1f} ms, "
-          f"ratio {s / c:.1f}x")
-    return {"prompt_tokens": rows[0][2], "cached_tokens": rows[0][3], "ttft_cached_ms": 1000 * c,
-            "ttft_scratch_ms": 1000 * s, "ratio": s / c}
+    print(
+        f"1. follow-up turn, {rows[0][2]} prompt tokens ({rows[0][3]} of them cached; "
+        f"{rows[0][4]} without the cache), median of {len(rows)}:"
+    )
+    print(
+        f"   time to first token: cached {1000 * c:.1f} ms, from scratch {1000 * s:.1f} ms, "
+        f"ratio {s / c:.1f}x"
+    )
+    return {
+        "prompt_tokens": rows[0][2],
+        "cached_tokens": rows[0][3],
+        "ttft_cached_ms": 1000 * c,
+        "ttft_scratch_ms": 1000 * s,
+        "ratio": s / c,
+    }
 
 
 def overhead(args, artifact):
@@ -148,14 +189,40 @@ def overhead(args, artifact):
     served, ran = [], []
     try:
         for _ in range(args.repeats):
-            body = {"model": srv.name, "prompt": "It was a truth universally acknowledged",
-                    "max_tokens": args.tokens, "temperature": 1.0, "top_p": 1.0, "seed": 0}
+            body = {
+                "model": srv.name,
+                "prompt": "It was a truth universally acknowledged",
+                "max_tokens": args.tokens,
+                "temperature": 1.0,
+                "top_p": 1.0,
+                "seed": 0,
+            }
             _, span, n, usage = srv.stream("/v1/completions", body)
             served.append(span / max(usage["completion_tokens"] - 1, 1))
-            out = subprocess.run([sys.executable, "-m", "rwkv2rknn", "run", artifact, "--backend", args.backend,
-                                  "--prompt", "It was a truth universally acknowledged", "--max-tokens",
-                                  str(args.tokens), "--temperature", "1", "--top-p", "1", "--seed", "0"],
-                                 capture_output=True, text=True, env=dict(os.environ, TQDM_DISABLE="1"))
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "rwkv2rknn",
+                    "run",
+                    artifact,
+                    "--backend",
+                    args.backend,
+                    "--prompt",
+                    "It was a truth universally acknowledged",
+                    "--max-tokens",
+                    str(args.tokens),
+                    "--temperature",
+                    "1",
+                    "--top-p",
+                    "1",
+                    "--seed",
+                    "0",
+                ],
+                capture_output=True,
+                text=True,
+                env=dict(os.environ, TQDM_DISABLE="1"),
+            )
             m = re.search(r"([\d.]+) tokens/s\]", out.stderr)
             if not m:
                 raise SystemExit("run printed no speed: " + out.stderr[-300:])
@@ -164,8 +231,10 @@ def overhead(args, artifact):
         srv.stop()
     s, r = statistics.median(served), statistics.median(ran)
     print(f"2. decode, {args.tokens} tokens, median of {len(served)} interleaved runs:")
-    print(f"   run {1000 * r:.3f} ms/token, serve (streamed) {1000 * s:.3f} ms/token: "
-          f"overhead {1000 * (s - r):+.3f} ms/token ({100 * (s - r) / r:+.1f}%)")
+    print(
+        f"   run {1000 * r:.3f} ms/token, serve (streamed) {1000 * s:.3f} ms/token: "
+        f"overhead {1000 * (s - r):+.3f} ms/token ({100 * (s - r) / r:+.1f}%)"
+    )
     return {"run_ms_per_token": 1000 * r, "serve_ms_per_token": 1000 * s, "overhead_pct": 100 * (s - r) / r}
 
 
@@ -178,7 +247,9 @@ def state_bytes():
         v4 = 4 * layers * 5 * width
         v7 = 4 * layers * (2 * width + (width // 64) * 64 * 64)
         out[name] = {"rwkv4": v4, "rwkv5.2/6/7": v7}
-        print(f"   {name} ({layers} x {width}): RWKV-4 {v4 / 2**20:.2f} MiB; RWKV-5.2/6/7 {v7 / 2**20:.2f} MiB")
+        print(
+            f"   {name} ({layers} x {width}): RWKV-4 {v4 / 2**20:.2f} MiB; RWKV-5.2/6/7 {v7 / 2**20:.2f} MiB"
+        )
     return out
 
 
@@ -194,6 +265,7 @@ def main():
     artifact = args.artifact
     if artifact is None:
         from rwkv2rknn.compiler import bundled
+
         artifact = bundled.ensure_compiled()
     with open(HELDOUT, encoding="utf-8") as f:
         text = f.read()

@@ -17,16 +17,28 @@ from onnx import TensorProto, helper, numpy_helper
 
 from rwkv2rknn.tools.busy import BusyLoops, describe_load, load_average
 
-SIZES = [(64, 64, 1), (192, 192, 1), (256, 256, 1), (512, 512, 1), (1024, 256, 1),
-         (1024, 1024, 1), (1024, 4096, 1), (1024, 1024, 8), (1024, 1024, 32)]
+SIZES = [
+    (64, 64, 1),
+    (192, 192, 1),
+    (256, 256, 1),
+    (512, 512, 1),
+    (1024, 256, 1),
+    (1024, 1024, 1),
+    (1024, 4096, 1),
+    (1024, 1024, 8),
+    (1024, 1024, 32),
+]
 
 
 def session(c, k, t, threads):
     w = np.random.default_rng(0).random((c, k), np.float32)
-    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [t, c])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [t, k])],
-                          [numpy_helper.from_array(w, "w")])
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [t, c])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [t, k])],
+        [numpy_helper.from_array(w, "w")],
+    )
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -53,8 +65,10 @@ def main():
                         s.run(None, {"x": x})
                     got[threads].append((time.perf_counter() - t0) / n * 1e6)
             a, b = statistics.median(got[1]), statistics.median(got[2])
-            print(f"[{t}, {c}] x [{c}, {k}]: {2 * c * k * t:.1e} FLOPs, 1 thread {a:8.1f} us, "
-                  f"2 threads {b:8.1f} us, 2/1 = {b / a:.2f}")
+            print(
+                f"[{t}, {c}] x [{c}, {k}]: {2 * c * k * t:.1e} FLOPs, 1 thread {a:8.1f} us, "
+                f"2 threads {b:8.1f} us, 2/1 = {b / a:.2f}"
+            )
     print(f"load average at the end: {describe_load(load_average())}")
 
 

@@ -17,13 +17,16 @@ CHECKPOINT = os.path.join(HERE, "default", "rwkv4-bytes.pth")
 
 def checkpoint_path() -> str:
     if not os.path.exists(CHECKPOINT):
-        raise BadInput(f"the bundled model is missing ({CHECKPOINT})",
-                       "reinstall rwkv2rknn, or give an artifact: rwkv2rknn run ARTIFACT --prompt ...")
+        raise BadInput(
+            f"the bundled model is missing ({CHECKPOINT})",
+            "reinstall rwkv2rknn, or give an artifact: rwkv2rknn run ARTIFACT --prompt ...",
+        )
     return CHECKPOINT
 
 
 def cache_folder() -> str:
     from rwkv2rknn.fileio import cache_root
+
     with open(checkpoint_path(), "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()[:16]
     return os.path.join(cache_root(), "default", digest)

@@ -32,8 +32,9 @@ def arch_of(sd) -> Tuple[object, object]:
     version = rwkv4.detect_version(sd)
     module = MODULES.get(version)
     if module is None:
-        raise UnsupportedModel(f"RWKV-{version} is not supported yet",
-                               "RWKV-4, 5.2, 6 and 7 checkpoints can be exported")
+        raise UnsupportedModel(
+            f"RWKV-{version} is not supported yet", "RWKV-4, 5.2, 6 and 7 checkpoints can be exported"
+        )
     return module, module.check_state_dict(sd)
 
 
@@ -41,9 +42,11 @@ def to_fp16(model, keep_fp32=()):
     try:
         from onnxconverter_common import float16
     except ImportError as e:
-        raise MissingDependency("fp16 export needs onnxconverter-common",
-                                "pip install onnxconverter-common (or pass --fp32)") from e
+        raise MissingDependency(
+            "fp16 export needs onnxconverter-common", "pip install onnxconverter-common (or pass --fp32)"
+        ) from e
     import warnings
+
     with warnings.catch_warnings(record=True) as caught:
         # the converter warns once per constant it clamps to 1e-7 <= |x| <= 1e4
         warnings.simplefilter("always")
@@ -54,17 +57,25 @@ def to_fp16(model, keep_fp32=()):
     return out
 
 
-def export(sd: Dict[str, np.ndarray], out_dir: str, fp32: bool = False,
-           tokenizer: Optional[str] = None, force: bool = False,
-           progress: Optional[Callable[[str], None]] = None, tokenizer_file: Optional[str] = None):
+def export(
+    sd: Dict[str, np.ndarray],
+    out_dir: str,
+    fp32: bool = False,
+    tokenizer: Optional[str] = None,
+    force: bool = False,
+    progress: Optional[Callable[[str], None]] = None,
+    tokenizer_file: Optional[str] = None,
+):
     """Write the per-layer files of ``sd`` (validated) into ``out_dir``, atomically; returns
     the model's shape. ``tokenizer_file``: a tokenizer.json copied beside the files and recorded
     as the model's tokenizer (a Hugging Face folder's own)."""
     import shutil
+
     arch, shape = arch_of(sd)
     stages = [(arch.EMBED_FILE, lambda: arch.embed_graph(sd))]
-    stages += [(arch.BLOCK_FILE.format(i), (lambda i=i: arch.block_graph(sd, i)))
-               for i in range(shape.layers)]
+    stages += [
+        (arch.BLOCK_FILE.format(i), (lambda i=i: arch.block_graph(sd, i))) for i in range(shape.layers)
+    ]
     stages += [(arch.HEAD_FILE, lambda: arch.head_graph(sd))]
     keep = getattr(arch, "fp32_nodes", lambda m: [])
     with fileio.atomic_dir(out_dir, MODEL_JSON, force=force) as tmp:
@@ -78,18 +89,31 @@ def export(sd: Dict[str, np.ndarray], out_dir: str, fp32: bool = False,
         if tokenizer_file:
             shutil.copyfile(tokenizer_file, os.path.join(tmp, "tokenizer.json"))
             tokenizer = "tokenizer.json"
-        fileio.write_json(os.path.join(tmp, MODEL_JSON), {
-            "arch": arch.ARCH, "shape": shape.to_dict(), "dtype": "float32" if fp32 else "float16",
-            "tokenizer": tokenizer, **arch.description(shape)})
-    log.info("exported %s (%d layers, width %d, vocab %d) to %s", arch.ARCH, shape.layers,
-             shape.width, shape.vocab, out_dir)
+        fileio.write_json(
+            os.path.join(tmp, MODEL_JSON),
+            {
+                "arch": arch.ARCH,
+                "shape": shape.to_dict(),
+                "dtype": "float32" if fp32 else "float16",
+                "tokenizer": tokenizer,
+                **arch.description(shape),
+            },
+        )
+    log.info(
+        "exported %s (%d layers, width %d, vocab %d) to %s",
+        arch.ARCH,
+        shape.layers,
+        shape.width,
+        shape.vocab,
+        out_dir,
+    )
     return shape
 
 
 # --------------------------------------------------------------------------------------------
 # one whole-model file
 
-ONE_FILE_LIMIT = 2 * 1024 ** 3 - 64 * 1024 ** 2  # protobuf's 2 GB, less room for the graph itself
+ONE_FILE_LIMIT = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GB, less room for the graph itself
 METADATA_PREFIX = "rwkv2rknn."  # metadata_props keys the compiler reads back
 
 
@@ -155,7 +179,9 @@ class _Pieces:
                 node.input[:] = [rename.get(n, n) for n in node.input]
                 node.output[:] = [rename.get(n, n) for n in node.output]
             if x is None:
-                inputs.append(helper.make_tensor_value_info("token", g.input[0].type.tensor_type.elem_type, [1]))
+                inputs.append(
+                    helper.make_tensor_value_info("token", g.input[0].type.tensor_type.elem_type, [1])
+                )
             # copies: a message taken out of the stage's graph would keep all of it (every
             # weight of the stage) alive
             inputs += [_copy(t) for t in g.input[1:] if t.name not in rename]
@@ -199,7 +225,9 @@ def _write_streamed(sd, fp32: bool, path: str, props: Dict[str, str], force: boo
         # GraphProto fields in number order: node (1), name (2), initializer (5), input (11),
         # output (12); ModelProto: ir_version (1), producer_name (2), graph (7), opset_import (8),
         # metadata_props (14)
-        head = onnx.GraphProto(node=nodes).SerializeToString() + onnx.GraphProto(name="rwkv").SerializeToString()
+        head = (
+            onnx.GraphProto(node=nodes).SerializeToString() + onnx.GraphProto(name="rwkv").SerializeToString()
+        )
         tail = onnx.GraphProto(input=inputs, output=outputs).SerializeToString()
         graph_len = len(head) + os.path.getsize(weights) + len(tail)
         before = onnx.ModelProto(ir_version=8, producer_name="rwkv2rknn").SerializeToString()
@@ -222,26 +250,47 @@ def _write_streamed(sd, fp32: bool, path: str, props: Dict[str, str], force: boo
     return shape
 
 
-def export_file(sd: Dict[str, np.ndarray], path: str, fp32: bool = False,
-                tokenizer: Optional[str] = None, force: bool = False,
-                external_limit: int = ONE_FILE_LIMIT):
+def export_file(
+    sd: Dict[str, np.ndarray],
+    path: str,
+    fp32: bool = False,
+    tokenizer: Optional[str] = None,
+    force: bool = False,
+    external_limit: int = ONE_FILE_LIMIT,
+):
     """The whole model as one .onnx file (weights as external data ``PATH.data`` beside it when
     they pass ``external_limit`` bytes), written whole or not at all."""
     from onnx import helper
+
     arch, _ = arch_of(sd)
-    props = {METADATA_PREFIX + "arch": arch.ARCH, METADATA_PREFIX + "tokenizer": tokenizer or "",
-             METADATA_PREFIX + "dtype": "float32" if fp32 else "float16"}
+    props = {
+        METADATA_PREFIX + "arch": arch.ARCH,
+        METADATA_PREFIX + "tokenizer": tokenizer or "",
+        METADATA_PREFIX + "dtype": "float32" if fp32 else "float16",
+    }
     # at most the fp32 bytes of the weights: below the limit, the file is written one stage at
     # a time (a whole ModelProto of a 430M model took more than 12 GB to build and save)
     if sum(np.asarray(v).size * 4 for v in sd.values()) <= external_limit:
         shape = _write_streamed(sd, fp32, path, props, force)
-        log.info("exported %s (%d layers, width %d, vocab %d) to %s", arch.ARCH, shape.layers,
-                 shape.width, shape.vocab, path)
+        log.info(
+            "exported %s (%d layers, width %d, vocab %d) to %s",
+            arch.ARCH,
+            shape.layers,
+            shape.width,
+            shape.vocab,
+            path,
+        )
         return shape
     model, shape, arch = whole_model(sd, fp32)
     helper.set_model_props(model, props)
     weight_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
     fileio.save_onnx_file(model, path, external=weight_bytes > external_limit, force=force)
-    log.info("exported %s (%d layers, width %d, vocab %d) to %s", arch.ARCH, shape.layers,
-             shape.width, shape.vocab, path)
+    log.info(
+        "exported %s (%d layers, width %d, vocab %d) to %s",
+        arch.ARCH,
+        shape.layers,
+        shape.width,
+        shape.vocab,
+        path,
+    )
     return shape

@@ -26,6 +26,7 @@ def dims(t) -> tuple:
 
 def vi(name, dtype, shape):
     from onnx import helper
+
     return helper.make_tensor_value_info(name, dtype, shape)
 
 
@@ -39,6 +40,7 @@ class Builder:
 
     def const(self, name: str, value) -> str:
         from onnx import numpy_helper
+
         arr = np.asarray(value)
         full = self.prefix + name
         self.inits.append(numpy_helper.from_array(arr, full))
@@ -46,6 +48,7 @@ class Builder:
 
     def op(self, op_type: str, *inputs: str, name: str = "", out: str = "", **attrs) -> str:
         from onnx import helper
+
         self._n += 1
         node_name = self.prefix + (name or f"{op_type}_{self._n}")
         out = out or node_name + "_out"
@@ -56,17 +59,23 @@ class Builder:
         """Decomposed LayerNorm over the last axis (ReduceMean/Sub/Pow/Sqrt/Div/Mul/Add)."""
         mean = self.op("ReduceMean", x, name=f"{tag}.mean", axes=[-1])
         d = self.op("Sub", x, mean, name=f"{tag}.sub")
-        var = self.op("ReduceMean", self.op("Pow", d, self.const(f"{tag}.two", np.float32(2.0)),
-                                            name=f"{tag}.pow"), name=f"{tag}.var", axes=[-1])
-        std = self.op("Sqrt", self.op("Add", var, self.const(f"{tag}.eps", np.float32(eps)),
-                                      name=f"{tag}.add_eps"), name=f"{tag}.sqrt")
+        var = self.op(
+            "ReduceMean",
+            self.op("Pow", d, self.const(f"{tag}.two", np.float32(2.0)), name=f"{tag}.pow"),
+            name=f"{tag}.var",
+            axes=[-1],
+        )
+        std = self.op(
+            "Sqrt",
+            self.op("Add", var, self.const(f"{tag}.eps", np.float32(eps)), name=f"{tag}.add_eps"),
+            name=f"{tag}.sqrt",
+        )
         y = self.op("Div", d, std, name=f"{tag}.div")
         y = self.op("Mul", y, self.const(f"{tag}.weight", w), name=f"{tag}.scale")
         return self.op("Add", y, self.const(f"{tag}.bias", b), name=f"{tag}.shift")
 
     def reshape(self, x: str, shape, tag: str, out: str = "") -> str:
-        return self.op("Reshape", x, self.const(f"{tag}.shape", np.array(shape, np.int64)),
-                       name=tag, out=out)
+        return self.op("Reshape", x, self.const(f"{tag}.shape", np.array(shape, np.int64)), name=tag, out=out)
 
     def rows(self, x: str, mats, tag: str, acts=(), out: str = "") -> str:
         """``x[K]`` through row-form MatMuls ``[1, K] @ W[K, N]`` (with an activation between
@@ -74,8 +83,12 @@ class Builder:
         k = mats[0].shape[0]
         y = self.reshape(x, [1, k], f"{tag}.to_row")
         for j, w in enumerate(mats):
-            y = self.op("MatMul", y, self.const(f"{tag}.{j}.weight", np.ascontiguousarray(w)),
-                        name=f"{tag}.{j}" if len(mats) > 1 else tag)
+            y = self.op(
+                "MatMul",
+                y,
+                self.const(f"{tag}.{j}.weight", np.ascontiguousarray(w)),
+                name=f"{tag}.{j}" if len(mats) > 1 else tag,
+            )
             act = acts[j] if j < len(acts) else ""
             if act:
                 y = self.op(act, y, name=f"{tag}.{act.lower()}{j}")
@@ -83,9 +96,11 @@ class Builder:
 
     def model(self, inputs, outputs, name: str, opset: int = OPSET):
         from onnx import helper
+
         graph = helper.make_graph(self.nodes, name, inputs, outputs, self.inits)
-        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
-                              producer_name="rwkv2rknn")
+        m = helper.make_model(
+            graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="rwkv2rknn"
+        )
         m.ir_version = 8
         return m
 
@@ -93,15 +108,19 @@ class Builder:
 def shape_error(sd: Mapping[str, object], expected: Mapping[str, tuple], what: str):
     """The first missing key or wrong shape among ``expected`` as an UnsupportedModel, or None."""
     from rwkv2rknn.errors import UnsupportedModel
+
     missing = [k for k in expected if k not in sd]
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        return UnsupportedModel(f"not an {what} checkpoint: key '{missing[0]}'{more} missing",
-                                f"give an official {what} .pth checkpoint")
+        return UnsupportedModel(
+            f"not an {what} checkpoint: key '{missing[0]}'{more} missing",
+            f"give an official {what} .pth checkpoint",
+        )
     for key, want in expected.items():
         got = dims(sd[key])
         if got != want and not (len(want) == 3 and want[:2] == (1, 1) and got == want[2:]):
-            return UnsupportedModel(f"not an {what} checkpoint: '{key}' has shape {list(got)}, "
-                                    f"expected {list(want)}",
-                                    f"the checkpoint is damaged or not {what}")
+            return UnsupportedModel(
+                f"not an {what} checkpoint: '{key}' has shape {list(got)}, expected {list(want)}",
+                f"the checkpoint is damaged or not {what}",
+            )
     return None

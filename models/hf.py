@@ -43,8 +43,12 @@ from rwkv2rknn.errors import BadInput, MissingDependency, UnsupportedModel
 
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 
 # the config.json names of each format, for messages
 FORMATS = {
@@ -64,30 +68,38 @@ def read_safetensors(path: str) -> Dict[str, np.ndarray]:
     try:
         from safetensors import safe_open
     except ImportError as e:  # pragma: no cover - pinned in requirements.txt
-        raise MissingDependency("reading .safetensors files needs the safetensors package",
-                                "pip install safetensors") from e
+        raise MissingDependency(
+            "reading .safetensors files needs the safetensors package", "pip install safetensors"
+        ) from e
     out = {}
     try:
         with safe_open(path, framework="pt") as f:
             for key in f.keys():
                 out[key] = f.get_tensor(key).float().numpy()
     except (OSError, ValueError, RuntimeError) as e:
-        raise BadInput(f"cannot read '{path}' as safetensors ({str(e).splitlines()[0][:80]})",
-                       "the file is truncated or damaged; download it again") from e
+        raise BadInput(
+            f"cannot read '{path}' as safetensors ({str(e).splitlines()[0][:80]})",
+            "the file is truncated or damaged; download it again",
+        ) from e
     except Exception as e:  # noqa: BLE001 - safetensors' own SafetensorError
-        raise BadInput(f"cannot read '{path}' as safetensors ({str(e).splitlines()[0][:80]})",
-                       "the file is truncated or damaged; download it again") from e
+        raise BadInput(
+            f"cannot read '{path}' as safetensors ({str(e).splitlines()[0][:80]})",
+            "the file is truncated or damaged; download it again",
+        ) from e
     return out
 
 
 def read_torch(path: str) -> Dict[str, np.ndarray]:
     """A torch state dict file (``pytorch_model.bin``, ``.pth``) as float32 numpy."""
     import torch
+
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise BadInput(f"cannot read checkpoint '{path}' ({type(e).__name__})",
-                       "the file is truncated or not a PyTorch state dict") from e
+        raise BadInput(
+            f"cannot read checkpoint '{path}' ({type(e).__name__})",
+            "the file is truncated or not a PyTorch state dict",
+        ) from e
     if isinstance(sd, dict):
         _refuse_converted(sd, path)
     if not isinstance(sd, dict) or not all(hasattr(v, "shape") for v in sd.values()):
@@ -102,14 +114,17 @@ def read_weights(path: str) -> Dict[str, np.ndarray]:
             with open(path, encoding="utf-8") as f:
                 shards = sorted(set(json.load(f)["weight_map"].values()))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise BadInput(f"'{path}' is not a shard index (no 'weight_map')",
-                           "download the model folder again") from e
+            raise BadInput(
+                f"'{path}' is not a shard index (no 'weight_map')", "download the model folder again"
+            ) from e
         out = {}
         for name in shards:
             shard = os.path.join(os.path.dirname(path), name)
             if not os.path.isfile(shard):
-                raise BadInput(f"shard '{name}' listed in '{os.path.basename(path)}' is missing",
-                               "download every file of the model folder")
+                raise BadInput(
+                    f"shard '{name}' listed in '{os.path.basename(path)}' is missing",
+                    "download every file of the model folder",
+                )
             out.update(read_weights(shard))
         return out
     if sniff(path) == "safetensors":
@@ -141,8 +156,12 @@ def sniff(path: str) -> str:
 # the key maps
 
 
-_TRANSFORMERS_NAMES = {"time_mix_key": "time_mix_k", "time_mix_value": "time_mix_v",
-                       "time_mix_receptance": "time_mix_r", "time_mix_gate": "time_mix_g"}
+_TRANSFORMERS_NAMES = {
+    "time_mix_key": "time_mix_k",
+    "time_mix_value": "time_mix_v",
+    "time_mix_receptance": "time_mix_r",
+    "time_mix_gate": "time_mix_g",
+}
 
 
 def _from_transformers(sd: Dict[str, np.ndarray], config: dict) -> Dict[str, np.ndarray]:
@@ -153,9 +172,11 @@ def _from_transformers(sd: Dict[str, np.ndarray], config: dict) -> Dict[str, np.
             out[key] = arr
             continue
         if not key.startswith("rwkv."):
-            raise UnsupportedModel(f"unexpected key '{key}' in a transformers RWKV checkpoint",
-                                   "the folder mixes files of several models")
-        k = key[len("rwkv."):]
+            raise UnsupportedModel(
+                f"unexpected key '{key}' in a transformers RWKV checkpoint",
+                "the folder mixes files of several models",
+            )
+        k = key[len("rwkv.") :]
         k = re.sub(r"^embeddings\.", "emb.", k)
         k = k.replace(".pre_ln.", ".ln0.").replace(".attention.", ".att.")
         k = k.replace(".feed_forward.", ".ffn.")
@@ -172,8 +193,7 @@ def _from_transformers(sd: Dict[str, np.ndarray], config: dict) -> Dict[str, np.
 
 _FLA_LORA = {"w": ("w", True), "a": ("a", True), "v": ("v", True), "g": ("g", False)}
 _FLA_BLOCK = {"pre_norm": "ln0", "attn_norm": "ln1", "ffn_norm": "ln2"}
-_FLA_ATT = {"r_proj": "receptance", "k_proj": "key", "v_proj": "value", "o_proj": "output",
-            "g_norm": "ln_x"}
+_FLA_ATT = {"r_proj": "receptance", "k_proj": "key", "v_proj": "value", "o_proj": "output", "g_norm": "ln_x"}
 
 
 def _from_fla(sd: Dict[str, np.ndarray], config: dict) -> Dict[str, np.ndarray]:
@@ -200,11 +220,15 @@ def _from_fla(sd: Dict[str, np.ndarray], config: dict) -> Dict[str, np.ndarray]:
             elif rest[0] == "attn":
                 _fla_att(out, b + "att.", rest[1:], arr, vec)
             else:
-                raise UnsupportedModel(f"unexpected key '{key}' in an fla-hub RWKV-7 checkpoint",
-                                       "this fla model variant is not supported")
+                raise UnsupportedModel(
+                    f"unexpected key '{key}' in an fla-hub RWKV-7 checkpoint",
+                    "this fla model variant is not supported",
+                )
         else:
-            raise UnsupportedModel(f"unexpected key '{key}' in an fla-hub RWKV-7 checkpoint",
-                                   "the folder mixes files of several models")
+            raise UnsupportedModel(
+                f"unexpected key '{key}' in an fla-hub RWKV-7 checkpoint",
+                "the folder mixes files of several models",
+            )
     if "head.weight" not in out and "emb.weight" in out and config.get("tie_word_embeddings"):
         out["head.weight"] = out["emb.weight"]
     return out
@@ -231,16 +255,23 @@ def _fla_att(out, b: str, rest, arr, vec) -> None:
         elif which == "2" and kind == "bias":
             out[b + f"{m}0"] = vec(arr)
         else:
-            raise UnsupportedModel(f"unexpected LoRA tensor 'attn.{'.'.join(rest)}' in an fla-hub "
-                                   f"RWKV-7 checkpoint", "this fla model variant is not supported")
+            raise UnsupportedModel(
+                f"unexpected LoRA tensor 'attn.{'.'.join(rest)}' in an fla-hub RWKV-7 checkpoint",
+                "this fla model variant is not supported",
+            )
     else:
-        raise UnsupportedModel(f"unexpected key 'attn.{'.'.join(rest)}' in an fla-hub RWKV-7 "
-                               f"checkpoint", "this fla model variant is not supported")
+        raise UnsupportedModel(
+            f"unexpected key 'attn.{'.'.join(rest)}' in an fla-hub RWKV-7 checkpoint",
+            "this fla model variant is not supported",
+        )
 
 
-MAPPERS: Dict[str, Callable] = {"transformers-rwkv4": _from_transformers,
-                                "hf-rwkv5": _from_transformers, "hf-rwkv6": _from_transformers,
-                                "fla-rwkv7": _from_fla}
+MAPPERS: Dict[str, Callable] = {
+    "transformers-rwkv4": _from_transformers,
+    "hf-rwkv5": _from_transformers,
+    "hf-rwkv6": _from_transformers,
+    "fla-rwkv7": _from_fla,
+}
 
 
 def format_of(keys, config: dict) -> Optional[str]:
@@ -260,9 +291,11 @@ def format_of(keys, config: dict) -> Optional[str]:
     arch = _architecture(config)
     sample = ", ".join(sorted(keys)[:3])
     what = f"a {arch} model, not an RWKV checkpoint" if arch else "not an RWKV checkpoint"
-    raise UnsupportedModel(f"{what} (keys {sample}, ...)",
-                           "rwkv2rknn exports RWKV-4, 5.2, 6 and 7: the official .pth, transformers "
-                           "RwkvForCausalLM, Rwkv5/Rwkv6ForCausalLM or fla-hub RWKV7ForCausalLM")
+    raise UnsupportedModel(
+        f"{what} (keys {sample}, ...)",
+        "rwkv2rknn exports RWKV-4, 5.2, 6 and 7: the official .pth, transformers "
+        "RwkvForCausalLM, Rwkv5/Rwkv6ForCausalLM or fla-hub RWKV7ForCausalLM",
+    )
 
 
 def _architecture(config: dict) -> str:
@@ -276,8 +309,12 @@ def _architecture(config: dict) -> str:
 
 def find_weights(folder: str) -> str:
     """The weights file of a model folder (a shard index before a single file)."""
-    for name in ("model.safetensors.index.json", "model.safetensors",
-                 "pytorch_model.bin.index.json", "pytorch_model.bin"):
+    for name in (
+        "model.safetensors.index.json",
+        "model.safetensors",
+        "pytorch_model.bin.index.json",
+        "pytorch_model.bin",
+    ):
         if os.path.isfile(os.path.join(folder, name)):
             return os.path.join(folder, name)
     found = sorted(f for f in os.listdir(folder) if f.endswith((".safetensors", ".pth")))
@@ -285,11 +322,16 @@ def find_weights(folder: str) -> str:
         return os.path.join(folder, found[0])
     onnx = [f for f in os.listdir(folder) if f.endswith(".onnx")]
     if onnx:
-        raise BadInput(f"'{folder}' holds ONNX files, not a checkpoint",
-                       f"it is exported already: run `rwkv2rknn compile {folder}`")
-    raise BadInput(f"'{folder}' holds no model weights (no {', '.join(WEIGHT_FILES[:3])} or one "
-                   f".pth)" if not found else f"'{folder}' holds several weight files "
-                   f"({', '.join(found[:4])})", "give the checkpoint file itself")
+        raise BadInput(
+            f"'{folder}' holds ONNX files, not a checkpoint",
+            f"it is exported already: run `rwkv2rknn compile {folder}`",
+        )
+    raise BadInput(
+        f"'{folder}' holds no model weights (no {', '.join(WEIGHT_FILES[:3])} or one .pth)"
+        if not found
+        else f"'{folder}' holds several weight files ({', '.join(found[:4])})",
+        "give the checkpoint file itself",
+    )
 
 
 def read_config(folder: str) -> dict:
@@ -314,9 +356,15 @@ def load_model(path: str) -> Tuple[Dict[str, np.ndarray], Optional[str], str]:
         folder, weights = os.path.dirname(os.path.abspath(path)), path
     kind = "json" if weights.endswith(".index.json") else sniff(weights)
     _refuse_kind(weights, kind)
-    config = read_config(folder) if (os.path.isdir(path) or kind == "safetensors" or
-                                     os.path.basename(weights).startswith(("pytorch_model", "model.")))\
+    config = (
+        read_config(folder)
+        if (
+            os.path.isdir(path)
+            or kind == "safetensors"
+            or os.path.basename(weights).startswith(("pytorch_model", "model."))
+        )
         else {}
+    )
     sd = read_weights(weights)
     _refuse_converted(sd, weights)
     fmt = format_of(sd.keys(), config)
@@ -330,22 +378,29 @@ def load_model(path: str) -> Tuple[Dict[str, np.ndarray], Optional[str], str]:
 def _refuse_kind(path: str, kind: str) -> None:
     name = os.path.basename(path)
     if kind == "gguf":
-        raise UnsupportedModel(f"'{name}' is a GGUF file (llama.cpp)",
-                               "export from the original .pth or the Hugging Face folder")
+        raise UnsupportedModel(
+            f"'{name}' is a GGUF file (llama.cpp)", "export from the original .pth or the Hugging Face folder"
+        )
     if kind == "ggml":
-        raise UnsupportedModel(f"'{name}' is a ggml file (rwkv.cpp)",
-                               "export from the original .pth it was converted from")
+        raise UnsupportedModel(
+            f"'{name}' is a ggml file (rwkv.cpp)", "export from the original .pth it was converted from"
+        )
     if kind == "onnx" or name.endswith(".onnx"):
-        raise BadInput(f"'{name}' is an ONNX file, not a checkpoint",
-                       f"it is exported already: run `rwkv2rknn compile {path}`")
+        raise BadInput(
+            f"'{name}' is an ONNX file, not a checkpoint",
+            f"it is exported already: run `rwkv2rknn compile {path}`",
+        )
     if kind == "json" and not name.endswith(".index.json"):
-        raise BadInput(f"'{name}' is a JSON file, not model weights",
-                       "give the model folder or its weights file")
+        raise BadInput(
+            f"'{name}' is a JSON file, not model weights", "give the model folder or its weights file"
+        )
 
 
 def _refuse_converted(sd, path: str) -> None:
     """The `rwkv` package's own converted file (convert_and_save_and_exit) keeps '_strategy'."""
     if "_strategy" in sd or any(k.startswith("_") for k in sd):
-        raise UnsupportedModel(f"'{os.path.basename(path)}' was converted by the rwkv package for "
-                               f"one strategy (its weights transposed and cast)",
-                               "give the original checkpoint it was converted from")
+        raise UnsupportedModel(
+            f"'{os.path.basename(path)}' was converted by the rwkv package for "
+            f"one strategy (its weights transposed and cast)",
+            "give the original checkpoint it was converted from",
+        )

@@ -68,19 +68,36 @@ def block_io(i: int):
     """(inputs, outputs) of ``mixing_{i}.onnx``: the same for every layer."""
     return BLOCK_IO
 
+
 _BLOCK_KEYS = {
-    "ln1.weight": "C", "ln1.bias": "C", "ln2.weight": "C", "ln2.bias": "C",
-    "att.time_decay": "C", "att.time_first": "C",
-    "att.time_mix_k": "11C", "att.time_mix_v": "11C", "att.time_mix_r": "11C",
-    "att.key.weight": "CC", "att.value.weight": "CC", "att.receptance.weight": "CC",
+    "ln1.weight": "C",
+    "ln1.bias": "C",
+    "ln2.weight": "C",
+    "ln2.bias": "C",
+    "att.time_decay": "C",
+    "att.time_first": "C",
+    "att.time_mix_k": "11C",
+    "att.time_mix_v": "11C",
+    "att.time_mix_r": "11C",
+    "att.key.weight": "CC",
+    "att.value.weight": "CC",
+    "att.receptance.weight": "CC",
     "att.output.weight": "CC",
-    "ffn.time_mix_k": "11C", "ffn.time_mix_r": "11C",
-    "ffn.key.weight": "FC", "ffn.receptance.weight": "CC", "ffn.value.weight": "CF",
+    "ffn.time_mix_k": "11C",
+    "ffn.time_mix_r": "11C",
+    "ffn.key.weight": "FC",
+    "ffn.receptance.weight": "CC",
+    "ffn.value.weight": "CF",
 }
 # Keys that only later RWKV versions have, and the version each one means.
 _LATER_VERSION_KEYS = (
-    ("att.x_a", "7"), ("att.w0", "7"), ("att.time_maa_x", "6"), ("att.time_decay_w1", "6"),
-    ("att.ln_x.weight", "5"), ("att.gate.weight", "5"), ("att.time_faaaa", "5"),
+    ("att.x_a", "7"),
+    ("att.w0", "7"),
+    ("att.time_maa_x", "6"),
+    ("att.time_decay_w1", "6"),
+    ("att.ln_x.weight", "5"),
+    ("att.gate.weight", "5"),
+    ("att.time_faaaa", "5"),
 )
 
 
@@ -114,7 +131,8 @@ def detect_version(sd: Mapping[str, object]) -> str:
     if "emb.weight" not in sd or not any(k.startswith("blocks.") for k in sd):
         raise UnsupportedModel(
             "not an RWKV checkpoint (no 'emb.weight' / 'blocks.N.*' keys)",
-            "give an official RWKV-4 .pth checkpoint")
+            "give an official RWKV-4 .pth checkpoint",
+        )
     for suffix, version in _LATER_VERSION_KEYS:
         if f"blocks.0.{suffix}" in sd:
             return version
@@ -132,13 +150,20 @@ def check_state_dict(sd: Mapping[str, object]) -> Shape:
     """Validate an RWKV-4 state dict; return its shape or raise a one-line UnsupportedModel."""
     version = detect_version(sd)
     if version != "4":
-        raise UnsupportedModel(f"RWKV-{version} is not supported yet",
-                               "only RWKV-4 checkpoints can be exported for now")
+        raise UnsupportedModel(
+            f"RWKV-{version} is not supported yet", "only RWKV-4 checkpoints can be exported for now"
+        )
     shape = shape_of(sd)
     c, f, v = shape.width, shape.ffn, shape.vocab
     dims = {"C": (c,), "11C": (1, 1, c), "CC": (c, c), "FC": (f, c), "CF": (c, f)}
-    expected = {"emb.weight": (v, c), "blocks.0.ln0.weight": (c,), "blocks.0.ln0.bias": (c,),
-                "ln_out.weight": (c,), "ln_out.bias": (c,), "head.weight": (v, c)}
+    expected = {
+        "emb.weight": (v, c),
+        "blocks.0.ln0.weight": (c,),
+        "blocks.0.ln0.bias": (c,),
+        "ln_out.weight": (c,),
+        "ln_out.bias": (c,),
+        "head.weight": (v, c),
+    }
     for i in range(shape.layers):
         for key, kind in _BLOCK_KEYS.items():
             expected[f"blocks.{i}.{key}"] = dims[kind]
@@ -170,8 +195,7 @@ class _Builder(graph.Builder):
 
     def mix(self, xx: str, prev: str, m: np.ndarray, tag: str) -> str:
         a = self.op("Mul", xx, self.const(f"{tag}", m), name=f"{tag}.cur")
-        b = self.op("Mul", prev, self.const(f"{tag}.inv", (1.0 - m).astype(np.float32)),
-                    name=f"{tag}.prev")
+        b = self.op("Mul", prev, self.const(f"{tag}.inv", (1.0 - m).astype(np.float32)), name=f"{tag}.prev")
         return self.op("Add", a, b, name=f"{tag}.mix")
 
     def decayed_sum(self, a: str, b: str, aa: str, bb: str, v: str, tag: str):
@@ -179,8 +203,12 @@ class _Builder(graph.Builder):
         q = self.op("Max", a, b, name=f"{tag}.q")
         e1 = self.op("Exp", self.op("Sub", a, q, name=f"{tag}.d1"), name=f"{tag}.e1")
         e2 = self.op("Exp", self.op("Sub", b, q, name=f"{tag}.d2"), name=f"{tag}.e2")
-        num = self.op("Add", self.op("Mul", e1, aa, name=f"{tag}.e1aa"),
-                      self.op("Mul", e2, v, name=f"{tag}.e2v"), name=f"{tag}.num")
+        num = self.op(
+            "Add",
+            self.op("Mul", e1, aa, name=f"{tag}.e1aa"),
+            self.op("Mul", e2, v, name=f"{tag}.e2v"),
+            name=f"{tag}.num",
+        )
         den = self.op("Add", self.op("Mul", e1, bb, name=f"{tag}.e1bb"), e2, name=f"{tag}.den")
         return q, num, den
 
@@ -190,25 +218,27 @@ class _Builder(graph.Builder):
 
 def embed_graph(sd: Mapping[str, object]):
     from onnx import TensorProto
+
     g = _Builder()
     emb = g.const("emb.weight", _np(sd["emb.weight"]))
     row = g.op("Gather", emb, "token", name="emb", axis=0)
     y = g.layer_norm(row, _np(sd["blocks.0.ln0.weight"]), _np(sd["blocks.0.ln0.bias"]), "ln0")
     g.op("Reshape", y, g.const("flat", np.array([-1], np.int64)), name="flatten", out="output")
     c = _dims(sd["emb.weight"])[1]
-    return g.model([_vi("token", TensorProto.INT32, [1])], [_vi("output", TensorProto.FLOAT, [c])],
-                   "embed")
+    return g.model([_vi("token", TensorProto.INT32, [1])], [_vi("output", TensorProto.FLOAT, [c])], "embed")
 
 
 def block_graph(sd: Mapping[str, object], i: int):
     from onnx import TensorProto
+
     p = block_params(sd, i)
     c = p["att.time_first"].shape[0]
     g = _Builder()
     rows = {}
     for r, row in enumerate(STATE_ROWS):
-        rows[row] = g.op("Gather", "state_in", g.const(f"row.{row}", np.array(r, np.int64)),
-                         name=f"state_in.{row}", axis=0)
+        rows[row] = g.op(
+            "Gather", "state_in", g.const(f"row.{row}", np.array(r, np.int64)), name=f"state_in.{row}", axis=0
+        )
     x = "input"
     # time mixing
     xx = g.layer_norm(x, p["ln1.weight"], p["ln1.bias"], "ln1")
@@ -240,13 +270,16 @@ def block_graph(sd: Mapping[str, object], i: int):
     parts = [g.op("Unsqueeze", new[row], axis0, name=f"state_out.{row}") for row in STATE_ROWS]
     g.op("Concat", *parts, name="state_out", out="state_out", axis=0)
     n = len(STATE_ROWS)
-    return g.model([_vi("input", TensorProto.FLOAT, [c]), _vi("state_in", TensorProto.FLOAT, [n, c])],
-                   [_vi("output", TensorProto.FLOAT, [c]), _vi("state_out", TensorProto.FLOAT, [n, c])],
-                   f"mixing_{i}")
+    return g.model(
+        [_vi("input", TensorProto.FLOAT, [c]), _vi("state_in", TensorProto.FLOAT, [n, c])],
+        [_vi("output", TensorProto.FLOAT, [c]), _vi("state_out", TensorProto.FLOAT, [n, c])],
+        f"mixing_{i}",
+    )
 
 
 def head_graph(sd: Mapping[str, object]):
     from onnx import TensorProto
+
     g = _Builder()
     v, c = _dims(sd["head.weight"])
     y = g.layer_norm("x", _np(sd["ln_out.weight"]), _np(sd["ln_out.bias"]), "ln_out")

@@ -23,8 +23,18 @@ import numpy as np
 from rwkv2rknn.models import graph, rwkv6, slots
 from rwkv2rknn.models.graph import dims
 from rwkv2rknn.models.slots import (  # noqa: F401 - the surface the loader and export use
-    BLOCK_FILE, EMBED_FILE, EMBED_IO, HEAD_FILE, HEAD_IO, LN_EPS, OUT_SUFFIX, STATE_IO, STATE_SLOTS,
-    WKV_PREFIX, fp32_nodes)
+    BLOCK_FILE,
+    EMBED_FILE,
+    EMBED_IO,
+    HEAD_FILE,
+    HEAD_IO,
+    LN_EPS,
+    OUT_SUFFIX,
+    STATE_IO,
+    STATE_SLOTS,
+    WKV_PREFIX,
+    fp32_nodes,
+)
 
 ARCH = "rwkv5"
 VERSION = "5"
@@ -64,8 +74,10 @@ def check_state_dict(sd: Mapping[str, object]) -> Shape:
         out[b + "att.time_decay"] = out[b + "att.time_faaaa"] = (shape.heads, n)
         out[b + "ffn.time_mix_k"] = out[b + "ffn.time_mix_r"] = (1, 1, c)
         return out
-    slots.check_shapes(sd, slots.expected_shapes(shape, rwkv6.PROJECTIONS, ("receptance",),
-                                                 per_layer), "RWKV-5.2")
+
+    slots.check_shapes(
+        sd, slots.expected_shapes(shape, rwkv6.PROJECTIONS, ("receptance",), per_layer), "RWKV-5.2"
+    )
     return shape
 
 
@@ -82,13 +94,13 @@ def block_graph(sd: Mapping[str, object], i: int):
     g = graph.Builder()
     xx = g.layer_norm("input", p["ln1.weight"], p["ln1.bias"], "ln1", LN_EPS)
     # xx*m + shift*(1-m) == xx + (shift - xx)*(1-m)
-    mixed = slots.shift_mix(g, xx, "att_shift",
-                            {m: 1.0 - p[f"att.time_mix_{m}"] for m in MIXES}, "att")[0]
-    s = {"wkv": "wkv",
-         "r": g.rows(mixed["r"], [p["att.receptance.weight"]], "att.receptance"),
-         "k": g.rows(mixed["k"], [p["att.key.weight"]], "att.key"),
-         "v": g.rows(mixed["v"], [p["att.value.weight"]], "att.value"),
-         "g": g.rows(mixed["g"], [p["att.gate.weight"]], "att.gate"),
-         "w": g.const(WKV_PREFIX + "decay", np.exp(-np.exp(p["att.time_decay"])).astype(np.float32))}
-    return slots.gated_block_tail(g, p, s, h, n, i, xx, 1.0 - p["ffn.time_mix_k"],
-                                  1.0 - p["ffn.time_mix_r"])
+    mixed = slots.shift_mix(g, xx, "att_shift", {m: 1.0 - p[f"att.time_mix_{m}"] for m in MIXES}, "att")[0]
+    s = {
+        "wkv": "wkv",
+        "r": g.rows(mixed["r"], [p["att.receptance.weight"]], "att.receptance"),
+        "k": g.rows(mixed["k"], [p["att.key.weight"]], "att.key"),
+        "v": g.rows(mixed["v"], [p["att.value.weight"]], "att.value"),
+        "g": g.rows(mixed["g"], [p["att.gate.weight"]], "att.gate"),
+        "w": g.const(WKV_PREFIX + "decay", np.exp(-np.exp(p["att.time_decay"])).astype(np.float32)),
+    }
+    return slots.gated_block_tail(g, p, s, h, n, i, xx, 1.0 - p["ffn.time_mix_k"], 1.0 - p["ffn.time_mix_r"])

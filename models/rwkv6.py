@@ -29,8 +29,18 @@ import numpy as np
 from rwkv2rknn.models import graph, slots
 from rwkv2rknn.models.graph import dims
 from rwkv2rknn.models.slots import (  # noqa: F401 - the surface the loader and export use
-    BLOCK_FILE, EMBED_FILE, EMBED_IO, HEAD_FILE, HEAD_IO, LN_EPS, OUT_SUFFIX, STATE_IO, STATE_SLOTS,
-    WKV_PREFIX, fp32_nodes)
+    BLOCK_FILE,
+    EMBED_FILE,
+    EMBED_IO,
+    HEAD_FILE,
+    HEAD_IO,
+    LN_EPS,
+    OUT_SUFFIX,
+    STATE_IO,
+    STATE_SLOTS,
+    WKV_PREFIX,
+    fp32_nodes,
+)
 
 ARCH = "rwkv6"
 VERSION = "6"
@@ -82,8 +92,8 @@ def check_state_dict(sd: Mapping[str, object]) -> Shape:
         out[b + "att.time_decay_w1"], out[b + "att.time_decay_w2"] = (c, d2), (d2, c)
         out[b + "ffn.time_maa_k"] = out[b + "ffn.time_maa_r"] = (1, 1, c)
         return out
-    slots.check_shapes(sd, slots.expected_shapes(shape, PROJECTIONS, ("receptance",), per_layer),
-                       "RWKV-6")
+
+    slots.check_shapes(sd, slots.expected_shapes(shape, PROJECTIONS, ("receptance",), per_layer), "RWKV-6")
     return shape
 
 
@@ -96,8 +106,7 @@ embed_graph, head_graph = slots.embed_graph, slots.head_graph
 
 def _decay(g: graph.Builder, p, lora: str) -> str:
     """``exp(-exp(time_decay + lora))`` (nodes ``wkv.*``, kept in fp32 on the CPU)."""
-    w = g.op("Add", g.const(WKV_PREFIX + "time_decay", p["att.time_decay"]), lora,
-             name=WKV_PREFIX + "w_add")
+    w = g.op("Add", g.const(WKV_PREFIX + "time_decay", p["att.time_decay"]), lora, name=WKV_PREFIX + "w_add")
     w = g.op("Neg", g.op("Exp", w, name=WKV_PREFIX + "w_exp"), name=WKV_PREFIX + "w_neg")
     return g.op("Exp", w, name=WKV_PREFIX + "decay")
 
@@ -112,18 +121,25 @@ def block_graph(sd: Mapping[str, object], i: int):
     xxx = mix_x["x"]
     mixed = {}
     for j, m in enumerate(MAA):  # five LoRA chains: x_j = xx + d * (maa_j + m_j)
-        lora = g.rows(xxx, [p["att.time_maa_w1"][:, j * d:(j + 1) * d], p["att.time_maa_w2"][j]],
-                      f"att.maa_{m}", acts=("Tanh",))
-        amount = g.op("Add", g.const(f"att.time_maa_{m}", p[f"att.time_maa_{m}"]), lora,
-                      name=f"att.maa_{m}.add")
-        mixed[m] = g.op("Add", xx, g.op("Mul", delta, amount, name=f"att.mix_{m}.d"),
-                        name=f"att.mix_{m}")
-    s = {"wkv": "wkv",
-         "r": g.rows(mixed["r"], [p["att.receptance.weight"]], "att.receptance"),
-         "k": g.rows(mixed["k"], [p["att.key.weight"]], "att.key"),
-         "v": g.rows(mixed["v"], [p["att.value.weight"]], "att.value"),
-         "g": g.rows(mixed["g"], [p["att.gate.weight"]], "att.gate"),
-         "w": g.rows(mixed["w"], [p["att.time_decay_w1"], p["att.time_decay_w2"]], "att.decay_lora",
-                     acts=("Tanh",))}
+        lora = g.rows(
+            xxx,
+            [p["att.time_maa_w1"][:, j * d : (j + 1) * d], p["att.time_maa_w2"][j]],
+            f"att.maa_{m}",
+            acts=("Tanh",),
+        )
+        amount = g.op(
+            "Add", g.const(f"att.time_maa_{m}", p[f"att.time_maa_{m}"]), lora, name=f"att.maa_{m}.add"
+        )
+        mixed[m] = g.op("Add", xx, g.op("Mul", delta, amount, name=f"att.mix_{m}.d"), name=f"att.mix_{m}")
+    s = {
+        "wkv": "wkv",
+        "r": g.rows(mixed["r"], [p["att.receptance.weight"]], "att.receptance"),
+        "k": g.rows(mixed["k"], [p["att.key.weight"]], "att.key"),
+        "v": g.rows(mixed["v"], [p["att.value.weight"]], "att.value"),
+        "g": g.rows(mixed["g"], [p["att.gate.weight"]], "att.gate"),
+        "w": g.rows(
+            mixed["w"], [p["att.time_decay_w1"], p["att.time_decay_w2"]], "att.decay_lora", acts=("Tanh",)
+        ),
+    }
     s["w"] = _decay(g, p, s["w"])
     return slots.gated_block_tail(g, p, s, h, n, i, xx, p["ffn.time_maa_k"], p["ffn.time_maa_r"])

@@ -37,8 +37,18 @@ from rwkv2rknn.errors import UnsupportedModel
 from rwkv2rknn.models import graph, slots
 from rwkv2rknn.models.graph import dims
 from rwkv2rknn.models.slots import (  # noqa: F401 - the surface the loader and export use
-    BLOCK_FILE, EMBED_FILE, EMBED_IO, HEAD_FILE, HEAD_IO, LN_EPS, OUT_SUFFIX, STATE_IO, STATE_SLOTS,
-    WKV_PREFIX, fp32_nodes)
+    BLOCK_FILE,
+    EMBED_FILE,
+    EMBED_IO,
+    HEAD_FILE,
+    HEAD_IO,
+    LN_EPS,
+    OUT_SUFFIX,
+    STATE_IO,
+    STATE_SLOTS,
+    WKV_PREFIX,
+    fp32_nodes,
+)
 
 ARCH = "rwkv7"
 VERSION = "7"
@@ -89,8 +99,10 @@ def check_state_dict(sd: Mapping[str, object]) -> Shape:
     c, n = shape.width, shape.head_size
     missing = [x for x in LORAS if x not in shape.lora]
     if missing:
-        raise UnsupportedModel(f"not an RWKV-7 checkpoint: no 'att.{missing[0]}1' LoRA matrix",
-                               "give an official RWKV-7 .pth checkpoint")
+        raise UnsupportedModel(
+            f"not an RWKV-7 checkpoint: no 'att.{missing[0]}1' LoRA matrix",
+            "give an official RWKV-7 .pth checkpoint",
+        )
 
     def per_layer(i, b):
         out = {b + "att." + key: (1, 1, c) for key in _VEC}
@@ -101,8 +113,10 @@ def check_state_dict(sd: Mapping[str, object]) -> Shape:
         if i:
             out[b + "att.v0"] = (1, 1, c)
         return out
-    slots.check_shapes(sd, slots.expected_shapes(shape, ("receptance", "key", "value", "output"),
-                                                 (), per_layer), "RWKV-7")
+
+    slots.check_shapes(
+        sd, slots.expected_shapes(shape, ("receptance", "key", "value", "output"), (), per_layer), "RWKV-7"
+    )
     return shape
 
 
@@ -135,14 +149,27 @@ def _wkv(g: graph.Builder, p, s: Dict[str, str], h: int, n: int, first: bool) ->
     w = op("Exp", op("Mul", w, k_("decay_scale", DECAY_SCALE), tag="w_scale"), tag="decay")
     a = op("Sigmoid", op("Add", k_("a0", p["att.a0"]), s["a"], tag="a_add"), tag="a")
     kk = shaped(op("Mul", s["k"], k_("k_k", p["att.k_k"]), tag="kk"), [h, n], "kk_heads")
-    sq = op("ReduceSum", op("Mul", kk, kk, tag="kk_sq"),
-            g.const(WKV_PREFIX + "axis", np.array([-1], np.int64)), tag="kk_sumsq", keepdims=1)
+    sq = op(
+        "ReduceSum",
+        op("Mul", kk, kk, tag="kk_sq"),
+        g.const(WKV_PREFIX + "axis", np.array([-1], np.int64)),
+        tag="kk_sumsq",
+        keepdims=1,
+    )
     norm = op("Max", op("Sqrt", sq, tag="kk_norm"), k_("norm_eps", NORM_EPS), tag="kk_norm_eps")
     kk = shaped(op("Div", kk, norm, tag="kk_unit"), [c], "kk_flat")
     one = k_("one", 1.0)
-    k = op("Mul", s["k"], op("Add", one, op("Mul", op("Sub", a, one, tag="a_m1"),
-                                             k_("k_a", p["att.k_a"]), tag="a_ka"), tag="k_scale"),
-           tag="k")
+    k = op(
+        "Mul",
+        s["k"],
+        op(
+            "Add",
+            one,
+            op("Mul", op("Sub", a, one, tag="a_m1"), k_("k_a", p["att.k_a"]), tag="a_ka"),
+            tag="k_scale",
+        ),
+        tag="k",
+    )
     v = s["v"]
     if not first:
         mix = op("Sigmoid", op("Add", k_("v0", p["att.v0"]), s["vl"], tag="v_add"), tag="v_mix")
@@ -156,12 +183,24 @@ def _wkv(g: graph.Builder, p, s: Dict[str, str], h: int, n: int, first: bool) ->
     new = op("Add", removed, vk, tag="S_new")
     g.op("Identity", new, name="state.wkv_out", out="wkv" + OUT_SUFFIX)
     y = op("MatMul", new, shaped(s["r"], [h, n, 1], "r_col"), tag="y")
-    y = slots.group_norm(g, shaped(y, [c], "y_flat"), h, n, p["att.ln_x.weight"],
-                         p["att.ln_x.bias"], WKV_PREFIX + "ln_x")
-    rk = shaped(op("Mul", op("Mul", s["r"], k, tag="rk"), k_("r_k", p["att.r_k"]), tag="rkr"),
-                [h, n], "rkr_heads")
-    bonus = op("Mul", op("ReduceSum", rk, g.const(WKV_PREFIX + "axis2", np.array([-1], np.int64)),
-                         tag="bonus_sum", keepdims=1), shaped(v, [h, n], "v_heads"), tag="bonus")
+    y = slots.group_norm(
+        g, shaped(y, [c], "y_flat"), h, n, p["att.ln_x.weight"], p["att.ln_x.bias"], WKV_PREFIX + "ln_x"
+    )
+    rk = shaped(
+        op("Mul", op("Mul", s["r"], k, tag="rk"), k_("r_k", p["att.r_k"]), tag="rkr"), [h, n], "rkr_heads"
+    )
+    bonus = op(
+        "Mul",
+        op(
+            "ReduceSum",
+            rk,
+            g.const(WKV_PREFIX + "axis2", np.array([-1], np.int64)),
+            tag="bonus_sum",
+            keepdims=1,
+        ),
+        shaped(v, [h, n], "v_heads"),
+        tag="bonus",
+    )
     y = op("Add", y, shaped(bonus, [c], "bonus_flat"), tag="y_bonus")
     return op("Mul", y, s["g"], tag="gated")
 
@@ -175,13 +214,16 @@ def block_graph(sd: Mapping[str, object], i: int):
     x = "input"
     xx = g.layer_norm(x, p["ln1.weight"], p["ln1.bias"], "ln1", LN_EPS)
     mixed, _ = slots.shift_mix(g, xx, "att_shift", {m: p[f"att.x_{m}"] for m in "rwkvag"}, "att")
-    s = {"wkv": "wkv", V_FIRST: V_FIRST,
-         "r": g.rows(mixed["r"], [p["att.receptance.weight"]], "att.receptance"),
-         "w": g.rows(mixed["w"], [p["att.w1"], p["att.w2"]], "att.w_lora", acts=("Tanh",)),
-         "k": g.rows(mixed["k"], [p["att.key.weight"]], "att.key"),
-         "v": g.rows(mixed["v"], [p["att.value.weight"]], "att.value", out=V_FIRST if first else ""),
-         "a": g.rows(mixed["a"], [p["att.a1"], p["att.a2"]], "att.a_lora"),
-         "g": g.rows(mixed["g"], [p["att.g1"], p["att.g2"]], "att.g_lora", acts=("Sigmoid",))}
+    s = {
+        "wkv": "wkv",
+        V_FIRST: V_FIRST,
+        "r": g.rows(mixed["r"], [p["att.receptance.weight"]], "att.receptance"),
+        "w": g.rows(mixed["w"], [p["att.w1"], p["att.w2"]], "att.w_lora", acts=("Tanh",)),
+        "k": g.rows(mixed["k"], [p["att.key.weight"]], "att.key"),
+        "v": g.rows(mixed["v"], [p["att.value.weight"]], "att.value", out=V_FIRST if first else ""),
+        "a": g.rows(mixed["a"], [p["att.a1"], p["att.a2"]], "att.a_lora"),
+        "g": g.rows(mixed["g"], [p["att.g1"], p["att.g2"]], "att.g_lora", acts=("Sigmoid",)),
+    }
     if not first:
         s["vl"] = g.rows(mixed["v"], [p["att.v1"], p["att.v2"]], "att.v_lora")
     out = _wkv(g, p, s, h, n, first)

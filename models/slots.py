@@ -37,6 +37,7 @@ WKV_PREFIX = "wkv."  # node names of the recurrence inside a block
 @dataclass(frozen=True)
 class Shape(rwkv4.Shape):
     """RWKV-4's shape facts plus the head size and the LoRA widths (by name)."""
+
     head_size: int = 64
     lora: Dict[str, int] = field(default_factory=dict)
 
@@ -60,8 +61,14 @@ class Shape(rwkv4.Shape):
         return 2 * (mats + self.vocab * self.width)
 
     def to_dict(self) -> dict:
-        return {"layers": self.layers, "width": self.width, "ffn": self.ffn, "vocab": self.vocab,
-                "head_size": self.head_size, "lora": dict(self.lora)}
+        return {
+            "layers": self.layers,
+            "width": self.width,
+            "ffn": self.ffn,
+            "vocab": self.vocab,
+            "head_size": self.head_size,
+            "lora": dict(self.lora),
+        }
 
 
 def block_io(i: int, inter: Sequence[str] = ()) -> Tuple[Tuple[str, ...], Tuple[str, ...]]:
@@ -95,44 +102,66 @@ def checked_shape(sd, version: str, what: str, shape_of, head_key: str) -> Shape
     """The shape of a checkpoint of ``version`` (one-line errors for another version or a head
     size that does not split the width); the caller then checks every key's shape."""
     from rwkv2rknn.errors import UnsupportedModel
+
     got = rwkv4.detect_version(sd)
     if got != version:
-        raise UnsupportedModel(f"not an {what} checkpoint (it looks like RWKV-{got})",
-                               f"give an official {what} .pth checkpoint")
+        raise UnsupportedModel(
+            f"not an {what} checkpoint (it looks like RWKV-{got})", f"give an official {what} .pth checkpoint"
+        )
     shape = shape_of(sd)
     c, n = shape.width, shape.head_size
     if n <= 1 or c % n:
-        raise UnsupportedModel(f"not an {what} checkpoint: '{head_key}' does not split width {c} "
-                               f"into heads", "the checkpoint is damaged, or of an older version")
+        raise UnsupportedModel(
+            f"not an {what} checkpoint: '{head_key}' does not split width {c} into heads",
+            "the checkpoint is damaged, or of an older version",
+        )
     return shape
 
 
 def description(version: str, shape: Shape, inter: Sequence[str] = ()) -> dict:
     """What the exporter records about the state beside the files (rwkv2rknn-model.json):
     per layer, each slot's input name, output name, shape and whether it accumulates."""
-    return {"version": version, "inter_layer": list(inter),
-            "state_slots": [{"name": name, "input": name, "output": name + OUT_SUFFIX,
-                             "shape": list(shape.slot_shape(kind)), "accumulator": acc}
-                            for name, kind, acc in STATE_SLOTS]}
+    return {
+        "version": version,
+        "inter_layer": list(inter),
+        "state_slots": [
+            {
+                "name": name,
+                "input": name,
+                "output": name + OUT_SUFFIX,
+                "shape": list(shape.slot_shape(kind)),
+                "accumulator": acc,
+            }
+            for name, kind, acc in STATE_SLOTS
+        ],
+    }
 
 
 def shift_mix(g: graph.Builder, xx: str, shift: str, mixes: Dict[str, np.ndarray], tag: str):
     """``xx + (shift - xx) * m`` for every named mix ``m``; returns ({name: mixed}, delta)."""
     delta = g.op("Sub", shift, xx, name=f"{tag}.shift_delta")
-    return {name: g.op("Add", xx, g.op("Mul", delta, g.const(f"{tag}.{name}", m),
-                                       name=f"{tag}.mix_{name}.d"), name=f"{tag}.mix_{name}")
-            for name, m in mixes.items()}, delta
+    return {
+        name: g.op(
+            "Add",
+            xx,
+            g.op("Mul", delta, g.const(f"{tag}.{name}", m), name=f"{tag}.mix_{name}.d"),
+            name=f"{tag}.mix_{name}",
+        )
+        for name, m in mixes.items()
+    }, delta
 
 
-def group_norm(g: graph.Builder, y: str, h: int, n: int, w: np.ndarray, b: np.ndarray,
-               tag: str) -> str:
+def group_norm(g: graph.Builder, y: str, h: int, n: int, w: np.ndarray, b: np.ndarray, tag: str) -> str:
     """GroupNorm over H groups of N of the vector ``y`` (eps 64e-5), scaled and shifted."""
     y = g.reshape(y, [h, n], f"{tag}.heads")
     mean = g.op("ReduceMean", y, name=f"{tag}.mean", axes=[-1])
     d = g.op("Sub", y, mean, name=f"{tag}.sub")
     var = g.op("ReduceMean", g.op("Mul", d, d, name=f"{tag}.sq"), name=f"{tag}.var", axes=[-1])
-    std = g.op("Sqrt", g.op("Add", var, g.const(f"{tag}.eps", np.float32(GN_EPS)),
-                            name=f"{tag}.add_eps"), name=f"{tag}.std")
+    std = g.op(
+        "Sqrt",
+        g.op("Add", var, g.const(f"{tag}.eps", np.float32(GN_EPS)), name=f"{tag}.add_eps"),
+        name=f"{tag}.std",
+    )
     y = g.reshape(g.op("Div", d, std, name=f"{tag}.div"), [h * n], f"{tag}.flat")
     y = g.op("Mul", y, g.const(f"{tag}.weight", w), name=f"{tag}.scale")
     return g.op("Add", y, g.const(f"{tag}.bias", b), name=f"{tag}.shift")
@@ -146,7 +175,7 @@ def block_params(sd, i: int, flat: Sequence[str] = ()) -> Dict[str, np.ndarray]:
     p = {}
     for key, t in sd.items():
         if key.startswith(prefix):
-            name, arr = key[len(prefix):], as_np(t)
+            name, arr = key[len(prefix) :], as_np(t)
             if name.endswith(".weight") and arr.ndim == 2:
                 arr = arr.T
             elif arr.shape[:2] == (1, 1) or name.endswith(tuple(flat)):
@@ -155,18 +184,24 @@ def block_params(sd, i: int, flat: Sequence[str] = ()) -> Dict[str, np.ndarray]:
     return p
 
 
-def expected_shapes(shape: Shape, projections: Sequence[str], ffn: Sequence[str],
-                    per_layer) -> Dict[str, tuple]:
+def expected_shapes(
+    shape: Shape, projections: Sequence[str], ffn: Sequence[str], per_layer
+) -> Dict[str, tuple]:
     """The shape of every key a checkpoint must have: embedding, ln0, the per-layer LayerNorms
     and ``ln_x``, ``att.{projections}.weight`` (C, C), the channel mix's key (F, C), value
     (C, F) and the (C, C) ``ffn`` ones, plus what ``per_layer(i, prefix)`` adds, and the head."""
     c, f, v = shape.width, shape.ffn, shape.vocab
-    out = {"emb.weight": (v, c), "blocks.0.ln0.weight": (c,), "blocks.0.ln0.bias": (c,),
-           "ln_out.weight": (c,), "ln_out.bias": (c,), "head.weight": (v, c)}
+    out = {
+        "emb.weight": (v, c),
+        "blocks.0.ln0.weight": (c,),
+        "blocks.0.ln0.bias": (c,),
+        "ln_out.weight": (c,),
+        "ln_out.bias": (c,),
+        "head.weight": (v, c),
+    }
     for i in range(shape.layers):
         b = f"blocks.{i}."
-        for key in ("ln1.weight", "ln1.bias", "ln2.weight", "ln2.bias", "att.ln_x.weight",
-                    "att.ln_x.bias"):
+        for key in ("ln1.weight", "ln1.bias", "ln2.weight", "ln2.bias", "att.ln_x.weight", "att.ln_x.bias"):
             out[b + key] = (c,)
         for key in projections:
             out[b + f"att.{key}.weight"] = (c, c)
@@ -190,8 +225,12 @@ def embed_graph(sd):
 
 def squared_relu(g: graph.Builder, x: str, key: np.ndarray, value: np.ndarray) -> str:
     """``relu(x[1, C] @ K)^2 @ V`` as a vector: the channel mix's key and value projections."""
-    hid = g.op("MatMul", g.reshape(x, [1, key.shape[0]], "ffn.to_row"),
-               g.const("ffn.key.weight", key), name="ffn.key")
+    hid = g.op(
+        "MatMul",
+        g.reshape(x, [1, key.shape[0]], "ffn.to_row"),
+        g.const("ffn.key.weight", key),
+        name="ffn.key",
+    )
     hid = g.op("Relu", hid, name="ffn.relu")
     hid = g.op("Mul", hid, hid, name="ffn.square")
     kv = g.op("MatMul", hid, g.const("ffn.value.weight", value), name="ffn.value")
@@ -205,39 +244,50 @@ def kv_wkv(g: graph.Builder, p, s: Dict[str, str], h: int, n: int) -> str:
 
     ``s`` names the vectors r, k, v, g, w (the decay, [C]) and the state ``wkv``; ``u`` is
     ``att.time_faaaa``. The new state goes to ``wkv_out``; returns ``out``."""
+
     def op(kind, *ins, tag, **kw):
         return g.op(kind, *ins, name=WKV_PREFIX + tag, **kw)
 
     def shaped(x, shape, tag):
         return g.reshape(x, shape, WKV_PREFIX + tag)
 
-    a = op("MatMul", shaped(s["k"], [h, n, 1], "k_col"), shaped(s["v"], [h, 1, n], "v_row"),
-           tag="kv")
+    a = op("MatMul", shaped(s["k"], [h, n, 1], "k_col"), shaped(s["v"], [h, 1, n], "v_row"), tag="kv")
     u = g.const(WKV_PREFIX + "time_faaaa", p["att.time_faaaa"].reshape(h, n, 1))
-    y = op("MatMul", shaped(s["r"], [h, 1, n], "r_row"),
-           op("Add", op("Mul", u, a, tag="ua"), s["wkv"], tag="ua_S"), tag="y")
-    new = op("Add", a, op("Mul", shaped(s["w"], [h, n, 1], "w_col"), s["wkv"], tag="S_decay"),
-             tag="S_new")
+    y = op(
+        "MatMul",
+        shaped(s["r"], [h, 1, n], "r_row"),
+        op("Add", op("Mul", u, a, tag="ua"), s["wkv"], tag="ua_S"),
+        tag="y",
+    )
+    new = op("Add", a, op("Mul", shaped(s["w"], [h, n, 1], "w_col"), s["wkv"], tag="S_decay"), tag="S_new")
     g.op("Identity", new, name="state.wkv_out", out="wkv" + OUT_SUFFIX)
-    y = group_norm(g, shaped(y, [h * n], "y_flat"), h, n, p["att.ln_x.weight"],
-                   p["att.ln_x.bias"], WKV_PREFIX + "ln_x")
+    y = group_norm(
+        g, shaped(y, [h * n], "y_flat"), h, n, p["att.ln_x.weight"], p["att.ln_x.bias"], WKV_PREFIX + "ln_x"
+    )
     gate = op("Mul", s["g"], op("Sigmoid", s["g"], tag="g_sigmoid"), tag="g_silu")
     return op("Mul", y, gate, tag="gated")
 
 
-def gated_block_tail(g: graph.Builder, p, s: Dict[str, str], h: int, n: int, i: int, xx: str,
-                     ffn_k: np.ndarray, ffn_r: np.ndarray):
+def gated_block_tail(
+    g: graph.Builder,
+    p,
+    s: Dict[str, str],
+    h: int,
+    n: int,
+    i: int,
+    xx: str,
+    ffn_k: np.ndarray,
+    ffn_r: np.ndarray,
+):
     """RWKV-5.2/6 from the projections on: the recurrence, the output projection and residual,
     the channel mix ``x + sigmoid(x_r @ Rf) * (relu(x_k @ Kf)^2 @ Vf)`` (token-shift amounts
     ``ffn_k``, ``ffn_r``), and the finished block."""
     c = h * n
     out = kv_wkv(g, p, s, h, n)
-    x = g.op("Add", "input", g.rows(out, [p["att.output.weight"]], "att.output"),
-             name="att.residual")
+    x = g.op("Add", "input", g.rows(out, [p["att.output.weight"]], "att.output"), name="att.residual")
     xx2 = g.layer_norm(x, p["ln2.weight"], p["ln2.bias"], "ln2", LN_EPS)
     fm = shift_mix(g, xx2, "ffn_shift", {"k": ffn_k, "r": ffn_r}, "ffn")[0]
-    fr = g.op("Sigmoid", g.rows(fm["r"], [p["ffn.receptance.weight"]], "ffn.receptance"),
-              name="ffn.r")
+    fr = g.op("Sigmoid", g.rows(fm["r"], [p["ffn.receptance.weight"]], "ffn.receptance"), name="ffn.r")
     kv = squared_relu(g, fm["k"], p["ffn.key.weight"], p["ffn.value.weight"])
     g.op("Add", x, g.op("Mul", fr, kv, name="ffn.rkv"), name="ffn.residual", out="output")
     return block_model(g, i, c, h, n, (), xx, xx2)
@@ -246,6 +296,7 @@ def gated_block_tail(g: graph.Builder, p, s: Dict[str, str], h: int, n: int, i: 
 def head_graph(sd):
     """``x`` [C] -> LN(ln_out) -> ``x[1, C] @ head^T`` -> logits [V]."""
     from onnx import TensorProto
+
     g = graph.Builder()
     v, c = dims(sd["head.weight"])
     y = g.layer_norm("x", as_np(sd["ln_out.weight"]), as_np(sd["ln_out.bias"]), "ln_out", LN_EPS)
@@ -253,19 +304,20 @@ def head_graph(sd):
     return g.model([vi("x", TensorProto.FLOAT, [c])], [vi("output", TensorProto.FLOAT, [v])], "head")
 
 
-def block_model(g: graph.Builder, i: int, c: int, h: int, n: int, inter: Sequence[str], xx: str,
-                xx2: str):
+def block_model(g: graph.Builder, i: int, c: int, h: int, n: int, inter: Sequence[str], xx: str, xx2: str):
     """Finish a block: the shift outputs (``xx``, ``xx2``) and the model with its typed I/O
     (the graph must already write ``output`` and ``wkv_out``)."""
     from onnx import TensorProto
+
     g.op("Identity", xx, name="att.shift_out", out="att_shift" + OUT_SUFFIX)
     g.op("Identity", xx2, name="ffn.shift_out", out="ffn_shift" + OUT_SUFFIX)
     shapes = {"wkv": [h, n, n]}
     ins, outs = block_io(i, inter)
 
     def info(name):
-        base = name[:-len(OUT_SUFFIX)] if name.endswith(OUT_SUFFIX) else name
+        base = name[: -len(OUT_SUFFIX)] if name.endswith(OUT_SUFFIX) else name
         return vi(name, TensorProto.FLOAT, shapes.get(base, [c]))
+
     return g.model([info(t) for t in ins], [info(t) for t in outs], f"mixing_{i}")
 
 
@@ -274,5 +326,8 @@ def fp32_nodes(model) -> list:
     a graph output (RWKV-7's ``v_first`` in layer 0): onnxconverter-common casts no graph output
     for them."""
     outputs = {o.name for o in model.graph.output}
-    return [node.name for node in model.graph.node
-            if node.name.startswith(WKV_PREFIX) and not outputs & set(node.input)]
+    return [
+        node.name
+        for node in model.graph.node
+        if node.name.startswith(WKV_PREFIX) and not outputs & set(node.input)
+    ]

@@ -8,11 +8,34 @@
             skipped by --plan-only)
 """
 
-from rwkv2rknn.passes import (canonicalize, cut, fp16_guard, keep_fp32, load, normalize_matmul,
-                              partition, rank_one, recognize, sequence, state, support)
+from rwkv2rknn.passes import (
+    canonicalize,
+    cut,
+    fp16_guard,
+    keep_fp32,
+    load,
+    normalize_matmul,
+    partition,
+    rank_one,
+    recognize,
+    sequence,
+    state,
+    support,
+)
 
 # Graph passes after load, in order.
-GRAPH_PIPELINE = (canonicalize, recognize, keep_fp32, state, rank_one, normalize_matmul, fp16_guard,
-                  support, partition, cut, sequence)
+GRAPH_PIPELINE = (
+    canonicalize,
+    recognize,
+    keep_fp32,
+    state,
+    rank_one,
+    normalize_matmul,
+    fp16_guard,
+    support,
+    partition,
+    cut,
+    sequence,
+)
 # The graph passes' names (the compiler adds the build step's: compiler.driver.PASS_NAMES).
 GRAPH_PASS_NAMES = tuple([load.NAME] + [p.NAME for p in GRAPH_PIPELINE])

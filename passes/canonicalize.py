@@ -65,6 +65,7 @@ def rows_by_index(model) -> int:
     """``GatherND(data, Unsqueeze(i, axes=[-1]))`` with no batch dims (torch's dynamo exporter
     writes ``table[i]`` so) -> ``Gather(data, i, axis=0)``, in place; returns how many."""
     from onnx import helper, numpy_helper
+
     consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     for n in model.graph.node:
         if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
@@ -98,13 +99,15 @@ def inline_functions(model, what: str = "the model"):
     from onnx import inliner
 
     from rwkv2rknn.passes.opset import _lift_weights, _put_back
+
     weights = _lift_weights(model)
     try:
         out = inliner.inline_local_functions(model)
     except Exception as e:  # noqa: BLE001 - the inliner raises several kinds
-        raise BadInput(f"{what}: its ONNX local functions cannot be inlined "
-                       f"({str(e).splitlines()[0][:100]})",
-                       "export it again without functions (torch: export_modules_as_functions=False)") from e
+        raise BadInput(
+            f"{what}: its ONNX local functions cannot be inlined ({str(e).splitlines()[0][:100]})",
+            "export it again without functions (torch: export_modules_as_functions=False)",
+        ) from e
     finally:
         _put_back(model, weights)
     _put_back(out, weights)
@@ -139,6 +142,7 @@ class _Lowering:
 
     def __init__(self, model, node, version: int):
         from onnx import helper
+
         self.model, self.node, self.version = model, node, version
         self.base = (node.name or node.output[0]) + ".lowered"
         self.attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -146,6 +150,7 @@ class _Lowering:
 
     def const(self, value, dtype=np.int64) -> str:
         from onnx import numpy_helper
+
         name = f"{self.base}.c{self.k}"
         self.k += 1
         self.model.graph.initializer.append(numpy_helper.from_array(np.asarray(value, dtype), name))
@@ -153,6 +158,7 @@ class _Lowering:
 
     def op(self, kind, *ins, out=None, **attrs) -> str:
         from onnx import helper
+
         name = out or f"{self.base}.{kind.lower()}{self.k}"
         self.k += 1
         self.new.append(helper.make_node(kind, list(ins), [name], name=name, **attrs))
@@ -166,6 +172,7 @@ class _Lowering:
     def dtype(self):
         """The float type of the node's input (float32 unless an initializer or value says so)."""
         from onnx import helper
+
         name = self.node.input[0]
         for v in list(self.model.graph.value_info) + list(self.model.graph.input):
             if v.name == name and v.type.tensor_type.elem_type:
@@ -191,14 +198,16 @@ class _Lowering:
         y = self.normalized(grouped, [-1], float(self.attrs.get("epsilon", 1e-5)))
         column = self.const([-1, 1])
         if self.version < 21:  # scale and bias per group
-            y = self.op("Add", self.op("Mul", y, self.op("Reshape", scale, column)),
-                        self.op("Reshape", bias, column))
+            y = self.op(
+                "Add", self.op("Mul", y, self.op("Reshape", scale, column)), self.op("Reshape", bias, column)
+            )
             self.op("Reshape", y, shape, out=self.node.output[0])
             return
         channels = self.op("Slice", shape, self.const([1]), self.const([2]))  # per channel (21)
         y = self.op("Reshape", y, self.op("Concat", batch, channels, self.const([-1]), axis=0))
-        y = self.op("Add", self.op("Mul", y, self.op("Reshape", scale, column)),
-                    self.op("Reshape", bias, column))
+        y = self.op(
+            "Add", self.op("Mul", y, self.op("Reshape", scale, column)), self.op("Reshape", bias, column)
+        )
         self.op("Reshape", y, shape, out=self.node.output[0])
 
     def LpNormalization(self):  # noqa: N802
@@ -212,8 +221,10 @@ class _Lowering:
     def RMSNormalization(self):  # noqa: N802
         x, scale = self.node.input[:2]
         if int(self.attrs.get("axis", -1)) != -1:
-            raise BadInput(f"RMSNormalization '{self.node.name}' normalises from axis "
-                           f"{self.attrs['axis']}", "export it over the last axis only (axis -1)")
+            raise BadInput(
+                f"RMSNormalization '{self.node.name}' normalises from axis {self.attrs['axis']}",
+                "export it over the last axis only (axis -1)",
+            )
         eps = float(self.attrs.get("epsilon", 1e-5))
         ms = self.reduce("ReduceMean", self.op("Mul", x, x), [-1])
         rms = self.op("Sqrt", self.op("Add", ms, self.const(eps, self.dtype())))
@@ -224,8 +235,13 @@ def normalize_constant_nodes(model) -> None:
     """Every Constant node holds a ``value`` tensor (value_float, value_ints, ... converted in
     place with their ONNX types: float32 and int64)."""
     from onnx import helper, numpy_helper
-    forms = {"value_float": np.float32, "value_floats": np.float32,
-             "value_int": np.int64, "value_ints": np.int64}
+
+    forms = {
+        "value_float": np.float32,
+        "value_floats": np.float32,
+        "value_int": np.int64,
+        "value_ints": np.int64,
+    }
     for node in model.graph.node:
         if node.op_type != "Constant" or len(node.attribute) != 1:
             continue
@@ -233,19 +249,25 @@ def normalize_constant_nodes(model) -> None:
         if attr.name in forms:
             arr = np.asarray(helper.get_attribute_value(attr), forms[attr.name])
             del node.attribute[:]
-            node.attribute.append(helper.make_attribute(
-                "value", numpy_helper.from_array(arr, node.output[0])))
+            node.attribute.append(
+                helper.make_attribute("value", numpy_helper.from_array(arr, node.output[0]))
+            )
 
 
 def dangling_constants(model) -> Dict[str, np.ndarray]:
     """{output name: value} of Constant nodes that nothing reads (exporters keep initial states
     this way), in node order."""
     from onnx import numpy_helper
+
     used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
     out = {}
     for node in model.graph.node:
-        if node.op_type == "Constant" and node.output[0] not in used and node.attribute and \
-                node.attribute[0].name == "value":
+        if (
+            node.op_type == "Constant"
+            and node.output[0] not in used
+            and node.attribute
+            and node.attribute[0].name == "value"
+        ):
             out[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
     return out
 
@@ -256,11 +278,12 @@ def file_facts(model) -> dict:
     from onnx import TensorProto
 
     from rwkv2rknn.models.export import METADATA_PREFIX
+
     io_types = {v.type.tensor_type.elem_type for v in list(model.graph.input) + list(model.graph.output)}
     facts = {"dtype": "float16" if TensorProto.FLOAT16 in io_types else "float32"}
     for p in model.metadata_props:
         if p.key.startswith(METADATA_PREFIX) and p.value:
-            facts[p.key[len(METADATA_PREFIX):]] = p.value
+            facts[p.key[len(METADATA_PREFIX) :]] = p.value
     return facts
 
 
@@ -277,6 +300,7 @@ def run(ctx: Context) -> None:
     _infer_types(graph, os.path.basename(ctx.source) or "the model")
     before = len(graph.nodes)
     from onnx_graphsurgeon.logger import G_LOGGER
+
     severity, G_LOGGER.severity = G_LOGGER.severity, G_LOGGER.ERROR
     # partitioned: a subgraph onnxruntime refuses (an fp16 converter's mistyped Cast) is
     # skipped, not the whole fold
@@ -290,8 +314,7 @@ def run(ctx: Context) -> None:
         G_LOGGER.severity = severity
     folded = before - len(graph.nodes)
     gemms = sum(_gemm_to_matmul(graph, n) for n in list(graph.nodes) if n.op == "Gemm")
-    norms = sum(_decompose_layer_norm(graph, n) for n in list(graph.nodes)
-                if n.op == "LayerNormalization")
+    norms = sum(_decompose_layer_norm(graph, n) for n in list(graph.nodes) if n.op == "LayerNormalization")
     axes = sum(_explicit_axes(n) for n in graph.nodes if n.op in ("ReduceMean", "ReduceSum"))
     idents = sum(n.op == "Identity" for n in graph.nodes)
     for n in [n for n in graph.nodes if n.op == "Identity" and n.inputs and n.outputs]:
@@ -300,12 +323,15 @@ def run(ctx: Context) -> None:
     idents -= sum(n.op == "Identity" for n in graph.nodes)
     ctx.graph = graph
     untyped = [t.name for t in graph.tensors().values() if t.dtype is None]
-    ctx.note(NAME, f"opset {OPSET}; {folded} nodes folded into constants; {gemms} Gemm -> MatMul; "
-                   f"{norms} LayerNormalization decomposed; {axes} reduction(s) given explicit axes; "
-                   f"{idents} Identity removed" + (f"; {pinned} symbolic dim(s) pinned" if pinned else "")
-                   + partial
-                   + (f"; {len(untyped)} tensor(s) without a type (first: {untyped[0]})"
-                      if untyped else ""))
+    ctx.note(
+        NAME,
+        f"opset {OPSET}; {folded} nodes folded into constants; {gemms} Gemm -> MatMul; "
+        f"{norms} LayerNormalization decomposed; {axes} reduction(s) given explicit axes; "
+        f"{idents} Identity removed"
+        + (f"; {pinned} symbolic dim(s) pinned" if pinned else "")
+        + partial
+        + (f"; {len(untyped)} tensor(s) without a type (first: {untyped[0]})" if untyped else ""),
+    )
 
 
 def _infer_types(graph, what: str) -> None:
@@ -317,6 +343,7 @@ def _infer_types(graph, what: str) -> None:
     from onnx import helper, shape_inference
 
     from rwkv2rknn.compiler.ir import export
+
     swaps = []  # (constant, stand-in input): the weights are neither loaded nor copied
     for t in list(graph.tensors().values()):
         if isinstance(t, gs.Constant) and int(np.prod(t.shape)) > 4096:
@@ -324,8 +351,14 @@ def _infer_types(graph, what: str) -> None:
             replace_uses(t, v)
             swaps.append((t, v))
     try:
-        model = export(gs.Graph(nodes=graph.nodes, inputs=graph.inputs + [v for _, v in swaps],
-                                outputs=graph.outputs, opset=graph.opset))
+        model = export(
+            gs.Graph(
+                nodes=graph.nodes,
+                inputs=graph.inputs + [v for _, v in swaps],
+                outputs=graph.outputs,
+                opset=graph.opset,
+            )
+        )
     finally:
         for t, v in swaps:
             replace_uses(v, t)
@@ -336,14 +369,18 @@ def _infer_types(graph, what: str) -> None:
         model = shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
     except shape_inference.InferenceError as e:
         msg = " ".join(str(e).split())
-        raise BadInput(f"{what} is not a valid ONNX graph ({msg[-200:]})",
-                       "export it again; onnxruntime refuses it too") from e
+        raise BadInput(
+            f"{what} is not a valid ONNX graph ({msg[-200:]})", "export it again; onnxruntime refuses it too"
+        ) from e
     found = {}
     for v in list(model.graph.value_info) + list(model.graph.output):
         tt = v.type.tensor_type
         if tt.elem_type:
-            dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-                    for d in tt.shape.dim] if tt.HasField("shape") else None
+            dims = (
+                [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
+                if tt.HasField("shape")
+                else None
+            )
             found[v.name] = (helper.tensor_dtype_to_np_dtype(tt.elem_type), dims)
     inputs = {t.name for t in graph.inputs}
     for t in graph.tensors().values():
@@ -365,12 +402,14 @@ def _pin_inputs(graph) -> int:
 
 def _var(name, like, shape=None):
     import onnx_graphsurgeon as gs
+
     return gs.Variable(name, dtype=like.dtype, shape=shape if shape is not None else like.shape)
 
 
 def _gemm_to_matmul(graph, node) -> int:
     """Y = alpha * A' @ B' + beta * C  ->  MatMul(A', alpha B') [+ Add(beta C)]; 1 if rewritten."""
     import onnx_graphsurgeon as gs
+
     a, b = node.inputs[0], node.inputs[1]
     c = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
     alpha, beta = float(node.attrs.get("alpha", 1.0)), float(node.attrs.get("beta", 1.0))
@@ -383,28 +422,34 @@ def _gemm_to_matmul(graph, node) -> int:
             a = gs.Constant(f"{a.name}.T", np.ascontiguousarray(av.T))
         else:
             t = _var(f"{base}.a_t", a, list(reversed(a.shape)) if a.shape else None)
-            new.append(gs.Node("Transpose", name=f"{base}.transA", inputs=[a], outputs=[t],
-                               attrs={"perm": [1, 0]}))
+            new.append(
+                gs.Node("Transpose", name=f"{base}.transA", inputs=[a], outputs=[t], attrs={"perm": [1, 0]})
+            )
             a = t
     bv = const_value(b)
     scale_after = 1.0
     if bv is not None:
         bv = bv.T if int(node.attrs.get("transB", 0)) else bv
-        b = gs.Constant(f"{b.name}.gemm", np.ascontiguousarray((bv * alpha).astype(bv.dtype)
-                                                               if alpha != 1.0 else bv))
+        b = gs.Constant(
+            f"{b.name}.gemm", np.ascontiguousarray((bv * alpha).astype(bv.dtype) if alpha != 1.0 else bv)
+        )
     else:
         if int(node.attrs.get("transB", 0)):
             t = _var(f"{base}.b_t", b, list(reversed(b.shape)) if b.shape else None)
-            new.append(gs.Node("Transpose", name=f"{base}.transB", inputs=[b], outputs=[t],
-                               attrs={"perm": [1, 0]}))
+            new.append(
+                gs.Node("Transpose", name=f"{base}.transB", inputs=[b], outputs=[t], attrs={"perm": [1, 0]})
+            )
             b = t
         scale_after = alpha
     y = out if (c is None and scale_after == 1.0) else _var(f"{base}.mm", out)
     new.append(gs.Node("MatMul", name=base, inputs=[a, b], outputs=[y]))
     if scale_after != 1.0:
         y2 = out if c is None else _var(f"{base}.scaled", out)
-        new.append(gs.Node("Mul", name=f"{base}.alpha", inputs=[y, _scalar(f"{base}.alpha_v", alpha, out)],
-                           outputs=[y2]))
+        new.append(
+            gs.Node(
+                "Mul", name=f"{base}.alpha", inputs=[y, _scalar(f"{base}.alpha_v", alpha, out)], outputs=[y2]
+            )
+        )
         y = y2
     if c is not None:
         cv = const_value(c)
@@ -412,8 +457,11 @@ def _gemm_to_matmul(graph, node) -> int:
             c = gs.Constant(f"{c.name}.gemm", (cv * beta).astype(cv.dtype) if beta != 1.0 else cv)
         elif beta != 1.0:
             cs = _var(f"{base}.c_scaled", c)
-            new.append(gs.Node("Mul", name=f"{base}.beta", inputs=[c, _scalar(f"{base}.beta_v", beta, out)],
-                               outputs=[cs]))
+            new.append(
+                gs.Node(
+                    "Mul", name=f"{base}.beta", inputs=[c, _scalar(f"{base}.beta_v", beta, out)], outputs=[cs]
+                )
+            )
             c = cs
         new.append(gs.Node("Add", name=f"{base}.bias", inputs=[y, c], outputs=[out]))
     node.outputs.clear()
@@ -424,17 +472,23 @@ def _gemm_to_matmul(graph, node) -> int:
 
 def _scalar(name: str, value: float, like):
     import onnx_graphsurgeon as gs
+
     return gs.Constant(name, np.array(value, like.dtype or np.float32))
 
 
 def _decompose_layer_norm(graph, node) -> int:
     """LayerNormalization over the last axis -> the decomposed form; 1 if rewritten."""
     import onnx_graphsurgeon as gs
+
     x, out = node.inputs[0], node.outputs[0]
     rank = len(x.shape) if x.shape is not None else None
     axis = int(node.attrs.get("axis", -1))
-    if rank is None or axis not in (-1, rank - 1) or len(node.outputs) > 1 and any(
-            o.outputs for o in node.outputs[1:]):
+    if (
+        rank is None
+        or axis not in (-1, rank - 1)
+        or len(node.outputs) > 1
+        and any(o.outputs for o in node.outputs[1:])
+    ):
         return 0
     eps = float(node.attrs.get("epsilon", 1e-5))
     base = node.name or out.name
@@ -442,13 +496,15 @@ def _decompose_layer_norm(graph, node) -> int:
     mean, d, sq = _var(f"{base}.mean", x, red), _var(f"{base}.d", x), _var(f"{base}.dd", x)
     var, ve, std = _var(f"{base}.var", x, red), _var(f"{base}.var_eps", x, red), _var(f"{base}.std", x, red)
     y = _var(f"{base}.norm", x)
-    new = [gs.Node("ReduceMean", name=f"{base}.mean", inputs=[x], outputs=[mean], attrs={"axes": [-1]}),
-           gs.Node("Sub", name=f"{base}.sub", inputs=[x, mean], outputs=[d]),
-           gs.Node("Mul", name=f"{base}.square", inputs=[d, d], outputs=[sq]),
-           gs.Node("ReduceMean", name=f"{base}.var", inputs=[sq], outputs=[var], attrs={"axes": [-1]}),
-           gs.Node("Add", name=f"{base}.add_eps", inputs=[var, _scalar(f"{base}.eps", eps, x)], outputs=[ve]),
-           gs.Node("Sqrt", name=f"{base}.sqrt", inputs=[ve], outputs=[std]),
-           gs.Node("Div", name=f"{base}.div", inputs=[d, std], outputs=[y])]
+    new = [
+        gs.Node("ReduceMean", name=f"{base}.mean", inputs=[x], outputs=[mean], attrs={"axes": [-1]}),
+        gs.Node("Sub", name=f"{base}.sub", inputs=[x, mean], outputs=[d]),
+        gs.Node("Mul", name=f"{base}.square", inputs=[d, d], outputs=[sq]),
+        gs.Node("ReduceMean", name=f"{base}.var", inputs=[sq], outputs=[var], attrs={"axes": [-1]}),
+        gs.Node("Add", name=f"{base}.add_eps", inputs=[var, _scalar(f"{base}.eps", eps, x)], outputs=[ve]),
+        gs.Node("Sqrt", name=f"{base}.sqrt", inputs=[ve], outputs=[std]),
+        gs.Node("Div", name=f"{base}.div", inputs=[d, std], outputs=[y]),
+    ]
     scale = node.inputs[1]
     bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
     scaled = out if bias is None else _var(f"{base}.scaled", x)
@@ -465,6 +521,7 @@ def _explicit_axes(node) -> int:
     """Reductions name their axes (attribute for ReduceMean, input for ReduceSum at opset 17);
     absent axes mean every axis, which on a vector is axis -1. 1 if changed."""
     import onnx_graphsurgeon as gs
+
     x = node.inputs[0]
     if "axes" in node.attrs or (len(node.inputs) > 1 and node.inputs[1].name):
         return 0
@@ -476,4 +533,3 @@ def _explicit_axes(node) -> int:
     else:
         node.attrs["axes"] = axes
     return 1
-

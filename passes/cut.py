@@ -44,8 +44,16 @@ def run(ctx: Context) -> None:
     ctx.note(NAME, f"{len(ctx.segments)} segment models cut")
 
 
-def cut_one(ctx: Context, seg: GraphSegment, index: int, number: int, owner, graph_outputs,
-            width: int = 3, move_weights: bool = False) -> None:
+def cut_one(
+    ctx: Context,
+    seg: GraphSegment,
+    index: int,
+    number: int,
+    owner,
+    graph_outputs,
+    width: int = 3,
+    move_weights: bool = False,
+) -> None:
     """Cut one segment of ``ctx.graph``: ``index`` is its place in ``owner`` (node name ->
     segment index), ``number`` its place in the model (its name). A streaming compile cuts
     segment by segment as they are final, and ``move_weights`` there: the large weights only
@@ -71,8 +79,13 @@ def cut_one(ctx: Context, seg: GraphSegment, index: int, number: int, owner, gra
         info = ctx.tensors.get(t.name)
         if info is not None:
             t.dtype, t.shape = np.dtype(info.dtype), list(info.shape)
-    sub = gs.Graph(nodes=list(nodes), inputs=list(ins), outputs=list(outs),
-                   opset=ctx.graph.opset, name=f"segment_{number}")
+    sub = gs.Graph(
+        nodes=list(nodes),
+        inputs=list(ins),
+        outputs=list(outs),
+        opset=ctx.graph.opset,
+        name=f"segment_{number}",
+    )
     toposort_chains(sub)  # each LayerNorm in one run of nodes, as rknn-toolkit2 fuses it
     moved = _take_weights(nodes) if move_weights else {}
     model = export(sub)
@@ -99,13 +112,19 @@ def _take_weights(nodes) -> dict:
     """{name: (constant, array)} of the large weights only ``nodes`` read; each constant holds
     an empty array of its dtype until the export has placed the real one."""
     import onnx_graphsurgeon as gs
+
     inside = {id(n) for n in nodes}
     taken = {}
     for node in nodes:
         for t in node.inputs:
-            if isinstance(t, gs.Constant) and isinstance(t.values, np.ndarray) and \
-                    t.values.flags.c_contiguous and t.values.nbytes >= MOVE_ABOVE and \
-                    t.name not in taken and all(id(c) in inside for c in t.outputs):
+            if (
+                isinstance(t, gs.Constant)
+                and isinstance(t.values, np.ndarray)
+                and t.values.flags.c_contiguous
+                and t.values.nbytes >= MOVE_ABOVE
+                and t.name not in taken
+                and all(id(c) in inside for c in t.outputs)
+            ):
                 taken[t.name] = (t, t.values)
                 t.values = np.empty((0,), t.values.dtype)
     return taken

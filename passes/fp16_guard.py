@@ -58,9 +58,11 @@ def _squared_relu_chains(graph):
         sq = next(iter(consumers.values())) if len(consumers) == 1 else None
         if sq is None:
             continue
-        is_square = (sq.op == "Mul" and len(sq.inputs) == 2 and sq.inputs[0] is sq.inputs[1]) or \
-            (sq.op == "Pow" and const_value(sq.inputs[1]) is not None and
-             float(np.asarray(const_value(sq.inputs[1])).reshape(-1)[0]) == 2.0)
+        is_square = (sq.op == "Mul" and len(sq.inputs) == 2 and sq.inputs[0] is sq.inputs[1]) or (
+            sq.op == "Pow"
+            and const_value(sq.inputs[1]) is not None
+            and float(np.asarray(const_value(sq.inputs[1])).reshape(-1)[0]) == 2.0
+        )
         if not is_square:
             continue
         a, b = _through_reshapes_up(relu.inputs[0]), _through_reshapes_down(sq.outputs[0])
@@ -116,17 +118,22 @@ def run(ctx: Context) -> None:
         for t in node.outputs:
             ti = info.get(t.name)
             if ti is not None and ti.dtype.startswith("float") and not ti.absmax <= limit:
-                over[node.name] = (f"values reach {ti.absmax:.3g} on sample tokens, above the fp16 "
-                                   f"limit {limit:g} (fp16 max 65504)")
+                over[node.name] = (
+                    f"values reach {ti.absmax:.3g} on sample tokens, above the fp16 "
+                    f"limit {limit:g} (fp16 max 65504)"
+                )
     ctx.forced_cpu.update(over)
     msg = f"{len(info)} tensors ranged over {ctx.options.range_tokens} sample tokens"
     msg += f"; rescaled {len(rescaled)} squared-ReLU chain(s)" + (
-        f": {', '.join(rescaled[:3])}{' ...' if len(rescaled) > 3 else ''}" if rescaled else "")
+        f": {', '.join(rescaled[:3])}{' ...' if len(rescaled) > 3 else ''}" if rescaled else ""
+    )
     msg += f"; {len(over)} op(s) kept on the CPU for range" if over else "; all within range"
     ctx.note(NAME, msg)
 
 
 def _scaled(t, factor: float):
     import onnx_graphsurgeon as gs
-    return gs.Constant(f"{t.name}.x{factor:g}", (np.asarray(t.values) * np.float32(factor))
-                       .astype(np.float32))
+
+    return gs.Constant(
+        f"{t.name}.x{factor:g}", (np.asarray(t.values) * np.float32(factor)).astype(np.float32)
+    )

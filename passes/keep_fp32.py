@@ -26,9 +26,14 @@ _FLOAT_TO = {1, 10, 11, 16}  # FLOAT, FLOAT16, DOUBLE, BFLOAT16
 
 def _read_as_mw(t) -> bool:
     """True for a 2-D constant read only as the weight of ``MatMul(W, x)`` (x not constant)."""
-    return len(t.shape) == 2 and bool(t.outputs) and all(
-        c.op == "MatMul" and len(c.inputs) == 2 and c.inputs[0] is t and not is_const(c.inputs[1])
-        for c in t.outputs)
+    return (
+        len(t.shape) == 2
+        and bool(t.outputs)
+        and all(
+            c.op == "MatMul" and len(c.inputs) == 2 and c.inputs[0] is t and not is_const(c.inputs[1])
+            for c in t.outputs
+        )
+    )
 
 
 def run(ctx: Context) -> None:
@@ -45,19 +50,21 @@ def run(ctx: Context) -> None:
         elif t.dtype is not None and np.dtype(t.dtype) == np.float16:
             t.dtype = np.float32
             io += t in graph.inputs or t in graph.outputs
-    float_tensors = {t.name for t in graph.tensors().values()
-                     if t.dtype is not None and np.dtype(t.dtype).kind == "f"}
+    float_tensors = {
+        t.name for t in graph.tensors().values() if t.dtype is not None and np.dtype(t.dtype).kind == "f"
+    }
     for node in list(graph.nodes):
         if node.op == "Cast" and int(node.attrs.get("to", 0)) in _FLOAT_TO:
             src = node.inputs[0]
-            if src.name in float_tensors and (not is_const(src) or
-                                              np.asarray(src.values).dtype.kind == "f"):
+            if src.name in float_tensors and (not is_const(src) or np.asarray(src.values).dtype.kind == "f"):
                 node.outputs[0].dtype = np.float32
                 bypass(graph, node)
                 casts += 1
     graph.cleanup().toposort()
     if consts or casts or io:
-        ctx.note(NAME, f"{consts} fp16 constants -> fp32, {casts} Cast nodes removed, "
-                       f"{io} graph inputs/outputs -> fp32")
+        ctx.note(
+            NAME,
+            f"{consts} fp16 constants -> fp32, {casts} Cast nodes removed, {io} graph inputs/outputs -> fp32",
+        )
     else:
         ctx.note(NAME, "already fp32, nothing to change")

@@ -37,6 +37,7 @@ def import_stage(path: str, prefix: str, ctx_facts: Optional[dict] = None):
     into it as 'unread', and what the file says of itself as 'dtype' and 'tokenizer'."""
     import onnx_graphsurgeon as gs
     from rwkv2rknn.passes import canonicalize
+
     model = canonicalize.prepare(fileio.load_onnx(path), os.path.basename(path))
     canonicalize.normalize_constant_nodes(model)
     if ctx_facts is not None:
@@ -45,16 +46,21 @@ def import_stage(path: str, prefix: str, ctx_facts: Optional[dict] = None):
     try:
         graph = gs.import_onnx(model)
     except Exception as e:
-        raise BadInput(f"'{path}' cannot be read as a graph ({type(e).__name__}: {str(e)[:80]})",
-                       "the file is corrupt; export it again") from e
+        raise BadInput(
+            f"'{path}' cannot be read as a graph ({type(e).__name__}: {str(e)[:80]})",
+            "the file is corrupt; export it again",
+        ) from e
     arrays = _raw_arrays(model)
     for t in graph.tensors().values():  # the weights as arrays now, so the file's proto goes:
         if is_const(t):  # (else the folding would load them later with the proto still held)
             t.values = arrays[t.name] if t.name in arrays else np.asarray(t.values)
     # the graph's opset list is a view into the proto, and a view keeps the whole message (every
     # weight of the file) alive: an independent copy lets it go
-    graph.import_domains = [_opset_id(d.domain, d.version) for d in graph.import_domains or ()] \
-        if graph.import_domains is not None else None
+    graph.import_domains = (
+        [_opset_id(d.domain, d.version) for d in graph.import_domains or ()]
+        if graph.import_domains is not None
+        else None
+    )
     del model
     _lower_constants(graph)
     for t in graph.tensors().values():
@@ -72,6 +78,7 @@ def _raw_arrays(model) -> dict:
     of its bytes (onnx-graphsurgeon's own loading copies them twice: 0.86 GB more for a 430M
     model's fp16 files). Nothing writes into a constant's array; a pass makes a new one."""
     import sys
+
     if sys.byteorder != "little":
         return {}
     out = {}
@@ -86,11 +93,13 @@ def _raw_arrays(model) -> dict:
 
 def _opset_id(domain: str, version: int):
     from onnx import helper
+
     return helper.make_opsetid(domain, version)
 
 
 def _lower_constants(graph) -> None:
     import onnx_graphsurgeon as gs
+
     for node in list(graph.nodes):
         if node.op == "Constant" and "value" in node.attrs:
             value = node.attrs["value"]
@@ -102,8 +111,10 @@ def _lower_constants(graph) -> None:
 
 
 def _io_names(graph):
-    return ([t.name.split("/", 1)[-1] for t in graph.inputs],
-            [t.name.split("/", 1)[-1] for t in graph.outputs])
+    return (
+        [t.name.split("/", 1)[-1] for t in graph.inputs],
+        [t.name.split("/", 1)[-1] for t in graph.outputs],
+    )
 
 
 def expect_io(graph, path: str, ins, outs) -> None:
@@ -111,7 +122,9 @@ def expect_io(graph, path: str, ins, outs) -> None:
     if got_in != list(ins) or got_out != list(outs):
         raise UnsupportedModel(
             f"{os.path.basename(path)} has inputs {got_in} and outputs {got_out}, expected "
-            f"{list(ins)} and {list(outs)}", "this is not the per-layer RWKV ONNX layout")
+            f"{list(ins)} and {list(outs)}",
+            "this is not the per-layer RWKV ONNX layout",
+        )
 
 
 def load_folder(folder: str, arch_module):
@@ -159,8 +172,13 @@ def load_folder(folder: str, arch_module):
     logits = head.outputs[0]
     embed.inputs[0].name = "token"
     logits.name = "logits"
-    graph = gs.Graph(nodes=nodes, inputs=inputs, outputs=[logits] + outputs,
-                     opset=max(embed.opset, head.opset), name="rwkv")
+    graph = gs.Graph(
+        nodes=nodes,
+        inputs=inputs,
+        outputs=[logits] + outputs,
+        opset=max(embed.opset, head.opset),
+        name="rwkv",
+    )
     graph.cleanup().toposort()
     return graph, len(blocks), width, vocab, slots
 
@@ -186,16 +204,20 @@ def pin_stage(g, kind: str, width: int, d) -> None:
         rows = getattr(d, "STATE_ROWS", None)
         if rows and "state_in" in ins:  # the rows layout: [rows, C]
             pins.append((ins["state_in"], [len(rows), width]))
-        vectors = tuple(d.INTER_LAYER) + tuple(name for name, kind_, _ in
-                                               getattr(d, "STATE_SLOTS", ()) if kind_ == "C")
+        vectors = tuple(d.INTER_LAYER) + tuple(
+            name for name, kind_, _ in getattr(d, "STATE_SLOTS", ()) if kind_ == "C"
+        )
         pins += [(ins[name], [width]) for name in vectors if name in ins]
     for t, want in pins:
         have = list(t.shape or [])
-        if len(have) != len(want) or any(isinstance(h, int) and h >= 0 and h != w
-                                         for h, w in zip(have, want)):
-            raise UnsupportedModel(f"the per-layer files disagree on the width ('{t.name}' has shape "
-                                   f"{have}, expected {want}: width {width} from the embedding)",
-                                   "all files must come from one export")
+        if len(have) != len(want) or any(
+            isinstance(h, int) and h >= 0 and h != w for h, w in zip(have, want)
+        ):
+            raise UnsupportedModel(
+                f"the per-layer files disagree on the width ('{t.name}' has shape "
+                f"{have}, expected {want}: width {width} from the embedding)",
+                "all files must come from one export",
+            )
         t.shape = want
 
 
@@ -203,19 +225,26 @@ def stage_slots(g, layer: int, d) -> list:
     """The StateSlots of block ``layer``'s graph in a slot layout (empty for RWKV-4's rows)."""
     ins = dict(zip(_io_names(g)[0], g.inputs))
     outs = dict(zip(_io_names(g)[1], g.outputs))
-    return [StateSlot(layer, name, ins[name].name, outs[out].name, acc,
-                      tuple(int(s) for s in ins[name].shape)) for name, out, acc in d.STATE_IO]
+    return [
+        StateSlot(layer, name, ins[name].name, outs[out].name, acc, tuple(int(s) for s in ins[name].shape))
+        for name, out, acc in d.STATE_IO
+    ]
 
 
 def table_shape(embed, path: str):
     """(width, vocab) from the embedding table: the 2-D constant the token Gather reads."""
     for node in embed.nodes:
-        if node.op == "Gather" and const_value(node.inputs[0]) is not None and \
-                const_value(node.inputs[0]).ndim == 2:
+        if (
+            node.op == "Gather"
+            and const_value(node.inputs[0]) is not None
+            and const_value(node.inputs[0]).ndim == 2
+        ):
             vocab, width = const_value(node.inputs[0]).shape
             return int(width), int(vocab)
-    raise UnsupportedModel(f"{os.path.basename(path)} has no embedding table (a Gather from a 2-D "
-                           f"constant)", "this is not the per-layer RWKV ONNX layout")
+    raise UnsupportedModel(
+        f"{os.path.basename(path)} has no embedding table (a Gather from a 2-D constant)",
+        "this is not the per-layer RWKV ONNX layout",
+    )
 
 
 def arch_of_folder(folder: str):
@@ -238,6 +267,7 @@ def arch_of_folder(folder: str):
 def refuse_checkpoint(path: str) -> None:
     """A checkpoint (a .pth, .safetensors, .bin or a Hugging Face folder) given to compile."""
     from rwkv2rknn.models.hf import CONFIG, sniff
+
     if os.path.isdir(path):
         names = os.listdir(path)
         weights = [n for n in names if n.endswith((".pth", ".safetensors", ".bin"))]
@@ -248,30 +278,37 @@ def refuse_checkpoint(path: str) -> None:
         return
     else:
         what = f"'{path}' is a checkpoint, not ONNX"
-    raise BadInput(what, f"export it first: rwkv2rknn export {path} -o model/ "
-                         f"(then compile model/)")
+    raise BadInput(what, f"export it first: rwkv2rknn export {path} -o model/ (then compile model/)")
 
 
 def run(path: str, options: Options = None) -> Context:
     """Load a folder of per-layer files (or one .onnx) into a new Context."""
     options = options or Options()
     if not os.path.exists(path):
-        raise BadInput(f"'{path}' does not exist",
-                       "give a folder of per-layer RWKV ONNX files or an .onnx file")
+        raise BadInput(
+            f"'{path}' does not exist", "give a folder of per-layer RWKV ONNX files or an .onnx file"
+        )
     refuse_checkpoint(path)
     if os.path.isdir(path):
         arch = arch_of_folder(path)
         graph, layers, width, vocab, slots = load_folder(path, arch)
-        ctx = Context(graph=graph, source=os.path.abspath(path), arch=arch.ARCH, layout="per-layer",
-                      shape={"layers": layers, "width": width, "vocab": vocab})
+        ctx = Context(
+            graph=graph,
+            source=os.path.abspath(path),
+            arch=arch.ARCH,
+            layout="per-layer",
+            shape={"layers": layers, "width": width, "vocab": vocab},
+        )
         ctx.state = slots
         ctx.cpu_recurrence_inputs = bool(getattr(arch, "CPU_RECURRENCE_INPUTS", False))
         if not slots:
             ctx.whole_state = {i: (f"L{i}/state_in", f"L{i}/state_out") for i in range(layers)}
     else:
         if not path.endswith(".onnx"):
-            raise BadInput(f"'{path}' is not an .onnx file or a folder",
-                           "give a folder of per-layer RWKV ONNX files or an .onnx file")
+            raise BadInput(
+                f"'{path}' is not an .onnx file or a folder",
+                "give a folder of per-layer RWKV ONNX files or an .onnx file",
+            )
         facts = {}
         graph = import_stage(path, "", facts)
         ctx = Context(graph=graph, source=os.path.abspath(path), arch="onnx")
@@ -283,10 +320,15 @@ def run(path: str, options: Options = None) -> Context:
     ctx.profile  # read --profile now: a bad file fails before any work
     n = len(ctx.graph.nodes)
     if os.path.isdir(path):
-        files = (f"{arch.EMBED_FILE}, {arch.BLOCK_FILE.format(0)}..{arch.BLOCK_FILE.format(layers - 1)}"
-                 f", {arch.HEAD_FILE}")
-        ctx.note(NAME, f"recognised per-layer {ctx.arch} files ({files}): {layers} layers, width "
-                       f"{width}, vocab {vocab}; {n} nodes")
+        files = (
+            f"{arch.EMBED_FILE}, {arch.BLOCK_FILE.format(0)}..{arch.BLOCK_FILE.format(layers - 1)}"
+            f", {arch.HEAD_FILE}"
+        )
+        ctx.note(
+            NAME,
+            f"recognised per-layer {ctx.arch} files ({files}): {layers} layers, width "
+            f"{width}, vocab {vocab}; {n} nodes",
+        )
     else:
         ctx.note(NAME, f"{n} nodes from {path}")
     return ctx

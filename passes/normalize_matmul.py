@@ -47,32 +47,49 @@ def run(ctx: Context) -> None:
         base = node.name
         row = gs.Variable(f"{base}.row_in", dtype=np.float32, shape=[1, k])
         y = gs.Variable(f"{base}.row_out", dtype=np.float32, shape=[1, n])
-        pre = gs.Node("Reshape", name=f"{base}.to_row",
-                      inputs=[x, gs.Constant(f"{base}.row_shape", np.array([1, k], np.int64))],
-                      outputs=[row])
+        pre = gs.Node(
+            "Reshape",
+            name=f"{base}.to_row",
+            inputs=[x, gs.Constant(f"{base}.row_shape", np.array([1, k], np.int64))],
+            outputs=[row],
+        )
         node.inputs = [row, gs.Constant(f"{w.name}.T", transposed(wv))]
         node.outputs = [y]
-        post = gs.Node("Reshape", name=f"{base}.to_vec",
-                       inputs=[y, gs.Constant(f"{base}.vec_shape", np.array(out_shape, np.int64))],
-                       outputs=[out])
+        post = gs.Node(
+            "Reshape",
+            name=f"{base}.to_vec",
+            inputs=[y, gs.Constant(f"{base}.vec_shape", np.array(out_shape, np.int64))],
+            outputs=[out],
+        )
         graph.nodes += [pre, post]
         changed += 1
     batched = sum(_unbatch(graph, n) for n in list(graph.nodes) if n.op == "MatMul")
     _fold_reshape_pairs(graph)
     graph.cleanup().toposort()
-    ctx.note(NAME, f"{changed} MatMul(W, x) rewritten as row-vector MatMul(x[1,K], W^T)"
-                   + (f"; {batched} batched MatMul(s) with a 3-D weight split per slice" if batched else ""))
+    ctx.note(
+        NAME,
+        f"{changed} MatMul(W, x) rewritten as row-vector MatMul(x[1,K], W^T)"
+        + (f"; {batched} batched MatMul(s) with a 3-D weight split per slice" if batched else ""),
+    )
 
 
 def _unbatch(graph, node) -> bool:
     """``x[.., B, M, K] @ W[B, K, N]`` (leading dims of x all 1) -> B MatMuls x_j[M, K] @ W[j],
     joined by Concat; Gathers of one slice along B read their MatMul instead."""
     import onnx_graphsurgeon as gs
+
     x, w = node.inputs
     wv, shape = const_value(w), list(x.shape or [])
-    if wv is None or wv.ndim != 3 or const_value(x) is not None or len(shape) < 3 or \
-            not all(isinstance(d, int) for d in shape) or int(np.prod(shape[:-3] or [1])) != 1 or \
-            shape[-3] != wv.shape[0] or shape[-1] != wv.shape[1]:
+    if (
+        wv is None
+        or wv.ndim != 3
+        or const_value(x) is not None
+        or len(shape) < 3
+        or not all(isinstance(d, int) for d in shape)
+        or int(np.prod(shape[:-3] or [1])) != 1
+        or shape[-3] != wv.shape[0]
+        or shape[-1] != wv.shape[1]
+    ):
         return False
     b, m, (_, k, n) = shape[-3], shape[-2], wv.shape
     base, out = node.name, node.outputs[0]
@@ -82,38 +99,86 @@ def _unbatch(graph, node) -> bool:
 
     def reshape(t, dims, name):
         y = var(name, dims)
-        graph.nodes.append(gs.Node("Reshape", name=f"{base}.{name}", outputs=[y], inputs=[
-            t, gs.Constant(f"{base}.{name}.shape", np.array(dims, np.int64))]))
+        graph.nodes.append(
+            gs.Node(
+                "Reshape",
+                name=f"{base}.{name}",
+                outputs=[y],
+                inputs=[t, gs.Constant(f"{base}.{name}.shape", np.array(dims, np.int64))],
+            )
+        )
         return y
 
     parts = [var(f"part{j}", [1, m, k]) for j in range(b)]
-    graph.nodes.append(gs.Node("Split", name=f"{base}.split", attrs={"axis": 0}, outputs=parts,
-                               inputs=[reshape(x, [b, m, k], "batched")]))
+    graph.nodes.append(
+        gs.Node(
+            "Split",
+            name=f"{base}.split",
+            attrs={"axis": 0},
+            outputs=parts,
+            inputs=[reshape(x, [b, m, k], "batched")],
+        )
+    )
     ys = []
     for j, part in enumerate(parts):
         y = var(f"slice{j}", [m, n])
-        graph.nodes.append(gs.Node("MatMul", name=f"{base}.slice{j}", outputs=[y], inputs=[
-            reshape(part, [m, k], f"row{j}"), gs.Constant(f"{w.name}.{j}", np.ascontiguousarray(wv[j]))]))
+        graph.nodes.append(
+            gs.Node(
+                "MatMul",
+                name=f"{base}.slice{j}",
+                outputs=[y],
+                inputs=[
+                    reshape(part, [m, k], f"row{j}"),
+                    gs.Constant(f"{w.name}.{j}", np.ascontiguousarray(wv[j])),
+                ],
+            )
+        )
         ys.append(y)
     joined = var("joined", [b, m, n])
-    graph.nodes.append(gs.Node("Concat", name=f"{base}.concat", attrs={"axis": 0}, outputs=[joined],
-                               inputs=[reshape(y, [1, m, n], f"slice{j}.3d") for j, y in enumerate(ys)]))
+    graph.nodes.append(
+        gs.Node(
+            "Concat",
+            name=f"{base}.concat",
+            attrs={"axis": 0},
+            outputs=[joined],
+            inputs=[reshape(y, [1, m, n], f"slice{j}.3d") for j, y in enumerate(ys)],
+        )
+    )
     node.inputs, node.outputs = [], []
-    graph.nodes.append(gs.Node("Reshape", name=f"{base}.joined", outputs=[out], inputs=[
-        joined, gs.Constant(f"{base}.out_shape", np.array(out.shape, np.int64))]))
+    graph.nodes.append(
+        gs.Node(
+            "Reshape",
+            name=f"{base}.joined",
+            outputs=[out],
+            inputs=[joined, gs.Constant(f"{base}.out_shape", np.array(out.shape, np.int64))],
+        )
+    )
     for t in [out] + [r.outputs[0] for r in out.outputs if r.op == "Reshape"]:
         dims = list(t.shape or [])
         for reader in list(t.outputs):
             axis = int(reader.attrs.get("axis", 0)) % max(len(dims), 1) if reader.op == "Gather" else -1
             idx = const_value(reader.inputs[1]) if reader.op == "Gather" else None
-            if idx is None or idx.ndim or not dims or dims[axis] != b or \
-                    int(np.prod(dims[:axis] or [1])) != 1:
+            if (
+                idx is None
+                or idx.ndim
+                or not dims
+                or dims[axis] != b
+                or int(np.prod(dims[:axis] or [1])) != 1
+            ):
                 continue
             got = reader.outputs[0]
             reader.outputs = []
-            graph.nodes.append(gs.Node("Reshape", name=f"{reader.name}.slice", outputs=[got], inputs=[
-                ys[int(idx)], gs.Constant(f"{reader.name}.slice_shape",
-                                          np.array(got.shape, np.int64))]))
+            graph.nodes.append(
+                gs.Node(
+                    "Reshape",
+                    name=f"{reader.name}.slice",
+                    outputs=[got],
+                    inputs=[
+                        ys[int(idx)],
+                        gs.Constant(f"{reader.name}.slice_shape", np.array(got.shape, np.int64)),
+                    ],
+                )
+            )
     return True
 
 
@@ -150,6 +215,5 @@ def _fold_reshape_pairs(graph) -> None:
             continue
         src = node.inputs[0]
         prev = src.inputs[0] if src.inputs else None
-        if prev is not None and prev.op == "Reshape" and len(src.outputs) == 1 and \
-                id(src) not in outputs:
+        if prev is not None and prev.op == "Reshape" and len(src.outputs) == 1 and id(src) not in outputs:
             node.inputs[0] = prev.inputs[0]

@@ -79,8 +79,9 @@ def group(graph, device: Dict[str, str]) -> List[GraphSegment]:
                 s = max(s, stage[p.name] + (device[p.name] != device[node.name]))
         stage[node.name] = s
     for node in reversed(nodes):  # as late as the consumers allow
-        later = [stage[c.name] - (device[c.name] != device[node.name])
-                 for t in node.outputs for c in t.outputs]
+        later = [
+            stage[c.name] - (device[c.name] != device[node.name]) for t in node.outputs for c in t.outputs
+        ]
         if later and min(later) > stage[node.name]:
             stage[node.name] = min(later)
     keys = sorted({(stage[n.name], device[n.name]) for n in nodes})
@@ -200,7 +201,8 @@ _SPECIAL = {"Exp", "Sigmoid", "Tanh", "Log", "Sqrt", "Div", "Pow", "Erf", "Softp
 def _weighted(n) -> bool:
     """A MatMul-like op with a constant 2-D weight (a projection)."""
     return n.op in MATMUL_LIKE and any(
-        (w := const_value(t)) is not None and w.ndim == 2 for t in n.inputs[:2])
+        (w := const_value(t)) is not None and w.ndim == 2 for t in n.inputs[:2]
+    )
 
 
 def _elems(t) -> int:
@@ -245,6 +247,7 @@ def boundary_tensors(nodes) -> int:
     constants) and tensors made for outside (read by another node, or by none: a graph output;
     a graph output also read inside is not seen: ``cut`` counts from the graph)."""
     from rwkv2rknn.compiler.ir import is_const
+
     held = [n.segment_io for n in nodes if getattr(n, "segment_io", None) is not None]
     if held:  # a written segment's stand-ins (compiler/stream.py) keep the count, not the edges
         return sum(held)
@@ -261,8 +264,9 @@ def boundary_tensors(nodes) -> int:
     return len(ins) + len(outs)
 
 
-def estimate_ms(device: str, nodes, profile, rows: int = 0, precision: str = "fp16",
-                io: Optional[int] = None) -> float:
+def estimate_ms(
+    device: str, nodes, profile, rows: int = 0, precision: str = "fp16", io: Optional[int] = None
+) -> float:
     """Estimated time of one call of a segment under a device profile (``rows``: its T-row
     variant's row count instead of the graph's own; ``precision``: of the NPU build). A CPU
     segment counts its projections and every other op's bytes and FLOPs (``op_work``); an NPU
@@ -271,13 +275,20 @@ def estimate_ms(device: str, nodes, profile, rows: int = 0, precision: str = "fp
     given counted from the nodes, ``boundary_tensors``)."""
     own = profile.executor_ms(boundary_tensors(nodes) if io is None else io)
     if device == "npu":
-        return (own + profile.npu_segment_ms([(rows or r, m, k) for r, m, k in matmul_dims(nodes)],
-                                             precision) +
-                sum(profile.npu_op_ms(b, f, special) for b, f, special in
-                    op_work([n for n in nodes if n.op not in MATMUL_LIKE], rows)))
+        return (
+            own
+            + profile.npu_segment_ms([(rows or r, m, k) for r, m, k in matmul_dims(nodes)], precision)
+            + sum(
+                profile.npu_op_ms(b, f, special)
+                for b, f, special in op_work([n for n in nodes if n.op not in MATMUL_LIKE], rows)
+            )
+        )
     dims = [(rows or r, m, k) for r, m, k in matmul_dims([n for n in nodes if _weighted(n)])]
-    return (own + sum(profile.cpu_matmul_ms(m, k, r) for r, m, k in dims) +
-            sum(profile.cpu_op_ms(b, f, special) for b, f, special in op_work(nodes, rows)))
+    return (
+        own
+        + sum(profile.cpu_matmul_ms(m, k, r) for r, m, k in dims)
+        + sum(profile.cpu_op_ms(b, f, special) for b, f, special in op_work(nodes, rows))
+    )
 
 
 def split_head(segs, min_flops: int, state=()):
@@ -291,23 +302,28 @@ def split_head(segs, min_flops: int, state=()):
     the head's logits for its last row only, so its build then covers one row count (``build``)
     and prefill runs it once, not on every row of a chunk."""
     from rwkv2rknn.compiler.ir import stage_of
+
     out, split = [], False
     for s in segs:
         kept = {i for i, _ in state} | _viewed_as({o for _, o in state}, s.nodes)
-        head = {id(n) for n in s.nodes if stage_of(n.name) == "head" and
-                not any(t.name in kept for t in n.inputs)}
+        head = {
+            id(n) for n in s.nodes if stage_of(n.name) == "head" and not any(t.name in kept for t in n.inputs)
+        }
         changed = True
         while changed:  # the rest may not read the head's part
             made = {t.name for n in s.nodes if id(n) in head for t in n.outputs}
-            readers = [n for n in s.nodes if id(n) not in head and
-                       any(t.name in made for t in n.inputs)]
+            readers = [n for n in s.nodes if id(n) not in head and any(t.name in made for t in n.inputs)]
             keep = {id(p) for r in readers for t in r.inputs for p in t.inputs}
             changed = bool(keep & head)
             head -= keep
         part = [n for n in s.nodes if id(n) in head]
         rest = [n for n in s.nodes if id(n) not in head]
-        if s.device != "npu" or not part or not rest or \
-                min(matmul_flops(part), matmul_flops(rest)) < max(min_flops, 1):
+        if (
+            s.device != "npu"
+            or not part
+            or not rest
+            or min(matmul_flops(part), matmul_flops(rest)) < max(min_flops, 1)
+        ):
             out.append(s)
             continue
         out += [GraphSegment(device="npu", nodes=rest), GraphSegment(device="npu", nodes=part)]
@@ -339,8 +355,9 @@ def run(ctx: Context) -> None:
         if s.device != "npu":
             continue
         if by_cost:  # the call and its two hand-offs must pay for themselves
-            small = (estimate_ms("npu", s.nodes, profile) + 2 * profile.handoff_ms >=
-                     estimate_ms("cpu", s.nodes, profile))
+            small = estimate_ms("npu", s.nodes, profile) + 2 * profile.handoff_ms >= estimate_ms(
+                "cpu", s.nodes, profile
+            )
         else:
             small = matmul_flops(s.nodes) < ctx.options.min_segment_flops
         if small:
@@ -349,16 +366,28 @@ def run(ctx: Context) -> None:
             pruned += 1
     if pruned:
         segs = group(graph, device)
-    segs, split = split_head(segs, ctx.options.min_segment_flops,
-                             [(s.input, s.output) for s in ctx.state] + list(ctx.whole_state.values()))
+    segs, split = split_head(
+        segs,
+        ctx.options.min_segment_flops,
+        [(s.input, s.output) for s in ctx.state] + list(ctx.whole_state.values()),
+    )
     for s in segs:
         s.nodes.sort(key=lambda n: order[n.name])
     ctx.segments = segs
     ctx.node_device = device
     n_npu = sum(s.device == "npu" for s in segs)
-    ctx.note(NAME, f"{len(segs)} segments: {n_npu} NPU, {len(segs) - n_npu} CPU"
-                   + (f" ({pruned} NPU segment(s) too small to pay for a call, moved to the CPU)"
-                      if pruned else "")
-                   + (" (the head in an NPU segment of its own: prefill needs only the last row's "
-                      "logits)" if split else ""),
-             kind="summary", segments=len(segs), npu=n_npu, cpu=len(segs) - n_npu, pruned=pruned)
+    ctx.note(
+        NAME,
+        f"{len(segs)} segments: {n_npu} NPU, {len(segs) - n_npu} CPU"
+        + (f" ({pruned} NPU segment(s) too small to pay for a call, moved to the CPU)" if pruned else "")
+        + (
+            " (the head in an NPU segment of its own: prefill needs only the last row's logits)"
+            if split
+            else ""
+        ),
+        kind="summary",
+        segments=len(segs),
+        npu=n_npu,
+        cpu=len(segs) - n_npu,
+        pruned=pruned,
+    )

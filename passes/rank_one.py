@@ -34,8 +34,14 @@ def _outer(t):
     su, sv = u.shape, v.shape
     if not su or not sv or len(su) < 2 or len(sv) < 2:
         return None
-    if su[-1] == 1 and sv[-2] == 1 and isinstance(su[-2], int) and isinstance(sv[-1], int) and \
-            su[-2] > 1 and sv[-1] > 1:
+    if (
+        su[-1] == 1
+        and sv[-2] == 1
+        and isinstance(su[-2], int)
+        and isinstance(sv[-1], int)
+        and su[-2] > 1
+        and sv[-1] > 1
+    ):
         return u, v
     return None
 
@@ -54,6 +60,7 @@ def _shape(a, b):
 
 def run(ctx: Context) -> None:
     import onnx_graphsurgeon as gs
+
     graph = ctx.graph
     done = 0
     for node in list(graph.nodes):
@@ -77,5 +84,6 @@ def run(ctx: Context) -> None:
         done += 1
     if done:
         graph.cleanup().toposort()
-        ctx.note(NAME, f"{done} product(s) with a rank-one matrix ([N, 1] x [1, M]) done as two "
-                       f"thin products")
+        ctx.note(
+            NAME, f"{done} product(s) with a rank-one matrix ([N, 1] x [1, M]) done as two thin products"
+        )

@@ -59,8 +59,11 @@ def run(ctx: Context) -> None:
     graph = ctx.graph
     ints = [t for t in graph.inputs if t.dtype is not None and np.dtype(t.dtype).kind in "iu"]
     if len(ints) != 1:
-        ctx.note(NAME, f"a single graph, not a whole model ({len(ints)} integer inputs, a whole "
-                       f"model has one token input): compiled as it is; run and check need a whole model")
+        ctx.note(
+            NAME,
+            f"a single graph, not a whole model ({len(ints)} integer inputs, a whole "
+            f"model has one token input): compiled as it is; run and check need a whole model",
+        )
         return
     token = ints[0]
     pairs, how = _pair(graph, [t for t in graph.inputs if t is not token])
@@ -71,7 +74,8 @@ def run(ctx: Context) -> None:
         raise UnsupportedModel(
             f"cannot tell the logits among the unpaired outputs {[t.name for t in rest][:4]} "
             f"(state inputs pair with outputs {how})",
-            "name each state output after its input (state_X -> output_state_X) and keep one other output")
+            "name each state output after its input (state_X -> output_state_X) and keep one other output",
+        )
     logits = rest[0]
     token = _normalize_token(graph, token)
     ctx.token_input, ctx.logits_output = token.name, logits.name
@@ -79,8 +83,14 @@ def run(ctx: Context) -> None:
     _match_state_shapes(graph, pairs)
     tensors = graph.tensors()
     layers = _layers(pairs, tensors)
-    layout = next((name for name, pat in rwkv4.LAYOUT_STATE_NAMES.items()
-                   if all(re.fullmatch(pat, i) for i, _ in pairs)), "")
+    layout = next(
+        (
+            name
+            for name, pat in rwkv4.LAYOUT_STATE_NAMES.items()
+            if all(re.fullmatch(pat, i) for i, _ in pairs)
+        ),
+        "",
+    )
     width = max([int((tensors[i].shape or [1])[-1]) for i, _ in pairs] or [0])
     for layer, entries in sorted(layers.items()):
         shapes = {tuple(tensors[i].shape or ()) for _, i, _ in entries}
@@ -91,8 +101,11 @@ def run(ctx: Context) -> None:
         for pos, (r, i, o) in enumerate(entries):
             row = rows[pos] if not layout else rows[r] if r < len(rows) else f"s{r}"
             dims = tuple(int(x) for x in tensors[i].shape or ())
-            ctx.state.append(StateSlot(layer, row, i, o, _reads_itself(tensors[o], tensors[i]),
-                                       dims if len(dims) > 1 else ()))
+            ctx.state.append(
+                StateSlot(
+                    layer, row, i, o, _reads_itself(tensors[o], tensors[i]), dims if len(dims) > 1 else ()
+                )
+            )
     inits = _initial_values(ctx, tensors, rwkv4)
     init_of = {s.input: s.init for s in ctx.state}
     ctx.facts["source_state"] = [[i, o, init_of.get(i, 0.0)] for i, o in source_pairs]
@@ -102,9 +115,14 @@ def run(ctx: Context) -> None:
     rows_per_layer = len(ctx.state) // max(n_layers, 1)
     module = _module_of(ctx.facts.get("arch"))
     matrix_state = any(len(s.shape) > 2 for s in acc)
-    arch = module.ARCH if module else rwkv4.ARCH if ctx.whole_state or (
-        rows_per_layer == len(rwkv4.STATE_ROWS) and len(acc) == n_layers * len(rwkv4.ACCUMULATOR_ROWS)) \
+    arch = (
+        module.ARCH
+        if module
+        else rwkv4.ARCH
+        if ctx.whole_state
+        or (rows_per_layer == len(rwkv4.STATE_ROWS) and len(acc) == n_layers * len(rwkv4.ACCUMULATOR_ROWS))
         else "rwkv"
+    )
     ctx.arch = arch
     # a matrix state (RWKV-5.2/6/7): the ops that only feed the recurrence stay with it on the CPU
     ctx.cpu_recurrence_inputs = bool(getattr(module, "CPU_RECURRENCE_INPUTS", matrix_state and not module))
@@ -112,22 +130,29 @@ def run(ctx: Context) -> None:
     ctx.layout = layout or ("rwkv2rknn one-file" if ctx.whole_state or module else "whole model")
     learned = ""
     if ctx.state:
-        learned = (f"; per layer {rows_per_layer} state entries, {len(acc) // max(n_layers, 1)} "
-                   f"recurrence accumulator(s) ({', '.join(sorted({s.row for s in acc}))}) and "
-                   f"{rows_per_layer - len(acc) // max(n_layers, 1)} token shift(s), learned from the graph")
+        learned = (
+            f"; per layer {rows_per_layer} state entries, {len(acc) // max(n_layers, 1)} "
+            f"recurrence accumulator(s) ({', '.join(sorted({s.row for s in acc}))}) and "
+            f"{rows_per_layer - len(acc) // max(n_layers, 1)} token shift(s), learned from the graph"
+        )
         wrong = [s for s in ctx.state if layout and (s.row in rwkv4.ACCUMULATOR_ROWS) != s.accumulator]
         if wrong:
             learned += f"; {len(wrong)} entr(ies) disagree with the {layout} row names: the graph wins"
-    stacked = "".join(f"; state '{i}' holds every layer's state: split into {n} pieces"
-                      for i, n in split_into.items())
-    ctx.note(NAME, f"recognised the {ctx.layout} layout ({arch}): {n_layers} layers, width "
-                   f"{width}, vocab {ctx.shape['vocab']}; token '{token.name}', state paired {how}"
-                   f"{stacked}{learned}; initial state {inits}")
+    stacked = "".join(
+        f"; state '{i}' holds every layer's state: split into {n} pieces" for i, n in split_into.items()
+    )
+    ctx.note(
+        NAME,
+        f"recognised the {ctx.layout} layout ({arch}): {n_layers} layers, width "
+        f"{width}, vocab {ctx.shape['vocab']}; token '{token.name}', state paired {how}"
+        f"{stacked}{learned}; initial state {inits}",
+    )
 
 
 def _module_of(arch):
     """The model module our one-file export names in the file's metadata, or None."""
     from rwkv2rknn.models.export import MODULES
+
     return next((m for m in MODULES.values() if m.ARCH == arch), None) if arch else None
 
 
@@ -135,6 +160,7 @@ def _match_state_shapes(graph, pairs) -> None:
     """A new state of another shape but the same size as its input (some exporters' outputs
     keep a unit sequence axis: [1, 1, C] for a [1, C] input) is reshaped to the input's shape."""
     import onnx_graphsurgeon as gs
+
     tensors = graph.tensors()
     for i, o in pairs:
         tin, tout = tensors[i], tensors[o]
@@ -146,8 +172,14 @@ def _match_state_shapes(graph, pairs) -> None:
             node.outputs = [src if t is tout else t for t in node.outputs]
         for node in list(tout.outputs):
             node.inputs = [src if t is tout else t for t in node.inputs]
-        graph.nodes.append(gs.Node("Reshape", name=o + ".reshape", inputs=[
-            src, gs.Constant(o + ".shape", np.array(a, np.int64))], outputs=[tout]))
+        graph.nodes.append(
+            gs.Node(
+                "Reshape",
+                name=o + ".reshape",
+                inputs=[src, gs.Constant(o + ".shape", np.array(a, np.int64))],
+                outputs=[tout],
+            )
+        )
         tout.shape = a
     graph.toposort()
 
@@ -159,16 +191,22 @@ def _layers(pairs, tensors) -> Dict[int, List[Tuple[int, str, str]]]:
     nums = {i: [int(x) for x in re.findall(r"\d+", i)] for i, _ in pairs}
     bad = next((i for i, n in nums.items() if not n), None)
     if bad:
-        raise UnsupportedModel(f"state input '{bad}' names no layer number",
-                               "name state inputs with their layer, like state_{layer}_{row}")
+        raise UnsupportedModel(
+            f"state input '{bad}' names no layer number",
+            "name state inputs with their layer, like state_{layer}_{row}",
+        )
     layers: Dict[int, List[Tuple[int, str, str]]] = {}
     flat = sorted(pairs, key=lambda p: nums[p[0]][0])
     matrices = sum(len(tensors[i].shape or ()) > 2 for i, _ in pairs)
     period = len(pairs) // matrices if matrices else 0
     shapes = [tuple(tensors[i].shape or ()) for i, _ in flat]
-    if period > 1 and len(pairs) % matrices == 0 and all(len(n) == 1 for n in nums.values()) and \
-            len({n[0] for n in nums.values()}) == len(pairs) and \
-            all(shapes[k] == shapes[k % period] for k in range(len(shapes))):
+    if (
+        period > 1
+        and len(pairs) % matrices == 0
+        and all(len(n) == 1 for n in nums.values())
+        and len({n[0] for n in nums.values()}) == len(pairs)
+        and all(shapes[k] == shapes[k % period] for k in range(len(shapes)))
+    ):
         for k, (i, o) in enumerate(flat):
             layers.setdefault(k // period, []).append((k % period, i, o))
         return layers
@@ -221,8 +259,10 @@ def _pair(graph, state_ins):
         for i in left:
             same = [o for o in free if list(o.shape or []) == list(i.shape or [])]
             if not same:
-                raise UnsupportedModel(f"state input '{i.name}' has no output of its shape to pair with",
-                                       "give each state input an output of the same shape")
+                raise UnsupportedModel(
+                    f"state input '{i.name}' has no output of its shape to pair with",
+                    "give each state input an output of the same shape",
+                )
             pairs.append((i.name, same[0].name))
             free.remove(same[0])
         how = "by name" if len(left) < len(state_ins) else "by position"
@@ -249,6 +289,7 @@ def _normalize_token(graph, token):
     """The token input becomes int32 [1] (same name); nodes that read it get its old form."""
     import onnx_graphsurgeon as gs
     from onnx import helper
+
     shape, dtype = list(token.shape or []), np.dtype(token.dtype)
     if shape == [1] and dtype == np.int32:
         return token
@@ -258,13 +299,26 @@ def _normalize_token(graph, token):
     x = new
     if dtype != np.int32:
         y = gs.Variable(f"{new.name}.cast", dtype=dtype, shape=[1])
-        graph.nodes.append(gs.Node("Cast", name=f"{new.name}.to_{dtype.name}", inputs=[x], outputs=[y],
-                                   attrs={"to": helper.np_dtype_to_tensor_dtype(dtype)}))
+        graph.nodes.append(
+            gs.Node(
+                "Cast",
+                name=f"{new.name}.to_{dtype.name}",
+                inputs=[x],
+                outputs=[y],
+                attrs={"to": helper.np_dtype_to_tensor_dtype(dtype)},
+            )
+        )
         x = y
     if shape != [1]:
         y = gs.Variable(f"{new.name}.reshaped", dtype=dtype, shape=shape)
-        graph.nodes.append(gs.Node("Reshape", name=f"{new.name}.reshape", inputs=[
-            x, gs.Constant(f"{new.name}.shape", np.array(shape, np.int64))], outputs=[y]))
+        graph.nodes.append(
+            gs.Node(
+                "Reshape",
+                name=f"{new.name}.reshape",
+                inputs=[x, gs.Constant(f"{new.name}.shape", np.array(shape, np.int64))],
+                outputs=[y],
+            )
+        )
         x = y
     for n in readers:
         n.inputs = [x if t is token else t for t in n.inputs]
@@ -278,16 +332,25 @@ def _initial_values(ctx: Context, tensors, rwkv4) -> str:
     dangling = [np.asarray(v) for v in ctx.unread_constants.values()]
     slots = ctx.state
     fits = len(dangling) == len(slots) and all(
-        int(d.size) == int(np.prod(tensors[s.input].shape or (1,))) for d, s in zip(dangling, slots))
+        int(d.size) == int(np.prod(tensors[s.input].shape or (1,))) for d, s in zip(dangling, slots)
+    )
     if slots and fits and all(np.all(d == d.reshape(-1)[0]) for d in dangling):
         for k, (d, s) in enumerate(zip(dangling, slots)):
-            slots[k] = StateSlot(s.layer, s.row, s.input, s.output, s.accumulator, s.shape,
-                                 init=float(d.reshape(-1)[0]))
+            slots[k] = StateSlot(
+                s.layer, s.row, s.input, s.output, s.accumulator, s.shape, init=float(d.reshape(-1)[0])
+            )
         where = "from the file's unread Constant nodes"
     else:
         for k, s in enumerate(slots):
-            slots[k] = StateSlot(s.layer, s.row, s.input, s.output, s.accumulator, s.shape,
-                                 init=float(rwkv4.RWKV_INIT.get(s.row, 0.0)))
+            slots[k] = StateSlot(
+                s.layer,
+                s.row,
+                s.input,
+                s.output,
+                s.accumulator,
+                s.shape,
+                init=float(rwkv4.RWKV_INIT.get(s.row, 0.0)),
+            )
         where = "RWKV defaults (the file carries none)"
     if not slots:
         return "all zero (per-layer state tensors)"
@@ -298,6 +361,7 @@ def _initial_values(ctx: Context, tensors, rwkv4) -> str:
 def _name_stages(graph, ctx: Context, n_layers: int) -> None:
     """Prefix node names with their stage unless the file already names them so."""
     from rwkv2rknn.compiler.ir import stage_of
+
     valid = {"embed", "head"} | {f"L{i}" for i in range(n_layers)}
     if all(stage_of(n.name) in valid for n in graph.nodes):
         return
@@ -306,8 +370,11 @@ def _name_stages(graph, ctx: Context, n_layers: int) -> None:
     state_outs = {s.output for s in ctx.state} | {o for _, o in ctx.whole_state.values()}
     up: Dict[int, int] = {}
     for n in graph.nodes:  # toposorted: the deepest layer whose state reaches the node
-        level = max([layer_of_input.get(t.name, -1) for t in n.inputs] +
-                    [up[id(p)] for t in n.inputs for p in t.inputs], default=-1)
+        level = max(
+            [layer_of_input.get(t.name, -1) for t in n.inputs]
+            + [up[id(p)] for t in n.inputs for p in t.inputs],
+            default=-1,
+        )
         up[id(n)] = level
     feeds_state = set()
     for n in reversed(graph.nodes):
@@ -315,6 +382,9 @@ def _name_stages(graph, ctx: Context, n_layers: int) -> None:
             feeds_state.add(id(n))
     for k, n in enumerate(graph.nodes):
         level = up[id(n)]
-        stage = "embed" if level < 0 else (
-            "head" if level == n_layers - 1 and id(n) not in feeds_state else f"L{level}")
+        stage = (
+            "embed"
+            if level < 0
+            else ("head" if level == n_layers - 1 and id(n) not in feeds_state else f"L{level}")
+        )
         n.name = f"{stage}/{n.name or f'{n.op}_{k}'}"

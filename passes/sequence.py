@@ -30,8 +30,27 @@ import numpy as np
 from rwkv2rknn.compiler.ir import Context, GraphSegment, const_value, export, replace_uses, toposort_chains
 
 NAME = "sequence"
-_ROWWISE = {"Add", "Sub", "Mul", "Div", "Relu", "Sigmoid", "Sqrt", "Neg", "Tanh", "Abs", "Pow",
-            "Identity", "MatMul", "ReduceMean", "Reshape", "Exp", "Max", "Min", "Split"}
+_ROWWISE = {
+    "Add",
+    "Sub",
+    "Mul",
+    "Div",
+    "Relu",
+    "Sigmoid",
+    "Sqrt",
+    "Neg",
+    "Tanh",
+    "Abs",
+    "Pow",
+    "Identity",
+    "MatMul",
+    "ReduceMean",
+    "Reshape",
+    "Exp",
+    "Max",
+    "Min",
+    "Split",
+}
 _SHAPE_INPUTS = {"Reshape", "Split"}  # their constant inputs are shapes and sizes, not values
 
 
@@ -48,8 +67,7 @@ def _split_by_rows(reshape) -> int:
     readers = reshape.outputs[0].outputs
     if reshape.inputs[0].shape is not None and not _is_row(reshape.inputs[0].shape):
         return 0  # (a T-row variant's tensors have no shapes: checked on the per-token graph)
-    if shape is None or shape.ndim != 1 or shape.size < 2 or len(readers) != 1 or \
-            readers[0].op != "Split":
+    if shape is None or shape.ndim != 1 or shape.size < 2 or len(readers) != 1 or readers[0].op != "Split":
         return 0
     lead = [int(d) for d in shape[:-1]]
     axes = [a for a, d in enumerate(lead) if d != 1]
@@ -57,8 +75,11 @@ def _split_by_rows(reshape) -> int:
         return 0
     split, n = readers[0], lead[axes[0]]
     sizes = const_value(split.inputs[1]) if len(split.inputs) > 1 else None
-    ok = int(split.attrs.get("axis", 0)) in (axes[0], axes[0] - shape.size) and \
-        len(split.outputs) == n and (sizes is None or (sizes.size == n and (sizes == 1).all()))
+    ok = (
+        int(split.attrs.get("axis", 0)) in (axes[0], axes[0] - shape.size)
+        and len(split.outputs) == n
+        and (sizes is None or (sizes.size == n and (sizes == 1).all()))
+    )
     return n if ok else 0
 
 
@@ -76,8 +97,10 @@ def _why_not(ctx: Context, seg: GraphSegment) -> Optional[str]:
         if n.op not in _ROWWISE:
             return f"{n.op} is not row-wise"
         rank = len(n.inputs[0].shape or ())
-        if n.op == "ReduceMean" and ([int(a) for a in n.attrs.get("axes", [])] not in ([-1], [rank - 1])
-                                     or not n.attrs.get("keepdims", 1)):
+        if n.op == "ReduceMean" and (
+            [int(a) for a in n.attrs.get("axes", [])] not in ([-1], [rank - 1])
+            or not n.attrs.get("keepdims", 1)
+        ):
             return "ReduceMean over other axes"
         if n.op == "MatMul" and (const_value(n.inputs[1]) is None or const_value(n.inputs[1]).ndim != 2):
             return "MatMul without a constant right-hand weight"
@@ -85,15 +108,22 @@ def _why_not(ctx: Context, seg: GraphSegment) -> Optional[str]:
             shape = const_value(n.inputs[1])
             if shape is None or shape.ndim != 1 or not shape.size or not _is_row(list(shape)):
                 return "Reshape that is not to a vector or a row"
-        if n.op == "Split" and not (n.inputs[0].inputs and n.inputs[0].inputs[0].op == "Reshape" and
-                                    _split_by_rows(n.inputs[0].inputs[0])) and \
-                int(n.attrs.get("axis", 0)) not in (-1, rank - 1):
+        if (
+            n.op == "Split"
+            and not (
+                n.inputs[0].inputs
+                and n.inputs[0].inputs[0].op == "Reshape"
+                and _split_by_rows(n.inputs[0].inputs[0])
+            )
+            and int(n.attrs.get("axis", 0)) not in (-1, rank - 1)
+        ):
             return "Split of other than the last axis"
         for t in n.inputs[:1] if n.op in _SHAPE_INPUTS else n.inputs:
             shape = t.shape
             if shape and len(shape) > 2 and not _is_row(shape):
-                if const_value(t) is not None or not (t.inputs and t.inputs[0].op == "Reshape"
-                                                      and _split_by_rows(t.inputs[0])):
+                if const_value(t) is not None or not (
+                    t.inputs and t.inputs[0].op == "Reshape" and _split_by_rows(t.inputs[0])
+                ):
                     return "tensors of rank > 2"
     return None
 
@@ -122,8 +152,12 @@ def _rows_form(g, ctx: Context) -> None:
             info = ctx.tensors.get(n.outputs[0].name)
             k = int(np.prod(info.shape)) if info is not None else int(np.asarray(n.inputs[1].values)[-1])
             name = n.inputs[1].name
-            n.inputs[1] = rows.setdefault((name, k), gs.Constant(
-                f"{name}.rows" if k == _shape_last(n) else f"{name}.rows{k}", np.array([-1, k], np.int64)))
+            n.inputs[1] = rows.setdefault(
+                (name, k),
+                gs.Constant(
+                    f"{name}.rows" if k == _shape_last(n) else f"{name}.rows{k}", np.array([-1, k], np.int64)
+                ),
+            )
         elif n.op == "ReduceMean":  # over the last axis (checked), whatever the rank was
             n.attrs["axes"] = [-1]
         elif n.op == "Split":
@@ -145,11 +179,11 @@ def _stub_weights(model, g) -> set:
     not copy them (twice: onnx's make_graph and make_model). Rank > 2 constants are read."""
     from onnx import TensorProto
     from onnx_graphsurgeon.ir.tensor import LazyValues
+
     tensors, names = g.tensors(), set()
     for t in model.graph.initializer:
         if len(t.dims) <= 2 and t.ByteSize() >= _STUB_ABOVE and t.name in tensors:
-            tensors[t.name].values = LazyValues(TensorProto(name=t.name, dims=t.dims,
-                                                            data_type=t.data_type))
+            tensors[t.name].values = LazyValues(TensorProto(name=t.name, dims=t.dims, data_type=t.data_type))
             names.add(t.name)
     return names
 
@@ -158,6 +192,7 @@ def _take_over(model, variant, weights: set) -> None:
     """Make ``model`` the ``variant`` (exported with ``weights`` as stubs) in place: every field
     the variant's, its initializers the variant's in the variant's order, with ``model``'s own
     tensors for ``weights`` (moved, not copied). The same bytes as a full export."""
+
     def copy_fields(dst, src, skip):
         for fd in dst.DESCRIPTOR.fields:
             if fd.name not in skip:
@@ -212,14 +247,27 @@ def _variant(ctx: Context, seg: GraphSegment, take: bool = False):
         prev = gs.Variable(f"{name}.prev", dtype=np.float32)
         replace_uses(cur, prev)  # before the nodes below, which read cur itself
         g.nodes += [
-            gs.Node("Reshape", name=f"{name}.as_row", inputs=[cur, gs.Constant(
-                f"{name}.row_shape", np.array([1, width], np.int64))], outputs=[first]),
-            gs.Node("Slice", name=f"{slot.output}.drop_last", inputs=[
-                out, gs.Constant(f"{name}.s0", np.array([0], np.int64)),
-                gs.Constant(f"{name}.s1", np.array([-1], np.int64)),
-                gs.Constant(f"{name}.s2", np.array([0], np.int64))], outputs=[earlier]),
-            gs.Node("Concat", name=f"{name}.shift", inputs=[first, earlier], outputs=[prev],
-                    attrs={"axis": 0})]
+            gs.Node(
+                "Reshape",
+                name=f"{name}.as_row",
+                inputs=[cur, gs.Constant(f"{name}.row_shape", np.array([1, width], np.int64))],
+                outputs=[first],
+            ),
+            gs.Node(
+                "Slice",
+                name=f"{slot.output}.drop_last",
+                inputs=[
+                    out,
+                    gs.Constant(f"{name}.s0", np.array([0], np.int64)),
+                    gs.Constant(f"{name}.s1", np.array([-1], np.int64)),
+                    gs.Constant(f"{name}.s2", np.array([0], np.int64)),
+                ],
+                outputs=[earlier],
+            ),
+            gs.Node(
+                "Concat", name=f"{name}.shift", inputs=[first, earlier], outputs=[prev], attrs={"axis": 0}
+            ),
+        ]
     for t in g.outputs:
         k = int(np.prod([d for d in t.shape])) if t.shape else 1
         t.shape = ["T", k]
@@ -249,6 +297,7 @@ def prefill_ms(ctx: Context, seg: GraphSegment, precision: str = "fp16") -> floa
     """Estimated ms per token of prefill: a T-row call shared by the chunk's T tokens; a
     logits-only segment one one-row call per chunk (at most: a prompt needs it once)."""
     from rwkv2rknn.passes.partition import estimate_ms
+
     t = prefill_rows(ctx)
     if logits_only(ctx, seg):
         return estimate_ms(seg.device, seg.nodes, ctx.profile, precision=precision) / t
@@ -275,5 +324,8 @@ def run(ctx: Context) -> None:
             made += 1
         else:
             kept[why] = kept.get(why, 0) + 1
-    ctx.note(NAME, f"{made} segment(s) take T tokens at once; " + (
-        ", ".join(f"{v} per token ({k})" for k, v in sorted(kept.items())) or "none per token"))
+    ctx.note(
+        NAME,
+        f"{made} segment(s) take T tokens at once; "
+        + (", ".join(f"{v} per token ({k})" for k, v in sorted(kept.items())) or "none per token"),
+    )

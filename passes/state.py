@@ -68,8 +68,12 @@ def run(ctx: Context) -> None:
         state_in, state_out = by_name[in_name], by_name[out_name]
         read, written = _rows_read(state_in), _rows_written(state_out)
         width = int(state_in.shape[-1])
-        if read is None or written is None or len(written) != len(row_names) or \
-                any(r >= len(row_names) for r in read):
+        if (
+            read is None
+            or written is None
+            or len(written) != len(row_names)
+            or any(r >= len(row_names) for r in read)
+        ):
             ctx.note(NAME, f"layer {layer}: state used in an unknown way, left whole")
             continue
         new_inputs, new_outputs = [], []
@@ -81,9 +85,12 @@ def run(ctx: Context) -> None:
                     graph.outputs[graph.outputs.index(gathered)] = vin
             src = written[r]
             if src in graph.inputs or src.name.startswith(in_name):
-                ident = gs.Node("Identity", name=f"{out_name}.{row}.copy", inputs=[src],
-                                outputs=[gs.Variable(f"{out_name}.{row}", dtype=np.float32,
-                                                     shape=[width])])
+                ident = gs.Node(
+                    "Identity",
+                    name=f"{out_name}.{row}.copy",
+                    inputs=[src],
+                    outputs=[gs.Variable(f"{out_name}.{row}", dtype=np.float32, shape=[width])],
+                )
                 graph.nodes.append(ident)
                 src = ident.outputs[0]
             else:
@@ -91,12 +98,11 @@ def run(ctx: Context) -> None:
             src.dtype, src.shape = np.float32, [width]
             new_inputs.append(vin)
             new_outputs.append(src)
-            ctx.state.append(StateSlot(layer, row, vin.name, src.name,
-                                       row in rwkv4.ACCUMULATOR_ROWS))
+            ctx.state.append(StateSlot(layer, row, vin.name, src.name, row in rwkv4.ACCUMULATOR_ROWS))
         pos = graph.inputs.index(state_in)
-        graph.inputs[pos:pos + 1] = new_inputs
+        graph.inputs[pos : pos + 1] = new_inputs
         pos = graph.outputs.index(state_out)
-        graph.outputs[pos:pos + 1] = new_outputs
+        graph.outputs[pos : pos + 1] = new_outputs
         del ctx.whole_state[layer]
         done += 1
     graph.cleanup().toposort()

@@ -27,8 +27,22 @@ from rwkv2rknn.compiler.ir import Context, const_value
 
 NAME = "support"
 
-ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Relu", "Sigmoid", "Sqrt", "Neg", "Tanh", "Abs",
-               "Clip", "LeakyRelu", "HardSigmoid", "Softplus"}
+ELEMENTWISE = {
+    "Add",
+    "Sub",
+    "Mul",
+    "Div",
+    "Relu",
+    "Sigmoid",
+    "Sqrt",
+    "Neg",
+    "Tanh",
+    "Abs",
+    "Clip",
+    "LeakyRelu",
+    "HardSigmoid",
+    "Softplus",
+}
 LAYOUT = {"Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Transpose", "Split"}
 REDUCE = {"ReduceMean", "ReduceSum", "LayerNormalization"}
 CPU_REASONS = {
@@ -98,8 +112,11 @@ def _feeding_only(graph, acc):
         if (node.op == "MatMul" and _has_weight(node)) or node.name in acc:
             continue
         readers = [c.name for t in node.outputs for c in t.outputs]
-        if readers and not any(id(t) in outputs for t in node.outputs) and \
-                all(r in acc or r in found for r in readers):
+        if (
+            readers
+            and not any(id(t) in outputs for t in node.outputs)
+            and all(r in acc or r in found for r in readers)
+        ):
             found.add(node.name)
     return found
 
@@ -107,11 +124,14 @@ def _feeding_only(graph, acc):
 def by_cost(node, profile) -> Tuple[str, str]:
     """For ``--placement cost``: keep a MatMul on the CPU where the profile says the NPU loses."""
     from rwkv2rknn.passes.partition import matmul_dims
-    (rows, m, k), = matmul_dims([node])
+
+    ((rows, m, k),) = matmul_dims([node])
     npu, cpu = profile.npu_matmul_ms(m, k, rows), profile.cpu_matmul_ms(m, k, rows)
     if cpu < npu:
-        return "cpu", (f"profile '{profile.name}': the CPU is faster for {m}x{k} at M={rows} "
-                       f"({cpu:.3f} ms vs {npu:.3f} ms on the NPU, estimated)")
+        return "cpu", (
+            f"profile '{profile.name}': the CPU is faster for {m}x{k} at M={rows} "
+            f"({cpu:.3f} ms vs {npu:.3f} ms on the NPU, estimated)"
+        )
     return "anchor", f"profile '{profile.name}': the NPU is faster ({npu:.3f} vs {cpu:.3f} ms, estimated)"
 
 
@@ -132,8 +152,10 @@ def run(ctx: Context) -> None:
 
 def summary(counts) -> str:
     """The support note's line from its counts (``anchor``, ``flex``, ``cpu``)."""
-    return (f"{counts['anchor']} MatMuls for the NPU, {counts['flex']} ops that may go "
-            f"either way, {counts['cpu']} kept on the CPU")
+    return (
+        f"{counts['anchor']} MatMuls for the NPU, {counts['flex']} ops that may go "
+        f"either way, {counts['cpu']} kept on the CPU"
+    )
 
 
 def reasons(ctx: Context):
@@ -145,7 +167,9 @@ def reasons(ctx: Context):
     return out
 
 
-FLEX_ON_CPU = "may run on either side: placed on the CPU beside the ops that must run there (one hand-off fewer)"
+FLEX_ON_CPU = (
+    "may run on either side: placed on the CPU beside the ops that must run there (one hand-off fewer)"
+)
 ANCHOR_ON_CPU = "constant-weight MatMul kept on the CPU: its NPU segment would not pay for the call"
 
 

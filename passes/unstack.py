@@ -36,8 +36,11 @@ def _region(node, stacked_rank: int) -> Optional[Region]:
     if node.op == "Slice" and len(node.inputs) >= 4:
         a, b, axes = (const_value(t) for t in node.inputs[1:4])
         steps = const_value(node.inputs[4]) if len(node.inputs) > 4 else np.ones(1)
-        if any(v is None or v.size != 1 for v in (a, b, axes, steps)) or \
-                int(axes) % stacked_rank != 1 or int(steps) != 1:
+        if (
+            any(v is None or v.size != 1 for v in (a, b, axes, steps))
+            or int(axes) % stacked_rank != 1
+            or int(steps) != 1
+        ):
             return None
         return int(a), int(b)
     if node.op == "ScatterND":
@@ -74,6 +77,7 @@ def split(graph, name_in: str, name_out: str) -> List[Tuple[str, str]]:
     """Replace the stacked pair by one pair per piece; returns the new (input, output) names
     in row order. Raises UnsupportedModel naming what was found when it cannot."""
     import onnx_graphsurgeon as gs
+
     tensors = graph.tensors()
     src, out = tensors[name_in], tensors[name_out]
     shape = list(src.shape or [])
@@ -99,19 +103,21 @@ def split(graph, name_in: str, name_out: str) -> List[Tuple[str, str]]:
             if region != (a, b):
                 continue
             at = position[id(node.inputs[0])]  # the piece as last written before this read
-            upd = next((n.inputs[2] for n, r in reversed(chain[:at + 1]) if r == region), vin)
+            upd = next((n.inputs[2] for n, r in reversed(chain[: at + 1]) if r == region), vin)
             want = [1, width] if node.op == "Gather" else [1, b - a, width]
-            replace_uses(node.outputs[0], vin if upd is vin and want == piece else
-                         _reshaped(graph, upd, want, f"{node.name}.piece"))
+            replace_uses(
+                node.outputs[0],
+                vin if upd is vin and want == piece else _reshaped(graph, upd, want, f"{node.name}.piece"),
+            )
         upd = next((n.inputs[2] for n, r in reversed(chain) if r == (a, b)), vin)
         vout = _reshaped(graph, _unexpanded(upd, piece), piece, f"{name_out}.r{k}")
         new_in.append(vin)
         new_out.append(vout)
         pairs.append((vin.name, vout.name))
     pos = graph.inputs.index(src)
-    graph.inputs[pos:pos + 1] = new_in
+    graph.inputs[pos : pos + 1] = new_in
     pos = graph.outputs.index(out)
-    graph.outputs[pos:pos + 1] = new_out
+    graph.outputs[pos : pos + 1] = new_out
     graph.cleanup().toposort()
     return pairs
 
@@ -131,9 +137,16 @@ def _unexpanded(t, piece):
 
 def _reshaped(graph, t, shape, name: str):
     import onnx_graphsurgeon as gs
+
     out = gs.Variable(name, dtype=t.dtype, shape=list(shape))
-    graph.nodes.append(gs.Node("Reshape", name=f"{name}.reshape", inputs=[
-        t, gs.Constant(f"{name}.shape", np.array(shape, np.int64))], outputs=[out]))
+    graph.nodes.append(
+        gs.Node(
+            "Reshape",
+            name=f"{name}.reshape",
+            inputs=[t, gs.Constant(f"{name}.shape", np.array(shape, np.int64))],
+            outputs=[out],
+        )
+    )
     return out
 
 
@@ -141,12 +154,19 @@ def stacked_pairs(graph, pairs) -> Tuple[List[Tuple[str, str]], Dict[str, int]]:
     """``pairs`` with every stacked state split (an input ``[1, R, C]`` whose name numbers no
     layer, or that is read only by pieces); and how many pieces each split input became."""
     import re
+
     tensors = graph.tensors()
     out, split_into = [], {}
     for i, o in pairs:
         shape = list(tensors[i].shape or [])
-        if len(shape) == 3 and shape[0] == 1 and (not re.search(r"\d", i) or all(
-                n.op in ("Gather", "Slice", "ScatterND") for n in tensors[i].outputs)):
+        if (
+            len(shape) == 3
+            and shape[0] == 1
+            and (
+                not re.search(r"\d", i)
+                or all(n.op in ("Gather", "Slice", "ScatterND") for n in tensors[i].outputs)
+            )
+        ):
             new = split(graph, i, o)
             split_into[i] = len(new)
             out += new

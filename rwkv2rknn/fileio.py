@@ -21,8 +21,9 @@ def _onnx():
     try:
         import onnx
     except ImportError as e:
-        raise MissingDependency("this command needs the onnx package",
-                                "pip install 'rwkv2rknn[compile]' (or: make install)") from e
+        raise MissingDependency(
+            "this command needs the onnx package", "pip install 'rwkv2rknn[compile]' (or: make install)"
+        ) from e
     return onnx
 
 
@@ -47,11 +48,15 @@ def load_onnx(path: str):
     try:
         model = onnx.load(path)
     except Exception as e:
-        raise BadInput(f"'{path}' is not a readable ONNX model ({type(e).__name__})",
-                       "the file is truncated or not ONNX; export it again") from e
+        raise BadInput(
+            f"'{path}' is not a readable ONNX model ({type(e).__name__})",
+            "the file is truncated or not ONNX; export it again",
+        ) from e
     if len(model.graph.node) == 0:
-        raise BadInput(f"'{path}' is not a readable ONNX model (no nodes)",
-                       "the file is truncated or not ONNX; export it again")
+        raise BadInput(
+            f"'{path}' is not a readable ONNX model (no nodes)",
+            "the file is truncated or not ONNX; export it again",
+        )
     return model
 
 
@@ -97,14 +102,22 @@ def save_onnx(model, path: str, external_above: Optional[int] = None, keep: bool
     try:
         if tensor_bytes(model) > limit:
             remove_quietly(data)  # onnx appends to an existing data file
-            onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=os.path.basename(data), size_threshold=1024)
+            onnx.save_model(
+                model,
+                tmp,
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=os.path.basename(data),
+                size_threshold=1024,
+            )
             if keep:
                 from onnx.external_data_helper import load_external_data_for_model
+
                 load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
         else:
             remove_quietly(data)
             import hashlib
+
             blob = model.SerializeToString()  # what onnx.save writes
             digest = hashlib.sha256(blob).hexdigest()
             with open(tmp, "wb") as f:
@@ -171,8 +184,10 @@ def check_out_dir(final: str, marker: str, force: bool = False) -> None:
         if not os.path.isdir(final):
             raise BadInput(f"'{final}' exists and is not a folder", "choose another output path")
         if os.listdir(final) and not os.path.exists(os.path.join(final, marker)) and not force:
-            raise BadInput(f"output folder '{final}' holds other files",
-                           "choose an empty or new folder, or pass --force to replace it")
+            raise BadInput(
+                f"output folder '{final}' holds other files",
+                "choose an empty or new folder, or pass --force to replace it",
+            )
 
 
 @contextlib.contextmanager
@@ -221,7 +236,7 @@ def _restore_interrupted(final: str) -> None:
     except OSError:
         return
     for name in names:
-        pid = name[len(prefix):].split("-", 1)[0]
+        pid = name[len(prefix) :].split("-", 1)[0]
         if not pid.isdigit() or pid_alive(int(pid)):
             continue
         kept = os.path.join(parent, name, "x")
@@ -253,7 +268,7 @@ def remove_stale(folder: str, marker: str, at_start: bool = False) -> None:
         return
     for name in names:
         if at_start:
-            sep, tail = name.startswith(marker), name[len(marker):]
+            sep, tail = name.startswith(marker), name[len(marker) :]
         else:
             _, sep, tail = name.rpartition(marker)
         pid = tail.split("-", 1)[0]
@@ -291,6 +306,7 @@ def end_kept_child(proc, log, folder: str, timeout: float = 5.0) -> None:
     by itself), kill it if it has not ended within ``timeout`` s; then close its ``log`` file
     and remove its private temporary ``folder``."""
     import subprocess
+
     if proc.poll() is None:
         try:
             proc.stdin.close()
@@ -336,8 +352,14 @@ def save_onnx_file(model, path: str, external: bool = False, force: bool = False
     try:
         tmp_path = os.path.join(tmp, os.path.basename(path))
         if external:
-            onnx.save_model(model, tmp_path, save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=os.path.basename(data), size_threshold=1024)
+            onnx.save_model(
+                model,
+                tmp_path,
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=os.path.basename(data),
+                size_threshold=1024,
+            )
             os.replace(tmp_path + ".data", data)
         else:
             onnx.save_model(model, tmp_path)

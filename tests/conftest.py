@@ -40,6 +40,7 @@ def standin_lib(tmp_path_factory):
     (tests/runtime/standin_librknnrt.c) compiled with gcc, carrying that version string."""
     import shutil
     import subprocess
+
     made = {}
 
     def build(version="2.5.0"):
@@ -48,22 +49,38 @@ def standin_lib(tmp_path_factory):
                 pytest.fail("gcc is needed to build the stand-in librknnrt (apt-get install gcc)")
             out = str(tmp_path_factory.mktemp("standin") / "libstandin_rknnrt.so")
             src = os.path.join(os.path.dirname(__file__), "runtime", "standin_librknnrt.c")
-            subprocess.run(["gcc", "-shared", "-fPIC", "-O1", "-Wall", "-Werror",
-                            f'-DSTANDIN_VERSION="{version}"', "-o", out, src], check=True)
+            subprocess.run(
+                [
+                    "gcc",
+                    "-shared",
+                    "-fPIC",
+                    "-O1",
+                    "-Wall",
+                    "-Werror",
+                    f'-DSTANDIN_VERSION="{version}"',
+                    "-o",
+                    out,
+                    src,
+                ],
+                check=True,
+            )
             made[version] = out
         return made[version]
+
     return build
 
 
 @pytest.fixture(scope="session")
 def small_sd():
     from rwkv2rknn.models.checkpoint import random_checkpoint
+
     return random_checkpoint(**SMALL)
 
 
 @pytest.fixture(scope="session")
 def small_pth(small_sd, tmp_path_factory):
     from rwkv2rknn.models.checkpoint import save_checkpoint
+
     path = str(tmp_path_factory.mktemp("ckpt") / "small.pth")
     save_checkpoint(small_sd, path)
     return path
@@ -72,6 +89,7 @@ def small_pth(small_sd, tmp_path_factory):
 @pytest.fixture(scope="session")
 def fp32_dir(small_sd, tmp_path_factory):
     from rwkv2rknn.models.export import export
+
     d = str(tmp_path_factory.mktemp("onnx") / "fp32")
     export(small_sd, d, fp32=True, tokenizer="bytes")
     return d
@@ -80,6 +98,7 @@ def fp32_dir(small_sd, tmp_path_factory):
 @pytest.fixture(scope="session")
 def fp16_dir(small_sd, tmp_path_factory):
     from rwkv2rknn.models.export import export
+
     d = str(tmp_path_factory.mktemp("onnx") / "fp16")
     export(small_sd, d, fp32=False, tokenizer="bytes")
     return d
@@ -90,6 +109,7 @@ def fp16_artifact(fp16_dir, tmp_path_factory):
     """fp16 files compiled with the real rknn-toolkit2 (NPU segments built to .rknn)."""
     from rwkv2rknn.compiler.driver import compile_model
     from rwkv2rknn.compiler.ir import Options
+
     out = str(tmp_path_factory.mktemp("art") / "fp16")
     compile_model(fp16_dir, out, Options())
     return out
@@ -99,6 +119,7 @@ def fp16_artifact(fp16_dir, tmp_path_factory):
 def fp32_plan_artifact(fp32_dir, tmp_path_factory):
     from rwkv2rknn.compiler.driver import compile_model
     from rwkv2rknn.compiler.ir import Options
+
     out = str(tmp_path_factory.mktemp("art") / "fp32")
     compile_model(fp32_dir, out, Options(plan_only=True))
     return out
@@ -115,6 +136,7 @@ W8A8_OPTIONS = dict(quant="w8a8", calib_tokens=96, prefill_rows=(4, 8))
 def byte_model(tmp_path_factory):
     """A small random byte-level RWKV-4 as fp32 files (vocabulary 256, so text reads as its tokens)."""
     from helpers import random_model
+
     return random_model(tmp_path_factory, "bytes", fp32=True, layers=2, width=64, vocab=256, seed=5)
 
 
@@ -123,6 +145,7 @@ def w8a8_artifact(byte_model, tmp_path_factory):
     """byte_model compiled --quant w8a8 (rknn-toolkit2 builds, calibrated on the bundled held-out text)."""
     from rwkv2rknn.compiler.driver import compile_model
     from rwkv2rknn.compiler.ir import Options
+
     out = str(tmp_path_factory.mktemp("art") / "w8a8")
     compile_model(byte_model, out, Options(**W8A8_OPTIONS))
     return out
@@ -136,9 +159,11 @@ def tokens():
 # Small random RWKV-5.2, 6 and 7 models: 3 layers, width 192 or 128 (heads of 64), odd vocabularies,
 # LoRA widths that are not powers of two (the checkpoint makers' defaults: RWKV-7 w 40, a 36,
 # v 20, g 56; RWKV-6 maa 20, decay 44). Each is built once per session, on first use.
-SLOT_MODELS = {"7": dict(layers=3, width=192, vocab=301, seed=5),
-               "6": dict(layers=3, width=192, vocab=263, seed=6),
-               "5": dict(layers=3, width=128, vocab=211, seed=7)}
+SLOT_MODELS = {
+    "7": dict(layers=3, width=192, vocab=301, seed=5),
+    "6": dict(layers=3, width=192, vocab=263, seed=6),
+    "5": dict(layers=3, width=128, vocab=211, seed=7),
+}
 
 
 class SlotModel:
@@ -148,14 +173,15 @@ class SlotModel:
     def __init__(self, version, tmp_path_factory):
         self.version, self._tmp = version, tmp_path_factory
         self.shape = SLOT_MODELS[version]
-        self.tokens = [int(t) for t in
-                       np.random.default_rng(17).integers(0, self.shape["vocab"], 40)]
+        self.tokens = [int(t) for t in np.random.default_rng(17).integers(0, self.shape["vocab"], 40)]
 
     @functools.cached_property
     def sd(self):
         from rwkv2rknn.models import checkpoint
-        make = {"5": checkpoint.random_rwkv5, "6": checkpoint.random_rwkv6,
-                "7": checkpoint.random_rwkv7}[self.version]
+
+        make = {"5": checkpoint.random_rwkv5, "6": checkpoint.random_rwkv6, "7": checkpoint.random_rwkv7}[
+            self.version
+        ]
         return make(**self.shape)
 
     @functools.cached_property
@@ -163,6 +189,7 @@ class SlotModel:
         """{'pth', 'fp32', 'fp16'}: the checkpoint as an official .pth and its two exports."""
         from rwkv2rknn.models.checkpoint import save_checkpoint
         from rwkv2rknn.models.export import export
+
         d = self._tmp.mktemp(f"v{self.version}")
         out = {"pth": str(d / "model.pth"), "fp32": str(d / "fp32"), "fp16": str(d / "fp16")}
         save_checkpoint(self.sd, out["pth"])
@@ -173,8 +200,10 @@ class SlotModel:
     @functools.cached_property
     def reference(self):
         from helpers.rwkv_package import package_logits
-        return package_logits(self.dirs["pth"], self.tokens, self.version,
-                              str(self._tmp.mktemp(f"pkg{self.version}")))
+
+        return package_logits(
+            self.dirs["pth"], self.tokens, self.version, str(self._tmp.mktemp(f"pkg{self.version}"))
+        )
 
     @functools.cached_property
     def plan_artifact(self):
@@ -189,6 +218,7 @@ class SlotModel:
     def _compile(self, dtype, **options):
         from rwkv2rknn.compiler.driver import compile_model
         from rwkv2rknn.compiler.ir import Options
+
         out = str(self._tmp.mktemp(f"art{self.version}") / dtype)
         compile_model(self.dirs[dtype], out, Options(**options))
         return out
@@ -205,4 +235,5 @@ def slot_models(tmp_path_factory):
 def bundled_artifact():
     """The bundled model as a user's first `rwkv2rknn run` compiles it (into this session's cache)."""
     from rwkv2rknn.compiler.bundled import ensure_compiled
+
     return ensure_compiled()

@@ -30,15 +30,21 @@ finally:
 
 
 def _cli(*args, block=True):
-    code = BLOCK if block else "import sys\nfrom rwkv2rknn.cli import main\nsys.argv = ['rwkv2rknn'] + sys.argv[1:]\nmain()"
+    code = (
+        BLOCK
+        if block
+        else "import sys\nfrom rwkv2rknn.cli import main\nsys.argv = ['rwkv2rknn'] + sys.argv[1:]\nmain()"
+    )
     env = dict(os.environ, TQDM_DISABLE="1")
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=300
+    )
 
 
 @pytest.mark.slow
 def test_run_and_doctor_import_nothing_of_the_compile_side(fp16_artifact, tmp_path):
     import shutil
+
     art = str(tmp_path / "art")
     shutil.copytree(fp16_artifact, art)
     args = ("run", art, "--backend", "ort", "--tokens", "5,17,30,2,64,9")
@@ -57,6 +63,7 @@ def test_run_and_doctor_import_nothing_of_the_compile_side(fp16_artifact, tmp_pa
 def test_the_board_extra_is_requirements_board():
     """setup.cfg's `board` extra and requirements-board.txt pin the same set."""
     import configparser
+
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cfg = configparser.ConfigParser()
     cfg.read(os.path.join(root, "setup.cfg"))

@@ -21,8 +21,12 @@ V4 = dict(layers=2, width=32, vocab=61, seed=3)
 V7 = dict(layers=2, width=128, vocab=101, seed=3)
 PLAN = Options(plan_only=True, prefill_rows=())
 EXPORTS = {  # name -> (opset, dynamo)
-    "dynamo-default": (None, True), "dynamo-18": (18, True),
-    "legacy-17": (17, False), "legacy-18": (18, False), "legacy-20": (20, False)}
+    "dynamo-default": (None, True),
+    "dynamo-18": (18, True),
+    "legacy-17": (17, False),
+    "legacy-18": (18, False),
+    "legacy-20": (20, False),
+}
 SLOW = {"dynamo-default", "dynamo-18"}  # the dynamo exporter takes 5-15 s a file
 
 
@@ -36,6 +40,7 @@ def models(tmp_path_factory):
     from helpers.rwkv_package import package_logits
 
     from rwkv2rknn.models.checkpoint import random_checkpoint, random_rwkv7, save_checkpoint
+
     made = {}
 
     def get(version):
@@ -47,6 +52,7 @@ def models(tmp_path_factory):
             tokens = [int(t) for t in np.random.default_rng(5).integers(0, shape["vocab"], 10)]
             made[version] = sd, tokens, package_logits(pth, tokens, version)
         return made[version]
+
     return get
 
 
@@ -54,8 +60,7 @@ def _source(version, name, sd, tmp_path):
     opset, dynamo = EXPORTS[name]
     if version == "4":
         return export_torch(sd, str(tmp_path / "src"), opset=opset, dynamo=dynamo)
-    return export_entries(sd, str(tmp_path / "m.onnx"), "7", opset=opset, dynamo=dynamo,
-                          group_norm=True)
+    return export_entries(sd, str(tmp_path / "m.onnx"), "7", opset=opset, dynamo=dynamo, group_norm=True)
 
 
 def _rel(a, b):

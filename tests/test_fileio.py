@@ -11,6 +11,7 @@ from rwkv2rknn import fileio
 
 def _model(initializers, dims):
     from onnx import TensorProto, helper
+
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, dims)
     names = [t.name for t in initializers]
@@ -19,8 +20,10 @@ def _model(initializers, dims):
         out = "y" if i == len(names) - 1 else f"a{i}"
         nodes.append(helper.make_node("Add", [cur, n], [out]))
         cur = out
-    return helper.make_model(helper.make_graph(nodes, "big", [x], [y], initializer=initializers),
-                             opset_imports=[helper.make_opsetid("", 13)])
+    return helper.make_model(
+        helper.make_graph(nodes, "big", [x], [y], initializer=initializers),
+        opset_imports=[helper.make_opsetid("", 13)],
+    )
 
 
 @pytest.mark.slow
@@ -28,6 +31,7 @@ def test_a_graph_above_2gb_is_saved_with_external_data_and_read_back(tmp_path):
     """Two 1.02 GiB float32 tensors (2.03 GiB, above protobuf's limit), made as a sparse file of
     zeros (no disk, no memory until read) with a marker value at the end of each tensor."""
     from onnx import TensorProto
+
     n = (1040 << 20) // 4
     src = tmp_path / "src"
     src.mkdir()
@@ -48,7 +52,7 @@ def test_a_graph_above_2gb_is_saved_with_external_data_and_read_back(tmp_path):
         f.write(_model(inits, [n]).SerializeToString())
 
     model = fileio.load_onnx(str(src / "big.onnx"))  # reads the external data in
-    assert fileio.tensor_bytes(model) > 2 ** 31
+    assert fileio.tensor_bytes(model) > 2**31
     os.unlink(src / "w.bin")
     out = tmp_path / "out.onnx"
     fileio.save_onnx(model, str(out), keep=False)  # a plain save would fail (2 GB)
@@ -56,6 +60,7 @@ def test_a_graph_above_2gb_is_saved_with_external_data_and_read_back(tmp_path):
     assert os.path.getsize(out) < 1 << 20
     assert os.path.getsize(str(out) + ".data") >= 2 * n * 4
     import onnx
+
     head = onnx.load(str(out), load_external_data=False)  # where each tensor went, not its data
     with open(str(out) + ".data", "rb") as f:
         for i, t in enumerate(head.graph.initializer):
@@ -70,6 +75,7 @@ def test_a_graph_above_2gb_is_saved_with_external_data_and_read_back(tmp_path):
 def test_small_models_stay_in_one_file_and_big_ones_run_in_onnxruntime(tmp_path):
     from onnx import numpy_helper
     from rwkv2rknn.runtime.ort import OrtRunner
+
     w = [numpy_helper.from_array(np.full([4096], i + 1, np.float32), f"w{i}") for i in range(3)]
     model = _model(w, [4096])
     small, big = tmp_path / "small.onnx", tmp_path / "big.onnx"
@@ -79,8 +85,11 @@ def test_small_models_stay_in_one_file_and_big_ones_run_in_onnxruntime(tmp_path)
     assert os.path.getsize(str(big) + ".data") >= 3 * 4096 * 4
     assert os.path.getsize(big) < 4096
     from onnx import TensorProto
-    assert all(t.data_location == TensorProto.DEFAULT and len(t.raw_data) == 4096 * 4
-               for t in model.graph.initializer)  # keep=True gave the tensors back
+
+    assert all(
+        t.data_location == TensorProto.DEFAULT and len(t.raw_data) == 4096 * 4
+        for t in model.graph.initializer
+    )  # keep=True gave the tensors back
     x = np.arange(4096, dtype=np.float32)
     for path in (small, big):
         y = OrtRunner(str(path)).infer({"x": x})["y"]
@@ -102,6 +111,7 @@ def test_the_manifest_checksum_covers_external_data(fp32_dir, tokens, tmp_path, 
     from rwkv2rknn.compiler.ir import Options
     from rwkv2rknn.artifact.plan import sha256_file
     from rwkv2rknn.runtime.hybrid import HybridModel
+
     monkeypatch.setattr(fileio, "EXTERNAL_ABOVE", 4096)  # every segment with weights goes external
     art = str(tmp_path / "art")
     compile_model(fp32_dir, art, Options(plan_only=True))
@@ -130,10 +140,15 @@ def test_the_manifest_checksum_covers_external_data(fp32_dir, tokens, tmp_path, 
 def test_save_onnx_returns_the_checksum_of_what_it_wrote(tmp_path):
     import hashlib
     from onnx import helper, numpy_helper
+
     w = numpy_helper.from_array(np.arange(64 * 64, dtype=np.float32).reshape(64, 64), "w")
-    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
-                          [helper.make_tensor_value_info("x", 1, [1, 64])],
-                          [helper.make_tensor_value_info("y", 1, [1, 64])], [w])
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", 1, [1, 64])],
+        [helper.make_tensor_value_info("y", 1, [1, 64])],
+        [w],
+    )
     m = helper.make_model(g)
     path = str(tmp_path / "m.onnx")
     digest = fileio.save_onnx(m, path)
@@ -146,12 +161,19 @@ def test_stale_scratch_folders_of_dead_processes_are_removed(tmp_path):
     """rwkv2rknn-KIND-PID-* folders whose process is gone are removed; those of running
     processes, other kinds and other names are left alone."""
     import tempfile
+
     dead = 4194000
     while os.path.exists(f"/proc/{dead}"):
         dead -= 1
-    names = {f"rwkv2rknn-build-{dead}-ab12": False, f"rwkv2rknn-worker-{dead}-cd34": False,
-             f"rwkv2rknn-ds-{dead}-x": False, f"rwkv2rknn-build-{os.getppid()}-ef56": True,
-             f"rwkv2rknn-other-{dead}-x": True, "rwkv2rknn-build-oj0ve9vo": True, "mine": True}
+    names = {
+        f"rwkv2rknn-build-{dead}-ab12": False,
+        f"rwkv2rknn-worker-{dead}-cd34": False,
+        f"rwkv2rknn-ds-{dead}-x": False,
+        f"rwkv2rknn-build-{os.getppid()}-ef56": True,
+        f"rwkv2rknn-other-{dead}-x": True,
+        "rwkv2rknn-build-oj0ve9vo": True,
+        "mine": True,
+    }
     for n in names:
         os.makedirs(tmp_path / n / "sub")
     fileio.remove_stale_scratch(str(tmp_path))
@@ -167,6 +189,7 @@ def test_a_kill_between_the_two_renames_of_a_replace_is_undone(tmp_path):
     between leaves OUT missing and the old copy aside: the next call puts it back first."""
     import subprocess as sp
     from rwkv2rknn.fileio import atomic_dir
+
     out = tmp_path / "out"
     out.mkdir()
     (out / "manifest.json").write_text("old")

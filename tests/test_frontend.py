@@ -33,6 +33,7 @@ def _rwkv_logits(sd, path, tokens):
     from helpers.rwkv_package import package_logits
 
     from rwkv2rknn.models.checkpoint import save_checkpoint
+
     save_checkpoint(sd, path + ".pth")
     return package_logits(path + ".pth", tokens, "4")
 
@@ -40,6 +41,7 @@ def _rwkv_logits(sd, path, tokens):
 @pytest.fixture(scope="module")
 def torch_sd():
     from rwkv2rknn.models.checkpoint import random_checkpoint
+
     return random_checkpoint(**TORCH)
 
 
@@ -78,10 +80,14 @@ def test_torch_onnx_per_layer_files(opset, dynamic, fp16, torch_sd, torch_tokens
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("opset,dynamic,fp16", [(13, False, True), (18, True, False)],
-                         ids=["opset13-fp16-static", "opset18-fp32-dynamic"])
-def test_torch_onnx_files_build_and_run_on_the_simulator(opset, dynamic, fp16, torch_sd,
-                                                          torch_tokens, torch_ref, tmp_path):
+@pytest.mark.parametrize(
+    "opset,dynamic,fp16",
+    [(13, False, True), (18, True, False)],
+    ids=["opset13-fp16-static", "opset18-fp32-dynamic"],
+)
+def test_torch_onnx_files_build_and_run_on_the_simulator(
+    opset, dynamic, fp16, torch_sd, torch_tokens, torch_ref, tmp_path
+):
     pytest.importorskip("rknn.api")
     src = export_torch(torch_sd, str(tmp_path / "src"), opset=opset, dynamic=dynamic, fp16=fp16)
     m = compile_model(src, str(tmp_path / "art"), Options(prefill_rows=(), strict=True))
@@ -104,13 +110,16 @@ def per_layer_logits(fp32_plan_artifact, tokens):
 @pytest.fixture(scope="module")
 def rwkv2onnx_files(small_sd, tmp_path_factory):
     d = tmp_path_factory.mktemp("rwkv2onnx")
-    return {dtype: rwkv2onnx.save(small_sd, str(d / f"{dtype}.onnx"), fp16=dtype == "fp16")
-            for dtype in ("fp32", "fp16")}
+    return {
+        dtype: rwkv2onnx.save(small_sd, str(d / f"{dtype}.onnx"), fp16=dtype == "fp16")
+        for dtype in ("fp32", "fp16")
+    }
 
 
 @pytest.fixture(scope="module")
 def one_files(small_sd, tmp_path_factory):
     from rwkv2rknn.models.export import export_file
+
     d = tmp_path_factory.mktemp("onefile")
     out = {}
     for dtype in ("fp32", "fp16"):
@@ -122,14 +131,15 @@ def one_files(small_sd, tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["rwkv2onnx", "onefile"])
 @pytest.mark.parametrize("dtype", ["fp32", "fp16"])
-def test_whole_model_file_matches_the_per_layer_route(kind, dtype, rwkv2onnx_files, one_files,
-                                                      per_layer_logits, tokens, tmp_path):
+def test_whole_model_file_matches_the_per_layer_route(
+    kind, dtype, rwkv2onnx_files, one_files, per_layer_logits, tokens, tmp_path
+):
     from rwkv2rknn.tools.check import run_check
+
     src = (rwkv2onnx_files if kind == "rwkv2onnx" else one_files)[dtype]
     m = compile_model(src, str(tmp_path / "art"), PLAN)
     layout = "rwkv2onnx" if kind == "rwkv2onnx" else "rwkv2rknn one-file"
-    assert any(f"recognised the {layout} layout (rwkv4): 3 layers, width 48, vocab 97" in r
-               for r in m.report)
+    assert any(f"recognised the {layout} layout (rwkv4): 3 layers, width 48, vocab 97" in r for r in m.report)
     _block_matmuls_on_npu(m, 3)
     assert m.model["source_dtype"] == ("float16" if dtype == "fp16" else "float32")
     got = HybridModel(str(tmp_path / "art")).logits(tokens)
@@ -154,8 +164,7 @@ def test_rwkv2onnx_state_is_learned_from_the_graph(rwkv2onnx_files, tmp_path):
 
 
 @pytest.mark.slow
-def test_rwkv2onnx_without_initial_state_takes_rwkv_defaults(small_sd, tmp_path, tokens,
-                                                            per_layer_logits):
+def test_rwkv2onnx_without_initial_state_takes_rwkv_defaults(small_sd, tmp_path, tokens, per_layer_logits):
     src = rwkv2onnx.save(small_sd, str(tmp_path / "m.onnx"), initial_state=False)
     m = compile_model(src, str(tmp_path / "art"), PLAN)
     assert any("RWKV defaults" in r for r in m.report)
@@ -165,8 +174,7 @@ def test_rwkv2onnx_without_initial_state_takes_rwkv_defaults(small_sd, tmp_path,
 
 
 @pytest.mark.slow
-def test_rwkv2onnx_fp16_builds_and_runs_on_the_simulator(rwkv2onnx_files, per_layer_logits,
-                                                         tokens, tmp_path):
+def test_rwkv2onnx_fp16_builds_and_runs_on_the_simulator(rwkv2onnx_files, per_layer_logits, tokens, tmp_path):
     """One whole-model file through rknn-toolkit2 (the one-file export takes the same path
     after recognize; it is checked on onnxruntime above, to keep the suite's time down)."""
     pytest.importorskip("rknn.api")
@@ -182,6 +190,7 @@ def test_rwkv2onnx_fp16_builds_and_runs_on_the_simulator(rwkv2onnx_files, per_la
 def test_one_file_export_puts_big_weights_beside_it(small_sd, tmp_path, tokens, per_layer_logits):
     from rwkv2rknn.errors import BadInput
     from rwkv2rknn.models.export import export_file
+
     path = str(tmp_path / "m.onnx")
     export_file(small_sd, path, fp32=True, external_limit=1000)
     assert os.path.getsize(path + ".data") > os.path.getsize(path)
@@ -199,6 +208,7 @@ def test_gemm_graph_is_placed_on_the_npu_and_counted(tmp_path):
     import onnx
 
     from rwkv2rknn.runtime.ort import OrtRunner
+
     model = gemm.build()
     onnx.save(model, str(tmp_path / "g.onnx"))
     m = compile_model(str(tmp_path / "g.onnx"), str(tmp_path / "art"), PLAN)
@@ -214,6 +224,7 @@ def test_flop_share_counts_a_matmul_that_stays_on_the_cpu(tmp_path):
     """A MatMul of two activations stays on the CPU: the share must say so, not 100%."""
     import onnx
     from onnx import helper
+
     model = gemm.build()
     g = model.graph
     g.input.append(helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, [64, 64]))
@@ -235,11 +246,22 @@ def test_build_fallback_reason_is_the_toolkits_own_line(tmp_path):
     from onnx import TensorProto, numpy_helper
 
     from rwkv2rknn.compiler.driver import build_rknn
+
     w = numpy_helper.from_array(np.ones((4, 8), np.float32), "w")
-    nodes = [onnx.helper.make_node("Reshape", ["x", "s"], ["r"]), onnx.helper.make_node("MatMul", ["r", "w"], ["y"])]
-    graph = onnx.helper.make_graph(nodes, "g", [onnx.helper.make_tensor_value_info("x", 1, [4]),
-                                                onnx.helper.make_tensor_value_info("s", TensorProto.INT64, [2])],
-                                   [onnx.helper.make_tensor_value_info("y", 1, [1, 8])], [w])
+    nodes = [
+        onnx.helper.make_node("Reshape", ["x", "s"], ["r"]),
+        onnx.helper.make_node("MatMul", ["r", "w"], ["y"]),
+    ]
+    graph = onnx.helper.make_graph(
+        nodes,
+        "g",
+        [
+            onnx.helper.make_tensor_value_info("x", 1, [4]),
+            onnx.helper.make_tensor_value_info("s", TensorProto.INT64, [2]),
+        ],
+        [onnx.helper.make_tensor_value_info("y", 1, [1, 8])],
+        [w],
+    )
     m = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
     m.ir_version = 8
     onnx.save(m, str(tmp_path / "bad.onnx"))
@@ -248,11 +270,11 @@ def test_build_fallback_reason_is_the_toolkits_own_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_state_outputs_without_matching_names_pair_by_position(small_sd, tmp_path, tokens,
-                                                               per_layer_logits):
+def test_state_outputs_without_matching_names_pair_by_position(small_sd, tmp_path, tokens, per_layer_logits):
     """Another exporter's names: outputs that do not echo the inputs pair by position among
     outputs of the same shape; the accumulators are still learned from the graph."""
     import onnx
+
     model = rwkv2onnx.build(small_sd)
     rename = {o.name: f"next_{k}" for k, o in enumerate(model.graph.output) if o.name != "output"}
     for o in model.graph.output:

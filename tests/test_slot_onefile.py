@@ -44,8 +44,9 @@ def _plan_holds(art, layers=3, tmp=None):
             for rel in (seg.onnx, seg.seq_onnx):
                 assert split_layernorms(os.path.join(art, rel)) == [], rel
             if tmp:
-                columns_runner_equals_rows(os.path.join(art, seg.seq_onnx),
-                                           os.path.join(tmp, seg.name + ".columns.onnx"))
+                columns_runner_equals_rows(
+                    os.path.join(art, seg.seq_onnx), os.path.join(tmp, seg.name + ".columns.onnx")
+                )
         else:
             assert not weights, f"{seg.name} has a projection on the CPU"
     rows = [r for r in m.per_layer() if r["stage"].startswith("L")]
@@ -62,8 +63,7 @@ def _prefill_holds(art, tokens):
     assert seq is not None
     for seg, runner in zip(model.manifest.segments, seq):
         assert (runner is not None) == (seg.backend == "npu"), seg.name
-    assert any(r.startswith("sequence: 5 segment(s) take T tokens at once") for r in
-               model.manifest.report)
+    assert any(r.startswith("sequence: 5 segment(s) take T tokens at once") for r in model.manifest.report)
     s1, s2 = model.init_state(), model.init_state()
     one = np.stack([model.step(t, s1) for t in tokens])
     many = model.prefill(tokens, s2, chunk=5)
@@ -87,12 +87,14 @@ def one_file(slot_models, tmp_path_factory):
             src, art = str(d / "model.onnx"), str(d / "art")
             # bytes (256 tokens) only where the vocabulary holds every byte (RWKV-5.2's has 211)
             tok = ["--tokenizer", "bytes"] if slot_models(version).shape["vocab"] >= 256 else []
-            r = CliRunner().invoke(cli, ["export", slot_models(version).dirs["pth"], "-o", src,
-                                         "--fp32", *tok])
+            r = CliRunner().invoke(
+                cli, ["export", slot_models(version).dirs["pth"], "-o", src, "--fp32", *tok]
+            )
             assert r.exit_code == 0, r.output
             compile_model(src, art, PLAN)
             made[version] = src, art
         return made[version]
+
     return get
 
 
@@ -103,15 +105,34 @@ def test_one_file_export_compiles_and_equals_the_rwkv_package(slot_models, one_f
     src, art = one_file(version)
     on_npu, m = _plan_holds(art)
     assert on_npu == sum(PROJECTIONS[version]) + 1  # every projection and the head
-    assert any(f"recognised the rwkv2rknn one-file layout (rwkv{version}): 3 layers, width "
-               f"{sm.shape['width']}" in r for r in m.report)
+    assert any(
+        f"recognised the rwkv2rknn one-file layout (rwkv{version}): 3 layers, width {sm.shape['width']}" in r
+        for r in m.report
+    )
     c = sm.shape["width"]
     assert [(s.layer, s.row, s.dims(c), s.accumulator) for s in m.state] == [
-        (i, name, shape, acc) for i in range(3) for name, shape, acc in
-        (("att_shift", (c,), False), ("wkv", (c // 64, 64, 64), True), ("ffn_shift", (c,), False))]
+        (i, name, shape, acc)
+        for i in range(3)
+        for name, shape, acc in (
+            ("att_shift", (c,), False),
+            ("wkv", (c // 64, 64, 64), True),
+            ("ffn_shift", (c,), False),
+        )
+    ]
     out = os.path.join(art, "..", "logits.npy")  # `rwkv2rknn run --backend ort`, teacher-forced
-    r = CliRunner().invoke(cli, ["run", art, "--backend", "ort", "--tokens",
-                                 ",".join(map(str, sm.tokens[:TOKENS])), "--logits-out", out])
+    r = CliRunner().invoke(
+        cli,
+        [
+            "run",
+            art,
+            "--backend",
+            "ort",
+            "--tokens",
+            ",".join(map(str, sm.tokens[:TOKENS])),
+            "--logits-out",
+            out,
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert _rel(np.load(out), sm.reference[:TOKENS]) <= 1e-4
 
@@ -123,8 +144,7 @@ def _segment_files(art):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("version", ["7", "6"])
-def test_one_file_segments_are_the_per_layer_routes_byte_for_byte(slot_models, one_file, version,
-                                                                  tmp_path):
+def test_one_file_segments_are_the_per_layer_routes_byte_for_byte(slot_models, one_file, version, tmp_path):
     """The one-file route cuts the same segment files as the per-layer folder (fp32 and fp16
     exports), so the per-layer route's NPU builds and simulator runs hold for it as well."""
     sm = slot_models(version)
@@ -141,6 +161,7 @@ def test_one_file_segments_are_the_per_layer_routes_byte_for_byte(slot_models, o
 @pytest.mark.slow
 def test_one_file_keeps_v_first_inside_the_graph(one_file):
     import onnx
+
     src, art = one_file("7")
     g = onnx.load(src).graph
     names = {t.name for t in list(g.input) + list(g.output)}
@@ -171,8 +192,11 @@ def test_per_entry_layout_of_the_mobile_exporters(slot_models, version, opset, t
     rep = next(r for r in m.report if r.startswith("recognize:"))
     assert "3 layers, width %d" % sm.shape["width"] in rep and "token 'in'" in rep, rep
     layer1 = [(s.row, s.input, s.accumulator) for s in m.state if s.layer == 1]
-    assert layer1 == [("att_shift", "state3_in", False), ("wkv", "state4_in", True),
-                      ("ffn_shift", "state5_in", False)]
+    assert layer1 == [
+        ("att_shift", "state3_in", False),
+        ("wkv", "state4_in", True),
+        ("ffn_shift", "state5_in", False),
+    ]
     # prefill: the [1, 1, C] activations take T rows (v6 also splits its maa LoRA on axis 1)
     _runs_like_the_package(art, sm)
 
@@ -194,10 +218,12 @@ def test_stacked_state_layout_is_split_per_layer(slot_models, tmp_path):
     art = str(tmp_path / "art")
     compile_model(src, art, PLAN)
     _, m = _plan_holds(art, tmp=str(tmp_path))
-    assert any("state 'input_state' holds every layer's state: split into 9 pieces" in r
-               for r in m.report)
+    assert any("state 'input_state' holds every layer's state: split into 9 pieces" in r for r in m.report)
     assert [(s.row, s.shape, s.accumulator) for s in m.state if s.layer == 2] == [
-        ("shift0", (1, 192), False), ("shift1", (1, 192), False), ("wkv", (1, 64, 192), True)]
+        ("shift0", (1, 192), False),
+        ("shift1", (1, 192), False),
+        ("wkv", (1, 64, 192), True),
+    ]
     # prefill: the maa LoRA's rank-3 Reshape and Split on axis 0 become a Split of T rows
     _runs_like_the_package(art, sm)
 
@@ -205,8 +231,11 @@ def test_stacked_state_layout_is_split_per_layer(slot_models, tmp_path):
 @pytest.mark.slow
 def test_stacked_state_read_whole_is_refused_in_one_line(slot_models, tmp_path):
     src = slot_onefile.export_stacked(slot_models("6").sd, str(tmp_path / "m.onnx"), whole_read=True)
-    with pytest.raises(UnsupportedModel, match=r"one state input 'input_state' \[1, 198, 192\] "
-                                               r"holding every layer's state: ReduceMean node"):
+    with pytest.raises(
+        UnsupportedModel,
+        match=r"one state input 'input_state' \[1, 198, 192\] "
+        r"holding every layer's state: ReduceMean node",
+    ):
         compile_model(src, str(tmp_path / "art"), PLAN)
     r = CliRunner().invoke(cli, ["compile", src, "-o", str(tmp_path / "art2"), "--plan-only"])
     assert r.exit_code == 1 and "Traceback" not in r.output
@@ -216,13 +245,15 @@ def test_stacked_state_read_whole_is_refused_in_one_line(slot_models, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout,version", [("stacked", "6"), ("entries", "7")])
-def test_one_file_layouts_t_row_builds_in_columns_on_the_npu_simulator(slot_models, layout, version,
-                                                                      tmp_path):
+def test_one_file_layouts_t_row_builds_in_columns_on_the_npu_simulator(
+    slot_models, layout, version, tmp_path
+):
     """The RWKV_Pytorch file's NPU segments (state rows [1, C], its maa LoRA split on T rows) and
     the mobile exporters' RWKV-7 file's (state rows [1, C]) each get a T-row build in columns
     from rknn-toolkit2; prefill on rknn-sim equals its token steps and the rows form on
     onnxruntime, and follows the `rwkv` package."""
     from rwkv2rknn.tools.compare import compare_logits
+
     sm = slot_models(version)
     src = str(tmp_path / "m.onnx")
     if layout == "stacked":

@@ -31,6 +31,7 @@ def _manifest(art):
 
 def _weight_matmuls(path):
     import onnx
+
     m = onnx.load(path)
     inits = {t.name: len(t.dims) for t in m.graph.initializer}
     nodes = [n for n in m.graph.node if n.op_type == "MatMul"]
@@ -68,9 +69,15 @@ def test_manifest_records_the_state_slots(slot_models, version):
     m = _manifest(sm.plan_artifact)
     c = sm.shape["width"]
     slots = [(s.layer, s.row, s.dims(c), s.accumulator) for s in m.state]
-    assert slots == [(i, name, shape, acc) for i in range(3) for name, shape, acc in
-                     (("att_shift", (c,), False), ("wkv", (c // 64, 64, 64), True),
-                      ("ffn_shift", (c,), False))]
+    assert slots == [
+        (i, name, shape, acc)
+        for i in range(3)
+        for name, shape, acc in (
+            ("att_shift", (c,), False),
+            ("wkv", (c // 64, 64, 64), True),
+            ("ffn_shift", (c,), False),
+        )
+    ]
     assert m.model["arch"] == f"rwkv{version}"
     # RWKV-7's v_first is an activation between segments, not a state slot
     readers = [s.name for s in m.segments if "L0/v_first" in s.inputs]
@@ -90,8 +97,19 @@ def test_ort_run_equals_the_rwkv_package(slot_models, version):
 def test_cli_run_logits(slot_models, tmp_path):
     sm = slot_models("7")
     out = tmp_path / "logits.npy"
-    r = CliRunner().invoke(cli, ["run", sm.plan_artifact, "--backend", "ort", "--tokens",
-                                 ",".join(map(str, sm.tokens)), "--logits-out", str(out)])
+    r = CliRunner().invoke(
+        cli,
+        [
+            "run",
+            sm.plan_artifact,
+            "--backend",
+            "ort",
+            "--tokens",
+            ",".join(map(str, sm.tokens)),
+            "--logits-out",
+            str(out),
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert np.abs(np.load(out) - sm.reference).max() <= 1e-4 * np.abs(sm.reference).max()
 
@@ -122,8 +140,9 @@ def test_prefill_equals_one_at_a_time(slot_models, version, chunk):
 
 @VERSIONS
 def test_check_passes_on_ort(slot_models, version):
-    r = CliRunner().invoke(cli, ["check", slot_models(version).plan_artifact, "--backend", "ort",
-                                 "--tokens", "12"])
+    r = CliRunner().invoke(
+        cli, ["check", slot_models(version).plan_artifact, "--backend", "ort", "--tokens", "12"]
+    )
     assert r.exit_code == 0, r.output
     assert "PASS" in r.output
 
@@ -158,8 +177,7 @@ def test_fp16_on_the_npu_simulator_and_check(slot_models, version):
     assert compare_logits(many, one, **FP16_KL, max_rel=0.01).passed
     model.close()
     # and `rwkv2rknn check` against the fp16 per-layer files passes
-    r = CliRunner().invoke(cli, ["check", sm.rknn_artifact, "--backend", "rknn-sim",
-                                 "--tokens", "16"])
+    r = CliRunner().invoke(cli, ["check", sm.rknn_artifact, "--backend", "rknn-sim", "--tokens", "16"])
     assert r.exit_code == 0, r.output
     assert "PASS" in r.output
 
@@ -175,6 +193,7 @@ def test_w8a8_rwkv7_on_the_simulator_keeps_top1_and_the_plan_shows_each_precisio
     from rwkv2rknn.compiler.driver import compile_model
     from rwkv2rknn.compiler.ir import Options
     from rwkv2rknn.runtime.tokenizer import ByteTokenizer
+
     sm = slot_models("7")
     out = str(tmp_path / "w8a8")
     m = compile_model(sm.dirs["fp32"], out, Options(quant="w8a8", calib_tokens=96, prefill_rows=(16,)))

@@ -30,6 +30,7 @@ def _export(path):
 
             def p(*shape):
                 return torch.nn.Parameter(torch.randn(*shape, generator=g) * 0.2)
+
             self.emb, self.w, self.b, self.mix = p(V, C), p(C), p(C), p(C)
             self.key, self.value, self.head = p(C, 4 * C), p(4 * C, C), p(C, V)
             self.ln1 = torch.nn.LayerNorm(C)
@@ -43,9 +44,15 @@ def _export(path):
             xk = xx + (shift - xx) * self.mix
             return torch.relu(xk @ self.key) ** 2 @ self.value @ self.head, xx
 
-    torch.onnx.export(Model(), (torch.tensor([[3]]), torch.zeros(1, 1, C)), path, opset_version=17,
-                      input_names=["in", "L0_shift_in"], output_names=["logits", "L0_shift_out"],
-                      dynamo=False)
+    torch.onnx.export(
+        Model(),
+        (torch.tensor([[3]]), torch.zeros(1, 1, C)),
+        path,
+        opset_version=17,
+        input_names=["in", "L0_shift_in"],
+        output_names=["logits", "L0_shift_out"],
+        dynamo=False,
+    )
     return path
 
 
@@ -63,8 +70,10 @@ def test_a_failed_t_row_build_warns_and_strict_makes_it_an_error(refused, tmp_pa
     assert r.returncode == 0, r.err[-2000:]
     manifest = json.loads((out / "manifest.json").read_text())
     # the build really failed in the toolkit, in rows: the columns form does not take this state
-    assert any("T-row build as rows, not columns (input 'L0_shift_in' is [1, 1, 64]" in line
-               for line in manifest["report"]), manifest["report"]
+    assert any(
+        "T-row build as rows, not columns (input 'L0_shift_in' is [1, 1, 64]" in line
+        for line in manifest["report"]
+    ), manifest["report"]
     seg = "s001_npu_embed-head"
     warning = [ln for ln in r.err.splitlines() if ln.startswith("warning: ")]
     assert len(warning) == 1 and seg in warning[0] and "IndexError" in warning[0], r.err
@@ -82,7 +91,15 @@ def test_a_failed_t_row_build_warns_and_strict_makes_it_an_error(refused, tmp_pa
     assert not partials_in(tmp_path)
     assert not [e for e in os.listdir(cache / "rknn") if not e.endswith(".lock")]
 
-    r = cli("compile", refused, "-o", out, "--strict", "--prefill-rows", "none",
-            env=env_with(RWKV2RKNN_CACHE=cache))
+    r = cli(
+        "compile",
+        refused,
+        "-o",
+        out,
+        "--strict",
+        "--prefill-rows",
+        "none",
+        env=env_with(RWKV2RKNN_CACHE=cache),
+    )
     assert r.returncode == 0 and "warning" not in r.err, r.err[-2000:]
     whole_artifact(out, tokens=(1, 5))

@@ -32,14 +32,14 @@ PACKAGE = "r-cran-janeaustenr"
 REL_DIR = "usr/lib/R/site-library/janeaustenr/data"
 CACHE = os.path.join(os.path.expanduser("~"), ".cache", "rwkv2rknn", "janeaustenr")
 # Publication order.
-BOOKS = ("sensesensibility", "prideprejudice", "mansfieldpark", "emma",
-         "northangerabbey", "persuasion")
+BOOKS = ("sensesensibility", "prideprejudice", "mansfieldpark", "emma", "northangerabbey", "persuasion")
 VAL_FRACTION = 0.05
 
 
 # ---------------------------------------------------------------------------------------------
 # A minimal reader of R's XDR serialisation (format 2/3), enough for the lazy-load index and for
 # character vectors.
+
 
 class _R:
     def __init__(self, buf: bytes):
@@ -51,41 +51,41 @@ class _R:
         return v
 
     def header(self):
-        fmt = self.b[self.i:self.i + 2]
+        fmt = self.b[self.i : self.i + 2]
         if fmt != b"X\n":
             raise ValueError(f"not an R XDR stream (starts {fmt!r})")
         self.i += 2
         version = self.int()
-        self.int(), self.int()          # writer version, min reader version
+        self.int(), self.int()  # writer version, min reader version
         if version == 3:
             n = self.int()
-            self.i += n                 # native encoding name
+            self.i += n  # native encoding name
         return self
 
     def obj(self):
         flags = self.int()
         t = flags & 0xFF
         has_attr, has_tag = bool(flags & (1 << 9)), bool(flags & (1 << 10))
-        if t == 254:                    # NILVALUE_SXP
+        if t == 254:  # NILVALUE_SXP
             return None
-        if t == 255:                    # REFSXP
+        if t == 255:  # REFSXP
             return self.refs[(flags >> 8) - 1]
-        if t == 1:                      # SYMSXP
+        if t == 1:  # SYMSXP
             name = self.obj()
             self.refs.append(name)
             return name
-        if t == 9:                      # CHARSXP
+        if t == 9:  # CHARSXP
             n = self.int()
             if n == -1:
                 return None
-            s = self.b[self.i:self.i + n]
+            s = self.b[self.i : self.i + n]
             self.i += n
             return s.decode("utf-8", "replace")
-        if t == 2:                      # LISTSXP (pairlist) -> list of (tag, value)
+        if t == 2:  # LISTSXP (pairlist) -> list of (tag, value)
             items = []
             while True:
                 if has_attr:
-                    self.obj()          # attributes of a pairlist cell: not needed
+                    self.obj()  # attributes of a pairlist cell: not needed
                 tag = self.obj() if has_tag else None
                 items.append((tag, self.obj()))
                 flags = self.int()
@@ -93,13 +93,13 @@ class _R:
                     return items
                 has_attr, has_tag = bool(flags & (1 << 9)), bool(flags & (1 << 10))
         n = self.int()
-        if t in (10, 13):               # LGLSXP, INTSXP
+        if t in (10, 13):  # LGLSXP, INTSXP
             v = list(struct.unpack_from(f">{n}i", self.b, self.i))
             self.i += 4 * n
-        elif t == 14:                   # REALSXP
+        elif t == 14:  # REALSXP
             v = list(struct.unpack_from(f">{n}d", self.b, self.i))
             self.i += 8 * n
-        elif t in (16, 19):             # STRSXP, VECSXP
+        elif t in (16, 19):  # STRSXP, VECSXP
             v = [self.obj() for _ in range(n)]
         else:
             raise ValueError(f"unsupported R type {t}")
@@ -114,12 +114,13 @@ def _block(path: str, offset: int, length: int) -> bytes:
     with open(path, "rb") as f:
         f.seek(offset)
         raw = f.read(length)
-    return zlib.decompress(raw[4:])      # 4-byte big-endian uncompressed length, then zlib
+    return zlib.decompress(raw[4:])  # 4-byte big-endian uncompressed length, then zlib
 
 
 def read_books(data_dir: str) -> Dict[str, List[str]]:
     """The six novels as lists of lines, read from janeaustenr's ``data/`` directory."""
     import gzip
+
     with gzip.open(os.path.join(data_dir, "Rdata.rdx"), "rb") as f:
         index = _R(f.read()).header().obj()
     rdb = os.path.join(data_dir, "Rdata.rdb")
@@ -131,9 +132,9 @@ def read_books(data_dir: str) -> Dict[str, List[str]]:
 
 # ---------------------------------------------------------------------------------------------
 
+
 def find_data_dir(extra: Optional[str] = None) -> str:
-    roots = [r for r in (extra, os.environ.get("JANEAUSTENR_DIR"), "/", "/tmp/janeaustenr",
-                         CACHE) if r]
+    roots = [r for r in (extra, os.environ.get("JANEAUSTENR_DIR"), "/", "/tmp/janeaustenr", CACHE) if r]
     for root in roots:
         for cand in (root, os.path.join(root, REL_DIR)):
             if os.path.exists(os.path.join(cand, "Rdata.rdb")):
@@ -141,7 +142,8 @@ def find_data_dir(extra: Optional[str] = None) -> str:
     raise FileNotFoundError(
         "janeaustenr data not found: run `apt-get download r-cran-janeaustenr && dpkg-deb -x "
         "r-cran-janeaustenr_*.deb /tmp/janeaustenr` (or `python training/data.py --fetch`, or "
-        "`apt-get install r-cran-janeaustenr`)")
+        "`apt-get install r-cran-janeaustenr`)"
+    )
 
 
 def fetch() -> str:
@@ -187,8 +189,9 @@ def main():
     text = corpus_text(d)
     raw = text.encode("utf-8")
     tr, va = split(raw)
-    print(f"{d}: {len(raw)} bytes ({len(tr)} train, {len(va)} validation), "
-          f"{len(set(raw))} distinct byte values")
+    print(
+        f"{d}: {len(raw)} bytes ({len(tr)} train, {len(va)} validation), {len(set(raw))} distinct byte values"
+    )
     if a.out:
         with open(a.out, "wb") as f:
             f.write(raw)

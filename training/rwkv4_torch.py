@@ -53,8 +53,14 @@ def wkv_step(decay, u, k, v, aa, bb, pp):
     return wkv, (e1 * aa + e2 * v, e1 * bb + e2, q)
 
 
-def wkv_seq(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-            state: Tuple[torch.Tensor, torch.Tensor, torch.Tensor], chunk: int = 4):
+def wkv_seq(
+    w: torch.Tensor,
+    u: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    state: Tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    chunk: int = 4,
+):
     """Exact WKV of k, v [B, T, C] from state (aa, bb, pp) [B, C]; w = exp(time_decay) > 0.
 
     Returns (wkv [B, T, C], (aa, bb, pp) after the last token). The state means
@@ -64,7 +70,7 @@ def wkv_seq(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     B, T, C = k.shape
     L = min(chunk, T)
     Tm = (T // L) * L
-    if Tm < T:   # a shorter tail chunk, continued from the state after the full chunks
+    if Tm < T:  # a shorter tail chunk, continued from the state after the full chunks
         out1, st = wkv_seq(w, u, k[:, :Tm], v[:, :Tm], state, L)
         out2, st = wkv_seq(w, u, k[:, Tm:], v[:, Tm:], st, T - Tm)
         return torch.cat([out1, out2], 1), st
@@ -72,16 +78,16 @@ def wkv_seq(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     aa, bb, pp = state
     kc, vc = k.reshape(B, N, L, C), v.reshape(B, N, L, C)
     j = torch.arange(L, dtype=k.dtype, device=k.device)
-    dist = (j[:, None] - 1 - j[None, :])                       # [L(j), L(i)]: j-1-i
+    dist = j[:, None] - 1 - j[None, :]  # [L(j), L(i)]: j-1-i
     diag = torch.eye(L, dtype=torch.bool, device=k.device)[:, :, None]
-    upper = (j[None, :] > j[:, None])[:, :, None]              # i > j: the future
+    upper = (j[None, :] > j[:, None])[:, :, None]  # i > j: the future
     wmat = torch.where(diag, u, -dist[:, :, None] * w).masked_fill(upper, float("-inf"))
 
     # Each chunk's own contribution to the state at its end: exponents k_i - (L-1-i) w.
-    g = kc - (L - 1 - j)[:, None] * w                          # [B, N, L, C]
+    g = kc - (L - 1 - j)[:, None] * w  # [B, N, L, C]
     gp = g.amax(2).detach()
     ge = torch.exp(g - gp[:, :, None])
-    ga, gb = (ge * vc).sum(2), ge.sum(2)                       # [B, N, C]
+    ga, gb = (ge * vc).sum(2), ge.sum(2)  # [B, N, C]
 
     # Scan over chunks: the state at the start of each chunk.
     starts = []
@@ -92,13 +98,13 @@ def wkv_seq(w: torch.Tensor, u: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         q = torch.maximum(old, gp[:, n])
         e1, e2 = torch.exp(old - q), torch.exp(gp[:, n] - q)
         aa, bb, pp = e1 * aa + e2 * ga[:, n], e1 * bb + e2 * gb[:, n], q
-    sa = torch.stack([s[0] for s in starts], 1)                # [B, N, C]
+    sa = torch.stack([s[0] for s in starts], 1)  # [B, N, C]
     sb = torch.stack([s[1] for s in starts], 1)
     sp = torch.stack([s[2] for s in starts], 1)
 
     # Inside each chunk: token j sees tokens i <= j of the chunk and the state (exponent pp - j w).
-    e = kc[:, :, None, :, :] + wmat                            # [B, N, L(j), L(i), C]
-    es = sp[:, :, None, :] - j[:, None] * w                    # [B, N, L(j), C]
+    e = kc[:, :, None, :, :] + wmat  # [B, N, L(j), L(i), C]
+    es = sp[:, :, None, :] - j[:, None] * w  # [B, N, L(j), C]
     m = torch.maximum(e.amax(3), es).detach()
     p = torch.exp(e - m[:, :, :, None, :])
     ps = torch.exp(es - m)
@@ -252,26 +258,32 @@ def init_weights(model: RWKV4, seed: int) -> RWKV4:
     """RWKV-4-style init: decays spread over channels, mixes in [0, 1], weights ~ 1/sqrt(fan_in)."""
     g = torch.Generator().manual_seed(seed)
     C, L = model.width, model.layers
-    model.emb.weight.uniform_(-1e-4, 1e-4, generator=g)   # small emb + ln0 (RWKV-4 trick)
+    model.emb.weight.uniform_(-1e-4, 1e-4, generator=g)  # small emb + ln0 (RWKV-4 trick)
     model.head.weight.normal_(0, 0.5 / math.sqrt(C), generator=g)
     ch = torch.arange(C, dtype=torch.float32)
     for i, blk in enumerate(model.blocks):
-        r01 = i / max(L - 1, 1)                 # 0 -> 1 over layers
-        r10 = 1 - i / L                         # 1 -> ~0 over layers
+        r01 = i / max(L - 1, 1)  # 0 -> 1 over layers
+        r10 = 1 - i / L  # 1 -> ~0 over layers
         x = ch / C
         a, f = blk.att, blk.ffn
         a.time_decay.copy_(-5 + 8 * (ch / (C - 1)) ** (0.7 + 1.3 * r01))
         zig = ((ch + 1) % 3 - 1) * 0.5
         a.time_first.copy_(math.log(0.3) + zig)
-        a.time_mix_k.copy_((x ** r10).view(1, 1, C))
-        a.time_mix_v.copy_((x ** r10 + 0.3 * r01).clamp(0, 1).view(1, 1, C))
+        a.time_mix_k.copy_((x**r10).view(1, 1, C))
+        a.time_mix_v.copy_((x**r10 + 0.3 * r01).clamp(0, 1).view(1, 1, C))
         a.time_mix_r.copy_((x ** (0.5 * r10)).view(1, 1, C))
-        f.time_mix_k.copy_((x ** r10).view(1, 1, C))
-        f.time_mix_r.copy_((x ** r10).view(1, 1, C))
+        f.time_mix_k.copy_((x**r10).view(1, 1, C))
+        f.time_mix_r.copy_((x**r10).view(1, 1, C))
         out_scale = 1 / math.sqrt(2 * L)
-        for lin, scale in ((a.key, 1.0), (a.value, 1.0), (a.receptance, 1.0),
-                           (a.output, out_scale), (f.key, 1.0), (f.receptance, 1.0),
-                           (f.value, out_scale)):
+        for lin, scale in (
+            (a.key, 1.0),
+            (a.value, 1.0),
+            (a.receptance, 1.0),
+            (a.output, out_scale),
+            (f.key, 1.0),
+            (f.receptance, 1.0),
+            (f.value, out_scale),
+        ):
             fan_in = lin.weight.shape[1]
             lin.weight.normal_(0, scale / math.sqrt(fan_in), generator=g)
     return model

@@ -50,11 +50,11 @@ def wkv_seq(r, w, k, v, kk, a, state):
     bh = lambda t: t.to(dt).reshape(B, T, H, N).transpose(0, 1).reshape(T, B * H, N)  # noqa: E731
     r_, w_, k_, v_, kk_, a_ = (bh(t) for t in (r, w, k, v, kk, a))
     # S_new = S * w_row + [S kk, v] @ [-(kk*a); k]: one batched product per token
-    rows = torch.stack([-(kk_ * a_), k_], 2)                     # [T, BH, 2, N]
+    rows = torch.stack([-(kk_ * a_), k_], 2)  # [T, BH, 2, N]
     s = state.reshape(B * H, N, N)
     out = []
     for t in range(T):
-        sa = torch.bmm(s, kk_[t, :, :, None])                     # [BH, N, 1]
+        sa = torch.bmm(s, kk_[t, :, :, None])  # [BH, N, 1]
         s = torch.baddbmm(s * w_[t, :, None, :], torch.cat([sa, v_[t, :, :, None]], 2), rows[t])
         out.append(torch.bmm(s, r_[t, :, :, None]))
     y = torch.stack(out, 0).reshape(T, B, H, N).transpose(0, 1)
@@ -87,12 +87,12 @@ def wkv_chunked(r, lw, k, v, kk, a, state, chunk: int = 16):
         sl = slice(t0, min(t0 + chunk, T))
         rc, lc, kc, vc, kkc, bc = (x[:, sl] for x in (r_, lw_, k_, v_, kk_, b_))
         L = rc.shape[1]
-        c = torch.cumsum(lc, 1)                                     # [BH, L, N] log W_t
-        cx = c - lc                                                 # log W_{t-1}
+        c = torch.cumsum(lc, 1)  # [BH, L, N] log W_t
+        cx = c - lc  # log W_{t-1}
         ec, ecx, enc = torch.exp(c), torch.exp(cx), torch.exp(-c)
-        lower = torch.tril(torch.ones(L, L, dtype=dt), -1)          # i < t
+        lower = torch.tril(torch.ones(L, L, dtype=dt), -1)  # i < t
         kkx = kkc * ecx
-        mk = torch.bmm(kkx, (kc * enc).transpose(1, 2)) * lower     # [BH, L(t), L(i)]
+        mk = torch.bmm(kkx, (kc * enc).transpose(1, 2)) * lower  # [BH, L(t), L(i)]
         mb = torch.bmm(kkx, (bc * enc).transpose(1, 2)) * lower
         rhs = torch.bmm(kkx, s.transpose(1, 2)) + torch.bmm(mk, vc)
         eye = torch.eye(L, dtype=dt).expand_as(mb)
@@ -101,9 +101,12 @@ def wkv_chunked(r, lw, k, v, kk, a, state, chunk: int = 16):
         ak = torch.bmm(rx, (kc * enc).transpose(1, 2)) * incl
         ab = torch.bmm(rx, (bc * enc).transpose(1, 2)) * incl
         out.append(torch.bmm(rx, s.transpose(1, 2)) + torch.bmm(ak, vc) - torch.bmm(ab, sa))
-        tail = torch.exp(c[:, -1:] - c)                             # e^{c_L - c_i}
-        s = (s * torch.exp(c[:, -1])[:, None, :] + torch.bmm(vc.transpose(1, 2), kc * tail)
-             - torch.bmm(sa.transpose(1, 2), bc * tail))
+        tail = torch.exp(c[:, -1:] - c)  # e^{c_L - c_i}
+        s = (
+            s * torch.exp(c[:, -1])[:, None, :]
+            + torch.bmm(vc.transpose(1, 2), kc * tail)
+            - torch.bmm(sa.transpose(1, 2), bc * tail)
+        )
     y = torch.cat(out, 1).reshape(B, H, T, N).transpose(1, 2)
     return y, s.reshape(B, H, N, N)
 
@@ -181,16 +184,23 @@ class Block(nn.Module):
 
 
 class RWKV7(nn.Module):
-    def __init__(self, layers: int, width: int, vocab: int, head_size: int = 64,
-                 lora: Optional[Dict[str, int]] = None, ffn: int = 0, chunk: int = 16):
+    def __init__(
+        self,
+        layers: int,
+        width: int,
+        vocab: int,
+        head_size: int = 64,
+        lora: Optional[Dict[str, int]] = None,
+        ffn: int = 0,
+        chunk: int = 16,
+    ):
         super().__init__()
         self.layers, self.width, self.vocab, self.head_size = layers, width, vocab, head_size
         self.chunk = chunk
         self.lora = lora_widths(width, lora)
         H = width // head_size
         self.emb = nn.Embedding(vocab, width)
-        self.blocks = nn.ModuleList([Block(width, H, i, self.lora, ffn or 4 * width)
-                                     for i in range(layers)])
+        self.blocks = nn.ModuleList([Block(width, H, i, self.lora, ffn or 4 * width) for i in range(layers)])
         self.ln_out = nn.LayerNorm(width, eps=LN_EPS)
         self.head = Linear(width, vocab)
 
@@ -198,8 +208,9 @@ class RWKV7(nn.Module):
     def from_state_dict(cls, sd, chunk: int = 16, dtype=torch.float32) -> "RWKV7":
         """A model holding an RWKV-7 state dict (torch tensors or numpy arrays) in ``dtype``."""
         shape = rwkv7.check_state_dict(sd)
-        m = cls(shape.layers, shape.width, shape.vocab, shape.head_size, dict(shape.lora),
-                shape.ffn, chunk).to(dtype)
+        m = cls(
+            shape.layers, shape.width, shape.vocab, shape.head_size, dict(shape.lora), shape.ffn, chunk
+        ).to(dtype)
         own = m.state_dict()
         m.load_state_dict({k: torch.as_tensor(v).to(dtype).reshape(own[k].shape) for k, v in sd.items()})
         return m
@@ -260,8 +271,8 @@ def init_weights(model: RWKV7, seed: int) -> RWKV7:
         r01, r10 = i / max(L - 1, 1), 1 - i / L
         for m, p in powers.items():
             getattr(a, "x_" + m).copy_(vec(1 - ddd ** (p * r10)))
-        f.x_k.copy_(vec(1 - ddd ** (r10 ** 4)))
-        a.w0.copy_(vec(-6 + 6 * (ch / (C - 1)) ** (1 + r01 ** 0.3) + 0.5 + 2.5 * zig))
+        f.x_k.copy_(vec(1 - ddd ** (r10**4)))
+        a.w0.copy_(vec(-6 + 6 * (ch / (C - 1)) ** (1 + r01**0.3) + 0.5 + 2.5 * zig))
         a.a0.copy_(vec(-0.19 + 0.3 * zig + 0.4 * linear))
         if i:
             a.v0.copy_(vec(0.73 - 0.4 * linear))

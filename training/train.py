@@ -42,7 +42,7 @@ import rwkv7_torch  # noqa: E402  (training/rwkv7_torch.py)
 from rwkv7_torch import RWKV7  # noqa: E402
 
 VOCAB = 256
-DEFAULT_CHUNK = {4: 4, 7: 16}   # WKV chunk lengths (speed only; both forms are exact)
+DEFAULT_CHUNK = {4: 4, 7: 16}  # WKV chunk lengths (speed only; both forms are exact)
 
 
 def official_state_dict(model: RWKV4, dtype=torch.float16) -> dict:
@@ -72,7 +72,7 @@ def check(seed: int = 0, layers: int = 2, width: int = 32, T: int = 45, chunk: i
     recurrence); and a gradcheck of the sequence-form WKV."""
     torch.manual_seed(seed)
     m = init_weights(RWKV4(layers, width, VOCAB, chunk), seed).double()
-    with torch.no_grad():   # move every parameter off its init so the check sees generic values
+    with torch.no_grad():  # move every parameter off its init so the check sees generic values
         for name, prm in m.named_parameters():
             if "time_mix" in name:
                 prm.uniform_(0, 1)
@@ -97,17 +97,24 @@ def check(seed: int = 0, layers: int = 2, width: int = 32, T: int = 45, chunk: i
             worst = max(worst, float((seq[bi] - ref).abs().max()), float((split[bi] - ref).abs().max()))
     # Gradients of the sequence form (maxima are detached: the values do not depend on them).
     B_, T_, C_ = 2, 11, 3
-    args = [torch.rand(C_, dtype=torch.float64) * 2 + 0.05, torch.randn(C_, dtype=torch.float64),
-            torch.randn(B_, T_, C_, dtype=torch.float64), torch.randn(B_, T_, C_, dtype=torch.float64),
-            torch.rand(B_, C_, dtype=torch.float64), torch.rand(B_, C_, dtype=torch.float64) + 0.5,
-            torch.randn(B_, C_, dtype=torch.float64)]
+    args = [
+        torch.rand(C_, dtype=torch.float64) * 2 + 0.05,
+        torch.randn(C_, dtype=torch.float64),
+        torch.randn(B_, T_, C_, dtype=torch.float64),
+        torch.randn(B_, T_, C_, dtype=torch.float64),
+        torch.rand(B_, C_, dtype=torch.float64),
+        torch.rand(B_, C_, dtype=torch.float64) + 0.5,
+        torch.randn(B_, C_, dtype=torch.float64),
+    ]
     args = [t.requires_grad_() for t in args]
     fn = lambda w, u, k, v, aa, bb, pp: wkv_seq(w, u, k, v, (aa, bb, pp), 4)[0]  # noqa: E731
     if not torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-7):
         worst = float("inf")
     scale = float(seq.abs().max())
-    print(f"check: layers={layers} width={width} T={T} chunk={chunk}: max |logit diff| = "
-          f"{worst:.3e} (logits up to {scale:.2f}); WKV gradcheck ok")
+    print(
+        f"check: layers={layers} width={width} T={T} chunk={chunk}: max |logit diff| = "
+        f"{worst:.3e} (logits up to {scale:.2f}); WKV gradcheck ok"
+    )
     return worst
 
 
@@ -116,23 +123,23 @@ def check(seed: int = 0, layers: int = 2, width: int = 32, T: int = 45, chunk: i
 
 
 @torch.no_grad()
-def evaluate(model: RWKV4, val: np.ndarray, ctx: int, streams: int = 8,
-             limit: Optional[int] = None) -> float:
+def evaluate(model: RWKV4, val: np.ndarray, ctx: int, streams: int = 8, limit: Optional[int] = None) -> float:
     """Bits per byte of ``val``, read as ``streams`` contiguous pieces, each from the zero state
     with the state carried from window to window (as the recurrence reads text)."""
     model.eval()
     if limit:
         val = val[:limit]
     n = (len(val) - 1) // streams
-    x = torch.from_numpy(val[:n * streams].astype(np.int64)).view(streams, n)
-    y = torch.from_numpy(val[1:n * streams + 1].astype(np.int64))
-    y = torch.stack([y[i * n:(i + 1) * n] for i in range(streams)])
+    x = torch.from_numpy(val[: n * streams].astype(np.int64)).view(streams, n)
+    y = torch.from_numpy(val[1 : n * streams + 1].astype(np.int64))
+    y = torch.stack([y[i * n : (i + 1) * n] for i in range(streams)])
     st, tot, cnt = None, 0.0, 0
     for s in range(0, n, ctx):
-        logits, st = model(x[:, s:s + ctx], st)
-        tot += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y[:, s:s + ctx].reshape(-1),
-                               reduction="sum").item()
-        cnt += y[:, s:s + ctx].numel()
+        logits, st = model(x[:, s : s + ctx], st)
+        tot += F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), y[:, s : s + ctx].reshape(-1), reduction="sum"
+        ).item()
+        cnt += y[:, s : s + ctx].numel()
     model.train()
     return tot / cnt / math.log(2)
 
@@ -150,19 +157,26 @@ def train(a):
     tr_b, va_b = corpus.split(raw)
     tr = np.frombuffer(tr_b, dtype=np.uint8)
     va = np.frombuffer(va_b, dtype=np.uint8)
-    print(f"data: {len(raw)} bytes: {len(tr)} train, {len(va)} validation (last "
-          f"{corpus.VAL_FRACTION:.0%})", flush=True)
+    print(
+        f"data: {len(raw)} bytes: {len(tr)} train, {len(va)} validation (last {corpus.VAL_FRACTION:.0%})",
+        flush=True,
+    )
     model = new_model(a)
     nparams = sum(p.numel() for p in model.parameters())
-    print(f"model: RWKV-{a.version}, {a.layers} layers x {a.width}, {nparams} parameters; ctx {a.ctx}, batch "
-          f"{a.batch}, chunk {a.chunk}, carry {a.carry}; threads {torch.get_num_threads()}",
-          flush=True)
+    print(
+        f"model: RWKV-{a.version}, {a.layers} layers x {a.width}, {nparams} parameters; ctx {a.ctx}, batch "
+        f"{a.batch}, chunk {a.chunk}, carry {a.carry}; threads {torch.get_num_threads()}",
+        flush=True,
+    )
     decay, no_decay = [], []
     for n, p in model.named_parameters():
         (decay if p.dim() == 2 and n.endswith(".weight") and "emb" not in n else no_decay).append(p)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.wd},
-                             {"params": no_decay, "weight_decay": 0.0}],
-                            lr=a.lr, betas=(0.9, 0.99), eps=1e-8)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": a.wd}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=a.lr,
+        betas=(0.9, 0.99),
+        eps=1e-8,
+    )
     rng = np.random.RandomState(a.seed)
     B, T = a.batch, a.ctx
     pos = rng.randint(0, len(tr) - T - 1, size=B)
@@ -182,15 +196,16 @@ def train(a):
         if state is not None:
             restart = [(step + b) % a.carry == 0 for b in range(B)]
             keep = torch.tensor([0.0 if r else 1.0 for r in restart])
-            state = [tuple((t * keep.view(-1, *[1] * (t.dim() - 1)).to(t.dtype)).detach() for t in st)
-                     for st in state]
+            state = [
+                tuple((t * keep.view(-1, *[1] * (t.dim() - 1)).to(t.dtype)).detach() for t in st)
+                for st in state
+            ]
             for b in range(B):
                 pos[b] = rng.randint(0, len(tr) - T - 1) if restart[b] else pos[b] + T
                 if pos[b] + T + 1 > len(tr):
                     pos[b] = rng.randint(0, len(tr) - T - 1)
-                    state = [tuple(t.index_fill(0, torch.tensor([b]), 0.0) for t in st)
-                             for st in state]
-        win = np.stack([tr[p:p + T + 1] for p in pos]).astype(np.int64)
+                    state = [tuple(t.index_fill(0, torch.tensor([b]), 0.0) for t in st) for st in state]
+        win = np.stack([tr[p : p + T + 1] for p in pos]).astype(np.int64)
         x, y = torch.from_numpy(win[:, :-1]), torch.from_numpy(win[:, 1:])
         logits, state = model(x, state)
         loss = F.cross_entropy(logits.reshape(-1, VOCAB), y.reshape(-1))
@@ -205,23 +220,28 @@ def train(a):
         if step % a.log_every == 0:
             el = time.time() - t0
             avg = loss_acc / n_acc
-            print(f"step {step} loss {avg:.4f} bpb {avg / math.log(2):.4f} lr {lr:.2e} "
-                  f"{step * B * T / el:.0f} tok/s {el / 60:.1f} min", flush=True)
+            print(
+                f"step {step} loss {avg:.4f} bpb {avg / math.log(2):.4f} lr {lr:.2e} "
+                f"{step * B * T / el:.0f} tok/s {el / 60:.1f} min",
+                flush=True,
+            )
             loss_acc, n_acc = 0.0, 0
         if a.eval_every and step % a.eval_every == 0:
             vb = evaluate(model, va, T, limit=a.eval_limit)
             print(f"step {step} val bpb (first {a.eval_limit} bytes) {vb:.4f}", flush=True)
             save(model, a.out)
     el = time.time() - t0
-    print(f"trained {step} steps ({step * B * T} tokens, {step * B * T / len(tr):.2f} epochs) "
-          f"in {el / 60:.1f} min", flush=True)
+    print(
+        f"trained {step} steps ({step * B * T} tokens, {step * B * T / len(tr):.2f} epochs) "
+        f"in {el / 60:.1f} min",
+        flush=True,
+    )
     if a.bench:
         return
     save(model, a.out)
-    shipped = load_model(a.out, a.chunk)      # the fp16 file as it is shipped
+    shipped = load_model(a.out, a.chunk)  # the fp16 file as it is shipped
     vb = evaluate(shipped, va, T)
-    print(f"final validation bits/byte (fp16 checkpoint, {len(va)} held-out bytes): {vb:.4f}",
-          flush=True)
+    print(f"final validation bits/byte (fp16 checkpoint, {len(va)} held-out bytes): {vb:.4f}", flush=True)
 
 
 def save(model, path: str):
@@ -248,7 +268,7 @@ def sample(a):
             pr /= pr.sum()
             order = np.argsort(-pr)
             cum = np.cumsum(pr[order])
-            keep = order[:int(np.searchsorted(cum, a.top_p)) + 1]
+            keep = order[: int(np.searchsorted(cum, a.top_p)) + 1]
             pk = pr[keep] / pr[keep].sum()
             tok = int(rng.choice(keep, p=pk))
         out.append(tok)
@@ -260,18 +280,26 @@ def main():
     ap = argparse.ArgumentParser(description="Train / check / sample a byte-level RWKV-4 or RWKV-7.")
     ap.add_argument("--version", type=int, choices=(4, 7), default=4, help="the architecture")
     ap.add_argument("--head-size", type=int, default=64, help="RWKV-7 head size")
-    ap.add_argument("--data", help="a text file; default: Jane Austen from r-cran-janeaustenr "
-                    "(see training/data.py)")
+    ap.add_argument(
+        "--data", help="a text file; default: Jane Austen from r-cran-janeaustenr (see training/data.py)"
+    )
     ap.add_argument("--out", default="models/default/rwkv4-bytes.pth")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--width", type=int, default=256)
     ap.add_argument("--ctx", type=int, default=128)
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--chunk", type=int, help="WKV chunk length (speed only; default 4 for "
-                    "RWKV-4, 16 for RWKV-7, 0 = RWKV-7 token by token)")
-    ap.add_argument("--carry", type=int, default=4,
-                    help="each stream carries its state over this many windows (1 = independent "
-                         "random windows from the zero state)")
+    ap.add_argument(
+        "--chunk",
+        type=int,
+        help="WKV chunk length (speed only; default 4 for RWKV-4, 16 for RWKV-7, 0 = RWKV-7 token by token)",
+    )
+    ap.add_argument(
+        "--carry",
+        type=int,
+        default=4,
+        help="each stream carries its state over this many windows (1 = independent "
+        "random windows from the zero state)",
+    )
     ap.add_argument("--steps", type=int, default=0, help="training steps (reproducible)")
     ap.add_argument("--minutes", type=float, default=0, help="or: train for this wall time")
     ap.add_argument("--lr", type=float, default=2e-3)
@@ -287,10 +315,15 @@ def main():
     ap.add_argument("--check", action="store_true", help="verify the sequence form and exit")
     ap.add_argument("--bench", type=int, default=0, help="time this many training steps and exit")
     ap.add_argument("--eval", metavar="CKPT", help="validation bits/byte of a checkpoint")
-    ap.add_argument("--streams", type=int, default=8, help="--eval reads the text as this many "
-                    "contiguous streams, each from the zero state")
-    ap.add_argument("--text", help="--eval scores this file's first --max-bytes bytes instead of "
-                    "the held-out split")
+    ap.add_argument(
+        "--streams",
+        type=int,
+        default=8,
+        help="--eval reads the text as this many contiguous streams, each from the zero state",
+    )
+    ap.add_argument(
+        "--text", help="--eval scores this file's first --max-bytes bytes instead of the held-out split"
+    )
     ap.add_argument("--max-bytes", type=int, default=20000)
     ap.add_argument("--sample", metavar="CKPT", help="generate text from a checkpoint")
     ap.add_argument("--prompt", default="The ")
@@ -304,21 +337,25 @@ def main():
     torch.set_num_threads(a.threads)
     torch.set_num_interop_threads(1)
     if a.check:
-        worst = max(check(0, 2, 32, 45, 8), check(1, 3, 16, 70, 16), check(2, 1, 8, 5, 4), check(3, 2, 16, 130, 4))
+        worst = max(
+            check(0, 2, 32, 45, 8), check(1, 3, 16, 70, 16), check(2, 1, 8, 5, 4), check(3, 2, 16, 130, 4)
+        )
         ok = worst < 1e-9
         print("check", "passed" if ok else "FAILED")
         sys.exit(0 if ok else 1)
     if a.sample:
         return sample(a)
     if a.eval:
-        if a.text:   # the first --max-bytes of a file, as `rwkv2rknn eval` reads it
+        if a.text:  # the first --max-bytes of a file, as `rwkv2rknn eval` reads it
             with open(a.text, "rb") as f:
                 va = np.frombuffer(f.read(a.max_bytes), dtype=np.uint8)
         else:
             va = np.frombuffer(corpus.split(corpus.load_bytes(a.data))[1], dtype=np.uint8)
         m = load_model(a.eval, chunk_given)
-        print(f"validation bits/byte: {evaluate(m, va, a.ctx, a.streams):.4f} ({len(va)} bytes, "
-              f"{a.streams} streams)")
+        print(
+            f"validation bits/byte: {evaluate(m, va, a.ctx, a.streams):.4f} ({len(va)} bytes, "
+            f"{a.streams} streams)"
+        )
         return
     if a.bench:
         a.steps, a.log_every, a.eval_every = a.bench, max(1, a.bench // 2), 0

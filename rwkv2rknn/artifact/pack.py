@@ -25,16 +25,21 @@ def pack(artifact: str, out_dir: str, force: bool = False) -> Dict[str, int]:
     from rwkv2rknn.runtime import device
     from rwkv2rknn.runtime.hybrid import load_manifest
     from rwkv2rknn.runtime.loader import TOKENIZER_DIR, tokenizer_file
+
     m = load_manifest(artifact)
     if m.packed:
         raise UsageError(f"'{artifact}' is packed already", "copy it to the board as it is")
     if not m.token_input or not m.logits_output:
-        raise BadInput(f"'{artifact}' was compiled from a single ONNX graph, not a whole model",
-                       "compile the folder of per-layer files to pack it")
+        raise BadInput(
+            f"'{artifact}' was compiled from a single ONNX graph, not a whole model",
+            "compile the folder of per-layer files to pack it",
+        )
     no_rknn = [s.name for s in m.segments if s.backend == "npu" and not (s.token.rknn or s.seq.rknn)]
     if no_rknn:
-        raise BadInput(f"'{artifact}' has NPU segments without .rknn ({no_rknn[0]}, ...; compiled "
-                       f"with --plan-only)", "compile it without --plan-only, then pack")
+        raise BadInput(
+            f"'{artifact}' has NPU segments without .rknn ({no_rknn[0]}, ...; compiled with --plan-only)",
+            "compile it without --plan-only, then pack",
+        )
     if os.path.abspath(out_dir) == os.path.abspath(artifact):
         raise UsageError("pack writes a new folder", "give another -o DIR")
     segments, files = [], []
@@ -43,9 +48,13 @@ def pack(artifact: str, out_dir: str, force: bool = False) -> Dict[str, int]:
             files.append((s.golden, s.golden_sha256))
         if s.backend == "npu":
             files += [(b.rknn, b.rknn_sha256) for b in (s.token, s.seq)]
-            segments.append(dataclasses.replace(  # the ONNX and datasets are the simulator's
-                s, token=dataclasses.replace(s.token, onnx="", sha256="", calib=None),
-                seq=dataclasses.replace(s.seq, onnx=None, sha256="", calib=None)))
+            segments.append(
+                dataclasses.replace(  # the ONNX and datasets are the simulator's
+                    s,
+                    token=dataclasses.replace(s.token, onnx="", sha256="", calib=None),
+                    seq=dataclasses.replace(s.seq, onnx=None, sha256="", calib=None),
+                )
+            )
         else:
             files += [(b.onnx, b.sha256) for b in (s.token, s.seq)]
             segments.append(s)
@@ -61,8 +70,9 @@ def pack(artifact: str, out_dir: str, force: bool = False) -> Dict[str, int]:
             if not os.path.isfile(src):
                 raise BadInput(f"'{src}' is missing", "compile the model again")
             if sha and sha256_file(src) != sha:
-                raise BadInput(f"'{src}' changed since it was compiled (checksum mismatch)",
-                               "compile the model again")
+                raise BadInput(
+                    f"'{src}' changed since it was compiled (checksum mismatch)", "compile the model again"
+                )
             os.makedirs(os.path.dirname(os.path.join(tmp, rel)), exist_ok=True)
             shutil.copyfile(src, os.path.join(tmp, rel))
             if rel.endswith(".onnx") and os.path.isfile(src + ".data"):  # its external weights
@@ -70,8 +80,12 @@ def pack(artifact: str, out_dir: str, force: bool = False) -> Dict[str, int]:
         fileio.write_json(os.path.join(tmp, MANIFEST), packed.to_dict())
         need = device.memory_need(packed, tmp)
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(out_dir) for f in fs)
-    return {"bytes": size, "parameters": parameter_count(artifact, m), "memory": need["total"],
-            "need": device.describe_need(need)}
+    return {
+        "bytes": size,
+        "parameters": parameter_count(artifact, m),
+        "memory": need["total"],
+        "need": device.describe_need(need),
+    }
 
 
 def parameter_count(artifact: str, manifest) -> int:
@@ -79,10 +93,15 @@ def parameter_count(artifact: str, manifest) -> int:
     segments, where each weight lives once; constants folded at export count too (under 1% of
     a small model)."""
     import onnx
+
     # float weights, and a token table stored as int8 (rwkv2rknn.embedding; its row scales are
     # not parameters of the model)
-    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
-              onnx.TensorProto.INT8}
+    floats = {
+        onnx.TensorProto.FLOAT,
+        onnx.TensorProto.FLOAT16,
+        onnx.TensorProto.BFLOAT16,
+        onnx.TensorProto.INT8,
+    }
     n = 0
     for s in manifest.segments:
         model = onnx.load(os.path.join(artifact, s.onnx), load_external_data=False)
@@ -90,6 +109,5 @@ def parameter_count(artifact: str, manifest) -> int:
             size = 1
             for d in init.dims:
                 size *= d
-            n += size if init.data_type in floats and size > 1 and \
-                not init.name.endswith("/row_scale") else 0
+            n += size if init.data_type in floats and size > 1 and not init.name.endswith("/row_scale") else 0
     return n

@@ -96,8 +96,10 @@ class Segment:
 
 
 def _flat_name(key: str, variant: str, name: str) -> property:
-    return property(lambda self: getattr(getattr(self, variant), name),
-                    doc=f"``{variant}.{name}``, read only: the manifest's key '{key}'")
+    return property(
+        lambda self: getattr(getattr(self, variant), name),
+        doc=f"``{variant}.{name}``, read only: the manifest's key '{key}'",
+    )
 
 
 # The manifest's flat names, read only, for code that reads a segment by them (the runtime):
@@ -112,6 +114,7 @@ SEGMENT_KEYS = frozenset(f.name for f in fields(Segment) if f.name not in ("toke
 class StateSlot:
     """One piece of one layer's recurrent state: a row [C] of RWKV-4's [rows, C] tensor, or a
     named slot of its own shape (the ``wkv`` [H, N, N] of RWKV-5.2/6/7); ``shape`` () means [width]."""
+
     layer: int
     row: str
     input: str
@@ -154,8 +157,11 @@ class Manifest:
         if any(seg.golden for seg in self.segments):
             return 4
         two_d = {s.input for s in self.state if len(s.shape) == 2}
-        return 3 if any(seg.seq.layout == "columns" and two_d.intersection(seg.inputs)
-                        for seg in self.segments) else 2
+        return (
+            3
+            if any(seg.seq.layout == "columns" and two_d.intersection(seg.inputs) for seg in self.segments)
+            else 2
+        )
 
     @classmethod
     def from_dict(cls, d, where: str = MANIFEST) -> "Manifest":
@@ -163,25 +169,40 @@ class Manifest:
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise BadInput(f"{where} is not an rwkv2rknn manifest", fix)
         if d.get("format_version") not in READS_VERSIONS or isinstance(d.get("format_version"), bool):
-            raise BadInput(f"{where} has format version {repr(d.get('format_version'))[:40]}, this rwkv2rknn "
-                           f"reads versions {', '.join(map(str, READS_VERSIONS))}", fix)
+            raise BadInput(
+                f"{where} has format version {repr(d.get('format_version'))[:40]}, this rwkv2rknn "
+                f"reads versions {', '.join(map(str, READS_VERSIONS))}",
+                fix,
+            )
         try:
             segs = tuple(_segment(s) for s in _list(d, "segments"))
-            state = tuple(StateSlot(int(_get(s, "layer", int)), _get(s, "row", str),
-                                    _get(s, "input", str), _get(s, "output", str),
-                                    bool(s.get("accumulator", False)),
-                                    tuple(int(x) for x in s.get("shape", []) or []),
-                                    float(s.get("init", 0.0)))
-                          for s in _list(d, "state"))
-            m = cls(model=_get(d, "model", dict), segments=segs, state=state,
-                    token_input=_get(d, "token_input", str), logits_output=_get(d, "logits_output", str),
-                    tokenizer=d.get("tokenizer") if isinstance(d.get("tokenizer"), str) else None,
-                    target=str(d.get("target", "")), toolkit=str(d.get("toolkit", "")),
-                    generator=str(d.get("generator", "")),
-                    report=tuple(str(x) for x in d.get("report", []) or []),
-                    profile=d.get("profile") if isinstance(d.get("profile"), dict) else {},
-                    prefill_rows=max(1, int(d.get("prefill_rows", 32))),
-                    packed=d.get("packed", False) is True)
+            state = tuple(
+                StateSlot(
+                    int(_get(s, "layer", int)),
+                    _get(s, "row", str),
+                    _get(s, "input", str),
+                    _get(s, "output", str),
+                    bool(s.get("accumulator", False)),
+                    tuple(int(x) for x in s.get("shape", []) or []),
+                    float(s.get("init", 0.0)),
+                )
+                for s in _list(d, "state")
+            )
+            m = cls(
+                model=_get(d, "model", dict),
+                segments=segs,
+                state=state,
+                token_input=_get(d, "token_input", str),
+                logits_output=_get(d, "logits_output", str),
+                tokenizer=d.get("tokenizer") if isinstance(d.get("tokenizer"), str) else None,
+                target=str(d.get("target", "")),
+                toolkit=str(d.get("toolkit", "")),
+                generator=str(d.get("generator", "")),
+                report=tuple(str(x) for x in d.get("report", []) or []),
+                profile=d.get("profile") if isinstance(d.get("profile"), dict) else {},
+                prefill_rows=max(1, int(d.get("prefill_rows", 32))),
+                packed=d.get("packed", False) is True,
+            )
             for k in ("layers", "width", "vocab"):  # read by the runtime as whole numbers
                 v = m.model.get(k)
                 if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
@@ -205,8 +226,10 @@ class Manifest:
             names.add(seg.name)
             missing = [t for t in seg.inputs if t not in known]
             if missing and self.token_input:
-                raise BadInput(f"{where}: segment {seg.name} reads '{missing[0]}', which nothing "
-                               f"before it makes", "the manifest is corrupt; compile again")
+                raise BadInput(
+                    f"{where}: segment {seg.name} reads '{missing[0]}', which nothing before it makes",
+                    "the manifest is corrupt; compile again",
+                )
             known.update(seg.outputs)
         wanted = [s.output for s in self.state] + ([self.logits_output] if self.logits_output else [])
         lost = [t for t in wanted if t not in known]
@@ -233,9 +256,13 @@ class Manifest:
                     stages.append(st)
         for st in stages:
             segs = [s for s in self.segments if st in s.stages]
-            rows.append({"stage": st,
-                         "npu": [s.name for s in segs if s.backend == "npu"],
-                         "cpu": [s.name for s in segs if s.backend == "cpu"]})
+            rows.append(
+                {
+                    "stage": st,
+                    "npu": [s.name for s in segs if s.backend == "npu"],
+                    "cpu": [s.name for s in segs if s.backend == "cpu"],
+                }
+            )
         return rows
 
     def npu_flop_share(self) -> float:
@@ -264,26 +291,33 @@ class Manifest:
         if phase == "prefill":
             hand /= self.prefill_rows
             own /= self.prefill_rows
-        return {"npu": npu, "cpu": cpu, "handoffs": hand, "executor": own,
-                "total": npu + cpu + hand + own}
+        return {"npu": npu, "cpu": cpu, "handoffs": hand, "executor": own, "total": npu + cpu + hand + own}
 
     def warnings(self) -> List[str]:
         """One line per NPU segment whose T-row build failed: its name and the toolkit's reason."""
-        return [f"{s.name}: its T-row build failed ({s.seq.fallback}); its prefill runs token by "
-                "token" for s in self.segments if s.seq.fallback]
+        return [
+            f"{s.name}: its T-row build failed ({s.seq.fallback}); its prefill runs token by token"
+            for s in self.segments
+            if s.seq.fallback
+        ]
 
     def table(self) -> str:
-        lines = [f"{'segment':<28} {'runs on':<7} {'ops':>5} {'MatMuls':>7} {'MFLOP':>8}  "
-                 f"{'precision':<16} stages"]
+        lines = [
+            f"{'segment':<28} {'runs on':<7} {'ops':>5} {'MatMuls':>7} {'MFLOP':>8}  {'precision':<16} stages"
+        ]
         for s in self.segments:
             where = s.backend + ("*" if s.token.fallback else "") + ("~" if s.seq.fallback else "")
             stages = s.stages[0] if len(s.stages) == 1 else f"{s.stages[0]}..{s.stages[-1]}"
-            lines.append(f"{s.name:<28} {where:<7} {s.ops:>5} {s.matmuls:>7} "
-                         f"{s.flops / 1e6:>8.2f}  {s.precision_label():<16} {stages}")
+            lines.append(
+                f"{s.name:<28} {where:<7} {s.ops:>5} {s.matmuls:>7} "
+                f"{s.flops / 1e6:>8.2f}  {s.precision_label():<16} {stages}"
+            )
         n_npu = sum(s.backend == "npu" for s in self.segments)
-        lines.append(f"{len(self.segments)} segments ({n_npu} NPU, {len(self.segments) - n_npu} CPU), "
-                     f"{self.boundaries()} NPU<->CPU boundaries per token, "
-                     f"{100 * self.npu_flop_share():.1f}% of MatMul FLOPs on the NPU")
+        lines.append(
+            f"{len(self.segments)} segments ({n_npu} NPU, {len(self.segments) - n_npu} CPU), "
+            f"{self.boundaries()} NPU<->CPU boundaries per token, "
+            f"{100 * self.npu_flop_share():.1f}% of MatMul FLOPs on the NPU"
+        )
         layer_rows = [r for r in self.per_layer() if r["stage"].startswith("L")]
         if layer_rows:
             most_npu = max(len(r["npu"]) for r in layer_rows)
@@ -292,25 +326,35 @@ class Manifest:
         for phase, label in (("decode", "decode"), ("prefill", f"prefill (T={self.prefill_rows})")):
             est = self.estimate_ms(phase)
             if est is not None:
-                lines.append(f"estimated {label}: {est['total']:.2f} ms/token (NPU {est['npu']:.2f} + "
-                             f"CPU {est['cpu']:.2f} + {est['handoffs']:.2f} hand-offs + "
-                             f"{est['executor']:.2f} executor), an "
-                             f"estimate from device profile '{self.profile.get('name', '?')}', "
-                             f"not a measurement")
+                lines.append(
+                    f"estimated {label}: {est['total']:.2f} ms/token (NPU {est['npu']:.2f} + "
+                    f"CPU {est['cpu']:.2f} + {est['handoffs']:.2f} hand-offs + "
+                    f"{est['executor']:.2f} executor), an "
+                    f"estimate from device profile '{self.profile.get('name', '?')}', "
+                    f"not a measurement"
+                )
         acc = [s for s in self.segments if s.accuracy]
         if acc:
-            lines.append("precision: cos = smallest cosine of the quantised build's outputs against "
-                         "fp32 onnxruntime on held-out calibration rows")
+            lines.append(
+                "precision: cos = smallest cosine of the quantised build's outputs against "
+                "fp32 onnxruntime on held-out calibration rows"
+            )
         kept = [s for s in self.segments if s.precision_note]
         if kept:
-            lines.append("! kept fp16 in a quantised compile: " + "; ".join(
-                f"{s.name}: {s.precision_note}" for s in kept))
+            lines.append(
+                "! kept fp16 in a quantised compile: "
+                + "; ".join(f"{s.name}: {s.precision_note}" for s in kept)
+            )
         if any(s.token.fallback for s in self.segments):
-            lines.append("* NPU candidate that fell back to the CPU: " + "; ".join(
-                f"{s.name}: {s.token.fallback}" for s in self.segments if s.token.fallback))
+            lines.append(
+                "* NPU candidate that fell back to the CPU: "
+                + "; ".join(f"{s.name}: {s.token.fallback}" for s in self.segments if s.token.fallback)
+            )
         if any(s.seq.fallback for s in self.segments):
-            lines.append("~ T-row build failed, prefill runs token by token: " + "; ".join(
-                f"{s.name}: {s.seq.fallback}" for s in self.segments if s.seq.fallback))
+            lines.append(
+                "~ T-row build failed, prefill runs token by token: "
+                + "; ".join(f"{s.name}: {s.seq.fallback}" for s in self.segments if s.seq.fallback)
+            )
         return "\n".join(lines)
 
 
@@ -346,17 +390,25 @@ def _accuracy(s) -> Dict[str, float]:
 
 def _build(s, prefix: str, **given) -> Build:
     """One build of a segment from the manifest's keys with ``prefix`` ('' or 'seq_')."""
+
     def path(k):
         v = s.get(prefix + k)
         return v if isinstance(v, str) else None
 
-    found = dict(onnx=path("onnx"), sha256=str(s.get(prefix + "sha256", "")), rknn=path("rknn"),
-                 rknn_sha256=str(s.get(prefix + "rknn_sha256", "")),
-                 fallback=str(s.get(prefix + "fallback", "")),
-                 precision=str(s.get(prefix + "precision", "fp16")), calib=path("calib"))
+    found = dict(
+        onnx=path("onnx"),
+        sha256=str(s.get(prefix + "sha256", "")),
+        rknn=path("rknn"),
+        rknn_sha256=str(s.get(prefix + "rknn_sha256", "")),
+        fallback=str(s.get(prefix + "fallback", "")),
+        precision=str(s.get(prefix + "precision", "fp16")),
+        calib=path("calib"),
+    )
     if prefix:
-        found.update(rows=tuple(int(r) for r in s.get(prefix + "rows", []) or []),
-                     layout=str(s.get(prefix + "layout", "") or ""))
+        found.update(
+            rows=tuple(int(r) for r in s.get(prefix + "rows", []) or []),
+            layout=str(s.get(prefix + "layout", "") or ""),
+        )
     found.update(given)
     return Build(**found)
 
@@ -367,16 +419,26 @@ def _segment(s) -> Segment:
         raise ValueError(f"unknown backend '{backend}'")
     shapes = _get(s, "shapes", dict)
     shapes = {str(k): tuple(int(x) for x in v) for k, v in shapes.items()}
-    seg = Segment(name=_get(s, "name", str), backend=backend,
-                  inputs=_names(s, "inputs"), outputs=_names(s, "outputs"), shapes=shapes,
-                  stages=_names(s, "stages"), token=_build(s, "", onnx=_get(s, "onnx", str)),
-                  seq=_build(s, "seq_"), ops=int(s.get("ops", 0)), matmuls=int(s.get("matmuls", 0)),
-                  flops=int(s.get("flops", 0)), est_ms=float(s.get("est_ms", 0.0)),
-                  est_prefill_ms=float(s.get("est_prefill_ms", 0.0)), accuracy=_accuracy(s),
-                  precision_note=str(s.get("precision_note", "")),
-                  decode_rows=int(s.get("decode_rows", 0)),
-                  golden=s.get("golden") if isinstance(s.get("golden"), str) else None,
-                  golden_sha256=str(s.get("golden_sha256", "")))
+    seg = Segment(
+        name=_get(s, "name", str),
+        backend=backend,
+        inputs=_names(s, "inputs"),
+        outputs=_names(s, "outputs"),
+        shapes=shapes,
+        stages=_names(s, "stages"),
+        token=_build(s, "", onnx=_get(s, "onnx", str)),
+        seq=_build(s, "seq_"),
+        ops=int(s.get("ops", 0)),
+        matmuls=int(s.get("matmuls", 0)),
+        flops=int(s.get("flops", 0)),
+        est_ms=float(s.get("est_ms", 0.0)),
+        est_prefill_ms=float(s.get("est_prefill_ms", 0.0)),
+        accuracy=_accuracy(s),
+        precision_note=str(s.get("precision_note", "")),
+        decode_rows=int(s.get("decode_rows", 0)),
+        golden=s.get("golden") if isinstance(s.get("golden"), str) else None,
+        golden_sha256=str(s.get("golden_sha256", "")),
+    )
     if not seg.stages:
         raise ValueError(f"segment '{seg.name}' covers no stages")
     token, seq = seg.token, seg.seq
@@ -388,8 +450,9 @@ def _segment(s) -> Segment:
         raise ValueError(f"segment '{seg.name}' decodes on a T-row build it does not have")
     if min(seg.ops, seg.matmuls, seg.flops, seg.decode_rows) < 0:
         raise ValueError(f"segment '{seg.name}' has a negative op count")
-    for p in [token.onnx] + [x for x in (token.rknn, seq.onnx, seq.rknn, token.calib, seq.calib,
-                                         seg.golden) if x]:
+    for p in [token.onnx] + [
+        x for x in (token.rknn, seq.onnx, seq.rknn, token.calib, seq.calib, seg.golden) if x
+    ]:
         if os.path.isabs(p) or ".." in p.replace("\\", "/").split("/"):
             raise ValueError(f"segment file '{p}' is outside the artifact")
     for t in seg.inputs + seg.outputs:

@@ -144,8 +144,9 @@ class DeviceProfile:
     def _speedup(self, precision: str) -> float:
         return self.npu_int8_speedup if precision == "w8a8" else 1.0
 
-    def npu_matmul_ms(self, out_features: int, in_features: int, rows: int = 1, cores: int = 0,
-                      precision: str = "fp16") -> float:
+    def npu_matmul_ms(
+        self, out_features: int, in_features: int, rows: int = 1, cores: int = 0, precision: str = "fp16"
+    ) -> float:
         """One MatMul on ``cores`` NPU cores (0: as many as its own weight bytes call for), built
         at ``precision`` (fp16 and w16a16i: 2-byte weights; w8a8: ``npu_int8_speedup`` faster)."""
         flops = 2.0 * rows * out_features * in_features
@@ -210,24 +211,47 @@ class DeviceProfile:
     def from_dict(cls, d: dict, where: str = "profile") -> "DeviceProfile":
         default = cls()
         try:
-            kw = {"name": str(d.get("name", "custom")),
-                  "npu_gflops": {int(k): float(v) for k, v in (d.get("npu_gflops") or {}).items()},
-                  "gemv_gbs": {int(k): float(v) for k, v in (d.get("gemv_gbs") or {}).items()}}
+            kw = {
+                "name": str(d.get("name", "custom")),
+                "npu_gflops": {int(k): float(v) for k, v in (d.get("npu_gflops") or {}).items()},
+                "gemv_gbs": {int(k): float(v) for k, v in (d.get("gemv_gbs") or {}).items()},
+            }
             for f in fields(cls):
                 if f.name not in kw:
                     typ = type(getattr(default, f.name))
                     kw[f.name] = typ(d.get(f.name, getattr(default, f.name)))
             p = cls(**kw)
         except (TypeError, ValueError, AttributeError) as e:
-            raise BadInput(f"{where} is not a valid device profile ({e})",
-                           "see rwkv2rknn/artifact/profile.py for the fields") from e
-        speeds = [p.cpu_gemv_gbs, p.npu_gbs, p.npu_gbs_all, p.npu_core_gflops, p.cpu_gflops,
-                  p.dram_gbs, p.npu_cores, p.npu_int8_speedup,
-                  p.cpu_special_flops] + list(p.npu_gflops.values()) + list(p.gemv_gbs.values())
+            raise BadInput(
+                f"{where} is not a valid device profile ({e})",
+                "see rwkv2rknn/artifact/profile.py for the fields",
+            ) from e
+        speeds = (
+            [
+                p.cpu_gemv_gbs,
+                p.npu_gbs,
+                p.npu_gbs_all,
+                p.npu_core_gflops,
+                p.cpu_gflops,
+                p.dram_gbs,
+                p.npu_cores,
+                p.npu_int8_speedup,
+                p.cpu_special_flops,
+            ]
+            + list(p.npu_gflops.values())
+            + list(p.gemv_gbs.values())
+        )
         if min(speeds) <= 0:
             raise BadInput(f"{where} has a zero or negative throughput", "give positive figures")
-        costs = [p.npu_call_ms, p.handoff_ms, p.cpu_kernel_ms, p.npu_kernel_ms, p.exec_call_ms,
-                 p.exec_io_ms, p.exec_token_ms]
+        costs = [
+            p.npu_call_ms,
+            p.handoff_ms,
+            p.cpu_kernel_ms,
+            p.npu_kernel_ms,
+            p.exec_call_ms,
+            p.exec_io_ms,
+            p.exec_token_ms,
+        ]
         if min(costs) < 0:
             raise BadInput(f"{where} has a negative cost", "give costs of zero or more")
         return p
@@ -240,8 +264,10 @@ def load_profile(path: Optional[str]) -> DeviceProfile:
         with open(path) as f:
             data = json.load(f)
     except (OSError, ValueError) as e:
-        raise BadInput(f"cannot read device profile '{path}' ({type(e).__name__})",
-                       "give a JSON file (see rwkv2rknn/artifact/profile.py)") from e
+        raise BadInput(
+            f"cannot read device profile '{path}' ({type(e).__name__})",
+            "give a JSON file (see rwkv2rknn/artifact/profile.py)",
+        ) from e
     if not isinstance(data, dict):
         raise BadInput(f"device profile '{path}' is not a JSON object", "see rwkv2rknn/artifact/profile.py")
     return DeviceProfile.from_dict(data, where=f"device profile '{path}'")

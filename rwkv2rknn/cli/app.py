@@ -22,7 +22,7 @@ from rwkv2rknn.errors import Rwkv2RknnError, UsageError
 from rwkv2rknn.runtime.board import BACKENDS
 
 BACKEND = click.Choice(list(BACKENDS))
-SEED = click.IntRange(0, 2 ** 63 - 1)  # numpy's generators take no negative seed
+SEED = click.IntRange(0, 2**63 - 1)  # numpy's generators take no negative seed
 
 
 class _Ctx:
@@ -56,8 +56,9 @@ def _interrupted(e: BaseException) -> None:
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(message)s", stream=sys.stderr
+    )
 
 
 def _from_interrupt(e: BaseException) -> Optional[BaseException]:
@@ -94,8 +95,11 @@ def handle_errors(fn):
             if _Ctx.debug:
                 raise
             where = f" ({e.filename})" if e.filename else ""
-            fix = ("free some space or write elsewhere" if e.errno == errno.ENOSPC else
-                   "check the path and its permissions")
+            fix = (
+                "free some space or write elsewhere"
+                if e.errno == errno.ENOSPC
+                else "check the path and its permissions"
+            )
             click.echo(f"error: {e.strerror or type(e).__name__}{where}: {fix}", err=True)
             sys.exit(1)
         except Exception as e:  # noqa: BLE001 - the last line of defence, still one line
@@ -104,8 +108,11 @@ def handle_errors(fn):
             if _Ctx.debug:
                 raise
             msg = str(e).splitlines()[0][:200] if str(e) else ""
-            click.echo(f"error: internal error {type(e).__name__}: {msg} "
-                       f"(run again with --debug for the traceback and report it)", err=True)
+            click.echo(
+                f"error: internal error {type(e).__name__}: {msg} "
+                f"(run again with --debug for the traceback and report it)",
+                err=True,
+            )
             sys.exit(1)
 
     return wrapper
@@ -164,6 +171,7 @@ def model_path(artifact):
     user's cache: the compile side does that; the runtime opens only what it is given)."""
     if artifact is None:
         from rwkv2rknn.compiler.bundled import ensure_compiled
+
         artifact = ensure_compiled(echo=say)
     return artifact
 
@@ -174,8 +182,10 @@ def check_out_file(path, flag: str) -> None:
         return
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        raise UsageError(f"cannot write {flag} '{path}': folder '{folder}' does not exist or is not writable",
-                         "give a path in an existing, writable folder")
+        raise UsageError(
+            f"cannot write {flag} '{path}': folder '{folder}' does not exist or is not writable",
+            "give a path in an existing, writable folder",
+        )
 
 
 def main() -> None:
@@ -204,6 +214,7 @@ def _exit_now(code: int) -> None:
     as they are imported), even if it was caught (CPython's ``unhandled_keyboard_interrupt``).
     The exit handlers run first; threads still running end with the process."""
     import atexit
+
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
@@ -218,6 +229,7 @@ def _start_on_huge_pages() -> None:
     when a process starts (a compile's heap on huge pages takes a quarter less CPU;
     ``resources.HUGE_PAGES``); nothing if it is so already or cannot be."""
     from rwkv2rknn.compiler.resources import huge_page_env
+
     env = huge_page_env(dict(os.environ))
     if env.get("GLIBC_TUNABLES") != os.environ.get("GLIBC_TUNABLES") and sys.executable:
         # Ctrl-C and SIGTERM wait (the mask and a pending signal pass the exec) until the

@@ -11,14 +11,21 @@ from rwkv2rknn.cli.app import BACKEND, cli, handle_errors
 
 @cli.command(name="pack")
 @click.argument("artifact", type=click.Path())
-@click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False),
-              help="Folder to write the board's copy into.")
+@click.option(
+    "-o",
+    "--output",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Folder to write the board's copy into.",
+)
 @click.option("--force", is_flag=True, help="Replace an output folder that holds other files.")
 @handle_errors
 def pack_cmd(artifact, out_dir, force):
     """Copy exactly what the board runs (NPU segments as .rknn, CPU segments as ONNX, the
     tokenizer, the manifest) from a compiled ARTIFACT into a new folder."""
     from rwkv2rknn.artifact.pack import pack
+
     res = pack(artifact, out_dir, force=force)
     per = f", {res['bytes'] / res['parameters']:.2f} bytes per parameter" if res["parameters"] else ""
     click.echo(f"packed {out_dir}: {res['bytes']:,} bytes for {res['parameters']:,} parameters{per}")
@@ -27,11 +34,20 @@ def pack_cmd(artifact, out_dir, force):
 
 @cli.command()
 @click.argument("artifact", required=False, type=click.Path())
-@click.option("--backend", type=BACKEND, default="auto", show_default=True,
-              help="The runner the self-test uses for NPU segments.")
-@click.option("--rknn-io", type=click.Choice(["auto", "copy", "zero-copy"]), default="auto",
-              show_default=True, help="rknn-rt's io path to test (auto: both, the fastest that passes "
-                                      "is recorded per segment).")
+@click.option(
+    "--backend",
+    type=BACKEND,
+    default="auto",
+    show_default=True,
+    help="The runner the self-test uses for NPU segments.",
+)
+@click.option(
+    "--rknn-io",
+    type=click.Choice(["auto", "copy", "zero-copy"]),
+    default="auto",
+    show_default=True,
+    help="rknn-rt's io path to test (auto: both, the fastest that passes is recorded per segment).",
+)
 @handle_errors
 def doctor(artifact, backend, rknn_io):
     """Check that this board can run ARTIFACT: architecture, SoC and NPU cores, RKNPU driver,
@@ -40,6 +56,7 @@ def doctor(artifact, backend, rknn_io):
     needs fixing."""
     from rwkv2rknn.tools.doctor import doctor as run_doctor
     from rwkv2rknn.tools.doctor import selftest
+
     verdicts = run_doctor(artifact)
     for v in verdicts:
         click.echo(v.line())

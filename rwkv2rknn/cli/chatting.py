@@ -13,25 +13,57 @@ from rwkv2rknn.cli.app import BACKEND, SEED, cli, handle_errors, model_path, say
 from rwkv2rknn.errors import Rwkv2RknnError, UsageError
 from rwkv2rknn.runtime.sampler import CHAT_DEFAULTS
 
-HELP = ("commands: /reset (forget the conversation), /save FILE, /load FILE, /quit (or Ctrl-D); "
-        "Ctrl-C stops a reply")
+HELP = (
+    "commands: /reset (forget the conversation), /save FILE, /load FILE, /quit (or Ctrl-D); "
+    "Ctrl-C stops a reply"
+)
 
 
 def sampler_options(fn, d=CHAT_DEFAULTS):
     """The sampler flags, with the `rwkv` package's names in the help."""
     opts = [
-        click.option("--temperature", type=click.FloatRange(0, 100), default=d.temperature,
-                     show_default=True, help="Sampling temperature (0: greedy)."),
-        click.option("--top-p", type=click.FloatRange(0, 1), default=d.top_p, show_default=True,
-                     help="Nucleus sampling: keep the most likely tokens up to this mass."),
-        click.option("--top-k", type=click.IntRange(0, None), default=d.top_k, show_default=True,
-                     help="Keep at most this many tokens (0: no limit)."),
-        click.option("--presence-penalty", type=click.FloatRange(-10, 10), default=d.alpha_presence,
-                     show_default=True, help="alpha_presence: subtracted from every token seen in the reply."),
-        click.option("--frequency-penalty", type=click.FloatRange(-10, 10), default=d.alpha_frequency,
-                     show_default=True, help="alpha_frequency: subtracted per (decayed) occurrence."),
-        click.option("--penalty-decay", type=click.FloatRange(0, 1), default=d.alpha_decay,
-                     show_default=True, help="alpha_decay: occurrences shrink by this factor per token."),
+        click.option(
+            "--temperature",
+            type=click.FloatRange(0, 100),
+            default=d.temperature,
+            show_default=True,
+            help="Sampling temperature (0: greedy).",
+        ),
+        click.option(
+            "--top-p",
+            type=click.FloatRange(0, 1),
+            default=d.top_p,
+            show_default=True,
+            help="Nucleus sampling: keep the most likely tokens up to this mass.",
+        ),
+        click.option(
+            "--top-k",
+            type=click.IntRange(0, None),
+            default=d.top_k,
+            show_default=True,
+            help="Keep at most this many tokens (0: no limit).",
+        ),
+        click.option(
+            "--presence-penalty",
+            type=click.FloatRange(-10, 10),
+            default=d.alpha_presence,
+            show_default=True,
+            help="alpha_presence: subtracted from every token seen in the reply.",
+        ),
+        click.option(
+            "--frequency-penalty",
+            type=click.FloatRange(-10, 10),
+            default=d.alpha_frequency,
+            show_default=True,
+            help="alpha_frequency: subtracted per (decayed) occurrence.",
+        ),
+        click.option(
+            "--penalty-decay",
+            type=click.FloatRange(0, 1),
+            default=d.alpha_decay,
+            show_default=True,
+            help="alpha_decay: occurrences shrink by this factor per token.",
+        ),
         click.option("--seed", type=SEED, default=None, help="Random seed for sampling."),
     ]
     for o in reversed(opts):
@@ -42,12 +74,22 @@ def sampler_options(fn, d=CHAT_DEFAULTS):
 def model_options(fn):
     opts = [
         click.argument("artifact", required=False, type=click.Path()),
-        click.option("--backend", type=BACKEND, default="auto", show_default=True,
-                     help="Where NPU segments run (CPU segments always use onnxruntime)."),
-        click.option("--core-mask", default="auto", show_default=True,
-                     help="Board backends only: NPU cores (0, 1, 2, 0_1, 0_1_2, auto)."),
-        click.option("--tokenizer", default=None,
-                     help="bytes, world, or a tokenizer.json path (default: the model's)."),
+        click.option(
+            "--backend",
+            type=BACKEND,
+            default="auto",
+            show_default=True,
+            help="Where NPU segments run (CPU segments always use onnxruntime).",
+        ),
+        click.option(
+            "--core-mask",
+            default="auto",
+            show_default=True,
+            help="Board backends only: NPU cores (0, 1, 2, 0_1, 0_1_2, auto).",
+        ),
+        click.option(
+            "--tokenizer", default=None, help="bytes, world, or a tokenizer.json path (default: the model's)."
+        ),
     ]
     for o in reversed(opts):
         fn = o(fn)
@@ -57,14 +99,38 @@ def model_options(fn):
 @cli.command()
 @model_options
 @click.option("--system", default=None, help="A system prompt, fed once at the start (kept by /reset).")
-@click.option("--max-tokens", type=click.IntRange(1, 65536), default=500, show_default=True,
-              help="Most tokens in one reply.")
-@click.option("--load", "load_file", type=click.Path(dir_okay=False), default=None,
-              help="Start from a state saved with /save.")
+@click.option(
+    "--max-tokens",
+    type=click.IntRange(1, 65536),
+    default=500,
+    show_default=True,
+    help="Most tokens in one reply.",
+)
+@click.option(
+    "--load",
+    "load_file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Start from a state saved with /save.",
+)
 @sampler_options
 @handle_errors
-def chat(artifact, backend, core_mask, tokenizer, system, max_tokens, load_file, temperature, top_p,
-         top_k, presence_penalty, frequency_penalty, penalty_decay, seed):
+def chat(
+    artifact,
+    backend,
+    core_mask,
+    tokenizer,
+    system,
+    max_tokens,
+    load_file,
+    temperature,
+    top_p,
+    top_k,
+    presence_penalty,
+    frequency_penalty,
+    penalty_decay,
+    seed,
+):
     """Chat with ARTIFACT (default: the bundled model) in the terminal.
 
     \b
@@ -87,9 +153,15 @@ def chat(artifact, backend, core_mask, tokenizer, system, max_tokens, load_file,
     if load_file:
         session.load(load_file)
         say(f"loaded {len(session.tokens)} tokens of conversation from {load_file}")
-    args = SamplerArgs(temperature=temperature, top_p=top_p, top_k=top_k,
-                       alpha_presence=presence_penalty, alpha_frequency=frequency_penalty,
-                       alpha_decay=penalty_decay, token_ban=tuple(session.end_ids))
+    args = SamplerArgs(
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        alpha_presence=presence_penalty,
+        alpha_frequency=frequency_penalty,
+        alpha_decay=penalty_decay,
+        token_ban=tuple(session.end_ids),
+    )
     sampler = Sampler(args, seed=seed, tokenizer=tok)
     if sys.stdin.isatty():
         try:
@@ -146,6 +218,7 @@ def _reply(session, sampler, text: str, max_tokens: int) -> None:
     """One reply, streamed; Ctrl-C stops it (the chat goes on); the turn is always closed with
     a blank line in the state, so the next message follows a well-formed conversation."""
     from rwkv2rknn.runtime.chatformat import TURN_END
+
     stop = {"now": False}
 
     def on_sigint(signum, frame):
@@ -160,39 +233,87 @@ def _reply(session, sampler, text: str, max_tokens: int) -> None:
     try:
         click.echo("Assistant:", nl=False)
         sys.stdout.flush()
-        reply = session.generate(ids, sampler, max_tokens, stop=[TURN_END], stop_ids=(),
-                                 on_text=out, cancel=lambda: stop["now"])
+        reply = session.generate(
+            ids, sampler, max_tokens, stop=[TURN_END], stop_ids=(), on_text=out, cancel=lambda: stop["now"]
+        )
         if reply.finish_reason != "stop":
             session.feed(session.encode(TURN_END))
     finally:
         signal.signal(signal.SIGINT, old)
     click.echo("\n")
     note = " (stopped)" if reply.finish_reason == "cancelled" else ""
-    say(f"[{len(reply.ids)} tokens, {reply.decode_tokens_per_s:.1f} tokens/s; prompt "
+    say(
+        f"[{len(reply.ids)} tokens, {reply.decode_tokens_per_s:.1f} tokens/s; prompt "
         f"{reply.prompt_tokens} tokens in {1000 * reply.prefill_s:.0f} ms; "
-        f"{len(session.tokens)} in the conversation]{note}")
+        f"{len(session.tokens)} in the conversation]{note}"
+    )
 
 
 @cli.command()
 @model_options
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
-@click.option("--model-name", default=None, help="The model id clients name (default: the artifact folder's name).")
-@click.option("--max-queue", type=click.IntRange(0, 100000), default=16, show_default=True,
-              help="Requests that may wait behind the one running; more get 429.")
-@click.option("--max-prompt-tokens", type=click.IntRange(1, None), default=16384, show_default=True,
-              help="Longer prompts get 400.")
-@click.option("--max-tokens", "default_max_tokens", type=click.IntRange(1, 1 << 20), default=1024,
-              show_default=True, help="Tokens per reply when a request gives no max_tokens.")
-@click.option("--request-timeout", type=click.FloatRange(0.1, None), default=600.0, show_default=True,
-              help="Seconds a request may take, waiting included; a reply is cut there.")
-@click.option("--state-cache-mb", type=click.FloatRange(0, None), default=256.0, show_default=True,
-              help="Memory for states kept between requests (0: none).")
-@click.option("--state-dir", type=click.Path(file_okay=False), default=None,
-              help="Keep the state cache in this folder across restarts.")
+@click.option(
+    "--model-name", default=None, help="The model id clients name (default: the artifact folder's name)."
+)
+@click.option(
+    "--max-queue",
+    type=click.IntRange(0, 100000),
+    default=16,
+    show_default=True,
+    help="Requests that may wait behind the one running; more get 429.",
+)
+@click.option(
+    "--max-prompt-tokens",
+    type=click.IntRange(1, None),
+    default=16384,
+    show_default=True,
+    help="Longer prompts get 400.",
+)
+@click.option(
+    "--max-tokens",
+    "default_max_tokens",
+    type=click.IntRange(1, 1 << 20),
+    default=1024,
+    show_default=True,
+    help="Tokens per reply when a request gives no max_tokens.",
+)
+@click.option(
+    "--request-timeout",
+    type=click.FloatRange(0.1, None),
+    default=600.0,
+    show_default=True,
+    help="Seconds a request may take, waiting included; a reply is cut there.",
+)
+@click.option(
+    "--state-cache-mb",
+    type=click.FloatRange(0, None),
+    default=256.0,
+    show_default=True,
+    help="Memory for states kept between requests (0: none).",
+)
+@click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Keep the state cache in this folder across restarts.",
+)
 @handle_errors
-def serve(artifact, backend, core_mask, tokenizer, host, port, model_name, max_queue, max_prompt_tokens,
-          default_max_tokens, request_timeout, state_cache_mb, state_dir):
+def serve(
+    artifact,
+    backend,
+    core_mask,
+    tokenizer,
+    host,
+    port,
+    model_name,
+    max_queue,
+    max_prompt_tokens,
+    default_max_tokens,
+    request_timeout,
+    state_cache_mb,
+    state_dir,
+):
     """An OpenAI-compatible HTTP API for ARTIFACT (default: the bundled model).
 
     \b
@@ -204,17 +325,29 @@ def serve(artifact, backend, core_mask, tokenizer, host, port, model_name, max_q
         from rwkv2rknn.runtime.server import ServerConfig, run_server
     except ImportError as e:
         from rwkv2rknn.errors import MissingDependency
-        raise MissingDependency(f"serve needs {e.name or 'starlette and uvicorn'}",
-                                "pip install 'rwkv2rknn[serve]'") from e
+
+        raise MissingDependency(
+            f"serve needs {e.name or 'starlette and uvicorn'}", "pip install 'rwkv2rknn[serve]'"
+        ) from e
     if state_dir and not os.path.isdir(state_dir):
         try:
             os.makedirs(state_dir, exist_ok=True)
         except OSError as e:
-            raise UsageError(f"cannot make --state-dir '{state_dir}' ({e.strerror})",
-                             "give a writable folder") from e
+            raise UsageError(
+                f"cannot make --state-dir '{state_dir}' ({e.strerror})", "give a writable folder"
+            ) from e
     bundled = "rwkv2rknn-bundled" if artifact is None else None  # the model id clients see
-    cfg = ServerConfig(artifact=model_path(artifact), backend=backend, core_mask=core_mask, tokenizer=tokenizer,
-                       model_name=model_name or bundled, max_queue=max_queue, max_prompt_tokens=max_prompt_tokens,
-                       default_max_tokens=default_max_tokens, request_timeout=request_timeout,
-                       state_cache_bytes=int(state_cache_mb * (1 << 20)), state_dir=state_dir)
+    cfg = ServerConfig(
+        artifact=model_path(artifact),
+        backend=backend,
+        core_mask=core_mask,
+        tokenizer=tokenizer,
+        model_name=model_name or bundled,
+        max_queue=max_queue,
+        max_prompt_tokens=max_prompt_tokens,
+        default_max_tokens=default_max_tokens,
+        request_timeout=request_timeout,
+        state_cache_bytes=int(state_cache_mb * (1 << 20)),
+        state_dir=state_dir,
+    )
     run_server(cfg, host, port, echo=say)

@@ -14,15 +14,26 @@ from rwkv2rknn.runtime.soc import TARGETS
 
 @cli.command()
 @click.argument("checkpoint", type=click.Path())
-@click.option("-o", "--output", "out", required=True, type=click.Path(),
-              help="Folder to write embed.onnx, mixing_N.onnx and head.onnx into, or a file name "
-                   "ending in .onnx for one whole-model file.")
+@click.option(
+    "-o",
+    "--output",
+    "out",
+    required=True,
+    type=click.Path(),
+    help="Folder to write embed.onnx, mixing_N.onnx and head.onnx into, or a file name "
+    "ending in .onnx for one whole-model file.",
+)
 @click.option("--fp32", is_flag=True, help="Keep float32 (default: float16, like the public files).")
-@click.option("--tokenizer", default=None,
-              help="Tokenizer to record for the model: bytes, world, or a tokenizer.json path "
-                   "(default: the model folder's tokenizer.json, else chosen from the vocabulary "
-                   "size).")
-@click.option("--force", is_flag=True, help="Replace an output folder that holds other files (or an existing file).")
+@click.option(
+    "--tokenizer",
+    default=None,
+    help="Tokenizer to record for the model: bytes, world, or a tokenizer.json path "
+    "(default: the model folder's tokenizer.json, else chosen from the vocabulary "
+    "size).",
+)
+@click.option(
+    "--force", is_flag=True, help="Replace an output folder that holds other files (or an existing file)."
+)
 @handle_errors
 def export(checkpoint: str, out: str, fp32: bool, tokenizer, force: bool) -> None:
     """Export an RWKV-4, 5.2, 6 or 7 CHECKPOINT to per-layer ONNX files or one .onnx file.
@@ -54,81 +65,191 @@ def export(checkpoint: str, out: str, fp32: bool, tokenizer, force: bool) -> Non
         export_file(sd, out, fp32=fp32, tokenizer=tok, force=force)
     else:
         with click.progressbar(length=shape.layers + 2, label="exporting", file=sys.stderr) as bar:
-            do_export(sd, out, fp32=fp32, tokenizer=tok, force=force,
-                      progress=lambda name: bar.update(1),  # the folder's tokenizer.json goes along
-                      tokenizer_file=folder_tok if folder_tok and not tokenizer else None)
-    click.echo(f"exported RWKV-{arch.ARCH[4:]} {shape.layers} x {shape.width}, vocab {shape.vocab} "
-               f"({'fp32' if fp32 else 'fp16'}{'' if what == 'official layout' else ', from ' + what})"
-               f" to {out}")
+            do_export(
+                sd,
+                out,
+                fp32=fp32,
+                tokenizer=tok,
+                force=force,
+                progress=lambda name: bar.update(1),  # the folder's tokenizer.json goes along
+                tokenizer_file=folder_tok if folder_tok and not tokenizer else None,
+            )
+    click.echo(
+        f"exported RWKV-{arch.ARCH[4:]} {shape.layers} x {shape.width}, vocab {shape.vocab} "
+        f"({'fp32' if fp32 else 'fp16'}{'' if what == 'official layout' else ', from ' + what})"
+        f" to {out}"
+    )
     if tok is None:
-        click.echo(f"warning: no tokenizer recorded: none of the built-in ones (bytes 256, world "
-                   f"65536) has {shape.vocab} tokens; export again with --tokenizer "
-                   f"PATH/tokenizer.json to `run` or `chat` it (compile and check need none)", err=True)
+        click.echo(
+            f"warning: no tokenizer recorded: none of the built-in ones (bytes 256, world "
+            f"65536) has {shape.vocab} tokens; export again with --tokenizer "
+            f"PATH/tokenizer.json to `run` or `chat` it (compile and check need none)",
+            err=True,
+        )
 
 
 def _options(**kw):
     from rwkv2rknn.compiler.ir import Options
+
     return Options(**{k: v for k, v in kw.items() if v is not None})
 
 
 @cli.command(name="compile")
 @click.argument("model", type=click.Path())
-@click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False),
-              help="Artifact folder to write (manifest.json, plan.json, segments/).")
-@click.option("--target", default="rk3588", show_default=True,
-              type=click.Choice(TARGETS),
-              help="Rockchip SoC to build the .rknn files for.")
+@click.option(
+    "-o",
+    "--output",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Artifact folder to write (manifest.json, plan.json, segments/).",
+)
+@click.option(
+    "--target",
+    default="rk3588",
+    show_default=True,
+    type=click.Choice(TARGETS),
+    help="Rockchip SoC to build the .rknn files for.",
+)
 @click.option("--plan-only", is_flag=True, help="Partition and cut only: no .rknn (needs no rknn-toolkit2).")
-@click.option("--strict", is_flag=True,
-              help="Fail if any NPU segment or its T-row (prefill) variant fails to build "
-                   "(default: fall back to the CPU, or to token-by-token prefill).")
-@click.option("--dump-after", metavar="PASS", default=None,
-              help="Also write the graph after PASS to OUT/dump/after_PASS.onnx.")
-@click.option("--range-tokens", type=click.IntRange(1, 4096), default=8, show_default=True,
-              help="Seeded sample tokens the fp16 range guard runs.")
-@click.option("--quant", type=click.Choice(PRECISIONS), default="fp16",
-              show_default=True, help="Precision of the NPU segments: w8a8 and w16a16i are "
-                                      "calibrated on real text and measured per segment.")
-@click.option("--calib-text", type=click.Path(dir_okay=False), default=None,
-              help="UTF-8 calibration text for --quant (default: a built-in sample that suits "
-                   "the model's tokenizer).")
-@click.option("--calib-tokens", type=click.IntRange(16, 4096), default=256, show_default=True,
-              help="Tokens of calibration text for the --quant dataset (a quarter more are held "
-                   "out to measure each segment).")
-@click.option("--quant-min-cos", type=click.FloatRange(-1, 1), default=0.99, show_default=True,
-              help="A quantised segment whose smallest cosine against fp32 on held-out rows is "
-                   "lower is built fp16 instead.")
-@click.option("--quant-keep", default="", metavar="STAGES",
-              help="NPU segments (by name, or by a loader stage they hold: embed, L0, ..., head; "
-                   "comma-separated) that stay fp16 in a quantised compile: mixed precision where "
-                   "a segment costs the most KL (python bench/quant_search.py ART --alone measures it).")
-@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
-              help="Build cache (default: $RWKV2RKNN_CACHE or ~/.cache/rwkv2rknn).")
-@click.option("--prefill-rows", default="16,64", show_default=True,
-              help="Row counts T of the NPU builds for prefill (comma-separated), or 'none'.")
-@click.option("--placement", type=click.Choice(["npu", "cost"]), default="npu", show_default=True,
-              help="npu: every constant-weight MatMul on the NPU; cost: only where the device "
-                   "profile says the NPU wins.")
-@click.option("--profile", "profile_path", type=click.Path(dir_okay=False), default=None,
-              help="Device profile JSON for --placement cost and the plan's estimates "
-                   "(default: published RK3588 figures).")
-@click.option("--whole-graph", is_flag=True,
-              help="Load the whole model as one graph instead of one stage at a time (needs about "
-                   "6x the fp32 weights in memory; --dump-after implies it).")
-@click.option("--jobs", type=click.IntRange(0, 64), default=0, show_default=True,
-              help="rknn-toolkit2 builds side by side (0: as many as the cores and memory allow).")
-@click.option("--verify-passes", is_flag=True,
-              help="Also compare the model with its source after every graph-rewriting pass "
-                   "(loads the whole model as one graph; each compile already compares the cut "
-                   "model with its source, and names the failing pass when they differ).")
+@click.option(
+    "--strict",
+    is_flag=True,
+    help="Fail if any NPU segment or its T-row (prefill) variant fails to build "
+    "(default: fall back to the CPU, or to token-by-token prefill).",
+)
+@click.option(
+    "--dump-after",
+    metavar="PASS",
+    default=None,
+    help="Also write the graph after PASS to OUT/dump/after_PASS.onnx.",
+)
+@click.option(
+    "--range-tokens",
+    type=click.IntRange(1, 4096),
+    default=8,
+    show_default=True,
+    help="Seeded sample tokens the fp16 range guard runs.",
+)
+@click.option(
+    "--quant",
+    type=click.Choice(PRECISIONS),
+    default="fp16",
+    show_default=True,
+    help="Precision of the NPU segments: w8a8 and w16a16i are "
+    "calibrated on real text and measured per segment.",
+)
+@click.option(
+    "--calib-text",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="UTF-8 calibration text for --quant (default: a built-in sample that suits the model's tokenizer).",
+)
+@click.option(
+    "--calib-tokens",
+    type=click.IntRange(16, 4096),
+    default=256,
+    show_default=True,
+    help="Tokens of calibration text for the --quant dataset (a quarter more are held "
+    "out to measure each segment).",
+)
+@click.option(
+    "--quant-min-cos",
+    type=click.FloatRange(-1, 1),
+    default=0.99,
+    show_default=True,
+    help="A quantised segment whose smallest cosine against fp32 on held-out rows is "
+    "lower is built fp16 instead.",
+)
+@click.option(
+    "--quant-keep",
+    default="",
+    metavar="STAGES",
+    help="NPU segments (by name, or by a loader stage they hold: embed, L0, ..., head; "
+    "comma-separated) that stay fp16 in a quantised compile: mixed precision where "
+    "a segment costs the most KL (python bench/quant_search.py ART --alone measures it).",
+)
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Build cache (default: $RWKV2RKNN_CACHE or ~/.cache/rwkv2rknn).",
+)
+@click.option(
+    "--prefill-rows",
+    default="16,64",
+    show_default=True,
+    help="Row counts T of the NPU builds for prefill (comma-separated), or 'none'.",
+)
+@click.option(
+    "--placement",
+    type=click.Choice(["npu", "cost"]),
+    default="npu",
+    show_default=True,
+    help="npu: every constant-weight MatMul on the NPU; cost: only where the device "
+    "profile says the NPU wins.",
+)
+@click.option(
+    "--profile",
+    "profile_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Device profile JSON for --placement cost and the plan's estimates "
+    "(default: published RK3588 figures).",
+)
+@click.option(
+    "--whole-graph",
+    is_flag=True,
+    help="Load the whole model as one graph instead of one stage at a time (needs about "
+    "6x the fp32 weights in memory; --dump-after implies it).",
+)
+@click.option(
+    "--jobs",
+    type=click.IntRange(0, 64),
+    default=0,
+    show_default=True,
+    help="rknn-toolkit2 builds side by side (0: as many as the cores and memory allow).",
+)
+@click.option(
+    "--verify-passes",
+    is_flag=True,
+    help="Also compare the model with its source after every graph-rewriting pass "
+    "(loads the whole model as one graph; each compile already compares the cut "
+    "model with its source, and names the failing pass when they differ).",
+)
 @click.option("--force", is_flag=True, help="Replace an output folder that holds other files.")
 @click.option("--verbose", "tool_verbose", is_flag=True, help="Show rknn-toolkit2's own output.")
-@click.option("--report", "with_report", is_flag=True,
-              help="Also draw the plan as one offline HTML page, OUT/report.html.")
+@click.option(
+    "--report",
+    "with_report",
+    is_flag=True,
+    help="Also draw the plan as one offline HTML page, OUT/report.html.",
+)
 @handle_errors
-def compile_cmd(model, out_dir, target, plan_only, strict, dump_after, range_tokens, quant,
-                calib_text, calib_tokens, quant_min_cos, quant_keep, cache_dir, prefill_rows, placement,
-                profile_path, whole_graph, jobs, verify_passes, force, tool_verbose, with_report):
+def compile_cmd(
+    model,
+    out_dir,
+    target,
+    plan_only,
+    strict,
+    dump_after,
+    range_tokens,
+    quant,
+    calib_text,
+    calib_tokens,
+    quant_min_cos,
+    quant_keep,
+    cache_dir,
+    prefill_rows,
+    placement,
+    profile_path,
+    whole_graph,
+    jobs,
+    verify_passes,
+    force,
+    tool_verbose,
+    with_report,
+):
     """Compile MODEL (a folder of per-layer RWKV ONNX files, or one .onnx) into a hybrid
     NPU/CPU artifact."""
     keep = _parse_stages(quant_keep)
@@ -136,24 +257,39 @@ def compile_cmd(model, out_dir, target, plan_only, strict, dump_after, range_tok
         raise UsageError("--quant-keep is for quantised builds", "add --quant w8a8 (or drop --quant-keep)")
     if calib_text and quant == "fp16":
         raise UsageError("--calib-text is for quantised builds", "add --quant w8a8 (or drop --calib-text)")
-    opts = _options(target=target, strict=strict, plan_only=plan_only, calib_tokens=calib_tokens,
-                    range_tokens=range_tokens, quant=quant, calib_text=calib_text,
-                    quant_min_cos=quant_min_cos, quant_keep=keep,
-                    cache_dir=cache_dir, verbose=tool_verbose, placement=placement,
-                    profile=profile_path, prefill_rows=_parse_rows(prefill_rows), build_jobs=jobs,
-                    stream=not whole_graph, verify_passes=verify_passes)
+    opts = _options(
+        target=target,
+        strict=strict,
+        plan_only=plan_only,
+        calib_tokens=calib_tokens,
+        range_tokens=range_tokens,
+        quant=quant,
+        calib_text=calib_text,
+        quant_min_cos=quant_min_cos,
+        quant_keep=keep,
+        cache_dir=cache_dir,
+        verbose=tool_verbose,
+        placement=placement,
+        profile=profile_path,
+        prefill_rows=_parse_rows(prefill_rows),
+        build_jobs=jobs,
+        stream=not whole_graph,
+        verify_passes=verify_passes,
+    )
     manifest = _compile_with_progress(model, out_dir, opts, force, dump_after)
     click.echo(manifest.table())
     for line in manifest.warnings():
         click.echo(f"warning: {line}", err=True)
     if not plan_only:
         from rwkv2rknn.runtime.device import describe_need, memory_need
+
         click.echo(f"board memory need: {describe_need(memory_need(manifest, out_dir))}")
     click.echo(f"artifact written to {out_dir}")
     if quant != "fp16" and not plan_only:
         _print_heldout_quality(model, out_dir, opts)
     if with_report:
         from rwkv2rknn.tools.report_html import write_report
+
         click.echo(f"report written to {write_report(out_dir)}")
 
 
@@ -162,24 +298,30 @@ def _print_heldout_quality(model, out_dir, opts) -> None:
     text's held-out tokens (run on rknn-sim), printed and saved into plan.json."""
     from rwkv2rknn.rknn.calibrate import calibration_ids
     from rwkv2rknn.tools.evaluate import heldout_quality
+
     _, hold, where = calibration_ids(model, opts.calib_text, opts.calib_tokens)
     q = heldout_quality(out_dir, hold, where)
     for path in ("decode", "prefill"):
         f = q.get(path)
         if f and f.get("kl"):
             k = f["kl"]
-            click.echo(f"{opts.quant} {path:7s} on {q['tokens']} held-out tokens of {where}, against "
-                       f"fp32 on onnxruntime: KL mean {k['mean']:.3g}, median {k['median']:.3g}, p99 "
-                       f"{k['p99']:.3g}, max {k['max']:.3g}; same top token {100 * f['same_top']:.1f}%")
+            click.echo(
+                f"{opts.quant} {path:7s} on {q['tokens']} held-out tokens of {where}, against "
+                f"fp32 on onnxruntime: KL mean {k['mean']:.3g}, median {k['median']:.3g}, p99 "
+                f"{k['p99']:.3g}, max {k['max']:.3g}; same top token {100 * f['same_top']:.1f}%"
+            )
 
 
 def _parse_stages(text: str) -> tuple:
     import re
+
     stages = tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
     bad = [t for t in stages if not re.fullmatch(r"embed|head|L\d+|s\d+_npu_[\w.-]+", t)]
     if bad:
-        raise UsageError(f"--quant-keep '{bad[0]}' is not a loader stage or NPU segment name",
-                         "name stages or segments like --quant-keep head,L0,s003_npu_L0-L1")
+        raise UsageError(
+            f"--quant-keep '{bad[0]}' is not a loader stage or NPU segment name",
+            "name stages or segments like --quant-keep head,L0,s003_npu_L0-L1",
+        )
     return stages
 
 
@@ -191,8 +333,10 @@ def _parse_rows(text: str):
     except ValueError:
         rows = ()
     if not rows or min(rows) < 2 or max(rows) > 4096:
-        raise UsageError(f"--prefill-rows '{text}' is not a list of row counts from 2 to 4096",
-                         "write it like --prefill-rows 16,64 (or none)")
+        raise UsageError(
+            f"--prefill-rows '{text}' is not a list of row counts from 2 to 4096",
+            "write it like --prefill-rows 16,64 (or none)",
+        )
     return rows
 
 
@@ -206,5 +350,6 @@ def _compile_with_progress(model, out_dir, opts, force=False, dump_after=None):
     def on_segment(seg, status, i, n):
         click.echo(segment_line(seg, status, i, n), err=True)
 
-    return compile_model(model, out_dir, opts, force=force, dump_after=dump_after,
-                         progress=on_segment, on_pass=on_pass)
+    return compile_model(
+        model, out_dir, opts, force=force, dump_after=dump_after, progress=on_segment, on_pass=on_pass
+    )

@@ -10,17 +10,38 @@ from rwkv2rknn.runtime.soc import TARGETS
 
 
 @cli.command()
-@click.option("--build-probes", "build_dir", type=click.Path(file_okay=False), default=None,
-              help="Compile machine: write the probe models (.onnx and .rknn) into this folder.")
-@click.option("--probes", "probe_dir", type=click.Path(file_okay=False), default=None,
-              help="Board: the folder of probes built with --build-probes.")
-@click.option("--backend", type=click.Choice(["rknn-rt", "rknn-lite", "rknn-sim"]), default="rknn-rt",
-              show_default=True, help="On the board: rknn-rt (librknnrt's C API) or rknn-lite; the "
-                                      "call cost measured is that runner's.")
+@click.option(
+    "--build-probes",
+    "build_dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Compile machine: write the probe models (.onnx and .rknn) into this folder.",
+)
+@click.option(
+    "--probes",
+    "probe_dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Board: the folder of probes built with --build-probes.",
+)
+@click.option(
+    "--backend",
+    type=click.Choice(["rknn-rt", "rknn-lite", "rknn-sim"]),
+    default="rknn-rt",
+    show_default=True,
+    help="On the board: rknn-rt (librknnrt's C API) or rknn-lite; the call cost measured is that runner's.",
+)
 @click.option("--core-mask", default="auto", show_default=True)
 @click.option("--target", default="rk3588", show_default=True, type=click.Choice(TARGETS))
-@click.option("-o", "--output", "out", type=click.Path(dir_okay=False), default="profile.json",
-              show_default=True, help="Where to write the measured profile (JSON).")
+@click.option(
+    "-o",
+    "--output",
+    "out",
+    type=click.Path(dir_okay=False),
+    default="profile.json",
+    show_default=True,
+    help="Where to write the measured profile (JSON).",
+)
 @handle_errors
 def profile(build_dir, probe_dir, backend, core_mask, target, out):
     """Measure a device profile for `compile --placement cost --profile FILE`.
@@ -31,12 +52,15 @@ def profile(build_dir, probe_dir, backend, core_mask, target, out):
     """
     import json
     from rwkv2rknn.tools.measure import build_probes, measure
+
     if bool(build_dir) == bool(probe_dir):
         raise UsageError("give one of --build-probes DIR and --probes DIR", "see rwkv2rknn profile --help")
     if build_dir:
         build_probes(build_dir, target, echo=say)
-        click.echo(f"probes written to {build_dir}; copy them to the board and run "
-                   f"rwkv2rknn profile --probes {build_dir}")
+        click.echo(
+            f"probes written to {build_dir}; copy them to the board and run "
+            f"rwkv2rknn profile --probes {build_dir}"
+        )
         return
     check_out_file(out, "--output")
     prof = measure(probe_dir, backend, core_mask, echo=say)
@@ -46,26 +70,54 @@ def profile(build_dir, probe_dir, backend, core_mask, target, out):
 
 
 @cli.command()
-@click.option("--version", "version", type=click.Choice(["4", "5", "6", "7"]), default="4",
-              show_default=True, help="RWKV version of the random model.")
+@click.option(
+    "--version",
+    "version",
+    type=click.Choice(["4", "5", "6", "7"]),
+    default="4",
+    show_default=True,
+    help="RWKV version of the random model.",
+)
 @click.option("--layers", type=click.IntRange(1, 256), default=24, show_default=True)
 @click.option("--width", type=click.IntRange(8, 16384), default=1024, show_default=True)
 @click.option("--vocab", type=click.IntRange(2, 1 << 20), default=50277, show_default=True)
-@click.option("--tokens", type=click.IntRange(3, 100000), default=32, show_default=True,
-              help="Timed tokens per runner (the median is reported).")
+@click.option(
+    "--tokens",
+    type=click.IntRange(3, 100000),
+    default=32,
+    show_default=True,
+    help="Timed tokens per runner (the median is reported).",
+)
 @click.option("--no-rwkv", is_flag=True, help="Skip the rwkv package (reference implementation).")
-@click.option("--probes", "probe_dir", type=click.Path(file_okay=False), default=None,
-              help="Board: the folder of `rwkv2rknn profile --build-probes`, to time the NPU's "
-                   "per-call cost through rknn-rt and rknn-lite.")
+@click.option(
+    "--probes",
+    "probe_dir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Board: the folder of `rwkv2rknn profile --build-probes`, to time the NPU's "
+    "per-call cost through rknn-rt and rknn-lite.",
+)
 @click.option("--core-mask", default="auto", show_default=True, help="Board: NPU cores of the probe.")
-@click.option("--busy", type=click.IntRange(0, 64), default=0, show_default=True,
-              help="Run this many single-core busy loops beside the timed phases (the loaded case, "
-                   "on purpose); they are stopped at the end.")
-@click.option("--json-out", type=click.Path(dir_okay=False), default=None, help="Also save the figures as JSON.")
-@click.option("--backtest", "backtest", type=click.Path(file_okay=False), default=None,
-              help="Instead: check the plan's estimator on this compiled artifact: measure this "
-                   "machine's profile, predict each segment's time on onnxruntime, run it and print "
-                   "predicted / measured per segment kind and per token.")
+@click.option(
+    "--busy",
+    type=click.IntRange(0, 64),
+    default=0,
+    show_default=True,
+    help="Run this many single-core busy loops beside the timed phases (the loaded case, "
+    "on purpose); they are stopped at the end.",
+)
+@click.option(
+    "--json-out", type=click.Path(dir_okay=False), default=None, help="Also save the figures as JSON."
+)
+@click.option(
+    "--backtest",
+    "backtest",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Instead: check the plan's estimator on this compiled artifact: measure this "
+    "machine's profile, predict each segment's time on onnxruntime, run it and print "
+    "predicted / measured per segment kind and per token.",
+)
 @handle_errors
 def bench(version, layers, width, vocab, tokens, no_rwkv, probe_dir, core_mask, busy, json_out, backtest):
     """Measure decode ms/token of the per-layer loop, the hybrid executor, a fused session and
@@ -77,19 +129,30 @@ def bench(version, layers, width, vocab, tokens, no_rwkv, probe_dir, core_mask, 
     """
     import json
     from rwkv2rknn.tools.bench import run_bench
+
     check_out_file(json_out, "--json-out")
     if backtest:
         from rwkv2rknn.tools.backtest import run_backtest
         from rwkv2rknn.tools.busy import BusyLoops
+
         with BusyLoops(busy):
             res = run_backtest(backtest, tokens=tokens, echo=click.echo)
         if json_out:
             with open(json_out, "w") as f:
                 json.dump(res, f, indent=1)
         return
-    res = run_bench(layers=layers, width=width, vocab=vocab, tokens=tokens,
-                    with_rwkv=not no_rwkv, echo=click.echo, version=version, probes=probe_dir,
-                    core_mask=core_mask, busy=busy)
+    res = run_bench(
+        layers=layers,
+        width=width,
+        vocab=vocab,
+        tokens=tokens,
+        with_rwkv=not no_rwkv,
+        echo=click.echo,
+        version=version,
+        probes=probe_dir,
+        core_mask=core_mask,
+        busy=busy,
+    )
     if json_out:
         with open(json_out, "w") as f:
             json.dump(res, f, indent=1)

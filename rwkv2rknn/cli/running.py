@@ -14,14 +14,17 @@ def _parse_tokens(text: str, vocab: int):
     try:
         ids = [int(t) for t in text.replace(" ", "").split(",") if t != ""]
     except ValueError:
-        raise UsageError(f"--tokens '{text[:40]}' is not a comma-separated list of token ids",
-                         "write it like --tokens 5,17,300")
+        raise UsageError(
+            f"--tokens '{text[:40]}' is not a comma-separated list of token ids",
+            "write it like --tokens 5,17,300",
+        )
     if not ids:
         raise UsageError("--tokens is empty", "give at least one token id, like --tokens 5,17,300")
     bad = [t for t in ids if not 0 <= t < vocab]
     if bad:
-        raise UsageError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})",
-                         "give ids the model knows")
+        raise UsageError(
+            f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})", "give ids the model knows"
+        )
     return ids
 
 
@@ -29,6 +32,7 @@ def _open(artifact, backend: str, core_mask: str = "auto", **options):
     """(model, tokenizer spec) of ARTIFACT; none given: the bundled model, compiled on first use.
     ``options``: open_model's (rknn_io, verify)."""
     from rwkv2rknn.runtime.loader import open_model
+
     return open_model(model_path(artifact), backend, core_mask, echo=say, **options)
 
 
@@ -45,29 +49,73 @@ def _check_prompt(prompt: str) -> None:
 @click.argument("artifact", required=False, type=click.Path())
 @click.option("--prompt", default=None, help="Text to continue.")
 @click.option("--max-tokens", type=int, default=64, show_default=True, help="Tokens to generate (1..65536).")
-@click.option("--temperature", type=click.FloatRange(0, 100), default=0.8, show_default=True,
-              help="Sampling temperature (0: greedy).")
-@click.option("--top-p", type=click.FloatRange(0, 1), default=0.9, show_default=True, help="Nucleus sampling.")
+@click.option(
+    "--temperature",
+    type=click.FloatRange(0, 100),
+    default=0.8,
+    show_default=True,
+    help="Sampling temperature (0: greedy).",
+)
+@click.option(
+    "--top-p", type=click.FloatRange(0, 1), default=0.9, show_default=True, help="Nucleus sampling."
+)
 @click.option("--seed", type=SEED, default=None, help="Random seed for sampling.")
-@click.option("--backend", type=BACKEND, default="auto",
-              show_default=True, help="Where NPU segments run (CPU segments always use onnxruntime).")
-@click.option("--core-mask", default="auto", show_default=True,
-              help="Board backends only: NPU cores (0, 1, 2, 0_1, 0_1_2; auto: 0_1_2 for large "
-                   "segments on an RK3588, the runtime's choice for the others).")
-@click.option("--tokenizer", default=None, help="bytes, world, or a tokenizer.json path (default: the model's).")
-@click.option("--tokens", default=None, help="Evaluation: feed these comma-separated token ids instead of a prompt.")
-@click.option("--logits-out", type=click.Path(dir_okay=False), default=None,
-              help="With --tokens: save float32 logits [T, vocab] to this .npy file.")
-@click.option("--verify", is_flag=True,
-              help="Self-test first: run every NPU segment on its golden vectors and print the error "
-                   "against the tolerance of its precision (the first run on a board does it once).")
-@click.option("--rknn-io", type=click.Choice(["auto", "copy", "zero-copy"]), default="auto",
-              show_default=True,
-              help="rknn-rt only: copy (rknn_inputs_set/rknn_outputs_get), zero-copy "
-                   "(rknn_set_io_mem), or auto: per segment what the self-test chose, else copy.")
+@click.option(
+    "--backend",
+    type=BACKEND,
+    default="auto",
+    show_default=True,
+    help="Where NPU segments run (CPU segments always use onnxruntime).",
+)
+@click.option(
+    "--core-mask",
+    default="auto",
+    show_default=True,
+    help="Board backends only: NPU cores (0, 1, 2, 0_1, 0_1_2; auto: 0_1_2 for large "
+    "segments on an RK3588, the runtime's choice for the others).",
+)
+@click.option(
+    "--tokenizer", default=None, help="bytes, world, or a tokenizer.json path (default: the model's)."
+)
+@click.option(
+    "--tokens", default=None, help="Evaluation: feed these comma-separated token ids instead of a prompt."
+)
+@click.option(
+    "--logits-out",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="With --tokens: save float32 logits [T, vocab] to this .npy file.",
+)
+@click.option(
+    "--verify",
+    is_flag=True,
+    help="Self-test first: run every NPU segment on its golden vectors and print the error "
+    "against the tolerance of its precision (the first run on a board does it once).",
+)
+@click.option(
+    "--rknn-io",
+    type=click.Choice(["auto", "copy", "zero-copy"]),
+    default="auto",
+    show_default=True,
+    help="rknn-rt only: copy (rknn_inputs_set/rknn_outputs_get), zero-copy "
+    "(rknn_set_io_mem), or auto: per segment what the self-test chose, else copy.",
+)
 @handle_errors
-def run(artifact, prompt, max_tokens, temperature, top_p, seed, backend, core_mask, tokenizer,
-        tokens, logits_out, verify, rknn_io):
+def run(
+    artifact,
+    prompt,
+    max_tokens,
+    temperature,
+    top_p,
+    seed,
+    backend,
+    core_mask,
+    tokenizer,
+    tokens,
+    logits_out,
+    verify,
+    rknn_io,
+):
     """Generate text with a compiled ARTIFACT (default: the bundled model, compiled on first use).
 
     ARTIFACT may also be an uncompiled folder of per-layer files with --backend ort: that is the
@@ -87,6 +135,7 @@ def run(artifact, prompt, max_tokens, temperature, top_p, seed, backend, core_ma
     model, tok_spec = _open(artifact, backend, core_mask, rknn_io=rknn_io, verify=verify)
     if tokens is not None:
         import numpy as np
+
         ids = _parse_tokens(tokens, model.vocab)
         logits = model.logits(ids)
         if logits_out:
@@ -109,41 +158,93 @@ def _print_generation(model, tok_spec, prompt, max_tokens, temperature, top_p, s
     res = generate_text(model, tok_spec, prompt, max_tokens, temperature, top_p, seed, on_text=on_text)
     click.echo()
     ttft = f"{1000 * res.ttft_s:.0f} ms" if res.ttft_s is not None else "n/a"
-    click.echo(f"[{res.prompt_tokens} prompt tokens, {len(res.ids)} generated; time to first token {ttft}, "
-               f"{res.decode_tokens_per_s:.1f} tokens/s]", err=True)
+    click.echo(
+        f"[{res.prompt_tokens} prompt tokens, {len(res.ids)} generated; time to first token {ttft}, "
+        f"{res.decode_tokens_per_s:.1f} tokens/s]",
+        err=True,
+    )
 
 
 @cli.command()
 @click.argument("artifact", type=click.Path())
-@click.option("--tokens", "n_tokens", type=click.IntRange(1, 100000), default=None,
-              help="Tokens to teacher-force (default: 256 of text, 32 random ids).")
-@click.option("--text", "text_file", type=click.Path(dir_okay=False), default=None,
-              help="Teacher-force this UTF-8 text (default: the built-in sample: English for "
-                   "byte-level models, a dozen languages for the others).")
-@click.option("--random", "random_ids", is_flag=True,
-              help="Seeded random ids instead of text (covers states and ranges text does not "
-                   "reach; the end state is then gated too).")
+@click.option(
+    "--tokens",
+    "n_tokens",
+    type=click.IntRange(1, 100000),
+    default=None,
+    help="Tokens to teacher-force (default: 256 of text, 32 random ids).",
+)
+@click.option(
+    "--text",
+    "text_file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Teacher-force this UTF-8 text (default: the built-in sample: English for "
+    "byte-level models, a dozen languages for the others).",
+)
+@click.option(
+    "--random",
+    "random_ids",
+    is_flag=True,
+    help="Seeded random ids instead of text (covers states and ranges text does not "
+    "reach; the end state is then gated too).",
+)
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Of --random.")
 @click.option("--backend", type=BACKEND, default="auto", show_default=True)
-@click.option("--reference", type=click.Path(), default=None,
-              help="The source to compare against: per-layer folder or whole-model .onnx (default: "
-                   "the one the artifact was compiled from).")
-@click.option("--per-segment", is_flag=True, help="Also compare every NPU segment and T-row variant alone against its ONNX on onnxruntime.")
-@click.option("--max-kl-mean", type=click.FloatRange(0, None), default=None,
-              help="Largest mean KL divergence per token, nats (default: per precision, see "
-                   "docs/quality.md).")
-@click.option("--max-kl-p99", type=click.FloatRange(0, None), default=None,
-              help="Largest 99th percentile of the KL divergence per token, nats.")
-@click.option("--min-top1", type=click.FloatRange(0, 1), default=None,
-              help="Also gate the share of tokens whose top token is the reference's (default: "
-                   "reported, not gated).")
-@click.option("--max-rel", type=click.FloatRange(0, None), default=None,
-              help="Max logit error relative to the logit scale (default: 1e-4 for ort on fp32 "
-                   "files, 0.05 for fp16 NPU segments, 0.25 with w8a8 ones).")
+@click.option(
+    "--reference",
+    type=click.Path(),
+    default=None,
+    help="The source to compare against: per-layer folder or whole-model .onnx (default: "
+    "the one the artifact was compiled from).",
+)
+@click.option(
+    "--per-segment",
+    is_flag=True,
+    help="Also compare every NPU segment and T-row variant alone against its ONNX on onnxruntime.",
+)
+@click.option(
+    "--max-kl-mean",
+    type=click.FloatRange(0, None),
+    default=None,
+    help="Largest mean KL divergence per token, nats (default: per precision, see docs/quality.md).",
+)
+@click.option(
+    "--max-kl-p99",
+    type=click.FloatRange(0, None),
+    default=None,
+    help="Largest 99th percentile of the KL divergence per token, nats.",
+)
+@click.option(
+    "--min-top1",
+    type=click.FloatRange(0, 1),
+    default=None,
+    help="Also gate the share of tokens whose top token is the reference's (default: reported, not gated).",
+)
+@click.option(
+    "--max-rel",
+    type=click.FloatRange(0, None),
+    default=None,
+    help="Max logit error relative to the logit scale (default: 1e-4 for ort on fp32 "
+    "files, 0.05 for fp16 NPU segments, 0.25 with w8a8 ones).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @handle_errors
-def check(artifact, n_tokens, text_file, random_ids, seed, backend, reference, per_segment, max_kl_mean,
-          max_kl_p99, min_top1, max_rel, as_json):
+def check(
+    artifact,
+    n_tokens,
+    text_file,
+    random_ids,
+    seed,
+    backend,
+    reference,
+    per_segment,
+    max_kl_mean,
+    max_kl_p99,
+    min_top1,
+    max_rel,
+    as_json,
+):
     """Run ARTIFACT and pure ONNX Runtime on the same tokens and compare; exit 1 outside tolerance.
 
     \b
@@ -156,12 +257,24 @@ def check(artifact, n_tokens, text_file, random_ids, seed, backend, reference, p
     and T-row variant against its ONNX."""
     from rwkv2rknn.rknn.calibrate import read_text
     from rwkv2rknn.tools.check import run_check, save_report
+
     if random_ids and text_file:
         raise UsageError("--random and --text go separately", "give one of them")
     text = read_text(text_file, "--text") if text_file else None
-    rep, chosen = run_check(artifact, n_tokens or 0, seed, backend, reference, per_segment, min_top1,
-                            max_rel, text=text, random_ids=random_ids, max_kl_mean=max_kl_mean,
-                            max_kl_p99=max_kl_p99)
+    rep, chosen = run_check(
+        artifact,
+        n_tokens or 0,
+        seed,
+        backend,
+        reference,
+        per_segment,
+        min_top1,
+        max_rel,
+        text=text,
+        random_ids=random_ids,
+        max_kl_mean=max_kl_mean,
+        max_kl_p99=max_kl_p99,
+    )
     saved = save_report(artifact, rep, chosen, len(rep.steps), seed)
     if saved:
         say(f"check report saved to {saved} (rwkv2rknn report shows it)")
@@ -171,6 +284,7 @@ def check(artifact, n_tokens, text_file, random_ids, seed, backend, reference, p
 def _print_check(rep, chosen: str, as_json: bool = False) -> None:
     """Print a check report and exit: 0 inside tolerance, 1 outside."""
     import json
+
     if as_json:
         click.echo(json.dumps({"backend": chosen, **rep.to_dict()}, indent=1))
     else:
@@ -185,14 +299,30 @@ def _print_check(rep, chosen: str, as_json: bool = False) -> None:
 
 @cli.command(name="eval")
 @click.argument("artifact", type=click.Path())
-@click.option("--text", "text_file", type=click.Path(dir_okay=False), default=None,
-              help="UTF-8 text file to score (default: the built-in sample for the model's tokenizer).")
-@click.option("--max-bytes", type=click.IntRange(16, 10 ** 8), default=20000, show_default=True,
-              help="Score at most this many bytes from the start of the file.")
+@click.option(
+    "--text",
+    "text_file",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="UTF-8 text file to score (default: the built-in sample for the model's tokenizer).",
+)
+@click.option(
+    "--max-bytes",
+    type=click.IntRange(16, 10**8),
+    default=20000,
+    show_default=True,
+    help="Score at most this many bytes from the start of the file.",
+)
 @click.option("--backend", type=BACKEND, default="auto", show_default=True)
-@click.option("--tokenizer", default=None, help="bytes, world, or a tokenizer.json path (default: the model's).")
-@click.option("--reference", type=click.Path(), default=None,
-              help="The source to compare against (default: the one the artifact was compiled from).")
+@click.option(
+    "--tokenizer", default=None, help="bytes, world, or a tokenizer.json path (default: the model's)."
+)
+@click.option(
+    "--reference",
+    type=click.Path(),
+    default=None,
+    help="The source to compare against (default: the one the artifact was compiled from).",
+)
 @click.option("--no-reference", is_flag=True, help="Score the artifact alone (no KL, no reference run).")
 @handle_errors
 def eval_cmd(artifact, text_file, max_bytes, backend, tokenizer, reference, no_reference):
@@ -203,6 +333,7 @@ def eval_cmd(artifact, text_file, max_bytes, backend, tokenizer, reference, no_r
     from rwkv2rknn.tools.evaluate import bits_per_byte, compare_on_text, read_text
     from rwkv2rknn.runtime.generate import model_tokenizer
     from rwkv2rknn.runtime.loader import is_per_layer_folder
+
     text = read_text(text_file, max_bytes) if text_file else None
     if artifact and not no_reference and not is_per_layer_folder(artifact):
         res = compare_on_text(artifact, text, backend, reference, tokenizer, echo=say)
@@ -213,10 +344,13 @@ def eval_cmd(artifact, text_file, max_bytes, backend, tokenizer, reference, no_r
     if text is None:
         from rwkv2rknn.tools.check import sample_text
         from rwkv2rknn.runtime.tokenizer import ByteTokenizer
+
         text = sample_text("en" if isinstance(tok, ByteTokenizer) else "world")
     score = bits_per_byte(model, tok, text)
-    click.echo(f"{score.bits_per_byte:.4f} bits per byte over {score.bytes} bytes "
-               f"({score.tokens} tokens, next-token top-1 {100 * score.top1:.1f}%)")
+    click.echo(
+        f"{score.bits_per_byte:.4f} bits per byte over {score.bytes} bytes "
+        f"({score.tokens} tokens, next-token top-1 {100 * score.top1:.1f}%)"
+    )
 
 
 @cli.command()
@@ -232,6 +366,7 @@ def demo(prompt, max_tokens, seed, backend):
     from rwkv2rknn.tools.report_html import write_report
     from rwkv2rknn.runtime.hybrid import load_manifest
     from rwkv2rknn.runtime.loader import open_model
+
     _check_prompt(prompt)
     say("== 1. export and compile the bundled model (cached after the first run)")
     artifact = bundled.ensure_compiled(echo=say)

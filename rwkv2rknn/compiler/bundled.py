@@ -14,8 +14,7 @@ from rwkv2rknn.models.bundled import cache_folder, checkpoint_path
 from rwkv2rknn.rknn.toolkit import toolkit_installed
 
 
-def ensure_compiled(echo: Optional[Callable[[str], None]] = None,
-                    plan_only: Optional[bool] = None) -> str:
+def ensure_compiled(echo: Optional[Callable[[str], None]] = None, plan_only: Optional[bool] = None) -> str:
     """The artifact folder of the default model, exporting and compiling it if needed (with
     ``plan_only`` None: .rknn builds only where rknn-toolkit2 is installed)."""
     from rwkv2rknn.models.checkpoint import load_checkpoint  # torch: only for a first export
@@ -32,6 +31,11 @@ def ensure_compiled(echo: Optional[Callable[[str], None]] = None,
     if plan_only is None:
         plan_only = not toolkit_installed()
     echo(f"compiling it to {artifact} (first use only) ...")
-    compile_model(onnx_dir, artifact, Options(plan_only=plan_only), force=True,
-                  progress=lambda *a: echo(segment_line(*a)))
+    compile_model(
+        onnx_dir,
+        artifact,
+        Options(plan_only=plan_only),
+        force=True,
+        progress=lambda *a: echo(segment_line(*a)),
+    )
     return artifact

@@ -56,16 +56,23 @@ def compact(model, int8: bool = False) -> int:
             sname = t.name + "/row_scale"
             graph.initializer.append(numpy_helper.from_array(scale.astype(np.float32), sname))
             wide, row = out + "/wide", out + "/scale"
-            out_nodes += [helper.make_node("Cast", [narrow], [wide], to=onnx.TensorProto.FLOAT,
-                                           name=node.name + "/widen"),
-                          helper.make_node("Gather", [sname, node.input[1]], [row], axis=0,
-                                           name=node.name + "/row_scale"),
-                          helper.make_node("Mul", [wide, row], [out], name=node.name + "/scale")]
+            out_nodes += [
+                helper.make_node(
+                    "Cast", [narrow], [wide], to=onnx.TensorProto.FLOAT, name=node.name + "/widen"
+                ),
+                helper.make_node(
+                    "Gather", [sname, node.input[1]], [row], axis=0, name=node.name + "/row_scale"
+                ),
+                helper.make_node("Mul", [wide, row], [out], name=node.name + "/scale"),
+            ]
             saved += w.nbytes - q.nbytes - scale.nbytes
         else:
             t.CopyFrom(numpy_helper.from_array(w.astype(np.float16), t.name))
-            out_nodes.append(helper.make_node("Cast", [narrow], [out], to=onnx.TensorProto.FLOAT,
-                                              name=node.name + "/widen"))
+            out_nodes.append(
+                helper.make_node(
+                    "Cast", [narrow], [out], to=onnx.TensorProto.FLOAT, name=node.name + "/widen"
+                )
+            )
             saved += w.nbytes // 2
         log.debug("embedding %s %s stored as %s", t.name, list(t.dims), "int8" if int8 else "fp16")
     if saved:
@@ -82,6 +89,7 @@ def narrow_embedding(ctx: Context, seg: GraphSegment, folder: str) -> int:
     import os
 
     from rwkv2rknn import fileio
+
     if ctx.options.plan_only or seg.device != "cpu" or seg.token.model is None:
         return 0
     int8 = ctx.options.quant == "w8a8"
@@ -97,8 +105,12 @@ def narrow_embedding(ctx: Context, seg: GraphSegment, folder: str) -> int:
             variant.sha256 = fileio.save_onnx(model, path, keep=in_memory)
             saved += n
     if saved:
-        ctx.note(NAME, f"{seg.name}: token table stored as {'int8 with per-row scales' if int8 else 'fp16'}, "
-                       f"widened per token ({saved / 2**20:.1f} MiB less)", segment=seg.name)
+        ctx.note(
+            NAME,
+            f"{seg.name}: token table stored as {'int8 with per-row scales' if int8 else 'fp16'}, "
+            f"widened per token ({saved / 2**20:.1f} MiB less)",
+            segment=seg.name,
+        )
     return saved
 
 

@@ -41,6 +41,7 @@ def text_ids(source: str, calib_text: Optional[str], vocab: int, fallback: Seque
     from rwkv2rknn.rknn import calibrate
     from rwkv2rknn import fileio as io
     from rwkv2rknn.runtime.tokenizer import load_tokenizer
+
     spec = io.model_facts(source).get("tokenizer")
     if spec:
         try:
@@ -64,6 +65,7 @@ def trace(artifact: str, manifest: Manifest, ids: Sequence[int]):
     reading it (then the whole model is run token by token)."""
     from rwkv2rknn.rknn.calibrate import Rows
     from rwkv2rknn.runtime.ort import OrtRunner
+
     width = int(manifest.model.get("width") or 0)
     slots = {s.input: s for s in manifest.state}
     envs = [{manifest.token_input: np.array([t], np.int32)} for t in ids]
@@ -89,8 +91,9 @@ def trace(artifact: str, manifest: Manifest, ids: Sequence[int]):
                 env.update(outs)
                 if seg.backend == "npu":
                     r.feeds.append({k: np.array(v, np.float32) for k, v in feed.items()})
-                    r.results.append({k: np.array(outs[k], np.float32).reshape(seg.shapes[k])
-                                      for k in seg.outputs})
+                    r.results.append(
+                        {k: np.array(outs[k], np.float32).reshape(seg.shapes[k]) for k in seg.outputs}
+                    )
         finally:
             runner.close()
     return {k: v for k, v in rows.items() if v.feeds}
@@ -105,6 +108,7 @@ def record(artifact: str, manifest: Manifest, ids: Sequence[int]) -> Manifest:
     traced = trace(artifact, manifest, ids)
     if traced is None:
         from rwkv2rknn.rknn.calibrate import capture
+
         traced = capture(artifact, ids)
     os.makedirs(os.path.join(artifact, GOLDEN_DIR), exist_ok=True)
     slots = {s.input: s for s in manifest.state}
@@ -131,6 +135,8 @@ def record(artifact: str, manifest: Manifest, ids: Sequence[int]) -> Manifest:
         path = os.path.join(artifact, rel)
         np.savez_compressed(path, **{k: np.ascontiguousarray(v, np.float32) for k, v in data.items()})
         done[seg.name] = (rel, sha256_file(path))
-    segments = tuple(dataclasses.replace(s, golden=done[s.name][0], golden_sha256=done[s.name][1])
-                     if s.name in done else s for s in manifest.segments)
+    segments = tuple(
+        dataclasses.replace(s, golden=done[s.name][0], golden_sha256=done[s.name][1]) if s.name in done else s
+        for s in manifest.segments
+    )
     return dataclasses.replace(manifest, segments=segments)

@@ -180,8 +180,7 @@ class Context:
         """The notes as the lines a person reads ('pass: message'), in order."""
         return [n.line for n in self.notes]
 
-    def note(self, pass_name: str, message: str, kind: str = "", segment: str = "",
-             **counts: int) -> Note:
+    def note(self, pass_name: str, message: str, kind: str = "", segment: str = "", **counts: int) -> Note:
         """Record what ``pass_name`` says: ``message`` for people, ``kind``, ``segment`` and
         ``counts`` for code."""
         n = Note(pass_name, message, kind, dict(counts), segment)
@@ -207,6 +206,7 @@ def producers(graph) -> Dict[str, object]:
 
 def is_const(t) -> bool:
     import onnx_graphsurgeon as gs
+
     return isinstance(t, gs.Constant)
 
 
@@ -224,7 +224,7 @@ def transposed(a: np.ndarray, dtype=None, block: int = 32) -> np.ndarray:
         return a.T
     out = np.empty(a.shape[::-1], dtype)
     for i in range(0, a.shape[0], block):
-        out[:, i:i + block] = a[i:i + block].T
+        out[:, i : i + block] = a[i : i + block].T
     return out
 
 
@@ -316,6 +316,7 @@ def stages_of(nodes) -> List[str]:
 
 def export(graph):
     import onnx_graphsurgeon as gs
+
     model = gs.export_onnx(graph)
     model.ir_version = min(model.ir_version, 8)
     return model

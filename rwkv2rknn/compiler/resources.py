@@ -19,7 +19,7 @@ from rwkv2rknn.errors import ResourceError
 
 log = logging.getLogger(__name__)
 
-GB = 1024 ** 3
+GB = 1024**3
 # one rknn-toolkit2 build child (a T-row build, 2 to 4 row counts): the toolkit's own footprint,
 # plus a multiple of the segment ONNX (measured peak RSS, width 1024: 0.47 GiB for a 12.6 MB
 # segment, 0.79 GiB for a 55 MB layer, 2.44 GiB for the 248 MB last layer with the head)
@@ -44,12 +44,12 @@ def model_size(path: str) -> ModelSize:
         names = [n for n in names if os.path.isfile(n) and not n.endswith((".json", ".txt"))]
     else:
         from rwkv2rknn.compiler import split
+
         one = split.stage_layout(path)
         if one is not None:  # compiled stage by stage like a folder (compiler/split.py)
             scale = 2 if one.metadata.get("rwkv2rknn.dtype", "float16") != "float32" else 1
             per = one.stage_bytes()
-            return ModelSize(sum(per.values()) * scale, max(per.values(), default=0) * scale,
-                             len(per))
+            return ModelSize(sum(per.values()) * scale, max(per.values(), default=0) * scale, len(per))
         names = [path]
     scale = 2 if _fp16(path) else 1
     sizes = [os.path.getsize(n) * scale for n in names]
@@ -58,6 +58,7 @@ def model_size(path: str) -> ModelSize:
 
 def _fp16(path: str) -> bool:
     from rwkv2rknn.fileio import model_facts
+
     dtype = model_facts(path).get("dtype")
     return dtype in ("fp16", "float16") if dtype else True  # unknown: assume the larger need
 
@@ -66,9 +67,11 @@ def give_back_memory() -> None:
     """Return freed heap to the system (glibc keeps it otherwise): a streaming compile frees a
     stage's weights before it loads the next one, and the build children need the room."""
     import gc
+
     gc.collect()
     try:
         import ctypes
+
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
         pass
@@ -147,28 +150,35 @@ def artifact_bytes(size: ModelSize, plan_only: bool) -> int:
 
 
 def _gb(n: int) -> str:
-    return f"{n / GB:.1f} GB" if n >= GB / 10 else f"{n / 2 ** 20:.1f} MB"
+    return f"{n / GB:.1f} GB" if n >= GB / 10 else f"{n / 2**20:.1f} MB"
 
 
-def check_compile(model_path: str, out_dir: str, cache_dir: str, plan_only: bool,
-                  stream: bool = True) -> ModelSize:
+def check_compile(
+    model_path: str, out_dir: str, cache_dir: str, plan_only: bool, stream: bool = True
+) -> ModelSize:
     """Refuse (ResourceError, one line) a compile that would not fit in memory or on disk."""
     size = model_size(model_path)
     need, free = compile_memory(size, plan_only, stream), memory_available()
-    log.info("estimated need: %s of memory (%s available), model %s as fp32",
-             _gb(need), _gb(free), _gb(size.total))
+    log.info(
+        "estimated need: %s of memory (%s available), model %s as fp32", _gb(need), _gb(free), _gb(size.total)
+    )
     if need > free:
         raise ResourceError(
             f"compiling this model needs about {_gb(need)} of memory and {_gb(free)} is available",
             "close other programs or run fewer compiles at once, try --plan-only, or use a machine "
-            "with more memory")
-    checks = [(os.path.dirname(os.path.abspath(out_dir)), artifact_bytes(size, plan_only),
-               "the artifact")]
+            "with more memory",
+        )
+    checks = [(os.path.dirname(os.path.abspath(out_dir)), artifact_bytes(size, plan_only), "the artifact")]
     if stream and os.path.isfile(model_path):  # a one-file model split into stage files first
         checks.append((os.path.dirname(os.path.abspath(out_dir)), size.total, "its stage files"))
     if not plan_only:
-        checks.append((os.path.abspath(cache_dir),
-                       size.total + RKNN_OVERHEAD * max(size.files - 1, 1), "the build cache"))
+        checks.append(
+            (
+                os.path.abspath(cache_dir),
+                size.total + RKNN_OVERHEAD * max(size.files - 1, 1),
+                "the build cache",
+            )
+        )
     _check_disk(checks)
     return size
 
@@ -189,14 +199,17 @@ def _check_disk(checks: Iterable) -> None:
             raise ResourceError(
                 f"{' and '.join(whats)} {'need' if len(whats) > 1 else 'needs'} about {_gb(need)} "
                 f"of disk in {folder} and {_gb(free)} is free",
-                "free some space there or write elsewhere (-o, --cache-dir)")
+                "free some space there or write elsewhere (-o, --cache-dir)",
+            )
 
 
 def disk_full(e: BaseException, where: str, size: ModelSize) -> ResourceError:
     """A ResourceError for an ENOSPC met while writing (the estimate was too low)."""
-    return ResourceError(f"the disk holding {where} ran full while writing the compile "
-                         f"(the artifact needs about {_gb(artifact_bytes(size, False))})",
-                         "free some space there or write the artifact elsewhere (-o)")
+    return ResourceError(
+        f"the disk holding {where} ran full while writing the compile "
+        f"(the artifact needs about {_gb(artifact_bytes(size, False))})",
+        "free some space there or write the artifact elsewhere (-o)",
+    )
 
 
 def is_disk_full(e: BaseException) -> bool:
@@ -206,6 +219,7 @@ def is_disk_full(e: BaseException) -> bool:
 def tree_rss(pid: int = 0) -> int:
     """Resident bytes of a process (default: this one) and all its children, now."""
     import psutil
+
     try:
         proc = psutil.Process(pid or os.getpid())
         tree = [proc] + proc.children(recursive=True)
@@ -229,6 +243,7 @@ class PeakRss:
 
     def __init__(self, every: float = 0.2):
         import threading
+
         self.every, self.peak, self.phases, self._phase = every, 0, {}, "start"
         self._self_peak = self._own_peak()
         self._stop = threading.Event()
@@ -237,6 +252,7 @@ class PeakRss:
     @staticmethod
     def _own_peak() -> int:
         import resource
+
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
 
     def _note(self, rss: int) -> None:

@@ -77,6 +77,7 @@ class OneFile:
 
     def __init__(self, path: str):
         import onnx
+
         self.path = path
         self.nodes, self.inputs, self.outputs, self.value_info = [], [], [], []
         self.weights: Dict[str, Tuple[int, int]] = {}
@@ -100,8 +101,12 @@ class OneFile:
             if graph is None:
                 raise ValueError("no graph")
             f.seek(graph[0])
-            parse = {1: (onnx.NodeProto, self.nodes), 11: (onnx.ValueInfoProto, self.inputs),
-                     12: (onnx.ValueInfoProto, self.outputs), 13: (onnx.ValueInfoProto, self.value_info)}
+            parse = {
+                1: (onnx.NodeProto, self.nodes),
+                11: (onnx.ValueInfoProto, self.inputs),
+                12: (onnx.ValueInfoProto, self.outputs),
+                13: (onnx.ValueInfoProto, self.value_info),
+            }
             for field, wire, v in _fields(f, graph[0] + graph[1]):
                 if wire != 2:
                     continue
@@ -127,6 +132,7 @@ class OneFile:
         """One initializer with its data (from the file, or its external data file)."""
         import onnx
         from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+
         with open(self.path, "rb") as f:
             t = onnx.TensorProto.FromString(_read(f, self.weights[name]))
         if uses_external_data(t):
@@ -138,6 +144,7 @@ class OneFile:
     def stage_bytes(self) -> Dict[str, int]:
         """Weight bytes per stage prefix (external data counted by its recorded length)."""
         import onnx
+
         out: Dict[str, int] = {}
         with open(self.path, "rb") as f:
             for name, span in self.weights.items():
@@ -163,6 +170,7 @@ def stage_layout(path: str) -> Optional[OneFile]:
 @functools.lru_cache(maxsize=2)
 def _stage_layout(path: str, mtime: int, size: int) -> Optional[OneFile]:
     from rwkv2rknn.models.export import METADATA_PREFIX, MODULES
+
     try:
         f = OneFile(path)
     except (OSError, ValueError, EOFError, Exception) as e:  # noqa: BLE001 - not ours: one graph
@@ -171,14 +179,18 @@ def _stage_layout(path: str, mtime: int, size: int) -> Optional[OneFile]:
     arch = f.metadata.get(METADATA_PREFIX + "arch", "")
     if f.sparse or arch not in {m.ARCH for m in MODULES.values()}:
         return None
-    if not f.nodes or not all(_STAGE.match(n.name) for n in f.nodes) or \
-            not all(_STAGE.match(w) for w in f.weights):
+    if (
+        not f.nodes
+        or not all(_STAGE.match(n.name) for n in f.nodes)
+        or not all(_STAGE.match(w) for w in f.weights)
+    ):
         return None
     return f
 
 
 def arch_module(f: OneFile):
     from rwkv2rknn.models.export import METADATA_PREFIX, MODULES
+
     arch = f.metadata[METADATA_PREFIX + "arch"]
     return next(m for m in MODULES.values() if m.ARCH == arch)
 
@@ -233,7 +245,7 @@ def split(f: OneFile, folder: str) -> None:
                 carried[name] = prefix + name
 
         def local(n: str) -> str:
-            return rename.get(n, n[len(prefix):] if n.startswith(prefix) else n)
+            return rename.get(n, n[len(prefix) :] if n.startswith(prefix) else n)
 
         def info(n: str, new: str):
             v = infos.get(n)
@@ -251,11 +263,12 @@ def split(f: OneFile, folder: str) -> None:
                 if i and i not in made and i not in f.weights:
                     graph_ins[local(i)] = i
         graph_outs = {local(o): o for o in outs}
-        missing = [n for n in in_names if n not in graph_ins] + \
-            [n for n in out_names if n not in graph_outs]
+        missing = [n for n in in_names if n not in graph_ins] + [n for n in out_names if n not in graph_outs]
         if missing or len(graph_ins) != len(in_names) or len(graph_outs) != len(out_names):
-            raise ValueError(f"stage {prefix} does not have the per-layer I/O {in_names} -> "
-                             f"{out_names} ({sorted(graph_ins)} -> {sorted(graph_outs)})")
+            raise ValueError(
+                f"stage {prefix} does not have the per-layer I/O {in_names} -> "
+                f"{out_names} ({sorted(graph_ins)} -> {sorted(graph_outs)})"
+            )
         new_nodes = []
         for node in nodes:
             m = onnx.NodeProto()
@@ -269,17 +282,28 @@ def split(f: OneFile, folder: str) -> None:
             t = f.tensor(name)
             t.name = local(name)
             inits.append(t)
-        graph = helper.make_graph(new_nodes, prefix.rstrip("/"),
-                                  [info(graph_ins[n], n) for n in in_names],
-                                  [info(graph_outs[n], n) for n in out_names], inits)
+        graph = helper.make_graph(
+            new_nodes,
+            prefix.rstrip("/"),
+            [info(graph_ins[n], n) for n in in_names],
+            [info(graph_outs[n], n) for n in out_names],
+            inits,
+        )
         model = helper.make_model(graph, opset_imports=f.opset, producer_name="rwkv2rknn split")
         model.ir_version = f.ir_version
         fileio.save_onnx(model, os.path.join(folder, file_name))
         del model, graph, inits, new_nodes
         main = out_main
-    fileio.write_json(os.path.join(folder, MODEL_JSON), {
-        "arch": d.ARCH, "dtype": dtype, "tokenizer": f.metadata.get(METADATA_PREFIX + "tokenizer") or None,
-        "shape": {"layers": n_layers}, "split_from": os.path.abspath(f.path)})
+    fileio.write_json(
+        os.path.join(folder, MODEL_JSON),
+        {
+            "arch": d.ARCH,
+            "dtype": dtype,
+            "tokenizer": f.metadata.get(METADATA_PREFIX + "tokenizer") or None,
+            "shape": {"layers": n_layers},
+            "split_from": os.path.abspath(f.path),
+        },
+    )
 
 
 def source_state(f: OneFile) -> list:
@@ -291,7 +315,7 @@ def source_state(f: OneFile) -> list:
     for i in f.inputs:
         if i.name == "token":
             continue
-        o = i.name[:-len("state_in")] + "state_out" if i.name.endswith("state_in") else i.name + "_out"
+        o = i.name[: -len("state_in")] + "state_out" if i.name.endswith("state_in") else i.name + "_out"
         if o in outs:
             pairs.append([i.name, o, 0.0])
     return pairs

@@ -48,31 +48,50 @@ def _stub(node, op_work) -> SimpleNamespace:
     op its bytes and FLOPs (``op_work``, the partition pass's), not weights."""
     import onnx_graphsurgeon as gs
     from rwkv2rknn.compiler.ir import const_value
+
     inputs = []
     if node.op == "MatMul":
         for t in node.inputs:
             w = const_value(t)
-            inputs.append(gs.Constant(t.name, np.broadcast_to(np.float32(0), w.shape))
-                          if w is not None else SimpleNamespace(name=t.name, shape=t.shape, inputs=[]))
+            inputs.append(
+                gs.Constant(t.name, np.broadcast_to(np.float32(0), w.shape))
+                if w is not None
+                else SimpleNamespace(name=t.name, shape=t.shape, inputs=[])
+            )
     work = op_work([node])
-    return SimpleNamespace(name=node.name, op=node.op, inputs=inputs, outputs=[],
-                           work=work[0] if work else None)
+    return SimpleNamespace(
+        name=node.name, op=node.op, inputs=inputs, outputs=[], work=work[0] if work else None
+    )
 
 
 class _Stream:
-    def __init__(self, passes, folder: str, options: Options, out_dir: str,
-                 on_stage: Optional[Callable[[str], None]], on_segment=None):
+    def __init__(
+        self,
+        passes,
+        folder: str,
+        options: Options,
+        out_dir: str,
+        on_stage: Optional[Callable[[str], None]],
+        on_segment=None,
+    ):
         from rwkv2rknn.runtime.reference import stage_files
 
         self.p, self.out_dir, self.on_stage, self.on_segment = passes, out_dir, on_stage, on_segment
         self.arch = d = passes.load.arch_of_folder(folder)
         embed_p, block_ps, head_p = stage_files(folder)
-        self.stages = ([("embed", embed_p, d.EMBED_IO)] +
-                       [(f"L{i}", p, d.block_io(i)) for i, p in enumerate(block_ps)] +
-                       [("head", head_p, d.HEAD_IO)])
-        self.ctx = Context(graph=None, source=os.path.abspath(folder), arch=d.ARCH,
-                           layout="per-layer", options=options,
-                           shape={"layers": len(block_ps), "width": None, "vocab": None})
+        self.stages = (
+            [("embed", embed_p, d.EMBED_IO)]
+            + [(f"L{i}", p, d.block_io(i)) for i, p in enumerate(block_ps)]
+            + [("head", head_p, d.HEAD_IO)]
+        )
+        self.ctx = Context(
+            graph=None,
+            source=os.path.abspath(folder),
+            arch=d.ARCH,
+            layout="per-layer",
+            options=options,
+            shape={"layers": len(block_ps), "width": None, "vocab": None},
+        )
         self.ctx.cpu_recurrence_inputs = bool(getattr(d, "CPU_RECURRENCE_INPUTS", False))
         self.ctx.profile  # a bad --profile fails before any work
         self.window: List = []  # nodes not yet in a written segment, in run order
@@ -117,8 +136,14 @@ class _Stream:
 
     def stage_passes(self, stage: str, path: str, g, io):
         p, ctx = self.p, self.ctx
-        sctx = Context(graph=g, source=ctx.source, arch=ctx.arch, shape=ctx.shape,
-                       options=ctx.options, cpu_recurrence_inputs=ctx.cpu_recurrence_inputs)
+        sctx = Context(
+            graph=g,
+            source=ctx.source,
+            arch=ctx.arch,
+            shape=ctx.shape,
+            options=ctx.options,
+            cpu_recurrence_inputs=ctx.cpu_recurrence_inputs,
+        )
         sctx._profile = ctx.profile
         if stage.startswith("L"):
             i = int(stage[1:])
@@ -143,6 +168,7 @@ class _Stream:
                     for step, v in zip(steps, self.carried_values[name]):
                         step[io[name].name] = v
         from rwkv2rknn.compiler.trace import trace_steps
+
         pairs = [(s.input, s.output) for s in sctx.state] + list(sctx.whole_state.values())
         out = g.outputs[0]
         made = {name: io["out:" + name] for name in self.arch.INTER_LAYER if "out:" + name in io}
@@ -162,8 +188,10 @@ class _Stream:
         p.fp16_guard.run(sctx)
         # support sees the stage as part of the model: a value handed to later layers is no
         # output of the model (the later layers read it as recurrence input, as RWKV-7's v_first)
-        outputs, g.outputs = g.outputs, [t for t in g.outputs if t.name not in
-                                         {t.name for t in made.values()}]
+        outputs, g.outputs = (
+            g.outputs,
+            [t for t in g.outputs if t.name not in {t.name for t in made.values()}],
+        )
         p.support.run(sctx)
         g.outputs = outputs
         ctx.state += sctx.state
@@ -174,14 +202,15 @@ class _Stream:
         for n in sctx.notes:
             self.notes.setdefault(n.pass_name, []).append(replace(n, text=f"{stage}: {n.text}"))
         inter = {t.name for t in made.values()}
-        self.outputs |= {t.name for t in g.outputs[1:] if t.name not in inter} | \
-            ({"logits"} if stage == "head" else set())
+        self.outputs |= {t.name for t in g.outputs[1:] if t.name not in inter} | (
+            {"logits"} if stage == "head" else set()
+        )
         return g, out, made
 
     def before_trace(self):
         """The pipeline's passes before the range guard (whose trace a stage does itself)."""
         pipeline = list(self.p.GRAPH_PIPELINE)
-        return pipeline[:pipeline.index(self.p.fp16_guard)]
+        return pipeline[: pipeline.index(self.p.fp16_guard)]
 
     # ------------------------------------------------------------------------ the window
 
@@ -198,22 +227,37 @@ class _Stream:
     def flush(self, last: bool, newest: str) -> int:
         """Partition the window; cut, write and drop every segment that is final."""
         import onnx_graphsurgeon as gs
+
         p, ctx = self.p, self.ctx
         self.window = self.toposort(self.window)
         wg = gs.Graph(nodes=list(self.window), opset=self.opset, name="window")
-        wctx = Context(graph=wg, source=ctx.source, arch=ctx.arch, shape=ctx.shape,
-                       options=ctx.options, state=ctx.state, tensors=ctx.tensors,
-                       support=ctx.support, token_input=ctx.token_input)
+        wctx = Context(
+            graph=wg,
+            source=ctx.source,
+            arch=ctx.arch,
+            shape=ctx.shape,
+            options=ctx.options,
+            state=ctx.state,
+            tensors=ctx.tensors,
+            support=ctx.support,
+            token_input=ctx.token_input,
+        )
         wctx._profile = ctx.profile
         p.partition.run(wctx)
         for n in wctx.notes:  # what pruning moved to the CPU, window by window
             if n.counts.get("pruned"):
                 self.notes.setdefault(n.pass_name, []).append(
-                    replace(n, text=f"window up to {newest}: {n.text}"))
+                    replace(n, text=f"window up to {newest}: {n.text}")
+                )
         segs = wctx.segments
-        final = len(segs) if last else next(
-            (k for k, s in enumerate(segs) if any(n.name.startswith(newest + "/") for n in s.nodes)),
-            len(segs))
+        final = (
+            len(segs)
+            if last
+            else next(
+                (k for k, s in enumerate(segs) if any(n.name.startswith(newest + "/") for n in s.nodes)),
+                len(segs),
+            )
+        )
         owner = {n.name: k for k, s in enumerate(segs) for n in s.nodes}
         gone = set()
         for k in range(final):
@@ -263,6 +307,7 @@ class _Stream:
         """Pending nodes read what written segments made through fresh tensors of the same
         name, so that the written nodes (and their weights) can be freed."""
         import onnx_graphsurgeon as gs
+
         fresh = {}
 
         def renew(t):
@@ -309,8 +354,10 @@ class _Stream:
             if self.on_stage:
                 done = time.monotonic() - t0
                 eta = done / (k + 1) * (n - k - 1)
-                self.on_stage(f"[{k + 1}/{n}] {stage}: {made} segment(s) written "
-                              f"({done:.0f} s, eta {int(eta) // 60}:{int(eta) % 60:02d})")
+                self.on_stage(
+                    f"[{k + 1}/{n}] {stage}: {made} segment(s) written "
+                    f"({done:.0f} s, eta {int(eta) // 60}:{int(eta) % 60:02d})"
+                )
         self.summarise()
         return self.ctx
 
@@ -318,10 +365,13 @@ class _Stream:
         d = self.arch
         ctx, segs = self.ctx, self.written
         layers = ctx.shape["layers"]
-        ctx.note("load", f"recognised per-layer {ctx.arch} files ({d.EMBED_FILE}, "
-                         f"{d.BLOCK_FILE.format(0)}..{d.BLOCK_FILE.format(layers - 1)}, "
-                         f"{d.HEAD_FILE}): {layers} layers, width {ctx.shape['width']}, vocab "
-                         f"{ctx.shape['vocab']}; streamed one stage at a time")
+        ctx.note(
+            "load",
+            f"recognised per-layer {ctx.arch} files ({d.EMBED_FILE}, "
+            f"{d.BLOCK_FILE.format(0)}..{d.BLOCK_FILE.format(layers - 1)}, "
+            f"{d.HEAD_FILE}): {layers} layers, width {ctx.shape['width']}, vocab "
+            f"{ctx.shape['vocab']}; streamed one stage at a time",
+        )
         for notes in self.notes.values():  # every stage's note, pass by pass
             for n in notes:
                 ctx.add_note(n)
@@ -330,20 +380,30 @@ class _Stream:
             total = {k: sum(c[k] for c in counts) for k in counts[0]}
             ctx.note("support", self.p.support.summary(total), kind="summary", **total)
         if self.traces is not None:
-            ctx.note("fp16_guard", f"range trace: {self.traces.hits} of {len(self.stages)} stages from "
-                                   f"the cache ({self.traces.cache.folder})")
+            ctx.note(
+                "fp16_guard",
+                f"range trace: {self.traces.hits} of {len(self.stages)} stages from "
+                f"the cache ({self.traces.cache.folder})",
+            )
         ctx.segments = segs
         npu = sum(s.device == "npu" or bool(s.token.fallback) for s in segs)  # as partitioned
-        ctx.note("partition", f"{len(segs)} segments: {npu} NPU, {len(segs) - npu} CPU (streamed, "
-                              f"one stage at a time)")
+        ctx.note(
+            "partition",
+            f"{len(segs)} segments: {npu} NPU, {len(segs) - npu} CPU (streamed, one stage at a time)",
+        )
         ctx.note("cut", f"{len(segs)} segment models cut and written as they were final")
         seq = sum(s.seq.model is not None for s in segs)
         ctx.note("sequence", f"{seq} segment(s) take T tokens at once; {len(segs) - seq} per token")
 
 
-def compile_stream(passes, folder: str, options: Options, out_dir: str,
-                   on_stage: Optional[Callable[[str], None]] = None,
-                   on_segment: Optional[Callable[[Context, GraphSegment], None]] = None) -> Context:
+def compile_stream(
+    passes,
+    folder: str,
+    options: Options,
+    out_dir: str,
+    on_stage: Optional[Callable[[str], None]] = None,
+    on_segment: Optional[Callable[[Context, GraphSegment], None]] = None,
+) -> Context:
     """Run the graph passes over a per-layer folder stage by stage, writing each segment's ONNX
     (and T-row variant) into ``out_dir``/segments as soon as it is final. Returns a Context
     whose segments are written (their ``token.model`` / ``seq.model`` are the files' paths) and whose

@@ -40,9 +40,14 @@ def _session(graph, tensor_filter=None):
     graph.inputs = list(graph.inputs) + list(fed.values())
     # only typed tensors can be graph outputs (canonicalize types every tensor; an untyped one
     # is not guessed, a wrong guess makes onnxruntime refuse the graph)
-    wanted = [t for t in graph.tensors().values()
-              if isinstance(t, gs.Variable) and t not in graph.inputs and t.dtype is not None and
-              (tensor_filter is None or tensor_filter(t))]
+    wanted = [
+        t
+        for t in graph.tensors().values()
+        if isinstance(t, gs.Variable)
+        and t not in graph.inputs
+        and t.dtype is not None
+        and (tensor_filter is None or tensor_filter(t))
+    ]
     outs = list(graph.outputs)
     for t in wanted:
         if t not in outs:
@@ -68,8 +73,9 @@ def _record(info: Dict[str, TensorInfo], values: Dict[str, np.ndarray]) -> None:
         info[name] = TensorInfo(tuple(v.shape), str(v.dtype), max(m, old.absmax if old else 0.0))
 
 
-def trace(ctx: Context, tokens: Sequence[int], names: Optional[List[str]] = None,
-          tensor_filter=None) -> Dict[str, TensorInfo]:
+def trace(
+    ctx: Context, tokens: Sequence[int], names: Optional[List[str]] = None, tensor_filter=None
+) -> Dict[str, TensorInfo]:
     """Run ``tokens`` through the whole graph with ONNX Runtime (fp32), threading the state.
 
     Returns, for every variable tensor, its shape, dtype and the largest |value| seen.
@@ -108,8 +114,9 @@ def trace(ctx: Context, tokens: Sequence[int], names: Optional[List[str]] = None
     return info
 
 
-def trace_steps(graph, steps: Sequence[Dict[str, np.ndarray]], state_pairs,
-                keep: Sequence[str] = ()) -> Tuple[Dict[str, TensorInfo], Dict[str, list]]:
+def trace_steps(
+    graph, steps: Sequence[Dict[str, np.ndarray]], state_pairs, keep: Sequence[str] = ()
+) -> Tuple[Dict[str, TensorInfo], Dict[str, list]]:
     """Run one stage of a model (one layer's graph) step by step: ``steps[k]`` feeds the
     inputs that come from before the stage at step k (the token, or the hidden state the
     previous stage made at that step); the stage's own state inputs start at zero and are

@@ -52,8 +52,7 @@ def code_digest() -> str:
         h.update(f"{lib.__name__} {lib.__version__}\0".encode())
     # where the package's folders are (found, not imported: the passes run above this module)
     names = ["rwkv2rknn"] + [f"rwkv2rknn.{sub}" for sub in ("passes", "models")]
-    folders = sorted({os.path.dirname(os.path.abspath(importlib.util.find_spec(m).origin))
-                      for m in names})
+    folders = sorted({os.path.dirname(os.path.abspath(importlib.util.find_spec(m).origin)) for m in names})
     for folder in folders:
         for root, dirs, files in os.walk(folder):
             dirs[:] = sorted(d for d in dirs if d != "__pycache__")
@@ -65,12 +64,17 @@ def code_digest() -> str:
     return h.hexdigest()
 
 
-def stage_key(stage: str, path: str, shape: dict, steps: Sequence[Dict[str, np.ndarray]],
-              state_pairs, keep: Sequence[str]) -> str:
+def stage_key(
+    stage: str,
+    path: str,
+    shape: dict,
+    steps: Sequence[Dict[str, np.ndarray]],
+    state_pairs,
+    keep: Sequence[str],
+) -> str:
     """The cache key of one stage's trace (see the module's docstring)."""
     h = hashlib.sha256(FORMAT + b"\0" + code_digest().encode())
-    h.update(json.dumps([stage, shape, [list(p) for p in state_pairs], list(keep)],
-                        sort_keys=True).encode())
+    h.update(json.dumps([stage, shape, [list(p) for p in state_pairs], list(keep)], sort_keys=True).encode())
     for part in (path, path + ".data"):
         if part == path or os.path.isfile(part):
             h.update(b"\0file\0" + sha256_of(part).encode())
@@ -85,8 +89,7 @@ def stage_key(stage: str, path: str, shape: dict, steps: Sequence[Dict[str, np.n
 def _pack(result: Result) -> bytes:
     info, kept = result
     names = list(kept)
-    meta = {"info": {k: [list(v.shape), v.dtype, v.absmax] for k, v in info.items()},
-            "keep": names}
+    meta = {"info": {k: [list(v.shape), v.dtype, v.absmax] for k, v in info.items()}, "keep": names}
     arrays = {f"k{i}": np.stack(kept[n]) if kept[n] else np.zeros((0,)) for i, n in enumerate(names)}
     buf = _io.BytesIO()
     np.savez(buf, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), **arrays)
@@ -96,8 +99,9 @@ def _pack(result: Result) -> bytes:
 def _unpack(blob: bytes) -> Result:
     with np.load(_io.BytesIO(blob), allow_pickle=False) as z:
         meta = json.loads(z["meta"].tobytes().decode())
-        info = {k: TensorInfo(tuple(int(d) for d in s), str(t), float(m))
-                for k, (s, t, m) in meta["info"].items()}
+        info = {
+            k: TensorInfo(tuple(int(d) for d in s), str(t), float(m)) for k, (s, t, m) in meta["info"].items()
+        }
         kept = {n: list(z[f"k{i}"]) for i, n in enumerate(meta["keep"])}
     return info, kept
 
@@ -105,6 +109,7 @@ def _unpack(blob: bytes) -> Result:
 class TraceCache:
     def __init__(self, folder: str):
         from rwkv2rknn.fileio import remove_stale
+
         self.cache = BuildCache(folder, suffix=".npz")
         remove_stale(self.cache.folder, ".partial-")  # what a killed compile left
         self.hits = self.misses = 0

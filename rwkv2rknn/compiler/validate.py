@@ -58,15 +58,23 @@ def tolerances(source_dtype: str):
     precision: validation runs the cut model in fp32 before the CPU token table is narrowed
     (compiler/embedding.py: int8 under w8a8 on purpose, after this check)."""
     from rwkv2rknn.tools.check import Tolerances
+
     tol = FP32_TOL if source_dtype == "float32" else FP16_TOL
     # seeded random ids: the logits and the state are gated to rounding (no KL or top-token
     # gate: a top-token flip is a logit error, which max_rel covers)
-    return Tolerances(max_kl_mean=None, max_kl_p99=None, min_top1=None, max_rel=tol,
-                      max_state_drift=tol, max_segment_rel=tol)
+    return Tolerances(
+        max_kl_mean=None,
+        max_kl_p99=None,
+        min_top1=None,
+        max_rel=tol,
+        max_state_drift=tol,
+        max_segment_rel=tol,
+    )
 
 
-def validate(ctx: Context, tmp: str, toolkit: str, plan_only: bool, model_path: str,
-             passes, make_manifest) -> dict:
+def validate(
+    ctx: Context, tmp: str, toolkit: str, plan_only: bool, model_path: str, passes, make_manifest
+) -> dict:
     """Compare the artifact in ``tmp`` (segments written; its manifest is written here) with its
     source. Returns the figures (also noted in ``ctx.report``); raises CompileRefused, naming the
     first pass that made the graph differ, when they differ beyond rounding. With
@@ -77,6 +85,7 @@ def validate(ctx: Context, tmp: str, toolkit: str, plan_only: bool, model_path: 
     from rwkv2rknn.artifact.plan import MANIFEST
 
     import resource
+
     t0, peak0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     cpu0 = time.process_time()
     manifest = make_manifest(ctx, tmp, toolkit, plan_only)
@@ -87,11 +96,18 @@ def validate(ctx: Context, tmp: str, toolkit: str, plan_only: bool, model_path: 
     if not ctx.token_input or not ctx.logits_output:  # one graph, not a whole model
         return _validate_graph(ctx, tmp, manifest, tol, t0)
     rep = compare_with_source(tmp, ctx, _tokens(ctx), tol)
-    result = {"tokens": TOKENS, "seed": seed, "source_dtype": dtype, "tolerance": tol.max_rel,
-              "max_rel": _round(rep.max_rel), "state_drift": _round(rep.state_drift),
-              "top1": rep.top1_agreement, "passed": rep.passed,
-              "prefill_max_rel": _round(rep.prefill["max_rel"]) if rep.prefill else None,
-              "prefill_state_drift": _round(rep.prefill.get("state_drift")) if rep.prefill else None}
+    result = {
+        "tokens": TOKENS,
+        "seed": seed,
+        "source_dtype": dtype,
+        "tolerance": tol.max_rel,
+        "max_rel": _round(rep.max_rel),
+        "state_drift": _round(rep.state_drift),
+        "top1": rep.top1_agreement,
+        "passed": rep.passed,
+        "prefill_max_rel": _round(rep.prefill["max_rel"]) if rep.prefill else None,
+        "prefill_state_drift": _round(rep.prefill.get("state_drift")) if rep.prefill else None,
+    }
     by_pass = None
     if not rep.passed or ctx.options.verify_passes:
         try:
@@ -109,13 +125,18 @@ def validate(ctx: Context, tmp: str, toolkit: str, plan_only: bool, model_path: 
     peak1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     result["peak_rss_mib"] = {"before": round(peak0 / 1024), "after": round(peak1 / 1024)}
     if not rep.passed:
-        raise CompileRefused(refusal(rep, by_pass, tol.max_rel, ctx.source),
-                             "nothing was written; this is a compiler fault: report it with the "
-                             "model (`compile --verify-passes` shows every pass's error)")
+        raise CompileRefused(
+            refusal(rep, by_pass, tol.max_rel, ctx.source),
+            "nothing was written; this is a compiler fault: report it with the "
+            "model (`compile --verify-passes` shows every pass's error)",
+        )
     ctx.note(NAME, summary(result))
     if by_pass:
-        ctx.note(NAME, "per pass (logits max rel error on the same tokens): " +
-                 ", ".join(f"{name} {_fmt(err)}" for name, err in by_pass))
+        ctx.note(
+            NAME,
+            "per pass (logits max rel error on the same tokens): "
+            + ", ".join(f"{name} {_fmt(err)}" for name, err in by_pass),
+        )
     return result
 
 
@@ -132,8 +153,9 @@ def _validate_graph(ctx: Context, tmp: str, manifest, tol, t0: float) -> dict:
     for i in sess.get_inputs():
         shape = [d if isinstance(d, int) else 1 for d in i.shape]
         dtype = ORT_TYPES.get(i.type, np.float32)
-        value = (rng.integers(0, 2, shape) if np.issubdtype(dtype, np.integer)
-                 else rng.standard_normal(shape)).astype(dtype)
+        value = (
+            rng.integers(0, 2, shape) if np.issubdtype(dtype, np.integer) else rng.standard_normal(shape)
+        ).astype(dtype)
         feed[i.name] = value
     want = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feed)))
     del sess
@@ -144,12 +166,16 @@ def _validate_graph(ctx: Context, tmp: str, manifest, tol, t0: float) -> dict:
             for k in seg.inputs:
                 src = env.get(k, feed.get(k))
                 if src is None or k in made and k not in env:
-                    raise CompileRefused(f"compile refused: segment {seg.name} reads '{k}', which "
-                                         f"neither the file nor an earlier segment gives",
-                                         "nothing was written; this is a compiler fault: report it "
-                                         "with the model")
-                ins[k] = np.asarray(src).astype(runner.input_types.get(k, np.float32)).reshape(
-                    [d if isinstance(d, int) else 1 for d in runner.input_shapes[k]])
+                    raise CompileRefused(
+                        f"compile refused: segment {seg.name} reads '{k}', which "
+                        f"neither the file nor an earlier segment gives",
+                        "nothing was written; this is a compiler fault: report it with the model",
+                    )
+                ins[k] = (
+                    np.asarray(src)
+                    .astype(runner.input_types.get(k, np.float32))
+                    .reshape([d if isinstance(d, int) else 1 for d in runner.input_shapes[k]])
+                )
             env.update(runner.infer(ins))
         finally:
             runner.close()
@@ -159,22 +185,40 @@ def _validate_graph(ctx: Context, tmp: str, manifest, tol, t0: float) -> dict:
             continue
         ref = np.asarray(ref, np.float32).reshape(-1)
         got = np.asarray(env[name], np.float32).reshape(-1)
-        err = float("inf") if got.shape != ref.shape else \
-            float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-30))
+        err = (
+            float("inf")
+            if got.shape != ref.shape
+            else float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-30))
+        )
         worst = max(worst, err)
         if not err <= tol.max_rel:
             failures.append(f"output '{name}': max rel error {err:.3g} > {tol.max_rel:g}")
-    result = {"tokens": 0, "seed": ctx.options.seed, "source_dtype": str(manifest.model.get("source_dtype")),
-              "tolerance": tol.max_rel, "max_rel": _round(worst), "state_drift": None, "top1": None,
-              "passed": not failures, "prefill_max_rel": None, "prefill_state_drift": None,
-              "outputs": sum(n in env for n in want), "seconds": round(time.perf_counter() - t0, 2)}
+    result = {
+        "tokens": 0,
+        "seed": ctx.options.seed,
+        "source_dtype": str(manifest.model.get("source_dtype")),
+        "tolerance": tol.max_rel,
+        "max_rel": _round(worst),
+        "state_drift": None,
+        "top1": None,
+        "passed": not failures,
+        "prefill_max_rel": None,
+        "prefill_state_drift": None,
+        "outputs": sum(n in env for n in want),
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
     if failures:
-        raise CompileRefused(f"compile refused: the compiled graph is not the source graph "
-                             f"({'; '.join(failures[:2])}) on seeded random inputs",
-                             "nothing was written; this is a compiler fault: report it with the model")
-    ctx.note(NAME, f"the cut graph equals the source on onnxruntime: {result['outputs']} "
-                   f"output(s) on seeded random inputs, max rel error {_fmt(worst)} (tolerance "
-                   f"{tol.max_rel:g}; {result['seconds']:.1f} s)")
+        raise CompileRefused(
+            f"compile refused: the compiled graph is not the source graph "
+            f"({'; '.join(failures[:2])}) on seeded random inputs",
+            "nothing was written; this is a compiler fault: report it with the model",
+        )
+    ctx.note(
+        NAME,
+        f"the cut graph equals the source on onnxruntime: {result['outputs']} "
+        f"output(s) on seeded random inputs, max rel error {_fmt(worst)} (tolerance "
+        f"{tol.max_rel:g}; {result['seconds']:.1f} s)",
+    )
     return result
 
 
@@ -229,8 +273,7 @@ def _lazy_hybrid(artifact: str):
             if not seg.seq.onnx:
                 return None
             path = os.path.join(artifact, seg.seq.onnx)
-            return _Lazy(lambda: OrtRunner(path, seg.name + ".seq", prepack=False), pool,
-                         seg.name + ".seq")
+            return _Lazy(lambda: OrtRunner(path, seg.name + ".seq", prepack=False), pool, seg.name + ".seq")
 
     return Lazy(artifact, backend="ort", verify=False, fuse=False)  # one session at a time
 
@@ -257,8 +300,15 @@ def compare_with_source(artifact: str, ctx: Context, tokens: List[int], tol):
         if not _segment_order_holds(hybrid):  # token by token, every session alive
             hybrid.close()
             log.info("a segment reads state a later segment makes: validating token by token")
-            rep, _ = check.run_check(artifact, n_tokens=len(tokens), seed=ctx.options.seed,
-                                     backend="ort", prefill=True, random_ids=True, tolerances=tol)
+            rep, _ = check.run_check(
+                artifact,
+                n_tokens=len(tokens),
+                seed=ctx.options.seed,
+                backend="ort",
+                prefill=True,
+                random_ids=True,
+                tolerances=tol,
+            )
             return rep
         want, ref_state = _source_run(ctx, tokens, hybrid)
         state = hybrid.init_state()
@@ -269,8 +319,9 @@ def compare_with_source(artifact: str, ctx: Context, tokens: List[int], tol):
         if seq is not None and len(tokens) > 1:
             state = hybrid.init_state()
             got = hybrid._chunk(tokens, state, seq)  # one chunk: the T-row variants
-            rep.prefill = check._compare(got, want, *_state_pair(hybrid, state, ref_state),
-                                         tol, feed).to_dict()
+            rep.prefill = check._compare(
+                got, want, *_state_pair(hybrid, state, ref_state), tol, feed
+            ).to_dict()
             rep.failures += [f"prefill: {f}" for f in rep.prefill["failures"]]
         rep.passed = not rep.failures
         return rep
@@ -281,6 +332,7 @@ def compare_with_source(artifact: str, ctx: Context, tokens: List[int], tol):
 def _state_pair(hybrid, state, ref_state):
     """(the hybrid's state, the source's) as two flat arrays in one order."""
     from rwkv2rknn.models import rwkv4
+
     if isinstance(ref_state, np.ndarray):  # RWKV-4's rows: [layers, rows, C]
         got = hybrid.state_as_layers(state, list(rwkv4.STATE_ROWS))
         return got.reshape(-1), ref_state.astype(np.float32).reshape(-1)
@@ -288,12 +340,13 @@ def _state_pair(hybrid, state, ref_state):
         return ref_state(state)
     got = hybrid.state_by_slot(state)
     if set(got) != set(ref_state):
-        log.warning("the compiled state slots are not the source's by name: only the logits "
-                    "are compared")
+        log.warning("the compiled state slots are not the source's by name: only the logits are compared")
         return None, None
     keys = sorted(ref_state)
-    return (np.concatenate([got[k].reshape(-1) for k in keys]),
-            np.concatenate([ref_state[k].reshape(-1).astype(np.float32) for k in keys]))
+    return (
+        np.concatenate([got[k].reshape(-1) for k in keys]),
+        np.concatenate([ref_state[k].reshape(-1).astype(np.float32) for k in keys]),
+    )
 
 
 def _source_run(ctx: Context, tokens, hybrid):
@@ -304,8 +357,9 @@ def _source_run(ctx: Context, tokens, hybrid):
     from rwkv2rknn.tools import check
 
     if not os.path.isdir(ctx.source):
-        ref = WholeFileModel(ctx.source, ctx.token_input, ctx.logits_output,
-                             ctx.facts.get("source_state", ()))
+        ref = WholeFileModel(
+            ctx.source, ctx.token_input, ctx.logits_output, ctx.facts.get("source_state", ())
+        )
         try:
             r_state = ref.init_state()
             want = np.stack([ref.step(int(t), r_state) for t in tokens])
@@ -322,16 +376,18 @@ def _source_run(ctx: Context, tokens, hybrid):
         finally:
             runner.close()
 
-    xs = run_stage(embed_p, lambda r: [r.infer({"token": np.array([t], np.int32)})["output"]
-                                       for t in tokens])
+    xs = run_stage(embed_p, lambda r: [r.infer({"token": np.array([t], np.int32)})["output"] for t in tokens])
     carried = [{} for _ in tokens]
     rows, slots = [], {}
     for i, path in enumerate(block_ps):
+
         def block(b, i=i):
             rows_layout = b.inputs == ["input", "state_in"]
             names = ["state_in"] if rows_layout else [n for n in b.inputs if n not in ("input", V_FIRST)]
-            st = {n: np.zeros(_state_dims(hybrid, i, n, b.input_shapes[n], rows_layout),
-                              b.input_types[n]) for n in names}
+            st = {
+                n: np.zeros(_state_dims(hybrid, i, n, b.input_shapes[n], rows_layout), b.input_types[n])
+                for n in names
+            }
             for t in range(len(tokens)):
                 feed = {"input": xs[t], **carried[t], **st}
                 out = b.infer({k: feed[k] for k in b.inputs})
@@ -343,9 +399,12 @@ def _source_run(ctx: Context, tokens, hybrid):
                 rows.append(st["state_in"])
             else:
                 slots.update(((i, n), v) for n, v in st.items())
+
         run_stage(path, block)
-    want = run_stage(head_p, lambda r: np.stack([np.asarray(r.infer({"x": x})["output"], np.float32)
-                                                 .reshape(-1) for x in xs]))
+    want = run_stage(
+        head_p,
+        lambda r: np.stack([np.asarray(r.infer({"x": x})["output"], np.float32).reshape(-1) for x in xs]),
+    )
     return want, (np.stack(rows) if rows else slots)
 
 
@@ -361,15 +420,21 @@ def _state_dims(hybrid, layer: int, name: str, dims, rows_layout: bool) -> list:
 
 
 def summary(r: dict) -> str:
-    s = (f"the cut model equals the source on onnxruntime: {r['tokens']} seeded tokens, logits max "
-         f"rel error {_fmt(r['max_rel'])}, state drift {_fmt(r['state_drift'])}")
+    s = (
+        f"the cut model equals the source on onnxruntime: {r['tokens']} seeded tokens, logits max "
+        f"rel error {_fmt(r['max_rel'])}, state drift {_fmt(r['state_drift'])}"
+    )
     if r.get("prefill_max_rel") is not None:
-        s += (f"; as one chunk through the T-row variants {_fmt(r['prefill_max_rel'])}, state "
-              f"{_fmt(r['prefill_state_drift'])}")
+        s += (
+            f"; as one chunk through the T-row variants {_fmt(r['prefill_max_rel'])}, state "
+            f"{_fmt(r['prefill_state_drift'])}"
+        )
     peak = r.get("peak_rss_mib") or {}
-    return s + (f" (tolerance {r['tolerance']:g}, {r['source_dtype']} source; {r['seconds']:.1f} s, "
-                f"{r['cpu_seconds']:.1f} s CPU; process peak {peak.get('before')} -> "
-                f"{peak.get('after')} MiB)")
+    return s + (
+        f" (tolerance {r['tolerance']:g}, {r['source_dtype']} source; {r['seconds']:.1f} s, "
+        f"{r['cpu_seconds']:.1f} s CPU; process peak {peak.get('before')} -> "
+        f"{peak.get('after')} MiB)"
+    )
 
 
 def refusal(rep, passes: Optional[List[Tuple[str, float]]], tol: float, source: str) -> str:
@@ -382,14 +447,19 @@ def refusal(rep, passes: Optional[List[Tuple[str, float]]], tol: float, source: 
     elif bad is not None:
         i, name, err = bad
         before = f"{_fmt(passes[i - 1][1])} after {passes[i - 1][0]}" if i else "the source"
-        where = (f"pass {name} first made the graph differ (logits max rel error {_fmt(err)} after "
-                 f"it, {before})")
-    elif rep.prefill and rep.prefill.get("failures") and not [f for f in rep.failures
-                                                              if not f.startswith("prefill")]:
+        where = (
+            f"pass {name} first made the graph differ (logits max rel error {_fmt(err)} after it, {before})"
+        )
+    elif (
+        rep.prefill
+        and rep.prefill.get("failures")
+        and not [f for f in rep.failures if not f.startswith("prefill")]
+    ):
         where = "the graph passes agree with the source; the T-row variants (pass sequence) differ"
     else:
-        where = ("the graph passes agree with the source; the cut segments (passes partition, cut"
-                 " or build) differ")
+        where = (
+            "the graph passes agree with the source; the cut segments (passes partition, cut or build) differ"
+        )
     return f"compile refused: the compiled model is not the source model ({what}); {where}"
 
 
@@ -426,11 +496,13 @@ def _tokens(ctx: Context) -> List[int]:
 
 def _reference_logits(ctx: Context, tokens) -> np.ndarray:
     from rwkv2rknn.runtime.reference import PerLayerModel, WholeFileModel
+
     if os.path.isdir(ctx.source):
         ref = PerLayerModel(ctx.source)
     else:
-        ref = WholeFileModel(ctx.source, ctx.token_input, ctx.logits_output,
-                             ctx.facts.get("source_state", ()))
+        ref = WholeFileModel(
+            ctx.source, ctx.token_input, ctx.logits_output, ctx.facts.get("source_state", ())
+        )
     return ref.logits(tokens)
 
 
@@ -438,6 +510,7 @@ def _graph_error(ctx: Context, final: Context, tokens, want) -> Optional[float]:
     """The largest logits error (relative to each step's scale) of ``ctx.graph`` stepped on
     ``tokens`` on onnxruntime in its own dtypes, or None if it cannot be stepped yet."""
     from rwkv2rknn.runtime.ort import make_session
+
     model = export(ctx.graph)
     ins = {i.name: i for i in model.graph.input}
     outs = [o.name for o in model.graph.output]
@@ -458,6 +531,7 @@ def _graph_error(ctx: Context, final: Context, tokens, want) -> Optional[float]:
     types = {i.name: i.type for i in sess.get_inputs()}
     shapes = {i.name: [d if isinstance(d, int) else 1 for d in i.shape] for i in sess.get_inputs()}
     from rwkv2rknn.runtime.ort import ORT_TYPES
+
     feed = {n: np.zeros(shapes[n], ORT_TYPES.get(types[n], np.float32)) for n in ins if n != token}
     for i, _, v in pairs:
         feed[i] = np.full(shapes[i], v, ORT_TYPES.get(types[i], np.float32))

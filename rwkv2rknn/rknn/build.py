@@ -87,8 +87,7 @@ class Builds:
     """The NPU segments' builds of one compile: ``add`` each segment as soon as its ONNX files
     are written (the builds run side by side meanwhile, largest first), then ``finish``."""
 
-    def __init__(self, ctx: Context, out_dir: str, progress=None, calibration=None,
-                 biggest: int = 0):
+    def __init__(self, ctx: Context, out_dir: str, progress=None, calibration=None, biggest: int = 0):
         from rwkv2rknn.compiler import resources
         from rwkv2rknn.rknn.build_queue import BuildQueue
         from rwkv2rknn.rknn.toolkit import require_toolkit
@@ -102,10 +101,15 @@ class Builds:
         self.counts = {"built": 0, "cached": 0, "failed": 0}
         self.todo: list = []
         jobs = ctx.options.build_jobs or resources.build_jobs(biggest, 64)
-        self.queue = BuildQueue(self._one, jobs, self._bytes,
-                                lambda seg: resources.build_memory(self._bytes(seg)),
-                                int(resources.memory_available() * 0.8), self._done,
-                                idle=self.builds.drop_worker)
+        self.queue = BuildQueue(
+            self._one,
+            jobs,
+            self._bytes,
+            lambda seg: resources.build_memory(self._bytes(seg)),
+            int(resources.memory_available() * 0.8),
+            self._done,
+            idle=self.builds.drop_worker,
+        )
 
     def _bytes(self, seg: GraphSegment) -> int:
         folder = os.path.join(self.out_dir, "segments")
@@ -146,43 +150,70 @@ class Builds:
         ctx, opts, todo, counts = self.ctx, self.ctx.options, self.todo, self.counts
         for seg in todo:
             if seg.token.fallback:
-                ctx.note(NAME, f"{seg.name}: build failed ({seg.token.fallback}); runs on the CPU",
-                         kind="fallback", segment=seg.name)
-        ctx.note(NAME, f"{counts['built']} built, {counts['cached']} from the cache "
-                       f"({self.builds.cache.folder}), {counts['failed']} fell back to the CPU "
-                       f"[rknn-toolkit2 {self.version}, target {opts.target}, "
-                       f"{min(self.queue.jobs, max(len(todo), 1))} build(s) at a time]",
-                 kind="summary", **counts)
+                ctx.note(
+                    NAME,
+                    f"{seg.name}: build failed ({seg.token.fallback}); runs on the CPU",
+                    kind="fallback",
+                    segment=seg.name,
+                )
+        ctx.note(
+            NAME,
+            f"{counts['built']} built, {counts['cached']} from the cache "
+            f"({self.builds.cache.folder}), {counts['failed']} fell back to the CPU "
+            f"[rknn-toolkit2 {self.version}, target {opts.target}, "
+            f"{min(self.queue.jobs, max(len(todo), 1))} build(s) at a time]",
+            kind="summary",
+            **counts,
+        )
         if self.calibration:
             stages = {st for s in todo for st in s.stages + [s.name]}
             unused = [k for k in opts.quant_keep if k not in stages]
             if unused:
-                ctx.note(NAME, f"--quant-keep {','.join(unused)}: no NPU segment holds "
-                               f"{'that stage' if len(unused) == 1 else 'those stages'} (or has that name)")
+                ctx.note(
+                    NAME,
+                    f"--quant-keep {','.join(unused)}: no NPU segment holds "
+                    f"{'that stage' if len(unused) == 1 else 'those stages'} (or has that name)",
+                )
             kept = [f"{s.name} ({s.precision_note})" for s in todo if s.precision_note]
             n_q = sum(s.token.precision == opts.quant for s in todo)
-            ctx.note(NAME, f"{n_q} of {len(todo)} NPU segment(s) {opts.quant} (min cosine >= "
-                           f"{opts.quant_min_cos:g} on held-out rows)" +
-                           (f"; kept fp16: {'; '.join(kept)}" if kept else ""))
+            ctx.note(
+                NAME,
+                f"{n_q} of {len(todo)} NPU segment(s) {opts.quant} (min cosine >= "
+                f"{opts.quant_min_cos:g} on held-out rows)"
+                + (f"; kept fp16: {'; '.join(kept)}" if kept else ""),
+            )
         from rwkv2rknn.passes.sequence import logits_only  # here: rwkv2rknn.passes imports this module
+
         for s in todo:
             if s.seq.model is not None and logits_only(ctx, s) and not s.token.fallback:
-                ctx.note(NAME, f"{s.name}: built for one row only (token steps; a prompt needs "
-                               "the logits of its last row)", segment=s.name)
+                ctx.note(
+                    NAME,
+                    f"{s.name}: built for one row only (token steps; a prompt needs "
+                    "the logits of its last row)",
+                    segment=s.name,
+                )
             if s.seq.fallback:
-                ctx.note(NAME, f"{s.name}: T-row build failed ({s.seq.fallback}); its prefill runs "
-                               "token by token", kind="seq_fallback", segment=s.name)
+                ctx.note(
+                    NAME,
+                    f"{s.name}: T-row build failed ({s.seq.fallback}); its prefill runs token by token",
+                    kind="seq_fallback",
+                    segment=s.name,
+                )
 
 
-def run(ctx: Context, out_dir: str,
-        progress: Optional[Callable[[GraphSegment, str, int, int], None]] = None,
-        calibration: Optional[Dict[str, SegmentCalibration]] = None) -> None:
+def run(
+    ctx: Context,
+    out_dir: str,
+    progress: Optional[Callable[[GraphSegment, str, int, int], None]] = None,
+    calibration: Optional[Dict[str, SegmentCalibration]] = None,
+) -> None:
     """Build the NPU segments whose ONNX files are in ``out_dir``/segments, copying each .rknn
     beside its ONNX; ``progress(segment, status, i, n)`` after each (builds run side by side).
     ``calibration`` (by segment name) is given for a quantised compile."""
     todo = [seg for seg in ctx.segments if seg.device == "npu"]
-    biggest = max((os.path.getsize(os.path.join(out_dir, "segments", s.name + ".onnx"))
-                   for s in todo), default=0)
+    biggest = max(
+        (os.path.getsize(os.path.join(out_dir, "segments", s.name + ".onnx")) for s in todo), default=0
+    )
     builds = Builds(ctx, out_dir, progress, calibration, biggest)
     try:
         for seg in todo:
@@ -193,10 +224,17 @@ def run(ctx: Context, out_dir: str,
     builds.finish()
 
 
-def _one(ctx: Context, seg: GraphSegment, out_dir: str, builds: CachedBuilds, version: str,
-         cal: Optional[SegmentCalibration]):
+def _one(
+    ctx: Context,
+    seg: GraphSegment,
+    out_dir: str,
+    builds: CachedBuilds,
+    version: str,
+    cal: Optional[SegmentCalibration],
+):
     """Build one NPU segment: (progress status, 'built' / 'cached' / 'failed')."""
     from rwkv2rknn.passes.sequence import logits_only
+
     opts = ctx.options
     if seg.seq.model is not None and opts.prefill_rows and not logits_only(ctx, seg):
         done = _build_shared(ctx, seg, out_dir, builds, version, cal)
@@ -204,9 +242,10 @@ def _one(ctx: Context, seg: GraphSegment, out_dir: str, builds: CachedBuilds, ve
             _estimate(ctx, seg)
             return done.label + " (decode and T rows)", "cached" if done.cached else "built"
         if opts.strict:
-            raise ToolkitError(f"the T-row (prefill) build of segment {seg.name} failed: "
-                               f"{seg.seq.fallback}", "drop --strict (its prefill then runs token by "
-                               "token), or use --prefill-rows none")
+            raise ToolkitError(
+                f"the T-row (prefill) build of segment {seg.name} failed: {seg.seq.fallback}",
+                "drop --strict (its prefill then runs token by token), or use --prefill-rows none",
+            )
     onnx_path = os.path.join(out_dir, "segments", seg.name + ".onnx")
     dest = os.path.join(out_dir, "segments", seg.name + ".rknn")
     done = ""
@@ -220,8 +259,10 @@ def _one(ctx: Context, seg: GraphSegment, out_dir: str, builds: CachedBuilds, ve
         status, reason = builds.fetch_or_build(onnx_path, key, dest)
         if reason:
             if opts.strict:
-                raise ToolkitError(f"building segment {seg.name} failed: {reason}",
-                                   "drop --strict to let it fall back to the CPU")
+                raise ToolkitError(
+                    f"building segment {seg.name} failed: {reason}",
+                    "drop --strict to let it fall back to the CPU",
+                )
             seg.device, seg.token.fallback = "cpu", reason
             return "failed, CPU fallback", "failed"
         cached = status == "cached"
@@ -241,8 +282,14 @@ class Done(NamedTuple):
     cached: bool
 
 
-def _build_shared(ctx: Context, seg: GraphSegment, out_dir: str, builds: CachedBuilds, version: str,
-                  cal: Optional[SegmentCalibration] = None) -> Optional[Done]:
+def _build_shared(
+    ctx: Context,
+    seg: GraphSegment,
+    out_dir: str,
+    builds: CachedBuilds,
+    version: str,
+    cal: Optional[SegmentCalibration] = None,
+) -> Optional[Done]:
     """The T-row variant of an NPU segment built for DECODE_ROWS and the prefill row counts: one
     .rknn, weights once, serving token steps (the token in row 0, padding after it) and prefill;
     quantised when ``cal`` has T-row samples and the build is accurate enough. Built in columns
@@ -253,54 +300,92 @@ def _build_shared(ctx: Context, seg: GraphSegment, out_dir: str, builds: CachedB
     rows = tuple(sorted({DECODE_ROWS, *ctx.options.prefill_rows}))
     onnx_path = os.path.join(out_dir, "segments", seg.name + ".seq.onnx")
     from rwkv2rknn.rknn.columns import fits
+
     key = _seq_key(ctx, onnx_path, version, rows, True)
     # a columns build in the cache: the file fitted when it was built (the check loads the file,
     # rewrites, writes and runs it: the largest cost of a cached compile's build step)
-    cached = not (cal and cal.seq_dataset) and builds.cache.recorded(key) and \
-        os.path.isfile(builds.cache.entry(key))
+    cached = (
+        not (cal and cal.seq_dataset)
+        and builds.cache.recorded(key)
+        and os.path.isfile(builds.cache.entry(key))
+    )
     why_not = "" if cached else fits(onnx_path)
     if why_not:
         ctx.note(NAME, f"{seg.name}: T-row build as rows, not columns ({why_not})", segment=seg.name)
-    for columns in ((True, False) if not why_not else (False,)):
-        done = _build_seq(ctx, seg, out_dir, builds, version, cal, rows, columns,
-                          key if columns else "")
+    for columns in (True, False) if not why_not else (False,):
+        done = _build_seq(ctx, seg, out_dir, builds, version, cal, rows, columns, key if columns else "")
         if done:
             seg.seq.layout = "columns" if columns else ""
             return done
         if columns:
-            ctx.note(NAME, f"{seg.name}: T-row build in columns failed ({seg.seq.fallback}); "
-                           "building it as rows", segment=seg.name)
+            ctx.note(
+                NAME,
+                f"{seg.name}: T-row build in columns failed ({seg.seq.fallback}); building it as rows",
+                segment=seg.name,
+            )
     return None
 
 
-def _build_seq(ctx: Context, seg: GraphSegment, out_dir: str, builds: CachedBuilds, version: str,
-               cal: Optional[SegmentCalibration], rows, columns: bool, key: str = "") -> Optional[Done]:
+def _build_seq(
+    ctx: Context,
+    seg: GraphSegment,
+    out_dir: str,
+    builds: CachedBuilds,
+    version: str,
+    cal: Optional[SegmentCalibration],
+    rows,
+    columns: bool,
+    key: str = "",
+) -> Optional[Done]:
     """One try of ``_build_shared`` in one layout (``key``: its cache key, if known)."""
     seg.seq.fallback = ""
     onnx_path = os.path.join(out_dir, "segments", seg.name + ".seq.onnx")
     if cal and cal.seq_dataset:
-        done = _quantised(ctx, seg, onnx_path, rows, cal.seq_dataset, cal, builds, version, out_dir,
-                          os.path.join(out_dir, "segments", seg.name + ".seq.rknn"), columns)
+        done = _quantised(
+            ctx,
+            seg,
+            onnx_path,
+            rows,
+            cal.seq_dataset,
+            cal,
+            builds,
+            version,
+            out_dir,
+            os.path.join(out_dir, "segments", seg.name + ".seq.rknn"),
+            columns,
+        )
         if done:
             _copy_shared(seg, out_dir, rows, seg.cache_key)
-            seg.seq.precision, seg.token.calib, seg.seq.calib = seg.token.precision, cal.seq_dataset, cal.seq_dataset
-            return Done(f"{seg.token.precision} (cos {seg.accuracy['min_cos']:.4f}), {done}",
-                        done == "cached")
+            seg.seq.precision, seg.token.calib, seg.seq.calib = (
+                seg.token.precision,
+                cal.seq_dataset,
+                cal.seq_dataset,
+            )
+            return Done(
+                f"{seg.token.precision} (cos {seg.accuracy['min_cos']:.4f}), {done}", done == "cached"
+            )
     key = key or _seq_key(ctx, onnx_path, version, rows, columns)
     status, reason = builds.fetch_or_build(
-        onnx_path, key, os.path.join(out_dir, "segments", seg.name + ".seq.rknn"), rows, columns)
+        onnx_path, key, os.path.join(out_dir, "segments", seg.name + ".seq.rknn"), rows, columns
+    )
     if reason:
         seg.seq.fallback = reason
         return None
     _copy_shared(seg, out_dir, rows, key)
-    return Done(f"fp16 ({seg.precision_note}), {status}" if seg.precision_note else status,
-                status == "cached")
+    return Done(
+        f"fp16 ({seg.precision_note}), {status}" if seg.precision_note else status, status == "cached"
+    )
 
 
 def _seq_key(ctx: Context, onnx_path: str, version: str, rows, columns: bool) -> str:
     from rwkv2rknn.rknn.columns import CACHE_TAG
-    return file_key(onnx_path, ctx.options.target, version,
-                    repr(rows).encode() + (b"|" + CACHE_TAG.encode() if columns else b""))
+
+    return file_key(
+        onnx_path,
+        ctx.options.target,
+        version,
+        repr(rows).encode() + (b"|" + CACHE_TAG.encode() if columns else b""),
+    )
 
 
 def _copy_shared(seg: GraphSegment, out_dir: str, rows, key: str) -> None:
@@ -312,13 +397,25 @@ def _copy_shared(seg: GraphSegment, out_dir: str, rows, key: str) -> None:
 def _quant_variant(precision: str, digest: str, columns: bool = False) -> str:
     from rwkv2rknn.rknn.columns import CACHE_TAG
     from rwkv2rknn.rknn.toolkit import QUANT_ALGORITHM, QUANT_DTYPE, QUANT_METHOD
-    return (f"{QUANT_DTYPE[precision]}|{QUANT_ALGORITHM}|{QUANT_METHOD}|{digest}"
-            + (f"|{CACHE_TAG}" if columns else ""))
+
+    return f"{QUANT_DTYPE[precision]}|{QUANT_ALGORITHM}|{QUANT_METHOD}|{digest}" + (
+        f"|{CACHE_TAG}" if columns else ""
+    )
 
 
-def _quantised(ctx: Context, seg: GraphSegment, onnx_path: str, rows, dataset: str,
-               cal: SegmentCalibration, builds: CachedBuilds, version: str, out_dir: str,
-               dest: str, columns: bool = False) -> str:
+def _quantised(
+    ctx: Context,
+    seg: GraphSegment,
+    onnx_path: str,
+    rows,
+    dataset: str,
+    cal: SegmentCalibration,
+    builds: CachedBuilds,
+    version: str,
+    out_dir: str,
+    dest: str,
+    columns: bool = False,
+) -> str:
     """The segment's quantised build copied to ``dest`` if it is accurate enough on the held-out
     rows: 'cached', 'built' or 'rebuilt (...)'; else '' (``dest`` not written) and
     ``seg.precision_note`` says why it is built fp16. ``rows``: a T-row build's row counts (its
@@ -333,12 +430,17 @@ def _quantised(ctx: Context, seg: GraphSegment, onnx_path: str, rows, dataset: s
     if carried & set(seg.inputs + seg.outputs) or any(n.op in ("Exp", "Max") for n in seg.nodes):
         raise RuntimeError(f"segment {seg.name} holds the recurrence, which must never be quantised")
     with open(onnx_path, "rb") as f:
-        key = cache_key(f.read() + (repr(tuple(rows)).encode() if rows else b""), opts.target, version,
-                        _quant_variant(opts.quant, cal.digest, columns))
+        key = cache_key(
+            f.read() + (repr(tuple(rows)).encode() if rows else b""),
+            opts.target,
+            version,
+            _quant_variant(opts.quant, cal.digest, columns),
+        )
     cache = builds.cache
     with cache.locked(key, lambda: builds.stopping):
-        status = _quantised_entry(ctx, seg, onnx_path, rows, dataset, cal, builds, out_dir, key,
-                                  dest, columns)
+        status = _quantised_entry(
+            ctx, seg, onnx_path, rows, dataset, cal, builds, out_dir, key, dest, columns
+        )
     if not status:
         return ""
     seg.token.precision, seg.token.calib, seg.cache_key, seg.precision_note = opts.quant, dataset, key, ""
@@ -348,6 +450,7 @@ def _quantised(ctx: Context, seg: GraphSegment, onnx_path: str, rows, dataset: s
 def _accuracy_record(meta: str):
     """The measured accuracy cached beside a quantised entry, or None (missing or damaged)."""
     from rwkv2rknn.rknn.calibrate import Accuracy
+
     if not os.path.isfile(meta):
         return None
     try:
@@ -356,11 +459,22 @@ def _accuracy_record(meta: str):
         return None
 
 
-def _quantised_entry(ctx: Context, seg: GraphSegment, onnx_path: str, rows, dataset: str,
-                     cal: SegmentCalibration, builds: CachedBuilds, out_dir: str, key: str,
-                     dest: str, columns: bool) -> str:
+def _quantised_entry(
+    ctx: Context,
+    seg: GraphSegment,
+    onnx_path: str,
+    rows,
+    dataset: str,
+    cal: SegmentCalibration,
+    builds: CachedBuilds,
+    out_dir: str,
+    key: str,
+    dest: str,
+    columns: bool,
+) -> str:
     """``_quantised`` with the key's lock held: its status, or ''."""
     from rwkv2rknn.rknn.calibrate import accuracy
+
     opts, cache = ctx.options, builds.cache
     meta = os.path.join(cache.folder, key + ".json")
     acc, problem = _accuracy_record(meta), ""
@@ -382,10 +496,21 @@ def _quantised_entry(ctx: Context, seg: GraphSegment, onnx_path: str, rows, data
     remove_quietly(meta)
     outs = partial_name(os.path.join(cache.folder, key + ".holdout.npz"), os.getpid())
     try:
-        reason = build_child(onnx_path, cache.entry(key), opts.target, opts.verbose, opts.build_timeout,
-                             rows, precision=opts.quant, dataset=os.path.join(out_dir, dataset),
-                             holdout=cal.seq_holdout if rows else cal.holdout, holdout_out=outs,
-                             running=builds.running, checksum=cache.sum_path(key), columns=columns)
+        reason = build_child(
+            onnx_path,
+            cache.entry(key),
+            opts.target,
+            opts.verbose,
+            opts.build_timeout,
+            rows,
+            precision=opts.quant,
+            dataset=os.path.join(out_dir, dataset),
+            holdout=cal.seq_holdout if rows else cal.holdout,
+            holdout_out=outs,
+            running=builds.running,
+            checksum=cache.sum_path(key),
+            columns=columns,
+        )
         if reason:
             seg.precision_note = f"{opts.quant} build failed: {reason}"
             return ""
@@ -394,8 +519,13 @@ def _quantised_entry(ctx: Context, seg: GraphSegment, onnx_path: str, rows, data
     finally:
         remove_quietly(outs)
     n = len(seg.outputs)
-    got = [{k: np.asarray(flat[i * n + j]).reshape(DECODE_ROWS if rows else 1, -1)[0]
-            for j, k in enumerate(seg.outputs)} for i in range(len(cal.want))]
+    got = [
+        {
+            k: np.asarray(flat[i * n + j]).reshape(DECODE_ROWS if rows else 1, -1)[0]
+            for j, k in enumerate(seg.outputs)
+        }
+        for i in range(len(cal.want))
+    ]
     acc = accuracy(got, cal.want)
     write_json(meta, acc.to_dict())
     seg.accuracy = acc.to_dict()
@@ -405,18 +535,18 @@ def _quantised_entry(ctx: Context, seg: GraphSegment, onnx_path: str, rows, data
     if not cache.copy_to(key, dest)[0]:
         seg.precision_note = f"{opts.quant} build changed in the cache before it was copied"
         return ""
-    return (f"rebuilt (the cache entry had {problem})" if problem else "built")
+    return f"rebuilt (the cache entry had {problem})" if problem else "built"
 
 
 def _estimate(ctx: Context, seg: GraphSegment) -> None:
     """The segment's estimated ms per call and per prefill token at the precision it was built."""
     from rwkv2rknn.passes.partition import estimate_ms
     from rwkv2rknn.passes.sequence import logits_only, prefill_ms
+
     if seg.token.precision == "fp16" and seg.seq.precision == "fp16":
         return
     seg.est_ms = estimate_ms("npu", seg.nodes, ctx.profile, precision=seg.token.precision)
     if seg.seq.model is not None:
-        seg.est_prefill_ms = prefill_ms(ctx, seg, seg.token.precision if logits_only(ctx, seg)
-                                        else seg.seq.precision)
-
-
+        seg.est_prefill_ms = prefill_ms(
+            ctx, seg, seg.token.precision if logits_only(ctx, seg) else seg.seq.precision
+        )

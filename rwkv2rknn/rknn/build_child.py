@@ -37,13 +37,26 @@ def child_env(**extra) -> dict:
     """The environment of a build child: this process's and ``extra``, its heap on huge pages
     (``resources.huge_page_env``: the toolkit copies a segment's weights many times)."""
     from rwkv2rknn.compiler.resources import huge_page_env
+
     return huge_page_env(dict(os.environ, **extra))
 
 
-def build_child(onnx_path: str, rknn_path: str, target: str, verbose: bool,
-                timeout: float, rows=(), precision: str = "fp16", dataset: str = "",
-                holdout: str = "", holdout_out: str = "", running: Optional[set] = None,
-                checksum: str = "", worker=None, columns: bool = False) -> str:
+def build_child(
+    onnx_path: str,
+    rknn_path: str,
+    target: str,
+    verbose: bool,
+    timeout: float,
+    rows=(),
+    precision: str = "fp16",
+    dataset: str = "",
+    holdout: str = "",
+    holdout_out: str = "",
+    running: Optional[set] = None,
+    checksum: str = "",
+    worker=None,
+    columns: bool = False,
+) -> str:
     """Build in a child process; '' on success, else the reason it failed (with the toolkit's
     own error line when it wrote one).
 
@@ -64,8 +77,17 @@ def build_child(onnx_path: str, rknn_path: str, target: str, verbose: bool,
     absp = os.path.abspath
     work = tempfile.mkdtemp(prefix=scratch_prefix("build"))
     log_path = os.path.join(work, "toolkit.log")
-    cmd = [sys.executable, "-m", "rwkv2rknn.rknn.build_child", absp(onnx_path), absp(rknn_path),
-           "--target", target, "--log", log_path]
+    cmd = [
+        sys.executable,
+        "-m",
+        "rwkv2rknn.rknn.build_child",
+        absp(onnx_path),
+        absp(rknn_path),
+        "--target",
+        target,
+        "--log",
+        log_path,
+    ]
     if verbose:
         cmd.append("--verbose")
     if rows:
@@ -106,8 +128,14 @@ def build_child(onnx_path: str, rknn_path: str, target: str, verbose: bool,
 
 def _once(cmd, rknn_path: str, timeout: float, verbose: bool, work: str, env, running):
     """One build in a new child: (return code, its stderr), or (None, why) past the time limit."""
-    proc = subprocess.Popen(cmd, stdout=None if verbose else subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, cwd=work, env=env)
+    proc = subprocess.Popen(
+        cmd,
+        stdout=None if verbose else subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=work,
+        env=env,
+    )
     if running is not None:
         running.add(proc)
     tmp = partial_name(os.path.abspath(rknn_path), proc.pid)
@@ -182,13 +210,23 @@ def _main(argv=None) -> int:
     a = ap.parse_args(argv)
     from rwkv2rknn.errors import Rwkv2RknnError
     from rwkv2rknn.rknn.toolkit import build_in_process
+
     tmp = partial_name(a.rknn, os.getpid())
     rows = [int(r) for r in a.rows.split(",") if r]
     try:
-        rk = build_in_process(a.onnx, target=a.target, rknn_out=tmp, verbose=a.verbose,
-                              float_dtype=os.environ.get("RWKV2RKNN_FLOAT_DTYPE", ""),
-                              rows=rows, precision=a.precision, dataset=a.dataset,
-                              runtime=bool(a.holdout), log_to=a.log, columns=a.columns)
+        rk = build_in_process(
+            a.onnx,
+            target=a.target,
+            rknn_out=tmp,
+            verbose=a.verbose,
+            float_dtype=os.environ.get("RWKV2RKNN_FLOAT_DTYPE", ""),
+            rows=rows,
+            precision=a.precision,
+            dataset=a.dataset,
+            runtime=bool(a.holdout),
+            log_to=a.log,
+            columns=a.columns,
+        )
         try:
             if a.holdout:
                 _run_holdout(rk, a.holdout, a.holdout_out, a.columns)
@@ -199,6 +237,7 @@ def _main(argv=None) -> int:
             return 1
         if a.checksum:
             from rwkv2rknn.rknn.buildcache import write_checksum
+
             write_checksum(tmp, a.checksum)
         os.replace(tmp, a.rknn)  # whole, or not there at all
         return 0
@@ -217,6 +256,7 @@ def _run_holdout(rk, dataset: str, out: str, columns: bool = False) -> None:
 
     from rwkv2rknn.rknn.calibrate import read_dataset
     from rwkv2rknn.rknn.columns import to_cols
+
     flat = []
     for sample in read_dataset(dataset):
         args = [np.ascontiguousarray(to_cols(x) if columns else x, np.float32) for x in sample]
@@ -225,8 +265,9 @@ def _run_holdout(rk, dataset: str, out: str, columns: bool = False) -> None:
         if outs is None:
             raise ToolkitError("the simulator ran no held-out sample", "run with --verbose")
         t = max(x.shape[0] for x in sample if np.ndim(x) == 2) if columns else 0
-        flat += [np.asarray(o, np.float32).reshape(-1, t).T if columns else np.asarray(o, np.float32)
-                 for o in outs]
+        flat += [
+            np.asarray(o, np.float32).reshape(-1, t).T if columns else np.asarray(o, np.float32) for o in outs
+        ]
     with open(out, "wb") as f:
         np.savez(f, *flat)
 

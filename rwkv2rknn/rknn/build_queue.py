@@ -26,8 +26,16 @@ from typing import Callable, List, Optional
 
 
 class BuildQueue:
-    def __init__(self, work: Callable, jobs: int, size: Callable, memory: Callable,
-                 budget: int, done: Optional[Callable] = None, idle: Optional[Callable] = None):
+    def __init__(
+        self,
+        work: Callable,
+        jobs: int,
+        size: Callable,
+        memory: Callable,
+        budget: int,
+        done: Optional[Callable] = None,
+        idle: Optional[Callable] = None,
+    ):
         """``work(item)`` does one build (in a worker thread) and returns its result;
         ``size(item)`` orders the pending items (largest first); ``memory(item)`` is its
         estimated peak; ``done(item, result, i, n, eta)`` is called after each (under a lock:
@@ -45,8 +53,9 @@ class BuildQueue:
         self.cond = threading.Condition()
         self.report_lock = threading.Lock()
         self.t0 = time.monotonic()
-        self.threads = [threading.Thread(target=self._worker, daemon=True, name=f"build-{k}")
-                        for k in range(self.jobs)]
+        self.threads = [
+            threading.Thread(target=self._worker, daemon=True, name=f"build-{k}") for k in range(self.jobs)
+        ]
         for t in self.threads:
             t.start()
 

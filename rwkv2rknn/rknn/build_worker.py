@@ -43,9 +43,15 @@ class Worker:
         try:
             self.stderr = open(os.path.join(self.folder, "stderr.txt"), "w+")
             env = child_env(TMPDIR=self.folder, TMP=self.folder, TEMP=self.folder)
-            self.proc = subprocess.Popen([sys.executable, "-m", "rwkv2rknn.rknn.build_worker"],
-                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                         stderr=self.stderr, text=True, cwd=self.folder, env=env)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "rwkv2rknn.rknn.build_worker"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=self.stderr,
+                text=True,
+                cwd=self.folder,
+                env=env,
+            )
         except BaseException:
             shutil.rmtree(self.folder, ignore_errors=True)
             raise
@@ -102,6 +108,7 @@ class CachedBuilds:
 
     def __init__(self, options, version: str):
         from rwkv2rknn.rknn.buildcache import BuildCache
+
         self.opts, self.version = options, version
         self.cache = BuildCache(os.path.join(cache_root(self.opts.cache_dir), "rknn"))
         self.running: set = set()
@@ -138,10 +145,18 @@ class CachedBuilds:
             digest, problem = cache.copy_to(key, dest)
             if digest:
                 return "cached", ""
-            reason = build_child(onnx_path, cache.entry(key), self.opts.target, self.opts.verbose,
-                                 self.opts.build_timeout, rows, running=self.running,
-                                 checksum=cache.sum_path(key), worker=self.worker(),
-                                 columns=columns)
+            reason = build_child(
+                onnx_path,
+                cache.entry(key),
+                self.opts.target,
+                self.opts.verbose,
+                self.opts.build_timeout,
+                rows,
+                running=self.running,
+                checksum=cache.sum_path(key),
+                worker=self.worker(),
+                columns=columns,
+            )
             if reason:
                 return "", reason
             if not cache.copy_to(key, dest)[0]:
@@ -169,6 +184,7 @@ def _serve() -> int:
     from rwkv2rknn.rknn.build_child import _main
     from rwkv2rknn.compiler.resources import give_back_memory
     from rwkv2rknn.rknn.toolkit import import_toolkit
+
     import_toolkit()  # once, before the first request
     reply = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)  # whatever the toolkit prints never reaches the reply channel

@@ -64,6 +64,7 @@ hurried up the gangway as the first drops of rain fell on the deck.
 
 def bundled_heldout() -> str:
     import rwkv2rknn.models as models
+
     return os.path.join(os.path.dirname(models.__file__), "default", "heldout.txt")
 
 
@@ -74,13 +75,16 @@ def read_text(path: str, flag: str = "--calib-text") -> str:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as e:
-        raise BadInput(f"cannot read {what} '{path}' ({e.strerror})",
-                       f"give a readable UTF-8 text file with {flag}") from e
+        raise BadInput(
+            f"cannot read {what} '{path}' ({e.strerror})", f"give a readable UTF-8 text file with {flag}"
+        ) from e
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise BadInput(f"{what} '{path}' is not UTF-8 (byte 0x{data[e.start]:02x} at "
-                       f"offset {e.start})", f"give UTF-8 text with {flag}") from e
+        raise BadInput(
+            f"{what} '{path}' is not UTF-8 (byte 0x{data[e.start]:02x} at offset {e.start})",
+            f"give UTF-8 text with {flag}",
+        ) from e
     if not text.strip():
         raise BadInput(f"{what} '{path}' is empty", f"give some real text with {flag}")
     return text
@@ -102,14 +106,20 @@ def split_tokens(ids: Sequence[int], n: int, where: str) -> tuple:
     """(calibration ids, held-out ids): up to ``n`` for the dataset, then n/4 (at least 16) held
     out; a shorter text is split 4:1. BadInput below MIN_TOKENS."""
     hold = max(16, n // 4)
-    ids = [int(i) for i in ids[:n + hold]]
+    ids = [int(i) for i in ids[: n + hold]]
     if len(ids) < MIN_TOKENS:
-        raise BadInput(f"calibration text {where} has only {len(ids)} token(s), fewer than "
-                       f"{MIN_TOKENS}", "give a longer text with --calib-text")
+        raise BadInput(
+            f"calibration text {where} has only {len(ids)} token(s), fewer than {MIN_TOKENS}",
+            "give a longer text with --calib-text",
+        )
     if len(ids) < n + hold:
         hold = max(len(ids) // 5, 1)
-        log.info("calibration text %s is short: %d tokens for the dataset, %d held out",
-                 where, len(ids) - hold, hold)
+        log.info(
+            "calibration text %s is short: %d tokens for the dataset, %d held out",
+            where,
+            len(ids) - hold,
+            hold,
+        )
     return ids[:-hold], ids[-hold:]
 
 
@@ -130,8 +140,9 @@ def capture(artifact: str, ids: Sequence[int]) -> Dict[str, Rows]:
     segment's inputs and outputs, token by token."""
     from rwkv2rknn.runtime.hybrid import HybridModel
 
-    model = HybridModel(artifact, backend="ort", verify=False, threads=1, share_weights=False,
-                        fuse=False)  # each segment its own session, as the golden trace runs them
+    model = HybridModel(
+        artifact, backend="ort", verify=False, threads=1, share_weights=False, fuse=False
+    )  # each segment its own session, as the golden trace runs them
     try:
         segs = [s for s in model.manifest.segments if s.backend == "npu"]
         rows = {s.name: Rows(s.name, list(s.inputs), list(s.outputs), dict(s.shapes)) for s in segs}
@@ -143,10 +154,15 @@ def capture(artifact: str, ids: Sequence[int]) -> Dict[str, Rows]:
             model.step(int(t), state, trace=env)
             for s in segs:
                 r = rows[s.name]
-                r.feeds.append({k: np.array(before[slots[k]] if k in slots else env[k], np.float32)
-                                .reshape(s.shapes[k]) for k in s.inputs})
-                r.results.append({k: np.array(env[k], np.float32).reshape(s.shapes[k])
-                                  for k in s.outputs})
+                r.feeds.append(
+                    {
+                        k: np.array(before[slots[k]] if k in slots else env[k], np.float32).reshape(
+                            s.shapes[k]
+                        )
+                        for k in s.inputs
+                    }
+                )
+                r.results.append({k: np.array(env[k], np.float32).reshape(s.shapes[k]) for k in s.outputs})
     finally:
         model.close()
     return rows
@@ -157,10 +173,17 @@ def seq_feeds(rows: Rows, t: int, shift_inputs: Sequence[str]) -> List[Dict[str,
     is its value before the chunk's first row (what the T-row variant takes)."""
     out = []
     for i in range(0, len(rows.feeds) - t + 1, t):
-        chunk = rows.feeds[i:i + t]
-        out.append({k: (chunk[0][k].reshape(-1) if k in shift_inputs else
-                        np.stack([f[k].reshape(-1) for f in chunk]))
-                    for k in rows.inputs})
+        chunk = rows.feeds[i : i + t]
+        out.append(
+            {
+                k: (
+                    chunk[0][k].reshape(-1)
+                    if k in shift_inputs
+                    else np.stack([f[k].reshape(-1) for f in chunk])
+                )
+                for k in rows.inputs
+            }
+        )
     return out
 
 
@@ -197,12 +220,18 @@ class Accuracy:
     rows: int
 
     def to_dict(self) -> dict:
-        return {"min_cos": self.min_cos, "max_rel": self.max_rel, "median_rel": self.median_rel,
-                "rows": self.rows}
+        return {
+            "min_cos": self.min_cos,
+            "max_rel": self.max_rel,
+            "median_rel": self.median_rel,
+            "rows": self.rows,
+        }
 
     def __str__(self) -> str:
-        return (f"cos {self.min_cos:.5f}, rel err max {self.max_rel:.3g} "
-                f"median {self.median_rel:.3g} ({self.rows} held-out rows)")
+        return (
+            f"cos {self.min_cos:.5f}, rel err max {self.max_rel:.3g} "
+            f"median {self.median_rel:.3g} ({self.rows} held-out rows)"
+        )
 
 
 def accuracy(got: Sequence[Dict[str, np.ndarray]], want: Sequence[Dict[str, np.ndarray]]) -> Accuracy:
@@ -241,8 +270,10 @@ def calibration_ids(source: str, text_path: Optional[str], n: int) -> tuple:
     facts = fileio.model_facts(source)
     spec = facts.get("tokenizer")
     if not spec:
-        raise BadInput(f"'{source}' records no tokenizer, which calibration needs to read its text",
-                       "export the model with rwkv2rknn export --tokenizer bytes|world|PATH")
+        raise BadInput(
+            f"'{source}' records no tokenizer, which calibration needs to read its text",
+            "export the model with rwkv2rknn export --tokenizer bytes|world|PATH",
+        )
     if text_path:
         text, where = read_text(text_path), f"'{text_path}'"
     else:
@@ -250,8 +281,11 @@ def calibration_ids(source: str, text_path: Optional[str], n: int) -> tuple:
     ids = load_tokenizer(spec).encode(text)
     vocab = int((facts.get("shape") or {}).get("vocab") or 0)
     if vocab and ids and max(ids) >= vocab:
-        raise BadInput(f"tokenizer '{spec}' reads calibration text {where} as id {max(ids)}, outside "
-                       f"the model's vocabulary ({vocab})", "export the model with its own --tokenizer")
+        raise BadInput(
+            f"tokenizer '{spec}' reads calibration text {where} as id {max(ids)}, outside "
+            f"the model's vocabulary ({vocab})",
+            "export the model with its own --tokenizer",
+        )
     cal, hold = split_tokens(ids, n, where)
     return cal, hold, where
 
@@ -268,8 +302,14 @@ class SegmentCalibration:
     digest: str  # of every sample and held-out row: part of the build cache key
 
 
-def prepare(artifact: str, cal: Sequence[int], hold: Sequence[int], rows: int,
-            shift_inputs: Sequence[str], decode_rows: int = 2) -> Dict[str, SegmentCalibration]:
+def prepare(
+    artifact: str,
+    cal: Sequence[int],
+    hold: Sequence[int],
+    rows: int,
+    shift_inputs: Sequence[str],
+    decode_rows: int = 2,
+) -> Dict[str, SegmentCalibration]:
     """Trace the cut artifact (its manifest written, no .rknn yet) on the calibration and
     held-out ids and write each NPU segment's datasets under ``artifact``/calib/: T-row samples
     of ``rows`` rows, held-out token steps as they come and padded to ``decode_rows`` rows."""
@@ -292,24 +332,31 @@ def prepare(artifact: str, cal: Sequence[int], hold: Sequence[int], rows: int,
             seq_rel = f"calib/{name}.seq/{DATASET}"
             write_dataset(os.path.join(artifact, "calib", name + ".seq"), r.inputs, seq)
         shift = [k for k in r.inputs if k in shift_inputs]
-        steps = [{k: (v if k in shift else _pad_rows(v, decode_rows)) for k, v in f.items()}
-                 for f in seq_feeds(held, 1, shift)]
+        steps = [
+            {k: (v if k in shift else _pad_rows(v, decode_rows)) for k, v in f.items()}
+            for f in seq_feeds(held, 1, shift)
+        ]
         out[name] = SegmentCalibration(
-            dataset=f"calib/{name}/{DATASET}", seq_dataset=seq_rel,
+            dataset=f"calib/{name}/{DATASET}",
+            seq_dataset=seq_rel,
             holdout=write_dataset(os.path.join(artifact, "calib", ".holdout", name), r.inputs, held.feeds),
-            seq_holdout=write_dataset(os.path.join(artifact, "calib", ".holdout", name + ".seq"),
-                                      r.inputs, steps),
-            want=held.results, digest=h.hexdigest())
+            seq_holdout=write_dataset(
+                os.path.join(artifact, "calib", ".holdout", name + ".seq"), r.inputs, steps
+            ),
+            want=held.results,
+            digest=h.hexdigest(),
+        )
     return out
 
 
 def _pad_rows(rows: np.ndarray, t: int) -> np.ndarray:
     out = np.zeros((t, rows.shape[1]), np.float32)
-    out[:rows.shape[0]] = rows
+    out[: rows.shape[0]] = rows
     return out
 
 
 def drop_holdout(artifact: str) -> None:
     """Remove the held-out rows (the artifact keeps only the datasets the simulator rebuilds from)."""
     import shutil
+
     shutil.rmtree(os.path.join(artifact, "calib", ".holdout"), ignore_errors=True)

@@ -151,8 +151,11 @@ def to_columns(model):
             cols.add(out[0])
         elif op == "Split" and on_cols:
             axis = [a.i for a in node.attribute if a.name == "axis"]
-            if axis not in ([-1], [1]) or len(shapes.get(node.input[0]) or ()) != 2 or \
-                    any(i in cols for i in ins[1:]):
+            if (
+                axis not in ([-1], [1])
+                or len(shapes.get(node.input[0]) or ()) != 2
+                or any(i in cols for i in ins[1:])
+            ):
                 raise NotColumns(f"Split '{node.name}' is not a split of the rows' channels")
             nodes.append(helper.make_node("Split", ins, out, name=node.name, axis=1))
             cols.update(out)
@@ -189,9 +192,11 @@ def to_columns(model):
 def _nchw_dims(value_info) -> None:
     """[T, N] -> [1, N, 1, T] in a graph output's type."""
     from onnx import helper
+
     t, n = _dims(value_info)
-    value_info.CopyFrom(helper.make_tensor_value_info(
-        value_info.name, value_info.type.tensor_type.elem_type, [1, n, 1, t]))
+    value_info.CopyFrom(
+        helper.make_tensor_value_info(value_info.name, value_info.type.tensor_type.elem_type, [1, n, 1, t])
+    )
 
 
 def _swap_dims(value_info) -> None:
@@ -213,6 +218,7 @@ def _swap_dims(value_info) -> None:
 def _inferred_shapes(model, rows: int = 3) -> dict:
     """Every tensor's shape with the row count fixed to ``rows`` (symbolic sizes reshape badly)."""
     import onnx
+
     fixed = onnx.ModelProto.FromString(model.SerializeToString())
     for inp in fixed.graph.input:
         for d in inp.type.tensor_type.shape.dim:
@@ -228,6 +234,7 @@ def write_columns(onnx_path: str, out_path: str, rows: int = 3) -> str:
     """Write the columns form of a T-row segment file to ``out_path`` after checking it against
     the original on onnxruntime (random inputs, ``rows`` rows); '' on success, else why not."""
     from rwkv2rknn.fileio import load_onnx, save_onnx
+
     model = load_onnx(onnx_path)
     try:
         cols = to_columns(model)
@@ -235,13 +242,16 @@ def write_columns(onnx_path: str, out_path: str, rows: int = 3) -> str:
         return str(e)
     save_onnx(cols, out_path)
     import onnxruntime as ort
+
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
     rng = np.random.default_rng(0)
     a = ort.InferenceSession(onnx_path, opts, providers=["CPUExecutionProvider"])
     b = ort.InferenceSession(out_path, opts, providers=["CPUExecutionProvider"])
-    feed = {i.name: rng.standard_normal([rows if isinstance(d, str) else d for d in i.shape])
-            .astype(np.float32) for i in a.get_inputs()}
+    feed = {
+        i.name: rng.standard_normal([rows if isinstance(d, str) else d for d in i.shape]).astype(np.float32)
+        for i in a.get_inputs()
+    }
     want = a.run(None, feed)
     got = b.run(None, {k: to_cols(v) for k, v in feed.items()})
     for o, w, x in zip(a.get_outputs(), want, got):
@@ -257,6 +267,7 @@ def fits(onnx_path: str) -> str:
     """'' if the T-row segment file has a columns form (checked on onnxruntime), else why not."""
     import tempfile
     from rwkv2rknn.fileio import scratch_prefix
+
     with tempfile.TemporaryDirectory(prefix=scratch_prefix("columns")) as tmp:
         return write_columns(onnx_path, os.path.join(tmp, "columns.onnx"))
 

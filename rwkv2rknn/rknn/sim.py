@@ -15,8 +15,26 @@ class RknnSimRunner(_RknnRunner):
 
     backend = "rknn-sim"
 
-    def __init__(self, onnx_path: str, name: str, inputs, outputs, shapes, target: str = "rk3588",
-                 rows=(), precision: str = "fp16", dataset: str = "", columns: bool = False):
+    def __init__(
+        self,
+        onnx_path: str,
+        name: str,
+        inputs,
+        outputs,
+        shapes,
+        target: str = "rk3588",
+        rows=(),
+        precision: str = "fp16",
+        dataset: str = "",
+        columns: bool = False,
+    ):
         super().__init__(name, inputs, outputs, shapes, rows)
-        self._rt = build_in_process(onnx_path, target=target, runtime=True, rows=rows,
-                                    precision=precision, dataset=dataset, columns=columns)
+        self._rt = build_in_process(
+            onnx_path,
+            target=target,
+            runtime=True,
+            rows=rows,
+            precision=precision,
+            dataset=dataset,
+            columns=columns,
+        )

@@ -62,6 +62,7 @@ def find_sites(model) -> List[Site]:
     """The projections of ``model`` (onnx ModelProto) whose input is a token-shift mix or relu^2,
     each of whose constants is used by that site alone."""
     from onnx import numpy_helper
+
     inits, producer, users = _index(model)
     outputs = {o.name for o in model.graph.output}
     sites = []
@@ -85,8 +86,7 @@ def find_sites(model) -> List[Site]:
                 if m is None or m.op_type != "Mul" or len(users.get(m.output[0], [])) != 1:
                     break
                 c = [i for i in m.input if i in inits]
-                if len(c) != 1 or len(users.get(c[0], [])) != 1 or \
-                        int(np.prod(inits[c[0]].dims)) != width:
+                if len(c) != 1 or len(users.get(c[0], [])) != 1 or int(np.prod(inits[c[0]].dims)) != width:
                     break
                 consts.append(c[0])
             if len(consts) == 2:
@@ -96,8 +96,12 @@ def find_sites(model) -> List[Site]:
             if r is None or r.op_type != "Relu" or len({id(u) for u in users.get(r.output[0], [])}) != 1:
                 continue
             k = producer.get(_through_reshape(r.input[0], producer))
-            if k is None or k.op_type != "MatMul" or k.input[1] not in inits or \
-                    len(users.get(k.input[1], [])) != 1:
+            if (
+                k is None
+                or k.op_type != "MatMul"
+                or k.input[1] not in inits
+                or len(users.get(k.input[1], [])) != 1
+            ):
                 continue
             kw = numpy_helper.to_array(inits[k.input[1]])
             if kw.ndim == 2 and kw.shape[1] == width:
@@ -105,10 +109,13 @@ def find_sites(model) -> List[Site]:
     return sites
 
 
-def channel_max(model, sites: Sequence[Site], feeds: Sequence[Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:
+def channel_max(
+    model, sites: Sequence[Site], feeds: Sequence[Dict[str, np.ndarray]]
+) -> Dict[str, np.ndarray]:
     """max |activation| per input channel of each site over ``feeds`` (fp32 onnxruntime)."""
     import onnx
     import onnxruntime as ort
+
     m = onnx.ModelProto()
     m.CopyFrom(model)
     have = {o.name for o in m.graph.output}
@@ -133,9 +140,11 @@ def channel_max(model, sites: Sequence[Site], feeds: Sequence[Dict[str, np.ndarr
 def scales_for(act_max: np.ndarray, w: np.ndarray, alpha: float = ALPHA) -> np.ndarray:
     """SmoothQuant's per-input-channel scale, kept within [1e-2, 1e2] and 1 for dead channels."""
     wmax = np.abs(w).max(1)
-    s = np.where((act_max > 0) & (wmax > 0),
-                 np.power(np.maximum(act_max, 1e-12), alpha) / np.power(np.maximum(wmax, 1e-12), 1 - alpha),
-                 1.0)
+    s = np.where(
+        (act_max > 0) & (wmax > 0),
+        np.power(np.maximum(act_max, 1e-12), alpha) / np.power(np.maximum(wmax, 1e-12), 1 - alpha),
+        1.0,
+    )
     return np.clip(s, 1e-2, 1e2).astype(np.float64)
 
 
@@ -143,19 +152,20 @@ def measure(model, feeds, alpha: float = ALPHA, squares: bool = True) -> Dict[st
     """The scale of every smoothable site of ``model`` (by its weight name), from ``feeds``
     (``squares``: the relu^2 sites too, else the mix sites only)."""
     from onnx import numpy_helper
+
     sites = [s for s in find_sites(model) if squares or not s.key]
     if not sites or not feeds:
         return {}
     inits = {i.name: i for i in model.graph.initializer}
     amax = channel_max(model, sites, feeds)
-    return {s.weight: scales_for(amax[s.act], numpy_helper.to_array(inits[s.weight]), alpha)
-            for s in sites}
+    return {s.weight: scales_for(amax[s.act], numpy_helper.to_array(inits[s.weight]), alpha) for s in sites}
 
 
 def apply(model, scales: Dict[str, np.ndarray]) -> int:
     """Fold ``scales`` (weight name -> s) into ``model`` in place; returns the sites folded (a
     site of ``scales`` that this model does not have the same way is left alone)."""
     from onnx import numpy_helper
+
     inits = {i.name: i for i in model.graph.initializer}
     done = 0
     for site in find_sites(model):
@@ -166,6 +176,7 @@ def apply(model, scales: Dict[str, np.ndarray]) -> int:
         def put(name: str, f):
             a = numpy_helper.to_array(inits[name])
             inits[name].CopyFrom(numpy_helper.from_array(f(a.astype(np.float64)).astype(a.dtype), name))
+
         put(site.weight, lambda w: w * s[:, None])
         for c in site.divide:
             put(c, lambda v: (v.reshape(-1) / s).reshape(v.shape))
@@ -175,11 +186,13 @@ def apply(model, scales: Dict[str, np.ndarray]) -> int:
     return done
 
 
-def smooth_files(paths: Sequence[str], feeds, alpha: float = ALPHA,
-                 measured_on: Optional[str] = None, squares: bool = True) -> int:
+def smooth_files(
+    paths: Sequence[str], feeds, alpha: float = ALPHA, measured_on: Optional[str] = None, squares: bool = True
+) -> int:
     """Measure the scales on ``measured_on`` (default the first of ``paths``: the per-token
     segment, which ``feeds`` fit) and fold them into every file of ``paths`` (rewritten)."""
     import onnx
+
     first = onnx.load(measured_on or paths[0])
     scales = measure(first, feeds, alpha, squares)
     n = 0

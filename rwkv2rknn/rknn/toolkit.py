@@ -34,8 +34,10 @@ QUANT_DTYPE = {p: _TOOLKIT_DTYPE[p] for p in PRECISIONS if p != "fp16"}
 QUANT_ALGORITHM = "normal"
 QUANT_METHOD = "channel"
 
-TOOLKIT_INSTALL = ("pip install --no-deps rknn-toolkit2==2.5.0 (its other dependencies are in "
-                   "requirements.txt; or: make install)")
+TOOLKIT_INSTALL = (
+    "pip install --no-deps rknn-toolkit2==2.5.0 (its other dependencies are in "
+    "requirements.txt; or: make install)"
+)
 
 
 def quiet_toolkit() -> None:
@@ -57,6 +59,7 @@ def import_toolkit():
 def toolkit_version() -> str:
     try:
         from importlib.metadata import version
+
         return version("rknn-toolkit2")
     except Exception:  # noqa: BLE001 - not installed
         return ""
@@ -92,10 +95,20 @@ def _maybe_quiet(verbose: bool, log_to: str = ""):
         yield
 
 
-def build_in_process(onnx_path: str, target: str = "rk3588", rknn_out: str = "",
-                     runtime: bool = False, verbose: bool = False, float_dtype: str = "",
-                     rows=(), precision: str = "fp16", dataset: str = "",
-                     log_to: str = "", columns: bool = False, config=None):
+def build_in_process(
+    onnx_path: str,
+    target: str = "rk3588",
+    rknn_out: str = "",
+    runtime: bool = False,
+    verbose: bool = False,
+    float_dtype: str = "",
+    rows=(),
+    precision: str = "fp16",
+    dataset: str = "",
+    log_to: str = "",
+    columns: bool = False,
+    config=None,
+):
     """Build an ONNX model with rknn-toolkit2; optionally export the .rknn and/or start the
     simulator. Returns the RKNN object. Raises ToolkitError on a refused build.
     ``precision`` other than fp16 quantises with ``dataset`` (``calibrate.write_dataset``: file
@@ -113,8 +126,10 @@ def build_in_process(onnx_path: str, target: str = "rk3588", rknn_out: str = "",
     quant = precision != "fp16"
     onnx_path, rknn_out = os.path.abspath(onnx_path), rknn_out and os.path.abspath(rknn_out)
     if quant and (precision not in QUANT_DTYPE or not dataset):
-        raise ToolkitError(f"cannot build {os.path.basename(onnx_path)} as {precision}",
-                           f"use one of {', '.join(PRECISIONS)}, with a calibration dataset")
+        raise ToolkitError(
+            f"cannot build {os.path.basename(onnx_path)} as {precision}",
+            f"use one of {', '.join(PRECISIONS)}, with a calibration dataset",
+        )
     with _maybe_quiet(verbose, log_to), tempfile.TemporaryDirectory(prefix=scratch_prefix("ds")) as tmp:
         rk = RKNN(verbose=verbose)
         config = dict(config or {})
@@ -127,17 +142,23 @@ def build_in_process(onnx_path: str, target: str = "rk3588", rknn_out: str = "",
         if rows:
             cfg["dynamic_input"] = dynamic_shapes(onnx_path, rows)
         if quant:
-            cfg.update(quantized_dtype=QUANT_DTYPE[precision], quantized_algorithm=QUANT_ALGORITHM,
-                       quantized_method=QUANT_METHOD)
+            cfg.update(
+                quantized_dtype=QUANT_DTYPE[precision],
+                quantized_algorithm=QUANT_ALGORITHM,
+                quantized_method=QUANT_METHOD,
+            )
         cfg.update(config)  # measurements: other algorithms, methods, hybrid levels
         if quant:
             dataset = _absolute_dataset(dataset, tmp)
             if columns:
                 from rwkv2rknn.rknn.columns import columns_dataset
+
                 dataset = columns_dataset(dataset, tmp)
-        steps = [("config", lambda: rk.config(**cfg)),
-                 ("load_onnx", lambda: rk.load_onnx(onnx_path)),
-                 ("build", lambda: rk.build(do_quantization=quant, dataset=dataset or None, **build_kw))]
+        steps = [
+            ("config", lambda: rk.config(**cfg)),
+            ("load_onnx", lambda: rk.load_onnx(onnx_path)),
+            ("build", lambda: rk.build(do_quantization=quant, dataset=dataset or None, **build_kw)),
+        ]
         if rknn_out:
             steps.append(("export_rknn", lambda: rk.export_rknn(rknn_out)))
         if runtime:
@@ -148,13 +169,16 @@ def build_in_process(onnx_path: str, target: str = "rk3588", rknn_out: str = "",
                     ret = call()
             except Exception as e:  # the toolkit reports some failures as exceptions
                 rk.release()
-                raise ToolkitError(f"rknn-toolkit2 {step} failed on {os.path.basename(onnx_path)} "
-                                   f"({error_line(e)})",
-                                   "the segment stays on the CPU; run with --verbose for the toolkit's log") from e
+                raise ToolkitError(
+                    f"rknn-toolkit2 {step} failed on {os.path.basename(onnx_path)} ({error_line(e)})",
+                    "the segment stays on the CPU; run with --verbose for the toolkit's log",
+                ) from e
             if ret not in (0, None) and step != "config":
                 rk.release()
-                raise ToolkitError(f"rknn-toolkit2 {step} returned {ret} on {os.path.basename(onnx_path)}",
-                                   "the segment stays on the CPU; run with --verbose for the toolkit's log")
+                raise ToolkitError(
+                    f"rknn-toolkit2 {step} returned {ret} on {os.path.basename(onnx_path)}",
+                    "the segment stays on the CPU; run with --verbose for the toolkit's log",
+                )
     return rk
 
 
@@ -171,11 +195,13 @@ def _working_in(folder: str):
 def _columns_model(onnx_path: str, folder: str) -> str:
     """The columns form of a T-row segment, written into ``folder`` (the build's scratch)."""
     from rwkv2rknn.rknn.columns import write_columns
+
     path = os.path.join(folder, os.path.basename(onnx_path).replace(".onnx", ".columns.onnx"))
     why = write_columns(onnx_path, path)
     if why:
-        raise ToolkitError(f"cannot build {os.path.basename(onnx_path)} in columns ({why})",
-                           "compile the model again")
+        raise ToolkitError(
+            f"cannot build {os.path.basename(onnx_path)} in columns ({why})", "compile the model again"
+        )
     return path
 
 
@@ -198,8 +224,9 @@ def _absolute_dataset(dataset: str, folder: str) -> str:
         with open(dataset) as f:
             lines = [" ".join(os.path.join(base, p) for p in ln.split()) for ln in f if ln.strip()]
     except OSError as e:
-        raise ToolkitError(f"cannot read calibration dataset '{dataset}' ({e.strerror})",
-                           "compile the model again") from e
+        raise ToolkitError(
+            f"cannot read calibration dataset '{dataset}' ({e.strerror})", "compile the model again"
+        ) from e
     path = os.path.join(folder, "dataset.txt")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -209,6 +236,7 @@ def _absolute_dataset(dataset: str, folder: str) -> str:
 def dynamic_shapes(onnx_path: str, rows) -> list:
     """rknn-toolkit2 ``dynamic_input`` for a T-row segment: its input shapes with T = each of rows."""
     import onnx
+
     model = onnx.load(onnx_path, load_external_data=False)
     dims = [[d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input]
     return [[[t if isinstance(d, str) else d for d in shape] for shape in dims] for t in rows]
@@ -222,6 +250,7 @@ def toolkit_installed() -> bool:
 def require_toolkit() -> str:
     """rknn-toolkit2's version, or a MissingDependency that says how to install it."""
     if not toolkit_installed():
-        raise MissingDependency("building .rknn files needs rknn-toolkit2",
-                                f"{TOOLKIT_INSTALL}; or compile with --plan-only")
+        raise MissingDependency(
+            "building .rknn files needs rknn-toolkit2", f"{TOOLKIT_INSTALL}; or compile with --plan-only"
+        )
     return toolkit_version()

@@ -26,6 +26,7 @@ BOARD_BACKENDS = ("rknn-rt", "rknn-lite")  # the NPU runners that load .rknn fil
 def rt_available() -> bool:
     """librknnrt.so loads here (the ``rknn-rt`` runner, the board's default)."""
     from rwkv2rknn.runtime.rknnrt import available
+
     return available()
 
 
@@ -36,6 +37,7 @@ def core_mask_for(seg, manifest, requested: str = "auto") -> str:
     if requested != "auto" or manifest.target != "rk3588":
         return requested
     from rwkv2rknn.artifact.profile import DeviceProfile
+
     prof = DeviceProfile.from_dict(manifest.profile) if manifest.profile else DeviceProfile()
     weight_bytes = seg.flops / 2 * prof.npu_weight_bytes  # per-token MatMul FLOPs = 2 x weights
     return "0_1_2" if prof.npu_cores_for(weight_bytes) >= 3 else "auto"

@@ -18,8 +18,12 @@ from rwkv2rknn.errors import BadInput
 log = logging.getLogger(__name__)
 
 LIBRKNNRT_ENV = "RWKV2RKNN_LIBRKNNRT"
-LIBRKNNRT_PATHS = ("usr/lib/librknnrt.so", "usr/lib64/librknnrt.so", "usr/local/lib/librknnrt.so",
-                   "usr/lib/aarch64-linux-gnu/librknnrt.so")
+LIBRKNNRT_PATHS = (
+    "usr/lib/librknnrt.so",
+    "usr/lib64/librknnrt.so",
+    "usr/local/lib/librknnrt.so",
+    "usr/lib/aarch64-linux-gnu/librknnrt.so",
+)
 # The newest librknnrt Rockchip publishes (checked 2026-12): 2.3.2, in its rknn-toolkit2 repository
 # on GitHub (the same file is in rknn_model_zoo 2.3.2 and rknn-llm 1.3.0). The package registry's
 # rknn-toolkit2 and rknn-toolkit-lite2 go to 2.5.0, but no 2.5.0 librknnrt is published and the
@@ -27,10 +31,14 @@ LIBRKNNRT_PATHS = ("usr/lib/librknnrt.so", "usr/lib64/librknnrt.so", "usr/local/
 # both write RKNN format version 6, the version that runtime reads; librknnrt 1.x refuses it.
 NEWEST_PUBLIC_RUNTIME = "2.3.2"
 RUNTIME_FORMAT = 6  # the RKNN file format version rknn-toolkit2 2.3.x-2.5.0 write
-LIBRKNNRT_URL = ("https://github.com/airockchip/rknn-toolkit2/raw/master/"
-                 "rknpu2/runtime/Linux/librknn_api/aarch64/librknnrt.so")
-LIBRKNNRT_INSTALL = (f"download librknnrt.so {NEWEST_PUBLIC_RUNTIME} (the newest Rockchip publishes) from "
-                     f"{LIBRKNNRT_URL} to /usr/lib/, or point ${LIBRKNNRT_ENV} at it")
+LIBRKNNRT_URL = (
+    "https://github.com/airockchip/rknn-toolkit2/raw/master/"
+    "rknpu2/runtime/Linux/librknn_api/aarch64/librknnrt.so"
+)
+LIBRKNNRT_INSTALL = (
+    f"download librknnrt.so {NEWEST_PUBLIC_RUNTIME} (the newest Rockchip publishes) from "
+    f"{LIBRKNNRT_URL} to /usr/lib/, or point ${LIBRKNNRT_ENV} at it"
+)
 # debugfs (root only) on Rockchip's vendor kernels; the module's own version where it is a module
 DRIVER_VERSION_PATHS = ("sys/kernel/debug/rknpu/version", "sys/module/rknpu/version")
 DRIVER_NODES = ("dev/rknpu", "sys/kernel/debug/rknpu", "sys/module/rknpu", "sys/class/misc/rknpu")
@@ -78,14 +86,20 @@ def librknnrt_missing(root: str = "/", environ=None) -> str:
         return "" if os.path.isfile(env) else f"${LIBRKNNRT_ENV} names {env}, which does not exist"
     if librknnrt_path(root, environ):
         return ""
-    return ("librknnrt.so not found (looked in $" + LIBRKNNRT_ENV + ", "
-            + ", ".join("/" + p for p in LIBRKNNRT_PATHS) + ")")
+    return (
+        "librknnrt.so not found (looked in $"
+        + LIBRKNNRT_ENV
+        + ", "
+        + ", ".join("/" + p for p in LIBRKNNRT_PATHS)
+        + ")"
+    )
 
 
 def version_in(text: str) -> str:
     """The librknnrt version in a text ('2.5.0' from '2.5.0 (620b20d build@2025-...)'), or ''."""
     m = _LIB_VERSION.search(text.encode(errors="replace")) or re.search(
-        rb"^\s*v?(\d+\.\d+\.\d+)", text.encode(errors="replace"))
+        rb"^\s*v?(\d+\.\d+\.\d+)", text.encode(errors="replace")
+    )
     return m.group(1).decode() if m else ""
 
 
@@ -121,11 +135,15 @@ def runtime_hint(lib_path: str, toolkit: str) -> str:
     have = librknnrt_version(lib_path) if lib_path else ""
     need = toolkit or "the toolkit version in manifest.json"
     if runtime_too_old(have, toolkit):
-        return (f"this board's librknnrt is {have}, older than rknn-toolkit2 {toolkit} that built "
-                f"the files: {LIBRKNNRT_INSTALL}")
-    return (f"the likeliest cause is a librknnrt.so older than rknn-toolkit2 {need} that built the "
-            f"files (this board's: {have or 'version unknown'}; `rwkv2rknn doctor` checks it), "
-            f"else the files were compiled for another --target")
+        return (
+            f"this board's librknnrt is {have}, older than rknn-toolkit2 {toolkit} that built "
+            f"the files: {LIBRKNNRT_INSTALL}"
+        )
+    return (
+        f"the likeliest cause is a librknnrt.so older than rknn-toolkit2 {need} that built the "
+        f"files (this board's: {have or 'version unknown'}; `rwkv2rknn doctor` checks it), "
+        f"else the files were compiled for another --target"
+    )
 
 
 def npu_driver_version(root: str = "/") -> str:
@@ -147,12 +165,15 @@ def npu_device_present(root: str = "/") -> bool:
     return any(os.path.exists(_at(root, p)) for p in DEVICE_NODES)
 
 
-NO_DRIVER_FIX = ("boot a kernel with Rockchip's RKNPU driver (the board vendor's image, or a "
-                 f"vendor-kernel Armbian/Ubuntu image); {DMESG}")
+NO_DRIVER_FIX = (
+    "boot a kernel with Rockchip's RKNPU driver (the board vendor's image, or a "
+    f"vendor-kernel Armbian/Ubuntu image); {DMESG}"
+)
 
 
-def diagnose_init(ret: int, messages, lib_path: str, toolkit: str, target: str = "",
-                  root: str = "/") -> Tuple[str, str]:
+def diagnose_init(
+    ret: int, messages, lib_path: str, toolkit: str, target: str = "", root: str = "/"
+) -> Tuple[str, str]:
     """(cause, fix) of a refused ``rknn_init`` from what the runtime said (its ``E RKNN:``
     lines), its return code and what this machine has: no NPU driver, a runtime older than the
     files, a file for another target, else the likeliest of those."""
@@ -164,15 +185,21 @@ def diagnose_init(ret: int, messages, lib_path: str, toolkit: str, target: str =
         return "no NPU driver: the runtime cannot open the RKNPU device", NO_DRIVER_FIX
     if "model version" in said or "invalid rknn model" in said or "rknn_api version" in said:
         if have and not older(have, NEWEST_PUBLIC_RUNTIME):  # no newer runtime to be had
-            upgrade = (f"compile the model again with rknn-toolkit2 {have}, this runtime's version "
-                       f"(`pip install --no-deps rknn-toolkit2=={have}` on the compile machine)")
+            upgrade = (
+                f"compile the model again with rknn-toolkit2 {have}, this runtime's version "
+                f"(`pip install --no-deps rknn-toolkit2=={have}` on the compile machine)"
+            )
         return (f"{lib} is too old for these files (built by rknn-toolkit2 {toolkit or '?'})", upgrade)
     if ret == -13 or "target platform" in said or "platform" in said and "mismatch" in said:
-        return ("the files were compiled for another SoC" + (f" ({target})" if target else ""),
-                "compile the model again with --target for this board (`rwkv2rknn doctor` names it)")
+        return (
+            "the files were compiled for another SoC" + (f" ({target})" if target else ""),
+            "compile the model again with --target for this board (`rwkv2rknn doctor` names it)",
+        )
     if not npu_device_present(root):
-        return ("no NPU driver: none of /dev/rknpu, /dev/dri/renderD129, /sys/kernel/debug/rknpu "
-                "exists", NO_DRIVER_FIX)
+        return (
+            "no NPU driver: none of /dev/rknpu, /dev/dri/renderD129, /sys/kernel/debug/rknpu exists",
+            NO_DRIVER_FIX,
+        )
     if runtime_too_old(have, toolkit):
         return f"{lib} is older than rknn-toolkit2 {toolkit} that built the files", upgrade
     return ("the runtime refused the file", runtime_hint(lib_path, toolkit))
@@ -199,16 +226,22 @@ def memory_need(manifest, artifact: str, backend: str = "rknn-rt") -> Dict[str, 
     for seg in manifest.segments:
         per_token = sum(_elems(seg.shapes.get(k)) for k in tuple(seg.inputs) + tuple(seg.outputs))
         if seg.backend == "npu" and backend != "ort":
-            weights += _size(artifact, seg.rknn) + (_size(artifact, seg.seq_rknn)
-                                                    if seg.seq_rknn != seg.rknn else 0)
+            weights += _size(artifact, seg.rknn) + (
+                _size(artifact, seg.seq_rknn) if seg.seq_rknn != seg.rknn else 0
+            )
         else:
             weights += _size(artifact, seg.onnx) + _size(artifact, seg.seq_onnx)
         acts += 4 * per_token * (1 + max(seg.seq_rows or (0,)))
     width = int(manifest.model.get("width") or 0)
     state = 4 * len(manifest.state) * width
     domains = len(domain_bytes(manifest, artifact)) if backend != "ort" else 0
-    return {"weights": weights, "activations": acts, "state": state,
-            "total": weights + acts + state, "npu_domains": domains}
+    return {
+        "weights": weights,
+        "activations": acts,
+        "state": state,
+        "total": weights + acts + state,
+        "npu_domains": domains,
+    }
 
 
 IOMMU_DOMAIN_BYTES = 4 << 30  # the RK3588 NPU maps memory in IOMMU domains of 4 GiB
@@ -216,8 +249,10 @@ IOMMU_DOMAIN_BYTES = 4 << 30  # the RK3588 NPU maps memory in IOMMU domains of 4
 # librknnrt published) gives rknn_init no way to choose a domain (rknn_init_extend holds ctx,
 # real_model_offset, real_model_size, model_buffer_fd, model_buffer_flags and reserved bytes);
 # only the matmul API (rknn_matmul_info.iommu_domain_id) and RKLLM (base_domain_id) have one.
-NO_DOMAIN_CHOICE = ("librknnrt's rknn_init cannot place a context in another IOMMU domain (Rockchip's "
-                    "rknn_api.h 2.3.2 has no domain field for it), so every context shares domain 0")
+NO_DOMAIN_CHOICE = (
+    "librknnrt's rknn_init cannot place a context in another IOMMU domain (Rockchip's "
+    "rknn_api.h 2.3.2 has no domain field for it), so every context shares domain 0"
+)
 
 
 def npu_weight_bytes(manifest, artifact: str) -> int:
@@ -232,8 +267,10 @@ def iommu_domains(manifest, artifact: str, domain_bytes: Optional[int] = None) -
     first domain with room (a file larger than a domain gets one of its own). Domain 0 holds
     everything when the weights fit in one domain."""
     limit = domain_bytes or IOMMU_DOMAIN_BYTES
-    files = sorted({f for s in manifest.segments if s.backend == "npu" for f in (s.rknn, s.seq_rknn) if f},
-                   key=lambda f: (-_size(artifact, f), f))
+    files = sorted(
+        {f for s in manifest.segments if s.backend == "npu" for f in (s.rknn, s.seq_rknn) if f},
+        key=lambda f: (-_size(artifact, f), f),
+    )
     used: List[int] = []
     out: Dict[str, int] = {}
     for f in files:
@@ -267,11 +304,15 @@ def gib(n: int) -> str:
 
 
 def describe_need(need: Dict[str, int]) -> str:
-    text = (f"about {gib(need['total'])} (weights {gib(need['weights'])}, activations "
-            f"{gib(need['activations'])}, state {gib(need['state'])})")
+    text = (
+        f"about {gib(need['total'])} (weights {gib(need['weights'])}, activations "
+        f"{gib(need['activations'])}, state {gib(need['state'])})"
+    )
     if need.get("npu_domains", 0) > 1:
-        text += (f"; its NPU weights need {need['npu_domains']} IOMMU domains of 4 GiB, which "
-                 f"librknnrt cannot give (`rwkv2rknn doctor`)")
+        text += (
+            f"; its NPU weights need {need['npu_domains']} IOMMU domains of 4 GiB, which "
+            f"librknnrt cannot give (`rwkv2rknn doctor`)"
+        )
     return text
 
 
@@ -279,30 +320,44 @@ def require_memory(need: Dict[str, int], root: str = "/", margin: float = 1.1) -
     """A one-line BadInput when MemAvailable is below the artifact's need (with a margin)."""
     have = mem_available(root)
     if have >= 0 and have < need["total"] * margin:
-        raise BadInput(f"the board has {gib(have)} free (MemAvailable), this model needs about "
-                       f"{gib(need['total'])} (weights {gib(need['weights'])})",
-                       "close other programs, or pack a smaller model (`rwkv2rknn doctor ARTIFACT`)")
+        raise BadInput(
+            f"the board has {gib(have)} free (MemAvailable), this model needs about "
+            f"{gib(need['total'])} (weights {gib(need['weights'])})",
+            "close other programs, or pack a smaller model (`rwkv2rknn doctor ARTIFACT`)",
+        )
 
 
 def board_preflight(artifact: str, m, backend: str) -> None:
     """Before loading on the board: the SoC matches the target, enough memory is free, and the
     runtime is not older than the toolkit that built the files (a warning: it may still load)."""
     from rwkv2rknn.runtime import soc as socs
+
     soc = socs.board_soc()
     if soc and not socs.same_npu(soc, m.target):
-        raise BadInput(f"'{artifact}' was compiled for {m.target or 'an unknown target'}, "
-                       f"but this board is {soc}", f"compile it again with --target {soc}")
+        raise BadInput(
+            f"'{artifact}' was compiled for {m.target or 'an unknown target'}, but this board is {soc}",
+            f"compile it again with --target {soc}",
+        )
     if not soc and m.target != "rk3588":
         log.warning("artifact was compiled for %s", m.target)
     need = memory_need(m, artifact, backend)
     require_memory(need)
     if need["npu_domains"] > 1:
-        log.warning("the NPU weights need %d IOMMU domains of 4 GiB; %s: loading is expected to fail "
-                    "(`rwkv2rknn doctor %s`)", need["npu_domains"], NO_DOMAIN_CHOICE, artifact)
+        log.warning(
+            "the NPU weights need %d IOMMU domains of 4 GiB; %s: loading is expected to fail "
+            "(`rwkv2rknn doctor %s`)",
+            need["npu_domains"],
+            NO_DOMAIN_CHOICE,
+            artifact,
+        )
     have = librknnrt_version(librknnrt_path())
     if runtime_too_old(have, m.toolkit):
-        log.warning("librknnrt %s is older than rknn-toolkit2 %s that built the files; if loading "
-                    "fails: %s", have, m.toolkit, LIBRKNNRT_INSTALL)
+        log.warning(
+            "librknnrt %s is older than rknn-toolkit2 %s that built the files; if loading fails: %s",
+            have,
+            m.toolkit,
+            LIBRKNNRT_INSTALL,
+        )
 
 
 @contextlib.contextmanager

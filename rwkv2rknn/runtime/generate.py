@@ -133,6 +133,7 @@ def generate(
     """
     from rwkv2rknn.runtime.sampler import Sampler
     from rwkv2rknn.runtime.session import decode_loop
+
     prompt = [int(i) for i in prompt_ids]
     if not prompt:
         raise ValueError("prompt_ids is empty: give at least one token to start from")
@@ -172,20 +173,29 @@ def model_tokenizer(spec: Optional[str]):
     """The tokenizer for ``spec`` (given by the user or recorded with the model), or a UsageError
     if there is none."""
     from .tokenizer import load_tokenizer
+
     if not spec:
         raise UsageError("the model has no tokenizer recorded", "pass --tokenizer bytes|world|PATH")
     return load_tokenizer(spec)
 
 
-def generate_text(model, tokenizer_spec: Optional[str], prompt: str, max_tokens: int,
-                  temperature: float = 0.8, top_p: float = 0.9, seed=None,
-                  on_text: Optional[Callable[[str], None]] = None) -> GenerationResult:
+def generate_text(
+    model,
+    tokenizer_spec: Optional[str],
+    prompt: str,
+    max_tokens: int,
+    temperature: float = 0.8,
+    top_p: float = 0.9,
+    seed=None,
+    on_text: Optional[Callable[[str], None]] = None,
+) -> GenerationResult:
     """Continue ``prompt`` with ``model`` (``step``/``init_state``/``vocab``, and ``prefill``
     where it has one): encode it, feed it, sample ``max_tokens`` ids and stream the decoded text
     (complete characters only) to ``on_text``, which hears the prompt first. A session
     (``runtime.session``) does the work, as for `chat` and `serve`."""
     from rwkv2rknn.runtime.sampler import Sampler
     from rwkv2rknn.runtime.session import Session
+
     tok = model_tokenizer(tokenizer_spec)
     session = Session(model, tok, identity="", description="")
     ids = session.encode(prompt)
@@ -193,9 +203,18 @@ def generate_text(model, tokenizer_spec: Optional[str], prompt: str, max_tokens:
         raise UsageError("the prompt encodes to no tokens", "give some text")
     emit = on_text or (lambda text: None)
     emit(prompt)
-    reply = session.generate(ids, Sampler(temperature=temperature, top_p=top_p, seed=seed, tokenizer=tok),
-                             max_tokens, stop_ids=(), on_text=emit)
-    return GenerationResult(ids=reply.ids, ttft_s=reply.ttft_s,
-                            decode_tokens_per_s=reply.decode_tokens_per_s,
-                            prompt_tokens=len(ids), stop_reason="max_tokens",
-                            total_s=reply.total_s)
+    reply = session.generate(
+        ids,
+        Sampler(temperature=temperature, top_p=top_p, seed=seed, tokenizer=tok),
+        max_tokens,
+        stop_ids=(),
+        on_text=emit,
+    )
+    return GenerationResult(
+        ids=reply.ids,
+        ttft_s=reply.ttft_s,
+        decode_tokens_per_s=reply.decode_tokens_per_s,
+        prompt_tokens=len(ids),
+        stop_reason="max_tokens",
+        total_s=reply.total_s,
+    )

@@ -35,12 +35,15 @@ log = logging.getLogger(__name__)
 
 def load_manifest(artifact: str) -> Manifest:
     if not os.path.isdir(artifact):
-        raise BadInput(f"artifact '{artifact}' is not a folder",
-                       "give the output folder of `rwkv2rknn compile`")
+        raise BadInput(
+            f"artifact '{artifact}' is not a folder", "give the output folder of `rwkv2rknn compile`"
+        )
     path = os.path.join(artifact, MANIFEST)
     if not os.path.exists(path):
-        raise BadInput(f"'{artifact}' has no {MANIFEST}",
-                       "give the output folder of `rwkv2rknn compile` (or compile the model again)")
+        raise BadInput(
+            f"'{artifact}' has no {MANIFEST}",
+            "give the output folder of `rwkv2rknn compile` (or compile the model again)",
+        )
     return Manifest.from_dict(fileio.read_json(path, "manifest"), where=path)
 
 
@@ -48,6 +51,7 @@ def resolve_backend(backend: str) -> str:
     """'auto' -> rknn-rt where librknnrt.so loads, else rknn-lite where rknn-toolkit-lite2 is, else
     rknn-sim where rknn-toolkit2 imports, else ort."""
     from rwkv2rknn.runtime.board import lite_available, rt_available, toolkit_available
+
     if backend not in BACKENDS:
         raise UsageError(f"unknown backend '{backend}'", f"use one of {', '.join(BACKENDS)}")
     if backend != "auto":
@@ -64,10 +68,21 @@ def resolve_backend(backend: str) -> str:
 class HybridModel:
     """A compiled artifact, loaded with one runner per segment."""
 
-    def __init__(self, artifact: str, backend: str = "ort", core_mask: str = "auto",
-                 verify: bool = True, threads: int = 0, progress=None, rknn_io: str = "auto",
-                 fuse: bool = True, share_weights: bool = True, store=None):
+    def __init__(
+        self,
+        artifact: str,
+        backend: str = "ort",
+        core_mask: str = "auto",
+        verify: bool = True,
+        threads: int = 0,
+        progress=None,
+        rknn_io: str = "auto",
+        fuse: bool = True,
+        share_weights: bool = True,
+        store=None,
+    ):
         from rwkv2rknn.runtime.rknnrt import IO_PATHS
+
         if rknn_io not in IO_PATHS + ("auto",):
             raise UsageError(f"unknown --rknn-io '{rknn_io}'", "use copy, zero-copy or auto")
         self.artifact = artifact
@@ -75,21 +90,27 @@ class HybridModel:
         self._io: Dict[str, str] = {}  # segment -> io path (rknn-rt), where chosen
         self.manifest = m = load_manifest(artifact)
         if not m.token_input or not m.logits_output:
-            raise BadInput(f"'{artifact}' was compiled from a single ONNX graph, not a whole model",
-                           "compile a whole model (a per-layer folder, or one file with a token "
-                           "input, state and logits) to run it")
+            raise BadInput(
+                f"'{artifact}' was compiled from a single ONNX graph, not a whole model",
+                "compile a whole model (a per-layer folder, or one file with a token "
+                "input, state and logits) to run it",
+            )
         self.backend = resolve_backend(backend)
         self._board = self.backend in BOARD_BACKENDS
         if self._board:
             from rwkv2rknn.runtime.device import board_preflight
+
             board_preflight(artifact, m, self.backend)
         elif m.packed:
-            raise UsageError(f"'{artifact}' is packed for the board (its NPU segments are .rknn "
-                             f"only): {self.backend} cannot run it",
-                             "run it with --backend rknn-rt or rknn-lite on the board, or run the "
-                             "artifact it was packed from")
+            raise UsageError(
+                f"'{artifact}' is packed for the board (its NPU segments are .rknn "
+                f"only): {self.backend} cannot run it",
+                "run it with --backend rknn-rt or rknn-lite on the board, or run the "
+                "artifact it was packed from",
+            )
         self._verify, self._threads, self._core_mask = verify, threads, core_mask
         from rwkv2rknn.runtime.ortshare import WeightStore
+
         # one copy of the weights for every onnxruntime session (``share_weights``; else each
         # session holds its own, prepacked); ``store``: one to share with another model
         self._store = (store or WeightStore()) if share_weights else None
@@ -120,8 +141,9 @@ class HybridModel:
         # segments that make only the logits from activations (the head): a prompt needs them
         # on its last row only
         fed = {m.token_input} | {s.input for s in self.slots}
-        self._head = [list(seg.outputs) == [m.logits_output] and not fed & set(seg.inputs)
-                      for seg in m.segments]
+        self._head = [
+            list(seg.outputs) == [m.logits_output] and not fed & set(seg.inputs) for seg in m.segments
+        ]
         if self._fuse:
             self._fuse_decode()
 
@@ -130,8 +152,10 @@ class HybridModel:
         if not os.path.isfile(path):
             raise BadInput(f"segment file '{path}' is missing", "compile the model again")
         if self._verify and sha and sha256_file(path) != sha:
-            raise BadInput(f"segment file '{path}' changed since it was compiled (checksum mismatch)",
-                           "compile the model again")
+            raise BadInput(
+                f"segment file '{path}' changed since it was compiled (checksum mismatch)",
+                "compile the model again",
+            )
         return path
 
     def _calib(self, rel) -> str:
@@ -147,6 +171,7 @@ class HybridModel:
         if seg.backend == "cpu" or self.backend == "ort":
             from rwkv2rknn.runtime.ort import OrtRunner
             from rwkv2rknn.runtime.ortshare import LazyRunner
+
             path, threads = self._path(seg.onnx, seg.sha256), self.threads_for(seg)
             if self._fuse:
                 return LazyRunner(lambda: OrtRunner(path, seg.name, threads, self._store), seg.name)
@@ -154,33 +179,69 @@ class HybridModel:
         shapes = {k: list(v) for k, v in seg.shapes.items()}
         if seg.decode_rows:  # token steps on the T-row build: one copy of the weights
             slots = {s.input for s in self.manifest.state}
-            return RowStep(self._rknn_seq_runner(seg), seg.decode_rows,
-                           [k for k in seg.inputs if k not in slots], seg.shapes)
+            return RowStep(
+                self._rknn_seq_runner(seg),
+                seg.decode_rows,
+                [k for k in seg.inputs if k not in slots],
+                seg.shapes,
+            )
         if self.backend == "rknn-sim":
             RknnSimRunner = plugin_runner("rknn-sim")
-            return RknnSimRunner(self._path(seg.onnx, seg.sha256), seg.name, seg.inputs,
-                                 seg.outputs, shapes, m_target(self),
-                                 precision=seg.precision, dataset=self._calib(seg.calib))
+            return RknnSimRunner(
+                self._path(seg.onnx, seg.sha256),
+                seg.name,
+                seg.inputs,
+                seg.outputs,
+                shapes,
+                m_target(self),
+                precision=seg.precision,
+                dataset=self._calib(seg.calib),
+            )
         if not seg.rknn:
-            raise BadInput(f"segment {seg.name} has no .rknn (compiled with --plan-only)",
-                           "compile without --plan-only, or use --backend ort / rknn-sim")
+            raise BadInput(
+                f"segment {seg.name} has no .rknn (compiled with --plan-only)",
+                "compile without --plan-only, or use --backend ort / rknn-sim",
+            )
         return self._board_runner(seg, self._path(seg.rknn, seg.rknn_sha256), seg.name, shapes)
 
-    def _board_runner(self, seg, path: str, name: str, shapes, rows=(), columns: bool = False,
-                      io: Optional[str] = None):
+    def _board_runner(
+        self, seg, path: str, name: str, shapes, rows=(), columns: bool = False, io: Optional[str] = None
+    ):
         """An NPU segment's .rknn on the board's runtime, on the cores it should use
         (``columns``: a T-row build that takes its rows as columns; ``io``: rknn-rt's io path,
         else the one chosen for the segment)."""
         from rwkv2rknn.runtime.board import core_mask_for
+
         mask = core_mask_for(seg, self.manifest, self._core_mask)
         if self.backend == "rknn-rt":
             from rwkv2rknn.runtime.rknnrt import RknnRtRunner
-            return RknnRtRunner(path, name, seg.inputs, seg.outputs, shapes, mask, rows=rows,
-                                toolkit=self.manifest.toolkit, columns=columns,
-                                io=io or self.io_for(seg), target=self.manifest.target)
+
+            return RknnRtRunner(
+                path,
+                name,
+                seg.inputs,
+                seg.outputs,
+                shapes,
+                mask,
+                rows=rows,
+                toolkit=self.manifest.toolkit,
+                columns=columns,
+                io=io or self.io_for(seg),
+                target=self.manifest.target,
+            )
         from rwkv2rknn.runtime.rknn import RknnLiteRunner
-        return RknnLiteRunner(path, name, seg.inputs, seg.outputs, shapes, mask, rows=rows,
-                              toolkit=self.manifest.toolkit, columns=columns)
+
+        return RknnLiteRunner(
+            path,
+            name,
+            seg.inputs,
+            seg.outputs,
+            shapes,
+            mask,
+            rows=rows,
+            toolkit=self.manifest.toolkit,
+            columns=columns,
+        )
 
     # ------------------------------------------------------------------ io paths, self-test
 
@@ -198,16 +259,31 @@ class HybridModel:
             if not seg.seq_rknn or not seg.seq_rows:
                 return None
             columns = seg.seq_layout == "columns"
-            runner = self._board_runner(seg, self._path(seg.seq_rknn, seg.seq_rknn_sha256),
-                                        seg.name + ".seq", None, rows=seg.seq_rows, columns=columns,
-                                        io=io)
+            runner = self._board_runner(
+                seg,
+                self._path(seg.seq_rknn, seg.seq_rknn_sha256),
+                seg.name + ".seq",
+                None,
+                rows=seg.seq_rows,
+                columns=columns,
+                io=io,
+            )
             return Columns(runner) if columns else runner
         if seg.decode_rows:
             slots = {s.input for s in self.manifest.state}
-            return RowStep(self.new_runner(seg, True, io), seg.decode_rows,
-                           [k for k in seg.inputs if k not in slots], seg.shapes)
-        return self._board_runner(seg, self._path(seg.rknn, seg.rknn_sha256), seg.name,
-                                  {k: list(v) for k, v in seg.shapes.items()}, io=io)
+            return RowStep(
+                self.new_runner(seg, True, io),
+                seg.decode_rows,
+                [k for k in seg.inputs if k not in slots],
+                seg.shapes,
+            )
+        return self._board_runner(
+            seg,
+            self._path(seg.rknn, seg.rknn_sha256),
+            seg.name,
+            {k: list(v) for k, v in seg.shapes.items()},
+            io=io,
+        )
 
     def seq_runner(self, seg):
         """The T-row runner prefill uses for a segment (made once), None if it has none."""
@@ -242,14 +318,22 @@ class HybridModel:
         thread where its MatMul work per call is too small to feed a pool (``POOL_MIN_FLOPS``,
         measured: bench/threads.py), else onnxruntime's default (0: a thread per core)."""
         from rwkv2rknn.runtime.ortshare import POOL_MIN_FLOPS
+
         if self._threads:
             return self._threads
         return 0 if seg.flops * rows >= POOL_MIN_FLOPS else 1
 
     def _fuse_decode(self) -> None:
         """Every segment joined into one graph for token steps, its weights from the store."""
-        from rwkv2rknn.runtime.ortshare import (AdaptiveStep, BoundStep, FusionError, StubError,
-                                                fuse, session_from_stub)
+        from rwkv2rknn.runtime.ortshare import (
+            AdaptiveStep,
+            BoundStep,
+            FusionError,
+            StubError,
+            fuse,
+            session_from_stub,
+        )
+
         m = self.manifest
         stubs, names = [], set()
         keep = {s.output for s in self.slots} | {m.logits_output}
@@ -268,8 +352,13 @@ class HybridModel:
         names = sorted(names)
         slots = [(s.input, s.output) for s in self.slots]
         # --threads N: that many; else one thread and a pool, the faster as it runs
-        choices = ({f"{self._threads} threads": self._threads} if self._threads else
-                   {"1 thread": 1} if (os.cpu_count() or 1) < 2 else {"1 thread": 1, "pool": 0})
+        choices = (
+            {f"{self._threads} threads": self._threads}
+            if self._threads
+            else {"1 thread": 1}
+            if (os.cpu_count() or 1) < 2
+            else {"1 thread": 1, "pool": 0}
+        )
         steps = {}
         for label, threads in choices.items():
             try:
@@ -280,8 +369,7 @@ class HybridModel:
                 self.runners = [r.runner for r in self.runners]
                 return
             try:
-                steps[label] = BoundStep(session, m.token_input, slots, self._offsets,
-                                         m.logits_output)
+                steps[label] = BoundStep(session, m.token_input, slots, self._offsets, m.logits_output)
             except FusionError as e:  # a symbolic shape: the fused session, fed by name
                 log.info("token steps run unbound: %s", e)
                 self._decode = _named_runner(session, "decode", threads)
@@ -292,15 +380,25 @@ class HybridModel:
         """How token steps run, in a line (the bench prints it)."""
         m = self.manifest
         if self._decode is not None:
-            how = (self._decode.describe() if hasattr(self._decode, "describe")
-                   else f"fed by name, {self._threads or 'default'} intra-op threads")
-            return (f"token steps: {len(m.segments)} segments fused into 1 onnxruntime graph "
-                    f"({how}); weights held once: {self._store.nbytes / 2**20:.0f} MiB")
-        pool = sum(1 for seg, npu in zip(m.segments, self._npu)
-                   if (not npu or self.backend == "ort") and self.threads_for(seg) != 1)
+            how = (
+                self._decode.describe()
+                if hasattr(self._decode, "describe")
+                else f"fed by name, {self._threads or 'default'} intra-op threads"
+            )
+            return (
+                f"token steps: {len(m.segments)} segments fused into 1 onnxruntime graph "
+                f"({how}); weights held once: {self._store.nbytes / 2**20:.0f} MiB"
+            )
+        pool = sum(
+            1
+            for seg, npu in zip(m.segments, self._npu)
+            if (not npu or self.backend == "ort") and self.threads_for(seg) != 1
+        )
         ort_segs = sum(1 for npu in self._npu if not npu or self.backend == "ort")
-        return (f"token steps: {len(m.segments)} segments, {ort_segs} on onnxruntime "
-                f"({ort_segs - pool} on 1 thread, {pool} on the pool)")
+        return (
+            f"token steps: {len(m.segments)} segments, {ort_segs} on onnxruntime "
+            f"({ort_segs - pool} on 1 thread, {pool} on the pool)"
+        )
 
     # ------------------------------------------------------------------ stepping
 
@@ -319,8 +417,9 @@ class HybridModel:
             raise BadInput("the state buffer is not contiguous", "use init_state() to make it")
         return [flat[a:b].reshape(d) for a, b, d in zip(self._offsets, self._offsets[1:], self._dims)]
 
-    def step(self, token: int, state: np.ndarray, trace: Optional[Dict[str, np.ndarray]] = None
-             ) -> np.ndarray:
+    def step(
+        self, token: int, state: np.ndarray, trace: Optional[Dict[str, np.ndarray]] = None
+    ) -> np.ndarray:
         """Advance by one token; updates ``state`` in place; returns float32 logits [V]."""
         m = self.manifest
         if self._decode is not None and trace is None:
@@ -362,8 +461,10 @@ class HybridModel:
             # not finite, the state untouched: the same step segment by segment names the
             # segment at fault (an NPU candidate's check), else the logits are
             self.step(token, state, trace={})
-            raise NumericalError("the token step produced NaN/inf logits",
-                                 "the model's own numbers overflow even in fp32; check the checkpoint")
+            raise NumericalError(
+                "the token step produced NaN/inf logits",
+                "the model's own numbers overflow even in fp32; check the checkpoint",
+            )
         return logits
 
     # ------------------------------------------------------------------ prefill
@@ -383,8 +484,9 @@ class HybridModel:
             seq_runner = self._seq_runner(seg)
             if seq_runner is None:
                 # row by row: every state row it reads must come from itself or an earlier segment
-                if any(k in slot_of and slot_of[k].output not in produced | set(seg.outputs)
-                       for k in seg.inputs):
+                if any(
+                    k in slot_of and slot_of[k].output not in produced | set(seg.outputs) for k in seg.inputs
+                ):
                     for r in runners:
                         if r is not None:
                             r.close()
@@ -400,8 +502,14 @@ class HybridModel:
             return None
         if seg.backend == "cpu" or self.backend == "ort":
             from rwkv2rknn.runtime.ort import OrtRunner
-            return OrtRunner(self._path(seg.seq_onnx, seg.seq_sha256), seg.name + ".seq",
-                             self.threads_for(seg, rows=32), self._store, arena=False)
+
+            return OrtRunner(
+                self._path(seg.seq_onnx, seg.seq_sha256),
+                seg.name + ".seq",
+                self.threads_for(seg, rows=32),
+                self._store,
+                arena=False,
+            )
         if not seg.seq_rows:
             return None
         return self._rknn_seq_runner(seg)
@@ -414,13 +522,27 @@ class HybridModel:
         columns = seg.seq_layout == "columns"
         if self.backend == "rknn-sim":
             RknnSimRunner = plugin_runner("rknn-sim")
-            runner = RknnSimRunner(self._path(seg.seq_onnx, seg.seq_sha256),
-                                   seg.name + ".seq", seg.inputs, seg.outputs, None, m_target(self),
-                                   rows=seg.seq_rows, precision=seg.seq_precision,
-                                   dataset=self._calib(seg.seq_calib), columns=columns)
+            runner = RknnSimRunner(
+                self._path(seg.seq_onnx, seg.seq_sha256),
+                seg.name + ".seq",
+                seg.inputs,
+                seg.outputs,
+                None,
+                m_target(self),
+                rows=seg.seq_rows,
+                precision=seg.seq_precision,
+                dataset=self._calib(seg.seq_calib),
+                columns=columns,
+            )
         else:
-            runner = self._board_runner(seg, self._path(seg.seq_rknn, seg.seq_rknn_sha256),
-                                        seg.name + ".seq", None, rows=seg.seq_rows, columns=columns)
+            runner = self._board_runner(
+                seg,
+                self._path(seg.seq_rknn, seg.seq_rknn_sha256),
+                seg.name + ".seq",
+                None,
+                rows=seg.seq_rows,
+                columns=columns,
+            )
         if columns:
             runner = Columns(runner)
         self._shared[seg.name] = runner
@@ -431,8 +553,9 @@ class HybridModel:
         True if this artifact and backend have a prefill path."""
         return self.prefill_runners() is not None
 
-    def prefill(self, tokens: Sequence[int], state: np.ndarray, chunk: int = 0,
-                last_only: bool = False) -> np.ndarray:
+    def prefill(
+        self, tokens: Sequence[int], state: np.ndarray, chunk: int = 0, last_only: bool = False
+    ) -> np.ndarray:
         """Feed ``tokens`` in chunks, updating ``state``; returns logits [T, V], the same as
         calling ``step`` for each token, or with ``last_only`` the last token's, [1, V] (what a
         prompt needs: the segments that make only the logits, the head, then run once, on the
@@ -452,7 +575,7 @@ class HybridModel:
         out = []
         for i in range(0, len(tokens), chunk):
             wanted = "all" if not last_only else "last" if i + chunk >= len(tokens) else ""
-            out.append(self._chunk([int(t) for t in tokens[i:i + chunk]], state, seq, wanted))
+            out.append(self._chunk([int(t) for t in tokens[i : i + chunk]], state, seq, wanted))
             _trim()  # a chunk's activations go back to the system, not to a heap that keeps them
         return np.concatenate(out)
 
@@ -478,8 +601,7 @@ class HybridModel:
                 # a fixed-row build takes the smallest row count that fits; the extra rows are
                 # padding at the end, which earlier rows never see (each row reads only earlier ones)
                 t = min((r for r in rows if r >= n), default=n) if rows else n
-                feed = {k: (views[slot_index[k]] if k in slot_index else pad(env[k], t))
-                        for k in seg.inputs}
+                feed = {k: (views[slot_index[k]] if k in slot_index else pad(env[k], t)) for k in seg.inputs}
                 outs = seq_runner.infer(feed)
                 if seg.backend == "npu":
                     check_finite(seg, seq_runner, outs, "during prefill")
@@ -491,8 +613,10 @@ class HybridModel:
             view[...] = env[slot.output][-1].reshape(view.shape)
         logits = env.get(m.logits_output, np.zeros((0, self.vocab), np.float32))
         if not np.isfinite(logits).all():
-            raise NumericalError("prefill produced NaN/inf logits",
-                                 "run with --backend ort or check the artifact with `rwkv2rknn check`")
+            raise NumericalError(
+                "prefill produced NaN/inf logits",
+                "run with --backend ort or check the artifact with `rwkv2rknn check`",
+            )
         return logits
 
     def logits(self, tokens: Sequence[int]) -> np.ndarray:
@@ -511,8 +635,11 @@ class HybridModel:
         return out
 
     def close(self) -> None:
-        for r in self.runners + [r for r in (self._seq or []) if r is not None] + \
-                [r for r in self._shared.values() if r is not None]:
+        for r in (
+            self.runners
+            + [r for r in (self._seq or []) if r is not None]
+            + [r for r in self._shared.values() if r is not None]
+        ):
             r.close()  # closing a shared runner twice is harmless
         self._decode = None
 
@@ -522,6 +649,7 @@ def _trim() -> None:
     after a 200-token prompt)."""
     try:
         import ctypes
+
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
         pass
@@ -530,11 +658,13 @@ def _trim() -> None:
 def _named_runner(session, name: str, threads: int):
     """An OrtRunner around a session already made."""
     from rwkv2rknn.runtime.ort import OrtRunner
+
     runner = OrtRunner.__new__(OrtRunner)
     runner.name, runner.threads, runner.session, runner.note = name, threads, session, ""
     runner.inputs = [i.name for i in session.get_inputs()]
     runner.outputs = [o.name for o in session.get_outputs()]
     from rwkv2rknn.runtime.ort import ORT_TYPES
+
     runner.input_types = {i.name: ORT_TYPES.get(i.type, np.float32) for i in session.get_inputs()}
     runner.input_shapes = {i.name: i.shape for i in session.get_inputs()}
     return runner

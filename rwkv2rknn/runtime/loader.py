@@ -21,13 +21,21 @@ log = logging.getLogger(__name__)
 
 def is_per_layer_folder(path: str) -> bool:
     """An uncompiled folder of per-layer files (embed.onnx, mixing_N.onnx, head.onnx)."""
-    return (os.path.isdir(path) and not os.path.exists(os.path.join(path, MANIFEST))
-            and os.path.exists(os.path.join(path, "embed.onnx")))
+    return (
+        os.path.isdir(path)
+        and not os.path.exists(os.path.join(path, MANIFEST))
+        and os.path.exists(os.path.join(path, "embed.onnx"))
+    )
 
 
-def open_model(path: str, backend: str = "auto", core_mask: str = "auto",
-               echo: Optional[Callable[[str], None]] = None, rknn_io: str = "auto",
-               verify: bool = False) -> Tuple[object, Optional[str]]:
+def open_model(
+    path: str,
+    backend: str = "auto",
+    core_mask: str = "auto",
+    echo: Optional[Callable[[str], None]] = None,
+    rknn_io: str = "auto",
+    verify: bool = False,
+) -> Tuple[object, Optional[str]]:
     """(model, tokenizer spec) for ``path``: an artifact on ``backend``, or a per-layer folder on
     pure ONNX Runtime (``backend`` ort or auto only). ``echo`` hears which backend was chosen and
     any notes. An artifact on a board backend is self-tested against its golden vectors on its
@@ -38,15 +46,19 @@ def open_model(path: str, backend: str = "auto", core_mask: str = "auto",
         raise UsageError("no model given", "give a compiled ARTIFACT folder")
     if is_per_layer_folder(path):
         if backend not in ("ort", "auto"):
-            raise UsageError(f"'{path}' is an uncompiled per-layer model: it runs only with --backend ort",
-                             f"compile it first: rwkv2rknn compile {path} -o OUT")
+            raise UsageError(
+                f"'{path}' is an uncompiled per-layer model: it runs only with --backend ort",
+                f"compile it first: rwkv2rknn compile {path} -o OUT",
+            )
         from rwkv2rknn.runtime.reference import PerLayerModel
+
         echo("backend: pure onnxruntime over the per-layer files")
         model = PerLayerModel(path)
         for note in model.notes:
             echo(f"note: {note}")
         return model, fileio.model_facts(path).get("tokenizer")
     from rwkv2rknn.runtime.hybrid import HybridModel, load_manifest, resolve_backend
+
     load_manifest(path)
     chosen = resolve_backend(backend)
     if backend == "auto":
@@ -54,6 +66,7 @@ def open_model(path: str, backend: str = "auto", core_mask: str = "auto",
     model = HybridModel(path, backend=chosen, core_mask=core_mask, rknn_io=rknn_io)
     try:
         from rwkv2rknn.runtime import selftest
+
         report = selftest.ensure(model, echo, force=verify)
         if report is not None and verify:
             for c in report.checks:
@@ -75,7 +88,7 @@ def tokenizer_file(spec: Optional[str]) -> Tuple[str, str]:
         return "", ""
     for prefix in ("world:", "hf:"):
         if s.lower().startswith(prefix):
-            return prefix, s[len(prefix):]
+            return prefix, s[len(prefix) :]
     return "", s
 
 
@@ -93,8 +106,10 @@ def bundle_tokenizer(spec: Optional[str], source: str, out_dir: str) -> Optional
     into ``out_dir``/tokenizer/, and return the spec naming it relative to ``out_dir``. Specs
     without a file come back as they are; a file that cannot be found is logged and kept."""
     import shutil
+
     if (spec or "").strip().lower() == "world":
         from rwkv2rknn.runtime.tokenizer import find_world_vocab
+
         try:
             prefix, path = "world:", find_world_vocab()
         except Exception as e:  # noqa: BLE001 - the board then needs the rwkv package or a path
@@ -104,8 +119,7 @@ def bundle_tokenizer(spec: Optional[str], source: str, out_dir: str) -> Optional
         prefix, path = tokenizer_file(spec)
     if not path:
         return spec
-    found = next((p for p in (os.path.expanduser(path), os.path.join(source, path))
-                  if os.path.exists(p)), "")
+    found = next((p for p in (os.path.expanduser(path), os.path.join(source, path)) if os.path.exists(p)), "")
     if not found:
         log.warning("tokenizer file '%s' not found: the artifact records the spec as given", path)
         return spec

@@ -32,8 +32,20 @@ V_NAME = 1
 OP_DOMAIN, OP_VERSION = 1, 2
 KV_KEY, KV_VALUE = 1, 2
 
-DTYPES = {1: np.float32, 2: np.uint8, 3: np.int8, 4: np.uint16, 5: np.int16, 6: np.int32,
-          7: np.int64, 9: np.bool_, 10: np.float16, 11: np.float64, 12: np.uint32, 13: np.uint64}
+DTYPES = {
+    1: np.float32,
+    2: np.uint8,
+    3: np.int8,
+    4: np.uint16,
+    5: np.int16,
+    6: np.int32,
+    7: np.int64,
+    9: np.bool_,
+    10: np.float16,
+    11: np.float64,
+    12: np.uint32,
+    13: np.uint64,
+}
 
 
 class WireError(ValueError):
@@ -68,11 +80,11 @@ def fields(buf) -> Iterator[Tuple[int, int, object, int, int]]:
             size, i = _varint(view, i)
             if i + size > n:
                 raise WireError("truncated field")
-            value, i = view[i:i + size], i + size
+            value, i = view[i : i + size], i + size
         elif wt == I64:
-            value, i = int.from_bytes(view[i:i + 8], "little"), i + 8
+            value, i = int.from_bytes(view[i : i + 8], "little"), i + 8
         elif wt == I32:
-            value, i = int.from_bytes(view[i:i + 4], "little"), i + 4
+            value, i = int.from_bytes(view[i : i + 4], "little"), i + 4
         else:
             raise WireError(f"wire type {wt}")
         yield num, wt, value, start, i
@@ -169,8 +181,11 @@ class Tensor:
 
     def stub(self, location: str) -> bytes:
         """This tensor without its data: external data at ``location`` (filled by the session)."""
-        keep = b"".join(bytes(self.buf[s:e]) for num, _, _, s, e in fields(self.buf)
-                        if num not in T_DATA_FIELDS and num != T_LOCATION)
+        keep = b"".join(
+            bytes(self.buf[s:e])
+            for num, _, _, s, e in fields(self.buf)
+            if num not in T_DATA_FIELDS and num != T_LOCATION
+        )
         entry = enc_len(KV_KEY, b"location") + enc_len(KV_VALUE, location.encode())
         return keep + enc_len(T_EXTERNAL, entry) + enc_int(T_LOCATION, EXTERNAL)
 

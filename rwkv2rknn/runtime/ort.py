@@ -11,9 +11,14 @@ from rwkv2rknn.errors import BadInput
 
 log = logging.getLogger(__name__)
 
-ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
-             "tensor(int32)": np.int32, "tensor(int64)": np.int64, "tensor(double)": np.float64,
-             "tensor(bool)": np.bool_}
+ORT_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(int32)": np.int32,
+    "tensor(int64)": np.int64,
+    "tensor(double)": np.float64,
+    "tensor(bool)": np.bool_,
+}
 
 
 # onnxruntime (1.26, measured) cannot optimise a graph with two or more fp16 LayerNorms as
@@ -35,12 +40,15 @@ ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16,
 # scale and bias stay float32, and the session fails its own type check ("Type parameter (T) of
 # Optype (LayerNormalization) bound to different types (tensor(float16) and tensor(float)").
 # Without that one fusion the level-2 fusions still fuse the LayerNorms' tails.
-KNOWN_FAULTS = {"SimplifiedLayerNormFusion": "SimplifiedLayerNormFusion",
-                "Optype (LayerNormalization) bound to different types": "LayerNormFusionL1"}
+KNOWN_FAULTS = {
+    "SimplifiedLayerNormFusion": "SimplifiedLayerNormFusion",
+    "Optype (LayerNormalization) bound to different types": "LayerNormFusionL1",
+}
 
 
-def make_session(model, threads: int = 0, what: str = "model", prepack: bool = True,
-                 initializers=None, arena: bool = True):
+def make_session(
+    model, threads: int = 0, what: str = "model", prepack: bool = True, initializers=None, arena: bool = True
+):
     """An InferenceSession for a path or serialized bytes.
 
     Thread pools do not spin between runs: a model runs as many sessions one after another, and
@@ -87,23 +95,31 @@ def make_session(model, threads: int = 0, what: str = "model", prepack: bool = T
         try:
             sess = create(full, disabled)
             if disabled:
-                log.debug("%s: onnxruntime optimises it without %s (known faults of those "
-                          "fusions)", what, ", ".join(disabled))
+                log.debug(
+                    "%s: onnxruntime optimises it without %s (known faults of those fusions)",
+                    what,
+                    ", ".join(disabled),
+                )
             return sess, ""
         except Exception as e:  # noqa: BLE001 - retried below, reported if the retry fails
             first = first or e
-            fault = next((opt for sign, opt in KNOWN_FAULTS.items()
-                          if sign in str(e) and opt not in disabled), None)
+            fault = next(
+                (opt for sign, opt in KNOWN_FAULTS.items() if sign in str(e) and opt not in disabled), None
+            )
             if fault is None:
                 break
             disabled.append(fault)
     try:
         sess = create(ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, disabled)
     except Exception as e:
-        raise BadInput(f"onnxruntime cannot load {what} ({str(e).splitlines()[0][:160]})",
-                       "the file is corrupt or not a valid ONNX model") from e
-    note = (f"onnxruntime's default optimisation failed on {what} "
-            f"({str(first).splitlines()[0][:120]}); using ORT_ENABLE_EXTENDED")
+        raise BadInput(
+            f"onnxruntime cannot load {what} ({str(e).splitlines()[0][:160]})",
+            "the file is corrupt or not a valid ONNX model",
+        ) from e
+    note = (
+        f"onnxruntime's default optimisation failed on {what} "
+        f"({str(first).splitlines()[0][:120]}); using ORT_ENABLE_EXTENDED"
+    )
     log.info(note)
     return sess, note
 
@@ -113,8 +129,9 @@ class OrtRunner:
 
     backend = "ort"
 
-    def __init__(self, model, name: str = "", threads: int = 0, store=None, arena: bool = True,
-                 prepack: bool = True):
+    def __init__(
+        self, model, name: str = "", threads: int = 0, store=None, arena: bool = True, prepack: bool = True
+    ):
         """``store``: a ``WeightStore`` (rwkv2rknn.runtime.ortshare) that holds the large weights
         of ``model`` (a path) for every session that uses them; None: the session holds its own.
         ``prepack=False``: no repacked copy of the MatMul weights (sessions run a few times)."""
@@ -125,8 +142,9 @@ class OrtRunner:
         if made is not None:
             self.session, self.note = made
         else:
-            self.session, self.note = make_session(model, threads=threads, what=name or "model",
-                                                   arena=arena, prepack=prepack)
+            self.session, self.note = make_session(
+                model, threads=threads, what=name or "model", arena=arena, prepack=prepack
+            )
         self.inputs: List[str] = [i.name for i in self.session.get_inputs()]
         self.outputs: List[str] = [o.name for o in self.session.get_outputs()]
         self.input_types = {i.name: ORT_TYPES.get(i.type, np.float32) for i in self.session.get_inputs()}

@@ -63,6 +63,7 @@ class WeightStore:
         the store holds) and its pages of the file are dropped, so that loading holds about one
         tensor more than the store."""
         import mmap
+
         with open(path, "rb") as f:
             if os.fstat(f.fileno()).st_size == 0:
                 raise StubError(f"{path} is empty")
@@ -79,6 +80,7 @@ class WeightStore:
 
     def _strip(self, model: memoryview, mm, path: str) -> Tuple[bytes, List[str]]:
         import onnxruntime as ort
+
         page = mmap_page()
         graph = wire.graph_of(model)
         base = _offset(model, graph)
@@ -129,25 +131,34 @@ class WeightStore:
         return session_from_stub(stub, names, self, name, threads, arena=arena)
 
 
-def session_from_stub(model: bytes, names: Sequence[str], store: WeightStore, name: str, threads: int,
-                      arena: bool = True):
+def session_from_stub(
+    model: bytes, names: Sequence[str], store: WeightStore, name: str, threads: int, arena: bool = True
+):
     """An onnxruntime session of a stub graph, its placeholders filled from ``store``:
     (session, note) as ``make_session`` returns them."""
     from rwkv2rknn.runtime.ort import make_session
+
     folder = tempfile.mkdtemp(prefix=scratch_prefix("ortshare"))
     try:
         open(os.path.join(folder, STUB_FILE), "wb").close()
         path = os.path.join(folder, "model.onnx")
         with open(path, "wb") as f:
             f.write(model)
-        return make_session(path, threads=threads, what=name, prepack=False, arena=arena,
-                            initializers=store.initializers(names))
+        return make_session(
+            path,
+            threads=threads,
+            what=name,
+            prepack=False,
+            arena=arena,
+            initializers=store.initializers(names),
+        )
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
 
 def mmap_page() -> int:
     import mmap
+
     return mmap.PAGESIZE
 
 
@@ -159,6 +170,7 @@ def _offset(outer: memoryview, inner: memoryview) -> int:
 def _drop(mm, start: int, end: int, page: int) -> None:
     """Let the kernel drop the mapped pages wholly inside [start, end) (read again if touched)."""
     import mmap
+
     a = (start + page - 1) // page * page
     b = end // page * page
     if b > a and hasattr(mm, "madvise"):
@@ -224,12 +236,20 @@ def fuse(models: Sequence[bytes], keep: Set[str], name: str = "fused") -> bytes:
         for x, field in seg_outputs:
             if x in keep:
                 output_parts.append(field)
-    graph = (wire.enc_len(wire.G_NAME, name.encode()) + b"".join(nodes) + b"".join(init_parts)
-             + b"".join(input_parts) + b"".join(output_parts) + b"".join(info_parts))
+    graph = (
+        wire.enc_len(wire.G_NAME, name.encode())
+        + b"".join(nodes)
+        + b"".join(init_parts)
+        + b"".join(input_parts)
+        + b"".join(output_parts)
+        + b"".join(info_parts)
+    )
     model = wire.enc_int(wire.M_IR_VERSION, ir_version)
     for domain, version in sorted(opsets.items()):
-        model += wire.enc_len(wire.M_OPSET, wire.enc_len(wire.OP_DOMAIN, domain.encode())
-                              + wire.enc_int(wire.OP_VERSION, version))
+        model += wire.enc_len(
+            wire.M_OPSET,
+            wire.enc_len(wire.OP_DOMAIN, domain.encode()) + wire.enc_int(wire.OP_VERSION, version),
+        )
     return model + wire.enc_len(wire.M_GRAPH, graph)
 
 
@@ -239,29 +259,38 @@ class BoundStep:
     back in one go, the logits into their own buffer. The state buffer a caller passes is bound
     on first use and again whenever another one comes."""
 
-    def __init__(self, session, token: str, slots: Sequence[Tuple[str, str]],
-                 offsets: Sequence[int], logits: str):
+    def __init__(
+        self, session, token: str, slots: Sequence[Tuple[str, str]], offsets: Sequence[int], logits: str
+    ):
         import onnxruntime as ort
+
         self._ort = ort
         self.session = session
         ins = {i.name: i for i in session.get_inputs()}
         outs = {o.name: o for o in session.get_outputs()}
         tok = ins[token]
-        self.token = np.zeros(_static(tok.shape) or (1,),
-                              np.int64 if tok.type == "tensor(int64)" else np.int32)
+        self.token = np.zeros(
+            _static(tok.shape) or (1,), np.int64 if tok.type == "tensor(int64)" else np.int32
+        )
         self.binding = session.io_binding()
         self.binding.bind_ortvalue_input(token, ort.OrtValue.ortvalue_from_numpy(self.token))
         self.out_state = np.zeros(offsets[-1], np.float32)
         self._slots = []
         for (i, o), a, b in zip(slots, offsets, offsets[1:]):
             shape_in, shape_out = _static(ins[i].shape), _static(outs[o].shape)
-            if (shape_in is None or shape_out is None or int(np.prod(shape_in)) != b - a
-                    or int(np.prod(shape_out)) != b - a or ins[i].type != "tensor(float)"
-                    or outs[o].type != "tensor(float)"):
+            if (
+                shape_in is None
+                or shape_out is None
+                or int(np.prod(shape_in)) != b - a
+                or int(np.prod(shape_out)) != b - a
+                or ins[i].type != "tensor(float)"
+                or outs[o].type != "tensor(float)"
+            ):
                 raise FusionError(f"state slot {i}: shape or type does not bind")
             self._slots.append((i, a, b, shape_in))
             self.binding.bind_ortvalue_output(
-                o, ort.OrtValue.ortvalue_from_numpy(self.out_state[a:b].reshape(shape_out)))
+                o, ort.OrtValue.ortvalue_from_numpy(self.out_state[a:b].reshape(shape_out))
+            )
         shape = _static(outs[logits].shape)
         if shape is None or outs[logits].type != "tensor(float)":
             raise FusionError("the logits do not bind")
@@ -272,15 +301,19 @@ class BoundStep:
     def _bind_state(self, flat: np.ndarray) -> None:
         for name, a, b, shape in self._slots:
             self.binding.bind_ortvalue_input(
-                name, self._ort.OrtValue.ortvalue_from_numpy(flat[a:b].reshape(shape)))
+                name, self._ort.OrtValue.ortvalue_from_numpy(flat[a:b].reshape(shape))
+            )
         self._state = flat
 
     def step(self, token: int, flat: np.ndarray) -> np.ndarray:
         """``flat``: the state as one contiguous float32 vector (a view of the caller's buffer);
         updated in place. Returns the logits (a new array), or None if they are not finite
         (then ``flat`` is unchanged)."""
-        if (self._state is None or flat.ctypes.data != self._state.ctypes.data
-                or flat.size != self._state.size):
+        if (
+            self._state is None
+            or flat.ctypes.data != self._state.ctypes.data
+            or flat.size != self._state.size
+        ):
             self._bind_state(flat)
         self.token[...] = token
         self.session.run_with_iobinding(self.binding)
@@ -340,8 +373,7 @@ class AdaptiveStep:
     faster; on idle ones the pool is). Each is tried ``warmup`` times first; after that the
     fastest by a moving average runs, and every ``explore`` steps another is timed once."""
 
-    def __init__(self, steps: Dict[str, BoundStep], warmup: int = 2, explore: int = 16,
-                 weight: float = 0.25):
+    def __init__(self, steps: Dict[str, BoundStep], warmup: int = 2, explore: int = 16, weight: float = 0.25):
         self.steps = steps
         self.names = list(steps)
         self.avg: Dict[str, Optional[float]] = {k: None for k in self.names}
@@ -366,6 +398,7 @@ class AdaptiveStep:
 
     def step(self, token: int, flat: np.ndarray) -> np.ndarray:
         import time
+
         k = self._pick()
         self._n += 1
         t0 = time.perf_counter()
@@ -377,7 +410,9 @@ class AdaptiveStep:
         return out
 
     def describe(self) -> str:
-        parts = [f"{k}: {self.count[k]} steps"
-                 + (f", {1000 * self.avg[k]:.1f} ms moving average" if self.avg[k] else "")
-                 for k in self.names]
+        parts = [
+            f"{k}: {self.count[k]} steps"
+            + (f", {1000 * self.avg[k]:.1f} ms moving average" if self.avg[k] else "")
+            for k in self.names
+        ]
         return f"fastest {self.chosen} ({'; '.join(parts)})"

@@ -24,27 +24,37 @@ log = logging.getLogger(__name__)
 def stage_files(folder: str) -> Tuple[str, List[str], str]:
     """The embed, mixing_i (in order) and head paths of a per-layer folder, checked."""
     if not os.path.isdir(folder):
-        raise BadInput(f"model folder '{folder}' does not exist",
-                       "give a folder of per-layer RWKV ONNX files (embed.onnx, mixing_N.onnx, head.onnx)")
+        raise BadInput(
+            f"model folder '{folder}' does not exist",
+            "give a folder of per-layer RWKV ONNX files (embed.onnx, mixing_N.onnx, head.onnx)",
+        )
     names = os.listdir(folder)
     idx = sorted(int(m.group(1)) for n in names if (m := re.fullmatch(r"mixing_(\d+)\.onnx", n)))
     for need in ("embed.onnx", "head.onnx"):
         if need not in names:
-            raise BadInput(f"'{folder}' has no {need}",
-                           "give a folder of per-layer RWKV ONNX files (embed.onnx, mixing_N.onnx, head.onnx)")
+            raise BadInput(
+                f"'{folder}' has no {need}",
+                "give a folder of per-layer RWKV ONNX files (embed.onnx, mixing_N.onnx, head.onnx)",
+            )
     if not idx:
         raise BadInput(f"'{folder}' has no mixing_N.onnx files", "export the model again")
     missing = sorted(set(range(idx[-1] + 1)) - set(idx))
     if missing:
-        raise BadInput(f"'{folder}' is missing mixing_{missing[0]}.onnx",
-                       f"layers 0..{idx[-1]} must all be there; export the model again")
+        raise BadInput(
+            f"'{folder}' is missing mixing_{missing[0]}.onnx",
+            f"layers 0..{idx[-1]} must all be there; export the model again",
+        )
     want = _described_layers(folder)
     if want and want > len(idx):
-        raise BadInput(f"'{folder}' is missing mixing_{len(idx)}.onnx (rwkv2rknn-model.json says "
-                       f"{want} layers)", f"layers 0..{want - 1} must all be there; export the model again")
-    return (os.path.join(folder, "embed.onnx"),
-            [os.path.join(folder, f"mixing_{i}.onnx") for i in idx],
-            os.path.join(folder, "head.onnx"))
+        raise BadInput(
+            f"'{folder}' is missing mixing_{len(idx)}.onnx (rwkv2rknn-model.json says {want} layers)",
+            f"layers 0..{want - 1} must all be there; export the model again",
+        )
+    return (
+        os.path.join(folder, "embed.onnx"),
+        [os.path.join(folder, f"mixing_{i}.onnx") for i in idx],
+        os.path.join(folder, "head.onnx"),
+    )
 
 
 def _described_layers(folder: str) -> int:
@@ -59,11 +69,14 @@ def one_width(widths) -> int:
     try:
         found = widths()
     except (TypeError, ValueError, IndexError) as e:
-        raise UnsupportedModel(f"the per-layer files have no fixed width ({e})",
-                               "this is not the per-layer RWKV ONNX layout") from e
+        raise UnsupportedModel(
+            f"the per-layer files have no fixed width ({e})", "this is not the per-layer RWKV ONNX layout"
+        ) from e
     if len(found) != 1:
-        raise UnsupportedModel(f"the per-layer files disagree on the width ({sorted(found)})",
-                               "all files must come from one export")
+        raise UnsupportedModel(
+            f"the per-layer files disagree on the width ({sorted(found)})",
+            "all files must come from one export",
+        )
     return found.pop()
 
 
@@ -87,8 +100,11 @@ class PerLayerModel:
         self.blocks = [OrtRunner(p, os.path.basename(p), threads) for p in blocks]
         self.head = OrtRunner(head, "head.onnx", threads)
         fell_back = [r for r in (self.embed, *self.blocks, self.head) if r.note]
-        self.notes = [f"{len(fell_back)} file(s): onnxruntime's default optimisation failed; "
-                      f"used ORT_ENABLE_EXTENDED"] if fell_back else []
+        self.notes = (
+            [f"{len(fell_back)} file(s): onnxruntime's default optimisation failed; used ORT_ENABLE_EXTENDED"]
+            if fell_back
+            else []
+        )
         self.rows_layout = self.blocks[0].inputs == ["input", "state_in"]
         self._check_io()
         self.dtype = self.blocks[0].input_types["input"]
@@ -97,8 +113,10 @@ class PerLayerModel:
             self.vocab = int(self.head.session.get_outputs()[0].shape[-1])
             self.slots = self._slots()
         except (TypeError, ValueError, IndexError) as e:
-            raise UnsupportedModel(f"the per-layer files have no fixed state or vocabulary shape ({e})",
-                                   "this is not the per-layer RWKV ONNX layout") from e
+            raise UnsupportedModel(
+                f"the per-layer files have no fixed state or vocabulary shape ({e})",
+                "this is not the per-layer RWKV ONNX layout",
+            ) from e
         self.layers = len(self.blocks)
         if self.rows_layout:
             self.state_shape = (self.layers,) + tuple(self.slots[0][3])
@@ -109,8 +127,9 @@ class PerLayerModel:
         """[(layer, input name, offset, shape)]: the state tensors of every block in order."""
         out, offset = [], 0
         for i, block in enumerate(self.blocks):
-            names = ["state_in"] if self.rows_layout else \
-                [n for n in block.inputs if n not in ("input", V_FIRST)]
+            names = (
+                ["state_in"] if self.rows_layout else [n for n in block.inputs if n not in ("input", V_FIRST)]
+            )
             for name in names:
                 shape = tuple(int(d) for d in block.input_shapes[name])
                 out.append((i, name, offset, shape))
@@ -132,12 +151,16 @@ class PerLayerModel:
             if runner.inputs != ins or runner.outputs != outs:
                 raise UnsupportedModel(
                     f"{runner.name} has inputs {runner.inputs} and outputs {runner.outputs}, "
-                    f"expected {ins} and {outs}", "this is not the per-layer RWKV ONNX layout")
+                    f"expected {ins} and {outs}",
+                    "this is not the per-layer RWKV ONNX layout",
+                )
+
         def widths():
             found = {int(b.input_shapes["input"][0]) for b in self.blocks}
             if self.rows_layout:
                 found |= {int(b.input_shapes["state_in"][1]) for b in self.blocks}
             return found | {int(self.head.input_shapes["x"][0])}
+
         one_width(widths)
 
     def init_state(self) -> np.ndarray:
@@ -154,7 +177,7 @@ class PerLayerModel:
             return self.head.infer({"x": x})["output"].astype(np.float32)
         views = [[] for _ in self.blocks]
         for layer, name, offset, shape in self.slots:
-            views[layer].append((name, state[offset:offset + int(np.prod(shape))].reshape(shape)))
+            views[layer].append((name, state[offset : offset + int(np.prod(shape))].reshape(shape)))
         carried = {}
         for block, slots in zip(self.blocks, views):
             feed = {"input": x, **carried, **dict(slots)}
@@ -170,8 +193,10 @@ class PerLayerModel:
         """{(layer, slot name): view} of a named-slot state ({} for the rows layout)."""
         if self.rows_layout:
             return {}
-        return {(layer, name): state[o:o + int(np.prod(shape))].reshape(shape)
-                for layer, name, o, shape in self.slots}
+        return {
+            (layer, name): state[o : o + int(np.prod(shape))].reshape(shape)
+            for layer, name, o, shape in self.slots
+        }
 
     def logits(self, tokens: Sequence[int]) -> np.ndarray:
         """Teacher-forced logits [T, V] from the zero state."""
@@ -187,15 +212,19 @@ class WholeFileModel:
 
     def __init__(self, path: str, token: str, logits: str, source_state, threads: int = 0):
         if not os.path.isfile(path):
-            raise BadInput(f"the model file the artifact was compiled from is not at '{path}'",
-                           "put it back, or compile the model again")
+            raise BadInput(
+                f"the model file the artifact was compiled from is not at '{path}'",
+                "put it back, or compile the model again",
+            )
         self.runner = OrtRunner(path, os.path.basename(path), threads)
         self.token, self.logits_name = token, logits
         self.pairs = [(str(i), str(o), float(v)) for i, o, v in source_state]
         missing = [n for n in [token] + [i for i, _, _ in self.pairs] if n not in self.runner.inputs]
         if missing or logits not in self.runner.outputs:
-            raise BadInput(f"'{path}' is not the model the artifact was compiled from "
-                           f"(no '{(missing or [logits])[0]}')", "compile the model again")
+            raise BadInput(
+                f"'{path}' is not the model the artifact was compiled from (no '{(missing or [logits])[0]}')",
+                "compile the model again",
+            )
         shapes = self.runner.input_shapes
         self.token_shape = [d if isinstance(d, int) else 1 for d in shapes[token]]
         self.state_shapes = {i: [d if isinstance(d, int) else 1 for d in shapes[i]] for i, _, _ in self.pairs}

@@ -37,8 +37,7 @@ class _RknnRunner:
     backend = ""
     rows: tuple = ()  # T-row variant: the row counts it was built for
 
-    def __init__(self, name: str, inputs: List[str], outputs: List[str], shapes: Dict[str, list],
-                 rows=()):
+    def __init__(self, name: str, inputs: List[str], outputs: List[str], shapes: Dict[str, list], rows=()):
         self.name, self.inputs, self.outputs = name, list(inputs), list(outputs)
         self.rows = tuple(rows)
         # a T-row build takes inputs of several shapes: pass them as they come
@@ -52,8 +51,10 @@ class _RknnRunner:
         with contextlib.redirect_stdout(_io.StringIO()):
             outs = self._rt.inference(inputs=args)
         if outs is None or len(outs) != len(self.outputs):
-            raise ToolkitError(f"{self.backend} inference failed on segment {self.name}",
-                               "run `rwkv2rknn check --backend ort` to test the plan without the NPU")
+            raise ToolkitError(
+                f"{self.backend} inference failed on segment {self.name}",
+                "run `rwkv2rknn check --backend ort` to test the plan without the NPU",
+            )
         return dict(zip(self.outputs, (np.asarray(o, np.float32) for o in outs)))
 
     def close(self) -> None:
@@ -68,8 +69,18 @@ class RknnLiteRunner(_RknnRunner):
 
     backend = "rknn-lite"
 
-    def __init__(self, rknn_path: str, name: str, inputs, outputs, shapes, core_mask: str = "auto",
-                 rows=(), toolkit: str = "", columns: bool = False):
+    def __init__(
+        self,
+        rknn_path: str,
+        name: str,
+        inputs,
+        outputs,
+        shapes,
+        core_mask: str = "auto",
+        rows=(),
+        toolkit: str = "",
+        columns: bool = False,
+    ):
         super().__init__(name, inputs, outputs, shapes, rows)  # columns: turned by runtime.rows.Columns
         mask = CORE_MASKS.get(str(core_mask), None)
         if mask is None:
@@ -77,9 +88,11 @@ class RknnLiteRunner(_RknnRunner):
         try:
             from rknnlite.api import RKNNLite
         except ImportError as e:
-            raise MissingDependency("rknn-toolkit-lite2 is not installed (it runs only on the board)",
-                                    LITE_INSTALL) from e
+            raise MissingDependency(
+                "rknn-toolkit-lite2 is not installed (it runs only on the board)", LITE_INSTALL
+            ) from e
         from rwkv2rknn.runtime import device
+
         lines: List[str] = []
         rt = None
         try:
@@ -94,13 +107,18 @@ class RknnLiteRunner(_RknnRunner):
             said = device.runtime_errors(lines)
             quote = f" (runtime: {said[0][:160]})" if said else ""
             if loaded != 0:
-                raise ToolkitError(f"cannot load {rknn_path}{quote}", "the file is damaged or not an "
-                                   ".rknn: compile (or pack) the artifact again")
+                raise ToolkitError(
+                    f"cannot load {rknn_path}{quote}",
+                    "the file is damaged or not an .rknn: compile (or pack) the artifact again",
+                )
             if inited != 0:
-                cause, fix = device.diagnose_init(inited if isinstance(inited, int) else -1, said,
-                                                  device.librknnrt_path(), toolkit)
-                raise ToolkitError(f"the NPU runtime refused {os.path.basename(rknn_path)} "
-                                   f"(segment {name}): {cause}{quote}", fix)
+                cause, fix = device.diagnose_init(
+                    inited if isinstance(inited, int) else -1, said, device.librknnrt_path(), toolkit
+                )
+                raise ToolkitError(
+                    f"the NPU runtime refused {os.path.basename(rknn_path)} (segment {name}): {cause}{quote}",
+                    fix,
+                )
         except BaseException:
             if rt is not None:
                 rt.release()

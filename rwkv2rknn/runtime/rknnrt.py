@@ -47,12 +47,21 @@ TENSOR_FLOAT32 = 0  # rknn_tensor_type
 TENSOR_NCHW = 0  # rknn_tensor_format
 IO_PATHS = ("copy", "zero-copy")
 MAX_DIMS, MAX_NAME_LEN = 16, 256
-ERRORS = {-1: "RKNN_ERR_FAIL", -2: "RKNN_ERR_TIMEOUT", -3: "RKNN_ERR_DEVICE_UNAVAILABLE",
-          -4: "RKNN_ERR_MALLOC_FAIL", -5: "RKNN_ERR_PARAM_INVALID", -6: "RKNN_ERR_MODEL_INVALID",
-          -7: "RKNN_ERR_CTX_INVALID", -8: "RKNN_ERR_INPUT_INVALID", -9: "RKNN_ERR_OUTPUT_INVALID",
-          -10: "RKNN_ERR_DEVICE_UNMATCH", -11: "RKNN_ERR_INCOMPATILE_PRE_COMPILE_MODEL",
-          -12: "RKNN_ERR_INCOMPATILE_OPTIMIZATION_LEVEL_VERSION",
-          -13: "RKNN_ERR_TARGET_PLATFORM_UNMATCH"}
+ERRORS = {
+    -1: "RKNN_ERR_FAIL",
+    -2: "RKNN_ERR_TIMEOUT",
+    -3: "RKNN_ERR_DEVICE_UNAVAILABLE",
+    -4: "RKNN_ERR_MALLOC_FAIL",
+    -5: "RKNN_ERR_PARAM_INVALID",
+    -6: "RKNN_ERR_MODEL_INVALID",
+    -7: "RKNN_ERR_CTX_INVALID",
+    -8: "RKNN_ERR_INPUT_INVALID",
+    -9: "RKNN_ERR_OUTPUT_INVALID",
+    -10: "RKNN_ERR_DEVICE_UNMATCH",
+    -11: "RKNN_ERR_INCOMPATILE_PRE_COMPILE_MODEL",
+    -12: "RKNN_ERR_INCOMPATILE_OPTIMIZATION_LEVEL_VERSION",
+    -13: "RKNN_ERR_TARGET_PLATFORM_UNMATCH",
+}
 
 # rknn_context is uint32_t on 32-bit ARM, uint64_t elsewhere
 Context = ctypes.c_uint32 if ctypes.sizeof(ctypes.c_void_p) == 4 else ctypes.c_uint64
@@ -64,36 +73,68 @@ class InOutNum(ctypes.Structure):
 
 class TensorAttr(ctypes.Structure):
     """rknn_tensor_attr (376 bytes on aarch64 and x86_64)."""
-    _fields_ = [("index", ctypes.c_uint32), ("n_dims", ctypes.c_uint32),
-                ("dims", ctypes.c_uint32 * MAX_DIMS), ("name", ctypes.c_char * MAX_NAME_LEN),
-                ("n_elems", ctypes.c_uint32), ("size", ctypes.c_uint32),
-                ("fmt", ctypes.c_int), ("type", ctypes.c_int), ("qnt_type", ctypes.c_int),
-                ("fl", ctypes.c_int8), ("zp", ctypes.c_int32), ("scale", ctypes.c_float),
-                ("w_stride", ctypes.c_uint32), ("size_with_stride", ctypes.c_uint32),
-                ("pass_through", ctypes.c_uint8), ("h_stride", ctypes.c_uint32)]
+
+    _fields_ = [
+        ("index", ctypes.c_uint32),
+        ("n_dims", ctypes.c_uint32),
+        ("dims", ctypes.c_uint32 * MAX_DIMS),
+        ("name", ctypes.c_char * MAX_NAME_LEN),
+        ("n_elems", ctypes.c_uint32),
+        ("size", ctypes.c_uint32),
+        ("fmt", ctypes.c_int),
+        ("type", ctypes.c_int),
+        ("qnt_type", ctypes.c_int),
+        ("fl", ctypes.c_int8),
+        ("zp", ctypes.c_int32),
+        ("scale", ctypes.c_float),
+        ("w_stride", ctypes.c_uint32),
+        ("size_with_stride", ctypes.c_uint32),
+        ("pass_through", ctypes.c_uint8),
+        ("h_stride", ctypes.c_uint32),
+    ]
 
     @property
     def shape(self) -> tuple:
-        return tuple(int(d) for d in self.dims[:self.n_dims])
+        return tuple(int(d) for d in self.dims[: self.n_dims])
 
 
 class TensorMem(ctypes.Structure):
     """rknn_tensor_mem (40 bytes on 64-bit)."""
-    _fields_ = [("virt_addr", ctypes.c_void_p), ("phys_addr", ctypes.c_uint64),
-                ("fd", ctypes.c_int32), ("offset", ctypes.c_int32), ("size", ctypes.c_uint32),
-                ("flags", ctypes.c_uint32), ("priv_data", ctypes.c_void_p)]
+
+    _fields_ = [
+        ("virt_addr", ctypes.c_void_p),
+        ("phys_addr", ctypes.c_uint64),
+        ("fd", ctypes.c_int32),
+        ("offset", ctypes.c_int32),
+        ("size", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("priv_data", ctypes.c_void_p),
+    ]
 
 
 class Input(ctypes.Structure):
     """rknn_input (32 bytes on 64-bit)."""
-    _fields_ = [("index", ctypes.c_uint32), ("buf", ctypes.c_void_p), ("size", ctypes.c_uint32),
-                ("pass_through", ctypes.c_uint8), ("type", ctypes.c_int), ("fmt", ctypes.c_int)]
+
+    _fields_ = [
+        ("index", ctypes.c_uint32),
+        ("buf", ctypes.c_void_p),
+        ("size", ctypes.c_uint32),
+        ("pass_through", ctypes.c_uint8),
+        ("type", ctypes.c_int),
+        ("fmt", ctypes.c_int),
+    ]
 
 
 class Output(ctypes.Structure):
     """rknn_output (24 bytes on 64-bit)."""
-    _fields_ = [("want_float", ctypes.c_uint8), ("is_prealloc", ctypes.c_uint8),
-                ("index", ctypes.c_uint32), ("buf", ctypes.c_void_p), ("size", ctypes.c_uint32)]
+
+    _fields_ = [
+        ("want_float", ctypes.c_uint8),
+        ("is_prealloc", ctypes.c_uint8),
+        ("index", ctypes.c_uint32),
+        ("buf", ctypes.c_void_p),
+        ("size", ctypes.c_uint32),
+    ]
 
 
 class SdkVersion(ctypes.Structure):
@@ -101,20 +142,20 @@ class SdkVersion(ctypes.Structure):
 
 
 _SIGNATURES = {  # name: (restype, argtypes)
-    "rknn_init": (ctypes.c_int, [ctypes.POINTER(Context), ctypes.c_void_p, ctypes.c_uint32,
-                                 ctypes.c_uint32, ctypes.c_void_p]),
+    "rknn_init": (
+        ctypes.c_int,
+        [ctypes.POINTER(Context), ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_void_p],
+    ),
     "rknn_destroy": (ctypes.c_int, [Context]),
     "rknn_query": (ctypes.c_int, [Context, ctypes.c_int, ctypes.c_void_p, ctypes.c_uint32]),
     "rknn_set_core_mask": (ctypes.c_int, [Context, ctypes.c_int]),
     "rknn_create_mem": (ctypes.POINTER(TensorMem), [Context, ctypes.c_uint32]),
     "rknn_destroy_mem": (ctypes.c_int, [Context, ctypes.POINTER(TensorMem)]),
-    "rknn_set_io_mem": (ctypes.c_int, [Context, ctypes.POINTER(TensorMem),
-                                       ctypes.POINTER(TensorAttr)]),
+    "rknn_set_io_mem": (ctypes.c_int, [Context, ctypes.POINTER(TensorMem), ctypes.POINTER(TensorAttr)]),
     "rknn_set_input_shapes": (ctypes.c_int, [Context, ctypes.c_uint32, ctypes.POINTER(TensorAttr)]),
     "rknn_run": (ctypes.c_int, [Context, ctypes.c_void_p]),
     "rknn_inputs_set": (ctypes.c_int, [Context, ctypes.c_uint32, ctypes.POINTER(Input)]),
-    "rknn_outputs_get": (ctypes.c_int, [Context, ctypes.c_uint32, ctypes.POINTER(Output),
-                                        ctypes.c_void_p]),
+    "rknn_outputs_get": (ctypes.c_int, [Context, ctypes.c_uint32, ctypes.POINTER(Output), ctypes.c_void_p]),
     "rknn_outputs_release": (ctypes.c_int, [Context, ctypes.c_uint32, ctypes.POINTER(Output)]),
 }
 _LIBS: Dict[str, ctypes.CDLL] = {}
@@ -124,8 +165,9 @@ def load_library(path: Optional[str] = None) -> ctypes.CDLL:
     """librknnrt (``path``, else ``$RWKV2RKNN_LIBRKNNRT``, else the usual places), typed."""
     if path and not os.path.isfile(path):
         env = os.environ.get(device.LIBRKNNRT_ENV, "")
-        raise MissingDependency(device.librknnrt_missing() if path == env else
-                                f"{path} does not exist", device.LIBRKNNRT_INSTALL)
+        raise MissingDependency(
+            device.librknnrt_missing() if path == env else f"{path} does not exist", device.LIBRKNNRT_INSTALL
+        )
     missing = device.librknnrt_missing() if not path else ""
     path = path or device.librknnrt_path()
     if missing:
@@ -137,8 +179,10 @@ def load_library(path: Optional[str] = None) -> ctypes.CDLL:
                 fn = getattr(lib, name)
                 fn.restype, fn.argtypes = res, args
         except (OSError, AttributeError) as e:
-            raise MissingDependency(f"cannot load {path} as librknnrt ({str(e)[:120]}): an "
-                                    f"aarch64 librknnrt.so is needed", device.LIBRKNNRT_INSTALL) from e
+            raise MissingDependency(
+                f"cannot load {path} as librknnrt ({str(e)[:120]}): an aarch64 librknnrt.so is needed",
+                device.LIBRKNNRT_INSTALL,
+            ) from e
         _LIBS[path] = lib
     return _LIBS[path]
 
@@ -158,13 +202,18 @@ def runtime_versions(rknn_path: str, lib: Optional[str] = None) -> tuple:
         if ret != 0:
             said = device.runtime_errors(lines)
             cause, fix = device.diagnose_init(ret, said, lib_path, "")
-            raise ToolkitError(f"librknnrt rknn_init returned {ret} on {os.path.basename(rknn_path)}: "
-                               f"{cause}" + (f" (librknnrt: {said[0][:160]})" if said else ""), fix)
+            raise ToolkitError(
+                f"librknnrt rknn_init returned {ret} on {os.path.basename(rknn_path)}: "
+                f"{cause}" + (f" (librknnrt: {said[0][:160]})" if said else ""),
+                fix,
+            )
         v = SdkVersion()
         ret = runtime.rknn_query(ctx, QUERY_SDK_VERSION, ctypes.byref(v), ctypes.sizeof(v))
         if ret != 0:
-            raise ToolkitError(f"librknnrt rknn_query(SDK_VERSION) returned {ret}",
-                               "install a librknnrt.so that matches the toolkit")
+            raise ToolkitError(
+                f"librknnrt rknn_query(SDK_VERSION) returned {ret}",
+                "install a librknnrt.so that matches the toolkit",
+            )
         return v.api_version.decode(errors="replace"), v.drv_version.decode(errors="replace")
     finally:
         if ctx.value:
@@ -212,10 +261,23 @@ class RknnRtRunner:
 
     backend = "rknn-rt"
 
-    def __init__(self, rknn_path: str, name: str, inputs, outputs, shapes=None,
-                 core_mask: str = "auto", rows=(), toolkit: str = "", lib: Optional[str] = None,
-                 columns: bool = False, io: str = "copy", target: str = ""):
+    def __init__(
+        self,
+        rknn_path: str,
+        name: str,
+        inputs,
+        outputs,
+        shapes=None,
+        core_mask: str = "auto",
+        rows=(),
+        toolkit: str = "",
+        lib: Optional[str] = None,
+        columns: bool = False,
+        io: str = "copy",
+        target: str = "",
+    ):
         from rwkv2rknn.runtime.rknn import CORE_MASKS
+
         if io not in IO_PATHS:
             raise BadInput(f"unknown rknn io path '{io}'", f"use one of {', '.join(IO_PATHS)}")
         self.io = io
@@ -243,9 +305,12 @@ class RknnRtRunner:
             num = InOutNum()
             self._call("rknn_query", self._ctx, QUERY_IN_OUT_NUM, ctypes.byref(num), ctypes.sizeof(num))
             if (num.n_input, num.n_output) != (len(self.inputs), len(self.outputs)):
-                raise BadInput(f"{os.path.basename(rknn_path)} has {num.n_input} inputs and "
-                               f"{num.n_output} outputs, the manifest says {len(self.inputs)} and "
-                               f"{len(self.outputs)}", "compile the model again")
+                raise BadInput(
+                    f"{os.path.basename(rknn_path)} has {num.n_input} inputs and "
+                    f"{num.n_output} outputs, the manifest says {len(self.inputs)} and "
+                    f"{len(self.outputs)}",
+                    "compile the model again",
+                )
             self._in_attrs = [self._attr(QUERY_INPUT_ATTR, i) for i in range(num.n_input)]
             self._out_attrs = [self._attr(QUERY_OUTPUT_ATTR, i) for i in range(num.n_output)]
             self._in_order = _order(self.inputs, self._in_attrs)
@@ -278,16 +343,24 @@ class RknnRtRunner:
         said = device.runtime_errors(lines)
         cause, fix = device.diagnose_init(ret, said, self._lib_path, self._toolkit, self._target)
         quote = f" (librknnrt: {said[0][:160]})" if said else ""
-        raise ToolkitError(f"librknnrt rknn_init returned {ret} ({ERRORS.get(ret, 'unknown error')}) "
-                           f"on {what}, segment {self.name}: {cause}{quote}", fix)
+        raise ToolkitError(
+            f"librknnrt rknn_init returned {ret} ({ERRORS.get(ret, 'unknown error')}) "
+            f"on {what}, segment {self.name}: {cause}{quote}",
+            fix,
+        )
 
     def _call(self, fn: str, *args) -> None:
         ret = getattr(self._lib, fn)(*args)
         if ret != 0:
-            what = f"librknnrt {fn} returned {ret} ({ERRORS.get(ret, 'unknown error')}) on segment {self.name}"
-            raise ToolkitError(what, device.runtime_hint(self._lib_path, self._toolkit)
-                               if fn == "rknn_init" else
-                               "run `rwkv2rknn doctor ARTIFACT` on the board, or --backend rknn-lite")
+            what = (
+                f"librknnrt {fn} returned {ret} ({ERRORS.get(ret, 'unknown error')}) on segment {self.name}"
+            )
+            raise ToolkitError(
+                what,
+                device.runtime_hint(self._lib_path, self._toolkit)
+                if fn == "rknn_init"
+                else "run `rwkv2rknn doctor ARTIFACT` on the board, or --backend rknn-lite",
+            )
 
     def _attr(self, cmd: int, index: int) -> TensorAttr:
         attr = TensorAttr(index=index)
@@ -306,8 +379,10 @@ class RknnRtRunner:
                 attr.size = attr.n_elems * 4
                 mem = self._lib.rknn_create_mem(self._ctx, attr.size)
                 if not mem:
-                    raise ToolkitError(f"librknnrt rknn_create_mem({attr.size}) failed on segment "
-                                       f"{self.name}", "free memory on the board (`rwkv2rknn doctor`)")
+                    raise ToolkitError(
+                        f"librknnrt rknn_create_mem({attr.size}) failed on segment {self.name}",
+                        "free memory on the board (`rwkv2rknn doctor`)",
+                    )
                 self._mems.append(mem)
                 mems.append(mem)
                 self._call("rknn_set_io_mem", self._ctx, mem, ctypes.byref(attr))
@@ -356,8 +431,10 @@ class RknnRtRunner:
             if len(got) > 1:  # a state row [1, C] (as a column: [C, 1]) beside the rows
                 got.discard(1)
             if not got <= set(self.rows):
-                raise BadInput(f"segment {self.name} was built for {list(self.rows)} rows, got "
-                               f"{sorted(got)}", "feed chunks of a row count it was built for")
+                raise BadInput(
+                    f"segment {self.name} was built for {list(self.rows)} rows, got {sorted(got)}",
+                    "feed chunks of a row count it was built for",
+                )
             b = self._use(tuple(a.shape for a in args), args)
         else:
             b = self._copies[()] if self.io == "copy" else self._bindings[()]
@@ -365,8 +442,11 @@ class RknnRtRunner:
             return self._infer_copy(b, args)
         for view, a, j in zip(b.ins, args, self._in_order):
             if a.size != view.size:
-                raise BadInput(f"segment {self.name}: input '{self.inputs[j]}' has {a.size} values, "
-                               f"the .rknn takes {view.size}", "compile the model again")
+                raise BadInput(
+                    f"segment {self.name}: input '{self.inputs[j]}' has {a.size} values, "
+                    f"the .rknn takes {view.size}",
+                    "compile the model again",
+                )
             view[...] = a.reshape(view.shape)
         self._call("rknn_run", self._ctx, None)
         out = {}
@@ -380,8 +460,10 @@ class RknnRtRunner:
         keep = []
         for i, (a, n, j) in enumerate(zip(args, c.sizes, self._in_order)):
             if a.size != n:
-                raise BadInput(f"segment {self.name}: input '{self.inputs[j]}' has {a.size} values, "
-                               f"the .rknn takes {n}", "compile the model again")
+                raise BadInput(
+                    f"segment {self.name}: input '{self.inputs[j]}' has {a.size} values, the .rknn takes {n}",
+                    "compile the model again",
+                )
             a = np.ascontiguousarray(a, np.float32)
             keep.append(a)  # alive until the runtime has copied it
             c.inputs[i].buf, c.inputs[i].size = a.ctypes.data, a.nbytes

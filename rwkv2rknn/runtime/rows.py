@@ -16,12 +16,17 @@ def check_finite(seg, runner, outs, phase: str = "") -> None:
     for name, value in outs.items():
         if not np.isfinite(value).all():
             backend = getattr(runner, "backend", "?")
-            hint = ("the model's own numbers overflow even in fp32; check the checkpoint"
-                    if backend == "ort" else
-                    "values left fp16's range on the NPU; compile again with more --range-tokens, "
-                    "or run with --backend ort to confirm")
-            raise NumericalError(f"segment {seg.name} ({backend}) produced NaN/inf in '{name}'"
-                                 + (f" {phase}" if phase else ""), hint)
+            hint = (
+                "the model's own numbers overflow even in fp32; check the checkpoint"
+                if backend == "ort"
+                else "values left fp16's range on the NPU; compile again with more --range-tokens, "
+                "or run with --backend ort to confirm"
+            )
+            raise NumericalError(
+                f"segment {seg.name} ({backend}) produced NaN/inf in '{name}'"
+                + (f" {phase}" if phase else ""),
+                hint,
+            )
 
 
 class RowStep:
@@ -35,11 +40,15 @@ class RowStep:
         self.name = getattr(runner, "name", "")
 
     def infer(self, feed: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-        args = {k: (pad(np.asarray(v, np.float32).reshape(1, -1), self.rows)
-                    if k in self.row_inputs else v) for k, v in feed.items()}
+        args = {
+            k: (pad(np.asarray(v, np.float32).reshape(1, -1), self.rows) if k in self.row_inputs else v)
+            for k, v in feed.items()
+        }
         outs = self.runner.infer(args)
-        return {k: np.asarray(v, np.float32).reshape(self.rows, -1)[0].reshape(self.shapes[k])
-                for k, v in outs.items()}
+        return {
+            k: np.asarray(v, np.float32).reshape(self.rows, -1)[0].reshape(self.shapes[k])
+            for k, v in outs.items()
+        }
 
     def close(self) -> None:
         self.runner.close()
@@ -64,10 +73,13 @@ class Columns:
         t = max(sizes, default=0)
         if not t or sizes - {1, t}:
             raise ValueError(f"segment {self.name}: row inputs of {sorted(sizes)} rows at once")
-        outs = self.runner.infer({k: np.ascontiguousarray(np.asarray(v, np.float32).T)
-                                  if np.ndim(v) == 2 else v for k, v in feed.items()})
-        return {k: np.ascontiguousarray(np.asarray(v, np.float32).reshape(-1, t).T)
-                for k, v in outs.items()}
+        outs = self.runner.infer(
+            {
+                k: np.ascontiguousarray(np.asarray(v, np.float32).T) if np.ndim(v) == 2 else v
+                for k, v in feed.items()
+            }
+        )
+        return {k: np.ascontiguousarray(np.asarray(v, np.float32).reshape(-1, t).T) for k, v in outs.items()}
 
     def close(self) -> None:
         self.runner.close()
@@ -77,7 +89,7 @@ def pad(rows: np.ndarray, t: int) -> np.ndarray:
     if rows.shape[0] == t:
         return rows
     out = np.zeros((t,) + rows.shape[1:], rows.dtype)
-    out[:rows.shape[0]] = rows
+    out[: rows.shape[0]] = rows
     return out
 
 
@@ -88,7 +100,7 @@ def last_row(seg, runner, seq_runner, env, n: int) -> Dict[str, np.ndarray]:
     t = 1
     if seq_runner is not None:
         t = min(getattr(seq_runner, "rows", ()) or (1,))
-        outs = seq_runner.infer({k: pad(env[k][n - 1:n], t) for k in seg.inputs})
+        outs = seq_runner.infer({k: pad(env[k][n - 1 : n], t) for k in seg.inputs})
     else:
         outs = runner.infer({k: env[k][n - 1].reshape(seg.shapes[k]) for k in seg.inputs})
     if seg.backend == "npu":

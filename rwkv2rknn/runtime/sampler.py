@@ -63,8 +63,9 @@ class SamplerArgs:
 
 
 # ChatRWKV's chat defaults (its API_DEMO_CHAT.py): what `rwkv2rknn chat` starts with.
-CHAT_DEFAULTS = SamplerArgs(temperature=1.0, top_p=0.3, alpha_presence=0.5, alpha_frequency=0.5,
-                            alpha_decay=0.996)
+CHAT_DEFAULTS = SamplerArgs(
+    temperature=1.0, top_p=0.3, alpha_presence=0.5, alpha_frequency=0.5, alpha_decay=0.996
+)
 
 
 class Sampler:
@@ -107,7 +108,8 @@ class Sampler:
                 f"the model produced logits with {int(np.isnan(x).sum())} NaN and "
                 f"{int(np.isinf(x).sum())} inf values",
                 "the model overflowed at run time; check the compiled model against the reference "
-                "(e.g. keep more layers in fp32 or on the CPU)")
+                "(e.g. keep more layers in fp32 or on the CPU)",
+            )
         a = self.args
         ban = [int(t) for t in a.token_ban if 0 <= int(t) < x.size]
         if ban:

@@ -52,8 +52,10 @@ class Check:
         got = f"cos {self.cos:.5f}, rel err {self.rel:.3g}"
         if self.ok:
             return f"ok   {where}: {got}, {self.ms:.2f} ms"
-        return (f"FAIL {where}: output '{self.output}' {got}, tolerance cos >= {self.want[0]} and "
-                f"rel err <= {self.want[1]}")
+        return (
+            f"FAIL {where}: output '{self.output}' {got}, tolerance cos >= {self.want[0]} and "
+            f"rel err <= {self.want[1]}"
+        )
 
 
 @dataclasses.dataclass
@@ -71,9 +73,13 @@ class Report:
         return [c for c in self.checks if not c.ok]
 
     def to_dict(self) -> dict:
-        return {"ok": self.ok, "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "io": dict(self.io), "untested": list(self.untested),
-                "checks": [dataclasses.asdict(c) for c in self.checks]}
+        return {
+            "ok": self.ok,
+            "when": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "io": dict(self.io),
+            "untested": list(self.untested),
+            "checks": [dataclasses.asdict(c) for c in self.checks],
+        }
 
 
 def tolerance(seg, precision: str) -> tuple:
@@ -103,6 +109,7 @@ def compare(got: np.ndarray, want: np.ndarray) -> tuple:
 def runtime_key(backend: str) -> str:
     """What the verdict is recorded for: the runner and its runtime's version."""
     from rwkv2rknn.runtime import device
+
     if backend in ("rknn-rt", "rknn-lite"):
         path = device.librknnrt_path()
         sha = ""
@@ -115,19 +122,24 @@ def runtime_key(backend: str) -> str:
         lite = ""
         if backend == "rknn-lite":
             from importlib import metadata
+
             try:
                 lite = f", rknn-toolkit-lite2 {metadata.version('rknn-toolkit-lite2')}"
             except metadata.PackageNotFoundError:
                 lite = ", rknn-toolkit-lite2 (version unknown)"
-        return (f"{backend}: librknnrt {device.librknnrt_version(path) or 'unknown'} (sha256 {sha}), "
-                f"RKNPU driver {drv}{lite}")
+        return (
+            f"{backend}: librknnrt {device.librknnrt_version(path) or 'unknown'} (sha256 {sha}), "
+            f"RKNPU driver {drv}{lite}"
+        )
     if backend == "rknn-sim":
         from importlib import metadata
+
         try:
             return f"rknn-sim: rknn-toolkit2 {metadata.version('rknn-toolkit2')}"
         except metadata.PackageNotFoundError:
             return "rknn-sim"
     import onnxruntime
+
     return f"ort: onnxruntime {onnxruntime.__version__}"
 
 
@@ -136,9 +148,12 @@ def _golden(model, seg) -> Dict[str, np.ndarray]:
     if not os.path.isfile(path):
         raise BadInput(f"golden vectors '{path}' are missing", "compile (or pack) the model again")
     from rwkv2rknn.artifact.plan import sha256_file
+
     if seg.golden_sha256 and sha256_file(path) != seg.golden_sha256:
-        raise BadInput(f"golden vectors '{path}' changed since they were compiled (checksum mismatch)",
-                       "compile (or pack) the model again")
+        raise BadInput(
+            f"golden vectors '{path}' changed since they were compiled (checksum mismatch)",
+            "compile (or pack) the model again",
+        )
     with np.load(path) as z:
         return {k: z[k] for k in z.files}
 
@@ -158,8 +173,9 @@ def _check(seg, name, io, runner, feed, wants: Dict[str, np.ndarray], precision,
         outs, ms = _timed(runner, feed)
     except Exception as e:  # noqa: BLE001 - a runner that fails a check fails it, named
         log.info("self-test %s %s: %s", seg.name, name, e)
-        return Check(seg.name, name, io, False, -1.0, float("inf"), f"(run failed: {str(e)[:120]})",
-                     want, 0.0)
+        return Check(
+            seg.name, name, io, False, -1.0, float("inf"), f"(run failed: {str(e)[:120]})", want, 0.0
+        )
     worst = None
     for k, w in wants.items():
         got = np.asarray(outs[k], np.float32)
@@ -173,12 +189,14 @@ def _check(seg, name, io, runner, feed, wants: Dict[str, np.ndarray], precision,
     return Check(seg.name, name, io, ok, cos, rel, k, want, ms)
 
 
-def check_segment(seg, golden: Dict[str, np.ndarray], slots, paths: Sequence[str], token_runner,
-                  seq_runner, progress=None) -> tuple:
+def check_segment(
+    seg, golden: Dict[str, np.ndarray], slots, paths: Sequence[str], token_runner, seq_runner, progress=None
+) -> tuple:
     """One NPU segment's checks on every io path in ``paths`` ('' where the runner has one):
     ``token_runner(io)`` / ``seq_runner(io)`` give (runner, close it after?) or (None, False).
     Returns (checks, the fastest path that passes, else the first)."""
     from rwkv2rknn.runtime.rows import pad
+
     checks: List[Check] = []
     for io in paths:
         made = []
@@ -197,11 +215,12 @@ def check_segment(seg, golden: Dict[str, np.ndarray], slots, paths: Sequence[str
                 n = golden["rows_out_0"].shape[0]
                 for t in (getattr(seq, "rows", ()) or (n,)) if seq is not None else ():
                     use = min(n, t)
-                    feed = {k: (golden[f"rows_in_{j}"] if k in slots else
-                                pad(golden[f"rows_in_{j}"][:use], t)) for j, k in enumerate(seg.inputs)}
+                    feed = {
+                        k: (golden[f"rows_in_{j}"] if k in slots else pad(golden[f"rows_in_{j}"][:use], t))
+                        for j, k in enumerate(seg.inputs)
+                    }
                     wants = {k: golden[f"rows_out_{j}"][:use] for j, k in enumerate(seg.outputs)}
-                    checks.append(_check(seg, f"{t} rows", io, seq, feed, wants, seg.seq_precision,
-                                         rows=use))
+                    checks.append(_check(seg, f"{t} rows", io, seq, feed, wants, seg.seq_precision, rows=use))
         finally:
             for r in made:
                 r.close()
@@ -213,8 +232,9 @@ def check_segment(seg, golden: Dict[str, np.ndarray], slots, paths: Sequence[str
     return checks, best
 
 
-def run(model, io_paths: Optional[Sequence[str]] = None,
-        progress: Optional[Callable[[Check], None]] = None) -> Report:
+def run(
+    model, io_paths: Optional[Sequence[str]] = None, progress: Optional[Callable[[Check], None]] = None
+) -> Report:
     """Check every NPU segment of a loaded ``HybridModel`` against its golden vectors on its
     runner. ``io_paths`` (rknn-rt only): the io paths to try; each segment gets the fastest
     that passes (none passing: its first)."""
@@ -242,8 +262,9 @@ def run(model, io_paths: Optional[Sequence[str]] = None,
                 return model.new_runner(seg, seq=True, io=io), True
             return model.seq_runner(seg), False  # shared with prefill
 
-        seg_checks, best = check_segment(seg, _golden(model, seg), slots, paths, token_runner,
-                                         seq_runner, progress)
+        seg_checks, best = check_segment(
+            seg, _golden(model, seg), slots, paths, token_runner, seq_runner, progress
+        )
         checks.extend(seg_checks)
         if rt:
             chosen[seg.name] = best
@@ -252,6 +273,7 @@ def run(model, io_paths: Optional[Sequence[str]] = None,
 
 def recorded(artifact: str, key: str) -> Optional[dict]:
     from rwkv2rknn import fileio as io
+
     path = os.path.join(artifact, VERDICT_FILE)
     if not os.path.isfile(path):
         return None
@@ -267,6 +289,7 @@ def record(artifact: str, report: Report) -> bool:
     """Keep the verdict beside the artifact (``selftest.json``); False if the folder is
     read-only (the self-test then runs again next time)."""
     from rwkv2rknn import fileio as io
+
     path = os.path.join(artifact, VERDICT_FILE)
     runs = {}
     if os.path.isfile(path):
@@ -287,9 +310,11 @@ def failure(report: Report) -> NumericalError:
     bad = report.failures()
     first = bad[0]
     more = f" (and {len(bad) - 1} more check(s))" if len(bad) > 1 else ""
-    return NumericalError(f"self-test failed on {report.key}: segment {first.line()[5:]}{more}",
-                          "the runtime computes something other than the compiled model: check "
-                          "`rwkv2rknn doctor ARTIFACT`, try --rknn-io copy, or --backend rknn-lite")
+    return NumericalError(
+        f"self-test failed on {report.key}: segment {first.line()[5:]}{more}",
+        "the runtime computes something other than the compiled model: check "
+        "`rwkv2rknn doctor ARTIFACT`, try --rknn-io copy, or --backend rknn-lite",
+    )
 
 
 def ensure(model, echo: Callable[[str], None] = log.info, force: bool = False) -> Optional[Report]:
@@ -297,19 +322,23 @@ def ensure(model, echo: Callable[[str], None] = log.info, force: bool = False) -
     later runs read the record (``force``: test again). Raises NumericalError naming the
     segment when it fails. Returns the report when one was made."""
     from rwkv2rknn.runtime.board import BOARD_BACKENDS
+
     if model.backend not in BOARD_BACKENDS and not force:
         return None
     if not any(s.golden for s in model.manifest.segments):
         if force:
-            echo("self-test: this artifact has no golden vectors (compiled with --plan-only or by "
-                 "an older rwkv2rknn): nothing to check")
+            echo(
+                "self-test: this artifact has no golden vectors (compiled with --plan-only or by "
+                "an older rwkv2rknn): nothing to check"
+            )
         return None
     key = runtime_key(model.backend)
     rec = None if force else recorded(model.artifact, key)
     if rec is not None:
         if not rec.get("ok"):
-            raise NumericalError(f"the self-test recorded for {key} failed",
-                                 "run `rwkv2rknn doctor ARTIFACT` to test again")
+            raise NumericalError(
+                f"the self-test recorded for {key} failed", "run `rwkv2rknn doctor ARTIFACT` to test again"
+            )
         if model.backend == "rknn-rt" and isinstance(rec.get("io"), dict):
             model.use_io(rec["io"])
         return None
@@ -321,6 +350,8 @@ def ensure(model, echo: Callable[[str], None] = log.info, force: bool = False) -
         raise failure(report)
     if model.backend == "rknn-rt":
         model.use_io(report.io)
-    echo(f"self-test passed: {len(report.checks)} check(s) of "
-         f"{len({c.segment for c in report.checks})} NPU segment(s)")
+    echo(
+        f"self-test passed: {len(report.checks)} check(s) of "
+        f"{len({c.segment for c in report.checks})} NPU segment(s)"
+    )
     return report

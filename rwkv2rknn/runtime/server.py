@@ -64,14 +64,19 @@ class ServerConfig:
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: Optional[str] = None, code: Optional[str] = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: Optional[str] = None,
+        code: Optional[str] = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param,
-                          "code": self.code}}
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status)
@@ -106,8 +111,9 @@ class QueueFull(Exception):
 class Engine:
     """The model, its session and state cache, and the worker thread that runs requests."""
 
-    def __init__(self, cfg: ServerConfig, load: Optional[Callable] = None,
-                 echo: Callable[[str], None] = log.info):
+    def __init__(
+        self, cfg: ServerConfig, load: Optional[Callable] = None, echo: Callable[[str], None] = log.info
+    ):
         self.cfg, self.echo = cfg, echo
         self._load_fn = load or self._open
         self.status = "loading"
@@ -126,6 +132,7 @@ class Engine:
     def _open(self):
         from rwkv2rknn.runtime.generate import model_tokenizer
         from rwkv2rknn.runtime.loader import open_model
+
         c = self.cfg
         model, spec = open_model(c.artifact, c.backend, c.core_mask, echo=self.echo)
         return model, model_tokenizer(c.tokenizer or spec)
@@ -136,11 +143,16 @@ class Engine:
     def _load_and_serve(self) -> None:
         from rwkv2rknn.runtime.session import Session
         from rwkv2rknn.runtime.statecache import StateCache
+
         try:
             model, tok = self._load_fn()
             self.session = Session(model, tok)
-            self.cache = StateCache(self.cfg.state_cache_bytes, self.session.identity,
-                                    self.cfg.state_dir, self.session.description)
+            self.cache = StateCache(
+                self.cfg.state_cache_bytes,
+                self.session.identity,
+                self.cfg.state_dir,
+                self.session.description,
+            )
         except BaseException as e:  # noqa: BLE001 - reported by /health and the CLI
             self.status, self.error = "error", e
             log.error("loading the model failed: %s", e)
@@ -189,8 +201,17 @@ class Engine:
         if job.cancel.is_set():
             return
         if time.monotonic() > job.deadline:
-            job.push(("error", ApiError(503, "the request waited longer than the server's time "
-                                             "limit (--request-timeout)", "server_error", code="timeout")))
+            job.push(
+                (
+                    "error",
+                    ApiError(
+                        503,
+                        "the request waited longer than the server's time limit (--request-timeout)",
+                        "server_error",
+                        code="timeout",
+                    ),
+                )
+            )
             return
         s, cache = self.session, self.cache
         try:
@@ -200,14 +221,22 @@ class Engine:
             else:
                 s.reset()
             sampler = Sampler(job.args, seed=job.seed, tokenizer=s.tokenizer)
-            reply = s.generate(job.ids[k:], sampler, job.max_tokens, stop=job.stop,
-                               on_text=lambda t: job.push(("text", t)), cancel=job.cancel.is_set,
-                               deadline=job.deadline,
-                               after_prefill=lambda ss: cache.put(ss.tokens, ss.arrays()))
+            reply = s.generate(
+                job.ids[k:],
+                sampler,
+                job.max_tokens,
+                stop=job.stop,
+                on_text=lambda t: job.push(("text", t)),
+                cancel=job.cancel.is_set,
+                deadline=job.deadline,
+                after_prefill=lambda ss: cache.put(ss.tokens, ss.arrays()),
+            )
             self.served += 1
             if reply.finish_reason == "time":
-                log.warning("a request reached the time limit (--request-timeout %.0f s): reply cut",
-                            self.cfg.request_timeout)
+                log.warning(
+                    "a request reached the time limit (--request-timeout %.0f s): reply cut",
+                    self.cfg.request_timeout,
+                )
             job.push(("done", reply, k))
             cache.put(s.tokens, s.arrays())
         except Exception as e:  # noqa: BLE001 - one request fails, the server goes on
@@ -216,8 +245,10 @@ class Engine:
             job.push(("error", ApiError(500, f"generation failed: {e}", "server_error")))
 
     def models(self) -> dict:
-        return {"object": "list", "data": [{"id": self.name, "object": "model",
-                                            "created": self._created, "owned_by": "rwkv2rknn"}]}
+        return {
+            "object": "list",
+            "data": [{"id": self.name, "object": "model", "created": self._created, "owned_by": "rwkv2rknn"}],
+        }
 
 
 def _default_name(artifact: Optional[str]) -> str:
@@ -253,8 +284,9 @@ def _number(body: dict, name: str, lo: float, hi: float, default):
     if v is None:
         return default
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
-        raise ApiError(400, f"'{name}' must be a number from {lo:g} to {hi:g}, got {json.dumps(v)[:40]}",
-                       param=name)
+        raise ApiError(
+            400, f"'{name}' must be a number from {lo:g} to {hi:g}, got {json.dumps(v)[:40]}", param=name
+        )
     return float(v)
 
 
@@ -263,8 +295,9 @@ def _integer(body: dict, name: str, lo: int, hi: int, default):
     if v is None:
         return default
     if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-        raise ApiError(400, f"'{name}' must be a whole number from {lo} to {hi}, got {json.dumps(v)[:40]}",
-                       param=name)
+        raise ApiError(
+            400, f"'{name}' must be a whole number from {lo} to {hi}, got {json.dumps(v)[:40]}", param=name
+        )
     return v
 
 
@@ -302,9 +335,14 @@ def _options(body: dict, cfg: ServerConfig) -> dict:
         alpha_frequency=_number(body, "frequency_penalty", -2, 2, 0.0),
         alpha_decay=_number(body, "penalty_decay", 0, 1, 1.0),
     )
-    return dict(args=args, seed=None if seed is None else abs(int(seed)), max_tokens=max_tokens,
-                stop=_stops(body), stream=bool(body.get("stream")),
-                usage=bool((so or {}).get("include_usage")))
+    return dict(
+        args=args,
+        seed=None if seed is None else abs(int(seed)),
+        max_tokens=max_tokens,
+        stop=_stops(body),
+        stream=bool(body.get("stream")),
+        usage=bool((so or {}).get("include_usage")),
+    )
 
 
 def _text_content(content, where: str) -> str:
@@ -315,7 +353,11 @@ def _text_content(content, where: str) -> str:
     if isinstance(content, list):
         out = []
         for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            if (
+                not isinstance(part, dict)
+                or part.get("type") != "text"
+                or not isinstance(part.get("text"), str)
+            ):
                 raise ApiError(400, f"{where}: only text content parts are supported", param="messages")
             out.append(part["text"])
         return "".join(out)
@@ -332,8 +374,12 @@ def chat_prompt(body: dict) -> str:
             raise ApiError(400, f"messages[{i}] must be an object", param="messages")
         role = m.get("role")
         if role not in chatformat.ROLES:
-            raise ApiError(400, f"messages[{i}]: role {json.dumps(role)[:30]} is not supported "
-                                f"(use {', '.join(chatformat.ROLES)})", param="messages")
+            raise ApiError(
+                400,
+                f"messages[{i}]: role {json.dumps(role)[:30]} is not supported "
+                f"(use {', '.join(chatformat.ROLES)})",
+                param="messages",
+            )
         turns.append((role, _text_content(m.get("content"), f"messages[{i}]")))
     return chatformat.render(turns)
 
@@ -349,8 +395,9 @@ def completion_prompt(body: dict):
         return p
     if isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
         return [int(t) for t in p]
-    raise ApiError(400, "'prompt' must be a string, a list of token ids, or a list of one of these",
-                   param="prompt")
+    raise ApiError(
+        400, "'prompt' must be a string, a list of token ids, or a list of one of these", param="prompt"
+    )
 
 
 # ---------------------------------------------------------------------------------- the app
@@ -361,17 +408,23 @@ def make_app(engine: Engine) -> Starlette:
 
     def ready() -> None:
         if engine.status == "loading":
-            raise ApiError(503, "the model is still loading; try again shortly", "service_unavailable",
-                           code="loading")
+            raise ApiError(
+                503, "the model is still loading; try again shortly", "service_unavailable", code="loading"
+            )
         if engine.status != "ok":
-            raise ApiError(503, f"the model failed to load: {engine.error}", "service_unavailable",
-                           code="load_failed")
+            raise ApiError(
+                503, f"the model failed to load: {engine.error}", "service_unavailable", code="load_failed"
+            )
 
     def check_model(body: dict) -> None:
         name = body.get("model")
         if name is not None and name != engine.name:
-            raise ApiError(404, f"the model '{str(name)[:80]}' does not exist; this server has "
-                                f"'{engine.name}'", param="model", code="model_not_found")
+            raise ApiError(
+                404,
+                f"the model '{str(name)[:80]}' does not exist; this server has '{engine.name}'",
+                param="model",
+                code="model_not_found",
+            )
 
     async def health(request: Request) -> Response:
         if engine.status != "ok":
@@ -380,10 +433,15 @@ def make_app(engine: Engine) -> Starlette:
                 body["error"] = str(engine.error)
             return JSONResponse(body, status_code=503)
         c = engine.cache
-        return JSONResponse({"status": "ok", "model": engine.name, "queue": engine.pending,
-                             "served": engine.served,
-                             "state_cache": {"states": len(c), "bytes": c.bytes, "hits": c.hits,
-                                             "misses": c.misses}})
+        return JSONResponse(
+            {
+                "status": "ok",
+                "model": engine.name,
+                "queue": engine.pending,
+                "served": engine.served,
+                "state_cache": {"states": len(c), "bytes": c.bytes, "hits": c.hits, "misses": c.misses},
+            }
+        )
 
     async def models(request: Request) -> Response:
         return JSONResponse(engine.models())
@@ -401,33 +459,53 @@ def make_app(engine: Engine) -> Starlette:
                 ids = prompt
                 vocab = int(getattr(engine.session.model, "vocab", 0) or 0)
                 if vocab and not all(0 <= t < vocab for t in ids):
-                    raise ApiError(400, f"'prompt' has token ids outside the vocabulary (0..{vocab - 1})",
-                                   param="prompt")
+                    raise ApiError(
+                        400, f"'prompt' has token ids outside the vocabulary (0..{vocab - 1})", param="prompt"
+                    )
             if not ids:
                 raise ApiError(400, "the prompt encodes to no tokens", param="prompt")
             if len(ids) > cfg.max_prompt_tokens:
-                raise ApiError(400, f"the prompt has {len(ids)} tokens, more than this server takes "
-                                    f"({cfg.max_prompt_tokens}, --max-prompt-tokens)",
-                               param="messages" if chat else "prompt", code="context_length_exceeded")
+                raise ApiError(
+                    400,
+                    f"the prompt has {len(ids)} tokens, more than this server takes "
+                    f"({cfg.max_prompt_tokens}, --max-prompt-tokens)",
+                    param="messages" if chat else "prompt",
+                    code="context_length_exceeded",
+                )
             stop = opts["stop"] + ([chatformat.TURN_END] if chat else [])
             loop = asyncio.get_running_loop()
-            job = Job(ids, opts["args"], opts["seed"], opts["max_tokens"], stop,
-                      time.monotonic() + cfg.request_timeout, loop, asyncio.Queue())
+            job = Job(
+                ids,
+                opts["args"],
+                opts["seed"],
+                opts["max_tokens"],
+                stop,
+                time.monotonic() + cfg.request_timeout,
+                loop,
+                asyncio.Queue(),
+            )
             try:
                 engine.submit(job)
             except QueueFull:
-                raise ApiError(429, f"the server is busy: {cfg.max_queue} requests are waiting "
-                                    f"(--max-queue); try again later", "rate_limit_exceeded",
-                               code="queue_full") from None
+                raise ApiError(
+                    429,
+                    f"the server is busy: {cfg.max_queue} requests are waiting "
+                    f"(--max-queue); try again later",
+                    "rate_limit_exceeded",
+                    code="queue_full",
+                ) from None
         except ApiError as e:
             return e.response()
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        meta = dict(id=rid, created=int(time.time()), model=engine.name,
-                    system_fingerprint=f"rwkv2rknn-{__version__}")
+        meta = dict(
+            id=rid, created=int(time.time()), model=engine.name, system_fingerprint=f"rwkv2rknn-{__version__}"
+        )
         if opts["stream"]:
-            return StreamingResponse(_stream(job, chat, meta, len(ids), opts["usage"], cfg),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return StreamingResponse(
+                _stream(job, chat, meta, len(ids), opts["usage"], cfg),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
         return await _collect(request, job, chat, meta, len(ids))
 
     async def chat_completions(request: Request) -> Response:
@@ -437,22 +515,27 @@ def make_app(engine: Engine) -> Starlette:
         return await completions(request, False)
 
     async def not_found(request: Request, exc) -> Response:
-        return ApiError(404, f"no such endpoint: {request.method} {request.url.path}",
-                        code="unknown_url").response()
+        return ApiError(
+            404, f"no such endpoint: {request.method} {request.url.path}", code="unknown_url"
+        ).response()
 
     async def not_allowed(request: Request, exc) -> Response:
-        return ApiError(405, f"{request.method} is not allowed on {request.url.path}",
-                        code="method_not_allowed").response()
+        return ApiError(
+            405, f"{request.method} is not allowed on {request.url.path}", code="method_not_allowed"
+        ).response()
 
     async def on_shutdown():
         engine.stop()
 
-    routes = [Route("/health", health, methods=["GET"]),
-              Route("/v1/models", models, methods=["GET"]),
-              Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-              Route("/v1/completions", text_completions, methods=["POST"])]
-    return Starlette(routes=routes, exception_handlers={404: not_found, 405: not_allowed},
-                     lifespan=_lifespan(on_shutdown))
+    routes = [
+        Route("/health", health, methods=["GET"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/completions", text_completions, methods=["POST"]),
+    ]
+    return Starlette(
+        routes=routes, exception_handlers={404: not_found, 405: not_allowed}, lifespan=_lifespan(on_shutdown)
+    )
 
 
 def _lifespan(on_shutdown):
@@ -467,9 +550,12 @@ def _lifespan(on_shutdown):
 
 
 def _usage(prompt_tokens: int, reply, cached: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": len(reply.ids),
-            "total_tokens": prompt_tokens + len(reply.ids),
-            "prompt_tokens_details": {"cached_tokens": cached}}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": len(reply.ids),
+        "total_tokens": prompt_tokens + len(reply.ids),
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
 
 
 def _finish(reply) -> str:
@@ -500,12 +586,22 @@ async def _collect(request: Request, job: Job, chat: bool, meta: dict, n_prompt:
             reply, cached = event[1], event[2]
             text = "".join(pieces)
             if chat:
-                choice = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
-                          "logprobs": None, "finish_reason": _finish(reply)}
+                choice = {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text, "refusal": None},
+                    "logprobs": None,
+                    "finish_reason": _finish(reply),
+                }
             else:
                 choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": _finish(reply)}
-            return JSONResponse({**meta, "object": "chat.completion" if chat else "text_completion",
-                                 "choices": [choice], "usage": _usage(n_prompt, reply, cached)})
+            return JSONResponse(
+                {
+                    **meta,
+                    "object": "chat.completion" if chat else "text_completion",
+                    "choices": [choice],
+                    "usage": _usage(n_prompt, reply, cached),
+                }
+            )
 
 
 def _sse(obj) -> str:
@@ -545,8 +641,9 @@ async def _stream(job: Job, chat: bool, meta: dict, n_prompt: int, with_usage: b
                 reply, cached = event[1], event[2]
                 yield chunk(delta={}, text="", finish=_finish(reply))
                 if with_usage:
-                    yield _sse({**meta, "object": obj, "choices": [],
-                                "usage": _usage(n_prompt, reply, cached)})
+                    yield _sse(
+                        {**meta, "object": obj, "choices": [], "usage": _usage(n_prompt, reply, cached)}
+                    )
                 break
         yield "data: [DONE]\n\n"
     finally:
@@ -562,9 +659,11 @@ def check_artifact(path: Optional[str]) -> None:
     if path is None:
         return
     from rwkv2rknn.runtime.loader import is_per_layer_folder
+
     if is_per_layer_folder(path):
         return
     from rwkv2rknn.runtime.hybrid import load_manifest
+
     load_manifest(path)
 
 
@@ -573,30 +672,47 @@ def check_port(host: str, port: int) -> None:
     own log line later."""
     import socket
     from rwkv2rknn.errors import UsageError
+
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
-        raise UsageError(f"cannot listen on host '{host}' ({e.strerror})", "give an address of this machine") from None
+        raise UsageError(
+            f"cannot listen on host '{host}' ({e.strerror})", "give an address of this machine"
+        ) from None
     family, _, _, _, addr = infos[0]
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(addr)
         except OSError as e:
-            raise UsageError(f"cannot listen on {host}:{port} ({e.strerror})",
-                             "give another --port, or stop what uses it") from None
+            raise UsageError(
+                f"cannot listen on {host}:{port} ({e.strerror})", "give another --port, or stop what uses it"
+            ) from None
 
 
-def run_server(cfg: ServerConfig, host: str, port: int, echo: Callable[[str], None] = log.info,
-               load: Optional[Callable] = None) -> None:
+def run_server(
+    cfg: ServerConfig,
+    host: str,
+    port: int,
+    echo: Callable[[str], None] = log.info,
+    load: Optional[Callable] = None,
+) -> None:
     """Serve until interrupted; raises the load error if the model cannot be loaded."""
     import uvicorn
+
     check_artifact(cfg.artifact)
     check_port(host, port)
     engine = Engine(cfg, load=load, echo=echo)
     app = make_app(engine)
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                            timeout_graceful_shutdown=5, lifespan="on")
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=5,
+        lifespan="on",
+    )
     server = uvicorn.Server(config)
 
     def failed(e):

@@ -44,9 +44,15 @@ class LoopResult:
     t_end: float
 
 
-def decode_loop(logits, step: Callable[[int], np.ndarray], sampler: Sampler, max_tokens: int,
-                stop_ids: Iterable[int] = (), on_token: Optional[Callable[[int], bool]] = None,
-                cancel: Optional[Callable[[], bool]] = None) -> LoopResult:
+def decode_loop(
+    logits,
+    step: Callable[[int], np.ndarray],
+    sampler: Sampler,
+    max_tokens: int,
+    stop_ids: Iterable[int] = (),
+    on_token: Optional[Callable[[int], bool]] = None,
+    cancel: Optional[Callable[[], bool]] = None,
+) -> LoopResult:
     """Sample up to ``max_tokens`` ids from ``logits`` on, feeding each to ``step`` (which
     returns the next logits). A sampled stop id ends it (neither fed nor returned).
     ``on_token(id)`` hears each id before it is fed; if it returns True (a stop string is
@@ -95,15 +101,15 @@ class StopText:
         if hits:
             self.stopped = True
             self._held = ""
-            return buf[:min(hits)]
+            return buf[: min(hits)]
         hold = 0
         for s in self.stops:
             for n in range(min(len(s) - 1, len(buf)), hold, -1):
                 if buf.endswith(s[:n]):
                     hold = n
                     break
-        self._held = buf[len(buf) - hold:] if hold else ""
-        return buf[:len(buf) - hold]
+        self._held = buf[len(buf) - hold :] if hold else ""
+        return buf[: len(buf) - hold]
 
     def flush(self) -> str:
         out, self._held = ("" if self.stopped else self._held), ""
@@ -131,11 +137,13 @@ def model_identity(model) -> tuple:
         folder = getattr(model, "folder", "") or getattr(model, "path", "")
         files = []
         if folder and os.path.isdir(folder):
-            files = sorted((n, os.path.getsize(os.path.join(folder, n)))
-                           for n in os.listdir(folder) if n.endswith(".onnx"))
+            files = sorted(
+                (n, os.path.getsize(os.path.join(folder, n)))
+                for n in os.listdir(folder)
+                if n.endswith(".onnx")
+            )
         st = model.init_state()
-        shape = ({k: list(np.shape(v)) for k, v in st.items()} if isinstance(st, dict)
-                 else list(np.shape(st)))
+        shape = {k: list(np.shape(v)) for k, v in st.items()} if isinstance(st, dict) else list(np.shape(st))
         key = {"files": files, "vocab": getattr(model, "vocab", None), "state": shape}
         desc = f"{os.path.basename(str(folder).rstrip('/')) or 'model'}, vocab {getattr(model, 'vocab', '?')}"
     return hashlib.sha256(_canonical(key).encode()).hexdigest(), desc
@@ -179,8 +187,11 @@ class Snapshot:
 
     @property
     def nbytes(self) -> int:
-        return state_nbytes(self.state) + 4 * len(self.tokens) + (
-            self.logits.nbytes if self.logits is not None else 0)
+        return (
+            state_nbytes(self.state)
+            + 4 * len(self.tokens)
+            + (self.logits.nbytes if self.logits is not None else 0)
+        )
 
 
 @dataclass
@@ -222,8 +233,9 @@ class Session:
         self.logits: Optional[np.ndarray] = None
 
     def snapshot(self) -> Snapshot:
-        return Snapshot(copy_state(self.state), list(self.tokens),
-                        None if self.logits is None else self.logits.copy())
+        return Snapshot(
+            copy_state(self.state), list(self.tokens), None if self.logits is None else self.logits.copy()
+        )
 
     def restore(self, snap: Snapshot) -> None:
         self.state = copy_state(snap.state)
@@ -234,8 +246,10 @@ class Session:
         ids = [int(i) for i in self.tokenizer.encode(text)]
         vocab = int(getattr(self.model, "vocab", 0) or 0)
         if ids and vocab and max(ids) >= vocab:
-            raise UsageError(f"the tokenizer makes id {max(ids)}, outside the model's vocabulary "
-                             f"({vocab})", "pass the model's own --tokenizer")
+            raise UsageError(
+                f"the tokenizer makes id {max(ids)}, outside the model's vocabulary ({vocab})",
+                "pass the model's own --tokenizer",
+            )
         return ids
 
     def step(self, tid: int) -> np.ndarray:
@@ -250,8 +264,9 @@ class Session:
         if not ids:
             return self.logits
         if self._prefill is not None and len(ids) > 1:
-            self.logits = np.asarray(self._prefill(ids, self.state, last_only=True)[-1],
-                                     np.float32).reshape(-1)
+            self.logits = np.asarray(self._prefill(ids, self.state, last_only=True)[-1], np.float32).reshape(
+                -1
+            )
             self.tokens.extend(ids)
         else:
             for t in ids:
@@ -260,18 +275,25 @@ class Session:
 
     # ------------------------------------------------------------ generation
 
-    def generate(self, new_ids: Sequence[int], sampler: Sampler, max_tokens: int,
-                 stop: Iterable[str] = (), stop_ids: Optional[Iterable[int]] = None,
-                 on_text: Optional[Callable[[str], None]] = None,
-                 cancel: Optional[Callable[[], bool]] = None,
-                 deadline: Optional[float] = None,
-                 after_prefill: Optional[Callable[["Session"], None]] = None) -> Reply:
+    def generate(
+        self,
+        new_ids: Sequence[int],
+        sampler: Sampler,
+        max_tokens: int,
+        stop: Iterable[str] = (),
+        stop_ids: Optional[Iterable[int]] = None,
+        on_text: Optional[Callable[[str], None]] = None,
+        cancel: Optional[Callable[[], bool]] = None,
+        deadline: Optional[float] = None,
+        after_prefill: Optional[Callable[["Session"], None]] = None,
+    ) -> Reply:
         """Prefill ``new_ids``, then sample up to ``max_tokens`` tokens, streaming text to
         ``on_text``. Ends at a stop string (``stop``; the text before it is the reply), an
         end-of-text id (``stop_ids``, default the tokenizer's), ``max_tokens``, ``cancel()``
         or the ``deadline`` (time.monotonic()). ``after_prefill`` hears the session once the
         prompt is in (before the first draw)."""
         from rwkv2rknn.runtime.tokenizer import StreamDecoder
+
         max_tokens = int(max_tokens)
         if max_tokens < 0:
             raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
@@ -302,30 +324,50 @@ class Session:
                 return True
             return bool(cancel and cancel())
 
-        res = decode_loop(logits, self.step, sampler, max_tokens,
-                          self.end_ids if stop_ids is None else stop_ids, on_token, should_stop)
+        res = decode_loop(
+            logits,
+            self.step,
+            sampler,
+            max_tokens,
+            self.end_ids if stop_ids is None else stop_ids,
+            on_token,
+            should_stop,
+        )
         if not stops.stopped:
             tail = stops.feed(dec.flush()) + stops.flush()
             if tail:
                 pieces.append(tail)
                 emit(tail)
-        reason = {"stop_id": "stop", "stop_text": "stop", "max_tokens": "length",
-                  "cancelled": "time" if timed_out[0] else "cancelled"}[res.reason]
+        reason = {
+            "stop_id": "stop",
+            "stop_text": "stop",
+            "max_tokens": "length",
+            "cancelled": "time" if timed_out[0] else "cancelled",
+        }[res.reason]
         tps = 0.0
         if res.t_first is not None and res.ids:
             tps = len(res.ids) / max(res.t_end - res.t_first, 1e-9)
-        return Reply(text="".join(pieces), ids=res.ids, finish_reason=reason,
-                     prompt_tokens=len(new_ids),
-                     ttft_s=None if res.t_first is None else res.t_first - t0,
-                     decode_tokens_per_s=tps, total_s=res.t_end - t0,
-                     prefill_s=t_prefilled - t0, stop_id=res.reason == "stop_id")
+        return Reply(
+            text="".join(pieces),
+            ids=res.ids,
+            finish_reason=reason,
+            prompt_tokens=len(new_ids),
+            ttft_s=None if res.t_first is None else res.t_first - t0,
+            decode_tokens_per_s=tps,
+            total_s=res.t_end - t0,
+            prefill_s=t_prefilled - t0,
+            stop_id=res.reason == "stop_id",
+        )
 
     # ------------------------------------------------------------ files
 
     def arrays(self) -> Dict[str, np.ndarray]:
         st = self.state
-        out = ({f"state.{k}": np.asarray(v) for k, v in sorted(st.items())} if isinstance(st, dict)
-               else {"state": np.asarray(st)})
+        out = (
+            {f"state.{k}": np.asarray(v) for k, v in sorted(st.items())}
+            if isinstance(st, dict)
+            else {"state": np.asarray(st)}
+        )
         out["tokens"] = np.asarray(self.tokens, dtype=np.int32)
         if self.logits is not None:
             out["logits"] = self.logits
@@ -333,8 +375,12 @@ class Session:
 
     def save(self, path: str, meta: Optional[dict] = None) -> None:
         """The state, the consumed ids and the last logits to ``path`` (atomically)."""
-        statefile.save(path, self.identity, self.arrays(),
-                       {"model": self.description, "tokens": len(self.tokens), **(meta or {})})
+        statefile.save(
+            path,
+            self.identity,
+            self.arrays(),
+            {"model": self.description, "tokens": len(self.tokens), **(meta or {})},
+        )
 
     def load(self, path: str) -> dict:
         """Replace the state by the one saved in ``path``; BadInput (and the state unchanged)
@@ -347,15 +393,19 @@ class Session:
         fresh = self.model.init_state()
         try:
             if isinstance(fresh, dict):
-                new = {k: arrays[f"state.{k}"].reshape(np.shape(v)).astype(np.asarray(v).dtype)
-                       for k, v in fresh.items()}
+                new = {
+                    k: arrays[f"state.{k}"].reshape(np.shape(v)).astype(np.asarray(v).dtype)
+                    for k, v in fresh.items()
+                }
             else:
                 new = arrays["state"].reshape(fresh.shape).astype(fresh.dtype)
             tokens = [int(t) for t in np.asarray(arrays["tokens"]).reshape(-1)]
             logits = arrays.get("logits")
         except (KeyError, ValueError) as e:
-            raise BadInput(f"'{where}' does not hold a state of this model's shape ({e})",
-                           "load a state saved from this model") from None
+            raise BadInput(
+                f"'{where}' does not hold a state of this model's shape ({e})",
+                "load a state saved from this model",
+            ) from None
         self.state, self.tokens = new, tokens
         self.logits = None if logits is None else np.asarray(logits, np.float32).reshape(-1)
 

@@ -7,8 +7,14 @@ from __future__ import annotations
 # What ``--target`` takes: the SoCs rknn-toolkit2 builds for (the compile and profile commands).
 TARGETS = ("rk3588", "rk3576", "rk3568", "rk3566", "rk3562")
 # SoCs whose NPUs run the same .rknn files (an RK3588S runs what is built for rk3588).
-NPU_FAMILY = {"rk3588": "rk3588", "rk3588s": "rk3588", "rk3576": "rk3576", "rk3566": "rk356x",
-              "rk3568": "rk356x", "rk3562": "rk3562"}
+NPU_FAMILY = {
+    "rk3588": "rk3588",
+    "rk3588s": "rk3588",
+    "rk3576": "rk3576",
+    "rk3566": "rk356x",
+    "rk3568": "rk356x",
+    "rk3562": "rk3562",
+}
 
 
 def board_soc(compatible: str = "/proc/device-tree/compatible") -> str:

@@ -45,8 +45,7 @@ class Entry:
 class StateCache:
     """LRU of states by token prefix, at most ``max_bytes``; ``folder`` keeps it on disk."""
 
-    def __init__(self, max_bytes: int, identity: str, folder: Optional[str] = None,
-                 description: str = ""):
+    def __init__(self, max_bytes: int, identity: str, folder: Optional[str] = None, description: str = ""):
         self.max_bytes = int(max_bytes)
         self.identity, self.description = identity, description
         self.folder = folder
@@ -131,8 +130,12 @@ class StateCache:
 
     def _write_file(self, key: str, entry: Entry) -> None:
         try:
-            statefile.save(self._path(key), self.identity, {**entry.arrays, "tokens": entry.tokens},
-                           {"model": self.description, "tokens": len(entry.tokens)})
+            statefile.save(
+                self._path(key),
+                self.identity,
+                {**entry.arrays, "tokens": entry.tokens},
+                {"model": self.description, "tokens": len(entry.tokens)},
+            )
         except OSError as e:
             log.warning("state cache: cannot write %s (%s)", self._path(key), e.strerror)
 

@@ -48,8 +48,13 @@ def dumps(identity: str, arrays: Dict[str, np.ndarray], meta: dict = None) -> by
         specs.append({"name": name, "dtype": a.dtype.str, "shape": list(a.shape)})
         parts.append(a.tobytes())
     payload = b"".join(parts)
-    header = {"identity": identity, "arrays": specs, "bytes": len(payload),
-              "sha256": hashlib.sha256(payload).hexdigest(), "meta": meta or {}}
+    header = {
+        "identity": identity,
+        "arrays": specs,
+        "bytes": len(payload),
+        "sha256": hashlib.sha256(payload).hexdigest(),
+        "meta": meta or {},
+    }
     return MAGIC + json.dumps(header, sort_keys=True).encode() + b"\n" + payload
 
 
@@ -69,28 +74,31 @@ def load(path: str, identity: str = None, describe: str = "") -> Tuple[Dict[str,
         raise BadInput(f"cannot read state file '{path}' ({e.strerror})", "check the path") from e
     damaged = f"state file '{path}' is damaged"
     if not data.startswith(MAGIC):
-        raise BadInput(f"'{path}' is not an rwkv2rknn state file", "give a file saved by /save or --state-dir")
+        raise BadInput(
+            f"'{path}' is not an rwkv2rknn state file", "give a file saved by /save or --state-dir"
+        )
     end = data.find(b"\n", len(MAGIC), len(MAGIC) + _MAX_HEADER)
     try:
-        header = json.loads(data[len(MAGIC):end]) if end > 0 else None
+        header = json.loads(data[len(MAGIC) : end]) if end > 0 else None
         specs = header["arrays"]
-        payload = data[end + 1:]
-        ok = (len(payload) == int(header["bytes"])
-              and hashlib.sha256(payload).hexdigest() == header["sha256"])
+        payload = data[end + 1 :]
+        ok = len(payload) == int(header["bytes"]) and hashlib.sha256(payload).hexdigest() == header["sha256"]
     except (ValueError, KeyError, TypeError):
         raise BadInput(f"{damaged} (unreadable header)", "save the state again") from None
     if not ok:
         raise BadInput(f"{damaged} (checksum mismatch: truncated or changed)", "save the state again")
     if identity is not None and header.get("identity") != identity:
-        raise BadInput(f"state file '{path}' was saved from another model "
-                       f"({header.get('meta', {}).get('model', 'unknown')})",
-                       f"load it with the model it was saved from{describe}")
+        raise BadInput(
+            f"state file '{path}' was saved from another model "
+            f"({header.get('meta', {}).get('model', 'unknown')})",
+            f"load it with the model it was saved from{describe}",
+        )
     arrays, at = {}, 0
     try:
         for s in specs:
             dt = np.dtype(s["dtype"])
             n = int(np.prod(s["shape"], dtype=np.int64)) * dt.itemsize
-            arrays[s["name"]] = np.frombuffer(payload[at:at + n], dtype=dt).reshape(s["shape"]).copy()
+            arrays[s["name"]] = np.frombuffer(payload[at : at + n], dtype=dt).reshape(s["shape"]).copy()
             at += n
     except (ValueError, KeyError, TypeError):
         raise BadInput(f"{damaged} (arrays do not match the header)", "save the state again") from None

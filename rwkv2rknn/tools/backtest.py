@@ -36,6 +36,7 @@ WIDTH = 1024  # of the op-cost probes: an RWKV row of the 430M shape
 
 def _model(nodes, inputs, outputs, inits=()):
     from onnx import helper
+
     g = helper.make_graph(nodes, "probe", inputs, outputs, list(inits))
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
@@ -44,6 +45,7 @@ def _model(nodes, inputs, outputs, inits=()):
 
 def _vec(name, shape):
     from onnx import TensorProto, helper
+
     return helper.make_tensor_value_info(name, TensorProto.FLOAT, list(shape))
 
 
@@ -51,6 +53,7 @@ def _runner(model: bytes):
     """The executor's own runner on one thread, without prepacking (as sessions on the weight
     store run)."""
     from rwkv2rknn.runtime.ort import OrtRunner
+
     return OrtRunner(model, "probe", threads=1, prepack=False)
 
 
@@ -91,10 +94,17 @@ class _Sweep:
 
     def __init__(self, nbytes: int):
         from onnx import numpy_helper, helper
+
         n = max(16, int(nbytes / 4 / 1024))
         w = numpy_helper.from_array(np.full((1024, n), 0.5, np.float32), "w")
-        self.runner = _runner(_model([helper.make_node("MatMul", ["x", "w"], ["y"])],
-                                     [_vec("x", [1, 1024])], [_vec("y", [1, n])], [w]))
+        self.runner = _runner(
+            _model(
+                [helper.make_node("MatMul", ["x", "w"], ["y"])],
+                [_vec("x", [1, 1024])],
+                [_vec("y", [1, n])],
+                [w],
+            )
+        )
         self.feed = {"x": np.ones((1, 1024), np.float32)}
 
     def __call__(self):
@@ -105,11 +115,11 @@ def _chain(n: int, width: int = WIDTH) -> bytes:
     """``n`` small ops in a row on a [1, width] row, the mix of an RWKV block's CPU work:
     elementwise with a constant row, exp / sigmoid / tanh, views to heads and back, a reduction."""
     from onnx import helper, numpy_helper
+
     c = numpy_helper.from_array(np.full(width, 0.5, np.float32), "c")
     heads = numpy_helper.from_array(np.array([width // 64, 64], np.int64), "heads")
     row = numpy_helper.from_array(np.array([1, width], np.int64), "row")
-    cycle = ["Mul", "Add", "Sigmoid", "Sub", "Exp", "Reshape", "Mul", "ReduceMean", "Add", "Tanh",
-             "Reshape"]
+    cycle = ["Mul", "Add", "Sigmoid", "Sub", "Exp", "Reshape", "Mul", "ReduceMean", "Add", "Tanh", "Reshape"]
     nodes, x, shaped = [], "x", False
     for i in range(n):
         op, y = cycle[i % len(cycle)], f"t{i}"
@@ -142,9 +152,11 @@ def _ops_in(n: int) -> int:
 def _wide(n_in: int) -> bytes:
     """``n_in`` inputs, one Relu each, ``n_in`` outputs."""
     from onnx import helper
+
     nodes = [helper.make_node("Relu", [f"x{i}"], [f"y{i}"]) for i in range(n_in)]
-    return _model(nodes, [_vec(f"x{i}", [1, 16]) for i in range(n_in)],
-                  [_vec(f"y{i}", [1, 16]) for i in range(n_in)])
+    return _model(
+        nodes, [_vec(f"x{i}", [1, 16]) for i in range(n_in)], [_vec(f"y{i}", [1, 16]) for i in range(n_in)]
+    )
 
 
 GEMV_PROBES = ((256, 256, 16), (1024, 1024, 4), (1024, 4096, 4), (1024, 16384, 1))
@@ -154,6 +166,7 @@ def _gemv_chain(k: int, n: int, count: int):
     """[1, k] through ``count`` MatMuls of [k, n] and [n, k] fp32 weights in turn, and their
     bytes."""
     from onnx import numpy_helper, helper
+
     rng = np.random.default_rng(0)
     nodes, inits, x = [], [], "x"
     for i in range(count):
@@ -168,13 +181,16 @@ def _gemv_chain(k: int, n: int, count: int):
 
 def _gemm(rows: int = 64, k: int = 1024) -> bytes:
     from onnx import numpy_helper, helper
+
     w = numpy_helper.from_array(np.full((k, k), 0.01, np.float32), "w")
-    return _model([helper.make_node("MatMul", ["x", "w"], ["y"])], [_vec("x", [rows, k])],
-                  [_vec("y", [rows, k])], [w])
+    return _model(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], [_vec("x", [rows, k])], [_vec("y", [rows, k])], [w]
+    )
 
 
-def measure_host(evict_bytes: int = 16 << 20, echo: Callable[[str], None] = print,
-                 repeats: int = 80) -> DeviceProfile:
+def measure_host(
+    evict_bytes: int = 16 << 20, echo: Callable[[str], None] = print, repeats: int = 80
+) -> DeviceProfile:
     """This machine as a device profile for onnxruntime on one thread (every field measured but
     ``cpu_special_flops``, kept from the defaults; the NPU's fields are the CPU's; the
     executor's cost per token, ``exec_token_ms``, is left 0: ``run_backtest`` measures it).
@@ -187,8 +203,12 @@ def measure_host(evict_bytes: int = 16 << 20, echo: Callable[[str], None] = prin
     one, eight = _runner(_wide(1)), _runner(_wide(8))
     short, long_ = _runner(_chain(11)), _runner(_chain(99))
     xrow = {"x": np.ones((1, WIDTH), np.float32)}
-    probes = [lambda: one.infer(feed1), lambda: eight.infer(feed8), lambda: short.infer(xrow),
-              lambda: long_.infer(xrow)]
+    probes = [
+        lambda: one.infer(feed1),
+        lambda: eight.infer(feed8),
+        lambda: short.infer(xrow),
+        lambda: long_.infer(xrow),
+    ]
     t_one, t_eight, t_short, t_long = _interleaved_ms(probes, repeats, sweep)
     kernel = max((t_long - t_short) / (_ops_in(99) - _ops_in(11)), 1e-5)
     io = max((t_eight - t_one - 7 * kernel) / 14, 0.0)
@@ -206,18 +226,34 @@ def measure_host(evict_bytes: int = 16 << 20, echo: Callable[[str], None] = prin
     x64 = {"x": np.ones((64, 1024), np.float32)}
     t_mm = _median_ms(lambda: mm.infer(x64), 20)
     gflops = 2.0 * 64 * 1024 * 1024 / max(t_mm - call, 1e-3) / 1e6
-    echo(f"  this machine on one onnxruntime thread, after {evict_bytes / 2**20:.1f} MiB of weights: "
-         f"{call * 1000:.1f} us per run from Python + {io * 1000:.2f} us per tensor; "
-         f"{kernel * 1000:.2f} us per small op; GEMV " +
-         ", ".join(f"{g:.1f} GB/s at {b / 2**20:g} MiB" for b, g in gemv_gbs.items()) +
-         f" (fp32 weights of one MatMul); {gflops:.1f} GFLOPS at 64 rows")
-    return DeviceProfile(name="this-machine-onnxruntime-1-thread", npu_call_ms=0.0,
-                         cpu_gemv_gbs=gbs, cpu_weight_bytes=4, handoff_ms=0.0,
-                         npu_gbs=gbs, npu_gbs_all=gbs, npu_cores=1, npu_core_gflops=gflops,
-                         npu_weight_bytes=4, npu_multicore_bytes=1 << 62, cpu_gflops=gflops,
-                         dram_gbs=max(gbs, DeviceProfile().dram_gbs),
-                         cpu_kernel_ms=kernel, npu_kernel_ms=kernel,
-                         exec_call_ms=call, exec_io_ms=io, exec_token_ms=0.0, gemv_gbs=gemv_gbs)
+    echo(
+        f"  this machine on one onnxruntime thread, after {evict_bytes / 2**20:.1f} MiB of weights: "
+        f"{call * 1000:.1f} us per run from Python + {io * 1000:.2f} us per tensor; "
+        f"{kernel * 1000:.2f} us per small op; GEMV "
+        + ", ".join(f"{g:.1f} GB/s at {b / 2**20:g} MiB" for b, g in gemv_gbs.items())
+        + f" (fp32 weights of one MatMul); {gflops:.1f} GFLOPS at 64 rows"
+    )
+    return DeviceProfile(
+        name="this-machine-onnxruntime-1-thread",
+        npu_call_ms=0.0,
+        cpu_gemv_gbs=gbs,
+        cpu_weight_bytes=4,
+        handoff_ms=0.0,
+        npu_gbs=gbs,
+        npu_gbs_all=gbs,
+        npu_cores=1,
+        npu_core_gflops=gflops,
+        npu_weight_bytes=4,
+        npu_multicore_bytes=1 << 62,
+        cpu_gflops=gflops,
+        dram_gbs=max(gbs, DeviceProfile().dram_gbs),
+        cpu_kernel_ms=kernel,
+        npu_kernel_ms=kernel,
+        exec_call_ms=call,
+        exec_io_ms=io,
+        exec_token_ms=0.0,
+        gemv_gbs=gemv_gbs,
+    )
 
 
 # ------------------------------------------------------------------------------------ the plan
@@ -237,8 +273,10 @@ KINDS = ("embedding", "NPU-planned", "CPU", "head")
 def predict(artifact: str, manifest, profile: DeviceProfile) -> List[float]:
     """The estimator's ms per call of each segment under ``profile``, from its ONNX graph."""
     from rwkv2rknn.compiler.driver import estimate_file
-    return [estimate_file(os.path.join(artifact, seg.onnx), seg.backend, profile)
-            for seg in manifest.segments]
+
+    return [
+        estimate_file(os.path.join(artifact, seg.onnx), seg.backend, profile) for seg in manifest.segments
+    ]
 
 
 # ------------------------------------------------------------------------------------ the run
@@ -290,19 +328,23 @@ def weight_bytes(artifact: str, manifest) -> int:
     return total
 
 
-def run_backtest(artifact: str, tokens: int = 24, rounds: int = 3, echo: Callable[[str], None] = print,
-                 seed: int = 0) -> Dict[str, object]:
+def run_backtest(
+    artifact: str, tokens: int = 24, rounds: int = 3, echo: Callable[[str], None] = print, seed: int = 0
+) -> Dict[str, object]:
     """Predicted / measured per segment kind and per token; see the module's docstring."""
     from rwkv2rknn.runtime.hybrid import HybridModel, load_manifest
     from rwkv2rknn.tools.busy import describe_load, load_average
+
     manifest = load_manifest(artifact)
     res: Dict[str, object] = {"artifact": artifact, "load_start": load_average()}
     # what goes through the caches between two runs of a segment: a token's weights (beyond
     # twice the last-level cache the same as all of them)
     evict = min(max(weight_bytes(artifact, manifest), 1 << 20), 64 << 20)
-    echo(f"back-test of the estimator on {artifact}: {len(manifest.segments)} segments, "
-         f"{tokens} tokens in {rounds} rounds, one onnxruntime thread, times in this thread's "
-         f"CPU time")
+    echo(
+        f"back-test of the estimator on {artifact}: {len(manifest.segments)} segments, "
+        f"{tokens} tokens in {rounds} rounds, one onnxruntime thread, times in this thread's "
+        f"CPU time"
+    )
     echo(f"  load average at the start: {describe_load(res['load_start'])}")
     model = HybridModel(artifact, backend="ort", fuse=False, threads=1)
     n_seg = len(manifest.segments)
@@ -323,7 +365,7 @@ def run_backtest(artifact: str, tokens: int = 24, rounds: int = 3, echo: Callabl
     for r in range(rounds):  # the probes between the rounds: the same load on both
         profiles.append(measure_host(evict, echo=echo))
         n = per_round if r < rounds - 1 else tokens - done
-        for t in ids[2 + done: 2 + done + n]:
+        for t in ids[2 + done : 2 + done + n]:
             w0, t0 = time.perf_counter(), time.thread_time()
             model.step(t, state)
             steps.append(1000.0 * (time.thread_time() - t0))
@@ -336,8 +378,7 @@ def run_backtest(artifact: str, tokens: int = 24, rounds: int = 3, echo: Callabl
     model.step(ids[0], model.init_state(), trace=trace)
     sweep = _Sweep(max(evict // n_seg, 1 << 20))
     spent: List[float] = []
-    model.runners = [_Replay({k: trace[k] for k in seg.outputs}, sweep, spent)
-                     for seg in manifest.segments]
+    model.runners = [_Replay({k: trace[k] for k in seg.outputs}, sweep, spent) for seg in manifest.segments]
     replay_state = model.init_state()
     own_steps = []
     for _ in range(max(10, 2 * tokens)):
@@ -360,36 +401,62 @@ def run_backtest(artifact: str, tokens: int = 24, rounds: int = 3, echo: Callabl
         if idx:  # per token: the kind's calls summed, then the median over tokens
             p = sum(est[i] for i in idx)
             m = statistics.median(sum(times[i][j] for i in idx) for j in range(tokens))
-            table.append({"kind": kind, "segments": len(idx), "predicted_ms": p, "measured_ms": m,
-                          "ratio": p / m if m > 0 else float("nan")})
-    measured_own = statistics.median(steps[j] - sum(times[i][j] for i in range(n_seg))
-                                     for j in range(tokens))
-    table.append({"kind": "executor (per token)", "segments": 0, "predicted_ms": own,
-                  "measured_ms": measured_own,
-                  "ratio": own / measured_own if measured_own > 0 else float("nan")})
+            table.append(
+                {
+                    "kind": kind,
+                    "segments": len(idx),
+                    "predicted_ms": p,
+                    "measured_ms": m,
+                    "ratio": p / m if m > 0 else float("nan"),
+                }
+            )
+    measured_own = statistics.median(steps[j] - sum(times[i][j] for i in range(n_seg)) for j in range(tokens))
+    table.append(
+        {
+            "kind": "executor (per token)",
+            "segments": 0,
+            "predicted_ms": own,
+            "measured_ms": measured_own,
+            "ratio": own / measured_own if measured_own > 0 else float("nan"),
+        }
+    )
     predicted_token = sum(est) + own
     token_ms = statistics.median(steps)
-    table.append({"kind": "token", "segments": n_seg, "predicted_ms": predicted_token,
-                  "measured_ms": token_ms, "ratio": predicted_token / token_ms})
+    table.append(
+        {
+            "kind": "token",
+            "segments": n_seg,
+            "predicted_ms": predicted_token,
+            "measured_ms": token_ms,
+            "ratio": predicted_token / token_ms,
+        }
+    )
     res["table"] = table
     res["wall_ms_per_token"] = statistics.median(walls)
-    res["segments"] = [{"name": s.name, "kind": k, "predicted_ms": p,
-                        "measured_ms": statistics.median(t)}
-                       for s, k, p, t in zip(manifest.segments, kinds, est, times)]
+    res["segments"] = [
+        {"name": s.name, "kind": k, "predicted_ms": p, "measured_ms": statistics.median(t)}
+        for s, k, p, t in zip(manifest.segments, kinds, est, times)
+    ]
     echo(f"  load average at the end: {describe_load(res['load_end'])}")
     echo("")
     echo(f"{'segment kind':<22} {'segments':>8} {'predicted ms':>13} {'measured ms':>12} {'pred/meas':>10}")
     for row in table:
-        echo(f"{row['kind']:<22} {row['segments']:>8} {row['predicted_ms']:>13.3f} "
-             f"{row['measured_ms']:>12.3f} {row['ratio']:>10.2f}")
+        echo(
+            f"{row['kind']:<22} {row['segments']:>8} {row['predicted_ms']:>13.3f} "
+            f"{row['measured_ms']:>12.3f} {row['ratio']:>10.2f}"
+        )
     board = board_estimate(artifact, manifest)
     res["board_estimate_ms"] = board
-    echo(f"the same plan on the published RK3588 profile (an estimate, not a measurement): "
-         f"{board['expected']:.1f} ms/token ({board['low']:.1f}-{board['high']:.1f} over the "
-         f"assumed figures' ranges)")
-    echo(f"(ms per token of this thread's CPU time, medians over {tokens} tokens; wall time "
-         f"{res['wall_ms_per_token']:.3f} ms per token. The executor's own cost: measured with "
-         f"its runs replayed, against a step's time outside its runs)")
+    echo(
+        f"the same plan on the published RK3588 profile (an estimate, not a measurement): "
+        f"{board['expected']:.1f} ms/token ({board['low']:.1f}-{board['high']:.1f} over the "
+        f"assumed figures' ranges)"
+    )
+    echo(
+        f"(ms per token of this thread's CPU time, medians over {tokens} tokens; wall time "
+        f"{res['wall_ms_per_token']:.3f} ms per token. The executor's own cost: measured with "
+        f"its runs replayed, against a step's time outside its runs)"
+    )
     return res
 
 
@@ -400,12 +467,25 @@ def board_estimate(artifact: str, manifest) -> Dict[str, float]:
     own time outside its runs measured up to 3x what the replay gives), an NPU op 0.005 and
     0.05 ms instead of 0.01."""
     from dataclasses import replace
+
     base = DeviceProfile()
-    cases = {"expected": base,
-             "low": replace(base, exec_call_ms=base.exec_call_ms * 0.75, exec_io_ms=base.exec_io_ms * 0.75,
-                            exec_token_ms=base.exec_token_ms * 0.75, npu_kernel_ms=0.005),
-             "high": replace(base, exec_call_ms=base.exec_call_ms * 1.5, exec_io_ms=base.exec_io_ms * 1.5,
-                             exec_token_ms=base.exec_token_ms * 3, npu_kernel_ms=0.05)}
+    cases = {
+        "expected": base,
+        "low": replace(
+            base,
+            exec_call_ms=base.exec_call_ms * 0.75,
+            exec_io_ms=base.exec_io_ms * 0.75,
+            exec_token_ms=base.exec_token_ms * 0.75,
+            npu_kernel_ms=0.005,
+        ),
+        "high": replace(
+            base,
+            exec_call_ms=base.exec_call_ms * 1.5,
+            exec_io_ms=base.exec_io_ms * 1.5,
+            exec_token_ms=base.exec_token_ms * 3,
+            npu_kernel_ms=0.05,
+        ),
+    }
     out = {}
     for name, prof in cases.items():
         per = predict(artifact, manifest, prof)
@@ -416,9 +496,17 @@ def board_estimate(artifact: str, manifest) -> Dict[str, float]:
 def _median_profile(profiles: List[DeviceProfile], own: float) -> DeviceProfile:
     """Each measured field's median over the rounds' profiles; ``exec_token_ms`` = ``own``."""
     from dataclasses import replace
+
     keys = ("cpu_gemv_gbs", "cpu_gflops", "cpu_kernel_ms", "exec_call_ms", "exec_io_ms")
     med = {k: statistics.median(getattr(p, k) for p in profiles) for k in keys}
     med["gemv_gbs"] = {b: statistics.median(p.gemv_gbs[b] for p in profiles) for b in profiles[0].gemv_gbs}
-    return replace(profiles[0], npu_gbs=med["cpu_gemv_gbs"], npu_gbs_all=med["cpu_gemv_gbs"],
-                   npu_core_gflops=med["cpu_gflops"], npu_kernel_ms=med["cpu_kernel_ms"],
-                   dram_gbs=max(med["cpu_gemv_gbs"], profiles[0].dram_gbs), exec_token_ms=own, **med)
+    return replace(
+        profiles[0],
+        npu_gbs=med["cpu_gemv_gbs"],
+        npu_gbs_all=med["cpu_gemv_gbs"],
+        npu_core_gflops=med["cpu_gflops"],
+        npu_kernel_ms=med["cpu_kernel_ms"],
+        dram_gbs=max(med["cpu_gemv_gbs"], profiles[0].dram_gbs),
+        exec_token_ms=own,
+        **med,
+    )

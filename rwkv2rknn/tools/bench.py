@@ -45,15 +45,30 @@ def random_model(version: str, layers: int, width: int, vocab: int, seed: int):
     """A random checkpoint of ``version`` with float16 matrices (half the memory of float32;
     the export reads them as float32, the `rwkv` package's 'cpu fp32' likewise)."""
     from rwkv2rknn.models import checkpoint
-    make = {"4": checkpoint.random_checkpoint, "5": checkpoint.random_rwkv5,
-            "6": checkpoint.random_rwkv6, "7": checkpoint.random_rwkv7}[version]
+
+    make = {
+        "4": checkpoint.random_checkpoint,
+        "5": checkpoint.random_rwkv5,
+        "6": checkpoint.random_rwkv6,
+        "7": checkpoint.random_rwkv7,
+    }[version]
     return make(layers=layers, width=width, vocab=vocab, seed=seed, dtype=np.float16)
 
 
-def run_bench(layers: int = 24, width: int = 1024, vocab: int = 50277, tokens: int = 32,
-              seed: int = 0, workdir: Optional[str] = None, echo=print,
-              with_rwkv: bool = True, version: str = "4", probes: Optional[str] = None,
-              core_mask: str = "auto", busy: int = 0) -> Dict[str, object]:
+def run_bench(
+    layers: int = 24,
+    width: int = 1024,
+    vocab: int = 50277,
+    tokens: int = 32,
+    seed: int = 0,
+    workdir: Optional[str] = None,
+    echo=print,
+    with_rwkv: bool = True,
+    version: str = "4",
+    probes: Optional[str] = None,
+    core_mask: str = "auto",
+    busy: int = 0,
+) -> Dict[str, object]:
     """Every phase holds one form of the model and lets it go before the next: the float16
     checkpoint (export, the `rwkv` package's .pth), the plan compile, the per-layer sessions,
     the hybrid executor's sessions, the fused session (up to FUSED_LIMIT), the `rwkv` package
@@ -67,15 +82,21 @@ def run_bench(layers: int = 24, width: int = 1024, vocab: int = 50277, tokens: i
 
     own = workdir is None
     work = workdir or tempfile.mkdtemp(prefix=scratch_prefix("bench"))
-    results: Dict[str, object] = {"model": f"RWKV-{version} {layers} x {width}, vocab {vocab} (random)",
-                                  "tokens": tokens, "busy": busy, "load_start": load_average()}
+    results: Dict[str, object] = {
+        "model": f"RWKV-{version} {layers} x {width}, vocab {vocab} (random)",
+        "tokens": tokens,
+        "busy": busy,
+        "load_start": load_average(),
+    }
     mem = resources.PeakRss()
     loops = BusyLoops(busy)
     try:
         with mem:
             echo(f"bench: {results['model']}, {tokens} timed tokens")
-            echo(f"  load average at the start: {describe_load(results['load_start'])}"
-                 + (f"; {busy} busy loops beside the timed phases" if busy else ""))
+            echo(
+                f"  load average at the start: {describe_load(results['load_start'])}"
+                + (f"; {busy} busy loops beside the timed phases" if busy else "")
+            )
             t_start = time.perf_counter()
             ids = [int(t) for t in np.random.default_rng(seed).integers(0, vocab, tokens + 2)]
             onnx_dir, art = os.path.join(work, "onnx"), os.path.join(work, "art")
@@ -88,22 +109,32 @@ def run_bench(layers: int = 24, width: int = 1024, vocab: int = 50277, tokens: i
             pth = _save_pth(sd, work) if with_rwkv and rwkv_package.available() else None
             del sd
             resources.give_back_memory()
-            echo(f"  made the checkpoint (float16) and exported fp32 per-layer files in "
-                 f"{time.perf_counter() - t0:.1f} s")
+            echo(
+                f"  made the checkpoint (float16) and exported fp32 per-layer files in "
+                f"{time.perf_counter() - t0:.1f} s"
+            )
             mem.mark("plan compile")
             manifest = _plan(onnx_dir, art, echo)
             results["estimate"] = {p: manifest.estimate_ms(p) for p in ("decode", "prefill")}
-            results["segments"] = [{"name": s.name, "backend": s.backend, "stages": list(s.stages),
-                                    "est_ms": s.est_ms, "est_prefill_ms": s.est_prefill_ms}
-                                   for s in manifest.segments]
+            results["segments"] = [
+                {
+                    "name": s.name,
+                    "backend": s.backend,
+                    "stages": list(s.stages),
+                    "est_ms": s.est_ms,
+                    "est_prefill_ms": s.est_prefill_ms,
+                }
+                for s in manifest.segments
+            ]
             ms: Dict[str, List[float]] = {}
             loops.start()
             results["busy_pids"] = loops.pids
             mem.mark("per-layer sessions")
             ms["per-layer onnxruntime (public demo loop)"] = _per_layer(onnx_dir, ids)
             mem.mark("hybrid executor")
-            ms["hybrid executor, all segments on ort"], results["prefill"] = _hybrid(art, ids, tokens,
-                                                                                    vocab, seed)
+            ms["hybrid executor, all segments on ort"], results["prefill"] = _hybrid(
+                art, ids, tokens, vocab, seed
+            )
             results["hybrid_execution"] = results["prefill"].pop("execution")
             echo(f"  hybrid executor: {results['hybrid_execution']}")
             mem.mark("fused session")
@@ -111,13 +142,14 @@ def run_bench(layers: int = 24, width: int = 1024, vocab: int = 50277, tokens: i
             if 4 * shape.params() < FUSED_LIMIT:
                 ms["one fused onnxruntime session"] = _fused(onnx_dir, ids)
             else:
-                echo(f"  one fused onnxruntime session: skipped ({4 * shape.params() / 2**30:.2f} GiB "
-                     f"of fp32 weights; making it holds about 4x that; the bench runs it up to "
-                     f"{FUSED_LIMIT / 2**30:.0f} GiB)")
+                echo(
+                    f"  one fused onnxruntime session: skipped ({4 * shape.params() / 2**30:.2f} GiB "
+                    f"of fp32 weights; making it holds about 4x that; the bench runs it up to "
+                    f"{FUSED_LIMIT / 2**30:.0f} GiB)"
+                )
             mem.mark("rwkv package")
             if pth:
-                ms["rwkv package, cpu fp32"] = rwkv_package.package_run(
-                    pth, ids, version, threads=0)[1][2:]
+                ms["rwkv package, cpu fp32"] = rwkv_package.package_run(pth, ids, version, threads=0)[1][2:]
                 os.unlink(pth)
             elif with_rwkv:
                 echo("  rwkv package: not installed (pip install rwkv), not timed")
@@ -125,6 +157,7 @@ def run_bench(layers: int = 24, width: int = 1024, vocab: int = 50277, tokens: i
             loops.stop()
             mem.mark("board per-call costs")
             from rwkv2rknn.tools.measure import call_costs
+
             results["call_costs"] = call_costs(probes, core_mask, echo=lambda line: None)
             mem.mark("end")
         results["wall_s"] = time.perf_counter() - t_start
@@ -138,6 +171,7 @@ def run_bench(layers: int = 24, width: int = 1024, vocab: int = 50277, tokens: i
 
 def _save_pth(sd, work: str) -> str:
     from rwkv2rknn.models.checkpoint import save_checkpoint
+
     pth = os.path.join(work, "bench.pth")
     save_checkpoint(sd, pth, dtype="float16")
     return pth
@@ -147,17 +181,21 @@ def _plan(onnx_dir: str, art: str, echo):
     from rwkv2rknn.compiler import resources
     from rwkv2rknn.compiler.driver import compile_model
     from rwkv2rknn.compiler.ir import Options
+
     t0 = time.perf_counter()
     manifest = compile_model(onnx_dir, art, Options(plan_only=True))
     resources.give_back_memory()
-    echo(f"  compiled the plan (--plan-only) in {time.perf_counter() - t0:.1f} s: "
-         f"{len(manifest.segments)} segments")
+    echo(
+        f"  compiled the plan (--plan-only) in {time.perf_counter() - t0:.1f} s: "
+        f"{len(manifest.segments)} segments"
+    )
     return manifest
 
 
 def _per_layer(onnx_dir: str, ids: List[int]) -> List[float]:
     from rwkv2rknn.compiler import resources
     from rwkv2rknn.runtime.reference import PerLayerModel
+
     ref = PerLayerModel(onnx_dir)
     st = ref.init_state()
     out = time_steps(lambda t: ref.step(t, st), ids)
@@ -171,6 +209,7 @@ def _hybrid(art: str, ids: List[int], tokens: int, vocab: int, seed: int):
     sessions that prefill does not use are closed."""
     from rwkv2rknn.compiler import resources
     from rwkv2rknn.runtime.hybrid import HybridModel
+
     hyb = HybridModel(art, backend="ort")
     hs = hyb.init_state()
     decode = time_steps(lambda t: hyb.step(t, hs), ids)
@@ -189,13 +228,19 @@ def _hybrid(art: str, ids: List[int], tokens: int, vocab: int, seed: int):
     hyb.close()
     hyb = None  # its sessions go before the next phase (the closure above holds the name)
     resources.give_back_memory()
-    return decode, {"tokens": n_pre, "chunk": 32, "tokens_per_s": prefill_tps,
-                    "token_by_token_tokens_per_s": one_tps, "speedup": prefill_tps / one_tps,
-                    "execution": execution}
+    return decode, {
+        "tokens": n_pre,
+        "chunk": 32,
+        "tokens_per_s": prefill_tps,
+        "token_by_token_tokens_per_s": one_tps,
+        "speedup": prefill_tps / one_tps,
+        "execution": execution,
+    }
 
 
 def _fused(onnx_dir: str, ids: List[int]) -> List[float]:
     from rwkv2rknn.compiler import resources
+
     fused = _fused_session(onnx_dir)
     out = time_steps(fused, ids)
     del fused
@@ -205,36 +250,58 @@ def _fused(onnx_dir: str, ids: List[int]) -> List[float]:
 
 def _report(results, ms, weight_bytes, mem, manifest, echo) -> None:
     from rwkv2rknn.tools.busy import describe_load
+
     base = statistics.median(ms["per-layer onnxruntime (public demo loop)"])
     bw = gemv_bandwidth_gbs()
     bound_ms = weight_bytes / (bw * 1e9) * 1000
     rows = []
     for name, vals in ms.items():
         med = statistics.median(vals)
-        rows.append({"runner": name, "ms_per_token": med, "ratio_to_per_layer": med / base,
-                     "share_of_bandwidth_bound": bound_ms / med})
+        rows.append(
+            {
+                "runner": name,
+                "ms_per_token": med,
+                "ratio_to_per_layer": med / base,
+                "share_of_bandwidth_bound": bound_ms / med,
+            }
+        )
     fp32 = 4 * results["params"]
-    results.update(rows=rows, bandwidth_gbs=bw, weight_mb=weight_bytes / 1e6,
-                   bandwidth_bound_ms=bound_ms, peak_rss_mb=mem.peak / 2**20,
-                   peak_rss_by_phase_mb={k: v / 2**20 for k, v in mem.phases.items()},
-                   peak_to_fp32_weights=mem.peak / fp32)
+    results.update(
+        rows=rows,
+        bandwidth_gbs=bw,
+        weight_mb=weight_bytes / 1e6,
+        bandwidth_bound_ms=bound_ms,
+        peak_rss_mb=mem.peak / 2**20,
+        peak_rss_by_phase_mb={k: v / 2**20 for k, v in mem.phases.items()},
+        peak_to_fp32_weights=mem.peak / fp32,
+    )
     echo("")
-    echo(f"load average: {describe_load(results['load_start'])} at the start, "
-         f"{describe_load(results.get('load_end'))} at the end of the timed phases"
-         + (f" ({results['busy']} busy loops beside them)" if results.get("busy") else ""))
+    echo(
+        f"load average: {describe_load(results['load_start'])} at the start, "
+        f"{describe_load(results.get('load_end'))} at the end of the timed phases"
+        + (f" ({results['busy']} busy loops beside them)" if results.get("busy") else "")
+    )
     echo(f"{'runner':<42} {'ms/token':>9} {'x per-layer':>11} {'of bound':>9}")
     for r in rows:
-        echo(f"{r['runner']:<42} {r['ms_per_token']:>9.2f} {r['ratio_to_per_layer']:>11.2f} "
-             f"{100 * r['share_of_bandwidth_bound']:>8.0f}%")
-    echo(f"memory-bandwidth bound: {weight_bytes / 1e6:.0f} MB of fp32 weights per token / "
-         f"{bw:.1f} GB/s (numpy GEMV) = {bound_ms:.1f} ms/token")
+        echo(
+            f"{r['runner']:<42} {r['ms_per_token']:>9.2f} {r['ratio_to_per_layer']:>11.2f} "
+            f"{100 * r['share_of_bandwidth_bound']:>8.0f}%"
+        )
+    echo(
+        f"memory-bandwidth bound: {weight_bytes / 1e6:.0f} MB of fp32 weights per token / "
+        f"{bw:.1f} GB/s (numpy GEMV) = {bound_ms:.1f} ms/token"
+    )
     top = max(mem.phases, key=mem.phases.get)
-    echo(f"peak memory of the process tree: {mem.peak / 2**30:.2f} GiB, {mem.peak / fp32:.1f}x the "
-         f"{fp32 / 2**30:.2f} GiB of fp32 weights (in the phase: {top}); wall time "
-         f"{results['wall_s']:.0f} s")
+    echo(
+        f"peak memory of the process tree: {mem.peak / 2**30:.2f} GiB, {mem.peak / fp32:.1f}x the "
+        f"{fp32 / 2**30:.2f} GiB of fp32 weights (in the phase: {top}); wall time "
+        f"{results['wall_s']:.0f} s"
+    )
     pre = results["prefill"]
-    echo(f"prefill (hybrid on ort, chunks of {pre['chunk']}): {pre['tokens_per_s']:.1f} tokens/s, "
-         f"{pre['speedup']:.1f}x token by token ({pre['token_by_token_tokens_per_s']:.1f} tokens/s)")
+    echo(
+        f"prefill (hybrid on ort, chunks of {pre['chunk']}): {pre['tokens_per_s']:.1f} tokens/s, "
+        f"{pre['speedup']:.1f}x token by token ({pre['token_by_token_tokens_per_s']:.1f} tokens/s)"
+    )
     for line in manifest.table().splitlines():
         if line.startswith("estimated"):
             echo(f"plan: {line}")
@@ -259,4 +326,5 @@ def _fused_session(onnx_dir: str):
         for i, o in slots:
             feed[i] = out[o]
         return out[logits]
+
     return step

@@ -58,9 +58,14 @@ class BusyLoops:
 
     def start(self) -> "BusyLoops":
         for _ in range(self.n):
-            self.procs.append(subprocess.Popen(
-                [sys.executable, "-c", _LOOP, str(os.getpid()), str(self.limit_s)],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            self.procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-c", _LOOP, str(os.getpid()), str(self.limit_s)],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
         if self.n:
             log.info("started %d busy loops (pids %s)", self.n, self.pids)
         return self

@@ -68,10 +68,16 @@ class Tolerances:
     min_top1: Optional[float] = None  # share of tokens with the same top token: no gate by default
 
     @classmethod
-    def default(cls, backend: str, source_dtype: str, min_top1: Optional[float] = None,
-                max_rel: Optional[float] = None, precision: str = "fp16",
-                max_kl_mean: Optional[float] = None, max_kl_p99: Optional[float] = None
-                ) -> "Tolerances":
+    def default(
+        cls,
+        backend: str,
+        source_dtype: str,
+        min_top1: Optional[float] = None,
+        max_rel: Optional[float] = None,
+        precision: str = "fp16",
+        max_kl_mean: Optional[float] = None,
+        max_kl_p99: Optional[float] = None,
+    ) -> "Tolerances":
         """fp32 files on onnxruntime must agree to rounding; anything through fp16 (the files or
         the NPU) within fp16's error, accumulated over the tokens; w8a8 and w16a16i NPU segments
         within what they measured (KL_TOLERANCE), with a margin. The logit, state (random ids
@@ -81,11 +87,14 @@ class Tolerances:
         key = "exact" if exact else precision if backend != "ort" and precision in KL_TOLERANCE else "fp16"
         kl_mean, kl_p99 = KL_TOLERANCE[key]
         rel = 0.25 if int8 else (1e-4 if exact else 0.05)
-        return cls(max_kl_mean=kl_mean if max_kl_mean is None else max_kl_mean,
-                   max_kl_p99=kl_p99 if max_kl_p99 is None else max_kl_p99,
-                   max_rel=rel if max_rel is None else max_rel, min_top1=min_top1,
-                   max_state_drift=0.5 if int8 else (1e-4 if exact else 0.05),
-                   max_segment_rel=1e-5 if backend == "ort" else (0.3 if int8 else 0.02))
+        return cls(
+            max_kl_mean=kl_mean if max_kl_mean is None else max_kl_mean,
+            max_kl_p99=kl_p99 if max_kl_p99 is None else max_kl_p99,
+            max_rel=rel if max_rel is None else max_rel,
+            min_top1=min_top1,
+            max_state_drift=0.5 if int8 else (1e-4 if exact else 0.05),
+            max_segment_rel=1e-5 if backend == "ort" else (0.3 if int8 else 0.02),
+        )
 
 
 def artifact_precision(manifest) -> str:
@@ -94,12 +103,22 @@ def artifact_precision(manifest) -> str:
     return next((p for p in ("w8a8", "w16a16i") if p in used), "fp16")
 
 
-def run_check(artifact: str, n_tokens: int = 0, seed: int = 0, backend: str = "auto",
-              reference: Optional[str] = None, per_segment: bool = False,
-              min_top1: Optional[float] = None, max_rel: Optional[float] = None, prefill: bool = True,
-              text: Optional[str] = None, random_ids: bool = False,
-              max_kl_mean: Optional[float] = None, max_kl_p99: Optional[float] = None,
-              tolerances: Optional["Tolerances"] = None):
+def run_check(
+    artifact: str,
+    n_tokens: int = 0,
+    seed: int = 0,
+    backend: str = "auto",
+    reference: Optional[str] = None,
+    per_segment: bool = False,
+    min_top1: Optional[float] = None,
+    max_rel: Optional[float] = None,
+    prefill: bool = True,
+    text: Optional[str] = None,
+    random_ids: bool = False,
+    max_kl_mean: Optional[float] = None,
+    max_kl_p99: Optional[float] = None,
+    tolerances: Optional["Tolerances"] = None,
+):
     """Teacher-force ``n_tokens`` tokens of real text (``text``, by default the built-in sample
     for the artifact's tokenizer; 0: DEFAULT_TEXT_TOKENS) or, with ``random_ids``, seeded random
     ids (0: DEFAULT_RANDOM_TOKENS) through the artifact and pure onnxruntime on the source files,
@@ -109,8 +128,15 @@ def run_check(artifact: str, n_tokens: int = 0, seed: int = 0, backend: str = "a
     try:
         states = _state_views(hybrid, ref)
         precision = artifact_precision(manifest) if chosen != "ort" else "fp32 (ort)"
-        tol = tolerances or Tolerances.default(chosen, str(manifest.model.get("source_dtype")), min_top1,
-                                               max_rel, precision, max_kl_mean, max_kl_p99)
+        tol = tolerances or Tolerances.default(
+            chosen,
+            str(manifest.model.get("source_dtype")),
+            min_top1,
+            max_rel,
+            precision,
+            max_kl_mean,
+            max_kl_p99,
+        )
         feed = choose_tokens(manifest, n_tokens, seed, text, random_ids, artifact)
         h_state, r_state = hybrid.init_state(), ref.init_state()
         got, want, traces = [], [], []
@@ -124,52 +150,70 @@ def run_check(artifact: str, n_tokens: int = 0, seed: int = 0, backend: str = "a
             # integer ranges are calibrated on text; random ids leave them (bundled model, KL
             # mean on random ids: w8a8 1.1, w16a16i 0.013), so there KL is reported, not gated
             tol = dataclasses.replace(tol, max_kl_mean=None, max_kl_p99=None)
-            feed.warnings.append(f"{precision} segments are calibrated on text: on random ids their "
-                                 f"KL is reported, not gated; check on text (the default) for the KL gate")
+            feed.warnings.append(
+                f"{precision} segments are calibrated on text: on random ids their "
+                f"KL is reported, not gated; check on text (the default) for the KL gate"
+            )
         rep = _compare(np.stack(got), want, *states(h_state, r_state), tol, feed)
         rep.tolerance["precision"] = precision
         rep.tokens_from, rep.warnings = feed.source, list(feed.warnings)
         if prefill and len(feed.ids) > 1 and hybrid.prepare_prefill():
             p_state = hybrid.init_state()
-            rep.prefill = _compare(hybrid.prefill(feed.ids, p_state), want, *states(p_state, r_state),
-                                   tol, feed).to_dict()
+            rep.prefill = _compare(
+                hybrid.prefill(feed.ids, p_state), want, *states(p_state, r_state), tol, feed
+            ).to_dict()
             rep.failures += [f"prefill: {f}" for f in rep.prefill["failures"]]
         if per_segment:
             rep.per_segment = _per_segment(artifact, hybrid, traces, manifest.state)
             rep.tolerance["max_segment_rel"] = tol.max_segment_rel
-            rep.failures += [f"segment {s['segment']}{' (T rows)' if s['rows'] else ''}: max rel error "
-                             f"{s['max_rel']:.3g} > {tol.max_segment_rel:g}"
-                             for s in rep.per_segment if not s["max_rel"] <= tol.max_segment_rel]
+            rep.failures += [
+                f"segment {s['segment']}{' (T rows)' if s['rows'] else ''}: max rel error "
+                f"{s['max_rel']:.3g} > {tol.max_segment_rel:g}"
+                for s in rep.per_segment
+                if not s["max_rel"] <= tol.max_segment_rel
+            ]
         rep.passed = not rep.failures
     finally:
         hybrid.close()
     return rep, chosen
 
 
-def open_pair(artifact: str, backend: str = "auto", reference: Optional[str] = None,
-              per_segment: bool = False):
+def open_pair(
+    artifact: str, backend: str = "auto", reference: Optional[str] = None, per_segment: bool = False
+):
     """(manifest, the hybrid executor, pure onnxruntime on the source files the artifact was
     compiled from (or on ``reference``), the backend chosen for ``backend``)."""
     from rwkv2rknn.runtime.hybrid import HybridModel, load_manifest, resolve_backend
 
     manifest = load_manifest(artifact)
     if not manifest.token_input or not manifest.logits_output:
-        raise BadInput(f"'{artifact}' was compiled from a single ONNX graph, not a whole model",
-                       "compile a whole model (a per-layer folder or one file with token, state "
-                       "and logits) to check it")
+        raise BadInput(
+            f"'{artifact}' was compiled from a single ONNX graph, not a whole model",
+            "compile a whole model (a per-layer folder or one file with token, state and logits) to check it",
+        )
     if per_segment and manifest.packed:
-        raise BadInput(f"'{artifact}' is packed: --per-segment compares NPU segments with their "
-                       f"ONNX, which packing leaves out", "run it on the artifact it was packed from")
+        raise BadInput(
+            f"'{artifact}' is packed: --per-segment compares NPU segments with their "
+            f"ONNX, which packing leaves out",
+            "run it on the artifact it was packed from",
+        )
     chosen = resolve_backend(backend)
     if manifest.model.get("source_state"):  # compiled from a whole-model file
         from rwkv2rknn.runtime.reference import WholeFileModel
-        ref = WholeFileModel(reference or str(manifest.model.get("source", "")), manifest.token_input,
-                             manifest.logits_output, manifest.model["source_state"])
+
+        ref = WholeFileModel(
+            reference or str(manifest.model.get("source", "")),
+            manifest.token_input,
+            manifest.logits_output,
+            manifest.model["source_state"],
+        )
         hybrid = HybridModel(artifact, backend=chosen)
         if ref.vocab and ref.vocab != hybrid.vocab:
             hybrid.close()
-            raise BadInput("the reference file is not the model the artifact was compiled from",
-                           "pass the right --reference FILE")
+            raise BadInput(
+                "the reference file is not the model the artifact was compiled from",
+                "pass the right --reference FILE",
+            )
     else:
         ref, hybrid = _per_layer_reference(artifact, manifest, reference, chosen)
     return manifest, hybrid, ref, chosen
@@ -179,15 +223,20 @@ def _per_layer_reference(artifact, manifest, reference, backend):
     """(pure onnxruntime over the per-layer files the artifact was compiled from, the hybrid)."""
     from rwkv2rknn.runtime.hybrid import HybridModel
     from rwkv2rknn.runtime.reference import PerLayerModel
+
     ref_dir = reference or str(manifest.model.get("source", ""))
     if not ref_dir or not os.path.isdir(ref_dir):
-        raise BadInput(f"the per-layer files the artifact was compiled from are not at '{ref_dir}'",
-                       "pass --reference FOLDER")
+        raise BadInput(
+            f"the per-layer files the artifact was compiled from are not at '{ref_dir}'",
+            "pass --reference FOLDER",
+        )
     hybrid = HybridModel(artifact, backend=backend)
     ref = PerLayerModel(ref_dir)
     if ref.vocab != hybrid.vocab or ref.layers != manifest.layers or ref.width != hybrid.width:
-        raise BadInput(f"reference '{ref_dir}' is not the model the artifact was compiled from",
-                       "pass the right --reference FOLDER")
+        raise BadInput(
+            f"reference '{ref_dir}' is not the model the artifact was compiled from",
+            "pass the right --reference FOLDER",
+        )
     return ref, hybrid
 
 
@@ -197,17 +246,21 @@ def _state_views(hybrid, ref):
     the logits are compared)."""
     from rwkv2rknn.models import rwkv4
     from rwkv2rknn.runtime.reference import PerLayerModel
+
     if isinstance(ref, PerLayerModel):
         return lambda h, r: _states(hybrid, h, ref, r)
     slots = {s.input: k for k, s in enumerate(hybrid.slots)}
     # an entry kept its name, or a [rows, C] entry was unpacked into rows named NAME.ROW
-    parts = {i: [slots[i]] if i in slots else [slots.get(f"{i}.{row}") for row in rwkv4.STATE_ROWS]
-             for i, _, _ in ref.pairs}
+    parts = {
+        i: [slots[i]] if i in slots else [slots.get(f"{i}.{row}") for row in rwkv4.STATE_ROWS]
+        for i, _, _ in ref.pairs
+    }
     if any(None in ks for ks in parts.values()):
         return lambda h, r: (None, None)
-    return lambda h, r: (np.concatenate([hybrid.slot_views(h)[k].reshape(-1)
-                                         for ks in parts.values() for k in ks]),
-                         np.concatenate([np.asarray(r[i], np.float32).reshape(-1) for i in parts]))
+    return lambda h, r: (
+        np.concatenate([hybrid.slot_views(h)[k].reshape(-1) for ks in parts.values() for k in ks]),
+        np.concatenate([np.asarray(r[i], np.float32).reshape(-1) for i in parts]),
+    )
 
 
 DEFAULT_TEXT_TOKENS = 256  # of the built-in text: enough for a p99 that is not the max
@@ -228,45 +281,65 @@ def sample_text(kind: str) -> str:
     """The built-in text sample: 'en' (English prose, for byte-level models) or 'world' (prose
     in a dozen languages and a little code, for World and other subword tokenizers)."""
     import rwkv2rknn
+
     path = os.path.join(os.path.dirname(rwkv2rknn.__file__), "data", SAMPLES[kind])
     with open(path, encoding="utf-8") as f:
         return f.read()
 
 
-def choose_tokens(manifest, n: int = 0, seed: int = 0, text: Optional[str] = None,
-                  random_ids: bool = False, artifact: str = "", tokenizer: Optional[str] = None
-                  ) -> Tokens:
+def choose_tokens(
+    manifest,
+    n: int = 0,
+    seed: int = 0,
+    text: Optional[str] = None,
+    random_ids: bool = False,
+    artifact: str = "",
+    tokenizer: Optional[str] = None,
+) -> Tokens:
     """What to teacher-force: ``n`` tokens of ``text`` (default: the built-in sample that fits
     the artifact's tokenizer, or ``tokenizer``), or seeded random ids (``random_ids``, or where
     the artifact has no tokenizer whose ids the model knows: then with a warning saying so)."""
     from rwkv2rknn.runtime.loader import artifact_tokenizer
+
     if random_ids:
         return _random(manifest, n, seed)
     spec = tokenizer or artifact_tokenizer(manifest.tokenizer, artifact)
     if not spec:
         if text is not None:
-            raise BadInput("the artifact records no tokenizer to read the text with",
-                           "compile a model exported with --tokenizer")
+            raise BadInput(
+                "the artifact records no tokenizer to read the text with",
+                "compile a model exported with --tokenizer",
+            )
         return _random(manifest, n, seed, "the artifact records no tokenizer")
     from rwkv2rknn.runtime.tokenizer import ByteTokenizer, load_tokenizer
+
     tok = load_tokenizer(spec)
     byte_level = isinstance(tok, ByteTokenizer)
     name = "the built-in English sample" if byte_level else "the built-in multilingual sample"
     ids = tok.encode(text if text is not None else sample_text("en" if byte_level else "world"))
     n = n or DEFAULT_TEXT_TOKENS
-    ids, targets = ids[:n], ids[1:n + 1]
+    ids, targets = ids[:n], ids[1 : n + 1]
     if len(ids) < 2 or max(ids + targets) >= manifest.vocab:
         if text is None:
-            return _random(manifest, n, seed, f"its tokenizer ({tok.name}) gives ids beyond "
-                                              f"the model's vocabulary of {manifest.vocab}")
+            return _random(
+                manifest,
+                n,
+                seed,
+                f"its tokenizer ({tok.name}) gives ids beyond the model's vocabulary of {manifest.vocab}",
+            )
         if len(ids) < 2:
-            raise BadInput(f"the text is too short to score ({len(ids)} token(s), at least 2 needed)",
-                           "give a longer text file")
-        raise BadInput(f"the text gives token ids beyond the model's vocabulary of {manifest.vocab}",
-                       "give a text in the model's own tokenizer (or --tokenizer)")
+            raise BadInput(
+                f"the text is too short to score ({len(ids)} token(s), at least 2 needed)",
+                "give a longer text file",
+            )
+        raise BadInput(
+            f"the text gives token ids beyond the model's vocabulary of {manifest.vocab}",
+            "give a text in the model's own tokenizer (or --tokenizer)",
+        )
     n_bytes = len(tok.decode_bytes(targets)) if byte_level else None
-    return Tokens(ids, targets, n_bytes, f"{name if text is None else 'the given text'} "
-                                         f"({tok.name} tokenizer)")
+    return Tokens(
+        ids, targets, n_bytes, f"{name if text is None else 'the given text'} ({tok.name} tokenizer)"
+    )
 
 
 def _random(manifest, n: int, seed: int, why: str = "") -> Tokens:
@@ -281,10 +354,16 @@ def save_report(artifact: str, rep: Report, backend: str, n_tokens: int, seed: i
     None (logged) where the artifact cannot be written, which does not fail the check."""
     from rwkv2rknn.fileio import write_json
     from rwkv2rknn.artifact.plan import MANIFEST, sha256_file
+
     path = os.path.join(artifact, CHECK_JSON)
-    data = {"backend": backend, "tokens": n_tokens, "seed": seed,
-            "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "manifest_sha256": sha256_file(os.path.join(artifact, MANIFEST)), **rep.to_dict()}
+    data = {
+        "backend": backend,
+        "tokens": n_tokens,
+        "seed": seed,
+        "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "manifest_sha256": sha256_file(os.path.join(artifact, MANIFEST)),
+        **rep.to_dict(),
+    }
     try:
         write_json(path, data)
     except OSError as e:
@@ -297,15 +376,19 @@ def _states(hybrid, h_state, ref, r_state):
     """(hybrid state, reference state) in one order: the reference's rows [layers, rows, C]
     (RWKV-4), or its named slots (RWKV-5.2/6/7) one after another."""
     from rwkv2rknn.models import rwkv4
+
     if ref.rows_layout:
         return hybrid.state_as_layers(h_state, list(rwkv4.STATE_ROWS)), r_state.astype(np.float32)
     got, want = hybrid.state_by_slot(h_state), ref.state_by_slot(r_state)
     if set(got) != set(want):
-        raise BadInput("the artifact's state slots are not the reference's",
-                       "pass the right --reference FOLDER")
+        raise BadInput(
+            "the artifact's state slots are not the reference's", "pass the right --reference FOLDER"
+        )
     keys = sorted(want)
-    return (np.concatenate([got[k].reshape(-1) for k in keys]),
-            np.concatenate([want[k].reshape(-1).astype(np.float32) for k in keys]))
+    return (
+        np.concatenate([got[k].reshape(-1) for k in keys]),
+        np.concatenate([want[k].reshape(-1).astype(np.float32) for k in keys]),
+    )
 
 
 def _compare(got, want, state_got, state_ref, tol: Tolerances, feed: Tokens) -> Report:
@@ -313,16 +396,26 @@ def _compare(got, want, state_got, state_ref, tol: Tolerances, feed: Tokens) -> 
     the KL gates measure, and two fp16 runs' accumulators (aa, bb, pp of RWKV-4) drift apart
     over hundreds of tokens without changing the output (bundled model, fp16, 256 tokens of the
     English sample: drift 0.097, KL mean 3.8e-6); it is reported either way."""
-    return compare_logits(got, want, max_rel=tol.max_rel, state_got=state_got, state_ref=state_ref,
-                          max_state_drift=None if feed.targets else tol.max_state_drift, max_kl_mean=tol.max_kl_mean,
-                          max_kl_p99=tol.max_kl_p99, min_top1=tol.min_top1, targets=feed.targets,
-                          n_bytes=feed.n_bytes)
+    return compare_logits(
+        got,
+        want,
+        max_rel=tol.max_rel,
+        state_got=state_got,
+        state_ref=state_ref,
+        max_state_drift=None if feed.targets else tol.max_state_drift,
+        max_kl_mean=tol.max_kl_mean,
+        max_kl_p99=tol.max_kl_p99,
+        min_top1=tol.min_top1,
+        targets=feed.targets,
+        n_bytes=feed.n_bytes,
+    )
 
 
 def _per_segment(artifact, hybrid, traces, slots):
     """Each NPU segment fed the hybrid run's own inputs, against its ONNX on onnxruntime; each
     T-row variant fed those inputs as rows, against the per-token ONNX row by row."""
     from rwkv2rknn.runtime.ort import OrtRunner
+
     slot_inputs = {s.input for s in slots}
     seq = hybrid.prefill_runners() or [None] * len(hybrid.runners)
     out = []
@@ -332,16 +425,24 @@ def _per_segment(artifact, hybrid, traces, slots):
         ref = OrtRunner(os.path.join(artifact, seg.onnx), seg.name)
         feeds = [{k: env[k] for k in seg.inputs} for env in traces]
         want = [ref.infer(f) for f in feeds]
-        worst = max((rel_error(runner.infer(f)[k], w[k]) for f, w in zip(feeds, want)
-                     for k in seg.outputs), default=0.0)
+        worst = max(
+            (rel_error(runner.infer(f)[k], w[k]) for f, w in zip(feeds, want) for k in seg.outputs),
+            default=0.0,
+        )
         out.append({"segment": seg.name, "backend": runner.backend, "rows": 0, "max_rel": worst})
         if seq_runner is not None:
             n = min(len(feeds), max(getattr(seq_runner, "rows", ()) or (len(feeds),)))
             t = min((r for r in getattr(seq_runner, "rows", ()) if r >= n), default=n)
             feed = {k: (feeds[0][k] if k in slot_inputs else _rows(feeds[:n], k, t)) for k in seg.inputs}
             got = seq_runner.infer(feed)
-            worst = max((rel_error(np.asarray(got[k], np.float32).reshape(t, -1)[i], want[i][k])
-                         for i in range(n) for k in seg.outputs), default=0.0)
+            worst = max(
+                (
+                    rel_error(np.asarray(got[k], np.float32).reshape(t, -1)[i], want[i][k])
+                    for i in range(n)
+                    for k in seg.outputs
+                ),
+                default=0.0,
+            )
             out.append({"segment": seg.name, "backend": seq_runner.backend, "rows": t, "max_rel": worst})
         ref.close()
     return out

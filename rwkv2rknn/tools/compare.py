@@ -16,7 +16,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 # Histogram of per-token KL: decades from 1e-8 to 1 nat, plus one bin below and one above.
-KL_EDGES = tuple(10.0 ** e for e in range(-8, 1))
+KL_EDGES = tuple(10.0**e for e in range(-8, 1))
 
 
 @dataclass
@@ -56,15 +56,19 @@ class Report:
         if self.prefill is not None:
             lines.append("prefill: " + path_line(self.prefill))
         tol = self.tolerance
-        gates = ([f"KL mean <= {tol['max_kl_mean']:g}, p99 <= {tol['max_kl_p99']:g}"]
-                 if "max_kl_mean" in tol else ["KL not gated"])
+        gates = (
+            [f"KL mean <= {tol['max_kl_mean']:g}, p99 <= {tol['max_kl_p99']:g}"]
+            if "max_kl_mean" in tol
+            else ["KL not gated"]
+        )
         gates.append(f"max rel <= {tol['max_rel']:g}")
         if "max_state_drift" in tol:
             gates.append(f"state drift <= {tol['max_state_drift']:g}")
         if tol.get("min_top1") is not None:
             gates.append(f"same top token >= {100 * tol['min_top1']:g}%")
-        lines.append(f"tolerance{' for ' + str(tol['precision']) if tol.get('precision') else ''}: "
-                     + ", ".join(gates))
+        lines.append(
+            f"tolerance{' for ' + str(tol['precision']) if tol.get('precision') else ''}: " + ", ".join(gates)
+        )
         lines.append("PASS" if self.passed else "FAIL: " + "; ".join(self.failures))
         return "\n".join(lines)
 
@@ -76,13 +80,16 @@ def path_line(rep: dict) -> str:
     parts = []
     if q.get("kl"):
         k = q["kl"]
-        parts.append(f"KL mean {k['mean']:.3g}, median {k['median']:.3g}, p99 {k['p99']:.3g}, "
-                     f"max {k['max']:.3g}")
+        parts.append(
+            f"KL mean {k['mean']:.3g}, median {k['median']:.3g}, p99 {k['p99']:.3g}, max {k['max']:.3g}"
+        )
     parts.append(f"same top token {100 * rep['top1_agreement']:.1f}%")
     b = q.get("bits")
     if b:
-        parts.append(f"bits per {b['unit']} {b['artifact']:.4f} (reference {b['reference']:.4f}, "
-                     f"{100 * (b['artifact'] / b['reference'] - 1) if b['reference'] else 0:+.2f}%)")
+        parts.append(
+            f"bits per {b['unit']} {b['artifact']:.4f} (reference {b['reference']:.4f}, "
+            f"{100 * (b['artifact'] / b['reference'] - 1) if b['reference'] else 0:+.2f}%)"
+        )
     parts.append(f"max rel error {rep['max_rel']:.3g}")
     if rep.get("state_drift") is not None:
         parts.append(f"state drift {rep['state_drift']:.3g}")
@@ -113,22 +120,40 @@ def histogram(values: Sequence[float], edges: Sequence[float] = KL_EDGES) -> dic
     """{'edges': [...], 'counts': [...]}: counts[0] below edges[0], counts[i] in
     [edges[i-1], edges[i]), counts[-1] at or above edges[-1]."""
     idx = np.searchsorted(np.asarray(edges), np.asarray(values, np.float64), side="right")
-    return {"edges": [float(e) for e in edges],
-            "counts": [int(c) for c in np.bincount(idx, minlength=len(edges) + 1)]}
+    return {
+        "edges": [float(e) for e in edges],
+        "counts": [int(c) for c in np.bincount(idx, minlength=len(edges) + 1)],
+    }
 
 
-def quality(got, ref, targets: Optional[Sequence[int]] = None, n_bytes: Optional[int] = None,
-            kl: Optional[np.ndarray] = None) -> dict:
+def quality(
+    got,
+    ref,
+    targets: Optional[Sequence[int]] = None,
+    n_bytes: Optional[int] = None,
+    kl: Optional[np.ndarray] = None,
+) -> dict:
     """The quality figures of logits ``got`` against ``ref`` (both [T, V]): the KL distribution
     (mean, median, p99, max, histogram) and the share with the same top token; with ``targets``
     (the next token of each row: row i predicts targets[i], rows past the targets unscored) the
     bits per token of both runs, or per byte when ``n_bytes`` (the bytes of the targets) is given."""
     got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
     kl = kl_per_token(got, ref) if kl is None else kl
-    out = {"tokens": int(len(kl)), "same_top": float(np.mean(got.argmax(-1) == ref.argmax(-1))),
-           "kl": {"mean": float(kl.mean()), "median": float(np.median(kl)),
-                  "p99": float(np.percentile(kl, 99)), "max": float(kl.max())},
-           "histogram": histogram(kl)} if len(kl) else {}
+    out = (
+        {
+            "tokens": int(len(kl)),
+            "same_top": float(np.mean(got.argmax(-1) == ref.argmax(-1))),
+            "kl": {
+                "mean": float(kl.mean()),
+                "median": float(np.median(kl)),
+                "p99": float(np.percentile(kl, 99)),
+                "max": float(kl.max()),
+            },
+            "histogram": histogram(kl),
+        }
+        if len(kl)
+        else {}
+    )
     if targets is not None and len(targets) and out:
         n = min(len(targets), len(kl))
         t = np.asarray(targets[:n])
@@ -137,16 +162,30 @@ def quality(got, ref, targets: Optional[Sequence[int]] = None, n_bytes: Optional
         def bits(logits):
             nats = -log_softmax(logits[:n])[np.arange(n), t].sum()
             return float(nats / math.log(2) / per)
-        out["bits"] = {"unit": "byte" if n_bytes else "token", "reference": bits(ref),
-                       "artifact": bits(got), "scored": n, "bytes": n_bytes}
+
+        out["bits"] = {
+            "unit": "byte" if n_bytes else "token",
+            "reference": bits(ref),
+            "artifact": bits(got),
+            "scored": n,
+            "bytes": n_bytes,
+        }
     return out
 
 
-def compare_logits(got: np.ndarray, ref: np.ndarray, max_rel: float = 0.05, state_got=None,
-                   state_ref=None, max_state_drift: Optional[float] = None,
-                   max_kl_mean: Optional[float] = None, max_kl_p99: Optional[float] = None,
-                   min_top1: Optional[float] = None, targets: Optional[Sequence[int]] = None,
-                   n_bytes: Optional[int] = None) -> Report:
+def compare_logits(
+    got: np.ndarray,
+    ref: np.ndarray,
+    max_rel: float = 0.05,
+    state_got=None,
+    state_ref=None,
+    max_state_drift: Optional[float] = None,
+    max_kl_mean: Optional[float] = None,
+    max_kl_p99: Optional[float] = None,
+    min_top1: Optional[float] = None,
+    targets: Optional[Sequence[int]] = None,
+    n_bytes: Optional[int] = None,
+) -> Report:
     """Per step and overall. Gates, each where its limit is given: the mean and the 99th
     percentile of the per-token KL divergence, the max logit error relative to each step's logit
     scale (every token), the state drift at the end, and the share of tokens with the same top
@@ -160,15 +199,24 @@ def compare_logits(got: np.ndarray, ref: np.ndarray, max_rel: float = 0.05, stat
         diff = np.abs(a - b)
         scale = max(float(np.max(np.abs(b))), 1e-30)
         denom = float(np.linalg.norm(a) * np.linalg.norm(b)) or 1e-30
-        steps.append(StepError(i, float(diff.max()), float(diff.max()) / scale,
-                               float(np.dot(a, b) / denom), bool(np.argmax(a) == np.argmax(b)),
-                               float(kl[i])))
-    rep = Report(steps=steps,
-                 top1_agreement=float(np.mean([s.top1_match for s in steps])) if steps else 0.0,
-                 max_abs=max((s.max_abs for s in steps), default=0.0),
-                 max_rel=max((s.max_rel for s in steps), default=0.0),
-                 min_cosine=min((s.cosine for s in steps), default=1.0),
-                 tolerance={"max_rel": max_rel})
+        steps.append(
+            StepError(
+                i,
+                float(diff.max()),
+                float(diff.max()) / scale,
+                float(np.dot(a, b) / denom),
+                bool(np.argmax(a) == np.argmax(b)),
+                float(kl[i]),
+            )
+        )
+    rep = Report(
+        steps=steps,
+        top1_agreement=float(np.mean([s.top1_match for s in steps])) if steps else 0.0,
+        max_abs=max((s.max_abs for s in steps), default=0.0),
+        max_rel=max((s.max_rel for s in steps), default=0.0),
+        min_cosine=min((s.cosine for s in steps), default=1.0),
+        tolerance={"max_rel": max_rel},
+    )
     if finite and steps:
         rep.quality = quality(got, ref, targets, n_bytes, kl)
     if not rep.max_rel <= max_rel:

@@ -32,14 +32,14 @@ def read_text(path: str, max_bytes: int) -> str:
         raise BadInput(f"cannot read '{path}' ({e.strerror})", "give a readable text file") from e
 
 
-
-
 def bits_per_byte(model, tokenizer, text: str, chunk: int = 64) -> Score:
     """Score ``text``: the model reads token i and is charged -log2 p(token i+1)."""
     ids = tokenizer.encode(text)
     if len(ids) < 2:
-        raise BadInput(f"the text is too short to score ({len(ids)} token(s), at least 2 needed)",
-                       "give a longer text file")
+        raise BadInput(
+            f"the text is too short to score ({len(ids)} token(s), at least 2 needed)",
+            "give a longer text file",
+        )
     state = model.init_state()
     if hasattr(model, "prefill"):
         logits = model.prefill(ids[:-1], state, chunk=chunk)
@@ -50,13 +50,18 @@ def bits_per_byte(model, tokenizer, text: str, chunk: int = 64) -> Score:
     nats = -lp[np.arange(len(targets)), targets].sum()
     scored = tokenizer.decode_bytes(ids[1:]) if hasattr(tokenizer, "decode_bytes") else text.encode()
     n_bytes = max(len(scored), 1)
-    return Score(tokens=len(targets), bytes=n_bytes, bits_per_byte=float(nats / math.log(2) / n_bytes),
-                 top1=float((logits.argmax(1) == targets).mean()))
+    return Score(
+        tokens=len(targets),
+        bytes=n_bytes,
+        bits_per_byte=float(nats / math.log(2) / n_bytes),
+        top1=float((logits.argmax(1) == targets).mean()),
+    )
 
 
 @dataclass
 class TextQuality:
     """An artifact against onnxruntime on its source files, teacher-forced on one text."""
+
     backend: str
     source: str  # what the text was
     decode: dict  # compare.Report.to_dict() of the token-by-token path
@@ -64,46 +69,59 @@ class TextQuality:
 
     def summary(self) -> str:
         from rwkv2rknn.tools.compare import path_line
-        lines = [f"backend {self.backend}: {len(self.decode['steps'])} tokens of {self.source}, "
-                 f"against onnxruntime on the source files"]
+
+        lines = [
+            f"backend {self.backend}: {len(self.decode['steps'])} tokens of {self.source}, "
+            f"against onnxruntime on the source files"
+        ]
         b = (self.decode.get("quality") or {}).get("bits")
         if b:  # the headline `eval` gives an uncompiled folder too
             count = f"{b['bytes']} bytes" if b["unit"] == "byte" else f"{b['scored']} tokens"
-            lines.append(f"{b['artifact']:.4f} bits per {b['unit']} over {count} "
-                         f"({b['scored']} tokens scored; the source: {b['reference']:.4f})")
+            lines.append(
+                f"{b['artifact']:.4f} bits per {b['unit']} over {count} "
+                f"({b['scored']} tokens scored; the source: {b['reference']:.4f})"
+            )
         lines.append("decode:  " + path_line(self.decode))
         if self.prefill is not None:
             lines.append("prefill: " + path_line(self.prefill))
         return "\n".join(lines)
 
 
-def compare_on_text(artifact: str, text: Optional[str] = None, backend: str = "auto",
-                    reference: Optional[str] = None, tokenizer: Optional[str] = None,
-                    echo=None) -> TextQuality:
+def compare_on_text(
+    artifact: str,
+    text: Optional[str] = None,
+    backend: str = "auto",
+    reference: Optional[str] = None,
+    tokenizer: Optional[str] = None,
+    echo=None,
+) -> TextQuality:
     """Teacher-force all of ``text`` (default: the built-in sample for the artifact's tokenizer)
     through the artifact, token by token and as a prompt, and through pure onnxruntime on the
     source files: KL divergence, same top token and bits of both, per path (no gate)."""
     from rwkv2rknn.tools.check import choose_tokens, open_pair
     from rwkv2rknn.tools.compare import compare_logits
+
     manifest, hybrid, ref, chosen = open_pair(artifact, backend, reference)
     if echo:
         echo(f"backend: {chosen}; reference: onnxruntime on {manifest.model.get('source', '?')}")
     try:
         if text is not None and len(text.encode()) < 2:
-            raise BadInput(f"the text is too short to score ({len(text.encode())} byte(s))",
-                           "give a longer text file")
+            raise BadInput(
+                f"the text is too short to score ({len(text.encode())} byte(s))", "give a longer text file"
+            )
         feed = choose_tokens(manifest, 1 << 30, text=text, artifact=artifact, tokenizer=tokenizer)
         if feed.targets is None:
-            raise BadInput(f"cannot score a text with this artifact: {feed.warnings[0]}",
-                           "give --tokenizer (bytes, world or a tokenizer.json)")
+            raise BadInput(
+                f"cannot score a text with this artifact: {feed.warnings[0]}",
+                "give --tokenizer (bytes, world or a tokenizer.json)",
+            )
         h_state, r_state = hybrid.init_state(), ref.init_state()
         got = np.stack([hybrid.step(t, h_state) for t in feed.ids])
         want = np.stack([ref.step(t, r_state) for t in feed.ids])
         kw = dict(max_rel=float("inf"), targets=feed.targets, n_bytes=feed.n_bytes)
         res = TextQuality(chosen, feed.source, compare_logits(got, want, **kw).to_dict())
         if len(feed.ids) > 1 and hybrid.prepare_prefill():
-            res.prefill = compare_logits(hybrid.prefill(feed.ids, hybrid.init_state()), want,
-                                         **kw).to_dict()
+            res.prefill = compare_logits(hybrid.prefill(feed.ids, hybrid.init_state()), want, **kw).to_dict()
     finally:
         hybrid.close()
     return res
@@ -118,6 +136,7 @@ def heldout_quality(artifact: str, ids, where: str = "") -> dict:
     from rwkv2rknn.tools.compare import quality
     from rwkv2rknn.artifact.plan import PLAN
     from rwkv2rknn.runtime.hybrid import HybridModel
+
     ids = [int(t) for t in ids]
     ref = HybridModel(artifact, backend="ort")
     sim = HybridModel(artifact, backend="rknn-sim")

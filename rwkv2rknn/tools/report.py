@@ -24,8 +24,13 @@ SIZES = ("flops", "bytes")
 REPORT_HTML = "report.html"
 SEGMENT_FIELDS = SEGMENT_KEYS
 ACCURACY_WORDS = ("accura", "error", "max_rel", "cosine", "quant", "calib", "int8")  # shown even as fields
-COLOURS = {"npu-fp16": "#2c7bb6", "npu-int8": "#7b3294", "npu-w8a8": "#7b3294", "cpu": "#f29e4c",
-           "fallback": "#d7191c"}
+COLOURS = {
+    "npu-fp16": "#2c7bb6",
+    "npu-int8": "#7b3294",
+    "npu-w8a8": "#7b3294",
+    "cpu": "#f29e4c",
+    "fallback": "#d7191c",
+}
 OTHER_NPU = ("#1a9850", "#66a61e", "#1b7837")  # NPU precisions other than fp16 and int8
 HANDOFF = "#222222"
 EXECUTOR = "#9e9e9e"  # the executor's own time per token, in the estimate
@@ -34,6 +39,7 @@ EXECUTOR = "#9e9e9e"  # the executor's own time per token, in the estimate
 @dataclass
 class SegView:
     """One segment as the page shows it."""
+
     seg: Segment
     kind: str  # colour key: npu-<precision>, cpu, fallback
     where: str  # what the legend calls it
@@ -70,13 +76,17 @@ def colour_of(kind: str, kinds: List[str]) -> str:
 def kind_of(backend: str, fallback: str, precision: str) -> tuple:
     """(colour key, legend label) of a segment."""
     if backend == "cpu":
-        return ("fallback", "NPU candidate that fell back to the CPU") if fallback else \
-            ("cpu", "CPU (onnxruntime, fp32)")
+        return (
+            ("fallback", "NPU candidate that fell back to the CPU")
+            if fallback
+            else ("cpu", "CPU (onnxruntime, fp32)")
+        )
     return f"npu-{precision}", f"NPU, {precision}"
 
 
 def load(artifact: str, bench: Optional[str] = None, size_by: str = "flops") -> ReportData:
     from rwkv2rknn.runtime.hybrid import load_manifest
+
     if size_by not in SIZES:
         raise UsageError(f"cannot size segments by '{size_by}'", f"use one of {', '.join(SIZES)}")
     manifest = load_manifest(artifact)
@@ -93,16 +103,32 @@ def load(artifact: str, bench: Optional[str] = None, size_by: str = "flops") -> 
         if isinstance(s, dict) and _number(s.get("max_rel")):
             checked[bool(s.get("rows"))][s.get("segment")] = float(s["max_rel"])
     for seg, rawseg in zip(manifest.segments, raw["segments"]):
-        extras = {k: v for k, v in rawseg.items() if k != "precision" and
-                  (k not in SEGMENT_FIELDS or any(w in k for w in ACCURACY_WORDS))}
+        extras = {
+            k: v
+            for k, v in rawseg.items()
+            if k != "precision" and (k not in SEGMENT_FIELDS or any(w in k for w in ACCURACY_WORDS))
+        }
         planned = plan_segs.get(seg.name, {})
-        precision = str(rawseg.get("precision") or planned.get("precision") or
-                        ("fp16" if seg.backend == "npu" else "fp32"))
+        precision = str(
+            rawseg.get("precision")
+            or planned.get("precision")
+            or ("fp16" if seg.backend == "npu" else "fp32")
+        )
         kind, where = kind_of(seg.backend, seg.fallback, precision)
         reasons = planned.get("cpu_reasons") or {}
-        data.segs.append(SegView(seg, kind, where, precision, _size(artifact, seg, size_by),
-                                 reasons if isinstance(reasons, dict) else {}, extras,
-                                 checked[False].get(seg.name), checked[True].get(seg.name)))
+        data.segs.append(
+            SegView(
+                seg,
+                kind,
+                where,
+                precision,
+                _size(artifact, seg, size_by),
+                reasons if isinstance(reasons, dict) else {},
+                extras,
+                checked[False].get(seg.name),
+                checked[True].get(seg.name),
+            )
+        )
     if bench:
         data.bench = read_bench(bench)
     return data
@@ -131,9 +157,14 @@ def read_bench(path: str) -> dict:
     fix = "give the file written by rwkv2rknn bench --json-out FILE"
     res = fileio.read_json(path, "bench figures", fix)
     rows = res.get("rows") if isinstance(res, dict) else None
-    ok = isinstance(rows, list) and rows and all(
-        isinstance(r, dict) and isinstance(r.get("runner"), str) and _number(r.get("ms_per_token"))
-        for r in rows)
+    ok = (
+        isinstance(rows, list)
+        and rows
+        and all(
+            isinstance(r, dict) and isinstance(r.get("runner"), str) and _number(r.get("ms_per_token"))
+            for r in rows
+        )
+    )
     if not ok:
         raise BadInput(f"'{path}' is not a bench result (no runners with ms/token)", fix)
     return res
@@ -195,11 +226,16 @@ def show_value(v) -> str:
 
 def hover(v: SegView, m: Manifest) -> str:
     s = v.seg
-    lines = [f"{s.name}: {v.where}", f"stages {stage_range(s)}",
-             f"{s.ops} ops, {s.matmuls} MatMuls, {s.flops / 1e6:.2f} MFLOP per token"]
+    lines = [
+        f"{s.name}: {v.where}",
+        f"stages {stage_range(s)}",
+        f"{s.ops} ops, {s.matmuls} MatMuls, {s.flops / 1e6:.2f} MFLOP per token",
+    ]
     if m.profile:
-        lines.append(f"estimated {s.est_ms:.3f} ms per call (decode), {s.est_prefill_ms:.3f} ms per "
-                     f"token of prefill (profile '{m.profile.get('name', '?')}', an estimate)")
+        lines.append(
+            f"estimated {s.est_ms:.3f} ms per call (decode), {s.est_prefill_ms:.3f} ms per "
+            f"token of prefill (profile '{m.profile.get('name', '?')}', an estimate)"
+        )
     if s.fallback:
         lines.append(f"fell back to the CPU: {s.fallback}")
     lines += [f"on the CPU: {r} ({n} ops)" for r, n in v.reasons.items()]
@@ -209,7 +245,9 @@ def hover(v: SegView, m: Manifest) -> str:
     if v.check_rel is not None:
         lines.append(f"last check, this segment alone vs onnxruntime: max rel error {v.check_rel:.3g}")
     if v.check_seq_rel is not None:
-        lines.append(f"last check, its T-row variant vs the per-token ONNX: max rel error {v.check_seq_rel:.3g}")
+        lines.append(
+            f"last check, its T-row variant vs the per-token ONNX: max rel error {v.check_seq_rel:.3g}"
+        )
     return "\n".join(lines)
 
 
@@ -217,25 +255,55 @@ def strip_svg(data: ReportData) -> str:
     segs = [v.seg for v in data.segs]
     pos = layout([v.size for v in data.segs])
     block = TOP + SEG_H + LANES + 10
-    svg = Svg(WIDTH, (pos[-1][0] + 1) * block if pos else block,
-              f"{len(segs)} segments in run order, coloured by where they run", cls="strip")
+    svg = Svg(
+        WIDTH,
+        (pos[-1][0] + 1) * block if pos else block,
+        f"{len(segs)} segments in run order, coloured by where they run",
+        cls="strip",
+    )
     for v, (line, x, w) in zip(data.segs, pos):
         y = line * block + TOP
-        svg.rect(x, y, w, SEG_H, data.colour(v.kind), title=hover(v, data.manifest), class_="seg",
-                 data_name=v.seg.name, data_backend=v.seg.backend, data_kind=v.kind,
-                 data_flops=v.seg.flops, data_size=repr(v.size))
+        svg.rect(
+            x,
+            y,
+            w,
+            SEG_H,
+            data.colour(v.kind),
+            title=hover(v, data.manifest),
+            class_="seg",
+            data_name=v.seg.name,
+            data_backend=v.seg.backend,
+            data_kind=v.kind,
+            data_flops=v.seg.flops,
+            data_size=repr(v.size),
+        )
         label = stage_range(v.seg)
         if w >= 6.2 * len(label) + 6:
-            svg.text(x + w / 2, y + SEG_H / 2 + 4, label, anchor="middle", size=10,
-                     fill="#000000" if v.kind == "cpu" else "#ffffff")
+            svg.text(
+                x + w / 2,
+                y + SEG_H / 2 + 4,
+                label,
+                anchor="middle",
+                size=10,
+                fill="#000000" if v.kind == "cpu" else "#ffffff",
+            )
     for i, names, nbytes in handoffs(segs):
         line, x, _ = pos[i]
         x, y = x - GAP / 2, line * block + TOP
-        title = (f"hand-off {segs[i - 1].backend.upper()} -> {segs[i].backend.upper()} between "
-                 f"{segs[i - 1].name} and {segs[i].name}: {len(names)} tensor(s), {nbytes} bytes")
-        svg.add("path", title, d=f"M{x - 4:.1f},{y - 11} L{x + 4:.1f},{y - 11} L{x:.1f},{y - 3} Z "
-                                 f"M{x - 1:.1f},{y} h2 v{SEG_H} h-2 Z",
-                fill=HANDOFF, class_="handoff", data_after=segs[i - 1].name, data_before=segs[i].name)
+        title = (
+            f"hand-off {segs[i - 1].backend.upper()} -> {segs[i].backend.upper()} between "
+            f"{segs[i - 1].name} and {segs[i].name}: {len(names)} tensor(s), {nbytes} bytes"
+        )
+        svg.add(
+            "path",
+            title,
+            d=f"M{x - 4:.1f},{y - 11} L{x + 4:.1f},{y - 11} L{x:.1f},{y - 3} Z "
+            f"M{x - 1:.1f},{y} h2 v{SEG_H} h-2 Z",
+            fill=HANDOFF,
+            class_="handoff",
+            data_after=segs[i - 1].name,
+            data_before=segs[i].name,
+        )
     _brackets(svg, data.manifest, pos, block)
     return svg.render()
 
@@ -250,6 +318,13 @@ def _brackets(svg: Svg, m: Manifest, pos: List[tuple], block: int) -> None:
             x0, x1 = pos[on[0]][1] + 1, pos[on[-1]][1] + pos[on[-1]][2] - 1
             y = line * block + TOP + SEG_H + 5 + (j % 2) * 15
             title = f"{row['stage']}: " + ", ".join(m.segments[i].name for i in members)
-            svg.add("path", title, d=f"M{x0:.1f},{y - 3} V{y} H{x1:.1f} V{y - 3}", fill="none",
-                    stroke="#555555", class_="stage", data_stage=row["stage"])
+            svg.add(
+                "path",
+                title,
+                d=f"M{x0:.1f},{y - 3} V{y} H{x1:.1f} V{y - 3}",
+                fill="none",
+                stroke="#555555",
+                class_="stage",
+                data_stage=row["stage"],
+            )
             svg.text((x0 + x1) / 2, y + 10, row["stage"], anchor="middle", size=9, fill="#333333")

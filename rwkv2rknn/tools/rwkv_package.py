@@ -59,6 +59,7 @@ for line in sys.stdin:
 def available() -> bool:
     """The `rwkv` package is installed (it is imported only in the child)."""
     from rwkv2rknn.runtime.board import has_module
+
     return has_module("rwkv.model")
 
 
@@ -67,21 +68,22 @@ def package_env(version: str) -> dict:
     torch's OpenMP threads wait passively (unless set otherwise), as the executor's onnxruntime
     pools do: spinning threads on a busy machine made it 20x slower here (1256 against 71
     ms/token for a 0.19B RWKV-7 on 2 loaded cores)."""
-    env = dict(os.environ, RWKV_JIT_ON="0", RWKV_CUDA_ON="0",
-               RWKV_V7_ON="1" if str(version) == "7" else "0")
+    env = dict(os.environ, RWKV_JIT_ON="0", RWKV_CUDA_ON="0", RWKV_V7_ON="1" if str(version) == "7" else "0")
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     return env
 
 
-def package_run(pth: str, tokens: Sequence[int], version: str, threads: int = 1,
-                timeout: float = 3600) -> Tuple[np.ndarray, List[float]]:
+def package_run(
+    pth: str, tokens: Sequence[int], version: str, threads: int = 1, timeout: float = 3600
+) -> Tuple[np.ndarray, List[float]]:
     """Teacher-forced logits [T, V] of the checkpoint ``pth`` from the `rwkv` package, and the
     wall time of each ``forward`` call in ms. ``threads``: torch's thread count (0: its default)."""
     return package_runs([(pth, tokens)], version, threads, timeout)[0]
 
 
-def package_runs(jobs: Sequence[Tuple[str, Sequence[int]]], version: str, threads: int = 1,
-                 timeout: float = 3600) -> List[Tuple[np.ndarray, List[float]]]:
+def package_runs(
+    jobs: Sequence[Tuple[str, Sequence[int]]], version: str, threads: int = 1, timeout: float = 3600
+) -> List[Tuple[np.ndarray, List[float]]]:
     """``package_run`` for several (checkpoint, tokens) of one version, in one new child."""
     proc = PackageProcess(version, threads)
     try:
@@ -101,9 +103,14 @@ class PackageProcess:
         self.folder = tempfile.mkdtemp(prefix=scratch_prefix("rwkvpkg"))
         try:
             self.stderr = open(os.path.join(self.folder, "stderr.txt"), "w+")
-            self.proc = subprocess.Popen([sys.executable, "-c", _SCRIPT, str(int(threads))],
-                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                         stderr=self.stderr, text=True, env=package_env(version))
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", _SCRIPT, str(int(threads))],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=self.stderr,
+                text=True,
+                env=package_env(version),
+            )
         except BaseException:
             shutil.rmtree(self.folder, ignore_errors=True)
             raise
@@ -115,15 +122,18 @@ class PackageProcess:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
-    def run(self, jobs: Sequence[Tuple[str, Sequence[int]]],
-            timeout: float = 3600) -> List[Tuple[np.ndarray, List[float]]]:
+    def run(
+        self, jobs: Sequence[Tuple[str, Sequence[int]]], timeout: float = 3600
+    ) -> List[Tuple[np.ndarray, List[float]]]:
         """(logits [T, V], ms per call) of each (checkpoint, tokens); a ToolkitError naming the
         checkpoints and the package's last line if it fails."""
         outs = [os.path.join(self.folder, f"logits{self.count + i}.npy") for i in range(len(jobs))]
         self.count += len(jobs)
         names = ", ".join(f"'{os.path.basename(pth)}'" for pth, _ in jobs)
-        request = [{"pth": pth, "tokens": [int(t) for t in tokens], "out": out}
-                   for (pth, tokens), out in zip(jobs, outs)]
+        request = [
+            {"pth": pth, "tokens": [int(t) for t in tokens], "out": out}
+            for (pth, tokens), out in zip(jobs, outs)
+        ]
         try:
             self.proc.stdin.write(json.dumps(request) + "\n")
             self.proc.stdin.flush()
@@ -142,8 +152,10 @@ class PackageProcess:
             why = ""
         try:
             if why or not all(os.path.exists(o) for o in outs):
-                raise ToolkitError(f"the rwkv package failed on {names} ({(why or 'no output')[:200]})",
-                                   "check the checkpoint and the rwkv package install")
+                raise ToolkitError(
+                    f"the rwkv package failed on {names} ({(why or 'no output')[:200]})",
+                    "check the checkpoint and the rwkv package install",
+                )
             results = []
             for out in outs:
                 with open(out + ".json") as f:

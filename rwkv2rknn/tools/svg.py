@@ -36,8 +36,9 @@ class Svg:
         self.parts: List[str] = []
 
     def add(self, tag: str, title: Optional[str] = None, text: Optional[str] = None, **attrs) -> None:
-        a = " ".join(f'{k.rstrip("_").replace("_", "-")}="{esc(v)}"' for k, v in attrs.items()
-                     if v is not None)
+        a = " ".join(
+            f'{k.rstrip("_").replace("_", "-")}="{esc(v)}"' for k, v in attrs.items() if v is not None
+        )
         inner = (f"<title>{esc(title)}</title>" if title else "") + (esc(text) if text else "")
         self.parts.append(f"<{tag} {a}>{inner}</{tag}>" if inner else f"<{tag} {a}/>")
 
@@ -45,17 +46,30 @@ class Svg:
         self.add("rect", title, x=_n(x), y=_n(y), width=_n(max(w, 0)), height=_n(h), fill=fill, **attrs)
 
     def text(self, x, y, s, anchor="start", size=FONT, fill=INK, **attrs) -> None:
-        self.add("text", None, str(s), x=_n(x), y=_n(y), text_anchor=anchor, font_size=size,
-                 fill=fill, **attrs)
+        self.add(
+            "text", None, str(s), x=_n(x), y=_n(y), text_anchor=anchor, font_size=size, fill=fill, **attrs
+        )
 
     def line(self, x1, y1, x2, y2, stroke=INK, width=1, dash=None, title=None, **attrs) -> None:
-        self.add("line", title, x1=_n(x1), y1=_n(y1), x2=_n(x2), y2=_n(y2), stroke=stroke,
-                 stroke_width=width, stroke_dasharray=dash, **attrs)
+        self.add(
+            "line",
+            title,
+            x1=_n(x1),
+            y1=_n(y1),
+            x2=_n(x2),
+            y2=_n(y2),
+            stroke=stroke,
+            stroke_width=width,
+            stroke_dasharray=dash,
+            **attrs,
+        )
 
     def render(self) -> str:
-        return (f'<svg class="{esc(self.cls)}" role="img" '
-                f'aria-label="{esc(self.label)}" width="{_n(self.width)}" height="{_n(self.height)}" '
-                f'viewBox="0 0 {_n(self.width)} {_n(self.height)}">' + "".join(self.parts) + "</svg>")
+        return (
+            f'<svg class="{esc(self.cls)}" role="img" '
+            f'aria-label="{esc(self.label)}" width="{_n(self.width)}" height="{_n(self.height)}" '
+            f'viewBox="0 0 {_n(self.width)} {_n(self.height)}">' + "".join(self.parts) + "</svg>"
+        )
 
 
 def _n(v: float) -> str:
@@ -77,8 +91,9 @@ def ticks(hi: float, n: int = 5) -> List[float]:
     return [i * step for i in range(int(math.ceil(hi / step - 1e-9)) + 1)]
 
 
-def _bar_frame(hi: float, n_rows: int, left: int, right: int, row: int, top: int, unit: str,
-               label: str, width: int):
+def _bar_frame(
+    hi: float, n_rows: int, left: int, right: int, row: int, top: int, unit: str, label: str, width: int
+):
     """An Svg with a value axis from 0 to past ``hi`` under ``n_rows`` rows, and its x scale."""
     tv = ticks(hi)
     x = linear(0, tv[-1], left, width - right)
@@ -91,8 +106,13 @@ def _bar_frame(hi: float, n_rows: int, left: int, right: int, row: int, top: int
     return s, x
 
 
-def hbars(rows: Sequence[Tuple[str, float, str, str]], unit: str, label: str,
-          ref: Optional[Tuple[float, str]] = None, width: int = 760) -> str:
+def hbars(
+    rows: Sequence[Tuple[str, float, str, str]],
+    unit: str,
+    label: str,
+    ref: Optional[Tuple[float, str]] = None,
+    width: int = 760,
+) -> str:
     """Horizontal bars (label, value, colour, hover) with an optional dashed reference line."""
     left, bar, gap, top = 300, 20, 8, 8
     hi = max([v for _, v, _, _ in rows] + ([ref[0]] if ref else []) + [0.0])
@@ -103,13 +123,24 @@ def hbars(rows: Sequence[Tuple[str, float, str, str]], unit: str, label: str,
         s.rect(left, y, x(v) - left, bar, colour, title=hover, class_="bar", data_value=repr(v))
         s.text(width - 4, y + bar * 0.7, f"{v:.2f}", anchor="end", size=10)
     if ref:
-        s.line(x(ref[0]), top - 4, x(ref[0]), s.height - 28, stroke=INK, width=2, dash="5 3",
-               title=ref[1], class_="ref", data_value=repr(ref[0]))
+        s.line(
+            x(ref[0]),
+            top - 4,
+            x(ref[0]),
+            s.height - 28,
+            stroke=INK,
+            width=2,
+            dash="5 3",
+            title=ref[1],
+            class_="ref",
+            data_value=repr(ref[0]),
+        )
     return s.render()
 
 
-def stacked(rows: Sequence[Tuple[str, Sequence[Tuple[str, float, str]]]], unit: str, label: str,
-            width: int = 760) -> str:
+def stacked(
+    rows: Sequence[Tuple[str, Sequence[Tuple[str, float, str]]]], unit: str, label: str, width: int = 760
+) -> str:
     """One horizontal bar per row, cut into parts (name, value, colour), total at the end."""
     left, bar, gap, top = 170, 24, 12, 6
     hi = max([sum(v for _, v, _ in parts) for _, parts in rows] + [0.0])
@@ -118,15 +149,30 @@ def stacked(rows: Sequence[Tuple[str, Sequence[Tuple[str, float, str]]]], unit: 
         y, at = top + i * (bar + gap), 0.0
         s.text(left - 6, y + bar * 0.68, name, anchor="end")
         for pname, v, colour in parts:
-            s.rect(x(at), y, x(at + v) - x(at), bar, colour, title=f"{name}: {pname} {v:.2f} {unit}",
-                   class_="part", data_part=pname, data_value=repr(v))
+            s.rect(
+                x(at),
+                y,
+                x(at + v) - x(at),
+                bar,
+                colour,
+                title=f"{name}: {pname} {v:.2f} {unit}",
+                class_="part",
+                data_part=pname,
+                data_value=repr(v),
+            )
             at += v
         s.text(x(at) + 5, y + bar * 0.68, f"{at:.2f} {unit}", size=10)
     return s.render()
 
 
-def line_plot(ys: Sequence[float], label: str, y_name: str, ref: Optional[Tuple[float, str]] = None,
-              width: int = 760, height: int = 180) -> str:
+def line_plot(
+    ys: Sequence[float],
+    label: str,
+    y_name: str,
+    ref: Optional[Tuple[float, str]] = None,
+    width: int = 760,
+    height: int = 180,
+) -> str:
     """y per step (x = 0, 1, ...) on a log scale, points with hovers, optional dashed limit."""
     left, right, top, bottom = 60, 20, 24, 30
     vals = [v for v in ys if v is not None and math.isfinite(v) and v > 0]
@@ -149,20 +195,48 @@ def line_plot(ys: Sequence[float], label: str, y_name: str, ref: Optional[Tuple[
     s.text(4, 10, y_name, size=10)
     pts = [(x(i), y(v)) for i, v in enumerate(ys) if v is not None and math.isfinite(v)]
     if pts:
-        s.add("polyline", points=" ".join(f"{_n(a)},{_n(b)}" for a, b in pts), fill="none",
-              stroke="#2c7bb6", stroke_width=1.5)
+        s.add(
+            "polyline",
+            points=" ".join(f"{_n(a)},{_n(b)}" for a, b in pts),
+            fill="none",
+            stroke="#2c7bb6",
+            stroke_width=1.5,
+        )
     for i, v in enumerate(ys if len(ys) <= MAX_POINTS else []):  # a long check: the line only
         ok = v is not None and math.isfinite(v)
-        s.add("circle", f"step {i}: {y_name} {fmt(v)}", cx=_n(x(i)), cy=_n(y(v) if ok else top),
-              r=2.5, fill="#2c7bb6" if ok else "#000000", class_="point", data_value=repr(v))
+        s.add(
+            "circle",
+            f"step {i}: {y_name} {fmt(v)}",
+            cx=_n(x(i)),
+            cy=_n(y(v) if ok else top),
+            r=2.5,
+            fill="#2c7bb6" if ok else "#000000",
+            class_="point",
+            data_value=repr(v),
+        )
     if ref and ref[0] > 0:
-        s.line(left, y(ref[0]), width - right, y(ref[0]), stroke="#555555", dash="5 3", title=ref[1],
-               class_="ref", data_value=repr(ref[0]))
+        s.line(
+            left,
+            y(ref[0]),
+            width - right,
+            y(ref[0]),
+            stroke="#555555",
+            dash="5 3",
+            title=ref[1],
+            class_="ref",
+            data_value=repr(ref[0]),
+        )
     return s.render()
 
 
-def columns(groups: Sequence[Tuple[str, str, Sequence[int]]], labels: Sequence[str], label: str,
-            unit: str = "tokens", width: int = 760, height: int = 190) -> str:
+def columns(
+    groups: Sequence[Tuple[str, str, Sequence[int]]],
+    labels: Sequence[str],
+    label: str,
+    unit: str = "tokens",
+    width: int = 760,
+    height: int = 190,
+) -> str:
     """A histogram: one group of columns per bin (``labels``, left to right), one column per
     series (name, colour, counts) within it; hovers give the bin, the series and the count."""
     left, right, top, bottom = 44, 10, 22, 40
@@ -181,8 +255,18 @@ def columns(groups: Sequence[Tuple[str, str, Sequence[int]]], labels: Sequence[s
         x0 = left + b * slot + slot * 0.1
         for k, (series, colour, counts) in enumerate(groups):
             c = counts[b] if b < len(counts) else 0
-            s.rect(x0 + k * col, y(c), col - 1, y(0) - y(c), colour, title=f"{series}, {name}: {c} {unit}",
-                   class_="col", data_series=series, data_bin=name, data_value=c)
+            s.rect(
+                x0 + k * col,
+                y(c),
+                col - 1,
+                y(0) - y(c),
+                colour,
+                title=f"{series}, {name}: {c} {unit}",
+                class_="col",
+                data_series=series,
+                data_bin=name,
+                data_value=c,
+            )
         s.text(left + (b + 0.5) * slot, height - bottom + 14, name, anchor="middle", size=9)
     for k, (series, colour, _) in enumerate(groups):
         s.rect(left + k * 90, height - 14, 10, 10, colour)

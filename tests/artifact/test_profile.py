@@ -14,13 +14,14 @@ def test_default_profile_reproduces_its_sources_through_its_formula():
     """Each published anchor, recomputed through the formula (not the constants compared
     with themselves), and every figure the docstring quotes is what the formula gives."""
     import rwkv2rknn.artifact.profile as mod
+
     p = DeviceProfile()
     # int8 GEMV M=1, K=N=2048 on one core: 0.39 ms (the source of npu_gbs)
     int8 = DeviceProfile(npu_weight_bytes=1)
     assert int8.npu_matmul_ms(2048, 2048, 1, cores=1) == pytest.approx(0.39, rel=0.01)
     # the same over 3 cores: 4 MiB at ~26.6 GB/s
     assert int8.npu_matmul_ms(2048, 2048, 1, cores=3) == pytest.approx(4 * 2**20 / 26.6e6, rel=1e-9)
-    one_core = p.npu_matmul_ms(1024, 1024, 1, cores=1)   # fp16: 2 bytes a weight
+    one_core = p.npu_matmul_ms(1024, 1024, 1, cores=1)  # fp16: 2 bytes a weight
     cpu_fp32 = p.cpu_matmul_ms(1024, 1024, 1)
     cpu_fp16 = DeviceProfile(cpu_weight_bytes=2).cpu_matmul_ms(1024, 1024, 1)
     assert one_core == pytest.approx(2 * 2**20 / 10.8e6) and cpu_fp32 == pytest.approx(4 * 2**20 / 25e6)
@@ -35,14 +36,15 @@ def test_default_profile_reproduces_its_sources_through_its_formula():
 
 def test_large_segments_use_every_npu_core():
     p = DeviceProfile()
-    big = [(1, 1024, 1024)] * 7       # 14 MiB of fp16 weights
-    small = [(1, 256, 256)]           # 128 KiB
+    big = [(1, 1024, 1024)] * 7  # 14 MiB of fp16 weights
+    small = [(1, 256, 256)]  # 128 KiB
     assert p.npu_cores_for(14 * 2**20) == 3 and p.npu_cores_for(2**17) == 1
     assert p.npu_segment_ms(big) == pytest.approx(0.033 + 7 * 2 * 2**20 / 26.6e6)
     assert p.npu_segment_ms(small) == pytest.approx(0.033 + 256 * 256 * 2 / 10.8e6)
     # a bandwidth above the DRAM's is capped at it
-    assert DeviceProfile(npu_gbs_all=100).npu_matmul_ms(1024, 1024, 1, cores=3) == \
-        pytest.approx(2 * 2**20 / 34e6)
+    assert DeviceProfile(npu_gbs_all=100).npu_matmul_ms(1024, 1024, 1, cores=3) == pytest.approx(
+        2 * 2**20 / 34e6
+    )
 
 
 def test_measured_table_overrides_the_model():
@@ -70,18 +72,24 @@ def test_cost_placement_keeps_small_matmuls_on_cpu(fp32_dir, tmp_path):
     m = compile_model(fp32_dir, str(tmp_path / "a"), Options(plan_only=True, placement="cost"))
     assert all(s.backend == "cpu" for s in m.segments)
     # per MatMul (support) or per segment (partition): the profile said the NPU does not pay
-    assert any(r.startswith("partition:") and "moved to the CPU" in r or
-               r.startswith("support: 0 MatMuls for the NPU") for r in m.report)
+    assert any(
+        r.startswith("partition:")
+        and "moved to the CPU" in r
+        or r.startswith("support: 0 MatMuls for the NPU")
+        for r in m.report
+    )
 
 
 @pytest.mark.slow
 def test_cost_placement_uses_npu_when_it_wins(fp32_dir, tmp_path):
     """A profile with a free call and a slow CPU puts the MatMuls back on the NPU."""
     prof = tmp_path / "fast_npu.json"
-    prof.write_text(json.dumps({"name": "fast-npu", "npu_call_ms": 0.0, "handoff_ms": 0.0,
-                                "cpu_gemv_gbs": 0.001}))
-    m = compile_model(fp32_dir, str(tmp_path / "a"),
-                      Options(plan_only=True, placement="cost", profile=str(prof)))
+    prof.write_text(
+        json.dumps({"name": "fast-npu", "npu_call_ms": 0.0, "handoff_ms": 0.0, "cpu_gemv_gbs": 0.001})
+    )
+    m = compile_model(
+        fp32_dir, str(tmp_path / "a"), Options(plan_only=True, placement="cost", profile=str(prof))
+    )
     assert m.npu_flop_share() == 1.0
     assert "estimated decode" in m.table() and "fast-npu" in m.table()
 
@@ -89,6 +97,7 @@ def test_cost_placement_uses_npu_when_it_wins(fp32_dir, tmp_path):
 @pytest.mark.slow
 def test_plan_shows_an_estimate_labelled_as_such(fp32_plan_artifact):
     from rwkv2rknn.runtime.hybrid import load_manifest
+
     m = load_manifest(fp32_plan_artifact)
     est = m.estimate_ms()
     assert est["total"] > 0 and est["npu"] > 0
@@ -100,6 +109,7 @@ def test_profile_command_flow_on_the_simulator(tmp_path):
     """Build probes, time them (here on the simulator), and compile with the measured profile."""
     from click.testing import CliRunner
     from rwkv2rknn.cli import cli
+
     probes, out = tmp_path / "probes", tmp_path / "p.json"
     r = CliRunner().invoke(cli, ["profile", "--build-probes", str(probes)])
     assert r.exit_code == 0, r.output
@@ -117,6 +127,7 @@ def test_profile_command_flow_on_the_simulator(tmp_path):
 def test_prefill_estimate_shares_calls_across_rows(fp32_plan_artifact):
     """T-row calls serve T tokens: the prefill estimate per token is below the decode one."""
     from rwkv2rknn.runtime.hybrid import load_manifest
+
     m = load_manifest(fp32_plan_artifact)
     decode, prefill = m.estimate_ms("decode"), m.estimate_ms("prefill")
     assert 0 < prefill["total"] < decode["total"]
@@ -138,6 +149,7 @@ def test_cpu_segments_count_their_non_matmul_ops():
 
     def var(name, shape):
         return gs.Variable(name, np.float32, shape)
+
     h, n, c = 4, 16, 64
     S, w, kk = var("S", [h, n, n]), var("w", [h, 1, n]), var("kk", [h, n, 1])
     Sw, Skk, x, r = var("Sw", [h, n, n]), var("Skk", [h, n, 1]), var("x", [1, c]), var("r", [1, c])
@@ -145,27 +157,34 @@ def test_cpu_segments_count_their_non_matmul_ops():
     W = gs.Constant("W", np.zeros((c, c), np.float32))
     table = gs.Constant("table", np.zeros((1000, c), np.float32))
     shape = gs.Constant("shape", np.array([c], np.int64))
-    nodes = [gs.Node("Mul", "decay", inputs=[S, w], outputs=[Sw]),
-             gs.Node("MatMul", "S_kk", inputs=[Sw, kk], outputs=[Skk]),
-             gs.Node("MatMul", "proj", inputs=[x, W], outputs=[r]),
-             gs.Node("Reshape", "flat", inputs=[r, shape], outputs=[flat]),
-             gs.Node("Exp", "exp", inputs=[flat], outputs=[e]),
-             gs.Node("Gather", "emb", inputs=[table, tok], outputs=[row])]
+    nodes = [
+        gs.Node("Mul", "decay", inputs=[S, w], outputs=[Sw]),
+        gs.Node("MatMul", "S_kk", inputs=[Sw, kk], outputs=[Skk]),
+        gs.Node("MatMul", "proj", inputs=[x, W], outputs=[r]),
+        gs.Node("Reshape", "flat", inputs=[r, shape], outputs=[flat]),
+        gs.Node("Exp", "exp", inputs=[flat], outputs=[e]),
+        gs.Node("Gather", "emb", inputs=[table, tok], outputs=[row]),
+    ]
     work = op_work(nodes)
     state = h * n * n
-    assert work == [(4 * (2 * state + h * n), state, False),            # S * w
-                    (4 * (state + h * n + h * n), 2 * h * n * n, False),  # S @ kk
-                    (0, 0, False),                                      # reshape: a view
-                    (4 * 2 * c, c, True),                               # exp: special
-                    (4 * 2 * c, c, False)]                              # one row of the table
+    assert work == [
+        (4 * (2 * state + h * n), state, False),  # S * w
+        (4 * (state + h * n + h * n), 2 * h * n * n, False),  # S @ kk
+        (0, 0, False),  # reshape: a view
+        (4 * 2 * c, c, True),  # exp: special
+        (4 * 2 * c, c, False),
+    ]  # one row of the table
     # in: S, w, kk, x, tok; out (read by no node here): Skk, e, row
     assert boundary_tensors(nodes) == 8
     want = p.executor_ms(8) + p.cpu_matmul_ms(c, c, 1) + sum(p.cpu_op_ms(*wk) for wk in work)
     assert estimate_ms("cpu", nodes, p) == pytest.approx(want)
     # on the NPU: the call, its MatMuls (the projection and the state's product), every other
     # op an NPU task of its own
-    npu_want = (p.executor_ms(8) + p.npu_segment_ms([(h * n, 1, n), (1, c, c)]) +
-                sum(p.npu_op_ms(*wk) for i, wk in enumerate(work) if i != 1))
+    npu_want = (
+        p.executor_ms(8)
+        + p.npu_segment_ms([(h * n, 1, n), (1, c, c)])
+        + sum(p.npu_op_ms(*wk) for i, wk in enumerate(work) if i != 1)
+    )
     assert estimate_ms("npu", nodes, p) == pytest.approx(npu_want)
     assert p.npu_op_ms(0, 0) == p.npu_kernel_ms > 0
     assert estimate_ms("cpu", nodes, p) > p.cpu_matmul_ms(c, c, 1) + 5 * p.cpu_kernel_ms

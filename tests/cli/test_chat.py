@@ -10,14 +10,21 @@ pytestmark = pytest.mark.slow  # every test here takes more than a few seconds
 
 pexpect = pytest.importorskip("pexpect")
 
-STATS = re.compile(r"\[(\d+) tokens, ([\d.]+) tokens/s; prompt (\d+) tokens in \d+ ms; (\d+) in the conversation\]")
+STATS = re.compile(
+    r"\[(\d+) tokens, ([\d.]+) tokens/s; prompt (\d+) tokens in \d+ ms; (\d+) in the conversation\]"
+)
 
 
 def spawn(artifact, *extra):
     env = dict(os.environ, TQDM_DISABLE="1", PYTHONUNBUFFERED="1")
-    child = pexpect.spawn(sys.executable, ["-m", "rwkv2rknn", "chat", artifact, "--backend", "ort",
-                                           "--temperature", "0", *extra],
-                          env=env, encoding="utf-8", timeout=60, dimensions=(40, 200))
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "rwkv2rknn", "chat", artifact, "--backend", "ort", "--temperature", "0", *extra],
+        env=env,
+        encoding="utf-8",
+        timeout=60,
+        dimensions=(40, 200),
+    )
     child.expect_exact("User: ")
     return child
 
@@ -35,6 +42,7 @@ def say(child, line):
 
 def test_chat_keeps_the_state_between_turns_and_saves_resets_and_loads_it(bundled_artifact, tmp_path):
     from rwkv2rknn.runtime.chatformat import user_turn
+
     child = spawn(bundled_artifact, "--max-tokens", "40")
     try:
         r1, s1 = say(child, "Hello there")
@@ -45,7 +53,8 @@ def test_chat_keeps_the_state_between_turns_and_saves_resets_and_loads_it(bundle
         # the second turn prefills only its own tokens, whatever came before
         assert int(s2.group(3)) == len(user_turn("How are you?").encode())
         assert int(s2.group(4)) == n1 + int(s2.group(3)) + int(s2.group(1)) + (
-            0 if int(s2.group(1)) < 40 else 2)  # a cut reply is closed with a blank line
+            0 if int(s2.group(1)) < 40 else 2
+        )  # a cut reply is closed with a blank line
 
         saved = str(tmp_path / "talk.state")
         child.sendline(f"/save {saved}")

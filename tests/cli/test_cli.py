@@ -17,8 +17,9 @@ def invoke(*args):
 
 
 def sh(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "rwkv2rknn", *map(str, args)],
-                          capture_output=True, text=True, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "rwkv2rknn", *map(str, args)], capture_output=True, text=True, **kw
+    )
 
 
 def one_line_error(result, code):
@@ -32,6 +33,7 @@ def one_line_error(result, code):
 @pytest.mark.slow
 def test_export_compile_run_check_flow(tmp_path):
     from rwkv2rknn.models.checkpoint import random_checkpoint, save_checkpoint
+
     pth = tmp_path / "bytes.pth"
     save_checkpoint(random_checkpoint(layers=2, width=40, vocab=256, seed=4), str(pth))
     onnx_dir, art = tmp_path / "onnx", tmp_path / "art"
@@ -64,6 +66,7 @@ def test_demo_compiles_generates_and_checks_the_bundled_model():
 def test_eval_scores_an_artifact_as_its_per_layer_files(fp32_dir, fp32_plan_artifact, tmp_path):
     """`eval` opens an artifact and an uncompiled folder alike (the tokenizer recorded with each)."""
     import re
+
     text = tmp_path / "t.txt"
     text.write_text("THE QUICK BROWN FOX, 0123456789. " * 8)  # bytes below the vocabulary (97)
     scores = []
@@ -92,10 +95,15 @@ def test_eval_of_an_rwkv7_fp16_folder_loads_every_file_without_a_note(slot_model
 @pytest.mark.slow
 def test_tokens_logits_out_equals_pure_reference(fp16_artifact, fp16_dir, tmp_path):
     a, b = tmp_path / "hybrid.npy", tmp_path / "ref.npy"
-    assert invoke("run", fp16_artifact, "--tokens", "5,17,90", "--logits-out", a,
-                  "--backend", "rknn-sim").exit_code == 0
-    assert invoke("run", fp16_dir, "--tokens", "5,17,90", "--logits-out", b,
-                  "--backend", "ort").exit_code == 0
+    assert (
+        invoke(
+            "run", fp16_artifact, "--tokens", "5,17,90", "--logits-out", a, "--backend", "rknn-sim"
+        ).exit_code
+        == 0
+    )
+    assert (
+        invoke("run", fp16_dir, "--tokens", "5,17,90", "--logits-out", b, "--backend", "ort").exit_code == 0
+    )
     r = sh("run", fp16_dir, "--tokens", "5,17,90", "--backend", "ort")
     # our fp16 files load at onnxruntime's full optimisation, with no note about a fallback
     assert r.returncode == 0 and "note:" not in r.stderr and "ORT_ENABLE" not in r.stderr, r.stderr
@@ -124,47 +132,57 @@ def test_check_passes_with_simulator_and_fails_on_tampering(fp16_artifact, tmp_p
 def test_check_fails_outside_tolerance(fp32_plan_artifact, fp32_dir, small_sd, tmp_path):
     """A reference that differs a little (one weight changed) is caught by the numbers."""
     from rwkv2rknn.models.export import export
+
     sd = dict(small_sd)
     sd["head.weight"] = sd["head.weight"] * 1.01
     export(sd, str(tmp_path / "other"), fp32=True)
-    r = invoke("check", fp32_plan_artifact, "--backend", "ort", "--reference", tmp_path / "other",
-               "--json")
+    r = invoke("check", fp32_plan_artifact, "--backend", "ort", "--reference", tmp_path / "other", "--json")
     assert r.exit_code == 1
     assert '"passed": false' in r.output
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("args,code,text", [
-    (["run", "ART", "--prompt", ""], 2, "prompt is empty"),
-    (["run", "ART", "--prompt", "hi", "--max-tokens", "0"], 2, "--max-tokens 0"),
-    (["run", "ART", "--prompt", "hi", "--max-tokens", "-3"], 2, "--max-tokens -3"),
-    (["run", "ART", "--prompt", "hi", "--max-tokens", "10000000"], 2, "out of range"),
-    (["run", "ART", "--tokens", "1,x,3"], 2, "not a comma-separated list"),
-    (["run", "ART", "--tokens", "1,97"], 2, "outside the vocabulary"),
-    (["run", "ART", "--tokens", "-1"], 2, "outside the vocabulary"),
-    (["run", "ART", "--prompt", "hi", "--backend", "gpu"], 2, "gpu"),
-    (["run", "ART"], 2, "nothing to do"),
-    (["run", "MISSING", "--prompt", "hi", "--backend", "ort"], 1, "is not a folder"),
-    (["compile", "MISSING", "-o", "OUT", "--plan-only"], 1, "does not exist"),
-    (["compile", "ONNX", "-o", "OUT", "--dump-after", "nope", "--plan-only"], 2, "unknown pass"),
-    (["export", "MISSING", "-o", "OUT"], 1, "does not exist"),
-    (["run", "ART", "--prompt", "hi", "--seed", "-5"], 2, "--seed"),
-    (["check", "ART", "--seed", "-1"], 2, "--seed"),
-    (["check", "ART", "--max-rel", "-1"], 2, "--max-rel"),
-    (["eval", "ART", "--text", "EMPTY", "--tokenizer", "bytes", "--backend", "ort"], 1, "too short"),
-    (["export", "PTH", "-o", "OUT.onnx", "--tokenizer", "NOTTOK"], 1, "tokenizer"),
-    # refused before any pass: the model is not even looked at
-    (["compile", "MISSING", "-o", "FOREIGN", "--plan-only"], 1, "holds other files"),
-])
+@pytest.mark.parametrize(
+    "args,code,text",
+    [
+        (["run", "ART", "--prompt", ""], 2, "prompt is empty"),
+        (["run", "ART", "--prompt", "hi", "--max-tokens", "0"], 2, "--max-tokens 0"),
+        (["run", "ART", "--prompt", "hi", "--max-tokens", "-3"], 2, "--max-tokens -3"),
+        (["run", "ART", "--prompt", "hi", "--max-tokens", "10000000"], 2, "out of range"),
+        (["run", "ART", "--tokens", "1,x,3"], 2, "not a comma-separated list"),
+        (["run", "ART", "--tokens", "1,97"], 2, "outside the vocabulary"),
+        (["run", "ART", "--tokens", "-1"], 2, "outside the vocabulary"),
+        (["run", "ART", "--prompt", "hi", "--backend", "gpu"], 2, "gpu"),
+        (["run", "ART"], 2, "nothing to do"),
+        (["run", "MISSING", "--prompt", "hi", "--backend", "ort"], 1, "is not a folder"),
+        (["compile", "MISSING", "-o", "OUT", "--plan-only"], 1, "does not exist"),
+        (["compile", "ONNX", "-o", "OUT", "--dump-after", "nope", "--plan-only"], 2, "unknown pass"),
+        (["export", "MISSING", "-o", "OUT"], 1, "does not exist"),
+        (["run", "ART", "--prompt", "hi", "--seed", "-5"], 2, "--seed"),
+        (["check", "ART", "--seed", "-1"], 2, "--seed"),
+        (["check", "ART", "--max-rel", "-1"], 2, "--max-rel"),
+        (["eval", "ART", "--text", "EMPTY", "--tokenizer", "bytes", "--backend", "ort"], 1, "too short"),
+        (["export", "PTH", "-o", "OUT.onnx", "--tokenizer", "NOTTOK"], 1, "tokenizer"),
+        # refused before any pass: the model is not even looked at
+        (["compile", "MISSING", "-o", "FOREIGN", "--plan-only"], 1, "holds other files"),
+    ],
+)
 def test_bad_usage_is_one_line(args, code, text, fp32_plan_artifact, fp32_dir, small_pth, tmp_path):
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "tok.json").write_text("not a tokenizer")
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "keep.txt").write_text("x")
-    subst = {"ART": fp32_plan_artifact, "MISSING": str(tmp_path / "nope"), "OUT": str(tmp_path / "o"),
-             "ONNX": fp32_dir, "EMPTY": str(tmp_path / "empty.txt"), "PTH": small_pth,
-             "NOTTOK": str(tmp_path / "tok.json"), "OUT.onnx": str(tmp_path / "o.onnx"),
-             "FOREIGN": str(tmp_path / "foreign")}
+    subst = {
+        "ART": fp32_plan_artifact,
+        "MISSING": str(tmp_path / "nope"),
+        "OUT": str(tmp_path / "o"),
+        "ONNX": fp32_dir,
+        "EMPTY": str(tmp_path / "empty.txt"),
+        "PTH": small_pth,
+        "NOTTOK": str(tmp_path / "tok.json"),
+        "OUT.onnx": str(tmp_path / "o.onnx"),
+        "FOREIGN": str(tmp_path / "foreign"),
+    }
     r = sh(*[subst.get(a, a) for a in args])
     line = one_line_error(r, code) if code == 1 or "error:" in r.stderr else None
     assert r.returncode == code, r.stderr
@@ -187,7 +205,9 @@ def test_a_full_disk_is_one_line(capsys):
         write()
     err = capsys.readouterr().err.strip()
     assert e.value.code == 1 and len(err.splitlines()) == 1
-    assert err == "error: No space left on device (/art/segments/s001.onnx): free some space or write elsewhere"
+    assert (
+        err == "error: No space left on device (/art/segments/s001.onnx): free some space or write elsewhere"
+    )
 
 
 def test_an_import_cut_short_by_ctrl_c_is_an_interrupt(capsys):
@@ -223,8 +243,13 @@ def test_ctrl_c_seen_by_code_a_c_extension_evaluated_still_exits_130():
     """Under `python -m`, CPython ends a process by SIGINT (-2) at its very end if a Ctrl-C ever
     reached code evaluated from a string by C, even once caught; the CLI exits 130 all the same."""
     env = dict(os.environ, PYTHONPATH=os.path.join(os.path.dirname(os.path.dirname(__file__))))
-    r = subprocess.run([sys.executable, "-m", "helpers.interrupt_probe"], capture_output=True,
-                       text=True, env=env, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "helpers.interrupt_probe"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert r.returncode == 130, (r.returncode, r.stderr)
     assert r.stderr.strip() == "interrupted", r.stderr
 

@@ -64,10 +64,19 @@ def test_checksums_taken_while_writing_match_the_files(fp16_artifact):
     """The segment ONNX checksums are taken from the bytes as they are written, the others read
     back: every one is the SHA-256 of the file it names."""
     from rwkv2rknn.artifact.plan import sha256_file
+
     m = _manifest(fp16_artifact)
-    pairs = [(rel, sha) for s in m.segments for rel, sha in
-             ((s.onnx, s.sha256), (s.seq_onnx, s.seq_sha256), (s.rknn, s.rknn_sha256),
-              (s.seq_rknn, s.seq_rknn_sha256)) if rel]
+    pairs = [
+        (rel, sha)
+        for s in m.segments
+        for rel, sha in (
+            (s.onnx, s.sha256),
+            (s.seq_onnx, s.seq_sha256),
+            (s.rknn, s.rknn_sha256),
+            (s.seq_rknn, s.seq_rknn_sha256),
+        )
+        if rel
+    ]
     assert any(rel.endswith(".seq.onnx") for rel, _ in pairs)
     for rel, sha in pairs:
         assert sha == sha256_file(os.path.join(fp16_artifact, rel)), rel
@@ -87,13 +96,17 @@ def test_second_compile_reuses_the_cache(fp16_dir, fp16_artifact, tmp_path, monk
     build_note = [r for r in m.report if r.startswith("build:")][0]
     n_npu = sum(s.backend == "npu" for s in m.segments)
     assert f"0 built, {n_npu} from the cache" in build_note
-    assert any(r.startswith("fp16_guard: range trace: ") and
-               f"{m.model['layers'] + 2} of {m.model['layers'] + 2} stages" in r for r in m.report)
+    assert any(
+        r.startswith("fp16_guard: range trace: ")
+        and f"{m.model['layers'] + 2} of {m.model['layers'] + 2} stages" in r
+        for r in m.report
+    )
     first = _manifest(fp16_artifact)
     assert [s.seq_layout for s in m.segments] == [s.seq_layout for s in first.segments]
     assert any(s.seq_layout == "columns" for s in m.segments)
-    assert [(s.name, s.sha256, s.seq_sha256, s.rknn_sha256, s.seq_rknn_sha256) for s in m.segments] == \
-        [(s.name, s.sha256, s.seq_sha256, s.rknn_sha256, s.seq_rknn_sha256) for s in first.segments]
+    assert [(s.name, s.sha256, s.seq_sha256, s.rknn_sha256, s.seq_rknn_sha256) for s in m.segments] == [
+        (s.name, s.sha256, s.seq_sha256, s.rknn_sha256, s.seq_rknn_sha256) for s in first.segments
+    ]
 
 
 @pytest.mark.slow
@@ -108,14 +121,20 @@ def test_crashing_build_falls_back_to_cpu(fp32_dir, tmp_path, monkeypatch):
     assert not [e for e in cached if not e.endswith(".lock")]  # nothing half-written cached
     from rwkv2rknn.runtime.hybrid import HybridModel
     from rwkv2rknn.runtime.reference import PerLayerModel
+
     toks = [3, 1, 4, 1, 5]
-    np.testing.assert_allclose(HybridModel(str(tmp_path / "a")).logits(toks),
-                               PerLayerModel(fp32_dir).logits(toks), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        HybridModel(str(tmp_path / "a")).logits(toks),
+        PerLayerModel(fp32_dir).logits(toks),
+        rtol=1e-4,
+        atol=1e-4,
+    )
 
 
 @pytest.mark.slow
 def test_strict_makes_a_failed_build_an_error(fp32_dir, tmp_path, monkeypatch):
     from rwkv2rknn.errors import ToolkitError
+
     monkeypatch.setenv("RWKV2RKNN_FLOAT_DTYPE", "tfloat32")
     with pytest.raises(ToolkitError, match="--strict"):
         compile_model(fp32_dir, str(tmp_path / "a"), Options(strict=True, cache_dir=str(tmp_path / "c")))
@@ -124,6 +143,7 @@ def test_strict_makes_a_failed_build_an_error(fp32_dir, tmp_path, monkeypatch):
 
 def test_dump_after_writes_the_graph(fp32_dir, tmp_path):
     import onnx
+
     compile_model(fp32_dir, str(tmp_path / "a"), Options(plan_only=True), dump_after="state")
     m = onnx.load(str(tmp_path / "a" / "dump" / "after_state.onnx"))
     names = {i.name for i in m.graph.input}
@@ -137,6 +157,7 @@ def test_public_recipe_files_compile(small_sd, tmp_path, tokens):
     from helpers.public_recipe import export_public
     from rwkv2rknn.runtime.hybrid import HybridModel
     from rwkv2rknn.runtime.reference import PerLayerModel
+
     pub = export_public(small_sd, str(tmp_path / "pub"))
     m = compile_model(pub, str(tmp_path / "a"), Options(plan_only=True))
     for npu, cpu in _per_layer_counts(m):
@@ -147,8 +168,7 @@ def test_public_recipe_files_compile(small_sd, tmp_path, tokens):
 
 
 def test_single_onnx_file_compiles(fp32_dir, tmp_path):
-    m = compile_model(os.path.join(fp32_dir, "mixing_1.onnx"), str(tmp_path / "a"),
-                      Options(plan_only=True))
+    m = compile_model(os.path.join(fp32_dir, "mixing_1.onnx"), str(tmp_path / "a"), Options(plan_only=True))
     assert sum(s.matmuls for s in m.segments if s.backend == "npu") == 7
 
 
@@ -169,15 +189,21 @@ def test_passes_do_not_name_rwkv_tensors():
     or parameter name appears in their code (docstrings may draw the patterns)."""
     import ast
     import rwkv2rknn.passes as p
+
     folder = os.path.dirname(p.__file__)
     words = ("time_decay", "time_first", "att_xx", "ffn_xx", "aa", "bb", "pp", "mixing_")
     for name in os.listdir(folder):
         if not name.endswith(".py"):
             continue
         tree = ast.parse(open(os.path.join(folder, name)).read())
-        docs = {id(n.body[0].value) for n in ast.walk(tree)
-                if isinstance(n, (ast.Module, ast.FunctionDef, ast.ClassDef)) and n.body
-                and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+        docs = {
+            id(n.body[0].value)
+            for n in ast.walk(tree)
+            if isinstance(n, (ast.Module, ast.FunctionDef, ast.ClassDef))
+            and n.body
+            and isinstance(n.body[0], ast.Expr)
+            and isinstance(n.body[0].value, ast.Constant)
+        }
         for n in ast.walk(tree):
             if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docs:
                 for w in words:
@@ -192,12 +218,23 @@ def test_imports_run_one_way():
     (rknn/build.py, formerly passes/build.py) and the cli package import the passes; the board's
     runtime and tokenizer import none (README, Layout)."""
     import re
+
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    for folder in ("rwkv2rknn", "rwkv2rknn/compiler", "rwkv2rknn/rknn", "rwkv2rknn/artifact",
-                   "rwkv2rknn/tools", "rwkv2rknn/runtime", "rwkv2rknn/runtime/tokenizer", "models"):
+    for folder in (
+        "rwkv2rknn",
+        "rwkv2rknn/compiler",
+        "rwkv2rknn/rknn",
+        "rwkv2rknn/artifact",
+        "rwkv2rknn/tools",
+        "rwkv2rknn/runtime",
+        "rwkv2rknn/runtime/tokenizer",
+        "models",
+    ):
         for name in os.listdir(os.path.join(root, folder)):
-            if not name.endswith(".py") or f"{folder}/{name}" in ("rwkv2rknn/compiler/driver.py",
-                                                                   "rwkv2rknn/rknn/build.py"):
+            if not name.endswith(".py") or f"{folder}/{name}" in (
+                "rwkv2rknn/compiler/driver.py",
+                "rwkv2rknn/rknn/build.py",
+            ):
                 continue
             text = open(os.path.join(root, folder, name)).read()
             assert not re.search(r"rwkv2rknn\.passes|from rwkv2rknn import passes", text), (folder, name)

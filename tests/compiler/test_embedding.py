@@ -11,10 +11,12 @@ from rwkv2rknn.compiler.embedding import compact
 
 def _table_model(table):
     g = helper.make_graph(
-        [helper.make_node("Gather", ["emb", "token"], ["x"], name="gather")], "embed",
+        [helper.make_node("Gather", ["emb", "token"], ["x"], name="gather")],
+        "embed",
         [helper.make_tensor_value_info("token", TensorProto.INT32, [None])],
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, table.shape[1]])],
-        [numpy_helper.from_array(table, "emb")])
+        [numpy_helper.from_array(table, "emb")],
+    )
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
 
 
@@ -71,6 +73,7 @@ def test_a_built_compile_stores_its_token_table_in_fp16(fp16_artifact):
     import os
 
     from rwkv2rknn.runtime.hybrid import load_manifest
+
     m = load_manifest(fp16_artifact)
     embed = next(s for s in m.segments if s.backend == "cpu" and "embed" in s.stages)
     model = onnx.load(os.path.join(fp16_artifact, embed.onnx))

@@ -9,6 +9,7 @@ from rwkv2rknn.compiler.ir import Context, GraphSegment, Options, replace_uses, 
 
 def _graph():
     import onnx_graphsurgeon as gs
+
     a = gs.Variable("a", np.float32, [4])
     b = gs.Variable("b", np.float32, [4])
     c = gs.Variable("c", np.float32, [4])
@@ -69,13 +70,15 @@ def test_toposort_chains_keeps_a_layernorm_in_one_run():
     x, s = v("x"), v("s")
     mean, sub, pw, var, sq, div, y = (v(n) for n in ("mean", "sub", "pw", "var", "sq", "div", "y"))
     row, z = v("row"), v("z")
-    ln = [gs.Node("ReduceMean", "ln.mean", {"axes": [-1]}, [x], [mean]),
-          gs.Node("Sub", "ln.sub", inputs=[x, mean], outputs=[sub]),
-          gs.Node("Mul", "ln.pow", inputs=[sub, sub], outputs=[pw]),
-          gs.Node("ReduceMean", "ln.var", {"axes": [-1]}, [pw], [var]),
-          gs.Node("Sqrt", "ln.sqrt", inputs=[var], outputs=[sq]),
-          gs.Node("Div", "ln.div", inputs=[sub, sq], outputs=[div]),
-          gs.Node("Mul", "ln.scale", inputs=[div, c("w")], outputs=[y])]
+    ln = [
+        gs.Node("ReduceMean", "ln.mean", {"axes": [-1]}, [x], [mean]),
+        gs.Node("Sub", "ln.sub", inputs=[x, mean], outputs=[sub]),
+        gs.Node("Mul", "ln.pow", inputs=[sub, sub], outputs=[pw]),
+        gs.Node("ReduceMean", "ln.var", {"axes": [-1]}, [pw], [var]),
+        gs.Node("Sqrt", "ln.sqrt", inputs=[var], outputs=[sq]),
+        gs.Node("Div", "ln.div", inputs=[sub, sq], outputs=[div]),
+        gs.Node("Mul", "ln.scale", inputs=[div, c("w")], outputs=[y]),
+    ]
     other = gs.Node("Neg", "as_row", inputs=[s], outputs=[row])
     mix = gs.Node("Add", "mix", inputs=[y, row], outputs=[z])
     # the order a breadth-first toposort gave: the unrelated source node second
@@ -83,7 +86,7 @@ def test_toposort_chains_keeps_a_layernorm_in_one_run():
     toposort_chains(graph)
     names = [n.name for n in graph.nodes]
     start = names.index("ln.mean")
-    assert names[start:start + len(ln)] == [n.name for n in ln]  # one run, in chain order
+    assert names[start : start + len(ln)] == [n.name for n in ln]  # one run, in chain order
     seen = set()
     for n in graph.nodes:  # still topological
         assert all(t.name in ("x", "s", "w") or t.name in seen for t in n.inputs), n.name
@@ -98,9 +101,13 @@ def test_toposort_chains_refuses_a_cycle():
     import onnx_graphsurgeon as gs
 
     from rwkv2rknn.compiler.ir import toposort_chains
+
     a, b = gs.Variable("a", np.float32, [4]), gs.Variable("b", np.float32, [4])
-    graph = gs.Graph(nodes=[gs.Node("Neg", "n1", inputs=[b], outputs=[a]),
-                            gs.Node("Neg", "n2", inputs=[a], outputs=[b])], inputs=[], outputs=[a])
+    graph = gs.Graph(
+        nodes=[gs.Node("Neg", "n1", inputs=[b], outputs=[a]), gs.Node("Neg", "n2", inputs=[a], outputs=[b])],
+        inputs=[],
+        outputs=[a],
+    )
     with pytest.raises(ValueError, match="cycle"):
         toposort_chains(graph)
 
@@ -111,8 +118,11 @@ def test_notes_are_read_by_their_fields_and_shown_as_lines():
     first = ctx.note("support", "2 MatMuls for the NPU", kind="summary", anchor=2, flex=0, cpu=1)
     ctx.note("support", "L0: a remark")
     ctx.note("cut", "1 segment models cut", segment="s000_npu_L0")
-    assert ctx.report == ["support: 2 MatMuls for the NPU", "support: L0: a remark",
-                          "cut: 1 segment models cut"]
+    assert ctx.report == [
+        "support: 2 MatMuls for the NPU",
+        "support: L0: a remark",
+        "cut: 1 segment models cut",
+    ]
     assert ctx.said("support", "summary") == [first] and first.counts["cpu"] == 1
     assert [n.text for n in ctx.said("support")] == ["2 MatMuls for the NPU", "L0: a remark"]
     assert ctx.said("cut")[0].segment == "s000_npu_L0" and not ctx.said("build")

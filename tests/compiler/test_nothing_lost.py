@@ -10,9 +10,24 @@ import signal
 import numpy as np
 import pytest
 
-from helpers.robustness import (NO_ROWS, _scratch_of, build_under_way, cli, compile_under_way, error_line,
-                                partials_in, procs_in_group, scratch_env, scratch_left, snapshot,
-                                start_compile, wait_for, wait_group, whole_artifact)
+from helpers.robustness import (
+    NO_ROWS,
+    _scratch_of,
+    build_under_way,
+    cli,
+    compile_under_way,
+    error_line,
+    partials_in,
+    procs_in_group,
+    scratch_env,
+    scratch_left,
+    snapshot,
+    start_compile,
+    wait_for,
+    wait_group,
+    whole_artifact,
+)
+
 
 @pytest.mark.slow
 def test_foreign_output_folder_is_replaced_only_with_force(model, tmp_path):
@@ -46,13 +61,21 @@ def test_compile_failing_midway_keeps_the_previous_artifact(model1, tmp_path):
     artifact's segment files were written: the previous artifact stays as it was."""
     from rwkv2rknn.compiler.driver import compile_model
     from rwkv2rknn.compiler.ir import Options
+
     out = tmp_path / "art"
     compile_model(model1, str(out), Options(plan_only=True))
     before = snapshot(out)
     cache = tmp_path / "cache"
     tmp = tmp_path / "tmp"
-    r = cli("compile", model1, "-o", out, "--strict", *NO_ROWS,
-            env=scratch_env(tmp, RWKV2RKNN_FLOAT_DTYPE="tfloat32", RWKV2RKNN_CACHE=cache))
+    r = cli(
+        "compile",
+        model1,
+        "-o",
+        out,
+        "--strict",
+        *NO_ROWS,
+        env=scratch_env(tmp, RWKV2RKNN_FLOAT_DTYPE="tfloat32", RWKV2RKNN_CACHE=cache),
+    )
     error_line(r, 1, "build", "failed", "--strict")
     assert snapshot(out) == before
     whole_artifact(out)
@@ -81,6 +104,7 @@ def test_stale_partial_folders_of_killed_compiles_are_removed(model, tmp_path):
 
 def test_stale_cache_partials_are_removed(tmp_path):
     from rwkv2rknn.rknn.build import clean_stale_partials
+
     pid = 4194000
     while os.path.exists(f"/proc/{pid}"):
         pid -= 1
@@ -128,7 +152,7 @@ def test_killed_compile_loses_nothing_and_the_next_one_reuses_the_cache(model, p
         if state == "new" and target == out:
             before = snapshot(out)
         rknn = cache / "rknn"
-        for e in (os.listdir(rknn) if rknn.exists() else []):
+        for e in os.listdir(rknn) if rknn.exists() else []:
             if not whole_group:  # an orphaned build child finishes its entry, whole
                 assert e.endswith((".rknn", ".sha256", ".lock")) and ".partial" not in e, e
                 assert ".tmp" not in e, e
@@ -159,13 +183,19 @@ def test_killed_compile_loses_nothing_and_the_next_one_reuses_the_cache(model, p
     assert r.returncode == 0, r.err
     assert not partials_in(tmp_path)
     from rwkv2rknn.runtime.reference import PerLayerModel
+
     np.testing.assert_allclose(logits, PerLayerModel(model).logits([1, 5, 9]), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("when,whole_group,sig", [("under way", True, signal.SIGINT),
-                                                  ("building", False, signal.SIGINT),
-                                                  ("building", True, signal.SIGTERM)],
-                         ids=["ctrl-c-early-group", "sigint-during-build", "sigterm-during-build"])
+@pytest.mark.parametrize(
+    "when,whole_group,sig",
+    [
+        ("under way", True, signal.SIGINT),
+        ("building", False, signal.SIGINT),
+        ("building", True, signal.SIGTERM),
+    ],
+    ids=["ctrl-c-early-group", "sigint-during-build", "sigterm-during-build"],
+)
 @pytest.mark.slow
 def test_ctrl_c_exits_130_and_loses_nothing(model, plan, tmp_path, when, whole_group, sig):
     """Ctrl-C (SIGINT) exits 130, SIGTERM 143, each with one line; the previous artifact, the
@@ -198,6 +228,7 @@ def test_two_compiles_share_the_cache(two_at_once, model):
     """Both succeed; the cache holds only whole entries, and each is byte for byte the .rknn
     that one of the artifacts got (builds are not byte-reproducible, so this is one build)."""
     from rwkv2rknn.runtime.hybrid import load_manifest
+
     cache, outs, results = two_at_once
     for code, out, err in results:
         assert code == 0, err

@@ -52,6 +52,7 @@ def test_too_little_disk_is_refused_before_writing(fp16_dir, tmp_path, monkeypat
 def test_a_full_disk_while_writing_is_one_error(fp16_dir, tmp_path, monkeypatch):
     """The estimate said yes, the disk said no (ENOSPC): a ResourceError, nothing left."""
     from rwkv2rknn import fileio
+
     real = fileio.save_onnx
     calls = []
 
@@ -84,11 +85,18 @@ def test_peak_rss_counts_children_and_the_phase_they_ran_in():
     import subprocess
     import sys
     from rwkv2rknn.compiler.resources import PeakRss
+
     with PeakRss(every=0.05) as mem:
         mem.mark("quiet")
         mem.mark("child")
-        subprocess.run([sys.executable, "-c", "import time; b = bytearray(300 << 20); "
-                        "b[::4096] = b'x' * len(b[::4096]); time.sleep(1.0)"], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import time; b = bytearray(300 << 20); b[::4096] = b'x' * len(b[::4096]); time.sleep(1.0)",
+            ],
+            check=True,
+        )
         mem.mark("after")
     assert mem.phases["child"] - mem.phases["quiet"] > 250 << 20
     assert mem.phases["after"] < mem.phases["child"] - (250 << 20)
@@ -102,12 +110,14 @@ def test_compile_starts_again_with_its_heap_on_huge_pages(monkeypatch):
 
     from rwkv2rknn.cli import app
     import signal
+
     calls = []
 
     def execve(exe, argv, env):  # Ctrl-C is held over the exec, until the command takes it
         calls.append((argv, env))
         assert {signal.SIGINT, signal.SIGTERM} <= signal.pthread_sigmask(signal.SIG_BLOCK, [])
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+
     monkeypatch.setattr(app.os, "execve", execve)
     monkeypatch.setattr(app, "cli", lambda **kw: calls.append("ran"))
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)

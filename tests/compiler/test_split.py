@@ -20,8 +20,10 @@ def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("onefile")
     v7 = checkpoint.random_rwkv7(layers=3, width=128, vocab=97, seed=3)
     v4 = checkpoint.random_checkpoint(layers=3, width=48, vocab=97, seed=4)
-    return {"v7": export_file(v7, str(d / "v7.onnx"), fp32=True, tokenizer="bytes") and str(d / "v7.onnx"),
-            "v4": export_file(v4, str(d / "v4.onnx"), fp32=False, tokenizer="bytes") and str(d / "v4.onnx")}
+    return {
+        "v7": export_file(v7, str(d / "v7.onnx"), fp32=True, tokenizer="bytes") and str(d / "v7.onnx"),
+        "v4": export_file(v4, str(d / "v4.onnx"), fp32=False, tokenizer="bytes") and str(d / "v4.onnx"),
+    }
 
 
 @pytest.mark.slow
@@ -33,8 +35,9 @@ def test_one_file_streams_and_equals_the_whole_graph_compile(files, name, tmp_pa
     assert any("split into 5 stage files" in r for r in streamed.report)
     assert not any("split into" in r for r in whole.report)
     # the same segments, byte for byte, and the same model record
-    assert [(s.name, s.sha256, s.seq_sha256) for s in streamed.segments] == \
-        [(s.name, s.sha256, s.seq_sha256) for s in whole.segments]
+    assert [(s.name, s.sha256, s.seq_sha256) for s in streamed.segments] == [
+        (s.name, s.sha256, s.seq_sha256) for s in whole.segments
+    ]
     assert streamed.model["source"] == os.path.abspath(path)
     assert streamed.model["source_state"] == whole.model["source_state"]
     assert streamed.model["layout"] == whole.model["layout"] == "rwkv2rknn one-file"
@@ -54,6 +57,7 @@ def test_the_estimate_follows_the_largest_stage(files):
 @pytest.mark.slow
 def test_other_one_file_layouts_compile_as_one_graph(slot_models, tmp_path):
     from fixtures import slot_onefile
+
     src = slot_onefile.export_entries(slot_models("7").sd, str(tmp_path / "m.onnx"), "7")
     assert split.stage_layout(src) is None
     m = compile_model(src, str(tmp_path / "art"), Options(plan_only=True))
@@ -80,12 +84,14 @@ def test_a_big_one_file_model_compiles_within_twice_its_size(tmp_path):
     most the file's size (the whole-graph compile needs several times the file)."""
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
     from compile_size import make_state_dict
+
     path = str(tmp_path / "big.onnx")
     export_file(make_state_dict(12, 1024, 4096, "4"), path, fp32=True)
     size = os.path.getsize(path)
-    assert size > 0.5 * 2 ** 30
-    out = subprocess.run([sys.executable, "-c", CHILD, path, str(tmp_path / "art")],
-                         capture_output=True, text=True, check=True)
+    assert size > 0.5 * 2**30
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, path, str(tmp_path / "art")], capture_output=True, text=True, check=True
+    )
     base, peak = (int(x) for x in out.stdout.split()[-2:])
     assert peak <= 2 * size, f"peak {peak / 2**30:.2f} GiB for a {size / 2**30:.2f} GiB file"
     assert peak - base <= size, f"the compile added {(peak - base) / 2**30:.2f} GiB"

@@ -22,7 +22,7 @@ def hot_fp16(tmp_path_factory):
     sd = random_checkpoint(layers=4, width=40, vocab=70, seed=9)
     for i in range(4):
         sd[f"blocks.{i}.ffn.key.weight"] *= 300.0
-        sd[f"blocks.{i}.ffn.value.weight"] /= 300.0 ** 2
+        sd[f"blocks.{i}.ffn.value.weight"] /= 300.0**2
     d = str(tmp_path_factory.mktemp("hot") / "fp16")
     export(sd, d, fp32=False, tokenizer="bytes")
     return d
@@ -37,6 +37,7 @@ def _manifest(art):
 def test_streamed_equals_whole_graph(which, request, tmp_path, monkeypatch):
     from rwkv2rknn.runtime.hybrid import HybridModel
     from rwkv2rknn.runtime.reference import PerLayerModel
+
     model = request.getfixturevalue(which)
     whole, streamed = str(tmp_path / "whole"), str(tmp_path / "streamed")
     compile_model(model, whole, Options(plan_only=True, stream=False))
@@ -75,7 +76,7 @@ def test_the_window_holds_at_most_two_stages(hot_fp16, tmp_path, monkeypatch):
     order = ["embed", "L0", "L1", "L2", "L3", "head"]
     assert [n for n, _ in held] == order
     for k, (newest, stages) in enumerate(held):
-        assert set(stages) <= set(order[max(k - 1, 0):k + 1]), (newest, stages)
+        assert set(stages) <= set(order[max(k - 1, 0) : k + 1]), (newest, stages)
     assert held[-1][1] == []  # everything written
 
 
@@ -83,8 +84,10 @@ def test_written_segments_keep_their_estimates_without_weights(fp16_dir, tmp_pat
     """A written segment's nodes are stand-ins without weights; the estimates a later step
     recomputes from them (a quantised build's) equal those made from the real nodes."""
     from rwkv2rknn.passes import partition
+
     m = compile_model(fp16_dir, str(tmp_path / "art"), Options(plan_only=True))
     from rwkv2rknn import passes
+
     ctx = stream.compile_stream(passes, fp16_dir, Options(plan_only=True), str(tmp_path / "again"))
     by_name = {s.name: s for s in m.segments}
     for seg in ctx.segments:
@@ -95,13 +98,13 @@ def test_written_segments_keep_their_estimates_without_weights(fp16_dir, tmp_pat
 
 
 @pytest.mark.parametrize("version,dtype", [("5", "fp32"), ("6", "fp16"), ("7", "fp32"), ("7", "fp16")])
-def test_slot_versions_stream_like_the_whole_graph(slot_models, version, dtype, tmp_path,
-                                                    monkeypatch):
+def test_slot_versions_stream_like_the_whole_graph(slot_models, version, dtype, tmp_path, monkeypatch):
     """RWKV-5.2, 6 and 7 folders (named state slots; RWKV-7 hands v_first from layer 0 to the
     later layers within a token) compile streamed to the whole-graph compile's artifact, and run
     as the `rwkv` package does."""
     from rwkv2rknn.runtime.hybrid import HybridModel
     import rwkv2rknn.compiler.trace as trace_mod
+
     sm = slot_models(version)
     whole, streamed = str(tmp_path / "whole"), str(tmp_path / "streamed")
     compile_model(sm.dirs[dtype], whole, Options(plan_only=True, stream=False))
@@ -135,6 +138,7 @@ def test_symbolic_input_sizes_stream(opset, fp16, tmp_path, monkeypatch):
     from fixtures.torch_layers import export_torch
     from rwkv2rknn.runtime.hybrid import HybridModel
     import rwkv2rknn.compiler.trace as trace_mod
+
     sd = random_checkpoint(layers=2, width=32, vocab=61, seed=3)
     src = export_torch(sd, str(tmp_path / "src"), opset=opset, dynamic=True, fp16=fp16)
     dims = onnx.load(f"{src}/mixing_1.onnx").graph.input[1].type.tensor_type.shape.dim
@@ -150,10 +154,12 @@ def test_symbolic_input_sizes_stream(opset, fp16, tmp_path, monkeypatch):
     # differ where two tensors are as deep as each other (these files' node order differs from
     # the passes' sort of one stage and of the whole model)
     same = ("name", "backend", "stages", "ops", "matmuls", "flops", "shapes")
-    assert [{k: s[k] for k in same} for s in a["segments"]] == \
-        [{k: s[k] for k in same} for s in b["segments"]]
-    assert [(set(s["inputs"]), set(s["outputs"])) for s in a["segments"]] == \
-        [(set(s["inputs"]), set(s["outputs"])) for s in b["segments"]]
+    assert [{k: s[k] for k in same} for s in a["segments"]] == [
+        {k: s[k] for k in same} for s in b["segments"]
+    ]
+    assert [(set(s["inputs"]), set(s["outputs"])) for s in a["segments"]] == [
+        (set(s["inputs"]), set(s["outputs"])) for s in b["segments"]
+    ]
     tokens = [3, 1, 4, 1, 5, 9, 2, 6]
     got = [HybridModel(art, backend="ort").logits(tokens) for art in (whole, streamed)]
     np.testing.assert_allclose(got[1], got[0], rtol=1e-6, atol=1e-6 * float(np.abs(got[0]).max()))
@@ -165,6 +171,7 @@ def test_the_range_trace_feeds_large_weights_in_place(tmp_path, monkeypatch):
     trace with the weights inside the model gives."""
     import rwkv2rknn.runtime.ort as ort
     import rwkv2rknn.compiler.trace as trace_mod
+
     sd = random_checkpoint(layers=2, width=64, vocab=5000, seed=4)
     model = str(tmp_path / "model")
     export(sd, model, fp32=True, tokenizer="bytes")
@@ -188,6 +195,7 @@ def test_each_segment_is_handed_on_as_soon_as_its_files_are_whole(fp16_dir, tmp_
     """The build pass gets every segment while later stages are still to come, its ONNX (and
     T-row ONNX) already written, in run order (the compiler starts its build right then)."""
     from rwkv2rknn import passes
+
     out = tmp_path / "art"
     stages, seen = [], []
 
@@ -197,8 +205,9 @@ def test_each_segment_is_handed_on_as_soon_as_its_files_are_whole(fp16_dir, tmp_
             files.append(out / "segments" / (seg.name + ".seq.onnx"))
         seen.append((seg.name, seg.device, len(stages), all(f.stat().st_size > 0 for f in files)))
 
-    ctx = stream.compile_stream(passes, fp16_dir, Options(plan_only=True), str(out),
-                                on_stage=stages.append, on_segment=on_segment)
+    ctx = stream.compile_stream(
+        passes, fp16_dir, Options(plan_only=True), str(out), on_stage=stages.append, on_segment=on_segment
+    )
     assert [s[0] for s in seen] == [s.name for s in ctx.segments]
     assert all(whole for *_, whole in seen)
     npu = [s for s in seen if s[1] == "npu"]
@@ -210,7 +219,7 @@ def test_streamed_notes_are_made_from_the_stages_notes(fp32_dir, tmp_path):
     line sums the stages' counts (the whole-graph compile's line), and the partition notes of
     the windows where pruning moved segments to the CPU are kept, window by window."""
     whole, streamed = str(tmp_path / "whole"), str(tmp_path / "streamed")
-    opts = dict(plan_only=True, min_segment_flops=10 ** 12)  # every NPU segment is pruned
+    opts = dict(plan_only=True, min_segment_flops=10**12)  # every NPU segment is pruned
     compile_model(fp32_dir, whole, Options(stream=False, **opts))
     compile_model(fp32_dir, streamed, Options(**opts))
     a, b = _manifest(whole), _manifest(streamed)

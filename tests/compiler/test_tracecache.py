@@ -27,8 +27,9 @@ def _entries(cache):
 
 
 def _same_segments(a, b):
-    assert [(s.name, s.sha256, s.seq_sha256) for s in a.segments] == \
-        [(s.name, s.sha256, s.seq_sha256) for s in b.segments]
+    assert [(s.name, s.sha256, s.seq_sha256) for s in a.segments] == [
+        (s.name, s.sha256, s.seq_sha256) for s in b.segments
+    ]
     assert a.state == b.state
 
 
@@ -66,7 +67,7 @@ def test_a_corrupted_entry_is_traced_again(first, fp32_dir, tmp_path, caplog):
         byte = f.read(1)
         f.seek(200)
         f.write(bytes([byte[0] ^ 0xFF]))
-    os.unlink(entries[2][:-len(".npz")] + ".sha256")  # no recorded checksum
+    os.unlink(entries[2][: -len(".npz")] + ".sha256")  # no recorded checksum
     with caplog.at_level(logging.WARNING, logger="rwkv2rknn.compiler.tracecache"):
         m2, note = _compile(fp32_dir, tmp_path / "b", cache)
     assert f"{stages - 3} of {stages} stages" in note
@@ -74,7 +75,7 @@ def test_a_corrupted_entry_is_traced_again(first, fp32_dir, tmp_path, caplog):
     assert said.count("failed its checksum") == 2 and "no recorded checksum" in said
     _same_segments(m1, m2)
     for path in entries[:3]:  # written again, whole, with their checksums
-        key = os.path.basename(path)[:-len(".npz")]
+        key = os.path.basename(path)[: -len(".npz")]
         assert TraceCache(os.path.dirname(path)).cache.recorded(key)
     _, note = _compile(fp32_dir, tmp_path / "c", cache)
     assert f"{stages} of {stages} stages" in note
@@ -97,6 +98,7 @@ def test_a_changed_stage_file_misses_from_that_stage_on(first, fp32_dir, tmp_pat
     cache = shutil.copytree(cache, tmp_path / "cache")
     model = shutil.copytree(fp32_dir, tmp_path / "model")
     import onnx
+
     head = os.path.join(model, "head.onnx")
     m = onnx.load(head)
     big = max(m.graph.initializer, key=lambda t: len(t.raw_data))
@@ -141,6 +143,7 @@ def test_what_a_killed_compile_left_is_removed(tmp_path):
     """A partial entry of a process that no longer runs goes when the cache is opened; one of a
     running process stays."""
     import subprocess
+
     folder = tmp_path / "c"
     folder.mkdir()
     gone = subprocess.Popen(["true"])

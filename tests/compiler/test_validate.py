@@ -22,6 +22,7 @@ V7 = dict(layers=2, width=128, vocab=83, seed=11)
 def group_norm_file(tmp_path_factory):
     """A one-file RWKV-7 whose ln_x is F.group_norm, exported by torch's legacy exporter."""
     from rwkv2rknn.models.checkpoint import random_rwkv7
+
     path = str(tmp_path_factory.mktemp("gn") / "rwkv7_gn.onnx")
     return slot_onefile.export_entries(random_rwkv7(**V7), path, "7", opset=17, group_norm=True)
 
@@ -30,6 +31,7 @@ def _old_fold(monkeypatch):
     """normalize_matmul as it was before the fix: every Reshape -> Reshape pair is folded, a
     Reshape whose shape copies an input dimension (0) included."""
     from rwkv2rknn.passes import normalize_matmul
+
     monkeypatch.setattr(normalize_matmul, "_fixed_shape", lambda reshape: True)
 
 
@@ -51,10 +53,12 @@ def test_a_wrong_rewrite_is_refused_naming_the_pass(group_norm_file, tmp_path, m
 def test_the_command_refuses_in_one_line_with_exit_code_1(group_norm_file, tmp_path, monkeypatch):
     from click.testing import CliRunner
     from rwkv2rknn.cli.app import cli
+
     _old_fold(monkeypatch)
     out = tmp_path / "art"
-    r = CliRunner().invoke(cli, ["compile", group_norm_file, "-o", str(out), "--plan-only"],
-                           catch_exceptions=False)
+    r = CliRunner().invoke(
+        cli, ["compile", group_norm_file, "-o", str(out), "--plan-only"], catch_exceptions=False
+    )
     assert r.exit_code == 1 and "Traceback" not in r.output
     errors = [line for line in r.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "pass normalize_matmul" in errors[0]
@@ -83,9 +87,10 @@ def test_verify_passes_reports_each_pass_of_the_wrong_rewrite(group_norm_file, m
     (fp32 rounding), after the old fold it is not."""
     from rwkv2rknn import passes
     from rwkv2rknn.passes import load
+
     _old_fold(monkeypatch)
     ctx = load.run(group_norm_file, Options(plan_only=True))
-    for p in passes.GRAPH_PIPELINE[:passes.GRAPH_PIPELINE.index(passes.fp16_guard)]:
+    for p in passes.GRAPH_PIPELINE[: passes.GRAPH_PIPELINE.index(passes.fp16_guard)]:
         p.run(ctx)  # the final context: the names the per-pass graphs are stepped by
     errors = dict(validate.pass_errors(group_norm_file, ctx, validate.FP32_TOL, passes))
     assert errors["state"] <= validate.FP32_TOL
@@ -110,14 +115,14 @@ def test_a_cut_that_differs_is_refused_and_names_the_cut(fp32_dir, tmp_path, mon
     is found too: the graph passes agree with the source, so the message names the cut."""
     from onnx import numpy_helper
     from rwkv2rknn.compiler import stream
+
     write, spoiled = stream._Stream.write, []
 
     def write_wrong(self, seg, sequence):
         if seg.device == "npu" and not spoiled:
             spoiled.append(seg.name)
             init = next(t for t in seg.token.model.graph.initializer if len(t.dims) == 2)
-            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * np.float32(1.5),
-                                                  init.name))
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * np.float32(1.5), init.name))
         return write(self, seg, sequence)
 
     monkeypatch.setattr(stream._Stream, "write", write_wrong)

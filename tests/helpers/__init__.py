@@ -6,6 +6,7 @@ def random_model(tmp_path_factory, name: str, fp32: bool, **checkpoint) -> str:
     exported as byte-tokenizer per-layer files into a new temporary folder; its path."""
     from rwkv2rknn.models.checkpoint import random_checkpoint
     from rwkv2rknn.models.export import export
+
     d = str(tmp_path_factory.mktemp(name) / ("fp32" if fp32 else "model"))
     export(random_checkpoint(**checkpoint), d, fp32=fp32, tokenizer="bytes")
     return d
@@ -17,10 +18,15 @@ def start_cached_compile(model, out, cache, *flags, merge_output: bool = False):
     import os
     import subprocess
     import sys
+
     env = dict(os.environ, RWKV2RKNN_CACHE=str(cache))
-    return subprocess.Popen([sys.executable, "-m", "rwkv2rknn", "compile", str(model), "-o", str(out), *flags],
-                            stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT if merge_output else subprocess.PIPE, env=env, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "rwkv2rknn", "compile", str(model), "-o", str(out), *flags],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT if merge_output else subprocess.PIPE,
+        env=env,
+        text=True,
+    )
 
 
 def npu_segments_whole(art) -> list:
@@ -30,6 +36,7 @@ def npu_segments_whole(art) -> list:
     import os
 
     from rwkv2rknn.artifact.plan import sha256_file
+
     with open(os.path.join(art, "manifest.json")) as f:
         m = json.load(f)
     npu = [s for s in m["segments"] if s["backend"] == "npu"]

@@ -16,8 +16,11 @@ def layernorms(path):
     for i, n in enumerate(nodes):
         if n.op_type != "ReduceMean":
             continue
-        sub = [j for j in readers.get(n.output[0], [])
-               if nodes[j].op_type == "Sub" and nodes[j].input[0] == n.input[0]]
+        sub = [
+            j
+            for j in readers.get(n.output[0], [])
+            if nodes[j].op_type == "Sub" and nodes[j].input[0] == n.input[0]
+        ]
         if not sub:
             continue
         d = nodes[sub[0]].output[0]

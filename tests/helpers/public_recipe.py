@@ -63,15 +63,31 @@ def export_public(sd, out_dir: str, fp16: bool = True) -> str:
     os.makedirs(out_dir, exist_ok=True)
     stages = [("embed.onnx", embed, (torch.tensor([1], dtype=torch.int32),), ["token"], ["output"])]
     for i in range(layers):
-        stages.append((f"mixing_{i}.onnx", Block(i), (torch.zeros(C), torch.zeros(5, C)),
-                       ["input", "state_in"], ["output", "state_out"]))
+        stages.append(
+            (
+                f"mixing_{i}.onnx",
+                Block(i),
+                (torch.zeros(C), torch.zeros(5, C)),
+                ["input", "state_in"],
+                ["output", "state_out"],
+            )
+        )
     stages.append(("head.onnx", head, (torch.zeros(C),), ["x"], ["output"]))
     for name, module, args, ins, outs in stages:
         path = os.path.join(out_dir, name)
         with torch.no_grad():
-            torch.onnx.export(module, args, path, opset_version=16, input_names=ins,
-                              output_names=outs, dynamo=False, do_constant_folding=True)
+            torch.onnx.export(
+                module,
+                args,
+                path,
+                opset_version=16,
+                input_names=ins,
+                output_names=outs,
+                dynamo=False,
+                do_constant_folding=True,
+            )
         if fp16:
             from onnxconverter_common import float16
+
             onnx.save(float16.convert_float_to_float16(onnx.load(path)), path)
     return out_dir

@@ -30,8 +30,11 @@ class Elements(HTMLParser):
             self.items[-1][2] += data
 
     def find(self, tag=None, **want):
-        return [a for t, a, _ in self.items if (tag is None or t == tag) and
-                all(a.get(k.replace("_", "-")) == v for k, v in want.items())]
+        return [
+            a
+            for t, a, _ in self.items
+            if (tag is None or t == tag) and all(a.get(k.replace("_", "-")) == v for k, v in want.items())
+        ]
 
     def with_class(self, tag, cls):
         return [a for t, a, _ in self.items if t == tag and cls in (a.get("class") or "").split()]
@@ -45,13 +48,27 @@ class Elements(HTMLParser):
         return out
 
     def text_of(self, tag, **want):
-        return [x for t, a, x in self.items if t == tag and
-                all(a.get(k.replace("_", "-")) == v for k, v in want.items())]
+        return [
+            x
+            for t, a, x in self.items
+            if t == tag and all(a.get(k.replace("_", "-")) == v for k, v in want.items())
+        ]
 
 
-EXTERNAL = [r"https?:", r"@import", r"\bsrc\s*=", r"url\((?!\s*['\"]?data:)", r"<script", r"<link",
-            r"<iframe", r"<object", r"<embed", r"\bhref\s*=\s*['\"]?(?!#)", r"//[a-z0-9.-]+\.[a-z]{2,}/",
-            r"file:"]
+EXTERNAL = [
+    r"https?:",
+    r"@import",
+    r"\bsrc\s*=",
+    r"url\((?!\s*['\"]?data:)",
+    r"<script",
+    r"<link",
+    r"<iframe",
+    r"<object",
+    r"<embed",
+    r"\bhref\s*=\s*['\"]?(?!#)",
+    r"//[a-z0-9.-]+\.[a-z]{2,}/",
+    r"file:",
+]
 
 
 def external_references(html: str):

@@ -73,8 +73,12 @@ def scratch_env(folder, **kw):
 
 def scratch_left(folder):
     """What is left in a private TMPDIR (every entry, with what each folder holds)."""
-    return {name: sorted(os.listdir(os.path.join(folder, name)))
-            if os.path.isdir(os.path.join(folder, name)) else None for name in os.listdir(folder)}
+    return {
+        name: sorted(os.listdir(os.path.join(folder, name)))
+        if os.path.isdir(os.path.join(folder, name))
+        else None
+        for name in os.listdir(folder)
+    }
 
 
 def _scratch_of(pid):
@@ -114,6 +118,7 @@ def partials_in(folder):
 def whole_artifact(art, tokens=(1, 5, 9)):
     """The artifact loads, every segment file matches its checksum, and it runs."""
     from rwkv2rknn.runtime.hybrid import HybridModel, load_manifest
+
     m = load_manifest(art)
     for s in m.segments:
         if s.rknn:
@@ -137,7 +142,7 @@ def procs_in_group(pgid):
                 stat = f.read()
         except OSError:
             continue
-        fields = stat[stat.rindex(")") + 2:].split()
+        fields = stat[stat.rindex(")") + 2 :].split()
         if fields[0] != "Z" and int(fields[2]) == pgid:
             n += 1
     return n
@@ -158,23 +163,35 @@ def _default_sigint():
 
 
 def start_compile(model, out, env, *extra):
-    return subprocess.Popen([PY, "-m", "rwkv2rknn", "compile", str(model), "-o", str(out), *NO_ROWS,
-                             *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-                            start_new_session=True, preexec_fn=_default_sigint)
+    return subprocess.Popen(
+        [PY, "-m", "rwkv2rknn", "compile", str(model), "-o", str(out), *NO_ROWS, *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        start_new_session=True,
+        preexec_fn=_default_sigint,
+    )
 
 
 def conv_model():
     """A small conv net (Conv + Relu): valid ONNX, not RWKV."""
     import onnx
     from onnx import TensorProto, helper
+
     rng = np.random.default_rng(0)
-    w = helper.make_tensor("w", TensorProto.FLOAT, [4, 3, 3, 3],
-                           rng.standard_normal(108).astype(np.float32).tolist())
+    w = helper.make_tensor(
+        "w", TensorProto.FLOAT, [4, 3, 3, 3], rng.standard_normal(108).astype(np.float32).tolist()
+    )
     g = helper.make_graph(
-        [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
-         helper.make_node("Relu", ["c"], ["y"])], "conv",
+        [
+            helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", ["c"], ["y"]),
+        ],
+        "conv",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], [w])
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])],
+        [w],
+    )
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 16)])
     onnx.checker.check_model(m)
     return m
@@ -198,8 +215,7 @@ def compile_under_way(out, pid):
 def build_under_way(tmp, pid):
     """A build of the compile ``pid`` is running: its scratch folder is in the private TMPDIR
     and its child process is alive (the folder is made just before the child starts)."""
-    return lambda: (any(n.startswith(_scratch_of(pid)) for n in os.listdir(tmp))
-                    and procs_in_group(pid) >= 2)
+    return lambda: any(n.startswith(_scratch_of(pid)) for n in os.listdir(tmp)) and procs_in_group(pid) >= 2
 
 
 # ------------------------------------------------------------------------------ fixtures
@@ -213,6 +229,7 @@ def work(tmp_path_factory):
 @pytest.fixture(scope="session")
 def sd():
     from rwkv2rknn.models.checkpoint import random_checkpoint
+
     return random_checkpoint(**SHAPE)
 
 
@@ -220,6 +237,7 @@ def sd():
 def model(sd, work):
     """A random RWKV-4 exported to per-layer fp32 files."""
     from rwkv2rknn.models.export import export
+
     d = str(work / "model")
     export(sd, d, fp32=True, tokenizer="bytes")
     return d
@@ -230,6 +248,7 @@ def model1(work):
     """One layer: two NPU segments (the fewest toolkit builds)."""
     from rwkv2rknn.models.checkpoint import random_checkpoint
     from rwkv2rknn.models.export import export
+
     d = str(work / "model1")
     export(random_checkpoint(layers=1, width=32, vocab=256, seed=6), d, fp32=True, tokenizer="bytes")
     return d
@@ -240,6 +259,7 @@ def wide(work):
     """The same shape but width 48."""
     from rwkv2rknn.models.checkpoint import random_checkpoint
     from rwkv2rknn.models.export import export
+
     d = str(work / "wide")
     export(random_checkpoint(**{**SHAPE, "width": 48}), d, fp32=True, tokenizer="bytes")
     return d
@@ -250,6 +270,7 @@ def plan(model, work):
     """The model compiled with --plan-only."""
     from rwkv2rknn.compiler.driver import compile_model
     from rwkv2rknn.compiler.ir import Options
+
     d = str(work / "plan")
     compile_model(model, d, Options(plan_only=True))
     return d
@@ -258,6 +279,7 @@ def plan(model, work):
 @pytest.fixture(scope="session")
 def pth(sd, work):
     from rwkv2rknn.models.checkpoint import save_checkpoint
+
     p = str(work / "model.pth")
     save_checkpoint(sd, p)
     return p
@@ -269,6 +291,7 @@ def bad(work, model, wide, plan, sd, pth):
     import onnx
     import torch
     from rwkv2rknn.models.checkpoint import save_checkpoint
+
     d = work / "bad"
     d.mkdir()
     b = {}
@@ -293,12 +316,13 @@ def bad(work, model, wide, plan, sd, pth):
     os.remove(os.path.join(folder_copy(model, "no_mixing_0"), "mixing_0.onnx"))
     p = os.path.join(folder_copy(model, "truncated"), "mixing_0.onnx")
     blob = open(p, "rb").read()
-    open(p, "wb").write(blob[:len(blob) // 2])
+    open(p, "wb").write(blob[: len(blob) // 2])
     open(os.path.join(folder_copy(model, "empty_onnx"), "embed.onnx"), "wb").close()
     with open(os.path.join(folder_copy(model, "text_as_onnx"), "head.onnx"), "w") as f:
         f.write("this is a text file, not a model\n" * 20)
-    shutil.copy(os.path.join(wide, "mixing_1.onnx"),
-                os.path.join(folder_copy(model, "mixed_widths"), "mixing_1.onnx"))
+    shutil.copy(
+        os.path.join(wide, "mixing_1.onnx"), os.path.join(folder_copy(model, "mixed_widths"), "mixing_1.onnx")
+    )
     m = onnx.load(os.path.join(model, "mixing_0.onnx"))
     m.graph.input[1].name = "state"
     for n in m.graph.node:
@@ -318,16 +342,19 @@ def bad(work, model, wide, plan, sd, pth):
     onnx.save(conv, b["conv_file"])
     write("notes.onnx", b"just some notes\n" * 10)
     blob = open(os.path.join(model, "mixing_1.onnx"), "rb").read()
-    write("half.onnx", blob[:len(blob) // 2])
+    write("half.onnx", blob[: len(blob) // 2])
     # checkpoints
     write("empty.pth", b"")
     blob = open(pth, "rb").read()
-    write("truncated.pth", blob[:len(blob) // 2])
+    write("truncated.pth", blob[: len(blob) // 2])
     write("text.pth", b"not a checkpoint\n" * 10)
     torch.save({"note": "a dict, but no tensors", "n": 3}, str(d / "no_tensors.pth"))
     b["no_tensors_pth"] = str(d / "no_tensors.pth")
-    other = {"conv1.weight": np.ones((4, 3, 3, 3), np.float32), "fc.weight": np.ones((10, 4), np.float32),
-             "fc.bias": np.zeros(10, np.float32)}
+    other = {
+        "conv1.weight": np.ones((4, 3, 3, 3), np.float32),
+        "fc.weight": np.ones((10, 4), np.float32),
+        "fc.bias": np.zeros(10, np.float32),
+    }
     b["other_pth"] = str(d / "other.pth")
     save_checkpoint(other, b["other_pth"])
     v6 = dict(sd)
@@ -344,12 +371,11 @@ def bad(work, model, wide, plan, sd, pth):
         f.write("{this is not json")
     p = os.path.join(folder_copy(plan, "art_truncated_json"), "manifest.json")
     text = open(p).read()
-    open(p, "w").write(text[:len(text) // 2])
+    open(p, "w").write(text[: len(text) // 2])
     edit_manifest(folder_copy(plan, "art_v5"), lambda m: m.update(format_version=5))
     edit_manifest(folder_copy(plan, "art_other_format"), lambda m: m.update(format="something-else"))
     edit_manifest(folder_copy(plan, "art_no_segments"), lambda m: m.update(segments=[]))
-    edit_manifest(folder_copy(plan, "art_moved_source"),
-                  lambda m: m["model"].update(source=str(d / "gone")))
+    edit_manifest(folder_copy(plan, "art_moved_source"), lambda m: m["model"].update(source=str(d / "gone")))
     with open(os.path.join(plan, "manifest.json")) as f:
         seg = json.load(f)["segments"][1]["onnx"]
     os.remove(os.path.join(folder_copy(plan, "art_no_segment"), seg))
@@ -359,11 +385,10 @@ def bad(work, model, wide, plan, sd, pth):
     open(p, "wb").write(bytes(blob))
     art = folder_copy(plan, "art_corrupt_segment")  # cut in half, checksum updated to match
     blob = open(os.path.join(art, seg), "rb").read()
-    open(os.path.join(art, seg), "wb").write(blob[:len(blob) // 2])
+    open(os.path.join(art, seg), "wb").write(blob[: len(blob) // 2])
     new = sha256(os.path.join(art, seg))
     edit_manifest(art, lambda m: [s.update(sha256=new) for s in m["segments"] if s["onnx"] == seg])
     return b
-
 
 
 @pytest.fixture(scope="session")
@@ -410,9 +435,18 @@ def no_toolkit(request, work):
         (d / "sitecustomize.py").write_text(HIDE_RKNN)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(d)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    probe = subprocess.run([PY, "-c", "from rwkv2rknn.runtime.board import toolkit_available\nfrom rwkv2rknn.rknn.toolkit import toolkit_installed\n"
-                            "print(toolkit_available(), toolkit_installed())\n"
-                            "import rknn.api"], env=env, capture_output=True, text=True)
+    probe = subprocess.run(
+        [
+            PY,
+            "-c",
+            "from rwkv2rknn.runtime.board import toolkit_available\nfrom rwkv2rknn.rknn.toolkit import toolkit_installed\n"
+            "print(toolkit_available(), toolkit_installed())\n"
+            "import rknn.api",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert probe.stdout.split() == ["False", "False"], (probe.stdout, probe.stderr)
     assert probe.returncode == 1 and ("ImportError" in probe.stderr or "ModuleNotFoundError" in probe.stderr)
     return env

@@ -10,9 +10,11 @@ from rwkv2rknn.models.checkpoint import random_checkpoint, save_checkpoint
 from rwkv2rknn.models.export import export
 from rwkv2rknn.runtime.reference import PerLayerModel
 
-SHAPES = [dict(layers=2, width=32, vocab=64, seed=11),
-          dict(layers=3, width=48, vocab=97, seed=12),
-          dict(layers=4, width=72, vocab=300, seed=13)]
+SHAPES = [
+    dict(layers=2, width=32, vocab=64, seed=11),
+    dict(layers=3, width=48, vocab=97, seed=12),
+    dict(layers=4, width=72, vocab=300, seed=13),
+]
 
 
 @pytest.fixture(scope="module")
@@ -20,6 +22,7 @@ def parity_models(tmp_path_factory):
     """Per shape: the checkpoint, its .pth, 36 seeded tokens and the `rwkv` package's logits
     (cpu fp32; one child process for every shape)."""
     from helpers.rwkv_package import package_logits_each
+
     made = []
     for i, shape in enumerate(SHAPES):
         sd = random_checkpoint(**shape)
@@ -31,8 +34,9 @@ def parity_models(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("index", range(len(SHAPES)),
-                         ids=[f"{s['layers']}x{s['width']}v{s['vocab']}" for s in SHAPES])
+@pytest.mark.parametrize(
+    "index", range(len(SHAPES)), ids=[f"{s['layers']}x{s['width']}v{s['vocab']}" for s in SHAPES]
+)
 def test_parity_with_rwkv_package(index, parity_models, tmp_path):
     sd, pth, tokens, ref = parity_models[index]
     export(sd, str(tmp_path / "fp32"), fp32=True)
@@ -46,9 +50,11 @@ def test_parity_with_rwkv_package(index, parity_models, tmp_path):
 
 def test_export_writes_the_public_layout(fp16_dir):
     import onnx
+
     names = sorted(os.listdir(fp16_dir))
-    assert names == sorted(["embed.onnx", "head.onnx", "mixing_0.onnx", "mixing_1.onnx",
-                            "mixing_2.onnx", "rwkv2rknn-model.json"])
+    assert names == sorted(
+        ["embed.onnx", "head.onnx", "mixing_0.onnx", "mixing_1.onnx", "mixing_2.onnx", "rwkv2rknn-model.json"]
+    )
     m = onnx.load(os.path.join(fp16_dir, "mixing_1.onnx"))
     elem = {i.name: i.type.tensor_type.elem_type for i in list(m.graph.input) + list(m.graph.output)}
     assert elem == {"input": 10, "state_in": 10, "output": 10, "state_out": 10}  # float16
@@ -75,6 +81,7 @@ def test_failure_midway_leaves_nothing(small_sd, tmp_path, monkeypatch):
 
     def boom(sd):
         raise RuntimeError("disk full")
+
     monkeypatch.setattr(rwkv4, "head_graph", boom)
     with pytest.raises(RuntimeError):
         export(small_sd, str(tmp_path / "out"))
@@ -84,6 +91,7 @@ def test_failure_midway_leaves_nothing(small_sd, tmp_path, monkeypatch):
 def test_public_recipe_files_run_in_reference(small_sd, tmp_path, tokens):
     """Files made by torch.onnx.export (opset 16) + onnxconverter-common fp16, as published."""
     from helpers.public_recipe import export_public
+
     pub = export_public(small_sd, str(tmp_path / "pub"))
     model = PerLayerModel(pub)
     assert model.notes == []  # onnxruntime's known fusion fault is avoided, not reported
@@ -102,13 +110,19 @@ def test_one_file_is_written_stage_by_stage_as_onnx_would_save_it(fp32, tmp_path
     from rwkv2rknn import fileio
     from rwkv2rknn.models.checkpoint import random_rwkv7
     from rwkv2rknn.models.export import METADATA_PREFIX, export_file, whole_model
+
     sd = random_rwkv7(layers=2, width=128, vocab=97, seed=2)
     path = str(tmp_path / "m.onnx")
     export_file(sd, path, fp32=fp32, tokenizer="bytes")
     model, _, arch = whole_model(sd, fp32)
-    helper.set_model_props(model, {METADATA_PREFIX + "arch": arch.ARCH,
-                                   METADATA_PREFIX + "tokenizer": "bytes",
-                                   METADATA_PREFIX + "dtype": "float32" if fp32 else "float16"})
+    helper.set_model_props(
+        model,
+        {
+            METADATA_PREFIX + "arch": arch.ARCH,
+            METADATA_PREFIX + "tokenizer": "bytes",
+            METADATA_PREFIX + "dtype": "float32" if fp32 else "float16",
+        },
+    )
     fileio.save_onnx_file(model, str(tmp_path / "joined.onnx"))
     assert open(path, "rb").read() == (tmp_path / "joined.onnx").read_bytes()
     with pytest.raises(BadInput, match="exists"):

@@ -43,8 +43,7 @@ def test_not_rwkv_at_all():
         rwkv4.check_state_dict({"conv1.weight": np.zeros((3, 3))})
 
 
-@pytest.mark.parametrize("key,version", [("att.time_faaaa", "5"), ("att.time_maa_x", "6"),
-                                         ("att.x_a", "7")])
+@pytest.mark.parametrize("key,version", [("att.time_faaaa", "5"), ("att.time_maa_x", "6"), ("att.x_a", "7")])
 def test_later_versions_are_named(key, version):
     sd = random_checkpoint(layers=1, width=16, vocab=20)
     sd[f"blocks.0.{key}"] = np.zeros(16, np.float32)
@@ -54,13 +53,16 @@ def test_later_versions_are_named(key, version):
 
 def test_block_graph_has_the_public_layout():
     import onnx
+
     sd = random_checkpoint(layers=1, width=16, vocab=20)
     m = rwkv4.block_graph(sd, 0)
     onnx.checker.check_model(m)
     assert m.opset_import[0].version == 16
     assert [i.name for i in m.graph.input] == ["input", "state_in"]
     assert [o.name for o in m.graph.output] == ["output", "state_out"]
-    ops = [n.op for n in m.graph.node] if hasattr(m.graph.node[0], "op") else [n.op_type for n in m.graph.node]
+    ops = (
+        [n.op for n in m.graph.node] if hasattr(m.graph.node[0], "op") else [n.op_type for n in m.graph.node]
+    )
     assert "LayerNormalization" not in ops and ops.count("ReduceMean") == 4
     assert ops.count("MatMul") == 7
     inits = {i.name for i in m.graph.initializer}

@@ -29,11 +29,14 @@ def test_head_size_comes_from_r_k():
     assert (shape.heads, shape.head_size) == (4, 32)
 
 
-@pytest.mark.parametrize("damage,match", [
-    (lambda sd: sd.pop("blocks.1.att.v0"), "blocks.1.att.v0' missing"),
-    (lambda sd: sd.__setitem__("blocks.0.att.r_k", np.zeros((5, 7), np.float32)), "r_k"),
-    (lambda sd: sd.__setitem__("blocks.1.att.a2", np.zeros((36, 100), np.float32)), "att.a2.*shape"),
-])
+@pytest.mark.parametrize(
+    "damage,match",
+    [
+        (lambda sd: sd.pop("blocks.1.att.v0"), "blocks.1.att.v0' missing"),
+        (lambda sd: sd.__setitem__("blocks.0.att.r_k", np.zeros((5, 7), np.float32)), "r_k"),
+        (lambda sd: sd.__setitem__("blocks.1.att.a2", np.zeros((36, 100), np.float32)), "att.a2.*shape"),
+    ],
+)
 def test_damaged_checkpoints_are_named(damage, match):
     sd = random_rwkv7(layers=2, width=128, vocab=50, seed=4)
     damage(sd)
@@ -51,23 +54,43 @@ def test_other_versions_are_told_apart():
 
 def test_per_layer_layout(slot_models):
     import onnx
+
     folder = slot_models("7").dirs["fp16"]
-    assert sorted(os.listdir(folder)) == sorted(["embed.onnx", "head.onnx", "mixing_0.onnx",
-                                                 "mixing_1.onnx", "mixing_2.onnx", MODEL_JSON])
+    assert sorted(os.listdir(folder)) == sorted(
+        ["embed.onnx", "head.onnx", "mixing_0.onnx", "mixing_1.onnx", "mixing_2.onnx", MODEL_JSON]
+    )
     desc = json.load(open(os.path.join(folder, MODEL_JSON)))
     assert desc["arch"] == "rwkv7" and desc["version"] == "7" and desc["inter_layer"] == ["v_first"]
     assert [(s["name"], s["shape"], s["accumulator"]) for s in desc["state_slots"]] == [
-        ("att_shift", [192], False), ("wkv", [3, 64, 64], True), ("ffn_shift", [192], False)]
+        ("att_shift", [192], False),
+        ("wkv", [3, 64, 64], True),
+        ("ffn_shift", [192], False),
+    ]
 
     def io(m):
-        return ({i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in m.graph.input},
-                {o.name: [d.dim_value for d in o.type.tensor_type.shape.dim] for o in m.graph.output})
+        return (
+            {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in m.graph.input},
+            {o.name: [d.dim_value for d in o.type.tensor_type.shape.dim] for o in m.graph.output},
+        )
+
     m0, m1 = (onnx.load(os.path.join(folder, f"mixing_{i}.onnx")) for i in (0, 1))
-    assert io(m0) == ({"input": [192], "att_shift": [192], "wkv": [3, 64, 64], "ffn_shift": [192]},
-                      {"output": [192], "v_first": [192], "att_shift_out": [192],
-                       "wkv_out": [3, 64, 64], "ffn_shift_out": [192]})
-    assert io(m1)[0] == {"input": [192], "v_first": [192], "att_shift": [192], "wkv": [3, 64, 64],
-                         "ffn_shift": [192]}
+    assert io(m0) == (
+        {"input": [192], "att_shift": [192], "wkv": [3, 64, 64], "ffn_shift": [192]},
+        {
+            "output": [192],
+            "v_first": [192],
+            "att_shift_out": [192],
+            "wkv_out": [3, 64, 64],
+            "ffn_shift_out": [192],
+        },
+    )
+    assert io(m1)[0] == {
+        "input": [192],
+        "v_first": [192],
+        "att_shift": [192],
+        "wkv": [3, 64, 64],
+        "ffn_shift": [192],
+    }
     # the recurrence stays in fp32 inside the fp16 file
     exp = [n for n in m1.graph.node if n.op_type == "Exp"]
     assert exp and exp[0].name.startswith("wkv.")
@@ -80,6 +103,7 @@ def test_projections_are_row_form_constant_matmuls(slot_models, layer, count):
     """R, K, V, O, LoRA pairs w/a/g (and v after layer 0), channel-mix key/value: x[1, K] @ W."""
     import onnx
     from onnx import numpy_helper
+
     m = onnx.load(os.path.join(slot_models("7").dirs["fp32"], f"mixing_{layer}.onnx"))
     inits = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
     const = [n for n in m.graph.node if n.op_type == "MatMul" and n.input[1] in inits]
@@ -93,6 +117,7 @@ def test_cli_exports_an_rwkv7_pth(slot_models, tmp_path):
     from click.testing import CliRunner
 
     from rwkv2rknn.cli import cli
+
     out = tmp_path / "cli"
     r = CliRunner().invoke(cli, ["export", slot_models("7").dirs["pth"], "-o", str(out), "--fp32"])
     assert r.exit_code == 0, r.output

@@ -29,15 +29,27 @@ def test_exports_equal_the_rwkv_package(slot_models, version):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("version,make", [
-    ("6", lambda: random_rwkv6(layers=2, width=128, vocab=97, seed=9,
-                               lora={"maa": 12, "decay": 28})),
-    ("7", lambda: random_rwkv7(layers=2, width=128, vocab=97, seed=9,  # 2 heads
-                               lora={"w": 24, "a": 28, "v": 12, "g": 40})),
-], ids=["6", "7"])
+@pytest.mark.parametrize(
+    "version,make",
+    [
+        ("6", lambda: random_rwkv6(layers=2, width=128, vocab=97, seed=9, lora={"maa": 12, "decay": 28})),
+        (
+            "7",
+            lambda: random_rwkv7(
+                layers=2,
+                width=128,
+                vocab=97,
+                seed=9,  # 2 heads
+                lora={"w": 24, "a": 28, "v": 12, "g": 40},
+            ),
+        ),
+    ],
+    ids=["6", "7"],
+)
 def test_two_layer_128_wide_other_lora_widths(tmp_path, version, make):
     """Another odd shape, with LoRA widths of its own."""
     from helpers.rwkv_package import package_logits
+
     sd = make()
     pth = str(tmp_path / "m.pth")
     save_checkpoint(sd, pth)

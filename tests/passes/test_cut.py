@@ -28,18 +28,31 @@ def _torch_block(path, width=64):
 
         def forward(self, x, shift):
             xx = self.ln(x)
-            return (xx, *(lin(xx * self.mix[j] + shift * (1 - self.mix[j]))
-                          for j, lin in enumerate((self.r, self.k, self.v))))
+            return (
+                xx,
+                *(
+                    lin(xx * self.mix[j] + shift * (1 - self.mix[j]))
+                    for j, lin in enumerate((self.r, self.k, self.v))
+                ),
+            )
 
     torch.manual_seed(0)
-    torch.onnx.export(Block(), (torch.randn(1, width), torch.randn(1, width)), path, opset_version=17,
-                      input_names=["x", "shift"], output_names=["xx", "r", "k", "v"], dynamo=False)
+    torch.onnx.export(
+        Block(),
+        (torch.randn(1, width), torch.randn(1, width)),
+        path,
+        opset_version=17,
+        input_names=["x", "shift"],
+        output_names=["xx", "r", "k", "v"],
+        dynamo=False,
+    )
     return path
 
 
 def test_a_torch_block_per_token_segment_keeps_its_layernorm_in_one_run(tmp_path):
     import onnx_graphsurgeon as gs
     import onnx
+
     src = _torch_block(str(tmp_path / "block.onnx"))
     m = compile_model(src, str(tmp_path / "art"), Options(plan_only=True))
     (seg,) = [s for s in m.segments if s.backend == "npu"]
@@ -56,8 +69,7 @@ def test_a_torch_block_per_token_segment_keeps_its_layernorm_in_one_run(tmp_path
 
 @pytest.mark.slow
 @pytest.mark.parametrize("version", ["4", "5", "6", "7"])
-def test_every_versions_segments_keep_each_layernorm_in_one_run(version, fp32_plan_artifact,
-                                                                 slot_models):
+def test_every_versions_segments_keep_each_layernorm_in_one_run(version, fp32_plan_artifact, slot_models):
     art = fp32_plan_artifact if version == "4" else slot_models(version).plan_artifact
     files = sorted(glob.glob(os.path.join(art, "segments", "*_npu_*.onnx")))
     assert len([f for f in files if not f.endswith(".seq.onnx")]) == 5  # the head on its own

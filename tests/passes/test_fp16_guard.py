@@ -25,7 +25,7 @@ def hot_model(tmp_path_factory):
     sd = random_checkpoint(layers=2, width=32, vocab=40, seed=5)
     for i in range(2):
         sd[f"blocks.{i}.ffn.key.weight"] *= 400.0
-        sd[f"blocks.{i}.ffn.value.weight"] /= 400.0 ** 2
+        sd[f"blocks.{i}.ffn.value.weight"] /= 400.0**2
     d = str(tmp_path_factory.mktemp("hot"))
     export(sd, d, fp32=True)
     return d
@@ -44,9 +44,11 @@ def test_overflowing_squared_relu_is_rescaled_exactly(hot_model):
     ref = PerLayerModel(hot_model).logits([1, 2, 3])
     from rwkv2rknn.compiler.driver import compile_model
     import tempfile
+
     with tempfile.TemporaryDirectory() as tmp:
         compile_model(hot_model, tmp + "/a", Options(plan_only=True))
         from rwkv2rknn.runtime.hybrid import HybridModel
+
         got = HybridModel(tmp + "/a").logits([1, 2, 3])
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 

@@ -7,12 +7,18 @@ from rwkv2rknn.passes import canonicalize, keep_fp32
 
 def test_removes_cast_islands_and_fp16_constants():
     # x(fp16) * w(fp16) -> Cast fp32 -> Max(., 0) -> Cast fp16 -> y
-    nodes = [helper.make_node("Mul", ["x", "w"], ["a"], name="mul"),
-             helper.make_node("Cast", ["a"], ["a32"], name="c1", to=1),
-             helper.make_node("Max", ["a32", "zero"], ["m"], name="max"),
-             helper.make_node("Cast", ["m"], ["y"], name="c2", to=10)]
-    m = model(nodes, [vi("x", [4], 10)], [vi("y", [4], 10)],
-              [const("w", np.array([1, -2, 3, -4], np.float16)), const("zero", np.float32(0))])
+    nodes = [
+        helper.make_node("Mul", ["x", "w"], ["a"], name="mul"),
+        helper.make_node("Cast", ["a"], ["a32"], name="c1", to=1),
+        helper.make_node("Max", ["a32", "zero"], ["m"], name="max"),
+        helper.make_node("Cast", ["m"], ["y"], name="c2", to=10),
+    ]
+    m = model(
+        nodes,
+        [vi("x", [4], 10)],
+        [vi("y", [4], 10)],
+        [const("w", np.array([1, -2, 3, -4], np.float16)), const("zero", np.float32(0))],
+    )
     ctx = ctx_from_onnx(m)
     canonicalize.run(ctx)  # the precondition: every tensor typed
     keep_fp32.run(ctx)
@@ -37,12 +43,13 @@ def test_fp32_graph_is_left_alone():
 def test_cast_of_an_integer_to_float_is_kept():
     """Shape -> Gather -> Cast(to=FLOAT) -> Mul: the Cast turns an integer into a float, it stays
     (also when the graph came without intermediate types: canonicalize types them first)."""
-    nodes = [helper.make_node("Shape", ["x"], ["s"], name="shape"),
-             helper.make_node("Gather", ["s", "zero_i"], ["n"], name="gather", axis=0),
-             helper.make_node("Cast", ["n"], ["nf"], name="cast", to=1),
-             helper.make_node("Mul", ["x", "nf"], ["y"], name="mul")]
-    m = model(nodes, [vi("x", ["width"])], [vi("y", ["width"])],
-              [const("zero_i", np.array(0, np.int64))])
+    nodes = [
+        helper.make_node("Shape", ["x"], ["s"], name="shape"),
+        helper.make_node("Gather", ["s", "zero_i"], ["n"], name="gather", axis=0),
+        helper.make_node("Cast", ["n"], ["nf"], name="cast", to=1),
+        helper.make_node("Mul", ["x", "nf"], ["y"], name="mul"),
+    ]
+    m = model(nodes, [vi("x", ["width"])], [vi("y", ["width"])], [const("zero_i", np.array(0, np.int64))])
     ctx = ctx_from_onnx(m)
     ctx.graph.inputs[0].shape = [3]  # as a loader pins the decode shape
     canonicalize.run(ctx)

@@ -14,8 +14,10 @@ from rwkv2rknn.passes.opset import OPSET
 
 
 def _model(nodes, inputs, outputs, inits=(), opset=17, ir=9):
-    m = helper.make_model(helper.make_graph(nodes, "g", inputs, outputs, list(inits)),
-                          opset_imports=[helper.make_opsetid("", opset)])
+    m = helper.make_model(
+        helper.make_graph(nodes, "g", inputs, outputs, list(inits)),
+        opset_imports=[helper.make_opsetid("", opset)],
+    )
     m.ir_version = ir
     return m
 
@@ -26,6 +28,7 @@ def _vi(name, shape):
 
 def _run(m, feed):
     import onnxruntime as ort
+
     s = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
     return s.run(None, feed)[0]
 
@@ -54,12 +57,14 @@ def test_group_normalization_is_lowered_at_its_opsets_meaning(opset, shape):
     groups, c = 4, shape[1]
     n = groups if opset < 21 else c
     rng = np.random.default_rng(1)
-    inits = [numpy_helper.from_array(rng.standard_normal(n).astype(np.float32), "s"),
-             numpy_helper.from_array(rng.standard_normal(n).astype(np.float32), "b")]
-    node = helper.make_node("GroupNormalization", ["x", "s", "b"], ["y"], name="gn",
-                            num_groups=groups, epsilon=64e-5)
-    m = _model([node], [_vi("x", shape)], [_vi("y", shape)], inits, opset=opset,
-               ir=10 if opset >= 21 else 9)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal(n).astype(np.float32), "s"),
+        numpy_helper.from_array(rng.standard_normal(n).astype(np.float32), "b"),
+    ]
+    node = helper.make_node(
+        "GroupNormalization", ["x", "s", "b"], ["y"], name="gn", num_groups=groups, epsilon=64e-5
+    )
+    m = _model([node], [_vi("x", shape)], [_vi("y", shape)], inits, opset=opset, ir=10 if opset >= 21 else 9)
     _lowered_equals_the_op(m, {"x": _x(*shape)})
 
 
@@ -67,37 +72,51 @@ def test_group_normalization_is_lowered_at_its_opsets_meaning(opset, shape):
 @pytest.mark.parametrize("p", [1, 2])
 def test_lp_normalization_is_lowered(opset, p):
     node = helper.make_node("LpNormalization", ["x"], ["y"], name="l2", axis=-1, p=p)
-    m = _model([node], [_vi("x", [3, 64])], [_vi("y", [3, 64])], opset=opset,
-               ir=10 if opset >= 21 else 9)
+    m = _model([node], [_vi("x", [3, 64])], [_vi("y", [3, 64])], opset=opset, ir=10 if opset >= 21 else 9)
     _lowered_equals_the_op(m, {"x": _x(3, 64)})
 
 
 def test_rms_normalization_at_opset_23_is_lowered():
     rng = np.random.default_rng(2)
     node = helper.make_node("RMSNormalization", ["x", "s"], ["y"], name="rms", epsilon=1e-6)
-    m = _model([node], [_vi("x", [2, 48])], [_vi("y", [2, 48])],
-               [numpy_helper.from_array(rng.standard_normal(48).astype(np.float32), "s")],
-               opset=23, ir=11)
+    m = _model(
+        [node],
+        [_vi("x", [2, 48])],
+        [_vi("y", [2, 48])],
+        [numpy_helper.from_array(rng.standard_normal(48).astype(np.float32), "s")],
+        opset=23,
+        ir=11,
+    )
     _lowered_equals_the_op(m, {"x": _x(2, 48)})
 
 
 def test_an_op_whose_meaning_changed_after_18_is_refused_in_one_line():
     node = helper.make_node("Pad", ["x", "pads"], ["y"], name="pad", mode="wrap")
-    m = _model([node], [_vi("x", [4])], [_vi("y", [6])],
-               [numpy_helper.from_array(np.array([1, 1], np.int64), "pads")], opset=19)
-    with pytest.raises(UnsupportedModel, match=r"\(opset 19\) uses Pad in its opset 19 form.*"
-                                               r"export it again with opset 18 or older"):
+    m = _model(
+        [node],
+        [_vi("x", [4])],
+        [_vi("y", [6])],
+        [numpy_helper.from_array(np.array([1, 1], np.int64), "pads")],
+        opset=19,
+    )
+    with pytest.raises(
+        UnsupportedModel,
+        match=r"\(opset 19\) uses Pad in its opset 19 form.*"
+        r"export it again with opset 18 or older",
+    ):
         canonicalize.prepare(m, "m.onnx")
-    gelu = _model([helper.make_node("Gelu", ["x"], ["y"])], [_vi("x", [4])], [_vi("y", [4])],
-                  opset=20)
+    gelu = _model([helper.make_node("Gelu", ["x"], ["y"])], [_vi("x", [4])], [_vi("y", [4])], opset=20)
     with pytest.raises(UnsupportedModel, match="uses Gelu in its opset 20 form"):
         canonicalize.prepare(gelu, "m.onnx")
 
 
 def test_opset_24_is_refused_naming_the_opsets_read():
     m = _model([helper.make_node("Relu", ["x"], ["y"])], [_vi("x", [4])], [_vi("y", [4])], opset=24)
-    with pytest.raises(UnsupportedModel, match=r"uses ONNX opset 24: export it again with an opset "
-                                               r"from 13 to 23"):
+    with pytest.raises(
+        UnsupportedModel,
+        match=r"uses ONNX opset 24: export it again with an opset "
+        r"from 13 to 23",
+    ):
         canonicalize.prepare(m, "m.onnx")
 
 
@@ -127,8 +146,16 @@ def test_local_functions_are_inlined_with_their_weights_kept(tmp_path):
     path = str(tmp_path / "f.onnx")
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(Top(), (torch.zeros(1, 48),), path, opset_version=18, dynamo=False,
-                          input_names=["x"], output_names=["y"], export_modules_as_functions={Mix})
+        torch.onnx.export(
+            Top(),
+            (torch.zeros(1, 48),),
+            path,
+            opset_version=18,
+            dynamo=False,
+            input_names=["x"],
+            output_names=["y"],
+            export_modules_as_functions={Mix},
+        )
     m = onnx.load(path)
     assert len(m.functions) >= 1
     x = _x(1, 48)
@@ -142,12 +169,22 @@ def test_local_functions_are_inlined_with_their_weights_kept(tmp_path):
 def test_dynamo_row_lookup_becomes_a_gather():
     """torch's dynamo exporter writes table[token] as GatherND(table, Unsqueeze(token, [-1]))."""
     table = np.random.default_rng(3).standard_normal((7, 5)).astype(np.float32)
-    nodes = [helper.make_node("Unsqueeze", ["token", "axes"], ["idx"]),
-             helper.make_node("GatherND", ["table", "idx"], ["y"])]
-    inits = [numpy_helper.from_array(table, "table"),
-             numpy_helper.from_array(np.array([-1], np.int64), "axes")]
-    m = _model(nodes, [helper.make_tensor_value_info("token", onnx.TensorProto.INT64, [1])],
-               [_vi("y", [1, 5])], inits, opset=20, ir=10)
+    nodes = [
+        helper.make_node("Unsqueeze", ["token", "axes"], ["idx"]),
+        helper.make_node("GatherND", ["table", "idx"], ["y"]),
+    ]
+    inits = [
+        numpy_helper.from_array(table, "table"),
+        numpy_helper.from_array(np.array([-1], np.int64), "axes"),
+    ]
+    m = _model(
+        nodes,
+        [helper.make_tensor_value_info("token", onnx.TensorProto.INT64, [1])],
+        [_vi("y", [1, 5])],
+        inits,
+        opset=20,
+        ir=10,
+    )
     feed = {"token": np.array([4], np.int64)}
     want = _run(m, feed)
     got = canonicalize.prepare(onnx.ModelProto.FromString(m.SerializeToString()))

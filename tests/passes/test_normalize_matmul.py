@@ -9,8 +9,10 @@ def test_matmul_becomes_row_form_with_same_numbers():
     rng = np.random.default_rng(0)
     w1 = rng.standard_normal((6, 5)).astype(np.float32)
     w2 = rng.standard_normal((3, 6)).astype(np.float32)
-    nodes = [helper.make_node("MatMul", ["w1", "x"], ["h"], name="mm1"),
-             helper.make_node("MatMul", ["w2", "h"], ["y"], name="mm2")]
+    nodes = [
+        helper.make_node("MatMul", ["w1", "x"], ["h"], name="mm1"),
+        helper.make_node("MatMul", ["w2", "h"], ["y"], name="mm2"),
+    ]
     m = model(nodes, [vi("x", [5])], [vi("y", [3])], [const("w1", w1), const("w2", w2)])
     ctx = ctx_from_onnx(m)
     normalize_matmul.run(ctx)
@@ -32,12 +34,15 @@ def test_fp16_weights_are_widened_once_for_their_transpose():
     view of that one fp32 copy, not a second one; a weight also read otherwise stays C-ordered.
     The numbers are those of the fp16 weights, widened."""
     from rwkv2rknn.passes import keep_fp32
+
     rng = np.random.default_rng(1)
     w1 = rng.standard_normal((40, 33)).astype(np.float16)  # odd sizes: not a multiple of a band
     w2 = rng.standard_normal((7, 40)).astype(np.float16)
-    nodes = [helper.make_node("MatMul", ["w1", "x"], ["h"], name="mm1"),
-             helper.make_node("MatMul", ["w2", "h"], ["y"], name="mm2"),
-             helper.make_node("ReduceMax", ["w2"], ["m"], name="other", keepdims=0)]
+    nodes = [
+        helper.make_node("MatMul", ["w1", "x"], ["h"], name="mm1"),
+        helper.make_node("MatMul", ["w2", "h"], ["y"], name="mm2"),
+        helper.make_node("ReduceMax", ["w2"], ["m"], name="other", keepdims=0),
+    ]
     m = model(nodes, [vi("x", [33])], [vi("y", [7]), vi("m", [], 1)], [const("w1", w1), const("w2", w2)])
     ctx = ctx_from_onnx(m)
     keep_fp32.run(ctx)
@@ -56,19 +61,23 @@ def test_fp16_weights_are_widened_once_for_their_transpose():
     np.testing.assert_allclose(run_ctx(ctx, {"x": x})["y"], want, rtol=1e-5, atol=1e-5)
 
 
-
 def _group_norm_of_heads(shape, allowzero=None):
     """A head-wise result h[4, 16] viewed as one row [1, 64], then the legacy torch exporter's
     GroupNorm of it: Reshape(shape) -> InstanceNormalization -> Reshape [1, 64] (4 groups of 16)."""
     rng = np.random.default_rng(2)
     attrs = {} if allowzero is None else {"allowzero": allowzero}
-    nodes = [helper.make_node("Reshape", ["h", "row"], ["flat"], name="flat"),
-             helper.make_node("Reshape", ["flat", "gshape"], ["g"], name="groups", **attrs),
-             helper.make_node("InstanceNormalization", ["g", "scale", "bias"], ["n"], name="norm",
-                              epsilon=1e-5),
-             helper.make_node("Reshape", ["n", "row"], ["out"], name="ungroup")]
-    inits = [const("row", np.array([1, 64], np.int64)), const("gshape", np.array(shape, np.int64)),
-             const("scale", np.ones(4, np.float32)), const("bias", np.zeros(4, np.float32))]
+    nodes = [
+        helper.make_node("Reshape", ["h", "row"], ["flat"], name="flat"),
+        helper.make_node("Reshape", ["flat", "gshape"], ["g"], name="groups", **attrs),
+        helper.make_node("InstanceNormalization", ["g", "scale", "bias"], ["n"], name="norm", epsilon=1e-5),
+        helper.make_node("Reshape", ["n", "row"], ["out"], name="ungroup"),
+    ]
+    inits = [
+        const("row", np.array([1, 64], np.int64)),
+        const("gshape", np.array(shape, np.int64)),
+        const("scale", np.ones(4, np.float32)),
+        const("bias", np.zeros(4, np.float32)),
+    ]
     m = model(nodes, [vi("h", [4, 16])], [vi("out", [1, 64])], inits)
     h = (rng.standard_normal((4, 16)) * np.arange(1, 17)).astype(np.float32)
     y = h.reshape(4, 16)

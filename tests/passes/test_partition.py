@@ -22,12 +22,22 @@ def _chain(spec):
 
 def _support(graph):
     from rwkv2rknn.passes.support import classify
+
     return {n.name: classify(n, False) for n in graph.nodes}
 
 
 def test_neighbours_join_their_matmul_and_exp_splits():
-    g = _chain([("ln", "Sigmoid"), ("mm1", "MatMul"), ("act", "Relu"), ("e", "Exp"),
-                ("after", "Sigmoid"), ("mm2", "MatMul"), ("tail", "Relu")])
+    g = _chain(
+        [
+            ("ln", "Sigmoid"),
+            ("mm1", "MatMul"),
+            ("act", "Relu"),
+            ("e", "Exp"),
+            ("after", "Sigmoid"),
+            ("mm2", "MatMul"),
+            ("tail", "Relu"),
+        ]
+    )
     ctx = Context(graph=g)
     ctx.support = _support(g)
     ctx.options.min_segment_flops = 0
@@ -40,7 +50,7 @@ def test_small_npu_segment_is_pruned_to_cpu():
     g = _chain([("mm1", "MatMul"), ("e", "Exp"), ("mm2", "MatMul")])
     ctx = Context(graph=g)
     ctx.support = _support(g)
-    ctx.options.min_segment_flops = 10 ** 9
+    ctx.options.min_segment_flops = 10**9
     partition.run(ctx)
     assert [s.device for s in ctx.segments] == ["cpu"]
     assert "too small" in ctx.report[-1]
@@ -54,10 +64,12 @@ def test_parallel_branches_merge_without_cycle():
     x = gs.Variable("x", dtype=np.float32, shape=[1, 4])
     w = lambda n: gs.Constant(n, np.eye(4, dtype=np.float32))  # noqa: E731
     a, e, b, c = (gs.Variable(n, dtype=np.float32, shape=[1, 4]) for n in "aebc")
-    nodes = [gs.Node("MatMul", "mmA", inputs=[x, w("wa")], outputs=[a]),
-             gs.Node("Exp", "exp", inputs=[a], outputs=[e]),
-             gs.Node("MatMul", "mmB", inputs=[e, w("wb")], outputs=[b]),
-             gs.Node("MatMul", "mmC", inputs=[x, w("wc")], outputs=[c])]
+    nodes = [
+        gs.Node("MatMul", "mmA", inputs=[x, w("wa")], outputs=[a]),
+        gs.Node("Exp", "exp", inputs=[a], outputs=[e]),
+        gs.Node("MatMul", "mmB", inputs=[e, w("wb")], outputs=[b]),
+        gs.Node("MatMul", "mmC", inputs=[x, w("wc")], outputs=[c]),
+    ]
     g = gs.Graph(nodes=nodes, inputs=[x], outputs=[b, c])
     g.toposort()
     ctx = Context(graph=g)
@@ -77,8 +89,15 @@ def test_parallel_branches_merge_without_cycle():
 def test_the_head_gets_an_npu_segment_of_its_own():
     """The last layer's NPU tail and the head's MatMul would be one segment; the head is split
     off (a prompt needs its logits on the last row only), after the rest."""
-    g = _chain([("L0/e", "Exp"), ("L0/mm", "MatMul"), ("L0/act", "Relu"), ("head/ln", "Sigmoid"),
-                ("head/mm", "MatMul")])
+    g = _chain(
+        [
+            ("L0/e", "Exp"),
+            ("L0/mm", "MatMul"),
+            ("L0/act", "Relu"),
+            ("head/ln", "Sigmoid"),
+            ("head/mm", "MatMul"),
+        ]
+    )
     ctx = Context(graph=g)
     ctx.support = _support(g)
     ctx.options.min_segment_flops = 0
@@ -95,13 +114,14 @@ def test_the_head_stays_fused_where_a_part_would_not_pay_for_a_call():
     ctx.support = _support(g)
     ctx.options.min_segment_flops = 0
     partition.run(ctx)
-    assert [[n.name for n in s.nodes] for s in ctx.segments if s.device == "npu"] == [
-        ["L0/act", "head/mm"]]
+    assert [[n.name for n in s.nodes] for s in ctx.segments if s.device == "npu"] == [["L0/act", "head/mm"]]
     # a head MatMul below the smallest segment worth a call: not split either
     g = _chain([("L0/mm", "MatMul"), ("head/mm", "MatMul")])
-    segs, split = partition.split_head(partition.group(g, {"L0/mm": "npu", "head/mm": "npu"}),
-                                       min_flops=2 * 8 * 8 + 1)
+    segs, split = partition.split_head(
+        partition.group(g, {"L0/mm": "npu", "head/mm": "npu"}), min_flops=2 * 8 * 8 + 1
+    )
     assert not split and len(segs) == 1
-    segs, split = partition.split_head(partition.group(g, {"L0/mm": "npu", "head/mm": "npu"}),
-                                       min_flops=2 * 8 * 8)
+    segs, split = partition.split_head(
+        partition.group(g, {"L0/mm": "npu", "head/mm": "npu"}), min_flops=2 * 8 * 8
+    )
     assert split and [[n.name for n in s.nodes] for s in segs] == [["L0/mm"], ["head/mm"]]

@@ -35,6 +35,7 @@ def _complete(art):
 @pytest.fixture(scope="module")
 def model1(tmp_path_factory):
     from helpers import random_model
+
     return random_model(tmp_path_factory, "m1", fp32=False, layers=1, width=32, vocab=64, seed=11)
 
 
@@ -66,8 +67,11 @@ def test_a_cache_entry_cut_short_is_rebuilt_not_copied(at_once, model1):
     work, cache, outs, _ = at_once
     segs = _complete(str(outs[0]))
     seg = next(s for s in segs if s["backend"] == "npu")
-    entry = next(p for p in (cache / "rknn").iterdir()
-                 if p.suffix == ".rknn" and sha256_file(str(p)) == seg["rknn_sha256"])
+    entry = next(
+        p
+        for p in (cache / "rknn").iterdir()
+        if p.suffix == ".rknn" and sha256_file(str(p)) == seg["rknn_sha256"]
+    )
     with open(entry, "r+b") as f:
         f.truncate(1000)
     out = work / "c"
@@ -87,12 +91,14 @@ def test_a_failed_build_carries_the_toolkits_reason(tmp_path):
     from onnx import TensorProto, helper
 
     from rwkv2rknn.compiler.driver import build_rknn
+
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
     node = helper.make_node("FooBar", ["x"], ["y"], domain="com.nowhere")
-    model = helper.make_model(helper.make_graph([node], "g", [x], [y]),
-                              opset_imports=[helper.make_opsetid("", 13),
-                                             helper.make_opsetid("com.nowhere", 1)])
+    model = helper.make_model(
+        helper.make_graph([node], "g", [x], [y]),
+        opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("com.nowhere", 1)],
+    )
     onnx.save(model, str(tmp_path / "bad.onnx"))
     reason = build_rknn(str(tmp_path / "bad.onnx"), str(tmp_path / "bad.rknn"))
     assert "exited with 1" in reason and "FooBar" in reason, reason
@@ -108,6 +114,7 @@ def test_t_row_builds_side_by_side_all_succeed(at_once, tmp_path):
     import threading
 
     from rwkv2rknn.rknn.build import build_child
+
     _, _, outs, _ = at_once
     seqs = [str(outs[0] / s["seq_onnx"]) for s in _complete(str(outs[0])) if s.get("seq_onnx")]
     jobs = (seqs * 3)[:3]
@@ -128,6 +135,7 @@ def test_t_row_builds_side_by_side_all_succeed(at_once, tmp_path):
 def test_the_cache_key_covers_external_weights(tmp_path):
     """A segment written with external data (NAME.onnx.data): new weights, new key."""
     from rwkv2rknn.rknn.build import cache_key, file_key
+
     onnx_path = tmp_path / "s.onnx"
     onnx_path.write_bytes(b"graph")
     alone = file_key(str(onnx_path), "rk3588", "2.5.0")
@@ -145,6 +153,7 @@ def _tiny(path, op="MatMul"):
     import numpy as np
     import onnx
     from onnx import TensorProto, helper, numpy_helper
+
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])
     w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((8, 8)).astype(np.float32), "w")
@@ -166,6 +175,7 @@ def test_a_kept_build_child_builds_one_after_another(tmp_path):
     is left behind."""
     from rwkv2rknn.rknn.build_child import build_child
     from rwkv2rknn.rknn.build_worker import Worker
+
     good, bad = _tiny(tmp_path / "good.onnx"), _tiny(tmp_path / "bad.onnx", "FooBar")
     w = Worker()
     try:
@@ -190,6 +200,7 @@ def test_a_kept_build_child_builds_one_after_another(tmp_path):
 
 def test_build_children_use_huge_pages_without_dropping_the_users_tunables(monkeypatch):
     from rwkv2rknn.rknn.build_child import child_env
+
     monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
     assert child_env(TMPDIR="/x")["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
     assert child_env(TMPDIR="/x")["TMPDIR"] == "/x"

@@ -33,8 +33,7 @@ class Recorder:
 
 def test_largest_pending_build_starts_first():
     rec = Recorder()
-    q = BuildQueue(rec.work, 1, size=lambda x: x, memory=lambda x: 1, budget=10,
-                   done=rec.report)
+    q = BuildQueue(rec.work, 1, size=lambda x: x, memory=lambda x: 1, budget=10, done=rec.report)
     for item in (3, 50, 7, 20):
         q.add(item)
     q.finish()
@@ -54,8 +53,7 @@ def wait_for(cond, timeout=10.0):
 def test_one_slot_fewer_while_segments_are_still_added():
     go = threading.Event()
     rec = Recorder(hold=0)
-    q = BuildQueue(lambda x: (go.wait(10), rec.work(x)), 2, size=lambda x: x,
-                   memory=lambda x: 1, budget=10)
+    q = BuildQueue(lambda x: (go.wait(10), rec.work(x)), 2, size=lambda x: x, memory=lambda x: 1, budget=10)
     for item in range(4):
         q.add(item)
     assert wait_for(lambda: len(q.running) == 1)
@@ -91,9 +89,14 @@ def test_side_by_side_never_more_memory_than_the_biggest_build_alone():
         with lock:
             running.discard(item)
 
-    q = BuildQueue(work, 2, size=lambda x: 10 if x == "big" else 3,
-                   memory=lambda x: 10 if x == "big" else 3, budget=100,
-                   idle=lambda: idles.append(threading.current_thread().name))
+    q = BuildQueue(
+        work,
+        2,
+        size=lambda x: 10 if x == "big" else 3,
+        memory=lambda x: 10 if x == "big" else 3,
+        budget=100,
+        idle=lambda: idles.append(threading.current_thread().name),
+    )
     for item in ["a", "b", "c", "big", "d", "e", "f"]:
         q.add(item)
     q.finish()

@@ -93,11 +93,13 @@ def test_two_processes_take_turns_on_a_key(tmp_path):
     folder = str(tmp_path / "c")
 
     def attempt():
-        return subprocess.run([sys.executable, "-c", _TRY, folder], capture_output=True, text=True,
-                              timeout=120).stdout.strip()
+        return subprocess.run(
+            [sys.executable, "-c", _TRY, folder], capture_output=True, text=True, timeout=120
+        ).stdout.strip()
 
-    holder = subprocess.Popen([sys.executable, "-c", _HOLD, folder], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, folder], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         assert attempt() == "busy"

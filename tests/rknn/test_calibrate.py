@@ -10,11 +10,14 @@ from rwkv2rknn.errors import BadInput
 from rwkv2rknn.runtime.tokenizer import ByteTokenizer
 
 
-@pytest.mark.parametrize("data,words", [
-    (b"", "empty"),
-    (b"  \n\t ", "empty"),
-    (b"caf\xe9 au lait, " * 10, "not UTF-8"),
-])
+@pytest.mark.parametrize(
+    "data,words",
+    [
+        (b"", "empty"),
+        (b"  \n\t ", "empty"),
+        (b"caf\xe9 au lait, " * 10, "not UTF-8"),
+    ],
+)
 def test_bad_calibration_text_is_a_one_line_error(tmp_path, data, words):
     p = tmp_path / "calib.txt"
     p.write_bytes(data)
@@ -41,7 +44,7 @@ def test_tiny_text_is_refused_and_short_text_split_four_to_one():
 def test_default_text_for_bytes_is_disjoint_from_the_scored_part():
     text, where = C.default_text("bytes")
     with open(C.bundled_heldout(), "rb") as f:
-        scored = f.read()[:C.HELDOUT_SCORED].decode("utf-8", "ignore")
+        scored = f.read()[: C.HELDOUT_SCORED].decode("utf-8", "ignore")
     assert len(text) > 1000 and text[:200] not in scored and "after byte" in where
     text, where = C.default_text("world")
     assert text == C.BUILTIN_TEXT and len(text.split()) > 300
@@ -57,6 +60,7 @@ def captured(fp32_plan_artifact):
 def test_capture_records_each_npu_segments_inputs_before_the_step(fp32_plan_artifact, captured):
     from rwkv2rknn.runtime.hybrid import load_manifest
     from rwkv2rknn.runtime.ort import OrtRunner
+
     rows, ids = captured
     m = load_manifest(fp32_plan_artifact)
     npu = [s for s in m.segments if s.backend == "npu"]
@@ -81,11 +85,13 @@ def test_capture_records_each_npu_segments_inputs_before_the_step(fp32_plan_arti
 def test_t_row_samples_give_the_per_token_outputs_stacked(fp32_plan_artifact, captured):
     from rwkv2rknn.runtime.hybrid import load_manifest
     from rwkv2rknn.runtime.ort import OrtRunner
+
     rows, _ = captured
     m = load_manifest(fp32_plan_artifact)
     slots = {s.input for s in m.state}
-    seg = next(s for s in m.segments if s.backend == "npu" and s.seq_onnx and
-               any(k in slots for k in s.inputs))
+    seg = next(
+        s for s in m.segments if s.backend == "npu" and s.seq_onnx and any(k in slots for k in s.inputs)
+    )
     r = rows[seg.name]
     t = 8
     feeds = C.seq_feeds(r, t, [k for k in seg.inputs if k in slots])
@@ -94,7 +100,7 @@ def test_t_row_samples_give_the_per_token_outputs_stacked(fp32_plan_artifact, ca
     for i in (0, 2):
         got = ort.infer(feeds[i])
         for k in seg.outputs:
-            want = np.stack([x[k].reshape(-1) for x in r.results[i * t:(i + 1) * t]])
+            want = np.stack([x[k].reshape(-1) for x in r.results[i * t : (i + 1) * t]])
             np.testing.assert_allclose(got[k].reshape(t, -1), want, atol=1e-5)
 
 

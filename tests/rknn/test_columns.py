@@ -36,13 +36,17 @@ def test_the_columns_form_has_no_transpose_and_keeps_the_weights_once(fp32_plan_
 
     def weight_bytes(m):
         return sum(numpy_helper.to_array(t).nbytes for t in m.graph.initializer)
+
     assert weight_bytes(cols) <= weight_bytes(rows) + 64 * 1024  # per-channel copies of vectors only
-    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in cols.graph.input}
+    dims = {
+        i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in cols.graph.input
+    }
     assert any(d[-1] == "T" and isinstance(d[0], int) for d in dims.values())  # [C, T]
     # every output is the NCHW tensor itself, [1, N, 1, T]: no Squeeze (an op per output and
     # per row count in the .rknn, a costly one in int8)
-    outs = {o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim]
-            for o in cols.graph.output}
+    outs = {
+        o.name: [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in cols.graph.output
+    }
     assert "Squeeze" not in ops and len(outs) == len(rows.graph.output)
     for o in rows.graph.output:
         n = o.type.tensor_type.shape.dim[1].dim_value
@@ -60,11 +64,15 @@ def columns_runner_equals_rows(f, col_path):
     rows = OrtRunner(f, "rows")
     cols = Columns(OrtRunner(col_path, "cols"))
     rng = np.random.default_rng(3)
-    shapes = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
-              for i in onnx.load(f).graph.input}
+    shapes = {
+        i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
+        for i in onnx.load(f).graph.input
+    }
     for t in (2, 5):
-        feed = {k: rng.standard_normal([t if isinstance(d, str) else d for d in s]).astype(np.float32)
-                for k, s in shapes.items()}
+        feed = {
+            k: rng.standard_normal([t if isinstance(d, str) else d for d in s]).astype(np.float32)
+            for k, s in shapes.items()
+        }
         want, got = rows.infer(feed), cols.infer(feed)
         assert set(got) == set(want)
         for k in want:
@@ -74,8 +82,9 @@ def columns_runner_equals_rows(f, col_path):
 
 def _graph(nodes, inits, outs=("y",)):
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", 8])
-    g = helper.make_graph(nodes, "g", [x], [helper.make_tensor_value_info(o, TensorProto.FLOAT, ["T", 8])
-                                          for o in outs], inits)
+    g = helper.make_graph(
+        nodes, "g", [x], [helper.make_tensor_value_info(o, TensorProto.FLOAT, ["T", 8]) for o in outs], inits
+    )
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
 
 
@@ -83,24 +92,34 @@ def _w(name, shape):
     return numpy_helper.from_array(np.random.default_rng(1).standard_normal(shape).astype(np.float32), name)
 
 
-@pytest.mark.parametrize("case, words", [
-    ("two activations", "constant weight"),
-    ("reshape to heads", "Reshape"),
-    ("softmax", "Softmax"),
-])
+@pytest.mark.parametrize(
+    "case, words",
+    [
+        ("two activations", "constant weight"),
+        ("reshape to heads", "Reshape"),
+        ("softmax", "Softmax"),
+    ],
+)
 def test_what_it_does_not_rewrite_is_refused_in_one_line(case, words, tmp_path):
     if case == "two activations":
-        m = _graph([helper.make_node("MatMul", ["x", "w"], ["h"]),
-                    helper.make_node("Mul", ["h", "x"], ["p"]),
-                    helper.make_node("MatMul", ["p", "p2"], ["y"])],
-                   [_w("w", (8, 8))])
+        m = _graph(
+            [
+                helper.make_node("MatMul", ["x", "w"], ["h"]),
+                helper.make_node("Mul", ["h", "x"], ["p"]),
+                helper.make_node("MatMul", ["p", "p2"], ["y"]),
+            ],
+            [_w("w", (8, 8))],
+        )
         m.graph.node[2].input[1] = "h"  # activation x activation (p @ h)
         m.graph.node[2].input[0] = "p"
     elif case == "reshape to heads":
-        m = _graph([helper.make_node("Reshape", ["x", "s"], ["h"]),
-                    helper.make_node("Reshape", ["h", "s2"], ["y"])],
-                   [numpy_helper.from_array(np.array([-1, 2, 4], np.int64), "s"),
-                    numpy_helper.from_array(np.array([-1, 8], np.int64), "s2")])
+        m = _graph(
+            [helper.make_node("Reshape", ["x", "s"], ["h"]), helper.make_node("Reshape", ["h", "s2"], ["y"])],
+            [
+                numpy_helper.from_array(np.array([-1, 2, 4], np.int64), "s"),
+                numpy_helper.from_array(np.array([-1, 8], np.int64), "s2"),
+            ],
+        )
     else:
         m = _graph([helper.make_node("Softmax", ["x"], ["y"], axis=-1)], [])
     with pytest.raises(NotColumns, match=words):
@@ -116,27 +135,36 @@ def test_a_state_row_of_shape_1_c_and_a_split_of_the_channels(tmp_path):
     Split of the rows' last axis (their LoRA outputs), in equal and in unequal parts."""
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", 8])
     s = helper.make_tensor_value_info("s", TensorProto.FLOAT, [1, 8])
-    outs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, ["T", k])
-            for n, k in (("a", 4), ("b", 4), ("c", 3), ("d", 5), ("x_out", 8))]
-    nodes = [helper.make_node("Relu", ["x"], ["x_out"]),
-             helper.make_node("Reshape", ["s", "row"], ["s_row"]),
-             helper.make_node("Slice", ["x_out", "z", "m1", "z"], ["earlier"]),
-             helper.make_node("Concat", ["s_row", "earlier"], ["prev"], axis=0),
-             helper.make_node("Sub", ["prev", "x_out"], ["delta"]),
-             helper.make_node("MatMul", ["delta", "w"], ["h"]),
-             helper.make_node("Split", ["h"], ["a", "b"], axis=-1),
-             helper.make_node("Split", ["x_out", "sizes"], ["c", "d"], axis=1)]
-    inits = [_w("w", (8, 8)), numpy_helper.from_array(np.array([1, 8], np.int64), "row"),
-             numpy_helper.from_array(np.array([0], np.int64), "z"),
-             numpy_helper.from_array(np.array([-1], np.int64), "m1"),
-             numpy_helper.from_array(np.array([3, 5], np.int64), "sizes")]
-    m = helper.make_model(helper.make_graph(nodes, "g", [x, s], outs, inits),
-                          opset_imports=[helper.make_opsetid("", 17)])
+    outs = [
+        helper.make_tensor_value_info(n, TensorProto.FLOAT, ["T", k])
+        for n, k in (("a", 4), ("b", 4), ("c", 3), ("d", 5), ("x_out", 8))
+    ]
+    nodes = [
+        helper.make_node("Relu", ["x"], ["x_out"]),
+        helper.make_node("Reshape", ["s", "row"], ["s_row"]),
+        helper.make_node("Slice", ["x_out", "z", "m1", "z"], ["earlier"]),
+        helper.make_node("Concat", ["s_row", "earlier"], ["prev"], axis=0),
+        helper.make_node("Sub", ["prev", "x_out"], ["delta"]),
+        helper.make_node("MatMul", ["delta", "w"], ["h"]),
+        helper.make_node("Split", ["h"], ["a", "b"], axis=-1),
+        helper.make_node("Split", ["x_out", "sizes"], ["c", "d"], axis=1),
+    ]
+    inits = [
+        _w("w", (8, 8)),
+        numpy_helper.from_array(np.array([1, 8], np.int64), "row"),
+        numpy_helper.from_array(np.array([0], np.int64), "z"),
+        numpy_helper.from_array(np.array([-1], np.int64), "m1"),
+        numpy_helper.from_array(np.array([3, 5], np.int64), "sizes"),
+    ]
+    m = helper.make_model(
+        helper.make_graph(nodes, "g", [x, s], outs, inits), opset_imports=[helper.make_opsetid("", 17)]
+    )
     path = str(tmp_path / "m.seq.onnx")
     onnx.save(m, path)
     cols = to_columns(m)
-    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
-            for i in cols.graph.input}
+    dims = {
+        i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in cols.graph.input
+    }
     assert dims == {"x": [8, "T"], "s": [8, 1]}
     assert [n.attribute[0].i for n in cols.graph.node if n.op_type == "Split"] == [1, 1]
     columns_runner_equals_rows(path, str(tmp_path / "cols.onnx"))

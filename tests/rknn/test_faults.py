@@ -7,16 +7,31 @@ import shutil
 
 import numpy as np
 
-from helpers.robustness import (NO_ROWS, cli, edit_manifest, error_line, scratch_env, scratch_left,
-                                sha256, whole_artifact)
+from helpers.robustness import (
+    NO_ROWS,
+    cli,
+    edit_manifest,
+    error_line,
+    scratch_env,
+    scratch_left,
+    sha256,
+    whole_artifact,
+)
 
 pytestmark = pytest.mark.slow  # every test here takes more than a few seconds
+
 
 def test_crashing_toolkit_build_falls_back_and_the_cli_reports_it(model1, tmp_path):
     """float_dtype='tfloat32' makes rknn-toolkit2 2.5.0 kill its own process during build."""
     out, cache, tmp = tmp_path / "art", tmp_path / "cache", tmp_path / "tmp"
-    r = cli("compile", model1, "-o", out, *NO_ROWS,
-            env=scratch_env(tmp, RWKV2RKNN_FLOAT_DTYPE="tfloat32", RWKV2RKNN_CACHE=cache))
+    r = cli(
+        "compile",
+        model1,
+        "-o",
+        out,
+        *NO_ROWS,
+        env=scratch_env(tmp, RWKV2RKNN_FLOAT_DTYPE="tfloat32", RWKV2RKNN_CACHE=cache),
+    )
     assert r.returncode == 0, r.err
     assert scratch_left(tmp) == {}  # nor when the toolkit ended its own process
     assert "Traceback" not in r.err
@@ -34,6 +49,7 @@ def _scale_output(path, name, factor=1e30, times=3):
     """Make output `name` of the ONNX file at `path` come out multiplied by factor**times."""
     import onnx
     from onnx import helper, numpy_helper
+
     m = onnx.load(path)
     pre = name + "__pre"
     producer = next(n for n in m.graph.node if name in n.output)
@@ -56,6 +72,7 @@ def _poison_npu_segment(art):
     """Scale the first output of the first NPU segment (and of its T-row prefill variant, if
     any) by 1e90, inf in float32; update the checksums so that only the numbers are wrong."""
     from rwkv2rknn.runtime.hybrid import load_manifest
+
     seg = next(s for s in load_manifest(art).segments if s.backend == "npu")
     name = seg.outputs[0]
     sums = {"sha256": _scale_output(os.path.join(art, seg.onnx), name)}

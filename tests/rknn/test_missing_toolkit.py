@@ -10,6 +10,7 @@ from rwkv2rknn.errors import MissingDependency
 
 from helpers.robustness import cli, error_line, partials_in
 
+
 @pytest.mark.slow
 def test_compile_without_the_toolkit_names_the_install(no_toolkit, model, tmp_path):
     out = tmp_path / "art"
@@ -30,6 +31,7 @@ def test_toolkit_checks_in_process(monkeypatch, model, tmp_path):
     from rwkv2rknn.compiler.ir import Options
     from rwkv2rknn.rknn import toolkit
     from rwkv2rknn.runtime import board
+
     for name in ("rknn", "rknn.api"):
         monkeypatch.setitem(sys.modules, name, None)  # import rknn -> ImportError
     assert not board.toolkit_available() and not toolkit.toolkit_installed()

@@ -55,6 +55,7 @@ def test_it_validated_at_fp32_rounding_before_its_token_table_went_int8(w8a8):
 
     from rwkv2rknn.artifact.plan import sha256_file
     from rwkv2rknn.compiler import validate
+
     plan = json.load(open(os.path.join(w8a8, "plan.json")))
     assert plan["validation"]["passed"] and plan["validation"]["tolerance"] == validate.FP32_TOL
     passes = plan["passes"]
@@ -89,6 +90,7 @@ def test_w8a8_runs_in_the_simulator_with_top1_agreement_against_fp32(byte_model,
     from rwkv2rknn.runtime.hybrid import HybridModel
     from rwkv2rknn.runtime.reference import PerLayerModel
     from rwkv2rknn.runtime.tokenizer import ByteTokenizer
+
     text = calibrate.BUILTIN_TEXT[-400:]  # not in the 96 + 24 calibration tokens
     ids = ByteTokenizer().encode(text)
     ref = PerLayerModel(byte_model).logits(ids)
@@ -102,8 +104,10 @@ def test_w8a8_runs_in_the_simulator_with_top1_agreement_against_fp32(byte_model,
         sim.close()
     top1_step = float(np.mean(got_step.argmax(1) == ref[:64].argmax(1)))
     top1_prefill = float(np.mean(got_prefill.argmax(1) == ref.argmax(1)))
-    print(f"w8a8 top-1 agreement with fp32: {top1_step:.3f} token by token, {top1_prefill:.3f} in "
-          f"T-row chunks; bits per byte {score.bits_per_byte:.4f}")
+    print(
+        f"w8a8 top-1 agreement with fp32: {top1_step:.3f} token by token, {top1_prefill:.3f} in "
+        f"T-row chunks; bits per byte {score.bits_per_byte:.4f}"
+    )
     assert top1_step >= MIN_TOP1_W8A8 and top1_prefill >= MIN_TOP1_W8A8, (top1_step, top1_prefill)
     assert np.isfinite(score.bits_per_byte) and score.bytes == len(text.encode()) - 1
 
@@ -128,32 +132,39 @@ def test_a_segment_below_the_threshold_is_built_fp16_and_the_plan_says_so(byte_m
 
 
 def test_cache_key_holds_precision_and_calibration():
-    keys = {cache_key(b"onnx", "rk3588", "2.5.0"),
-            cache_key(b"onnx", "rk3588", "2.5.0", "w8a8|normal|channel|digest-a"),
-            cache_key(b"onnx", "rk3588", "2.5.0", "w8a8|normal|channel|digest-b"),
-            cache_key(b"onnx", "rk3588", "2.5.0", "w16a16i_dfp|normal|channel|digest-a")}
+    keys = {
+        cache_key(b"onnx", "rk3588", "2.5.0"),
+        cache_key(b"onnx", "rk3588", "2.5.0", "w8a8|normal|channel|digest-a"),
+        cache_key(b"onnx", "rk3588", "2.5.0", "w8a8|normal|channel|digest-b"),
+        cache_key(b"onnx", "rk3588", "2.5.0", "w16a16i_dfp|normal|channel|digest-a"),
+    }
     assert len(keys) == 4
 
 
 @pytest.mark.slow
 def test_check_on_w8a8_states_its_tolerance(w8a8):
     from rwkv2rknn.tools.check import KL_TOLERANCE
+
     mean, p99 = KL_TOLERANCE["w8a8"]
     r = CliRunner().invoke(cli, ["check", w8a8, "--backend", "rknn-sim", "--tokens", "16"])
     assert f"tolerance for w8a8: KL mean <= {mean:g}, p99 <= {p99:g}, max rel <= 0.25" in r.output, r.output
 
 
-@pytest.mark.parametrize("content,words", [
-    (b"", "is empty"),
-    (b"\xff\xfe\x00bad" * 40, "is not UTF-8"),
-    (b"Too short.", "fewer than 32"),
-])
+@pytest.mark.parametrize(
+    "content,words",
+    [
+        (b"", "is empty"),
+        (b"\xff\xfe\x00bad" * 40, "is not UTF-8"),
+        (b"Too short.", "fewer than 32"),
+    ],
+)
 def test_bad_calibration_text_is_one_clear_line_and_no_artifact(byte_model, tmp_path, content, words):
     text = tmp_path / "calib.txt"
     text.write_bytes(content)
     out = tmp_path / "art"
-    r = CliRunner().invoke(cli, ["compile", byte_model, "-o", str(out), "--quant", "w8a8",
-                                 "--calib-text", str(text)])
+    r = CliRunner().invoke(
+        cli, ["compile", byte_model, "-o", str(out), "--quant", "w8a8", "--calib-text", str(text)]
+    )
     assert r.exit_code == 1, r.output
     lines = [ln for ln in r.output.splitlines() if ln.strip()]
     assert lines[-1].startswith("error: calibration text") and words in lines[-1], r.output
@@ -161,14 +172,16 @@ def test_bad_calibration_text_is_one_clear_line_and_no_artifact(byte_model, tmp_
 
 
 def test_calib_text_without_quant_is_a_usage_error(byte_model, tmp_path):
-    r = CliRunner().invoke(cli, ["compile", byte_model, "-o", str(tmp_path / "a"), "--calib-text",
-                                 calibrate.bundled_heldout()])
+    r = CliRunner().invoke(
+        cli, ["compile", byte_model, "-o", str(tmp_path / "a"), "--calib-text", calibrate.bundled_heldout()]
+    )
     assert r.exit_code == 2 and "--quant w8a8" in r.output
 
 
 def test_quant_with_plan_only_is_a_usage_error(byte_model, tmp_path):
-    r = CliRunner().invoke(cli, ["compile", byte_model, "-o", str(tmp_path / "a"), "--quant", "w8a8",
-                                 "--plan-only"])
+    r = CliRunner().invoke(
+        cli, ["compile", byte_model, "-o", str(tmp_path / "a"), "--quant", "w8a8", "--plan-only"]
+    )
     assert r.exit_code == 2 and "--plan-only" in r.output and not (tmp_path / "a").exists()
 
 
@@ -182,6 +195,7 @@ def test_check_text_must_be_readable_utf8(tmp_path):
 @pytest.mark.slow
 def test_pack_leaves_the_calibration_datasets_out(w8a8, tmp_path):
     from rwkv2rknn.artifact.pack import pack
+
     out = tmp_path / "board"
     pack(w8a8, str(out))
     m = load_manifest(str(out))
@@ -194,9 +208,23 @@ def test_pack_leaves_the_calibration_datasets_out(w8a8, tmp_path):
 def test_compile_w8a8_prints_and_saves_its_kl_on_held_out_tokens(byte_model, w8a8_artifact, tmp_path):
     """The same compile as w8a8_artifact (its builds come from the cache), through the CLI."""
     from rwkv2rknn.tools.check import KL_TOLERANCE
+
     out = tmp_path / "art"
-    r = CliRunner().invoke(cli, ["compile", byte_model, "-o", str(out), "--quant", "w8a8",
-                                 "--calib-tokens", str(QUANT["calib_tokens"]), "--prefill-rows", "4,8"])
+    r = CliRunner().invoke(
+        cli,
+        [
+            "compile",
+            byte_model,
+            "-o",
+            str(out),
+            "--quant",
+            "w8a8",
+            "--calib-tokens",
+            str(QUANT["calib_tokens"]),
+            "--prefill-rows",
+            "4,8",
+        ],
+    )
     assert r.exit_code == 0, r.output
     lines = [ln for ln in r.output.splitlines() if " held-out tokens of " in ln]
     assert [ln.split()[:2] for ln in lines] == [["w8a8", "decode"], ["w8a8", "prefill"]], r.output
@@ -225,10 +253,16 @@ def test_quant_keep_builds_the_named_stages_fp16_and_the_rest_w8a8(byte_model, w
     assert [s.name for s in m.segments if s.backend == "npu" and s.precision == "fp16"] == [kept[0].name]
 
 
-@pytest.mark.parametrize("args, words", [
-    (["--quant", "w8a8", "--quant-keep", "head,layer3"], "'layer3' is not a loader stage or NPU segment name"),
-    (["--quant-keep", "head"], "--quant-keep is for quantised builds"),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (
+            ["--quant", "w8a8", "--quant-keep", "head,layer3"],
+            "'layer3' is not a loader stage or NPU segment name",
+        ),
+        (["--quant-keep", "head"], "--quant-keep is for quantised builds"),
+    ],
+)
 def test_quant_keep_refuses_what_it_cannot_do(byte_model, tmp_path, args, words):
     r = CliRunner().invoke(cli, ["compile", byte_model, "-o", str(tmp_path / "a")] + args)
     assert r.exit_code == 2 and words in r.output and not (tmp_path / "a").exists()

@@ -25,8 +25,9 @@ def _start(model, out, cache):
 def _statuses(output):
     """{segment: how its w8a8 build was had ('built', 'cached' or 'rebuilt (...)')}."""
     got = {}
-    for m in re.finditer(r"\[\d+/\d+\] (\S+): w8a8 \(cos [-\d.]+\), (built|cached|rebuilt \([^)]*\))",
-                         output):
+    for m in re.finditer(
+        r"\[\d+/\d+\] (\S+): w8a8 \(cos [-\d.]+\), (built|cached|rebuilt \([^)]*\))", output
+    ):
         got[m.group(1)] = m.group(2)
     return got
 
@@ -41,6 +42,7 @@ def _npu(art):
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     from helpers import random_model
+
     return random_model(tmp_path_factory, "qm", fp32=True, layers=1, width=32, vocab=256, seed=7)
 
 

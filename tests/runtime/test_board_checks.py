@@ -9,6 +9,7 @@ from rwkv2rknn.errors import BadInput
 
 from helpers.robustness import cli, edit_manifest, error_line
 
+
 @pytest.mark.slow
 def test_rknn_lite_off_the_board_names_the_install(two_at_once, tmp_path):
     _, outs, _ = two_at_once
@@ -25,6 +26,7 @@ def test_rknn_lite_off_the_board_names_the_install(two_at_once, tmp_path):
 def test_rknn_lite_refuses_an_artifact_built_for_another_soc(plan, tmp_path, monkeypatch):
     from rwkv2rknn.runtime import soc
     from rwkv2rknn.runtime.hybrid import HybridModel
+
     art = tmp_path / "art"
     shutil.copytree(plan, art)
     monkeypatch.setattr(soc, "board_soc", lambda *a, **k: "rk3588")
@@ -38,6 +40,7 @@ def test_rknn_lite_refuses_an_artifact_built_for_another_soc(plan, tmp_path, mon
 
 def test_board_soc_from_the_device_tree(tmp_path):
     from rwkv2rknn.runtime.board import board_soc, same_npu
+
     f = tmp_path / "compatible"
     f.write_bytes(b"radxa,rock-5b\0rockchip,rk3588s\0")
     assert board_soc(str(f)) == "rk3588"

@@ -44,16 +44,18 @@ class StandInRKNNLite:
         if self.init_result != 0:
             if self.init_says:
                 print(self.init_says)
-                print("Traceback (most recent call last):\n  File \"rknnlite/api/rknn_lite.py\"")
+                print('Traceback (most recent call last):\n  File "rknnlite/api/rknn_lite.py"')
                 os.write(2, b"E RKNN: " + self.init_says.encode() + b"\n")
             return self.init_result
         import onnxruntime as ort
+
         self.session = ort.InferenceSession(self.onnx_for[self.path], providers=["CPUExecutionProvider"])
         return 0
 
     def inference(self, inputs):
-        self.calls.append(("inference", (os.path.basename(self.path),
-                                         [(str(a.dtype), tuple(a.shape)) for a in inputs])))
+        self.calls.append(
+            ("inference", (os.path.basename(self.path), [(str(a.dtype), tuple(a.shape)) for a in inputs]))
+        )
         names = [i.name for i in self.session.get_inputs()]
         outs = self.session.run(None, dict(zip(names, inputs)))
         for j, o in enumerate(self.session.get_outputs()):
@@ -88,6 +90,7 @@ def lite(monkeypatch):
 @pytest.fixture(scope="module")
 def packed(fp16_artifact, tmp_path_factory):
     from rwkv2rknn.artifact.pack import pack
+
     out = str(tmp_path_factory.mktemp("packed") / "p")
     return out, pack(fp16_artifact, out)
 
@@ -96,6 +99,7 @@ def _map(lite, src, dst):
     """Each .rknn of ``dst`` -> the ONNX it was built from: a T-row build made in columns
     (``seq_layout``) from the columns form of its .seq.onnx, written beside the packed copy."""
     from rwkv2rknn.rknn.columns import write_columns
+
     for seg in load_manifest(src).segments:
         if seg.backend == "npu":
             lite.onnx_for[os.path.join(dst, seg.rknn)] = os.path.join(src, seg.onnx)
@@ -163,8 +167,11 @@ def test_packed_artifact_runs_on_rknn_lite_as_on_ort(fp16_artifact, packed, lite
         def padded(k):
             shape = (s.decode_rows, int(np.prod(s.shapes[k])))
             return shape[::-1] if s.seq_layout == "columns" else shape
-        assert args == [("float32", padded(k) if s.decode_rows and k not in slots else tuple(s.shapes[k]))
-                        for k in s.inputs]
+
+        assert args == [
+            ("float32", padded(k) if s.decode_rows and k not in slots else tuple(s.shapes[k]))
+            for k in s.inputs
+        ]
     # prefill: the T-row .seq.rknn files, fed T rows they were built for
     n = len(lite.calls)
     got = board.prefill(tokens[1:21], s1)
@@ -186,8 +193,9 @@ def test_packed_artifact_runs_on_rknn_lite_as_on_ort(fp16_artifact, packed, lite
     last = board.prefill(tokens[1:21], s3, last_only=True)
     np.testing.assert_allclose(last[0], want[-1], rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(s3, s2, rtol=1e-4, atol=1e-4)
-    calls = [c[1][1] for c in lite.calls[n:] if c[0] == "inference" and
-             c[1][0] == os.path.basename(head.rknn)]
+    calls = [
+        c[1][1] for c in lite.calls[n:] if c[0] == "inference" and c[1][0] == os.path.basename(head.rknn)
+    ]
     assert calls == [[("float32", tuple(head.shapes[k])) for k in head.inputs]]
     board.close()
     assert sum(c[0] == "release" for c in lite.calls) == sum(c[0] == "init_runtime" for c in lite.calls)
@@ -198,32 +206,49 @@ def test_packed_artifact_runs_on_rknn_lite_as_on_ort(fp16_artifact, packed, lite
 def test_lite_runner_releases_and_names_the_likelier_cause(fp16_artifact, lite, monkeypatch, capfd):
     from rwkv2rknn.runtime import device
     from rwkv2rknn.runtime.rknn import RknnLiteRunner
+
     monkeypatch.setattr(device, "npu_device_present", lambda root="/": True)
     seg = next(s for s in load_manifest(fp16_artifact).segments if s.backend == "npu")
     lite.init_result = -1
     with pytest.raises(ToolkitError) as e:
-        RknnLiteRunner(os.path.join(fp16_artifact, seg.rknn), seg.name, seg.inputs, seg.outputs,
-                       seg.shapes, "0_1_2", toolkit="2.5.0")
+        RknnLiteRunner(
+            os.path.join(fp16_artifact, seg.rknn),
+            seg.name,
+            seg.inputs,
+            seg.outputs,
+            seg.shapes,
+            "0_1_2",
+            toolkit="2.5.0",
+        )
     assert [c[0] for c in lite.calls] == ["RKNNLite", "load_rknn", "init_runtime", "release"]
     assert lite.calls[2][1] == 7
     assert "older than rknn-toolkit2 2.5.0" in e.value.fix and "--target" in e.value.fix
     # what RKNNLite prints on a refusal (the runtime's E line, its traceback) is read, not shown
     lite.init_says = "failed to open rknpu module, need to insmod rknpu dirver!"
     with pytest.raises(ToolkitError) as e:
-        RknnLiteRunner(os.path.join(fp16_artifact, seg.rknn), seg.name, seg.inputs, seg.outputs,
-                       seg.shapes, "0_1_2", toolkit="2.5.0")
+        RknnLiteRunner(
+            os.path.join(fp16_artifact, seg.rknn),
+            seg.name,
+            seg.inputs,
+            seg.outputs,
+            seg.shapes,
+            "0_1_2",
+            toolkit="2.5.0",
+        )
     assert "no NPU driver" in str(e.value) and "insmod rknpu" in str(e.value)
     assert "dmesg" in e.value.fix
     shown = capfd.readouterr()
     assert "Traceback" not in shown.out + shown.err and "E RKNN" not in shown.out + shown.err
     with pytest.raises(UsageError, match="unknown core mask"):
-        RknnLiteRunner(os.path.join(fp16_artifact, seg.rknn), seg.name, seg.inputs, seg.outputs,
-                       seg.shapes, "0_3")
+        RknnLiteRunner(
+            os.path.join(fp16_artifact, seg.rknn), seg.name, seg.inputs, seg.outputs, seg.shapes, "0_3"
+        )
 
 
 @pytest.mark.slow
 def test_board_run_refuses_early_when_memory_is_short(packed, lite, monkeypatch):
     from rwkv2rknn.runtime import device
+
     monkeypatch.setattr(device, "mem_available", lambda root="/": 1000)
     with pytest.raises(BadInput, match=r"free \(MemAvailable\), this model needs about"):
         HybridModel(packed[0], backend="rknn-lite")
@@ -233,6 +258,7 @@ def test_board_run_refuses_early_when_memory_is_short(packed, lite, monkeypatch)
 @pytest.mark.slow
 def test_pack_command_and_its_refusals(fp16_artifact, fp32_plan_artifact, tmp_path):
     from rwkv2rknn.cli import cli
+
     r = CliRunner().invoke(cli, ["pack", fp16_artifact, "-o", str(tmp_path / "p")])
     assert r.exit_code == 0, r.output
     assert "bytes per parameter" in r.output and "board memory need: about" in r.output
@@ -248,6 +274,7 @@ def test_pack_command_and_its_refusals(fp16_artifact, fp32_plan_artifact, tmp_pa
 def test_tokenizer_file_travels_with_the_artifact(tmp_path):
     from rwkv2rknn.runtime.loader import artifact_tokenizer, bundle_tokenizer
     from rwkv2rknn.runtime.tokenizer import WORLD_VOCAB_NAME, find_world_vocab, load_tokenizer
+
     src = tmp_path / "model"
     src.mkdir()
     (src / "vocab.txt").write_bytes(open(find_world_vocab(), "rb").read())
@@ -266,9 +293,11 @@ def test_tokenizer_file_travels_with_the_artifact(tmp_path):
 
 
 @pytest.mark.slow
-def test_board_runtime_older_than_the_toolkit_is_said(fp16_artifact, packed, lite, tmp_path,
-                                                       monkeypatch, caplog):
+def test_board_runtime_older_than_the_toolkit_is_said(
+    fp16_artifact, packed, lite, tmp_path, monkeypatch, caplog
+):
     from rwkv2rknn.runtime import device
+
     fake = tmp_path / "librknnrt.so"  # a file carrying an older runtime's version string
     fake.write_bytes(b"\0ELF junk\0" + b"1.6.0 (9a7b5d24c@2023-12-13T17:31:11)\0")
     monkeypatch.setenv(device.LIBRKNNRT_ENV, str(fake))
@@ -288,6 +317,7 @@ def test_board_runtime_older_than_the_toolkit_is_said(fp16_artifact, packed, lit
 @pytest.mark.slow
 def test_check_runs_a_packed_artifact_on_the_board_backend(packed, fp16_artifact, lite):
     from rwkv2rknn.tools.check import run_check
+
     _map(lite, fp16_artifact, packed[0])
     rep, chosen = run_check(packed[0], n_tokens=6, backend="rknn-lite")
     assert chosen == "rknn-lite" and rep.passed, rep.summary()
@@ -298,6 +328,7 @@ def test_check_runs_a_packed_artifact_on_the_board_backend(packed, fp16_artifact
 def test_auto_core_mask_puts_large_segments_on_every_core():
     from rwkv2rknn.artifact.profile import DeviceProfile
     from rwkv2rknn.runtime.board import core_mask_for
+
     rk3588 = types.SimpleNamespace(target="rk3588", profile=DeviceProfile().to_dict())
     layer = types.SimpleNamespace(flops=2 * 13 * 1024 * 1024)  # a 430M layer segment: 26 MiB fp16
     small = types.SimpleNamespace(flops=2 * 7 * 48 * 48)
@@ -315,6 +346,7 @@ def test_first_board_run_self_tests_once_and_records_it(fp16_artifact, packed, l
 
     from rwkv2rknn.runtime import selftest
     from rwkv2rknn.runtime.loader import open_model
+
     art = str(tmp_path / "p")
     shutil.copytree(packed[0], art)
     _map(lite, fp16_artifact, art)
@@ -323,7 +355,7 @@ def test_first_board_run_self_tests_once_and_records_it(fp16_artifact, packed, l
     model.close()
     assert any(x.startswith("self-test passed: ") for x in said), said
     rec = json.load(open(os.path.join(art, selftest.VERDICT_FILE)))["runs"]
-    (key, verdict), = rec.items()
+    ((key, verdict),) = rec.items()
     assert key.startswith("rknn-lite: librknnrt ") and verdict["ok"]
     n = len([c for c in lite.calls if c[0] == "inference"])
     model, _ = open_model(art, "rknn-lite", echo=said.append)  # recorded: not tested again
@@ -334,12 +366,14 @@ def test_first_board_run_self_tests_once_and_records_it(fp16_artifact, packed, l
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["transpose", "scale", "zero"])
 def test_a_runtime_with_a_wrong_output_fails_the_first_run_naming_the_segment(
-        fp16_artifact, packed, lite, tmp_path, how):
+    fp16_artifact, packed, lite, tmp_path, how
+):
     import shutil
 
     from rwkv2rknn.errors import NumericalError
     from rwkv2rknn.runtime import selftest
     from rwkv2rknn.runtime.loader import open_model
+
     art = str(tmp_path / "p")
     shutil.copytree(packed[0], art)
     _map(lite, fp16_artifact, art)
@@ -368,6 +402,7 @@ def test_run_verify_on_ort_prints_every_check(fp16_artifact, tmp_path):
     import shutil
 
     from rwkv2rknn.cli import cli
+
     art = str(tmp_path / "a")
     shutil.copytree(fp16_artifact, art)
     r = CliRunner().invoke(cli, ["run", art, "--backend", "ort", "--verify", "--tokens", "1,2"])

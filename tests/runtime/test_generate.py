@@ -36,7 +36,9 @@ def test_tiny_top_p_is_argmax():
 
 def test_tiny_temperature_is_argmax():
     logits = np.array([1.0, 3.0, 2.9, -5.0])
-    assert all(sample_logits(logits, temperature=1e-300, rng=np.random.default_rng(i)) == 1 for i in range(20))
+    assert all(
+        sample_logits(logits, temperature=1e-300, rng=np.random.default_rng(i)) == 1 for i in range(20)
+    )
 
 
 def test_seeded_reproducibility():
@@ -56,7 +58,9 @@ def test_distribution_matches_softmax(temperature):
     logits = np.array([2.0, 1.0, 0.5, 0.0, -1.0, -3.0], dtype=np.float32)
     rng = np.random.default_rng(123)
     n = 20_000
-    counts = np.bincount([sample_logits(logits, temperature, 1.0, rng) for _ in range(n)], minlength=len(logits))
+    counts = np.bincount(
+        [sample_logits(logits, temperature, 1.0, rng) for _ in range(n)], minlength=len(logits)
+    )
     p = softmax(logits, temperature)
     np.testing.assert_allclose(counts / n, p, atol=0.015)
 
@@ -161,7 +165,9 @@ def test_generate_greedy_counts():
 def test_generate_stop_ids():
     m = Counter(10)
     seen = []
-    res = generate(m.step, [0], max_tokens=20, temperature=0.0, top_p=1.0, seed=0, on_token=seen.append, stop_ids=[4])
+    res = generate(
+        m.step, [0], max_tokens=20, temperature=0.0, top_p=1.0, seed=0, on_token=seen.append, stop_ids=[4]
+    )
     assert res.ids == [1, 2, 3]
     assert seen == [1, 2, 3]
     assert res.stop_reason == "stop_id"

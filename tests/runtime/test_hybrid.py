@@ -76,12 +76,14 @@ def test_tampered_segment_is_refused(fp16_artifact, tmp_path):
 
 def test_auto_backend_picks_the_simulator_here():
     from rwkv2rknn.runtime.hybrid import resolve_backend
+
     assert resolve_backend("auto") == "rknn-sim"  # rknn-toolkit2 installed, no rknnlite on x86
 
 
 @pytest.mark.slow
 def test_rknn_lite_off_the_board_names_the_install(fp16_artifact):
     from rwkv2rknn.errors import MissingDependency
+
     with pytest.raises(MissingDependency, match="rknn-toolkit-lite2"):
         HybridModel(fp16_artifact, backend="rknn-lite")
 
@@ -91,15 +93,18 @@ def test_board_import_surface_has_no_heavy_modules(fp32_plan_artifact):
     """What the board imports to run an artifact must not pull torch, onnx-graphsurgeon or rknn."""
     import subprocess
     import sys
-    code = ("import sys; from rwkv2rknn.runtime.hybrid import HybridModel; "
-            "from rwkv2rknn.runtime import board, device, loader, reference, rknn, rknnrt; "
-            "from rwkv2rknn.tools import doctor; doctor.doctor(); "
-            "from rwkv2rknn.runtime.tokenizer import load_tokenizer; from rwkv2rknn.runtime.generate import generate; "
-            f"m = HybridModel({fp32_plan_artifact!r}, backend='ort'); m.logits([1, 2]); "
-            f"loader.open_model({fp32_plan_artifact!r}, 'ort'); board.board_soc(); board.lite_available(); "
-            "board.rt_available(); "
-            "bad = [k for k in ('torch', 'onnx_graphsurgeon', 'rknn', 'onnx', 'rwkv2rknn.rknn.toolkit') "
-            "if k in sys.modules]; "
-            "print(bad); sys.exit(1 if bad else 0)")
+
+    code = (
+        "import sys; from rwkv2rknn.runtime.hybrid import HybridModel; "
+        "from rwkv2rknn.runtime import board, device, loader, reference, rknn, rknnrt; "
+        "from rwkv2rknn.tools import doctor; doctor.doctor(); "
+        "from rwkv2rknn.runtime.tokenizer import load_tokenizer; from rwkv2rknn.runtime.generate import generate; "
+        f"m = HybridModel({fp32_plan_artifact!r}, backend='ort'); m.logits([1, 2]); "
+        f"loader.open_model({fp32_plan_artifact!r}, 'ort'); board.board_soc(); board.lite_available(); "
+        "board.rt_available(); "
+        "bad = [k for k in ('torch', 'onnx_graphsurgeon', 'rknn', 'onnx', 'rwkv2rknn.rknn.toolkit') "
+        "if k in sys.modules]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr

@@ -10,8 +10,14 @@ from onnx import TensorProto, helper, numpy_helper
 
 from rwkv2rknn.runtime import onnxwire
 from rwkv2rknn.runtime.hybrid import HybridModel
-from rwkv2rknn.runtime.ortshare import (MIN_SHARED, AdaptiveStep, FusionError, WeightStore, fuse,
-                                        session_from_stub)
+from rwkv2rknn.runtime.ortshare import (
+    MIN_SHARED,
+    AdaptiveStep,
+    FusionError,
+    WeightStore,
+    fuse,
+    session_from_stub,
+)
 
 
 def _run(model, tokens, state=None):
@@ -28,8 +34,9 @@ def plan_artifact(request, fp32_plan_artifact, slot_models):
 def test_fused_token_steps_equal_the_segments_one_by_one(plan_artifact, tokens):
     fused = HybridModel(plan_artifact, backend="ort")
     apart = HybridModel(plan_artifact, backend="ort", fuse=False)
-    assert fused.execution().startswith(f"token steps: {len(fused.manifest.segments)} segments "
-                                        f"fused into 1 onnxruntime graph")
+    assert fused.execution().startswith(
+        f"token steps: {len(fused.manifest.segments)} segments fused into 1 onnxruntime graph"
+    )
     got, got_state = _run(fused, tokens[:12])
     want, want_state = _run(apart, tokens[:12])
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
@@ -46,8 +53,12 @@ def test_fused_token_steps_equal_the_segments_one_by_one(plan_artifact, tokens):
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
     assert fused.manifest.logits_output in trace
     # prefill (T-row sessions on the shared weights) agrees with the per-segment model's
-    np.testing.assert_allclose(fused.prefill(tokens[:20], fused.init_state()),
-                               apart.prefill(tokens[:20], apart.init_state()), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(
+        fused.prefill(tokens[:20], fused.init_state()),
+        apart.prefill(tokens[:20], apart.init_state()),
+        rtol=0,
+        atol=1e-6,
+    )
     fused.close()
     apart.close()
 
@@ -80,13 +91,18 @@ def test_shared_weights_equal_own_weights_and_are_held_once(plan_artifact, token
                 big[t.name] = int(np.prod(t.dims)) * 4
     assert held == sum(big.values()) > 0
     # prefill loads the T-row sessions: same numbers, not one byte more held
-    np.testing.assert_allclose(shared.prefill(tokens[:20], shared.init_state()),
-                               own.prefill(tokens[:20], own.init_state()), rtol=0, atol=1e-6 * scale)
+    np.testing.assert_allclose(
+        shared.prefill(tokens[:20], shared.init_state()),
+        own.prefill(tokens[:20], own.init_state()),
+        rtol=0,
+        atol=1e-6 * scale,
+    )
     assert shared._store.nbytes == held and shared._store.conflicts == 0
     assert any(r is not None for r in shared._seq)
 
 
 # ---------------------------------------------------------------------- the wire format
+
 
 def _model(nodes, inputs, outputs, inits, opset=17):
     g = helper.make_graph(nodes, "g", inputs, outputs, inits)
@@ -106,8 +122,9 @@ def test_tensors_read_as_onnx_reads_them(dtype):
     np.testing.assert_array_equal(got.array(), arr)
     # float_data (not raw) too
     t2 = helper.make_tensor("f", TensorProto.FLOAT, [3], [1.5, 2.5, -1.0])
-    np.testing.assert_array_equal(onnxwire.Tensor(t2.SerializeToString()).array(),
-                                  np.array([1.5, 2.5, -1.0], np.float32))
+    np.testing.assert_array_equal(
+        onnxwire.Tensor(t2.SerializeToString()).array(), np.array([1.5, 2.5, -1.0], np.float32)
+    )
     # a stub: no data, external at the placeholder, same name and shape
     stub = onnx.TensorProto()
     stub.ParseFromString(got.stub("x.bin"))
@@ -120,13 +137,23 @@ def test_fuse_runs_graphs_in_sequence_on_shared_weights(tmp_path):
     w1 = rng.standard_normal((64, 128)).astype(np.float32)
     w2 = rng.standard_normal((128, 64)).astype(np.float32)
     b = np.full((64,), 0.5, np.float32)  # small: stays in the graph
-    m1 = _model([helper.make_node("MatMul", ["x", "w1"], ["h"])], [_vi("x", [1, 64])],
-                [_vi("h", [1, 128])], [numpy_helper.from_array(w1, "w1")])
-    m2 = _model([helper.make_node("MatMul", ["h", "w2"], ["y0"]),
-                 helper.make_node("Add", ["y0", "b"], ["y"]),
-                 helper.make_node("Add", ["x", "b"], ["z"])],
-                [_vi("h", [1, 128]), _vi("x", [1, 64])], [_vi("y", [1, 64]), _vi("z", [1, 64])],
-                [numpy_helper.from_array(w2, "w2"), numpy_helper.from_array(b, "b")], opset=13)
+    m1 = _model(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"])],
+        [_vi("x", [1, 64])],
+        [_vi("h", [1, 128])],
+        [numpy_helper.from_array(w1, "w1")],
+    )
+    m2 = _model(
+        [
+            helper.make_node("MatMul", ["h", "w2"], ["y0"]),
+            helper.make_node("Add", ["y0", "b"], ["y"]),
+            helper.make_node("Add", ["x", "b"], ["z"]),
+        ],
+        [_vi("h", [1, 128]), _vi("x", [1, 64])],
+        [_vi("y", [1, 64]), _vi("z", [1, 64])],
+        [numpy_helper.from_array(w2, "w2"), numpy_helper.from_array(b, "b")],
+        opset=13,
+    )
     paths = []
     for i, m in enumerate((m1, m2)):
         paths.append(str(tmp_path / f"m{i}.onnx"))

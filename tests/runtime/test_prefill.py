@@ -83,6 +83,7 @@ def test_prefill_on_the_npu_simulator(fp16_artifact, fp16_dir, tokens):
     """fp16 files, NPU segments built with T in (2, 16, 64) rows, run in the simulator."""
     from rwkv2rknn.tools.compare import compare_logits
     from rwkv2rknn.runtime.reference import PerLayerModel
+
     model = HybridModel(fp16_artifact, backend="rknn-sim")
     seq = model.prefill_runners()
     for s, r in zip(model.manifest.segments, seq):  # per NPU segment, not a set of row counts
@@ -110,6 +111,7 @@ def test_prefill_on_the_npu_simulator(fp16_artifact, fp16_dir, tokens):
 
 def test_prefill_rows_in_manifest(fp16_artifact, fp32_plan_artifact):
     from rwkv2rknn.runtime.hybrid import load_manifest
+
     m = load_manifest(fp16_artifact)
     npu = [s for s in m.segments if s.backend == "npu"]
     *layers, head = npu
@@ -130,14 +132,19 @@ def test_a_failed_t_row_build_is_named_with_its_reason(fp16_artifact):
     import dataclasses
 
     from rwkv2rknn.runtime.hybrid import load_manifest
+
     m = load_manifest(fp16_artifact)
     assert not m.warnings() and "~" not in m.table()
     segs = list(m.segments)
     k = next(i for i, s in enumerate(segs) if s.backend == "npu")
-    segs[k] = dataclasses.replace(segs[k], seq=dataclasses.replace(segs[k].seq, fallback="IndexError: list index out of range"))
+    segs[k] = dataclasses.replace(
+        segs[k], seq=dataclasses.replace(segs[k].seq, fallback="IndexError: list index out of range")
+    )
     bad = dataclasses.replace(m, segments=tuple(segs))
-    assert bad.warnings() == [f"{segs[k].name}: its T-row build failed (IndexError: list index "
-                              "out of range); its prefill runs token by token"]
+    assert bad.warnings() == [
+        f"{segs[k].name}: its T-row build failed (IndexError: list index "
+        "out of range); its prefill runs token by token"
+    ]
     assert f"{segs[k].name:<28} npu~" in bad.table()
     assert "~ T-row build failed, prefill runs token by token: " in bad.table()
     again = type(m).from_dict(bad.to_dict())  # and the manifest keeps it

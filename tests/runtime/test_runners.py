@@ -31,10 +31,10 @@ def test_ort_runner_contract(fp16_artifact):
 @pytest.mark.slow
 def test_rknn_sim_runner_matches_ort_on_a_segment(fp16_artifact):
     from rwkv2rknn.rknn.sim import RknnSimRunner
+
     seg = _npu_segment(fp16_artifact)
     path = os.path.join(fp16_artifact, seg.onnx)
-    sim = RknnSimRunner(path, seg.name, seg.inputs, seg.outputs,
-                        {k: list(v) for k, v in seg.shapes.items()})
+    sim = RknnSimRunner(path, seg.name, seg.inputs, seg.outputs, {k: list(v) for k, v in seg.shapes.items()})
     ort = OrtRunner(path, seg.name)
     rng = np.random.default_rng(1)
     feed = {k: rng.standard_normal(seg.shapes[k]).astype(np.float32) for k in seg.inputs}
@@ -52,6 +52,7 @@ def test_fp16_exports_load_at_full_optimisation_without_a_note(version, request,
     session is made at that level without the one fusion, with no note, and computes what an
     ORT_ENABLE_EXTENDED session does."""
     import onnxruntime as ort
+
     folder = request.getfixturevalue("fp16_dir") if version == "4" else slot_models("7").dirs["fp16"]
     path = os.path.join(folder, "mixing_1.onnx")
     so = ort.SessionOptions()
@@ -63,8 +64,12 @@ def test_fp16_exports_load_at_full_optimisation_without_a_note(version, request,
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     ext = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(3)
-    feed = {i.name: rng.standard_normal([d if isinstance(d, int) else 1 for d in i.shape])
-            .astype(np.float16 if i.type == "tensor(float16)" else np.float32) for i in ext.get_inputs()}
+    feed = {
+        i.name: rng.standard_normal([d if isinstance(d, int) else 1 for d in i.shape]).astype(
+            np.float16 if i.type == "tensor(float16)" else np.float32
+        )
+        for i in ext.get_inputs()
+    }
     for a, b in zip(sess.run(None, feed), ext.run(None, feed)):
         a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
         assert np.abs(a - b).max() <= 2e-3 * max(np.abs(b).max(), 1.0)
@@ -77,6 +82,7 @@ def test_other_full_optimisation_failures_fall_back_with_a_note(fp32_dir, monkey
     that fusion) still gives a session at ORT_ENABLE_EXTENDED, with a note saying so (the fault
     injected into onnxruntime's session creation)."""
     import onnxruntime as ort
+
     real = ort.InferenceSession
 
     def failing(model, sess_options=None, providers=None, **kw):
@@ -87,12 +93,14 @@ def test_other_full_optimisation_failures_fall_back_with_a_note(fp32_dir, monkey
     monkeypatch.setattr(ort, "InferenceSession", failing)
     sess, note = make_session(os.path.join(fp32_dir, "mixing_0.onnx"), what="mixing_0.onnx")
     assert sess is not None
-    assert note == (f"onnxruntime's default optimisation failed on mixing_0.onnx ({fault}); "
-                    "using ORT_ENABLE_EXTENDED")
+    assert note == (
+        f"onnxruntime's default optimisation failed on mixing_0.onnx ({fault}); using ORT_ENABLE_EXTENDED"
+    )
 
 
 def test_reference_reports_missing_layer(fp32_dir, tmp_path):
     import shutil
+
     d = tmp_path / "m"
     shutil.copytree(fp32_dir, d)
     os.unlink(d / "mixing_1.onnx")

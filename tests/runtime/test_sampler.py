@@ -30,6 +30,7 @@ class TableModel:
 
     def __init__(self, table):
         import torch
+
         self.table = torch.tensor(table, dtype=torch.float32)
         self.fed = []
 
@@ -44,16 +45,20 @@ def _table(seed):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("args", [
-    dict(alpha_presence=0.5, alpha_frequency=0.5, alpha_decay=0.996),
-    dict(alpha_presence=0.2, alpha_frequency=1.5, alpha_decay=0.9),
-    dict(alpha_presence=0.0, alpha_frequency=0.0, alpha_decay=1.0),
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        dict(alpha_presence=0.5, alpha_frequency=0.5, alpha_decay=0.996),
+        dict(alpha_presence=0.2, alpha_frequency=1.5, alpha_decay=0.9),
+        dict(alpha_presence=0.0, alpha_frequency=0.0, alpha_decay=1.0),
+    ],
+)
 def test_greedy_with_penalties_decay_and_ban_picks_the_packages_tokens(package, pipe, args):
     """Same table, same args, greedy: the package's generate and ours pick the same tokens, so
     the ban, the presence and frequency penalties, their decay and the free weight of spaces
     and digits are the package's."""
     from rwkv2rknn.runtime.tokenizer import load_tokenizer
+
     table = _table(3)
     table[:, 33] += 2.0  # spaces (World id 33 is " ") often: their weight is 0
     table[:, 49:59] += 1.5  # and digits
@@ -64,8 +69,9 @@ def test_greedy_with_penalties_decay_and_ban_picks_the_packages_tokens(package, 
     theirs = [f[0] for f in model.fed[1:]]  # the last sampled token is never fed there
     first = model.fed[0][-1]
 
-    sampler = Sampler(SamplerArgs(temperature=0, token_ban=tuple(ban), **args), seed=0,
-                      tokenizer=load_tokenizer("world"))
+    sampler = Sampler(
+        SamplerArgs(temperature=0, token_ban=tuple(ban), **args), seed=0, tokenizer=load_tokenizer("world")
+    )
     logits, ours = table[first], []
     for _ in range(n - 1):
         t = sampler.sample(logits)
@@ -79,13 +85,20 @@ def test_greedy_with_penalties_decay_and_ban_picks_the_packages_tokens(package, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kw", [dict(temperature=0.7, top_p=0.8), dict(temperature=1.6, top_p=0.95),
-                                dict(temperature=0.5, top_p=1.0, top_k=3),
-                                dict(temperature=1.0, top_p=0.6, top_k=2)])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(temperature=0.7, top_p=0.8),
+        dict(temperature=1.6, top_p=0.95),
+        dict(temperature=0.5, top_p=1.0, top_k=3),
+        dict(temperature=1.0, top_p=0.6, top_k=2),
+    ],
+)
 def test_distribution_is_the_packages(pipe, kw):
     """The package cuts by top-p and top-k before applying the temperature: our probabilities
     are what its sample_logits draws from (8,000 draws)."""
     import torch
+
     logits = torch.tensor([2.0, 1.6, 1.0, 0.7, 0.0, -0.5, -1.0, -3.0])
     np.random.seed(5)
     n = 8000
@@ -124,6 +137,7 @@ def test_ids_past_the_tokenizer_are_never_drawn():
     """A model with padded rows (more logits than the tokenizer has ids): the padding cannot be
     decoded, so it is never drawn, however likely, at any temperature."""
     from rwkv2rknn.runtime.tokenizer.base import ByteTokenizer
+
     logits = np.zeros(300)
     logits[280], logits[65] = 50.0, 5.0
     assert Sampler(temperature=0).sample(logits) == 280  # without a tokenizer: every row
@@ -134,8 +148,13 @@ def test_ids_past_the_tokenizer_are_never_drawn():
 
 
 def test_bad_arguments_and_logits():
-    for kw in (dict(temperature=-1), dict(top_p=1.5), dict(top_k=-1), dict(alpha_decay=2.0),
-               dict(alpha_presence=float("nan"))):
+    for kw in (
+        dict(temperature=-1),
+        dict(top_p=1.5),
+        dict(top_k=-1),
+        dict(alpha_decay=2.0),
+        dict(alpha_presence=float("nan")),
+    ):
         with pytest.raises(ValueError):
             Sampler(**kw)
     with pytest.raises(NumericalError):

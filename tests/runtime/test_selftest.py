@@ -22,9 +22,16 @@ SHAPES = {"x": (1, W), "s": (W,), "y": (1, W), "s_out": (W,)}
 
 
 def _seg(name="s003_npu_L1"):
-    return Segment(name=name, backend="npu", inputs=("x", "s"), outputs=("y", "s_out"),
-                   shapes=SHAPES, stages=("L1",), token=Build(onnx="", rknn=f"{name}.rknn"),
-                   seq=Build(rknn=f"{name}.seq.rknn", rows=(2, 16)))
+    return Segment(
+        name=name,
+        backend="npu",
+        inputs=("x", "s"),
+        outputs=("y", "s_out"),
+        shapes=SHAPES,
+        stages=("L1",),
+        token=Build(onnx="", rknn=f"{name}.rknn"),
+        seq=Build(rknn=f"{name}.seq.rknn", rows=(2, 16)),
+    )
 
 
 def _golden():
@@ -32,10 +39,16 @@ def _golden():
     rng = np.random.default_rng(3)
     x, s = rng.standard_normal((1, W)).astype(np.float32), rng.standard_normal(W).astype(np.float32)
     rows = rng.standard_normal((4, W)).astype(np.float32)
-    return {"token_in_0": x, "token_in_1": s, "token_out_0": 1000 + x + 10 * s,
-            "token_out_1": (2000 + x + 10 * s).reshape(W),
-            "rows_in_0": rows, "rows_in_1": s, "rows_out_0": 1000 + rows + 10 * s,
-            "rows_out_1": 2000 + rows + 10 * s}
+    return {
+        "token_in_0": x,
+        "token_in_1": s,
+        "token_out_0": 1000 + x + 10 * s,
+        "token_out_1": (2000 + x + 10 * s).reshape(W),
+        "rows_in_0": rows,
+        "rows_in_1": s,
+        "rows_out_0": 1000 + rows + 10 * s,
+        "rows_out_1": 2000 + rows + 10 * s,
+    }
 
 
 def _check(standin, tmp_path, extra="", paths=("copy", "zero-copy")):
@@ -46,12 +59,14 @@ def _check(standin, tmp_path, extra="", paths=("copy", "zero-copy")):
     seg = _seg()
 
     def token_runner(io):
-        return rknnrt.RknnRtRunner(str(token), seg.name, seg.inputs, seg.outputs, SHAPES, lib=standin,
-                                   io=io), True
+        return rknnrt.RknnRtRunner(
+            str(token), seg.name, seg.inputs, seg.outputs, SHAPES, lib=standin, io=io
+        ), True
 
     def seq_runner(io):
-        return rknnrt.RknnRtRunner(str(seq), seg.name + ".seq", seg.inputs, seg.outputs, None,
-                                   rows=seg.seq_rows, lib=standin, io=io), True
+        return rknnrt.RknnRtRunner(
+            str(seq), seg.name + ".seq", seg.inputs, seg.outputs, None, rows=seg.seq_rows, lib=standin, io=io
+        ), True
 
     return selftest.check_segment(seg, _golden(), {"s"}, paths, token_runner, seq_runner)
 
@@ -63,8 +78,9 @@ def standin(standin_lib):
 
 def test_a_right_runtime_passes_on_both_io_paths(standin, tmp_path):
     checks, best = _check(standin, tmp_path)
-    assert [(c.shape, c.io) for c in checks] == [(s, io) for io in ("copy", "zero-copy")
-                                                 for s in ("token", "2 rows", "16 rows")]
+    assert [(c.shape, c.io) for c in checks] == [
+        (s, io) for io in ("copy", "zero-copy") for s in ("token", "2 rows", "16 rows")
+    ]
     assert all(c.ok for c in checks), [c.line() for c in checks]
     assert all(c.cos > 0.99999 and c.rel < 1e-6 for c in checks)
     assert best in ("copy", "zero-copy")
@@ -103,8 +119,16 @@ def test_compare_and_tolerances():
     assert selftest.compare(2 * w, w)[1] == pytest.approx(1.0)
     assert selftest.compare(np.full(8, np.nan), w) == (-1.0, float("inf"))
     assert selftest.compare(w[:4], w) == (-1.0, float("inf"))
-    seg = Segment(name="a", backend="npu", inputs=(), outputs=(), shapes={}, stages=("L0",),
-                  token=Build(onnx="", precision="w8a8"), accuracy={"min_cos": 0.97, "max_rel": 0.2})
+    seg = Segment(
+        name="a",
+        backend="npu",
+        inputs=(),
+        outputs=(),
+        shapes={},
+        stages=("L0",),
+        token=Build(onnx="", precision="w8a8"),
+        accuracy={"min_cos": 0.97, "max_rel": 0.2},
+    )
     assert selftest.tolerance(seg, "fp16") == (0.999, 0.05)
     assert selftest.tolerance(seg, "w8a8") == (pytest.approx(0.96), pytest.approx(0.4))
 
@@ -153,6 +177,7 @@ def test_doctor_runs_the_self_test_and_records_it(fp16_artifact, tmp_path):
     from click.testing import CliRunner
 
     from rwkv2rknn.cli import cli
+
     art = str(tmp_path / "art")
     shutil.copytree(fp16_artifact, art)
     r = CliRunner().invoke(cli, ["doctor", art, "--backend", "ort"])
@@ -173,6 +198,7 @@ def test_golden_trace_one_segment_at_a_time_is_the_whole_model_trace(fp16_artifa
     """The compile's segment-major trace gives what running the model token by token gives."""
     from rwkv2rknn.compiler import golden
     from rwkv2rknn.rknn.calibrate import capture
+
     m = load_manifest(fp16_artifact)
     ids = [5, 17, 30, 2, 64, 9]
     a, b = golden.trace(fp16_artifact, m, ids), capture(fp16_artifact, ids)

@@ -41,13 +41,30 @@ class Server:
         self._err = open(self.err_path, "w")
         env = dict(os.environ, TQDM_DISABLE="1")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "rwkv2rknn", "serve", artifact, "--backend", "ort", "--host", HOST,
-             "--port", str(self.port), *extra], stdout=subprocess.DEVNULL, stderr=self._err, env=env,
-            preexec_fn=_as_from_a_terminal)
+            [
+                sys.executable,
+                "-m",
+                "rwkv2rknn",
+                "serve",
+                artifact,
+                "--backend",
+                "ort",
+                "--host",
+                HOST,
+                "--port",
+                str(self.port),
+                *extra,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=self._err,
+            env=env,
+            preexec_fn=_as_from_a_terminal,
+        )
         self.wait_ready()
         self.name = self.get("/v1/models")[1]["data"][0]["id"]
-        self.client = openai.OpenAI(base_url=f"http://{HOST}:{self.port}/v1", api_key="none",
-                                    max_retries=0, timeout=120)
+        self.client = openai.OpenAI(
+            base_url=f"http://{HOST}:{self.port}/v1", api_key="none", max_retries=0, timeout=120
+        )
 
     def wait_ready(self, limit=90):
         end = time.time() + limit
@@ -105,8 +122,14 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(bundled_artifact, tmp_path_factory):
-    s = Server(bundled_artifact, "--max-prompt-tokens", "3000", "--max-tokens", "64",
-               tmp=str(tmp_path_factory.mktemp("serve")))
+    s = Server(
+        bundled_artifact,
+        "--max-prompt-tokens",
+        "3000",
+        "--max-tokens",
+        "64",
+        tmp=str(tmp_path_factory.mktemp("serve")),
+    )
     yield s
     log = s.stop()
     # SIGTERM (a service manager's stop): exit 143 with one line, after everything above
@@ -154,6 +177,7 @@ def test_chat_streamed_equals_unstreamed_at_temperature_0(server):
     assert c.message.content and c.message.content == c.message.content.lstrip()
     assert c.finish_reason in ("stop", "length")
     from rwkv2rknn.runtime.chatformat import render
+
     assert r.usage.prompt_tokens == len(render([("user", HELLO[0]["content"])]).encode())
     assert r.usage.completion_tokens >= 1
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
@@ -163,15 +187,22 @@ def test_chat_streamed_equals_unstreamed_at_temperature_0(server):
 
 
 def test_completions_streamed_and_not(server):
-    r = server.client.completions.create(model=server.name, prompt="It was a truth", max_tokens=20,
-                                         temperature=0)
+    r = server.client.completions.create(
+        model=server.name, prompt="It was a truth", max_tokens=20, temperature=0
+    )
     assert r.object == "text_completion" and r.usage.prompt_tokens == len("It was a truth")
     assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 20
-    parts = [c.choices[0].text for c in server.client.completions.create(
-        model=server.name, prompt="It was a truth", max_tokens=20, temperature=0, stream=True) if c.choices]
+    parts = [
+        c.choices[0].text
+        for c in server.client.completions.create(
+            model=server.name, prompt="It was a truth", max_tokens=20, temperature=0, stream=True
+        )
+        if c.choices
+    ]
     assert "".join(parts) == r.choices[0].text
-    ids = server.client.completions.create(model=server.name, prompt=list(b"It was a truth"),
-                                           max_tokens=20, temperature=0)
+    ids = server.client.completions.create(
+        model=server.name, prompt=list(b"It was a truth"), max_tokens=20, temperature=0
+    )
     assert ids.choices[0].text == r.choices[0].text
 
 
@@ -181,11 +212,16 @@ def test_a_second_turn_starts_from_the_cached_state_and_equals_a_fresh_run(serve
     from rwkv2rknn.runtime.sampler import Sampler
     from rwkv2rknn.runtime.session import Session
     from rwkv2rknn.runtime.tokenizer import ByteTokenizer
-    first = [{"role": "system", "content": "You are a character in a novel."},
-             {"role": "user", "content": "Who is at the door?"}]
+
+    first = [
+        {"role": "system", "content": "You are a character in a novel."},
+        {"role": "user", "content": "Who is at the door?"},
+    ]
     r1 = chat(server, first)
-    turn2 = first + [{"role": "assistant", "content": r1.choices[0].message.content},
-                     {"role": "user", "content": "And what does she want?"}]
+    turn2 = first + [
+        {"role": "assistant", "content": r1.choices[0].message.content},
+        {"role": "user", "content": "And what does she want?"},
+    ]
     r2 = chat(server, turn2)
     cached = r2.usage.prompt_tokens_details.cached_tokens
     assert cached >= r1.usage.prompt_tokens + 1  # the first prompt and (some of) the reply
@@ -203,12 +239,17 @@ def test_stop_seed_and_unknown_fields(server):
     free = chat(server, HELLO, max_tokens=40).choices[0].message.content
     assert "e" in free
     r = chat(server, HELLO, max_tokens=40, stop=["e"])
-    assert r.choices[0].finish_reason == "stop" and r.choices[0].message.content == free[:free.find("e")]
+    assert r.choices[0].finish_reason == "stop" and r.choices[0].message.content == free[: free.find("e")]
     a = chat(server, HELLO, temperature=1.0, seed=11, max_tokens=25).choices[0].message.content
     b = chat(server, HELLO, temperature=1.0, seed=11, max_tokens=25).choices[0].message.content
     assert a == b
-    odd = chat(server, HELLO, max_tokens=5, extra_body={"no_such_field": [1, 2], "logit_bias": {"1": 2}},
-               user="someone")
+    odd = chat(
+        server,
+        HELLO,
+        max_tokens=5,
+        extra_body={"no_such_field": [1, 2], "logit_bias": {"1": 2}},
+        user="someone",
+    )
     assert odd.choices[0].message.content is not None
     s = chat(server, HELLO, max_completion_tokens=3)
     assert s.usage.completion_tokens == 3 and s.choices[0].finish_reason == "length"
@@ -231,8 +272,12 @@ def test_error_shapes_and_statuses(server):
     with pytest.raises(openai.BadRequestError):
         chat(server, HELLO, n=2)
 
-    for body, status in ((b'{"messages": [', 400), (b"[1, 2]", 400), (b"\xff\xfe", 400),
-                         (b"x" * (9 << 20), 413)):
+    for body, status in (
+        (b'{"messages": [', 400),
+        (b"[1, 2]", 400),
+        (b"\xff\xfe", 400),
+        (b"x" * (9 << 20), 413),
+    ):
         code, got = server.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
         assert code == status, got
         assert set(got["error"]) == {"message", "type", "param", "code"}
@@ -270,9 +315,12 @@ def test_eight_concurrent_streams_all_answer_in_arrival_order_and_memory_stays_f
 
 def test_a_client_that_goes_away_stops_its_generation(server):
     conn = http.client.HTTPConnection(HOST, server.port, timeout=30)
-    conn.request("POST", "/v1/chat/completions",
-                 json.dumps({"model": server.name, "messages": HELLO, "max_tokens": 60000, "stream": True}),
-                 {"Content-Type": "application/json"})
+    conn.request(
+        "POST",
+        "/v1/chat/completions",
+        json.dumps({"model": server.name, "messages": HELLO, "max_tokens": 60000, "stream": True}),
+        {"Content-Type": "application/json"},
+    )
     r = conn.getresponse()
     assert r.status == 200
     assert r.read(6) == b"data: "
@@ -286,15 +334,20 @@ def test_a_client_that_goes_away_stops_its_generation(server):
 
 def test_queue_full_is_429_time_limit_cuts_and_the_state_dir_survives_a_restart(bundled_artifact, tmp_path):
     d = str(tmp_path / "states")
-    s = Server(bundled_artifact, "--max-queue", "1", "--request-timeout", "4", "--state-dir", d, tmp=str(tmp_path))
+    s = Server(
+        bundled_artifact, "--max-queue", "1", "--request-timeout", "4", "--state-dir", d, tmp=str(tmp_path)
+    )
     try:
         results = []
 
         def one():
             try:
                 # a completion (no chat stop rule): only the time limit ends it
-                results.append(s.client.completions.create(
-                    model=s.name, prompt="Once upon a time", max_tokens=60000).choices[0].finish_reason)
+                results.append(
+                    s.client.completions.create(model=s.name, prompt="Once upon a time", max_tokens=60000)
+                    .choices[0]
+                    .finish_reason
+                )
             except openai.APIStatusError as e:  # 429 queue_full; 503 timeout if it waited too long
                 results.append(e.body["code"])
 
@@ -338,9 +391,11 @@ def test_queue_full_is_429_time_limit_cuts_and_the_state_dir_survives_a_restart(
             fh.truncate(os.path.getsize(f) - 7)
     s2 = Server(bundled_artifact, "--state-dir", d, "--max-queue", "4", tmp=str(tmp_path))
     try:
-        turn2 = [{"role": "user", "content": "Where is Emma?"},
-                 {"role": "assistant", "content": r1.choices[0].message.content},
-                 {"role": "user", "content": "Why?"}]
+        turn2 = [
+            {"role": "user", "content": "Where is Emma?"},
+            {"role": "assistant", "content": r1.choices[0].message.content},
+            {"role": "user", "content": "Why?"},
+        ]
         r2 = chat(s2, turn2, max_tokens=5)
         assert r2.usage.prompt_tokens_details.cached_tokens > r1.usage.prompt_tokens
     finally:
@@ -353,6 +408,7 @@ def test_503_while_the_model_loads(bundled_artifact):
     from rwkv2rknn.runtime.hybrid import HybridModel
     from rwkv2rknn.runtime.server import Engine, ServerConfig, make_app
     from rwkv2rknn.runtime.tokenizer import ByteTokenizer
+
     gate = threading.Event()
 
     def load():
@@ -391,16 +447,18 @@ def test_503_while_the_model_loads(bundled_artifact):
 def test_serve_and_chat_import_nothing_heavy(fp32_plan_artifact):
     """What `serve` and `chat` import on the board: no torch, onnx, onnx-graphsurgeon, rknn
     (nor pydantic: the stack is Starlette and uvicorn only)."""
-    code = ("import sys; from rwkv2rknn.cli import cli; "
-            "from rwkv2rknn.runtime.server import Engine, ServerConfig, make_app; "
-            "from rwkv2rknn.runtime.loader import open_model; "
-            "from rwkv2rknn.runtime.session import Session; from rwkv2rknn.runtime.sampler import Sampler; "
-            "from rwkv2rknn.runtime.tokenizer import ByteTokenizer; "
-            f"m, _ = open_model({fp32_plan_artifact!r}, 'ort'); s = Session(m, ByteTokenizer()); "
-            "r = s.generate([1, 2, 3], Sampler(temperature=0), 5, stop_ids=()); assert len(r.ids) == 5; "
-            f"make_app(Engine(ServerConfig(artifact={fp32_plan_artifact!r}))); "
-            "bad = [k for k in ('torch', 'onnx', 'onnx_graphsurgeon', 'rknn', 'rwkv2rknn.rknn.toolkit', "
-            "'pydantic') if k in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
+    code = (
+        "import sys; from rwkv2rknn.cli import cli; "
+        "from rwkv2rknn.runtime.server import Engine, ServerConfig, make_app; "
+        "from rwkv2rknn.runtime.loader import open_model; "
+        "from rwkv2rknn.runtime.session import Session; from rwkv2rknn.runtime.sampler import Sampler; "
+        "from rwkv2rknn.runtime.tokenizer import ByteTokenizer; "
+        f"m, _ = open_model({fp32_plan_artifact!r}, 'ort'); s = Session(m, ByteTokenizer()); "
+        "r = s.generate([1, 2, 3], Sampler(temperature=0), 5, stop_ids=()); assert len(r.ids) == 5; "
+        f"make_app(Engine(ServerConfig(artifact={fp32_plan_artifact!r}))); "
+        "bad = [k for k in ('torch', 'onnx', 'onnx_graphsurgeon', 'rknn', 'rwkv2rknn.rknn.toolkit', "
+        "'pydantic') if k in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
 
@@ -415,9 +473,15 @@ def test_ctrl_c_ends_the_server_with_130(bundled_artifact, tmp_path):
 
 
 def test_a_port_in_use_or_a_missing_artifact_is_one_line(server, bundled_artifact, tmp_path):
-    for args, text in (([bundled_artifact, "--port", str(server.port)], "cannot listen on"),
-                       ([str(tmp_path / "missing")], "is not a folder")):
-        r = subprocess.run([sys.executable, "-m", "rwkv2rknn", "serve", *args, "--backend", "ort",
-                            "--host", HOST], capture_output=True, text=True, timeout=60)
+    for args, text in (
+        ([bundled_artifact, "--port", str(server.port)], "cannot listen on"),
+        ([str(tmp_path / "missing")], "is not a folder"),
+    ):
+        r = subprocess.run(
+            [sys.executable, "-m", "rwkv2rknn", "serve", *args, "--backend", "ort", "--host", HOST],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert r.returncode in (1, 2) and text in r.stderr
         assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr

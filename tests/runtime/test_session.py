@@ -20,6 +20,7 @@ VOCAB = 97  # conftest SMALL
 @pytest.fixture(scope="module")
 def model(fp32_plan_artifact):
     from rwkv2rknn.runtime.hybrid import HybridModel
+
     m = HybridModel(fp32_plan_artifact, backend="ort")
     yield m
     m.close()
@@ -80,6 +81,7 @@ def test_snapshot_restore_and_reset(model):
 @pytest.mark.slow
 def test_stop_strings_stop_ids_cancel_and_deadline(model):
     import time
+
     s = Session(model, ByteTokenizer())
     free = s.generate(ids_of(5, 10), greedy(), 30, stop_ids=())
     text = ByteTokenizer().decode(free.ids)
@@ -89,12 +91,12 @@ def test_stop_strings_stop_ids_cancel_and_deadline(model):
     s.reset()
     seen = []
     r = s.generate(ids_of(5, 10), greedy(), 30, stop=[stop], stop_ids=(), on_text=seen.append)
-    assert r.finish_reason == "stop" and r.text == text[:text.find(stop)]
+    assert r.finish_reason == "stop" and r.text == text[: text.find(stop)]
     assert "".join(seen) == r.text
     assert len(s.tokens) == 10 + len(r.ids)  # the tokens of the stop string were fed too
     s.reset()
     r = s.generate(ids_of(5, 10), greedy(), 30, stop_ids=[free.ids[4]])
-    assert r.finish_reason == "stop" and r.stop_id and r.ids == free.ids[:free.ids.index(free.ids[4])]
+    assert r.finish_reason == "stop" and r.stop_id and r.ids == free.ids[: free.ids.index(free.ids[4])]
     s.reset()
     n = []
     r = s.generate(ids_of(5, 10), greedy(), 30, stop_ids=(), on_text=n.append, cancel=lambda: len(n) >= 3)
@@ -107,6 +109,7 @@ def test_stop_strings_stop_ids_cancel_and_deadline(model):
 @pytest.mark.slow
 def test_save_load_round_trip_and_refusals(model, fp32_dir, tmp_path):
     from rwkv2rknn.runtime.reference import PerLayerModel
+
     s = Session(model, ByteTokenizer())
     s.generate(ids_of(6, 20), greedy(), 5, stop_ids=())
     path = str(tmp_path / "chat.state")
@@ -124,7 +127,7 @@ def test_save_load_round_trip_and_refusals(model, fp32_dir, tmp_path):
     bad.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
     with pytest.raises(BadInput, match="damaged"):
         t.load(str(bad))
-    bad.write_bytes(data[:len(data) // 2])
+    bad.write_bytes(data[: len(data) // 2])
     with pytest.raises(BadInput, match="damaged"):
         t.load(str(bad))
     bad.write_bytes(b"hello")
@@ -143,8 +146,11 @@ def test_save_load_round_trip_and_refusals(model, fp32_dir, tmp_path):
 
 @pytest.mark.slow
 @settings(max_examples=200, deadline=None)
-@given(text=st.text(alphabet="ab\n:U", max_size=40), stop=st.text(alphabet="ab\n:U", min_size=1, max_size=4),
-       cuts=st.lists(st.integers(0, 40), max_size=8))
+@given(
+    text=st.text(alphabet="ab\n:U", max_size=40),
+    stop=st.text(alphabet="ab\n:U", min_size=1, max_size=4),
+    cuts=st.lists(st.integers(0, 40), max_size=8),
+)
 def test_stop_text_cuts_before_the_first_stop_whatever_the_pieces(text, stop, cuts):
     m = StopText([stop])
     bounds = sorted({0, len(text), *[c for c in cuts if c <= len(text)]})
@@ -182,6 +188,7 @@ def test_cache_finds_the_longest_prefix_and_evicts_the_least_recently_used():
 
 def test_cache_folder_survives_a_restart_and_skips_damaged_and_foreign_files(tmp_path, caplog):
     import logging
+
     d = str(tmp_path)
     c = StateCache(1 << 20, identity="m", folder=d)
     c.put([1, 2, 3], arrays(1))
@@ -193,8 +200,9 @@ def test_cache_folder_survives_a_restart_and_skips_damaged_and_foreign_files(tmp
     damaged = os.path.join(d, prefix_key([4, 5, 6, 7]) + ".state")
     data = open(damaged, "rb").read()
     open(damaged, "wb").write(data[:-3])
-    os.replace(os.path.join(d, "x", os.listdir(os.path.join(d, "x"))[0]),
-               os.path.join(d, prefix_key([5]) + ".state"))
+    os.replace(
+        os.path.join(d, "x", os.listdir(os.path.join(d, "x"))[0]), os.path.join(d, prefix_key([5]) + ".state")
+    )
     with caplog.at_level(logging.WARNING, logger="rwkv2rknn.runtime.statecache"):
         again = StateCache(1 << 20, identity="m", folder=d)
     assert len(again) == 2

@@ -14,8 +14,11 @@ from rwkv2rknn.tools.backtest import KINDS, measure_host
 @pytest.mark.slow
 def test_backtest_prints_predicted_over_measured_per_kind_and_token(fp32_plan_artifact, tmp_path):
     out = tmp_path / "bt.json"
-    r = CliRunner().invoke(cli, ["bench", "--backtest", fp32_plan_artifact, "--tokens", "3",
-                                 "--json-out", str(out)], catch_exceptions=False)
+    r = CliRunner().invoke(
+        cli,
+        ["bench", "--backtest", fp32_plan_artifact, "--tokens", "3", "--json-out", str(out)],
+        catch_exceptions=False,
+    )
     assert r.exit_code == 0, r.output
     assert "load average at the start:" in r.output and "load average at the end:" in r.output
     res = json.loads(out.read_text())
@@ -27,7 +30,7 @@ def test_backtest_prints_predicted_over_measured_per_kind_and_token(fp32_plan_ar
         assert row["predicted_ms"] > 0 and row["measured_ms"] > 0
         # each kind is a line of the printed table: its name, then four figures
         line = next(ln for ln in r.output.splitlines() if ln.startswith(row["kind"] + " "))
-        figures = line[len(row["kind"]):].split()
+        figures = line[len(row["kind"]) :].split()
         assert len(figures) == 4 and float(figures[-1]) > 0
     token = res["table"][-1]
     per_kind = res["table"][:-1]
@@ -51,5 +54,9 @@ def test_host_profile_fields_are_positive():
     assert min(p.cpu_gemv_gbs, p.cpu_gflops, p.cpu_kernel_ms, p.exec_call_ms) > 0
     assert p.exec_io_ms >= 0
     # the NPU's fields are the CPU's: segments planned for the NPU run on onnxruntime here
-    assert (p.npu_gbs, p.npu_core_gflops, p.npu_kernel_ms, p.npu_cores) == \
-        (p.cpu_gemv_gbs, p.cpu_gflops, p.cpu_kernel_ms, 1)
+    assert (p.npu_gbs, p.npu_core_gflops, p.npu_kernel_ms, p.npu_cores) == (
+        p.cpu_gemv_gbs,
+        p.cpu_gflops,
+        p.cpu_kernel_ms,
+        1,
+    )

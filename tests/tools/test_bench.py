@@ -12,27 +12,45 @@ from rwkv2rknn.runtime import board
 @pytest.mark.parametrize("version", ["5", "6", "7"])
 def test_bench_runs_every_runner_and_the_plan_estimate(version, tmp_path):
     lines = []
-    res = run_bench(layers=2, width=128, vocab=300, tokens=4, workdir=str(tmp_path),
-                    with_rwkv=True, version=version, echo=lines.append)
+    res = run_bench(
+        layers=2,
+        width=128,
+        vocab=300,
+        tokens=4,
+        workdir=str(tmp_path),
+        with_rwkv=True,
+        version=version,
+        echo=lines.append,
+    )
     assert res["model"] == f"RWKV-{version} 2 x 128, vocab 300 (random)"
     assert [r["runner"] for r in res["rows"]] == [
-        "per-layer onnxruntime (public demo loop)", "hybrid executor, all segments on ort",
-        "one fused onnxruntime session", "rwkv package, cpu fp32"]
+        "per-layer onnxruntime (public demo loop)",
+        "hybrid executor, all segments on ort",
+        "one fused onnxruntime session",
+        "rwkv package, cpu fp32",
+    ]
     assert all(r["ms_per_token"] > 0 for r in res["rows"])
     assert res["prefill"]["tokens_per_s"] > 0
     assert res["estimate"]["decode"]["total"] > res["estimate"]["prefill"]["total"] > 0
     assert sum(s["backend"] == "npu" for s in res["segments"]) == 4  # embed-L0, L0-L1, L1, head
     assert any(line.startswith("plan: estimated decode") for line in lines)
     # the process tree's peak, by phase; every phase ran
-    assert {"checkpoint and export", "plan compile", "per-layer sessions", "hybrid executor",
-            "fused session", "rwkv package"} <= set(res["peak_rss_by_phase_mb"])
+    assert {
+        "checkpoint and export",
+        "plan compile",
+        "per-layer sessions",
+        "hybrid executor",
+        "fused session",
+        "rwkv package",
+    } <= set(res["peak_rss_by_phase_mb"])
     assert res["peak_rss_mb"] == max(res["peak_rss_by_phase_mb"].values()) > 100
     assert any(line.startswith("peak memory of the process tree:") for line in lines)
     # not a board: both per-call costs say why they are missing
     assert set(res["call_costs"]) == {"rknn-rt", "rknn-lite"}
     assert [line for line in lines if line.startswith("NPU per-call cost")] == [
         f"NPU per-call cost, {b}: not measured: this machine is not a Rockchip board"
-        for b in ("rknn-rt", "rknn-lite")]
+        for b in ("rknn-rt", "rknn-lite")
+    ]
 
 
 def test_call_costs_name_what_the_board_lacks(tmp_path, monkeypatch):
@@ -48,8 +66,7 @@ def test_call_costs_name_what_the_board_lacks(tmp_path, monkeypatch):
     assert all("give --probes DIR" in v for v in got.values())
     lines = []
     got = call_costs(str(tmp_path), echo=lines.append)  # a folder without the probes
-    assert all(v.startswith("not measured: probe ") and "call.rknn' is missing" in v
-               for v in got.values())
+    assert all(v.startswith("not measured: probe ") and "call.rknn' is missing" in v for v in got.values())
     assert len(lines) == 2 and lines[0].startswith("  NPU per-call cost, rknn-rt: not measured")
 
 
@@ -57,16 +74,38 @@ def test_call_costs_name_what_the_board_lacks(tmp_path, monkeypatch):
 def test_bench_command_passes_the_probes_on(tmp_path):
     from click.testing import CliRunner
     from rwkv2rknn.cli import cli
+
     out = tmp_path / "b.json"
-    r = CliRunner().invoke(cli, ["bench", "--version", "7", "--layers", "2", "--width", "64",
-                                 "--vocab", "100", "--tokens", "3", "--no-rwkv", "--probes",
-                                 str(tmp_path), "--json-out", str(out), "--busy", "2"])
+    r = CliRunner().invoke(
+        cli,
+        [
+            "bench",
+            "--version",
+            "7",
+            "--layers",
+            "2",
+            "--width",
+            "64",
+            "--vocab",
+            "100",
+            "--tokens",
+            "3",
+            "--no-rwkv",
+            "--probes",
+            str(tmp_path),
+            "--json-out",
+            str(out),
+            "--busy",
+            "2",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "NPU per-call cost, rknn-lite: not measured: this machine is not a Rockchip board" in r.output
     assert "peak memory of the process tree" in r.output and out.exists()
     # --busy 2: two loops ran beside the timed phases and are gone; the load average is printed
     import json
     import os
+
     pids = json.loads(out.read_text())["busy_pids"]
     assert len(pids) == 2 and not any(os.path.exists(f"/proc/{p}") for p in pids)
     assert "2 busy loops beside the timed phases" in r.output
@@ -77,6 +116,7 @@ def test_bench_command_passes_the_probes_on(tmp_path):
 def test_rwkv_package_failure_is_one_line(tmp_path):
     from rwkv2rknn.errors import ToolkitError
     from rwkv2rknn.tools.rwkv_package import package_run
+
     bad = tmp_path / "broken.pth"
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(ToolkitError) as e:

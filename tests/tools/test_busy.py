@@ -41,8 +41,10 @@ def test_zero_loops_start_nothing():
 
 def test_a_busy_loop_stops_when_its_parent_dies():
     # a parent that starts one loop and is killed without stopping it
-    code = ("import sys, time; from rwkv2rknn.tools.busy import BusyLoops; "
-            "b = BusyLoops(1).start(); print(b.pids[0], flush=True); time.sleep(60)")
+    code = (
+        "import sys, time; from rwkv2rknn.tools.busy import BusyLoops; "
+        "b = BusyLoops(1).start(); print(b.pids[0], flush=True); time.sleep(60)"
+    )
     parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     child = int(parent.stdout.readline())
     assert _alive(child)

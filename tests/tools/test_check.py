@@ -115,6 +115,7 @@ def test_npu_simulator_check_covers_prefill(fp16_artifact, tmp_path):
 def test_perturbation_changes_the_logits(fp32_plan_artifact, tmp_path, factor):
     """The perturbation used above is not a no-op (else the failing tests would prove nothing)."""
     from rwkv2rknn.runtime.hybrid import HybridModel
+
     art = _copy(fp32_plan_artifact, tmp_path)
     before = HybridModel(art, backend="ort").logits([1, 2, 3])
     _perturb(art, "onnx", factor=factor)
@@ -130,15 +131,18 @@ def test_check_without_text_the_model_knows_uses_random_ids_and_says_so(fp32_pla
     from click.testing import CliRunner
 
     from rwkv2rknn.cli import cli
+
     art = _copy(fp32_plan_artifact, tmp_path)
     r = CliRunner().invoke(cli, ["check", art, "--backend", "ort", "--tokens", "12"])
     assert r.exit_code == 0, r.output
     assert "12 tokens of random ids (seed 0)" in r.output and "PASS" in r.output
     warnings = [ln for ln in r.output.splitlines() if ln.startswith("warning: ")]
-    assert warnings == ["warning: checked on seeded random ids, not text: its tokenizer (bytes) gives "
-                        "ids beyond the model's vocabulary of 97"], r.output
+    assert warnings == [
+        "warning: checked on seeded random ids, not text: its tokenizer (bytes) gives "
+        "ids beyond the model's vocabulary of 97"
+    ], r.output
     with open(os.path.join(art, "check.json")) as f:
         saved = json.load(f)
-    assert saved["warnings"] == [warnings[0][len("warning: "):]]
+    assert saved["warnings"] == [warnings[0][len("warning: ") :]]
     assert "max_state_drift" in saved["tolerance"] and saved["quality"]["kl"]["max"] < 1e-6
     assert "bits" not in saved["quality"]  # random ids are not text: nothing to score

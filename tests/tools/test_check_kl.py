@@ -27,6 +27,7 @@ def fp16_bytes(byte_model, tmp_path_factory):
     """conftest's byte_model (fp32 files) compiled with fp16 NPU segments."""
     from rwkv2rknn.compiler.driver import compile_model
     from rwkv2rknn.compiler.ir import Options
+
     out = str(tmp_path_factory.mktemp("art") / "fp16")
     compile_model(byte_model, out, Options(prefill_rows=(4, 8)))
     return out
@@ -89,6 +90,7 @@ def test_ort_gates_the_same_way(byte_model, tmp_path):
     to rounding; the same 1.05 scaling fails its KL gate."""
     from rwkv2rknn.compiler.driver import compile_model
     from rwkv2rknn.compiler.ir import Options
+
     art = str(tmp_path / "plan")
     compile_model(byte_model, art, Options(plan_only=True))
     good, _ = run_check(art, TOKENS, backend="ort")
@@ -138,6 +140,7 @@ def test_eval_reports_both_paths_against_the_source(fp16_bytes, tmp_path):
     for path in ("decode:  KL mean ", "prefill: KL mean "):
         line = next(ln for ln in r.output.splitlines() if ln.startswith(path))
         assert "bits per byte" in line and "same top token" in line
-    alone = CliRunner().invoke(cli, ["eval", fp16_bytes, "--text", str(text), "--backend", "rknn-sim",
-                                     "--no-reference"])
+    alone = CliRunner().invoke(
+        cli, ["eval", fp16_bytes, "--text", str(text), "--backend", "rknn-sim", "--no-reference"]
+    )
     assert alone.exit_code == 0 and f"bits per byte over {n - 1} bytes" in alone.output, alone.output

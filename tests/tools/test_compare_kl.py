@@ -60,8 +60,13 @@ def test_bits_per_byte_and_per_token_teacher_forced():
     uniform = np.zeros((10, 256))
     targets = list(range(1, 10))  # 9 targets for 10 rows: the last row is not scored
     q = quality(uniform, uniform, targets, n_bytes=9)
-    assert q["bits"] == {"unit": "byte", "reference": pytest.approx(8.0), "artifact": pytest.approx(8.0),
-                         "scored": 9, "bytes": 9}
+    assert q["bits"] == {
+        "unit": "byte",
+        "reference": pytest.approx(8.0),
+        "artifact": pytest.approx(8.0),
+        "scored": 9,
+        "bytes": 9,
+    }
     sure = np.full((10, 256), -50.0)
     sure[np.arange(9), targets] = 50.0  # certain of every target
     q = quality(sure, uniform, targets, n_bytes=18)  # say each target was two bytes

@@ -17,17 +17,20 @@ RK3588 = b"xunlong,orangepi-5\0rockchip,rk3588s\0"
 @pytest.fixture
 def board(tmp_path, standin_lib):
     """A fake board file tree whose librknnrt.so is the stand-in library of a given version."""
+
     def make(lib_version="2.5.0", **kw):
         root = _board(tmp_path, lib_version=None, **kw)
         if lib_version is not None:
             os.makedirs(os.path.join(root, "usr/lib"))
             shutil.copy(standin_lib(lib_version), os.path.join(root, "usr/lib/librknnrt.so"))
         return root
+
     return make
 
 
-def _board(tmp_path, compatible=RK3588, driver=b"RKNPU driver: v0.9.8\n", lib_version=b"2.5.0",
-           mem_kb=8_000_000):
+def _board(
+    tmp_path, compatible=RK3588, driver=b"RKNPU driver: v0.9.8\n", lib_version=b"2.5.0", mem_kb=8_000_000
+):
     root = tmp_path / "root"
     (root / "proc/device-tree").mkdir(parents=True)
     (root / "proc/device-tree/compatible").write_bytes(compatible)
@@ -38,8 +41,9 @@ def _board(tmp_path, compatible=RK3588, driver=b"RKNPU driver: v0.9.8\n", lib_ve
     if lib_version is not None:
         (root / "usr/lib").mkdir(parents=True)
         # the shape of librknnrt's own version string, inside other bytes
-        (root / "usr/lib/librknnrt.so").write_bytes(b"\x7fELF\0junk 1.2\0" + lib_version +
-                                                    b" (c949ad889d@2024-11-07T11:35:33)\0more")
+        (root / "usr/lib/librknnrt.so").write_bytes(
+            b"\x7fELF\0junk 1.2\0" + lib_version + b" (c949ad889d@2024-11-07T11:35:33)\0more"
+        )
     return str(root)
 
 
@@ -113,10 +117,13 @@ def test_the_runtime_reports_its_versions_for_the_artifact(board, tmp_path, fp32
     open(os.path.join(art, "manifest.json"), "w").write(json.dumps(m))
     v = _by_name(doctor(art, root=board(), machine="aarch64", environ={}))
     assert v["runtime"].ok, v["runtime"].line()
-    assert v["runtime"].found == (f"librknnrt 2.5.0 (620b20d build@2025-04-01T10:00:00), NPU driver "
-                                  f"0.9.8 (loaded {npu[0]['rknn']})")
+    assert v["runtime"].found == (
+        f"librknnrt 2.5.0 (620b20d build@2025-04-01T10:00:00), NPU driver 0.9.8 (loaded {npu[0]['rknn']})"
+    )
     # a library that refuses the file: the cause, in one line
-    open(os.path.join(art, npu[0]["rknn"]), "w").write("in x 4\nout y 4\nsay Invalid RKNN model version 6\ninit -1\n")
+    open(os.path.join(art, npu[0]["rknn"]), "w").write(
+        "in x 4\nout y 4\nsay Invalid RKNN model version 6\ninit -1\n"
+    )
     v = _by_name(doctor(art, root=str(tmp_path / "root"), machine="aarch64", environ={}))
     assert not v["runtime"].ok and "too old for these files" in v["runtime"].found
     assert "Invalid RKNN model version 6" in v["runtime"].found
@@ -134,6 +141,7 @@ def test_version_helpers():
 @pytest.mark.slow
 def test_doctor_command_here_exits_1(fp32_plan_artifact):
     from rwkv2rknn.cli import cli
+
     r = CliRunner().invoke(cli, ["doctor", fp32_plan_artifact])
     assert r.exit_code == 1, r.output
     assert "FIX  architecture" in r.output or "ok   architecture" in r.output
@@ -151,7 +159,7 @@ def _with_rknn_files(src, dst, sizes):
         seg["rknn"] = f"segments/{seg['name']}.rknn"
         head = "in x 4\nout y 4\n"
         open(os.path.join(dst, seg["rknn"]), "w").write(head + "#" * (size - len(head)))
-    for seg in segs[len(sizes):]:
+    for seg in segs[len(sizes) :]:
         seg["backend"] = "cpu"
     open(os.path.join(dst, "manifest.json"), "w").write(json.dumps(m))
     return dst
@@ -173,19 +181,25 @@ def test_npu_weights_past_one_iommu_domain_are_fix(board, tmp_path, fp32_plan_ar
 
 def device_manifest(art):
     from rwkv2rknn.runtime.hybrid import load_manifest
+
     return load_manifest(art)
 
 
 def test_iommu_domains_are_given_greedily_largest_file_first(tmp_path):
     from types import SimpleNamespace as NS
+
     sizes = {"a.rknn": 3000, "b.rknn": 2500, "c.rknn": 1500, "d.rknn": 1000, "e.seq.rknn": 900}
     for name, n in sizes.items():
         (tmp_path / name).write_bytes(b"#" * n)
-    m = NS(segments=[NS(backend="npu", rknn="a.rknn", seq_rknn="e.seq.rknn"),
-                     NS(backend="npu", rknn="d.rknn", seq_rknn=None),
-                     NS(backend="cpu", rknn="x.rknn", seq_rknn=None),  # not an NPU context
-                     NS(backend="npu", rknn="c.rknn", seq_rknn=""),
-                     NS(backend="npu", rknn="b.rknn", seq_rknn=None)])
+    m = NS(
+        segments=[
+            NS(backend="npu", rknn="a.rknn", seq_rknn="e.seq.rknn"),
+            NS(backend="npu", rknn="d.rknn", seq_rknn=None),
+            NS(backend="cpu", rknn="x.rknn", seq_rknn=None),  # not an NPU context
+            NS(backend="npu", rknn="c.rknn", seq_rknn=""),
+            NS(backend="npu", rknn="b.rknn", seq_rknn=None),
+        ]
+    )
     art = str(tmp_path)
     # first fit, largest first: a 3000 -> 0; b 2500 -> 1; c 1500 -> 1 (4000); d 1000 -> 0 (4000);
     # e 900 fits in neither -> 2
@@ -200,8 +214,9 @@ def test_iommu_domains_are_given_greedily_largest_file_first(tmp_path):
 
 
 @pytest.mark.parametrize("lib, ok", [("2.3.0", False), ("2.3.2", True), ("2.5.0", True)])
-def test_the_newest_published_runtime_is_enough_for_newer_toolkits(board, tmp_path, fp32_plan_artifact,
-                                                                     lib, ok):
+def test_the_newest_published_runtime_is_enough_for_newer_toolkits(
+    board, tmp_path, fp32_plan_artifact, lib, ok
+):
     """No librknnrt newer than 2.3.2 is published: a board that has it is not told to install a
     2.5.0 it cannot get; an older one is told where 2.3.2 is."""
     art = str(tmp_path / "art")

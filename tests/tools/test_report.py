@@ -53,18 +53,26 @@ def test_page_matches_manifest(artifact, tmp_path):
     hand = page.with_class("path", "handoff")
     assert len(hand) == m.boundaries()
     assert [(h["data-after"], h["data-before"]) for h in hand] == [
-        (a.name, b.name) for a, b in zip(m.segments, m.segments[1:]) if a.backend != b.backend]
+        (a.name, b.name) for a, b in zip(m.segments, m.segments[1:]) if a.backend != b.backend
+    ]
     # the headline numbers are the plan's
     kpi = {a["data-kpi"]: a["data-value"] for a in page.find("div") if "data-kpi" in a}
-    assert kpi == {"segments": repr(len(m.segments)), "boundaries": repr(m.boundaries()),
-                   "npu-share": repr(m.npu_flop_share())}
+    assert kpi == {
+        "segments": repr(len(m.segments)),
+        "boundaries": repr(m.boundaries()),
+        "npu-share": repr(m.npu_flop_share()),
+    }
     # the estimate bars are plan.Manifest.estimate_ms, labelled with the profile's name
     parts = page.with_class("rect", "part")
     for phase, chunk in (("decode", parts[:4]), ("prefill", parts[4:])):
         est = m.estimate_ms(phase)
         assert [p["data-part"] for p in chunk] == ["NPU", "CPU segments", "hand-offs", "executor"]
-        assert [float(p["data-value"]) for p in chunk] == [est["npu"], est["cpu"], est["handoffs"],
-                                                          est["executor"]]
+        assert [float(p["data-value"]) for p in chunk] == [
+            est["npu"],
+            est["cpu"],
+            est["handoffs"],
+            est["executor"],
+        ]
         assert f"{est['total']:.2f} ms/token" in html
     assert page.find("p", data_profile=m.profile["name"]) and "not a measurement" in html
     # the table's figures and the int8 segment's accuracy figures
@@ -123,30 +131,48 @@ def _fake_artifact(folder, layers):
         plan += [("cpu", [f"L{k}"]), ("npu", [f"L{k}", f"L{k + 1}" if k + 1 < layers else "head"])]
     for i, (dev, stages) in enumerate(plan):
         out = "logits" if i == len(plan) - 1 else f"t{i}"
-        segs.append({"name": f"s{i:03d}_{dev}_{'-'.join(stages)}", "backend": dev,
-                     "onnx": f"segments/s{i:03d}.onnx", "inputs": [prev], "outputs": [out],
-                     "shapes": {prev: [1, 1024], out: [1, 1024]}, "stages": stages,
-                     "ops": 40, "matmuls": 7 if dev == "npu" else 0,
-                     "flops": 2 * 12_582_912 if dev == "npu" else 0, "est_ms": 2.5})
+        segs.append(
+            {
+                "name": f"s{i:03d}_{dev}_{'-'.join(stages)}",
+                "backend": dev,
+                "onnx": f"segments/s{i:03d}.onnx",
+                "inputs": [prev],
+                "outputs": [out],
+                "shapes": {prev: [1, 1024], out: [1, 1024]},
+                "stages": stages,
+                "ops": 40,
+                "matmuls": 7 if dev == "npu" else 0,
+                "flops": 2 * 12_582_912 if dev == "npu" else 0,
+                "est_ms": 2.5,
+            }
+        )
         prev = out
-    m = Manifest.from_dict({"format": "rwkv2rknn-artifact", "format_version": 1,
-                            "model": {"arch": "rwkv4", "layers": layers, "width": 1024, "vocab": 50277},
-                            "segments": segs, "state": [], "token_input": "token",
-                            "logits_output": "logits", "profile": {"name": "made-up", "handoff_ms": 0.1}})
+    m = Manifest.from_dict(
+        {
+            "format": "rwkv2rknn-artifact",
+            "format_version": 1,
+            "model": {"arch": "rwkv4", "layers": layers, "width": 1024, "vocab": 50277},
+            "segments": segs,
+            "state": [],
+            "token_input": "token",
+            "logits_output": "logits",
+            "profile": {"name": "made-up", "handoff_ms": 0.1},
+        }
+    )
     with open(os.path.join(folder, MANIFEST), "w") as f:
         json.dump(m.to_dict(), f)
 
 
 def test_long_check_stays_small():
     from rwkv2rknn.tools.svg import line_plot
+
     plot = line_plot([1e-3 * (1 + i % 7) for i in range(4096)], "error", "max rel error", ref=(0.05, "tol"))
     assert len(plot) < 100_000 and plot.count("<polyline") == 1 and "<circle" not in plot
 
 
 @pytest.mark.slow
 def test_check_json_written_and_read_back(artifact, tmp_path):
-    res = CliRunner().invoke(cli, ["check", artifact, "--backend", "ort", "--tokens", "5",
-                                   "--per-segment"])
+    res = CliRunner().invoke(cli, ["check", artifact, "--backend", "ort", "--tokens", "5", "--per-segment"])
     assert res.exit_code == 0, res.output
     path = os.path.join(artifact, CHECK_JSON)
     assert f"check report saved to {path}" in res.output
@@ -177,7 +203,8 @@ def test_check_json_written_and_read_back(artifact, tmp_path):
         what = "its T-row variant vs the per-token ONNX" if s["rows"] else "this segment alone vs onnxruntime"
         assert f"{what}: max rel error {s['max_rel']:.3g}" in hovers[s["segment"]]
     assert page.text_of("td", data_check="prefill path")[0].startswith(
-        f"KL mean {saved['prefill']['quality']['kl']['mean']:.3g}, ")
+        f"KL mean {saved['prefill']['quality']['kl']['mean']:.3g}, "
+    )
     # a recompile replaces manifest.json: the saved check no longer describes it
     with open(os.path.join(artifact, MANIFEST), "a") as f:
         f.write("\n")
@@ -190,7 +217,7 @@ def test_a_check_on_random_ids_shows_its_warning(artifact, tmp_path):
     back to random ids, and the page shows check's warning by the result."""
     if os.path.exists(os.path.join(artifact, CHECK_JSON)):  # a check other tests ran on the original
         os.remove(os.path.join(artifact, CHECK_JSON))
-    assert "data-check=\"warning\"" not in _page(artifact, tmp_path / "none.html")
+    assert 'data-check="warning"' not in _page(artifact, tmp_path / "none.html")
     res = CliRunner().invoke(cli, ["check", artifact, "--backend", "ort", "--tokens", "5"])
     assert res.exit_code == 0, res.output
     with open(os.path.join(artifact, CHECK_JSON)) as f:
@@ -214,8 +241,23 @@ def test_corrupt_check_json_is_one_line_error(artifact, tmp_path):
 @pytest.mark.slow
 def test_bench_figures_are_charted(artifact, tmp_path):
     bench = str(tmp_path / "bench.json")
-    res = CliRunner().invoke(cli, ["bench", "--layers", "2", "--width", "32", "--vocab", "61",
-                                   "--tokens", "3", "--no-rwkv", "--json-out", bench])
+    res = CliRunner().invoke(
+        cli,
+        [
+            "bench",
+            "--layers",
+            "2",
+            "--width",
+            "32",
+            "--vocab",
+            "61",
+            "--tokens",
+            "3",
+            "--no-rwkv",
+            "--json-out",
+            bench,
+        ],
+    )
     assert res.exit_code == 0, res.output
     with open(bench) as f:
         figures = json.load(f)
@@ -259,4 +301,5 @@ def test_the_compile_validation_is_shown(artifact, tmp_path):
     assert "Compile&#x27;s validation" in page or "Compile's validation" in page
     assert 'data-validation="result">PASS<' in page
     from rwkv2rknn.tools.svg import fmt
+
     assert f'data-validation="tolerance">{fmt(v["tolerance"])}<' in page

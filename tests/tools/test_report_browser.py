@@ -15,9 +15,17 @@ from rwkv2rknn.tools import report, report_html
 
 pytestmark = pytest.mark.browser
 
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--hide-scrollbars"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+]
 
 
 def chromium() -> str:
@@ -40,15 +48,21 @@ def screenshot(html: str, folder, size=(1040, 1300)) -> np.ndarray:
     png = os.path.join(folder, os.path.basename(html) + ".png")
     profile = os.path.join(folder, "profile-" + os.path.basename(html))
     os.makedirs(profile)  # a new, empty profile for every run
-    cmd = offline() + [chromium(), *FLAGS, f"--user-data-dir={profile}",
-                       f"--window-size={size[0]},{size[1]}", f"--screenshot={png}", "file://" + html]
+    cmd = offline() + [
+        chromium(),
+        *FLAGS,
+        f"--user-data-dir={profile}",
+        f"--window-size={size[0]},{size[1]}",
+        f"--screenshot={png}",
+        "file://" + html,
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert os.path.exists(png), f"no screenshot (exit {res.returncode}): {res.stderr[-500:]}"
     return read_png(png)[..., :3]
 
 
 def pixels_of(img: np.ndarray, colour: str) -> int:
-    rgb = np.array([int(colour[i:i + 2], 16) for i in (1, 3, 5)], np.uint8)
+    rgb = np.array([int(colour[i : i + 2], 16) for i in (1, 3, 5)], np.uint8)
     return int((img.reshape(-1, 3) == rgb).all(1).sum())
 
 

@@ -12,6 +12,7 @@ from rwkv4_torch import RWKV4  # noqa: E402  (training/, on the path by conftest
 @pytest.mark.slow
 def test_token_form_matches_the_rwkv_package(small_sd, small_pth, tokens):
     from helpers.rwkv_package import package_logits  # tests/: the package in a child process
+
     want = package_logits(small_pth, tokens[:24], "4")
     model = RWKV4.from_state_dict(small_sd)
     with torch.no_grad():
@@ -35,7 +36,9 @@ def test_sequence_form_equals_token_by_token(small_sd, tokens, T, chunk, cut):
             assert (whole[row] - ref).abs().max() <= 1e-9 * ref.abs().max()
             assert (torch.cat([a[row], b[row]]) - ref).abs().max() <= 1e-9 * ref.abs().max()
             # the carried state is the recurrence's (pp may differ by the choice of maximum)
-            for (f, x, aa, bb, pp), (f2, x2, aa2, bb2, pp2) in zip([tuple(s[row] for s in lay) for lay in st], state):
+            for (f, x, aa, bb, pp), (f2, x2, aa2, bb2, pp2) in zip(
+                [tuple(s[row] for s in lay) for lay in st], state
+            ):
                 assert torch.allclose(f, f2) and torch.allclose(x, x2)
                 assert torch.allclose(aa * torch.exp(pp), aa2 * torch.exp(pp2))
                 assert torch.allclose(bb * torch.exp(pp), bb2 * torch.exp(pp2))
@@ -45,6 +48,7 @@ def test_the_training_script_writes_an_official_checkpoint(tmp_path):
     import train
     from rwkv2rknn.models import bundled, rwkv4
     from rwkv2rknn.models.checkpoint import load_checkpoint
+
     model = train.init_weights(RWKV4(2, 32, train.VOCAB), seed=0)
     path = str(tmp_path / "m.pth")
     train.save(model, path)

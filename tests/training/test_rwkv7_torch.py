@@ -61,13 +61,18 @@ def test_the_training_script_writes_an_official_rwkv7_checkpoint(tmp_path):
     import train
     from rwkv2rknn.models import rwkv7
     from rwkv2rknn.models.checkpoint import load_checkpoint
+
     model = init_weights(RWKV7(2, 128, train.VOCAB, 64, lora={"w": 24, "a": 40, "v": 16, "g": 56}), 0)
     path = str(tmp_path / "m.pth")
     train.save(model, path)
     sd = torch.load(path, weights_only=True)
     assert {v.dtype for v in sd.values()} == {torch.float16}
     shape = rwkv7.check_state_dict(load_checkpoint(path))
-    assert (shape.layers, shape.width, shape.head_size, dict(shape.lora)) == \
-        (2, 128, 64, {"w": 24, "a": 40, "v": 16, "g": 56})
+    assert (shape.layers, shape.width, shape.head_size, dict(shape.lora)) == (
+        2,
+        128,
+        64,
+        {"w": 24, "a": 40, "v": 16, "g": 56},
+    )
     assert "blocks.0.att.v1" not in sd and sd["blocks.1.att.v1"].shape == (128, 16)
     assert isinstance(train.load_model(path), RWKV7)

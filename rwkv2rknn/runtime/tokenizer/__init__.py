@@ -22,7 +22,12 @@ from rwkv2rknn.errors import BadInput
 from rwkv2rknn.runtime.tokenizer.base import ByteTokenizer, Tokenizer
 from rwkv2rknn.runtime.tokenizer.hf import HFTokenizer
 from rwkv2rknn.runtime.tokenizer.stream import StreamDecoder
-from rwkv2rknn.runtime.tokenizer.world import WORLD_VOCAB_NAME, WORLD_VOCAB_SIZE, WorldTokenizer, find_world_vocab
+from rwkv2rknn.runtime.tokenizer.world import (
+    WORLD_VOCAB_NAME,
+    WORLD_VOCAB_SIZE,
+    WorldTokenizer,
+    find_world_vocab,
+)
 
 __all__ = [
     "Tokenizer",
@@ -38,7 +43,9 @@ __all__ = [
 ]
 
 
-_SPEC_HELP = "give 'bytes', 'world', 'world:/path/to/" + WORLD_VOCAB_NAME + "' or the path of a tokenizer.json"
+_SPEC_HELP = (
+    "give 'bytes', 'world', 'world:/path/to/" + WORLD_VOCAB_NAME + "' or the path of a tokenizer.json"
+)
 _world_cache: dict[str, WorldTokenizer] = {}
 
 
@@ -101,5 +108,7 @@ def check_fits(tok: Tokenizer, vocab_size: int, spec: str = "") -> None:
     a table is padded past its tokenizer by far less)."""
     have, want = int(tok.vocab_size), int(vocab_size)
     if have > want or 2 * have < want:
-        raise BadInput(f"tokenizer {spec or tok.name} has {have} tokens, the model {want}",
-                       "give the tokenizer the model was trained with (its tokenizer.json)")
+        raise BadInput(
+            f"tokenizer {spec or tok.name} has {have} tokens, the model {want}",
+            "give the tokenizer the model was trained with (its tokenizer.json)",
+        )

@@ -55,9 +55,14 @@ class HFTokenizer(Tokenizer):
             with open(path, "r", encoding="utf-8") as f:
                 config = json.load(f)
         except (OSError, UnicodeDecodeError, ValueError) as e:
-            raise BadInput(f"cannot read tokenizer '{path}' ({e})", "give a valid Hugging Face tokenizer.json") from e
+            raise BadInput(
+                f"cannot read tokenizer '{path}' ({e})", "give a valid Hugging Face tokenizer.json"
+            ) from e
         if not isinstance(config, dict) or "model" not in config:
-            raise BadInput(f"cannot read tokenizer '{path}' (no 'model' section)", "give a valid Hugging Face tokenizer.json")
+            raise BadInput(
+                f"cannot read tokenizer '{path}' (no 'model' section)",
+                "give a valid Hugging Face tokenizer.json",
+            )
         try:
             import tokenizers
         except ImportError as e:
@@ -67,7 +72,9 @@ class HFTokenizer(Tokenizer):
         try:
             self._tok = tokenizers.Tokenizer.from_file(path)
         except Exception as e:  # tokenizers raises its own Exception subclasses
-            raise BadInput(f"cannot read tokenizer '{path}' ({e})", "give a valid Hugging Face tokenizer.json") from e
+            raise BadInput(
+                f"cannot read tokenizer '{path}' ({e})", "give a valid Hugging Face tokenizer.json"
+            ) from e
         self.name = f"hf:{path}"
         self.path = path
         self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))

@@ -73,7 +73,9 @@ class WorldTokenizer(Tokenizer):
                 f"give a readable {WORLD_VOCAB_NAME}",
             ) from e
         if not tokens:
-            raise BadInput(f"the RWKV World vocabulary file '{path}' is empty", f"give an intact {WORLD_VOCAB_NAME}")
+            raise BadInput(
+                f"the RWKV World vocabulary file '{path}' is empty", f"give an intact {WORLD_VOCAB_NAME}"
+            )
         return cls(tokens, name=f"world:{path}")
 
     def encode(self, text: str) -> list[int]:
@@ -157,5 +159,8 @@ def find_world_vocab() -> str:
         if os.path.isfile(candidate):
             return candidate
     if spec is None:
-        raise MissingDependency(f"cannot find the RWKV World vocabulary {WORLD_VOCAB_NAME}: the rwkv package is not installed", fix)
+        raise MissingDependency(
+            f"cannot find the RWKV World vocabulary {WORLD_VOCAB_NAME}: the rwkv package is not installed",
+            fix,
+        )
     raise BadInput(f"the installed rwkv package has no {WORLD_VOCAB_NAME}", fix)
