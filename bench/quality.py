@@ -4,6 +4,7 @@ tolerances (rwkv2rknn.tools.check.KL_TOLERANCE) and docs/quality.md.
 
     python bench/quality.py                        # every model, fp16 w8a8 w16a16i
     python bench/quality.py --models bundled --quant w8a8 --perturb
+    python bench/quality.py --models rwkv7-bytes.pth     # a checkpoint file, e.g. a trained one
     WORK=/tmp/q python bench/quality.py ...        # keep the files
 
 For each model and precision: export (fp32 files; the bundled model also as the fp16 files the
@@ -40,6 +41,15 @@ MODELS = {
     "v6": lambda: checkpoint.random_rwkv6(layers=3, width=128, vocab=256, seed=13),
     "v7": lambda: checkpoint.random_rwkv7(layers=3, width=128, vocab=256, seed=14),
 }
+
+
+def model_for(name: str) -> dict:
+    """A model of MODELS by name, or a checkpoint file (.pth) such as a trained RWKV-7."""
+    if name.endswith(".pth"):
+        return checkpoint.load_checkpoint(name)
+    return MODELS[name]()
+
+
 FACTOR = {"fp16": 1.05, "w16a16i": 1.05, "w8a8": 1.25}
 
 
@@ -98,7 +108,7 @@ def row(label: str, fig: dict) -> str:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--models", default=",".join(MODELS), help="names of MODELS, or checkpoint files (.pth)")
     ap.add_argument("--quant", default="fp16,w8a8,w16a16i")
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--perturb", action="store_true")
@@ -107,7 +117,8 @@ def main():
     work = os.environ.get("WORK") or tempfile.mkdtemp(prefix="rwkv2rknn-quality-")
     results = []
     for name in args.models.split(","):
-        sd = MODELS[name]()
+        sd = model_for(name)
+        name = os.path.splitext(os.path.basename(name))[0]
         sources = {"fp32": os.path.join(work, name, "fp32")}
         if name == "bundled":
             sources["fp16"] = os.path.join(work, name, "fp16")
