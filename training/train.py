@@ -18,6 +18,8 @@ Usage (training is not part of the installed package; run it from the repository
     python training/train.py --out models/default/rwkv4-bytes.pth --layers 4 --width 256 \
         --ctx 128 --batch 16 --steps 4000 --lr 2e-3 --seed 1234 --threads 1
     python training/train.py --version 7 --out rwkv7-bytes.pth --steps 2400 ...   # RWKV-7
+    python training/train.py ... --steps 4000 --stop-at 1500   # a long run in parts: stop here,
+    python training/train.py ... --steps 4000 --resume         # then go on (same weights at the end)
     python training/train.py --sample models/default/rwkv4-bytes.pth --prompt "The "
     python training/train.py --eval models/default/rwkv4-bytes.pth     # validation bits per byte
 """
@@ -184,11 +186,28 @@ def train(a):
     t0 = time.time()
     step, loss_acc, n_acc = 0, 0.0, 0
     total = a.steps
+    if a.resume:
+        r = load_resume(a)
+        model.load_state_dict(r["model"])
+        opt.load_state_dict(r["opt"])
+        rng.set_state(r["rng"])
+        torch.set_rng_state(r["torch_rng"])
+        pos, state, step, loss_acc, n_acc = r["pos"], r["state"], r["step"], r["loss_acc"], r["n_acc"]
+        t0 -= r["elapsed"]
+        print(f"resumed at step {step} of {total} from {resume_path(a.out)}", flush=True)
     while True:
         elapsed = time.time() - t0
         frac = step / total if total else elapsed / (a.minutes * 60)
         if frac >= 1:
             break
+        if a.stop_at and step >= a.stop_at:
+            save_resume(a, model, opt, rng, pos, state, step, loss_acc, n_acc, elapsed)
+            print(
+                f"stopped at step {step} of {total}; continue with the same arguments and --resume "
+                f"(the run's state is in {resume_path(a.out)})",
+                flush=True,
+            )
+            return
         lr = lr_at(frac, a.lr, a.warmup, a.lr * a.lr_final)
         for grp in opt.param_groups:
             grp["lr"] = lr
@@ -230,6 +249,8 @@ def train(a):
             vb = evaluate(model, va, T, limit=a.eval_limit)
             print(f"step {step} val bpb (first {a.eval_limit} bytes) {vb:.4f}", flush=True)
             save(model, a.out)
+            if total:  # a run cut short (killed, out of time) goes on from here with --resume
+                save_resume(a, model, opt, rng, pos, state, step, loss_acc, n_acc, time.time() - t0)
     el = time.time() - t0
     print(
         f"trained {step} steps ({step * B * T} tokens, {step * B * T / len(tr):.2f} epochs) "
@@ -239,9 +260,58 @@ def train(a):
     if a.bench:
         return
     save(model, a.out)
+    if os.path.exists(resume_path(a.out)):
+        os.remove(resume_path(a.out))  # the run is complete: nothing to resume
     shipped = load_model(a.out, a.chunk)  # the fp16 file as it is shipped
     vb = evaluate(shipped, va, T)
     print(f"final validation bits/byte (fp16 checkpoint, {len(va)} held-out bytes): {vb:.4f}", flush=True)
+
+
+# What a resumed run must share with the run it continues: everything that decides its steps.
+RESUME_KEYS = (
+    "version", "layers", "width", "head_size", "ctx", "batch", "chunk", "carry", "steps",
+    "lr", "lr_final", "warmup", "wd", "clip", "seed", "data",
+)  # fmt: skip
+
+
+def resume_path(out: str) -> str:
+    return out + ".resume"
+
+
+def save_resume(a, model, opt, rng, pos, state, step, loss_acc, n_acc, elapsed):
+    """Everything the next step depends on (full-precision weights, the optimiser's moments, both
+    random generators, the streams' places and carried states), so that a run stopped here and
+    resumed gives the same weights as one run straight through."""
+    r = dict(
+        args={k: getattr(a, k) for k in RESUME_KEYS},
+        model=model.state_dict(),
+        opt=opt.state_dict(),
+        rng=rng.get_state(),
+        torch_rng=torch.get_rng_state(),
+        pos=pos.copy(),
+        state=state,
+        step=step,
+        loss_acc=loss_acc,
+        n_acc=n_acc,
+        elapsed=elapsed,
+    )
+    path = resume_path(a.out)
+    torch.save(r, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_resume(a) -> dict:
+    path = resume_path(a.out)
+    if not a.steps:
+        sys.exit("error: --resume needs --steps (a run of fixed length)")
+    if not os.path.isfile(path):
+        sys.exit(f"error: no run to resume: {path} does not exist (start without --resume)")
+    r = torch.load(path, map_location="cpu", weights_only=False)
+    diff = [k for k in RESUME_KEYS if r["args"].get(k) != getattr(a, k)]
+    if diff:
+        were = ", ".join(f"--{k.replace('_', '-')} {r['args'].get(k)}" for k in diff)
+        sys.exit(f"error: {path} was written by a run with other arguments: {were}; give the same ones")
+    return r
 
 
 def save(model, path: str):
@@ -302,6 +372,17 @@ def main():
     )
     ap.add_argument("--steps", type=int, default=0, help="training steps (reproducible)")
     ap.add_argument("--minutes", type=float, default=0, help="or: train for this wall time")
+    ap.add_argument(
+        "--stop-at",
+        type=int,
+        default=0,
+        help="stop after this step, keeping the run's state in OUT.resume (a long run in parts)",
+    )
+    ap.add_argument(
+        "--resume",
+        action="store_true",
+        help="go on from OUT.resume (written by --stop-at and at every --eval-every), same arguments",
+    )
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--lr-final", type=float, default=0.05, help="final lr as a fraction of --lr")
     ap.add_argument("--warmup", type=float, default=0.02, help="warm-up, fraction of training")
