@@ -33,6 +33,22 @@ STATE_SLOTS = (("att_shift", "C", False), ("wkv", "HNN", True), ("ffn_shift", "C
 STATE_IO = tuple((name, name + OUT_SUFFIX, acc) for name, _, acc in STATE_SLOTS)
 WKV_PREFIX = "wkv."  # node names of the recurrence inside a block
 
+# The surface every slot version offers the loader and export as its own (``arch.BLOCK_FILE``,
+# ...): each one takes it with ``from rwkv2rknn.models.slots import *``.
+__all__ = [
+    "BLOCK_FILE",
+    "EMBED_FILE",
+    "EMBED_IO",
+    "HEAD_FILE",
+    "HEAD_IO",
+    "LN_EPS",
+    "OUT_SUFFIX",
+    "STATE_IO",
+    "STATE_SLOTS",
+    "WKV_PREFIX",
+    "fp32_nodes",
+]
+
 
 @dataclass(frozen=True)
 class Shape(rwkv4.Shape):
@@ -191,14 +207,7 @@ def expected_shapes(
     and ``ln_x``, ``att.{projections}.weight`` (C, C), the channel mix's key (F, C), value
     (C, F) and the (C, C) ``ffn`` ones, plus what ``per_layer(i, prefix)`` adds, and the head."""
     c, f, v = shape.width, shape.ffn, shape.vocab
-    out = {
-        "emb.weight": (v, c),
-        "blocks.0.ln0.weight": (c,),
-        "blocks.0.ln0.bias": (c,),
-        "ln_out.weight": (c,),
-        "ln_out.bias": (c,),
-        "head.weight": (v, c),
-    }
+    out = rwkv4.outer_shapes(c, v)
     for i in range(shape.layers):
         b = f"blocks.{i}."
         for key in ("ln1.weight", "ln1.bias", "ln2.weight", "ln2.bias", "att.ln_x.weight", "att.ln_x.bias"):

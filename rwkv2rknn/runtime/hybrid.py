@@ -213,35 +213,15 @@ class HybridModel:
         from rwkv2rknn.runtime.board import core_mask_for
 
         mask = core_mask_for(seg, self.manifest, self._core_mask)
+        args = (path, name, seg.inputs, seg.outputs, shapes, mask)
+        both = dict(rows=rows, toolkit=self.manifest.toolkit, columns=columns)
         if self.backend == "rknn-rt":
             from rwkv2rknn.runtime.rknnrt import RknnRtRunner
 
-            return RknnRtRunner(
-                path,
-                name,
-                seg.inputs,
-                seg.outputs,
-                shapes,
-                mask,
-                rows=rows,
-                toolkit=self.manifest.toolkit,
-                columns=columns,
-                io=io or self.io_for(seg),
-                target=self.manifest.target,
-            )
+            return RknnRtRunner(*args, **both, io=io or self.io_for(seg), target=self.manifest.target)
         from rwkv2rknn.runtime.rknn import RknnLiteRunner
 
-        return RknnLiteRunner(
-            path,
-            name,
-            seg.inputs,
-            seg.outputs,
-            shapes,
-            mask,
-            rows=rows,
-            toolkit=self.manifest.toolkit,
-            columns=columns,
-        )
+        return RknnLiteRunner(*args, **both)
 
     # ------------------------------------------------------------------ io paths, self-test
 
