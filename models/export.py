@@ -57,6 +57,15 @@ def to_fp16(model, keep_fp32=()):
     return out
 
 
+def _stages(arch, sd, layers: int) -> list:
+    """(name prefix, file name, graph maker) of every stage in order: embed, L0, ..., head."""
+    stages = [("embed/", arch.EMBED_FILE, lambda: arch.embed_graph(sd))]
+    stages += [
+        (f"L{i}/", arch.BLOCK_FILE.format(i), lambda i=i: arch.block_graph(sd, i)) for i in range(layers)
+    ]
+    return stages + [("head/", arch.HEAD_FILE, lambda: arch.head_graph(sd))]
+
+
 def export(
     sd: Dict[str, np.ndarray],
     out_dir: str,
@@ -72,11 +81,7 @@ def export(
     import shutil
 
     arch, shape = arch_of(sd)
-    stages = [(arch.EMBED_FILE, lambda: arch.embed_graph(sd))]
-    stages += [
-        (arch.BLOCK_FILE.format(i), (lambda i=i: arch.block_graph(sd, i))) for i in range(shape.layers)
-    ]
-    stages += [(arch.HEAD_FILE, lambda: arch.head_graph(sd))]
+    stages = [(file, make) for _, file, make in _stages(arch, sd, shape.layers)]
     keep = getattr(arch, "fp32_nodes", lambda m: [])
     with fileio.atomic_dir(out_dir, MODEL_JSON, force=force) as tmp:
         for name, build in stages:
@@ -152,9 +157,7 @@ class _Pieces:
         sd = self.sd
         arch, shape = arch_of(sd)
         keep = getattr(arch, "fp32_nodes", lambda m: [])
-        stages = [("embed/", lambda: arch.embed_graph(sd))]
-        stages += [(f"L{i}/", lambda i=i: arch.block_graph(sd, i)) for i in range(shape.layers)]
-        stages += [("head/", lambda: arch.head_graph(sd))]
+        stages = [(prefix, make) for prefix, _, make in _stages(arch, sd, shape.layers)]
         inter = tuple(getattr(arch, "INTER_LAYER", ()))
         inputs, outputs, logits_type, opset = [], [], None, None
         x, carried = None, {}  # the residual stream leaving the previous stage; inter-layer values
@@ -272,19 +275,11 @@ def export_file(
     # a time (a whole ModelProto of a 430M model took more than 12 GB to build and save)
     if sum(np.asarray(v).size * 4 for v in sd.values()) <= external_limit:
         shape = _write_streamed(sd, fp32, path, props, force)
-        log.info(
-            "exported %s (%d layers, width %d, vocab %d) to %s",
-            arch.ARCH,
-            shape.layers,
-            shape.width,
-            shape.vocab,
-            path,
-        )
-        return shape
-    model, shape, arch = whole_model(sd, fp32)
-    helper.set_model_props(model, props)
-    weight_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
-    fileio.save_onnx_file(model, path, external=weight_bytes > external_limit, force=force)
+    else:
+        model, shape, arch = whole_model(sd, fp32)
+        helper.set_model_props(model, props)
+        weight_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
+        fileio.save_onnx_file(model, path, external=weight_bytes > external_limit, force=force)
     log.info(
         "exported %s (%d layers, width %d, vocab %d) to %s",
         arch.ARCH,

@@ -86,10 +86,7 @@ def block_graph(sd: Mapping[str, object], i: int):
     mixed = slots.shift_mix(g, xx, "att_shift", {m: 1.0 - p[f"att.time_mix_{m}"] for m in MIXES}, "att")[0]
     s = {
         "wkv": "wkv",
-        "r": g.rows(mixed["r"], [p["att.receptance.weight"]], "att.receptance"),
-        "k": g.rows(mixed["k"], [p["att.key.weight"]], "att.key"),
-        "v": g.rows(mixed["v"], [p["att.value.weight"]], "att.value"),
-        "g": g.rows(mixed["g"], [p["att.gate.weight"]], "att.gate"),
+        **slots.projections(g, mixed, p),
         "w": g.const(WKV_PREFIX + "decay", np.exp(-np.exp(p["att.time_decay"])).astype(np.float32)),
     }
     return slots.gated_block_tail(g, p, s, h, n, i, xx, 1.0 - p["ffn.time_mix_k"], 1.0 - p["ffn.time_mix_r"])

@@ -122,10 +122,7 @@ def block_graph(sd: Mapping[str, object], i: int):
         mixed[m] = g.op("Add", xx, g.op("Mul", delta, amount, name=f"att.mix_{m}.d"), name=f"att.mix_{m}")
     s = {
         "wkv": "wkv",
-        "r": g.rows(mixed["r"], [p["att.receptance.weight"]], "att.receptance"),
-        "k": g.rows(mixed["k"], [p["att.key.weight"]], "att.key"),
-        "v": g.rows(mixed["v"], [p["att.value.weight"]], "att.value"),
-        "g": g.rows(mixed["g"], [p["att.gate.weight"]], "att.gate"),
+        **slots.projections(g, mixed, p),
         "w": g.rows(
             mixed["w"], [p["att.time_decay_w1"], p["att.time_decay_w2"]], "att.decay_lora", acts=("Tanh",)
         ),

@@ -200,6 +200,12 @@ def block_params(sd, i: int, flat: Sequence[str] = ()) -> Dict[str, np.ndarray]:
     return p
 
 
+def projections(g, mixed: Dict[str, str], p) -> Dict[str, str]:
+    """r, k, v and the gate g of RWKV-5.2 and 6: each mixed input times its (C, C) projection."""
+    names = {"r": "receptance", "k": "key", "v": "value", "g": "gate"}
+    return {m: g.rows(mixed[m], [p[f"att.{name}.weight"]], f"att.{name}") for m, name in names.items()}
+
+
 def expected_shapes(
     shape: Shape, projections: Sequence[str], ffn: Sequence[str], per_layer
 ) -> Dict[str, tuple]:

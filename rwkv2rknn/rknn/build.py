@@ -148,14 +148,13 @@ class Builds:
             raise
         self.builds.close()
         ctx, opts, todo, counts = self.ctx, self.ctx.options, self.todo, self.counts
+
+        def about(seg, message: str, kind: str = "") -> None:
+            ctx.note(NAME, f"{seg.name}: {message}", kind=kind, segment=seg.name)
+
         for seg in todo:
             if seg.token.fallback:
-                ctx.note(
-                    NAME,
-                    f"{seg.name}: build failed ({seg.token.fallback}); runs on the CPU",
-                    kind="fallback",
-                    segment=seg.name,
-                )
+                about(seg, f"build failed ({seg.token.fallback}); runs on the CPU", "fallback")
         ctx.note(
             NAME,
             f"{counts['built']} built, {counts['cached']} from the cache "
@@ -186,18 +185,12 @@ class Builds:
 
         for s in todo:
             if s.seq.model is not None and logits_only(ctx, s) and not s.token.fallback:
-                ctx.note(
-                    NAME,
-                    f"{s.name}: built for one row only (token steps; a prompt needs "
-                    "the logits of its last row)",
-                    segment=s.name,
-                )
+                about(s, "built for one row only (token steps; a prompt needs the logits of its last row)")
             if s.seq.fallback:
-                ctx.note(
-                    NAME,
-                    f"{s.name}: T-row build failed ({s.seq.fallback}); its prefill runs token by token",
-                    kind="seq_fallback",
-                    segment=s.name,
+                about(
+                    s,
+                    f"T-row build failed ({s.seq.fallback}); its prefill runs token by token",
+                    "seq_fallback",
                 )
 
 

@@ -223,6 +223,15 @@ class HybridModel:
 
         return RknnLiteRunner(*args, **both)
 
+    def _seq_board_runner(self, seg, io: Optional[str] = None):
+        """The board runner of a segment's T-row build (its rows as they come: ``Columns`` turns
+        a build in columns)."""
+        path = self._path(seg.seq_rknn, seg.seq_rknn_sha256)
+        columns = seg.seq_layout == "columns"
+        return self._board_runner(
+            seg, path, seg.name + ".seq", None, rows=seg.seq_rows, columns=columns, io=io
+        )
+
     # ------------------------------------------------------------------ io paths, self-test
 
     def io_for(self, seg) -> str:
@@ -238,17 +247,8 @@ class HybridModel:
         if seq:
             if not seg.seq_rknn or not seg.seq_rows:
                 return None
-            columns = seg.seq_layout == "columns"
-            runner = self._board_runner(
-                seg,
-                self._path(seg.seq_rknn, seg.seq_rknn_sha256),
-                seg.name + ".seq",
-                None,
-                rows=seg.seq_rows,
-                columns=columns,
-                io=io,
-            )
-            return Columns(runner) if columns else runner
+            runner = self._seq_board_runner(seg, io)
+            return Columns(runner) if seg.seq_layout == "columns" else runner
         if seg.decode_rows:
             slots = {s.input for s in self.manifest.state}
             return RowStep(
@@ -515,14 +515,7 @@ class HybridModel:
                 columns=columns,
             )
         else:
-            runner = self._board_runner(
-                seg,
-                self._path(seg.seq_rknn, seg.seq_rknn_sha256),
-                seg.name + ".seq",
-                None,
-                rows=seg.seq_rows,
-                columns=columns,
-            )
+            runner = self._seq_board_runner(seg)
         if columns:
             runner = Columns(runner)
         self._shared[seg.name] = runner
