@@ -469,23 +469,18 @@ def board_estimate(artifact: str, manifest) -> Dict[str, float]:
     from dataclasses import replace
 
     base = DeviceProfile()
-    cases = {
-        "expected": base,
-        "low": replace(
+
+    def case(call: float, token: float, npu_kernel_ms: float) -> DeviceProfile:
+        """The executor's per-call and per-io costs times ``call``, its per-token cost times ``token``."""
+        return replace(
             base,
-            exec_call_ms=base.exec_call_ms * 0.75,
-            exec_io_ms=base.exec_io_ms * 0.75,
-            exec_token_ms=base.exec_token_ms * 0.75,
-            npu_kernel_ms=0.005,
-        ),
-        "high": replace(
-            base,
-            exec_call_ms=base.exec_call_ms * 1.5,
-            exec_io_ms=base.exec_io_ms * 1.5,
-            exec_token_ms=base.exec_token_ms * 3,
-            npu_kernel_ms=0.05,
-        ),
-    }
+            exec_call_ms=base.exec_call_ms * call,
+            exec_io_ms=base.exec_io_ms * call,
+            exec_token_ms=base.exec_token_ms * token,
+            npu_kernel_ms=npu_kernel_ms,
+        )
+
+    cases = {"expected": base, "low": case(0.75, 0.75, 0.005), "high": case(1.5, 3, 0.05)}
     out = {}
     for name, prof in cases.items():
         per = predict(artifact, manifest, prof)
