@@ -9,7 +9,16 @@ import sys
 
 import click
 
-from rwkv2rknn.cli.app import BACKEND, SEED, cli, handle_errors, model_path, say
+from rwkv2rknn.cli.app import cli, handle_errors, model_path, say
+from rwkv2rknn.cli.options import (
+    artifact_argument,
+    backend_option,
+    core_mask_option,
+    option,
+    options,
+    seed_option,
+    tokenizer_option,
+)
 from rwkv2rknn.errors import Rwkv2RknnError, UsageError
 from rwkv2rknn.runtime.sampler import CHAT_DEFAULTS
 
@@ -19,98 +28,64 @@ HELP = (
 )
 
 
+# the sampler flags: flag, type, the SamplerArgs field (its default, the `rwkv` package's name), help
+SAMPLER_FLAGS = (
+    ("--temperature", click.FloatRange(0, 100), "temperature", "Sampling temperature (0: greedy)."),
+    (
+        "--top-p",
+        click.FloatRange(0, 1),
+        "top_p",
+        "Nucleus sampling: keep the most likely tokens up to this mass.",
+    ),
+    ("--top-k", click.IntRange(0, None), "top_k", "Keep at most this many tokens (0: no limit)."),
+    (
+        "--presence-penalty",
+        click.FloatRange(-10, 10),
+        "alpha_presence",
+        "alpha_presence: subtracted from every token seen in the reply.",
+    ),
+    (
+        "--frequency-penalty",
+        click.FloatRange(-10, 10),
+        "alpha_frequency",
+        "alpha_frequency: subtracted per (decayed) occurrence.",
+    ),
+    (
+        "--penalty-decay",
+        click.FloatRange(0, 1),
+        "alpha_decay",
+        "alpha_decay: occurrences shrink by this factor per token.",
+    ),
+)
+
+
 def sampler_options(fn, d=CHAT_DEFAULTS):
     """The sampler flags, with the `rwkv` package's names in the help."""
-    opts = [
-        click.option(
-            "--temperature",
-            type=click.FloatRange(0, 100),
-            default=d.temperature,
-            show_default=True,
-            help="Sampling temperature (0: greedy).",
-        ),
-        click.option(
-            "--top-p",
-            type=click.FloatRange(0, 1),
-            default=d.top_p,
-            show_default=True,
-            help="Nucleus sampling: keep the most likely tokens up to this mass.",
-        ),
-        click.option(
-            "--top-k",
-            type=click.IntRange(0, None),
-            default=d.top_k,
-            show_default=True,
-            help="Keep at most this many tokens (0: no limit).",
-        ),
-        click.option(
-            "--presence-penalty",
-            type=click.FloatRange(-10, 10),
-            default=d.alpha_presence,
-            show_default=True,
-            help="alpha_presence: subtracted from every token seen in the reply.",
-        ),
-        click.option(
-            "--frequency-penalty",
-            type=click.FloatRange(-10, 10),
-            default=d.alpha_frequency,
-            show_default=True,
-            help="alpha_frequency: subtracted per (decayed) occurrence.",
-        ),
-        click.option(
-            "--penalty-decay",
-            type=click.FloatRange(0, 1),
-            default=d.alpha_decay,
-            show_default=True,
-            help="alpha_decay: occurrences shrink by this factor per token.",
-        ),
-        click.option("--seed", type=SEED, default=None, help="Random seed for sampling."),
-    ]
-    for o in reversed(opts):
-        fn = o(fn)
-    return fn
+    flags = [option(flag, type=t, default=getattr(d, field), help=h) for flag, t, field, h in SAMPLER_FLAGS]
+    return options(*flags, seed_option(help="Random seed for sampling."))(fn)
 
 
-def model_options(fn):
-    opts = [
-        click.argument("artifact", required=False, type=click.Path()),
-        click.option(
-            "--backend",
-            type=BACKEND,
-            default="auto",
-            show_default=True,
-            help="Where NPU segments run (CPU segments always use onnxruntime).",
-        ),
-        click.option(
-            "--core-mask",
-            default="auto",
-            show_default=True,
-            help="Board backends only: NPU cores (0, 1, 2, 0_1, 0_1_2, auto).",
-        ),
-        click.option(
-            "--tokenizer", default=None, help="bytes, world, or a tokenizer.json path (default: the model's)."
-        ),
-    ]
-    for o in reversed(opts):
-        fn = o(fn)
-    return fn
+model_options = options(
+    artifact_argument(required=False),
+    backend_option("Where NPU segments run (CPU segments always use onnxruntime)."),
+    core_mask_option("Board backends only: NPU cores (0, 1, 2, 0_1, 0_1_2, auto)."),
+    tokenizer_option(),
+)
 
 
 @cli.command()
 @model_options
-@click.option("--system", default=None, help="A system prompt, fed once at the start (kept by /reset).")
-@click.option(
+@click.option("--system", help="A system prompt, fed once at the start (kept by /reset).")
+@option(
     "--max-tokens",
     type=click.IntRange(1, 65536),
     default=500,
-    show_default=True,
     help="Most tokens in one reply.",
 )
 @click.option(
     "--load",
     "load_file",
     type=click.Path(dir_okay=False),
-    default=None,
     help="Start from a state saved with /save.",
 )
 @sampler_options
@@ -251,51 +226,43 @@ def _reply(session, sampler, text: str, max_tokens: int) -> None:
 
 @cli.command()
 @model_options
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
-@click.option(
-    "--model-name", default=None, help="The model id clients name (default: the artifact folder's name)."
-)
-@click.option(
+@option("--host", default="127.0.0.1", help="Address to listen on.")
+@option("--port", type=click.IntRange(0, 65535), default=8000)
+@click.option("--model-name", help="The model id clients name (default: the artifact folder's name).")
+@option(
     "--max-queue",
     type=click.IntRange(0, 100000),
     default=16,
-    show_default=True,
     help="Requests that may wait behind the one running; more get 429.",
 )
-@click.option(
+@option(
     "--max-prompt-tokens",
     type=click.IntRange(1, None),
     default=16384,
-    show_default=True,
     help="Longer prompts get 400.",
 )
-@click.option(
+@option(
     "--max-tokens",
     "default_max_tokens",
     type=click.IntRange(1, 1 << 20),
     default=1024,
-    show_default=True,
     help="Tokens per reply when a request gives no max_tokens.",
 )
-@click.option(
+@option(
     "--request-timeout",
     type=click.FloatRange(0.1, None),
     default=600.0,
-    show_default=True,
     help="Seconds a request may take, waiting included; a reply is cut there.",
 )
-@click.option(
+@option(
     "--state-cache-mb",
     type=click.FloatRange(0, None),
     default=256.0,
-    show_default=True,
     help="Memory for states kept between requests (0: none).",
 )
 @click.option(
     "--state-dir",
     type=click.Path(file_okay=False),
-    default=None,
     help="Keep the state cache in this folder across restarts.",
 )
 @handle_errors

@@ -7,33 +7,27 @@ import sys
 import click
 
 from rwkv2rknn.cli.app import cli, handle_errors
+from rwkv2rknn.cli.options import force_option, option, output_option, target_option, tokenizer_option
 from rwkv2rknn.artifact.plan import PRECISIONS
 from rwkv2rknn.errors import UsageError
-from rwkv2rknn.runtime.soc import TARGETS
 
 
 @cli.command()
 @click.argument("checkpoint", type=click.Path())
-@click.option(
-    "-o",
-    "--output",
+@output_option(
     "out",
+    "Folder to write embed.onnx, mixing_N.onnx and head.onnx into, or a file name "
+    "ending in .onnx for one whole-model file.",
     required=True,
     type=click.Path(),
-    help="Folder to write embed.onnx, mixing_N.onnx and head.onnx into, or a file name "
-    "ending in .onnx for one whole-model file.",
 )
 @click.option("--fp32", is_flag=True, help="Keep float32 (default: float16, like the public files).")
-@click.option(
-    "--tokenizer",
-    default=None,
-    help="Tokenizer to record for the model: bytes, world, or a tokenizer.json path "
+@tokenizer_option(
+    "Tokenizer to record for the model: bytes, world, or a tokenizer.json path "
     "(default: the model folder's tokenizer.json, else chosen from the vocabulary "
-    "size).",
+    "size)."
 )
-@click.option(
-    "--force", is_flag=True, help="Replace an output folder that holds other files (or an existing file)."
-)
+@force_option("Replace an output folder that holds other files (or an existing file).")
 @handle_errors
 def export(checkpoint: str, out: str, fp32: bool, tokenizer, force: bool) -> None:
     """Export an RWKV-4, 5.2, 6 or 7 CHECKPOINT to per-layer ONNX files or one .onnx file.
@@ -96,21 +90,13 @@ def _options(**kw):
 
 @cli.command(name="compile")
 @click.argument("model", type=click.Path())
-@click.option(
-    "-o",
-    "--output",
+@output_option(
     "out_dir",
+    "Artifact folder to write (manifest.json, plan.json, segments/).",
     required=True,
     type=click.Path(file_okay=False),
-    help="Artifact folder to write (manifest.json, plan.json, segments/).",
 )
-@click.option(
-    "--target",
-    default="rk3588",
-    show_default=True,
-    type=click.Choice(TARGETS),
-    help="Rockchip SoC to build the .rknn files for.",
-)
+@target_option("Rockchip SoC to build the .rknn files for.")
 @click.option("--plan-only", is_flag=True, help="Partition and cut only: no .rknn (needs no rknn-toolkit2).")
 @click.option(
     "--strict",
@@ -121,43 +107,37 @@ def _options(**kw):
 @click.option(
     "--dump-after",
     metavar="PASS",
-    default=None,
     help="Also write the graph after PASS to OUT/dump/after_PASS.onnx.",
 )
-@click.option(
+@option(
     "--range-tokens",
     type=click.IntRange(1, 4096),
     default=8,
-    show_default=True,
     help="Seeded sample tokens the fp16 range guard runs.",
 )
-@click.option(
+@option(
     "--quant",
     type=click.Choice(PRECISIONS),
     default="fp16",
-    show_default=True,
     help="Precision of the NPU segments: w8a8 and w16a16i are "
     "calibrated on real text and measured per segment.",
 )
 @click.option(
     "--calib-text",
     type=click.Path(dir_okay=False),
-    default=None,
     help="UTF-8 calibration text for --quant (default: a built-in sample that suits the model's tokenizer).",
 )
-@click.option(
+@option(
     "--calib-tokens",
     type=click.IntRange(16, 4096),
     default=256,
-    show_default=True,
     help="Tokens of calibration text for the --quant dataset (a quarter more are held "
     "out to measure each segment).",
 )
-@click.option(
+@option(
     "--quant-min-cos",
     type=click.FloatRange(-1, 1),
     default=0.99,
-    show_default=True,
     help="A quantised segment whose smallest cosine against fp32 on held-out rows is "
     "lower is built fp16 instead.",
 )
@@ -172,20 +152,17 @@ def _options(**kw):
 @click.option(
     "--cache-dir",
     type=click.Path(file_okay=False),
-    default=None,
     help="Build cache (default: $RWKV2RKNN_CACHE or ~/.cache/rwkv2rknn).",
 )
-@click.option(
+@option(
     "--prefill-rows",
     default="16,64",
-    show_default=True,
     help="Row counts T of the NPU builds for prefill (comma-separated), or 'none'.",
 )
-@click.option(
+@option(
     "--placement",
     type=click.Choice(["npu", "cost"]),
     default="npu",
-    show_default=True,
     help="npu: every constant-weight MatMul on the NPU; cost: only where the device "
     "profile says the NPU wins.",
 )
@@ -193,7 +170,6 @@ def _options(**kw):
     "--profile",
     "profile_path",
     type=click.Path(dir_okay=False),
-    default=None,
     help="Device profile JSON for --placement cost and the plan's estimates "
     "(default: published RK3588 figures).",
 )
@@ -203,11 +179,10 @@ def _options(**kw):
     help="Load the whole model as one graph instead of one stage at a time (needs about "
     "6x the fp32 weights in memory; --dump-after implies it).",
 )
-@click.option(
+@option(
     "--jobs",
     type=click.IntRange(0, 64),
     default=0,
-    show_default=True,
     help="rknn-toolkit2 builds side by side (0: as many as the cores and memory allow).",
 )
 @click.option(
@@ -217,7 +192,7 @@ def _options(**kw):
     "(loads the whole model as one graph; each compile already compares the cut "
     "model with its source, and names the failing pass when they differ).",
 )
-@click.option("--force", is_flag=True, help="Replace an output folder that holds other files.")
+@force_option()
 @click.option("--verbose", "tool_verbose", is_flag=True, help="Show rknn-toolkit2's own output.")
 @click.option(
     "--report",
