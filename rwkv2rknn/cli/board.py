@@ -8,6 +8,7 @@ import click
 
 from rwkv2rknn.cli.app import cli, handle_errors
 from rwkv2rknn.cli.options import (
+    FOLDER,
     artifact_argument,
     backend_option,
     force_option,
@@ -18,9 +19,7 @@ from rwkv2rknn.cli.options import (
 
 @cli.command(name="pack")
 @artifact_argument()
-@output_option(
-    "out_dir", "Folder to write the board's copy into.", required=True, type=click.Path(file_okay=False)
-)
+@output_option("out_dir", "Folder to write the board's copy into.", required=True, type=FOLDER)
 @force_option()
 @handle_errors
 def pack_cmd(artifact, out_dir, force):

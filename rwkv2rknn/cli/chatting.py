@@ -11,6 +11,8 @@ import click
 
 from rwkv2rknn.cli.app import cli, handle_errors, model_path, say
 from rwkv2rknn.cli.options import (
+    FILE,
+    FOLDER,
     artifact_argument,
     backend_option,
     core_mask_option,
@@ -28,7 +30,7 @@ HELP = (
 )
 
 
-# the sampler flags: flag, type, the SamplerArgs field (its default, the `rwkv` package's name), help
+# the sampler flags: flag, type, the SamplerArgs field it sets (and takes its default from), help
 SAMPLER_FLAGS = (
     ("--temperature", click.FloatRange(0, 100), "temperature", "Sampling temperature (0: greedy)."),
     (
@@ -60,8 +62,11 @@ SAMPLER_FLAGS = (
 
 
 def sampler_options(fn, d=CHAT_DEFAULTS):
-    """The sampler flags, with the `rwkv` package's names in the help."""
-    flags = [option(flag, type=t, default=getattr(d, field), help=h) for flag, t, field, h in SAMPLER_FLAGS]
+    """The sampler flags, with the `rwkv` package's names in the help; each passes its value
+    as the SamplerArgs field it sets."""
+    flags = [
+        option(flag, field, type=t, default=getattr(d, field), help=h) for flag, t, field, h in SAMPLER_FLAGS
+    ]
     return options(*flags, seed_option(help="Random seed for sampling."))(fn)
 
 
@@ -76,36 +81,11 @@ model_options = options(
 @cli.command()
 @model_options
 @click.option("--system", help="A system prompt, fed once at the start (kept by /reset).")
-@option(
-    "--max-tokens",
-    type=click.IntRange(1, 65536),
-    default=500,
-    help="Most tokens in one reply.",
-)
-@click.option(
-    "--load",
-    "load_file",
-    type=click.Path(dir_okay=False),
-    help="Start from a state saved with /save.",
-)
+@option("--max-tokens", type=click.IntRange(1, 65536), default=500, help="Most tokens in one reply.")
+@click.option("--load", "load_file", type=FILE, help="Start from a state saved with /save.")
 @sampler_options
 @handle_errors
-def chat(
-    artifact,
-    backend,
-    core_mask,
-    tokenizer,
-    system,
-    max_tokens,
-    load_file,
-    temperature,
-    top_p,
-    top_k,
-    presence_penalty,
-    frequency_penalty,
-    penalty_decay,
-    seed,
-):
+def chat(artifact, backend, core_mask, tokenizer, system, max_tokens, load_file, seed, **sampler):
     """Chat with ARTIFACT (default: the bundled model) in the terminal.
 
     \b
@@ -128,15 +108,7 @@ def chat(
     if load_file:
         session.load(load_file)
         say(f"loaded {len(session.tokens)} tokens of conversation from {load_file}")
-    args = SamplerArgs(
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        alpha_presence=presence_penalty,
-        alpha_frequency=frequency_penalty,
-        alpha_decay=penalty_decay,
-        token_ban=tuple(session.end_ids),
-    )
+    args = SamplerArgs(**sampler, token_ban=tuple(session.end_ids))
     sampler = Sampler(args, seed=seed, tokenizer=tok)
     if sys.stdin.isatty():
         try:
@@ -235,12 +207,7 @@ def _reply(session, sampler, text: str, max_tokens: int) -> None:
     default=16,
     help="Requests that may wait behind the one running; more get 429.",
 )
-@option(
-    "--max-prompt-tokens",
-    type=click.IntRange(1, None),
-    default=16384,
-    help="Longer prompts get 400.",
-)
+@option("--max-prompt-tokens", type=click.IntRange(1, None), default=16384, help="Longer prompts get 400.")
 @option(
     "--max-tokens",
     "default_max_tokens",
@@ -260,11 +227,7 @@ def _reply(session, sampler, text: str, max_tokens: int) -> None:
     default=256.0,
     help="Memory for states kept between requests (0: none).",
 )
-@click.option(
-    "--state-dir",
-    type=click.Path(file_okay=False),
-    help="Keep the state cache in this folder across restarts.",
-)
+@click.option("--state-dir", type=FOLDER, help="Keep the state cache in this folder across restarts.")
 @handle_errors
 def serve(
     artifact,

@@ -7,7 +7,15 @@ import sys
 import click
 
 from rwkv2rknn.cli.app import cli, handle_errors
-from rwkv2rknn.cli.options import force_option, option, output_option, target_option, tokenizer_option
+from rwkv2rknn.cli.options import (
+    FILE,
+    FOLDER,
+    force_option,
+    option,
+    output_option,
+    target_option,
+    tokenizer_option,
+)
 from rwkv2rknn.artifact.plan import PRECISIONS
 from rwkv2rknn.errors import UsageError
 
@@ -91,10 +99,7 @@ def _options(**kw):
 @cli.command(name="compile")
 @click.argument("model", type=click.Path())
 @output_option(
-    "out_dir",
-    "Artifact folder to write (manifest.json, plan.json, segments/).",
-    required=True,
-    type=click.Path(file_okay=False),
+    "out_dir", "Artifact folder to write (manifest.json, plan.json, segments/).", required=True, type=FOLDER
 )
 @target_option("Rockchip SoC to build the .rknn files for.")
 @click.option("--plan-only", is_flag=True, help="Partition and cut only: no .rknn (needs no rknn-toolkit2).")
@@ -105,9 +110,7 @@ def _options(**kw):
     "(default: fall back to the CPU, or to token-by-token prefill).",
 )
 @click.option(
-    "--dump-after",
-    metavar="PASS",
-    help="Also write the graph after PASS to OUT/dump/after_PASS.onnx.",
+    "--dump-after", metavar="PASS", help="Also write the graph after PASS to OUT/dump/after_PASS.onnx."
 )
 @option(
     "--range-tokens",
@@ -124,7 +127,7 @@ def _options(**kw):
 )
 @click.option(
     "--calib-text",
-    type=click.Path(dir_okay=False),
+    type=FILE,
     help="UTF-8 calibration text for --quant (default: a built-in sample that suits the model's tokenizer).",
 )
 @option(
@@ -150,9 +153,7 @@ def _options(**kw):
     "a segment costs the most KL (python bench/quant_search.py ART --alone measures it).",
 )
 @click.option(
-    "--cache-dir",
-    type=click.Path(file_okay=False),
-    help="Build cache (default: $RWKV2RKNN_CACHE or ~/.cache/rwkv2rknn).",
+    "--cache-dir", type=FOLDER, help="Build cache (default: $RWKV2RKNN_CACHE or ~/.cache/rwkv2rknn)."
 )
 @option(
     "--prefill-rows",
@@ -168,8 +169,7 @@ def _options(**kw):
 )
 @click.option(
     "--profile",
-    "profile_path",
-    type=click.Path(dir_okay=False),
+    type=FILE,
     help="Device profile JSON for --placement cost and the plan's estimates "
     "(default: published RK3588 figures).",
 )
@@ -181,6 +181,7 @@ def _options(**kw):
 )
 @option(
     "--jobs",
+    "build_jobs",
     type=click.IntRange(0, 64),
     default=0,
     help="rknn-toolkit2 builds side by side (0: as many as the cores and memory allow).",
@@ -193,7 +194,7 @@ def _options(**kw):
     "model with its source, and names the failing pass when they differ).",
 )
 @force_option()
-@click.option("--verbose", "tool_verbose", is_flag=True, help="Show rknn-toolkit2's own output.")
+@click.option("--verbose", is_flag=True, help="Show rknn-toolkit2's own output.")
 @click.option(
     "--report",
     "with_report",
@@ -202,65 +203,27 @@ def _options(**kw):
 )
 @handle_errors
 def compile_cmd(
-    model,
-    out_dir,
-    target,
-    plan_only,
-    strict,
-    dump_after,
-    range_tokens,
-    quant,
-    calib_text,
-    calib_tokens,
-    quant_min_cos,
-    quant_keep,
-    cache_dir,
-    prefill_rows,
-    placement,
-    profile_path,
-    whole_graph,
-    jobs,
-    verify_passes,
-    force,
-    tool_verbose,
-    with_report,
+    model, out_dir, dump_after, quant_keep, prefill_rows, whole_graph, force, with_report, **same
 ):
     """Compile MODEL (a folder of per-layer RWKV ONNX files, or one .onnx) into a hybrid
     NPU/CPU artifact."""
+    # ``same``: the flags named as the compiler's Options fields, passed on as they are
     keep = _parse_stages(quant_keep)
-    if keep and quant == "fp16":
+    if keep and same["quant"] == "fp16":
         raise UsageError("--quant-keep is for quantised builds", "add --quant w8a8 (or drop --quant-keep)")
-    if calib_text and quant == "fp16":
+    if same["calib_text"] and same["quant"] == "fp16":
         raise UsageError("--calib-text is for quantised builds", "add --quant w8a8 (or drop --calib-text)")
-    opts = _options(
-        target=target,
-        strict=strict,
-        plan_only=plan_only,
-        calib_tokens=calib_tokens,
-        range_tokens=range_tokens,
-        quant=quant,
-        calib_text=calib_text,
-        quant_min_cos=quant_min_cos,
-        quant_keep=keep,
-        cache_dir=cache_dir,
-        verbose=tool_verbose,
-        placement=placement,
-        profile=profile_path,
-        prefill_rows=_parse_rows(prefill_rows),
-        build_jobs=jobs,
-        stream=not whole_graph,
-        verify_passes=verify_passes,
-    )
+    opts = _options(**same, quant_keep=keep, prefill_rows=_parse_rows(prefill_rows), stream=not whole_graph)
     manifest = _compile_with_progress(model, out_dir, opts, force, dump_after)
     click.echo(manifest.table())
     for line in manifest.warnings():
         click.echo(f"warning: {line}", err=True)
-    if not plan_only:
+    if not opts.plan_only:
         from rwkv2rknn.runtime.device import describe_need, memory_need
 
         click.echo(f"board memory need: {describe_need(memory_need(manifest, out_dir))}")
     click.echo(f"artifact written to {out_dir}")
-    if quant != "fp16" and not plan_only:
+    if opts.quant != "fp16" and not opts.plan_only:
         _print_heldout_quality(model, out_dir, opts)
     if with_report:
         from rwkv2rknn.tools.report_html import write_report

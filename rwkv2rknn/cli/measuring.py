@@ -6,6 +6,8 @@ import click
 
 from rwkv2rknn.cli.app import check_out_file, cli, handle_errors, say
 from rwkv2rknn.cli.options import (
+    FILE,
+    FOLDER,
     backend_option,
     core_mask_option,
     option,
@@ -22,7 +24,7 @@ NPU_RUNNERS = click.Choice(["rknn-rt", "rknn-lite", "rknn-sim"])
 @click.option(
     "--build-probes",
     "build_dir",
-    type=click.Path(file_okay=False),
+    type=FOLDER,
     help="Compile machine: write the probe models (.onnx and .rknn) into this folder.",
 )
 @probes_option("Board: the folder of probes built with --build-probes.")
@@ -33,12 +35,7 @@ NPU_RUNNERS = click.Choice(["rknn-rt", "rknn-lite", "rknn-sim"])
 )
 @core_mask_option()
 @target_option()
-@output_option(
-    "out",
-    "Where to write the measured profile (JSON).",
-    type=click.Path(dir_okay=False),
-    default="profile.json",
-)
+@output_option("out", "Where to write the measured profile (JSON).", type=FILE, default="profile.json")
 @handle_errors
 def profile(build_dir, probe_dir, backend, core_mask, target, out):
     """Measure a device profile for `compile --placement cost --profile FILE`.
@@ -95,10 +92,10 @@ def profile(build_dir, probe_dir, backend, core_mask, target, out):
     help="Run this many single-core busy loops beside the timed phases (the loaded case, "
     "on purpose); they are stopped at the end.",
 )
-@click.option("--json-out", type=click.Path(dir_okay=False), help="Also save the figures as JSON.")
+@click.option("--json-out", type=FILE, help="Also save the figures as JSON.")
 @click.option(
     "--backtest",
-    type=click.Path(file_okay=False),
+    type=FOLDER,
     help="Instead: check the plan's estimator on this compiled artifact: measure this "
     "machine's profile, predict each segment's time on onnxruntime, run it and print "
     "predicted / measured per segment kind and per token.",

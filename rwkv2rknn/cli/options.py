@@ -14,6 +14,8 @@ from rwkv2rknn.runtime.soc import TARGETS
 BACKEND = click.Choice(list(BACKENDS))
 SEED = click.IntRange(0, 2**63 - 1)  # numpy's generators take no negative seed
 RKNN_IO = click.Choice(["auto", "copy", "zero-copy"])
+FILE = click.Path(dir_okay=False)  # a file's path (existing or to write)
+FOLDER = click.Path(file_okay=False)  # a folder's path
 TOKENIZER_HELP = "bytes, world, or a tokenizer.json path (default: the model's)."
 
 
@@ -82,7 +84,7 @@ def temperature_option(default: float):
 
 
 def text_option(help: str):
-    return click.option("--text", "text_file", type=click.Path(dir_okay=False), default=None, help=help)
+    return click.option("--text", "text_file", type=FILE, help=help)
 
 
 def reference_option(help: str):
@@ -90,4 +92,4 @@ def reference_option(help: str):
 
 
 def probes_option(help: str):
-    return click.option("--probes", "probe_dir", type=click.Path(file_okay=False), default=None, help=help)
+    return click.option("--probes", "probe_dir", type=FOLDER, help=help)

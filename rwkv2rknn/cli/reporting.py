@@ -5,16 +5,16 @@ from __future__ import annotations
 import click
 
 from rwkv2rknn.cli.app import cli, handle_errors
-from rwkv2rknn.cli.options import artifact_argument, option, output_option
+from rwkv2rknn.cli.options import FILE, artifact_argument, option, output_option
 
 
 @cli.command()
 @artifact_argument()
-@output_option("out", "HTML file to write (default: ARTIFACT/report.html).", type=click.Path(dir_okay=False))
+@output_option("out", "HTML file to write (default: ARTIFACT/report.html).", type=FILE)
 @click.option(
     "--bench",
     "bench_json",
-    type=click.Path(dir_okay=False),
+    type=FILE,
     help="Also chart these figures from `rwkv2rknn bench --json-out FILE`.",
 )
 @option(

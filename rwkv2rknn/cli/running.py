@@ -8,6 +8,7 @@ import click
 
 from rwkv2rknn.cli.app import check_out_file, cli, handle_errors, model_path, say
 from rwkv2rknn.cli.options import (
+    FILE,
     artifact_argument,
     backend_option,
     core_mask_option,
@@ -72,9 +73,7 @@ def _check_prompt(prompt: str) -> None:
 @tokenizer_option()
 @click.option("--tokens", help="Evaluation: feed these comma-separated token ids instead of a prompt.")
 @click.option(
-    "--logits-out",
-    type=click.Path(dir_okay=False),
-    help="With --tokens: save float32 logits [T, vocab] to this .npy file.",
+    "--logits-out", type=FILE, help="With --tokens: save float32 logits [T, vocab] to this .npy file."
 )
 @click.option(
     "--verify",
