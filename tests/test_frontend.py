@@ -92,7 +92,7 @@ def test_torch_onnx_files_build_and_run_on_the_simulator(
     src = export_torch(torch_sd, str(tmp_path / "src"), opset=opset, dynamic=dynamic, fp16=fp16)
     m = compile_model(src, str(tmp_path / "art"), Options(prefill_rows=(), strict=True))
     _block_matmuls_on_npu(m, TORCH["layers"])
-    assert all(s.rknn and not s.fallback for s in m.segments if s.backend == "npu")
+    assert all(s.token.rknn and not s.token.fallback for s in m.segments if s.backend == "npu")
     got = HybridModel(str(tmp_path / "art"), backend="rknn-sim").logits(torch_tokens)
     assert (got.argmax(1) == torch_ref.argmax(1)).mean() >= 0.9
     assert _rel(got, torch_ref) < 0.05
@@ -181,7 +181,7 @@ def test_rwkv2onnx_fp16_builds_and_runs_on_the_simulator(rwkv2onnx_files, per_la
     art = str(tmp_path / "art")
     m = compile_model(rwkv2onnx_files["fp16"], art, Options(prefill_rows=(), strict=True))
     _block_matmuls_on_npu(m, 3)
-    assert all(s.rknn and not s.fallback for s in m.segments if s.backend == "npu")
+    assert all(s.token.rknn and not s.token.fallback for s in m.segments if s.backend == "npu")
     got = HybridModel(art, backend="rknn-sim").logits(tokens[:24])
     assert (got.argmax(1) == per_layer_logits[:24].argmax(1)).mean() >= 0.99
 
@@ -216,7 +216,7 @@ def test_gemm_graph_is_placed_on_the_npu_and_counted(tmp_path):
     assert seg.backend == "npu" and seg.matmuls == 2
     assert seg.flops == 2 * (64 * 96 + 96 * 64) and m.npu_flop_share() == 1.0
     x = np.random.default_rng(0).standard_normal((1, 64)).astype(np.float32)
-    y = OrtRunner(str(tmp_path / "art" / seg.onnx)).infer({"x": x})["y"]
+    y = OrtRunner(str(tmp_path / "art" / seg.token.onnx)).infer({"x": x})["y"]
     np.testing.assert_allclose(y, gemm.reference(model, x), rtol=1e-5, atol=1e-5)
 
 

@@ -275,7 +275,8 @@ def predict(artifact: str, manifest, profile: DeviceProfile) -> List[float]:
     from rwkv2rknn.compiler.driver import estimate_file
 
     return [
-        estimate_file(os.path.join(artifact, seg.onnx), seg.backend, profile) for seg in manifest.segments
+        estimate_file(os.path.join(artifact, seg.token.onnx), seg.backend, profile)
+        for seg in manifest.segments
     ]
 
 
@@ -321,7 +322,7 @@ def weight_bytes(artifact: str, manifest) -> int:
     """Bytes of the segments' ONNX files (their weights, fp32 on the CPU) read per token."""
     total = 0
     for seg in manifest.segments:
-        path = os.path.join(artifact, seg.onnx)
+        path = os.path.join(artifact, seg.token.onnx)
         for part in (path, path + ".data"):
             if os.path.isfile(part):
                 total += os.path.getsize(part)

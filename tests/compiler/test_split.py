@@ -35,8 +35,8 @@ def test_one_file_streams_and_equals_the_whole_graph_compile(files, name, tmp_pa
     assert any("split into 5 stage files" in r for r in streamed.report)
     assert not any("split into" in r for r in whole.report)
     # the same segments, byte for byte, and the same model record
-    assert [(s.name, s.sha256, s.seq_sha256) for s in streamed.segments] == [
-        (s.name, s.sha256, s.seq_sha256) for s in whole.segments
+    assert [(s.name, s.token.sha256, s.seq.sha256) for s in streamed.segments] == [
+        (s.name, s.token.sha256, s.seq.sha256) for s in whole.segments
     ]
     assert streamed.model["source"] == os.path.abspath(path)
     assert streamed.model["source_state"] == whole.model["source_state"]
