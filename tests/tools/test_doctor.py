@@ -191,6 +191,7 @@ def test_iommu_domains_are_given_greedily_largest_file_first(tmp_path):
     sizes = {"a.rknn": 3000, "b.rknn": 2500, "c.rknn": 1500, "d.rknn": 1000, "e.seq.rknn": 900}
     for name, n in sizes.items():
         (tmp_path / name).write_bytes(b"#" * n)
+
     def seg(backend, rknn, seq_rknn=None):
         return NS(backend=backend, token=NS(rknn=rknn), seq=NS(rknn=seq_rknn))
 
