@@ -118,13 +118,13 @@ def rwkv2onnx_files(small_sd, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def one_files(small_sd, tmp_path_factory):
-    from rwkv2rknn.models.export import export_file
+    from rwkv2rknn.models.export import export
 
     d = tmp_path_factory.mktemp("onefile")
     out = {}
     for dtype in ("fp32", "fp16"):
         out[dtype] = str(d / f"{dtype}.onnx")
-        export_file(small_sd, out[dtype], fp32=dtype == "fp32", tokenizer="bytes")
+        export(small_sd, out[dtype], fp32=dtype == "fp32", tokenizer="bytes")
     return out
 
 
@@ -189,13 +189,13 @@ def test_rwkv2onnx_fp16_builds_and_runs_on_the_simulator(rwkv2onnx_files, per_la
 @pytest.mark.slow
 def test_one_file_export_puts_big_weights_beside_it(small_sd, tmp_path, tokens, per_layer_logits):
     from rwkv2rknn.errors import BadInput
-    from rwkv2rknn.models.export import export_file
+    from rwkv2rknn.models.export import export
 
     path = str(tmp_path / "m.onnx")
-    export_file(small_sd, path, fp32=True, external_limit=1000)
+    export(small_sd, path, fp32=True, external_limit=1000)
     assert os.path.getsize(path + ".data") > os.path.getsize(path)
     with pytest.raises(BadInput, match="--force"):
-        export_file(small_sd, path, fp32=True)
+        export(small_sd, path, fp32=True)
     compile_model(path, str(tmp_path / "art"), PLAN)
     got = HybridModel(str(tmp_path / "art")).logits(tokens[:6])
     assert _rel(got, per_layer_logits[:6]) < 1e-5

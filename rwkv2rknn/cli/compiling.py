@@ -51,7 +51,6 @@ def export(checkpoint: str, out: str, fp32: bool, tokenizer, force: bool) -> Non
 
     from rwkv2rknn.models.checkpoint import load_model
     from rwkv2rknn.models.export import arch_of, export as do_export
-    from rwkv2rknn.models.export import export_file
     from rwkv2rknn.runtime.tokenizer import check_fits, load_tokenizer, tokenizer_for_vocab
 
     if tokenizer:
@@ -64,7 +63,7 @@ def export(checkpoint: str, out: str, fp32: bool, tokenizer, force: bool) -> Non
         check_fits(load_tokenizer(folder_tok), shape.vocab, folder_tok)
     tok = tokenizer or (os.path.abspath(folder_tok) if folder_tok else tokenizer_for_vocab(shape.vocab))
     if out.endswith(".onnx"):
-        export_file(sd, out, fp32=fp32, tokenizer=tok, force=force)
+        do_export(sd, out, fp32=fp32, tokenizer=tok, force=force)
     else:
         with click.progressbar(length=shape.layers + 2, label="exporting", file=sys.stderr) as bar:
             do_export(

@@ -11,7 +11,7 @@ from rwkv2rknn.compiler import resources, split
 from rwkv2rknn.compiler.driver import compile_model
 from rwkv2rknn.compiler.ir import Options
 from rwkv2rknn.models import checkpoint
-from rwkv2rknn.models.export import export_file
+from rwkv2rknn.models.export import export
 from rwkv2rknn.tools.check import run_check
 
 
@@ -21,8 +21,8 @@ def files(tmp_path_factory):
     v7 = checkpoint.random_rwkv7(layers=3, width=128, vocab=97, seed=3)
     v4 = checkpoint.random_checkpoint(layers=3, width=48, vocab=97, seed=4)
     return {
-        "v7": export_file(v7, str(d / "v7.onnx"), fp32=True, tokenizer="bytes") and str(d / "v7.onnx"),
-        "v4": export_file(v4, str(d / "v4.onnx"), fp32=False, tokenizer="bytes") and str(d / "v4.onnx"),
+        "v7": export(v7, str(d / "v7.onnx"), fp32=True, tokenizer="bytes") and str(d / "v7.onnx"),
+        "v4": export(v4, str(d / "v4.onnx"), fp32=False, tokenizer="bytes") and str(d / "v4.onnx"),
     }
 
 
@@ -86,7 +86,7 @@ def test_a_big_one_file_model_compiles_within_twice_its_size(tmp_path):
     from compile_size import make_state_dict
 
     path = str(tmp_path / "big.onnx")
-    export_file(make_state_dict(12, 1024, 4096, "4"), path, fp32=True)
+    export(make_state_dict(12, 1024, 4096, "4"), path, fp32=True)
     size = os.path.getsize(path)
     assert size > 0.5 * 2**30
     out = subprocess.run(
