@@ -17,7 +17,10 @@ from rwkv2rknn.cli.options import (
     tokenizer_option,
 )
 from rwkv2rknn.artifact.plan import PRECISIONS
+from rwkv2rknn.compiler.ir import Options
 from rwkv2rknn.errors import UsageError
+
+DEFAULTS = Options()  # the compile flags' defaults are the compiler's own
 
 
 @cli.command()
@@ -90,8 +93,6 @@ def export(checkpoint: str, out: str, fp32: bool, tokenizer, force: bool) -> Non
 
 
 def _options(**kw):
-    from rwkv2rknn.compiler.ir import Options
-
     return Options(**{k: v for k, v in kw.items() if v is not None})
 
 
@@ -114,13 +115,13 @@ def _options(**kw):
 @option(
     "--range-tokens",
     type=click.IntRange(1, 4096),
-    default=8,
+    default=DEFAULTS.range_tokens,
     help="Seeded sample tokens the fp16 range guard runs.",
 )
 @option(
     "--quant",
     type=click.Choice(PRECISIONS),
-    default="fp16",
+    default=DEFAULTS.quant,
     help="Precision of the NPU segments: w8a8 and w16a16i are "
     "calibrated on real text and measured per segment.",
 )
@@ -132,14 +133,14 @@ def _options(**kw):
 @option(
     "--calib-tokens",
     type=click.IntRange(16, 4096),
-    default=256,
+    default=DEFAULTS.calib_tokens,
     help="Tokens of calibration text for the --quant dataset (a quarter more are held "
     "out to measure each segment).",
 )
 @option(
     "--quant-min-cos",
     type=click.FloatRange(-1, 1),
-    default=0.99,
+    default=DEFAULTS.quant_min_cos,
     help="A quantised segment whose smallest cosine against fp32 on held-out rows is "
     "lower is built fp16 instead.",
 )
@@ -162,7 +163,7 @@ def _options(**kw):
 @option(
     "--placement",
     type=click.Choice(["npu", "cost"]),
-    default="npu",
+    default=DEFAULTS.placement,
     help="npu: every constant-weight MatMul on the NPU; cost: only where the device "
     "profile says the NPU wins.",
 )
@@ -182,7 +183,7 @@ def _options(**kw):
     "--jobs",
     "build_jobs",
     type=click.IntRange(0, 64),
-    default=0,
+    default=DEFAULTS.build_jobs,
     help="rknn-toolkit2 builds side by side (0: as many as the cores and memory allow).",
 )
 @click.option(
