@@ -85,8 +85,18 @@ def export(
     (a folder): a tokenizer.json copied beside the files and recorded as the model's tokenizer
     (a Hugging Face folder's own); ``progress`` (a folder): called with each file's name."""
     if out.endswith(".onnx"):
-        return _export_file(sd, out, fp32, tokenizer, force, external_limit)
-    return _export_folder(sd, out, fp32, tokenizer, force, progress, tokenizer_file)
+        arch, shape = _export_file(sd, out, fp32, tokenizer, force, external_limit)
+    else:
+        arch, shape = _export_folder(sd, out, fp32, tokenizer, force, progress, tokenizer_file)
+    log.info(
+        "exported %s (%d layers, width %d, vocab %d) to %s",
+        arch.ARCH,
+        shape.layers,
+        shape.width,
+        shape.vocab,
+        out,
+    )
+    return shape
 
 
 def _export_folder(sd, out_dir, fp32, tokenizer, force, progress, tokenizer_file):
@@ -116,15 +126,7 @@ def _export_folder(sd, out_dir, fp32, tokenizer, force, progress, tokenizer_file
                 **arch.description(shape),
             },
         )
-    log.info(
-        "exported %s (%d layers, width %d, vocab %d) to %s",
-        arch.ARCH,
-        shape.layers,
-        shape.width,
-        shape.vocab,
-        out_dir,
-    )
-    return shape
+    return arch, shape
 
 
 # --------------------------------------------------------------------------------------------
@@ -282,12 +284,4 @@ def _export_file(sd, path, fp32, tokenizer, force, external_limit):
         helper.set_model_props(model, props)
         weight_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
         fileio.save_onnx_file(model, path, external=weight_bytes > external_limit, force=force)
-    log.info(
-        "exported %s (%d layers, width %d, vocab %d) to %s",
-        arch.ARCH,
-        shape.layers,
-        shape.width,
-        shape.vocab,
-        path,
-    )
-    return shape
+    return arch, shape
