@@ -19,6 +19,7 @@ from rwkv2rknn.cli.options import (
     option,
     options,
     seed_option,
+    temperature_option,
     tokenizer_option,
 )
 from rwkv2rknn.errors import Rwkv2RknnError, UsageError
@@ -32,7 +33,6 @@ HELP = (
 
 # the sampler flags: flag, type, the SamplerArgs field it sets (and takes its default from), help
 SAMPLER_FLAGS = (
-    ("--temperature", click.FloatRange(0, 100), "temperature", "Sampling temperature (0: greedy)."),
     (
         "--top-p",
         click.FloatRange(0, 1),
@@ -67,7 +67,8 @@ def sampler_options(fn, d=CHAT_DEFAULTS):
     flags = [
         option(flag, field, type=t, default=getattr(d, field), help=h) for flag, t, field, h in SAMPLER_FLAGS
     ]
-    return options(*flags, seed_option(help="Random seed for sampling."))(fn)
+    temperature = temperature_option(d.temperature)  # as `run` has it
+    return options(temperature, *flags, seed_option(help="Random seed for sampling."))(fn)
 
 
 model_options = options(

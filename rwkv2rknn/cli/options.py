@@ -20,7 +20,7 @@ TOKENIZER_HELP = "bytes, world, or a tokenizer.json path (default: the model's).
 
 
 def option(*decls: str, **kw):
-    """click.option whose default, when it has one (not a flag's), the help shows."""
+    """click.option that shows its default in the help (a flag's aside)."""
     if "default" in kw and not kw.get("is_flag"):
         kw.setdefault("show_default", True)
     return click.option(*decls, **kw)
@@ -54,7 +54,7 @@ def target_option(help: Optional[str] = None):
 
 
 def tokenizer_option(help: str = TOKENIZER_HELP):
-    return click.option("--tokenizer", default=None, help=help)
+    return click.option("--tokenizer", help=help)
 
 
 def seed_option(default: Optional[int] = None, help: Optional[str] = None):
@@ -88,7 +88,7 @@ def text_option(help: str):
 
 
 def reference_option(help: str):
-    return click.option("--reference", type=click.Path(), default=None, help=help)
+    return click.option("--reference", type=click.Path(), help=help)
 
 
 def probes_option(help: str):
