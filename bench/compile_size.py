@@ -56,12 +56,12 @@ V7_LORA = {"w": 96, "a": 96, "v": 64, "g": 256}
 
 def make_model(model_dir, layers, width, vocab, fp32=False, version="4", head_size=64, one_file=False):
     """Per-layer files in ``model_dir`` (or, ``one_file``, ``model_dir``/model.onnx)."""
-    from rwkv2rknn.models.export import export, export_file
+    from rwkv2rknn.models.export import export
 
     sd = make_state_dict(layers, width, vocab, version, head_size)
     if one_file:
         os.makedirs(model_dir, exist_ok=True)
-        export_file(sd, os.path.join(model_dir, "model.onnx"), fp32=fp32, force=True)
+        export(sd, os.path.join(model_dir, "model.onnx"), fp32=fp32, force=True)
     else:
         export(sd, model_dir, fp32=fp32, force=True)
 

@@ -62,20 +62,24 @@ def run(art: str, ids, quantised: dict, config: dict) -> np.ndarray:
                 if seg.name in quantised:
                     p = quantised[seg.name]
                     # the compile writes every NPU segment's datasets, also where it kept one fp16
-                    calib = (
-                        {"calib": "", "seq_calib": ""}
+                    token_calib, seq_calib = (
+                        ("", "")
                         if p == "fp16"
-                        else {
-                            "calib": seg.calib
+                        else (
+                            seg.token.calib
                             or (
                                 f"calib/{seg.name}.seq/dataset.txt"
                                 if seg.decode_rows
                                 else f"calib/{seg.name}/dataset.txt"
                             ),
-                            "seq_calib": seg.seq_calib or f"calib/{seg.name}.seq/dataset.txt",
-                        }
+                            seg.seq.calib or f"calib/{seg.name}.seq/dataset.txt",
+                        )
                     )
-                    seg = dataclasses.replace(seg, precision=p, seq_precision=p, **calib)
+                    seg = dataclasses.replace(
+                        seg,
+                        token=dataclasses.replace(seg.token, precision=p, calib=token_calib),
+                        seq=dataclasses.replace(seg.seq, precision=p, calib=seq_calib),
+                    )
                     model.runners[i].close()
                     model.runners[i] = model._runner(seg)
             model.backend = "ort"

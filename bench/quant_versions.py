@@ -57,7 +57,7 @@ def one(version: str, work: str) -> None:
             f"RWKV-{version} {q}: top-1 {np.mean(step.argmax(1) == ref[:64].argmax(1)):.3f} token by "
             f"token, {np.mean(chunks.argmax(1) == ref.argmax(1)):.3f} in chunks; max rel "
             f"{np.abs(chunks - ref).max() / np.abs(ref).max():.3f}; .rknn {size} bytes; "
-            f"{[s.precision_label() for s in npu]}; layouts {[s.seq_layout or 'rows' for s in npu]}",
+            f"{[s.precision_label() for s in npu]}; layouts {[s.seq.layout or 'rows' for s in npu]}",
             flush=True,
         )
     print(f"RWKV-{version}: {time.time() - t0:.0f} s", flush=True)

@@ -113,6 +113,7 @@ class _Draws:
         if width % head_size:
             raise ValueError(f"width {width} is not a multiple of the head size {head_size}")
         self.rng, self.c, self.v, self.scale = np.random.default_rng(seed), width, vocab, scale
+        self.head_size = head_size
         self.dtype = dtype  # of the matrices (float16: half the memory; vectors stay float32)
         self.ramp = np.arange(width, dtype=np.float32) / max(width - 1, 1)
 
@@ -157,17 +158,38 @@ class _Draws:
         )
 
 
-def random_rwkv7(
-    layers: int = 2,
-    width: int = 128,
-    vocab: int = 256,
-    head_size: int = 64,
-    lora: Optional[Dict[str, int]] = None,
-    ffn: Optional[int] = None,
-    seed: int = 0,
-    scale: float = 1.0,
-    dtype=np.float32,
-) -> Dict[str, np.ndarray]:
+def _slot_checkpoint(check):
+    """The maker of a random RWKV-6/7 state dict in the official key layout, around
+    ``fill(r, sd, layers, lora, ffn)``, which draws the version's tensors (``r``: a ``_Draws``,
+    ``lora``: the LoRA widths given, by name) into ``sd``; ``check`` validates the result. The
+    maker takes the arguments below and has ``fill``'s name and docstring."""
+
+    def wrap(fill):
+        def make(
+            layers: int = 2,
+            width: int = 128,
+            vocab: int = 256,
+            head_size: int = 64,
+            lora: Optional[Dict[str, int]] = None,
+            ffn: Optional[int] = None,
+            seed: int = 0,
+            scale: float = 1.0,
+            dtype=np.float32,
+        ) -> Dict[str, np.ndarray]:
+            r = _Draws(width, vocab, head_size, seed, scale, dtype)
+            sd: Dict[str, np.ndarray] = {}
+            fill(r, sd, layers, dict(lora or {}), ffn)
+            check(sd)
+            return sd
+
+        make.__name__, make.__qualname__, make.__doc__ = fill.__name__, fill.__qualname__, fill.__doc__
+        return make
+
+    return wrap
+
+
+@_slot_checkpoint(rwkv7.check_state_dict)
+def random_rwkv7(r: "_Draws", sd: Dict[str, np.ndarray], layers: int, lora: Dict[str, int], ffn) -> None:
     """A random RWKV-7 state dict in the official key layout and shapes.
 
     Mixes in [0, 1] that depend on depth, decay base ``w0`` spread over channels as in the
@@ -175,10 +197,9 @@ def random_rwkv7(
     ``lora`` (w/a/v/g), ``r_k`` (H, N), no v0/v1/v2 in layer 0, GroupNorm ``ln_x`` weights
     growing with depth; matrices ~ N(0, 1/fan_in) times ``scale``.
     """
-    r = _Draws(width, vocab, head_size, seed, scale, dtype)
-    c, f, w, near, vec3 = width, ffn or 4 * width, r.w, r.near, r.vec3
-    dims = {"w": 40, "a": 36, "v": 20, "g": 56, **(lora or {})}
-    sd: Dict[str, np.ndarray] = {}
+    c, head_size, w, near, vec3 = r.c, r.head_size, r.w, r.near, r.vec3
+    f = ffn or 4 * c
+    dims = {"w": 40, "a": 36, "v": 20, "g": 56, **lora}
     for i, b, depth, mix in r.layers(sd, layers):
         for j, m in enumerate("rwkvag"):
             jitter = 0.05 * r.rng.standard_normal(c)
@@ -200,30 +221,17 @@ def random_rwkv7(
         sd[b + "att.ln_x.bias"] = near(0.0, 0.05)
         sd[b + "ffn.x_k"] = vec3(1.0 - mix**4)
         sd[b + "ffn.key.weight"], sd[b + "ffn.value.weight"] = w(f, c), w(c, f)
-    rwkv7.check_state_dict(sd)
-    return sd
 
 
-def random_rwkv6(
-    layers: int = 2,
-    width: int = 128,
-    vocab: int = 256,
-    head_size: int = 64,
-    lora: Optional[Dict[str, int]] = None,
-    ffn: Optional[int] = None,
-    seed: int = 0,
-    scale: float = 1.0,
-    dtype=np.float32,
-) -> Dict[str, np.ndarray]:
+@_slot_checkpoint(rwkv6.check_state_dict)
+def random_rwkv6(r: "_Draws", sd: Dict[str, np.ndarray], layers: int, lora: Dict[str, int], ffn) -> None:
     """A random RWKV-6 state dict in the official key layout and shapes: ``time_maa_*``
     [1, 1, C], ``time_maa_w1`` (C, 5D), ``time_maa_w2`` (5, D, C), ``time_decay`` [1, 1, C] spread
     over channels as in the official init, its LoRA (C, D2)/(D2, C), ``time_faaaa`` (H, N), FFN
     width 3.5 C; LoRA widths ``lora`` (maa, decay) not powers of two by default."""
-    r = _Draws(width, vocab, head_size, seed, scale, dtype)
-    c, w, near, vec3 = width, r.w, r.near, r.vec3
+    c, head_size, w, near, vec3 = r.c, r.head_size, r.w, r.near, r.vec3
     f = ffn or int(3.5 * c) // 32 * 32
-    d = {"maa": 20, "decay": 44, **(lora or {})}
-    sd: Dict[str, np.ndarray] = {}
+    d = {"maa": 20, "decay": 44, **lora}
     for i, b, depth, mix in r.layers(sd, layers):
         for j, m in enumerate("xwkvrg"):
             sd[b + f"att.time_maa_{m}"] = vec3(np.clip(1.0 - mix ** (0.5 + 0.2 * j), 0, 1))
@@ -244,8 +252,6 @@ def random_rwkv6(
         sd[b + "ffn.time_maa_r"] = vec3(1.0 - mix**2)
         sd[b + "ffn.key.weight"], sd[b + "ffn.value.weight"] = w(f, c), w(c, f)
         sd[b + "ffn.receptance.weight"] = w(c, c)
-    rwkv6.check_state_dict(sd)
-    return sd
 
 
 def random_rwkv5(

@@ -5,8 +5,8 @@ rows as the public files; RWKV-5.2/6/7's block I/O is in ``models/slots.py``), p
 ``rwkv2rknn-model.json`` describing the model (arch, version, shape, state slots). fp16 by
 default, made by onnxconverter-common's ``convert_float_to_float16`` with default arguments,
 exactly as the public files were (RWKV-5.2/6/7: the recurrence nodes are kept in fp32 by the
-converter's block list); ``fp32=True`` keeps float32. ``export_file`` joins a model's graphs into
-one .onnx (the architecture, dtype and tokenizer in its metadata).
+converter's block list); ``fp32=True`` keeps float32. To a name ending in .onnx, ``export`` joins
+a model's graphs into one file (the architecture, dtype and tokenizer in its metadata).
 """
 
 from __future__ import annotations
@@ -57,26 +57,53 @@ def to_fp16(model, keep_fp32=()):
     return out
 
 
+ONE_FILE_LIMIT = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GB, less room for the graph itself
+
+
+def _stages(arch, sd, layers: int) -> list:
+    """(name prefix, file name, graph maker) of every stage in order: embed, L0, ..., head."""
+    stages = [("embed/", arch.EMBED_FILE, lambda: arch.embed_graph(sd))]
+    stages += [
+        (f"L{i}/", arch.BLOCK_FILE.format(i), lambda i=i: arch.block_graph(sd, i)) for i in range(layers)
+    ]
+    return stages + [("head/", arch.HEAD_FILE, lambda: arch.head_graph(sd))]
+
+
 def export(
     sd: Dict[str, np.ndarray],
-    out_dir: str,
+    out: str,
     fp32: bool = False,
     tokenizer: Optional[str] = None,
     force: bool = False,
     progress: Optional[Callable[[str], None]] = None,
     tokenizer_file: Optional[str] = None,
+    external_limit: int = ONE_FILE_LIMIT,
 ):
-    """Write the per-layer files of ``sd`` (validated) into ``out_dir``, atomically; returns
-    the model's shape. ``tokenizer_file``: a tokenizer.json copied beside the files and recorded
-    as the model's tokenizer (a Hugging Face folder's own)."""
+    """Write ``sd`` (validated), atomically, as the per-layer files of the folder ``out``, or for
+    a name ending in .onnx as one whole-model file (weights as external data ``OUT.data`` beside
+    it when they pass ``external_limit`` bytes); returns the model's shape. ``tokenizer_file``
+    (a folder): a tokenizer.json copied beside the files and recorded as the model's tokenizer
+    (a Hugging Face folder's own); ``progress`` (a folder): called with each file's name."""
+    if out.endswith(".onnx"):
+        arch, shape = _export_file(sd, out, fp32, tokenizer, force, external_limit)
+    else:
+        arch, shape = _export_folder(sd, out, fp32, tokenizer, force, progress, tokenizer_file)
+    log.info(
+        "exported %s (%d layers, width %d, vocab %d) to %s",
+        arch.ARCH,
+        shape.layers,
+        shape.width,
+        shape.vocab,
+        out,
+    )
+    return shape
+
+
+def _export_folder(sd, out_dir, fp32, tokenizer, force, progress, tokenizer_file):
     import shutil
 
     arch, shape = arch_of(sd)
-    stages = [(arch.EMBED_FILE, lambda: arch.embed_graph(sd))]
-    stages += [
-        (arch.BLOCK_FILE.format(i), (lambda i=i: arch.block_graph(sd, i))) for i in range(shape.layers)
-    ]
-    stages += [(arch.HEAD_FILE, lambda: arch.head_graph(sd))]
+    stages = [(file, make) for _, file, make in _stages(arch, sd, shape.layers)]
     keep = getattr(arch, "fp32_nodes", lambda m: [])
     with fileio.atomic_dir(out_dir, MODEL_JSON, force=force) as tmp:
         for name, build in stages:
@@ -99,21 +126,12 @@ def export(
                 **arch.description(shape),
             },
         )
-    log.info(
-        "exported %s (%d layers, width %d, vocab %d) to %s",
-        arch.ARCH,
-        shape.layers,
-        shape.width,
-        shape.vocab,
-        out_dir,
-    )
-    return shape
+    return arch, shape
 
 
 # --------------------------------------------------------------------------------------------
 # one whole-model file
 
-ONE_FILE_LIMIT = 2 * 1024**3 - 64 * 1024**2  # protobuf's 2 GB, less room for the graph itself
 METADATA_PREFIX = "rwkv2rknn."  # metadata_props keys the compiler reads back
 
 
@@ -152,9 +170,7 @@ class _Pieces:
         sd = self.sd
         arch, shape = arch_of(sd)
         keep = getattr(arch, "fp32_nodes", lambda m: [])
-        stages = [("embed/", lambda: arch.embed_graph(sd))]
-        stages += [(f"L{i}/", lambda i=i: arch.block_graph(sd, i)) for i in range(shape.layers)]
-        stages += [("head/", lambda: arch.head_graph(sd))]
+        stages = [(prefix, make) for prefix, _, make in _stages(arch, sd, shape.layers)]
         inter = tuple(getattr(arch, "INTER_LAYER", ()))
         inputs, outputs, logits_type, opset = [], [], None, None
         x, carried = None, {}  # the residual stream leaving the previous stage; inter-layer values
@@ -250,16 +266,7 @@ def _write_streamed(sd, fp32: bool, path: str, props: Dict[str, str], force: boo
     return shape
 
 
-def export_file(
-    sd: Dict[str, np.ndarray],
-    path: str,
-    fp32: bool = False,
-    tokenizer: Optional[str] = None,
-    force: bool = False,
-    external_limit: int = ONE_FILE_LIMIT,
-):
-    """The whole model as one .onnx file (weights as external data ``PATH.data`` beside it when
-    they pass ``external_limit`` bytes), written whole or not at all."""
+def _export_file(sd, path, fp32, tokenizer, force, external_limit):
     from onnx import helper
 
     arch, _ = arch_of(sd)
@@ -272,25 +279,9 @@ def export_file(
     # a time (a whole ModelProto of a 430M model took more than 12 GB to build and save)
     if sum(np.asarray(v).size * 4 for v in sd.values()) <= external_limit:
         shape = _write_streamed(sd, fp32, path, props, force)
-        log.info(
-            "exported %s (%d layers, width %d, vocab %d) to %s",
-            arch.ARCH,
-            shape.layers,
-            shape.width,
-            shape.vocab,
-            path,
-        )
-        return shape
-    model, shape, arch = whole_model(sd, fp32)
-    helper.set_model_props(model, props)
-    weight_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
-    fileio.save_onnx_file(model, path, external=weight_bytes > external_limit, force=force)
-    log.info(
-        "exported %s (%d layers, width %d, vocab %d) to %s",
-        arch.ARCH,
-        shape.layers,
-        shape.width,
-        shape.vocab,
-        path,
-    )
-    return shape
+    else:
+        model, shape, arch = whole_model(sd, fp32)
+        helper.set_model_props(model, props)
+        weight_bytes = sum(len(t.raw_data) for t in model.graph.initializer)
+        fileio.save_onnx_file(model, path, external=weight_bytes > external_limit, force=force)
+    return arch, shape

@@ -146,6 +146,19 @@ def shape_of(sd: Mapping[str, object]) -> Shape:
     return Shape(layers, width, ffn, vocab)
 
 
+def outer_shapes(c: int, v: int) -> Dict[str, tuple]:
+    """The shapes of the keys around the layers (embedding, ln0, the last LayerNorm, the head) of
+    width ``c`` and vocabulary ``v``: the same in every version."""
+    return {
+        "emb.weight": (v, c),
+        "blocks.0.ln0.weight": (c,),
+        "blocks.0.ln0.bias": (c,),
+        "ln_out.weight": (c,),
+        "ln_out.bias": (c,),
+        "head.weight": (v, c),
+    }
+
+
 def check_state_dict(sd: Mapping[str, object]) -> Shape:
     """Validate an RWKV-4 state dict; return its shape or raise a one-line UnsupportedModel."""
     version = detect_version(sd)
@@ -156,14 +169,7 @@ def check_state_dict(sd: Mapping[str, object]) -> Shape:
     shape = shape_of(sd)
     c, f, v = shape.width, shape.ffn, shape.vocab
     dims = {"C": (c,), "11C": (1, 1, c), "CC": (c, c), "FC": (f, c), "CF": (c, f)}
-    expected = {
-        "emb.weight": (v, c),
-        "blocks.0.ln0.weight": (c,),
-        "blocks.0.ln0.bias": (c,),
-        "ln_out.weight": (c,),
-        "ln_out.bias": (c,),
-        "head.weight": (v, c),
-    }
+    expected = outer_shapes(c, v)
     for i in range(shape.layers):
         for key, kind in _BLOCK_KEYS.items():
             expected[f"blocks.{i}.{key}"] = dims[kind]

@@ -22,19 +22,8 @@ import numpy as np
 
 from rwkv2rknn.models import graph, rwkv6, slots
 from rwkv2rknn.models.graph import dims
-from rwkv2rknn.models.slots import (  # noqa: F401 - the surface the loader and export use
-    BLOCK_FILE,
-    EMBED_FILE,
-    EMBED_IO,
-    HEAD_FILE,
-    HEAD_IO,
-    LN_EPS,
-    OUT_SUFFIX,
-    STATE_IO,
-    STATE_SLOTS,
-    WKV_PREFIX,
-    fp32_nodes,
-)
+from rwkv2rknn.models.slots import *  # noqa: F403 - the surface the loader and export use
+from rwkv2rknn.models.slots import LN_EPS, WKV_PREFIX
 
 ARCH = "rwkv5"
 VERSION = "5"
@@ -97,10 +86,7 @@ def block_graph(sd: Mapping[str, object], i: int):
     mixed = slots.shift_mix(g, xx, "att_shift", {m: 1.0 - p[f"att.time_mix_{m}"] for m in MIXES}, "att")[0]
     s = {
         "wkv": "wkv",
-        "r": g.rows(mixed["r"], [p["att.receptance.weight"]], "att.receptance"),
-        "k": g.rows(mixed["k"], [p["att.key.weight"]], "att.key"),
-        "v": g.rows(mixed["v"], [p["att.value.weight"]], "att.value"),
-        "g": g.rows(mixed["g"], [p["att.gate.weight"]], "att.gate"),
+        **slots.projections(g, mixed, p),
         "w": g.const(WKV_PREFIX + "decay", np.exp(-np.exp(p["att.time_decay"])).astype(np.float32)),
     }
     return slots.gated_block_tail(g, p, s, h, n, i, xx, 1.0 - p["ffn.time_mix_k"], 1.0 - p["ffn.time_mix_r"])

@@ -28,19 +28,8 @@ import numpy as np
 
 from rwkv2rknn.models import graph, slots
 from rwkv2rknn.models.graph import dims
-from rwkv2rknn.models.slots import (  # noqa: F401 - the surface the loader and export use
-    BLOCK_FILE,
-    EMBED_FILE,
-    EMBED_IO,
-    HEAD_FILE,
-    HEAD_IO,
-    LN_EPS,
-    OUT_SUFFIX,
-    STATE_IO,
-    STATE_SLOTS,
-    WKV_PREFIX,
-    fp32_nodes,
-)
+from rwkv2rknn.models.slots import *  # noqa: F403 - the surface the loader and export use
+from rwkv2rknn.models.slots import LN_EPS, WKV_PREFIX
 
 ARCH = "rwkv6"
 VERSION = "6"
@@ -133,10 +122,7 @@ def block_graph(sd: Mapping[str, object], i: int):
         mixed[m] = g.op("Add", xx, g.op("Mul", delta, amount, name=f"att.mix_{m}.d"), name=f"att.mix_{m}")
     s = {
         "wkv": "wkv",
-        "r": g.rows(mixed["r"], [p["att.receptance.weight"]], "att.receptance"),
-        "k": g.rows(mixed["k"], [p["att.key.weight"]], "att.key"),
-        "v": g.rows(mixed["v"], [p["att.value.weight"]], "att.value"),
-        "g": g.rows(mixed["g"], [p["att.gate.weight"]], "att.gate"),
+        **slots.projections(g, mixed, p),
         "w": g.rows(
             mixed["w"], [p["att.time_decay_w1"], p["att.time_decay_w2"]], "att.decay_lora", acts=("Tanh",)
         ),

@@ -36,19 +36,8 @@ import numpy as np
 from rwkv2rknn.errors import UnsupportedModel
 from rwkv2rknn.models import graph, slots
 from rwkv2rknn.models.graph import dims
-from rwkv2rknn.models.slots import (  # noqa: F401 - the surface the loader and export use
-    BLOCK_FILE,
-    EMBED_FILE,
-    EMBED_IO,
-    HEAD_FILE,
-    HEAD_IO,
-    LN_EPS,
-    OUT_SUFFIX,
-    STATE_IO,
-    STATE_SLOTS,
-    WKV_PREFIX,
-    fp32_nodes,
-)
+from rwkv2rknn.models.slots import *  # noqa: F403 - the surface the loader and export use
+from rwkv2rknn.models.slots import LN_EPS, OUT_SUFFIX, WKV_PREFIX
 
 ARCH = "rwkv7"
 VERSION = "7"

@@ -33,6 +33,22 @@ STATE_SLOTS = (("att_shift", "C", False), ("wkv", "HNN", True), ("ffn_shift", "C
 STATE_IO = tuple((name, name + OUT_SUFFIX, acc) for name, _, acc in STATE_SLOTS)
 WKV_PREFIX = "wkv."  # node names of the recurrence inside a block
 
+# The surface every slot version offers the loader and export as its own (``arch.BLOCK_FILE``,
+# ...): each one takes it with ``from rwkv2rknn.models.slots import *``.
+__all__ = [
+    "BLOCK_FILE",
+    "EMBED_FILE",
+    "EMBED_IO",
+    "HEAD_FILE",
+    "HEAD_IO",
+    "LN_EPS",
+    "OUT_SUFFIX",
+    "STATE_IO",
+    "STATE_SLOTS",
+    "WKV_PREFIX",
+    "fp32_nodes",
+]
+
 
 @dataclass(frozen=True)
 class Shape(rwkv4.Shape):
@@ -184,6 +200,12 @@ def block_params(sd, i: int, flat: Sequence[str] = ()) -> Dict[str, np.ndarray]:
     return p
 
 
+def projections(g, mixed: Dict[str, str], p) -> Dict[str, str]:
+    """r, k, v and the gate g of RWKV-5.2 and 6: each mixed input times its (C, C) projection."""
+    names = {"r": "receptance", "k": "key", "v": "value", "g": "gate"}
+    return {m: g.rows(mixed[m], [p[f"att.{name}.weight"]], f"att.{name}") for m, name in names.items()}
+
+
 def expected_shapes(
     shape: Shape, projections: Sequence[str], ffn: Sequence[str], per_layer
 ) -> Dict[str, tuple]:
@@ -191,14 +213,7 @@ def expected_shapes(
     and ``ln_x``, ``att.{projections}.weight`` (C, C), the channel mix's key (F, C), value
     (C, F) and the (C, C) ``ffn`` ones, plus what ``per_layer(i, prefix)`` adds, and the head."""
     c, f, v = shape.width, shape.ffn, shape.vocab
-    out = {
-        "emb.weight": (v, c),
-        "blocks.0.ln0.weight": (c,),
-        "blocks.0.ln0.bias": (c,),
-        "ln_out.weight": (c,),
-        "ln_out.bias": (c,),
-        "head.weight": (v, c),
-    }
+    out = rwkv4.outer_shapes(c, v)
     for i in range(shape.layers):
         b = f"blocks.{i}."
         for key in ("ln1.weight", "ln1.bias", "ln2.weight", "ln2.bias", "att.ln_x.weight", "att.ln_x.bias"):

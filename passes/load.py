@@ -43,13 +43,10 @@ def import_stage(path: str, prefix: str, ctx_facts: Optional[dict] = None):
     if ctx_facts is not None:
         ctx_facts.update(canonicalize.file_facts(model))
         ctx_facts["unread"] = canonicalize.dangling_constants(model)
-    try:
+    with fileio.as_bad_input(
+        f"'{path}' cannot be read as a graph", "the file is corrupt; export it again", 80
+    ):
         graph = gs.import_onnx(model)
-    except Exception as e:
-        raise BadInput(
-            f"'{path}' cannot be read as a graph ({type(e).__name__}: {str(e)[:80]})",
-            "the file is corrupt; export it again",
-        ) from e
     arrays = _raw_arrays(model)
     for t in graph.tensors().values():  # the weights as arrays now, so the file's proto goes:
         if is_const(t):  # (else the folding would load them later with the proto still held)

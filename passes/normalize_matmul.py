@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from rwkv2rknn.compiler.ir import Context, const_value, transposed
+from rwkv2rknn.compiler.ir import Context, const_value, reshape_node, transposed
 
 NAME = "normalize_matmul"
 
@@ -47,20 +47,10 @@ def run(ctx: Context) -> None:
         base = node.name
         row = gs.Variable(f"{base}.row_in", dtype=np.float32, shape=[1, k])
         y = gs.Variable(f"{base}.row_out", dtype=np.float32, shape=[1, n])
-        pre = gs.Node(
-            "Reshape",
-            name=f"{base}.to_row",
-            inputs=[x, gs.Constant(f"{base}.row_shape", np.array([1, k], np.int64))],
-            outputs=[row],
-        )
+        pre = reshape_node(x, row, [1, k], f"{base}.to_row", f"{base}.row_shape")
         node.inputs = [row, gs.Constant(f"{w.name}.T", transposed(wv))]
         node.outputs = [y]
-        post = gs.Node(
-            "Reshape",
-            name=f"{base}.to_vec",
-            inputs=[y, gs.Constant(f"{base}.vec_shape", np.array(out_shape, np.int64))],
-            outputs=[out],
-        )
+        post = reshape_node(y, out, out_shape, f"{base}.to_vec", f"{base}.vec_shape")
         graph.nodes += [pre, post]
         changed += 1
     batched = sum(_unbatch(graph, n) for n in list(graph.nodes) if n.op == "MatMul")
@@ -99,14 +89,7 @@ def _unbatch(graph, node) -> bool:
 
     def reshape(t, dims, name):
         y = var(name, dims)
-        graph.nodes.append(
-            gs.Node(
-                "Reshape",
-                name=f"{base}.{name}",
-                outputs=[y],
-                inputs=[t, gs.Constant(f"{base}.{name}.shape", np.array(dims, np.int64))],
-            )
-        )
+        graph.nodes.append(reshape_node(t, y, dims, f"{base}.{name}", f"{base}.{name}.shape"))
         return y
 
     parts = [var(f"part{j}", [1, m, k]) for j in range(b)]
@@ -145,14 +128,7 @@ def _unbatch(graph, node) -> bool:
         )
     )
     node.inputs, node.outputs = [], []
-    graph.nodes.append(
-        gs.Node(
-            "Reshape",
-            name=f"{base}.joined",
-            outputs=[out],
-            inputs=[joined, gs.Constant(f"{base}.out_shape", np.array(out.shape, np.int64))],
-        )
-    )
+    graph.nodes.append(reshape_node(joined, out, out.shape, f"{base}.joined", f"{base}.out_shape"))
     for t in [out] + [r.outputs[0] for r in out.outputs if r.op == "Reshape"]:
         dims = list(t.shape or [])
         for reader in list(t.outputs):
@@ -169,14 +145,8 @@ def _unbatch(graph, node) -> bool:
             got = reader.outputs[0]
             reader.outputs = []
             graph.nodes.append(
-                gs.Node(
-                    "Reshape",
-                    name=f"{reader.name}.slice",
-                    outputs=[got],
-                    inputs=[
-                        ys[int(idx)],
-                        gs.Constant(f"{reader.name}.slice_shape", np.array(got.shape, np.int64)),
-                    ],
+                reshape_node(
+                    ys[int(idx)], got, got.shape, f"{reader.name}.slice", f"{reader.name}.slice_shape"
                 )
             )
     return True

@@ -43,7 +43,7 @@ from typing import Dict, List, Tuple
 import numpy as np
 
 from rwkv2rknn.errors import UnsupportedModel
-from rwkv2rknn.compiler.ir import Context, StateSlot
+from rwkv2rknn.compiler.ir import Context, StateSlot, reshape_node
 from rwkv2rknn.passes import unstack
 
 NAME = "recognize"
@@ -172,14 +172,7 @@ def _match_state_shapes(graph, pairs) -> None:
             node.outputs = [src if t is tout else t for t in node.outputs]
         for node in list(tout.outputs):
             node.inputs = [src if t is tout else t for t in node.inputs]
-        graph.nodes.append(
-            gs.Node(
-                "Reshape",
-                name=o + ".reshape",
-                inputs=[src, gs.Constant(o + ".shape", np.array(a, np.int64))],
-                outputs=[tout],
-            )
-        )
+        graph.nodes.append(reshape_node(src, tout, a, o + ".reshape", o + ".shape"))
         tout.shape = a
     graph.toposort()
 
@@ -311,14 +304,7 @@ def _normalize_token(graph, token):
         x = y
     if shape != [1]:
         y = gs.Variable(f"{new.name}.reshaped", dtype=dtype, shape=shape)
-        graph.nodes.append(
-            gs.Node(
-                "Reshape",
-                name=f"{new.name}.reshape",
-                inputs=[x, gs.Constant(f"{new.name}.shape", np.array(shape, np.int64))],
-                outputs=[y],
-            )
-        )
+        graph.nodes.append(reshape_node(x, y, shape, f"{new.name}.reshape", f"{new.name}.shape"))
         x = y
     for n in readers:
         n.inputs = [x if t is token else t for t in n.inputs]

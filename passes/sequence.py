@@ -27,30 +27,19 @@ from typing import Optional
 
 import numpy as np
 
-from rwkv2rknn.compiler.ir import Context, GraphSegment, const_value, export, replace_uses, toposort_chains
+from rwkv2rknn.compiler.ir import (
+    Context,
+    GraphSegment,
+    const_value,
+    export,
+    replace_uses,
+    reshape_node,
+    toposort_chains,
+)
+from rwkv2rknn.passes.support import ARITHMETIC
 
 NAME = "sequence"
-_ROWWISE = {
-    "Add",
-    "Sub",
-    "Mul",
-    "Div",
-    "Relu",
-    "Sigmoid",
-    "Sqrt",
-    "Neg",
-    "Tanh",
-    "Abs",
-    "Pow",
-    "Identity",
-    "MatMul",
-    "ReduceMean",
-    "Reshape",
-    "Exp",
-    "Max",
-    "Min",
-    "Split",
-}
+_ROWWISE = ARITHMETIC | {"Pow", "Identity", "MatMul", "ReduceMean", "Reshape", "Exp", "Max", "Min", "Split"}
 _SHAPE_INPUTS = {"Reshape", "Split"}  # their constant inputs are shapes and sizes, not values
 
 
@@ -247,12 +236,7 @@ def _variant(ctx: Context, seg: GraphSegment, take: bool = False):
         prev = gs.Variable(f"{name}.prev", dtype=np.float32)
         replace_uses(cur, prev)  # before the nodes below, which read cur itself
         g.nodes += [
-            gs.Node(
-                "Reshape",
-                name=f"{name}.as_row",
-                inputs=[cur, gs.Constant(f"{name}.row_shape", np.array([1, width], np.int64))],
-                outputs=[first],
-            ),
+            reshape_node(cur, first, [1, width], f"{name}.as_row", f"{name}.row_shape"),
             gs.Node(
                 "Slice",
                 name=f"{slot.output}.drop_last",

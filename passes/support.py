@@ -27,22 +27,9 @@ from rwkv2rknn.compiler.ir import Context, const_value
 
 NAME = "support"
 
-ELEMENTWISE = {
-    "Add",
-    "Sub",
-    "Mul",
-    "Div",
-    "Relu",
-    "Sigmoid",
-    "Sqrt",
-    "Neg",
-    "Tanh",
-    "Abs",
-    "Clip",
-    "LeakyRelu",
-    "HardSigmoid",
-    "Softplus",
-}
+# elementwise arithmetic: the same on one row as on T rows (``sequence`` builds on it)
+ARITHMETIC = {"Add", "Sub", "Mul", "Div", "Relu", "Sigmoid", "Sqrt", "Neg", "Tanh", "Abs"}
+ELEMENTWISE = ARITHMETIC | {"Clip", "LeakyRelu", "HardSigmoid", "Softplus"}
 LAYOUT = {"Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Transpose", "Split"}
 REDUCE = {"ReduceMean", "ReduceSum", "LayerNormalization"}
 CPU_REASONS = {

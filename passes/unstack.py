@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from rwkv2rknn.errors import UnsupportedModel
-from rwkv2rknn.compiler.ir import const_value, replace_uses
+from rwkv2rknn.compiler.ir import const_value, replace_uses, reshape_node
 
 Region = Tuple[int, int]
 
@@ -139,14 +139,7 @@ def _reshaped(graph, t, shape, name: str):
     import onnx_graphsurgeon as gs
 
     out = gs.Variable(name, dtype=t.dtype, shape=list(shape))
-    graph.nodes.append(
-        gs.Node(
-            "Reshape",
-            name=f"{name}.reshape",
-            inputs=[t, gs.Constant(f"{name}.shape", np.array(shape, np.int64))],
-            outputs=[out],
-        )
-    )
+    graph.nodes.append(reshape_node(t, out, shape, f"{name}.reshape", f"{name}.shape"))
     return out
 
 

@@ -37,6 +37,17 @@ def cache_root(explicit: Optional[str] = None) -> str:
     return root
 
 
+@contextlib.contextmanager
+def as_bad_input(problem: str, fix: str, detail: int = 0) -> Iterator[None]:
+    """A reader's failure inside the block as one BadInput line: ``problem (ErrorType)``, with
+    the first ``detail`` characters of its message when ``detail`` is given."""
+    try:
+        yield
+    except Exception as e:
+        said = f": {str(e)[:detail]}" if detail else ""
+        raise BadInput(f"{problem} ({type(e).__name__}{said})", fix) from e
+
+
 def load_onnx(path: str):
     """An ONNX ModelProto, with a one-line error for a missing, truncated or non-ONNX file.
     Weights kept as external data (beside the file) are read in."""
@@ -45,13 +56,10 @@ def load_onnx(path: str):
         raise BadInput(f"'{path}' does not exist", "check the path")
     if os.path.getsize(path) == 0:
         raise BadInput(f"'{path}' is empty", "the file was not written completely; export it again")
-    try:
+    with as_bad_input(
+        f"'{path}' is not a readable ONNX model", "the file is truncated or not ONNX; export it again"
+    ):
         model = onnx.load(path)
-    except Exception as e:
-        raise BadInput(
-            f"'{path}' is not a readable ONNX model ({type(e).__name__})",
-            "the file is truncated or not ONNX; export it again",
-        ) from e
     if len(model.graph.node) == 0:
         raise BadInput(
             f"'{path}' is not a readable ONNX model (no nodes)",
@@ -94,7 +102,7 @@ def save_onnx(model, path: str, external_above: Optional[int] = None, keep: bool
     is done with the model and would rather not hold it twice). Returns the SHA-256 of the
     bytes written, hashed as they are written (the manifest's checksum without reading the file
     back), or '' for a model saved with external data."""
-    onnx = _onnx()
+    _onnx()  # the missing package said before anything is written
     limit = EXTERNAL_ABOVE if external_above is None else external_above
     tmp = f"{path}.tmp{os.getpid()}"
     data = path + ".data"
@@ -102,14 +110,7 @@ def save_onnx(model, path: str, external_above: Optional[int] = None, keep: bool
     try:
         if tensor_bytes(model) > limit:
             remove_quietly(data)  # onnx appends to an existing data file
-            onnx.save_model(
-                model,
-                tmp,
-                save_as_external_data=True,
-                all_tensors_to_one_file=True,
-                location=os.path.basename(data),
-                size_threshold=1024,
-            )
+            _save_external(model, tmp, data)
             if keep:
                 from onnx.external_data_helper import load_external_data_for_model
 
@@ -342,6 +343,18 @@ def partial_folder(path: str, force: bool = False) -> Tuple[str, str]:
     return path, tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.partial-{os.getpid()}-", dir=folder)
 
 
+def _save_external(model, path: str, data: str) -> None:
+    """Save ``model`` as ``path`` with every weight above 1 KiB in the one file ``data`` beside it."""
+    _onnx().save_model(
+        model,
+        path,
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=os.path.basename(data),
+        size_threshold=1024,
+    )
+
+
 def save_onnx_file(model, path: str, external: bool = False, force: bool = False) -> None:
     """Save a model as ``path`` (with ``external``: its weights in ``PATH.data`` beside it),
     written under temporary names and renamed into place, so a failed or interrupted save
@@ -352,14 +365,7 @@ def save_onnx_file(model, path: str, external: bool = False, force: bool = False
     try:
         tmp_path = os.path.join(tmp, os.path.basename(path))
         if external:
-            onnx.save_model(
-                model,
-                tmp_path,
-                save_as_external_data=True,
-                all_tensors_to_one_file=True,
-                location=os.path.basename(data),
-                size_threshold=1024,
-            )
+            _save_external(model, tmp_path, data)
             os.replace(tmp_path + ".data", data)
         else:
             onnx.save_model(model, tmp_path)

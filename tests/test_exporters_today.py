@@ -96,7 +96,7 @@ def test_torch_exports_build_and_check_on_the_simulator(version, name, models, t
     src = _source(version, name, sd, tmp_path)
     art = str(tmp_path / "art")
     m = compile_model(src, art, Options(prefill_rows=(), strict=True))
-    assert all(s.rknn and not s.fallback for s in m.segments if s.backend == "npu")
+    assert all(s.token.rknn and not s.token.fallback for s in m.segments if s.backend == "npu")
     got = HybridModel(art, backend="rknn-sim").logits(tokens)
     assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.9
     assert _rel(got, ref) < 0.05

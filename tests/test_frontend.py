@@ -92,7 +92,7 @@ def test_torch_onnx_files_build_and_run_on_the_simulator(
     src = export_torch(torch_sd, str(tmp_path / "src"), opset=opset, dynamic=dynamic, fp16=fp16)
     m = compile_model(src, str(tmp_path / "art"), Options(prefill_rows=(), strict=True))
     _block_matmuls_on_npu(m, TORCH["layers"])
-    assert all(s.rknn and not s.fallback for s in m.segments if s.backend == "npu")
+    assert all(s.token.rknn and not s.token.fallback for s in m.segments if s.backend == "npu")
     got = HybridModel(str(tmp_path / "art"), backend="rknn-sim").logits(torch_tokens)
     assert (got.argmax(1) == torch_ref.argmax(1)).mean() >= 0.9
     assert _rel(got, torch_ref) < 0.05
@@ -118,13 +118,13 @@ def rwkv2onnx_files(small_sd, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def one_files(small_sd, tmp_path_factory):
-    from rwkv2rknn.models.export import export_file
+    from rwkv2rknn.models.export import export
 
     d = tmp_path_factory.mktemp("onefile")
     out = {}
     for dtype in ("fp32", "fp16"):
         out[dtype] = str(d / f"{dtype}.onnx")
-        export_file(small_sd, out[dtype], fp32=dtype == "fp32", tokenizer="bytes")
+        export(small_sd, out[dtype], fp32=dtype == "fp32", tokenizer="bytes")
     return out
 
 
@@ -181,7 +181,7 @@ def test_rwkv2onnx_fp16_builds_and_runs_on_the_simulator(rwkv2onnx_files, per_la
     art = str(tmp_path / "art")
     m = compile_model(rwkv2onnx_files["fp16"], art, Options(prefill_rows=(), strict=True))
     _block_matmuls_on_npu(m, 3)
-    assert all(s.rknn and not s.fallback for s in m.segments if s.backend == "npu")
+    assert all(s.token.rknn and not s.token.fallback for s in m.segments if s.backend == "npu")
     got = HybridModel(art, backend="rknn-sim").logits(tokens[:24])
     assert (got.argmax(1) == per_layer_logits[:24].argmax(1)).mean() >= 0.99
 
@@ -189,13 +189,13 @@ def test_rwkv2onnx_fp16_builds_and_runs_on_the_simulator(rwkv2onnx_files, per_la
 @pytest.mark.slow
 def test_one_file_export_puts_big_weights_beside_it(small_sd, tmp_path, tokens, per_layer_logits):
     from rwkv2rknn.errors import BadInput
-    from rwkv2rknn.models.export import export_file
+    from rwkv2rknn.models.export import export
 
     path = str(tmp_path / "m.onnx")
-    export_file(small_sd, path, fp32=True, external_limit=1000)
+    export(small_sd, path, fp32=True, external_limit=1000)
     assert os.path.getsize(path + ".data") > os.path.getsize(path)
     with pytest.raises(BadInput, match="--force"):
-        export_file(small_sd, path, fp32=True)
+        export(small_sd, path, fp32=True)
     compile_model(path, str(tmp_path / "art"), PLAN)
     got = HybridModel(str(tmp_path / "art")).logits(tokens[:6])
     assert _rel(got, per_layer_logits[:6]) < 1e-5
@@ -216,7 +216,7 @@ def test_gemm_graph_is_placed_on_the_npu_and_counted(tmp_path):
     assert seg.backend == "npu" and seg.matmuls == 2
     assert seg.flops == 2 * (64 * 96 + 96 * 64) and m.npu_flop_share() == 1.0
     x = np.random.default_rng(0).standard_normal((1, 64)).astype(np.float32)
-    y = OrtRunner(str(tmp_path / "art" / seg.onnx)).infer({"x": x})["y"]
+    y = OrtRunner(str(tmp_path / "art" / seg.token.onnx)).infer({"x": x})["y"]
     np.testing.assert_allclose(y, gemm.reference(model, x), rtol=1e-5, atol=1e-5)
 
 

@@ -37,15 +37,15 @@ def _plan_holds(art, layers=3, tmp=None):
     m = HybridModel(art, backend="ort").manifest
     on_npu = 0
     for seg in m.segments:
-        weights, model = _weight_matmuls(os.path.join(art, seg.onnx))
+        weights, model = _weight_matmuls(os.path.join(art, seg.token.onnx))
         if seg.backend == "npu":
             on_npu += len(weights)
             assert not [n for n in model.graph.node if n.op_type == "Exp"], seg.name
-            for rel in (seg.onnx, seg.seq_onnx):
+            for rel in (seg.token.onnx, seg.seq.onnx):
                 assert split_layernorms(os.path.join(art, rel)) == [], rel
             if tmp:
                 columns_runner_equals_rows(
-                    os.path.join(art, seg.seq_onnx), os.path.join(tmp, seg.name + ".columns.onnx")
+                    os.path.join(art, seg.seq.onnx), os.path.join(tmp, seg.name + ".columns.onnx")
                 )
         else:
             assert not weights, f"{seg.name} has a projection on the CPU"
@@ -139,7 +139,7 @@ def test_one_file_export_compiles_and_equals_the_rwkv_package(slot_models, one_f
 
 def _segment_files(art):
     m = HybridModel(art, backend="ort").manifest
-    return [(s.name, s.backend, s.sha256, s.seq_sha256) for s in m.segments]
+    return [(s.name, s.backend, s.token.sha256, s.seq.sha256) for s in m.segments]
 
 
 @pytest.mark.slow
@@ -265,9 +265,9 @@ def test_one_file_layouts_t_row_builds_in_columns_on_the_npu_simulator(
     npu = [s for s in m.segments if s.backend == "npu"]
     assert len(npu) == 5 and not m.warnings()
     for s in npu[:-1]:  # the head (the last) is built for one row
-        assert s.seq_rknn and s.seq_rows == (2, 16) and not s.seq_fallback, (s.name, s.seq_fallback)
-        assert s.seq_layout == "columns", (s.name, [r for r in m.report if s.name in r])
-    assert npu[-1].outputs == (m.logits_output,) and npu[-1].rknn and not npu[-1].seq_rknn
+        assert s.seq.rknn and s.seq.rows == (2, 16) and not s.seq.fallback, (s.name, s.seq.fallback)
+        assert s.seq.layout == "columns", (s.name, [r for r in m.report if s.name in r])
+    assert npu[-1].outputs == (m.logits_output,) and npu[-1].token.rknn and not npu[-1].seq.rknn
     # state rows [1, C] beside the rows of a columns build need format version 3 at least, which
     # a runtime that reads only 1 and 2 refuses at load (it could not feed them); a built compile
     # also records golden vectors, which make it 4

@@ -44,7 +44,7 @@ def test_plan_puts_every_projection_on_the_npu(slot_models, version):
     m = _manifest(art)
     on_npu, recurrence_on_cpu = 0, 0
     for seg in m.segments:
-        weights, model = _weight_matmuls(os.path.join(art, seg.onnx))
+        weights, model = _weight_matmuls(os.path.join(art, seg.token.onnx))
         if seg.backend == "npu":
             on_npu += len(weights)
             assert not [n.name for n in model.graph.node if "/wkv." in n.name], seg.name
@@ -152,11 +152,11 @@ def test_fp16_on_the_npu_simulator_and_check(slot_models, version):
     sm = slot_models(version)
     m = _manifest(sm.rknn_artifact)
     npu = [s for s in m.segments if s.backend == "npu"]
-    assert len(npu) == 5 and all(s.rknn and not s.fallback for s in npu)
+    assert len(npu) == 5 and all(s.token.rknn and not s.token.fallback for s in npu)
     for s in npu[:-1]:  # every NPU segment but the head has its T-row build (a failed one would
         # say why here); the head is built for one row: a prompt needs its last row's logits only
-        assert not s.seq_fallback and s.seq_rknn and s.seq_rows == (2, 16), (s.name, s.seq_fallback)
-    assert npu[-1].stages == ("head",) and not npu[-1].seq_rknn
+        assert not s.seq.fallback and s.seq.rknn and s.seq.rows == (2, 16), (s.name, s.seq.fallback)
+    assert npu[-1].stages == ("head",) and not npu[-1].seq.rknn
     assert not m.warnings() and "~" not in m.table()
     model = HybridModel(sm.rknn_artifact, backend="rknn-sim")
     got = model.logits(sm.tokens)
@@ -199,8 +199,8 @@ def test_w8a8_rwkv7_on_the_simulator_keeps_top1_and_the_plan_shows_each_precisio
     m = compile_model(sm.dirs["fp32"], out, Options(quant="w8a8", calib_tokens=96, prefill_rows=(16,)))
     npu = [s for s in m.segments if s.backend == "npu"]
     *layers, head = npu  # the head is built for one row
-    assert len(npu) == 5 and all(s.precision == "w8a8" for s in npu) and not head.seq_rknn
-    assert all(s.seq_precision == "w8a8" and s.seq_layout == "columns" for s in layers)
+    assert len(npu) == 5 and all(s.token.precision == "w8a8" for s in npu) and not head.seq.rknn
+    assert all(s.seq.precision == "w8a8" and s.seq.layout == "columns" for s in layers)
     table = m.table()
     for s in npu:
         assert 0.99 <= s.accuracy["min_cos"] <= 1.0

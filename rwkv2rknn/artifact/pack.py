@@ -104,7 +104,7 @@ def parameter_count(artifact: str, manifest) -> int:
     }
     n = 0
     for s in manifest.segments:
-        model = onnx.load(os.path.join(artifact, s.onnx), load_external_data=False)
+        model = onnx.load(os.path.join(artifact, s.token.onnx), load_external_data=False)
         for init in model.graph.initializer:
             size = 1
             for d in init.dims:

@@ -95,17 +95,6 @@ class Segment:
         return d
 
 
-def _flat_name(key: str, variant: str, name: str) -> property:
-    return property(
-        lambda self: getattr(getattr(self, variant), name),
-        doc=f"``{variant}.{name}``, read only: the manifest's key '{key}'",
-    )
-
-
-# The manifest's flat names, read only, for code that reads a segment by them (the runtime):
-# ``seg.seq_rknn`` is ``seg.seq.rknn``, ``seg.rknn`` is ``seg.token.rknn``.
-for _key, (_variant, _name) in FLAT_KEYS.items():
-    setattr(Segment, _key, _flat_name(_key, _variant, _name))
 # every key of a segment in manifest.json
 SEGMENT_KEYS = frozenset(f.name for f in fields(Segment) if f.name not in ("token", "seq")) | set(FLAT_KEYS)
 

@@ -19,10 +19,6 @@ import click
 
 from rwkv2rknn import __version__
 from rwkv2rknn.errors import Rwkv2RknnError, UsageError
-from rwkv2rknn.runtime.board import BACKENDS
-
-BACKEND = click.Choice(list(BACKENDS))
-SEED = click.IntRange(0, 2**63 - 1)  # numpy's generators take no negative seed
 
 
 class _Ctx:

@@ -6,20 +6,21 @@ import sys
 
 import click
 
-from rwkv2rknn.cli.app import BACKEND, cli, handle_errors
+from rwkv2rknn.cli.app import cli, handle_errors
+from rwkv2rknn.cli.options import (
+    FOLDER,
+    artifact_argument,
+    backend_option,
+    force_option,
+    output_option,
+    rknn_io_option,
+)
 
 
 @cli.command(name="pack")
-@click.argument("artifact", type=click.Path())
-@click.option(
-    "-o",
-    "--output",
-    "out_dir",
-    required=True,
-    type=click.Path(file_okay=False),
-    help="Folder to write the board's copy into.",
-)
-@click.option("--force", is_flag=True, help="Replace an output folder that holds other files.")
+@artifact_argument()
+@output_option("out_dir", "Folder to write the board's copy into.", required=True, type=FOLDER)
+@force_option()
 @handle_errors
 def pack_cmd(artifact, out_dir, force):
     """Copy exactly what the board runs (NPU segments as .rknn, CPU segments as ONNX, the
@@ -33,21 +34,9 @@ def pack_cmd(artifact, out_dir, force):
 
 
 @cli.command()
-@click.argument("artifact", required=False, type=click.Path())
-@click.option(
-    "--backend",
-    type=BACKEND,
-    default="auto",
-    show_default=True,
-    help="The runner the self-test uses for NPU segments.",
-)
-@click.option(
-    "--rknn-io",
-    type=click.Choice(["auto", "copy", "zero-copy"]),
-    default="auto",
-    show_default=True,
-    help="rknn-rt's io path to test (auto: both, the fastest that passes is recorded per segment).",
-)
+@artifact_argument(required=False)
+@backend_option("The runner the self-test uses for NPU segments.")
+@rknn_io_option("rknn-rt's io path to test (auto: both, the fastest that passes is recorded per segment).")
 @handle_errors
 def doctor(artifact, backend, rknn_io):
     """Check that this board can run ARTIFACT: architecture, SoC and NPU cores, RKNPU driver,

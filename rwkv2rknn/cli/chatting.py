@@ -9,7 +9,19 @@ import sys
 
 import click
 
-from rwkv2rknn.cli.app import BACKEND, SEED, cli, handle_errors, model_path, say
+from rwkv2rknn.cli.app import cli, handle_errors, model_path, say
+from rwkv2rknn.cli.options import (
+    FILE,
+    FOLDER,
+    artifact_argument,
+    backend_option,
+    core_mask_option,
+    option,
+    options,
+    seed_option,
+    temperature_option,
+    tokenizer_option,
+)
 from rwkv2rknn.errors import Rwkv2RknnError, UsageError
 from rwkv2rknn.runtime.sampler import CHAT_DEFAULTS
 
@@ -19,118 +31,62 @@ HELP = (
 )
 
 
+# the sampler flags: flag, type, the SamplerArgs field it sets (and takes its default from), help
+SAMPLER_FLAGS = (
+    (
+        "--top-p",
+        click.FloatRange(0, 1),
+        "top_p",
+        "Nucleus sampling: keep the most likely tokens up to this mass.",
+    ),
+    ("--top-k", click.IntRange(0, None), "top_k", "Keep at most this many tokens (0: no limit)."),
+    (
+        "--presence-penalty",
+        click.FloatRange(-10, 10),
+        "alpha_presence",
+        "alpha_presence: subtracted from every token seen in the reply.",
+    ),
+    (
+        "--frequency-penalty",
+        click.FloatRange(-10, 10),
+        "alpha_frequency",
+        "alpha_frequency: subtracted per (decayed) occurrence.",
+    ),
+    (
+        "--penalty-decay",
+        click.FloatRange(0, 1),
+        "alpha_decay",
+        "alpha_decay: occurrences shrink by this factor per token.",
+    ),
+)
+
+
 def sampler_options(fn, d=CHAT_DEFAULTS):
-    """The sampler flags, with the `rwkv` package's names in the help."""
-    opts = [
-        click.option(
-            "--temperature",
-            type=click.FloatRange(0, 100),
-            default=d.temperature,
-            show_default=True,
-            help="Sampling temperature (0: greedy).",
-        ),
-        click.option(
-            "--top-p",
-            type=click.FloatRange(0, 1),
-            default=d.top_p,
-            show_default=True,
-            help="Nucleus sampling: keep the most likely tokens up to this mass.",
-        ),
-        click.option(
-            "--top-k",
-            type=click.IntRange(0, None),
-            default=d.top_k,
-            show_default=True,
-            help="Keep at most this many tokens (0: no limit).",
-        ),
-        click.option(
-            "--presence-penalty",
-            type=click.FloatRange(-10, 10),
-            default=d.alpha_presence,
-            show_default=True,
-            help="alpha_presence: subtracted from every token seen in the reply.",
-        ),
-        click.option(
-            "--frequency-penalty",
-            type=click.FloatRange(-10, 10),
-            default=d.alpha_frequency,
-            show_default=True,
-            help="alpha_frequency: subtracted per (decayed) occurrence.",
-        ),
-        click.option(
-            "--penalty-decay",
-            type=click.FloatRange(0, 1),
-            default=d.alpha_decay,
-            show_default=True,
-            help="alpha_decay: occurrences shrink by this factor per token.",
-        ),
-        click.option("--seed", type=SEED, default=None, help="Random seed for sampling."),
+    """The sampler flags, with the `rwkv` package's names in the help; each passes its value
+    as the SamplerArgs field it sets."""
+    flags = [
+        option(flag, field, type=t, default=getattr(d, field), help=h) for flag, t, field, h in SAMPLER_FLAGS
     ]
-    for o in reversed(opts):
-        fn = o(fn)
-    return fn
+    temperature = temperature_option(d.temperature)  # as `run` has it
+    return options(temperature, *flags, seed_option(help="Random seed for sampling."))(fn)
 
 
-def model_options(fn):
-    opts = [
-        click.argument("artifact", required=False, type=click.Path()),
-        click.option(
-            "--backend",
-            type=BACKEND,
-            default="auto",
-            show_default=True,
-            help="Where NPU segments run (CPU segments always use onnxruntime).",
-        ),
-        click.option(
-            "--core-mask",
-            default="auto",
-            show_default=True,
-            help="Board backends only: NPU cores (0, 1, 2, 0_1, 0_1_2, auto).",
-        ),
-        click.option(
-            "--tokenizer", default=None, help="bytes, world, or a tokenizer.json path (default: the model's)."
-        ),
-    ]
-    for o in reversed(opts):
-        fn = o(fn)
-    return fn
+model_options = options(
+    artifact_argument(required=False),
+    backend_option("Where NPU segments run (CPU segments always use onnxruntime)."),
+    core_mask_option("Board backends only: NPU cores (0, 1, 2, 0_1, 0_1_2, auto)."),
+    tokenizer_option(),
+)
 
 
 @cli.command()
 @model_options
-@click.option("--system", default=None, help="A system prompt, fed once at the start (kept by /reset).")
-@click.option(
-    "--max-tokens",
-    type=click.IntRange(1, 65536),
-    default=500,
-    show_default=True,
-    help="Most tokens in one reply.",
-)
-@click.option(
-    "--load",
-    "load_file",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="Start from a state saved with /save.",
-)
+@click.option("--system", help="A system prompt, fed once at the start (kept by /reset).")
+@option("--max-tokens", type=click.IntRange(1, 65536), default=500, help="Most tokens in one reply.")
+@click.option("--load", "load_file", type=FILE, help="Start from a state saved with /save.")
 @sampler_options
 @handle_errors
-def chat(
-    artifact,
-    backend,
-    core_mask,
-    tokenizer,
-    system,
-    max_tokens,
-    load_file,
-    temperature,
-    top_p,
-    top_k,
-    presence_penalty,
-    frequency_penalty,
-    penalty_decay,
-    seed,
-):
+def chat(artifact, backend, core_mask, tokenizer, system, max_tokens, load_file, seed, **sampler):
     """Chat with ARTIFACT (default: the bundled model) in the terminal.
 
     \b
@@ -153,15 +109,7 @@ def chat(
     if load_file:
         session.load(load_file)
         say(f"loaded {len(session.tokens)} tokens of conversation from {load_file}")
-    args = SamplerArgs(
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        alpha_presence=presence_penalty,
-        alpha_frequency=frequency_penalty,
-        alpha_decay=penalty_decay,
-        token_ban=tuple(session.end_ids),
-    )
+    args = SamplerArgs(**sampler, token_ban=tuple(session.end_ids))
     sampler = Sampler(args, seed=seed, tokenizer=tok)
     if sys.stdin.isatty():
         try:
@@ -251,53 +199,36 @@ def _reply(session, sampler, text: str, max_tokens: int) -> None:
 
 @cli.command()
 @model_options
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
-@click.option(
-    "--model-name", default=None, help="The model id clients name (default: the artifact folder's name)."
-)
-@click.option(
+@option("--host", default="127.0.0.1", help="Address to listen on.")
+@option("--port", type=click.IntRange(0, 65535), default=8000)
+@click.option("--model-name", help="The model id clients name (default: the artifact folder's name).")
+@option(
     "--max-queue",
     type=click.IntRange(0, 100000),
     default=16,
-    show_default=True,
     help="Requests that may wait behind the one running; more get 429.",
 )
-@click.option(
-    "--max-prompt-tokens",
-    type=click.IntRange(1, None),
-    default=16384,
-    show_default=True,
-    help="Longer prompts get 400.",
-)
-@click.option(
+@option("--max-prompt-tokens", type=click.IntRange(1, None), default=16384, help="Longer prompts get 400.")
+@option(
     "--max-tokens",
     "default_max_tokens",
     type=click.IntRange(1, 1 << 20),
     default=1024,
-    show_default=True,
     help="Tokens per reply when a request gives no max_tokens.",
 )
-@click.option(
+@option(
     "--request-timeout",
     type=click.FloatRange(0.1, None),
     default=600.0,
-    show_default=True,
     help="Seconds a request may take, waiting included; a reply is cut there.",
 )
-@click.option(
+@option(
     "--state-cache-mb",
     type=click.FloatRange(0, None),
     default=256.0,
-    show_default=True,
     help="Memory for states kept between requests (0: none).",
 )
-@click.option(
-    "--state-dir",
-    type=click.Path(file_okay=False),
-    default=None,
-    help="Keep the state cache in this folder across restarts.",
-)
+@click.option("--state-dir", type=FOLDER, help="Keep the state cache in this folder across restarts.")
 @handle_errors
 def serve(
     artifact,

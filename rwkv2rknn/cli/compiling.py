@@ -7,33 +7,38 @@ import sys
 import click
 
 from rwkv2rknn.cli.app import cli, handle_errors
+from rwkv2rknn.cli.options import (
+    FILE,
+    FOLDER,
+    force_option,
+    option,
+    output_option,
+    target_option,
+    tokenizer_option,
+)
 from rwkv2rknn.artifact.plan import PRECISIONS
+from rwkv2rknn.compiler.ir import Options
 from rwkv2rknn.errors import UsageError
-from rwkv2rknn.runtime.soc import TARGETS
+
+DEFAULTS = Options()  # the compile flags' defaults are the compiler's own
 
 
 @cli.command()
 @click.argument("checkpoint", type=click.Path())
-@click.option(
-    "-o",
-    "--output",
+@output_option(
     "out",
+    "Folder to write embed.onnx, mixing_N.onnx and head.onnx into, or a file name "
+    "ending in .onnx for one whole-model file.",
     required=True,
     type=click.Path(),
-    help="Folder to write embed.onnx, mixing_N.onnx and head.onnx into, or a file name "
-    "ending in .onnx for one whole-model file.",
 )
 @click.option("--fp32", is_flag=True, help="Keep float32 (default: float16, like the public files).")
-@click.option(
-    "--tokenizer",
-    default=None,
-    help="Tokenizer to record for the model: bytes, world, or a tokenizer.json path "
+@tokenizer_option(
+    "Tokenizer to record for the model: bytes, world, or a tokenizer.json path "
     "(default: the model folder's tokenizer.json, else chosen from the vocabulary "
-    "size).",
+    "size)."
 )
-@click.option(
-    "--force", is_flag=True, help="Replace an output folder that holds other files (or an existing file)."
-)
+@force_option("Replace an output folder that holds other files (or an existing file).")
 @handle_errors
 def export(checkpoint: str, out: str, fp32: bool, tokenizer, force: bool) -> None:
     """Export an RWKV-4, 5.2, 6 or 7 CHECKPOINT to per-layer ONNX files or one .onnx file.
@@ -49,7 +54,6 @@ def export(checkpoint: str, out: str, fp32: bool, tokenizer, force: bool) -> Non
 
     from rwkv2rknn.models.checkpoint import load_model
     from rwkv2rknn.models.export import arch_of, export as do_export
-    from rwkv2rknn.models.export import export_file
     from rwkv2rknn.runtime.tokenizer import check_fits, load_tokenizer, tokenizer_for_vocab
 
     if tokenizer:
@@ -62,7 +66,7 @@ def export(checkpoint: str, out: str, fp32: bool, tokenizer, force: bool) -> Non
         check_fits(load_tokenizer(folder_tok), shape.vocab, folder_tok)
     tok = tokenizer or (os.path.abspath(folder_tok) if folder_tok else tokenizer_for_vocab(shape.vocab))
     if out.endswith(".onnx"):
-        export_file(sd, out, fp32=fp32, tokenizer=tok, force=force)
+        do_export(sd, out, fp32=fp32, tokenizer=tok, force=force)
     else:
         with click.progressbar(length=shape.layers + 2, label="exporting", file=sys.stderr) as bar:
             do_export(
@@ -89,28 +93,15 @@ def export(checkpoint: str, out: str, fp32: bool, tokenizer, force: bool) -> Non
 
 
 def _options(**kw):
-    from rwkv2rknn.compiler.ir import Options
-
     return Options(**{k: v for k, v in kw.items() if v is not None})
 
 
 @cli.command(name="compile")
 @click.argument("model", type=click.Path())
-@click.option(
-    "-o",
-    "--output",
-    "out_dir",
-    required=True,
-    type=click.Path(file_okay=False),
-    help="Artifact folder to write (manifest.json, plan.json, segments/).",
+@output_option(
+    "out_dir", "Artifact folder to write (manifest.json, plan.json, segments/).", required=True, type=FOLDER
 )
-@click.option(
-    "--target",
-    default="rk3588",
-    show_default=True,
-    type=click.Choice(TARGETS),
-    help="Rockchip SoC to build the .rknn files for.",
-)
+@target_option("Rockchip SoC to build the .rknn files for.")
 @click.option("--plan-only", is_flag=True, help="Partition and cut only: no .rknn (needs no rknn-toolkit2).")
 @click.option(
     "--strict",
@@ -119,45 +110,37 @@ def _options(**kw):
     "(default: fall back to the CPU, or to token-by-token prefill).",
 )
 @click.option(
-    "--dump-after",
-    metavar="PASS",
-    default=None,
-    help="Also write the graph after PASS to OUT/dump/after_PASS.onnx.",
+    "--dump-after", metavar="PASS", help="Also write the graph after PASS to OUT/dump/after_PASS.onnx."
 )
-@click.option(
+@option(
     "--range-tokens",
     type=click.IntRange(1, 4096),
-    default=8,
-    show_default=True,
+    default=DEFAULTS.range_tokens,
     help="Seeded sample tokens the fp16 range guard runs.",
 )
-@click.option(
+@option(
     "--quant",
     type=click.Choice(PRECISIONS),
-    default="fp16",
-    show_default=True,
+    default=DEFAULTS.quant,
     help="Precision of the NPU segments: w8a8 and w16a16i are "
     "calibrated on real text and measured per segment.",
 )
 @click.option(
     "--calib-text",
-    type=click.Path(dir_okay=False),
-    default=None,
+    type=FILE,
     help="UTF-8 calibration text for --quant (default: a built-in sample that suits the model's tokenizer).",
 )
-@click.option(
+@option(
     "--calib-tokens",
     type=click.IntRange(16, 4096),
-    default=256,
-    show_default=True,
+    default=DEFAULTS.calib_tokens,
     help="Tokens of calibration text for the --quant dataset (a quarter more are held "
     "out to measure each segment).",
 )
-@click.option(
+@option(
     "--quant-min-cos",
     type=click.FloatRange(-1, 1),
-    default=0.99,
-    show_default=True,
+    default=DEFAULTS.quant_min_cos,
     help="A quantised segment whose smallest cosine against fp32 on held-out rows is "
     "lower is built fp16 instead.",
 )
@@ -170,30 +153,23 @@ def _options(**kw):
     "a segment costs the most KL (python bench/quant_search.py ART --alone measures it).",
 )
 @click.option(
-    "--cache-dir",
-    type=click.Path(file_okay=False),
-    default=None,
-    help="Build cache (default: $RWKV2RKNN_CACHE or ~/.cache/rwkv2rknn).",
+    "--cache-dir", type=FOLDER, help="Build cache (default: $RWKV2RKNN_CACHE or ~/.cache/rwkv2rknn)."
 )
-@click.option(
+@option(
     "--prefill-rows",
     default="16,64",
-    show_default=True,
     help="Row counts T of the NPU builds for prefill (comma-separated), or 'none'.",
 )
-@click.option(
+@option(
     "--placement",
     type=click.Choice(["npu", "cost"]),
-    default="npu",
-    show_default=True,
+    default=DEFAULTS.placement,
     help="npu: every constant-weight MatMul on the NPU; cost: only where the device "
     "profile says the NPU wins.",
 )
 @click.option(
     "--profile",
-    "profile_path",
-    type=click.Path(dir_okay=False),
-    default=None,
+    type=FILE,
     help="Device profile JSON for --placement cost and the plan's estimates "
     "(default: published RK3588 figures).",
 )
@@ -203,11 +179,11 @@ def _options(**kw):
     help="Load the whole model as one graph instead of one stage at a time (needs about "
     "6x the fp32 weights in memory; --dump-after implies it).",
 )
-@click.option(
+@option(
     "--jobs",
+    "build_jobs",
     type=click.IntRange(0, 64),
-    default=0,
-    show_default=True,
+    default=DEFAULTS.build_jobs,
     help="rknn-toolkit2 builds side by side (0: as many as the cores and memory allow).",
 )
 @click.option(
@@ -217,8 +193,8 @@ def _options(**kw):
     "(loads the whole model as one graph; each compile already compares the cut "
     "model with its source, and names the failing pass when they differ).",
 )
-@click.option("--force", is_flag=True, help="Replace an output folder that holds other files.")
-@click.option("--verbose", "tool_verbose", is_flag=True, help="Show rknn-toolkit2's own output.")
+@force_option()
+@click.option("--verbose", is_flag=True, help="Show rknn-toolkit2's own output.")
 @click.option(
     "--report",
     "with_report",
@@ -227,65 +203,27 @@ def _options(**kw):
 )
 @handle_errors
 def compile_cmd(
-    model,
-    out_dir,
-    target,
-    plan_only,
-    strict,
-    dump_after,
-    range_tokens,
-    quant,
-    calib_text,
-    calib_tokens,
-    quant_min_cos,
-    quant_keep,
-    cache_dir,
-    prefill_rows,
-    placement,
-    profile_path,
-    whole_graph,
-    jobs,
-    verify_passes,
-    force,
-    tool_verbose,
-    with_report,
+    model, out_dir, dump_after, quant_keep, prefill_rows, whole_graph, force, with_report, **same
 ):
     """Compile MODEL (a folder of per-layer RWKV ONNX files, or one .onnx) into a hybrid
     NPU/CPU artifact."""
+    # ``same``: the flags named as the compiler's Options fields, passed on as they are
     keep = _parse_stages(quant_keep)
-    if keep and quant == "fp16":
+    if keep and same["quant"] == "fp16":
         raise UsageError("--quant-keep is for quantised builds", "add --quant w8a8 (or drop --quant-keep)")
-    if calib_text and quant == "fp16":
+    if same["calib_text"] and same["quant"] == "fp16":
         raise UsageError("--calib-text is for quantised builds", "add --quant w8a8 (or drop --calib-text)")
-    opts = _options(
-        target=target,
-        strict=strict,
-        plan_only=plan_only,
-        calib_tokens=calib_tokens,
-        range_tokens=range_tokens,
-        quant=quant,
-        calib_text=calib_text,
-        quant_min_cos=quant_min_cos,
-        quant_keep=keep,
-        cache_dir=cache_dir,
-        verbose=tool_verbose,
-        placement=placement,
-        profile=profile_path,
-        prefill_rows=_parse_rows(prefill_rows),
-        build_jobs=jobs,
-        stream=not whole_graph,
-        verify_passes=verify_passes,
-    )
+    opts = _options(**same, quant_keep=keep, prefill_rows=_parse_rows(prefill_rows), stream=not whole_graph)
     manifest = _compile_with_progress(model, out_dir, opts, force, dump_after)
     click.echo(manifest.table())
     for line in manifest.warnings():
         click.echo(f"warning: {line}", err=True)
-    if not plan_only:
+    if not opts.plan_only:
         from rwkv2rknn.runtime.device import describe_need, memory_need
 
         click.echo(f"board memory need: {describe_need(memory_need(manifest, out_dir))}")
     click.echo(f"artifact written to {out_dir}")
-    if quant != "fp16" and not plan_only:
+    if opts.quant != "fp16" and not opts.plan_only:
         _print_heldout_quality(model, out_dir, opts)
     if with_report:
         from rwkv2rknn.tools.report_html import write_report

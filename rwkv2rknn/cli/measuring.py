@@ -5,43 +5,37 @@ from __future__ import annotations
 import click
 
 from rwkv2rknn.cli.app import check_out_file, cli, handle_errors, say
+from rwkv2rknn.cli.options import (
+    FILE,
+    FOLDER,
+    backend_option,
+    core_mask_option,
+    option,
+    output_option,
+    probes_option,
+    target_option,
+)
 from rwkv2rknn.errors import UsageError
-from rwkv2rknn.runtime.soc import TARGETS
+
+NPU_RUNNERS = click.Choice(["rknn-rt", "rknn-lite", "rknn-sim"])
 
 
 @cli.command()
 @click.option(
     "--build-probes",
     "build_dir",
-    type=click.Path(file_okay=False),
-    default=None,
+    type=FOLDER,
     help="Compile machine: write the probe models (.onnx and .rknn) into this folder.",
 )
-@click.option(
-    "--probes",
-    "probe_dir",
-    type=click.Path(file_okay=False),
-    default=None,
-    help="Board: the folder of probes built with --build-probes.",
+@probes_option("Board: the folder of probes built with --build-probes.")
+@backend_option(
+    "On the board: rknn-rt (librknnrt's C API) or rknn-lite; the call cost measured is that runner's.",
+    NPU_RUNNERS,
+    "rknn-rt",
 )
-@click.option(
-    "--backend",
-    type=click.Choice(["rknn-rt", "rknn-lite", "rknn-sim"]),
-    default="rknn-rt",
-    show_default=True,
-    help="On the board: rknn-rt (librknnrt's C API) or rknn-lite; the call cost measured is that runner's.",
-)
-@click.option("--core-mask", default="auto", show_default=True)
-@click.option("--target", default="rk3588", show_default=True, type=click.Choice(TARGETS))
-@click.option(
-    "-o",
-    "--output",
-    "out",
-    type=click.Path(dir_okay=False),
-    default="profile.json",
-    show_default=True,
-    help="Where to write the measured profile (JSON).",
-)
+@core_mask_option()
+@target_option()
+@output_option("out", "Where to write the measured profile (JSON).", type=FILE, default="profile.json")
 @handle_errors
 def profile(build_dir, probe_dir, backend, core_mask, target, out):
     """Measure a device profile for `compile --placement cost --profile FILE`.
@@ -70,50 +64,38 @@ def profile(build_dir, probe_dir, backend, core_mask, target, out):
 
 
 @cli.command()
-@click.option(
+@option(
     "--version",
-    "version",
     type=click.Choice(["4", "5", "6", "7"]),
     default="4",
-    show_default=True,
     help="RWKV version of the random model.",
 )
-@click.option("--layers", type=click.IntRange(1, 256), default=24, show_default=True)
-@click.option("--width", type=click.IntRange(8, 16384), default=1024, show_default=True)
-@click.option("--vocab", type=click.IntRange(2, 1 << 20), default=50277, show_default=True)
-@click.option(
+@option("--layers", type=click.IntRange(1, 256), default=24)
+@option("--width", type=click.IntRange(8, 16384), default=1024)
+@option("--vocab", type=click.IntRange(2, 1 << 20), default=50277)
+@option(
     "--tokens",
     type=click.IntRange(3, 100000),
     default=32,
-    show_default=True,
     help="Timed tokens per runner (the median is reported).",
 )
 @click.option("--no-rwkv", is_flag=True, help="Skip the rwkv package (reference implementation).")
-@click.option(
-    "--probes",
-    "probe_dir",
-    type=click.Path(file_okay=False),
-    default=None,
-    help="Board: the folder of `rwkv2rknn profile --build-probes`, to time the NPU's "
-    "per-call cost through rknn-rt and rknn-lite.",
+@probes_option(
+    "Board: the folder of `rwkv2rknn profile --build-probes`, to time the NPU's "
+    "per-call cost through rknn-rt and rknn-lite."
 )
-@click.option("--core-mask", default="auto", show_default=True, help="Board: NPU cores of the probe.")
-@click.option(
+@core_mask_option("Board: NPU cores of the probe.")
+@option(
     "--busy",
     type=click.IntRange(0, 64),
     default=0,
-    show_default=True,
     help="Run this many single-core busy loops beside the timed phases (the loaded case, "
     "on purpose); they are stopped at the end.",
 )
-@click.option(
-    "--json-out", type=click.Path(dir_okay=False), default=None, help="Also save the figures as JSON."
-)
+@click.option("--json-out", type=FILE, help="Also save the figures as JSON.")
 @click.option(
     "--backtest",
-    "backtest",
-    type=click.Path(file_okay=False),
-    default=None,
+    type=FOLDER,
     help="Instead: check the plan's estimator on this compiled artifact: measure this "
     "machine's profile, predict each segment's time on onnxruntime, run it and print "
     "predicted / measured per segment kind and per token.",

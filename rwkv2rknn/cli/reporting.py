@@ -5,31 +5,23 @@ from __future__ import annotations
 import click
 
 from rwkv2rknn.cli.app import cli, handle_errors
+from rwkv2rknn.cli.options import FILE, artifact_argument, option, output_option
 
 
 @cli.command()
-@click.argument("artifact", type=click.Path())
-@click.option(
-    "-o",
-    "--output",
-    "out",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="HTML file to write (default: ARTIFACT/report.html).",
-)
+@artifact_argument()
+@output_option("out", "HTML file to write (default: ARTIFACT/report.html).", type=FILE)
 @click.option(
     "--bench",
     "bench_json",
-    type=click.Path(dir_okay=False),
-    default=None,
+    type=FILE,
     help="Also chart these figures from `rwkv2rknn bench --json-out FILE`.",
 )
-@click.option(
+@option(
     "--size",
     "size_by",
     type=click.Choice(["flops", "bytes"]),
     default="flops",
-    show_default=True,
     help="What the widths of the segments follow: MatMul FLOPs, or bytes of their files.",
 )
 @handle_errors

@@ -6,7 +6,20 @@ import sys
 
 import click
 
-from rwkv2rknn.cli.app import BACKEND, SEED, check_out_file, cli, handle_errors, model_path, say
+from rwkv2rknn.cli.app import check_out_file, cli, handle_errors, model_path, say
+from rwkv2rknn.cli.options import (
+    FILE,
+    artifact_argument,
+    backend_option,
+    core_mask_option,
+    option,
+    reference_option,
+    rknn_io_option,
+    seed_option,
+    temperature_option,
+    text_option,
+    tokenizer_option,
+)
 from rwkv2rknn.errors import UsageError
 
 
@@ -46,45 +59,21 @@ def _check_prompt(prompt: str) -> None:
 
 
 @cli.command()
-@click.argument("artifact", required=False, type=click.Path())
-@click.option("--prompt", default=None, help="Text to continue.")
-@click.option("--max-tokens", type=int, default=64, show_default=True, help="Tokens to generate (1..65536).")
-@click.option(
-    "--temperature",
-    type=click.FloatRange(0, 100),
-    default=0.8,
-    show_default=True,
-    help="Sampling temperature (0: greedy).",
+@artifact_argument(required=False)
+@click.option("--prompt", help="Text to continue.")
+@option("--max-tokens", type=int, default=64, help="Tokens to generate (1..65536).")
+@temperature_option(0.8)
+@option("--top-p", type=click.FloatRange(0, 1), default=0.9, help="Nucleus sampling.")
+@seed_option(help="Random seed for sampling.")
+@backend_option("Where NPU segments run (CPU segments always use onnxruntime).")
+@core_mask_option(
+    "Board backends only: NPU cores (0, 1, 2, 0_1, 0_1_2; auto: 0_1_2 for large "
+    "segments on an RK3588, the runtime's choice for the others)."
 )
+@tokenizer_option()
+@click.option("--tokens", help="Evaluation: feed these comma-separated token ids instead of a prompt.")
 @click.option(
-    "--top-p", type=click.FloatRange(0, 1), default=0.9, show_default=True, help="Nucleus sampling."
-)
-@click.option("--seed", type=SEED, default=None, help="Random seed for sampling.")
-@click.option(
-    "--backend",
-    type=BACKEND,
-    default="auto",
-    show_default=True,
-    help="Where NPU segments run (CPU segments always use onnxruntime).",
-)
-@click.option(
-    "--core-mask",
-    default="auto",
-    show_default=True,
-    help="Board backends only: NPU cores (0, 1, 2, 0_1, 0_1_2; auto: 0_1_2 for large "
-    "segments on an RK3588, the runtime's choice for the others).",
-)
-@click.option(
-    "--tokenizer", default=None, help="bytes, world, or a tokenizer.json path (default: the model's)."
-)
-@click.option(
-    "--tokens", default=None, help="Evaluation: feed these comma-separated token ids instead of a prompt."
-)
-@click.option(
-    "--logits-out",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="With --tokens: save float32 logits [T, vocab] to this .npy file.",
+    "--logits-out", type=FILE, help="With --tokens: save float32 logits [T, vocab] to this .npy file."
 )
 @click.option(
     "--verify",
@@ -92,13 +81,9 @@ def _check_prompt(prompt: str) -> None:
     help="Self-test first: run every NPU segment on its golden vectors and print the error "
     "against the tolerance of its precision (the first run on a board does it once).",
 )
-@click.option(
-    "--rknn-io",
-    type=click.Choice(["auto", "copy", "zero-copy"]),
-    default="auto",
-    show_default=True,
-    help="rknn-rt only: copy (rknn_inputs_set/rknn_outputs_get), zero-copy "
-    "(rknn_set_io_mem), or auto: per segment what the self-test chose, else copy.",
+@rknn_io_option(
+    "rknn-rt only: copy (rknn_inputs_set/rknn_outputs_get), zero-copy "
+    "(rknn_set_io_mem), or auto: per segment what the self-test chose, else copy."
 )
 @handle_errors
 def run(
@@ -166,21 +151,16 @@ def _print_generation(model, tok_spec, prompt, max_tokens, temperature, top_p, s
 
 
 @cli.command()
-@click.argument("artifact", type=click.Path())
+@artifact_argument()
 @click.option(
     "--tokens",
     "n_tokens",
     type=click.IntRange(1, 100000),
-    default=None,
     help="Tokens to teacher-force (default: 256 of text, 32 random ids).",
 )
-@click.option(
-    "--text",
-    "text_file",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="Teacher-force this UTF-8 text (default: the built-in sample: English for "
-    "byte-level models, a dozen languages for the others).",
+@text_option(
+    "Teacher-force this UTF-8 text (default: the built-in sample: English for "
+    "byte-level models, a dozen languages for the others)."
 )
 @click.option(
     "--random",
@@ -189,14 +169,11 @@ def _print_generation(model, tok_spec, prompt, max_tokens, temperature, top_p, s
     help="Seeded random ids instead of text (covers states and ranges text does not "
     "reach; the end state is then gated too).",
 )
-@click.option("--seed", type=SEED, default=0, show_default=True, help="Of --random.")
-@click.option("--backend", type=BACKEND, default="auto", show_default=True)
-@click.option(
-    "--reference",
-    type=click.Path(),
-    default=None,
-    help="The source to compare against: per-layer folder or whole-model .onnx (default: "
-    "the one the artifact was compiled from).",
+@seed_option(0, "Of --random.")
+@backend_option()
+@reference_option(
+    "The source to compare against: per-layer folder or whole-model .onnx (default: "
+    "the one the artifact was compiled from)."
 )
 @click.option(
     "--per-segment",
@@ -206,25 +183,21 @@ def _print_generation(model, tok_spec, prompt, max_tokens, temperature, top_p, s
 @click.option(
     "--max-kl-mean",
     type=click.FloatRange(0, None),
-    default=None,
     help="Largest mean KL divergence per token, nats (default: per precision, see docs/quality.md).",
 )
 @click.option(
     "--max-kl-p99",
     type=click.FloatRange(0, None),
-    default=None,
     help="Largest 99th percentile of the KL divergence per token, nats.",
 )
 @click.option(
     "--min-top1",
     type=click.FloatRange(0, 1),
-    default=None,
     help="Also gate the share of tokens whose top token is the reference's (default: reported, not gated).",
 )
 @click.option(
     "--max-rel",
     type=click.FloatRange(0, None),
-    default=None,
     help="Max logit error relative to the logit scale (default: 1e-4 for ort on fp32 "
     "files, 0.05 for fp16 NPU segments, 0.25 with w8a8 ones).",
 )
@@ -298,31 +271,17 @@ def _print_check(rep, chosen: str, as_json: bool = False) -> None:
 
 
 @cli.command(name="eval")
-@click.argument("artifact", type=click.Path())
-@click.option(
-    "--text",
-    "text_file",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="UTF-8 text file to score (default: the built-in sample for the model's tokenizer).",
-)
-@click.option(
+@artifact_argument()
+@text_option("UTF-8 text file to score (default: the built-in sample for the model's tokenizer).")
+@option(
     "--max-bytes",
     type=click.IntRange(16, 10**8),
     default=20000,
-    show_default=True,
     help="Score at most this many bytes from the start of the file.",
 )
-@click.option("--backend", type=BACKEND, default="auto", show_default=True)
-@click.option(
-    "--tokenizer", default=None, help="bytes, world, or a tokenizer.json path (default: the model's)."
-)
-@click.option(
-    "--reference",
-    type=click.Path(),
-    default=None,
-    help="The source to compare against (default: the one the artifact was compiled from).",
-)
+@backend_option()
+@tokenizer_option()
+@reference_option("The source to compare against (default: the one the artifact was compiled from).")
 @click.option("--no-reference", is_flag=True, help="Score the artifact alone (no KL, no reference run).")
 @handle_errors
 def eval_cmd(artifact, text_file, max_bytes, backend, tokenizer, reference, no_reference):
@@ -354,10 +313,10 @@ def eval_cmd(artifact, text_file, max_bytes, backend, tokenizer, reference, no_r
 
 
 @cli.command()
-@click.option("--prompt", default="The", show_default=True, help="Text to continue.")
-@click.option("--max-tokens", type=click.IntRange(1, 65536), default=200, show_default=True)
-@click.option("--seed", type=SEED, default=0, show_default=True)
-@click.option("--backend", type=BACKEND, default="auto", show_default=True)
+@option("--prompt", default="The", help="Text to continue.")
+@option("--max-tokens", type=click.IntRange(1, 65536), default=200)
+@seed_option(0)
+@backend_option()
 @handle_errors
 def demo(prompt, max_tokens, seed, backend):
     """The whole flow on the bundled model: export, compile (plan table), generate, check, report."""

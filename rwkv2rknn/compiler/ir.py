@@ -314,6 +314,16 @@ def stages_of(nodes) -> List[str]:
     return sorted({stage_of(n.name) or "graph" for n in nodes}, key=stage_key)
 
 
+def reshape_node(x, y, shape, name: str, shape_name: str):
+    """A Reshape node ``name`` that writes ``x`` as ``y`` in ``shape`` (a constant named
+    ``shape_name``)."""
+    import onnx_graphsurgeon as gs
+
+    return gs.Node(
+        "Reshape", name=name, inputs=[x, gs.Constant(shape_name, np.array(shape, np.int64))], outputs=[y]
+    )
+
+
 def export(graph):
     import onnx_graphsurgeon as gs
 

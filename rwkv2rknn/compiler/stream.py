@@ -134,17 +134,19 @@ class _Stream:
         self.opset = max(self.opset, g.opset)
         return g, io
 
+    def context_for(self, graph, **fields) -> Context:
+        """A context for part of the model (a stage, a window): the whole model's source, arch,
+        shape, options and device profile, and ``fields``."""
+        ctx = self.ctx
+        part = Context(
+            graph=graph, source=ctx.source, arch=ctx.arch, shape=ctx.shape, options=ctx.options, **fields
+        )
+        part._profile = ctx.profile
+        return part
+
     def stage_passes(self, stage: str, path: str, g, io):
         p, ctx = self.p, self.ctx
-        sctx = Context(
-            graph=g,
-            source=ctx.source,
-            arch=ctx.arch,
-            shape=ctx.shape,
-            options=ctx.options,
-            cpu_recurrence_inputs=ctx.cpu_recurrence_inputs,
-        )
-        sctx._profile = ctx.profile
+        sctx = self.context_for(g, cpu_recurrence_inputs=ctx.cpu_recurrence_inputs)
         if stage.startswith("L"):
             i = int(stage[1:])
             if self.arch.STATE_IO:  # named slots (RWKV-5.2/6/7), as the loader lists them
@@ -231,18 +233,9 @@ class _Stream:
         p, ctx = self.p, self.ctx
         self.window = self.toposort(self.window)
         wg = gs.Graph(nodes=list(self.window), opset=self.opset, name="window")
-        wctx = Context(
-            graph=wg,
-            source=ctx.source,
-            arch=ctx.arch,
-            shape=ctx.shape,
-            options=ctx.options,
-            state=ctx.state,
-            tensors=ctx.tensors,
-            support=ctx.support,
-            token_input=ctx.token_input,
+        wctx = self.context_for(
+            wg, state=ctx.state, tensors=ctx.tensors, support=ctx.support, token_input=ctx.token_input
         )
-        wctx._profile = ctx.profile
         p.partition.run(wctx)
         for n in wctx.notes:  # what pruning moved to the CPU, window by window
             if n.counts.get("pruned"):

@@ -148,14 +148,13 @@ class Builds:
             raise
         self.builds.close()
         ctx, opts, todo, counts = self.ctx, self.ctx.options, self.todo, self.counts
+
+        def about(seg, message: str, kind: str = "") -> None:
+            ctx.note(NAME, f"{seg.name}: {message}", kind=kind, segment=seg.name)
+
         for seg in todo:
             if seg.token.fallback:
-                ctx.note(
-                    NAME,
-                    f"{seg.name}: build failed ({seg.token.fallback}); runs on the CPU",
-                    kind="fallback",
-                    segment=seg.name,
-                )
+                about(seg, f"build failed ({seg.token.fallback}); runs on the CPU", "fallback")
         ctx.note(
             NAME,
             f"{counts['built']} built, {counts['cached']} from the cache "
@@ -186,18 +185,12 @@ class Builds:
 
         for s in todo:
             if s.seq.model is not None and logits_only(ctx, s) and not s.token.fallback:
-                ctx.note(
-                    NAME,
-                    f"{s.name}: built for one row only (token steps; a prompt needs "
-                    "the logits of its last row)",
-                    segment=s.name,
-                )
+                about(s, "built for one row only (token steps; a prompt needs the logits of its last row)")
             if s.seq.fallback:
-                ctx.note(
-                    NAME,
-                    f"{s.name}: T-row build failed ({s.seq.fallback}); its prefill runs token by token",
-                    kind="seq_fallback",
-                    segment=s.name,
+                about(
+                    s,
+                    f"T-row build failed ({s.seq.fallback}); its prefill runs token by token",
+                    "seq_fallback",
                 )
 
 
@@ -250,7 +243,8 @@ def _one(
     dest = os.path.join(out_dir, "segments", seg.name + ".rknn")
     done = ""
     if cal:
-        done = _quantised(ctx, seg, onnx_path, (), cal.dataset, cal, builds, version, out_dir, dest)
+        job = _Quant(ctx, seg, onnx_path, (), cal.dataset, cal, builds, out_dir, dest)
+        done = _quantised(job, version)
     if done:
         key, cached = seg.cache_key, done == "cached"
         status = f"{seg.token.precision} (cos {seg.accuracy['min_cos']:.4f}), {done}"
@@ -341,19 +335,9 @@ def _build_seq(
     seg.seq.fallback = ""
     onnx_path = os.path.join(out_dir, "segments", seg.name + ".seq.onnx")
     if cal and cal.seq_dataset:
-        done = _quantised(
-            ctx,
-            seg,
-            onnx_path,
-            rows,
-            cal.seq_dataset,
-            cal,
-            builds,
-            version,
-            out_dir,
-            os.path.join(out_dir, "segments", seg.name + ".seq.rknn"),
-            columns,
-        )
+        dest = os.path.join(out_dir, "segments", seg.name + ".seq.rknn")
+        job = _Quant(ctx, seg, onnx_path, rows, cal.seq_dataset, cal, builds, out_dir, dest, columns)
+        done = _quantised(job, version)
         if done:
             _copy_shared(seg, out_dir, rows, seg.cache_key)
             seg.seq.precision, seg.token.calib, seg.seq.calib = (
@@ -403,19 +387,24 @@ def _quant_variant(precision: str, digest: str, columns: bool = False) -> str:
     )
 
 
-def _quantised(
-    ctx: Context,
-    seg: GraphSegment,
-    onnx_path: str,
-    rows,
-    dataset: str,
-    cal: SegmentCalibration,
-    builds: CachedBuilds,
-    version: str,
-    out_dir: str,
-    dest: str,
-    columns: bool = False,
-) -> str:
+class _Quant(NamedTuple):
+    """One quantised build of a segment: its ONNX file (``rows``: a T-row build's row counts, or
+    ()), the calibration dataset's file name, the build service, the artifact's folder, where the
+    .rknn goes and whether it is built in columns."""
+
+    ctx: Context
+    seg: GraphSegment
+    onnx_path: str
+    rows: tuple
+    dataset: str
+    cal: SegmentCalibration
+    builds: CachedBuilds
+    out_dir: str
+    dest: str
+    columns: bool = False
+
+
+def _quantised(job: _Quant, version: str) -> str:
     """The segment's quantised build copied to ``dest`` if it is accurate enough on the held-out
     rows: 'cached', 'built' or 'rebuilt (...)'; else '' (``dest`` not written) and
     ``seg.precision_note`` says why it is built fp16. ``rows``: a T-row build's row counts (its
@@ -425,6 +414,7 @@ def _quantised(
     compiles take turns), its recorded checksum checked as it is copied. Its measured accuracy
     (``KEY.json``) is written after the build; an entry whose ``.rknn`` fails its checksum or
     whose record is unreadable is removed and built again."""
+    ctx, seg, onnx_path, rows, dataset, cal, builds, out_dir, dest, columns = job
     opts = ctx.options
     carried = {t for s in ctx.state if s.accumulator for t in (s.input, s.output)}
     if carried & set(seg.inputs + seg.outputs) or any(n.op in ("Exp", "Max") for n in seg.nodes):
@@ -438,9 +428,7 @@ def _quantised(
         )
     cache = builds.cache
     with cache.locked(key, lambda: builds.stopping):
-        status = _quantised_entry(
-            ctx, seg, onnx_path, rows, dataset, cal, builds, out_dir, key, dest, columns
-        )
+        status = _quantised_entry(job, key)
     if not status:
         return ""
     seg.token.precision, seg.token.calib, seg.cache_key, seg.precision_note = opts.quant, dataset, key, ""
@@ -459,22 +447,11 @@ def _accuracy_record(meta: str):
         return None
 
 
-def _quantised_entry(
-    ctx: Context,
-    seg: GraphSegment,
-    onnx_path: str,
-    rows,
-    dataset: str,
-    cal: SegmentCalibration,
-    builds: CachedBuilds,
-    out_dir: str,
-    key: str,
-    dest: str,
-    columns: bool,
-) -> str:
+def _quantised_entry(job: _Quant, key: str) -> str:
     """``_quantised`` with the key's lock held: its status, or ''."""
     from rwkv2rknn.rknn.calibrate import accuracy
 
+    ctx, seg, onnx_path, rows, dataset, cal, builds, out_dir, dest, columns = job
     opts, cache = ctx.options, builds.cache
     meta = os.path.join(cache.folder, key + ".json")
     acc, problem = _accuracy_record(meta), ""

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -220,12 +220,7 @@ class Accuracy:
     rows: int
 
     def to_dict(self) -> dict:
-        return {
-            "min_cos": self.min_cos,
-            "max_rel": self.max_rel,
-            "median_rel": self.median_rel,
-            "rows": self.rows,
-        }
+        return asdict(self)
 
     def __str__(self) -> str:
         return (

@@ -226,12 +226,12 @@ def memory_need(manifest, artifact: str, backend: str = "rknn-rt") -> Dict[str, 
     for seg in manifest.segments:
         per_token = sum(_elems(seg.shapes.get(k)) for k in tuple(seg.inputs) + tuple(seg.outputs))
         if seg.backend == "npu" and backend != "ort":
-            weights += _size(artifact, seg.rknn) + (
-                _size(artifact, seg.seq_rknn) if seg.seq_rknn != seg.rknn else 0
+            weights += _size(artifact, seg.token.rknn) + (
+                _size(artifact, seg.seq.rknn) if seg.seq.rknn != seg.token.rknn else 0
             )
         else:
-            weights += _size(artifact, seg.onnx) + _size(artifact, seg.seq_onnx)
-        acts += 4 * per_token * (1 + max(seg.seq_rows or (0,)))
+            weights += _size(artifact, seg.token.onnx) + _size(artifact, seg.seq.onnx)
+        acts += 4 * per_token * (1 + max(seg.seq.rows or (0,)))
     width = int(manifest.model.get("width") or 0)
     state = 4 * len(manifest.state) * width
     domains = len(domain_bytes(manifest, artifact)) if backend != "ort" else 0
@@ -257,7 +257,7 @@ NO_DOMAIN_CHOICE = (
 
 def npu_weight_bytes(manifest, artifact: str) -> int:
     """Bytes of the .rknn files the NPU contexts load (each file once)."""
-    files = {f for s in manifest.segments if s.backend == "npu" for f in (s.rknn, s.seq_rknn) if f}
+    files = {f for s in manifest.segments if s.backend == "npu" for f in (s.token.rknn, s.seq.rknn) if f}
     return sum(_size(artifact, f) for f in files)
 
 
@@ -268,7 +268,7 @@ def iommu_domains(manifest, artifact: str, domain_bytes: Optional[int] = None) -
     everything when the weights fit in one domain."""
     limit = domain_bytes or IOMMU_DOMAIN_BYTES
     files = sorted(
-        {f for s in manifest.segments if s.backend == "npu" for f in (s.rknn, s.seq_rknn) if f},
+        {f for s in manifest.segments if s.backend == "npu" for f in (s.token.rknn, s.seq.rknn) if f},
         key=lambda f: (-_size(artifact, f), f),
     )
     used: List[int] = []

@@ -124,10 +124,10 @@ class HybridModel:
         for seg in m.segments:
             self.runners.append(self._runner(seg))
             if self._board and seg.backend == "npu":  # loaded on first prefill, checked now
-                if seg.seq_rknn:
-                    self._path(seg.seq_rknn, seg.seq_rknn_sha256)
-            elif seg.seq_onnx:
-                self._path(seg.seq_onnx, seg.seq_sha256)
+                if seg.seq.rknn:
+                    self._path(seg.seq.rknn, seg.seq.rknn_sha256)
+            elif seg.seq.onnx:
+                self._path(seg.seq.onnx, seg.seq.sha256)
             if progress:
                 progress(seg)
         self.width = int(m.model.get("width") or 0)
@@ -172,7 +172,7 @@ class HybridModel:
             from rwkv2rknn.runtime.ort import OrtRunner
             from rwkv2rknn.runtime.ortshare import LazyRunner
 
-            path, threads = self._path(seg.onnx, seg.sha256), self.threads_for(seg)
+            path, threads = self._path(seg.token.onnx, seg.token.sha256), self.threads_for(seg)
             if self._fuse:
                 return LazyRunner(lambda: OrtRunner(path, seg.name, threads, self._store), seg.name)
             return OrtRunner(path, seg.name, threads, self._store)
@@ -188,21 +188,21 @@ class HybridModel:
         if self.backend == "rknn-sim":
             RknnSimRunner = plugin_runner("rknn-sim")
             return RknnSimRunner(
-                self._path(seg.onnx, seg.sha256),
+                self._path(seg.token.onnx, seg.token.sha256),
                 seg.name,
                 seg.inputs,
                 seg.outputs,
                 shapes,
                 m_target(self),
-                precision=seg.precision,
-                dataset=self._calib(seg.calib),
+                precision=seg.token.precision,
+                dataset=self._calib(seg.token.calib),
             )
-        if not seg.rknn:
+        if not seg.token.rknn:
             raise BadInput(
                 f"segment {seg.name} has no .rknn (compiled with --plan-only)",
                 "compile without --plan-only, or use --backend ort / rknn-sim",
             )
-        return self._board_runner(seg, self._path(seg.rknn, seg.rknn_sha256), seg.name, shapes)
+        return self._board_runner(seg, self._path(seg.token.rknn, seg.token.rknn_sha256), seg.name, shapes)
 
     def _board_runner(
         self, seg, path: str, name: str, shapes, rows=(), columns: bool = False, io: Optional[str] = None
@@ -213,34 +213,23 @@ class HybridModel:
         from rwkv2rknn.runtime.board import core_mask_for
 
         mask = core_mask_for(seg, self.manifest, self._core_mask)
+        args = (path, name, seg.inputs, seg.outputs, shapes, mask)
+        both = dict(rows=rows, toolkit=self.manifest.toolkit, columns=columns)
         if self.backend == "rknn-rt":
             from rwkv2rknn.runtime.rknnrt import RknnRtRunner
 
-            return RknnRtRunner(
-                path,
-                name,
-                seg.inputs,
-                seg.outputs,
-                shapes,
-                mask,
-                rows=rows,
-                toolkit=self.manifest.toolkit,
-                columns=columns,
-                io=io or self.io_for(seg),
-                target=self.manifest.target,
-            )
+            return RknnRtRunner(*args, **both, io=io or self.io_for(seg), target=self.manifest.target)
         from rwkv2rknn.runtime.rknn import RknnLiteRunner
 
-        return RknnLiteRunner(
-            path,
-            name,
-            seg.inputs,
-            seg.outputs,
-            shapes,
-            mask,
-            rows=rows,
-            toolkit=self.manifest.toolkit,
-            columns=columns,
+        return RknnLiteRunner(*args, **both)
+
+    def _seq_board_runner(self, seg, io: Optional[str] = None):
+        """The board runner of a segment's T-row build (its rows as they come: ``Columns`` turns
+        a build in columns)."""
+        path = self._path(seg.seq.rknn, seg.seq.rknn_sha256)
+        columns = seg.seq.layout == "columns"
+        return self._board_runner(
+            seg, path, seg.name + ".seq", None, rows=seg.seq.rows, columns=columns, io=io
         )
 
     # ------------------------------------------------------------------ io paths, self-test
@@ -256,19 +245,10 @@ class HybridModel:
         """A new runner of an NPU segment's per-token (``seq`` False) or T-row build on this
         backend, not shared (the self-test's, for another io path); the caller closes it."""
         if seq:
-            if not seg.seq_rknn or not seg.seq_rows:
+            if not seg.seq.rknn or not seg.seq.rows:
                 return None
-            columns = seg.seq_layout == "columns"
-            runner = self._board_runner(
-                seg,
-                self._path(seg.seq_rknn, seg.seq_rknn_sha256),
-                seg.name + ".seq",
-                None,
-                rows=seg.seq_rows,
-                columns=columns,
-                io=io,
-            )
-            return Columns(runner) if columns else runner
+            runner = self._seq_board_runner(seg, io)
+            return Columns(runner) if seg.seq.layout == "columns" else runner
         if seg.decode_rows:
             slots = {s.input for s in self.manifest.state}
             return RowStep(
@@ -279,7 +259,7 @@ class HybridModel:
             )
         return self._board_runner(
             seg,
-            self._path(seg.rknn, seg.rknn_sha256),
+            self._path(seg.token.rknn, seg.token.rknn_sha256),
             seg.name,
             {k: list(v) for k, v in seg.shapes.items()},
             io=io,
@@ -288,7 +268,7 @@ class HybridModel:
     def seq_runner(self, seg):
         """The T-row runner prefill uses for a segment (made once), None if it has none."""
         if seg.backend == "npu" and self.backend != "ort":
-            return self._rknn_seq_runner(seg) if seg.seq_rows and (seg.seq_rknn or seg.seq_onnx) else None
+            return self._rknn_seq_runner(seg) if seg.seq.rows and (seg.seq.rknn or seg.seq.onnx) else None
         key = seg.name + "/ort"
         if key not in self._shared:
             self._shared[key] = self._seq_runner(seg)
@@ -339,7 +319,7 @@ class HybridModel:
         keep = {s.output for s in self.slots} | {m.logits_output}
         try:
             for seg in m.segments:
-                stub, used = self._store.strip(os.path.join(self.artifact, seg.onnx))
+                stub, used = self._store.strip(os.path.join(self.artifact, seg.token.onnx))
                 stubs.append(stub)
                 names.update(used)
             model = fuse(stubs, keep, "decode")
@@ -476,7 +456,7 @@ class HybridModel:
             return self._seq
         self._seq_loaded = True
         m = self.manifest
-        if not any(s.seq_onnx or s.seq_rknn for s in m.segments):
+        if not any(s.seq.onnx or s.seq.rknn for s in m.segments):
             return None
         runners, produced = [], set()
         slot_of = {s.input: s for s in self.slots}
@@ -498,19 +478,19 @@ class HybridModel:
 
     def _seq_runner(self, seg):
         """The T-row runner of a segment on this backend, or None (then it runs row by row)."""
-        if not (seg.seq_onnx or seg.seq_rknn):  # a packed NPU segment keeps only its .seq.rknn
+        if not (seg.seq.onnx or seg.seq.rknn):  # a packed NPU segment keeps only its .seq.rknn
             return None
         if seg.backend == "cpu" or self.backend == "ort":
             from rwkv2rknn.runtime.ort import OrtRunner
 
             return OrtRunner(
-                self._path(seg.seq_onnx, seg.seq_sha256),
+                self._path(seg.seq.onnx, seg.seq.sha256),
                 seg.name + ".seq",
                 self.threads_for(seg, rows=32),
                 self._store,
                 arena=False,
             )
-        if not seg.seq_rows:
+        if not seg.seq.rows:
             return None
         return self._rknn_seq_runner(seg)
 
@@ -519,30 +499,23 @@ class HybridModel:
         (``decode_rows``) and prefill."""
         if seg.name in self._shared:
             return self._shared[seg.name]
-        columns = seg.seq_layout == "columns"
+        columns = seg.seq.layout == "columns"
         if self.backend == "rknn-sim":
             RknnSimRunner = plugin_runner("rknn-sim")
             runner = RknnSimRunner(
-                self._path(seg.seq_onnx, seg.seq_sha256),
+                self._path(seg.seq.onnx, seg.seq.sha256),
                 seg.name + ".seq",
                 seg.inputs,
                 seg.outputs,
                 None,
                 m_target(self),
-                rows=seg.seq_rows,
-                precision=seg.seq_precision,
-                dataset=self._calib(seg.seq_calib),
+                rows=seg.seq.rows,
+                precision=seg.seq.precision,
+                dataset=self._calib(seg.seq.calib),
                 columns=columns,
             )
         else:
-            runner = self._board_runner(
-                seg,
-                self._path(seg.seq_rknn, seg.seq_rknn_sha256),
-                seg.name + ".seq",
-                None,
-                rows=seg.seq_rows,
-                columns=columns,
-            )
+            runner = self._seq_board_runner(seg)
         if columns:
             runner = Columns(runner)
         self._shared[seg.name] = runner

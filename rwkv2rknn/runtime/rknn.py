@@ -63,11 +63,13 @@ class _RknnRunner:
             self._rt = None
 
 
-class RknnLiteRunner(_RknnRunner):
-    """The board's fallback: rknn-toolkit-lite2 loads the compiled .rknn onto the NPU cores
-    (``rknn-rt``, the C API through ctypes, is the default where librknnrt.so loads)."""
-
-    backend = "rknn-lite"
+class BoardRunner(_RknnRunner):
+    """A compiled .rknn on the board's runtime, as both board runners (``rknn-rt``, ``rknn-lite``)
+    take it: its file, the segment's inputs, outputs and their shapes, the NPU cores
+    (``core_mask``), a T-row build's row counts (``rows``), the rknn-toolkit2 version that built
+    it (``toolkit``, for the diagnosis of a refused file) and whether it takes its rows as columns
+    [C, T] (``columns``; runtime.rows.Columns turns them). ``backend_args`` go to the runner's
+    ``_open``, which loads the file."""
 
     def __init__(
         self,
@@ -75,13 +77,27 @@ class RknnLiteRunner(_RknnRunner):
         name: str,
         inputs,
         outputs,
-        shapes,
+        shapes=None,
         core_mask: str = "auto",
         rows=(),
         toolkit: str = "",
         columns: bool = False,
+        **backend_args,
     ):
-        super().__init__(name, inputs, outputs, shapes, rows)  # columns: turned by runtime.rows.Columns
+        super().__init__(name, inputs, outputs, shapes, rows)
+        self._open(rknn_path, core_mask, toolkit, columns, **backend_args)
+
+    def _open(self, rknn_path: str, core_mask: str, toolkit: str, columns: bool) -> None:
+        raise NotImplementedError
+
+
+class RknnLiteRunner(BoardRunner):
+    """The board's fallback: rknn-toolkit-lite2 loads the compiled .rknn onto the NPU cores
+    (``rknn-rt``, the C API through ctypes, is the default where librknnrt.so loads)."""
+
+    backend = "rknn-lite"
+
+    def _open(self, rknn_path: str, core_mask: str, toolkit: str, columns: bool) -> None:
         mask = CORE_MASKS.get(str(core_mask), None)
         if mask is None:
             raise UsageError(f"unknown core mask '{core_mask}'", f"use one of {', '.join(CORE_MASKS)}")
@@ -116,7 +132,7 @@ class RknnLiteRunner(_RknnRunner):
                     inited if isinstance(inited, int) else -1, said, device.librknnrt_path(), toolkit
                 )
                 raise ToolkitError(
-                    f"the NPU runtime refused {os.path.basename(rknn_path)} (segment {name}): {cause}{quote}",
+                    f"the NPU runtime refused {os.path.basename(rknn_path)} (segment {self.name}): {cause}{quote}",
                     fix,
                 )
         except BaseException:

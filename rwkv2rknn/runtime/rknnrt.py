@@ -36,6 +36,7 @@ import numpy as np
 
 from rwkv2rknn.errors import BadInput, MissingDependency, ToolkitError
 from rwkv2rknn.runtime import device
+from rwkv2rknn.runtime.rknn import CORE_MASKS, BoardRunner
 
 log = logging.getLogger(__name__)
 
@@ -255,35 +256,27 @@ class _Copies:
             o.buf, o.size = arr.ctypes.data, arr.nbytes
 
 
-class RknnRtRunner:
-    """One NPU segment on librknnrt (the board). ``rows``: a T-row build's row counts;
-    ``columns``: it takes them as columns [C, T] (turned by runtime.rows.Columns)."""
+class RknnRtRunner(BoardRunner):
+    """One NPU segment on librknnrt (the board), its arguments ``BoardRunner``'s and: ``lib``, the
+    library to load (default: the system's librknnrt.so), ``io``, the io path (copy or
+    zero-copy), ``target``, the SoC the artifact was built for."""
 
     backend = "rknn-rt"
 
-    def __init__(
+    def _open(
         self,
         rknn_path: str,
-        name: str,
-        inputs,
-        outputs,
-        shapes=None,
-        core_mask: str = "auto",
-        rows=(),
-        toolkit: str = "",
+        core_mask: str,
+        toolkit: str,
+        columns: bool,
         lib: Optional[str] = None,
-        columns: bool = False,
         io: str = "copy",
         target: str = "",
-    ):
-        from rwkv2rknn.runtime.rknn import CORE_MASKS
-
+    ) -> None:
         if io not in IO_PATHS:
             raise BadInput(f"unknown rknn io path '{io}'", f"use one of {', '.join(IO_PATHS)}")
         self.io = io
-        self.name, self.inputs, self.outputs = name, list(inputs), list(outputs)
-        self.rows, self._row_axis = tuple(rows), -1 if columns else 0
-        self.shapes = {k: tuple(v) for k, v in (shapes or {}).items()} if not rows else {}
+        self._row_axis = -1 if columns else 0
         self._toolkit, self._lib_path = toolkit, lib or device.librknnrt_path()
         self._lib = load_library(self._lib_path)
         self._ctx, self._live = Context(0), False

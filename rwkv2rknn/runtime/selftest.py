@@ -207,7 +207,7 @@ def check_segment(
                     made.append(runner)
                 feed = {k: golden[f"token_in_{j}"] for j, k in enumerate(seg.inputs)}
                 wants = {k: golden[f"token_out_{j}"] for j, k in enumerate(seg.outputs)}
-                checks.append(_check(seg, "token", io, runner, feed, wants, seg.precision))
+                checks.append(_check(seg, "token", io, runner, feed, wants, seg.token.precision))
             if "rows_in_0" in golden:
                 seq, own = seq_runner(io)
                 if own:
@@ -220,7 +220,7 @@ def check_segment(
                         for j, k in enumerate(seg.inputs)
                     }
                     wants = {k: golden[f"rows_out_{j}"][:use] for j, k in enumerate(seg.outputs)}
-                    checks.append(_check(seg, f"{t} rows", io, seq, feed, wants, seg.seq_precision, rows=use))
+                    checks.append(_check(seg, f"{t} rows", io, seq, feed, wants, seg.seq.precision, rows=use))
         finally:
             for r in made:
                 r.close()

@@ -130,7 +130,7 @@ def model_identity(model) -> tuple:
     if m is not None:
         facts = {k: v for k, v in m.model.items() if k != "source"}
         slots = [[s.layer, s.row, s.input, list(s.shape)] for s in m.state]
-        cpu = sorted(s.sha256 for s in m.segments if s.backend == "cpu" and s.sha256)
+        cpu = sorted(s.token.sha256 for s in m.segments if s.backend == "cpu" and s.token.sha256)
         key = {"model": facts, "slots": slots, "cpu": cpu, "tokenizer": m.tokenizer}
         desc = f"{facts.get('arch', 'rwkv')} {facts.get('layers')} x {facts.get('width')}, vocab {m.vocab}"
     else:

@@ -275,7 +275,8 @@ def predict(artifact: str, manifest, profile: DeviceProfile) -> List[float]:
     from rwkv2rknn.compiler.driver import estimate_file
 
     return [
-        estimate_file(os.path.join(artifact, seg.onnx), seg.backend, profile) for seg in manifest.segments
+        estimate_file(os.path.join(artifact, seg.token.onnx), seg.backend, profile)
+        for seg in manifest.segments
     ]
 
 
@@ -321,7 +322,7 @@ def weight_bytes(artifact: str, manifest) -> int:
     """Bytes of the segments' ONNX files (their weights, fp32 on the CPU) read per token."""
     total = 0
     for seg in manifest.segments:
-        path = os.path.join(artifact, seg.onnx)
+        path = os.path.join(artifact, seg.token.onnx)
         for part in (path, path + ".data"):
             if os.path.isfile(part):
                 total += os.path.getsize(part)
@@ -469,23 +470,18 @@ def board_estimate(artifact: str, manifest) -> Dict[str, float]:
     from dataclasses import replace
 
     base = DeviceProfile()
-    cases = {
-        "expected": base,
-        "low": replace(
+
+    def case(call: float, token: float, npu_kernel_ms: float) -> DeviceProfile:
+        """The executor's per-call and per-io costs times ``call``, its per-token cost times ``token``."""
+        return replace(
             base,
-            exec_call_ms=base.exec_call_ms * 0.75,
-            exec_io_ms=base.exec_io_ms * 0.75,
-            exec_token_ms=base.exec_token_ms * 0.75,
-            npu_kernel_ms=0.005,
-        ),
-        "high": replace(
-            base,
-            exec_call_ms=base.exec_call_ms * 1.5,
-            exec_io_ms=base.exec_io_ms * 1.5,
-            exec_token_ms=base.exec_token_ms * 3,
-            npu_kernel_ms=0.05,
-        ),
-    }
+            exec_call_ms=base.exec_call_ms * call,
+            exec_io_ms=base.exec_io_ms * call,
+            exec_token_ms=base.exec_token_ms * token,
+            npu_kernel_ms=npu_kernel_ms,
+        )
+
+    cases = {"expected": base, "low": case(0.75, 0.75, 0.005), "high": case(1.5, 3, 0.05)}
     out = {}
     for name, prof in cases.items():
         per = predict(artifact, manifest, prof)

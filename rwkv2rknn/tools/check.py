@@ -99,7 +99,7 @@ class Tolerances:
 
 def artifact_precision(manifest) -> str:
     """The least precise build among the NPU segments: w8a8, w16a16i or fp16."""
-    used = {p for s in manifest.segments if s.backend == "npu" for p in (s.precision, s.seq_precision)}
+    used = {p for s in manifest.segments if s.backend == "npu" for p in (s.token.precision, s.seq.precision)}
     return next((p for p in ("w8a8", "w16a16i") if p in used), "fp16")
 
 
@@ -422,7 +422,7 @@ def _per_segment(artifact, hybrid, traces, slots):
     for seg, runner, seq_runner in zip(hybrid.manifest.segments, hybrid.runners, seq):
         if seg.backend != "npu":
             continue
-        ref = OrtRunner(os.path.join(artifact, seg.onnx), seg.name)
+        ref = OrtRunner(os.path.join(artifact, seg.token.onnx), seg.name)
         feeds = [{k: env[k] for k in seg.inputs} for env in traces]
         want = [ref.infer(f) for f in feeds]
         worst = max(

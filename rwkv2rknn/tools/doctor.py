@@ -150,7 +150,9 @@ def doctor(
                     f"the .rknn files hold {device.gib(npu)}, within one 4 GiB IOMMU domain",
                 )
             )
-        missing = [s.name for s in manifest.segments if s.backend == "npu" and not (s.rknn or s.seq_rknn)]
+        missing = [
+            s.name for s in manifest.segments if s.backend == "npu" and not (s.token.rknn or s.seq.rknn)
+        ]
         if missing:
             out.append(
                 Verdict(
@@ -203,7 +205,7 @@ def _librknnrt(root: str, environ, manifest, artifact) -> List[Verdict]:
             f
             for s in (manifest.segments if manifest else ())
             if s.backend == "npu"
-            for f in (s.rknn, s.seq_rknn)
+            for f in (s.token.rknn, s.seq.rknn)
             if f and os.path.isfile(os.path.join(artifact, f))
         },
         key=lambda f: os.path.getsize(os.path.join(artifact, f)),

@@ -114,7 +114,7 @@ def load(artifact: str, bench: Optional[str] = None, size_by: str = "flops") -> 
             or planned.get("precision")
             or ("fp16" if seg.backend == "npu" else "fp32")
         )
-        kind, where = kind_of(seg.backend, seg.fallback, precision)
+        kind, where = kind_of(seg.backend, seg.token.fallback, precision)
         reasons = planned.get("cpu_reasons") or {}
         data.segs.append(
             SegView(
@@ -137,7 +137,7 @@ def load(artifact: str, bench: Optional[str] = None, size_by: str = "flops") -> 
 def _size(artifact: str, seg: Segment, size_by: str) -> float:
     if size_by == "flops":
         return float(seg.flops)
-    path = os.path.join(artifact, seg.rknn or seg.seq_rknn or seg.onnx)
+    path = os.path.join(artifact, seg.token.rknn or seg.seq.rknn or seg.token.onnx)
     return float(os.path.getsize(path)) if os.path.exists(path) else 0.0
 
 
@@ -236,8 +236,8 @@ def hover(v: SegView, m: Manifest) -> str:
             f"estimated {s.est_ms:.3f} ms per call (decode), {s.est_prefill_ms:.3f} ms per "
             f"token of prefill (profile '{m.profile.get('name', '?')}', an estimate)"
         )
-    if s.fallback:
-        lines.append(f"fell back to the CPU: {s.fallback}")
+    if s.token.fallback:
+        lines.append(f"fell back to the CPU: {s.token.fallback}")
     lines += [f"on the CPU: {r} ({n} ops)" for r, n in v.reasons.items()]
     if s.backend == "cpu" and not v.reasons:
         lines.append("why on the CPU: see 'Why ops are on the CPU' (no per-segment reasons in plan.json)")

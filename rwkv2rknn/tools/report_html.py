@@ -46,7 +46,7 @@ def _pct(v: float) -> str:
 def header(d: ReportData) -> str:
     m = d.manifest
     mod = m.model
-    built = any(s.rknn or s.seq_rknn for s in m.segments)
+    built = any(s.token.rknn or s.seq.rknn for s in m.segments)
     n_npu = sum(s.backend == "npu" for s in m.segments)
     what = (
         (
@@ -111,9 +111,9 @@ def cpu_reasons(d: ReportData) -> str:
         for r, n in sorted(reasons.items(), key=lambda kv: -_num(kv[1]))
     )
     falls = "".join(
-        f"<tr><td class=n>1 segment</td><td>{esc(v.seg.name)} fell back: {esc(v.seg.fallback)}</td></tr>"
+        f"<tr><td class=n>1 segment</td><td>{esc(v.seg.name)} fell back: {esc(v.seg.token.fallback)}</td></tr>"
         for v in d.segs
-        if v.seg.fallback
+        if v.seg.token.fallback
     )
     return (
         f"<h2>Why ops are on the CPU</h2><table><tr><th class=n>ops</th><th>reason (from the support "

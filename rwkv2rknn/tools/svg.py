@@ -64,6 +64,10 @@ class Svg:
             **attrs,
         )
 
+    def reference(self, ref: Tuple[float, str], x1, y1, x2, y2, **style) -> None:
+        """The dashed line of a reference ``ref`` (value, title), its value in ``data-value``."""
+        self.line(x1, y1, x2, y2, dash="5 3", title=ref[1], class_="ref", data_value=repr(ref[0]), **style)
+
     def render(self) -> str:
         return (
             f'<svg class="{esc(self.cls)}" role="img" '
@@ -123,18 +127,7 @@ def hbars(
         s.rect(left, y, x(v) - left, bar, colour, title=hover, class_="bar", data_value=repr(v))
         s.text(width - 4, y + bar * 0.7, f"{v:.2f}", anchor="end", size=10)
     if ref:
-        s.line(
-            x(ref[0]),
-            top - 4,
-            x(ref[0]),
-            s.height - 28,
-            stroke=INK,
-            width=2,
-            dash="5 3",
-            title=ref[1],
-            class_="ref",
-            data_value=repr(ref[0]),
-        )
+        s.reference(ref, x(ref[0]), top - 4, x(ref[0]), s.height - 28, stroke=INK, width=2)
     return s.render()
 
 
@@ -215,17 +208,7 @@ def line_plot(
             data_value=repr(v),
         )
     if ref and ref[0] > 0:
-        s.line(
-            left,
-            y(ref[0]),
-            width - right,
-            y(ref[0]),
-            stroke="#555555",
-            dash="5 3",
-            title=ref[1],
-            class_="ref",
-            data_value=repr(ref[0]),
-        )
+        s.reference(ref, left, y(ref[0]), width - right, y(ref[0]), stroke="#555555")
     return s.render()
 
 

@@ -327,7 +327,7 @@ def test_a_segments_two_builds_are_written_and_read_under_the_flat_keys():
     back = Manifest.from_dict(json.loads(json.dumps(m.to_dict()))).segments[0]
     assert back == seg and back.seq == seg.seq and back.token.onnx == "segments/s0.onnx"
     # the flat names read the builds' fields (what the runtime reads)
-    assert (back.seq_rknn, back.seq_rows, back.rknn, back.calib) == (
+    assert (back.seq.rknn, back.seq.rows, back.token.rknn, back.token.calib) == (
         back.seq.rknn,
         back.seq.rows,
         back.token.rknn,
@@ -356,7 +356,7 @@ def _one_line_refusal(d, version, reads):
 def _row_state_beside_columns(m):
     """A segment's T-row build in columns takes a state slot [1, C] (what version 3 added)."""
     return any(
-        seg.seq_layout == "columns" and slot.input in seg.inputs and len(slot.shape) == 2
+        seg.seq.layout == "columns" and slot.input in seg.inputs and len(slot.shape) == 2
         for seg in m.segments
         for slot in m.state
     )

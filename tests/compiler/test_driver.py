@@ -34,9 +34,9 @@ def test_fp16_model_partition_targets(fp16_artifact):
     # cross-layer fusion: the NPU tail of layer i and head of layer i+1 are one segment
     assert any(set(s.stages) >= {"L0", "L1"} and s.backend == "npu" for s in m.segments)
     for s in m.segments:
-        assert os.path.exists(os.path.join(fp16_artifact, s.onnx))
+        assert os.path.exists(os.path.join(fp16_artifact, s.token.onnx))
         if s.backend == "npu":
-            assert s.rknn and os.path.getsize(os.path.join(fp16_artifact, s.rknn)) > 0
+            assert s.token.rknn and os.path.getsize(os.path.join(fp16_artifact, s.token.rknn)) > 0
     assert m.toolkit == "2.5.0" and m.target == "rk3588"
     assert m.tokenizer == "bytes" and m.model["source_dtype"] == "float16"
     plan = json.load(open(os.path.join(fp16_artifact, "plan.json")))
@@ -48,7 +48,7 @@ def test_fp16_model_partition_targets(fp16_artifact):
 def test_fp32_and_fp16_partition_alike(fp16_artifact, fp32_plan_artifact):
     a, b = _manifest(fp16_artifact), _manifest(fp32_plan_artifact)
     assert [(s.backend, s.stages) for s in a.segments] == [(s.backend, s.stages) for s in b.segments]
-    assert all(s.rknn is None for s in b.segments)
+    assert all(s.token.rknn is None for s in b.segments)
 
 
 @pytest.mark.slow
@@ -56,7 +56,7 @@ def test_names_and_bytes_are_deterministic(fp32_dir, tmp_path):
     m1 = compile_model(fp32_dir, str(tmp_path / "a"), Options(plan_only=True))
     m2 = compile_model(fp32_dir, str(tmp_path / "b"), Options(plan_only=True))
     assert [s.name for s in m1.segments] == [s.name for s in m2.segments]
-    assert [s.sha256 for s in m1.segments] == [s.sha256 for s in m2.segments]
+    assert [s.token.sha256 for s in m1.segments] == [s.token.sha256 for s in m2.segments]
 
 
 @pytest.mark.slow
@@ -70,10 +70,10 @@ def test_checksums_taken_while_writing_match_the_files(fp16_artifact):
         (rel, sha)
         for s in m.segments
         for rel, sha in (
-            (s.onnx, s.sha256),
-            (s.seq_onnx, s.seq_sha256),
-            (s.rknn, s.rknn_sha256),
-            (s.seq_rknn, s.seq_rknn_sha256),
+            (s.token.onnx, s.token.sha256),
+            (s.seq.onnx, s.seq.sha256),
+            (s.token.rknn, s.token.rknn_sha256),
+            (s.seq.rknn, s.seq.rknn_sha256),
         )
         if rel
     ]
@@ -102,10 +102,12 @@ def test_second_compile_reuses_the_cache(fp16_dir, fp16_artifact, tmp_path, monk
         for r in m.report
     )
     first = _manifest(fp16_artifact)
-    assert [s.seq_layout for s in m.segments] == [s.seq_layout for s in first.segments]
-    assert any(s.seq_layout == "columns" for s in m.segments)
-    assert [(s.name, s.sha256, s.seq_sha256, s.rknn_sha256, s.seq_rknn_sha256) for s in m.segments] == [
-        (s.name, s.sha256, s.seq_sha256, s.rknn_sha256, s.seq_rknn_sha256) for s in first.segments
+    assert [s.seq.layout for s in m.segments] == [s.seq.layout for s in first.segments]
+    assert any(s.seq.layout == "columns" for s in m.segments)
+    assert [
+        (s.name, s.token.sha256, s.seq.sha256, s.token.rknn_sha256, s.seq.rknn_sha256) for s in m.segments
+    ] == [
+        (s.name, s.token.sha256, s.seq.sha256, s.token.rknn_sha256, s.seq.rknn_sha256) for s in first.segments
     ]
 
 
@@ -115,7 +117,7 @@ def test_crashing_build_falls_back_to_cpu(fp32_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("RWKV2RKNN_FLOAT_DTYPE", "tfloat32")
     m = compile_model(fp32_dir, str(tmp_path / "a"), Options(cache_dir=str(tmp_path / "c")))
     assert all(s.backend == "cpu" for s in m.segments)
-    assert all(s.fallback for s in m.segments if s.matmuls)
+    assert all(s.token.fallback for s in m.segments if s.matmuls)
     assert "CPU" in m.table()
     cached = os.listdir(os.path.join(tmp_path, "c", "rknn"))
     assert not [e for e in cached if not e.endswith(".lock")]  # nothing half-written cached

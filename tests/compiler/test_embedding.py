@@ -76,6 +76,6 @@ def test_a_built_compile_stores_its_token_table_in_fp16(fp16_artifact):
 
     m = load_manifest(fp16_artifact)
     embed = next(s for s in m.segments if s.backend == "cpu" and "embed" in s.stages)
-    model = onnx.load(os.path.join(fp16_artifact, embed.onnx))
+    model = onnx.load(os.path.join(fp16_artifact, embed.token.onnx))
     tables = [i for i in model.graph.initializer if len(i.dims) == 2]
     assert tables and all(i.data_type == TensorProto.FLOAT16 for i in tables)

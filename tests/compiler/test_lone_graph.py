@@ -24,13 +24,13 @@ def test_single_conv_file_compiles_as_a_lone_graph_and_run_refuses_it(bad, tmp_p
     m = load_manifest(out)
     assert m.token_input == "" and m.logits_output == "" and m.model["arch"] == "onnx"
     assert m.segments and {"Conv"} <= {
-        n.op_type for s in m.segments for n in onnx.load(os.path.join(out, s.onnx)).graph.node
+        n.op_type for s in m.segments for n in onnx.load(os.path.join(out, s.token.onnx)).graph.node
     }
     x = np.random.default_rng(1).standard_normal((1, 3, 8, 8)).astype(np.float32)
     env = {"x": x}
     for s in m.segments:
-        assert sha256(os.path.join(out, s.onnx)) == s.sha256
-        env.update(OrtRunner(os.path.join(out, s.onnx), s.name).infer({k: env[k] for k in s.inputs}))
+        assert sha256(os.path.join(out, s.token.onnx)) == s.token.sha256
+        env.update(OrtRunner(os.path.join(out, s.token.onnx), s.name).infer({k: env[k] for k in s.inputs}))
     want = OrtRunner(bad["conv_file"]).infer({"x": x})["y"]
     np.testing.assert_allclose(env["y"], want, rtol=1e-5, atol=1e-5)
     error_line(

@@ -167,12 +167,12 @@ def test_killed_compile_loses_nothing_and_the_next_one_reuses_the_cache(model, p
     assert scratch_left(tmp) == {}  # the next compile removed what the killed ones left
     m, logits = whole_artifact(out)
     npu = [s for s in m.segments if s.backend == "npu"]
-    assert npu and not any(s.fallback for s in m.segments)
+    assert npu and not any(s.token.fallback for s in m.segments)
     # builds are not byte-reproducible: an entry that was reused is still the same bytes, and
     # the artifact got exactly those bytes
     for e, data in whole.items():
         assert (cache / "rknn" / e).read_bytes() == data, f"{e} was rebuilt"
-    reused = [s for s in npu if (out / s.rknn).read_bytes() in whole.values()]
+    reused = [s for s in npu if (out / s.token.rknn).read_bytes() in whole.values()]
     assert len(reused) == len(whole)
     note = [x for x in m.report if x.startswith("build:")][0]
     assert f"{len(npu) - len(whole)} built, {len(whole)} from the cache" in note, (note, list(whole))
@@ -241,11 +241,11 @@ def test_two_compiles_share_the_cache(two_at_once, model):
     for art in outs:
         m, _ = whole_artifact(art)
         npu = [s for s in m.segments if s.backend == "npu"]
-        assert npu and all(s.rknn for s in npu)
-        got += [(art / s.rknn).read_bytes() for s in npu]
+        assert npu and all(s.token.rknn for s in npu)
+        got += [(art / s.token.rknn).read_bytes() for s in npu]
     assert len(entries) == len(got) // 2  # one entry per NPU segment of the (one) model
     for e in entries:
         data = (cache / "rknn" / e).read_bytes()
         assert data and data in got, e
     a, b = load_manifest(outs[0]), load_manifest(outs[1])
-    assert [s.sha256 for s in a.segments] == [s.sha256 for s in b.segments]  # the same plan
+    assert [s.token.sha256 for s in a.segments] == [s.token.sha256 for s in b.segments]  # the same plan

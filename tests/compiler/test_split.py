@@ -11,7 +11,7 @@ from rwkv2rknn.compiler import resources, split
 from rwkv2rknn.compiler.driver import compile_model
 from rwkv2rknn.compiler.ir import Options
 from rwkv2rknn.models import checkpoint
-from rwkv2rknn.models.export import export_file
+from rwkv2rknn.models.export import export
 from rwkv2rknn.tools.check import run_check
 
 
@@ -21,8 +21,8 @@ def files(tmp_path_factory):
     v7 = checkpoint.random_rwkv7(layers=3, width=128, vocab=97, seed=3)
     v4 = checkpoint.random_checkpoint(layers=3, width=48, vocab=97, seed=4)
     return {
-        "v7": export_file(v7, str(d / "v7.onnx"), fp32=True, tokenizer="bytes") and str(d / "v7.onnx"),
-        "v4": export_file(v4, str(d / "v4.onnx"), fp32=False, tokenizer="bytes") and str(d / "v4.onnx"),
+        "v7": export(v7, str(d / "v7.onnx"), fp32=True, tokenizer="bytes") and str(d / "v7.onnx"),
+        "v4": export(v4, str(d / "v4.onnx"), fp32=False, tokenizer="bytes") and str(d / "v4.onnx"),
     }
 
 
@@ -35,8 +35,8 @@ def test_one_file_streams_and_equals_the_whole_graph_compile(files, name, tmp_pa
     assert any("split into 5 stage files" in r for r in streamed.report)
     assert not any("split into" in r for r in whole.report)
     # the same segments, byte for byte, and the same model record
-    assert [(s.name, s.sha256, s.seq_sha256) for s in streamed.segments] == [
-        (s.name, s.sha256, s.seq_sha256) for s in whole.segments
+    assert [(s.name, s.token.sha256, s.seq.sha256) for s in streamed.segments] == [
+        (s.name, s.token.sha256, s.seq.sha256) for s in whole.segments
     ]
     assert streamed.model["source"] == os.path.abspath(path)
     assert streamed.model["source_state"] == whole.model["source_state"]
@@ -86,7 +86,7 @@ def test_a_big_one_file_model_compiles_within_twice_its_size(tmp_path):
     from compile_size import make_state_dict
 
     path = str(tmp_path / "big.onnx")
-    export_file(make_state_dict(12, 1024, 4096, "4"), path, fp32=True)
+    export(make_state_dict(12, 1024, 4096, "4"), path, fp32=True)
     size = os.path.getsize(path)
     assert size > 0.5 * 2**30
     out = subprocess.run(

@@ -11,6 +11,7 @@ from rwkv2rknn.compiler import stream
 from rwkv2rknn.compiler.driver import compile_model
 from rwkv2rknn.compiler.ir import Options
 from rwkv2rknn.models.checkpoint import random_checkpoint
+from helpers import hot_checkpoint
 from rwkv2rknn.models.export import export
 
 pytestmark = pytest.mark.slow  # every test here takes more than a few seconds
@@ -19,10 +20,7 @@ pytestmark = pytest.mark.slow  # every test here takes more than a few seconds
 @pytest.fixture(scope="module")
 def hot_fp16(tmp_path_factory):
     """fp16 files whose squared ReLU overflows fp16: the range guard rescales in every layer."""
-    sd = random_checkpoint(layers=4, width=40, vocab=70, seed=9)
-    for i in range(4):
-        sd[f"blocks.{i}.ffn.key.weight"] *= 300.0
-        sd[f"blocks.{i}.ffn.value.weight"] /= 300.0**2
+    sd = hot_checkpoint(300.0, layers=4, width=40, vocab=70, seed=9)
     d = str(tmp_path_factory.mktemp("hot") / "fp16")
     export(sd, d, fp32=False, tokenizer="bytes")
     return d

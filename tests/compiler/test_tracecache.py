@@ -27,8 +27,8 @@ def _entries(cache):
 
 
 def _same_segments(a, b):
-    assert [(s.name, s.sha256, s.seq_sha256) for s in a.segments] == [
-        (s.name, s.sha256, s.seq_sha256) for s in b.segments
+    assert [(s.name, s.token.sha256, s.seq.sha256) for s in a.segments] == [
+        (s.name, s.token.sha256, s.seq.sha256) for s in b.segments
     ]
     assert a.state == b.state
 

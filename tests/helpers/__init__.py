@@ -12,6 +12,19 @@ def random_model(tmp_path_factory, name: str, fp32: bool, **checkpoint) -> str:
     return d
 
 
+def hot_checkpoint(scale: float, **checkpoint) -> dict:
+    """A random RWKV-4 checkpoint (random_checkpoint's ``checkpoint``) whose FFN key weights are
+    ``scale`` times larger and value weights ``scale``**2 smaller: relu(k)^2 far above fp16's
+    65504, the same outputs in exact arithmetic."""
+    from rwkv2rknn.models.checkpoint import random_checkpoint
+
+    sd = random_checkpoint(**checkpoint)
+    for i in range(checkpoint["layers"]):
+        sd[f"blocks.{i}.ffn.key.weight"] *= scale
+        sd[f"blocks.{i}.ffn.value.weight"] /= scale**2
+    return sd
+
+
 def start_cached_compile(model, out, cache, *flags, merge_output: bool = False):
     """``rwkv2rknn compile MODEL -o OUT FLAGS`` in its own process, its build cache in ``cache``
     (text pipes; ``merge_output``: stderr into stdout, one stream in the order written)."""

@@ -121,10 +121,10 @@ def whole_artifact(art, tokens=(1, 5, 9)):
 
     m = load_manifest(art)
     for s in m.segments:
-        if s.rknn:
-            assert sha256(os.path.join(art, s.rknn)) == s.rknn_sha256
-        if getattr(s, "seq_rknn", None):
-            assert sha256(os.path.join(art, s.seq_rknn)) == s.seq_rknn_sha256
+        if s.token.rknn:
+            assert sha256(os.path.join(art, s.token.rknn)) == s.token.rknn_sha256
+        if s.seq.rknn:
+            assert sha256(os.path.join(art, s.seq.rknn)) == s.seq.rknn_sha256
     model = HybridModel(str(art), backend="ort")  # verifies the ONNX checksums
     logits = model.logits(list(tokens))
     assert np.isfinite(logits).all()

@@ -104,16 +104,16 @@ def test_public_recipe_files_run_in_reference(small_sd, tmp_path, tokens):
 
 @pytest.mark.parametrize("fp32", [True, False])
 def test_one_file_is_written_stage_by_stage_as_onnx_would_save_it(fp32, tmp_path):
-    """export_file writes one stage at a time (a whole ModelProto of a 430M model did not fit
+    """export to one .onnx file writes one stage at a time (a whole ModelProto of a 430M model did not fit
     in 12 GB); the bytes are what onnx.save writes for the joined model."""
     from onnx import helper
     from rwkv2rknn import fileio
     from rwkv2rknn.models.checkpoint import random_rwkv7
-    from rwkv2rknn.models.export import METADATA_PREFIX, export_file, whole_model
+    from rwkv2rknn.models.export import METADATA_PREFIX, export, whole_model
 
     sd = random_rwkv7(layers=2, width=128, vocab=97, seed=2)
     path = str(tmp_path / "m.onnx")
-    export_file(sd, path, fp32=fp32, tokenizer="bytes")
+    export(sd, path, fp32=fp32, tokenizer="bytes")
     model, _, arch = whole_model(sd, fp32)
     helper.set_model_props(
         model,
@@ -126,5 +126,5 @@ def test_one_file_is_written_stage_by_stage_as_onnx_would_save_it(fp32, tmp_path
     fileio.save_onnx_file(model, str(tmp_path / "joined.onnx"))
     assert open(path, "rb").read() == (tmp_path / "joined.onnx").read_bytes()
     with pytest.raises(BadInput, match="exists"):
-        export_file(sd, path, fp32=fp32)
+        export(sd, path, fp32=fp32)
     assert sorted(os.listdir(tmp_path)) == ["joined.onnx", "m.onnx"]  # no scratch left

@@ -56,12 +56,12 @@ def test_a_torch_block_per_token_segment_keeps_its_layernorm_in_one_run(tmp_path
     src = _torch_block(str(tmp_path / "block.onnx"))
     m = compile_model(src, str(tmp_path / "art"), Options(plan_only=True))
     (seg,) = [s for s in m.segments if s.backend == "npu"]
-    for rel in (seg.onnx, seg.seq_onnx):
+    for rel in (seg.token.onnx, seg.seq.onnx):
         path = os.path.join(tmp_path, "art", rel)
         assert len(layernorms(path)) == 1, rel
         assert split_layernorms(path) == [], rel
     # the order the graph had: depth first is what put the LayerNorm back together
-    g = gs.import_onnx(onnx.load(os.path.join(tmp_path, "art", seg.onnx)))
+    g = gs.import_onnx(onnx.load(os.path.join(tmp_path, "art", seg.token.onnx)))
     g.toposort()
     onnx.save(gs.export_onnx(g), str(tmp_path / "by_depth.onnx"))
     assert split_layernorms(str(tmp_path / "by_depth.onnx"))

@@ -5,6 +5,7 @@ import pytest
 
 from rwkv2rknn.compiler.ir import Options
 from rwkv2rknn.models.checkpoint import random_checkpoint
+from helpers import hot_checkpoint
 from rwkv2rknn.models.export import export
 from rwkv2rknn.passes import GRAPH_PIPELINE, fp16_guard, load
 from rwkv2rknn.runtime.reference import PerLayerModel
@@ -22,10 +23,7 @@ def _run_until(path, last, **opts):
 @pytest.fixture(scope="module")
 def hot_model(tmp_path_factory):
     """FFN key weights so large that relu(k)^2 goes far above 65504."""
-    sd = random_checkpoint(layers=2, width=32, vocab=40, seed=5)
-    for i in range(2):
-        sd[f"blocks.{i}.ffn.key.weight"] *= 400.0
-        sd[f"blocks.{i}.ffn.value.weight"] /= 400.0**2
+    sd = hot_checkpoint(400.0, layers=2, width=32, vocab=40, seed=5)
     d = str(tmp_path_factory.mktemp("hot"))
     export(sd, d, fp32=True)
     return d

@@ -75,7 +75,7 @@ def test_capture_records_each_npu_segments_inputs_before_the_step(fp32_plan_arti
             assert not r.feeds[0][k].any()
             if slots[k] in r.results[0]:
                 np.testing.assert_array_equal(r.feeds[1][k], r.results[0][slots[k]])
-        ort = OrtRunner(os.path.join(fp32_plan_artifact, seg.onnx), seg.name)
+        ort = OrtRunner(os.path.join(fp32_plan_artifact, seg.token.onnx), seg.name)
         again = ort.infer(r.feeds[5])
         for k in seg.outputs:
             np.testing.assert_allclose(again[k].reshape(-1), r.results[5][k].reshape(-1), atol=1e-5)
@@ -90,13 +90,13 @@ def test_t_row_samples_give_the_per_token_outputs_stacked(fp32_plan_artifact, ca
     m = load_manifest(fp32_plan_artifact)
     slots = {s.input for s in m.state}
     seg = next(
-        s for s in m.segments if s.backend == "npu" and s.seq_onnx and any(k in slots for k in s.inputs)
+        s for s in m.segments if s.backend == "npu" and s.seq.onnx and any(k in slots for k in s.inputs)
     )
     r = rows[seg.name]
     t = 8
     feeds = C.seq_feeds(r, t, [k for k in seg.inputs if k in slots])
     assert len(feeds) == len(r.feeds) // t
-    ort = OrtRunner(os.path.join(fp32_plan_artifact, seg.seq_onnx), seg.name)
+    ort = OrtRunner(os.path.join(fp32_plan_artifact, seg.seq.onnx), seg.name)
     for i in (0, 2):
         got = ort.infer(feeds[i])
         for k in seg.outputs:

@@ -75,9 +75,9 @@ def _poison_npu_segment(art):
 
     seg = next(s for s in load_manifest(art).segments if s.backend == "npu")
     name = seg.outputs[0]
-    sums = {"sha256": _scale_output(os.path.join(art, seg.onnx), name)}
-    if getattr(seg, "seq_onnx", None):
-        sums["seq_sha256"] = _scale_output(os.path.join(art, seg.seq_onnx), name)
+    sums = {"sha256": _scale_output(os.path.join(art, seg.token.onnx), name)}
+    if seg.seq.onnx:
+        sums["seq_sha256"] = _scale_output(os.path.join(art, seg.seq.onnx), name)
     edit_manifest(art, lambda d: [s.update(sums) for s in d["segments"] if s["name"] == seg.name])
     return seg.name
 

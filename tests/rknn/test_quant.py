@@ -32,12 +32,12 @@ def test_every_npu_segment_is_w8a8_with_its_measured_figure(w8a8):
     m = load_manifest(w8a8)
     npu = [s for s in m.segments if s.backend == "npu"]
     *layers, head = npu  # the head is built for one row (a prompt needs its last row's logits)
-    assert npu and all(s.precision == "w8a8" for s in npu)
-    assert all(s.seq_precision == "w8a8" for s in layers) and not head.seq_rknn
-    assert all(s.seq_layout == "columns" for s in layers)  # built without Transposes (rwkv2rknn.rknn.columns)
+    assert npu and all(s.token.precision == "w8a8" for s in npu)
+    assert all(s.seq.precision == "w8a8" for s in layers) and not head.seq.rknn
+    assert all(s.seq.layout == "columns" for s in layers)  # built without Transposes (rwkv2rknn.rknn.columns)
     for s in npu:
         assert 0.99 <= s.accuracy["min_cos"] <= 1.0 and 0 < s.accuracy["max_rel"] < 1
-        assert s.accuracy["rows"] == 24 and os.path.isfile(os.path.join(w8a8, s.calib))
+        assert s.accuracy["rows"] == 24 and os.path.isfile(os.path.join(w8a8, s.token.calib))
         assert f"w8a8 cos {s.accuracy['min_cos']:.4f}" in m.table()
     assert not os.path.exists(os.path.join(w8a8, "calib", ".holdout"))
     plan = json.load(open(os.path.join(w8a8, "plan.json")))
@@ -78,7 +78,7 @@ def test_the_recurrence_and_its_state_stay_on_the_cpu_in_fp32(w8a8):
     m = load_manifest(w8a8)
     carried = {t for s in m.state if s.accumulator for t in (s.input, s.output)}
     for s in m.segments:
-        if s.precision != "fp16":
+        if s.token.precision != "fp16":
             assert s.backend == "npu" and not carried & set(s.inputs + s.outputs)
     assert all(s.precision_label() == "fp32" for s in m.segments if s.backend == "cpu")
     assert any(carried & set(s.inputs) for s in m.segments if s.backend == "cpu")
@@ -119,11 +119,11 @@ def test_a_segment_below_the_threshold_is_built_fp16_and_the_plan_says_so(byte_m
     threshold = (cos[0] + cos[1]) / 2  # only the least accurate segment falls below
     out = str(tmp_path / "mixed")
     m = compile_model(byte_model, out, Options(quant_min_cos=threshold, **QUANT))
-    kept = [s for s in m.segments if s.backend == "npu" and s.precision == "fp16"]
+    kept = [s for s in m.segments if s.backend == "npu" and s.token.precision == "fp16"]
     assert len(kept) == 1 and kept[0].accuracy["min_cos"] == cos[0]
     assert kept[0].precision_note == f"w8a8 cos {cos[0]:.4f} < {threshold:g}"
-    assert kept[0].seq_precision == "fp16" and not kept[0].calib
-    assert all(s.precision == "w8a8" for s in m.segments if s.backend == "npu" and s is not kept[0])
+    assert kept[0].seq.precision == "fp16" and not kept[0].token.calib
+    assert all(s.token.precision == "w8a8" for s in m.segments if s.backend == "npu" and s is not kept[0])
     table = m.table()
     assert "fp16!" in table and f"kept fp16 in a quantised compile: {kept[0].name}" in table
     fp16 = load_manifest(w8a8)  # the w8a8 build of the same segment is estimated faster
@@ -200,8 +200,8 @@ def test_pack_leaves_the_calibration_datasets_out(w8a8, tmp_path):
     pack(w8a8, str(out))
     m = load_manifest(str(out))
     assert not (out / "calib").exists()
-    assert all(s.calib is None and s.seq_calib is None for s in m.segments)
-    assert all(s.precision == "w8a8" for s in m.segments if s.backend == "npu")
+    assert all(s.token.calib is None and s.seq.calib is None for s in m.segments)
+    assert all(s.token.precision == "w8a8" for s in m.segments if s.backend == "npu")
 
 
 @pytest.mark.slow
@@ -242,15 +242,17 @@ def test_quant_keep_builds_the_named_stages_fp16_and_the_rest_w8a8(byte_model, w
     out = str(tmp_path / "keep")
     m = compile_model(byte_model, out, Options(quant_keep=("head", "L9"), **QUANT))
     npu = [s for s in m.segments if s.backend == "npu"]
-    kept = [s for s in npu if s.precision == "fp16"]
+    kept = [s for s in npu if s.token.precision == "fp16"]
     assert [s.stages[-1] for s in kept] == ["head"] and kept[0].precision_note == "--quant-keep head"
-    assert not kept[0].calib and all(s.precision == "w8a8" for s in npu if s is not kept[0])
+    assert not kept[0].token.calib and all(s.token.precision == "w8a8" for s in npu if s is not kept[0])
     assert f"kept fp16 in a quantised compile: {kept[0].name}: --quant-keep head" in m.table()
     plan = json.load(open(os.path.join(out, "plan.json")))
     assert any("--quant-keep L9: no NPU segment holds that stage" in n for n in plan["passes"])
     by_name = str(tmp_path / "by-name")
     m = compile_model(byte_model, by_name, Options(quant_keep=(kept[0].name,), **QUANT))
-    assert [s.name for s in m.segments if s.backend == "npu" and s.precision == "fp16"] == [kept[0].name]
+    assert [s.name for s in m.segments if s.backend == "npu" and s.token.precision == "fp16"] == [
+        kept[0].name
+    ]
 
 
 @pytest.mark.parametrize(

@@ -102,13 +102,13 @@ def _map(lite, src, dst):
 
     for seg in load_manifest(src).segments:
         if seg.backend == "npu":
-            lite.onnx_for[os.path.join(dst, seg.rknn)] = os.path.join(src, seg.onnx)
-            if seg.seq_rknn:
-                built = os.path.join(src, seg.seq_onnx)
-                if seg.seq_layout == "columns":
+            lite.onnx_for[os.path.join(dst, seg.token.rknn)] = os.path.join(src, seg.token.onnx)
+            if seg.seq.rknn:
+                built = os.path.join(src, seg.seq.onnx)
+                if seg.seq.layout == "columns":
                     built = os.path.join(os.path.dirname(dst), seg.name + ".columns.onnx")
-                    assert write_columns(os.path.join(src, seg.seq_onnx), built) == ""
-                lite.onnx_for[os.path.join(dst, seg.seq_rknn)] = built
+                    assert write_columns(os.path.join(src, seg.seq.onnx), built) == ""
+                lite.onnx_for[os.path.join(dst, seg.seq.rknn)] = built
 
 
 @pytest.mark.slow
@@ -119,14 +119,14 @@ def test_pack_keeps_only_what_the_board_loads(fp16_artifact, packed):
     files = {os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs}
     want = {"manifest.json"}
     for s in src.segments:
-        want |= {s.rknn, s.seq_rknn, s.golden} if s.backend == "npu" else {s.onnx, s.seq_onnx}
+        want |= {s.token.rknn, s.seq.rknn, s.golden} if s.backend == "npu" else {s.token.onnx, s.seq.onnx}
     assert files == want - {None}
     assert all(s.golden for s in m.segments if s.backend == "npu")  # the board's self-test
     assert not any(f.endswith(".onnx") and "_npu_" in f for f in files)
-    assert all(s.onnx == "" and s.seq_onnx is None for s in m.segments if s.backend == "npu")
+    assert all(s.token.onnx == "" and s.seq.onnx is None for s in m.segments if s.backend == "npu")
     assert res["bytes"] == sum(os.path.getsize(os.path.join(out, f)) for f in files)
     # golden vectors: format version 4, unpacked and packed
-    assert any(s.seq_layout == "columns" for s in src.segments)
+    assert any(s.seq.layout == "columns" for s in src.segments)
     for art in (fp16_artifact, out):
         with open(os.path.join(art, "manifest.json")) as f:
             assert json.load(f)["format_version"] == 4
@@ -154,19 +154,21 @@ def test_packed_artifact_runs_on_rknn_lite_as_on_ort(fp16_artifact, packed, lite
     m = board.manifest
     npu = [s for s in m.segments if s.backend == "npu"]
     loads = [c for c in lite.calls if c[0] in ("load_rknn", "init_runtime")]
-    assert loads == [c for s in npu for c in (("load_rknn", os.path.basename(s.rknn)), ("init_runtime", 0))]
+    assert loads == [
+        c for s in npu for c in (("load_rknn", os.path.basename(s.token.rknn)), ("init_runtime", 0))
+    ]
     n = len(lite.calls)
     s1, s2 = board.init_state(), ref.init_state()
     np.testing.assert_allclose(board.step(tokens[0], s1), ref.step(tokens[0], s2), rtol=1e-5, atol=1e-5)
     per_token = [c[1] for c in lite.calls[n:] if c[0] == "inference"]
-    assert [p[0] for p in per_token] == [os.path.basename(s.rknn) for s in npu]
+    assert [p[0] for p in per_token] == [os.path.basename(s.token.rknn) for s in npu]
     slots = {x.input for x in m.state}
     for (_, args), s in zip(per_token, npu):
         # a segment that decodes on its T-row build gets its rows padded to decode_rows (as
         # columns [C, rows] where it was built in columns)
         def padded(k):
             shape = (s.decode_rows, int(np.prod(s.shapes[k])))
-            return shape[::-1] if s.seq_layout == "columns" else shape
+            return shape[::-1] if s.seq.layout == "columns" else shape
 
         assert args == [
             ("float32", padded(k) if s.decode_rows and k not in slots else tuple(s.shapes[k]))
@@ -179,14 +181,14 @@ def test_packed_artifact_runs_on_rknn_lite_as_on_ort(fp16_artifact, packed, lite
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(s1, s2, rtol=1e-4, atol=1e-4)
     seq = [c[1] for c in lite.calls[n:] if c[0] == "inference" and ".seq." in c[1][0]]
-    assert {p[0] for p in seq} == {os.path.basename(s.seq_rknn) for s in npu if s.seq_rknn}
-    assert all(s.seq_layout == "columns" for s in npu if s.seq_rknn)  # the fixture's T-row builds
+    assert {p[0] for p in seq} == {os.path.basename(s.seq.rknn) for s in npu if s.seq.rknn}
+    assert all(s.seq.layout == "columns" for s in npu if s.seq.rknn)  # the fixture's T-row builds
     rows = {a[1][1] for _, args in seq for a in args if len(a[1]) == 2}
-    assert rows and rows <= set(npu[0].seq_rows)
+    assert rows and rows <= set(npu[0].seq.rows)
     assert all(a[0] == "float32" for _, args in seq for a in args)
     # a prompt (`run`): the head's one-row .rknn once, fed the last row in its per-token shape
     head = npu[-1]
-    assert head.outputs == (m.logits_output,) and not head.seq_rknn
+    assert head.outputs == (m.logits_output,) and not head.seq.rknn
     s3 = board.init_state()
     board.step(tokens[0], s3)  # where the prefill above started
     n = len(lite.calls)
@@ -194,7 +196,9 @@ def test_packed_artifact_runs_on_rknn_lite_as_on_ort(fp16_artifact, packed, lite
     np.testing.assert_allclose(last[0], want[-1], rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(s3, s2, rtol=1e-4, atol=1e-4)
     calls = [
-        c[1][1] for c in lite.calls[n:] if c[0] == "inference" and c[1][0] == os.path.basename(head.rknn)
+        c[1][1]
+        for c in lite.calls[n:]
+        if c[0] == "inference" and c[1][0] == os.path.basename(head.token.rknn)
     ]
     assert calls == [[("float32", tuple(head.shapes[k])) for k in head.inputs]]
     board.close()
@@ -212,7 +216,7 @@ def test_lite_runner_releases_and_names_the_likelier_cause(fp16_artifact, lite, 
     lite.init_result = -1
     with pytest.raises(ToolkitError) as e:
         RknnLiteRunner(
-            os.path.join(fp16_artifact, seg.rknn),
+            os.path.join(fp16_artifact, seg.token.rknn),
             seg.name,
             seg.inputs,
             seg.outputs,
@@ -227,7 +231,7 @@ def test_lite_runner_releases_and_names_the_likelier_cause(fp16_artifact, lite, 
     lite.init_says = "failed to open rknpu module, need to insmod rknpu dirver!"
     with pytest.raises(ToolkitError) as e:
         RknnLiteRunner(
-            os.path.join(fp16_artifact, seg.rknn),
+            os.path.join(fp16_artifact, seg.token.rknn),
             seg.name,
             seg.inputs,
             seg.outputs,
@@ -241,7 +245,7 @@ def test_lite_runner_releases_and_names_the_likelier_cause(fp16_artifact, lite, 
     assert "Traceback" not in shown.out + shown.err and "E RKNN" not in shown.out + shown.err
     with pytest.raises(UsageError, match="unknown core mask"):
         RknnLiteRunner(
-            os.path.join(fp16_artifact, seg.rknn), seg.name, seg.inputs, seg.outputs, seg.shapes, "0_3"
+            os.path.join(fp16_artifact, seg.token.rknn), seg.name, seg.inputs, seg.outputs, seg.shapes, "0_3"
         )
 
 

@@ -86,7 +86,7 @@ def test_shared_weights_equal_own_weights_and_are_held_once(plan_artifact, token
     # every large initializer of every per-token segment file, once
     big = {}
     for seg in shared.manifest.segments:
-        for t in onnx.load(os.path.join(plan_artifact, seg.onnx)).graph.initializer:
+        for t in onnx.load(os.path.join(plan_artifact, seg.token.onnx)).graph.initializer:
             if int(np.prod(t.dims)) >= MIN_SHARED:
                 big[t.name] = int(np.prod(t.dims)) * 4
     assert held == sum(big.values()) > 0
@@ -201,7 +201,7 @@ def test_an_fp16_token_table_before_fp32_layernorms_fuses(fp16_artifact, tokens)
     weights and refused the joined graph; without that one fusion it fuses, with the same numbers."""
     m = HybridModel(fp16_artifact, backend="ort")
     embed = next(s for s in m.manifest.segments if s.backend == "cpu" and "embed" in s.stages)
-    g = onnx.load(os.path.join(fp16_artifact, embed.onnx)).graph
+    g = onnx.load(os.path.join(fp16_artifact, embed.token.onnx)).graph
     assert any(t.data_type == TensorProto.FLOAT16 for t in g.initializer)  # the table: fp16
     assert "Cast" in [n.op_type for n in g.node]
     assert m.execution().startswith(f"token steps: {len(m.manifest.segments)} segments fused into 1")

@@ -116,14 +116,14 @@ def test_prefill_rows_in_manifest(fp16_artifact, fp32_plan_artifact):
     npu = [s for s in m.segments if s.backend == "npu"]
     *layers, head = npu
     assert head.stages == ("head",) and head.outputs == (m.logits_output,)
-    assert all(s.seq_rknn and s.seq_rows == (2, 16, 64) for s in layers)
+    assert all(s.seq.rknn and s.seq.rows == (2, 16, 64) for s in layers)
     # one build per NPU segment serves decode (2 rows, the token in row 0) and prefill
-    assert all(s.rknn == s.seq_rknn and s.decode_rows == 2 for s in layers)
+    assert all(s.token.rknn == s.seq.rknn and s.decode_rows == 2 for s in layers)
     # the head is built for one row (a prompt needs its last row's logits only); its T-row ONNX
     # stays for onnxruntime and `eval`
-    assert head.rknn == f"segments/{head.name}.rknn" and not head.seq_rknn and not head.seq_rows
-    assert head.decode_rows == 0 and head.seq_onnx and not head.seq_fallback
-    assert all(s.seq_rknn is None for s in load_manifest(fp32_plan_artifact).segments)
+    assert head.token.rknn == f"segments/{head.name}.rknn" and not head.seq.rknn and not head.seq.rows
+    assert head.decode_rows == 0 and head.seq.onnx and not head.seq.fallback
+    assert all(s.seq.rknn is None for s in load_manifest(fp32_plan_artifact).segments)
 
 
 def test_a_failed_t_row_build_is_named_with_its_reason(fp16_artifact):
@@ -148,4 +148,4 @@ def test_a_failed_t_row_build_is_named_with_its_reason(fp16_artifact):
     assert f"{segs[k].name:<28} npu~" in bad.table()
     assert "~ T-row build failed, prefill runs token by token: " in bad.table()
     again = type(m).from_dict(bad.to_dict())  # and the manifest keeps it
-    assert again.segments[k].seq_fallback == "IndexError: list index out of range"
+    assert again.segments[k].seq.fallback == "IndexError: list index out of range"

@@ -19,7 +19,7 @@ def _npu_segment(art):
 @pytest.mark.slow
 def test_ort_runner_contract(fp16_artifact):
     seg = _npu_segment(fp16_artifact)
-    r = OrtRunner(os.path.join(fp16_artifact, seg.onnx), seg.name)
+    r = OrtRunner(os.path.join(fp16_artifact, seg.token.onnx), seg.name)
     assert r.inputs == list(seg.inputs) and r.outputs == list(seg.outputs)
     rng = np.random.default_rng(0)
     feed = {k: rng.standard_normal(seg.shapes[k]).astype(np.float32) for k in seg.inputs}
@@ -33,7 +33,7 @@ def test_rknn_sim_runner_matches_ort_on_a_segment(fp16_artifact):
     from rwkv2rknn.rknn.sim import RknnSimRunner
 
     seg = _npu_segment(fp16_artifact)
-    path = os.path.join(fp16_artifact, seg.onnx)
+    path = os.path.join(fp16_artifact, seg.token.onnx)
     sim = RknnSimRunner(path, seg.name, seg.inputs, seg.outputs, {k: list(v) for k, v in seg.shapes.items()})
     ort = OrtRunner(path, seg.name)
     rng = np.random.default_rng(1)

@@ -65,7 +65,7 @@ def _check(standin, tmp_path, extra="", paths=("copy", "zero-copy")):
 
     def seq_runner(io):
         return rknnrt.RknnRtRunner(
-            str(seq), seg.name + ".seq", seg.inputs, seg.outputs, None, rows=seg.seq_rows, lib=standin, io=io
+            str(seq), seg.name + ".seq", seg.inputs, seg.outputs, None, rows=seg.seq.rows, lib=standin, io=io
         ), True
 
     return selftest.check_segment(seg, _golden(), {"s"}, paths, token_runner, seq_runner)
@@ -165,7 +165,7 @@ def test_the_simulator_passes_every_built_shape(fp16_artifact):
         model.close()
     assert report.ok, [c.line() for c in report.checks]
     m = load_manifest(fp16_artifact)
-    want = {(s.name, f"{t} rows") for s in m.segments if s.backend == "npu" for t in s.seq_rows}
+    want = {(s.name, f"{t} rows") for s in m.segments if s.backend == "npu" for t in s.seq.rows}
     assert want <= {(c.segment, c.shape) for c in report.checks}
     assert all(c.rel > 0 for c in report.checks)  # fp16 on the simulator, not the fp32 numbers
 

@@ -191,13 +191,17 @@ def test_iommu_domains_are_given_greedily_largest_file_first(tmp_path):
     sizes = {"a.rknn": 3000, "b.rknn": 2500, "c.rknn": 1500, "d.rknn": 1000, "e.seq.rknn": 900}
     for name, n in sizes.items():
         (tmp_path / name).write_bytes(b"#" * n)
+
+    def seg(backend, rknn, seq_rknn=None):
+        return NS(backend=backend, token=NS(rknn=rknn), seq=NS(rknn=seq_rknn))
+
     m = NS(
         segments=[
-            NS(backend="npu", rknn="a.rknn", seq_rknn="e.seq.rknn"),
-            NS(backend="npu", rknn="d.rknn", seq_rknn=None),
-            NS(backend="cpu", rknn="x.rknn", seq_rknn=None),  # not an NPU context
-            NS(backend="npu", rknn="c.rknn", seq_rknn=""),
-            NS(backend="npu", rknn="b.rknn", seq_rknn=None),
+            seg("npu", "a.rknn", "e.seq.rknn"),
+            seg("npu", "d.rknn"),
+            seg("cpu", "x.rknn"),  # not an NPU context
+            seg("npu", "c.rknn", ""),
+            seg("npu", "b.rknn"),
         ]
     )
     art = str(tmp_path)
@@ -208,7 +212,7 @@ def test_iommu_domains_are_given_greedily_largest_file_first(tmp_path):
     assert device.iommu_domains(m, art) == dict.fromkeys(got, 0)  # 8.9 kB: all in domain 0
     assert device.domain_bytes(m, art, got) == [4000, 4000, 900]
     (tmp_path / "big.rknn").write_bytes(b"#" * 5000)  # larger than a domain: one of its own
-    m.segments.append(NS(backend="npu", rknn="big.rknn", seq_rknn=None))
+    m.segments.append(seg("npu", "big.rknn"))
     got = device.iommu_domains(m, art, domain_bytes=4096)
     assert got["big.rknn"] == 0 and got["a.rknn"] == 1 and len(set(got.values())) == 4
 

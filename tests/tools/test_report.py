@@ -30,7 +30,7 @@ def artifact(fp32_plan_artifact, tmp_path):
 
 def expected_kind(seg, precision="fp16"):
     if seg.backend == "cpu":
-        return "fallback" if seg.fallback else "cpu"
+        return "fallback" if seg.token.fallback else "cpu"
     return f"npu-{precision}"
 
 
