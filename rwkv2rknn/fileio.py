@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import tempfile
 from typing import Iterator, Optional, Tuple
@@ -208,11 +209,11 @@ def atomic_dir(final: str, marker: str, force: bool = False) -> Iterator[str]:
     os.makedirs(parent, exist_ok=True)
     prefix = f".{os.path.basename(final)}.partial-"
     remove_stale(parent, prefix, at_start=True)
-    tmp = tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
+    # Named before it exists and made inside the try: an interrupt that lands the moment the
+    # folder exists (a Ctrl-C right as the compile starts) still reaches the cleanup below.
+    tmp = os.path.join(parent, f"{prefix}{os.getpid()}-{secrets.token_hex(4)}")
     try:
+        os.mkdir(tmp)  # the usual mode (0o777 less the umask), like the output it becomes
         yield tmp
         if os.path.exists(final):
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(final)}.old-{os.getpid()}-", dir=parent)

@@ -203,3 +203,35 @@ def test_a_kill_between_the_two_renames_of_a_replace_is_undone(tmp_path):
             raise RuntimeError("this compile fails too")
     assert (out / "manifest.json").read_text() == "old"
     assert not aside.exists()
+
+
+def test_an_interrupt_the_moment_the_partial_folder_exists_leaves_nothing(tmp_path, monkeypatch):
+    """A Ctrl-C that lands right after the temporary folder is made (before any output is
+    written into it) removes that folder; the previous output stays as it was."""
+    from rwkv2rknn import fileio
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "manifest.json").write_text("old")
+    real_mkdir = os.mkdir
+
+    def mkdir_then_interrupted(path, *a, **kw):
+        real_mkdir(path, *a, **kw)
+        if ".partial-" in os.path.basename(path):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(fileio.os, "mkdir", mkdir_then_interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        with fileio.atomic_dir(str(out), "manifest.json"):
+            pass
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+    assert (out / "manifest.json").read_text() == "old"
+    monkeypatch.setattr(fileio.os, "mkdir", real_mkdir)
+    with fileio.atomic_dir(str(out), "manifest.json") as tmp:  # the folder's mode, as before
+        mode = os.stat(tmp).st_mode & 0o777
+        umask = os.umask(0)
+        os.umask(umask)
+        assert mode == 0o777 & ~umask
+        with open(os.path.join(tmp, "manifest.json"), "w") as f:
+            f.write("new")
+    assert (out / "manifest.json").read_text() == "new"
