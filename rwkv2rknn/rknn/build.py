@@ -361,6 +361,7 @@ def _build_seq(
                 cal.seq_dataset,
                 cal.seq_dataset,
             )
+            seg.seq.quant = dict(seg.token.quant)
             return Done(
                 f"{seg.token.precision} (cos {seg.accuracy['min_cos']:.4f}), {done}", done == "cached"
             )
@@ -396,11 +397,19 @@ def _copy_shared(seg: GraphSegment, out_dir: str, rows, key: str) -> None:
 
 def _quant_variant(precision: str, digest: str, columns: bool = False) -> str:
     from rwkv2rknn.rknn.columns import CACHE_TAG
-    from rwkv2rknn.rknn.toolkit import QUANT_ALGORITHM, QUANT_DTYPE, QUANT_METHOD
+    from rwkv2rknn.rknn.toolkit import QUANT_DTYPE
 
-    return f"{QUANT_DTYPE[precision]}|{QUANT_ALGORITHM}|{QUANT_METHOD}|{digest}" + (
+    q = quant_settings()
+    return f"{QUANT_DTYPE[precision]}|{q['algorithm']}|{q['method']}|{digest}" + (
         f"|{CACHE_TAG}" if columns else ""
     )
+
+
+def quant_settings() -> dict:
+    """How this compile quantises (recorded in each quantised build's ``plan.Build.quant``)."""
+    from rwkv2rknn.rknn.toolkit import QUANT_ALGORITHM, QUANT_METHOD
+
+    return {"algorithm": QUANT_ALGORITHM, "method": QUANT_METHOD}
 
 
 def _quantised(
@@ -444,6 +453,7 @@ def _quantised(
     if not status:
         return ""
     seg.token.precision, seg.token.calib, seg.cache_key, seg.precision_note = opts.quant, dataset, key, ""
+    seg.token.quant = quant_settings()
     return status
 
 

@@ -196,6 +196,7 @@ class HybridModel:
                 m_target(self),
                 precision=seg.precision,
                 dataset=self._calib(seg.calib),
+                quant=seg.token.quant,
             )
         if not seg.rknn:
             raise BadInput(
@@ -533,6 +534,7 @@ class HybridModel:
                 precision=seg.seq_precision,
                 dataset=self._calib(seg.seq_calib),
                 columns=columns,
+                quant=seg.seq.quant,
             )
         else:
             runner = self._board_runner(
