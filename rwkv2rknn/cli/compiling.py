@@ -156,10 +156,18 @@ def _options(**kw):
 @click.option(
     "--quant-min-cos",
     type=click.FloatRange(-1, 1),
-    default=0.99,
-    show_default=True,
+    default=None,
     help="A quantised segment whose smallest cosine against fp32 on held-out rows is "
-    "lower is built fp16 instead.",
+    "lower is built fp16 instead (default 0.99; with --quant-kl: -1, off).",
+)
+@click.option(
+    "--quant-kl",
+    type=click.FloatRange(0, min_open=True),
+    default=None,
+    metavar="KL",
+    help="Keep NPU segments fp16, most KL saved per byte added first, until the "
+    "artifact's mean KL divergence on the held-out calibration tokens (rknn-sim against "
+    "fp32) is at most KL, e.g. 0.002; prints what it kept, the KL and the bytes.",
 )
 @click.option(
     "--quant-keep",
@@ -238,6 +246,7 @@ def compile_cmd(
     calib_text,
     calib_tokens,
     quant_min_cos,
+    quant_kl,
     quant_keep,
     cache_dir,
     prefill_rows,
@@ -257,6 +266,12 @@ def compile_cmd(
         raise UsageError("--quant-keep is for quantised builds", "add --quant w8a8 (or drop --quant-keep)")
     if calib_text and quant == "fp16":
         raise UsageError("--calib-text is for quantised builds", "add --quant w8a8 (or drop --calib-text)")
+    if quant_kl is not None and (quant == "fp16" or plan_only):
+        raise UsageError(
+            "--quant-kl is for quantised builds", "add --quant w8a8 (without --plan-only), or drop --quant-kl"
+        )
+    if quant_min_cos is None:  # with --quant-kl the KL decides, not the per-row cosine
+        quant_min_cos = -1.0 if quant_kl is not None else 0.99
     opts = _options(
         target=target,
         strict=strict,
@@ -285,12 +300,42 @@ def compile_cmd(
 
         click.echo(f"board memory need: {describe_need(memory_need(manifest, out_dir))}")
     click.echo(f"artifact written to {out_dir}")
-    if quant != "fp16" and not plan_only:
+    if quant_kl is not None:
+        _choose_by_kl(model, out_dir, opts, quant_kl)
+    elif quant != "fp16" and not plan_only:
         _print_heldout_quality(model, out_dir, opts)
     if with_report:
         from rwkv2rknn.tools.report_html import write_report
 
         click.echo(f"report written to {write_report(out_dir)}")
+
+
+def _choose_by_kl(model, out_dir, opts, target: float) -> None:
+    """--quant-kl: keep segments fp16 by measured KL (tools.quant_kl), compiling again with them
+    kept; prints the choice and the chosen artifact's held-out KL."""
+    import dataclasses
+    import json
+    import os
+
+    from rwkv2rknn.rknn.calibrate import calibration_ids
+    from rwkv2rknn.tools import quant_kl
+
+    _, hold, where = calibration_ids(model, opts.calib_text, opts.calib_tokens)
+
+    def recompile(keep):
+        again = dataclasses.replace(opts, quant_keep=tuple(opts.quant_keep) + tuple(keep))
+        click.echo(f"--quant-kl: compiling again with --quant-keep {','.join(again.quant_keep)}", err=True)
+        manifest = _compile_with_progress(model, out_dir, again, force=True)
+        click.echo(manifest.table())
+        return manifest
+
+    choice = quant_kl.choose(
+        out_dir, hold, where, target, recompile, say=lambda ln: click.echo(f"--quant-kl: {ln}", err=True)
+    )
+    for line in choice.lines():
+        click.echo(line)
+    with open(os.path.join(out_dir, "plan.json")) as f:
+        _echo_heldout(json.load(f)["heldout_quality"], where, opts)
 
 
 def _print_heldout_quality(model, out_dir, opts) -> None:
@@ -300,7 +345,10 @@ def _print_heldout_quality(model, out_dir, opts) -> None:
     from rwkv2rknn.tools.evaluate import heldout_quality
 
     _, hold, where = calibration_ids(model, opts.calib_text, opts.calib_tokens)
-    q = heldout_quality(out_dir, hold, where)
+    _echo_heldout(heldout_quality(out_dir, hold, where), where, opts)
+
+
+def _echo_heldout(q: dict, where: str, opts) -> None:
     for path in ("decode", "prefill"):
         f = q.get(path)
         if f and f.get("kl"):

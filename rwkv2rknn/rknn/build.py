@@ -178,8 +178,12 @@ class Builds:
             n_q = sum(s.token.precision == opts.quant for s in todo)
             ctx.note(
                 NAME,
-                f"{n_q} of {len(todo)} NPU segment(s) {opts.quant} (min cosine >= "
-                f"{opts.quant_min_cos:g} on held-out rows)"
+                f"{n_q} of {len(todo)} NPU segment(s) {opts.quant} "
+                + (
+                    f"(min cosine >= {opts.quant_min_cos:g} on held-out rows)"
+                    if opts.quant_min_cos > -1
+                    else "(no cosine rule)"
+                )
                 + (f"; kept fp16: {'; '.join(kept)}" if kept else ""),
             )
         from rwkv2rknn.passes.sequence import logits_only  # here: rwkv2rknn.passes imports this module
