@@ -4,6 +4,7 @@ calibration text), one group at a time, everything else exact fp32 on onnxruntim
 the unrounded model on the text `check` reads.
 
     python bench/quant_where.py ART [--tokens 256] [--bits 8]
+    python bench/quant_where.py ART --weights     # also: the NPU weights alone, int8 per channel
 
 ART is a `compile --quant w8a8` artifact (its calibration text gives the ranges). A group whose
 rounding alone costs most of w8a8's KL is where keeping float pays; what no group explains is
@@ -86,6 +87,44 @@ def ranges_of(art, ids):
     return seen
 
 
+def rounded_weights(art, folder, bits):
+    """A copy of ``art`` whose NPU segments' weight matrices are rounded symmetric per output
+    channel to ``bits`` (the toolkit's per-channel int8 weights), activations untouched."""
+    import json
+    import os
+    import shutil
+
+    import onnx
+    from onnx import numpy_helper
+
+    out = os.path.join(folder, "rounded")
+    shutil.copytree(art, out)
+    with open(os.path.join(out, "manifest.json")) as f:
+        m = json.load(f)
+    top = 2 ** (bits - 1) - 1
+    for s in m["segments"]:
+        if s["backend"] != "npu":
+            continue
+        for key in ("onnx", "seq_onnx"):
+            if not s.get(key):
+                continue
+            path = os.path.join(out, s[key])
+            model = onnx.load(path)
+            for t in model.graph.initializer:
+                w = numpy_helper.to_array(t)
+                if w.ndim != 2 or not t.name.endswith(".T"):
+                    continue
+                # MatMul(x, W.T): W.T is [in, out], one scale per output column
+                scale = np.abs(w).max(axis=0, keepdims=True) / top
+                scale[scale == 0] = 1.0
+                t.CopyFrom(numpy_helper.from_array((np.round(w / scale) * scale).astype(w.dtype), t.name))
+            onnx.save(model, path)
+            s[key.replace("onnx", "sha256")] = ""
+    with open(os.path.join(out, "manifest.json"), "w") as f:
+        json.dump(m, f)
+    return out
+
+
 def run(art, ids, pattern, ranges, bits):
     model = HybridModel(art, backend="ort", fuse=False, share_weights=False, verify=False)
     try:
@@ -103,6 +142,7 @@ def main():
     ap.add_argument("artifact")
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--bits", type=int, default=8)
+    ap.add_argument("--weights", action="store_true", help="also the weights alone, int8 per channel")
     args = ap.parse_args()
     art = args.artifact
     ref = HybridModel(art, backend="ort", fuse=False, share_weights=False, verify=False)
@@ -114,6 +154,17 @@ def main():
     ranges = ranges_of(art, cal)
     want = run(art, ids, "", ranges, args.bits)
     print(f"{art}: {len(ids)} tokens of {feed.source}; ranges from {len(cal)} tokens of {where}")
+    if args.weights:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            q = quality(run(rounded_weights(art, tmp, args.bits), ids, "", ranges, args.bits), want, ids[1:])
+        k = q["kl"]
+        print(
+            f"{'NPU weights only, per output channel':38s}: KL mean {k['mean']:.3g} p99 {k['p99']:.3g} "
+            f"same top {100 * q['same_top']:.1f}%",
+            flush=True,
+        )
     every = "|".join(f"(?:{p})" for p in GROUPS.values())
     for label, pattern in list(GROUPS.items()) + [("all of them", every)]:
         names = sorted(k for k in ranges if re.search(pattern, k))

@@ -325,8 +325,11 @@ def _choose_by_kl(model, out_dir, opts, target: float) -> None:
     def recompile(keep):
         again = dataclasses.replace(opts, quant_keep=tuple(opts.quant_keep) + tuple(keep))
         click.echo(f"--quant-kl: compiling again with --quant-keep {','.join(again.quant_keep)}", err=True)
+        from rwkv2rknn.runtime.device import describe_need, memory_need
+
         manifest = _compile_with_progress(model, out_dir, again, force=True)
         click.echo(manifest.table())
+        click.echo(f"board memory need: {describe_need(memory_need(manifest, out_dir))}")
         return manifest
 
     choice = quant_kl.choose(
