@@ -7,6 +7,7 @@ rest left in fp32 (onnxruntime), on the built-in text `check` reads.
     python bench/quant_search.py ART --keep s009_npu_head  # all but these quantised (fp16)
     python bench/quant_search.py ART --hybrid 0.999        # the toolkit's auto_hybrid at that cosine
     python bench/quant_search.py ART --smooth 0.5          # SmoothQuant scales folded (rknn.smooth)
+    python bench/quant_search.py ART --float residual      # residual stream float16 (per-token builds)
 
 ART is a `compile --quant w8a8` artifact (its calibration datasets are reused). "alone" rows say how
 much KL each segment's quantisation adds on its own: the lever for mixed precision per segment.
@@ -30,9 +31,49 @@ import rwkv2rknn.rknn.sim as sim
 SIZES = {}  # .rknn bytes of each build of the last run
 
 
+# --float: the int8 graph's tensors kept float16 by the toolkit's hybrid quantisation (names
+# in its quantised graph, after hybrid_quantization_step1): the residual stream (each residual
+# Add, and the segment's residual input and output) and, with 'norm', the LayerNorms
+FLOAT = {
+    "residual": r"(^embed/output_int8$|^L\d+/output_int8$|^L\d+/output$|residual_out(-rs)*$|/output(-rs)+$)",
+    "norm": r"\.mean_2ln$",
+    "nothing": r"^$",  # the same per-token hybrid flow, every tensor int8: the baseline
+}
+
+
+def hybrid_build(onnx_path: str, dataset: str, config: dict, pattern: str, rknn_out: str):
+    """A w8a8 build of a per-token segment with the tensors matching ``pattern`` float16
+    (hybrid_quantization_step1, its config edited, step2), started in the simulator."""
+    import onnx
+    import re
+    from rwkv2rknn.rknn.toolkit import _absolute_dataset, _working_in, import_toolkit, quiet_fds
+
+    RKNN = import_toolkit()
+    base = os.path.splitext(os.path.basename(onnx_path))[0]
+    with quiet_fds(), tempfile.TemporaryDirectory() as tmp, _working_in(tmp):
+        rk = RKNN()
+        rk.config(target_platform="rk3588", quantized_dtype="w8a8", **config)
+        assert rk.load_onnx(os.path.abspath(onnx_path)) == 0
+        assert rk.hybrid_quantization_step1(dataset=_absolute_dataset(dataset, tmp)) == 0
+        rk.release()
+        names = [o for n in onnx.load(base + ".model").graph.node for o in n.output if re.search(pattern, o)]
+        with open(base + ".quantization.cfg") as f:
+            cfg = f.read()
+        listed = "".join(f"    {n}: float16\n" for n in names)
+        cfg = cfg.replace("custom_quantize_layers: {}", "custom_quantize_layers:\n" + listed, 1)
+        with open(base + ".quantization.cfg", "w") as f:
+            f.write(cfg)
+        rk = RKNN()
+        assert rk.hybrid_quantization_step2(base + ".model", base + ".data", base + ".quantization.cfg") == 0
+        assert rk.export_rknn(rknn_out) == 0
+        assert rk.init_runtime() == 0
+    return rk
+
+
 @contextlib.contextmanager
-def toolkit_options(config: dict):
-    """Every simulator build in the block gets these RKNN.config options (and auto_hybrid)."""
+def toolkit_options(config: dict, floating: str = ""):
+    """Every simulator build in the block gets these RKNN.config options (and auto_hybrid);
+    ``floating``: quantised per-token builds keep these tensors float16 (FLOAT)."""
     real = sim.build_in_process
 
     def patched(onnx_path, *a, **kw):
@@ -40,7 +81,10 @@ def toolkit_options(config: dict):
             kw["config"] = dict(config)
         with tempfile.TemporaryDirectory() as tmp:
             kw["rknn_out"] = os.path.join(tmp, "seg.rknn")
-            rk = real(onnx_path, *a, **kw)
+            if floating and kw.get("precision", "fp16") != "fp16" and not kw.get("rows"):
+                rk = hybrid_build(onnx_path, kw["dataset"], config, floating, kw["rknn_out"])
+            else:
+                rk = real(onnx_path, *a, **kw)
             SIZES[os.path.basename(onnx_path)] = os.path.getsize(kw["rknn_out"])
         return rk
 
@@ -51,12 +95,13 @@ def toolkit_options(config: dict):
         sim.build_in_process = real
 
 
-def run(art: str, ids, quantised: dict, config: dict) -> np.ndarray:
+def run(art: str, ids, quantised: dict, config: dict, floating: str = "") -> np.ndarray:
     """Decode logits with the segments in ``quantised`` (name -> precision) on rknn-sim at that
-    precision and every other segment on onnxruntime fp32."""
+    precision and every other segment on onnxruntime fp32 (``floating``: per-token builds with
+    those tensors float16)."""
     model = HybridModel(art, backend="ort", fuse=False, share_weights=False, verify=False)
     try:
-        with toolkit_options(config):
+        with toolkit_options(config, floating):
             model.backend = "rknn-sim"  # only for the runners made here
             for i, seg in enumerate(model.manifest.segments):
                 if seg.name in quantised:
@@ -75,10 +120,13 @@ def run(art: str, ids, quantised: dict, config: dict) -> np.ndarray:
                             seg.seq.calib or f"calib/{seg.name}.seq/dataset.txt",
                         )
                     )
+                    if floating and p != "fp16":  # per-token builds, from the per-token rows
+                        token_calib = f"calib/{seg.name}/dataset.txt"
                     seg = dataclasses.replace(
                         seg,
                         token=dataclasses.replace(seg.token, precision=p, calib=token_calib),
                         seq=dataclasses.replace(seg.seq, precision=p, calib=seq_calib),
+                        decode_rows=0 if floating else seg.decode_rows,
                     )
                     model.runners[i].close()
                     model.runners[i] = model._runner(seg)
@@ -137,6 +185,11 @@ def main():
     ap.add_argument("--hybrid", type=float, default=0.0, help="auto_hybrid cosine threshold")
     ap.add_argument("--level", type=int, default=-1, help="quantized_hybrid_level")
     ap.add_argument("--smooth", type=float, default=0.0, help="SmoothQuant alpha (0: none)")
+    ap.add_argument(
+        "--float",
+        default="",
+        help="comma-separated FLOAT groups (residual, norm) kept float16 in per-token w8a8 builds",
+    )
     args = ap.parse_args()
     art = args.artifact
     if args.smooth:
@@ -162,14 +215,17 @@ def main():
                 + (f" hybrid {args.hybrid}" if args.hybrid else "")
                 + (f" level {args.level}" if args.level >= 0 else "")
             )
+            floating = "|".join(FLOAT[g] for g in args.float.split(",") if g)
+            if floating:
+                tag += f" float {args.float}"
             if args.alone:
                 for name in npu:
                     t0 = time.time()
-                    got = run(art, ids, {name: args.precision}, config)
+                    got = run(art, ids, {name: args.precision}, config, floating)
                     print(line(f"{tag}: {name} alone", got, want, ids, time.time() - t0), flush=True)
             t0 = time.time()
             q = {n: (args.keep_as if n in keep else args.precision) for n in npu}
-            got = run(art, ids, q, config)
+            got = run(art, ids, q, config, floating)
             label = f"{tag}: all" + (f" but {','.join(keep)} {args.keep_as}" if keep else "")
             print(line(label, got, want, ids, time.time() - t0), flush=True)
 

@@ -25,6 +25,10 @@ MANIFEST = "manifest.json"
 PLAN = "plan.json"
 BACKENDS = ("npu", "cpu")
 PRECISIONS = ("fp16", "w8a8", "w16a16i")  # of an NPU segment's build (compile --quant)
+# How a quantised build was quantised (``Build.quant``): rknn-toolkit2's quantized_algorithm and
+# quantized_method, and any SmoothQuant alpha folded into the segment's ONNX ('smooth', absent:
+# none). Artifacts written before the record was kept were all built this way; they read as it.
+QUANT_BEFORE_RECORD = {"algorithm": "normal", "method": "channel"}
 
 
 @dataclass(frozen=True)
@@ -43,11 +47,14 @@ class Build:
     calib: Optional[str] = None  # calibration dataset the simulator rebuilds a quantised build from
     rows: Tuple[int, ...] = ()  # T rows: the row counts built
     layout: str = ""  # T rows: 'columns' (the .seq.rknn takes and gives [C, T], not [T, C] rows)
+    # a quantised build: how (QUANT_BEFORE_RECORD's keys); the simulator rebuilds with these
+    # values, never with today's defaults. {} for fp16.
+    quant: Dict[str, str] = field(default_factory=dict)
 
 
 # The manifest's keys of a segment's two builds (its JSON is flat, as format 1 wrote it):
 # the per-token build's plain, the T-row build's with "seq_" before them.
-TOKEN_KEYS = ("onnx", "sha256", "rknn", "rknn_sha256", "fallback", "precision", "calib")
+TOKEN_KEYS = ("onnx", "sha256", "rknn", "rknn_sha256", "fallback", "precision", "calib", "quant")
 SEQ_KEYS = TOKEN_KEYS + ("rows", "layout")
 FLAT_KEYS = {**{k: ("token", k) for k in TOKEN_KEYS}, **{"seq_" + k: ("seq", k) for k in SEQ_KEYS}}
 
@@ -377,6 +384,16 @@ def _accuracy(s) -> Dict[str, float]:
     return {str(k): float(x) for k, x in v.items()}
 
 
+def _quant(v, precision: str) -> Dict[str, str]:
+    """A build's quantisation record; a quantised build without one (written before it was
+    kept) was built with QUANT_BEFORE_RECORD."""
+    if v is None:
+        return dict(QUANT_BEFORE_RECORD) if precision != "fp16" else {}
+    if not isinstance(v, dict):
+        raise TypeError("'quant' should be dict")
+    return {str(k): str(x) for k, x in v.items()}
+
+
 def _build(s, prefix: str, **given) -> Build:
     """One build of a segment from the manifest's keys with ``prefix`` ('' or 'seq_')."""
 
@@ -393,6 +410,7 @@ def _build(s, prefix: str, **given) -> Build:
         precision=str(s.get(prefix + "precision", "fp16")),
         calib=path("calib"),
     )
+    found["quant"] = _quant(s.get(prefix + "quant"), found["precision"])
     if prefix:
         found.update(
             rows=tuple(int(r) for r in s.get(prefix + "rows", []) or []),

@@ -140,9 +140,18 @@ def _options(**kw):
 @option(
     "--quant-min-cos",
     type=click.FloatRange(-1, 1),
-    default=DEFAULTS.quant_min_cos,
+    default=None,
     help="A quantised segment whose smallest cosine against fp32 on held-out rows is "
-    "lower is built fp16 instead.",
+    f"lower is built fp16 instead (default {DEFAULTS.quant_min_cos}; with --quant-kl: -1, off).",
+)
+@click.option(
+    "--quant-kl",
+    type=click.FloatRange(0, min_open=True),
+    default=None,
+    metavar="KL",
+    help="Keep NPU segments fp16, most KL saved per byte added first, until the "
+    "artifact's mean KL divergence on the held-out calibration tokens (rknn-sim against "
+    "fp32) is at most KL, e.g. 0.002; prints what it kept, the KL and the bytes.",
 )
 @click.option(
     "--quant-keep",
@@ -203,7 +212,17 @@ def _options(**kw):
 )
 @handle_errors
 def compile_cmd(
-    model, out_dir, dump_after, quant_keep, prefill_rows, whole_graph, force, with_report, **same
+    model,
+    out_dir,
+    dump_after,
+    quant_min_cos,
+    quant_kl,
+    quant_keep,
+    prefill_rows,
+    whole_graph,
+    force,
+    with_report,
+    **same,
 ):
     """Compile MODEL (a folder of per-layer RWKV ONNX files, or one .onnx) into a hybrid
     NPU/CPU artifact."""
@@ -213,7 +232,19 @@ def compile_cmd(
         raise UsageError("--quant-keep is for quantised builds", "add --quant w8a8 (or drop --quant-keep)")
     if same["calib_text"] and same["quant"] == "fp16":
         raise UsageError("--calib-text is for quantised builds", "add --quant w8a8 (or drop --calib-text)")
-    opts = _options(**same, quant_keep=keep, prefill_rows=_parse_rows(prefill_rows), stream=not whole_graph)
+    if quant_kl is not None and (same["quant"] == "fp16" or same["plan_only"]):
+        raise UsageError(
+            "--quant-kl is for quantised builds", "add --quant w8a8 (without --plan-only), or drop --quant-kl"
+        )
+    if quant_min_cos is None:  # with --quant-kl the KL decides, not the per-row cosine
+        quant_min_cos = -1.0 if quant_kl is not None else DEFAULTS.quant_min_cos
+    opts = _options(
+        **same,
+        quant_min_cos=quant_min_cos,
+        quant_keep=keep,
+        prefill_rows=_parse_rows(prefill_rows),
+        stream=not whole_graph,
+    )
     manifest = _compile_with_progress(model, out_dir, opts, force, dump_after)
     click.echo(manifest.table())
     for line in manifest.warnings():
@@ -223,12 +254,45 @@ def compile_cmd(
 
         click.echo(f"board memory need: {describe_need(memory_need(manifest, out_dir))}")
     click.echo(f"artifact written to {out_dir}")
-    if opts.quant != "fp16" and not opts.plan_only:
+    if quant_kl is not None:
+        _choose_by_kl(model, out_dir, opts, quant_kl)
+    elif opts.quant != "fp16" and not opts.plan_only:
         _print_heldout_quality(model, out_dir, opts)
     if with_report:
         from rwkv2rknn.tools.report_html import write_report
 
         click.echo(f"report written to {write_report(out_dir)}")
+
+
+def _choose_by_kl(model, out_dir, opts, target: float) -> None:
+    """--quant-kl: keep segments fp16 by measured KL (tools.quant_kl), compiling again with them
+    kept; prints the choice and the chosen artifact's held-out KL."""
+    import dataclasses
+    import json
+    import os
+
+    from rwkv2rknn.rknn.calibrate import calibration_ids
+    from rwkv2rknn.tools import quant_kl
+
+    _, hold, where = calibration_ids(model, opts.calib_text, opts.calib_tokens)
+
+    def recompile(keep):
+        again = dataclasses.replace(opts, quant_keep=tuple(opts.quant_keep) + tuple(keep))
+        click.echo(f"--quant-kl: compiling again with --quant-keep {','.join(again.quant_keep)}", err=True)
+        from rwkv2rknn.runtime.device import describe_need, memory_need
+
+        manifest = _compile_with_progress(model, out_dir, again, force=True)
+        click.echo(manifest.table())
+        click.echo(f"board memory need: {describe_need(memory_need(manifest, out_dir))}")
+        return manifest
+
+    choice = quant_kl.choose(
+        out_dir, hold, where, target, recompile, say=lambda ln: click.echo(f"--quant-kl: {ln}", err=True)
+    )
+    for line in choice.lines():
+        click.echo(line)
+    with open(os.path.join(out_dir, "plan.json")) as f:
+        _echo_heldout(json.load(f)["heldout_quality"], where, opts)
 
 
 def _print_heldout_quality(model, out_dir, opts) -> None:
@@ -238,7 +302,10 @@ def _print_heldout_quality(model, out_dir, opts) -> None:
     from rwkv2rknn.tools.evaluate import heldout_quality
 
     _, hold, where = calibration_ids(model, opts.calib_text, opts.calib_tokens)
-    q = heldout_quality(out_dir, hold, where)
+    _echo_heldout(heldout_quality(out_dir, hold, where), where, opts)
+
+
+def _echo_heldout(q: dict, where: str, opts) -> None:
     for path in ("decode", "prefill"):
         f = q.get(path)
         if f and f.get("kl"):

@@ -58,6 +58,7 @@ def manifest_segment(ctx: Context, s: GraphSegment, out_dir: str, plan_only: boo
         fallback=token.fallback,
         precision=token.precision if on_npu else "fp16",
         calib=token.calib or None if on_npu else None,
+        quant=dict(token.quant) if on_npu and token.precision != "fp16" else {},
     )
     seq_rel = f"segments/{s.name}.seq.onnx" if seq.model is not None else None
     seq_rknn = seq.rknn if on_npu else None
@@ -69,6 +70,7 @@ def manifest_segment(ctx: Context, s: GraphSegment, out_dir: str, plan_only: boo
         fallback=seq.fallback if on_npu else "",
         precision=seq.precision if seq_rknn else "fp16",
         calib=seq.calib or None if seq_rknn else None,
+        quant=dict(seq.quant) if seq_rknn and seq.precision != "fp16" else {},
         rows=tuple(seq.rows) if seq_rknn else (),
         layout=seq.layout if seq_rknn else "",
     )

@@ -87,6 +87,7 @@ class Variant:
     # its prefill runs token by token)
     precision: str = "fp16"  # of the build (--quant)
     calib: str = ""  # its calibration dataset in the artifact (the simulator rebuilds from it)
+    quant: dict = field(default_factory=dict)  # a quantised build: how (plan.Build.quant)
     rows: Tuple[int, ...] = ()  # T rows: the row counts built into one .rknn
     layout: str = ""  # T rows: 'columns', the build takes and gives [C, T] (rwkv2rknn.rknn.columns)
 

@@ -177,8 +177,12 @@ class Builds:
             n_q = sum(s.token.precision == opts.quant for s in todo)
             ctx.note(
                 NAME,
-                f"{n_q} of {len(todo)} NPU segment(s) {opts.quant} (min cosine >= "
-                f"{opts.quant_min_cos:g} on held-out rows)"
+                f"{n_q} of {len(todo)} NPU segment(s) {opts.quant} "
+                + (
+                    f"(min cosine >= {opts.quant_min_cos:g} on held-out rows)"
+                    if opts.quant_min_cos > -1
+                    else "(no cosine rule)"
+                )
                 + (f"; kept fp16: {'; '.join(kept)}" if kept else ""),
             )
         from rwkv2rknn.passes.sequence import logits_only  # here: rwkv2rknn.passes imports this module
@@ -345,6 +349,7 @@ def _build_seq(
                 cal.seq_dataset,
                 cal.seq_dataset,
             )
+            seg.seq.quant = dict(seg.token.quant)
             return Done(
                 f"{seg.token.precision} (cos {seg.accuracy['min_cos']:.4f}), {done}", done == "cached"
             )
@@ -380,11 +385,19 @@ def _copy_shared(seg: GraphSegment, out_dir: str, rows, key: str) -> None:
 
 def _quant_variant(precision: str, digest: str, columns: bool = False) -> str:
     from rwkv2rknn.rknn.columns import CACHE_TAG
-    from rwkv2rknn.rknn.toolkit import QUANT_ALGORITHM, QUANT_DTYPE, QUANT_METHOD
+    from rwkv2rknn.rknn.toolkit import QUANT_DTYPE
 
-    return f"{QUANT_DTYPE[precision]}|{QUANT_ALGORITHM}|{QUANT_METHOD}|{digest}" + (
+    q = quant_settings()
+    return f"{QUANT_DTYPE[precision]}|{q['algorithm']}|{q['method']}|{digest}" + (
         f"|{CACHE_TAG}" if columns else ""
     )
+
+
+def quant_settings() -> dict:
+    """How this compile quantises (recorded in each quantised build's ``plan.Build.quant``)."""
+    from rwkv2rknn.rknn.toolkit import QUANT_ALGORITHM, QUANT_METHOD
+
+    return {"algorithm": QUANT_ALGORITHM, "method": QUANT_METHOD}
 
 
 class _Quant(NamedTuple):
@@ -432,6 +445,7 @@ def _quantised(job: _Quant, version: str) -> str:
     if not status:
         return ""
     seg.token.precision, seg.token.calib, seg.cache_key, seg.precision_note = opts.quant, dataset, key, ""
+    seg.token.quant = quant_settings()
     return status
 
 

@@ -11,7 +11,8 @@ from rwkv2rknn.runtime.rknn import _RknnRunner
 
 class RknnSimRunner(_RknnRunner):
     """The x86 simulator: builds the segment's ONNX in-process (it cannot load a .rknn), at the
-    compiled ``precision`` from the same calibration ``dataset`` as the compiler did."""
+    compiled ``precision`` from the same calibration ``dataset`` and with the quantisation settings
+    the artifact recorded (``quant``: ``plan.Build.quant``), as the compiler did."""
 
     backend = "rknn-sim"
 
@@ -27,6 +28,7 @@ class RknnSimRunner(_RknnRunner):
         precision: str = "fp16",
         dataset: str = "",
         columns: bool = False,
+        quant=None,
     ):
         super().__init__(name, inputs, outputs, shapes, rows)
         self._rt = build_in_process(
@@ -37,4 +39,5 @@ class RknnSimRunner(_RknnRunner):
             precision=precision,
             dataset=dataset,
             columns=columns,
+            settings=quant,
         )

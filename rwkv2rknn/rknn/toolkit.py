@@ -29,8 +29,8 @@ QUANT_DTYPE = {p: _TOOLKIT_DTYPE[p] for p in PRECISIONS if p != "fp16"}
 # calibration (min/max) with per-channel weight scales. 'kl_divergence' measured ~20% lower KL
 # mean on text (0.0054 against 0.0067) but lowers the worst held-out cosine, so the
 # --quant-min-cos rule keeps more segments fp16 (1 of 6 at 256 calibration tokens, 3 at 1024);
-# 'mmse' and per-layer weight scales were no better. The simulator rebuilds with these values:
-# an artifact records no algorithm of its own.
+# 'mmse' and per-layer weight scales were no better. A compile records them in each quantised
+# build (plan.Build.quant); the simulator rebuilds an artifact's builds with its recorded values.
 QUANT_ALGORITHM = "normal"
 QUANT_METHOD = "channel"
 
@@ -108,6 +108,7 @@ def build_in_process(
     log_to: str = "",
     columns: bool = False,
     config=None,
+    settings=None,
 ):
     """Build an ONNX model with rknn-toolkit2; optionally export the .rknn and/or start the
     simulator. Returns the RKNN object. Raises ToolkitError on a refused build.
@@ -115,7 +116,8 @@ def build_in_process(
     names relative to its folder); a T-row build's samples have the largest row count. The
     toolkit's own output is dropped (``verbose``: shown; ``log_to``: appended to that file).
     ``rows``: a T-row segment, built for each of these row counts (``dynamic_input``).
-    ``columns``: build the T-row segment's columns form (``rwkv2rknn.rknn.columns``; row inputs and the
+    ``settings``: how to quantise (``plan.Build.quant``: algorithm, method; default: this version's
+    QUANT_ALGORITHM and QUANT_METHOD). ``columns``: build the T-row segment's columns form (``rwkv2rknn.rknn.columns``; row inputs and the
     dataset's samples [C, T]). ``config``: more ``RKNN.config`` options, over the quantisation defaults (measurements only;
     its ``auto_hybrid`` goes to ``RKNN.build``).
     The toolkit works in a private folder (it writes fixed-name scratch files such as
@@ -142,10 +144,11 @@ def build_in_process(
         if rows:
             cfg["dynamic_input"] = dynamic_shapes(onnx_path, rows)
         if quant:
+            how = settings or {}
             cfg.update(
                 quantized_dtype=QUANT_DTYPE[precision],
-                quantized_algorithm=QUANT_ALGORITHM,
-                quantized_method=QUANT_METHOD,
+                quantized_algorithm=how.get("algorithm", QUANT_ALGORITHM),
+                quantized_method=how.get("method", QUANT_METHOD),
             )
         cfg.update(config)  # measurements: other algorithms, methods, hybrid levels
         if quant:

@@ -196,6 +196,7 @@ class HybridModel:
                 m_target(self),
                 precision=seg.token.precision,
                 dataset=self._calib(seg.token.calib),
+                quant=seg.token.quant,
             )
         if not seg.token.rknn:
             raise BadInput(
@@ -513,6 +514,7 @@ class HybridModel:
                 precision=seg.seq.precision,
                 dataset=self._calib(seg.seq.calib),
                 columns=columns,
+                quant=seg.seq.quant,
             )
         else:
             runner = self._seq_board_runner(seg)

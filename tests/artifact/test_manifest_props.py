@@ -292,6 +292,8 @@ SEGMENT_KEYS = {
     "precision_note",
     "calib",
     "seq_calib",
+    "quant",
+    "seq_quant",
     "decode_rows",
     "golden",
     "golden_sha256",
