@@ -25,7 +25,14 @@ order is the same bytes as [N, T], so the runners read both alike.
 with a constant weight, elementwise ops with per-channel constants, decomposed LayerNorm, the
 token shift's Slice/Concat, 2-D Reshapes that keep the shape) and refuses anything else
 (``NotColumns``), and ``write_columns`` checks the result against the original on onnxruntime:
-a segment it does not fit is built as before.
+a segment it does not fit is built as rows.
+
+The compile's ``columns`` step (``run`` / ``apply``, ordered by rwkv2rknn.compiler.driver, between
+the segment files and the build) replaces each T-row NPU segment's ``.seq.onnx`` with its columns
+form, marked in the file (``LAYOUT_KEY`` in its metadata): the build builds the file as written and
+the artifact holds what was built; onnxruntime runs the same file (``runtime.rows.Columns`` turns
+the rows). The rows form waits in ``ROWS_DIR`` until the build is done: where the columns build
+fails, ``restore_rows`` puts it back and the segment is built as rows (``seq_layout`` '').
 """
 
 from __future__ import annotations
@@ -35,8 +42,11 @@ from typing import Dict, Set
 
 import numpy as np
 
-# Part of the build cache key of a columns build: names this form of the rewrite (4-D outputs).
-CACHE_TAG = "columns-nchw-out"
+from rwkv2rknn.runtime.rows import LAYOUT_KEY  # the file's metadata entry naming its layout
+
+NAME = "columns"
+# Beside the artifact's segments while it is built: the rows form of every file rewritten to columns.
+ROWS_DIR = ".columns-rows"
 ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Sigmoid", "Relu", "Tanh", "Exp", "Neg", "Abs"}
 
 
@@ -186,6 +196,10 @@ def to_columns(model):
     kept = [t for t in g.initializer if t.name in used]
     del g.initializer[:]
     g.initializer.extend(kept)
+    kept_meta = [p for p in model.metadata_props if p.key != LAYOUT_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept_meta)
+    model.metadata_props.add(key=LAYOUT_KEY, value="columns")
     return model
 
 
@@ -230,17 +244,37 @@ def _inferred_shapes(model, rows: int = 3) -> dict:
     return {v.name: _dims(v) for v in list(g.value_info) + list(g.input) + list(g.output)}
 
 
-def write_columns(onnx_path: str, out_path: str, rows: int = 3) -> str:
+def write_columns(onnx_path: str, out_path: str, rows: int = 3, checked: bool = True) -> str:
     """Write the columns form of a T-row segment file to ``out_path`` after checking it against
-    the original on onnxruntime (random inputs, ``rows`` rows); '' on success, else why not."""
-    from rwkv2rknn.fileio import load_onnx, save_onnx
+    the original on onnxruntime (``check``; not with ``checked`` False); '' on success, else why
+    not (``out_path`` then not written)."""
+    from rwkv2rknn.fileio import load_onnx, remove_quietly, save_onnx
 
     model = load_onnx(onnx_path)
     try:
         cols = to_columns(model)
     except NotColumns as e:
         return str(e)
-    save_onnx(cols, out_path)
+    del model
+    save_onnx(cols, out_path, keep=False)
+    del cols
+    why = check(onnx_path, out_path, rows) if checked else ""
+    if why:
+        remove_quietly(out_path)
+        remove_quietly(out_path + ".data")
+    return why
+
+
+def check(onnx_path: str, out_path: str, rows: int = 3) -> str:
+    """'' if the columns form ``out_path`` of the T-row file ``onnx_path`` computes the same on
+    onnxruntime (random inputs, ``rows`` rows), else why not."""
+    try:
+        return _same_on_ort(onnx_path, out_path, rows)
+    except Exception as e:  # noqa: BLE001 - onnxruntime refused the rewritten graph
+        return f"onnxruntime cannot run the columns form ({type(e).__name__})"
+
+
+def _same_on_ort(onnx_path: str, out_path: str, rows: int) -> str:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -258,7 +292,6 @@ def write_columns(onnx_path: str, out_path: str, rows: int = 3) -> str:
         scale = max(float(np.abs(w).max()), 1e-6)
         t = w.shape[0]
         if x.shape != (1, w.shape[1], 1, t) or float(np.abs(x.reshape(-1, t).T - w).max()) > 1e-4 * scale:
-            os.remove(out_path)
             return f"the columns form computes '{o.name}' differently"
     return ""
 
@@ -293,3 +326,87 @@ def columns_dataset(dataset: str, folder: str) -> str:
     with open(out, "w") as f:
         f.write("\n".join(lines) + "\n")
     return out
+
+
+def in_columns(onnx_path: str) -> bool:
+    """The ONNX file is a columns form this module wrote (its metadata says so; weights not read)."""
+    import onnx
+
+    model = onnx.load(onnx_path, load_external_data=False)
+    return any(p.key == LAYOUT_KEY and p.value == "columns" for p in model.metadata_props)
+
+
+def _files(path: str):
+    return [p for p in (path, path + ".data") if os.path.exists(p)]
+
+
+def apply(ctx, seg, out_dir: str, built_before=None) -> str:
+    """The columns step for one T-row NPU segment whose files are written in ``out_dir``/segments:
+    its ``.seq.onnx`` becomes the columns form (checked on onnxruntime, unless
+    ``built_before(ctx, path)`` says the build cache holds a build of exactly these bytes: it was
+    checked then), ``seg.seq.layout`` 'columns', the rows form kept in ``ROWS_DIR`` for
+    ``restore_rows``. Returns '' or why the segment stays in rows (noted)."""
+    from rwkv2rknn.fileio import remove_quietly
+
+    seq = os.path.join(out_dir, "segments", seg.name + ".seq.onnx")
+    aside = os.path.join(out_dir, ROWS_DIR, seg.name + ".seq.onnx")
+    os.makedirs(os.path.dirname(aside), exist_ok=True)
+    for p in _files(seq):
+        os.replace(p, aside + p[len(seq) :])
+    why = write_columns(aside, seq, checked=False)
+    if not why and not (built_before and built_before(ctx, seq)):
+        why = check(aside, seq)
+        if why:
+            remove_quietly(seq)
+            remove_quietly(seq + ".data")
+    if why:
+        for p in _files(aside):
+            os.replace(p, seq + p[len(aside) :])
+        ctx.note(NAME, f"{seg.name}: T-row build as rows, not columns ({why})", segment=seg.name)
+        return why
+    seg.seq.layout, seg.seq.sha256 = "columns", ""  # the manifest hashes the file as written
+    return ""
+
+
+def restore_rows(seg, out_dir: str) -> bool:
+    """Put back the rows form of a segment ``apply`` rewrote (its columns build failed): the
+    artifact holds only what was built. False if there is none."""
+    seq = os.path.join(out_dir, "segments", seg.name + ".seq.onnx")
+    aside = os.path.join(out_dir, ROWS_DIR, seg.name + ".seq.onnx")
+    if not os.path.exists(aside):
+        return False
+    for p in _files(seq):
+        os.remove(p)
+    for p in _files(aside):
+        os.replace(p, seq + p[len(aside) :])
+    seg.seq.layout, seg.seq.sha256 = "", ""
+    return True
+
+
+def drop_rows(out_dir: str) -> None:
+    """After the build: the rows forms kept for ``restore_rows`` go (the artifact holds the files built)."""
+    import shutil
+
+    shutil.rmtree(os.path.join(out_dir, ROWS_DIR), ignore_errors=True)
+
+
+def summary(ctx, segs) -> None:
+    """The step's line: how many T-row NPU segments it wrote in columns."""
+    segs = list(segs)
+    n = sum(s.seq.layout == "columns" for s in segs)
+    ctx.note(
+        NAME,
+        f"{n} of {len(segs)} T-row NPU segment(s) written in columns [C, T] (what the NPU builds "
+        f"and onnxruntime runs: no Transposes on the NPU), {len(segs) - n} as rows",
+        kind="summary",
+        columns=n,
+        rows=len(segs) - n,
+    )
+
+
+def run(ctx, out_dir: str, segs, built_before=None) -> None:
+    """The columns step over ``segs`` (the T-row NPU segments that get a shared build)."""
+    segs = list(segs)
+    for seg in segs:
+        apply(ctx, seg, out_dir, built_before)
+    summary(ctx, segs)

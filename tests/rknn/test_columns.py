@@ -172,3 +172,109 @@ def test_a_state_row_of_shape_1_c_and_a_split_of_the_channels(tmp_path):
     bad.graph.node[-1].attribute[0].i = 0  # a split of the rows themselves
     with pytest.raises(NotColumns, match="Split"):
         to_columns(bad)
+
+
+def _recorded(entry):
+    """The checksum the build cache recorded for its entry (the .rknn path)."""
+    from rwkv2rknn.rknn.buildcache import BuildCache
+
+    return BuildCache(os.path.dirname(entry)).recorded(os.path.basename(entry)[: -len(".rknn")])
+
+
+def _built_from(art):
+    """Each NPU segment with a T-row build -> (its .seq.onnx as the artifact holds it, the cache
+    entry of exactly those bytes): the build cache is keyed by the SHA-256 of the file built."""
+    from rwkv2rknn.fileio import cache_root
+    from rwkv2rknn.rknn.build import file_key
+    from rwkv2rknn.rknn.buildcache import BuildCache
+    from rwkv2rknn.runtime.hybrid import load_manifest
+
+    m = load_manifest(art)
+    cache = BuildCache(os.path.join(cache_root(), "rknn"))
+    out = {}
+    for s in m.segments:
+        if s.backend == "npu" and s.seq_rknn:
+            f = os.path.join(art, s.seq_onnx)
+            out[s.name] = (
+                s,
+                f,
+                cache.entry(file_key(f, m.target, m.toolkit, repr(tuple(s.seq_rows)).encode())),
+            )
+    return m, out
+
+
+@pytest.mark.slow
+def test_the_artifact_holds_the_seq_onnx_that_was_built(fp16_artifact):
+    """The columns step writes the columns form as the .seq.onnx and the build builds that file:
+    the build cache entry of the artifact's file bytes is the artifact's .seq.rknn (its recorded
+    checksum and the manifest's agree); the file says its layout; the rows forms are gone."""
+    from rwkv2rknn.artifact.plan import sha256_file
+    from rwkv2rknn.rknn.columns import ROWS_DIR, in_columns
+
+    m, built = _built_from(fp16_artifact)
+    assert built and m.format_version == 5
+    for name, (s, f, entry) in built.items():
+        assert s.seq_layout == "columns" and in_columns(f), name
+        assert "Transpose" not in {n.op_type for n in onnx.load(f).graph.node}, name
+        assert os.path.isfile(entry), (name, "no cache entry for the bytes the artifact holds")
+        assert (
+            _recorded(entry)
+            == sha256_file(entry)
+            == s.seq_rknn_sha256
+            == sha256_file(os.path.join(fp16_artifact, s.seq_rknn))
+        ), name
+        assert s.seq_sha256 == sha256_file(f), name
+    assert not os.path.exists(os.path.join(fp16_artifact, ROWS_DIR))
+    report = [r for r in m.report if r.startswith("columns:")]
+    assert report == [
+        f"columns: {len(built)} of {len(built)} T-row NPU segment(s) written in columns [C, T] "
+        "(what the NPU builds and onnxruntime runs: no Transposes on the NPU), 0 as rows"
+    ], report
+
+
+@pytest.mark.slow
+def test_a_failed_columns_build_leaves_the_rows_form_it_built_instead(fp16_dir, tmp_path, monkeypatch):
+    """Where the columns build of a segment fails, the compile puts the rows form back and
+    builds that: the artifact holds the rows file (no layout mark, ``seq_layout`` '') whose bytes
+    were built, says so, and prefill on onnxruntime and the simulator gives the token steps'
+    logits."""
+    from rwkv2rknn.compiler.driver import compile_model
+    from rwkv2rknn.compiler.ir import Options
+    from rwkv2rknn.rknn import build_worker
+    from rwkv2rknn.rknn.columns import in_columns
+    from rwkv2rknn.runtime.hybrid import HybridModel
+
+    real = build_worker.CachedBuilds.fetch_or_build
+    refused = []
+
+    def refuse_l1_columns(self, onnx_path, key, dest, rows=()):
+        if "L0-L1" in os.path.basename(onnx_path) and in_columns(onnx_path):
+            refused.append(onnx_path)
+            return "", "refused by the test"
+        return real(self, onnx_path, key, dest, rows)
+
+    monkeypatch.setattr(build_worker.CachedBuilds, "fetch_or_build", refuse_l1_columns)
+    art = str(tmp_path / "art")
+    compile_model(fp16_dir, art, Options(prefill_rows=(16,)))
+    m, built = _built_from(art)
+    assert refused and len(built) >= 2
+    for name, (s, f, entry) in built.items():
+        rows = "L0-L1" in name
+        assert s.seq_layout == ("" if rows else "columns") and in_columns(f) != rows, name
+        assert os.path.isfile(entry) and s.seq_rknn_sha256 == _recorded(entry), name
+    assert any(
+        "T-row build in columns failed (refused by the test); building it as rows" in r for r in m.report
+    )
+    assert not any(s.seq_fallback for s in m.segments)
+    toks = [3, 1, 4, 1, 5, 9, 2, 6]
+    for backend in ("ort", "rknn-sim"):
+        h = HybridModel(art, backend=backend)
+        try:
+            for seg, runner in zip(h.manifest.segments, h.prefill_runners()):
+                if seg.name in built:  # rows are turned into columns only for a columns file
+                    assert isinstance(runner, Columns) == (seg.seq_layout == "columns"), (backend, seg.name)
+            want = np.stack([h.step(t, st) for st in [h.init_state()] for t in toks]).reshape(len(toks), -1)
+            got = h.prefill(toks, h.init_state())
+            np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-2 * np.abs(want).max())
+        finally:
+            h.close()
