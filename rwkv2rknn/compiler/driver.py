@@ -7,7 +7,8 @@ The artifact folder (written to a temporary folder beside OUT and renamed into p
     OUT/plan.json              the compile report: per-stage segments, FLOP shares, pass notes
     OUT/segments/NAME.onnx     every segment
     OUT/segments/NAME.rknn     beside the ONNX of every NPU segment (not with --plan-only)
-    OUT/segments/NAME.seq.onnx the T-token (prefill) variant of a segment that has one, and its
+    OUT/segments/NAME.seq.onnx the T-token (prefill) variant of a segment that has one (in columns
+                               where the columns step wrote it: the file built), and its
     OUT/segments/NAME.seq.rknn NPU build (one graph per row count in --prefill-rows)
     OUT/tokenizer/FILE         the tokenizer file the model was exported with (if it has one)
     OUT/calib/NAME[.seq]/      with --quant w8a8|w16a16i: the calibration dataset of each quantised
