@@ -57,6 +57,29 @@ def test_the_columns_runner_gives_rows_equal_to_the_t_row_onnx(fp32_plan_artifac
     columns_runner_equals_rows(_npu_seq_files(fp32_plan_artifact)[1], str(tmp_path / "cols.onnx"))
 
 
+def test_the_per_token_view_of_the_columns_form_gives_the_per_token_outputs(fp32_plan_artifact, tmp_path):
+    """The per-token graph as a view of the columns T-row graph (T = 1 inside): the per-token
+    file's inputs and outputs, the same numbers on onnxruntime (checked by write_token_view,
+    here again on other inputs), the columns form's weights by name (shared on onnxruntime)."""
+    from rwkv2rknn.rknn.columns import write_token_view
+
+    seq = _npu_seq_files(fp32_plan_artifact)[1]
+    token = seq.replace(".seq.onnx", ".onnx")
+    cols, view = str(tmp_path / "cols.onnx"), str(tmp_path / "view.onnx")
+    assert write_columns(seq, cols) == ""
+    assert write_token_view(token, cols, view, "seg") == ""
+    a, b = OrtRunner(token, "rows"), OrtRunner(view, "view")
+    assert a.input_shapes == b.input_shapes and a.outputs == b.outputs
+    rng = np.random.default_rng(7)
+    feed = {k: rng.standard_normal(s).astype(np.float32) for k, s in a.input_shapes.items()}
+    want, got = a.infer(feed), b.infer(feed)
+    for k in want:
+        assert got[k].shape == want[k].shape
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-4 * np.abs(want[k]).max())
+    weights = {t.name for t in onnx.load(cols).graph.initializer if t.name.endswith(".conv")}
+    assert weights and weights <= {t.name for t in onnx.load(view).graph.initializer}
+
+
 def columns_runner_equals_rows(f, col_path):
     """The columns form of T-row segment file ``f`` through the ``Columns`` runner gives the rows
     form's outputs on onnxruntime (2 and 5 rows; state rows [1, C] or [C] as they come)."""
@@ -225,6 +248,26 @@ def test_the_artifact_holds_the_seq_onnx_that_was_built(fp16_artifact):
         ), name
         assert s.seq_sha256 == sha256_file(f), name
     assert not os.path.exists(os.path.join(fp16_artifact, ROWS_DIR))
+    # the per-token files are views of the columns forms: onnxruntime's token and T-row sessions
+    # of a segment read the same weights (held once), and give the same numbers
+    for name, (s, f, _) in built.items():
+        convs = {n.input[1] for n in onnx.load(f).graph.node if n.op_type == "Conv"}
+        token = onnx.load(os.path.join(fp16_artifact, s.onnx))
+        assert convs and convs == {n.input[1] for n in token.graph.node if n.op_type == "Conv"}, name
+        assert "MatMul" not in {n.op_type for n in token.graph.node}, name
+    from rwkv2rknn.runtime.hybrid import HybridModel
+
+    h = HybridModel(fp16_artifact, backend="ort")
+    try:
+        toks = [5, 3, 9, 1, 4]
+        state = h.init_state()
+        want = np.stack([h.step(t, state) for t in toks])
+        held = h._store.nbytes
+        got = h.prefill(toks, h.init_state())
+        assert h._store.nbytes == held and h._store.conflicts == 0
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    finally:
+        h.close()
     report = [r for r in m.report if r.startswith("columns:")]
     assert report == [
         f"columns: {len(built)} of {len(built)} T-row NPU segment(s) written in columns [C, T] "
@@ -261,6 +304,8 @@ def test_a_failed_columns_build_leaves_the_rows_form_it_built_instead(fp16_dir, 
     for name, (s, f, entry) in built.items():
         rows = "L0-L1" in name
         assert s.seq_layout == ("" if rows else "columns") and in_columns(f) != rows, name
+        token_ops = {n.op_type for n in onnx.load(os.path.join(art, s.onnx)).graph.node}
+        assert ("MatMul" in token_ops) == rows and ("Conv" in token_ops) != rows, name
         assert os.path.isfile(entry) and s.seq_rknn_sha256 == _recorded(entry), name
     assert any(
         "T-row build in columns failed (refused by the test); building it as rows" in r for r in m.report
