@@ -323,3 +323,34 @@ def test_a_failed_columns_build_leaves_the_rows_form_it_built_instead(fp16_dir, 
             np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-2 * np.abs(want).max())
         finally:
             h.close()
+
+
+def test_an_older_artifact_s_rows_file_still_runs_as_rows(fp32_plan_artifact, tmp_path):
+    """Before format 5 a columns build's .seq.onnx held the rows form: its file has no layout
+    mark, so onnxruntime runs it as rows (the board ran its .seq.rknn in columns as before)."""
+    import json
+    import shutil
+
+    from rwkv2rknn.runtime.hybrid import HybridModel
+
+    art = str(tmp_path / "v4")
+    shutil.copytree(fp32_plan_artifact, art)
+    with open(os.path.join(art, "manifest.json")) as f:
+        d = json.load(f)
+    marked = [s for s in d["segments"] if s["backend"] == "npu" and s["seq_onnx"]]
+    assert marked
+    for s in marked:
+        s["seq_layout"] = "columns"
+    d["format_version"] = 4
+    with open(os.path.join(art, "manifest.json"), "w") as f:
+        json.dump(d, f)
+    h = HybridModel(art, backend="ort")
+    try:
+        runners = dict(zip((s.name for s in h.manifest.segments), h.prefill_runners()))
+        assert not any(isinstance(runners[s["name"]], Columns) for s in marked)
+        toks = [5, 3, 9, 1]
+        state = h.init_state()
+        want = np.stack([h.step(t, state) for t in toks])
+        np.testing.assert_allclose(h.prefill(toks, h.init_state()), want, rtol=1e-4, atol=1e-5)
+    finally:
+        h.close()
