@@ -8,8 +8,10 @@
                                  (decode runs it with 2 rows; no per-token .rknn: weights once)
 
 A segment with a T-row (prefill) variant gets one build of that variant for the prefill row
-counts and for DECODE_ROWS: token steps run it with the token in row 0. Where that build fails,
-the per-token graph is built alone and prefill runs token by token.
+counts and for DECODE_ROWS: token steps run it with the token in row 0. The file is built as the
+columns step wrote it (``rwkv2rknn.rknn.columns``: in columns where it fits); where a columns build
+fails, the step's rows form is put back and built. Where that build fails too, the per-token graph
+is built alone and prefill runs token by token.
 
 With ``--quant w8a8`` (or w16a16i) a build is quantised from the segment's calibration dataset
 (``rwkv2rknn.rknn.calibrate``); the child also runs it in the simulator on held-out rows (a T-row build:
