@@ -5,8 +5,8 @@ count's commands, each further row count, the three-core commands, the metadata.
     rwkv2rknn compile MODEL -o ART --quant w8a8      # for its calibration datasets (calib/)
     python bench/rknn_bytes.py ART [--rows 2,16,64]
 
-Each segment's T-row ONNX is built alone (as the compile builds it: in columns where it has that
-form, w8a8 from the artifact's calibration dataset) in a child process, with the toolkit's
+Each segment's T-row ONNX is built alone (as the compile built it: the file as written, in columns
+where ``seq_layout`` says so, w8a8 from the artifact's calibration dataset) in a child process, with the toolkit's
 verbose log: its "Total Weight Memory Size" is the weights (with biases and per-channel
 constants). The other parts come from builds of fewer row counts (the largest alone, then the
 decode rows added, then the rest) and one with ``single_core_mode``; the metadata is the JSON the
@@ -28,12 +28,12 @@ import json, sys
 from rwkv2rknn.rknn.toolkit import build_in_process
 a = json.loads(sys.argv[1])
 rk = build_in_process(a["onnx"], rknn_out=a["out"], rows=tuple(a["rows"]), precision=a["precision"],
-                      dataset=a["dataset"], verbose=True, columns=a["columns"], config=a["config"])
+                      dataset=a["dataset"], verbose=True, config=a["config"])
 rk.release()
 """
 
 
-def build(onnx, rows, precision, dataset, columns, config, work):
+def build(onnx, rows, precision, dataset, config, work):
     out = os.path.join(work, "out.rknn")
     arg = dict(
         onnx=os.path.abspath(onnx),
@@ -41,7 +41,6 @@ def build(onnx, rows, precision, dataset, columns, config, work):
         rows=list(rows),
         precision=precision,
         dataset=dataset and os.path.abspath(dataset),
-        columns=columns,
         config=config,
     )
     res = subprocess.run(
@@ -85,17 +84,16 @@ def main():
             continue
         rows = tuple(int(r) for r in a.rows.split(",")) if a.rows else tuple(seg["seq_rows"])
         onnx = os.path.join(a.artifact, seg["seq_onnx"])
-        columns = seg.get("seq_layout") == "columns"
         big, rest = max(rows), sorted(set(rows) - {max(rows), 2})
         for precision in ("fp16", "w8a8"):
             dataset = os.path.join(a.artifact, seg["seq_calib"]) if precision != "fp16" else ""
             if precision != "fp16" and not seg.get("seq_calib"):
                 continue
             with tempfile.TemporaryDirectory(prefix="rknn-bytes-") as work:
-                one, w, meta, ops = build(onnx, (big,), precision, dataset, columns, {}, work)
-                two = build(onnx, (2, big), precision, dataset, columns, {}, work)[0] if 2 in rows else one
-                full = build(onnx, rows, precision, dataset, columns, {}, work)[0]
-                single = build(onnx, rows, precision, dataset, columns, {"single_core_mode": True}, work)[0]
+                one, w, meta, ops = build(onnx, (big,), precision, dataset, {}, work)
+                two = build(onnx, (2, big), precision, dataset, {}, work)[0] if 2 in rows else one
+                full = build(onnx, rows, precision, dataset, {}, work)[0]
+                single = build(onnx, rows, precision, dataset, {"single_core_mode": True}, work)[0]
             each = (full - two) / max(len(rest), 1)
             print(
                 f"| {seg['name']} | {precision} | {full:,} | {w:,} | {one - w - meta:,} | {two - one:,} | "

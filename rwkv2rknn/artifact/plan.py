@@ -17,10 +17,12 @@ from rwkv2rknn.errors import BadInput
 
 FORMAT = "rwkv2rknn-artifact"
 # 2: T-row builds in [C, T] columns (`seq_layout`); 3: such a build takes a state row [1, C] too;
-# 4: NPU segments carry golden vectors (`golden`: the board's self-test).
+# 4: NPU segments carry golden vectors (`golden`: the board's self-test); 5: the `.seq.onnx` of a
+# T-row build in columns is itself the columns form it was built from (onnxruntime and the
+# simulator run it with rows turned to columns; before 5 it held the rows form).
 # An artifact is written as the lowest that holds it (``Manifest.format_version``), for old runtimes
-FORMAT_VERSION = 4  # the newest this rwkv2rknn writes
-READS_VERSIONS = (1, 2, 3, 4)  # a version-1 artifact has row builds only and reads as it did
+FORMAT_VERSION = 5  # the newest this rwkv2rknn writes
+READS_VERSIONS = (1, 2, 3, 4, 5)  # a version-1 artifact has row builds only and reads as it did
 MANIFEST = "manifest.json"
 PLAN = "plan.json"
 BACKENDS = ("npu", "cpu")
@@ -148,8 +150,11 @@ class Manifest:
 
     @property
     def format_version(self) -> int:
-        """4 if segments carry golden vectors, 3 if a T-row build in columns takes a state slot
+        """5 if a T-row build in columns keeps its ONNX (not packed: that file is the columns form),
+        4 if segments carry golden vectors, 3 if a T-row build in columns takes a state slot
         [1, C] beside its rows, else 2."""
+        if any(seg.seq.layout == "columns" and seg.seq.onnx for seg in self.segments):
+            return 5
         if any(seg.golden for seg in self.segments):
             return 4
         two_d = {s.input for s in self.state if len(s.shape) == 2}

@@ -7,7 +7,8 @@ The artifact folder (written to a temporary folder beside OUT and renamed into p
     OUT/plan.json              the compile report: per-stage segments, FLOP shares, pass notes
     OUT/segments/NAME.onnx     every segment
     OUT/segments/NAME.rknn     beside the ONNX of every NPU segment (not with --plan-only)
-    OUT/segments/NAME.seq.onnx the T-token (prefill) variant of a segment that has one, and its
+    OUT/segments/NAME.seq.onnx the T-token (prefill) variant of a segment that has one (in columns
+                               where the columns step wrote it: the file built), and its
     OUT/segments/NAME.seq.rknn NPU build (one graph per row count in --prefill-rows)
     OUT/tokenizer/FILE         the tokenizer file the model was exported with (if it has one)
     OUT/calib/NAME[.seq]/      with --quant w8a8|w16a16i: the calibration dataset of each quantised
@@ -25,7 +26,7 @@ from typing import Callable, Optional
 
 from rwkv2rknn import __version__, fileio
 from rwkv2rknn.compiler import resources
-from rwkv2rknn.rknn import calibrate
+from rwkv2rknn.rknn import calibrate, columns
 from rwkv2rknn.errors import UsageError
 from rwkv2rknn.compiler.ir import Context, GraphSegment, Options, export
 from rwkv2rknn.passes.sequence import prefill_rows
@@ -214,8 +215,10 @@ def _compile(model_path, out_dir, options, toolkit, calib_ids, force, dump_after
                 )
         if not options.plan_only:
             calibration = _calibrate(ctx, tmp, toolkit, calib_ids) if calib_ids else None
+            _columns(ctx, tmp, on_pass)
             build.run(ctx, tmp, progress=progress, calibration=calibration)
             calibrate.drop_holdout(tmp)
+            columns.drop_rows(tmp)
             after(build.NAME)
         for name, model in dumps.items():
             os.makedirs(os.path.join(tmp, "dump"), exist_ok=True)
@@ -249,8 +252,12 @@ def _compile_stream(model_path, out_dir, options, toolkit, calib_ids, force, pro
                     ],
                 )
         early = None if options.plan_only or calib_ids else []  # fp16: build while streaming
+        rewritten = []  # the segments the columns step saw while streaming
 
         def on_segment(sctx, seg):
+            if build.shares_rows(sctx, seg):  # the columns step, before the segment's build
+                columns.apply(sctx, seg, tmp, build.seq_built_before)
+                rewritten.append(seg)
             if not early:
                 early.append(
                     build.Builds(sctx, tmp, progress, biggest=resources.model_size(model_path).largest)
@@ -273,12 +280,19 @@ def _compile_stream(model_path, out_dir, options, toolkit, calib_ids, force, pro
         if on_pass:
             for name in ("partition", "cut", "sequence"):
                 on_pass(name, [n.text for n in ctx.said(name)])
+        if early is not None:
+            columns.summary(ctx, rewritten)
+            if on_pass:
+                on_pass(columns.NAME, [n.text for n in ctx.said(columns.NAME)])
         if early:
             early[0].finish()
         elif not options.plan_only:
             calibration = _calibrate(ctx, tmp, toolkit, calib_ids) if calib_ids else None
+            if early is None:  # else it ran as the segments were written
+                _columns(ctx, tmp, on_pass)
             build.run(ctx, tmp, progress=progress, calibration=calibration)
             calibrate.drop_holdout(tmp)
+        columns.drop_rows(tmp)
         if on_pass and not options.plan_only:
             on_pass(build.NAME, [n.text for n in ctx.said(build.NAME)])
         if one_file is not None:  # the artifact's source is the file (check compares with it)
@@ -303,6 +317,17 @@ def _compile_stream(model_path, out_dir, options, toolkit, calib_ids, force, pro
                 f"into {n + 2} stage files and compiled one stage at a time",
             )
         return _finish(ctx, tmp, toolkit, options)
+
+
+def _columns(ctx: Context, tmp: str, on_pass) -> None:
+    """The columns step (rwkv2rknn/rknn/columns.py): each T-row NPU segment's .seq.onnx in ``tmp``
+    rewritten to the columns form the NPU builds, where it has one; after calibration (which
+    traces the rows forms) and before the build."""
+    from rwkv2rknn.rknn import build
+
+    columns.run(ctx, tmp, [s for s in ctx.segments if build.shares_rows(ctx, s)], build.seq_built_before)
+    if on_pass:
+        on_pass(columns.NAME, [n.text for n in ctx.said(columns.NAME)])
 
 
 def _validate(ctx: Context, tmp: str, toolkit: str, options: Options, model_path: str, on_pass):

@@ -256,6 +256,7 @@ def _lazy_hybrid(artifact: str):
     """The artifact's HybridModel on onnxruntime with lazy runners (one session alive)."""
     from rwkv2rknn.runtime.hybrid import HybridModel
     from rwkv2rknn.runtime.ort import OrtRunner
+    from rwkv2rknn.runtime.rows import Columns
 
     pool = _Pool()
 
@@ -268,7 +269,11 @@ def _lazy_hybrid(artifact: str):
             if not seg.seq.onnx:
                 return None
             path = os.path.join(artifact, seg.seq.onnx)
-            return _Lazy(lambda: OrtRunner(path, seg.name + ".seq", prepack=False), pool, seg.name + ".seq")
+            lazy = _Lazy(lambda: OrtRunner(path, seg.name + ".seq", prepack=False), pool, seg.name + ".seq")
+            if seg.seq.layout != "columns":
+                return lazy
+            lazy.inputs, lazy.outputs = list(seg.inputs), list(seg.outputs)
+            return Columns(lazy)  # the columns step's file, as the NPU build takes it
 
     return Lazy(artifact, backend="ort", verify=False, fuse=False)  # one session at a time
 

@@ -8,8 +8,10 @@
                                  (decode runs it with 2 rows; no per-token .rknn: weights once)
 
 A segment with a T-row (prefill) variant gets one build of that variant for the prefill row
-counts and for DECODE_ROWS: token steps run it with the token in row 0. Where that build fails,
-the per-token graph is built alone and prefill runs token by token.
+counts and for DECODE_ROWS: token steps run it with the token in row 0. The file is built as the
+columns step wrote it (``rwkv2rknn.rknn.columns``: in columns where it fits); where a columns build
+fails, the step's rows form is put back and built. Where that build fails too, the per-token graph
+is built alone and prefill runs token by token.
 
 With ``--quant w8a8`` (or w16a16i) a build is quantised from the segment's calibration dataset
 (``rwkv2rknn.rknn.calibrate``); the child also runs it in the simulator on held-out rows (a T-row build:
@@ -221,6 +223,24 @@ def run(
     builds.finish()
 
 
+def seq_rows(ctx: Context) -> tuple:
+    """The row counts of a T-row build: DECODE_ROWS and the prefill row counts."""
+    return tuple(sorted({DECODE_ROWS, *ctx.options.prefill_rows}))
+
+
+def shares_rows(ctx: Context, seg: GraphSegment) -> bool:
+    """The NPU segment gets one T-row build for token steps and prefill (``_build_shared``):
+    the segments the columns step rewrites."""
+    from rwkv2rknn.passes.sequence import logits_only  # here: rwkv2rknn.passes imports this module
+
+    return (
+        seg.device == "npu"
+        and seg.seq.model is not None
+        and bool(ctx.options.prefill_rows)
+        and not logits_only(ctx, seg)
+    )
+
+
 def _one(
     ctx: Context,
     seg: GraphSegment,
@@ -230,10 +250,8 @@ def _one(
     cal: Optional[SegmentCalibration],
 ):
     """Build one NPU segment: (progress status, 'built' / 'cached' / 'failed')."""
-    from rwkv2rknn.passes.sequence import logits_only
-
     opts = ctx.options
-    if seg.seq.model is not None and opts.prefill_rows and not logits_only(ctx, seg):
+    if shares_rows(ctx, seg):
         done = _build_shared(ctx, seg, out_dir, builds, version, cal)
         if done:  # one build serves decode and prefill
             _estimate(ctx, seg)
@@ -290,38 +308,25 @@ def _build_shared(
 ) -> Optional[Done]:
     """The T-row variant of an NPU segment built for DECODE_ROWS and the prefill row counts: one
     .rknn, weights once, serving token steps (the token in row 0, padding after it) and prefill;
-    quantised when ``cal`` has T-row samples and the build is accurate enough. Built in columns
-    (``rwkv2rknn.rknn.columns``: no Transposes on the NPU) where the segment has that form, else as rows.
-    Returns what it did, or None when the build failed
+    quantised when ``cal`` has T-row samples and the build is accurate enough. The file is built
+    as written: in columns where the columns step rewrote it (``rwkv2rknn.rknn.columns``: no
+    Transposes on the NPU); where that build fails, the step's rows form is put back in its place
+    and built instead. Returns what it did, or None when the build failed
     (``seg.seq.fallback`` says why; the caller then builds the per-token graph alone and prefill
     runs token by token)."""
-    rows = tuple(sorted({DECODE_ROWS, *ctx.options.prefill_rows}))
-    onnx_path = os.path.join(out_dir, "segments", seg.name + ".seq.onnx")
-    from rwkv2rknn.rknn.columns import fits
+    from rwkv2rknn.rknn.columns import restore_rows
 
-    key = _seq_key(ctx, onnx_path, version, rows, True)
-    # a columns build in the cache: the file fitted when it was built (the check loads the file,
-    # rewrites, writes and runs it: the largest cost of a cached compile's build step)
-    cached = (
-        not (cal and cal.seq_dataset)
-        and builds.cache.recorded(key)
-        and os.path.isfile(builds.cache.entry(key))
+    rows = seq_rows(ctx)
+    done = _build_seq(ctx, seg, out_dir, builds, version, cal, rows)
+    if done or seg.seq.layout != "columns":
+        return done
+    ctx.note(
+        NAME,
+        f"{seg.name}: T-row build in columns failed ({seg.seq.fallback}); building it as rows",
+        segment=seg.name,
     )
-    why_not = "" if cached else fits(onnx_path)
-    if why_not:
-        ctx.note(NAME, f"{seg.name}: T-row build as rows, not columns ({why_not})", segment=seg.name)
-    for columns in (True, False) if not why_not else (False,):
-        done = _build_seq(ctx, seg, out_dir, builds, version, cal, rows, columns, key if columns else "")
-        if done:
-            seg.seq.layout = "columns" if columns else ""
-            return done
-        if columns:
-            ctx.note(
-                NAME,
-                f"{seg.name}: T-row build in columns failed ({seg.seq.fallback}); building it as rows",
-                segment=seg.name,
-            )
-    return None
+    restore_rows(seg, out_dir)
+    return _build_seq(ctx, seg, out_dir, builds, version, cal, rows)
 
 
 def _build_seq(
@@ -332,15 +337,13 @@ def _build_seq(
     version: str,
     cal: Optional[SegmentCalibration],
     rows,
-    columns: bool,
-    key: str = "",
 ) -> Optional[Done]:
-    """One try of ``_build_shared`` in one layout (``key``: its cache key, if known)."""
+    """One try of ``_build_shared``: the ``.seq.onnx`` as it is now."""
     seg.seq.fallback = ""
     onnx_path = os.path.join(out_dir, "segments", seg.name + ".seq.onnx")
     if cal and cal.seq_dataset:
         dest = os.path.join(out_dir, "segments", seg.name + ".seq.rknn")
-        job = _Quant(ctx, seg, onnx_path, rows, cal.seq_dataset, cal, builds, out_dir, dest, columns)
+        job = _Quant(ctx, seg, onnx_path, rows, cal.seq_dataset, cal, builds, out_dir, dest)
         done = _quantised(job, version)
         if done:
             _copy_shared(seg, out_dir, rows, seg.cache_key)
@@ -353,9 +356,9 @@ def _build_seq(
             return Done(
                 f"{seg.token.precision} (cos {seg.accuracy['min_cos']:.4f}), {done}", done == "cached"
             )
-    key = key or _seq_key(ctx, onnx_path, version, rows, columns)
+    key = _seq_key(ctx, onnx_path, version, rows)
     status, reason = builds.fetch_or_build(
-        onnx_path, key, os.path.join(out_dir, "segments", seg.name + ".seq.rknn"), rows, columns
+        onnx_path, key, os.path.join(out_dir, "segments", seg.name + ".seq.rknn"), rows
     )
     if reason:
         seg.seq.fallback = reason
@@ -366,15 +369,23 @@ def _build_seq(
     )
 
 
-def _seq_key(ctx: Context, onnx_path: str, version: str, rows, columns: bool) -> str:
-    from rwkv2rknn.rknn.columns import CACHE_TAG
+def seq_built_before(ctx: Context, onnx_path: str) -> bool:
+    """The build cache holds the fp16 T-row build of exactly this file (recorded and present):
+    the columns step checked it when it was built (``rwkv2rknn.rknn.columns.apply``)."""
+    from rwkv2rknn.fileio import cache_root
+    from rwkv2rknn.rknn.buildcache import BuildCache
+    from rwkv2rknn.rknn.toolkit import require_toolkit
 
-    return file_key(
-        onnx_path,
-        ctx.options.target,
-        version,
-        repr(rows).encode() + (b"|" + CACHE_TAG.encode() if columns else b""),
-    )
+    if ctx.options.quant != "fp16":
+        return False
+    key = _seq_key(ctx, onnx_path, require_toolkit(), seq_rows(ctx))
+    cache = BuildCache(os.path.join(cache_root(ctx.options.cache_dir), "rknn"))
+    return bool(cache.recorded(key)) and os.path.isfile(cache.entry(key))
+
+
+def _seq_key(ctx: Context, onnx_path: str, version: str, rows) -> str:
+    """The cache key of a T-row build: the bytes of the file built (rows or columns), its row counts."""
+    return file_key(onnx_path, ctx.options.target, version, repr(rows).encode())
 
 
 def _copy_shared(seg: GraphSegment, out_dir: str, rows, key: str) -> None:
@@ -383,14 +394,11 @@ def _copy_shared(seg: GraphSegment, out_dir: str, rows, key: str) -> None:
     seg.seq.rows, seg.decode_rows, seg.cache_key = rows, DECODE_ROWS, key
 
 
-def _quant_variant(precision: str, digest: str, columns: bool = False) -> str:
-    from rwkv2rknn.rknn.columns import CACHE_TAG
+def _quant_variant(precision: str, digest: str) -> str:
     from rwkv2rknn.rknn.toolkit import QUANT_DTYPE
 
     q = quant_settings()
-    return f"{QUANT_DTYPE[precision]}|{q['algorithm']}|{q['method']}|{digest}" + (
-        f"|{CACHE_TAG}" if columns else ""
-    )
+    return f"{QUANT_DTYPE[precision]}|{q['algorithm']}|{q['method']}|{digest}"
 
 
 def quant_settings() -> dict:
@@ -401,9 +409,9 @@ def quant_settings() -> dict:
 
 
 class _Quant(NamedTuple):
-    """One quantised build of a segment: its ONNX file (``rows``: a T-row build's row counts, or
-    ()), the calibration dataset's file name, the build service, the artifact's folder, where the
-    .rknn goes and whether it is built in columns."""
+    """One quantised build of a segment: its ONNX file as written (``rows``: a T-row build's row
+    counts, or ()), the calibration dataset's file name, the build service, the artifact's folder
+    and where the .rknn goes."""
 
     ctx: Context
     seg: GraphSegment
@@ -414,20 +422,19 @@ class _Quant(NamedTuple):
     builds: CachedBuilds
     out_dir: str
     dest: str
-    columns: bool = False
 
 
 def _quantised(job: _Quant, version: str) -> str:
     """The segment's quantised build copied to ``dest`` if it is accurate enough on the held-out
     rows: 'cached', 'built' or 'rebuilt (...)'; else '' (``dest`` not written) and
     ``seg.precision_note`` says why it is built fp16. ``rows``: a T-row build's row counts (its
-    held-out rows run as token steps, in row 0); ``columns``: built in columns.
+    held-out rows run as token steps, in row 0). The file is built as written (rows or columns).
 
     The entry goes through the build cache as an fp16 one does: its lock held throughout (two
     compiles take turns), its recorded checksum checked as it is copied. Its measured accuracy
     (``KEY.json``) is written after the build; an entry whose ``.rknn`` fails its checksum or
     whose record is unreadable is removed and built again."""
-    ctx, seg, onnx_path, rows, dataset, cal, builds, out_dir, dest, columns = job
+    ctx, seg, onnx_path, rows, dataset, cal, builds, out_dir, dest = job
     opts = ctx.options
     carried = {t for s in ctx.state if s.accumulator for t in (s.input, s.output)}
     if carried & set(seg.inputs + seg.outputs) or any(n.op in ("Exp", "Max") for n in seg.nodes):
@@ -437,7 +444,7 @@ def _quantised(job: _Quant, version: str) -> str:
             f.read() + (repr(tuple(rows)).encode() if rows else b""),
             opts.target,
             version,
-            _quant_variant(opts.quant, cal.digest, columns),
+            _quant_variant(opts.quant, cal.digest),
         )
     cache = builds.cache
     with cache.locked(key, lambda: builds.stopping):
@@ -465,7 +472,7 @@ def _quantised_entry(job: _Quant, key: str) -> str:
     """``_quantised`` with the key's lock held: its status, or ''."""
     from rwkv2rknn.rknn.calibrate import accuracy
 
-    ctx, seg, onnx_path, rows, dataset, cal, builds, out_dir, dest, columns = job
+    ctx, seg, onnx_path, rows, dataset, cal, builds, out_dir, dest = job
     opts, cache = ctx.options, builds.cache
     meta = os.path.join(cache.folder, key + ".json")
     acc, problem = _accuracy_record(meta), ""
@@ -500,7 +507,6 @@ def _quantised_entry(job: _Quant, key: str) -> str:
             holdout_out=outs,
             running=builds.running,
             checksum=cache.sum_path(key),
-            columns=columns,
         )
         if reason:
             seg.precision_note = f"{opts.quant} build failed: {reason}"

@@ -55,7 +55,6 @@ def build_child(
     running: Optional[set] = None,
     checksum: str = "",
     worker=None,
-    columns: bool = False,
 ) -> str:
     """Build in a child process; '' on success, else the reason it failed (with the toolkit's
     own error line when it wrote one).
@@ -71,8 +70,8 @@ def build_child(
     child while it runs, so that a caller can stop it. With ``checksum`` the child writes the
     result's SHA-256 to that file before it renames the result into place. With ``worker``
     (an fp16 build) the build runs in that kept child instead of a new one (``Worker``).
-    ``columns``: build the T-row segment's columns form (``rwkv2rknn.rknn.columns``; held-out outputs
-    come back as rows).
+    The ONNX file is built as written; a columns form (``rwkv2rknn.rknn.columns``, marked in the
+    file) takes its dataset's rows turned to columns, and its held-out outputs come back as rows.
     """
     absp = os.path.abspath
     work = tempfile.mkdtemp(prefix=scratch_prefix("build"))
@@ -92,8 +91,6 @@ def build_child(
         cmd.append("--verbose")
     if rows:
         cmd += ["--rows", ",".join(str(r) for r in rows)]
-    if columns:
-        cmd.append("--columns")
     if precision != "fp16":
         cmd += ["--precision", precision, "--dataset", absp(dataset)]
     if holdout:
@@ -206,7 +203,6 @@ def _main(argv=None) -> int:
     ap.add_argument("--dataset", default="", help="calibration dataset of a quantised build")
     ap.add_argument("--holdout", default="", help="run these samples in the simulator after the build")
     ap.add_argument("--holdout-out", default="", help="... and save the outputs here (.npz)")
-    ap.add_argument("--columns", action="store_true", help="build the T-row segment in columns")
     a = ap.parse_args(argv)
     from rwkv2rknn.errors import Rwkv2RknnError
     from rwkv2rknn.rknn.toolkit import build_in_process
@@ -225,11 +221,12 @@ def _main(argv=None) -> int:
             dataset=a.dataset,
             runtime=bool(a.holdout),
             log_to=a.log,
-            columns=a.columns,
         )
         try:
             if a.holdout:
-                _run_holdout(rk, a.holdout, a.holdout_out, a.columns)
+                from rwkv2rknn.rknn.columns import in_columns
+
+                _run_holdout(rk, a.holdout, a.holdout_out, in_columns(a.onnx))
         finally:
             rk.release()
         if not os.path.isfile(tmp) or os.path.getsize(tmp) == 0:

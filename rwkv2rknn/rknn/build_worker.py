@@ -138,7 +138,7 @@ class CachedBuilds:
         for w in self.workers:
             w.close()
 
-    def fetch_or_build(self, onnx_path: str, key: str, dest: str, rows=(), columns: bool = False):
+    def fetch_or_build(self, onnx_path: str, key: str, dest: str, rows=()):
         """(status, reason): status 'cached' / 'built' / 'rebuilt (...)', or '' and why not."""
         cache = self.cache
         with cache.locked(key, lambda: self.stopping):
@@ -155,7 +155,6 @@ class CachedBuilds:
                 running=self.running,
                 checksum=cache.sum_path(key),
                 worker=self.worker(),
-                columns=columns,
             )
             if reason:
                 return "", reason

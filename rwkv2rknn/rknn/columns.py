@@ -25,7 +25,17 @@ order is the same bytes as [N, T], so the runners read both alike.
 with a constant weight, elementwise ops with per-channel constants, decomposed LayerNorm, the
 token shift's Slice/Concat, 2-D Reshapes that keep the shape) and refuses anything else
 (``NotColumns``), and ``write_columns`` checks the result against the original on onnxruntime:
-a segment it does not fit is built as before.
+a segment it does not fit is built as rows.
+
+The compile's ``columns`` step (``run`` / ``apply``, ordered by rwkv2rknn.compiler.driver, between
+the segment files and the build) replaces each T-row NPU segment's ``.seq.onnx`` with its columns
+form, marked in the file (``LAYOUT_KEY`` in its metadata): the build builds the file as written and
+the artifact holds what was built; onnxruntime runs the same file (``runtime.rows.Columns`` turns
+the rows). The segment's per-token ``.onnx``, which the NPU never builds (token steps run on the
+T-row build), becomes a view of the columns form (``token_view``: its inputs and outputs, one
+column inside), so that onnxruntime's per-token and T-row sessions read the same weights. The
+rows forms wait in ``ROWS_DIR`` until the build is done: where the columns build fails,
+``restore_rows`` puts them back and the segment is built as rows (``seq_layout`` '').
 """
 
 from __future__ import annotations
@@ -35,8 +45,11 @@ from typing import Dict, Set
 
 import numpy as np
 
-# Part of the build cache key of a columns build: names this form of the rewrite (4-D outputs).
-CACHE_TAG = "columns-nchw-out"
+from rwkv2rknn.runtime.rows import LAYOUT_KEY  # the file's metadata entry naming its layout
+
+NAME = "columns"
+# Beside the artifact's segments while it is built: the rows form of every file rewritten to columns.
+ROWS_DIR = ".columns-rows"
 ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Sigmoid", "Relu", "Tanh", "Exp", "Neg", "Abs"}
 
 
@@ -186,6 +199,10 @@ def to_columns(model):
     kept = [t for t in g.initializer if t.name in used]
     del g.initializer[:]
     g.initializer.extend(kept)
+    kept_meta = [p for p in model.metadata_props if p.key != LAYOUT_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept_meta)
+    model.metadata_props.add(key=LAYOUT_KEY, value="columns")
     return model
 
 
@@ -230,17 +247,37 @@ def _inferred_shapes(model, rows: int = 3) -> dict:
     return {v.name: _dims(v) for v in list(g.value_info) + list(g.input) + list(g.output)}
 
 
-def write_columns(onnx_path: str, out_path: str, rows: int = 3) -> str:
+def write_columns(onnx_path: str, out_path: str, rows: int = 3, checked: bool = True) -> str:
     """Write the columns form of a T-row segment file to ``out_path`` after checking it against
-    the original on onnxruntime (random inputs, ``rows`` rows); '' on success, else why not."""
-    from rwkv2rknn.fileio import load_onnx, save_onnx
+    the original on onnxruntime (``check``; not with ``checked`` False); '' on success, else why
+    not (``out_path`` then not written)."""
+    from rwkv2rknn.fileio import load_onnx, remove_quietly, save_onnx
 
     model = load_onnx(onnx_path)
     try:
         cols = to_columns(model)
     except NotColumns as e:
         return str(e)
-    save_onnx(cols, out_path)
+    del model
+    save_onnx(cols, out_path, keep=False)
+    del cols
+    why = check(onnx_path, out_path, rows) if checked else ""
+    if why:
+        remove_quietly(out_path)
+        remove_quietly(out_path + ".data")
+    return why
+
+
+def check(onnx_path: str, out_path: str, rows: int = 3) -> str:
+    """'' if the columns form ``out_path`` of the T-row file ``onnx_path`` computes the same on
+    onnxruntime (random inputs, ``rows`` rows), else why not."""
+    try:
+        return _same_on_ort(onnx_path, out_path, rows)
+    except Exception as e:  # noqa: BLE001 - onnxruntime refused the rewritten graph
+        return f"onnxruntime cannot run the columns form ({type(e).__name__})"
+
+
+def _same_on_ort(onnx_path: str, out_path: str, rows: int) -> str:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -258,7 +295,6 @@ def write_columns(onnx_path: str, out_path: str, rows: int = 3) -> str:
         scale = max(float(np.abs(w).max()), 1e-6)
         t = w.shape[0]
         if x.shape != (1, w.shape[1], 1, t) or float(np.abs(x.reshape(-1, t).T - w).max()) > 1e-4 * scale:
-            os.remove(out_path)
             return f"the columns form computes '{o.name}' differently"
     return ""
 
@@ -293,3 +329,210 @@ def columns_dataset(dataset: str, folder: str) -> str:
     with open(out, "w") as f:
         f.write("\n".join(lines) + "\n")
     return out
+
+
+def token_view(cols, token, prefix: str):
+    """The per-token graph ``token`` (ModelProto) as a view of the columns T-row graph ``cols``:
+    its inputs and outputs (names, shapes) as the per-token graph has them, reshaped to and from
+    one column inside (T = 1: the token shift's Slice is empty and its Concat gives the state
+    column), so that the per-token and T-row sessions of onnxruntime read the same weights (the
+    columns form's Conv weights, by name). Tensors made inside take ``prefix`` (the segment's
+    name: a fused token step joins every segment's graph). Raises NotColumns when they do not
+    match."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.ModelProto.FromString(cols.SerializeToString())
+    g = model.graph
+    t_in = {i.name: i for i in token.graph.input}
+    t_out = {o.name: o for o in token.graph.output}
+    if set(t_in) != {i.name for i in g.input} or set(t_out) != {o.name for o in g.output}:
+        raise NotColumns("the per-token and T-row graphs have other inputs or outputs")
+    ends = set(t_in) | set(t_out)
+    rename = {x: f"{prefix}:{x}" for n in g.node for x in n.output if x and x not in ends}
+    pre, post, consts = [], [], []
+
+    def shape_const(name, dims):
+        consts.append(helper.make_tensor(name, onnx.TensorProto.INT64, [len(dims)], list(dims)))
+        return name
+
+    for inp in g.input:
+        want = t_in[inp.name]
+        if _dims(inp) == _dims(want):
+            continue
+        d = _dims(inp)
+        if len(d) != 2 or not isinstance(d[0], int) or not all(isinstance(x, int) for x in _dims(want)):
+            raise NotColumns(f"input '{inp.name}' is {d} in columns, {_dims(want)} per token")
+        inner = f"{prefix}:{inp.name}.col"
+        rename[inp.name] = inner
+        shape = shape_const(f"{prefix}:{inp.name}.col.shape", [d[0], 1])
+        pre.append(helper.make_node("Reshape", [inp.name, shape], [inner], name=f"{prefix}:{inp.name}.col"))
+        inp.CopyFrom(want)
+    for n in g.node:
+        n.input[:] = [rename.get(x, x) for x in n.input]
+        n.output[:] = [rename.get(x, x) if x not in t_out else x for x in n.output]
+    for out in g.output:
+        want = t_out[out.name]
+        if not all(isinstance(x, int) for x in _dims(want)):
+            raise NotColumns(f"output '{out.name}' is {_dims(want)} per token")
+        inner = f"{prefix}:{out.name}.col"
+        for n in g.node:
+            n.output[:] = [inner if x == out.name else x for x in n.output]
+            n.input[:] = [inner if x == out.name else x for x in n.input]
+        shape = shape_const(f"{prefix}:{out.name}.shape", _dims(want))
+        post.append(helper.make_node("Reshape", [inner, shape], [out.name], name=f"{prefix}:{out.name}"))
+        out.CopyFrom(want)
+    nodes = pre + list(g.node) + post
+    del g.node[:]
+    g.node.extend(nodes)
+    g.initializer.extend(consts)
+    return model
+
+
+def write_token_view(
+    token_path: str, cols_path: str, out_path: str, prefix: str, checked: bool = True
+) -> str:
+    """Write ``token_view`` of the per-token file ``token_path`` and the columns file
+    ``cols_path`` to ``out_path`` after checking it against ``token_path`` on onnxruntime
+    (not with ``checked`` False); '' on success, else why not (``out_path`` then not written)."""
+    from rwkv2rknn.fileio import load_onnx, remove_quietly, save_onnx
+
+    try:
+        view = token_view(load_onnx(cols_path), load_onnx(token_path), prefix)
+    except NotColumns as e:
+        return str(e)
+    save_onnx(view, out_path, keep=False)
+    del view
+    why = _same_per_token(token_path, out_path) if checked else ""
+    if why:
+        remove_quietly(out_path)
+        remove_quietly(out_path + ".data")
+    return why
+
+
+def _same_per_token(token_path: str, view_path: str) -> str:
+    """'' if the two per-token files compute the same on onnxruntime (random inputs)."""
+    import onnxruntime as ort
+
+    try:
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1
+        a = ort.InferenceSession(token_path, opts, providers=["CPUExecutionProvider"])
+        b = ort.InferenceSession(view_path, opts, providers=["CPUExecutionProvider"])
+        rng = np.random.default_rng(0)
+        feed = {i.name: rng.standard_normal(i.shape).astype(np.float32) for i in a.get_inputs()}
+        want, got = a.run(None, feed), b.run([o.name for o in a.get_outputs()], feed)
+    except Exception as e:  # noqa: BLE001 - onnxruntime refused the view
+        return f"onnxruntime cannot run the per-token view ({type(e).__name__})"
+    for o, w, x in zip(a.get_outputs(), want, got):
+        scale = max(float(np.abs(w).max()), 1e-6)
+        if x.shape != w.shape or float(np.abs(x - w).max()) > 1e-4 * scale:
+            return f"the per-token view computes '{o.name}' differently"
+    return ""
+
+
+def in_columns(onnx_path: str) -> bool:
+    """The ONNX file is a columns form this module wrote (its metadata says so; weights not read)."""
+    import onnx
+
+    model = onnx.load(onnx_path, load_external_data=False)
+    return any(p.key == LAYOUT_KEY and p.value == "columns" for p in model.metadata_props)
+
+
+def _files(path: str):
+    return [p for p in (path, path + ".data") if os.path.exists(p)]
+
+
+def apply(ctx, seg, out_dir: str, built_before=None) -> str:
+    """The columns step for one T-row NPU segment whose files are written in ``out_dir``/segments:
+    its ``.seq.onnx`` becomes the columns form (checked on onnxruntime, unless
+    ``built_before(ctx, path)`` says the build cache holds a build of exactly these bytes: it was
+    checked then), ``seg.seq.layout`` 'columns', and its per-token ``.onnx`` a ``token_view`` of
+    it (which the NPU never builds: token steps run on the T-row build); the rows forms kept in
+    ``ROWS_DIR`` for ``restore_rows``. Returns '' or why the segment stays in rows (noted)."""
+    from rwkv2rknn.fileio import remove_quietly
+
+    seq = os.path.join(out_dir, "segments", seg.name + ".seq.onnx")
+    aside = os.path.join(out_dir, ROWS_DIR, seg.name + ".seq.onnx")
+    os.makedirs(os.path.dirname(aside), exist_ok=True)
+    for p in _files(seq):
+        os.replace(p, aside + p[len(seq) :])
+    why = write_columns(aside, seq, checked=False)
+    cached = not why and bool(built_before and built_before(ctx, seq))
+    if not why and not cached:
+        why = check(aside, seq)
+        if why:
+            remove_quietly(seq)
+            remove_quietly(seq + ".data")
+    if why:
+        for p in _files(aside):
+            os.replace(p, seq + p[len(aside) :])
+        ctx.note(NAME, f"{seg.name}: T-row build as rows, not columns ({why})", segment=seg.name)
+        return why
+    seg.seq.layout, seg.seq.sha256 = "columns", ""  # the manifest hashes the file as written
+    # the per-token file (onnxruntime's token steps; the NPU runs them on the T-row build) as a
+    # view of the columns form: its sessions then share the columns form's weights
+    tok = os.path.join(out_dir, "segments", seg.name + ".onnx")
+    tok_aside = os.path.join(out_dir, ROWS_DIR, seg.name + ".onnx")
+    for p in _files(tok):
+        os.replace(p, tok_aside + p[len(tok) :])
+    why_tok = write_token_view(tok_aside, seq, tok, seg.name, checked=not cached)
+    if why_tok:
+        for p in _files(tok_aside):
+            os.replace(p, tok + p[len(tok_aside) :])
+        ctx.note(
+            NAME,
+            f"{seg.name}: per-token file kept as rows ({why_tok}); onnxruntime holds its weights twice",
+            segment=seg.name,
+        )
+    else:
+        seg.token.sha256 = ""
+    return ""
+
+
+def restore_rows(seg, out_dir: str) -> bool:
+    """Put back the rows forms of a segment ``apply`` rewrote (its columns build failed): the
+    artifact holds only what was built. False if there are none."""
+    back = False
+    for suffix in (".seq.onnx", ".onnx"):
+        path = os.path.join(out_dir, "segments", seg.name + suffix)
+        aside = os.path.join(out_dir, ROWS_DIR, seg.name + suffix)
+        if not os.path.exists(aside):
+            continue
+        for p in _files(path):
+            os.remove(p)
+        for p in _files(aside):
+            os.replace(p, path + p[len(aside) :])
+        back = True
+    if back:
+        seg.seq.layout, seg.seq.sha256, seg.token.sha256 = "", "", ""
+    return back
+
+
+def drop_rows(out_dir: str) -> None:
+    """After the build: the rows forms kept for ``restore_rows`` go (the artifact holds the files built)."""
+    import shutil
+
+    shutil.rmtree(os.path.join(out_dir, ROWS_DIR), ignore_errors=True)
+
+
+def summary(ctx, segs) -> None:
+    """The step's line: how many T-row NPU segments it wrote in columns."""
+    segs = list(segs)
+    n = sum(s.seq.layout == "columns" for s in segs)
+    ctx.note(
+        NAME,
+        f"{n} of {len(segs)} T-row NPU segment(s) written in columns [C, T] (what the NPU builds "
+        f"and onnxruntime runs: no Transposes on the NPU), {len(segs) - n} as rows",
+        kind="summary",
+        columns=n,
+        rows=len(segs) - n,
+    )
+
+
+def run(ctx, out_dir: str, segs, built_before=None) -> None:
+    """The columns step over ``segs`` (the T-row NPU segments that get a shared build)."""
+    segs = list(segs)
+    for seg in segs:
+        apply(ctx, seg, out_dir, built_before)
+    summary(ctx, segs)

@@ -5,14 +5,17 @@ the compile side; the runtime finds it by its entry point (group ``rwkv2rknn.run
 
 from __future__ import annotations
 
+from rwkv2rknn.rknn.columns import in_columns
 from rwkv2rknn.rknn.toolkit import build_in_process
 from rwkv2rknn.runtime.rknn import _RknnRunner
 
 
 class RknnSimRunner(_RknnRunner):
-    """The x86 simulator: builds the segment's ONNX in-process (it cannot load a .rknn), at the
-    compiled ``precision`` from the same calibration ``dataset`` and with the quantisation settings
-    the artifact recorded (``quant``: ``plan.Build.quant``), as the compiler did."""
+    """The x86 simulator: builds the segment's ONNX in-process (it cannot load a .rknn), as the
+    file is written, at the compiled ``precision`` from the same calibration ``dataset`` and with
+    the quantisation settings the artifact recorded (``quant``: ``plan.Build.quant``), as the
+    compiler did. ``in_columns``: the file is a columns form (``rwkv2rknn.rknn.columns``): the
+    caller turns rows into columns (``runtime.rows.Columns``)."""
 
     backend = "rknn-sim"
 
@@ -27,10 +30,10 @@ class RknnSimRunner(_RknnRunner):
         rows=(),
         precision: str = "fp16",
         dataset: str = "",
-        columns: bool = False,
         quant=None,
     ):
         super().__init__(name, inputs, outputs, shapes, rows)
+        self.in_columns = in_columns(onnx_path)
         self._rt = build_in_process(
             onnx_path,
             target=target,
@@ -38,6 +41,5 @@ class RknnSimRunner(_RknnRunner):
             rows=rows,
             precision=precision,
             dataset=dataset,
-            columns=columns,
             settings=quant,
         )

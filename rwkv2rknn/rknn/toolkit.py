@@ -106,7 +106,6 @@ def build_in_process(
     precision: str = "fp16",
     dataset: str = "",
     log_to: str = "",
-    columns: bool = False,
     config=None,
     settings=None,
 ):
@@ -117,8 +116,9 @@ def build_in_process(
     toolkit's own output is dropped (``verbose``: shown; ``log_to``: appended to that file).
     ``rows``: a T-row segment, built for each of these row counts (``dynamic_input``).
     ``settings``: how to quantise (``plan.Build.quant``: algorithm, method; default: this version's
-    QUANT_ALGORITHM and QUANT_METHOD). ``columns``: build the T-row segment's columns form (``rwkv2rknn.rknn.columns``; row inputs and the
-    dataset's samples [C, T]). ``config``: more ``RKNN.config`` options, over the quantisation defaults (measurements only;
+    QUANT_ALGORITHM and QUANT_METHOD). The file is built as written: a columns form
+    (``rwkv2rknn.rknn.columns``, marked in the file) takes the dataset's row samples turned to
+    [C, T] here. ``config``: more ``RKNN.config`` options, over the quantisation defaults (measurements only;
     its ``auto_hybrid`` goes to ``RKNN.build``).
     The toolkit works in a private folder (it writes fixed-name scratch files such as
     ``check_dynshape0.onnx`` into the working folder: two simulators started in one folder
@@ -139,8 +139,6 @@ def build_in_process(
         cfg = {"target_platform": target}
         if float_dtype:
             cfg["float_dtype"] = float_dtype
-        if columns:
-            onnx_path = _columns_model(onnx_path, tmp)
         if rows:
             cfg["dynamic_input"] = dynamic_shapes(onnx_path, rows)
         if quant:
@@ -153,9 +151,9 @@ def build_in_process(
         cfg.update(config)  # measurements: other algorithms, methods, hybrid levels
         if quant:
             dataset = _absolute_dataset(dataset, tmp)
-            if columns:
-                from rwkv2rknn.rknn.columns import columns_dataset
+            from rwkv2rknn.rknn.columns import columns_dataset, in_columns
 
+            if in_columns(onnx_path):
                 dataset = columns_dataset(dataset, tmp)
         steps = [
             ("config", lambda: rk.config(**cfg)),
@@ -193,19 +191,6 @@ def _working_in(folder: str):
         yield
     finally:
         os.chdir(back)
-
-
-def _columns_model(onnx_path: str, folder: str) -> str:
-    """The columns form of a T-row segment, written into ``folder`` (the build's scratch)."""
-    from rwkv2rknn.rknn.columns import write_columns
-
-    path = os.path.join(folder, os.path.basename(onnx_path).replace(".onnx", ".columns.onnx"))
-    why = write_columns(onnx_path, path)
-    if why:
-        raise ToolkitError(
-            f"cannot build {os.path.basename(onnx_path)} in columns ({why})", "compile the model again"
-        )
-    return path
 
 
 def error_line(e: BaseException) -> str:

@@ -28,7 +28,7 @@ from rwkv2rknn.artifact.plan import MANIFEST, Manifest, sha256_file
 
 from rwkv2rknn.runtime.base import plugin_runner
 from rwkv2rknn.runtime.board import BACKENDS, BOARD_BACKENDS
-from rwkv2rknn.runtime.rows import Columns, RowStep, check_finite, last_row, pad, row_by_row
+from rwkv2rknn.runtime.rows import Columns, RowStep, check_finite, columns_as_rows, last_row, pad, row_by_row
 
 log = logging.getLogger(__name__)
 
@@ -484,12 +484,14 @@ class HybridModel:
         if seg.backend == "cpu" or self.backend == "ort":
             from rwkv2rknn.runtime.ort import OrtRunner
 
-            return OrtRunner(
-                self._path(seg.seq.onnx, seg.seq.sha256),
-                seg.name + ".seq",
-                self.threads_for(seg, rows=32),
-                self._store,
-                arena=False,
+            return columns_as_rows(
+                OrtRunner(
+                    self._path(seg.seq.onnx, seg.seq.sha256),
+                    seg.name + ".seq",
+                    self.threads_for(seg, rows=32),
+                    self._store,
+                    arena=False,
+                )
             )
         if not seg.seq.rows:
             return None
@@ -500,8 +502,7 @@ class HybridModel:
         (``decode_rows``) and prefill."""
         if seg.name in self._shared:
             return self._shared[seg.name]
-        columns = seg.seq.layout == "columns"
-        if self.backend == "rknn-sim":
+        if self.backend == "rknn-sim":  # builds the file as written: columns if the compile wrote them
             RknnSimRunner = plugin_runner("rknn-sim")
             runner = RknnSimRunner(
                 self._path(seg.seq.onnx, seg.seq.sha256),
@@ -513,10 +514,11 @@ class HybridModel:
                 rows=seg.seq.rows,
                 precision=seg.seq.precision,
                 dataset=self._calib(seg.seq.calib),
-                columns=columns,
                 quant=seg.seq.quant,
             )
+            columns = runner.in_columns
         else:
+            columns = seg.seq.layout == "columns"
             runner = self._seq_board_runner(seg)
         if columns:
             runner = Columns(runner)

@@ -85,6 +85,18 @@ class Columns:
         self.runner.close()
 
 
+# The metadata entry rwkv2rknn.rknn.columns writes into a T-row file it rewrote to columns.
+LAYOUT_KEY = "rwkv2rknn.layout"
+
+
+def columns_as_rows(runner):
+    """An onnxruntime runner of a T-row file, wrapped in ``Columns`` if the file is a columns
+    form (its metadata says so: the compile's columns step wrote it, and the NPU build is of
+    it); a rows file (older artifacts, CPU segments, rows fallbacks) as it is."""
+    meta = runner.session.get_modelmeta().custom_metadata_map
+    return Columns(runner) if meta.get(LAYOUT_KEY) == "columns" else runner
+
+
 def pad(rows: np.ndarray, t: int) -> np.ndarray:
     if rows.shape[0] == t:
         return rows

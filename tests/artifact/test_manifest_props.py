@@ -355,6 +355,11 @@ def _one_line_refusal(d, version, reads):
     ), line
 
 
+def _columns_onnx(m):
+    """A T-row build in columns keeps its .seq.onnx, which is then the columns form (version 5)."""
+    return any(seg.seq.layout == "columns" and seg.seq.onnx for seg in m.segments)
+
+
 def _row_state_beside_columns(m):
     """A segment's T-row build in columns takes a state slot [1, C] (what version 3 added)."""
     return any(
@@ -367,16 +372,18 @@ def _row_state_beside_columns(m):
 @pytest.mark.slow
 @PROPS
 @given(manifests())
-def test_versions_1_to_4_read_and_5_is_refused_in_one_line(m):
+def test_versions_1_to_5_read_and_6_is_refused_in_one_line(m):
     """Version 2 added T-row builds in columns (`seq_layout`), version 3 such builds that take a
-    state row [1, C] beside their rows. A manifest is written as 3 only where it holds one, else
-    as 2 (older runtimes open it); versions 1-4 read (a version-1 artifact has row builds only);
-    5 (and 0) are refused in one line, and a reader of 1 and 2 only refuses 3 in its one line.
+    state row [1, C] beside their rows, version 5 the .seq.onnx of such a build in columns itself.
+    A manifest is written as 5 where a columns build keeps its ONNX, 3 only where it holds a row
+    state beside columns, else as 2 (older runtimes open it); versions 1-5 read (a version-1
+    artifact has row builds only); 6 (and 0) are refused in one line, a reader of 1 and 2 only
+    refuses 3 in its one line, a reader of 1-4 refuses 5 in its one line.
     Version 4 (golden vectors) is written only where a segment carries them."""
     d = json.loads(json.dumps(m.to_dict()))
-    want = 3 if _row_state_beside_columns(m) else 2
-    assert d["format_version"] == m.format_version == want and FORMAT_VERSION == 4
-    for version in (1, 2, 3, 4):
+    want = 5 if _columns_onnx(m) else 3 if _row_state_beside_columns(m) else 2
+    assert d["format_version"] == m.format_version == want and FORMAT_VERSION == 5
+    for version in (1, 2, 3, 4, 5):
         old = copy.deepcopy(d)
         old["format_version"] = version
         if version == 1:
@@ -385,8 +392,17 @@ def test_versions_1_to_4_read_and_5_is_refused_in_one_line(m):
         got = Manifest.from_dict(old)
         assert got.to_dict()["format_version"] == (want if version > 1 else 2)
         assert version == 1 or got == m
-    for version in (0, 5):
-        _one_line_refusal(dict(d, format_version=version), version, "1, 2, 3, 4")
+    for version in (0, 6):
+        _one_line_refusal(dict(d, format_version=version), version, "1, 2, 3, 4, 5")
+    if want == 5:
+        import rwkv2rknn.artifact.plan as plan
+
+        reads = plan.READS_VERSIONS
+        plan.READS_VERSIONS = (1, 2, 3, 4)  # the reader before version 5
+        try:
+            _one_line_refusal(d, 5, "1, 2, 3, 4")
+        finally:
+            plan.READS_VERSIONS = reads
     if want == 3:
         import rwkv2rknn.artifact.plan as plan
 
@@ -435,6 +451,46 @@ def test_only_a_row_state_beside_columns_writes_version_3():
     assert manifest("columns", ()).format_version == 2
     assert manifest("columns", (2, 4, 4)).format_version == 2
     assert manifest("columns", (1, 8), reader="s1").format_version == 2
+
+
+def test_a_columns_build_that_keeps_its_onnx_writes_version_5_and_its_packed_copy_does_not():
+    """Version 5: the .seq.onnx of a T-row build in columns is the columns form that was built
+    (onnxruntime and the simulator turn rows into columns for it). A packed copy drops the NPU
+    segments' ONNX, so the board's older runtimes still open it; rows builds stay below 5."""
+    import dataclasses
+
+    def manifest(layout, onnx):
+        seg = Segment(
+            "s0",
+            "npu",
+            ("tok",),
+            ("logits",),
+            {"tok": (1,), "logits": (1, 8)},
+            ("L0",),
+            Build("s0.onnx"),
+            seq=Build(onnx=onnx, rknn="s0.seq.rknn" if layout else None, rows=(2, 16), layout=layout),
+        )
+        return Manifest(
+            model={"arch": "rwkv4"}, segments=(seg,), state=(), token_input="tok", logits_output="logits"
+        )
+
+    m = manifest("columns", "s0.seq.onnx")
+    assert m.format_version == 5 and Manifest.from_dict(m.to_dict()) == m
+    assert manifest("", "s0.seq.onnx").format_version == 2
+    packed = dataclasses.replace(
+        m,
+        segments=tuple(dataclasses.replace(s, seq=dataclasses.replace(s.seq, onnx=None)) for s in m.segments),
+    )
+    assert packed.format_version == 2
+    import rwkv2rknn.artifact.plan as plan
+
+    reads = plan.READS_VERSIONS
+    plan.READS_VERSIONS = (1, 2, 3, 4)  # the reader before version 5
+    try:
+        _one_line_refusal(m.to_dict(), 5, "1, 2, 3, 4")
+        assert Manifest.from_dict(packed.to_dict()) == packed
+    finally:
+        plan.READS_VERSIONS = reads
 
 
 @st.composite

@@ -163,10 +163,10 @@ CASES = [
         ["corrupt"],
     ),
     (
-        "run-manifest-version-5",
-        ["run", "{art_v5}", "--prompt", "hi", "--backend", "ort"],
+        "run-manifest-version-6",
+        ["run", "{art_v6}", "--prompt", "hi", "--backend", "ort"],
         1,
-        ["format version 5", "reads versions 1, 2, 3, 4", "compile the model again"],
+        ["format version 6", "reads versions 1, 2, 3, 4, 5", "compile the model again"],
     ),
     (
         "run-manifest-other-format",

@@ -372,7 +372,7 @@ def bad(work, model, wide, plan, sd, pth):
     p = os.path.join(folder_copy(plan, "art_truncated_json"), "manifest.json")
     text = open(p).read()
     open(p, "w").write(text[: len(text) // 2])
-    edit_manifest(folder_copy(plan, "art_v5"), lambda m: m.update(format_version=5))
+    edit_manifest(folder_copy(plan, "art_v6"), lambda m: m.update(format_version=6))
     edit_manifest(folder_copy(plan, "art_other_format"), lambda m: m.update(format="something-else"))
     edit_manifest(folder_copy(plan, "art_no_segments"), lambda m: m.update(segments=[]))
     edit_manifest(folder_copy(plan, "art_moved_source"), lambda m: m["model"].update(source=str(d / "gone")))

@@ -127,20 +127,23 @@ def test_w8a8_layer_build_is_its_int8_weights_and_about_the_fp16_builds_other_by
     bundled_artifact, tmp_path
 ):
     """The fused layer segment L0..L1 (256 wide, 7 MatMuls) built in columns as the compile
-    builds it, fp16 and w8a8 (calibrated on random rows: the sizes do not depend on the values)."""
+    builds it (its .seq.onnx as written: the columns form, MatMuls as 1x1 Convs), fp16 and w8a8
+    (calibrated on random rows: the sizes do not depend on the values)."""
     import numpy as np
     import onnx
     from onnx import numpy_helper
+    from rwkv2rknn.rknn.columns import in_columns
     from rwkv2rknn.rknn.toolkit import build_in_process
 
     seq = os.path.join(bundled_artifact, "segments", "s003_npu_L0-L1.seq.onnx")
+    assert in_columns(seq)
     m = onnx.load(seq)
     init = {t.name: t for t in m.graph.initializer}
-    weights = sum(numpy_helper.to_array(init[n.input[1]]).size for n in m.graph.node if n.op_type == "MatMul")
+    weights = sum(numpy_helper.to_array(init[n.input[1]]).size for n in m.graph.node if n.op_type == "Conv")
     assert weights == 5 * 256 * 256 + 2 * 256 * 1024
     rng, names = np.random.default_rng(0), []
     for j, i in enumerate(m.graph.input):
-        dims = [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
+        dims = [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim][::-1]  # its rows
         np.save(
             tmp_path / f"{j}.npy",
             rng.standard_normal([16 if isinstance(d, str) else d for d in dims]).astype(np.float32),
@@ -155,7 +158,6 @@ def test_w8a8_layer_build_is_its_int8_weights_and_about_the_fp16_builds_other_by
             rknn_out=out,
             rows=(16,),
             precision=precision,
-            columns=True,
             dataset=str(tmp_path / "dataset.txt") if precision != "fp16" else "",
         ).release()
         size[precision] = os.path.getsize(out)

@@ -57,6 +57,29 @@ def test_the_columns_runner_gives_rows_equal_to_the_t_row_onnx(fp32_plan_artifac
     columns_runner_equals_rows(_npu_seq_files(fp32_plan_artifact)[1], str(tmp_path / "cols.onnx"))
 
 
+def test_the_per_token_view_of_the_columns_form_gives_the_per_token_outputs(fp32_plan_artifact, tmp_path):
+    """The per-token graph as a view of the columns T-row graph (T = 1 inside): the per-token
+    file's inputs and outputs, the same numbers on onnxruntime (checked by write_token_view,
+    here again on other inputs), the columns form's weights by name (shared on onnxruntime)."""
+    from rwkv2rknn.rknn.columns import write_token_view
+
+    seq = _npu_seq_files(fp32_plan_artifact)[1]
+    token = seq.replace(".seq.onnx", ".onnx")
+    cols, view = str(tmp_path / "cols.onnx"), str(tmp_path / "view.onnx")
+    assert write_columns(seq, cols) == ""
+    assert write_token_view(token, cols, view, "seg") == ""
+    a, b = OrtRunner(token, "rows"), OrtRunner(view, "view")
+    assert a.input_shapes == b.input_shapes and a.outputs == b.outputs
+    rng = np.random.default_rng(7)
+    feed = {k: rng.standard_normal(s).astype(np.float32) for k, s in a.input_shapes.items()}
+    want, got = a.infer(feed), b.infer(feed)
+    for k in want:
+        assert got[k].shape == want[k].shape
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-4 * np.abs(want[k]).max())
+    weights = {t.name for t in onnx.load(cols).graph.initializer if t.name.endswith(".conv")}
+    assert weights and weights <= {t.name for t in onnx.load(view).graph.initializer}
+
+
 def columns_runner_equals_rows(f, col_path):
     """The columns form of T-row segment file ``f`` through the ``Columns`` runner gives the rows
     form's outputs on onnxruntime (2 and 5 rows; state rows [1, C] or [C] as they come)."""
@@ -172,3 +195,162 @@ def test_a_state_row_of_shape_1_c_and_a_split_of_the_channels(tmp_path):
     bad.graph.node[-1].attribute[0].i = 0  # a split of the rows themselves
     with pytest.raises(NotColumns, match="Split"):
         to_columns(bad)
+
+
+def _recorded(entry):
+    """The checksum the build cache recorded for its entry (the .rknn path)."""
+    from rwkv2rknn.rknn.buildcache import BuildCache
+
+    return BuildCache(os.path.dirname(entry)).recorded(os.path.basename(entry)[: -len(".rknn")])
+
+
+def _built_from(art):
+    """Each NPU segment with a T-row build -> (its .seq.onnx as the artifact holds it, the cache
+    entry of exactly those bytes): the build cache is keyed by the SHA-256 of the file built."""
+    from rwkv2rknn.fileio import cache_root
+    from rwkv2rknn.rknn.build import file_key
+    from rwkv2rknn.rknn.buildcache import BuildCache
+    from rwkv2rknn.runtime.hybrid import load_manifest
+
+    m = load_manifest(art)
+    cache = BuildCache(os.path.join(cache_root(), "rknn"))
+    out = {}
+    for s in m.segments:
+        if s.backend == "npu" and s.seq.rknn:
+            f = os.path.join(art, s.seq.onnx)
+            out[s.name] = (
+                s,
+                f,
+                cache.entry(file_key(f, m.target, m.toolkit, repr(tuple(s.seq.rows)).encode())),
+            )
+    return m, out
+
+
+@pytest.mark.slow
+def test_the_artifact_holds_the_seq_onnx_that_was_built(fp16_artifact):
+    """The columns step writes the columns form as the .seq.onnx and the build builds that file:
+    the build cache entry of the artifact's file bytes is the artifact's .seq.rknn (its recorded
+    checksum and the manifest's agree); the file says its layout; the rows forms are gone."""
+    from rwkv2rknn.artifact.plan import sha256_file
+    from rwkv2rknn.rknn.columns import ROWS_DIR, in_columns
+
+    m, built = _built_from(fp16_artifact)
+    assert built and m.format_version == 5
+    for name, (s, f, entry) in built.items():
+        assert s.seq.layout == "columns" and in_columns(f), name
+        assert "Transpose" not in {n.op_type for n in onnx.load(f).graph.node}, name
+        assert os.path.isfile(entry), (name, "no cache entry for the bytes the artifact holds")
+        assert (
+            _recorded(entry)
+            == sha256_file(entry)
+            == s.seq.rknn_sha256
+            == sha256_file(os.path.join(fp16_artifact, s.seq.rknn))
+        ), name
+        assert s.seq.sha256 == sha256_file(f), name
+    assert not os.path.exists(os.path.join(fp16_artifact, ROWS_DIR))
+    # the per-token files are views of the columns forms: onnxruntime's token and T-row sessions
+    # of a segment read the same weights (held once), and give the same numbers
+    for name, (s, f, _) in built.items():
+        convs = {n.input[1] for n in onnx.load(f).graph.node if n.op_type == "Conv"}
+        token = onnx.load(os.path.join(fp16_artifact, s.token.onnx))
+        assert convs and convs == {n.input[1] for n in token.graph.node if n.op_type == "Conv"}, name
+        assert "MatMul" not in {n.op_type for n in token.graph.node}, name
+    from rwkv2rknn.runtime.hybrid import HybridModel
+
+    h = HybridModel(fp16_artifact, backend="ort")
+    try:
+        toks = [5, 3, 9, 1, 4]
+        state = h.init_state()
+        want = np.stack([h.step(t, state) for t in toks])
+        held = h._store.nbytes
+        got = h.prefill(toks, h.init_state())
+        assert h._store.nbytes == held and h._store.conflicts == 0
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    finally:
+        h.close()
+    report = [r for r in m.report if r.startswith("columns:")]
+    assert report == [
+        f"columns: {len(built)} of {len(built)} T-row NPU segment(s) written in columns [C, T] "
+        "(what the NPU builds and onnxruntime runs: no Transposes on the NPU), 0 as rows"
+    ], report
+
+
+@pytest.mark.slow
+def test_a_failed_columns_build_leaves_the_rows_form_it_built_instead(fp16_dir, tmp_path, monkeypatch):
+    """Where the columns build of a segment fails, the compile puts the rows form back and
+    builds that: the artifact holds the rows file (no layout mark, ``seq_layout`` '') whose bytes
+    were built, says so, and prefill on onnxruntime and the simulator gives the token steps'
+    logits."""
+    from rwkv2rknn.compiler.driver import compile_model
+    from rwkv2rknn.compiler.ir import Options
+    from rwkv2rknn.rknn import build_worker
+    from rwkv2rknn.rknn.columns import in_columns
+    from rwkv2rknn.runtime.hybrid import HybridModel
+
+    real = build_worker.CachedBuilds.fetch_or_build
+    refused = []
+
+    def refuse_l1_columns(self, onnx_path, key, dest, rows=()):
+        if "L0-L1" in os.path.basename(onnx_path) and in_columns(onnx_path):
+            refused.append(onnx_path)
+            return "", "refused by the test"
+        return real(self, onnx_path, key, dest, rows)
+
+    monkeypatch.setattr(build_worker.CachedBuilds, "fetch_or_build", refuse_l1_columns)
+    art = str(tmp_path / "art")
+    compile_model(fp16_dir, art, Options(prefill_rows=(16,)))
+    m, built = _built_from(art)
+    assert refused and len(built) >= 2
+    for name, (s, f, entry) in built.items():
+        rows = "L0-L1" in name
+        assert s.seq.layout == ("" if rows else "columns") and in_columns(f) != rows, name
+        token_ops = {n.op_type for n in onnx.load(os.path.join(art, s.token.onnx)).graph.node}
+        assert ("MatMul" in token_ops) == rows and ("Conv" in token_ops) != rows, name
+        assert os.path.isfile(entry) and s.seq.rknn_sha256 == _recorded(entry), name
+    assert any(
+        "T-row build in columns failed (refused by the test); building it as rows" in r for r in m.report
+    )
+    assert not any(s.seq.fallback for s in m.segments)
+    toks = [3, 1, 4, 1, 5, 9, 2, 6]
+    for backend in ("ort", "rknn-sim"):
+        h = HybridModel(art, backend=backend)
+        try:
+            for seg, runner in zip(h.manifest.segments, h.prefill_runners()):
+                if seg.name in built:  # rows are turned into columns only for a columns file
+                    assert isinstance(runner, Columns) == (seg.seq.layout == "columns"), (backend, seg.name)
+            want = np.stack([h.step(t, st) for st in [h.init_state()] for t in toks]).reshape(len(toks), -1)
+            got = h.prefill(toks, h.init_state())
+            np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-2 * np.abs(want).max())
+        finally:
+            h.close()
+
+
+def test_an_older_artifact_s_rows_file_still_runs_as_rows(fp32_plan_artifact, tmp_path):
+    """Before format 5 a columns build's .seq.onnx held the rows form: its file has no layout
+    mark, so onnxruntime runs it as rows (the board ran its .seq.rknn in columns as before)."""
+    import json
+    import shutil
+
+    from rwkv2rknn.runtime.hybrid import HybridModel
+
+    art = str(tmp_path / "v4")
+    shutil.copytree(fp32_plan_artifact, art)
+    with open(os.path.join(art, "manifest.json")) as f:
+        d = json.load(f)
+    marked = [s for s in d["segments"] if s["backend"] == "npu" and s["seq_onnx"]]
+    assert marked
+    for s in marked:
+        s["seq_layout"] = "columns"
+    d["format_version"] = 4
+    with open(os.path.join(art, "manifest.json"), "w") as f:
+        json.dump(d, f)
+    h = HybridModel(art, backend="ort")
+    try:
+        runners = dict(zip((s.name for s in h.manifest.segments), h.prefill_runners()))
+        assert not any(isinstance(runners[s["name"]], Columns) for s in marked)
+        toks = [5, 3, 9, 1]
+        state = h.init_state()
+        want = np.stack([h.step(t, state) for t in toks])
+        np.testing.assert_allclose(h.prefill(toks, h.init_state()), want, rtol=1e-4, atol=1e-5)
+    finally:
+        h.close()

@@ -137,7 +137,7 @@ def test_compare_and_tolerances():
 def test_golden_vectors_are_recorded_at_compile_and_pass_on_ort(fp16_artifact, tmp_path):
     m = load_manifest(fp16_artifact)
     with open(os.path.join(fp16_artifact, "manifest.json")) as f:
-        assert json.load(f)["format_version"] == 4
+        assert json.load(f)["format_version"] == 5  # golden vectors and a .seq.onnx in columns
     npu = [s for s in m.segments if s.backend == "npu"]
     assert npu and all(s.golden == f"golden/{s.name}.npz" and len(s.golden_sha256) == 64 for s in npu)
     assert not any(s.golden for s in m.segments if s.backend == "cpu")

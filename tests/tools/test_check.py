@@ -24,7 +24,8 @@ def _copy(artifact, tmp_path):
 
 
 def _perturb(art, which: str, npu_index: int = 1, factor: float = 1.25) -> str:
-    """Scale every 2-D weight of one NPU segment's per-token ('onnx') or T-row ('seq_onnx') file."""
+    """Scale every weight matrix of one NPU segment's per-token ('onnx') or T-row ('seq_onnx')
+    file (2-D for a MatMul; a 1x1 Conv's weight in the columns forms)."""
     path = os.path.join(art, MANIFEST)
     with open(path) as f:
         m = json.load(f)
@@ -32,9 +33,10 @@ def _perturb(art, which: str, npu_index: int = 1, factor: float = 1.25) -> str:
     onnx_path = os.path.join(art, seg[which])
     model = onnx.load(onnx_path)
     scaled = 0
+    conv = {n.input[1] for n in model.graph.node if n.op_type == "Conv"}
     for init in model.graph.initializer:
         w = numpy_helper.to_array(init)
-        if w.ndim == 2 and w.dtype.kind == "f":
+        if (w.ndim == 2 or init.name in conv) and w.dtype.kind == "f":
             init.CopyFrom(numpy_helper.from_array((w * factor).astype(w.dtype), init.name))
             scaled += 1
     assert scaled, "the segment has no weights to perturb"

@@ -34,8 +34,8 @@ def fp16_bytes(byte_model, tmp_path_factory):
 
 
 def scaled_copy(artifact: str, dst: str, factor: float, npu_index: int = 1) -> str:
-    """A copy of ``artifact`` whose ``npu_index``-th NPU segment has every 2-D weight scaled by
-    ``factor`` in both its ONNX files, with the manifest's checksums updated: a miscompiled
+    """A copy of ``artifact`` whose ``npu_index``-th NPU segment has every weight matrix (2-D, or
+    a 1x1 Conv's weight in the columns forms) scaled by ``factor`` in both its ONNX files, with the manifest's checksums updated: a miscompiled
     segment, as the runtime loads it. Returns the segment's name."""
     shutil.copytree(artifact, dst)
     path = os.path.join(dst, MANIFEST)
@@ -47,9 +47,10 @@ def scaled_copy(artifact: str, dst: str, factor: float, npu_index: int = 1) -> s
             p = os.path.join(dst, seg[key])
             model = onnx.load(p)
             n = 0
+            conv = {n.input[1] for n in model.graph.node if n.op_type == "Conv"}
             for init in model.graph.initializer:
                 w = numpy_helper.to_array(init)
-                if w.ndim == 2 and w.dtype.kind == "f":
+                if (w.ndim == 2 or init.name in conv) and w.dtype.kind == "f":
                     init.CopyFrom(numpy_helper.from_array((w * factor).astype(w.dtype), init.name))
                     n += 1
             assert n, f"{seg['name']} has no weights to scale"
