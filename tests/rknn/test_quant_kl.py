@@ -33,9 +33,9 @@ def test_a_target_below_w8a8s_kl_keeps_segments_fp16_until_it_is_met(byte_model,
     assert choice["reached"] and 1 <= len(choice["kept"]) and choice["kl"] <= target
     m = load_manifest(str(tmp_path / "kl"))
     npu = [s for s in m.segments if s.backend == "npu"]
-    assert sorted(s.name for s in npu if s.precision == "fp16") == sorted(choice["kept"])
-    assert all(s.precision_note.startswith("--quant-keep") for s in npu if s.precision == "fp16")
-    assert all(s.quant == {} for s in npu if s.precision == "fp16")
+    assert sorted(s.name for s in npu if s.token.precision == "fp16") == sorted(choice["kept"])
+    assert all(s.precision_note.startswith("--quant-keep") for s in npu if s.token.precision == "fp16")
+    assert all(s.token.quant == {} for s in npu if s.token.precision == "fp16")
     # every candidate was measured alone, and the first kept is the most KL saved per byte
     assert set(choice["alone"]) == {s.name for s in npu}
     ratio = {n: choice["alone"][n] / choice["extra_bytes"][n] for n in choice["alone"]}
@@ -55,7 +55,9 @@ def test_a_loose_target_that_w8a8_meets_keeps_nothing(byte_model, w8a8_artifact,
     assert choice["kept"] == [] and choice["reached"] and choice["alone"] == {}
     assert choice["kl"] == choice["kl_all_quantised"] <= 0.5
     assert all(
-        s.precision == "w8a8" for s in load_manifest(str(tmp_path / "loose")).segments if s.backend == "npu"
+        s.token.precision == "w8a8"
+        for s in load_manifest(str(tmp_path / "loose")).segments
+        if s.backend == "npu"
     )
     assert "kept fp16: none; held-out KL mean" in out and "compiling again" not in out
 

