@@ -174,7 +174,12 @@ class HybridModel:
 
             path, threads = self._path(seg.onnx, seg.sha256), self.threads_for(seg)
             if self._fuse:
-                return LazyRunner(lambda: OrtRunner(path, seg.name, threads, self._store), seg.name)
+                # run alone only row by row (a prompt's recurrence) or for a trace: small
+                # activations, so no memory arena of its own (measured, a 430M RWKV-7: the 26
+                # row-by-row sessions' arenas held 0.22 GiB after a prompt)
+                return LazyRunner(
+                    lambda: OrtRunner(path, seg.name, threads, self._store, arena=False), seg.name
+                )
             return OrtRunner(path, seg.name, threads, self._store)
         shapes = {k: list(v) for k, v in seg.shapes.items()}
         if seg.decode_rows:  # token steps on the T-row build: one copy of the weights
@@ -561,8 +566,8 @@ class HybridModel:
         prompt needs: the segments that make only the logits, the head, then run once, on the
         last row). Segments with a T-token variant run once per chunk; the others (embedding,
         the recurrence) run row by row, and so does the head where it is built for one row."""
-        seq = self.prefill_runners()
-        if seq is None or len(tokens) == 1:
+        seq = self.prefill_runners() if len(tokens) > 1 else None  # one token: no T-row sessions
+        if seq is None:
             logits = np.stack([self.step(int(t), state) for t in tokens])
             return logits[-1:] if last_only else logits
         fixed = [set(r.rows) for r in seq if r is not None and getattr(r, "rows", ())]
