@@ -596,7 +596,8 @@ class HybridModel:
         # itself or an earlier one), the state before the chunk in row 0
         prev = {k: self.slots[i].output for k, i in slot_index.items()}
         first = {k: views[i] for k, i in slot_index.items()}
-        for seg, runner, seq_runner, head in zip(m.segments, self.runners, seq, self._head):
+        slot_outputs = set(prev.values())
+        for at, (seg, runner, seq_runner, head) in enumerate(zip(m.segments, self.runners, seq, self._head)):
             if head and wanted != "all":
                 if wanted == "last":
                     env.update(last_row(seg, runner, seq_runner, env, n))
@@ -613,7 +614,10 @@ class HybridModel:
                 for name, value in outs.items():
                     env[name] = np.asarray(value, np.float32).reshape(t, -1)[:n]
                 continue
-            env.update(row_by_row(seg, runner, env, tokens, m.token_input, prev, first))
+            # new state no later segment reads: only its last row is kept (the chunk's end state)
+            later = {x for s in m.segments[at + 1 :] for k in s.inputs for x in (k, prev.get(k))}
+            newest = {o for o in seg.outputs if o in slot_outputs and o not in later}
+            env.update(row_by_row(seg, runner, env, tokens, m.token_input, prev, first, newest))
         for view, slot in zip(views, self.slots):
             view[...] = env[slot.output][-1].reshape(view.shape)
         logits = env.get(m.logits_output, np.zeros((0, self.vocab), np.float32))

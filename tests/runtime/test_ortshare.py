@@ -295,6 +295,25 @@ def test_sessions_share_one_value_per_weight_and_t_rows_load_for_a_prompt(plan_a
         rtol=0,
         atol=1e-6 * scale,
     )
+    # and the same as one token at a time, in chunks, the state included; the row-by-row
+    # segments kept only the last row of the state no later segment reads
+    from rwkv2rknn.runtime import hybrid
+
+    kept = []
+    real_rows = hybrid.row_by_row
+
+    def rows_spy(*args):
+        out = real_rows(*args)
+        kept.extend((len(args[3]), v.shape[0]) for v in out.values())
+        return out
+
+    monkeypatch.setattr(hybrid, "row_by_row", rows_spy)
+    s1, s2 = own.init_state(), model.init_state()
+    one = np.stack([own.step(t, s1) for t in tokens[:20]])
+    many = model.prefill(tokens[:20], s2, chunk=8)
+    np.testing.assert_allclose(many, one, rtol=1e-5, atol=1e-5 * scale)
+    np.testing.assert_allclose(s2, s1, rtol=1e-5, atol=1e-5)
+    assert (8, 1) in kept and (8, 8) in kept
     seq = [(w, a, i) for w, a, i in made if w.endswith(".seq")]
     assert seq and len(seq) == sum(r is not None for r in model._seq)
     decode = [i for w, _, i in made if w == "decode"]
