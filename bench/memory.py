@@ -118,7 +118,7 @@ def weight_bytes(art: str) -> int:
     return total
 
 
-def make_artifact(work: str, version: str, layers: int, width: int, vocab: int) -> str:
+def make_artifact(work: str, version: str, layers: int, width: int, vocab: int, fp16: bool = False) -> str:
     art = os.path.join(work, "art")
     if os.path.exists(os.path.join(art, "manifest.json")):
         print(f"reusing {art}")
@@ -133,7 +133,7 @@ def make_artifact(work: str, version: str, layers: int, width: int, vocab: int) 
     t0 = time.perf_counter()
     onnx_dir = os.path.join(work, "onnx")
     sd = random_model(version, layers, width, vocab, 0)
-    export(sd, onnx_dir, fp32=True)
+    export(sd, onnx_dir, fp32=not fp16)
     del sd
     compile_model(onnx_dir, art, Options(plan_only=True))
     shutil.rmtree(onnx_dir, ignore_errors=True)
@@ -163,11 +163,15 @@ def main():
     ap.add_argument("--layers", type=int, default=24)
     ap.add_argument("--width", type=int, default=1024)
     ap.add_argument("--vocab", type=int, default=65536)
+    ap.add_argument("--fp16", action="store_true", help="export fp16 files (else fp32) before the compile")
     ap.add_argument("--prompt", type=int, default=200, help="prompt bytes (bytes tokenizer: one token each)")
     ap.add_argument("--steps", type=int, default=8, help="tokens after the prompt")
     ap.add_argument("--what", default="run,phases", help="run, phases or both")
     ap.add_argument(
         "--src", action="append", default=[], help="also measure the phases with this tree's code"
+    )
+    ap.add_argument(
+        "--repeat", type=int, default=1, help="measure the phases of each tree this many times, in turn"
     )
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
@@ -177,7 +181,7 @@ def main():
         child(args)
         return
     if args.compile:
-        make_artifact(args.work, args.version, args.layers, args.width, args.vocab)
+        make_artifact(args.work, args.version, args.layers, args.width, args.vocab, args.fp16)
         return
     os.makedirs(args.work, exist_ok=True)
     art = os.path.join(args.work, "art")
@@ -198,7 +202,7 @@ def main():
             f"run --backend ort, {args.prompt}-byte prompt, {args.steps} tokens: peak {gib(peak)} = {peak / wb:.2f}x"
         )
     if "phases" in what:
-        for src in [ROOT] + args.src:
+        for src in ([ROOT] + args.src) * args.repeat:
             env = dict(os.environ, PYTHONPATH=src)
             out, peak = _peak_child(
                 [
