@@ -197,10 +197,12 @@ def main():
         prompt = (("The quick brown fox jumps over the lazy dog. " * 100)[: args.prompt]).replace("\n", " ")
         cmd = [sys.executable, "-m", "rwkv2rknn", "run", art, "--backend", "ort", "--tokenizer", "bytes"]
         cmd += ["--prompt", prompt, "--max-tokens", str(args.steps), "--temperature", "0"]
-        _, peak = _peak_child(cmd)
-        print(
-            f"run --backend ort, {args.prompt}-byte prompt, {args.steps} tokens: peak {gib(peak)} = {peak / wb:.2f}x"
-        )
+        for src in [ROOT] + args.src:
+            _, peak = _peak_child(cmd, dict(os.environ, PYTHONPATH=src))
+            print(
+                f"run --backend ort ({src}), {args.prompt}-byte prompt, {args.steps} tokens: "
+                f"peak {gib(peak)} = {peak / wb:.2f}x"
+            )
     if "phases" in what:
         for src in ([ROOT] + args.src) * args.repeat:
             env = dict(os.environ, PYTHONPATH=src)
