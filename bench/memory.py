@@ -141,9 +141,9 @@ def make_artifact(work: str, version: str, layers: int, width: int, vocab: int, 
     return art
 
 
-def _peak_child(cmd, env=None):
+def _peak_child(cmd, env=None, cwd=None):
     """Run ``cmd``; (stdout, its own peak RSS in bytes)."""
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=cwd)
     _, status, ru = os.wait4(p.pid, 0)
     out = p.stdout.read().decode()
     err = p.stderr.read().decode()
@@ -184,7 +184,7 @@ def main():
         make_artifact(args.work, args.version, args.layers, args.width, args.vocab, args.fp16)
         return
     os.makedirs(args.work, exist_ok=True)
-    art = os.path.join(args.work, "art")
+    art = os.path.abspath(os.path.join(args.work, "art"))
     if not os.path.exists(os.path.join(art, "manifest.json")):
         # in a child: a child's peak from wait4 counts what its parent held when it was started
         # (the exec inherits the high-water mark), so this process stays small
@@ -198,7 +198,8 @@ def main():
         cmd = [sys.executable, "-m", "rwkv2rknn", "run", art, "--backend", "ort", "--tokenizer", "bytes"]
         cmd += ["--prompt", prompt, "--max-tokens", str(args.steps), "--temperature", "0"]
         for src in [ROOT] + args.src:
-            _, peak = _peak_child(cmd, dict(os.environ, PYTHONPATH=src))
+            # in src: `python -m` looks in the working directory before PYTHONPATH
+            _, peak = _peak_child(cmd, dict(os.environ, PYTHONPATH=src), cwd=src)
             print(
                 f"run --backend ort ({src}), {args.prompt}-byte prompt, {args.steps} tokens: "
                 f"peak {gib(peak)} = {peak / wb:.2f}x"
