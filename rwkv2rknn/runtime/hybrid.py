@@ -175,7 +175,7 @@ class HybridModel:
             path, threads = self._path(seg.onnx, seg.sha256), self.threads_for(seg)
             if self._fuse:
                 # run alone only row by row (a prompt's recurrence) or for a trace: small
-                # activations, so no memory arena of its own (measured, a 430M RWKV-7: the 26
+                # activations, so no memory arena of its own (measured, a 430M RWKV-7: the 25
                 # row-by-row sessions' arenas held 0.22 GiB after a prompt)
                 return LazyRunner(
                     lambda: OrtRunner(path, seg.name, threads, self._store, arena=False), seg.name
