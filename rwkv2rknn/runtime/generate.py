@@ -197,10 +197,12 @@ def generate_text(
     from rwkv2rknn.runtime.session import Session
 
     tok = model_tokenizer(tokenizer_spec)
-    session = Session(model, tok, identity="", description="")
+    session = Session(model, tok, identity="", description="", prepare=False)
     ids = session.encode(prompt)
     if not ids:
         raise UsageError("the prompt encodes to no tokens", "give some text")
+    if len(ids) > 1 and hasattr(model, "prepare_prefill"):
+        model.prepare_prefill()  # only a prompt of two or more tokens needs the T-row runners
     emit = on_text or (lambda text: None)
     emit(prompt)
     reply = session.generate(

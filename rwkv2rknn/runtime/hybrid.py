@@ -174,7 +174,12 @@ class HybridModel:
 
             path, threads = self._path(seg.token.onnx, seg.token.sha256), self.threads_for(seg)
             if self._fuse:
-                return LazyRunner(lambda: OrtRunner(path, seg.name, threads, self._store), seg.name)
+                # run alone only row by row (a prompt's recurrence) or for a trace: small
+                # activations, so no memory arena of its own (measured, a 430M RWKV-7: the 25
+                # row-by-row sessions' arenas held 0.22 GiB after a prompt)
+                return LazyRunner(
+                    lambda: OrtRunner(path, seg.name, threads, self._store, arena=False), seg.name
+                )
             return OrtRunner(path, seg.name, threads, self._store)
         shapes = {k: list(v) for k, v in seg.shapes.items()}
         if seg.decode_rows:  # token steps on the T-row build: one copy of the weights
@@ -538,8 +543,8 @@ class HybridModel:
         prompt needs: the segments that make only the logits, the head, then run once, on the
         last row). Segments with a T-token variant run once per chunk; the others (embedding,
         the recurrence) run row by row, and so does the head where it is built for one row."""
-        seq = self.prefill_runners()
-        if seq is None or len(tokens) == 1:
+        seq = self.prefill_runners() if len(tokens) > 1 else None  # one token: no T-row sessions
+        if seq is None:
             logits = np.stack([self.step(int(t), state) for t in tokens])
             return logits[-1:] if last_only else logits
         fixed = [set(r.rows) for r in seq if r is not None and getattr(r, "rows", ())]
@@ -568,7 +573,8 @@ class HybridModel:
         # itself or an earlier one), the state before the chunk in row 0
         prev = {k: self.slots[i].output for k, i in slot_index.items()}
         first = {k: views[i] for k, i in slot_index.items()}
-        for seg, runner, seq_runner, head in zip(m.segments, self.runners, seq, self._head):
+        slot_outputs = set(prev.values())
+        for at, (seg, runner, seq_runner, head) in enumerate(zip(m.segments, self.runners, seq, self._head)):
             if head and wanted != "all":
                 if wanted == "last":
                     env.update(last_row(seg, runner, seq_runner, env, n))
@@ -585,7 +591,10 @@ class HybridModel:
                 for name, value in outs.items():
                     env[name] = np.asarray(value, np.float32).reshape(t, -1)[:n]
                 continue
-            env.update(row_by_row(seg, runner, env, tokens, m.token_input, prev, first))
+            # new state no later segment reads: only its last row is kept (the chunk's end state)
+            later = {x for s in m.segments[at + 1 :] for k in s.inputs for x in (k, prev.get(k))}
+            newest = {o for o in seg.outputs if o in slot_outputs and o not in later}
+            env.update(row_by_row(seg, runner, env, tokens, m.token_input, prev, first, newest))
         for view, slot in zip(views, self.slots):
             view[...] = env[slot.output][-1].reshape(view.shape)
         logits = env.get(m.logits_output, np.zeros((0, self.vocab), np.float32))

@@ -84,6 +84,7 @@ class WeightStore:
         page = mmap_page()
         graph = wire.graph_of(model)
         base = _offset(model, graph)
+        origin = np.frombuffer(model, np.uint8).ctypes.data  # the mapping's first byte
         parts, used = [], []
         for num, _, value, start, end in wire.fields(graph):
             if num != wire.G_INIT:
@@ -97,20 +98,21 @@ class WeightStore:
                 parts.append(bytes(graph[start:end]))
                 continue
             have = self.arrays.get(t.name)
+            blocks = _Blocks(view, mm, origin, page)
             if have is not None:
-                if have.shape != view.shape or have.dtype != view.dtype or not np.array_equal(have, view):
+                if have.shape != view.shape or have.dtype != view.dtype or not blocks.equal(have):
                     self.conflicts += 1  # not the same weight: it stays in this graph
                     parts.append(bytes(graph[start:end]))
-                    del view, t
+                    del view, t, blocks
                     continue
             else:
-                arr = view.astype(view.dtype.newbyteorder("="), copy=True)
+                arr = blocks.copy()
                 self.arrays[t.name] = arr
                 self.values[t.name] = ort.OrtValue.ortvalue_from_numpy(arr)
             parts.append(wire.enc_len(wire.G_INIT, t.stub(STUB_FILE)))
             used.append(t.name)
             a = base + _offset(graph, value)
-            del view, t, value
+            del view, t, value, blocks
             _drop(mm, a, a + end - start, page)
         stub = b"".join(parts)
         head = [bytes(model[s:e]) for num, _, _, s, e in wire.fields(model) if num != wire.M_GRAPH]
@@ -154,6 +156,43 @@ def session_from_stub(
         )
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+# a weight is copied out of (or compared with) its mapped file this many bytes at a time, each
+# block's pages dropped once read: reading a 256 MiB head holds 16 MiB of its file, not all of it
+BLOCK_BYTES = 16 << 20
+
+
+class _Blocks:
+    """A tensor's data in a mapped file (``view``: an array over the mapping that starts at
+    address ``origin``), read block by block, each block's pages of the file dropped after."""
+
+    def __init__(self, view: np.ndarray, mm, origin: int, page: int):
+        self.flat = view.reshape(-1)
+        self.mm, self.page = mm, page
+        self.start = view.ctypes.data - origin  # where its data starts in the mapping
+        self.step = max(1, BLOCK_BYTES // max(1, view.dtype.itemsize))
+        self.shape, self.dtype = view.shape, view.dtype
+
+    def _spans(self):
+        size = self.flat.dtype.itemsize
+        for i in range(0, self.flat.size, self.step):
+            j = min(i + self.step, self.flat.size)
+            yield i, j
+            _drop(self.mm, self.start + i * size, self.start + j * size, self.page)
+
+    def copy(self) -> np.ndarray:
+        """A copy in native byte order."""
+        out = np.empty(self.shape, self.dtype.newbyteorder("="))
+        flat = out.reshape(-1)
+        for i, j in self._spans():
+            flat[i:j] = self.flat[i:j]
+        return out
+
+    def equal(self, other: np.ndarray) -> bool:
+        """The same elements as ``other`` (an array of the same shape)."""
+        flat = other.reshape(-1)
+        return all(np.array_equal(flat[i:j], self.flat[i:j]) for i, j in self._spans())
 
 
 def mmap_page() -> int:

@@ -120,11 +120,15 @@ def last_row(seg, runner, seq_runner, env, n: int) -> Dict[str, np.ndarray]:
     return {k: np.asarray(v, np.float32).reshape(t, -1)[:1] for k, v in outs.items()}
 
 
-def row_by_row(seg, runner, env, tokens, token_input: str, prev_of, first) -> Dict[str, np.ndarray]:
+def row_by_row(
+    seg, runner, env, tokens, token_input: str, prev_of, first, newest=()
+) -> Dict[str, np.ndarray]:
     """A segment without a T-row runner over a chunk, one row a call: its outputs [n, size].
     ``env``: what earlier segments made, name -> [n, size]; a state input ``k`` reads row t - 1
     of ``prev_of[k]`` (this segment's own output or an earlier one's) and ``first[k]`` (the
-    state before the chunk) in row 0; ``token_input`` takes ``tokens[t]``."""
+    state before the chunk) in row 0; ``token_input`` takes ``tokens[t]``. Outputs in ``newest``
+    (state that only the next row reads) keep their last row only, [1, size]: a RWKV-7 layer's
+    wkv state is 256 KiB a row at 430M, 8 MiB over a chunk of 32."""
     rows = {k: [] for k in seg.outputs}
     for t in range(len(tokens)):
         feed = {}
@@ -136,7 +140,7 @@ def row_by_row(seg, runner, env, tokens, token_input: str, prev_of, first) -> Di
                 if t == 0:
                     feed[k] = first[k]
                 else:
-                    value = rows[src][t - 1] if src in rows else env[src][t - 1]
+                    value = rows[src][-1] if src in rows else env[src][t - 1]  # row t - 1
                     feed[k] = np.asarray(value).reshape(seg.shapes[k])
             else:
                 feed[k] = env[k][t].reshape(seg.shapes[k])
@@ -144,5 +148,9 @@ def row_by_row(seg, runner, env, tokens, token_input: str, prev_of, first) -> Di
         if seg.backend == "npu":
             check_finite(seg, runner, outs)
         for name, value in outs.items():
-            rows[name].append(np.asarray(value, np.float32).reshape(-1))
+            value = np.asarray(value, np.float32).reshape(-1)
+            if name in newest:
+                rows[name] = [value]
+            else:
+                rows[name].append(value)
     return {name: np.stack(values) for name, values in rows.items()}

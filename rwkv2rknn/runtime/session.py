@@ -214,12 +214,21 @@ class Reply:
 class Session:
     """A model, its tokenizer and the state of one conversation (or one text)."""
 
-    def __init__(self, model, tokenizer, identity: Optional[str] = None, description: str = ""):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        identity: Optional[str] = None,
+        description: str = "",
+        prepare: bool = True,
+    ):
+        """``prepare``: load the model's T-row runners now (else on the first prompt that
+        needs them)."""
         self.model, self.tokenizer = model, tokenizer
         if identity is None:
             identity, description = model_identity(model)
         self.identity, self.description = identity, description
-        if hasattr(model, "prepare_prefill"):
+        if prepare and hasattr(model, "prepare_prefill"):
             model.prepare_prefill()  # loading the T-row runners is not part of the first reply
         self._prefill = getattr(model, "prefill", None)
         self.end_ids = end_ids(tokenizer)

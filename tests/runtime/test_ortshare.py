@@ -210,3 +210,133 @@ def test_an_fp16_token_table_before_fp32_layernorms_fuses(fp16_artifact, tokens)
     want, want_state = _run(apart, tokens[:6])
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
     np.testing.assert_allclose(got_state, want_state, rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------------- one copy of the weights
+
+
+def test_weights_are_copied_and_compared_block_by_block(tmp_path, monkeypatch):
+    from rwkv2rknn.runtime import ortshare
+
+    monkeypatch.setattr(ortshare, "BLOCK_BYTES", 1000)  # blocks that do not divide the tensors
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((64, 129)).astype(np.float32)
+    h = rng.standard_normal((96, 80)).astype(np.float16)
+    changed = w.copy()
+    changed[-1, -1] += 1  # in the last block only
+    paths = {}
+    for name, (a, b) in {"first": (w, h), "same": (w, h), "changed": (changed, h)}.items():
+        m = _model(
+            [helper.make_node("MatMul", ["x", "w"], ["y"]), helper.make_node("Identity", ["h"], ["z"])],
+            [_vi("x", [1, 64])],
+            [_vi("y", [1, 129]), helper.make_tensor_value_info("z", TensorProto.FLOAT16, [96, 80])],
+            [numpy_helper.from_array(a, "w"), numpy_helper.from_array(b, "h")],
+        )
+        paths[name] = str(tmp_path / f"{name}.onnx")
+        onnx.save(m, paths[name])
+    copies = []
+    real_copy = ortshare._Blocks.copy
+    monkeypatch.setattr(ortshare._Blocks, "copy", lambda self: copies.append(1) or real_copy(self))
+    store = WeightStore()
+    store.strip(paths["first"])
+    np.testing.assert_array_equal(store.arrays["w"], w)
+    np.testing.assert_array_equal(store.arrays["h"], h)
+    assert store.arrays["h"].dtype == np.float16 and len(copies) == 2
+    held = dict(store.arrays)
+    _, used = store.strip(paths["same"])  # the same weights: compared, not copied again
+    assert sorted(used) == ["h", "w"] and store.conflicts == 0 and len(copies) == 2
+    assert all(store.arrays[k] is held[k] for k in held)
+    stub, used = store.strip(paths["changed"])  # one element differs: that weight stays in its graph
+    assert used == ["h"] and store.conflicts == 1 and len(copies) == 2
+    assert len(stub) > changed.nbytes
+    np.testing.assert_array_equal(store.arrays["w"], w)
+
+
+def _spy_sessions(monkeypatch):
+    """Every onnxruntime session the executor makes: (what, arena, {initializer: OrtValue})."""
+    from rwkv2rknn.runtime import ort as ort_mod
+
+    made = []
+    real = ort_mod.make_session
+
+    def spy(model, threads=0, what="model", prepack=True, initializers=None, arena=True):
+        made.append((what, arena, dict(initializers or {})))
+        return real(
+            model, threads=threads, what=what, prepack=prepack, initializers=initializers, arena=arena
+        )
+
+    monkeypatch.setattr(ort_mod, "make_session", spy)
+    return made
+
+
+def test_sessions_share_one_value_per_weight_and_t_rows_load_for_a_prompt(plan_artifact, tokens, monkeypatch):
+    from rwkv2rknn.runtime import ortshare
+
+    copies = []
+    real_copy = ortshare._Blocks.copy
+    monkeypatch.setattr(ortshare._Blocks, "copy", lambda self: copies.append(1) or real_copy(self))
+    own = HybridModel(plan_artifact, backend="ort", fuse=False, share_weights=False)
+    own.prepare_prefill()
+    made = _spy_sessions(monkeypatch)  # the sessions of `model` only
+    model = HybridModel(plan_artifact, backend="ort")
+    store = model._store
+    # token steps (and a one-token prefill) make no T-row session
+    want, want_state = _run(own, tokens[:4])
+    got, got_state = _run(model, tokens[:3])
+    got = np.concatenate([got, model.prefill(tokens[3:4], got_state)])
+    scale = float(np.abs(want).max())
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * scale)
+    np.testing.assert_allclose(got_state, want_state, rtol=0, atol=1e-6 * scale)
+    assert not model._seq_loaded and not any(what.endswith(".seq") for what, _, _ in made)
+    # a prompt: T-row sessions (and the row-by-row segments' own), on the same values
+    np.testing.assert_allclose(
+        model.prefill(tokens[:20], model.init_state()),
+        own.prefill(tokens[:20], own.init_state()),
+        rtol=0,
+        atol=1e-6 * scale,
+    )
+    # and the same as one token at a time, in chunks, the state included; the row-by-row
+    # segments kept only the last row of the state no later segment reads
+    from rwkv2rknn.runtime import hybrid
+
+    kept = []
+    real_rows = hybrid.row_by_row
+
+    def rows_spy(*args):
+        out = real_rows(*args)
+        kept.extend((len(args[3]), v.shape[0]) for v in out.values())
+        return out
+
+    monkeypatch.setattr(hybrid, "row_by_row", rows_spy)
+    s1, s2 = own.init_state(), model.init_state()
+    one = np.stack([own.step(t, s1) for t in tokens[:20]])
+    many = model.prefill(tokens[:20], s2, chunk=8)
+    np.testing.assert_allclose(many, one, rtol=1e-5, atol=1e-5 * scale)
+    np.testing.assert_allclose(s2, s1, rtol=1e-5, atol=1e-5)
+    assert (8, 1) in kept and (8, 8) in kept
+    seq = [(w, a, i) for w, a, i in made if w.endswith(".seq")]
+    assert seq and len(seq) == sum(r is not None for r in model._seq)
+    decode = [i for w, _, i in made if w == "decode"]
+    assert len(decode) == 2 and decode[0].keys() == decode[1].keys() == store.values.keys()
+    for what, arena, inits in made:
+        if what in ("decode",) or what.endswith(".seq") or not inits:
+            continue
+        assert not arena, f"{what}: a segment run alone (row by row) keeps no arena"
+    for what, _, inits in made:
+        for name, value in inits.items():
+            assert value is store.values[name] and value is decode[0][name], (what, name)
+    assert sum(len(i) for _, _, i in seq) > 0
+    # each weight was copied out of its file once, whatever number of sessions reads it
+    assert len(copies) == len(store.arrays) and store.conflicts == 0
+    model.close()
+    own.close()
+
+
+def test_a_one_token_prompt_loads_no_t_row_sessions(fp32_plan_artifact):
+    from rwkv2rknn.runtime.generate import generate_text
+
+    model = HybridModel(fp32_plan_artifact, backend="ort")
+    generate_text(model, "bytes", "A", 2, temperature=0)  # one byte: one token, no prefill
+    assert not model._seq_loaded
+    generate_text(model, "bytes", "AB", 2, temperature=0)
+    assert model._seq_loaded and any(r is not None for r in model._seq)
