@@ -106,7 +106,7 @@ def weight_bytes(art: str) -> int:
     m = Manifest.from_dict(read_json(os.path.join(art, MANIFEST), "manifest"))
     total = 0
     for seg in m.segments:
-        with open(os.path.join(art, seg.onnx), "rb") as f:
+        with open(os.path.join(art, seg.token.onnx), "rb") as f:
             mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         view = memoryview(mm)
         graph = wire.graph_of(view)
