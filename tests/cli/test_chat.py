@@ -102,8 +102,15 @@ def test_ctrl_c_stops_the_reply_not_the_chat(bundled_artifact):
         assert total == prompt + n + 2  # the cut reply is closed with a blank line in the state
         child.expect_exact("(stopped)")
         child.expect_exact("User: ")
-        child.sendintr()  # at the prompt: a hint, the chat goes on
-        child.expect_exact("/quit")
+        # At the prompt: a hint, the chat goes on. Python's readline loses a Ctrl-C that lands
+        # after the prompt is drawn but before it waits for keys (a narrow window, wide under
+        # load); a person presses again, and so does the test.
+        for _ in range(10):
+            child.sendintr()
+            if child.expect_exact(["/quit", pexpect.TIMEOUT], timeout=6) == 0:
+                break
+        else:
+            raise AssertionError("Ctrl-C at the prompt never showed the hint")
         child.expect_exact("User: ")
         child.sendline("/reset")
         child.expect_exact("forgotten")
