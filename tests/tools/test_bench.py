@@ -122,3 +122,50 @@ def test_rwkv_package_failure_is_one_line(tmp_path):
     with pytest.raises(ToolkitError) as e:
         package_run(str(bad), [1, 2], "7")
     assert "the rwkv package failed on 'broken.pth'" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_interleave_gives_every_runner_the_same_tokens_in_turning_rounds():
+    from rwkv2rknn.tools.bench import interleave
+
+    calls = []
+
+    def runner(name):
+        def run(tokens):
+            calls.append((name, list(tokens)))
+            return [float(t) for t in tokens]
+
+        return run
+
+    ids = list(range(100, 112))  # 2 warm-up tokens, 10 timed
+    got = interleave({"a": runner("a"), "b": runner("b"), "c": runner("c")}, ids, rounds=3)
+    # the warm-up first, untimed; then each runner every timed token once, in order
+    assert calls[:3] == [("a", [100, 101]), ("b", [100, 101]), ("c", [100, 101])]
+    assert all(got[k] == [float(t) for t in ids[2:]] for k in "abc")
+    rounds = [calls[3 + 3 * r : 6 + 3 * r] for r in range(3)]
+    assert [[name for name, _ in r] for r in rounds] == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"]]
+    assert [r[0][1] for r in rounds] == [[102, 103, 104], [105, 106, 107], [108, 109, 110, 111]]
+    # more rounds than tokens: one token a round
+    calls.clear()
+    got = interleave({"a": runner("a")}, ids[:5], rounds=9)
+    assert got["a"] == [102.0, 103.0, 104.0] and len(calls) == 4
+
+
+@pytest.mark.slow
+def test_the_package_child_goes_on_from_its_kept_state(small_pth):
+    """The bench's rounds: requests with keep=True continue one sequence (the same logits as one
+    request of all the tokens); without keep every request starts from the zero state."""
+    import numpy as np
+
+    from rwkv2rknn.tools.rwkv_package import PackageProcess
+
+    ids = [5, 17, 3, 60, 42, 7]
+    proc = PackageProcess("4", threads=1)
+    try:
+        whole = proc.run([(small_pth, ids)])[0][0]
+        parts = [proc.run([(small_pth, ids[i : i + 2])], keep=True)[0] for i in range(0, 6, 2)]
+        again = proc.run([(small_pth, ids[:2])])[0][0]
+    finally:
+        proc.close()
+    assert all(len(ms) == 2 and min(ms) > 0 for _, ms in parts)
+    np.testing.assert_allclose(np.concatenate([p[0] for p in parts]), whole, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(again, whole[:2], rtol=1e-5, atol=1e-5)
