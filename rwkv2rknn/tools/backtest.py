@@ -500,9 +500,8 @@ def run_backtest(
 def board_estimate(artifact: str, manifest) -> Dict[str, float]:
     """ms/token of the plan on the published RK3588 profile (today's estimator, every cost
     counted), and a low and a high case over its assumed figures' ranges (profile.py): the
-    executor at 1.5x and 3x this machine's cost instead of 2x (and per token up to 6x: a step's
-    own time outside its runs measured up to 3x what the replay gives), an NPU op 0.005 and
-    0.05 ms instead of 0.01."""
+    executor at 1.5x and 3x this machine's cost instead of 2x, an NPU op 0.005 and 0.05 ms
+    instead of 0.01."""
     from dataclasses import replace
 
     base = DeviceProfile()
@@ -519,7 +518,7 @@ def board_estimate(artifact: str, manifest) -> Dict[str, float]:
             base,
             exec_call_ms=base.exec_call_ms * 1.5,
             exec_io_ms=base.exec_io_ms * 1.5,
-            exec_token_ms=base.exec_token_ms * 3,
+            exec_token_ms=base.exec_token_ms * 1.5,
             npu_kernel_ms=0.05,
         ),
     }
