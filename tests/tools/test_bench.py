@@ -30,6 +30,11 @@ def test_bench_runs_every_runner_and_the_plan_estimate(version, tmp_path):
         "rwkv package, cpu fp32",
     ]
     assert all(r["ms_per_token"] > 0 for r in res["rows"])
+    # timed side by side in rounds; the hybrid over the package is printed
+    assert res["rounds"] == 4
+    ratio = res["rows"][1]["ms_per_token"] / res["rows"][3]["ms_per_token"]
+    assert res["hybrid_to_package"] == pytest.approx(ratio)
+    assert any(line.startswith("hybrid executor / rwkv package: ") for line in lines)
     assert res["prefill"]["tokens_per_s"] > 0
     assert res["estimate"]["decode"]["total"] > res["estimate"]["prefill"]["total"] > 0
     assert sum(s["backend"] == "npu" for s in res["segments"]) == 4  # embed-L0, L0-L1, L1, head
@@ -42,6 +47,8 @@ def test_bench_runs_every_runner_and_the_plan_estimate(version, tmp_path):
         "hybrid executor",
         "fused session",
         "rwkv package",
+        "interleaved rounds",
+        "hybrid prefill",
     } <= set(res["peak_rss_by_phase_mb"])
     assert res["peak_rss_mb"] == max(res["peak_rss_by_phase_mb"].values()) > 100
     assert any(line.startswith("peak memory of the process tree:") for line in lines)
@@ -97,6 +104,8 @@ def test_bench_command_passes_the_probes_on(tmp_path):
             str(out),
             "--busy",
             "2",
+            "--rounds",
+            "2",
         ],
     )
     assert r.exit_code == 0, r.output
@@ -106,7 +115,9 @@ def test_bench_command_passes_the_probes_on(tmp_path):
     import json
     import os
 
-    pids = json.loads(out.read_text())["busy_pids"]
+    saved = json.loads(out.read_text())
+    assert saved["rounds"] == 2 and "interleaved in 2 rounds" not in r.output  # no package: no ratio
+    pids = saved["busy_pids"]
     assert len(pids) == 2 and not any(os.path.exists(f"/proc/{p}") for p in pids)
     assert "2 busy loops beside the timed phases" in r.output
     assert "load average: " in r.output and " at the end of the timed phases" in r.output
