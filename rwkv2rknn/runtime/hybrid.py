@@ -37,7 +37,9 @@ log = logging.getLogger(__name__)
 # work shares, a pool thread that waits for a core no longer holds up a block the others could
 # have run: a 430M RWKV-7's fused token step took 0.64-0.83x the 1-thread time with
 # ``session.dynamic_block_base`` 1 against 0.89-0.95x with the plain pool (two busy loops beside
-# it, load average 7-9; docs/benchmarks.md). The token step tries it beside the others.
+# it, load average 7-9), but in both 430M bench runs beside it the plain pool's moving average
+# was the lower (docs/benchmarks.md): which wins changes with the load, so the token step tries
+# it beside the others.
 SMALL_BLOCKS = {"session.dynamic_block_base": 1}
 
 
