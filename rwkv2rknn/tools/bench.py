@@ -10,9 +10,10 @@ For a random RWKV-4 (or, with ``version``, RWKV-5.2, 6 or 7) of the given size (
 - the ``rwkv`` package, cpu fp32, where installed (the reference implementation, every version,
   in a child process: rwkv2rknn/tools/rwkv_package.py);
 
-each as the median ms/token over many tokens after a warm-up, their ratios to the per-layer loop,
-the prefill rate of the hybrid executor (T-row segments, chunks of 32), the peak memory of the
-process tree (sampled; each phase frees its form of the model before the next), the
+loaded side by side and timed in interleaved rounds (each round gives every runner the next
+few tokens), each as the median ms/token after a warm-up, their ratios to the per-layer loop and
+the hybrid's to the package, the prefill rate of the hybrid executor (T-row segments, chunks of
+32, once the others are let go), the peak memory of the process tree (sampled, per phase), the
 memory-bandwidth bound (fp32 weight bytes read per token / a measured numpy GEMV bandwidth), the
 plan's estimated board figures (from the device profile: estimates, not measurements) and, on a
 board, the NPU's per-call cost through both board runners (rknn-rt and rknn-lite, timed on the
