@@ -57,14 +57,16 @@ Where the published default ``rk3588-published`` comes from (none was measured h
   one thread; taken 4x slower on the board). ``cpu_special_flops`` 20: ASSUMED, FLOPs of one
   vectorised exp/sigmoid/tanh (a range reduction and a polynomial of about degree 10).
 - ``handoff_ms`` 0.03: ASSUMED, of the order of one onnxruntime ``run()`` from Python.
-- ``exec_call_ms`` 0.16, ``exec_io_ms`` 0.005, ``exec_token_ms`` 3.0: ASSUMED, 2x what
+- ``exec_call_ms`` 0.16, ``exec_io_ms`` 0.005, ``exec_token_ms`` 8.0: ASSUMED, 2x what
   ``rwkv2rknn bench --backtest`` measured for this executor on the x86 development machine on
   430M-shaped artifacts (2026-12-07, AMD EPYC, one onnxruntime thread, each run after a
-  segment's weights went through the caches: 0.07-0.10 ms per run, 2-4 us per tensor, 0.9-1.7
-  ms per token beyond the runs; docs/benchmarks.md), taken 2x slower on a 2.4 GHz Cortex-A76
+  segment's weights went through the caches: 0.07-0.10 ms per run, 2-4 us per tensor; per
+  token beyond the runs 4.0 ms for RWKV-4 and 3.9-5.2 for RWKV-7 as a step spends it, which
+  the replay now reproduces, 4.1 and 3.7-5.9; the 0.9-1.7 ms once taken here came from a
+  replay that ran on warm caches; docs/benchmarks.md), taken 2x slower on a 2.4 GHz Cortex-A76
   (its single-core speed for Python is about half an EPYC core's; 1.5-3x is the plausible
-  range). The per-token figure grows with the segments and the state (it is 0.1 ms for the
-  bundled 4 x 256 model here).
+  range). The per-token figure grows with the segments and the state (it is 0.1-0.3 ms for
+  the bundled 4 x 256 model here).
 - ``npu_kernel_ms`` 0.01: ASSUMED (range 0.005-0.05): the NPU runs each op of a compiled graph
   as a task of its own; no public per-op figure for the RK3588 was found (``eval_perf`` on a
   board would give one).
@@ -125,7 +127,7 @@ class DeviceProfile:
     # the executor itself
     exec_call_ms: float = 0.16  # the executor's own cost per segment run from Python
     exec_io_ms: float = 0.005  # ... and per input and output tensor of that run
-    exec_token_ms: float = 3.0  # ... and per token beyond its runs
+    exec_token_ms: float = 8.0  # ... and per token beyond its runs
     # measured: a one-row MatMul's weight bandwidth by its weight bytes, on either side (used
     # as is, interpolated in log(bytes)); empty: the side's own figure. onnxruntime's fp32 GEMV
     # streams a large matrix faster than a small one (10 GB/s at 256 KiB, 25 at 64 MiB here)

@@ -79,6 +79,13 @@ def profile(build_dir, probe_dir, backend, core_mask, target, out):
     default=32,
     help="Timed tokens per runner (the median is reported).",
 )
+@click.option(
+    "--rounds",
+    type=click.IntRange(1, 1000),
+    default=4,
+    show_default=True,
+    help="Interleave the runners' timed tokens in this many rounds.",
+)
 @click.option("--no-rwkv", is_flag=True, help="Skip the rwkv package (reference implementation).")
 @probes_option(
     "Board: the folder of `rwkv2rknn profile --build-probes`, to time the NPU's "
@@ -101,7 +108,9 @@ def profile(build_dir, probe_dir, backend, core_mask, target, out):
     "predicted / measured per segment kind and per token.",
 )
 @handle_errors
-def bench(version, layers, width, vocab, tokens, no_rwkv, probe_dir, core_mask, busy, json_out, backtest):
+def bench(
+    version, layers, width, vocab, tokens, rounds, no_rwkv, probe_dir, core_mask, busy, json_out, backtest
+):
     """Measure decode ms/token of the per-layer loop, the hybrid executor, a fused session and
     the rwkv package on a random model (default: 430M-sized), prefill tokens/s, the peak memory,
     the plan's board estimate and, on a board, the NPU's per-call cost of both board runners.
@@ -134,6 +143,7 @@ def bench(version, layers, width, vocab, tokens, no_rwkv, probe_dir, core_mask, 
         probes=probe_dir,
         core_mask=core_mask,
         busy=busy,
+        rounds=rounds,
     )
     if json_out:
         with open(json_out, "w") as f:

@@ -32,6 +32,16 @@ from rwkv2rknn.runtime.rows import Columns, RowStep, check_finite, columns_as_ro
 
 log = logging.getLogger(__name__)
 
+# onnxruntime's pool splits an op's work into as many blocks as it has threads unless told a
+# dynamic block base: then into smaller blocks handed out as threads come free. On cores other
+# work shares, a pool thread that waits for a core no longer holds up a block the others could
+# have run: a 430M RWKV-7's fused token step took 0.64-0.83x the 1-thread time with
+# ``session.dynamic_block_base`` 1 against 0.89-0.95x with the plain pool (two busy loops beside
+# it, load average 7-9), but in both 430M bench runs beside it the plain pool's moving average
+# was the lower (docs/benchmarks.md): which wins changes with the load, so the token step tries
+# it beside the others.
+SMALL_BLOCKS = {"session.dynamic_block_base": 1}
+
 
 def load_manifest(artifact: str) -> Manifest:
     if not os.path.isdir(artifact):
@@ -337,18 +347,19 @@ class HybridModel:
         del stubs
         names = sorted(names)
         slots = [(s.input, s.output) for s in self.slots]
-        # --threads N: that many; else one thread and a pool, the faster as it runs
+        # --threads N: that many; else one thread, a pool and a pool that hands out its work in
+        # small blocks, the fastest as it runs
         choices = (
-            {f"{self._threads} threads": self._threads}
+            {f"{self._threads} threads": (self._threads, None)}
             if self._threads
-            else {"1 thread": 1}
+            else {"1 thread": (1, None)}
             if (os.cpu_count() or 1) < 2
-            else {"1 thread": 1, "pool": 0}
+            else {"1 thread": (1, None), "pool": (0, None), "pool, small blocks": (0, SMALL_BLOCKS)}
         )
         steps = {}
-        for label, threads in choices.items():
+        for label, (threads, config) in choices.items():
             try:
-                session, _ = session_from_stub(model, names, self._store, "decode", threads)
+                session, _ = session_from_stub(model, names, self._store, "decode", threads, config=config)
             except BadInput as e:  # onnxruntime refuses the joined graph: run the segments
                 log.info("token steps run segment by segment: %s", e.problem)
                 self._fuse = False

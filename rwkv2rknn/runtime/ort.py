@@ -47,7 +47,13 @@ KNOWN_FAULTS = {
 
 
 def make_session(
-    model, threads: int = 0, what: str = "model", prepack: bool = True, initializers=None, arena: bool = True
+    model,
+    threads: int = 0,
+    what: str = "model",
+    prepack: bool = True,
+    initializers=None,
+    arena: bool = True,
+    config=None,
 ):
     """An InferenceSession for a path or serialized bytes.
 
@@ -67,7 +73,8 @@ def make_session(
     ``initializers``: {name: OrtValue} that fill the model's initializers of those names
     (onnxruntime reads them where they are: sessions given the same ones share the memory).
     ``arena=False``: no memory arena (a session run on many rows at once, prefill, would
-    otherwise keep its largest activations for good).
+    otherwise keep its largest activations for good). ``config``: more session config entries
+    ({key: value}, e.g. ``session.dynamic_block_base``).
     """
     import onnxruntime as ort
 
@@ -81,6 +88,8 @@ def make_session(
             so.add_session_config_entry("session.disable_prepacking", "1")
         if not arena:
             so.enable_cpu_mem_arena = False
+        for key, value in (config or {}).items():
+            so.add_session_config_entry(key, str(value))
         if threads:
             so.intra_op_num_threads = threads
         for name, value in (initializers or {}).items():

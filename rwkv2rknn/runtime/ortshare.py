@@ -134,10 +134,16 @@ class WeightStore:
 
 
 def session_from_stub(
-    model: bytes, names: Sequence[str], store: WeightStore, name: str, threads: int, arena: bool = True
+    model: bytes,
+    names: Sequence[str],
+    store: WeightStore,
+    name: str,
+    threads: int,
+    arena: bool = True,
+    config=None,
 ):
     """An onnxruntime session of a stub graph, its placeholders filled from ``store``:
-    (session, note) as ``make_session`` returns them."""
+    (session, note) as ``make_session`` returns them (``config``: its more config entries)."""
     from rwkv2rknn.runtime.ort import make_session
 
     folder = tempfile.mkdtemp(prefix=scratch_prefix("ortshare"))
@@ -153,6 +159,7 @@ def session_from_stub(
             prepack=False,
             arena=arena,
             initializers=store.initializers(names),
+            config=config,
         )
     finally:
         shutil.rmtree(folder, ignore_errors=True)

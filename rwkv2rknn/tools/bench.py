@@ -10,9 +10,10 @@ For a random RWKV-4 (or, with ``version``, RWKV-5.2, 6 or 7) of the given size (
 - the ``rwkv`` package, cpu fp32, where installed (the reference implementation, every version,
   in a child process: rwkv2rknn/tools/rwkv_package.py);
 
-each as the median ms/token over many tokens after a warm-up, their ratios to the per-layer loop,
-the prefill rate of the hybrid executor (T-row segments, chunks of 32), the peak memory of the
-process tree (sampled; each phase frees its form of the model before the next), the
+loaded side by side and timed in interleaved rounds (each round gives every runner the next
+few tokens), each as the median ms/token after a warm-up, their ratios to the per-layer loop and
+the hybrid's to the package, the prefill rate of the hybrid executor (T-row segments, chunks of
+32, once the others are let go), the peak memory of the process tree (sampled, per phase), the
 memory-bandwidth bound (fp32 weight bytes read per token / a measured numpy GEMV bandwidth), the
 plan's estimated board figures (from the device profile: estimates, not measurements) and, on a
 board, the NPU's per-call cost through both board runners (rknn-rt and rknn-lite, timed on the
@@ -27,7 +28,7 @@ import shutil
 import statistics
 import tempfile
 import time
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
@@ -68,13 +69,16 @@ def run_bench(
     probes: Optional[str] = None,
     core_mask: str = "auto",
     busy: int = 0,
+    rounds: int = 4,
 ) -> Dict[str, object]:
-    """Every phase holds one form of the model and lets it go before the next: the float16
-    checkpoint (export, the `rwkv` package's .pth), the plan compile, the per-layer sessions,
-    the hybrid executor's sessions, the fused session (up to FUSED_LIMIT), the `rwkv` package
-    (a child process). Peak memory is the process tree's, sampled, per phase. ``busy``: that many
-    single-core busy loops run beside the timed phases (the loaded case, on purpose); the load
-    average is printed at the start and at the end."""
+    """The runners are loaded side by side (the per-layer sessions, the hybrid executor's, the
+    fused session up to FUSED_LIMIT, the `rwkv` package in a child process) and timed in
+    ``rounds`` interleaved rounds (``interleave``): on a shared machine the load changes over a
+    run, and a runner timed after another would meet another load. Then the others let go and the
+    hybrid executor's prefill is timed. Peak memory is the process tree's, sampled, per phase
+    (the rounds hold every runner at once). ``busy``: that many single-core busy loops run beside
+    the timed phases (the loaded case, on purpose); the load average is printed at the start and
+    at the end."""
     from rwkv2rknn.compiler import resources
     from rwkv2rknn.tools import rwkv_package
     from rwkv2rknn.tools.busy import BusyLoops, describe_load, load_average
@@ -126,35 +130,49 @@ def run_bench(
                 }
                 for s in manifest.segments
             ]
-            ms: Dict[str, List[float]] = {}
             loops.start()
             results["busy_pids"] = loops.pids
-            mem.mark("per-layer sessions")
-            ms["per-layer onnxruntime (public demo loop)"] = _per_layer(onnx_dir, ids)
-            mem.mark("hybrid executor")
-            ms["hybrid executor, all segments on ort"], results["prefill"] = _hybrid(
-                art, ids, tokens, vocab, seed
-            )
-            results["hybrid_execution"] = results["prefill"].pop("execution")
-            echo(f"  hybrid executor: {results['hybrid_execution']}")
-            mem.mark("fused session")
-            weight_bytes = 4 * (shape.params() - shape.vocab * shape.width)  # emb is a row read
-            if 4 * shape.params() < FUSED_LIMIT:
-                ms["one fused onnxruntime session"] = _fused(onnx_dir, ids)
-            else:
-                echo(
-                    f"  one fused onnxruntime session: skipped ({4 * shape.params() / 2**30:.2f} GiB "
-                    f"of fp32 weights; making it holds about 4x that; the bench runs it up to "
-                    f"{FUSED_LIMIT / 2**30:.0f} GiB)"
-                )
-            mem.mark("rwkv package")
-            if pth:
-                ms["rwkv package, cpu fp32"] = rwkv_package.package_run(pth, ids, version, threads=0)[1][2:]
-                os.unlink(pth)
-            elif with_rwkv:
-                echo("  rwkv package: not installed (pip install rwkv), not timed")
-            results["load_end"] = load_average()
-            loops.stop()
+            systems = {}  # runner -> (run(tokens) -> ms per token, close)
+            try:
+                mem.mark("per-layer sessions")
+                systems[PER_LAYER] = _per_layer(onnx_dir)
+                mem.mark("hybrid executor")
+                systems[HYBRID], hyb = _hybrid(art)
+                mem.mark("fused session")
+                weight_bytes = 4 * (shape.params() - shape.vocab * shape.width)  # emb is a row read
+                if 4 * shape.params() < FUSED_LIMIT:
+                    systems["one fused onnxruntime session"] = _fused(onnx_dir)
+                else:
+                    echo(
+                        f"  one fused onnxruntime session: skipped ({4 * shape.params() / 2**30:.2f} GiB "
+                        f"of fp32 weights; making it holds about 4x that; the bench runs it up to "
+                        f"{FUSED_LIMIT / 2**30:.0f} GiB)"
+                    )
+                mem.mark("rwkv package")
+                if pth:
+                    systems[PACKAGE] = _package(pth, version)
+                elif with_rwkv:
+                    echo("  rwkv package: not installed (pip install rwkv), not timed")
+                mem.mark("interleaved rounds")
+                ms = interleave({k: run for k, (run, _) in systems.items()}, ids, rounds)
+                results["rounds"] = rounds
+                results["hybrid_execution"] = hyb.execution()
+                echo(f"  hybrid executor: {results['hybrid_execution']}")
+                results["load_end"] = load_average()
+                loops.stop()
+            finally:
+                for k in [k for k in systems if k != HYBRID]:
+                    systems.pop(k)[1]()  # its sessions go before prefill
+                if pth and os.path.exists(pth):
+                    os.unlink(pth)
+                resources.give_back_memory()
+            mem.mark("hybrid prefill")
+            try:
+                results["prefill"] = _prefill(hyb, ms[HYBRID], tokens, vocab, seed)
+            finally:
+                systems[HYBRID][1]()
+                hyb = None
+                resources.give_back_memory()
             mem.mark("board per-call costs")
             from rwkv2rknn.tools.measure import call_costs
 
@@ -192,28 +210,68 @@ def _plan(onnx_dir: str, art: str, echo):
     return manifest
 
 
-def _per_layer(onnx_dir: str, ids: List[int]) -> List[float]:
-    from rwkv2rknn.compiler import resources
+PER_LAYER = "per-layer onnxruntime (public demo loop)"
+HYBRID = "hybrid executor, all segments on ort"
+PACKAGE = "rwkv package, cpu fp32"
+
+
+def interleave(runs: Dict[str, Callable[[List[int]], List[float]]], ids: List[int], rounds: int):
+    """ms per token of each runner, timed in ``rounds`` rounds: each round gives every runner
+    the next tokens of ``ids`` (after 2 warm-up tokens each), in an order that turns from round to
+    round, so that a load that changes over the run falls on all of them alike."""
+    for run in runs.values():
+        run(ids[:2])
+    timed = ids[2:]
+    rounds = max(1, min(rounds, len(timed)))
+    per = [len(timed) * r // rounds for r in range(rounds + 1)]
+    names = list(runs)
+    out: Dict[str, List[float]] = {k: [] for k in names}
+    for r in range(rounds):
+        chunk = timed[per[r] : per[r + 1]]
+        for k in names[r % len(names) :] + names[: r % len(names)]:
+            out[k].extend(runs[k](chunk))
+    return out
+
+
+def _steps(step: Callable[[int], object]) -> Callable[[List[int]], List[float]]:
+    """A runner of one token a call as a run of several, timed per token."""
+    return lambda tokens: time_steps(step, tokens, warmup=0)
+
+
+def _per_layer(onnx_dir: str):
     from rwkv2rknn.runtime.reference import PerLayerModel
 
     ref = PerLayerModel(onnx_dir)
     st = ref.init_state()
-    out = time_steps(lambda t: ref.step(t, st), ids)
-    ref = None  # its sessions go before the next phase (the closure above holds the name)
-    resources.give_back_memory()
-    return out
+    return _steps(lambda t: ref.step(t, st)), lambda: None
 
 
-def _hybrid(art: str, ids: List[int], tokens: int, vocab: int, seed: int):
-    """Decode ms per token, then prefill (chunks of 32, T-row sessions) once the per-token
-    sessions that prefill does not use are closed."""
-    from rwkv2rknn.compiler import resources
+def _hybrid(art: str):
     from rwkv2rknn.runtime.hybrid import HybridModel
 
     hyb = HybridModel(art, backend="ort")
     hs = hyb.init_state()
-    decode = time_steps(lambda t: hyb.step(t, hs), ids)
-    execution = hyb.execution()
+    return (_steps(lambda t: hyb.step(t, hs)), hyb.close), hyb
+
+
+def _fused(onnx_dir: str):
+    return _steps(_fused_session(onnx_dir)), lambda: None
+
+
+def _package(pth: str, version: str):
+    """The `rwkv` package in a child process (torch's default threads) that keeps its model and
+    state between the rounds; its ms are its own ``forward`` calls'."""
+    from rwkv2rknn.tools.rwkv_package import PackageProcess
+
+    proc = PackageProcess(version, threads=0)
+    return (lambda tokens: proc.run([(pth, tokens)], keep=True)[0][1]), proc.close
+
+
+def _prefill(hyb, decode: List[float], tokens: int, vocab: int, seed: int):
+    """Prefill tokens/s (chunks of 32, T-row sessions) once the per-token sessions that prefill
+    does not use are closed."""
+    from rwkv2rknn.compiler import resources
+
     n_pre = max(tokens, 64)
     pre_ids = [int(t) for t in np.random.default_rng(seed + 1).integers(0, vocab, n_pre)]
     for seg, runner in zip(hyb.manifest.segments, hyb.runners):
@@ -225,33 +283,19 @@ def _hybrid(art: str, ids: List[int], tokens: int, vocab: int, seed: int):
     hyb.prefill(pre_ids, hyb.init_state(), chunk=32)
     prefill_tps = n_pre / (time.perf_counter() - t0)
     one_tps = 1000.0 / statistics.median(decode)
-    hyb.close()
-    hyb = None  # its sessions go before the next phase (the closure above holds the name)
-    resources.give_back_memory()
-    return decode, {
+    return {
         "tokens": n_pre,
         "chunk": 32,
         "tokens_per_s": prefill_tps,
         "token_by_token_tokens_per_s": one_tps,
         "speedup": prefill_tps / one_tps,
-        "execution": execution,
     }
-
-
-def _fused(onnx_dir: str, ids: List[int]) -> List[float]:
-    from rwkv2rknn.compiler import resources
-
-    fused = _fused_session(onnx_dir)
-    out = time_steps(fused, ids)
-    del fused
-    resources.give_back_memory()
-    return out
 
 
 def _report(results, ms, weight_bytes, mem, manifest, echo) -> None:
     from rwkv2rknn.tools.busy import describe_load
 
-    base = statistics.median(ms["per-layer onnxruntime (public demo loop)"])
+    base = statistics.median(ms[PER_LAYER])
     bw = gemv_bandwidth_gbs()
     bound_ms = weight_bytes / (bw * 1e9) * 1000
     rows = []
@@ -286,6 +330,12 @@ def _report(results, ms, weight_bytes, mem, manifest, echo) -> None:
         echo(
             f"{r['runner']:<42} {r['ms_per_token']:>9.2f} {r['ratio_to_per_layer']:>11.2f} "
             f"{100 * r['share_of_bandwidth_bound']:>8.0f}%"
+        )
+    if PACKAGE in ms:
+        results["hybrid_to_package"] = statistics.median(ms[HYBRID]) / statistics.median(ms[PACKAGE])
+        echo(
+            f"hybrid executor / rwkv package: {results['hybrid_to_package']:.2f} "
+            f"(medians of {len(ms[HYBRID])} tokens each, interleaved in {results.get('rounds', 1)} rounds)"
         )
     echo(
         f"memory-bandwidth bound: {weight_bytes / 1e6:.0f} MB of fp32 weights per token / "

@@ -33,18 +33,25 @@ threads = int(sys.argv[1])
 if threads:
     torch.set_num_threads(threads)
 from rwkv.model import RWKV
+kept = {}
 for line in sys.stdin:
     try:
         for job in json.loads(line):
             pth = job["pth"]
-            model = RWKV(model=pth[:-4] if pth.endswith(".pth") else pth, strategy="cpu fp32")
-            state, rows, ms = None, [], []
+            if job.get("keep") and pth in kept:
+                model, state = kept[pth]
+            else:
+                model = RWKV(model=pth[:-4] if pth.endswith(".pth") else pth, strategy="cpu fp32")
+                state = None
+            rows, ms = [], []
             with torch.no_grad():
                 for t in job["tokens"]:
                     t0 = time.perf_counter()
                     logits, state = model.forward([t], state)
                     ms.append(1000.0 * (time.perf_counter() - t0))
                     rows.append(logits.float().numpy())
+            if job.get("keep"):
+                kept[pth] = (model, state)
             np.save(job["out"], np.stack(rows))
             with open(job["out"] + ".json", "w") as f:
                 json.dump(ms, f)
@@ -123,15 +130,18 @@ class PackageProcess:
         return self.proc.poll() is None
 
     def run(
-        self, jobs: Sequence[Tuple[str, Sequence[int]]], timeout: float = 3600
+        self, jobs: Sequence[Tuple[str, Sequence[int]]], timeout: float = 3600, keep: bool = False
     ) -> List[Tuple[np.ndarray, List[float]]]:
         """(logits [T, V], ms per call) of each (checkpoint, tokens); a ToolkitError naming the
-        checkpoints and the package's last line if it fails."""
+        checkpoints and the package's last line if it fails. ``keep``: the child keeps each
+        checkpoint's model and state after the request, and a later ``keep`` request of the
+        same checkpoint goes on from that state (the bench's rounds); else every request
+        loads the model and starts from the zero state."""
         outs = [os.path.join(self.folder, f"logits{self.count + i}.npy") for i in range(len(jobs))]
         self.count += len(jobs)
         names = ", ".join(f"'{os.path.basename(pth)}'" for pth, _ in jobs)
         request = [
-            {"pth": pth, "tokens": [int(t) for t in tokens], "out": out}
+            {"pth": pth, "tokens": [int(t) for t in tokens], "out": out, "keep": bool(keep)}
             for (pth, tokens), out in zip(jobs, outs)
         ]
         try:

@@ -41,8 +41,13 @@ def test_fused_token_steps_equal_the_segments_one_by_one(plan_artifact, tokens):
     want, want_state = _run(apart, tokens[:12])
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
     np.testing.assert_allclose(got_state, want_state, rtol=0, atol=1e-6)
-    # both fused sessions (one thread, a pool) ran and gave these numbers
-    assert all(n >= 2 for n in fused._decode.count.values()) and len(fused._decode.count) == 2
+    # the three fused sessions (one thread, a pool, a pool of small blocks) ran and gave these numbers
+    counts = fused._decode.count
+    assert set(counts) == {"1 thread", "pool", "pool, small blocks"} and all(n >= 2 for n in counts.values())
+    opts = {k: s.session.get_session_options() for k, s in fused._decode.steps.items()}
+    assert opts["pool, small blocks"].get_session_config_entry("session.dynamic_block_base") == "1"
+    assert opts["1 thread"].intra_op_num_threads == 1 and opts["pool"].intra_op_num_threads == 0
+    assert all(o.get_session_config_entry("session.intra_op.allow_spinning") == "0" for o in opts.values())
     # the segments' own sessions were never made for token steps
     assert not any(r.loaded for r in fused.runners)
     # a trace runs the segments one by one and agrees with the fused step

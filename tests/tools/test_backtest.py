@@ -35,7 +35,7 @@ def test_backtest_prints_predicted_over_measured_per_kind_and_token(fp32_plan_ar
     token = res["table"][-1]
     per_kind = res["table"][:-1]
     # the token's prediction is the sum of the kinds' (every segment in exactly one kind)
-    assert token["predicted_ms"] == sum(row["predicted_ms"] for row in per_kind)
+    assert token["predicted_ms"] == pytest.approx(sum(row["predicted_ms"] for row in per_kind), rel=1e-12)
     assert token["segments"] == len(res["segments"]) == sum(row["segments"] for row in per_kind)
     # the profile it predicted with: this machine's, every executor cost measured
     prof = res["profile"]
@@ -60,3 +60,24 @@ def test_host_profile_fields_are_positive():
         p.cpu_kernel_ms,
         1,
     )
+    # the GEMV bandwidth by a MatMul's bytes, up to a 430M head's 256 MiB
+    assert sorted(p.gemv_gbs) == [256 << 10, 4 << 20, 16 << 20, 64 << 20, 256 << 20]
+    assert min(p.gemv_gbs.values()) > 0
+
+
+def test_a_probe_on_a_weight_store_outlives_its_maker():
+    """The probe's session reads the store's arrays: the runner keeps the store (a store let go
+    while its session lived crashed the back-test)."""
+    import gc
+
+    import numpy as np
+
+    from rwkv2rknn.tools.backtest import _gemv_chain, _store_runner
+
+    model, _ = _gemv_chain(256, 256, 2)
+    runner = _store_runner(model)
+    gc.collect()
+    assert runner.store.nbytes == 2 * 256 * 256 * 4  # the weights are the store's
+    x = np.ones((1, 256), np.float32)
+    want = x @ runner.store.arrays["w0"] @ runner.store.arrays["w1"]
+    np.testing.assert_allclose(runner.infer({"x": x})["y"], want, rtol=1e-4, atol=1e-6)
