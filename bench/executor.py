@@ -11,24 +11,15 @@ ART: a compiled artifact (`rwkv2rknn compile ... --plan-only` is enough). Holds 
 fp32 weights (the shared store once, the own-weights model once).
 """
 
-import argparse
-import statistics
 import time
 
-import numpy as np
-
+from _rounds import parser, print_medians, timed_rounds, token_ids  # bench/_rounds.py
 from rwkv2rknn.runtime.hybrid import HybridModel
 from rwkv2rknn.runtime.ortshare import WeightStore
-from rwkv2rknn.tools.busy import BusyLoops, describe_load, load_average
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("artifact")
-    ap.add_argument("--busy", type=int, default=0)
-    ap.add_argument("--rounds", type=int, default=8)
-    ap.add_argument("--per-round", type=int, default=3)
-    args = ap.parse_args()
+    args = parser(__doc__, 8).parse_args()
     store = WeightStore()
     ways = {
         "fused, threads chosen as it runs": dict(store=store),
@@ -41,26 +32,12 @@ def main():
         t0 = time.perf_counter()
         models[name] = HybridModel(args.artifact, backend="ort", **kw)
         print(f"loaded {name} in {time.perf_counter() - t0:.1f} s")
-    vocab = next(iter(models.values())).vocab
-    ids = [int(t) for t in np.random.default_rng(0).integers(0, vocab, 2 + args.rounds * args.per_round)]
-    print(f"load average at the start: {describe_load(load_average())}; busy loops: {args.busy}")
-    times = {k: [] for k in models}
-    with BusyLoops(args.busy):
-        states = {k: m.init_state() for k, m in models.items()}
-        for k, m in models.items():
-            for t in ids[:2]:
-                m.step(t, states[k])
-        for r in range(args.rounds):
-            for k, m in models.items():
-                for t in ids[2 + r * args.per_round : 2 + (r + 1) * args.per_round]:
-                    t0 = time.perf_counter()
-                    m.step(t, states[k])
-                    times[k].append(1000 * (time.perf_counter() - t0))
-        print(f"load average at the end: {describe_load(load_average())}")
-    base = statistics.median(times["segment by segment, own prepacked weights"])
-    for k, v in times.items():
-        med = statistics.median(v)
-        print(f"{k:<44} {med:8.1f} ms/token  {med / base:5.2f}x  (min {min(v):.1f}, max {max(v):.1f})")
+    ids = token_ids(next(iter(models.values())).vocab, args)
+    states = {k: m.init_state() for k, m in models.items()}
+    times = timed_rounds(
+        {k: (lambda t, m=m, s=states[k]: m.step(t, s)) for k, m in models.items()}, ids, args
+    )
+    print_medians(times, "segment by segment, own prepacked weights", 44)
     print(models["fused, threads chosen as it runs"].execution())
 
 

@@ -10,28 +10,21 @@ prepacked) and ``dynN`` (``session.dynamic_block_base`` N). ART: a compiled arti
 (`rwkv2rknn compile ... --plan-only` is enough).
 """
 
-import argparse
 import os
 import re
 import shutil
-import statistics
 import tempfile
-import time
 
 import numpy as np
 import onnxruntime as ort
+from _rounds import parser, print_medians, timed_rounds, token_ids  # bench/_rounds.py
 
 from rwkv2rknn.runtime.hybrid import load_manifest
 from rwkv2rknn.runtime.ortshare import STUB_FILE, BoundStep, WeightStore, fuse
-from rwkv2rknn.tools.busy import BusyLoops, describe_load, load_average
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("artifact")
-    ap.add_argument("--busy", type=int, default=0)
-    ap.add_argument("--rounds", type=int, default=6)
-    ap.add_argument("--per-round", type=int, default=3)
+    ap = parser(__doc__, 6)
     ap.add_argument("--ways", default="1,2,2dyn1")
     a = ap.parse_args()
     m = load_manifest(a.artifact)
@@ -69,26 +62,10 @@ def main():
         w: BoundStep(session(w), m.token_input, slots, offsets, m.logits_output) for w in a.ways.split(",")
     }
     shutil.rmtree(folder, ignore_errors=True)
-    ids = [int(t) for t in np.random.default_rng(0).integers(0, m.vocab, 2 + a.rounds * a.per_round)]
     states = {k: np.zeros(offsets[-1], np.float32) for k in steps}
-    times = {k: [] for k in steps}
-    print(f"load average at the start: {describe_load(load_average())}; busy loops: {a.busy}")
-    ways = list(steps)
-    with BusyLoops(a.busy):
-        for k, s in steps.items():
-            for t in ids[:2]:
-                s.step(t, states[k])
-        for r in range(a.rounds):
-            for k in ways[r % len(ways) :] + ways[: r % len(ways)]:
-                for t in ids[2 + r * a.per_round : 2 + (r + 1) * a.per_round]:
-                    t0 = time.perf_counter()
-                    steps[k].step(t, states[k])
-                    times[k].append(1000 * (time.perf_counter() - t0))
-        print(f"load average at the end: {describe_load(load_average())}")
-    base = statistics.median(times[ways[0]])
-    for k, v in times.items():
-        med = statistics.median(v)
-        print(f"{k:<12} {med:8.1f} ms/token  {med / base:5.2f}x  (min {min(v):.1f}, max {max(v):.1f})")
+    fns = {k: (lambda t, s=steps[k], st=states[k]: s.step(t, st)) for k in steps}
+    times = timed_rounds(fns, token_ids(m.vocab, a), a)
+    print_medians(times, next(iter(steps)), 12)
 
 
 if __name__ == "__main__":

@@ -22,15 +22,14 @@ import sys
 import tempfile
 import time
 
-import onnx
-from onnx import numpy_helper
 
 from rwkv2rknn.tools.check import run_check
 from rwkv2rknn.compiler.driver import compile_model
 from rwkv2rknn.compiler.ir import Options
 from rwkv2rknn.models import bundled, checkpoint
 from rwkv2rknn.models.export import export
-from rwkv2rknn.artifact.plan import MANIFEST, sha256_file
+from rwkv2rknn.tools.weights import rewrite_segment, scaled
+from rwkv2rknn.artifact.plan import MANIFEST
 
 MODELS = {
     "bundled": lambda: checkpoint.load_checkpoint(bundled.checkpoint_path()),
@@ -54,25 +53,9 @@ FACTOR = {"fp16": 1.05, "w16a16i": 1.05, "w8a8": 1.25}
 
 
 def perturb(art: str, seg_name: str, factor: float) -> None:
-    """Scale every 2-D float weight of one NPU segment's ONNX files (per token and T rows) and
+    """Scale every weight matrix of one NPU segment's ONNX files (per token and T rows) and
     update the manifest's checksums, as if the compiler had written a wrong segment."""
-    path = os.path.join(art, MANIFEST)
-    with open(path) as f:
-        m = json.load(f)
-    seg = next(s for s in m["segments"] if s["name"] == seg_name)
-    for key, sha in (("onnx", "sha256"), ("seq_onnx", "seq_sha256")):
-        if not seg.get(key):
-            continue
-        p = os.path.join(art, seg[key])
-        model = onnx.load(p)
-        for init in model.graph.initializer:
-            w = numpy_helper.to_array(init)
-            if w.ndim == 2 and w.dtype.kind == "f":
-                init.CopyFrom(numpy_helper.from_array((w * factor).astype(w.dtype), init.name))
-        onnx.save(model, p)
-        seg[sha] = sha256_file(p)
-    with open(path, "w") as f:
-        json.dump(m, f)
+    rewrite_segment(art, seg_name, scaled(factor))
 
 
 def figures(rep) -> dict:

@@ -18,9 +18,10 @@ import sys
 import numpy as np
 
 from rwkv2rknn.rknn.calibrate import calibration_ids
-from rwkv2rknn.runtime.hybrid import HybridModel
+from rwkv2rknn.runtime.hybrid import HybridModel, load_manifest
 from rwkv2rknn.tools.check import choose_tokens
 from rwkv2rknn.tools.compare import quality
+from rwkv2rknn.tools.weights import rewrite_segment
 
 GROUPS = {
     "residual stream (x in and out)": r"(^embed/output$|^L\d+/output$|residual_out$)",
@@ -90,38 +91,23 @@ def ranges_of(art, ids):
 def rounded_weights(art, folder, bits):
     """A copy of ``art`` whose NPU segments' weight matrices are rounded symmetric per output
     channel to ``bits`` (the toolkit's per-channel int8 weights), activations untouched."""
-    import json
     import os
     import shutil
 
-    import onnx
-    from onnx import numpy_helper
-
     out = os.path.join(folder, "rounded")
     shutil.copytree(art, out)
-    with open(os.path.join(out, "manifest.json")) as f:
-        m = json.load(f)
     top = 2 ** (bits - 1) - 1
-    for s in m["segments"]:
-        if s["backend"] != "npu":
-            continue
-        for key in ("onnx", "seq_onnx"):
-            if not s.get(key):
-                continue
-            path = os.path.join(out, s[key])
-            model = onnx.load(path)
-            for t in model.graph.initializer:
-                w = numpy_helper.to_array(t)
-                if w.ndim != 2 or not t.name.endswith(".T"):
-                    continue
-                # MatMul(x, W.T): W.T is [in, out], one scale per output column
-                scale = np.abs(w).max(axis=0, keepdims=True) / top
-                scale[scale == 0] = 1.0
-                t.CopyFrom(numpy_helper.from_array((np.round(w / scale) * scale).astype(w.dtype), t.name))
-            onnx.save(model, path)
-            s[key.replace("onnx", "sha256")] = ""
-    with open(os.path.join(out, "manifest.json"), "w") as f:
-        json.dump(m, f)
+
+    def rounded(w, conv):
+        # one scale per output channel: MatMul(x, W.T) holds W.T [in, out]; a Conv [out, in, 1, 1]
+        axis = (1, 2, 3) if conv else 0
+        scale = np.abs(w).max(axis=axis, keepdims=True) / top
+        scale[scale == 0] = 1.0
+        return np.round(w / scale) * scale
+
+    for s in load_manifest(out).segments:
+        if s.backend == "npu":
+            rewrite_segment(out, s.name, rounded)
     return out
 
 
@@ -135,6 +121,12 @@ def run(art, ids, pattern, ranges, bits):
         return np.stack([model.step(int(t), state) for t in ids])
     finally:
         model.close()
+
+
+def kl_line(q: dict) -> str:
+    """KL mean, p99 and the share of the same top token of a ``compare.quality`` result."""
+    k = q["kl"]
+    return f"KL mean {k['mean']:.3g} p99 {k['p99']:.3g} same top {100 * q['same_top']:.1f}%"
 
 
 def main():
@@ -159,23 +151,13 @@ def main():
 
         with tempfile.TemporaryDirectory() as tmp:
             q = quality(run(rounded_weights(art, tmp, args.bits), ids, "", ranges, args.bits), want, ids[1:])
-        k = q["kl"]
-        print(
-            f"{'NPU weights only, per output channel':38s}: KL mean {k['mean']:.3g} p99 {k['p99']:.3g} "
-            f"same top {100 * q['same_top']:.1f}%",
-            flush=True,
-        )
+        print(f"{'NPU weights only, per output channel':38s}: {kl_line(q)}", flush=True)
     every = "|".join(f"(?:{p})" for p in GROUPS.values())
     for label, pattern in list(GROUPS.items()) + [("all of them", every)]:
         names = sorted(k for k in ranges if re.search(pattern, k))
         widest = max((ranges[k][1] - ranges[k][0] for k in names), default=0.0)
         q = quality(run(art, ids, pattern, ranges, args.bits), want, ids[1:])
-        k = q["kl"]
-        print(
-            f"{label:38s} {len(names):2d} tensors, widest range {widest:7.2f}: KL mean {k['mean']:.3g} "
-            f"p99 {k['p99']:.3g} same top {100 * q['same_top']:.1f}%",
-            flush=True,
-        )
+        print(f"{label:38s} {len(names):2d} tensors, widest range {widest:7.2f}: {kl_line(q)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -123,7 +123,7 @@ class Builds:
         keep = sorted(set(seg.stages + [seg.name]) & set(self.ctx.options.quant_keep))
         if cal and keep:  # mixed precision chosen by the user (bench/quant_search.py measures it)
             seg.precision_note, cal = f"--quant-keep {','.join(keep)}", None
-        return _one(self.ctx, seg, self.out_dir, self.builds, self.version, cal)
+        return _one(Site(self.ctx, self.out_dir, self.builds, self.version), seg, cal)
 
     def _done(self, seg: GraphSegment, result, i: int, n: int, eta: str) -> None:
         status, kind = result
@@ -241,18 +241,22 @@ def shares_rows(ctx: Context, seg: GraphSegment) -> bool:
     )
 
 
-def _one(
-    ctx: Context,
-    seg: GraphSegment,
-    out_dir: str,
-    builds: CachedBuilds,
-    version: str,
-    cal: Optional[SegmentCalibration],
-):
+class Site(NamedTuple):
+    """Where a compile's builds happen: its context, the artifact's folder, the build service and
+    the toolkit's version."""
+
+    ctx: Context
+    out_dir: str
+    builds: CachedBuilds
+    version: str
+
+
+def _one(site: Site, seg: GraphSegment, cal: Optional[SegmentCalibration]):
     """Build one NPU segment: (progress status, 'built' / 'cached' / 'failed')."""
+    ctx, out_dir, builds, version = site
     opts = ctx.options
     if shares_rows(ctx, seg):
-        done = _build_shared(ctx, seg, out_dir, builds, version, cal)
+        done = _build_shared(site, seg, cal)
         if done:  # one build serves decode and prefill
             _estimate(ctx, seg)
             return done.label + " (decode and T rows)", "cached" if done.cached else "built"
@@ -298,14 +302,7 @@ class Done(NamedTuple):
     cached: bool
 
 
-def _build_shared(
-    ctx: Context,
-    seg: GraphSegment,
-    out_dir: str,
-    builds: CachedBuilds,
-    version: str,
-    cal: Optional[SegmentCalibration] = None,
-) -> Optional[Done]:
+def _build_shared(site: Site, seg: GraphSegment, cal: Optional[SegmentCalibration] = None) -> Optional[Done]:
     """The T-row variant of an NPU segment built for DECODE_ROWS and the prefill row counts: one
     .rknn, weights once, serving token steps (the token in row 0, padding after it) and prefill;
     quantised when ``cal`` has T-row samples and the build is accurate enough. The file is built
@@ -316,8 +313,9 @@ def _build_shared(
     runs token by token)."""
     from rwkv2rknn.rknn.columns import restore_rows
 
+    ctx, out_dir = site.ctx, site.out_dir
     rows = seq_rows(ctx)
-    done = _build_seq(ctx, seg, out_dir, builds, version, cal, rows)
+    done = _build_seq(site, seg, cal, rows)
     if done or seg.seq.layout != "columns":
         return done
     ctx.note(
@@ -326,19 +324,12 @@ def _build_shared(
         segment=seg.name,
     )
     restore_rows(seg, out_dir)
-    return _build_seq(ctx, seg, out_dir, builds, version, cal, rows)
+    return _build_seq(site, seg, cal, rows)
 
 
-def _build_seq(
-    ctx: Context,
-    seg: GraphSegment,
-    out_dir: str,
-    builds: CachedBuilds,
-    version: str,
-    cal: Optional[SegmentCalibration],
-    rows,
-) -> Optional[Done]:
+def _build_seq(site: Site, seg: GraphSegment, cal: Optional[SegmentCalibration], rows) -> Optional[Done]:
     """One try of ``_build_shared``: the ``.seq.onnx`` as it is now."""
+    ctx, out_dir, builds, version = site
     seg.seq.fallback = ""
     onnx_path = os.path.join(out_dir, "segments", seg.name + ".seq.onnx")
     if cal and cal.seq_dataset:

@@ -133,8 +133,22 @@ def heldout_quality(artifact: str, ids, where: str = "") -> dict:
     figures (compare.quality) of the decode and the prefill path, saved into plan.json as
     'heldout_quality' and returned as {'tokens', 'text', 'decode', 'prefill'}."""
     from rwkv2rknn import fileio as io
-    from rwkv2rknn.tools.compare import quality
     from rwkv2rknn.artifact.plan import PLAN
+
+    out = {"tokens": len(ids), "text": where, **sim_against_ort(artifact, ids)}
+    path = os.path.join(artifact, PLAN)
+    if os.path.exists(path):
+        plan = io.read_json(path, "plan")
+        plan["heldout_quality"] = out
+        io.write_json(path, plan)
+    return out
+
+
+def sim_against_ort(artifact: str, ids) -> dict:
+    """The artifact on rknn-sim against its segment ONNX on onnxruntime, teacher-forced on
+    ``ids``: {'decode': compare.quality, 'prefill': the same for the prefill path, where the
+    artifact has one}."""
+    from rwkv2rknn.tools.compare import quality
     from rwkv2rknn.runtime.hybrid import HybridModel
 
     ids = [int(t) for t in ids]
@@ -144,15 +158,10 @@ def heldout_quality(artifact: str, ids, where: str = "") -> dict:
         r_state, s_state = ref.init_state(), sim.init_state()
         want = np.stack([ref.step(t, r_state) for t in ids])
         got = np.stack([sim.step(t, s_state) for t in ids])
-        out = {"tokens": len(ids), "text": where, "decode": quality(got, want, ids[1:])}
+        res = {"decode": quality(got, want, ids[1:])}
         if len(ids) > 1 and sim.prepare_prefill():
-            out["prefill"] = quality(sim.prefill(ids, sim.init_state()), want, ids[1:])
+            res["prefill"] = quality(sim.prefill(ids, sim.init_state()), want, ids[1:])
     finally:
         sim.close()
         ref.close()
-    path = os.path.join(artifact, PLAN)
-    if os.path.exists(path):
-        plan = io.read_json(path, "plan")
-        plan["heldout_quality"] = out
-        io.write_json(path, plan)
-    return out
+    return res

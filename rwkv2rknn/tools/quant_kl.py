@@ -135,7 +135,7 @@ def choose(
     """Keep NPU segments of the quantised ``artifact`` fp16 until its held-out KL on ``ids``
     is at or below ``target``; ``recompile(keep)`` compiles it again with those kept (its
     --quant-keep) into the same folder. ``say``: progress lines."""
-    from rwkv2rknn.tools.evaluate import heldout_quality
+    from rwkv2rknn.tools.evaluate import heldout_quality, sim_against_ort
 
     m = _load(artifact)
     out = KlChoice(target=target, bytes_before=rknn_bytes(artifact, m))
@@ -154,7 +154,7 @@ def choose(
                 os.path.join(tmp, f"alone{i}"),
                 lambda s: s if s.name == name or s.backend != "npu" else replace(s, backend="cpu"),
             )
-            out.alone[name] = heldout_kl(_quality(view, ids))
+            out.alone[name] = heldout_kl(sim_against_ort(view, ids))
             seg = next(s for s in m.segments if s.name == name)
             out.extra[name] = max(
                 weight_bytes(os.path.join(artifact, f)) for f in (seg.token.onnx, seg.seq.onnx) if f
@@ -174,7 +174,7 @@ def choose(
                 os.path.join(tmp, f"keep{j}"),
                 lambda s: _fp16(s) if s.name in kept else s,
             )
-            kl = heldout_kl(_quality(view, ids))
+            kl = heldout_kl(sim_against_ort(view, ids))
             out.tried.append((tuple(kept), kl))
             say(f"  kept fp16 {','.join(kept)}: held-out KL mean {kl:.3g}")
             if kl <= target:
@@ -188,28 +188,6 @@ def choose(
         out.reached = out.kl <= target
     _save(artifact, out)
     return out
-
-
-def _quality(view: str, ids) -> dict:
-    """``heldout_quality`` of an artifact view, not written into any plan (views have none of
-    their own: plan.json is linked to the artifact's)."""
-    from rwkv2rknn.tools.compare import quality
-    from rwkv2rknn.runtime.hybrid import HybridModel
-
-    ids = [int(t) for t in ids]
-    ref = HybridModel(view, backend="ort")
-    sim = HybridModel(view, backend="rknn-sim")
-    try:
-        r_state, s_state = ref.init_state(), sim.init_state()
-        want = np.stack([ref.step(t, r_state) for t in ids])
-        got = np.stack([sim.step(t, s_state) for t in ids])
-        res = {"decode": quality(got, want, ids[1:])}
-        if len(ids) > 1 and sim.prepare_prefill():
-            res["prefill"] = quality(sim.prefill(ids, sim.init_state()), want, ids[1:])
-    finally:
-        sim.close()
-        ref.close()
-    return res
 
 
 def _save(artifact: str, choice: KlChoice) -> None:

@@ -9,12 +9,11 @@ import os
 import shutil
 
 import numpy as np
-import onnx
 import pytest
-from onnx import numpy_helper
 
 from rwkv2rknn.tools.check import Tolerances, run_check
-from rwkv2rknn.artifact.plan import MANIFEST, sha256_file
+from rwkv2rknn.runtime.hybrid import load_manifest
+from rwkv2rknn.tools.weights import rewrite_segment, scaled
 
 
 def _copy(artifact, tmp_path):
@@ -26,25 +25,9 @@ def _copy(artifact, tmp_path):
 def _perturb(art, which: str, npu_index: int = 1, factor: float = 1.25) -> str:
     """Scale every weight matrix of one NPU segment's per-token ('onnx') or T-row ('seq_onnx')
     file (2-D for a MatMul; a 1x1 Conv's weight in the columns forms)."""
-    path = os.path.join(art, MANIFEST)
-    with open(path) as f:
-        m = json.load(f)
-    seg = [s for s in m["segments"] if s["backend"] == "npu"][npu_index]
-    onnx_path = os.path.join(art, seg[which])
-    model = onnx.load(onnx_path)
-    scaled = 0
-    conv = {n.input[1] for n in model.graph.node if n.op_type == "Conv"}
-    for init in model.graph.initializer:
-        w = numpy_helper.to_array(init)
-        if (w.ndim == 2 or init.name in conv) and w.dtype.kind == "f":
-            init.CopyFrom(numpy_helper.from_array((w * factor).astype(w.dtype), init.name))
-            scaled += 1
-    assert scaled, "the segment has no weights to perturb"
-    onnx.save(model, onnx_path)
-    seg["seq_sha256" if which == "seq_onnx" else "sha256"] = sha256_file(onnx_path)
-    with open(path, "w") as f:
-        json.dump(m, f)
-    return seg["name"]
+    name = [s.name for s in load_manifest(art).segments if s.backend == "npu"][npu_index]
+    assert rewrite_segment(art, name, scaled(factor), files=(which,)), "the segment has no weights to perturb"
+    return name
 
 
 @pytest.mark.slow

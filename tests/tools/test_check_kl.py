@@ -9,14 +9,13 @@ import os
 import shutil
 
 import numpy as np
-import onnx
 import pytest
 from click.testing import CliRunner
-from onnx import numpy_helper
 
 from rwkv2rknn.tools.check import KL_TOLERANCE, run_check
 from rwkv2rknn.cli import cli
-from rwkv2rknn.artifact.plan import MANIFEST, sha256_file
+from rwkv2rknn.runtime.hybrid import load_manifest
+from rwkv2rknn.tools.weights import rewrite_segment, scaled
 
 pytestmark = pytest.mark.slow
 TOKENS = 96  # of the built-in English sample
@@ -35,30 +34,17 @@ def fp16_bytes(byte_model, tmp_path_factory):
 
 def scaled_copy(artifact: str, dst: str, factor: float, npu_index: int = 1) -> str:
     """A copy of ``artifact`` whose ``npu_index``-th NPU segment has every weight matrix (2-D, or
-    a 1x1 Conv's weight in the columns forms) scaled by ``factor`` in both its ONNX files, with the manifest's checksums updated: a miscompiled
-    segment, as the runtime loads it. Returns the segment's name."""
+    a 1x1 Conv's weight in the columns forms) scaled by ``factor`` in both its ONNX files, with
+    the manifest's checksums updated: a miscompiled segment, as the runtime loads it. Returns the
+    segment's name."""
     shutil.copytree(artifact, dst)
-    path = os.path.join(dst, MANIFEST)
-    with open(path) as f:
-        m = json.load(f)
-    seg = [s for s in m["segments"] if s["backend"] == "npu"][npu_index]
-    for key, sha in (("onnx", "sha256"), ("seq_onnx", "seq_sha256")):
-        if seg.get(key):
-            p = os.path.join(dst, seg[key])
-            model = onnx.load(p)
-            n = 0
-            conv = {n.input[1] for n in model.graph.node if n.op_type == "Conv"}
-            for init in model.graph.initializer:
-                w = numpy_helper.to_array(init)
-                if (w.ndim == 2 or init.name in conv) and w.dtype.kind == "f":
-                    init.CopyFrom(numpy_helper.from_array((w * factor).astype(w.dtype), init.name))
-                    n += 1
-            assert n, f"{seg['name']} has no weights to scale"
-            onnx.save(model, p)
-            seg[sha] = sha256_file(p)
-    with open(path, "w") as f:
-        json.dump(m, f)
-    return seg["name"]
+    seg = [s for s in load_manifest(dst).segments if s.backend == "npu"][npu_index]
+    for key, present in (("onnx", seg.token.onnx), ("seq_onnx", seg.seq.onnx)):
+        if present:
+            assert rewrite_segment(dst, seg.name, scaled(factor), (key,)), (
+                f"{seg.name} has no weights to scale"
+            )
+    return seg.name
 
 
 def _kl_failures(rep):
