@@ -264,10 +264,10 @@ def _spy_sessions(monkeypatch):
     made = []
     real = ort_mod.make_session
 
-    def spy(model, threads=0, what="model", prepack=True, initializers=None, arena=True):
+    def spy(model, threads=0, what="model", prepack=True, initializers=None, arena=True, **more):
         made.append((what, arena, dict(initializers or {})))
         return real(
-            model, threads=threads, what=what, prepack=prepack, initializers=initializers, arena=arena
+            model, threads=threads, what=what, prepack=prepack, initializers=initializers, arena=arena, **more
         )
 
     monkeypatch.setattr(ort_mod, "make_session", spy)
