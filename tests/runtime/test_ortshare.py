@@ -322,7 +322,9 @@ def test_sessions_share_one_value_per_weight_and_t_rows_load_for_a_prompt(plan_a
     seq = [(w, a, i) for w, a, i in made if w.endswith(".seq")]
     assert seq and len(seq) == sum(r is not None for r in model._seq)
     decode = [i for w, _, i in made if w == "decode"]
-    assert len(decode) == 2 and decode[0].keys() == decode[1].keys() == store.values.keys()
+    # one fused session per thread setting the token step chooses between, all on the store
+    assert len(decode) == len(model._decode.steps) >= 1
+    assert all(d.keys() == store.values.keys() for d in decode)
     for what, arena, inits in made:
         if what in ("decode",) or what.endswith(".seq") or not inits:
             continue
