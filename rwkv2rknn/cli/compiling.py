@@ -245,14 +245,7 @@ def compile_cmd(
         prefill_rows=_parse_rows(prefill_rows),
         stream=not whole_graph,
     )
-    manifest = _compile_with_progress(model, out_dir, opts, force, dump_after)
-    click.echo(manifest.table())
-    for line in manifest.warnings():
-        click.echo(f"warning: {line}", err=True)
-    if not opts.plan_only:
-        from rwkv2rknn.runtime.device import describe_need, memory_need
-
-        click.echo(f"board memory need: {describe_need(memory_need(manifest, out_dir))}")
+    _show_compiled(_compile_with_progress(model, out_dir, opts, force, dump_after), out_dir, opts)
     click.echo(f"artifact written to {out_dir}")
     if quant_kl is not None:
         _choose_by_kl(model, out_dir, opts, quant_kl)
@@ -262,6 +255,17 @@ def compile_cmd(
         from rwkv2rknn.tools.report_html import write_report
 
         click.echo(f"report written to {write_report(out_dir)}")
+
+
+def _show_compiled(manifest, out_dir, opts) -> None:
+    """A compile's plan table, its warnings and (for a built one) the board memory it needs."""
+    click.echo(manifest.table())
+    for line in manifest.warnings():
+        click.echo(f"warning: {line}", err=True)
+    if not opts.plan_only:
+        from rwkv2rknn.runtime.device import describe_need, memory_need
+
+        click.echo(f"board memory need: {describe_need(memory_need(manifest, out_dir))}")
 
 
 def _choose_by_kl(model, out_dir, opts, target: float) -> None:
@@ -279,11 +283,8 @@ def _choose_by_kl(model, out_dir, opts, target: float) -> None:
     def recompile(keep):
         again = dataclasses.replace(opts, quant_keep=tuple(opts.quant_keep) + tuple(keep))
         click.echo(f"--quant-kl: compiling again with --quant-keep {','.join(again.quant_keep)}", err=True)
-        from rwkv2rknn.runtime.device import describe_need, memory_need
-
         manifest = _compile_with_progress(model, out_dir, again, force=True)
-        click.echo(manifest.table())
-        click.echo(f"board memory need: {describe_need(memory_need(manifest, out_dir))}")
+        _show_compiled(manifest, out_dir, again)
         return manifest
 
     choice = quant_kl.choose(

@@ -271,31 +271,47 @@ def write_columns(onnx_path: str, out_path: str, rows: int = 3, checked: bool = 
 def check(onnx_path: str, out_path: str, rows: int = 3) -> str:
     """'' if the columns form ``out_path`` of the T-row file ``onnx_path`` computes the same on
     onnxruntime (random inputs, ``rows`` rows), else why not."""
-    try:
-        return _same_on_ort(onnx_path, out_path, rows)
-    except Exception as e:  # noqa: BLE001 - onnxruntime refused the rewritten graph
-        return f"onnxruntime cannot run the columns form ({type(e).__name__})"
+
+    def as_rows(x, w):  # a columns output [1, N, 1, T] as the rows output [T, N] it stands for
+        t = w.shape[0]
+        return x.reshape(-1, t).T if x.shape == (1, w.shape[1], 1, t) else None
+
+    return _same_on_ort(onnx_path, out_path, "columns form", rows, to_cols, as_rows)
 
 
-def _same_on_ort(onnx_path: str, out_path: str, rows: int) -> str:
+def _same_on_ort(ref_path: str, path: str, what: str, rows: int = 1, to_form=None, back=None) -> str:
+    """'' if the file ``path`` computes what ``ref_path`` computes on onnxruntime (seeded random
+    inputs, symbolic dimensions ``rows``), else why not, naming it ``what``. ``to_form``: a
+    reference input as ``path`` takes it; ``back(x, want)``: an output of ``path`` in the
+    reference's form (None: not of the form it should have)."""
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    rng = np.random.default_rng(0)
-    a = ort.InferenceSession(onnx_path, opts, providers=["CPUExecutionProvider"])
-    b = ort.InferenceSession(out_path, opts, providers=["CPUExecutionProvider"])
-    feed = {
-        i.name: rng.standard_normal([rows if isinstance(d, str) else d for d in i.shape]).astype(np.float32)
-        for i in a.get_inputs()
-    }
-    want = a.run(None, feed)
-    got = b.run(None, {k: to_cols(v) for k, v in feed.items()})
+    try:
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1
+        a = ort.InferenceSession(ref_path, opts, providers=["CPUExecutionProvider"])
+        b = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        rng = np.random.default_rng(0)
+        feed = {
+            i.name: rng.standard_normal([rows if isinstance(d, str) else d for d in i.shape]).astype(
+                np.float32
+            )
+            for i in a.get_inputs()
+        }
+        want = a.run(None, feed)
+        got = b.run(
+            [o.name for o in a.get_outputs()], {k: to_form(v) if to_form else v for k, v in feed.items()}
+        )
+    except Exception as e:  # noqa: BLE001 - onnxruntime refused the rewritten graph
+        return f"onnxruntime cannot run the {what} ({type(e).__name__})"
     for o, w, x in zip(a.get_outputs(), want, got):
-        scale = max(float(np.abs(w).max()), 1e-6)
-        t = w.shape[0]
-        if x.shape != (1, w.shape[1], 1, t) or float(np.abs(x.reshape(-1, t).T - w).max()) > 1e-4 * scale:
-            return f"the columns form computes '{o.name}' differently"
+        x = back(x, w) if back else x
+        if (
+            x is None
+            or x.shape != w.shape
+            or float(np.abs(x - w).max()) > 1e-4 * max(float(np.abs(w).max()), 1e-6)
+        ):
+            return f"the {what} computes '{o.name}' differently"
     return ""
 
 
@@ -403,32 +419,11 @@ def write_token_view(
         return str(e)
     save_onnx(view, out_path, keep=False)
     del view
-    why = _same_per_token(token_path, out_path) if checked else ""
+    why = _same_on_ort(token_path, out_path, "per-token view") if checked else ""
     if why:
         remove_quietly(out_path)
         remove_quietly(out_path + ".data")
     return why
-
-
-def _same_per_token(token_path: str, view_path: str) -> str:
-    """'' if the two per-token files compute the same on onnxruntime (random inputs)."""
-    import onnxruntime as ort
-
-    try:
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = 1
-        a = ort.InferenceSession(token_path, opts, providers=["CPUExecutionProvider"])
-        b = ort.InferenceSession(view_path, opts, providers=["CPUExecutionProvider"])
-        rng = np.random.default_rng(0)
-        feed = {i.name: rng.standard_normal(i.shape).astype(np.float32) for i in a.get_inputs()}
-        want, got = a.run(None, feed), b.run([o.name for o in a.get_outputs()], feed)
-    except Exception as e:  # noqa: BLE001 - onnxruntime refused the view
-        return f"onnxruntime cannot run the per-token view ({type(e).__name__})"
-    for o, w, x in zip(a.get_outputs(), want, got):
-        scale = max(float(np.abs(w).max()), 1e-6)
-        if x.shape != w.shape or float(np.abs(x - w).max()) > 1e-4 * scale:
-            return f"the per-token view computes '{o.name}' differently"
-    return ""
 
 
 def in_columns(onnx_path: str) -> bool:

@@ -27,6 +27,7 @@ import numpy as np
 
 from rwkv2rknn import fileio
 from rwkv2rknn.artifact.plan import MANIFEST, Manifest
+from rwkv2rknn.runtime.hybrid import load_manifest
 
 log = logging.getLogger(__name__)
 # The artifact is measured once the per-segment figures predict a KL within this factor of the
@@ -77,7 +78,7 @@ def heldout_kl(quality: dict) -> float:
 
 def rknn_bytes(artifact: str, manifest: Optional[Manifest] = None) -> int:
     """The .rknn bytes of an artifact (each file once)."""
-    m = manifest or _load(artifact)
+    m = manifest or load_manifest(artifact)
     files = {f for s in m.segments for f in (s.token.rknn, s.seq.rknn) if f}
     return sum(os.path.getsize(os.path.join(artifact, f)) for f in files)
 
@@ -95,10 +96,6 @@ def weight_bytes(onnx_path: str) -> int:
     return n
 
 
-def _load(artifact: str) -> Manifest:
-    return Manifest.from_dict(fileio.read_json(os.path.join(artifact, MANIFEST), "manifest"))
-
-
 def _variant(artifact: str, folder: str, edit: Callable) -> str:
     """A view of ``artifact`` in ``folder`` (its files linked) with ``edit(segment)`` applied
     to every segment of its manifest."""
@@ -106,7 +103,7 @@ def _variant(artifact: str, folder: str, edit: Callable) -> str:
     for name in os.listdir(artifact):
         if name != MANIFEST:
             os.symlink(os.path.join(os.path.abspath(artifact), name), os.path.join(folder, name))
-    m = _load(artifact)
+    m = load_manifest(artifact)
     m = replace(m, segments=tuple(edit(s) for s in m.segments))
     fileio.write_json(os.path.join(folder, MANIFEST), m.to_dict())
     return folder
@@ -137,7 +134,7 @@ def choose(
     --quant-keep) into the same folder. ``say``: progress lines."""
     from rwkv2rknn.tools.evaluate import heldout_quality, sim_against_ort
 
-    m = _load(artifact)
+    m = load_manifest(artifact)
     out = KlChoice(target=target, bytes_before=rknn_bytes(artifact, m))
     out.all_kl = out.kl = heldout_kl(heldout_quality(artifact, ids, where))
     out.bytes_after = out.bytes_before
