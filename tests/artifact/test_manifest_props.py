@@ -18,7 +18,15 @@ from hypothesis import strategies as st
 
 from rwkv2rknn.errors import BadInput
 from rwkv2rknn.artifact import plan
-from rwkv2rknn.artifact.plan import FORMAT, FORMAT_VERSION, Build, Manifest, Segment, StateSlot
+from rwkv2rknn.artifact.plan import (
+    READS_VERSIONS,
+    FORMAT,
+    FORMAT_VERSION,
+    Build,
+    Manifest,
+    Segment,
+    StateSlot,
+)
 
 PROPS = settings(
     max_examples=150,
@@ -564,9 +572,9 @@ def broken(draw):
     typ = required[key]
     if typ is None or draw(st.booleans()):
         if typ is None and draw(st.booleans()):
-            # 5: a version this rwkv2rknn does not read (it reads 1-4; drawing one of those
-            # made the "broken" manifest a valid one)
-            holder[key] = draw(st.sampled_from(["rwkv2rknn-other", 0, 5, None, "1"]))
+            # the version after the newest this rwkv2rknn reads (drawing one it reads made the
+            # "broken" manifest a valid one)
+            holder[key] = draw(st.sampled_from(["rwkv2rknn-other", 0, max(READS_VERSIONS) + 1, None, "1"]))
         else:
             del holder[key]
     else:
