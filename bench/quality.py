@@ -28,6 +28,7 @@ from rwkv2rknn.compiler.driver import compile_model
 from rwkv2rknn.compiler.ir import Options
 from rwkv2rknn.models import bundled, checkpoint
 from rwkv2rknn.models.export import export
+from rwkv2rknn.tools.bench import random_model
 from rwkv2rknn.tools.weights import rewrite_segment, scaled
 from rwkv2rknn.artifact.plan import MANIFEST
 
@@ -39,7 +40,17 @@ MODELS = {
     "v5": lambda: checkpoint.random_rwkv5(layers=3, width=128, vocab=256, seed=12),
     "v6": lambda: checkpoint.random_rwkv6(layers=3, width=128, vocab=256, seed=13),
     "v7": lambda: checkpoint.random_rwkv7(layers=3, width=128, vocab=256, seed=14),
+    # the 430M shapes (24 x 1024; the vocabularies of the Pile and World tokenizers), random weights
+    # stored float16 (half the memory; read as float32): `--tokens 64 --random-tokens 16` keeps a
+    # precision to about an hour on rknn-sim here
+    "430m-v4": lambda: random_model("4", 24, 1024, 50277, 0),
+    "430m-v7": lambda: random_model("7", 24, 1024, 65536, 0),
 }
+
+
+# the built-in text sample is tokenized with the model's tokenizer: bytes unless named here (the
+# Pile tokenizer of RWKV-4 430M is not bundled, so that shape reads bytes: ids below 256)
+TOKENIZER = {"430m-v7": "world"}
 
 
 def model_for(name: str) -> dict:
@@ -93,7 +104,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default=",".join(MODELS), help="names of MODELS, or checkpoint files (.pth)")
     ap.add_argument("--quant", default="fp16,w8a8,w16a16i")
-    ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--tokens", type=int, default=256, help="tokens of the English sample")
+    ap.add_argument("--random-tokens", type=int, default=32, help="seeded random ids")
     ap.add_argument("--perturb", action="store_true")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -107,7 +119,7 @@ def main():
             sources["fp16"] = os.path.join(work, name, "fp16")
         for dtype, d in sources.items():
             if not os.path.exists(os.path.join(d, "model.json")):
-                export(sd, d, fp32=dtype == "fp32", tokenizer="bytes", force=True)
+                export(sd, d, fp32=dtype == "fp32", tokenizer=TOKENIZER.get(name, "bytes"), force=True)
         for q in args.quant.split(","):
             for dtype, d in sources.items():
                 art = os.path.join(work, name, f"{dtype}-{q}")
@@ -118,7 +130,7 @@ def main():
                 for kind in ("text", "random"):
                     rep, _ = run_check(
                         art,
-                        args.tokens if kind == "text" else 32,
+                        args.tokens if kind == "text" else args.random_tokens,
                         backend="rknn-sim",
                         random_ids=kind == "random",
                     )
