@@ -142,6 +142,7 @@ def compile_model(
         raise UsageError(
             f"unknown pass '{dump_after}' for --dump-after", f"use one of {', '.join(pass_names)}"
         )
+    _check_quant_float(options)
     fileio.check_out_dir(os.path.abspath(out_dir), MANIFEST, force)  # before minutes of passes
     if os.path.exists(model_path):
         load.refuse_checkpoint(model_path)  # weights, not ONNX: says to export them first
@@ -381,6 +382,28 @@ def _golden(ctx: Context, tmp: str, manifest: Manifest, options: Options) -> Man
         f"fp32 onnxruntime (the board's self-test)",
     )
     return manifest
+
+
+def _check_quant_float(options: Options) -> None:
+    """--quant-float: known groups, w8a8, per-token builds only (one-line errors)."""
+    if not options.quant_float:
+        return
+    from rwkv2rknn.rknn.toolkit import FLOAT_TENSORS
+
+    bad = [g for g in options.quant_float if g not in FLOAT_TENSORS]
+    if bad:
+        raise UsageError(f"--quant-float '{bad[0]}' is not a tensor group", f"use {', '.join(FLOAT_TENSORS)}")
+    if options.quant != "w8a8" or options.plan_only:
+        raise UsageError(
+            "--quant-float is for w8a8 builds",
+            "add --quant w8a8 (without --plan-only), or drop --quant-float",
+        )
+    if options.prefill_rows:
+        raise UsageError(
+            "--quant-float needs per-token builds (the toolkit's hybrid quantisation drops the "
+            "T-row builds' dynamic_input)",
+            "add --prefill-rows none (or drop --quant-float)",
+        )
 
 
 def _calibration_ids(model_path: str, options: Options):
