@@ -414,7 +414,12 @@ def _calibration_ids(model_path: str, options: Options):
         raise UsageError(f"unknown precision '{options.quant}'", f"use one of {', '.join(PRECISIONS)}")
     if options.quant == "fp16":
         return None
-    return calibrate.calibration_ids(model_path, options.calib_text, options.calib_tokens)
+    return calibrate.calibration_ids(
+        model_path,
+        options.calib_text,
+        options.calib_tokens,
+        calibrate.random_count(options.quant, options.calib_tokens),
+    )
 
 
 def _calibrate(ctx: Context, tmp: str, toolkit: str, calib_ids) -> dict:
@@ -428,10 +433,12 @@ def _calibrate(ctx: Context, tmp: str, toolkit: str, calib_ids) -> dict:
     out = calibrate.prepare(
         tmp, cal, hold, rows, [s.input for s in ctx.state if not s.accumulator], build.DECODE_ROWS
     )
+    n_random = min(calibrate.random_count(ctx.options.quant, ctx.options.calib_tokens), len(cal))
     ctx.note(
         build.NAME,
-        f"calibration: {len(cal)} tokens of {where} for the {ctx.options.quant} "
-        f"dataset, the next {len(hold)} held out for accuracy",
+        f"calibration: {len(cal) - n_random} tokens of {where}"
+        + (f" and {n_random} seeded random ids" if n_random else "")
+        + f" for the {ctx.options.quant} dataset, the next {len(hold)} held out for accuracy",
     )
     return out
 
