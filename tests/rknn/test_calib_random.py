@@ -47,8 +47,10 @@ def _random_kl(model, out, monkeypatch, share):
 
 @pytest.mark.slow
 def test_w16a16i_calibrated_on_random_ids_too_holds_on_random_ids(unseen_spikes, tmp_path, monkeypatch):
+    share = dict(calibrate.RANDOM_SHARE)
+    assert share.get("w16a16i")
     text_only = _random_kl(unseen_spikes, tmp_path / "text", monkeypatch, {})
-    both = _random_kl(unseen_spikes, tmp_path / "both", monkeypatch, dict(calibrate.RANDOM_SHARE))
+    both = _random_kl(unseen_spikes, tmp_path / "both", monkeypatch, share)
     # measured: KL mean 0.20 (same top 78%, check fails) against 0.001 (97%, check passes)
     assert not text_only.passed and text_only.quality["kl"]["mean"] > 0.05
     assert both.passed and both.quality["kl"]["mean"] < text_only.quality["kl"]["mean"] / 10
