@@ -41,7 +41,7 @@ def _random_kl(model, out, monkeypatch, share):
 
     monkeypatch.setattr(calibrate, "RANDOM_SHARE", share)
     compile_model(model, str(out), Options(quant="w16a16i", calib_tokens=96, prefill_rows=()))
-    rep, _ = run_check(str(out), 0, backend="rknn-sim", random_ids=True)
+    rep, _ = run_check(str(out), 16, backend="rknn-sim", random_ids=True, prefill=False)
     return rep
 
 
@@ -51,6 +51,6 @@ def test_w16a16i_calibrated_on_random_ids_too_holds_on_random_ids(unseen_spikes,
     assert share.get("w16a16i")
     text_only = _random_kl(unseen_spikes, tmp_path / "text", monkeypatch, {})
     both = _random_kl(unseen_spikes, tmp_path / "both", monkeypatch, share)
-    # measured: KL mean 0.20 (same top 78%, check fails) against 0.001 (97%, check passes)
+    # measured on 32 ids: KL mean 0.20 (same top 78%, check fails) against 0.001 (97%, passes)
     assert not text_only.passed and text_only.quality["kl"]["mean"] > 0.05
     assert both.passed and both.quality["kl"]["mean"] < text_only.quality["kl"]["mean"] / 10
