@@ -27,6 +27,7 @@ from rwkv2rknn.runtime.hybrid import HybridModel
 from rwkv2rknn.tools.check import choose_tokens
 from rwkv2rknn.tools.compare import quality
 import rwkv2rknn.rknn.sim as sim
+from rwkv2rknn.rknn.toolkit import FLOAT_TENSORS
 
 SIZES = {}  # .rknn bytes of each build of the last run
 
@@ -35,7 +36,7 @@ SIZES = {}  # .rknn bytes of each build of the last run
 # in its quantised graph, after hybrid_quantization_step1): the residual stream (each residual
 # Add, and the segment's residual input and output) and, with 'norm', the LayerNorms
 FLOAT = {
-    "residual": r"(^embed/output_int8$|^L\d+/output_int8$|^L\d+/output$|residual_out(-rs)*$|/output(-rs)+$)",
+    "residual": FLOAT_TENSORS["residual"],  # what compile --quant-float residual keeps
     "norm": r"\.mean_2ln$",
     "nothing": r"^$",  # the same per-token hybrid flow, every tensor int8: the baseline
 }

@@ -2,7 +2,7 @@
 
 ``load`` makes the Context from a path; every other pass is ``run(ctx)`` on it:
 
-    load -> canonicalize -> recognize -> keep_fp32 -> state -> rank_one -> normalize_matmul -> fp16_guard
+    load -> canonicalize -> recognize -> keep_fp32 -> embed_norm (w16a16i) -> state -> rank_one -> normalize_matmul -> fp16_guard
          -> support -> partition -> cut -> sequence (T-token variants for prefill)
          -> build (rwkv2rknn.rknn.build, run by the compiler: needs the segment files on disk;
             skipped by --plan-only)
@@ -11,6 +11,7 @@
 from rwkv2rknn.passes import (
     canonicalize,
     cut,
+    embed_norm,
     fp16_guard,
     keep_fp32,
     load,
@@ -28,6 +29,7 @@ GRAPH_PIPELINE = (
     canonicalize,
     recognize,
     keep_fp32,
+    embed_norm,
     state,
     rank_one,
     normalize_matmul,

@@ -162,6 +162,13 @@ def _options(**kw):
     "a segment costs the most KL (python bench/quant_search.py ART --alone measures it).",
 )
 @click.option(
+    "--quant-float",
+    default="",
+    metavar="GROUPS",
+    help="Tensors kept float16 in w8a8 builds: 'residual' (the residual stream; "
+    "needs --prefill-rows none, docs/quality.md).",
+)
+@click.option(
     "--cache-dir", type=FOLDER, help="Build cache (default: $RWKV2RKNN_CACHE or ~/.cache/rwkv2rknn)."
 )
 @option(
@@ -218,6 +225,7 @@ def compile_cmd(
     quant_min_cos,
     quant_kl,
     quant_keep,
+    quant_float,
     prefill_rows,
     whole_graph,
     force,
@@ -242,6 +250,7 @@ def compile_cmd(
         **same,
         quant_min_cos=quant_min_cos,
         quant_keep=keep,
+        quant_float=tuple(dict.fromkeys(g.strip() for g in quant_float.split(",") if g.strip())),
         prefill_rows=_parse_rows(prefill_rows),
         stream=not whole_graph,
     )

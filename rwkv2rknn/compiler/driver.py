@@ -142,6 +142,7 @@ def compile_model(
         raise UsageError(
             f"unknown pass '{dump_after}' for --dump-after", f"use one of {', '.join(pass_names)}"
         )
+    _check_quant_float(options)
     fileio.check_out_dir(os.path.abspath(out_dir), MANIFEST, force)  # before minutes of passes
     if os.path.exists(model_path):
         load.refuse_checkpoint(model_path)  # weights, not ONNX: says to export them first
@@ -383,6 +384,28 @@ def _golden(ctx: Context, tmp: str, manifest: Manifest, options: Options) -> Man
     return manifest
 
 
+def _check_quant_float(options: Options) -> None:
+    """--quant-float: known groups, w8a8, per-token builds only (one-line errors)."""
+    if not options.quant_float:
+        return
+    from rwkv2rknn.rknn.toolkit import FLOAT_TENSORS
+
+    bad = [g for g in options.quant_float if g not in FLOAT_TENSORS]
+    if bad:
+        raise UsageError(f"--quant-float '{bad[0]}' is not a tensor group", f"use {', '.join(FLOAT_TENSORS)}")
+    if options.quant != "w8a8" or options.plan_only:
+        raise UsageError(
+            "--quant-float is for w8a8 builds",
+            "add --quant w8a8 (without --plan-only), or drop --quant-float",
+        )
+    if options.prefill_rows:
+        raise UsageError(
+            "--quant-float needs per-token builds (the toolkit's hybrid quantisation drops the "
+            "T-row builds' dynamic_input)",
+            "add --prefill-rows none (or drop --quant-float)",
+        )
+
+
 def _calibration_ids(model_path: str, options: Options):
     """(calibration ids, held-out ids, where) for a quantised compile, None for fp16."""
     from rwkv2rknn.artifact.plan import PRECISIONS
@@ -391,7 +414,12 @@ def _calibration_ids(model_path: str, options: Options):
         raise UsageError(f"unknown precision '{options.quant}'", f"use one of {', '.join(PRECISIONS)}")
     if options.quant == "fp16":
         return None
-    return calibrate.calibration_ids(model_path, options.calib_text, options.calib_tokens)
+    return calibrate.calibration_ids(
+        model_path,
+        options.calib_text,
+        options.calib_tokens,
+        calibrate.random_count(options.quant, options.calib_tokens),
+    )
 
 
 def _calibrate(ctx: Context, tmp: str, toolkit: str, calib_ids) -> dict:
@@ -405,10 +433,12 @@ def _calibrate(ctx: Context, tmp: str, toolkit: str, calib_ids) -> dict:
     out = calibrate.prepare(
         tmp, cal, hold, rows, [s.input for s in ctx.state if not s.accumulator], build.DECODE_ROWS
     )
+    n_random = min(calibrate.random_count(ctx.options.quant, ctx.options.calib_tokens), len(cal))
     ctx.note(
         build.NAME,
-        f"calibration: {len(cal)} tokens of {where} for the {ctx.options.quant} "
-        f"dataset, the next {len(hold)} held out for accuracy",
+        f"calibration: {len(cal) - n_random} tokens of {where}"
+        + (f" and {n_random} seeded random ids" if n_random else "")
+        + f" for the {ctx.options.quant} dataset, the next {len(hold)} held out for accuracy",
     )
     return out
 

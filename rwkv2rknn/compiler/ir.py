@@ -61,6 +61,9 @@ class Options:
     calib_text: Optional[str] = None  # calibration text file (default: calibrate.default_text)
     quant_min_cos: float = 0.99  # a quantised segment below this cosine is built fp16
     quant_keep: Tuple[str, ...] = ()  # NPU segments (names, or stages they hold) kept fp16
+    # tensor groups kept float16 in quantised per-token builds (rknn.toolkit.FLOAT_TENSORS:
+    # 'residual'); needs prefill_rows empty (the toolkit's hybrid flow builds one shape only)
+    quant_float: Tuple[str, ...] = ()
     seed: int = 0
     fp16_limit: float = 65504.0 / 4  # headroom: keep NPU tensors 4x below fp16's maximum
     min_segment_flops: int = 2 * 32 * 32

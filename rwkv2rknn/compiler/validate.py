@@ -50,7 +50,7 @@ TOKENS = 6
 FP32_TOL = 1e-4  # logits and final state, relative to their scale: fp32 rounding
 FP16_TOL = 0.03  # an fp16 source against the fp32 compiled model (measured: at most 5.3e-3)
 # the passes that rewrite the graph, in pipeline order (the others analyse it, or cut it)
-REWRITING = ("canonicalize", "recognize", "keep_fp32", "state", "rank_one", "normalize_matmul")
+REWRITING = ("canonicalize", "recognize", "keep_fp32", "embed_norm", "state", "rank_one", "normalize_matmul")
 
 
 def tolerances(source_dtype: str):

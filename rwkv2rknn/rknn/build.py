@@ -385,18 +385,24 @@ def _copy_shared(seg: GraphSegment, out_dir: str, rows, key: str) -> None:
     seg.seq.rows, seg.decode_rows, seg.cache_key = rows, DECODE_ROWS, key
 
 
-def _quant_variant(precision: str, digest: str) -> str:
+def _quant_variant(precision: str, digest: str, floating=()) -> str:
     from rwkv2rknn.rknn.toolkit import QUANT_DTYPE
 
-    q = quant_settings()
-    return f"{QUANT_DTYPE[precision]}|{q['algorithm']}|{q['method']}|{digest}"
+    q = quant_settings(floating)
+    extra = f"|float {q['float']}" if "float" in q else ""  # the key of builds before it unchanged
+    return f"{QUANT_DTYPE[precision]}|{q['algorithm']}|{q['method']}|{digest}{extra}"
 
 
-def quant_settings() -> dict:
-    """How this compile quantises (recorded in each quantised build's ``plan.Build.quant``)."""
+def quant_settings(floating=()) -> dict:
+    """How this compile quantises (recorded in each quantised build's ``plan.Build.quant``):
+    ``floating``, the --quant-float groups (``toolkit.FLOAT_TENSORS``) kept float16 in a
+    per-token build, as 'float' (comma-separated; absent when none)."""
     from rwkv2rknn.rknn.toolkit import QUANT_ALGORITHM, QUANT_METHOD
 
-    return {"algorithm": QUANT_ALGORITHM, "method": QUANT_METHOD}
+    q = {"algorithm": QUANT_ALGORITHM, "method": QUANT_METHOD}
+    if floating:
+        q["float"] = ",".join(floating)
+    return q
 
 
 class _Quant(NamedTuple):
@@ -435,7 +441,7 @@ def _quantised(job: _Quant, version: str) -> str:
             f.read() + (repr(tuple(rows)).encode() if rows else b""),
             opts.target,
             version,
-            _quant_variant(opts.quant, cal.digest),
+            _quant_variant(opts.quant, cal.digest, () if rows else opts.quant_float),
         )
     cache = builds.cache
     with cache.locked(key, lambda: builds.stopping):
@@ -443,7 +449,7 @@ def _quantised(job: _Quant, version: str) -> str:
     if not status:
         return ""
     seg.token.precision, seg.token.calib, seg.cache_key, seg.precision_note = opts.quant, dataset, key, ""
-    seg.token.quant = quant_settings()
+    seg.token.quant = quant_settings(() if rows else opts.quant_float)
     return status
 
 
@@ -493,6 +499,7 @@ def _quantised_entry(job: _Quant, key: str) -> str:
             opts.build_timeout,
             rows,
             precision=opts.quant,
+            floating=() if rows else opts.quant_float,
             dataset=os.path.join(out_dir, dataset),
             holdout=cal.seq_holdout if rows else cal.holdout,
             holdout_out=outs,

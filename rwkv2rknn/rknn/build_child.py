@@ -49,6 +49,7 @@ def build_child(
     timeout: float,
     rows=(),
     precision: str = "fp16",
+    floating=(),
     dataset: str = "",
     holdout: str = "",
     holdout_out: str = "",
@@ -63,7 +64,8 @@ def build_child(
     so the entry is whole even if this process is killed while the child works. If the child
     fails, times out or this process is interrupted, the child is stopped and its partial file
     removed. A quantised build (``precision``, ``dataset``) also runs the ``holdout`` dataset's
-    samples in the simulator and saves the outputs to ``holdout_out`` (.npz, sample-major).
+    samples in the simulator and saves the outputs to ``holdout_out`` (.npz, sample-major);
+    ``floating``: its tensor groups kept float16 (``toolkit.FLOAT_TENSORS``, a per-token build).
     Each child works in its own empty folder (its cwd and $TMPDIR): rknn-toolkit2 writes
     fixed-name scratch files there (``check_dynshape0.onnx`` ... for a T-row build), which two
     builds side by side would otherwise overwrite for each other. ``running`` (a set) holds the
@@ -93,6 +95,8 @@ def build_child(
         cmd += ["--rows", ",".join(str(r) for r in rows)]
     if precision != "fp16":
         cmd += ["--precision", precision, "--dataset", absp(dataset)]
+        if floating:
+            cmd += ["--float", ",".join(floating)]
     if holdout:
         cmd += ["--holdout", absp(holdout), "--holdout-out", absp(holdout_out)]
     if checksum:
@@ -201,6 +205,7 @@ def _main(argv=None) -> int:
     ap.add_argument("--log", default="", help="append the toolkit's output to this file")
     ap.add_argument("--precision", default="fp16")
     ap.add_argument("--dataset", default="", help="calibration dataset of a quantised build")
+    ap.add_argument("--float", default="", help="tensor groups kept float16 in a quantised build")
     ap.add_argument("--holdout", default="", help="run these samples in the simulator after the build")
     ap.add_argument("--holdout-out", default="", help="... and save the outputs here (.npz)")
     a = ap.parse_args(argv)
@@ -219,6 +224,7 @@ def _main(argv=None) -> int:
             rows=rows,
             precision=a.precision,
             dataset=a.dataset,
+            settings={"float": a.float} if a.float else None,
             runtime=bool(a.holdout),
             log_to=a.log,
         )

@@ -33,6 +33,15 @@ QUANT_DTYPE = {p: _TOOLKIT_DTYPE[p] for p in PRECISIONS if p != "fp16"}
 # build (plan.Build.quant); the simulator rebuilds an artifact's builds with its recorded values.
 QUANT_ALGORITHM = "normal"
 QUANT_METHOD = "channel"
+# ``compile --quant-float``: tensors of a quantised per-token build kept float16 through the
+# toolkit's hybrid quantisation (their names in its quantised graph, after
+# hybrid_quantization_step1; recorded as ``plan.Build.quant['float']``). 'residual': the residual
+# stream, each residual Add and the segment's residual input conversion and output (bundled
+# model: w8a8 KL 0.0060 -> 0.0049 at 1.01x the bytes, docs/benchmarks.md). The hybrid flow
+# builds one shape only (it drops ``dynamic_input``): T-row builds cannot have it.
+FLOAT_TENSORS = {
+    "residual": r"(^embed/output_int8$|^L\d+/output_int8$|^L\d+/output$|residual_out(-rs)*$|/output(-rs)+$)",
+}
 
 TOOLKIT_INSTALL = (
     "pip install --no-deps rknn-toolkit2==2.5.0 (its other dependencies are in "
@@ -116,7 +125,8 @@ def build_in_process(
     toolkit's own output is dropped (``verbose``: shown; ``log_to``: appended to that file).
     ``rows``: a T-row segment, built for each of these row counts (``dynamic_input``).
     ``settings``: how to quantise (``plan.Build.quant``: algorithm, method; default: this version's
-    QUANT_ALGORITHM and QUANT_METHOD). The file is built as written: a columns form
+    QUANT_ALGORITHM and QUANT_METHOD; 'float': comma-separated FLOAT_TENSORS groups kept float16,
+    a per-token build only, through ``_hybrid_steps``). The file is built as written: a columns form
     (``rwkv2rknn.rknn.columns``, marked in the file) takes the dataset's row samples turned to
     [C, T] here. ``config``: more ``RKNN.config`` options, over the quantisation defaults (measurements only;
     its ``auto_hybrid`` goes to ``RKNN.build``).
@@ -141,8 +151,16 @@ def build_in_process(
             cfg["float_dtype"] = float_dtype
         if rows:
             cfg["dynamic_input"] = dynamic_shapes(onnx_path, rows)
+        how = settings or {}
+        floating = [g for g in str(how.get("float", "")).split(",") if g] if quant else []
+        if floating and (rows or any(g not in FLOAT_TENSORS for g in floating)):
+            rk.release()
+            raise ToolkitError(
+                f"cannot keep '{how['float']}' float16 in "
+                f"{'a T-row build' if rows else 'a build'} of {os.path.basename(onnx_path)}",
+                f"float16 tensors ({', '.join(FLOAT_TENSORS)}) need a per-token build (--prefill-rows none)",
+            )
         if quant:
-            how = settings or {}
             cfg.update(
                 quantized_dtype=QUANT_DTYPE[precision],
                 quantized_algorithm=how.get("algorithm", QUANT_ALGORITHM),
@@ -160,27 +178,68 @@ def build_in_process(
             ("load_onnx", lambda: rk.load_onnx(onnx_path)),
             ("build", lambda: rk.build(do_quantization=quant, dataset=dataset or None, **build_kw)),
         ]
+        if floating:
+            built = {}
+            step1, step2 = _hybrid_steps(rk, RKNN, onnx_path, dataset, floating, verbose, built)
+            steps[2:] = [("hybrid_quantization_step1", step1), ("hybrid_quantization_step2", step2)]
+        else:
+            built = {"rk": rk}
         if rknn_out:
-            steps.append(("export_rknn", lambda: rk.export_rknn(rknn_out)))
+            steps.append(("export_rknn", lambda: built["rk"].export_rknn(rknn_out)))
         if runtime:
-            steps.append(("init_runtime", lambda: rk.init_runtime()))
+            steps.append(("init_runtime", lambda: built["rk"].init_runtime()))
         for step, call in steps:
             try:
                 with _working_in(tmp):
                     ret = call()
             except Exception as e:  # the toolkit reports some failures as exceptions
-                rk.release()
+                built.get("rk", rk).release()
                 raise ToolkitError(
                     f"rknn-toolkit2 {step} failed on {os.path.basename(onnx_path)} ({error_line(e)})",
                     "the segment stays on the CPU; run with --verbose for the toolkit's log",
                 ) from e
             if ret not in (0, None) and step != "config":
-                rk.release()
+                built.get("rk", rk).release()
                 raise ToolkitError(
                     f"rknn-toolkit2 {step} returned {ret} on {os.path.basename(onnx_path)}",
                     "the segment stays on the CPU; run with --verbose for the toolkit's log",
                 )
-    return rk
+    return built["rk"]
+
+
+def _hybrid_steps(rk, RKNN, onnx_path: str, dataset: str, groups, verbose: bool, built: dict):
+    """The two calls of a quantised build with the FLOAT_TENSORS ``groups`` kept float16 (in
+    place of ``RKNN.build``): hybrid_quantization_step1 writes the quantised graph and its
+    quantisation config into the working folder; the second lists the matching tensors as
+    float16 in that config (``custom_quantize_layers``) and runs hybrid_quantization_step2 on a
+    new RKNN object, which it puts in ``built['rk']``. Both run in the working folder."""
+    import onnx
+
+    base = os.path.splitext(os.path.basename(onnx_path))[0]
+    pattern = re.compile("|".join(FLOAT_TENSORS[g] for g in groups))
+
+    def step1():
+        ret = rk.hybrid_quantization_step1(dataset=dataset)
+        rk.release()
+        return ret
+
+    def step2():
+        graph = onnx.load(base + ".model", load_external_data=False).graph
+        names = [o for n in graph.node for o in n.output if pattern.search(o)]
+        with open(base + ".quantization.cfg") as f:
+            cfg = f.read()
+        if "custom_quantize_layers: {}" not in cfg:
+            raise ToolkitError("the toolkit's quantisation config has no empty custom_quantize_layers")
+        listed = "".join(f"    {n}: float16\n" for n in names)
+        with open(base + ".quantization.cfg", "w") as f:
+            f.write(cfg.replace("custom_quantize_layers: {}", "custom_quantize_layers:\n" + listed, 1))
+        logging.getLogger(__name__).info("%s: %d tensor(s) kept float16", base, len(names))
+        built["rk"] = RKNN(verbose=verbose)
+        return built["rk"].hybrid_quantization_step2(
+            base + ".model", base + ".data", base + ".quantization.cfg"
+        )
+
+    return step1, step2
 
 
 @contextlib.contextmanager
