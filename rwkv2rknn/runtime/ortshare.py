@@ -22,6 +22,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
@@ -413,14 +414,31 @@ class LazyRunner:
 
 
 def runnable_others() -> Optional[int]:
-    """How many tasks of the whole system other than the calling thread are runnable now (the
-    kernel's count in /proc/loadavg), None where it cannot be read. Read between token steps,
-    when this process's pool threads sleep: what is left is other work wanting the cores."""
+    """How many tasks of the whole system outside this process are runnable now (the kernel's
+    count in /proc/loadavg less this process's runnable threads), None where it cannot be read:
+    other work wanting the cores."""
     try:
         with open("/proc/loadavg", "rb") as f:
-            return max(0, int(f.read().split()[3].split(b"/")[0]) - 1)
+            running = int(f.read().split()[3].split(b"/")[0])
     except (OSError, IndexError, ValueError):
         return None
+    return max(0, running - _own_runnable())
+
+
+def _own_runnable() -> int:
+    """This process's threads in the running state (the caller at least)."""
+    own = 0
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return 1
+    for tid in tasks:
+        try:
+            with open(f"/proc/self/task/{tid}/stat", "rb") as f:
+                own += f.read().rsplit(b")", 1)[1].split()[0] == b"R"
+        except (OSError, IndexError):
+            pass  # a thread that ended meanwhile
+    return max(own, 1)
 
 
 def usable_cores() -> int:
@@ -439,8 +457,9 @@ class AdaptiveStep:
     moving average runs, and every ``explore`` steps another is timed once.
 
     ``loaded``: the ways for a machine whose cores other work keeps busy, run instead while it
-    does. Before every step the runnable tasks other than this one are counted
-    (``runnable_others``, a moving average of weight ``weight``): at ``cores`` or more, other
+    does. Before a step, at most every ``probe_every`` seconds, the runnable tasks outside this
+    process are counted (``runnable_others``, a moving average of weight ``weight``): at
+    ``cores`` or more, other
     work could fill every core and the step runs on the loaded ways; below ``cores - 0.5`` again,
     on the quiet ones. The load is read, not timed, because a step's time swings 3-8x from one
     step to the next on such a machine (bench/fused_threads.py), far more than the ways differ."""
@@ -454,6 +473,7 @@ class AdaptiveStep:
         loaded: Optional[Dict[str, "BoundStep"]] = None,
         cores: int = 0,
         probe=runnable_others,
+        probe_every: float = 0.05,
     ):
         self.steps = dict(steps)
         self.quiet_names = list(steps)
@@ -464,7 +484,8 @@ class AdaptiveStep:
         self.count: Dict[str, int] = {k: 0 for k in self.names}
         self.warmup, self.explore, self.weight = warmup, explore, weight
         self.cores = cores or usable_cores()
-        self.probe = probe
+        self.probe, self.probe_every = probe, probe_every
+        self._probed = float("-inf")  # when the load was last read (time.monotonic)
         self.others: Optional[float] = None  # moving average of runnable_others
         self.busy = False  # the machine's cores are taken by other work
         self.switches = 0  # times the busy state changed
@@ -473,6 +494,10 @@ class AdaptiveStep:
     def _watch_load(self) -> None:
         if not self.loaded_names or self.probe is None:
             return
+        t = time.monotonic()
+        if t - self._probed < self.probe_every:  # reading it costs 0.1-0.5 ms on a loaded machine
+            return
+        self._probed = t
         now = self.probe()
         if now is None:
             return
@@ -512,8 +537,6 @@ class AdaptiveStep:
         return min(ready, key=lambda k: self.avg[k]) if ready else names[0]
 
     def step(self, token: int, flat: np.ndarray) -> np.ndarray:
-        import time
-
         self._watch_load()
         k = self._pick()
         self._n += 1

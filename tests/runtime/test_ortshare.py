@@ -2,6 +2,7 @@
 fused graph on bound buffers; the same numbers as the segments run one by one on their own."""
 
 import os
+import time
 
 import numpy as np
 import onnx
@@ -221,7 +222,11 @@ def test_adaptive_step_runs_the_loaded_ways_while_the_cores_are_taken():
     readings = iter([0] * 10 + [4] * 20 + [0] * 20)
     quiet, pool, busy = Fixed(), Fixed(), Fixed()
     chooser = AdaptiveStep(
-        {"1 thread": quiet, "pool": pool}, loaded={"4 threads": busy}, cores=2, probe=lambda: next(readings)
+        {"1 thread": quiet, "pool": pool},
+        loaded={"4 threads": busy},
+        cores=2,
+        probe=lambda: next(readings),
+        probe_every=0,
     )
     modes = []
     for t in range(50):
@@ -252,6 +257,7 @@ def test_token_steps_switch_to_the_loaded_pool_when_busy_loops_start(fp32_plan_a
     with BusyLoops(2 * cores):
         assert runnable_others() >= 2 * cores - 1  # the loops are runnable (one may be starting)
         for t in tokens[3:15]:
+            time.sleep(decode.probe_every)  # the load is read at most this often
             np.testing.assert_allclose(model.step(t, s), apart.step(t, r), rtol=0, atol=1e-6)
         assert decode.busy and decode.chosen == loaded and decode.count[loaded] > before
         assert "busy machine" in model.execution()
