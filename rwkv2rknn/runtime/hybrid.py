@@ -46,9 +46,10 @@ SMALL_BLOCKS = {"session.dynamic_block_base": 1}
 # by its runnable threads (the kernel shares a scheduling group's time between its threads, and
 # a busy loop started beside the process is one of them), and a pool thread that waits for a core
 # holds up one small block, not a half of every op. Measured (bench/fused_threads.py, a 430M
-# RWKV-7's fused step beside two busy loops, six interleaved runs, load average 5-10): 4 threads
-# of small blocks took 0.57-0.84x the one-thread time, the best or next-best way in each run;
-# the plain pool 0.59-1.13x, 2 threads of small blocks 0.35-0.95x, spinning pools 1.03-2.1x.
+# RWKV-7's fused step, eight interleaved runs, seven beside two busy loops, load average 5-10):
+# 4 threads of small blocks took 0.50-0.84x the one-thread time, the best or next-best way in
+# each run; the plain pool 0.59-1.39x, 2 threads of small blocks 0.35-0.95x, spinning pools
+# 1.03-2.1x (docs/benchmarks.md, "Speed under load").
 LOADED_THREADS = 2
 
 

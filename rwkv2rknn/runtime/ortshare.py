@@ -459,10 +459,10 @@ class AdaptiveStep:
     ``loaded``: the ways for a machine whose cores other work keeps busy, run instead while it
     does. Before a step, at most every ``probe_every`` seconds, the runnable tasks outside this
     process are counted (``runnable_others``, a moving average of weight ``weight``): at
-    ``cores`` or more, other
-    work could fill every core and the step runs on the loaded ways; below ``cores - 0.5`` again,
-    on the quiet ones. The load is read, not timed, because a step's time swings 3-8x from one
-    step to the next on such a machine (bench/fused_threads.py), far more than the ways differ."""
+    ``cores`` or more, other work could fill every core and the steps run on the loaded ways;
+    below ``cores - 0.5`` again, on the quiet ones. The load is read, not timed, because a
+    step's time swings 3-8x from one step to the next on such a machine
+    (bench/fused_threads.py), far more than the ways differ."""
 
     def __init__(
         self,
