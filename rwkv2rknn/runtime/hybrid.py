@@ -41,6 +41,16 @@ log = logging.getLogger(__name__)
 # was the lower (docs/benchmarks.md): which wins changes with the load, so the token step tries
 # it beside the others.
 SMALL_BLOCKS = {"session.dynamic_block_base": 1}
+# While other work keeps every core busy (AdaptiveStep's load watch), token steps run on a pool of
+# small blocks with this many threads per core. The share of a core a process gets there goes
+# by its runnable threads (the kernel shares a scheduling group's time between its threads, and
+# a busy loop started beside the process is one of them), and a pool thread that waits for a core
+# holds up one small block, not a half of every op. Measured (bench/fused_threads.py, a 430M
+# RWKV-7's fused step, eight interleaved runs, seven beside two busy loops, load average 5-10):
+# 4 threads of small blocks took 0.50-0.84x the one-thread time, the best or next-best way in
+# each run; the plain pool 0.59-1.39x, 2 threads of small blocks 0.35-0.95x, spinning pools
+# 1.03-2.1x (docs/benchmarks.md, "Speed under load").
+LOADED_THREADS = 2
 
 
 def load_manifest(artifact: str) -> Manifest:
@@ -328,6 +338,7 @@ class HybridModel:
             StubError,
             fuse,
             session_from_stub,
+            usable_cores,
         )
 
         m = self.manifest
@@ -348,16 +359,23 @@ class HybridModel:
         names = sorted(names)
         slots = [(s.input, s.output) for s in self.slots]
         # --threads N: that many; else one thread, a pool and a pool that hands out its work in
-        # small blocks, the fastest as it runs
+        # small blocks, the fastest as it runs; and for while other work keeps the cores busy,
+        # a pool of small blocks with more threads than cores (``LOADED_THREADS``)
+        cores = usable_cores()
         choices = (
             {f"{self._threads} threads": (self._threads, None)}
             if self._threads
             else {"1 thread": (1, None)}
-            if (os.cpu_count() or 1) < 2
+            if cores < 2
             else {"1 thread": (1, None), "pool": (0, None), "pool, small blocks": (0, SMALL_BLOCKS)}
         )
+        loaded = (
+            {}
+            if self._threads or cores < 2
+            else {f"{LOADED_THREADS * cores} threads, small blocks": (LOADED_THREADS * cores, SMALL_BLOCKS)}
+        )
         steps = {}
-        for label, (threads, config) in choices.items():
+        for label, (threads, config) in {**choices, **loaded}.items():
             try:
                 session, _ = session_from_stub(model, names, self._store, "decode", threads, config=config)
             except BadInput as e:  # onnxruntime refuses the joined graph: run the segments
@@ -371,7 +389,9 @@ class HybridModel:
                 log.info("token steps run unbound: %s", e)
                 self._decode = _named_runner(session, "decode", threads)
                 return
-        self._decode = AdaptiveStep(steps)
+        self._decode = AdaptiveStep(
+            {k: steps[k] for k in choices}, loaded={k: steps[k] for k in loaded}, cores=cores
+        )
 
     def execution(self) -> str:
         """How token steps run, in a line (the bench prints it)."""

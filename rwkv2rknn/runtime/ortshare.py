@@ -22,6 +22,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
@@ -412,47 +413,140 @@ class LazyRunner:
             self._runner = None
 
 
+def runnable_others() -> Optional[int]:
+    """How many tasks of the whole system outside this process are runnable now (the kernel's
+    count in /proc/loadavg less this process's runnable threads), None where it cannot be read:
+    other work wanting the cores."""
+    try:
+        with open("/proc/loadavg", "rb") as f:
+            running = int(f.read().split()[3].split(b"/")[0])
+    except (OSError, IndexError, ValueError):
+        return None
+    return max(0, running - _own_runnable())
+
+
+def _own_runnable() -> int:
+    """This process's threads in the running state (the caller at least)."""
+    own = 0
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return 1
+    for tid in tasks:
+        try:
+            with open(f"/proc/self/task/{tid}/stat", "rb") as f:
+                own += f.read().rsplit(b")", 1)[1].split()[0] == b"R"
+        except (OSError, IndexError):
+            pass  # a thread that ended meanwhile
+    return max(own, 1)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 class AdaptiveStep:
     """Token steps on the fastest of several bound sessions of the same graph (one intra-op
     thread, a pool), chosen by measuring them as it goes: the machine's load changes under a
-    long run, and which is faster changes with it (on 2 busy cores one thread is 1.1-1.3x
-    faster; on idle ones the pool is). Each is tried ``warmup`` times first; after that the
-    fastest by a moving average runs, and every ``explore`` steps another is timed once."""
+    long run, and which is faster changes with it. Each is tried ``warmup`` times first (the
+    first run of each, which sets up its buffers, is not counted); after that the fastest by a
+    moving average runs, and every ``explore`` steps another is timed once.
 
-    def __init__(self, steps: Dict[str, BoundStep], warmup: int = 2, explore: int = 16, weight: float = 0.25):
-        self.steps = steps
-        self.names = list(steps)
+    ``loaded``: the ways for a machine whose cores other work keeps busy, run instead while it
+    does. Before a step, at most every ``probe_every`` seconds, the runnable tasks outside this
+    process are counted (``runnable_others``, a moving average of weight ``weight``): at
+    ``cores`` or more, other work could fill every core and the steps run on the loaded ways;
+    below ``cores - 0.5`` again, on the quiet ones. The load is read, not timed, because a
+    step's time swings 3-8x from one step to the next on such a machine
+    (bench/fused_threads.py), far more than the ways differ."""
+
+    def __init__(
+        self,
+        steps: Dict[str, "BoundStep"],
+        warmup: int = 2,
+        explore: int = 16,
+        weight: float = 0.25,
+        loaded: Optional[Dict[str, "BoundStep"]] = None,
+        cores: int = 0,
+        probe=runnable_others,
+        probe_every: float = 0.05,
+    ):
+        self.steps = dict(steps)
+        self.quiet_names = list(steps)
+        self.loaded_names = [k for k in (loaded or {}) if k not in self.steps]
+        self.steps.update((k, (loaded or {})[k]) for k in self.loaded_names)
+        self.names = list(self.steps)
         self.avg: Dict[str, Optional[float]] = {k: None for k in self.names}
         self.count: Dict[str, int] = {k: 0 for k in self.names}
         self.warmup, self.explore, self.weight = warmup, explore, weight
+        self.cores = cores or usable_cores()
+        self.probe, self.probe_every = probe, probe_every
+        self._probed = float("-inf")  # when the load was last read (time.monotonic)
+        self.others: Optional[float] = None  # moving average of runnable_others
+        self.busy = False  # the machine's cores are taken by other work
+        self.switches = 0  # times the busy state changed
         self._n = 0
 
+    def _watch_load(self) -> None:
+        if not self.loaded_names or self.probe is None:
+            return
+        t = time.monotonic()
+        if t - self._probed < self.probe_every:  # reading it costs 0.1-0.5 ms on a loaded machine
+            return
+        self._probed = t
+        now = self.probe()
+        if now is None:
+            return
+        self.others = (
+            float(now) if self.others is None else (1 - self.weight) * self.others + self.weight * now
+        )
+        busy = self.others >= self.cores if not self.busy else self.others >= self.cores - 0.5
+        if busy != self.busy:
+            log.info(
+                "token steps: %.1f other runnable tasks on %d cores: the %s ways",
+                self.others,
+                self.cores,
+                "loaded" if busy else "quiet",
+            )
+            self.busy, self.switches = busy, self.switches + 1
+
+    @property
+    def candidates(self) -> List[str]:
+        return self.loaded_names if self.busy else self.quiet_names
+
     def _pick(self) -> str:
-        for k in self.names:
+        names = self.candidates
+        for k in names:
             if self.count[k] < self.warmup:
                 return k
-        best = min(self.names, key=lambda k: self.avg[k])
-        if len(self.names) > 1 and self._n % self.explore == 0:
-            others = [k for k in self.names if k != best]
+        best = min(names, key=lambda k: self.avg[k])
+        if len(names) > 1 and self._n % self.explore == 0:
+            others = [k for k in names if k != best]
             return others[(self._n // self.explore) % len(others)]
         return best
 
     @property
     def chosen(self) -> str:
-        ready = [k for k in self.names if self.avg[k] is not None]
-        return min(ready, key=lambda k: self.avg[k]) if ready else self.names[0]
+        """The way steps run on now."""
+        names = self.candidates
+        ready = [k for k in names if self.avg[k] is not None]
+        return min(ready, key=lambda k: self.avg[k]) if ready else names[0]
 
     def step(self, token: int, flat: np.ndarray) -> np.ndarray:
-        import time
-
+        self._watch_load()
         k = self._pick()
         self._n += 1
         t0 = time.perf_counter()
         out = self.steps[k].step(token, flat)
         dt = time.perf_counter() - t0
         self.count[k] += 1
-        a = self.avg[k]
-        self.avg[k] = dt if a is None else (1 - self.weight) * a + self.weight * dt
+        if self.count[k] > 1:  # the first run of a session sets it up: not a measure of the way
+            a = self.avg[k]
+            self.avg[k] = dt if a is None else (1 - self.weight) * a + self.weight * dt
         return out
 
     def describe(self) -> str:
@@ -461,4 +555,10 @@ class AdaptiveStep:
             + (f", {1000 * self.avg[k]:.1f} ms moving average" if self.avg[k] else "")
             for k in self.names
         ]
-        return f"fastest {self.chosen} ({'; '.join(parts)})"
+        load = ""
+        if self.loaded_names and self.others is not None:
+            load = (
+                f"; {self.others:.1f} other runnable tasks on {self.cores} cores: "
+                f"{'busy' if self.busy else 'quiet'} machine, {self.switches} switches"
+            )
+        return f"fastest {self.chosen} ({'; '.join(parts)}{load})"

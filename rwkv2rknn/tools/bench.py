@@ -154,7 +154,14 @@ def run_bench(
                 elif with_rwkv:
                     echo("  rwkv package: not installed (pip install rwkv), not timed")
                 mem.mark("interleaved rounds")
-                ms = interleave({k: run for k, (run, _) in systems.items()}, ids, rounds)
+                # CPU time per runner: this process's for the in-process ones (nothing else runs
+                # in it meanwhile), the child's for the package
+                clocks = {k: time.process_time for k in systems if k != PACKAGE}
+                if PACKAGE in systems:
+                    clocks[PACKAGE] = lambda pid=systems[PACKAGE][2]: process_cpu_s(pid)
+                cpu: Dict[str, List[float]] = {}
+                ms = interleave({k: v[0] for k, v in systems.items()}, ids, rounds, clocks, cpu)
+                results["cpu_ms"] = cpu
                 results["rounds"] = rounds
                 results["hybrid_execution"] = hyb.execution()
                 echo(f"  hybrid executor: {results['hybrid_execution']}")
@@ -215,10 +222,18 @@ HYBRID = "hybrid executor, all segments on ort"
 PACKAGE = "rwkv package, cpu fp32"
 
 
-def interleave(runs: Dict[str, Callable[[List[int]], List[float]]], ids: List[int], rounds: int):
+def interleave(
+    runs: Dict[str, Callable[[List[int]], List[float]]],
+    ids: List[int],
+    rounds: int,
+    clocks: Optional[Dict[str, Callable[[], float]]] = None,
+    cpu: Optional[Dict[str, List[float]]] = None,
+):
     """ms per token of each runner, timed in ``rounds`` rounds: each round gives every runner
     the next tokens of ``ids`` (after 2 warm-up tokens each), in an order that turns from round to
-    round, so that a load that changes over the run falls on all of them alike."""
+    round, so that a load that changes over the run falls on all of them alike. ``clocks``: per
+    runner, its CPU seconds so far (its process's, every thread); each round's CPU ms per token
+    go into ``cpu``."""
     for run in runs.values():
         run(ids[:2])
     timed = ids[2:]
@@ -226,11 +241,25 @@ def interleave(runs: Dict[str, Callable[[List[int]], List[float]]], ids: List[in
     per = [len(timed) * r // rounds for r in range(rounds + 1)]
     names = list(runs)
     out: Dict[str, List[float]] = {k: [] for k in names}
+    clocks = clocks or {}
     for r in range(rounds):
         chunk = timed[per[r] : per[r + 1]]
         for k in names[r % len(names) :] + names[: r % len(names)]:
+            c0 = clocks[k]() if k in clocks else None
             out[k].extend(runs[k](chunk))
+            if c0 is not None and cpu is not None and chunk:
+                cpu.setdefault(k, []).extend([1000.0 * (clocks[k]() - c0) / len(chunk)] * len(chunk))
     return out
+
+
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, every thread) process ``pid`` has used; NaN if unreadable."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
 
 
 def _steps(step: Callable[[int], object]) -> Callable[[List[int]], List[float]]:
@@ -264,7 +293,7 @@ def _package(pth: str, version: str):
     from rwkv2rknn.tools.rwkv_package import PackageProcess
 
     proc = PackageProcess(version, threads=0)
-    return (lambda tokens: proc.run([(pth, tokens)], keep=True)[0][1]), proc.close
+    return (lambda tokens: proc.run([(pth, tokens)], keep=True)[0][1]), proc.close, proc.proc.pid
 
 
 def _prefill(hyb, decode: List[float], tokens: int, vocab: int, seed: int):
@@ -299,6 +328,7 @@ def _report(results, ms, weight_bytes, mem, manifest, echo) -> None:
     bw = gemv_bandwidth_gbs()
     bound_ms = weight_bytes / (bw * 1e9) * 1000
     rows = []
+    cpu = results.get("cpu_ms") or {}
     for name, vals in ms.items():
         med = statistics.median(vals)
         rows.append(
@@ -307,6 +337,11 @@ def _report(results, ms, weight_bytes, mem, manifest, echo) -> None:
                 "ms_per_token": med,
                 "ratio_to_per_layer": med / base,
                 "share_of_bandwidth_bound": bound_ms / med,
+                # CPU time per token (median of the rounds) and the cores it had while it ran
+                "cpu_ms_per_token": statistics.median(cpu[name]) if cpu.get(name) else None,
+                "cores_while_running": (
+                    sum(cpu[name]) / sum(vals) if cpu.get(name) and len(cpu[name]) == len(vals) else None
+                ),
             }
         )
     fp32 = 4 * results["params"]
@@ -325,11 +360,17 @@ def _report(results, ms, weight_bytes, mem, manifest, echo) -> None:
         f"{describe_load(results.get('load_end'))} at the end of the timed phases"
         + (f" ({results['busy']} busy loops beside them)" if results.get("busy") else "")
     )
-    echo(f"{'runner':<42} {'ms/token':>9} {'x per-layer':>11} {'of bound':>9}")
+    echo(f"{'runner':<42} {'ms/token':>9} {'x per-layer':>11} {'of bound':>9} {'CPU ms':>7} {'cores':>6}")
     for r in rows:
+        cpu_ms, cores = r["cpu_ms_per_token"], r["cores_while_running"]
         echo(
             f"{r['runner']:<42} {r['ms_per_token']:>9.2f} {r['ratio_to_per_layer']:>11.2f} "
-            f"{100 * r['share_of_bandwidth_bound']:>8.0f}%"
+            f"{100 * r['share_of_bandwidth_bound']:>8.0f}% "
+            + (
+                f"{cpu_ms:>7.1f} {cores:>6.2f}"
+                if cpu_ms is not None and cores is not None
+                else f"{'':>7} {'':>6}"
+            )
         )
     if PACKAGE in ms:
         results["hybrid_to_package"] = statistics.median(ms[HYBRID]) / statistics.median(ms[PACKAGE])

@@ -2,6 +2,7 @@
 fused graph on bound buffers; the same numbers as the segments run one by one on their own."""
 
 import os
+import time
 
 import numpy as np
 import onnx
@@ -9,15 +10,18 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from rwkv2rknn.runtime import onnxwire
-from rwkv2rknn.runtime.hybrid import HybridModel
+from rwkv2rknn.runtime.hybrid import LOADED_THREADS, HybridModel
 from rwkv2rknn.runtime.ortshare import (
     MIN_SHARED,
     AdaptiveStep,
     FusionError,
     WeightStore,
     fuse,
+    runnable_others,
     session_from_stub,
+    usable_cores,
 )
+from rwkv2rknn.tools.busy import BusyLoops
 
 
 def _run(model, tokens, state=None):
@@ -41,12 +45,18 @@ def test_fused_token_steps_equal_the_segments_one_by_one(plan_artifact, tokens):
     want, want_state = _run(apart, tokens[:12])
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
     np.testing.assert_allclose(got_state, want_state, rtol=0, atol=1e-6)
-    # the three fused sessions (one thread, a pool, a pool of small blocks) ran and gave these numbers
+    # four fused sessions: three for a quiet machine (one thread, a pool, a pool of small blocks),
+    # one for a busy one (more threads than cores, small blocks); those that ran gave these numbers
+    cores = usable_cores()
+    loaded = f"{LOADED_THREADS * cores} threads, small blocks"
     counts = fused._decode.count
-    assert set(counts) == {"1 thread", "pool", "pool, small blocks"} and all(n >= 2 for n in counts.values())
+    assert set(counts) == {"1 thread", "pool", "pool, small blocks", loaded}
+    assert sum(counts.values()) == 12 and max(counts.values()) >= 2
     opts = {k: s.session.get_session_options() for k, s in fused._decode.steps.items()}
     assert opts["pool, small blocks"].get_session_config_entry("session.dynamic_block_base") == "1"
+    assert opts[loaded].get_session_config_entry("session.dynamic_block_base") == "1"
     assert opts["1 thread"].intra_op_num_threads == 1 and opts["pool"].intra_op_num_threads == 0
+    assert opts[loaded].intra_op_num_threads == LOADED_THREADS * cores > cores
     assert all(o.get_session_config_entry("session.intra_op.allow_spinning") == "0" for o in opts.values())
     # the segments' own sessions were never made for token steps
     assert not any(r.loaded for r in fused.runners)
@@ -196,6 +206,63 @@ def test_adaptive_step_tries_each_then_keeps_measuring():
         chooser.step(t, np.zeros(1, np.float32))
     assert a.calls + b.calls == 40 and min(a.calls, b.calls) >= 2 + 40 // 4 // 2 - 1
     assert chooser.chosen in ("1 thread", "pool") and "steps" in chooser.describe()
+
+
+def test_adaptive_step_runs_the_loaded_ways_while_the_cores_are_taken():
+    class Fixed:
+        def __init__(self):
+            self.calls = 0
+
+        def step(self, token, flat):
+            self.calls += 1
+            return np.zeros(3, np.float32)
+
+    # runnable tasks besides the stepping thread, as read before each step: quiet, then 4 busy
+    # loops on 2 cores, then quiet again
+    readings = iter([0] * 10 + [4] * 20 + [0] * 20)
+    quiet, pool, busy = Fixed(), Fixed(), Fixed()
+    chooser = AdaptiveStep(
+        {"1 thread": quiet, "pool": pool},
+        loaded={"4 threads": busy},
+        cores=2,
+        probe=lambda: next(readings),
+        probe_every=0,
+    )
+    modes = []
+    for t in range(50):
+        chooser.step(t, np.zeros(1, np.float32))
+        modes.append(chooser.busy)
+    assert modes[:10] == [False] * 10 and busy.calls >= 15
+    # the moving average crosses the core count within a few steps, then stays till the load goes
+    assert modes.index(True) in range(10, 14) and all(modes[14:30])
+    assert not any(modes[36:]) and chooser.switches == 2 and chooser.chosen in ("1 thread", "pool")
+    assert quiet.calls + pool.calls + busy.calls == 50 and "quiet machine, 2 switches" in chooser.describe()
+
+
+@pytest.mark.slow
+def test_token_steps_switch_to_the_loaded_pool_when_busy_loops_start(fp32_plan_artifact, tokens):
+    """Real busy processes beside a real model: once they run, the token steps count them among
+    the runnable tasks and run on the pool of more threads than cores; the numbers stay the same."""
+    cores = usable_cores()
+    if cores < 2:
+        pytest.skip("one core: token steps run on one thread whatever the load")
+    model = HybridModel(fp32_plan_artifact, backend="ort")
+    apart = HybridModel(fp32_plan_artifact, backend="ort", fuse=False)
+    s, r = model.init_state(), apart.init_state()
+    for t in tokens[:3]:
+        model.step(t, s), apart.step(t, r)
+    decode = model._decode
+    loaded = f"{LOADED_THREADS * cores} threads, small blocks"
+    before = decode.count[loaded]
+    with BusyLoops(2 * cores):
+        for t in tokens[3:15]:
+            time.sleep(decode.probe_every)  # the load is read at most this often
+            np.testing.assert_allclose(model.step(t, s), apart.step(t, r), rtol=0, atol=1e-6)
+        assert runnable_others() >= 2 * cores  # the loops, seen from outside them
+        assert decode.busy and decode.chosen == loaded and decode.count[loaded] > before
+        assert "busy machine" in model.execution()
+    model.close()
+    apart.close()
 
 
 @pytest.mark.slow

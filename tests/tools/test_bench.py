@@ -30,6 +30,10 @@ def test_bench_runs_every_runner_and_the_plan_estimate(version, tmp_path):
         "rwkv package, cpu fp32",
     ]
     assert all(r["ms_per_token"] > 0 for r in res["rows"])
+    # CPU time per token of every runner (the package's from its child process) and the cores it had
+    assert all(r["cpu_ms_per_token"] >= 0 and r["cores_while_running"] >= 0 for r in res["rows"])
+    assert all(len(res["cpu_ms"][r["runner"]]) == 4 for r in res["rows"])
+    assert "CPU ms" in next(line for line in lines if line.startswith("runner"))
     # timed side by side in rounds; the hybrid over the package is printed
     assert res["rounds"] == 4
     ratio = res["rows"][1]["ms_per_token"] / res["rows"][3]["ms_per_token"]
