@@ -1,0 +1,66 @@
+#!/usr/bin/env python
+"""The hybrid executor's token steps on several artifacts of one model, timed in interleaved
+rounds in one process: e.g. one checkpoint exported and compiled before and after a change to
+its graph (each artifact holds its own weights, so the process holds each model's once). Before
+the rounds, each artifact's CPU segments are counted: ops per token, and Reshapes among them.
+
+    python bench/artifacts.py BEFORE_ART AFTER_ART [--busy 2] [--rounds 8] [--per-round 3]
+
+The first artifact is the base of the ratios. The artifacts must share a vocabulary (the same
+token ids are fed to each).
+"""
+
+import argparse
+import collections
+import json
+import os
+import time
+
+from _rounds import print_medians, timed_rounds, token_ids  # bench/_rounds.py
+from rwkv2rknn.runtime.hybrid import HybridModel
+
+
+def cpu_ops(art: str) -> collections.Counter:
+    """Op types of the artifact's CPU segments' token graphs, summed."""
+    import onnx
+
+    with open(os.path.join(art, "manifest.json")) as f:
+        manifest = json.load(f)
+    ops = collections.Counter()
+    for seg in manifest["segments"]:
+        if seg.get("backend") == "cpu" and seg.get("onnx"):
+            m = onnx.load(os.path.join(art, seg["onnx"]), load_external_data=False)
+            ops.update(n.op_type for n in m.graph.node)
+    return ops
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("artifacts", nargs="+")
+    ap.add_argument("--busy", type=int, default=0, help="single-core busy loops beside the rounds")
+    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--per-round", type=int, default=3, help="tokens each artifact steps in a round")
+    args = ap.parse_args()
+    names = [
+        f"{i}: {os.path.basename(os.path.dirname(os.path.abspath(a)))}" for i, a in enumerate(args.artifacts)
+    ]
+    models = {}
+    for name, art in zip(names, args.artifacts):
+        ops = cpu_ops(art)
+        print(
+            f"{name}: CPU segments {sum(ops.values())} ops, {ops['Reshape']} Reshape, "
+            f"{ops['MatMul']} MatMul, {ops['Transpose']} Transpose"
+        )
+        t0 = time.perf_counter()
+        models[name] = HybridModel(art, backend="ort")
+        print(f"  loaded in {time.perf_counter() - t0:.1f} s; {models[name].execution()}")
+    ids = token_ids(next(iter(models.values())).vocab, args)
+    states = {k: m.init_state() for k, m in models.items()}
+    times = timed_rounds(
+        {k: (lambda t, m=m, s=states[k]: m.step(t, s)) for k, m in models.items()}, ids, args
+    )
+    print_medians(times, names[0], max(len(n) for n in names) + 2)
+
+
+if __name__ == "__main__":
+    main()
