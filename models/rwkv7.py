@@ -23,7 +23,9 @@ Per-layer files (``mixing_{i}.onnx``): inputs ``input`` [C], ``v_first`` [C] (la
 [C] (layer 0 only), ``att_shift_out``, ``wkv_out``, ``ffn_shift_out``. ``v_first`` is an
 inter-layer value (layer 0's value vector, read by every later layer in the same token), not a
 state. Every projection is a constant-weight MatMul in row form (``x[1, K] @ W[K, N]``); the nodes
-of the wkv step are named ``wkv.*`` (the fp16 export keeps them in fp32).
+of the wkv step are named ``wkv.*`` (the fp16 export keeps them in fp32). The wkv step is written
+in few, large ops (``_wkv``): every op of a token is a barrier of onnxruntime's thread pool, and
+every state-sized temporary a pass over 16 KB a head.
 """
 
 from __future__ import annotations
@@ -148,23 +150,27 @@ def _wkv(g: graph.Builder, p, s: Dict[str, str], h: int, n: int, first: bool) ->
     norm = op("ReduceL2", kk, tag="kk_norm", axes=[-1], keepdims=1)
     norm = op("Max", norm, k_("norm_eps", NORM_EPS), tag="kk_norm_eps")
     kk = op("Div", kk, norm, tag="kk_unit")
-    # k * (1 + (a - 1) * k_a) as k * ((1 - k_a) + a * k_a): one op fewer, (1 - k_a) a constant
+    # -k = k * ((k_a - 1) - a * k_a): k's scale 1 + (a - 1) * k_a with its constants negated
+    # (one op fewer than as written, the sign for free); -k is what the state update and the
+    # bonus (r_k negated) read
     k_a = p["att.k_a"]
     scale = op(
-        "Add", k_("one_m_k_a", 1.0 - k_a, row), op("Mul", a, k_("k_a", k_a, row), tag="a_ka"), tag="k_scale"
+        "Add", k_("k_a_m1", k_a - 1.0, row), op("Mul", a, k_("neg_k_a", -k_a, row), tag="a_ka"), tag="k_scale"
     )
-    k = op("Mul", s["k"], scale, tag="k")
+    neg_k = op("Mul", s["k"], scale, tag="neg_k")
     v = s["v"]
     if not first:
         mix = op("Sigmoid", op("Add", k_("v0", p["att.v0"], col), s["vl"], tag="v_add"), tag="v_mix")
         v_first = shaped(s[V_FIRST], col, "v_first_col")
         v = op("Add", v, op("Mul", op("Sub", v_first, v, tag="v_delta"), mix, tag="v_d"), tag="v")
+    # S' = S diag(w) - (S kk)(kk a)^T + v k^T = S diag(w) - [S kk, v] @ [kk a; -k]: the two
+    # rank-one terms in one [N, 2] x [2, N] product, one state-sized temporary fewer
     state = s["wkv"]
-    decayed = op("Mul", state, w, tag="S_decay")
     s_kk = op("MatMul", state, shaped(kk, col, "kk_col"), tag="S_kk")
-    kka = op("Mul", kk, a, tag="kk_a")
-    removed = op("Sub", decayed, op("MatMul", s_kk, kka, tag="S_kk_kka"), tag="S_remove")
-    new = op("Add", removed, op("MatMul", v, k, tag="vk"), tag="S_new")
+    left = op("Concat", s_kk, v, tag="left", axis=-1)
+    right = op("Concat", op("Mul", kk, a, tag="kk_a"), neg_k, tag="right", axis=-2)
+    update = op("MatMul", left, right, tag="S_update")
+    new = op("Sub", op("Mul", state, w, tag="S_decay"), update, tag="S_new")
     g.op("Identity", new, name="state.wkv_out", out="wkv" + OUT_SUFFIX)
     y = shaped(op("MatMul", new, s["r"], tag="y"), view, "y_view")
     y = op(
@@ -178,7 +184,7 @@ def _wkv(g: graph.Builder, p, s: Dict[str, str], h: int, n: int, first: bool) ->
     y = op("Mul", y, k_("ln_x.weight", p["att.ln_x.weight"], view), tag="ln_x.scale")
     y = op("Add", y, k_("ln_x.bias", p["att.ln_x.bias"], view), tag="ln_x.shift")
     # the bonus sum(r * k * r_k per head) * v: the per-head sum as a [1, N] x [N, 1] product
-    rk = op("MatMul", k, op("Mul", s["r"], k_("r_k", p["att.r_k"], col), tag="r_rk"), tag="rkr_sum")
+    rk = op("MatMul", neg_k, op("Mul", s["r"], k_("neg_r_k", -p["att.r_k"], col), tag="r_rk"), tag="rkr_sum")
     bonus = shaped(op("Mul", v, rk, tag="bonus"), view, "bonus_view")
     y = shaped(op("Add", y, bonus, tag="y_bonus"), [1, c], "y_row")
     return op("Mul", y, s["g"], tag="gated")
