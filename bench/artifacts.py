@@ -79,7 +79,12 @@ def main():
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--per-round", type=int, default=3, help="tokens each artifact steps in a round")
     ap.add_argument("--cpu-only", action="store_true", help="time only the CPU segments (see above)")
-    ap.add_argument("--threads", type=int, default=1, help="--cpu-only: intra-op threads a session")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="intra-op threads (default: as the executor chooses; --cpu-only: 1)",
+    )
     args = ap.parse_args()
     names = [
         f"{i}: {os.path.basename(os.path.dirname(os.path.abspath(a)))}" for i, a in enumerate(args.artifacts)
@@ -92,10 +97,10 @@ def main():
             f"{ops['MatMul']} MatMul, {ops['Transpose']} Transpose"
         )
         if args.cpu_only:
-            models[name] = cpu_step(art, args.threads)
+            models[name] = cpu_step(art, args.threads or 1)
             continue
         t0 = time.perf_counter()
-        models[name] = HybridModel(art, backend="ort")
+        models[name] = HybridModel(art, backend="ort", threads=args.threads)
         print(f"  loaded in {time.perf_counter() - t0:.1f} s; {models[name].execution()}")
     if args.cpu_only:
         steps, ids = models, token_ids(2, args)
@@ -105,6 +110,9 @@ def main():
         steps = {k: (lambda t, m=m, s=states[k]: m.step(t, s)) for k, m in models.items()}
     times = timed_rounds(steps, ids, args)
     print_medians(times, names[0], max(len(n) for n in names) + 2)
+    if not args.cpu_only:
+        for name, m in models.items():
+            print(f"{name}: {m.execution()}")
 
 
 if __name__ == "__main__":
