@@ -164,7 +164,7 @@ def _wkv(g: graph.Builder, p, s: Dict[str, str], h: int, n: int, first: bool) ->
         v_first = shaped(s[V_FIRST], col, "v_first_col")
         v = op("Add", v, op("Mul", op("Sub", v_first, v, tag="v_delta"), mix, tag="v_d"), tag="v")
     # S' = S diag(w) - (S kk)(kk a)^T + v k^T = S diag(w) - [S kk, v] @ [kk a; -k]: the two
-    # rank-one terms in one [N, 2] x [2, N] product, one state-sized temporary fewer
+    # rank-one terms in one [N, 2] x [2, N] product: 3 state-sized temporaries a layer, not 5
     state = s["wkv"]
     s_kk = op("MatMul", state, shaped(kk, col, "kk_col"), tag="S_kk")
     left = op("Concat", s_kk, v, tag="left", axis=-1)
