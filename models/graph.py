@@ -77,11 +77,12 @@ class Builder:
     def reshape(self, x: str, shape, tag: str, out: str = "") -> str:
         return self.op("Reshape", x, self.const(f"{tag}.shape", np.array(shape, np.int64)), name=tag, out=out)
 
-    def rows(self, x: str, mats, tag: str, acts=(), out: str = "") -> str:
+    def rows(self, x: str, mats, tag: str, acts=(), out: str = "", shape=None, row_in: bool = False) -> str:
         """``x[K]`` through row-form MatMuls ``[1, K] @ W[K, N]`` (with an activation between
-        consecutive ones, ``acts[j]`` after the j-th, '' for none), back to a vector."""
+        consecutive ones, ``acts[j]`` after the j-th, '' for none), back to a vector, or to
+        ``shape`` (``[1, N]``: the row itself, no Reshape). ``row_in``: ``x`` is already [1, K]."""
         k = mats[0].shape[0]
-        y = self.reshape(x, [1, k], f"{tag}.to_row")
+        y = x if row_in else self.reshape(x, [1, k], f"{tag}.to_row")
         for j, w in enumerate(mats):
             y = self.op(
                 "MatMul",
@@ -92,7 +93,12 @@ class Builder:
             act = acts[j] if j < len(acts) else ""
             if act:
                 y = self.op(act, y, name=f"{tag}.{act.lower()}{j}")
-        return self.reshape(y, [int(mats[-1].shape[1])], f"{tag}.to_vec", out=out)
+        n = int(mats[-1].shape[1])
+        if shape is None:
+            return self.reshape(y, [n], f"{tag}.to_vec", out=out)
+        if list(shape) == [1, n] and not out:
+            return y
+        return self.reshape(y, list(shape), f"{tag}.to_heads", out=out)
 
     def model(self, inputs, outputs, name: str, opset: int = OPSET):
         from onnx import helper

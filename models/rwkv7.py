@@ -23,7 +23,9 @@ Per-layer files (``mixing_{i}.onnx``): inputs ``input`` [C], ``v_first`` [C] (la
 [C] (layer 0 only), ``att_shift_out``, ``wkv_out``, ``ffn_shift_out``. ``v_first`` is an
 inter-layer value (layer 0's value vector, read by every later layer in the same token), not a
 state. Every projection is a constant-weight MatMul in row form (``x[1, K] @ W[K, N]``); the nodes
-of the wkv step are named ``wkv.*`` (the fp16 export keeps them in fp32).
+of the wkv step are named ``wkv.*`` (the fp16 export keeps them in fp32). The wkv step is written
+in few, large ops (``_wkv``): every op of a token is a barrier of onnxruntime's thread pool, and
+every state-sized temporary a pass over 16 KB a head.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from rwkv2rknn.errors import UnsupportedModel
 from rwkv2rknn.models import graph, slots
 from rwkv2rknn.models.graph import dims
 from rwkv2rknn.models.slots import *  # noqa: F403 - the surface the loader and export use
-from rwkv2rknn.models.slots import LN_EPS, OUT_SUFFIX, WKV_PREFIX
+from rwkv2rknn.models.slots import GN_EPS, LN_EPS, OUT_SUFFIX, WKV_PREFIX
 
 ARCH = "rwkv7"
 VERSION = "7"
@@ -122,75 +124,69 @@ embed_graph, head_graph = slots.embed_graph, slots.head_graph
 
 def _wkv(g: graph.Builder, p, s: Dict[str, str], h: int, n: int, first: bool) -> str:
     """The recurrence of one block (nodes named ``wkv.*``): the new state goes to ``wkv_out``;
-    returns ``(GroupNorm(y) + bonus) * g``."""
+    returns ``(GroupNorm(y) + bonus) * g`` as a row [1, C].
+
+    The vectors arrive in the layout their state product wants, straight from their projection's
+    Reshape: ``r`` and ``v`` (and the v LoRA) as columns [H, N, 1], ``k`` and the w and a LoRA
+    outputs as rows [H, 1, N]; ``g`` is the gate row [1, C]. The per-head work then needs no
+    Reshape but the kk column, the v_first column, and the GroupNorm's [1, H, N] view (one
+    InstanceNormalization, ln_x applied after it)."""
     c = h * n
+    row, col, view = [h, 1, n], [h, n, 1], [1, h, n]
 
     def op(kind, *ins, tag, **kw):
         return g.op(kind, *ins, name=WKV_PREFIX + tag, **kw)
 
-    def k_(name, value):
-        return g.const(WKV_PREFIX + name, np.asarray(value, np.float32))
+    def k_(name, value, shape=()):
+        return g.const(WKV_PREFIX + name, np.asarray(value, np.float32).reshape(shape))
 
     def shaped(x, shape, tag):
         return g.reshape(x, shape, WKV_PREFIX + tag)
 
-    w = op("Sigmoid", op("Add", k_("w0", p["att.w0"]), s["w"], tag="w_add"), tag="w_sigmoid")
+    w = op("Sigmoid", op("Add", k_("w0", p["att.w0"], row), s["w"], tag="w_add"), tag="w_sigmoid")
     w = op("Exp", op("Mul", w, k_("decay_scale", DECAY_SCALE), tag="w_scale"), tag="decay")
-    a = op("Sigmoid", op("Add", k_("a0", p["att.a0"]), s["a"], tag="a_add"), tag="a")
-    kk = shaped(op("Mul", s["k"], k_("k_k", p["att.k_k"]), tag="kk"), [h, n], "kk_heads")
-    sq = op(
-        "ReduceSum",
-        op("Mul", kk, kk, tag="kk_sq"),
-        g.const(WKV_PREFIX + "axis", np.array([-1], np.int64)),
-        tag="kk_sumsq",
-        keepdims=1,
+    a = op("Sigmoid", op("Add", k_("a0", p["att.a0"], row), s["a"], tag="a_add"), tag="a")
+    kk = op("Mul", s["k"], k_("k_k", p["att.k_k"], row), tag="kk")
+    norm = op("ReduceL2", kk, tag="kk_norm", axes=[-1], keepdims=1)
+    norm = op("Max", norm, k_("norm_eps", NORM_EPS), tag="kk_norm_eps")
+    kk = op("Div", kk, norm, tag="kk_unit")
+    # -k = k * ((k_a - 1) - a * k_a): k's scale 1 + (a - 1) * k_a with its constants negated
+    # (one op fewer than as written, the sign for free); -k is what the state update and the
+    # bonus (r_k negated) read
+    k_a = p["att.k_a"]
+    scale = op(
+        "Add", k_("k_a_m1", k_a - 1.0, row), op("Mul", a, k_("neg_k_a", -k_a, row), tag="a_ka"), tag="k_scale"
     )
-    norm = op("Max", op("Sqrt", sq, tag="kk_norm"), k_("norm_eps", NORM_EPS), tag="kk_norm_eps")
-    kk = shaped(op("Div", kk, norm, tag="kk_unit"), [c], "kk_flat")
-    one = k_("one", 1.0)
-    k = op(
-        "Mul",
-        s["k"],
-        op(
-            "Add",
-            one,
-            op("Mul", op("Sub", a, one, tag="a_m1"), k_("k_a", p["att.k_a"]), tag="a_ka"),
-            tag="k_scale",
-        ),
-        tag="k",
-    )
+    neg_k = op("Mul", s["k"], scale, tag="neg_k")
     v = s["v"]
     if not first:
-        mix = op("Sigmoid", op("Add", k_("v0", p["att.v0"]), s["vl"], tag="v_add"), tag="v_mix")
-        v = op("Add", v, op("Mul", op("Sub", s[V_FIRST], v, tag="v_delta"), mix, tag="v_d"), tag="v")
+        mix = op("Sigmoid", op("Add", k_("v0", p["att.v0"], col), s["vl"], tag="v_add"), tag="v_mix")
+        v_first = shaped(s[V_FIRST], col, "v_first_col")
+        v = op("Add", v, op("Mul", op("Sub", v_first, v, tag="v_delta"), mix, tag="v_d"), tag="v")
+    # S' = S diag(w) - (S kk)(kk a)^T + v k^T = S diag(w) - [S kk, v] @ [kk a; -k]: the two
+    # rank-one terms in one [N, 2] x [2, N] product: 3 state-sized temporaries a layer, not 5
     state = s["wkv"]
-    decayed = op("Mul", state, shaped(w, [h, 1, n], "w_row"), tag="S_decay")
-    s_kk = op("MatMul", state, shaped(kk, [h, n, 1], "kk_col"), tag="S_kk")
-    kka = shaped(op("Mul", kk, a, tag="kk_a"), [h, 1, n], "kka_row")
-    removed = op("Sub", decayed, op("MatMul", s_kk, kka, tag="S_kk_kka"), tag="S_remove")
-    vk = op("MatMul", shaped(v, [h, n, 1], "v_col"), shaped(k, [h, 1, n], "k_row"), tag="vk")
-    new = op("Add", removed, vk, tag="S_new")
+    s_kk = op("MatMul", state, shaped(kk, col, "kk_col"), tag="S_kk")
+    left = op("Concat", s_kk, v, tag="left", axis=-1)
+    right = op("Concat", op("Mul", kk, a, tag="kk_a"), neg_k, tag="right", axis=-2)
+    update = op("MatMul", left, right, tag="S_update")
+    new = op("Sub", op("Mul", state, w, tag="S_decay"), update, tag="S_new")
     g.op("Identity", new, name="state.wkv_out", out="wkv" + OUT_SUFFIX)
-    y = op("MatMul", new, shaped(s["r"], [h, n, 1], "r_col"), tag="y")
-    y = slots.group_norm(
-        g, shaped(y, [c], "y_flat"), h, n, p["att.ln_x.weight"], p["att.ln_x.bias"], WKV_PREFIX + "ln_x"
+    y = shaped(op("MatMul", new, s["r"], tag="y"), view, "y_view")
+    y = op(
+        "InstanceNormalization",
+        y,
+        k_("ln_x.one", np.ones(h), (h,)),
+        k_("ln_x.zero", np.zeros(h), (h,)),
+        tag="ln_x.norm",
+        epsilon=GN_EPS,
     )
-    rk = shaped(
-        op("Mul", op("Mul", s["r"], k, tag="rk"), k_("r_k", p["att.r_k"]), tag="rkr"), [h, n], "rkr_heads"
-    )
-    bonus = op(
-        "Mul",
-        op(
-            "ReduceSum",
-            rk,
-            g.const(WKV_PREFIX + "axis2", np.array([-1], np.int64)),
-            tag="bonus_sum",
-            keepdims=1,
-        ),
-        shaped(v, [h, n], "v_heads"),
-        tag="bonus",
-    )
-    y = op("Add", y, shaped(bonus, [c], "bonus_flat"), tag="y_bonus")
+    y = op("Mul", y, k_("ln_x.weight", p["att.ln_x.weight"], view), tag="ln_x.scale")
+    y = op("Add", y, k_("ln_x.bias", p["att.ln_x.bias"], view), tag="ln_x.shift")
+    # the bonus sum(r * k * r_k per head) * v: the per-head sum as a [1, N] x [N, 1] product
+    rk = op("MatMul", neg_k, op("Mul", s["r"], k_("neg_r_k", -p["att.r_k"], col), tag="r_rk"), tag="rkr_sum")
+    bonus = shaped(op("Mul", v, rk, tag="bonus"), view, "bonus_view")
+    y = shaped(op("Add", y, bonus, tag="y_bonus"), [1, c], "y_row")
     return op("Mul", y, s["g"], tag="gated")
 
 
@@ -203,20 +199,25 @@ def block_graph(sd: Mapping[str, object], i: int):
     x = "input"
     xx = g.layer_norm(x, p["ln1.weight"], p["ln1.bias"], "ln1", LN_EPS)
     mixed, _ = slots.shift_mix(g, xx, "att_shift", {m: p[f"att.x_{m}"] for m in "rwkvag"}, "att")
+    row, col = [h, 1, n], [h, n, 1]
+    v_row = g.reshape(mixed["v"], [1, c], "att.v_to_row")  # read by the value and the v LoRA
     s = {
         "wkv": "wkv",
         V_FIRST: V_FIRST,
-        "r": g.rows(mixed["r"], [p["att.receptance.weight"]], "att.receptance"),
-        "w": g.rows(mixed["w"], [p["att.w1"], p["att.w2"]], "att.w_lora", acts=("Tanh",)),
-        "k": g.rows(mixed["k"], [p["att.key.weight"]], "att.key"),
-        "v": g.rows(mixed["v"], [p["att.value.weight"]], "att.value", out=V_FIRST if first else ""),
-        "a": g.rows(mixed["a"], [p["att.a1"], p["att.a2"]], "att.a_lora"),
-        "g": g.rows(mixed["g"], [p["att.g1"], p["att.g2"]], "att.g_lora", acts=("Sigmoid",)),
+        "r": g.rows(mixed["r"], [p["att.receptance.weight"]], "att.receptance", shape=col),
+        "w": g.rows(mixed["w"], [p["att.w1"], p["att.w2"]], "att.w_lora", acts=("Tanh",), shape=row),
+        "k": g.rows(mixed["k"], [p["att.key.weight"]], "att.key", shape=row),
+        "a": g.rows(mixed["a"], [p["att.a1"], p["att.a2"]], "att.a_lora", shape=row),
+        "g": g.rows(mixed["g"], [p["att.g1"], p["att.g2"]], "att.g_lora", acts=("Sigmoid",), shape=[1, c]),
     }
-    if not first:
-        s["vl"] = g.rows(mixed["v"], [p["att.v1"], p["att.v2"]], "att.v_lora")
+    if first:  # the value vector is also the block's v_first output
+        v = g.rows(v_row, [p["att.value.weight"]], "att.value", out=V_FIRST, row_in=True)
+        s["v"] = g.reshape(v, col, "att.value.to_heads")
+    else:
+        s["v"] = g.rows(v_row, [p["att.value.weight"]], "att.value", shape=col, row_in=True)
+        s["vl"] = g.rows(v_row, [p["att.v1"], p["att.v2"]], "att.v_lora", shape=col, row_in=True)
     out = _wkv(g, p, s, h, n, first)
-    x = g.op("Add", x, g.rows(out, [p["att.output.weight"]], "att.output"), name="att.residual")
+    x = g.op("Add", x, g.rows(out, [p["att.output.weight"]], "att.output", row_in=True), name="att.residual")
     xx2 = g.layer_norm(x, p["ln2.weight"], p["ln2.bias"], "ln2", LN_EPS)
     fk = slots.shift_mix(g, xx2, "ffn_shift", {"k": p["ffn.x_k"]}, "ffn")[0]["k"]
     kv = slots.squared_relu(g, fk, p["ffn.key.weight"], p["ffn.value.weight"])

@@ -63,6 +63,21 @@ def test_plan_puts_every_projection_on_the_npu(slot_models, version):
     assert "per layer: at most 2 NPU and 1 CPU segment(s) per token" in m.table()
 
 
+def test_rwkv7_cpu_segments_are_few_ops(slot_models):
+    """A layer's CPU segment (its wkv step) after compiling: at most 45 ops, 11 of them Reshapes,
+    no Transpose (it was 65 ops with 21 Reshapes: each op is a barrier of onnxruntime's pool)."""
+    from collections import Counter
+
+    import onnx
+
+    art = slot_models("7").plan_artifact
+    cpu = [s for s in _manifest(art).segments if s.backend == "cpu" and "_cpu_L" in s.name]
+    assert len(cpu) == 3, [s.name for s in cpu]
+    for seg in cpu:
+        ops = Counter(n.op_type for n in onnx.load(os.path.join(art, seg.token.onnx)).graph.node)
+        assert sum(ops.values()) <= 45 and ops["Reshape"] <= 11 and not ops["Transpose"], (seg.name, ops)
+
+
 @VERSIONS
 def test_manifest_records_the_state_slots(slot_models, version):
     sm = slot_models(version)

@@ -110,7 +110,7 @@ def test_projections_are_row_form_constant_matmuls(slot_models, layer, count):
     assert len(const) == count
     assert all(inits[n.input[1]].ndim == 2 and n.input[0] not in inits for n in const)
     others = [n for n in m.graph.node if n.op_type == "MatMul" and n not in const]
-    assert others and all(n.name.startswith("wkv.") for n in others)  # S kk, (S kk)(kk a), v k, S r
+    assert others and all(n.name.startswith("wkv.") for n in others)  # S kk, [S kk, v] [kk a; -k], S r, r k
 
 
 def test_cli_exports_an_rwkv7_pth(slot_models, tmp_path):
@@ -123,3 +123,31 @@ def test_cli_exports_an_rwkv7_pth(slot_models, tmp_path):
     assert r.exit_code == 0, r.output
     assert "exported RWKV-7 3 x 192, vocab 301 (fp32)" in r.output
     assert json.load(open(out / MODEL_JSON))["tokenizer"] is None  # vocab 301: no default tokenizer
+
+
+def _ops(nodes):
+    from collections import Counter
+
+    return Counter(n.op_type for n in nodes)
+
+
+def test_the_wkv_step_is_few_large_ops(slot_models):
+    """The per-token recurrence of a later layer (every ``wkv.*`` node) in at most 40 ops, 5 of
+    them Reshapes and none a Transpose: the vectors come from their projections in the layout the
+    state products want (it was 58 ops, 14 Reshapes). The whole block has at most 20 Reshapes
+    (was 32), and its logits still equal the `rwkv` package's."""
+    import onnx
+
+    from rwkv2rknn.runtime.reference import PerLayerModel
+
+    sm = slot_models("7")
+    for layer, most in ((0, 34), (1, 40)):
+        m = onnx.load(os.path.join(sm.dirs["fp32"], f"mixing_{layer}.onnx"))
+        wkv = _ops(n for n in m.graph.node if n.name.startswith("wkv."))
+        assert sum(wkv.values()) <= most, wkv
+        assert wkv["Reshape"] <= 5 and wkv["Transpose"] == 0, wkv
+        # S kk, the rank-two update, S r, the bonus's per-head sum; the GroupNorm is one op
+        assert wkv["MatMul"] == 4 and wkv["InstanceNormalization"] == 1, wkv
+        assert _ops(m.graph.node)["Reshape"] <= 20
+    got = PerLayerModel(sm.dirs["fp32"]).logits(sm.tokens)
+    assert np.abs(got - sm.reference).max() <= 1e-5 * np.abs(sm.reference).max()
