@@ -21,7 +21,14 @@ The cost model (every figure below is a field of ``DeviceProfile``):
   task each.
 - The executor's own cost (``executor_ms``): ``exec_call_ms`` per segment run from Python (the
   feed, the runtime's entry and exit, the outputs) + ``exec_io_ms`` per input and output tensor
-  of it, and ``exec_token_ms`` per token beyond its calls (the state's copies, the logits).
+  of it; per token beyond its calls (``executor_token_ms``): ``exec_token_ms`` once,
+  ``exec_segment_ms`` per segment the step runs (its feed gathered from the step's tensors, its
+  outputs kept, an NPU segment's outputs checked for NaN/inf), ``exec_slot_ms`` per state slot
+  (its view, its output copied back and let go) and the state's bytes at ``exec_state_gbs``
+  (read from the runs' outputs, written into the state).
+- A Gather's row from a constant table larger than ``cache_bytes`` (the embedding of a large
+  vocabulary): ``table_row_ms`` per row picked beyond the op's bytes (a random row of a table
+  that is in no cache: its page walk and its lines from DRAM).
 - A w8a8 build (``compile --quant w8a8``): weights of ``npu_weight_bytes / npu_int8_speedup``
   bytes and ``npu_int8_speedup`` times the compute rate (measured profiles: the throughput).
 - Every NPU<->CPU switch between segments: ``handoff_ms``.
@@ -127,7 +134,13 @@ class DeviceProfile:
     # the executor itself
     exec_call_ms: float = 0.16  # the executor's own cost per segment run from Python
     exec_io_ms: float = 0.005  # ... and per input and output tensor of that run
-    exec_token_ms: float = 8.0  # ... and per token beyond its runs
+    exec_token_ms: float = 0.2  # ... per token beyond its runs: once,
+    exec_segment_ms: float = 0.09  # ... per segment the step runs,
+    exec_slot_ms: float = 0.012  # ... per state slot,
+    exec_state_gbs: float = 3.0  # ... and the state's bytes copied back at this rate
+    # a Gather's row from a table of more than cache_bytes: a random read from DRAM
+    table_row_ms: float = 0.1
+    cache_bytes: int = 3 * MiB  # the last-level cache (the RK3588's L3)
     # measured: a one-row MatMul's weight bandwidth by its weight bytes, on either side (used
     # as is, interpolated in log(bytes)); empty: the side's own figure. onnxruntime's fp32 GEMV
     # streams a large matrix faster than a small one (10 GB/s at 256 KiB, 25 at 64 MiB here)
@@ -182,6 +195,20 @@ class DeviceProfile:
     def executor_ms(self, tensors: int) -> float:
         """The executor's own cost of one segment run with this many inputs and outputs."""
         return self.exec_call_ms + self.exec_io_ms * tensors
+
+    def executor_token_ms(self, segments: int, slots: int, state_bytes: float) -> float:
+        """The executor's own cost per token beyond its runs, for a step of ``segments`` runs
+        and a state of ``slots`` slots holding ``state_bytes``."""
+        return (
+            self.exec_token_ms
+            + self.exec_segment_ms * segments
+            + self.exec_slot_ms * slots
+            + state_bytes / (self.exec_state_gbs * 1e6)
+        )
+
+    def gather_ms(self, table_bytes: float, rows: int = 1) -> float:
+        """The cost beyond its bytes of a Gather picking ``rows`` rows of a constant table."""
+        return self.table_row_ms * max(rows, 1) if table_bytes > self.cache_bytes else 0.0
 
     # ---------------------------------------------------------------- CPU
 
@@ -239,6 +266,7 @@ class DeviceProfile:
                 p.npu_cores,
                 p.npu_int8_speedup,
                 p.cpu_special_flops,
+                p.exec_state_gbs,
             ]
             + list(p.npu_gflops.values())
             + list(p.gemv_gbs.values())
@@ -253,6 +281,10 @@ class DeviceProfile:
             p.exec_call_ms,
             p.exec_io_ms,
             p.exec_token_ms,
+            p.exec_segment_ms,
+            p.exec_slot_ms,
+            p.table_row_ms,
+            p.cache_bytes,
         ]
         if min(costs) < 0:
             raise BadInput(f"{where} has a negative cost", "give costs of zero or more")
