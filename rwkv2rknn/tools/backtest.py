@@ -216,6 +216,9 @@ def _gemm(rows: int = 64, k: int = 1024) -> bytes:
     )
 
 
+TABLE_PROBE_BYTES = 64 << 20  # the Gather probe's table (256 MiB cost the same, measured)
+
+
 def _table(rows: int, width: int = WIDTH) -> bytes:
     """One Gather of a row of a [rows, width] float32 table by an int32 index, as the embedding."""
     from onnx import TensorProto, helper, numpy_helper
@@ -229,45 +232,41 @@ def _table(rows: int, width: int = WIDTH) -> bytes:
     )
 
 
-def table_row_ms(sweep, repeats: int, table_bytes: int = 64 << 20) -> float:
-    """What a Gather's random row of a table larger than the caches costs beyond the same row
-    read again (the embedding's first run in a step: the row's page walk and its lines from
-    DRAM; a Relu's run, the per-run probe, was 0.4-0.6x an embedding run here), both after
-    ``sweep``, in turns."""
-    rows = table_bytes // (4 * WIDTH)
-    gather = _store_runner(_table(rows))
-    rng = np.random.default_rng(1)
-    same = {"i": np.array([rows // 2], np.int32)}
-    t_random, t_same = _interleaved_ms(
-        [
-            lambda: gather.infer({"i": np.array([rng.integers(0, rows)], np.int32)}),
-            lambda: gather.infer(same),
-        ],
-        repeats,
-        sweep,
+def _identity(shapes) -> bytes:
+    """One Identity per shape: outputs made by onnxruntime, as a segment run's are."""
+    from onnx import helper
+
+    return _model(
+        [helper.make_node("Identity", [f"x{i}"], [f"y{i}"]) for i in range(len(shapes))],
+        [_vec(f"x{i}", s) for i, s in enumerate(shapes)],
+        [_vec(f"y{i}", s) for i, s in enumerate(shapes)],
     )
-    return max(t_random - t_same, 0.0)
 
 
 def copy_back_ms(sweep, repeats: int) -> Tuple[float, float]:
-    """(ms per slot, GB/s) of the executor's copy of a token's state back into its buffer
-    (each slot ``view[...] = output.reshape(view.shape)`` from a new array, after ``sweep``),
-    from 96 rows of 1024 floats (per-slot bound) and 24 [16, 64, 64] slots (byte bound) in
-    turns: the two equations of ``slots x per_slot + bytes / rate``."""
+    """(ms per slot, GB/s) of the executor's copy of a token's state back into its buffer:
+    each slot ``view[...] = output.reshape(view.shape)`` from an output onnxruntime made (after
+    ``sweep``: as cold as a step's), then the outputs let go; from 96 rows of 1024 floats
+    (per-slot bound) and 24 [16, 64, 64] slots (byte bound): the two equations of
+    ``slots x per_slot + bytes / rate``."""
     shapes_a, shapes_b = [(WIDTH,)] * 96, [(16, 64, 64)] * 24
 
     def case(shapes):
         buf = [np.zeros(s, np.float32) for s in shapes]
-        made = [[np.ones(int(np.prod(s)), np.float32) for s in shapes]]
+        maker = _runner(_identity(shapes))
+        feed = {f"x{i}": np.ones(s, np.float32) for i, s in enumerate(shapes)}
+        made = [list(maker.infer(feed).values())]
 
         def before():
+            made[0] = list(maker.infer(feed).values())
             sweep()
-            made[:] = [[np.ones(int(np.prod(s)), np.float32) for s in shapes]]
-            sweep()  # the outputs as cold as a step's when copied back
 
         def run():
-            for view, out in zip(buf, made[0]):
+            outs = made.pop()
+            for view, out in zip(buf, outs):
                 view[...] = np.asarray(out, np.float32).reshape(view.shape)
+            del outs  # the outputs let go, as at a step's end
+            made.append([])
 
         return before, run, sum(4 * int(np.prod(s)) for s in shapes)
 
@@ -313,17 +312,25 @@ def measure_host(
     one, eight = _runner(_wide(1)), _runner(_wide(8))
     short, long_ = _runner(_chain(11)), _runner(_chain(99))
     xrow = {"x": np.ones((1, WIDTH), np.float32)}
+    # a Gather's random row of a table beyond the caches (the embedding): its run against the
+    # one-op run above, in the same turns (a Gather's run with the same row again cost 0.02-0.03
+    # ms less than with a random one here, but the embedding's first run in a step 0.05-0.1
+    # more than the one-op run's: the cold row and the session's own first touches)
+    rows = TABLE_PROBE_BYTES // (4 * WIDTH)
+    gather = _store_runner(_table(rows))
+    pick = np.random.default_rng(1)
     probes = [
         lambda: one.infer(feed1),
         lambda: eight.infer(feed8),
         lambda: short.infer(xrow),
         lambda: long_.infer(xrow),
+        lambda: gather.infer({"i": np.array([pick.integers(0, rows)], np.int32)}),
     ]
-    t_one, t_eight, t_short, t_long = _interleaved_ms(probes, repeats, sweep)
+    t_one, t_eight, t_short, t_long, t_gather = _interleaved_ms(probes, repeats, sweep)
     kernel = max((t_long - t_short) / (_ops_in(99) - _ops_in(11)), 1e-5)
     io = max((t_eight - t_one - 7 * kernel) / 14, 0.0)
     call = max(t_one - 2 * io - kernel, 1e-4)
-    row = table_row_ms(sweep, max(repeats // 4, 5))
+    row = max(t_gather - t_one, 0.0)
     slot, state_gbs = copy_back_ms(sweep, max(repeats // 8, 5))
     gemv_gbs = {}
     for k, n, count in GEMV_PROBES:  # the bandwidth by a matrix's bytes
@@ -515,9 +522,8 @@ def run_backtest(
     # each after a segment's weights went through the caches (as in a real step: a segment's
     # weights on average, not a token's split into as many parts; the replay's sweep was the
     # latter, 1.25 MiB for a 430M RWKV-7, and its steps ran on caches a real step never has:
-    # 0.4x the executor's real cost per token, measured). Its time between runs gives the cost
-    # per segment, its time before the first and after the last (less the state's copy back,
-    # which the probes cost per slot and byte) the fixed cost per token
+    # 0.4x the executor's real cost per token, measured). Its time outside its runs, less the
+    # state's copy back (which the probes cost per slot and byte), is its cost per segment
     trace: Dict[str, np.ndarray] = {}
     model.runners = real
     model.step(ids[0], model.init_state(), trace=trace)
@@ -646,10 +652,13 @@ def board_estimate(artifact: str, manifest) -> Dict[str, float]:
 def _median_profile(
     profiles: List[DeviceProfile], ends: float, betweens: float, segments: int, slots: int, state_bytes: int
 ) -> DeviceProfile:
-    """Each measured field's median over the rounds' profiles, and the executor's costs per
-    token from its replayed step: ``betweens`` (ms between its runs) over its ``segments`` is
-    ``exec_segment_ms``; ``ends`` (before the first run and after the last) less the
-    state's copy back (the probes' per-slot cost and rate) is ``exec_token_ms``."""
+    """Each measured field's median over the rounds' profiles, and the executor's cost per
+    segment from its replayed step: its time between runs (``betweens``) and before the first
+    and after the last (``ends``: the state's views, its copy back, every run's outputs let go)
+    less the state's copy back as the probes cost it (per slot and byte), over its
+    ``segments``. The fixed cost per token, ``exec_token_ms``, is 0: it could not be told from
+    the per-segment part (the step's ends grew with its segments' outputs: 0.07 ms for 11
+    segments, 0.5 for 51)."""
     from dataclasses import replace
 
     keys = (
@@ -664,16 +673,15 @@ def _median_profile(
     )
     med = {k: statistics.median(getattr(p, k) for p in profiles) for k in keys}
     med["gemv_gbs"] = {b: statistics.median(p.gemv_gbs[b] for p in profiles) for b in profiles[0].gemv_gbs}
-    prof = replace(
+    copy = med["exec_slot_ms"] * slots + state_bytes / (med["exec_state_gbs"] * 1e6)
+    return replace(
         profiles[0],
         npu_gbs=med["cpu_gemv_gbs"],
         npu_gbs_all=med["cpu_gemv_gbs"],
         npu_core_gflops=med["cpu_gflops"],
         npu_kernel_ms=med["cpu_kernel_ms"],
         dram_gbs=max(med["cpu_gemv_gbs"], profiles[0].dram_gbs),
-        exec_segment_ms=betweens / max(segments, 1),
+        exec_token_ms=0.0,
+        exec_segment_ms=max(betweens + ends - copy, 0.0) / max(segments, 1),
         **med,
     )
-    # the step's own copy back as the probes cost it; the rest of its ends is per token
-    copy = prof.exec_slot_ms * slots + state_bytes / (prof.exec_state_gbs * 1e6)
-    return replace(prof, exec_token_ms=max(ends - copy, 0.0))

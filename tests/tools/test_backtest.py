@@ -85,10 +85,10 @@ def test_a_probe_on_a_weight_store_outlives_its_maker():
     np.testing.assert_allclose(runner.infer({"x": x})["y"], want, rtol=1e-4, atol=1e-6)
 
 
-def test_the_replayed_steps_times_become_the_executors_costs_per_segment_and_token():
-    """The replay's time between runs is the cost per segment; its time before the first run
-    and after the last, less the state's copy back as the probes cost it, the fixed cost per
-    token; together they give back the replay's time (the rounds' probes: their medians)."""
+def test_the_replayed_steps_times_become_the_executors_cost_per_segment():
+    """The replay's time outside its runs, less the state's copy back as the probes cost it,
+    is the cost per segment; with the copy back it gives back the replay's time (the rounds'
+    probes: their medians)."""
     from dataclasses import replace
 
     from rwkv2rknn.artifact.profile import DeviceProfile
@@ -110,11 +110,12 @@ def test_the_replayed_steps_times_become_the_executors_costs_per_segment_and_tok
         0.04,
         0.07,
     )
-    assert prof.exec_segment_ms == pytest.approx(0.1)
-    assert prof.exec_token_ms == pytest.approx(1.0 - 10 * 0.003 - 2_000_000 / 5e9 * 1e3)
+    copy = 10 * 0.003 + 2_000_000 / 5e9 * 1e3
+    assert prof.exec_token_ms == 0.0
+    assert prof.exec_segment_ms == pytest.approx((1.5 - copy) / 5)
     assert prof.executor_token_ms(5, 10, 2_000_000) == pytest.approx(1.5)
-    # a copy back dearer than the replay's ends: no negative fixed cost
-    assert _median_profile(rounds, 0.01, 0.5, 5, 10, 2_000_000).exec_token_ms == 0.0
+    # a copy back dearer than the replay's time: no negative cost
+    assert _median_profile(rounds, 0.01, 0.0, 5, 10, 2_000_000).exec_segment_ms == 0.0
 
 
 def test_board_estimate_counts_the_executor_per_segment_slot_and_byte(fp32_plan_artifact):
