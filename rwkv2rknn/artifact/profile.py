@@ -64,16 +64,22 @@ Where the published default ``rk3588-published`` comes from (none was measured h
   one thread; taken 4x slower on the board). ``cpu_special_flops`` 20: ASSUMED, FLOPs of one
   vectorised exp/sigmoid/tanh (a range reduction and a polynomial of about degree 10).
 - ``handoff_ms`` 0.03: ASSUMED, of the order of one onnxruntime ``run()`` from Python.
-- ``exec_call_ms`` 0.16, ``exec_io_ms`` 0.005, ``exec_token_ms`` 8.0: ASSUMED, 2x what
-  ``rwkv2rknn bench --backtest`` measured for this executor on the x86 development machine on
-  430M-shaped artifacts (2026-12-07, AMD EPYC, one onnxruntime thread, each run after a
+- ``exec_call_ms`` 0.16, ``exec_io_ms`` 0.005, ``exec_segment_ms`` 0.12, ``exec_slot_ms``
+  0.003, ``exec_state_gbs`` 5, ``table_row_ms`` 0.1: ASSUMED, 2x what ``rwkv2rknn bench
+  --backtest`` measured for this executor on the x86 development machine on 430M-shaped
+  artifacts (half for the rate; 2026-12-07, AMD EPYC, one onnxruntime thread, each run after a
   segment's weights went through the caches: 0.07-0.10 ms per run, 2-4 us per tensor; per
-  token beyond the runs 4.0 ms for RWKV-4 and 3.9-5.2 for RWKV-7 as a step spends it, which
-  the replay now reproduces, 4.1 and 3.7-5.9; the 0.9-1.7 ms once taken here came from a
-  replay that ran on warm caches; docs/benchmarks.md), taken 2x slower on a 2.4 GHz Cortex-A76
-  (its single-core speed for Python is about half an EPYC core's; 1.5-3x is the plausible
-  range). The per-token figure grows with the segments and the state (it is 0.1-0.3 ms for
-  the bundled 4 x 256 model here).
+  segment of a step beyond its run 0.06 ms, per state slot copied back 1.3-1.5 us, the state's
+  bytes at 9-11 GB/s, a random row of a table beyond the caches 0.04-0.06 ms;
+  docs/benchmarks.md), taken 2x slower on a 2.4 GHz Cortex-A76 (its single-core speed for
+  Python is about half an EPYC core's; 1.5-3x is the plausible range). ``exec_token_ms`` 0:
+  the step's fixed part could not be told from its per-segment part here. A 430M step of 51
+  segments then costs the executor 6.6 ms (RWKV-4, 0.5 MiB of state) to 7.6 ms (RWKV-7, 6.3
+  MiB) beyond its runs, the bundled 4 x 256 model's of 11 segments 1.4 ms (the single 8.0 ms
+  assumed before overcharged small models). The per-segment cost measured here is smaller for
+  small models (0.015 ms for the bundled one, whose step runs in the caches).
+- ``cache_bytes`` 3 MiB: the RK3588's shared L3 (its datasheet); a Gather's table larger than it
+  pays ``table_row_ms`` per row.
 - ``npu_kernel_ms`` 0.01: ASSUMED (range 0.005-0.05): the NPU runs each op of a compiled graph
   as a task of its own; no public per-op figure for the RK3588 was found (``eval_perf`` on a
   board would give one).
@@ -134,10 +140,10 @@ class DeviceProfile:
     # the executor itself
     exec_call_ms: float = 0.16  # the executor's own cost per segment run from Python
     exec_io_ms: float = 0.005  # ... and per input and output tensor of that run
-    exec_token_ms: float = 0.2  # ... per token beyond its runs: once,
-    exec_segment_ms: float = 0.09  # ... per segment the step runs,
-    exec_slot_ms: float = 0.012  # ... per state slot,
-    exec_state_gbs: float = 3.0  # ... and the state's bytes copied back at this rate
+    exec_token_ms: float = 0.0  # ... per token beyond its runs: once,
+    exec_segment_ms: float = 0.12  # ... per segment the step runs,
+    exec_slot_ms: float = 0.003  # ... per state slot,
+    exec_state_gbs: float = 5.0  # ... and the state's bytes copied back at this rate
     # a Gather's row from a table of more than cache_bytes: a random read from DRAM
     table_row_ms: float = 0.1
     cache_bytes: int = 3 * MiB  # the last-level cache (the RK3588's L3)

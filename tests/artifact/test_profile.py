@@ -201,6 +201,17 @@ def test_executor_cost_per_token_scales_with_segments_slots_and_state_bytes(fp32
 
     from rwkv2rknn.runtime.hybrid import load_manifest
 
+    import rwkv2rknn.artifact.profile as mod
+
+    # the docstring's figures for the published profile: a 430M step (51 segments) with RWKV-4's
+    # state (120 rows of 1024) and RWKV-7's (24 x (2 rows + 16 x 64 x 64)), the bundled model's
+    d = DeviceProfile()
+    for segments, slots, nbytes in (
+        (51, 120, 4 * 120 * 1024),
+        (51, 72, 4 * 24 * (2048 + 65536)),
+        (11, 20, 4 * 20 * 256),
+    ):
+        assert f"{d.executor_token_ms(segments, slots, nbytes):.1f} ms" in mod.__doc__
     p = DeviceProfile(exec_token_ms=0.5, exec_segment_ms=0.02, exec_slot_ms=0.003, exec_state_gbs=2.0)
     assert p.executor_token_ms(0, 0, 0) == pytest.approx(0.5)
     assert p.executor_token_ms(10, 20, 4e6) == pytest.approx(0.5 + 0.2 + 0.06 + 2.0)
