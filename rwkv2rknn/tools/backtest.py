@@ -6,8 +6,10 @@ In one run, with one onnxruntime thread everywhere (steadier than a pool on a sh
    each timed after a run through a token's weights (``_Sweep``): GEMV chains of matrices of
    0.25 to 64 MiB (the bandwidth by a matrix's bytes), a 64-row MatMul (FLOP rate), chains of
    small ops (an op's fixed cost), tiny graphs run through the executor's own runner (its cost
-   per run and per input and output tensor), and the executor's token step with every run
-   replaced by a replay of its outputs (its own cost per token). The NPU's fields are this
+   per run and per input and output tensor), a Gather of a random row of a table beyond the
+   caches (the embedding's cold row), the copy back of a state from outputs onnxruntime made
+   (per slot and per byte), and the executor's token step with every run replaced by a replay
+   of its outputs (its own cost per segment of a step). The NPU's fields are this
    CPU's: "as if this CPU were the device", every segment runs on onnxruntime;
 2. per segment, the estimator's time for one call under that profile (``partition.estimate_ms``
    on the segment's ONNX graph, through ``driver.estimate_file``, at the device it was planned for);

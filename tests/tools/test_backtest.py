@@ -40,7 +40,16 @@ def test_backtest_prints_predicted_over_measured_per_kind_and_token(fp32_plan_ar
     # the profile it predicted with: this machine's, every executor cost measured
     prof = res["profile"]
     assert prof["name"] == "this-machine-onnxruntime-1-thread"
-    assert prof["exec_call_ms"] > 0 and prof["exec_token_ms"] > 0 and prof["cpu_kernel_ms"] > 0
+    assert prof["exec_call_ms"] > 0 and prof["exec_segment_ms"] > 0 and prof["cpu_kernel_ms"] > 0
+    assert prof["exec_token_ms"] == 0.0  # not told from the per-segment cost
+    # the executor's row is the profile's cost per segment, slot and state byte of this step
+    from rwkv2rknn.artifact.profile import DeviceProfile
+    from rwkv2rknn.runtime.hybrid import load_manifest
+
+    m = load_manifest(fp32_plan_artifact)
+    own = next(row for row in res["table"] if row["kind"] == "executor (per token)")
+    want = DeviceProfile.from_dict(prof).executor_token_ms(len(m.segments), len(m.state), m.state_bytes())
+    assert own["predicted_ms"] == pytest.approx(want, rel=1e-9)
 
 
 def test_backtest_of_a_folder_that_is_no_artifact_is_a_one_line_error(tmp_path):
