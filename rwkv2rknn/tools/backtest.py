@@ -484,8 +484,10 @@ def run_backtest(
     # what goes through the caches between two runs of a segment: a token's weights (beyond
     # twice the last-level cache the same as all of them); the probes are timed after as many
     # (after a segment's weights only, a small model's probes ran from warm caches: the bundled
-    # model's token 0.3x what it measured)
-    evict = min(max(total, 1 << 20), 64 << 20)
+    # model's token 0.3x what it measured), and at least the last-level cache (the bundled
+    # model's 13.6 MiB left a 256 KiB GEMV probe's chain in a 32 MiB cache in some rounds: 8 to
+    # 27 GB/s, while its step's GEMVs ran cold, the other work on the machine sharing the cache)
+    evict = min(max(total, cache_bytes(), 1 << 20), 64 << 20)
     # what goes through the caches between two runs of the executor: a segment's weights (on
     # average); the probes of its costs are timed after as many
     between = min(max(total // len(manifest.segments), 1 << 20), 64 << 20)
