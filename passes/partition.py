@@ -242,6 +242,21 @@ def op_work(nodes, rows: int = 0):
     return out
 
 
+def gathers(nodes, rows: int = 0):
+    """(table bytes, rows picked) of every Gather from a constant table among ``nodes`` (the
+    embedding; ``rows``: a T-row call's row count instead of the indices' own)."""
+    out = []
+    for n in nodes:
+        if n.op != "Gather" or not n.inputs:
+            continue
+        table = const_value(n.inputs[0])
+        if table is None:
+            continue
+        picked = _elems(n.inputs[1]) if len(n.inputs) > 1 else 0
+        out.append((int(table.size) * table.dtype.itemsize, rows or picked or 1))
+    return out
+
+
 def boundary_tensors(nodes) -> int:
     """Inputs and outputs of a segment made of ``nodes``: tensors read from outside (not
     constants) and tensors made for outside (read by another node, or by none: a graph output;
@@ -270,10 +285,11 @@ def estimate_ms(
     """Estimated time of one call of a segment under a device profile (``rows``: its T-row
     variant's row count instead of the graph's own; ``precision``: of the NPU build). A CPU
     segment counts its projections and every other op's bytes and FLOPs (``op_work``); an NPU
-    segment its call, its MatMuls and its other ops (one NPU task each); both the executor's
-    own cost of the run (per call and per input and output tensor: ``io`` of them, where not
+    segment its call, its MatMuls and its other ops (one NPU task each); both a Gather's rows
+    from a table larger than the cache (``gathers``) and the executor's own cost of the run (per call and per input and output tensor: ``io`` of them, where not
     given counted from the nodes, ``boundary_tensors``)."""
     own = profile.executor_ms(boundary_tensors(nodes) if io is None else io)
+    own += sum(profile.gather_ms(b, r) for b, r in gathers(nodes, rows))
     if device == "npu":
         return (
             own

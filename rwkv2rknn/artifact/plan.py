@@ -9,6 +9,7 @@ version. ``table()`` prints the per-layer plan.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from dataclasses import asdict, dataclass, field, fields
 from typing import Dict, List, Optional, Tuple
@@ -274,6 +275,24 @@ class Manifest:
         """NPU<->CPU switches per token when segments run in order."""
         return sum(1 for a, b in zip(self.segments, self.segments[1:]) if a.backend != b.backend)
 
+    def state_bytes(self) -> int:
+        """Bytes of the recurrent state (float32)."""
+        width = int(self.model.get("width", 0) or 0)
+        return sum(4 * math.prod(s.dims(width)) for s in self.state)
+
+    def executor_token_ms(self) -> float:
+        """The executor's own cost per token beyond its runs under the plan's profile
+        (``DeviceProfile.executor_token_ms``); a term the profile lacks is 0 (older profiles
+        held one figure, ``exec_token_ms``, or none)."""
+        p = self.profile
+        gbs = float(p.get("exec_state_gbs", 0.0) or 0.0)
+        return (
+            float(p.get("exec_token_ms", 0.0))
+            + float(p.get("exec_segment_ms", 0.0)) * len(self.segments)
+            + float(p.get("exec_slot_ms", 0.0)) * len(self.state)
+            + (self.state_bytes() / (gbs * 1e6) if gbs > 0 else 0.0)
+        )
+
     def estimate_ms(self, phase: str = "decode") -> Optional[dict]:
         """Estimated ms/token of ``phase`` ('decode' or 'prefill') from the device profile
         (None without one): the segments' calls (each with the executor's own cost of it), the
@@ -286,7 +305,7 @@ class Manifest:
         cpu = sum(per(s) for s in self.segments if s.backend == "cpu")
         try:
             hand = self.boundaries() * float(self.profile.get("handoff_ms", 0.0))
-            own = float(self.profile.get("exec_token_ms", 0.0))  # 0 in profiles older than it
+            own = self.executor_token_ms()
         except (TypeError, ValueError):
             return None
         if phase == "prefill":

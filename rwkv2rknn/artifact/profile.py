@@ -21,7 +21,14 @@ The cost model (every figure below is a field of ``DeviceProfile``):
   task each.
 - The executor's own cost (``executor_ms``): ``exec_call_ms`` per segment run from Python (the
   feed, the runtime's entry and exit, the outputs) + ``exec_io_ms`` per input and output tensor
-  of it, and ``exec_token_ms`` per token beyond its calls (the state's copies, the logits).
+  of it; per token beyond its calls (``executor_token_ms``): ``exec_token_ms`` once,
+  ``exec_segment_ms`` per segment the step runs (its feed gathered from the step's tensors, its
+  outputs kept, an NPU segment's outputs checked for NaN/inf), ``exec_slot_ms`` per state slot
+  (its view, its output copied back and let go) and the state's bytes at ``exec_state_gbs``
+  (read from the runs' outputs, written into the state).
+- A Gather's row from a constant table larger than ``cache_bytes`` (the embedding of a large
+  vocabulary): ``table_row_ms`` per row picked beyond the op's bytes (a random row of a table
+  that is in no cache: its page walk and its lines from DRAM).
 - A w8a8 build (``compile --quant w8a8``): weights of ``npu_weight_bytes / npu_int8_speedup``
   bytes and ``npu_int8_speedup`` times the compute rate (measured profiles: the throughput).
 - Every NPU<->CPU switch between segments: ``handoff_ms``.
@@ -57,16 +64,22 @@ Where the published default ``rk3588-published`` comes from (none was measured h
   one thread; taken 4x slower on the board). ``cpu_special_flops`` 20: ASSUMED, FLOPs of one
   vectorised exp/sigmoid/tanh (a range reduction and a polynomial of about degree 10).
 - ``handoff_ms`` 0.03: ASSUMED, of the order of one onnxruntime ``run()`` from Python.
-- ``exec_call_ms`` 0.16, ``exec_io_ms`` 0.005, ``exec_token_ms`` 8.0: ASSUMED, 2x what
-  ``rwkv2rknn bench --backtest`` measured for this executor on the x86 development machine on
-  430M-shaped artifacts (2026-12-07, AMD EPYC, one onnxruntime thread, each run after a
+- ``exec_call_ms`` 0.16, ``exec_io_ms`` 0.005, ``exec_segment_ms`` 0.12, ``exec_slot_ms``
+  0.003, ``exec_state_gbs`` 5, ``table_row_ms`` 0.1: ASSUMED, 2x what ``rwkv2rknn bench
+  --backtest`` measured for this executor on the x86 development machine on 430M-shaped
+  artifacts (half for the rate; 2026-12-07, AMD EPYC, one onnxruntime thread, each run after a
   segment's weights went through the caches: 0.07-0.10 ms per run, 2-4 us per tensor; per
-  token beyond the runs 4.0 ms for RWKV-4 and 3.9-5.2 for RWKV-7 as a step spends it, which
-  the replay now reproduces, 4.1 and 3.7-5.9; the 0.9-1.7 ms once taken here came from a
-  replay that ran on warm caches; docs/benchmarks.md), taken 2x slower on a 2.4 GHz Cortex-A76
-  (its single-core speed for Python is about half an EPYC core's; 1.5-3x is the plausible
-  range). The per-token figure grows with the segments and the state (it is 0.1-0.3 ms for
-  the bundled 4 x 256 model here).
+  segment of a step beyond its run 0.06 ms, per state slot copied back 1.3-1.5 us, the state's
+  bytes at 9-11 GB/s, a random row of a table beyond the caches 0.04-0.06 ms;
+  docs/benchmarks.md), taken 2x slower on a 2.4 GHz Cortex-A76 (its single-core speed for
+  Python is about half an EPYC core's; 1.5-3x is the plausible range). ``exec_token_ms`` 0:
+  the step's fixed part could not be told from its per-segment part here. A 430M step of 51
+  segments then costs the executor 6.6 ms (RWKV-4, 0.5 MiB of state) to 7.6 ms (RWKV-7, 6.3
+  MiB) beyond its runs, the bundled 4 x 256 model's of 11 segments 1.4 ms (the single 8.0 ms
+  assumed before overcharged small models). The per-segment cost measured here is smaller for
+  small models (0.015 ms for the bundled one, whose step runs in the caches).
+- ``cache_bytes`` 3 MiB: the RK3588's shared L3 (its datasheet); a Gather's table larger than it
+  pays ``table_row_ms`` per row.
 - ``npu_kernel_ms`` 0.01: ASSUMED (range 0.005-0.05): the NPU runs each op of a compiled graph
   as a task of its own; no public per-op figure for the RK3588 was found (``eval_perf`` on a
   board would give one).
@@ -127,7 +140,13 @@ class DeviceProfile:
     # the executor itself
     exec_call_ms: float = 0.16  # the executor's own cost per segment run from Python
     exec_io_ms: float = 0.005  # ... and per input and output tensor of that run
-    exec_token_ms: float = 8.0  # ... and per token beyond its runs
+    exec_token_ms: float = 0.0  # ... per token beyond its runs: once,
+    exec_segment_ms: float = 0.12  # ... per segment the step runs,
+    exec_slot_ms: float = 0.003  # ... per state slot,
+    exec_state_gbs: float = 5.0  # ... and the state's bytes copied back at this rate
+    # a Gather's row from a table of more than cache_bytes: a random read from DRAM
+    table_row_ms: float = 0.1
+    cache_bytes: int = 3 * MiB  # the last-level cache (the RK3588's L3)
     # measured: a one-row MatMul's weight bandwidth by its weight bytes, on either side (used
     # as is, interpolated in log(bytes)); empty: the side's own figure. onnxruntime's fp32 GEMV
     # streams a large matrix faster than a small one (10 GB/s at 256 KiB, 25 at 64 MiB here)
@@ -182,6 +201,20 @@ class DeviceProfile:
     def executor_ms(self, tensors: int) -> float:
         """The executor's own cost of one segment run with this many inputs and outputs."""
         return self.exec_call_ms + self.exec_io_ms * tensors
+
+    def executor_token_ms(self, segments: int, slots: int, state_bytes: float) -> float:
+        """The executor's own cost per token beyond its runs, for a step of ``segments`` runs
+        and a state of ``slots`` slots holding ``state_bytes``."""
+        return (
+            self.exec_token_ms
+            + self.exec_segment_ms * segments
+            + self.exec_slot_ms * slots
+            + state_bytes / (self.exec_state_gbs * 1e6)
+        )
+
+    def gather_ms(self, table_bytes: float, rows: int = 1) -> float:
+        """The cost beyond its bytes of a Gather picking ``rows`` rows of a constant table."""
+        return self.table_row_ms * max(rows, 1) if table_bytes > self.cache_bytes else 0.0
 
     # ---------------------------------------------------------------- CPU
 
@@ -239,6 +272,7 @@ class DeviceProfile:
                 p.npu_cores,
                 p.npu_int8_speedup,
                 p.cpu_special_flops,
+                p.exec_state_gbs,
             ]
             + list(p.npu_gflops.values())
             + list(p.gemv_gbs.values())
@@ -253,6 +287,10 @@ class DeviceProfile:
             p.exec_call_ms,
             p.exec_io_ms,
             p.exec_token_ms,
+            p.exec_segment_ms,
+            p.exec_slot_ms,
+            p.table_row_ms,
+            p.cache_bytes,
         ]
         if min(costs) < 0:
             raise BadInput(f"{where} has a negative cost", "give costs of zero or more")

@@ -45,16 +45,17 @@ log = logging.getLogger(__name__)
 def _stub(node, op_work) -> SimpleNamespace:
     """What a written segment keeps of a node: its name and op, for a MatMul the shapes its
     estimates need (the weight as a zero-strided array of its shape: no memory), for any other
-    op its bytes and FLOPs (``op_work``, the partition pass's), not weights."""
+    op its bytes and FLOPs (``op_work``, the partition pass's), not weights (a Gather keeps its
+    table's shape as a MatMul its weight's)."""
     import onnx_graphsurgeon as gs
     from rwkv2rknn.compiler.ir import const_value
 
     inputs = []
-    if node.op == "MatMul":
+    if node.op in ("MatMul", "Gather"):  # a Gather's table: the embedding's cold-row cost
         for t in node.inputs:
             w = const_value(t)
             inputs.append(
-                gs.Constant(t.name, np.broadcast_to(np.float32(0), w.shape))
+                gs.Constant(t.name, np.broadcast_to(np.zeros((), w.dtype), w.shape))
                 if w is not None
                 else SimpleNamespace(name=t.name, shape=t.shape, inputs=[])
             )

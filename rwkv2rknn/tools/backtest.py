@@ -6,8 +6,10 @@ In one run, with one onnxruntime thread everywhere (steadier than a pool on a sh
    each timed after a run through a token's weights (``_Sweep``): GEMV chains of matrices of
    0.25 to 64 MiB (the bandwidth by a matrix's bytes), a 64-row MatMul (FLOP rate), chains of
    small ops (an op's fixed cost), tiny graphs run through the executor's own runner (its cost
-   per run and per input and output tensor), and the executor's token step with every run
-   replaced by a replay of its outputs (its own cost per token). The NPU's fields are this
+   per run and per input and output tensor), a Gather of a random row of a table beyond the
+   caches (the embedding's cold row), the copy back of a state from outputs onnxruntime made
+   (per slot and per byte), and the executor's token step with every run replaced by a replay
+   of its outputs (its own cost per segment of a step). The NPU's fields are this
    CPU's: "as if this CPU were the device", every segment runs on onnxruntime;
 2. per segment, the estimator's time for one call under that profile (``partition.estimate_ms``
    on the segment's ONNX graph, through ``driver.estimate_file``, at the device it was planned for);
@@ -25,7 +27,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Tuple
 
 import numpy as np
 
@@ -216,12 +218,93 @@ def _gemm(rows: int = 64, k: int = 1024) -> bytes:
     )
 
 
+TABLE_PROBE_BYTES = 64 << 20  # the Gather probe's table (256 MiB cost the same, measured)
+
+
+def _table(rows: int, width: int = WIDTH) -> bytes:
+    """One Gather of a row of a [rows, width] float32 table by an int32 index, as the embedding."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    table = numpy_helper.from_array(np.full((rows, width), 0.5, np.float32), "table")
+    return _model(
+        [helper.make_node("Gather", ["table", "i"], ["y"])],
+        [helper.make_tensor_value_info("i", TensorProto.INT32, [1])],
+        [_vec("y", [1, width])],
+        [table],
+    )
+
+
+def _identity(shapes) -> bytes:
+    """One Identity per shape: outputs made by onnxruntime, as a segment run's are."""
+    from onnx import helper
+
+    return _model(
+        [helper.make_node("Identity", [f"x{i}"], [f"y{i}"]) for i in range(len(shapes))],
+        [_vec(f"x{i}", s) for i, s in enumerate(shapes)],
+        [_vec(f"y{i}", s) for i, s in enumerate(shapes)],
+    )
+
+
+def copy_back_ms(sweep, repeats: int) -> Tuple[float, float]:
+    """(ms per slot, GB/s) of the executor's copy of a token's state back into its buffer:
+    each slot ``view[...] = output.reshape(view.shape)`` from an output onnxruntime made (after
+    ``sweep``: as cold as a step's), then the outputs let go; from 96 rows of 1024 floats
+    (per-slot bound) and 24 [16, 64, 64] slots (byte bound): the two equations of
+    ``slots x per_slot + bytes / rate``."""
+    shapes_a, shapes_b = [(WIDTH,)] * 96, [(16, 64, 64)] * 24
+
+    def case(shapes):
+        buf = [np.zeros(s, np.float32) for s in shapes]
+        maker = _runner(_identity(shapes))
+        feed = {f"x{i}": np.ones(s, np.float32) for i, s in enumerate(shapes)}
+        made = [list(maker.infer(feed).values())]
+
+        def before():
+            made[0] = list(maker.infer(feed).values())
+            sweep()
+
+        def run():
+            outs = made.pop()
+            for view, out in zip(buf, outs):
+                view[...] = np.asarray(out, np.float32).reshape(view.shape)
+            del outs  # the outputs let go, as at a step's end
+            made.append([])
+
+        return before, run, sum(4 * int(np.prod(s)) for s in shapes)
+
+    (before_a, run_a, bytes_a), (before_b, run_b, bytes_b) = case(shapes_a), case(shapes_b)
+    t_a = _interleaved_ms([run_a], repeats, before_a)[0]
+    t_b = _interleaved_ms([run_b], repeats, before_b)[0]
+    n_a, n_b = len(shapes_a), len(shapes_b)
+    # t = n x slot + bytes x inv, solved for slot and inv (ms per byte)
+    det = n_a * bytes_b - n_b * bytes_a
+    slot = max((t_a * bytes_b - t_b * bytes_a) / det, 0.0)
+    inv = max((t_b * n_a - t_a * n_b) / det, 1e-12)
+    return slot, 1.0 / inv / 1e6
+
+
+def cache_bytes() -> int:
+    """This CPU's last-level cache (Linux's sysfs; 32 MiB where it does not say)."""
+    best = 0
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for index in os.listdir(base):
+            with open(os.path.join(base, index, "size")) as f:
+                text = f.read().strip()
+            mult = {"K": 1 << 10, "M": 1 << 20}.get(text[-1:], 1)
+            best = max(best, int(text.rstrip("KM")) * mult)
+    except (OSError, ValueError):
+        pass
+    return best or 32 << 20
+
+
 def measure_host(
-    evict_bytes: int = 16 << 20, echo: Callable[[str], None] = print, repeats: int = 80
+    evict_bytes: int = 16 << 20, echo: Callable[[str], None] = print, repeats: int = 160
 ) -> DeviceProfile:
     """This machine as a device profile for onnxruntime on one thread (every field measured but
     ``cpu_special_flops``, kept from the defaults; the NPU's fields are the CPU's; the
-    executor's cost per token, ``exec_token_ms``, is left 0: ``run_backtest`` measures it).
+    executor's fixed and per-segment costs per token, ``exec_token_ms`` and
+    ``exec_segment_ms``, are left 0: ``run_backtest`` measures them on the artifact's step).
     The per-run, per-tensor and per-op costs are timed right after ``evict_bytes`` of weights
     went through the caches, as in a token step, where every run follows another segment's
     weights (a run from warm caches costs several times less)."""
@@ -231,16 +314,26 @@ def measure_host(
     one, eight = _runner(_wide(1)), _runner(_wide(8))
     short, long_ = _runner(_chain(11)), _runner(_chain(99))
     xrow = {"x": np.ones((1, WIDTH), np.float32)}
+    # a Gather's random row of a table beyond the caches (the embedding): its run against the
+    # one-op run above, in the same turns (a Gather's run with the same row again cost 0.02-0.03
+    # ms less than with a random one here, but the embedding's first run in a step 0.05-0.1
+    # more than the one-op run's: the cold row and the session's own first touches)
+    rows = TABLE_PROBE_BYTES // (4 * WIDTH)
+    gather = _store_runner(_table(rows))
+    pick = np.random.default_rng(1)
     probes = [
         lambda: one.infer(feed1),
         lambda: eight.infer(feed8),
         lambda: short.infer(xrow),
         lambda: long_.infer(xrow),
+        lambda: gather.infer({"i": np.array([pick.integers(0, rows)], np.int32)}),
     ]
-    t_one, t_eight, t_short, t_long = _interleaved_ms(probes, repeats, sweep)
+    t_one, t_eight, t_short, t_long, t_gather = _interleaved_ms(probes, repeats, sweep)
     kernel = max((t_long - t_short) / (_ops_in(99) - _ops_in(11)), 1e-5)
     io = max((t_eight - t_one - 7 * kernel) / 14, 0.0)
     call = max(t_one - 2 * io - kernel, 1e-4)
+    row = max(t_gather - t_one, 0.0)
+    slot, state_gbs = copy_back_ms(sweep, max(repeats // 8, 5))
     gemv_gbs = {}
     for k, n, count in GEMV_PROBES:  # the bandwidth by a matrix's bytes
         model, nbytes = _gemv_chain(k, n, count)
@@ -259,7 +352,8 @@ def measure_host(
         f"{call * 1000:.1f} us per run from Python + {io * 1000:.2f} us per tensor; "
         f"{kernel * 1000:.2f} us per small op; GEMV "
         + ", ".join(f"{g:.1f} GB/s at {b / 2**20:g} MiB" for b, g in gemv_gbs.items())
-        + f" (fp32 weights of one MatMul); {gflops:.1f} GFLOPS at 64 rows"
+        + f" (fp32 weights of one MatMul); {gflops:.1f} GFLOPS at 64 rows; a table's random row "
+        f"{row * 1000:.1f} us; the state's copy back {slot * 1000:.2f} us per slot + {state_gbs:.1f} GB/s"
     )
     return DeviceProfile(
         name="this-machine-onnxruntime-1-thread",
@@ -280,6 +374,11 @@ def measure_host(
         exec_call_ms=call,
         exec_io_ms=io,
         exec_token_ms=0.0,
+        exec_segment_ms=0.0,
+        exec_slot_ms=slot,
+        exec_state_gbs=state_gbs,
+        table_row_ms=row,
+        cache_bytes=cache_bytes(),
         gemv_gbs=gemv_gbs,
     )
 
@@ -328,18 +427,33 @@ class _Timed:
 
 
 class _Replay:
-    """Gives back one run's outputs again, as new arrays (the executor's own cost, without
-    onnxruntime, but with what it costs to let a run's outputs go), after a segment's weights
-    went through the caches (``sweep``; its time and the copies' go to ``spent``)."""
+    """Gives back one run's outputs again as an onnxruntime run gives them (new arrays from an
+    Identity session: letting them go costs what a run's do; copies made by numpy cost half as
+    much, measured), after a segment's weights went through the caches (``sweep``); the thread
+    time at its entry and exit goes to ``marks`` (the executor's own time is between them)."""
 
-    def __init__(self, outs, sweep, spent: List[float]):
-        self.outs, self.sweep, self.spent = outs, sweep, spent
+    def __init__(self, outs: Dict[str, np.ndarray], sweep, marks: List[float]):
+        from onnx import helper
+
+        self.names = list(outs)
+        io = [
+            helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(v.dtype), list(v.shape))
+            for n, v in outs.items()
+        ]
+        inputs = [
+            helper.make_tensor_value_info("in_" + n, helper.np_dtype_to_tensor_dtype(v.dtype), list(v.shape))
+            for n, v in outs.items()
+        ]
+        nodes = [helper.make_node("Identity", ["in_" + n], [n]) for n in self.names]
+        self.runner = _runner(_model(nodes, inputs, io))
+        self.feed = {"in_" + n: v for n, v in outs.items()}
+        self.sweep, self.marks = sweep, marks
 
     def infer(self, feed):
-        t0 = time.thread_time()
-        outs = {k: v.copy() for k, v in self.outs.items()}  # new arrays, as a run gives
+        self.marks.append(time.thread_time())
+        outs = self.runner.infer(self.feed)
         self.sweep()  # after them: they are as cold as a run's outputs are when read later
-        self.spent.append(1000.0 * (time.thread_time() - t0))
+        self.marks.append(time.thread_time())
         return outs
 
     def close(self):
@@ -370,8 +484,10 @@ def run_backtest(
     # what goes through the caches between two runs of a segment: a token's weights (beyond
     # twice the last-level cache the same as all of them); the probes are timed after as many
     # (after a segment's weights only, a small model's probes ran from warm caches: the bundled
-    # model's token 0.3x what it measured)
-    evict = min(max(total, 1 << 20), 64 << 20)
+    # model's token 0.3x what it measured), and at least the last-level cache (the bundled
+    # model's 13.6 MiB left a 256 KiB GEMV probe's chain in a 32 MiB cache in some rounds: 8 to
+    # 27 GB/s, while its step's GEMVs ran cold, the other work on the machine sharing the cache)
+    evict = min(max(total, cache_bytes(), 1 << 20), 64 << 20)
     # what goes through the caches between two runs of the executor: a segment's weights (on
     # average); the probes of its costs are timed after as many
     between = min(max(total // len(manifest.segments), 1 << 20), 64 << 20)
@@ -410,26 +526,32 @@ def run_backtest(
     # each after a segment's weights went through the caches (as in a real step: a segment's
     # weights on average, not a token's split into as many parts; the replay's sweep was the
     # latter, 1.25 MiB for a 430M RWKV-7, and its steps ran on caches a real step never has:
-    # 0.4x the executor's real cost per token, measured)
+    # 0.4x the executor's real cost per token, measured). Its time outside its runs, less the
+    # state's copy back (which the probes cost per slot and byte), is its cost per segment
     trace: Dict[str, np.ndarray] = {}
     model.runners = real
     model.step(ids[0], model.init_state(), trace=trace)
     sweep = _Sweep(between)
-    spent: List[float] = []
-    model.runners = [_Replay({k: trace[k] for k in seg.outputs}, sweep, spent) for seg in manifest.segments]
+    marks: List[float] = []
+    model.runners = [_Replay({k: trace[k] for k in seg.outputs}, sweep, marks) for seg in manifest.segments]
     replay_state = model.init_state()
-    own_steps = []
+    ends, betweens = [], []  # ms per step: before the first run and after the last; between runs
     for _ in range(max(10, 2 * tokens)):
-        spent.clear()
+        marks.clear()
         t0 = time.thread_time()
         model.step(ids[0], replay_state)
-        own_steps.append(1000.0 * (time.thread_time() - t0) - sum(spent))
-    own = statistics.median(own_steps)
+        t1 = time.thread_time()
+        ends.append(1000.0 * ((marks[0] - t0) + (t1 - marks[-1])))
+        betweens.append(1000.0 * sum(b - a for a, b in zip(marks[1:-1:2], marks[2::2])))
     del sweep
     model.runners = real
     model.close()
     res["load_end"] = load_average()
-    prof = _median_profile(profiles, own)
+    slots, state_bytes = len(manifest.state), manifest.state_bytes()
+    prof = _median_profile(
+        profiles, statistics.median(ends), statistics.median(betweens), n_seg, slots, state_bytes
+    )
+    own = prof.executor_token_ms(n_seg, slots, state_bytes)
     res["profile"] = prof.to_dict()
     est = predict(artifact, manifest, prof)
     kinds = [segment_kind(s, manifest) for s in manifest.segments]
@@ -508,12 +630,17 @@ def board_estimate(artifact: str, manifest) -> Dict[str, float]:
     base = DeviceProfile()
 
     def case(call: float, token: float, npu_kernel_ms: float) -> DeviceProfile:
-        """The executor's per-call and per-io costs times ``call``, its per-token cost times ``token``."""
+        """The executor's per-call and per-io costs times ``call``, its per-token costs times
+        ``token`` (its copy rate divided by it)."""
         return replace(
             base,
             exec_call_ms=base.exec_call_ms * call,
             exec_io_ms=base.exec_io_ms * call,
             exec_token_ms=base.exec_token_ms * token,
+            exec_segment_ms=base.exec_segment_ms * token,
+            exec_slot_ms=base.exec_slot_ms * token,
+            exec_state_gbs=base.exec_state_gbs / token,
+            table_row_ms=base.table_row_ms * call,
             npu_kernel_ms=npu_kernel_ms,
         )
 
@@ -521,17 +648,36 @@ def board_estimate(artifact: str, manifest) -> Dict[str, float]:
     out = {}
     for name, prof in cases.items():
         per = predict(artifact, manifest, prof)
-        out[name] = sum(per) + manifest.boundaries() * prof.handoff_ms + prof.exec_token_ms
+        own = prof.executor_token_ms(len(manifest.segments), len(manifest.state), manifest.state_bytes())
+        out[name] = sum(per) + manifest.boundaries() * prof.handoff_ms + own
     return out
 
 
-def _median_profile(profiles: List[DeviceProfile], own: float) -> DeviceProfile:
-    """Each measured field's median over the rounds' profiles; ``exec_token_ms`` = ``own``."""
+def _median_profile(
+    profiles: List[DeviceProfile], ends: float, betweens: float, segments: int, slots: int, state_bytes: int
+) -> DeviceProfile:
+    """Each measured field's median over the rounds' profiles, and the executor's cost per
+    segment from its replayed step: its time between runs (``betweens``) and before the first
+    and after the last (``ends``: the state's views, its copy back, every run's outputs let go)
+    less the state's copy back as the probes cost it (per slot and byte), over its
+    ``segments``. The fixed cost per token, ``exec_token_ms``, is 0: it could not be told from
+    the per-segment part (the step's ends grew with its segments' outputs: 0.07 ms for 11
+    segments, 0.5 for 51)."""
     from dataclasses import replace
 
-    keys = ("cpu_gemv_gbs", "cpu_gflops", "cpu_kernel_ms", "exec_call_ms", "exec_io_ms")
+    keys = (
+        "cpu_gemv_gbs",
+        "cpu_gflops",
+        "cpu_kernel_ms",
+        "exec_call_ms",
+        "exec_io_ms",
+        "exec_slot_ms",
+        "exec_state_gbs",
+        "table_row_ms",
+    )
     med = {k: statistics.median(getattr(p, k) for p in profiles) for k in keys}
     med["gemv_gbs"] = {b: statistics.median(p.gemv_gbs[b] for p in profiles) for b in profiles[0].gemv_gbs}
+    copy = med["exec_slot_ms"] * slots + state_bytes / (med["exec_state_gbs"] * 1e6)
     return replace(
         profiles[0],
         npu_gbs=med["cpu_gemv_gbs"],
@@ -539,6 +685,7 @@ def _median_profile(profiles: List[DeviceProfile], own: float) -> DeviceProfile:
         npu_core_gflops=med["cpu_gflops"],
         npu_kernel_ms=med["cpu_kernel_ms"],
         dram_gbs=max(med["cpu_gemv_gbs"], profiles[0].dram_gbs),
-        exec_token_ms=own,
+        exec_token_ms=0.0,
+        exec_segment_ms=max(betweens + ends - copy, 0.0) / max(segments, 1),
         **med,
     )

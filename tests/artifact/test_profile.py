@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from rwkv2rknn.compiler.driver import compile_model
@@ -190,3 +191,76 @@ def test_cpu_segments_count_their_non_matmul_ops():
     assert estimate_ms("cpu", nodes, p) > p.cpu_matmul_ms(c, c, 1) + 5 * p.cpu_kernel_ms
     # a T-row call moves T times the bytes, and pays each kernel's fixed cost once
     assert op_work(nodes, rows=8)[0] == (8 * work[0][0], 8 * work[0][1], False)
+
+
+def test_executor_cost_per_token_scales_with_segments_slots_and_state_bytes(fp32_plan_artifact):
+    """The executor's own cost per token beyond its runs: a fixed cost, one per segment, one
+    per state slot and the state's bytes at a copy rate; the plan counts them from its own
+    segments and state (a profile of the older form, one exec_token_ms, is that figure)."""
+    from dataclasses import replace
+
+    from rwkv2rknn.runtime.hybrid import load_manifest
+
+    import rwkv2rknn.artifact.profile as mod
+
+    # the docstring's figures for the published profile: a 430M step (51 segments) with RWKV-4's
+    # state (120 rows of 1024) and RWKV-7's (24 x (2 rows + 16 x 64 x 64)), the bundled model's
+    d = DeviceProfile()
+    for segments, slots, nbytes in (
+        (51, 120, 4 * 120 * 1024),
+        (51, 72, 4 * 24 * (2048 + 65536)),
+        (11, 20, 4 * 20 * 256),
+    ):
+        assert f"{d.executor_token_ms(segments, slots, nbytes):.1f} ms" in mod.__doc__
+    p = DeviceProfile(exec_token_ms=0.5, exec_segment_ms=0.02, exec_slot_ms=0.003, exec_state_gbs=2.0)
+    assert p.executor_token_ms(0, 0, 0) == pytest.approx(0.5)
+    assert p.executor_token_ms(10, 20, 4e6) == pytest.approx(0.5 + 0.2 + 0.06 + 2.0)
+    m = load_manifest(fp32_plan_artifact)
+    width = m.model["width"]
+    state_bytes = sum(4 * int(np.prod(s.shape or (width,))) for s in m.state)
+    assert m.state_bytes() == state_bytes > 0
+    m = replace(m, profile=p.to_dict())
+    want = 0.5 + 0.02 * len(m.segments) + 0.003 * len(m.state) + state_bytes / 2e9 * 1e3
+    assert m.executor_token_ms() == pytest.approx(want)
+    assert m.estimate_ms("decode")["executor"] == pytest.approx(want)
+    assert m.estimate_ms("prefill")["executor"] == pytest.approx(want / m.prefill_rows)
+    old = {
+        k: v for k, v in p.to_dict().items() if k not in ("exec_segment_ms", "exec_slot_ms", "exec_state_gbs")
+    }
+    assert replace(m, profile=old).executor_token_ms() == pytest.approx(0.5)
+    with pytest.raises(BadInput, match="zero or negative throughput"):
+        DeviceProfile.from_dict({**p.to_dict(), "exec_state_gbs": 0})
+    with pytest.raises(BadInput, match="negative cost"):
+        DeviceProfile.from_dict({**p.to_dict(), "exec_segment_ms": -1})
+
+
+def test_an_embedding_from_a_table_beyond_the_cache_pays_a_cold_row(fp32_plan_artifact):
+    """A Gather of a table larger than ``cache_bytes`` costs ``table_row_ms`` per row picked
+    beyond its bytes, in the embedding segment the compile wrote (its graph read back) and in
+    the compile's own estimate of it (the written segment's stand-in keeps the table's shape)."""
+    import os
+
+    import onnx_graphsurgeon as gs
+    from rwkv2rknn.compiler.driver import estimate_file
+    from rwkv2rknn.compiler.stream import _stub
+    from rwkv2rknn.passes.partition import estimate_ms, gathers, op_work
+    from rwkv2rknn.runtime.hybrid import load_manifest
+
+    m = load_manifest(fp32_plan_artifact)
+    seg = m.segments[0]
+    assert "embed" in seg.stages
+    path = os.path.join(fp32_plan_artifact, seg.token.onnx)
+    import onnx
+
+    nodes = gs.import_onnx(onnx.shape_inference.infer_shapes(onnx.load(path))).nodes
+    (table_bytes, rows), *rest = gathers(nodes)
+    assert rest == [] and rows == 1 and table_bytes == 4 * m.vocab * m.model["width"]
+    assert gathers(nodes, rows=8) == [(table_bytes, 8)]
+    big = DeviceProfile(table_row_ms=0.25, cache_bytes=table_bytes - 1)  # the table beyond it
+    fits = DeviceProfile(table_row_ms=0.25, cache_bytes=table_bytes)
+    assert big.gather_ms(table_bytes, 3) == pytest.approx(0.75) and fits.gather_ms(table_bytes, 3) == 0
+    for device in ("cpu", "npu"):
+        assert estimate_file(path, device, big) - estimate_file(path, device, fits) == pytest.approx(0.25)
+    stubs = [_stub(n, op_work) for n in nodes]
+    assert gathers(stubs) == gathers(nodes)
+    assert estimate_ms("cpu", stubs, big, io=2) == pytest.approx(estimate_ms("cpu", nodes, big, io=2))

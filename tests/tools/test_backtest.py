@@ -40,7 +40,16 @@ def test_backtest_prints_predicted_over_measured_per_kind_and_token(fp32_plan_ar
     # the profile it predicted with: this machine's, every executor cost measured
     prof = res["profile"]
     assert prof["name"] == "this-machine-onnxruntime-1-thread"
-    assert prof["exec_call_ms"] > 0 and prof["exec_token_ms"] > 0 and prof["cpu_kernel_ms"] > 0
+    assert prof["exec_call_ms"] > 0 and prof["exec_segment_ms"] > 0 and prof["cpu_kernel_ms"] > 0
+    assert prof["exec_token_ms"] == 0.0  # not told from the per-segment cost
+    # the executor's row is the profile's cost per segment, slot and state byte of this step
+    from rwkv2rknn.artifact.profile import DeviceProfile
+    from rwkv2rknn.runtime.hybrid import load_manifest
+
+    m = load_manifest(fp32_plan_artifact)
+    own = next(row for row in res["table"] if row["kind"] == "executor (per token)")
+    want = DeviceProfile.from_dict(prof).executor_token_ms(len(m.segments), len(m.state), m.state_bytes())
+    assert own["predicted_ms"] == pytest.approx(want, rel=1e-9)
 
 
 def test_backtest_of_a_folder_that_is_no_artifact_is_a_one_line_error(tmp_path):
@@ -60,6 +69,8 @@ def test_host_profile_fields_are_positive():
         p.cpu_kernel_ms,
         1,
     )
+    # the executor's copy back of the state, a table's cold row, the last-level cache
+    assert p.exec_slot_ms >= 0 and p.exec_state_gbs > 0 and p.table_row_ms >= 0 and p.cache_bytes > 0
     # the GEMV bandwidth by a MatMul's bytes, up to a 430M head's 256 MiB
     assert sorted(p.gemv_gbs) == [256 << 10, 4 << 20, 16 << 20, 64 << 20, 256 << 20]
     assert min(p.gemv_gbs.values()) > 0
@@ -81,3 +92,54 @@ def test_a_probe_on_a_weight_store_outlives_its_maker():
     x = np.ones((1, 256), np.float32)
     want = x @ runner.store.arrays["w0"] @ runner.store.arrays["w1"]
     np.testing.assert_allclose(runner.infer({"x": x})["y"], want, rtol=1e-4, atol=1e-6)
+
+
+def test_the_replayed_steps_times_become_the_executors_cost_per_segment():
+    """The replay's time outside its runs, less the state's copy back as the probes cost it,
+    is the cost per segment; with the copy back it gives back the replay's time (the rounds'
+    probes: their medians)."""
+    from dataclasses import replace
+
+    from rwkv2rknn.artifact.profile import DeviceProfile
+    from rwkv2rknn.tools.backtest import _median_profile
+
+    base = DeviceProfile(gemv_gbs={1 << 20: 10.0})
+    rounds = [
+        replace(base, exec_slot_ms=slot, exec_state_gbs=gbs, table_row_ms=row, exec_call_ms=call)
+        for slot, gbs, row, call in (
+            (0.002, 4.0, 0.03, 0.05),
+            (0.004, 8.0, 0.05, 0.09),
+            (0.003, 5.0, 0.04, 0.07),
+        )
+    ]
+    prof = _median_profile(rounds, ends=1.0, betweens=0.5, segments=5, slots=10, state_bytes=2_000_000)
+    assert (prof.exec_slot_ms, prof.exec_state_gbs, prof.table_row_ms, prof.exec_call_ms) == (
+        0.003,
+        5.0,
+        0.04,
+        0.07,
+    )
+    copy = 10 * 0.003 + 2_000_000 / 5e9 * 1e3
+    assert prof.exec_token_ms == 0.0
+    assert prof.exec_segment_ms == pytest.approx((1.5 - copy) / 5)
+    assert prof.executor_token_ms(5, 10, 2_000_000) == pytest.approx(1.5)
+    # a copy back dearer than the replay's time: no negative cost
+    assert _median_profile(rounds, 0.01, 0.0, 5, 10, 2_000_000).exec_segment_ms == 0.0
+
+
+def test_board_estimate_counts_the_executor_per_segment_slot_and_byte(fp32_plan_artifact):
+    """The plan on the published profile: its segments' estimates, the hand-offs and the
+    executor's cost per token from the plan's segments and state; the low and high cases
+    bracket the expected one."""
+    from rwkv2rknn.artifact.profile import DeviceProfile
+    from rwkv2rknn.runtime.hybrid import load_manifest
+    from rwkv2rknn.tools.backtest import board_estimate, predict
+
+    m = load_manifest(fp32_plan_artifact)
+    p = DeviceProfile()
+    est = board_estimate(fp32_plan_artifact, m)
+    own = p.executor_token_ms(len(m.segments), len(m.state), m.state_bytes())
+    assert own > p.exec_token_ms + p.exec_segment_ms * len(m.segments)
+    want = sum(predict(fp32_plan_artifact, m, p)) + m.boundaries() * p.handoff_ms + own
+    assert est["expected"] == pytest.approx(want)
+    assert est["low"] < est["expected"] < est["high"]
