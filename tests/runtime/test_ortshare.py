@@ -191,15 +191,18 @@ def test_fuse_runs_graphs_in_sequence_on_shared_weights(tmp_path):
         fuse([stubs[0], stubs[0]], {"h"})
 
 
+class Fixed:
+    """A token step that counts its calls (AdaptiveStep's choices, without onnxruntime)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def step(self, token, flat):
+        self.calls += 1
+        return np.zeros(3, np.float32)
+
+
 def test_adaptive_step_tries_each_then_keeps_measuring():
-    class Fixed:
-        def __init__(self):
-            self.calls = 0
-
-        def step(self, token, flat):
-            self.calls += 1
-            return np.zeros(3, np.float32)
-
     a, b = Fixed(), Fixed()
     chooser = AdaptiveStep({"1 thread": a, "pool": b}, warmup=2, explore=4)
     for t in range(40):
@@ -209,14 +212,6 @@ def test_adaptive_step_tries_each_then_keeps_measuring():
 
 
 def test_adaptive_step_runs_the_loaded_ways_while_the_cores_are_taken():
-    class Fixed:
-        def __init__(self):
-            self.calls = 0
-
-        def step(self, token, flat):
-            self.calls += 1
-            return np.zeros(3, np.float32)
-
     # runnable tasks besides the stepping thread, as read before each step: quiet, then 4 busy
     # loops on 2 cores, then quiet again
     readings = iter([0] * 10 + [4] * 20 + [0] * 20)
