@@ -42,7 +42,7 @@ CHECK_JSON = "check.json"  # the last check's report, saved into the artifact
 #   fp16     worst mean 1.3e-5 (RWKV-5.2, text), p99 1.2e-4 (bundled fp16 files, 600 tokens):
 #            ~8x. One NPU segment scaled by 1.05 measured mean 7.3e-4 .. 1.6e-2: all fail.
 #   w16a16i  worst on text mean 1.7e-4, p99 4.4e-4 (RWKV-6): ~6x. On 32 random ids (gated too)
-#            worst mean 1.2e-4 (bundled): 8x; p99 1.1e-3 (trained RWKV-7 4 x 256): 2.7x.
+#            worst mean 1.2e-4 (bundled): 8x; p99 1.1e-3 (trained RWKV-7 4 x 256): 2.6x.
 #   w8a8     worst on text mean 0.023, p99 0.12 (RWKV-6; bundled 0.0078 / 0.052): ~4.5x. int8's
 #            own error is so large that one segment scaled by 1.25 fails 2 of 4 segments of
 #            the small test model (mean 0.42) and 1 of 6 of the bundled model (p99 0.83).
