@@ -41,12 +41,13 @@ CHECK_JSON = "check.json"  # the last check's report, saved into the artifact
 # 5.2, 6 and 7 models, 256 tokens of the built-in English sample and 32 random ids, times a margin.
 #   fp16     worst mean 1.3e-5 (RWKV-5.2, text), p99 1.2e-4 (bundled fp16 files, 600 tokens):
 #            ~8x. One NPU segment scaled by 1.05 measured mean 7.3e-4 .. 1.6e-2: all fail.
-#   w16a16i  worst on text mean 1.7e-4, p99 4.4e-4 (RWKV-6): ~6x.
+#   w16a16i  worst on text mean 1.7e-4, p99 4.4e-4 (RWKV-6): ~6x. On 32 random ids (gated too)
+#            worst mean 1.2e-4 (bundled): 8x; p99 1.1e-3 (trained RWKV-7 4 x 256): 2.6x.
 #   w8a8     worst on text mean 0.023, p99 0.12 (RWKV-6; bundled 0.0078 / 0.052): ~4.5x. int8's
 #            own error is so large that one segment scaled by 1.25 fails 2 of 4 segments of
 #            the small test model (mean 0.42) and 1 of 6 of the bundled model (p99 0.83).
 #   exact    fp32 files on onnxruntime, measured ~1e-11 (bundled): 100x, for larger models.
-# w8a8 and w16a16i are gated on text only (QUANTISED).
+# w8a8 is gated on text only (TEXT_CALIBRATED); w16a16i on random ids too (same tolerance).
 KL_TOLERANCE = {
     "exact": (1e-9, 1e-8),
     "fp16": (1e-4, 1e-3),
@@ -55,7 +56,13 @@ KL_TOLERANCE = {
 }
 
 
-QUANTISED = ("w8a8", "w16a16i")  # calibrated on text: their KL is gated on text only
+# Builds whose integer ranges come from text only: random ids leave them (the bundled model on 32
+# random ids: w8a8 KL mean 1.1, same top token 34%), so on random ids their KL is reported, not
+# gated. w16a16i builds calibrate on seeded random ids too and fold the first LayerNorm into the
+# token table (rknn/calibrate.py, passes/embed_norm.py): on random ids they measure as on text
+# (worst: the trained RWKV-7 4 x 256, mean 8.9e-5, p99 1.1e-3; docs/quality.md), inside
+# KL_TOLERANCE["w16a16i"], so they are gated there the same way.
+TEXT_CALIBRATED = ("w8a8",)
 
 
 @dataclass(frozen=True)
@@ -146,17 +153,14 @@ def run_check(
             want.append(ref.step(t, r_state))
             traces.append(env)
         want = np.stack(want)
-        if feed.targets is None and precision in QUANTISED and max_kl_mean is None:
-            # integer ranges are calibrated on text; random ids leave them (bundled model, KL
-            # mean on random ids: w8a8 1.1, w16a16i 0.013), so there KL is reported, not gated
+        ungated = feed.targets is None and precision in TEXT_CALIBRATED and max_kl_mean is None
+        if ungated:
             tol = dataclasses.replace(tol, max_kl_mean=None, max_kl_p99=None)
-            feed.warnings.append(
-                f"{precision} segments are calibrated on text: on random ids their "
-                f"KL is reported, not gated; check on text (the default) for the KL gate"
-            )
         rep = _compare(np.stack(got), want, *states(h_state, r_state), tol, feed)
         rep.tolerance["precision"] = precision
         rep.tokens_from, rep.warnings = feed.source, list(feed.warnings)
+        if ungated:
+            rep.warnings.append(_text_calibrated_warning(precision, rep.quality["kl"]))
         if prefill and len(feed.ids) > 1 and hybrid.prepare_prefill():
             p_state = hybrid.init_state()
             rep.prefill = _compare(
@@ -176,6 +180,18 @@ def run_check(
     finally:
         hybrid.close()
     return rep, chosen
+
+
+def _text_calibrated_warning(precision: str, kl: dict) -> str:
+    """Why a text-calibrated build's KL on random ids is not gated, with what it measured."""
+    mean, p99 = KL_TOLERANCE[precision]
+    over = kl["mean"] > mean or kl["p99"] > p99
+    return (
+        f"{precision} segments are calibrated on text only: on random ids their KL is reported, "
+        f"not gated (here mean {kl['mean']:.2g}, p99 {kl['p99']:.2g}; "
+        f"{'above' if over else 'within'} the text gate's {mean:g}, {p99:g}); "
+        f"check on text (the default) for the KL gate"
+    )
 
 
 def open_pair(

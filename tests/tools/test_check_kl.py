@@ -97,6 +97,31 @@ def test_w8a8_passes_on_text_and_fails_with_one_segment_scaled_by_1_25(w8a8_arti
     assert not bad.passed and _kl_failures(bad), (name, bad.summary())
 
 
+def test_w16a16i_is_gated_on_random_ids_and_w8a8_says_it_is_not(byte_model, w8a8_artifact, tmp_path):
+    """w16a16i calibrates on random ids too: on random ids its KL is gated with its text
+    tolerance, and passes. w8a8 is calibrated on text only: its KL there is reported with a
+    warning giving the figures, not gated."""
+    from rwkv2rknn.compiler.driver import compile_model
+    from rwkv2rknn.compiler.ir import Options
+
+    art = str(tmp_path / "w16")
+    compile_model(byte_model, art, Options(quant="w16a16i", calib_tokens=96, prefill_rows=()))
+    w16, _ = run_check(art, 32, backend="rknn-sim", random_ids=True, prefill=False)
+    assert w16.tolerance["precision"] == "w16a16i"
+    assert (w16.tolerance["max_kl_mean"], w16.tolerance["max_kl_p99"]) == KL_TOLERANCE["w16a16i"]
+    assert w16.passed and not w16.warnings, (w16.summary(), w16.warnings)
+    assert w16.quality["kl"]["mean"] > 0  # a real integer build (p99 measured 4.2e-4 here)
+
+    w8, _ = run_check(w8a8_artifact, 32, backend="rknn-sim", random_ids=True, prefill=False)
+    assert "max_kl_mean" not in w8.tolerance and "max_kl_p99" not in w8.tolerance
+    kl = w8.quality["kl"]
+    assert w8.warnings == [
+        f"w8a8 segments are calibrated on text only: on random ids their KL is reported, not "
+        f"gated (here mean {kl['mean']:.2g}, p99 {kl['p99']:.2g}; within the text gate's 0.1, "
+        f"0.6); check on text (the default) for the KL gate"
+    ], w8.warnings
+
+
 def test_cli_prints_both_paths_and_saves_the_histograms(fp16_bytes, tmp_path):
     art = str(tmp_path / "art")
     shutil.copytree(fp16_bytes, art)
