@@ -281,7 +281,7 @@ def write_columns(onnx_path: str, out_path: str, rows: int = 3, checked: bool = 
     not (``out_path`` then not written)."""
     from rwkv2rknn.fileio import remove_quietly
 
-    why, cols = _write_columns(onnx_path, out_path)
+    why, cols, _ = _write_columns(onnx_path, out_path)
     del cols
     if not why and checked:
         why = check(onnx_path, out_path, rows)
@@ -293,16 +293,17 @@ def write_columns(onnx_path: str, out_path: str, rows: int = 3, checked: bool = 
 
 def _write_columns(onnx_path: str, out_path: str):
     """``write_columns`` unchecked: ('', the columns model written, or None where it went to
-    external data, which empties its tensors) or (why not, None)."""
+    external data, which empties its tensors; the SHA-256 of the file written, '' with external
+    data) or (why not, None, '')."""
     from rwkv2rknn.fileio import load_onnx, save_onnx
 
     model = load_onnx(onnx_path)
     try:
         cols = to_columns(model, copy=False)  # the rows form read here is not needed after
     except NotColumns as e:
-        return str(e), None
-    save_onnx(cols, out_path, keep=False)
-    return "", None if os.path.exists(out_path + ".data") else cols
+        return str(e), None, ""
+    digest = save_onnx(cols, out_path, keep=False)
+    return "", None if os.path.exists(out_path + ".data") else cols, digest
 
 
 def check(onnx_path: str, out_path: str, rows: int = 3) -> str:
@@ -450,6 +451,12 @@ def write_token_view(
     (not with ``checked`` False); '' on success, else why not (``out_path`` then not written).
     ``cols``: the model ``cols_path`` holds, already in memory (not read again; it becomes the
     view)."""
+    return _write_token_view(token_path, cols_path, out_path, prefix, checked, cols)[0]
+
+
+def _write_token_view(token_path, cols_path, out_path, prefix, checked=True, cols=None):
+    """``write_token_view``: (why not, '') or ('', the SHA-256 of the file written; '' with
+    external data)."""
     from rwkv2rknn.fileio import load_onnx, remove_quietly, save_onnx
 
     try:
@@ -458,14 +465,15 @@ def write_token_view(
         view = token_view(cols, load_onnx(token_path), prefix, copy=False)
         del cols
     except NotColumns as e:
-        return str(e)
-    save_onnx(view, out_path, keep=False)
+        return str(e), ""
+    digest = save_onnx(view, out_path, keep=False)
     del view
     why = _same_on_ort(token_path, out_path, "per-token view") if checked else ""
     if why:
         remove_quietly(out_path)
         remove_quietly(out_path + ".data")
-    return why
+        return why, ""
+    return "", digest
 
 
 def in_columns(onnx_path: str) -> bool:
@@ -494,7 +502,7 @@ def apply(ctx, seg, out_dir: str, built_before=None) -> str:
     os.makedirs(os.path.dirname(aside), exist_ok=True)
     for p in _files(seq):
         os.replace(p, aside + p[len(seq) :])
-    why, cols = _write_columns(aside, seq)
+    why, cols, digest = _write_columns(aside, seq)
     cached = not why and bool(built_before and built_before(ctx, seq))
     if not cached:  # the checks read the files: the model is not held meanwhile
         cols = None
@@ -508,14 +516,16 @@ def apply(ctx, seg, out_dir: str, built_before=None) -> str:
             os.replace(p, seq + p[len(aside) :])
         ctx.note(NAME, f"{seg.name}: T-row build as rows, not columns ({why})", segment=seg.name)
         return why
-    seg.seq.layout, seg.seq.sha256 = "columns", ""  # the manifest hashes the file as written
+    # the checksums of the bytes as they were written (the manifest's; '' with external data:
+    # the manifest hashes the file)
+    seg.seq.layout, seg.seq.sha256 = "columns", digest
     # the per-token file (onnxruntime's token steps; the NPU runs them on the T-row build) as a
     # view of the columns form: its sessions then share the columns form's weights
     tok = os.path.join(out_dir, "segments", seg.name + ".onnx")
     tok_aside = os.path.join(out_dir, ROWS_DIR, seg.name + ".onnx")
     for p in _files(tok):
         os.replace(p, tok_aside + p[len(tok) :])
-    why_tok = write_token_view(tok_aside, seq, tok, seg.name, checked=not cached, cols=cols)
+    why_tok, tok_digest = _write_token_view(tok_aside, seq, tok, seg.name, checked=not cached, cols=cols)
     del cols
     if why_tok:
         for p in _files(tok_aside):
@@ -526,7 +536,7 @@ def apply(ctx, seg, out_dir: str, built_before=None) -> str:
             segment=seg.name,
         )
     else:
-        seg.token.sha256 = ""
+        seg.token.sha256 = tok_digest
     return ""
 
 
