@@ -61,13 +61,16 @@ def _dims(value_info) -> list:
     return [d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim]
 
 
-def to_columns(model):
+def to_columns(model, copy: bool = True):
     """A copy of a T-row segment (row inputs [T, C], every output [T, N]) taking [C, T] inputs
-    and giving [N, T] outputs, NCHW [1, C, 1, T] inside. Raises NotColumns when it does not fit."""
+    and giving [N, T] outputs, NCHW [1, C, 1, T] inside. Raises NotColumns when it does not fit.
+    ``copy`` False: ``model`` itself is rewritten (a caller done with the rows form saves a copy
+    of every weight; after NotColumns it is then half rewritten)."""
     import onnx
     from onnx import helper, numpy_helper
 
-    model = onnx.ModelProto.FromString(model.SerializeToString())
+    if copy:
+        model = onnx.ModelProto.FromString(model.SerializeToString())
     g = model.graph
     known = {t.name: t for t in g.initializer}
     shapes = _inferred_shapes(model)
@@ -78,9 +81,14 @@ def to_columns(model):
         return numpy_helper.to_array(known[name])
 
     def add_const(name, array):
-        if name not in known:
-            known[name] = numpy_helper.from_array(np.ascontiguousarray(array), name)
-            g.initializer.append(known[name])
+        if name not in known:  # made in place: appending a TensorProto would copy its bytes again
+            array = np.asarray(array)  # little-endian numbers: the fields from_array sets
+            t = g.initializer.add()
+            t.name = name
+            t.dims.extend(array.shape)
+            t.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
+            t.raw_data = array.tobytes()  # C order, one copy
+            known[name] = t
         return name
 
     cols: Set[str] = set()  # tensors that are [1, C, 1, T] in the rewritten graph
@@ -196,9 +204,8 @@ def to_columns(model):
     g.node.extend(nodes)
     del g.value_info[:]
     used = {i for n in g.node for i in n.input}
-    kept = [t for t in g.initializer if t.name in used]
-    del g.initializer[:]
-    g.initializer.extend(kept)
+    for k in reversed([k for k, t in enumerate(g.initializer) if t.name not in used]):
+        del g.initializer[k]  # in place: no copy of the weights kept
     kept_meta = [p for p in model.metadata_props if p.key != LAYOUT_KEY]
     del model.metadata_props[:]
     model.metadata_props.extend(kept_meta)
@@ -232,11 +239,32 @@ def _swap_dims(value_info) -> None:
         b.dim_value = va
 
 
+_SMALL = 1024  # elements: a constant shape inference gets whole in ``_inferred_shapes``
+
+
 def _inferred_shapes(model, rows: int = 3) -> dict:
     """Every tensor's shape with the row count fixed to ``rows`` (symbolic sizes reshape badly)."""
     import onnx
+    from onnx import helper
 
-    fixed = onnx.ModelProto.FromString(model.SerializeToString())
+    # the graph without its weights: each large constant an input of its shape (shape inference
+    # reads the values of small ones only: Reshape targets, Slice ends), no copy of the weights
+    fixed = onnx.ModelProto()
+    fixed.ir_version = model.ir_version
+    fixed.opset_import.extend(model.opset_import)
+    g = fixed.graph
+    g.node.extend(model.graph.node)
+    g.input.extend(model.graph.input)
+    g.output.extend(model.graph.output)
+    inputs = {i.name for i in model.graph.input}
+    for t in model.graph.initializer:
+        n = 1
+        for d in t.dims:
+            n *= int(d)
+        if n <= _SMALL or t.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32):
+            g.initializer.append(t)
+        elif t.name not in inputs:
+            g.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
     for inp in fixed.graph.input:
         for d in inp.type.tensor_type.shape.dim:
             if d.dim_param:
@@ -251,21 +279,31 @@ def write_columns(onnx_path: str, out_path: str, rows: int = 3, checked: bool = 
     """Write the columns form of a T-row segment file to ``out_path`` after checking it against
     the original on onnxruntime (``check``; not with ``checked`` False); '' on success, else why
     not (``out_path`` then not written)."""
-    from rwkv2rknn.fileio import load_onnx, remove_quietly, save_onnx
+    from rwkv2rknn.fileio import remove_quietly
 
-    model = load_onnx(onnx_path)
-    try:
-        cols = to_columns(model)
-    except NotColumns as e:
-        return str(e)
-    del model
-    save_onnx(cols, out_path, keep=False)
+    why, cols, _ = _write_columns(onnx_path, out_path)
     del cols
-    why = check(onnx_path, out_path, rows) if checked else ""
+    if not why and checked:
+        why = check(onnx_path, out_path, rows)
     if why:
         remove_quietly(out_path)
         remove_quietly(out_path + ".data")
     return why
+
+
+def _write_columns(onnx_path: str, out_path: str):
+    """``write_columns`` unchecked: ('', the columns model written, or None where it went to
+    external data, which empties its tensors; the SHA-256 of the file written, '' with external
+    data) or (why not, None, '')."""
+    from rwkv2rknn.fileio import load_onnx, save_onnx
+
+    model = load_onnx(onnx_path)
+    try:
+        cols = to_columns(model, copy=False)  # the rows form read here is not needed after
+    except NotColumns as e:
+        return str(e), None, ""
+    digest = save_onnx(cols, out_path, keep=False)
+    return "", None if os.path.exists(out_path + ".data") else cols, digest
 
 
 def check(onnx_path: str, out_path: str, rows: int = 3) -> str:
@@ -347,18 +385,18 @@ def columns_dataset(dataset: str, folder: str) -> str:
     return out
 
 
-def token_view(cols, token, prefix: str):
+def token_view(cols, token, prefix: str, copy: bool = True):
     """The per-token graph ``token`` (ModelProto) as a view of the columns T-row graph ``cols``:
     its inputs and outputs (names, shapes) as the per-token graph has them, reshaped to and from
     one column inside (T = 1: the token shift's Slice is empty and its Concat gives the state
     column), so that the per-token and T-row sessions of onnxruntime read the same weights (the
     columns form's Conv weights, by name). Tensors made inside take ``prefix`` (the segment's
     name: a fused token step joins every segment's graph). Raises NotColumns when they do not
-    match."""
+    match. ``copy`` False: ``cols`` itself becomes the view (for a caller done with it)."""
     import onnx
     from onnx import helper
 
-    model = onnx.ModelProto.FromString(cols.SerializeToString())
+    model = onnx.ModelProto.FromString(cols.SerializeToString()) if copy else cols
     g = model.graph
     t_in = {i.name: i for i in token.graph.input}
     t_out = {o.name: o for o in token.graph.output}
@@ -406,24 +444,36 @@ def token_view(cols, token, prefix: str):
 
 
 def write_token_view(
-    token_path: str, cols_path: str, out_path: str, prefix: str, checked: bool = True
+    token_path: str, cols_path: str, out_path: str, prefix: str, checked: bool = True, cols=None
 ) -> str:
     """Write ``token_view`` of the per-token file ``token_path`` and the columns file
     ``cols_path`` to ``out_path`` after checking it against ``token_path`` on onnxruntime
-    (not with ``checked`` False); '' on success, else why not (``out_path`` then not written)."""
+    (not with ``checked`` False); '' on success, else why not (``out_path`` then not written).
+    ``cols``: the model ``cols_path`` holds, already in memory (not read again; it becomes the
+    view)."""
+    return _write_token_view(token_path, cols_path, out_path, prefix, checked, cols)[0]
+
+
+def _write_token_view(token_path, cols_path, out_path, prefix, checked=True, cols=None):
+    """``write_token_view``: (why not, '') or ('', the SHA-256 of the file written; '' with
+    external data)."""
     from rwkv2rknn.fileio import load_onnx, remove_quietly, save_onnx
 
     try:
-        view = token_view(load_onnx(cols_path), load_onnx(token_path), prefix)
+        if cols is None:
+            cols = load_onnx(cols_path)
+        view = token_view(cols, load_onnx(token_path), prefix, copy=False)
+        del cols
     except NotColumns as e:
-        return str(e)
-    save_onnx(view, out_path, keep=False)
+        return str(e), ""
+    digest = save_onnx(view, out_path, keep=False)
     del view
     why = _same_on_ort(token_path, out_path, "per-token view") if checked else ""
     if why:
         remove_quietly(out_path)
         remove_quietly(out_path + ".data")
-    return why
+        return why, ""
+    return "", digest
 
 
 def in_columns(onnx_path: str) -> bool:
@@ -452,8 +502,10 @@ def apply(ctx, seg, out_dir: str, built_before=None) -> str:
     os.makedirs(os.path.dirname(aside), exist_ok=True)
     for p in _files(seq):
         os.replace(p, aside + p[len(seq) :])
-    why = write_columns(aside, seq, checked=False)
+    why, cols, digest = _write_columns(aside, seq)
     cached = not why and bool(built_before and built_before(ctx, seq))
+    if not cached:  # the checks read the files: the model is not held meanwhile
+        cols = None
     if not why and not cached:
         why = check(aside, seq)
         if why:
@@ -464,14 +516,17 @@ def apply(ctx, seg, out_dir: str, built_before=None) -> str:
             os.replace(p, seq + p[len(aside) :])
         ctx.note(NAME, f"{seg.name}: T-row build as rows, not columns ({why})", segment=seg.name)
         return why
-    seg.seq.layout, seg.seq.sha256 = "columns", ""  # the manifest hashes the file as written
+    # the checksums of the bytes as they were written (the manifest's; '' with external data:
+    # the manifest hashes the file)
+    seg.seq.layout, seg.seq.sha256 = "columns", digest
     # the per-token file (onnxruntime's token steps; the NPU runs them on the T-row build) as a
     # view of the columns form: its sessions then share the columns form's weights
     tok = os.path.join(out_dir, "segments", seg.name + ".onnx")
     tok_aside = os.path.join(out_dir, ROWS_DIR, seg.name + ".onnx")
     for p in _files(tok):
         os.replace(p, tok_aside + p[len(tok) :])
-    why_tok = write_token_view(tok_aside, seq, tok, seg.name, checked=not cached)
+    why_tok, tok_digest = _write_token_view(tok_aside, seq, tok, seg.name, checked=not cached, cols=cols)
+    del cols
     if why_tok:
         for p in _files(tok_aside):
             os.replace(p, tok + p[len(tok_aside) :])
@@ -481,7 +536,7 @@ def apply(ctx, seg, out_dir: str, built_before=None) -> str:
             segment=seg.name,
         )
     else:
-        seg.token.sha256 = ""
+        seg.token.sha256 = tok_digest
     return ""
 
 

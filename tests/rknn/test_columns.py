@@ -354,3 +354,39 @@ def test_an_older_artifact_s_rows_file_still_runs_as_rows(fp32_plan_artifact, tm
         np.testing.assert_allclose(h.prefill(toks, h.init_state()), want, rtol=1e-4, atol=1e-5)
     finally:
         h.close()
+
+
+@pytest.mark.slow
+def test_a_cached_compile_writes_the_files_the_checked_compile_wrote(fp16_dir, tmp_path, monkeypatch):
+    """A compile whose T-row builds are all in the cache skips the columns step's onnxruntime
+    checks and makes the per-token view from the columns model it holds: its .seq.onnx and
+    per-token .onnx files are byte for byte those of the first compile, which checked them (so
+    the cache keys, the bytes of the files built, match), and every build comes from the cache."""
+    from rwkv2rknn.artifact.plan import sha256_file
+    from rwkv2rknn.compiler.driver import compile_model
+    from rwkv2rknn.compiler.ir import Options
+    from rwkv2rknn.rknn import columns
+
+    checked = []
+    real_check = columns.check
+
+    def counted_check(onnx_path, out_path, rows=3):
+        checked.append(out_path)
+        return real_check(onnx_path, out_path, rows)
+
+    monkeypatch.setattr(columns, "check", counted_check)
+    opts = Options(prefill_rows=(16,), cache_dir=str(tmp_path / "cache"))
+    arts, reports, checks = [str(tmp_path / "first"), str(tmp_path / "second")], [], []
+    for art in arts:
+        checked.clear()
+        reports.append(compile_model(fp16_dir, art, opts).report)
+        checks.append(len(checked))
+    m, _ = _built_from(arts[0])
+    cols = [s for s in m.segments if s.seq.layout == "columns"]
+    assert len(cols) >= 2 and checks == [len(cols), 0], checks
+    npu = sum(s.backend == "npu" for s in m.segments)
+    assert any(r.startswith(f"build: 0 built, {npu} from the cache") for r in reports[1]), reports[1]
+    for s in cols:
+        for rel in (s.seq.onnx, s.token.onnx):
+            a, b = (os.path.join(art, rel) for art in arts)
+            assert sha256_file(a) == sha256_file(b), rel
