@@ -82,9 +82,9 @@ def profile(build_dir, probe_dir, backend, core_mask, target, out):
 @click.option(
     "--rounds",
     type=click.IntRange(1, 1000),
-    default=4,
-    show_default=True,
-    help="Interleave the runners' timed tokens in this many rounds.",
+    default=None,
+    help="Interleave the runners' timed tokens in this many rounds (with --backtest: the "
+    "tokens and the probes).  [default: 4; 3 with --backtest]",
 )
 @click.option("--no-rwkv", is_flag=True, help="Skip the rwkv package (reference implementation).")
 @probes_option(
@@ -127,7 +127,7 @@ def bench(
         from rwkv2rknn.tools.busy import BusyLoops
 
         with BusyLoops(busy):
-            res = run_backtest(backtest, tokens=tokens, echo=click.echo)
+            res = run_backtest(backtest, tokens=tokens, rounds=rounds or 3, echo=click.echo)
         if json_out:
             with open(json_out, "w") as f:
                 json.dump(res, f, indent=1)
@@ -143,7 +143,7 @@ def bench(
         probes=probe_dir,
         core_mask=core_mask,
         busy=busy,
-        rounds=rounds,
+        rounds=rounds or 4,
     )
     if json_out:
         with open(json_out, "w") as f:

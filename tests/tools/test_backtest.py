@@ -16,11 +16,12 @@ def test_backtest_prints_predicted_over_measured_per_kind_and_token(fp32_plan_ar
     out = tmp_path / "bt.json"
     r = CliRunner().invoke(
         cli,
-        ["bench", "--backtest", fp32_plan_artifact, "--tokens", "3", "--json-out", str(out)],
+        ["bench", "--backtest", fp32_plan_artifact, "--tokens", "3", "--rounds", "1", "--json-out", str(out)],
         catch_exceptions=False,
     )
     assert r.exit_code == 0, r.output
     assert "load average at the start:" in r.output and "load average at the end:" in r.output
+    assert "3 tokens in 1 rounds" in r.output  # --rounds reaches the back-test
     res = json.loads(out.read_text())
     kinds = [row["kind"] for row in res["table"]]
     # the random test model: embedding, NPU-planned layer segments, CPU segments, the head
