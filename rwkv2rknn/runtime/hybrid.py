@@ -41,15 +41,16 @@ log = logging.getLogger(__name__)
 # was the lower (docs/benchmarks.md): which wins changes with the load, so the token step tries
 # it beside the others.
 SMALL_BLOCKS = {"session.dynamic_block_base": 1}
-# While other work keeps every core busy (AdaptiveStep's load watch), token steps run on a pool of
-# small blocks with this many threads per core. The share of a core a process gets there goes
-# by its runnable threads (the kernel shares a scheduling group's time between its threads, and
-# a busy loop started beside the process is one of them), and a pool thread that waits for a core
-# holds up one small block, not a half of every op. Measured (bench/fused_threads.py, a 430M
-# RWKV-7's fused step, eight interleaved runs, seven beside two busy loops, load average 5-10):
-# 4 threads of small blocks took 0.50-0.84x the one-thread time, the best or next-best way in
-# each run; the plain pool 0.59-1.39x, 2 threads of small blocks 0.35-0.95x, spinning pools
-# 1.03-2.1x (docs/benchmarks.md, "Speed under load").
+# While other work keeps every core busy (AdaptiveStep's load watch), token steps also time a
+# pool of small blocks with this many threads per core, beside the quiet ways. The share of a
+# core a process gets there goes by its runnable threads (the kernel shares a scheduling group's
+# time between its threads), and a pool thread that waits for a core holds up one small block,
+# not a half of every op. Measured (bench/fused_threads.py, a 430M RWKV-7's fused step, eight
+# interleaved runs, seven beside two busy loops, load average 5-10): 4 threads of small blocks
+# took 0.50-0.84x the one-thread time, the best or next-best way in each run; the plain pool
+# 0.59-1.39x, 2 threads of small blocks 0.35-0.95x, spinning pools 1.03-2.1x (docs/benchmarks.md,
+# "Speed under load"). Beside exactly two busy loops on a quiet 2-core machine the plain pool
+# was the faster (101.8 against 122.9 ms): which wins is measured as the steps run.
 LOADED_THREADS = 2
 
 
@@ -359,8 +360,8 @@ class HybridModel:
         names = sorted(names)
         slots = [(s.input, s.output) for s in self.slots]
         # --threads N: that many; else one thread, a pool and a pool that hands out its work in
-        # small blocks, the fastest as it runs; and for while other work keeps the cores busy,
-        # a pool of small blocks with more threads than cores (``LOADED_THREADS``)
+        # small blocks, the fastest as it runs; and, timed beside them while other work keeps
+        # the cores busy, a pool of small blocks with more threads than cores (``LOADED_THREADS``)
         cores = usable_cores()
         choices = (
             {f"{self._threads} threads": (self._threads, None)}

@@ -453,16 +453,20 @@ class AdaptiveStep:
     """Token steps on the fastest of several bound sessions of the same graph (one intra-op
     thread, a pool), chosen by measuring them as it goes: the machine's load changes under a
     long run, and which is faster changes with it. Each is tried ``warmup`` times first (the
-    first run of each, which sets up its buffers, is not counted); after that the fastest by a
-    moving average runs, and every ``explore`` steps another is timed once.
+    first run of each, which sets up its buffers, is not counted); after that the fastest by
+    the median of its last ``window`` steps runs, and every ``explore`` steps another is timed
+    once.
 
-    ``loaded``: the ways for a machine whose cores other work keeps busy, run instead while it
-    does. Before a step, at most every ``probe_every`` seconds, the runnable tasks outside this
-    process are counted (``runnable_others``, a moving average of weight ``weight``): at
-    ``cores`` or more, other work could fill every core and the steps run on the loaded ways;
-    below ``cores - 0.5`` again, on the quiet ones. The load is read, not timed, because a
-    step's time swings 3-8x from one step to the next on such a machine
-    (bench/fused_threads.py), far more than the ways differ."""
+    ``loaded``: more ways for a machine whose cores other work keeps busy. Before a step, at
+    most every ``probe_every`` seconds, the runnable tasks outside this process are counted
+    (``runnable_others``, a moving average of weight ``weight``): at ``cores`` or more, other
+    work could fill every core, and the steps choose among the loaded ways and the quiet ones
+    by their times while it does (kept apart from their quiet times); below ``cores - 0.5``
+    again, among the quiet ones. Which way is fastest there depends on what the other work is
+    (two busy loops on two cores: the plain pool, 0.83x the loaded way; load 6-11 from other
+    jobs: the loaded way), so it is measured, not assumed; a step's time swings 3-8x from one
+    step to the next on a loaded machine (bench/fused_threads.py), so the choice goes by a
+    median, which one slow step does not move."""
 
     def __init__(
         self,
@@ -474,14 +478,19 @@ class AdaptiveStep:
         cores: int = 0,
         probe=runnable_others,
         probe_every: float = 0.05,
+        window: int = 7,
     ):
+        from collections import deque
+
         self.steps = dict(steps)
         self.quiet_names = list(steps)
         self.loaded_names = [k for k in (loaded or {}) if k not in self.steps]
         self.steps.update((k, (loaded or {})[k]) for k in self.loaded_names)
         self.names = list(self.steps)
-        self.avg: Dict[str, Optional[float]] = {k: None for k in self.names}
+        # (busy, way) -> the last ``window`` step times of that way in that state of the machine
+        self.times = {(b, k): deque(maxlen=window) for b in (False, True) for k in self.names}
         self.count: Dict[str, int] = {k: 0 for k in self.names}
+        self._tried = {key: 0 for key in self.times}  # steps per (busy, way), the first too
         self.warmup, self.explore, self.weight = warmup, explore, weight
         self.cores = cores or usable_cores()
         self.probe, self.probe_every = probe, probe_every
@@ -516,14 +525,20 @@ class AdaptiveStep:
 
     @property
     def candidates(self) -> List[str]:
-        return self.loaded_names if self.busy else self.quiet_names
+        return self.loaded_names + self.quiet_names if self.busy else self.quiet_names
+
+    def median_ms(self, name: str, busy: Optional[bool] = None) -> Optional[float]:
+        """The median of ``name``'s last steps (in the machine's present state unless ``busy``
+        says which), in ms; None before it has one."""
+        got = self.times[(self.busy if busy is None else busy, name)]
+        return 1000 * float(np.median(got)) if got else None
 
     def _pick(self) -> str:
         names = self.candidates
         for k in names:
-            if self.count[k] < self.warmup:
+            if self._tried[(self.busy, k)] < self.warmup:
                 return k
-        best = min(names, key=lambda k: self.avg[k])
+        best = self.chosen
         if len(names) > 1 and self._n % self.explore == 0:
             others = [k for k in names if k != best]
             return others[(self._n // self.explore) % len(others)]
@@ -533,28 +548,31 @@ class AdaptiveStep:
     def chosen(self) -> str:
         """The way steps run on now."""
         names = self.candidates
-        ready = [k for k in names if self.avg[k] is not None]
-        return min(ready, key=lambda k: self.avg[k]) if ready else names[0]
+        ready = [k for k in names if self.times[(self.busy, k)]]
+        return min(ready, key=self.median_ms) if ready else names[0]
 
     def step(self, token: int, flat: np.ndarray) -> np.ndarray:
         self._watch_load()
         k = self._pick()
+        busy = self.busy
         self._n += 1
         t0 = time.perf_counter()
         out = self.steps[k].step(token, flat)
         dt = time.perf_counter() - t0
         self.count[k] += 1
+        self._tried[(busy, k)] += 1
         if self.count[k] > 1:  # the first run of a session sets it up: not a measure of the way
-            a = self.avg[k]
-            self.avg[k] = dt if a is None else (1 - self.weight) * a + self.weight * dt
+            self.times[(busy, k)].append(dt)
         return out
 
     def describe(self) -> str:
-        parts = [
-            f"{k}: {self.count[k]} steps"
-            + (f", {1000 * self.avg[k]:.1f} ms moving average" if self.avg[k] else "")
-            for k in self.names
-        ]
+        def timed(k: str) -> str:
+            quiet, busy = self.median_ms(k, False), self.median_ms(k, True)
+            return "".join(
+                f", {ms:.1f} ms median {label}" for ms, label in ((quiet, "quiet"), (busy, "busy")) if ms
+            )
+
+        parts = [f"{k}: {self.count[k]} steps{timed(k)}" for k in self.names]
         load = ""
         if self.loaded_names and self.others is not None:
             load = (

@@ -192,13 +192,17 @@ def test_fuse_runs_graphs_in_sequence_on_shared_weights(tmp_path):
 
 
 class Fixed:
-    """A token step that counts its calls (AdaptiveStep's choices, without onnxruntime)."""
+    """A token step that counts its calls and takes ``ms`` (AdaptiveStep's choices, without
+    onnxruntime); ``slow``: a set of call numbers that take ``slow_ms`` instead."""
 
-    def __init__(self):
-        self.calls = 0
+    def __init__(self, ms: float = 0.0, slow=(), slow_ms: float = 0.0):
+        self.calls, self.ms, self.slow, self.slow_ms = 0, ms, set(slow), slow_ms
 
     def step(self, token, flat):
         self.calls += 1
+        ms = self.slow_ms if self.calls in self.slow else self.ms
+        if ms:
+            time.sleep(ms / 1000)
         return np.zeros(3, np.float32)
 
 
@@ -215,7 +219,9 @@ def test_adaptive_step_runs_the_loaded_ways_while_the_cores_are_taken():
     # runnable tasks besides the stepping thread, as read before each step: quiet, then 4 busy
     # loops on 2 cores, then quiet again
     readings = iter([0] * 10 + [4] * 20 + [0] * 20)
-    quiet, pool, busy = Fixed(), Fixed(), Fixed()
+    # the loaded way is the fastest while the cores are taken (its time there), the quiet ones
+    # take longer
+    quiet, pool, busy = Fixed(3), Fixed(3), Fixed()
     chooser = AdaptiveStep(
         {"1 thread": quiet, "pool": pool},
         loaded={"4 threads": busy},
@@ -227,17 +233,50 @@ def test_adaptive_step_runs_the_loaded_ways_while_the_cores_are_taken():
     for t in range(50):
         chooser.step(t, np.zeros(1, np.float32))
         modes.append(chooser.busy)
-    assert modes[:10] == [False] * 10 and busy.calls >= 15
+    assert modes[:10] == [False] * 10 and busy.calls >= 12
     # the moving average crosses the core count within a few steps, then stays till the load goes
     assert modes.index(True) in range(10, 14) and all(modes[14:30])
     assert not any(modes[36:]) and chooser.switches == 2 and chooser.chosen in ("1 thread", "pool")
     assert quiet.calls + pool.calls + busy.calls == 50 and "quiet machine, 2 switches" in chooser.describe()
 
 
+def test_under_load_the_quiet_ways_compete_on_their_loaded_times():
+    """While the cores are taken, a quiet way that measures faster there than the loaded way
+    runs the steps; its quiet time does not count for the loaded state, nor the other way."""
+    readings = iter([0] * 8 + [4] * 40)
+    one, pool, loaded = Fixed(1), Fixed(0), Fixed(4)
+    chooser = AdaptiveStep(
+        {"1 thread": one, "pool": pool},
+        loaded={"4 threads": loaded},
+        cores=2,
+        probe=lambda: next(readings),
+        probe_every=0,
+        explore=8,
+    )
+    for t in range(48):
+        chooser.step(t, np.zeros(1, np.float32))
+    assert chooser.busy and chooser.chosen == "pool"
+    assert loaded.calls >= 2 and pool.calls > one.calls + loaded.calls
+    assert chooser.median_ms("4 threads", busy=False) is None
+    assert chooser.median_ms("pool", busy=True) < chooser.median_ms("4 threads", busy=True)
+    assert "ms median busy" in chooser.describe()
+
+
+def test_one_slow_step_does_not_move_the_choice():
+    """A way with one step 50x its usual time (another job's burst) stays the choice: the
+    choice goes by the median of the last steps."""
+    fast, other = Fixed(1, slow={12}, slow_ms=50), Fixed(3)
+    chooser = AdaptiveStep({"pool": fast, "1 thread": other}, explore=100)
+    for t in range(14):
+        chooser.step(t, np.zeros(1, np.float32))
+    assert fast.calls >= 12 and chooser.chosen == "pool"
+
+
 @pytest.mark.slow
 def test_token_steps_switch_to_the_loaded_pool_when_busy_loops_start(fp32_plan_artifact, tokens):
     """Real busy processes beside a real model: once they run, the token steps count them among
-    the runnable tasks and run on the pool of more threads than cores; the numbers stay the same."""
+    the runnable tasks and time the pool of more threads than cores among their ways; the numbers
+    stay the same."""
     cores = usable_cores()
     if cores < 2:
         pytest.skip("one core: token steps run on one thread whatever the load")
@@ -254,7 +293,7 @@ def test_token_steps_switch_to_the_loaded_pool_when_busy_loops_start(fp32_plan_a
             time.sleep(decode.probe_every)  # the load is read at most this often
             np.testing.assert_allclose(model.step(t, s), apart.step(t, r), rtol=0, atol=1e-6)
         assert runnable_others() >= 2 * cores  # the loops, seen from outside them
-        assert decode.busy and decode.chosen == loaded and decode.count[loaded] > before
+        assert decode.busy and decode.count[loaded] > before and decode.median_ms(loaded) is not None
         assert "busy machine" in model.execution()
     model.close()
     apart.close()
