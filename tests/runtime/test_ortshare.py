@@ -215,6 +215,19 @@ def test_adaptive_step_tries_each_then_keeps_measuring():
     assert chooser.chosen in ("1 thread", "pool") and "steps" in chooser.describe()
 
 
+def _watching(readings, one, pool, loaded, **kw) -> AdaptiveStep:
+    """Ways '1 thread' and 'pool', the loaded '4 threads', on 2 cores, the runnable tasks outside
+    read from ``readings`` before every step."""
+    return AdaptiveStep(
+        {"1 thread": one, "pool": pool},
+        loaded={"4 threads": loaded},
+        cores=2,
+        probe=lambda: next(readings),
+        probe_every=0,
+        **kw,
+    )
+
+
 def test_adaptive_step_runs_the_loaded_ways_while_the_cores_are_taken():
     # runnable tasks besides the stepping thread, as read before each step: quiet, then 4 busy
     # loops on 2 cores, then quiet again
@@ -222,13 +235,7 @@ def test_adaptive_step_runs_the_loaded_ways_while_the_cores_are_taken():
     # the loaded way is the fastest while the cores are taken (its time there), the quiet ones
     # take longer
     quiet, pool, busy = Fixed(3), Fixed(3), Fixed()
-    chooser = AdaptiveStep(
-        {"1 thread": quiet, "pool": pool},
-        loaded={"4 threads": busy},
-        cores=2,
-        probe=lambda: next(readings),
-        probe_every=0,
-    )
+    chooser = _watching(readings, quiet, pool, busy)
     modes = []
     for t in range(50):
         chooser.step(t, np.zeros(1, np.float32))
@@ -245,14 +252,7 @@ def test_under_load_the_quiet_ways_compete_on_their_loaded_times():
     runs the steps; its quiet time does not count for the loaded state, nor the other way."""
     readings = iter([0] * 8 + [4] * 40)
     one, pool, loaded = Fixed(1), Fixed(0), Fixed(4)
-    chooser = AdaptiveStep(
-        {"1 thread": one, "pool": pool},
-        loaded={"4 threads": loaded},
-        cores=2,
-        probe=lambda: next(readings),
-        probe_every=0,
-        explore=8,
-    )
+    chooser = _watching(readings, one, pool, loaded, explore=8)
     for t in range(48):
         chooser.step(t, np.zeros(1, np.float32))
     assert chooser.busy and chooser.chosen == "pool"
