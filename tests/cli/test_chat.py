@@ -5,6 +5,7 @@ import re
 import sys
 
 import pytest
+from helpers.robustness import as_from_a_terminal
 
 pytestmark = pytest.mark.slow  # every test here takes more than a few seconds
 
@@ -24,6 +25,7 @@ def spawn(artifact, *extra):
         encoding="utf-8",
         timeout=60,
         dimensions=(40, 200),
+        preexec_fn=as_from_a_terminal,  # Ctrl-C at the prompt as in a terminal, whoever runs the test
     )
     child.expect_exact("User: ")
     return child

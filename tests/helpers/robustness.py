@@ -156,9 +156,9 @@ def wait_group(pgid, timeout=120):
         time.sleep(0.1)
 
 
-def _default_sigint():
-    # a shell runs background jobs with SIGINT ignored, and a child inherits that: give the
-    # compile the disposition a terminal's Ctrl-C meets
+def as_from_a_terminal():
+    """For ``preexec_fn``: a shell runs background jobs (and so a CI runner's steps) with SIGINT
+    ignored, and a child inherits that; give it the disposition a terminal's Ctrl-C meets."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
@@ -169,7 +169,7 @@ def start_compile(model, out, env, *extra):
         stderr=subprocess.PIPE,
         env=env,
         start_new_session=True,
-        preexec_fn=_default_sigint,
+        preexec_fn=as_from_a_terminal,
     )
 
 

@@ -12,6 +12,7 @@ import threading
 import time
 
 import pytest
+from helpers.robustness import as_from_a_terminal
 
 pytestmark = pytest.mark.slow  # every test here takes more than a few seconds
 
@@ -24,12 +25,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
         return s.getsockname()[1]
-
-
-def _as_from_a_terminal():
-    # a shell's background jobs (and so a CI runner's) start with SIGINT ignored; a terminal's
-    # Ctrl-C meets the default disposition
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 class Server:
@@ -58,7 +53,7 @@ class Server:
             stdout=subprocess.DEVNULL,
             stderr=self._err,
             env=env,
-            preexec_fn=_as_from_a_terminal,
+            preexec_fn=as_from_a_terminal,
         )
         self.wait_ready()
         self.name = self.get("/v1/models")[1]["data"][0]["id"]
