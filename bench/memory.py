@@ -34,7 +34,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
 
-def _status() -> dict:
+def proc_status() -> dict:
+    """This process's resident and peak resident bytes (VmRSS, VmHWM)."""
     out = {}
     with open("/proc/self/status") as f:
         for line in f:
@@ -47,16 +48,16 @@ def child(args) -> None:
     """The phases, in this (fresh) process; one JSON line on stdout."""
     import numpy as np
 
-    phases = {"start": _status()}
+    phases = {"start": proc_status()}
     from rwkv2rknn.runtime.hybrid import HybridModel
 
     t0 = time.perf_counter()
     model = HybridModel(args.artifact, backend="ort")
     load_s = time.perf_counter() - t0
-    phases["load"] = _status()
+    phases["load"] = proc_status()
     if hasattr(model, "prepare_prefill"):
         model.prepare_prefill()
-    phases["prepare_prefill"] = _status()
+    phases["prepare_prefill"] = proc_status()
     seq = getattr(model, "_seq", None) or []
     counts = {
         "T-row sessions": sum(1 for r in seq if r is not None),
@@ -66,20 +67,20 @@ def child(args) -> None:
         if s is None and hasattr(runner, "runner"):  # made now, not in the prompt's first chunk
             runner.runner
             counts["row-by-row sessions"] += 1
-    phases["row-by-row sessions"] = _status()
+    phases["row-by-row sessions"] = proc_status()
     state = model.init_state()
     ids = list((b"The quick brown fox jumps over the lazy dog. " * 100)[: args.prompt])
     t0 = time.perf_counter()
     logits = model.prefill(ids, state, last_only=True)[-1]
     prompt_s = time.perf_counter() - t0
-    phases["prompt"] = _status()
+    phases["prompt"] = proc_status()
     times = []
     for _ in range(args.steps):
         tok = int(np.argmax(logits))
         t0 = time.perf_counter()
         logits = model.step(tok, state)
         times.append(time.perf_counter() - t0)
-    phases["steps"] = _status()
+    phases["steps"] = proc_status()
     print(
         json.dumps(
             {
@@ -232,7 +233,7 @@ def main():
                 f"token steps median {steps[len(steps) // 2]:.1f} ms (min {steps[0]:.1f})"
             )
             print(f"  peak {gib(peak)} = {peak / wb:.2f}x; {r['counts']}; {r['execution']}")
-    own = _status()["VmHWM"]
+    own = proc_status()["VmHWM"]
     print(f"(this process's own peak {gib(own)}: the children's peaks above are at least that)")
     load = os.getloadavg()
     print(f"load average at the end {load[0]:.2f} {load[1]:.2f}")

@@ -22,15 +22,12 @@ import os
 
 import numpy as np
 from _rounds import parser, print_medians, timed_rounds, token_ids  # bench/_rounds.py
+from memory import proc_status  # bench/memory.py
 
 from rwkv2rknn.runtime.hybrid import HybridModel
 from rwkv2rknn.runtime.ort import OrtRunner
 from rwkv2rknn.runtime.ortshare import WeightStore
-
-
-def resident_gib() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 2**20
+from rwkv2rknn.tools.backtest import weight_bytes
 
 
 def own_sessions(art: str) -> HybridModel:
@@ -53,14 +50,11 @@ def own_sessions(art: str) -> HybridModel:
 def main():
     ap = parser(__doc__, 6)
     a = ap.parse_args()
-    weights = sum(
-        os.path.getsize(os.path.join(a.artifact, "segments", f))
-        for f in os.listdir(os.path.join(a.artifact, "segments"))
-        if f.endswith(".onnx") and not f.endswith(".seq.onnx")
-    )
     own = own_sessions(a.artifact)
+    weights = weight_bytes(a.artifact, own.manifest)
     print(
-        f"own prepacked sessions: {resident_gib():.2f} GiB resident ({weights / 2**30:.2f} GiB of segment files)"
+        f"own prepacked sessions: {proc_status()['VmRSS'] / 2**30:.2f} GiB resident "
+        f"({weights / 2**30:.2f} GiB of segment files)"
     )
     fused = HybridModel(a.artifact, backend="ort")
     states = {"fused (weight store)": fused.init_state(), "own prepacked sessions": own.init_state()}

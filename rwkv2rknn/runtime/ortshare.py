@@ -21,8 +21,10 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import statistics
 import tempfile
 import time
+from collections import deque
 from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
@@ -480,8 +482,6 @@ class AdaptiveStep:
         probe_every: float = 0.05,
         window: int = 7,
     ):
-        from collections import deque
-
         self.steps = dict(steps)
         self.quiet_names = list(steps)
         self.loaded_names = [k for k in (loaded or {}) if k not in self.steps]
@@ -489,7 +489,6 @@ class AdaptiveStep:
         self.names = list(self.steps)
         # (busy, way) -> the last ``window`` step times of that way in that state of the machine
         self.times = {(b, k): deque(maxlen=window) for b in (False, True) for k in self.names}
-        self.count: Dict[str, int] = {k: 0 for k in self.names}
         self._tried = {key: 0 for key in self.times}  # steps per (busy, way), the first too
         self.warmup, self.explore, self.weight = warmup, explore, weight
         self.cores = cores or usable_cores()
@@ -527,11 +526,16 @@ class AdaptiveStep:
     def candidates(self) -> List[str]:
         return self.loaded_names + self.quiet_names if self.busy else self.quiet_names
 
+    @property
+    def count(self) -> Dict[str, int]:
+        """Steps run on each way, quiet and busy."""
+        return {k: self._tried[(False, k)] + self._tried[(True, k)] for k in self.names}
+
     def median_ms(self, name: str, busy: Optional[bool] = None) -> Optional[float]:
         """The median of ``name``'s last steps (in the machine's present state unless ``busy``
         says which), in ms; None before it has one."""
         got = self.times[(self.busy if busy is None else busy, name)]
-        return 1000 * float(np.median(got)) if got else None
+        return 1000 * statistics.median(got) if got else None
 
     def _pick(self) -> str:
         names = self.candidates
@@ -559,9 +563,9 @@ class AdaptiveStep:
         t0 = time.perf_counter()
         out = self.steps[k].step(token, flat)
         dt = time.perf_counter() - t0
-        self.count[k] += 1
+        first = self._tried[(False, k)] + self._tried[(True, k)] == 0
         self._tried[(busy, k)] += 1
-        if self.count[k] > 1:  # the first run of a session sets it up: not a measure of the way
+        if not first:  # the first run of a session sets it up: not a measure of the way
             self.times[(busy, k)].append(dt)
         return out
 
