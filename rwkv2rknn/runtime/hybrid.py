@@ -52,6 +52,15 @@ SMALL_BLOCKS = {"session.dynamic_block_base": 1}
 # "Speed under load"). Beside exactly two busy loops on a quiet 2-core machine the plain pool
 # was the faster (101.8 against 122.9 ms): which wins is measured as the steps run.
 LOADED_THREADS = 2
+# --backend ort loads an artifact whose segment files hold at least this many bytes with one
+# session per segment that owns and prepacks its weights (its T-row graph serving token steps and
+# prompts); a smaller one with its weights in one store, unpacked, and token steps fused into one
+# graph. Measured (bench/own_sessions.py, docs/benchmarks.md): on 430M models the own sessions'
+# token steps took 0.98-0.99x the fused step's quiet, 0.90x (RWKV-7) and 1.02x (RWKV-4) beside two
+# busy loops, their prompts 1.4-1.6x the tokens/s, peak memory 1.20x the weights against 1.10x;
+# on the bundled 4 x 256 model (13 MiB) the fused step was 1.5x the faster (one run a token
+# against eleven, where the weights stay in the cache).
+OWN_MIN_BYTES = 256 * 2**20
 
 
 def load_manifest(artifact: str) -> Manifest:
@@ -101,6 +110,7 @@ class HybridModel:
         fuse: bool = True,
         share_weights: bool = True,
         store=None,
+        prepack: Optional[bool] = None,
     ):
         from rwkv2rknn.runtime.rknnrt import IO_PATHS
 
@@ -132,12 +142,21 @@ class HybridModel:
         self._verify, self._threads, self._core_mask = verify, threads, core_mask
         from rwkv2rknn.runtime.ortshare import WeightStore
 
-        # one copy of the weights for every onnxruntime session (``share_weights``; else each
+        # --backend ort, ``prepack``: one session per segment that owns and prepacks its weights,
+        # its T-row graph where it has one serving token steps (one row) and prompts alike (None:
+        # where the segment files hold OWN_MIN_BYTES or more, unless ``fuse``, ``share_weights``
+        # or ``store`` ask for the store)
+        if prepack is None:
+            prepack = fuse and share_weights and store is None and self._file_bytes() >= OWN_MIN_BYTES
+        self._own = bool(prepack) and self.backend == "ort"
+        # else one copy of the weights for every onnxruntime session (``share_weights``; else each
         # session holds its own, prepacked); ``store``: one to share with another model
-        self._store = (store or WeightStore()) if share_weights else None
+        self._store = (store or WeightStore()) if share_weights and not self._own else None
         # --backend ort runs every segment on onnxruntime: token steps run them as one fused
         # session (each segment's own session is made only if something runs it alone)
-        self._fuse = fuse and share_weights and self.backend == "ort" and len(m.segments) > 1
+        self._fuse = (
+            fuse and share_weights and not self._own and self.backend == "ort" and len(m.segments) > 1
+        )
         self._decode = None  # the fused token step (ortshare.BoundStep or a fused OrtRunner)
         self._seq, self._seq_loaded = None, False  # T-row runners, made on first prefill
         self._shared = {}  # segment name -> its T-row RKNN runner (decode_rows segments: at load)
@@ -147,7 +166,7 @@ class HybridModel:
             if self._board and seg.backend == "npu":  # loaded on first prefill, checked now
                 if seg.seq.rknn:
                     self._path(seg.seq.rknn, seg.seq.rknn_sha256)
-            elif seg.seq.onnx:
+            elif seg.seq.onnx and not self._own:  # (own sessions: made of it, checked then)
                 self._path(seg.seq.onnx, seg.seq.sha256)
             if progress:
                 progress(seg)
@@ -167,6 +186,12 @@ class HybridModel:
         ]
         if self._fuse:
             self._fuse_decode()
+
+    def _file_bytes(self) -> int:
+        """The bytes of the segments' token files and their external data (their weights, near
+        enough)."""
+        paths = [os.path.join(self.artifact, s.token.onnx) for s in self.manifest.segments if s.token.onnx]
+        return sum(os.path.getsize(p) for path in paths for p in (path, path + ".data") if os.path.isfile(p))
 
     def _path(self, rel: str, sha: str) -> str:
         path = os.path.join(self.artifact, rel)
@@ -189,6 +214,8 @@ class HybridModel:
         return path
 
     def _runner(self, seg):
+        if self._own:
+            return self._own_runner(seg)
         if seg.backend == "cpu" or self.backend == "ort":
             from rwkv2rknn.runtime.ort import OrtRunner
             from rwkv2rknn.runtime.ortshare import LazyRunner
@@ -230,6 +257,26 @@ class HybridModel:
                 "compile without --plan-only, or use --backend ort / rknn-sim",
             )
         return self._board_runner(seg, self._path(seg.token.rknn, seg.token.rknn_sha256), seg.name, shapes)
+
+    def _own_runner(self, seg):
+        """--backend ort, one session per segment that owns and prepacks its weights (onnxruntime
+        then drops its own copy of each weight it packed: one copy, packed). A segment with a
+        T-row graph runs token steps on it, one row a step (as ``decode_rows`` does on the NPU),
+        and prompts on the same session; one without (the embedding, the recurrence) on its
+        token graph, row by row in a prompt."""
+        from rwkv2rknn.runtime.ort import OrtRunner
+
+        threads = self.threads_for(seg)
+        if not seg.seq.onnx:
+            runner = OrtRunner(self._path(seg.token.onnx, seg.token.sha256), seg.name, threads)
+            _trim()  # the file's bytes and the weights onnxruntime let go of, given back
+            return runner
+        path = self._path(seg.seq.onnx, seg.seq.sha256)
+        seq = columns_as_rows(OrtRunner(path, seg.name + ".seq", threads))
+        _trim()
+        self._shared[seg.name + "/ort"] = seq
+        slots = {s.input for s in self.manifest.state}
+        return RowStep(seq, 1, [k for k in seg.inputs if k not in slots], seg.shapes)
 
     def _board_runner(
         self, seg, path: str, name: str, shapes, rows=(), columns: bool = False, io: Optional[str] = None
@@ -413,6 +460,13 @@ class HybridModel:
             if (not npu or self.backend == "ort") and self.threads_for(seg) != 1
         )
         ort_segs = sum(1 for npu in self._npu if not npu or self.backend == "ort")
+        if self._own:
+            rows = sum(1 for seg in m.segments if seg.seq.onnx)
+            return (
+                f"token steps: {len(m.segments)} segments, each one onnxruntime session that owns "
+                f"and prepacks its weights ({rows} on their T-row graph, one row a step; "
+                f"{ort_segs - pool} on 1 thread, {pool} on the pool)"
+            )
         return (
             f"token steps: {len(m.segments)} segments, {ort_segs} on onnxruntime "
             f"({ort_segs - pool} on 1 thread, {pool} on the pool)"
@@ -518,6 +572,8 @@ class HybridModel:
         """The T-row runner of a segment on this backend, or None (then it runs row by row)."""
         if not (seg.seq.onnx or seg.seq.rknn):  # a packed NPU segment keeps only its .seq.rknn
             return None
+        if self._own:  # the segment's one session, made at load
+            return self._shared[seg.name + "/ort"]
         if seg.backend == "cpu" or self.backend == "ort":
             from rwkv2rknn.runtime.ort import OrtRunner
 

@@ -257,7 +257,7 @@ def test_the_artifact_holds_the_seq_onnx_that_was_built(fp16_artifact):
         assert "MatMul" not in {n.op_type for n in token.graph.node}, name
     from rwkv2rknn.runtime.hybrid import HybridModel
 
-    h = HybridModel(fp16_artifact, backend="ort")
+    h = HybridModel(fp16_artifact, backend="ort", prepack=False)
     try:
         toks = [5, 3, 9, 1, 4]
         state = h.init_state()

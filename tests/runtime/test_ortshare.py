@@ -36,7 +36,7 @@ def plan_artifact(request, fp32_plan_artifact, slot_models):
 
 @pytest.mark.slow
 def test_fused_token_steps_equal_the_segments_one_by_one(plan_artifact, tokens):
-    fused = HybridModel(plan_artifact, backend="ort")
+    fused = HybridModel(plan_artifact, backend="ort", prepack=False)
     apart = HybridModel(plan_artifact, backend="ort", fuse=False)
     assert fused.execution().startswith(
         f"token steps: {len(fused.manifest.segments)} segments fused into 1 onnxruntime graph"
@@ -79,7 +79,7 @@ def test_fused_token_steps_equal_the_segments_one_by_one(plan_artifact, tokens):
 
 
 def test_a_new_state_buffer_is_bound_again(fp32_plan_artifact, tokens):
-    model = HybridModel(fp32_plan_artifact, backend="ort")
+    model = HybridModel(fp32_plan_artifact, backend="ort", prepack=False)
     ref = HybridModel(fp32_plan_artifact, backend="ort", fuse=False)
     for _ in range(2):  # two buffers, one after the other, then the first again
         s, r = model.init_state(), ref.init_state()
@@ -280,7 +280,7 @@ def test_token_steps_switch_to_the_loaded_pool_when_busy_loops_start(fp32_plan_a
     cores = usable_cores()
     if cores < 2:
         pytest.skip("one core: token steps run on one thread whatever the load")
-    model = HybridModel(fp32_plan_artifact, backend="ort")
+    model = HybridModel(fp32_plan_artifact, backend="ort", prepack=False)
     apart = HybridModel(fp32_plan_artifact, backend="ort", fuse=False)
     s, r = model.init_state(), apart.init_state()
     for t in tokens[:3]:
@@ -305,7 +305,7 @@ def test_an_fp16_token_table_before_fp32_layernorms_fuses(fp16_artifact, tokens)
     in front of the first LayerNorm (the bundled model is such an artifact): onnxruntime's
     level-1 LayerNorm fusion took the Cast's fp16 input into a LayerNormalization with fp32
     weights and refused the joined graph; without that one fusion it fuses, with the same numbers."""
-    m = HybridModel(fp16_artifact, backend="ort")
+    m = HybridModel(fp16_artifact, backend="ort", prepack=False)
     embed = next(s for s in m.manifest.segments if s.backend == "cpu" and "embed" in s.stages)
     g = onnx.load(os.path.join(fp16_artifact, embed.token.onnx)).graph
     assert any(t.data_type == TensorProto.FLOAT16 for t in g.initializer)  # the table: fp16
@@ -384,7 +384,7 @@ def test_sessions_share_one_value_per_weight_and_t_rows_load_for_a_prompt(plan_a
     own = HybridModel(plan_artifact, backend="ort", fuse=False, share_weights=False)
     own.prepare_prefill()
     made = _spy_sessions(monkeypatch)  # the sessions of `model` only
-    model = HybridModel(plan_artifact, backend="ort")
+    model = HybridModel(plan_artifact, backend="ort", prepack=False)
     store = model._store
     # token steps (and a one-token prefill) make no T-row session
     want, want_state = _run(own, tokens[:4])
@@ -443,7 +443,7 @@ def test_sessions_share_one_value_per_weight_and_t_rows_load_for_a_prompt(plan_a
 def test_a_one_token_prompt_loads_no_t_row_sessions(fp32_plan_artifact):
     from rwkv2rknn.runtime.generate import generate_text
 
-    model = HybridModel(fp32_plan_artifact, backend="ort")
+    model = HybridModel(fp32_plan_artifact, backend="ort", prepack=False)
     generate_text(model, "bytes", "A", 2, temperature=0)  # one byte: one token, no prefill
     assert not model._seq_loaded
     generate_text(model, "bytes", "AB", 2, temperature=0)

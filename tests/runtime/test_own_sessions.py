@@ -1,0 +1,116 @@
+"""--backend ort's default load: one onnxruntime session per segment that owns and prepacks its
+weights, a segment's T-row graph serving its token steps (one row) and its prompts alike; the
+same numbers as the segments run one by one on sessions of their token graphs."""
+
+import numpy as np
+import pytest
+
+from rwkv2rknn.runtime.hybrid import HybridModel
+from rwkv2rknn.runtime.rows import Columns, RowStep
+
+
+@pytest.fixture(params=["4", "7"])
+def plan_artifact(request, fp32_plan_artifact, slot_models):
+    return fp32_plan_artifact if request.param == "4" else slot_models("7").plan_artifact
+
+
+def _spy_sessions(monkeypatch):
+    """The name and config of every onnxruntime session the executor makes."""
+    from rwkv2rknn.runtime import ort as ort_mod
+
+    made = []
+    real = ort_mod.make_session
+
+    def spy(model, threads=0, what="model", prepack=True, initializers=None, **more):
+        made.append((what, prepack, bool(initializers)))
+        return real(model, threads=threads, what=what, prepack=prepack, initializers=initializers, **more)
+
+    monkeypatch.setattr(ort_mod, "make_session", spy)
+    return made
+
+
+def _steps(model, tokens, state=None):
+    state = model.init_state() if state is None else state
+    return np.stack([model.step(int(t), state) for t in tokens]), state
+
+
+def test_one_session_a_segment_serves_token_steps_and_prompts(plan_artifact, tokens, monkeypatch):
+    ref = HybridModel(plan_artifact, backend="ort", fuse=False, share_weights=False)
+    made = _spy_sessions(monkeypatch)
+    model = HybridModel(plan_artifact, backend="ort", prepack=True)
+    segs = model.manifest.segments
+    # one session per segment, made at load, owning and prepacking its weights (no store)
+    assert len(made) == len(segs) and all(prepack and not shared for _, prepack, shared in made)
+    assert model._store is None and model._decode is None
+    with_rows = [i for i, s in enumerate(segs) if s.seq.onnx]
+    assert with_rows, "the fixture has T-row graphs"
+    assert sorted(what for what, _, _ in made) == sorted(
+        s.name + ".seq" if s.seq.onnx else s.name for s in segs
+    )
+    assert model.execution().startswith(
+        f"token steps: {len(segs)} segments, each one onnxruntime session that owns and prepacks "
+        f"its weights ({len(with_rows)} on their T-row graph"
+    )
+    # token steps, then a prompt on the same sessions: no session more
+    want, want_state = _steps(ref, tokens[:10])
+    got, state = _steps(model, tokens[:4])
+    got = np.concatenate([got, model.prefill(tokens[4:10], state)])
+    assert len(made) == len(segs)
+    seq = model.prefill_runners()
+    for i in with_rows:
+        assert isinstance(model.runners[i], RowStep) and model.runners[i].runner is seq[i]
+    scale = float(np.abs(want).max())
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * scale)
+    np.testing.assert_allclose(state, want_state, rtol=0, atol=2e-6 * scale)
+    # a trace runs the same sessions segment by segment and keeps every tensor
+    trace = {}
+    traced = model.step(int(tokens[10]), state.copy(), trace=trace)
+    np.testing.assert_allclose(traced, ref.step(int(tokens[10]), want_state), rtol=0, atol=2e-6 * scale)
+    assert set(trace) >= {o for s in segs for o in s.outputs}
+    model.close()
+    ref.close()
+
+
+def test_large_artifacts_load_own_sessions_small_ones_the_fused_step(fp32_plan_artifact, tokens, monkeypatch):
+    from rwkv2rknn.runtime import hybrid
+
+    small = HybridModel(fp32_plan_artifact, backend="ort")
+    assert small._file_bytes() < hybrid.OWN_MIN_BYTES
+    assert small._store is not None and small._decode is not None and not small._own
+    monkeypatch.setattr(hybrid, "OWN_MIN_BYTES", small._file_bytes())
+    large = HybridModel(fp32_plan_artifact, backend="ort")
+    assert large._own and large._store is None and large._decode is None
+    for m in (small, large):
+        m.close()
+
+
+def test_the_store_and_fused_steps_stay_a_choice(fp32_plan_artifact, tokens):
+    store = HybridModel(fp32_plan_artifact, backend="ort", prepack=False)
+    own = HybridModel(fp32_plan_artifact, backend="ort", prepack=True)
+    assert store._store is not None and store._decode is not None and own._store is None
+    np.testing.assert_allclose(_steps(own, tokens[:6])[0], _steps(store, tokens[:6])[0], rtol=0, atol=1e-5)
+    # a caller that asks for segments on a shared store (the calibration, the back-test) keeps it
+    apart = HybridModel(fp32_plan_artifact, backend="ort", fuse=False)
+    assert apart._store is not None and not apart._own
+    for m in (store, own, apart):
+        m.close()
+
+
+def test_a_columns_form_t_row_graph_serves_token_steps_too(fp16_artifact, tokens):
+    """An artifact built for the NPU holds its T-row graphs in columns form: its onnxruntime
+    session takes [C, T]; token steps give it one column."""
+    own = HybridModel(fp16_artifact, backend="ort", prepack=True)
+    ref = HybridModel(fp16_artifact, backend="ort", fuse=False, share_weights=False)
+    seq = own.prefill_runners()
+    columns = [i for i, r in enumerate(seq) if isinstance(r, Columns)]
+    assert columns, "the fixture holds columns-form T-row graphs"
+    for i in columns:
+        assert own.runners[i].runner is seq[i]
+    want, want_state = _steps(ref, tokens[:8])
+    got, state = _steps(own, tokens[:3])
+    got = np.concatenate([got, own.prefill(tokens[3:8], state)])
+    scale = float(np.abs(want).max())
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * scale)
+    np.testing.assert_allclose(state, want_state, rtol=0, atol=1e-4 * scale)
+    own.close()
+    ref.close()
