@@ -187,6 +187,12 @@ class HybridModel:
         if self._fuse:
             self._fuse_decode()
 
+    @property
+    def own_sessions(self) -> bool:
+        """--backend ort with one session per segment that owns its weights, a T-row graph
+        serving token steps and prompts alike (a large artifact, or ``prepack=True``)."""
+        return self._own
+
     def _file_bytes(self) -> int:
         """The bytes of the segments' token files and their external data (their weights, near
         enough)."""
@@ -560,7 +566,7 @@ class HybridModel:
                     k in slot_of and slot_of[k].output not in produced | set(seg.outputs) for k in seg.inputs
                 ):
                     for r in runners:
-                        if r is not None:
+                        if r is not None and not self._own:  # (own: the token steps' sessions)
                             r.close()
                     return None
             produced.update(seg.outputs)

@@ -304,7 +304,9 @@ def _prefill(hyb, decode: List[float], tokens: int, vocab: int, seed: int):
     n_pre = max(tokens, 64)
     pre_ids = [int(t) for t in np.random.default_rng(seed + 1).integers(0, vocab, n_pre)]
     for seg, runner in zip(hyb.manifest.segments, hyb.runners):
-        if seg.seq.onnx:  # prefill runs its T-row session instead: one copy of the weights at a time
+        # prefill runs its T-row session instead: one copy of the weights at a time (own
+        # sessions: the token steps' session is the T-row one)
+        if seg.seq.onnx and not hyb.own_sessions:
             runner.close()
     resources.give_back_memory()
     hyb.prefill(pre_ids[:40], hyb.init_state(), chunk=32)  # warm-up: loads the T-row sessions

@@ -114,3 +114,17 @@ def test_a_columns_form_t_row_graph_serves_token_steps_too(fp16_artifact, tokens
     np.testing.assert_allclose(state, want_state, rtol=0, atol=1e-4 * scale)
     own.close()
     ref.close()
+
+
+def test_the_bench_prefill_keeps_the_token_steps_sessions(fp32_plan_artifact, tokens):
+    """bench closes the per-token sessions that prefill does not use; in own sessions the token
+    steps' session is the T-row one, and stays."""
+    from rwkv2rknn.tools.bench import _prefill
+
+    model = HybridModel(fp32_plan_artifact, backend="ort", prepack=True)
+    assert model.own_sessions
+    res = _prefill(model, [1.0], 8, model.vocab, 0)
+    assert res["tokens_per_s"] > 0
+    state = model.init_state()
+    assert np.isfinite(model.step(int(tokens[0]), state)).all()
+    model.close()
