@@ -61,6 +61,10 @@ LOADED_THREADS = 2
 # on the bundled 4 x 256 model (13 MiB) the fused step was 1.5x the faster (one run a token
 # against eleven, where the weights stay in the cache).
 OWN_MIN_BYTES = 256 * 2**20
+# the own sessions on the pool hand out their work in small blocks: measured
+# (`python bench/own_sessions.py ART --plain-pool [--busy 2]`, 430M random models) 0.98x the
+# plain pool's time quiet, 0.93-0.98x beside two busy loops
+OWN_POOL_CONFIG: Dict[str, int] = dict(SMALL_BLOCKS)
 
 
 def load_manifest(artifact: str) -> Manifest:
@@ -273,12 +277,14 @@ class HybridModel:
         from rwkv2rknn.runtime.ort import OrtRunner
 
         threads = self.threads_for(seg)
+        config = OWN_POOL_CONFIG if threads != 1 else None
         if not seg.seq.onnx:
-            runner = OrtRunner(self._path(seg.token.onnx, seg.token.sha256), seg.name, threads)
+            path = self._path(seg.token.onnx, seg.token.sha256)
+            runner = OrtRunner(path, seg.name, threads, config=config)
             _trim()  # the file's bytes and the weights onnxruntime let go of, given back
             return runner
         path = self._path(seg.seq.onnx, seg.seq.sha256)
-        seq = columns_as_rows(OrtRunner(path, seg.name + ".seq", threads))
+        seq = columns_as_rows(OrtRunner(path, seg.name + ".seq", threads, config=config))
         _trim()
         self._shared[seg.name + "/ort"] = seq
         slots = {s.input for s in self.manifest.state}

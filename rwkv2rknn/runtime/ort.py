@@ -139,11 +139,19 @@ class OrtRunner:
     backend = "ort"
 
     def __init__(
-        self, model, name: str = "", threads: int = 0, store=None, arena: bool = True, prepack: bool = True
+        self,
+        model,
+        name: str = "",
+        threads: int = 0,
+        store=None,
+        arena: bool = True,
+        prepack: bool = True,
+        config=None,
     ):
         """``store``: a ``WeightStore`` (rwkv2rknn.runtime.ortshare) that holds the large weights
         of ``model`` (a path) for every session that uses them; None: the session holds its own.
-        ``prepack=False``: no repacked copy of the MatMul weights (sessions run a few times)."""
+        ``prepack=False``: no repacked copy of the MatMul weights (sessions run a few times).
+        ``config``: more session config entries (its own session only)."""
         self.name, self.threads = name, threads
         made = None
         if store is not None and isinstance(model, str):
@@ -152,7 +160,7 @@ class OrtRunner:
             self.session, self.note = made
         else:
             self.session, self.note = make_session(
-                model, threads=threads, what=name or "model", arena=arena, prepack=prepack
+                model, threads=threads, what=name or "model", arena=arena, prepack=prepack, config=config
             )
         self.inputs: List[str] = [i.name for i in self.session.get_inputs()]
         self.outputs: List[str] = [o.name for o in self.session.get_outputs()]

@@ -29,6 +29,13 @@ def _spy_sessions(monkeypatch):
     return made
 
 
+def _entry(opts, key):
+    try:
+        return opts.get_session_config_entry(key)
+    except RuntimeError:  # not set
+        return None
+
+
 def _steps(model, tokens, state=None):
     state = model.init_state() if state is None else state
     return np.stack([model.step(int(t), state) for t in tokens]), state
@@ -51,6 +58,13 @@ def test_one_session_a_segment_serves_token_steps_and_prompts(plan_artifact, tok
         f"token steps: {len(segs)} segments, each one onnxruntime session that owns and prepacks "
         f"its weights ({len(with_rows)} on their T-row graph"
     )
+    # sessions on the pool hand out small blocks; those on one thread have nothing to hand out
+    for seg, runner in zip(segs, model.runners):
+        runner = getattr(runner, "runner", runner)
+        opts = getattr(runner, "runner", runner).session.get_session_options()
+        pool = model.threads_for(seg) != 1
+        assert opts.intra_op_num_threads == (0 if pool else 1)
+        assert _entry(opts, "session.dynamic_block_base") == ("1" if pool else None)
     # token steps, then a prompt on the same sessions: no session more
     want, want_state = _steps(ref, tokens[:10])
     got, state = _steps(model, tokens[:4])
