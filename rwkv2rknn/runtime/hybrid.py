@@ -56,8 +56,8 @@ LOADED_THREADS = 2
 # session per segment that owns and prepacks its weights (its T-row graph serving token steps and
 # prompts); a smaller one with its weights in one store, unpacked, and token steps fused into one
 # graph. Measured (bench/own_sessions.py, docs/benchmarks.md): on 430M models the own sessions'
-# token steps took 0.98-0.99x the fused step's quiet, 0.90x (RWKV-7) and 1.02x (RWKV-4) beside two
-# busy loops, their prompts 1.4-1.6x the tokens/s, peak memory 1.20x the weights against 1.10x;
+# token steps took 0.98x the fused step's quiet, 0.85-0.93x beside two busy loops (small blocks),
+# their prompts 1.4-1.6x the tokens/s, peak memory 1.17-1.20x the weights against 1.10x;
 # on the bundled 4 x 256 model (13 MiB) the fused step was 1.5x the faster (one run a token
 # against eleven, where the weights stay in the cache).
 OWN_MIN_BYTES = 256 * 2**20
