@@ -22,11 +22,10 @@ from rwkv2rknn.runtime.ortshare import (
     usable_cores,
 )
 from rwkv2rknn.tools.busy import BusyLoops
+from helpers.steps import assert_same_run, run_steps, steps_then_prompt
 
 
-def _run(model, tokens, state=None):
-    state = model.init_state() if state is None else state
-    return np.stack([model.step(t, state) for t in tokens]), state
+_run = run_steps
 
 
 @pytest.fixture(params=["4", "7"])
@@ -388,11 +387,9 @@ def test_sessions_share_one_value_per_weight_and_t_rows_load_for_a_prompt(plan_a
     store = model._store
     # token steps (and a one-token prefill) make no T-row session
     want, want_state = _run(own, tokens[:4])
-    got, got_state = _run(model, tokens[:3])
-    got = np.concatenate([got, model.prefill(tokens[3:4], got_state)])
+    got, got_state = steps_then_prompt(model, tokens[:4], 3)
+    assert_same_run(got, got_state, want, want_state, 1e-6)
     scale = float(np.abs(want).max())
-    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * scale)
-    np.testing.assert_allclose(got_state, want_state, rtol=0, atol=1e-6 * scale)
     assert not model._seq_loaded and not any(what.endswith(".seq") for what, _, _ in made)
     # a prompt: T-row sessions (and the row-by-row segments' own), on the same values
     np.testing.assert_allclose(

@@ -7,6 +7,7 @@ import pytest
 
 from rwkv2rknn.runtime.hybrid import HybridModel
 from rwkv2rknn.runtime.rows import Columns, RowStep
+from helpers.steps import assert_same_run, run_steps, steps_then_prompt
 
 
 @pytest.fixture(params=["4", "7"])
@@ -36,9 +37,7 @@ def _entry(opts, key):
         return None
 
 
-def _steps(model, tokens, state=None):
-    state = model.init_state() if state is None else state
-    return np.stack([model.step(int(t), state) for t in tokens]), state
+_steps = run_steps
 
 
 def test_one_session_a_segment_serves_token_steps_and_prompts(plan_artifact, tokens, monkeypatch):
@@ -67,15 +66,13 @@ def test_one_session_a_segment_serves_token_steps_and_prompts(plan_artifact, tok
         assert _entry(opts, "session.dynamic_block_base") == ("1" if pool else None)
     # token steps, then a prompt on the same sessions: no session more
     want, want_state = _steps(ref, tokens[:10])
-    got, state = _steps(model, tokens[:4])
-    got = np.concatenate([got, model.prefill(tokens[4:10], state)])
+    got, state = steps_then_prompt(model, tokens[:10], 4)
     assert len(made) == len(segs)
     seq = model.prefill_runners()
     for i in with_rows:
         assert isinstance(model.runners[i], RowStep) and model.runners[i].runner is seq[i]
+    assert_same_run(got, state, want, want_state, 2e-6)
     scale = float(np.abs(want).max())
-    np.testing.assert_allclose(got, want, rtol=0, atol=2e-6 * scale)
-    np.testing.assert_allclose(state, want_state, rtol=0, atol=2e-6 * scale)
     # a trace runs the same sessions segment by segment and keeps every tensor
     trace = {}
     traced = model.step(int(tokens[10]), state.copy(), trace=trace)
@@ -121,11 +118,7 @@ def test_a_columns_form_t_row_graph_serves_token_steps_too(fp16_artifact, tokens
     for i in columns:
         assert own.runners[i].runner is seq[i]
     want, want_state = _steps(ref, tokens[:8])
-    got, state = _steps(own, tokens[:3])
-    got = np.concatenate([got, own.prefill(tokens[3:8], state)])
-    scale = float(np.abs(want).max())
-    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * scale)
-    np.testing.assert_allclose(state, want_state, rtol=0, atol=1e-4 * scale)
+    assert_same_run(*steps_then_prompt(own, tokens[:8], 3), want, want_state, 1e-4)
     own.close()
     ref.close()
 
