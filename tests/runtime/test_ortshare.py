@@ -127,6 +127,39 @@ def _vi(name, shape):
     return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
 
 
+def test_a_runner_on_a_store_keeps_the_store_alive(slot_models):
+    """onnxruntime reads a store's arrays where they are: a runner made on a store nobody else
+    holds still reads them (freed, it read whatever the heap held next)."""
+    import gc
+    import weakref
+
+    from rwkv2rknn.runtime.ort import OrtRunner
+
+    art = slot_models("7").plan_artifact
+    model = HybridModel(art, backend="ort", prepack=False)
+    seg = next(s for s in model.manifest.segments if s.seq.onnx)
+    path = os.path.join(art, seg.seq.onnx)
+    store = WeightStore()
+    ref = weakref.ref(store)
+    runner = OrtRunner(path, "seq", 1, store)
+    assert store.nbytes > 0
+    del store
+    gc.collect()
+    assert ref() is not None
+    rng = np.random.default_rng(0)
+    feed = {
+        k: rng.standard_normal([d if isinstance(d, int) else 2 for d in shape]).astype(np.float32)
+        for k, shape in runner.input_shapes.items()
+    }
+    own = OrtRunner(path, "own", 1)
+    for k, v in own.infer(feed).items():
+        np.testing.assert_allclose(runner.infer(feed)[k], v, rtol=1e-5, atol=1e-5)
+    runner.close()
+    gc.collect()
+    assert ref() is None
+    model.close()
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float16, np.int64])
 def test_tensors_read_as_onnx_reads_them(dtype):
     arr = (np.arange(24).reshape(2, 3, 4) * 0.5).astype(dtype)
