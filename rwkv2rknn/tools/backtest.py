@@ -75,10 +75,7 @@ def _store_runner(model: bytes):
         path = os.path.join(folder, "probe.onnx")
         with open(path, "wb") as f:
             f.write(model)
-        store = WeightStore()
-        runner = OrtRunner(path, "probe", threads=1, store=store)
-        runner.store = store  # the session reads the store's arrays: they live as long as it
-        return runner
+        return OrtRunner(path, "probe", threads=1, store=WeightStore())  # (the runner keeps it)
     finally:
         import shutil
 
