@@ -152,14 +152,14 @@ class OrtRunner:
         of ``model`` (a path) for every session that uses them; None: the session holds its own.
         ``prepack=False``: no repacked copy of the MatMul weights (sessions run a few times).
         ``config``: more session config entries (its own session only)."""
-        self.name, self.threads, self._store = name, threads, None
+        self.name, self.threads, self.store = name, threads, None
         made = None
         if store is not None and isinstance(model, str):
             made = store.session_for(model, name or "model", threads, arena=arena)
         if made is not None:
             # onnxruntime reads the store's arrays where they are, and does not own them: they
             # live as long as this runner does
-            self.session, self.note, self._store = made[0], made[1], store
+            self.session, self.note, self.store = made[0], made[1], store
         else:
             self.session, self.note = make_session(
                 model, threads=threads, what=name or "model", arena=arena, prepack=prepack, config=config
@@ -174,7 +174,7 @@ class OrtRunner:
         return dict(zip(self.outputs, self.session.run(self.outputs, cast)))
 
     def close(self) -> None:
-        self.session = self._store = None
+        self.session = self.store = None
 
 
 def input_dtype(runner: Optional[OrtRunner], name: str):
