@@ -24,7 +24,7 @@ def main():
     ap = parser(__doc__, 8)
     ap.set_defaults(per_round=12)
     a = ap.parse_args()
-    hyb = HybridModel(a.artifact, backend="ort")
+    hyb = HybridModel(a.artifact, backend="ort", prepack=False)  # the store and its fused ways
     chooser = getattr(hyb, "_decode", None)
     if not hasattr(chooser, "steps"):
         raise SystemExit(f"{a.artifact}: its token steps are not fused, so there are no ways to choose")

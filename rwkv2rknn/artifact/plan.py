@@ -492,6 +492,13 @@ def _segment(s) -> Segment:
     return seg
 
 
+def token_file_bytes(artifact: str, manifest: "Manifest") -> int:
+    """Bytes of the segments' per-token ONNX files and their external data: their weights as
+    the CPU reads them each token (fp32), near enough."""
+    paths = [os.path.join(artifact, seg.token.onnx) for seg in manifest.segments if seg.token.onnx]
+    return sum(os.path.getsize(p) for path in paths for p in (path, path + ".data") if os.path.isfile(p))
+
+
 def sha256_file(path: str) -> str:
     """SHA-256 of a file; an ONNX file's covers its external data too (``NAME.onnx.data``
     beside it, where a model above the protobuf limit keeps its weights)."""

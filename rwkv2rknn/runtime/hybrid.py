@@ -24,7 +24,7 @@ import numpy as np
 
 from rwkv2rknn import fileio
 from rwkv2rknn.errors import BadInput, NumericalError, UsageError
-from rwkv2rknn.artifact.plan import MANIFEST, Manifest, sha256_file
+from rwkv2rknn.artifact.plan import MANIFEST, Manifest, sha256_file, token_file_bytes
 
 from rwkv2rknn.runtime.base import plugin_runner
 from rwkv2rknn.runtime.board import BACKENDS, BOARD_BACKENDS
@@ -153,7 +153,9 @@ class HybridModel:
         # where the segment files hold OWN_MIN_BYTES or more, unless ``fuse``, ``share_weights``
         # or ``store`` ask for the store)
         if prepack is None:
-            prepack = fuse and share_weights and store is None and self._file_bytes() >= OWN_MIN_BYTES
+            prepack = (
+                fuse and share_weights and store is None and token_file_bytes(artifact, m) >= OWN_MIN_BYTES
+            )
         self._own = bool(prepack) and self.backend == "ort"
         # else one copy of the weights for every onnxruntime session (``share_weights``; else each
         # session holds its own, prepacked); ``store``: one to share with another model
@@ -199,12 +201,6 @@ class HybridModel:
         serving token steps and prompts alike (a large artifact, or ``prepack=True``)."""
         return self._own
 
-    def _file_bytes(self) -> int:
-        """The bytes of the segments' token files and their external data (their weights, near
-        enough)."""
-        paths = [os.path.join(self.artifact, s.token.onnx) for s in self.manifest.segments if s.token.onnx]
-        return sum(os.path.getsize(p) for path in paths for p in (path, path + ".data") if os.path.isfile(p))
-
     def _path(self, rel: str, sha: str) -> str:
         path = os.path.join(self.artifact, rel)
         if not os.path.isfile(path):
@@ -243,13 +239,7 @@ class HybridModel:
             return OrtRunner(path, seg.name, threads, self._store)
         shapes = {k: list(v) for k, v in seg.shapes.items()}
         if seg.decode_rows:  # token steps on the T-row build: one copy of the weights
-            slots = {s.input for s in self.manifest.state}
-            return RowStep(
-                self._rknn_seq_runner(seg),
-                seg.decode_rows,
-                [k for k in seg.inputs if k not in slots],
-                seg.shapes,
-            )
+            return self._row_step(seg, self._rknn_seq_runner(seg), seg.decode_rows)
         if self.backend == "rknn-sim":
             RknnSimRunner = plugin_runner("rknn-sim")
             return RknnSimRunner(
@@ -280,17 +270,21 @@ class HybridModel:
 
         threads = self.threads_for(seg)
         config = OWN_POOL_CONFIG if threads != 1 else None
+        if seg.seq.onnx:
+            path, name = self._path(seg.seq.onnx, seg.seq.sha256), seg.name + ".seq"
+        else:
+            path, name = self._path(seg.token.onnx, seg.token.sha256), seg.name
+        runner = OrtRunner(path, name, threads, config=config)
+        _trim()  # the file's bytes and the weights onnxruntime let go of, given back
         if not seg.seq.onnx:
-            path = self._path(seg.token.onnx, seg.token.sha256)
-            runner = OrtRunner(path, seg.name, threads, config=config)
-            _trim()  # the file's bytes and the weights onnxruntime let go of, given back
             return runner
-        path = self._path(seg.seq.onnx, seg.seq.sha256)
-        seq = columns_as_rows(OrtRunner(path, seg.name + ".seq", threads, config=config))
-        _trim()
-        self._shared[seg.name + "/ort"] = seq
+        seq = self._shared[seg.name + "/ort"] = columns_as_rows(runner)
+        return self._row_step(seg, seq, 1)
+
+    def _row_step(self, seg, seq, rows: int) -> RowStep:
+        """Token steps of ``seg`` on its T-row runner ``seq``, padded to ``rows`` rows."""
         slots = {s.input for s in self.manifest.state}
-        return RowStep(seq, 1, [k for k in seg.inputs if k not in slots], seg.shapes)
+        return RowStep(seq, rows, [k for k in seg.inputs if k not in slots], seg.shapes)
 
     def _board_runner(
         self, seg, path: str, name: str, shapes, rows=(), columns: bool = False, io: Optional[str] = None
@@ -338,13 +332,7 @@ class HybridModel:
             runner = self._seq_board_runner(seg, io)
             return Columns(runner) if seg.seq.layout == "columns" else runner
         if seg.decode_rows:
-            slots = {s.input for s in self.manifest.state}
-            return RowStep(
-                self.new_runner(seg, True, io),
-                seg.decode_rows,
-                [k for k in seg.inputs if k not in slots],
-                seg.shapes,
-            )
+            return self._row_step(seg, self.new_runner(seg, True, io), seg.decode_rows)
         return self._board_runner(
             seg,
             self._path(seg.token.rknn, seg.token.rknn_sha256),

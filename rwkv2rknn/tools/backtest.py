@@ -31,6 +31,7 @@ from typing import Callable, Dict, List, Tuple
 
 import numpy as np
 
+from rwkv2rknn.artifact.plan import token_file_bytes
 from rwkv2rknn.artifact.profile import DeviceProfile
 
 WIDTH = 1024  # of the op-cost probes: an RWKV row of the 430M shape
@@ -457,17 +458,6 @@ class _Replay:
         pass
 
 
-def weight_bytes(artifact: str, manifest) -> int:
-    """Bytes of the segments' ONNX files (their weights, fp32 on the CPU) read per token."""
-    total = 0
-    for seg in manifest.segments:
-        path = os.path.join(artifact, seg.token.onnx)
-        for part in (path, path + ".data"):
-            if os.path.isfile(part):
-                total += os.path.getsize(part)
-    return total
-
-
 def run_backtest(
     artifact: str, tokens: int = 24, rounds: int = 3, echo: Callable[[str], None] = print, seed: int = 0
 ) -> Dict[str, object]:
@@ -477,7 +467,7 @@ def run_backtest(
 
     manifest = load_manifest(artifact)
     res: Dict[str, object] = {"artifact": artifact, "load_start": load_average()}
-    total = weight_bytes(artifact, manifest)
+    total = token_file_bytes(artifact, manifest)
     # what goes through the caches between two runs of a segment: a token's weights (beyond
     # twice the last-level cache the same as all of them); the probes are timed after as many
     # (after a segment's weights only, a small model's probes ran from warm caches: the bundled
