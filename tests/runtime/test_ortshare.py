@@ -22,10 +22,7 @@ from rwkv2rknn.runtime.ortshare import (
     usable_cores,
 )
 from rwkv2rknn.tools.busy import BusyLoops
-from helpers.steps import assert_same_run, run_steps, steps_then_prompt
-
-
-_run = run_steps
+from helpers.steps import assert_same_run, run_steps, spy_sessions, steps_then_prompt
 
 
 @pytest.fixture(params=["4", "7"])
@@ -40,8 +37,8 @@ def test_fused_token_steps_equal_the_segments_one_by_one(plan_artifact, tokens):
     assert fused.execution().startswith(
         f"token steps: {len(fused.manifest.segments)} segments fused into 1 onnxruntime graph"
     )
-    got, got_state = _run(fused, tokens[:12])
-    want, want_state = _run(apart, tokens[:12])
+    got, got_state = run_steps(fused, tokens[:12])
+    want, want_state = run_steps(apart, tokens[:12])
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
     np.testing.assert_allclose(got_state, want_state, rtol=0, atol=1e-6)
     # four fused sessions: three for a quiet machine (one thread, a pool, a pool of small blocks),
@@ -91,8 +88,8 @@ def test_a_new_state_buffer_is_bound_again(fp32_plan_artifact, tokens):
 def test_shared_weights_equal_own_weights_and_are_held_once(plan_artifact, tokens):
     own = HybridModel(plan_artifact, backend="ort", fuse=False, share_weights=False)
     shared = HybridModel(plan_artifact, backend="ort", fuse=False)
-    want, _ = _run(own, tokens[:6])
-    got, _ = _run(shared, tokens[:6])
+    want, _ = run_steps(own, tokens[:6])
+    got, _ = run_steps(shared, tokens[:6])
     # the same weights; sessions that prepack them sum in another order: 1e-6 of the logits' scale
     scale = float(np.abs(want).max())
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * scale)
@@ -344,8 +341,8 @@ def test_an_fp16_token_table_before_fp32_layernorms_fuses(fp16_artifact, tokens)
     assert "Cast" in [n.op_type for n in g.node]
     assert m.execution().startswith(f"token steps: {len(m.manifest.segments)} segments fused into 1")
     apart = HybridModel(fp16_artifact, backend="ort", fuse=False)
-    got, got_state = _run(m, tokens[:6])
-    want, want_state = _run(apart, tokens[:6])
+    got, got_state = run_steps(m, tokens[:6])
+    want, want_state = run_steps(apart, tokens[:6])
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
     np.testing.assert_allclose(got_state, want_state, rtol=0, atol=1e-5)
 
@@ -390,23 +387,6 @@ def test_weights_are_copied_and_compared_block_by_block(tmp_path, monkeypatch):
     np.testing.assert_array_equal(store.arrays["w"], w)
 
 
-def _spy_sessions(monkeypatch):
-    """Every onnxruntime session the executor makes: (what, arena, {initializer: OrtValue})."""
-    from rwkv2rknn.runtime import ort as ort_mod
-
-    made = []
-    real = ort_mod.make_session
-
-    def spy(model, threads=0, what="model", prepack=True, initializers=None, arena=True, **more):
-        made.append((what, arena, dict(initializers or {})))
-        return real(
-            model, threads=threads, what=what, prepack=prepack, initializers=initializers, arena=arena, **more
-        )
-
-    monkeypatch.setattr(ort_mod, "make_session", spy)
-    return made
-
-
 def test_sessions_share_one_value_per_weight_and_t_rows_load_for_a_prompt(plan_artifact, tokens, monkeypatch):
     from rwkv2rknn.runtime import ortshare
 
@@ -415,15 +395,15 @@ def test_sessions_share_one_value_per_weight_and_t_rows_load_for_a_prompt(plan_a
     monkeypatch.setattr(ortshare._Blocks, "copy", lambda self: copies.append(1) or real_copy(self))
     own = HybridModel(plan_artifact, backend="ort", fuse=False, share_weights=False)
     own.prepare_prefill()
-    made = _spy_sessions(monkeypatch)  # the sessions of `model` only
+    made = spy_sessions(monkeypatch)  # the sessions of `model` only
     model = HybridModel(plan_artifact, backend="ort", prepack=False)
     store = model._store
     # token steps (and a one-token prefill) make no T-row session
-    want, want_state = _run(own, tokens[:4])
+    want, want_state = run_steps(own, tokens[:4])
     got, got_state = steps_then_prompt(model, tokens[:4], 3)
     assert_same_run(got, got_state, want, want_state, 1e-6)
     scale = float(np.abs(want).max())
-    assert not model._seq_loaded and not any(what.endswith(".seq") for what, _, _ in made)
+    assert not model._seq_loaded and not any(m.what.endswith(".seq") for m in made)
     # a prompt: T-row sessions (and the row-by-row segments' own), on the same values
     np.testing.assert_allclose(
         model.prefill(tokens[:20], model.init_state()),
@@ -450,20 +430,20 @@ def test_sessions_share_one_value_per_weight_and_t_rows_load_for_a_prompt(plan_a
     np.testing.assert_allclose(many, one, rtol=1e-5, atol=1e-5 * scale)
     np.testing.assert_allclose(s2, s1, rtol=1e-5, atol=1e-5)
     assert (8, 1) in kept and (8, 8) in kept
-    seq = [(w, a, i) for w, a, i in made if w.endswith(".seq")]
+    seq = [m for m in made if m.what.endswith(".seq")]
     assert seq and len(seq) == sum(r is not None for r in model._seq)
-    decode = [i for w, _, i in made if w == "decode"]
+    decode = [m.initializers for m in made if m.what == "decode"]
     # one fused session per thread setting the token step chooses between, all on the store
     assert len(decode) == len(model._decode.steps) >= 1
     assert all(d.keys() == store.values.keys() for d in decode)
-    for what, arena, inits in made:
-        if what in ("decode",) or what.endswith(".seq") or not inits:
+    for m in made:
+        if m.what in ("decode",) or m.what.endswith(".seq") or not m.initializers:
             continue
-        assert not arena, f"{what}: a segment run alone (row by row) keeps no arena"
-    for what, _, inits in made:
-        for name, value in inits.items():
-            assert value is store.values[name] and value is decode[0][name], (what, name)
-    assert sum(len(i) for _, _, i in seq) > 0
+        assert not m.arena, f"{m.what}: a segment run alone (row by row) keeps no arena"
+    for m in made:
+        for name, value in m.initializers.items():
+            assert value is store.values[name] and value is decode[0][name], (m.what, name)
+    assert sum(len(m.initializers) for m in seq) > 0
     # each weight was copied out of its file once, whatever number of sessions reads it
     assert len(copies) == len(store.arrays) and store.conflicts == 0
     model.close()

@@ -1,5 +1,5 @@
-"""--backend ort's default load: one onnxruntime session per segment that owns and prepacks its
-weights, a segment's T-row graph serving its token steps (one row) and its prompts alike; the
+"""--backend ort's load of a large artifact: one onnxruntime session per segment that owns and
+prepacks its weights, a segment's T-row graph serving its token steps (one row) and its prompts alike; the
 same numbers as the segments run one by one on sessions of their token graphs."""
 
 import numpy as np
@@ -8,27 +8,12 @@ import pytest
 from rwkv2rknn.artifact.plan import token_file_bytes
 from rwkv2rknn.runtime.hybrid import HybridModel
 from rwkv2rknn.runtime.rows import Columns, RowStep
-from helpers.steps import assert_same_run, run_steps, steps_then_prompt
+from helpers.steps import assert_same_run, run_steps, spy_sessions, steps_then_prompt
 
 
 @pytest.fixture(params=["4", "7"])
 def plan_artifact(request, fp32_plan_artifact, slot_models):
     return fp32_plan_artifact if request.param == "4" else slot_models("7").plan_artifact
-
-
-def _spy_sessions(monkeypatch):
-    """The name and config of every onnxruntime session the executor makes."""
-    from rwkv2rknn.runtime import ort as ort_mod
-
-    made = []
-    real = ort_mod.make_session
-
-    def spy(model, threads=0, what="model", prepack=True, initializers=None, **more):
-        made.append((what, prepack, bool(initializers)))
-        return real(model, threads=threads, what=what, prepack=prepack, initializers=initializers, **more)
-
-    monkeypatch.setattr(ort_mod, "make_session", spy)
-    return made
 
 
 def _entry(opts, key):
@@ -38,22 +23,17 @@ def _entry(opts, key):
         return None
 
 
-_steps = run_steps
-
-
 def test_one_session_a_segment_serves_token_steps_and_prompts(plan_artifact, tokens, monkeypatch):
     ref = HybridModel(plan_artifact, backend="ort", fuse=False, share_weights=False)
-    made = _spy_sessions(monkeypatch)
+    made = spy_sessions(monkeypatch)
     model = HybridModel(plan_artifact, backend="ort", prepack=True)
     segs = model.manifest.segments
     # one session per segment, made at load, owning and prepacking its weights (no store)
-    assert len(made) == len(segs) and all(prepack and not shared for _, prepack, shared in made)
+    assert len(made) == len(segs) and all(m.prepack and not m.initializers for m in made)
     assert model._store is None and model._decode is None
     with_rows = [i for i, s in enumerate(segs) if s.seq.onnx]
     assert with_rows, "the fixture has T-row graphs"
-    assert sorted(what for what, _, _ in made) == sorted(
-        s.name + ".seq" if s.seq.onnx else s.name for s in segs
-    )
+    assert sorted(m.what for m in made) == sorted(s.name + ".seq" if s.seq.onnx else s.name for s in segs)
     assert model.execution().startswith(
         f"token steps: {len(segs)} segments, each one onnxruntime session that owns and prepacks "
         f"its weights ({len(with_rows)} on their T-row graph"
@@ -66,7 +46,7 @@ def test_one_session_a_segment_serves_token_steps_and_prompts(plan_artifact, tok
         assert opts.intra_op_num_threads == (0 if pool else 1)
         assert _entry(opts, "session.dynamic_block_base") == ("1" if pool else None)
     # token steps, then a prompt on the same sessions: no session more
-    want, want_state = _steps(ref, tokens[:10])
+    want, want_state = run_steps(ref, tokens[:10])
     got, state = steps_then_prompt(model, tokens[:10], 4)
     assert len(made) == len(segs)
     seq = model.prefill_runners()
@@ -101,7 +81,9 @@ def test_the_store_and_fused_steps_stay_a_choice(fp32_plan_artifact, tokens):
     store = HybridModel(fp32_plan_artifact, backend="ort", prepack=False)
     own = HybridModel(fp32_plan_artifact, backend="ort", prepack=True)
     assert store._store is not None and store._decode is not None and own._store is None
-    np.testing.assert_allclose(_steps(own, tokens[:6])[0], _steps(store, tokens[:6])[0], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(
+        run_steps(own, tokens[:6])[0], run_steps(store, tokens[:6])[0], rtol=0, atol=1e-5
+    )
     # a caller that asks for segments on a shared store (the calibration, the back-test) keeps it
     apart = HybridModel(fp32_plan_artifact, backend="ort", fuse=False)
     assert apart._store is not None and not apart._own
@@ -119,7 +101,7 @@ def test_a_columns_form_t_row_graph_serves_token_steps_too(fp16_artifact, tokens
     assert columns, "the fixture holds columns-form T-row graphs"
     for i in columns:
         assert own.runners[i].runner is seq[i]
-    want, want_state = _steps(ref, tokens[:8])
+    want, want_state = run_steps(ref, tokens[:8])
     assert_same_run(*steps_then_prompt(own, tokens[:8], 3), want, want_state, 1e-4)
     own.close()
     ref.close()
