@@ -83,8 +83,11 @@ def test_torch_exports_compile_to_the_model_they_are(version, name, models, tmp_
     projections = 7 * V4["layers"] + 1 if version == "4" else None
     if projections:
         assert sum(s.matmuls for s in m.segments if s.backend == "npu") == projections
-    got = HybridModel(art, backend="ort").logits(tokens)
-    assert _rel(got, ref) < 1e-5
+    # both ort loads (the store and fused step; a large model's own prepacked sessions, which
+    # run token steps on the T-row graphs) against the rwkv package
+    for prepack in (False, True):
+        got = HybridModel(art, backend="ort", prepack=prepack).logits(tokens)
+        assert _rel(got, ref) < 1e-5, f"prepack={prepack}"
     _check(art, "ort")
 
 
